@@ -1,0 +1,276 @@
+//! jail-probe: a static test program run inside a jail by the jailer's tests and benchmark. It
+//! reports, as `key=value` lines, what it can see and do, or exercises one limit.
+//!
+//! Usage: `jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal
+//! | nofile | seccomp | true`.
+
+use std::collections::BTreeMap;
+use std::io::{Error, Write};
+use std::os::unix::fs::MetadataExt;
+use std::process::ExitCode;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+fn errno_name(e: &Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::EACCES) => "EACCES",
+        Some(libc::ENOENT) => "ENOENT",
+        Some(libc::EAGAIN) => "EAGAIN",
+        Some(libc::EMFILE) => "EMFILE",
+        Some(libc::EFBIG) => "EFBIG",
+        Some(libc::EROFS) => "EROFS",
+        Some(libc::EINVAL) => "EINVAL",
+        Some(libc::ENOSYS) => "ENOSYS",
+        Some(libc::ESRCH) => "ESRCH",
+        _ => return format!("errno{}", e.raw_os_error().unwrap_or(0)),
+    };
+    name.to_string()
+}
+
+/// `ok` when the call returned >= 0, else the errno name.
+fn outcome(ret: i64) -> String {
+    if ret >= 0 {
+        "ok".into()
+    } else {
+        errno_name(&Error::last_os_error())
+    }
+}
+
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| "unavailable".into())
+}
+
+fn report(write_paths: &[String]) -> BTreeMap<&'static str, String> {
+    let mut r = BTreeMap::new();
+    // SAFETY (all libc calls below): plain syscalls with integer arguments or valid,
+    // NUL-terminated strings and buffers that outlive the call.
+    unsafe {
+        r.insert("uid", format!("{}/{}", libc::getuid(), libc::geteuid()));
+        r.insert("gid", format!("{}/{}", libc::getgid(), libc::getegid()));
+        r.insert("groups", libc::getgroups(0, std::ptr::null_mut()).to_string());
+        r.insert("no_new_privs", libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0).to_string());
+        let bounding = (0..64).filter(|&c| libc::prctl(libc::PR_CAPBSET_READ, c, 0, 0, 0) == 1).count();
+        r.insert("bounding_caps", bounding.to_string());
+        r.insert("pid", libc::getpid().to_string());
+        r.insert("ptrace_parent", outcome(libc::ptrace(libc::PTRACE_ATTACH, libc::getppid(), 0, 0)));
+        r.insert("mount_tmpfs", outcome(libc::mount(c"none".as_ptr(), c"/run".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) as i64));
+        r.insert("raw_socket", outcome(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) as i64));
+        r.insert("packet_socket", outcome(libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) as i64));
+        r.insert("init_module", outcome(libc::syscall(libc::SYS_init_module, std::ptr::null::<u8>(), 0, c"".as_ptr())));
+        r.insert("chroot", outcome(libc::chroot(c"/run".as_ptr()) as i64));
+        r.insert("setuid0", outcome(libc::setuid(0) as i64));
+        r.insert("mknod", outcome(libc::mknod(c"/run/null".as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) as i64));
+        r.insert("kvm_open", outcome(libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) as i64));
+        let mut host = [0u8; 65];
+        libc::gethostname(host.as_mut_ptr().cast(), host.len() - 1);
+        let end = host.iter().position(|&b| b == 0).unwrap_or(0);
+        r.insert("hostname", String::from_utf8_lossy(&host[..end]).into_owned());
+        let ifs = libc::if_nameindex();
+        let mut names = Vec::new();
+        if !ifs.is_null() {
+            let mut p = ifs;
+            while (*p).if_index != 0 {
+                names.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+                p = p.add(1);
+            }
+            libc::if_freenameindex(ifs);
+        }
+        r.insert("interfaces", names.join(","));
+        for (key, res) in [("rlimit_nofile", libc::RLIMIT_NOFILE), ("rlimit_fsize", libc::RLIMIT_FSIZE), ("rlimit_nproc", libc::RLIMIT_NPROC)] {
+            let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(res, &mut l);
+            r.insert(key, if l.rlim_cur == libc::RLIM_INFINITY { "unlimited".into() } else { l.rlim_cur.to_string() });
+        }
+    }
+    let mut root: Vec<String> = std::fs::read_dir("/")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    root.sort();
+    r.insert("root_entries", root.join(","));
+    r.insert("host_passwd", std::path::Path::new("/etc/passwd").exists().to_string());
+    let same = |a: &str, b: &str| match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.ino() == y.ino() && x.dev() == y.dev(),
+        _ => false,
+    };
+    r.insert("dotdot_is_root", same("/..", "/").to_string());
+    r.insert("dotdot_passwd", std::path::Path::new("/../../../../etc/passwd").exists().to_string());
+    r.insert("proc_root_passwd", (std::path::Path::new("/proc/self/root/etc/passwd").exists() || std::path::Path::new("/proc/1/root/etc/passwd").exists()).to_string());
+    r.insert("proc_self_root", std::fs::read_link("/proc/self/root").map(|p| p.display().to_string()).unwrap_or_else(|e| errno_name(&e)));
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    pids.sort();
+    r.insert("proc_pids", pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for (key, field) in [("cap_eff", "CapEff:"), ("cap_prm", "CapPrm:"), ("cap_bnd", "CapBnd:"), ("cap_inh", "CapInh:"), ("cap_amb", "CapAmb:"), ("status_no_new_privs", "NoNewPrivs:"), ("seccomp_mode", "Seccomp:")] {
+        r.insert(key, status_field(&status, field));
+    }
+    r.insert("cgroup", std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default().trim().replace('\n', ";"));
+    r.insert("write_root", std::fs::write("/probe-file", b"x").map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e)));
+    r.insert("write_run", std::fs::write("/run/probe-file", b"x").map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e)));
+    r.insert("write_exec_copy", std::fs::OpenOptions::new().append(true).open(std::env::args().next().unwrap_or_default()).map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e)));
+    let writes: Vec<String> = write_paths
+        .iter()
+        .map(|p| format!("{p}:{}", std::fs::write(p, b"x").map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e))))
+        .collect();
+    r.insert("writes", writes.join(","));
+    let reads: Vec<String> = write_paths
+        .iter()
+        .filter_map(|p| std::path::Path::new(p).parent())
+        .map(|d| format!("{}:{}", d.display(), std::fs::read_dir(d).map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e))))
+        .collect();
+    r.insert("reads", reads.join(","));
+    r
+}
+
+fn memhog(mib: usize) -> ExitCode {
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    for i in 1..=mib {
+        chunks.push(vec![0xa5; 1 << 20]);
+        if i % 8 == 0 {
+            println!("allocated_mib={i}");
+            let _ = std::io::stdout().flush();
+        }
+    }
+    println!("memhog_survived={mib}");
+    ExitCode::SUCCESS
+}
+
+fn forkbomb(n: usize) -> ExitCode {
+    let mut children = Vec::new();
+    let mut error = String::from("none");
+    for _ in 0..n {
+        // SAFETY: single-threaded; the child only calls async-signal-safe pause/_exit.
+        match unsafe { libc::fork() } {
+            -1 => {
+                error = errno_name(&Error::last_os_error());
+                break;
+            }
+            0 => unsafe {
+                // SAFETY: see above.
+                libc::pause();
+                libc::_exit(0)
+            },
+            pid => children.push(pid),
+        }
+    }
+    println!("forked={}", children.len());
+    println!("fork_error={error}");
+    for pid in &children {
+        // SAFETY: our own children.
+        unsafe {
+            libc::kill(*pid, libc::SIGKILL);
+            libc::waitpid(*pid, std::ptr::null_mut(), 0);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn fsize(bytes: usize, ignore_signal: bool) -> ExitCode {
+    if ignore_signal {
+        // SAFETY: setting SIG_IGN for SIGXFSZ is always valid.
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    }
+    let mut f = match std::fs::File::create("/run/big") {
+        Ok(f) => f,
+        Err(e) => {
+            println!("create_error={}", errno_name(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let buf = vec![0u8; bytes];
+    let mut written = 0;
+    let mut error = String::from("none");
+    while written < bytes {
+        match f.write(&buf[written..]) {
+            Ok(n) => written += n,
+            Err(e) => {
+                error = errno_name(&e);
+                break;
+            }
+        }
+    }
+    println!("written={written}");
+    println!("write_error={error}");
+    ExitCode::SUCCESS
+}
+
+fn nofile() -> ExitCode {
+    let mut opened = Vec::new();
+    let error = loop {
+        match std::fs::File::open("/dev/urandom") {
+            Ok(f) => opened.push(f),
+            Err(e) => break errno_name(&e),
+        }
+        if opened.len() > 1_000_000 {
+            break "none".into();
+        }
+    };
+    println!("opened={}", opened.len());
+    println!("open_error={error}");
+    ExitCode::SUCCESS
+}
+
+fn seccomp() -> ExitCode {
+    // Allow list: only what the lines below need. getpid is not on it.
+    let allowed = [libc::SYS_write, libc::SYS_exit, libc::SYS_exit_group, libc::SYS_rt_sigreturn];
+    let rules = allowed.iter().map(|&nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
+        .and_then(BpfProgram::try_from);
+    let program = match filter {
+        Ok(p) => p,
+        Err(e) => {
+            println!("filter_error={e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = seccompiler::apply_filter(&program) {
+        println!("filter_error={e}");
+        return ExitCode::FAILURE;
+    }
+    let msg = b"filter_installed=1\n";
+    // SAFETY: write(2) of a valid buffer to stdout, then a raw getpid.
+    unsafe {
+        libc::write(1, msg.as_ptr().cast(), msg.len());
+        libc::syscall(libc::SYS_getpid);
+    }
+    let survived = b"survived_forbidden_syscall=1\n";
+    // SAFETY: as above.
+    unsafe { libc::write(1, survived.as_ptr().cast(), survived.len()) };
+    ExitCode::FAILURE
+}
+
+fn usage() -> ExitCode {
+    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | true");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
+    match args.first().map(String::as_str) {
+        Some("report") => {
+            let writes: Vec<String> = args[1..].chunks(2).filter(|c| c[0] == "--write" && c.len() == 2).map(|c| c[1].clone()).collect();
+            for (k, v) in report(&writes) {
+                println!("{k}={v}");
+            }
+            ExitCode::SUCCESS
+        }
+        Some("memhog") => num(1).map_or_else(usage, memhog),
+        Some("forkbomb") => num(1).map_or_else(usage, forkbomb),
+        Some("fsize") => match (num(1), args.get(2).map(String::as_str)) {
+            (Some(n), Some("ignore")) => fsize(n, true),
+            (Some(n), Some("signal")) => fsize(n, false),
+            _ => usage(),
+        },
+        Some("nofile") => nofile(),
+        Some("seccomp") => seccomp(),
+        Some("true") => ExitCode::SUCCESS,
+        _ => usage(),
+    }
+}

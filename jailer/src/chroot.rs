@@ -1,0 +1,214 @@
+//! The jail tree on the host (step 2) and the switch into it inside a new mount namespace (step 4).
+
+use std::ffi::CString;
+use std::fs::{self, DirBuilder, Permissions};
+use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::ptr;
+
+use crate::cgroup::unescape_mountinfo;
+use crate::config::{JailConfig, RUN_DIR};
+use crate::error::{check, Error, Result};
+
+/// A character device node the jailed VMM needs.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceNode {
+    /// Path inside the jail.
+    pub path: &'static str,
+    /// Device major number.
+    pub major: u32,
+    /// Device minor number.
+    pub minor: u32,
+}
+
+/// Device nodes made in every jail, owned by the jailed uid/gid, mode 0600.
+pub const DEVICE_NODES: [DeviceNode; 3] = [
+    DeviceNode { path: "/dev/kvm", major: 10, minor: 232 },
+    DeviceNode { path: "/dev/net/tun", major: 10, minor: 200 },
+    DeviceNode { path: "/dev/urandom", major: 1, minor: 9 },
+];
+
+pub(crate) fn cstr(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::io(format!("path {} contains a NUL byte", path.display()), ErrorKind::InvalidInput.into()))
+}
+
+/// `root` joined with an absolute jail path.
+pub(crate) fn in_root(root: &Path, jail_path: &Path) -> PathBuf {
+    root.join(jail_path.strip_prefix("/").unwrap_or(jail_path))
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<()> {
+    match DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists && path.is_dir() => {}
+        Err(e) => return Err(Error::io(format!("create directory {}", path.display()), e)),
+    }
+    // The mode given to mkdir is filtered by the umask: set it exactly.
+    fs::set_permissions(path, Permissions::from_mode(mode))
+        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| Error::io(format!("chown {}", path.display()), e))
+}
+
+/// Makes `<base>/<exec-name>` (shared, kept) and then `<base>/<exec-name>/<id>` atomically: an
+/// existing id directory means the id is taken. Returns the id directory, which the caller owns
+/// from then on (and removes on failure).
+pub(crate) fn create_jail_dir(config: &JailConfig) -> Result<PathBuf> {
+    let jail_dir = config.jail_dir()?;
+    let exec_dir = jail_dir.parent().expect("jail dir has a parent");
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(exec_dir)
+        .map_err(|e| Error::io(format!("create {}", exec_dir.display()), e))?;
+    match DirBuilder::new().mode(0o700).create(&jail_dir) {
+        Ok(()) => Ok(jail_dir),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(Error::IdInUse(jail_dir)),
+        Err(e) => Err(Error::io(format!("create {}", jail_dir.display()), e)),
+    }
+}
+
+/// Fills `<jail dir>/root`: the copied exec file, device nodes, `/run` for the jailed user, mount
+/// points for the bind mounts and `/proc` if asked for. Everything is root-owned and read-only
+/// for the jailed user except the device nodes and `/run`.
+pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
+    mkdir(root, 0o755)?;
+    // The jail dir itself was made 0700 while empty; traversable now that the root exists.
+    mkdir(root.parent().expect("root has a parent"), 0o755)?;
+
+    let exec_copy = root.join(config.exec_file_name()?);
+    fs::copy(&config.exec_file, &exec_copy).map_err(|e| {
+        Error::io(format!("copy {} to {}", config.exec_file.display(), exec_copy.display()), e)
+    })?;
+    fs::set_permissions(&exec_copy, Permissions::from_mode(0o755))
+        .map_err(|e| Error::io(format!("chmod {}", exec_copy.display()), e))?;
+
+    for dev in DEVICE_NODES {
+        let path = in_root(root, Path::new(dev.path));
+        make_parents(root, &path)?;
+        let c = cstr(&path)?;
+        // SAFETY: `c` is a valid NUL-terminated path; mknod does not retain it.
+        let ret = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(dev.major, dev.minor)) };
+        check(ret, || format!("mknod {} c {} {}", path.display(), dev.major, dev.minor))?;
+        chown(&path, config.uid, config.gid)?;
+    }
+
+    let run = in_root(root, Path::new(RUN_DIR));
+    mkdir(&run, 0o700)?;
+    chown(&run, config.uid, config.gid)?;
+
+    for m in &config.mounts {
+        let target = in_root(root, &m.jail);
+        make_parents(root, &target)?;
+        if fs::metadata(&m.host).map(|md| md.is_dir()).unwrap_or(false) {
+            mkdir(&target, 0o755)?;
+        } else {
+            fs::File::create(&target).map_err(|e| Error::io(format!("create mount point {}", target.display()), e))?;
+        }
+    }
+    if config.mount_proc {
+        mkdir(&root.join("proc"), 0o555)?;
+    }
+    Ok(())
+}
+
+/// Creates the missing directories between `root` and `path` (exclusive), mode 0755.
+fn make_parents(root: &Path, path: &Path) -> Result<()> {
+    let rel = path.strip_prefix(root).expect("path is inside the jail root");
+    let mut dir = root.to_path_buf();
+    let parts: Vec<Component> = rel.components().collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        dir.push(part);
+        mkdir(&dir, 0o755)?;
+    }
+    Ok(())
+}
+
+fn mount(src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> Result<()> {
+    let src_c = src.map(cstr).transpose()?;
+    let target_c = cstr(target)?;
+    let fstype_c = fstype.map(|f| CString::new(f).expect("fstype has no NUL"));
+    let data_c = data.map(|d| CString::new(d).expect("mount data has no NUL"));
+    let p = |c: &Option<CString>| c.as_ref().map_or(ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is either null or a NUL-terminated string that outlives the call.
+    let ret = unsafe { libc::mount(p(&src_c), target_c.as_ptr(), p(&fstype_c), flags, p(&data_c).cast()) };
+    check(ret, || {
+        format!(
+            "mount {} on {} (type {}, flags {flags:#x})",
+            src.map_or("none".into(), |s| s.display().to_string()),
+            target.display(),
+            fstype.unwrap_or("none")
+        )
+    })
+    .map(drop)
+}
+
+/// In a fresh mount namespace: stops mount propagation to and from the host, bind-mounts the
+/// jail root and the `--mount` paths, then makes the jail root `/` with `pivot_root` and detaches
+/// the old root, so nothing of the host filesystem stays reachable.
+pub(crate) fn pivot_into(config: &JailConfig, root: &Path) -> Result<()> {
+    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    mount(Some(root), root, None, libc::MS_BIND | libc::MS_REC, None)?;
+    mount(None, root, None, libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID, None)?;
+    for m in &config.mounts {
+        let target = in_root(root, &m.jail);
+        mount(Some(&m.host), &target, None, libc::MS_BIND, None)?;
+        let is_dev = fs::metadata(&m.host).map(|md| md.file_type().is_block_device()).unwrap_or(false);
+        let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID;
+        if !is_dev {
+            flags |= libc::MS_NODEV;
+        }
+        if m.read_only {
+            flags |= libc::MS_RDONLY;
+        }
+        mount(None, &target, None, flags, None)?;
+    }
+    std::env::set_current_dir(root).map_err(|e| Error::io(format!("chdir {}", root.display()), e))?;
+    let dot = c".";
+    // SAFETY: pivot_root takes two NUL-terminated paths, valid for the call.
+    let ret = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
+    check(ret as libc::c_int, || format!("pivot_root into {}", root.display()))?;
+    // The old root is now mounted on top of the new one, at ".": detach it and all below it.
+    // SAFETY: "." is a valid NUL-terminated path.
+    let ret = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+    check(ret, || "detach the old root after pivot_root".into())?;
+    std::env::set_current_dir("/").map_err(|e| Error::io("chdir / in the jail", e))
+}
+
+/// Mounts a procfs that shows only this pid namespace's processes and no system files.
+pub(crate) fn mount_proc() -> Result<()> {
+    mount(
+        Some(Path::new("proc")),
+        Path::new("/proc"),
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("subset=pid,hidepid=invisible"),
+    )
+}
+
+/// Removes a jail directory; refuses if anything is mounted beneath it in this mount namespace
+/// (removal would then reach into the mounted filesystem).
+pub(crate) fn remove_jail_dir(jail_dir: &Path) -> Result<()> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
+    for line in mountinfo.lines() {
+        if let Some(mp) = line.split(' ').nth(4) {
+            let mp = PathBuf::from(unescape_mountinfo(mp));
+            if mp.starts_with(jail_dir) {
+                return Err(Error::MountedInJail {
+                    jail: jail_dir.to_path_buf(),
+                    mount: mp,
+                });
+            }
+        }
+    }
+    match fs::remove_dir_all(jail_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", jail_dir.display()), e)),
+    }
+}

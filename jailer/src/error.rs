@@ -1,0 +1,139 @@
+//! Errors of every jail setup step, each with enough context for the operator to act on.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Result alias for the jailer.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can make the jailer refuse to start the target.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The jail id has a character other than ASCII alphanumerics and '-', or a bad length.
+    #[error("invalid --id '{0}': use 1 to 64 ASCII letters, digits or '-'")]
+    InvalidId(String),
+    /// The exec file is missing, not a regular file, or has no file name.
+    #[error("invalid --exec-file {path}: {reason}")]
+    InvalidExecFile {
+        /// Path given by the user.
+        path: PathBuf,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A numeric flag could not be parsed.
+    #[error("invalid {flag} '{value}': {reason}")]
+    InvalidArgument {
+        /// Flag name, e.g. `--uid`.
+        flag: &'static str,
+        /// Value given by the user.
+        value: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// The jail directory already exists: the id is taken by another (or a stale) jail.
+    #[error("jail id already in use: {0} exists (run `mvm-jailer --cleanup --id ...` if it is stale)")]
+    IdInUse(PathBuf),
+    /// The per-id cgroup already exists.
+    #[error("cgroup {0} already exists (another jail with this id, or a stale one: run `mvm-jailer --cleanup`)")]
+    CgroupInUse(PathBuf),
+    /// A `--cgroup` key names a controller with no mounted hierarchy.
+    #[error("cgroup controller '{controller}' (from key '{key}') is not available: {reason}")]
+    ControllerUnavailable {
+        /// Controller name taken from the key prefix.
+        controller: String,
+        /// The full key.
+        key: String,
+        /// What was looked at.
+        reason: String,
+    },
+    /// A `--cgroup` key is not a file of its controller.
+    #[error("unknown cgroup key '{key}': {path} does not exist")]
+    UnknownCgroupKey {
+        /// The key as given.
+        key: String,
+        /// Where the interface file was expected.
+        path: PathBuf,
+    },
+    /// The kernel rejected a cgroup value.
+    #[error("cannot set cgroup {key}={value} ({path}): {source}")]
+    CgroupWrite {
+        /// Key written.
+        key: String,
+        /// Value written.
+        value: String,
+        /// Interface file.
+        path: PathBuf,
+        /// Kernel error.
+        source: io::Error,
+    },
+    /// A cgroup still holds processes and cannot be removed.
+    #[error("cgroup {path} still has processes ({pids}); stop the jailed process first")]
+    CgroupBusy {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// Pids found in `cgroup.procs`.
+        pids: String,
+    },
+    /// The jail directory has something mounted beneath it on the host; it is never removed then.
+    #[error("refusing to remove {jail}: {mount} is mounted beneath it")]
+    MountedInJail {
+        /// Jail directory.
+        jail: PathBuf,
+        /// Offending mount point.
+        mount: PathBuf,
+    },
+    /// The exec file cannot run in an empty jail (dynamic loader or script interpreter missing).
+    #[error("--exec-file {path} cannot run inside the jail: it needs {interpreter}, which the jail does not contain; use a static binary")]
+    NeedsInterpreter {
+        /// Exec file.
+        path: PathBuf,
+        /// ELF interpreter or `#!` interpreter it needs.
+        interpreter: String,
+    },
+    /// `Jail::enter` was called from a process with more than one thread.
+    #[error("the jail must be entered from a single-threaded process ({0} threads running); spawn `mvm-jailer` instead")]
+    NotSingleThreaded(usize),
+    /// A filesystem or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the paths involved.
+        what: String,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// A Landlock ruleset could not be built or applied.
+    #[error("landlock: {0}")]
+    Landlock(String),
+    /// Capabilities were still present after dropping them (fail closed).
+    #[error("capabilities still present after dropping them (effective {effective:#x}, permitted {permitted:#x})")]
+    CapabilitiesLeft {
+        /// Remaining effective set.
+        effective: u64,
+        /// Remaining permitted set.
+        permitted: u64,
+    },
+}
+
+impl Error {
+    /// Wraps an `io::Error` with a description of what was being done.
+    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// Wraps the last OS error (`errno`) with a description of what was being done.
+    pub(crate) fn last_os(what: impl Into<String>) -> Self {
+        Self::io(what, io::Error::last_os_error())
+    }
+}
+
+/// Turns a libc return value (`-1` on failure) into a `Result`, describing the call on failure.
+pub(crate) fn check(ret: libc::c_int, what: impl FnOnce() -> String) -> Result<libc::c_int> {
+    if ret == -1 {
+        Err(Error::last_os(what()))
+    } else {
+        Ok(ret)
+    }
+}

@@ -1,0 +1,126 @@
+//! `mvm-jailer`: command-line front end of the [`jailer`] library, compatible with Firecracker's
+//! jailer for the options they share.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use jailer::{
+    BindMount, CgroupSetting, CgroupVersion, CleanupConfig, JailConfig, ResourceLimit, DEFAULT_CHROOT_BASE,
+    DEFAULT_EXEC_FILE_NAME, DEFAULT_PARENT_CGROUP,
+};
+
+/// Runs a program (normally mvm-vmm) in a chroot with its own namespaces and cgroups, as an
+/// unprivileged user without capabilities. `--cleanup` removes a jail's directory and cgroups.
+#[derive(Debug, Parser)]
+#[command(name = "mvm-jailer", version)]
+struct Cli {
+    /// Jail id: 1-64 letters, digits or '-'; also the hostname and cgroup name.
+    #[arg(long)]
+    id: String,
+    /// Static binary copied into the jail and executed there.
+    #[arg(long, required_unless_present = "cleanup")]
+    exec_file: Option<PathBuf>,
+    /// User id the program runs as.
+    #[arg(long, required_unless_present = "cleanup")]
+    uid: Option<u32>,
+    /// Group id the program runs as.
+    #[arg(long, required_unless_present = "cleanup")]
+    gid: Option<u32>,
+    /// Base of the jail tree: <DIR>/<exec-file-name>/<id>/root.
+    #[arg(long, default_value = DEFAULT_CHROOT_BASE)]
+    chroot_base_dir: PathBuf,
+    /// Network namespace to join, e.g. /var/run/netns/NAME.
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// New session, stdio on /dev/null.
+    #[arg(long)]
+    daemonize: bool,
+    /// Run the program in a new pid namespace (under a minimal reaping init).
+    #[arg(long)]
+    new_pid_ns: bool,
+    /// Mount a procfs of the new pid namespace at /proc (pid entries only); needs --new-pid-ns.
+    #[arg(long)]
+    mount_proc: bool,
+    /// Cgroup hierarchy: 1 (legacy, per controller) or 2 (unified).
+    #[arg(long, default_value = "1", value_parser = parse::<CgroupVersion>)]
+    cgroup_version: CgroupVersion,
+    /// Cgroup value, e.g. memory.limit_in_bytes=268435456, cpu.max="50000 100000", pids.max=64.
+    #[arg(long = "cgroup", value_name = "KEY=VALUE", value_parser = parse::<CgroupSetting>)]
+    cgroups: Vec<CgroupSetting>,
+    /// Parent cgroup under which the per-id cgroup is made.
+    #[arg(long, default_value = DEFAULT_PARENT_CGROUP)]
+    parent_cgroup: String,
+    /// Resource limit: fsize=BYTES, no-file=N or nproc=N (soft = hard).
+    #[arg(long = "resource-limit", value_name = "NAME=N", value_parser = parse::<ResourceLimit>)]
+    resource_limits: Vec<ResourceLimit>,
+    /// Bind mount HOSTPATH:JAILPATH[:ro|rw] (read-only by default).
+    #[arg(long = "mount", value_name = "HOSTPATH:JAILPATH[:ro|rw]", value_parser = parse::<BindMount>)]
+    mounts: Vec<BindMount>,
+    /// Landlock: read/execute anywhere in the jail, write only beneath the --landlock-write dirs.
+    #[arg(long)]
+    landlock: bool,
+    /// Jail directory left writable under --landlock (default /run); repeatable.
+    #[arg(long = "landlock-write", value_name = "JAILDIR")]
+    landlock_write: Vec<PathBuf>,
+    /// Remove the jail directory and cgroups of --id instead of starting anything.
+    #[arg(long, conflicts_with_all = ["exec_file", "uid", "gid", "netns", "daemonize", "new_pid_ns", "cgroups", "resource_limits", "mounts", "landlock"])]
+    cleanup: bool,
+    /// With --cleanup: file name of the exec file the jail was made for.
+    #[arg(long, requires = "cleanup", default_value = DEFAULT_EXEC_FILE_NAME)]
+    exec_file_name: String,
+    /// Arguments for the jailed program.
+    #[arg(last = true, value_name = "ARGS")]
+    args: Vec<OsString>,
+}
+
+fn parse<T: std::str::FromStr<Err = jailer::Error>>(s: &str) -> Result<T, String> {
+    s.parse().map_err(|e: jailer::Error| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = if cli.cleanup {
+        jailer::cleanup(&CleanupConfig {
+            id: cli.id,
+            exec_file_name: cli.exec_file_name,
+            chroot_base_dir: cli.chroot_base_dir,
+            parent_cgroup: cli.parent_cgroup,
+        })
+        .map(|removed| {
+            for path in removed {
+                println!("removed {}", path.display());
+            }
+            0
+        })
+    } else {
+        let mut config = JailConfig::new(
+            cli.id,
+            cli.exec_file.expect("required by clap"),
+            cli.uid.expect("required by clap"),
+            cli.gid.expect("required by clap"),
+        );
+        config.chroot_base_dir = cli.chroot_base_dir;
+        config.netns = cli.netns;
+        config.daemonize = cli.daemonize;
+        config.new_pid_ns = cli.new_pid_ns;
+        config.mount_proc = cli.mount_proc;
+        config.cgroup_version = cli.cgroup_version;
+        config.cgroups = cli.cgroups;
+        config.parent_cgroup = cli.parent_cgroup;
+        config.resource_limits = cli.resource_limits;
+        config.mounts = cli.mounts;
+        config.landlock = cli.landlock;
+        config.landlock_write = cli.landlock_write;
+        config.args = cli.args;
+        jailer::run(config)
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("mvm-jailer: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Step 5: resource limits, the drop to the jail's uid/gid with no capabilities and
+//! `no_new_privs`, and the optional Landlock ruleset.
+
+use std::path::{Path, PathBuf};
+
+use landlock::{
+    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
+};
+
+use crate::chroot::DEVICE_NODES;
+use crate::config::{ResourceLimit, DEFAULT_NO_FILE};
+use crate::error::{check, Error, Result};
+
+/// Applies the limits (soft = hard, so the jailed process cannot raise them), adding the default
+/// open-file limit when none is given.
+pub(crate) fn apply_rlimits(limits: &[ResourceLimit]) -> Result<()> {
+    let mut all = limits.to_vec();
+    if !all.iter().any(|l| matches!(l, ResourceLimit::NoFile(_))) {
+        all.push(ResourceLimit::NoFile(DEFAULT_NO_FILE));
+    }
+    for limit in all {
+        let resource = match limit {
+            ResourceLimit::Fsize(_) => libc::RLIMIT_FSIZE,
+            ResourceLimit::NoFile(_) => libc::RLIMIT_NOFILE,
+            ResourceLimit::Nproc(_) => libc::RLIMIT_NPROC,
+        };
+        let rlim = libc::rlimit {
+            rlim_cur: limit.value(),
+            rlim_max: limit.value(),
+        };
+        // SAFETY: `rlim` is a valid rlimit struct for the duration of the call.
+        let ret = unsafe { libc::setrlimit(resource, &rlim) };
+        check(ret, || format!("setrlimit {}={}", limit.name(), limit.value()))?;
+    }
+    Ok(())
+}
+
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn prctl(option: libc::c_int, arg: libc::c_ulong, what: &str) -> Result<libc::c_int> {
+    // SAFETY: the prctl options used here take integer arguments only.
+    let ret = unsafe { libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    check(ret, || what.to_string())
+}
+
+/// Becomes `uid`/`gid` with no supplementary groups, drops every capability (bounding, ambient,
+/// effective, permitted, inheritable), sets `no_new_privs`, and verifies the result.
+pub(crate) fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
+    // The bounding set can only be shrunk while CAP_SETPCAP is held, i.e. before setuid.
+    for cap in 0..64 {
+        // SAFETY: PR_CAPBSET_DROP takes an integer capability number.
+        let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if ret == -1 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                // Past the kernel's last capability.
+                Some(libc::EINVAL) => break,
+                _ => return Err(Error::last_os(format!("drop capability {cap} from the bounding set"))),
+            }
+        }
+    }
+    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, "clear the ambient capabilities")?;
+
+    // SAFETY: an empty group list: size 0 and a null pointer are valid.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) }, || "setgroups([])".into())?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresgid(gid, gid, gid) }, || format!("setresgid({gid})"))?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresuid(uid, uid, uid) }, || format!("setresuid({uid})"))?;
+
+    // setuid away from 0 clears effective and permitted, but not inheritable; and uid 0 keeps
+    // them all: clear the three sets explicitly.
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and a two-element data array are what capset expects for version 3.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) };
+    check(ret as libc::c_int, || "capset: clear all capabilities".into())?;
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")?;
+
+    // Fail closed: verify rather than trust.
+    // SAFETY: as above; capget writes two CapData entries.
+    let ret = unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) };
+    check(ret as libc::c_int, || "capget".into())?;
+    let (eff, prm) = data.iter().enumerate().fold((0u64, 0u64), |(e, p), (i, d)| {
+        (e | (d.effective as u64) << (32 * i), p | (d.permitted as u64) << (32 * i))
+    });
+    if eff != 0 || prm != 0 || data.iter().any(|d| d.inheritable != 0) {
+        return Err(Error::CapabilitiesLeft {
+            effective: eff,
+            permitted: prm,
+        });
+    }
+    Ok(())
+}
+
+/// How the Landlock ruleset ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LandlockOutcome {
+    /// Every requested restriction is enforced.
+    Enforced,
+    /// The kernel enforces part of the rules (older Landlock ABI).
+    Partial,
+    /// The kernel has no Landlock: nothing is enforced.
+    Unsupported,
+}
+
+/// Restricts the calling process (already in the jail): read and execute anywhere in the jail,
+/// full access beneath `write_dirs`, read/write/ioctl on the device nodes, nothing else.
+pub(crate) fn apply_landlock(write_dirs: &[PathBuf]) -> Result<LandlockOutcome> {
+    let abi = ABI::V5;
+    let err = |e: &dyn std::fmt::Display| Error::Landlock(e.to_string());
+    let open = |p: &Path| PathFd::new(p).map_err(|e| Error::Landlock(format!("{}: {e}", p.display())));
+    let mut ruleset = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(|e| err(&e))?
+        .create()
+        .map_err(|e| err(&e))?
+        .add_rule(PathBeneath::new(open(Path::new("/"))?, AccessFs::from_read(abi)))
+        .map_err(|e| err(&e))?;
+    for dir in write_dirs {
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(open(dir)?, AccessFs::from_all(abi)))
+            .map_err(|e| err(&e))?;
+    }
+    for dev in DEVICE_NODES {
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(open(Path::new(dev.path))?, AccessFs::from_file(abi)))
+            .map_err(|e| err(&e))?;
+    }
+    let status = ruleset.restrict_self().map_err(|e| err(&e))?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => LandlockOutcome::Enforced,
+        RulesetStatus::PartiallyEnforced => LandlockOutcome::Partial,
+        RulesetStatus::NotEnforced => LandlockOutcome::Unsupported,
+    })
+}
