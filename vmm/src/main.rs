@@ -1,1 +1,87 @@
-fn main() {}
+//! `mvm-vmm`: flags → configuration → builder → event loop; nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use vmm::config::VmConfig;
+use vmm::controller::{Controller, VmmAction};
+use vmm::event_loop::{self, Vmm};
+use vmm::exit::VmExit;
+
+/// A micro-VM monitor with Firecracker's configuration file and HTTP API.
+#[derive(Parser, Debug)]
+#[command(name = "mvm-vmm", version)]
+struct Args {
+    /// Firecracker JSON configuration; the VM boots from it at once.
+    #[arg(long)]
+    config_file: Option<PathBuf>,
+    /// Serve the HTTP API on this unix socket.
+    #[arg(long, default_value = "/run/mvm-vmm.socket")]
+    api_sock: PathBuf,
+    /// Do not serve the API (needs --config-file).
+    #[arg(long)]
+    no_api: bool,
+    /// Instance id reported by the API.
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+}
+
+fn main() -> ExitCode {
+    vmm::logger::init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(message) => {
+            eprintln!("mvm-vmm: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<u8, String> {
+    if args.no_api && args.config_file.is_none() {
+        return Err("--no-api needs --config-file: without either there is no way to configure the VM".into());
+    }
+    let config = args
+        .config_file
+        .as_ref()
+        .map(|path| {
+            let json = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --config-file {}: {e}", path.display()))?;
+            VmConfig::from_json(&json).map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .transpose()?;
+
+    let exit = Arc::new(VmExit::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
+    let controller = Controller::new(args.id.clone(), Box::new(vmm::devices::create_virtio_devices), exit.clone());
+    let api = if args.no_api {
+        None
+    } else {
+        let listener = vmm::api_server::bind(&args.api_sock).map_err(|e| e.to_string())?;
+        Some(vmm::api_server::start(listener).map_err(|e| format!("cannot start the API thread: {e}"))?)
+    };
+    let mut vmm = Vmm::new(controller, exit, api, true).map_err(|e| e.to_string())?;
+    if let Some(config) = config {
+        let controller = vmm.controller();
+        controller.apply_config(config).map_err(|e| e.to_string())?;
+        controller
+            .handle(VmmAction::InstanceStart)
+            .map_err(|e| e.to_string())?;
+    }
+    let (reason, vmm) = event_loop::run(vmm).map_err(|e| e.to_string())?;
+    vmm.shutdown();
+    if !args.no_api {
+        // Best effort: a leftover socket file is replaced by the next start anyway.
+        let _ = std::fs::remove_file(&args.api_sock);
+    }
+    let code = reason.exit_code();
+    if code == 0 {
+        log::info!("{reason}");
+    } else {
+        eprintln!("mvm-vmm: {reason}");
+    }
+    Ok(code as u8)
+}

@@ -1,0 +1,441 @@
+//! Firecracker-compatible VM configuration: the JSON of `--config-file` and of the API's PUT
+//! bodies, with validation that names the offending field.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::vstate::memory::{validate_mem_size, MemoryError};
+
+/// Kernel command line used when `boot_args` is absent: Firecracker's defaults, with the
+/// serial console on so the guest's output is visible.
+pub const DEFAULT_BOOT_ARGS: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Errors in a configuration: what is wrong and which field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The JSON did not parse or has unknown fields.
+    #[error("invalid configuration JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A field Firecracker has but mvm does not implement.
+    #[error("`{field}` is not supported by mvm: {why}")]
+    Unsupported {
+        /// JSON path of the field.
+        field: String,
+        /// Why, and what to do instead.
+        why: String,
+    },
+    /// A field with a value mvm cannot use.
+    #[error("invalid `{field}`: {why}")]
+    Invalid {
+        /// JSON path of the field.
+        field: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A required section is missing.
+    #[error("`{0}` must be configured before the VM can start")]
+    Missing(&'static str),
+}
+
+fn invalid(field: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+fn unsupported(field: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::Unsupported {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+/// Fails when a Firecracker field mvm lacks is present and not null.
+fn reject_present(value: &Option<Value>, field: &str, why: &str) -> Result<(), ConfigError> {
+    match value {
+        None | Some(Value::Null) => Ok(()),
+        Some(_) => Err(unsupported(field, why)),
+    }
+}
+
+/// `boot-source`: the guest kernel, its command line and an optional initrd.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Host path of an ELF vmlinux or a bzImage.
+    pub kernel_image_path: String,
+    /// Kernel command line; [`DEFAULT_BOOT_ARGS`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    /// Host path of an initrd/initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+impl BootSource {
+    /// Checks the command line fits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kernel_image_path.is_empty() {
+            return Err(invalid("boot-source.kernel_image_path", "must not be empty"));
+        }
+        if let Some(args) = &self.boot_args {
+            // Room is left for the virtio-mmio device entries the VMM appends.
+            if args.len() >= CMDLINE_MAX_SIZE - 256 {
+                return Err(invalid(
+                    "boot-source.boot_args",
+                    format!("{} bytes is too long (at most {})", args.len(), CMDLINE_MAX_SIZE - 257),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `machine-config`: vCPUs and memory.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1 to 32.
+    pub vcpu_count: u8,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// Present vCPUs as hyper-thread pairs.
+    #[serde(default)]
+    pub smt: bool,
+    /// Dirty page tracking (snapshots); mvm has no snapshots, so it must be false.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Firecracker CPU template; mvm supports none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<Value>,
+    /// Huge pages backing; only "None" is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: None,
+        }
+    }
+}
+
+impl MachineConfig {
+    /// Checks vCPU count, memory size and unsupported options.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
+            return Err(invalid(
+                "machine-config.vcpu_count",
+                format!("{} is out of range: use 1 to {MAX_VCPUS}", self.vcpu_count),
+            ));
+        }
+        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
+            return Err(invalid(
+                "machine-config.vcpu_count",
+                "with smt enabled the vCPU count must be 1 or even",
+            ));
+        }
+        validate_mem_size(self.mem_size_mib).map_err(|e| match e {
+            MemoryError::TooSmall(_) | MemoryError::LargerThanHost { .. } => {
+                invalid("machine-config.mem_size_mib", e.to_string())
+            }
+            MemoryError::Map(..) => invalid("machine-config.mem_size_mib", e.to_string()),
+        })?;
+        if self.track_dirty_pages {
+            return Err(unsupported(
+                "machine-config.track_dirty_pages",
+                "mvm has no snapshots; set it to false",
+            ));
+        }
+        reject_present(&self.cpu_template, "machine-config.cpu_template", "mvm passes the host CPU through (filtered); remove the template")?;
+        match self.huge_pages.as_deref() {
+            None | Some("None") => Ok(()),
+            Some(other) => Err(unsupported(
+                "machine-config.huge_pages",
+                format!("\"{other}\": only \"None\" is available"),
+            )),
+        }
+    }
+}
+
+/// Token bucket of a rate limiter (Firecracker's `TokenBucket`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    /// Bucket size in bytes or operations.
+    pub size: u64,
+    /// Extra tokens available once at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds to refill the whole bucket.
+    pub refill_time: u64,
+}
+
+/// A rate limiter: bandwidth and operations buckets.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    /// Bytes per refill period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucketConfig>,
+    /// Operations per refill period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+/// Block device caching mode.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum CacheType {
+    /// Flushes are not offered to the guest.
+    #[default]
+    Unsafe,
+    /// The device offers FLUSH and honours it with fsync.
+    Writeback,
+}
+
+/// An entry of `drives`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Unique id of the drive.
+    pub drive_id: String,
+    /// Host path of the raw disk image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// Whether this drive is the root filesystem (`root=/dev/vda` is added).
+    pub is_root_device: bool,
+    /// Open the image read-only and refuse guest writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_read_only: Option<bool>,
+    /// Root partition UUID for `root=PARTUUID=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Caching mode.
+    #[serde(default)]
+    pub cache_type: CacheType,
+    /// I/O engine ("Sync" only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    /// Rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+    /// vhost-user socket; not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<Value>,
+}
+
+/// An entry of `network-interfaces`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceConfig {
+    /// Unique id of the interface.
+    pub iface_id: String,
+    /// Host tap device name.
+    pub host_dev_name: String,
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Receive rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Transmit rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `vsock`: hybrid virtio-vsock backed by a unix socket.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest context id (≥ 3).
+    pub guest_cid: u32,
+    /// Host unix socket path.
+    pub uds_path: String,
+    /// Deprecated Firecracker id, accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// Log verbosity (Firecracker's names).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Nothing.
+    Off,
+    /// Failures only.
+    Error,
+    /// Failures and warnings.
+    #[default]
+    Warning,
+    /// Normal operation.
+    Info,
+    /// Debugging detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+/// `logger`: where and what the VMM logs.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// File or FIFO to log to; stderr when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    /// Verbosity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    /// Prefix lines with their level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Prefix lines with their source file and line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only log from this module path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `metrics`: where metrics are flushed as JSON lines.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// File or FIFO receiving one JSON object per flush.
+    pub metrics_path: String,
+}
+
+/// `serial`: where the guest console goes (mvm extension; stdout when absent).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// File receiving the guest console.
+    pub serial_out_path: String,
+}
+
+/// A whole VM configuration: the `--config-file` document.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel, command line, initrd.
+    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<BootSource>,
+    /// vCPUs and memory.
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    /// Block devices.
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    /// Network interfaces.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    /// The vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    /// Logging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    /// Metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+    /// Console destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialConfig>,
+    /// Firecracker's balloon device; not supported.
+    #[serde(default, skip_serializing)]
+    pub balloon: Option<Value>,
+    /// Firecracker's MMDS; not supported.
+    #[serde(rename = "mmds-config", default, skip_serializing)]
+    pub mmds_config: Option<Value>,
+    /// Firecracker's custom CPU templates; not supported.
+    #[serde(rename = "cpu-config", default, skip_serializing)]
+    pub cpu_config: Option<Value>,
+    /// Firecracker's entropy device; not supported.
+    #[serde(default, skip_serializing)]
+    pub entropy: Option<Value>,
+}
+
+impl VmConfig {
+    /// Parses a Firecracker JSON configuration document.
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        let config: VmConfig = serde_json::from_str(json)?;
+        config.validate_sections()?;
+        Ok(config)
+    }
+
+    /// Validates every section that is present.
+    pub fn validate_sections(&self) -> Result<(), ConfigError> {
+        reject_present(&self.balloon, "balloon", "there is no balloon device; size the VM with machine-config")?;
+        reject_present(&self.mmds_config, "mmds-config", "there is no metadata service; pass data through the agent or boot_args")?;
+        reject_present(&self.cpu_config, "cpu-config", "custom CPU templates are not available")?;
+        reject_present(&self.entropy, "entropy", "there is no virtio-rng device")?;
+        if let Some(boot) = &self.boot_source {
+            boot.validate()?;
+        }
+        self.machine_config.validate()
+    }
+
+    /// Full validation before boot: every section valid and a kernel configured.
+    pub fn validate_for_boot(&self) -> Result<&BootSource, ConfigError> {
+        self.validate_sections()?;
+        self.boot_source.as_ref().ok_or(ConfigError::Missing("boot-source"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_document_parses() {
+        let json = r#"{
+          "boot-source": {"kernel_image_path": "vmlinux", "boot_args": "console=ttyS0 reboot=k", "initrd_path": null},
+          "drives": [{"drive_id": "rootfs", "path_on_host": "rootfs.ext4", "is_root_device": true,
+                      "is_read_only": false, "cache_type": "Writeback", "io_engine": "Sync",
+                      "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}],
+          "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "track_dirty_pages": false, "huge_pages": "None"},
+          "network-interfaces": [{"iface_id": "eth0", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}],
+          "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock", "vsock_id": "vsock0"},
+          "logger": {"log_path": "/tmp/fc.log", "level": "Debug", "show_level": true, "show_log_origin": false},
+          "metrics": {"metrics_path": "/tmp/metrics"},
+          "balloon": null, "mmds-config": null, "cpu-config": null, "entropy": null
+        }"#;
+        let cfg = VmConfig::from_json(json).unwrap();
+        assert_eq!(cfg.machine_config.vcpu_count, 2);
+        assert_eq!(cfg.drives[0].cache_type, CacheType::Writeback);
+        assert_eq!(cfg.vsock.as_ref().unwrap().guest_cid, 3);
+        assert_eq!(cfg.logger.unwrap().level, Some(LogLevel::Debug));
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let err = |json: &str| VmConfig::from_json(json).unwrap_err().to_string();
+        assert!(err(r#"{"machine-config": {"vcpu_count": 0, "mem_size_mib": 128}}"#)
+            .contains("machine-config.vcpu_count"));
+        assert!(err(r#"{"machine-config": {"vcpu_count": 33, "mem_size_mib": 128}}"#)
+            .contains("1 to 32"));
+        assert!(err(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 0}}"#)
+            .contains("machine-config.mem_size_mib"));
+        assert!(err(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 99999999}}"#)
+            .contains("larger than this host"));
+        assert!(err(r#"{"balloon": {"amount_mib": 1}}"#).contains("`balloon` is not supported"));
+        assert!(err(r#"{"boot-source": {"kernel_image_path": "k", "typo": 1}}"#).contains("unknown field `typo`"));
+        assert!(err(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "2M"}}"#)
+            .contains("huge_pages"));
+        assert!(err("{not json").contains("invalid configuration JSON"));
+    }
+
+    #[test]
+    fn boot_requires_a_kernel() {
+        let cfg = VmConfig::default();
+        assert!(matches!(cfg.validate_for_boot(), Err(ConfigError::Missing("boot-source"))));
+    }
+}

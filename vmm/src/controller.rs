@@ -1,0 +1,316 @@
+//! The one narrow door to the VMM: every API request and every config-file section becomes a
+//! [`VmmAction`] handled here, before boot (configuring) or after (running, paused).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::builder::{build_and_boot, BuildError, DeviceFactory, RunningVm};
+use crate::config::{
+    BootSource, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
+    NetworkInterfaceConfig, SerialConfig, VmConfig, VsockConfig,
+};
+use crate::devices::legacy::serial::SerialOut;
+use crate::exit::VmExit;
+use crate::metrics::{MetricsError, MetricsSink};
+
+/// Version reported by `GET /` and `GET /version`.
+pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A request to the VMM.
+#[derive(Debug)]
+pub enum VmmAction {
+    /// `GET /`.
+    GetInstanceInfo,
+    /// `GET /version`.
+    GetVersion,
+    /// `GET /vm/config`.
+    GetFullConfig,
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`: fields present in the JSON object replace the current ones.
+    PatchMachineConfig(Value),
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `PUT /drives/{id}`.
+    PutDrive(DriveConfig),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(NetworkInterfaceConfig),
+    /// `PUT /vsock`.
+    PutVsock(VsockConfig),
+    /// `PUT /logger`.
+    PutLogger(LoggerConfig),
+    /// `PUT /metrics`.
+    PutMetrics(MetricsConfig),
+    /// `PUT /actions` InstanceStart.
+    InstanceStart,
+    /// `PUT /actions` SendCtrlAltDel.
+    SendCtrlAltDel,
+    /// `PUT /actions` FlushMetrics.
+    FlushMetrics,
+    /// `PATCH /vm` Paused.
+    Pause,
+    /// `PATCH /vm` Resumed.
+    Resume,
+}
+
+/// A successful answer: nothing (HTTP 204) or a JSON body (HTTP 200).
+#[derive(Debug, PartialEq)]
+pub enum VmmResponse {
+    /// No content.
+    Empty,
+    /// A JSON document.
+    Json(Value),
+}
+
+/// A failed request; every variant is the client's to fix (HTTP 400).
+#[derive(Debug, thiserror::Error)]
+pub enum VmmActionError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The VM could not be built.
+    #[error("cannot start the microVM: {0}")]
+    Start(#[from] BuildError),
+    /// The request is only valid before boot.
+    #[error("{0} is not supported after starting the microVM")]
+    AfterBoot(&'static str),
+    /// The request is only valid after boot.
+    #[error("{0} is not supported before starting the microVM")]
+    BeforeBoot(&'static str),
+    /// The logger could not be configured.
+    #[error(transparent)]
+    Logger(#[from] crate::logger::LoggerError),
+    /// Metrics could not be configured or flushed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// The console file could not be opened.
+    #[error("cannot open serial_out_path {0}: {1}")]
+    SerialOut(String, std::io::Error),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// The VM's externally visible state (Firecracker's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Configuring.
+    #[serde(rename = "Not started")]
+    NotStarted,
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+}
+
+/// Owns the configuration and, once started, the running VM.
+pub struct Controller {
+    id: String,
+    config: VmConfig,
+    running: Option<RunningVm>,
+    exit: Arc<VmExit>,
+    make_devices: Box<DeviceFactory<'static>>,
+    metrics: Option<MetricsSink>,
+    started: Instant,
+}
+
+/// The guest console sink: the configured file, or the VMM's stdout.
+fn open_serial_out(config: Option<&SerialConfig>) -> Result<SerialOut, VmmActionError> {
+    match config {
+        Some(SerialConfig { serial_out_path }) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(serial_out_path)
+            .map(|f| Box::new(f) as SerialOut)
+            .map_err(|e| VmmActionError::SerialOut(serial_out_path.clone(), e)),
+        None => Ok(Box::new(std::io::stdout())),
+    }
+}
+
+/// Replaces the entry with the same id, or appends it.
+fn upsert<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T, &T) -> bool) {
+    match list.iter_mut().find(|existing| same(existing, &item)) {
+        Some(existing) => *existing = item,
+        None => list.push(item),
+    }
+}
+
+impl Controller {
+    /// A controller for VM `id`, whose virtio devices `make_devices` creates at boot.
+    pub fn new(
+        id: String,
+        make_devices: Box<DeviceFactory<'static>>,
+        exit: Arc<VmExit>,
+    ) -> Self {
+        Controller {
+            id,
+            config: VmConfig::default(),
+            running: None,
+            exit,
+            make_devices,
+            metrics: None,
+            started: Instant::now(),
+        }
+    }
+
+    /// The running VM, once booted.
+    pub fn running(&self) -> Option<&RunningVm> {
+        self.running.as_ref()
+    }
+
+    /// The state reported by `GET /`.
+    pub fn state(&self) -> InstanceState {
+        match &self.running {
+            None => InstanceState::NotStarted,
+            Some(vm) if vm.vcpus.is_paused() => InstanceState::Paused,
+            Some(_) => InstanceState::Running,
+        }
+    }
+
+    /// Applies a whole configuration document, section by section, as the API would.
+    pub fn apply_config(&mut self, config: VmConfig) -> Result<(), VmmActionError> {
+        config.validate_sections()?;
+        if let Some(logger) = &config.logger {
+            crate::logger::configure(logger)?;
+        }
+        if let Some(metrics) = &config.metrics {
+            self.metrics = Some(MetricsSink::open(&metrics.metrics_path, self.started)?);
+        }
+        self.config = config;
+        Ok(())
+    }
+
+    fn before_boot(&self, what: &'static str) -> Result<(), VmmActionError> {
+        match self.running {
+            Some(_) => Err(VmmActionError::AfterBoot(what)),
+            None => Ok(()),
+        }
+    }
+
+    fn vm(&self, what: &'static str) -> Result<&RunningVm, VmmActionError> {
+        self.running.as_ref().ok_or(VmmActionError::BeforeBoot(what))
+    }
+
+    /// Handles one request.
+    pub fn handle(&mut self, action: VmmAction) -> Result<VmmResponse, VmmActionError> {
+        use VmmAction::*;
+        match action {
+            GetInstanceInfo => Ok(VmmResponse::Json(json!({
+                "app_name": "mvm",
+                "id": self.id,
+                "state": self.state(),
+                "vmm_version": VMM_VERSION,
+            }))),
+            GetVersion => Ok(VmmResponse::Json(json!({ "firecracker_version": VMM_VERSION }))),
+            GetFullConfig => Ok(VmmResponse::Json(
+                serde_json::to_value(&self.config).expect("the config always serializes"),
+            )),
+            GetMachineConfig => Ok(VmmResponse::Json(
+                serde_json::to_value(&self.config.machine_config).expect("plain struct"),
+            )),
+            PutMachineConfig(machine) => {
+                self.before_boot("PUT /machine-config")?;
+                machine.validate()?;
+                self.config.machine_config = machine;
+                Ok(VmmResponse::Empty)
+            }
+            PatchMachineConfig(patch) => {
+                self.before_boot("PATCH /machine-config")?;
+                let mut current = serde_json::to_value(&self.config.machine_config).expect("plain struct");
+                let (Value::Object(current_map), Value::Object(patch_map)) = (&mut current, patch) else {
+                    return Err(VmmActionError::BadRequest("the PATCH body must be a JSON object".into()));
+                };
+                current_map.extend(patch_map);
+                let machine: MachineConfig = serde_json::from_value(current).map_err(ConfigError::Json)?;
+                machine.validate()?;
+                self.config.machine_config = machine;
+                Ok(VmmResponse::Empty)
+            }
+            PutBootSource(boot) => {
+                self.before_boot("PUT /boot-source")?;
+                boot.validate()?;
+                self.config.boot_source = Some(boot);
+                Ok(VmmResponse::Empty)
+            }
+            PutDrive(drive) => {
+                self.before_boot("PUT /drives")?;
+                if drive.is_root_device {
+                    if let Some(other) = self.config.drives.iter().find(|d| d.is_root_device && d.drive_id != drive.drive_id) {
+                        return Err(VmmActionError::BadRequest(format!(
+                            "drive {} is already the root device; only one drive may have is_root_device",
+                            other.drive_id
+                        )));
+                    }
+                }
+                upsert(&mut self.config.drives, drive, |a, b| a.drive_id == b.drive_id);
+                // The root drive goes first so it is /dev/vda.
+                self.config.drives.sort_by_key(|d| !d.is_root_device);
+                Ok(VmmResponse::Empty)
+            }
+            PutNetworkInterface(iface) => {
+                self.before_boot("PUT /network-interfaces")?;
+                upsert(&mut self.config.network_interfaces, iface, |a, b| a.iface_id == b.iface_id);
+                Ok(VmmResponse::Empty)
+            }
+            PutVsock(vsock) => {
+                self.before_boot("PUT /vsock")?;
+                self.config.vsock = Some(vsock);
+                Ok(VmmResponse::Empty)
+            }
+            PutLogger(logger) => {
+                crate::logger::configure(&logger)?;
+                self.config.logger = Some(logger);
+                Ok(VmmResponse::Empty)
+            }
+            PutMetrics(metrics) => {
+                self.metrics = Some(MetricsSink::open(&metrics.metrics_path, self.started)?);
+                self.config.metrics = Some(metrics);
+                Ok(VmmResponse::Empty)
+            }
+            InstanceStart => {
+                self.before_boot("InstanceStart")?;
+                self.start()?;
+                Ok(VmmResponse::Empty)
+            }
+            SendCtrlAltDel => {
+                let vm = self.vm("SendCtrlAltDel")?;
+                vm.i8042.lock().unwrap_or_else(|p| p.into_inner()).send_ctrl_alt_del();
+                Ok(VmmResponse::Empty)
+            }
+            FlushMetrics => {
+                self.flush_metrics()?;
+                Ok(VmmResponse::Empty)
+            }
+            Pause => {
+                self.vm("Pausing")?.vcpus.pause();
+                Ok(VmmResponse::Empty)
+            }
+            Resume => {
+                self.vm("Resuming")?.vcpus.resume();
+                Ok(VmmResponse::Empty)
+            }
+        }
+    }
+
+    /// Builds and boots the VM from the current configuration.
+    fn start(&mut self) -> Result<(), VmmActionError> {
+        let serial_out = open_serial_out(self.config.serial.as_ref())?;
+        let vm = build_and_boot(&self.config, serial_out, &*self.make_devices, self.exit.clone())?;
+        log::info!("microVM {} started", self.id);
+        self.running = Some(vm);
+        Ok(())
+    }
+
+    /// Writes one metrics line, when metrics are configured.
+    pub fn flush_metrics(&mut self) -> Result<(), VmmActionError> {
+        if let Some(sink) = &mut self.metrics {
+            sink.flush()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! i8042 PS/2 controller, just enough for Linux: a guest reset (0xFE to port 0x64) ends the VM,
+//! and the host can inject Ctrl+Alt+Del so the guest shuts itself down.
+
+use std::collections::VecDeque;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::{BusDevice, IrqLine};
+
+/// Ports 0x60 (data) to 0x64 (status/command).
+pub const I8042_PORT: u64 = 0x60;
+/// The window covers 0x60..=0x64.
+pub const I8042_PORT_LEN: u64 = 5;
+/// Keyboard interrupt line.
+pub const I8042_KBD_IRQ: u32 = 1;
+
+const OFFSET_DATA: u64 = 0;
+const OFFSET_COMMAND: u64 = 4;
+
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_READ_OUTP: u8 = 0xd0;
+const CMD_WRITE_OUTP: u8 = 0xd1;
+const CMD_PULSE_RESET: u8 = 0xfe;
+
+const STATUS_OUT_FULL: u8 = 0x01;
+const STATUS_SYSTEM_FLAG: u8 = 0x04;
+const STATUS_CMD_DATA: u8 = 0x08;
+const STATUS_KBD_ENABLED: u8 = 0x10;
+
+const CTR_KBD_INT: u8 = 0x01;
+const CTR_SYSTEM_FLAG: u8 = 0x04;
+
+const KBD_ACK: u8 = 0xfa;
+/// Scancode set 2 make and break codes for Ctrl, Alt and Del.
+const CTRL_ALT_DEL: [u8; 11] = [0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14];
+const BUFFER_SIZE: usize = 16;
+
+/// The emulated controller on the port-I/O bus.
+pub struct I8042 {
+    reset_evt: EventFd,
+    kbd_irq: IrqLine,
+    status: u8,
+    control: u8,
+    outp: u8,
+    pending_cmd: Option<u8>,
+    buffer: VecDeque<u8>,
+}
+
+impl I8042 {
+    /// A controller that signals `reset_evt` when the guest pulses the reset line.
+    pub fn new(reset_evt: EventFd, kbd_irq: IrqLine) -> Self {
+        I8042 {
+            reset_evt,
+            kbd_irq,
+            status: STATUS_SYSTEM_FLAG | STATUS_KBD_ENABLED,
+            control: CTR_KBD_INT | CTR_SYSTEM_FLAG,
+            outp: 0,
+            pending_cmd: None,
+            buffer: VecDeque::with_capacity(BUFFER_SIZE),
+        }
+    }
+
+    fn push(&mut self, byte: u8) {
+        if self.buffer.len() < BUFFER_SIZE {
+            self.buffer.push_back(byte);
+            self.status |= STATUS_OUT_FULL;
+        }
+    }
+
+    fn raise_kbd_irq(&self) {
+        if self.control & CTR_KBD_INT != 0 {
+            // The guest simply misses the key press if the eventfd is full.
+            let _ = self.kbd_irq.trigger();
+        }
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard (Firecracker's SendCtrlAltDel).
+    pub fn send_ctrl_alt_del(&mut self) {
+        for byte in CTRL_ALT_DEL {
+            self.push(byte);
+        }
+        self.raise_kbd_irq();
+    }
+
+    fn command(&mut self, cmd: u8) {
+        self.status |= STATUS_CMD_DATA;
+        match cmd {
+            CMD_READ_CTR => self.push(self.control),
+            CMD_WRITE_CTR | CMD_WRITE_OUTP => self.pending_cmd = Some(cmd),
+            CMD_READ_OUTP => self.push(self.outp),
+            CMD_PULSE_RESET => {
+                // If the eventfd cannot be written the VMM is already going down.
+                let _ = self.reset_evt.write(1);
+            }
+            _ => {}
+        }
+    }
+
+    fn data(&mut self, value: u8) {
+        self.status &= !STATUS_CMD_DATA;
+        match self.pending_cmd.take() {
+            Some(CMD_WRITE_CTR) => self.control = value,
+            Some(CMD_WRITE_OUTP) => self.outp = value,
+            _ => {
+                // A keyboard command: acknowledge it.
+                self.push(KBD_ACK);
+                self.raise_kbd_irq();
+            }
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let Some(byte) = data.first_mut() else { return };
+        *byte = match offset {
+            OFFSET_DATA => {
+                let value = self.buffer.pop_front().unwrap_or(0);
+                if self.buffer.is_empty() {
+                    self.status &= !STATUS_OUT_FULL;
+                } else {
+                    self.raise_kbd_irq();
+                }
+                value
+            }
+            OFFSET_COMMAND => self.status,
+            _ => 0xff,
+        };
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match (offset, data.first()) {
+            (OFFSET_COMMAND, Some(cmd)) => self.command(*cmd),
+            (OFFSET_DATA, Some(value)) => self.data(*value),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> (I8042, EventFd) {
+        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = I8042::new(reset.try_clone().unwrap(), IrqLine::new(I8042_KBD_IRQ).unwrap());
+        (dev, reset)
+    }
+
+    #[test]
+    fn reset_pulse_signals_the_vmm() {
+        let (mut dev, reset) = device();
+        assert!(reset.read().is_err(), "nothing yet");
+        dev.write(OFFSET_COMMAND, &[CMD_PULSE_RESET]);
+        assert_eq!(reset.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn control_register_round_trip_and_ctrl_alt_del() {
+        let (mut dev, _reset) = device();
+        dev.write(OFFSET_COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(OFFSET_DATA, &[0x45]);
+        dev.write(OFFSET_COMMAND, &[CMD_READ_CTR]);
+        let mut b = [0u8];
+        dev.read(OFFSET_COMMAND, &mut b);
+        assert_ne!(b[0] & STATUS_OUT_FULL, 0);
+        dev.read(OFFSET_DATA, &mut b);
+        assert_eq!(b[0], 0x45);
+        dev.send_ctrl_alt_del();
+        let mut codes = Vec::new();
+        loop {
+            dev.read(OFFSET_COMMAND, &mut b);
+            if b[0] & STATUS_OUT_FULL == 0 {
+                break;
+            }
+            dev.read(OFFSET_DATA, &mut b);
+            codes.push(b[0]);
+        }
+        assert_eq!(codes, CTRL_ALT_DEL);
+    }
+}

@@ -1,0 +1,7 @@
+//! Legacy PC devices: the 8250 UART and the i8042 keyboard controller.
+
+pub mod i8042;
+pub mod serial;
+
+pub use i8042::I8042;
+pub use serial::SerialDevice;

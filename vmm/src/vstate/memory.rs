@@ -1,0 +1,106 @@
+//! Guest RAM: anonymous host memory laid out around the MMIO gap below 4 GiB.
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
+
+/// Guest memory type used throughout the VMM.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// The smallest guest accepted: room for the boot structures and a tiny kernel.
+pub const MIN_MEM_SIZE_MIB: u64 = 2;
+
+/// Errors while sizing or mapping guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Zero or too little memory was asked for.
+    #[error("mem_size_mib {0} is too small: a guest needs at least {MIN_MEM_SIZE_MIB} MiB")]
+    TooSmall(u64),
+    /// More memory than this host has was asked for.
+    #[error(
+        "mem_size_mib {requested} is larger than this host's {host} MiB of RAM; ask for less memory"
+    )]
+    LargerThanHost {
+        /// Requested size in MiB.
+        requested: u64,
+        /// Host RAM in MiB.
+        host: u64,
+    },
+    /// The host refused to map the memory.
+    #[error("cannot map {0} MiB of guest memory: {1}")]
+    Map(u64, String),
+}
+
+/// Splits `size` bytes of guest RAM into the regions of the x86_64 layout: RAM below the MMIO
+/// gap, and whatever does not fit there from 4 GiB upwards.
+pub fn arch_memory_regions(size: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START as usize),
+            (
+                GuestAddress(FIRST_ADDR_PAST_32BITS),
+                (size - MMIO_GAP_START) as usize,
+            ),
+        ]
+    }
+}
+
+/// Total RAM of this host in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// Checks a requested guest size against the layout's minimum and the host's RAM.
+pub fn validate_mem_size(mem_size_mib: u64) -> Result<(), MemoryError> {
+    if mem_size_mib < MIN_MEM_SIZE_MIB {
+        return Err(MemoryError::TooSmall(mem_size_mib));
+    }
+    if let Some(host) = host_memory_mib() {
+        if mem_size_mib > host {
+            return Err(MemoryError::LargerThanHost {
+                requested: mem_size_mib,
+                host,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Maps guest RAM of `mem_size_mib` MiB (anonymous, private, not reserved up front).
+pub fn create_guest_memory(mem_size_mib: u64) -> Result<GuestMemory, MemoryError> {
+    validate_mem_size(mem_size_mib)?;
+    let regions = arch_memory_regions(mem_size_mib << 20);
+    GuestMemoryMmap::from_ranges(&regions).map_err(|e| MemoryError::Map(mem_size_mib, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_region() {
+        let regions = arch_memory_regions(128 << 20);
+        assert_eq!(regions, vec![(GuestAddress(0), 128 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_gap() {
+        let regions = arch_memory_regions(4 << 30);
+        assert_eq!(regions[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(regions[1].0, GuestAddress(FIRST_ADDR_PAST_32BITS));
+        assert_eq!(regions[1].1 as u64 + MMIO_GAP_START, 4 << 30);
+    }
+
+    #[test]
+    fn sizes_outside_the_host_are_refused() {
+        assert!(matches!(validate_mem_size(0), Err(MemoryError::TooSmall(0))));
+        let too_big = host_memory_mib().unwrap() + 1;
+        let err = validate_mem_size(too_big).unwrap_err();
+        assert!(err.to_string().contains("larger than this host"), "{err}");
+    }
+}
