@@ -68,6 +68,9 @@ pub(crate) struct Hierarchy {
     pub controllers: Vec<String>,
 }
 
+/// cgroup v1 mount options that are not controller names.
+const V1_MOUNT_OPTIONS: [&str; 6] = ["rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode"];
+
 /// All cgroup hierarchies mounted in this mount namespace, in mountinfo order, one per mount point.
 pub(crate) fn hierarchies() -> Result<Vec<Hierarchy>> {
     let text = fs::read_to_string("/proc/self/mountinfo")
@@ -95,7 +98,7 @@ fn parse_mountinfo(text: &str) -> Vec<Hierarchy> {
         } else {
             super_opts
                 .split(',')
-                .filter(|o| !matches!(*o, "rw" | "ro") && !o.contains('='))
+                .filter(|o| !V1_MOUNT_OPTIONS.contains(o) && !o.contains('='))
                 .map(str::to_string)
                 .collect()
         };

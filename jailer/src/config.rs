@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
@@ -427,8 +428,11 @@ pub fn validate_parent_cgroup(parent: &str) -> Result<()> {
 
 /// A jail path must be absolute, not `/`, and made only of plain names.
 fn check_jail_path(flag: &'static str, path: &Path) -> Result<()> {
+    // `Path::components` silently drops inner "." parts: look at the raw parts too.
+    let raw_plain = path.as_os_str().as_bytes().split(|&b| b == b'/').skip(1).all(|p| p != b"." && p != b"..");
     let mut components = path.components();
-    let plain = components.next() == Some(Component::RootDir)
+    let plain = raw_plain
+        && components.next() == Some(Component::RootDir)
         && components.clone().next().is_some()
         && components.all(|c| matches!(c, Component::Normal(_)));
     if plain {

@@ -2,7 +2,7 @@
 //! reports, as `key=value` lines, what it can see and do, or exercises one limit.
 //!
 //! Usage: `jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal
-//! | nofile | seccomp | true`.
+//! | nofile | seccomp | pause | true`.
 
 use std::collections::BTreeMap;
 use std::io::{Error, Write};
@@ -246,7 +246,7 @@ fn seccomp() -> ExitCode {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | true");
+    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | pause | true");
     ExitCode::from(2)
 }
 
@@ -271,6 +271,13 @@ fn main() -> ExitCode {
         Some("nofile") => nofile(),
         Some("seccomp") => seccomp(),
         Some("true") => ExitCode::SUCCESS,
+        Some("pause") => {
+            println!("paused=1");
+            let _ = std::io::stdout().flush();
+            // SAFETY: pause has no arguments; the probe waits here until a signal kills it.
+            unsafe { libc::pause() };
+            ExitCode::SUCCESS
+        }
         _ => usage(),
     }
 }
