@@ -74,7 +74,7 @@ impl FromStr for CgroupSetting {
         let (key, value) = s.split_once('=').ok_or_else(|| bad("expected KEY=VALUE"))?;
         let key_ok = key
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
         let parts: Vec<&str> = key.split('.').collect();
         if !key_ok || parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
             return Err(bad("the key must look like <controller>.<file>, e.g. memory.limit_in_bytes"));
@@ -511,6 +511,8 @@ mod tests {
     fn cgroup_settings() {
         let s: CgroupSetting = "memory.limit_in_bytes=64M".parse().unwrap();
         assert_eq!((s.controller(), s.value.as_str()), ("memory", "64M"));
+        let s: CgroupSetting = "hugetlb.2MB.max=0".parse().unwrap();
+        assert_eq!(s.controller(), "hugetlb");
         let s: CgroupSetting = "io.max=8:0 rbps=1048576".parse().unwrap();
         assert_eq!((s.controller(), s.value.as_str()), ("io", "8:0 rbps=1048576"));
         for bad in ["memory", "memory=1", "../x.y=1", "a/b.c=1", "memory.x=", ".x=1", "x..y=1"] {

@@ -177,7 +177,7 @@ fn landlock_limits_writes_to_the_allowed_dirs() {
         return;
     }
     let shared = tempdir("landlock");
-    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&*shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     let mount = format!("{}:/data:rw", shared.display());
     let probe = ["report", "--write", "/data/x"];
 
@@ -205,7 +205,6 @@ fn landlock_limits_writes_to_the_allowed_dirs() {
     assert_eq!(r["writes"], "/data/y:ok");
     assert_eq!(r["write_run"], "EACCES", "/run is writable only when listed");
     j.cleanup();
-    std::fs::remove_dir_all(&shared).unwrap();
 }
 
 #[test]
@@ -214,7 +213,7 @@ fn read_only_mounts_are_read_only() {
         return;
     }
     let shared = tempdir("romount");
-    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&*shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::write(shared.join("kernel"), b"k").unwrap();
     let j = TestJail::new("romount");
     let dir_mount = format!("{}:/images", shared.display());
@@ -225,7 +224,6 @@ fn read_only_mounts_are_read_only() {
     // Bind mounts live only in the jail's mount namespace: on the host the mount points are plain.
     assert_eq!(std::fs::read_dir(j.jail_dir().join("root/images")).unwrap().count(), 0);
     j.cleanup();
-    std::fs::remove_dir_all(&shared).unwrap();
 }
 
 #[test]
@@ -382,6 +380,19 @@ fn cgroup_v2() {
 
     let controllers = std::fs::read_to_string(unified.join("cgroup.controllers")).unwrap();
     let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+    let hugetlb_2mb = unified.join("hugetlb.2MB.max").exists() || Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists();
+    if has("hugetlb") && hugetlb_2mb {
+        // A controller that is on v2 here: the jailer enables it down the parent chain.
+        let j = TestJail::new("v2hugetlb");
+        ok_report(&j.run(&["--cgroup-version", "2", "--cgroup", "hugetlb.2MB.max=0"], &["report"]));
+        let parent = unified.join(PARENT_CGROUP);
+        for dir in [&unified, &parent] {
+            let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap();
+            assert!(enabled.split_whitespace().any(|c| c == "hugetlb"), "{}: {enabled}", dir.display());
+        }
+        assert_eq!(std::fs::read_to_string(parent.join(&j.id).join("hugetlb.2MB.max")).unwrap().trim(), "0");
+        j.cleanup();
+    }
     if !(has("memory") && has("pids")) {
         // A hybrid host binds memory and pids to v1 hierarchies: v2 must refuse, naming them.
         let j = TestJail::new("v2none");
@@ -443,8 +454,24 @@ fn jailed_vmm_starts() {
     assert!(!j.base.join("mvm-vmm").join(&j.id).exists());
 }
 
-fn tempdir(name: &str) -> std::path::PathBuf {
+/// A host directory for a test, removed when dropped (also when the test panics).
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("mvm-jailer-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
