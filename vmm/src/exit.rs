@@ -7,8 +7,10 @@ use vmm_sys_util::eventfd::EventFd;
 /// The reason the VMM is ending the VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest reset the machine (i8042 reset line, triple fault or KVM reset event).
+    /// The guest reset the machine (i8042 reset line or KVM reset event).
     GuestReset,
+    /// A vCPU triple-faulted: the guest crashed (or rebooted with `reboot=t`).
+    GuestTripleFault,
     /// The guest powered the machine off.
     GuestPowerOff,
     /// A vCPU halted with nothing left to wake it.
@@ -27,7 +29,8 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    /// Process exit status: 0 for a guest- or operator-requested stop, 1 for failures.
+    /// Process exit status: 0 for a guest- or operator-requested stop, 1 for VMM or vCPU
+    /// failures, 2 for a guest crash.
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::GuestReset
@@ -35,6 +38,7 @@ impl ExitReason {
             | ExitReason::GuestHalted
             | ExitReason::Signal(_) => 0,
             ExitReason::VcpuError { .. } | ExitReason::VmmError(_) => 1,
+            ExitReason::GuestTripleFault => 2,
         }
     }
 }
@@ -43,6 +47,10 @@ impl std::fmt::Display for ExitReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExitReason::GuestReset => write!(f, "the guest reset the VM"),
+            ExitReason::GuestTripleFault => write!(
+                f,
+                "the guest triple-faulted (it crashed, or rebooted with reboot=t; use reboot=k)"
+            ),
             ExitReason::GuestPowerOff => write!(f, "the guest powered the VM off"),
             ExitReason::GuestHalted => write!(f, "the guest halted"),
             ExitReason::Signal(sig) => write!(f, "received signal {sig}"),

@@ -223,7 +223,7 @@ impl Vcpu {
                 Step::Continue
             }
             Ok(VcpuExit::Hlt) => Step::Exit(ExitReason::GuestHalted),
-            Ok(VcpuExit::Shutdown) => Step::Exit(ExitReason::GuestReset),
+            Ok(VcpuExit::Shutdown) => Step::Exit(ExitReason::GuestTripleFault),
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Step::Exit(ExitReason::GuestReset),
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
                 Step::Exit(ExitReason::GuestPowerOff)
