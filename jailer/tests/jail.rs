@@ -113,6 +113,42 @@ fn memory_limit_oom_kills_the_hog() {
 }
 
 #[test]
+fn cgroup_v1_values_are_applied_before_the_target_runs() {
+    if !root_or_skip("cgroup_v1_values_are_applied_before_the_target_runs") {
+        return;
+    }
+    // The whole disk under / (blkio throttling takes disks, not partitions).
+    let root_dev = std::fs::metadata("/").unwrap().dev();
+    let disk = format!("{}:0", libc::major(root_dev));
+    let blkio = format!("blkio.throttle.read_bps_device={disk} 1048576");
+    let j = TestJail::new("v1values");
+    let settings = ["cpu.cfs_quota_us=50000", "cpu.shares=512", "cpuset.cpus=0", &blkio, "pids.max=32", "memory.limit_in_bytes=134217728"];
+    let mut args: Vec<&str> = settings.iter().flat_map(|s| ["--cgroup", *s]).collect();
+    args.extend(["--new-pid-ns", "--mount-proc"]);
+    let out = j.run(&args, &["report"]);
+    if stderr(&out).contains("blkio.throttle.read_bps_device") {
+        eprintln!("SKIPPED blkio check ({disk} is not a whole disk here): {}", stderr(&out).trim());
+        j.assert_nothing_left();
+        return;
+    }
+    let r = ok_report(&out);
+    for (hierarchy, file, want) in [
+        ("cpu", "cpu.cfs_quota_us", "50000"),
+        ("cpu", "cpu.shares", "512"),
+        ("cpuset", "cpuset.cpus", "0"),
+        ("blkio", "blkio.throttle.read_bps_device", &format!("{disk} 1048576")),
+        ("pids", "pids.max", "32"),
+        ("memory", "memory.limit_in_bytes", "134217728"),
+    ] {
+        assert_eq!(j.cgroup_file(hierarchy, file).trim(), want, "{hierarchy}/{file}");
+        assert!(r["cgroup"].contains(&format!(":{hierarchy}:/{PARENT_CGROUP}/{}", j.id)), "{hierarchy}: {}", r["cgroup"]);
+    }
+    // cpuset.mems was empty in the new cpuset cgroup: inherited from the parent chain.
+    assert!(!j.cgroup_file("cpuset", "cpuset.mems").trim().is_empty());
+    j.cleanup();
+}
+
+#[test]
 fn pids_limit_stops_a_fork_bomb() {
     if !root_or_skip("pids_limit_stops_a_fork_bomb") {
         return;
@@ -342,9 +378,14 @@ fn daemonize_detaches_and_runs_the_target() {
     if !root_or_skip("daemonize_detaches_and_runs_the_target") {
         return;
     }
-    for extra in [&["--daemonize"][..], &["--daemonize", "--new-pid-ns"][..]] {
+    // A process-group leader cannot call setsid: the jailer forks for it.
+    for (extra, group_leader) in [(&["--daemonize"][..], false), (&["--daemonize"][..], true), (&["--daemonize", "--new-pid-ns"][..], false)] {
         let j = TestJail::new("daemon");
-        let out = j.run(extra, &["report"]);
+        let mut cmd = j.command(extra, &["report"]);
+        if group_leader {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        let out = cmd.output().unwrap();
         assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
         assert!(out.stdout.is_empty() && out.stderr.is_empty(), "stdio must go to /dev/null");
         // The probe's write to /run lands in the jail tree on the host.

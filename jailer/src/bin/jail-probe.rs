@@ -2,7 +2,7 @@
 //! reports, as `key=value` lines, what it can see and do, or exercises one limit.
 //!
 //! Usage: `jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal
-//! | nofile | seccomp | pause | true`.
+//! | nofile | seccomp | pause | stamp | true`.
 
 use std::collections::BTreeMap;
 use std::io::{Error, Write};
@@ -246,7 +246,7 @@ fn seccomp() -> ExitCode {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | pause | true");
+    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | pause | stamp | true");
     ExitCode::from(2)
 }
 
@@ -271,6 +271,13 @@ fn main() -> ExitCode {
         Some("nofile") => nofile(),
         Some("seccomp") => seccomp(),
         Some("true") => ExitCode::SUCCESS,
+        Some("stamp") => {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: `ts` is a valid out-pointer.
+            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+            println!("monotonic_ns={}", ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128);
+            ExitCode::SUCCESS
+        }
         Some("pause") => {
             println!("paused=1");
             let _ = std::io::stdout().flush();
