@@ -15,10 +15,18 @@ use std::time::Duration;
 use jailer::{CleanupConfig, Jail, JailConfig};
 
 const PARENT: &str = "mvm-bench";
-const CGROUPS: [&str; 4] = ["memory.limit_in_bytes=268435456", "pids.max=64", "cpu.cfs_quota_us=50000", "cpu.shares=512"];
+const CGROUPS: [&str; 4] = [
+    "memory.limit_in_bytes=268435456",
+    "pids.max=64",
+    "cpu.cfs_quota_us=50000",
+    "cpu.shares=512",
+];
 
 fn monotonic_ns() -> u128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
@@ -28,7 +36,10 @@ fn monotonic_ns() -> u128 {
 fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    (ms(v[v.len() / 2]), ms(v[(v.len() * 9 / 10).min(v.len() - 1)]))
+    (
+        ms(v[v.len() / 2]),
+        ms(v[(v.len() * 9 / 10).min(v.len() - 1)]),
+    )
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -45,7 +56,11 @@ fn time_stamp(cmd: &mut Command) -> (Duration, Duration) {
     let t0 = monotonic_ns();
     let out = cmd.output().expect("spawn");
     let t_end = monotonic_ns();
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let started: u128 = text
         .lines()
@@ -70,22 +85,41 @@ fn main() {
         eprintln!("SKIPPED jailer bench: needs root");
         return;
     }
-    let iterations: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(50);
+    let iterations: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
     let (jailer, probe) = (bin("mvm-jailer"), bin("jail-probe"));
     for b in [&jailer, &probe] {
-        assert!(b.exists(), "{} missing: cargo build -p jailer --bins first", b.display());
+        assert!(
+            b.exists(),
+            "{} missing: cargo build -p jailer --bins first",
+            b.display()
+        );
     }
     let base = std::env::temp_dir().join(format!("mvm-jailer-bench-{}", std::process::id()));
     let probe_kib = std::fs::metadata(&probe).expect("probe").len() / 1024;
     println!("jailer bench: {iterations} iterations; target = jail-probe ({probe_kib} KiB static binary, copied into every jail)");
 
-    let (start, total): (Vec<_>, Vec<_>) = (0..iterations).map(|_| time_stamp(Command::new(&probe).arg("stamp"))).unzip();
+    let (start, total): (Vec<_>, Vec<_>) = (0..iterations)
+        .map(|_| time_stamp(Command::new(&probe).arg("stamp")))
+        .unzip();
     let bare = row("bare exec of the target", start, total, None);
 
     let variants: [(&str, Vec<&str>); 3] = [
         ("jailed, no cgroups", vec![]),
-        ("jailed, v1 cgroups (memory, pids, cpu)", CGROUPS.iter().flat_map(|c| ["--cgroup", c]).collect()),
-        ("jailed, v1 cgroups + --new-pid-ns", CGROUPS.iter().flat_map(|c| ["--cgroup", c]).chain(["--new-pid-ns"]).collect()),
+        (
+            "jailed, v1 cgroups (memory, pids, cpu)",
+            CGROUPS.iter().flat_map(|c| ["--cgroup", c]).collect(),
+        ),
+        (
+            "jailed, v1 cgroups + --new-pid-ns",
+            CGROUPS
+                .iter()
+                .flat_map(|c| ["--cgroup", c])
+                .chain(["--new-pid-ns"])
+                .collect(),
+        ),
     ];
     for (name, extra) in variants {
         let (start, total): (Vec<_>, Vec<_>) = (0..iterations)
@@ -93,7 +127,16 @@ fn main() {
                 let id = format!("bench-{i}");
                 let timing = time_stamp(
                     Command::new(&jailer)
-                        .args(["--id", &id, "--uid", "40999", "--gid", "40999", "--parent-cgroup", PARENT])
+                        .args([
+                            "--id",
+                            &id,
+                            "--uid",
+                            "40999",
+                            "--gid",
+                            "40999",
+                            "--parent-cgroup",
+                            PARENT,
+                        ])
                         .arg("--exec-file")
                         .arg(&probe)
                         .arg("--chroot-base-dir")
@@ -122,7 +165,10 @@ fn main() {
                 c.chroot_base_dir = base.clone();
                 c.parent_cgroup = PARENT.into();
                 if with_cgroups {
-                    c.cgroups = CGROUPS.iter().map(|s| s.parse().expect("setting")).collect();
+                    c.cgroups = CGROUPS
+                        .iter()
+                        .map(|s| s.parse().expect("setting"))
+                        .collect();
                 }
                 let t = std::time::Instant::now();
                 let jail = Jail::prepare(c).expect("prepare");

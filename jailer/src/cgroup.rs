@@ -52,7 +52,10 @@ impl CgroupDir {
         match fs::remove_dir(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("remove cgroup {}", self.path.display()), e)),
+            Err(e) => Err(Error::io(
+                format!("remove cgroup {}", self.path.display()),
+                e,
+            )),
         }
     }
 }
@@ -69,7 +72,14 @@ pub(crate) struct Hierarchy {
 }
 
 /// cgroup v1 mount options that are not controller names.
-const V1_MOUNT_OPTIONS: [&str; 6] = ["rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode"];
+const V1_MOUNT_OPTIONS: [&str; 6] = [
+    "rw",
+    "ro",
+    "xattr",
+    "noprefix",
+    "clone_children",
+    "cpuset_v2_mode",
+];
 
 /// All cgroup hierarchies mounted in this mount namespace, in mountinfo order, one per mount point.
 pub(crate) fn hierarchies() -> Result<Vec<Hierarchy>> {
@@ -82,10 +92,16 @@ fn parse_mountinfo(text: &str) -> Vec<Hierarchy> {
     let mut out: Vec<Hierarchy> = Vec::new();
     for line in text.lines() {
         // <id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> <super opts>
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        let Some(mount_point) = left.split(' ').nth(4) else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(mount_point) = left.split(' ').nth(4) else {
+            continue;
+        };
         let mut right = right.split(' ');
-        let (Some(fstype), Some(_source), Some(super_opts)) = (right.next(), right.next(), right.next()) else {
+        let (Some(fstype), Some(_source), Some(super_opts)) =
+            (right.next(), right.next(), right.next())
+        else {
             continue;
         };
         let unified = match fstype {
@@ -120,7 +136,9 @@ pub(crate) fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(d) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -155,7 +173,11 @@ impl CgroupPlan {
         Self::resolve_in(&all, version, settings)
     }
 
-    fn resolve_in(all: &[Hierarchy], version: CgroupVersion, settings: &[CgroupSetting]) -> Result<Self> {
+    fn resolve_in(
+        all: &[Hierarchy],
+        version: CgroupVersion,
+        settings: &[CgroupSetting],
+    ) -> Result<Self> {
         let mut plan = CgroupPlan {
             version,
             targets: Vec::new(),
@@ -173,22 +195,39 @@ impl CgroupPlan {
                     .iter()
                     .find(|h| !h.unified && h.controllers.iter().any(|c| c == controller))
                     .ok_or_else(|| {
-                        unavailable(s, "no cgroup v1 hierarchy with it is mounted (see /proc/self/mountinfo)".into())
+                        unavailable(
+                            s,
+                            "no cgroup v1 hierarchy with it is mounted (see /proc/self/mountinfo)"
+                                .into(),
+                        )
                     })?,
                 CgroupVersion::V2 => {
                     let h = all.iter().find(|h| h.unified).ok_or_else(|| {
-                        unavailable(s, "no cgroup2 hierarchy is mounted (see /proc/self/mountinfo)".into())
+                        unavailable(
+                            s,
+                            "no cgroup2 hierarchy is mounted (see /proc/self/mountinfo)".into(),
+                        )
                     })?;
                     if controller == "cgroup" {
                         if !V2_CORE_KEYS.contains(&s.key.as_str()) {
-                            return Err(unavailable(s, format!("only {} of the core interface may be set", V2_CORE_KEYS.join(", "))));
+                            return Err(unavailable(
+                                s,
+                                format!(
+                                    "only {} of the core interface may be set",
+                                    V2_CORE_KEYS.join(", ")
+                                ),
+                            ));
                         }
                     } else {
                         let file = h.mount_point.join("cgroup.controllers");
                         let listed = fs::read_to_string(&file)
                             .map_err(|e| Error::io(format!("read {}", file.display()), e))?;
                         if !listed.split_whitespace().any(|c| c == controller) {
-                            let listed = if listed.trim().is_empty() { "none" } else { listed.trim() };
+                            let listed = if listed.trim().is_empty() {
+                                "none"
+                            } else {
+                                listed.trim()
+                            };
                             return Err(unavailable(
                                 s,
                                 format!("not in {} (it lists: {listed}); on a host where it is bound to a v1 hierarchy use --cgroup-version 1", file.display()),
@@ -199,7 +238,11 @@ impl CgroupPlan {
                     h
                 }
             };
-            match plan.targets.iter_mut().find(|(h, _)| h.mount_point == hierarchy.mount_point) {
+            match plan
+                .targets
+                .iter_mut()
+                .find(|(h, _)| h.mount_point == hierarchy.mount_point)
+            {
                 Some((_, list)) => list.push(s.clone()),
                 None => plan.targets.push((hierarchy.clone(), vec![s.clone()])),
             }
@@ -209,7 +252,12 @@ impl CgroupPlan {
 
     /// Creates `<hierarchy>/<parent>/<id>` in each hierarchy and writes the settings. Every
     /// directory made is pushed to `created` as soon as it exists, so the caller can roll back.
-    pub(crate) fn create(&self, parent: &str, id: &str, created: &mut Vec<CgroupDir>) -> Result<()> {
+    pub(crate) fn create(
+        &self,
+        parent: &str,
+        id: &str,
+        created: &mut Vec<CgroupDir>,
+    ) -> Result<()> {
         for (hierarchy, settings) in &self.targets {
             let root = &hierarchy.mount_point;
             let parent_dir = root.join(parent);
@@ -267,7 +315,8 @@ impl CgroupPlan {
 
     fn enable_v2_controllers(&self, dir: &Path) -> Result<()> {
         let file = dir.join("cgroup.subtree_control");
-        let enabled = fs::read_to_string(&file).map_err(|e| Error::io(format!("read {}", file.display()), e))?;
+        let enabled = fs::read_to_string(&file)
+            .map_err(|e| Error::io(format!("read {}", file.display()), e))?;
         for c in &self.v2_controllers {
             if !enabled.split_whitespace().any(|e| e == c) {
                 write_file(&file, &format!("+{c}"))?;
@@ -289,13 +338,16 @@ fn make_dir(path: &Path, parent: &Path, cpuset: bool, may_exist: bool) -> Result
     match fs::create_dir(path) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::AlreadyExists && may_exist => return Ok(()),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(Error::CgroupInUse(path.to_path_buf())),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            return Err(Error::CgroupInUse(path.to_path_buf()))
+        }
         Err(e) => return Err(Error::io(format!("create cgroup {}", path.display()), e)),
     }
     if cpuset {
         // v1 cpuset cgroups start with no cpus/mems, and no task can join them until set.
         for f in ["cpuset.cpus", "cpuset.mems"] {
-            let current = fs::read_to_string(path.join(f)).map_err(|e| Error::io(format!("read {}", path.join(f).display()), e))?;
+            let current = fs::read_to_string(path.join(f))
+                .map_err(|e| Error::io(format!("read {}", path.join(f).display()), e))?;
             if current.trim().is_empty() {
                 let inherited = fs::read_to_string(parent.join(f))
                     .map_err(|e| Error::io(format!("read {}", parent.join(f).display()), e))?;
@@ -309,7 +361,10 @@ fn make_dir(path: &Path, parent: &Path, cpuset: bool, may_exist: bool) -> Result
 fn write_setting(dir: &Path, s: &CgroupSetting) -> Result<()> {
     let path = dir.join(&s.key);
     if !path.exists() {
-        return Err(Error::UnknownCgroupKey { key: s.key.clone(), path });
+        return Err(Error::UnknownCgroupKey {
+            key: s.key.clone(),
+            path,
+        });
     }
     fs::write(&path, &s.value).map_err(|source| Error::CgroupWrite {
         key: s.key.clone(),
@@ -320,7 +375,8 @@ fn write_setting(dir: &Path, s: &CgroupSetting) -> Result<()> {
 }
 
 fn write_file(path: &Path, value: &str) -> Result<()> {
-    fs::write(path, value).map_err(|e| Error::io(format!("write '{value}' to {}", path.display()), e))
+    fs::write(path, value)
+        .map_err(|e| Error::io(format!("write '{value}' to {}", path.display()), e))
 }
 
 /// The per-jail cgroups that exist for `<parent>/<id>` in every mounted hierarchy.
@@ -369,30 +425,55 @@ mod tests {
         let plan = CgroupPlan::resolve_in(
             &h,
             CgroupVersion::V1,
-            &[setting("memory.memsw.limit_in_bytes=2"), setting("cpu.shares=2"), setting("cpuacct.x=1"), setting("memory.limit_in_bytes=1")],
+            &[
+                setting("memory.memsw.limit_in_bytes=2"),
+                setting("cpu.shares=2"),
+                setting("cpuacct.x=1"),
+                setting("memory.limit_in_bytes=1"),
+            ],
         )
         .unwrap();
         assert_eq!(plan.targets.len(), 2);
-        assert_eq!(plan.targets[0].0.mount_point, Path::new("/sys/fs/cgroup/cpu,cpuacct"));
+        assert_eq!(
+            plan.targets[0].0.mount_point,
+            Path::new("/sys/fs/cgroup/cpu,cpuacct")
+        );
         assert_eq!(plan.targets[0].1.len(), 2);
         // The memory limit is applied before memsw whatever the command-line order.
         let keys: Vec<&str> = plan.targets[1].1.iter().map(|s| s.key.as_str()).collect();
-        assert_eq!(keys, ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]);
+        assert_eq!(
+            keys,
+            ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+        );
     }
 
     #[test]
     fn v1_unmounted_controller_is_named() {
         let h = parse_mountinfo(HYBRID);
-        let err = CgroupPlan::resolve_in(&h, CgroupVersion::V1, &[setting("pids.max=5")]).unwrap_err();
-        assert!(err.to_string().contains("cgroup controller 'pids' (from key 'pids.max')"), "{err}");
+        let err =
+            CgroupPlan::resolve_in(&h, CgroupVersion::V1, &[setting("pids.max=5")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cgroup controller 'pids' (from key 'pids.max')"),
+            "{err}"
+        );
     }
 
     #[test]
     fn v2_core_keys_are_limited() {
         let h = parse_mountinfo(HYBRID);
-        assert!(CgroupPlan::resolve_in(&h, CgroupVersion::V2, &[setting("cgroup.max.depth=1")]).is_ok());
-        let err = CgroupPlan::resolve_in(&h, CgroupVersion::V2, &[setting("cgroup.procs=1")]).unwrap_err();
-        assert!(err.to_string().contains("only cgroup.max.descendants"), "{err}");
-        assert!(CgroupPlan::resolve_in(&[], CgroupVersion::V2, &[setting("cgroup.max.depth=1")]).is_err());
+        assert!(
+            CgroupPlan::resolve_in(&h, CgroupVersion::V2, &[setting("cgroup.max.depth=1")]).is_ok()
+        );
+        let err = CgroupPlan::resolve_in(&h, CgroupVersion::V2, &[setting("cgroup.procs=1")])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("only cgroup.max.descendants"),
+            "{err}"
+        );
+        assert!(
+            CgroupPlan::resolve_in(&[], CgroupVersion::V2, &[setting("cgroup.max.depth=1")])
+                .is_err()
+        );
     }
 }

@@ -25,14 +25,30 @@ pub struct DeviceNode {
 
 /// Device nodes made in every jail, owned by the jailed uid/gid, mode 0600.
 pub const DEVICE_NODES: [DeviceNode; 3] = [
-    DeviceNode { path: "/dev/kvm", major: 10, minor: 232 },
-    DeviceNode { path: "/dev/net/tun", major: 10, minor: 200 },
-    DeviceNode { path: "/dev/urandom", major: 1, minor: 9 },
+    DeviceNode {
+        path: "/dev/kvm",
+        major: 10,
+        minor: 232,
+    },
+    DeviceNode {
+        path: "/dev/net/tun",
+        major: 10,
+        minor: 200,
+    },
+    DeviceNode {
+        path: "/dev/urandom",
+        major: 1,
+        minor: 9,
+    },
 ];
 
 pub(crate) fn cstr(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::io(format!("path {} contains a NUL byte", path.display()), ErrorKind::InvalidInput.into()))
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        Error::io(
+            format!("path {} contains a NUL byte", path.display()),
+            ErrorKind::InvalidInput.into(),
+        )
+    })
 }
 
 /// `root` joined with an absolute jail path.
@@ -52,7 +68,8 @@ fn mkdir(path: &Path, mode: u32) -> Result<()> {
 }
 
 fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| Error::io(format!("chown {}", path.display()), e))
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| Error::io(format!("chown {}", path.display()), e))
 }
 
 /// Makes `<base>/<exec-name>` (shared, kept) and then `<base>/<exec-name>/<id>` atomically: an
@@ -83,7 +100,14 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
 
     let exec_copy = root.join(config.exec_file_name()?);
     fs::copy(&config.exec_file, &exec_copy).map_err(|e| {
-        Error::io(format!("copy {} to {}", config.exec_file.display(), exec_copy.display()), e)
+        Error::io(
+            format!(
+                "copy {} to {}",
+                config.exec_file.display(),
+                exec_copy.display()
+            ),
+            e,
+        )
     })?;
     fs::set_permissions(&exec_copy, Permissions::from_mode(0o755))
         .map_err(|e| Error::io(format!("chmod {}", exec_copy.display()), e))?;
@@ -93,8 +117,16 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
         make_parents(root, &path)?;
         let c = cstr(&path)?;
         // SAFETY: `c` is a valid NUL-terminated path; mknod does not retain it.
-        let ret = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(dev.major, dev.minor)) };
-        check(ret, || format!("mknod {} c {} {}", path.display(), dev.major, dev.minor))?;
+        let ret = unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                libc::S_IFCHR | 0o600,
+                libc::makedev(dev.major, dev.minor),
+            )
+        };
+        check(ret, || {
+            format!("mknod {} c {} {}", path.display(), dev.major, dev.minor)
+        })?;
         chown(&path, config.uid, config.gid)?;
     }
 
@@ -108,7 +140,8 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
         if fs::metadata(&m.host).map(|md| md.is_dir()).unwrap_or(false) {
             mkdir(&target, 0o755)?;
         } else {
-            fs::File::create(&target).map_err(|e| Error::io(format!("create mount point {}", target.display()), e))?;
+            fs::File::create(&target)
+                .map_err(|e| Error::io(format!("create mount point {}", target.display()), e))?;
         }
     }
     if config.mount_proc {
@@ -119,7 +152,9 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
 
 /// Creates the missing directories between `root` and `path` (exclusive), mode 0755.
 fn make_parents(root: &Path, path: &Path) -> Result<()> {
-    let rel = path.strip_prefix(root).expect("path is inside the jail root");
+    let rel = path
+        .strip_prefix(root)
+        .expect("path is inside the jail root");
     let mut dir = root.to_path_buf();
     let parts: Vec<Component> = rel.components().collect();
     for part in &parts[..parts.len().saturating_sub(1)] {
@@ -129,14 +164,28 @@ fn make_parents(root: &Path, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn mount(src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> Result<()> {
+fn mount(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<()> {
     let src_c = src.map(cstr).transpose()?;
     let target_c = cstr(target)?;
     let fstype_c = fstype.map(|f| CString::new(f).expect("fstype has no NUL"));
     let data_c = data.map(|d| CString::new(d).expect("mount data has no NUL"));
     let p = |c: &Option<CString>| c.as_ref().map_or(ptr::null(), |c| c.as_ptr());
     // SAFETY: every pointer is either null or a NUL-terminated string that outlives the call.
-    let ret = unsafe { libc::mount(p(&src_c), target_c.as_ptr(), p(&fstype_c), flags, p(&data_c).cast()) };
+    let ret = unsafe {
+        libc::mount(
+            p(&src_c),
+            target_c.as_ptr(),
+            p(&fstype_c),
+            flags,
+            p(&data_c).cast(),
+        )
+    };
     check(ret, || {
         format!(
             "mount {} on {} (type {}, flags {flags:#x})",
@@ -152,13 +201,27 @@ fn mount(src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: libc::c
 /// jail root and the `--mount` paths, then makes the jail root `/` with `pivot_root` and detaches
 /// the old root, so nothing of the host filesystem stays reachable.
 pub(crate) fn pivot_into(config: &JailConfig, root: &Path) -> Result<()> {
-    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
     mount(Some(root), root, None, libc::MS_BIND | libc::MS_REC, None)?;
-    mount(None, root, None, libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID, None)?;
+    mount(
+        None,
+        root,
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID,
+        None,
+    )?;
     for m in &config.mounts {
         let target = in_root(root, &m.jail);
         mount(Some(&m.host), &target, None, libc::MS_BIND, None)?;
-        let is_dev = fs::metadata(&m.host).map(|md| md.file_type().is_block_device()).unwrap_or(false);
+        let is_dev = fs::metadata(&m.host)
+            .map(|md| md.file_type().is_block_device())
+            .unwrap_or(false);
         let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID;
         if !is_dev {
             flags |= libc::MS_NODEV;
@@ -168,11 +231,14 @@ pub(crate) fn pivot_into(config: &JailConfig, root: &Path) -> Result<()> {
         }
         mount(None, &target, None, flags, None)?;
     }
-    std::env::set_current_dir(root).map_err(|e| Error::io(format!("chdir {}", root.display()), e))?;
+    std::env::set_current_dir(root)
+        .map_err(|e| Error::io(format!("chdir {}", root.display()), e))?;
     let dot = c".";
     // SAFETY: pivot_root takes two NUL-terminated paths, valid for the call.
     let ret = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
-    check(ret as libc::c_int, || format!("pivot_root into {}", root.display()))?;
+    check(ret as libc::c_int, || {
+        format!("pivot_root into {}", root.display())
+    })?;
     // The old root is now mounted on top of the new one, at ".": detach it and all below it.
     // SAFETY: "." is a valid NUL-terminated path.
     let ret = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
@@ -194,7 +260,8 @@ pub(crate) fn mount_proc() -> Result<()> {
 /// Removes a jail directory; refuses if anything is mounted beneath it in this mount namespace
 /// (removal would then reach into the mounted filesystem).
 pub(crate) fn remove_jail_dir(jail_dir: &Path) -> Result<()> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
     for line in mountinfo.lines() {
         if let Some(mp) = line.split(' ').nth(4) {
             let mp = PathBuf::from(unescape_mountinfo(mp));

@@ -77,7 +77,9 @@ impl FromStr for CgroupSetting {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
         let parts: Vec<&str> = key.split('.').collect();
         if !key_ok || parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
-            return Err(bad("the key must look like <controller>.<file>, e.g. memory.limit_in_bytes"));
+            return Err(bad(
+                "the key must look like <controller>.<file>, e.g. memory.limit_in_bytes",
+            ));
         }
         if value.is_empty() || value.contains('\n') {
             return Err(bad("the value must be non-empty and one line"));
@@ -127,7 +129,9 @@ impl FromStr for ResourceLimit {
             reason: reason.to_string(),
         };
         let (name, value) = s.split_once('=').ok_or_else(|| bad("expected NAME=N"))?;
-        let n: u64 = value.parse().map_err(|_| bad("N must be a non-negative integer"))?;
+        let n: u64 = value
+            .parse()
+            .map_err(|_| bad("N must be a non-negative integer"))?;
         match name {
             "fsize" => Ok(ResourceLimit::Fsize(n)),
             "no-file" => Ok(ResourceLimit::NoFile(n)),
@@ -240,15 +244,21 @@ impl JailConfig {
 
     /// File name of the exec file, as copied into the jail root.
     pub fn exec_file_name(&self) -> Result<&std::ffi::OsStr> {
-        self.exec_file.file_name().ok_or_else(|| Error::InvalidExecFile {
-            path: self.exec_file.clone(),
-            reason: "it has no file name".into(),
-        })
+        self.exec_file
+            .file_name()
+            .ok_or_else(|| Error::InvalidExecFile {
+                path: self.exec_file.clone(),
+                reason: "it has no file name".into(),
+            })
     }
 
     /// `<base>/<exec-file-name>/<id>`: everything the jail owns on the host.
     pub fn jail_dir(&self) -> Result<PathBuf> {
-        Ok(jail_dir(&self.chroot_base_dir, self.exec_file_name()?, &self.id))
+        Ok(jail_dir(
+            &self.chroot_base_dir,
+            self.exec_file_name()?,
+            &self.id,
+        ))
     }
 
     /// `<base>/<exec-file-name>/<id>/root`: the jailed process's `/`.
@@ -270,7 +280,11 @@ impl JailConfig {
         validate_id(&self.id)?;
         self.validate_exec_file()?;
         if !self.chroot_base_dir.is_absolute() {
-            return Err(invalid("--chroot-base-dir", &self.chroot_base_dir, "must be an absolute path"));
+            return Err(invalid(
+                "--chroot-base-dir",
+                &self.chroot_base_dir,
+                "must be an absolute path",
+            ));
         }
         validate_parent_cgroup(&self.parent_cgroup)?;
         if self.mount_proc && !self.new_pid_ns {
@@ -284,17 +298,33 @@ impl JailConfig {
         for m in &self.mounts {
             let meta = std::fs::metadata(&m.host)
                 .map_err(|e| invalid("--mount", &m.host, &format!("host path: {e}")))?;
-            if !(meta.is_dir() || meta.is_file() || meta.file_type().is_socket() || meta.file_type().is_block_device()) {
-                return Err(invalid("--mount", &m.host, "host path must be a directory, file, socket or block device"));
+            if !(meta.is_dir()
+                || meta.is_file()
+                || meta.file_type().is_socket()
+                || meta.file_type().is_block_device())
+            {
+                return Err(invalid(
+                    "--mount",
+                    &m.host,
+                    "host path must be a directory, file, socket or block device",
+                ));
             }
             check_jail_path("--mount", &m.jail)?;
             for reserved in ["/dev", "/proc", RUN_DIR] {
                 if m.jail == Path::new(reserved) {
-                    return Err(invalid("--mount", &m.jail, "this jail path is managed by the jailer"));
+                    return Err(invalid(
+                        "--mount",
+                        &m.jail,
+                        "this jail path is managed by the jailer",
+                    ));
                 }
             }
             if m.jail == exec_name {
-                return Err(invalid("--mount", &m.jail, "this is where the exec file is copied"));
+                return Err(invalid(
+                    "--mount",
+                    &m.jail,
+                    "this is where the exec file is copied",
+                ));
             }
         }
         for dir in &self.landlock_write {
@@ -351,7 +381,10 @@ impl JailConfig {
         }
         push("--parent-cgroup", self.parent_cgroup.clone().into());
         for r in &self.resource_limits {
-            push("--resource-limit", format!("{}={}", r.name(), r.value()).into());
+            push(
+                "--resource-limit",
+                format!("{}={}", r.name(), r.value()).into(),
+            );
         }
         for m in &self.mounts {
             let mut spec = m.host.clone().into_os_string();
@@ -429,7 +462,12 @@ pub fn validate_parent_cgroup(parent: &str) -> Result<()> {
 /// A jail path must be absolute, not `/`, and made only of plain names.
 fn check_jail_path(flag: &'static str, path: &Path) -> Result<()> {
     // `Path::components` silently drops inner "." parts: look at the raw parts too.
-    let raw_plain = path.as_os_str().as_bytes().split(|&b| b == b'/').skip(1).all(|p| p != b"." && p != b"..");
+    let raw_plain = path
+        .as_os_str()
+        .as_bytes()
+        .split(|&b| b == b'/')
+        .skip(1)
+        .all(|p| p != b"." && p != b"..");
     let mut components = path.components();
     let plain = raw_plain
         && components.next() == Some(Component::RootDir)
@@ -438,7 +476,11 @@ fn check_jail_path(flag: &'static str, path: &Path) -> Result<()> {
     if plain {
         Ok(())
     } else {
-        Err(invalid(flag, path, "jail path must be absolute, not '/', without '.' or '..'"))
+        Err(invalid(
+            flag,
+            path,
+            "jail path must be absolute, not '/', without '.' or '..'",
+        ))
     }
 }
 
@@ -451,9 +493,13 @@ fn interpreter_of(file: &mut File) -> std::io::Result<Option<String>> {
         file.seek(SeekFrom::Start(0))?;
         let mut line = String::new();
         BufReader::new(file).read_line(&mut line)?;
-        return Ok(Some(format!("the script interpreter '{}'", line[2..].trim())));
+        return Ok(Some(format!(
+            "the script interpreter '{}'",
+            line[2..].trim()
+        )));
     }
-    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     if n < 64 || &header[..4] != b"\x7fELF" || header[4] != 2 || header[5] != 1 {
         return Err(invalid("not a 64-bit little-endian ELF executable"));
     }
@@ -476,7 +522,9 @@ fn interpreter_of(file: &mut File) -> std::io::Result<Option<String>> {
             file.seek(SeekFrom::Start(offset))?;
             let got = read_up_to(file, &mut interp)?;
             interp.truncate(got);
-            let name = String::from_utf8_lossy(&interp).trim_end_matches('\0').to_string();
+            let name = String::from_utf8_lossy(&interp)
+                .trim_end_matches('\0')
+                .to_string();
             return Ok(Some(format!("the dynamic loader {name}")));
         }
     }
@@ -503,7 +551,10 @@ mod tests {
         assert!(validate_id("a-1").is_ok());
         assert!(validate_id(&"x".repeat(64)).is_ok());
         for bad in ["", "a/b", "..", "a_b", "a b", &"x".repeat(65)] {
-            assert!(matches!(validate_id(bad), Err(Error::InvalidId(_))), "{bad}");
+            assert!(
+                matches!(validate_id(bad), Err(Error::InvalidId(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -514,17 +565,37 @@ mod tests {
         let s: CgroupSetting = "hugetlb.2MB.max=0".parse().unwrap();
         assert_eq!(s.controller(), "hugetlb");
         let s: CgroupSetting = "io.max=8:0 rbps=1048576".parse().unwrap();
-        assert_eq!((s.controller(), s.value.as_str()), ("io", "8:0 rbps=1048576"));
-        for bad in ["memory", "memory=1", "../x.y=1", "a/b.c=1", "memory.x=", ".x=1", "x..y=1"] {
+        assert_eq!(
+            (s.controller(), s.value.as_str()),
+            ("io", "8:0 rbps=1048576")
+        );
+        for bad in [
+            "memory",
+            "memory=1",
+            "../x.y=1",
+            "a/b.c=1",
+            "memory.x=",
+            ".x=1",
+            "x..y=1",
+        ] {
             assert!(bad.parse::<CgroupSetting>().is_err(), "{bad}");
         }
     }
 
     #[test]
     fn resource_limits() {
-        assert_eq!("fsize=10".parse::<ResourceLimit>().unwrap(), ResourceLimit::Fsize(10));
-        assert_eq!("no-file=3".parse::<ResourceLimit>().unwrap(), ResourceLimit::NoFile(3));
-        assert_eq!("nproc=7".parse::<ResourceLimit>().unwrap(), ResourceLimit::Nproc(7));
+        assert_eq!(
+            "fsize=10".parse::<ResourceLimit>().unwrap(),
+            ResourceLimit::Fsize(10)
+        );
+        assert_eq!(
+            "no-file=3".parse::<ResourceLimit>().unwrap(),
+            ResourceLimit::NoFile(3)
+        );
+        assert_eq!(
+            "nproc=7".parse::<ResourceLimit>().unwrap(),
+            ResourceLimit::Nproc(7)
+        );
         for bad in ["fsize", "fsize=-1", "cpu=1", "no-file=x"] {
             assert!(bad.parse::<ResourceLimit>().is_err(), "{bad}");
         }
@@ -533,7 +604,14 @@ mod tests {
     #[test]
     fn mounts() {
         let m: BindMount = "/a/b:/c".parse().unwrap();
-        assert_eq!(m, BindMount { host: "/a/b".into(), jail: "/c".into(), read_only: true });
+        assert_eq!(
+            m,
+            BindMount {
+                host: "/a/b".into(),
+                jail: "/c".into(),
+                read_only: true
+            }
+        );
         let m: BindMount = "/a:/c/d:rw".parse().unwrap();
         assert!(!m.read_only);
         assert!("/a".parse::<BindMount>().is_err());
@@ -559,7 +637,11 @@ mod tests {
         c.mounts.push("/k:/kernel".parse().unwrap());
         c.new_pid_ns = true;
         c.args = vec!["--api-sock".into(), "/run/api.sock".into()];
-        let args: Vec<String> = c.to_args().into_iter().map(|a| a.into_string().unwrap()).collect();
+        let args: Vec<String> = c
+            .to_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
         let joined = args.join(" ");
         assert!(joined.starts_with("--id vm-1 --exec-file /bin/x --uid 10 --gid 20"));
         assert!(joined.contains("--cgroup pids.max=5"));
@@ -575,7 +657,11 @@ mod tests {
         std::fs::write(&script, "#!/bin/sh -e\necho\n").unwrap();
         let got = interpreter_of(&mut File::open(&script).unwrap()).unwrap();
         assert_eq!(got.as_deref(), Some("the script interpreter '/bin/sh -e'"));
-        std::fs::write(&script, "plain text, long enough to fill an ELF header of sixty-four bytes").unwrap();
+        std::fs::write(
+            &script,
+            "plain text, long enough to fill an ELF header of sixty-four bytes",
+        )
+        .unwrap();
         assert!(interpreter_of(&mut File::open(&script).unwrap()).is_err());
         // The test binary itself is static (workspace-wide crt-static): no interpreter.
         let me = std::env::current_exe().unwrap();

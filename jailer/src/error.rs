@@ -31,7 +31,9 @@ pub enum Error {
         reason: String,
     },
     /// The jail directory already exists: the id is taken by another (or a stale) jail.
-    #[error("jail id already in use: {0} exists (run `mvm-jailer --cleanup --id ...` if it is stale)")]
+    #[error(
+        "jail id already in use: {0} exists (run `mvm-jailer --cleanup --id ...` if it is stale)"
+    )]
     IdInUse(PathBuf),
     /// The per-id cgroup already exists.
     #[error("cgroup {0} already exists (another jail with this id, or a stale one: run `mvm-jailer --cleanup`)")]

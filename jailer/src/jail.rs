@@ -79,9 +79,13 @@ impl Jail {
         let netns = config
             .netns
             .as_ref()
-            .map(|p| File::open(p).map_err(|e| Error::io(format!("open network namespace {}", p.display()), e)))
+            .map(|p| {
+                File::open(p)
+                    .map_err(|e| Error::io(format!("open network namespace {}", p.display()), e))
+            })
             .transpose()?;
-        let host_mnt_ns = File::open("/proc/self/ns/mnt").map_err(|e| Error::io("open /proc/self/ns/mnt", e))?;
+        let host_mnt_ns =
+            File::open("/proc/self/ns/mnt").map_err(|e| Error::io("open /proc/self/ns/mnt", e))?;
         let root = config.root_dir()?;
         let mut jail = Jail {
             netns,
@@ -96,7 +100,11 @@ impl Jail {
         };
         jail.undo.jail_dir = Some(chroot::create_jail_dir(&jail.config)?);
         chroot::populate_root(&jail.config, &jail.root)?;
-        plan.create(&jail.config.parent_cgroup, &jail.config.id, &mut jail.undo.cgroups)?;
+        plan.create(
+            &jail.config.parent_cgroup,
+            &jail.config.id,
+            &mut jail.undo.cgroups,
+        )?;
         Ok(jail)
     }
 
@@ -126,14 +134,20 @@ impl Jail {
         if threads != 1 {
             return Err(Error::NotSingleThreaded(threads));
         }
-        let dev_null = if self.config.daemonize { Some(process::open_dev_null()?) } else { None };
+        let dev_null = if self.config.daemonize {
+            Some(process::open_dev_null()?)
+        } else {
+            None
+        };
         if !self.config.new_pid_ns {
             let e = self.enter_in_place(None, dev_null.as_ref());
             return Err(e);
         }
         // New pid namespace: this process stays outside; its first child is pid 1 inside.
         // SAFETY: unshare with a flag constant; affects only children forked from now on.
-        check(unsafe { libc::unshare(libc::CLONE_NEWPID) }, || "unshare(CLONE_NEWPID)".into())?;
+        check(unsafe { libc::unshare(libc::CLONE_NEWPID) }, || {
+            "unshare(CLONE_NEWPID)".into()
+        })?;
         let (status_rd, status_wr) = cloexec_pipe()?;
         let child = process::fork()?;
         if child == 0 {
@@ -148,7 +162,10 @@ impl Jail {
         drop(status_wr);
         process::forward_signals_to(child)?;
         let mut byte = [0u8; 1];
-        let failed = (&status_rd).read(&mut byte).map_err(|e| Error::io("read the jail status pipe", e))? != 0;
+        let failed = (&status_rd)
+            .read(&mut byte)
+            .map_err(|e| Error::io("read the jail status pipe", e))?
+            != 0;
         if failed {
             process::wait_for(child, false, "the jail init")?;
             return Err(Error::io(
@@ -182,7 +199,11 @@ impl Jail {
         }
     }
 
-    fn setup_in_place(&mut self, status: &mut Option<File>, dev_null: Option<&File>) -> Result<std::convert::Infallible> {
+    fn setup_in_place(
+        &mut self,
+        status: &mut Option<File>,
+        dev_null: Option<&File>,
+    ) -> Result<std::convert::Infallible> {
         let c = &self.config;
         for cg in &self.undo.cgroups {
             cg.attach_self()?;
@@ -190,14 +211,23 @@ impl Jail {
         if let Some(ns) = &self.netns {
             // SAFETY: `ns` is an open fd; setns checks that it is a network namespace.
             let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            check(ret, || format!("join network namespace {} (is it one?)", c.netns.as_ref().expect("netns set").display()))?;
+            check(ret, || {
+                format!(
+                    "join network namespace {} (is it one?)",
+                    c.netns.as_ref().expect("netns set").display()
+                )
+            })?;
         }
         // SAFETY: unshare with flag constants.
-        let ret = unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) };
+        let ret =
+            unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) };
         check(ret, || "unshare(mount, ipc, uts namespaces)".into())?;
         let host = CString::new(c.id.as_str()).expect("validated id has no NUL");
         // SAFETY: `host` is valid for `len` bytes.
-        check(unsafe { libc::sethostname(host.as_ptr(), c.id.len()) }, || "sethostname".into())?;
+        check(
+            unsafe { libc::sethostname(host.as_ptr(), c.id.len()) },
+            || "sethostname".into(),
+        )?;
         chroot::pivot_into(c, &self.root)?;
         if c.mount_proc {
             chroot::mount_proc()?;
@@ -239,7 +269,9 @@ fn apply_landlock(c: &JailConfig) -> Result<()> {
     match privileges::apply_landlock(&c.landlock_write_dirs())? {
         LandlockOutcome::Enforced => {}
         LandlockOutcome::Partial => {
-            eprintln!("mvm-jailer: notice: this kernel enforces Landlock only partially (older ABI)")
+            eprintln!(
+                "mvm-jailer: notice: this kernel enforces Landlock only partially (older ABI)"
+            )
         }
         LandlockOutcome::Unsupported => {
             eprintln!("mvm-jailer: notice: this kernel has no Landlock; continuing without it")
@@ -251,7 +283,10 @@ fn apply_landlock(c: &JailConfig) -> Result<()> {
 fn cloexec_pipe() -> Result<(File, File)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two fds pipe2 writes.
-    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, || "pipe2".into())?;
+    check(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
+        || "pipe2".into(),
+    )?;
     // SAFETY: both fds were just created and are owned by nothing else.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     Ok((File::from(rd), File::from(wr)))
@@ -280,7 +315,11 @@ pub fn cleanup(c: &CleanupConfig) -> Result<Vec<PathBuf>> {
     validate_id(&c.id)?;
     validate_parent_cgroup(&c.parent_cgroup)?;
     let name = OsStr::new(&c.exec_file_name);
-    if c.exec_file_name.is_empty() || c.exec_file_name.contains('/') || c.exec_file_name == ".." || c.exec_file_name == "." {
+    if c.exec_file_name.is_empty()
+        || c.exec_file_name.contains('/')
+        || c.exec_file_name == ".."
+        || c.exec_file_name == "."
+    {
         return Err(Error::InvalidArgument {
             flag: "--exec-file-name",
             value: c.exec_file_name.clone(),

@@ -26,8 +26,8 @@ mod process;
 pub use cgroup::CgroupDir;
 pub use chroot::{DeviceNode, DEVICE_NODES};
 pub use config::{
-    validate_id, validate_parent_cgroup, BindMount, CgroupSetting, CgroupVersion, JailConfig, ResourceLimit,
-    DEFAULT_CHROOT_BASE, DEFAULT_NO_FILE, DEFAULT_PARENT_CGROUP, RUN_DIR,
+    validate_id, validate_parent_cgroup, BindMount, CgroupSetting, CgroupVersion, JailConfig,
+    ResourceLimit, DEFAULT_CHROOT_BASE, DEFAULT_NO_FILE, DEFAULT_PARENT_CGROUP, RUN_DIR,
 };
 pub use error::{Error, Result};
 pub use jail::{cleanup, CleanupConfig, Jail, DEFAULT_EXEC_FILE_NAME};

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use jailer::{
-    BindMount, CgroupSetting, CgroupVersion, CleanupConfig, JailConfig, ResourceLimit, DEFAULT_CHROOT_BASE,
-    DEFAULT_EXEC_FILE_NAME, DEFAULT_PARENT_CGROUP,
+    BindMount, CgroupSetting, CgroupVersion, CleanupConfig, JailConfig, ResourceLimit,
+    DEFAULT_CHROOT_BASE, DEFAULT_EXEC_FILE_NAME, DEFAULT_PARENT_CGROUP,
 };
 
 /// Runs a program (normally mvm-vmm) in a chroot with its own namespaces and cgroups, as an

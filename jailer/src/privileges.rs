@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
+    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+    ABI,
 };
 
 use crate::chroot::DEVICE_NODES;
@@ -30,7 +31,9 @@ pub(crate) fn apply_rlimits(limits: &[ResourceLimit]) -> Result<()> {
         };
         // SAFETY: `rlim` is a valid rlimit struct for the duration of the call.
         let ret = unsafe { libc::setrlimit(resource, &rlim) };
-        check(ret, || format!("setrlimit {}={}", limit.name(), limit.value()))?;
+        check(ret, || {
+            format!("setrlimit {}={}", limit.name(), limit.value())
+        })?;
     }
     Ok(())
 }
@@ -53,7 +56,15 @@ struct CapData {
 
 fn prctl(option: libc::c_int, arg: libc::c_ulong, what: &str) -> Result<libc::c_int> {
     // SAFETY: the prctl options used here take integer arguments only.
-    let ret = unsafe { libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    let ret = unsafe {
+        libc::prctl(
+            option,
+            arg,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
     check(ret, || what.to_string())
 }
 
@@ -68,18 +79,32 @@ pub(crate) fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
             match std::io::Error::last_os_error().raw_os_error() {
                 // Past the kernel's last capability.
                 Some(libc::EINVAL) => break,
-                _ => return Err(Error::last_os(format!("drop capability {cap} from the bounding set"))),
+                _ => {
+                    return Err(Error::last_os(format!(
+                        "drop capability {cap} from the bounding set"
+                    )))
+                }
             }
         }
     }
-    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, "clear the ambient capabilities")?;
+    prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        "clear the ambient capabilities",
+    )?;
 
     // SAFETY: an empty group list: size 0 and a null pointer are valid.
-    check(unsafe { libc::setgroups(0, std::ptr::null()) }, || "setgroups([])".into())?;
+    check(unsafe { libc::setgroups(0, std::ptr::null()) }, || {
+        "setgroups([])".into()
+    })?;
     // SAFETY: plain integer arguments.
-    check(unsafe { libc::setresgid(gid, gid, gid) }, || format!("setresgid({gid})"))?;
+    check(unsafe { libc::setresgid(gid, gid, gid) }, || {
+        format!("setresgid({gid})")
+    })?;
     // SAFETY: plain integer arguments.
-    check(unsafe { libc::setresuid(uid, uid, uid) }, || format!("setresuid({uid})"))?;
+    check(unsafe { libc::setresuid(uid, uid, uid) }, || {
+        format!("setresuid({uid})")
+    })?;
 
     // setuid away from 0 clears effective and permitted, but not inheritable; and uid 0 keeps
     // them all: clear the three sets explicitly.
@@ -89,17 +114,37 @@ pub(crate) fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
     };
     let mut data = [CapData::default(); 2];
     // SAFETY: header and a two-element data array are what capset expects for version 3.
-    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) };
-    check(ret as libc::c_int, || "capset: clear all capabilities".into())?;
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    check(ret as libc::c_int, || {
+        "capset: clear all capabilities".into()
+    })?;
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")?;
 
     // Fail closed: verify rather than trust.
     // SAFETY: as above; capget writes two CapData entries.
-    let ret = unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) };
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
     check(ret as libc::c_int, || "capget".into())?;
-    let (eff, prm) = data.iter().enumerate().fold((0u64, 0u64), |(e, p), (i, d)| {
-        (e | (d.effective as u64) << (32 * i), p | (d.permitted as u64) << (32 * i))
-    });
+    let (eff, prm) = data
+        .iter()
+        .enumerate()
+        .fold((0u64, 0u64), |(e, p), (i, d)| {
+            (
+                e | (d.effective as u64) << (32 * i),
+                p | (d.permitted as u64) << (32 * i),
+            )
+        });
     if eff != 0 || prm != 0 || data.iter().any(|d| d.inheritable != 0) {
         return Err(Error::CapabilitiesLeft {
             effective: eff,
@@ -125,13 +170,17 @@ pub enum LandlockOutcome {
 pub(crate) fn apply_landlock(write_dirs: &[PathBuf]) -> Result<LandlockOutcome> {
     let abi = ABI::V5;
     let err = |e: &dyn std::fmt::Display| Error::Landlock(e.to_string());
-    let open = |p: &Path| PathFd::new(p).map_err(|e| Error::Landlock(format!("{}: {e}", p.display())));
+    let open =
+        |p: &Path| PathFd::new(p).map_err(|e| Error::Landlock(format!("{}: {e}", p.display())));
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
         .map_err(|e| err(&e))?
         .create()
         .map_err(|e| err(&e))?
-        .add_rule(PathBeneath::new(open(Path::new("/"))?, AccessFs::from_read(abi)))
+        .add_rule(PathBeneath::new(
+            open(Path::new("/"))?,
+            AccessFs::from_read(abi),
+        ))
         .map_err(|e| err(&e))?;
     for dir in write_dirs {
         ruleset = ruleset
@@ -140,7 +189,10 @@ pub(crate) fn apply_landlock(write_dirs: &[PathBuf]) -> Result<LandlockOutcome> 
     }
     for dev in DEVICE_NODES {
         ruleset = ruleset
-            .add_rule(PathBeneath::new(open(Path::new(dev.path))?, AccessFs::from_file(abi)))
+            .add_rule(PathBeneath::new(
+                open(Path::new(dev.path))?,
+                AccessFs::from_file(abi),
+            ))
             .map_err(|e| err(&e))?;
     }
     let status = ruleset.restrict_self().map_err(|e| err(&e))?;

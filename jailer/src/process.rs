@@ -15,8 +15,17 @@ use crate::error::{check, Error, Result};
 pub fn sanitize_process() -> Result<()> {
     // SAFETY: close_range takes integer arguments; closing fds we do not own is the point, and
     // no Rust object of this process owns an fd above 2 at this point (called before any is made).
-    let ret = unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, 0 as libc::c_uint) };
-    check(ret as libc::c_int, || "close_range(3, ~0) to close inherited file descriptors".into())?;
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        )
+    };
+    check(ret as libc::c_int, || {
+        "close_range(3, ~0) to close inherited file descriptors".into()
+    })?;
     // SAFETY: called from a single-threaded process (checked by the caller's contract), so no
     // other thread reads the environment concurrently.
     check(unsafe { libc::clearenv() }, || "clearenv".into())?;
@@ -27,12 +36,18 @@ pub fn sanitize_process() -> Result<()> {
 
 /// Number of threads of the calling process (from /proc/self/status).
 pub(crate) fn thread_count() -> Result<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| Error::io("read /proc/self/status", e))?;
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| Error::io("read /proc/self/status", e))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|n| n.trim().parse().ok())
-        .ok_or_else(|| Error::io("parse Threads: in /proc/self/status", std::io::ErrorKind::InvalidData.into()))
+        .ok_or_else(|| {
+            Error::io(
+                "parse Threads: in /proc/self/status",
+                std::io::ErrorKind::InvalidData.into(),
+            )
+        })
 }
 
 /// fork(2): `Ok(0)` in the child, the child's pid in the parent.
@@ -57,7 +72,14 @@ extern "C" fn forward_signal(sig: libc::c_int) {
 /// it has no handler for, so this is how `kill <jailer>` reaches the target).
 pub(crate) fn forward_signals_to(pid: libc::pid_t) -> Result<()> {
     FORWARD_TO.store(pid, Ordering::Relaxed);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
+    for sig in [
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ] {
         // SAFETY: a zeroed sigaction is valid; we set a plain handler with SA_RESTART so waitpid
         // resumes after the relay.
         let ret = unsafe {
@@ -108,7 +130,10 @@ pub(crate) fn wait_for(pid: libc::pid_t, reap_all: bool, who: &str) -> Result<i3
         }
         if libc::WIFSIGNALED(status) {
             let sig = libc::WTERMSIG(status);
-            eprintln!("mvm-jailer: {who} killed by signal {sig} ({})", signal_name(sig));
+            eprintln!(
+                "mvm-jailer: {who} killed by signal {sig} ({})",
+                signal_name(sig)
+            );
             return Ok(128 + sig);
         }
     }
@@ -137,7 +162,9 @@ pub(crate) fn daemonize(dev_null: &File) -> Result<()> {
     }
     for fd in 0..3 {
         // SAFETY: both fds are open; dup2 atomically replaces the stdio fd.
-        check(unsafe { libc::dup2(dev_null.as_raw_fd(), fd) }, || format!("redirect fd {fd} to /dev/null"))?;
+        check(unsafe { libc::dup2(dev_null.as_raw_fd(), fd) }, || {
+            format!("redirect fd {fd} to /dev/null")
+        })?;
     }
     Ok(())
 }

@@ -18,18 +18,39 @@ fn assert_powerless(r: &std::collections::HashMap<String, String>, uid: u32) {
     assert_eq!(r["groups"], "0");
     assert_eq!(r["no_new_privs"], "1");
     assert_eq!(r["bounding_caps"], "0");
-    for denied in ["mount_tmpfs", "raw_socket", "packet_socket", "chroot", "setuid0", "mknod", "ptrace_parent", "write_root", "write_exec_copy"] {
-        assert!(matches!(r[denied].as_str(), "EPERM" | "EACCES"), "{denied} = {}", r[denied]);
+    for denied in [
+        "mount_tmpfs",
+        "raw_socket",
+        "packet_socket",
+        "chroot",
+        "setuid0",
+        "mknod",
+        "ptrace_parent",
+        "write_root",
+        "write_exec_copy",
+    ] {
+        assert!(
+            matches!(r[denied].as_str(), "EPERM" | "EACCES"),
+            "{denied} = {}",
+            r[denied]
+        );
     }
     // A kernel built without module support answers ENOSYS before any permission check.
-    assert!(matches!(r["init_module"].as_str(), "EPERM" | "ENOSYS"), "init_module = {}", r["init_module"]);
+    assert!(
+        matches!(r["init_module"].as_str(), "EPERM" | "ENOSYS"),
+        "init_module = {}",
+        r["init_module"]
+    );
     // The jail is its own world: only what the jailer put there.
     assert_eq!(r["host_passwd"], "false");
     assert_eq!(r["dotdot_is_root"], "true");
     assert_eq!(r["dotdot_passwd"], "false");
     assert_eq!(r["proc_root_passwd"], "false");
     assert_eq!(r["write_run"], "ok");
-    assert_eq!(r["kvm_open"], "ok", "the jailed uid must be able to open its /dev/kvm");
+    assert_eq!(
+        r["kvm_open"], "ok",
+        "the jailed uid must be able to open its /dev/kvm"
+    );
 }
 
 #[test]
@@ -38,7 +59,10 @@ fn jailed_probe_sees_only_the_jail_and_has_no_privileges() {
         return;
     }
     let j = TestJail::new("escape");
-    let r = ok_report(&j.run(&["--new-pid-ns", "--mount-proc", "--cgroup", "pids.max=32"], &["report"]));
+    let r = ok_report(&j.run(
+        &["--new-pid-ns", "--mount-proc", "--cgroup", "pids.max=32"],
+        &["report"],
+    ));
     assert_powerless(&r, j.uid);
     for caps in ["cap_eff", "cap_prm", "cap_bnd", "cap_inh", "cap_amb"] {
         assert_eq!(r[caps], ZERO_CAPS, "{caps}");
@@ -51,16 +75,32 @@ fn jailed_probe_sees_only_the_jail_and_has_no_privileges() {
     assert_eq!(r["pid"], "2");
     assert_eq!(r["proc_pids"], "2");
     assert_eq!(r["proc_self_root"], "/");
-    assert!(r["cgroup"].contains(&format!("pids:/{PARENT_CGROUP}/{}", j.id)), "{}", r["cgroup"]);
+    assert!(
+        r["cgroup"].contains(&format!("pids:/{PARENT_CGROUP}/{}", j.id)),
+        "{}",
+        r["cgroup"]
+    );
     // The exec file is a copy (not a link) and the device nodes carry the jail's owner.
     let root = j.jail_dir().join("root");
     let copy = std::fs::metadata(root.join("jail-probe")).unwrap();
     assert_ne!(copy.ino(), std::fs::metadata(PROBE).unwrap().ino());
     assert_eq!((copy.uid(), copy.permissions().mode() & 0o7777), (0, 0o755));
-    for (dev, rdev) in [("dev/kvm", (10, 232)), ("dev/net/tun", (10, 200)), ("dev/urandom", (1, 9))] {
+    for (dev, rdev) in [
+        ("dev/kvm", (10, 232)),
+        ("dev/net/tun", (10, 200)),
+        ("dev/urandom", (1, 9)),
+    ] {
         let m = std::fs::metadata(root.join(dev)).unwrap();
-        assert_eq!((m.uid(), m.gid(), m.permissions().mode() & 0o7777), (j.uid, j.uid, 0o600), "{dev}");
-        assert_eq!((libc::major(m.rdev()), libc::minor(m.rdev())), rdev, "{dev}");
+        assert_eq!(
+            (m.uid(), m.gid(), m.permissions().mode() & 0o7777),
+            (j.uid, j.uid, 0o600),
+            "{dev}"
+        );
+        assert_eq!(
+            (libc::major(m.rdev()), libc::minor(m.rdev())),
+            rdev,
+            "{dev}"
+        );
     }
     j.cleanup();
 }
@@ -71,12 +111,20 @@ fn without_pid_ns_the_jailer_becomes_the_target() {
         return;
     }
     let j = TestJail::new("inplace");
-    let child = j.command(&["--resource-limit", "nproc=64"], &["report"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let child = j
+        .command(&["--resource-limit", "nproc=64"], &["report"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
     let r = ok_report(&out);
     assert_powerless(&r, j.uid);
-    assert_eq!(r["pid"], pid.to_string(), "the jailer must exec the target in place");
+    assert_eq!(
+        r["pid"],
+        pid.to_string(),
+        "the jailer must exec the target in place"
+    );
     assert_eq!(r["root_entries"], "dev,jail-probe,run");
     assert_eq!(r["rlimit_nproc"], "64");
     assert_eq!(r["rlimit_nofile"], jailer::DEFAULT_NO_FILE.to_string());
@@ -90,14 +138,30 @@ fn memory_limit_oom_kills_the_hog() {
     }
     let j = TestJail::new("memhog");
     let limit = 64u64 << 20;
-    let out = j.run(&["--cgroup", &format!("memory.limit_in_bytes={limit}")], &["memhog", "1024"]);
-    assert_eq!(signal_of(&out), Some(libc::SIGKILL), "hog must be OOM-killed: {:?} {}", out.status, stderr(&out));
+    let out = j.run(
+        &["--cgroup", &format!("memory.limit_in_bytes={limit}")],
+        &["memhog", "1024"],
+    );
+    assert_eq!(
+        signal_of(&out),
+        Some(libc::SIGKILL),
+        "hog must be OOM-killed: {:?} {}",
+        out.status,
+        stderr(&out)
+    );
     let r = report(&out);
     assert!(!r.contains_key("memhog_survived"));
-    assert_eq!(j.cgroup_file("memory", "memory.limit_in_bytes").trim(), limit.to_string());
+    assert_eq!(
+        j.cgroup_file("memory", "memory.limit_in_bytes").trim(),
+        limit.to_string()
+    );
     // Swap is off by default: memory+swap capped at the same value.
     if Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists() {
-        assert_eq!(j.cgroup_file("memory", "memory.memsw.limit_in_bytes").trim(), limit.to_string());
+        assert_eq!(
+            j.cgroup_file("memory", "memory.memsw.limit_in_bytes")
+                .trim(),
+            limit.to_string()
+        );
     }
     let oom_kills: u64 = j
         .cgroup_file("memory", "memory.oom_control")
@@ -107,7 +171,11 @@ fn memory_limit_oom_kills_the_hog() {
         .parse()
         .unwrap();
     assert!(oom_kills >= 1);
-    let peak: u64 = j.cgroup_file("memory", "memory.max_usage_in_bytes").trim().parse().unwrap();
+    let peak: u64 = j
+        .cgroup_file("memory", "memory.max_usage_in_bytes")
+        .trim()
+        .parse()
+        .unwrap();
     assert!(peak <= limit, "peak {peak} above the limit");
     j.cleanup();
 }
@@ -122,12 +190,22 @@ fn cgroup_v1_values_are_applied_before_the_target_runs() {
     let disk = format!("{}:0", libc::major(root_dev));
     let blkio = format!("blkio.throttle.read_bps_device={disk} 1048576");
     let j = TestJail::new("v1values");
-    let settings = ["cpu.cfs_quota_us=50000", "cpu.shares=512", "cpuset.cpus=0", &blkio, "pids.max=32", "memory.limit_in_bytes=134217728"];
+    let settings = [
+        "cpu.cfs_quota_us=50000",
+        "cpu.shares=512",
+        "cpuset.cpus=0",
+        &blkio,
+        "pids.max=32",
+        "memory.limit_in_bytes=134217728",
+    ];
     let mut args: Vec<&str> = settings.iter().flat_map(|s| ["--cgroup", *s]).collect();
     args.extend(["--new-pid-ns", "--mount-proc"]);
     let out = j.run(&args, &["report"]);
     if stderr(&out).contains("blkio.throttle.read_bps_device") {
-        eprintln!("SKIPPED blkio check ({disk} is not a whole disk here): {}", stderr(&out).trim());
+        eprintln!(
+            "SKIPPED blkio check ({disk} is not a whole disk here): {}",
+            stderr(&out).trim()
+        );
         j.assert_nothing_left();
         return;
     }
@@ -136,12 +214,24 @@ fn cgroup_v1_values_are_applied_before_the_target_runs() {
         ("cpu", "cpu.cfs_quota_us", "50000"),
         ("cpu", "cpu.shares", "512"),
         ("cpuset", "cpuset.cpus", "0"),
-        ("blkio", "blkio.throttle.read_bps_device", &format!("{disk} 1048576")),
+        (
+            "blkio",
+            "blkio.throttle.read_bps_device",
+            &format!("{disk} 1048576"),
+        ),
         ("pids", "pids.max", "32"),
         ("memory", "memory.limit_in_bytes", "134217728"),
     ] {
-        assert_eq!(j.cgroup_file(hierarchy, file).trim(), want, "{hierarchy}/{file}");
-        assert!(r["cgroup"].contains(&format!(":{hierarchy}:/{PARENT_CGROUP}/{}", j.id)), "{hierarchy}: {}", r["cgroup"]);
+        assert_eq!(
+            j.cgroup_file(hierarchy, file).trim(),
+            want,
+            "{hierarchy}/{file}"
+        );
+        assert!(
+            r["cgroup"].contains(&format!(":{hierarchy}:/{PARENT_CGROUP}/{}", j.id)),
+            "{hierarchy}: {}",
+            r["cgroup"]
+        );
     }
     // cpuset.mems was empty in the new cpuset cgroup: inherited from the parent chain.
     assert!(!j.cgroup_file("cpuset", "cpuset.mems").trim().is_empty());
@@ -154,7 +244,10 @@ fn pids_limit_stops_a_fork_bomb() {
         return;
     }
     let j = TestJail::new("forkbomb");
-    let r = ok_report(&j.run(&["--new-pid-ns", "--cgroup", "pids.max=16"], &["forkbomb", "10000"]));
+    let r = ok_report(&j.run(
+        &["--new-pid-ns", "--cgroup", "pids.max=16"],
+        &["forkbomb", "10000"],
+    ));
     let forked: u32 = r["forked"].parse().unwrap();
     // The init and the probe itself count too.
     assert!(forked <= 14, "forked {forked}");
@@ -170,19 +263,31 @@ fn rlimits_hold() {
         return;
     }
     let j = TestJail::new("fsize");
-    let r = ok_report(&j.run(&["--resource-limit", "fsize=4096"], &["fsize", "10000", "ignore"]));
-    assert_eq!((r["written"].as_str(), r["write_error"].as_str()), ("4096", "EFBIG"));
+    let r = ok_report(&j.run(
+        &["--resource-limit", "fsize=4096"],
+        &["fsize", "10000", "ignore"],
+    ));
+    assert_eq!(
+        (r["written"].as_str(), r["write_error"].as_str()),
+        ("4096", "EFBIG")
+    );
     j.cleanup();
 
     let j = TestJail::new("fsizesig");
-    let out = j.run(&["--resource-limit", "fsize=4096"], &["fsize", "10000", "signal"]);
+    let out = j.run(
+        &["--resource-limit", "fsize=4096"],
+        &["fsize", "10000", "signal"],
+    );
     assert_eq!(signal_of(&out), Some(libc::SIGXFSZ));
     j.cleanup();
 
     let j = TestJail::new("nofile");
     let r = ok_report(&j.run(&["--resource-limit", "no-file=16"], &["nofile"]));
     let opened: u32 = r["opened"].parse().unwrap();
-    assert!(opened <= 13, "opened {opened} files with no-file=16 (fds 0-2 are taken)");
+    assert!(
+        opened <= 13,
+        "opened {opened} files with no-file=16 (fds 0-2 are taken)"
+    );
     assert_eq!(r["open_error"], "EMFILE");
     j.cleanup();
 }
@@ -195,7 +300,10 @@ fn seccomp_violation_kills_with_sigsys_and_is_reported() {
     let j = TestJail::new("seccomp");
     let out = j.run(&[], &["seccomp"]);
     assert_eq!(signal_of(&out), Some(libc::SIGSYS), "{:?}", out.status);
-    assert_eq!(report(&out).get("filter_installed").map(String::as_str), Some("1"));
+    assert_eq!(
+        report(&out).get("filter_installed").map(String::as_str),
+        Some("1")
+    );
     assert!(!report(&out).contains_key("survived_forbidden_syscall"));
     j.cleanup();
 
@@ -203,7 +311,11 @@ fn seccomp_violation_kills_with_sigsys_and_is_reported() {
     let j = TestJail::new("seccomppid");
     let out = j.run(&["--new-pid-ns"], &["seccomp"]);
     assert_eq!(out.status.code(), Some(128 + libc::SIGSYS));
-    assert!(stderr(&out).contains("killed by signal 31 (SIGSYS"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("killed by signal 31 (SIGSYS"),
+        "{}",
+        stderr(&out)
+    );
     j.cleanup();
 }
 
@@ -219,16 +331,25 @@ fn landlock_limits_writes_to_the_allowed_dirs() {
 
     let j = TestJail::new("nolandlock");
     let r = ok_report(&j.run(&["--mount", &mount], &probe));
-    assert_eq!(r["writes"], "/data/x:ok", "without Landlock the rw mount is writable");
+    assert_eq!(
+        r["writes"], "/data/x:ok",
+        "without Landlock the rw mount is writable"
+    );
     j.cleanup();
 
     let j = TestJail::new("landlock");
     let out = j.run(&["--mount", &mount, "--landlock"], &probe);
     let r = ok_report(&out);
     if stderr(&out).contains("has no Landlock") {
-        eprintln!("SKIPPED landlock enforcement checks: {}", stderr(&out).trim());
+        eprintln!(
+            "SKIPPED landlock enforcement checks: {}",
+            stderr(&out).trim()
+        );
     } else {
-        assert_eq!(r["writes"], "/data/x:EACCES", "Landlock must deny writes outside /run");
+        assert_eq!(
+            r["writes"], "/data/x:EACCES",
+            "Landlock must deny writes outside /run"
+        );
         assert_eq!(r["reads"], "/data:ok", "reads stay allowed");
         assert_eq!(r["write_run"], "ok");
         assert_eq!(r["kvm_open"], "ok", "device nodes stay usable");
@@ -237,9 +358,15 @@ fn landlock_limits_writes_to_the_allowed_dirs() {
 
     let j = TestJail::new("landlockrw");
     // Another uid than the first jail's, which owns /data/x now.
-    let r = ok_report(&j.run(&["--mount", &mount, "--landlock", "--landlock-write", "/data"], &["report", "--write", "/data/y"]));
+    let r = ok_report(&j.run(
+        &["--mount", &mount, "--landlock", "--landlock-write", "/data"],
+        &["report", "--write", "/data/y"],
+    ));
     assert_eq!(r["writes"], "/data/y:ok");
-    assert_eq!(r["write_run"], "EACCES", "/run is writable only when listed");
+    assert_eq!(
+        r["write_run"], "EACCES",
+        "/run is writable only when listed"
+    );
     j.cleanup();
 }
 
@@ -254,11 +381,19 @@ fn read_only_mounts_are_read_only() {
     let j = TestJail::new("romount");
     let dir_mount = format!("{}:/images", shared.display());
     let file_mount = format!("{}:/boot/vmlinux:ro", shared.join("kernel").display());
-    let r = ok_report(&j.run(&["--mount", &dir_mount, "--mount", &file_mount], &["report", "--write", "/images/x", "--write", "/boot/vmlinux"]));
+    let r = ok_report(&j.run(
+        &["--mount", &dir_mount, "--mount", &file_mount],
+        &["report", "--write", "/images/x", "--write", "/boot/vmlinux"],
+    ));
     assert_eq!(r["writes"], "/images/x:EROFS,/boot/vmlinux:EROFS");
     assert_eq!(r["root_entries"], "boot,dev,images,jail-probe,run");
     // Bind mounts live only in the jail's mount namespace: on the host the mount points are plain.
-    assert_eq!(std::fs::read_dir(j.jail_dir().join("root/images")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(j.jail_dir().join("root/images"))
+            .unwrap()
+            .count(),
+        0
+    );
     j.cleanup();
 }
 
@@ -277,7 +412,10 @@ fn netns_is_joined() {
     let r = ok_report(&j.run(&["--netns", &format!("/var/run/netns/{name}")], &["report"]));
     assert_eq!(r["interfaces"], "lo");
     j.cleanup();
-    Command::new("ip").args(["netns", "delete", &name]).status().unwrap();
+    Command::new("ip")
+        .args(["netns", "delete", &name])
+        .status()
+        .unwrap();
 }
 
 #[test]
@@ -288,34 +426,144 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
     let expect_error = |j: &TestJail, extra: &[&str], needle: &str| {
         let out = j.run(extra, &["report"]);
         assert_eq!(out.status.code(), Some(1), "{extra:?}: {:?}", out.status);
-        assert!(stderr(&out).contains(needle), "{extra:?}: expected '{needle}' in: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(needle),
+            "{extra:?}: expected '{needle}' in: {}",
+            stderr(&out)
+        );
         assert!(out.stdout.is_empty(), "the target must not have run");
         j.assert_nothing_left();
     };
     let j = TestJail::new("bad");
-    expect_error(&j, &["--cgroup", "memory.bogus_key=1"], "unknown cgroup key 'memory.bogus_key'");
-    expect_error(&j, &["--cgroup", "pids.max=16", "--cgroup", "nosuch.max=1"], "cgroup controller 'nosuch'");
-    expect_error(&j, &["--cgroup", "pids.max=lots"], "cannot set cgroup pids.max=lots");
-    expect_error(&j, &["--netns", "/var/run/netns/mvm-no-such-netns"], "open network namespace /var/run/netns/mvm-no-such-netns");
+    expect_error(
+        &j,
+        &["--cgroup", "memory.bogus_key=1"],
+        "unknown cgroup key 'memory.bogus_key'",
+    );
+    expect_error(
+        &j,
+        &["--cgroup", "pids.max=16", "--cgroup", "nosuch.max=1"],
+        "cgroup controller 'nosuch'",
+    );
+    expect_error(
+        &j,
+        &["--cgroup", "pids.max=lots"],
+        "cannot set cgroup pids.max=lots",
+    );
+    expect_error(
+        &j,
+        &["--netns", "/var/run/netns/mvm-no-such-netns"],
+        "open network namespace /var/run/netns/mvm-no-such-netns",
+    );
     // A file that is not a namespace: found only when joining, after the jail and cgroup exist.
-    expect_error(&j, &["--cgroup", "pids.max=16", "--netns", "/etc/hostname"], "join network namespace /etc/hostname");
-    expect_error(&j, &["--new-pid-ns", "--cgroup", "pids.max=16", "--netns", "/etc/hostname"], "join network namespace /etc/hostname");
-    expect_error(&j, &["--mount", "/nonexistent-mvm-path:/x"], "invalid --mount '/nonexistent-mvm-path'");
+    expect_error(
+        &j,
+        &["--cgroup", "pids.max=16", "--netns", "/etc/hostname"],
+        "join network namespace /etc/hostname",
+    );
+    expect_error(
+        &j,
+        &[
+            "--new-pid-ns",
+            "--cgroup",
+            "pids.max=16",
+            "--netns",
+            "/etc/hostname",
+        ],
+        "join network namespace /etc/hostname",
+    );
+    expect_error(
+        &j,
+        &["--mount", "/nonexistent-mvm-path:/x"],
+        "invalid --mount '/nonexistent-mvm-path'",
+    );
     expect_error(&j, &["--mount", "/etc:/../x"], "jail path must be absolute");
     expect_error(&j, &["--mount-proc"], "needs --new-pid-ns");
-    expect_error(&j, &["--cgroup-version", "2", "--cgroup", "cgroup.procs=1"], "only cgroup.max.descendants");
+    expect_error(
+        &j,
+        &["--cgroup-version", "2", "--cgroup", "cgroup.procs=1"],
+        "only cgroup.max.descendants",
+    );
 
     let uid = j.uid.to_string();
-    let run_raw = |args: &[&str]| Command::new(JAILER).args(args).arg("--chroot-base-dir").arg(&j.base).output().unwrap();
-    let out = run_raw(&["--id", &j.id, "--exec-file", "/nonexistent/vmm", "--uid", &uid, "--gid", &uid]);
-    assert!(stderr(&out).contains("invalid --exec-file /nonexistent/vmm"), "{}", stderr(&out));
-    let out = run_raw(&["--id", &j.id, "--exec-file", "/tmp", "--uid", &uid, "--gid", &uid]);
-    assert!(stderr(&out).contains("not a regular file"), "{}", stderr(&out));
-    let out = run_raw(&["--id", &j.id, "--exec-file", "/usr/bin/true", "--uid", &uid, "--gid", &uid]);
-    assert!(stderr(&out).contains("needs the dynamic loader"), "{}", stderr(&out));
-    let out = run_raw(&["--id", "../etc", "--exec-file", PROBE, "--uid", &uid, "--gid", &uid]);
-    assert!(stderr(&out).contains("invalid --id '../etc'"), "{}", stderr(&out));
-    let out = run_raw(&["--id", &j.id, "--exec-file", PROBE, "--uid", "root", "--gid", &uid]);
+    let run_raw = |args: &[&str]| {
+        Command::new(JAILER)
+            .args(args)
+            .arg("--chroot-base-dir")
+            .arg(&j.base)
+            .output()
+            .unwrap()
+    };
+    let out = run_raw(&[
+        "--id",
+        &j.id,
+        "--exec-file",
+        "/nonexistent/vmm",
+        "--uid",
+        &uid,
+        "--gid",
+        &uid,
+    ]);
+    assert!(
+        stderr(&out).contains("invalid --exec-file /nonexistent/vmm"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run_raw(&[
+        "--id",
+        &j.id,
+        "--exec-file",
+        "/tmp",
+        "--uid",
+        &uid,
+        "--gid",
+        &uid,
+    ]);
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run_raw(&[
+        "--id",
+        &j.id,
+        "--exec-file",
+        "/usr/bin/true",
+        "--uid",
+        &uid,
+        "--gid",
+        &uid,
+    ]);
+    assert!(
+        stderr(&out).contains("needs the dynamic loader"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run_raw(&[
+        "--id",
+        "../etc",
+        "--exec-file",
+        PROBE,
+        "--uid",
+        &uid,
+        "--gid",
+        &uid,
+    ]);
+    assert!(
+        stderr(&out).contains("invalid --id '../etc'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run_raw(&[
+        "--id",
+        &j.id,
+        "--exec-file",
+        PROBE,
+        "--uid",
+        "root",
+        "--gid",
+        &uid,
+    ]);
     assert!(stderr(&out).contains("--uid"), "{}", stderr(&out));
     assert!(!out.status.success());
     j.assert_nothing_left();
@@ -324,7 +572,11 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
     let first = ok_report(&j.run(&["--cgroup", "pids.max=16"], &["report"]));
     assert_eq!(first["hostname"], j.id);
     let out = j.run(&["--cgroup", "pids.max=16"], &["report"]);
-    assert!(stderr(&out).contains("jail id already in use"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("jail id already in use"),
+        "{}",
+        stderr(&out)
+    );
     assert!(j.jail_dir().join("root/jail-probe").exists());
     assert_eq!(j.cgroups().len(), 1);
     j.cleanup();
@@ -337,16 +589,37 @@ fn cleanup_refuses_while_running_and_removes_everything_after() {
     }
     let j = TestJail::new("cleanup");
     let mut child = j
-        .command(&["--new-pid-ns", "--cgroup", "pids.max=8", "--cgroup", "memory.limit_in_bytes=33554432"], &["pause"])
+        .command(
+            &[
+                "--new-pid-ns",
+                "--cgroup",
+                "pids.max=8",
+                "--cgroup",
+                "memory.limit_in_bytes=33554432",
+            ],
+            &["pause"],
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert_eq!(line.trim(), "paused=1");
     let cleanup = || {
         Command::new(JAILER)
-            .args(["--cleanup", "--id", &j.id, "--exec-file-name", "jail-probe", "--parent-cgroup", PARENT_CGROUP])
+            .args([
+                "--cleanup",
+                "--id",
+                &j.id,
+                "--exec-file-name",
+                "jail-probe",
+                "--parent-cgroup",
+                PARENT_CGROUP,
+            ])
             .arg("--chroot-base-dir")
             .arg(&j.base)
             .output()
@@ -354,20 +627,34 @@ fn cleanup_refuses_while_running_and_removes_everything_after() {
     };
     let busy = cleanup();
     assert!(!busy.status.success());
-    assert!(stderr(&busy).contains("still has processes"), "{}", stderr(&busy));
+    assert!(
+        stderr(&busy).contains("still has processes"),
+        "{}",
+        stderr(&busy)
+    );
     // SIGTERM to the jailer reaches the target through the jail's init.
     // SAFETY: plain kill of our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while j.cgroups().iter().any(|c| !std::fs::read_to_string(c.join("cgroup.procs")).unwrap().is_empty()) {
+    while j.cgroups().iter().any(|c| {
+        !std::fs::read_to_string(c.join("cgroup.procs"))
+            .unwrap()
+            .is_empty()
+    }) {
         assert!(Instant::now() < deadline, "jailed processes did not exit");
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = cleanup();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("removed ")).count(), 3);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("removed "))
+            .count(),
+        3
+    );
     j.assert_nothing_left();
     // Cleaning up a jail that is gone is not an error.
     assert!(cleanup().status.success());
@@ -379,7 +666,11 @@ fn daemonize_detaches_and_runs_the_target() {
         return;
     }
     // A process-group leader cannot call setsid: the jailer forks for it.
-    for (extra, group_leader) in [(&["--daemonize"][..], false), (&["--daemonize"][..], true), (&["--daemonize", "--new-pid-ns"][..], false)] {
+    for (extra, group_leader) in [
+        (&["--daemonize"][..], false),
+        (&["--daemonize"][..], true),
+        (&["--daemonize", "--new-pid-ns"][..], false),
+    ] {
         let j = TestJail::new("daemon");
         let mut cmd = j.command(extra, &["report"]);
         if group_leader {
@@ -387,12 +678,18 @@ fn daemonize_detaches_and_runs_the_target() {
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
-        assert!(out.stdout.is_empty() && out.stderr.is_empty(), "stdio must go to /dev/null");
+        assert!(
+            out.stdout.is_empty() && out.stderr.is_empty(),
+            "stdio must go to /dev/null"
+        );
         // The probe's write to /run lands in the jail tree on the host.
         let marker = j.jail_dir().join("root/run/probe-file");
         let deadline = Instant::now() + Duration::from_secs(5);
         while !marker.exists() {
-            assert!(Instant::now() < deadline, "{extra:?}: the daemonized target never ran");
+            assert!(
+                Instant::now() < deadline,
+                "{extra:?}: the daemonized target never ran"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -406,39 +703,82 @@ fn cgroup_v2() {
         return;
     }
     let Some(unified) = cgroup_mounts().into_iter().find(|m| {
-        std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.contains(" - cgroup2 ") && l.split(' ').nth(4) == Some(m.to_str().unwrap()))
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(" - cgroup2 ") && l.split(' ').nth(4) == Some(m.to_str().unwrap()))
     }) else {
         eprintln!("SKIPPED cgroup_v2: no cgroup2 hierarchy is mounted");
         return;
     };
     // The core interface works on any v2 hierarchy, with or without controllers.
     let j = TestJail::new("v2core");
-    let r = ok_report(&j.run(&["--cgroup-version", "2", "--new-pid-ns", "--mount-proc", "--cgroup", "cgroup.max.descendants=0"], &["report"]));
-    assert!(r["cgroup"].contains(&format!("0::/{PARENT_CGROUP}/{}", j.id)), "{}", r["cgroup"]);
+    let r = ok_report(&j.run(
+        &[
+            "--cgroup-version",
+            "2",
+            "--new-pid-ns",
+            "--mount-proc",
+            "--cgroup",
+            "cgroup.max.descendants=0",
+        ],
+        &["report"],
+    ));
+    assert!(
+        r["cgroup"].contains(&format!("0::/{PARENT_CGROUP}/{}", j.id)),
+        "{}",
+        r["cgroup"]
+    );
     let dir = unified.join(PARENT_CGROUP).join(&j.id);
-    assert_eq!(std::fs::read_to_string(dir.join("cgroup.max.descendants")).unwrap().trim(), "0");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("cgroup.max.descendants"))
+            .unwrap()
+            .trim(),
+        "0"
+    );
     j.cleanup();
 
     let controllers = std::fs::read_to_string(unified.join("cgroup.controllers")).unwrap();
     let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
-    let hugetlb_2mb = unified.join("hugetlb.2MB.max").exists() || Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists();
+    let hugetlb_2mb = unified.join("hugetlb.2MB.max").exists()
+        || Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists();
     if has("hugetlb") && hugetlb_2mb {
         // A controller that is on v2 here: the jailer enables it down the parent chain.
         let j = TestJail::new("v2hugetlb");
-        ok_report(&j.run(&["--cgroup-version", "2", "--cgroup", "hugetlb.2MB.max=0"], &["report"]));
+        ok_report(&j.run(
+            &["--cgroup-version", "2", "--cgroup", "hugetlb.2MB.max=0"],
+            &["report"],
+        ));
         let parent = unified.join(PARENT_CGROUP);
         for dir in [&unified, &parent] {
             let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap();
-            assert!(enabled.split_whitespace().any(|c| c == "hugetlb"), "{}: {enabled}", dir.display());
+            assert!(
+                enabled.split_whitespace().any(|c| c == "hugetlb"),
+                "{}: {enabled}",
+                dir.display()
+            );
         }
-        assert_eq!(std::fs::read_to_string(parent.join(&j.id).join("hugetlb.2MB.max")).unwrap().trim(), "0");
+        assert_eq!(
+            std::fs::read_to_string(parent.join(&j.id).join("hugetlb.2MB.max"))
+                .unwrap()
+                .trim(),
+            "0"
+        );
         j.cleanup();
     }
     if !(has("memory") && has("pids")) {
         // A hybrid host binds memory and pids to v1 hierarchies: v2 must refuse, naming them.
         let j = TestJail::new("v2none");
-        let out = j.run(&["--cgroup-version", "2", "--cgroup", "memory.max=64M"], &["report"]);
-        assert!(stderr(&out).contains("cgroup controller 'memory' (from key 'memory.max') is not available"), "{}", stderr(&out));
+        let out = j.run(
+            &["--cgroup-version", "2", "--cgroup", "memory.max=64M"],
+            &["report"],
+        );
+        assert!(
+            stderr(&out)
+                .contains("cgroup controller 'memory' (from key 'memory.max') is not available"),
+            "{}",
+            stderr(&out)
+        );
         j.assert_nothing_left();
         eprintln!(
             "SKIPPED cgroup_v2 limit checks: {}/cgroup.controllers lists '{}' (memory and pids are bound to v1 on this hybrid host)",
@@ -448,15 +788,32 @@ fn cgroup_v2() {
         return;
     }
     let j = TestJail::new("v2mem");
-    let out = j.run(&["--cgroup-version", "2", "--cgroup", "memory.max=67108864"], &["memhog", "1024"]);
+    let out = j.run(
+        &["--cgroup-version", "2", "--cgroup", "memory.max=67108864"],
+        &["memhog", "1024"],
+    );
     assert_eq!(signal_of(&out), Some(libc::SIGKILL), "{}", stderr(&out));
     let dir = unified.join(PARENT_CGROUP).join(&j.id);
     if dir.join("memory.swap.max").exists() {
-        assert_eq!(std::fs::read_to_string(dir.join("memory.swap.max")).unwrap().trim(), "0");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("memory.swap.max"))
+                .unwrap()
+                .trim(),
+            "0"
+        );
     }
     j.cleanup();
     let j = TestJail::new("v2pids");
-    let r = ok_report(&j.run(&["--cgroup-version", "2", "--new-pid-ns", "--cgroup", "pids.max=16"], &["forkbomb", "10000"]));
+    let r = ok_report(&j.run(
+        &[
+            "--cgroup-version",
+            "2",
+            "--new-pid-ns",
+            "--cgroup",
+            "pids.max=16",
+        ],
+        &["forkbomb", "10000"],
+    ));
     assert!(r["forked"].parse::<u32>().unwrap() <= 14);
     j.cleanup();
 }
@@ -468,13 +825,26 @@ fn jailed_vmm_starts() {
     }
     let vmm = Path::new(JAILER).with_file_name("mvm-vmm");
     if !vmm.exists() {
-        eprintln!("SKIPPED jailed_vmm_starts: {} is not built (cargo build -p vmm)", vmm.display());
+        eprintln!(
+            "SKIPPED jailed_vmm_starts: {} is not built (cargo build -p vmm)",
+            vmm.display()
+        );
         return;
     }
     let j = TestJail::new("vmm");
     let uid = j.uid.to_string();
     let out = Command::new(JAILER)
-        .args(["--id", &j.id, "--uid", &uid, "--gid", &uid, "--new-pid-ns", "--parent-cgroup", PARENT_CGROUP])
+        .args([
+            "--id",
+            &j.id,
+            "--uid",
+            &uid,
+            "--gid",
+            &uid,
+            "--new-pid-ns",
+            "--parent-cgroup",
+            PARENT_CGROUP,
+        ])
         .arg("--exec-file")
         .arg(&vmm)
         .arg("--chroot-base-dir")
@@ -482,9 +852,18 @@ fn jailed_vmm_starts() {
         .args(["--", "--help"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "jailed mvm-vmm --help failed: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "jailed mvm-vmm --help failed: {}",
+        stderr(&out)
+    );
     assert!(!out.stdout.is_empty(), "mvm-vmm --help printed nothing");
-    assert!(j.base.join("mvm-vmm").join(&j.id).join("root/mvm-vmm").exists());
+    assert!(j
+        .base
+        .join("mvm-vmm")
+        .join(&j.id)
+        .join("root/mvm-vmm")
+        .exists());
     let cleaned = Command::new(JAILER)
         .args(["--cleanup", "--id", &j.id, "--parent-cgroup", PARENT_CGROUP])
         .arg("--chroot-base-dir")

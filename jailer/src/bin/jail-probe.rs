@@ -52,77 +52,220 @@ fn report(write_paths: &[String]) -> BTreeMap<&'static str, String> {
     unsafe {
         r.insert("uid", format!("{}/{}", libc::getuid(), libc::geteuid()));
         r.insert("gid", format!("{}/{}", libc::getgid(), libc::getegid()));
-        r.insert("groups", libc::getgroups(0, std::ptr::null_mut()).to_string());
-        r.insert("no_new_privs", libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0).to_string());
-        let bounding = (0..64).filter(|&c| libc::prctl(libc::PR_CAPBSET_READ, c, 0, 0, 0) == 1).count();
+        r.insert(
+            "groups",
+            libc::getgroups(0, std::ptr::null_mut()).to_string(),
+        );
+        r.insert(
+            "no_new_privs",
+            libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0).to_string(),
+        );
+        let bounding = (0..64)
+            .filter(|&c| libc::prctl(libc::PR_CAPBSET_READ, c, 0, 0, 0) == 1)
+            .count();
         r.insert("bounding_caps", bounding.to_string());
         r.insert("pid", libc::getpid().to_string());
-        r.insert("ptrace_parent", outcome(libc::ptrace(libc::PTRACE_ATTACH, libc::getppid(), 0, 0)));
-        r.insert("mount_tmpfs", outcome(libc::mount(c"none".as_ptr(), c"/run".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) as i64));
-        r.insert("raw_socket", outcome(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) as i64));
-        r.insert("packet_socket", outcome(libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) as i64));
-        r.insert("init_module", outcome(libc::syscall(libc::SYS_init_module, std::ptr::null::<u8>(), 0, c"".as_ptr())));
+        r.insert(
+            "ptrace_parent",
+            outcome(libc::ptrace(libc::PTRACE_ATTACH, libc::getppid(), 0, 0)),
+        );
+        r.insert(
+            "mount_tmpfs",
+            outcome(libc::mount(
+                c"none".as_ptr(),
+                c"/run".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            ) as i64),
+        );
+        r.insert(
+            "raw_socket",
+            outcome(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) as i64),
+        );
+        r.insert(
+            "packet_socket",
+            outcome(libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) as i64),
+        );
+        r.insert(
+            "init_module",
+            outcome(libc::syscall(
+                libc::SYS_init_module,
+                std::ptr::null::<u8>(),
+                0,
+                c"".as_ptr(),
+            )),
+        );
         r.insert("chroot", outcome(libc::chroot(c"/run".as_ptr()) as i64));
         r.insert("setuid0", outcome(libc::setuid(0) as i64));
-        r.insert("mknod", outcome(libc::mknod(c"/run/null".as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) as i64));
-        r.insert("kvm_open", outcome(libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) as i64));
+        r.insert(
+            "mknod",
+            outcome(libc::mknod(
+                c"/run/null".as_ptr(),
+                libc::S_IFCHR | 0o600,
+                libc::makedev(1, 3),
+            ) as i64),
+        );
+        r.insert(
+            "kvm_open",
+            outcome(libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) as i64),
+        );
         let mut host = [0u8; 65];
         libc::gethostname(host.as_mut_ptr().cast(), host.len() - 1);
         let end = host.iter().position(|&b| b == 0).unwrap_or(0);
-        r.insert("hostname", String::from_utf8_lossy(&host[..end]).into_owned());
+        r.insert(
+            "hostname",
+            String::from_utf8_lossy(&host[..end]).into_owned(),
+        );
         let ifs = libc::if_nameindex();
         let mut names = Vec::new();
         if !ifs.is_null() {
             let mut p = ifs;
             while (*p).if_index != 0 {
-                names.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+                names.push(
+                    std::ffi::CStr::from_ptr((*p).if_name)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
                 p = p.add(1);
             }
             libc::if_freenameindex(ifs);
         }
         r.insert("interfaces", names.join(","));
-        for (key, res) in [("rlimit_nofile", libc::RLIMIT_NOFILE), ("rlimit_fsize", libc::RLIMIT_FSIZE), ("rlimit_nproc", libc::RLIMIT_NPROC)] {
-            let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        for (key, res) in [
+            ("rlimit_nofile", libc::RLIMIT_NOFILE),
+            ("rlimit_fsize", libc::RLIMIT_FSIZE),
+            ("rlimit_nproc", libc::RLIMIT_NPROC),
+        ] {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
             libc::getrlimit(res, &mut l);
-            r.insert(key, if l.rlim_cur == libc::RLIM_INFINITY { "unlimited".into() } else { l.rlim_cur.to_string() });
+            r.insert(
+                key,
+                if l.rlim_cur == libc::RLIM_INFINITY {
+                    "unlimited".into()
+                } else {
+                    l.rlim_cur.to_string()
+                },
+            );
         }
     }
     let mut root: Vec<String> = std::fs::read_dir("/")
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     root.sort();
     r.insert("root_entries", root.join(","));
-    r.insert("host_passwd", std::path::Path::new("/etc/passwd").exists().to_string());
+    r.insert(
+        "host_passwd",
+        std::path::Path::new("/etc/passwd").exists().to_string(),
+    );
     let same = |a: &str, b: &str| match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.ino() == y.ino() && x.dev() == y.dev(),
         _ => false,
     };
     r.insert("dotdot_is_root", same("/..", "/").to_string());
-    r.insert("dotdot_passwd", std::path::Path::new("/../../../../etc/passwd").exists().to_string());
-    r.insert("proc_root_passwd", (std::path::Path::new("/proc/self/root/etc/passwd").exists() || std::path::Path::new("/proc/1/root/etc/passwd").exists()).to_string());
-    r.insert("proc_self_root", std::fs::read_link("/proc/self/root").map(|p| p.display().to_string()).unwrap_or_else(|e| errno_name(&e)));
+    r.insert(
+        "dotdot_passwd",
+        std::path::Path::new("/../../../../etc/passwd")
+            .exists()
+            .to_string(),
+    );
+    r.insert(
+        "proc_root_passwd",
+        (std::path::Path::new("/proc/self/root/etc/passwd").exists()
+            || std::path::Path::new("/proc/1/root/etc/passwd").exists())
+        .to_string(),
+    );
+    r.insert(
+        "proc_self_root",
+        std::fs::read_link("/proc/self/root")
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| errno_name(&e)),
+    );
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     pids.sort();
-    r.insert("proc_pids", pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+    r.insert(
+        "proc_pids",
+        pids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    );
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    for (key, field) in [("cap_eff", "CapEff:"), ("cap_prm", "CapPrm:"), ("cap_bnd", "CapBnd:"), ("cap_inh", "CapInh:"), ("cap_amb", "CapAmb:"), ("status_no_new_privs", "NoNewPrivs:"), ("seccomp_mode", "Seccomp:")] {
+    for (key, field) in [
+        ("cap_eff", "CapEff:"),
+        ("cap_prm", "CapPrm:"),
+        ("cap_bnd", "CapBnd:"),
+        ("cap_inh", "CapInh:"),
+        ("cap_amb", "CapAmb:"),
+        ("status_no_new_privs", "NoNewPrivs:"),
+        ("seccomp_mode", "Seccomp:"),
+    ] {
         r.insert(key, status_field(&status, field));
     }
-    r.insert("cgroup", std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default().trim().replace('\n', ";"));
-    r.insert("write_root", std::fs::write("/probe-file", b"x").map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e)));
-    r.insert("write_run", std::fs::write("/run/probe-file", b"x").map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e)));
-    r.insert("write_exec_copy", std::fs::OpenOptions::new().append(true).open(std::env::args().next().unwrap_or_default()).map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e)));
+    r.insert(
+        "cgroup",
+        std::fs::read_to_string("/proc/self/cgroup")
+            .unwrap_or_default()
+            .trim()
+            .replace('\n', ";"),
+    );
+    r.insert(
+        "write_root",
+        std::fs::write("/probe-file", b"x")
+            .map(|_| "ok".into())
+            .unwrap_or_else(|e| errno_name(&e)),
+    );
+    r.insert(
+        "write_run",
+        std::fs::write("/run/probe-file", b"x")
+            .map(|_| "ok".into())
+            .unwrap_or_else(|e| errno_name(&e)),
+    );
+    r.insert(
+        "write_exec_copy",
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(std::env::args().next().unwrap_or_default())
+            .map(|_| "ok".into())
+            .unwrap_or_else(|e| errno_name(&e)),
+    );
     let writes: Vec<String> = write_paths
         .iter()
-        .map(|p| format!("{p}:{}", std::fs::write(p, b"x").map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e))))
+        .map(|p| {
+            format!(
+                "{p}:{}",
+                std::fs::write(p, b"x")
+                    .map(|_| "ok".into())
+                    .unwrap_or_else(|e| errno_name(&e))
+            )
+        })
         .collect();
     r.insert("writes", writes.join(","));
     let reads: Vec<String> = write_paths
         .iter()
         .filter_map(|p| std::path::Path::new(p).parent())
-        .map(|d| format!("{}:{}", d.display(), std::fs::read_dir(d).map(|_| "ok".into()).unwrap_or_else(|e| errno_name(&e))))
+        .map(|d| {
+            format!(
+                "{}:{}",
+                d.display(),
+                std::fs::read_dir(d)
+                    .map(|_| "ok".into())
+                    .unwrap_or_else(|e| errno_name(&e))
+            )
+        })
         .collect();
     r.insert("reads", reads.join(","));
     r
@@ -218,10 +361,20 @@ fn nofile() -> ExitCode {
 
 fn seccomp() -> ExitCode {
     // Allow list: only what the lines below need. getpid is not on it.
-    let allowed = [libc::SYS_write, libc::SYS_exit, libc::SYS_exit_group, libc::SYS_rt_sigreturn];
+    let allowed = [
+        libc::SYS_write,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_rt_sigreturn,
+    ];
     let rules = allowed.iter().map(|&nr| (nr, Vec::new())).collect();
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
-        .and_then(BpfProgram::try_from);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from);
     let program = match filter {
         Ok(p) => p,
         Err(e) => {
@@ -255,7 +408,11 @@ fn main() -> ExitCode {
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
     match args.first().map(String::as_str) {
         Some("report") => {
-            let writes: Vec<String> = args[1..].chunks(2).filter(|c| c[0] == "--write" && c.len() == 2).map(|c| c[1].clone()).collect();
+            let writes: Vec<String> = args[1..]
+                .chunks(2)
+                .filter(|c| c[0] == "--write" && c.len() == 2)
+                .map(|c| c[1].clone())
+                .collect();
             for (k, v) in report(&writes) {
                 println!("{k}={v}");
             }
@@ -272,10 +429,16 @@ fn main() -> ExitCode {
         Some("seccomp") => seccomp(),
         Some("true") => ExitCode::SUCCESS,
         Some("stamp") => {
-            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
             // SAFETY: `ts` is a valid out-pointer.
             unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-            println!("monotonic_ns={}", ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128);
+            println!(
+                "monotonic_ns={}",
+                ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+            );
             ExitCode::SUCCESS
         }
         Some("pause") => {

@@ -1,6 +1,5 @@
 //! Shared helpers: run `mvm-jailer` around `jail-probe` and look at what is left on the host.
 
-
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -48,7 +47,16 @@ impl TestJail {
     pub fn command(&self, extra: &[&str], probe_args: &[&str]) -> Command {
         let mut c = Command::new(JAILER);
         let uid = self.uid.to_string();
-        c.args(["--id", &self.id, "--exec-file", PROBE, "--uid", &uid, "--gid", &uid]);
+        c.args([
+            "--id",
+            &self.id,
+            "--exec-file",
+            PROBE,
+            "--uid",
+            &uid,
+            "--gid",
+            &uid,
+        ]);
         c.arg("--chroot-base-dir").arg(&self.base);
         c.args(["--parent-cgroup", PARENT_CGROUP]);
         c.args(extra).arg("--").args(probe_args);
@@ -56,7 +64,9 @@ impl TestJail {
     }
 
     pub fn run(&self, extra: &[&str], probe_args: &[&str]) -> Output {
-        self.command(extra, probe_args).output().expect("spawn mvm-jailer")
+        self.command(extra, probe_args)
+            .output()
+            .expect("spawn mvm-jailer")
     }
 
     pub fn jail_dir(&self) -> PathBuf {
@@ -73,25 +83,47 @@ impl TestJail {
     }
 
     pub fn cgroup_file(&self, hierarchy: &str, file: &str) -> String {
-        std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(hierarchy).join(PARENT_CGROUP).join(&self.id).join(file))
-            .unwrap_or_else(|e| panic!("read {hierarchy}/{file}: {e}"))
+        std::fs::read_to_string(
+            Path::new("/sys/fs/cgroup")
+                .join(hierarchy)
+                .join(PARENT_CGROUP)
+                .join(&self.id)
+                .join(file),
+        )
+        .unwrap_or_else(|e| panic!("read {hierarchy}/{file}: {e}"))
     }
 
     /// Asserts nothing of this jail remains on the host.
     pub fn assert_nothing_left(&self) {
-        assert!(!self.jail_dir().exists(), "jail dir {} left behind", self.jail_dir().display());
+        assert!(
+            !self.jail_dir().exists(),
+            "jail dir {} left behind",
+            self.jail_dir().display()
+        );
         assert_eq!(self.cgroups(), Vec::<PathBuf>::new(), "cgroups left behind");
     }
 
     /// Runs `mvm-jailer --cleanup` and asserts it left nothing.
     pub fn cleanup(&self) {
         let out = Command::new(JAILER)
-            .args(["--cleanup", "--id", &self.id, "--exec-file-name", "jail-probe", "--parent-cgroup", PARENT_CGROUP])
+            .args([
+                "--cleanup",
+                "--id",
+                &self.id,
+                "--exec-file-name",
+                "jail-probe",
+                "--parent-cgroup",
+                PARENT_CGROUP,
+            ])
             .arg("--chroot-base-dir")
             .arg(&self.base)
             .output()
             .unwrap();
-        assert!(out.status.success(), "cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cleanup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.assert_nothing_left();
     }
 }
