@@ -1,5 +1,5 @@
 /* Shared routines for 64-bit test guests: serial output on COM1 and reset through the i8042.
- * Calling convention: arguments in %rax / %rsi, clobbers %rax %rcx %rdx %rsi only. */
+ * Calling convention: arguments in %rax / %rsi, clobbers %rax %rcx %rdx %rsi %r8 only. */
     .code64
     .text
 
@@ -36,38 +36,24 @@ puthex:
     jnz 1b
     ret
 
-/* putdec: print %rax (< 1000) in decimal without leading zeros. */
+/* putdec: print %rax in decimal without leading zeros (clobbers %r8 too). */
 putdec:
     mov %rax, %rsi
-    cmp $100, %rsi
-    jb 1f
-    mov %rsi, %rax
+    xor %ecx, %ecx
+    mov $10, %r8
+1:  mov %rsi, %rax
     xor %edx, %edx
-    mov $100, %ecx
-    div %rcx
-    mov %rdx, %rsi
-    add $'0', %al
+    div %r8
+    mov %rax, %rsi
+    add $'0', %dl
+    push %rdx
+    inc %ecx
+    test %rsi, %rsi
+    jnz 1b
+2:  pop %rax
     call putc
-    mov %rsi, %rax
-    xor %edx, %edx
-    mov $10, %ecx
-    div %rcx
-    mov %rdx, %rsi
-    add $'0', %al
-    call putc
-    jmp 3f
-1:  cmp $10, %rsi
-    jb 3f
-    mov %rsi, %rax
-    xor %edx, %edx
-    mov $10, %ecx
-    div %rcx
-    mov %rdx, %rsi
-    add $'0', %al
-    call putc
-3:  mov %rsi, %rax
-    add $'0', %al
-    call putc
+    dec %ecx
+    jnz 2b
     ret
 
 /* reset: pulse the reset line through the i8042; the VMM exits with status 0. */

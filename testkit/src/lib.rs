@@ -1,0 +1,228 @@
+//! Test support shared by mvm's test suites and benchmarks: assembles the freestanding test
+//! guests in `testkit/guests/`, locates workspace binaries and built artifacts (guest kernel,
+//! rootfs), checks host prerequisites so tests can skip loudly, and runs `mvm-vmm` with a timeout.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// A binary of the workspace, built for the static host target.
+pub fn binary(name: &str) -> PathBuf {
+    let path = target_dir()
+        .join("x86_64-unknown-linux-gnu/debug")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// Where the guest-kernel and rootfs scripts put their outputs.
+pub fn artifacts_dir() -> PathBuf {
+    std::env::var_os("MVM_ARTIFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("mvm-artifacts"))
+}
+
+/// Assembles and links test guest `name` (`testkit/guests/<name>.S`) into an ELF, once per
+/// process, and returns its path.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _serialized = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let src_dir = workspace_root().join("testkit/guests");
+    let out_dir = target_dir().join("test-guests");
+    std::fs::create_dir_all(&out_dir).expect("create target/test-guests");
+    let object = out_dir.join(format!("{name}.o"));
+    let elf = out_dir.join(format!("{name}.elf"));
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install binutils)"));
+        assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(Command::new("as")
+        .arg("--64")
+        .arg("-I")
+        .arg(&src_dir)
+        .arg("-o")
+        .arg(&object)
+        .arg(src_dir.join(format!("{name}.S"))));
+    run(Command::new("ld")
+        .args(["--no-warn-rwx-segments", "-nostdlib", "-static", "-T"])
+        .arg(src_dir.join("guest.ld"))
+        .arg("-o")
+        .arg(&elf)
+        .arg(&object));
+    elf
+}
+
+/// What kind of KVM this host has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvmKind {
+    /// Hardware-assisted KVM (VT-x / SVM): Linux guests reach userspace.
+    Hardware,
+    /// The `kvm_pvm` module: raw KVM works, guest ring 0 is emulated, Linux stops early.
+    Pvm,
+}
+
+/// The usable KVM of this host, or why there is none.
+pub fn kvm() -> Result<KvmKind, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm is not usable: {e}"))?;
+    drop(file);
+    Ok(if Path::new("/sys/module/kvm_pvm").exists() {
+        KvmKind::Pvm
+    } else {
+        KvmKind::Hardware
+    })
+}
+
+/// Returns true if the test may run; otherwise prints a loud SKIP line saying why.
+pub fn require_kvm(test: &str) -> bool {
+    match kvm() {
+        Ok(_) => true,
+        Err(why) => {
+            eprintln!("SKIP {test}: {why}");
+            false
+        }
+    }
+}
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A finished `mvm-vmm` run.
+#[derive(Debug)]
+pub struct VmmRun {
+    /// Exit status (None when it was killed at the timeout).
+    pub status: Option<ExitStatus>,
+    /// Everything it wrote to stdout (the guest console).
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+impl VmmRun {
+    /// The exit code, panicking with the output if the VMM timed out or died by a signal.
+    pub fn code(&self) -> i32 {
+        match self.status.and_then(|s| s.code()) {
+            Some(code) => code,
+            None => panic!("mvm-vmm did not exit by itself: {self:#?}"),
+        }
+    }
+}
+
+/// Kills `child` at `timeout` and collects its output.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> VmmRun {
+    let mut stdout_pipe = child.stdout.take();
+    let mut stderr_pipe = child.stderr.take();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(p) = stdout_pipe.as_mut() {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(p) = stderr_pipe.as_mut() {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    VmmRun {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// A fresh scratch directory under the target dir, removed on drop.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Creates `target/test-scratch/<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: OnceLock<Mutex<u32>> = OnceLock::new();
+        let mut n = COUNTER.get_or_init(|| Mutex::new(0)).lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
+        let dir = target_dir()
+            .join("test-scratch")
+            .join(format!("{tag}-{}-{}", std::process::id(), *n));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        ScratchDir(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `mvm-vmm --no-api --config-file` with `config` (a Firecracker JSON document) and
+/// returns when it exits or after `timeout`.
+pub fn run_vmm_config(config: &serde_json::Value, timeout: Duration) -> VmmRun {
+    let dir = ScratchDir::new("vmm");
+    let path = dir.path().join("vm.json");
+    std::fs::write(&path, config.to_string()).expect("write config");
+    let child = Command::new(binary("mvm-vmm"))
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mvm-vmm");
+    wait_with_timeout(child, timeout)
+}
+
+/// A minimal configuration booting `kernel` with `vcpus` and `mem_mib`.
+pub fn config_for(kernel: &Path, boot_args: &str, vcpus: u8, mem_mib: u64) -> serde_json::Value {
+    serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": boot_args},
+        "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem_mib},
+    })
+}
