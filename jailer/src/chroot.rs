@@ -95,8 +95,6 @@ pub(crate) fn create_jail_dir(config: &JailConfig) -> Result<PathBuf> {
 /// for the jailed user except the device nodes and `/run`.
 pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
     mkdir(root, 0o755)?;
-    // The jail dir itself was made 0700 while empty; traversable now that the root exists.
-    mkdir(root.parent().expect("root has a parent"), 0o755)?;
 
     let exec_copy = root.join(config.exec_file_name()?);
     fs::copy(&config.exec_file, &exec_copy).map_err(|e| {
@@ -147,7 +145,9 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
     if config.mount_proc {
         mkdir(&root.join("proc"), 0o555)?;
     }
-    Ok(())
+    // The jail dir stayed 0700 while being filled (e.g. the copy briefly has the source's mode
+    // bits); open it up only now that the tree is complete.
+    mkdir(root.parent().expect("root has a parent"), 0o755)
 }
 
 /// Creates the missing directories between `root` and `path` (exclusive), mode 0755.

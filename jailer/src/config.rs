@@ -329,6 +329,19 @@ impl JailConfig {
         }
         for dir in &self.landlock_write {
             check_jail_path("--landlock-write", dir)?;
+            // Only directories the jailer makes exist in the jail: fail now, not after the drop.
+            let made = dir == Path::new(RUN_DIR)
+                || self
+                    .mounts
+                    .iter()
+                    .any(|m| &m.jail == dir && m.host.is_dir());
+            if !made {
+                return Err(invalid(
+                    "--landlock-write",
+                    dir,
+                    "must be /run or the jail path of a directory given with --mount",
+                ));
+            }
         }
         Ok(())
     }

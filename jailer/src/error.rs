@@ -95,6 +95,17 @@ pub enum Error {
     /// `Jail::enter` was called from a process with more than one thread.
     #[error("the jail must be entered from a single-threaded process ({0} threads running); spawn `mvm-jailer` instead")]
     NotSingleThreaded(usize),
+    /// The jail setup failed inside the new pid namespace; the child printed why.
+    #[error("jail setup failed in the new pid namespace (reason printed above); everything it made was removed")]
+    SetupFailedInPidNs,
+    /// A step after the privilege drop failed: the process can no longer remove the jail.
+    #[error("{source}; the jail at {jail_dir} is left behind (the privileges to remove it are gone): run `mvm-jailer --cleanup`")]
+    AfterPrivilegeDrop {
+        /// What failed.
+        source: Box<Error>,
+        /// The jail directory left behind.
+        jail_dir: PathBuf,
+    },
     /// A filesystem or process operation failed.
     #[error("{what}: {source}")]
     Io {

@@ -168,10 +168,7 @@ impl Jail {
             != 0;
         if failed {
             process::wait_for(child, false, "the jail init")?;
-            return Err(Error::io(
-                "jail setup failed in the new pid namespace (reason printed above); rolled back",
-                std::io::ErrorKind::Other.into(),
-            ));
+            return Err(Error::SetupFailedInPidNs);
         }
         // The target has exec'd: the jail is complete and now belongs to it.
         self.undo.armed = false;
@@ -190,11 +187,19 @@ impl Jail {
             Err(e) => {
                 // Only the non-pid-ns path rolls back here (the pid-ns child is disarmed and
                 // its supervisor rolls back when it reads the failure).
+                let could_undo = self.undo.armed;
                 self.undo.run();
-                if let Some(mut pipe) = status {
-                    let _ = pipe.write_all(b"!");
+                match status {
+                    Some(mut pipe) => {
+                        let _ = pipe.write_all(b"!");
+                        e
+                    }
+                    None if !could_undo => Error::AfterPrivilegeDrop {
+                        source: Box::new(e),
+                        jail_dir: self.root.parent().unwrap_or(&self.root).to_path_buf(),
+                    },
+                    None => e,
                 }
-                e
             }
         }
     }

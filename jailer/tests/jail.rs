@@ -481,6 +481,11 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
     expect_error(&j, &["--mount-proc"], "needs --new-pid-ns");
     expect_error(
         &j,
+        &["--landlock", "--landlock-write", "/var"],
+        "invalid --landlock-write '/var'",
+    );
+    expect_error(
+        &j,
         &["--cgroup-version", "2", "--cgroup", "cgroup.procs=1"],
         "only cgroup.max.descendants",
     );
