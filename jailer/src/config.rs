@@ -366,6 +366,14 @@ impl JailConfig {
         Ok(())
     }
 
+    /// A `Command` that runs `jailer_bin` (the `mvm-jailer` binary) with [`JailConfig::to_args`]:
+    /// how a multi-threaded program such as the API daemon starts a jailed VMM.
+    pub fn command(&self, jailer_bin: impl AsRef<Path>) -> std::process::Command {
+        let mut c = std::process::Command::new(jailer_bin.as_ref());
+        c.args(self.to_args());
+        c
+    }
+
     /// The `mvm-jailer` command line that builds this jail (without the program name).
     pub fn to_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();

@@ -46,7 +46,6 @@ fn assert_powerless(r: &std::collections::HashMap<String, String>, uid: u32) {
     assert_eq!(r["dotdot_is_root"], "true");
     assert_eq!(r["dotdot_passwd"], "false");
     assert_eq!(r["proc_root_passwd"], "false");
-    assert_eq!(r["write_run"], "ok");
     assert_eq!(
         r["kvm_open"], "ok",
         "the jailed uid must be able to open its /dev/kvm"
@@ -70,6 +69,7 @@ fn jailed_probe_sees_only_the_jail_and_has_no_privileges() {
     assert_eq!(r["status_no_new_privs"], "1");
     assert_eq!(r["root_entries"], "dev,jail-probe,proc,run");
     assert_eq!(r["hostname"], j.id);
+    assert_eq!(r["write_run"], "ok");
     // pid 2 under the jail's init; the init (another identity once dropped) and every host
     // process are invisible.
     assert_eq!(r["pid"], "2");
@@ -899,4 +899,55 @@ fn tempdir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("mvm-jailer-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     TempDir(d)
+}
+
+#[test]
+fn library_config_drives_the_binary() {
+    if !root_or_skip("library_config_drives_the_binary") {
+        return;
+    }
+    let shared = tempdir("library");
+    std::fs::set_permissions(&*shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let j = TestJail::new("library");
+    let mut config = jailer::JailConfig::new(j.id.clone(), PROBE, j.uid, j.uid);
+    config.chroot_base_dir = j.base.clone();
+    config.parent_cgroup = PARENT_CGROUP.into();
+    config.new_pid_ns = true;
+    config.mount_proc = true;
+    config.landlock = true;
+    config.landlock_write = vec!["/sock".into()];
+    config.cgroups = vec!["pids.max=12".parse().unwrap()];
+    config.resource_limits = vec!["no-file=64".parse().unwrap()];
+    config.mounts = vec![format!("{}:/sock:rw", shared.display()).parse().unwrap()];
+    config.args = vec!["report".into(), "--write".into(), "/sock/api.socket".into()];
+    let r = ok_report(&config.command(JAILER).output().unwrap());
+    assert_powerless(&r, j.uid);
+    assert_eq!(r["rlimit_nofile"], "64");
+    assert_eq!(r["writes"], "/sock/api.socket:ok");
+    assert_eq!(r["write_run"], "EACCES", "Landlock: only /sock is writable");
+    assert_eq!(j.cgroup_file("pids", "pids.max").trim(), "12");
+    j.cleanup();
+}
+
+#[test]
+fn a_prepared_jail_dropped_without_entering_is_removed() {
+    if !root_or_skip("a_prepared_jail_dropped_without_entering_is_removed") {
+        return;
+    }
+    let j = TestJail::new("prepared");
+    let mut config = jailer::JailConfig::new(j.id.clone(), PROBE, j.uid, j.uid);
+    config.chroot_base_dir = j.base.clone();
+    config.parent_cgroup = PARENT_CGROUP.into();
+    config.cgroups = vec![
+        "pids.max=5".parse().unwrap(),
+        "memory.limit_in_bytes=67108864".parse().unwrap(),
+    ];
+    let jail = jailer::Jail::prepare(config).unwrap();
+    assert_eq!(jail.root_dir(), j.jail_dir().join("root"));
+    assert!(jail.root_dir().join("jail-probe").is_file());
+    let dirs: Vec<_> = jail.cgroups().iter().map(|c| c.path.clone()).collect();
+    assert_eq!(dirs.len(), 2);
+    assert!(dirs.iter().all(|d| d.is_dir()));
+    drop(jail);
+    j.assert_nothing_left();
 }
