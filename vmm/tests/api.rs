@@ -1,0 +1,202 @@
+//! The Firecracker-compatible HTTP API on a unix socket, driven like a Firecracker client would:
+//! configure, start, inspect, pause, resume, stop — through the real /dev/kvm.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mvm_testkit::{binary, guest, http_unix, require_kvm, wait_for_socket, ScratchDir};
+use serde_json::Value;
+
+/// An mvm-vmm serving its API, with a thread counting console bytes.
+struct ApiVmm {
+    child: Child,
+    console_bytes: Arc<AtomicUsize>,
+    console: std::thread::JoinHandle<String>,
+    socket: std::path::PathBuf,
+    _dir: ScratchDir,
+}
+
+impl ApiVmm {
+    fn start() -> Self {
+        let dir = ScratchDir::new("api");
+        let socket = dir.path().join("api.sock");
+        let mut child = Command::new(binary("mvm-vmm"))
+            .arg("--api-sock")
+            .arg(&socket)
+            .arg("--id")
+            .arg("api-test")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mvm-vmm");
+        let console_bytes = Arc::new(AtomicUsize::new(0));
+        let counter = console_bytes.clone();
+        let mut stdout = child.stdout.take().unwrap();
+        let console = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                all.extend_from_slice(&buf[..n]);
+                counter.fetch_add(n, Ordering::SeqCst);
+            }
+            String::from_utf8_lossy(&all).into_owned()
+        });
+        assert!(wait_for_socket(&socket, Duration::from_secs(10)), "API socket never came up");
+        ApiVmm { child, console_bytes, console, socket, _dir: dir }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, body) = http_unix(&self.socket, method, path, body).expect("API call");
+        let json = if body.is_empty() { Value::Null } else { serde_json::from_str(&body).expect("JSON body") };
+        (status, json)
+    }
+
+    fn state(&self) -> String {
+        self.call("GET", "/", None).1["state"].as_str().unwrap().to_string()
+    }
+
+    fn put_boot_source(&self, kernel: &Path, args: &str) -> (u16, Value) {
+        let body = serde_json::json!({"kernel_image_path": kernel, "boot_args": args}).to_string();
+        self.call("PUT", "/boot-source", Some(&body))
+    }
+
+    fn start_instance(&self) -> (u16, Value) {
+        self.call("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#))
+    }
+
+    fn wait(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        (status, self.console.join().unwrap())
+    }
+}
+
+fn fault(body: &Value) -> &str {
+    body["fault_message"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn configure_and_boot_through_the_api() {
+    if !require_kvm("configure_and_boot_through_the_api") {
+        return;
+    }
+    let vmm = ApiVmm::start();
+    let (status, info) = vmm.call("GET", "/", None);
+    assert_eq!(status, 200);
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["id"], "api-test");
+
+    // Bad requests are 400s naming the problem, and change nothing.
+    let (status, body) = vmm.call("PUT", "/machine-config", Some(r#"{"vcpu_count": 0, "mem_size_mib": 64}"#));
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("machine-config.vcpu_count"), "{body}");
+    let (status, body) = vmm.call("PUT", "/machine-config", Some("{not json"));
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("invalid configuration JSON"), "{body}");
+    let (status, body) = vmm.call("PUT", "/balloon", Some("{}"));
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("Invalid request method and/or path"), "{body}");
+    let (status, body) = vmm.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("before starting"), "{body}");
+
+    let (status, _) = vmm.call("PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 64, "smt": false}"#));
+    assert_eq!(status, 204);
+    let (status, _) = vmm.call("PATCH", "/machine-config", Some(r#"{"mem_size_mib": 48}"#));
+    assert_eq!(status, 204);
+    let (_, machine) = vmm.call("GET", "/machine-config", None);
+    assert_eq!((machine["vcpu_count"].as_u64(), machine["mem_size_mib"].as_u64()), (Some(2), Some(48)));
+
+    // A missing kernel fails InstanceStart with the path; the VM can still be started after.
+    let (status, _) = vmm.put_boot_source(Path::new("/nonexistent/vmlinux"), "console=ttyS0");
+    assert_eq!(status, 204);
+    let (status, body) = vmm.start_instance();
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("cannot open kernel /nonexistent/vmlinux"), "{body}");
+    assert_eq!(vmm.state(), "Not started");
+
+    let (status, _) = vmm.put_boot_source(&guest("bootinfo"), "console=ttyS0 via=api");
+    assert_eq!(status, 204);
+    let (_, full) = vmm.call("GET", "/vm/config", None);
+    assert_eq!(full["boot-source"]["boot_args"], "console=ttyS0 via=api");
+    let (status, body) = vmm.start_instance();
+    assert_eq!(status, 204, "{body}");
+    let (code, console) = vmm.wait(Duration::from_secs(60));
+    assert_eq!(code, Some(0));
+    assert_eq!(console, "cmdline: console=ttyS0 via=api\ne820 entries: 3\nram end MiB: 48\n");
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    if !require_kvm("pause_stops_the_guest_and_resume_continues_it") {
+        return;
+    }
+    let vmm = ApiVmm::start();
+    vmm.call("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#));
+    vmm.put_boot_source(&guest("spin"), "console=ttyS0");
+    assert_eq!(vmm.start_instance().0, 204);
+    assert_eq!(vmm.state(), "Running");
+    let grows = |vmm: &ApiVmm| {
+        let before = vmm.console_bytes.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        vmm.console_bytes.load(Ordering::SeqCst) > before
+    };
+    assert!(grows(&vmm), "the spinning guest prints");
+    let (status, _) = vmm.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 204);
+    assert_eq!(vmm.state(), "Paused");
+    // Let output already in flight drain, then nothing more may arrive.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!grows(&vmm), "a paused guest prints nothing");
+    let (status, body) = vmm.call("PUT", "/boot-source", Some(r#"{"kernel_image_path": "/x"}"#));
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("after starting"), "{body}");
+    let (status, _) = vmm.call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(status, 204);
+    assert_eq!(vmm.state(), "Running");
+    assert!(grows(&vmm), "a resumed guest prints again");
+
+    // SIGTERM ends the VMM cleanly and removes its socket.
+    let socket = vmm.socket.clone();
+    // SAFETY: kill() on our own child's pid.
+    unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
+    let (code, _) = vmm.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+    assert!(!socket.exists(), "API socket removed on exit");
+}
+
+#[test]
+fn a_second_vmm_on_a_live_socket_is_refused() {
+    if !require_kvm("a_second_vmm_on_a_live_socket_is_refused") {
+        return;
+    }
+    let vmm = ApiVmm::start();
+    let out = Command::new(binary("mvm-vmm"))
+        .arg("--api-sock")
+        .arg(&vmm.socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is in use by another process"));
+    // SAFETY: kill() on our own child's pid.
+    unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(vmm.wait(Duration::from_secs(10)).0, Some(0));
+}
