@@ -202,10 +202,10 @@ fn cgroup_v1_values_are_applied_before_the_target_runs() {
     args.extend(["--new-pid-ns", "--mount-proc"]);
     let out = j.run(&args, &["report"]);
     if stderr(&out).contains("blkio.throttle.read_bps_device") {
-        eprintln!(
-            "SKIPPED blkio check ({disk} is not a whole disk here): {}",
+        skip(&format!(
+            "blkio check ({disk} is not a whole disk here): {}",
             stderr(&out).trim()
-        );
+        ));
         j.assert_nothing_left();
         return;
     }
@@ -341,10 +341,10 @@ fn landlock_limits_writes_to_the_allowed_dirs() {
     let out = j.run(&["--mount", &mount, "--landlock"], &probe);
     let r = ok_report(&out);
     if stderr(&out).contains("has no Landlock") {
-        eprintln!(
-            "SKIPPED landlock enforcement checks: {}",
+        skip(&format!(
+            "landlock enforcement checks: {}",
             stderr(&out).trim()
-        );
+        ));
     } else {
         assert_eq!(
             r["writes"], "/data/x:EACCES",
@@ -405,7 +405,9 @@ fn netns_is_joined() {
     let name = format!("mvmjt{}", std::process::id());
     let added = Command::new("ip").args(["netns", "add", &name]).status();
     if !matches!(added, Ok(s) if s.success()) {
-        eprintln!("SKIPPED netns_is_joined: `ip netns add` is unavailable ({added:?})");
+        skip(&format!(
+            "netns_is_joined: `ip netns add` is unavailable ({added:?})"
+        ));
         return;
     }
     let j = TestJail::new("netns");
@@ -713,7 +715,7 @@ fn cgroup_v2() {
             .lines()
             .any(|l| l.contains(" - cgroup2 ") && l.split(' ').nth(4) == Some(m.to_str().unwrap()))
     }) else {
-        eprintln!("SKIPPED cgroup_v2: no cgroup2 hierarchy is mounted");
+        skip(&format!("cgroup_v2: no cgroup2 hierarchy is mounted"));
         return;
     };
     // The core interface works on any v2 hierarchy, with or without controllers.
@@ -770,6 +772,8 @@ fn cgroup_v2() {
             "0"
         );
         j.cleanup();
+    } else {
+        skip("cgroup_v2 controller enabling check: hugetlb (2 MiB pages) is not available on the v2 hierarchy");
     }
     if !(has("memory") && has("pids")) {
         // A hybrid host binds memory and pids to v1 hierarchies: v2 must refuse, naming them.
@@ -785,11 +789,10 @@ fn cgroup_v2() {
             stderr(&out)
         );
         j.assert_nothing_left();
-        eprintln!(
-            "SKIPPED cgroup_v2 limit checks: {}/cgroup.controllers lists '{}' (memory and pids are bound to v1 on this hybrid host)",
+        skip(&format!("cgroup_v2 limit checks: {}/cgroup.controllers lists '{}' (memory and pids are bound to v1 on this hybrid host)",
             unified.display(),
             controllers.trim()
-        );
+        ));
         return;
     }
     let j = TestJail::new("v2mem");
@@ -830,10 +833,10 @@ fn jailed_vmm_starts() {
     }
     let vmm = Path::new(JAILER).with_file_name("mvm-vmm");
     if !vmm.exists() {
-        eprintln!(
-            "SKIPPED jailed_vmm_starts: {} is not built (cargo build -p vmm)",
+        skip(&format!(
+            "jailed_vmm_starts: {} is not built (cargo build -p vmm)",
             vmm.display()
-        );
+        ));
         return;
     }
     let j = TestJail::new("vmm");

@@ -10,12 +10,20 @@ pub const JAILER: &str = env!("CARGO_BIN_EXE_mvm-jailer");
 pub const PROBE: &str = env!("CARGO_BIN_EXE_jail-probe");
 pub const PARENT_CGROUP: &str = "mvm-test";
 
-/// True when running as root; otherwise prints why the test is skipped.
+/// Reports a skipped test or check on the real stderr (libtest's capture would hide `eprintln!`).
+pub fn skip(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {what}");
+}
+
+/// True when running as root; otherwise reports why the test is skipped.
 pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("SKIPPED {test}: needs root (namespaces, cgroups, mknod, setuid)");
+        skip(&format!(
+            "{test}: needs root (namespaces, cgroups, mknod, setuid)"
+        ));
     }
     root
 }
