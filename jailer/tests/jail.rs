@@ -715,7 +715,7 @@ fn cgroup_v2() {
             .lines()
             .any(|l| l.contains(" - cgroup2 ") && l.split(' ').nth(4) == Some(m.to_str().unwrap()))
     }) else {
-        skip(&format!("cgroup_v2: no cgroup2 hierarchy is mounted"));
+        skip("cgroup_v2: no cgroup2 hierarchy is mounted");
         return;
     };
     // The core interface works on any v2 hierarchy, with or without controllers.
