@@ -29,8 +29,8 @@ use tokio::task::JoinHandle;
 use crate::flow::{RecvBudget, SendWindow};
 use crate::protocol::{
     decode_payload, encode_frame, read_frame, AgentMessage, Channel, ClientMessage, DirEntry,
-    ErrorKind, ExecRequest, ExitStatus, FileStat, FrameError, Health, RemoteError, Reply,
-    Request, ShutdownAction, MAGIC, MAX_CHUNK, PROTOCOL_VERSION,
+    ErrorKind, ExecRequest, ExitStatus, FileStat, FrameError, Health, RemoteError, Reply, Request,
+    ShutdownAction, MAGIC, MAX_CHUNK, PROTOCOL_VERSION,
 };
 
 /// How long `connect_*` waits for the agent's `Hello` (and the vsock proxy's `OK`).
@@ -300,12 +300,10 @@ impl AgentClient {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (mut reader, mut writer) = tokio::io::split(stream);
-        let agent_version = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            handshake(&mut reader, &mut writer),
-        )
-        .await
-        .map_err(|_| ClientError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+        let agent_version =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut reader, &mut writer))
+                .await
+                .map_err(|_| ClientError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
         let (out, rx) = mpsc::unbounded_channel();
         let state = Arc::new(Mutex::new(State::default()));
         let write_task = tokio::spawn(write_loop(writer, rx, Arc::clone(&state)));
@@ -406,7 +404,10 @@ impl AgentClient {
         let mut pending = self.begin(
             id,
             Request::Exec(request),
-            vec![(Channel::Stdout, stdout_sink), (Channel::Stderr, stderr_sink)],
+            vec![
+                (Channel::Stdout, stdout_sink),
+                (Channel::Stderr, stderr_sink),
+            ],
             Some(exit_tx),
             window.clone().map(|w| (Channel::Stdin, w)),
         )?;
@@ -516,7 +517,12 @@ impl AgentClient {
 
     /// Metadata of `path`, following symlinks.
     pub async fn stat(&self, path: &str) -> Result<FileStat, ClientError> {
-        match self.call(Request::Stat { path: path.to_owned() }).await? {
+        match self
+            .call(Request::Stat {
+                path: path.to_owned(),
+            })
+            .await?
+        {
             Reply::Stat(stat) => Ok(stat),
             other => Err(unexpected(other, "Stat")),
         }
@@ -568,7 +574,8 @@ impl AgentClient {
     /// Asks the agent to power off or reboot the guest (a host-process agent exits). The
     /// connection closes soon after this returns.
     pub async fn shutdown(&self, action: ShutdownAction) -> Result<(), ClientError> {
-        self.call_done(Request::Shutdown { action }, "Shutdown").await
+        self.call_done(Request::Shutdown { action }, "Shutdown")
+            .await
     }
 }
 
@@ -631,7 +638,9 @@ where
             }
             Ok(agent_version)
         }
-        AgentMessage::Fatal(e) if e.kind == ErrorKind::VersionMismatch => Err(ClientError::Remote(e)),
+        AgentMessage::Fatal(e) if e.kind == ErrorKind::VersionMismatch => {
+            Err(ClientError::Remote(e))
+        }
         other => Err(ClientError::Protocol(format!(
             "expected Hello, got {other:?}"
         ))),
@@ -740,7 +749,9 @@ fn deliver(
                 .and_then(|route| route.sinks.iter().find(|(c, _)| *c == channel));
             if let Some((_, sink)) = sink {
                 if !sink.budget.consume(data.len()) {
-                    return Err(format!("{channel:?} data of request {id} beyond its credit"));
+                    return Err(format!(
+                        "{channel:?} data of request {id} beyond its credit"
+                    ));
                 }
                 let len = data.len();
                 if sink.tx.send(Ok(data)).is_err() {
@@ -853,10 +864,7 @@ impl ExecSession {
     /// Closes stdin, collects stdout and stderr (those not taken), and waits for the exit.
     pub async fn wait_with_output(mut self) -> Result<Output, ClientError> {
         self.stdin.take();
-        let (out, err) = tokio::join!(
-            read_all(self.stdout.take()),
-            read_all(self.stderr.take())
-        );
+        let (out, err) = tokio::join!(read_all(self.stdout.take()), read_all(self.stderr.take()));
         let status = self.exit_status().await?;
         Ok(Output {
             status,
@@ -974,6 +982,7 @@ impl Drop for OutputStream {
                 queued += chunk.len();
             }
         }
-        self.shared.credit(self.id, self.channel, &self.budget, queued);
+        self.shared
+            .credit(self.id, self.channel, &self.budget, queued);
     }
 }

@@ -130,14 +130,14 @@ fn split_cmdline(cmdline: &str) -> Vec<String> {
 fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .split('.')
-            .all(|label| {
-                !label.is_empty()
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            })
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn parse_ip(value: &str) -> Result<IpConfig, String> {
@@ -214,13 +214,18 @@ fn is_mount_point(path: &Path) -> bool {
     }
 }
 
-fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), InitError> {
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), InitError> {
     let target = Path::new(target);
     if is_mount_point(target) {
         return Ok(());
     }
-    std::fs::create_dir_all(target)
-        .map_err(sys_io(format!("creating {}", target.display())))?;
+    std::fs::create_dir_all(target).map_err(sys_io(format!("creating {}", target.display())))?;
     mount(Some(source), target, Some(fstype), flags, data)
         .map_err(sys(format!("mounting {fstype} on {}", target.display())))
 }
@@ -231,7 +236,13 @@ pub fn mount_base() -> Result<(), InitError> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nodev, None)?;
     mount_fs("sysfs", "/sys", "sysfs", nodev, None)?;
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     mount_fs(
         "devpts",
         "/dev/pts",
@@ -239,9 +250,27 @@ pub fn mount_base() -> Result<(), InitError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("mode=0620,ptmxmode=0666"),
     )?;
-    mount_fs("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mount_fs(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
     Ok(())
 }
 
@@ -249,20 +278,42 @@ pub fn mount_base() -> Result<(), InitError> {
 /// of this mount namespace. `staging` (an existing directory) gets a tmpfs holding the
 /// mount points; it and the old root are detached afterwards. A persistent upper device
 /// keeps its changes in `upper/` and `work/` at its top.
-pub fn pivot_to_overlay(lower: &Path, upper: &OverlayUpper, staging: &Path) -> Result<(), InitError> {
+pub fn pivot_to_overlay(
+    lower: &Path,
+    upper: &OverlayUpper,
+    staging: &Path,
+) -> Result<(), InitError> {
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(sys("making / private"))?;
-    mount(Some("tmpfs"), staging, Some("tmpfs"), MsFlags::empty(), Some("mode=0700"))
-        .map_err(sys(format!("mounting a tmpfs on {}", staging.display())))?;
+    mount(
+        Some("tmpfs"),
+        staging,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .map_err(sys(format!("mounting a tmpfs on {}", staging.display())))?;
     let upper_mnt = staging.join("upper");
     let new_root = staging.join("root");
     for dir in [&upper_mnt, &new_root] {
         std::fs::create_dir(dir).map_err(sys_io(format!("creating {}", dir.display())))?;
     }
     match upper {
-        OverlayUpper::Tmpfs => mount(Some("tmpfs"), &upper_mnt, Some("tmpfs"), MsFlags::empty(), Some("mode=0755")),
-        OverlayUpper::Device(dev) => mount(Some(dev.as_path()), &upper_mnt, Some("ext4"), MsFlags::MS_NOATIME, none),
+        OverlayUpper::Tmpfs => mount(
+            Some("tmpfs"),
+            &upper_mnt,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("mode=0755"),
+        ),
+        OverlayUpper::Device(dev) => mount(
+            Some(dev.as_path()),
+            &upper_mnt,
+            Some("ext4"),
+            MsFlags::MS_NOATIME,
+            none,
+        ),
     }
     .map_err(sys(format!("mounting the overlay upper layer {upper:?}")))?;
     let upper_dir = upper_mnt.join("upper");
@@ -280,8 +331,14 @@ pub fn pivot_to_overlay(lower: &Path, upper: &OverlayUpper, staging: &Path) -> R
         upper_dir.display(),
         work_dir.display()
     );
-    mount(Some("overlay"), &new_root, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
-        .map_err(sys(format!("mounting overlay {options}")))?;
+    mount(
+        Some("overlay"),
+        &new_root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(sys(format!("mounting overlay {options}")))?;
     nix::unistd::chdir(&new_root).map_err(sys("entering the overlay root"))?;
     // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "."
     // then removes it without needing a directory for it in the new root.
@@ -334,9 +391,14 @@ struct IfSocket(std::os::fd::OwnedFd);
 impl IfSocket {
     fn new() -> Result<Self, InitError> {
         use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-        socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
-            .map(Self)
-            .map_err(sys("creating an AF_INET socket"))
+        socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map(Self)
+        .map_err(sys("creating an AF_INET socket"))
     }
 
     fn ioctl<T>(&self, request: libc::c_ulong, arg: &mut T, what: String) -> Result<(), InitError> {
@@ -368,7 +430,12 @@ impl IfSocket {
         Ok(req)
     }
 
-    fn set_addr(&self, name: &str, request: libc::c_ulong, addr: Ipv4Addr) -> Result<(), InitError> {
+    fn set_addr(
+        &self,
+        name: &str,
+        request: libc::c_ulong,
+        addr: Ipv4Addr,
+    ) -> Result<(), InitError> {
         let mut req = Self::ifreq(name)?;
         req.ifr_ifru.ifru_addr = sockaddr_v4(addr);
         self.ioctl(request, &mut req, format!("setting {addr} on {name}"))
@@ -376,7 +443,11 @@ impl IfSocket {
 
     fn up(&self, name: &str) -> Result<(), InitError> {
         let mut req = Self::ifreq(name)?;
-        self.ioctl(libc::SIOCGIFFLAGS, &mut req, format!("reading the flags of {name}"))?;
+        self.ioctl(
+            libc::SIOCGIFFLAGS,
+            &mut req,
+            format!("reading the flags of {name}"),
+        )?;
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
         let flags = unsafe { req.ifr_ifru.ifru_flags };
         req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
@@ -399,7 +470,11 @@ impl IfSocket {
             rt_window: 0,
             rt_irtt: 0,
         };
-        self.ioctl(libc::SIOCADDRT, &mut route, format!("adding the default route via {gateway}"))
+        self.ioctl(
+            libc::SIOCADDRT,
+            &mut route,
+            format!("adding the default route via {gateway}"),
+        )
     }
 }
 
@@ -429,7 +504,9 @@ fn reopen_console() -> Result<(), InitError> {
     for fd in 0..3 {
         // SAFETY: dup2 onto the standard descriptors; `console` stays open during the call.
         if unsafe { libc::dup2(console.as_raw_fd(), fd) } < 0 {
-            return Err(sys_io("redirecting stdio to /dev/console")(io::Error::last_os_error()));
+            return Err(sys_io("redirecting stdio to /dev/console")(
+                io::Error::last_os_error(),
+            ));
         }
     }
     Ok(())
@@ -443,7 +520,13 @@ pub fn run() {
         }
     };
     report(mount_fs("proc", "/proc", "proc", MsFlags::empty(), None));
-    report(mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")));
+    report(mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    ));
     let params = match std::fs::read_to_string("/proc/cmdline") {
         Ok(cmdline) => KernelParams::parse(&cmdline).unwrap_or_else(|e| {
             crate::log!("init: {e}; ignoring the mvm.* parameters");
@@ -496,7 +579,10 @@ mod tests {
              mvm.hostname=sbx-1.local mvm.ip=10.0.0.2/30,10.0.0.1 init=/sbin/mvm-agent\n",
         )
         .unwrap();
-        assert_eq!(params.overlay, Some(OverlayUpper::Device("/dev/vdb".into())));
+        assert_eq!(
+            params.overlay,
+            Some(OverlayUpper::Device("/dev/vdb".into()))
+        );
         assert_eq!(params.hostname.as_deref(), Some("sbx-1.local"));
         let ip = params.ip.unwrap();
         assert_eq!(ip.address, Ipv4Addr::new(10, 0, 0, 2));
@@ -508,7 +594,8 @@ mod tests {
     #[test]
     fn defaults_and_quotes() {
         assert_eq!(KernelParams::parse("").unwrap(), KernelParams::default());
-        let params = KernelParams::parse("a=\"x y\" mvm.overlay=tmpfs \"mvm.ip=192.168.1.5/24\"").unwrap();
+        let params =
+            KernelParams::parse("a=\"x y\" mvm.overlay=tmpfs \"mvm.ip=192.168.1.5/24\"").unwrap();
         assert_eq!(params.overlay, Some(OverlayUpper::Tmpfs));
         let ip = params.ip.unwrap();
         assert_eq!(ip.gateway, None);

@@ -64,7 +64,10 @@ fn run(addr: &ListenAddr, init: bool) -> Result<ExitCode, String> {
     let action = runtime.block_on(async {
         let agent = Agent::new(init).map_err(|e| format!("starting the agent: {e}"))?;
         let listener = Listener::bind(addr).map_err(|e| format!("listening on {addr}: {e}"))?;
-        agent::log!("agent {} listening on {addr}", agent::protocol::AGENT_VERSION);
+        agent::log!(
+            "agent {} listening on {addr}",
+            agent::protocol::AGENT_VERSION
+        );
         let action = agent.serve(listener).await;
         agent.kill_children();
         Ok::<_, String>(action)

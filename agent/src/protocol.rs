@@ -515,7 +515,8 @@ pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Fram
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
     let mut out_buf = std::mem::take(out);
-    out_buf = postcard::to_extend(msg, out_buf).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    out_buf =
+        postcard::to_extend(msg, out_buf).map_err(|e| FrameError::Malformed(e.to_string()))?;
     *out = out_buf;
     let len = out.len() - start - 4;
     if len > MAX_FRAME_LEN {

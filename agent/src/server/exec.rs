@@ -88,12 +88,20 @@ fn build_command(req: &ExecRequest) -> Result<Command, RemoteError> {
     let cwd = req.cwd.as_deref().unwrap_or("/");
     match std::fs::metadata(cwd) {
         Ok(meta) if meta.is_dir() => {}
-        Ok(_) => return Err(invalid(format!("working directory {cwd} is not a directory"))),
+        Ok(_) => {
+            return Err(invalid(format!(
+                "working directory {cwd} is not a directory"
+            )))
+        }
         Err(e) => return Err(RemoteError::from_io(format!("working directory {cwd}"), &e)),
     }
     let mut cmd = Command::new(program);
     cmd.args(&req.argv[1..]).current_dir(cwd).env_clear();
-    let home = if req.uid.unwrap_or(0) == 0 { "/root" } else { "/" };
+    let home = if req.uid.unwrap_or(0) == 0 {
+        "/root"
+    } else {
+        "/"
+    };
     cmd.env("PATH", DEFAULT_PATH).env("HOME", home);
     if req.pty.is_some() {
         cmd.env("TERM", "xterm-256color");
@@ -261,22 +269,23 @@ impl Exec {
         )
         .await;
 
-        let output_task = |channel: Channel, window: Arc<SendWindow>, file: Option<Arc<AsyncFile>>| {
-            let out = out.clone();
-            AbortOnDrop(tokio::spawn(async move {
-                match file {
-                    Some(file) => {
-                        if let Err(e) = pump(&out, id, channel, &window, file).await {
-                            crate::log!("exec {id}: reading {channel:?} failed: {e}");
+        let output_task =
+            |channel: Channel, window: Arc<SendWindow>, file: Option<Arc<AsyncFile>>| {
+                let out = out.clone();
+                AbortOnDrop(tokio::spawn(async move {
+                    match file {
+                        Some(file) => {
+                            if let Err(e) = pump(&out, id, channel, &window, file).await {
+                                crate::log!("exec {id}: reading {channel:?} failed: {e}");
+                                out.send(AgentMessage::Eof { id, channel }).await;
+                            }
+                        }
+                        None => {
                             out.send(AgentMessage::Eof { id, channel }).await;
                         }
                     }
-                    None => {
-                        out.send(AgentMessage::Eof { id, channel }).await;
-                    }
-                }
-            }))
-        };
+                }))
+            };
         let mut stdout = output_task(Channel::Stdout, stdout_window, Some(spawned.stdout));
         let mut stderr = output_task(Channel::Stderr, stderr_window, spawned.stderr);
         let _stdin = match (stdin, spawned.stdin) {
@@ -332,7 +341,9 @@ impl Exec {
         }
         let termination = match termination {
             Some(t) => t,
-            None => (&mut exit).await.unwrap_or(Termination::Signaled(libc::SIGKILL)),
+            None => (&mut exit)
+                .await
+                .unwrap_or(Termination::Signaled(libc::SIGKILL)),
         };
         let status = ExitStatus {
             termination,

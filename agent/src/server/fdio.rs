@@ -47,9 +47,9 @@ impl AsyncFile {
     pub(crate) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
             let mut guard = self.0.writable().await?;
-            match guard.try_io(|fd| {
-                nix::unistd::write(fd.get_ref().as_fd(), buf).map_err(io::Error::from)
-            }) {
+            match guard
+                .try_io(|fd| nix::unistd::write(fd.get_ref().as_fd(), buf).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => buf = &buf[n..],
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,

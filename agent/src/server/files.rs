@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{pump, ChunkSource, Conn, InboundItem, InboundStream};
-use crate::protocol::{
-    Channel, DirEntry, ErrorKind, FileKind, FileStat, RemoteError, Reply,
-};
+use crate::protocol::{Channel, DirEntry, ErrorKind, FileKind, FileStat, RemoteError, Reply};
 
 /// Directory entries per `Entries` reply (names are at most 255 bytes, so a batch stays
 /// far below the frame limit).
@@ -63,7 +61,10 @@ pub(super) async fn stat(path: &str) -> Result<FileStat, RemoteError> {
 pub(super) async fn remove(path: &str, recursive: bool) -> Result<(), RemoteError> {
     let p = absolute(path)?;
     if p.parent().is_none() {
-        return Err(RemoteError::new(ErrorKind::InvalidInput, "refusing to remove /"));
+        return Err(RemoteError::new(
+            ErrorKind::InvalidInput,
+            "refusing to remove /",
+        ));
     }
     let meta = tokio::fs::symlink_metadata(p)
         .await
@@ -184,7 +185,8 @@ async fn receive_file(
     target: &Path,
     mode: u32,
 ) -> Result<Option<u64>, RemoteError> {
-    let write_error = |e: io::Error| RemoteError::from_io(format!("writing {}", temp.display()), &e);
+    let write_error =
+        |e: io::Error| RemoteError::from_io(format!("writing {}", temp.display()), &e);
     let mut written = 0u64;
     loop {
         match stream.next().await {

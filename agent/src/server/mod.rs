@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
@@ -29,6 +29,9 @@ use reaper::Reaper;
 const OUTBOX_DEPTH: usize = 256;
 /// Bytes the writer gathers from queued frames into one write.
 const WRITE_BATCH: usize = 256 * 1024;
+/// After a `Fatal` frame, how long and how much input is drained before closing.
+const LINGER_TIME: Duration = Duration::from_millis(200);
+const LINGER_BYTES: usize = 4 << 20;
 
 /// Where the agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -405,6 +408,19 @@ impl Conn {
         crate::log!("closing connection: {fatal}");
         self.out.send(AgentMessage::Fatal(fatal)).await;
         self.out.flush().await;
+        // Closing a unix socket with unread input resets it, and the peer may lose the
+        // Fatal frame: swallow what is in flight first (bounded in time and bytes).
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            let mut scratch = vec![0u8; 64 * 1024];
+            let mut drained = 0;
+            while drained < LINGER_BYTES {
+                match reader.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        })
+        .await;
     }
 
     async fn greet(&self, msg: ClientMessage) -> Result<(), RemoteError> {
@@ -500,9 +516,13 @@ impl Conn {
         // the reply precedes their stream data).
         let outcome = match request {
             Request::Exec(req) => exec::start(self, id, req).map(|()| None),
-            Request::Signal { exec, signal } => self.signal(exec, signal).map(|()| Some(Reply::Done)),
+            Request::Signal { exec, signal } => {
+                self.signal(exec, signal).map(|()| Some(Reply::Done))
+            }
             Request::Resize { exec, size } => self.resize(exec, size).map(|()| Some(Reply::Done)),
-            Request::Put { path, mode } => files::start_put(self, id, &path, mode).await.map(|()| None),
+            Request::Put { path, mode } => {
+                files::start_put(self, id, &path, mode).await.map(|()| None)
+            }
             Request::Get { path } => files::start_get(self, id, &path).await.map(|()| None),
             Request::Stat { path } => files::stat(&path).await.map(|s| Some(Reply::Stat(s))),
             Request::List { path } => {
@@ -510,9 +530,9 @@ impl Conn {
                 tokio::spawn(async move { files::list(&conn, id, &path).await });
                 Ok(None)
             }
-            Request::Remove { path, recursive } => {
-                files::remove(&path, recursive).await.map(|()| Some(Reply::Done))
-            }
+            Request::Remove { path, recursive } => files::remove(&path, recursive)
+                .await
+                .map(|()| Some(Reply::Done)),
             Request::Health => Ok(Some(Reply::Health(self.agent.health()))),
             Request::Shutdown { action } => {
                 self.out.reply(id, Reply::Done).await;
@@ -642,7 +662,10 @@ mod tests {
 
     #[test]
     fn listen_addr_parsing() {
-        assert_eq!("vsock:1024".parse::<ListenAddr>().unwrap(), ListenAddr::Vsock(1024));
+        assert_eq!(
+            "vsock:1024".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock(1024)
+        );
         assert_eq!(
             "unix:/run/a.sock".parse::<ListenAddr>().unwrap(),
             ListenAddr::Unix("/run/a.sock".into())

@@ -1,0 +1,677 @@
+//! End-to-end protocol tests: a real `mvm-agent` host process on a unix socket, real
+//! child processes, the real client library.
+
+mod common;
+
+use std::time::Duration;
+
+use agent::protocol::{
+    decode_payload, encode_frame, AgentMessage, ClientMessage, ErrorKind, MAGIC, MAX_FRAME_LEN,
+    PROTOCOL_VERSION,
+};
+use agent::{ClientError, ExecRequest, FileKind, ShutdownAction, Termination};
+use common::{process_state, random_bytes, wait_until, AgentProcess};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest::new(["sh", "-c", script])
+}
+
+#[tokio::test]
+async fn echo_round_trip_and_health() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    assert_eq!(client.agent_version(), env!("CARGO_PKG_VERSION"));
+    let out = client
+        .exec(ExecRequest::new(["echo", "hello", "world"]))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"hello world\n");
+    assert!(out.stderr.is_empty());
+    assert!(out.status.success());
+
+    let out = client
+        .exec(
+            sh("echo out; echo err >&2; pwd; echo $FOO")
+                .env("FOO", "bar")
+                .cwd("/tmp"),
+        )
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"out\n/tmp\nbar\n");
+    assert_eq!(out.stderr, b"err\n");
+
+    let health = client.health().await.unwrap();
+    assert_eq!(health.protocol_version, PROTOCOL_VERSION);
+    assert!(!health.init);
+}
+
+#[tokio::test]
+async fn exit_codes_and_spawn_errors() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let status = client
+        .exec(sh("exit 7"))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(7));
+    assert!(!status.success() && !status.timed_out);
+
+    let err = client
+        .exec(ExecRequest::new(["/nonexistent/program"]))
+        .await
+        .err()
+        .expect("spawning a missing program fails");
+    assert_eq!(err.remote_kind(), Some(ErrorKind::NotFound), "{err}");
+    let err = client
+        .exec(ExecRequest::new(["true"]).cwd("/nonexistent"))
+        .await
+        .err()
+        .expect("a missing cwd fails");
+    assert_eq!(err.remote_kind(), Some(ErrorKind::NotFound), "{err}");
+    let err = client
+        .exec(ExecRequest::new(Vec::<String>::new()))
+        .await
+        .err()
+        .expect("an empty argv fails");
+    assert_eq!(err.remote_kind(), Some(ErrorKind::InvalidInput), "{err}");
+    // The connection survives request errors.
+    assert!(client
+        .exec(ExecRequest::new(["true"]))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap()
+        .success());
+}
+
+#[tokio::test]
+async fn large_stdout_streams_in_bounded_memory() {
+    const TOTAL: u64 = 100 << 20;
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let rss_before = agent.rss_kib();
+    let mut session = client
+        .exec(ExecRequest::new([
+            "head",
+            "-c",
+            &TOTAL.to_string(),
+            "/dev/zero",
+        ]))
+        .await
+        .unwrap();
+    let mut stdout = session.stdout.take().unwrap();
+    let mut received = 0u64;
+    let mut rss_max = rss_before;
+    let mut chunks = 0u64;
+    while let Some(chunk) = stdout.recv().await.unwrap() {
+        assert!(chunk.iter().all(|b| *b == 0));
+        received += chunk.len() as u64;
+        chunks += 1;
+        if chunks % 64 == 0 {
+            rss_max = rss_max.max(agent.rss_kib());
+        }
+    }
+    assert_eq!(received, TOTAL);
+    assert!(session.wait().await.unwrap().success());
+    eprintln!("agent VmRSS: {rss_before} KiB before, {rss_max} KiB max while streaming 100 MiB");
+    assert!(
+        rss_max < rss_before + 16 * 1024,
+        "agent RSS grew from {rss_before} KiB to {rss_max} KiB"
+    );
+}
+
+#[tokio::test]
+async fn slow_reader_blocks_the_child() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    // 8 MiB is far more than the credit window plus a pipe buffer.
+    let mut session = client
+        .exec(sh("head -c 8388608 /dev/zero; echo finished >&2"))
+        .await
+        .unwrap();
+    let mut stdout = session.stdout.take().unwrap();
+    let mut stderr = session.stderr.take().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing read yet: the writer must be stuck, so stderr has nothing.
+    let early = tokio::time::timeout(Duration::from_millis(100), stderr.recv()).await;
+    assert!(
+        early.is_err(),
+        "child finished without its output being read: {early:?}"
+    );
+    let (out, err) = tokio::join!(stdout.read_to_end(), stderr.read_to_end());
+    assert_eq!(out.unwrap().len(), 8 << 20);
+    assert_eq!(err.unwrap(), b"finished\n");
+    assert!(session.wait().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn stdin_is_piped() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let data = random_bytes(3 << 20, 7);
+
+    let mut session = client
+        .exec(ExecRequest::new(["cat"]).stdin(true))
+        .await
+        .unwrap();
+    let mut stdin = session.stdin.take().unwrap();
+    let mut stdout = session.stdout.take().unwrap();
+    let input = data.clone();
+    let writer = tokio::spawn(async move {
+        stdin.write(&input).await.unwrap();
+        stdin.close().unwrap();
+    });
+    let echoed = stdout.read_to_end().await.unwrap();
+    writer.await.unwrap();
+    assert!(
+        echoed == data,
+        "cat echoed {} bytes, expected {}",
+        echoed.len(),
+        data.len()
+    );
+    assert!(session.wait().await.unwrap().success());
+
+    let mut session = client
+        .exec(ExecRequest::new(["wc", "-c"]).stdin(true))
+        .await
+        .unwrap();
+    session.stdin.as_mut().unwrap().write(&data).await.unwrap();
+    let out = session.wait_with_output().await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        data.len().to_string()
+    );
+
+    // A process that ignores stdin still exits; writes after that are refused cleanly.
+    let mut session = client.exec(sh("exit 3").stdin(true)).await.unwrap();
+    let mut stdin = session.stdin.take().unwrap();
+    assert_eq!(session.wait().await.unwrap().code(), Some(3));
+    let err = stdin.write(&data).await.unwrap_err();
+    assert!(matches!(err, ClientError::StdinClosed), "{err}");
+}
+
+#[tokio::test]
+async fn signal_kills_the_child() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let session = client
+        .exec(ExecRequest::new(["sleep", "30"]))
+        .await
+        .unwrap();
+    session.signal(libc::SIGTERM).await.unwrap();
+    let status = session.wait().await.unwrap();
+    assert_eq!(status.termination, Termination::Signaled(libc::SIGTERM));
+    assert_eq!(status.code(), None);
+    assert!(!status.timed_out);
+
+    let session = client.exec(ExecRequest::new(["true"])).await.unwrap();
+    let id_gone = session.id();
+    session.wait().await.unwrap();
+    let session = client.exec(ExecRequest::new(["sleep", "5"])).await.unwrap();
+    let err = session.resize(10, 10).await.unwrap_err();
+    assert_eq!(err.remote_kind(), Some(ErrorKind::InvalidInput), "{err}");
+    session.signal(libc::SIGKILL).await.unwrap();
+    assert_eq!(session.wait().await.unwrap().signal(), Some(libc::SIGKILL));
+    assert!(id_gone > 0);
+}
+
+#[tokio::test]
+async fn timeout_kills_and_is_reported() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let started = std::time::Instant::now();
+    // The grandchild `sleep` is in the same process group and dies too.
+    let out = client
+        .exec(sh("sleep 30; echo never").timeout(Duration::from_millis(300)))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert!(out.status.timed_out);
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+    assert!(out.stdout.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let status = client
+        .exec(ExecRequest::new(["true"]).timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn read_until(stream: &mut agent::OutputStream, needle: &str, seen: &mut String) {
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while !seen.contains(needle) {
+            match stream.recv().await.unwrap() {
+                Some(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                None => return false,
+            }
+        }
+        true
+    })
+    .await;
+    assert!(
+        matches!(found, Ok(true)),
+        "{needle:?} not in pty output {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn pty_exec_and_resize() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let out = client
+        .exec(ExecRequest::new(["tty"]).pty(24, 80))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(tty.starts_with("/dev/pts/"), "tty printed {tty:?}");
+    assert!(out.status.success());
+
+    let mut session = client
+        .exec(
+            sh("stty size; read line; stty size; echo \"got $line\"")
+                .pty(24, 80)
+                .stdin(true),
+        )
+        .await
+        .unwrap();
+    let mut stdout = session.stdout.take().unwrap();
+    let mut seen = String::new();
+    read_until(&mut stdout, "24 80", &mut seen).await;
+    session.resize(50, 132).await.unwrap();
+    session
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write(b"ping\n")
+        .await
+        .unwrap();
+    read_until(&mut stdout, "50 132", &mut seen).await;
+    read_until(&mut stdout, "got ping", &mut seen).await;
+    assert!(session.wait().await.unwrap().success());
+
+    // Closing stdin on a pty sends end-of-file to the reader.
+    let mut session = client
+        .exec(ExecRequest::new(["cat"]).pty(24, 80).stdin(true))
+        .await
+        .unwrap();
+    session.stdin.take().unwrap().close().unwrap();
+    assert!(session.wait().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn files_up_and_down() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap().to_owned();
+    let path = format!("{base}/blob.bin");
+    let data = random_bytes(5 << 20, 42);
+
+    assert_eq!(
+        client.put_file(&path, 0o640, &data[..]).await.unwrap(),
+        data.len() as u64
+    );
+    assert!(std::fs::read(&path).unwrap() == data);
+    let mut fetched = Vec::new();
+    let stat = client.get_file(&path, &mut fetched).await.unwrap();
+    assert!(fetched == data, "fetched {} bytes", fetched.len());
+    assert_eq!(stat.size, data.len() as u64);
+    assert_eq!(stat.mode, 0o640);
+    assert_eq!(stat.kind, FileKind::File);
+
+    // Overwrite in place, empty file, stat.
+    client
+        .put_file(&path, 0o755, &b"#!/bin/sh\necho hi\n"[..])
+        .await
+        .unwrap();
+    let out = client
+        .exec(ExecRequest::new([path.as_str()]))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"hi\n");
+    client
+        .put_file(&format!("{base}/empty"), 0o600, &b""[..])
+        .await
+        .unwrap();
+    let mut empty = Vec::new();
+    assert_eq!(
+        client
+            .get_file(&format!("{base}/empty"), &mut empty)
+            .await
+            .unwrap()
+            .size,
+        0
+    );
+    assert!(empty.is_empty());
+    let stat = client.stat(&path).await.unwrap();
+    assert_eq!(
+        (stat.kind, stat.mode, stat.size),
+        (FileKind::File, 0o755, 18)
+    );
+
+    std::fs::create_dir(format!("{base}/sub")).unwrap();
+    std::fs::write(format!("{base}/sub/x"), b"x").unwrap();
+    let names: Vec<_> = client
+        .list(&base)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.stat.kind))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("blob.bin".to_owned(), FileKind::File),
+            ("empty".to_owned(), FileKind::File),
+            ("sub".to_owned(), FileKind::Dir)
+        ]
+    );
+
+    // Errors.
+    let missing = format!("{base}/missing");
+    for err in [
+        client.stat(&missing).await.unwrap_err(),
+        client
+            .get_file(&missing, &mut Vec::new())
+            .await
+            .unwrap_err(),
+        client.list(&missing).await.unwrap_err(),
+        client.remove(&missing, false).await.unwrap_err(),
+        client
+            .put_file(&format!("{missing}/f"), 0o644, &b"x"[..])
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(err.remote_kind(), Some(ErrorKind::NotFound), "{err}");
+    }
+    let err = client.stat("relative/path").await.unwrap_err();
+    assert_eq!(err.remote_kind(), Some(ErrorKind::InvalidInput), "{err}");
+    let err = client.get_file(&base, &mut Vec::new()).await.unwrap_err();
+    assert_eq!(err.remote_kind(), Some(ErrorKind::InvalidInput), "{err}");
+    assert!(client.remove(&format!("{base}/sub"), false).await.is_err());
+
+    client.remove(&format!("{base}/sub"), true).await.unwrap();
+    client.remove(&path, false).await.unwrap();
+    let names: Vec<_> = client
+        .list(&base)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["empty"], "no temporary files are left behind");
+}
+
+#[tokio::test]
+async fn many_concurrent_execs_on_one_connection() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let out = client
+                    .exec(sh(&format!(
+                        "head -c {} /dev/zero | tr '\\0' x; echo; exit {}",
+                        1000 * i,
+                        i % 5
+                    )))
+                    .await
+                    .unwrap()
+                    .wait_with_output()
+                    .await
+                    .unwrap();
+                (i, out)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (i, out) = task.await.unwrap();
+        assert_eq!(out.stdout.len(), 1000 * i + 1);
+        assert_eq!(out.status.code(), Some((i % 5) as i32));
+    }
+    // A second connection works alongside.
+    let other = agent.client().await;
+    assert!(other
+        .exec(ExecRequest::new(["true"]))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap()
+        .success());
+}
+
+/// Reads one frame from a raw connection.
+async fn read_message(stream: &mut UnixStream) -> Option<AgentMessage> {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await.ok()?;
+    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some(decode_payload(&payload).expect("agent frames decode"))
+}
+
+async fn expect_fatal(stream: &mut UnixStream, kind: ErrorKind) {
+    match read_message(stream).await {
+        Some(AgentMessage::Fatal(e)) => assert_eq!(e.kind, kind, "{e}"),
+        other => panic!("expected a Fatal frame, got {other:?}"),
+    }
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("agent closes the connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing follows the Fatal frame");
+}
+
+async fn hello(stream: &mut UnixStream) {
+    let mut frame = Vec::new();
+    encode_frame(
+        &ClientMessage::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+        },
+        &mut frame,
+    )
+    .unwrap();
+    stream.write_all(&frame).await.unwrap();
+    assert!(matches!(
+        read_message(stream).await,
+        Some(AgentMessage::Hello { .. })
+    ));
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_frames_close_only_that_connection() {
+    let agent = AgentProcess::start();
+    let bystander = agent.client().await;
+    let long_running = bystander
+        .exec(ExecRequest::new(["sleep", "30"]))
+        .await
+        .unwrap();
+
+    // Not our protocol at all: the length prefix is absurd.
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    expect_fatal(&mut raw, ErrorKind::FrameTooLarge).await;
+
+    // Oversized frame after a good handshake.
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    hello(&mut raw).await;
+    raw.write_all(&(MAX_FRAME_LEN as u32 + 1).to_be_bytes())
+        .await
+        .unwrap();
+    expect_fatal(&mut raw, ErrorKind::FrameTooLarge).await;
+
+    // A well-sized frame with garbage inside.
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    hello(&mut raw).await;
+    raw.write_all(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    expect_fatal(&mut raw, ErrorKind::Protocol).await;
+
+    // Wrong version in the handshake.
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    let mut frame = Vec::new();
+    encode_frame(
+        &ClientMessage::Hello {
+            magic: MAGIC,
+            version: 99,
+        },
+        &mut frame,
+    )
+    .unwrap();
+    raw.write_all(&frame).await.unwrap();
+    expect_fatal(&mut raw, ErrorKind::VersionMismatch).await;
+
+    // Data beyond the granted credit.
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    hello(&mut raw).await;
+    let mut frames = Vec::new();
+    let request = agent::protocol::Request::Exec(ExecRequest::new(["sleep", "30"]).stdin(true));
+    encode_frame(&ClientMessage::Request { id: 1, request }, &mut frames).unwrap();
+    // The pipe to `sleep` absorbs one chunk; twelve overrun the window whatever it took.
+    for _ in 0..12 {
+        let data = vec![0u8; agent::protocol::MAX_CHUNK];
+        encode_frame(
+            &ClientMessage::Data {
+                id: 1,
+                channel: agent::protocol::Channel::Stdin,
+                data,
+            },
+            &mut frames,
+        )
+        .unwrap();
+    }
+    // The agent may close the connection before taking all of it.
+    let _ = raw.write_all(&frames).await;
+    let started = read_message(&mut raw).await;
+    assert!(
+        matches!(started, Some(AgentMessage::Reply { id: 1, .. })),
+        "{started:?}"
+    );
+    loop {
+        match read_message(&mut raw).await {
+            Some(AgentMessage::Fatal(e)) => {
+                assert_eq!(e.kind, ErrorKind::Protocol, "{e}");
+                break;
+            }
+            Some(AgentMessage::Credit { .. }) => continue,
+            other => panic!("expected credits then Fatal, got {other:?}"),
+        }
+    }
+
+    // The agent and its other connections are unaffected.
+    assert!(agent.client().await.health().await.is_ok());
+    assert!(bystander.health().await.is_ok());
+    long_running.signal(libc::SIGKILL).await.unwrap();
+    assert_eq!(
+        long_running.wait().await.unwrap().signal(),
+        Some(libc::SIGKILL)
+    );
+}
+
+#[tokio::test]
+async fn disconnect_mid_stream_kills_children_and_leaks_nothing() {
+    let agent = AgentProcess::start();
+    let fds_before = agent.fd_count();
+
+    let client = agent.client().await;
+    // `yes` streams forever; its shell parent and a backgrounded sleep share the group.
+    let mut session = client
+        .exec(sh("sleep 1000 & exec yes").stdin(true))
+        .await
+        .unwrap();
+    let pid = session.pid();
+    let mut stdout = session.stdout.take().unwrap();
+    let mut got = 0;
+    while got < (1 << 20) {
+        got += stdout.recv().await.unwrap().unwrap().len();
+    }
+    let family: Vec<u32> = common::children_of(agent.pid())
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert!(family.contains(&pid));
+    let grandchildren = common::children_of(pid);
+    assert!(!grandchildren.is_empty(), "the backgrounded sleep runs");
+
+    drop(stdout);
+    drop(session);
+    drop(client);
+
+    let all_gone = wait_until(Duration::from_secs(10), || {
+        process_state(pid).is_none()
+            && grandchildren
+                .iter()
+                .all(|(p, _)| process_state(*p).is_none())
+    })
+    .await;
+    assert!(
+        all_gone,
+        "exec processes survive the disconnect: pid {pid} {:?}, group {grandchildren:?}, agent children {:?}",
+        process_state(pid),
+        common::children_of(agent.pid())
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.children().is_empty()).await,
+        "agent still has children (zombies?): {:?}",
+        agent.children()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.fd_count() <= fds_before).await,
+        "agent fds: {} before, {} after",
+        fds_before,
+        agent.fd_count()
+    );
+    assert!(agent.client().await.health().await.is_ok());
+}
+
+#[tokio::test]
+async fn shutdown_stops_a_host_agent() {
+    let mut agent = AgentProcess::start();
+    let client = agent.client().await;
+    let _sleeper = client
+        .exec(ExecRequest::new(["sleep", "30"]))
+        .await
+        .unwrap();
+    let sleeper_pid = _sleeper.pid();
+    client.shutdown(ShutdownAction::PowerOff).await.unwrap();
+    let exited = wait_until(Duration::from_secs(10), || {
+        matches!(agent.child.try_wait(), Ok(Some(_)))
+    })
+    .await;
+    assert!(exited, "agent still running after Shutdown");
+    assert!(agent.child.try_wait().unwrap().unwrap().success());
+    assert!(
+        wait_until(Duration::from_secs(5), || process_state(sleeper_pid)
+            .is_none_or(|s| s == 'Z'))
+        .await
+    );
+    let err = client.health().await.unwrap_err();
+    assert!(matches!(err, ClientError::Disconnected(_)), "{err}");
+}
