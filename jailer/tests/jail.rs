@@ -954,3 +954,67 @@ fn a_prepared_jail_dropped_without_entering_is_removed() {
     drop(jail);
     j.assert_nothing_left();
 }
+
+#[test]
+fn failures_after_the_privilege_drop() {
+    if !root_or_skip("failures_after_the_privilege_drop") {
+        return;
+    }
+    // With a pid namespace the jail's init cannot fork the target (nproc=1 counts the init
+    // itself): the supervisor, still root outside, rolls everything back.
+    let j = TestJail::new("nprocpid");
+    let out = j.run(
+        &[
+            "--new-pid-ns",
+            "--resource-limit",
+            "nproc=1",
+            "--cgroup",
+            "pids.max=8",
+        ],
+        &["report"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("fork"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("jail setup failed in the new pid namespace"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(out.stdout.is_empty());
+    j.assert_nothing_left();
+
+    // Without one, exec is refused once the jailer can no longer remove the jail: setuid to a
+    // uid that already has more processes than nproc allows makes execve fail with EAGAIN.
+    let busy = TestJail::new("nprocbusy");
+    let mut paused = busy
+        .command(&["--new-pid-ns"], &["pause"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(paused.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "paused=1");
+    let mut j = TestJail::new("nproc");
+    j.uid = busy.uid;
+    let out = j.run(
+        &["--resource-limit", "nproc=1", "--cgroup", "pids.max=8"],
+        &["report"],
+    );
+    // SAFETY: plain kill of our own child.
+    unsafe { libc::kill(paused.id() as i32, libc::SIGTERM) };
+    paused.wait().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is left behind") && stderr(&out).contains("--cleanup"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(out.stdout.is_empty());
+    assert!(j.jail_dir().join("root/jail-probe").exists());
+    busy.cleanup();
+    j.cleanup();
+}
