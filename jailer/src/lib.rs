@@ -31,8 +31,7 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use jail::{cleanup, CleanupConfig, Jail, DEFAULT_EXEC_FILE_NAME};
-pub use privileges::LandlockOutcome;
-pub use process::{sanitize_process, signal_name};
+pub use process::sanitize_process;
 
 /// Runs a whole jailer invocation in the calling (single-threaded) process: sanitizes it,
 /// prepares the jail and enters it. Returns only on failure or, with `new_pid_ns`, with the exit

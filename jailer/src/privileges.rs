@@ -156,7 +156,7 @@ pub(crate) fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
 
 /// How the Landlock ruleset ended up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LandlockOutcome {
+pub(crate) enum LandlockOutcome {
     /// Every requested restriction is enforced.
     Enforced,
     /// The kernel enforces part of the rules (older Landlock ABI).

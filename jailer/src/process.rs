@@ -95,7 +95,7 @@ pub(crate) fn forward_signals_to(pid: libc::pid_t) -> Result<()> {
 }
 
 /// A readable name for the signals a jailed process typically dies of.
-pub fn signal_name(sig: libc::c_int) -> &'static str {
+pub(crate) fn signal_name(sig: libc::c_int) -> &'static str {
     match sig {
         libc::SIGSYS => "SIGSYS: a seccomp filter forbade a system call",
         libc::SIGKILL => "SIGKILL: killed, e.g. by the OOM killer at the cgroup memory limit",
@@ -104,7 +104,7 @@ pub fn signal_name(sig: libc::c_int) -> &'static str {
         libc::SIGABRT => "SIGABRT",
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
-        _ => "signal",
+        _ => "see signal(7)",
     }
 }
 
