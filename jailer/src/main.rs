@@ -28,7 +28,7 @@ struct Cli {
     /// Group id the program runs as.
     #[arg(long, required_unless_present = "cleanup")]
     gid: Option<u32>,
-    /// Base of the jail tree: <DIR>/<exec-file-name>/<id>/root.
+    /// Base of the jail tree: the jail root is DIR/EXEC_FILE_NAME/ID/root.
     #[arg(long, default_value = DEFAULT_CHROOT_BASE)]
     chroot_base_dir: PathBuf,
     /// Network namespace to join, e.g. /var/run/netns/NAME.
