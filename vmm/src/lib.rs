@@ -16,4 +16,5 @@ pub mod event_loop;
 pub mod exit;
 pub mod logger;
 pub mod metrics;
+pub mod rate_limiter;
 pub mod vstate;

@@ -47,25 +47,31 @@ impl vm_superio::Trigger for IrqLine {
     }
 }
 
-/// Creates the virtio devices a configuration asks for, root drive first.
+/// Creates the virtio devices a configuration asks for: drives (root drive first, so it is
+/// /dev/vda), then network interfaces, then vsock.
 pub fn create_virtio_devices(
     config: &crate::config::VmConfig,
 ) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, crate::builder::BuildError> {
-    use crate::config::ConfigError;
-    let unsupported = |field: &str| {
-        crate::builder::BuildError::Config(ConfigError::Unsupported {
-            field: field.to_string(),
-            why: "this device is not built into mvm-vmm yet".to_string(),
-        })
-    };
-    if !config.drives.is_empty() {
-        return Err(unsupported("drives"));
+    use crate::builder::BuildError;
+    let mut devices: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
+    let mut drives: Vec<&crate::config::DriveConfig> = config.drives.iter().collect();
+    drives.sort_by_key(|d| !d.is_root_device);
+    for (index, drive) in drives.into_iter().enumerate() {
+        let block = virtio::block::Block::new(drive, index)
+            .map_err(|e| BuildError::Device(format!("drive {}", drive.drive_id), e.to_string()))?;
+        devices.push(Box::new(block));
     }
     if !config.network_interfaces.is_empty() {
-        return Err(unsupported("network-interfaces"));
+        return Err(BuildError::Config(crate::config::ConfigError::Unsupported {
+            field: "network-interfaces".to_string(),
+            why: "this device is not built into mvm-vmm yet".to_string(),
+        }));
     }
     if config.vsock.is_some() {
-        return Err(unsupported("vsock"));
+        return Err(BuildError::Config(crate::config::ConfigError::Unsupported {
+            field: "vsock".to_string(),
+            why: "this device is not built into mvm-vmm yet".to_string(),
+        }));
     }
-    Ok(Vec::new())
+    Ok(devices)
 }

@@ -117,6 +117,11 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    /// The device behind this window, for runtime updates through the API.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     /// The current device status register.
     pub fn status(&self) -> u32 {
         self.status
@@ -354,6 +359,9 @@ mod tests {
         }
         fn reset(&mut self) {
             self.resets.fetch_add(1, Ordering::SeqCst);
+        }
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
         }
     }
 

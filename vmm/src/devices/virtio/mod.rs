@@ -4,7 +4,11 @@
 //! queue state and hands the device its queues, their notification eventfds and its interrupt
 //! when the driver sets DRIVER_OK. Each activated device serves its queues on its own thread.
 
+pub mod block;
+pub mod chain;
+pub mod metrics;
 pub mod mmio;
+pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -107,6 +111,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops serving the queues (the driver reset the device); the transport resets queue state.
     fn reset(&mut self);
+    /// The concrete device, for runtime updates through the API (PATCH /drives, ...).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 /// Copies the window `[offset, offset + data.len())` of a device's config space into `data`;

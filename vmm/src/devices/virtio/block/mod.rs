@@ -1,0 +1,404 @@
+//! virtio-blk backed by a raw image file (virtio 1.x, 5.2): IN, OUT, FLUSH (only with
+//! `cache_type: Writeback`) and GET_ID, one request queue served by thread `fc_blk<N>`.
+//!
+//! Unlike Firecracker, a request that crosses the end of the disk and a write to a read-only
+//! drive get VIRTIO_BLK_S_IOERR written into their status byte, and the device offers
+//! VIRTIO_BLK_F_RO for read-only drives.
+
+mod request;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use request::{RequestType, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
+
+use super::chain::Chain;
+use super::metrics::{DeviceMetrics, BLOCK as METRICS};
+use super::worker::{signal_used, EpollSet, EventHandler, Worker};
+use super::{read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::config::{CacheType, DriveConfig};
+use crate::rate_limiter::{RateLimiter, RateLimiterUpdate};
+use crate::vstate::memory::GuestMemory;
+
+/// Virtio device id of block devices.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Feature: the device is read-only.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// Feature: the device honours FLUSH.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// Status: success.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Status: the request failed.
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Status: the request type is not supported.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+const QUEUE_TOKEN: u64 = 0;
+const LIMITER_TOKEN: u64 = 1;
+
+/// Errors setting up or changing a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The drive has no image path.
+    #[error("drive {0}: path_on_host is required (vhost-user `socket` drives are not supported)")]
+    NoPath(String),
+    /// The image cannot be opened.
+    #[error("drive {id}: cannot open {path}: {err}")]
+    Open {
+        /// Drive id.
+        id: String,
+        /// Image path.
+        path: String,
+        /// OS error.
+        err: std::io::Error,
+    },
+    /// An option is not supported.
+    #[error("drive {0}: {1}")]
+    Unsupported(String, String),
+    /// A host resource could not be created.
+    #[error("drive {0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// An open disk image.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    sectors: u64,
+}
+
+impl Disk {
+    /// Opens the image at `path` (read-only when `read_only`); its size rounds down to sectors.
+    pub fn open(id: &str, path: &str, read_only: bool) -> Result<Disk, BlockError> {
+        let open_err = |err| BlockError::Open {
+            id: id.to_string(),
+            path: path.to_string(),
+            err,
+        };
+        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() && !is_block_device(&meta) {
+            return Err(open_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            )));
+        }
+        Disk::from_file(file).map_err(open_err)
+    }
+
+    /// Wraps an open image file.
+    pub fn from_file(mut file: File) -> std::io::Result<Disk> {
+        use std::io::Seek;
+        let size = file.seek(std::io::SeekFrom::End(0))?;
+        if size % SECTOR_SIZE != 0 {
+            log::warn!("disk image size {size} is not a multiple of {SECTOR_SIZE}: the tail is ignored");
+        }
+        Ok(Disk {
+            file,
+            sectors: size / SECTOR_SIZE,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+}
+
+fn is_block_device(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    meta.file_type().is_block_device()
+}
+
+/// Request processing for one drive, independent of threads and eventfds (the fuzz targets
+/// drive it directly).
+pub struct BlockEngine {
+    disk: Disk,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
+    read_only: bool,
+    writeback: bool,
+    limiter: RateLimiter,
+}
+
+impl BlockEngine {
+    /// An engine serving `disk`, identified to the guest by `drive_id` (truncated to 20 bytes).
+    pub fn new(disk: Disk, drive_id: &str, read_only: bool, writeback: bool, limiter: RateLimiter) -> Self {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+        let n = drive_id.len().min(VIRTIO_BLK_ID_BYTES);
+        id[..n].copy_from_slice(&drive_id.as_bytes()[..n]);
+        BlockEngine {
+            disk,
+            id,
+            read_only,
+            writeback,
+            limiter,
+        }
+    }
+
+    /// Serves every available request of `queue`; returns whether any buffer was used. Stops
+    /// early when the rate limiter holds the queue back.
+    pub fn process_queue(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let (head, len) = match Chain::parse(chain, mem, u64::from(u32::MAX)) {
+                Ok(chain) => {
+                    let cost = request::cost(mem, &chain);
+                    if !self.limiter.consume(cost) {
+                        DeviceMetrics::add(&METRICS.rate_limited, 1);
+                        queue.go_to_previous_position();
+                        break;
+                    }
+                    (chain.head, request::execute(self, mem, &chain))
+                }
+                Err(bad) => {
+                    DeviceMetrics::add(&METRICS.bad_chains, 1);
+                    (bad.head, request::fail_bad_chain(mem, &bad.valid))
+                }
+            };
+            if queue.add_used(mem, head, len).is_err() {
+                // The head index is past the queue: there is nothing to give back.
+                DeviceMetrics::add(&METRICS.bad_chains, 1);
+            }
+            used = true;
+        }
+        used
+    }
+
+    fn rate_limiter(&mut self) -> &mut RateLimiter {
+        &mut self.limiter
+    }
+}
+
+/// Changes applied to a running drive.
+pub enum BlockUpdate {
+    /// New rate limiter buckets.
+    RateLimiter(RateLimiterUpdate),
+    /// A new backing image (PATCH path_on_host).
+    Disk(Disk),
+}
+
+/// The `fc_blk<N>` thread's state.
+pub struct BlockHandler {
+    engine: BlockEngine,
+    mem: GuestMemory,
+    queue: Queue,
+    queue_evt: EventFd,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+impl BlockHandler {
+    fn process(&mut self) {
+        if self.engine.process_queue(&self.mem, &mut self.queue) {
+            signal_used(&mut self.queue, &self.mem, &self.interrupt);
+        }
+    }
+}
+
+impl EventHandler for BlockHandler {
+    type Update = BlockUpdate;
+
+    fn register(&mut self, epoll: &EpollSet) -> std::io::Result<()> {
+        epoll.add(self.queue_evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)?;
+        epoll.add(self.engine.limiter.as_raw_fd(), EventSet::IN, LIMITER_TOKEN)
+    }
+
+    fn handle_event(&mut self, _epoll: &EpollSet, token: u64, _events: EventSet) {
+        match token {
+            QUEUE_TOKEN => {
+                // Reading resets the counter; every available request is served below.
+                let _ = self.queue_evt.read();
+                if !self.engine.limiter.is_blocked() {
+                    self.process();
+                }
+            }
+            LIMITER_TOKEN => {
+                self.engine.rate_limiter().on_timer();
+                self.process();
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_update(&mut self, _epoll: &EpollSet, update: BlockUpdate) {
+        match update {
+            BlockUpdate::RateLimiter(update) => {
+                self.engine.limiter.update(&update);
+                self.process();
+            }
+            BlockUpdate::Disk(disk) => {
+                self.engine.disk = disk;
+                if let Err(e) = self.interrupt.signal_config_change() {
+                    log::warn!("cannot signal the new disk size: {e}");
+                }
+            }
+        }
+    }
+}
+
+enum State {
+    Idle(Box<BlockEngine>),
+    Running(Worker<BlockHandler>),
+    /// The device thread died; the drive is unusable until the VMM restarts.
+    Broken,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    drive_id: String,
+    index: usize,
+    read_only: bool,
+    features: u64,
+    /// Capacity in sectors, as shown in the config space.
+    sectors: u64,
+    state: State,
+}
+
+impl Block {
+    /// Opens the drive's image; `index` numbers the device thread (`fc_blk<index>`).
+    pub fn new(config: &DriveConfig, index: usize) -> Result<Block, BlockError> {
+        let id = &config.drive_id;
+        let path = config.path_on_host.as_deref().ok_or_else(|| BlockError::NoPath(id.clone()))?;
+        if config.socket.is_some() {
+            return Err(BlockError::Unsupported(id.clone(), "vhost-user `socket` drives are not supported".into()));
+        }
+        match config.io_engine.as_deref() {
+            None | Some("Sync") => {}
+            Some(other) => {
+                return Err(BlockError::Unsupported(id.clone(), format!("io_engine {other:?} is not available: use \"Sync\"")))
+            }
+        }
+        let read_only = config.is_read_only.unwrap_or(false);
+        let writeback = config.cache_type == CacheType::Writeback;
+        let disk = Disk::open(id, path, read_only)?;
+        let limiter = RateLimiter::new(config.rate_limiter.as_ref()).map_err(|e| BlockError::Io(id.clone(), e))?;
+        let mut features = VIRTIO_F_VERSION_1;
+        if read_only {
+            features |= VIRTIO_BLK_F_RO;
+        }
+        if writeback {
+            features |= VIRTIO_BLK_F_FLUSH;
+        }
+        Ok(Block {
+            drive_id: id.clone(),
+            index,
+            read_only,
+            features,
+            sectors: disk.sectors(),
+            state: State::Idle(Box::new(BlockEngine::new(disk, id, read_only, writeback, limiter))),
+        })
+    }
+
+    /// The drive id.
+    pub fn drive_id(&self) -> &str {
+        &self.drive_id
+    }
+
+    /// Applies PATCH /drives/{id}: a new image path and/or rate limiter, live if running.
+    pub fn update(&mut self, path: Option<&str>, limiter: Option<RateLimiterUpdate>) -> Result<(), BlockError> {
+        let disk = path.map(|p| Disk::open(&self.drive_id, p, self.read_only)).transpose()?;
+        if let Some(disk) = &disk {
+            self.sectors = disk.sectors();
+        }
+        match &mut self.state {
+            State::Idle(engine) => {
+                if let Some(disk) = disk {
+                    engine.disk = disk;
+                }
+                if let Some(update) = limiter {
+                    engine.limiter.update(&update);
+                }
+            }
+            State::Running(worker) => {
+                if let Some(disk) = disk {
+                    worker.update(BlockUpdate::Disk(disk));
+                }
+                if let Some(update) = limiter {
+                    worker.update(BlockUpdate::RateLimiter(update));
+                }
+            }
+            State::Broken => {
+                return Err(BlockError::Io(
+                    self.drive_id.clone(),
+                    std::io::Error::other("the device thread has failed; restart the microVM"),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_blk_config starts with the capacity in sectors.
+        read_config_window(&self.sectors.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The capacity is read-only and no writable field (writeback toggle) is offered.
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let State::Idle(engine) = std::mem::replace(&mut self.state, State::Broken) else {
+            return Err(ActivateError::BadConfig("the device is already active or has failed".into()));
+        };
+        let ActivateContext {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+            ..
+        } = ctx;
+        let (Some(queue), Some(queue_evt)) = (queues.into_iter().next(), queue_evts.into_iter().next()) else {
+            self.state = State::Idle(engine);
+            return Err(ActivateError::BadConfig("the request queue is missing".into()));
+        };
+        let handler = BlockHandler {
+            engine: *engine,
+            mem,
+            queue,
+            queue_evt,
+            interrupt,
+        };
+        // Requests the driver queued before DRIVER_OK are served on the first notification.
+        let worker = Worker::spawn(format!("fc_blk{}", self.index), handler)?;
+        self.state = State::Running(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if !matches!(self.state, State::Running(_)) {
+            return;
+        }
+        if let State::Running(worker) = std::mem::replace(&mut self.state, State::Broken) {
+            if let Some(handler) = worker.stop() {
+                self.state = State::Idle(Box::new(handler.engine));
+            } else {
+                log::error!("drive {}: the device thread panicked; the drive stays offline", self.drive_id);
+            }
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
