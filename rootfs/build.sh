@@ -57,7 +57,7 @@ while [ $# -gt 0 ]; do
                 --writable-layer) writable_layer=$2 ;;
             esac
             shift 2 ;;
-        -h|--help) sed -n '2,24p' "$script_path" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set /s/^# \{0,1\}//p' "$script_path"; exit 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
     esac
 done
@@ -82,7 +82,7 @@ need() {
 }
 export PATH="$PATH:/sbin:/usr/sbin"
 
-# Atomically replace $1 with the image built at $1.tmp.<pid>; remove the temporary on failure.
+# Images are written to <output>.tmp.<pid> and renamed into place; failures leave nothing behind.
 tmp_image=""
 cleanup() { [ -z "$tmp_image" ] || rm -f "$tmp_image"; [ -z "${staging_parent:-}" ] || rm -rf "$staging_parent"; }
 trap cleanup EXIT
@@ -140,14 +140,16 @@ if [ -z "${MVM_ROOTFS_IN_FAKEROOT:-}" ]; then
         from_dir=$(realpath "$from_dir")
     fi
     if [ -n "$from_oci" ]; then
-        layout=${from_oci%%:*}
+        # LAYOUT[:TAG]: the tag follows the last colon, unless the whole argument is the layout.
+        layout=$from_oci
+        [ -f "$layout/index.json" ] || layout=${from_oci%:*}
         [ -f "$layout/index.json" ] && [ -f "$layout/oci-layout" ] \
             || die "--from-oci '$layout' is not an OCI image layout (no index.json / oci-layout)"
         if [ "$layout" = "$from_oci" ]; then
             mapfile -t tags < <(umoci list --layout "$layout")
             if [ "${#tags[@]}" -eq 1 ]; then tag=${tags[0]}; else tag=latest; fi
         else
-            tag=${from_oci#*:}
+            tag=${from_oci##*:}
         fi
         from_oci="$(realpath "$layout"):$tag"
     fi

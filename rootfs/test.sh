@@ -167,6 +167,19 @@ if command -v umoci >/dev/null; then
     check "--from-oci: third layer's file is there" file_is "$work/oci.ext4" /etc/added v2
     check "--from-oci: the whiteout deleted its file" sh -c "debugfs -R 'stat /usr/share/deleted-later' '$work/oci.ext4' 2>&1 | grep -q 'File not found'"
     check "--from-oci: the agent is init" [ "$(link_target "$work/oci.ext4" /sbin/init)" = /usr/bin/mvm-agent ]
+    check "--from-oci with an explicit tag" "$build" "${agent_args[@]}" --from-oci "$layout:v1" --output "$work/oci-tag.ext4"
+    if [ "$(id -u)" -eq 0 ]; then
+        chmod -R a+rX "$layout"  # umoci writes index.json 0600
+        if "${unpriv[@]}" "$build" --agent "$work/agent" --from-oci "$layout:v1" --output "$work/oci-unpriv.ext4" \
+                > /dev/null 2> "$work/oci-unpriv.err"; then
+            pass "--from-oci as uid 65534 (umoci --rootless under fakeroot)"
+            check "--from-oci unprivileged: e2fsck clean" fsck_clean "$work/oci-unpriv.ext4"
+            check "--from-oci unprivileged: every inode owned by root" walk_owners "$work/oci-unpriv.ext4" /
+            check "--from-oci unprivileged: whiteout applied" sh -c "debugfs -R 'stat /usr/share/deleted-later' '$work/oci-unpriv.ext4' 2>&1 | grep -q 'File not found'"
+        else
+            cat "$work/oci-unpriv.err" >&2; fail "--from-oci as uid 65534 (umoci --rootless under fakeroot)"
+        fi
+    fi
     if "$build" "${agent_args[@]}" --from-oci "$layout:nope" --output "$work/oci2.ext4" > /dev/null 2> "$work/oci2.err"; then
         fail "--from-oci with an unknown tag fails"
     else
