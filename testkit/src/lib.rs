@@ -263,3 +263,47 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
     }
     false
 }
+
+/// Boots `config` with `mvm-vmm --no-api`, reads the console until `marker` appears (then kills
+/// the VMM) or `timeout` passes. Returns whether the marker appeared and the console so far.
+pub fn run_vmm_until(config: &serde_json::Value, marker: &str, timeout: Duration) -> (bool, String) {
+    let dir = ScratchDir::new("vmm-until");
+    let path = dir.path().join("vm.json");
+    std::fs::write(&path, config.to_string()).expect("write config");
+    let mut child = Command::new(binary("mvm-vmm"))
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mvm-vmm");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + timeout;
+    let mut console = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => {
+                console.extend_from_slice(&chunk);
+                if String::from_utf8_lossy(&console).contains(marker) {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    (found, String::from_utf8_lossy(&console).into_owned())
+}

@@ -61,11 +61,10 @@ pub fn create_virtio_devices(
             .map_err(|e| BuildError::Device(format!("drive {}", drive.drive_id), e.to_string()))?;
         devices.push(Box::new(block));
     }
-    if !config.network_interfaces.is_empty() {
-        return Err(BuildError::Config(crate::config::ConfigError::Unsupported {
-            field: "network-interfaces".to_string(),
-            why: "this device is not built into mvm-vmm yet".to_string(),
-        }));
+    for (index, iface) in config.network_interfaces.iter().enumerate() {
+        let net = virtio::net::Net::new(iface, index)
+            .map_err(|e| BuildError::Device(format!("network interface {}", iface.iface_id), e.to_string()))?;
+        devices.push(Box::new(net));
     }
     if config.vsock.is_some() {
         return Err(BuildError::Config(crate::config::ConfigError::Unsupported {

@@ -8,6 +8,7 @@ pub mod block;
 pub mod chain;
 pub mod metrics;
 pub mod mmio;
+pub mod net;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};

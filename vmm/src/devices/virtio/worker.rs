@@ -44,6 +44,11 @@ impl EpollSet {
 pub trait EventHandler: Send + 'static {
     /// Updates sent to the running thread (rate limiters, backend swaps).
     type Update: Send + 'static;
+    /// What the device keeps between activations (disk, tap, rate limiters).
+    type Backend: Send + 'static;
+
+    /// Gives the backend back when the thread stops.
+    fn into_backend(self) -> Self::Backend;
 
     /// Registers the handler's fds; tokens `u64::MAX - 1` and up are reserved.
     fn register(&mut self, epoll: &EpollSet) -> std::io::Result<()>;
@@ -136,6 +141,69 @@ fn run<H: EventHandler>(mut handler: H, epoll: EpollSet, update_evt: EventFd, up
             }
         }
     }
+}
+
+/// Where a device's backend is: idle between activations, or owned by its running thread.
+pub enum DeviceThread<H: EventHandler> {
+    /// Not activated (or reset): the backend waits here.
+    Idle(Box<H::Backend>),
+    /// Activated: the thread owns the backend.
+    Running(Worker<H>),
+    /// The thread panicked and took the backend with it.
+    Broken,
+}
+
+/// The device thread died earlier; the device stays offline.
+#[derive(Debug, thiserror::Error)]
+#[error("the device thread has failed; restart the microVM")]
+pub struct DeviceBroken;
+
+impl<H: EventHandler> DeviceThread<H> {
+    /// An idle device with `backend`.
+    pub fn new(backend: H::Backend) -> Self {
+        DeviceThread::Idle(Box::new(backend))
+    }
+
+    /// Starts thread `name` with the handler `make` builds around the backend.
+    pub fn start(&mut self, name: String, make: impl FnOnce(H::Backend) -> H) -> Result<(), super::ActivateError> {
+        let DeviceThread::Idle(backend) = std::mem::replace(self, DeviceThread::Broken) else {
+            let what = if matches!(self, DeviceThread::Broken) { "has failed" } else { "is already active" };
+            return Err(super::ActivateError::BadConfig(format!("the device {what}")));
+        };
+        *self = DeviceThread::Running(Worker::spawn(name, make(*backend))?);
+        Ok(())
+    }
+
+    /// Stops a running thread and takes its backend back.
+    pub fn stop(&mut self) {
+        if !matches!(self, DeviceThread::Running(_)) {
+            return;
+        }
+        if let DeviceThread::Running(worker) = std::mem::replace(self, DeviceThread::Broken) {
+            match worker.stop() {
+                Some(handler) => *self = DeviceThread::Idle(Box::new(handler.into_backend())),
+                None => log::error!("a virtio device thread panicked; the device stays offline"),
+            }
+        }
+    }
+
+    /// Applies a change: directly to an idle backend, or as updates to the running thread.
+    pub fn apply(&mut self, change: impl FnOnce(Target<'_, H>)) -> Result<(), DeviceBroken> {
+        match self {
+            DeviceThread::Idle(backend) => change(Target::Idle(backend.as_mut())),
+            DeviceThread::Running(worker) => change(Target::Running(worker)),
+            DeviceThread::Broken => return Err(DeviceBroken),
+        }
+        Ok(())
+    }
+}
+
+/// Where a runtime change goes.
+pub enum Target<'a, H: EventHandler> {
+    /// The backend of an idle device.
+    Idle(&'a mut H::Backend),
+    /// The running thread.
+    Running(&'a Worker<H>),
 }
 
 /// Raises the device's used-buffer interrupt if `queue` wants one for the buffers just used.

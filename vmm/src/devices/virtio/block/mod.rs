@@ -19,7 +19,7 @@ pub use request::{RequestType, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
 
 use super::chain::Chain;
 use super::metrics::{DeviceMetrics, BLOCK as METRICS};
-use super::worker::{signal_used, EpollSet, EventHandler, Worker};
+use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler, Target};
 use super::{read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::config::{CacheType, DriveConfig};
 use crate::rate_limiter::{RateLimiter, RateLimiterUpdate};
@@ -171,10 +171,6 @@ impl BlockEngine {
         }
         used
     }
-
-    fn rate_limiter(&mut self) -> &mut RateLimiter {
-        &mut self.limiter
-    }
 }
 
 /// Changes applied to a running drive.
@@ -204,6 +200,11 @@ impl BlockHandler {
 
 impl EventHandler for BlockHandler {
     type Update = BlockUpdate;
+    type Backend = BlockEngine;
+
+    fn into_backend(self) -> BlockEngine {
+        self.engine
+    }
 
     fn register(&mut self, epoll: &EpollSet) -> std::io::Result<()> {
         epoll.add(self.queue_evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)?;
@@ -220,7 +221,7 @@ impl EventHandler for BlockHandler {
                 }
             }
             LIMITER_TOKEN => {
-                self.engine.rate_limiter().on_timer();
+                self.engine.limiter.on_timer();
                 self.process();
             }
             _ => {}
@@ -243,13 +244,6 @@ impl EventHandler for BlockHandler {
     }
 }
 
-enum State {
-    Idle(Box<BlockEngine>),
-    Running(Worker<BlockHandler>),
-    /// The device thread died; the drive is unusable until the VMM restarts.
-    Broken,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     drive_id: String,
@@ -258,7 +252,7 @@ pub struct Block {
     features: u64,
     /// Capacity in sectors, as shown in the config space.
     sectors: u64,
-    state: State,
+    thread: DeviceThread<BlockHandler>,
 }
 
 impl Block {
@@ -292,7 +286,7 @@ impl Block {
             read_only,
             features,
             sectors: disk.sectors(),
-            state: State::Idle(Box::new(BlockEngine::new(disk, id, read_only, writeback, limiter))),
+            thread: DeviceThread::new(BlockEngine::new(disk, id, read_only, writeback, limiter)),
         })
     }
 
@@ -307,30 +301,26 @@ impl Block {
         if let Some(disk) = &disk {
             self.sectors = disk.sectors();
         }
-        match &mut self.state {
-            State::Idle(engine) => {
-                if let Some(disk) = disk {
-                    engine.disk = disk;
+        self.thread
+            .apply(|target| match target {
+                Target::Idle(engine) => {
+                    if let Some(disk) = disk {
+                        engine.disk = disk;
+                    }
+                    if let Some(update) = &limiter {
+                        engine.limiter.update(update);
+                    }
                 }
-                if let Some(update) = limiter {
-                    engine.limiter.update(&update);
+                Target::Running(worker) => {
+                    if let Some(disk) = disk {
+                        worker.update(BlockUpdate::Disk(disk));
+                    }
+                    if let Some(update) = limiter {
+                        worker.update(BlockUpdate::RateLimiter(update));
+                    }
                 }
-            }
-            State::Running(worker) => {
-                if let Some(disk) = disk {
-                    worker.update(BlockUpdate::Disk(disk));
-                }
-                if let Some(update) = limiter {
-                    worker.update(BlockUpdate::RateLimiter(update));
-                }
-            }
-            State::Broken => {
-                return Err(BlockError::Io(
-                    self.drive_id.clone(),
-                    std::io::Error::other("the device thread has failed; restart the microVM"),
-                ))
-            }
-        }
+            })
+            .map_err(|e| BlockError::Io(self.drive_id.clone(), std::io::Error::other(e)))?;
         Ok(())
     }
 }
@@ -358,9 +348,6 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let State::Idle(engine) = std::mem::replace(&mut self.state, State::Broken) else {
-            return Err(ActivateError::BadConfig("the device is already active or has failed".into()));
-        };
         let ActivateContext {
             mem,
             queues,
@@ -369,33 +356,20 @@ impl VirtioDevice for Block {
             ..
         } = ctx;
         let (Some(queue), Some(queue_evt)) = (queues.into_iter().next(), queue_evts.into_iter().next()) else {
-            self.state = State::Idle(engine);
             return Err(ActivateError::BadConfig("the request queue is missing".into()));
         };
-        let handler = BlockHandler {
-            engine: *engine,
+        // Requests the driver queued before DRIVER_OK are served on the first notification.
+        self.thread.start(format!("fc_blk{}", self.index), |engine| BlockHandler {
+            engine,
             mem,
             queue,
             queue_evt,
             interrupt,
-        };
-        // Requests the driver queued before DRIVER_OK are served on the first notification.
-        let worker = Worker::spawn(format!("fc_blk{}", self.index), handler)?;
-        self.state = State::Running(worker);
-        Ok(())
+        })
     }
 
     fn reset(&mut self) {
-        if !matches!(self.state, State::Running(_)) {
-            return;
-        }
-        if let State::Running(worker) = std::mem::replace(&mut self.state, State::Broken) {
-            if let Some(handler) = worker.stop() {
-                self.state = State::Idle(Box::new(handler.engine));
-            } else {
-                log::error!("drive {}: the device thread panicked; the drive stays offline", self.drive_id);
-            }
-        }
+        self.thread.stop();
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
