@@ -1,5 +1,5 @@
 //! Jailer overhead benchmark (root needed):
-//! `cargo build -p jailer --bins --examples && target/x86_64-unknown-linux-gnu/debug/examples/bench [ITERATIONS]`.
+//! `cargo build -p jailer --bins --examples && target/x86_64-unknown-linux-gnu/debug/examples/bench [ITERATIONS [CHROOT_BASE]]`.
 //!
 //! Prints, in milliseconds (median and p90 over the iterations):
 //! - start latency: from spawning the command to the first instruction of the target
@@ -109,7 +109,12 @@ fn main() {
             b.display()
         );
     }
-    let base = std::env::temp_dir().join(format!("mvm-jailer-bench-{}", std::process::id()));
+    // Optional second argument: the chroot base dir (e.g. on a tmpfs); default under /tmp.
+    let base = std::env::args()
+        .nth(2)
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("mvm-jailer-bench-{}", std::process::id()));
     let probe_kib = std::fs::metadata(&probe).expect("probe").len() / 1024;
     println!("jailer bench: {iterations} iterations; target = jail-probe ({probe_kib} KiB static binary, copied into every jail)");
 
