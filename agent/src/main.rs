@@ -40,11 +40,14 @@ fn main() -> ExitCode {
         init::run();
     }
     loop {
-        match run(&args.listen, init) {
+        // PID 1 must never exit (the kernel would panic): report failures, even panics,
+        // and start over.
+        let outcome = std::panic::catch_unwind(|| run(&args.listen, init))
+            .unwrap_or_else(|_| Err("the agent panicked".to_owned()));
+        match outcome {
             Ok(code) => return code,
-            // PID 1 must never exit: report and retry.
             Err(e) if init => {
-                agent::log!("{e}; retrying in 1 s");
+                agent::log!("{e}; restarting in 1 s");
                 std::thread::sleep(Duration::from_secs(1));
             }
             Err(e) => {

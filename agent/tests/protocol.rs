@@ -672,3 +672,73 @@ async fn shutdown_stops_a_host_agent() {
     let err = client.health().await.unwrap_err();
     assert!(matches!(err, ClientError::Disconnected(_)), "{err}");
 }
+
+#[tokio::test]
+async fn exec_as_another_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED exec_as_another_user: the agent must run as root to switch users");
+        return;
+    }
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let out = client
+        .exec(sh("id -u; id -g; id -G; echo $HOME").user(65534, 65534))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "65534\n65534\n65534\n/\n"
+    );
+    assert!(out.status.success());
+}
+
+/// Yields `prefix`, then fails: a local source breaking in the middle of a put.
+struct FailingReader(Vec<u8>);
+
+impl tokio::io::AsyncRead for FailingReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.0.is_empty() {
+            return std::task::Poll::Ready(Err(std::io::Error::other("source broke")));
+        }
+        let n = self.0.len().min(buf.remaining());
+        buf.put_slice(&self.0[..n]);
+        self.0.drain(..n);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn failed_put_leaves_nothing_behind() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = format!("{}/target", dir.path().display());
+    std::fs::write(&path, b"old content").unwrap();
+    let err = client
+        .put_file(&path, 0o644, FailingReader(random_bytes(1 << 20, 3)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Io(_)), "{err}");
+    // The agent discards the partial upload; the old file is intact.
+    let dir_path = dir.path().to_owned();
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_dir(&dir_path)
+            .unwrap()
+            .count()
+            == 1)
+        .await,
+        "temporary file left behind"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"old content");
+    // The connection is still usable.
+    client.put_file(&path, 0o600, &b"new"[..]).await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"new");
+}

@@ -125,12 +125,11 @@ impl Agent {
     /// Creates the agent; `init` tells whether it is the guest's init. Must be called
     /// inside a tokio runtime (it starts reaping children on SIGCHLD).
     pub fn new(init: bool) -> io::Result<Arc<Self>> {
-        if !init {
-            // Orphaned grandchildren of execs are re-parented to the agent and reaped by it.
-            // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integer arguments only.
-            if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+        // Orphaned grandchildren of execs are re-parented to the agent and reaped by it
+        // (PID 1 gets them anyway; a host-process or tiny-init-started agent needs this).
+        // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
         }
         Ok(Arc::new(Self {
             reaper: Reaper::start()?,
