@@ -1,0 +1,134 @@
+//! `mvmd`: the mvm REST daemon. See `api::server`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use api::db::Quota;
+use api::model::Isolation;
+use api::server::{ServeConfig, DEFAULT_SOCKET};
+use api::{Manager, ManagerConfig};
+use clap::{Parser, Subcommand};
+
+/// mvm sandbox daemon: REST API on a unix socket (and optionally TCP).
+#[derive(Debug, Parser)]
+#[command(name = "mvmd", version)]
+struct Cli {
+    /// State directory (SQLite database, unpacked bases) [env: MVM_STATE_DIR, default /var/lib/mvm].
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Runtime directory (jails, sandboxes, netns) [env: MVM_RUN_DIR, default /run/mvm].
+    #[arg(long, global = true)]
+    run_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Unix socket to serve on.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Also serve on this TCP address (e.g. 127.0.0.1:7070); bearer tokens still apply.
+    #[arg(long)]
+    tcp: Option<std::net::SocketAddr>,
+    /// Isolation tier of requests that name none [env: MVM_ISOLATION].
+    #[arg(long)]
+    isolation: Option<Isolation>,
+    /// Parent cgroup of the sandboxes.
+    #[arg(long, default_value = "mvm")]
+    cgroup_parent: String,
+    /// First address of the /16 cut into per-sandbox networks.
+    #[arg(long, default_value = "10.213.0.0")]
+    subnet: std::net::Ipv4Addr,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve(ServeArgs),
+    /// Manage tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Create a tenant (or update its quota) and print a new bearer token for it.
+    Create {
+        /// Tenant name.
+        name: String,
+        /// Sandboxes at once.
+        #[arg(long, default_value_t = Quota::default().max_sandboxes)]
+        max_sandboxes: u32,
+        /// Sum of vCPUs.
+        #[arg(long, default_value_t = Quota::default().max_vcpus)]
+        max_vcpus: u32,
+        /// Sum of memory, MiB.
+        #[arg(long, default_value_t = Quota::default().max_memory_mib)]
+        max_memory_mib: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mvmd: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mvmd: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> api::Result<()> {
+    let mut cfg = ManagerConfig::from_env();
+    if let Some(d) = cli.state_dir {
+        cfg.state_dir = d;
+    }
+    if let Some(d) = cli.run_dir {
+        cfg.run_dir = d;
+    }
+    match cli.command {
+        Some(Command::Tenant {
+            command: TenantCommand::Create { name, max_sandboxes, max_vcpus, max_memory_mib },
+        }) => {
+            std::fs::create_dir_all(&cfg.state_dir)
+                .map_err(|e| api::Error::host(format!("creating {}", cfg.state_dir.display()), e))?;
+            let db = api::db::Db::open(&cfg.state_dir.join("mvm.db"))?;
+            let token = db.create_tenant(&name, Quota { max_sandboxes, max_vcpus, max_memory_mib })?;
+            println!("{token}");
+            Ok(())
+        }
+        Some(Command::Serve(args)) => serve(cfg, args).await,
+        None => serve(cfg, cli.serve).await,
+    }
+}
+
+async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> api::Result<()> {
+    if let Some(i) = args.isolation {
+        cfg.default_isolation = i;
+    }
+    cfg.cgroup_parent = args.cgroup_parent;
+    cfg.subnet = args.subnet;
+    let (manager, reconciled) = Manager::open(cfg).await?;
+    tracing::info!(adopted = ?reconciled.adopted, cleaned = ?reconciled.cleaned, "reconciled");
+    api::server::ensure_default_token(&manager)?;
+    api::server::serve(manager, ServeConfig { socket: args.socket, tcp: args.tcp }).await
+}

@@ -1,0 +1,501 @@
+//! SQLite state: tenants, hashed tokens and quotas, sandboxes, templates and the audit log.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::model::{Isolation, NetworkInfo, Sandbox, SandboxState, Template};
+
+/// Per-tenant limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Sandboxes alive at once.
+    pub max_sandboxes: u32,
+    /// Sum of their vCPUs.
+    pub max_vcpus: u32,
+    /// Sum of their memory, MiB.
+    pub max_memory_mib: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota {
+            max_sandboxes: 64,
+            max_vcpus: 128,
+            max_memory_mib: 64 * 1024,
+        }
+    }
+}
+
+/// A tenant and its quota.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    /// Tenant name.
+    pub name: String,
+    /// Its limits.
+    pub quota: Quota,
+}
+
+/// A sandbox as stored, with the host-side facts the API does not show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxRow {
+    /// What the API shows.
+    pub sandbox: Sandbox,
+    /// Allocation slot: gives the jail uid and the network addresses.
+    pub slot: u32,
+    /// Pid of the `mvm-jailer` process (0 before it started).
+    pub pid: u32,
+}
+
+/// What a tenant currently uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Sandboxes.
+    pub sandboxes: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+}
+
+/// The state database. All access is serialized through one connection.
+#[derive(Debug)]
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY,
+    max_sandboxes INTEGER NOT NULL,
+    max_vcpus INTEGER NOT NULL,
+    max_memory_mib INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    sha256 TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    state TEXT NOT NULL,
+    isolation TEXT NOT NULL,
+    template TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    timeout_s INTEGER NOT NULL,
+    expires_at INTEGER,
+    created_at INTEGER NOT NULL,
+    env TEXT NOT NULL,
+    network TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    slot INTEGER NOT NULL UNIQUE,
+    pid INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS templates (
+    name TEXT PRIMARY KEY,
+    kernel TEXT NOT NULL,
+    rootfs TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    detail TEXT NOT NULL
+);
+";
+
+/// Current Unix time in seconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// SHA-256 hex digest of a token: only this is stored.
+pub fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `n` random bytes from the kernel, as lowercase hex.
+pub fn random_hex(n: usize) -> Result<String> {
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .map_err(|e| Error::host("reading /dev/urandom", e))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
+    let text = |i: usize| r.get::<_, String>(i);
+    let bad = |i: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into())
+    };
+    let state = SandboxState::parse(&text(2)?).ok_or_else(|| bad(2, "unknown state".into()))?;
+    let isolation: Isolation = text(3)?.parse().map_err(|e| bad(3, e))?;
+    let network: NetworkInfo =
+        serde_json::from_str(&text(10)?).map_err(|e| bad(10, e.to_string()))?;
+    Ok(SandboxRow {
+        sandbox: Sandbox {
+            id: text(0)?,
+            tenant: text(1)?,
+            state,
+            isolation,
+            template: text(4)?,
+            vcpus: r.get(5)?,
+            memory_mib: r.get::<_, i64>(6)? as u64,
+            timeout_s: r.get::<_, i64>(7)? as u64,
+            expires_at: r.get(8)?,
+            created_at: r.get(9)?,
+            env: serde_json::from_str(&text(11)?).map_err(|e| bad(11, e.to_string()))?,
+            network,
+            metadata: serde_json::from_str(&text(12)?).map_err(|e| bad(12, e.to_string()))?,
+        },
+        slot: r.get(13)?,
+        pid: r.get(14)?,
+    })
+}
+
+const SANDBOX_COLUMNS: &str = "id, tenant, state, isolation, template, vcpus, memory_mib, \
+    timeout_s, expires_at, created_at, network, env, metadata, slot, pid";
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Db> {
+        let conn = Connection::open(path)
+            .map_err(|e| Error::host(format!("opening the state database {}", path.display()), e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Db {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates tenant `name` (or updates its quota) and returns a new bearer token for it.
+    pub fn create_tenant(&self, name: &str, quota: Quota) -> Result<String> {
+        validate_name("tenant", name)?;
+        let token = format!("mvm_{}", random_hex(24)?);
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO tenants (name, max_sandboxes, max_vcpus, max_memory_mib, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET max_sandboxes = ?2, max_vcpus = ?3, max_memory_mib = ?4",
+            params![name, quota.max_sandboxes, quota.max_vcpus, quota.max_memory_mib as i64, now()],
+        )?;
+        tx.execute(
+            "INSERT INTO tokens (sha256, tenant, created_at) VALUES (?1, ?2, ?3)",
+            params![hash_token(&token), name, now()],
+        )?;
+        tx.commit()?;
+        Ok(token)
+    }
+
+    /// Makes sure tenant `name` exists (default quota); returns whether it was created.
+    pub fn ensure_tenant(&self, name: &str) -> Result<bool> {
+        let q = Quota::default();
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO tenants (name, max_sandboxes, max_vcpus, max_memory_mib, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, q.max_sandboxes, q.max_vcpus, q.max_memory_mib as i64, now()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The tenant a bearer token belongs to.
+    pub fn tenant_for_token(&self, token: &str) -> Result<Option<Tenant>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT t.name, t.max_sandboxes, t.max_vcpus, t.max_memory_mib
+                 FROM tokens k JOIN tenants t ON t.name = k.tenant WHERE k.sha256 = ?1",
+                params![hash_token(token)],
+                |r| {
+                    Ok(Tenant {
+                        name: r.get(0)?,
+                        quota: Quota {
+                            max_sandboxes: r.get(1)?,
+                            max_vcpus: r.get(2)?,
+                            max_memory_mib: r.get::<_, i64>(3)? as u64,
+                        },
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Tenant `name`.
+    pub fn tenant(&self, name: &str) -> Result<Option<Tenant>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, max_sandboxes, max_vcpus, max_memory_mib FROM tenants WHERE name = ?1",
+                params![name],
+                |r| {
+                    Ok(Tenant {
+                        name: r.get(0)?,
+                        quota: Quota {
+                            max_sandboxes: r.get(1)?,
+                            max_vcpus: r.get(2)?,
+                            max_memory_mib: r.get::<_, i64>(3)? as u64,
+                        },
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Inserts a new sandbox row in state `creating` with the lowest free slot, after checking
+    /// the tenant's quota in the same transaction. Returns the slot.
+    pub fn insert_sandbox(&self, s: &Sandbox, quota: &Quota) -> Result<u32> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let used: Usage = tx.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0)
+             FROM sandboxes WHERE tenant = ?1",
+            params![s.tenant],
+            |r| {
+                Ok(Usage {
+                    sandboxes: r.get(0)?,
+                    vcpus: r.get(1)?,
+                    memory_mib: r.get::<_, i64>(2)? as u64,
+                })
+            },
+        )?;
+        check_quota(&s.tenant, quota, &used, s)?;
+        let slot = {
+            let mut stmt = tx.prepare("SELECT slot FROM sandboxes ORDER BY slot")?;
+            let taken = stmt
+                .query_map([], |r| r.get::<_, u32>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            lowest_free(&taken)
+        };
+        if slot >= crate::manager::MAX_SLOTS {
+            return Err(Error::Quota(format!(
+                "this host runs its maximum of {} sandboxes; destroy some first",
+                crate::manager::MAX_SLOTS
+            )));
+        }
+        tx.execute(
+            &format!("INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0)"),
+            params![
+                s.id,
+                s.tenant,
+                s.state.as_str(),
+                s.isolation.as_str(),
+                s.template,
+                s.vcpus,
+                s.memory_mib as i64,
+                s.timeout_s as i64,
+                s.expires_at,
+                s.created_at,
+                json(&s.network),
+                json(&s.env),
+                json(&s.metadata),
+                slot,
+            ],
+        )?;
+        tx.commit()?;
+        Ok(slot)
+    }
+
+    /// Updates state, pid, network and expiry of a sandbox.
+    pub fn update_sandbox(&self, row: &SandboxRow) -> Result<()> {
+        self.conn().execute(
+            "UPDATE sandboxes SET state = ?2, pid = ?3, network = ?4, expires_at = ?5 WHERE id = ?1",
+            params![
+                row.sandbox.id,
+                row.sandbox.state.as_str(),
+                row.pid,
+                json(&row.sandbox.network),
+                row.sandbox.expires_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a sandbox row.
+    pub fn delete_sandbox(&self, id: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// One sandbox.
+    pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"),
+                params![id],
+                row_to_sandbox,
+            )
+            .optional()?)
+    }
+
+    /// Sandboxes of `tenant`, or of everyone with `None`, oldest first.
+    pub fn sandboxes(&self, tenant: Option<&str>) -> Result<Vec<SandboxRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE ?1 IS NULL OR tenant = ?1
+             ORDER BY created_at, id"
+        ))?;
+        let rows = stmt
+            .query_map(params![tenant], row_to_sandbox)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Registers (or replaces) a template.
+    pub fn put_template(&self, t: &Template) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO templates (name, kernel, rootfs, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET kernel = ?2, rootfs = ?3",
+            params![t.name, t.kernel, t.rootfs, now()],
+        )?;
+        Ok(())
+    }
+
+    /// All templates by name.
+    pub fn templates(&self) -> Result<Vec<Template>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, kernel, rootfs FROM templates ORDER BY name")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Template {
+                    name: r.get(0)?,
+                    kernel: r.get(1)?,
+                    rootfs: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Appends to the audit log.
+    pub fn audit(&self, tenant: &str, action: &str, target: &str, status: u16, detail: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO audit (at, tenant, action, target, status, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now(), tenant, action, target, status, detail],
+        )?;
+        Ok(())
+    }
+
+    /// The last `n` audit entries, newest last: (unix time, tenant, action, target, status).
+    pub fn audit_tail(&self, n: u32) -> Result<Vec<(i64, String, String, String, u16)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT at, tenant, action, target, status FROM
+             (SELECT * FROM audit ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
+        )?;
+        let rows = stmt
+            .query_map(params![n], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+}
+
+/// The lowest number missing from the sorted list `taken`.
+fn lowest_free(taken: &[u32]) -> u32 {
+    let mut slot = 0;
+    for &t in taken {
+        if t != slot {
+            break;
+        }
+        slot += 1;
+    }
+    slot
+}
+
+fn check_quota(tenant: &str, q: &Quota, used: &Usage, s: &Sandbox) -> Result<()> {
+    if used.sandboxes + 1 > q.max_sandboxes {
+        return Err(Error::Quota(format!(
+            "tenant '{tenant}' has {} of its {} sandboxes; destroy one or raise the quota",
+            used.sandboxes, q.max_sandboxes
+        )));
+    }
+    if used.vcpus + s.vcpus > q.max_vcpus {
+        return Err(Error::Quota(format!(
+            "tenant '{tenant}' uses {} of its {} vCPUs; this sandbox needs {} more",
+            used.vcpus, q.max_vcpus, s.vcpus
+        )));
+    }
+    if used.memory_mib + s.memory_mib > q.max_memory_mib {
+        return Err(Error::Quota(format!(
+            "tenant '{tenant}' uses {} of its {} MiB of memory; this sandbox needs {} MiB more",
+            used.memory_mib, q.max_memory_mib, s.memory_mib
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a tenant or template name: 1-64 of `a-z A-Z 0-9 - _ .`, not starting with '.'.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} name {name:?} is invalid: use 1-64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowest_free_slot() {
+        assert_eq!(lowest_free(&[]), 0);
+        assert_eq!(lowest_free(&[0, 1, 2]), 3);
+        assert_eq!(lowest_free(&[0, 2, 3]), 1);
+        assert_eq!(lowest_free(&[1, 2]), 0);
+    }
+
+    #[test]
+    fn token_hash_is_stable_and_not_the_token() {
+        let h = hash_token("mvm_abc");
+        assert_eq!(h.len(), 64);
+        assert_eq!(h, hash_token("mvm_abc"));
+        assert!(!h.contains("abc"));
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("t", "team-a_1.x").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_name("t", bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Errors of the manager and the daemon, each with an HTTP status and a stable code.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Result of manager and daemon operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Body of every error answer: `{"code": "...", "message": "..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `not_found`, `quota_exceeded`.
+    pub code: String,
+    /// What went wrong and what to do about it.
+    pub message: String,
+}
+
+/// An error a caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is syntactically wrong (bad JSON, bad query).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request is well-formed but its values are not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// No or an unknown bearer token.
+    #[error("missing or invalid bearer token: send `Authorization: Bearer <token>` (see `mvmd tenant create`)")]
+    Unauthorized,
+    /// No such sandbox or template (for this tenant).
+    #[error("{0}")]
+    NotFound(String),
+    /// The sandbox is not in a state that allows the operation.
+    #[error("{0}")]
+    Conflict(String),
+    /// A tenant quota would be exceeded.
+    #[error("{0}")]
+    Quota(String),
+    /// The requested isolation tier cannot run on this host.
+    #[error("{0}")]
+    TierUnavailable(String),
+    /// The sandbox's agent failed or is unreachable.
+    #[error("sandbox agent: {0}")]
+    Agent(#[from] agent::ClientError),
+    /// A host operation failed (jailer, network, mounts, database).
+    #[error("{0}")]
+    Host(String),
+}
+
+impl Error {
+    /// A host failure with context: `<what>: <source>`.
+    pub fn host(what: impl std::fmt::Display, source: impl std::fmt::Display) -> Self {
+        Error::Host(format!("{what}: {source}"))
+    }
+
+    /// HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Invalid(_) | Error::TierUnavailable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::Agent(e) => match e.remote_kind() {
+                Some(agent::protocol::ErrorKind::NotFound) => StatusCode::NOT_FOUND,
+                Some(agent::protocol::ErrorKind::InvalidInput) => StatusCode::UNPROCESSABLE_ENTITY,
+                Some(agent::protocol::ErrorKind::PermissionDenied) => StatusCode::FORBIDDEN,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            Error::Host(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::BadRequest(_) => "bad_request",
+            Error::Invalid(_) => "invalid_argument",
+            Error::TierUnavailable(_) => "isolation_unavailable",
+            Error::Unauthorized => "unauthorized",
+            Error::NotFound(_) => "not_found",
+            Error::Conflict(_) => "conflict",
+            Error::Quota(_) => "quota_exceeded",
+            Error::Agent(e) => match e.remote_kind() {
+                Some(agent::protocol::ErrorKind::NotFound) => "not_found",
+                Some(agent::protocol::ErrorKind::InvalidInput) => "invalid_argument",
+                Some(agent::protocol::ErrorKind::PermissionDenied) => "permission_denied",
+                _ => "agent_error",
+            },
+            Error::Host(_) => "host_error",
+        }
+    }
+
+    /// The JSON body of this error.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::host("state database", e)
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if self.status().is_server_error() {
+            tracing::error!(code = self.code(), "{self}");
+        }
+        (self.status(), axum::Json(self.body())).into_response()
+    }
+}

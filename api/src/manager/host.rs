@@ -1,0 +1,359 @@
+//! Host plumbing of the manager: tier availability, cgroup v1 files, process reaping, mounts,
+//! network namespaces and helper commands.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// Env var that overrides the vm-tier host check (`force`): only for nested test harnesses
+/// whose /dev/kvm looks unusable from here but is not.
+pub const VM_TIER_ENV: &str = "MVM_VM_TIER";
+
+/// Why the `vm` tier cannot run on this host, or `None` when it can.
+pub fn vm_tier_unavailable(force: bool) -> Option<String> {
+    if force {
+        return None;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Some("the vm tier needs /dev/kvm, which this host does not have".into());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Some(
+            "the vm tier cannot run on this host: /dev/kvm is kvm_pvm (no hardware virtualization), \
+             whose guests cannot reach user space"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Cgroup v1 controllers every sandbox gets.
+pub const CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
+
+/// Mount point of the v1 hierarchy carrying `controller`.
+pub fn cgroup_mount(controller: &str) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut r = right.split(' ');
+        if r.next()? != "cgroup" {
+            return None;
+        }
+        let opts = r.nth(1)?;
+        let mount_point = left.split(' ').nth(4)?;
+        opts.split(',')
+            .any(|o| o == controller)
+            .then(|| PathBuf::from(mount_point))
+    })
+}
+
+/// `<mount of controller>/<parent>/<id>`.
+pub fn cgroup_dir(controller: &str, parent: &str, id: &str) -> Option<PathBuf> {
+    cgroup_mount(controller).map(|m| m.join(parent).join(id))
+}
+
+fn read_u64(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// (cpu ns, memory bytes, pids) of the sandbox's cgroups.
+pub fn cgroup_usage(parent: &str, id: &str) -> (u64, u64, u64) {
+    let file = |c: &str, f: &str| cgroup_dir(c, parent, id).map(|d| read_u64(&d.join(f))).unwrap_or(0);
+    (
+        file("cpuacct", "cpuacct.usage"),
+        file("memory", "memory.usage_in_bytes"),
+        file("pids", "pids.current"),
+    )
+}
+
+/// Pids in any of the sandbox's cgroups.
+pub fn cgroup_pids(parent: &str, id: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = CONTROLLERS
+        .iter()
+        .filter_map(|c| cgroup_dir(c, parent, id))
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<_>>())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Pids of `mvm-jailer` processes (and their not-yet-exec'd forks) started for jail `id`.
+pub fn jailer_pids(id: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a0| a0.ends_with(b"mvm-jailer"))
+                && args.windows(2).any(|w| w[0] == b"--id" && w[1] == id.as_bytes())
+        })
+        .collect()
+}
+
+/// Freezes (`true`) or thaws the sandbox's freezer cgroup and waits until it is done.
+pub fn set_frozen(parent: &str, id: &str, frozen: bool) -> Result<()> {
+    let dir = cgroup_dir("freezer", parent, id)
+        .ok_or_else(|| Error::Host("no freezer cgroup hierarchy is mounted".into()))?;
+    let state = dir.join("freezer.state");
+    let want = if frozen { "FROZEN" } else { "THAWED" };
+    std::fs::write(&state, want).map_err(|e| Error::host(format!("writing {}", state.display()), e))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = std::fs::read_to_string(&state).unwrap_or_default();
+        if now.trim() == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Host(format!("{} stays {} instead of {want}", state.display(), now.trim())));
+        }
+        if frozen {
+            // FREEZING: writing again retries tasks that could not be frozen yet.
+            let _ = std::fs::write(&state, want);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// SIGKILLs every process of sandbox `id` (its jailer and everything in its cgroups) until
+/// none is left for two consecutive scans, thawing a frozen sandbox first.
+pub fn kill_all(parent: &str, id: &str) -> Result<()> {
+    if let Some(dir) = cgroup_dir("freezer", parent, id) {
+        if dir.exists() {
+            let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut quiet = 0;
+    while quiet < 2 {
+        let mut pids = cgroup_pids(parent, id);
+        pids.extend(jailer_pids(id));
+        if pids.is_empty() {
+            quiet += 1;
+        } else {
+            quiet = 0;
+            for pid in pids {
+                // SAFETY: kill takes plain integers; a pid that just exited yields ESRCH.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Host(format!(
+                "processes of sandbox {id} survive SIGKILL for 10 s (stuck in the kernel?)"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid(format!("path {} contains NUL", p.display())))
+}
+
+/// mount(2) with `what` in error messages.
+pub fn mount(src: &Path, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> Result<()> {
+    let s = cstr(src)?;
+    let t = cstr(target)?;
+    let f = fstype.map(|f| CString::new(f).expect("fstype has no NUL"));
+    let d = data.map(CString::new).transpose().map_err(|_| Error::Invalid("mount data contains NUL".into()))?;
+    // SAFETY: all pointers are NUL-terminated strings (or null) living across the call.
+    let ret = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            f.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+            flags,
+            d.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    };
+    if ret == -1 {
+        return Err(Error::host(
+            format!("mounting {} on {}", src.display(), target.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Detaches whatever is mounted on `target`; nothing mounted is not an error.
+pub fn umount(target: &Path) -> Result<()> {
+    let t = cstr(target)?;
+    // SAFETY: `t` is a NUL-terminated path.
+    if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == -1 {
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) {
+            return Err(Error::host(format!("unmounting {}", target.display()), e));
+        }
+    }
+    Ok(())
+}
+
+/// Whether something is mounted exactly at `path` (in this mount namespace).
+pub fn is_mounted(path: &Path) -> bool {
+    mounts_under(path).iter().any(|m| m == path)
+}
+
+/// Mount points at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+/// Runs `program args` (stdin from `input`), failing with its stderr.
+pub fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            Error::host(
+                format!("running {program}"),
+                format!("{e} (is it installed? on Debian: apt-get install {})", package_of(program)),
+            )
+        })?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| Error::host(format!("writing to {program}"), e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::host(format!("waiting for {program}"), e))?;
+    if !out.status.success() {
+        return Err(Error::Host(format!(
+            "{program} {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            input.map(|i| format!("\ninput:\n{i}")).unwrap_or_default()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn package_of(program: &str) -> &'static str {
+    match program {
+        "ip" => "iproute2",
+        "nft" => "nftables",
+        "debugfs" | "mkfs.ext4" => "e2fsprogs",
+        _ => "<package>",
+    }
+}
+
+/// Brings the loopback interface of the calling thread's network namespace up.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: plain socket call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq for SIOCGIFFLAGS/SIOCSIFFLAGS on our socket.
+    let result = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        }
+    };
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// Creates a network namespace pinned by a bind mount at `path`, with loopback up, and runs
+/// `setup` on a thread inside it (commands it spawns run in the namespace). On failure the
+/// namespace is removed again.
+pub fn create_netns<F>(path: &Path, setup: F) -> Result<()>
+where
+    F: FnOnce() -> Result<()> + Send + 'static,
+{
+    let path = path.to_path_buf();
+    std::thread::spawn(move || -> Result<()> {
+        // SAFETY: unshare with a flag constant; it changes only this thread's network namespace,
+        // and this thread ends right after.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } == -1 {
+            return Err(Error::host("unshare(CLONE_NEWNET)", std::io::Error::last_os_error()));
+        }
+        std::fs::File::create(&path).map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
+        let result = mount(Path::new("/proc/thread-self/ns/net"), &path, None, libc::MS_BIND, None)
+            .and_then(|()| loopback_up().map_err(|e| Error::host("bringing lo up in the sandbox netns", e)))
+            .and_then(|()| setup());
+        if result.is_err() {
+            let _ = umount(&path);
+            let _ = std::fs::remove_file(&path);
+        }
+        result
+    })
+    .join()
+    .map_err(|_| Error::Host("the network namespace thread panicked".into()))?
+}
+
+/// Removes a network namespace made by [`create_netns`] (its interfaces go with it).
+pub fn remove_netns(path: &Path) -> Result<()> {
+    umount(path)?;
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::host(format!("removing {}", path.display()), e)),
+    }
+}
+
+/// Removes a directory tree; a missing one is fine. Refuses if anything is mounted below.
+pub fn remove_tree(dir: &Path) -> Result<()> {
+    if let Some(m) = mounts_under(dir).first() {
+        return Err(Error::Host(format!("{} is still mounted; not removing {}", m.display(), dir.display())));
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::host(format!("removing {}", dir.display()), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_tier_force_overrides() {
+        assert_eq!(vm_tier_unavailable(true), None);
+    }
+
+    #[test]
+    fn run_reports_stderr() {
+        let e = run("sh", &["-c", "echo oops >&2; exit 3"], None).unwrap_err();
+        assert!(e.to_string().contains("oops"), "{e}");
+        assert_eq!(run("cat", &[], Some("hi")).unwrap(), "hi");
+    }
+}

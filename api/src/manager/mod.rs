@@ -1,0 +1,974 @@
+//! The sandbox manager: the one place that knows a sandbox's whole life.
+//!
+//! Create, in order: id and state row (quota checked in the same transaction) → network
+//! namespace (veth, tap, nftables egress policy) → writable layer over the shared base →
+//! `mvm-jailer` wrapping `mvm-agent` (jail tier) or `mvm-vmm` (vm tier, configured over its API
+//! socket) → wait for the agent (unix socket / hybrid vsock) → ready. A failure at any step
+//! runs [`Manager`]'s idempotent teardown, which removes every step's product in reverse order
+//! and tolerates missing pieces — the same code that destroys sandboxes and cleans up after a
+//! daemon killed mid-create.
+
+pub mod host;
+pub mod net;
+pub mod rootfs;
+pub mod vm;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent::AgentClient;
+use jailer::{BindMount, CgroupSetting, CgroupVersion, CleanupConfig, JailConfig};
+
+use crate::db::{self, Db, SandboxRow, Tenant};
+use crate::error::{Error, Result};
+use crate::metrics::{Metrics, Snapshot};
+use crate::model::{
+    CreateSandbox, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox, SandboxState, SandboxStats,
+    Template,
+};
+
+/// Most sandboxes one manager runs at once (slots of its /16 network, /29 each).
+pub const MAX_SLOTS: u32 = 8192;
+/// The agent's socket inside a jail.
+const AGENT_SOCKET: &str = "/run/agent.sock";
+/// How long a new sandbox may take to answer: jail tier.
+const JAIL_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new sandbox may take to answer: vm tier (kernel boot).
+const VM_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default sandbox timeout.
+pub const DEFAULT_TIMEOUT_S: u64 = 300;
+/// Longest sandbox timeout.
+const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+/// Name of the template made from the build artifacts.
+pub const DEFAULT_TEMPLATE: &str = "default";
+/// Largest part of a console log returned by [`Manager::logs`].
+const MAX_LOG_BYTES: u64 = 1 << 20;
+/// Device nodes the jail tier adds to the jail's /dev for the sandbox's programs.
+const JAIL_DEVICES: [(&str, u32, u32); 4] = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8)];
+
+/// Where the manager keeps things and how it makes sandboxes.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// SQLite database and unpacked template bases (default `/var/lib/mvm`).
+    pub state_dir: PathBuf,
+    /// Jails, per-sandbox directories and network namespaces (default `/run/mvm`).
+    pub run_dir: PathBuf,
+    /// Directory holding `mvm-jailer`, `mvm-agent` and `mvm-vmm`.
+    pub bin_dir: PathBuf,
+    /// Parent cgroup of the sandboxes' cgroups.
+    pub cgroup_parent: String,
+    /// Sandbox processes run as uid/gid `uid_base + slot`.
+    pub uid_base: u32,
+    /// First address of the /16 the sandboxes' networks are cut from.
+    pub subnet: Ipv4Addr,
+    /// Run the vm tier even where the host check says it cannot (nested test harnesses).
+    pub force_vm_tier: bool,
+    /// Tier used when a request names none.
+    pub default_isolation: Isolation,
+    /// Directory with `vmlinux` and `rootfs.ext4` registered as template `default`.
+    pub artifacts_dir: Option<PathBuf>,
+}
+
+impl ManagerConfig {
+    /// Defaults, overridden by `MVM_STATE_DIR`, `MVM_RUN_DIR`, `MVM_BIN_DIR` (default: the
+    /// directory of the running executable), `MVM_ARTIFACTS`, `MVM_ISOLATION` (vm|jail) and
+    /// `MVM_VM_TIER=force`.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let bin_dir = var("MVM_BIN_DIR").unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| "/usr/local/bin".into())
+        });
+        let artifacts = var("MVM_ARTIFACTS").or_else(|| {
+            // A development checkout: <repo>/target/<triple>/debug/mvmd → <repo>/target/mvm-artifacts.
+            bin_dir
+                .ancestors()
+                .find(|a| a.file_name().is_some_and(|n| n == "target"))
+                .map(|t| t.join("mvm-artifacts"))
+                .filter(|p| p.is_dir())
+                .or_else(|| Some("/var/lib/mvm/artifacts".into()))
+        });
+        ManagerConfig {
+            state_dir: var("MVM_STATE_DIR").unwrap_or_else(|| "/var/lib/mvm".into()),
+            run_dir: var("MVM_RUN_DIR").unwrap_or_else(|| "/run/mvm".into()),
+            bin_dir,
+            cgroup_parent: "mvm".into(),
+            uid_base: 200_000,
+            subnet: Ipv4Addr::new(10, 213, 0, 0),
+            force_vm_tier: std::env::var(host::VM_TIER_ENV).is_ok_and(|v| v == "force"),
+            default_isolation: std::env::var("MVM_ISOLATION")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_default(),
+            artifacts_dir: artifacts,
+        }
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.run_dir.join("sandboxes").join(id)
+    }
+
+    fn netns(&self, id: &str) -> PathBuf {
+        self.run_dir.join("netns").join(id)
+    }
+
+    fn jail_base(&self) -> PathBuf {
+        self.run_dir.join("jail")
+    }
+
+    fn jail_root(&self, isolation: Isolation, id: &str) -> PathBuf {
+        self.jail_base().join(exec_name(isolation)).join(id).join("root")
+    }
+
+    fn in_jail(&self, isolation: Isolation, id: &str, jail_path: &str) -> PathBuf {
+        self.jail_root(isolation, id).join(jail_path.trim_start_matches('/'))
+    }
+}
+
+fn exec_name(isolation: Isolation) -> &'static str {
+    match isolation {
+        Isolation::Jail => "mvm-agent",
+        Isolation::Vm => "mvm-vmm",
+    }
+}
+
+/// A sandbox this manager runs: its agent connection and, if this process started it, the
+/// jailer child.
+#[derive(Default)]
+struct Live {
+    agent: tokio::sync::Mutex<Option<AgentClient>>,
+    child: Mutex<Option<tokio::process::Child>>,
+}
+
+struct Inner {
+    cfg: ManagerConfig,
+    db: Db,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    metrics: Metrics,
+}
+
+/// The sandbox manager. Cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+/// What [`Manager::open`] found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Live sandboxes adopted.
+    pub adopted: Vec<String>,
+    /// Dead or half-made sandboxes removed.
+    pub cleaned: Vec<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::host("a host task panicked", e))?
+}
+
+impl Manager {
+    /// Opens the state, registers the `default` template when the artifacts exist, and
+    /// reconciles: live sandboxes are adopted, dead and half-made ones (and anything of ours on
+    /// the host without a state row) are removed.
+    pub async fn open(cfg: ManagerConfig) -> Result<(Manager, Reconciled)> {
+        for dir in [&cfg.state_dir, &cfg.run_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+        }
+        let db = Db::open(&cfg.state_dir.join("mvm.db"))?;
+        if let Some(art) = &cfg.artifacts_dir {
+            let kernel = ["vmlinux", "bzImage"].iter().map(|k| art.join(k)).find(|p| p.is_file());
+            let rootfs = art.join("rootfs.ext4");
+            if let (Some(kernel), true) = (kernel, rootfs.is_file()) {
+                if !db.templates()?.iter().any(|t| t.name == DEFAULT_TEMPLATE) {
+                    db.put_template(&Template {
+                        name: DEFAULT_TEMPLATE.into(),
+                        kernel: kernel.display().to_string(),
+                        rootfs: rootfs.display().to_string(),
+                    })?;
+                }
+            }
+        }
+        let manager = Manager {
+            inner: Arc::new(Inner {
+                cfg,
+                db,
+                live: Mutex::new(HashMap::new()),
+                metrics: Metrics::default(),
+            }),
+        };
+        let reconciled = manager.reconcile().await?;
+        Ok((manager, reconciled))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.inner.cfg
+    }
+
+    /// The state database.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Why the vm tier cannot run here, if it cannot.
+    pub fn vm_tier_unavailable(&self) -> Option<String> {
+        host::vm_tier_unavailable(self.inner.cfg.force_vm_tier)
+    }
+
+    async fn reconcile(&self) -> Result<Reconciled> {
+        let cfg = &self.inner.cfg;
+        let mut out = Reconciled::default();
+        let rows = self.inner.db.sandboxes(None)?;
+        for row in &rows {
+            let s = &row.sandbox;
+            let alive = !host::cgroup_pids(&cfg.cgroup_parent, &s.id).is_empty();
+            let adopt = match s.state {
+                SandboxState::Creating | SandboxState::Stopping => false,
+                SandboxState::Paused => alive,
+                SandboxState::Running => {
+                    alive
+                        && tokio::time::timeout(Duration::from_secs(3), self.connect_agent(s.isolation, &s.id))
+                            .await
+                            .is_ok_and(|r| r.is_ok())
+                }
+            };
+            if adopt {
+                lock(&self.inner.live).insert(s.id.clone(), Arc::new(Live::default()));
+                out.adopted.push(s.id.clone());
+            } else {
+                tracing::info!(id = %s.id, state = s.state.as_str(), "reconcile: removing a dead sandbox");
+                self.teardown(s.id.clone(), Some(s.isolation)).await?;
+                self.inner.db.delete_sandbox(&s.id)?;
+                self.inner.metrics.destroyed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                out.cleaned.push(s.id.clone());
+            }
+        }
+        // Anything of ours on the host that has no row: a crash between teardown and delete,
+        // or state removed by hand.
+        let known: Vec<&str> = rows.iter().map(|r| r.sandbox.id.as_str()).collect();
+        for id in self.host_ids() {
+            if !known.contains(&id.as_str()) {
+                tracing::info!(%id, "reconcile: removing leftovers without a state row");
+                self.teardown(id.clone(), None).await?;
+                out.cleaned.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ids of sandboxes with anything on the host: directories, namespaces, jails, cgroups.
+    fn host_ids(&self) -> Vec<String> {
+        let cfg = &self.inner.cfg;
+        let mut dirs = vec![cfg.run_dir.join("sandboxes"), cfg.netns("")];
+        for iso in [Isolation::Jail, Isolation::Vm] {
+            dirs.push(cfg.jail_base().join(exec_name(iso)));
+        }
+        for c in host::CONTROLLERS {
+            if let Some(m) = host::cgroup_mount(c) {
+                dirs.push(m.join(&cfg.cgroup_parent));
+            }
+        }
+        let mut ids: Vec<String> = dirs
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| is_sandbox_id(n))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    fn template(&self, name: &str) -> Result<Template> {
+        self.inner
+            .db
+            .templates()?
+            .into_iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no template {name:?}; list them with `mvm templates`, build one with `mvm build`"
+                ))
+            })
+    }
+
+    /// Checks a create request and fills in the defaults.
+    fn plan(&self, tenant: &str, req: CreateSandbox) -> Result<(Sandbox, Template)> {
+        let isolation = req.isolation.unwrap_or(self.inner.cfg.default_isolation);
+        if isolation == Isolation::Vm {
+            if let Some(why) = self.vm_tier_unavailable() {
+                return Err(Error::TierUnavailable(format!(
+                    "{why}. Use the jail tier instead: `mvm run --isolation jail ...` or \"isolation\": \"jail\" \
+                     (set {}=force only in a nested harness where KVM does work)",
+                    host::VM_TIER_ENV
+                )));
+            }
+        }
+        let vcpus = req.vcpus.unwrap_or(1);
+        if !(1..=32).contains(&vcpus) {
+            return Err(Error::Invalid(format!("vcpus must be 1 to 32, got {vcpus}")));
+        }
+        let memory_mib = req.memory_mib.unwrap_or(256);
+        if !(16..=65536).contains(&memory_mib) {
+            return Err(Error::Invalid(format!("memory_mib must be 16 to 65536, got {memory_mib}")));
+        }
+        let timeout_s = req.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
+        if timeout_s > MAX_TIMEOUT_S {
+            return Err(Error::Invalid(format!("timeout_s must be at most {MAX_TIMEOUT_S}, got {timeout_s}")));
+        }
+        validate_env(&req.env)?;
+        for (k, v) in &req.metadata {
+            if k.is_empty() || k.len() > 128 || v.len() > 4096 {
+                return Err(Error::Invalid(format!(
+                    "metadata key {k:?}: keys must be 1-128 bytes, values at most 4096"
+                )));
+            }
+        }
+        let network = net::validate(&req.network.unwrap_or_default())?;
+        let template_name = req.template.unwrap_or_else(|| DEFAULT_TEMPLATE.into());
+        db::validate_name("template", &template_name)?;
+        let template = self.template(&template_name)?;
+        let now = db::now();
+        let sandbox = Sandbox {
+            id: db::random_hex(6)?,
+            tenant: tenant.to_owned(),
+            state: SandboxState::Creating,
+            isolation,
+            template: template_name,
+            vcpus,
+            memory_mib,
+            timeout_s,
+            expires_at: (timeout_s > 0).then(|| now + timeout_s as i64),
+            created_at: now,
+            env: req.env,
+            network: crate::model::NetworkInfo {
+                egress: network.egress,
+                allow: network.allow,
+                address: None,
+                gateway: None,
+            },
+            metadata: req.metadata,
+        };
+        Ok((sandbox, template))
+    }
+
+    /// Creates a sandbox for `tenant` and waits until its agent answers.
+    pub async fn create(&self, tenant: &Tenant, req: CreateSandbox) -> Result<Sandbox> {
+        let started = Instant::now();
+        let (sandbox, template) = self.plan(&tenant.name, req)?;
+        let slot = self.inner.db.insert_sandbox(&sandbox, &tenant.quota)?;
+        let mut row = SandboxRow { sandbox, slot, pid: 0 };
+        match self.build(&mut row, &template).await {
+            Ok(()) => {
+                self.inner.metrics.create_seconds.observe(started.elapsed());
+                self.inner.metrics.created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(row.sandbox)
+            }
+            Err(e) => {
+                self.inner.metrics.create_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = row.sandbox.id.clone();
+                lock(&self.inner.live).remove(&id);
+                if let Err(undo) = self.teardown(id.clone(), Some(row.sandbox.isolation)).await {
+                    tracing::error!(%id, "rollback of a failed create: {undo}");
+                    return Err(Error::Host(format!("{e}; rolling back also failed: {undo}")));
+                }
+                self.inner.db.delete_sandbox(&id)?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(&self, row: &mut SandboxRow, template: &Template) -> Result<()> {
+        let cfg = self.inner.cfg.clone();
+        let s = row.sandbox.clone();
+        let uid = cfg.uid_base + row.slot;
+        let addrs = net::Addresses::of(cfg.subnet, row.slot);
+        let spec = NetworkSpec {
+            egress: s.network.egress,
+            allow: s.network.allow.clone(),
+        };
+        let template = template.clone();
+        // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
+        let (network, child) = blocking(move || {
+            std::fs::create_dir_all(cfg.netns("")).map_err(|e| Error::host("creating the netns dir", e))?;
+            let network = net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
+            let dir = cfg.sandbox_dir(&s.id);
+            std::fs::create_dir_all(&dir).map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+            let jail = match s.isolation {
+                Isolation::Jail => {
+                    let base = rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
+                    let overlay = rootfs::Overlay::at(&dir);
+                    overlay.mount(&base, uid)?;
+                    jail_config(&cfg, &s, uid, &overlay)?
+                }
+                Isolation::Vm => {
+                    let layer = dir.join("layer.ext4");
+                    rootfs::make_layer(&layer, uid)?;
+                    vm_jail_config(&cfg, &s, uid, &template, &layer)
+                }
+            };
+            let console = std::fs::File::create(dir.join("console.log"))
+                .map_err(|e| Error::host("creating the console log", e))?;
+            let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(console.try_clone().map_err(|e| Error::host("console log", e))?)
+                .stderr(console);
+            let child = cmd.spawn().map_err(|e| {
+                Error::host(
+                    format!("starting {}", cfg.bin_dir.join("mvm-jailer").display()),
+                    format!("{e} (set MVM_BIN_DIR to the directory of mvm-jailer, mvm-agent and mvm-vmm)"),
+                )
+            })?;
+            Ok((network, child))
+        })
+        .await?;
+        row.sandbox.network = network;
+        row.pid = child.id().unwrap_or(0);
+        let live = Arc::new(Live::default());
+        *lock(&live.child) = Some(child);
+        lock(&self.inner.live).insert(row.sandbox.id.clone(), Arc::clone(&live));
+        self.inner.db.update_sandbox(row)?;
+        // Step 5: the agent.
+        let client = match row.sandbox.isolation {
+            Isolation::Jail => self.wait_jail_agent(&row.sandbox.id, &live).await?,
+            Isolation::Vm => {
+                let s = &row.sandbox;
+                let api = self.inner.cfg.in_jail(Isolation::Vm, &s.id, vm::API_SOCK);
+                self.wait_for(&live, &s.id, VM_READY_TIMEOUT, || api.exists()).await?;
+                let ip = s.network.address.as_ref().map(|a| {
+                    format!("{a}/30,{}", s.network.gateway.as_deref().unwrap_or_default())
+                });
+                vm::configure_and_start(
+                    &api,
+                    &vm::VmSpec {
+                        id: &s.id,
+                        vcpus: s.vcpus as u8,
+                        memory_mib: s.memory_mib,
+                        ip,
+                    },
+                )
+                .await?;
+                self.wait_agent(&live, Isolation::Vm, &s.id, VM_READY_TIMEOUT).await?
+            }
+        };
+        *live.agent.lock().await = Some(client);
+        row.sandbox.state = SandboxState::Running;
+        self.inner.db.update_sandbox(row)?;
+        Ok(())
+    }
+
+    async fn wait_jail_agent(&self, id: &str, live: &Live) -> Result<AgentClient> {
+        let cfg = &self.inner.cfg;
+        let socket = cfg.in_jail(Isolation::Jail, id, AGENT_SOCKET);
+        self.wait_for(live, id, JAIL_READY_TIMEOUT, || socket.exists()).await?;
+        let dev = cfg.in_jail(Isolation::Jail, id, "/dev");
+        for (name, major, minor) in JAIL_DEVICES {
+            make_device(&dev.join(name), major, minor)?;
+        }
+        // The jailer makes these for a VMM; sandboxed programs get neither.
+        for node in ["kvm", "net/tun"] {
+            let path = dev.join(node);
+            std::fs::remove_file(&path).map_err(|e| Error::host(format!("removing {}", path.display()), e))?;
+        }
+        self.wait_agent(live, Isolation::Jail, id, JAIL_READY_TIMEOUT).await
+    }
+
+    /// Polls `ready` until it holds, failing early when the jailer exits.
+    async fn wait_for(&self, live: &Live, id: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(200);
+        while !ready() {
+            if let Some(status) = exited(live) {
+                return Err(Error::Host(format!(
+                    "the sandbox exited during start-up ({status}); its console said: {}",
+                    self.console_tail(id, 2000)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Host(format!(
+                    "the sandbox did not come up within {timeout:?}; its console said: {}",
+                    self.console_tail(id, 2000)
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    async fn wait_agent(&self, live: &Live, isolation: Isolation, id: &str, timeout: Duration) -> Result<AgentClient> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.connect_agent(isolation, id).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    if let Some(status) = exited(live) {
+                        return Err(Error::Host(format!(
+                            "the sandbox exited during start-up ({status}); its console said: {}",
+                            self.console_tail(id, 2000)
+                        )));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+
+    async fn connect_agent(&self, isolation: Isolation, id: &str) -> Result<AgentClient> {
+        let cfg = &self.inner.cfg;
+        Ok(match isolation {
+            Isolation::Jail => AgentClient::connect_unix(cfg.in_jail(isolation, id, AGENT_SOCKET)).await?,
+            Isolation::Vm => {
+                AgentClient::connect_hybrid_vsock(
+                    cfg.in_jail(isolation, id, vm::VSOCK_SOCK),
+                    agent::protocol::DEFAULT_VSOCK_PORT,
+                )
+                .await?
+            }
+        })
+    }
+
+    fn console_tail(&self, id: &str, max: usize) -> String {
+        let log = std::fs::read(self.inner.cfg.sandbox_dir(id).join("console.log")).unwrap_or_default();
+        let tail = &log[log.len().saturating_sub(max)..];
+        let text = String::from_utf8_lossy(tail).trim().to_owned();
+        if text.is_empty() {
+            "(nothing)".into()
+        } else {
+            text
+        }
+    }
+
+    /// Removes everything sandbox `id` may have on the host, in reverse creation order:
+    /// processes, jail directory and cgroups, writable layer, network namespace. Idempotent.
+    async fn teardown(&self, id: String, isolation: Option<Isolation>) -> Result<()> {
+        let child = lock(&self.inner.live)
+            .get(&id)
+            .and_then(|l| lock(&l.child).take());
+        let (parent, killed) = (self.inner.cfg.cgroup_parent.clone(), id.clone());
+        blocking(move || host::kill_all(&parent, &killed)).await?;
+        if let Some(mut child) = child {
+            // Already killed with the rest; reap it.
+            let _ = child.kill().await;
+        }
+        let cfg = self.inner.cfg.clone();
+        blocking(move || {
+            let tiers = match isolation {
+                Some(i) => vec![i],
+                None => vec![Isolation::Jail, Isolation::Vm],
+            };
+            for iso in tiers {
+                jailer::cleanup(&CleanupConfig {
+                    id: id.clone(),
+                    exec_file_name: exec_name(iso).into(),
+                    chroot_base_dir: cfg.jail_base(),
+                    parent_cgroup: cfg.cgroup_parent.clone(),
+                })
+                .map_err(|e| Error::host(format!("removing the jail of {id}"), e))?;
+            }
+            let dir = cfg.sandbox_dir(&id);
+            rootfs::Overlay::at(&dir).unmount()?;
+            host::remove_tree(&dir)?;
+            net::destroy(&cfg.netns(&id), &id)
+        })
+        .await
+    }
+
+    fn row(&self, tenant: &str, id: &str) -> Result<SandboxRow> {
+        match self.inner.db.sandbox(id)? {
+            Some(row) if row.sandbox.tenant == tenant => Ok(row),
+            _ => Err(Error::NotFound(format!("no sandbox {id:?}"))),
+        }
+    }
+
+    /// One sandbox of `tenant`.
+    pub fn get(&self, tenant: &str, id: &str) -> Result<Sandbox> {
+        Ok(self.row(tenant, id)?.sandbox)
+    }
+
+    /// The sandboxes of `tenant` (all tenants with `None`).
+    pub fn list(&self, tenant: Option<&str>) -> Result<Vec<Sandbox>> {
+        Ok(self.inner.db.sandboxes(tenant)?.into_iter().map(|r| r.sandbox).collect())
+    }
+
+    /// Destroys a sandbox of `tenant`.
+    pub async fn destroy(&self, tenant: &str, id: &str) -> Result<()> {
+        let mut row = self.row(tenant, id)?;
+        match row.sandbox.state {
+            SandboxState::Creating => {
+                return Err(Error::Conflict(format!("sandbox {id} is still being created; retry shortly")))
+            }
+            SandboxState::Stopping => return Err(Error::Conflict(format!("sandbox {id} is already being destroyed"))),
+            _ => {}
+        }
+        row.sandbox.state = SandboxState::Stopping;
+        self.inner.db.update_sandbox(&row)?;
+        let live = lock(&self.inner.live).get(id).cloned();
+        if let Some(live) = &live {
+            live.agent.lock().await.take();
+        }
+        let result = self.teardown(id.to_owned(), Some(row.sandbox.isolation)).await;
+        lock(&self.inner.live).remove(id);
+        result?;
+        self.inner.db.delete_sandbox(id)?;
+        self.inner.metrics.destroyed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Extends a sandbox's life by `timeout_s` (default: its own timeout) from now.
+    pub fn keepalive(&self, tenant: &str, id: &str, timeout_s: Option<u64>) -> Result<Sandbox> {
+        let mut row = self.row(tenant, id)?;
+        let t = timeout_s.unwrap_or(row.sandbox.timeout_s);
+        if t > MAX_TIMEOUT_S {
+            return Err(Error::Invalid(format!("timeout_s must be at most {MAX_TIMEOUT_S}, got {t}")));
+        }
+        row.sandbox.timeout_s = t;
+        row.sandbox.expires_at = (t > 0).then(|| db::now() + t as i64);
+        self.inner.db.update_sandbox(&row)?;
+        Ok(row.sandbox)
+    }
+
+    /// Destroys every sandbox whose timeout has passed; returns their ids.
+    pub async fn reap_expired(&self) -> Result<Vec<String>> {
+        let now = db::now();
+        let mut reaped = Vec::new();
+        for row in self.inner.db.sandboxes(None)? {
+            let s = &row.sandbox;
+            let due = s.expires_at.is_some_and(|t| t <= now);
+            if due && matches!(s.state, SandboxState::Running | SandboxState::Paused) {
+                match self.destroy(&s.tenant, &s.id).await {
+                    Ok(()) => {
+                        let _ = self.inner.db.audit(&s.tenant, "expire", &s.id, 200, "timeout_s passed");
+                        reaped.push(s.id.clone());
+                    }
+                    Err(e) => tracing::warn!(id = %s.id, "destroying an expired sandbox: {e}"),
+                }
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// The agent of a running sandbox, connecting (again) when needed.
+    pub async fn agent(&self, tenant: &str, id: &str) -> Result<AgentClient> {
+        let row = self.row(tenant, id)?;
+        match row.sandbox.state {
+            SandboxState::Running => {}
+            SandboxState::Paused => return Err(Error::Conflict(format!("sandbox {id} is paused; resume it first"))),
+            other => return Err(Error::Conflict(format!("sandbox {id} is {}", other.as_str()))),
+        }
+        let live = lock(&self.inner.live)
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(Live::default()))
+            .clone();
+        let mut agent = live.agent.lock().await;
+        if let Some(c) = agent.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self.connect_agent(row.sandbox.isolation, id).await?;
+        *agent = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets a broken agent connection so the next call reconnects.
+    async fn drop_agent(&self, id: &str) {
+        let live = lock(&self.inner.live).get(id).cloned();
+        if let Some(live) = live {
+            live.agent.lock().await.take();
+        }
+    }
+
+    /// Starts an exec; stdin is always a pipe (closed at once when the caller has none).
+    pub async fn start_exec(&self, tenant: &str, id: &str, req: &ExecRequest) -> Result<agent::ExecSession> {
+        if req.cmd.is_empty() || req.cmd[0].is_empty() {
+            return Err(Error::Invalid("cmd must name a program: [\"program\", \"arg\", ...]".into()));
+        }
+        validate_env(&req.env)?;
+        let sandbox = self.get(tenant, id)?;
+        let mut er = agent::ExecRequest::new(req.cmd.clone());
+        for (k, v) in sandbox.env.iter().chain(&req.env) {
+            er = er.env(k.clone(), v.clone());
+        }
+        if let Some(cwd) = &req.cwd {
+            er = er.cwd(cwd.clone());
+        }
+        if req.tty {
+            er = er.pty(24, 80);
+        }
+        er.stdin = true;
+        er.timeout_ms = req.timeout_s.map(|s| s.saturating_mul(1000));
+        let client = self.agent(tenant, id).await?;
+        self.inner.metrics.execs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match client.exec(er.clone()).await {
+            Ok(session) => Ok(session),
+            Err(agent::ClientError::Disconnected(_)) => {
+                // A stale connection (e.g. the sandbox was resumed or adopted): once more.
+                self.drop_agent(id).await;
+                Ok(self.agent(tenant, id).await?.exec(er).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs a command to completion and returns its output.
+    pub async fn exec(&self, tenant: &str, id: &str, req: &ExecRequest) -> Result<ExecResult> {
+        let mut session = self.start_exec(tenant, id, req).await?;
+        if let Some(mut stdin) = session.stdin.take() {
+            if let Some(data) = &req.stdin {
+                stdin.write(data.as_bytes()).await?;
+            }
+            stdin.close()?;
+        }
+        let out = session.wait_with_output().await?;
+        Ok(ExecResult {
+            exit: out.status.into(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Freezes (`true`) or thaws a sandbox.
+    pub async fn set_paused(&self, tenant: &str, id: &str, paused: bool) -> Result<Sandbox> {
+        let mut row = self.row(tenant, id)?;
+        let (from, to) = if paused {
+            (SandboxState::Running, SandboxState::Paused)
+        } else {
+            (SandboxState::Paused, SandboxState::Running)
+        };
+        if row.sandbox.state != from {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is {}; only a {} sandbox can be {}",
+                row.sandbox.state.as_str(),
+                from.as_str(),
+                if paused { "paused" } else { "resumed" }
+            )));
+        }
+        match row.sandbox.isolation {
+            Isolation::Jail => {
+                let parent = self.inner.cfg.cgroup_parent.clone();
+                let id = id.to_owned();
+                blocking(move || host::set_frozen(&parent, &id, paused)).await?
+            }
+            Isolation::Vm => vm::set_paused(&self.inner.cfg.in_jail(Isolation::Vm, id, vm::API_SOCK), paused).await?,
+        }
+        row.sandbox.state = to;
+        self.inner.db.update_sandbox(&row)?;
+        Ok(row.sandbox)
+    }
+
+    /// The sandbox's console: the agent's log (and in the vm tier the guest kernel's), plus
+    /// the jailer's and VMM's messages. At most the last MiB.
+    pub fn logs(&self, tenant: &str, id: &str) -> Result<Vec<u8>> {
+        self.row(tenant, id)?;
+        let path = self.inner.cfg.sandbox_dir(id).join("console.log");
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::host(format!("reading {}", path.display()), e)),
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        use std::io::{Read, Seek};
+        let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(MAX_LOG_BYTES)));
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).map_err(|e| Error::host(format!("reading {}", path.display()), e))?;
+        Ok(buf)
+    }
+
+    /// CPU, memory and process count of a sandbox.
+    pub fn stats(&self, tenant: &str, id: &str) -> Result<SandboxStats> {
+        self.row(tenant, id)?;
+        let (cpu_ns, memory_bytes, pids) = host::cgroup_usage(&self.inner.cfg.cgroup_parent, id);
+        Ok(SandboxStats {
+            id: id.to_owned(),
+            cpu_ns,
+            memory_bytes,
+            pids,
+        })
+    }
+
+    /// The Prometheus exposition of the manager.
+    pub fn render_metrics(&self) -> Result<String> {
+        let rows = self.inner.db.sandboxes(None)?;
+        let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for st in [SandboxState::Creating, SandboxState::Running, SandboxState::Paused, SandboxState::Stopping] {
+            by_state.insert(st.as_str(), 0);
+        }
+        let mut per_sandbox = Vec::new();
+        for r in &rows {
+            *by_state.entry(r.sandbox.state.as_str()).or_default() += 1;
+            let (cpu, mem, _) = host::cgroup_usage(&self.inner.cfg.cgroup_parent, &r.sandbox.id);
+            per_sandbox.push((r.sandbox.id.clone(), r.sandbox.tenant.clone(), r.sandbox.isolation.as_str(), cpu, mem));
+        }
+        Ok(self.inner.metrics.render(&Snapshot {
+            by_state: by_state.into_iter().collect(),
+            per_sandbox,
+        }))
+    }
+
+    /// Registered templates.
+    pub fn templates(&self) -> Result<Vec<Template>> {
+        self.inner.db.templates()
+    }
+
+    /// Registers a template after checking its files.
+    pub fn add_template(&self, t: Template) -> Result<Template> {
+        db::validate_name("template", &t.name)?;
+        for (what, path) in [("kernel", &t.kernel), ("rootfs", &t.rootfs)] {
+            let p = Path::new(path);
+            if !p.is_absolute() || !p.is_file() {
+                return Err(Error::Invalid(format!("{what} {path:?} must be an absolute path to an existing file")));
+            }
+        }
+        self.inner.db.put_template(&t)?;
+        Ok(t)
+    }
+}
+
+/// The jailer child's exit status, once it has exited.
+fn exited(live: &Live) -> Option<std::process::ExitStatus> {
+    lock(&live.child).as_mut().and_then(|c| c.try_wait().ok().flatten())
+}
+
+fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(Error::Invalid(format!(
+                "environment variable {k:?}: names must be non-empty without '=' or NUL, values without NUL"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Sandbox ids are 12 lowercase hex digits.
+fn is_sandbox_id(s: &str) -> bool {
+    s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn make_device(path: &Path, major: u32, minor: u32) -> Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::Invalid(format!("path {} contains NUL", path.display())))?;
+    // SAFETY: `c` is a NUL-terminated path; mknod does not keep it.
+    let ret = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(major, minor)) };
+    if ret == -1 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(Error::host(format!("mknod {}", path.display()), e));
+        }
+    }
+    // The umask filtered the mode.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .map_err(|e| Error::host(format!("chmod {}", path.display()), e))
+}
+
+fn setting(key: &str, value: impl ToString) -> CgroupSetting {
+    CgroupSetting {
+        key: key.into(),
+        value: value.to_string(),
+    }
+}
+
+/// Cgroup values of a sandbox: memory limit, CPU quota, pids, freezer and accounting.
+fn cgroup_settings(vcpus: u32, memory_bytes: u64) -> Vec<CgroupSetting> {
+    vec![
+        setting("memory.limit_in_bytes", memory_bytes),
+        setting("cpu.cfs_period_us", 100_000),
+        setting("cpu.cfs_quota_us", u64::from(vcpus) * 100_000),
+        setting("cpuacct.usage", 0),
+        setting("pids.max", 4096),
+        setting("freezer.state", "THAWED"),
+    ]
+}
+
+fn base_jail(cfg: &ManagerConfig, s: &Sandbox, uid: u32, exec: PathBuf) -> JailConfig {
+    let mut j = JailConfig::new(s.id.clone(), exec, uid, uid);
+    j.chroot_base_dir = cfg.jail_base();
+    j.netns = Some(cfg.netns(&s.id));
+    j.new_pid_ns = true;
+    j.cgroup_version = CgroupVersion::V1;
+    j.parent_cgroup = cfg.cgroup_parent.clone();
+    j
+}
+
+/// The jail of the jail tier: mvm-agent on a unix socket, the overlay's directories bound in.
+fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, overlay: &rootfs::Overlay) -> Result<JailConfig> {
+    let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join("mvm-agent"));
+    j.mount_proc = true;
+    j.cgroups = cgroup_settings(s.vcpus, s.memory_mib << 20);
+    j.mounts = overlay
+        .jail_mounts()?
+        .into_iter()
+        .map(|(host, jail)| BindMount {
+            host,
+            jail,
+            read_only: false,
+        })
+        .collect();
+    j.args = vec!["--listen".into(), format!("unix:{AGENT_SOCKET}").into()];
+    Ok(j)
+}
+
+/// The jail of the vm tier: mvm-vmm with the kernel, base image and writable layer bound in.
+fn vm_jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, t: &Template, layer: &Path) -> JailConfig {
+    let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join("mvm-vmm"));
+    // Guest memory plus the VMM's own.
+    j.cgroups = cgroup_settings(s.vcpus, (s.memory_mib + 128) << 20);
+    j.mounts = vec![
+        BindMount {
+            host: t.kernel.clone().into(),
+            jail: vm::KERNEL.into(),
+            read_only: true,
+        },
+        BindMount {
+            host: t.rootfs.clone().into(),
+            jail: vm::ROOTFS.into(),
+            read_only: true,
+        },
+        BindMount {
+            host: layer.to_path_buf(),
+            jail: vm::LAYER.into(),
+            read_only: false,
+        },
+    ];
+    j.args = vec!["--api-sock".into(), vm::API_SOCK.into(), "--id".into(), s.id.clone().into()];
+    j
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids() {
+        assert!(is_sandbox_id("0123456789ab"));
+        assert!(!is_sandbox_id("0123456789aB"));
+        assert!(!is_sandbox_id("mvm"));
+    }
+
+    #[test]
+    fn env_validation() {
+        let env = |k: &str| BTreeMap::from([(k.to_owned(), "v".to_owned())]);
+        assert!(validate_env(&env("A_B")).is_ok());
+        assert!(validate_env(&env("")).is_err());
+        assert!(validate_env(&env("A=B")).is_err());
+    }
+}

@@ -1,0 +1,157 @@
+//! Disk layers: the shared read-only base of a template and a per-sandbox writable layer.
+//!
+//! - jail tier: the template's ext4 image is unpacked once (debugfs rdump, no mount) into a
+//!   base tree; each sandbox gets an overlayfs of that tree with its own upper directory, and
+//!   the overlay's top-level directories are bind-mounted into the jail.
+//! - vm tier: the image itself is the VM's read-only root drive; each sandbox gets a sparse
+//!   blank ext4 file as its second drive, which the guest agent uses as the overlay upper.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::manager::host;
+
+/// Top-level directories of the base that are not bind-mounted into a jail (the jailer manages
+/// /dev, /proc and /run; the others are guest-init internals).
+const NOT_IN_JAIL: [&str; 6] = ["dev", "proc", "run", "sys", "lost+found", "overlay"];
+
+/// Size of the sparse writable layer of a VM.
+pub const LAYER_SIZE_MIB: u64 = 2048;
+
+/// The unpacked base tree of image `rootfs` under `cache`, made on first use. The directory name
+/// depends on the image's path, size and mtime, so a rebuilt image is unpacked again.
+pub fn base_tree(cache: &Path, rootfs: &Path) -> Result<PathBuf> {
+    let meta = std::fs::metadata(rootfs)
+        .map_err(|e| Error::Invalid(format!("template base image {}: {e}", rootfs.display())))?;
+    let mut h = Sha256::new();
+    h.update(rootfs.as_os_str().as_encoded_bytes());
+    h.update(meta.len().to_le_bytes());
+    h.update(meta.mtime().to_le_bytes());
+    h.update(meta.mtime_nsec().to_le_bytes());
+    let key: String = h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let tree = cache.join(key);
+    if tree.is_dir() {
+        return Ok(tree);
+    }
+    std::fs::create_dir_all(cache).map_err(|e| Error::host(format!("creating {}", cache.display()), e))?;
+    let staging = cache.join(format!(".unpack-{}", crate::db::random_hex(6)?));
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&staging)
+        .map_err(|e| Error::host(format!("creating {}", staging.display()), e))?;
+    let unpack = || -> Result<()> {
+        let out = host::run(
+            "debugfs",
+            &["-R", &format!("rdump / {}", staging.display()), &rootfs.to_string_lossy()],
+            None,
+        )?;
+        if !staging.join("bin").exists() && !staging.join("usr").exists() {
+            return Err(Error::Invalid(format!(
+                "{} does not look like a root file system (no /bin or /usr): {out}",
+                rootfs.display()
+            )));
+        }
+        // rdump does not restore the sticky bit.
+        let tmp = staging.join("tmp");
+        if tmp.is_dir() {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))
+                .map_err(|e| Error::host("chmod 1777 /tmp of the base", e))?;
+        }
+        Ok(())
+    };
+    let result = unpack().and_then(|()| match std::fs::rename(&staging, &tree) {
+        Ok(()) => Ok(()),
+        // Another sandbox unpacked the same image meanwhile.
+        Err(_) if tree.is_dir() => host::remove_tree(&staging),
+        Err(e) => Err(Error::host(format!("renaming {} into place", staging.display()), e)),
+    });
+    if result.is_err() {
+        let _ = host::remove_tree(&staging);
+    }
+    result.map(|()| tree)
+}
+
+/// The directories of the per-sandbox overlay under `sandbox_dir`.
+pub struct Overlay {
+    /// Where the merged tree is mounted.
+    pub merged: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+}
+
+impl Overlay {
+    /// The overlay layout of `sandbox_dir`.
+    pub fn at(sandbox_dir: &Path) -> Self {
+        Overlay {
+            merged: sandbox_dir.join("rootfs"),
+            upper: sandbox_dir.join("upper"),
+            work: sandbox_dir.join("work"),
+        }
+    }
+
+    /// Mounts base + a fresh upper layer; `/root` of the sandbox belongs to `uid`.
+    pub fn mount(&self, base: &Path, uid: u32) -> Result<()> {
+        for d in [&self.merged, &self.upper, &self.work] {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(d)
+                .map_err(|e| Error::host(format!("creating {}", d.display()), e))?;
+        }
+        // Upper-layer directories take precedence: give the sandbox user its home.
+        let home = self.upper.join("root");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&home)
+            .map_err(|e| Error::host(format!("creating {}", home.display()), e))?;
+        std::os::unix::fs::chown(&home, Some(uid), Some(uid))
+            .map_err(|e| Error::host(format!("chown {}", home.display()), e))?;
+        host::mount(
+            Path::new("overlay"),
+            &self.merged,
+            Some("overlay"),
+            libc::MS_NODEV | libc::MS_NOSUID,
+            Some(&format!(
+                "lowerdir={},upperdir={},workdir={}",
+                base.display(),
+                self.upper.display(),
+                self.work.display()
+            )),
+        )
+    }
+
+    /// Unmounts the overlay (its directories go with the sandbox directory).
+    pub fn unmount(&self) -> Result<()> {
+        host::umount(&self.merged)
+    }
+
+    /// (host dir, jail path) of every top-level directory to bind into the jail.
+    pub fn jail_mounts(&self) -> Result<Vec<(PathBuf, PathBuf)>> {
+        let entries = std::fs::read_dir(&self.merged)
+            .map_err(|e| Error::host(format!("reading {}", self.merged.display()), e))?;
+        let mut mounts = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::host(format!("reading {}", self.merged.display()), e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            if is_dir && !NOT_IN_JAIL.contains(&name.as_ref()) {
+                mounts.push((entry.path(), Path::new("/").join(name.as_ref())));
+            }
+        }
+        mounts.sort();
+        Ok(mounts)
+    }
+}
+
+/// Makes the vm tier's writable layer: a sparse blank ext4 file owned by `uid`.
+pub fn make_layer(path: &Path, uid: u32) -> Result<()> {
+    let file = std::fs::File::create(path).map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
+    file.set_len(LAYER_SIZE_MIB << 20)
+        .map_err(|e| Error::host(format!("sizing {}", path.display()), e))?;
+    drop(file);
+    host::run("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", &path.to_string_lossy()], None)?;
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).map_err(|e| Error::host(format!("chown {}", path.display()), e))
+}

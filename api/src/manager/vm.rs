@@ -1,0 +1,146 @@
+//! The vm tier's conversation with one mvm-vmm over its API socket (Firecracker's HTTP API,
+//! types from the `vmm` crate).
+
+use std::path::Path;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::Request;
+use serde::Serialize;
+use vmm::config::{BootSource, CacheType, DriveConfig, MachineConfig, NetworkInterfaceConfig, VsockConfig};
+
+use crate::error::{Error, Result};
+use crate::http::{send_collect, Endpoint};
+
+/// Jail paths the VMM sees.
+pub const KERNEL: &str = "/kernel";
+/// The shared read-only base image in the jail.
+pub const ROOTFS: &str = "/rootfs.ext4";
+/// The per-sandbox writable layer in the jail.
+pub const LAYER: &str = "/layer.ext4";
+/// The VMM's API socket in the jail.
+pub const API_SOCK: &str = "/run/api.sock";
+/// The hybrid vsock socket in the jail.
+pub const VSOCK_SOCK: &str = "/run/vsock.sock";
+/// Guest CID of every VM.
+pub const GUEST_CID: u32 = 3;
+
+/// What one VM is made of.
+pub struct VmSpec<'a> {
+    /// Sandbox id (hostname).
+    pub id: &'a str,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory.
+    pub memory_mib: u64,
+    /// `ADDR/PREFIX,GATEWAY` for `mvm.ip`, when the sandbox has a network.
+    pub ip: Option<String>,
+}
+
+async fn call<T: Serialize>(api: &Endpoint, method: &str, path: &str, body: &T) -> Result<()> {
+    let body = serde_json::to_vec(body).expect("config types serialize");
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static request parts are valid");
+    let (status, answer) = send_collect(api, req)
+        .await
+        .map_err(|e| Error::host("mvm-vmm API", e))?;
+    if !(200..300).contains(&status) {
+        return Err(Error::Host(format!(
+            "mvm-vmm API {method} {path} answered {status}: {}",
+            String::from_utf8_lossy(&answer).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Configures and starts the VM behind the API socket at `api_sock` (a host path).
+pub async fn configure_and_start(api_sock: &Path, spec: &VmSpec<'_>) -> Result<()> {
+    let api = Endpoint::Unix(api_sock.to_path_buf());
+    let mut boot_args = format!(
+        "console=ttyS0 reboot=k panic=1 pci=off quiet mvm.overlay=/dev/vdb mvm.hostname={}",
+        spec.id
+    );
+    if let Some(ip) = &spec.ip {
+        boot_args.push_str(&format!(" mvm.ip={ip}"));
+    }
+    call(
+        &api,
+        "PUT",
+        "/boot-source",
+        &BootSource {
+            kernel_image_path: KERNEL.into(),
+            boot_args: Some(boot_args),
+            initrd_path: None,
+        },
+    )
+    .await?;
+    call(
+        &api,
+        "PUT",
+        "/machine-config",
+        &MachineConfig {
+            vcpu_count: spec.vcpus,
+            mem_size_mib: spec.memory_mib,
+            ..MachineConfig::default()
+        },
+    )
+    .await?;
+    for (drive_id, path, root, read_only) in [("rootfs", ROOTFS, true, true), ("layer", LAYER, false, false)] {
+        call(
+            &api,
+            "PUT",
+            &format!("/drives/{drive_id}"),
+            &DriveConfig {
+                drive_id: drive_id.into(),
+                path_on_host: Some(path.into()),
+                is_root_device: root,
+                is_read_only: Some(read_only),
+                partuuid: None,
+                cache_type: if read_only { CacheType::default() } else { CacheType::Writeback },
+                io_engine: None,
+                rate_limiter: None,
+                socket: None,
+            },
+        )
+        .await?;
+    }
+    if spec.ip.is_some() {
+        call(
+            &api,
+            "PUT",
+            "/network-interfaces/eth0",
+            &NetworkInterfaceConfig {
+                iface_id: "eth0".into(),
+                host_dev_name: super::net::TAP_IF.into(),
+                guest_mac: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            },
+        )
+        .await?;
+    }
+    call(
+        &api,
+        "PUT",
+        "/vsock",
+        &VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: VSOCK_SOCK.into(),
+            vsock_id: None,
+        },
+    )
+    .await?;
+    call(&api, "PUT", "/actions", &serde_json::json!({"action_type": "InstanceStart"})).await
+}
+
+/// Pauses or resumes the VM.
+pub async fn set_paused(api_sock: &Path, paused: bool) -> Result<()> {
+    let api = Endpoint::Unix(api_sock.to_path_buf());
+    let state = if paused { "Paused" } else { "Resumed" };
+    call(&api, "PATCH", "/vm", &serde_json::json!({ "state": state })).await
+}

@@ -1,0 +1,364 @@
+//! The JSON types of the versioned REST API (`/v1`), shared by the daemon, the client and the
+//! daemonless CLI.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// How a sandbox is isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A micro-VM (mvm-vmm under mvm-jailer) with the agent as the guest's init.
+    #[default]
+    Vm,
+    /// The agent as a jailed host process (namespaces, cgroups, pivot_root, no capabilities),
+    /// for hosts without hardware virtualization.
+    Jail,
+}
+
+impl Isolation {
+    /// The name used in the API and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Vm => "vm",
+            Isolation::Jail => "jail",
+        }
+    }
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vm" => Ok(Isolation::Vm),
+            "jail" => Ok(Isolation::Jail),
+            _ => Err(format!("unknown isolation {s:?}: use vm or jail")),
+        }
+    }
+}
+
+/// Outbound traffic a sandbox may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// No network interface but loopback.
+    #[default]
+    None,
+    /// Only to the addresses in `allow` (enforced with nftables in the sandbox's netns).
+    Allow,
+    /// Anywhere (masqueraded behind the host).
+    All,
+}
+
+/// Network of a sandbox, as requested.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// Egress policy (default `none`).
+    #[serde(default)]
+    pub egress: Egress,
+    /// IPv4 addresses or CIDRs reachable with `egress: allow`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// `POST /v1/sandboxes` body. Every field is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Template name (default `default`).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// vCPUs (vm) or CPU quota in cores (jail); default 1, at most 32.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB; default 256, 16 to 65536.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Seconds until the sandbox is destroyed (default 300; 0 = never); `keepalive` extends it.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Environment of every exec in the sandbox.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Isolation tier (default `vm`).
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
+    /// Network (default: no egress).
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+    /// Free-form labels returned with the sandbox.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Lifecycle state of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Being built.
+    Creating,
+    /// Ready for execs.
+    Running,
+    /// Frozen (vm: VM paused; jail: cgroup freezer).
+    Paused,
+    /// Being torn down.
+    Stopping,
+}
+
+impl SandboxState {
+    /// Name as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Stopping => "stopping",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "creating" => SandboxState::Creating,
+            "running" => SandboxState::Running,
+            "paused" => SandboxState::Paused,
+            "stopping" => SandboxState::Stopping,
+            _ => return None,
+        })
+    }
+}
+
+/// The network a sandbox got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkInfo {
+    /// Egress policy.
+    pub egress: Egress,
+    /// Allowed destinations with `egress: allow`.
+    pub allow: Vec<String>,
+    /// The sandbox's IPv4 address (none without egress).
+    pub address: Option<String>,
+    /// Its gateway on the host side (none without egress).
+    pub gateway: Option<String>,
+}
+
+/// A sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    /// Sandbox id.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Lifecycle state.
+    pub state: SandboxState,
+    /// Isolation tier.
+    pub isolation: Isolation,
+    /// Template it was made from.
+    pub template: String,
+    /// vCPUs / CPU quota.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Timeout in seconds (0 = none).
+    pub timeout_s: u64,
+    /// Unix time (s) at which it is destroyed, if it has a timeout.
+    pub expires_at: Option<i64>,
+    /// Unix time (s) of creation.
+    pub created_at: i64,
+    /// Environment of every exec.
+    pub env: BTreeMap<String, String>,
+    /// Network.
+    pub network: NetworkInfo,
+    /// Labels.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `GET /v1/sandboxes` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxList {
+    /// The tenant's sandboxes, oldest first.
+    pub sandboxes: Vec<Sandbox>,
+}
+
+/// `POST /v1/sandboxes/{id}/keepalive` body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Keepalive {
+    /// New timeout from now, in seconds (default: the sandbox's `timeout_s`).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// `POST /v1/sandboxes/{id}/exec` body (also the first websocket message of `exec/ws`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments (`cmd[0]` is looked up in PATH).
+    pub cmd: Vec<String>,
+    /// Extra environment (on top of the sandbox's).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Whole stdin of the process (UTF-8); without it stdin is empty.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Kill the process after this many seconds.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Stream the output as NDJSON [`ExecEvent`]s instead of one [`ExecResult`].
+    #[serde(default)]
+    pub stream: bool,
+    /// Run on a pseudo-terminal (websocket only).
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExitInfo {
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Signal, when one killed it.
+    pub signal: Option<i32>,
+    /// Killed because `timeout_s` expired.
+    pub timed_out: bool,
+}
+
+impl ExitInfo {
+    /// Shell-style status: the code, or 128 + signal.
+    pub fn shell_code(&self) -> i32 {
+        match (self.exit_code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(sig)) => 128 + sig,
+            (None, None) => 1,
+        }
+    }
+}
+
+impl From<agent::ExitStatus> for ExitInfo {
+    fn from(s: agent::ExitStatus) -> Self {
+        ExitInfo {
+            exit_code: s.code(),
+            signal: s.signal(),
+            timed_out: s.timed_out,
+        }
+    }
+}
+
+/// Buffered exec answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    /// How it ended.
+    #[serde(flatten)]
+    pub exit: ExitInfo,
+    /// Standard output (UTF-8, invalid bytes replaced).
+    pub stdout: String,
+    /// Standard error (UTF-8, invalid bytes replaced).
+    pub stderr: String,
+}
+
+/// One line of a streamed exec (`application/x-ndjson`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExecEvent {
+    /// A chunk of standard output, base64.
+    Stdout {
+        /// Base64 of the bytes.
+        data: String,
+    },
+    /// A chunk of standard error, base64.
+    Stderr {
+        /// Base64 of the bytes.
+        data: String,
+    },
+    /// The process ended; the last event.
+    Exit(ExitInfo),
+    /// The exec failed; the last event.
+    Error(crate::error::ErrorBody),
+}
+
+/// Client control messages of `exec/ws` (text frames); binary frames are stdin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum WsControl {
+    /// Close stdin.
+    Eof,
+    /// Send a signal to the process group.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+    /// Resize the pty.
+    Resize {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+}
+
+/// `GET /v1/sandboxes/{id}/files` query and `PUT` query.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::IntoParams)]
+pub struct FileQuery {
+    /// Absolute path in the sandbox.
+    pub path: String,
+    /// Permission bits for `PUT`, octal (default 644).
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+/// `PUT /v1/sandboxes/{id}/files` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileWritten {
+    /// Path written.
+    pub path: String,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Resource usage of a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxStats {
+    /// Sandbox id.
+    pub id: String,
+    /// CPU time used, nanoseconds (cgroup cpuacct).
+    pub cpu_ns: u64,
+    /// Memory charged to the sandbox, bytes (cgroup memory; for vm: the VMM process).
+    pub memory_bytes: u64,
+    /// Processes and threads in the sandbox's cgroup.
+    pub pids: u64,
+}
+
+/// A template: a kernel plus a read-only base image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    /// Name (1-64 of a-z, 0-9, '-', '_', '.').
+    pub name: String,
+    /// Host path of the guest kernel (vmlinux or bzImage); used by the vm tier.
+    pub kernel: String,
+    /// Host path of the ext4 base image (read-only, shared).
+    pub rootfs: String,
+}
+
+/// `GET /v1/templates` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateList {
+    /// Registered templates.
+    pub templates: Vec<Template>,
+}
+
+/// `GET /healthz` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always "ok".
+    pub status: String,
+    /// mvmd version.
+    pub version: String,
+    /// Whether the vm tier can run on this host, and why not.
+    pub vm_tier: String,
+}

@@ -1,0 +1,73 @@
+//! Extractors that answer bad input with the API's JSON errors (400/401/422), never a bare
+//! text body or a 500.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use crate::db::Tenant;
+use crate::error::Error;
+
+/// The bearer token of a request, if it has one.
+pub fn token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// The tenant authenticated by `Authorization: Bearer <token>`.
+pub struct Auth(pub Tenant);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        let token = token(&parts.headers).ok_or(Error::Unauthorized)?;
+        state
+            .manager
+            .db()
+            .tenant_for_token(token)?
+            .map(Auth)
+            .ok_or(Error::Unauthorized)
+    }
+}
+
+/// A JSON body; syntax errors are 400, wrong fields or types 422.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::JsonDataError(e)) => Err(Error::Invalid(format!("{}", e.body_text()))),
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(Error::BadRequest(e.body_text())),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::BadRequest(
+                "send the body as JSON with `Content-Type: application/json`".into(),
+            )),
+            Err(e) => Err(Error::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// A query string; anything wrong in it is 400.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| Error::BadRequest(e.body_text()))
+    }
+}

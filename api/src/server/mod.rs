@@ -1,0 +1,417 @@
+//! `mvmd`'s HTTP surface: the versioned JSON API under `/v1`, `/healthz`, `/metrics` and the
+//! OpenAPI document at `/openapi.json`, generated from the handlers below.
+
+mod exec;
+mod extract;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use futures_util::TryStreamExt;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::db::Tenant;
+use crate::error::{Error, ErrorBody, Result};
+use crate::manager::Manager;
+use crate::model::*;
+pub use extract::{ApiJson, ApiQuery, Auth};
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The sandbox manager.
+    pub manager: Manager,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "mvmd", description = "mvm sandbox API: micro-VM (vm) or jailed-process (jail) sandboxes."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(ErrorBody, ExecEvent, WsControl))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The router and the OpenAPI document describing exactly its routes.
+pub fn router(manager: Manager) -> (Router, utoipa::openapi::OpenApi) {
+    let state = AppState { manager };
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_sandbox, list_sandboxes))
+        .routes(routes!(get_sandbox, delete_sandbox))
+        .routes(routes!(exec::exec))
+        .routes(routes!(exec::exec_ws))
+        .routes(routes!(put_file, get_file))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(keepalive))
+        .routes(routes!(logs))
+        .routes(routes!(stats))
+        .routes(routes!(list_templates, create_template))
+        .routes(routes!(metrics))
+        .routes(routes!(healthz))
+        .routes(routes!(openapi_json))
+        .with_state(state.clone())
+        .split_for_parts();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    let shared = Arc::new(doc.clone());
+    let router = router
+        .layer(axum::Extension(shared))
+        .fallback(|| async { Error::NotFound("no such route; see /openapi.json".into()) })
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(ErrorBody {
+                    code: "method_not_allowed".into(),
+                    message: "this route does not take that method; see /openapi.json".into(),
+                }),
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(state, audit));
+    (router, doc)
+}
+
+/// Records every mutating call in the audit log: who, what, on which target, with what result.
+async fn audit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !mutating {
+        return next.run(req).await;
+    }
+    let tenant = extract::token(req.headers())
+        .and_then(|t| state.manager.db().tenant_for_token(t).ok().flatten())
+        .map_or_else(|| "-".to_owned(), |t| t.name);
+    let action = format!("{} {}", req.method(), req.uri().path());
+    let target = req.uri().path().split('/').nth(3).unwrap_or("").to_owned();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    // A sandbox create answers with the new id only in its body; the path has no target.
+    if let Err(e) = state.manager.db().audit(&tenant, &action, &target, status, "") {
+        tracing::error!("writing the audit log: {e}");
+    }
+    resp
+}
+
+fn sandbox_audit(state: &AppState, tenant: &Tenant, action: &str, id: &str) {
+    if let Err(e) = state.manager.db().audit(&tenant.name, action, id, 200, "") {
+        tracing::error!("writing the audit log: {e}");
+    }
+}
+
+/// Create a sandbox and wait until it is ready.
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateSandbox,
+    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn create_sandbox(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiJson(req): ApiJson<CreateSandbox>,
+) -> Result<(StatusCode, Json<Sandbox>)> {
+    let sandbox = state.manager.create(&tenant, req).await?;
+    sandbox_audit(&state, &tenant, "created", &sandbox.id);
+    Ok((StatusCode::CREATED, Json(sandbox)))
+}
+
+/// List the caller's sandboxes.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    responses((status = 200, body = SandboxList), (status = 401, body = ErrorBody)))]
+async fn list_sandboxes(State(state): State<AppState>, Auth(tenant): Auth) -> Result<Json<SandboxList>> {
+    Ok(Json(SandboxList {
+        sandboxes: state.manager.list(Some(&tenant.name))?,
+    }))
+}
+
+/// One sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
+async fn get_sandbox(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Json<Sandbox>> {
+    Ok(Json(state.manager.get(&tenant.name, &id)?))
+}
+
+/// Destroy a sandbox and everything it had on the host.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_sandbox(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<StatusCode> {
+    state.manager.destroy(&tenant.name, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn file_mode(q: &FileQuery) -> Result<u32> {
+    match &q.mode {
+        None => Ok(0o644),
+        Some(m) => u32::from_str_radix(m, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| Error::BadRequest(format!("mode {m:?} is not octal permission bits like 644"))),
+    }
+}
+
+fn check_path(path: &str) -> Result<()> {
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(Error::BadRequest(format!("path {path:?} must be absolute")));
+    }
+    Ok(())
+}
+
+/// Write a file in the sandbox (the request body is its content; atomic replace).
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path), FileQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = FileWritten), (status = 404, body = ErrorBody), (status = 400, body = ErrorBody)))]
+async fn put_file(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+    body: Body,
+) -> Result<Json<FileWritten>> {
+    check_path(&q.path)?;
+    let mode = file_mode(&q)?;
+    let client = state.manager.agent(&tenant.name, &id).await?;
+    let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+    let bytes = client.put_file(&q.path, mode, reader).await?;
+    Ok(Json(FileWritten { path: q.path, bytes }))
+}
+
+/// Read a file from the sandbox (streamed).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path), FileQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+async fn get_file(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+) -> Result<Response> {
+    check_path(&q.path)?;
+    let client = state.manager.agent(&tenant.name, &id).await?;
+    let stat = client.stat(&q.path).await?;
+    if stat.kind != agent::FileKind::File {
+        return Err(Error::Invalid(format!("{} is not a regular file", q.path)));
+    }
+    let (mut writer, reader) = tokio::io::duplex(256 * 1024);
+    let path = q.path.clone();
+    tokio::spawn(async move {
+        if let Err(e) = client.get_file(&path, &mut writer).await {
+            tracing::warn!("streaming {path}: {e}");
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, stat.size.to_string()),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::new(reader)),
+    )
+        .into_response())
+}
+
+/// Pause a sandbox (vm: the VM's vCPUs; jail: cgroup freezer).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 409, body = ErrorBody)))]
+async fn pause(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Json<Sandbox>> {
+    Ok(Json(state.manager.set_paused(&tenant.name, &id, true).await?))
+}
+
+/// Resume a paused sandbox.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 409, body = ErrorBody)))]
+async fn resume(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Json<Sandbox>> {
+    Ok(Json(state.manager.set_paused(&tenant.name, &id, false).await?))
+}
+
+/// Extend a sandbox's timeout from now.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/keepalive", tag = "sandboxes", params(("id" = String, Path)),
+    request_body = Keepalive, responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
+async fn keepalive(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    Path(id): Path<String>,
+    ApiJson(k): ApiJson<Keepalive>,
+) -> Result<Json<Sandbox>> {
+    Ok(Json(state.manager.keepalive(&tenant.name, &id, k.timeout_s)?))
+}
+
+/// The sandbox's console and agent log (last MiB).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", params(("id" = String, Path)),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
+async fn logs(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Response> {
+    let log = state.manager.logs(&tenant.name, &id)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response())
+}
+
+/// CPU, memory and processes of a sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/stats", tag = "sandboxes", params(("id" = String, Path)),
+    responses((status = 200, body = SandboxStats), (status = 404, body = ErrorBody)))]
+async fn stats(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Json<SandboxStats>> {
+    Ok(Json(state.manager.stats(&tenant.name, &id)?))
+}
+
+/// Registered templates.
+#[utoipa::path(get, path = "/v1/templates", tag = "templates",
+    responses((status = 200, body = TemplateList), (status = 401, body = ErrorBody)))]
+async fn list_templates(State(state): State<AppState>, Auth(_tenant): Auth) -> Result<Json<TemplateList>> {
+    Ok(Json(TemplateList {
+        templates: state.manager.templates()?,
+    }))
+}
+
+/// Register a template: a kernel and a base image already on the host.
+#[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = Template,
+    responses((status = 201, body = Template), (status = 422, body = ErrorBody)))]
+async fn create_template(
+    State(state): State<AppState>,
+    Auth(_tenant): Auth,
+    ApiJson(t): ApiJson<Template>,
+) -> Result<(StatusCode, Json<Template>)> {
+    Ok((StatusCode::CREATED, Json(state.manager.add_template(t)?)))
+}
+
+/// Prometheus metrics: sandboxes by state, create latency, per-sandbox CPU and memory.
+#[utoipa::path(get, path = "/metrics", tag = "service", security(()),
+    responses((status = 200, content_type = "text/plain", body = String)))]
+async fn metrics(State(state): State<AppState>) -> Result<Response> {
+    let text = state.manager.render_metrics()?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// Liveness, version and whether the vm tier can run here.
+#[utoipa::path(get, path = "/healthz", tag = "service", security(()), responses((status = 200, body = Health)))]
+async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        vm_tier: state.manager.vm_tier_unavailable().unwrap_or_else(|| "available".into()),
+    })
+}
+
+/// This OpenAPI 3 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", security(()),
+    responses((status = 200, content_type = "application/json", body = Object)))]
+async fn openapi_json(doc: axum::Extension<Arc<utoipa::openapi::OpenApi>>) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, "application/json".parse().expect("static header"));
+    (headers, doc.to_json().unwrap_or_default()).into_response()
+}
+
+/// Where `mvmd` listens.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Unix socket (mode 0600).
+    pub socket: std::path::PathBuf,
+    /// Optional TCP address, e.g. 127.0.0.1:7070.
+    pub tcp: Option<std::net::SocketAddr>,
+}
+
+/// Default unix socket of mvmd.
+pub const DEFAULT_SOCKET: &str = "/run/mvm/mvmd.sock";
+
+/// File under the state dir holding the `default` tenant's token (mode 0600).
+pub const TOKEN_FILE: &str = "token";
+
+/// Makes sure tenant `default` exists and its token is in `<state_dir>/token`; returns the token.
+pub fn ensure_default_token(manager: &Manager) -> Result<String> {
+    let path = manager.config().state_dir.join(TOKEN_FILE);
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_owned();
+        if manager.db().tenant_for_token(&t)?.is_some() {
+            return Ok(t);
+        }
+    }
+    let token = manager.db().create_tenant("default", crate::db::Quota::default())?;
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::host(format!("writing {}", path.display()), e))?;
+    writeln!(f, "{token}").map_err(|e| Error::host(format!("writing {}", path.display()), e))?;
+    Ok(token)
+}
+
+/// Serves the API until SIGINT or SIGTERM, destroying sandboxes whose timeout passed.
+pub async fn serve(manager: Manager, cfg: ServeConfig) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    }
+    if tokio::net::UnixStream::connect(&cfg.socket).await.is_ok() {
+        return Err(Error::Conflict(format!("another mvmd already serves {}", cfg.socket.display())));
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let unix = tokio::net::UnixListener::bind(&cfg.socket)
+        .map_err(|e| Error::host(format!("listening on {}", cfg.socket.display()), e))?;
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::host(format!("chmod {}", cfg.socket.display()), e))?;
+    let (app, _) = router(manager.clone());
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    let reaper = {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = manager.reap_expired().await {
+                    tracing::warn!("timeout reaper: {e}");
+                }
+            }
+        })
+    };
+    tracing::info!(socket = %cfg.socket.display(), tcp = ?cfg.tcp, "mvmd serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tcp_task = match cfg.tcp {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::host(format!("listening on {addr}"), e))?;
+            let app = app.clone();
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.changed().await;
+                    })
+                    .await
+            }))
+        }
+        None => None,
+    };
+    let result = axum::serve(unix, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    reaper.abort();
+    if let Some(t) = tcp_task {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    drop(stop_rx);
+    result.map_err(|e| Error::host("serving", e))
+}
