@@ -95,6 +95,7 @@ pub(crate) fn create_jail_dir(config: &JailConfig) -> Result<PathBuf> {
 /// for the jailed user except the device nodes and `/run`.
 pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
     mkdir(root, 0o755)?;
+    refuse_nodev(root)?;
 
     let exec_copy = root.join(config.exec_file_name()?);
     fs::copy(&config.exec_file, &exec_copy).map_err(|e| {
@@ -148,6 +149,27 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
     // The jail dir stayed 0700 while being filled (e.g. the copy briefly has the source's mode
     // bits); open it up only now that the tree is complete.
     mkdir(root.parent().expect("root has a parent"), 0o755)
+}
+
+/// Device nodes on a `nodev` filesystem cannot be opened: refuse such a chroot base up front.
+fn refuse_nodev(root: &Path) -> Result<()> {
+    let c = cstr(root)?;
+    // SAFETY: a zeroed statvfs is a valid out-buffer; `c` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, || {
+        format!("statvfs {}", root.display())
+    })?;
+    if st.f_flag & libc::ST_NODEV != 0 {
+        return Err(Error::io(
+            format!(
+                "{} is on a filesystem mounted nodev, where /dev/kvm and /dev/net/tun cannot be opened; choose another --chroot-base-dir",
+                root.display()
+            ),
+            ErrorKind::Unsupported.into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Creates the missing directories between `root` and `path` (exclusive), mode 0755.

@@ -492,6 +492,28 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
         "only cgroup.max.descendants",
     );
 
+    // A chroot base on a nodev filesystem is refused (device nodes would not open there).
+    let nodev = tempdir("nodev");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "nodev,size=64m", "tmpfs"])
+        .arg(&*nodev)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let mut on_nodev = TestJail::new("nodev");
+    std::fs::remove_dir(&on_nodev.base).unwrap();
+    on_nodev.base = nodev.to_path_buf();
+    let out = on_nodev.run(&["--cgroup", "pids.max=8"], &["report"]);
+    let dir_left = on_nodev.jail_dir().exists();
+    assert!(Command::new("umount")
+        .arg(&*nodev)
+        .status()
+        .unwrap()
+        .success());
+    assert!(stderr(&out).contains("mounted nodev"), "{}", stderr(&out));
+    assert!(!dir_left, "jail dir left on the nodev filesystem");
+    on_nodev.assert_nothing_left();
+
     let uid = j.uid.to_string();
     let run_raw = |args: &[&str]| {
         Command::new(JAILER)
