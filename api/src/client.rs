@@ -369,3 +369,38 @@ impl tokio::io::AsyncWrite for EitherStream {
         }
     }
 }
+
+impl Client {
+    /// Streamed exec (NDJSON) with output decoded and handed to `on_output`; returns how the
+    /// process ended.
+    pub async fn exec_streamed(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+        mut on_output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExitInfo, ClientError> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut bad = None;
+        let last = self
+            .exec_stream(id, req, |e| match e {
+                ExecEvent::Stdout { data } | ExecEvent::Stderr { data } => match b64.decode(data) {
+                    Ok(bytes) => on_output(
+                        if matches!(e, ExecEvent::Stdout { .. }) { Stream::Stdout } else { Stream::Stderr },
+                        &bytes,
+                    ),
+                    Err(err) => bad = Some(err.to_string()),
+                },
+                _ => {}
+            })
+            .await?;
+        if let Some(err) = bad {
+            return Err(ClientError::Decode(format!("bad base64 in the exec stream: {err}")));
+        }
+        match last {
+            ExecEvent::Exit(exit) => Ok(exit),
+            ExecEvent::Error(body) => Err(ClientError::Api { status: 200, body }),
+            other => Err(ClientError::Decode(format!("unexpected last event {other:?}"))),
+        }
+    }
+}

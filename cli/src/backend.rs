@@ -1,0 +1,234 @@
+//! Where the CLI's commands go: a running mvmd (when `MVM_HOST`/`--host` is set or the default
+//! socket answers), or an in-process sandbox manager (daemonless, like podman).
+
+use std::io::Write;
+use std::path::Path;
+
+use api::client::{Client, ClientError, Stream};
+use api::db::Tenant;
+use api::model::{CreateSandbox, ExecRequest, ExitInfo, Sandbox, SandboxStats, Template};
+use api::server::{DEFAULT_SOCKET, TOKEN_FILE};
+use api::{Manager, ManagerConfig};
+use tokio::io::AsyncReadExt;
+
+/// Errors of the CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// From mvmd.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// From the in-process manager.
+    #[error(transparent)]
+    Manager(#[from] api::Error),
+    /// From the agent, in daemonless mode.
+    #[error("sandbox agent: {0}")]
+    Agent(#[from] agent::ClientError),
+    /// Local files or terminal.
+    #[error("{0}")]
+    Local(String),
+}
+
+/// The target of the commands.
+pub enum Backend {
+    /// A running mvmd.
+    Daemon(Client),
+    /// Daemonless: this process manages sandboxes itself (tenant `default`).
+    Local {
+        /// The manager.
+        manager: Manager,
+        /// The tenant every sandbox belongs to.
+        tenant: Tenant,
+    },
+}
+
+fn write_out(stream: Stream, data: &[u8]) {
+    // A closed stdout/stderr (e.g. `| head`) must not abort the sandbox's command.
+    let _ = match stream {
+        Stream::Stdout => {
+            let mut o = std::io::stdout().lock();
+            o.write_all(data).and_then(|()| o.flush())
+        }
+        Stream::Stderr => {
+            let mut e = std::io::stderr().lock();
+            e.write_all(data).and_then(|()| e.flush())
+        }
+    };
+}
+
+impl Backend {
+    /// mvmd at `host` (or `MVM_HOST`, or the default socket if it answers), else daemonless.
+    pub async fn connect(host: Option<String>, token: Option<String>) -> Result<Backend, CliError> {
+        let cfg = ManagerConfig::from_env();
+        let endpoint = match host {
+            Some(h) => Some(h.parse().map_err(CliError::Local)?),
+            None if tokio::net::UnixStream::connect(DEFAULT_SOCKET).await.is_ok() => {
+                Some(api::http::Endpoint::Unix(DEFAULT_SOCKET.into()))
+            }
+            None => None,
+        };
+        if let Some(endpoint) = endpoint {
+            let token = token.or_else(|| {
+                std::fs::read_to_string(cfg.state_dir.join(TOKEN_FILE))
+                    .ok()
+                    .map(|t| t.trim().to_owned())
+            });
+            return Ok(Backend::Daemon(Client::new(endpoint, token)));
+        }
+        let (manager, _) = Manager::open(cfg).await?;
+        manager.db().ensure_tenant("default")?;
+        let tenant = manager
+            .db()
+            .tenant("default")?
+            .ok_or_else(|| CliError::Local("tenant default vanished".into()))?;
+        manager.reap_expired().await?;
+        Ok(Backend::Local { manager, tenant })
+    }
+
+    /// Creates a sandbox.
+    pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.create(&req).await?,
+            Backend::Local { manager, tenant } => manager.create(tenant, req).await?,
+        })
+    }
+
+    /// The sandboxes.
+    pub async fn list(&self) -> Result<Vec<Sandbox>, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.list().await?,
+            Backend::Local { manager, tenant } => manager.list(Some(&tenant.name))?,
+        })
+    }
+
+    /// Destroys a sandbox.
+    pub async fn destroy(&self, id: &str) -> Result<(), CliError> {
+        match self {
+            Backend::Daemon(c) => c.delete(id).await?,
+            Backend::Local { manager, tenant } => manager.destroy(&tenant.name, id).await?,
+        }
+        Ok(())
+    }
+
+    /// Runs `req`, streaming its output to ours; with `interactive`, our stdin goes to it.
+    pub async fn exec(&self, id: &str, req: &ExecRequest, interactive: bool) -> Result<ExitInfo, CliError> {
+        match self {
+            Backend::Daemon(c) if interactive => {
+                Ok(c.exec_interactive(id, req, tokio::io::stdin(), write_out).await?)
+            }
+            Backend::Daemon(c) => Ok(c.exec_streamed(id, req, write_out).await?),
+            Backend::Local { manager, tenant } => {
+                let mut session = manager.start_exec(&tenant.name, id, req).await?;
+                let stdin = session.stdin.take();
+                let feeder = tokio::spawn(async move {
+                    let Some(mut stdin) = stdin else { return };
+                    if interactive {
+                        let mut local = tokio::io::stdin();
+                        let mut buf = vec![0u8; 32 * 1024];
+                        while let Ok(n) = local.read(&mut buf).await {
+                            if n == 0 || stdin.write(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = stdin.close();
+                });
+                let (mut out, mut err) = (session.stdout.take(), session.stderr.take());
+                while out.is_some() || err.is_some() {
+                    tokio::select! {
+                        c = async { out.as_mut().expect("checked").recv().await }, if out.is_some() => match c? {
+                            Some(c) => write_out(Stream::Stdout, &c),
+                            None => out = None,
+                        },
+                        c = async { err.as_mut().expect("checked").recv().await }, if err.is_some() => match c? {
+                            Some(c) => write_out(Stream::Stderr, &c),
+                            None => err = None,
+                        },
+                    }
+                }
+                let status = session.wait().await?;
+                feeder.abort();
+                Ok(status.into())
+            }
+        }
+    }
+
+    /// Runs `req` to completion and returns all of its output.
+    pub async fn exec_buffered(&self, id: &str, req: &ExecRequest) -> Result<api::model::ExecResult, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.exec(id, req).await?,
+            Backend::Local { manager, tenant } => manager.exec(&tenant.name, id, req).await?,
+        })
+    }
+
+    /// Copies a local file into the sandbox.
+    pub async fn put_file(&self, id: &str, path: &str, mode: u32, data: Vec<u8>) -> Result<u64, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.put_file(id, path, mode, data).await?.bytes,
+            Backend::Local { manager, tenant } => {
+                manager.agent(&tenant.name, id).await?.put_file(path, mode, data.as_slice()).await?
+            }
+        })
+    }
+
+    /// Reads a file of the sandbox.
+    pub async fn get_file(&self, id: &str, path: &str) -> Result<Vec<u8>, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.get_file(id, path).await?.to_vec(),
+            Backend::Local { manager, tenant } => {
+                let mut buf = Vec::new();
+                manager.agent(&tenant.name, id).await?.get_file(path, &mut buf).await?;
+                buf
+            }
+        })
+    }
+
+    /// The sandbox's console log.
+    pub async fn logs(&self, id: &str) -> Result<Vec<u8>, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.logs(id).await?.to_vec(),
+            Backend::Local { manager, tenant } => manager.logs(&tenant.name, id)?,
+        })
+    }
+
+    /// CPU/memory of a sandbox.
+    pub async fn stats(&self, id: &str) -> Result<SandboxStats, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.stats(id).await?,
+            Backend::Local { manager, tenant } => manager.stats(&tenant.name, id)?,
+        })
+    }
+
+    /// Pauses or resumes a sandbox.
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<Sandbox, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.set_paused(id, paused).await?,
+            Backend::Local { manager, tenant } => manager.set_paused(&tenant.name, id, paused).await?,
+        })
+    }
+
+    /// The templates.
+    pub async fn templates(&self) -> Result<Vec<Template>, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.templates().await?,
+            Backend::Local { manager, .. } => manager.templates()?,
+        })
+    }
+
+    /// Registers a template.
+    pub async fn add_template(&self, t: Template) -> Result<Template, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.add_template(&t).await?,
+            Backend::Local { manager, .. } => manager.add_template(t)?,
+        })
+    }
+}
+
+/// Reads a local file, `-` being stdin.
+pub fn read_local(path: &str) -> Result<Vec<u8>, CliError> {
+    if path == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|e| CliError::Local(format!("reading stdin: {e}")))?;
+        return Ok(buf);
+    }
+    std::fs::read(Path::new(path)).map_err(|e| CliError::Local(format!("reading {path}: {e}")))
+}

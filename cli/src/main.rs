@@ -1,0 +1,386 @@
+//! `mvm`: run commands in sandboxes. Daemonless by default (this process manages the sandbox,
+//! like podman); a client of mvmd when `--host`/`MVM_HOST` is set or mvmd's default socket
+//! answers.
+
+mod backend;
+mod build;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, Sandbox, Template};
+use backend::{read_local, Backend, CliError};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit code for failures of mvm itself (as opposed to the sandboxed command's).
+const EXIT_MVM_FAILED: u8 = 125;
+
+/// mvm: micro-VM (or jailed-process) sandboxes.
+#[derive(Debug, Parser)]
+#[command(name = "mvm", version)]
+struct Cli {
+    /// mvmd to talk to: unix:PATH, /PATH, tcp:HOST:PORT or http://HOST:PORT [default: daemonless,
+    /// or /run/mvm/mvmd.sock when mvmd serves it].
+    #[arg(long, global = true, env = "MVM_HOST")]
+    host: Option<String>,
+    /// Bearer token for mvmd [default: <state dir>/token].
+    #[arg(long, global = true, env = "MVM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Isolation tier [default: vm, or MVM_ISOLATION].
+    #[arg(long)]
+    isolation: Option<Isolation>,
+    /// vCPUs (vm) or CPU quota in cores (jail).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    env: Vec<(String, String)>,
+    /// Remove the sandbox when the command ends.
+    #[arg(long)]
+    rm: bool,
+    /// Keep stdin open and send it to the command.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Run the command on a pseudo-terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Sandbox timeout in seconds (0 = none).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Egress policy.
+    #[arg(long, value_parser = ["none", "allow", "all"], default_value = "none")]
+    egress: String,
+    /// Allowed destination (IPv4 or CIDR) with --egress allow (repeatable).
+    #[arg(long)]
+    allow: Vec<String>,
+    /// Template [default: default].
+    template: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a sandbox, run a command in it and print its output; exits with its exit code.
+    Run(RunArgs),
+    /// Start mvmd in the foreground.
+    Serve {
+        /// Unix socket.
+        #[arg(long, default_value = api::server::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Also listen on this TCP address.
+        #[arg(long)]
+        tcp: Option<std::net::SocketAddr>,
+    },
+    /// List sandboxes.
+    Ps,
+    /// Run a command in an existing sandbox.
+    Exec {
+        /// Keep stdin open and send it to the command.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        /// Sandbox id.
+        id: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// Destroy sandboxes.
+    Rm {
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Print a sandbox's console and agent log.
+    Logs {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Copy a file: `mvm cp LOCAL ID:/PATH` or `mvm cp ID:/PATH LOCAL` (`-` = stdin/stdout).
+    Cp {
+        /// Source.
+        src: String,
+        /// Destination.
+        dst: String,
+    },
+    /// CPU time, memory and processes per sandbox.
+    Stats {
+        /// Sandbox ids [default: all].
+        ids: Vec<String>,
+    },
+    /// Pause (freeze) a sandbox.
+    Pause {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Resume a paused sandbox.
+    Resume {
+        /// Sandbox id.
+        id: String,
+    },
+    /// List templates.
+    Templates,
+    /// Build the guest kernel and base image and register them as a template.
+    Build(build::BuildArgs),
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mvm: starting the runtime: {e}");
+            return ExitCode::from(EXIT_MVM_FAILED);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("mvm: error: {e}");
+            ExitCode::from(EXIT_MVM_FAILED)
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("API types serialize"));
+}
+
+fn exit_byte(code: i32) -> u8 {
+    u8::try_from(code.clamp(0, 255)).unwrap_or(EXIT_MVM_FAILED)
+}
+
+fn split_remote(spec: &str) -> Option<(&str, &str)> {
+    spec.split_once(':').filter(|(id, path)| !id.is_empty() && !id.contains('/') && path.starts_with('/'))
+}
+
+async fn run(cli: Cli) -> Result<u8, CliError> {
+    let json = cli.output == Output::Json;
+    if let Command::Serve { socket, tcp } = cli.command {
+        let (manager, reconciled) = api::Manager::open(api::ManagerConfig::from_env()).await?;
+        eprintln!("mvm serve: adopted {:?}, cleaned {:?}", reconciled.adopted, reconciled.cleaned);
+        api::server::ensure_default_token(&manager)?;
+        api::server::serve(manager, api::server::ServeConfig { socket, tcp }).await?;
+        return Ok(0);
+    }
+    if let Command::Build(args) = &cli.command {
+        let t = build::build(args)?;
+        let backend = Backend::connect(cli.host, cli.token).await?;
+        let t = backend.add_template(t).await?;
+        if json {
+            print_json(&t);
+        } else {
+            println!("template {} registered: kernel {}, rootfs {}", t.name, t.kernel, t.rootfs);
+        }
+        return Ok(0);
+    }
+    let backend = Backend::connect(cli.host, cli.token).await?;
+    match cli.command {
+        Command::Run(args) => run_command(&backend, args, json).await,
+        Command::Exec { interactive, env, id, cmd } => {
+            let req = ExecRequest {
+                cmd,
+                env: env.into_iter().collect(),
+                ..ExecRequest::default()
+            };
+            exec(&backend, &id, req, interactive, json).await
+        }
+        Command::Ps => {
+            let list = backend.list().await?;
+            if json {
+                print_json(&list);
+            } else {
+                println!("{:<14} {:<9} {:<5} {:<10} {:>4} {:>7} {:<10} EXPIRES", "ID", "STATE", "TIER", "TEMPLATE", "CPUS", "MEM", "TENANT");
+                for s in list {
+                    println!(
+                        "{:<14} {:<9} {:<5} {:<10} {:>4} {:>6}M {:<10} {}",
+                        s.id,
+                        s.state.as_str(),
+                        s.isolation.as_str(),
+                        s.template,
+                        s.vcpus,
+                        s.memory_mib,
+                        s.tenant,
+                        s.expires_at.map_or("never".into(), |t| format!("in {}s", t - api::db::now()))
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Rm { ids } => {
+            let mut failed = false;
+            for id in ids {
+                match backend.destroy(&id).await {
+                    Ok(()) => println!("{id}"),
+                    Err(e) => {
+                        eprintln!("mvm: rm {id}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed { 1 } else { 0 })
+        }
+        Command::Logs { id } => {
+            let log = backend.logs(&id).await?;
+            if json {
+                print_json(&serde_json::json!({ "id": id, "log": String::from_utf8_lossy(&log) }));
+            } else {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(&log);
+            }
+            Ok(0)
+        }
+        Command::Cp { src, dst } => {
+            match (split_remote(&src), split_remote(&dst)) {
+                (None, Some((id, path))) => {
+                    let data = read_local(&src)?;
+                    let bytes = backend.put_file(id, path, 0o644, data).await?;
+                    if json {
+                        print_json(&serde_json::json!({ "path": path, "bytes": bytes }));
+                    }
+                }
+                (Some((id, path)), None) => {
+                    let data = backend.get_file(id, path).await?;
+                    if dst == "-" {
+                        use std::io::Write;
+                        let _ = std::io::stdout().write_all(&data);
+                    } else {
+                        std::fs::write(&dst, &data).map_err(|e| CliError::Local(format!("writing {dst}: {e}")))?;
+                    }
+                }
+                _ => {
+                    return Err(CliError::Local(
+                        "exactly one of SRC and DST must be ID:/ABSOLUTE/PATH in a sandbox".into(),
+                    ))
+                }
+            }
+            Ok(0)
+        }
+        Command::Stats { ids } => {
+            let ids = if ids.is_empty() {
+                backend.list().await?.into_iter().map(|s| s.id).collect()
+            } else {
+                ids
+            };
+            let mut all = Vec::new();
+            for id in ids {
+                all.push(backend.stats(&id).await?);
+            }
+            if json {
+                print_json(&all);
+            } else {
+                println!("{:<14} {:>10} {:>10} {:>5}", "ID", "CPU(s)", "MEM(MiB)", "PIDS");
+                for s in all {
+                    println!(
+                        "{:<14} {:>10.3} {:>10.1} {:>5}",
+                        s.id,
+                        s.cpu_ns as f64 / 1e9,
+                        s.memory_bytes as f64 / 1048576.0,
+                        s.pids
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Pause { id } => show(&backend.set_paused(&id, true).await?, json),
+        Command::Resume { id } => show(&backend.set_paused(&id, false).await?, json),
+        Command::Templates => {
+            let list = backend.templates().await?;
+            if json {
+                print_json(&list);
+            } else {
+                println!("{:<16} {:<40} ROOTFS", "NAME", "KERNEL");
+                for Template { name, kernel, rootfs } in list {
+                    println!("{name:<16} {kernel:<40} {rootfs}");
+                }
+            }
+            Ok(0)
+        }
+        Command::Serve { .. } | Command::Build(_) => unreachable!("handled above"),
+    }
+}
+
+fn show(s: &Sandbox, json: bool) -> Result<u8, CliError> {
+    if json {
+        print_json(s);
+    } else {
+        println!("{} {}", s.id, s.state.as_str());
+    }
+    Ok(0)
+}
+
+async fn exec(backend: &Backend, id: &str, req: ExecRequest, interactive: bool, json: bool) -> Result<u8, CliError> {
+    if json {
+        let r = backend.exec_buffered(id, &req).await?;
+        print_json(&r);
+        return Ok(exit_byte(r.exit.shell_code()));
+    }
+    let exit = backend.exec(id, &req, interactive || req.tty).await?;
+    if exit.timed_out {
+        eprintln!("mvm: the command timed out and was killed");
+    }
+    Ok(exit_byte(exit.shell_code()))
+}
+
+async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, CliError> {
+    let egress = match a.egress.as_str() {
+        "allow" => Egress::Allow,
+        "all" => Egress::All,
+        _ => Egress::None,
+    };
+    let req = CreateSandbox {
+        template: a.template,
+        vcpus: a.cpus,
+        memory_mib: a.memory,
+        timeout_s: a.timeout,
+        env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
+        isolation: a.isolation,
+        network: Some(NetworkSpec { egress, allow: a.allow }),
+        metadata: BTreeMap::from([("created-by".to_owned(), "mvm run".to_owned())]),
+    };
+    let sandbox = backend.create(req).await?;
+    let exec_req = ExecRequest {
+        cmd: a.cmd,
+        tty: a.tty,
+        ..ExecRequest::default()
+    };
+    let result = exec(backend, &sandbox.id, exec_req, a.interactive, json).await;
+    if a.rm {
+        if let Err(e) = backend.destroy(&sandbox.id).await {
+            eprintln!("mvm: removing sandbox {}: {e}", sandbox.id);
+            return result.and(Ok(EXIT_MVM_FAILED));
+        }
+    } else if !json {
+        eprintln!("mvm: sandbox {} keeps running (remove it with `mvm rm {}`)", sandbox.id, sandbox.id);
+    }
+    result
+}
