@@ -417,8 +417,10 @@ impl AgentClient {
         };
         pending.detach();
         Ok(ExecSession {
-            client: self.clone(),
-            id,
+            control: ExecControl {
+                client: self.clone(),
+                id,
+            },
             pid,
             stdin: window.map(|window| ExecStdin {
                 shared: Arc::clone(&self.shared),
@@ -429,6 +431,7 @@ impl AgentClient {
             stdout: Some(stdout),
             stderr: Some(stderr),
             exit,
+            status: None,
         })
     }
 
@@ -790,11 +793,12 @@ fn deliver(
 ///
 /// Take `stdin`, `stdout` and `stderr` to stream them, or use [`wait_with_output`].
 /// Dropping the session does not kill the process; its untaken output is discarded.
+/// [`control`] gives a cloneable handle for signalling or resizing from other tasks.
 ///
 /// [`wait_with_output`]: ExecSession::wait_with_output
+/// [`control`]: ExecSession::control
 pub struct ExecSession {
-    client: AgentClient,
-    id: u64,
+    control: ExecControl,
     pid: u32,
     /// The process's stdin, when the request enabled it.
     pub stdin: Option<ExecStdin>,
@@ -803,6 +807,7 @@ pub struct ExecSession {
     /// The process's stderr (empty with a pty).
     pub stderr: Option<OutputStream>,
     exit: oneshot::Receiver<ExitStatus>,
+    status: Option<ExitStatus>,
 }
 
 /// Everything an exec produced.
@@ -816,18 +821,21 @@ pub struct Output {
     pub stderr: Vec<u8>,
 }
 
-impl ExecSession {
+/// Signals and resizes an exec; cheap to clone and usable while another task waits.
+#[derive(Clone, Debug)]
+pub struct ExecControl {
+    client: AgentClient,
+    id: u64,
+}
+
+impl ExecControl {
     /// The exec's request id on its connection.
     pub fn id(&self) -> u64 {
         self.id
     }
 
-    /// The process id in the guest.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process group.
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the exec's process group. Fails with
+    /// `NoSuchExec` once the exec has finished.
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
         self.client
             .call_done(
@@ -852,9 +860,37 @@ impl ExecSession {
             )
             .await
     }
+}
 
-    /// Closes stdin, discards output not taken, and waits for the exit status.
-    pub async fn wait(mut self) -> Result<ExitStatus, ClientError> {
+impl ExecSession {
+    /// The exec's request id on its connection.
+    pub fn id(&self) -> u64 {
+        self.control.id
+    }
+
+    /// The process id in the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A handle to signal or resize this exec from elsewhere.
+    pub fn control(&self) -> ExecControl {
+        self.control.clone()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process group.
+    pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
+        self.control.signal(signal).await
+    }
+
+    /// Resizes the pty (fails for an exec without one).
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        self.control.resize(rows, cols).await
+    }
+
+    /// Closes stdin, discards output not taken, and waits for the exit status. Can be
+    /// called again (or raced in `select!`) and returns the same status.
+    pub async fn wait(&mut self) -> Result<ExitStatus, ClientError> {
         self.stdin.take();
         self.stdout.take();
         self.stderr.take();
@@ -874,9 +910,14 @@ impl ExecSession {
     }
 
     async fn exit_status(&mut self) -> Result<ExitStatus, ClientError> {
-        (&mut self.exit)
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let status = (&mut self.exit)
             .await
-            .map_err(|_| self.client.shared.disconnected())
+            .map_err(|_| self.control.client.shared.disconnected())?;
+        self.status = Some(status);
+        Ok(status)
     }
 }
 

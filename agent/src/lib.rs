@@ -10,8 +10,13 @@ pub mod init;
 pub mod protocol;
 pub mod server;
 
-pub use client::{AgentClient, ClientError, ExecSession, ExecStdin, Output, OutputStream};
-pub use protocol::{ExecRequest, ExitStatus, FileKind, FileStat, ShutdownAction, Termination};
+pub use client::{
+    AgentClient, ClientError, ExecControl, ExecSession, ExecStdin, Output, OutputStream,
+};
+pub use protocol::{
+    DirEntry, ErrorKind, ExecRequest, ExitStatus, FileKind, FileStat, Health, RemoteError,
+    ShutdownAction, Termination,
+};
 
 /// Writes a line to the agent's stderr (the console when it is the guest's init),
 /// ignoring write errors: logging must never take the agent down.

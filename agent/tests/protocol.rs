@@ -206,25 +206,28 @@ async fn stdin_is_piped() {
 async fn signal_kills_the_child() {
     let agent = AgentProcess::start();
     let client = agent.client().await;
-    let session = client
+    let mut session = client
         .exec(ExecRequest::new(["sleep", "30"]))
         .await
         .unwrap();
-    session.signal(libc::SIGTERM).await.unwrap();
-    let status = session.wait().await.unwrap();
+    // Signal from another task while this one waits.
+    let control = session.control();
+    let waiter = tokio::spawn(async move { session.wait().await });
+    control.signal(libc::SIGTERM).await.unwrap();
+    let status = waiter.await.unwrap().unwrap();
     assert_eq!(status.termination, Termination::Signaled(libc::SIGTERM));
     assert_eq!(status.code(), None);
     assert!(!status.timed_out);
+    let err = control.signal(libc::SIGTERM).await.unwrap_err();
+    assert_eq!(err.remote_kind(), Some(ErrorKind::NoSuchExec), "{err}");
 
-    let session = client.exec(ExecRequest::new(["true"])).await.unwrap();
-    let id_gone = session.id();
-    session.wait().await.unwrap();
-    let session = client.exec(ExecRequest::new(["sleep", "5"])).await.unwrap();
+    let mut session = client.exec(ExecRequest::new(["sleep", "5"])).await.unwrap();
     let err = session.resize(10, 10).await.unwrap_err();
     assert_eq!(err.remote_kind(), Some(ErrorKind::InvalidInput), "{err}");
     session.signal(libc::SIGKILL).await.unwrap();
     assert_eq!(session.wait().await.unwrap().signal(), Some(libc::SIGKILL));
-    assert!(id_gone > 0);
+    // The status stays available.
+    assert_eq!(session.wait().await.unwrap().signal(), Some(libc::SIGKILL));
 }
 
 #[tokio::test]
@@ -508,7 +511,7 @@ async fn hello(stream: &mut UnixStream) {
 async fn malformed_and_oversized_frames_close_only_that_connection() {
     let agent = AgentProcess::start();
     let bystander = agent.client().await;
-    let long_running = bystander
+    let mut long_running = bystander
         .exec(ExecRequest::new(["sleep", "30"]))
         .await
         .unwrap();
