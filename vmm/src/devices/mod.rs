@@ -66,11 +66,9 @@ pub fn create_virtio_devices(
             .map_err(|e| BuildError::Device(format!("network interface {}", iface.iface_id), e.to_string()))?;
         devices.push(Box::new(net));
     }
-    if config.vsock.is_some() {
-        return Err(BuildError::Config(crate::config::ConfigError::Unsupported {
-            field: "vsock".to_string(),
-            why: "this device is not built into mvm-vmm yet".to_string(),
-        }));
+    if let Some(vsock) = &config.vsock {
+        let device = virtio::vsock::Vsock::new(vsock).map_err(|e| BuildError::Device("vsock".to_string(), e.to_string()))?;
+        devices.push(Box::new(device));
     }
     Ok(devices)
 }

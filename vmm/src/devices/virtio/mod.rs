@@ -9,6 +9,7 @@ pub mod chain;
 pub mod metrics;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};

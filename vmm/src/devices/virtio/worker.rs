@@ -24,6 +24,11 @@ pub struct EpollSet {
 }
 
 impl EpollSet {
+    /// A new, empty epoll set.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(EpollSet { epoll: Epoll::new()? })
+    }
+
     /// Watches `fd` for `events`, reporting them with `token`.
     pub fn add(&self, fd: RawFd, events: EventSet, token: u64) -> std::io::Result<()> {
         self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
@@ -71,7 +76,7 @@ impl<H: EventHandler> Worker<H> {
     pub fn spawn(name: String, mut handler: H) -> std::io::Result<Self> {
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let update_evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = EpollSet { epoll: Epoll::new()? };
+        let epoll = EpollSet::new()?;
         epoll.add(std::os::fd::AsRawFd::as_raw_fd(&kill), EventSet::IN, KILL_TOKEN)?;
         epoll.add(std::os::fd::AsRawFd::as_raw_fd(&update_evt), EventSet::IN, UPDATE_TOKEN)?;
         handler.register(&epoll)?;

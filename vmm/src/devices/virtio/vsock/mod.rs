@@ -1,0 +1,324 @@
+//! virtio-vsock with Firecracker's hybrid host side (virtio 1.x, 5.10): guest stream sockets
+//! become host unix-socket connections, muxed by thread `fc_vsock` (see [`muxer`]).
+
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::muxer::{payload_room, Muxer};
+use self::packet::{Header, HEADER_LEN};
+use super::chain::{read_segments, total_len, write_segments, Chain};
+use super::metrics::{DeviceMetrics, VSOCK as METRICS};
+use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
+use super::{read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::config::VsockConfig;
+
+/// Virtio device id of vsock devices.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest payload moved in one packet.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+const RX_TOKEN: u64 = 0;
+const TX_TOKEN: u64 = 1;
+const EVENT_TOKEN: u64 = 2;
+
+/// Errors setting up the vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The CID is reserved.
+    #[error("vsock guest_cid {0} is reserved: use 3 or more")]
+    BadCid(u32),
+    /// Another process serves the socket path.
+    #[error("vsock uds_path {0} is in use by another process; pick another path")]
+    InUse(String),
+    /// Something that is not a socket sits at the path.
+    #[error("vsock uds_path {0} exists and is not a socket; remove it or pick another path")]
+    NotASocket(String),
+    /// The socket cannot be created.
+    #[error("cannot bind vsock uds_path {0}: {1}")]
+    Bind(String, std::io::Error),
+}
+
+/// Binds `path`, replacing a stale socket nobody listens on.
+fn bind(path: &str) -> Result<UnixListener, VsockError> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(VsockError::NotASocket(path.to_string()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(VsockError::InUse(path.to_string()));
+        }
+        std::fs::remove_file(path).map_err(|e| VsockError::Bind(path.to_string(), e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| VsockError::Bind(path.to_string(), e))?;
+    listener.set_nonblocking(true).map_err(|e| VsockError::Bind(path.to_string(), e))?;
+    Ok(listener)
+}
+
+/// Packet processing, independent of threads (the fuzz targets drive it).
+pub struct VsockEngine {
+    muxer: Muxer,
+    payload: Box<[u8]>,
+    tx_stalled: bool,
+}
+
+impl VsockEngine {
+    /// An engine muxing guest `guest_cid` onto `listener` (bound at `uds_path`).
+    pub fn new(guest_cid: u64, uds_path: String, listener: UnixListener) -> Self {
+        VsockEngine {
+            muxer: Muxer::new(guest_cid, uds_path, listener),
+            payload: vec![0u8; MAX_PAYLOAD].into_boxed_slice(),
+            tx_stalled: false,
+        }
+    }
+
+    /// The connection table.
+    pub fn muxer(&self) -> &Muxer {
+        &self.muxer
+    }
+
+    /// Handles every available TX packet; returns whether any buffer was used. Stops while the
+    /// answers waiting for RX buffers are at their limit.
+    pub fn process_tx(&mut self, mem: &crate::vstate::memory::GuestMemory, queue: &mut Queue, epoll: &EpollSet) -> bool {
+        let mut used = false;
+        self.tx_stalled = false;
+        loop {
+            if !self.muxer.can_take_tx() {
+                self.tx_stalled = true;
+                break;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let head = chain.head_index();
+            match Chain::parse(chain, mem, (HEADER_LEN + MAX_PAYLOAD) as u64) {
+                Ok(chain) if chain.writable.is_empty() => self.tx_packet(mem, &chain, epoll),
+                _ => DeviceMetrics::add(&METRICS.bad_chains, 1),
+            }
+            if queue.add_used(mem, head, 0).is_err() {
+                DeviceMetrics::add(&METRICS.bad_chains, 1);
+            }
+            used = true;
+        }
+        used
+    }
+
+    fn tx_packet(&mut self, mem: &crate::vstate::memory::GuestMemory, chain: &Chain, epoll: &EpollSet) {
+        let mut raw = [0u8; HEADER_LEN];
+        if read_segments(mem, &chain.readable, 0, &mut raw) != HEADER_LEN {
+            DeviceMetrics::add(&METRICS.bad_chains, 1);
+            return;
+        }
+        let header = Header::decode(&raw);
+        let len = header.len as usize;
+        if len > MAX_PAYLOAD || total_len(&chain.readable) < (HEADER_LEN + len) as u64 {
+            DeviceMetrics::add(&METRICS.bad_chains, 1);
+            return;
+        }
+        let payload = &mut self.payload[..len];
+        if read_segments(mem, &chain.readable, HEADER_LEN as u64, payload) != len {
+            DeviceMetrics::add(&METRICS.bad_chains, 1);
+            return;
+        }
+        DeviceMetrics::add(&METRICS.completed, 1);
+        self.muxer.handle_guest_packet(epoll, &header, &self.payload[..len]);
+    }
+
+    /// Fills RX buffers with waiting packets; returns whether any buffer was used.
+    pub fn process_rx(&mut self, mem: &crate::vstate::memory::GuestMemory, queue: &mut Queue, epoll: &EpollSet) -> bool {
+        let mut used = false;
+        while self.muxer.has_rx() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let head = chain.head_index();
+            let chain = match Chain::parse(chain, mem, u64::from(u32::MAX)) {
+                Ok(chain) if chain.readable.is_empty() && total_len(&chain.writable) >= HEADER_LEN as u64 => chain,
+                _ => {
+                    DeviceMetrics::add(&METRICS.bad_chains, 1);
+                    if queue.add_used(mem, head, 0).is_err() {
+                        DeviceMetrics::add(&METRICS.bad_chains, 1);
+                    }
+                    used = true;
+                    continue;
+                }
+            };
+            let room = payload_room(total_len(&chain.writable));
+            let Some(header) = self.muxer.next_rx_packet(epoll, &mut self.payload, room) else {
+                // Nothing after all (a connection had no data): the buffer stays available.
+                queue.go_to_previous_position();
+                break;
+            };
+            let n = write_segments(mem, &chain.writable, 0, &header.encode())
+                + write_segments(mem, &chain.writable, HEADER_LEN as u64, &self.payload[..header.len as usize]);
+            if queue.add_used(mem, head, n as u32).is_err() {
+                DeviceMetrics::add(&METRICS.bad_chains, 1);
+            }
+            used = true;
+        }
+        used
+    }
+
+    /// Handles an event on the listener or a host socket.
+    pub fn handle_host_event(&mut self, epoll: &EpollSet, token: u64, events: EventSet) {
+        self.muxer.handle_host_event(epoll, token, events);
+    }
+
+    /// Whether guest TX was left waiting for the RX backlog to drain.
+    pub fn tx_stalled(&self) -> bool {
+        self.tx_stalled
+    }
+}
+
+/// The `fc_vsock` thread's state.
+pub struct VsockHandler {
+    engine: VsockEngine,
+    mem: crate::vstate::memory::GuestMemory,
+    rxq: Queue,
+    txq: Queue,
+    rx_evt: EventFd,
+    tx_evt: EventFd,
+    event_evt: EventFd,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+impl VsockHandler {
+    fn tx(&mut self, epoll: &EpollSet) {
+        if self.engine.process_tx(&self.mem, &mut self.txq, epoll) {
+            signal_used(&mut self.txq, &self.mem, &self.interrupt);
+        }
+    }
+
+    fn rx(&mut self, epoll: &EpollSet) {
+        if self.engine.process_rx(&self.mem, &mut self.rxq, epoll) {
+            signal_used(&mut self.rxq, &self.mem, &self.interrupt);
+        }
+    }
+}
+
+impl EventHandler for VsockHandler {
+    type Update = ();
+    type Backend = VsockEngine;
+
+    fn into_backend(mut self) -> VsockEngine {
+        // The driver reset the device: its connections are gone.
+        self.engine.muxer.reset();
+        self.engine
+    }
+
+    fn register(&mut self, epoll: &EpollSet) -> std::io::Result<()> {
+        epoll.add(self.rx_evt.as_raw_fd(), EventSet::IN, RX_TOKEN)?;
+        epoll.add(self.tx_evt.as_raw_fd(), EventSet::IN, TX_TOKEN)?;
+        epoll.add(self.event_evt.as_raw_fd(), EventSet::IN, EVENT_TOKEN)?;
+        self.engine.muxer.register(epoll)
+    }
+
+    fn handle_event(&mut self, epoll: &EpollSet, token: u64, events: EventSet) {
+        match token {
+            // Reading resets the counters; the queues are looked at in full below.
+            RX_TOKEN => {
+                let _ = self.rx_evt.read();
+            }
+            TX_TOKEN => {
+                let _ = self.tx_evt.read();
+                self.tx(epoll);
+            }
+            // The event queue carries only device → driver transport resets, never sent here.
+            EVENT_TOKEN => {
+                let _ = self.event_evt.read();
+            }
+            token => self.engine.handle_host_event(epoll, token, events),
+        }
+        self.rx(epoll);
+        if self.engine.tx_stalled() && self.engine.muxer.can_take_tx() {
+            self.tx(epoll);
+            self.rx(epoll);
+        }
+    }
+
+    fn handle_update(&mut self, _epoll: &EpollSet, _update: ()) {}
+}
+
+/// A virtio-vsock device.
+pub struct Vsock {
+    guest_cid: u64,
+    thread: DeviceThread<VsockHandler>,
+}
+
+impl Vsock {
+    /// Binds the host socket of `config`.
+    pub fn new(config: &VsockConfig) -> Result<Vsock, VsockError> {
+        if config.guest_cid < 3 {
+            return Err(VsockError::BadCid(config.guest_cid));
+        }
+        let listener = bind(&config.uds_path)?;
+        let guest_cid = u64::from(config.guest_cid);
+        Ok(Vsock {
+            guest_cid,
+            thread: DeviceThread::new(VsockEngine::new(guest_cid, config.uds_path.clone(), listener)),
+        })
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_window(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // guest_cid is read-only.
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let ActivateContext {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+            ..
+        } = ctx;
+        let mut queues = queues.into_iter();
+        let mut evts = queue_evts.into_iter();
+        let (Some(rxq), Some(txq), Some(rx_evt), Some(tx_evt), Some(event_evt)) =
+            (queues.next(), queues.next(), evts.next(), evts.next(), evts.next())
+        else {
+            return Err(ActivateError::BadConfig("virtio-vsock needs its RX, TX and event queues".into()));
+        };
+        self.thread.start("fc_vsock".to_string(), |engine| VsockHandler {
+            engine,
+            mem,
+            rxq,
+            txq,
+            rx_evt,
+            tx_evt,
+            event_evt,
+            interrupt,
+        })
+    }
+
+    fn reset(&mut self) {
+        self.thread.stop();
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}

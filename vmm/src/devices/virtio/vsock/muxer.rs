@@ -1,0 +1,570 @@
+//! Firecracker's hybrid vsock model: guest stream connections mapped onto host unix sockets.
+//!
+//! - Host → guest: a host process connects to `uds_path` and writes `CONNECT <port>\n`; the muxer
+//!   sends the guest a REQUEST for `<port>` from a fresh host port and, once the guest answers
+//!   RESPONSE, writes `OK <host port>\n` back; from then on the socket carries the stream.
+//! - Guest → host: a REQUEST for port P connects to `<uds_path>_P`; RESPONSE on success, RST if
+//!   nobody listens.
+//! - Flow control (virtio 1.x, 5.10.6.3): the muxer never sends the guest more than the guest's
+//!   advertised free space, buffers at most [`CONN_BUF_SIZE`] bytes of guest data per connection
+//!   (and resets a guest that sends more), and tells the guest about freed space with
+//!   CREDIT_UPDATE.
+//! - Packets for unknown connections get RST; packets not addressed host-wards from the guest's
+//!   own CID are dropped and counted.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::num::Wrapping;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use vmm_sys_util::epoll::EventSet;
+
+use super::packet::{op, Header, HEADER_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use crate::devices::virtio::metrics::{DeviceMetrics, VSOCK as METRICS};
+use crate::devices::virtio::worker::EpollSet;
+
+/// Receive buffer the muxer advertises to the guest per connection.
+pub const CONN_BUF_SIZE: u32 = 256 * 1024;
+/// Most connections at once (established or being set up).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most accepted host sockets still sending their CONNECT line.
+pub const MAX_PENDING_ACCEPTS: usize = 64;
+/// Most control packets waiting for RX buffers; guest TX stalls beyond this.
+pub const MAX_CONTROL_BACKLOG: usize = 1024;
+/// Longest CONNECT line.
+const MAX_CONNECT_LINE: usize = 32;
+/// First host port handed out for host-initiated connections (as Firecracker).
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+/// Epoll token of the host listener.
+pub const LISTENER_TOKEN: u64 = 16;
+/// Tokens from here on are host sockets: token = TOKEN_BASE + fd.
+const TOKEN_BASE: u64 = 32;
+
+/// (host port, guest port).
+type Key = (u32, u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConnState {
+    /// Host-initiated: REQUEST sent, waiting for the guest's RESPONSE.
+    AwaitingResponse,
+    /// Data may flow.
+    Established,
+}
+
+struct Connection {
+    stream: UnixStream,
+    key: Key,
+    state: ConnState,
+    /// Guest data not yet written to the host socket.
+    to_host: VecDeque<u8>,
+    /// Bytes of guest data written to the host socket.
+    fwd_cnt: Wrapping<u32>,
+    /// fwd_cnt as last told to the guest.
+    fwd_cnt_sent: Wrapping<u32>,
+    /// Bytes of guest data received.
+    rx_from_guest: Wrapping<u32>,
+    /// Bytes sent to the guest.
+    tx_to_guest: Wrapping<u32>,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: Wrapping<u32>,
+    /// The guest will send no more: shut the host socket's write side once drained.
+    guest_done_sending: bool,
+    /// The host socket reached EOF (SHUTDOWN sent to the guest).
+    host_eof: bool,
+    /// Queued in `data_ready`.
+    ready: bool,
+    /// Events currently registered with epoll.
+    interest: EventSet,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, key: Key, state: ConnState, peer: &Header) -> Self {
+        Connection {
+            stream,
+            key,
+            state,
+            to_host: VecDeque::new(),
+            fwd_cnt: Wrapping(0),
+            fwd_cnt_sent: Wrapping(0),
+            rx_from_guest: Wrapping(0),
+            tx_to_guest: Wrapping(0),
+            peer_buf_alloc: peer.buf_alloc,
+            peer_fwd_cnt: Wrapping(peer.fwd_cnt),
+            guest_done_sending: false,
+            host_eof: false,
+            ready: false,
+            interest: EventSet::empty(),
+        }
+    }
+
+    /// Bytes the guest can take now.
+    fn peer_credit(&self) -> u32 {
+        let in_flight = (self.tx_to_guest - self.peer_fwd_cnt).0;
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    fn token(&self) -> u64 {
+        TOKEN_BASE + self.stream.as_raw_fd() as u64
+    }
+
+    fn wanted_interest(&self) -> EventSet {
+        let mut events = EventSet::empty();
+        if self.state == ConnState::Established && !self.ready && !self.host_eof && self.peer_credit() > 0 {
+            events |= EventSet::IN;
+        }
+        if !self.to_host.is_empty() {
+            events |= EventSet::OUT;
+        }
+        events
+    }
+
+    /// Writes buffered guest data to the host socket; Err on a broken socket.
+    fn flush(&mut self) -> std::io::Result<()> {
+        while !self.to_host.is_empty() {
+            let (front, _) = self.to_host.as_slices();
+            match self.stream.write(front) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.to_host.drain(..n);
+                    self.fwd_cnt += Wrapping(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.to_host.is_empty() && self.guest_done_sending {
+            // The peer may already be gone; nothing else to do about it.
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
+        Ok(())
+    }
+}
+
+/// An accepted host socket still sending `CONNECT <port>\n`.
+struct PendingAccept {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// The connection table and the packets waiting for the guest.
+pub struct Muxer {
+    guest_cid: u64,
+    uds_path: String,
+    listener: UnixListener,
+    conns: HashMap<Key, Connection>,
+    by_token: HashMap<u64, Key>,
+    pending: HashMap<u64, PendingAccept>,
+    /// Control packets for the guest, in order.
+    control: VecDeque<Header>,
+    /// Connections whose host socket has data for the guest.
+    data_ready: VecDeque<Key>,
+    next_local_port: u32,
+}
+
+impl Muxer {
+    /// A muxer for guest `guest_cid`, accepting host connections on `listener` (bound at
+    /// `uds_path`).
+    pub fn new(guest_cid: u64, uds_path: String, listener: UnixListener) -> Self {
+        Muxer {
+            guest_cid,
+            uds_path,
+            listener,
+            conns: HashMap::new(),
+            by_token: HashMap::new(),
+            pending: HashMap::new(),
+            control: VecDeque::new(),
+            data_ready: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        }
+    }
+
+    /// Registers the listener.
+    pub fn register(&self, epoll: &EpollSet) -> std::io::Result<()> {
+        epoll.add(self.listener.as_raw_fd(), EventSet::IN, LISTENER_TOKEN)
+    }
+
+    /// Drops every connection (device reset): their host sockets close.
+    pub fn reset(&mut self) {
+        self.conns.clear();
+        self.by_token.clear();
+        self.pending.clear();
+        self.control.clear();
+        self.data_ready.clear();
+    }
+
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether guest TX may be processed (the control backlog has room for answers).
+    pub fn can_take_tx(&self) -> bool {
+        self.control.len() < MAX_CONTROL_BACKLOG
+    }
+
+    /// Whether packets wait for RX buffers.
+    pub fn has_rx(&self) -> bool {
+        !self.control.is_empty() || !self.data_ready.is_empty()
+    }
+
+    fn header(&self, key: Key, op: u16, flags: u32, fwd_cnt: Wrapping<u32>) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len: 0,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: CONN_BUF_SIZE,
+            fwd_cnt: fwd_cnt.0,
+        }
+    }
+
+    fn queue_control(&mut self, header: Header) {
+        if self.control.len() >= MAX_CONTROL_BACKLOG * 2 {
+            // Only host-side events can push past the TX stall limit; drop rather than grow.
+            DeviceMetrics::add(&METRICS.failed, 1);
+            return;
+        }
+        self.control.push_back(header);
+    }
+
+    fn queue_conn_control(&mut self, key: Key, op: u16, flags: u32) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        conn.fwd_cnt_sent = conn.fwd_cnt;
+        let fwd = conn.fwd_cnt;
+        let header = self.header(key, op, flags, fwd);
+        self.queue_control(header);
+    }
+
+    fn rst(&mut self, key: Key) {
+        let header = self.header(key, op::RST, 0, Wrapping(0));
+        self.queue_control(header);
+    }
+
+    fn remove(&mut self, epoll: &EpollSet, key: Key) {
+        if let Some(conn) = self.conns.remove(&key) {
+            self.by_token.remove(&conn.token());
+            if !conn.interest.is_empty() {
+                // The fd closes right after; epoll forgets it either way.
+                let _ = epoll.remove(conn.stream.as_raw_fd());
+            }
+        }
+    }
+
+    fn update_interest(&mut self, epoll: &EpollSet, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let wanted = conn.wanted_interest();
+        if wanted == conn.interest {
+            return;
+        }
+        let fd = conn.stream.as_raw_fd();
+        let token = conn.token();
+        let result = match (conn.interest.is_empty(), wanted.is_empty()) {
+            (true, false) => epoll.add(fd, wanted, token),
+            (false, true) => epoll.remove(fd),
+            _ => epoll.modify(fd, wanted, token),
+        };
+        match result {
+            Ok(()) => conn.interest = wanted,
+            Err(e) => {
+                log::error!("vsock: cannot watch a host socket: {e}");
+                self.rst(key);
+                self.remove(epoll, key);
+            }
+        }
+    }
+
+    fn insert(&mut self, epoll: &EpollSet, conn: Connection) {
+        let key = conn.key;
+        self.by_token.insert(conn.token(), key);
+        self.conns.insert(key, conn);
+        self.update_interest(epoll, key);
+    }
+
+    /// Handles one packet from the guest (header plus payload).
+    pub fn handle_guest_packet(&mut self, epoll: &EpollSet, hdr: &Header, payload: &[u8]) {
+        if hdr.dst_cid != HOST_CID || hdr.src_cid != self.guest_cid {
+            DeviceMetrics::add(&METRICS.failed, 1);
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if hdr.type_ != TYPE_STREAM {
+            if hdr.op != op::RST {
+                self.rst(key);
+            }
+            return;
+        }
+        if hdr.op == op::REQUEST {
+            self.guest_connect(epoll, hdr, key);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            if hdr.op != op::RST {
+                self.rst(key);
+            }
+            return;
+        };
+        conn.peer_buf_alloc = hdr.buf_alloc;
+        conn.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+        match (hdr.op, conn.state) {
+            (op::RESPONSE, ConnState::AwaitingResponse) => {
+                conn.state = ConnState::Established;
+                let ok = format!("OK {}\n", key.0);
+                // A fresh socket's send buffer takes a few bytes at once.
+                if conn.stream.write_all(ok.as_bytes()).is_err() {
+                    self.rst(key);
+                    self.remove(epoll, key);
+                    return;
+                }
+            }
+            (op::RW, ConnState::Established) => {
+                let buffered = conn.to_host.len() as u64 + payload.len() as u64;
+                if buffered > u64::from(CONN_BUF_SIZE) {
+                    // The guest ignored our credit.
+                    DeviceMetrics::add(&METRICS.failed, 1);
+                    self.rst(key);
+                    self.remove(epoll, key);
+                    return;
+                }
+                conn.to_host.extend(payload);
+                conn.rx_from_guest += Wrapping(payload.len() as u32);
+                DeviceMetrics::add(&METRICS.bytes_out, payload.len() as u64);
+                if conn.flush().is_err() {
+                    self.rst(key);
+                    self.remove(epoll, key);
+                    return;
+                }
+                self.maybe_credit_update(key);
+            }
+            (op::CREDIT_REQUEST, ConnState::Established) => self.queue_conn_control(key, op::CREDIT_UPDATE, 0),
+            (op::CREDIT_UPDATE, _) => {}
+            (op::SHUTDOWN, _) => {
+                if hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    // Full close: deliver what we can, then confirm with RST.
+                    let _ = conn.flush();
+                    self.rst(key);
+                    self.remove(epoll, key);
+                    return;
+                }
+                if hdr.flags & SHUTDOWN_SEND != 0 {
+                    conn.guest_done_sending = true;
+                    if conn.flush().is_err() {
+                        self.rst(key);
+                        self.remove(epoll, key);
+                        return;
+                    }
+                }
+            }
+            (op::RST, _) => {
+                self.remove(epoll, key);
+                return;
+            }
+            _ => {
+                // An operation that makes no sense in this state.
+                DeviceMetrics::add(&METRICS.failed, 1);
+                self.rst(key);
+                self.remove(epoll, key);
+                return;
+            }
+        }
+        self.update_interest(epoll, key);
+    }
+
+    fn guest_connect(&mut self, epoll: &EpollSet, hdr: &Header, key: Key) {
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+            DeviceMetrics::add(&METRICS.failed, 1);
+            self.rst(key);
+            return;
+        }
+        let path = format!("{}_{}", self.uds_path, hdr.dst_port);
+        let stream = match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+            Ok(stream) => stream,
+            Err(_) => {
+                self.rst(key);
+                return;
+            }
+        };
+        self.insert(epoll, Connection::new(stream, key, ConnState::Established, hdr));
+        self.queue_conn_control(key, op::RESPONSE, 0);
+    }
+
+    /// Tells the guest about freed buffer space once its view of it runs low.
+    fn maybe_credit_update(&mut self, key: Key) {
+        let Some(conn) = self.conns.get(&key) else { return };
+        let unacked = (conn.rx_from_guest - conn.fwd_cnt_sent).0;
+        if conn.fwd_cnt != conn.fwd_cnt_sent && CONN_BUF_SIZE.saturating_sub(unacked) < CONN_BUF_SIZE / 4 {
+            self.queue_conn_control(key, op::CREDIT_UPDATE, 0);
+        }
+    }
+
+    /// Handles an event on the listener or a host socket.
+    pub fn handle_host_event(&mut self, epoll: &EpollSet, token: u64, events: EventSet) {
+        if token == LISTENER_TOKEN {
+            self.accept(epoll);
+        } else if self.pending.contains_key(&token) {
+            self.read_connect_line(epoll, token);
+        } else if let Some(&key) = self.by_token.get(&token) {
+            let Some(conn) = self.conns.get_mut(&key) else { return };
+            if events.contains(EventSet::OUT) {
+                if conn.flush().is_err() {
+                    self.rst(key);
+                    self.remove(epoll, key);
+                    return;
+                }
+                self.maybe_credit_update(key);
+            }
+            let Some(conn) = self.conns.get_mut(&key) else { return };
+            if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) && !conn.ready {
+                conn.ready = true;
+                self.data_ready.push_back(key);
+            }
+            self.update_interest(epoll, key);
+        }
+    }
+
+    fn accept(&mut self, epoll: &EpollSet) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if self.pending.len() >= MAX_PENDING_ACCEPTS || stream.set_nonblocking(true).is_err() {
+                // Dropping the stream refuses the connection.
+                DeviceMetrics::add(&METRICS.failed, 1);
+                continue;
+            }
+            let token = TOKEN_BASE + stream.as_raw_fd() as u64;
+            if epoll.add(stream.as_raw_fd(), EventSet::IN, token).is_ok() {
+                self.pending.insert(token, PendingAccept { stream, line: Vec::new() });
+            }
+        }
+    }
+
+    fn read_connect_line(&mut self, epoll: &EpollSet, token: u64) {
+        let Some(p) = self.pending.get_mut(&token) else { return };
+        // Byte by byte: whatever follows the line is stream data for the guest.
+        let mut byte = [0u8; 1];
+        let done = loop {
+            match p.stream.read(&mut byte) {
+                Ok(0) => break Err(()),
+                Ok(_) if byte[0] == b'\n' => break Ok(()),
+                Ok(_) if p.line.len() < MAX_CONNECT_LINE => p.line.push(byte[0]),
+                Ok(_) => break Err(()),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break Err(()),
+            }
+        };
+        let p = self.pending.remove(&token).expect("present above");
+        // Unregistered before the socket moves on (or closes).
+        let _ = epoll.remove(p.stream.as_raw_fd());
+        let port = done.ok().and_then(|()| parse_connect(&p.line));
+        let Some(port) = port else {
+            DeviceMetrics::add(&METRICS.failed, 1);
+            return;
+        };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            DeviceMetrics::add(&METRICS.failed, 1);
+            return;
+        }
+        let local_port = self.allocate_local_port(port);
+        let key = (local_port, port);
+        let placeholder = Header {
+            buf_alloc: 0,
+            ..Default::default()
+        };
+        self.insert(epoll, Connection::new(p.stream, key, ConnState::AwaitingResponse, &placeholder));
+        self.queue_conn_control(key, op::REQUEST, 0);
+    }
+
+    fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            if !self.conns.contains_key(&(port, peer_port)) {
+                return port;
+            }
+        }
+    }
+
+    /// The next packet for the guest, with its payload in `payload` (at most `room` bytes), or
+    /// None when nothing is ready.
+    pub fn next_rx_packet(&mut self, epoll: &EpollSet, payload: &mut [u8], room: usize) -> Option<Header> {
+        if let Some(header) = self.control.pop_front() {
+            return Some(header);
+        }
+        while let Some(key) = self.data_ready.pop_front() {
+            let Some(conn) = self.conns.get_mut(&key) else { continue };
+            conn.ready = false;
+            let credit = conn.peer_credit() as usize;
+            let want = credit.min(room).min(payload.len());
+            if want == 0 || conn.host_eof {
+                self.update_interest(epoll, key);
+                continue;
+            }
+            match conn.stream.read(&mut payload[..want]) {
+                Ok(0) => {
+                    conn.host_eof = true;
+                    let fwd = conn.fwd_cnt;
+                    self.update_interest(epoll, key);
+                    return Some(self.header(key, op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, fwd));
+                }
+                Ok(n) => {
+                    conn.tx_to_guest += Wrapping(n as u32);
+                    conn.fwd_cnt_sent = conn.fwd_cnt;
+                    // More may be waiting: stay in line behind the others.
+                    conn.ready = true;
+                    self.data_ready.push_back(key);
+                    DeviceMetrics::add(&METRICS.bytes_in, n as u64);
+                    let fwd = conn.fwd_cnt;
+                    let mut header = self.header(key, op::RW, 0, fwd);
+                    header.len = n as u32;
+                    self.update_interest(epoll, key);
+                    return Some(header);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                    self.update_interest(epoll, key);
+                }
+                Err(_) => {
+                    self.remove(epoll, key);
+                    return Some(self.header(key, op::RST, 0, Wrapping(0)));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Parses `CONNECT <port>` (an optional trailing '\r' is accepted).
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let port = text.strip_prefix("CONNECT ")?;
+    port.parse().ok()
+}
+
+/// Length of what [`Muxer::next_rx_packet`] puts in an RX buffer of `buffer_len` bytes: the
+/// payload room after the header.
+pub fn payload_room(buffer_len: u64) -> usize {
+    buffer_len.saturating_sub(HEADER_LEN as u64).min(usize::MAX as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_lines_parse_strictly() {
+        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        for bad in [&b"connect 52"[..], b"CONNECT", b"CONNECT -1", b"CONNECT 99999999999", b"CONNECT 5 2", b"\xff"] {
+            assert_eq!(parse_connect(bad), None, "{bad:?}");
+        }
+    }
+}
