@@ -55,32 +55,23 @@ fn run_in_namespace(
     stdout
 }
 
-#[test]
-fn overlay_root_and_pivot_root_in_a_mount_namespace() {
-    if let Ok(paths) = std::env::var(OVERLAY_CHILD) {
-        let (lower, staging) = paths.split_once(':').expect("lower:staging");
-        overlay_child(Path::new(lower), Path::new(staging));
-        return;
-    }
-    if let Some(reason) = missing_prerequisite() {
-        eprintln!("SKIPPED overlay_root_and_pivot_root_in_a_mount_namespace: {reason}");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let lower = dir.path().join("lower");
-    let staging = dir.path().join("staging");
+/// Builds a lower directory and a staging directory in `dir`, runs the overlay child in a
+/// fresh mount namespace with `upper` ("tmpfs" or a device path), and checks that the
+/// base stayed untouched and nothing stayed mounted.
+fn run_overlay_child(dir: &Path, upper: &str, test: &str) {
+    let lower = dir.join("lower");
+    let staging = dir.join("staging");
     std::fs::create_dir_all(lower.join("etc")).unwrap();
     std::fs::create_dir(&staging).unwrap();
     std::fs::write(lower.join("etc/base"), "from the base image\n").unwrap();
-    let env = format!("{}:{}", lower.display(), staging.display());
+    let env = format!("{}:{}:{upper}", lower.display(), staging.display());
     let stdout = run_in_namespace(
         &["--mount", "--propagation", "private"],
         "",
-        "overlay_root_and_pivot_root_in_a_mount_namespace",
+        test,
         (OVERLAY_CHILD, &env),
     );
     assert!(stdout.contains("OVERLAY-OK"), "child output:\n{stdout}");
-    // The base stayed untouched.
     assert_eq!(
         std::fs::read_to_string(lower.join("etc/base")).unwrap(),
         "from the base image\n"
@@ -88,8 +79,114 @@ fn overlay_root_and_pivot_root_in_a_mount_namespace() {
     let mut entries: Vec<_> = walk(&lower);
     entries.sort();
     assert_eq!(entries, ["etc", "etc/base"]);
-    // Nothing stayed mounted on the host.
     assert!(std::fs::read_dir(&staging).unwrap().next().is_none());
+}
+
+/// In the namespace child: `MVM_AGENT_TEST_OVERLAY_CHILD=lower:staging:upper`.
+fn overlay_child_from_env() -> bool {
+    let Ok(spec) = std::env::var(OVERLAY_CHILD) else {
+        return false;
+    };
+    let mut parts = spec.splitn(3, ':');
+    let (Some(lower), Some(staging), Some(upper)) = (parts.next(), parts.next(), parts.next())
+    else {
+        panic!("bad {OVERLAY_CHILD}: {spec}");
+    };
+    let upper = match upper {
+        "tmpfs" => OverlayUpper::Tmpfs,
+        dev => OverlayUpper::Device(dev.into()),
+    };
+    overlay_child(Path::new(lower), &upper, Path::new(staging));
+    true
+}
+
+#[test]
+fn overlay_root_and_pivot_root_in_a_mount_namespace() {
+    if overlay_child_from_env() {
+        return;
+    }
+    if let Some(reason) = missing_prerequisite() {
+        eprintln!("SKIPPED overlay_root_and_pivot_root_in_a_mount_namespace: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run_overlay_child(
+        dir.path(),
+        "tmpfs",
+        "overlay_root_and_pivot_root_in_a_mount_namespace",
+    );
+}
+
+/// A loop device over an image file, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(image: &Path) -> Result<Self, String> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(image)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["--detach", &self.0]).status();
+    }
+}
+
+fn debugfs_cat(image: &Path, path: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat {path}")])
+        .arg(image)
+        .output()
+        .expect("running debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn overlay_root_on_a_persistent_disk() {
+    if overlay_child_from_env() {
+        return;
+    }
+    if let Some(reason) = missing_prerequisite() {
+        eprintln!("SKIPPED overlay_root_on_a_persistent_disk: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("upper.ext4");
+    let made = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&image)
+        .arg("16M")
+        .status();
+    if !matches!(made, Ok(s) if s.success()) {
+        eprintln!("SKIPPED overlay_root_on_a_persistent_disk: mkfs.ext4 unavailable or failed");
+        return;
+    }
+    let device = match LoopDevice::attach(&image) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("SKIPPED overlay_root_on_a_persistent_disk: no loop device ({e})");
+            return;
+        }
+    };
+    run_overlay_child(dir.path(), &device.0, "overlay_root_on_a_persistent_disk");
+    drop(device);
+    // The sandbox's changes persist on the disk, in upper/.
+    assert_eq!(debugfs_cat(&image, "/upper/new-file"), "new\n");
+    assert_eq!(
+        debugfs_cat(&image, "/upper/etc/base"),
+        "changed in the sandbox\n"
+    );
 }
 
 fn walk(root: &Path) -> Vec<String> {
@@ -109,8 +206,8 @@ fn walk(root: &Path) -> Vec<String> {
     out
 }
 
-fn overlay_child(lower: &Path, staging: &Path) {
-    pivot_to_overlay(lower, &OverlayUpper::Tmpfs, staging).expect("pivot into the overlay");
+fn overlay_child(lower: &Path, upper: &OverlayUpper, staging: &Path) {
+    pivot_to_overlay(lower, upper, staging).expect("pivot into the overlay");
     // The old root is gone: the lower directory's host path no longer resolves.
     assert!(!lower.exists(), "old root still visible");
     assert_eq!(
