@@ -218,6 +218,16 @@ pub fn route(req: &HttpRequest) -> Result<VmmAction, HttpResponse> {
             id_matches(id, &iface.iface_id, "iface_id")?;
             VmmAction::PutNetworkInterface(iface)
         }
+        ("PATCH", ["drives", id]) => {
+            let patch: crate::devices::virtio::update::DrivePatch = parse(body)?;
+            id_matches(id, &patch.drive_id, "drive_id")?;
+            VmmAction::PatchDrive(patch)
+        }
+        ("PATCH", ["network-interfaces", id]) => {
+            let patch: crate::devices::virtio::update::NetworkInterfacePatch = parse(body)?;
+            id_matches(id, &patch.iface_id, "iface_id")?;
+            VmmAction::PatchNetworkInterface(patch)
+        }
         ("PUT", ["vsock"]) => VmmAction::PutVsock(parse::<VsockConfig>(body)?),
         ("PUT", ["logger"]) => VmmAction::PutLogger(parse::<LoggerConfig>(body)?),
         ("PUT", ["metrics"]) => VmmAction::PutMetrics(parse::<MetricsConfig>(body)?),

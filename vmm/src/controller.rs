@@ -40,6 +40,10 @@ pub enum VmmAction {
     PutDrive(DriveConfig),
     /// `PUT /network-interfaces/{id}`.
     PutNetworkInterface(NetworkInterfaceConfig),
+    /// `PATCH /drives/{id}`: new image or rate limiter, before or after boot.
+    PatchDrive(crate::devices::virtio::update::DrivePatch),
+    /// `PATCH /network-interfaces/{id}`: new rate limiters, before or after boot.
+    PatchNetworkInterface(crate::devices::virtio::update::NetworkInterfacePatch),
     /// `PUT /vsock`.
     PutVsock(VsockConfig),
     /// `PUT /logger`.
@@ -255,6 +259,18 @@ impl Controller {
             PutNetworkInterface(iface) => {
                 self.before_boot("PUT /network-interfaces")?;
                 upsert(&mut self.config.network_interfaces, iface, |a, b| a.iface_id == b.iface_id);
+                Ok(VmmResponse::Empty)
+            }
+            PatchDrive(patch) => {
+                let devices = self.running.as_ref().map(|vm| vm.virtio.as_slice());
+                crate::devices::virtio::update::patch_drive(&mut self.config, devices, patch)
+                    .map_err(|e| VmmActionError::BadRequest(e.to_string()))?;
+                Ok(VmmResponse::Empty)
+            }
+            PatchNetworkInterface(patch) => {
+                let devices = self.running.as_ref().map(|vm| vm.virtio.as_slice());
+                crate::devices::virtio::update::patch_network_interface(&mut self.config, devices, patch)
+                    .map_err(|e| VmmActionError::BadRequest(e.to_string()))?;
                 Ok(VmmResponse::Empty)
             }
             PutVsock(vsock) => {

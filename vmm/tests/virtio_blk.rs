@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mvm_testkit::{config_for, guest, require_kvm, run_vmm_config, ScratchDir};
 use serde_json::json;
-use virtio_support::disk_image;
+use virtio_support::{api_request, disk_image, LiveVmm};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -116,4 +116,37 @@ fn missing_or_unsupported_drives_are_refused_before_boot() {
     let run = run_vmm_config(&config, TIMEOUT);
     assert_eq!(run.code(), 1, "{run:#?}");
     assert!(run.stderr.contains("io_engine \"Async\" is not available"), "{run:#?}");
+}
+
+#[test]
+fn patch_lifts_a_rate_limit_and_swaps_the_image_of_a_running_drive() {
+    if !require_kvm("patch_lifts_a_rate_limit_and_swaps_the_image_of_a_running_drive") {
+        return;
+    }
+    let dir = ScratchDir::new("blk-patch");
+    let first = disk_image(dir.path(), 64);
+    let second = dir.path().join("second.img");
+    std::fs::write(&second, vec![0u8; 64 * 512]).unwrap();
+    let api = dir.path().join("api.sock");
+    let mut config = config_for(&guest("virtio_blk"), "console=ttyS0", 1, 32);
+    // One operation per 100 s: the guest's first read passes, the second waits.
+    config["drives"] = json!([{"drive_id": "scratch", "path_on_host": first, "is_root_device": false,
+        "rate_limiter": {"ops": {"size": 1, "refill_time": 100000}}}]);
+    let mut vmm = LiveVmm::start_with_api(&config, &api);
+    vmm.expect_line("read0: status=00", TIMEOUT);
+    let (status, body) = api_request(&api, "PATCH", "/drives/nope", &json!({"drive_id": "nope"}));
+    assert_eq!(status, 400);
+    assert!(body.contains("no drive with drive_id"), "{body}");
+    let (status, body) = api_request(&api, "PATCH", "/drives/scratch", &json!({"drive_id": "scratch", "path_on_host": second,
+        "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}));
+    assert_eq!(status, 204, "{body}");
+    // The waiting GET_ID request completes once the limit is gone.
+    assert_eq!(vmm.expect_line("id:", TIMEOUT), "id: status=00 len=21 id=scratch");
+    assert_eq!(vmm.expect_line("read1:", TIMEOUT), "read1: status=00 len=513 data=written by the guest");
+    vmm.expect_line("after: status=00", TIMEOUT);
+    // The guest resets the VM after its last line.
+    let (code, _, stderr) = vmm.finish(TIMEOUT);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(&std::fs::read(&second).unwrap()[512..532], b"written by the guest", "writes went to the new image");
+    assert!(!std::fs::read(&first).unwrap().windows(20).any(|w| w == b"written by the guest"), "not to the old one");
 }

@@ -28,12 +28,25 @@ pub struct LiveVmm {
 impl LiveVmm {
     /// Starts `mvm-vmm --no-api --config-file` with `config`.
     pub fn start(config: &serde_json::Value) -> LiveVmm {
+        Self::spawn(config, None)
+    }
+
+    /// Starts `mvm-vmm --api-sock <api_sock> --config-file` with `config`.
+    pub fn start_with_api(config: &serde_json::Value, api_sock: &Path) -> LiveVmm {
+        Self::spawn(config, Some(api_sock))
+    }
+
+    fn spawn(config: &serde_json::Value, api_sock: Option<&Path>) -> LiveVmm {
         use std::io::{BufRead, Read};
         let dir = mvm_testkit::ScratchDir::new("live-vmm");
         let path = dir.path().join("vm.json");
         std::fs::write(&path, config.to_string()).expect("write config");
-        let mut child = std::process::Command::new(mvm_testkit::binary("mvm-vmm"))
-            .arg("--no-api")
+        let mut command = std::process::Command::new(mvm_testkit::binary("mvm-vmm"));
+        match api_sock {
+            Some(sock) => command.arg("--api-sock").arg(sock),
+            None => command.arg("--no-api"),
+        };
+        let mut child = command
             .arg("--config-file")
             .arg(&path)
             .stdin(std::process::Stdio::null())
@@ -217,4 +230,28 @@ impl PacketSocket {
         let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         assert_eq!(n, frame.len() as isize, "send on packet socket: {}", std::io::Error::last_os_error());
     }
+}
+
+/// Sends one HTTP request to an API socket (retrying the connection until it exists) and
+/// returns the status code and body.
+pub fn api_request(sock: &Path, method: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot connect to {}: {e}", sock.display()),
+        }
+    };
+    let body = body.to_string();
+    write!(stream, "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }

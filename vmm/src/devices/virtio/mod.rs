@@ -9,6 +9,7 @@ pub mod chain;
 pub mod metrics;
 pub mod mmio;
 pub mod net;
+pub mod update;
 pub mod vsock;
 pub mod worker;
 
