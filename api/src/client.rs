@@ -60,7 +60,13 @@ impl Client {
         &self.endpoint
     }
 
-    fn request(&self, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> Request<Full<Bytes>> {
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Request<Full<Bytes>> {
         let mut b = Request::builder()
             .method(method)
             .uri(path)
@@ -69,22 +75,41 @@ impl Client {
         if let Some(t) = &self.token {
             b = b.header("authorization", format!("Bearer {t}"));
         }
-        b.body(Full::new(Bytes::from(body))).expect("request parts are valid")
+        b.body(Full::new(Bytes::from(body)))
+            .expect("request parts are valid")
     }
 
     /// Sends a request and returns the raw successful body.
-    pub async fn raw(&self, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> Result<Bytes, ClientError> {
-        let (status, answer) = send_collect(&self.endpoint, self.request(method, path, content_type, body)).await?;
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<Bytes, ClientError> {
+        let (status, answer) = send_collect(
+            &self.endpoint,
+            self.request(method, path, content_type, body),
+        )
+        .await?;
         if !(200..300).contains(&status) {
             return Err(decode_error(status, &answer));
         }
         Ok(answer)
     }
 
-    async fn json<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<T, ClientError> {
-        let body = body.map(|b| serde_json::to_vec(b).expect("request types serialize")).unwrap_or_default();
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let body = body
+            .map(|b| serde_json::to_vec(b).expect("request types serialize"))
+            .unwrap_or_default();
         let answer = self.raw(method, path, "application/json", body).await?;
-        serde_json::from_slice(&answer).map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&answer))))
+        serde_json::from_slice(&answer)
+            .map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&answer))))
     }
 
     /// `POST /v1/sandboxes`.
@@ -94,23 +119,38 @@ impl Client {
 
     /// `GET /v1/sandboxes`.
     pub async fn list(&self) -> Result<Vec<Sandbox>, ClientError> {
-        Ok(self.json::<SandboxList>("GET", "/v1/sandboxes", None::<&()>).await?.sandboxes)
+        Ok(self
+            .json::<SandboxList>("GET", "/v1/sandboxes", None::<&()>)
+            .await?
+            .sandboxes)
     }
 
     /// `GET /v1/sandboxes/{id}`.
     pub async fn get(&self, id: &str) -> Result<Sandbox, ClientError> {
-        self.json("GET", &format!("/v1/sandboxes/{id}"), None::<&()>).await
+        self.json("GET", &format!("/v1/sandboxes/{id}"), None::<&()>)
+            .await
     }
 
     /// `DELETE /v1/sandboxes/{id}`.
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.raw("DELETE", &format!("/v1/sandboxes/{id}"), "application/json", Vec::new()).await.map(drop)
+        self.raw(
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            "application/json",
+            Vec::new(),
+        )
+        .await
+        .map(drop)
     }
 
     /// `POST /v1/sandboxes/{id}/exec`, buffered.
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, ClientError> {
-        let req = ExecRequest { stream: false, ..req.clone() };
-        self.json("POST", &format!("/v1/sandboxes/{id}/exec"), Some(&req)).await
+        let req = ExecRequest {
+            stream: false,
+            ..req.clone()
+        };
+        self.json("POST", &format!("/v1/sandboxes/{id}/exec"), Some(&req))
+            .await
     }
 
     /// `POST /v1/sandboxes/{id}/exec` streamed: calls `on_event` for every NDJSON event and
@@ -121,14 +161,31 @@ impl Client {
         req: &ExecRequest,
         mut on_event: impl FnMut(&ExecEvent),
     ) -> Result<ExecEvent, ClientError> {
-        let req = ExecRequest { stream: true, ..req.clone() };
+        let req = ExecRequest {
+            stream: true,
+            ..req.clone()
+        };
         let body = serde_json::to_vec(&req).expect("request types serialize");
-        let resp = send(&self.endpoint, self.request("POST", &format!("/v1/sandboxes/{id}/exec"), "application/json", body)).await?;
+        let resp = send(
+            &self.endpoint,
+            self.request(
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                "application/json",
+                body,
+            ),
+        )
+        .await?;
         let status = resp.status().as_u16();
         let mut body = resp.into_body();
         let mut buf = Vec::new();
         let mut last = None;
-        let exchange = |source| ClientError::Http(HttpError::Exchange { endpoint: self.endpoint.to_string(), source });
+        let exchange = |source| {
+            ClientError::Http(HttpError::Exchange {
+                endpoint: self.endpoint.to_string(),
+                source,
+            })
+        };
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.map_err(exchange)?.into_data() {
                 buf.extend_from_slice(&data);
@@ -138,8 +195,9 @@ impl Client {
             }
             while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
-                let event: ExecEvent = serde_json::from_slice(&line)
-                    .map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&line))))?;
+                let event: ExecEvent = serde_json::from_slice(&line).map_err(|e| {
+                    ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&line)))
+                })?;
                 on_event(&event);
                 last = Some(event);
             }
@@ -149,48 +207,89 @@ impl Client {
         }
         match last {
             Some(e @ (ExecEvent::Exit(_) | ExecEvent::Error(_))) => Ok(e),
-            _ => Err(ClientError::Decode("the exec stream ended without an exit event".into())),
+            _ => Err(ClientError::Decode(
+                "the exec stream ended without an exit event".into(),
+            )),
         }
     }
 
     /// `PUT /v1/sandboxes/{id}/files?path=`.
-    pub async fn put_file(&self, id: &str, path: &str, mode: u32, data: Vec<u8>) -> Result<FileWritten, ClientError> {
+    pub async fn put_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        data: Vec<u8>,
+    ) -> Result<FileWritten, ClientError> {
         let answer = self
-            .raw("PUT", &format!("/v1/sandboxes/{id}/files?path={}&mode={mode:o}", encode(path)), "application/octet-stream", data)
+            .raw(
+                "PUT",
+                &format!(
+                    "/v1/sandboxes/{id}/files?path={}&mode={mode:o}",
+                    encode(path)
+                ),
+                "application/octet-stream",
+                data,
+            )
             .await?;
         serde_json::from_slice(&answer).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// `GET /v1/sandboxes/{id}/files?path=`.
     pub async fn get_file(&self, id: &str, path: &str) -> Result<Bytes, ClientError> {
-        self.raw("GET", &format!("/v1/sandboxes/{id}/files?path={}", encode(path)), "application/json", Vec::new())
-            .await
+        self.raw(
+            "GET",
+            &format!("/v1/sandboxes/{id}/files?path={}", encode(path)),
+            "application/json",
+            Vec::new(),
+        )
+        .await
     }
 
     /// `POST /v1/sandboxes/{id}/pause` or `/resume`.
     pub async fn set_paused(&self, id: &str, paused: bool) -> Result<Sandbox, ClientError> {
         let verb = if paused { "pause" } else { "resume" };
-        self.json("POST", &format!("/v1/sandboxes/{id}/{verb}"), None::<&()>).await
+        self.json("POST", &format!("/v1/sandboxes/{id}/{verb}"), None::<&()>)
+            .await
     }
 
     /// `POST /v1/sandboxes/{id}/keepalive`.
-    pub async fn keepalive(&self, id: &str, timeout_s: Option<u64>) -> Result<Sandbox, ClientError> {
-        self.json("POST", &format!("/v1/sandboxes/{id}/keepalive"), Some(&Keepalive { timeout_s })).await
+    pub async fn keepalive(
+        &self,
+        id: &str,
+        timeout_s: Option<u64>,
+    ) -> Result<Sandbox, ClientError> {
+        self.json(
+            "POST",
+            &format!("/v1/sandboxes/{id}/keepalive"),
+            Some(&Keepalive { timeout_s }),
+        )
+        .await
     }
 
     /// `GET /v1/sandboxes/{id}/logs`.
     pub async fn logs(&self, id: &str) -> Result<Bytes, ClientError> {
-        self.raw("GET", &format!("/v1/sandboxes/{id}/logs"), "application/json", Vec::new()).await
+        self.raw(
+            "GET",
+            &format!("/v1/sandboxes/{id}/logs"),
+            "application/json",
+            Vec::new(),
+        )
+        .await
     }
 
     /// `GET /v1/sandboxes/{id}/stats`.
     pub async fn stats(&self, id: &str) -> Result<SandboxStats, ClientError> {
-        self.json("GET", &format!("/v1/sandboxes/{id}/stats"), None::<&()>).await
+        self.json("GET", &format!("/v1/sandboxes/{id}/stats"), None::<&()>)
+            .await
     }
 
     /// `GET /v1/templates`.
     pub async fn templates(&self) -> Result<Vec<Template>, ClientError> {
-        Ok(self.json::<TemplateList>("GET", "/v1/templates", None::<&()>).await?.templates)
+        Ok(self
+            .json::<TemplateList>("GET", "/v1/templates", None::<&()>)
+            .await?
+            .templates)
     }
 
     /// `POST /v1/templates`.
@@ -208,7 +307,9 @@ impl Client {
 fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -250,12 +351,17 @@ impl Client {
         use tokio_tungstenite::tungstenite::Message;
 
         let uri = format!("ws://mvmd/v1/sandboxes/{id}/exec/ws");
-        let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(uri.as_str())
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                uri.as_str(),
+            )
             .map_err(|e| ClientError::Decode(e.to_string()))?;
         if let Some(t) = &self.token {
             request.headers_mut().insert(
                 "authorization",
-                format!("Bearer {t}").parse().map_err(|_| ClientError::Decode("token is not a valid header".into()))?,
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| ClientError::Decode("token is not a valid header".into()))?,
             );
         }
         let ws_err = |e: tokio_tungstenite::tungstenite::Error| match e {
@@ -273,20 +379,30 @@ impl Client {
         };
         let ws = match &self.endpoint {
             Endpoint::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p).await.map_err(connect_err)?;
-                let (ws, _) = tokio_tungstenite::client_async(request, EitherStream::Unix(s)).await.map_err(ws_err)?;
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(connect_err)?;
+                let (ws, _) = tokio_tungstenite::client_async(request, EitherStream::Unix(s))
+                    .await
+                    .map_err(ws_err)?;
                 ws
             }
             Endpoint::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a).await.map_err(connect_err)?;
-                let (ws, _) = tokio_tungstenite::client_async(request, EitherStream::Tcp(s)).await.map_err(ws_err)?;
+                let s = tokio::net::TcpStream::connect(a)
+                    .await
+                    .map_err(connect_err)?;
+                let (ws, _) = tokio_tungstenite::client_async(request, EitherStream::Tcp(s))
+                    .await
+                    .map_err(ws_err)?;
                 ws
             }
         };
         let (mut sink, mut source) = ws.split();
-        sink.send(Message::Text(serde_json::to_string(req).expect("serializes").into()))
-            .await
-            .map_err(ws_err)?;
+        sink.send(Message::Text(
+            serde_json::to_string(req).expect("serializes").into(),
+        ))
+        .await
+        .map_err(ws_err)?;
         let mut buf = vec![0u8; 32 * 1024];
         let mut stdin_open = true;
         loop {
@@ -355,14 +471,20 @@ impl tokio::io::AsyncWrite for EitherStream {
         }
     }
 
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             EitherStream::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
             EitherStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
         }
     }
 
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             EitherStream::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             EitherStream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
@@ -386,7 +508,11 @@ impl Client {
             .exec_stream(id, req, |e| match e {
                 ExecEvent::Stdout { data } | ExecEvent::Stderr { data } => match b64.decode(data) {
                     Ok(bytes) => on_output(
-                        if matches!(e, ExecEvent::Stdout { .. }) { Stream::Stdout } else { Stream::Stderr },
+                        if matches!(e, ExecEvent::Stdout { .. }) {
+                            Stream::Stdout
+                        } else {
+                            Stream::Stderr
+                        },
                         &bytes,
                     ),
                     Err(err) => bad = Some(err.to_string()),
@@ -395,12 +521,16 @@ impl Client {
             })
             .await?;
         if let Some(err) = bad {
-            return Err(ClientError::Decode(format!("bad base64 in the exec stream: {err}")));
+            return Err(ClientError::Decode(format!(
+                "bad base64 in the exec stream: {err}"
+            )));
         }
         match last {
             ExecEvent::Exit(exit) => Ok(exit),
             ExecEvent::Error(body) => Err(ClientError::Api { status: 200, body }),
-            other => Err(ClientError::Decode(format!("unexpected last event {other:?}"))),
+            other => Err(ClientError::Decode(format!(
+                "unexpected last event {other:?}"
+            ))),
         }
     }
 }

@@ -179,8 +179,9 @@ const SANDBOX_COLUMNS: &str = "id, tenant, state, isolation, template, vcpus, me
 impl Db {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Db> {
-        let conn = Connection::open(path)
-            .map_err(|e| Error::host(format!("opening the state database {}", path.display()), e))?;
+        let conn = Connection::open(path).map_err(|e| {
+            Error::host(format!("opening the state database {}", path.display()), e)
+        })?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -398,7 +399,14 @@ impl Db {
     }
 
     /// Appends to the audit log.
-    pub fn audit(&self, tenant: &str, action: &str, target: &str, status: u16, detail: &str) -> Result<()> {
+    pub fn audit(
+        &self,
+        tenant: &str,
+        action: &str,
+        target: &str,
+        status: u16,
+        detail: &str,
+    ) -> Result<()> {
         self.conn().execute(
             "INSERT INTO audit (at, tenant, action, target, status, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![now(), tenant, action, target, status, detail],
@@ -414,7 +422,9 @@ impl Db {
              (SELECT * FROM audit ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
         )?;
         let rows = stmt
-            .query_map(params![n], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .query_map(params![n], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }

@@ -41,10 +41,15 @@ impl std::str::FromStr for Endpoint {
             .or_else(|| s.strip_prefix("http://"))
             .unwrap_or(s)
             .trim_end_matches('/');
-        if addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+        if addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
             Ok(Endpoint::Tcp(addr.to_owned()))
         } else {
-            Err(format!("{s:?} is not unix:PATH, /PATH, tcp:HOST:PORT or http://HOST:PORT"))
+            Err(format!(
+                "{s:?} is not unix:PATH, /PATH, tcp:HOST:PORT or http://HOST:PORT"
+            ))
         }
     }
 }
@@ -73,7 +78,10 @@ pub enum HttpError {
 }
 
 /// Sends one request on a fresh connection and returns the response with a streaming body.
-pub async fn send(endpoint: &Endpoint, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, HttpError> {
+pub async fn send(
+    endpoint: &Endpoint,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, HttpError> {
     let connect_err = |source| HttpError::Connect {
         endpoint: endpoint.to_string(),
         source,
@@ -94,13 +102,20 @@ pub async fn send(endpoint: &Endpoint, req: Request<Full<Bytes>>) -> Result<Resp
         }};
     }
     match endpoint {
-        Endpoint::Unix(path) => over!(tokio::net::UnixStream::connect(path).await.map_err(connect_err)?),
-        Endpoint::Tcp(addr) => over!(tokio::net::TcpStream::connect(addr).await.map_err(connect_err)?),
+        Endpoint::Unix(path) => over!(tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(connect_err)?),
+        Endpoint::Tcp(addr) => over!(tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(connect_err)?),
     }
 }
 
 /// Sends a request and reads the whole answer: (status, body).
-pub async fn send_collect(endpoint: &Endpoint, req: Request<Full<Bytes>>) -> Result<(u16, Bytes), HttpError> {
+pub async fn send_collect(
+    endpoint: &Endpoint,
+    req: Request<Full<Bytes>>,
+) -> Result<(u16, Bytes), HttpError> {
     let resp = send(endpoint, req).await?;
     let status = resp.status().as_u16();
     let body = resp
@@ -123,8 +138,14 @@ mod tests {
     fn endpoints() {
         assert_eq!("unix:/a/b".parse(), Ok(Endpoint::Unix("/a/b".into())));
         assert_eq!("/a/b".parse(), Ok(Endpoint::Unix("/a/b".into())));
-        assert_eq!("http://127.0.0.1:8080/".parse(), Ok(Endpoint::Tcp("127.0.0.1:8080".into())));
-        assert_eq!("tcp:localhost:1".parse(), Ok(Endpoint::Tcp("localhost:1".into())));
+        assert_eq!(
+            "http://127.0.0.1:8080/".parse(),
+            Ok(Endpoint::Tcp("127.0.0.1:8080".into()))
+        );
+        assert_eq!(
+            "tcp:localhost:1".parse(),
+            Ok(Endpoint::Tcp("localhost:1".into()))
+        );
         assert!("nonsense".parse::<Endpoint>().is_err());
         assert!("host:notaport".parse::<Endpoint>().is_err());
     }

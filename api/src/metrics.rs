@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the create-latency histogram buckets.
-const BUCKETS: [f64; 12] = [0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
 
 /// A cumulative histogram of durations.
 #[derive(Debug, Default)]
@@ -25,17 +27,26 @@ impl Histogram {
             }
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", self.counts[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                self.counts[i].load(Ordering::Relaxed)
+            );
         }
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
@@ -64,22 +75,47 @@ pub struct Snapshot {
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+        v.load(Ordering::Relaxed)
+    );
 }
 
 impl Metrics {
     /// The Prometheus text of the metrics plus `snap`.
     pub fn render(&self, snap: &Snapshot) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP mvm_sandboxes Sandboxes by state.\n# TYPE mvm_sandboxes gauge");
+        let _ = writeln!(
+            out,
+            "# HELP mvm_sandboxes Sandboxes by state.\n# TYPE mvm_sandboxes gauge"
+        );
         for (state, n) in &snap.by_state {
             let _ = writeln!(out, "mvm_sandboxes{{state=\"{state}\"}} {n}");
         }
-        self.create_seconds
-            .render(&mut out, "mvm_sandbox_create_seconds", "Time from create request to a ready agent.");
-        counter(&mut out, "mvm_sandboxes_created_total", "Sandboxes created.", &self.created);
-        counter(&mut out, "mvm_sandbox_create_failures_total", "Failed (rolled back) creates.", &self.create_failures);
-        counter(&mut out, "mvm_sandboxes_destroyed_total", "Sandboxes destroyed.", &self.destroyed);
+        self.create_seconds.render(
+            &mut out,
+            "mvm_sandbox_create_seconds",
+            "Time from create request to a ready agent.",
+        );
+        counter(
+            &mut out,
+            "mvm_sandboxes_created_total",
+            "Sandboxes created.",
+            &self.created,
+        );
+        counter(
+            &mut out,
+            "mvm_sandbox_create_failures_total",
+            "Failed (rolled back) creates.",
+            &self.create_failures,
+        );
+        counter(
+            &mut out,
+            "mvm_sandboxes_destroyed_total",
+            "Sandboxes destroyed.",
+            &self.destroyed,
+        );
         counter(&mut out, "mvm_execs_total", "Execs started.", &self.execs);
         let _ = writeln!(out, "# HELP mvm_sandbox_cpu_seconds_total CPU time of a sandbox.\n# TYPE mvm_sandbox_cpu_seconds_total counter");
         for (id, tenant, iso, cpu, _) in &snap.per_sandbox {
@@ -106,11 +142,29 @@ mod tests {
         let m = Metrics::default();
         m.create_seconds.observe(Duration::from_millis(7));
         m.create_seconds.observe(Duration::from_millis(300));
-        let text = m.render(&Snapshot { by_state: vec![("running", 2)], per_sandbox: vec![] });
-        assert!(text.contains("mvm_sandbox_create_seconds_bucket{le=\"0.005\"} 0"), "{text}");
-        assert!(text.contains("mvm_sandbox_create_seconds_bucket{le=\"0.01\"} 1"), "{text}");
-        assert!(text.contains("mvm_sandbox_create_seconds_bucket{le=\"0.5\"} 2"), "{text}");
-        assert!(text.contains("mvm_sandbox_create_seconds_count 2"), "{text}");
-        assert!(text.contains("mvm_sandboxes{state=\"running\"} 2"), "{text}");
+        let text = m.render(&Snapshot {
+            by_state: vec![("running", 2)],
+            per_sandbox: vec![],
+        });
+        assert!(
+            text.contains("mvm_sandbox_create_seconds_bucket{le=\"0.005\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mvm_sandbox_create_seconds_bucket{le=\"0.01\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mvm_sandbox_create_seconds_bucket{le=\"0.5\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mvm_sandbox_create_seconds_count 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mvm_sandboxes{state=\"running\"} 2"),
+            "{text}"
+        );
     }
 }

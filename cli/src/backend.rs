@@ -61,7 +61,10 @@ impl Backend {
         let cfg = ManagerConfig::from_env();
         let endpoint = match host {
             Some(h) => Some(h.parse().map_err(CliError::Local)?),
-            None if tokio::net::UnixStream::connect(DEFAULT_SOCKET).await.is_ok() => {
+            None if tokio::net::UnixStream::connect(DEFAULT_SOCKET)
+                .await
+                .is_ok() =>
+            {
                 Some(api::http::Endpoint::Unix(DEFAULT_SOCKET.into()))
             }
             None => None,
@@ -110,11 +113,16 @@ impl Backend {
     }
 
     /// Runs `req`, streaming its output to ours; with `interactive`, our stdin goes to it.
-    pub async fn exec(&self, id: &str, req: &ExecRequest, interactive: bool) -> Result<ExitInfo, CliError> {
+    pub async fn exec(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+        interactive: bool,
+    ) -> Result<ExitInfo, CliError> {
         match self {
-            Backend::Daemon(c) if interactive => {
-                Ok(c.exec_interactive(id, req, tokio::io::stdin(), write_out).await?)
-            }
+            Backend::Daemon(c) if interactive => Ok(c
+                .exec_interactive(id, req, tokio::io::stdin(), write_out)
+                .await?),
             Backend::Daemon(c) => Ok(c.exec_streamed(id, req, write_out).await?),
             Backend::Local { manager, tenant } => {
                 let mut session = manager.start_exec(&tenant.name, id, req).await?;
@@ -153,7 +161,11 @@ impl Backend {
     }
 
     /// Runs `req` to completion and returns all of its output.
-    pub async fn exec_buffered(&self, id: &str, req: &ExecRequest) -> Result<api::model::ExecResult, CliError> {
+    pub async fn exec_buffered(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+    ) -> Result<api::model::ExecResult, CliError> {
         Ok(match self {
             Backend::Daemon(c) => c.exec(id, req).await?,
             Backend::Local { manager, tenant } => manager.exec(&tenant.name, id, req).await?,
@@ -161,11 +173,21 @@ impl Backend {
     }
 
     /// Copies a local file into the sandbox.
-    pub async fn put_file(&self, id: &str, path: &str, mode: u32, data: Vec<u8>) -> Result<u64, CliError> {
+    pub async fn put_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        data: Vec<u8>,
+    ) -> Result<u64, CliError> {
         Ok(match self {
             Backend::Daemon(c) => c.put_file(id, path, mode, data).await?.bytes,
             Backend::Local { manager, tenant } => {
-                manager.agent(&tenant.name, id).await?.put_file(path, mode, data.as_slice()).await?
+                manager
+                    .agent(&tenant.name, id)
+                    .await?
+                    .put_file(path, mode, data.as_slice())
+                    .await?
             }
         })
     }
@@ -176,7 +198,11 @@ impl Backend {
             Backend::Daemon(c) => c.get_file(id, path).await?.to_vec(),
             Backend::Local { manager, tenant } => {
                 let mut buf = Vec::new();
-                manager.agent(&tenant.name, id).await?.get_file(path, &mut buf).await?;
+                manager
+                    .agent(&tenant.name, id)
+                    .await?
+                    .get_file(path, &mut buf)
+                    .await?;
                 buf
             }
         })
@@ -202,7 +228,9 @@ impl Backend {
     pub async fn set_paused(&self, id: &str, paused: bool) -> Result<Sandbox, CliError> {
         Ok(match self {
             Backend::Daemon(c) => c.set_paused(id, paused).await?,
-            Backend::Local { manager, tenant } => manager.set_paused(&tenant.name, id, paused).await?,
+            Backend::Local { manager, tenant } => {
+                manager.set_paused(&tenant.name, id, paused).await?
+            }
         })
     }
 
@@ -227,7 +255,8 @@ impl Backend {
 pub fn read_local(path: &str) -> Result<Vec<u8>, CliError> {
     if path == "-" {
         let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|e| CliError::Local(format!("reading stdin: {e}")))?;
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .map_err(|e| CliError::Local(format!("reading stdin: {e}")))?;
         return Ok(buf);
     }
     std::fs::read(Path::new(path)).map_err(|e| CliError::Local(format!("reading {path}: {e}")))

@@ -30,12 +30,16 @@ pub struct BuildArgs {
 }
 
 fn find_repo(explicit: Option<&Path>) -> Result<PathBuf, CliError> {
-    let is_repo = |p: &Path| p.join("rootfs/build.sh").is_file() && p.join("guest-kernel/build.sh").is_file();
+    let is_repo =
+        |p: &Path| p.join("rootfs/build.sh").is_file() && p.join("guest-kernel/build.sh").is_file();
     if let Some(p) = explicit {
         return if is_repo(p) {
             Ok(p.to_path_buf())
         } else {
-            Err(CliError::Local(format!("{} has no rootfs/build.sh and guest-kernel/build.sh", p.display())))
+            Err(CliError::Local(format!(
+                "{} has no rootfs/build.sh and guest-kernel/build.sh",
+                p.display()
+            )))
         };
     }
     let starts = [std::env::current_exe().ok(), std::env::current_dir().ok()];
@@ -63,19 +67,29 @@ fn step(title: &str, mut cmd: Command) -> Result<(), CliError> {
         .spawn()
         .map_err(|e| CliError::Local(format!("{title}: starting {cmd:?}: {e}")))?;
     let stderr = child.stderr.take().expect("piped");
-    let err_lines = std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
+    let err_lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             bar.set_message(line);
         }
     }
-    let status = child.wait().map_err(|e| CliError::Local(format!("{title}: {e}")))?;
+    let status = child
+        .wait()
+        .map_err(|e| CliError::Local(format!("{title}: {e}")))?;
     let errs = err_lines.join().unwrap_or_default();
     if !status.success() {
         bar.abandon_with_message(format!("failed ({status})"));
         let tail: Vec<&String> = errs.iter().rev().take(20).collect();
         let tail: Vec<&str> = tail.into_iter().rev().map(String::as_str).collect();
-        return Err(CliError::Local(format!("{title} failed:\n{}", tail.join("\n"))));
+        return Err(CliError::Local(format!(
+            "{title} failed:\n{}",
+            tail.join("\n")
+        )));
     }
     bar.finish_with_message(errs.last().cloned().unwrap_or_else(|| "done".into()));
     Ok(())
@@ -102,7 +116,12 @@ pub fn build(args: &BuildArgs) -> Result<Template, CliError> {
         .iter()
         .map(|k| artifacts.join(k))
         .find(|p| p.is_file())
-        .ok_or_else(|| CliError::Local(format!("no kernel in {}; build without --skip-kernel", artifacts.display())))?;
+        .ok_or_else(|| {
+            CliError::Local(format!(
+                "no kernel in {}; build without --skip-kernel",
+                artifacts.display()
+            ))
+        })?;
     Ok(Template {
         name: args.name.clone(),
         kernel: kernel.display().to_string(),

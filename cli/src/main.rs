@@ -172,7 +172,10 @@ fn main() -> ExitCode {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("API types serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("API types serialize")
+    );
 }
 
 fn exit_byte(code: i32) -> u8 {
@@ -180,14 +183,18 @@ fn exit_byte(code: i32) -> u8 {
 }
 
 fn split_remote(spec: &str) -> Option<(&str, &str)> {
-    spec.split_once(':').filter(|(id, path)| !id.is_empty() && !id.contains('/') && path.starts_with('/'))
+    spec.split_once(':')
+        .filter(|(id, path)| !id.is_empty() && !id.contains('/') && path.starts_with('/'))
 }
 
 async fn run(cli: Cli) -> Result<u8, CliError> {
     let json = cli.output == Output::Json;
     if let Command::Serve { socket, tcp } = cli.command {
         let (manager, reconciled) = api::Manager::open(api::ManagerConfig::from_env()).await?;
-        eprintln!("mvm serve: adopted {:?}, cleaned {:?}", reconciled.adopted, reconciled.cleaned);
+        eprintln!(
+            "mvm serve: adopted {:?}, cleaned {:?}",
+            reconciled.adopted, reconciled.cleaned
+        );
         api::server::ensure_default_token(&manager)?;
         api::server::serve(manager, api::server::ServeConfig { socket, tcp }).await?;
         return Ok(0);
@@ -199,14 +206,22 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         if json {
             print_json(&t);
         } else {
-            println!("template {} registered: kernel {}, rootfs {}", t.name, t.kernel, t.rootfs);
+            println!(
+                "template {} registered: kernel {}, rootfs {}",
+                t.name, t.kernel, t.rootfs
+            );
         }
         return Ok(0);
     }
     let backend = Backend::connect(cli.host, cli.token).await?;
     match cli.command {
         Command::Run(args) => run_command(&backend, args, json).await,
-        Command::Exec { interactive, env, id, cmd } => {
+        Command::Exec {
+            interactive,
+            env,
+            id,
+            cmd,
+        } => {
             let req = ExecRequest {
                 cmd,
                 env: env.into_iter().collect(),
@@ -219,7 +234,10 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             if json {
                 print_json(&list);
             } else {
-                println!("{:<14} {:<9} {:<5} {:<10} {:>4} {:>7} {:<10} EXPIRES", "ID", "STATE", "TIER", "TEMPLATE", "CPUS", "MEM", "TENANT");
+                println!(
+                    "{:<14} {:<9} {:<5} {:<10} {:>4} {:>7} {:<10} EXPIRES",
+                    "ID", "STATE", "TIER", "TEMPLATE", "CPUS", "MEM", "TENANT"
+                );
                 for s in list {
                     println!(
                         "{:<14} {:<9} {:<5} {:<10} {:>4} {:>6}M {:<10} {}",
@@ -230,7 +248,8 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                         s.vcpus,
                         s.memory_mib,
                         s.tenant,
-                        s.expires_at.map_or("never".into(), |t| format!("in {}s", t - api::db::now()))
+                        s.expires_at
+                            .map_or("never".into(), |t| format!("in {}s", t - api::db::now()))
                     );
                 }
             }
@@ -274,7 +293,8 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                         use std::io::Write;
                         let _ = std::io::stdout().write_all(&data);
                     } else {
-                        std::fs::write(&dst, &data).map_err(|e| CliError::Local(format!("writing {dst}: {e}")))?;
+                        std::fs::write(&dst, &data)
+                            .map_err(|e| CliError::Local(format!("writing {dst}: {e}")))?;
                     }
                 }
                 _ => {
@@ -298,7 +318,10 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             if json {
                 print_json(&all);
             } else {
-                println!("{:<14} {:>10} {:>10} {:>5}", "ID", "CPU(s)", "MEM(MiB)", "PIDS");
+                println!(
+                    "{:<14} {:>10} {:>10} {:>5}",
+                    "ID", "CPU(s)", "MEM(MiB)", "PIDS"
+                );
                 for s in all {
                     println!(
                         "{:<14} {:>10.3} {:>10.1} {:>5}",
@@ -319,7 +342,12 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 print_json(&list);
             } else {
                 println!("{:<16} {:<40} ROOTFS", "NAME", "KERNEL");
-                for Template { name, kernel, rootfs } in list {
+                for Template {
+                    name,
+                    kernel,
+                    rootfs,
+                } in list
+                {
                     println!("{name:<16} {kernel:<40} {rootfs}");
                 }
             }
@@ -338,7 +366,13 @@ fn show(s: &Sandbox, json: bool) -> Result<u8, CliError> {
     Ok(0)
 }
 
-async fn exec(backend: &Backend, id: &str, req: ExecRequest, interactive: bool, json: bool) -> Result<u8, CliError> {
+async fn exec(
+    backend: &Backend,
+    id: &str,
+    req: ExecRequest,
+    interactive: bool,
+    json: bool,
+) -> Result<u8, CliError> {
     if json {
         let r = backend.exec_buffered(id, &req).await?;
         print_json(&r);
@@ -364,7 +398,10 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         timeout_s: a.timeout,
         env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
         isolation: a.isolation,
-        network: Some(NetworkSpec { egress, allow: a.allow }),
+        network: Some(NetworkSpec {
+            egress,
+            allow: a.allow,
+        }),
         metadata: BTreeMap::from([("created-by".to_owned(), "mvm run".to_owned())]),
     };
     let sandbox = backend.create(req).await?;
@@ -380,7 +417,10 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
             return result.and(Ok(EXIT_MVM_FAILED));
         }
     } else if !json {
-        eprintln!("mvm: sandbox {} keeps running (remove it with `mvm rm {}`)", sandbox.id, sandbox.id);
+        eprintln!(
+            "mvm: sandbox {} keeps running (remove it with `mvm rm {}`)",
+            sandbox.id, sandbox.id
+        );
     }
     result
 }

@@ -107,12 +107,26 @@ async fn run(cli: Cli) -> api::Result<()> {
     }
     match cli.command {
         Some(Command::Tenant {
-            command: TenantCommand::Create { name, max_sandboxes, max_vcpus, max_memory_mib },
+            command:
+                TenantCommand::Create {
+                    name,
+                    max_sandboxes,
+                    max_vcpus,
+                    max_memory_mib,
+                },
         }) => {
-            std::fs::create_dir_all(&cfg.state_dir)
-                .map_err(|e| api::Error::host(format!("creating {}", cfg.state_dir.display()), e))?;
+            std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+                api::Error::host(format!("creating {}", cfg.state_dir.display()), e)
+            })?;
             let db = api::db::Db::open(&cfg.state_dir.join("mvm.db"))?;
-            let token = db.create_tenant(&name, Quota { max_sandboxes, max_vcpus, max_memory_mib })?;
+            let token = db.create_tenant(
+                &name,
+                Quota {
+                    max_sandboxes,
+                    max_vcpus,
+                    max_memory_mib,
+                },
+            )?;
             println!("{token}");
             Ok(())
         }
@@ -130,5 +144,12 @@ async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> api::Result<()> {
     let (manager, reconciled) = Manager::open(cfg).await?;
     tracing::info!(adopted = ?reconciled.adopted, cleaned = ?reconciled.cleaned, "reconciled");
     api::server::ensure_default_token(&manager)?;
-    api::server::serve(manager, ServeConfig { socket: args.socket, tcp: args.tcp }).await
+    api::server::serve(
+        manager,
+        ServeConfig {
+            socket: args.socket,
+            tcp: args.tcp,
+        },
+    )
+    .await
 }

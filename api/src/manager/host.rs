@@ -66,7 +66,11 @@ fn read_u64(path: &Path) -> u64 {
 
 /// (cpu ns, memory bytes, pids) of the sandbox's cgroups.
 pub fn cgroup_usage(parent: &str, id: &str) -> (u64, u64, u64) {
-    let file = |c: &str, f: &str| cgroup_dir(c, parent, id).map(|d| read_u64(&d.join(f))).unwrap_or(0);
+    let file = |c: &str, f: &str| {
+        cgroup_dir(c, parent, id)
+            .map(|d| read_u64(&d.join(f)))
+            .unwrap_or(0)
+    };
     (
         file("cpuacct", "cpuacct.usage"),
         file("memory", "memory.usage_in_bytes"),
@@ -80,7 +84,11 @@ pub fn cgroup_pids(parent: &str, id: &str) -> Vec<i32> {
         .iter()
         .filter_map(|c| cgroup_dir(c, parent, id))
         .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
-        .flat_map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<_>>())
+        .flat_map(|s| {
+            s.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<_>>()
+        })
         .collect();
     pids.sort_unstable();
     pids.dedup();
@@ -99,7 +107,9 @@ pub fn jailer_pids(id: &str) -> Vec<i32> {
             };
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
             args.first().is_some_and(|a0| a0.ends_with(b"mvm-jailer"))
-                && args.windows(2).any(|w| w[0] == b"--id" && w[1] == id.as_bytes())
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"--id" && w[1] == id.as_bytes())
         })
         .collect()
 }
@@ -110,7 +120,8 @@ pub fn set_frozen(parent: &str, id: &str, frozen: bool) -> Result<()> {
         .ok_or_else(|| Error::Host("no freezer cgroup hierarchy is mounted".into()))?;
     let state = dir.join("freezer.state");
     let want = if frozen { "FROZEN" } else { "THAWED" };
-    std::fs::write(&state, want).map_err(|e| Error::host(format!("writing {}", state.display()), e))?;
+    std::fs::write(&state, want)
+        .map_err(|e| Error::host(format!("writing {}", state.display()), e))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let now = std::fs::read_to_string(&state).unwrap_or_default();
@@ -118,7 +129,11 @@ pub fn set_frozen(parent: &str, id: &str, frozen: bool) -> Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(Error::Host(format!("{} stays {} instead of {want}", state.display(), now.trim())));
+            return Err(Error::Host(format!(
+                "{} stays {} instead of {want}",
+                state.display(),
+                now.trim()
+            )));
         }
         if frozen {
             // FREEZING: writing again retries tasks that could not be frozen yet.
@@ -161,15 +176,25 @@ pub fn kill_all(parent: &str, id: &str) -> Result<()> {
 }
 
 fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid(format!("path {} contains NUL", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("path {} contains NUL", p.display())))
 }
 
 /// mount(2) with `what` in error messages.
-pub fn mount(src: &Path, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> Result<()> {
+pub fn mount(
+    src: &Path,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<()> {
     let s = cstr(src)?;
     let t = cstr(target)?;
     let f = fstype.map(|f| CString::new(f).expect("fstype has no NUL"));
-    let d = data.map(CString::new).transpose().map_err(|_| Error::Invalid("mount data contains NUL".into()))?;
+    let d = data
+        .map(CString::new)
+        .transpose()
+        .map_err(|_| Error::Invalid("mount data contains NUL".into()))?;
     // SAFETY: all pointers are NUL-terminated strings (or null) living across the call.
     let ret = unsafe {
         libc::mount(
@@ -222,14 +247,21 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 pub fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| {
             Error::host(
                 format!("running {program}"),
-                format!("{e} (is it installed? on Debian: apt-get install {})", package_of(program)),
+                format!(
+                    "{e} (is it installed? on Debian: apt-get install {})",
+                    package_of(program)
+                ),
             )
         })?;
     if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
@@ -303,12 +335,24 @@ where
         // SAFETY: unshare with a flag constant; it changes only this thread's network namespace,
         // and this thread ends right after.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } == -1 {
-            return Err(Error::host("unshare(CLONE_NEWNET)", std::io::Error::last_os_error()));
+            return Err(Error::host(
+                "unshare(CLONE_NEWNET)",
+                std::io::Error::last_os_error(),
+            ));
         }
-        std::fs::File::create(&path).map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
-        let result = mount(Path::new("/proc/thread-self/ns/net"), &path, None, libc::MS_BIND, None)
-            .and_then(|()| loopback_up().map_err(|e| Error::host("bringing lo up in the sandbox netns", e)))
-            .and_then(|()| setup());
+        std::fs::File::create(&path)
+            .map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
+        let result = mount(
+            Path::new("/proc/thread-self/ns/net"),
+            &path,
+            None,
+            libc::MS_BIND,
+            None,
+        )
+        .and_then(|()| {
+            loopback_up().map_err(|e| Error::host("bringing lo up in the sandbox netns", e))
+        })
+        .and_then(|()| setup());
         if result.is_err() {
             let _ = umount(&path);
             let _ = std::fs::remove_file(&path);
@@ -332,7 +376,11 @@ pub fn remove_netns(path: &Path) -> Result<()> {
 /// Removes a directory tree; a missing one is fine. Refuses if anything is mounted below.
 pub fn remove_tree(dir: &Path) -> Result<()> {
     if let Some(m) = mounts_under(dir).first() {
-        return Err(Error::Host(format!("{} is still mounted; not removing {}", m.display(), dir.display())));
+        return Err(Error::Host(format!(
+            "{} is still mounted; not removing {}",
+            m.display(),
+            dir.display()
+        )));
     }
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),

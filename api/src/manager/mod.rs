@@ -26,8 +26,8 @@ use crate::db::{self, Db, SandboxRow, Tenant};
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, Snapshot};
 use crate::model::{
-    CreateSandbox, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox, SandboxState, SandboxStats,
-    Template,
+    CreateSandbox, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox, SandboxState,
+    SandboxStats, Template,
 };
 
 /// Most sandboxes one manager runs at once (slots of its /16 network, /29 each).
@@ -47,7 +47,12 @@ pub const DEFAULT_TEMPLATE: &str = "default";
 /// Largest part of a console log returned by [`Manager::logs`].
 const MAX_LOG_BYTES: u64 = 1 << 20;
 /// Device nodes the jail tier adds to the jail's /dev for the sandbox's programs.
-const JAIL_DEVICES: [(&str, u32, u32); 4] = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8)];
+const JAIL_DEVICES: [(&str, u32, u32); 4] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+];
 
 /// Where the manager keeps things and how it makes sandboxes.
 #[derive(Debug, Clone)]
@@ -77,7 +82,11 @@ impl ManagerConfig {
     /// directory of the running executable), `MVM_ARTIFACTS`, `MVM_ISOLATION` (vm|jail) and
     /// `MVM_VM_TIER=force`.
     pub fn from_env() -> Self {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let bin_dir = var("MVM_BIN_DIR").unwrap_or_else(|| {
             std::env::current_exe()
                 .ok()
@@ -122,11 +131,15 @@ impl ManagerConfig {
     }
 
     fn jail_root(&self, isolation: Isolation, id: &str) -> PathBuf {
-        self.jail_base().join(exec_name(isolation)).join(id).join("root")
+        self.jail_base()
+            .join(exec_name(isolation))
+            .join(id)
+            .join("root")
     }
 
     fn in_jail(&self, isolation: Isolation, id: &str, jail_path: &str) -> PathBuf {
-        self.jail_root(isolation, id).join(jail_path.trim_start_matches('/'))
+        self.jail_root(isolation, id)
+            .join(jail_path.trim_start_matches('/'))
     }
 }
 
@@ -183,20 +196,24 @@ impl Manager {
     /// the host without a state row) are removed.
     pub async fn open(cfg: ManagerConfig) -> Result<(Manager, Reconciled)> {
         for dir in [&cfg.state_dir, &cfg.run_dir] {
-            std::fs::create_dir_all(dir).map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
         }
         let db = Db::open(&cfg.state_dir.join("mvm.db"))?;
         if let Some(art) = &cfg.artifacts_dir {
-            let kernel = ["vmlinux", "bzImage"].iter().map(|k| art.join(k)).find(|p| p.is_file());
+            // The jail tier needs only the base image; a missing kernel fails vm creates clearly.
+            let kernel = ["vmlinux", "bzImage"]
+                .iter()
+                .map(|k| art.join(k))
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| art.join("vmlinux"));
             let rootfs = art.join("rootfs.ext4");
-            if let (Some(kernel), true) = (kernel, rootfs.is_file()) {
-                if !db.templates()?.iter().any(|t| t.name == DEFAULT_TEMPLATE) {
-                    db.put_template(&Template {
-                        name: DEFAULT_TEMPLATE.into(),
-                        kernel: kernel.display().to_string(),
-                        rootfs: rootfs.display().to_string(),
-                    })?;
-                }
+            if rootfs.is_file() && !db.templates()?.iter().any(|t| t.name == DEFAULT_TEMPLATE) {
+                db.put_template(&Template {
+                    name: DEFAULT_TEMPLATE.into(),
+                    kernel: kernel.display().to_string(),
+                    rootfs: rootfs.display().to_string(),
+                })?;
             }
         }
         let manager = Manager {
@@ -243,9 +260,12 @@ impl Manager {
                 SandboxState::Paused => alive,
                 SandboxState::Running => {
                     alive
-                        && tokio::time::timeout(Duration::from_secs(3), self.connect_agent(s.isolation, &s.id))
-                            .await
-                            .is_ok_and(|r| r.is_ok())
+                        && tokio::time::timeout(
+                            Duration::from_secs(3),
+                            self.connect_agent(s.isolation, &s.id),
+                        )
+                        .await
+                        .is_ok_and(|r| r.is_ok())
                 }
             };
             if adopt {
@@ -255,7 +275,10 @@ impl Manager {
                 tracing::info!(id = %s.id, state = s.state.as_str(), "reconcile: removing a dead sandbox");
                 self.teardown(s.id.clone(), Some(s.isolation)).await?;
                 self.inner.db.delete_sandbox(&s.id)?;
-                self.inner.metrics.destroyed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.inner
+                    .metrics
+                    .destroyed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 out.cleaned.push(s.id.clone());
             }
         }
@@ -323,15 +346,21 @@ impl Manager {
         }
         let vcpus = req.vcpus.unwrap_or(1);
         if !(1..=32).contains(&vcpus) {
-            return Err(Error::Invalid(format!("vcpus must be 1 to 32, got {vcpus}")));
+            return Err(Error::Invalid(format!(
+                "vcpus must be 1 to 32, got {vcpus}"
+            )));
         }
         let memory_mib = req.memory_mib.unwrap_or(256);
         if !(16..=65536).contains(&memory_mib) {
-            return Err(Error::Invalid(format!("memory_mib must be 16 to 65536, got {memory_mib}")));
+            return Err(Error::Invalid(format!(
+                "memory_mib must be 16 to 65536, got {memory_mib}"
+            )));
         }
         let timeout_s = req.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
         if timeout_s > MAX_TIMEOUT_S {
-            return Err(Error::Invalid(format!("timeout_s must be at most {MAX_TIMEOUT_S}, got {timeout_s}")));
+            return Err(Error::Invalid(format!(
+                "timeout_s must be at most {MAX_TIMEOUT_S}, got {timeout_s}"
+            )));
         }
         validate_env(&req.env)?;
         for (k, v) in &req.metadata {
@@ -374,20 +403,32 @@ impl Manager {
         let started = Instant::now();
         let (sandbox, template) = self.plan(&tenant.name, req)?;
         let slot = self.inner.db.insert_sandbox(&sandbox, &tenant.quota)?;
-        let mut row = SandboxRow { sandbox, slot, pid: 0 };
+        let mut row = SandboxRow {
+            sandbox,
+            slot,
+            pid: 0,
+        };
         match self.build(&mut row, &template).await {
             Ok(()) => {
                 self.inner.metrics.create_seconds.observe(started.elapsed());
-                self.inner.metrics.created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.inner
+                    .metrics
+                    .created
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(row.sandbox)
             }
             Err(e) => {
-                self.inner.metrics.create_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.inner
+                    .metrics
+                    .create_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let id = row.sandbox.id.clone();
                 lock(&self.inner.live).remove(&id);
                 if let Err(undo) = self.teardown(id.clone(), Some(row.sandbox.isolation)).await {
                     tracing::error!(%id, "rollback of a failed create: {undo}");
-                    return Err(Error::Host(format!("{e}; rolling back also failed: {undo}")));
+                    return Err(Error::Host(format!(
+                        "{e}; rolling back also failed: {undo}"
+                    )));
                 }
                 self.inner.db.delete_sandbox(&id)?;
                 Err(e)
@@ -419,6 +460,12 @@ impl Manager {
                     jail_config(&cfg, &s, uid, &overlay)?
                 }
                 Isolation::Vm => {
+                    if !Path::new(&template.kernel).is_file() {
+                        return Err(Error::Invalid(format!(
+                            "template {} has no kernel at {}; build it with `mvm build` (guest-kernel/build.sh)",
+                            template.name, template.kernel
+                        )));
+                    }
                     let layer = dir.join("layer.ext4");
                     rootfs::make_layer(&layer, uid)?;
                     vm_jail_config(&cfg, &s, uid, &template, &layer)
@@ -451,9 +498,13 @@ impl Manager {
             Isolation::Vm => {
                 let s = &row.sandbox;
                 let api = self.inner.cfg.in_jail(Isolation::Vm, &s.id, vm::API_SOCK);
-                self.wait_for(&live, &s.id, VM_READY_TIMEOUT, || api.exists()).await?;
+                self.wait_for(&live, &s.id, VM_READY_TIMEOUT, || api.exists())
+                    .await?;
                 let ip = s.network.address.as_ref().map(|a| {
-                    format!("{a}/30,{}", s.network.gateway.as_deref().unwrap_or_default())
+                    format!(
+                        "{a}/30,{}",
+                        s.network.gateway.as_deref().unwrap_or_default()
+                    )
                 });
                 vm::configure_and_start(
                     &api,
@@ -465,7 +516,8 @@ impl Manager {
                     },
                 )
                 .await?;
-                self.wait_agent(&live, Isolation::Vm, &s.id, VM_READY_TIMEOUT).await?
+                self.wait_agent(&live, Isolation::Vm, &s.id, VM_READY_TIMEOUT)
+                    .await?
             }
         };
         *live.agent.lock().await = Some(client);
@@ -477,7 +529,8 @@ impl Manager {
     async fn wait_jail_agent(&self, id: &str, live: &Live) -> Result<AgentClient> {
         let cfg = &self.inner.cfg;
         let socket = cfg.in_jail(Isolation::Jail, id, AGENT_SOCKET);
-        self.wait_for(live, id, JAIL_READY_TIMEOUT, || socket.exists()).await?;
+        self.wait_for(live, id, JAIL_READY_TIMEOUT, || socket.exists())
+            .await?;
         let dev = cfg.in_jail(Isolation::Jail, id, "/dev");
         for (name, major, minor) in JAIL_DEVICES {
             make_device(&dev.join(name), major, minor)?;
@@ -485,13 +538,21 @@ impl Manager {
         // The jailer makes these for a VMM; sandboxed programs get neither.
         for node in ["kvm", "net/tun"] {
             let path = dev.join(node);
-            std::fs::remove_file(&path).map_err(|e| Error::host(format!("removing {}", path.display()), e))?;
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::host(format!("removing {}", path.display()), e))?;
         }
-        self.wait_agent(live, Isolation::Jail, id, JAIL_READY_TIMEOUT).await
+        self.wait_agent(live, Isolation::Jail, id, JAIL_READY_TIMEOUT)
+            .await
     }
 
     /// Polls `ready` until it holds, failing early when the jailer exits.
-    async fn wait_for(&self, live: &Live, id: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+    async fn wait_for(
+        &self,
+        live: &Live,
+        id: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_micros(200);
         while !ready() {
@@ -513,7 +574,13 @@ impl Manager {
         Ok(())
     }
 
-    async fn wait_agent(&self, live: &Live, isolation: Isolation, id: &str, timeout: Duration) -> Result<AgentClient> {
+    async fn wait_agent(
+        &self,
+        live: &Live,
+        isolation: Isolation,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<AgentClient> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.connect_agent(isolation, id).await {
@@ -537,7 +604,9 @@ impl Manager {
     async fn connect_agent(&self, isolation: Isolation, id: &str) -> Result<AgentClient> {
         let cfg = &self.inner.cfg;
         Ok(match isolation {
-            Isolation::Jail => AgentClient::connect_unix(cfg.in_jail(isolation, id, AGENT_SOCKET)).await?,
+            Isolation::Jail => {
+                AgentClient::connect_unix(cfg.in_jail(isolation, id, AGENT_SOCKET)).await?
+            }
             Isolation::Vm => {
                 AgentClient::connect_hybrid_vsock(
                     cfg.in_jail(isolation, id, vm::VSOCK_SOCK),
@@ -549,7 +618,8 @@ impl Manager {
     }
 
     fn console_tail(&self, id: &str, max: usize) -> String {
-        let log = std::fs::read(self.inner.cfg.sandbox_dir(id).join("console.log")).unwrap_or_default();
+        let log =
+            std::fs::read(self.inner.cfg.sandbox_dir(id).join("console.log")).unwrap_or_default();
         let tail = &log[log.len().saturating_sub(max)..];
         let text = String::from_utf8_lossy(tail).trim().to_owned();
         if text.is_empty() {
@@ -608,7 +678,13 @@ impl Manager {
 
     /// The sandboxes of `tenant` (all tenants with `None`).
     pub fn list(&self, tenant: Option<&str>) -> Result<Vec<Sandbox>> {
-        Ok(self.inner.db.sandboxes(tenant)?.into_iter().map(|r| r.sandbox).collect())
+        Ok(self
+            .inner
+            .db
+            .sandboxes(tenant)?
+            .into_iter()
+            .map(|r| r.sandbox)
+            .collect())
     }
 
     /// Destroys a sandbox of `tenant`.
@@ -616,9 +692,15 @@ impl Manager {
         let mut row = self.row(tenant, id)?;
         match row.sandbox.state {
             SandboxState::Creating => {
-                return Err(Error::Conflict(format!("sandbox {id} is still being created; retry shortly")))
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} is still being created; retry shortly"
+                )))
             }
-            SandboxState::Stopping => return Err(Error::Conflict(format!("sandbox {id} is already being destroyed"))),
+            SandboxState::Stopping => {
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} is already being destroyed"
+                )))
+            }
             _ => {}
         }
         row.sandbox.state = SandboxState::Stopping;
@@ -627,11 +709,16 @@ impl Manager {
         if let Some(live) = &live {
             live.agent.lock().await.take();
         }
-        let result = self.teardown(id.to_owned(), Some(row.sandbox.isolation)).await;
+        let result = self
+            .teardown(id.to_owned(), Some(row.sandbox.isolation))
+            .await;
         lock(&self.inner.live).remove(id);
         result?;
         self.inner.db.delete_sandbox(id)?;
-        self.inner.metrics.destroyed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .metrics
+            .destroyed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -640,7 +727,9 @@ impl Manager {
         let mut row = self.row(tenant, id)?;
         let t = timeout_s.unwrap_or(row.sandbox.timeout_s);
         if t > MAX_TIMEOUT_S {
-            return Err(Error::Invalid(format!("timeout_s must be at most {MAX_TIMEOUT_S}, got {t}")));
+            return Err(Error::Invalid(format!(
+                "timeout_s must be at most {MAX_TIMEOUT_S}, got {t}"
+            )));
         }
         row.sandbox.timeout_s = t;
         row.sandbox.expires_at = (t > 0).then(|| db::now() + t as i64);
@@ -658,7 +747,13 @@ impl Manager {
             if due && matches!(s.state, SandboxState::Running | SandboxState::Paused) {
                 match self.destroy(&s.tenant, &s.id).await {
                     Ok(()) => {
-                        let _ = self.inner.db.audit(&s.tenant, "expire", &s.id, 200, "timeout_s passed");
+                        let _ = self.inner.db.audit(
+                            &s.tenant,
+                            "expire",
+                            &s.id,
+                            200,
+                            "timeout_s passed",
+                        );
                         reaped.push(s.id.clone());
                     }
                     Err(e) => tracing::warn!(id = %s.id, "destroying an expired sandbox: {e}"),
@@ -673,8 +768,17 @@ impl Manager {
         let row = self.row(tenant, id)?;
         match row.sandbox.state {
             SandboxState::Running => {}
-            SandboxState::Paused => return Err(Error::Conflict(format!("sandbox {id} is paused; resume it first"))),
-            other => return Err(Error::Conflict(format!("sandbox {id} is {}", other.as_str()))),
+            SandboxState::Paused => {
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} is paused; resume it first"
+                )))
+            }
+            other => {
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} is {}",
+                    other.as_str()
+                )))
+            }
         }
         let live = lock(&self.inner.live)
             .entry(id.to_owned())
@@ -698,9 +802,16 @@ impl Manager {
     }
 
     /// Starts an exec; stdin is always a pipe (closed at once when the caller has none).
-    pub async fn start_exec(&self, tenant: &str, id: &str, req: &ExecRequest) -> Result<agent::ExecSession> {
+    pub async fn start_exec(
+        &self,
+        tenant: &str,
+        id: &str,
+        req: &ExecRequest,
+    ) -> Result<agent::ExecSession> {
         if req.cmd.is_empty() || req.cmd[0].is_empty() {
-            return Err(Error::Invalid("cmd must name a program: [\"program\", \"arg\", ...]".into()));
+            return Err(Error::Invalid(
+                "cmd must name a program: [\"program\", \"arg\", ...]".into(),
+            ));
         }
         validate_env(&req.env)?;
         let sandbox = self.get(tenant, id)?;
@@ -717,7 +828,10 @@ impl Manager {
         er.stdin = true;
         er.timeout_ms = req.timeout_s.map(|s| s.saturating_mul(1000));
         let client = self.agent(tenant, id).await?;
-        self.inner.metrics.execs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .metrics
+            .execs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match client.exec(er.clone()).await {
             Ok(session) => Ok(session),
             Err(agent::ClientError::Disconnected(_)) => {
@@ -768,7 +882,13 @@ impl Manager {
                 let id = id.to_owned();
                 blocking(move || host::set_frozen(&parent, &id, paused)).await?
             }
-            Isolation::Vm => vm::set_paused(&self.inner.cfg.in_jail(Isolation::Vm, id, vm::API_SOCK), paused).await?,
+            Isolation::Vm => {
+                vm::set_paused(
+                    &self.inner.cfg.in_jail(Isolation::Vm, id, vm::API_SOCK),
+                    paused,
+                )
+                .await?
+            }
         }
         row.sandbox.state = to;
         self.inner.db.update_sandbox(&row)?;
@@ -789,7 +909,8 @@ impl Manager {
         use std::io::{Read, Seek};
         let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(MAX_LOG_BYTES)));
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf).map_err(|e| Error::host(format!("reading {}", path.display()), e))?;
+        f.read_to_end(&mut buf)
+            .map_err(|e| Error::host(format!("reading {}", path.display()), e))?;
         Ok(buf)
     }
 
@@ -809,14 +930,25 @@ impl Manager {
     pub fn render_metrics(&self) -> Result<String> {
         let rows = self.inner.db.sandboxes(None)?;
         let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
-        for st in [SandboxState::Creating, SandboxState::Running, SandboxState::Paused, SandboxState::Stopping] {
+        for st in [
+            SandboxState::Creating,
+            SandboxState::Running,
+            SandboxState::Paused,
+            SandboxState::Stopping,
+        ] {
             by_state.insert(st.as_str(), 0);
         }
         let mut per_sandbox = Vec::new();
         for r in &rows {
             *by_state.entry(r.sandbox.state.as_str()).or_default() += 1;
             let (cpu, mem, _) = host::cgroup_usage(&self.inner.cfg.cgroup_parent, &r.sandbox.id);
-            per_sandbox.push((r.sandbox.id.clone(), r.sandbox.tenant.clone(), r.sandbox.isolation.as_str(), cpu, mem));
+            per_sandbox.push((
+                r.sandbox.id.clone(),
+                r.sandbox.tenant.clone(),
+                r.sandbox.isolation.as_str(),
+                cpu,
+                mem,
+            ));
         }
         Ok(self.inner.metrics.render(&Snapshot {
             by_state: by_state.into_iter().collect(),
@@ -835,7 +967,9 @@ impl Manager {
         for (what, path) in [("kernel", &t.kernel), ("rootfs", &t.rootfs)] {
             let p = Path::new(path);
             if !p.is_absolute() || !p.is_file() {
-                return Err(Error::Invalid(format!("{what} {path:?} must be an absolute path to an existing file")));
+                return Err(Error::Invalid(format!(
+                    "{what} {path:?} must be an absolute path to an existing file"
+                )));
             }
         }
         self.inner.db.put_template(&t)?;
@@ -845,7 +979,9 @@ impl Manager {
 
 /// The jailer child's exit status, once it has exited.
 fn exited(live: &Live) -> Option<std::process::ExitStatus> {
-    lock(&live.child).as_mut().and_then(|c| c.try_wait().ok().flatten())
+    lock(&live.child)
+        .as_mut()
+        .and_then(|c| c.try_wait().ok().flatten())
 }
 
 fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
@@ -861,14 +997,22 @@ fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
 
 /// Sandbox ids are 12 lowercase hex digits.
 fn is_sandbox_id(s: &str) -> bool {
-    s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 12
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn make_device(path: &Path, major: u32, minor: u32) -> Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Invalid(format!("path {} contains NUL", path.display())))?;
     // SAFETY: `c` is a NUL-terminated path; mknod does not keep it.
-    let ret = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(major, minor)) };
+    let ret = unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(major, minor),
+        )
+    };
     if ret == -1 {
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::AlreadyExists {
@@ -910,7 +1054,12 @@ fn base_jail(cfg: &ManagerConfig, s: &Sandbox, uid: u32, exec: PathBuf) -> JailC
 }
 
 /// The jail of the jail tier: mvm-agent on a unix socket, the overlay's directories bound in.
-fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, overlay: &rootfs::Overlay) -> Result<JailConfig> {
+fn jail_config(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    overlay: &rootfs::Overlay,
+) -> Result<JailConfig> {
     let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join("mvm-agent"));
     j.mount_proc = true;
     j.cgroups = cgroup_settings(s.vcpus, s.memory_mib << 20);
@@ -928,7 +1077,13 @@ fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, overlay: &rootfs::Ove
 }
 
 /// The jail of the vm tier: mvm-vmm with the kernel, base image and writable layer bound in.
-fn vm_jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, t: &Template, layer: &Path) -> JailConfig {
+fn vm_jail_config(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    t: &Template,
+    layer: &Path,
+) -> JailConfig {
     let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join("mvm-vmm"));
     // Guest memory plus the VMM's own.
     j.cgroups = cgroup_settings(s.vcpus, (s.memory_mib + 128) << 20);
@@ -949,7 +1104,12 @@ fn vm_jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, t: &Template, laye
             read_only: false,
         },
     ];
-    j.args = vec!["--api-sock".into(), vm::API_SOCK.into(), "--id".into(), s.id.clone().into()];
+    j.args = vec![
+        "--api-sock".into(),
+        vm::API_SOCK.into(),
+        "--id".into(),
+        s.id.clone().into(),
+    ];
     j
 }
 

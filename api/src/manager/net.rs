@@ -47,29 +47,54 @@ pub fn host_veth(id: &str) -> String {
 
 /// Validates and normalizes an allow-list entry (`A.B.C.D` or `A.B.C.D/N`).
 pub fn parse_cidr(s: &str) -> Result<String> {
-    let bad = || Error::Invalid(format!("network.allow entry {s:?} is not an IPv4 address or CIDR like 10.0.0.0/8"));
+    let bad = || {
+        Error::Invalid(format!(
+            "network.allow entry {s:?} is not an IPv4 address or CIDR like 10.0.0.0/8"
+        ))
+    };
     let (addr, prefix) = match s.split_once('/') {
-        Some((a, p)) => (a, p.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(bad)?),
+        Some((a, p)) => (
+            a,
+            p.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(bad)?,
+        ),
         None => (s, 32),
     };
     let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
-    Ok(format!("{}/{prefix}", Ipv4Addr::from(u32::from(addr) & mask)))
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    Ok(format!(
+        "{}/{prefix}",
+        Ipv4Addr::from(u32::from(addr) & mask)
+    ))
 }
 
 /// Checks a requested network and returns it normalized.
 pub fn validate(spec: &NetworkSpec) -> Result<NetworkSpec> {
-    let allow = spec.allow.iter().map(|a| parse_cidr(a)).collect::<Result<Vec<_>>>()?;
+    let allow = spec
+        .allow
+        .iter()
+        .map(|a| parse_cidr(a))
+        .collect::<Result<Vec<_>>>()?;
     match spec.egress {
         Egress::Allow if allow.is_empty() => {
-            return Err(Error::Invalid("network.egress \"allow\" needs at least one network.allow entry".into()))
+            return Err(Error::Invalid(
+                "network.egress \"allow\" needs at least one network.allow entry".into(),
+            ))
         }
         Egress::None | Egress::All if !allow.is_empty() => {
-            return Err(Error::Invalid("network.allow is only used with network.egress \"allow\"".into()))
+            return Err(Error::Invalid(
+                "network.allow is only used with network.egress \"allow\"".into(),
+            ))
         }
         _ => {}
     }
-    Ok(NetworkSpec { egress: spec.egress, allow })
+    Ok(NetworkSpec {
+        egress: spec.egress,
+        allow,
+    })
 }
 
 /// The nftables ruleset loaded in the namespace.
@@ -165,7 +190,10 @@ pub fn create(
         }),
     };
     if spec.egress != Egress::None {
-        let host_side = format!("addr add {}/30 dev {veth}\nlink set {veth} up\n", addrs.host);
+        let host_side = format!(
+            "addr add {}/30 dev {veth}\nlink set {veth} up\n",
+            addrs.host
+        );
         if let Err(e) = host::run("ip", &["-batch", "-"], Some(&host_side)) {
             let _ = destroy(netns, id);
             return Err(e);
@@ -238,11 +266,21 @@ mod tests {
 
     #[test]
     fn policy_validation() {
-        let spec = |egress, allow: &[&str]| NetworkSpec { egress, allow: allow.iter().map(|s| s.to_string()).collect() };
+        let spec = |egress, allow: &[&str]| NetworkSpec {
+            egress,
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+        };
         assert!(validate(&spec(Egress::Allow, &[])).is_err());
         assert!(validate(&spec(Egress::None, &["1.2.3.4"])).is_err());
-        assert_eq!(validate(&spec(Egress::Allow, &["1.2.3.4"])).unwrap().allow, ["1.2.3.4/32"]);
-        let rules = ruleset(&spec(Egress::Allow, &["1.2.3.4/32"]), Isolation::Jail, &Addresses::of(Ipv4Addr::new(10, 0, 0, 0), 0));
+        assert_eq!(
+            validate(&spec(Egress::Allow, &["1.2.3.4"])).unwrap().allow,
+            ["1.2.3.4/32"]
+        );
+        let rules = ruleset(
+            &spec(Egress::Allow, &["1.2.3.4/32"]),
+            Isolation::Jail,
+            &Addresses::of(Ipv4Addr::new(10, 0, 0, 0), 0),
+        );
         assert!(rules.contains("ip daddr { 1.2.3.4/32 } accept"), "{rules}");
         assert!(!rules.contains("masquerade"));
     }

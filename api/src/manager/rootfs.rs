@@ -31,12 +31,16 @@ pub fn base_tree(cache: &Path, rootfs: &Path) -> Result<PathBuf> {
     h.update(meta.len().to_le_bytes());
     h.update(meta.mtime().to_le_bytes());
     h.update(meta.mtime_nsec().to_le_bytes());
-    let key: String = h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let key: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let tree = cache.join(key);
     if tree.is_dir() {
         return Ok(tree);
     }
-    std::fs::create_dir_all(cache).map_err(|e| Error::host(format!("creating {}", cache.display()), e))?;
+    std::fs::create_dir_all(cache)
+        .map_err(|e| Error::host(format!("creating {}", cache.display()), e))?;
     let staging = cache.join(format!(".unpack-{}", crate::db::random_hex(6)?));
     std::fs::DirBuilder::new()
         .mode(0o755)
@@ -45,7 +49,11 @@ pub fn base_tree(cache: &Path, rootfs: &Path) -> Result<PathBuf> {
     let unpack = || -> Result<()> {
         let out = host::run(
             "debugfs",
-            &["-R", &format!("rdump / {}", staging.display()), &rootfs.to_string_lossy()],
+            &[
+                "-R",
+                &format!("rdump / {}", staging.display()),
+                &rootfs.to_string_lossy(),
+            ],
             None,
         )?;
         if !staging.join("bin").exists() && !staging.join("usr").exists() {
@@ -66,7 +74,10 @@ pub fn base_tree(cache: &Path, rootfs: &Path) -> Result<PathBuf> {
         Ok(()) => Ok(()),
         // Another sandbox unpacked the same image meanwhile.
         Err(_) if tree.is_dir() => host::remove_tree(&staging),
-        Err(e) => Err(Error::host(format!("renaming {} into place", staging.display()), e)),
+        Err(e) => Err(Error::host(
+            format!("renaming {} into place", staging.display()),
+            e,
+        )),
     });
     if result.is_err() {
         let _ = host::remove_tree(&staging);
@@ -133,7 +144,8 @@ impl Overlay {
             .map_err(|e| Error::host(format!("reading {}", self.merged.display()), e))?;
         let mut mounts = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| Error::host(format!("reading {}", self.merged.display()), e))?;
+            let entry =
+                entry.map_err(|e| Error::host(format!("reading {}", self.merged.display()), e))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
@@ -148,10 +160,22 @@ impl Overlay {
 
 /// Makes the vm tier's writable layer: a sparse blank ext4 file owned by `uid`.
 pub fn make_layer(path: &Path, uid: u32) -> Result<()> {
-    let file = std::fs::File::create(path).map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
+    let file = std::fs::File::create(path)
+        .map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
     file.set_len(LAYER_SIZE_MIB << 20)
         .map_err(|e| Error::host(format!("sizing {}", path.display()), e))?;
     drop(file);
-    host::run("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", &path.to_string_lossy()], None)?;
-    std::os::unix::fs::chown(path, Some(uid), Some(uid)).map_err(|e| Error::host(format!("chown {}", path.display()), e))
+    host::run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+            &path.to_string_lossy(),
+        ],
+        None,
+    )?;
+    std::os::unix::fs::chown(path, Some(uid), Some(uid))
+        .map_err(|e| Error::host(format!("chown {}", path.display()), e))
 }

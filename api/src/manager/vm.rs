@@ -7,7 +7,9 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::Request;
 use serde::Serialize;
-use vmm::config::{BootSource, CacheType, DriveConfig, MachineConfig, NetworkInterfaceConfig, VsockConfig};
+use vmm::config::{
+    BootSource, CacheType, DriveConfig, MachineConfig, NetworkInterfaceConfig, VsockConfig,
+};
 
 use crate::error::{Error, Result};
 use crate::http::{send_collect, Endpoint};
@@ -90,7 +92,10 @@ pub async fn configure_and_start(api_sock: &Path, spec: &VmSpec<'_>) -> Result<(
         },
     )
     .await?;
-    for (drive_id, path, root, read_only) in [("rootfs", ROOTFS, true, true), ("layer", LAYER, false, false)] {
+    for (drive_id, path, root, read_only) in [
+        ("rootfs", ROOTFS, true, true),
+        ("layer", LAYER, false, false),
+    ] {
         call(
             &api,
             "PUT",
@@ -101,7 +106,11 @@ pub async fn configure_and_start(api_sock: &Path, spec: &VmSpec<'_>) -> Result<(
                 is_root_device: root,
                 is_read_only: Some(read_only),
                 partuuid: None,
-                cache_type: if read_only { CacheType::default() } else { CacheType::Writeback },
+                cache_type: if read_only {
+                    CacheType::default()
+                } else {
+                    CacheType::Writeback
+                },
                 io_engine: None,
                 rate_limiter: None,
                 socket: None,
@@ -135,7 +144,13 @@ pub async fn configure_and_start(api_sock: &Path, spec: &VmSpec<'_>) -> Result<(
         },
     )
     .await?;
-    call(&api, "PUT", "/actions", &serde_json::json!({"action_type": "InstanceStart"})).await
+    call(
+        &api,
+        "PUT",
+        "/actions",
+        &serde_json::json!({"action_type": "InstanceStart"}),
+    )
+    .await
 }
 
 /// Pauses or resumes the VM.

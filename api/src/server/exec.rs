@@ -2,7 +2,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,7 +10,7 @@ use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
-use super::{ApiJson, AppState, Auth};
+use super::{ApiJson, ApiPath, AppState, Auth};
 use crate::error::{Error, ErrorBody, Result};
 use crate::model::{ExecEvent, ExecRequest, ExecResult, WsControl};
 
@@ -86,11 +86,13 @@ async fn pump_ndjson(mut session: agent::ExecSession, emit: mpsc::UnboundedSende
 pub async fn exec(
     State(state): State<AppState>,
     Auth(tenant): Auth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<Response> {
     if req.tty {
-        return Err(Error::Invalid("tty needs the interactive websocket: GET /v1/sandboxes/{id}/exec/ws".into()));
+        return Err(Error::Invalid(
+            "tty needs the interactive websocket: GET /v1/sandboxes/{id}/exec/ws".into(),
+        ));
     }
     if !req.stream {
         return Ok(Json(state.manager.exec(&tenant.name, &id, &req).await?).into_response());
@@ -107,7 +109,11 @@ pub async fn exec(
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
     });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// Interactive exec over a websocket. The client's first (text) message is an
@@ -119,7 +125,7 @@ pub async fn exec(
 pub async fn exec_ws(
     State(state): State<AppState>,
     Auth(tenant): Auth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response> {
     // Fail before the upgrade when the sandbox is not there.
@@ -133,13 +139,23 @@ pub async fn exec_ws(
 
 async fn serve_ws(state: AppState, tenant: String, id: String, socket: WebSocket) -> Result<()> {
     let (mut sink, mut stream) = socket.split();
-    let fail = |e: Error| Message::Text(serde_json::to_string(&ExecEvent::Error(e.body())).expect("serializes").into());
+    let fail = |e: Error| {
+        Message::Text(
+            serde_json::to_string(&ExecEvent::Error(e.body()))
+                .expect("serializes")
+                .into(),
+        )
+    };
     let req: ExecRequest = loop {
         match stream.next().await {
             Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
                 Ok(r) => break r,
                 Err(e) => {
-                    let _ = sink.send(fail(Error::Invalid(format!("first message must be an ExecRequest: {e}")))).await;
+                    let _ = sink
+                        .send(fail(Error::Invalid(format!(
+                            "first message must be an ExecRequest: {e}"
+                        ))))
+                        .await;
                     return Ok(());
                 }
             },
@@ -222,7 +238,9 @@ async fn serve_ws(state: AppState, tenant: String, id: String, socket: WebSocket
     };
     if client_open {
         let _ = sink
-            .send(Message::Text(serde_json::to_string(&end).expect("serializes").into()))
+            .send(Message::Text(
+                serde_json::to_string(&end).expect("serializes").into(),
+            ))
             .await;
         let _ = sink.close().await;
     }

@@ -48,7 +48,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::JsonDataError(e)) => Err(Error::Invalid(format!("{}", e.body_text()))),
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(Error::Invalid(format!("{}", e.body_text())))
+            }
             Err(JsonRejection::JsonSyntaxError(e)) => Err(Error::BadRequest(e.body_text())),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::BadRequest(
                 "send the body as JSON with `Content-Type: application/json`".into(),
@@ -69,5 +71,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             .await
             .map(|q| ApiQuery(q.0))
             .map_err(|e: QueryRejection| Error::BadRequest(e.body_text()))
+    }
+}
+
+/// A path parameter; anything wrong in it (e.g. invalid UTF-8) is 400.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| Error::BadRequest(e.body_text()))
     }
 }

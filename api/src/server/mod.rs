@@ -7,7 +7,7 @@ mod extract;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use crate::db::Tenant;
 use crate::error::{Error, ErrorBody, Result};
 use crate::manager::Manager;
 use crate::model::*;
-pub use extract::{ApiJson, ApiQuery, Auth};
+pub use extract::{ApiJson, ApiPath, ApiQuery, Auth};
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -104,7 +104,11 @@ async fn audit(State(state): State<AppState>, req: Request, next: Next) -> Respo
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     // A sandbox create answers with the new id only in its body; the path has no target.
-    if let Err(e) = state.manager.db().audit(&tenant, &action, &target, status, "") {
+    if let Err(e) = state
+        .manager
+        .db()
+        .audit(&tenant, &action, &target, status, "")
+    {
         tracing::error!("writing the audit log: {e}");
     }
     resp
@@ -133,7 +137,10 @@ async fn create_sandbox(
 /// List the caller's sandboxes.
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
     responses((status = 200, body = SandboxList), (status = 401, body = ErrorBody)))]
-async fn list_sandboxes(State(state): State<AppState>, Auth(tenant): Auth) -> Result<Json<SandboxList>> {
+async fn list_sandboxes(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+) -> Result<Json<SandboxList>> {
     Ok(Json(SandboxList {
         sandboxes: state.manager.list(Some(&tenant.name))?,
     }))
@@ -142,14 +149,22 @@ async fn list_sandboxes(State(state): State<AppState>, Auth(tenant): Auth) -> Re
 /// One sandbox.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
-async fn get_sandbox(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Json<Sandbox>> {
+async fn get_sandbox(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Sandbox>> {
     Ok(Json(state.manager.get(&tenant.name, &id)?))
 }
 
 /// Destroy a sandbox and everything it had on the host.
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn delete_sandbox(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<StatusCode> {
+async fn delete_sandbox(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode> {
     state.manager.destroy(&tenant.name, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -160,7 +175,9 @@ fn file_mode(q: &FileQuery) -> Result<u32> {
         Some(m) => u32::from_str_radix(m, 8)
             .ok()
             .filter(|m| *m <= 0o7777)
-            .ok_or_else(|| Error::BadRequest(format!("mode {m:?} is not octal permission bits like 644"))),
+            .ok_or_else(|| {
+                Error::BadRequest(format!("mode {m:?} is not octal permission bits like 644"))
+            }),
     }
 }
 
@@ -178,16 +195,20 @@ fn check_path(path: &str) -> Result<()> {
 async fn put_file(
     State(state): State<AppState>,
     Auth(tenant): Auth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<FileQuery>,
     body: Body,
 ) -> Result<Json<FileWritten>> {
     check_path(&q.path)?;
     let mode = file_mode(&q)?;
     let client = state.manager.agent(&tenant.name, &id).await?;
-    let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+    let reader =
+        tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
     let bytes = client.put_file(&q.path, mode, reader).await?;
-    Ok(Json(FileWritten { path: q.path, bytes }))
+    Ok(Json(FileWritten {
+        path: q.path,
+        bytes,
+    }))
 }
 
 /// Read a file from the sandbox (streamed).
@@ -196,7 +217,7 @@ async fn put_file(
 async fn get_file(
     State(state): State<AppState>,
     Auth(tenant): Auth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<FileQuery>,
 ) -> Result<Response> {
     check_path(&q.path)?;
@@ -225,15 +246,27 @@ async fn get_file(
 /// Pause a sandbox (vm: the VM's vCPUs; jail: cgroup freezer).
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path)),
     responses((status = 200, body = Sandbox), (status = 409, body = ErrorBody)))]
-async fn pause(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Json<Sandbox>> {
-    Ok(Json(state.manager.set_paused(&tenant.name, &id, true).await?))
+async fn pause(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Sandbox>> {
+    Ok(Json(
+        state.manager.set_paused(&tenant.name, &id, true).await?,
+    ))
 }
 
 /// Resume a paused sandbox.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path)),
     responses((status = 200, body = Sandbox), (status = 409, body = ErrorBody)))]
-async fn resume(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Json<Sandbox>> {
-    Ok(Json(state.manager.set_paused(&tenant.name, &id, false).await?))
+async fn resume(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Sandbox>> {
+    Ok(Json(
+        state.manager.set_paused(&tenant.name, &id, false).await?,
+    ))
 }
 
 /// Extend a sandbox's timeout from now.
@@ -242,16 +275,24 @@ async fn resume(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Pat
 async fn keepalive(
     State(state): State<AppState>,
     Auth(tenant): Auth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(k): ApiJson<Keepalive>,
 ) -> Result<Json<Sandbox>> {
-    Ok(Json(state.manager.keepalive(&tenant.name, &id, k.timeout_s)?))
+    Ok(Json(state.manager.keepalive(
+        &tenant.name,
+        &id,
+        k.timeout_s,
+    )?))
 }
 
 /// The sandbox's console and agent log (last MiB).
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", params(("id" = String, Path)),
     responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
-async fn logs(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Response> {
+async fn logs(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response> {
     let log = state.manager.logs(&tenant.name, &id)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response())
 }
@@ -259,14 +300,21 @@ async fn logs(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<
 /// CPU, memory and processes of a sandbox.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/stats", tag = "sandboxes", params(("id" = String, Path)),
     responses((status = 200, body = SandboxStats), (status = 404, body = ErrorBody)))]
-async fn stats(State(state): State<AppState>, Auth(tenant): Auth, Path(id): Path<String>) -> Result<Json<SandboxStats>> {
+async fn stats(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<SandboxStats>> {
     Ok(Json(state.manager.stats(&tenant.name, &id)?))
 }
 
 /// Registered templates.
 #[utoipa::path(get, path = "/v1/templates", tag = "templates",
     responses((status = 200, body = TemplateList), (status = 401, body = ErrorBody)))]
-async fn list_templates(State(state): State<AppState>, Auth(_tenant): Auth) -> Result<Json<TemplateList>> {
+async fn list_templates(
+    State(state): State<AppState>,
+    Auth(_tenant): Auth,
+) -> Result<Json<TemplateList>> {
     Ok(Json(TemplateList {
         templates: state.manager.templates()?,
     }))
@@ -297,7 +345,10 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        vm_tier: state.manager.vm_tier_unavailable().unwrap_or_else(|| "available".into()),
+        vm_tier: state
+            .manager
+            .vm_tier_unavailable()
+            .unwrap_or_else(|| "available".into()),
     })
 }
 
@@ -306,7 +357,10 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     responses((status = 200, content_type = "application/json", body = Object)))]
 async fn openapi_json(doc: axum::Extension<Arc<utoipa::openapi::OpenApi>>) -> Response {
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, "application/json".parse().expect("static header"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        "application/json".parse().expect("static header"),
+    );
     (headers, doc.to_json().unwrap_or_default()).into_response()
 }
 
@@ -334,7 +388,9 @@ pub fn ensure_default_token(manager: &Manager) -> Result<String> {
             return Ok(t);
         }
     }
-    let token = manager.db().create_tenant("default", crate::db::Quota::default())?;
+    let token = manager
+        .db()
+        .create_tenant("default", crate::db::Quota::default())?;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()
@@ -352,10 +408,14 @@ pub fn ensure_default_token(manager: &Manager) -> Result<String> {
 pub async fn serve(manager: Manager, cfg: ServeConfig) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = cfg.socket.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
     }
     if tokio::net::UnixStream::connect(&cfg.socket).await.is_ok() {
-        return Err(Error::Conflict(format!("another mvmd already serves {}", cfg.socket.display())));
+        return Err(Error::Conflict(format!(
+            "another mvmd already serves {}",
+            cfg.socket.display()
+        )));
     }
     let _ = std::fs::remove_file(&cfg.socket);
     let unix = tokio::net::UnixListener::bind(&cfg.socket)
@@ -364,7 +424,8 @@ pub async fn serve(manager: Manager, cfg: ServeConfig) -> Result<()> {
         .map_err(|e| Error::host(format!("chmod {}", cfg.socket.display()), e))?;
     let (app, _) = router(manager.clone());
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}

@@ -1,0 +1,366 @@
+//! A real mvmd on a temporary socket, SQLite file and run directory, with its own cgroup
+//! parent and /16, plus a snapshot of everything a sandbox can leave on the host.
+
+#![allow(dead_code)] // Each test binary uses its own subset.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use api::client::Client;
+use api::http::Endpoint;
+
+/// True when running as root; otherwise prints why the test is skipped.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED {test}: needs root (namespaces, cgroups, mounts, mknod); run the tests as root"
+    );
+    false
+}
+
+/// The directory of the workspace's binaries (mvmd, mvm-jailer, mvm-agent).
+pub fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mvmd"))
+        .parent()
+        .expect("bin dir")
+        .to_path_buf()
+}
+
+/// Builds mvm-jailer and mvm-agent (other packages than the one under test) and the base image
+/// when they are missing.
+pub fn ensure_prerequisites() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let bins = bin_dir();
+        if !bins.join("mvm-jailer").is_file() || !bins.join("mvm-agent").is_file() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let ok = Command::new(cargo)
+                .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
+                .current_dir(workspace())
+                .status()
+                .expect("running cargo build for mvm-jailer and mvm-agent")
+                .success();
+            assert!(ok, "building mvm-jailer and mvm-agent failed");
+        }
+        if !artifacts().join("rootfs.ext4").is_file() {
+            let ok = Command::new(workspace().join("rootfs/build.sh"))
+                .arg("--agent")
+                .arg(bins.join("mvm-agent"))
+                .status()
+                .expect("running rootfs/build.sh")
+                .success();
+            assert!(ok, "rootfs/build.sh failed");
+        }
+    });
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// Build artifacts (base image, kernel).
+pub fn artifacts() -> PathBuf {
+    std::env::var_os("MVM_ARTIFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/mvm-artifacts"))
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// One mvmd process and its private directories.
+pub struct Daemon {
+    /// Temporary root of its state and run dirs.
+    pub dir: tempfile::TempDir,
+    /// Its unix socket.
+    pub socket: PathBuf,
+    /// Its cgroup parent.
+    pub cgroup_parent: String,
+    /// Third octet-pair base of its /16, e.g. "10.231.".
+    pub subnet_prefix: String,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts mvmd and waits until it answers.
+    pub fn start() -> Daemon {
+        ensure_prerequisites();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = tempfile::Builder::new()
+            .prefix("mvmd-test")
+            .tempdir()
+            .expect("tempdir");
+        let second = 200 + n % 50;
+        let mut d = Daemon {
+            socket: dir.path().join("mvmd.sock"),
+            cgroup_parent: format!("mvmtest-{}-{n}", std::process::id()),
+            subnet_prefix: format!("10.{second}."),
+            dir,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// State directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Run directory.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// (Re)starts the mvmd process on the same directories.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mvmd.log"))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_mvmd"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .arg("--subnet")
+            .arg(format!("{}0.0", self.subnet_prefix))
+            .env("MVM_BIN_DIR", bin_dir())
+            .env("MVM_ARTIFACTS", artifacts())
+            .env_remove("MVM_VM_TIER")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting mvmd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mvmd did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// mvmd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mvmd.log")).unwrap_or_default()
+    }
+
+    /// SIGKILLs mvmd (its sandboxes stay, as after a crash).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill -9 mvmd");
+            c.wait().expect("reap mvmd");
+        }
+    }
+
+    /// The token of tenant `default`.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.state_dir().join("token"))
+            .expect("token file")
+            .trim()
+            .to_owned()
+    }
+
+    /// A client authenticated as `default`.
+    pub fn client(&self) -> Client {
+        Client::new(Endpoint::Unix(self.socket.clone()), Some(self.token()))
+    }
+
+    /// A client with `token` (or none).
+    pub fn client_with(&self, token: Option<&str>) -> Client {
+        Client::new(
+            Endpoint::Unix(self.socket.clone()),
+            token.map(str::to_owned),
+        )
+    }
+
+    /// Creates a tenant with `mvmd tenant create` and returns its token.
+    pub fn tenant(&self, name: &str, extra: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_mvmd"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(["tenant", "create", name])
+            .args(extra)
+            .output()
+            .expect("mvmd tenant create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    }
+
+    /// Everything of this daemon's sandboxes on the host: mounts, directories, cgroups,
+    /// interfaces with an address in its /16, processes.
+    pub fn host_state(&self) -> BTreeSet<String> {
+        let mut s = BTreeSet::new();
+        let root = self.dir.path().to_string_lossy().into_owned();
+        for line in std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Some(mp) = line.split(' ').nth(4) {
+                if mp.starts_with(&root) {
+                    s.insert(format!("mount {mp}"));
+                }
+            }
+        }
+        let run = self.run_dir();
+        for sub in ["sandboxes", "netns", "jail/mvm-agent", "jail/mvm-vmm"] {
+            for e in std::fs::read_dir(run.join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                s.insert(format!("dir {sub}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+        for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
+            let dir = Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join(&self.cgroup_parent);
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    s.insert(format!("cgroup {c}/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+        let addrs = Command::new("ip")
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+            .expect("ip addr");
+        for line in String::from_utf8_lossy(&addrs.stdout).lines() {
+            if line.contains(&format!("inet {}", self.subnet_prefix)) {
+                s.insert(format!(
+                    "interface {}",
+                    line.split_whitespace().nth(1).unwrap_or("?")
+                ));
+            }
+        }
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.parse::<u32>().is_err() {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cgroup = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let ours = cgroup.contains(&format!("/{}/", self.cgroup_parent))
+                || (cmd.contains("mvm-jailer") && cmd.contains(&root));
+            if ours {
+                s.insert(format!("process {name} {cmd}"));
+            }
+        }
+        s
+    }
+
+    /// Polls `host_state` until it equals `before` (teardown of the veth pair and the
+    /// namespace is asynchronous in the kernel), failing with the difference after 10 s.
+    pub fn assert_no_leaks(&self, before: &BTreeSet<String>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.host_state();
+            if &now == before {
+                return;
+            }
+            if Instant::now() > deadline {
+                let leaked: Vec<_> = now.difference(before).collect();
+                let gone: Vec<_> = before.difference(&now).collect();
+                panic!(
+                    "host state differs: leaked {leaked:#?}, vanished {gone:#?}\nmvmd log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Graceful stop, then remove what the daemon's sandboxes left (a failed test may leave
+        // sandboxes behind; mvmd's reconciliation on a fresh start would clean them too).
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill of our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        for sub in ["sandboxes", "netns"] {
+            for e in std::fs::read_dir(self.run_dir().join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let id = e.file_name().to_string_lossy().into_owned();
+                for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
+                    let procs = Path::new("/sys/fs/cgroup")
+                        .join(c)
+                        .join(&self.cgroup_parent)
+                        .join(&id)
+                        .join("cgroup.procs");
+                    for pid in std::fs::read_to_string(procs).unwrap_or_default().lines() {
+                        if let Ok(pid) = pid.trim().parse::<i32>() {
+                            // SAFETY: plain kill of a sandbox process this test made.
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                        }
+                    }
+                }
+            }
+        }
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+            .filter(|m| m.starts_with(&*self.dir.path().to_string_lossy()))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
+            let parent = Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join(&self.cgroup_parent);
+            for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+    }
+}
+
+/// Runs a future on a fresh runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
