@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::flow::{RecvBudget, SendWindow};
@@ -39,6 +39,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_BATCH: usize = 256 * 1024;
 /// Longest accepted reply line from a hybrid vsock proxy.
 const MAX_PROXY_LINE: usize = 64;
+/// Most directory entries `list` accepts (the guest is not trusted with host memory).
+pub const MAX_LIST_ENTRIES: usize = 1 << 20;
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -306,8 +308,14 @@ impl AgentClient {
                 .map_err(|_| ClientError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
         let (out, rx) = mpsc::unbounded_channel();
         let state = Arc::new(Mutex::new(State::default()));
-        let write_task = tokio::spawn(write_loop(writer, rx, Arc::clone(&state)));
-        let read_task = tokio::spawn(read_loop(reader, Arc::clone(&state), out.clone()));
+        let hang_up = Arc::new(Notify::new());
+        let write_task = tokio::spawn(write_loop(
+            writer,
+            rx,
+            Arc::clone(&state),
+            Arc::clone(&hang_up),
+        ));
+        let read_task = tokio::spawn(read_loop(reader, Arc::clone(&state), out.clone(), hang_up));
         Ok(Self {
             shared: Arc::new(Shared {
                 out,
@@ -531,7 +539,8 @@ impl AgentClient {
         }
     }
 
-    /// Entries of directory `path`, sorted by name (symlinks not followed).
+    /// Entries of directory `path`, sorted by name (symlinks not followed); at most
+    /// [`MAX_LIST_ENTRIES`].
     pub async fn list(&self, path: &str) -> Result<Vec<DirEntry>, ClientError> {
         let mut pending = self.begin(
             self.next_id(),
@@ -545,7 +554,14 @@ impl AgentClient {
         let mut entries = Vec::new();
         loop {
             match pending.next().await? {
-                Reply::Entries(batch) => entries.extend(batch),
+                Reply::Entries(batch) => {
+                    if entries.len() + batch.len() > MAX_LIST_ENTRIES {
+                        return Err(ClientError::Protocol(format!(
+                            "directory listing exceeds {MAX_LIST_ENTRIES} entries"
+                        )));
+                    }
+                    entries.extend(batch);
+                }
                 Reply::Done => break,
                 other => return Err(unexpected(other, "List")),
             }
@@ -668,13 +684,23 @@ fn close(state: &Mutex<State>, reason: String) {
     state.closed = Some(reason);
 }
 
+/// Writes queued messages until the queue closes or the reader hangs up (dropping the
+/// write half then closes the connection).
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<ClientMessage>,
     state: Arc<Mutex<State>>,
+    hang_up: Arc<Notify>,
 ) {
     let mut buf = Vec::with_capacity(WRITE_BATCH + MAX_CHUNK);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
+            () = hang_up.notified() => return,
+        };
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             if let Err(e) = encode_frame(&msg, &mut buf) {
@@ -697,6 +723,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
     state: Arc<Mutex<State>>,
     out: mpsc::UnboundedSender<ClientMessage>,
+    hang_up: Arc<Notify>,
 ) {
     let mut buf = Vec::new();
     let reason = loop {
@@ -714,6 +741,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     };
     close(&state, reason);
+    hang_up.notify_one();
 }
 
 /// Routes one message from the agent; `Err` closes the connection with that reason.
