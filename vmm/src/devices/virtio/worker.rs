@@ -39,6 +39,11 @@ impl EpollSet {
         self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
     }
 
+    /// Waits up to `timeout_ms` for events (used by the device thread and by tests).
+    pub fn wait(&self, timeout_ms: i32, events: &mut [EpollEvent]) -> std::io::Result<usize> {
+        self.epoll.wait(timeout_ms, events)
+    }
+
     /// Stops watching `fd`.
     pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
         self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
@@ -124,7 +129,7 @@ impl<H: EventHandler> Drop for Worker<H> {
 fn run<H: EventHandler>(mut handler: H, epoll: EpollSet, update_evt: EventFd, updates: Receiver<H::Update>) -> H {
     let mut events = [EpollEvent::default(); EVENT_BATCH];
     loop {
-        let n = match epoll.epoll.wait(-1, &mut events) {
+        let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
