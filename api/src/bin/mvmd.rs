@@ -36,12 +36,12 @@ struct ServeArgs {
     /// Isolation tier of requests that name none [env: MVM_ISOLATION].
     #[arg(long)]
     isolation: Option<Isolation>,
-    /// Parent cgroup of the sandboxes.
-    #[arg(long, default_value = "mvm")]
-    cgroup_parent: String,
-    /// First address of the /16 cut into per-sandbox networks.
-    #[arg(long, default_value = "10.213.0.0")]
-    subnet: std::net::Ipv4Addr,
+    /// Parent cgroup of the sandboxes [env: MVM_CGROUP_PARENT, default mvm].
+    #[arg(long)]
+    cgroup_parent: Option<String>,
+    /// First address of the /16 cut into per-sandbox networks [default 10.213.0.0].
+    #[arg(long)]
+    subnet: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,8 +139,12 @@ async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> api::Result<()> {
     if let Some(i) = args.isolation {
         cfg.default_isolation = i;
     }
-    cfg.cgroup_parent = args.cgroup_parent;
-    cfg.subnet = args.subnet;
+    if let Some(p) = args.cgroup_parent {
+        cfg.cgroup_parent = p;
+    }
+    if let Some(s) = args.subnet {
+        cfg.subnet = s;
+    }
     let (manager, reconciled) = Manager::open(cfg).await?;
     tracing::info!(adopted = ?reconciled.adopted, cleaned = ?reconciled.cleaned, "reconciled");
     api::server::ensure_default_token(&manager)?;

@@ -79,8 +79,8 @@ pub struct ManagerConfig {
 
 impl ManagerConfig {
     /// Defaults, overridden by `MVM_STATE_DIR`, `MVM_RUN_DIR`, `MVM_BIN_DIR` (default: the
-    /// directory of the running executable), `MVM_ARTIFACTS`, `MVM_ISOLATION` (vm|jail) and
-    /// `MVM_VM_TIER=force`.
+    /// directory of the running executable), `MVM_ARTIFACTS`, `MVM_ISOLATION` (vm|jail),
+    /// `MVM_CGROUP_PARENT` and `MVM_VM_TIER=force`.
     pub fn from_env() -> Self {
         let var = |k: &str| {
             std::env::var_os(k)
@@ -106,7 +106,10 @@ impl ManagerConfig {
             state_dir: var("MVM_STATE_DIR").unwrap_or_else(|| "/var/lib/mvm".into()),
             run_dir: var("MVM_RUN_DIR").unwrap_or_else(|| "/run/mvm".into()),
             bin_dir,
-            cgroup_parent: "mvm".into(),
+            cgroup_parent: std::env::var("MVM_CGROUP_PARENT")
+                .ok()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "mvm".into()),
             uid_base: 200_000,
             subnet: Ipv4Addr::new(10, 213, 0, 0),
             force_vm_tier: std::env::var(host::VM_TIER_ENV).is_ok_and(|v| v == "force"),

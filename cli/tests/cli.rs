@@ -1,0 +1,344 @@
+//! The `mvm` binary as a user runs it, as root with the jail tier: daemonless, and through a
+//! daemon started with `mvm serve`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    eprintln!("SKIPPED {test}: needs root (namespaces, cgroups, mounts); run the tests as root");
+    false
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mvm"))
+        .parent()
+        .expect("bin dir")
+        .to_path_buf()
+}
+
+/// An isolated mvm environment: its own state, run dir and cgroup parent.
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            if !bin_dir().join("mvm-jailer").is_file() || !bin_dir().join("mvm-agent").is_file() {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let ok = Command::new(cargo)
+                    .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
+                    .current_dir(workspace())
+                    .status()
+                    .expect("cargo build")
+                    .success();
+                assert!(ok, "building mvm-jailer and mvm-agent failed");
+            }
+            if !workspace()
+                .join("target/mvm-artifacts/rootfs.ext4")
+                .is_file()
+            {
+                let ok = Command::new(workspace().join("rootfs/build.sh"))
+                    .arg("--agent")
+                    .arg(bin_dir().join("mvm-agent"))
+                    .status()
+                    .expect("rootfs/build.sh")
+                    .success();
+                assert!(ok, "rootfs/build.sh failed");
+            }
+        });
+        Env {
+            dir: tempfile::Builder::new()
+                .prefix("mvm-cli-test")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+
+    fn mvm(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mvm"));
+        c.env("MVM_STATE_DIR", self.dir.path().join("state"))
+            .env("MVM_RUN_DIR", self.dir.path().join("run"))
+            .env("MVM_BIN_DIR", bin_dir())
+            .env("MVM_ARTIFACTS", workspace().join("target/mvm-artifacts"))
+            .env(
+                "MVM_CGROUP_PARENT",
+                format!("mvm-cli-test-{}", std::process::id()),
+            )
+            .env_remove("MVM_HOST")
+            .env_remove("MVM_TOKEN")
+            .env_remove("MVM_ISOLATION")
+            .env_remove("MVM_VM_TIER");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.mvm().args(args).output().expect("running mvm")
+    }
+
+    /// Nothing of a sandbox left in the run dir.
+    fn assert_empty(&self) {
+        for sub in ["sandboxes", "netns", "jail/mvm-agent"] {
+            let left: Vec<_> = std::fs::read_dir(self.dir.path().join("run").join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            assert!(left.is_empty(), "{sub} still has {left:?}");
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let parent = format!("mvm-cli-test-{}", std::process::id());
+        for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
+            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c).join(&parent));
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn daemonless_run_propagates_the_exit_code() {
+    if !root_or_skip("daemonless_run_propagates_the_exit_code") {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(&[
+        "run",
+        "--rm",
+        "--isolation",
+        "jail",
+        "--",
+        "sh",
+        "-c",
+        "echo to-out; echo to-err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "to-out\n");
+    assert!(text(&out.stderr).contains("to-err"));
+    let out = env.run(&[
+        "run",
+        "--rm",
+        "--isolation",
+        "jail",
+        "-e",
+        "X=42",
+        "--",
+        "sh",
+        "-c",
+        "echo $X",
+    ]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "42\n".into()),
+        "{}",
+        text(&out.stderr)
+    );
+    // Killed by a signal: 128 + signal, like a shell.
+    let out = env.run(&[
+        "run",
+        "--rm",
+        "--isolation",
+        "jail",
+        "--",
+        "sh",
+        "-c",
+        "kill -9 $$",
+    ]);
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    // -i feeds stdin.
+    let mut child = env
+        .mvm()
+        .args([
+            "run",
+            "--rm",
+            "-i",
+            "--isolation",
+            "jail",
+            "--",
+            "tr",
+            "a-z",
+            "A-Z",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mvm run -i");
+    child.stdin.take().unwrap().write_all(b"shout\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout), "SHOUT\n");
+    env.assert_empty();
+}
+
+#[test]
+fn daemonless_vm_request_names_the_jail_tier() {
+    if !root_or_skip("daemonless_vm_request_names_the_jail_tier") {
+        return;
+    }
+    if api::manager::host::vm_tier_unavailable(false).is_none() {
+        eprintln!("SKIPPED daemonless_vm_request_names_the_jail_tier: this host has hardware KVM");
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(&["run", "--rm", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("--isolation jail"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+struct Served {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // SAFETY: plain kill of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(env: &Env) -> Served {
+    let socket = env.dir.path().join("mvmd.sock");
+    let child = env
+        .mvm()
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mvm serve");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "mvm serve did not come up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Served { child, socket }
+}
+
+#[test]
+fn through_mvmd() {
+    if !root_or_skip("through_mvmd") {
+        return;
+    }
+    let env = Env::new();
+    let served = serve(&env);
+    let host = format!("unix:{}", served.socket.display());
+    let mvm = |args: &[&str]| {
+        env.mvm()
+            .env("MVM_HOST", &host)
+            .args(args)
+            .output()
+            .expect("mvm")
+    };
+    let out = mvm(&[
+        "run",
+        "--rm",
+        "--isolation",
+        "jail",
+        "--",
+        "sh",
+        "-c",
+        "echo via-daemon; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "via-daemon\n");
+    // A sandbox that stays: ps, exec, cp both ways, stats, logs, rm.
+    let out = mvm(&["-o", "json", "run", "--isolation", "jail", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = mvm(&["-o", "json", "ps"]);
+    let list: Vec<api::model::Sandbox> = serde_json::from_slice(&out.stdout).expect("ps json");
+    assert_eq!(list.len(), 1);
+    let id = list[0].id.clone();
+    let local = env.dir.path().join("payload");
+    std::fs::write(&local, b"copied in\n").unwrap();
+    let out = mvm(&["cp", local.to_str().unwrap(), &format!("{id}:/tmp/payload")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = mvm(&["exec", &id, "--", "cat", "/tmp/payload"]);
+    assert_eq!(text(&out.stdout), "copied in\n");
+    let out = mvm(&["cp", &format!("{id}:/tmp/payload"), "-"]);
+    assert_eq!(text(&out.stdout), "copied in\n");
+    let mut child = env
+        .mvm()
+        .env("MVM_HOST", &host)
+        .args(["exec", "-i", &id, "--", "sh", "-c", "cat; exit 9"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mvm exec -i");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"over websocket\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(9), "over websocket\n".into())
+    );
+    let out = mvm(&["-o", "json", "stats", &id]);
+    let stats: Vec<api::model::SandboxStats> =
+        serde_json::from_slice(&out.stdout).expect("stats json");
+    assert!(stats[0].pids >= 1, "{stats:?}");
+    let out = mvm(&["logs", &id]);
+    assert!(
+        text(&out.stdout).contains("listening"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = mvm(&["templates"]);
+    assert!(
+        text(&out.stdout).contains("default"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = mvm(&["rm", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = mvm(&["exec", &id, "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("not_found"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Without a token mvmd refuses.
+    let out = env
+        .mvm()
+        .env("MVM_HOST", &host)
+        .env("MVM_STATE_DIR", "/nonexistent")
+        .args(["ps"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("unauthorized"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(served);
+    env.assert_empty();
+}
