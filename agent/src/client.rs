@@ -1055,3 +1055,38 @@ impl Drop for OutputStream {
             .credit(self.id, self.channel, &self.budget, queued);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: T) {}
+
+    /// The API daemon, CLI and shim run these futures on multi-threaded runtimes.
+    #[test]
+    fn client_futures_are_send() {
+        fn check(
+            client: &AgentClient,
+            session: &mut ExecSession,
+            stdin: &mut ExecStdin,
+            stream: &mut OutputStream,
+            sink: &mut Vec<u8>,
+        ) {
+            assert_send(client.exec(ExecRequest::new(["true"])));
+            assert_send(client.put_file("/f", 0o644, &b""[..]));
+            assert_send(client.get_file("/f", sink));
+            assert_send(client.stat("/f"));
+            assert_send(client.list("/"));
+            assert_send(client.remove("/f", false));
+            assert_send(client.health());
+            assert_send(client.shutdown(ShutdownAction::Reboot));
+            assert_send(session.wait());
+            assert_send(session.control().signal(15));
+            assert_send(stdin.write(b"x"));
+            assert_send(stream.recv());
+        }
+        // Type-checking `check` is the test.
+        let _ = check;
+        assert_send(AgentClient::connect_unix("/nonexistent"));
+    }
+}
