@@ -8,9 +8,12 @@
 # rootfs/build.sh on virtio-blk (read-only) and a second disk is a writable layer from
 # `rootfs/build.sh --writable-layer`. The guest's init, a busybox script, checks the drivers,
 # file systems and overlay set-up from inside, prints a marker and reboots; the host then checks
-# what the guest wrote into the writable layer.
+# what the guest wrote into the writable layer. A last boot runs the real base image (busybox +
+# mvm-agent as init) with a writable layer and waits for the agent to listen on vsock.
 #
-# Usage: guest-kernel/test.sh
+# Usage: guest-kernel/test.sh [--agent PATH]
+#   --agent PATH  static mvm-agent for the agent boot (default: rootfs/build.sh's default, the
+#                 workspace's mvm-agent, built when absent)
 # Prints the wall time from QEMU start to the userspace marker (TCG: emulated, not hardware
 # figures) and the guest's own uptime at that point.
 set -euo pipefail
@@ -21,6 +24,13 @@ export PATH="$PATH:/sbin:/usr/sbin"
 readonly BOOT_TIMEOUT_S=90
 
 die() { echo "guest-kernel/test.sh: error: $*" >&2; exit 1; }
+
+agent_args=()
+case "${1:-}" in
+    --agent) [ $# -eq 2 ] || die "usage: $0 [--agent PATH]"; agent_args=(--agent "$2") ;;
+    "") ;;
+    *) die "usage: $0 [--agent PATH]" ;;
+esac
 
 if ! command -v qemu-system-x86_64 >/dev/null; then
     [ "$(id -u)" -eq 0 ] || die "qemu-system-x86_64 is missing; install it with: sudo apt-get install -y qemu-system-x86"
@@ -88,7 +98,9 @@ try cpus-online [ "$(grep -c ^processor /proc/cpuinfo)" = "$want_cpus" ]
 for driver in virtio_blk virtio_net vmw_vsock_virtio_transport; do
     try "driver-$driver" [ -d "/sys/bus/virtio/drivers/$driver" ]
 done
-try virtio-net-eth0-up sh -c 'ip link set lo up && ip link set eth0 up && [ "$(cat /sys/class/net/eth0/operstate)" = up ]'
+# The carrier comes up asynchronously after `ip link set up`: give it up to 5 s.
+try virtio-net-eth0-up sh -c 'ip link set lo up && ip link set eth0 up && for i in $(seq 50); do
+    [ "$(cat /sys/class/net/eth0/operstate)" = up ] && exit 0; sleep 0.1; done; exit 1'
 try loopback-ping ping -c 1 -W 2 127.0.0.1
 try devpts-ptmx sh -c 'mkdir -p /dev/pts && mount -t devpts devpts /dev/pts && [ -c /dev/pts/ptmx ]'
 try cgroup2-mount sh -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && [ -f /sys/fs/cgroup/cgroup.procs ]'
@@ -175,8 +187,53 @@ boot() {
     fi
 }
 
+# The production pairing: the base image with mvm-agent as /sbin/init, its overlay upper layer on
+# a second disk. No vsock device here (QEMU's needs the host's vhost-vsock), so the check ends
+# when the agent reports its listening socket; talking to it is the nested harness's job.
+boot_agent() {
+    local log="$work/agent.log" image="$work/agent-rootfs.ext4" upper="$work/agent-upper.ext4"
+    local start qemu_pid ready_at="" now
+    echo "# boot vmlinux with the mvm-agent base image as init"
+    "$repo_root/rootfs/build.sh" "${agent_args[@]}" --output "$image" > /dev/null 2>> "$work/rootfs.log" \
+        || { cat "$work/rootfs.log" >&2; die "rootfs/build.sh failed for the agent image"; }
+    "$repo_root/rootfs/build.sh" --writable-layer "$upper" --size 32 > /dev/null 2>> "$work/rootfs.log" \
+        || { cat "$work/rootfs.log" >&2; die "rootfs/build.sh --writable-layer failed"; }
+    start=$EPOCHREALTIME
+    qemu-system-x86_64 -M microvm,acpi=off -accel tcg -cpu max -m 256 -smp 2 \
+        -nographic -no-reboot -nodefaults -serial stdio -kernel "$vmlinux" \
+        -append "console=ttyS0 noxsave reboot=t panic=-1 root=/dev/vda ro mvm.overlay=/dev/vdb mvm.hostname=mvm-test" \
+        -drive id=root,file="$image",format=raw,if=none,readonly=on -device virtio-blk-device,drive=root \
+        -drive id=upper,file="$upper",format=raw,if=none -device virtio-blk-device,drive=upper \
+        -netdev user,id=net0,restrict=on -device virtio-net-device,netdev=net0 \
+        < /dev/null > "$log" 2>&1 &
+    qemu_pid=$!
+    while kill -0 "$qemu_pid" 2>/dev/null; do
+        now=$(echo "$EPOCHREALTIME - $start" | bc)
+        if grep -q 'mvm-agent: .*listening on vsock' "$log"; then ready_at=$now; break; fi
+        [ "$(echo "$now > $BOOT_TIMEOUT_S" | bc)" -eq 0 ] || break
+        sleep 0.05
+    done
+    kill "$qemu_pid" 2>/dev/null || true
+    wait "$qemu_pid" 2>/dev/null || true
+    if [ -n "$ready_at" ]; then
+        pass "agent: mvm-agent is PID 1 and listening on vsock ($(grep -o 'agent [0-9.]* listening on vsock:[0-9]*' "$log" | head -n1))"
+        printf '  agent: QEMU start -> agent listening %.2f s wall (TCG)\n' "$ready_at"
+    else
+        fail "agent: mvm-agent did not report listening on vsock within ${BOOT_TIMEOUT_S}s"
+    fi
+    check "agent: no kernel panic" sh -c '! grep -q "Kernel panic" "$1"' _ "$log"
+    # The guest is stopped without a shutdown (that needs vsock), so its writes to the layer may
+    # still be in its page cache: the kernel's mount message is the evidence, not the disk.
+    check "agent: mounted the writable layer (mvm.overlay=/dev/vdb) before listening" \
+        sh -c 'sed -n "1,/listening on vsock/p" "$1" | grep -q "EXT4-fs (vdb): mounted filesystem"' _ "$log"
+    if [ "$failures" -ne 0 ]; then
+        echo "---- agent boot console (last 60 lines) ----"; tail -n 60 "$log"; echo "----"
+    fi
+}
+
 boot bzImage "$bzimage" 2
 boot vmlinux-pvh "$vmlinux" 1
+boot_agent
 
 echo
 if [ "$failures" -ne 0 ]; then echo "guest-kernel/test.sh: $failures check(s) failed"; exit 1; fi
