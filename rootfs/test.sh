@@ -46,8 +46,8 @@ dump_matches() { # dump_matches <image> <path> <host file>: byte-exact copy
     debugfs -R "dump \"$2\" $work/dump" "$1" >/dev/null 2>&1 && cmp -s "$work/dump" "$3"
 }
 walk_owners() { # walk_owners <image> <dir>: fail if any entry below <dir> is not 0:0
-    local line ino mode uid gid name
-    while IFS=/ read -r _ ino mode uid gid name _; do
+    local mode uid gid name
+    while IFS=/ read -r _ _ mode uid gid name _; do
         [ "$name" = . ] || [ "$name" = .. ] || [ -z "$name" ] && continue
         if [ "$uid" != 0 ] || [ "$gid" != 0 ]; then
             echo "  $2$name is owned by $uid:$gid" >&2
