@@ -290,3 +290,112 @@ fn network_child() {
     );
     println!("NETWORK-OK");
 }
+
+/// The real PID 1 path: the agent as init of a fresh PID namespace (plus private mount,
+/// network and UTS namespaces) runs its init duties, serves, reaps orphans, and on
+/// `Shutdown` kills everything and calls reboot(2), which ends the namespace.
+#[test]
+fn agent_as_pid_1_of_a_pid_namespace() {
+    if let Some(reason) = missing_prerequisite() {
+        eprintln!("SKIPPED agent_as_pid_1_of_a_pid_namespace: {reason}");
+        return;
+    }
+    // Not under /tmp: the agent mounts a fresh /tmp in its namespace.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut child = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--mount",
+            "--propagation",
+            "private",
+        ])
+        .args(["--net", "--uts", "--"])
+        .arg(env!("CARGO_BIN_EXE_mvm-agent"))
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .spawn()
+        .expect("running unshare");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let client = loop {
+            match agent::AgentClient::connect_unix(&socket).await {
+                Ok(client) => break client,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "agent never listened: {e}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert!(client.health().await.unwrap().init, "agent is not init");
+        let run = |script: &str| {
+            let client = client.clone();
+            let request = agent::ExecRequest::new(["sh", "-c", script]);
+            async move {
+                let out = client
+                    .exec(request)
+                    .await
+                    .unwrap()
+                    .wait_with_output()
+                    .await
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+                String::from_utf8(out.stdout).unwrap()
+            }
+        };
+        // PID 1 is the agent.
+        assert_eq!(run("cat /proc/1/comm").await.trim(), "mvm-agent");
+        // Orphans are re-parented to PID 1 and reaped when they exit.
+        run("(sleep 0.2 &); exit 0").await;
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        let states = run("cat /proc/[0-9]*/stat").await;
+        assert!(
+            !states.lines().any(|l| l
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.starts_with(" Z"))),
+            "zombies in the namespace:\n{states}"
+        );
+        // Init duties ran: lo is up, /run and /tmp are tmpfs.
+        let lo = run("cat /sys/class/net/lo/flags").await;
+        let flags = u32::from_str_radix(lo.trim().trim_start_matches("0x"), 16).unwrap();
+        assert_eq!(
+            flags & libc::IFF_UP as u32,
+            libc::IFF_UP as u32,
+            "lo is down"
+        );
+        let mounts = run("cat /proc/self/mounts").await;
+        for target in ["/tmp", "/run"] {
+            assert!(
+                mounts
+                    .lines()
+                    .any(|l| l.starts_with(&format!("tmpfs {target} tmpfs"))),
+                "{target} not mounted:\n{mounts}"
+            );
+        }
+        client
+            .shutdown(agent::ShutdownAction::PowerOff)
+            .await
+            .unwrap();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            eprintln!("namespace ended after Shutdown: {status}");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the PID namespace survived Shutdown");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
