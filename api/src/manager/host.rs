@@ -143,19 +143,27 @@ pub fn set_frozen(parent: &str, id: &str, frozen: bool) -> Result<()> {
     }
 }
 
-/// SIGKILLs every process of sandbox `id` (its jailer and everything in its cgroups) until
-/// none is left for two consecutive scans, thawing a frozen sandbox first.
-pub fn kill_all(parent: &str, id: &str) -> Result<()> {
+/// SIGKILLs every process of sandbox `id` until none is left for two consecutive scans,
+/// thawing a frozen sandbox first: everything in its cgroups, plus its jailer. Pass the
+/// jailer's pid only for a sandbox that finished starting (its jail processes are all in the
+/// cgroups then); otherwise /proc is scanned for jailer processes and their forks.
+pub fn kill_all(parent: &str, id: &str, jailer: Option<i32>) -> Result<()> {
     if let Some(dir) = cgroup_dir("freezer", parent, id) {
         if dir.exists() {
             let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
         }
     }
+    if let Some(pid) = jailer {
+        // SAFETY: kill takes plain integers; the pid is the caller's unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut quiet = 0;
     while quiet < 2 {
         let mut pids = cgroup_pids(parent, id);
-        pids.extend(jailer_pids(id));
+        if jailer.is_none() {
+            pids.extend(jailer_pids(id));
+        }
         if pids.is_empty() {
             quiet += 1;
         } else {

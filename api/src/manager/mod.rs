@@ -276,7 +276,8 @@ impl Manager {
                 out.adopted.push(s.id.clone());
             } else {
                 tracing::info!(id = %s.id, state = s.state.as_str(), "reconcile: removing a dead sandbox");
-                self.teardown(s.id.clone(), Some(s.isolation)).await?;
+                self.teardown(s.id.clone(), Some(s.isolation), false)
+                    .await?;
                 self.inner.db.delete_sandbox(&s.id)?;
                 self.inner
                     .metrics
@@ -291,7 +292,7 @@ impl Manager {
         for id in self.host_ids() {
             if !known.contains(&id.as_str()) {
                 tracing::info!(%id, "reconcile: removing leftovers without a state row");
-                self.teardown(id.clone(), None).await?;
+                self.teardown(id.clone(), None, false).await?;
                 out.cleaned.push(id);
             }
         }
@@ -427,7 +428,10 @@ impl Manager {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let id = row.sandbox.id.clone();
                 lock(&self.inner.live).remove(&id);
-                if let Err(undo) = self.teardown(id.clone(), Some(row.sandbox.isolation)).await {
+                if let Err(undo) = self
+                    .teardown(id.clone(), Some(row.sandbox.isolation), false)
+                    .await
+                {
                     tracing::error!(%id, "rollback of a failed create: {undo}");
                     return Err(Error::Host(format!(
                         "{e}; rolling back also failed: {undo}"
@@ -450,6 +454,7 @@ impl Manager {
         };
         let template = template.clone();
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
+        let started = Instant::now();
         let (network, child) = blocking(move || {
             std::fs::create_dir_all(cfg.netns("")).map_err(|e| Error::host("creating the netns dir", e))?;
             let network = net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
@@ -495,6 +500,7 @@ impl Manager {
         *lock(&live.child) = Some(child);
         lock(&self.inner.live).insert(row.sandbox.id.clone(), Arc::clone(&live));
         self.inner.db.update_sandbox(row)?;
+        let spawned = started.elapsed();
         // Step 5: the agent.
         let client = match row.sandbox.isolation {
             Isolation::Jail => self.wait_jail_agent(&row.sandbox.id, &live).await?,
@@ -524,6 +530,7 @@ impl Manager {
             }
         };
         *live.agent.lock().await = Some(client);
+        tracing::debug!(id = %row.sandbox.id, ?spawned, ready = ?started.elapsed(), "sandbox built");
         row.sandbox.state = SandboxState::Running;
         self.inner.db.update_sandbox(row)?;
         Ok(())
@@ -572,7 +579,7 @@ impl Manager {
                 )));
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+            pause = (pause * 2).min(Duration::from_millis(1));
         }
         Ok(())
     }
@@ -598,7 +605,7 @@ impl Manager {
                     if Instant::now() > deadline {
                         return Err(e);
                     }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
         }
@@ -634,12 +641,23 @@ impl Manager {
 
     /// Removes everything sandbox `id` may have on the host, in reverse creation order:
     /// processes, jail directory and cgroups, writable layer, network namespace. Idempotent.
-    async fn teardown(&self, id: String, isolation: Option<Isolation>) -> Result<()> {
+    /// `started`: the sandbox had finished starting (all its processes are in its cgroups).
+    async fn teardown(
+        &self,
+        id: String,
+        isolation: Option<Isolation>,
+        started: bool,
+    ) -> Result<()> {
         let child = lock(&self.inner.live)
             .get(&id)
             .and_then(|l| lock(&l.child).take());
         let (parent, killed) = (self.inner.cfg.cgroup_parent.clone(), id.clone());
-        blocking(move || host::kill_all(&parent, &killed)).await?;
+        let jailer = child
+            .as_ref()
+            .filter(|_| started)
+            .and_then(|c| c.id())
+            .map(|p| p as i32);
+        blocking(move || host::kill_all(&parent, &killed, jailer)).await?;
         if let Some(mut child) = child {
             // Already killed with the rest; reap it.
             let _ = child.kill().await;
@@ -713,7 +731,7 @@ impl Manager {
             live.agent.lock().await.take();
         }
         let result = self
-            .teardown(id.to_owned(), Some(row.sandbox.isolation))
+            .teardown(id.to_owned(), Some(row.sandbox.isolation), true)
             .await;
         lock(&self.inner.live).remove(id);
         result?;
