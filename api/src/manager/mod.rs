@@ -286,6 +286,17 @@ impl Manager {
                 out.cleaned.push(s.id.clone());
             }
         }
+        let bases = cfg.state_dir.join("bases");
+        let keep: Vec<PathBuf> = self
+            .inner
+            .db
+            .templates()?
+            .iter()
+            .filter_map(|t| rootfs::base_path(&bases, Path::new(&t.rootfs)).ok())
+            .collect();
+        for old in rootfs::gc_bases(&bases, &keep) {
+            tracing::info!(base = %old.display(), "removed an unused unpacked base image");
+        }
         // Anything of ours on the host that has no row: a crash between teardown and delete,
         // or state removed by hand.
         let known: Vec<&str> = rows.iter().map(|r| r.sandbox.id.as_str()).collect();

@@ -85,6 +85,38 @@ pub fn base_tree(cache: &Path, rootfs: &Path) -> Result<PathBuf> {
     result.map(|()| tree)
 }
 
+/// Where [`base_tree`] unpacks `rootfs` (whether or not it has).
+pub fn base_path(cache: &Path, rootfs: &Path) -> Result<PathBuf> {
+    let meta = std::fs::metadata(rootfs)
+        .map_err(|e| Error::Invalid(format!("template base image {}: {e}", rootfs.display())))?;
+    let mut h = Sha256::new();
+    h.update(rootfs.as_os_str().as_encoded_bytes());
+    h.update(meta.len().to_le_bytes());
+    h.update(meta.mtime().to_le_bytes());
+    h.update(meta.mtime_nsec().to_le_bytes());
+    let key: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(cache.join(key))
+}
+
+/// Removes unpacked bases under `cache` that no mounted overlay uses and that are not in
+/// `keep` (the current bases of the templates): images rebuilt since. Returns what it removed.
+pub fn gc_bases(cache: &Path, keep: &[PathBuf]) -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let in_use = mountinfo.contains(&format!("lowerdir={}", path.display()));
+        let unpacking = entry.file_name().to_string_lossy().starts_with('.');
+        if !in_use && !unpacking && !keep.contains(&path) && host::remove_tree(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 /// The directories of the per-sandbox overlay under `sandbox_dir`.
 pub struct Overlay {
     /// Where the merged tree is mounted.
