@@ -1,0 +1,983 @@
+//! The inner test cases. Each boots its own micro-VM and returns why it failed; the micro-VM's
+//! console and the VMM's stderr are printed with the failure.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::tap::Tap;
+use crate::vm::{MicroVm, Stopped};
+use crate::{Args, Mode};
+
+/// Upper bound for any micro-VM to reach userspace (nested exits make L2 slow; CI cores are busy).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound from a guest's last words (reboot, panic) to the VMM's exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a guest that does nothing is watched before the driver gives up on it.
+const IDLE_WATCH: Duration = Duration::from_secs(3);
+/// Console lines shown with a failure.
+const DIAG_LINES: usize = 40;
+
+/// First line the guest's /init prints: the micro-VM reached userspace.
+const USERSPACE_MARKER: &str = "mvm-guest: userspace";
+
+/// How a test that did not fail ended.
+pub enum Verdict {
+    /// Everything it checks held.
+    Pass,
+    /// It could not run here; the reason is printed loudly.
+    Skip(String),
+}
+
+/// A test's outcome; Err carries the one-line reason it failed.
+pub type Outcome = Result<Verdict, String>;
+
+/// A named test.
+pub struct Case {
+    /// Name printed in the result line.
+    pub name: &'static str,
+    /// The test.
+    pub run: fn(&mut Ctx) -> Outcome,
+}
+
+/// Every test, in the order they run. The first one boots the first micro-VM of this L1, so
+/// its timing is the one comparable across runs (later boots in one L1 are ~1 s slower).
+pub const CASES: &[Case] = &[
+    Case {
+        name: "boot-vmlinux-initrd-uname",
+        run: boot_vmlinux_initrd_uname,
+    },
+    Case {
+        name: "boot-bzimage",
+        run: boot_bzimage,
+    },
+    Case {
+        name: "smp-2-vcpus",
+        run: smp_two_vcpus,
+    },
+    Case {
+        name: "guest-panic-exits",
+        run: guest_panic_exits,
+    },
+    Case {
+        name: "idle-guest-killed-at-timeout",
+        run: idle_guest_killed_at_timeout,
+    },
+    Case {
+        name: "virtio-blk-rootfs-ro-and-scratch-rw",
+        run: virtio_blk_rootfs_and_scratch,
+    },
+    Case {
+        name: "virtio-net-tap-ping-both-ways",
+        run: virtio_net_tap_ping,
+    },
+    Case {
+        name: "jailed-vmm-seccomp-unprivileged",
+        run: jailed_vmm_seccomp,
+    },
+    Case {
+        name: "agent-over-vsock-rootfs",
+        run: agent_over_vsock,
+    },
+];
+
+/// Paths and settings shared by the tests, plus the benchmark figures they collect.
+pub struct Ctx {
+    mode: Mode,
+    vmm: PathBuf,
+    jailer: PathBuf,
+    vmlinux: PathBuf,
+    bzimage: PathBuf,
+    initrd: PathBuf,
+    rootfs: PathBuf,
+    release: String,
+    scratch: PathBuf,
+    echo: bool,
+    extra_cmdline: String,
+    bench: Vec<(String, String)>,
+}
+
+impl Ctx {
+    /// Checks the assets directory and reads the guest kernel's release from its vmlinux.
+    pub fn new(args: &Args) -> Result<Self, String> {
+        let need = |rel: &str| {
+            let path = args.assets.join(rel);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "{} is missing: tests/nested/run.sh builds the assets directory",
+                    path.display()
+                ))
+            }
+        };
+        let vmlinux = need("guest/vmlinux")?;
+        let release = kernel_release(&vmlinux)?;
+        std::fs::create_dir_all(&args.scratch)
+            .map_err(|e| format!("cannot create scratch dir {}: {e}", args.scratch.display()))?;
+        Ok(Ctx {
+            mode: args.mode,
+            vmm: need("bin/mvm-vmm")?,
+            jailer: need("bin/mvm-jailer")?,
+            vmlinux,
+            bzimage: need("guest/bzImage")?,
+            initrd: need("guest/initrd.cpio")?,
+            rootfs: need("guest/rootfs.ext4")?,
+            release,
+            scratch: args.scratch.clone(),
+            echo: args.echo_console,
+            extra_cmdline: args.extra_cmdline.clone(),
+            bench: Vec::new(),
+        })
+    }
+
+    /// Prints what the results depend on: kernels, KVM module, hypervisor CPUID leaf.
+    pub fn print_environment(&self) {
+        let host_release =
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        println!(
+            "nested: INFO mode {:?}; this host's kernel {}",
+            self.mode,
+            host_release.trim()
+        );
+        println!(
+            "nested: INFO guest kernel {} (release {})",
+            self.vmlinux.display(),
+            self.release
+        );
+        let (max_leaf, vendor) = hypervisor_cpuid();
+        println!(
+            "nested: INFO CPUID 0x40000000: vendor {vendor:?}, max leaf {max_leaf:#x}; mvm-vmm hides XSAVE from \
+             its guests when the vendor is \"TCGTCGTCGTCG\""
+        );
+        for module in ["kvm_amd", "kvm_intel"] {
+            let params = Path::new("/sys/module").join(module).join("parameters");
+            if params.is_dir() {
+                let read = |p: &str| {
+                    std::fs::read_to_string(params.join(p))
+                        .map(|s| s.trim().to_string())
+                        .unwrap_or_else(|_| "?".into())
+                };
+                println!(
+                    "nested: INFO {module} loaded: nested={} npt={}",
+                    read("nested"),
+                    read("npt")
+                );
+            }
+        }
+    }
+
+    /// Prints the figures the tests collected.
+    pub fn print_benchmarks(&self) {
+        for (what, value) in &self.bench {
+            println!(
+                "nested: BENCH {what} = {value} [{}]",
+                self.mode.bench_label()
+            );
+        }
+    }
+
+    fn record(&mut self, what: &str, value: String) {
+        self.bench.push((what.to_string(), value));
+    }
+
+    fn cmdline(&self, case: &str) -> String {
+        let mut cmdline = format!("console=ttyS0 reboot=k panic=1 pci=off quiet mvmtest={case}");
+        if !self.extra_cmdline.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(self.extra_cmdline.trim());
+        }
+        cmdline
+    }
+
+    fn boot_source(&self, kernel: &Path, case: &str) -> serde_json::Value {
+        json!({
+            "kernel_image_path": kernel,
+            "initrd_path": self.initrd,
+            "boot_args": self.cmdline(case),
+        })
+    }
+
+    /// A configuration booting `kernel` with the test initramfs acting as `case`.
+    fn config(&self, kernel: &Path, case: &str, vcpus: u8) -> serde_json::Value {
+        json!({
+            "boot-source": self.boot_source(kernel, case),
+            "machine-config": {"vcpu_count": vcpus, "mem_size_mib": 256},
+        })
+    }
+
+    fn launch(&self, name: &str, config: &serde_json::Value) -> Result<MicroVm, String> {
+        MicroVm::from_config(&self.vmm, &self.scratch, name, config, self.echo)
+            .map_err(|e| e.to_string())
+    }
+
+    fn start(&self, name: &str, kernel: &Path, case: &str, vcpus: u8) -> Result<MicroVm, String> {
+        self.launch(name, &self.config(kernel, case, vcpus))
+    }
+}
+
+/// Prints the micro-VM's console and stderr and returns `why` as the failure.
+fn fail(vm: &MicroVm, why: impl Into<String>) -> String {
+    print!("{}", vm.diagnostics(DIAG_LINES));
+    why.into()
+}
+
+/// Waits for the userspace marker; returns the time from VMM start to it.
+fn reach_userspace(vm: &mut MicroVm) -> Result<Duration, String> {
+    match vm.wait_for_line(USERSPACE_MARKER, BOOT_TIMEOUT) {
+        Some((_, at)) => Ok(at),
+        None => match vm.wait_exit(Duration::ZERO) {
+            Some(status) => Err(fail(
+                vm,
+                format!("mvm-vmm exited ({status}) before the guest reached userspace"),
+            )),
+            None => Err(fail(
+                vm,
+                format!(
+                    "the guest did not reach userspace within {} s",
+                    BOOT_TIMEOUT.as_secs()
+                ),
+            )),
+        },
+    }
+}
+
+/// The value of `mvm-guest: <key>=<value>` on the console.
+fn guest_fact(vm: &mut MicroVm, key: &str) -> Result<String, String> {
+    let prefix = format!("mvm-guest: {key}=");
+    match vm.wait_for_line(&prefix, Duration::from_secs(10)) {
+        Some((line, _)) => Ok(line[line.find(&prefix).unwrap_or(0) + prefix.len()..]
+            .trim()
+            .to_string()),
+        None => Err(fail(vm, format!("the guest did not report {key}"))),
+    }
+}
+
+/// Waits for the VMM to exit on its own after the guest reset the machine; requires status 0.
+fn expect_clean_exit(vm: &mut MicroVm, after: &str) -> Result<(), String> {
+    match vm.wait_exit(EXIT_TIMEOUT) {
+        Some(status) if status.success() => Ok(()),
+        Some(status) => Err(fail(
+            vm,
+            format!("mvm-vmm exited with {status} after {after}; expected 0"),
+        )),
+        None => Err(fail(
+            vm,
+            format!(
+                "mvm-vmm still runs {} s after {after}",
+                EXIT_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{} ms", d.as_millis())
+}
+
+/// The project's kernel (ELF, PVH entry) boots with the busybox initramfs to userspace; the
+/// release printed by the guest is the built kernel's, not this host's; `reboot -f` (reboot=k:
+/// i8042 reset) ends the VMM with status 0. Under QEMU TCG the guest must not see XSAVE.
+fn boot_vmlinux_initrd_uname(ctx: &mut Ctx) -> Outcome {
+    let mut vm = ctx.start("uname", &ctx.vmlinux.clone(), "hello", 1)?;
+    let to_userspace = reach_userspace(&mut vm)?;
+    let release = guest_fact(&mut vm, "uname-r")?;
+    if release != ctx.release {
+        return Err(fail(
+            &vm,
+            format!(
+                "guest says uname -r = {release:?}, the built kernel is {:?}",
+                ctx.release
+            ),
+        ));
+    }
+    let xsave = guest_fact(&mut vm, "xsave")?;
+    expect_clean_exit(&mut vm, "the guest rebooted")?;
+    ctx.record(
+        "vmm start -> guest userspace (vmlinux, 1 vCPU, first VM of this boot)",
+        ms(to_userspace),
+    );
+    ctx.record("vmm start -> vmm exit after guest reboot", ms(vm.elapsed()));
+    let (_, vendor) = hypervisor_cpuid();
+    if ctx.mode == Mode::Nested && vendor == "TCGTCGTCGTCG" && xsave != "0" {
+        return Err(fail(
+            &vm,
+            "the guest's /proc/cpuinfo lists xsave although this host runs under QEMU TCG",
+        ));
+    }
+    Ok(Verdict::Pass)
+}
+
+/// The same kernel as a bzImage (Linux boot protocol, not PVH) boots to userspace.
+fn boot_bzimage(ctx: &mut Ctx) -> Outcome {
+    let mut vm = ctx.start("bzimage", &ctx.bzimage.clone(), "hello", 1)?;
+    let to_userspace = reach_userspace(&mut vm)?;
+    let release = guest_fact(&mut vm, "uname-r")?;
+    if release != ctx.release {
+        return Err(fail(
+            &vm,
+            format!(
+                "guest says uname -r = {release:?}, the built kernel is {:?}",
+                ctx.release
+            ),
+        ));
+    }
+    expect_clean_exit(&mut vm, "the guest rebooted")?;
+    ctx.record(
+        "vmm start -> guest userspace (bzImage, 1 vCPU)",
+        ms(to_userspace),
+    );
+    Ok(Verdict::Pass)
+}
+
+/// A 2-vCPU micro-VM brings both CPUs online.
+fn smp_two_vcpus(ctx: &mut Ctx) -> Outcome {
+    let mut vm = ctx.start("smp", &ctx.vmlinux.clone(), "hello", 2)?;
+    let to_userspace = reach_userspace(&mut vm)?;
+    let cpus = guest_fact(&mut vm, "cpus")?;
+    let online = guest_fact(&mut vm, "online")?;
+    if cpus != "2" || online != "0-1" {
+        return Err(fail(
+            &vm,
+            format!("guest sees {cpus} processors, online {online:?}; expected 2 and \"0-1\""),
+        ));
+    }
+    expect_clean_exit(&mut vm, "the guest rebooted")?;
+    ctx.record(
+        "vmm start -> guest userspace (vmlinux, 2 vCPUs)",
+        ms(to_userspace),
+    );
+    Ok(Verdict::Pass)
+}
+
+/// Init exits, the kernel panics; with panic=1 it resets after a second and the VMM ends.
+fn guest_panic_exits(ctx: &mut Ctx) -> Outcome {
+    let mut vm = ctx.start("panic", &ctx.vmlinux.clone(), "panic", 1)?;
+    reach_userspace(&mut vm)?;
+    if vm
+        .wait_for_line("Kernel panic - not syncing", BOOT_TIMEOUT)
+        .is_none()
+    {
+        return Err(fail(
+            &vm,
+            "the guest's init exited but no kernel panic appeared on the console",
+        ));
+    }
+    match vm.wait_exit(EXIT_TIMEOUT) {
+        Some(status) if status.code().is_some() => {
+            println!("nested: INFO after the guest panicked, mvm-vmm exited with {status}");
+            Ok(Verdict::Pass)
+        }
+        Some(status) => Err(fail(
+            &vm,
+            format!("mvm-vmm died by {status} after the guest panicked"),
+        )),
+        None => Err(fail(
+            &vm,
+            format!(
+                "mvm-vmm still runs {} s after the guest panicked",
+                EXIT_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+/// A guest whose init only sleeps, booted through the API socket, keeps the VMM alive; the
+/// driver's timeout stops it with SIGTERM: it exits 0 within the grace period and leaves no
+/// API socket behind. Measures the VMM's resident memory while the guest idles.
+fn idle_guest_killed_at_timeout(ctx: &mut Ctx) -> Outcome {
+    let boot_source = ctx.boot_source(&ctx.vmlinux.clone(), "idle");
+    let machine = json!({"vcpu_count": 1, "mem_size_mib": 256});
+    let mut vm = MicroVm::from_api(
+        &ctx.vmm,
+        &ctx.scratch,
+        "idle",
+        &boot_source,
+        &machine,
+        ctx.echo,
+    )
+    .map_err(|e| e.to_string())?;
+    reach_userspace(&mut vm)?;
+    if vm
+        .wait_for_line("mvm-guest: idle", Duration::from_secs(10))
+        .is_none()
+    {
+        return Err(fail(&vm, "the guest did not announce that it idles"));
+    }
+    if let Some(status) = vm.wait_exit(IDLE_WATCH) {
+        return Err(fail(
+            &vm,
+            format!("mvm-vmm exited ({status}) while its guest idled"),
+        ));
+    }
+    if let Some((rss, hwm)) = vm.memory_kib() {
+        ctx.record(
+            "mvm-vmm VmRSS with an idle 256 MiB guest",
+            format!("{} KiB", rss),
+        );
+        ctx.record(
+            "mvm-vmm VmHWM with an idle 256 MiB guest",
+            format!("{} KiB", hwm),
+        );
+    }
+    let pid = vm.pid();
+    let socket = vm.api_socket();
+    match vm.stop() {
+        Stopped::Terminated(status) if status.success() => {}
+        Stopped::Terminated(status) => {
+            return Err(fail(
+                &vm,
+                format!("mvm-vmm exited with {status} on SIGTERM; expected 0"),
+            ))
+        }
+        Stopped::Killed => {
+            return Err(fail(
+                &vm,
+                "mvm-vmm ignored SIGTERM for 10 s and had to be killed",
+            ))
+        }
+        Stopped::AlreadyExited(status) => {
+            return Err(fail(&vm, format!("mvm-vmm had already exited ({status})")))
+        }
+    }
+    if Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(fail(
+            &vm,
+            format!("process {pid} still exists after mvm-vmm was reaped"),
+        ));
+    }
+    if socket.exists() {
+        return Err(fail(
+            &vm,
+            format!("mvm-vmm left its API socket {} behind", socket.display()),
+        ));
+    }
+    let dir = vm.dir().to_path_buf();
+    drop(vm);
+    if dir.exists() {
+        return Err(format!(
+            "scratch dir {} survived the micro-VM",
+            dir.display()
+        ));
+    }
+    Ok(Verdict::Pass)
+}
+
+/// The project's rootfs image as a read-only virtio-blk disk: the guest mounts its ext4 and finds
+/// the agent and busybox, and cannot write the disk; a writable raw scratch disk: the guest
+/// copies its first MiB (pseudo-random, written here) to its second MiB, which must come back
+/// byte-exact. The rootfs image is unchanged afterwards.
+fn virtio_blk_rootfs_and_scratch(ctx: &mut Ctx) -> Outcome {
+    const MIB: usize = 1 << 20;
+    let scratch_disk = ctx
+        .scratch
+        .join(format!("blk-scratch-{}.img", std::process::id()));
+    let mut pattern = vec![0u8; 2 * MIB];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in pattern[..MIB].chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&scratch_disk, &pattern)
+        .map_err(|e| format!("cannot write {}: {e}", scratch_disk.display()))?;
+    let result = (|| {
+        let rootfs_before = fingerprint(&ctx.rootfs)?;
+        let mut config = ctx.config(&ctx.vmlinux, "blk", 1);
+        config["drives"] = json!([
+            {"drive_id": "rootfs", "path_on_host": ctx.rootfs, "is_root_device": true, "is_read_only": true},
+            {"drive_id": "scratch", "path_on_host": scratch_disk, "is_root_device": false, "is_read_only": false},
+        ]);
+        let mut vm = ctx.launch("blk", &config)?;
+        reach_userspace(&mut vm)?;
+        for (key, want) in [("rootfs", "ok"), ("ro-write", "refused"), ("copy", "ok")] {
+            let got = guest_fact(&mut vm, key)?;
+            if got != want {
+                return Err(fail(
+                    &vm,
+                    format!("guest reports {key}={got}, expected {want}"),
+                ));
+            }
+        }
+        expect_clean_exit(&mut vm, "the guest rebooted")?;
+        let disk = std::fs::read(&scratch_disk)
+            .map_err(|e| format!("cannot read {}: {e}", scratch_disk.display()))?;
+        if disk.len() != 2 * MIB || disk[..MIB] != pattern[..MIB] {
+            return Err(fail(
+                &vm,
+                "the scratch disk's first MiB changed although the guest only read it",
+            ));
+        }
+        if let Some(offset) = disk[MIB..]
+            .iter()
+            .zip(&pattern[..MIB])
+            .position(|(a, b)| a != b)
+        {
+            return Err(fail(
+                &vm,
+                format!(
+                    "the guest's copy differs from the source at byte {offset} of the second MiB"
+                ),
+            ));
+        }
+        if fingerprint(&ctx.rootfs)? != rootfs_before {
+            return Err(fail(
+                &vm,
+                format!(
+                    "{} changed although it was attached read-only",
+                    ctx.rootfs.display()
+                ),
+            ));
+        }
+        Ok(Verdict::Pass)
+    })();
+    let _ = std::fs::remove_file(&scratch_disk);
+    result
+}
+
+/// A persistent tap in this host with 10.213.117.1/30, the guest's virtio-net eth0 with
+/// 10.213.117.2/30: the guest pings the host, then the host pings the guest. The tap is
+/// removed afterwards.
+fn virtio_net_tap_ping(ctx: &mut Ctx) -> Outcome {
+    const TAP: &str = "mvmnest0";
+    const HOST_CIDR: &str = "10.213.117.1/30";
+    const HOST_IP: &str = "10.213.117.1";
+    const GUEST_CIDR: &str = "10.213.117.2/30";
+    const GUEST_IP: &str = "10.213.117.2";
+    let tap = match Tap::create(TAP, HOST_CIDR) {
+        Ok(tap) => tap,
+        Err(e) if !mvm_testkit::is_root() => return Ok(Verdict::Skip(format!("not root: {e}"))),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut config = ctx.config(&ctx.vmlinux, "net", 1);
+    config["boot-source"]["boot_args"] = json!(format!(
+        "{} mvmip={GUEST_CIDR} mvmpeer={HOST_IP}",
+        ctx.cmdline("net")
+    ));
+    config["network-interfaces"] =
+        json!([{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": "06:00:0a:d5:75:02"}]);
+    let mut vm = ctx.launch("net", &config)?;
+    reach_userspace(&mut vm)?;
+    let guest_ping = guest_fact(&mut vm, "ping-host")?;
+    if guest_ping != "ok" {
+        return Err(fail(
+            &vm,
+            format!("the guest could not ping {HOST_IP} over virtio-net and the tap"),
+        ));
+    }
+    if vm
+        .wait_for_line("mvm-guest: net-ready", Duration::from_secs(10))
+        .is_none()
+    {
+        return Err(fail(&vm, "the guest did not announce net-ready"));
+    }
+    let ping = std::process::Command::new("ping")
+        .args(["-c", "3", "-W", "5", GUEST_IP])
+        .output()
+        .map_err(|e| format!("cannot run ping: {e}"))?;
+    if !ping.status.success() {
+        return Err(fail(
+            &vm,
+            format!(
+                "this host could not ping the guest at {GUEST_IP}: {}",
+                String::from_utf8_lossy(&ping.stdout).trim()
+            ),
+        ));
+    }
+    match vm.stop() {
+        Stopped::Terminated(status) if status.success() => {}
+        other => {
+            return Err(fail(
+                &vm,
+                format!("mvm-vmm did not end cleanly on SIGTERM: {other:?}"),
+            ))
+        }
+    }
+    drop(vm);
+    drop(tap);
+    if Tap::exists(TAP) {
+        return Err(format!("tap {TAP} still exists after the test removed it"));
+    }
+    Ok(Verdict::Pass)
+}
+
+/// The production path: mvm-jailer wraps mvm-vmm (chroot, new pid/mount namespaces, a cgroup,
+/// an unprivileged uid) and the guest boots from files bind-mounted into the jail. While the
+/// guest idles, every thread of the VMM runs under a seccomp filter and as the jail's uid; the
+/// VMM ends cleanly on SIGTERM, the jailer passes its status on, and `--cleanup` leaves neither
+/// the jail directory nor the cgroup behind.
+fn jailed_vmm_seccomp(ctx: &mut Ctx) -> Outcome {
+    const ID: &str = "mvm-nested-jail";
+    const PARENT_CGROUP: &str = "mvm-nested";
+    const UID: u32 = 64123;
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvm-jailer needs root".into()));
+    }
+    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let cgroup_dir = if unified {
+        PathBuf::from(format!("/sys/fs/cgroup/{PARENT_CGROUP}/{ID}"))
+    } else {
+        PathBuf::from(format!("/sys/fs/cgroup/pids/{PARENT_CGROUP}/{ID}"))
+    };
+    let base = ctx.scratch.join("jails");
+    let guest_dir = ctx
+        .vmlinux
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let config = json!({
+        "boot-source": {
+            "kernel_image_path": format!("/guest/{}", file_name(&ctx.vmlinux)),
+            "initrd_path": format!("/guest/{}", file_name(&ctx.initrd)),
+            "boot_args": ctx.cmdline("idle"),
+        },
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+    });
+    let jailer = ctx.jailer.clone();
+    let vmm = ctx.vmm.clone();
+    let cleanup = || {
+        std::process::Command::new(&jailer)
+            .args(["--cleanup", "--id", ID, "--parent-cgroup", PARENT_CGROUP])
+            .arg("--chroot-base-dir")
+            .arg(&base)
+            .output()
+    };
+    let mut vm = MicroVm::from_command(&ctx.scratch, "jailed", &config, ctx.echo, |config_path| {
+        let config_dir = config_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut cmd = std::process::Command::new(&jailer);
+        cmd.args([
+            "--id",
+            ID,
+            "--uid",
+            &UID.to_string(),
+            "--gid",
+            &UID.to_string(),
+            "--new-pid-ns",
+        ])
+        .args([
+            "--cgroup-version",
+            if unified { "2" } else { "1" },
+            "--cgroup",
+            "pids.max=64",
+        ])
+        .args(["--parent-cgroup", PARENT_CGROUP])
+        .arg("--exec-file")
+        .arg(&vmm)
+        .arg("--chroot-base-dir")
+        .arg(&base)
+        .arg("--mount")
+        .arg(format!("{}:/guest:ro", guest_dir.display()))
+        .arg("--mount")
+        .arg(format!("{}:/cfg:ro", config_dir.display()))
+        .args(["--", "--no-api", "--config-file", "/cfg/vm.json"]);
+        cmd
+    })
+    .map_err(|e| e.to_string())?;
+    let checked = (|| {
+        reach_userspace(&mut vm)?;
+        let release = guest_fact(&mut vm, "uname-r")?;
+        if release != ctx.release {
+            return Err(fail(
+                &vm,
+                format!(
+                    "jailed guest says uname -r = {release:?}, expected {:?}",
+                    ctx.release
+                ),
+            ));
+        }
+        if vm
+            .wait_for_line("mvm-guest: idle", Duration::from_secs(10))
+            .is_none()
+        {
+            return Err(fail(&vm, "the jailed guest did not announce that it idles"));
+        }
+        let vmm_pid = match descendants_named(vm.pid(), "mvm-vmm").as_slice() {
+            [pid] => *pid,
+            other => {
+                return Err(fail(
+                    &vm,
+                    format!("expected one mvm-vmm below the jailer, found {other:?}"),
+                ))
+            }
+        };
+        let threads = std::fs::read_dir(format!("/proc/{vmm_pid}/task"))
+            .map_err(|e| format!("/proc/{vmm_pid}/task: {e}"))?;
+        let mut seen = 0;
+        for tid in threads.flatten() {
+            let status = std::fs::read_to_string(tid.path().join("status")).unwrap_or_default();
+            let comm = std::fs::read_to_string(tid.path().join("comm")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            if field("Seccomp:") != "2" {
+                return Err(fail(
+                    &vm,
+                    format!(
+                        "VMM thread {:?} runs without a seccomp filter (Seccomp: {})",
+                        comm.trim(),
+                        field("Seccomp:")
+                    ),
+                ));
+            }
+            let uids = field("Uid:");
+            if uids.split_whitespace().any(|u| u != UID.to_string()) {
+                return Err(fail(
+                    &vm,
+                    format!(
+                        "VMM thread {:?} runs with uids {uids}, expected {UID}",
+                        comm.trim()
+                    ),
+                ));
+            }
+            seen += 1;
+        }
+        println!("nested: INFO jailed mvm-vmm (pid {vmm_pid}): {seen} threads, all in seccomp filter mode as uid {UID}");
+        // SAFETY: kill(2) with a pid just read from /proc; at worst it names an exited process.
+        if unsafe { libc::kill(vmm_pid as libc::pid_t, libc::SIGTERM) } != 0 {
+            return Err(fail(
+                &vm,
+                format!(
+                    "cannot signal the jailed VMM: {}",
+                    std::io::Error::last_os_error()
+                ),
+            ));
+        }
+        match vm.wait_exit(EXIT_TIMEOUT) {
+            Some(status) if status.success() => Ok(Verdict::Pass),
+            Some(status) => Err(fail(
+                &vm,
+                format!("the jailer exited with {status} after its VMM got SIGTERM"),
+            )),
+            None => Err(fail(&vm, "the jailer still runs after its VMM got SIGTERM")),
+        }
+    })();
+    drop(vm);
+    let cleaned = cleanup();
+    let verdict = checked?;
+    match cleaned {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            return Err(format!(
+                "mvm-jailer --cleanup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+        Err(e) => return Err(format!("cannot run mvm-jailer --cleanup: {e}")),
+    }
+    for leftover in [base.join("mvm-vmm").join(ID), cgroup_dir] {
+        if leftover.exists() {
+            return Err(format!(
+                "{} is left after mvm-jailer --cleanup",
+                leftover.display()
+            ));
+        }
+    }
+    Ok(verdict)
+}
+
+/// Processes below `root` (by parent pid, transitively) whose comm is `name`.
+fn descendants_named(root: u32, name: &str) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32, String)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // comm is in parentheses and may hold spaces; the fields after the last ')' are fixed.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_string();
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        parents.push((pid, ppid, comm));
+    }
+    let mut below = vec![root];
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for (pid, ppid, _) in &parents {
+            if below.contains(ppid) && !below.contains(pid) {
+                below.push(*pid);
+                grew = true;
+            }
+        }
+    }
+    parents
+        .iter()
+        .filter(|(pid, _, comm)| *pid != root && below.contains(pid) && comm == name)
+        .map(|(pid, _, _)| *pid)
+        .collect()
+}
+
+/// The production guest: the project's rootfs as the read-only root with a tmpfs overlay and
+/// mvm-agent as init, reached over hybrid vsock with the agent client. `uname -r` through the
+/// agent prints the guest kernel's release, `sh -c 'exit 3'` exits 3, and the agent's reboot
+/// ends the VMM with status 0. Measures VMM start → first exec output.
+fn agent_over_vsock(ctx: &mut Ctx) -> Outcome {
+    let mut vm = ctx.launch("agent", &json!({
+        "boot-source": {
+            "kernel_image_path": ctx.vmlinux,
+            "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off quiet mvm.overlay=tmpfs {}", ctx.extra_cmdline),
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+        "drives": [{"drive_id": "rootfs", "path_on_host": ctx.rootfs, "is_root_device": true, "is_read_only": true}],
+        "vsock": {"vsock_id": "vsock0", "guest_cid": 3, "uds_path": ctx.scratch.join(format!("agent-{}.vsock", std::process::id()))},
+    }))?;
+    let uds = ctx
+        .scratch
+        .join(format!("agent-{}.vsock", std::process::id()));
+    let outcome = agent_session(ctx, &mut vm, &uds);
+    let _ = std::fs::remove_file(&uds);
+    outcome
+}
+
+fn agent_session(ctx: &mut Ctx, vm: &mut MicroVm, uds: &Path) -> Outcome {
+    use agent::{AgentClient, ExecRequest, ShutdownAction};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a tokio runtime: {e}"))?;
+    // Connect as soon as the agent listens; give up when the VMM ends or at the boot timeout.
+    let client = loop {
+        if let Some(status) = vm.wait_exit(Duration::from_millis(100)) {
+            let stderr = vm.stderr();
+            if !status.success() && stderr.contains("not built into mvm-vmm yet") {
+                return Ok(Verdict::Skip(format!(
+                    "mvm-vmm has no vsock device yet: {}",
+                    stderr.lines().last().unwrap_or_default().trim()
+                )));
+            }
+            return Err(fail(
+                vm,
+                format!("mvm-vmm exited ({status}) before the agent answered"),
+            ));
+        }
+        match runtime.block_on(AgentClient::connect_hybrid_vsock(
+            uds,
+            agent::protocol::DEFAULT_VSOCK_PORT,
+        )) {
+            Ok(client) => break client,
+            Err(_) if vm.elapsed() < BOOT_TIMEOUT => {}
+            Err(e) => {
+                return Err(fail(
+                    vm,
+                    format!("no agent on vsock within {} s: {e}", BOOT_TIMEOUT.as_secs()),
+                ))
+            }
+        }
+    };
+    let run = |argv: &[&str]| {
+        runtime.block_on(async {
+            client
+                .exec(ExecRequest::new(argv.iter().copied()))
+                .await?
+                .wait_with_output()
+                .await
+        })
+    };
+    let uname = run(&["uname", "-r"])
+        .map_err(|e| fail(vm, format!("exec uname -r through the agent: {e}")))?;
+    let first_output = vm.elapsed();
+    let release = String::from_utf8_lossy(&uname.stdout).trim().to_string();
+    if !uname.status.success() || release != ctx.release {
+        return Err(fail(
+            vm,
+            format!(
+                "uname -r through the agent: {:?}, output {release:?}; expected success and {:?}",
+                uname.status, ctx.release
+            ),
+        ));
+    }
+    let exit3 =
+        run(&["sh", "-c", "exit 3"]).map_err(|e| fail(vm, format!("exec sh -c 'exit 3': {e}")))?;
+    if exit3.status.code() != Some(3) {
+        return Err(fail(
+            vm,
+            format!(
+                "sh -c 'exit 3' through the agent ended with {:?}",
+                exit3.status
+            ),
+        ));
+    }
+    ctx.record(
+        "vmm start -> first exec output through the agent (rootfs on virtio-blk, vsock)",
+        ms(first_output),
+    );
+    if let Err(e) = runtime.block_on(client.shutdown(ShutdownAction::Reboot)) {
+        return Err(fail(vm, format!("agent shutdown request failed: {e}")));
+    }
+    drop(client);
+    expect_clean_exit(vm, "the agent rebooted the guest")?;
+    Ok(Verdict::Pass)
+}
+
+/// (length, FNV-1a 64) of a file's contents.
+fn fingerprint(path: &Path) -> Result<(usize, u64), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    Ok((bytes.len(), hash))
+}
+
+/// The release in the `Linux version <release> (...)` banner of a vmlinux.
+fn kernel_release(vmlinux: &Path) -> Result<String, String> {
+    let image =
+        std::fs::read(vmlinux).map_err(|e| format!("cannot read {}: {e}", vmlinux.display()))?;
+    let needle = b"Linux version ";
+    image
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| w == needle)
+        .map(|(i, _)| &image[i + needle.len()..])
+        .find(|rest| rest.first().is_some_and(u8::is_ascii_digit))
+        .map(|rest| {
+            let end = rest
+                .iter()
+                .position(|&b| b == b' ' || b == 0)
+                .unwrap_or(rest.len());
+            String::from_utf8_lossy(&rest[..end]).into_owned()
+        })
+        .ok_or_else(|| {
+            format!(
+                "{} has no \"Linux version\" banner: is it a Linux vmlinux?",
+                vmlinux.display()
+            )
+        })
+}
+
+/// (max leaf, vendor) of this CPU's hypervisor leaf 0x40000000, as mvm-vmm's TCG check reads it.
+fn hypervisor_cpuid() -> (u32, String) {
+    let leaf = std::arch::x86_64::__cpuid(0x4000_0000);
+    let mut vendor = Vec::with_capacity(12);
+    for reg in [leaf.ebx, leaf.ecx, leaf.edx] {
+        vendor.extend_from_slice(&reg.to_le_bytes());
+    }
+    (
+        leaf.eax,
+        String::from_utf8_lossy(&vendor)
+            .trim_end_matches('\0')
+            .to_string(),
+    )
+}

@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# The `vm`-tier test suite of mvm, in one command, on any x86_64 Linux host.
+#
+# Where /dev/kvm is hardware KVM, the inner test driver (tests/nested/driver, `mvm-nested`) runs
+# directly. Where it is not (no VT-x/SVM: /sys/module/kvm_pvm, or no /dev/kvm), the driver runs
+# inside a QEMU TCG guest ("L1": -cpu max emulates AMD SVM, Debian's kvm_amd gives a genuine
+# /dev/kvm there), and mvm-vmm boots its micro-VMs ("L2") on that. One QEMU boot runs every test.
+#
+# Steps: install missing packages (apt: busybox-static cpio; for QEMU also qemu-system-x86
+# linux-image-amd64); build mvm-vmm and mvm-nested; build the guest kernel (guest-kernel/build.sh,
+# plus the options of tests/nested/kernel-initrd.config if the project kernel lacks them); build
+# the micro-VM initramfs; in QEMU mode build the L1 initramfs (busybox, kvm modules of the
+# installed Debian kernel, the assets) and boot it under a timeout, streaming the console.
+# Prints a per-test summary and exits with the inner suite's status.
+#
+# Usage: tests/nested/run.sh [--mode auto|nested|direct] [--filter TEXT] [--echo-console]
+#                            [--guest-cmdline TEXT] [--timeout SECONDS]
+#   --mode           auto (default) picks direct on hardware KVM, nested otherwise
+#   --filter TEXT    run only inner tests whose name contains TEXT
+#   --echo-console   show every micro-VM console line (default: only with a failure)
+#   --guest-cmdline  extra micro-VM kernel parameters (e.g. noxsave)
+#   --timeout S      limit for the whole QEMU run (default 600)
+# Environment: MVM_ARTIFACTS, MVM_CACHE_DIR as for guest-kernel/build.sh; work files go to
+# <repo>/target/nested (the last run's log: target/nested/console.log).
+set -euo pipefail
+
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo_root=$(cd "$script_dir/../.." && pwd)
+script_path="$script_dir/$(basename "${BASH_SOURCE[0]}")"
+export PATH="$PATH:/sbin:/usr/sbin"
+
+die() { echo "tests/nested/run.sh: error: $*" >&2; exit 2; }
+log() { echo "tests/nested/run.sh: $*" >&2; }
+
+mode=auto
+timeout_s=600
+driver_args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --mode) [ $# -ge 2 ] || die "--mode needs auto, nested or direct"; mode=$2; shift 2 ;;
+        --filter) [ $# -ge 2 ] || die "--filter needs a text"; driver_args+=(--filter "$2"); shift 2 ;;
+        --echo-console) driver_args+=(--echo-console); shift ;;
+        --guest-cmdline) [ $# -ge 2 ] || die "--guest-cmdline needs a text"; driver_args+=(--extra-cmdline "$2"); shift 2 ;;
+        --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
+        -h|--help) sed -n '2,24p' "$script_path" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$1' (try --help)" ;;
+    esac
+done
+[[ "$timeout_s" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive number of seconds, got '$timeout_s'"
+
+# --- Where to run ---------------------------------------------------------------------------------
+hardware_kvm() {
+    [ -e /sys/module/kvm_pvm ] && return 1
+    [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]
+}
+case "$mode" in
+    auto)
+        if hardware_kvm; then mode=direct; else mode=nested; fi ;;
+    direct)
+        hardware_kvm || die "--mode direct needs hardware KVM: /dev/kvm is $( [ -e /sys/module/kvm_pvm ] \
+            && echo 'the kvm_pvm module (no VT-x/SVM)' || echo 'missing or not accessible')" ;;
+    nested) ;;
+    *) die "--mode must be auto, nested or direct, got '$mode'" ;;
+esac
+log "mode: $mode ($( [ "$mode" = direct ] && echo 'hardware KVM, no QEMU' \
+    || echo 'QEMU TCG L1 with emulated SVM; times are not hardware figures'))"
+
+# --- Packages -------------------------------------------------------------------------------------
+packages=(busybox-static cpio)
+[ "$mode" = nested ] && packages+=(qemu-system-x86 linux-image-amd64)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" -eq 0 ] || die "missing packages: ${missing[*]}; install them with:
+    sudo apt-get install -y --no-install-recommends ${missing[*]}"
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
+        || { apt-get update >/dev/null && apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; } \
+        || die "apt-get install ${missing[*]} failed"
+fi
+busybox=/bin/busybox
+[ -x "$busybox" ] && ! readelf -lW "$busybox" | grep -q 'Requesting program interpreter' \
+    || die "$busybox is not the static busybox of busybox-static"
+
+# --- Binaries -------------------------------------------------------------------------------------
+log "building mvm-vmm, mvm-jailer, mvm-agent and mvm-nested"
+(cd "$repo_root" && cargo build -p vmm --bin mvm-vmm -p jailer --bin mvm-jailer -p agent --bin mvm-agent \
+    -p mvm-nested-driver --bin mvm-nested) || die "cargo build failed"
+bin_dir="${CARGO_TARGET_DIR:-$repo_root/target}/x86_64-unknown-linux-gnu/debug"
+binaries=(mvm-vmm mvm-jailer mvm-agent mvm-nested)
+for b in "${binaries[@]}"; do
+    [ -x "$bin_dir/$b" ] || die "$bin_dir/$b was not built"
+    if readelf -lW "$bin_dir/$b" | grep -q 'Requesting program interpreter'; then
+        die "$bin_dir/$b is dynamically linked; the harness copies binaries alone (check .cargo/config.toml)"
+    fi
+done
+
+# --- Guest kernel ---------------------------------------------------------------------------------
+artifacts=${MVM_ARTIFACTS:-$repo_root/target/mvm-artifacts}
+mapfile -t images < <("$repo_root/guest-kernel/build.sh")
+[ "${#images[@]}" -eq 2 ] || die "guest-kernel/build.sh did not print the vmlinux and bzImage paths"
+vmlinux=${images[0]}
+bzimage=${images[1]}
+extra_fragment="$script_dir/kernel-initrd.config"
+lacking=$(grep -E '^CONFIG_' "$extra_fragment" | while read -r opt; do
+    grep -qx "$opt" "$artifacts/kernel.config" || echo "$opt"; done)
+if [ -n "$lacking" ]; then
+    # The project kernel cannot take an initrd. Build it once more with the same script and its
+    # fragment plus ours (cached by guest-kernel/build.sh under its own key), in a directory that
+    # holds a link to the script and the merged fragment.
+    log "the project kernel lacks $(echo $lacking); building a harness variant with them"
+    variant_src="$repo_root/target/nested/kernel-variant"
+    mkdir -p "$variant_src"
+    ln -sfn "$repo_root/guest-kernel/build.sh" "$variant_src/build.sh"
+    cat "$repo_root/guest-kernel/mvm.config" "$extra_fragment" > "$variant_src/mvm.config.tmp.$$"
+    mv -f "$variant_src/mvm.config.tmp.$$" "$variant_src/mvm.config"
+    mapfile -t images < <(MVM_ARTIFACTS="$variant_src/out" "$variant_src/build.sh")
+    [ "${#images[@]}" -eq 2 ] || die "the harness kernel variant did not build"
+    vmlinux=${images[0]}
+    bzimage=${images[1]}
+fi
+
+# --- Assets: what the inner driver needs, in the layout it expects --------------------------------
+work="$repo_root/target/nested"
+assets="$work/assets"
+rm -rf "$assets" "$work/guest-root" "$work/l1-root"
+mkdir -p "$assets/bin" "$assets/guest"
+for b in "${binaries[@]}"; do cp "$bin_dir/$b" "$assets/bin/"; done
+cp "$vmlinux" "$assets/guest/vmlinux"
+cp "$bzimage" "$assets/guest/bzImage"
+printf '%s\n' "${driver_args[@]}" > "$assets/driver-args"
+"$repo_root/rootfs/build.sh" --agent "$bin_dir/mvm-agent" --output "$assets/guest/rootfs.ext4" >/dev/null \
+    || die "rootfs/build.sh failed"
+
+# A newc cpio entry for /dev/console (char 5:1), so that init has a console without mknod (and
+# without root): the kernel unpacks concatenated archives in order.
+console_node_cpio() {
+    local name="dev/console"
+    printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+        1 $((8#20600)) 0 0 1 0 0 0 0 5 1 $((${#name} + 1)) 0
+    printf '%s\0' "$name"
+    # 110-byte header + name + NUL, padded to a multiple of 4.
+    local pad=$(( (4 - (110 + ${#name} + 1) % 4) % 4 ))
+    head -c "$pad" /dev/zero
+}
+# <root dir> <output>: the tree as a newc archive owned by root, plus /dev/console.
+make_initramfs() {
+    local root=$1 out=$2
+    mkdir -p "$root/dev"
+    { (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) \
+        && console_node_cpio && printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%s\0\0\0\0' \
+        0 0 0 0 1 0 0 0 0 0 0 11 0 'TRAILER!!!'; } > "$out"
+}
+
+guest_root="$work/guest-root"
+mkdir -p "$guest_root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,tmp}
+cp "$busybox" "$guest_root/bin/busybox"
+ln -s busybox "$guest_root/bin/sh"
+cp "$script_dir/guest-init.sh" "$guest_root/init"
+make_initramfs "$guest_root" "$assets/guest/initrd.cpio"
+log "micro-VM initramfs: $(du -h "$assets/guest/initrd.cpio" | cut -f1)"
+
+summary() { # <console log> <status>: the result lines again, then the verdict
+    local console=$1 status=$2
+    echo
+    echo "=== mvm vm-tier suite ($mode) ==="
+    grep -E '^nested: (PASS|FAIL|SKIP|BENCH) ' "$console" | sed 's/^nested: /  /' || true
+    local counts
+    counts=$(grep -E '^nested: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$console" | tail -n1 | sed 's/^nested: //')
+    echo "  ${counts:-no result line from the inner driver}"
+    echo "  exit status $status; full log: $console"
+}
+
+# --- Direct: run the driver on this host ----------------------------------------------------------
+if [ "$mode" = direct ]; then
+    console="$work/console.log"
+    set +e
+    "$assets/bin/mvm-nested" --assets "$assets" --mode direct "${driver_args[@]}" | tee "$console"
+    status=${PIPESTATUS[0]}
+    set -e
+    summary "$console" "$status"
+    exit "$status"
+fi
+
+# --- Nested: the L1 initramfs ---------------------------------------------------------------------
+l1_kernel=$(ls -1 /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n1)
+[ -n "$l1_kernel" ] || die "no /boot/vmlinuz-*-amd64: install linux-image-amd64"
+l1_release=${l1_kernel#/boot/vmlinuz-}
+moddir=/lib/modules/$l1_release
+[ -f "$moddir/modules.dep" ] || die "$moddir/modules.dep is missing (linux-image-$l1_release incomplete?)"
+[ -r "$l1_kernel" ] || die "$l1_kernel is not readable (run as root)"
+
+l1_root="$work/l1-root"
+mkdir -p "$l1_root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,lib/modules}
+cp "$busybox" "$l1_root/bin/busybox"
+ln -s busybox "$l1_root/bin/sh"
+cp "$script_dir/l1-init.sh" "$l1_root/init"
+cp -a "$assets" "$l1_root/mvm"
+
+# kvm-amd with its dependencies (modules.dep lists a module's dependencies so that loading
+# them last-to-first works), and tun for tap devices; decompressed, as busybox insmod wants.
+module_path() { # <name>: path relative to $moddir, from modules.dep
+    grep -E "(^|/)$1\.ko(\.xz|\.zst|\.gz)?:" "$moddir/modules.dep" | head -n1 | cut -d: -f1
+}
+: > "$l1_root/lib/modules/load-order"
+for want in kvm-amd tun; do
+    top=$(module_path "$want")
+    [ -n "$top" ] || die "$moddir/modules.dep has no $want module"
+    deps=$(grep -E "^$top:" "$moddir/modules.dep" | cut -d: -f2)
+    for rel in $(echo $deps | tr ' ' '\n' | tac) "$top"; do
+        plain=$(basename "$rel" | sed -E 's/\.(xz|zst|gz)$//')
+        grep -qx "$plain" "$l1_root/lib/modules/load-order" && continue
+        case "$rel" in
+            *.xz) xz -dc "$moddir/$rel" ;;
+            *.zst) zstd -qdc "$moddir/$rel" ;;
+            *.gz) gzip -dc "$moddir/$rel" ;;
+            *) cat "$moddir/$rel" ;;
+        esac > "$l1_root/lib/modules/$plain" || die "cannot unpack $moddir/$rel"
+        echo "$plain" >> "$l1_root/lib/modules/load-order"
+    done
+done
+l1_initrd="$work/l1-initrd.cpio"
+make_initramfs "$l1_root" "$l1_initrd"
+log "L1: kernel $l1_kernel, initramfs $(du -h "$l1_initrd" | cut -f1) (modules: $(tr '\n' ' ' < "$l1_root/lib/modules/load-order"))"
+
+# --- Nested: one QEMU boot runs the whole inner suite ---------------------------------------------
+console="$work/console.log"
+log "booting QEMU (timeout ${timeout_s} s); console follows"
+qemu_start=$SECONDS
+set +e
+timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
+    -accel tcg,thread=multi -cpu max -m 4G -smp 2 -nographic -no-reboot \
+    -kernel "$l1_kernel" -initrd "$l1_initrd" \
+    -append "console=ttyS0 panic=-1 quiet" < /dev/null 2>&1 \
+    | tr -d '\r' | tee "$console"
+qemu_status=${PIPESTATUS[0]}
+set -e
+qemu_s=$((SECONDS - qemu_start))
+
+status=$(sed -n 's/^nested: EXIT \([0-9][0-9]*\)$/\1/p' "$console" | tail -n1)
+if [ -z "$status" ]; then
+    if [ "$qemu_status" -eq 124 ] || [ "$qemu_status" -eq 137 ]; then
+        echo "nested: FAIL harness: QEMU did not finish within ${timeout_s} s (raise --timeout?)" | tee -a "$console"
+    else
+        echo "nested: FAIL harness: L1 ended (QEMU status $qemu_status) before the inner driver reported" \
+            | tee -a "$console"
+    fi
+    status=1
+fi
+echo "nested: BENCH QEMU start -> L1 powered off = ${qemu_s} s [nested TCG, not hardware]" >> "$console"
+summary "$console" "$status"
+exit "$status"
