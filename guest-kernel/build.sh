@@ -53,18 +53,18 @@ missing_deps() {
     [ -f /usr/include/gelf.h ] || missing+=(libelf-dev)
     printf '%s\n' "${missing[@]}" | sort -u | grep -v '^$' || true
 }
-missing=$(missing_deps)
-if [ -n "$missing" ]; then
+mapfile -t missing_pkgs < <(missing_deps)
+if [ "${#missing_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
-        die "missing build dependencies: $(echo $missing); install them with:
+        die "missing build dependencies: ${missing_pkgs[*]}; install them with:
     sudo apt-get install -y ${BUILD_DEPS[*]}"
     fi
-    log "installing missing build dependencies: $(echo $missing)"
+    log "installing missing build dependencies: ${missing_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y --no-install-recommends $missing >/dev/null \
-        || { apt-get update >/dev/null && apt-get install -y --no-install-recommends $missing >/dev/null; } \
-        || die "apt-get install $(echo $missing) failed"
-    [ -z "$(missing_deps)" ] || die "still missing after apt-get install: $(echo $(missing_deps))"
+    apt-get install -y --no-install-recommends "${missing_pkgs[@]}" >/dev/null \
+        || { apt-get update >/dev/null && apt-get install -y --no-install-recommends "${missing_pkgs[@]}" >/dev/null; } \
+        || die "apt-get install ${missing_pkgs[*]} failed"
+    [ -z "$(missing_deps)" ] || die "still missing after apt-get install: $(missing_deps | tr '\n' ' ')"
 fi
 
 # --- Cache key ----------------------------------------------------------------------------------
