@@ -17,6 +17,7 @@ use crate::config::{
 };
 use crate::controller::{VmmAction, VmmActionError, VmmResponse};
 use crate::event_loop::{ApiChannel, ApiRequest};
+use crate::seccomp::Filters;
 
 /// Largest request head accepted.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -321,8 +322,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
     UnixListener::bind(path).map_err(|e| ApiServerError::Bind(shown, e))
 }
 
-/// Starts the API server thread on `listener`; returns the VMM side of its channel.
-pub fn start(listener: UnixListener) -> std::io::Result<ApiChannel> {
+/// Starts the API server thread on `listener`, confined by the `api` seccomp filter; returns the
+/// VMM side of its channel.
+pub fn start(listener: UnixListener, seccomp: Filters) -> std::io::Result<ApiChannel> {
     let (requests_tx, requests) = channel();
     let evt = EventFd::new(libc::EFD_NONBLOCK)?;
     let client = VmmClient {
@@ -332,6 +334,10 @@ pub fn start(listener: UnixListener) -> std::io::Result<ApiChannel> {
     std::thread::Builder::new()
         .name("fc_api".into())
         .spawn(move || {
+            if let Err(e) = seccomp.apply("api") {
+                log::error!("API server not started: {e}");
+                return;
+            }
             for stream in listener.incoming().flatten() {
                 let client = client.clone();
                 // One thread per connection so an idle client cannot block others.

@@ -24,6 +24,7 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_QUEUE_NOTIFY};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::{Bus, BusError, IrqLine};
 use crate::exit::VmExit;
+use crate::seccomp::Filters;
 use crate::vstate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, Vcpus};
 use crate::vstate::vm::{Vm, VmError};
@@ -259,12 +260,14 @@ fn build_cmdline(config: &VmConfig, boot_args: &str, virtio_count: usize) -> Res
 }
 
 /// Builds guest memory, the VM, boot data, devices and vCPUs from `config`, then starts the
-/// vCPUs. `serial_out` receives the guest console; `make_devices` creates the virtio devices.
+/// vCPUs. `serial_out` receives the guest console; `make_devices` creates the virtio devices;
+/// each vCPU thread installs its `seccomp` filter before entering the guest.
 pub fn build_and_boot(
     config: &VmConfig,
     serial_out: SerialOut,
     make_devices: &DeviceFactory<'_>,
     exit: Arc<VmExit>,
+    seccomp: &Filters,
 ) -> Result<RunningVm, BuildError> {
     let boot = config.validate_for_boot()?;
     let machine = &config.machine_config;
@@ -351,7 +354,7 @@ pub fn build_and_boot(
     let vcpus = (0..machine.vcpu_count)
         .map(|id| Vcpu::new(&vm, id, topology, hide_xsave, &mem, kernel.entry, kernel.protocol))
         .collect::<Result<Vec<_>, _>>()?;
-    let vcpus = Vcpus::start(vcpus, Arc::new(pio), Arc::new(mmio), exit)?;
+    let vcpus = Vcpus::start(vcpus, Arc::new(pio), Arc::new(mmio), exit, seccomp)?;
     Ok(RunningVm {
         vm,
         mem,

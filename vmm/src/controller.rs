@@ -15,6 +15,7 @@ use crate::config::{
 use crate::devices::legacy::serial::SerialOut;
 use crate::exit::VmExit;
 use crate::metrics::{MetricsError, MetricsSink};
+use crate::seccomp::{Filters, SeccompError};
 
 /// Version reported by `GET /` and `GET /version`.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -95,6 +96,9 @@ pub enum VmmActionError {
     /// The console file could not be opened.
     #[error("cannot open serial_out_path {0}: {1}")]
     SerialOut(String, std::io::Error),
+    /// The main thread's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -121,6 +125,7 @@ pub struct Controller {
     make_devices: Box<DeviceFactory<'static>>,
     metrics: Option<MetricsSink>,
     started: Instant,
+    seccomp: Filters,
 }
 
 /// The guest console sink: the configured file, or the VMM's stdout.
@@ -145,11 +150,13 @@ fn upsert<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T, &T) -> bool) {
 }
 
 impl Controller {
-    /// A controller for VM `id`, whose virtio devices `make_devices` creates at boot.
+    /// A controller for VM `id`, whose virtio devices `make_devices` creates at boot, and whose
+    /// threads confine themselves with `seccomp` once the VM is built.
     pub fn new(
         id: String,
         make_devices: Box<DeviceFactory<'static>>,
         exit: Arc<VmExit>,
+        seccomp: Filters,
     ) -> Self {
         Controller {
             id,
@@ -159,6 +166,7 @@ impl Controller {
             make_devices,
             metrics: None,
             started: Instant::now(),
+            seccomp,
         }
     }
 
@@ -279,11 +287,13 @@ impl Controller {
                 Ok(VmmResponse::Empty)
             }
             PutLogger(logger) => {
+                self.before_boot("PUT /logger")?;
                 crate::logger::configure(&logger)?;
                 self.config.logger = Some(logger);
                 Ok(VmmResponse::Empty)
             }
             PutMetrics(metrics) => {
+                self.before_boot("PUT /metrics")?;
                 self.metrics = Some(MetricsSink::open(&metrics.metrics_path, self.started)?);
                 self.config.metrics = Some(metrics);
                 Ok(VmmResponse::Empty)
@@ -316,9 +326,17 @@ impl Controller {
     /// Builds and boots the VM from the current configuration.
     fn start(&mut self) -> Result<(), VmmActionError> {
         let serial_out = open_serial_out(self.config.serial.as_ref())?;
-        let vm = build_and_boot(&self.config, serial_out, &*self.make_devices, self.exit.clone())?;
+        let vm = build_and_boot(
+            &self.config,
+            serial_out,
+            &*self.make_devices,
+            self.exit.clone(),
+            &self.seccomp,
+        )?;
         log::info!("microVM {} started", self.id);
         self.running = Some(vm);
+        // From here on the main thread only serves events: confine it.
+        self.seccomp.apply("vmm")?;
         Ok(())
     }
 

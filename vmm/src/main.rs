@@ -10,6 +10,7 @@ use vmm::config::VmConfig;
 use vmm::controller::{Controller, VmmAction};
 use vmm::event_loop::{self, Vmm};
 use vmm::exit::VmExit;
+use vmm::seccomp::Filters;
 
 /// A micro-VM monitor with Firecracker's configuration file and HTTP API.
 #[derive(Parser, Debug)]
@@ -27,6 +28,12 @@ struct Args {
     /// Instance id reported by the API.
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
+    /// Custom seccomp filters (seccompiler JSON with `vmm`, `api` and `vcpu` filters).
+    #[arg(long, conflicts_with = "no_seccomp")]
+    seccomp_filter: Option<String>,
+    /// Run without seccomp filters. For debugging only: never in production.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -55,13 +62,23 @@ fn run(args: Args) -> Result<u8, String> {
         })
         .transpose()?;
 
+    let seccomp = match (&args.seccomp_filter, args.no_seccomp) {
+        (_, true) => Filters::disabled(),
+        (Some(path), false) => Filters::from_file(path).map_err(|e| e.to_string())?,
+        (None, false) => Filters::builtin().map_err(|e| e.to_string())?,
+    };
     let exit = Arc::new(VmExit::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
-    let controller = Controller::new(args.id.clone(), Box::new(vmm::devices::create_virtio_devices), exit.clone());
+    let controller = Controller::new(
+        args.id.clone(),
+        Box::new(vmm::devices::create_virtio_devices),
+        exit.clone(),
+        seccomp.clone(),
+    );
     let api = if args.no_api {
         None
     } else {
         let listener = vmm::api_server::bind(&args.api_sock).map_err(|e| e.to_string())?;
-        Some(vmm::api_server::start(listener).map_err(|e| format!("cannot start the API thread: {e}"))?)
+        Some(vmm::api_server::start(listener, seccomp).map_err(|e| format!("cannot start the API thread: {e}"))?)
     };
     let mut vmm = Vmm::new(controller, exit, api, true).map_err(|e| e.to_string())?;
     if let Some(config) = config {

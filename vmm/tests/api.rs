@@ -73,6 +73,7 @@ impl ApiVmm {
     }
 
     fn wait(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let console = std::mem::replace(&mut self.console, std::thread::spawn(String::new));
         let deadline = std::time::Instant::now() + timeout;
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -85,7 +86,15 @@ impl ApiVmm {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        (status, self.console.join().unwrap())
+        (status, console.join().unwrap())
+    }
+}
+
+impl Drop for ApiVmm {
+    fn drop(&mut self) {
+        // A failed assertion must not leave a spinning VMM behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -17,6 +17,7 @@ use crate::arch::x86_64::msr::boot_msrs;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, setup_sregs, BootProtocol, RegsError};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
+use crate::seccomp::Filters;
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -170,12 +171,19 @@ impl Vcpu {
         mmio: Arc<Bus>,
         control: Arc<RunControl>,
         exit: Arc<VmExit>,
+        seccomp: Filters,
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
         let thread = std::thread::Builder::new()
             .name(format!("fc_vcpu {id}"))
-            .spawn(move || self.run(&pio, &mmio, &control, &exit))
+            .spawn(move || match seccomp.apply("vcpu") {
+                Ok(()) => self.run(&pio, &mmio, &control, &exit),
+                Err(e) => exit.request(ExitReason::VcpuError {
+                    vcpu: id,
+                    message: e.to_string(),
+                }),
+            })
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(VcpuHandle { thread })
     }
@@ -284,11 +292,17 @@ pub struct Vcpus {
 
 impl Vcpus {
     /// Starts every vCPU.
-    pub fn start(vcpus: Vec<Vcpu>, pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<VmExit>) -> Result<Self, VcpuError> {
+    pub fn start(
+        vcpus: Vec<Vcpu>,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<VmExit>,
+        seccomp: &Filters,
+    ) -> Result<Self, VcpuError> {
         let control = Arc::new(RunControl::new());
         let handles = vcpus
             .into_iter()
-            .map(|v| v.start(pio.clone(), mmio.clone(), control.clone(), exit.clone()))
+            .map(|v| v.start(pio.clone(), mmio.clone(), control.clone(), exit.clone(), seccomp.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Vcpus { handles, control })
     }

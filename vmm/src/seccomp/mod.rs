@@ -1,0 +1,133 @@
+//! Per-thread seccomp filters, kept as data (`x86_64.json`, seccompiler's JSON format, one filter
+//! per thread kind) and installed by each thread before it touches guest-controlled input.
+//!
+//! | filter | thread | installed |
+//! |---|---|---|
+//! | `vmm`  | main thread: event loop, API requests, device control | right after the VM is built |
+//! | `api`  | `fc_api` and its connection threads | when the API thread starts |
+//! | `vcpu` | `fc_vcpu N` | before the first KVM_RUN |
+//!
+//! A forbidden syscall traps: the SIGSYS handler reports the syscall number and the thread, and
+//! the VMM exits with status 148, as Firecracker does.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use seccompiler::{BpfProgram, TargetArch};
+
+/// The built-in filters.
+const DEFAULT_FILTERS: &str = include_str!("x86_64.json");
+/// The thread kinds every filter file must define.
+pub const THREAD_KINDS: [&str; 3] = ["vmm", "api", "vcpu"];
+/// Exit status after a seccomp violation (128 + SIGSYS).
+pub const SECCOMP_EXIT_CODE: i32 = 148;
+
+/// Errors while loading or installing filters.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The filter file could not be read.
+    #[error("cannot read seccomp filter file {0}: {1}")]
+    Read(String, std::io::Error),
+    /// The filter JSON is invalid.
+    #[error("invalid seccomp filters: {0}")]
+    Compile(seccompiler::Error),
+    /// A thread kind has no filter.
+    #[error("the seccomp filters define no `{0}` filter")]
+    MissingFilter(&'static str),
+    /// The kernel refused the filter.
+    #[error("cannot install the `{0}` seccomp filter: {1}")]
+    Install(&'static str, seccompiler::Error),
+    /// The SIGSYS handler could not be installed.
+    #[error("cannot install the SIGSYS handler: {0}")]
+    Handler(vmm_sys_util::errno::Error),
+}
+
+/// Compiled filters by thread kind; `None` entries mean seccomp is off (`--no-seccomp`).
+#[derive(Clone, Default)]
+pub struct Filters(Option<Arc<HashMap<String, BpfProgram>>>);
+
+impl Filters {
+    /// The built-in filters.
+    pub fn builtin() -> Result<Self, SeccompError> {
+        Self::from_json(DEFAULT_FILTERS)
+    }
+
+    /// Filters from a seccompiler JSON file (`--seccomp-filter`).
+    pub fn from_file(path: &str) -> Result<Self, SeccompError> {
+        let json = std::fs::read_to_string(path).map_err(|e| SeccompError::Read(path.into(), e))?;
+        Self::from_json(&json)
+    }
+
+    fn from_json(json: &str) -> Result<Self, SeccompError> {
+        let map = seccompiler::compile_from_json(json.as_bytes(), TargetArch::x86_64)
+            .map_err(SeccompError::Compile)?;
+        if let Some(kind) = THREAD_KINDS.iter().find(|k| !map.contains_key(**k)) {
+            return Err(SeccompError::MissingFilter(kind));
+        }
+        install_sigsys_handler()?;
+        Ok(Filters(Some(Arc::new(map))))
+    }
+
+    /// No filtering at all (debugging only).
+    pub fn disabled() -> Self {
+        Filters(None)
+    }
+
+    /// Installs the filter for `kind` on the calling thread (and threads it spawns later).
+    pub fn apply(&self, kind: &'static str) -> Result<(), SeccompError> {
+        let Some(map) = &self.0 else { return Ok(()) };
+        let program = map.get(kind).ok_or(SeccompError::MissingFilter(kind))?;
+        seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(kind, e))?;
+        THREAD_FILTER.with(|k| k.set(kind));
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// The filter this thread installed, for the violation report (constant-initialized so the
+    /// signal handler can read it without allocating).
+    static THREAD_FILTER: std::cell::Cell<&'static str> = const { std::cell::Cell::new("none") };
+}
+
+extern "C" fn handle_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS; for SYS_SECCOMP the syscall number
+    // sits at byte offset 24 (after si_signo, si_errno, si_code, padding and si_call_addr).
+    let syscall = unsafe { *((info as *const u8).add(24) as *const i32) };
+    let kind = THREAD_FILTER.with(|k| k.get());
+    let mut msg = [0u8; 128];
+    let mut len = 0;
+    let mut push = |bytes: &[u8]| {
+        for b in bytes {
+            if len < msg.len() {
+                msg[len] = *b;
+                len += 1;
+            }
+        }
+    };
+    push(b"mvm-vmm: seccomp violation: syscall ");
+    let mut digits = [0u8; 10];
+    let mut n = syscall.unsigned_abs();
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    push(&digits[i..]);
+    push(b" in a thread under the `");
+    push(kind.as_bytes());
+    push(b"` filter\n");
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; msg is a live stack buffer.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), len);
+        libc::_exit(SECCOMP_EXIT_CODE);
+    }
+}
+
+fn install_sigsys_handler() -> Result<(), SeccompError> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, handle_sigsys)
+        .map_err(SeccompError::Handler)
+}
