@@ -849,51 +849,43 @@ fn cgroup_v2() {
 }
 
 #[test]
-fn jailed_vmm_starts() {
-    if !root_or_skip("jailed_vmm_starts") {
+fn jailed_vmm_boots_a_test_guest() {
+    if !root_or_skip("jailed_vmm_boots_a_test_guest") {
+        return;
+    }
+    if !mvm_testkit::require_kvm("jailed_vmm_boots_a_test_guest") {
         return;
     }
     let vmm = Path::new(JAILER).with_file_name("mvm-vmm");
-    if !vmm.exists() {
-        skip(&format!(
-            "jailed_vmm_starts: {} is not built (cargo build -p vmm)",
-            vmm.display()
-        ));
-        return;
-    }
+    assert!(vmm.exists(), "{} is not built: cargo build --workspace", vmm.display());
     let j = TestJail::new("vmm");
     let uid = j.uid.to_string();
+    // The guest and its configuration are bind-mounted read-only; paths are the jail's.
+    let config_dir = tempdir("vmm-config");
+    let config = config_dir.join("vm.json");
+    std::fs::write(
+        &config,
+        r#"{"boot-source": {"kernel_image_path": "/guest.elf", "boot_args": "console=ttyS0"},
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 64}}"#,
+    )
+    .unwrap();
+    let guest = mvm_testkit::guest("hello");
     let out = Command::new(JAILER)
-        .args([
-            "--id",
-            &j.id,
-            "--uid",
-            &uid,
-            "--gid",
-            &uid,
-            "--new-pid-ns",
-            "--parent-cgroup",
-            PARENT_CGROUP,
-        ])
+        .args(["--id", &j.id, "--uid", &uid, "--gid", &uid, "--new-pid-ns"])
+        .args(["--parent-cgroup", PARENT_CGROUP, "--cgroup", "memory.limit_in_bytes=268435456"])
         .arg("--exec-file")
         .arg(&vmm)
         .arg("--chroot-base-dir")
         .arg(&j.base)
-        .args(["--", "--help"])
+        .arg("--mount")
+        .arg(format!("{}:/guest.elf:ro", guest.display()))
+        .arg("--mount")
+        .arg(format!("{}:/vm.json:ro", config.display()))
+        .args(["--", "--no-api", "--config-file", "/vm.json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "jailed mvm-vmm --help failed: {}",
-        stderr(&out)
-    );
-    assert!(!out.stdout.is_empty(), "mvm-vmm --help printed nothing");
-    assert!(j
-        .base
-        .join("mvm-vmm")
-        .join(&j.id)
-        .join("root/mvm-vmm")
-        .exists());
+    assert!(out.status.success(), "jailed mvm-vmm failed: {}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello from the mvm test guest\n");
     let cleaned = Command::new(JAILER)
         .args(["--cleanup", "--id", &j.id, "--parent-cgroup", PARENT_CGROUP])
         .arg("--chroot-base-dir")
