@@ -43,6 +43,39 @@ fn api_ready() -> Vec<f64> {
         .collect()
 }
 
+/// mvm-jailer → the jailed VMM's API socket accepts connections (v1 cgroups, no pid namespace).
+fn jailed_api_ready() -> Vec<f64> {
+    let base = ScratchDir::new("bench-jail");
+    (0..RUNS)
+        .map(|n| {
+            let id = format!("bench-{}-{n}", std::process::id());
+            let socket = base.path().join("mvm-vmm").join(&id).join("root/run/api.sock");
+            let start = Instant::now();
+            let mut child = Command::new(binary("mvm-jailer"))
+                .args(["--id", &id, "--uid", "40999", "--gid", "40999", "--exec-file"])
+                .arg(binary("mvm-vmm"))
+                .arg("--chroot-base-dir")
+                .arg(base.path())
+                .args(["--parent-cgroup", "mvm-bench", "--cgroup", "memory.limit_in_bytes=268435456"])
+                .args(["--cgroup", "pids.max=64", "--", "--api-sock", "/run/api.sock"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn mvm-jailer");
+            assert!(wait_for_socket(&socket, Duration::from_secs(10)), "jailed API never came up");
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            let _ = child.kill();
+            let _ = child.wait();
+            let cleanup = Command::new(binary("mvm-jailer"))
+                .args(["--cleanup", "--id", &id, "--parent-cgroup", "mvm-bench", "--chroot-base-dir"])
+                .arg(base.path())
+                .output()
+                .expect("mvm-jailer --cleanup");
+            assert!(cleanup.status.success(), "{}", String::from_utf8_lossy(&cleanup.stderr));
+            ms
+        })
+        .collect()
+}
+
 /// exec → first console byte, and exec → process exit after the guest's reset.
 fn serial_and_exit() -> (Vec<f64>, Vec<f64>) {
     let dir = ScratchDir::new("bench-boot");
@@ -132,8 +165,20 @@ fn main() {
             report("exec → exit after guest reset", exit);
             memory();
         }
+        "jailer" => {
+            if !mvm_testkit::is_root() {
+                eprintln!("mvm-bench jailer needs root (namespaces, cgroups)");
+                std::process::exit(1);
+            }
+            let mut bare = api_ready();
+            let mut jailed = jailed_api_ready();
+            let (bare_p50, jailed_p50) = (percentile(&mut bare, 0.5), percentile(&mut jailed, 0.5));
+            report("bare mvm-vmm → API socket ready", bare);
+            report("mvm-jailer → jailed mvm-vmm API ready", jailed);
+            println!("{:<44} {:>7.2} ms (p50 difference)", "jailer's added time", jailed_p50 - bare_p50);
+        }
         other => {
-            eprintln!("unknown benchmark {other:?}: use `mvm-bench vmm`");
+            eprintln!("unknown benchmark {other:?}: use `mvm-bench vmm` or `mvm-bench jailer`");
             std::process::exit(2);
         }
     }
