@@ -135,24 +135,22 @@ impl VmmRun {
     }
 }
 
+/// Reads a pipe to its end on a thread (so a full pipe never blocks the child).
+fn read_in_background(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            // Output that is not UTF-8 or a broken pipe just ends what is collected.
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
 /// Kills `child` at `timeout` and collects its output.
 pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> VmmRun {
-    let mut stdout_pipe = child.stdout.take();
-    let mut stderr_pipe = child.stderr.take();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(p) = stdout_pipe.as_mut() {
-            let _ = p.read_to_string(&mut s);
-        }
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(p) = stderr_pipe.as_mut() {
-            let _ = p.read_to_string(&mut s);
-        }
-        s
-    });
+    let out = read_in_background(child.stdout.take());
+    let err = read_in_background(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
@@ -204,6 +202,13 @@ impl Drop for ScratchDir {
 /// Runs `mvm-vmm --no-api --config-file` with `config` (a Firecracker JSON document) and
 /// returns when it exits or after `timeout`.
 pub fn run_vmm_config(config: &serde_json::Value, timeout: Duration) -> VmmRun {
+    let (child, _dir) = spawn_vmm_config(config);
+    wait_with_timeout(child, timeout)
+}
+
+/// Starts `mvm-vmm --no-api --config-file` with `config`, stdout and stderr piped; the
+/// returned directory holds the config file and must outlive the VMM's start.
+pub fn spawn_vmm_config(config: &serde_json::Value) -> (Child, ScratchDir) {
     let dir = ScratchDir::new("vmm");
     let path = dir.path().join("vm.json");
     std::fs::write(&path, config.to_string()).expect("write config");
@@ -216,7 +221,7 @@ pub fn run_vmm_config(config: &serde_json::Value, timeout: Duration) -> VmmRun {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn mvm-vmm");
-    wait_with_timeout(child, timeout)
+    (child, dir)
 }
 
 /// A minimal configuration booting `kernel` with `vcpus` and `mem_mib`.
@@ -267,18 +272,7 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
 /// Boots `config` with `mvm-vmm --no-api`, reads the console until `marker` appears (then kills
 /// the VMM) or `timeout` passes. Returns whether the marker appeared and the console so far.
 pub fn run_vmm_until(config: &serde_json::Value, marker: &str, timeout: Duration) -> (bool, String) {
-    let dir = ScratchDir::new("vmm-until");
-    let path = dir.path().join("vm.json");
-    std::fs::write(&path, config.to_string()).expect("write config");
-    let mut child = Command::new(binary("mvm-vmm"))
-        .arg("--no-api")
-        .arg("--config-file")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mvm-vmm");
+    let (mut child, _dir) = spawn_vmm_config(config);
     let mut stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
