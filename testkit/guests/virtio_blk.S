@@ -1,8 +1,8 @@
 /* virtio-blk driver test: finds the first block device on the command line and runs a fixed
  * sequence of requests, printing each status byte (00 OK, 01 IOERR, 02 UNSUPP) and data:
  * read sector 0, GET_ID, write sector 1 and read it back, reads past and across the end of the
- * disk, FLUSH, an unknown request type, a looping chain, a data buffer outside guest RAM, and a
- * final read proving the device still works. */
+ * disk, FLUSH, an unknown request type, a looping chain, a data buffer outside guest RAM, a
+ * read proving the device still works, and a read after a device reset and re-activation. */
     .code64
     .include "virtio_defs.S"
     .text
@@ -165,6 +165,29 @@ _start:
     call blk_req
     PRINT "after: "
     call show_status
+    PRINT "\n"
+
+    /* reset the device, set it up again on a fresh ring and read once more */
+    call dev_init
+    mov $Q, %edi
+    xor %eax, %eax
+    mov $0x400, %ecx
+    rep stosb
+    xor %edi, %edi
+    mov $Q, %esi
+    call queue_setup
+    call dev_ok
+    xor %edi, %edi
+    xor %esi, %esi
+    mov $512, %edx
+    mov $DESC_F_WRITE, %ecx
+    call blk_req
+    PRINT "reactivated: "
+    call show_status
+    PRINT " data="
+    mov $DATA, %esi
+    mov $64, %ecx
+    call putn
     PRINT "\n"
     jmp reset
 

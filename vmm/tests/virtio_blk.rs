@@ -41,7 +41,8 @@ fn guest_reads_writes_and_gets_errors_for_bad_requests() {
          unknown: status=02 len=1\n\
          loop: status=01 len=1\n\
          outside-ram: status=01 len=1\n\
-         after: status=00 len=513\n"
+         after: status=00 len=513\n\
+         reactivated: status=00 len=513 data=MVM test disk, sector 0\n"
     );
     let bytes = std::fs::read(&image).unwrap();
     assert_eq!(&bytes[512..532], b"written by the guest", "the write reached the image file");
@@ -91,12 +92,14 @@ fn guest_reads_the_identity_registers_of_every_window() {
         {"drive_id": "data", "path_on_host": b, "is_root_device": false, "is_read_only": true},
         {"drive_id": "root", "path_on_host": a, "is_root_device": true},
     ]);
+    config["vsock"] = json!({"guest_cid": 7, "uds_path": dir.path().join("v.sock")});
     let run = run_vmm_config(&config, TIMEOUT);
     assert_eq!(run.code(), 0, "{run:#?}");
     assert_eq!(
         run.stdout,
         "window c0001000: magic=74726976 version=2 device=2 vendor=004d564d features=0000000100000000\n\
          window c0002000: magic=74726976 version=2 device=2 vendor=004d564d features=0000000100000020\n\
+         window c0003000: magic=74726976 version=2 device=19 vendor=004d564d features=0000000100000000\n\
          end\n"
     );
 }

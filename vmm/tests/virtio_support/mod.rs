@@ -19,7 +19,7 @@ pub fn disk_image(dir: &Path, sectors: usize) -> PathBuf {
 /// A running `mvm-vmm` whose console is read line by line while the test drives the host side.
 pub struct LiveVmm {
     child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    lines: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
     seen: Vec<String>,
     stderr: Option<std::thread::JoinHandle<String>>,
     _dir: mvm_testkit::ScratchDir,
@@ -60,7 +60,7 @@ impl LiveVmm {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
+                if tx.send((std::time::Instant::now(), line)).is_err() {
                     break;
                 }
             }
@@ -76,14 +76,19 @@ impl LiveVmm {
     /// Waits for a console line starting with `prefix` and returns it; panics with everything
     /// seen so far after `timeout`.
     pub fn expect_line(&mut self, prefix: &str, timeout: std::time::Duration) -> String {
+        self.expect_line_at(prefix, timeout).1
+    }
+
+    /// Like [`LiveVmm::expect_line`], also returning when the line was read from the VMM.
+    pub fn expect_line_at(&mut self, prefix: &str, timeout: std::time::Duration) -> (std::time::Instant, String) {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => {
+                Ok((at, line)) => {
                     self.seen.push(line.clone());
                     if line.starts_with(prefix) {
-                        return line;
+                        return (at, line);
                     }
                 }
                 Err(_) => {
@@ -108,7 +113,7 @@ impl LiveVmm {
                 }
             }
         };
-        while let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_millis(200)) {
+        while let Ok((_, line)) = self.lines.recv_timeout(std::time::Duration::from_millis(200)) {
             self.seen.push(line);
         }
         let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();

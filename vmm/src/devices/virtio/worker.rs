@@ -1,8 +1,10 @@
-//! The thread that serves an activated device: an epoll loop over the queue eventfds, the
-//! device's backend fds, an update eventfd and a kill eventfd.
+//! The thread that serves a device: started with the device (while the VMM is still being
+//! built, before any seccomp filter is in force), idle until the driver sets DRIVER_OK, then an
+//! epoll loop over the queue eventfds, the backend's fds and a control eventfd; a driver reset
+//! sends it back to idle with its backend, ready for the next activation.
 //!
-//! The thread owns the device's [`EventHandler`] while it runs and hands it back when stopped,
-//! so a device reset by its driver can be activated again with the same backend.
+//! The vCPU thread that activates or resets a device only sends a message, writes an eventfd and
+//! waits for the answer: it never creates threads, epoll sets or eventfds.
 
 use std::os::fd::RawFd;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -11,10 +13,8 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Token of the kill eventfd.
-const KILL_TOKEN: u64 = u64::MAX;
-/// Token of the update eventfd.
-const UPDATE_TOKEN: u64 = u64::MAX - 1;
+/// Token of the control eventfd.
+const CONTROL_TOKEN: u64 = u64::MAX;
 /// Events handled per epoll_wait.
 const EVENT_BATCH: usize = 32;
 
@@ -50,83 +50,158 @@ impl EpollSet {
     }
 }
 
-/// What a device thread runs.
+/// What a device thread runs while its device is active.
 pub trait EventHandler: Send + 'static {
-    /// Updates sent to the running thread (rate limiters, backend swaps).
+    /// Runtime changes (rate limiters, backend swaps).
     type Update: Send + 'static;
     /// What the device keeps between activations (disk, tap, rate limiters).
     type Backend: Send + 'static;
 
-    /// Gives the backend back when the thread stops.
+    /// Gives the backend back when the driver resets the device.
     fn into_backend(self) -> Self::Backend;
-
-    /// Registers the handler's fds; tokens `u64::MAX - 1` and up are reserved.
+    /// Applies an update while the device is not active.
+    fn update_backend(backend: &mut Self::Backend, update: Self::Update);
+    /// Registers the handler's fds; token `u64::MAX` is reserved.
     fn register(&mut self, epoll: &EpollSet) -> std::io::Result<()>;
     /// Handles `events` on the fd registered with `token`.
     fn handle_event(&mut self, epoll: &EpollSet, token: u64, events: EventSet);
-    /// Applies an update.
+    /// Applies an update while the device is active.
     fn handle_update(&mut self, epoll: &EpollSet, update: Self::Update);
 }
 
-/// A running device thread.
-pub struct Worker<H: EventHandler> {
-    kill: EventFd,
-    update_evt: EventFd,
-    updates: Sender<H::Update>,
-    thread: Option<JoinHandle<H>>,
+/// Builds a handler around the backend at activation.
+type MakeHandler<H> = Box<dyn FnOnce(<H as EventHandler>::Backend) -> H + Send>;
+
+enum Control<H: EventHandler> {
+    Activate(MakeHandler<H>, Sender<std::io::Result<()>>),
+    Deactivate(Sender<()>),
+    Update(H::Update),
+    Exit,
 }
 
-impl<H: EventHandler> Worker<H> {
-    /// Starts thread `name` running `handler`.
-    pub fn spawn(name: String, mut handler: H) -> std::io::Result<Self> {
-        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
-        let update_evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = EpollSet::new()?;
-        epoll.add(std::os::fd::AsRawFd::as_raw_fd(&kill), EventSet::IN, KILL_TOKEN)?;
-        epoll.add(std::os::fd::AsRawFd::as_raw_fd(&update_evt), EventSet::IN, UPDATE_TOKEN)?;
-        handler.register(&epoll)?;
-        let (updates, update_rx) = channel();
-        let thread_update_evt = update_evt.try_clone()?;
+/// The device thread died; the device stays offline.
+#[derive(Debug, thiserror::Error)]
+#[error("the device thread has failed; restart the microVM")]
+pub struct DeviceBroken;
+
+/// A device's thread and the channel to it.
+pub struct DeviceThread<H: EventHandler> {
+    control: Sender<Control<H>>,
+    wake: EventFd,
+    active: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<H: EventHandler> DeviceThread<H> {
+    /// Starts thread `name`, idle, owning `backend`.
+    pub fn spawn(name: String, backend: H::Backend) -> std::io::Result<Self> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let thread_wake = wake.try_clone()?;
+        let (control, requests) = channel();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(handler, epoll, thread_update_evt, update_rx))?;
-        Ok(Worker {
-            kill,
-            update_evt,
-            updates,
+            .spawn(move || serve::<H>(backend, requests, thread_wake))?;
+        Ok(DeviceThread {
+            control,
+            wake,
+            active: false,
             thread: Some(thread),
         })
     }
 
-    /// Sends `update` to the thread.
-    pub fn update(&self, update: H::Update) {
-        // A dead thread has no device to update; the eventfd only fails when its counter is full,
-        // and then a wake-up is pending anyway.
-        if self.updates.send(update).is_ok() {
-            let _ = self.update_evt.write(1);
+    fn send(&self, message: Control<H>) -> Result<(), DeviceBroken> {
+        self.control.send(message).map_err(|_| DeviceBroken)?;
+        // A full counter still wakes the thread.
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    /// Activates the device with the handler `make` builds around the backend; returns once the
+    /// thread serves the queues.
+    pub fn start(&mut self, make: impl FnOnce(H::Backend) -> H + Send + 'static) -> Result<(), super::ActivateError> {
+        if self.active {
+            return Err(super::ActivateError::BadConfig("the device is already active".into()));
+        }
+        let (tx, rx) = channel();
+        let broken = || super::ActivateError::Io(std::io::Error::other(DeviceBroken));
+        self.send(Control::Activate(Box::new(make), tx)).map_err(|_| broken())?;
+        rx.recv().map_err(|_| broken())??;
+        self.active = true;
+        Ok(())
+    }
+
+    /// Deactivates the device (driver reset); returns once the thread is idle again.
+    pub fn stop(&mut self) {
+        if !self.active {
+            return;
+        }
+        self.active = false;
+        let (tx, rx) = channel();
+        if self.send(Control::Deactivate(tx)).is_err() || rx.recv().is_err() {
+            log::error!("a virtio device thread has died; the device stays offline");
         }
     }
 
-    /// Stops the thread and returns its handler (None if the thread panicked).
-    pub fn stop(mut self) -> Option<H> {
-        self.stop_thread()
-    }
-
-    fn stop_thread(&mut self) -> Option<H> {
-        let thread = self.thread.take()?;
-        // A full counter still wakes the thread.
-        let _ = self.kill.write(1);
-        thread.join().ok()
+    /// Sends a runtime change to the backend, active or not.
+    pub fn update(&self, update: H::Update) -> Result<(), DeviceBroken> {
+        self.send(Control::Update(update))
     }
 }
 
-impl<H: EventHandler> Drop for Worker<H> {
+impl<H: EventHandler> Drop for DeviceThread<H> {
     fn drop(&mut self) {
-        self.stop_thread();
+        // A dead thread needs no stopping.
+        let _ = self.send(Control::Exit);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
-fn run<H: EventHandler>(mut handler: H, epoll: EpollSet, update_evt: EventFd, updates: Receiver<H::Update>) -> H {
+/// The device thread: idle on the channel, or serving a handler.
+fn serve<H: EventHandler>(backend: H::Backend, requests: Receiver<Control<H>>, wake: EventFd) {
+    let mut backend = Some(backend);
+    while let Ok(message) = requests.recv() {
+        match message {
+            Control::Activate(make, answer) => {
+                let Some(idle) = backend.take() else { return };
+                // Wake-ups sent while idle were for messages already received.
+                let _ = wake.read();
+                let mut handler = make(idle);
+                let epoll = match EpollSet::new().and_then(|epoll| {
+                    epoll.add(std::os::fd::AsRawFd::as_raw_fd(&wake), EventSet::IN, CONTROL_TOKEN)?;
+                    handler.register(&epoll)?;
+                    Ok(epoll)
+                }) {
+                    Ok(epoll) => epoll,
+                    Err(e) => {
+                        backend = Some(handler.into_backend());
+                        // The activating side may have gone; nothing to tell then.
+                        let _ = answer.send(Err(e));
+                        continue;
+                    }
+                };
+                let _ = answer.send(Ok(()));
+                match run(handler, &epoll, &requests, &wake) {
+                    Some(idle) => backend = Some(idle),
+                    None => return,
+                }
+            }
+            Control::Deactivate(answer) => {
+                let _ = answer.send(());
+            }
+            Control::Update(update) => {
+                if let Some(idle) = backend.as_mut() {
+                    H::update_backend(idle, update);
+                }
+            }
+            Control::Exit => return,
+        }
+    }
+}
+
+/// Serves `handler` until deactivated (returns the backend) or told to exit (None).
+fn run<H: EventHandler>(mut handler: H, epoll: &EpollSet, requests: &Receiver<Control<H>>, wake: &EventFd) -> Option<H::Backend> {
     let mut events = [EpollEvent::default(); EVENT_BATCH];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -134,86 +209,33 @@ fn run<H: EventHandler>(mut handler: H, epoll: EpollSet, update_evt: EventFd, up
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 log::error!("device thread stops: epoll_wait failed: {e}");
-                return handler;
+                return None;
             }
         };
         for event in &events[..n] {
-            match event.data() {
-                KILL_TOKEN => return handler,
-                UPDATE_TOKEN => {
-                    // Reading resets the counter; every queued update is drained below.
-                    let _ = update_evt.read();
-                    while let Ok(update) = updates.try_recv() {
-                        handler.handle_update(&epoll, update);
+            if event.data() != CONTROL_TOKEN {
+                handler.handle_event(epoll, event.data(), event.event_set());
+                continue;
+            }
+            // Reading resets the counter; every queued message is drained below.
+            let _ = wake.read();
+            while let Ok(message) = requests.try_recv() {
+                match message {
+                    Control::Update(update) => handler.handle_update(epoll, update),
+                    Control::Deactivate(answer) => {
+                        let backend = handler.into_backend();
+                        let _ = answer.send(());
+                        return Some(backend);
+                    }
+                    Control::Exit => return None,
+                    // Activation of an active device is refused before it is sent.
+                    Control::Activate(_, answer) => {
+                        let _ = answer.send(Err(std::io::Error::other("the device is already active")));
                     }
                 }
-                token => handler.handle_event(&epoll, token, event.event_set()),
             }
         }
     }
-}
-
-/// Where a device's backend is: idle between activations, or owned by its running thread.
-pub enum DeviceThread<H: EventHandler> {
-    /// Not activated (or reset): the backend waits here.
-    Idle(Box<H::Backend>),
-    /// Activated: the thread owns the backend.
-    Running(Worker<H>),
-    /// The thread panicked and took the backend with it.
-    Broken,
-}
-
-/// The device thread died earlier; the device stays offline.
-#[derive(Debug, thiserror::Error)]
-#[error("the device thread has failed; restart the microVM")]
-pub struct DeviceBroken;
-
-impl<H: EventHandler> DeviceThread<H> {
-    /// An idle device with `backend`.
-    pub fn new(backend: H::Backend) -> Self {
-        DeviceThread::Idle(Box::new(backend))
-    }
-
-    /// Starts thread `name` with the handler `make` builds around the backend.
-    pub fn start(&mut self, name: String, make: impl FnOnce(H::Backend) -> H) -> Result<(), super::ActivateError> {
-        let DeviceThread::Idle(backend) = std::mem::replace(self, DeviceThread::Broken) else {
-            let what = if matches!(self, DeviceThread::Broken) { "has failed" } else { "is already active" };
-            return Err(super::ActivateError::BadConfig(format!("the device {what}")));
-        };
-        *self = DeviceThread::Running(Worker::spawn(name, make(*backend))?);
-        Ok(())
-    }
-
-    /// Stops a running thread and takes its backend back.
-    pub fn stop(&mut self) {
-        if !matches!(self, DeviceThread::Running(_)) {
-            return;
-        }
-        if let DeviceThread::Running(worker) = std::mem::replace(self, DeviceThread::Broken) {
-            match worker.stop() {
-                Some(handler) => *self = DeviceThread::Idle(Box::new(handler.into_backend())),
-                None => log::error!("a virtio device thread panicked; the device stays offline"),
-            }
-        }
-    }
-
-    /// Applies a change: directly to an idle backend, or as updates to the running thread.
-    pub fn apply(&mut self, change: impl FnOnce(Target<'_, H>)) -> Result<(), DeviceBroken> {
-        match self {
-            DeviceThread::Idle(backend) => change(Target::Idle(backend.as_mut())),
-            DeviceThread::Running(worker) => change(Target::Running(worker)),
-            DeviceThread::Broken => return Err(DeviceBroken),
-        }
-        Ok(())
-    }
-}
-
-/// Where a runtime change goes.
-pub enum Target<'a, H: EventHandler> {
-    /// The backend of an idle device.
-    Idle(&'a mut H::Backend),
-    /// The running thread.
-    Running(&'a Worker<H>),
 }
 
 /// Raises the device's used-buffer interrupt if `queue` wants one for the buffers just used.

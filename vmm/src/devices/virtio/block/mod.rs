@@ -19,7 +19,7 @@ pub use request::{RequestType, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
 
 use super::chain::Chain;
 use super::metrics::{DeviceMetrics, BLOCK as METRICS};
-use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler, Target};
+use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
 use super::{read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::config::{CacheType, DriveConfig};
 use crate::rate_limiter::{RateLimiter, RateLimiterUpdate};
@@ -206,6 +206,13 @@ impl EventHandler for BlockHandler {
         self.engine
     }
 
+    fn update_backend(engine: &mut BlockEngine, update: BlockUpdate) {
+        match update {
+            BlockUpdate::RateLimiter(update) => engine.limiter.update(&update),
+            BlockUpdate::Disk(disk) => engine.disk = disk,
+        }
+    }
+
     fn register(&mut self, epoll: &EpollSet) -> std::io::Result<()> {
         epoll.add(self.queue_evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)?;
         epoll.add(self.engine.limiter.as_raw_fd(), EventSet::IN, LIMITER_TOKEN)
@@ -247,7 +254,6 @@ impl EventHandler for BlockHandler {
 /// A virtio-blk device.
 pub struct Block {
     drive_id: String,
-    index: usize,
     read_only: bool,
     features: u64,
     /// Capacity in sectors, as shown in the config space.
@@ -282,11 +288,11 @@ impl Block {
         }
         Ok(Block {
             drive_id: id.clone(),
-            index,
             read_only,
             features,
             sectors: disk.sectors(),
-            thread: DeviceThread::new(BlockEngine::new(disk, id, read_only, writeback, limiter)),
+            thread: DeviceThread::spawn(format!("fc_blk{index}"), BlockEngine::new(disk, id, read_only, writeback, limiter))
+                .map_err(|e| BlockError::Io(id.clone(), e))?,
         })
     }
 
@@ -301,26 +307,13 @@ impl Block {
         if let Some(disk) = &disk {
             self.sectors = disk.sectors();
         }
-        self.thread
-            .apply(|target| match target {
-                Target::Idle(engine) => {
-                    if let Some(disk) = disk {
-                        engine.disk = disk;
-                    }
-                    if let Some(update) = &limiter {
-                        engine.limiter.update(update);
-                    }
-                }
-                Target::Running(worker) => {
-                    if let Some(disk) = disk {
-                        worker.update(BlockUpdate::Disk(disk));
-                    }
-                    if let Some(update) = limiter {
-                        worker.update(BlockUpdate::RateLimiter(update));
-                    }
-                }
-            })
-            .map_err(|e| BlockError::Io(self.drive_id.clone(), std::io::Error::other(e)))?;
+        let broken = |e| BlockError::Io(self.drive_id.clone(), std::io::Error::other(e));
+        if let Some(disk) = disk {
+            self.thread.update(BlockUpdate::Disk(disk)).map_err(broken)?;
+        }
+        if let Some(update) = limiter {
+            self.thread.update(BlockUpdate::RateLimiter(update)).map_err(broken)?;
+        }
         Ok(())
     }
 }
@@ -359,7 +352,7 @@ impl VirtioDevice for Block {
             return Err(ActivateError::BadConfig("the request queue is missing".into()));
         };
         // Requests the driver queued before DRIVER_OK are served on the first notification.
-        self.thread.start(format!("fc_blk{}", self.index), |engine| BlockHandler {
+        self.thread.start(move |engine| BlockHandler {
             engine,
             mem,
             queue,

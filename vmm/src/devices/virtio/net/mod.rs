@@ -18,7 +18,7 @@ pub use tap::{Tap, TapError, VNET_HDR_LEN};
 
 use super::chain::{read_segments, total_len, write_segments, Chain};
 use super::metrics::{DeviceMetrics, NET as METRICS};
-use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler, Target};
+use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
 use super::{read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::config::NetworkInterfaceConfig;
 use crate::rate_limiter::{RateLimiter, RateLimiterUpdate};
@@ -262,6 +262,16 @@ impl EventHandler for NetHandler {
         self.engine
     }
 
+    fn update_backend(engine: &mut NetEngine, update: NetUpdate) {
+        let NetUpdate::RateLimiters(rx, tx) = update;
+        if let Some(rx) = rx {
+            engine.rx_limiter.update(&rx);
+        }
+        if let Some(tx) = tx {
+            engine.tx_limiter.update(&tx);
+        }
+    }
+
     fn register(&mut self, epoll: &EpollSet) -> std::io::Result<()> {
         epoll.add(self.rx_evt.as_raw_fd(), EventSet::IN, RX_TOKEN)?;
         epoll.add(self.tx_evt.as_raw_fd(), EventSet::IN, TX_TOKEN)?;
@@ -313,7 +323,6 @@ impl EventHandler for NetHandler {
 /// A virtio-net device.
 pub struct Net {
     iface_id: String,
-    index: usize,
     features: u64,
     config: [u8; 8],
     thread: DeviceThread<NetHandler>,
@@ -352,10 +361,9 @@ impl Net {
         space[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
         Ok(Net {
             iface_id: id.to_string(),
-            index,
             features,
             config: space,
-            thread: DeviceThread::new(NetEngine::new(tap, rx, tx)),
+            thread: DeviceThread::spawn(format!("fc_net{index}"), NetEngine::new(tap, rx, tx)).map_err(io)?,
         })
     }
 
@@ -367,17 +375,7 @@ impl Net {
     /// Applies PATCH /network-interfaces/{id}: new rate limiters, live if running.
     pub fn update(&mut self, rx: Option<RateLimiterUpdate>, tx: Option<RateLimiterUpdate>) -> Result<(), NetError> {
         self.thread
-            .apply(|target| match target {
-                Target::Idle(engine) => {
-                    if let Some(rx) = &rx {
-                        engine.rx_limiter.update(rx);
-                    }
-                    if let Some(tx) = &tx {
-                        engine.tx_limiter.update(tx);
-                    }
-                }
-                Target::Running(worker) => worker.update(NetUpdate::RateLimiters(rx, tx)),
-            })
+            .update(NetUpdate::RateLimiters(rx, tx))
             .map_err(|e| NetError::Io(self.iface_id.clone(), std::io::Error::other(e)))
     }
 }
@@ -417,7 +415,7 @@ impl VirtioDevice for Net {
         else {
             return Err(ActivateError::BadConfig("virtio-net needs its RX and TX queues".into()));
         };
-        self.thread.start(format!("fc_net{}", self.index), |engine| NetHandler {
+        self.thread.start(move |engine| NetHandler {
             engine,
             mem,
             rxq,

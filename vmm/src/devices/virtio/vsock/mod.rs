@@ -242,6 +242,8 @@ impl EventHandler for VsockHandler {
         }
     }
 
+    fn update_backend(_engine: &mut VsockEngine, _update: ()) {}
+
     fn handle_update(&mut self, _epoll: &EpollSet, _update: ()) {}
 }
 
@@ -261,7 +263,8 @@ impl Vsock {
         let guest_cid = u64::from(config.guest_cid);
         Ok(Vsock {
             guest_cid,
-            thread: DeviceThread::new(VsockEngine::new(guest_cid, config.uds_path.clone(), listener)),
+            thread: DeviceThread::spawn("fc_vsock".to_string(), VsockEngine::new(guest_cid, config.uds_path.clone(), listener))
+                .map_err(|e| VsockError::Bind(config.uds_path.clone(), e))?,
         })
     }
 }
@@ -302,7 +305,7 @@ impl VirtioDevice for Vsock {
         else {
             return Err(ActivateError::BadConfig("virtio-vsock needs its RX, TX and event queues".into()));
         };
-        self.thread.start("fc_vsock".to_string(), |engine| VsockHandler {
+        self.thread.start(move |engine| VsockHandler {
             engine,
             mem,
             rxq,

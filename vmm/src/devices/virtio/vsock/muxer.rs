@@ -383,7 +383,7 @@ impl Muxer {
             return;
         }
         let path = format!("{}_{}", self.uds_path, hdr.dst_port);
-        let stream = match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        let stream = match connect_nonblocking(&path) {
             Ok(stream) => stream,
             Err(_) => {
                 self.rst(key);
@@ -542,6 +542,41 @@ impl Muxer {
     }
 }
 
+/// Connects to the unix socket at `path` without blocking: a listener whose backlog is full
+/// refuses (EAGAIN) instead of stalling the device thread.
+fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: zero is a valid sockaddr_un (an empty path), filled in below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(ErrorKind::InvalidInput.into());
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket owned by nothing else; the stream closes it on every path.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un and the length passed is its size.
+    let ret = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
 /// Parses `CONNECT <port>` (an optional trailing '\r' is accepted).
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let text = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
@@ -558,6 +593,28 @@ pub fn payload_room(buffer_len: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connecting_to_a_full_backlog_fails_instead_of_blocking() {
+        let dir = std::env::temp_dir().join(format!("mvm-vsock-backlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("full.sock");
+        let _ = std::fs::remove_file(&path);
+        let _listener = UnixListener::bind(&path).unwrap();
+        let path = path.to_str().unwrap();
+        let mut held = Vec::new();
+        let err = loop {
+            match connect_nonblocking(path) {
+                Ok(stream) => held.push(stream),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 100_000, "the backlog never filled");
+        };
+        assert_eq!(err.kind(), ErrorKind::WouldBlock, "{err}");
+        assert!(connect_nonblocking(&format!("{path}.missing")).is_err());
+        assert_eq!(connect_nonblocking(&"x".repeat(200)).unwrap_err().kind(), ErrorKind::InvalidInput);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn connect_lines_parse_strictly() {
