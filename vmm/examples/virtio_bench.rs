@@ -30,21 +30,35 @@ fn phase(vmm: &mut LiveVmm, name: &str) -> f64 {
 
 fn finish(vmm: LiveVmm) {
     let (code, console, stderr) = vmm.finish(TIMEOUT);
-    assert_eq!(code, Some(0), "the bench guest failed: {console:?} {stderr}");
+    assert_eq!(
+        code,
+        Some(0),
+        "the bench guest failed: {console:?} {stderr}"
+    );
 }
 
 fn block() {
     let dir = ScratchDir::new("bench-blk");
     let image = dir.path().join("disk.img");
-    std::fs::File::create(&image).unwrap().set_len(32 << 20).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
     let mut config = config_for(&guest("virtio_bench"), "console=ttyS0", 1, 64);
-    config["drives"] = json!([{"drive_id": "bench", "path_on_host": image, "is_root_device": false}]);
+    config["drives"] =
+        json!([{"drive_id": "bench", "path_on_host": image, "is_root_device": false}]);
     let mut vmm = LiveVmm::start(&config);
     let seq = phase(&mut vmm, "seq");
     let iops = phase(&mut vmm, "iops");
     finish(vmm);
-    println!("virtio-blk  sequential read, 64 KiB x 2048, QD 8:  {:8.1} MB/s", 2048.0 * 65536.0 / seq / 1e6);
-    println!("virtio-blk  random read, 4 KiB x 8192, QD 8:       {:8.0} IOPS", 8192.0 / iops);
+    println!(
+        "virtio-blk  sequential read, 64 KiB x 2048, QD 8:  {:8.1} MB/s",
+        2048.0 * 65536.0 / seq / 1e6
+    );
+    println!(
+        "virtio-blk  random read, 4 KiB x 8192, QD 8:       {:8.0} IOPS",
+        8192.0 / iops
+    );
 }
 
 fn vsock() {
@@ -52,7 +66,9 @@ fn vsock() {
     let uds = dir.path().join("v.sock");
     let echo = UnixListener::bind(format!("{}_5001", uds.display())).unwrap();
     std::thread::spawn(move || {
-        let Ok((mut stream, _)) = echo.accept() else { return };
+        let Ok((mut stream, _)) = echo.accept() else {
+            return;
+        };
         let mut buf = [0u8; 4096];
         while let Ok(n) = stream.read(&mut buf) {
             if n == 0 || stream.write_all(&buf[..n]).is_err() {
@@ -65,15 +81,23 @@ fn vsock() {
     let mut vmm = LiveVmm::start(&config);
     let rt = phase(&mut vmm, "rt");
     finish(vmm);
-    println!("virtio-vsock round trips, 64 B x 4096:             {:8.0} round trips/s", 4096.0 / rt);
+    println!(
+        "virtio-vsock round trips, 64 B x 4096:             {:8.0} round trips/s",
+        4096.0 / rt
+    );
 }
 
 fn net() {
-    let Some(tap) = TestTap::create("virtio_bench net", "b") else { return };
+    let Some(tap) = TestTap::create("virtio_bench net", "b") else {
+        return;
+    };
     let packets = PacketSocket::open(&tap.name);
     let counter = std::thread::spawn(move || {
         let mut seen = 0u32;
-        while packets.recv_ethertype(0x88b5, Duration::from_secs(5)).is_some() {
+        while packets
+            .recv_ethertype(0x88b5, Duration::from_secs(5))
+            .is_some()
+        {
             seen += 1;
         }
         seen

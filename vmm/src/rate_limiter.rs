@@ -147,8 +147,14 @@ impl RateLimiter {
             return false;
         }
         let now = Instant::now();
-        let wait_bytes = self.bandwidth.as_mut().map_or(Duration::ZERO, |b| b.wait_for(bytes, now));
-        let wait_ops = self.ops.as_mut().map_or(Duration::ZERO, |b| b.wait_for(1, now));
+        let wait_bytes = self
+            .bandwidth
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.wait_for(bytes, now));
+        let wait_ops = self
+            .ops
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.wait_for(1, now));
         let wait = wait_bytes.max(wait_ops);
         if wait.is_zero() {
             if let Some(b) = self.bandwidth.as_mut() {
@@ -245,7 +251,11 @@ mod tests {
         assert!(l.is_blocked());
         // Refusals while blocked take nothing.
         assert!(!l.consume(1));
-        let mut pfd = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
         assert_eq!(n, 1, "the timer fires within the refill time");
@@ -274,10 +284,16 @@ mod tests {
         let mut l = limiter(Some(bucket(10, 1000, None)), None);
         assert!(l.consume(10));
         assert!(!l.consume(10));
-        l.update(&RateLimiterUpdate { bandwidth: Some(bucket(100, 1000, None)), ops: None });
+        l.update(&RateLimiterUpdate {
+            bandwidth: Some(bucket(100, 1000, None)),
+            ops: None,
+        });
         assert!(!l.is_blocked());
         assert!(l.consume(50));
-        l.update(&RateLimiterUpdate { bandwidth: Some(bucket(0, 0, None)), ops: None });
+        l.update(&RateLimiterUpdate {
+            bandwidth: Some(bucket(0, 0, None)),
+            ops: None,
+        });
         assert!(!l.is_limiting());
         assert!(l.consume(u64::MAX));
     }
@@ -288,6 +304,9 @@ mod tests {
         let t0 = b.last_refill;
         b.take(1000);
         assert_eq!(b.wait_for(500, t0), Duration::from_millis(50));
-        assert_eq!(b.wait_for(500, t0 + Duration::from_millis(50)), Duration::ZERO);
+        assert_eq!(
+            b.wait_for(500, t0 + Duration::from_millis(50)),
+            Duration::ZERO
+        );
     }
 }

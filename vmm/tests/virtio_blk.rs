@@ -27,7 +27,9 @@ fn guest_reads_writes_and_gets_errors_for_bad_requests() {
     }
     let dir = ScratchDir::new("blk-rw");
     let image = disk_image(dir.path(), 64);
-    let out = run_blk(json!({"drive_id": "scratch", "path_on_host": image, "is_root_device": true, "is_read_only": false}));
+    let out = run_blk(
+        json!({"drive_id": "scratch", "path_on_host": image, "is_root_device": true, "is_read_only": false}),
+    );
     assert_eq!(
         out,
         "capacity: 64 features: 00000000\n\
@@ -45,7 +47,11 @@ fn guest_reads_writes_and_gets_errors_for_bad_requests() {
          reactivated: status=00 len=513 data=MVM test disk, sector 0\n"
     );
     let bytes = std::fs::read(&image).unwrap();
-    assert_eq!(&bytes[512..532], b"written by the guest", "the write reached the image file");
+    assert_eq!(
+        &bytes[512..532],
+        b"written by the guest",
+        "the write reached the image file"
+    );
     assert_eq!(bytes.len(), 64 * 512, "nothing was written past the end");
 }
 
@@ -57,12 +63,24 @@ fn read_only_drive_refuses_writes_and_offers_ro() {
     let dir = ScratchDir::new("blk-ro");
     let image = disk_image(dir.path(), 16);
     let before = std::fs::read(&image).unwrap();
-    let out = run_blk(json!({"drive_id": "ro-disk", "path_on_host": image, "is_root_device": false, "is_read_only": true}));
+    let out = run_blk(
+        json!({"drive_id": "ro-disk", "path_on_host": image, "is_root_device": false, "is_read_only": true}),
+    );
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], "capacity: 16 features: 00000020", "VIRTIO_BLK_F_RO is offered: {out}");
+    assert_eq!(
+        lines[0], "capacity: 16 features: 00000020",
+        "VIRTIO_BLK_F_RO is offered: {out}"
+    );
     assert_eq!(lines[3], "write1: status=01 len=1", "{out}");
-    assert!(lines[4].starts_with("read1: status=00 len=513 data=MVM filler"), "{out}");
-    assert_eq!(std::fs::read(&image).unwrap(), before, "the image is unchanged");
+    assert!(
+        lines[4].starts_with("read1: status=00 len=513 data=MVM filler"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        before,
+        "the image is unchanged"
+    );
 }
 
 #[test]
@@ -72,9 +90,14 @@ fn writeback_drive_offers_and_honours_flush() {
     }
     let dir = ScratchDir::new("blk-wb");
     let image = disk_image(dir.path(), 8);
-    let out = run_blk(json!({"drive_id": "wb", "path_on_host": image, "is_root_device": false, "cache_type": "Writeback"}));
+    let out = run_blk(
+        json!({"drive_id": "wb", "path_on_host": image, "is_root_device": false, "cache_type": "Writeback"}),
+    );
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], "capacity: 8 features: 00000200", "VIRTIO_BLK_F_FLUSH is offered: {out}");
+    assert_eq!(
+        lines[0], "capacity: 8 features: 00000200",
+        "VIRTIO_BLK_F_FLUSH is offered: {out}"
+    );
     assert_eq!(lines[7], "flush: status=00 len=1", "{out}");
 }
 
@@ -113,12 +136,19 @@ fn missing_or_unsupported_drives_are_refused_before_boot() {
     config["drives"] = json!([{"drive_id": "gone", "path_on_host": "/nonexistent/disk.img", "is_root_device": false}]);
     let run = run_vmm_config(&config, TIMEOUT);
     assert_eq!(run.code(), 1, "{run:#?}");
-    assert!(run.stderr.contains("drive gone: cannot open /nonexistent/disk.img"), "{run:#?}");
+    assert!(
+        run.stderr
+            .contains("drive gone: cannot open /nonexistent/disk.img"),
+        "{run:#?}"
+    );
     let dir = ScratchDir::new("blk-engine");
     config["drives"] = json!([{"drive_id": "x", "path_on_host": disk_image(dir.path(), 8), "is_root_device": false, "io_engine": "Async"}]);
     let run = run_vmm_config(&config, TIMEOUT);
     assert_eq!(run.code(), 1, "{run:#?}");
-    assert!(run.stderr.contains("io_engine \"Async\" is not available"), "{run:#?}");
+    assert!(
+        run.stderr.contains("io_engine \"Async\" is not available"),
+        "{run:#?}"
+    );
 }
 
 #[test]
@@ -140,16 +170,37 @@ fn patch_lifts_a_rate_limit_and_swaps_the_image_of_a_running_drive() {
     let (status, body) = api_request(&api, "PATCH", "/drives/nope", &json!({"drive_id": "nope"}));
     assert_eq!(status, 400);
     assert!(body.contains("no drive with drive_id"), "{body}");
-    let (status, body) = api_request(&api, "PATCH", "/drives/scratch", &json!({"drive_id": "scratch", "path_on_host": second,
-        "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}));
+    let (status, body) = api_request(
+        &api,
+        "PATCH",
+        "/drives/scratch",
+        &json!({"drive_id": "scratch", "path_on_host": second,
+        "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}),
+    );
     assert_eq!(status, 204, "{body}");
     // The waiting GET_ID request completes once the limit is gone.
-    assert_eq!(vmm.expect_line("id:", TIMEOUT), "id: status=00 len=21 id=scratch");
-    assert_eq!(vmm.expect_line("read1:", TIMEOUT), "read1: status=00 len=513 data=written by the guest");
+    assert_eq!(
+        vmm.expect_line("id:", TIMEOUT),
+        "id: status=00 len=21 id=scratch"
+    );
+    assert_eq!(
+        vmm.expect_line("read1:", TIMEOUT),
+        "read1: status=00 len=513 data=written by the guest"
+    );
     vmm.expect_line("after: status=00", TIMEOUT);
     // The guest resets the VM after its last line.
     let (code, _, stderr) = vmm.finish(TIMEOUT);
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(&std::fs::read(&second).unwrap()[512..532], b"written by the guest", "writes went to the new image");
-    assert!(!std::fs::read(&first).unwrap().windows(20).any(|w| w == b"written by the guest"), "not to the old one");
+    assert_eq!(
+        &std::fs::read(&second).unwrap()[512..532],
+        b"written by the guest",
+        "writes went to the new image"
+    );
+    assert!(
+        !std::fs::read(&first)
+            .unwrap()
+            .windows(20)
+            .any(|w| w == b"written by the guest"),
+        "not to the old one"
+    );
 }

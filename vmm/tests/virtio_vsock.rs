@@ -45,8 +45,14 @@ fn streams_flow_both_ways_through_the_unix_socket() {
     let mut reader = BufReader::new(h2g.try_clone().unwrap());
     let mut ok = String::new();
     reader.read_line(&mut ok).unwrap();
-    let port: u32 = ok.strip_prefix("OK ").and_then(|p| p.trim_end().parse().ok()).unwrap_or_else(|| panic!("{ok:?}"));
-    assert!(port >= 1 << 30, "host ports are handed out from 2^30: {port}");
+    let port: u32 = ok
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("{ok:?}"));
+    assert!(
+        port >= 1 << 30,
+        "host ports are handed out from 2^30: {port}"
+    );
     h2g.write_all(b"hello guest\n").unwrap();
     let mut echo = [0u8; 12];
     reader.read_exact(&mut echo).unwrap();
@@ -69,7 +75,10 @@ fn streams_flow_both_ways_through_the_unix_socket() {
             "done",
         ]
     );
-    assert!(host_side.join().unwrap().is_empty(), "nothing after the pong");
+    assert!(
+        host_side.join().unwrap().is_empty(),
+        "nothing after the pong"
+    );
 }
 
 #[test]
@@ -88,11 +97,17 @@ fn bad_vsock_configs_are_refused_before_boot() {
     config["vsock"] = json!({"guest_cid": 3, "uds_path": file});
     let run = mvm_testkit::run_vmm_config(&config, TIMEOUT);
     assert_eq!(run.code(), 1, "{run:#?}");
-    assert!(run.stderr.contains("exists and is not a socket"), "{run:#?}");
+    assert!(
+        run.stderr.contains("exists and is not a socket"),
+        "{run:#?}"
+    );
     let busy = dir.path().join("busy.sock");
     let _listener = UnixListener::bind(&busy).unwrap();
     config["vsock"] = json!({"guest_cid": 3, "uds_path": busy});
     let run = mvm_testkit::run_vmm_config(&config, TIMEOUT);
     assert_eq!(run.code(), 1, "{run:#?}");
-    assert!(run.stderr.contains("is in use by another process"), "{run:#?}");
+    assert!(
+        run.stderr.contains("is in use by another process"),
+        "{run:#?}"
+    );
 }

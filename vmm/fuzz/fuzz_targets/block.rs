@@ -8,7 +8,9 @@ use vmm::devices::virtio::block::{BlockEngine, Disk};
 use vmm::rate_limiter::RateLimiter;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, mut queue)) = common::setup(data) else { return };
+    let Some((mem, mut queue)) = common::setup(data) else {
+        return;
+    };
     let disk = Disk::from_file(memfd(64 * 512)).expect("memfd disk");
     let read_only = data.len() % 2 == 0;
     let limiter = RateLimiter::new(None).expect("timerfd");

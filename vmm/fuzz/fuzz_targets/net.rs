@@ -10,7 +10,9 @@ use vmm::devices::virtio::net::{NetEngine, Tap};
 use vmm::rate_limiter::RateLimiter;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, mut queue)) = common::setup(data) else { return };
+    let Some((mem, mut queue)) = common::setup(data) else {
+        return;
+    };
     let (ours, theirs) = UnixDatagram::pair().expect("socketpair");
     ours.set_nonblocking(true).expect("nonblocking");
     theirs.set_nonblocking(true).expect("nonblocking");
@@ -22,7 +24,9 @@ fuzz_target!(|data: &[u8]| {
         // A full socket just means fewer frames.
         let _ = theirs.send(frame);
     }
-    let Some((mem, mut queue)) = common::setup(data) else { return };
+    let Some((mem, mut queue)) = common::setup(data) else {
+        return;
+    };
     engine.process_rx(&mem, &mut queue);
     engine.process_rx(&mem, &mut queue);
 });

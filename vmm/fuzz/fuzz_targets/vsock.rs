@@ -25,7 +25,9 @@ fn dir() -> &'static std::path::Path {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, mut queue)) = common::setup(data) else { return };
+    let Some((mem, mut queue)) = common::setup(data) else {
+        return;
+    };
     let path = dir().join("v.sock");
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).expect("bind");
@@ -34,7 +36,9 @@ fuzz_target!(|data: &[u8]| {
     let mut engine = VsockEngine::new(3, path.to_string_lossy().into_owned(), listener);
     // The same ring as TX then as RX: every chain shape meets both parsers.
     engine.process_tx(&mem, &mut queue, &epoll);
-    let Some((mem, mut queue)) = common::setup(data) else { return };
+    let Some((mem, mut queue)) = common::setup(data) else {
+        return;
+    };
     engine.process_rx(&mem, &mut queue, &epoll);
     engine.process_tx(&mem, &mut queue, &epoll);
 });

@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 pub fn disk_image(dir: &Path, sectors: usize) -> PathBuf {
     let mut bytes = vec![0u8; sectors * 512];
     for (n, sector) in bytes.chunks_mut(512).enumerate() {
-        let text = if n == 0 { "MVM test disk, sector 0".to_string() } else { format!("MVM filler {n}") };
+        let text = if n == 0 {
+            "MVM test disk, sector 0".to_string()
+        } else {
+            format!("MVM filler {n}")
+        };
         sector[..text.len()].copy_from_slice(text.as_bytes());
     }
     let path = dir.join("disk.img");
@@ -70,7 +74,13 @@ impl LiveVmm {
             let _ = stderr_pipe.read_to_string(&mut s);
             s
         });
-        LiveVmm { child, lines, seen: Vec::new(), stderr: Some(stderr), _dir: dir }
+        LiveVmm {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+            _dir: dir,
+        }
     }
 
     /// Waits for a console line starting with `prefix` and returns it; panics with everything
@@ -80,7 +90,11 @@ impl LiveVmm {
     }
 
     /// Like [`LiveVmm::expect_line`], also returning when the line was read from the VMM.
-    pub fn expect_line_at(&mut self, prefix: &str, timeout: std::time::Duration) -> (std::time::Instant, String) {
+    pub fn expect_line_at(
+        &mut self,
+        prefix: &str,
+        timeout: std::time::Duration,
+    ) -> (std::time::Instant, String) {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -93,7 +107,10 @@ impl LiveVmm {
                 }
                 Err(_) => {
                     let _ = self.child.kill();
-                    panic!("no console line starting with {prefix:?}; console so far: {:#?}", self.seen);
+                    panic!(
+                        "no console line starting with {prefix:?}; console so far: {:#?}",
+                        self.seen
+                    );
                 }
             }
         }
@@ -105,7 +122,9 @@ impl LiveVmm {
         let code = loop {
             match self.child.try_wait() {
                 Ok(Some(status)) => break status.code(),
-                Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
                 _ => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
@@ -113,10 +132,17 @@ impl LiveVmm {
                 }
             }
         };
-        while let Ok((_, line)) = self.lines.recv_timeout(std::time::Duration::from_millis(200)) {
+        while let Ok((_, line)) = self
+            .lines
+            .recv_timeout(std::time::Duration::from_millis(200))
+        {
             self.seen.push(line);
         }
-        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
         (code, std::mem::take(&mut self.seen), stderr)
     }
 }
@@ -154,7 +180,10 @@ impl TestTap {
         }
         let tap = TestTap { name };
         // Best effort: without it the guest just skips the host's IPv6 frames.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name), "1");
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name),
+            "1",
+        );
         let up = ip(&["link", "set", &tap.name, "up"]).expect("run ip link set up");
         assert!(up.status.success(), "ip link set up: {up:?}");
         Some(tap)
@@ -164,7 +193,9 @@ impl TestTap {
 impl Drop for TestTap {
     fn drop(&mut self) {
         // Best effort cleanup of a test interface.
-        let _ = std::process::Command::new("ip").args(["link", "del", &self.name]).output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
     }
 }
 
@@ -181,7 +212,11 @@ impl PacketSocket {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2) call; the result is checked.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "socket(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: fd is a fresh socket owned by nobody else.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         let name = std::ffi::CString::new(ifname).unwrap();
@@ -201,7 +236,12 @@ impl PacketSocket {
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             )
         };
-        assert_eq!(ret, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            ret,
+            0,
+            "bind AF_PACKET: {}",
+            std::io::Error::last_os_error()
+        );
         PacketSocket { fd }
     }
 
@@ -215,13 +255,18 @@ impl PacketSocket {
             if left.is_zero() {
                 return None;
             }
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd.
             if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
                 continue;
             }
             // SAFETY: buf is writable for its length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n >= 14 && buf[12..14] == ethertype.to_be_bytes() {
                 return Some(buf[..n as usize].to_vec());
             }
@@ -233,13 +278,23 @@ impl PacketSocket {
         use std::os::fd::AsRawFd;
         // SAFETY: frame is readable for its length.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(n, frame.len() as isize, "send on packet socket: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send on packet socket: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 /// Sends one HTTP request to an API socket (retrying the connection until it exists) and
 /// returns the status code and body.
-pub fn api_request(sock: &Path, method: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
+pub fn api_request(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut stream = loop {
@@ -253,10 +308,22 @@ pub fn api_request(sock: &Path, method: &str, path: &str, body: &serde_json::Val
         }
     };
     let body = body.to_string();
-    write!(stream, "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }

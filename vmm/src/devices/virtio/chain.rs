@@ -75,7 +75,11 @@ impl Chain {
     /// Walks `chain` (popped from a queue over `mem`), accepting at most `max_bytes` in total.
     /// Zero-length buffers are skipped. The walk goes on after an error so that
     /// [`BadChain::valid`] holds every usable buffer.
-    pub fn parse<M>(chain: DescriptorChain<M>, mem: &GuestMemory, max_bytes: u64) -> Result<Chain, BadChain>
+    pub fn parse<M>(
+        chain: DescriptorChain<M>,
+        mem: &GuestMemory,
+        max_bytes: u64,
+    ) -> Result<Chain, BadChain>
     where
         M: Deref,
         M::Target: vm_memory::GuestMemory,
@@ -168,7 +172,12 @@ pub fn sub_segments(segments: &[Segment], mut offset: u64, mut len: u64) -> Vec<
 
 /// Copies bytes `[offset, offset + buf.len())` of `segments` into `buf`; returns how many were
 /// available.
-pub fn read_segments(mem: &GuestMemory, segments: &[Segment], offset: u64, buf: &mut [u8]) -> usize {
+pub fn read_segments(
+    mem: &GuestMemory,
+    segments: &[Segment],
+    offset: u64,
+    buf: &mut [u8],
+) -> usize {
     let mut done = 0;
     for seg in sub_segments(segments, offset, buf.len() as u64) {
         let end = done + seg.len as usize;
@@ -229,17 +238,30 @@ pub(crate) mod tests {
 
     #[test]
     fn good_chain_splits_by_direction() {
-        let c = parse(&[desc(0x10000, 16, false, Some(1)), desc(0x11000, 512, true, Some(2)), desc(0x12000, 1, true, None)])
-            .unwrap();
+        let c = parse(&[
+            desc(0x10000, 16, false, Some(1)),
+            desc(0x11000, 512, true, Some(2)),
+            desc(0x12000, 1, true, None),
+        ])
+        .unwrap();
         assert_eq!(c.head, 0);
-        assert_eq!(c.readable, vec![Segment { addr: GuestAddress(0x10000), len: 16 }]);
+        assert_eq!(
+            c.readable,
+            vec![Segment {
+                addr: GuestAddress(0x10000),
+                len: 16
+            }]
+        );
         assert_eq!(c.writable.len(), 2);
         assert_eq!(total_len(&c.writable), 513);
     }
 
     #[test]
     fn loops_and_bad_next_indexes_are_truncated_chains() {
-        let looped = parse(&[desc(0x10000, 16, false, Some(1)), desc(0x11000, 16, false, Some(0))]);
+        let looped = parse(&[
+            desc(0x10000, 16, false, Some(1)),
+            desc(0x11000, 16, false, Some(0)),
+        ]);
         assert_eq!(looped.unwrap_err().error, ChainError::Truncated);
         let self_loop = parse(&[desc(0x10000, 16, false, Some(0))]);
         assert_eq!(self_loop.unwrap_err().error, ChainError::Truncated);
@@ -250,18 +272,36 @@ pub(crate) mod tests {
     #[test]
     fn out_of_memory_wrong_direction_and_oversized_chains_are_refused() {
         let oom = parse(&[desc(0xff000, 0x2000, false, None)]).unwrap_err();
-        assert_eq!(oom.error, ChainError::OutOfMemory { addr: 0xff000, len: 0x2000 });
+        assert_eq!(
+            oom.error,
+            ChainError::OutOfMemory {
+                addr: 0xff000,
+                len: 0x2000
+            }
+        );
         let wrap = parse(&[desc(u64::MAX - 4, 16, true, None)]).unwrap_err();
         assert!(matches!(wrap.error, ChainError::OutOfMemory { .. }));
-        let order = parse(&[desc(0x10000, 16, true, Some(1)), desc(0x11000, 16, false, None)]).unwrap_err();
+        let order = parse(&[
+            desc(0x10000, 16, true, Some(1)),
+            desc(0x11000, 16, false, None),
+        ])
+        .unwrap_err();
         assert_eq!(order.error, ChainError::ReadableAfterWritable);
-        let big = parse(&[desc(0x10000, 0x80000, true, Some(1)), desc(0x10000, 0x80001, true, None)]).unwrap_err();
+        let big = parse(&[
+            desc(0x10000, 0x80000, true, Some(1)),
+            desc(0x10000, 0x80001, true, None),
+        ])
+        .unwrap_err();
         assert!(matches!(big.error, ChainError::TooLong(_)));
     }
 
     #[test]
     fn zero_length_buffers_are_skipped() {
-        let c = parse(&[desc(0x10000, 0, false, Some(1)), desc(0x11000, 4, true, None)]).unwrap();
+        let c = parse(&[
+            desc(0x10000, 0, false, Some(1)),
+            desc(0x11000, 4, true, None),
+        ])
+        .unwrap();
         assert!(c.readable.is_empty());
         assert_eq!(c.writable.len(), 1);
     }
@@ -270,16 +310,31 @@ pub(crate) mod tests {
     fn segment_copies_span_buffers() {
         let mem = test_memory();
         let segs = [
-            Segment { addr: GuestAddress(0x10000), len: 3 },
-            Segment { addr: GuestAddress(0x20000), len: 5 },
+            Segment {
+                addr: GuestAddress(0x10000),
+                len: 3,
+            },
+            Segment {
+                addr: GuestAddress(0x20000),
+                len: 5,
+            },
         ];
         assert_eq!(write_segments(&mem, &segs, 1, b"abcdefghij"), 7);
         let mut buf = [0u8; 8];
         assert_eq!(read_segments(&mem, &segs, 0, &mut buf), 8);
         assert_eq!(&buf, b"\0abcdefg");
-        assert_eq!(sub_segments(&segs, 2, 2), vec![
-            Segment { addr: GuestAddress(0x10002), len: 1 },
-            Segment { addr: GuestAddress(0x20000), len: 1 },
-        ]);
+        assert_eq!(
+            sub_segments(&segs, 2, 2),
+            vec![
+                Segment {
+                    addr: GuestAddress(0x10002),
+                    len: 1
+                },
+                Segment {
+                    addr: GuestAddress(0x20000),
+                    len: 1
+                },
+            ]
+        );
     }
 }

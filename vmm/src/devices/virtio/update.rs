@@ -102,9 +102,11 @@ pub fn patch_drive(
         .ok_or_else(|| PatchError::NoDrive(patch.drive_id.clone()))?;
     if let Some(devices) = devices {
         let limiter = patch.rate_limiter.as_ref().map(RateLimiterUpdate::from);
-        with_device(devices, |b: &Block| b.drive_id() == patch.drive_id, |b| {
-            b.update(patch.path_on_host.as_deref(), limiter)
-        })
+        with_device(
+            devices,
+            |b: &Block| b.drive_id() == patch.drive_id,
+            |b| b.update(patch.path_on_host.as_deref(), limiter),
+        )
         .ok_or_else(|| PatchError::NoDrive(patch.drive_id.clone()))??;
     } else if let Some(path) = &patch.path_on_host {
         // Checked now rather than at boot, so the caller learns about a bad path at once.
@@ -137,8 +139,12 @@ pub fn patch_network_interface(
     if let Some(devices) = devices {
         let rx = patch.rx_rate_limiter.as_ref().map(RateLimiterUpdate::from);
         let tx = patch.tx_rate_limiter.as_ref().map(RateLimiterUpdate::from);
-        with_device(devices, |n: &Net| n.iface_id() == patch.iface_id, |n| n.update(rx, tx))
-            .ok_or_else(|| PatchError::NoInterface(patch.iface_id.clone()))??;
+        with_device(
+            devices,
+            |n: &Net| n.iface_id() == patch.iface_id,
+            |n| n.update(rx, tx),
+        )
+        .ok_or_else(|| PatchError::NoInterface(patch.iface_id.clone()))??;
     }
     if let Some(limiter) = &patch.rx_rate_limiter {
         merge(&mut iface.rx_rate_limiter, limiter);
@@ -155,7 +161,11 @@ mod tests {
     use crate::config::{DriveConfig, NetworkInterfaceConfig};
 
     fn bucket(size: u64) -> TokenBucketConfig {
-        TokenBucketConfig { size, one_time_burst: None, refill_time: 100 }
+        TokenBucketConfig {
+            size,
+            one_time_burst: None,
+            refill_time: 100,
+        }
     }
 
     fn config() -> VmConfig {
@@ -176,7 +186,10 @@ mod tests {
             host_dev_name: "tap0".into(),
             guest_mac: None,
             rx_rate_limiter: None,
-            tx_rate_limiter: Some(RateLimiterConfig { bandwidth: Some(bucket(5)), ops: None }),
+            tx_rate_limiter: Some(RateLimiterConfig {
+                bandwidth: Some(bucket(5)),
+                ops: None,
+            }),
         });
         c
     }
@@ -184,24 +197,85 @@ mod tests {
     #[test]
     fn patches_before_boot_edit_the_configuration() {
         let mut c = config();
-        let limiter = RateLimiterConfig { bandwidth: Some(bucket(1000)), ops: None };
-        patch_drive(&mut c, None, DrivePatch { drive_id: "root".into(), path_on_host: Some("/dev/zero".into()), rate_limiter: Some(limiter.clone()) }).unwrap();
+        let limiter = RateLimiterConfig {
+            bandwidth: Some(bucket(1000)),
+            ops: None,
+        };
+        patch_drive(
+            &mut c,
+            None,
+            DrivePatch {
+                drive_id: "root".into(),
+                path_on_host: Some("/dev/zero".into()),
+                rate_limiter: Some(limiter.clone()),
+            },
+        )
+        .unwrap();
         assert_eq!(c.drives[0].path_on_host.as_deref(), Some("/dev/zero"));
         assert_eq!(c.drives[0].rate_limiter, Some(limiter));
-        let off = RateLimiterConfig { bandwidth: Some(bucket(0)), ops: None };
-        patch_network_interface(&mut c, None, NetworkInterfacePatch { iface_id: "eth0".into(), rx_rate_limiter: None, tx_rate_limiter: Some(off) }).unwrap();
-        assert_eq!(c.network_interfaces[0].tx_rate_limiter, None, "a zero bucket removes the limit");
+        let off = RateLimiterConfig {
+            bandwidth: Some(bucket(0)),
+            ops: None,
+        };
+        patch_network_interface(
+            &mut c,
+            None,
+            NetworkInterfacePatch {
+                iface_id: "eth0".into(),
+                rx_rate_limiter: None,
+                tx_rate_limiter: Some(off),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            c.network_interfaces[0].tx_rate_limiter, None,
+            "a zero bucket removes the limit"
+        );
     }
 
     #[test]
     fn unknown_ids_and_missing_images_are_refused() {
         let mut c = config();
-        let e = patch_drive(&mut c, None, DrivePatch { drive_id: "nope".into(), path_on_host: None, rate_limiter: None }).unwrap_err();
+        let e = patch_drive(
+            &mut c,
+            None,
+            DrivePatch {
+                drive_id: "nope".into(),
+                path_on_host: None,
+                rate_limiter: None,
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("no drive with drive_id \"nope\""));
-        let e = patch_drive(&mut c, None, DrivePatch { drive_id: "root".into(), path_on_host: Some("/nonexistent/x.img".into()), rate_limiter: None }).unwrap_err();
-        assert!(e.to_string().contains("cannot open /nonexistent/x.img"), "{e}");
-        assert_eq!(c.drives[0].path_on_host.as_deref(), Some("/dev/null"), "unchanged after a failure");
-        let e = patch_network_interface(&mut c, None, NetworkInterfacePatch { iface_id: "eth9".into(), rx_rate_limiter: None, tx_rate_limiter: None }).unwrap_err();
+        let e = patch_drive(
+            &mut c,
+            None,
+            DrivePatch {
+                drive_id: "root".into(),
+                path_on_host: Some("/nonexistent/x.img".into()),
+                rate_limiter: None,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("cannot open /nonexistent/x.img"),
+            "{e}"
+        );
+        assert_eq!(
+            c.drives[0].path_on_host.as_deref(),
+            Some("/dev/null"),
+            "unchanged after a failure"
+        );
+        let e = patch_network_interface(
+            &mut c,
+            None,
+            NetworkInterfacePatch {
+                iface_id: "eth9".into(),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("eth9"));
     }
 }

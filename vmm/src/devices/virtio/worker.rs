@@ -26,17 +26,21 @@ pub struct EpollSet {
 impl EpollSet {
     /// A new, empty epoll set.
     pub fn new() -> std::io::Result<Self> {
-        Ok(EpollSet { epoll: Epoll::new()? })
+        Ok(EpollSet {
+            epoll: Epoll::new()?,
+        })
     }
 
     /// Watches `fd` for `events`, reporting them with `token`.
     pub fn add(&self, fd: RawFd, events: EventSet, token: u64) -> std::io::Result<()> {
-        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
     }
 
     /// Changes the events watched on `fd`.
     pub fn modify(&self, fd: RawFd, events: EventSet, token: u64) -> std::io::Result<()> {
-        self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
     }
 
     /// Waits up to `timeout_ms` for events (used by the device thread and by tests).
@@ -46,7 +50,8 @@ impl EpollSet {
 
     /// Stops watching `fd`.
     pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
-        self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
     }
 }
 
@@ -118,13 +123,19 @@ impl<H: EventHandler> DeviceThread<H> {
 
     /// Activates the device with the handler `make` builds around the backend; returns once the
     /// thread serves the queues.
-    pub fn start(&mut self, make: impl FnOnce(H::Backend) -> H + Send + 'static) -> Result<(), super::ActivateError> {
+    pub fn start(
+        &mut self,
+        make: impl FnOnce(H::Backend) -> H + Send + 'static,
+    ) -> Result<(), super::ActivateError> {
         if self.active {
-            return Err(super::ActivateError::BadConfig("the device is already active".into()));
+            return Err(super::ActivateError::BadConfig(
+                "the device is already active".into(),
+            ));
         }
         let (tx, rx) = channel();
         let broken = || super::ActivateError::Io(std::io::Error::other(DeviceBroken));
-        self.send(Control::Activate(Box::new(make), tx)).map_err(|_| broken())?;
+        self.send(Control::Activate(Box::new(make), tx))
+            .map_err(|_| broken())?;
         rx.recv().map_err(|_| broken())??;
         self.active = true;
         Ok(())
@@ -169,7 +180,11 @@ fn serve<H: EventHandler>(backend: H::Backend, requests: Receiver<Control<H>>, w
                 let _ = wake.read();
                 let mut handler = make(idle);
                 let epoll = match EpollSet::new().and_then(|epoll| {
-                    epoll.add(std::os::fd::AsRawFd::as_raw_fd(&wake), EventSet::IN, CONTROL_TOKEN)?;
+                    epoll.add(
+                        std::os::fd::AsRawFd::as_raw_fd(&wake),
+                        EventSet::IN,
+                        CONTROL_TOKEN,
+                    )?;
                     handler.register(&epoll)?;
                     Ok(epoll)
                 }) {
@@ -201,7 +216,12 @@ fn serve<H: EventHandler>(backend: H::Backend, requests: Receiver<Control<H>>, w
 }
 
 /// Serves `handler` until deactivated (returns the backend) or told to exit (None).
-fn run<H: EventHandler>(mut handler: H, epoll: &EpollSet, requests: &Receiver<Control<H>>, wake: &EventFd) -> Option<H::Backend> {
+fn run<H: EventHandler>(
+    mut handler: H,
+    epoll: &EpollSet,
+    requests: &Receiver<Control<H>>,
+    wake: &EventFd,
+) -> Option<H::Backend> {
     let mut events = [EpollEvent::default(); EVENT_BATCH];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -230,7 +250,8 @@ fn run<H: EventHandler>(mut handler: H, epoll: &EpollSet, requests: &Receiver<Co
                     Control::Exit => return None,
                     // Activation of an active device is refused before it is sent.
                     Control::Activate(_, answer) => {
-                        let _ = answer.send(Err(std::io::Error::other("the device is already active")));
+                        let _ =
+                            answer.send(Err(std::io::Error::other("the device is already active")));
                     }
                 }
             }

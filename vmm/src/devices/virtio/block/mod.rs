@@ -20,7 +20,10 @@ pub use request::{RequestType, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
 use super::chain::Chain;
 use super::metrics::{DeviceMetrics, BLOCK as METRICS};
 use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
-use super::{read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
+};
 use crate::config::{CacheType, DriveConfig};
 use crate::rate_limiter::{RateLimiter, RateLimiterUpdate};
 use crate::vstate::memory::GuestMemory;
@@ -83,7 +86,11 @@ impl Disk {
             path: path.to_string(),
             err,
         };
-        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_err)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         if !meta.is_file() && !is_block_device(&meta) {
             return Err(open_err(std::io::Error::new(
@@ -99,7 +106,9 @@ impl Disk {
         use std::io::Seek;
         let size = file.seek(std::io::SeekFrom::End(0))?;
         if size % SECTOR_SIZE != 0 {
-            log::warn!("disk image size {size} is not a multiple of {SECTOR_SIZE}: the tail is ignored");
+            log::warn!(
+                "disk image size {size} is not a multiple of {SECTOR_SIZE}: the tail is ignored"
+            );
         }
         Ok(Disk {
             file,
@@ -130,7 +139,13 @@ pub struct BlockEngine {
 
 impl BlockEngine {
     /// An engine serving `disk`, identified to the guest by `drive_id` (truncated to 20 bytes).
-    pub fn new(disk: Disk, drive_id: &str, read_only: bool, writeback: bool, limiter: RateLimiter) -> Self {
+    pub fn new(
+        disk: Disk,
+        drive_id: &str,
+        read_only: bool,
+        writeback: bool,
+        limiter: RateLimiter,
+    ) -> Self {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
         let n = drive_id.len().min(VIRTIO_BLK_ID_BYTES);
         id[..n].copy_from_slice(&drive_id.as_bytes()[..n]);
@@ -265,20 +280,30 @@ impl Block {
     /// Opens the drive's image; `index` numbers the device thread (`fc_blk<index>`).
     pub fn new(config: &DriveConfig, index: usize) -> Result<Block, BlockError> {
         let id = &config.drive_id;
-        let path = config.path_on_host.as_deref().ok_or_else(|| BlockError::NoPath(id.clone()))?;
+        let path = config
+            .path_on_host
+            .as_deref()
+            .ok_or_else(|| BlockError::NoPath(id.clone()))?;
         if config.socket.is_some() {
-            return Err(BlockError::Unsupported(id.clone(), "vhost-user `socket` drives are not supported".into()));
+            return Err(BlockError::Unsupported(
+                id.clone(),
+                "vhost-user `socket` drives are not supported".into(),
+            ));
         }
         match config.io_engine.as_deref() {
             None | Some("Sync") => {}
             Some(other) => {
-                return Err(BlockError::Unsupported(id.clone(), format!("io_engine {other:?} is not available: use \"Sync\"")))
+                return Err(BlockError::Unsupported(
+                    id.clone(),
+                    format!("io_engine {other:?} is not available: use \"Sync\""),
+                ))
             }
         }
         let read_only = config.is_read_only.unwrap_or(false);
         let writeback = config.cache_type == CacheType::Writeback;
         let disk = Disk::open(id, path, read_only)?;
-        let limiter = RateLimiter::new(config.rate_limiter.as_ref()).map_err(|e| BlockError::Io(id.clone(), e))?;
+        let limiter = RateLimiter::new(config.rate_limiter.as_ref())
+            .map_err(|e| BlockError::Io(id.clone(), e))?;
         let mut features = VIRTIO_F_VERSION_1;
         if read_only {
             features |= VIRTIO_BLK_F_RO;
@@ -291,8 +316,11 @@ impl Block {
             read_only,
             features,
             sectors: disk.sectors(),
-            thread: DeviceThread::spawn(format!("fc_blk{index}"), BlockEngine::new(disk, id, read_only, writeback, limiter))
-                .map_err(|e| BlockError::Io(id.clone(), e))?,
+            thread: DeviceThread::spawn(
+                format!("fc_blk{index}"),
+                BlockEngine::new(disk, id, read_only, writeback, limiter),
+            )
+            .map_err(|e| BlockError::Io(id.clone(), e))?,
         })
     }
 
@@ -302,17 +330,27 @@ impl Block {
     }
 
     /// Applies PATCH /drives/{id}: a new image path and/or rate limiter, live if running.
-    pub fn update(&mut self, path: Option<&str>, limiter: Option<RateLimiterUpdate>) -> Result<(), BlockError> {
-        let disk = path.map(|p| Disk::open(&self.drive_id, p, self.read_only)).transpose()?;
+    pub fn update(
+        &mut self,
+        path: Option<&str>,
+        limiter: Option<RateLimiterUpdate>,
+    ) -> Result<(), BlockError> {
+        let disk = path
+            .map(|p| Disk::open(&self.drive_id, p, self.read_only))
+            .transpose()?;
         if let Some(disk) = &disk {
             self.sectors = disk.sectors();
         }
         let broken = |e| BlockError::Io(self.drive_id.clone(), std::io::Error::other(e));
         if let Some(disk) = disk {
-            self.thread.update(BlockUpdate::Disk(disk)).map_err(broken)?;
+            self.thread
+                .update(BlockUpdate::Disk(disk))
+                .map_err(broken)?;
         }
         if let Some(update) = limiter {
-            self.thread.update(BlockUpdate::RateLimiter(update)).map_err(broken)?;
+            self.thread
+                .update(BlockUpdate::RateLimiter(update))
+                .map_err(broken)?;
         }
         Ok(())
     }
@@ -348,8 +386,12 @@ impl VirtioDevice for Block {
             interrupt,
             ..
         } = ctx;
-        let (Some(queue), Some(queue_evt)) = (queues.into_iter().next(), queue_evts.into_iter().next()) else {
-            return Err(ActivateError::BadConfig("the request queue is missing".into()));
+        let (Some(queue), Some(queue_evt)) =
+            (queues.into_iter().next(), queue_evts.into_iter().next())
+        else {
+            return Err(ActivateError::BadConfig(
+                "the request queue is missing".into(),
+            ));
         };
         // Requests the driver queued before DRIVER_OK are served on the first notification.
         self.thread.start(move |engine| BlockHandler {

@@ -10,7 +10,9 @@ use std::io::{Seek, SeekFrom};
 use vm_memory::Bytes;
 
 use super::{BlockEngine, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use crate::devices::virtio::chain::{read_segments, sub_segments, total_len, write_segments, Chain, Segment};
+use crate::devices::virtio::chain::{
+    read_segments, sub_segments, total_len, write_segments, Chain, Segment,
+};
 use crate::devices::virtio::metrics::{DeviceMetrics, BLOCK as METRICS};
 use crate::vstate::memory::GuestMemory;
 
@@ -68,14 +70,17 @@ enum Failure {
 
 fn parse(mem: &GuestMemory, chain: &Chain) -> Result<Request, Option<Segment>> {
     let writable_len = total_len(&chain.writable);
-    let Some(status) = sub_segments(&chain.writable, writable_len.saturating_sub(1), 1).pop() else {
+    let Some(status) = sub_segments(&chain.writable, writable_len.saturating_sub(1), 1).pop()
+    else {
         return Err(None);
     };
     let mut header = [0u8; HEADER_LEN as usize];
     if read_segments(mem, &chain.readable, 0, &mut header) != header.len() {
         return Err(Some(status));
     }
-    let kind = RequestType::from(u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")));
+    let kind = RequestType::from(u32::from_le_bytes(
+        header[0..4].try_into().expect("4 bytes"),
+    ));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let readable_len = total_len(&chain.readable);
     Ok(Request {
@@ -147,7 +152,9 @@ fn disk_range(engine: &BlockEngine, sector: u64, len: u64) -> Result<u64, Option
     if len % SECTOR_SIZE != 0 {
         return Err(Some(Failure::Malformed));
     }
-    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Some(Failure::Malformed))?;
+    let offset = sector
+        .checked_mul(SECTOR_SIZE)
+        .ok_or(Some(Failure::Malformed))?;
     let end = offset.checked_add(len).ok_or(Some(Failure::Malformed))?;
     if end > engine.disk.sectors * SECTOR_SIZE {
         return Err(Some(Failure::Malformed));
@@ -165,7 +172,8 @@ fn run(engine: &mut BlockEngine, mem: &GuestMemory, req: &Request) -> Result<u32
             let len = total_len(&req.data_out);
             let offset = disk_range(engine, req.sector, len)?;
             let file = &mut engine.disk.file;
-            file.seek(SeekFrom::Start(offset)).map_err(|_| Some(Failure::Backend))?;
+            file.seek(SeekFrom::Start(offset))
+                .map_err(|_| Some(Failure::Backend))?;
             for seg in &req.data_out {
                 mem.read_exact_volatile_from(seg.addr, file, seg.len as usize)
                     .map_err(|_| Some(Failure::Backend))?;
@@ -181,7 +189,8 @@ fn run(engine: &mut BlockEngine, mem: &GuestMemory, req: &Request) -> Result<u32
             let len = total_len(&req.data_in);
             let offset = disk_range(engine, req.sector, len)?;
             let file = &mut engine.disk.file;
-            file.seek(SeekFrom::Start(offset)).map_err(|_| Some(Failure::Backend))?;
+            file.seek(SeekFrom::Start(offset))
+                .map_err(|_| Some(Failure::Backend))?;
             for seg in &req.data_in {
                 mem.write_all_volatile_to(seg.addr, file, seg.len as usize)
                     .map_err(|_| Some(Failure::Backend))?;
@@ -190,7 +199,11 @@ fn run(engine: &mut BlockEngine, mem: &GuestMemory, req: &Request) -> Result<u32
             Ok(0)
         }
         RequestType::Flush if engine.writeback => {
-            engine.disk.file.sync_all().map_err(|_| Some(Failure::Backend))?;
+            engine
+                .disk
+                .file
+                .sync_all()
+                .map_err(|_| Some(Failure::Backend))?;
             Ok(0)
         }
         RequestType::GetId => Ok(write_segments(mem, &req.data_out, 0, &engine.id) as u32),
@@ -219,7 +232,13 @@ mod tests {
         let mut image = vec![0u8; 8 * 512];
         image[..12].copy_from_slice(b"sector zero!");
         file.write_all(&image).unwrap();
-        BlockEngine::new(Disk::from_file(file).unwrap(), "test-drive-id-that-is-long", read_only, writeback, RateLimiter::new(None).unwrap())
+        BlockEngine::new(
+            Disk::from_file(file).unwrap(),
+            "test-drive-id-that-is-long",
+            read_only,
+            writeback,
+            RateLimiter::new(None).unwrap(),
+        )
     }
 
     fn tempfile() -> std::fs::File {
@@ -250,7 +269,11 @@ mod tests {
     }
 
     fn three(data_len: u32, data_writable: bool) -> Vec<RawDescriptor> {
-        vec![desc(HDR, 16, false, Some(1)), desc(DATA, data_len, data_writable, Some(2)), desc(STATUS, 1, true, None)]
+        vec![
+            desc(HDR, 16, false, Some(1)),
+            desc(DATA, data_len, data_writable, Some(2)),
+            desc(STATUS, 1, true, None),
+        ]
     }
 
     use vm_memory::Address;
@@ -260,23 +283,35 @@ mod tests {
         let mem = test_memory();
         let mut e = engine(false, false);
         header(&mem, 0, 0);
-        assert_eq!(run_chain(&mut e, &mem, &three(512, true)), (513, VIRTIO_BLK_S_OK));
+        assert_eq!(
+            run_chain(&mut e, &mem, &three(512, true)),
+            (513, VIRTIO_BLK_S_OK)
+        );
         let mut buf = [0u8; 12];
         mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
         assert_eq!(&buf, b"sector zero!");
 
         mem.write_slice(b"new data", GuestAddress(DATA)).unwrap();
         header(&mem, 1, 3);
-        assert_eq!(run_chain(&mut e, &mem, &three(512, false)), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(
+            run_chain(&mut e, &mem, &three(512, false)),
+            (1, VIRTIO_BLK_S_OK)
+        );
         mem.write_slice(&[0u8; 8], GuestAddress(DATA)).unwrap();
         header(&mem, 0, 3);
-        assert_eq!(run_chain(&mut e, &mem, &three(512, true)).1, VIRTIO_BLK_S_OK);
+        assert_eq!(
+            run_chain(&mut e, &mem, &three(512, true)).1,
+            VIRTIO_BLK_S_OK
+        );
         let mut buf = [0u8; 8];
         mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
         assert_eq!(&buf, b"new data");
 
         header(&mem, 8, 0);
-        assert_eq!(run_chain(&mut e, &mem, &three(20, true)), (21, VIRTIO_BLK_S_OK));
+        assert_eq!(
+            run_chain(&mut e, &mem, &three(20, true)),
+            (21, VIRTIO_BLK_S_OK)
+        );
         let mut id = [0u8; 20];
         mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
         assert_eq!(&id, b"test-drive-id-that-i");
@@ -295,19 +330,37 @@ mod tests {
         let mem = test_memory();
         let mut e = engine(false, false);
         header(&mem, 0, 8);
-        assert_eq!(run_chain(&mut e, &mem, &three(512, true)), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(
+            run_chain(&mut e, &mem, &three(512, true)),
+            (1, VIRTIO_BLK_S_IOERR)
+        );
         header(&mem, 0, 7);
-        assert_eq!(run_chain(&mut e, &mem, &three(1024, true)), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(
+            run_chain(&mut e, &mem, &three(1024, true)),
+            (1, VIRTIO_BLK_S_IOERR)
+        );
         header(&mem, 0, u64::MAX);
-        assert_eq!(run_chain(&mut e, &mem, &three(512, true)), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(
+            run_chain(&mut e, &mem, &three(512, true)),
+            (1, VIRTIO_BLK_S_IOERR)
+        );
         header(&mem, 0, 0);
-        assert_eq!(run_chain(&mut e, &mem, &three(100, true)), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(
+            run_chain(&mut e, &mem, &three(100, true)),
+            (1, VIRTIO_BLK_S_IOERR)
+        );
         let mut ro = engine(true, false);
         header(&mem, 1, 0);
-        assert_eq!(run_chain(&mut ro, &mem, &three(512, false)), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(
+            run_chain(&mut ro, &mem, &three(512, false)),
+            (1, VIRTIO_BLK_S_IOERR)
+        );
         // IN with the data buffer device-readable: wrong direction.
         header(&mem, 0, 0);
-        assert_eq!(run_chain(&mut e, &mem, &three(512, false)), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(
+            run_chain(&mut e, &mem, &three(512, false)),
+            (1, VIRTIO_BLK_S_IOERR)
+        );
         // Short header.
         let short = [desc(HDR, 8, false, Some(1)), desc(STATUS, 1, true, None)];
         assert_eq!(run_chain(&mut e, &mem, &short), (1, VIRTIO_BLK_S_IOERR));
@@ -319,11 +372,18 @@ mod tests {
         let mut e = engine(false, false);
         header(&mem, 0, 0);
         // Data buffer outside guest memory: the status byte still gets IOERR.
-        let oom = [desc(HDR, 16, false, Some(1)), desc(0xfff00, 0x1000, true, Some(2)), desc(STATUS, 1, true, None)];
+        let oom = [
+            desc(HDR, 16, false, Some(1)),
+            desc(0xfff00, 0x1000, true, Some(2)),
+            desc(STATUS, 1, true, None),
+        ];
         assert_eq!(run_chain(&mut e, &mem, &oom), (1, VIRTIO_BLK_S_IOERR));
         // A loop: status written into the last writable buffer walked.
         header(&mem, 0, 0);
-        let looped = [desc(HDR, 16, false, Some(1)), desc(STATUS, 1, true, Some(0))];
+        let looped = [
+            desc(HDR, 16, false, Some(1)),
+            desc(STATUS, 1, true, Some(0)),
+        ];
         assert_eq!(run_chain(&mut e, &mem, &looped), (1, VIRTIO_BLK_S_IOERR));
         // No writable byte at all: the chain comes back with length 0.
         header(&mem, 0, 0);
@@ -344,13 +404,21 @@ mod tests {
         let mut e = engine(false, false);
         e.limiter = RateLimiter::new(Some(&RateLimiterConfig {
             bandwidth: None,
-            ops: Some(TokenBucketConfig { size: 1, one_time_burst: None, refill_time: 60_000 }),
+            ops: Some(TokenBucketConfig {
+                size: 1,
+                one_time_burst: None,
+                refill_time: 60_000,
+            }),
         }))
         .unwrap();
         header(&mem, 0, 0);
         let vq = MockSplitQueue::new(&mem, 16);
         let mut chains = three(512, true);
-        chains.extend(vec![desc(HDR, 16, false, Some(4)), desc(DATA, 512, true, Some(5)), desc(STATUS, 1, true, None)]);
+        chains.extend(vec![
+            desc(HDR, 16, false, Some(4)),
+            desc(DATA, 512, true, Some(5)),
+            desc(STATUS, 1, true, None),
+        ]);
         vq.add_desc_chains(&chains, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         assert!(e.process_queue(&mem, &mut q));

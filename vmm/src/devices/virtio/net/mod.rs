@@ -19,7 +19,10 @@ pub use tap::{Tap, TapError, VNET_HDR_LEN};
 use super::chain::{read_segments, total_len, write_segments, Chain};
 use super::metrics::{DeviceMetrics, NET as METRICS};
 use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
-use super::{read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
+};
 use crate::config::NetworkInterfaceConfig;
 use crate::rate_limiter::{RateLimiter, RateLimiterUpdate};
 use crate::vstate::memory::GuestMemory;
@@ -100,7 +103,10 @@ impl NetEngine {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             match Chain::parse(chain, mem, (VNET_HDR_LEN + MAX_FRAME_LEN) as u64) {
-                Ok(chain) if chain.writable.is_empty() && total_len(&chain.readable) >= VNET_HDR_LEN as u64 => {
+                Ok(chain)
+                    if chain.writable.is_empty()
+                        && total_len(&chain.readable) >= VNET_HDR_LEN as u64 =>
+                {
                     let len = total_len(&chain.readable) as usize;
                     if !self.tx_limiter.consume((len - VNET_HDR_LEN) as u64) {
                         DeviceMetrics::add(&METRICS.rate_limited, 1);
@@ -245,7 +251,11 @@ impl NetHandler {
     fn poll_tap(&mut self, epoll: &EpollSet) {
         let want = self.engine.wants_tap_reads();
         if want != self.tap_polled {
-            let events = if want { EventSet::IN } else { EventSet::empty() };
+            let events = if want {
+                EventSet::IN
+            } else {
+                EventSet::empty()
+            };
             match epoll.modify(self.engine.tap.as_raw_fd(), events, TAP_TOKEN) {
                 Ok(()) => self.tap_polled = want,
                 Err(e) => log::error!("cannot change tap polling: {e}"),
@@ -277,8 +287,16 @@ impl EventHandler for NetHandler {
         epoll.add(self.tx_evt.as_raw_fd(), EventSet::IN, TX_TOKEN)?;
         epoll.add(self.engine.tap.as_raw_fd(), EventSet::IN, TAP_TOKEN)?;
         self.tap_polled = true;
-        epoll.add(self.engine.rx_limiter.as_raw_fd(), EventSet::IN, RX_LIMITER_TOKEN)?;
-        epoll.add(self.engine.tx_limiter.as_raw_fd(), EventSet::IN, TX_LIMITER_TOKEN)
+        epoll.add(
+            self.engine.rx_limiter.as_raw_fd(),
+            EventSet::IN,
+            RX_LIMITER_TOKEN,
+        )?;
+        epoll.add(
+            self.engine.tx_limiter.as_raw_fd(),
+            EventSet::IN,
+            TX_LIMITER_TOKEN,
+        )
     }
 
     fn handle_event(&mut self, epoll: &EpollSet, token: u64, _events: EventSet) {
@@ -363,7 +381,8 @@ impl Net {
             iface_id: id.to_string(),
             features,
             config: space,
-            thread: DeviceThread::spawn(format!("fc_net{index}"), NetEngine::new(tap, rx, tx)).map_err(io)?,
+            thread: DeviceThread::spawn(format!("fc_net{index}"), NetEngine::new(tap, rx, tx))
+                .map_err(io)?,
         })
     }
 
@@ -373,7 +392,11 @@ impl Net {
     }
 
     /// Applies PATCH /network-interfaces/{id}: new rate limiters, live if running.
-    pub fn update(&mut self, rx: Option<RateLimiterUpdate>, tx: Option<RateLimiterUpdate>) -> Result<(), NetError> {
+    pub fn update(
+        &mut self,
+        rx: Option<RateLimiterUpdate>,
+        tx: Option<RateLimiterUpdate>,
+    ) -> Result<(), NetError> {
         self.thread
             .update(NetUpdate::RateLimiters(rx, tx))
             .map_err(|e| NetError::Io(self.iface_id.clone(), std::io::Error::other(e)))
@@ -411,9 +434,12 @@ impl VirtioDevice for Net {
         } = ctx;
         let mut queues = queues.into_iter();
         let mut evts = queue_evts.into_iter();
-        let (Some(rxq), Some(txq), Some(rx_evt), Some(tx_evt)) = (queues.next(), queues.next(), evts.next(), evts.next())
+        let (Some(rxq), Some(txq), Some(rx_evt), Some(tx_evt)) =
+            (queues.next(), queues.next(), evts.next(), evts.next())
         else {
-            return Err(ActivateError::BadConfig("virtio-net needs its RX and TX queues".into()));
+            return Err(ActivateError::BadConfig(
+                "virtio-net needs its RX and TX queues".into(),
+            ));
         };
         self.thread.start(move |engine| NetHandler {
             engine,
@@ -448,14 +474,28 @@ mod tests {
         let (ours, theirs) = UnixDatagram::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         theirs.set_nonblocking(true).unwrap();
-        let engine = NetEngine::new(Tap::from_fd(ours.into()), RateLimiter::new(None).unwrap(), RateLimiter::new(None).unwrap());
+        let engine = NetEngine::new(
+            Tap::from_fd(ours.into()),
+            RateLimiter::new(None).unwrap(),
+            RateLimiter::new(None).unwrap(),
+        );
         (engine, theirs)
     }
 
     #[test]
     fn macs_parse_strictly() {
-        assert_eq!(parse_mac("06:00:AC:10:00:02"), Some([6, 0, 0xac, 0x10, 0, 2]));
-        for bad in ["", "06:00:ac:10:00", "06:00:ac:10:00:02:03", "6:00:ac:10:00:02", "zz:00:ac:10:00:02", "06-00-ac-10-00-02"] {
+        assert_eq!(
+            parse_mac("06:00:AC:10:00:02"),
+            Some([6, 0, 0xac, 0x10, 0, 2])
+        );
+        for bad in [
+            "",
+            "06:00:ac:10:00",
+            "06:00:ac:10:00:02:03",
+            "6:00:ac:10:00:02",
+            "zz:00:ac:10:00:02",
+            "06-00-ac-10-00-02",
+        ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }
@@ -465,8 +505,10 @@ mod tests {
         let mem = test_memory();
         let (mut e, peer) = engine();
         // Header claims GSO; the frame is split over two buffers.
-        mem.write_slice(&[1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], GuestAddress(0x10000)).unwrap();
-        mem.write_slice(b"frame-part-1|", GuestAddress(0x11000)).unwrap();
+        mem.write_slice(&[1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], GuestAddress(0x10000))
+            .unwrap();
+        mem.write_slice(b"frame-part-1|", GuestAddress(0x11000))
+            .unwrap();
         mem.write_slice(b"part-2", GuestAddress(0x12000)).unwrap();
         let vq = MockSplitQueue::new(&mem, 16);
         vq.add_desc_chains(
@@ -499,7 +541,11 @@ mod tests {
         let mem = test_memory();
         let (mut e, peer) = engine();
         let vq = MockSplitQueue::new(&mem, 16);
-        vq.add_desc_chains(&[desc(0x10000, 64, true, None), desc(0x11000, 64, true, None)], 0).unwrap();
+        vq.add_desc_chains(
+            &[desc(0x10000, 64, true, None), desc(0x11000, 64, true, None)],
+            0,
+        )
+        .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let mut big = vec![0u8; 12 + 100];
         big[12..].fill(b'B');
@@ -518,7 +564,8 @@ mod tests {
         assert_eq!(&buf[10..12], &[1, 0], "num_buffers is 1");
         assert_eq!(&buf[12..], b"small frame");
         assert!(!e.wants_tap_reads(), "the third frame waits for a buffer");
-        vq.add_desc_chains(&[desc(0x12000, 64, true, None)], 2).unwrap();
+        vq.add_desc_chains(&[desc(0x12000, 64, true, None)], 2)
+            .unwrap();
         assert!(e.process_rx(&mem, &mut q));
         assert!(e.wants_tap_reads());
     }

@@ -32,7 +32,9 @@ pub enum TapError {
     #[error("tap name {0:?} is invalid: use 1 to 15 bytes without '/' or NUL")]
     BadName(String),
     /// /dev/net/tun cannot be opened.
-    #[error("cannot open /dev/net/tun: {0} (is the tun module loaded and the device node present?)")]
+    #[error(
+        "cannot open /dev/net/tun: {0} (is the tun module loaded and the device node present?)"
+    )]
     OpenTun(std::io::Error),
     /// An ioctl failed.
     #[error("{what} on tap {name} failed: {err} (does the tap exist, and may this user open it?)")]
@@ -55,7 +57,10 @@ pub struct Tap {
 impl Tap {
     /// Opens (or creates, when privileged) tap `name` with IFF_VNET_HDR and no offloads.
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.bytes().any(|b| b == b'/' || b == 0) {
+        if name.is_empty()
+            || name.len() >= libc::IFNAMSIZ
+            || name.bytes().any(|b| b == b'/' || b == 0)
+        {
             return Err(TapError::BadName(name.to_string()));
         }
         let file = OpenOptions::new()
@@ -82,9 +87,18 @@ impl Tap {
         }
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ as _, &hdr_len as *const libc::c_int) };
+        let ret = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                TUNSETVNETHDRSZ as _,
+                &hdr_len as *const libc::c_int,
+            )
+        };
         if ret < 0 {
-            return Err(ioctl_err("TUNSETVNETHDRSZ", std::io::Error::last_os_error()));
+            return Err(ioctl_err(
+                "TUNSETVNETHDRSZ",
+                std::io::Error::last_os_error(),
+            ));
         }
         // No offloads: the guest is offered none, so the kernel must hand over plain frames.
         // SAFETY: TUNSETOFFLOAD takes its flags by value.
@@ -97,7 +111,9 @@ impl Tap {
 
     /// Wraps any non-blocking, message-preserving fd (a datagram socket in tests and fuzzing).
     pub fn from_fd(fd: OwnedFd) -> Tap {
-        Tap { file: File::from(fd) }
+        Tap {
+            file: File::from(fd),
+        }
     }
 
     /// Reads one frame (with its vnet header).

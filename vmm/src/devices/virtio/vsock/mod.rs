@@ -17,7 +17,10 @@ use self::packet::{Header, HEADER_LEN};
 use super::chain::{read_segments, total_len, write_segments, Chain};
 use super::metrics::{DeviceMetrics, VSOCK as METRICS};
 use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
-use super::{read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
+};
 use crate::config::VsockConfig;
 
 /// Virtio device id of vsock devices.
@@ -61,7 +64,9 @@ fn bind(path: &str) -> Result<UnixListener, VsockError> {
         std::fs::remove_file(path).map_err(|e| VsockError::Bind(path.to_string(), e))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| VsockError::Bind(path.to_string(), e))?;
-    listener.set_nonblocking(true).map_err(|e| VsockError::Bind(path.to_string(), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| VsockError::Bind(path.to_string(), e))?;
     Ok(listener)
 }
 
@@ -89,7 +94,12 @@ impl VsockEngine {
 
     /// Handles every available TX packet; returns whether any buffer was used. Stops while the
     /// answers waiting for RX buffers are at their limit.
-    pub fn process_tx(&mut self, mem: &crate::vstate::memory::GuestMemory, queue: &mut Queue, epoll: &EpollSet) -> bool {
+    pub fn process_tx(
+        &mut self,
+        mem: &crate::vstate::memory::GuestMemory,
+        queue: &mut Queue,
+        epoll: &EpollSet,
+    ) -> bool {
         let mut used = false;
         self.tx_stalled = false;
         loop {
@@ -97,7 +107,9 @@ impl VsockEngine {
                 self.tx_stalled = true;
                 break;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             match Chain::parse(chain, mem, (HEADER_LEN + MAX_PAYLOAD) as u64) {
                 Ok(chain) if chain.writable.is_empty() => self.tx_packet(mem, &chain, epoll),
@@ -111,7 +123,12 @@ impl VsockEngine {
         used
     }
 
-    fn tx_packet(&mut self, mem: &crate::vstate::memory::GuestMemory, chain: &Chain, epoll: &EpollSet) {
+    fn tx_packet(
+        &mut self,
+        mem: &crate::vstate::memory::GuestMemory,
+        chain: &Chain,
+        epoll: &EpollSet,
+    ) {
         let mut raw = [0u8; HEADER_LEN];
         if read_segments(mem, &chain.readable, 0, &mut raw) != HEADER_LEN {
             DeviceMetrics::add(&METRICS.bad_chains, 1);
@@ -129,17 +146,30 @@ impl VsockEngine {
             return;
         }
         DeviceMetrics::add(&METRICS.completed, 1);
-        self.muxer.handle_guest_packet(epoll, &header, &self.payload[..len]);
+        self.muxer
+            .handle_guest_packet(epoll, &header, &self.payload[..len]);
     }
 
     /// Fills RX buffers with waiting packets; returns whether any buffer was used.
-    pub fn process_rx(&mut self, mem: &crate::vstate::memory::GuestMemory, queue: &mut Queue, epoll: &EpollSet) -> bool {
+    pub fn process_rx(
+        &mut self,
+        mem: &crate::vstate::memory::GuestMemory,
+        queue: &mut Queue,
+        epoll: &EpollSet,
+    ) -> bool {
         let mut used = false;
         while self.muxer.has_rx() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let chain = match Chain::parse(chain, mem, u64::from(u32::MAX)) {
-                Ok(chain) if chain.readable.is_empty() && total_len(&chain.writable) >= HEADER_LEN as u64 => chain,
+                Ok(chain)
+                    if chain.readable.is_empty()
+                        && total_len(&chain.writable) >= HEADER_LEN as u64 =>
+                {
+                    chain
+                }
                 _ => {
                     DeviceMetrics::add(&METRICS.bad_chains, 1);
                     if queue.add_used(mem, head, 0).is_err() {
@@ -156,7 +186,12 @@ impl VsockEngine {
                 break;
             };
             let n = write_segments(mem, &chain.writable, 0, &header.encode())
-                + write_segments(mem, &chain.writable, HEADER_LEN as u64, &self.payload[..header.len as usize]);
+                + write_segments(
+                    mem,
+                    &chain.writable,
+                    HEADER_LEN as u64,
+                    &self.payload[..header.len as usize],
+                );
             if queue.add_used(mem, head, n as u32).is_err() {
                 DeviceMetrics::add(&METRICS.bad_chains, 1);
             }
@@ -263,8 +298,11 @@ impl Vsock {
         let guest_cid = u64::from(config.guest_cid);
         Ok(Vsock {
             guest_cid,
-            thread: DeviceThread::spawn("fc_vsock".to_string(), VsockEngine::new(guest_cid, config.uds_path.clone(), listener))
-                .map_err(|e| VsockError::Bind(config.uds_path.clone(), e))?,
+            thread: DeviceThread::spawn(
+                "fc_vsock".to_string(),
+                VsockEngine::new(guest_cid, config.uds_path.clone(), listener),
+            )
+            .map_err(|e| VsockError::Bind(config.uds_path.clone(), e))?,
         })
     }
 }
@@ -300,10 +338,16 @@ impl VirtioDevice for Vsock {
         } = ctx;
         let mut queues = queues.into_iter();
         let mut evts = queue_evts.into_iter();
-        let (Some(rxq), Some(txq), Some(rx_evt), Some(tx_evt), Some(event_evt)) =
-            (queues.next(), queues.next(), evts.next(), evts.next(), evts.next())
-        else {
-            return Err(ActivateError::BadConfig("virtio-vsock needs its RX, TX and event queues".into()));
+        let (Some(rxq), Some(txq), Some(rx_evt), Some(tx_evt), Some(event_evt)) = (
+            queues.next(),
+            queues.next(),
+            evts.next(),
+            evts.next(),
+            evts.next(),
+        ) else {
+            return Err(ActivateError::BadConfig(
+                "virtio-vsock needs its RX, TX and event queues".into(),
+            ));
         };
         self.thread.start(move |engine| VsockHandler {
             engine,
@@ -341,14 +385,30 @@ mod tests {
     }
 
     fn scratch() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("mvm-vsock-unit-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let dir = std::env::temp_dir().join(format!(
+            "mvm-vsock-unit-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
 
     fn packet(op: u16, src_port: u32, dst_port: u32, len: u32) -> [u8; HEADER_LEN] {
-        Header { src_cid: 3, dst_cid: HOST_CID, src_port, dst_port, len, type_: TYPE_STREAM, op, flags: 0, buf_alloc: 4096, fwd_cnt: 0 }.encode()
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 4096,
+            fwd_cnt: 0,
+        }
+        .encode()
     }
 
     #[test]
@@ -357,16 +417,18 @@ mod tests {
         let mem = test_memory();
         let epoll = EpollSet::new().unwrap();
         let mut e = engine(&dir);
-        mem.write_slice(&packet(op::REQUEST, 1000, 4444, 0), GuestAddress(0x10000)).unwrap();
-        mem.write_slice(&packet(op::RW, 1001, 4445, 500), GuestAddress(0x11000)).unwrap();
+        mem.write_slice(&packet(op::REQUEST, 1000, 4444, 0), GuestAddress(0x10000))
+            .unwrap();
+        mem.write_slice(&packet(op::RW, 1001, 4445, 500), GuestAddress(0x11000))
+            .unwrap();
         let txq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
         txq.add_desc_chains(
             &[
-                desc(0x10000, 20, false, None),                 // short header
-                desc(0x10000, HEADER_LEN as u32, true, None),   // wrong direction
+                desc(0x10000, 20, false, None),                     // short header
+                desc(0x10000, HEADER_LEN as u32, true, None),       // wrong direction
                 desc(0x11000, HEADER_LEN as u32 + 10, false, None), // len says 500, 10 present
-                desc(0xffff0, HEADER_LEN as u32, false, None),  // outside memory
-                desc(0x10000, HEADER_LEN as u32, false, None),  // valid: REQUEST to 4444, nobody listens
+                desc(0xffff0, HEADER_LEN as u32, false, None),      // outside memory
+                desc(0x10000, HEADER_LEN as u32, false, None), // valid: REQUEST to 4444, nobody listens
                 desc(0x10000, HEADER_LEN as u32, false, Some(6)), // a loop: 5 -> 6 -> 5
                 desc(0x10000, HEADER_LEN as u32, false, Some(5)),
             ],
@@ -379,16 +441,33 @@ mod tests {
         assert_eq!(e.muxer().connection_count(), 0);
 
         let rxq_mock = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
-        rxq_mock.add_desc_chains(&[desc(0x20000, 16, true, None), desc(0x21000, 4096, true, None)], 0).unwrap();
+        rxq_mock
+            .add_desc_chains(
+                &[
+                    desc(0x20000, 16, true, None),
+                    desc(0x21000, 4096, true, None),
+                ],
+                0,
+            )
+            .unwrap();
         let mut rxq: Queue = rxq_mock.create_queue().unwrap();
         assert!(e.process_rx(&mem, &mut rxq, &epoll));
-        assert_eq!(rxq.next_used(), 2, "the too-small buffer is returned empty, the next one used");
-        let used_len: u32 = mem.read_obj(rxq_mock.used_addr().unchecked_add(4 + 8 + 4)).unwrap();
+        assert_eq!(
+            rxq.next_used(),
+            2,
+            "the too-small buffer is returned empty, the next one used"
+        );
+        let used_len: u32 = mem
+            .read_obj(rxq_mock.used_addr().unchecked_add(4 + 8 + 4))
+            .unwrap();
         assert_eq!(used_len, HEADER_LEN as u32);
         let mut raw = [0u8; HEADER_LEN];
         mem.read_slice(&mut raw, GuestAddress(0x21000)).unwrap();
         let rst = Header::decode(&raw);
-        assert_eq!((rst.op, rst.src_port, rst.dst_port, rst.dst_cid), (op::RST, 4444, 1000, 3));
+        assert_eq!(
+            (rst.op, rst.src_port, rst.dst_port, rst.dst_cid),
+            (op::RST, 4444, 1000, 3)
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -400,12 +479,20 @@ mod tests {
         let epoll = EpollSet::new().unwrap();
         let mut e = engine(&dir);
         let host = std::os::unix::net::UnixListener::bind(dir.join("v.sock_52")).unwrap();
-        mem.write_slice(&packet(op::REQUEST, 700, 52, 0), GuestAddress(0x10000)).unwrap();
+        mem.write_slice(&packet(op::REQUEST, 700, 52, 0), GuestAddress(0x10000))
+            .unwrap();
         let mut data = packet(op::RW, 700, 52, 5).to_vec();
         data.extend_from_slice(b"hello");
         mem.write_slice(&data, GuestAddress(0x11000)).unwrap();
         let txq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        txq.add_desc_chains(&[desc(0x10000, HEADER_LEN as u32, false, None), desc(0x11000, data.len() as u32, false, None)], 0).unwrap();
+        txq.add_desc_chains(
+            &[
+                desc(0x10000, HEADER_LEN as u32, false, None),
+                desc(0x11000, data.len() as u32, false, None),
+            ],
+            0,
+        )
+        .unwrap();
         let mut q: Queue = txq.create_queue().unwrap();
         e.process_tx(&mem, &mut q, &epoll);
         assert_eq!(e.muxer().connection_count(), 1);
@@ -417,7 +504,9 @@ mod tests {
         stream.write_all(&[7u8; 6000]).unwrap();
         let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 8];
         let rxq_mock = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
-        let bufs: Vec<_> = (0..4).map(|i| desc(0x20000 + i * 0x2000, 8192, true, None)).collect();
+        let bufs: Vec<_> = (0..4)
+            .map(|i| desc(0x20000 + i * 0x2000, 8192, true, None))
+            .collect();
         rxq_mock.add_desc_chains(&bufs, 0).unwrap();
         let mut rxq: Queue = rxq_mock.create_queue().unwrap();
         // RESPONSE first.
@@ -427,7 +516,11 @@ mod tests {
             e.handle_host_event(&epoll, ev.data(), ev.event_set());
         }
         e.process_rx(&mem, &mut rxq, &epoll);
-        assert_eq!(rxq.next_used(), 2, "RESPONSE, then one RW limited by credit");
+        assert_eq!(
+            rxq.next_used(),
+            2,
+            "RESPONSE, then one RW limited by credit"
+        );
         let mut raw = [0u8; HEADER_LEN];
         mem.read_slice(&mut raw, GuestAddress(0x22000)).unwrap();
         let rw = Header::decode(&raw);

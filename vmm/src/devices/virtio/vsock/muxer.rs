@@ -111,7 +111,11 @@ impl Connection {
 
     fn wanted_interest(&self) -> EventSet {
         let mut events = EventSet::empty();
-        if self.state == ConnState::Established && !self.ready && !self.host_eof && self.peer_credit() > 0 {
+        if self.state == ConnState::Established
+            && !self.ready
+            && !self.host_eof
+            && self.peer_credit() > 0
+        {
             events |= EventSet::IN;
         }
         if !self.to_host.is_empty() {
@@ -235,7 +239,9 @@ impl Muxer {
     }
 
     fn queue_conn_control(&mut self, key: Key, op: u16, flags: u32) {
-        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
         conn.fwd_cnt_sent = conn.fwd_cnt;
         let fwd = conn.fwd_cnt;
         let header = self.header(key, op, flags, fwd);
@@ -258,7 +264,9 @@ impl Muxer {
     }
 
     fn update_interest(&mut self, epoll: &EpollSet, key: Key) {
-        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
         let wanted = conn.wanted_interest();
         if wanted == conn.interest {
             return;
@@ -342,7 +350,9 @@ impl Muxer {
                 }
                 self.maybe_credit_update(key);
             }
-            (op::CREDIT_REQUEST, ConnState::Established) => self.queue_conn_control(key, op::CREDIT_UPDATE, 0),
+            (op::CREDIT_REQUEST, ConnState::Established) => {
+                self.queue_conn_control(key, op::CREDIT_UPDATE, 0)
+            }
             (op::CREDIT_UPDATE, _) => {}
             (op::SHUTDOWN, _) => {
                 if hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
@@ -390,15 +400,22 @@ impl Muxer {
                 return;
             }
         };
-        self.insert(epoll, Connection::new(stream, key, ConnState::Established, hdr));
+        self.insert(
+            epoll,
+            Connection::new(stream, key, ConnState::Established, hdr),
+        );
         self.queue_conn_control(key, op::RESPONSE, 0);
     }
 
     /// Tells the guest about freed buffer space once its view of it runs low.
     fn maybe_credit_update(&mut self, key: Key) {
-        let Some(conn) = self.conns.get(&key) else { return };
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
         let unacked = (conn.rx_from_guest - conn.fwd_cnt_sent).0;
-        if conn.fwd_cnt != conn.fwd_cnt_sent && CONN_BUF_SIZE.saturating_sub(unacked) < CONN_BUF_SIZE / 4 {
+        if conn.fwd_cnt != conn.fwd_cnt_sent
+            && CONN_BUF_SIZE.saturating_sub(unacked) < CONN_BUF_SIZE / 4
+        {
             self.queue_conn_control(key, op::CREDIT_UPDATE, 0);
         }
     }
@@ -410,7 +427,9 @@ impl Muxer {
         } else if self.pending.contains_key(&token) {
             self.read_connect_line(epoll, token);
         } else if let Some(&key) = self.by_token.get(&token) {
-            let Some(conn) = self.conns.get_mut(&key) else { return };
+            let Some(conn) = self.conns.get_mut(&key) else {
+                return;
+            };
             if events.contains(EventSet::OUT) {
                 if conn.flush().is_err() {
                     self.rst(key);
@@ -419,8 +438,11 @@ impl Muxer {
                 }
                 self.maybe_credit_update(key);
             }
-            let Some(conn) = self.conns.get_mut(&key) else { return };
-            if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) && !conn.ready {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                return;
+            };
+            if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) && !conn.ready
+            {
                 conn.ready = true;
                 self.data_ready.push_back(key);
             }
@@ -442,13 +464,21 @@ impl Muxer {
             }
             let token = TOKEN_BASE + stream.as_raw_fd() as u64;
             if epoll.add(stream.as_raw_fd(), EventSet::IN, token).is_ok() {
-                self.pending.insert(token, PendingAccept { stream, line: Vec::new() });
+                self.pending.insert(
+                    token,
+                    PendingAccept {
+                        stream,
+                        line: Vec::new(),
+                    },
+                );
             }
         }
     }
 
     fn read_connect_line(&mut self, epoll: &EpollSet, token: u64) {
-        let Some(p) = self.pending.get_mut(&token) else { return };
+        let Some(p) = self.pending.get_mut(&token) else {
+            return;
+        };
         // Byte by byte: whatever follows the line is stream data for the guest.
         let mut byte = [0u8; 1];
         let done = loop {
@@ -480,14 +510,20 @@ impl Muxer {
             buf_alloc: 0,
             ..Default::default()
         };
-        self.insert(epoll, Connection::new(p.stream, key, ConnState::AwaitingResponse, &placeholder));
+        self.insert(
+            epoll,
+            Connection::new(p.stream, key, ConnState::AwaitingResponse, &placeholder),
+        );
         self.queue_conn_control(key, op::REQUEST, 0);
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
         loop {
             let port = self.next_local_port;
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.conns.contains_key(&(port, peer_port)) {
                 return port;
             }
@@ -496,12 +532,19 @@ impl Muxer {
 
     /// The next packet for the guest, with its payload in `payload` (at most `room` bytes), or
     /// None when nothing is ready.
-    pub fn next_rx_packet(&mut self, epoll: &EpollSet, payload: &mut [u8], room: usize) -> Option<Header> {
+    pub fn next_rx_packet(
+        &mut self,
+        epoll: &EpollSet,
+        payload: &mut [u8],
+        room: usize,
+    ) -> Option<Header> {
         if let Some(header) = self.control.pop_front() {
             return Some(header);
         }
         while let Some(key) = self.data_ready.pop_front() {
-            let Some(conn) = self.conns.get_mut(&key) else { continue };
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
             conn.ready = false;
             let credit = conn.peer_credit() as usize;
             let want = credit.min(room).min(payload.len());
@@ -529,7 +572,9 @@ impl Muxer {
                     self.update_interest(epoll, key);
                     return Some(header);
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+                {
                     self.update_interest(epoll, key);
                 }
                 Err(_) => {
@@ -557,7 +602,13 @@ fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
         *dst = *src as libc::c_char;
     }
     // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -587,7 +638,9 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 /// Length of what [`Muxer::next_rx_packet`] puts in an RX buffer of `buffer_len` bytes: the
 /// payload room after the header.
 pub fn payload_room(buffer_len: u64) -> usize {
-    buffer_len.saturating_sub(HEADER_LEN as u64).min(usize::MAX as u64) as usize
+    buffer_len
+        .saturating_sub(HEADER_LEN as u64)
+        .min(usize::MAX as u64) as usize
 }
 
 #[cfg(test)]
@@ -612,7 +665,10 @@ mod tests {
         };
         assert_eq!(err.kind(), ErrorKind::WouldBlock, "{err}");
         assert!(connect_nonblocking(&format!("{path}.missing")).is_err());
-        assert_eq!(connect_nonblocking(&"x".repeat(200)).unwrap_err().kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            connect_nonblocking(&"x".repeat(200)).unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -620,7 +676,14 @@ mod tests {
     fn connect_lines_parse_strictly() {
         assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
         assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
-        for bad in [&b"connect 52"[..], b"CONNECT", b"CONNECT -1", b"CONNECT 99999999999", b"CONNECT 5 2", b"\xff"] {
+        for bad in [
+            &b"connect 52"[..],
+            b"CONNECT",
+            b"CONNECT -1",
+            b"CONNECT 99999999999",
+            b"CONNECT 5 2",
+            b"\xff",
+        ] {
             assert_eq!(parse_connect(bad), None, "{bad:?}");
         }
     }
