@@ -375,6 +375,7 @@ mod tests {
     use super::packet::{op, HOST_CID, TYPE_STREAM};
     use super::*;
     use crate::devices::virtio::chain::tests::{desc, test_memory};
+    use crate::vstate::memory::GuestMemory;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -525,6 +526,73 @@ mod tests {
         mem.read_slice(&mut raw, GuestAddress(0x22000)).unwrap();
         let rw = Header::decode(&raw);
         assert_eq!((rw.op, rw.len), (op::RW, 4096));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn many_guest_connections_are_served_at_once() {
+        const CONNS: u32 = 200;
+        let dir = scratch();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let epoll = EpollSet::new().unwrap();
+        let mut e = engine(&dir);
+        let host = std::os::unix::net::UnixListener::bind(dir.join("v.sock_80")).unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = accepted.clone();
+        let acceptor = std::thread::spawn(move || {
+            (0..CONNS)
+                .map(|_| {
+                    let stream = host.accept().unwrap().0;
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    stream
+                })
+                .collect::<Vec<_>>()
+        });
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0), 256);
+        let rxq_mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 256);
+        let mut tx: Queue = txq.create_queue().unwrap();
+        let mut rx: Queue = rxq_mock.create_queue().unwrap();
+        let mut responses = 0;
+        // In batches of 50: the host side accepts while the guest keeps connecting.
+        for batch in 0..CONNS / 50 {
+            let mut descs = Vec::new();
+            let mut bufs = Vec::new();
+            for i in 0..50 {
+                let n = batch * 50 + i;
+                let addr = 0x100000 + u64::from(n) * 0x100;
+                mem.write_slice(&packet(op::REQUEST, 10_000 + n, 80, 0), GuestAddress(addr))
+                    .unwrap();
+                descs.push(desc(addr, HEADER_LEN as u32, false, None));
+                bufs.push(desc(0x200000 + u64::from(n) * 0x100, 0x100, true, None));
+            }
+            txq.add_desc_chains(&descs, (batch * 50) as u16).unwrap();
+            rxq_mock
+                .add_desc_chains(&bufs, (batch * 50) as u16)
+                .unwrap();
+            e.process_tx(&mem, &mut tx, &epoll);
+            e.process_rx(&mem, &mut rx, &epoll);
+            // Keep the listener's backlog (128) from filling: wait for the host to catch up.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while accepted.load(std::sync::atomic::Ordering::SeqCst) < (batch + 1) * 50 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the host side stopped accepting"
+                );
+                std::thread::yield_now();
+            }
+        }
+        for n in 0..CONNS {
+            let mut raw = [0u8; HEADER_LEN];
+            mem.read_slice(&mut raw, GuestAddress(0x200000 + u64::from(n) * 0x100))
+                .unwrap();
+            if Header::decode(&raw).op == op::RESPONSE {
+                responses += 1;
+            }
+        }
+        let streams = acceptor.join().unwrap();
+        assert_eq!(responses, CONNS);
+        assert_eq!(e.muxer().connection_count(), CONNS as usize);
+        assert_eq!(streams.len(), CONNS as usize);
         let _ = std::fs::remove_dir_all(dir);
     }
 
