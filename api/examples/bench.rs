@@ -185,12 +185,13 @@ fn main() {
         let mut pss = 0;
         let mut procs = 0;
         for id in &ids {
-            let mut pids: Vec<String> = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{}/{id}/cgroup.procs", cfg.cgroup_parent))
+            let mut pids: std::collections::BTreeSet<String> = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{}/{id}/cgroup.procs", cfg.cgroup_parent))
                 .unwrap_or_default()
                 .lines()
                 .map(str::to_owned)
                 .collect();
             pids.extend(api::manager::host::jailer_pids(id).iter().map(|p| p.to_string()));
+            // The pid-namespace init is in the cgroup and has the jailer's command line.
             procs += pids.len();
             pss += pids.iter().map(|p| pss_kib(p)).sum::<u64>();
         }

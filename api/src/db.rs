@@ -50,6 +50,21 @@ pub struct SandboxRow {
     pub pid: u32,
 }
 
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// Unix time (s).
+    pub at: i64,
+    /// Tenant of the caller (`-` when unauthenticated).
+    pub tenant: String,
+    /// `METHOD /path`.
+    pub action: String,
+    /// Sandbox id or other target.
+    pub target: String,
+    /// HTTP status of the answer.
+    pub status: u16,
+}
+
 /// What a tenant currently uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -414,8 +429,8 @@ impl Db {
         Ok(())
     }
 
-    /// The last `n` audit entries, newest last: (unix time, tenant, action, target, status).
-    pub fn audit_tail(&self, n: u32) -> Result<Vec<(i64, String, String, String, u16)>> {
+    /// The last `n` audit entries, newest last.
+    pub fn audit_tail(&self, n: u32) -> Result<Vec<AuditEntry>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT at, tenant, action, target, status FROM
@@ -423,7 +438,13 @@ impl Db {
         )?;
         let rows = stmt
             .query_map(params![n], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok(AuditEntry {
+                    at: r.get(0)?,
+                    tenant: r.get(1)?,
+                    action: r.get(2)?,
+                    target: r.get(3)?,
+                    status: r.get(4)?,
+                })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)

@@ -90,7 +90,7 @@ fn create_exec_delete_leaves_nothing() {
     // Every mutating call is in the audit log.
     let db = api::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
     let audit = db.audit_tail(50).expect("audit");
-    let actions: Vec<&str> = audit.iter().map(|a| a.2.as_str()).collect();
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
     assert!(actions.contains(&"POST /v1/sandboxes"), "{actions:?}");
     assert!(
         actions
@@ -99,7 +99,9 @@ fn create_exec_delete_leaves_nothing() {
         "{actions:?}"
     );
     assert!(
-        audit.iter().all(|a| a.1 == "default" || a.1 == "-"),
+        audit
+            .iter()
+            .all(|a| a.tenant == "default" || a.tenant == "-"),
         "{audit:?}"
     );
 }
@@ -1034,5 +1036,32 @@ fn metrics_and_health() {
         let t = c.templates().await.expect("templates");
         assert!(t.iter().any(|t| t.name == "default"), "{t:?}");
         c.delete(&s.id).await.expect("delete");
+    });
+}
+
+#[test]
+fn optional_tcp_listener_with_the_same_auth() {
+    if !root_or_skip("optional_tcp_listener_with_the_same_auth") {
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&["--tcp", &addr]);
+    block_on(async {
+        let tcp = api::client::Client::new(api::http::Endpoint::Tcp(addr.clone()), Some(d.token()));
+        let s = tcp.create(&jail()).await.expect("create over TCP");
+        assert_eq!(
+            tcp.exec(&s.id, &cmd(&["echo", "tcp"]))
+                .await
+                .expect("exec")
+                .stdout,
+            "tcp\n"
+        );
+        let anonymous = api::client::Client::new(api::http::Endpoint::Tcp(addr), None);
+        assert_eq!(api_status(&anonymous.get(&s.id).await.unwrap_err()).0, 401);
+        tcp.delete(&s.id).await.expect("delete");
     });
 }

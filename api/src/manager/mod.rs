@@ -347,8 +347,14 @@ impl Manager {
             })
     }
 
-    /// Checks a create request and fills in the defaults.
-    fn plan(&self, tenant: &str, req: CreateSandbox) -> Result<(Sandbox, Template)> {
+    /// Checks a create request and fills in the defaults; `userland` replaces the template's
+    /// file system (jail tier only).
+    fn plan(
+        &self,
+        tenant: &str,
+        req: CreateSandbox,
+        userland: Option<PathBuf>,
+    ) -> Result<(Sandbox, Userland)> {
         let isolation = req.isolation.unwrap_or(self.inner.cfg.default_isolation);
         if isolation == Isolation::Vm {
             if let Some(why) = self.vm_tier_unavailable() {
@@ -386,9 +392,28 @@ impl Manager {
             }
         }
         let network = net::validate(&req.network.unwrap_or_default())?;
-        let template_name = req.template.unwrap_or_else(|| DEFAULT_TEMPLATE.into());
-        db::validate_name("template", &template_name)?;
-        let template = self.template(&template_name)?;
+        let (template_name, userland) = match userland {
+            Some(_) if isolation == Isolation::Vm => {
+                return Err(Error::Invalid(
+                    "a host directory as the sandbox's file system needs the jail tier; \
+                     the vm tier boots from a template image"
+                        .into(),
+                ))
+            }
+            Some(dir) if !dir.is_absolute() || !dir.is_dir() => {
+                return Err(Error::Invalid(format!(
+                    "userland {} must be an absolute path to a directory",
+                    dir.display()
+                )))
+            }
+            Some(dir) => (dir.display().to_string(), Userland::Dir(dir)),
+            None => {
+                let name = req.template.unwrap_or_else(|| DEFAULT_TEMPLATE.into());
+                db::validate_name("template", &name)?;
+                let template = self.template(&name)?;
+                (name, Userland::Template(template))
+            }
+        };
         let now = db::now();
         let sandbox = Sandbox {
             id: db::random_hex(6)?,
@@ -410,13 +435,35 @@ impl Manager {
             },
             metadata: req.metadata,
         };
-        Ok((sandbox, template))
+        Ok((sandbox, userland))
     }
 
     /// Creates a sandbox for `tenant` and waits until its agent answers.
     pub async fn create(&self, tenant: &Tenant, req: CreateSandbox) -> Result<Sandbox> {
+        self.create_in(tenant, req, None).await
+    }
+
+    /// Creates a jail-tier sandbox whose file system is the host directory `userland` (bound
+    /// read-write into the jail, top-level directories but /dev, /proc, /run and /sys) instead
+    /// of a template's; its `template` field is that path. For container runtimes, whose
+    /// snapshotter has already made the container's writable root.
+    pub async fn create_with_userland(
+        &self,
+        tenant: &Tenant,
+        req: CreateSandbox,
+        userland: PathBuf,
+    ) -> Result<Sandbox> {
+        self.create_in(tenant, req, Some(userland)).await
+    }
+
+    async fn create_in(
+        &self,
+        tenant: &Tenant,
+        req: CreateSandbox,
+        userland: Option<PathBuf>,
+    ) -> Result<Sandbox> {
         let started = Instant::now();
-        let (sandbox, template) = self.plan(&tenant.name, req)?;
+        let (sandbox, template) = self.plan(&tenant.name, req, userland)?;
         let slot = self.inner.db.insert_sandbox(&sandbox, &tenant.quota)?;
         let mut row = SandboxRow {
             sandbox,
@@ -454,7 +501,7 @@ impl Manager {
         }
     }
 
-    async fn build(&self, row: &mut SandboxRow, template: &Template) -> Result<()> {
+    async fn build(&self, row: &mut SandboxRow, userland: &Userland) -> Result<()> {
         let cfg = self.inner.cfg.clone();
         let s = row.sandbox.clone();
         let uid = cfg.uid_base + row.slot;
@@ -463,7 +510,7 @@ impl Manager {
             egress: s.network.egress,
             allow: s.network.allow.clone(),
         };
-        let template = template.clone();
+        let userland = userland.clone();
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
         let started = Instant::now();
         let (network, child) = blocking(move || {
@@ -471,14 +518,18 @@ impl Manager {
             let network = net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
             let dir = cfg.sandbox_dir(&s.id);
             std::fs::create_dir_all(&dir).map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
-            let jail = match s.isolation {
-                Isolation::Jail => {
+            let jail = match (s.isolation, &userland) {
+                (Isolation::Jail, Userland::Template(template)) => {
                     let base = rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
                     let overlay = rootfs::Overlay::at(&dir);
                     overlay.mount(&base, uid)?;
-                    jail_config(&cfg, &s, uid, &overlay)?
+                    jail_config(&cfg, &s, uid, &overlay.merged)?
                 }
-                Isolation::Vm => {
+                (Isolation::Jail, Userland::Dir(tree)) => jail_config(&cfg, &s, uid, tree)?,
+                (Isolation::Vm, Userland::Dir(_)) => {
+                    return Err(Error::Invalid("the vm tier boots from a template image".into()))
+                }
+                (Isolation::Vm, Userland::Template(template)) => {
                     if !Path::new(&template.kernel).is_file() {
                         return Err(Error::Invalid(format!(
                             "template {} has no kernel at {}; build it with `mvm build` (guest-kernel/build.sh)",
@@ -487,7 +538,7 @@ impl Manager {
                     }
                     let layer = dir.join("layer.ext4");
                     rootfs::make_layer(&layer, uid)?;
-                    vm_jail_config(&cfg, &s, uid, &template, &layer)
+                    vm_jail_config(&cfg, &s, uid, template, &layer)
                 }
             };
             let console = std::fs::File::create(dir.join("console.log"))
@@ -1009,6 +1060,15 @@ impl Manager {
     }
 }
 
+/// Where a sandbox's file system comes from.
+#[derive(Clone)]
+enum Userland {
+    /// A registered template's image.
+    Template(Template),
+    /// A host directory (jail tier).
+    Dir(PathBuf),
+}
+
 /// The jailer child's exit status, once it has exited.
 fn exited(live: &Live) -> Option<std::process::ExitStatus> {
     lock(&live.child)
@@ -1085,18 +1145,13 @@ fn base_jail(cfg: &ManagerConfig, s: &Sandbox, uid: u32, exec: PathBuf) -> JailC
     j
 }
 
-/// The jail of the jail tier: mvm-agent on a unix socket, the overlay's directories bound in.
-fn jail_config(
-    cfg: &ManagerConfig,
-    s: &Sandbox,
-    uid: u32,
-    overlay: &rootfs::Overlay,
-) -> Result<JailConfig> {
+/// The jail of the jail tier: mvm-agent on a unix socket, the directories of `tree` (the
+/// overlay, or a caller's userland) bound in.
+fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Result<JailConfig> {
     let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join("mvm-agent"));
     j.mount_proc = true;
     j.cgroups = cgroup_settings(s.vcpus, s.memory_mib << 20);
-    j.mounts = overlay
-        .jail_mounts()?
+    j.mounts = rootfs::jail_mounts(tree)?
         .into_iter()
         .map(|(host, jail)| BindMount {
             host,

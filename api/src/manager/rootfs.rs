@@ -169,25 +169,24 @@ impl Overlay {
     pub fn unmount(&self) -> Result<()> {
         host::umount(&self.merged)
     }
+}
 
-    /// (host dir, jail path) of every top-level directory to bind into the jail.
-    pub fn jail_mounts(&self) -> Result<Vec<(PathBuf, PathBuf)>> {
-        let entries = std::fs::read_dir(&self.merged)
-            .map_err(|e| Error::host(format!("reading {}", self.merged.display()), e))?;
-        let mut mounts = Vec::new();
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| Error::host(format!("reading {}", self.merged.display()), e))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-            if is_dir && !NOT_IN_JAIL.contains(&name.as_ref()) {
-                mounts.push((entry.path(), Path::new("/").join(name.as_ref())));
-            }
+/// (host dir, jail path) of every top-level directory of `tree` to bind into a jail.
+pub fn jail_mounts(tree: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let entries = std::fs::read_dir(tree)
+        .map_err(|e| Error::host(format!("reading {}", tree.display()), e))?;
+    let mut mounts = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::host(format!("reading {}", tree.display()), e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if is_dir && !NOT_IN_JAIL.contains(&name.as_ref()) {
+            mounts.push((entry.path(), Path::new("/").join(name.as_ref())));
         }
-        mounts.sort();
-        Ok(mounts)
     }
+    mounts.sort();
+    Ok(mounts)
 }
 
 /// Makes the vm tier's writable layer: a sparse blank ext4 file owned by `uid`.

@@ -48,9 +48,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::JsonDataError(e)) => {
-                Err(Error::Invalid(format!("{}", e.body_text())))
-            }
+            Err(JsonRejection::JsonDataError(e)) => Err(Error::Invalid(e.body_text())),
             Err(JsonRejection::JsonSyntaxError(e)) => Err(Error::BadRequest(e.body_text())),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::BadRequest(
                 "send the body as JSON with `Content-Type: application/json`".into(),

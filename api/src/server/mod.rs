@@ -417,6 +417,15 @@ pub async fn serve(manager: Manager, cfg: ServeConfig) -> Result<()> {
             cfg.socket.display()
         )));
     }
+    // TCP first: once the unix socket answers, every listener is up.
+    let tcp = match cfg.tcp {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::host(format!("listening on {addr}"), e))?,
+        ),
+        None => None,
+    };
     let _ = std::fs::remove_file(&cfg.socket);
     let unix = tokio::net::UnixListener::bind(&cfg.socket)
         .map_err(|e| Error::host(format!("listening on {}", cfg.socket.display()), e))?;
@@ -445,11 +454,8 @@ pub async fn serve(manager: Manager, cfg: ServeConfig) -> Result<()> {
     };
     tracing::info!(socket = %cfg.socket.display(), tcp = ?cfg.tcp, "mvmd serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let tcp_task = match cfg.tcp {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::host(format!("listening on {addr}"), e))?;
+    let tcp_task = match tcp {
+        Some(listener) => {
             let app = app.clone();
             let mut rx = stop_rx.clone();
             Some(tokio::spawn(async move {

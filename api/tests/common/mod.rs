@@ -87,12 +87,19 @@ pub struct Daemon {
     pub cgroup_parent: String,
     /// Third octet-pair base of its /16, e.g. "10.231.".
     pub subnet_prefix: String,
+    /// Extra mvmd arguments.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl Daemon {
     /// Starts mvmd and waits until it answers.
     pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// Starts mvmd with extra arguments and waits until it answers.
+    pub fn start_with(extra: &[&str]) -> Daemon {
         ensure_prerequisites();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = tempfile::Builder::new()
@@ -105,6 +112,7 @@ impl Daemon {
             cgroup_parent: format!("mvmtest-{}-{n}", std::process::id()),
             subnet_prefix: format!("10.{second}."),
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         d.spawn();
@@ -139,6 +147,7 @@ impl Daemon {
             .arg(&self.cgroup_parent)
             .arg("--subnet")
             .arg(format!("{}0.0", self.subnet_prefix))
+            .args(&self.extra)
             .env("MVM_BIN_DIR", bin_dir())
             .env("MVM_ARTIFACTS", artifacts())
             .env_remove("MVM_VM_TIER")
