@@ -1,0 +1,50 @@
+//! Errors of the shim, and their ttrpc status codes.
+
+use containerd_shim::protos::ttrpc::{self, Code};
+
+/// What went wrong in a Task service call.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request or the OCI spec is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such container or process.
+    #[error("{0}")]
+    NotFound(String),
+    /// The container or process is in the wrong state for the call.
+    #[error("{0}")]
+    State(String),
+    /// From the sandbox manager (e.g. the vm tier on a host that cannot run VMs).
+    #[error("mvm: {0}")]
+    Manager(#[from] api::Error),
+    /// From the sandbox's agent.
+    #[error("mvm sandbox agent: {0}")]
+    Agent(#[from] agent::ClientError),
+    /// Host file, FIFO or mount operations.
+    #[error("{0}")]
+    Host(String),
+}
+
+/// Result of the shim.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A host error with what was being done.
+    pub fn host(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
+        Error::Host(format!("{what}: {e}"))
+    }
+}
+
+impl From<Error> for ttrpc::Error {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::Invalid(_) => Code::INVALID_ARGUMENT,
+            Error::NotFound(_) => Code::NOT_FOUND,
+            Error::State(_) => Code::FAILED_PRECONDITION,
+            Error::Manager(api::Error::TierUnavailable(_)) => Code::FAILED_PRECONDITION,
+            Error::Manager(api::Error::Invalid(_)) => Code::INVALID_ARGUMENT,
+            Error::Manager(_) | Error::Agent(_) | Error::Host(_) => Code::INTERNAL,
+        };
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    }
+}

@@ -1,0 +1,14 @@
+//! `containerd-shim-mvm-v2`: containerd's runtime v2 Task service backed by mvm sandboxes.
+//!
+//! One shim process per container, one sandbox per container, managed in-process through
+//! [`api::Manager`] (daemonless, like `mvm run`) with state under
+//! `/run/mvm-shim/<namespace>/<id>`. The container's processes (init and execs) run through
+//! the sandbox's agent; their stdio is pumped between the agent and the FIFOs containerd hands
+//! over, and their exits are published to containerd as `/tasks/exit` events.
+
+pub mod error;
+mod io;
+pub mod service;
+pub mod spec;
+
+pub use service::MvmShim;

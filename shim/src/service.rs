@@ -1,0 +1,885 @@
+//! The shim (start/delete actions) and the Task service.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ::api::db::Tenant;
+use ::api::model::{Isolation, Sandbox};
+use ::api::{Manager, ManagerConfig};
+use async_trait::async_trait;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::event::Event;
+use containerd_shim::protos::api;
+use containerd_shim::protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::ttrpc::context::Context;
+use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
+use containerd_shim::protos::types::task::ProcessInfo;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::util::{convert_to_any, timestamp};
+use containerd_shim::{Config, Flags, StartOpts, TtrpcResult};
+use tokio::sync::{oneshot, watch, Mutex, OnceCell};
+
+use crate::error::{Error, Result};
+use crate::{io, spec};
+
+/// Where the shims keep their sandbox managers' state, `<dir>/<namespace>/<id>`, unless
+/// `MVM_SHIM_STATE_DIR` says otherwise.
+const STATE_ROOT: &str = "/run/mvm-shim";
+/// Parent cgroup of the shims' sandboxes, unless `MVM_CGROUP_PARENT` says otherwise.
+const CGROUP_PARENT: &str = "mvm-shim";
+/// The tenant of every shim sandbox.
+const TENANT: &str = "containerd";
+/// Exit status reported for a process whose end the shim did not see.
+const UNKNOWN_EXIT: u32 = 255;
+
+/// The state directory of the shim of container `id` in `namespace`.
+fn state_dir(namespace: &str, id: &str) -> PathBuf {
+    std::env::var_os("MVM_SHIM_STATE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| STATE_ROOT.into())
+        .join(namespace)
+        .join(id)
+}
+
+/// A sandbox manager of its own for one shim: own state and run dirs, so shims never see
+/// (or reconcile away) each other's sandboxes. The sandbox user ids are spread by a hash of
+/// the directory so concurrent pods do not share one.
+fn manager_config(dir: &Path) -> ManagerConfig {
+    let mut cfg = ManagerConfig::from_env();
+    cfg.state_dir = dir.join("state");
+    cfg.run_dir = dir.join("run");
+    if std::env::var_os("MVM_CGROUP_PARENT").is_none_or(|p| p.is_empty()) {
+        cfg.cgroup_parent = CGROUP_PARENT.into();
+    }
+    let h = dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    cfg.uid_base = 300_000 + (h % 100_000) as u32 * 16;
+    cfg
+}
+
+/// Opens the shim's manager and its tenant.
+async fn open_manager(dir: &Path) -> Result<(Manager, Tenant)> {
+    let (manager, _) = Manager::open(manager_config(dir)).await?;
+    manager.db().ensure_tenant(TENANT)?;
+    let tenant = manager
+        .db()
+        .tenant(TENANT)?
+        .ok_or_else(|| Error::Host(format!("tenant {TENANT} missing from the shim's state")))?;
+    Ok((manager, tenant))
+}
+
+/// Destroys every sandbox of a shim's manager, unmounts `rootfs` and removes the state dir.
+async fn cleanup(dir: &Path, rootfs: Option<&Path>) -> Result<()> {
+    if dir.is_dir() {
+        let (manager, tenant) = open_manager(dir).await?;
+        for s in manager.list(Some(&tenant.name))? {
+            manager.destroy(&tenant.name, &s.id).await?;
+        }
+    }
+    if let Some(rootfs) = rootfs {
+        unmount(rootfs)?;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::host(format!("removing {}", dir.display()), e))
+        }
+        _ => {}
+    }
+    // The namespace directory goes with its last shim.
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+/// Detaches whatever is mounted on `path` (nothing mounted is fine).
+fn unmount(path: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::Invalid(format!("path {} contains NUL", path.display())))?;
+    loop {
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == 0 {
+            // Stacked mounts (e.g. a retried create): take them all.
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+            _ => Err(Error::host(format!("unmounting {}", path.display()), e)),
+        };
+    }
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug)]
+struct Exit {
+    status: u32,
+    at: (i64, i32),
+}
+
+impl Exit {
+    fn now(status: u32) -> Exit {
+        let t = timestamp().unwrap_or_default();
+        Exit {
+            status,
+            at: (t.seconds, t.nanos),
+        }
+    }
+
+    fn timestamp(&self) -> MessageField<Timestamp> {
+        let mut t = Timestamp::new();
+        t.seconds = self.at.0;
+        t.nanos = self.at.1;
+        MessageField::some(t)
+    }
+}
+
+/// The stdio FIFOs of a process.
+#[derive(Clone, Default)]
+struct Stdio {
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+}
+
+/// A process of the container: the init process (exec id "") or an exec.
+struct Process {
+    request: agent::ExecRequest,
+    stdio: Stdio,
+    pid: u32,
+    control: Option<agent::ExecControl>,
+    close_stdin: Option<oneshot::Sender<()>>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl Process {
+    fn new(request: agent::ExecRequest, stdio: Stdio) -> Process {
+        Process {
+            request,
+            stdio,
+            pid: 0,
+            control: None,
+            close_stdin: None,
+            exit: watch::channel(None).0,
+        }
+    }
+
+    fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    fn status(&self) -> api::Status {
+        match (self.exited(), &self.control) {
+            (Some(_), _) => api::Status::STOPPED,
+            (None, Some(_)) => api::Status::RUNNING,
+            (None, None) => api::Status::CREATED,
+        }
+    }
+}
+
+/// The container of this shim and its sandbox.
+struct Container {
+    id: String,
+    bundle: String,
+    rootfs: PathBuf,
+    sandbox: Sandbox,
+    init: Process,
+    execs: HashMap<String, Process>,
+}
+
+impl Container {
+    fn process(&mut self, exec_id: &str) -> Result<&mut Process> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("no exec {exec_id:?} in container {}", self.id)))
+    }
+}
+
+/// The shim: one per container.
+pub struct MvmShim {
+    namespace: String,
+    id: String,
+    exit: Arc<ExitSignal>,
+}
+
+#[async_trait]
+impl Shim for MvmShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
+        // The manager waits for its own children (jailer, ip, debugfs); a shim-wide
+        // waitpid(-1) reaper would steal their statuses.
+        config.no_reaper = true;
+        config.no_sub_reaper = true;
+        MvmShim {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let grouping = opts.id.clone();
+        spawn(opts, &grouping, Vec::new()).await
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
+        // containerd calls this after a shim died: remove whatever it left.
+        let bundle = std::env::current_dir().unwrap_or_default();
+        let rootfs = spec::load(&bundle)
+            .map(|s| spec::rootfs(&s, &bundle))
+            .unwrap_or_else(|_| bundle.join("rootfs"));
+        cleanup(&state_dir(&self.namespace, &self.id), Some(&rootfs))
+            .await
+            .map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
+        let mut resp = api::DeleteResponse::new();
+        resp.exit_status = 128 + libc::SIGKILL as u32;
+        resp.exited_at = Exit::now(resp.exit_status).timestamp();
+        Ok(resp)
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        TaskService {
+            inner: Arc::new(Inner {
+                namespace: self.namespace.clone(),
+                dir: state_dir(&self.namespace, &self.id),
+                publisher,
+                exit: Arc::clone(&self.exit),
+                manager: OnceCell::new(),
+                container: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+struct Inner {
+    namespace: String,
+    dir: PathBuf,
+    publisher: RemotePublisher,
+    exit: Arc<ExitSignal>,
+    manager: OnceCell<(Manager, Tenant)>,
+    container: Mutex<Option<Container>>,
+}
+
+/// containerd's Task service for one container.
+#[derive(Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+impl TaskService {
+    async fn manager(&self) -> Result<&(Manager, Tenant)> {
+        self.inner
+            .manager
+            .get_or_try_init(|| open_manager(&self.inner.dir))
+            .await
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn Event>) {
+        if let Err(e) = self
+            .inner
+            .publisher
+            .publish(Context::default(), topic, &self.inner.namespace, event)
+            .await
+        {
+            log::error!("publishing {topic}: {e}");
+        }
+    }
+
+    async fn create(&self, req: &api::CreateTaskRequest) -> Result<u32> {
+        let mut slot = self.inner.container.lock().await;
+        if slot.is_some() {
+            return Err(Error::State(format!(
+                "this shim already runs a container; {} needs its own",
+                req.id
+            )));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let oci = spec::load(&bundle)?;
+        let (manager, tenant) = self.manager().await?;
+        let isolation = spec::isolation(&oci, manager.config().default_isolation)?;
+        let process = oci
+            .process()
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("the OCI spec has no process".into()))?;
+        let request = spec::exec_request(process, isolation, !req.stdin.is_empty())?;
+        let rootfs = spec::rootfs(&oci, &bundle);
+        for m in &req.rootfs {
+            containerd_shim::asynchronous::util::mount_rootfs(m, &rootfs)
+                .await
+                .map_err(|e| Error::host(format!("mounting the rootfs at {}", rootfs.display()), e))?;
+        }
+        let sandbox_req = spec::sandbox_request(&oci, isolation, &req.id);
+        let created = match isolation {
+            Isolation::Jail => {
+                manager
+                    .create_with_userland(tenant, sandbox_req, rootfs.clone())
+                    .await
+            }
+            // The vm tier refuses hosts without usable KVM before anything else.
+            Isolation::Vm => manager.create(tenant, sandbox_req).await,
+        };
+        let sandbox = match created {
+            Ok(s) => s,
+            Err(e) => {
+                if let Err(u) = unmount(&rootfs) {
+                    log::error!("{u}");
+                }
+                log::error!("container {}: {isolation:?} sandbox: {e}", req.id);
+                return Err(e.into());
+            }
+        };
+        log::info!(
+            "container {} runs in sandbox {} ({} tier)",
+            req.id,
+            sandbox.id,
+            sandbox.isolation.as_str()
+        );
+        let pid = self.sandbox_pid(&sandbox.id);
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let mut init = Process::new(request, stdio.clone());
+        init.pid = pid;
+        *slot = Some(Container {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs,
+            sandbox,
+            init,
+            execs: HashMap::new(),
+        });
+        drop(slot);
+        self.publish(
+            containerd_shim::protos::topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(TaskIO {
+                    stdin: stdio.stdin,
+                    stdout: stdio.stdout,
+                    stderr: stdio.stderr,
+                    terminal: stdio.terminal,
+                    ..Default::default()
+                }),
+                pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(pid)
+    }
+
+    /// The host pid of the sandbox (its jailer).
+    fn sandbox_pid(&self, id: &str) -> u32 {
+        self.inner
+            .manager
+            .get()
+            .and_then(|(m, _)| m.db().sandbox(id).ok().flatten())
+            .map(|row| row.pid)
+            .unwrap_or(0)
+    }
+
+    async fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let (manager, tenant) = self.manager().await?;
+        let mut slot = self.inner.container.lock().await;
+        let c = container(&mut slot, id)?;
+        let sandbox = c.sandbox.id.clone();
+        let container_id = c.id.clone();
+        let init_pid = c.init.pid;
+        let p = c.process(exec_id)?;
+        if p.control.is_some() || p.exited().is_some() {
+            return Err(Error::State(format!("process {exec_id:?} was already started")));
+        }
+        let stdin = io::open_input(&p.stdio.stdin)?;
+        let stdout = io::open_output(&p.stdio.stdout)?;
+        let stderr = io::open_output(&p.stdio.stderr)?;
+        let client = manager.agent(&tenant.name, &sandbox).await?;
+        let mut session = client.exec(p.request.clone()).await?;
+        // The init process is known to containerd by the sandbox's host pid.
+        let pid = if exec_id.is_empty() { init_pid } else { session.pid() };
+        p.pid = pid;
+        p.control = Some(session.control());
+        if let (Some(from), Some(to)) = (stdin, session.stdin.take()) {
+            let (tx, rx) = oneshot::channel();
+            p.close_stdin = Some(tx);
+            tokio::spawn(io::pump_input(from, to, rx));
+        }
+        let out = session.stdout.take().map(|s| tokio::spawn(io::pump_output(s, stdout)));
+        let err = session.stderr.take().map(|s| tokio::spawn(io::pump_output(s, stderr)));
+        let exit = p.exit.clone();
+        let this = self.clone();
+        let exec = exec_id.to_owned();
+        tokio::spawn(async move {
+            let status = match session.wait().await {
+                Ok(s) => api_exit_code(s),
+                Err(e) => {
+                    log::error!("lost process {exec:?} of container {container_id}: {e}");
+                    UNKNOWN_EXIT
+                }
+            };
+            // All output reaches the FIFOs before containerd hears of the exit.
+            for pump in [out, err].into_iter().flatten() {
+                let _ = pump.await;
+            }
+            let e = Exit::now(status);
+            exit.send_replace(Some(e));
+            this.publish(
+                containerd_shim::protos::topics::TASK_EXIT_EVENT_TOPIC,
+                Box::new(TaskExit {
+                    container_id: container_id.clone(),
+                    id: if exec.is_empty() { container_id } else { exec },
+                    pid,
+                    exit_status: e.status,
+                    exited_at: e.timestamp(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        });
+        let container_id = c.id.clone();
+        drop(slot);
+        if exec_id.is_empty() {
+            self.publish(
+                containerd_shim::protos::topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id,
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        } else {
+            self.publish(
+                containerd_shim::protos::topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted {
+                    container_id,
+                    exec_id: exec_id.to_owned(),
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
+        Ok(pid)
+    }
+
+    async fn kill(&self, req: &api::KillRequest) -> Result<()> {
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| Error::Invalid(format!("signal {} is out of range", req.signal)))?;
+        let mut slot = self.inner.container.lock().await;
+        let c = container(&mut slot, &req.id)?;
+        c.process(&req.exec_id)?;
+        let mut ids = vec![req.exec_id.clone()];
+        if req.all && req.exec_id.is_empty() {
+            ids.extend(c.execs.keys().cloned());
+        }
+        let mut unstarted = None;
+        for id in ids {
+            let p = c.process(&id)?;
+            match (&p.control, p.exited()) {
+                (_, Some(_)) => {
+                    if id == req.exec_id {
+                        return Err(Error::NotFound(format!("process {id:?} has already exited")));
+                    }
+                }
+                (Some(control), None) => {
+                    if let Err(e) = control.signal(signal).await {
+                        // It ended meanwhile; its exit is on its way.
+                        log::debug!("signal {signal} to {id:?}: {e}");
+                    }
+                }
+                (None, None) => {
+                    // Killed before it started: it never will.
+                    let e = Exit::now(128 + signal as u32);
+                    p.exit.send_replace(Some(e));
+                    unstarted = Some((id.clone(), p.pid, e));
+                }
+            }
+        }
+        let container_id = c.id.clone();
+        drop(slot);
+        if let Some((id, pid, e)) = unstarted {
+            self.publish(
+                containerd_shim::protos::topics::TASK_EXIT_EVENT_TOPIC,
+                Box::new(TaskExit {
+                    container_id: container_id.clone(),
+                    id: if id.is_empty() { container_id } else { id },
+                    pid,
+                    exit_status: e.status,
+                    exited_at: e.timestamp(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, req: &api::DeleteRequest) -> Result<api::DeleteResponse> {
+        let mut slot = self.inner.container.lock().await;
+        let c = container(&mut slot, &req.id)?;
+        let mut resp = api::DeleteResponse::new();
+        if !req.exec_id.is_empty() {
+            let p = c.process(&req.exec_id)?;
+            if p.status() == api::Status::RUNNING {
+                return Err(Error::State(format!(
+                    "exec {:?} is still running; kill it first",
+                    req.exec_id
+                )));
+            }
+            let e = p.exited().unwrap_or_else(|| Exit::now(0));
+            resp.pid = p.pid;
+            resp.exit_status = e.status;
+            resp.exited_at = e.timestamp();
+            c.execs.remove(&req.exec_id);
+            return Ok(resp);
+        }
+        let (manager, tenant) = self.manager().await?;
+        // Whatever still runs goes with the sandbox.
+        manager.destroy(&tenant.name, &c.sandbox.id).await?;
+        unmount(&c.rootfs)?;
+        let e = c.init.exited().unwrap_or_else(|| Exit::now(128 + libc::SIGKILL as u32));
+        c.init.exit.send_replace(Some(e));
+        for p in c.execs.values() {
+            p.exit.send_if_modified(|x| {
+                let unset = x.is_none();
+                if unset {
+                    *x = Some(Exit::now(128 + libc::SIGKILL as u32));
+                }
+                unset
+            });
+        }
+        resp.pid = c.init.pid;
+        resp.exit_status = e.status;
+        resp.exited_at = e.timestamp();
+        let container_id = c.id.clone();
+        *slot = None;
+        drop(slot);
+        self.publish(
+            containerd_shim::protos::topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: container_id.clone(),
+                id: container_id,
+                pid: resp.pid,
+                exit_status: resp.exit_status,
+                exited_at: resp.exited_at.clone(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(resp)
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        if self.inner.container.lock().await.is_some() {
+            // containerd asks again after Delete.
+            return Ok(());
+        }
+        cleanup(&self.inner.dir, None).await?;
+        self.inner.exit.signal();
+        Ok(())
+    }
+}
+
+fn container<'a>(slot: &'a mut Option<Container>, id: &str) -> Result<&'a mut Container> {
+    match slot {
+        Some(c) if c.id == id => Ok(c),
+        _ => Err(Error::NotFound(format!("no container {id:?} in this shim"))),
+    }
+}
+
+/// containerd's exit status: the code, or 128 + the signal.
+fn api_exit_code(s: agent::ExitStatus) -> u32 {
+    match (s.code(), s.signal()) {
+        (Some(code), _) => code as u32 & 0xff,
+        (None, Some(sig)) => 128 + sig as u32,
+        (None, None) => UNKNOWN_EXIT,
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let pid = TaskService::create(self, &req).await?;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let pid = TaskService::start(self, &req.id, &req.exec_id).await?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let mut slot = self.inner.container.lock().await;
+        let c = container(&mut slot, &req.id)?;
+        let bundle = c.bundle.clone();
+        let p = c.process(&req.exec_id)?;
+        let mut resp = api::StateResponse {
+            id: req.id.clone(),
+            bundle,
+            pid: p.pid,
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        resp.status = p.status().into();
+        if let Some(e) = p.exited() {
+            resp.exit_status = e.status;
+            resp.exited_at = e.timestamp();
+        }
+        Ok(resp)
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let (manager, _) = self.manager().await?;
+        let mut slot = self.inner.container.lock().await;
+        let c = container(&mut slot, &req.id)?;
+        let pids = ::api::manager::host::cgroup_pids(&manager.config().cgroup_parent, &c.sandbox.id);
+        Ok(api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid: pid as u32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        TaskService::kill(self, &req).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let mut slot = self.inner.container.lock().await;
+        let c = container(&mut slot, &req.id)?;
+        if req.exec_id.is_empty() || c.execs.contains_key(&req.exec_id) {
+            return Err(Error::Invalid(format!(
+                "exec id {:?} is empty or already used",
+                req.exec_id
+            ))
+            .into());
+        }
+        let process: oci_spec::runtime::Process = serde_json::from_slice(&req.spec.value)
+            .map_err(|e| Error::Invalid(format!("exec process spec: {e}")))?;
+        let request = spec::exec_request(&process, c.sandbox.isolation, !req.stdin.is_empty())?;
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        c.execs.insert(req.exec_id.clone(), Process::new(request, stdio));
+        let container_id = c.id.clone();
+        drop(slot);
+        self.publish(
+            containerd_shim::protos::topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded {
+                container_id,
+                exec_id: req.exec_id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let (rows, cols) = match (u16::try_from(req.height), u16::try_from(req.width)) {
+            (Ok(r), Ok(c)) if r > 0 && c > 0 => (r, c),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "terminal size {}x{} is out of range",
+                    req.width, req.height
+                ))
+                .into())
+            }
+        };
+        let control = {
+            let mut slot = self.inner.container.lock().await;
+            let p = container(&mut slot, &req.id)?.process(&req.exec_id)?;
+            if !p.stdio.terminal {
+                return Err(Error::Invalid("the process has no terminal".into()).into());
+            }
+            p.control.clone()
+        };
+        match control {
+            Some(control) => control.resize(rows, cols).await.map_err(Error::from)?,
+            None => {
+                let mut slot = self.inner.container.lock().await;
+                let p = container(&mut slot, &req.id)?.process(&req.exec_id)?;
+                p.request = p.request.clone().pty(rows, cols);
+            }
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        let mut slot = self.inner.container.lock().await;
+        let p = container(&mut slot, &req.id)?.process(&req.exec_id)?;
+        if req.stdin {
+            if let Some(tx) = p.close_stdin.take() {
+                let _ = tx.send(());
+            }
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let mut exit = {
+            let mut slot = self.inner.container.lock().await;
+            container(&mut slot, &req.id)?
+                .process(&req.exec_id)?
+                .exit
+                .subscribe()
+        };
+        let e = exit
+            .wait_for(Option::is_some)
+            .await
+            .map(|e| e.expect("waited for Some"))
+            .map_err(|_| Error::NotFound(format!("process {:?} went away", req.exec_id)))?;
+        Ok(api::WaitResponse {
+            exit_status: e.status,
+            exited_at: e.timestamp(),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let sandbox = {
+            let mut slot = self.inner.container.lock().await;
+            container(&mut slot, &req.id)?.sandbox.id.clone()
+        };
+        let (manager, tenant) = self.manager().await?;
+        let s = manager.stats(&tenant.name, &sandbox).map_err(Error::from)?;
+        let mut m = Metrics::new();
+        m.memory = MessageField::some(MemoryStat {
+            usage: MessageField::some(MemoryEntry {
+                usage: s.memory_bytes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        m.cpu = MessageField::some(CPUStat {
+            usage: MessageField::some(CPUUsage {
+                total: s.cpu_ns,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        m.pids = MessageField::some(PidsStat {
+            current: s.pids,
+            ..Default::default()
+        });
+        let stats = convert_to_any(Box::new(m)).map_err(|e| Error::host("encoding stats", e))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(stats),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let mut slot = self.inner.container.lock().await;
+        let task_pid = container(&mut slot, &req.id).map(|c| c.init.pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        Ok(TaskService::delete(self, &req).await?)
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        TaskService::shutdown(self).await?;
+        Ok(api::Empty::new())
+    }
+}

@@ -1,0 +1,196 @@
+//! From an OCI bundle to mvm requests: the sandbox's tier and size, and the processes' argv,
+//! environment, working directory and user.
+
+use std::path::{Path, PathBuf};
+
+use api::model::{CreateSandbox, Isolation};
+use oci_spec::runtime::{Process, Spec};
+
+use crate::error::{Error, Result};
+
+/// The annotation that picks a container's isolation tier (`vm` or `jail`).
+pub const ISOLATION_ANNOTATION: &str = "io.mvm.isolation";
+
+/// Smallest sandbox the manager makes, in MiB.
+const MIN_MEMORY_MIB: u64 = 16;
+/// Most vCPUs (vm) or cores of CPU quota (jail) of a sandbox.
+const MAX_VCPUS: u32 = 32;
+
+/// Reads `config.json` of `bundle`.
+pub fn load(bundle: &Path) -> Result<Spec> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|e| Error::Invalid(format!("OCI spec {}: {e}", path.display())))
+}
+
+/// The container's root directory on the host (`root.path`, relative to the bundle).
+pub fn rootfs(spec: &Spec, bundle: &Path) -> PathBuf {
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| "rootfs".into());
+    bundle.join(root)
+}
+
+/// The tier: the `io.mvm.isolation` annotation, else `default` (the shim's `MVM_ISOLATION`).
+pub fn isolation(spec: &Spec, default: Isolation) -> Result<Isolation> {
+    match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(ISOLATION_ANNOTATION))
+    {
+        Some(v) => v
+            .parse()
+            .map_err(|e| Error::Invalid(format!("annotation {ISOLATION_ANNOTATION}: {e}"))),
+        None => Ok(default),
+    }
+}
+
+/// The sandbox for `spec`: its tier, vCPUs from the CPU quota (rounded up, at least 1) and
+/// memory from the memory limit (rounded up to MiB, at least 16); no timeout.
+pub fn sandbox_request(spec: &Spec, isolation: Isolation, container_id: &str) -> CreateSandbox {
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let memory_mib = resources
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|&l| l > 0)
+        .map(|l| (l as u64).div_ceil(1 << 20).max(MIN_MEMORY_MIB));
+    let vcpus = resources
+        .and_then(|r| r.cpu().as_ref())
+        .and_then(|c| match (c.quota(), c.period()) {
+            (Some(q), Some(p)) if q > 0 && p > 0 => {
+                Some((q as u64).div_ceil(p).clamp(1, u64::from(MAX_VCPUS)) as u32)
+            }
+            _ => None,
+        });
+    CreateSandbox {
+        vcpus,
+        memory_mib,
+        timeout_s: Some(0),
+        isolation: Some(isolation),
+        metadata: [("containerd.id".to_owned(), container_id.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+/// The agent request that runs `process`. The user is honoured in the vm tier, where the
+/// agent is root in the guest; in the jail tier every process runs as the jail's user.
+pub fn exec_request(
+    process: &Process,
+    isolation: Isolation,
+    stdin: bool,
+) -> Result<agent::ExecRequest> {
+    let args = process.args().clone().unwrap_or_default();
+    if args.first().is_none_or(|a| a.is_empty()) {
+        return Err(Error::Invalid(
+            "the OCI process has no args: give the image a command or pass one".into(),
+        ));
+    }
+    let mut req = agent::ExecRequest::new(args);
+    for kv in process.env().iter().flatten() {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => req = req.env(k, v),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "environment entry {kv:?} is not NAME=VALUE"
+                )))
+            }
+        }
+    }
+    let cwd = process.cwd();
+    if !cwd.as_os_str().is_empty() {
+        req = req.cwd(cwd.to_string_lossy().into_owned());
+    }
+    if isolation == Isolation::Vm {
+        req.uid = Some(process.user().uid());
+        req.gid = Some(process.user().gid());
+    }
+    if process.terminal().unwrap_or(false) {
+        let size = process.console_size();
+        let (rows, cols) = size
+            .as_ref()
+            .map(|b| (b.height() as u16, b.width() as u16))
+            .filter(|&(r, c)| r > 0 && c > 0)
+            .unwrap_or((24, 80));
+        req = req.pty(rows, cols);
+    }
+    req.stdin = stdin;
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::runtime::{
+        LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder,
+        SpecBuilder,
+    };
+
+    fn spec(annotation: Option<&str>, memory: Option<i64>, cpu: Option<(i64, u64)>) -> Spec {
+        let mut res = LinuxResourcesBuilder::default();
+        if let Some(m) = memory {
+            res = res.memory(LinuxMemoryBuilder::default().limit(m).build().unwrap());
+        }
+        if let Some((q, p)) = cpu {
+            res = res.cpu(LinuxCpuBuilder::default().quota(q).period(p).build().unwrap());
+        }
+        let linux = LinuxBuilder::default()
+            .resources(res.build().unwrap())
+            .build()
+            .unwrap();
+        let mut b = SpecBuilder::default().linux(linux);
+        if let Some(a) = annotation {
+            b = b.annotations([(ISOLATION_ANNOTATION.to_owned(), a.to_owned())].into_iter().collect::<std::collections::HashMap<_, _>>());
+        }
+        b.build().unwrap()
+    }
+
+    #[test]
+    fn tier_from_annotation_or_default() {
+        assert_eq!(isolation(&spec(None, None, None), Isolation::Vm).unwrap(), Isolation::Vm);
+        assert_eq!(isolation(&spec(None, None, None), Isolation::Jail).unwrap(), Isolation::Jail);
+        assert_eq!(isolation(&spec(Some("jail"), None, None), Isolation::Vm).unwrap(), Isolation::Jail);
+        let err = isolation(&spec(Some("kvm"), None, None), Isolation::Vm).unwrap_err();
+        assert!(err.to_string().contains("io.mvm.isolation"), "{err}");
+    }
+
+    #[test]
+    fn limits_round_up() {
+        let r = sandbox_request(&spec(None, Some(33 << 20 | 1), Some((150_000, 100_000))), Isolation::Jail, "c");
+        assert_eq!(r.memory_mib, Some(34));
+        assert_eq!(r.vcpus, Some(2));
+        let r = sandbox_request(&spec(None, Some(4096), Some((-1, 100_000))), Isolation::Jail, "c");
+        assert_eq!(r.memory_mib, Some(MIN_MEMORY_MIB));
+        assert_eq!(r.vcpus, None);
+        let r = sandbox_request(&spec(None, None, Some((100_000_000, 1000))), Isolation::Vm, "c");
+        assert_eq!(r.memory_mib, None);
+        assert_eq!(r.vcpus, Some(MAX_VCPUS));
+        assert_eq!(r.timeout_s, Some(0));
+    }
+
+    #[test]
+    fn process_to_exec() {
+        let p = ProcessBuilder::default()
+            .args(vec!["sh".to_owned(), "-c".to_owned(), "true".to_owned()])
+            .env(vec!["A=1".to_owned(), "B=x=y".to_owned()])
+            .cwd("/tmp")
+            .build()
+            .unwrap();
+        let r = exec_request(&p, Isolation::Jail, true).unwrap();
+        assert_eq!(r.argv, ["sh", "-c", "true"]);
+        assert_eq!(r.env, [("A".into(), "1".into()), ("B".into(), "x=y".into())]);
+        assert_eq!(r.cwd.as_deref(), Some("/tmp"));
+        assert_eq!(r.uid, None);
+        assert!(r.stdin && r.pty.is_none());
+        assert_eq!(exec_request(&p, Isolation::Vm, false).unwrap().uid, Some(0));
+        let bad = ProcessBuilder::default().args(Vec::<String>::new()).cwd("/").build().unwrap();
+        assert!(exec_request(&bad, Isolation::Jail, false).is_err());
+        let bad = ProcessBuilder::default()
+            .args(vec!["x".to_owned()])
+            .env(vec!["NOEQUALS".to_owned()])
+            .cwd("/")
+            .build()
+            .unwrap();
+        assert!(exec_request(&bad, Isolation::Jail, false).is_err());
+    }
+}
