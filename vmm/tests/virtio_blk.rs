@@ -177,7 +177,12 @@ fn patch_lifts_a_rate_limit_and_swaps_the_image_of_a_running_drive() {
         &json!({"drive_id": "scratch", "path_on_host": second,
         "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}),
     );
-    assert_eq!(status, 204, "{body}");
+    if status != 204 {
+        let (code, console, stderr) = vmm.finish(TIMEOUT);
+        panic!(
+            "PATCH failed: {status} {body}; exit {code:?}, console {console:?}, stderr {stderr}"
+        );
+    }
     // The waiting GET_ID request completes once the limit is gone.
     assert_eq!(
         vmm.expect_line("id:", TIMEOUT),
