@@ -3,7 +3,7 @@
 # emulated AMD SVM), loads Debian's kvm modules for a real /dev/kvm, runs the inner test driver
 # and powers off. Everything goes to the serial console, where run.sh collects the
 # `nested: ` lines; `nested: EXIT <status>` is the driver's exit status.
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH=/usr/local/sbin:/bin:/sbin:/usr/bin:/usr/sbin
 /bin/busybox --install -s
 
 # The initramfs is the kernel's rootfs, which pivot_root(2) cannot leave (EINVAL), and the
@@ -22,7 +22,14 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
-mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# Cgroups as on mvm's Debian hosts: v1 controllers each on its own hierarchy, v2 beside them.
+mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+for controller in cpu cpuacct cpuset memory devices freezer blkio pids; do
+    mkdir -p "/sys/fs/cgroup/$controller"
+    mount -t cgroup -o "$controller" cgroup "/sys/fs/cgroup/$controller"
+done
+mkdir -p /sys/fs/cgroup/unified
+mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
 echo "nested: INFO L1 userspace $(cut -d' ' -f1 /proc/uptime) s after its kernel started"
 
 finish() {

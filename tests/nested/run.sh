@@ -67,6 +67,9 @@ log "mode: $mode ($( [ "$mode" = direct ] && echo 'hardware KVM, no QEMU' \
 
 # --- Packages -------------------------------------------------------------------------------------
 packages=(busybox-static cpio)
+# The sandbox manager's host helpers (ip -batch, nft, mkfs.ext4); in QEMU mode they are copied
+# into L1 with their shared libraries.
+packages+=(iproute2 nftables e2fsprogs)
 [ "$mode" = nested ] && packages+=(qemu-system-x86 linux-image-amd64)
 missing=()
 for pkg in "${packages[@]}"; do
@@ -86,11 +89,11 @@ busybox=/bin/busybox
     || die "$busybox is not the static busybox of busybox-static"
 
 # --- Binaries -------------------------------------------------------------------------------------
-log "building mvm-vmm, mvm-jailer, mvm-agent and mvm-nested"
+log "building mvm-vmm, mvm-jailer, mvm-agent, mvmd, mvm and mvm-nested"
 (cd "$repo_root" && cargo build -p vmm --bin mvm-vmm -p jailer --bin mvm-jailer -p agent --bin mvm-agent \
-    -p mvm-nested-driver --bin mvm-nested) || die "cargo build failed"
+    -p api --bin mvmd -p cli --bin mvm -p mvm-nested-driver --bin mvm-nested) || die "cargo build failed"
 bin_dir="${CARGO_TARGET_DIR:-$repo_root/target}/x86_64-unknown-linux-gnu/debug"
-binaries=(mvm-vmm mvm-jailer mvm-agent mvm-nested)
+binaries=(mvm-vmm mvm-jailer mvm-agent mvmd mvm mvm-nested)
 for b in "${binaries[@]}"; do
     [ -x "$bin_dir/$b" ] || die "$bin_dir/$b was not built"
     if readelf -lW "$bin_dir/$b" | grep -q 'Requesting program interpreter'; then
@@ -200,13 +203,29 @@ ln -s busybox "$l1_root/bin/sh"
 cp "$script_dir/l1-init.sh" "$l1_root/init"
 cp -a "$assets" "$l1_root/mvm"
 
-# kvm-amd with its dependencies (modules.dep lists a module's dependencies so that loading
-# them last-to-first works), and tun for tap devices; decompressed, as busybox insmod wants.
+# The sandbox manager's host helpers, with their shared libraries and the dynamic loader.
+for tool in ip nft mkfs.ext4; do
+    path=$(command -v "$tool") || die "$tool is missing (apt packages iproute2 nftables e2fsprogs)"
+    mkdir -p "$l1_root/usr/local/sbin"
+    cp -L "$path" "$l1_root/usr/local/sbin/$tool"
+    for lib in $(ldd "$path" | grep -oE '/[^ ]+\.so[^ ]*' | sort -u); do
+        mkdir -p "$l1_root$(dirname "$lib")"
+        cp -L "$lib" "$l1_root$lib"
+    done
+done
+mkdir -p "$l1_root/etc"
+[ ! -f /etc/mke2fs.conf ] || cp /etc/mke2fs.conf "$l1_root/etc/"
+
+# Modules with their dependencies (modules.dep lists a module's dependencies so that loading
+# them last-to-first works), decompressed, as busybox insmod wants: kvm-amd; tun and veth for
+# taps and sandbox links; nf_tables with what the manager's rulesets use (NAT masquerade,
+# conntrack state, reject). crc32c_generic is libcrc32c's soft dependency (modules.softdep),
+# which modules.dep does not list.
 module_path() { # <name>: path relative to $moddir, from modules.dep
     grep -E "(^|/)$1\.ko(\.xz|\.zst|\.gz)?:" "$moddir/modules.dep" | head -n1 | cut -d: -f1
 }
 : > "$l1_root/lib/modules/load-order"
-for want in kvm-amd tun; do
+for want in kvm-amd tun veth crc32c_generic nf_tables nft_chain_nat nft_masq nft_ct nft_reject_inet; do
     top=$(module_path "$want")
     [ -n "$top" ] || die "$moddir/modules.dep has no $want module"
     deps=$(grep -E "^$top:" "$moddir/modules.dep" | cut -d: -f2)

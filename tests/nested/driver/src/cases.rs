@@ -80,6 +80,14 @@ pub const CASES: &[Case] = &[
         name: "agent-over-vsock-rootfs",
         run: agent_over_vsock,
     },
+    Case {
+        name: "mvm-run-vm-daemonless",
+        run: mvm_run_daemonless,
+    },
+    Case {
+        name: "mvmd-vm-create-exec-delete-20-cycles",
+        run: mvmd_cycles,
+    },
 ];
 
 /// Paths and settings shared by the tests, plus the benchmark figures they collect.
@@ -87,6 +95,8 @@ pub struct Ctx {
     mode: Mode,
     vmm: PathBuf,
     jailer: PathBuf,
+    mvm: PathBuf,
+    mvmd: PathBuf,
     vmlinux: PathBuf,
     bzimage: PathBuf,
     initrd: PathBuf,
@@ -120,6 +130,8 @@ impl Ctx {
             mode: args.mode,
             vmm: need("bin/mvm-vmm")?,
             jailer: need("bin/mvm-jailer")?,
+            mvm: need("bin/mvm")?,
+            mvmd: need("bin/mvmd")?,
             vmlinux,
             bzimage: need("guest/bzImage")?,
             initrd: need("guest/initrd.cpio")?,
@@ -537,15 +549,15 @@ fn virtio_blk_rootfs_and_scratch(ctx: &mut Ctx) -> Outcome {
     result
 }
 
-/// A persistent tap in this host with 10.213.117.1/30, the guest's virtio-net eth0 with
-/// 10.213.117.2/30: the guest pings the host, then the host pings the guest. The tap is
+/// A persistent tap in this host with 10.231.117.1/30, the guest's virtio-net eth0 with
+/// 10.231.117.2/30: the guest pings the host, then the host pings the guest. The tap is
 /// removed afterwards.
 fn virtio_net_tap_ping(ctx: &mut Ctx) -> Outcome {
     const TAP: &str = "mvmnest0";
-    const HOST_CIDR: &str = "10.213.117.1/30";
-    const HOST_IP: &str = "10.213.117.1";
-    const GUEST_CIDR: &str = "10.213.117.2/30";
-    const GUEST_IP: &str = "10.213.117.2";
+    const HOST_CIDR: &str = "10.231.117.1/30";
+    const HOST_IP: &str = "10.231.117.1";
+    const GUEST_CIDR: &str = "10.231.117.2/30";
+    const GUEST_IP: &str = "10.231.117.2";
     let tap = match Tap::create(TAP, HOST_CIDR) {
         Ok(tap) => tap,
         Err(e) if !mvm_testkit::is_root() => return Ok(Verdict::Skip(format!("not root: {e}"))),
@@ -557,7 +569,7 @@ fn virtio_net_tap_ping(ctx: &mut Ctx) -> Outcome {
         ctx.cmdline("net")
     ));
     config["network-interfaces"] =
-        json!([{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": "06:00:0a:d5:75:02"}]);
+        json!([{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": "06:00:0a:e7:75:02"}]);
     let mut vm = ctx.launch("net", &config)?;
     reach_userspace(&mut vm)?;
     let guest_ping = guest_fact(&mut vm, "ping-host")?;
@@ -930,6 +942,373 @@ fn agent_session(ctx: &mut Ctx, vm: &mut MicroVm, uds: &Path) -> Outcome {
     drop(client);
     expect_clean_exit(vm, "the agent rebooted the guest")?;
     Ok(Verdict::Pass)
+}
+
+/// Upper bound for one `mvm` command that boots a micro-VM.
+const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// State and runtime directories of one sandbox-manager instance (daemonless `mvm` or `mvmd`),
+/// under the scratch directory, with its own cgroup parent; removed on drop.
+struct ManagerDirs {
+    root: PathBuf,
+    cgroup_parent: String,
+}
+
+impl ManagerDirs {
+    fn new(ctx: &Ctx, tag: &str) -> Result<Self, String> {
+        let root = ctx.scratch.join(format!("{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)
+            .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+        Ok(ManagerDirs {
+            root,
+            cgroup_parent: format!("mvm-nested-{tag}"),
+        })
+    }
+
+    /// The environment `mvm` and `mvmd` read: directories, binaries, the default template.
+    fn apply(&self, ctx: &Ctx, cmd: &mut std::process::Command) {
+        let bin_dir = ctx.vmm.parent().map(Path::to_path_buf).unwrap_or_default();
+        let artifacts = ctx
+            .vmlinux
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        cmd.env("MVM_STATE_DIR", self.root.join("state"))
+            .env("MVM_RUN_DIR", self.root.join("run"))
+            .env("MVM_BIN_DIR", bin_dir)
+            .env("MVM_ARTIFACTS", artifacts)
+            .env("MVM_CGROUP_PARENT", &self.cgroup_parent)
+            .env_remove("MVM_VM_TIER")
+            .env_remove("MVM_HOST");
+    }
+
+    /// What a finished sandbox left behind: processes, cgroups, namespaces, jails, mounts, links.
+    fn leftovers(&self, before: &Baseline) -> Vec<String> {
+        let mut left: Vec<String> = mvm_processes()
+            .into_iter()
+            .filter(|p| !before.processes.contains(p))
+            .map(|p| format!("process {p}"))
+            .collect();
+        for controller in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
+            let parent = Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(&self.cgroup_parent);
+            for child in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                if child.path().is_dir() {
+                    left.push(format!("cgroup {}", child.path().display()));
+                }
+            }
+        }
+        let run = self.root.join("run");
+        for dir in ["sandboxes", "netns", "jail/mvm-vmm", "jail/mvm-agent"] {
+            for entry in std::fs::read_dir(run.join(dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                left.push(format!("{}", entry.path().display()));
+            }
+        }
+        let root = self.root.to_string_lossy().into_owned();
+        for line in std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Some(point) = line.split(' ').nth(4).filter(|p| p.starts_with(&root)) {
+                left.push(format!("mount {point}"));
+            }
+        }
+        for link in net_links() {
+            if !before.links.contains(&link) {
+                left.push(format!("network interface {link}"));
+            }
+        }
+        left
+    }
+}
+
+impl Drop for ManagerDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Network interfaces and mvm processes that existed before a test, so that its leak check
+/// reports only what the test itself left.
+struct Baseline {
+    links: Vec<String>,
+    processes: Vec<String>,
+}
+
+impl Baseline {
+    fn now() -> Self {
+        Baseline {
+            links: net_links(),
+            processes: mvm_processes(),
+        }
+    }
+}
+
+/// `pid (comm)` of every mvm-vmm, mvm-jailer and mvm-agent process on this host.
+fn mvm_processes() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            ["mvm-vmm", "mvm-jailer", "mvm-agent"]
+                .contains(&comm.trim())
+                .then(|| format!("{} ({})", entry.file_name().to_string_lossy(), comm.trim()))
+        })
+        .collect()
+}
+
+fn net_links() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Runs `cmd` with `stdin`, up to CLI_TIMEOUT; returns (exit code, stdout, stderr).
+fn run_cli(
+    mut cmd: std::process::Command,
+    stdin: Option<&[u8]>,
+) -> Result<(i32, String, String), String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let shown = format!("{cmd:?}");
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(data)
+            .map_err(|e| format!("writing stdin of {shown}: {e}"))?;
+    }
+    let run = mvm_testkit::wait_with_timeout(child, CLI_TIMEOUT);
+    match run.status.and_then(|s| s.code()) {
+        Some(code) => Ok((code, run.stdout, run.stderr)),
+        None => Err(format!(
+            "{shown} did not finish within {} s (or died by a signal); stderr: {}",
+            CLI_TIMEOUT.as_secs(),
+            run.stderr.trim()
+        )),
+    }
+}
+
+/// Daemonless `mvm run --isolation vm`: each command gets its own micro-VM (jailer, VMM, agent)
+/// on the project's kernel and rootfs. `uname -r` prints the guest kernel's release;
+/// `sh -c 'exit 3'` exits 3; stdin reaches the command byte-exact; nothing is left behind.
+fn mvm_run_daemonless(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("the vm tier of mvm needs root".into()));
+    }
+    let dirs = ManagerDirs::new(ctx, "cli")?;
+    let before = Baseline::now();
+    let mvm = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(&ctx.mvm);
+        dirs.apply(ctx, &mut cmd);
+        cmd.args(args);
+        cmd
+    };
+    let checked = (|| {
+        let started = std::time::Instant::now();
+        let (code, out, err) = run_cli(
+            mvm(&["run", "--isolation", "vm", "--", "uname", "-r"]),
+            None,
+        )?;
+        let elapsed = started.elapsed();
+        if code != 0 || out.trim() != ctx.release {
+            return Err(format!(
+                "mvm run --isolation vm -- uname -r: exit {code}, stdout {:?} (expected {:?}), stderr: {}",
+                out.trim(),
+                ctx.release,
+                err.trim()
+            ));
+        }
+        let (code, _, err) = run_cli(
+            mvm(&["run", "--isolation", "vm", "--", "sh", "-c", "exit 3"]),
+            None,
+        )?;
+        if code != 3 {
+            return Err(format!(
+                "mvm run --isolation vm -- sh -c 'exit 3' exited {code}; stderr: {}",
+                err.trim()
+            ));
+        }
+        let input: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        let cat = mvm(&[
+            "run",
+            "-i",
+            "--isolation",
+            "vm",
+            "--",
+            "sh",
+            "-c",
+            "cat | md5sum",
+        ]);
+        let (code, out, err) = run_cli(cat, Some(&input))?;
+        let mut md5 = std::process::Command::new("md5sum");
+        md5.arg("-");
+        let (local_code, local_md5, _) = run_cli(md5, Some(&input))?;
+        if code != 0
+            || local_code != 0
+            || out.split_whitespace().next() != local_md5.split_whitespace().next()
+        {
+            return Err(format!(
+                "100000 bytes piped through mvm run -i: exit {code}, guest md5 {:?}, expected {:?}; stderr: {}",
+                out.trim(),
+                local_md5.trim(),
+                err.trim()
+            ));
+        }
+        Ok(elapsed)
+    })();
+    let left = dirs.leftovers(&before);
+    let leak =
+        (!left.is_empty()).then(|| format!("daemonless mvm run left behind: {}", left.join(", ")));
+    match (checked, leak) {
+        (Ok(elapsed), None) => {
+            ctx.record(
+                "mvm run --isolation vm -- uname -r, daemonless, start -> exit",
+                ms(elapsed),
+            );
+            Ok(Verdict::Pass)
+        }
+        (Ok(_), Some(leak)) => Err(leak),
+        (Err(why), None) => Err(why),
+        (Err(why), Some(leak)) => Err(format!("{why}; and {leak}")),
+    }
+}
+
+/// `mvmd` with the vm tier (no override: this host's /dev/kvm is real KVM): 20 times
+/// `mvm --host` create → exec → delete (`run --rm`) through the REST API, each printing the
+/// guest kernel's release; then no process, cgroup, namespace, jail, mount or link is left.
+fn mvmd_cycles(ctx: &mut Ctx) -> Outcome {
+    const CYCLES: usize = 20;
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let dirs = ManagerDirs::new(ctx, "mvmd")?;
+    let before = Baseline::now();
+    let socket = dirs.root.join("mvmd.sock");
+    let mut daemon = std::process::Command::new(&ctx.mvmd);
+    dirs.apply(ctx, &mut daemon);
+    daemon
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let daemon = daemon
+        .spawn()
+        .map_err(|e| format!("cannot start mvmd: {e}"))?;
+    let daemon = Daemon(Some(daemon));
+    if !mvm_testkit::wait_for_socket(&socket, Duration::from_secs(30)) {
+        return Err(format!(
+            "mvmd did not serve {} within 30 s: {}",
+            socket.display(),
+            daemon.finish()
+        ));
+    }
+    let host = format!("unix:{}", socket.display());
+    let mut times = Vec::with_capacity(CYCLES);
+    for cycle in 1..=CYCLES {
+        let mut cmd = std::process::Command::new(&ctx.mvm);
+        dirs.apply(ctx, &mut cmd);
+        cmd.args([
+            "--host",
+            &host,
+            "run",
+            "--rm",
+            "--isolation",
+            "vm",
+            "--",
+            "uname",
+            "-r",
+        ]);
+        let started = std::time::Instant::now();
+        let (code, out, err) = run_cli(cmd, None)?;
+        times.push(started.elapsed());
+        if code != 0 || out.trim() != ctx.release {
+            return Err(format!(
+                "cycle {cycle}: mvm --host run --rm --isolation vm -- uname -r: exit {code}, stdout {:?} \
+                 (expected {:?}), stderr: {}; mvmd: {}",
+                out.trim(),
+                ctx.release,
+                err.trim(),
+                daemon.finish()
+            ));
+        }
+    }
+    let log = daemon.finish();
+    let left = dirs.leftovers(&before);
+    if !left.is_empty() {
+        return Err(format!(
+            "after {CYCLES} cycles mvmd left behind: {}; mvmd: {log}",
+            left.join(", ")
+        ));
+    }
+    let first = times[0];
+    times.sort();
+    ctx.record(
+        "mvm --host run --rm: sandbox create -> exec output -> delete (vm, first cycle)",
+        ms(first),
+    );
+    ctx.record(
+        "mvm --host run --rm: sandbox create -> exec output -> delete (vm, median of 20)",
+        ms(times[CYCLES / 2]),
+    );
+    Ok(Verdict::Pass)
+}
+
+/// A running mvmd; stopped with SIGTERM (SIGKILL after 10 s) by [`Daemon::finish`] or on drop.
+struct Daemon(Option<std::process::Child>);
+
+impl Daemon {
+    /// Stops the daemon; returns the last lines of its stderr, for a failure report.
+    fn finish(mut self) -> String {
+        let Some(child) = self.0.take() else {
+            return String::new();
+        };
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let run = mvm_testkit::wait_with_timeout(child, Duration::from_secs(10));
+        let lines: Vec<&str> = run.stderr.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join(" | ");
+        match run.status {
+            Some(status) => format!("mvmd exited with {status}; its stderr ends: {tail}"),
+            None => {
+                format!("mvmd ignored SIGTERM for 10 s and was killed; its stderr ends: {tail}")
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            if mvm_testkit::wait_with_timeout(child, Duration::from_secs(10))
+                .status
+                .is_none()
+            {
+                eprintln!("nested: mvmd ignored SIGTERM for 10 s and was killed");
+            }
+        }
+    }
 }
 
 /// (length, FNV-1a 64) of a file's contents.

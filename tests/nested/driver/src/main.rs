@@ -117,7 +117,11 @@ fn main() -> ExitCode {
             }
             Err(why) => {
                 failed += 1;
-                println!("nested: FAIL {}: {why}", case.name);
+                println!(
+                    "nested: FAIL {} ({:.1} s): {why}",
+                    case.name,
+                    start.elapsed().as_secs_f64()
+                );
             }
         }
     }
