@@ -110,7 +110,7 @@ pub enum BuildError {
 /// Creates the virtio devices of a configuration. The device layer (block, net, vsock)
 /// provides this; the builder only places what it returns on the MMIO bus.
 pub type DeviceFactory<'a> =
-    dyn Fn(&VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> + 'a;
+    dyn Fn(&VmConfig, &Filters) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> + 'a;
 
 /// A booted VM and the handles the VMM needs to run, pause and stop it.
 pub struct RunningVm {
@@ -276,7 +276,7 @@ pub fn build_and_boot(
     if let Some(initrd) = &boot.initrd_path {
         open("initrd", initrd)?;
     }
-    let devices = make_devices(config)?;
+    let devices = make_devices(config, seccomp)?;
     if devices.len() > (VIRTIO_IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize {
         return Err(BuildError::TooManyDevices);
     }

@@ -19,8 +19,6 @@ pub struct Counters {
     pub vcpu_exits_io: AtomicU64,
     /// MMIO exits.
     pub vcpu_exits_mmio: AtomicU64,
-    /// Bytes the guest wrote to its serial console.
-    pub serial_bytes_out: AtomicU64,
     /// Bytes of host input given to the guest's serial console.
     pub serial_bytes_in: AtomicU64,
 }
@@ -31,7 +29,6 @@ pub static METRICS: Counters = Counters {
     api_errors: AtomicU64::new(0),
     vcpu_exits_io: AtomicU64::new(0),
     vcpu_exits_mmio: AtomicU64::new(0),
-    serial_bytes_out: AtomicU64::new(0),
     serial_bytes_in: AtomicU64::new(0),
 };
 
@@ -80,7 +77,8 @@ impl MetricsSink {
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "api_server": {"requests": get(&m.api_requests), "errors": get(&m.api_errors)},
             "vcpu": {"exits_io": get(&m.vcpu_exits_io), "exits_mmio": get(&m.vcpu_exits_mmio)},
-            "uart": {"bytes_out": get(&m.serial_bytes_out), "bytes_in": get(&m.serial_bytes_in)},
+            "uart": {"bytes_in": get(&m.serial_bytes_in)},
+            "virtio": crate::devices::virtio::metrics::to_json(),
         });
         writeln!(self.file, "{line}").map_err(MetricsError::Write)
     }

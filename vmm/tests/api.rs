@@ -159,6 +159,9 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         return;
     }
     let vmm = ApiVmm::start();
+    let metrics = vmm._dir.path().join("metrics.json");
+    let body = serde_json::json!({"metrics_path": metrics}).to_string();
+    assert_eq!(vmm.call("PUT", "/metrics", Some(&body)).0, 204);
     vmm.call("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#));
     vmm.put_boot_source(&guest("spin"), "console=ttyS0");
     assert_eq!(vmm.start_instance().0, 204);
@@ -182,6 +185,15 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert_eq!(status, 204);
     assert_eq!(vmm.state(), "Running");
     assert!(grows(&vmm), "a resumed guest prints again");
+
+    // Metrics: one JSON line per flush, counting API requests and vCPU exits.
+    let (status, _) = vmm.call("PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#));
+    assert_eq!(status, 204);
+    let flushed = std::fs::read_to_string(&metrics).unwrap();
+    let line: Value = serde_json::from_str(flushed.lines().last().unwrap()).unwrap();
+    assert!(line["api_server"]["requests"].as_u64().unwrap() >= 8, "{line}");
+    assert!(line["vcpu"]["exits_io"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["virtio"]["block"].is_object(), "{line}");
 
     // SIGTERM ends the VMM cleanly and removes its socket.
     let socket = vmm.socket.clone();

@@ -6,6 +6,7 @@
 //! | `vmm`  | main thread: event loop, API requests, device control | right after the VM is built |
 //! | `api`  | `fc_api` and its connection threads | when the API thread starts |
 //! | `vcpu` | `fc_vcpu N` | before the first KVM_RUN |
+//! | `device` | `fc_blk N`, `fc_net N`, `fc_vsock` | when the device thread starts (at build) |
 //!
 //! A forbidden syscall traps: the SIGSYS handler reports the syscall number and the thread, and
 //! the VMM exits with status 148, as Firecracker does.
@@ -18,7 +19,7 @@ use seccompiler::{BpfProgram, TargetArch};
 /// The built-in filters.
 const DEFAULT_FILTERS: &str = include_str!("x86_64.json");
 /// The thread kinds every filter file must define.
-pub const THREAD_KINDS: [&str; 3] = ["vmm", "api", "vcpu"];
+pub const THREAD_KINDS: [&str; 4] = ["vmm", "api", "vcpu", "device"];
 /// Exit status after a seccomp violation (128 + SIGSYS).
 pub const SECCOMP_EXIT_CODE: i32 = 148;
 

@@ -17,6 +17,7 @@ use crate::arch::x86_64::msr::boot_msrs;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, setup_sregs, BootProtocol, RegsError};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
+use crate::metrics::{inc, METRICS};
 use crate::seccomp::Filters;
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
@@ -211,22 +212,26 @@ impl Vcpu {
         let error = |message: String| Step::Exit(ExitReason::VcpuError { vcpu: id, message });
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                inc(&METRICS.vcpu_exits_io);
                 if !pio.read(u64::from(port), data) {
                     data.fill(0xff);
                 }
                 Step::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                inc(&METRICS.vcpu_exits_io);
                 pio.write(u64::from(port), data);
                 Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                inc(&METRICS.vcpu_exits_mmio);
                 if !mmio.read(addr, data) {
                     data.fill(0);
                 }
                 Step::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                inc(&METRICS.vcpu_exits_mmio);
                 mmio.write(addr, data);
                 Step::Continue
             }

@@ -99,13 +99,22 @@ pub struct DeviceThread<H: EventHandler> {
 
 impl<H: EventHandler> DeviceThread<H> {
     /// Starts thread `name`, idle, owning `backend`.
-    pub fn spawn(name: String, backend: H::Backend) -> std::io::Result<Self> {
+    pub fn spawn(
+        name: String,
+        backend: H::Backend,
+        seccomp: &crate::seccomp::Filters,
+    ) -> std::io::Result<Self> {
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let thread_wake = wake.try_clone()?;
         let (control, requests) = channel();
+        let seccomp = seccomp.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || serve::<H>(backend, requests, thread_wake))?;
+            .spawn(move || match seccomp.apply("device") {
+                Ok(()) => serve::<H>(backend, requests, thread_wake),
+                // Dropping `requests` makes every later activation fail with DeviceBroken.
+                Err(e) => log::error!("device thread not started: {e}"),
+            })?;
         Ok(DeviceThread {
             control,
             wake,

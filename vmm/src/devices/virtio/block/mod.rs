@@ -278,7 +278,11 @@ pub struct Block {
 
 impl Block {
     /// Opens the drive's image; `index` numbers the device thread (`fc_blk<index>`).
-    pub fn new(config: &DriveConfig, index: usize) -> Result<Block, BlockError> {
+    pub fn new(
+        config: &DriveConfig,
+        index: usize,
+        seccomp: &crate::seccomp::Filters,
+    ) -> Result<Block, BlockError> {
         let id = &config.drive_id;
         let path = config
             .path_on_host
@@ -319,6 +323,7 @@ impl Block {
             thread: DeviceThread::spawn(
                 format!("fc_blk{index}"),
                 BlockEngine::new(disk, id, read_only, writeback, limiter),
+                seccomp,
             )
             .map_err(|e| BlockError::Io(id.clone(), e))?,
         })

@@ -348,7 +348,11 @@ pub struct Net {
 
 impl Net {
     /// Opens the interface's tap; `index` numbers the device thread (`fc_net<index>`).
-    pub fn new(config: &NetworkInterfaceConfig, index: usize) -> Result<Net, NetError> {
+    pub fn new(
+        config: &NetworkInterfaceConfig,
+        index: usize,
+        seccomp: &crate::seccomp::Filters,
+    ) -> Result<Net, NetError> {
         let id = &config.iface_id;
         let mac = config
             .guest_mac
@@ -356,7 +360,7 @@ impl Net {
             .map(|m| parse_mac(m).ok_or_else(|| NetError::BadMac(id.clone(), m.to_string())))
             .transpose()?;
         let tap = Tap::open(&config.host_dev_name).map_err(|e| NetError::Tap(id.clone(), e))?;
-        Self::with_tap(id, mac, tap, config, index)
+        Self::with_tap(id, mac, tap, config, index, seccomp)
     }
 
     /// Builds the device around an open tap (or a stand-in fd).
@@ -366,6 +370,7 @@ impl Net {
         tap: Tap,
         config: &NetworkInterfaceConfig,
         index: usize,
+        seccomp: &crate::seccomp::Filters,
     ) -> Result<Net, NetError> {
         let io = |e| NetError::Io(id.to_string(), e);
         let rx = RateLimiter::new(config.rx_rate_limiter.as_ref()).map_err(io)?;
@@ -381,7 +386,7 @@ impl Net {
             iface_id: id.to_string(),
             features,
             config: space,
-            thread: DeviceThread::spawn(format!("fc_net{index}"), NetEngine::new(tap, rx, tx))
+            thread: DeviceThread::spawn(format!("fc_net{index}"), NetEngine::new(tap, rx, tx), seccomp)
                 .map_err(io)?,
         })
     }

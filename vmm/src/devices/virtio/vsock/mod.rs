@@ -290,7 +290,7 @@ pub struct Vsock {
 
 impl Vsock {
     /// Binds the host socket of `config`.
-    pub fn new(config: &VsockConfig) -> Result<Vsock, VsockError> {
+    pub fn new(config: &VsockConfig, seccomp: &crate::seccomp::Filters) -> Result<Vsock, VsockError> {
         if config.guest_cid < 3 {
             return Err(VsockError::BadCid(config.guest_cid));
         }
@@ -301,6 +301,7 @@ impl Vsock {
             thread: DeviceThread::spawn(
                 "fc_vsock".to_string(),
                 VsockEngine::new(guest_cid, config.uds_path.clone(), listener),
+                seccomp,
             )
             .map_err(|e| VsockError::Bind(config.uds_path.clone(), e))?,
         })
