@@ -32,6 +32,7 @@ fn bin_dir() -> PathBuf {
 /// An isolated mvm environment: its own state, run dir and cgroup parent.
 struct Env {
     dir: tempfile::TempDir,
+    cgroup_parent: String,
 }
 
 impl Env {
@@ -61,11 +62,14 @@ impl Env {
                 assert!(ok, "rootfs/build.sh failed");
             }
         });
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Env {
             dir: tempfile::Builder::new()
                 .prefix("mvm-cli-test")
                 .tempdir()
                 .expect("tempdir"),
+            cgroup_parent: format!("mvm-cli-test-{}-{n}", std::process::id()),
         }
     }
 
@@ -92,7 +96,7 @@ impl Env {
 
     /// Nothing of a sandbox left in the run dir.
     fn assert_empty(&self) {
-        for sub in ["sandboxes", "netns", "jail/mvm-agent"] {
+        for sub in ["sandboxes", "netns", "locks", "jail/mvm-agent"] {
             let left: Vec<_> = std::fs::read_dir(self.dir.path().join("run").join(sub))
                 .into_iter()
                 .flatten()
@@ -106,9 +110,12 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let parent = format!("mvm-cli-test-{}", std::process::id());
         for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
-            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c).join(&parent));
+            let _ = std::fs::remove_dir(
+                Path::new("/sys/fs/cgroup")
+                    .join(c)
+                    .join(&self.cgroup_parent),
+            );
         }
     }
 }
@@ -340,5 +347,44 @@ fn through_mvmd() {
         text(&out.stderr)
     );
     drop(served);
+    env.assert_empty();
+}
+
+#[test]
+fn concurrent_daemonless_runs_leave_each_other_alone() {
+    if !root_or_skip("concurrent_daemonless_runs_leave_each_other_alone") {
+        return;
+    }
+    let env = Env::new();
+    // Each `mvm` reconciles the shared state on start while the others are mid-create.
+    for round in 0..3 {
+        let children: Vec<_> = (0..4)
+            .map(|i| {
+                env.mvm()
+                    .args([
+                        "run",
+                        "--rm",
+                        "--isolation",
+                        "jail",
+                        "--",
+                        "echo",
+                        &format!("run-{round}-{i}"),
+                    ])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("mvm run")
+            })
+            .collect();
+        for (i, c) in children.into_iter().enumerate() {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "run {round}-{i}: {}",
+                text(&out.stderr)
+            );
+            assert_eq!(text(&out.stdout), format!("run-{round}-{i}\n"));
+        }
+    }
     env.assert_empty();
 }

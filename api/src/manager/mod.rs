@@ -129,6 +129,10 @@ impl ManagerConfig {
         self.run_dir.join("netns").join(id)
     }
 
+    fn lock_path(&self, id: &str) -> PathBuf {
+        self.run_dir.join("locks").join(id)
+    }
+
     fn jail_base(&self) -> PathBuf {
         self.run_dir.join("jail")
     }
@@ -257,6 +261,11 @@ impl Manager {
         let rows = self.inner.db.sandboxes(None)?;
         for row in &rows {
             let s = &row.sandbox;
+            if BusyLock::held_elsewhere(&cfg.lock_path(&s.id)) {
+                // Another manager (e.g. a concurrent daemonless `mvm run`) is creating or
+                // destroying it right now.
+                continue;
+            }
             let alive = !host::cgroup_pids(&cfg.cgroup_parent, &s.id).is_empty();
             let adopt = match s.state {
                 SandboxState::Creating | SandboxState::Stopping => false,
@@ -299,9 +308,11 @@ impl Manager {
         }
         // Anything of ours on the host that has no row: a crash between teardown and delete,
         // or state removed by hand.
+        // Rows read again: another manager may have created sandboxes meanwhile.
+        let rows = self.inner.db.sandboxes(None)?;
         let known: Vec<&str> = rows.iter().map(|r| r.sandbox.id.as_str()).collect();
         for id in self.host_ids() {
-            if !known.contains(&id.as_str()) {
+            if !known.contains(&id.as_str()) && !BusyLock::held_elsewhere(&cfg.lock_path(&id)) {
                 tracing::info!(%id, "reconcile: removing leftovers without a state row");
                 self.teardown(id.clone(), None, false).await?;
                 out.cleaned.push(id);
@@ -310,17 +321,18 @@ impl Manager {
         Ok(out)
     }
 
-    /// Ids of sandboxes with anything on the host: directories, namespaces, jails, cgroups.
+    /// Ids of sandboxes with anything under the run dir: directories, namespaces, locks, jails.
+    /// (Cgroups are not scanned: another manager may share the parent; a sandbox's cgroups
+    /// always go before its directories, so an orphan always has a directory.)
     fn host_ids(&self) -> Vec<String> {
         let cfg = &self.inner.cfg;
-        let mut dirs = vec![cfg.run_dir.join("sandboxes"), cfg.netns("")];
+        let mut dirs = vec![
+            cfg.run_dir.join("sandboxes"),
+            cfg.netns(""),
+            cfg.lock_path(""),
+        ];
         for iso in [Isolation::Jail, Isolation::Vm] {
             dirs.push(cfg.jail_base().join(exec_name(iso)));
-        }
-        for c in host::CONTROLLERS {
-            if let Some(m) = host::cgroup_mount(c) {
-                dirs.push(m.join(&cfg.cgroup_parent));
-            }
         }
         let mut ids: Vec<String> = dirs
             .iter()
@@ -465,6 +477,14 @@ impl Manager {
         let started = Instant::now();
         let (sandbox, template) = self.plan(&tenant.name, req, userland)?;
         let slot = self.inner.db.insert_sandbox(&sandbox, &tenant.quota)?;
+        // Held until the sandbox is ready or rolled back; the kernel drops it if we die.
+        let _busy = match BusyLock::acquire(&self.inner.cfg.lock_path(&sandbox.id)) {
+            Ok(l) => l,
+            Err(e) => {
+                self.inner.db.delete_sandbox(&sandbox.id)?;
+                return Err(e);
+            }
+        };
         let mut row = SandboxRow {
             sandbox,
             slot,
@@ -742,7 +762,14 @@ impl Manager {
             let dir = cfg.sandbox_dir(&id);
             rootfs::Overlay::at(&dir).unmount()?;
             host::remove_tree(&dir)?;
-            net::destroy(&cfg.netns(&id), &id)
+            net::destroy(&cfg.netns(&id), &id)?;
+            // A crashed manager's stale lock (a live holder removes its own on drop).
+            match std::fs::remove_file(cfg.lock_path(&id)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::host(format!("removing the lock of {id}"), e))
+                }
+                _ => Ok(()),
+            }
         })
         .await
     }
@@ -786,6 +813,7 @@ impl Manager {
             }
             _ => {}
         }
+        let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(id))?;
         row.sandbox.state = SandboxState::Stopping;
         self.inner.db.update_sandbox(&row)?;
         let live = lock(&self.inner.live).get(id).cloned();
@@ -1067,6 +1095,65 @@ enum Userland {
     Template(Template),
     /// A host directory (jail tier).
     Dir(PathBuf),
+}
+
+/// An exclusive flock on `<run>/locks/<id>` marking a sandbox as being created or destroyed by
+/// a live manager, so that another manager's reconciliation leaves it alone. Released (and the
+/// file removed) on drop, or by the kernel when the holder dies.
+struct BusyLock {
+    /// Holds the lock while open.
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl BusyLock {
+    fn acquire(path: &Path) -> Result<BusyLock> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+        }
+        let file = std::fs::File::create(path)
+            .map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == -1
+        {
+            return Err(Error::Conflict(format!(
+                "sandbox {} is being created or destroyed by another mvm process",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            )));
+        }
+        Ok(BusyLock {
+            _file: file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Whether a live process holds the lock at `path`.
+    fn held_elsewhere(path: &Path) -> bool {
+        let Ok(file) = std::fs::File::open(path) else {
+            return false;
+        };
+        // SAFETY: flock on an fd we own; a shared probe that is released right away.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        if unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) } == -1 {
+            return true;
+        }
+        // SAFETY: as above.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        false
+    }
+}
+
+impl Drop for BusyLock {
+    fn drop(&mut self) {
+        // Closing the file right after this releases the lock.
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// The jailer child's exit status, once it has exited.

@@ -238,7 +238,13 @@ impl Daemon {
             }
         }
         let run = self.run_dir();
-        for sub in ["sandboxes", "netns", "jail/mvm-agent", "jail/mvm-vmm"] {
+        for sub in [
+            "sandboxes",
+            "netns",
+            "locks",
+            "jail/mvm-agent",
+            "jail/mvm-vmm",
+        ] {
             for e in std::fs::read_dir(run.join(sub))
                 .into_iter()
                 .flatten()
