@@ -926,6 +926,11 @@ impl Manager {
         }
         validate_env(&req.env)?;
         let sandbox = self.get(tenant, id)?;
+        if req.tty && sandbox.isolation == Isolation::Jail {
+            return Err(Error::Invalid(
+                "a pseudo-terminal (tty, mvm -t) needs the vm tier: a jail-tier sandbox has no /dev/pts".into(),
+            ));
+        }
         let mut er = agent::ExecRequest::new(req.cmd.clone());
         for (k, v) in sandbox.env.iter().chain(&req.env) {
             er = er.env(k.clone(), v.clone());
