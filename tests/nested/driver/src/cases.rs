@@ -1107,7 +1107,7 @@ fn run_cli(
     }
 }
 
-/// Daemonless `mvm run --isolation vm`: each command gets its own micro-VM (jailer, VMM, agent)
+/// Daemonless `mvm run --rm --isolation vm`: each command gets its own micro-VM (jailer, VMM, agent)
 /// on the project's kernel and rootfs. `uname -r` prints the guest kernel's release;
 /// `sh -c 'exit 3'` exits 3; stdin reaches the command byte-exact; nothing is left behind.
 fn mvm_run_daemonless(ctx: &mut Ctx) -> Outcome {
@@ -1125,31 +1125,41 @@ fn mvm_run_daemonless(ctx: &mut Ctx) -> Outcome {
     let checked = (|| {
         let started = std::time::Instant::now();
         let (code, out, err) = run_cli(
-            mvm(&["run", "--isolation", "vm", "--", "uname", "-r"]),
+            mvm(&["run", "--rm", "--isolation", "vm", "--", "uname", "-r"]),
             None,
         )?;
         let elapsed = started.elapsed();
         if code != 0 || out.trim() != ctx.release {
             return Err(format!(
-                "mvm run --isolation vm -- uname -r: exit {code}, stdout {:?} (expected {:?}), stderr: {}",
+                "mvm run --rm --isolation vm -- uname -r: exit {code}, stdout {:?} (expected {:?}), stderr: {}",
                 out.trim(),
                 ctx.release,
                 err.trim()
             ));
         }
         let (code, _, err) = run_cli(
-            mvm(&["run", "--isolation", "vm", "--", "sh", "-c", "exit 3"]),
+            mvm(&[
+                "run",
+                "--rm",
+                "--isolation",
+                "vm",
+                "--",
+                "sh",
+                "-c",
+                "exit 3",
+            ]),
             None,
         )?;
         if code != 3 {
             return Err(format!(
-                "mvm run --isolation vm -- sh -c 'exit 3' exited {code}; stderr: {}",
+                "mvm run --rm --isolation vm -- sh -c 'exit 3' exited {code}; stderr: {}",
                 err.trim()
             ));
         }
         let input: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
         let cat = mvm(&[
             "run",
+            "--rm",
             "-i",
             "--isolation",
             "vm",
@@ -1167,7 +1177,7 @@ fn mvm_run_daemonless(ctx: &mut Ctx) -> Outcome {
             || out.split_whitespace().next() != local_md5.split_whitespace().next()
         {
             return Err(format!(
-                "100000 bytes piped through mvm run -i: exit {code}, guest md5 {:?}, expected {:?}; stderr: {}",
+                "100000 bytes piped through mvm run --rm -i: exit {code}, guest md5 {:?}, expected {:?}; stderr: {}",
                 out.trim(),
                 local_md5.trim(),
                 err.trim()
@@ -1181,7 +1191,7 @@ fn mvm_run_daemonless(ctx: &mut Ctx) -> Outcome {
     match (checked, leak) {
         (Ok(elapsed), None) => {
             ctx.record(
-                "mvm run --isolation vm -- uname -r, daemonless, start -> exit",
+                "mvm run --rm --isolation vm -- uname -r, daemonless, start -> exit",
                 ms(elapsed),
             );
             Ok(Verdict::Pass)
