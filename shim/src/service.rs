@@ -11,9 +11,12 @@ use async_trait::async_trait;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::event::Event;
 use containerd_shim::protos::api;
-use containerd_shim::protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat};
+use containerd_shim::protos::cgroups::metrics::{
+    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
@@ -63,7 +66,9 @@ fn manager_config(dir: &Path) -> ManagerConfig {
         .as_os_str()
         .as_encoded_bytes()
         .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
     cfg.uid_base = 300_000 + (h % 100_000) as u32 * 16;
     cfg
 }
@@ -195,6 +200,7 @@ struct Container {
     bundle: String,
     rootfs: PathBuf,
     sandbox: Sandbox,
+    paused: bool,
     init: Process,
     execs: HashMap<String, Process>,
 }
@@ -326,7 +332,9 @@ impl TaskService {
         for m in &req.rootfs {
             containerd_shim::asynchronous::util::mount_rootfs(m, &rootfs)
                 .await
-                .map_err(|e| Error::host(format!("mounting the rootfs at {}", rootfs.display()), e))?;
+                .map_err(|e| {
+                    Error::host(format!("mounting the rootfs at {}", rootfs.display()), e)
+                })?;
         }
         let sandbox_req = spec::sandbox_request(&oci, isolation, &req.id);
         let created = match isolation {
@@ -344,8 +352,20 @@ impl TaskService {
                 if let Err(u) = unmount(&rootfs) {
                     log::error!("{u}");
                 }
-                log::error!("container {}: {isolation:?} sandbox: {e}", req.id);
-                return Err(e.into());
+                log::error!(
+                    "container {}: {}-tier sandbox: {e}",
+                    req.id,
+                    isolation.as_str()
+                );
+                return Err(match e {
+                    ::api::Error::TierUnavailable(why) => ::api::Error::TierUnavailable(format!(
+                        "{why}. Under containerd: annotate the container with {}=jail, \
+                             or give containerd MVM_ISOLATION=jail",
+                        spec::ISOLATION_ANNOTATION
+                    )),
+                    e => e,
+                }
+                .into());
             }
         };
         log::info!(
@@ -368,6 +388,7 @@ impl TaskService {
             bundle: req.bundle.clone(),
             rootfs,
             sandbox,
+            paused: false,
             init,
             execs: HashMap::new(),
         });
@@ -412,7 +433,9 @@ impl TaskService {
         let init_pid = c.init.pid;
         let p = c.process(exec_id)?;
         if p.control.is_some() || p.exited().is_some() {
-            return Err(Error::State(format!("process {exec_id:?} was already started")));
+            return Err(Error::State(format!(
+                "process {exec_id:?} was already started"
+            )));
         }
         let stdin = io::open_input(&p.stdio.stdin)?;
         let stdout = io::open_output(&p.stdio.stdout)?;
@@ -420,7 +443,11 @@ impl TaskService {
         let client = manager.agent(&tenant.name, &sandbox).await?;
         let mut session = client.exec(p.request.clone()).await?;
         // The init process is known to containerd by the sandbox's host pid.
-        let pid = if exec_id.is_empty() { init_pid } else { session.pid() };
+        let pid = if exec_id.is_empty() {
+            init_pid
+        } else {
+            session.pid()
+        };
         p.pid = pid;
         p.control = Some(session.control());
         if let (Some(from), Some(to)) = (stdin, session.stdin.take()) {
@@ -428,8 +455,14 @@ impl TaskService {
             p.close_stdin = Some(tx);
             tokio::spawn(io::pump_input(from, to, rx));
         }
-        let out = session.stdout.take().map(|s| tokio::spawn(io::pump_output(s, stdout)));
-        let err = session.stderr.take().map(|s| tokio::spawn(io::pump_output(s, stderr)));
+        let out = session
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(io::pump_output(s, stdout)));
+        let err = session
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(io::pump_output(s, stderr)));
         let exit = p.exit.clone();
         let this = self.clone();
         let exec = exec_id.to_owned();
@@ -487,6 +520,38 @@ impl TaskService {
         Ok(pid)
     }
 
+    /// Freezes (jail tier: the cgroup freezer) or pauses (vm tier: the vCPUs) the whole
+    /// sandbox, or thaws it.
+    async fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
+        let sandbox = {
+            let mut slot = self.inner.container.lock().await;
+            container(&mut slot, id)?.sandbox.id.clone()
+        };
+        let (manager, tenant) = self.manager().await?;
+        manager.set_paused(&tenant.name, &sandbox, paused).await?;
+        if let Some(c) = self.inner.container.lock().await.as_mut() {
+            c.paused = paused;
+        }
+        let event: Box<dyn Event> = if paused {
+            Box::new(TaskPaused {
+                container_id: id.to_owned(),
+                ..Default::default()
+            })
+        } else {
+            Box::new(TaskResumed {
+                container_id: id.to_owned(),
+                ..Default::default()
+            })
+        };
+        let topic = if paused {
+            containerd_shim::protos::topics::TASK_PAUSED_EVENT_TOPIC
+        } else {
+            containerd_shim::protos::topics::TASK_RESUMED_EVENT_TOPIC
+        };
+        self.publish(topic, event).await;
+        Ok(())
+    }
+
     async fn kill(&self, req: &api::KillRequest) -> Result<()> {
         let signal = i32::try_from(req.signal)
             .ok()
@@ -505,7 +570,9 @@ impl TaskService {
             match (&p.control, p.exited()) {
                 (_, Some(_)) => {
                     if id == req.exec_id {
-                        return Err(Error::NotFound(format!("process {id:?} has already exited")));
+                        return Err(Error::NotFound(format!(
+                            "process {id:?} has already exited"
+                        )));
                     }
                 }
                 (Some(control), None) => {
@@ -564,7 +631,10 @@ impl TaskService {
         // Whatever still runs goes with the sandbox.
         manager.destroy(&tenant.name, &c.sandbox.id).await?;
         unmount(&c.rootfs)?;
-        let e = c.init.exited().unwrap_or_else(|| Exit::now(128 + libc::SIGKILL as u32));
+        let e = c
+            .init
+            .exited()
+            .unwrap_or_else(|| Exit::now(128 + libc::SIGKILL as u32));
         c.init.exit.send_replace(Some(e));
         for p in c.execs.values() {
             p.exit.send_if_modified(|x| {
@@ -657,6 +727,7 @@ impl Task for TaskService {
         let mut slot = self.inner.container.lock().await;
         let c = container(&mut slot, &req.id)?;
         let bundle = c.bundle.clone();
+        let paused = c.paused;
         let p = c.process(&req.exec_id)?;
         let mut resp = api::StateResponse {
             id: req.id.clone(),
@@ -669,7 +740,11 @@ impl Task for TaskService {
             exec_id: req.exec_id.clone(),
             ..Default::default()
         };
-        resp.status = p.status().into();
+        resp.status = match p.status() {
+            api::Status::RUNNING if paused => api::Status::PAUSED,
+            s => s,
+        }
+        .into();
         if let Some(e) = p.exited() {
             resp.exit_status = e.status;
             resp.exited_at = e.timestamp();
@@ -685,7 +760,8 @@ impl Task for TaskService {
         let (manager, _) = self.manager().await?;
         let mut slot = self.inner.container.lock().await;
         let c = container(&mut slot, &req.id)?;
-        let pids = ::api::manager::host::cgroup_pids(&manager.config().cgroup_parent, &c.sandbox.id);
+        let pids =
+            ::api::manager::host::cgroup_pids(&manager.config().cgroup_parent, &c.sandbox.id);
         Ok(api::PidsResponse {
             processes: pids
                 .into_iter()
@@ -696,6 +772,20 @@ impl Task for TaskService {
                 .collect(),
             ..Default::default()
         })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        TaskService::set_paused(self, &req.id, true).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        TaskService::set_paused(self, &req.id, false).await?;
+        Ok(api::Empty::new())
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
@@ -726,7 +816,8 @@ impl Task for TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        c.execs.insert(req.exec_id.clone(), Process::new(request, stdio));
+        c.execs
+            .insert(req.exec_id.clone(), Process::new(request, stdio));
         let container_id = c.id.clone();
         drop(slot);
         self.publish(
@@ -857,7 +948,9 @@ impl Task for TaskService {
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
         let mut slot = self.inner.container.lock().await;
-        let task_pid = container(&mut slot, &req.id).map(|c| c.init.pid).unwrap_or(0);
+        let task_pid = container(&mut slot, &req.id)
+            .map(|c| c.init.pid)
+            .unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,

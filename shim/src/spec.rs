@@ -55,14 +55,15 @@ pub fn sandbox_request(spec: &Spec, isolation: Isolation, container_id: &str) ->
         .and_then(|m| m.limit())
         .filter(|&l| l > 0)
         .map(|l| (l as u64).div_ceil(1 << 20).max(MIN_MEMORY_MIB));
-    let vcpus = resources
-        .and_then(|r| r.cpu().as_ref())
-        .and_then(|c| match (c.quota(), c.period()) {
-            (Some(q), Some(p)) if q > 0 && p > 0 => {
-                Some((q as u64).div_ceil(p).clamp(1, u64::from(MAX_VCPUS)) as u32)
-            }
-            _ => None,
-        });
+    let vcpus =
+        resources
+            .and_then(|r| r.cpu().as_ref())
+            .and_then(|c| match (c.quota(), c.period()) {
+                (Some(q), Some(p)) if q > 0 && p > 0 => {
+                    Some((q as u64).div_ceil(p).clamp(1, u64::from(MAX_VCPUS)) as u32)
+                }
+                _ => None,
+            });
     CreateSandbox {
         vcpus,
         memory_mib,
@@ -132,7 +133,13 @@ mod tests {
             res = res.memory(LinuxMemoryBuilder::default().limit(m).build().unwrap());
         }
         if let Some((q, p)) = cpu {
-            res = res.cpu(LinuxCpuBuilder::default().quota(q).period(p).build().unwrap());
+            res = res.cpu(
+                LinuxCpuBuilder::default()
+                    .quota(q)
+                    .period(p)
+                    .build()
+                    .unwrap(),
+            );
         }
         let linux = LinuxBuilder::default()
             .resources(res.build().unwrap())
@@ -140,29 +147,54 @@ mod tests {
             .unwrap();
         let mut b = SpecBuilder::default().linux(linux);
         if let Some(a) = annotation {
-            b = b.annotations([(ISOLATION_ANNOTATION.to_owned(), a.to_owned())].into_iter().collect::<std::collections::HashMap<_, _>>());
+            b = b.annotations(
+                [(ISOLATION_ANNOTATION.to_owned(), a.to_owned())]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            );
         }
         b.build().unwrap()
     }
 
     #[test]
     fn tier_from_annotation_or_default() {
-        assert_eq!(isolation(&spec(None, None, None), Isolation::Vm).unwrap(), Isolation::Vm);
-        assert_eq!(isolation(&spec(None, None, None), Isolation::Jail).unwrap(), Isolation::Jail);
-        assert_eq!(isolation(&spec(Some("jail"), None, None), Isolation::Vm).unwrap(), Isolation::Jail);
+        assert_eq!(
+            isolation(&spec(None, None, None), Isolation::Vm).unwrap(),
+            Isolation::Vm
+        );
+        assert_eq!(
+            isolation(&spec(None, None, None), Isolation::Jail).unwrap(),
+            Isolation::Jail
+        );
+        assert_eq!(
+            isolation(&spec(Some("jail"), None, None), Isolation::Vm).unwrap(),
+            Isolation::Jail
+        );
         let err = isolation(&spec(Some("kvm"), None, None), Isolation::Vm).unwrap_err();
         assert!(err.to_string().contains("io.mvm.isolation"), "{err}");
     }
 
     #[test]
     fn limits_round_up() {
-        let r = sandbox_request(&spec(None, Some(33 << 20 | 1), Some((150_000, 100_000))), Isolation::Jail, "c");
+        let r = sandbox_request(
+            &spec(None, Some(33 << 20 | 1), Some((150_000, 100_000))),
+            Isolation::Jail,
+            "c",
+        );
         assert_eq!(r.memory_mib, Some(34));
         assert_eq!(r.vcpus, Some(2));
-        let r = sandbox_request(&spec(None, Some(4096), Some((-1, 100_000))), Isolation::Jail, "c");
+        let r = sandbox_request(
+            &spec(None, Some(4096), Some((-1, 100_000))),
+            Isolation::Jail,
+            "c",
+        );
         assert_eq!(r.memory_mib, Some(MIN_MEMORY_MIB));
         assert_eq!(r.vcpus, None);
-        let r = sandbox_request(&spec(None, None, Some((100_000_000, 1000))), Isolation::Vm, "c");
+        let r = sandbox_request(
+            &spec(None, None, Some((100_000_000, 1000))),
+            Isolation::Vm,
+            "c",
+        );
         assert_eq!(r.memory_mib, None);
         assert_eq!(r.vcpus, Some(MAX_VCPUS));
         assert_eq!(r.timeout_s, Some(0));
@@ -178,12 +210,19 @@ mod tests {
             .unwrap();
         let r = exec_request(&p, Isolation::Jail, true).unwrap();
         assert_eq!(r.argv, ["sh", "-c", "true"]);
-        assert_eq!(r.env, [("A".into(), "1".into()), ("B".into(), "x=y".into())]);
+        assert_eq!(
+            r.env,
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
         assert_eq!(r.cwd.as_deref(), Some("/tmp"));
         assert_eq!(r.uid, None);
         assert!(r.stdin && r.pty.is_none());
         assert_eq!(exec_request(&p, Isolation::Vm, false).unwrap().uid, Some(0));
-        let bad = ProcessBuilder::default().args(Vec::<String>::new()).cwd("/").build().unwrap();
+        let bad = ProcessBuilder::default()
+            .args(Vec::<String>::new())
+            .cwd("/")
+            .build()
+            .unwrap();
         assert!(exec_request(&bad, Isolation::Jail, false).is_err());
         let bad = ProcessBuilder::default()
             .args(vec!["x".to_owned()])
