@@ -220,7 +220,23 @@ impl Container {
 pub struct MvmShim {
     namespace: String,
     id: String,
+    /// containerd's address: with namespace and id it names this shim's socket.
+    address: String,
     exit: Arc<ExitSignal>,
+}
+
+impl MvmShim {
+    /// Removes this shim's socket (the containerd-shim crate leaves it behind).
+    fn remove_socket(&self) {
+        let address = containerd_shim::socket_address(&self.address, &self.namespace, &self.id);
+        let path = address.trim_start_matches("unix://");
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                log::warn!("removing the shim socket {path}: {e}")
+            }
+            _ => {}
+        }
+    }
 }
 
 #[async_trait]
@@ -235,6 +251,7 @@ impl Shim for MvmShim {
         MvmShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
+            address: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -250,6 +267,7 @@ impl Shim for MvmShim {
         let rootfs = spec::load(&bundle)
             .map(|s| spec::rootfs(&s, &bundle))
             .unwrap_or_else(|_| bundle.join("rootfs"));
+        self.remove_socket();
         cleanup(&state_dir(&self.namespace, &self.id), Some(&rootfs))
             .await
             .map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
@@ -261,6 +279,8 @@ impl Shim for MvmShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // Connected clients keep their connections; nobody new finds a dead shim.
+        self.remove_socket();
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {

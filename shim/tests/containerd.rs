@@ -319,13 +319,30 @@ impl Containerd {
         found
     }
 
-    /// Nothing left: no shim or sandbox process, task, container, state, mount or cgroup.
-    fn assert_clean(&self) {
+    /// The socket of the shim of container `id` (as containerd-shim names it).
+    fn shim_socket(&self, id: &str) -> PathBuf {
+        let key = self.socket().join(NAMESPACE).join(id);
+        let hash = sha256_hex(key.as_os_str().as_encoded_bytes());
+        Path::new("/run/containerd/s").join(hash)
+    }
+
+    /// Nothing left: no shim or sandbox process, shim socket of `ids`, task, container,
+    /// state, mount or cgroup.
+    fn assert_clean(&self, ids: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.our_processes().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert_eq!(self.our_processes(), Vec::<String>::new(), "processes left");
+        for id in ids {
+            let socket = self.shim_socket(id);
+            assert!(
+                !socket.exists(),
+                "the shim socket of {id} is left: {}; containerd's log:\n{}",
+                socket.display(),
+                self.log()
+            );
+        }
         let tasks = text(&self.ctr(&["task", "ls", "-q"]).stdout);
         assert_eq!(tasks.trim(), "", "tasks left");
         let containers = text(&self.ctr(&["containers", "ls", "-q"]).stdout);
@@ -586,7 +603,81 @@ fn ctr_runs_containers_in_jail_sandboxes() {
         text(&out.stderr)
     );
 
-    cd.assert_clean();
+    let mut ids = vec!["seven", "envcwd", "stdin", "long", "small", "hog"];
+    let hellos: Vec<String> = (0..5).map(|i| format!("hello{i}")).collect();
+    ids.extend(hellos.iter().map(String::as_str));
+    cd.assert_clean(&ids);
+}
+
+/// Pids of the shim serving container `id`.
+fn shim_pids(id: &str) -> Vec<i32> {
+    let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-mvm-v2"));
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let serves = args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
+            (exe == shim && serves).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_shim_leaves_nothing_behind() {
+    if !can_run("a_killed_shim_leaves_nothing_behind") {
+        return;
+    }
+    let cd = Containerd::start("crash");
+    let out = cd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.mvm.isolation=jail",
+        IMAGE,
+        "crash",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    cd.wait_status("crash", "RUNNING");
+    let pids = shim_pids("crash");
+    assert_eq!(
+        pids.len(),
+        1,
+        "expected one shim for the container: {pids:?}"
+    );
+    // SAFETY: kill has no memory effects; the pid is the shim's.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    // containerd sees the shim go, runs `containerd-shim-mvm-v2 delete`, which destroys the
+    // orphaned sandbox, and reports the task as exited.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tasks = text(&cd.ctr(&["task", "ls", "-q"]).stdout);
+        if !tasks.contains("crash") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead shim's task stays: {tasks}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = cd.ctr(&["containers", "rm", "crash"]);
+    assert!(
+        out.status.success(),
+        "ctr containers rm: {}",
+        text(&out.stderr)
+    );
+    cd.assert_clean(&["crash"]);
 }
 
 #[test]
@@ -621,5 +712,5 @@ fn vm_tier_fails_clearly_without_hardware_kvm() {
     );
     // A failed create leaves nothing behind either.
     let _ = cd.ctr(&["containers", "rm", "vm"]);
-    cd.assert_clean();
+    cd.assert_clean(&["vm"]);
 }
