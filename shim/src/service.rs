@@ -499,7 +499,10 @@ impl TaskService {
                 let _ = pump.await;
             }
             let e = Exit::now(status);
-            exit.send_replace(Some(e));
+            // Delete may have recorded the end already (the sandbox went first).
+            if !exit.send_if_modified(|x| x.is_none() && x.replace(e).is_none()) {
+                return;
+            }
             this.publish(
                 containerd_shim::protos::topics::TASK_EXIT_EVENT_TOPIC,
                 Box::new(TaskExit {
