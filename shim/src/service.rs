@@ -363,8 +363,15 @@ impl TaskService {
                     .create_with_userland(tenant, sandbox_req, rootfs.clone())
                     .await
             }
-            // The vm tier refuses hosts without usable KVM before anything else.
-            Isolation::Vm => manager.create(tenant, sandbox_req).await,
+            Isolation::Vm => match manager.vm_tier_unavailable() {
+                Some(why) => Err(::api::Error::TierUnavailable(why)),
+                // Booting the template's image would silently run the wrong userland.
+                None => Err(::api::Error::Invalid(format!(
+                    "the vm tier cannot boot a container's own root file system yet; \
+                     annotate the container with {}=jail",
+                    spec::ISOLATION_ANNOTATION
+                ))),
+            },
         };
         let sandbox = match created {
             Ok(s) => s,
@@ -379,7 +386,7 @@ impl TaskService {
                 );
                 return Err(match e {
                     ::api::Error::TierUnavailable(why) => ::api::Error::TierUnavailable(format!(
-                        "{why}. Under containerd: annotate the container with {}=jail, \
+                        "{why}. Use the jail tier: annotate the container with {}=jail, \
                              or give containerd MVM_ISOLATION=jail",
                         spec::ISOLATION_ANNOTATION
                     )),
