@@ -56,8 +56,8 @@ case "${mvmtest:-}" in
         ;;
     net)
         ip link set lo up
-        ip addr add "$mvmip" dev eth0 && ip link set eth0 up
-        if ping -c 3 -W 5 "$mvmpeer" >/dev/null; then
+        ip addr add "${mvmip:?}" dev eth0 && ip link set eth0 up
+        if ping -c 3 -W 5 "${mvmpeer:?}" >/dev/null; then
             echo "mvm-guest: ping-host=ok"
         else
             echo "mvm-guest: ping-host=failed"

@@ -54,9 +54,10 @@ fi
 echo "nested: INFO /dev/kvm ready; modules loaded from $start s to $(cut -d' ' -f1 /proc/uptime) s of L1 uptime"
 dmesg | grep -E 'kvm|SVM|Nested' | sed 's/^/nested: INFO L1 dmesg: /'
 
-# One driver argument per line (values may contain spaces).
+# One driver argument per line (values may contain spaces): split on newlines only.
 IFS='
 '
+# shellcheck disable=SC2046
 set -- $(cat /mvm/driver-args)
 unset IFS
 /mvm/bin/mvm-nested --assets /mvm --mode nested "$@"

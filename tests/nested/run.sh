@@ -6,12 +6,14 @@
 # inside a QEMU TCG guest ("L1": -cpu max emulates AMD SVM, Debian's kvm_amd gives a genuine
 # /dev/kvm there), and mvm-vmm boots its micro-VMs ("L2") on that. One QEMU boot runs every test.
 #
-# Steps: install missing packages (apt: busybox-static cpio; for QEMU also qemu-system-x86
-# linux-image-amd64); build mvm-vmm and mvm-nested; build the guest kernel (guest-kernel/build.sh,
-# plus the options of tests/nested/kernel-initrd.config if the project kernel lacks them); build
-# the micro-VM initramfs; in QEMU mode build the L1 initramfs (busybox, kvm modules of the
-# installed Debian kernel, the assets) and boot it under a timeout, streaming the console.
-# Prints a per-test summary and exits with the inner suite's status.
+# Steps: install missing packages (apt: busybox-static cpio iproute2 nftables e2fsprogs; for QEMU
+# also qemu-system-x86 linux-image-amd64); build mvm-vmm, mvm-jailer, mvm-agent, mvmd, mvm and
+# mvm-nested; build the guest kernel (guest-kernel/build.sh, plus tests/nested/kernel-initrd.config
+# when the project kernel lacks those options), the rootfs (rootfs/build.sh) and the micro-VM
+# initramfs; in QEMU mode build the L1 initramfs (busybox, the kvm, tun, veth and nf_tables
+# modules of the installed Debian kernel, ip/nft/mkfs.ext4 with their libraries, the assets) and
+# boot it under a timeout, streaming the console. Prints a per-test summary and exits with the
+# inner suite's status (2 for a harness error before any test ran).
 #
 # Usage: tests/nested/run.sh [--mode auto|nested|direct] [--filter TEXT] [--echo-console]
 #                            [--guest-cmdline TEXT] [--timeout SECONDS]
@@ -42,7 +44,7 @@ while [ $# -gt 0 ]; do
         --echo-console) driver_args+=(--echo-console); shift ;;
         --guest-cmdline) [ $# -ge 2 ] || die "--guest-cmdline needs a text"; driver_args+=(--extra-cmdline "$2"); shift 2 ;;
         --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$script_path" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$script_path" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
     esac
 done
@@ -131,7 +133,11 @@ work="$repo_root/target/nested"
 assets="$work/assets"
 rm -rf "$assets" "$work/guest-root" "$work/l1-root"
 mkdir -p "$assets/bin" "$assets/guest"
-for b in "${binaries[@]}"; do cp "$bin_dir/$b" "$assets/bin/"; done
+# Debug info is dropped (symbols stay, so backtraces name functions): it would more than double
+# what QEMU loads and L1 unpacks.
+for b in "${binaries[@]}"; do
+    objcopy --strip-debug "$bin_dir/$b" "$assets/bin/$b" || die "objcopy --strip-debug $bin_dir/$b failed"
+done
 cp "$vmlinux" "$assets/guest/vmlinux"
 cp "$bzimage" "$assets/guest/bzImage"
 printf '%s\n' "${driver_args[@]}" > "$assets/driver-args"
