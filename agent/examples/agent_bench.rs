@@ -1,7 +1,7 @@
 //! Agent benchmark over a unix socket: exec round trip (spawn `true`, get its exit
 //! status) percentiles, stdout throughput and file transfer throughput.
 //!
-//! `cargo run -p agent --example bench [-- EXECS STDOUT_MIB]` (defaults: 2000 and 1024).
+//! `cargo run -p agent --example agent_bench [-- EXECS STDOUT_MIB]` (defaults: 2000 and 1024).
 //! The agent runs in this process on its own thread and single-threaded runtime, as in
 //! the guest; the client uses another runtime.
 

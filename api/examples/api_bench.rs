@@ -1,7 +1,7 @@
 //! Sandbox benchmark, jail tier (and vm tier where it can run): create → first exec output
 //! latency (p50/p99), create+destroy throughput, idle host memory (PSS) per sandbox.
 //!
-//! As root: `cargo run -p api --example bench [-- --iterations N]`. It needs mvm-jailer and
+//! As root: `cargo run -p api --example api_bench [-- --iterations N]`. It needs mvm-jailer and
 //! mvm-agent next to this binary's deps dir (`cargo build -p jailer -p agent`) and
 //! target/mvm-artifacts/rootfs.ext4 (`rootfs/build.sh`). Measures both the library manager
 //! (daemonless `mvm run`) and the REST path (mvmd on a unix socket).

@@ -1,5 +1,5 @@
 //! Jailer overhead benchmark (root needed):
-//! `cargo build -p jailer --bins --examples && target/x86_64-unknown-linux-gnu/debug/examples/bench [ITERATIONS [CHROOT_BASE]]`.
+//! `cargo build -p jailer --bins --examples && target/x86_64-unknown-linux-gnu/debug/examples/jailer_bench [ITERATIONS [CHROOT_BASE]]`.
 //!
 //! Prints, in milliseconds (median and p90 over the iterations):
 //! - start latency: from spawning the command to the first instruction of the target
