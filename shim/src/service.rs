@@ -467,8 +467,19 @@ impl TaskService {
         let stdin = io::open_input(&p.stdio.stdin)?;
         let stdout = io::open_output(&p.stdio.stdout)?;
         let stderr = io::open_output(&p.stdio.stderr)?;
-        let client = manager.agent(&tenant.name, &sandbox).await?;
-        let mut session = client.exec(p.request.clone()).await?;
+        let session = match manager.agent(&tenant.name, &sandbox).await {
+            Ok(client) => client.exec(p.request.clone()).await.map_err(Error::from),
+            Err(e) => Err(e.into()),
+        };
+        let mut session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                // It never ran: Wait and State report it as ended, and Delete can go ahead.
+                p.exit.send_replace(Some(Exit::now(UNKNOWN_EXIT)));
+                log::error!("starting process {exec_id:?} of container {container_id}: {e}");
+                return Err(e);
+            }
+        };
         // The init process is known to containerd by the sandbox's host pid.
         let pid = if exec_id.is_empty() {
             init_pid
