@@ -589,8 +589,11 @@ impl Manager {
             Isolation::Vm => {
                 let s = &row.sandbox;
                 let api = self.inner.cfg.in_jail(Isolation::Vm, &s.id, vm::API_SOCK);
-                self.wait_for(&live, &s.id, VM_READY_TIMEOUT, || api.exists())
-                    .await?;
+                // The socket file appears at bind(), before listen(): wait until it accepts.
+                self.wait_for(&live, &s.id, VM_READY_TIMEOUT, || {
+                    std::os::unix::net::UnixStream::connect(&api).is_ok()
+                })
+                .await?;
                 let ip = s.network.address.as_ref().map(|a| {
                     format!(
                         "{a}/30,{}",
