@@ -300,8 +300,9 @@ fn agent_as_pid_1_of_a_pid_namespace() {
         eprintln!("SKIPPED agent_as_pid_1_of_a_pid_namespace: {reason}");
         return;
     }
-    // Not under /tmp: the agent mounts a fresh /tmp in its namespace.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // Not under /tmp or /run (the agent mounts fresh ones in its namespace), wherever the
+    // checkout lives.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let socket = dir.path().join("agent.sock");
     let mut child = Command::new("unshare")
         .args([

@@ -174,14 +174,13 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> VmmRun {
 pub struct ScratchDir(PathBuf);
 
 impl ScratchDir {
-    /// Creates `target/test-scratch/<tag>-<pid>-<n>`.
+    /// Creates `/var/tmp/mvm-tests/<tag>-<pid>-<n>`: outside the checkout, so unix socket
+    /// paths inside stay short wherever the repository lives.
     pub fn new(tag: &str) -> Self {
         static COUNTER: OnceLock<Mutex<u32>> = OnceLock::new();
         let mut n = COUNTER.get_or_init(|| Mutex::new(0)).lock().unwrap_or_else(|p| p.into_inner());
         *n += 1;
-        let dir = target_dir()
-            .join("test-scratch")
-            .join(format!("{tag}-{}-{}", std::process::id(), *n));
+        let dir = Path::new("/var/tmp/mvm-tests").join(format!("{tag}-{}-{}", std::process::id(), *n));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create scratch dir");
         ScratchDir(dir)
