@@ -8,6 +8,7 @@
 # 4. runs every cargo test: unit, KVM test guests, jailer, agent, API/CLI (jail tier), shim
 # 5. runs the vm-tier suite (tests/nested/run.sh): directly on hardware KVM, otherwise inside a
 #    QEMU guest with emulated SVM, so no vm-tier test is skipped on hosts without VT-x
+# 6. runs each virtio fuzz target briefly (vmm/fuzz/run-fuzz.sh), where cargo-fuzz is installed
 # Exits non-zero if any stage fails, after running them all; prints a summary line per stage.
 set -uo pipefail
 
@@ -48,6 +49,17 @@ stage rootfs-test rootfs/test.sh
 stage guest-kernel-test guest-kernel/test.sh
 stage cargo-test cargo test --workspace --no-fail-fast
 stage vm-tier tests/nested/run.sh
+
+# Fuzz smoke run of the guest-facing virtio parsers (cargo-fuzz needs a nightly toolchain; where
+# there is none the stage says so and is skipped).
+fuzz_smoke() {
+    if cargo +nightly fuzz --version >/dev/null 2>&1; then
+        vmm/fuzz/run-fuzz.sh "${MVM_FUZZ_SECONDS:-20}"
+    else
+        echo "SKIP fuzz-smoke: no nightly toolchain with cargo-fuzz (rustup toolchain install nightly && cargo install cargo-fuzz)"
+    fi
+}
+stage fuzz-smoke fuzz_smoke
 
 echo
 echo "=== summary"
