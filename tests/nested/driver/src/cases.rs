@@ -88,6 +88,18 @@ pub const CASES: &[Case] = &[
         name: "mvmd-vm-create-exec-delete-20-cycles",
         run: mvmd_cycles,
     },
+    Case {
+        name: "files-in-and-out-byte-exact",
+        run: files_in_and_out,
+    },
+    Case {
+        name: "writable-layer-isolation",
+        run: writable_layer_isolation,
+    },
+    Case {
+        name: "egress-none-vs-allow",
+        run: egress_none_vs_allow,
+    },
 ];
 
 /// Paths and settings shared by the tests, plus the benchmark figures they collect.
@@ -1212,27 +1224,7 @@ fn mvmd_cycles(ctx: &mut Ctx) -> Outcome {
     }
     let dirs = ManagerDirs::new(ctx, "mvmd")?;
     let before = Baseline::now();
-    let socket = dirs.root.join("mvmd.sock");
-    let mut daemon = std::process::Command::new(&ctx.mvmd);
-    dirs.apply(ctx, &mut daemon);
-    daemon
-        .arg("--socket")
-        .arg(&socket)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let daemon = daemon
-        .spawn()
-        .map_err(|e| format!("cannot start mvmd: {e}"))?;
-    let daemon = Daemon(Some(daemon));
-    if !mvm_testkit::wait_for_socket(&socket, Duration::from_secs(30)) {
-        return Err(format!(
-            "mvmd did not serve {} within 30 s: {}",
-            socket.display(),
-            daemon.finish()
-        ));
-    }
-    let host = format!("unix:{}", socket.display());
+    let (daemon, host) = start_mvmd(ctx, &dirs)?;
     let mut times = Vec::with_capacity(CYCLES);
     for cycle in 1..=CYCLES {
         let mut cmd = std::process::Command::new(&ctx.mvm);
@@ -1281,6 +1273,391 @@ fn mvmd_cycles(ctx: &mut Ctx) -> Outcome {
         ms(times[CYCLES / 2]),
     );
     Ok(Verdict::Pass)
+}
+
+/// An `mvmd` of its own for one test, driven with `mvm --host`; [`MvmdSession::finish`] removes
+/// what the test left running, stops the daemon and checks that nothing is left behind.
+struct MvmdSession {
+    dirs: ManagerDirs,
+    before: Baseline,
+    daemon: Daemon,
+    host: String,
+}
+
+impl MvmdSession {
+    fn start(ctx: &Ctx, tag: &str) -> Result<Self, String> {
+        let dirs = ManagerDirs::new(ctx, tag)?;
+        let before = Baseline::now();
+        let (daemon, host) = start_mvmd(ctx, &dirs)?;
+        Ok(MvmdSession {
+            dirs,
+            before,
+            daemon,
+            host,
+        })
+    }
+
+    /// Runs `mvm --host <this mvmd> ARGS` with `stdin`; returns its stdout, or why it did not
+    /// exit 0.
+    fn mvm(&self, ctx: &Ctx, args: &[&str], stdin: Option<&[u8]>) -> Result<String, String> {
+        let mut cmd = std::process::Command::new(&ctx.mvm);
+        self.dirs.apply(ctx, &mut cmd);
+        cmd.arg("--host").arg(&self.host).args(args);
+        let (code, out, err) = run_cli(cmd, stdin)?;
+        if code != 0 {
+            return Err(format!(
+                "mvm {}: exit {code}, stdout {:?}, stderr: {}",
+                args.join(" "),
+                out.trim(),
+                err.trim()
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The sandboxes this mvmd lists (`mvm ps -o json`).
+    fn list(&self, ctx: &Ctx) -> Result<Vec<serde_json::Value>, String> {
+        let out = self.mvm(ctx, &["-o", "json", "ps"], None)?;
+        match serde_json::from_str(&out) {
+            Ok(serde_json::Value::Array(list)) => Ok(list),
+            _ => Err(format!("mvm ps -o json printed no JSON array: {out:?}")),
+        }
+    }
+
+    /// Creates a running vm-tier sandbox with `mvm run --isolation vm EXTRA -- true` (no
+    /// `--rm`); returns its record as `mvm ps -o json` shows it.
+    fn create_vm(&self, ctx: &Ctx, extra: &[&str]) -> Result<serde_json::Value, String> {
+        let known: Vec<serde_json::Value> = self
+            .list(ctx)?
+            .into_iter()
+            .map(|s| s["id"].clone())
+            .collect();
+        let mut args = vec!["run", "--isolation", "vm"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "true"]);
+        self.mvm(ctx, &args, None)?;
+        let mut new: Vec<serde_json::Value> = self
+            .list(ctx)?
+            .into_iter()
+            .filter(|s| !known.contains(&s["id"]))
+            .collect();
+        match (new.pop(), new.is_empty()) {
+            (Some(sandbox), true) if sandbox["id"].is_string() => Ok(sandbox),
+            _ => Err(format!(
+                "after mvm {} mvm ps does not show exactly one new sandbox",
+                args.join(" ")
+            )),
+        }
+    }
+
+    /// Removes every sandbox still listed (a failed test's), stops mvmd and checks for
+    /// leftovers; folds all of it into the test's outcome.
+    fn finish(self, ctx: &Ctx, checked: Result<(), String>) -> Outcome {
+        let mut cleanup = Vec::new();
+        match self.list(ctx) {
+            Ok(list) => {
+                for sandbox in list {
+                    let id = sandbox["id"].as_str().unwrap_or_default().to_string();
+                    if let Err(why) = self.mvm(ctx, &["rm", &id], None) {
+                        cleanup.push(why);
+                    }
+                }
+            }
+            Err(why) => cleanup.push(why),
+        }
+        let log = self.daemon.finish();
+        let left = self.dirs.leftovers(&self.before);
+        if !left.is_empty() {
+            cleanup.push(format!("mvmd left behind: {}", left.join(", ")));
+        }
+        match (checked, cleanup.is_empty()) {
+            (Ok(()), true) => Ok(Verdict::Pass),
+            (Ok(()), false) => Err(format!("{}; mvmd: {log}", cleanup.join("; "))),
+            (Err(why), _) => Err(format!(
+                "{why}{}; mvmd: {log}",
+                cleanup
+                    .iter()
+                    .map(|c| format!("; and {c}"))
+                    .collect::<String>()
+            )),
+        }
+    }
+}
+
+/// The id of a sandbox record from `mvm ps -o json`.
+fn sandbox_id(sandbox: &serde_json::Value) -> String {
+    sandbox["id"].as_str().unwrap_or_default().to_string()
+}
+
+/// The hex MD5 of `data`, by this host's `md5sum`.
+fn local_md5(data: &[u8]) -> Result<String, String> {
+    let mut md5 = std::process::Command::new("md5sum");
+    md5.arg("-");
+    match run_cli(md5, Some(data))? {
+        (0, out, _) => out
+            .split_whitespace()
+            .next()
+            .map(str::to_string)
+            .ok_or_else(|| "md5sum printed nothing".to_string()),
+        (code, _, err) => Err(format!("md5sum exited {code}: {}", err.trim())),
+    }
+}
+
+/// Through mvmd: `mvm cp` a random 1 MiB file into a running vm sandbox and back out; the copy
+/// back is byte-identical, and `md5sum` inside the guest prints the host file's digest.
+fn files_in_and_out(ctx: &mut Ctx) -> Outcome {
+    const SIZE: usize = 1 << 20;
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let session = MvmdSession::start(ctx, "cp")?;
+    let ctx = &*ctx;
+    let checked = (|| {
+        let mut data = vec![0u8; SIZE];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut data))
+            .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+        let want = local_md5(&data)?;
+        let inside = session.dirs.root.join("blob.in");
+        let outside = session.dirs.root.join("blob.out");
+        std::fs::write(&inside, &data).map_err(|e| format!("writing {}: {e}", inside.display()))?;
+        let id = sandbox_id(&session.create_vm(ctx, &[])?);
+        let remote = format!("{id}:/root/blob");
+        session.mvm(ctx, &["cp", &inside.to_string_lossy(), &remote], None)?;
+        let guest = session.mvm(ctx, &["exec", &id, "--", "md5sum", "/root/blob"], None)?;
+        if guest.split_whitespace().next() != Some(want.as_str()) {
+            return Err(format!(
+                "md5sum in the guest printed {:?}; the host file's md5 is {want}",
+                guest.trim()
+            ));
+        }
+        session.mvm(ctx, &["cp", &remote, &outside.to_string_lossy()], None)?;
+        let back =
+            std::fs::read(&outside).map_err(|e| format!("reading {}: {e}", outside.display()))?;
+        if back != data {
+            return Err(format!(
+                "the file copied back out differs: {} bytes, md5 {}; sent {SIZE} bytes, md5 {want}",
+                back.len(),
+                local_md5(&back)?
+            ));
+        }
+        session.mvm(ctx, &["rm", &id], None).map(drop)
+    })();
+    session.finish(ctx, checked)
+}
+
+/// Two vm sandboxes from the default template: a file sandbox A writes over the base image's
+/// /etc is visible in A only, not in B; the template's read-only base image on the host is
+/// byte-identical before and after.
+fn writable_layer_isolation(ctx: &mut Ctx) -> Outcome {
+    const PROBE: &str = "/etc/mvm-isolation-probe";
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let session = MvmdSession::start(ctx, "layer")?;
+    let ctx = &*ctx;
+    let checked = (|| {
+        let base_before = fingerprint(&ctx.rootfs)?;
+        let a = sandbox_id(&session.create_vm(ctx, &[])?);
+        let b = sandbox_id(&session.create_vm(ctx, &[])?);
+        let write = format!("echo written-by-{a} > {PROBE} && sync && cat {PROBE}");
+        let out = session.mvm(ctx, &["exec", &a, "--", "sh", "-c", &write], None)?;
+        if out.trim() != format!("written-by-{a}") {
+            return Err(format!(
+                "sandbox A could not write {PROBE}: it printed {:?}",
+                out.trim()
+            ));
+        }
+        let probe = format!("if [ -e {PROBE} ]; then cat {PROBE}; else echo absent; fi");
+        let seen_in_b = session.mvm(ctx, &["exec", &b, "--", "sh", "-c", &probe], None)?;
+        if seen_in_b.trim() != "absent" {
+            return Err(format!(
+                "sandbox B sees the file sandbox A wrote to {PROBE}: {:?}",
+                seen_in_b.trim()
+            ));
+        }
+        let seen_in_a = session.mvm(ctx, &["exec", &a, "--", "sh", "-c", &probe], None)?;
+        if seen_in_a.trim() != format!("written-by-{a}") {
+            return Err(format!(
+                "sandbox A lost its own {PROBE}: {:?}",
+                seen_in_a.trim()
+            ));
+        }
+        session.mvm(ctx, &["rm", &a, &b], None)?;
+        let base_after = fingerprint(&ctx.rootfs)?;
+        if base_after != base_before {
+            return Err(format!(
+                "the template's base image {} changed: (length, FNV-1a) {base_before:?} before, \
+                 {base_after:?} after",
+                ctx.rootfs.display()
+            ));
+        }
+        Ok(())
+    })();
+    session.finish(ctx, checked)
+}
+
+/// The sandbox manager's fixed sandbox subnet (`ManagerConfig::subnet`): every sandbox's host
+/// end lies in it.
+const SANDBOX_SUBNET: &str = "10.213.0.0/16";
+
+/// A TCP listener on `addr` in this host that greets every connection and counts them.
+struct Greeter {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Greeter {
+    const GREETING: &'static str = "reached-host";
+
+    fn listen(addr: &str) -> Result<Self, String> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind((addr, 0))
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("listener on {addr}: {e}"))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| format!("listener on {addr}: {e}"))?
+            .port();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (count, done) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut sock, _)) => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let _ = std::io::Write::write_all(
+                            &mut sock,
+                            format!("{}\n", Self::GREETING).as_bytes(),
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Greeter {
+            port,
+            accepted,
+            stop,
+        })
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Greeter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The IPv4 address of this host's end of a sandbox's network: the host-side veth of sandbox `id`.
+fn host_end(id: &str) -> Result<String, String> {
+    let veth = format!("mv{}", &id[..id.len().min(13)]);
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["-o", "-4", "addr", "show", "dev", &veth]);
+    let (code, out, err) = run_cli(cmd, None)?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .filter(|_| code == 0)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            format!(
+                "no IPv4 address on the host veth {veth} of sandbox {id}: exit {code}, {out:?} {}",
+                err.trim()
+            )
+        })
+}
+
+/// Egress policy of the vm tier, all traffic inside this host: a sandbox with `--egress allow
+/// --allow <sandbox subnet>` connects to a listener on the host end of its own network; from
+/// one with `--egress none` (no NIC) and one with `--egress allow` for another address, the
+/// same listener sees no connection.
+fn egress_none_vs_allow(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let session = MvmdSession::start(ctx, "egress")?;
+    let ctx = &*ctx;
+    let checked = (|| {
+        let allowed = session.create_vm(ctx, &["--egress", "allow", "--allow", SANDBOX_SUBNET])?;
+        let allowed = sandbox_id(&allowed);
+        let other = session.create_vm(ctx, &["--egress", "allow", "--allow", "192.0.2.1/32"])?;
+        let other = sandbox_id(&other);
+        let none = session.create_vm(ctx, &["--egress", "none"])?;
+        let none_net = &none["network"];
+        if !none_net["address"].is_null() || !none_net["gateway"].is_null() {
+            return Err(format!(
+                "a sandbox with egress none has a network: {none_net}"
+            ));
+        }
+        let none = sandbox_id(&none);
+        let host = host_end(&allowed)?;
+        let greeter = Greeter::listen(&host)?;
+        let connect = format!("nc -w 3 {host} {} </dev/null; echo rc=$?", greeter.port);
+        let out = session.mvm(ctx, &["exec", &allowed, "--", "sh", "-c", &connect], None)?;
+        if !out.contains(Greeter::GREETING) || greeter.accepted() != 1 {
+            return Err(format!(
+                "the sandbox allowed {SANDBOX_SUBNET} could not reach {host}:{}: it printed {:?}, \
+                 the listener accepted {} connections",
+                greeter.port,
+                out.trim(),
+                greeter.accepted()
+            ));
+        }
+        for (what, id) in [
+            ("egress none", &none),
+            ("egress allow 192.0.2.1/32", &other),
+        ] {
+            let out = session.mvm(ctx, &["exec", id, "--", "sh", "-c", &connect], None)?;
+            if out.contains(Greeter::GREETING) || out.contains("rc=0") || greeter.accepted() != 1 {
+                return Err(format!(
+                    "the sandbox with {what} reached {host}:{}: it printed {:?}, the listener \
+                     accepted {} connections in all",
+                    greeter.port,
+                    out.trim(),
+                    greeter.accepted()
+                ));
+            }
+        }
+        session
+            .mvm(ctx, &["rm", &allowed, &other, &none], None)
+            .map(drop)
+    })();
+    session.finish(ctx, checked)
+}
+
+/// Starts `mvmd` on a socket in `dirs`; returns it and the `--host` value that reaches it.
+fn start_mvmd(ctx: &Ctx, dirs: &ManagerDirs) -> Result<(Daemon, String), String> {
+    let socket = dirs.root.join("mvmd.sock");
+    let mut daemon = std::process::Command::new(&ctx.mvmd);
+    dirs.apply(ctx, &mut daemon);
+    daemon
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let daemon = daemon
+        .spawn()
+        .map_err(|e| format!("cannot start mvmd: {e}"))?;
+    let daemon = Daemon(Some(daemon));
+    if !mvm_testkit::wait_for_socket(&socket, Duration::from_secs(30)) {
+        return Err(format!(
+            "mvmd did not serve {} within 30 s: {}",
+            socket.display(),
+            daemon.finish()
+        ));
+    }
+    Ok((daemon, format!("unix:{}", socket.display())))
 }
 
 /// A running mvmd; stopped with SIGTERM (SIGKILL after 10 s) by [`Daemon::finish`] or on drop.
