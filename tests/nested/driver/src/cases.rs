@@ -100,6 +100,10 @@ pub const CASES: &[Case] = &[
         name: "egress-none-vs-allow",
         run: egress_none_vs_allow,
     },
+    Case {
+        name: "guest-without-agent-fails-cleanly",
+        run: guest_without_agent,
+    },
 ];
 
 /// Paths and settings shared by the tests, plus the benchmark figures they collect.
@@ -1634,6 +1638,93 @@ fn egress_none_vs_allow(ctx: &mut Ctx) -> Outcome {
     })();
     session.finish(ctx, checked)
 }
+
+/// A default template whose base image boots but never starts the agent: its /sbin/init only
+/// sleeps (so the guest neither answers nor exits). Daemonless `mvm run --rm --isolation vm`
+/// fails once the manager's start-up timeout (30 s) expires, with exit 125 and an error naming
+/// the sandbox agent, and leaves nothing behind (VMM, jail, cgroups, netns, mounts, links).
+/// The error is the last vsock connect error; it does not carry the guest's console.
+fn guest_without_agent(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("the vm tier of mvm needs root".into()));
+    }
+    let dirs = ManagerDirs::new(ctx, "noagent")?;
+    let artifacts = dirs.root.join("artifacts");
+    let tree = dirs.root.join("tree");
+    let prepare = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&artifacts)?;
+        for dir in ["bin", "sbin", "dev", "proc", "tmp"] {
+            std::fs::create_dir_all(tree.join(dir))?;
+        }
+        std::fs::copy(&ctx.vmlinux, artifacts.join("vmlinux"))?;
+        std::fs::copy("/bin/busybox", tree.join("bin/busybox"))?;
+        std::os::unix::fs::symlink("busybox", tree.join("bin/sh"))?;
+        let init = tree.join("sbin/init");
+        std::fs::write(
+            &init,
+            "#!/bin/sh\necho no-agent-init-sleeps\nexec /bin/busybox sleep 1000\n",
+        )?;
+        std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+    };
+    prepare().map_err(|e| {
+        format!(
+            "preparing the agent-less template under {}: {e}",
+            dirs.root.display()
+        )
+    })?;
+    let image = artifacts.join("rootfs.ext4");
+    let mut mkfs = std::process::Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("16M");
+    match run_cli(mkfs, None)? {
+        (0, _, _) => {}
+        (code, _, err) => return Err(format!("mkfs.ext4 -d exited {code}: {}", err.trim())),
+    }
+    let before = Baseline::now();
+    let mut cmd = std::process::Command::new(&ctx.mvm);
+    dirs.apply(ctx, &mut cmd);
+    cmd.env("MVM_ARTIFACTS", &artifacts)
+        .args(["run", "--rm", "--isolation", "vm", "--", "true"]);
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_cli(cmd, None)?;
+    let elapsed = started.elapsed();
+    let checked = if code != i32::from(EXIT_MVM_FAILED) || !err.contains("sandbox agent") {
+        Err(format!(
+            "mvm run with a guest that never starts its agent: exit {code} (expected \
+             {EXIT_MVM_FAILED}), stdout {:?}, stderr (expected an error naming the sandbox \
+             agent): {}",
+            out.trim(),
+            err.trim()
+        ))
+    } else {
+        println!(
+            "nested: INFO a guest without agent fails the create with: {}",
+            err.trim()
+        );
+        Ok(())
+    };
+    let left = dirs.leftovers(&before);
+    match (checked, left.is_empty()) {
+        (Ok(()), true) => {
+            ctx.record(
+                "mvm run, guest without agent: start -> create error (vm, daemonless)",
+                ms(elapsed),
+            );
+            Ok(Verdict::Pass)
+        }
+        (Ok(()), false) => Err(format!(
+            "the failed create left behind: {}",
+            left.join(", ")
+        )),
+        (Err(why), true) => Err(why),
+        (Err(why), false) => Err(format!("{why}; and it left behind: {}", left.join(", "))),
+    }
+}
+
+/// Exit status of `mvm` when mvm itself (not the sandboxed command) failed.
+const EXIT_MVM_FAILED: u8 = 125;
 
 /// Starts `mvmd` on a socket in `dirs`; returns it and the `--host` value that reaches it.
 fn start_mvmd(ctx: &Ctx, dirs: &ManagerDirs) -> Result<(Daemon, String), String> {
