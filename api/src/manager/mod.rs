@@ -688,7 +688,10 @@ impl Manager {
                         )));
                     }
                     if Instant::now() > deadline {
-                        return Err(e);
+                        return Err(Error::Host(format!(
+                            "the sandbox agent did not come up within {timeout:?} (last attempt: {e}); its console said: {}",
+                            self.console_tail(id, 2000)
+                        )));
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
