@@ -87,6 +87,27 @@ pub struct ActivateContext {
     pub acked_features: u64,
 }
 
+impl ActivateContext {
+    /// Takes the first `N` queues with their notification eventfds, or fails naming `device`
+    /// when the driver set up fewer.
+    pub fn take_queues<const N: usize>(
+        &mut self,
+        device: &str,
+    ) -> Result<[(Queue, EventFd); N], ActivateError> {
+        if self.queues.len() < N || self.queue_evts.len() < N {
+            return Err(ActivateError::BadConfig(format!(
+                "{device} needs {N} queues, the driver set up {}",
+                self.queues.len().min(self.queue_evts.len())
+            )));
+        }
+        let pairs: Vec<(Queue, EventFd)> =
+            self.queues.drain(..N).zip(self.queue_evts.drain(..N)).collect();
+        pairs
+            .try_into()
+            .map_err(|_| ActivateError::BadConfig(format!("{device}: queue bookkeeping broke")))
+    }
+}
+
 /// Why a device refused to activate.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

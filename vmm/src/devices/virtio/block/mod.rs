@@ -383,21 +383,9 @@ impl VirtioDevice for Block {
         // The capacity is read-only and no writable field (writeback toggle) is offered.
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let ActivateContext {
-            mem,
-            queues,
-            queue_evts,
-            interrupt,
-            ..
-        } = ctx;
-        let (Some(queue), Some(queue_evt)) =
-            (queues.into_iter().next(), queue_evts.into_iter().next())
-        else {
-            return Err(ActivateError::BadConfig(
-                "the request queue is missing".into(),
-            ));
-        };
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let [(queue, queue_evt)] = ctx.take_queues("virtio-blk")?;
+        let ActivateContext { mem, interrupt, .. } = ctx;
         // Requests the driver queued before DRIVER_OK are served on the first notification.
         self.thread.start(move |engine| BlockHandler {
             engine,

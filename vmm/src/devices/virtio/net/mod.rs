@@ -429,23 +429,9 @@ impl VirtioDevice for Net {
         // The MAC is read-only unless VIRTIO_NET_F_CTRL_MAC_ADDR, which is not offered.
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let ActivateContext {
-            mem,
-            queues,
-            queue_evts,
-            interrupt,
-            ..
-        } = ctx;
-        let mut queues = queues.into_iter();
-        let mut evts = queue_evts.into_iter();
-        let (Some(rxq), Some(txq), Some(rx_evt), Some(tx_evt)) =
-            (queues.next(), queues.next(), evts.next(), evts.next())
-        else {
-            return Err(ActivateError::BadConfig(
-                "virtio-net needs its RX and TX queues".into(),
-            ));
-        };
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let [(rxq, rx_evt), (txq, tx_evt)] = ctx.take_queues("virtio-net")?;
+        let ActivateContext { mem, interrupt, .. } = ctx;
         self.thread.start(move |engine| NetHandler {
             engine,
             mem,

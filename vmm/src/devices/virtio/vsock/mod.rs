@@ -329,27 +329,10 @@ impl VirtioDevice for Vsock {
         // guest_cid is read-only.
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let ActivateContext {
-            mem,
-            queues,
-            queue_evts,
-            interrupt,
-            ..
-        } = ctx;
-        let mut queues = queues.into_iter();
-        let mut evts = queue_evts.into_iter();
-        let (Some(rxq), Some(txq), Some(rx_evt), Some(tx_evt), Some(event_evt)) = (
-            queues.next(),
-            queues.next(),
-            evts.next(),
-            evts.next(),
-            evts.next(),
-        ) else {
-            return Err(ActivateError::BadConfig(
-                "virtio-vsock needs its RX, TX and event queues".into(),
-            ));
-        };
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        // The event queue stays unused (no transport resets are sent); its eventfd is drained.
+        let [(rxq, rx_evt), (txq, tx_evt), (_, event_evt)] = ctx.take_queues("virtio-vsock")?;
+        let ActivateContext { mem, interrupt, .. } = ctx;
         self.thread.start(move |engine| VsockHandler {
             engine,
             mem,
