@@ -172,11 +172,13 @@ cp "$script_dir/guest-init.sh" "$guest_root/init"
 make_initramfs "$guest_root" "$assets/guest/initrd.cpio"
 log "micro-VM initramfs: $(du -h "$assets/guest/initrd.cpio" | cut -f1)"
 
-summary() { # <console log> <status>: the result lines again, then the verdict
+summary() { # <console log> <status>: the result lines again, failures last, then the verdict
     local console=$1 status=$2
     echo
     echo "=== mvm vm-tier suite ($mode) ==="
-    grep -E '^nested: (PASS|FAIL|SKIP|BENCH) ' "$console" | sed 's/^nested: /  /' || true
+    # Failures last, next to the verdict, so a log cut short in the middle still shows them.
+    grep -E '^nested: (PASS|SKIP|BENCH) ' "$console" | sed 's/^nested: /  /' || true
+    grep -E '^nested: FAIL ' "$console" | sed 's/^nested: /  /' || true
     local counts
     counts=$(grep -E '^nested: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$console" | tail -n1 | sed 's/^nested: //')
     echo "  ${counts:-no result line from the inner driver}"

@@ -63,7 +63,11 @@ impl HttpResponse {
             503 => "Service Unavailable",
             _ => "Error",
         };
-        let body = self.body.as_ref().map(|b| b.to_string()).unwrap_or_default();
+        let body = self
+            .body
+            .as_ref()
+            .map(|b| b.to_string())
+            .unwrap_or_default();
         let mut head = format!("HTTP/1.1 {} {}\r\nServer: mvm-vmm\r\n", self.status, reason);
         if self.body.is_some() {
             head.push_str("Content-Type: application/json\r\n");
@@ -106,11 +110,17 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, HttpRe
             return if head.is_empty() {
                 Ok(None)
             } else {
-                Err(HttpResponse::fault(400, "the request ended before its headers did"))
+                Err(HttpResponse::fault(
+                    400,
+                    "the request ended before its headers did",
+                ))
             };
         }
         if head.len() + line.len() > MAX_HEAD_BYTES {
-            return Err(HttpResponse::fault(431, "request headers are larger than 16 KiB"));
+            return Err(HttpResponse::fault(
+                431,
+                "request headers are larger than 16 KiB",
+            ));
         }
         let blank = line == b"\r\n" || line == b"\n";
         head.extend_from_slice(&line);
@@ -127,17 +137,27 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, HttpRe
     let mut lines = head.lines();
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(HttpResponse::fault(400, format!("malformed request line: {request_line:?}")));
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(HttpResponse::fault(
+            400,
+            format!("malformed request line: {request_line:?}"),
+        ));
     };
     if !version.starts_with("HTTP/1.") {
-        return Err(HttpResponse::fault(400, format!("unsupported HTTP version {version}")));
+        return Err(HttpResponse::fault(
+            400,
+            format!("unsupported HTTP version {version}"),
+        ));
     }
     let mut content_length = 0usize;
     let mut close = version == "HTTP/1.0";
     for line in lines.filter(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
-            return Err(HttpResponse::fault(400, format!("malformed header line: {line:?}")));
+            return Err(HttpResponse::fault(
+                400,
+                format!("malformed header line: {line:?}"),
+            ));
         };
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
@@ -147,19 +167,25 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, HttpRe
                 })?
             }
             "transfer-encoding" => {
-                return Err(HttpResponse::fault(400, "Transfer-Encoding is not supported; send Content-Length"))
+                return Err(HttpResponse::fault(
+                    400,
+                    "Transfer-Encoding is not supported; send Content-Length",
+                ))
             }
             "connection" => close = value.eq_ignore_ascii_case("close"),
             _ => {}
         }
     }
     if content_length > MAX_BODY_BYTES {
-        return Err(HttpResponse::fault(413, format!("request body is larger than {MAX_BODY_BYTES} bytes")));
+        return Err(HttpResponse::fault(
+            413,
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        ));
     }
     let mut body = vec![0u8; content_length];
-    reader
-        .read_exact(&mut body)
-        .map_err(|_| HttpResponse::fault(400, "the request body is shorter than its Content-Length"))?;
+    reader.read_exact(&mut body).map_err(|_| {
+        HttpResponse::fault(400, "the request body is shorter than its Content-Length")
+    })?;
     let path = target.split('?').next().unwrap_or(target).to_string();
     Ok(Some(HttpRequest {
         method: method.to_ascii_uppercase(),
@@ -170,8 +196,7 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, HttpRe
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, HttpResponse> {
-    serde_json::from_slice(body)
-        .map_err(|e| HttpResponse::fault(400, ConfigError::Json(e)))
+    serde_json::from_slice(body).map_err(|e| HttpResponse::fault(400, ConfigError::Json(e)))
 }
 
 #[derive(Deserialize)]
@@ -192,7 +217,9 @@ fn id_matches(path_id: &str, body_id: &str, field: &str) -> Result<(), HttpRespo
     } else {
         Err(HttpResponse::fault(
             400,
-            format!("the id in the path ({path_id}) does not match `{field}` in the body ({body_id})"),
+            format!(
+                "the id in the path ({path_id}) does not match `{field}` in the body ({body_id})"
+            ),
         ))
     }
 }
@@ -262,8 +289,14 @@ pub fn route(req: &HttpRequest) -> Result<VmmAction, HttpResponse> {
 /// Turns the VMM's answer into an HTTP response.
 fn respond(result: Result<VmmResponse, VmmActionError>) -> HttpResponse {
     match result {
-        Ok(VmmResponse::Empty) => HttpResponse { status: 204, body: None },
-        Ok(VmmResponse::Json(body)) => HttpResponse { status: 200, body: Some(body) },
+        Ok(VmmResponse::Empty) => HttpResponse {
+            status: 204,
+            body: None,
+        },
+        Ok(VmmResponse::Json(body)) => HttpResponse {
+            status: 200,
+            body: Some(body),
+        },
         Err(e) => HttpResponse::fault(400, e),
     }
 }
@@ -289,7 +322,9 @@ impl VmmClient {
 }
 
 fn serve_connection(stream: UnixStream, vmm: VmmClient) {
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     loop {
         let (response, close) = match read_request(&mut reader) {
@@ -381,14 +416,39 @@ mod tests {
             Ok(Some(r)) => route(&r).unwrap_err(),
             Ok(None) => panic!("no request"),
         };
-        let msg = |r: HttpResponse| r.body.unwrap()["fault_message"].as_str().unwrap().to_string();
-        assert!(msg(fault("GET /nope HTTP/1.1\r\n\r\n")).contains("Invalid request method and/or path"));
-        assert!(msg(fault("PUT /machine-config HTTP/1.1\r\nContent-Length: 5\r\n\r\n{bad}")).contains("invalid configuration JSON"));
+        let msg = |r: HttpResponse| {
+            r.body.unwrap()["fault_message"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert!(
+            msg(fault("GET /nope HTTP/1.1\r\n\r\n")).contains("Invalid request method and/or path")
+        );
+        assert!(msg(fault(
+            "PUT /machine-config HTTP/1.1\r\nContent-Length: 5\r\n\r\n{bad}"
+        ))
+        .contains("invalid configuration JSON"));
         assert!(msg(fault("PUT /drives/a HTTP/1.1\r\nContent-Length: 44\r\n\r\n{\"drive_id\":\"b\",\"is_root_device\":false}     ")).contains("does not match"));
-        assert_eq!(fault("PUT /vsock HTTP/1.1\r\nContent-Length: 999999\r\n\r\n").status, 413);
-        assert_eq!(fault(&format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20000))).status, 431);
-        assert!(msg(fault("PUT /actions HTTP/1.1\r\nContent-Length: 24\r\n\r\n{\"action_type\": \"Boom\"}\n")).contains("unknown action_type"));
+        assert_eq!(
+            fault("PUT /vsock HTTP/1.1\r\nContent-Length: 999999\r\n\r\n").status,
+            413
+        );
+        assert_eq!(
+            fault(&format!(
+                "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+                "a".repeat(20000)
+            ))
+            .status,
+            431
+        );
+        assert!(msg(fault(
+            "PUT /actions HTTP/1.1\r\nContent-Length: 24\r\n\r\n{\"action_type\": \"Boom\"}\n"
+        ))
+        .contains("unknown action_type"));
         assert_eq!(fault("garbage\r\n\r\n").status, 400);
-        assert!(msg(fault("PUT /vsock HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}")).contains("shorter"));
+        assert!(
+            msg(fault("PUT /vsock HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}")).contains("shorter")
+        );
     }
 }

@@ -6,12 +6,14 @@ use std::io::{Read, Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
 
 use linux_loader::cmdline::Cmdline;
-use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader, KernelLoaderResult};
 use linux_loader::loader::elf::PvhBootCapability;
+use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::boot::{write_pvh_start_info, write_zero_page, BootError, InitrdPlacement};
+use crate::arch::x86_64::boot::{
+    write_pvh_start_info, write_zero_page, BootError, InitrdPlacement,
+};
 use crate::arch::x86_64::cpuid::{host_is_qemu_tcg, Topology};
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
@@ -19,7 +21,7 @@ use crate::arch::x86_64::regs::BootProtocol;
 use crate::config::{ConfigError, VmConfig, DEFAULT_BOOT_ARGS};
 use crate::devices::legacy::i8042::{I8042_KBD_IRQ, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::legacy::serial::{SerialOut, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
-use crate::devices::legacy::{I8042, SerialDevice};
+use crate::devices::legacy::{SerialDevice, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_QUEUE_NOTIFY};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::{Bus, BusError, IrqLine};
@@ -154,11 +156,12 @@ fn load_kernel(mem: &GuestMemory, path: &str) -> Result<LoadedKernel, BuildError
         path: path.to_string(),
         err,
     };
-    file.seek(SeekFrom::Start(0)).map_err(|e| BuildError::OpenFile {
-        what: "kernel",
-        path: path.to_string(),
-        err: e,
-    })?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| BuildError::OpenFile {
+            what: "kernel",
+            path: path.to_string(),
+            err: e,
+        })?;
     if is_elf {
         let result: KernelLoaderResult =
             Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
@@ -192,14 +195,17 @@ fn load_kernel(mem: &GuestMemory, path: &str) -> Result<LoadedKernel, BuildError
 /// Places the initrd page-aligned at the top of low RAM (below the MMIO gap), like Firecracker.
 fn load_initrd(mem: &GuestMemory, path: &str) -> Result<InitrdPlacement, BuildError> {
     let mut file = open("initrd", path)?;
-    let size = file.seek(SeekFrom::End(0)).map_err(|e| BuildError::InitrdRead {
-        path: path.to_string(),
-        err: e.to_string(),
-    })?;
-    file.seek(SeekFrom::Start(0)).map_err(|e| BuildError::InitrdRead {
-        path: path.to_string(),
-        err: e.to_string(),
-    })?;
+    let size = file
+        .seek(SeekFrom::End(0))
+        .map_err(|e| BuildError::InitrdRead {
+            path: path.to_string(),
+            err: e.to_string(),
+        })?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| BuildError::InitrdRead {
+            path: path.to_string(),
+            err: e.to_string(),
+        })?;
     let too_big = || BuildError::InitrdTooBig {
         path: path.to_string(),
         size,
@@ -234,7 +240,11 @@ fn load_initrd(mem: &GuestMemory, path: &str) -> Result<InitrdPlacement, BuildEr
 
 /// The kernel command line: the configured (or default) arguments, `root=` for a root drive,
 /// and one `virtio_mmio.device=` entry per virtio device.
-fn build_cmdline(config: &VmConfig, boot_args: &str, virtio_count: usize) -> Result<Cmdline, BuildError> {
+fn build_cmdline(
+    config: &VmConfig,
+    boot_args: &str,
+    virtio_count: usize,
+) -> Result<Cmdline, BuildError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
     cmdline.insert_str(boot_args).map_err(BuildError::Cmdline)?;
     if let Some(root) = config.drives.iter().find(|d| d.is_root_device) {
@@ -245,7 +255,11 @@ fn build_cmdline(config: &VmConfig, boot_args: &str, virtio_count: usize) -> Res
                 None => "root=/dev/vda".to_string(),
             };
             cmdline.insert_str(root_arg).map_err(BuildError::Cmdline)?;
-            let mode = if root.is_read_only.unwrap_or(false) { "ro" } else { "rw" };
+            let mode = if root.is_read_only.unwrap_or(false) {
+                "ro"
+            } else {
+                "rw"
+            };
             cmdline.insert_str(mode).map_err(BuildError::Cmdline)?;
         }
     }
@@ -334,7 +348,8 @@ pub fn build_and_boot(
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
         let line = IrqLine::new(VIRTIO_IRQ_BASE + index as u32)?;
         register_irq(&line)?;
-        let transport = MmioTransport::new(device, mem.clone(), Arc::new(VirtioInterrupt::new(line)))?;
+        let transport =
+            MmioTransport::new(device, mem.clone(), Arc::new(VirtioInterrupt::new(line)))?;
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             let addr = kvm_ioctls::IoEventAddress::Mmio(base + MMIO_QUEUE_NOTIFY);
             vm.fd()
@@ -352,7 +367,17 @@ pub fn build_and_boot(
     };
     let hide_xsave = host_is_qemu_tcg();
     let vcpus = (0..machine.vcpu_count)
-        .map(|id| Vcpu::new(&vm, id, topology, hide_xsave, &mem, kernel.entry, kernel.protocol))
+        .map(|id| {
+            Vcpu::new(
+                &vm,
+                id,
+                topology,
+                hide_xsave,
+                &mem,
+                kernel.entry,
+                kernel.protocol,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let vcpus = Vcpus::start(vcpus, Arc::new(pio), Arc::new(mmio), exit, seccomp)?;
     Ok(RunningVm {

@@ -80,14 +80,21 @@ impl BootSource {
     /// Checks the command line fits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.kernel_image_path.is_empty() {
-            return Err(invalid("boot-source.kernel_image_path", "must not be empty"));
+            return Err(invalid(
+                "boot-source.kernel_image_path",
+                "must not be empty",
+            ));
         }
         if let Some(args) = &self.boot_args {
             // Room is left for the virtio-mmio device entries the VMM appends.
             if args.len() >= CMDLINE_MAX_SIZE - 256 {
                 return Err(invalid(
                     "boot-source.boot_args",
-                    format!("{} bytes is too long (at most {})", args.len(), CMDLINE_MAX_SIZE - 257),
+                    format!(
+                        "{} bytes is too long (at most {})",
+                        args.len(),
+                        CMDLINE_MAX_SIZE - 257
+                    ),
                 ));
             }
         }
@@ -157,7 +164,11 @@ impl MachineConfig {
                 "mvm has no snapshots; set it to false",
             ));
         }
-        reject_present(&self.cpu_template, "machine-config.cpu_template", "mvm passes the host CPU through (filtered); remove the template")?;
+        reject_present(
+            &self.cpu_template,
+            "machine-config.cpu_template",
+            "mvm passes the host CPU through (filtered); remove the template",
+        )?;
         match self.huge_pages.as_deref() {
             None | Some("None") => Ok(()),
             Some(other) => Err(unsupported(
@@ -326,7 +337,11 @@ pub struct SerialConfig {
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Kernel, command line, initrd.
-    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub boot_source: Option<BootSource>,
     /// vCPUs and memory.
     #[serde(rename = "machine-config", default)]
@@ -373,9 +388,21 @@ impl VmConfig {
 
     /// Validates every section that is present.
     pub fn validate_sections(&self) -> Result<(), ConfigError> {
-        reject_present(&self.balloon, "balloon", "there is no balloon device; size the VM with machine-config")?;
-        reject_present(&self.mmds_config, "mmds-config", "there is no metadata service; pass data through the agent or boot_args")?;
-        reject_present(&self.cpu_config, "cpu-config", "custom CPU templates are not available")?;
+        reject_present(
+            &self.balloon,
+            "balloon",
+            "there is no balloon device; size the VM with machine-config",
+        )?;
+        reject_present(
+            &self.mmds_config,
+            "mmds-config",
+            "there is no metadata service; pass data through the agent or boot_args",
+        )?;
+        reject_present(
+            &self.cpu_config,
+            "cpu-config",
+            "custom CPU templates are not available",
+        )?;
         reject_present(&self.entropy, "entropy", "there is no virtio-rng device")?;
         if let Some(boot) = &self.boot_source {
             boot.validate()?;
@@ -386,7 +413,9 @@ impl VmConfig {
     /// Full validation before boot: every section valid and a kernel configured.
     pub fn validate_for_boot(&self) -> Result<&BootSource, ConfigError> {
         self.validate_sections()?;
-        self.boot_source.as_ref().ok_or(ConfigError::Missing("boot-source"))
+        self.boot_source
+            .as_ref()
+            .ok_or(ConfigError::Missing("boot-source"))
     }
 }
 
@@ -418,24 +447,40 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         let err = |json: &str| VmConfig::from_json(json).unwrap_err().to_string();
-        assert!(err(r#"{"machine-config": {"vcpu_count": 0, "mem_size_mib": 128}}"#)
-            .contains("machine-config.vcpu_count"));
-        assert!(err(r#"{"machine-config": {"vcpu_count": 33, "mem_size_mib": 128}}"#)
-            .contains("1 to 32"));
-        assert!(err(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 0}}"#)
-            .contains("machine-config.mem_size_mib"));
-        assert!(err(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 99999999}}"#)
-            .contains("larger than this host"));
+        assert!(
+            err(r#"{"machine-config": {"vcpu_count": 0, "mem_size_mib": 128}}"#)
+                .contains("machine-config.vcpu_count")
+        );
+        assert!(
+            err(r#"{"machine-config": {"vcpu_count": 33, "mem_size_mib": 128}}"#)
+                .contains("1 to 32")
+        );
+        assert!(
+            err(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 0}}"#)
+                .contains("machine-config.mem_size_mib")
+        );
+        assert!(
+            err(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 99999999}}"#)
+                .contains("larger than this host")
+        );
         assert!(err(r#"{"balloon": {"amount_mib": 1}}"#).contains("`balloon` is not supported"));
-        assert!(err(r#"{"boot-source": {"kernel_image_path": "k", "typo": 1}}"#).contains("unknown field `typo`"));
-        assert!(err(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "2M"}}"#)
-            .contains("huge_pages"));
+        assert!(
+            err(r#"{"boot-source": {"kernel_image_path": "k", "typo": 1}}"#)
+                .contains("unknown field `typo`")
+        );
+        assert!(err(
+            r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "2M"}}"#
+        )
+        .contains("huge_pages"));
         assert!(err("{not json").contains("invalid configuration JSON"));
     }
 
     #[test]
     fn boot_requires_a_kernel() {
         let cfg = VmConfig::default();
-        assert!(matches!(cfg.validate_for_boot(), Err(ConfigError::Missing("boot-source"))));
+        assert!(matches!(
+            cfg.validate_for_boot(),
+            Err(ConfigError::Missing("boot-source"))
+        ));
     }
 }

@@ -205,7 +205,9 @@ impl Controller {
     }
 
     fn vm(&self, what: &'static str) -> Result<&RunningVm, VmmActionError> {
-        self.running.as_ref().ok_or(VmmActionError::BeforeBoot(what))
+        self.running
+            .as_ref()
+            .ok_or(VmmActionError::BeforeBoot(what))
     }
 
     /// Handles one request.
@@ -218,7 +220,9 @@ impl Controller {
                 "state": self.state(),
                 "vmm_version": VMM_VERSION,
             }))),
-            GetVersion => Ok(VmmResponse::Json(json!({ "firecracker_version": VMM_VERSION }))),
+            GetVersion => Ok(VmmResponse::Json(
+                json!({ "firecracker_version": VMM_VERSION }),
+            )),
             GetFullConfig => Ok(VmmResponse::Json(
                 serde_json::to_value(&self.config).expect("the config always serializes"),
             )),
@@ -233,12 +237,17 @@ impl Controller {
             }
             PatchMachineConfig(patch) => {
                 self.before_boot("PATCH /machine-config")?;
-                let mut current = serde_json::to_value(&self.config.machine_config).expect("plain struct");
-                let (Value::Object(current_map), Value::Object(patch_map)) = (&mut current, patch) else {
-                    return Err(VmmActionError::BadRequest("the PATCH body must be a JSON object".into()));
+                let mut current =
+                    serde_json::to_value(&self.config.machine_config).expect("plain struct");
+                let (Value::Object(current_map), Value::Object(patch_map)) = (&mut current, patch)
+                else {
+                    return Err(VmmActionError::BadRequest(
+                        "the PATCH body must be a JSON object".into(),
+                    ));
                 };
                 current_map.extend(patch_map);
-                let machine: MachineConfig = serde_json::from_value(current).map_err(ConfigError::Json)?;
+                let machine: MachineConfig =
+                    serde_json::from_value(current).map_err(ConfigError::Json)?;
                 machine.validate()?;
                 self.config.machine_config = machine;
                 Ok(VmmResponse::Empty)
@@ -252,21 +261,30 @@ impl Controller {
             PutDrive(drive) => {
                 self.before_boot("PUT /drives")?;
                 if drive.is_root_device {
-                    if let Some(other) = self.config.drives.iter().find(|d| d.is_root_device && d.drive_id != drive.drive_id) {
+                    if let Some(other) = self
+                        .config
+                        .drives
+                        .iter()
+                        .find(|d| d.is_root_device && d.drive_id != drive.drive_id)
+                    {
                         return Err(VmmActionError::BadRequest(format!(
                             "drive {} is already the root device; only one drive may have is_root_device",
                             other.drive_id
                         )));
                     }
                 }
-                upsert(&mut self.config.drives, drive, |a, b| a.drive_id == b.drive_id);
+                upsert(&mut self.config.drives, drive, |a, b| {
+                    a.drive_id == b.drive_id
+                });
                 // The root drive goes first so it is /dev/vda.
                 self.config.drives.sort_by_key(|d| !d.is_root_device);
                 Ok(VmmResponse::Empty)
             }
             PutNetworkInterface(iface) => {
                 self.before_boot("PUT /network-interfaces")?;
-                upsert(&mut self.config.network_interfaces, iface, |a, b| a.iface_id == b.iface_id);
+                upsert(&mut self.config.network_interfaces, iface, |a, b| {
+                    a.iface_id == b.iface_id
+                });
                 Ok(VmmResponse::Empty)
             }
             PatchDrive(patch) => {
@@ -277,8 +295,12 @@ impl Controller {
             }
             PatchNetworkInterface(patch) => {
                 let devices = self.running.as_ref().map(|vm| vm.virtio.as_slice());
-                crate::devices::virtio::update::patch_network_interface(&mut self.config, devices, patch)
-                    .map_err(|e| VmmActionError::BadRequest(e.to_string()))?;
+                crate::devices::virtio::update::patch_network_interface(
+                    &mut self.config,
+                    devices,
+                    patch,
+                )
+                .map_err(|e| VmmActionError::BadRequest(e.to_string()))?;
                 Ok(VmmResponse::Empty)
             }
             PutVsock(vsock) => {
@@ -305,7 +327,10 @@ impl Controller {
             }
             SendCtrlAltDel => {
                 let vm = self.vm("SendCtrlAltDel")?;
-                vm.i8042.lock().unwrap_or_else(|p| p.into_inner()).send_ctrl_alt_del();
+                vm.i8042
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send_ctrl_alt_del();
                 Ok(VmmResponse::Empty)
             }
             FlushMetrics => {

@@ -104,11 +104,12 @@ pub enum EventLoopError {
 }
 
 impl Vmm {
-    /// Wraps `controller`. `api` receives API requests; `console_input` feeds stdin to the guest.
+    /// Wraps `controller` and installs the terminating-signal handlers, so create it before
+    /// anything (such as the API socket) tells the world this process is up. `console_input`
+    /// feeds stdin to the guest.
     pub fn new(
         controller: Controller,
         exit: Arc<VmExit>,
-        api: Option<ApiChannel>,
         console_input: bool,
     ) -> Result<Self, EventLoopError> {
         let signal_evt = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -120,11 +121,17 @@ impl Vmm {
             controller,
             exit,
             signal_evt,
-            api,
+            api: None,
             stdin: console_input.then(RawStdin::new),
-            stdin_retry: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+            stdin_retry: TimerFd::new()
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
             reset_registered: false,
         })
+    }
+
+    /// Serves API requests arriving on `api`.
+    pub fn attach_api(&mut self, api: ApiChannel) {
+        self.api = Some(api);
     }
 
     /// The controller, for applying a config file before the loop starts.
@@ -143,8 +150,9 @@ impl Vmm {
             {
                 self.reset_registered = true;
             } else {
-                self.exit
-                    .request(ExitReason::VmmError("cannot watch the guest reset line".into()));
+                self.exit.request(ExitReason::VmmError(
+                    "cannot watch the guest reset line".into(),
+                ));
             }
         }
     }
@@ -185,19 +193,29 @@ impl Vmm {
             Ok(0) | Err(_) => {
                 // End of input: stop watching stdin.
                 drop(serial);
-                let _ = ops.remove(Events::with_data(&std::io::stdin(), TAG_STDIN, EventSet::IN));
+                let _ = ops.remove(Events::with_data(
+                    &std::io::stdin(),
+                    TAG_STDIN,
+                    EventSet::IN,
+                ));
                 self.stdin = None;
             }
             Ok(n) => {
                 let queued = serial.enqueue_input(&buf[..n]);
-                METRICS.serial_bytes_in.fetch_add(queued as u64, Ordering::Relaxed);
+                METRICS
+                    .serial_bytes_in
+                    .fetch_add(queued as u64, Ordering::Relaxed);
             }
         }
     }
 
     /// Stops reading stdin for a moment, until the guest drains its FIFO or boots.
     fn pause_stdin(&mut self, ops: &mut EventOps) {
-        let _ = ops.remove(Events::with_data(&std::io::stdin(), TAG_STDIN, EventSet::IN));
+        let _ = ops.remove(Events::with_data(
+            &std::io::stdin(),
+            TAG_STDIN,
+            EventSet::IN,
+        ));
         if self.stdin_retry.reset(STDIN_RETRY, None).is_err() {
             self.stdin = None;
         }
@@ -207,7 +225,11 @@ impl Vmm {
         let _ = self.stdin_retry.wait();
         if self.stdin.is_some()
             && ops
-                .add(Events::with_data(&std::io::stdin(), TAG_STDIN, EventSet::IN))
+                .add(Events::with_data(
+                    &std::io::stdin(),
+                    TAG_STDIN,
+                    EventSet::IN,
+                ))
                 .is_err()
         {
             self.stdin = None;
@@ -227,14 +249,19 @@ impl MutEventSubscriber for Vmm {
         }
         for event in events {
             if let Err(e) = ops.add(event) {
-                self.exit
-                    .request(ExitReason::VmmError(format!("cannot register an event: {e:?}")));
+                self.exit.request(ExitReason::VmmError(format!(
+                    "cannot register an event: {e:?}"
+                )));
             }
         }
         // Stdin may be a file or /dev/null, which epoll cannot watch: then there is no input.
         if self.stdin.is_some()
             && ops
-                .add(Events::with_data(&std::io::stdin(), TAG_STDIN, EventSet::IN))
+                .add(Events::with_data(
+                    &std::io::stdin(),
+                    TAG_STDIN,
+                    EventSet::IN,
+                ))
                 .is_err()
         {
             self.stdin = None;
@@ -247,7 +274,8 @@ impl MutEventSubscriber for Vmm {
             TAG_EXIT => {}
             TAG_SIGNAL => {
                 let _ = self.signal_evt.read();
-                self.exit.request(ExitReason::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
+                self.exit
+                    .request(ExitReason::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
             }
             TAG_RESET => self.exit.request(ExitReason::GuestReset),
             TAG_API => self.serve_api(ops),
@@ -261,7 +289,8 @@ impl MutEventSubscriber for Vmm {
 /// Runs the VMM until something requests an exit, and returns why.
 pub fn run(vmm: Vmm) -> Result<(ExitReason, Vmm), EventLoopError> {
     let exit = vmm.exit.clone();
-    let mut manager: EventManager<Vmm> = EventManager::new().map_err(EventLoopError::EventManager)?;
+    let mut manager: EventManager<Vmm> =
+        EventManager::new().map_err(EventLoopError::EventManager)?;
     let id = manager.add_subscriber(vmm);
     let reason = loop {
         if let Some(reason) = exit.reason() {

@@ -87,7 +87,10 @@ impl VmExit {
 
     /// The reason, once requested.
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The eventfd the event loop watches.

@@ -16,6 +16,6 @@ pub mod event_loop;
 pub mod exit;
 pub mod logger;
 pub mod metrics;
-pub mod seccomp;
 pub mod rate_limiter;
+pub mod seccomp;
 pub mod vstate;

@@ -49,7 +49,11 @@ impl Log for VmmLogger {
         }
         let mut settings = self.settings.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(module) = &settings.module {
-            if !record.module_path().unwrap_or("").starts_with(module.as_str()) {
+            if !record
+                .module_path()
+                .unwrap_or("")
+                .starts_with(module.as_str())
+            {
                 return;
             }
         }

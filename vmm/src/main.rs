@@ -50,7 +50,10 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<u8, String> {
     if args.no_api && args.config_file.is_none() {
-        return Err("--no-api needs --config-file: without either there is no way to configure the VM".into());
+        return Err(
+            "--no-api needs --config-file: without either there is no way to configure the VM"
+                .into(),
+        );
     }
     let config = args
         .config_file
@@ -74,13 +77,14 @@ fn run(args: Args) -> Result<u8, String> {
         exit.clone(),
         seccomp.clone(),
     );
-    let api = if args.no_api {
-        None
-    } else {
+    // Signal handlers first: once the socket exists, a client may already send SIGTERM.
+    let mut vmm = Vmm::new(controller, exit, true).map_err(|e| e.to_string())?;
+    if !args.no_api {
         let listener = vmm::api_server::bind(&args.api_sock).map_err(|e| e.to_string())?;
-        Some(vmm::api_server::start(listener, seccomp).map_err(|e| format!("cannot start the API thread: {e}"))?)
-    };
-    let mut vmm = Vmm::new(controller, exit, api, true).map_err(|e| e.to_string())?;
+        let api = vmm::api_server::start(listener, seccomp)
+            .map_err(|e| format!("cannot start the API thread: {e}"))?;
+        vmm.attach_api(api);
+    }
     if let Some(config) = config {
         let controller = vmm.controller();
         controller.apply_config(config).map_err(|e| e.to_string())?;

@@ -49,18 +49,34 @@ impl ApiVmm {
             }
             String::from_utf8_lossy(&all).into_owned()
         });
-        assert!(wait_for_socket(&socket, Duration::from_secs(10)), "API socket never came up");
-        ApiVmm { child, console_bytes, console, socket, _dir: dir }
+        assert!(
+            wait_for_socket(&socket, Duration::from_secs(10)),
+            "API socket never came up"
+        );
+        ApiVmm {
+            child,
+            console_bytes,
+            console,
+            socket,
+            _dir: dir,
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let (status, body) = http_unix(&self.socket, method, path, body).expect("API call");
-        let json = if body.is_empty() { Value::Null } else { serde_json::from_str(&body).expect("JSON body") };
+        let json = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&body).expect("JSON body")
+        };
         (status, json)
     }
 
     fn state(&self) -> String {
-        self.call("GET", "/", None).1["state"].as_str().unwrap().to_string()
+        self.call("GET", "/", None).1["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     fn put_boot_source(&self, kernel: &Path, args: &str) -> (u16, Value) {
@@ -69,7 +85,11 @@ impl ApiVmm {
     }
 
     fn start_instance(&self) -> (u16, Value) {
-        self.call("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#))
+        self.call(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#),
+        )
     }
 
     fn wait(mut self, timeout: Duration) -> (Option<i32>, String) {
@@ -114,32 +134,55 @@ fn configure_and_boot_through_the_api() {
     assert_eq!(info["id"], "api-test");
 
     // Bad requests are 400s naming the problem, and change nothing.
-    let (status, body) = vmm.call("PUT", "/machine-config", Some(r#"{"vcpu_count": 0, "mem_size_mib": 64}"#));
+    let (status, body) = vmm.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 0, "mem_size_mib": 64}"#),
+    );
     assert_eq!(status, 400);
     assert!(fault(&body).contains("machine-config.vcpu_count"), "{body}");
     let (status, body) = vmm.call("PUT", "/machine-config", Some("{not json"));
     assert_eq!(status, 400);
-    assert!(fault(&body).contains("invalid configuration JSON"), "{body}");
+    assert!(
+        fault(&body).contains("invalid configuration JSON"),
+        "{body}"
+    );
     let (status, body) = vmm.call("PUT", "/balloon", Some("{}"));
     assert_eq!(status, 400);
-    assert!(fault(&body).contains("Invalid request method and/or path"), "{body}");
+    assert!(
+        fault(&body).contains("Invalid request method and/or path"),
+        "{body}"
+    );
     let (status, body) = vmm.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(status, 400);
     assert!(fault(&body).contains("before starting"), "{body}");
 
-    let (status, _) = vmm.call("PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 64, "smt": false}"#));
+    let (status, _) = vmm.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 64, "smt": false}"#),
+    );
     assert_eq!(status, 204);
     let (status, _) = vmm.call("PATCH", "/machine-config", Some(r#"{"mem_size_mib": 48}"#));
     assert_eq!(status, 204);
     let (_, machine) = vmm.call("GET", "/machine-config", None);
-    assert_eq!((machine["vcpu_count"].as_u64(), machine["mem_size_mib"].as_u64()), (Some(2), Some(48)));
+    assert_eq!(
+        (
+            machine["vcpu_count"].as_u64(),
+            machine["mem_size_mib"].as_u64()
+        ),
+        (Some(2), Some(48))
+    );
 
     // A missing kernel fails InstanceStart with the path; the VM can still be started after.
     let (status, _) = vmm.put_boot_source(Path::new("/nonexistent/vmlinux"), "console=ttyS0");
     assert_eq!(status, 204);
     let (status, body) = vmm.start_instance();
     assert_eq!(status, 400);
-    assert!(fault(&body).contains("cannot open kernel /nonexistent/vmlinux"), "{body}");
+    assert!(
+        fault(&body).contains("cannot open kernel /nonexistent/vmlinux"),
+        "{body}"
+    );
     assert_eq!(vmm.state(), "Not started");
 
     let (status, _) = vmm.put_boot_source(&guest("bootinfo"), "console=ttyS0 via=api");
@@ -150,7 +193,10 @@ fn configure_and_boot_through_the_api() {
     assert_eq!(status, 204, "{body}");
     let (code, console) = vmm.wait(Duration::from_secs(60));
     assert_eq!(code, Some(0));
-    assert_eq!(console, "cmdline: console=ttyS0 via=api\ne820 entries: 3\nram end MiB: 48\n");
+    assert_eq!(
+        console,
+        "cmdline: console=ttyS0 via=api\ne820 entries: 3\nram end MiB: 48\n"
+    );
 }
 
 #[test]
@@ -162,7 +208,11 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     let metrics = vmm._dir.path().join("metrics.json");
     let body = serde_json::json!({"metrics_path": metrics}).to_string();
     assert_eq!(vmm.call("PUT", "/metrics", Some(&body)).0, 204);
-    vmm.call("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#));
+    vmm.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#),
+    );
     vmm.put_boot_source(&guest("spin"), "console=ttyS0");
     assert_eq!(vmm.start_instance().0, 204);
     assert_eq!(vmm.state(), "Running");
@@ -178,7 +228,11 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     // Let output already in flight drain, then nothing more may arrive.
     std::thread::sleep(Duration::from_millis(50));
     assert!(!grows(&vmm), "a paused guest prints nothing");
-    let (status, body) = vmm.call("PUT", "/boot-source", Some(r#"{"kernel_image_path": "/x"}"#));
+    let (status, body) = vmm.call(
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/x"}"#),
+    );
     assert_eq!(status, 400);
     assert!(fault(&body).contains("after starting"), "{body}");
     let (status, _) = vmm.call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
@@ -187,11 +241,18 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert!(grows(&vmm), "a resumed guest prints again");
 
     // Metrics: one JSON line per flush, counting API requests and vCPU exits.
-    let (status, _) = vmm.call("PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#));
+    let (status, _) = vmm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
     assert_eq!(status, 204);
     let flushed = std::fs::read_to_string(&metrics).unwrap();
     let line: Value = serde_json::from_str(flushed.lines().last().unwrap()).unwrap();
-    assert!(line["api_server"]["requests"].as_u64().unwrap() >= 8, "{line}");
+    assert!(
+        line["api_server"]["requests"].as_u64().unwrap() >= 8,
+        "{line}"
+    );
     assert!(line["vcpu"]["exits_io"].as_u64().unwrap() > 0, "{line}");
     assert!(line["virtio"]["block"].is_object(), "{line}");
 

@@ -13,7 +13,10 @@ fn hello_guest_prints_and_reset_exits_zero() {
     if !require_kvm("hello_guest_prints_and_reset_exits_zero") {
         return;
     }
-    let run = run_vmm_config(&config_for(&guest("hello"), "console=ttyS0", 1, 32), TIMEOUT);
+    let run = run_vmm_config(
+        &config_for(&guest("hello"), "console=ttyS0", 1, 32),
+        TIMEOUT,
+    );
     assert_eq!(run.code(), 0, "{run:#?}");
     assert_eq!(run.stdout, "Hello from the mvm test guest\n");
 }
@@ -43,7 +46,12 @@ fn default_boot_args_are_firecrackers_with_a_console() {
     });
     let run = run_vmm_config(&config, TIMEOUT);
     assert_eq!(run.code(), 0, "{run:#?}");
-    assert!(run.stdout.starts_with(&format!("cmdline: {}\n", vmm::config::DEFAULT_BOOT_ARGS)), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .starts_with(&format!("cmdline: {}\n", vmm::config::DEFAULT_BOOT_ARGS)),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -51,19 +59,39 @@ fn pvh_note_selects_the_pvh_entry() {
     if !require_kvm("pvh_note_selects_the_pvh_entry") {
         return;
     }
-    let run = run_vmm_config(&config_for(&guest("pvh"), "console=ttyS0 via=pvh", 1, 32), TIMEOUT);
+    let run = run_vmm_config(
+        &config_for(&guest("pvh"), "console=ttyS0 via=pvh", 1, 32),
+        TIMEOUT,
+    );
     assert_eq!(run.code(), 0, "{run:#?}");
     assert_eq!(run.stdout, "PVH boot ok, cmdline: console=ttyS0 via=pvh\n");
 }
 
 fn smp(vcpus: u8) {
-    let run = run_vmm_config(&config_for(&guest("smp"), "console=ttyS0", vcpus, 64), TIMEOUT);
+    let run = run_vmm_config(
+        &config_for(&guest("smp"), "console=ttyS0", vcpus, 64),
+        TIMEOUT,
+    );
     assert_eq!(run.code(), 0, "{run:#?}");
     let mut lines: Vec<&str> = run.stdout.lines().collect();
-    assert_eq!(lines.first().copied(), Some(format!("mptable cpus: {vcpus}").as_str()), "{}", run.stdout);
-    assert_eq!(lines.last().copied(), Some(format!("all {vcpus} up").as_str()), "{}", run.stdout);
+    assert_eq!(
+        lines.first().copied(),
+        Some(format!("mptable cpus: {vcpus}").as_str()),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        lines.last().copied(),
+        Some(format!("all {vcpus} up").as_str()),
+        "{}",
+        run.stdout
+    );
     let mut reported: Vec<String> = lines.drain(1..lines.len() - 1).map(String::from).collect();
-    reported.sort_by_key(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u32>().ok()));
+    reported.sort_by_key(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<u32>().ok())
+    });
     let expected: Vec<String> = (0..vcpus).map(|id| format!("vCPU {id} up")).collect();
     assert_eq!(reported, expected);
 }
@@ -87,7 +115,10 @@ fn a_failing_guest_ends_the_vmm_with_a_clear_error() {
     if !require_kvm("a_failing_guest_ends_the_vmm_with_a_clear_error") {
         return;
     }
-    let run = run_vmm_config(&config_for(&guest("fault"), "console=ttyS0", 1, 32), TIMEOUT);
+    let run = run_vmm_config(
+        &config_for(&guest("fault"), "console=ttyS0", 1, 32),
+        TIMEOUT,
+    );
     assert_ne!(run.code(), 0, "{run:#?}");
     assert!(
         run.stderr.contains("vCPU 0 failed") || run.stderr.contains("triple-faulted"),
@@ -99,7 +130,10 @@ fn a_failing_guest_ends_the_vmm_with_a_clear_error() {
 fn refused(config: serde_json::Value, expected: &str) {
     let run = run_vmm_config(&config, TIMEOUT);
     assert_eq!(run.code(), 1, "{run:#?}");
-    assert!(run.stderr.contains(expected), "expected {expected:?} in {run:#?}");
+    assert!(
+        run.stderr.contains(expected),
+        "expected {expected:?} in {run:#?}"
+    );
     assert!(!run.stderr.contains("panicked"), "{run:#?}");
 }
 
@@ -109,10 +143,16 @@ fn bad_kernels_are_refused_with_the_path_and_the_reason() {
         return;
     }
     let dir = ScratchDir::new("bad-kernels");
-    refused(config_for(std::path::Path::new("/nonexistent/vmlinux"), "", 1, 32), "cannot open kernel /nonexistent/vmlinux");
+    refused(
+        config_for(std::path::Path::new("/nonexistent/vmlinux"), "", 1, 32),
+        "cannot open kernel /nonexistent/vmlinux",
+    );
     let text = dir.path().join("notes.txt");
     std::fs::write(&text, "just some text, not a kernel\n".repeat(100)).unwrap();
-    refused(config_for(&text, "", 1, 32), "is neither an ELF vmlinux nor a bzImage");
+    refused(
+        config_for(&text, "", 1, 32),
+        "is neither an ELF vmlinux nor a bzImage",
+    );
     let mut corrupt = std::fs::read(guest("hello")).unwrap();
     corrupt.truncate(40); // ELF magic, but the program headers are gone
     let corrupt_path = dir.path().join("corrupt.elf");
@@ -120,7 +160,10 @@ fn bad_kernels_are_refused_with_the_path_and_the_reason() {
     refused(config_for(&corrupt_path, "", 1, 32), "is corrupt");
     let empty = dir.path().join("empty");
     std::fs::write(&empty, b"").unwrap();
-    refused(config_for(&empty, "", 1, 32), "neither an ELF vmlinux nor a bzImage");
+    refused(
+        config_for(&empty, "", 1, 32),
+        "neither an ELF vmlinux nor a bzImage",
+    );
 }
 
 #[test]
@@ -137,8 +180,14 @@ fn bad_machine_configs_are_refused_naming_the_field() {
         json!({"boot-source": {"kernel_image_path": hello}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 32, "cpu_template": "T2"}}),
         "machine-config.cpu_template",
     );
-    refused(json!({"boot-source": {"kernel_image_path": hello}, "bogus": 1}), "unknown field `bogus`");
-    refused(json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}), "`boot-source` must be configured");
+    refused(
+        json!({"boot-source": {"kernel_image_path": hello}, "bogus": 1}),
+        "unknown field `bogus`",
+    );
+    refused(
+        json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}),
+        "`boot-source` must be configured",
+    );
 }
 
 #[test]
@@ -147,7 +196,14 @@ fn memory_above_the_mmio_gap_is_usable() {
         return;
     }
     // 3.5 GiB: 3 GiB below the gap, 512 MiB above 4 GiB; the guest sees the e820 end at 4.5 GiB.
-    let run = run_vmm_config(&config_for(&guest("bootinfo"), "console=ttyS0", 1, 3584), TIMEOUT);
+    let run = run_vmm_config(
+        &config_for(&guest("bootinfo"), "console=ttyS0", 1, 3584),
+        TIMEOUT,
+    );
     assert_eq!(run.code(), 0, "{run:#?}");
-    assert!(run.stdout.contains("e820 entries: 4\nram end MiB: 4608\n"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("e820 entries: 4\nram end MiB: 4608\n"),
+        "{}",
+        run.stdout
+    );
 }

@@ -20,7 +20,10 @@ fn kernel_image(test: &str, name: &str) -> Option<PathBuf> {
         "{} is missing in CI: .ci/run must run guest-kernel/build.sh first",
         path.display()
     );
-    eprintln!("SKIP {test}: {} not built (run guest-kernel/build.sh)", path.display());
+    eprintln!(
+        "SKIP {test}: {} not built (run guest-kernel/build.sh)",
+        path.display()
+    );
     None
 }
 
@@ -28,7 +31,9 @@ fn boot(test: &str, image: &str) {
     if !require_kvm(test) {
         return;
     }
-    let Some(kernel) = kernel_image(test, image) else { return };
+    let Some(kernel) = kernel_image(test, image) else {
+        return;
+    };
     let marker = match kvm() {
         Ok(KvmKind::Hardware) => "Freeing unused kernel image",
         _ => "Kernel command line: console=ttyS0 earlycon",
@@ -36,7 +41,10 @@ fn boot(test: &str, image: &str) {
     let args = "console=ttyS0 earlycon=uart8250,io,0x3f8 reboot=k panic=-1 pci=off noxsave";
     let config = config_for(&kernel, args, 2, 256);
     let (found, console) = run_vmm_until(&config, marker, Duration::from_secs(300));
-    assert!(found, "{marker:?} never appeared on the console:\n{console}");
+    assert!(
+        found,
+        "{marker:?} never appeared on the console:\n{console}"
+    );
     assert!(console.contains("Linux version 6."), "{console}");
     assert!(console.contains("found SMP MP-table"), "{console}");
 }

@@ -21,7 +21,11 @@ fn in_child(body: impl FnOnce()) -> i32 {
             let mut status = 0;
             // SAFETY: waiting for our own child.
             unsafe { libc::waitpid(pid, &mut status, 0) };
-            assert!(libc::WIFEXITED(status), "child died by signal {}", libc::WTERMSIG(status));
+            assert!(
+                libc::WIFEXITED(status),
+                "child died by signal {}",
+                libc::WTERMSIG(status)
+            );
             libc::WEXITSTATUS(status)
         }
     }
@@ -58,7 +62,9 @@ fn a_bad_filter_file_is_refused() {
     let dir = ScratchDir::new("seccomp");
     let path = dir.path().join("f.json");
     std::fs::write(&path, r#"{"vmm": {"default_action": "trap", "filter_action": "allow", "filter": [{"syscall": "read"}]}}"#).unwrap();
-    let err = Filters::from_file(path.to_str().unwrap()).err().expect("missing filters refused");
+    let err = Filters::from_file(path.to_str().unwrap())
+        .err()
+        .expect("missing filters refused");
     assert!(err.to_string().contains("no `api` filter"), "{err}");
 }
 
@@ -69,7 +75,11 @@ fn every_thread_of_a_running_vmm_is_filtered() {
     }
     let dir = ScratchDir::new("seccomp-threads");
     let config = dir.path().join("vm.json");
-    std::fs::write(&config, config_for(&guest("spin"), "console=ttyS0", 2, 32).to_string()).unwrap();
+    std::fs::write(
+        &config,
+        config_for(&guest("spin"), "console=ttyS0", 2, 32).to_string(),
+    )
+    .unwrap();
     let mut child = Command::new(binary("mvm-vmm"))
         .arg("--api-sock")
         .arg(dir.path().join("api.sock"))
@@ -83,8 +93,18 @@ fn every_thread_of_a_running_vmm_is_filtered() {
     let mut seen = Vec::new();
     for task in tasks.flatten() {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap();
-        let name = status.lines().next().unwrap().trim_start_matches("Name:").trim().to_string();
-        let mode = status.lines().find(|l| l.starts_with("Seccomp:")).unwrap().to_string();
+        let name = status
+            .lines()
+            .next()
+            .unwrap()
+            .trim_start_matches("Name:")
+            .trim()
+            .to_string();
+        let mode = status
+            .lines()
+            .find(|l| l.starts_with("Seccomp:"))
+            .unwrap()
+            .to_string();
         seen.push((name, mode));
     }
     let _ = child.kill();

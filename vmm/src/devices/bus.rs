@@ -90,7 +90,9 @@ impl Bus {
 /// Locks a device, recovering it if a thread panicked while holding it (the device state is
 /// still the best there is; the VMM must survive).
 fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -110,11 +112,17 @@ mod tests {
     #[test]
     fn routes_by_range_and_refuses_overlaps() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10).unwrap();
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x108, 0x10).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0xf8, 0x10).is_err());
+        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10)
+            .unwrap();
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), 0x108, 0x10)
+            .is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), 0xf8, 0x10)
+            .is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x200, 0).is_err());
-        bus.insert(Arc::new(Mutex::new(Echo(0))), 0x110, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(0))), 0x110, 0x10)
+            .unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x102, &mut b));
         assert_eq!(b[0], 12);
@@ -123,6 +131,9 @@ mod tests {
         assert_eq!(b[0], 50);
         assert!(!bus.read(0x120, &mut b));
         let mut wide = [0u8; 4];
-        assert!(!bus.read(0x10e, &mut wide), "access crossing the end is refused");
+        assert!(
+            !bus.read(0x10e, &mut wide),
+            "access crossing the end is refused"
+        );
     }
 }

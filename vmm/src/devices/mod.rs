@@ -64,12 +64,17 @@ pub fn create_virtio_devices(
         devices.push(Box::new(block));
     }
     for (index, iface) in config.network_interfaces.iter().enumerate() {
-        let net = virtio::net::Net::new(iface, index, seccomp)
-            .map_err(|e| BuildError::Device(format!("network interface {}", iface.iface_id), e.to_string()))?;
+        let net = virtio::net::Net::new(iface, index, seccomp).map_err(|e| {
+            BuildError::Device(
+                format!("network interface {}", iface.iface_id),
+                e.to_string(),
+            )
+        })?;
         devices.push(Box::new(net));
     }
     if let Some(vsock) = &config.vsock {
-        let device = virtio::vsock::Vsock::new(vsock, seccomp).map_err(|e| BuildError::Device("vsock".to_string(), e.to_string()))?;
+        let device = virtio::vsock::Vsock::new(vsock, seccomp)
+            .map_err(|e| BuildError::Device("vsock".to_string(), e.to_string()))?;
         devices.push(Box::new(device));
     }
     Ok(devices)

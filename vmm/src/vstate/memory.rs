@@ -75,7 +75,8 @@ pub fn validate_mem_size(mem_size_mib: u64) -> Result<(), MemoryError> {
 pub fn create_guest_memory(mem_size_mib: u64) -> Result<GuestMemory, MemoryError> {
     validate_mem_size(mem_size_mib)?;
     let regions = arch_memory_regions(mem_size_mib << 20);
-    GuestMemoryMmap::from_ranges(&regions).map_err(|e| MemoryError::Map(mem_size_mib, e.to_string()))
+    GuestMemoryMmap::from_ranges(&regions)
+        .map_err(|e| MemoryError::Map(mem_size_mib, e.to_string()))
 }
 
 #[cfg(test)]
@@ -98,7 +99,10 @@ mod tests {
 
     #[test]
     fn sizes_outside_the_host_are_refused() {
-        assert!(matches!(validate_mem_size(0), Err(MemoryError::TooSmall(0))));
+        assert!(matches!(
+            validate_mem_size(0),
+            Err(MemoryError::TooSmall(0))
+        ));
         let too_big = host_memory_mib().unwrap() + 1;
         let err = validate_mem_size(too_big).unwrap_err();
         assert!(err.to_string().contains("larger than this host"), "{err}");

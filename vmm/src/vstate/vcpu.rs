@@ -147,20 +147,27 @@ impl Vcpu {
         protocol: BootProtocol,
     ) -> Result<Self, VcpuError> {
         let ioctl = |what, e| VcpuError::Ioctl(id, what, e);
-        let fd = vm.fd().create_vcpu(u64::from(id)).map_err(|e| ioctl("KVM_CREATE_VCPU", e))?;
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(|e| ioctl("KVM_CREATE_VCPU", e))?;
         let mut cpuid: CpuId = vm.supported_cpuid().clone();
         filter_cpuid(&mut cpuid, id, topology, hide_xsave);
-        fd.set_cpuid2(&cpuid).map_err(|e| ioctl("KVM_SET_CPUID2", e))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| ioctl("KVM_SET_CPUID2", e))?;
         let msrs = boot_msrs();
         let written = fd.set_msrs(&msrs).map_err(|e| ioctl("KVM_SET_MSRS", e))?;
         if let Some(refused) = msrs.as_slice().get(written) {
             return Err(VcpuError::MsrRefused(id, refused.index));
         }
-        fd.set_fpu(&boot_fpu()).map_err(|e| ioctl("KVM_SET_FPU", e))?;
+        fd.set_fpu(&boot_fpu())
+            .map_err(|e| ioctl("KVM_SET_FPU", e))?;
         let mut sregs = fd.get_sregs().map_err(|e| ioctl("KVM_GET_SREGS", e))?;
         setup_sregs(mem, &mut sregs, protocol).map_err(|e| VcpuError::Regs(id, e))?;
-        fd.set_sregs(&sregs).map_err(|e| ioctl("KVM_SET_SREGS", e))?;
-        fd.set_regs(&boot_regs(entry, protocol)).map_err(|e| ioctl("KVM_SET_REGS", e))?;
+        fd.set_sregs(&sregs)
+            .map_err(|e| ioctl("KVM_SET_SREGS", e))?;
+        fd.set_regs(&boot_regs(entry, protocol))
+            .map_err(|e| ioctl("KVM_SET_REGS", e))?;
         set_lint(&fd).map_err(|e| ioctl("KVM_SET_LAPIC", e))?;
         Ok(Vcpu { id, fd })
     }
@@ -307,7 +314,15 @@ impl Vcpus {
         let control = Arc::new(RunControl::new());
         let handles = vcpus
             .into_iter()
-            .map(|v| v.start(pio.clone(), mmio.clone(), control.clone(), exit.clone(), seccomp.clone()))
+            .map(|v| {
+                v.start(
+                    pio.clone(),
+                    mmio.clone(),
+                    control.clone(),
+                    exit.clone(),
+                    seccomp.clone(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Vcpus { handles, control })
     }

@@ -1,6 +1,9 @@
 //! The KVM virtual machine: capabilities, guest memory slots, in-kernel irqchip and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -11,7 +14,9 @@ use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// /dev/kvm could not be opened.
-    #[error("cannot open /dev/kvm: {0} (is the kvm module loaded, and may this user open /dev/kvm?)")]
+    #[error(
+        "cannot open /dev/kvm: {0} (is the kvm module loaded, and may this user open /dev/kvm?)"
+    )]
     OpenKvm(kvm_ioctls::Error),
     /// The KVM API version is not the stable one.
     #[error("KVM API version {0} is not supported (need 12)")]
@@ -55,8 +60,13 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        let fd = kvm.create_vm().map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
-        Ok(Vm { fd, supported_cpuid })
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
+        Ok(Vm {
+            fd,
+            supported_cpuid,
+        })
     }
 
     /// The VM file descriptor.
@@ -74,7 +84,12 @@ impl Vm {
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION (host address)", kvm_ioctls::Error::new(libc::EFAULT)))?;
+                .map_err(|_| {
+                    VmError::Ioctl(
+                        "KVM_SET_USER_MEMORY_REGION (host address)",
+                        kvm_ioctls::Error::new(libc::EFAULT),
+                    )
+                })?;
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().raw_value(),

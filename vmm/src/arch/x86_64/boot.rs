@@ -82,7 +82,10 @@ pub fn write_zero_page(
     }
     for (start, size, kind) in memory_map(mem) {
         let index = params.e820_entries as usize;
-        let entry = params.e820_table.get_mut(index).ok_or(BootError::E820Full)?;
+        let entry = params
+            .e820_table
+            .get_mut(index)
+            .ok_or(BootError::E820Full)?;
         entry.addr = start;
         entry.size = size;
         entry.r#type = kind;
@@ -110,7 +113,10 @@ struct MemmapEntry(hvm_memmap_table_entry);
 unsafe impl ByteValued for MemmapEntry {}
 
 /// Writes the PVH start info and memory map (the PVH boot protocol's zero page).
-pub fn write_pvh_start_info(mem: &GuestMemory, initrd: Option<InitrdPlacement>) -> Result<(), BootError> {
+pub fn write_pvh_start_info(
+    mem: &GuestMemory,
+    initrd: Option<InitrdPlacement>,
+) -> Result<(), BootError> {
     let memmap: Vec<MemmapEntry> = memory_map(mem)
         .into_iter()
         .map(|(addr, size, type_)| {
@@ -123,9 +129,8 @@ pub fn write_pvh_start_info(mem: &GuestMemory, initrd: Option<InitrdPlacement>) 
         })
         .collect();
     // The module list (the initrd, if any) sits right after the memory map.
-    let modlist = GuestAddress(
-        PVH_MEMMAP_START + (memmap.len() * std::mem::size_of::<MemmapEntry>()) as u64,
-    );
+    let modlist =
+        GuestAddress(PVH_MEMMAP_START + (memmap.len() * std::mem::size_of::<MemmapEntry>()) as u64);
     let info = StartInfo(hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
@@ -133,14 +138,21 @@ pub fn write_pvh_start_info(mem: &GuestMemory, initrd: Option<InitrdPlacement>) 
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
         nr_modules: u32::from(initrd.is_some()),
-        modlist_paddr: if initrd.is_some() { modlist.raw_value() } else { 0 },
+        modlist_paddr: if initrd.is_some() {
+            modlist.raw_value()
+        } else {
+            0
+        },
         ..Default::default()
     });
     let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
     if let Some(initrd) = initrd {
         // hvm_modlist_entry: paddr, size, cmdline_paddr, reserved.
-        params.set_modules(&[initrd.address.raw_value(), initrd.size as u64, 0, 0], modlist);
+        params.set_modules(
+            &[initrd.address.raw_value(), initrd.size as u64, 0, 0],
+            modlist,
+        );
     }
     PvhBootConfigurator::write_bootparams(&params, mem).map_err(BootError::StartInfo)
 }
@@ -160,7 +172,10 @@ mod tests {
         assert_eq!({ params.hdr.cmdline_size }, 42);
         assert_eq!(params.e820_entries, 3);
         let high = params.e820_table[2];
-        assert_eq!(({ high.addr }, { high.size }), (HIMEM_START, (64 << 20) - HIMEM_START));
+        assert_eq!(
+            ({ high.addr }, { high.size }),
+            (HIMEM_START, (64 << 20) - HIMEM_START)
+        );
     }
 
     #[test]

@@ -18,7 +18,8 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const EBX7_AVX2: u32 = 1 << 5;
 /// AVX-512 foundation and its extensions in leaf 7 EBX.
-const EBX7_AVX512: u32 = (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
+const EBX7_AVX512: u32 =
+    (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
 
 /// The guest's CPU topology.
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +84,11 @@ pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, topology: Topology, hide_xsa
             LEAF_CACHE_PARAMS => {
                 // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing the cache - 1.
                 let cache_level = (entry.eax >> 5) & 0x7;
-                let sharing = if cache_level >= 3 { vcpus } else { threads_per_core };
+                let sharing = if cache_level >= 3 {
+                    vcpus
+                } else {
+                    threads_per_core
+                };
                 let cores = (vcpus / threads_per_core).max(1);
                 entry.eax &= 0x3fff;
                 entry.eax |= ((cores - 1) << 26) | ((sharing.max(1) - 1) << 14);
@@ -148,7 +153,15 @@ mod tests {
         ])
         .unwrap();
         cpuid.as_mut_slice()[0].ecx = ECX_XSAVE | ECX_AVX;
-        filter_cpuid(&mut cpuid, 3, Topology { vcpu_count: 4, smt: false }, true);
+        filter_cpuid(
+            &mut cpuid,
+            3,
+            Topology {
+                vcpu_count: 4,
+                smt: false,
+            },
+            true,
+        );
         let e = cpuid.as_slice();
         assert_eq!(e.len(), 3, "the XSAVE leaf is gone");
         assert_eq!(e[0].ebx >> 24, 3);
@@ -161,6 +174,9 @@ mod tests {
 
     #[test]
     fn id_bits_rounds_up() {
-        assert_eq!([id_bits(1), id_bits(2), id_bits(3), id_bits(32)], [0, 1, 2, 5]);
+        assert_eq!(
+            [id_bits(1), id_bits(2), id_bits(3), id_bits(32)],
+            [0, 1, 2, 5]
+        );
     }
 }

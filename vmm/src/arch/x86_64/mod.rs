@@ -3,6 +3,6 @@
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
-pub mod msr;
 pub mod mptable;
+pub mod msr;
 pub mod regs;

@@ -112,17 +112,22 @@ mod tests {
         let mem = create_guest_memory(16).unwrap();
         setup_mptable(&mem, 32).unwrap();
         let mut pointer = [0u8; 16];
-        mem.read_slice(&mut pointer, GuestAddress(EBDA_START)).unwrap();
+        mem.read_slice(&mut pointer, GuestAddress(EBDA_START))
+            .unwrap();
         assert_eq!(&pointer[..4], b"_MP_");
         assert_eq!(sum(&pointer), 0);
         let table = config_table(32);
         let mut written = vec![0u8; table.len()];
-        mem.read_slice(&mut written, GuestAddress(EBDA_START + 16)).unwrap();
+        mem.read_slice(&mut written, GuestAddress(EBDA_START + 16))
+            .unwrap();
         assert_eq!(written, table);
         assert_eq!(sum(&table), 0);
         let processors = table[44..].chunks(20).take_while(|e| e[0] == 0).count();
         assert_eq!(processors, 32);
-        assert!(EBDA_START + 16 + table.len() as u64 <= 0xa0000, "fits in the EBDA");
+        assert!(
+            EBDA_START + 16 + table.len() as u64 <= 0xa0000,
+            "fits in the EBDA"
+        );
     }
 
     #[test]

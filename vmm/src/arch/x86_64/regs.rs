@@ -73,7 +73,12 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
     }
 }
 
-fn write_u64(mem: &GuestMemory, value: u64, addr: u64, what: &'static str) -> Result<(), RegsError> {
+fn write_u64(
+    mem: &GuestMemory,
+    value: u64,
+    addr: u64,
+    what: &'static str,
+) -> Result<(), RegsError> {
     mem.write_obj(value, GuestAddress(addr))
         .map_err(|_| RegsError::Write(what, addr))
 }
@@ -87,7 +92,12 @@ fn setup_page_tables(mem: &GuestMemory, sregs: &mut kvm_sregs) -> Result<(), Reg
         write_u64(mem, pd | PTE_PRESENT_RW, PDPTE_START + gib * 8, "PDPT")?;
         for entry in 0..512u64 {
             let phys = (gib << 30) | (entry << 21);
-            write_u64(mem, phys | PTE_PRESENT_RW | PDE_PAGE_SIZE, pd + entry * 8, "page directory")?;
+            write_u64(
+                mem,
+                phys | PTE_PRESENT_RW | PDE_PAGE_SIZE,
+                pd + entry * 8,
+                "page directory",
+            )?;
         }
     }
     sregs.cr3 = PML4_START;
@@ -97,7 +107,11 @@ fn setup_page_tables(mem: &GuestMemory, sregs: &mut kvm_sregs) -> Result<(), Reg
 }
 
 /// Writes the GDT and an empty IDT and loads flat segments for `protocol`.
-fn setup_segments(mem: &GuestMemory, sregs: &mut kvm_sregs, protocol: BootProtocol) -> Result<(), RegsError> {
+fn setup_segments(
+    mem: &GuestMemory,
+    sregs: &mut kvm_sregs,
+    protocol: BootProtocol,
+) -> Result<(), RegsError> {
     let gdt: [u64; 4] = match protocol {
         BootProtocol::LinuxBoot => [
             gdt_entry(0, 0, 0),
@@ -143,7 +157,11 @@ fn setup_segments(mem: &GuestMemory, sregs: &mut kvm_sregs, protocol: BootProtoc
 }
 
 /// Fills `sregs` (read from the vCPU) with the boot state for `protocol`.
-pub fn setup_sregs(mem: &GuestMemory, sregs: &mut kvm_sregs, protocol: BootProtocol) -> Result<(), RegsError> {
+pub fn setup_sregs(
+    mem: &GuestMemory,
+    sregs: &mut kvm_sregs,
+    protocol: BootProtocol,
+) -> Result<(), RegsError> {
     setup_segments(mem, sregs, protocol)?;
     if protocol == BootProtocol::LinuxBoot {
         setup_page_tables(mem, sregs)?;
@@ -197,10 +215,15 @@ mod tests {
         assert_eq!(sregs.ds.selector, 0x10);
         assert_eq!(sregs.tr.selector, 0x18);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
-        assert_eq!(sregs.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE | X86_CR0_PG);
+        assert_eq!(
+            sregs.cr0 & (X86_CR0_PE | X86_CR0_PG),
+            X86_CR0_PE | X86_CR0_PG
+        );
         assert_eq!(sregs.cr3, PML4_START);
         // The last 2 MiB page below 4 GiB maps the APIC window onto itself.
-        let last: u64 = mem.read_obj(GuestAddress(PDE_START + 3 * 0x1000 + 511 * 8)).unwrap();
+        let last: u64 = mem
+            .read_obj(GuestAddress(PDE_START + 3 * 0x1000 + 511 * 8))
+            .unwrap();
         assert_eq!(last & !0xfff, 0xffe0_0000);
     }
 
@@ -214,6 +237,9 @@ mod tests {
         assert_eq!(sregs.cs.limit, 0xffff_ffff);
         assert_eq!(sregs.cr0 & X86_CR0_PG, 0);
         assert_eq!(sregs.efer & EFER_LME, 0);
-        assert_eq!(boot_regs(GuestAddress(0x1000), BootProtocol::PvhBoot).rbx, PVH_INFO_START);
+        assert_eq!(
+            boot_regs(GuestAddress(0x1000), BootProtocol::PvhBoot).rbx,
+            PVH_INFO_START
+        );
     }
 }

@@ -33,7 +33,9 @@ const CTR_SYSTEM_FLAG: u8 = 0x04;
 
 const KBD_ACK: u8 = 0xfa;
 /// Scancode set 2 make and break codes for Ctrl, Alt and Del.
-const CTRL_ALT_DEL: [u8; 11] = [0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14];
+const CTRL_ALT_DEL: [u8; 11] = [
+    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+];
 const BUFFER_SIZE: usize = 16;
 
 /// The emulated controller on the port-I/O bus.
@@ -144,7 +146,10 @@ mod tests {
 
     fn device() -> (I8042, EventFd) {
         let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = I8042::new(reset.try_clone().unwrap(), IrqLine::new(I8042_KBD_IRQ).unwrap());
+        let dev = I8042::new(
+            reset.try_clone().unwrap(),
+            IrqLine::new(I8042_KBD_IRQ).unwrap(),
+        );
         (dev, reset)
     }
 

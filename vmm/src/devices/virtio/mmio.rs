@@ -136,7 +136,10 @@ impl MmioTransport {
     }
 
     fn with_queue<R: Default>(&self, f: impl FnOnce(&Queue) -> R) -> R {
-        self.queues.get(self.queue_sel as usize).map(f).unwrap_or_default()
+        self.queues
+            .get(self.queue_sel as usize)
+            .map(f)
+            .unwrap_or_default()
     }
 
     fn set_status(&mut self, value: u32) {
@@ -164,7 +167,10 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let ready = self.status & status::FEATURES_OK != 0
-            && self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
+            && self
+                .queues
+                .iter()
+                .all(|q| !q.ready() || q.is_valid(&self.mem));
         if !ready {
             self.status |= status::DEVICE_NEEDS_RESET;
             return;
@@ -235,8 +241,7 @@ impl MmioTransport {
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
-        let features_phase =
-            self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER;
+        let features_phase = self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER;
         match offset {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
@@ -259,12 +264,24 @@ impl MmioTransport {
                     q.set_ready(value == 1);
                 }
             }
-            REG_QUEUE_DESC_LOW => self.set_queue_addr(|q| q.set_desc_table_address(Some(value), None)),
-            REG_QUEUE_DESC_HIGH => self.set_queue_addr(|q| q.set_desc_table_address(None, Some(value))),
-            REG_QUEUE_AVAIL_LOW => self.set_queue_addr(|q| q.set_avail_ring_address(Some(value), None)),
-            REG_QUEUE_AVAIL_HIGH => self.set_queue_addr(|q| q.set_avail_ring_address(None, Some(value))),
-            REG_QUEUE_USED_LOW => self.set_queue_addr(|q| q.set_used_ring_address(Some(value), None)),
-            REG_QUEUE_USED_HIGH => self.set_queue_addr(|q| q.set_used_ring_address(None, Some(value))),
+            REG_QUEUE_DESC_LOW => {
+                self.set_queue_addr(|q| q.set_desc_table_address(Some(value), None))
+            }
+            REG_QUEUE_DESC_HIGH => {
+                self.set_queue_addr(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            REG_QUEUE_AVAIL_LOW => {
+                self.set_queue_addr(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            REG_QUEUE_AVAIL_HIGH => {
+                self.set_queue_addr(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            REG_QUEUE_USED_LOW => {
+                self.set_queue_addr(|q| q.set_used_ring_address(Some(value), None))
+            }
+            REG_QUEUE_USED_HIGH => {
+                self.set_queue_addr(|q| q.set_used_ring_address(None, Some(value)))
+            }
             MMIO_QUEUE_NOTIFY => {
                 // Reached only when no ioeventfd caught the write.
                 if let Some(evt) = self.queue_evts.get(value as usize) {
@@ -442,7 +459,11 @@ mod tests {
         wr(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
         wr(&mut t, REG_DRIVER_FEATURES_SEL, 0);
         wr(&mut t, REG_DRIVER_FEATURES, 1 << 7);
-        wr(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            REG_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_eq!(rd(&mut t, REG_STATUS) & status::FEATURES_OK, 0);
 
         let (mut t, activations2, _) = transport();
@@ -455,7 +476,10 @@ mod tests {
         wr(&mut t, REG_QUEUE_READY, 1);
         wr(&mut t, REG_STATUS, s | status::DRIVER_OK);
         assert_ne!(rd(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
-        assert_eq!(activations.load(Ordering::SeqCst) + activations2.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            activations.load(Ordering::SeqCst) + activations2.load(Ordering::SeqCst),
+            0
+        );
         // Out-of-range queue selectors and odd widths are harmless.
         wr(&mut t, REG_QUEUE_SEL, 99);
         assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 0);

@@ -100,8 +100,11 @@ impl ActivateContext {
                 self.queues.len().min(self.queue_evts.len())
             )));
         }
-        let pairs: Vec<(Queue, EventFd)> =
-            self.queues.drain(..N).zip(self.queue_evts.drain(..N)).collect();
+        let pairs: Vec<(Queue, EventFd)> = self
+            .queues
+            .drain(..N)
+            .zip(self.queue_evts.drain(..N))
+            .collect();
         pairs
             .try_into()
             .map_err(|_| ActivateError::BadConfig(format!("{device}: queue bookkeeping broke")))
@@ -143,7 +146,9 @@ pub trait VirtioDevice: Send {
 /// reads past the end return zeros, as the virtio spec lets devices do.
 pub fn read_config_window(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(start) = usize::try_from(offset) else { return };
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
     if let Some(src) = config.get(start..) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);

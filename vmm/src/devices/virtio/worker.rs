@@ -108,13 +108,13 @@ impl<H: EventHandler> DeviceThread<H> {
         let thread_wake = wake.try_clone()?;
         let (control, requests) = channel();
         let seccomp = seccomp.clone();
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || match seccomp.apply("device") {
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            match seccomp.apply("device") {
                 Ok(()) => serve::<H>(backend, requests, thread_wake),
                 // Dropping `requests` makes every later activation fail with DeviceBroken.
                 Err(e) => log::error!("device thread not started: {e}"),
-            })?;
+            }
+        })?;
         Ok(DeviceThread {
             control,
             wake,

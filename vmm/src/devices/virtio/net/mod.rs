@@ -386,8 +386,12 @@ impl Net {
             iface_id: id.to_string(),
             features,
             config: space,
-            thread: DeviceThread::spawn(format!("fc_net{index}"), NetEngine::new(tap, rx, tx), seccomp)
-                .map_err(io)?,
+            thread: DeviceThread::spawn(
+                format!("fc_net{index}"),
+                NetEngine::new(tap, rx, tx),
+                seccomp,
+            )
+            .map_err(io)?,
         })
     }
 

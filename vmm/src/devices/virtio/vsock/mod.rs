@@ -290,7 +290,10 @@ pub struct Vsock {
 
 impl Vsock {
     /// Binds the host socket of `config`.
-    pub fn new(config: &VsockConfig, seccomp: &crate::seccomp::Filters) -> Result<Vsock, VsockError> {
+    pub fn new(
+        config: &VsockConfig,
+        seccomp: &crate::seccomp::Filters,
+    ) -> Result<Vsock, VsockError> {
         if config.guest_cid < 3 {
             return Err(VsockError::BadCid(config.guest_cid));
         }
