@@ -4,6 +4,8 @@
 //! Kernel command-line parameters read from `/proc/cmdline`:
 //! - `mvm.overlay=tmpfs` or `mvm.overlay=/dev/vdb`: the read-only root becomes the lower
 //!   layer of an overlay whose upper layer is a tmpfs or that ext4 disk.
+//! - `mvm.root=/dev/vdb`: the writable ext4 disk becomes the root instead (a container's
+//!   own file system); excludes `mvm.overlay`.
 //! - `mvm.hostname=NAME`
 //! - `mvm.ip=ADDR/PREFIX[,GATEWAY]`: IPv4 configuration of `eth0`.
 
@@ -90,6 +92,8 @@ impl IpConfig {
 pub struct KernelParams {
     /// `mvm.overlay`.
     pub overlay: Option<OverlayUpper>,
+    /// `mvm.root`.
+    pub root: Option<PathBuf>,
     /// `mvm.hostname`.
     pub hostname: Option<String>,
     /// `mvm.ip`.
@@ -185,11 +189,16 @@ impl KernelParams {
                 "mvm.overlay" => {
                     params.overlay = Some(match value {
                         "tmpfs" => OverlayUpper::Tmpfs,
-                        dev if dev.starts_with("/dev/") && dev.len() > 5 => {
-                            OverlayUpper::Device(PathBuf::from(dev))
-                        }
-                        _ => return Err(bad("expected tmpfs or /dev/DEVICE".to_owned())),
+                        dev => OverlayUpper::Device(
+                            device_path(dev)
+                                .ok_or_else(|| bad("expected tmpfs or /dev/DEVICE".to_owned()))?,
+                        ),
                     });
+                }
+                "mvm.root" => {
+                    params.root = Some(
+                        device_path(value).ok_or_else(|| bad("expected /dev/DEVICE".to_owned()))?,
+                    );
                 }
                 "mvm.hostname" => {
                     if !valid_hostname(value) {
@@ -201,8 +210,19 @@ impl KernelParams {
                 _ => {}
             }
         }
+        if params.root.is_some() && params.overlay.is_some() {
+            return Err(InitError::BadParam {
+                param: "mvm.root".to_owned(),
+                reason: "mvm.root and mvm.overlay exclude each other".to_owned(),
+            });
+        }
         Ok(params)
     }
+}
+
+/// `value` as a device path, when it names one under /dev.
+fn device_path(value: &str) -> Option<PathBuf> {
+    (value.starts_with("/dev/") && value.len() > 5).then(|| PathBuf::from(value))
 }
 
 /// True when `path` is the root of a mount (its device differs from its parent's).
@@ -274,15 +294,9 @@ pub fn mount_base() -> Result<(), InitError> {
     Ok(())
 }
 
-/// Mounts an overlay of `lower` (read-only) and `upper` (writable) and makes it the root
-/// of this mount namespace. `staging` (an existing directory) gets a tmpfs holding the
-/// mount points; it and the old root are detached afterwards. A persistent upper device
-/// keeps its changes in `upper/` and `work/` at its top.
-pub fn pivot_to_overlay(
-    lower: &Path,
-    upper: &OverlayUpper,
-    staging: &Path,
-) -> Result<(), InitError> {
+/// Makes `/` private and mounts a tmpfs on `staging` (an existing directory) to hold the
+/// mount points of a new root; returns the directory to mount the new root on.
+fn stage_new_root(staging: &Path) -> Result<PathBuf, InitError> {
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(sys("making / private"))?;
@@ -294,11 +308,36 @@ pub fn pivot_to_overlay(
         Some("mode=0700"),
     )
     .map_err(sys(format!("mounting a tmpfs on {}", staging.display())))?;
-    let upper_mnt = staging.join("upper");
     let new_root = staging.join("root");
-    for dir in [&upper_mnt, &new_root] {
-        std::fs::create_dir(dir).map_err(sys_io(format!("creating {}", dir.display())))?;
-    }
+    std::fs::create_dir(&new_root).map_err(sys_io(format!("creating {}", new_root.display())))?;
+    Ok(new_root)
+}
+
+/// Makes the file system mounted on `new_root` the root of this mount namespace and
+/// detaches the old root (with the staging tmpfs in it).
+fn enter_new_root(new_root: &Path) -> Result<(), InitError> {
+    nix::unistd::chdir(new_root).map_err(sys("entering the new root"))?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "."
+    // then removes it without needing a directory for it in the new root.
+    nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root into the new root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root"))?;
+    nix::unistd::chdir("/").map_err(sys("entering /"))?;
+    Ok(())
+}
+
+/// Mounts an overlay of `lower` (read-only) and `upper` (writable) and makes it the root
+/// of this mount namespace. `staging` (an existing directory) gets a tmpfs holding the
+/// mount points; it and the old root are detached afterwards. A persistent upper device
+/// keeps its changes in `upper/` and `work/` at its top.
+pub fn pivot_to_overlay(
+    lower: &Path,
+    upper: &OverlayUpper,
+    staging: &Path,
+) -> Result<(), InitError> {
+    let none: Option<&str> = None;
+    let new_root = stage_new_root(staging)?;
+    let upper_mnt = staging.join("upper");
+    std::fs::create_dir(&upper_mnt).map_err(sys_io(format!("creating {}", upper_mnt.display())))?;
     match upper {
         OverlayUpper::Tmpfs => mount(
             Some("tmpfs"),
@@ -339,13 +378,23 @@ pub fn pivot_to_overlay(
         Some(options.as_str()),
     )
     .map_err(sys(format!("mounting overlay {options}")))?;
-    nix::unistd::chdir(&new_root).map_err(sys("entering the overlay root"))?;
-    // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "."
-    // then removes it without needing a directory for it in the new root.
-    nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root into the overlay"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root"))?;
-    nix::unistd::chdir("/").map_err(sys("entering /"))?;
-    Ok(())
+    enter_new_root(&new_root)
+}
+
+/// Makes the ext4 file system on `device` (writable) the root of this mount namespace: a
+/// container's own root file system, in place of the image the agent booted from. The agent
+/// keeps running from memory; `staging` is used as by [`pivot_to_overlay`].
+pub fn pivot_to_disk(device: &Path, staging: &Path) -> Result<(), InitError> {
+    let new_root = stage_new_root(staging)?;
+    mount(
+        Some(device),
+        &new_root,
+        Some("ext4"),
+        MsFlags::MS_NOATIME,
+        None::<&str>,
+    )
+    .map_err(sys(format!("mounting the root disk {}", device.display())))?;
+    enter_new_root(&new_root)
 }
 
 /// Sets the host name.
@@ -539,6 +588,8 @@ pub fn run() {
     };
     if let Some(upper) = &params.overlay {
         report(pivot_to_overlay(Path::new("/"), upper, Path::new("/run")));
+    } else if let Some(device) = &params.root {
+        report(pivot_to_disk(device, Path::new("/run")));
     }
     report(mount_base());
     report(reopen_console());
@@ -597,6 +648,11 @@ mod tests {
         let params =
             KernelParams::parse("a=\"x y\" mvm.overlay=tmpfs \"mvm.ip=192.168.1.5/24\"").unwrap();
         assert_eq!(params.overlay, Some(OverlayUpper::Tmpfs));
+        assert_eq!(params.root, None);
+        assert_eq!(
+            KernelParams::parse("mvm.root=/dev/vdb").unwrap().root,
+            Some(PathBuf::from("/dev/vdb"))
+        );
         let ip = params.ip.unwrap();
         assert_eq!(ip.gateway, None);
         assert_eq!(ip.netmask(), Ipv4Addr::new(255, 255, 255, 0));
@@ -614,6 +670,8 @@ mod tests {
         for bad in [
             "mvm.overlay=disk",
             "mvm.overlay=/dev/",
+            "mvm.root=vdb",
+            "mvm.root=/dev/vdb mvm.overlay=tmpfs",
             "mvm.hostname=",
             "mvm.hostname=-bad",
             "mvm.hostname=a_b",

@@ -6,10 +6,12 @@ use std::path::Path;
 use std::process::Command;
 
 use agent::init::{
-    configure_network, mount_base, pivot_to_overlay, set_hostname, IpConfig, OverlayUpper,
+    configure_network, mount_base, pivot_to_disk, pivot_to_overlay, set_hostname, IpConfig,
+    OverlayUpper,
 };
 
 const OVERLAY_CHILD: &str = "MVM_AGENT_TEST_OVERLAY_CHILD";
+const DISK_CHILD: &str = "MVM_AGENT_TEST_DISK_CHILD";
 const NETWORK_CHILD: &str = "MVM_AGENT_TEST_NETWORK_CHILD";
 
 /// Why the namespace tests cannot run here, if they cannot.
@@ -187,6 +189,76 @@ fn overlay_root_on_a_persistent_disk() {
         debugfs_cat(&image, "/upper/etc/base"),
         "changed in the sandbox\n"
     );
+}
+
+/// `mvm.root`: a container's own file system, on a disk of its own, becomes the root.
+#[test]
+fn container_root_on_its_own_disk() {
+    if let Ok(spec) = std::env::var(DISK_CHILD) {
+        let (device, staging) = spec.split_once(':').expect("DEVICE:STAGING");
+        disk_child(Path::new(device), Path::new(staging));
+        return;
+    }
+    if let Some(reason) = missing_prerequisite() {
+        eprintln!("SKIPPED container_root_on_its_own_disk: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("container");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/os-release"), "ID=container\n").unwrap();
+    let image = dir.path().join("container.ext4");
+    let made = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("16M")
+        .status();
+    if !matches!(made, Ok(s) if s.success()) {
+        eprintln!("SKIPPED container_root_on_its_own_disk: mkfs.ext4 unavailable or failed");
+        return;
+    }
+    let device = match LoopDevice::attach(&image) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("SKIPPED container_root_on_its_own_disk: no loop device ({e})");
+            return;
+        }
+    };
+    let staging = dir.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    let env = format!("{}:{}", device.0, staging.display());
+    let stdout = run_in_namespace(
+        &["--mount", "--propagation", "private"],
+        "",
+        "container_root_on_its_own_disk",
+        (DISK_CHILD, &env),
+    );
+    assert!(stdout.contains("DISK-OK"), "child output:\n{stdout}");
+    drop(device);
+    assert!(std::fs::read_dir(&staging).unwrap().next().is_none());
+    // What the container wrote is on its disk.
+    assert_eq!(debugfs_cat(&image, "/written-inside"), "by the container\n");
+}
+
+fn disk_child(device: &Path, staging: &Path) {
+    pivot_to_disk(device, staging).expect("pivot onto the container disk");
+    assert!(!staging.exists(), "old root still visible");
+    assert_eq!(
+        std::fs::read_to_string("/etc/os-release").unwrap(),
+        "ID=container\n"
+    );
+    std::fs::write("/written-inside", "by the container\n").expect("the root is writable");
+    mount_base().expect("mounting /proc, /sys, /dev, /tmp, /run in the container root");
+    assert!(Path::new("/proc/self/stat").exists());
+    assert!(Path::new("/dev/null").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some("/"))
+        .expect("a / mount");
+    assert!(root.contains(" / ext4 "), "root mount: {root}");
+    println!("DISK-OK");
 }
 
 fn walk(root: &Path) -> Vec<String> {
