@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use std::ptr;
 
 use crate::cgroup::unescape_mountinfo;
-use crate::config::{JailConfig, RUN_DIR};
+use crate::config::{JailConfig, DEVPTS_DIR, DEVPTS_MAX_PTYS, PTMX, RUN_DIR};
 use crate::error::{check, Error, Result};
 
 /// A character device node the jailed VMM needs.
@@ -91,8 +91,9 @@ pub(crate) fn create_jail_dir(config: &JailConfig) -> Result<PathBuf> {
 }
 
 /// Fills `<jail dir>/root`: the copied exec file, device nodes, `/run` for the jailed user, mount
-/// points for the bind mounts and `/proc` if asked for. Everything is root-owned and read-only
-/// for the jailed user except the device nodes and `/run`.
+/// points for the bind mounts, `/proc` and `/dev/pts` (with the `/dev/ptmx` symlink) if asked
+/// for. Everything is root-owned and read-only for the jailed user except the device nodes and
+/// `/run`.
 pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
     mkdir(root, 0o755)?;
     refuse_nodev(root)?;
@@ -145,6 +146,15 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
     }
     if config.mount_proc {
         mkdir(&root.join("proc"), 0o555)?;
+    }
+    if config.mount_devpts {
+        let pts = in_root(root, Path::new(DEVPTS_DIR));
+        make_parents(root, &pts)?;
+        mkdir(&pts, 0o755)?;
+        // Resolved inside the jail, so opening /dev/ptmx reaches the jail's devpts instance.
+        let ptmx = in_root(root, Path::new(PTMX));
+        std::os::unix::fs::symlink("pts/ptmx", &ptmx)
+            .map_err(|e| Error::io(format!("symlink {} -> pts/ptmx", ptmx.display()), e))?;
     }
     // The jail dir stayed 0700 while being filled (e.g. the copy briefly has the source's mode
     // bits); open it up only now that the tree is complete.
@@ -277,6 +287,32 @@ pub(crate) fn mount_proc() -> Result<()> {
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         Some("subset=pid,hidepid=invisible"),
     )
+}
+
+/// Mounts a new devpts instance at /dev/pts of the jail (after `pivot_root`): ptys made there
+/// belong to the jail's `gid`, and the host's and other jails' ptys are not in it. Fails closed
+/// if the new instance is not empty.
+pub(crate) fn mount_devpts(gid: u32) -> Result<()> {
+    let pts = Path::new(DEVPTS_DIR);
+    mount(
+        Some(Path::new("devpts")),
+        pts,
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some(&format!(
+            "newinstance,ptmxmode=0666,mode=0620,gid={gid},max={DEVPTS_MAX_PTYS}"
+        )),
+    )?;
+    // Verify rather than trust: a shared instance would list someone's ptys.
+    let entries: Vec<_> = fs::read_dir(pts)
+        .map_err(|e| Error::io(format!("list {} in the jail", pts.display()), e))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::io(format!("list {} in the jail", pts.display()), e))?;
+    if entries != [std::ffi::OsStr::new("ptmx")] {
+        return Err(Error::DevptsShared(format!("{entries:?}")));
+    }
+    Ok(())
 }
 
 /// Removes a jail directory; refuses if anything is mounted beneath it in this mount namespace

@@ -18,6 +18,14 @@ pub const DEFAULT_PARENT_CGROUP: &str = "mvm";
 pub const DEFAULT_NO_FILE: u64 = 2048;
 /// Writable directory inside the jail (owned by the jailed uid/gid), e.g. for the API socket.
 pub const RUN_DIR: &str = "/run";
+/// Where `--mount-devpts` mounts the jail's own devpts instance.
+pub const DEVPTS_DIR: &str = "/dev/pts";
+/// The pty multiplexer of the jail: a symlink to `pts/ptmx` of the jail's devpts instance.
+pub const PTMX: &str = "/dev/ptmx";
+/// Most ptys a jail's devpts instance holds at once (its `max=` mount option), so one jail
+/// cannot take the ptys of the others: all non-initial devpts instances share
+/// `kernel.pty.max - kernel.pty.reserve` (3072 by default).
+pub const DEVPTS_MAX_PTYS: u32 = 256;
 
 /// Longest accepted jail id.
 const MAX_ID_LEN: usize = 64;
@@ -198,6 +206,9 @@ pub struct JailConfig {
     pub new_pid_ns: bool,
     /// Mount a fresh procfs (pid entries only) at /proc in the jail; needs `new_pid_ns`.
     pub mount_proc: bool,
+    /// Mount a new devpts instance at /dev/pts in the jail, with /dev/ptmx pointing into it:
+    /// the jailed process can open ptys, and sees only its own.
+    pub mount_devpts: bool,
     /// Hierarchy used for the per-jail cgroup.
     pub cgroup_version: CgroupVersion,
     /// Values written into the per-jail cgroup, in order.
@@ -231,6 +242,7 @@ impl JailConfig {
             daemonize: false,
             new_pid_ns: false,
             mount_proc: false,
+            mount_devpts: false,
             cgroup_version: CgroupVersion::V1,
             cgroups: Vec::new(),
             parent_cgroup: DEFAULT_PARENT_CGROUP.into(),
@@ -318,6 +330,13 @@ impl JailConfig {
                         "this jail path is managed by the jailer",
                     ));
                 }
+            }
+            if self.mount_devpts && (m.jail.starts_with(DEVPTS_DIR) || m.jail == Path::new(PTMX)) {
+                return Err(invalid(
+                    "--mount",
+                    &m.jail,
+                    "this jail path is managed by the jailer (--mount-devpts)",
+                ));
             }
             if m.jail == exec_name {
                 return Err(invalid(
@@ -421,6 +440,7 @@ impl JailConfig {
             (self.daemonize, "--daemonize"),
             (self.new_pid_ns, "--new-pid-ns"),
             (self.mount_proc, "--mount-proc"),
+            (self.mount_devpts, "--mount-devpts"),
             (self.landlock, "--landlock"),
         ] {
             if set {
@@ -657,6 +677,7 @@ mod tests {
         c.cgroups.push("pids.max=5".parse().unwrap());
         c.mounts.push("/k:/kernel".parse().unwrap());
         c.new_pid_ns = true;
+        c.mount_devpts = true;
         c.args = vec!["--api-sock".into(), "/run/api.sock".into()];
         let args: Vec<String> = c
             .to_args()
@@ -667,7 +688,7 @@ mod tests {
         assert!(joined.starts_with("--id vm-1 --exec-file /bin/x --uid 10 --gid 20"));
         assert!(joined.contains("--cgroup pids.max=5"));
         assert!(joined.contains("--mount /k:/kernel:ro"));
-        assert!(joined.ends_with("--new-pid-ns -- --api-sock /run/api.sock"));
+        assert!(joined.ends_with("--new-pid-ns --mount-devpts -- --api-sock /run/api.sock"));
     }
 
     #[test]

@@ -114,6 +114,9 @@ pub enum Error {
         /// Underlying error.
         source: io::Error,
     },
+    /// The devpts mounted in the jail lists ptys already: it is not a private instance.
+    #[error("the devpts mounted at /dev/pts in the jail is not a new instance (it lists {0}); refusing to expose shared ptys")]
+    DevptsShared(String),
     /// A Landlock ruleset could not be built or applied.
     #[error("landlock: {0}")]
     Landlock(String),

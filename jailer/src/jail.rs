@@ -119,7 +119,8 @@ impl Jail {
     }
 
     /// Steps 3–6: joins the cgroups and network namespace, enters new mount/ipc/uts (and
-    /// optionally pid) namespaces, pivots into the jail root, applies rlimits, drops to the jail
+    /// optionally pid) namespaces, pivots into the jail root, mounts procfs and devpts if asked,
+    /// applies rlimits, drops to the jail
     /// uid/gid without capabilities, applies Landlock if asked, daemonizes if asked and execs the
     /// target.
     ///
@@ -237,6 +238,9 @@ impl Jail {
         if c.mount_proc {
             chroot::mount_proc()?;
         }
+        if c.mount_devpts {
+            chroot::mount_devpts(c.gid)?;
+        }
         privileges::apply_rlimits(&c.resource_limits)?;
         privileges::drop_privileges(c.uid, c.gid)?;
         // From here on this process cannot remove the host-side jail any more.
@@ -271,7 +275,7 @@ fn apply_landlock(c: &JailConfig) -> Result<()> {
     if !c.landlock {
         return Ok(());
     }
-    match privileges::apply_landlock(&c.landlock_write_dirs())? {
+    match privileges::apply_landlock(&c.landlock_write_dirs(), c.mount_devpts)? {
         LandlockOutcome::Enforced => {}
         LandlockOutcome::Partial => {
             eprintln!(

@@ -4,10 +4,12 @@
 //! rolling back what it made at any step:
 //! 1. validate the [`JailConfig`]; close inherited fds, clear the environment ([`sanitize_process`]);
 //! 2. build `<chroot-base>/<exec-name>/<id>/root`: a copy of the exec file, `/dev/kvm`,
-//!    `/dev/net/tun`, `/dev/urandom` owned by the jail uid/gid, bind-mount points;
+//!    `/dev/net/tun`, `/dev/urandom` owned by the jail uid/gid, bind-mount points (and, with
+//!    `--mount-devpts`, `/dev/pts` and a `/dev/ptmx` symlink into it);
 //! 3. make the per-jail cgroups (v1 or v2) and write the requested values ([`Jail::prepare`]);
 //! 4. join them and the network namespace, unshare mount/ipc/uts (and pid) namespaces,
-//!    `pivot_root` into the jail and detach the old root;
+//!    `pivot_root` into the jail and detach the old root; mount procfs and a new devpts instance
+//!    if asked;
 //! 5. rlimits, drop to uid/gid with no capabilities and `no_new_privs`, optional Landlock;
 //! 6. daemonize if asked and exec the target ([`Jail::enter`]).
 //!
@@ -27,7 +29,8 @@ pub use cgroup::CgroupDir;
 pub use chroot::{DeviceNode, DEVICE_NODES};
 pub use config::{
     validate_id, validate_parent_cgroup, BindMount, CgroupSetting, CgroupVersion, JailConfig,
-    ResourceLimit, DEFAULT_CHROOT_BASE, DEFAULT_NO_FILE, DEFAULT_PARENT_CGROUP, RUN_DIR,
+    ResourceLimit, DEFAULT_CHROOT_BASE, DEFAULT_NO_FILE, DEFAULT_PARENT_CGROUP, DEVPTS_DIR,
+    DEVPTS_MAX_PTYS, PTMX, RUN_DIR,
 };
 pub use error::{Error, Result};
 pub use jail::{cleanup, CleanupConfig, Jail, DEFAULT_EXEC_FILE_NAME};

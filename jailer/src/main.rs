@@ -43,6 +43,9 @@ struct Cli {
     /// Mount a procfs of the new pid namespace at /proc (pid entries only); needs --new-pid-ns.
     #[arg(long)]
     mount_proc: bool,
+    /// Mount a new devpts instance at /dev/pts (only the jail's own ptys) with /dev/ptmx into it.
+    #[arg(long)]
+    mount_devpts: bool,
     /// Cgroup hierarchy: 1 (legacy, per controller) or 2 (unified).
     #[arg(long, default_value = "1", value_parser = parse::<CgroupVersion>)]
     cgroup_version: CgroupVersion,
@@ -65,7 +68,7 @@ struct Cli {
     #[arg(long = "landlock-write", value_name = "JAILDIR")]
     landlock_write: Vec<PathBuf>,
     /// Remove the jail directory and cgroups of --id instead of starting anything.
-    #[arg(long, conflicts_with_all = ["exec_file", "uid", "gid", "netns", "daemonize", "new_pid_ns", "cgroups", "resource_limits", "mounts", "landlock"])]
+    #[arg(long, conflicts_with_all = ["exec_file", "uid", "gid", "netns", "daemonize", "new_pid_ns", "mount_proc", "mount_devpts", "cgroups", "resource_limits", "mounts", "landlock"])]
     cleanup: bool,
     /// With --cleanup: file name of the exec file the jail was made for.
     #[arg(long, requires = "cleanup", default_value = DEFAULT_EXEC_FILE_NAME)]
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         config.daemonize = cli.daemonize;
         config.new_pid_ns = cli.new_pid_ns;
         config.mount_proc = cli.mount_proc;
+        config.mount_devpts = cli.mount_devpts;
         config.cgroup_version = cli.cgroup_version;
         config.cgroups = cli.cgroups;
         config.parent_cgroup = cli.parent_cgroup;

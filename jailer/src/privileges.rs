@@ -9,7 +9,7 @@ use landlock::{
 };
 
 use crate::chroot::DEVICE_NODES;
-use crate::config::{ResourceLimit, DEFAULT_NO_FILE};
+use crate::config::{ResourceLimit, DEFAULT_NO_FILE, DEVPTS_DIR};
 use crate::error::{check, Error, Result};
 
 /// Applies the limits (soft = hard, so the jailed process cannot raise them), adding the default
@@ -166,8 +166,9 @@ pub(crate) enum LandlockOutcome {
 }
 
 /// Restricts the calling process (already in the jail): read and execute anywhere in the jail,
-/// full access beneath `write_dirs`, read/write/ioctl on the device nodes, nothing else.
-pub(crate) fn apply_landlock(write_dirs: &[PathBuf]) -> Result<LandlockOutcome> {
+/// full access beneath `write_dirs`, read/write/ioctl on the device nodes (and on the ptys
+/// beneath /dev/pts with `ptys`), nothing else.
+pub(crate) fn apply_landlock(write_dirs: &[PathBuf], ptys: bool) -> Result<LandlockOutcome> {
     let abi = ABI::V5;
     let err = |e: &dyn std::fmt::Display| Error::Landlock(e.to_string());
     let open =
@@ -187,12 +188,10 @@ pub(crate) fn apply_landlock(write_dirs: &[PathBuf]) -> Result<LandlockOutcome> 
             .add_rule(PathBeneath::new(open(dir)?, AccessFs::from_all(abi)))
             .map_err(|e| err(&e))?;
     }
-    for dev in DEVICE_NODES {
+    let pts = ptys.then_some(Path::new(DEVPTS_DIR));
+    for dev in DEVICE_NODES.iter().map(|d| Path::new(d.path)).chain(pts) {
         ruleset = ruleset
-            .add_rule(PathBeneath::new(
-                open(Path::new(dev.path))?,
-                AccessFs::from_file(abi),
-            ))
+            .add_rule(PathBeneath::new(open(dev)?, AccessFs::from_file(abi)))
             .map_err(|e| err(&e))?;
     }
     let status = ruleset.restrict_self().map_err(|e| err(&e))?;

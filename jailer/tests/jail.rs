@@ -397,6 +397,86 @@ fn read_only_mounts_are_read_only() {
     j.cleanup();
 }
 
+/// A pty master opened on the host's /dev/ptmx, and its number in the host's /dev/pts.
+fn host_pty() -> (std::os::fd::OwnedFd, u32) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: posix_openpt takes flags only; the fd is checked before it is owned.
+    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "host /dev/ptmx: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let master = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut number: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int to a live local.
+    let ret = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) };
+    assert_eq!(ret, 0, "TIOCGPTN: {}", std::io::Error::last_os_error());
+    (master, number)
+}
+
+#[test]
+fn devpts_gives_the_jail_its_own_ptys_only() {
+    if !root_or_skip("devpts_gives_the_jail_its_own_ptys_only") {
+        return;
+    }
+    // Ptys open on the host meanwhile: two, so at least one has a number other than 0.
+    let host = [host_pty(), host_pty()];
+    let host_pts_dev = std::fs::metadata("/dev/pts").unwrap().dev();
+
+    // Without the option a jail has no ptys at all.
+    let j = TestJail::new("nodevpts");
+    let r = ok_report(&j.run(&[], &["pty"]));
+    assert_eq!(r["ptmx_open"], "ENOENT");
+    j.cleanup();
+
+    for extra in [
+        &["--mount-devpts"][..],
+        &[
+            "--mount-devpts",
+            "--new-pid-ns",
+            "--mount-proc",
+            "--landlock",
+        ][..],
+    ] {
+        let j = TestJail::new("devpts");
+        let r = ok_report(&j.run(extra, &["pty"]));
+        assert_eq!(r["ptmx_link"], "pts/ptmx", "{extra:?}");
+        assert_eq!(r["ptmx_open"], "ok", "{extra:?}");
+        // The first pty of a fresh instance, owned by the jail's uid/gid, and a working one.
+        assert_eq!(r["pty_number"], "0", "{extra:?}");
+        assert_eq!(r["slave_open"], "ok", "{extra:?}");
+        assert_eq!(r["slave_isatty"], "true", "{extra:?}");
+        assert_eq!(r["slave_owner"], format!("{0}/{0}/620", j.uid), "{extra:?}");
+        assert_eq!(r["pty_echo"], "ok", "{extra:?}");
+        // Only its own pty is listed, never the host's, and it is another devpts.
+        assert_eq!(r["pts_entries"], "0,ptmx", "{extra:?}");
+        for (_, n) in &host {
+            assert!(
+                *n == 0 || !r["pts_entries"].split(',').any(|e| e == n.to_string()),
+                "host pty {n} visible in the jail: {}",
+                r["pts_entries"]
+            );
+        }
+        let host_dev = format!(
+            "{}:{}",
+            libc::major(host_pts_dev),
+            libc::minor(host_pts_dev)
+        );
+        assert_ne!(r["pts_dev"], host_dev, "{extra:?}: the host's devpts");
+        // The mount lived in the jail's mount namespace only: removal is not refused.
+        j.cleanup();
+    }
+
+    // The instance holds at most DEVPTS_MAX_PTYS: one jail cannot take everyone's ptys.
+    let j = TestJail::new("devptsmax");
+    let r = ok_report(&j.run(&["--mount-devpts"], &["ptys"]));
+    assert_eq!(r["ptys_opened"], jailer::DEVPTS_MAX_PTYS.to_string());
+    assert_eq!(r["ptys_error"], "ENOSPC");
+    j.cleanup();
+}
+
 #[test]
 fn netns_is_joined() {
     if !root_or_skip("netns_is_joined") {
@@ -481,6 +561,17 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
     );
     expect_error(&j, &["--mount", "/etc:/../x"], "jail path must be absolute");
     expect_error(&j, &["--mount-proc"], "needs --new-pid-ns");
+    for reserved in [
+        "/etc:/dev/pts",
+        "/etc:/dev/pts/0",
+        "/etc/hostname:/dev/ptmx",
+    ] {
+        expect_error(
+            &j,
+            &["--mount-devpts", "--mount", reserved],
+            "managed by the jailer (--mount-devpts)",
+        );
+    }
     expect_error(
         &j,
         &["--landlock", "--landlock-write", "/var"],
@@ -857,7 +948,11 @@ fn jailed_vmm_boots_a_test_guest() {
         return;
     }
     let vmm = Path::new(JAILER).with_file_name("mvm-vmm");
-    assert!(vmm.exists(), "{} is not built: cargo build --workspace", vmm.display());
+    assert!(
+        vmm.exists(),
+        "{} is not built: cargo build --workspace",
+        vmm.display()
+    );
     let j = TestJail::new("vmm");
     let uid = j.uid.to_string();
     // The guest and its configuration are bind-mounted read-only; paths are the jail's.
@@ -872,7 +967,12 @@ fn jailed_vmm_boots_a_test_guest() {
     let guest = mvm_testkit::guest("hello");
     let out = Command::new(JAILER)
         .args(["--id", &j.id, "--uid", &uid, "--gid", &uid, "--new-pid-ns"])
-        .args(["--parent-cgroup", PARENT_CGROUP, "--cgroup", "memory.limit_in_bytes=268435456"])
+        .args([
+            "--parent-cgroup",
+            PARENT_CGROUP,
+            "--cgroup",
+            "memory.limit_in_bytes=268435456",
+        ])
         .arg("--exec-file")
         .arg(&vmm)
         .arg("--chroot-base-dir")
@@ -884,8 +984,15 @@ fn jailed_vmm_boots_a_test_guest() {
         .args(["--", "--no-api", "--config-file", "/vm.json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "jailed mvm-vmm failed: {}", stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello from the mvm test guest\n");
+    assert!(
+        out.status.success(),
+        "jailed mvm-vmm failed: {}",
+        stderr(&out)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Hello from the mvm test guest\n"
+    );
     let cleaned = Command::new(JAILER)
         .args(["--cleanup", "--id", &j.id, "--parent-cgroup", PARENT_CGROUP])
         .arg("--chroot-base-dir")

@@ -2,11 +2,11 @@
 //! reports, as `key=value` lines, what it can see and do, or exercises one limit.
 //!
 //! Usage: `jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal
-//! | nofile | seccomp | pause | stamp | true`.
+//! | nofile | seccomp | pty | ptys | pause | stamp | true`.
 
 use std::collections::BTreeMap;
 use std::io::{Error, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::process::ExitCode;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
@@ -23,6 +23,7 @@ fn errno_name(e: &Error) -> String {
         Some(libc::EINVAL) => "EINVAL",
         Some(libc::ENOSYS) => "ENOSYS",
         Some(libc::ESRCH) => "ESRCH",
+        Some(libc::ENOSPC) => "ENOSPC",
         _ => return format!("errno{}", e.raw_os_error().unwrap_or(0)),
     };
     name.to_string()
@@ -398,8 +399,143 @@ fn seccomp() -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Opens a pty master on /dev/ptmx, unlocked, or the errno name.
+fn open_pty_master() -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall wrappers with integer arguments; the fd is checked before use.
+    unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(errno_name(&Error::last_os_error()));
+        }
+        let master = std::os::fd::OwnedFd::from_raw_fd(fd);
+        if libc::grantpt(fd) != 0 || libc::unlockpt(fd) != 0 {
+            return Err(errno_name(&Error::last_os_error()));
+        }
+        Ok(master)
+    }
+}
+
+/// What a process in the jail gets from /dev/ptmx and /dev/pts.
+fn pty() -> BTreeMap<&'static str, String> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    let mut r = BTreeMap::new();
+    r.insert(
+        "ptmx_link",
+        std::fs::read_link("/dev/ptmx")
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| errno_name(&e)),
+    );
+    let pts_dev = std::fs::metadata("/dev/pts").map(|m| m.dev());
+    r.insert(
+        "pts_dev",
+        pts_dev.map_or_else(
+            |e| errno_name(&e),
+            |d| format!("{}:{}", libc::major(d), libc::minor(d)),
+        ),
+    );
+    let master = match open_pty_master() {
+        Ok(m) => m,
+        Err(e) => {
+            r.insert("ptmx_open", e);
+            return r;
+        }
+    };
+    r.insert("ptmx_open", "ok".into());
+    let mut number: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int to the pointer, which refers to a live local.
+    let ret = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) };
+    r.insert(
+        "pty_number",
+        if ret == 0 {
+            number.to_string()
+        } else {
+            outcome(-1)
+        },
+    );
+    let slave_path = format!("/dev/pts/{number}");
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&slave_path)
+    {
+        Ok(mut slave) => {
+            r.insert("slave_open", "ok".into());
+            // SAFETY: isatty takes a plain fd.
+            let tty = unsafe { libc::isatty(slave.as_raw_fd()) } == 1;
+            r.insert("slave_isatty", tty.to_string());
+            if let Ok(m) = slave.metadata() {
+                r.insert(
+                    "slave_owner",
+                    format!(
+                        "{}/{}/{:o}",
+                        m.uid(),
+                        m.gid(),
+                        m.permissions().mode() & 0o7777
+                    ),
+                );
+            }
+            // Through the line discipline: the master reads what the slave wrote, with the
+            // newline mapped to CR-LF (onlcr).
+            let echo = slave.write_all(b"ping\n").and_then(|()| {
+                let mut got = [0u8; 16];
+                let n = std::fs::File::from(master.try_clone()?).read(&mut got)?;
+                Ok(String::from_utf8_lossy(&got[..n]).into_owned())
+            });
+            r.insert(
+                "pty_echo",
+                match echo {
+                    Ok(s) if s == "ping\r\n" => "ok".into(),
+                    Ok(s) => format!("{s:?}"),
+                    Err(e) => errno_name(&e),
+                },
+            );
+        }
+        Err(e) => {
+            r.insert("slave_open", errno_name(&e));
+        }
+    }
+    let mut entries: Vec<String> = std::fs::read_dir("/dev/pts")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    entries.sort();
+    r.insert("pts_entries", entries.join(","));
+    r
+}
+
+/// Opens ptys until the jail's devpts instance refuses one.
+fn ptys() -> ExitCode {
+    let mut opened = Vec::new();
+    let error = loop {
+        match open_pty_master() {
+            Ok(m) => opened.push(m),
+            Err(e) => break e,
+        }
+        if opened.len() > 100_000 {
+            break "none".into();
+        }
+    };
+    println!("ptys_opened={}", opened.len());
+    println!("ptys_error={error}");
+    ExitCode::SUCCESS
+}
+
+fn print_report(r: BTreeMap<&'static str, String>) -> ExitCode {
+    for (k, v) in r {
+        println!("{k}={v}");
+    }
+    ExitCode::SUCCESS
+}
+
 fn usage() -> ExitCode {
-    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | pause | stamp | true");
+    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | pty | ptys | pause | stamp | true");
     ExitCode::from(2)
 }
 
@@ -413,10 +549,7 @@ fn main() -> ExitCode {
                 .filter(|c| c[0] == "--write" && c.len() == 2)
                 .map(|c| c[1].clone())
                 .collect();
-            for (k, v) in report(&writes) {
-                println!("{k}={v}");
-            }
-            ExitCode::SUCCESS
+            print_report(report(&writes))
         }
         Some("memhog") => num(1).map_or_else(usage, memhog),
         Some("forkbomb") => num(1).map_or_else(usage, forkbomb),
@@ -427,6 +560,8 @@ fn main() -> ExitCode {
         },
         Some("nofile") => nofile(),
         Some("seccomp") => seccomp(),
+        Some("pty") => print_report(pty()),
+        Some("ptys") => ptys(),
         Some("true") => ExitCode::SUCCESS,
         Some("stamp") => {
             let mut ts = libc::timespec {
