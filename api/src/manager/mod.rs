@@ -46,12 +46,14 @@ const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
 pub const DEFAULT_TEMPLATE: &str = "default";
 /// Largest part of a console log returned by [`Manager::logs`].
 const MAX_LOG_BYTES: u64 = 1 << 20;
-/// Device nodes the jail tier adds to the jail's /dev for the sandbox's programs.
-const JAIL_DEVICES: [(&str, u32, u32); 4] = [
+/// Device nodes the jail tier adds to the jail's /dev for the sandbox's programs (`tty` is the
+/// calling process's controlling terminal: a pty of the jail's own devpts, or none).
+const JAIL_DEVICES: [(&str, u32, u32); 5] = [
     ("null", 1, 3),
     ("zero", 1, 5),
     ("full", 1, 7),
     ("random", 1, 8),
+    ("tty", 5, 0),
 ];
 
 /// Where the manager keeps things and how it makes sandboxes.
@@ -932,11 +934,6 @@ impl Manager {
         }
         validate_env(&req.env)?;
         let sandbox = self.get(tenant, id)?;
-        if req.tty && sandbox.isolation == Isolation::Jail {
-            return Err(Error::Invalid(
-                "a pseudo-terminal (tty, mvm -t) needs the vm tier: a jail-tier sandbox has no /dev/pts".into(),
-            ));
-        }
         let mut er = agent::ExecRequest::new(req.cmd.clone());
         for (k, v) in sandbox.env.iter().chain(&req.env) {
             er = er.env(k.clone(), v.clone());
@@ -1248,6 +1245,8 @@ fn base_jail(cfg: &ManagerConfig, s: &Sandbox, uid: u32, exec: PathBuf) -> JailC
 fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Result<JailConfig> {
     let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join("mvm-agent"));
     j.mount_proc = true;
+    // Ptys for `tty` execs, from a devpts instance of the jail's own.
+    j.mount_devpts = true;
     j.cgroups = cgroup_settings(s.vcpus, s.memory_mib << 20);
     j.mounts = rootfs::jail_mounts(tree)?
         .into_iter()
