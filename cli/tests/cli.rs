@@ -198,6 +198,44 @@ fn daemonless_run_propagates_the_exit_code() {
 }
 
 #[test]
+fn tty_runs_on_a_pseudo_terminal_in_the_jail_tier() {
+    if !root_or_skip("tty_runs_on_a_pseudo_terminal_in_the_jail_tier") {
+        return;
+    }
+    let env = Env::new();
+    let script = "test -t 0 && test -t 1 && echo on-a-tty; stty size; ls /dev/pts | tr '\\n' ' '";
+    // The terminal turns the line ends into CR-LF; the jail's devpts lists only this pty.
+    let want = "on-a-tty\r\n24 80\r\n0 ptmx ";
+    let run_t = |mvm: &mut Command| {
+        mvm.args(["run", "--rm", "-t", "--isolation", "jail", "--", "sh", "-c"])
+            .arg(script)
+            .stdin(Stdio::null())
+            .output()
+            .expect("mvm run -t")
+    };
+    let out = run_t(&mut env.mvm());
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), want),
+        "daemonless: {}",
+        text(&out.stderr)
+    );
+    let served = serve(&env);
+    let out = run_t(
+        env.mvm()
+            .env("MVM_HOST", format!("unix:{}", served.socket.display())),
+    );
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), want),
+        "through mvmd: {}",
+        text(&out.stderr)
+    );
+    drop(served);
+    env.assert_empty();
+}
+
+#[test]
 fn daemonless_vm_request_names_the_jail_tier() {
     if !root_or_skip("daemonless_vm_request_names_the_jail_tier") {
         return;
