@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ::api::db::Tenant;
-use ::api::model::{Isolation, Sandbox};
+use ::api::model::Sandbox;
 use ::api::{Manager, ManagerConfig};
 use async_trait::async_trait;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
@@ -42,14 +42,23 @@ const TENANT: &str = "containerd";
 /// Exit status reported for a process whose end the shim did not see.
 const UNKNOWN_EXIT: u32 = 255;
 
-/// The state directory of the shim of container `id` in `namespace`.
+/// 64-bit FNV-1a of `bytes`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The state directory of the shim of container `id` in `namespace`: named by a hash of the
+/// id, which may be 64 characters (Kubernetes), so the sandboxes' unix sockets below it stay
+/// within the socket path limit.
 fn state_dir(namespace: &str, id: &str) -> PathBuf {
     std::env::var_os("MVM_SHIM_STATE_DIR")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| STATE_ROOT.into())
         .join(namespace)
-        .join(id)
+        .join(format!("{:016x}", fnv1a(id.as_bytes())))
 }
 
 /// A sandbox manager of its own for one shim: own state and run dirs, so shims never see
@@ -62,13 +71,7 @@ fn manager_config(dir: &Path) -> ManagerConfig {
     if std::env::var_os("MVM_CGROUP_PARENT").is_none_or(|p| p.is_empty()) {
         cfg.cgroup_parent = CGROUP_PARENT.into();
     }
-    let h = dir
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+    let h = fnv1a(dir.as_os_str().as_encoded_bytes());
     cfg.uid_base = 300_000 + (h % 100_000) as u32 * 16;
     cfg
 }
@@ -357,22 +360,11 @@ impl TaskService {
                 })?;
         }
         let sandbox_req = spec::sandbox_request(&oci, isolation, &req.id);
-        let created = match isolation {
-            Isolation::Jail => {
-                manager
-                    .create_with_userland(tenant, sandbox_req, rootfs.clone())
-                    .await
-            }
-            Isolation::Vm => match manager.vm_tier_unavailable() {
-                Some(why) => Err(::api::Error::TierUnavailable(why)),
-                // Booting the template's image would silently run the wrong userland.
-                None => Err(::api::Error::Invalid(format!(
-                    "the vm tier cannot boot a container's own root file system yet; \
-                     annotate the container with {}=jail",
-                    spec::ISOLATION_ANNOTATION
-                ))),
-            },
-        };
+        // Jail tier: the mounted snapshot is the jail's root. Vm tier: the guest's root is an
+        // ext4 copy of it, made before this call returns.
+        let created = manager
+            .create_with_userland(tenant, sandbox_req, rootfs.clone())
+            .await;
         let sandbox = match created {
             Ok(s) => s,
             Err(e) => {

@@ -2,6 +2,8 @@
 //! guests in `testkit/guests/`, locates workspace binaries and built artifacts (guest kernel,
 //! rootfs), checks host prerequisites so tests can skip loudly, and runs `mvm-vmm` with a timeout.
 
+pub mod containerd;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -54,8 +56,14 @@ pub fn guest(name: &str) -> PathBuf {
     let object = out_dir.join(format!("{name}.o"));
     let elf = out_dir.join(format!("{name}.elf"));
     let run = |cmd: &mut Command| {
-        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install binutils)"));
-        assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install binutils)"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     run(Command::new("as")
         .arg("--64")
@@ -178,9 +186,13 @@ impl ScratchDir {
     /// paths inside stay short wherever the repository lives.
     pub fn new(tag: &str) -> Self {
         static COUNTER: OnceLock<Mutex<u32>> = OnceLock::new();
-        let mut n = COUNTER.get_or_init(|| Mutex::new(0)).lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = COUNTER
+            .get_or_init(|| Mutex::new(0))
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         *n += 1;
-        let dir = Path::new("/var/tmp/mvm-tests").join(format!("{tag}-{}-{}", std::process::id(), *n));
+        let dir =
+            Path::new("/var/tmp/mvm-tests").join(format!("{tag}-{}-{}", std::process::id(), *n));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create scratch dir");
         ScratchDir(dir)
@@ -232,7 +244,12 @@ pub fn config_for(kernel: &Path, boot_args: &str, vcpus: u8, mem_mib: u64) -> se
 }
 
 /// Sends one HTTP/1.1 request over a unix socket and returns (status, body).
-pub fn http_unix(socket: &Path, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+pub fn http_unix(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use std::io::Write;
     let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -270,7 +287,11 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
 
 /// Boots `config` with `mvm-vmm --no-api`, reads the console until `marker` appears (then kills
 /// the VMM) or `timeout` passes. Returns whether the marker appeared and the console so far.
-pub fn run_vmm_until(config: &serde_json::Value, marker: &str, timeout: Duration) -> (bool, String) {
+pub fn run_vmm_until(
+    config: &serde_json::Value,
+    marker: &str,
+    timeout: Duration,
+) -> (bool, String) {
     let (mut child, _dir) = spawn_vmm_config(config);
     let mut stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();

@@ -152,6 +152,33 @@ impl ManagerConfig {
     }
 }
 
+/// Longest path a unix socket may have (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a run directory so deep that the sandboxes' sockets (agent, VMM API, vsock) would
+/// not fit in a unix socket address.
+fn check_socket_paths(cfg: &ManagerConfig) -> Result<()> {
+    let sample_id = "0".repeat(12);
+    let longest = [
+        cfg.in_jail(Isolation::Jail, &sample_id, AGENT_SOCKET),
+        cfg.in_jail(Isolation::Vm, &sample_id, vm::API_SOCK),
+        cfg.in_jail(Isolation::Vm, &sample_id, vm::VSOCK_SOCK),
+    ]
+    .into_iter()
+    .max_by_key(|p| p.as_os_str().len())
+    .unwrap_or_default();
+    if longest.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::Invalid(format!(
+            "run directory {} is too deep: sandbox sockets such as {} ({} bytes) would exceed \
+             the {MAX_SOCKET_PATH}-byte limit of unix socket paths; set MVM_RUN_DIR to a shorter path",
+            cfg.run_dir.display(),
+            longest.display(),
+            longest.as_os_str().len()
+        )));
+    }
+    Ok(())
+}
+
 fn exec_name(isolation: Isolation) -> &'static str {
     match isolation {
         Isolation::Jail => "mvm-agent",
@@ -204,6 +231,7 @@ impl Manager {
     /// reconciles: live sandboxes are adopted, dead and half-made ones (and anything of ours on
     /// the host without a state row) are removed.
     pub async fn open(cfg: ManagerConfig) -> Result<(Manager, Reconciled)> {
+        check_socket_paths(&cfg)?;
         for dir in [&cfg.state_dir, &cfg.run_dir] {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
@@ -361,8 +389,15 @@ impl Manager {
             })
     }
 
+    /// The template `name` (default: [`DEFAULT_TEMPLATE`]).
+    fn requested_template(&self, name: Option<String>) -> Result<Template> {
+        let name = name.unwrap_or_else(|| DEFAULT_TEMPLATE.into());
+        db::validate_name("template", &name)?;
+        self.template(&name)
+    }
+
     /// Checks a create request and fills in the defaults; `userland` replaces the template's
-    /// file system (jail tier only).
+    /// file system.
     fn plan(
         &self,
         tenant: &str,
@@ -407,25 +442,25 @@ impl Manager {
         }
         let network = net::validate(&req.network.unwrap_or_default())?;
         let (template_name, userland) = match userland {
-            Some(_) if isolation == Isolation::Vm => {
-                return Err(Error::Invalid(
-                    "a host directory as the sandbox's file system needs the jail tier; \
-                     the vm tier boots from a template image"
-                        .into(),
-                ))
-            }
             Some(dir) if !dir.is_absolute() || !dir.is_dir() => {
                 return Err(Error::Invalid(format!(
                     "userland {} must be an absolute path to a directory",
                     dir.display()
                 )))
             }
-            Some(dir) => (dir.display().to_string(), Userland::Dir(dir)),
+            Some(dir) if isolation == Isolation::Jail => {
+                (dir.display().to_string(), Userland::Dir(dir))
+            }
+            Some(dir) => (
+                dir.display().to_string(),
+                Userland::DiskFromDir {
+                    template: self.requested_template(req.template)?,
+                    dir,
+                },
+            ),
             None => {
-                let name = req.template.unwrap_or_else(|| DEFAULT_TEMPLATE.into());
-                db::validate_name("template", &name)?;
-                let template = self.template(&name)?;
-                (name, Userland::Template(template))
+                let template = self.requested_template(req.template)?;
+                (template.name.clone(), Userland::Template(template))
             }
         };
         let now = db::now();
@@ -457,10 +492,13 @@ impl Manager {
         self.create_in(tenant, req, None).await
     }
 
-    /// Creates a jail-tier sandbox whose file system is the host directory `userland` (bound
-    /// read-write into the jail, top-level directories but /dev, /proc, /run and /sys) instead
-    /// of a template's; its `template` field is that path. For container runtimes, whose
-    /// snapshotter has already made the container's writable root.
+    /// Creates a sandbox whose file system is the host directory `userland` instead of a
+    /// template's; its `template` field is that path. For container runtimes, whose
+    /// snapshotter has already made the container's root. In the jail tier the directory is
+    /// bound read-write into the jail (top-level directories but /dev, /proc, /run and /sys);
+    /// in the vm tier the template (`req.template` or the default) boots the guest and its
+    /// agent, and the guest's root is a writable ext4 disk made from a copy of the directory,
+    /// so writes in the guest do not reach the host directory.
     pub async fn create_with_userland(
         &self,
         tenant: &Tenant,
@@ -532,6 +570,10 @@ impl Manager {
             egress: s.network.egress,
             allow: s.network.allow.clone(),
         };
+        let guest_root = match userland {
+            Userland::DiskFromDir { .. } => vm::GuestRoot::Disk,
+            Userland::Template(_) | Userland::Dir(_) => vm::GuestRoot::Overlay,
+        };
         let userland = userland.clone();
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
         let started = Instant::now();
@@ -540,27 +582,17 @@ impl Manager {
             let network = net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
             let dir = cfg.sandbox_dir(&s.id);
             std::fs::create_dir_all(&dir).map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
-            let jail = match (s.isolation, &userland) {
-                (Isolation::Jail, Userland::Template(template)) => {
+            let jail = match &userland {
+                Userland::Template(template) if s.isolation == Isolation::Jail => {
                     let base = rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
                     let overlay = rootfs::Overlay::at(&dir);
                     overlay.mount(&base, uid)?;
                     jail_config(&cfg, &s, uid, &overlay.merged)?
                 }
-                (Isolation::Jail, Userland::Dir(tree)) => jail_config(&cfg, &s, uid, tree)?,
-                (Isolation::Vm, Userland::Dir(_)) => {
-                    return Err(Error::Invalid("the vm tier boots from a template image".into()))
-                }
-                (Isolation::Vm, Userland::Template(template)) => {
-                    if !Path::new(&template.kernel).is_file() {
-                        return Err(Error::Invalid(format!(
-                            "template {} has no kernel at {}; build it with `mvm build` (guest-kernel/build.sh)",
-                            template.name, template.kernel
-                        )));
-                    }
-                    let layer = dir.join("layer.ext4");
-                    rootfs::make_layer(&layer, uid)?;
-                    vm_jail_config(&cfg, &s, uid, template, &layer)
+                Userland::Template(template) => vm_jail_config(&cfg, &s, uid, template, &dir, None)?,
+                Userland::Dir(tree) => jail_config(&cfg, &s, uid, tree)?,
+                Userland::DiskFromDir { template, dir: tree } => {
+                    vm_jail_config(&cfg, &s, uid, template, &dir, Some(tree))?
                 }
             };
             let console = std::fs::File::create(dir.join("console.log"))
@@ -609,6 +641,7 @@ impl Manager {
                         vcpus: s.vcpus as u8,
                         memory_mib: s.memory_mib,
                         ip,
+                        root: guest_root,
                     },
                 )
                 .await?;
@@ -1103,6 +1136,14 @@ enum Userland {
     Template(Template),
     /// A host directory (jail tier).
     Dir(PathBuf),
+    /// The template's kernel and agent, with a disk made from a host directory as the root
+    /// (vm tier).
+    DiskFromDir {
+        /// Boots the guest.
+        template: Template,
+        /// Content of the root disk.
+        dir: PathBuf,
+    },
 }
 
 /// An exclusive flock on `<run>/locks/<id>` marking a sandbox as being created or destroyed by
@@ -1261,13 +1302,24 @@ fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Resul
 }
 
 /// The jail of the vm tier: mvm-vmm with the kernel, base image and writable layer bound in.
+/// The jail of a VMM booting template `t`, with its writable disk made in `dir`: blank (the
+/// overlay upper layer) or, with `root_content`, a copy of that directory (the guest's root).
 fn vm_jail_config(
     cfg: &ManagerConfig,
     s: &Sandbox,
     uid: u32,
     t: &Template,
-    layer: &Path,
-) -> JailConfig {
+    dir: &Path,
+    root_content: Option<&Path>,
+) -> Result<JailConfig> {
+    if !Path::new(&t.kernel).is_file() {
+        return Err(Error::Invalid(format!(
+            "template {} has no kernel at {}; build it with `mvm build` (guest-kernel/build.sh)",
+            t.name, t.kernel
+        )));
+    }
+    let layer = dir.join("layer.ext4");
+    rootfs::make_layer(&layer, uid, root_content)?;
     let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join("mvm-vmm"));
     // Guest memory plus the VMM's own.
     j.cgroups = cgroup_settings(s.vcpus, (s.memory_mib + 128) << 20);
@@ -1283,7 +1335,7 @@ fn vm_jail_config(
             read_only: true,
         },
         BindMount {
-            host: layer.to_path_buf(),
+            host: layer,
             jail: vm::LAYER.into(),
             read_only: false,
         },
@@ -1294,7 +1346,7 @@ fn vm_jail_config(
         "--id".into(),
         s.id.clone().into(),
     ];
-    j
+    Ok(j)
 }
 
 #[cfg(test)]
@@ -1306,6 +1358,16 @@ mod tests {
         assert!(is_sandbox_id("0123456789ab"));
         assert!(!is_sandbox_id("0123456789aB"));
         assert!(!is_sandbox_id("mvm"));
+    }
+
+    #[test]
+    fn deep_run_dirs_are_refused() {
+        let mut cfg = ManagerConfig::from_env();
+        cfg.run_dir = "/run/mvm".into();
+        assert!(check_socket_paths(&cfg).is_ok());
+        cfg.run_dir = PathBuf::from("/run").join("d".repeat(60));
+        let err = check_socket_paths(&cfg).unwrap_err().to_string();
+        assert!(err.contains("MVM_RUN_DIR") && err.contains("107"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!   base tree; each sandbox gets an overlayfs of that tree with its own upper directory, and
 //!   the overlay's top-level directories are bind-mounted into the jail.
 //! - vm tier: the image itself is the VM's read-only root drive; each sandbox gets a sparse
-//!   blank ext4 file as its second drive, which the guest agent uses as the overlay upper.
+//!   blank ext4 file as its second drive, which the guest agent uses as the overlay upper,
+//!   or, for a container, an ext4 copy of the container's root directory that the agent
+//!   makes the guest's root.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -189,22 +191,49 @@ pub fn jail_mounts(tree: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
     Ok(mounts)
 }
 
-/// Makes the vm tier's writable layer: a sparse blank ext4 file owned by `uid`.
-pub fn make_layer(path: &Path, uid: u32) -> Result<()> {
+/// Bytes the files under `dir` occupy (allocated blocks; symbolic links not followed).
+fn tree_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let entries = std::fs::read_dir(&d)
+            .map_err(|e| Error::host(format!("reading {}", d.display()), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::host(format!("reading {}", d.display()), e))?;
+            let meta = entry
+                .metadata()
+                .map_err(|e| Error::host(format!("stat {}", entry.path().display()), e))?;
+            total += meta.blocks() * 512;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Makes the vm tier's writable disk, a sparse ext4 file owned by `uid`: blank (the overlay
+/// upper layer), or holding a copy of the directory `content` (a container's root) with
+/// [`LAYER_SIZE_MIB`] free on top of it.
+pub fn make_layer(path: &Path, uid: u32, content: Option<&Path>) -> Result<()> {
+    let content_bytes = content.map(tree_bytes).transpose()?.unwrap_or(0);
+    // Room for the metadata of a populated file system too (inodes, journal, directories).
+    let size = (LAYER_SIZE_MIB << 20) + content_bytes + content_bytes / 8;
     let file = std::fs::File::create(path)
         .map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
-    file.set_len(LAYER_SIZE_MIB << 20)
+    file.set_len(size.next_multiple_of(1 << 20))
         .map_err(|e| Error::host(format!("sizing {}", path.display()), e))?;
     drop(file);
+    let mut args: Vec<String> = ["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"]
+        .map(String::from)
+        .into();
+    if let Some(dir) = content {
+        args.extend(["-d".to_owned(), dir.to_string_lossy().into_owned()]);
+    }
+    args.push(path.to_string_lossy().into_owned());
     host::run(
         "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1",
-            &path.to_string_lossy(),
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         None,
     )?;
     std::os::unix::fs::chown(path, Some(uid), Some(uid))

@@ -27,6 +27,26 @@ pub const VSOCK_SOCK: &str = "/run/vsock.sock";
 /// Guest CID of every VM.
 pub const GUEST_CID: u32 = 3;
 
+/// What the guest makes of its writable disk (the second drive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestRoot {
+    /// The upper layer of an overlay over the template's read-only image.
+    Overlay,
+    /// The root itself: a container's own file system (the template image only boots the
+    /// kernel and the agent).
+    Disk,
+}
+
+impl GuestRoot {
+    /// The guest agent's kernel parameter for this root.
+    fn kernel_param(self) -> &'static str {
+        match self {
+            GuestRoot::Overlay => "mvm.overlay=/dev/vdb",
+            GuestRoot::Disk => "mvm.root=/dev/vdb",
+        }
+    }
+}
+
 /// What one VM is made of.
 pub struct VmSpec<'a> {
     /// Sandbox id (hostname).
@@ -37,6 +57,8 @@ pub struct VmSpec<'a> {
     pub memory_mib: u64,
     /// `ADDR/PREFIX,GATEWAY` for `mvm.ip`, when the sandbox has a network.
     pub ip: Option<String>,
+    /// The guest's root file system.
+    pub root: GuestRoot,
 }
 
 async fn call<T: Serialize>(api: &Endpoint, method: &str, path: &str, body: &T) -> Result<()> {
@@ -64,7 +86,8 @@ async fn call<T: Serialize>(api: &Endpoint, method: &str, path: &str, body: &T) 
 pub async fn configure_and_start(api_sock: &Path, spec: &VmSpec<'_>) -> Result<()> {
     let api = Endpoint::Unix(api_sock.to_path_buf());
     let mut boot_args = format!(
-        "console=ttyS0 reboot=k panic=1 pci=off quiet mvm.overlay=/dev/vdb mvm.hostname={}",
+        "console=ttyS0 reboot=k panic=1 pci=off quiet {} mvm.hostname={}",
+        spec.root.kernel_param(),
         spec.id
     );
     if let Some(ip) = &spec.ip {

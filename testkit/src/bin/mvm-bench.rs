@@ -18,7 +18,10 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 fn report(name: &str, mut samples: Vec<f64>) {
     let p50 = percentile(&mut samples, 0.5);
     let p99 = percentile(&mut samples, 0.99);
-    println!("{name:<44} p50 {p50:>7.2} ms   p99 {p99:>7.2} ms   (n={})", samples.len());
+    println!(
+        "{name:<44} p50 {p50:>7.2} ms   p99 {p99:>7.2} ms   (n={})",
+        samples.len()
+    );
 }
 
 /// exec → the API socket accepts connections.
@@ -49,28 +52,65 @@ fn jailed_api_ready() -> Vec<f64> {
     (0..RUNS)
         .map(|n| {
             let id = format!("bench-{}-{n}", std::process::id());
-            let socket = base.path().join("mvm-vmm").join(&id).join("root/run/api.sock");
+            let socket = base
+                .path()
+                .join("mvm-vmm")
+                .join(&id)
+                .join("root/run/api.sock");
             let start = Instant::now();
             let mut child = Command::new(binary("mvm-jailer"))
-                .args(["--id", &id, "--uid", "40999", "--gid", "40999", "--exec-file"])
+                .args([
+                    "--id",
+                    &id,
+                    "--uid",
+                    "40999",
+                    "--gid",
+                    "40999",
+                    "--exec-file",
+                ])
                 .arg(binary("mvm-vmm"))
                 .arg("--chroot-base-dir")
                 .arg(base.path())
-                .args(["--parent-cgroup", "mvm-bench", "--cgroup", "memory.limit_in_bytes=268435456"])
-                .args(["--cgroup", "pids.max=64", "--", "--api-sock", "/run/api.sock"])
+                .args([
+                    "--parent-cgroup",
+                    "mvm-bench",
+                    "--cgroup",
+                    "memory.limit_in_bytes=268435456",
+                ])
+                .args([
+                    "--cgroup",
+                    "pids.max=64",
+                    "--",
+                    "--api-sock",
+                    "/run/api.sock",
+                ])
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("spawn mvm-jailer");
-            assert!(wait_for_socket(&socket, Duration::from_secs(10)), "jailed API never came up");
+            assert!(
+                wait_for_socket(&socket, Duration::from_secs(10)),
+                "jailed API never came up"
+            );
             let ms = start.elapsed().as_secs_f64() * 1e3;
             let _ = child.kill();
             let _ = child.wait();
             let cleanup = Command::new(binary("mvm-jailer"))
-                .args(["--cleanup", "--id", &id, "--parent-cgroup", "mvm-bench", "--chroot-base-dir"])
+                .args([
+                    "--cleanup",
+                    "--id",
+                    &id,
+                    "--parent-cgroup",
+                    "mvm-bench",
+                    "--chroot-base-dir",
+                ])
                 .arg(base.path())
                 .output()
                 .expect("mvm-jailer --cleanup");
-            assert!(cleanup.status.success(), "{}", String::from_utf8_lossy(&cleanup.stderr));
+            assert!(
+                cleanup.status.success(),
+                "{}",
+                String::from_utf8_lossy(&cleanup.stderr)
+            );
             ms
         })
         .collect()
@@ -80,7 +120,11 @@ fn jailed_api_ready() -> Vec<f64> {
 fn serial_and_exit() -> (Vec<f64>, Vec<f64>) {
     let dir = ScratchDir::new("bench-boot");
     let config = dir.path().join("vm.json");
-    std::fs::write(&config, config_for(&guest("hello"), "console=ttyS0", 1, 128).to_string()).unwrap();
+    std::fs::write(
+        &config,
+        config_for(&guest("hello"), "console=ttyS0", 1, 128).to_string(),
+    )
+    .unwrap();
     (0..RUNS)
         .map(|_| {
             let start = Instant::now();
@@ -91,7 +135,12 @@ fn serial_and_exit() -> (Vec<f64>, Vec<f64>) {
                 .spawn()
                 .expect("spawn mvm-vmm");
             let mut byte = [0u8; 1];
-            child.stdout.as_mut().unwrap().read_exact(&mut byte).expect("a console byte");
+            child
+                .stdout
+                .as_mut()
+                .unwrap()
+                .read_exact(&mut byte)
+                .expect("a console byte");
             let first = start.elapsed().as_secs_f64() * 1e3;
             let status = child.wait().expect("wait");
             assert!(status.success());
@@ -105,7 +154,11 @@ fn serial_and_exit() -> (Vec<f64>, Vec<f64>) {
 fn memory() {
     let dir = ScratchDir::new("bench-mem");
     let config = dir.path().join("vm.json");
-    std::fs::write(&config, config_for(&guest("spin"), "console=ttyS0", 1, 128).to_string()).unwrap();
+    std::fs::write(
+        &config,
+        config_for(&guest("spin"), "console=ttyS0", 1, 128).to_string(),
+    )
+    .unwrap();
     let mut child = Command::new(binary("mvm-vmm"))
         .args(["--no-api", "--config-file"])
         .arg(&config)
@@ -114,7 +167,8 @@ fn memory() {
         .expect("spawn mvm-vmm");
     std::thread::sleep(Duration::from_millis(500));
     let pid = child.id();
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
+    let rollup =
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
     let field = |text: &str, name: &str| -> u64 {
         text.lines()
             .find(|l| l.starts_with(name))
@@ -131,17 +185,37 @@ fn memory() {
         .map_or(0, |line| field(line, "Rss:"));
     let rss = field(&rollup, "Rss:");
     let pss = field(&rollup, "Pss:");
-    println!("{:<44} {:>7.2} MiB", "VMM RSS, 128 MiB guest", rss as f64 / 1024.0);
-    println!("{:<44} {:>7.2} MiB", "VMM PSS, 128 MiB guest", pss as f64 / 1024.0);
-    println!("{:<44} {:>7.2} MiB", "  of which guest-touched pages", guest_rss as f64 / 1024.0);
-    println!("{:<44} {:>7.2} MiB", "VMM overhead beyond guest pages (RSS)", (rss - guest_rss) as f64 / 1024.0);
+    println!(
+        "{:<44} {:>7.2} MiB",
+        "VMM RSS, 128 MiB guest",
+        rss as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>7.2} MiB",
+        "VMM PSS, 128 MiB guest",
+        pss as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>7.2} MiB",
+        "  of which guest-touched pages",
+        guest_rss as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>7.2} MiB",
+        "VMM overhead beyond guest pages (RSS)",
+        (rss - guest_rss) as f64 / 1024.0
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
 
 /// Whether an smaps header line describes a mapping of exactly the guest's 128 MiB.
 fn is_guest_mapping(line: &str) -> bool {
-    let Some((lo, hi)) = line.split_whitespace().next().and_then(|r| r.split_once('-')) else {
+    let Some((lo, hi)) = line
+        .split_whitespace()
+        .next()
+        .and_then(|r| r.split_once('-'))
+    else {
         return false;
     };
     match (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
@@ -158,7 +232,10 @@ fn main() {
                 eprintln!("mvm-bench vmm needs /dev/kvm: {why}");
                 std::process::exit(1);
             }
-            println!("mvm-vmm start-up (static debug-profile binary, opt-level 1; kvm: {:?})", mvm_testkit::kvm().unwrap());
+            println!(
+                "mvm-vmm start-up (static debug-profile binary, opt-level 1; kvm: {:?})",
+                mvm_testkit::kvm().unwrap()
+            );
             report("exec → API socket ready", api_ready());
             let (first, exit) = serial_and_exit();
             report("exec → first guest serial byte", first);
@@ -175,7 +252,11 @@ fn main() {
             let (bare_p50, jailed_p50) = (percentile(&mut bare, 0.5), percentile(&mut jailed, 0.5));
             report("bare mvm-vmm → API socket ready", bare);
             report("mvm-jailer → jailed mvm-vmm API ready", jailed);
-            println!("{:<44} {:>7.2} ms (p50 difference)", "jailer's added time", jailed_p50 - bare_p50);
+            println!(
+                "{:<44} {:>7.2} ms (p50 difference)",
+                "jailer's added time",
+                jailed_p50 - bare_p50
+            );
         }
         other => {
             eprintln!("unknown benchmark {other:?}: use `mvm-bench vmm` or `mvm-bench jailer`");

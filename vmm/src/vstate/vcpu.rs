@@ -112,9 +112,7 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 fn install_kick_handler() -> Result<(), VcpuError> {
     static INSTALLED: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
         std::sync::OnceLock::new();
-    INSTALLED
-        .get_or_init(|| register_signal_handler(kick_signal(), handle_kick))
-        .clone()
+    (*INSTALLED.get_or_init(|| register_signal_handler(kick_signal(), handle_kick)))
         .map_err(VcpuError::SignalHandler)
 }
 
