@@ -46,6 +46,19 @@ fn status_field(status: &str, key: &str) -> String {
         .unwrap_or_else(|| "unavailable".into())
 }
 
+/// The names in `dir`, sorted and comma-separated (empty when it cannot be read).
+fn sorted_entries(dir: &str) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.join(",")
+}
+
 fn report(write_paths: &[String]) -> BTreeMap<&'static str, String> {
     let mut r = BTreeMap::new();
     // SAFETY (all libc calls below): plain syscalls with integer arguments or valid,
@@ -153,15 +166,7 @@ fn report(write_paths: &[String]) -> BTreeMap<&'static str, String> {
             );
         }
     }
-    let mut root: Vec<String> = std::fs::read_dir("/")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    root.sort();
-    r.insert("root_entries", root.join(","));
+    r.insert("root_entries", sorted_entries("/"));
     r.insert(
         "host_passwd",
         std::path::Path::new("/etc/passwd").exists().to_string(),
@@ -498,15 +503,7 @@ fn pty() -> BTreeMap<&'static str, String> {
             r.insert("slave_open", errno_name(&e));
         }
     }
-    let mut entries: Vec<String> = std::fs::read_dir("/dev/pts")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    entries.sort();
-    r.insert("pts_entries", entries.join(","));
+    r.insert("pts_entries", sorted_entries("/dev/pts"));
     r
 }
 
