@@ -398,11 +398,13 @@ mod tests {
 
     #[test]
     fn cmdline_gets_root_and_virtio_entries() {
-        let mut config = VmConfig::default();
-        config.boot_source = Some(BootSource {
-            kernel_image_path: "k".into(),
+        let mut config = VmConfig {
+            boot_source: Some(BootSource {
+                kernel_image_path: "k".into(),
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         config.drives.push(DriveConfig {
             drive_id: "root".into(),
             path_on_host: Some("r.img".into()),

@@ -1,6 +1,7 @@
 //! The one narrow door to the VMM: every API request and every config-file section becomes a
 //! [`VmmAction`] handled here, before boot (configuring) or after (running, paused).
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,6 +13,7 @@ use crate::config::{
     BootSource, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
     NetworkInterfaceConfig, SerialConfig, VmConfig, VsockConfig,
 };
+use crate::devices::legacy::console::{CappedConsole, ConsoleLimit};
 use crate::devices::legacy::serial::SerialOut;
 use crate::exit::VmExit;
 use crate::metrics::{MetricsError, MetricsSink};
@@ -94,7 +96,7 @@ pub enum VmmActionError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     /// The console file could not be opened.
-    #[error("cannot open serial_out_path {0}: {1}")]
+    #[error("cannot open the guest console {0}: {1}")]
     SerialOut(String, std::io::Error),
     /// The main thread's seccomp filter could not be installed.
     #[error(transparent)]
@@ -126,18 +128,40 @@ pub struct Controller {
     metrics: Option<MetricsSink>,
     started: Instant,
     seccomp: Filters,
+    console_limit: Option<ConsoleLimit>,
 }
 
-/// The guest console sink: the configured file, or the VMM's stdout.
-fn open_serial_out(config: Option<&SerialConfig>) -> Result<SerialOut, VmmActionError> {
-    match config {
-        Some(SerialConfig { serial_out_path }) => std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(serial_out_path)
-            .map(|f| Box::new(f) as SerialOut)
-            .map_err(|e| VmmActionError::SerialOut(serial_out_path.clone(), e)),
-        None => Ok(Box::new(std::io::stdout())),
+/// The guest console sink: the configured file, or the VMM's stdout; capped at `limit`.
+fn open_serial_out(
+    config: Option<&SerialConfig>,
+    limit: Option<ConsoleLimit>,
+) -> Result<SerialOut, VmmActionError> {
+    let (file, name) = match config {
+        Some(SerialConfig { serial_out_path }) => (
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(serial_out_path)
+                .map_err(|e| VmmActionError::SerialOut(serial_out_path.clone(), e))?,
+            serial_out_path.as_str(),
+        ),
+        None => match limit {
+            None => return Ok(Box::new(std::io::stdout())),
+            Some(_) => (
+                std::io::stdout()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map(std::fs::File::from)
+                    .map_err(|e| VmmActionError::SerialOut("stdout".into(), e))?,
+                "stdout",
+            ),
+        },
+    };
+    match limit {
+        None => Ok(Box::new(file)),
+        Some(limit) => CappedConsole::new(file, limit)
+            .map(|console| Box::new(console) as SerialOut)
+            .map_err(|e| VmmActionError::SerialOut(name.into(), e)),
     }
 }
 
@@ -167,7 +191,14 @@ impl Controller {
             metrics: None,
             started: Instant::now(),
             seccomp,
+            console_limit: None,
         }
+    }
+
+    /// Keeps the guest console within `limit` bytes when it is a regular file.
+    pub fn with_console_limit(mut self, limit: Option<ConsoleLimit>) -> Self {
+        self.console_limit = limit;
+        self
     }
 
     /// The running VM, once booted.
@@ -350,7 +381,7 @@ impl Controller {
 
     /// Builds and boots the VM from the current configuration.
     fn start(&mut self) -> Result<(), VmmActionError> {
-        let serial_out = open_serial_out(self.config.serial.as_ref())?;
+        let serial_out = open_serial_out(self.config.serial.as_ref(), self.console_limit)?;
         let vm = build_and_boot(
             &self.config,
             serial_out,

@@ -8,6 +8,7 @@ use clap::Parser;
 
 use vmm::config::VmConfig;
 use vmm::controller::{Controller, VmmAction};
+use vmm::devices::legacy::console::ConsoleLimit;
 use vmm::event_loop::{self, Vmm};
 use vmm::exit::VmExit;
 use vmm::seccomp::Filters;
@@ -34,6 +35,10 @@ struct Args {
     /// Run without seccomp filters. For debugging only: never in production.
     #[arg(long)]
     no_seccomp: bool,
+    /// Keep a guest console that is a regular file within BYTES: the first half, a marker
+    /// line, then the newest output. Not enforced on a pipe or tty. Unlimited when absent.
+    #[arg(long, value_name = "BYTES")]
+    console_limit: Option<ConsoleLimit>,
 }
 
 fn main() -> ExitCode {
@@ -76,7 +81,8 @@ fn run(args: Args) -> Result<u8, String> {
         Box::new(vmm::devices::create_virtio_devices),
         exit.clone(),
         seccomp.clone(),
-    );
+    )
+    .with_console_limit(args.console_limit);
     // Signal handlers first: once the socket exists, a client may already send SIGTERM.
     let mut vmm = Vmm::new(controller, exit, true).map_err(|e| e.to_string())?;
     if !args.no_api {

@@ -21,6 +21,8 @@ pub struct Counters {
     pub vcpu_exits_mmio: AtomicU64,
     /// Bytes of host input given to the guest's serial console.
     pub serial_bytes_in: AtomicU64,
+    /// Bytes of guest console output dropped to keep the console file within its limit.
+    pub serial_bytes_dropped: AtomicU64,
 }
 
 /// The VMM's counters.
@@ -30,11 +32,17 @@ pub static METRICS: Counters = Counters {
     vcpu_exits_io: AtomicU64::new(0),
     vcpu_exits_mmio: AtomicU64::new(0),
     serial_bytes_in: AtomicU64::new(0),
+    serial_bytes_dropped: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
 pub fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n` to a counter.
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Errors of the metrics sink.
@@ -77,7 +85,10 @@ impl MetricsSink {
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "api_server": {"requests": get(&m.api_requests), "errors": get(&m.api_errors)},
             "vcpu": {"exits_io": get(&m.vcpu_exits_io), "exits_mmio": get(&m.vcpu_exits_mmio)},
-            "uart": {"bytes_in": get(&m.serial_bytes_in)},
+            "uart": {
+                "bytes_in": get(&m.serial_bytes_in),
+                "bytes_dropped": get(&m.serial_bytes_dropped),
+            },
             "virtio": crate::devices::virtio::metrics::to_json(),
         });
         writeln!(self.file, "{line}").map_err(MetricsError::Write)

@@ -1,0 +1,135 @@
+//! `--console-limit` with a guest that floods its serial console, through the real /dev/kvm.
+//! Skips loudly where /dev/kvm is unusable.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mvm_testkit::{binary, config_for, guest, require_kvm, wait_with_timeout, ScratchDir};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// The limit the VMM runs with: the flood guest writes about 300 KiB.
+const LIMIT: usize = 64 * 1024;
+/// What `testkit/guests/flood.S` prints.
+const BANNER: &str = "flood guest: start\n";
+const LINES: usize = 20480;
+const LAST: &str = "flood guest: done\n";
+
+fn flood_output() -> String {
+    let lines: String = (0..LINES).map(|i| format!("flood {i:08x}\n")).collect();
+    format!("{BANNER}{lines}{LAST}")
+}
+
+#[test]
+fn a_flooding_guest_keeps_its_console_file_within_the_limit() {
+    if !require_kvm("a_flooding_guest_keeps_its_console_file_within_the_limit") {
+        return;
+    }
+    let dir = ScratchDir::new("console-flood");
+    let console = dir.path().join("console.log");
+    let metrics = dir.path().join("metrics.json");
+    let mut config = config_for(&guest("flood"), "console=ttyS0", 1, 32);
+    config["metrics"] = serde_json::json!({"metrics_path": metrics});
+    let config_path = dir.path().join("vm.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let started = Instant::now();
+    let child = Command::new(binary("mvm-vmm"))
+        .args([
+            "--no-api",
+            "--console-limit",
+            &LIMIT.to_string(),
+            "--config-file",
+        ])
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mvm-vmm");
+    let run = wait_with_timeout(child, TIMEOUT);
+    // The vCPU thread's seccomp filter must allow cutting the file back (148 otherwise).
+    assert_eq!(run.code(), 0, "{run:#?}");
+    let sent = flood_output();
+    eprintln!(
+        "flood guest: {} console bytes in {:.1?}",
+        sent.len(),
+        started.elapsed()
+    );
+
+    let kept = std::fs::read_to_string(&console).unwrap();
+    assert!(kept.len() <= LIMIT, "console file is {} bytes", kept.len());
+    let head = LIMIT / 2;
+    assert_eq!(
+        kept[..head],
+        sent[..head],
+        "the first half is the boot output"
+    );
+    let marker = format!("[mvm-vmm: console output over {LIMIT} bytes; older output dropped]\n");
+    let at = kept.find(&marker).expect("the marker line");
+    assert!(at == head || at == head + 1, "marker at {at}, head {head}");
+    let tail = &kept[at + marker.len()..];
+    assert!(tail.ends_with(LAST), "{tail}");
+    assert!(sent.ends_with(tail), "the tail is the newest output");
+    assert!(
+        tail.len() >= LIMIT / 8,
+        "only {} bytes of newest output",
+        tail.len()
+    );
+
+    let flushed = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(flushed.lines().last().unwrap()).unwrap();
+    let guest_bytes_kept = head + tail.len();
+    assert_eq!(
+        last["uart"]["bytes_dropped"],
+        (sent.len() - guest_bytes_kept) as u64,
+        "{last}"
+    );
+}
+
+#[test]
+fn a_console_pipe_is_not_capped() {
+    if !require_kvm("a_console_pipe_is_not_capped") {
+        return;
+    }
+    let dir = ScratchDir::new("console-pipe");
+    let config_path = dir.path().join("vm.json");
+    let config = config_for(&guest("flood"), "console=ttyS0", 1, 32);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let child = Command::new(binary("mvm-vmm"))
+        .args([
+            "--no-api",
+            "--console-limit",
+            &LIMIT.to_string(),
+            "--config-file",
+        ])
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mvm-vmm");
+    let run = wait_with_timeout(child, TIMEOUT);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    assert!(
+        run.stdout == flood_output(),
+        "{} bytes arrived",
+        run.stdout.len()
+    );
+    assert!(run.stderr.contains("not a regular file"), "{}", run.stderr);
+}
+
+#[test]
+fn a_console_limit_below_the_minimum_is_refused() {
+    let out = Command::new(binary("mvm-vmm"))
+        .args([
+            "--no-api",
+            "--console-limit",
+            "100",
+            "--config-file",
+            "/nonexistent",
+        ])
+        .output()
+        .expect("run mvm-vmm");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("use at least 4096"), "{stderr}");
+}
