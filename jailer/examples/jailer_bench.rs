@@ -4,7 +4,8 @@
 //! Prints, in milliseconds (median and p90 over the iterations):
 //! - start latency: from spawning the command to the first instruction of the target
 //!   (`jail-probe stamp` prints CLOCK_MONOTONIC at start), bare and through `mvm-jailer`
-//!   (no cgroups; v1 cgroups; v1 cgroups + new pid namespace), and the jailer's added time;
+//!   (no cgroups; v1 cgroups; v1 cgroups + new pid namespace; that + procfs and devpts, the
+//!   jail tier's set), and the jailer's added time;
 //! - round trip: spawn to exit status collected (includes namespace teardown);
 //! - the cost of v1 cgroup setup alone, in process: `Jail::prepare` with minus without cgroups.
 
@@ -123,19 +124,27 @@ fn main() {
         .unzip();
     let bare = row("bare exec of the target", start, total, None);
 
-    let variants: [(&str, Vec<&str>); 3] = [
+    let with_cgroups = |flags: &[&'static str]| -> Vec<&'static str> {
+        CGROUPS
+            .iter()
+            .flat_map(|c| ["--cgroup", c])
+            .chain(flags.iter().copied())
+            .collect()
+    };
+    let variants: [(&str, Vec<&str>); 5] = [
         ("jailed, no cgroups", vec![]),
-        (
-            "jailed, v1 cgroups (memory, pids, cpu)",
-            CGROUPS.iter().flat_map(|c| ["--cgroup", c]).collect(),
-        ),
+        ("jailed, v1 cgroups (memory, pids, cpu)", with_cgroups(&[])),
         (
             "jailed, v1 cgroups + --new-pid-ns",
-            CGROUPS
-                .iter()
-                .flat_map(|c| ["--cgroup", c])
-                .chain(["--new-pid-ns"])
-                .collect(),
+            with_cgroups(&["--new-pid-ns"]),
+        ),
+        (
+            "  ... + --mount-proc",
+            with_cgroups(&["--new-pid-ns", "--mount-proc"]),
+        ),
+        (
+            "  ... + --mount-proc --mount-devpts",
+            with_cgroups(&["--new-pid-ns", "--mount-proc", "--mount-devpts"]),
         ),
     ];
     for (name, extra) in variants {
