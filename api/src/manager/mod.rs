@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use agent::AgentClient;
 use jailer::{BindMount, CgroupSetting, CgroupVersion, CleanupConfig, JailConfig};
+use vmm::devices::legacy::console::ConsoleLimit;
 
 use crate::db::{self, Db, SandboxRow, Tenant};
 use crate::error::{Error, Result};
@@ -77,12 +78,14 @@ pub struct ManagerConfig {
     pub default_isolation: Isolation,
     /// Directory with `vmlinux` and `rootfs.ext4` registered as template `default`.
     pub artifacts_dir: Option<PathBuf>,
+    /// Largest size of a vm-tier sandbox's `console.log` (`mvm-vmm --console-limit`).
+    pub console_limit: ConsoleLimit,
 }
 
 impl ManagerConfig {
     /// Defaults, overridden by `MVM_STATE_DIR`, `MVM_RUN_DIR`, `MVM_BIN_DIR` (default: the
     /// directory of the running executable), `MVM_ARTIFACTS`, `MVM_ISOLATION` (vm|jail),
-    /// `MVM_CGROUP_PARENT` and `MVM_VM_TIER=force`.
+    /// `MVM_CGROUP_PARENT`, `MVM_VM_TIER=force` and `MVM_CONSOLE_LIMIT` (bytes, default 1 MiB).
     pub fn from_env() -> Self {
         let var = |k: &str| {
             std::env::var_os(k)
@@ -120,6 +123,7 @@ impl ManagerConfig {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_default(),
             artifacts_dir: artifacts,
+            console_limit: vm::console_limit_from_env(),
         }
     }
 
@@ -1340,12 +1344,7 @@ fn vm_jail_config(
             read_only: false,
         },
     ];
-    j.args = vec![
-        "--api-sock".into(),
-        vm::API_SOCK.into(),
-        "--id".into(),
-        s.id.clone().into(),
-    ];
+    j.args = vm::vmm_args(&s.id, cfg.console_limit);
     Ok(j)
 }
 

@@ -1,6 +1,7 @@
 //! The vm tier's conversation with one mvm-vmm over its API socket (Firecracker's HTTP API,
 //! types from the `vmm` crate).
 
+use std::ffi::OsString;
 use std::path::Path;
 
 use http_body_util::Full;
@@ -10,6 +11,7 @@ use serde::Serialize;
 use vmm::config::{
     BootSource, CacheType, DriveConfig, MachineConfig, NetworkInterfaceConfig, VsockConfig,
 };
+use vmm::devices::legacy::console::ConsoleLimit;
 
 use crate::error::{Error, Result};
 use crate::http::{send_collect, Endpoint};
@@ -45,6 +47,37 @@ impl GuestRoot {
             GuestRoot::Disk => "mvm.root=/dev/vdb",
         }
     }
+}
+
+/// Environment variable overriding [`DEFAULT_CONSOLE_LIMIT`].
+pub const CONSOLE_LIMIT_ENV: &str = "MVM_CONSOLE_LIMIT";
+/// Default size cap of a VM's console log: 1 MiB.
+pub const DEFAULT_CONSOLE_LIMIT: u64 = 1 << 20;
+
+/// The console limit from `MVM_CONSOLE_LIMIT`; the default when unset, or when invalid (with
+/// a warning naming the problem).
+pub fn console_limit_from_env() -> ConsoleLimit {
+    let default =
+        ConsoleLimit::new(DEFAULT_CONSOLE_LIMIT).expect("the default is above the minimum");
+    match std::env::var(CONSOLE_LIMIT_ENV) {
+        Ok(value) if !value.is_empty() => value.parse().unwrap_or_else(|e| {
+            tracing::warn!("{CONSOLE_LIMIT_ENV}: {e}; using {DEFAULT_CONSOLE_LIMIT}");
+            default
+        }),
+        _ => default,
+    }
+}
+
+/// The `mvm-vmm` command line of sandbox `id` inside its jail.
+pub fn vmm_args(id: &str, console_limit: ConsoleLimit) -> Vec<OsString> {
+    vec![
+        "--api-sock".into(),
+        API_SOCK.into(),
+        "--id".into(),
+        id.into(),
+        "--console-limit".into(),
+        console_limit.bytes().to_string().into(),
+    ]
 }
 
 /// What one VM is made of.
