@@ -120,9 +120,8 @@ impl Jail {
 
     /// Steps 3–6: joins the cgroups and network namespace, enters new mount/ipc/uts (and
     /// optionally pid) namespaces, pivots into the jail root, mounts procfs and devpts if asked,
-    /// applies rlimits, drops to the jail
-    /// uid/gid without capabilities, applies Landlock if asked, daemonizes if asked and execs the
-    /// target.
+    /// applies rlimits, drops to the jail uid/gid without capabilities, applies Landlock if
+    /// asked, daemonizes if asked and execs the target.
     ///
     /// Must be called from a single-threaded process (the `mvm-jailer` binary, or a child forked
     /// for it) after [`crate::sanitize_process`]. Without `new_pid_ns` it never returns on
