@@ -42,6 +42,8 @@ pub struct ContainerdOptions<'a> {
 /// A running containerd with the test image; stopped, and its leftovers removed, on drop.
 pub struct Containerd {
     dir: ScratchDir,
+    /// The shims' state (`MVM_SHIM_STATE_DIR`): short, since sandbox sockets live below it.
+    shim_dir: PathBuf,
     child: Child,
     cgroup_parent: String,
     snapshotter: Option<String>,
@@ -241,11 +243,13 @@ impl Containerd {
             std::env::var("PATH").unwrap_or_default()
         );
         let cgroup_parent = format!("mvm-containerd-{}-{}", std::process::id(), opts.name);
+        let shim_dir =
+            Path::new("/run").join(format!("mvm-shim-{}-{}", std::process::id(), opts.name));
         let child = Command::new("containerd")
             .arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", path)
-            .env("MVM_SHIM_STATE_DIR", d.join("shim"))
+            .env("MVM_SHIM_STATE_DIR", &shim_dir)
             .env("MVM_CGROUP_PARENT", &cgroup_parent)
             .env("MVM_BIN_DIR", opts.bin_dir)
             .env_remove("MVM_ISOLATION")
@@ -258,6 +262,7 @@ impl Containerd {
             .map_err(|e| format!("starting containerd: {e} (apt-get install containerd)"))?;
         let c = Containerd {
             dir,
+            shim_dir,
             child,
             cgroup_parent,
             snapshotter: opts.snapshotter.map(str::to_owned),
@@ -312,12 +317,27 @@ impl Containerd {
 
     /// `ctr run --rm` of `cmd` in container `id` of the test image with extra `flags`.
     pub fn run(&self, id: &str, flags: &[&str], cmd: &[&str]) -> Output {
-        let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+        self.ctr(&self.run_args("--rm", id, flags, cmd))
+    }
+
+    /// `ctr run -d`: starts `cmd` in container `id` and returns once it runs.
+    pub fn run_detached(&self, id: &str, flags: &[&str], cmd: &[&str]) -> Output {
+        self.ctr(&self.run_args("-d", id, flags, cmd))
+    }
+
+    fn run_args<'a>(
+        &'a self,
+        mode: &'a str,
+        id: &'a str,
+        flags: &[&'a str],
+        cmd: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut args = vec!["run", mode, "--runtime", RUNTIME];
         args.extend(self.snapshotter_flag());
         args.extend_from_slice(flags);
         args.extend_from_slice(&[IMAGE, id]);
         args.extend_from_slice(cmd);
-        self.ctr(&args)
+        args
     }
 
     /// containerd's log so far (its shims log into it too).
@@ -344,9 +364,12 @@ impl Containerd {
     }
 
     /// Processes started for this containerd: shims (they get its socket as -address) and
-    /// sandboxes (their paths are under its directory).
+    /// sandboxes (their paths are under the shims' state directory).
     pub fn our_processes(&self) -> Vec<String> {
-        let mark = self.dir.path().to_string_lossy().into_owned();
+        let marks = [
+            self.dir.path().to_string_lossy().into_owned(),
+            self.shim_dir.to_string_lossy().into_owned(),
+        ];
         let mut found = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -358,7 +381,11 @@ impl Containerd {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-            if cmdline.contains(&mark) || String::from_utf8_lossy(&environ).contains(&mark) {
+            let environ = String::from_utf8_lossy(&environ);
+            if marks
+                .iter()
+                .any(|m| cmdline.contains(m) || environ.contains(m))
+            {
                 found.push(format!("{pid}: {cmdline}"));
             }
         }
@@ -398,7 +425,7 @@ impl Containerd {
             let out = text(&self.ctr(&args).stdout);
             left.extend(out.split_whitespace().map(|id| format!("{what} {id}")));
         }
-        let shim_state = std::fs::read_dir(self.dir.path().join("shim"))
+        let shim_state = std::fs::read_dir(&self.shim_dir)
             .into_iter()
             .flatten()
             .flatten();
@@ -419,14 +446,16 @@ impl Containerd {
         left
     }
 
-    /// Mount points under this containerd's directory.
+    /// Mount points under this containerd's directory or the shims' state.
     fn mounts(&self) -> Vec<String> {
-        let mark = self.dir.path().to_string_lossy().into_owned();
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
-            .filter(|m| m.starts_with(&mark))
+            .filter(|m| {
+                Path::new(m).starts_with(self.dir.path())
+                    || Path::new(m).starts_with(&self.shim_dir)
+            })
             .collect()
     }
 }
@@ -456,5 +485,6 @@ impl Drop for Containerd {
                     .join(&self.cgroup_parent),
             );
         }
+        let _ = std::fs::remove_dir_all(&self.shim_dir);
     }
 }

@@ -6,12 +6,12 @@
 # inside a QEMU TCG guest ("L1": -cpu max emulates AMD SVM, Debian's kvm_amd gives a genuine
 # /dev/kvm there), and mvm-vmm boots its micro-VMs ("L2") on that. One QEMU boot runs every test.
 #
-# Steps: install missing packages (apt: busybox-static cpio iproute2 nftables e2fsprogs; for QEMU
-# also qemu-system-x86 linux-image-amd64); build mvm-vmm, mvm-jailer, mvm-agent, mvmd, mvm and
+# Steps: install missing packages (apt: busybox-static cpio iproute2 nftables e2fsprogs containerd; for QEMU
+# also qemu-system-x86 linux-image-amd64); build mvm-vmm, mvm-jailer, mvm-agent, mvmd, mvm, the shim and
 # mvm-nested; build the guest kernel (guest-kernel/build.sh, plus tests/nested/kernel-initrd.config
 # when the project kernel lacks those options), the rootfs (rootfs/build.sh) and the micro-VM
 # initramfs; in QEMU mode build the L1 initramfs (busybox, the kvm, tun, veth and nf_tables
-# modules of the installed Debian kernel, ip/nft/mkfs.ext4 with their libraries, the assets) and
+# modules of the installed Debian kernel, ip/nft/mkfs.ext4/containerd/ctr with their libraries, the assets) and
 # boot it under a timeout, streaming the console. Prints a per-test summary and exits with the
 # inner suite's status (2 for a harness error before any test ran).
 #
@@ -72,6 +72,8 @@ packages=(busybox-static cpio)
 # The sandbox manager's host helpers (ip -batch, nft, mkfs.ext4); in QEMU mode they are copied
 # into L1 with their shared libraries.
 packages+=(iproute2 nftables e2fsprogs)
+# containerd and ctr for the shim's vm tier.
+packages+=(containerd)
 [ "$mode" = nested ] && packages+=(qemu-system-x86 linux-image-amd64)
 missing=()
 for pkg in "${packages[@]}"; do
@@ -91,11 +93,12 @@ busybox=/bin/busybox
     || die "$busybox is not the static busybox of busybox-static"
 
 # --- Binaries -------------------------------------------------------------------------------------
-log "building mvm-vmm, mvm-jailer, mvm-agent, mvmd, mvm and mvm-nested"
+log "building mvm-vmm, mvm-jailer, mvm-agent, mvmd, mvm, containerd-shim-mvm-v2 and mvm-nested"
 (cd "$repo_root" && cargo build -p vmm --bin mvm-vmm -p jailer --bin mvm-jailer -p agent --bin mvm-agent \
-    -p api --bin mvmd -p cli --bin mvm -p mvm-nested-driver --bin mvm-nested) || die "cargo build failed"
+    -p api --bin mvmd -p cli --bin mvm -p shim --bin containerd-shim-mvm-v2 \
+    -p mvm-nested-driver --bin mvm-nested) || die "cargo build failed"
 bin_dir="${CARGO_TARGET_DIR:-$repo_root/target}/x86_64-unknown-linux-gnu/debug"
-binaries=(mvm-vmm mvm-jailer mvm-agent mvmd mvm mvm-nested)
+binaries=(mvm-vmm mvm-jailer mvm-agent mvmd mvm containerd-shim-mvm-v2 mvm-nested)
 for b in "${binaries[@]}"; do
     [ -x "$bin_dir/$b" ] || die "$bin_dir/$b was not built"
     if readelf -lW "$bin_dir/$b" | grep -q 'Requesting program interpreter'; then
@@ -211,9 +214,10 @@ ln -s busybox "$l1_root/bin/sh"
 cp "$script_dir/l1-init.sh" "$l1_root/init"
 cp -a "$assets" "$l1_root/mvm"
 
-# The sandbox manager's host helpers, with their shared libraries and the dynamic loader.
-for tool in ip nft mkfs.ext4; do
-    path=$(command -v "$tool") || die "$tool is missing (apt packages iproute2 nftables e2fsprogs)"
+# The sandbox manager's host helpers and containerd, with their shared libraries and the
+# dynamic loader.
+for tool in ip nft mkfs.ext4 containerd ctr; do
+    path=$(command -v "$tool") || die "$tool is missing (apt packages iproute2 nftables e2fsprogs containerd)"
     mkdir -p "$l1_root/usr/local/sbin"
     cp -L "$path" "$l1_root/usr/local/sbin/$tool"
     for lib in $(ldd "$path" | grep -oE '/[^ ]+\.so[^ ]*' | sort -u); do

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
+mod containerd;
+
 use crate::tap::Tap;
 use crate::vm::{MicroVm, Stopped};
 use crate::{Args, Mode};
@@ -103,6 +105,10 @@ pub const CASES: &[Case] = &[
     Case {
         name: "guest-without-agent-fails-cleanly",
         run: guest_without_agent,
+    },
+    Case {
+        name: "containerd-shim-vm-tier",
+        run: containerd::shim_vm_tier,
     },
 ];
 

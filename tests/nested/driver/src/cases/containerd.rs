@@ -1,0 +1,123 @@
+//! The containerd shim's vm tier: Debian's containerd, started inside L1 with its own
+//! directories, runs containers of an OCI image through `containerd-shim-mvm-v2`, each in a
+//! micro-VM whose root file system is the container's own.
+
+use std::path::Path;
+use std::time::Instant;
+
+use mvm_testkit::containerd::{Containerd, ContainerdOptions};
+
+use super::{ms, Ctx, Outcome, Verdict};
+
+/// What the test image's /etc/passwd holds (the template's rootfs has another).
+const IMAGE_PASSWD: &str = "root:x:0:0:root:/root:/bin/sh";
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `ctr run --rm` in the vm tier (the default): the command runs in the guest kernel, on the
+/// container's file system, and its exit status comes back; `ctr task exec` into a running
+/// container, `ctr task kill`, then nothing is left.
+pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("containerd needs root".into()));
+    }
+    let bin_dir = ctx.vmm.parent().unwrap_or(Path::new("/"));
+    let artifacts = ctx.vmlinux.parent().unwrap_or(Path::new("/"));
+    let started = Instant::now();
+    let cd = Containerd::start(ContainerdOptions {
+        name: "vm",
+        bin_dir,
+        busybox: Path::new("/bin/busybox"),
+        // Copies instead of overlay mounts: L1 has no overlay module, and the vm tier copies
+        // the root into the guest's disk anyway.
+        snapshotter: Some("native"),
+        env: vec![("MVM_ARTIFACTS".into(), artifacts.display().to_string())],
+    })?;
+    ctx.record("containerd start + image import", ms(started.elapsed()));
+
+    let started = Instant::now();
+    let out = cd.run(
+        "vm-run",
+        &[],
+        &["sh", "-c", "uname -r; cat /etc/passwd; exit 7"],
+    );
+    ctx.record(
+        "ctr run --rm (vm tier, default): start -> exit",
+        ms(started.elapsed()),
+    );
+    let expected = format!("{}\n{IMAGE_PASSWD}\n", ctx.release);
+    if out.status.code() != Some(7) || text(&out.stdout) != expected {
+        return Err(format!(
+            "ctr run --rm ... sh -c 'uname -r; cat /etc/passwd; exit 7': {}, stdout {:?} \
+             (expected exit 7 and {expected:?}), stderr: {}; containerd's log ends: {}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr).trim(),
+            tail(&cd.log(), 3000)
+        ));
+    }
+
+    let out = cd.run_detached("vm-exec", &[], &["sleep", "600"]);
+    if !out.status.success() {
+        return Err(format!(
+            "ctr run -d ... sleep 600: {}: {}; containerd's log ends: {}",
+            out.status,
+            text(&out.stderr).trim(),
+            tail(&cd.log(), 3000)
+        ));
+    }
+    cd.wait_status("vm-exec", "RUNNING")?;
+    let out = cd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "vm-exec",
+        "sh",
+        "-c",
+        "echo exec-ok; exit 3",
+    ]);
+    if out.status.code() != Some(3) || text(&out.stdout) != "exec-ok\n" {
+        return Err(format!(
+            "ctr task exec: {}, stdout {:?} (expected exit 3 and \"exec-ok\\n\"), stderr: {}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr).trim()
+        ));
+    }
+    let out = cd.ctr(&["task", "kill", "vm-exec"]);
+    if !out.status.success() {
+        return Err(format!("ctr task kill: {}", text(&out.stderr).trim()));
+    }
+    cd.wait_status("vm-exec", "STOPPED")?;
+    for args in [["task", "rm", "vm-exec"], ["containers", "rm", "vm-exec"]] {
+        let out = cd.ctr(&args);
+        if !out.status.success() {
+            return Err(format!(
+                "ctr {}: {}",
+                args.join(" "),
+                text(&out.stderr).trim()
+            ));
+        }
+    }
+    let left = cd.leftovers(&["vm-run", "vm-exec"]);
+    if !left.is_empty() {
+        return Err(format!(
+            "left behind: {}; containerd's log ends: {}",
+            left.join(", "),
+            tail(&cd.log(), 2000)
+        ));
+    }
+    Ok(Verdict::Pass)
+}
+
+/// The last `max` bytes of `s` (at a character boundary).
+fn tail(s: &str, max: usize) -> &str {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
