@@ -8,6 +8,8 @@
 #   blk    /dev/vda: the project's rootfs, read-only (mount it, try to write it);
 #          /dev/vdb: a scratch disk whose first MiB is copied to its second MiB; then reset
 #   net    address eth0 ($mvmip), ping the host ($mvmpeer), announce net-ready, wait
+#   flood  write $mvmfloodlines numbered lines to the console as fast as it takes them, then
+#          announce flood-done and reset
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -64,6 +66,12 @@ case "${mvmtest:-}" in
         fi
         echo "mvm-guest: net-ready"
         sleep 120
+        reboot -f
+        ;;
+    flood)
+        echo "mvm-guest: flood start"
+        awk -v n="${mvmfloodlines:?}" 'BEGIN { for (i = 0; i < n; i++) printf "mvm-flood %06d\n", i }'
+        echo "mvm-guest: flood-done lines=$mvmfloodlines"
         reboot -f
         ;;
     *)

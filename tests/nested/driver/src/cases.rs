@@ -63,6 +63,14 @@ pub const CASES: &[Case] = &[
         run: guest_panic_exits,
     },
     Case {
+        name: "guest-console-flood-capped",
+        run: guest_console_flood_capped,
+    },
+    Case {
+        name: "mvmd-console-flood-capped",
+        run: mvmd_console_flood_capped,
+    },
+    Case {
         name: "idle-guest-killed-at-timeout",
         run: idle_guest_killed_at_timeout,
     },
@@ -415,6 +423,234 @@ fn guest_panic_exits(ctx: &mut Ctx) -> Outcome {
             ),
         )),
     }
+}
+
+/// Lines the flooding guest writes: `mvm-flood NNNNNN` plus CR LF from the tty, 18 bytes each,
+/// about 105 KiB in all (each byte is a nested exit in L2, ~10 s at the rate measured there).
+const FLOOD_LINES: usize = 6000;
+/// Bytes per flood line on the console.
+const FLOOD_LINE_BYTES: usize = 18;
+/// The console limit of the flood cases: the flood exceeds it more than six times.
+const FLOOD_LIMIT: usize = 16 * 1024;
+/// Upper bound for a flooding guest to boot, flood and reset.
+const FLOOD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The flood line numbered `i`.
+fn flood_line(i: usize) -> String {
+    format!("mvm-flood {i:06}")
+}
+
+/// Checks a console file capped at FLOOD_LIMIT after a flood: at most the limit, its first
+/// half as written (starting with `head_start` when given), one marker line after it, then the
+/// newest output, whose flood lines are consecutive and end with the last one. Returns the
+/// tail (after the marker).
+fn check_capped_console(content: &[u8], head_start: Option<&[u8]>) -> Result<String, String> {
+    let shown = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join(" | ")
+    };
+    if content.len() > FLOOD_LIMIT {
+        return Err(format!(
+            "the console file is {} bytes, over the {FLOOD_LIMIT}-byte limit",
+            content.len()
+        ));
+    }
+    let head = FLOOD_LIMIT / 2;
+    if let Some(start) = head_start {
+        let n = start.len().min(head);
+        if content.get(..n) != Some(&start[..n]) {
+            return Err(format!(
+                "the console file does not start with the guest's first {n} bytes: it starts {:?}",
+                String::from_utf8_lossy(&content[..n.min(content.len())])
+            ));
+        }
+    }
+    let marker =
+        format!("[mvm-vmm: console output over {FLOOD_LIMIT} bytes; older output dropped]\n");
+    let text = String::from_utf8_lossy(content);
+    let at: Vec<usize> = text.match_indices(&marker).map(|(at, _)| at).collect();
+    let at = match at[..] {
+        [at] if at == head || at == head + 1 => at,
+        _ => {
+            return Err(format!(
+                "expected one marker line at byte {head} of the console file, found it at {at:?}; \
+                 the file ends: {}",
+                shown(content)
+            ))
+        }
+    };
+    let tail = &text[at + marker.len()..];
+    let numbers: Vec<usize> = tail
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("mvm-flood "))
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let consecutive = numbers.windows(2).all(|w| w[1] == w[0] + 1);
+    if numbers.last() != Some(&(FLOOD_LINES - 1)) || !consecutive || numbers.len() < 50 {
+        return Err(format!(
+            "after the marker the console file should hold the newest flood lines, consecutive \
+             up to {:?}; it holds {} of them ({}consecutive), ending: {}",
+            flood_line(FLOOD_LINES - 1),
+            numbers.len(),
+            if consecutive { "" } else { "not " },
+            shown(tail.as_bytes())
+        ));
+    }
+    Ok(tail.to_string())
+}
+
+/// A guest floods its serial console (~105 KiB) with `mvm-vmm --console-limit 16384` and the
+/// console in a file (`serial_out_path`): the file stays within the limit with the boot output,
+/// one marker line and the newest output (the guest's last line), the VMM exits 0 on the
+/// guest's reset, and `uart.bytes_dropped` counts what was cut.
+fn guest_console_flood_capped(ctx: &mut Ctx) -> Outcome {
+    let tag = format!("flood-{}", std::process::id());
+    let console = ctx.scratch.join(format!("{tag}-console.log"));
+    let metrics = ctx.scratch.join(format!("{tag}-metrics.json"));
+    let outcome = flood_through_the_vmm(ctx, &console, &metrics);
+    let _ = std::fs::remove_file(&console);
+    let _ = std::fs::remove_file(&metrics);
+    outcome
+}
+
+fn flood_through_the_vmm(ctx: &mut Ctx, console: &Path, metrics: &Path) -> Outcome {
+    let mut config = ctx.config(&ctx.vmlinux.clone(), "flood", 1);
+    config["boot-source"]["boot_args"] = json!(format!(
+        "{} mvmfloodlines={FLOOD_LINES}",
+        ctx.cmdline("flood")
+    ));
+    config["serial"] = json!({"serial_out_path": console});
+    config["metrics"] = json!({"metrics_path": metrics});
+    let vmm = ctx.vmm.clone();
+    let mut vm = MicroVm::from_command(&ctx.scratch, "flood", &config, ctx.echo, |path| {
+        let mut cmd = std::process::Command::new(&vmm);
+        cmd.args(["--no-api", "--console-limit", &FLOOD_LIMIT.to_string()])
+            .arg("--config-file")
+            .arg(path);
+        cmd
+    })
+    .map_err(|e| e.to_string())?;
+    // The console goes to the file, not to the VMM's stdout: wait for the guest's reset.
+    let status = vm.wait_exit(FLOOD_TIMEOUT);
+    let elapsed = vm.elapsed();
+    let content = std::fs::read(console)
+        .map_err(|e| fail(&vm, format!("cannot read the console file: {e}")))?;
+    match status {
+        Some(status) if status.success() => {}
+        other => {
+            let text = String::from_utf8_lossy(&content);
+            let lines: Vec<&str> = text.lines().collect();
+            return Err(fail(
+                &vm,
+                format!(
+                    "mvm-vmm {} within {} s of a console flood; the console file ({} bytes) ends: {}",
+                    match other {
+                        Some(status) => format!("exited with {status}"),
+                        None => "did not exit".into(),
+                    },
+                    FLOOD_TIMEOUT.as_secs(),
+                    content.len(),
+                    lines[lines.len().saturating_sub(8)..].join(" | ")
+                ),
+            ));
+        }
+    }
+    let tail = check_capped_console(&content, None).map_err(|why| fail(&vm, why))?;
+    let head = String::from_utf8_lossy(&content[..FLOOD_LIMIT / 2]);
+    if !head.contains(USERSPACE_MARKER) || !head.contains(&flood_line(0)) {
+        return Err(fail(
+            &vm,
+            "the first half of the console file lacks the guest's first lines (userspace marker, \
+             first flood line)",
+        ));
+    }
+    if !tail.contains(&format!("mvm-guest: flood-done lines={FLOOD_LINES}")) {
+        return Err(fail(
+            &vm,
+            "the guest's last line (flood-done) is not in the console file",
+        ));
+    }
+    let flushed = std::fs::read_to_string(metrics)
+        .map_err(|e| fail(&vm, format!("cannot read the metrics file: {e}")))?;
+    let dropped = flushed
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|m| m["uart"]["bytes_dropped"].as_u64());
+    let least = (FLOOD_LINES * FLOOD_LINE_BYTES - FLOOD_LIMIT) as u64;
+    if dropped.is_none_or(|d| d < least) {
+        return Err(fail(
+            &vm,
+            format!("uart.bytes_dropped is {dropped:?} in the last metrics line; expected at least {least}"),
+        ));
+    }
+    println!(
+        "nested: INFO console flood: {} bytes kept in the console file, uart.bytes_dropped {}",
+        content.len(),
+        dropped.unwrap_or_default()
+    );
+    ctx.record(
+        &format!(
+            "vmm start -> exit, guest flooding {} KiB into a {} KiB console limit",
+            FLOOD_LINES * FLOOD_LINE_BYTES / 1024,
+            FLOOD_LIMIT / 1024
+        ),
+        ms(elapsed),
+    );
+    Ok(Verdict::Pass)
+}
+
+/// Through mvmd with `MVM_CONSOLE_LIMIT=16384`: a command in a vm sandbox floods
+/// /dev/console (~105 KiB); the sandbox's console.log stays within the limit with its start,
+/// the marker and the newest output, `mvm logs` shows the same, and the sandbox still answers.
+fn mvmd_console_flood_capped(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let mut dirs = ManagerDirs::new(ctx, "flood")?;
+    dirs.env
+        .push(("MVM_CONSOLE_LIMIT".into(), FLOOD_LIMIT.to_string()));
+    let session = MvmdSession::start_in(ctx, dirs)?;
+    let ctx = &*ctx;
+    let checked = (|| {
+        let id = sandbox_id(&session.create_vm(ctx, &[])?);
+        let log_path = session
+            .dirs
+            .root
+            .join("run/sandboxes")
+            .join(&id)
+            .join("console.log");
+        let before =
+            std::fs::read(&log_path).map_err(|e| format!("reading {}: {e}", log_path.display()))?;
+        let flood = format!(
+            "awk 'BEGIN {{ for (i = 0; i < {FLOOD_LINES}; i++) printf \"mvm-flood %06d\\n\", i }}' \
+             > /dev/console && echo flooded"
+        );
+        let out = session.mvm(ctx, &["exec", &id, "--", "sh", "-c", &flood], None)?;
+        if out.trim() != "flooded" {
+            return Err(format!(
+                "the flood command in the sandbox printed {:?}",
+                out.trim()
+            ));
+        }
+        let content =
+            std::fs::read(&log_path).map_err(|e| format!("reading {}: {e}", log_path.display()))?;
+        check_capped_console(&content, Some(&before))
+            .map_err(|why| format!("sandbox console.log: {why}"))?;
+        let logs = session.mvm(ctx, &["logs", &id], None)?;
+        check_capped_console(logs.as_bytes(), Some(&before))
+            .map_err(|why| format!("mvm logs: {why}"))?;
+        let alive = session.mvm(ctx, &["exec", &id, "--", "echo", "still-here"], None)?;
+        if alive.trim() != "still-here" {
+            return Err(format!(
+                "after the flood the sandbox answered {:?}",
+                alive.trim()
+            ));
+        }
+        session.mvm(ctx, &["rm", &id], None).map(drop)
+    })();
+    session.finish(ctx, checked)
 }
 
 /// A guest whose init only sleeps, booted through the API socket, keeps the VMM alive; the
@@ -974,6 +1210,8 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(120);
 struct ManagerDirs {
     root: PathBuf,
     cgroup_parent: String,
+    /// More environment for `mvm` and `mvmd` (e.g. MVM_CONSOLE_LIMIT).
+    env: Vec<(String, String)>,
 }
 
 impl ManagerDirs {
@@ -985,6 +1223,7 @@ impl ManagerDirs {
         Ok(ManagerDirs {
             root,
             cgroup_parent: format!("mvm-nested-{tag}"),
+            env: Vec::new(),
         })
     }
 
@@ -1002,7 +1241,8 @@ impl ManagerDirs {
             .env("MVM_ARTIFACTS", artifacts)
             .env("MVM_CGROUP_PARENT", &self.cgroup_parent)
             .env_remove("MVM_VM_TIER")
-            .env_remove("MVM_HOST");
+            .env_remove("MVM_HOST")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
     }
 
     /// What a finished sandbox left behind: processes, cgroups, namespaces, jails, mounts, links.
@@ -1296,7 +1536,11 @@ struct MvmdSession {
 
 impl MvmdSession {
     fn start(ctx: &Ctx, tag: &str) -> Result<Self, String> {
-        let dirs = ManagerDirs::new(ctx, tag)?;
+        Self::start_in(ctx, ManagerDirs::new(ctx, tag)?)
+    }
+
+    /// An mvmd on `dirs` (with their extra environment).
+    fn start_in(ctx: &Ctx, dirs: ManagerDirs) -> Result<Self, String> {
         let before = Baseline::now();
         let (daemon, host) = start_mvmd(ctx, &dirs)?;
         Ok(MvmdSession {
