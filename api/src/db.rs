@@ -291,18 +291,7 @@ impl Db {
     pub fn insert_sandbox(&self, s: &Sandbox, quota: &Quota) -> Result<u32> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let used: Usage = tx.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0)
-             FROM sandboxes WHERE tenant = ?1",
-            params![s.tenant],
-            |r| {
-                Ok(Usage {
-                    sandboxes: r.get(0)?,
-                    vcpus: r.get(1)?,
-                    memory_mib: r.get::<_, i64>(2)? as u64,
-                })
-            },
-        )?;
+        let used = usage(&tx, &s.tenant, "")?;
         check_quota(&s.tenant, quota, &used, s)?;
         let slot = {
             let mut stmt = tx.prepare("SELECT slot FROM sandboxes ORDER BY slot")?;
@@ -352,6 +341,23 @@ impl Db {
                 row.sandbox.expires_at
             ],
         )?;
+        Ok(())
+    }
+
+    /// Stores a sandbox's new vCPUs and memory. With `quota`, first checks in the same
+    /// transaction that they fit next to the tenant's other sandboxes.
+    pub fn resize_sandbox(&self, s: &Sandbox, quota: Option<&Quota>) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(quota) = quota {
+            let others = usage(&tx, &s.tenant, &s.id)?;
+            check_quota(&s.tenant, quota, &others, s)?;
+        }
+        tx.execute(
+            "UPDATE sandboxes SET vcpus = ?2, memory_mib = ?3 WHERE id = ?1",
+            params![s.id, s.vcpus, s.memory_mib as i64],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -461,6 +467,22 @@ fn lowest_free(taken: &[u32]) -> u32 {
         slot += 1;
     }
     slot
+}
+
+/// What the sandboxes of `tenant` but `except_id` use.
+fn usage(tx: &rusqlite::Transaction<'_>, tenant: &str, except_id: &str) -> Result<Usage> {
+    Ok(tx.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0)
+         FROM sandboxes WHERE tenant = ?1 AND id != ?2",
+        params![tenant, except_id],
+        |r| {
+            Ok(Usage {
+                sandboxes: r.get(0)?,
+                vcpus: r.get(1)?,
+                memory_mib: r.get::<_, i64>(2)? as u64,
+            })
+        },
+    )?)
 }
 
 fn check_quota(tenant: &str, q: &Quota, used: &Usage, s: &Sandbox) -> Result<()> {

@@ -35,21 +35,29 @@ pub fn vm_tier_unavailable(force: bool) -> Option<String> {
 /// Cgroup v1 controllers every sandbox gets.
 pub const CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
 
-/// Mount point of the v1 hierarchy carrying `controller`.
-pub fn cgroup_mount(controller: &str) -> Option<PathBuf> {
+/// Mount point of the first mount of type `fstype` whose super options satisfy `opts`.
+fn find_mount(fstype: &str, opts: impl Fn(&str) -> bool) -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mut r = right.split(' ');
-        if r.next()? != "cgroup" {
+        if r.next()? != fstype {
             return None;
         }
-        let opts = r.nth(1)?;
+        let super_opts = r.nth(1)?;
         let mount_point = left.split(' ').nth(4)?;
-        opts.split(',')
-            .any(|o| o == controller)
-            .then(|| PathBuf::from(mount_point))
+        opts(super_opts).then(|| PathBuf::from(mount_point))
     })
+}
+
+/// Mount point of the v1 hierarchy carrying `controller`.
+pub fn cgroup_mount(controller: &str) -> Option<PathBuf> {
+    find_mount("cgroup", |opts| opts.split(',').any(|o| o == controller))
+}
+
+/// Mount point of the unified (cgroup2) hierarchy.
+fn unified_mount() -> Option<PathBuf> {
+    find_mount("cgroup2", |_| true)
 }
 
 /// `<mount of controller>/<parent>/<id>`.
@@ -76,6 +84,164 @@ pub fn cgroup_usage(parent: &str, id: &str) -> (u64, u64, u64) {
         file("memory", "memory.usage_in_bytes"),
         file("pids", "pids.current"),
     )
+}
+
+/// A CFS bandwidth limit: `quota_us` of CPU time in every `period_us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuQuota {
+    /// CPU time per period, µs.
+    pub quota_us: u64,
+    /// Length of the period, µs.
+    pub period_us: u64,
+}
+
+/// The cgroups that hold a sandbox's memory and CPU limits and count its OOM kills: on the
+/// legacy hierarchies where the sandbox has a memory cgroup there, else on the unified one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitCgroups {
+    /// cgroup v1: the sandbox's cgroups in the memory and cpu hierarchies.
+    V1 {
+        /// `<memory mount>/<parent>/<id>`.
+        memory: PathBuf,
+        /// `<cpu mount>/<parent>/<id>`.
+        cpu: PathBuf,
+    },
+    /// cgroup v2: the sandbox's cgroup, `<cgroup2 mount>/<parent>/<id>`.
+    V2(PathBuf),
+}
+
+impl LimitCgroups {
+    /// The cgroups of sandbox `id` under `parent`.
+    pub fn of(parent: &str, id: &str) -> Result<LimitCgroups> {
+        if let (Some(memory), Some(cpu)) = (
+            cgroup_dir("memory", parent, id),
+            cgroup_dir("cpu", parent, id),
+        ) {
+            if memory.is_dir() && cpu.is_dir() {
+                return Ok(LimitCgroups::V1 { memory, cpu });
+            }
+        }
+        if let Some(dir) = unified_mount().map(|m| m.join(parent).join(id)) {
+            if dir.join("memory.max").is_file() && dir.join("cpu.max").is_file() {
+                return Ok(LimitCgroups::V2(dir));
+            }
+        }
+        Err(Error::NotFound(format!(
+            "sandbox {id} has no memory and cpu cgroups under {parent:?} (neither cgroup v1 nor \
+             v2); it is not running on this host"
+        )))
+    }
+
+    /// Sets the memory limit (v1 `memory.limit_in_bytes`, v2 `memory.max`), swap staying off
+    /// as the jailer set it: v1's memory+swap limit (where swap is accounted) moves with it,
+    /// v2's `memory.swap.max` stays 0. v1 refuses a limit below what the sandbox uses and
+    /// cannot reclaim; v2 reclaims and OOM-kills instead.
+    pub fn set_memory_limit(&self, bytes: u64) -> Result<()> {
+        let files = match self {
+            LimitCgroups::V1 { memory, .. } => {
+                let limit = memory.join("memory.limit_in_bytes");
+                let memsw = memory.join("memory.memsw.limit_in_bytes");
+                if !memsw.exists() {
+                    vec![limit]
+                } else if bytes > read_u64(&limit) {
+                    // The kernel refuses memsw < memory at every step.
+                    vec![memsw, limit]
+                } else {
+                    vec![limit, memsw]
+                }
+            }
+            LimitCgroups::V2(dir) => vec![dir.join("memory.max")],
+        };
+        for file in files {
+            std::fs::write(&file, bytes.to_string()).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    Error::Conflict(format!(
+                        "cannot lower the memory limit to {bytes} bytes: the sandbox uses more \
+                         than that and the kernel could not reclaim enough ({}); free memory in \
+                         the sandbox or choose a higher limit",
+                        file.display()
+                    ))
+                } else {
+                    Error::host(format!("writing {bytes} to {}", file.display()), e)
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The current CFS limit: quota (`None`: unlimited) and period, µs.
+    pub fn cpu_quota(&self) -> Result<(Option<u64>, u64)> {
+        let read = |file: PathBuf| {
+            std::fs::read_to_string(&file)
+                .map_err(|e| Error::host(format!("reading {}", file.display()), e))
+                .map(|s| (file, s))
+        };
+        let bad = |file: &Path, s: &str| {
+            Error::Host(format!(
+                "{} holds {:?}, not a CFS limit",
+                file.display(),
+                s.trim()
+            ))
+        };
+        match self {
+            LimitCgroups::V1 { cpu, .. } => {
+                let (qf, q) = read(cpu.join("cpu.cfs_quota_us"))?;
+                let (pf, p) = read(cpu.join("cpu.cfs_period_us"))?;
+                let quota: i64 = q.trim().parse().map_err(|_| bad(&qf, &q))?;
+                let period = p.trim().parse().map_err(|_| bad(&pf, &p))?;
+                Ok((u64::try_from(quota).ok(), period))
+            }
+            LimitCgroups::V2(dir) => {
+                let (f, s) = read(dir.join("cpu.max"))?;
+                let (q, p) = s.trim().split_once(' ').ok_or_else(|| bad(&f, &s))?;
+                let quota = match q {
+                    "max" => None,
+                    q => Some(q.parse().map_err(|_| bad(&f, &s))?),
+                };
+                Ok((quota, p.parse().map_err(|_| bad(&f, &s))?))
+            }
+        }
+    }
+
+    /// Sets the CFS limit (v1 `cpu.cfs_period_us` then `cpu.cfs_quota_us`, v2 `cpu.max`).
+    pub fn set_cpu_quota(&self, q: CpuQuota) -> Result<()> {
+        let writes = match self {
+            LimitCgroups::V1 { cpu, .. } => vec![
+                (cpu.join("cpu.cfs_period_us"), q.period_us.to_string()),
+                (cpu.join("cpu.cfs_quota_us"), q.quota_us.to_string()),
+            ],
+            LimitCgroups::V2(dir) => {
+                vec![(
+                    dir.join("cpu.max"),
+                    format!("{} {}", q.quota_us, q.period_us),
+                )]
+            }
+        };
+        for (file, value) in writes {
+            std::fs::write(&file, &value)
+                .map_err(|e| Error::host(format!("writing {value} to {}", file.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// How many processes the kernel's OOM killer has killed in the sandbox's memory cgroup
+    /// (the `oom_kill` counter of v1 `memory.oom_control`, v2 `memory.events`).
+    pub fn oom_kills(&self) -> Result<u64> {
+        let file = match self {
+            LimitCgroups::V1 { memory, .. } => memory.join("memory.oom_control"),
+            LimitCgroups::V2(dir) => dir.join("memory.events"),
+        };
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| Error::host(format!("reading {}", file.display()), e))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+            .ok_or_else(|| {
+                Error::Host(format!(
+                    "{} has no oom_kill counter (it needs Linux 4.13 or later)",
+                    file.display()
+                ))
+            })
+    }
 }
 
 /// Pids in any of the sandbox's cgroups.

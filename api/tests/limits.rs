@@ -1,0 +1,193 @@
+//! Live resource limits, end to end as root: a jail-tier sandbox's memory limit and CPU quota
+//! changed while it runs (cgroup files, stored size, tenant quota), and the OOM killer at the
+//! new limit, counted by the manager.
+
+mod common;
+
+use std::path::Path;
+
+use api::db::Quota;
+use api::manager::host;
+use api::manager::LimitsUpdate;
+use api::model::{CreateSandbox, ExecRequest, Isolation};
+use api::{Error, Manager, ManagerConfig};
+use common::{artifacts, bin_dir, block_on, root_or_skip, Daemon};
+
+const TENANT: &str = "limits";
+const MIB: u64 = 1 << 20;
+
+/// A manager of this test process on mvmd's state: the two share sandboxes as a daemonless
+/// `mvm` and mvmd do.
+async fn manager_beside(d: &Daemon) -> Manager {
+    let mut cfg = ManagerConfig::from_env();
+    cfg.state_dir = d.state_dir();
+    cfg.run_dir = d.run_dir();
+    cfg.bin_dir = bin_dir();
+    cfg.cgroup_parent = d.cgroup_parent.clone();
+    cfg.subnet = format!("{}0.0", d.subnet_prefix).parse().expect("subnet");
+    cfg.artifacts_dir = Some(artifacts());
+    Manager::open(cfg).await.expect("open the manager").0
+}
+
+/// Checks the memory limit and, where swap is accounted, that swap stays off (memsw = memory).
+fn assert_memory_limit(dir: &Path, bytes: u64) {
+    assert_eq!(read(dir, "memory.limit_in_bytes"), bytes.to_string());
+    if dir.join("memory.memsw.limit_in_bytes").exists() {
+        assert_eq!(read(dir, "memory.memsw.limit_in_bytes"), bytes.to_string());
+    }
+}
+
+fn read(dir: &Path, file: &str) -> String {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_else(|e| panic!("{}/{file}: {e}", dir.display()))
+        .trim()
+        .to_owned()
+}
+
+/// `dd` of one `mib` MiB block: it holds the whole block in memory at once.
+async fn dd(m: &Manager, id: &str, mib: u64) -> api::model::ExecResult {
+    let req = ExecRequest {
+        cmd: vec![
+            "dd".into(),
+            "if=/dev/zero".into(),
+            "of=/dev/null".into(),
+            format!("bs={mib}M"),
+            "count=1".into(),
+        ],
+        ..ExecRequest::default()
+    };
+    m.exec(TENANT, id, &req).await.expect("exec dd")
+}
+
+#[test]
+fn limits_of_a_live_jail_sandbox_change_and_hold() {
+    if !root_or_skip("limits_of_a_live_jail_sandbox_change_and_hold") {
+        return;
+    }
+    let d = Daemon::start();
+    let before = d.host_state();
+    block_on(async {
+        let m = manager_beside(&d).await;
+        m.db()
+            .create_tenant(
+                TENANT,
+                Quota {
+                    max_sandboxes: 4,
+                    max_vcpus: 2,
+                    max_memory_mib: 128,
+                },
+            )
+            .expect("tenant");
+        let tenant = m.db().tenant(TENANT).unwrap().expect("tenant row");
+        let s = m
+            .create(
+                &tenant,
+                CreateSandbox {
+                    isolation: Some(Isolation::Jail),
+                    memory_mib: Some(64),
+                    vcpus: Some(1),
+                    ..CreateSandbox::default()
+                },
+            )
+            .await
+            .expect("create");
+        let parent = &d.cgroup_parent;
+        let memory = host::cgroup_dir("memory", parent, &s.id).expect("memory hierarchy");
+        let cpu = host::cgroup_dir("cpu", parent, &s.id).expect("cpu hierarchy");
+        assert_memory_limit(&memory, 64 * MIB);
+        let out = dd(&m, &s.id, 32).await;
+        assert_eq!(out.exit.exit_code, Some(0), "32 MiB in 64 MiB: {out:?}");
+        assert_eq!(m.oom_kills(TENANT, &s.id).unwrap(), 0);
+
+        // Lower both: the files change, the stored size follows, a 32 MiB buffer is now
+        // too much and the OOM killer takes it (and the manager counts it).
+        let low = m
+            .update_limits(
+                TENANT,
+                &s.id,
+                LimitsUpdate {
+                    memory_bytes: Some(24 * MIB),
+                    cpu_quota_us: Some(50_000),
+                    cpu_period_us: Some(200_000),
+                },
+            )
+            .await
+            .expect("lower the limits");
+        assert_eq!((low.memory_mib, low.vcpus), (24, 1));
+        assert_eq!(m.get(TENANT, &s.id).unwrap(), low, "stored as returned");
+        assert_memory_limit(&memory, 24 * MIB);
+        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "50000");
+        assert_eq!(read(&cpu, "cpu.cfs_period_us"), "200000");
+        let out = dd(&m, &s.id, 32).await;
+        assert_eq!(
+            out.exit.signal,
+            Some(libc::SIGKILL),
+            "32 MiB in 24 MiB was not killed: {out:?}"
+        );
+        assert!(
+            m.oom_kills(TENANT, &s.id).unwrap() >= 1,
+            "no OOM kill counted"
+        );
+
+        // Raise them, the period kept: two cores of quota are stored as 2 vCPUs.
+        let high = m
+            .update_limits(
+                TENANT,
+                &s.id,
+                LimitsUpdate {
+                    memory_bytes: Some(96 * MIB),
+                    cpu_quota_us: Some(250_000),
+                    cpu_period_us: None,
+                },
+            )
+            .await
+            .expect("raise the limits");
+        assert_eq!((high.memory_mib, high.vcpus), (96, 2));
+        assert_memory_limit(&memory, 96 * MIB);
+        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "250000");
+        assert_eq!(read(&cpu, "cpu.cfs_period_us"), "200000");
+        let out = dd(&m, &s.id, 32).await;
+        assert_eq!(out.exit.exit_code, Some(0), "32 MiB in 96 MiB: {out:?}");
+
+        // Refused, with nothing changed: beyond the tenant's quota, out of bounds.
+        let refusals = [
+            (Some(256 * MIB), None, None, "MiB of memory"),
+            (None, Some(600_000), None, "vCPUs"),
+            (Some(MIB), None, None, "16 MiB"),
+            (None, None, Some(999), "period"),
+            (None, Some(999), None, "quota"),
+        ];
+        for (memory_bytes, cpu_quota_us, cpu_period_us, says) in refusals {
+            let update = LimitsUpdate {
+                memory_bytes,
+                cpu_quota_us,
+                cpu_period_us,
+            };
+            let err = m
+                .update_limits(TENANT, &s.id, update)
+                .await
+                .expect_err("refused");
+            assert!(
+                matches!(err, Error::Quota(_) | Error::Invalid(_))
+                    && err.to_string().contains(says),
+                "{update:?}: {err}"
+            );
+        }
+        assert_eq!(m.get(TENANT, &s.id).unwrap(), high);
+        assert_memory_limit(&memory, 96 * MIB);
+        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "250000");
+        let err = m
+            .update_limits("someone-else", &s.id, LimitsUpdate::default())
+            .await
+            .expect_err("another tenant's sandbox");
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+
+        m.destroy(TENANT, &s.id).await.expect("destroy");
+        let err = m
+            .update_limits(TENANT, &s.id, LimitsUpdate::default())
+            .await
+            .expect_err("a destroyed sandbox");
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+    });
+    d.assert_no_leaks(&before);
+}
