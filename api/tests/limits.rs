@@ -29,6 +29,18 @@ async fn manager_beside(d: &Daemon) -> Manager {
     Manager::open(cfg).await.expect("open the manager").0
 }
 
+fn limits(
+    memory_bytes: Option<u64>,
+    cpu_quota_us: Option<u64>,
+    cpu_period_us: Option<u64>,
+) -> LimitsUpdate {
+    LimitsUpdate {
+        memory_bytes,
+        cpu_quota_us,
+        cpu_period_us,
+    }
+}
+
 /// Checks the memory limit and, where swap is accounted, that swap stays off (memsw = memory).
 fn assert_memory_limit(dir: &Path, bytes: u64) {
     assert_eq!(read(dir, "memory.limit_in_bytes"), bytes.to_string());
@@ -105,11 +117,7 @@ fn limits_of_a_live_jail_sandbox_change_and_hold() {
             .update_limits(
                 TENANT,
                 &s.id,
-                LimitsUpdate {
-                    memory_bytes: Some(24 * MIB),
-                    cpu_quota_us: Some(50_000),
-                    cpu_period_us: Some(200_000),
-                },
+                limits(Some(24 * MIB), Some(50_000), Some(200_000)),
             )
             .await
             .expect("lower the limits");
@@ -131,15 +139,7 @@ fn limits_of_a_live_jail_sandbox_change_and_hold() {
 
         // Raise them, the period kept: two cores of quota are stored as 2 vCPUs.
         let high = m
-            .update_limits(
-                TENANT,
-                &s.id,
-                LimitsUpdate {
-                    memory_bytes: Some(96 * MIB),
-                    cpu_quota_us: Some(250_000),
-                    cpu_period_us: None,
-                },
-            )
+            .update_limits(TENANT, &s.id, limits(Some(96 * MIB), Some(250_000), None))
             .await
             .expect("raise the limits");
         assert_eq!((high.memory_mib, high.vcpus), (96, 2));
@@ -158,11 +158,7 @@ fn limits_of_a_live_jail_sandbox_change_and_hold() {
             (None, Some(999), None, "quota"),
         ];
         for (memory_bytes, cpu_quota_us, cpu_period_us, says) in refusals {
-            let update = LimitsUpdate {
-                memory_bytes,
-                cpu_quota_us,
-                cpu_period_us,
-            };
+            let update = limits(memory_bytes, cpu_quota_us, cpu_period_us);
             let err = m
                 .update_limits(TENANT, &s.id, update)
                 .await

@@ -3,8 +3,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ::api::db::Tenant;
+use ::api::manager::LimitsUpdate;
 use ::api::model::Sandbox;
 use ::api::{Manager, ManagerConfig};
 use async_trait::async_trait;
@@ -15,7 +17,7 @@ use containerd_shim::protos::cgroups::metrics::{
     CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
 };
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -41,6 +43,10 @@ const CGROUP_PARENT: &str = "mvm-shim";
 const TENANT: &str = "containerd";
 /// Exit status reported for a process whose end the shim did not see.
 const UNKNOWN_EXIT: u32 = 255;
+/// How often the sandbox's OOM kill counter is read.
+const OOM_POLL: Duration = Duration::from_millis(100);
+/// `type_url` suffix of the OCI `LinuxResources` that containerd sends in an Update.
+const LINUX_RESOURCES: &str = "/LinuxResources";
 
 /// 64-bit FNV-1a of `bytes`.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -206,6 +212,18 @@ struct Container {
     paused: bool,
     init: Process,
     execs: HashMap<String, Process>,
+    oom: Arc<OomReports>,
+    /// Polls the sandbox's OOM kills while the container exists.
+    oom_watch: tokio::task::AbortHandle,
+}
+
+/// The OOM kills of a container's sandbox, and how many of them containerd has heard of.
+struct OomReports {
+    container_id: String,
+    sandbox: String,
+    /// The counter as last seen (`None` until first read); held while a report is published,
+    /// so each kill is reported once.
+    reported: Mutex<Option<u64>>,
 }
 
 impl Container {
@@ -402,6 +420,12 @@ impl TaskService {
         };
         let mut init = Process::new(request, stdio.clone());
         init.pid = pid;
+        let oom = Arc::new(OomReports {
+            container_id: req.id.clone(),
+            reported: Mutex::new(None),
+            sandbox: sandbox.id.clone(),
+        });
+        let oom_watch = self.watch_oom(Arc::clone(&oom));
         *slot = Some(Container {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -410,6 +434,8 @@ impl TaskService {
             paused: false,
             init,
             execs: HashMap::new(),
+            oom,
+            oom_watch,
         });
         drop(slot);
         self.publish(
@@ -443,6 +469,49 @@ impl TaskService {
             .unwrap_or(0)
     }
 
+    /// Publishes a `/tasks/oom` event when the OOM killer has struck in the sandbox since the
+    /// last look (the first look only takes the count).
+    async fn report_ooms(&self, oom: &OomReports) -> Result<()> {
+        let (manager, tenant) = self.manager().await?;
+        let mut reported = oom.reported.lock().await;
+        let kills = manager.oom_kills(&tenant.name, &oom.sandbox)?;
+        if reported.is_some_and(|seen| kills > seen) {
+            log::info!(
+                "container {}: the OOM killer struck in sandbox {}",
+                oom.container_id,
+                oom.sandbox
+            );
+            self.publish(
+                containerd_shim::protos::topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(TaskOOM {
+                    container_id: oom.container_id.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
+        *reported = Some(kills);
+        Ok(())
+    }
+
+    /// Reports the sandbox's OOM kills every [`OOM_POLL`] until aborted (Delete) or the
+    /// sandbox's cgroups are gone.
+    fn watch_oom(&self, oom: Arc<OomReports>) -> tokio::task::AbortHandle {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(OOM_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = this.report_ooms(&oom).await {
+                    log::warn!("container {}: no more OOM events: {e}", oom.container_id);
+                    return;
+                }
+            }
+        })
+        .abort_handle()
+    }
+
     async fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
         let (manager, tenant) = self.manager().await?;
         let mut slot = self.inner.container.lock().await;
@@ -450,6 +519,7 @@ impl TaskService {
         let sandbox = c.sandbox.id.clone();
         let container_id = c.id.clone();
         let init_pid = c.init.pid;
+        let oom = Arc::clone(&c.oom);
         let p = c.process(exec_id)?;
         if p.control.is_some() || p.exited().is_some() {
             return Err(Error::State(format!(
@@ -507,6 +577,10 @@ impl TaskService {
             // All output reaches the FIFOs before containerd hears of the exit.
             for pump in [out, err].into_iter().flatten() {
                 let _ = pump.await;
+            }
+            // An OOM kill is reported before the exit it caused.
+            if let Err(e) = this.report_ooms(&oom).await {
+                log::debug!("OOM check at the exit of {exec:?}: {e}");
             }
             let e = Exit::now(status);
             // Delete may have recorded the end already (the sandbox went first).
@@ -582,6 +656,30 @@ impl TaskService {
             containerd_shim::protos::topics::TASK_RESUMED_EVENT_TOPIC
         };
         self.publish(topic, event).await;
+        Ok(())
+    }
+
+    /// Applies the memory limit and CPU quota/period of an Update to the sandbox.
+    async fn update(&self, req: &api::UpdateTaskRequest) -> Result<()> {
+        let update = limits_update(&req.resources)?;
+        let sandbox = {
+            let mut slot = self.inner.container.lock().await;
+            container(&mut slot, &req.id)?.sandbox.id.clone()
+        };
+        let (manager, tenant) = self.manager().await?;
+        let resized = manager
+            .update_limits(&tenant.name, &sandbox, update)
+            .await?;
+        log::info!(
+            "container {}: limits updated ({update:?}): sandbox {} now {} MiB, {} vCPUs",
+            req.id,
+            resized.id,
+            resized.memory_mib,
+            resized.vcpus
+        );
+        if let Some(c) = self.inner.container.lock().await.as_mut() {
+            c.sandbox = resized;
+        }
         Ok(())
     }
 
@@ -661,6 +759,11 @@ impl TaskService {
             return Ok(resp);
         }
         let (manager, tenant) = self.manager().await?;
+        // The last OOM kills, while the sandbox's cgroups still count them.
+        c.oom_watch.abort();
+        if let Err(e) = self.report_ooms(&c.oom).await {
+            log::warn!("container {}: last OOM check: {e}", c.id);
+        }
         // Whatever still runs goes with the sandbox.
         manager.destroy(&tenant.name, &c.sandbox.id).await?;
         unmount(&c.rootfs)?;
@@ -715,6 +818,42 @@ fn container<'a>(slot: &'a mut Option<Container>, id: &str) -> Result<&'a mut Co
         Some(c) if c.id == id => Ok(c),
         _ => Err(Error::NotFound(format!("no container {id:?} in this shim"))),
     }
+}
+
+/// The limits of an Update's `resources`: OCI `LinuxResources` as JSON, as containerd sends
+/// them. The memory limit and the CPU quota and period apply; zero or absent values keep the
+/// current ones; the other resources (shares, cpusets, pids, block I/O, ...) are not applied.
+fn limits_update(
+    resources: &MessageField<containerd_shim::protos::protobuf::well_known_types::any::Any>,
+) -> Result<LimitsUpdate> {
+    let any = resources
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("the update has no resources".into()))?;
+    if !any.type_url.ends_with(LINUX_RESOURCES) {
+        return Err(Error::Invalid(format!(
+            "resources of type {:?} cannot be applied: containerd-shim-mvm-v2 takes OCI \
+             LinuxResources",
+            any.type_url
+        )));
+    }
+    let r: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+        .map_err(|e| Error::Invalid(format!("update resources (OCI LinuxResources): {e}")))?;
+    let unlimited = |what: &str| {
+        Error::Invalid(format!(
+            "an mvm sandbox cannot have an unlimited {what}: give a positive value"
+        ))
+    };
+    let limit = |v: Option<i64>, what: &str| match v {
+        Some(v) if v < 0 => Err(unlimited(what)),
+        Some(v) if v > 0 => Ok(Some(v as u64)),
+        _ => Ok(None),
+    };
+    let cpu = r.cpu().as_ref();
+    Ok(LimitsUpdate {
+        memory_bytes: limit(r.memory().as_ref().and_then(|m| m.limit()), "memory limit")?,
+        cpu_quota_us: limit(cpu.and_then(|c| c.quota()), "CPU quota")?,
+        cpu_period_us: cpu.and_then(|c| c.period()).filter(|&p| p > 0),
+    })
 }
 
 /// containerd's exit status: the code, or 128 + the signal.
@@ -818,6 +957,15 @@ impl Task for TaskService {
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
         TaskService::set_paused(self, &req.id, false).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        TaskService::update(self, &req).await?;
         Ok(api::Empty::new())
     }
 
@@ -1007,5 +1155,55 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::Empty> {
         TaskService::shutdown(self).await?;
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim::protos::protobuf::well_known_types::any::Any;
+
+    fn resources(type_url: &str, json: &str) -> MessageField<Any> {
+        MessageField::some(Any {
+            type_url: type_url.into(),
+            value: json.as_bytes().to_vec(),
+            ..Default::default()
+        })
+    }
+
+    const URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+
+    #[test]
+    fn update_resources_from_containerd() {
+        let r = resources(
+            URL,
+            r#"{"devices":[{"allow":false,"access":"rwm"}],"memory":{"limit":33554432},
+                "cpu":{"shares":1024,"quota":50000,"period":100000}}"#,
+        );
+        assert_eq!(
+            limits_update(&r).unwrap(),
+            LimitsUpdate {
+                memory_bytes: Some(32 << 20),
+                cpu_quota_us: Some(50_000),
+                cpu_period_us: Some(100_000),
+            }
+        );
+        // Zero and absent keep the current values.
+        let r = resources(URL, r#"{"memory":{"limit":0},"cpu":{"shares":512}}"#);
+        assert_eq!(limits_update(&r).unwrap(), LimitsUpdate::default());
+    }
+
+    #[test]
+    fn update_resources_refused() {
+        let unlimited = resources(URL, r#"{"memory":{"limit":-1}}"#);
+        let err = limits_update(&unlimited).unwrap_err().to_string();
+        assert!(err.contains("unlimited memory limit"), "{err}");
+        let unlimited = resources(URL, r#"{"cpu":{"quota":-1}}"#);
+        assert!(limits_update(&unlimited).is_err());
+        let windows = resources("types.containerd.io/WindowsResources", "{}");
+        let err = limits_update(&windows).unwrap_err().to_string();
+        assert!(err.contains("LinuxResources"), "{err}");
+        assert!(limits_update(&resources(URL, "{not json")).is_err());
+        assert!(limits_update(&MessageField::none()).is_err());
     }
 }

@@ -314,6 +314,224 @@ fn ctr_runs_containers_in_jail_sandboxes() {
     assert_clean(&cd, &ids);
 }
 
+/// containerd's Update of container `id` with OCI `LinuxResources` JSON, sent to the shim's Task
+/// service the way containerd sends it (Debian's ctr 1.6 has no `task update`).
+fn update_task(cd: &Containerd, id: &str, resources: &str) -> Result<(), String> {
+    use containerd_shim::protos::api::UpdateTaskRequest;
+    use containerd_shim::protos::protobuf::well_known_types::any::Any;
+    use containerd_shim::protos::protobuf::MessageField;
+    use containerd_shim::protos::shim_async::TaskClient;
+    use containerd_shim::protos::ttrpc::context;
+    use containerd_shim::protos::ttrpc::r#async::Client;
+
+    let socket = format!("unix://{}", cd.shim_socket(id).display());
+    let req = UpdateTaskRequest {
+        id: id.to_owned(),
+        resources: MessageField::some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: resources.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = Client::connect(&socket).map_err(|e| format!("connecting {socket}: {e}"))?;
+        TaskClient::new(client)
+            .update(context::with_timeout(10_000_000_000), &req)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// `ctr events` in the background: the lines it printed so far.
+struct Events {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Events {
+    fn start(cd: &Containerd) -> Events {
+        let mut child = cd
+            .ctr_command(&["events"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ctr events");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Events { child, lines }
+    }
+
+    /// Waits up to 10 s for a line with `topic` and `container`: its index and text.
+    fn wait_for(&self, topic: &str, container: &str) -> Result<(usize, String), Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = self.lines.lock().unwrap().clone();
+            let quoted = format!("\"{container}\"");
+            if let Some(found) = lines
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.contains(topic) && l.contains(&quoted))
+            {
+                return Ok((found.0, found.1.clone()));
+            }
+            if Instant::now() > deadline {
+                return Err(lines);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn update_limits_and_oom_events() {
+    if !can_run("update_limits_and_oom_events") {
+        return;
+    }
+    let cd = start("update");
+    let events = Events::start(&cd);
+    let out = cd.run_detached(
+        "limited",
+        &[
+            "--annotation",
+            "io.mvm.isolation=jail",
+            "--memory-limit",
+            "67108864",
+        ],
+        &["sleep", "1000"],
+    );
+    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    cd.wait_status("limited", "RUNNING").unwrap();
+    // The container's sandbox is the only one of this containerd.
+    let parent = Path::new("/sys/fs/cgroup/memory").join(cd.cgroup_parent());
+    let sandboxes: Vec<String> = std::fs::read_dir(&parent)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(sandboxes.len(), 1, "{sandboxes:?}");
+    let memory = parent.join(&sandboxes[0]);
+    let cpu = Path::new("/sys/fs/cgroup/cpu")
+        .join(cd.cgroup_parent())
+        .join(&sandboxes[0]);
+    let read = |dir: &Path, file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(read(&memory, "memory.limit_in_bytes"), "67108864");
+    let hog = |exec_id: &str, mib: u32| {
+        cd.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            exec_id,
+            "limited",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            &format!("bs={mib}M"),
+            "count=1",
+        ])
+    };
+    let out = hog("fits", 32);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "32 MiB in 64 MiB: {}",
+        text(&out.stderr)
+    );
+
+    // Lowered while it runs: the cgroup files change, and a 32 MiB buffer no longer fits.
+    update_task(
+        &cd,
+        "limited",
+        r#"{"memory":{"limit":25165824},"cpu":{"shares":1024,"quota":50000,"period":200000}}"#,
+    )
+    .unwrap_or_else(|e| panic!("update: {e}\n{}", cd.log()));
+    assert_eq!(read(&memory, "memory.limit_in_bytes"), "25165824");
+    assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "50000");
+    assert_eq!(read(&cpu, "cpu.cfs_period_us"), "200000");
+    let out = hog("hog", 32);
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "the hog was not OOM-killed at the new limit: {}",
+        text(&out.stderr)
+    );
+    // containerd heard of it.
+    let (_, oom) = events
+        .wait_for("/tasks/oom", "limited")
+        .unwrap_or_else(|lines| panic!("no /tasks/oom event for limited in {lines:#?}"));
+    eprintln!("ctr events: {oom}");
+
+    // Refused with the reason, and nothing changes.
+    let err = update_task(&cd, "limited", r#"{"memory":{"limit":1048576}}"#).unwrap_err();
+    assert!(err.contains("16 MiB"), "{err}");
+    let err = update_task(&cd, "limited", r#"{"memory":{"limit":-1}}"#).unwrap_err();
+    assert!(err.contains("unlimited"), "{err}");
+    assert_eq!(read(&memory, "memory.limit_in_bytes"), "25165824");
+
+    let out = cd.ctr(&["task", "kill", "-s", "SIGKILL", "limited"]);
+    assert!(out.status.success(), "ctr task kill: {}", text(&out.stderr));
+    cd.wait_status("limited", "STOPPED").unwrap();
+    let out = cd.ctr(&["task", "rm", "limited"]);
+    assert!(out.status.success(), "ctr task rm: {}", text(&out.stderr));
+    let out = cd.ctr(&["containers", "rm", "limited"]);
+    assert!(
+        out.status.success(),
+        "ctr containers rm: {}",
+        text(&out.stderr)
+    );
+
+    // An OOM-killed init process: containerd hears of the OOM before the exit, even though
+    // `--rm` deletes the container right after.
+    let out = cd.run(
+        "oomrun",
+        &[
+            "--annotation",
+            "io.mvm.isolation=jail",
+            "--memory-limit",
+            "33554432",
+        ],
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+    );
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    let (oom, _) = events
+        .wait_for("/tasks/oom", "oomrun")
+        .unwrap_or_else(|lines| panic!("no /tasks/oom event for oomrun in {lines:#?}"));
+    let (exit, _) = events
+        .wait_for("/tasks/exit", "oomrun")
+        .unwrap_or_else(|lines| panic!("no /tasks/exit event for oomrun in {lines:#?}"));
+    assert!(oom < exit, "the OOM event came after the exit");
+    drop(events);
+    assert_clean(&cd, &["limited", "oomrun"]);
+}
+
 /// Pids of the shim serving container `id`.
 fn shim_pids(id: &str) -> Vec<i32> {
     let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-mvm-v2"));

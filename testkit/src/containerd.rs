@@ -293,6 +293,11 @@ impl Containerd {
         }
     }
 
+    /// The parent cgroup of this containerd's sandboxes (its shims' `MVM_CGROUP_PARENT`).
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
     /// containerd's socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
