@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::api::db::Tenant;
+use ::api::manager::host::LimitCgroups;
 use ::api::manager::LimitsUpdate;
 use ::api::model::Sandbox;
 use ::api::{Manager, ManagerConfig};
@@ -221,9 +222,9 @@ struct Container {
 struct OomReports {
     container_id: String,
     sandbox: String,
-    /// The counter as last seen (`None` until first read); held while a report is published,
-    /// so each kill is reported once.
-    reported: Mutex<Option<u64>>,
+    /// The sandbox's cgroups and their OOM kill counter as last seen (`None` until the first
+    /// look); held while a report is published, so each kill is reported once.
+    seen: Mutex<Option<(LimitCgroups, u64)>>,
 }
 
 impl Container {
@@ -422,7 +423,7 @@ impl TaskService {
         init.pid = pid;
         let oom = Arc::new(OomReports {
             container_id: req.id.clone(),
-            reported: Mutex::new(None),
+            seen: Mutex::new(None),
             sandbox: sandbox.id.clone(),
         });
         let oom_watch = self.watch_oom(Arc::clone(&oom));
@@ -472,10 +473,16 @@ impl TaskService {
     /// Publishes a `/tasks/oom` event when the OOM killer has struck in the sandbox since the
     /// last look (the first look only takes the count).
     async fn report_ooms(&self, oom: &OomReports) -> Result<()> {
-        let (manager, tenant) = self.manager().await?;
-        let mut reported = oom.reported.lock().await;
-        let kills = manager.oom_kills(&tenant.name, &oom.sandbox)?;
-        if reported.is_some_and(|seen| kills > seen) {
+        let mut seen = oom.seen.lock().await;
+        let Some((cgroups, reported)) = seen.as_mut() else {
+            let (manager, tenant) = self.manager().await?;
+            let cgroups = manager.limit_cgroups(&tenant.name, &oom.sandbox)?;
+            let kills = cgroups.oom_kills()?;
+            *seen = Some((cgroups, kills));
+            return Ok(());
+        };
+        let kills = cgroups.oom_kills()?;
+        if kills > *reported {
             log::info!(
                 "container {}: the OOM killer struck in sandbox {}",
                 oom.container_id,
@@ -490,7 +497,7 @@ impl TaskService {
             )
             .await;
         }
-        *reported = Some(kills);
+        *reported = kills;
         Ok(())
     }
 

@@ -573,6 +573,41 @@ mod tests {
     }
 
     #[test]
+    fn v2_limit_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| dir.path().join(name);
+        std::fs::write(file("memory.max"), "max\n").unwrap();
+        std::fs::write(file("cpu.max"), "max 100000\n").unwrap();
+        std::fs::write(
+            file("memory.events"),
+            "low 0\nhigh 0\nmax 7\noom 2\noom_kill 3\noom_group_kill 0\n",
+        )
+        .unwrap();
+        let cg = LimitCgroups::V2(dir.path().to_path_buf());
+        assert_eq!(cg.cpu_quota().unwrap(), (None, 100_000));
+        assert_eq!(cg.oom_kills().unwrap(), 3);
+        cg.set_memory_limit(32 << 20).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(file("memory.max")).unwrap(),
+            "33554432"
+        );
+        cg.set_cpu_quota(CpuQuota {
+            quota_us: 50_000,
+            period_us: 200_000,
+        })
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(file("cpu.max")).unwrap(),
+            "50000 200000"
+        );
+        assert_eq!(cg.cpu_quota().unwrap(), (Some(50_000), 200_000));
+        std::fs::write(file("cpu.max"), "garbage").unwrap();
+        assert!(cg.cpu_quota().is_err());
+        std::fs::write(file("memory.events"), "oom 1\n").unwrap();
+        assert!(cg.oom_kills().is_err());
+    }
+
+    #[test]
     fn run_reports_stderr() {
         let e = run("sh", &["-c", "echo oops >&2; exit 3"], None).unwrap_err();
         assert!(e.to_string().contains("oops"), "{e}");

@@ -1156,10 +1156,11 @@ impl Manager {
         Ok(row.sandbox)
     }
 
-    /// How many processes the kernel's OOM killer has killed in sandbox `id` so far.
-    pub fn oom_kills(&self, tenant: &str, id: &str) -> Result<u64> {
+    /// The cgroups holding sandbox `id`'s limits, e.g. to watch its OOM kills
+    /// ([`host::LimitCgroups::oom_kills`]) without a look-up each time.
+    pub fn limit_cgroups(&self, tenant: &str, id: &str) -> Result<host::LimitCgroups> {
         self.row(tenant, id)?;
-        host::LimitCgroups::of(&self.inner.cfg.cgroup_parent, id)?.oom_kills()
+        host::LimitCgroups::of(&self.inner.cfg.cgroup_parent, id)
     }
 
     /// The sandbox's console: the agent's log (and in the vm tier the guest kernel's), plus
