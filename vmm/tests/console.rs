@@ -1,10 +1,11 @@
 //! `--console-limit` with a guest that floods its serial console, through the real /dev/kvm.
 //! Skips loudly where /dev/kvm is unusable.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mvm_testkit::{binary, config_for, guest, require_kvm, wait_with_timeout, ScratchDir};
+use mvm_testkit::{binary, config_for, guest, require_kvm, wait_with_timeout, ScratchDir, VmmRun};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// The limit the VMM runs with: the flood guest writes about 300 KiB.
@@ -19,6 +20,27 @@ fn flood_output() -> String {
     format!("{BANNER}{lines}{LAST}")
 }
 
+/// Runs the flood guest under `mvm-vmm --console-limit LIMIT` with its console on `stdout`,
+/// metrics to `metrics` when given; the config file goes to `dir`.
+fn run_flood(dir: &ScratchDir, metrics: Option<&Path>, stdout: Stdio) -> VmmRun {
+    let mut config = config_for(&guest("flood"), "console=ttyS0", 1, 32);
+    if let Some(metrics) = metrics {
+        config["metrics"] = serde_json::json!({ "metrics_path": metrics });
+    }
+    let config_path = dir.path().join("vm.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let child = Command::new(binary("mvm-vmm"))
+        .args(["--no-api", "--console-limit", &LIMIT.to_string()])
+        .arg("--config-file")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mvm-vmm");
+    wait_with_timeout(child, TIMEOUT)
+}
+
 #[test]
 fn a_flooding_guest_keeps_its_console_file_within_the_limit() {
     if !require_kvm("a_flooding_guest_keeps_its_console_file_within_the_limit") {
@@ -27,25 +49,12 @@ fn a_flooding_guest_keeps_its_console_file_within_the_limit() {
     let dir = ScratchDir::new("console-flood");
     let console = dir.path().join("console.log");
     let metrics = dir.path().join("metrics.json");
-    let mut config = config_for(&guest("flood"), "console=ttyS0", 1, 32);
-    config["metrics"] = serde_json::json!({"metrics_path": metrics});
-    let config_path = dir.path().join("vm.json");
-    std::fs::write(&config_path, config.to_string()).unwrap();
     let started = Instant::now();
-    let child = Command::new(binary("mvm-vmm"))
-        .args([
-            "--no-api",
-            "--console-limit",
-            &LIMIT.to_string(),
-            "--config-file",
-        ])
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&console).unwrap())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mvm-vmm");
-    let run = wait_with_timeout(child, TIMEOUT);
+    let run = run_flood(
+        &dir,
+        Some(&metrics),
+        std::fs::File::create(&console).unwrap().into(),
+    );
     // The vCPU thread's seccomp filter must allow cutting the file back (148 otherwise).
     assert_eq!(run.code(), 0, "{run:#?}");
     let sent = flood_output();
@@ -91,23 +100,7 @@ fn a_console_pipe_is_not_capped() {
         return;
     }
     let dir = ScratchDir::new("console-pipe");
-    let config_path = dir.path().join("vm.json");
-    let config = config_for(&guest("flood"), "console=ttyS0", 1, 32);
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let child = Command::new(binary("mvm-vmm"))
-        .args([
-            "--no-api",
-            "--console-limit",
-            &LIMIT.to_string(),
-            "--config-file",
-        ])
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mvm-vmm");
-    let run = wait_with_timeout(child, TIMEOUT);
+    let run = run_flood(&dir, None, Stdio::piped());
     assert_eq!(run.code(), 0, "{run:#?}");
     assert!(
         run.stdout == flood_output(),

@@ -4,8 +4,8 @@
 //! When the console is a regular file, [`CappedConsole`] keeps it at most [`ConsoleLimit`]
 //! bytes long: once full, it keeps the first half (the boot messages), one marker line, and
 //! the newest output after it. Each time the file would grow past the limit, it is truncated
-//! back to head and marker, the newest guest output (up to a quarter of the limit, from a
-//! line start, kept in memory because the console descriptor is usually write-only) is
+//! back to head and marker, the newest guest output (up to a quarter of the limit or 1 MiB,
+//! from a line start, kept in memory because the console descriptor is usually write-only) is
 //! written again, and writing goes on. So the file always ends with the latest output.
 //!
 //! A console that is not a regular file (a pipe, a tty, `/dev/null`) cannot be truncated: its
@@ -20,6 +20,8 @@ use crate::metrics::{add, METRICS};
 
 /// The smallest accepted limit: room for a head, the marker and a tail of a few lines.
 pub const MIN_CONSOLE_LIMIT: u64 = 4096;
+/// The most newest output written again after a cut (and held in memory for that).
+const MAX_KEPT_TAIL: u64 = 1 << 20;
 
 /// The maximum size of the guest console file, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,26 +94,23 @@ pub struct CappedConsole {
     base: Option<u64>,
     /// Whether the head (the first half) ends with a newline, once written through here.
     head_ends_line: bool,
-    /// The newest guest output, at most a quarter of the limit.
+    /// The newest guest output.
     recent: VecDeque<u8>,
+    /// Bound of `recent`: a quarter of the limit, at most [`MAX_KEPT_TAIL`].
+    recent_max: usize,
 }
 
 impl CappedConsole {
     /// Caps the console `file` at `limit`. Output is appended at the file's current end.
     pub fn new(mut file: File, limit: ConsoleLimit) -> io::Result<Self> {
         let limit = limit.bytes();
-        let (mode, len, recent) = if file.metadata()?.file_type().is_file() {
-            let len = file.seek(SeekFrom::End(0))?;
-            (
-                Mode::File,
-                len,
-                VecDeque::with_capacity((limit / 4) as usize),
-            )
+        let (mode, len) = if file.metadata()?.file_type().is_file() {
+            (Mode::File, file.seek(SeekFrom::End(0))?)
         } else {
             log::warn!(
                 "the guest console is not a regular file: --console-limit is not enforced, its reader decides what to keep"
             );
-            (Mode::Stream, 0, VecDeque::new())
+            (Mode::Stream, 0)
         };
         Ok(CappedConsole {
             file,
@@ -120,7 +119,8 @@ impl CappedConsole {
             len,
             base: None,
             head_ends_line: false,
-            recent,
+            recent: VecDeque::new(),
+            recent_max: (limit / 4).min(MAX_KEPT_TAIL) as usize,
         })
     }
 
@@ -175,9 +175,8 @@ impl CappedConsole {
             }
         }
         self.len += written.len() as u64;
-        let room = (self.limit / 4) as usize;
-        let newest = &written[written.len().saturating_sub(room)..];
-        let excess = (self.recent.len() + newest.len()).saturating_sub(room);
+        let newest = &written[written.len().saturating_sub(self.recent_max)..];
+        let excess = (self.recent.len() + newest.len()).saturating_sub(self.recent_max);
         self.recent.drain(..excess);
         self.recent.extend(newest);
     }
