@@ -340,7 +340,25 @@ impl Client {
         &self,
         id: &str,
         req: &ExecRequest,
+        stdin: R,
+        on_output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExitInfo, ClientError>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        let (_, no_controls) = tokio::sync::mpsc::unbounded_channel();
+        self.exec_interactive_with_controls(id, req, stdin, no_controls, on_output)
+            .await
+    }
+
+    /// [`Client::exec_interactive`] that also sends the [`WsControl`]s (resize, signal)
+    /// received on `controls`; those queued before the call go before any stdin.
+    pub async fn exec_interactive_with_controls<R>(
+        &self,
+        id: &str,
+        req: &ExecRequest,
         mut stdin: R,
+        mut controls: tokio::sync::mpsc::UnboundedReceiver<WsControl>,
         mut on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExitInfo, ClientError>
     where
@@ -403,16 +421,25 @@ impl Client {
         ))
         .await
         .map_err(ws_err)?;
+        let control =
+            |c: &WsControl| Message::Text(serde_json::to_string(c).expect("serializes").into());
+        while let Ok(c) = controls.try_recv() {
+            sink.send(control(&c)).await.map_err(ws_err)?;
+        }
         let mut buf = vec![0u8; 32 * 1024];
         let mut stdin_open = true;
+        let mut controls_open = true;
         loop {
             tokio::select! {
+                c = controls.recv(), if controls_open => match c {
+                    Some(c) => sink.send(control(&c)).await.map_err(ws_err)?,
+                    None => controls_open = false,
+                },
                 n = stdin.read(&mut buf), if stdin_open => {
                     match n {
                         Ok(0) | Err(_) => {
                             stdin_open = false;
-                            let eof = serde_json::to_string(&WsControl::Eof).expect("serializes");
-                            sink.send(Message::Text(eof.into())).await.map_err(ws_err)?;
+                            sink.send(control(&WsControl::Eof)).await.map_err(ws_err)?;
                         }
                         Ok(n) => sink.send(Message::Binary(buf[..n].to_vec().into())).await.map_err(ws_err)?,
                     }

@@ -6,10 +6,13 @@ use std::path::Path;
 
 use api::client::{Client, ClientError, Stream};
 use api::db::Tenant;
-use api::model::{CreateSandbox, ExecRequest, ExitInfo, Sandbox, SandboxStats, Template};
+use api::model::{
+    CreateSandbox, ExecRequest, ExitInfo, Sandbox, SandboxStats, Template, WsControl,
+};
 use api::server::{DEFAULT_SOCKET, TOKEN_FILE};
 use api::{Manager, ManagerConfig};
 use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
 
 /// Errors of the CLI.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,21 @@ fn write_out(stream: Stream, data: &[u8]) {
             e.write_all(data).and_then(|()| e.flush())
         }
     };
+}
+
+/// Applies a control to a daemonless exec (mvmd does the same for the websocket's).
+async fn apply(exec: &agent::ExecControl, control: WsControl) -> Result<(), CliError> {
+    let done = match control {
+        WsControl::Resize { rows, cols } => exec.resize(rows, cols).await,
+        WsControl::Signal { signal } => exec.signal(signal).await,
+        // The end of stdin is the local stdin's.
+        WsControl::Eof => Ok(()),
+    };
+    match done {
+        // The process ended meanwhile: its exit status is on its way.
+        Err(e) if e.remote_kind() == Some(agent::protocol::ErrorKind::NoSuchExec) => Ok(()),
+        done => Ok(done?),
+    }
 }
 
 impl Backend {
@@ -112,20 +130,42 @@ impl Backend {
         Ok(())
     }
 
-    /// Runs `req`, streaming its output to ours; with `interactive`, our stdin goes to it.
+    /// Runs `req`, streaming its output to ours; with `interactive`, our stdin goes to it. The
+    /// `controls` (resizes, signals) go to it as they come; those queued before the call are
+    /// applied before any of our stdin reaches it.
     pub async fn exec(
         &self,
         id: &str,
         req: &ExecRequest,
         interactive: bool,
+        mut controls: Option<mpsc::UnboundedReceiver<WsControl>>,
     ) -> Result<ExitInfo, CliError> {
         match self {
-            Backend::Daemon(c) if interactive => Ok(c
-                .exec_interactive(id, req, tokio::io::stdin(), write_out)
-                .await?),
+            Backend::Daemon(c) if interactive => Ok(match controls {
+                Some(controls) => {
+                    c.exec_interactive_with_controls(
+                        id,
+                        req,
+                        tokio::io::stdin(),
+                        controls,
+                        write_out,
+                    )
+                    .await?
+                }
+                None => {
+                    c.exec_interactive(id, req, tokio::io::stdin(), write_out)
+                        .await?
+                }
+            }),
             Backend::Daemon(c) => Ok(c.exec_streamed(id, req, write_out).await?),
             Backend::Local { manager, tenant } => {
                 let mut session = manager.start_exec(&tenant.name, id, req).await?;
+                let control = session.control();
+                if let Some(controls) = controls.as_mut() {
+                    while let Ok(c) = controls.try_recv() {
+                        apply(&control, c).await?;
+                    }
+                }
                 let stdin = session.stdin.take();
                 let feeder = tokio::spawn(async move {
                     let Some(mut stdin) = stdin else { return };
@@ -150,6 +190,10 @@ impl Backend {
                         c = async { err.as_mut().expect("checked").recv().await }, if err.is_some() => match c? {
                             Some(c) => write_out(Stream::Stderr, &c),
                             None => err = None,
+                        },
+                        c = async { controls.as_mut().expect("checked").recv().await }, if controls.is_some() => match c {
+                            Some(c) => apply(&control, c).await?,
+                            None => controls = None,
                         },
                     }
                 }

@@ -4,6 +4,7 @@
 
 mod backend;
 mod build;
+mod tty;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -11,9 +12,13 @@ use std::process::ExitCode;
 use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, Sandbox, Template};
 use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
+use tty::Terminal;
 
 /// Exit code for failures of mvm itself (as opposed to the sandboxed command's).
 const EXIT_MVM_FAILED: u8 = 125;
+
+/// How long a `-t` exec killed by a signal to the CLI gets to report its end.
+const KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// mvm: micro-VM (or jailed-process) sandboxes.
 #[derive(Debug, Parser)]
@@ -59,7 +64,7 @@ struct RunArgs {
     /// Keep stdin open and send it to the command.
     #[arg(short = 'i', long)]
     interactive: bool,
-    /// Run the command on a pseudo-terminal.
+    /// Run the command on a pseudo-terminal (with stdin a terminal: its size, raw mode).
     #[arg(short = 't', long)]
     tty: bool,
     /// Sandbox timeout in seconds (0 = none).
@@ -98,6 +103,9 @@ enum Command {
         /// Keep stdin open and send it to the command.
         #[arg(short = 'i', long)]
         interactive: bool,
+        /// Run the command on a pseudo-terminal (with stdin a terminal: its size, raw mode).
+        #[arg(short = 't', long)]
+        tty: bool,
         /// Environment variable KEY=VALUE (repeatable).
         #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_kv)]
         env: Vec<(String, String)>,
@@ -162,7 +170,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_MVM_FAILED);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // A read of the local stdin may still block in the runtime's pool (it cannot be
+    // cancelled): exit without waiting for a key press.
+    runtime.shutdown_background();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("mvm: error: {e}");
@@ -218,6 +230,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Run(args) => run_command(&backend, args, json).await,
         Command::Exec {
             interactive,
+            tty,
             env,
             id,
             cmd,
@@ -225,6 +238,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             let req = ExecRequest {
                 cmd,
                 env: env.into_iter().collect(),
+                tty,
                 ..ExecRequest::default()
             };
             exec(&backend, &id, req, interactive, json).await
@@ -378,7 +392,26 @@ async fn exec(
         print_json(&r);
         return Ok(exit_byte(r.exit.shell_code()));
     }
-    let exit = backend.exec(id, &req, interactive || req.tty).await?;
+    let terminal = if req.tty { Terminal::attach()? } else { None };
+    let exit = match terminal {
+        None => backend.exec(id, &req, interactive || req.tty, None).await?,
+        Some((mut terminal, controls)) => {
+            let run = backend.exec(id, &req, true, Some(controls));
+            tokio::pin!(run);
+            tokio::select! {
+                biased;
+                signo = terminal.terminated() => {
+                    // The exec has been sent a SIGKILL: let its end arrive, then restore the
+                    // terminal and exit like a process killed by `signo`.
+                    let _ = tokio::time::timeout(KILL_GRACE, &mut run).await;
+                    drop(terminal);
+                    eprintln!("mvm: terminated by signal {signo}; the command was killed");
+                    return Ok(exit_byte(128 + signo));
+                }
+                exit = &mut run => exit?,
+            }
+        }
+    };
     if exit.timed_out {
         eprintln!("mvm: the command timed out and was killed");
     }

@@ -426,3 +426,283 @@ fn concurrent_daemonless_runs_leave_each_other_alone() {
     }
     env.assert_empty();
 }
+
+/// A pseudo-terminal driven like a user's terminal emulator: the test types on the master
+/// and reads what the terminal shows; `mvm` runs on the slave as its controlling terminal.
+struct Term {
+    master: std::fs::File,
+    slave: std::fs::File,
+    shown: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Term {
+    fn open(rows: u16, cols: u16) -> Term {
+        use std::os::fd::FromRawFd;
+        let (mut master, mut slave) = (-1, -1);
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two fds into the locals and reads one winsize; the name and
+        // termios pointers may be null.
+        let r = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &ws,
+            )
+        };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: openpty succeeded: both fds are open and owned by nobody else.
+        let (master, slave) = unsafe {
+            (
+                std::fs::File::from_raw_fd(master),
+                std::fs::File::from_raw_fd(slave),
+            )
+        };
+        let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut from_master = master.try_clone().expect("dup master");
+        let sink = shown.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // EIO once every slave fd is closed.
+            while let Ok(n @ 1..) = std::io::Read::read(&mut from_master, &mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Term {
+            master,
+            slave,
+            shown,
+            reader,
+        }
+    }
+
+    /// Starts `cmd` (dropping it: it holds slave fds) in a session of its own with this terminal as its controlling terminal,
+    /// stdin and stdout (stderr stays a pipe, for the diagnostics).
+    fn spawn(&self, mut cmd: Command) -> Child {
+        use std::os::unix::process::CommandExt;
+        cmd.stdin(self.slave.try_clone().unwrap())
+            .stdout(self.slave.try_clone().unwrap())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure only makes async-signal-safe system calls.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().expect("spawning mvm on the pty")
+    }
+
+    /// `stty ARG` of the terminal, as seen from its slave side.
+    fn stty(&self, arg: &str) -> String {
+        let out = Command::new("stty")
+            .arg(arg)
+            .stdin(self.slave.try_clone().unwrap())
+            .output()
+            .expect("stty");
+        assert!(out.status.success(), "stty {arg}: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    fn type_in(&self, keys: &[u8]) {
+        (&self.master).write_all(keys).expect("typing on the pty");
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: TIOCSWINSZ reads one winsize, which outlives the call. The kernel sends
+        // SIGWINCH to the terminal's foreground process group: mvm's.
+        let r = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
+    }
+
+    fn shown(&self) -> String {
+        text(&self.shown.lock().unwrap())
+    }
+
+    /// Waits until the terminal shows `want`, typing `keys` every 200 ms meanwhile.
+    fn wait_for(&self, want: &str, keys: &[u8], child: &mut Child) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.shown().contains(want) {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "mvm ended ({status}) before showing {want:?}; the terminal shows {:?}",
+                    self.shown()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waiting for {want:?}; the terminal shows {:?}",
+                self.shown()
+            );
+            self.type_in(keys);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until `child` made the terminal raw (keys typed before would be echoed locally).
+    fn wait_raw(&self, child: &mut Child) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_raw(&self.stty("-a")) {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("mvm ended ({status}) before making the terminal raw");
+            }
+            assert!(Instant::now() < deadline, "the terminal never went raw");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the terminal showed, once all is closed.
+    fn finish(self) -> String {
+        drop(self.slave);
+        self.reader.join().expect("pty reader");
+        text(&self.shown.lock().unwrap())
+    }
+}
+
+/// Whether `stty -a` says the terminal is raw (no line editing, echo or signal keys).
+fn is_raw(stty_a: &str) -> bool {
+    let words: Vec<&str> = stty_a.split([' ', ';', '\n']).collect();
+    ["-icanon", "-echo", "-isig"]
+        .iter()
+        .all(|w| words.contains(w))
+}
+
+/// `mvm run -t` on a 17x91 terminal (from `host`'s env): the sandbox's pty is 17x91 and
+/// follows a resize to 33x120; the terminal is raw meanwhile (the sandbox echoes input once,
+/// ^C interrupts the sandbox's command, not mvm) and restored after.
+fn check_raw_tty_exec(env: &Env, host: Option<&str>) {
+    let term = Term::open(17, 91);
+    let before = term.stty("-g");
+    assert!(!is_raw(&term.stty("-a")));
+    let mut mvm = env.mvm();
+    if let Some(host) = host {
+        mvm.env("MVM_HOST", host);
+    }
+    mvm.args(["run", "--rm", "-t", "--isolation", "jail", "--", "sh", "-c"])
+        .arg("while read line; do stty size; done");
+    let mut child = term.spawn(mvm);
+    term.wait_raw(&mut child);
+    // Each line typed makes the sandbox print its terminal's size.
+    term.type_in(b"one\r");
+    term.wait_for("17 91\r\n", b"", &mut child);
+    term.resize(33, 120);
+    term.wait_for("33 120\r\n", b"again\r", &mut child);
+    term.type_in(b"\x03");
+    let out = child.wait_with_output().unwrap();
+    // sh died of the SIGINT that ^C raised on the sandbox's terminal: 128 + 2.
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert_eq!(term.stty("-g"), before, "the terminal was not restored");
+    let shown = term.finish();
+    // Echoed once, by the sandbox's terminal (a cooked local one would echo it too).
+    assert!(shown.starts_with("one\r\n17 91\r\n"), "{shown:?}");
+    assert!(shown.ends_with("^C"), "{shown:?}");
+}
+
+#[test]
+fn tty_on_a_terminal_is_raw_sized_and_resized() {
+    if !root_or_skip("tty_on_a_terminal_is_raw_sized_and_resized") {
+        return;
+    }
+    let env = Env::new();
+    check_raw_tty_exec(&env, None);
+    let served = serve(&env);
+    check_raw_tty_exec(&env, Some(&format!("unix:{}", served.socket.display())));
+    drop(served);
+    env.assert_empty();
+}
+
+/// `mvm exec -t` on a terminal, ended by SIGTERM to mvm: mvm exits 143, the sandbox's command
+/// is killed, the terminal is restored; a failing `-t` exec restores it too.
+fn check_tty_exec_terminated(env: &Env, host: Option<&str>) {
+    let mvm = || {
+        let mut c = env.mvm();
+        if let Some(host) = host {
+            c.env("MVM_HOST", host);
+        }
+        c
+    };
+    let out = mvm()
+        .args(["-o", "json", "run", "--isolation", "jail", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = mvm().args(["-o", "json", "ps"]).output().unwrap();
+    let list: Vec<api::model::Sandbox> = serde_json::from_slice(&out.stdout).expect("ps json");
+    assert_eq!(list.len(), 1, "{list:?}");
+    let id = list[0].id.clone();
+    // A command that would run for long after the first line.
+    let term = Term::open(20, 60);
+    let before = term.stty("-g");
+    let mut exec = mvm();
+    exec.args([
+        "exec",
+        "-t",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "read line; echo started; sleep 1000",
+    ]);
+    let mut child = term.spawn(exec);
+    term.wait_raw(&mut child);
+    term.wait_for("started", b"go\r", &mut child);
+    // SAFETY: plain kill of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("terminated by signal 15"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(term.stty("-g"), before, "the terminal was not restored");
+    let out = mvm()
+        .args(["exec", &id, "--", "sh", "-c", "cat /proc/[0-9]*/comm"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("sleep"),
+        "{}",
+        text(&out.stdout)
+    );
+    // An exec that fails (no such sandbox) after the terminal went raw.
+    let mut exec = mvm();
+    exec.args(["exec", "-t", "nosuchsandbox", "--", "true"]);
+    let child = term.spawn(exec);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert_eq!(term.stty("-g"), before, "the terminal was not restored");
+    term.finish();
+    let out = mvm().args(["rm", &id]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn tty_exec_ended_by_a_signal_restores_the_terminal() {
+    if !root_or_skip("tty_exec_ended_by_a_signal_restores_the_terminal") {
+        return;
+    }
+    let env = Env::new();
+    check_tty_exec_terminated(&env, None);
+    let served = serve(&env);
+    check_tty_exec_terminated(&env, Some(&format!("unix:{}", served.socket.display())));
+    drop(served);
+    env.assert_empty();
+}
