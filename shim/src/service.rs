@@ -265,11 +265,8 @@ impl MvmShim {
 impl Shim for MvmShim {
     type T = TaskService;
 
-    async fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
-        // The manager waits for its own children (jailer, ip, debugfs); a shim-wide
-        // waitpid(-1) reaper would steal their statuses.
-        config.no_reaper = true;
-        config.no_sub_reaper = true;
+    /// The reaper settings are main's: the crate reads them before calling this.
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         MvmShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
