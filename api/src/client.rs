@@ -423,45 +423,58 @@ impl Client {
         .map_err(ws_err)?;
         let control =
             |c: &WsControl| Message::Text(serde_json::to_string(c).expect("serializes").into());
-        while let Ok(c) = controls.try_recv() {
-            sink.send(control(&c)).await.map_err(ws_err)?;
-        }
         let mut buf = vec![0u8; 32 * 1024];
-        let mut stdin_open = true;
-        let mut controls_open = true;
+        let (mut stdin_open, mut controls_open, mut sending) = (true, true, true);
+        let mut failed = None;
         loop {
-            tokio::select! {
-                c = controls.recv(), if controls_open => match c {
-                    Some(c) => sink.send(control(&c)).await.map_err(ws_err)?,
-                    None => controls_open = false,
-                },
-                n = stdin.read(&mut buf), if stdin_open => {
-                    match n {
+            // Queued controls first: the terminal's size goes before any stdin.
+            let outgoing = match controls.try_recv() {
+                Ok(c) if sending => Some(control(&c)),
+                _ => tokio::select! {
+                    c = controls.recv(), if sending && controls_open => match c {
+                        Some(c) => Some(control(&c)),
+                        None => {
+                            controls_open = false;
+                            None
+                        }
+                    },
+                    n = stdin.read(&mut buf), if sending && stdin_open => match n {
                         Ok(0) | Err(_) => {
                             stdin_open = false;
-                            sink.send(control(&WsControl::Eof)).await.map_err(ws_err)?;
+                            Some(control(&WsControl::Eof))
                         }
-                        Ok(n) => sink.send(Message::Binary(buf[..n].to_vec().into())).await.map_err(ws_err)?,
-                    }
-                }
-                msg = source.next() => match msg {
-                    Some(Ok(Message::Binary(data))) => match data.split_first() {
-                        Some((1, rest)) => on_output(Stream::Stdout, rest),
-                        Some((2, rest)) => on_output(Stream::Stderr, rest),
-                        _ => return Err(ClientError::Decode("websocket frame without a stream byte".into())),
+                        Ok(n) => Some(Message::Binary(buf[..n].to_vec().into())),
                     },
-                    Some(Ok(Message::Text(t))) => {
-                        return match serde_json::from_str::<ExecEvent>(&t) {
-                            Ok(ExecEvent::Exit(exit)) => Ok(exit),
-                            Ok(ExecEvent::Error(body)) => Err(ClientError::Api { status: 200, body }),
-                            Ok(other) => Err(ClientError::Decode(format!("unexpected event {other:?}"))),
-                            Err(e) => Err(ClientError::Decode(format!("{e}: {t}"))),
-                        };
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(ws_err(e)),
-                    None => return Err(ClientError::Decode("the websocket closed before the exit event".into())),
+                    msg = source.next() => match msg {
+                        Some(Ok(Message::Binary(data))) => match data.split_first() {
+                            Some((1, rest)) => { on_output(Stream::Stdout, rest); None }
+                            Some((2, rest)) => { on_output(Stream::Stderr, rest); None }
+                            _ => return Err(ClientError::Decode("websocket frame without a stream byte".into())),
+                        },
+                        Some(Ok(Message::Text(t))) => match serde_json::from_str::<ExecEvent>(&t) {
+                            Ok(ExecEvent::Exit(exit)) => return Ok(exit),
+                            // The exec failed, or only a control did (e.g. a resize that raced
+                            // the process's exit) and the exit follows: send nothing more, see.
+                            Ok(ExecEvent::Error(body)) => {
+                                sending = false;
+                                failed = Some(ClientError::Api { status: 200, body });
+                                None
+                            }
+                            Ok(other) => return Err(ClientError::Decode(format!("unexpected event {other:?}"))),
+                            Err(e) => return Err(ClientError::Decode(format!("{e}: {t}"))),
+                        },
+                        Some(Ok(_)) => None,
+                        Some(Err(e)) => return Err(failed.unwrap_or_else(|| ws_err(e))),
+                        None => return Err(failed.unwrap_or_else(|| ClientError::Decode("the websocket closed before the exit event".into()))),
+                    },
                 },
+            };
+            if let Some(msg) = outgoing {
+                if let Err(e) = sink.send(msg).await {
+                    // mvmd may have finished and closed already: its exit may still be unread.
+                    sending = false;
+                    failed.get_or_insert(ws_err(e));
+                }
             }
         }
     }

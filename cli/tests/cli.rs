@@ -628,7 +628,8 @@ fn tty_on_a_terminal_is_raw_sized_and_resized() {
 }
 
 /// `mvm exec -t` on a terminal, ended by SIGTERM to mvm: mvm exits 143, the sandbox's command
-/// is killed, the terminal is restored; a failing `-t` exec restores it too.
+/// is killed, the terminal is restored; short `-t` execs exit with their code; a failing `-t`
+/// exec restores the terminal too.
 fn check_tty_exec_terminated(env: &Env, host: Option<&str>) {
     let mvm = || {
         let mut c = env.mvm();
@@ -682,6 +683,14 @@ fn check_tty_exec_terminated(env: &Env, host: Option<&str>) {
         "{}",
         text(&out.stdout)
     );
+    // Commands that end at once: their exit code, even when the terminal's size reaches the
+    // sandbox after their end.
+    for _ in 0..10 {
+        let mut exec = mvm();
+        exec.args(["exec", "-t", &id, "--", "sh", "-c", "exit 7"]);
+        let out = term.spawn(exec).wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    }
     // An exec that fails (no such sandbox) after the terminal went raw.
     let mut exec = mvm();
     exec.args(["exec", "-t", "nosuchsandbox", "--", "true"]);
