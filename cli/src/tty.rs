@@ -26,9 +26,10 @@ static SAVED: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
 fn restore() {
     let saved = SAVED.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some((fd, termios)) = saved {
-        // SAFETY: tcsetattr reads one termios, which lives across the call. TCSADRAIN lets
-        // output already written reach the terminal under the raw settings it was meant for.
-        unsafe { libc::tcsetattr(fd, libc::TCSADRAIN, &termios) };
+        // SAFETY: tcsetattr reads one termios, which lives across the call. TCSANOW: output
+        // already written was processed when written, and waiting for it to drain could hang
+        // a panic hook on a terminal nobody reads.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &termios) };
     }
 }
 

@@ -90,6 +90,15 @@ impl Env {
         c
     }
 
+    /// `mvm` talking to the mvmd at `host`, or daemonless.
+    fn mvm_at(&self, host: Option<&str>) -> Command {
+        let mut c = self.mvm();
+        if let Some(host) = host {
+            c.env("MVM_HOST", host);
+        }
+        c
+    }
+
     fn run(&self, args: &[&str]) -> Output {
         self.mvm().args(args).output().expect("running mvm")
     }
@@ -590,10 +599,7 @@ fn check_raw_tty_exec(env: &Env, host: Option<&str>) {
     let term = Term::open(17, 91);
     let before = term.stty("-g");
     assert!(!is_raw(&term.stty("-a")));
-    let mut mvm = env.mvm();
-    if let Some(host) = host {
-        mvm.env("MVM_HOST", host);
-    }
+    let mut mvm = env.mvm_at(host);
     mvm.args(["run", "--rm", "-t", "--isolation", "jail", "--", "sh", "-c"])
         .arg("while read line; do stty size; done");
     let mut child = term.spawn(mvm);
@@ -614,30 +620,32 @@ fn check_raw_tty_exec(env: &Env, host: Option<&str>) {
     assert!(shown.ends_with("^C"), "{shown:?}");
 }
 
-#[test]
-fn tty_on_a_terminal_is_raw_sized_and_resized() {
-    if !root_or_skip("tty_on_a_terminal_is_raw_sized_and_resized") {
+/// Runs `check` daemonless, then through `mvm serve`, in one environment left empty.
+fn on_both_backends(test: &str, check: fn(&Env, Option<&str>)) {
+    if !root_or_skip(test) {
         return;
     }
     let env = Env::new();
-    check_raw_tty_exec(&env, None);
+    check(&env, None);
     let served = serve(&env);
-    check_raw_tty_exec(&env, Some(&format!("unix:{}", served.socket.display())));
+    check(&env, Some(&format!("unix:{}", served.socket.display())));
     drop(served);
     env.assert_empty();
+}
+
+#[test]
+fn tty_on_a_terminal_is_raw_sized_and_resized() {
+    on_both_backends(
+        "tty_on_a_terminal_is_raw_sized_and_resized",
+        check_raw_tty_exec,
+    );
 }
 
 /// `mvm exec -t` on a terminal, ended by SIGTERM to mvm: mvm exits 143, the sandbox's command
 /// is killed, the terminal is restored; short `-t` execs exit with their code; a failing `-t`
 /// exec restores the terminal too.
 fn check_tty_exec_terminated(env: &Env, host: Option<&str>) {
-    let mvm = || {
-        let mut c = env.mvm();
-        if let Some(host) = host {
-            c.env("MVM_HOST", host);
-        }
-        c
-    };
+    let mvm = || env.mvm_at(host);
     let out = mvm()
         .args(["-o", "json", "run", "--isolation", "jail", "--", "true"])
         .output()
@@ -705,13 +713,8 @@ fn check_tty_exec_terminated(env: &Env, host: Option<&str>) {
 
 #[test]
 fn tty_exec_ended_by_a_signal_restores_the_terminal() {
-    if !root_or_skip("tty_exec_ended_by_a_signal_restores_the_terminal") {
-        return;
-    }
-    let env = Env::new();
-    check_tty_exec_terminated(&env, None);
-    let served = serve(&env);
-    check_tty_exec_terminated(&env, Some(&format!("unix:{}", served.socket.display())));
-    drop(served);
-    env.assert_empty();
+    on_both_backends(
+        "tty_exec_ended_by_a_signal_restores_the_terminal",
+        check_tty_exec_terminated,
+    );
 }
