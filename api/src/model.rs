@@ -215,6 +215,18 @@ pub struct ExecRequest {
     /// Run on a pseudo-terminal (websocket only).
     #[serde(default)]
     pub tty: bool,
+    /// Size of the pseudo-terminal from the start (default 24x80); needs `tty`.
+    #[serde(default)]
+    pub tty_size: Option<TtySize>,
+}
+
+/// Rows and columns of a pseudo-terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TtySize {
+    /// Rows (at least 1).
+    pub rows: u16,
+    /// Columns (at least 1).
+    pub cols: u16,
 }
 
 /// How an exec ended.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use api::model::{CreateSandbox, ExecEvent, ExecRequest, ExitInfo, Isolation, WsControl};
+use api::model::{CreateSandbox, ExecEvent, ExecRequest, ExitInfo, Isolation, TtySize, WsControl};
 use common::{block_on, root_or_skip, Daemon};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -131,6 +131,23 @@ fn tty_exec_in_a_jail_sandbox() {
         .await;
         assert_eq!(exit.exit_code, Some(3), "{shown:?}");
         assert_eq!(shown, "go\r\non-a-tty\r\n50 132\r\n");
+
+        // A size in the request holds from the start: no resize needed, no race.
+        let sized = ExecRequest {
+            tty_size: Some(TtySize { rows: 17, cols: 91 }),
+            ..tty_cmd("stty size")
+        };
+        let (shown, exit) = ws_exec(&d, &s.id, &sized, &[], b"").await;
+        assert_eq!(exit.exit_code, Some(0), "{shown:?}");
+        assert_eq!(shown, "17 91\r\n");
+        // A size without a tty is refused naming the field.
+        let bad = ExecRequest {
+            cmd: vec!["true".into()],
+            tty_size: Some(TtySize { rows: 24, cols: 80 }),
+            ..ExecRequest::default()
+        };
+        let err = c.exec(&s.id, &bad).await.expect_err("tty_size without tty");
+        assert!(err.to_string().contains("tty_size"), "{err}");
 
         // Without a tty the same sandbox still gets pipes.
         let out = c

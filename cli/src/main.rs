@@ -393,6 +393,10 @@ async fn exec(
         return Ok(exit_byte(r.exit.shell_code()));
     }
     let terminal = if req.tty { Terminal::attach()? } else { None };
+    let req = ExecRequest {
+        tty_size: terminal.as_ref().and_then(|(t, _)| t.size),
+        ..req
+    };
     let exit = match terminal {
         None => backend.exec(id, &req, interactive || req.tty, None).await?,
         Some((mut terminal, controls)) => {

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, Once};
 use std::task::Poll;
 
-use api::model::WsControl;
+use api::model::{TtySize, WsControl};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -82,14 +82,16 @@ fn install_panic_hook() {
 
 /// The local terminal, raw while this lives.
 pub struct Terminal {
+    /// Its size when attached, for the exec's pty from the start.
+    pub size: Option<TtySize>,
     terminated: oneshot::Receiver<libc::c_int>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
 impl Terminal {
-    /// For a `-t` exec: when stdin is a terminal, makes it raw and returns it with the controls
-    /// for the exec, the terminal's size queued first, then one resize per window change, and a
-    /// SIGKILL when a terminating signal arrives. `None` when stdin is not a terminal: the exec
+    /// For a `-t` exec: when stdin is a terminal, makes it raw and returns it (with its size)
+    /// and the controls for the exec: one resize per window change, and a SIGKILL when a
+    /// terminating signal arrives. `None` when stdin is not a terminal: the exec
     /// keeps the default 24x80 pty and nothing local changes (as `docker exec -t` does).
     pub fn attach() -> Result<Option<(Terminal, mpsc::UnboundedReceiver<WsControl>)>, CliError> {
         let stdin = std::io::stdin();
@@ -107,9 +109,7 @@ impl Terminal {
             .collect::<std::io::Result<Vec<(libc::c_int, Signal)>>>()
             .map_err(signal_err)?;
         let (controls, rx) = mpsc::unbounded_channel();
-        if let Some((rows, cols)) = window_size(fd) {
-            let _ = controls.send(WsControl::Resize { rows, cols });
-        }
+        let size = window_size(fd).map(|(rows, cols)| TtySize { rows, cols });
         install_panic_hook();
         make_raw(fd).map_err(|e| CliError::Local(format!("making the terminal raw: {e}")))?;
         let (ended, terminated) = oneshot::channel();
@@ -141,6 +141,7 @@ impl Terminal {
         });
         Ok(Some((
             Terminal {
+                size,
                 terminated,
                 watcher,
             },

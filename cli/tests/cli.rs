@@ -592,8 +592,8 @@ fn is_raw(stty_a: &str) -> bool {
         .all(|w| words.contains(w))
 }
 
-/// `mvm run -t` on a 17x91 terminal (from `host`'s env): the sandbox's pty is 17x91 and
-/// follows a resize to 33x120; the terminal is raw meanwhile (the sandbox echoes input once,
+/// `mvm run -t` on a 17x91 terminal (from `host`'s env): the sandbox's pty is 17x91 from the
+/// start (a command that asks at once sees it) and follows a resize to 33x120; the terminal is raw meanwhile (the sandbox echoes input once,
 /// ^C interrupts the sandbox's command, not mvm) and restored after.
 fn check_raw_tty_exec(env: &Env, host: Option<&str>) {
     let term = Term::open(17, 91);
@@ -601,12 +601,13 @@ fn check_raw_tty_exec(env: &Env, host: Option<&str>) {
     assert!(!is_raw(&term.stty("-a")));
     let mut mvm = env.mvm_at(host);
     mvm.args(["run", "--rm", "-t", "--isolation", "jail", "--", "sh", "-c"])
-        .arg("while read line; do stty size; done");
+        .arg("stty size; while read line; do stty size; done");
     let mut child = term.spawn(mvm);
     term.wait_raw(&mut child);
+    term.wait_for("17 91\r\n", b"", &mut child);
     // Each line typed makes the sandbox print its terminal's size.
     term.type_in(b"one\r");
-    term.wait_for("17 91\r\n", b"", &mut child);
+    term.wait_for("one\r\n17 91\r\n", b"", &mut child);
     term.resize(33, 120);
     term.wait_for("33 120\r\n", b"again\r", &mut child);
     term.type_in(b"\x03");
@@ -616,7 +617,7 @@ fn check_raw_tty_exec(env: &Env, host: Option<&str>) {
     assert_eq!(term.stty("-g"), before, "the terminal was not restored");
     let shown = term.finish();
     // Echoed once, by the sandbox's terminal (a cooked local one would echo it too).
-    assert!(shown.starts_with("one\r\n17 91\r\n"), "{shown:?}");
+    assert!(shown.starts_with("17 91\r\none\r\n17 91\r\n"), "{shown:?}");
     assert!(shown.ends_with("^C"), "{shown:?}");
 }
 

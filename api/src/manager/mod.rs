@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{Metrics, Snapshot};
 use crate::model::{
     CreateSandbox, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox, SandboxState,
-    SandboxStats, Template,
+    SandboxStats, Template, TtySize,
 };
 
 /// Most sandboxes one manager runs at once (slots of its /16 network, /29 each).
@@ -159,6 +159,19 @@ impl ManagerConfig {
     fn in_jail(&self, isolation: Isolation, id: &str, jail_path: &str) -> PathBuf {
         self.jail_root(isolation, id)
             .join(jail_path.trim_start_matches('/'))
+    }
+}
+
+/// The pty an exec asks for: none, `tty_size`, or 24x80.
+fn pty_size(req: &ExecRequest) -> Result<Option<(u16, u16)>> {
+    match (req.tty, req.tty_size) {
+        (true, None) => Ok(Some((24, 80))),
+        (true, Some(TtySize { rows, cols })) if rows > 0 && cols > 0 => Ok(Some((rows, cols))),
+        (true, Some(_)) => Err(Error::Invalid(
+            "tty_size: rows and cols must be at least 1".into(),
+        )),
+        (false, Some(_)) => Err(Error::Invalid("tty_size needs \"tty\": true".into())),
+        (false, None) => Ok(None),
     }
 }
 
@@ -984,8 +997,8 @@ impl Manager {
         if let Some(cwd) = &req.cwd {
             er = er.cwd(cwd.clone());
         }
-        if req.tty {
-            er = er.pty(24, 80);
+        if let Some((rows, cols)) = pty_size(req)? {
+            er = er.pty(rows, cols);
         }
         er.stdin = true;
         er.timeout_ms = req.timeout_s.map(|s| s.saturating_mul(1000));
@@ -1519,6 +1532,26 @@ mod tests {
         assert!(is_sandbox_id("0123456789ab"));
         assert!(!is_sandbox_id("0123456789aB"));
         assert!(!is_sandbox_id("mvm"));
+    }
+
+    #[test]
+    fn pty_sizes() {
+        let req = |tty, tty_size| ExecRequest {
+            tty,
+            tty_size,
+            ..ExecRequest::default()
+        };
+        let size = |rows, cols| Some(TtySize { rows, cols });
+        assert_eq!(pty_size(&req(false, None)).unwrap(), None);
+        assert_eq!(pty_size(&req(true, None)).unwrap(), Some((24, 80)));
+        assert_eq!(pty_size(&req(true, size(17, 91))).unwrap(), Some((17, 91)));
+        for bad in [
+            req(true, size(0, 80)),
+            req(true, size(24, 0)),
+            req(false, size(24, 80)),
+        ] {
+            assert!(pty_size(&bad).unwrap_err().to_string().contains("tty_size"));
+        }
     }
 
     #[test]
