@@ -9,7 +9,6 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot::{
     write_pvh_start_info, write_zero_page, BootError, InitrdPlacement,
@@ -126,8 +125,6 @@ pub struct RunningVm {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The i8042, for Ctrl+Alt+Del.
     pub i8042: Arc<Mutex<I8042>>,
-    /// Signalled when the guest pulses the reset line.
-    pub reset_evt: EventFd,
     /// Virtio-mmio transports, in window order.
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
 }
@@ -336,10 +333,9 @@ pub fn build_and_boot(
     register_irq(&serial_irq)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
     pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
-    let reset_evt = EventFd::new(libc::EFD_NONBLOCK)?;
     let kbd_irq = IrqLine::new(I8042_KBD_IRQ)?;
     register_irq(&kbd_irq)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt.try_clone()?, kbd_irq)));
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
     pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
 
     let mut mmio = Bus::new();
@@ -386,7 +382,6 @@ pub fn build_and_boot(
         vcpus,
         serial,
         i8042,
-        reset_evt,
         virtio,
     })
 }

@@ -1,4 +1,4 @@
-//! The VMM thread's event loop (event-manager): exit requests, guest resets, terminating
+//! The VMM thread's event loop (event-manager): exit requests (guest resets among them), terminating
 //! signals, API requests and host input for the serial console.
 
 use std::io::{IsTerminal, Read};
@@ -23,7 +23,6 @@ const TAG_EXIT: u32 = 1;
 const TAG_SIGNAL: u32 = 2;
 const TAG_API: u32 = 3;
 const TAG_STDIN: u32 = 4;
-const TAG_RESET: u32 = 5;
 const TAG_STDIN_RETRY: u32 = 6;
 
 /// How long to wait before offering more input when the guest's receive FIFO is full.
@@ -86,7 +85,6 @@ pub struct Vmm {
     api: Option<ApiChannel>,
     stdin: Option<RawStdin>,
     stdin_retry: TimerFd,
-    reset_registered: bool,
 }
 
 /// Errors of the event loop itself.
@@ -125,7 +123,6 @@ impl Vmm {
             stdin: console_input.then(RawStdin::new),
             stdin_retry: TimerFd::new()
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
-            reset_registered: false,
         })
     }
 
@@ -139,25 +136,7 @@ impl Vmm {
         &mut self.controller
     }
 
-    fn register_reset(&mut self, ops: &mut EventOps) {
-        if self.reset_registered {
-            return;
-        }
-        if let Some(vm) = self.controller.running() {
-            if ops
-                .add(Events::with_data(&vm.reset_evt, TAG_RESET, EventSet::IN))
-                .is_ok()
-            {
-                self.reset_registered = true;
-            } else {
-                self.exit.request(ExitReason::VmmError(
-                    "cannot watch the guest reset line".into(),
-                ));
-            }
-        }
-    }
-
-    fn serve_api(&mut self, ops: &mut EventOps) {
+    fn serve_api(&mut self) {
         let Some(api) = &self.api else { return };
         // The counter tells nothing the channel does not; drain it.
         let _ = api.evt.read();
@@ -170,7 +149,6 @@ impl Vmm {
             // A client that hung up does not need its answer.
             let _ = reply.send(result);
         }
-        self.register_reset(ops);
     }
 
     fn feed_stdin(&mut self, ops: &mut EventOps) {
@@ -266,7 +244,6 @@ impl MutEventSubscriber for Vmm {
         {
             self.stdin = None;
         }
-        self.register_reset(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -277,8 +254,7 @@ impl MutEventSubscriber for Vmm {
                 self.exit
                     .request(ExitReason::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
             }
-            TAG_RESET => self.exit.request(ExitReason::GuestReset),
-            TAG_API => self.serve_api(ops),
+            TAG_API => self.serve_api(),
             TAG_STDIN => self.feed_stdin(ops),
             TAG_STDIN_RETRY => self.resume_stdin(ops),
             _ => {}

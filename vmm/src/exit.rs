@@ -1,5 +1,6 @@
 //! Why a VM stops, and the one-shot signal that tells the VMM's event loop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -64,6 +65,8 @@ impl std::fmt::Display for ExitReason {
 pub struct VmExit {
     evt: EventFd,
     reason: Mutex<Option<ExitReason>>,
+    /// Set with the reason: lets vCPU threads check cheaply after every exit.
+    requested: AtomicBool,
 }
 
 impl VmExit {
@@ -72,6 +75,7 @@ impl VmExit {
         Ok(VmExit {
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             reason: Mutex::new(None),
+            requested: AtomicBool::new(false),
         })
     }
 
@@ -80,9 +84,15 @@ impl VmExit {
         let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(reason);
+            self.requested.store(true, Ordering::Release);
         }
         // The eventfd counter cannot overflow from a handful of writes.
         let _ = self.evt.write(1);
+    }
+
+    /// Whether the VM is ending: no vCPU should enter the guest again.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
     }
 
     /// The reason, once requested.

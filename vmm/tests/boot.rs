@@ -21,6 +21,23 @@ fn hello_guest_prints_and_reset_exits_zero() {
     assert_eq!(run.stdout, "Hello from the mvm test guest\n");
 }
 
+/// The vCPU stops at the reset pulse: nothing the guest would do after it runs (here a line and
+/// a triple fault, which would end the VMM with status 2).
+#[test]
+fn a_reset_stops_the_guest_at_once() {
+    if !require_kvm("a_reset_stops_the_guest_at_once") {
+        return;
+    }
+    for _ in 0..5 {
+        let run = run_vmm_config(
+            &config_for(&guest("reset_then_more"), "console=ttyS0", 1, 32),
+            TIMEOUT,
+        );
+        assert_eq!(run.code(), 0, "{run:#?}");
+        assert_eq!(run.stdout, "before the reset\n");
+    }
+}
+
 #[test]
 fn guest_reads_cmdline_and_memory_map_from_the_zero_page() {
     if !require_kvm("guest_reads_cmdline_and_memory_map_from_the_zero_page") {

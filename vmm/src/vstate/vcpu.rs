@@ -198,6 +198,10 @@ impl Vcpu {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
         loop {
             match self.run_once(pio, mmio) {
+                // Once the VM is ending (a reset pulse, another vCPU's error, a signal) the
+                // guest must not run on: a guest whose reset did not stop it goes on to other
+                // reset methods, such as a triple fault.
+                Step::Continue if exit.is_requested() => return,
                 Step::Continue => {}
                 Step::Kicked => {
                     self.fd.set_kvm_immediate_exit(0);

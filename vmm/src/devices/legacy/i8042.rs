@@ -2,10 +2,10 @@
 //! and the host can inject Ctrl+Alt+Del so the guest shuts itself down.
 
 use std::collections::VecDeque;
-
-use vmm_sys_util::eventfd::EventFd;
+use std::sync::Arc;
 
 use crate::devices::{BusDevice, IrqLine};
+use crate::exit::{ExitReason, VmExit};
 
 /// Ports 0x60 (data) to 0x64 (status/command).
 pub const I8042_PORT: u64 = 0x60;
@@ -40,7 +40,7 @@ const BUFFER_SIZE: usize = 16;
 
 /// The emulated controller on the port-I/O bus.
 pub struct I8042 {
-    reset_evt: EventFd,
+    exit: Arc<VmExit>,
     kbd_irq: IrqLine,
     status: u8,
     control: u8,
@@ -50,10 +50,11 @@ pub struct I8042 {
 }
 
 impl I8042 {
-    /// A controller that signals `reset_evt` when the guest pulses the reset line.
-    pub fn new(reset_evt: EventFd, kbd_irq: IrqLine) -> Self {
+    /// A controller that ends the VM (a guest reset, exit status 0) when the guest pulses the
+    /// reset line; the vCPU that pulsed it does not enter the guest again.
+    pub fn new(exit: Arc<VmExit>, kbd_irq: IrqLine) -> Self {
         I8042 {
-            reset_evt,
+            exit,
             kbd_irq,
             status: STATUS_SYSTEM_FLAG | STATUS_KBD_ENABLED,
             control: CTR_KBD_INT | CTR_SYSTEM_FLAG,
@@ -91,10 +92,7 @@ impl I8042 {
             CMD_READ_CTR => self.push(self.control),
             CMD_WRITE_CTR | CMD_WRITE_OUTP => self.pending_cmd = Some(cmd),
             CMD_READ_OUTP => self.push(self.outp),
-            CMD_PULSE_RESET => {
-                // If the eventfd cannot be written the VMM is already going down.
-                let _ = self.reset_evt.write(1);
-            }
+            CMD_PULSE_RESET => self.exit.request(ExitReason::GuestReset),
             _ => {}
         }
     }
@@ -144,21 +142,20 @@ impl BusDevice for I8042 {
 mod tests {
     use super::*;
 
-    fn device() -> (I8042, EventFd) {
-        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = I8042::new(
-            reset.try_clone().unwrap(),
-            IrqLine::new(I8042_KBD_IRQ).unwrap(),
-        );
-        (dev, reset)
+    fn device() -> (I8042, Arc<VmExit>) {
+        let exit = Arc::new(VmExit::new().unwrap());
+        let dev = I8042::new(exit.clone(), IrqLine::new(I8042_KBD_IRQ).unwrap());
+        (dev, exit)
     }
 
     #[test]
-    fn reset_pulse_signals_the_vmm() {
-        let (mut dev, reset) = device();
-        assert!(reset.read().is_err(), "nothing yet");
+    fn reset_pulse_ends_the_vm() {
+        let (mut dev, exit) = device();
+        assert!(!exit.is_requested(), "nothing yet");
         dev.write(OFFSET_COMMAND, &[CMD_PULSE_RESET]);
-        assert_eq!(reset.read().unwrap(), 1);
+        assert!(exit.is_requested());
+        assert!(matches!(exit.reason(), Some(ExitReason::GuestReset)));
+        assert_eq!(exit.eventfd().read().unwrap(), 1);
     }
 
     #[test]
