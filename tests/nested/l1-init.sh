@@ -60,5 +60,11 @@ IFS='
 # shellcheck disable=SC2046
 set -- $(cat /mvm/driver-args)
 unset IFS
+# A second boot after an L1 hang leaves out the tests the first one finished (run.sh passes
+# their names as mvm.skip=a,b,c).
+skip=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^mvm\.skip=//p')
+if [ -n "$skip" ]; then
+    set -- "$@" --skip "$skip"
+fi
 /mvm/bin/mvm-nested --assets /mvm --mode nested "$@"
 finish $?

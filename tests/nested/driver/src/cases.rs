@@ -1493,6 +1493,8 @@ fn mvmd_cycles(ctx: &mut Ctx) -> Outcome {
         let started = std::time::Instant::now();
         let (code, out, err) = run_cli(cmd, None)?;
         times.push(started.elapsed());
+        // A heartbeat: the harness takes a long-silent console for a hung L1.
+        println!("nested: INFO cycle {cycle}/{CYCLES} done");
         if code != 0 || out.trim() != ctx.release {
             return Err(format!(
                 "cycle {cycle}: mvm --host run --rm --isolation vm -- uname -r: exit {code}, stdout {:?} \

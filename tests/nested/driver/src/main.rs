@@ -60,6 +60,9 @@ pub struct Args {
     /// Run only the tests whose name contains this text.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Leave out these tests, by exact name, comma-separated (those an earlier L1 boot ran).
+    #[arg(long, value_delimiter = ',')]
+    pub skip: Vec<String>,
     /// Copy every micro-VM console line to stdout (by default only failures show the console).
     #[arg(long)]
     pub echo_console: bool,
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
             .filter
             .as_deref()
             .is_some_and(|f| !case.name.contains(f))
+            || args.skip.iter().any(|s| s == case.name)
         {
             continue;
         }
