@@ -119,6 +119,23 @@ fn overlay_root_and_pivot_root_in_a_mount_namespace() {
     );
 }
 
+/// A 16 MiB ext4 `image` (holding a copy of `content`, if given) on a loop device; `None`, said
+/// loudly, where mkfs.ext4 or loop devices are missing.
+fn ext4_on_loop(image: &Path, content: Option<&Path>, test: &str) -> Option<LoopDevice> {
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F"]);
+    if let Some(dir) = content {
+        mkfs.arg("-d").arg(dir);
+    }
+    if !matches!(mkfs.arg(image).arg("16M").status(), Ok(s) if s.success()) {
+        eprintln!("SKIPPED {test}: mkfs.ext4 unavailable or failed");
+        return None;
+    }
+    LoopDevice::attach(image)
+        .map_err(|e| eprintln!("SKIPPED {test}: no loop device ({e})"))
+        .ok()
+}
+
 /// A loop device over an image file, detached when dropped.
 struct LoopDevice(String);
 
@@ -165,21 +182,8 @@ fn overlay_root_on_a_persistent_disk() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("upper.ext4");
-    let made = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&image)
-        .arg("16M")
-        .status();
-    if !matches!(made, Ok(s) if s.success()) {
-        eprintln!("SKIPPED overlay_root_on_a_persistent_disk: mkfs.ext4 unavailable or failed");
+    let Some(device) = ext4_on_loop(&image, None, "overlay_root_on_a_persistent_disk") else {
         return;
-    }
-    let device = match LoopDevice::attach(&image) {
-        Ok(device) => device,
-        Err(e) => {
-            eprintln!("SKIPPED overlay_root_on_a_persistent_disk: no loop device ({e})");
-            return;
-        }
     };
     run_overlay_child(dir.path(), &device.0, "overlay_root_on_a_persistent_disk");
     drop(device);
@@ -208,22 +212,8 @@ fn container_root_on_its_own_disk() {
     std::fs::create_dir_all(tree.join("etc")).unwrap();
     std::fs::write(tree.join("etc/os-release"), "ID=container\n").unwrap();
     let image = dir.path().join("container.ext4");
-    let made = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&tree)
-        .arg(&image)
-        .arg("16M")
-        .status();
-    if !matches!(made, Ok(s) if s.success()) {
-        eprintln!("SKIPPED container_root_on_its_own_disk: mkfs.ext4 unavailable or failed");
+    let Some(device) = ext4_on_loop(&image, Some(&tree), "container_root_on_its_own_disk") else {
         return;
-    }
-    let device = match LoopDevice::attach(&image) {
-        Ok(device) => device,
-        Err(e) => {
-            eprintln!("SKIPPED container_root_on_its_own_disk: no loop device ({e})");
-            return;
-        }
     };
     let staging = dir.path().join("staging");
     std::fs::create_dir(&staging).unwrap();
