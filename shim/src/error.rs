@@ -41,10 +41,48 @@ impl From<Error> for ttrpc::Error {
             Error::Invalid(_) => Code::INVALID_ARGUMENT,
             Error::NotFound(_) => Code::NOT_FOUND,
             Error::State(_) => Code::FAILED_PRECONDITION,
-            Error::Manager(api::Error::TierUnavailable(_)) => Code::FAILED_PRECONDITION,
-            Error::Manager(api::Error::Invalid(_)) => Code::INVALID_ARGUMENT,
-            Error::Manager(_) | Error::Agent(_) | Error::Host(_) => Code::INTERNAL,
+            Error::Manager(m) => match m {
+                api::Error::TierUnavailable(_) | api::Error::Conflict(_) => {
+                    Code::FAILED_PRECONDITION
+                }
+                api::Error::Invalid(_) | api::Error::BadRequest(_) => Code::INVALID_ARGUMENT,
+                api::Error::NotFound(_) => Code::NOT_FOUND,
+                api::Error::Quota(_) => Code::RESOURCE_EXHAUSTED,
+                api::Error::Unauthorized => Code::PERMISSION_DENIED,
+                api::Error::Agent(_) | api::Error::Host(_) => Code::INTERNAL,
+            },
+            Error::Agent(_) | Error::Host(_) => Code::INTERNAL,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(e: Error) -> Code {
+        match ttrpc::Error::from(e) {
+            ttrpc::Error::RpcStatus(status) => status.code(),
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn manager_errors_keep_their_meaning() {
+        let m = |e: api::Error| code(Error::Manager(e));
+        assert_eq!(m(api::Error::Quota("q".into())), Code::RESOURCE_EXHAUSTED);
+        assert_eq!(
+            m(api::Error::Conflict("c".into())),
+            Code::FAILED_PRECONDITION
+        );
+        assert_eq!(
+            m(api::Error::TierUnavailable("t".into())),
+            Code::FAILED_PRECONDITION
+        );
+        assert_eq!(m(api::Error::Invalid("i".into())), Code::INVALID_ARGUMENT);
+        assert_eq!(m(api::Error::NotFound("n".into())), Code::NOT_FOUND);
+        assert_eq!(m(api::Error::Host("h".into())), Code::INTERNAL);
+        assert_eq!(code(Error::State("s".into())), Code::FAILED_PRECONDITION);
     }
 }
