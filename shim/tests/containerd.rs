@@ -217,18 +217,7 @@ fn ctr_runs_containers_in_jail_sandboxes() {
     }
 
     // A detached container: exec into it, then kill it.
-    let out = cd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--annotation",
-        "io.mvm.isolation=jail",
-        IMAGE,
-        "long",
-        "sleep",
-        "1000",
-    ]);
+    let out = cd.run_detached("long", JAIL, &["sleep", "1000"]);
     assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
     cd.wait_status("long", "RUNNING").unwrap();
     let out = cd.ctr(&[
@@ -271,17 +260,7 @@ fn ctr_runs_containers_in_jail_sandboxes() {
         text(&out.stderr)
     );
     cd.wait_status("long", "RUNNING").unwrap();
-    let out = cd.ctr(&["task", "kill", "long"]);
-    assert!(out.status.success(), "ctr task kill: {}", text(&out.stderr));
-    cd.wait_status("long", "STOPPED").unwrap();
-    let out = cd.ctr(&["task", "rm", "long"]);
-    assert!(out.status.success(), "ctr task rm: {}", text(&out.stderr));
-    let out = cd.ctr(&["containers", "rm", "long"]);
-    assert!(
-        out.status.success(),
-        "ctr containers rm: {}",
-        text(&out.stderr)
-    );
+    cd.stop_and_remove("long", None).unwrap();
 
     // --memory-limit holds: a 64 MiB buffer in a 32 MiB container is OOM-killed, 8 MiB is fine.
     let limit = [
@@ -496,17 +475,7 @@ fn update_limits_and_oom_events() {
     assert!(err.contains("unlimited"), "{err}");
     assert_eq!(read(&memory, "memory.limit_in_bytes"), "25165824");
 
-    let out = cd.ctr(&["task", "kill", "-s", "SIGKILL", "limited"]);
-    assert!(out.status.success(), "ctr task kill: {}", text(&out.stderr));
-    cd.wait_status("limited", "STOPPED").unwrap();
-    let out = cd.ctr(&["task", "rm", "limited"]);
-    assert!(out.status.success(), "ctr task rm: {}", text(&out.stderr));
-    let out = cd.ctr(&["containers", "rm", "limited"]);
-    assert!(
-        out.status.success(),
-        "ctr containers rm: {}",
-        text(&out.stderr)
-    );
+    cd.stop_and_remove("limited", Some("SIGKILL")).unwrap();
 
     // An OOM-killed init process: containerd hears of the OOM before the exit, even though
     // `--rm` deletes the container right after.
@@ -558,18 +527,7 @@ fn a_killed_shim_leaves_nothing_behind() {
         return;
     }
     let cd = start("crash");
-    let out = cd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--annotation",
-        "io.mvm.isolation=jail",
-        IMAGE,
-        "crash",
-        "sleep",
-        "1000",
-    ]);
+    let out = cd.run_detached("crash", JAIL, &["sleep", "1000"]);
     assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
     cd.wait_status("crash", "RUNNING").unwrap();
     let pids = shim_pids("crash");

@@ -368,6 +368,34 @@ impl Containerd {
         }
     }
 
+    /// `ctr task kill [-s signal]` on container `id`, waits until its task is stopped, then
+    /// removes the task and the container; the first step that fails says why.
+    pub fn stop_and_remove(&self, id: &str, signal: Option<&str>) -> Result<(), String> {
+        let mut kill = vec!["task", "kill"];
+        if let Some(signal) = signal {
+            kill.extend(["-s", signal]);
+        }
+        kill.push(id);
+        self.ctr_ok(&kill)?;
+        self.wait_status(id, "STOPPED")?;
+        self.ctr_ok(&["task", "rm", id])?;
+        self.ctr_ok(&["containers", "rm", id])
+    }
+
+    /// Runs `ctr ARGS`; its stderr when it fails.
+    fn ctr_ok(&self, args: &[&str]) -> Result<(), String> {
+        let out = self.ctr(args);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ctr {}: {}",
+                args.join(" "),
+                text(&out.stderr).trim()
+            ))
+        }
+    }
+
     /// Processes started for this containerd: shims (they get its socket as -address) and
     /// sandboxes (their paths are under the shims' state directory).
     pub fn our_processes(&self) -> Vec<String> {

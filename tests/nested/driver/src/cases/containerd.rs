@@ -87,21 +87,7 @@ pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
             text(&out.stderr).trim()
         ));
     }
-    let out = cd.ctr(&["task", "kill", "vm-exec"]);
-    if !out.status.success() {
-        return Err(format!("ctr task kill: {}", text(&out.stderr).trim()));
-    }
-    cd.wait_status("vm-exec", "STOPPED")?;
-    for args in [["task", "rm", "vm-exec"], ["containers", "rm", "vm-exec"]] {
-        let out = cd.ctr(&args);
-        if !out.status.success() {
-            return Err(format!(
-                "ctr {}: {}",
-                args.join(" "),
-                text(&out.stderr).trim()
-            ));
-        }
-    }
+    cd.stop_and_remove("vm-exec", None)?;
     let left = cd.leftovers(&["vm-run", "vm-exec"]);
     if !left.is_empty() {
         return Err(format!(
