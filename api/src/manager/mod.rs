@@ -539,15 +539,11 @@ impl Manager {
     ) -> Result<Sandbox> {
         let started = Instant::now();
         let (sandbox, template) = self.plan(&tenant.name, req, userland)?;
+        // Taken before the row exists, so that another manager's reconciliation never sees
+        // the row unlocked and removes it as dead; held until the sandbox is ready or rolled
+        // back; the kernel drops it if we die.
+        let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&sandbox.id))?;
         let slot = self.inner.db.insert_sandbox(&sandbox, &tenant.quota)?;
-        // Held until the sandbox is ready or rolled back; the kernel drops it if we die.
-        let _busy = match BusyLock::acquire(&self.inner.cfg.lock_path(&sandbox.id)) {
-            Ok(l) => l,
-            Err(e) => {
-                self.inner.db.delete_sandbox(&sandbox.id)?;
-                return Err(e);
-            }
-        };
         let mut row = SandboxRow {
             sandbox,
             slot,
