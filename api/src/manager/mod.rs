@@ -1332,29 +1332,42 @@ struct BusyLock {
 
 impl BusyLock {
     fn acquire(path: &Path) -> Result<BusyLock> {
+        use std::os::unix::fs::MetadataExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
         }
-        let file = std::fs::File::create(path)
-            .map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        } == -1
-        {
-            return Err(Error::Conflict(format!(
-                "sandbox {} is being created or destroyed by another mvm process",
-                path.file_name().unwrap_or_default().to_string_lossy()
-            )));
+        loop {
+            let file = std::fs::File::create(path)
+                .map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
+            // SAFETY: flock on an fd we own.
+            if unsafe {
+                libc::flock(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    libc::LOCK_EX | libc::LOCK_NB,
+                )
+            } == -1
+            {
+                return Err(Error::Conflict(format!(
+                    "sandbox {} is being created or destroyed by another mvm process",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                )));
+            }
+            // Between create and flock another manager may have taken the unlocked file for a
+            // leftover and removed it: a lock on a file no longer at `path` guards nothing.
+            let locked = file
+                .metadata()
+                .map_err(|e| Error::host(format!("stat {}", path.display()), e))?;
+            match std::fs::metadata(path) {
+                Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
+                    return Ok(BusyLock {
+                        _file: file,
+                        path: path.to_path_buf(),
+                    })
+                }
+                _ => continue,
+            }
         }
-        Ok(BusyLock {
-            _file: file,
-            path: path.to_path_buf(),
-        })
     }
 
     /// Whether a live process holds the lock at `path`.
