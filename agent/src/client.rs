@@ -29,8 +29,8 @@ use tokio::task::JoinHandle;
 use crate::flow::{RecvBudget, SendWindow};
 use crate::protocol::{
     decode_payload, encode_frame, read_frame, AgentMessage, Channel, ClientMessage, DirEntry,
-    ErrorKind, ExecRequest, ExitStatus, FileStat, FrameError, Health, RemoteError, Reply, Request,
-    ShutdownAction, MAGIC, MAX_CHUNK, PROTOCOL_VERSION,
+    ErrorKind, ExecRequest, ExitStatus, FileStat, FrameError, Health, MountRequest, RemoteError, Reply,
+    Request, ShutdownAction, MAGIC, MAX_CHUNK, PROTOCOL_VERSION,
 };
 
 /// How long `connect_*` waits for the agent's `Hello` (and the vsock proxy's `OK`).
@@ -578,6 +578,22 @@ impl AgentClient {
                 recursive,
             },
             "Remove",
+        )
+        .await
+    }
+
+    /// Mounts a file system in the sandbox (see [`Request::Mount`]).
+    pub async fn mount(&self, request: MountRequest) -> Result<(), ClientError> {
+        self.call_done(Request::Mount(request), "Mount").await
+    }
+
+    /// Detaches the mount at `target` and everything below it.
+    pub async fn unmount(&self, target: &str) -> Result<(), ClientError> {
+        self.call_done(
+            Request::Unmount {
+                target: target.to_owned(),
+            },
+            "Unmount",
         )
         .await
     }

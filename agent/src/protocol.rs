@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Magic bytes carried by both `Hello` messages.
 pub const MAGIC: [u8; 4] = *b"MVMA";
 /// Largest accepted frame payload, in bytes.
@@ -207,6 +207,15 @@ pub enum Request {
         /// Power-off or reboot.
         action: ShutdownAction,
     },
+    /// Mounts a file system. A block device that has no capacity yet (a drive the host has
+    /// just swapped in) is waited for, up to 10 s. Replies `Done`.
+    Mount(MountRequest),
+    /// Detaches the mount at `target` and every mount below it (lazily: busy mounts go
+    /// when their last user does). Replies `Done`.
+    Unmount {
+        /// Absolute mount point.
+        target: String,
+    },
 }
 
 /// Successful answers.
@@ -259,6 +268,9 @@ pub struct ExecRequest {
     pub stdin: bool,
     /// Kill the process group with SIGKILL after this many milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Run chrooted into this directory (absolute, in the agent's view); `cwd` is then
+    /// inside it. For the containers of a pod, each with its own root in one sandbox.
+    pub root: Option<String>,
 }
 
 impl ExecRequest {
@@ -277,6 +289,7 @@ impl ExecRequest {
             pty: None,
             stdin: false,
             timeout_ms: None,
+            root: None,
         }
     }
 
@@ -316,6 +329,26 @@ impl ExecRequest {
         self.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
         self
     }
+
+    /// Runs chrooted into `root`.
+    pub fn root(mut self, root: impl Into<String>) -> Self {
+        self.root = Some(root.into());
+        self
+    }
+}
+
+/// A mount the host asks the agent to make (see [`Request::Mount`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRequest {
+    /// A block device (e.g. `/dev/vdc`), a file system name (`proc`), or, for a bind
+    /// mount, an absolute path.
+    pub source: String,
+    /// Absolute mount point; created (with its parents) when missing.
+    pub target: String,
+    /// File system type (`ext4`, `proc`, ...); `None` makes a recursive bind mount.
+    pub fstype: Option<String>,
+    /// Mount read-only.
+    pub read_only: bool,
 }
 
 /// Size of a pseudo-terminal.

@@ -745,3 +745,131 @@ async fn failed_put_leaves_nothing_behind() {
     client.put_file(&path, 0o600, &b"new"[..]).await.unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"new");
 }
+
+/// Lazily detaches whatever the test mounted, even when it fails half-way.
+struct Unmounted(Vec<std::path::PathBuf>);
+
+impl Drop for Unmounted {
+    fn drop(&mut self) {
+        for path in self.0.iter().rev() {
+            let _ = std::process::Command::new("umount").arg("-l").arg(path).status();
+        }
+    }
+}
+
+/// The containers of a pod: roots mounted at run time (`Mount`), processes chrooted into
+/// them (`ExecRequest::root`), detached again (`Unmount`).
+#[tokio::test]
+async fn containers_with_their_own_roots() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED containers_with_their_own_roots: mounting and chroot need root");
+        return;
+    }
+    let busybox = std::path::Path::new("/bin/busybox");
+    if !busybox.is_file() {
+        eprintln!("SKIPPED containers_with_their_own_roots: /bin/busybox (busybox-static) is missing");
+        return;
+    }
+    let pod = tempfile::tempdir().unwrap();
+    let a = pod.path().join("a");
+    let b = pod.path().join("b");
+    let (a_str, b_str) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let _guard = Unmounted(vec![a.clone(), b.clone()]);
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+
+    // Container a: a fresh file system with a static busybox in it.
+    client
+        .mount(agent::MountRequest {
+            source: "tmpfs".into(),
+            target: a_str.into(),
+            fstype: Some("tmpfs".into()),
+            read_only: false,
+        })
+        .await
+        .unwrap();
+    std::fs::create_dir_all(a.join("bin")).unwrap();
+    std::fs::create_dir_all(a.join("work")).unwrap();
+    std::fs::copy(busybox, a.join("bin/busybox")).unwrap();
+    let in_root = |root: &str, script: &str| {
+        ExecRequest::new(["/bin/busybox", "sh", "-c", script]).root(root)
+    };
+    let out = client
+        .exec(in_root(a_str, "echo a > /only-a; busybox pwd; busybox ls /").cwd("/work"))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/work\nbin\nonly-a\nwork\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(a.join("only-a")).unwrap(), "a\n");
+
+    // Container b sees a's tree through a read-only bind mount, as another user.
+    client
+        .mount(agent::MountRequest {
+            source: a_str.into(),
+            target: b_str.into(),
+            fstype: None,
+            read_only: true,
+        })
+        .await
+        .unwrap();
+    let out = client
+        .exec(in_root(b_str, "busybox id -u; busybox cat /only-a; echo x > /new").user(65534, 65534))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\na\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success());
+
+    // Bad roots and mounts are refused with the reason.
+    let err = client
+        .exec(ExecRequest::new(["true"]).root("relative"))
+        .await
+        .err()
+        .expect("a relative root is refused");
+    assert_eq!(err.remote_kind(), Some(ErrorKind::InvalidInput), "{err}");
+    let err = client
+        .exec(ExecRequest::new(["true"]).root(pod.path().join("missing").to_str().unwrap()))
+        .await
+        .err()
+        .expect("a missing root is refused");
+    assert_eq!(err.remote_kind(), Some(ErrorKind::NotFound), "{err}");
+    let err = client
+        .exec(in_root(a_str, "true").cwd("/nowhere"))
+        .await
+        .err()
+        .expect("a cwd missing from the root is refused");
+    assert_eq!(err.remote_kind(), Some(ErrorKind::NotFound), "{err}");
+    let err = client
+        .mount(agent::MountRequest {
+            source: "tmpfs".into(),
+            target: "mnt".into(),
+            fstype: Some("tmpfs".into()),
+            read_only: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(ErrorKind::InvalidInput), "{err}");
+
+    // Unmount detaches b, then a: the mount points are empty directories again.
+    client.unmount(b_str).await.unwrap();
+    client.unmount(a_str).await.unwrap();
+    assert_eq!(std::fs::read_dir(&a).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(&b).unwrap().count(), 0);
+    let err = client.unmount(a_str).await.unwrap_err();
+    assert!(err.to_string().contains("unmounting"), "{err}");
+}

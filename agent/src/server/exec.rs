@@ -1,9 +1,11 @@
 //! Running processes for `Exec` requests: spawning on pipes or a pty, streaming their
 //! output and input, timeouts and exit statuses.
 
+use std::ffi::CString;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,17 +88,24 @@ fn build_command(req: &ExecRequest) -> Result<Command, RemoteError> {
         .first()
         .ok_or_else(|| invalid("exec needs a non-empty argv".to_owned()))?;
     let cwd = req.cwd.as_deref().unwrap_or("/");
-    match std::fs::metadata(cwd) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(invalid(format!(
-                "working directory {cwd} is not a directory"
-            )))
+    let root = match req.root.as_deref() {
+        Some(root) if !root.starts_with('/') => {
+            return Err(invalid(format!("root {root:?} must be an absolute path")))
         }
-        Err(e) => return Err(RemoteError::from_io(format!("working directory {cwd}"), &e)),
-    }
+        Some(root) => {
+            check_dir("root", Path::new(root))?;
+            Some(root)
+        }
+        None => None,
+    };
+    // Checked here for a clear error; the chdir itself happens in the child.
+    let cwd_seen = match root {
+        Some(root) => Path::new(root).join(cwd.trim_start_matches('/')),
+        None => Path::new(cwd).to_owned(),
+    };
+    check_dir("working directory", &cwd_seen)?;
     let mut cmd = Command::new(program);
-    cmd.args(&req.argv[1..]).current_dir(cwd).env_clear();
+    cmd.args(&req.argv[1..]).env_clear();
     let home = if req.uid.unwrap_or(0) == 0 {
         "/root"
     } else {
@@ -112,13 +121,71 @@ fn build_command(req: &ExecRequest) -> Result<Command, RemoteError> {
         }
         cmd.env(key, value);
     }
-    if let Some(uid) = req.uid {
-        cmd.uid(uid);
-    }
-    if let Some(gid) = req.gid {
-        cmd.gid(gid);
+    match root {
+        Some(root) => enter_root(&mut cmd, root, cwd, req.uid, req.gid)?,
+        None => {
+            cmd.current_dir(cwd);
+            if let Some(uid) = req.uid {
+                cmd.uid(uid);
+            }
+            if let Some(gid) = req.gid {
+                cmd.gid(gid);
+            }
+        }
     }
     Ok(cmd)
+}
+
+fn check_dir(what: &str, path: &Path) -> Result<(), RemoteError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(invalid(format!("{what} {} is not a directory", path.display()))),
+        Err(e) => Err(RemoteError::from_io(format!("{what} {}", path.display()), &e)),
+    }
+}
+
+/// Makes the child chroot into `root`, change to `cwd` inside it and only then take `uid`
+/// and `gid`: std's own uid/gid/cwd settings apply before `pre_exec` hooks, when the chroot
+/// would no longer be allowed or the directory not yet visible.
+fn enter_root(
+    cmd: &mut Command,
+    root: &str,
+    cwd: &str,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<(), RemoteError> {
+    let c = |what: &str, s: &str| {
+        CString::new(s).map_err(|_| invalid(format!("{what} {s:?} contains a NUL byte")))
+    };
+    let root = c("root", root)?;
+    let cwd = c("working directory", cwd)?;
+    // SAFETY: the hook runs between fork and exec and only makes async-signal-safe system
+    // calls on strings allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: libc::c_int| {
+                if rc < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::chroot(root.as_ptr()))?;
+            check(libc::chdir(cwd.as_ptr()))?;
+            if (uid.is_some() || gid.is_some()) && libc::getuid() == 0 {
+                // No supplementary groups of the agent's carry over.
+                check(libc::setgroups(0, std::ptr::null()))?;
+            }
+            if let Some(gid) = gid {
+                check(libc::setgid(gid))?;
+            }
+            if let Some(uid) = uid {
+                check(libc::setuid(uid))?;
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 fn spawn(conn: &Conn, req: &ExecRequest) -> Result<Spawned, RemoteError> {

@@ -3,6 +3,7 @@
 mod exec;
 mod fdio;
 mod files;
+mod mounts;
 mod reaper;
 
 use std::collections::HashMap;
@@ -533,6 +534,12 @@ impl Conn {
                 .await
                 .map(|()| Some(Reply::Done)),
             Request::Health => Ok(Some(Reply::Health(self.agent.health()))),
+            Request::Mount(req) => mounts::mount_request(req)
+                .await
+                .map(|()| Some(Reply::Done)),
+            Request::Unmount { target } => {
+                mounts::unmount_request(&target).map(|()| Some(Reply::Done))
+            }
             Request::Shutdown { action } => {
                 self.out.reply(id, Reply::Done).await;
                 self.out.flush().await;
