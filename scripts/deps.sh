@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages mvm's build and test suite need, when any is missing.
+# Installs what mvm's build and test suite need, when any is missing: Debian packages, and
+# cargo-fuzz for the fuzz smoke stage.
 #   scripts/deps.sh            (as root)
 set -euo pipefail
 
@@ -19,11 +20,18 @@ missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -eq 0 ]; then
-    exit 0
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" -eq 0 ] || { echo "scripts/deps.sh: run as root to install: ${missing[*]}" >&2; exit 1; }
+    echo "scripts/deps.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-[ "$(id -u)" -eq 0 ] || { echo "scripts/deps.sh: run as root to install: ${missing[*]}" >&2; exit 1; }
-echo "scripts/deps.sh: installing ${missing[*]}" >&2
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# The fuzz smoke stage (scripts/test.sh) runs cargo-fuzz, from crates.io. It runs on the nightly
+# toolchain where one is installed, else on stable with RUSTC_BOOTSTRAP=1, so no toolchain
+# download is needed.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "scripts/deps.sh: installing cargo-fuzz" >&2
+    cargo install --locked cargo-fuzz@0.13.2
+fi

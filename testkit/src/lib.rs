@@ -105,12 +105,41 @@ pub fn kvm() -> Result<KvmKind, String> {
     })
 }
 
-/// Returns true if the test may run; otherwise prints a loud SKIP line saying why.
+/// Whether the suite runs in CI: `CI` is set to a non-empty value (`.ci/run` runs with
+/// `CI=true`). There every prerequisite is installed first, so a missing one is a failure.
+pub fn in_ci() -> bool {
+    ci_is_set(std::env::var_os("CI").as_deref())
+}
+
+fn ci_is_set(value: Option<&std::ffi::OsStr>) -> bool {
+    value.is_some_and(|v| !v.is_empty())
+}
+
+/// Reports that `test` cannot run because `why` (something it needs is missing): a loud SKIP
+/// line on a developer's machine, a panic with the same reason in CI ([`in_ci`]), so CI can
+/// never pass without running the test. Callers return right after it.
+#[track_caller]
+pub fn skip_or_fail_in_ci(test: &str, why: &str) {
+    skip_or_fail(in_ci(), test, why);
+}
+
+#[track_caller]
+fn skip_or_fail(ci: bool, test: &str, why: &str) {
+    assert!(
+        !ci,
+        "{test}: {why} (CI is set: a missing prerequisite fails instead of skipping)"
+    );
+    eprintln!("SKIP {test}: {why}");
+}
+
+/// Returns true if the test may run; otherwise skips it loudly, or fails it in CI, saying why
+/// (see [`skip_or_fail_in_ci`]).
+#[track_caller]
 pub fn require_kvm(test: &str) -> bool {
     match kvm() {
         Ok(_) => true,
         Err(why) => {
-            eprintln!("SKIP {test}: {why}");
+            skip_or_fail_in_ci(test, &why);
             false
         }
     }
@@ -320,4 +349,29 @@ pub fn run_vmm_until(
     let _ = child.kill();
     let _ = child.wait();
     (found, String::from_utf8_lossy(&console).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn ci_counts_as_set_only_when_non_empty() {
+        assert!(!ci_is_set(None));
+        assert!(!ci_is_set(Some(OsStr::new(""))));
+        assert!(ci_is_set(Some(OsStr::new("true"))));
+        assert!(ci_is_set(Some(OsStr::new("1"))));
+    }
+
+    #[test]
+    fn outside_ci_a_missing_prerequisite_skips() {
+        skip_or_fail(false, "some_test", "/dev/kvm is not usable");
+    }
+
+    #[test]
+    #[should_panic(expected = "some_test: /dev/kvm is not usable (CI is set")]
+    fn in_ci_a_missing_prerequisite_fails_with_the_reason() {
+        skip_or_fail(true, "some_test", "/dev/kvm is not usable");
+    }
 }

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs every fuzz target of mvm-vmm's virtio devices for N seconds each (default 30: the CI
 # smoke run) on its corpus directory, and fails if any target finds a crash.
-# Needs a nightly toolchain and cargo-fuzz:
+# Needs cargo-fuzz and a nightly toolchain:
 #   rustup toolchain install nightly && cargo install cargo-fuzz
+# or, with no nightly at hand, the stable toolchain unlocked for -Z flags:
+#   RUSTC_BOOTSTRAP=1 MVM_FUZZ_TOOLCHAIN=stable vmm/fuzz/run-fuzz.sh
 # Usage: vmm/fuzz/run-fuzz.sh [seconds-per-target] [target...]
 set -euo pipefail
 cd "$(dirname "$0")"
+toolchain="${MVM_FUZZ_TOOLCHAIN:-nightly}"
 seconds="${1:-30}"
 shift || true
 targets=("$@")
@@ -15,7 +18,7 @@ for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
     log="logs/$target.log"
     echo "== $target: ${seconds}s"
-    if ! cargo +nightly fuzz run "$target" "corpus/$target" -- \
+    if ! cargo "+$toolchain" fuzz run "$target" "corpus/$target" -- \
         -max_total_time="$seconds" -max_len=70000 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
         tail -n 60 "$log"
         echo "FAIL $target: see vmm/fuzz/$log and vmm/fuzz/artifacts/$target/" >&2

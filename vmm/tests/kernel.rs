@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mvm_testkit::{artifacts_dir, config_for, kvm, require_kvm, run_vmm_until, KvmKind};
+use mvm_testkit::{
+    artifacts_dir, config_for, kvm, require_kvm, run_vmm_until, skip_or_fail_in_ci, KvmKind,
+};
 
 /// The built kernel image, or None (with a loud SKIP) when it has not been built; in CI a
 /// missing kernel is a failure, since .ci/run builds it first.
@@ -15,14 +17,9 @@ fn kernel_image(test: &str, name: &str) -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} is missing in CI: .ci/run must run guest-kernel/build.sh first",
-        path.display()
-    );
-    eprintln!(
-        "SKIP {test}: {} not built (run guest-kernel/build.sh)",
-        path.display()
+    skip_or_fail_in_ci(
+        test,
+        &format!("{} not built (run guest-kernel/build.sh)", path.display()),
     );
     None
 }

@@ -163,10 +163,10 @@ pub struct TestTap {
 
 impl TestTap {
     /// Creates tap `mvmt<pid><tag>` with IPv6 off (no host chatter) and brings it up; None (after
-    /// a loud SKIP line) when not root or when iproute2 fails.
+    /// a loud SKIP line, or a failure in CI) when not root or when iproute2 fails.
     pub fn create(test: &str, tag: &str) -> Option<TestTap> {
         if !mvm_testkit::is_root() {
-            eprintln!("SKIP {test}: creating a tap needs root");
+            mvm_testkit::skip_or_fail_in_ci(test, "creating a tap needs root");
             return None;
         }
         let name = format!("mvmt{}{tag}", std::process::id() % 100_000);
@@ -174,7 +174,10 @@ impl TestTap {
         match ip(&["tuntap", "add", "dev", &name, "mode", "tap"]) {
             Ok(out) if out.status.success() => {}
             other => {
-                eprintln!("SKIP {test}: `ip tuntap add` failed: {other:?}");
+                mvm_testkit::skip_or_fail_in_ci(
+                    test,
+                    &format!("`ip tuntap add` failed: {other:?}"),
+                );
                 return None;
             }
         }
