@@ -277,8 +277,9 @@ pub struct VsockConfig {
     pub vsock_id: Option<String>,
 }
 
-/// Log verbosity (Firecracker's names).
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+/// Log verbosity (Firecracker's names). Like Firecracker, parsing ignores case and also takes
+/// "Warn" for [`LogLevel::Warning`].
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub enum LogLevel {
     /// Nothing.
     Off,
@@ -293,6 +294,34 @@ pub enum LogLevel {
     Debug,
     /// Everything.
     Trace,
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "off" => LogLevel::Off,
+            "error" => LogLevel::Error,
+            "warning" | "warn" => LogLevel::Warning,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            _ => {
+                return Err(format!(
+                    "unknown log level {s:?}: use Off, Error, Warning (or Warn), Info, Debug or \
+                     Trace, in any case"
+                ))
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// `logger`: where and what the VMM logs.
@@ -473,6 +502,32 @@ mod tests {
         )
         .contains("huge_pages"));
         assert!(err("{not json").contains("invalid configuration JSON"));
+    }
+
+    #[test]
+    fn log_levels_parse_in_any_case_as_in_firecracker() {
+        let level = |name: &str| {
+            VmConfig::from_json(&format!(r#"{{"logger": {{"level": "{name}"}}}}"#))
+                .map(|cfg| cfg.logger.unwrap().level.unwrap())
+                .map_err(|e| e.to_string())
+        };
+        for (name, want) in [
+            ("info", LogLevel::Info),
+            ("Warning", LogLevel::Warning),
+            ("warn", LogLevel::Warning),
+            ("WARN", LogLevel::Warning),
+            ("ERROR", LogLevel::Error),
+            ("Trace", LogLevel::Trace),
+            ("debug", LogLevel::Debug),
+            ("Off", LogLevel::Off),
+            ("oFF", LogLevel::Off),
+        ] {
+            assert_eq!(level(name), Ok(want), "{name}");
+        }
+        let err = level("loud").unwrap_err();
+        assert!(err.contains("unknown log level \"loud\""), "{err}");
+        // GET /vm/config reports the canonical names.
+        assert_eq!(serde_json::to_value(LogLevel::Warning).unwrap(), "Warning");
     }
 
     #[test]
