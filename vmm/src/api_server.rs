@@ -7,13 +7,14 @@ use std::path::Path;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{
-    BootSource, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
-    NetworkInterfaceConfig, VsockConfig,
+    BootSource, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterfaceConfig,
+    VsockConfig,
 };
 use crate::controller::{VmmAction, VmmActionError, VmmResponse};
 use crate::event_loop::{ApiChannel, ApiRequest};
@@ -195,8 +196,10 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, HttpRe
     }))
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, HttpResponse> {
-    serde_json::from_slice(body).map_err(|e| HttpResponse::fault(400, ConfigError::Json(e)))
+/// Parses the body of a request to `section` (errors name the field, e.g.
+/// `machine-config.vcpu_count`).
+fn parse<T: DeserializeOwned>(section: &str, body: &[u8]) -> Result<T, HttpResponse> {
+    crate::config::from_json_slice(Some(section), body).map_err(|e| HttpResponse::fault(400, e))
 }
 
 #[derive(Deserialize)]
@@ -233,33 +236,34 @@ pub fn route(req: &HttpRequest) -> Result<VmmAction, HttpResponse> {
         ("GET", ["version"]) => VmmAction::GetVersion,
         ("GET", ["vm", "config"]) => VmmAction::GetFullConfig,
         ("GET", ["machine-config"]) => VmmAction::GetMachineConfig,
-        ("PUT", ["machine-config"]) => VmmAction::PutMachineConfig(parse::<MachineConfig>(body)?),
-        ("PATCH", ["machine-config"]) => VmmAction::PatchMachineConfig(parse::<Value>(body)?),
-        ("PUT", ["boot-source"]) => VmmAction::PutBootSource(parse::<BootSource>(body)?),
+        ("PUT", ["machine-config"]) => VmmAction::PutMachineConfig(parse::<MachineConfig>("machine-config", body)?),
+        ("PATCH", ["machine-config"]) => VmmAction::PatchMachineConfig(parse::<Value>("machine-config", body)?),
+        ("PUT", ["boot-source"]) => VmmAction::PutBootSource(parse::<BootSource>("boot-source", body)?),
         ("PUT", ["drives", id]) => {
-            let drive: DriveConfig = parse(body)?;
+            let drive: DriveConfig = parse("drives", body)?;
             id_matches(id, &drive.drive_id, "drive_id")?;
             VmmAction::PutDrive(drive)
         }
         ("PUT", ["network-interfaces", id]) => {
-            let iface: NetworkInterfaceConfig = parse(body)?;
+            let iface: NetworkInterfaceConfig = parse("network-interfaces", body)?;
             id_matches(id, &iface.iface_id, "iface_id")?;
             VmmAction::PutNetworkInterface(iface)
         }
         ("PATCH", ["drives", id]) => {
-            let patch: crate::devices::virtio::update::DrivePatch = parse(body)?;
+            let patch: crate::devices::virtio::update::DrivePatch = parse("drives", body)?;
             id_matches(id, &patch.drive_id, "drive_id")?;
             VmmAction::PatchDrive(patch)
         }
         ("PATCH", ["network-interfaces", id]) => {
-            let patch: crate::devices::virtio::update::NetworkInterfacePatch = parse(body)?;
+            let patch: crate::devices::virtio::update::NetworkInterfacePatch =
+                parse("network-interfaces", body)?;
             id_matches(id, &patch.iface_id, "iface_id")?;
             VmmAction::PatchNetworkInterface(patch)
         }
-        ("PUT", ["vsock"]) => VmmAction::PutVsock(parse::<VsockConfig>(body)?),
-        ("PUT", ["logger"]) => VmmAction::PutLogger(parse::<LoggerConfig>(body)?),
-        ("PUT", ["metrics"]) => VmmAction::PutMetrics(parse::<MetricsConfig>(body)?),
-        ("PUT", ["actions"]) => match parse::<ActionBody>(body)?.action_type.as_str() {
+        ("PUT", ["vsock"]) => VmmAction::PutVsock(parse::<VsockConfig>("vsock", body)?),
+        ("PUT", ["logger"]) => VmmAction::PutLogger(parse::<LoggerConfig>("logger", body)?),
+        ("PUT", ["metrics"]) => VmmAction::PutMetrics(parse::<MetricsConfig>("metrics", body)?),
+        ("PUT", ["actions"]) => match parse::<ActionBody>("actions", body)?.action_type.as_str() {
             "InstanceStart" => VmmAction::InstanceStart,
             "SendCtrlAltDel" => VmmAction::SendCtrlAltDel,
             "FlushMetrics" => VmmAction::FlushMetrics,
@@ -270,7 +274,7 @@ pub fn route(req: &HttpRequest) -> Result<VmmAction, HttpResponse> {
                 ))
             }
         },
-        ("PATCH", ["vm"]) => match parse::<VmStateBody>(body)?.state.as_str() {
+        ("PATCH", ["vm"]) => match parse::<VmStateBody>("vm", body)?.state.as_str() {
             "Paused" => VmmAction::Pause,
             "Resumed" => VmmAction::Resume,
             other => {

@@ -1,7 +1,8 @@
 //! Firecracker-compatible VM configuration: the JSON of `--config-file` and of the API's PUT
 //! bodies, with validation that names the offending field.
 
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
@@ -52,6 +53,95 @@ fn unsupported(field: impl Into<String>, why: impl Into<String>) -> ConfigError 
         field: field.into(),
         why: why.into(),
     }
+}
+
+/// Parses `json` as `T`: a whole `--config-file` document (`section` None) or the body of one
+/// section's API request (e.g. `Some("machine-config")`). A value of the wrong type or range is
+/// reported as [`ConfigError::Invalid`] naming the JSON path of its field; syntax errors as
+/// [`ConfigError::Json`].
+pub fn from_json_slice<T: DeserializeOwned>(
+    section: Option<&str>,
+    json: &[u8],
+) -> Result<T, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let value = deserialize_naming_fields(section, &mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// Like [`from_json_slice`], from an already parsed JSON value.
+pub fn from_json_value<T: DeserializeOwned>(
+    section: Option<&str>,
+    value: Value,
+) -> Result<T, ConfigError> {
+    deserialize_naming_fields(section, value)
+}
+
+fn deserialize_naming_fields<'de, T, D>(section: Option<&str>, de: D) -> Result<T, ConfigError>
+where
+    T: Deserialize<'de>,
+    D: Deserializer<'de, Error = serde_json::Error>,
+{
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        // "." is the document itself (e.g. a missing field of a section's body).
+        let path = Some(e.path().to_string()).filter(|p| p != ".");
+        let error = e.into_inner();
+        if error.classify() != serde_json::error::Category::Data {
+            return ConfigError::Json(error);
+        }
+        let field = match (section, path) {
+            (Some(section), Some(path)) => format!("{section}.{path}"),
+            (Some(section), None) => section.to_string(),
+            (None, Some(path)) => path,
+            (None, None) => return ConfigError::Json(error),
+        };
+        invalid(field, error.to_string())
+    })
+}
+
+/// Checks a vCPU count (any integer a client sent) against 1 to [`MAX_VCPUS`].
+fn vcpu_count_in_range(count: i128) -> Result<u8, String> {
+    match u8::try_from(count) {
+        Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
+        _ => Err(format!("{count} is out of range: use 1 to {MAX_VCPUS}")),
+    }
+}
+
+/// `machine-config.vcpu_count`: any JSON integer, refused with the range when outside it.
+fn deserialize_vcpu_count<'de, D: Deserializer<'de>>(de: D) -> Result<u8, D::Error> {
+    struct VcpuCount;
+    impl Visitor<'_> for VcpuCount {
+        type Value = u8;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a vCPU count from 1 to {MAX_VCPUS}")
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u8, E> {
+            vcpu_count_in_range(n.into()).map_err(E::custom)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u8, E> {
+            vcpu_count_in_range(n.into()).map_err(E::custom)
+        }
+    }
+    de.deserialize_u8(VcpuCount)
+}
+
+/// `machine-config.mem_size_mib`: a whole number of MiB; a negative one is refused as such.
+fn deserialize_mem_size_mib<'de, D: Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
+    struct MemSizeMib;
+    impl Visitor<'_> for MemSizeMib {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a memory size in MiB (a whole number)")
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
+            Ok(n)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u64, E> {
+            u64::try_from(n)
+                .map_err(|_| E::custom(format!("{n} is negative: give the memory size in MiB")))
+        }
+    }
+    de.deserialize_u64(MemSizeMib)
 }
 
 /// Fails when a Firecracker field mvm lacks is present and not null.
@@ -107,8 +197,10 @@ impl BootSource {
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     /// Number of vCPUs, 1 to 32.
+    #[serde(deserialize_with = "deserialize_vcpu_count")]
     pub vcpu_count: u8,
     /// Guest RAM in MiB.
+    #[serde(deserialize_with = "deserialize_mem_size_mib")]
     pub mem_size_mib: u64,
     /// Present vCPUs as hyper-thread pairs.
     #[serde(default)]
@@ -140,12 +232,8 @@ impl Default for MachineConfig {
 impl MachineConfig {
     /// Checks vCPU count, memory size and unsupported options.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
-            return Err(invalid(
-                "machine-config.vcpu_count",
-                format!("{} is out of range: use 1 to {MAX_VCPUS}", self.vcpu_count),
-            ));
-        }
+        vcpu_count_in_range(self.vcpu_count.into())
+            .map_err(|why| invalid("machine-config.vcpu_count", why))?;
         if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
             return Err(invalid(
                 "machine-config.vcpu_count",
@@ -410,7 +498,7 @@ pub struct VmConfig {
 impl VmConfig {
     /// Parses a Firecracker JSON configuration document.
     pub fn from_json(json: &str) -> Result<Self, ConfigError> {
-        let config: VmConfig = serde_json::from_str(json)?;
+        let config: VmConfig = from_json_slice(None, json.as_bytes())?;
         config.validate_sections()?;
         Ok(config)
     }
@@ -502,6 +590,63 @@ mod tests {
         )
         .contains("huge_pages"));
         assert!(err("{not json").contains("invalid configuration JSON"));
+    }
+
+    #[test]
+    fn wrong_machine_config_values_name_the_field() {
+        let err = |machine: &str| {
+            let doc = format!(r#"{{"machine-config": {machine}}}"#);
+            let from_file = VmConfig::from_json(&doc).unwrap_err().to_string();
+            let from_api =
+                from_json_slice::<MachineConfig>(Some("machine-config"), machine.as_bytes())
+                    .unwrap_err()
+                    .to_string();
+            let patch = serde_json::from_str(machine).unwrap();
+            let from_patch = from_json_value::<MachineConfig>(Some("machine-config"), patch)
+                .unwrap_err()
+                .to_string();
+            for message in [&from_api, &from_patch] {
+                assert!(
+                    message.starts_with(from_file.split(" at line").next().unwrap()),
+                    "{from_file} / {message}"
+                );
+            }
+            from_file
+        };
+        let cases = [
+            (r#"{"vcpu_count": 300, "mem_size_mib": 128}"#, "invalid `machine-config.vcpu_count`: 300 is out of range: use 1 to 32"),
+            (r#"{"vcpu_count": -1, "mem_size_mib": 128}"#, "invalid `machine-config.vcpu_count`: -1 is out of range: use 1 to 32"),
+            (r#"{"vcpu_count": "2", "mem_size_mib": 128}"#, "invalid `machine-config.vcpu_count`: invalid type: string \"2\", expected a vCPU count from 1 to 32"),
+            (r#"{"vcpu_count": 1.5, "mem_size_mib": 128}"#, "invalid `machine-config.vcpu_count`: invalid type: floating point `1.5`, expected a vCPU count"),
+            (r#"{"vcpu_count": 1, "mem_size_mib": -1}"#, "invalid `machine-config.mem_size_mib`: -1 is negative: give the memory size in MiB"),
+            (r#"{"vcpu_count": 1, "mem_size_mib": "128"}"#, "invalid `machine-config.mem_size_mib`: invalid type: string \"128\", expected a memory size in MiB"),
+            (r#"{"vcpu_count": 1, "mem_size_mib": 99999999999999999999}"#, "invalid `machine-config.mem_size_mib`: invalid type: floating point"),
+            (r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": "yes"}"#, "invalid `machine-config.smt`: invalid type: string \"yes\", expected a boolean"),
+            (r#"{"vcpu_count": 1}"#, "invalid `machine-config`: missing field `mem_size_mib`"),
+        ];
+        for (machine, want) in cases {
+            let got = err(machine);
+            assert!(got.starts_with(want), "{machine}: {got}");
+        }
+        // Other sections name their fields too, down to list entries.
+        let got = VmConfig::from_json(r#"{"drives": [{"drive_id": "a", "is_root_device": "no"}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            got.starts_with("invalid `drives[0].is_root_device`: invalid type"),
+            "{got}"
+        );
+        // Trailing garbage and syntax errors stay JSON errors.
+        let got = from_json_slice::<MachineConfig>(
+            Some("machine-config"),
+            br#"{"vcpu_count": 1, "mem_size_mib": 64} x"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            got.starts_with("invalid configuration JSON: trailing characters"),
+            "{got}"
+        );
     }
 
     #[test]

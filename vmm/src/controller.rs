@@ -278,7 +278,7 @@ impl Controller {
                 };
                 current_map.extend(patch_map);
                 let machine: MachineConfig =
-                    serde_json::from_value(current).map_err(ConfigError::Json)?;
+                    crate::config::from_json_value(Some("machine-config"), current)?;
                 machine.validate()?;
                 self.config.machine_config = machine;
                 Ok(VmmResponse::Empty)

@@ -141,6 +141,29 @@ fn configure_and_boot_through_the_api() {
     );
     assert_eq!(status, 400);
     assert!(fault(&body).contains("machine-config.vcpu_count"), "{body}");
+    for (machine, expected) in [
+        (
+            r#"{"vcpu_count": 300, "mem_size_mib": 64}"#,
+            "invalid `machine-config.vcpu_count`: 300 is out of range: use 1 to 32",
+        ),
+        (
+            r#"{"vcpu_count": "2", "mem_size_mib": 64}"#,
+            "invalid `machine-config.vcpu_count`: invalid type: string",
+        ),
+        (
+            r#"{"vcpu_count": 1, "mem_size_mib": -1}"#,
+            "invalid `machine-config.mem_size_mib`: -1 is negative",
+        ),
+    ] {
+        for method in ["PUT", "PATCH"] {
+            let (status, body) = vmm.call(method, "/machine-config", Some(machine));
+            assert_eq!(status, 400, "{method} {machine}: {body}");
+            assert!(
+                fault(&body).starts_with(expected),
+                "{method} {machine}: {body}"
+            );
+        }
+    }
     let (status, body) = vmm.call("PUT", "/machine-config", Some("{not json"));
     assert_eq!(status, 400);
     assert!(

@@ -193,6 +193,27 @@ fn bad_machine_configs_are_refused_naming_the_field() {
     refused(config_for(&hello, "", 33, 32), "use 1 to 32");
     refused(config_for(&hello, "", 1, 0), "machine-config.mem_size_mib");
     refused(config_for(&hello, "", 1, 1 << 30), "larger than this host");
+    let machine = |vcpus: serde_json::Value, mem: serde_json::Value| json!({"boot-source": {"kernel_image_path": hello}, "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem}});
+    refused(
+        machine(json!(300), json!(32)),
+        "invalid `machine-config.vcpu_count`: 300 is out of range: use 1 to 32",
+    );
+    refused(
+        machine(json!(-1), json!(32)),
+        "invalid `machine-config.vcpu_count`: -1 is out of range",
+    );
+    refused(
+        machine(json!("2"), json!(32)),
+        "invalid `machine-config.vcpu_count`: invalid type: string \"2\"",
+    );
+    refused(
+        machine(json!(1), json!(-64)),
+        "invalid `machine-config.mem_size_mib`: -64 is negative",
+    );
+    refused(
+        machine(json!(1), json!("64")),
+        "invalid `machine-config.mem_size_mib`: invalid type: string \"64\"",
+    );
     refused(
         json!({"boot-source": {"kernel_image_path": hello}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 32, "cpu_template": "T2"}}),
         "machine-config.cpu_template",
