@@ -365,6 +365,22 @@ pub struct VsockConfig {
     pub vsock_id: Option<String>,
 }
 
+impl VsockConfig {
+    /// Checks what Firecracker checks when the device is configured: a guest CID of 3 or more.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 {
+            return Err(invalid(
+                "vsock.guest_cid",
+                format!(
+                    "{} is reserved (0 to 2 are the hypervisor, loopback and host): use 3 or more",
+                    self.guest_cid
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Log verbosity (Firecracker's names). Like Firecracker, parsing ignores case and also takes
 /// "Warn" for [`LogLevel::Warning`].
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
@@ -523,6 +539,9 @@ impl VmConfig {
         reject_present(&self.entropy, "entropy", "there is no virtio-rng device")?;
         if let Some(boot) = &self.boot_source {
             boot.validate()?;
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
         }
         self.machine_config.validate()
     }

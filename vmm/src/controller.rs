@@ -80,6 +80,9 @@ pub enum VmmActionError {
     /// Invalid configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A drive cannot be used (Firecracker's checks at `PUT /drives`).
+    #[error(transparent)]
+    Drive(#[from] crate::devices::virtio::block::BlockError),
     /// The VM could not be built.
     #[error("cannot start the microVM: {0}")]
     Start(#[from] BuildError),
@@ -291,6 +294,8 @@ impl Controller {
             }
             PutDrive(drive) => {
                 self.before_boot("PUT /drives")?;
+                // Like Firecracker, open the image now so a bad path fails this request.
+                crate::devices::virtio::block::Block::open_image(&drive)?;
                 if drive.is_root_device {
                     if let Some(other) = self
                         .config
@@ -336,6 +341,7 @@ impl Controller {
             }
             PutVsock(vsock) => {
                 self.before_boot("PUT /vsock")?;
+                vsock.validate()?;
                 self.config.vsock = Some(vsock);
                 Ok(VmmResponse::Empty)
             }

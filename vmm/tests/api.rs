@@ -223,6 +223,62 @@ fn configure_and_boot_through_the_api() {
 }
 
 #[test]
+fn unusable_drives_and_reserved_vsock_cids_are_refused_at_put() {
+    // Firecracker's checks at PUT time: no guest runs, so no KVM is needed.
+    let vmm = ApiVmm::start();
+    let dir = ScratchDir::new("api-put-checks");
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    let drive = |path: &Path, read_only: bool| {
+        serde_json::json!({"drive_id": "data", "path_on_host": path, "is_root_device": false, "is_read_only": read_only})
+            .to_string()
+    };
+    let missing = dir.path().join("missing.img");
+    let (status, body) = vmm.call("PUT", "/drives/data", Some(&drive(&missing, true)));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        fault(&body),
+        format!(
+            "drive data: cannot open path_on_host {}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+    // A directory cannot be opened read-write, and read-only it is no disk image.
+    let (status, body) = vmm.call("PUT", "/drives/data", Some(&drive(dir.path(), false)));
+    assert_eq!(status, 400, "{body}");
+    assert!(fault(&body).contains("Is a directory"), "{body}");
+    let (status, body) = vmm.call("PUT", "/drives/data", Some(&drive(dir.path(), true)));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        fault(&body).contains("not a regular file or block device"),
+        "{body}"
+    );
+    // Refused requests changed nothing; a usable image is taken.
+    let (_, full) = vmm.call("GET", "/vm/config", None);
+    assert_eq!(full["drives"], serde_json::json!([]));
+    for read_only in [true, false] {
+        let (status, body) = vmm.call("PUT", "/drives/data", Some(&drive(&image, read_only)));
+        assert_eq!(status, 204, "{body}");
+    }
+
+    let sock = dir.path().join("v.sock");
+    for cid in [0, 1, 2] {
+        let vsock = serde_json::json!({"guest_cid": cid, "uds_path": sock}).to_string();
+        let (status, body) = vmm.call("PUT", "/vsock", Some(&vsock));
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            fault(&body).starts_with(&format!("invalid `vsock.guest_cid`: {cid} is reserved")),
+            "{body}"
+        );
+    }
+    let vsock = serde_json::json!({"guest_cid": 3, "uds_path": sock}).to_string();
+    let (status, body) = vmm.call("PUT", "/vsock", Some(&vsock));
+    assert_eq!(status, 204, "{body}");
+    let (_, full) = vmm.call("GET", "/vm/config", None);
+    assert_eq!(full["vsock"]["guest_cid"], 3);
+}
+
+#[test]
 fn pause_stops_the_guest_and_resume_continues_it() {
     if !require_kvm("pause_stops_the_guest_and_resume_continues_it") {
         return;

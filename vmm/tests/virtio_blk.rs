@@ -138,7 +138,7 @@ fn missing_or_unsupported_drives_are_refused_before_boot() {
     assert_eq!(run.code(), 1, "{run:#?}");
     assert!(
         run.stderr
-            .contains("drive gone: cannot open /nonexistent/disk.img"),
+            .contains("drive gone: cannot open path_on_host /nonexistent/disk.img"),
         "{run:#?}"
     );
     let dir = ScratchDir::new("blk-engine");

@@ -91,7 +91,11 @@ fn bad_vsock_configs_are_refused_before_boot() {
     config["vsock"] = json!({"guest_cid": 2, "uds_path": dir.path().join("v.sock")});
     let run = mvm_testkit::run_vmm_config(&config, TIMEOUT);
     assert_eq!(run.code(), 1, "{run:#?}");
-    assert!(run.stderr.contains("guest_cid 2 is reserved"), "{run:#?}");
+    assert!(
+        run.stderr
+            .contains("invalid `vsock.guest_cid`: 2 is reserved"),
+        "{run:#?}"
+    );
     let file = dir.path().join("plain-file");
     std::fs::write(&file, "x").unwrap();
     config["vsock"] = json!({"guest_cid": 3, "uds_path": file});

@@ -258,7 +258,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            e.to_string().contains("cannot open /nonexistent/x.img"),
+            e.to_string()
+                .contains("cannot open path_on_host /nonexistent/x.img"),
             "{e}"
         );
         assert_eq!(

@@ -54,7 +54,7 @@ pub enum BlockError {
     #[error("drive {0}: path_on_host is required (vhost-user `socket` drives are not supported)")]
     NoPath(String),
     /// The image cannot be opened.
-    #[error("drive {id}: cannot open {path}: {err}")]
+    #[error("drive {id}: cannot open path_on_host {path}: {err}")]
     Open {
         /// Drive id.
         id: String,
@@ -283,29 +283,10 @@ impl Block {
         index: usize,
         seccomp: &crate::seccomp::Filters,
     ) -> Result<Block, BlockError> {
+        let disk = Self::open_image(config)?;
         let id = &config.drive_id;
-        let path = config
-            .path_on_host
-            .as_deref()
-            .ok_or_else(|| BlockError::NoPath(id.clone()))?;
-        if config.socket.is_some() {
-            return Err(BlockError::Unsupported(
-                id.clone(),
-                "vhost-user `socket` drives are not supported".into(),
-            ));
-        }
-        match config.io_engine.as_deref() {
-            None | Some("Sync") => {}
-            Some(other) => {
-                return Err(BlockError::Unsupported(
-                    id.clone(),
-                    format!("io_engine {other:?} is not available: use \"Sync\""),
-                ))
-            }
-        }
         let read_only = config.is_read_only.unwrap_or(false);
         let writeback = config.cache_type == CacheType::Writeback;
-        let disk = Disk::open(id, path, read_only)?;
         let limiter = RateLimiter::new(config.rate_limiter.as_ref())
             .map_err(|e| BlockError::Io(id.clone(), e))?;
         let mut features = VIRTIO_F_VERSION_1;
@@ -327,6 +308,33 @@ impl Block {
             )
             .map_err(|e| BlockError::Io(id.clone(), e))?,
         })
+    }
+
+    /// Checks a drive as Firecracker does when it is configured (`PUT /drives`) and opens its
+    /// image: a `path_on_host` that opens (read-only when `is_read_only`, else read-write), no
+    /// vhost-user `socket`, the "Sync" I/O engine.
+    pub fn open_image(config: &DriveConfig) -> Result<Disk, BlockError> {
+        let id = &config.drive_id;
+        let path = config
+            .path_on_host
+            .as_deref()
+            .ok_or_else(|| BlockError::NoPath(id.clone()))?;
+        if config.socket.is_some() {
+            return Err(BlockError::Unsupported(
+                id.clone(),
+                "vhost-user `socket` drives are not supported".into(),
+            ));
+        }
+        match config.io_engine.as_deref() {
+            None | Some("Sync") => {}
+            Some(other) => {
+                return Err(BlockError::Unsupported(
+                    id.clone(),
+                    format!("io_engine {other:?} is not available: use \"Sync\""),
+                ))
+            }
+        }
+        Disk::open(id, path, config.is_read_only.unwrap_or(false))
     }
 
     /// The drive id.

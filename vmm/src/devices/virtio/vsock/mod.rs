@@ -37,9 +37,9 @@ const EVENT_TOKEN: u64 = 2;
 /// Errors setting up the vsock device.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
-    /// The CID is reserved.
-    #[error("vsock guest_cid {0} is reserved: use 3 or more")]
-    BadCid(u32),
+    /// The configuration is invalid (a reserved CID).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Another process serves the socket path.
     #[error("vsock uds_path {0} is in use by another process; pick another path")]
     InUse(String),
@@ -294,9 +294,7 @@ impl Vsock {
         config: &VsockConfig,
         seccomp: &crate::seccomp::Filters,
     ) -> Result<Vsock, VsockError> {
-        if config.guest_cid < 3 {
-            return Err(VsockError::BadCid(config.guest_cid));
-        }
+        config.validate()?;
         let listener = bind(&config.uds_path)?;
         let guest_cid = u64::from(config.guest_cid);
         Ok(Vsock {
