@@ -192,9 +192,9 @@ pub struct JailConfig {
     pub id: String,
     /// Host binary copied into the jail and executed there (must be static).
     pub exec_file: PathBuf,
-    /// User id the target runs as.
+    /// User id the target runs as; [`JailConfig::validate`] refuses 0 and `u32::MAX` (-1).
     pub uid: u32,
-    /// Group id the target runs as (supplementary groups are cleared).
+    /// Group id the target runs as (supplementary groups are cleared); not 0 nor `u32::MAX`.
     pub gid: u32,
     /// Base of the jail tree: the jail root is `<base>/<exec-file-name>/<id>/root`.
     pub chroot_base_dir: PathBuf,
@@ -290,6 +290,8 @@ impl JailConfig {
     /// Checks everything that can be checked without changing the system (step 1).
     pub fn validate(&self) -> Result<()> {
         validate_id(&self.id)?;
+        validate_jail_id("--uid", self.uid)?;
+        validate_jail_id("--gid", self.gid)?;
         self.validate_exec_file()?;
         if !self.chroot_base_dir.is_absolute() {
             return Err(invalid(
@@ -478,6 +480,25 @@ pub fn validate_id(id: &str) -> Result<()> {
     }
 }
 
+/// Checks the `--uid` or `--gid` value (`flag`) the target will run as: neither 0 (root: the
+/// jail would keep the privileges it exists to drop) nor `u32::MAX` (-1, which setresuid and
+/// setresgid read as "leave unchanged", so the target would stay root as well).
+pub(crate) fn validate_jail_id(flag: &'static str, id: u32) -> Result<()> {
+    let reason = match id {
+        0 => "0 is root: the jailed process must run as an unprivileged user",
+        u32::MAX => {
+            "4294967295 is (uid_t)-1, which the kernel reads as 'leave unchanged': the jailed \
+             process would stay root"
+        }
+        _ => return Ok(()),
+    };
+    Err(Error::InvalidArgument {
+        flag,
+        value: id.to_string(),
+        reason: format!("{reason}; use an unused id between 1 and 4294967294"),
+    })
+}
+
 /// Checks a parent cgroup: a relative path of plain names (no `.`, `..` or empty parts).
 pub fn validate_parent_cgroup(parent: &str) -> Result<()> {
     let ok = !parent.is_empty()
@@ -660,6 +681,24 @@ mod tests {
             assert!(check_jail_path("--mount", Path::new(bad)).is_err(), "{bad}");
         }
         assert!(check_jail_path("--mount", Path::new("/a/b")).is_ok());
+    }
+
+    #[test]
+    fn jail_ids() {
+        for ok in [1, 1000, 200_000, u32::MAX - 1] {
+            assert!(validate_jail_id("--uid", ok).is_ok(), "{ok}");
+        }
+        for bad in [0, u32::MAX] {
+            let e = validate_jail_id("--gid", bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("invalid --gid '{bad}'")), "{e}");
+        }
+        let mut c = JailConfig::new("vm-1", std::env::current_exe().unwrap(), 10, 10);
+        assert!(c.validate().is_ok());
+        c.uid = u32::MAX;
+        assert!(c.validate().unwrap_err().to_string().contains("--uid"));
+        c.uid = 10;
+        c.gid = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("--gid"));
     }
 
     #[test]

@@ -120,6 +120,21 @@ pub enum Error {
     /// A Landlock ruleset could not be built or applied.
     #[error("landlock: {0}")]
     Landlock(String),
+    /// The real, effective or saved uid/gid, or the supplementary groups, are not what the
+    /// privilege drop asked for (fail closed).
+    #[error("after the privilege drop the process has uids {uids:?} and gids {gids:?} (real, effective, saved) and {groups} supplementary groups, not uid {uid}, gid {gid} and none; refusing to start the target")]
+    IdsNotDropped {
+        /// Requested uid.
+        uid: u32,
+        /// Requested gid.
+        gid: u32,
+        /// Real, effective and saved uid found.
+        uids: [u32; 3],
+        /// Real, effective and saved gid found.
+        gids: [u32; 3],
+        /// Number of supplementary groups found.
+        groups: i32,
+    },
     /// Capabilities were still present after dropping them (fail closed).
     #[error("capabilities still present after dropping them (effective {effective:#x}, permitted {permitted:#x})")]
     CapabilitiesLeft {

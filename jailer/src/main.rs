@@ -22,10 +22,10 @@ struct Cli {
     /// Static binary copied into the jail and executed there.
     #[arg(long, required_unless_present = "cleanup")]
     exec_file: Option<PathBuf>,
-    /// User id the program runs as.
+    /// User id the program runs as: neither 0 (root) nor 4294967295 (-1, "unchanged").
     #[arg(long, required_unless_present = "cleanup")]
     uid: Option<u32>,
-    /// Group id the program runs as.
+    /// Group id the program runs as: neither 0 (root) nor 4294967295 (-1, "unchanged").
     #[arg(long, required_unless_present = "cleanup")]
     gid: Option<u32>,
     /// Base of the jail tree: the jail root is DIR/EXEC_FILE_NAME/ID/root.

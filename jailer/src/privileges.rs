@@ -106,6 +106,8 @@ pub(crate) fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
         format!("setresuid({uid})")
     })?;
 
+    verify_ids(uid, gid)?;
+
     // setuid away from 0 clears effective and permitted, but not inheritable; and uid 0 keeps
     // them all: clear the three sets explicitly.
     let mut header = CapHeader {
@@ -149,6 +151,32 @@ pub(crate) fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
         return Err(Error::CapabilitiesLeft {
             effective: eff,
             permitted: prm,
+        });
+    }
+    Ok(())
+}
+
+/// Fails unless the real, effective and saved uid and gid are `uid` and `gid` and there are no
+/// supplementary groups: the set calls succeeding is not proof (an id of -1 means "unchanged").
+fn verify_ids(uid: u32, gid: u32) -> Result<()> {
+    let (mut uids, mut gids) = ([0; 3], [0; 3]);
+    let [ru, eu, su] = &mut uids;
+    // SAFETY: three valid out-pointers to uid_t.
+    check(unsafe { libc::getresuid(ru, eu, su) }, || "getresuid".into())?;
+    let [rg, eg, sg] = &mut gids;
+    // SAFETY: three valid out-pointers to gid_t.
+    check(unsafe { libc::getresgid(rg, eg, sg) }, || "getresgid".into())?;
+    // SAFETY: size 0 with a null list only counts the groups.
+    let groups = check(unsafe { libc::getgroups(0, std::ptr::null_mut()) }, || {
+        "getgroups".into()
+    })?;
+    if uids != [uid; 3] || gids != [gid; 3] || groups != 0 {
+        return Err(Error::IdsNotDropped {
+            uid,
+            gid,
+            uids,
+            gids,
+            groups,
         });
     }
     Ok(())
@@ -200,4 +228,49 @@ pub(crate) fn apply_landlock(write_dirs: &[PathBuf], ptys: bool) -> Result<Landl
         RulesetStatus::PartiallyEnforced => LandlockOutcome::Partial,
         RulesetStatus::NotEnforced => LandlockOutcome::Unsupported,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `drop_privileges(uid, gid)` in a forked child (the drop is irreversible) and returns
+    /// its outcome as the child's exit code: 0 for Ok, 1 for IdsNotDropped, 2 for another error.
+    fn drop_in_child(uid: u32, gid: u32) -> i32 {
+        // SAFETY: the child only runs drop_privileges (syscalls and, on error, an allocation,
+        // which glibc keeps usable across fork) and then _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let code = match drop_privileges(uid, gid) {
+                Ok(()) => 0,
+                Err(Error::IdsNotDropped { .. }) => 1,
+                Err(_) => 2,
+            };
+            // SAFETY: leaves the forked child without running the test harness's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child with a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    #[test]
+    fn the_drop_verifies_the_ids_it_set() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED the_drop_verifies_the_ids_it_set: needs root (setresuid)"
+            );
+            return;
+        }
+        assert_eq!(drop_in_child(40_999, 40_998), 0, "a real drop must pass");
+        // -1 makes setresuid/setresgid succeed without changing anything: still root.
+        assert_eq!(drop_in_child(u32::MAX, u32::MAX), 1, "uid -1 must be caught");
+        assert_eq!(drop_in_child(40_999, u32::MAX), 1, "gid -1 must be caught");
+    }
 }

@@ -686,7 +686,35 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
     ]);
     assert!(stderr(&out).contains("--uid"), "{}", stderr(&out));
     assert!(!out.status.success());
-    j.assert_nothing_left();
+    // -1 ("leave unchanged" to setresuid/setresgid) and root would keep the target root.
+    for (flag, bad, expected) in [
+        ("--uid", "4294967295", "invalid --uid '4294967295'"),
+        ("--gid", "4294967295", "invalid --gid '4294967295'"),
+        ("--uid", "0", "invalid --uid '0': 0 is root"),
+        ("--gid", "0", "invalid --gid '0': 0 is root"),
+    ] {
+        let (uid_arg, gid_arg) = if flag == "--uid" {
+            (bad, uid.as_str())
+        } else {
+            (uid.as_str(), bad)
+        };
+        let out = run_raw(&[
+            "--id",
+            &j.id,
+            "--exec-file",
+            PROBE,
+            "--uid",
+            uid_arg,
+            "--gid",
+            gid_arg,
+            "--",
+            "report",
+        ]);
+        assert!(!out.status.success(), "{flag} {bad} was accepted");
+        assert!(stderr(&out).contains(expected), "{}", stderr(&out));
+        assert!(out.stdout.is_empty(), "the target ran with {flag} {bad}");
+        j.assert_nothing_left();
+    }
 
     // A taken id: the first jail's directory stays (it is not this invocation's to remove).
     let first = ok_report(&j.run(&["--cgroup", "pids.max=16"], &["report"]));
