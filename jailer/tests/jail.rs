@@ -131,6 +131,62 @@ fn without_pid_ns_the_jailer_becomes_the_target() {
     j.cleanup();
 }
 
+/// An fd number the tests hand to mvm-jailer open and inheritable, as a careless parent would.
+const INHERITED_FD: libc::c_int = 9;
+
+/// `j`'s jailer command for `extra` flags with fd [`INHERITED_FD`] left open (not close-on-exec)
+/// and an extra environment variable on top of the test's own environment.
+fn leaky_command(j: &TestJail, extra: &[&str], inherited: &std::fs::File) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let mut c = j.command(extra, &["report"]);
+    c.env("MVM_JAILER_TEST_SECRET", "must-not-reach-the-target");
+    let fd = inherited.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2, which is
+    // async-signal-safe; dup2 leaves the new fd without FD_CLOEXEC, so mvm-jailer inherits it.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::dup2(fd, INHERITED_FD) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+#[test]
+fn inherited_fds_environment_and_ipc_namespace_stay_outside() {
+    if !root_or_skip("inherited_fds_environment_and_ipc_namespace_stay_outside") {
+        return;
+    }
+    let inherited = std::fs::File::open("/dev/null").unwrap();
+    assert!(
+        std::env::vars_os().next().is_some(),
+        "the test's own environment is not empty"
+    );
+    let host_ipc = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+    let host_ipc = host_ipc.to_str().unwrap();
+
+    // In a new pid namespace (the jailer stays outside and forks), and in place (it becomes the
+    // target): only stdio reaches the target, with an empty environment (the jailer sets none).
+    for extra in [&["--new-pid-ns", "--mount-proc"][..], &[]] {
+        let j = TestJail::new("hygiene");
+        let out = leaky_command(&j, extra, &inherited).output().unwrap();
+        let r = ok_report(&out);
+        assert_eq!(r["fds"], "0,1,2", "{extra:?}: fds open in the target");
+        assert_eq!(r["env_vars"], "", "{extra:?}: environment of the target");
+        if extra.is_empty() {
+            // No procfs in the jail without --mount-proc.
+            assert_eq!(r["ipc_ns"], "ENOENT");
+        } else {
+            assert!(r["ipc_ns"].starts_with("ipc:["), "{}", r["ipc_ns"]);
+            assert_ne!(r["ipc_ns"], host_ipc, "the jail shares the host's ipc namespace");
+        }
+        j.cleanup();
+    }
+}
+
 #[test]
 fn memory_limit_oom_kills_the_hog() {
     if !root_or_skip("memory_limit_oom_kills_the_hog") {
