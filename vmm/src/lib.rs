@@ -18,4 +18,5 @@ pub mod logger;
 pub mod metrics;
 pub mod rate_limiter;
 pub mod seccomp;
+pub mod timer;
 pub mod vstate;

@@ -10,13 +10,10 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::timerfd::TimerFd;
-
 use crate::config::{RateLimiterConfig, TokenBucketConfig};
+use crate::timer::Timer;
 
 const NANOS_PER_MS: u128 = 1_000_000;
-/// Shortest timer armed: a zero duration would disarm the timerfd.
-const MIN_WAIT: Duration = Duration::from_micros(100);
 
 /// One token bucket.
 #[derive(Debug)]
@@ -100,7 +97,7 @@ impl From<&RateLimiterConfig> for RateLimiterUpdate {
 pub struct RateLimiter {
     bandwidth: Option<TokenBucket>,
     ops: Option<TokenBucket>,
-    timer: TimerFd,
+    timer: Timer,
     blocked: bool,
 }
 
@@ -117,16 +114,10 @@ impl std::fmt::Debug for RateLimiter {
 impl RateLimiter {
     /// A limiter for `config` (no limits when None or when both buckets are absent).
     pub fn new(config: Option<&RateLimiterConfig>) -> std::io::Result<Self> {
-        let timer = TimerFd::new().map_err(std::io::Error::from)?;
-        // SAFETY: fcntl on a descriptor this function owns; the flags are plain integers.
-        let ret = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        if ret < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
         let mut limiter = RateLimiter {
             bandwidth: None,
             ops: None,
-            timer,
+            timer: Timer::new()?,
             blocked: false,
         };
         if let Some(config) = config {
@@ -165,7 +156,7 @@ impl RateLimiter {
             }
             return true;
         }
-        match self.timer.reset(wait.max(MIN_WAIT), None) {
+        match self.timer.arm(wait) {
             Ok(()) => self.blocked = true,
             // Without a timer nothing would wake the device: let the request through.
             Err(_) => return true,
@@ -175,9 +166,7 @@ impl RateLimiter {
 
     /// Handles the timer firing: the device may retry.
     pub fn on_timer(&mut self) {
-        let mut expirations = [0u8; 8];
-        // Non-blocking read; EAGAIN only means the expiration was already consumed.
-        let _ = nix_read(self.timer.as_raw_fd(), &mut expirations);
+        self.timer.acknowledge();
         self.blocked = false;
     }
 
@@ -191,7 +180,7 @@ impl RateLimiter {
         }
         if self.blocked {
             // Best effort: a stale expiration only causes one extra retry.
-            let _ = self.timer.clear();
+            let _ = self.timer.disarm();
             self.blocked = false;
         }
     }
@@ -199,16 +188,6 @@ impl RateLimiter {
     /// Whether any bucket is configured.
     pub fn is_limiting(&self) -> bool {
         self.bandwidth.is_some() || self.ops.is_some()
-    }
-}
-
-fn nix_read(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes.
-    let ret = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
     }
 }
 

@@ -33,7 +33,8 @@ fuzz_target!(|data: &[u8]| {
     let listener = UnixListener::bind(&path).expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let epoll = EpollSet::new().expect("epoll");
-    let mut engine = VsockEngine::new(3, path.to_string_lossy().into_owned(), listener);
+    let mut engine = VsockEngine::new(3, path.to_string_lossy().into_owned(), listener)
+        .expect("create the vsock engine");
     // The same ring as TX then as RX: every chain shape meets both parsers.
     engine.process_tx(&mem, &mut queue, &epoll);
     let Some((mem, mut queue)) = common::setup(data) else {

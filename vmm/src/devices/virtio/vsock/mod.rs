@@ -49,6 +49,9 @@ pub enum VsockError {
     /// The socket cannot be created.
     #[error("cannot bind vsock uds_path {0}: {1}")]
     Bind(String, std::io::Error),
+    /// A host resource of the device (thread, timer) cannot be created.
+    #[error("cannot set up the vsock device: {0}")]
+    Setup(std::io::Error),
 }
 
 /// Binds `path`, replacing a stale socket nobody listens on.
@@ -78,13 +81,14 @@ pub struct VsockEngine {
 }
 
 impl VsockEngine {
-    /// An engine muxing guest `guest_cid` onto `listener` (bound at `uds_path`).
-    pub fn new(guest_cid: u64, uds_path: String, listener: UnixListener) -> Self {
-        VsockEngine {
-            muxer: Muxer::new(guest_cid, uds_path, listener),
+    /// An engine muxing guest `guest_cid` onto `listener` (bound at `uds_path`); fails only if
+    /// the muxer's timer cannot be created.
+    pub fn new(guest_cid: u64, uds_path: String, listener: UnixListener) -> std::io::Result<Self> {
+        Ok(VsockEngine {
+            muxer: Muxer::new(guest_cid, uds_path, listener)?,
             payload: vec![0u8; MAX_PAYLOAD].into_boxed_slice(),
             tx_stalled: false,
-        }
+        })
     }
 
     /// The connection table.
@@ -301,10 +305,11 @@ impl Vsock {
             guest_cid,
             thread: DeviceThread::spawn(
                 "fc_vsock".to_string(),
-                VsockEngine::new(guest_cid, config.uds_path.clone(), listener),
+                VsockEngine::new(guest_cid, config.uds_path.clone(), listener)
+                    .map_err(VsockError::Setup)?,
                 seccomp,
             )
-            .map_err(|e| VsockError::Bind(config.uds_path.clone(), e))?,
+            .map_err(VsockError::Setup)?,
         })
     }
 }
@@ -367,7 +372,7 @@ mod tests {
     fn engine(dir: &std::path::Path) -> VsockEngine {
         let path = dir.join("v.sock").to_str().unwrap().to_string();
         let listener = bind(&path).unwrap();
-        VsockEngine::new(3, path, listener)
+        VsockEngine::new(3, path, listener).unwrap()
     }
 
     fn scratch() -> std::path::PathBuf {

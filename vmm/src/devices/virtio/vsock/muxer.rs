@@ -3,6 +3,8 @@
 //! - Host → guest: a host process connects to `uds_path` and writes `CONNECT <port>\n`; the muxer
 //!   sends the guest a REQUEST for `<port>` from a fresh host port and, once the guest answers
 //!   RESPONSE, writes `OK <host port>\n` back; from then on the socket carries the stream.
+//!   A guest that does not answer within [`CONNECT_TIMEOUT`] (Firecracker's 2 s) gets an RST and
+//!   the host socket is closed.
 //! - Guest → host: a REQUEST for port P connects to `<uds_path>_P`; RESPONSE on success, RST if
 //!   nobody listens.
 //! - Flow control (virtio 1.x, 5.10.6.3): the muxer never sends the guest more than the guest's
@@ -17,12 +19,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{op, Header, HEADER_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use crate::devices::virtio::metrics::{DeviceMetrics, VSOCK as METRICS};
 use crate::devices::virtio::worker::EpollSet;
+use crate::timer::Timer;
 
 /// Receive buffer the muxer advertises to the guest per connection.
 pub const CONN_BUF_SIZE: u32 = 256 * 1024;
@@ -37,8 +41,13 @@ const MAX_CONNECT_LINE: usize = 32;
 /// First host port handed out for host-initiated connections (as Firecracker).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
+/// How long the guest has to answer a host-initiated REQUEST (Firecracker's 2 s).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Epoll token of the host listener.
 pub const LISTENER_TOKEN: u64 = 16;
+/// Epoll token of the [`CONNECT_TIMEOUT`] timer.
+pub const TIMER_TOKEN: u64 = 17;
 /// Tokens from here on are host sockets: token = TOKEN_BASE + fd.
 const TOKEN_BASE: u64 = 32;
 
@@ -77,6 +86,8 @@ struct Connection {
     ready: bool,
     /// Events currently registered with epoll.
     interest: EventSet,
+    /// When an AwaitingResponse connection times out.
+    response_deadline: Option<Instant>,
 }
 
 impl Connection {
@@ -96,6 +107,7 @@ impl Connection {
             host_eof: false,
             ready: false,
             interest: EventSet::empty(),
+            response_deadline: None,
         }
     }
 
@@ -166,13 +178,18 @@ pub struct Muxer {
     /// Connections whose host socket has data for the guest.
     data_ready: VecDeque<Key>,
     next_local_port: u32,
+    /// Host-initiated connections by response deadline, oldest first (all share
+    /// [`CONNECT_TIMEOUT`]); entries of connections answered or gone since are skipped.
+    awaiting: VecDeque<(Instant, Key)>,
+    /// Armed for the front of `awaiting` whenever it is not empty.
+    timer: Timer,
 }
 
 impl Muxer {
     /// A muxer for guest `guest_cid`, accepting host connections on `listener` (bound at
-    /// `uds_path`).
-    pub fn new(guest_cid: u64, uds_path: String, listener: UnixListener) -> Self {
-        Muxer {
+    /// `uds_path`); fails only if its timer cannot be created.
+    pub fn new(guest_cid: u64, uds_path: String, listener: UnixListener) -> std::io::Result<Self> {
+        Ok(Muxer {
             guest_cid,
             uds_path,
             listener,
@@ -182,12 +199,15 @@ impl Muxer {
             control: VecDeque::new(),
             data_ready: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
-        }
+            awaiting: VecDeque::new(),
+            timer: Timer::new()?,
+        })
     }
 
-    /// Registers the listener.
+    /// Registers the listener and the timer.
     pub fn register(&self, epoll: &EpollSet) -> std::io::Result<()> {
-        epoll.add(self.listener.as_raw_fd(), EventSet::IN, LISTENER_TOKEN)
+        epoll.add(self.listener.as_raw_fd(), EventSet::IN, LISTENER_TOKEN)?;
+        epoll.add(self.timer.as_raw_fd(), EventSet::IN, TIMER_TOKEN)
     }
 
     /// Drops every connection (device reset): their host sockets close.
@@ -197,6 +217,9 @@ impl Muxer {
         self.pending.clear();
         self.control.clear();
         self.data_ready.clear();
+        self.awaiting.clear();
+        // A stale expiration would only find nothing to expire.
+        let _ = self.timer.disarm();
     }
 
     /// Number of live connections.
@@ -420,10 +443,12 @@ impl Muxer {
         }
     }
 
-    /// Handles an event on the listener or a host socket.
+    /// Handles an event on the listener, the timer or a host socket.
     pub fn handle_host_event(&mut self, epoll: &EpollSet, token: u64, events: EventSet) {
         if token == LISTENER_TOKEN {
             self.accept(epoll);
+        } else if token == TIMER_TOKEN {
+            self.expire_requests(epoll);
         } else if self.pending.contains_key(&token) {
             self.read_connect_line(epoll, token);
         } else if let Some(&key) = self.by_token.get(&token) {
@@ -510,11 +535,53 @@ impl Muxer {
             buf_alloc: 0,
             ..Default::default()
         };
-        self.insert(
-            epoll,
-            Connection::new(p.stream, key, ConnState::AwaitingResponse, &placeholder),
-        );
+        let mut conn = Connection::new(p.stream, key, ConnState::AwaitingResponse, &placeholder);
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        conn.response_deadline = Some(deadline);
+        self.insert(epoll, conn);
+        self.awaiting.push_back((deadline, key));
+        if self.awaiting.len() == 1 {
+            self.arm_timer();
+        }
         self.queue_conn_control(key, op::REQUEST, 0);
+    }
+
+    /// Arms the timer for the oldest response deadline, if any.
+    fn arm_timer(&mut self) {
+        let Some(&(deadline, _)) = self.awaiting.front() else {
+            return;
+        };
+        if let Err(e) = self
+            .timer
+            .arm(deadline.saturating_duration_since(Instant::now()))
+        {
+            // Unanswered requests then wait for the guest or the host to give up.
+            log::error!("vsock: cannot arm the connection request timer: {e}");
+        }
+    }
+
+    /// The timer fired: resets host-initiated connections the guest left unanswered past their
+    /// deadline (RST to the guest, host socket closed), as Firecracker does.
+    fn expire_requests(&mut self, epoll: &EpollSet) {
+        self.timer.acknowledge();
+        let now = Instant::now();
+        while let Some(&(deadline, key)) = self.awaiting.front() {
+            if deadline > now {
+                break;
+            }
+            self.awaiting.pop_front();
+            let unanswered = self.conns.get(&key).is_some_and(|conn| {
+                conn.state == ConnState::AwaitingResponse
+                    && conn.response_deadline == Some(deadline)
+            });
+            if unanswered {
+                log::debug!("vsock: guest port {} did not answer in time", key.1);
+                DeviceMetrics::add(&METRICS.failed, 1);
+                self.rst(key);
+                self.remove(epoll, key);
+            }
+        }
+        self.arm_timer();
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
@@ -669,6 +736,107 @@ mod tests {
             connect_nonblocking(&"x".repeat(200)).unwrap_err().kind(),
             ErrorKind::InvalidInput
         );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A muxer for guest CID 3 on a fresh socket in its own directory, registered with `epoll`.
+    fn muxer(tag: &str, epoll: &EpollSet) -> (Muxer, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("mvm-vsock-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let muxer = Muxer::new(3, path.to_str().unwrap().to_string(), listener).unwrap();
+        muxer.register(epoll).unwrap();
+        (muxer, dir)
+    }
+
+    /// Waits up to `timeout_ms` for events and hands each to the muxer; returns their tokens.
+    fn pump(muxer: &mut Muxer, epoll: &EpollSet, timeout_ms: i32) -> Vec<u64> {
+        let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 16];
+        let n = epoll.wait(timeout_ms, &mut events).unwrap();
+        let mut tokens = Vec::new();
+        for event in &events[..n] {
+            muxer.handle_host_event(epoll, event.data(), event.event_set());
+            tokens.push(event.data());
+        }
+        tokens
+    }
+
+    /// Connects to the muxer's socket as a host process and sends `CONNECT 52`; returns the
+    /// stream and the REQUEST the muxer queued for the guest.
+    fn host_connects(
+        muxer: &mut Muxer,
+        epoll: &EpollSet,
+        dir: &std::path::Path,
+    ) -> (UnixStream, Header) {
+        let mut host = UnixStream::connect(dir.join("v.sock")).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        let mut payload = [0u8; 64];
+        for _ in 0..100 {
+            pump(muxer, epoll, 1000);
+            if let Some(request) = muxer.next_rx_packet(epoll, &mut payload, 64) {
+                assert_eq!((request.op, request.dst_port), (op::REQUEST, 52));
+                return (host, request);
+            }
+        }
+        panic!("no REQUEST for the host's CONNECT");
+    }
+
+    #[test]
+    fn an_unanswered_host_connection_is_reset_after_the_timeout() {
+        let epoll = EpollSet::new().unwrap();
+        let (mut muxer, dir) = muxer("timeout", &epoll);
+        let (mut host, request) = host_connects(&mut muxer, &epoll, &dir);
+        let connected = Instant::now();
+        assert_eq!(muxer.connection_count(), 1);
+        // The guest stays silent: the next event is the timer, once the timeout has passed.
+        let tokens = pump(&mut muxer, &epoll, 10_000);
+        assert_eq!(tokens, [TIMER_TOKEN]);
+        assert!(connected.elapsed() >= CONNECT_TIMEOUT);
+        let rst = muxer.next_rx_packet(&epoll, &mut [0u8; 64], 64).unwrap();
+        assert_eq!(
+            (rst.op, rst.src_port, rst.dst_port, rst.dst_cid),
+            (op::RST, request.src_port, 52, 3)
+        );
+        assert!(muxer.next_rx_packet(&epoll, &mut [0u8; 64], 64).is_none());
+        assert_eq!(muxer.connection_count(), 0);
+        // The host side is closed: EOF, no "OK" line.
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut reply = Vec::new();
+        host.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_answered_host_connection_outlives_the_timeout() {
+        let epoll = EpollSet::new().unwrap();
+        let (mut muxer, dir) = muxer("answered", &epoll);
+        let (mut host, request) = host_connects(&mut muxer, &epoll, &dir);
+        let response = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 52,
+            dst_port: request.src_port,
+            type_: TYPE_STREAM,
+            op: op::RESPONSE,
+            buf_alloc: 4096,
+            ..Default::default()
+        };
+        muxer.handle_guest_packet(&epoll, &response, &[]);
+        let mut ok = [0u8; 16];
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = host.read(&mut ok).unwrap();
+        assert_eq!(&ok[..n], format!("OK {}\n", request.src_port).as_bytes());
+        // The timer still fires for the old deadline, and leaves the connection alone.
+        let tokens = pump(&mut muxer, &epoll, 10_000);
+        assert_eq!(tokens, [TIMER_TOKEN]);
+        assert!(muxer.next_rx_packet(&epoll, &mut [0u8; 64], 64).is_none());
+        assert_eq!(muxer.connection_count(), 1);
+        // Nothing is left to time out: the timer stays quiet.
+        assert!(pump(&mut muxer, &epoll, 100).is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }
 
