@@ -37,6 +37,8 @@ pub struct Tenant {
     pub name: String,
     /// Its limits.
     pub quota: Quota,
+    /// May register and replace templates, which every tenant's sandboxes are made from.
+    pub admin: bool,
 }
 
 /// A sandbox as stored, with the host-side facts the API does not show.
@@ -88,7 +90,8 @@ CREATE TABLE IF NOT EXISTS tenants (
     max_sandboxes INTEGER NOT NULL,
     max_vcpus INTEGER NOT NULL,
     max_memory_mib INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tokens (
     sha256 TEXT PRIMARY KEY,
@@ -188,6 +191,44 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     })
 }
 
+const TENANT_COLUMNS: &str = "t.name, t.max_sandboxes, t.max_vcpus, t.max_memory_mib, t.admin";
+
+fn row_to_tenant(r: &rusqlite::Row<'_>) -> rusqlite::Result<Tenant> {
+    Ok(Tenant {
+        name: r.get(0)?,
+        quota: Quota {
+            max_sandboxes: r.get(1)?,
+            max_vcpus: r.get(2)?,
+            max_memory_mib: r.get::<_, i64>(3)? as u64,
+        },
+        admin: r.get(4)?,
+    })
+}
+
+/// Brings a database made by an older mvm up to [`SCHEMA`]. Databases from before the
+/// `admin` column get it, set for tenant `default`: the tenant whose token mvmd writes to its
+/// state directory, which registered templates then.
+fn migrate(conn: &Connection) -> Result<()> {
+    let has_admin = |c: &Connection| {
+        c.prepare("SELECT 1 FROM pragma_table_info('tenants') WHERE name = 'admin'")?
+            .exists([])
+    };
+    if has_admin(conn)? {
+        return Ok(());
+    }
+    // Another process opening the same database may be migrating it too: check again
+    // under the write lock.
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    if !has_admin(&tx)? {
+        tx.execute_batch(
+            "ALTER TABLE tenants ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
+             UPDATE tenants SET admin = 1 WHERE name = 'default';",
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 const SANDBOX_COLUMNS: &str = "id, tenant, state, isolation, template, vcpus, memory_mib, \
     timeout_s, expires_at, created_at, network, env, metadata, slot, pid";
 
@@ -202,6 +243,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Db {
             conn: Mutex::new(conn),
         })
@@ -248,19 +290,12 @@ impl Db {
         Ok(self
             .conn()
             .query_row(
-                "SELECT t.name, t.max_sandboxes, t.max_vcpus, t.max_memory_mib
-                 FROM tokens k JOIN tenants t ON t.name = k.tenant WHERE k.sha256 = ?1",
+                &format!(
+                    "SELECT {TENANT_COLUMNS} FROM tokens k JOIN tenants t ON t.name = k.tenant
+                     WHERE k.sha256 = ?1"
+                ),
                 params![hash_token(token)],
-                |r| {
-                    Ok(Tenant {
-                        name: r.get(0)?,
-                        quota: Quota {
-                            max_sandboxes: r.get(1)?,
-                            max_vcpus: r.get(2)?,
-                            max_memory_mib: r.get::<_, i64>(3)? as u64,
-                        },
-                    })
-                },
+                row_to_tenant,
             )
             .optional()?)
     }
@@ -270,20 +305,23 @@ impl Db {
         Ok(self
             .conn()
             .query_row(
-                "SELECT name, max_sandboxes, max_vcpus, max_memory_mib FROM tenants WHERE name = ?1",
+                &format!("SELECT {TENANT_COLUMNS} FROM tenants t WHERE t.name = ?1"),
                 params![name],
-                |r| {
-                    Ok(Tenant {
-                        name: r.get(0)?,
-                        quota: Quota {
-                            max_sandboxes: r.get(1)?,
-                            max_vcpus: r.get(2)?,
-                            max_memory_mib: r.get::<_, i64>(3)? as u64,
-                        },
-                    })
-                },
+                row_to_tenant,
             )
             .optional()?)
+    }
+
+    /// Grants (`true`) or revokes tenant `name`'s right to register and replace templates.
+    pub fn set_admin(&self, name: &str, admin: bool) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE tenants SET admin = ?2 WHERE name = ?1",
+            params![name, admin],
+        )?;
+        if n == 0 {
+            return Err(Error::NotFound(format!("no tenant {name:?}")));
+        }
+        Ok(())
     }
 
     /// Inserts a new sandbox row in state `creating` with the lowest free slot, after checking
@@ -393,7 +431,8 @@ impl Db {
         Ok(rows)
     }
 
-    /// Registers (or replaces) a template.
+    /// Registers (or replaces) a template. Only for callers that checked who may do so and
+    /// where its files lie (see `server::templates`): it is shared by every tenant.
     pub fn put_template(&self, t: &Template) -> Result<()> {
         self.conn().execute(
             "INSERT INTO templates (name, kernel, rootfs, created_at) VALUES (?1, ?2, ?3, ?4)
@@ -542,6 +581,43 @@ mod tests {
         assert_eq!(h.len(), 64);
         assert_eq!(h, hash_token("mvm_abc"));
         assert!(!h.contains("abc"));
+    }
+
+    #[test]
+    fn admin_flag_defaults_off_and_is_set_per_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("mvm.db")).unwrap();
+        let token = db.create_tenant("team", Quota::default()).unwrap();
+        assert!(!db.tenant_for_token(&token).unwrap().unwrap().admin);
+        db.set_admin("team", true).unwrap();
+        assert!(db.tenant_for_token(&token).unwrap().unwrap().admin);
+        // A new token (quota update) keeps the flag.
+        db.create_tenant("team", Quota::default()).unwrap();
+        assert!(db.tenant("team").unwrap().unwrap().admin);
+        db.set_admin("team", false).unwrap();
+        assert!(!db.tenant("team").unwrap().unwrap().admin);
+        assert!(matches!(db.set_admin("nobody", true), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn databases_without_the_admin_column_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mvm.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE tenants (name TEXT PRIMARY KEY, max_sandboxes INTEGER NOT NULL,
+                    max_vcpus INTEGER NOT NULL, max_memory_mib INTEGER NOT NULL,
+                    created_at INTEGER NOT NULL);
+                 INSERT INTO tenants VALUES ('default', 1, 1, 1, 0), ('other', 1, 1, 1, 0);",
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            let db = Db::open(&path).unwrap();
+            assert!(db.tenant("default").unwrap().unwrap().admin);
+            assert!(!db.tenant("other").unwrap().unwrap().admin);
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use api::db::Tenant;
 use api::model::{
     CreateSandbox, ExecRequest, ExitInfo, Sandbox, SandboxStats, Template, WsControl,
 };
+use api::server::templates::TemplateDirs;
 use api::server::{DEFAULT_SOCKET, TOKEN_FILE};
 use api::{Manager, ManagerConfig};
 use tokio::io::AsyncReadExt;
@@ -286,11 +287,15 @@ impl Backend {
         })
     }
 
-    /// Registers a template.
+    /// Registers a template (its files must lie in the template or artifacts directory).
     pub async fn add_template(&self, t: Template) -> Result<Template, CliError> {
         Ok(match self {
             Backend::Daemon(c) => c.add_template(&t).await?,
-            Backend::Local { manager, .. } => manager.add_template(t)?,
+            Backend::Local { manager, .. } => {
+                // The rules mvmd applies: the state (and so the template) is shared with it.
+                let cfg = manager.config();
+                TemplateDirs::new(&TemplateDirs::default_dir(cfg), cfg)?.register(manager, t)?
+            }
         })
     }
 }

@@ -95,6 +95,10 @@ enum Command {
         /// Also listen on this TCP address.
         #[arg(long)]
         tcp: Option<std::net::SocketAddr>,
+        /// Directory the files of registered templates must lie in, besides the build
+        /// artifacts directory [env: MVM_TEMPLATE_DIR, default: <state dir>/templates].
+        #[arg(long)]
+        template_dir: Option<std::path::PathBuf>,
     },
     /// List sandboxes.
     Ps,
@@ -201,14 +205,30 @@ fn split_remote(spec: &str) -> Option<(&str, &str)> {
 
 async fn run(cli: Cli) -> Result<u8, CliError> {
     let json = cli.output == Output::Json;
-    if let Command::Serve { socket, tcp } = cli.command {
+    if let Command::Serve {
+        socket,
+        tcp,
+        template_dir,
+    } = cli.command
+    {
         let (manager, reconciled) = api::Manager::open(api::ManagerConfig::from_env()).await?;
+        let template_dir = template_dir.unwrap_or_else(|| {
+            api::server::templates::TemplateDirs::default_dir(manager.config())
+        });
         eprintln!(
             "mvm serve: adopted {:?}, cleaned {:?}",
             reconciled.adopted, reconciled.cleaned
         );
         api::server::ensure_default_token(&manager)?;
-        api::server::serve(manager, api::server::ServeConfig { socket, tcp }).await?;
+        api::server::serve(
+            manager,
+            api::server::ServeConfig {
+                socket,
+                tcp,
+                template_dir,
+            },
+        )
+        .await?;
         return Ok(0);
     }
     if let Command::Build(args) = &cli.command {

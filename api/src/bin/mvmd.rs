@@ -42,6 +42,11 @@ struct ServeArgs {
     /// First address of the /16 cut into per-sandbox networks [default 10.213.0.0].
     #[arg(long)]
     subnet: Option<std::net::Ipv4Addr>,
+    /// Directory the files of registered templates must lie in, besides the build artifacts
+    /// directory; writable by the operator only [env: MVM_TEMPLATE_DIR, default
+    /// <state dir>/templates].
+    #[arg(long)]
+    template_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,6 +64,10 @@ enum Command {
 enum TenantCommand {
     /// Create a tenant (or update its quota) and print a new bearer token for it.
     Create {
+        /// Let the tenant register and replace templates (shared by every tenant);
+        /// `--admin=false` revokes it [default: new tenants are not admins, others keep it].
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        admin: Option<bool>,
         /// Tenant name.
         name: String,
         /// Sandboxes at once.
@@ -109,6 +118,7 @@ async fn run(cli: Cli) -> api::Result<()> {
         Some(Command::Tenant {
             command:
                 TenantCommand::Create {
+                    admin,
                     name,
                     max_sandboxes,
                     max_vcpus,
@@ -127,6 +137,9 @@ async fn run(cli: Cli) -> api::Result<()> {
                     max_memory_mib,
                 },
             )?;
+            if let Some(admin) = admin {
+                db.set_admin(&name, admin)?;
+            }
             println!("{token}");
             Ok(())
         }
@@ -145,6 +158,9 @@ async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> api::Result<()> {
     if let Some(s) = args.subnet {
         cfg.subnet = s;
     }
+    let template_dir = args
+        .template_dir
+        .unwrap_or_else(|| api::server::templates::TemplateDirs::default_dir(&cfg));
     let (manager, reconciled) = Manager::open(cfg).await?;
     tracing::info!(adopted = ?reconciled.adopted, cleaned = ?reconciled.cleaned, "reconciled");
     api::server::ensure_default_token(&manager)?;
@@ -153,6 +169,7 @@ async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> api::Result<()> {
         ServeConfig {
             socket: args.socket,
             tcp: args.tcp,
+            template_dir,
         },
     )
     .await

@@ -4,12 +4,13 @@
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
 use crate::db::Tenant;
-use crate::error::Error;
+use crate::error::{Error, ErrorBody};
 
 /// The bearer token of a request, if it has one.
 pub fn token(headers: &HeaderMap) -> Option<&str> {
@@ -36,6 +37,33 @@ impl FromRequestParts<AppState> for Auth {
             .tenant_for_token(token)?
             .map(Auth)
             .ok_or(Error::Unauthorized)
+    }
+}
+
+/// An authenticated tenant with the `admin` flag, for calls that change what every tenant
+/// shares (templates). No or a bad token is 401; another tenant's token is 403.
+pub struct Admin(pub Tenant);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let Auth(tenant) = Auth::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        if tenant.admin {
+            return Ok(Admin(tenant));
+        }
+        let body = ErrorBody {
+            code: "forbidden".into(),
+            message: format!(
+                "this call needs an admin tenant's token (templates are shared by every tenant); \
+                 tenant '{}' is not an admin: use the token mvmd writes to its state directory, \
+                 or one of a tenant made with `mvmd tenant create NAME --admin`",
+                tenant.name
+            ),
+        };
+        Err((StatusCode::FORBIDDEN, axum::Json(body)).into_response())
     }
 }
 

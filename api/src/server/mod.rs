@@ -3,6 +3,7 @@
 
 mod exec;
 mod extract;
+pub mod templates;
 
 use std::sync::Arc;
 
@@ -22,13 +23,16 @@ use crate::db::Tenant;
 use crate::error::{Error, ErrorBody, Result};
 use crate::manager::Manager;
 use crate::model::*;
-pub use extract::{ApiJson, ApiPath, ApiQuery, Auth};
+pub use extract::{Admin, ApiJson, ApiPath, ApiQuery, Auth};
+use templates::TemplateDirs;
 
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
     /// The sandbox manager.
     pub manager: Manager,
+    /// Where registered templates' files must lie.
+    pub templates: Arc<TemplateDirs>,
 }
 
 #[derive(OpenApi)]
@@ -53,8 +57,11 @@ impl Modify for BearerAuth {
 }
 
 /// The router and the OpenAPI document describing exactly its routes.
-pub fn router(manager: Manager) -> (Router, utoipa::openapi::OpenApi) {
-    let state = AppState { manager };
+pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::openapi::OpenApi) {
+    let state = AppState {
+        manager,
+        templates: Arc::new(templates),
+    };
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(create_sandbox, list_sandboxes))
         .routes(routes!(get_sandbox, delete_sandbox))
@@ -114,7 +121,8 @@ async fn audit(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
-fn sandbox_audit(state: &AppState, tenant: &Tenant, action: &str, id: &str) {
+/// Records what a call did to `target`, next to the middleware's record of the call.
+fn audit_event(state: &AppState, tenant: &Tenant, action: &str, id: &str) {
     if let Err(e) = state.manager.db().audit(&tenant.name, action, id, 200, "") {
         tracing::error!("writing the audit log: {e}");
     }
@@ -130,7 +138,7 @@ async fn create_sandbox(
     ApiJson(req): ApiJson<CreateSandbox>,
 ) -> Result<(StatusCode, Json<Sandbox>)> {
     let sandbox = state.manager.create(&tenant, req).await?;
-    sandbox_audit(&state, &tenant, "created", &sandbox.id);
+    audit_event(&state, &tenant, "created", &sandbox.id);
     Ok((StatusCode::CREATED, Json(sandbox)))
 }
 
@@ -320,15 +328,22 @@ async fn list_templates(
     }))
 }
 
-/// Register a template: a kernel and a base image already on the host.
+/// Register a template, or replace the one of its name: a kernel and a base image already in
+/// mvmd's template directory (`--template-dir`, default `<state dir>/templates`) or its build
+/// artifacts directory. Templates are shared by every tenant: this needs an admin token. The
+/// answer has the paths resolved (no symlink, no `..`).
 #[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = Template,
-    responses((status = 201, body = Template), (status = 422, body = ErrorBody)))]
+    responses((status = 201, body = Template), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "the token is not an admin tenant's"),
+        (status = 422, body = ErrorBody, description = "bad name, or a file missing or outside the template directories")))]
 async fn create_template(
     State(state): State<AppState>,
-    Auth(_tenant): Auth,
+    Admin(tenant): Admin,
     ApiJson(t): ApiJson<Template>,
 ) -> Result<(StatusCode, Json<Template>)> {
-    Ok((StatusCode::CREATED, Json(state.manager.add_template(t)?)))
+    let t = state.templates.register(&state.manager, t)?;
+    audit_event(&state, &tenant, "template registered", &t.name);
+    Ok((StatusCode::CREATED, Json(t)))
 }
 
 /// Prometheus metrics: sandboxes by state, create latency, per-sandbox CPU and memory.
@@ -371,6 +386,8 @@ pub struct ServeConfig {
     pub socket: std::path::PathBuf,
     /// Optional TCP address, e.g. 127.0.0.1:7070.
     pub tcp: Option<std::net::SocketAddr>,
+    /// Directory registered templates' files must lie in (besides the artifacts directory).
+    pub template_dir: std::path::PathBuf,
 }
 
 /// Default unix socket of mvmd.
@@ -380,6 +397,7 @@ pub const DEFAULT_SOCKET: &str = "/run/mvm/mvmd.sock";
 pub const TOKEN_FILE: &str = "token";
 
 /// Makes sure tenant `default` exists and its token is in `<state_dir>/token`; returns the token.
+/// A tenant `default` made here is an admin.
 pub fn ensure_default_token(manager: &Manager) -> Result<String> {
     let path = manager.config().state_dir.join(TOKEN_FILE);
     if let Ok(t) = std::fs::read_to_string(&path) {
@@ -391,6 +409,8 @@ pub fn ensure_default_token(manager: &Manager) -> Result<String> {
     let token = manager
         .db()
         .create_tenant("default", crate::db::Quota::default())?;
+    // The operator's token (the file is root's alone): it may register templates.
+    manager.db().set_admin("default", true)?;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()
@@ -431,7 +451,8 @@ pub async fn serve(manager: Manager, cfg: ServeConfig) -> Result<()> {
         .map_err(|e| Error::host(format!("listening on {}", cfg.socket.display()), e))?;
     std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::host(format!("chmod {}", cfg.socket.display()), e))?;
-    let (app, _) = router(manager.clone());
+    let templates = TemplateDirs::new(&cfg.template_dir, manager.config())?;
+    let (app, _) = router(manager.clone(), templates);
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
