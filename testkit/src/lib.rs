@@ -1,6 +1,7 @@
 //! Test support shared by mvm's test suites and benchmarks: assembles the freestanding test
 //! guests in `testkit/guests/`, locates workspace binaries and built artifacts (guest kernel,
-//! rootfs), checks host prerequisites so tests can skip loudly, and runs `mvm-vmm` with a timeout.
+//! rootfs), checks host prerequisites so tests can skip loudly (or fail, in CI), and runs
+//! `mvm-vmm` with a timeout.
 
 pub mod containerd;
 
