@@ -142,6 +142,11 @@ pub struct NetworkInfo {
     pub address: Option<String>,
     /// Its gateway on the host side (none without egress).
     pub gateway: Option<String>,
+    /// The network namespace of the sandbox's pod, made by a container runtime (CNI) and
+    /// joined as it is: then the pod's network decides what the sandbox reaches, not
+    /// `egress`. None for the namespaces the manager makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// A sandbox.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use ::api::db::Tenant;
 use ::api::manager::host::LimitCgroups;
-use ::api::manager::LimitsUpdate;
-use ::api::model::Sandbox;
+use ::api::manager::{ContainerSandbox, LimitsUpdate};
+use ::api::model::{Isolation, Sandbox};
 use ::api::{Manager, ManagerConfig};
 use async_trait::async_trait;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
@@ -204,18 +204,26 @@ impl Process {
     }
 }
 
-/// The container of this shim and its sandbox.
+/// A container of this shim and its sandbox.
 struct Container {
     id: String,
     bundle: String,
     rootfs: PathBuf,
     sandbox: Sandbox,
+    /// Where a pod's further container has its root in the pod's sandbox; `None` for the
+    /// container the sandbox was made for.
+    root: Option<String>,
     paused: bool,
     init: Process,
     execs: HashMap<String, Process>,
-    oom: Arc<OomReports>,
-    /// Polls the sandbox's OOM kills while the container exists.
-    oom_watch: tokio::task::AbortHandle,
+    /// The sandbox's OOM kills, watched by the container the sandbox was made for.
+    oom: Option<OomWatch>,
+}
+
+/// A sandbox's OOM kill reports and the task polling them while the container exists.
+struct OomWatch {
+    reports: Arc<OomReports>,
+    task: tokio::task::AbortHandle,
 }
 
 /// The OOM kills of a container's sandbox, and how many of them containerd has heard of.
@@ -238,7 +246,7 @@ impl Container {
     }
 }
 
-/// The shim: one per container.
+/// The shim: one per pod (or per container outside a pod).
 pub struct MvmShim {
     namespace: String,
     id: String,
@@ -276,20 +284,36 @@ impl Shim for MvmShim {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let grouping = opts.id.clone();
+        // containerd runs this in the bundle. The containers of a pod share the shim of its
+        // first container: a second spawn finds that shim's socket taken and answers with it.
+        let bundle = std::env::current_dir().unwrap_or_default();
+        let grouping = match spec::load(&bundle) {
+            Ok(oci) => spec::shim_grouping(&oci, &opts.id),
+            Err(e) => {
+                log::warn!("container {}: {e}; it gets a shim of its own", opts.id);
+                opts.id.clone()
+            }
+        };
         spawn(opts, &grouping, Vec::new()).await
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
         // containerd calls this after a shim died: remove whatever it left.
         let bundle = std::env::current_dir().unwrap_or_default();
-        let rootfs = spec::load(&bundle)
-            .map(|s| spec::rootfs(&s, &bundle))
-            .unwrap_or_else(|_| bundle.join("rootfs"));
-        self.remove_socket();
-        cleanup(&state_dir(&self.namespace, &self.id), Some(&rootfs))
-            .await
-            .map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
+        let oci = spec::load(&bundle).ok();
+        let rootfs = oci
+            .as_ref()
+            .map(|s| spec::rootfs(s, &bundle))
+            .unwrap_or_else(|| bundle.join("rootfs"));
+        let outcome = match oci.as_ref().map(spec::pod_role) {
+            // The pod's shim state goes with the pod's first container.
+            Some(spec::PodRole::Member { .. }) => unmount(&rootfs),
+            _ => {
+                self.remove_socket();
+                cleanup(&state_dir(&self.namespace, &self.id), Some(&rootfs)).await
+            }
+        };
+        outcome.map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
         let mut resp = api::DeleteResponse::new();
         resp.exit_status = 128 + libc::SIGKILL as u32;
         resp.exited_at = Exit::now(resp.exit_status).timestamp();
@@ -310,7 +334,7 @@ impl Shim for MvmShim {
                 publisher,
                 exit: Arc::clone(&self.exit),
                 manager: OnceCell::new(),
-                container: Mutex::new(None),
+                containers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -322,10 +346,10 @@ struct Inner {
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
     manager: OnceCell<(Manager, Tenant)>,
-    container: Mutex<Option<Container>>,
+    containers: Mutex<HashMap<String, Container>>,
 }
 
-/// containerd's Task service for one container.
+/// containerd's Task service for the containers of one pod (or one container).
 #[derive(Clone)]
 pub struct TaskService {
     inner: Arc<Inner>,
@@ -351,12 +375,9 @@ impl TaskService {
     }
 
     async fn create(&self, req: &api::CreateTaskRequest) -> Result<u32> {
-        let mut slot = self.inner.container.lock().await;
-        if slot.is_some() {
-            return Err(Error::State(format!(
-                "this shim already runs a container; {} needs its own",
-                req.id
-            )));
+        let mut containers = self.inner.containers.lock().await;
+        if containers.contains_key(&req.id) {
+            return Err(Error::State(format!("container {} exists already", req.id)));
         }
         let bundle = PathBuf::from(&req.bundle);
         let oci = spec::load(&bundle)?;
@@ -366,7 +387,6 @@ impl TaskService {
             .process()
             .as_ref()
             .ok_or_else(|| Error::Invalid("the OCI spec has no process".into()))?;
-        let request = spec::exec_request(process, isolation, !req.stdin.is_empty())?;
         let rootfs = spec::rootfs(&oci, &bundle);
         for m in &req.rootfs {
             containerd_shim::asynchronous::util::mount_rootfs(m, &rootfs)
@@ -375,14 +395,54 @@ impl TaskService {
                     Error::host(format!("mounting the rootfs at {}", rootfs.display()), e)
                 })?;
         }
-        let sandbox_req = spec::sandbox_request(&oci, isolation, &req.id);
-        // Jail tier: the mounted snapshot is the jail's root. Vm tier: the guest's root is an
-        // ext4 copy of it, made before this call returns.
-        let created = manager
-            .create_with_userland(tenant, sandbox_req, rootfs.clone())
-            .await;
-        let sandbox = match created {
-            Ok(s) => s,
+        let pod = match spec::pod_role(&oci) {
+            spec::PodRole::Member { sandbox } => Some(sandbox),
+            spec::PodRole::Own => None,
+        };
+        let joined = match pod.as_deref().map(|p| pod_sandbox(&containers, p)) {
+            Some(Some(sandbox)) if sandbox.isolation == Isolation::Vm => Some(sandbox),
+            // Jail-tier pods: each container in a jail of its own.
+            Some(Some(_)) | None => None,
+            Some(None) => {
+                let _ = unmount(&rootfs);
+                return Err(Error::State(format!(
+                    "container {} joins pod {}, whose sandbox container this shim does not                      run",
+                    req.id,
+                    pod.unwrap_or_default()
+                )));
+            }
+        };
+        let tier = joined.as_ref().map_or(isolation, |s| s.isolation);
+        let mut request = match spec::exec_request(process, tier, !req.stdin.is_empty()) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = unmount(&rootfs);
+                return Err(e);
+            }
+        };
+        let made = match &joined {
+            Some(sandbox) => manager
+                .add_container(&tenant.name, &sandbox.id, &req.id, &rootfs)
+                .await
+                .map(|root| (sandbox.clone(), Some(root))),
+            None => {
+                let sandbox_req = spec::sandbox_request(&oci, isolation, &req.id);
+                // Jail tier: the mounted snapshot is the jail's root. Vm tier: the guest's
+                // root is an ext4 copy of it, made before this call returns; a pod's first
+                // container gets drive slots for the others.
+                let container = ContainerSandbox {
+                    rootfs: rootfs.clone(),
+                    pod: spec::is_pod_sandbox(&oci) && isolation == Isolation::Vm,
+                    netns: spec::network_namespace(&oci),
+                };
+                manager
+                    .create_for_container(tenant, sandbox_req, container)
+                    .await
+                    .map(|s| (s, None))
+            }
+        };
+        let (sandbox, root) = match made {
+            Ok(made) => made,
             Err(e) => {
                 if let Err(u) = unmount(&rootfs) {
                     log::error!("{u}");
@@ -403,12 +463,20 @@ impl TaskService {
                 .into());
             }
         };
-        log::info!(
-            "container {} runs in sandbox {} ({} tier)",
-            req.id,
-            sandbox.id,
-            sandbox.isolation.as_str()
-        );
+        match &root {
+            Some(root) => log::info!(
+                "container {} joins pod sandbox {} with its root at {root}",
+                req.id,
+                sandbox.id
+            ),
+            None => log::info!(
+                "container {} runs in sandbox {} ({} tier)",
+                req.id,
+                sandbox.id,
+                sandbox.isolation.as_str()
+            ),
+        }
+        request.root = root.clone();
         let pid = self.sandbox_pid(&sandbox.id);
         let stdio = Stdio {
             stdin: req.stdin.clone(),
@@ -418,24 +486,33 @@ impl TaskService {
         };
         let mut init = Process::new(request, stdio.clone());
         init.pid = pid;
-        let oom = Arc::new(OomReports {
-            container_id: req.id.clone(),
-            seen: Mutex::new(None),
-            sandbox: sandbox.id.clone(),
+        // One OOM watch per sandbox: a pod's further containers share their pod's.
+        let oom = root.is_none().then(|| {
+            let reports = Arc::new(OomReports {
+                container_id: req.id.clone(),
+                seen: Mutex::new(None),
+                sandbox: sandbox.id.clone(),
+            });
+            OomWatch {
+                task: self.watch_oom(Arc::clone(&reports)),
+                reports,
+            }
         });
-        let oom_watch = self.watch_oom(Arc::clone(&oom));
-        *slot = Some(Container {
-            id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            rootfs,
-            sandbox,
-            paused: false,
-            init,
-            execs: HashMap::new(),
-            oom,
-            oom_watch,
-        });
-        drop(slot);
+        containers.insert(
+            req.id.clone(),
+            Container {
+                id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs,
+                sandbox,
+                root,
+                paused: false,
+                init,
+                execs: HashMap::new(),
+                oom,
+            },
+        );
+        drop(containers);
         self.publish(
             containerd_shim::protos::topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -518,12 +595,12 @@ impl TaskService {
 
     async fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
         let (manager, tenant) = self.manager().await?;
-        let mut slot = self.inner.container.lock().await;
+        let mut slot = self.inner.containers.lock().await;
         let c = container(&mut slot, id)?;
         let sandbox = c.sandbox.id.clone();
         let container_id = c.id.clone();
         let init_pid = c.init.pid;
-        let oom = Arc::clone(&c.oom);
+        let oom = c.oom.as_ref().map(|w| Arc::clone(&w.reports));
         let p = c.process(exec_id)?;
         if p.control.is_some() || p.exited().is_some() {
             return Err(Error::State(format!(
@@ -583,8 +660,10 @@ impl TaskService {
                 let _ = pump.await;
             }
             // An OOM kill is reported before the exit it caused.
-            if let Err(e) = this.report_ooms(&oom).await {
-                log::debug!("OOM check at the exit of {exec:?}: {e}");
+            if let Some(oom) = &oom {
+                if let Err(e) = this.report_ooms(oom).await {
+                    log::debug!("OOM check at the exit of {exec:?}: {e}");
+                }
             }
             let e = Exit::now(status);
             // Delete may have recorded the end already (the sandbox went first).
@@ -635,12 +714,12 @@ impl TaskService {
     /// sandbox, or thaws it.
     async fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
         let sandbox = {
-            let mut slot = self.inner.container.lock().await;
-            container(&mut slot, id)?.sandbox.id.clone()
+            let mut slot = self.inner.containers.lock().await;
+            own_sandbox(container(&mut slot, id)?, "paused")?
         };
         let (manager, tenant) = self.manager().await?;
         manager.set_paused(&tenant.name, &sandbox, paused).await?;
-        if let Some(c) = self.inner.container.lock().await.as_mut() {
+        if let Some(c) = self.inner.containers.lock().await.get_mut(id) {
             c.paused = paused;
         }
         let event: Box<dyn Event> = if paused {
@@ -667,8 +746,8 @@ impl TaskService {
     async fn update(&self, req: &api::UpdateTaskRequest) -> Result<()> {
         let update = limits_update(&req.resources)?;
         let sandbox = {
-            let mut slot = self.inner.container.lock().await;
-            container(&mut slot, &req.id)?.sandbox.id.clone()
+            let mut slot = self.inner.containers.lock().await;
+            own_sandbox(container(&mut slot, &req.id)?, "given other limits")?
         };
         let (manager, tenant) = self.manager().await?;
         let resized = manager
@@ -681,7 +760,7 @@ impl TaskService {
             resized.memory_mib,
             resized.vcpus
         );
-        if let Some(c) = self.inner.container.lock().await.as_mut() {
+        if let Some(c) = self.inner.containers.lock().await.get_mut(&req.id) {
             c.sandbox = resized;
         }
         Ok(())
@@ -692,7 +771,7 @@ impl TaskService {
             .ok()
             .filter(|s| (1..=64).contains(s))
             .ok_or_else(|| Error::Invalid(format!("signal {} is out of range", req.signal)))?;
-        let mut slot = self.inner.container.lock().await;
+        let mut slot = self.inner.containers.lock().await;
         let c = container(&mut slot, &req.id)?;
         c.process(&req.exec_id)?;
         let mut ids = vec![req.exec_id.clone()];
@@ -744,8 +823,8 @@ impl TaskService {
     }
 
     async fn delete(&self, req: &api::DeleteRequest) -> Result<api::DeleteResponse> {
-        let mut slot = self.inner.container.lock().await;
-        let c = container(&mut slot, &req.id)?;
+        let mut containers = self.inner.containers.lock().await;
+        let c = container(&mut containers, &req.id)?;
         let mut resp = api::DeleteResponse::new();
         if !req.exec_id.is_empty() {
             let p = c.process(&req.exec_id)?;
@@ -763,39 +842,69 @@ impl TaskService {
             return Ok(resp);
         }
         let (manager, tenant) = self.manager().await?;
-        // The last OOM kills, while the sandbox's cgroups still count them.
-        c.oom_watch.abort();
-        if let Err(e) = self.report_ooms(&c.oom).await {
-            log::warn!("container {}: last OOM check: {e}", c.id);
+        match &c.root {
+            Some(_) => {
+                // A pod's further container: its processes go, the pod's sandbox stays.
+                for p in std::iter::once(&c.init).chain(c.execs.values()) {
+                    if let (Some(control), None) = (&p.control, p.exited()) {
+                        if let Err(e) = control.signal(libc::SIGKILL).await {
+                            log::debug!("container {}: SIGKILL: {e}", c.id);
+                        }
+                    }
+                }
+                match manager
+                    .remove_container(&tenant.name, &c.sandbox.id, &c.id)
+                    .await
+                {
+                    // The pod's sandbox went first.
+                    Err(::api::Error::NotFound(_)) | Ok(()) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None => {
+                // The last OOM kills, while the sandbox's cgroups still count them.
+                if let Some(oom) = &c.oom {
+                    oom.task.abort();
+                    if let Err(e) = self.report_ooms(&oom.reports).await {
+                        log::warn!("container {}: last OOM check: {e}", c.id);
+                    }
+                }
+                // Whatever still runs goes with the sandbox, a pod's other containers too.
+                manager.destroy(&tenant.name, &c.sandbox.id).await?;
+            }
         }
-        // Whatever still runs goes with the sandbox.
-        manager.destroy(&tenant.name, &c.sandbox.id).await?;
         unmount(&c.rootfs)?;
-        let e = c
-            .init
-            .exited()
-            .unwrap_or_else(|| Exit::now(128 + libc::SIGKILL as u32));
-        c.init.exit.send_replace(Some(e));
-        for p in c.execs.values() {
+        let sandbox = c.sandbox.id.clone();
+        let c = containers.remove(&req.id).expect("looked up above");
+        let killed = || Exit::now(128 + libc::SIGKILL as u32);
+        let mark_killed = |p: &Process| {
             p.exit.send_if_modified(|x| {
                 let unset = x.is_none();
                 if unset {
-                    *x = Some(Exit::now(128 + libc::SIGKILL as u32));
+                    *x = Some(killed());
                 }
                 unset
             });
+        };
+        let gone_with_sandbox = containers
+            .values()
+            .filter(|other| c.root.is_none() && other.sandbox.id == sandbox);
+        for p in std::iter::once(&c.init)
+            .chain(c.execs.values())
+            .chain(gone_with_sandbox.flat_map(|o| std::iter::once(&o.init).chain(o.execs.values())))
+        {
+            mark_killed(p);
         }
+        let e = c.init.exited().unwrap_or_else(killed);
         resp.pid = c.init.pid;
         resp.exit_status = e.status;
         resp.exited_at = e.timestamp();
-        let container_id = c.id.clone();
-        *slot = None;
-        drop(slot);
+        drop(containers);
         self.publish(
             containerd_shim::protos::topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {
-                container_id: container_id.clone(),
-                id: container_id,
+                container_id: c.id.clone(),
+                id: c.id,
                 pid: resp.pid,
                 exit_status: resp.exit_status,
                 exited_at: resp.exited_at.clone(),
@@ -807,7 +916,7 @@ impl TaskService {
     }
 
     async fn shutdown(&self) -> Result<()> {
-        if self.inner.container.lock().await.is_some() {
+        if !self.inner.containers.lock().await.is_empty() {
             // containerd asks again after Delete.
             return Ok(());
         }
@@ -817,11 +926,35 @@ impl TaskService {
     }
 }
 
-fn container<'a>(slot: &'a mut Option<Container>, id: &str) -> Result<&'a mut Container> {
-    match slot {
-        Some(c) if c.id == id => Ok(c),
-        _ => Err(Error::NotFound(format!("no container {id:?} in this shim"))),
+/// The sandbox of pod `pod` (its first container's id) when this shim runs that container
+/// in a sandbox that holds further containers.
+fn pod_sandbox(containers: &HashMap<String, Container>, pod: &str) -> Option<Sandbox> {
+    containers
+        .get(pod)
+        .filter(|c| c.root.is_none())
+        .map(|c| c.sandbox.clone())
+}
+
+/// The sandbox of `c` for an operation on the whole sandbox (`what` it would be), refused
+/// for a pod's further containers, which share their pod's.
+fn own_sandbox(c: &Container, what: &str) -> Result<String> {
+    match c.root {
+        None => Ok(c.sandbox.id.clone()),
+        Some(_) => Err(Error::Invalid(format!(
+            "container {} shares the sandbox of its pod, which is {what} as a whole through \
+             the pod's first container",
+            c.id
+        ))),
     }
+}
+
+fn container<'a>(
+    containers: &'a mut HashMap<String, Container>,
+    id: &str,
+) -> Result<&'a mut Container> {
+    containers
+        .get_mut(id)
+        .ok_or_else(|| Error::NotFound(format!("no container {id:?} in this shim")))
 }
 
 /// The limits of an Update's `resources`: OCI `LinuxResources` as JSON, as containerd sends
@@ -900,7 +1033,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        let mut slot = self.inner.container.lock().await;
+        let mut slot = self.inner.containers.lock().await;
         let c = container(&mut slot, &req.id)?;
         let bundle = c.bundle.clone();
         let paused = c.paused;
@@ -934,7 +1067,7 @@ impl Task for TaskService {
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
         let (manager, _) = self.manager().await?;
-        let mut slot = self.inner.container.lock().await;
+        let mut slot = self.inner.containers.lock().await;
         let c = container(&mut slot, &req.id)?;
         let pids =
             ::api::manager::host::cgroup_pids(&manager.config().cgroup_parent, &c.sandbox.id);
@@ -983,7 +1116,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
-        let mut slot = self.inner.container.lock().await;
+        let mut slot = self.inner.containers.lock().await;
         let c = container(&mut slot, &req.id)?;
         if req.exec_id.is_empty() || c.execs.contains_key(&req.exec_id) {
             return Err(Error::Invalid(format!(
@@ -994,7 +1127,9 @@ impl Task for TaskService {
         }
         let process: oci_spec::runtime::Process = serde_json::from_slice(&req.spec.value)
             .map_err(|e| Error::Invalid(format!("exec process spec: {e}")))?;
-        let request = spec::exec_request(&process, c.sandbox.isolation, !req.stdin.is_empty())?;
+        let mut request =
+            spec::exec_request(&process, c.sandbox.isolation, !req.stdin.is_empty())?;
+        request.root = c.root.clone();
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -1033,7 +1168,7 @@ impl Task for TaskService {
             }
         };
         let control = {
-            let mut slot = self.inner.container.lock().await;
+            let mut slot = self.inner.containers.lock().await;
             let p = container(&mut slot, &req.id)?.process(&req.exec_id)?;
             if !p.stdio.terminal {
                 return Err(Error::Invalid("the process has no terminal".into()).into());
@@ -1043,7 +1178,7 @@ impl Task for TaskService {
         match control {
             Some(control) => control.resize(rows, cols).await.map_err(Error::from)?,
             None => {
-                let mut slot = self.inner.container.lock().await;
+                let mut slot = self.inner.containers.lock().await;
                 let p = container(&mut slot, &req.id)?.process(&req.exec_id)?;
                 p.request = p.request.clone().pty(rows, cols);
             }
@@ -1056,7 +1191,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
-        let mut slot = self.inner.container.lock().await;
+        let mut slot = self.inner.containers.lock().await;
         let p = container(&mut slot, &req.id)?.process(&req.exec_id)?;
         if req.stdin {
             if let Some(tx) = p.close_stdin.take() {
@@ -1072,7 +1207,7 @@ impl Task for TaskService {
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
         let mut exit = {
-            let mut slot = self.inner.container.lock().await;
+            let mut slot = self.inner.containers.lock().await;
             container(&mut slot, &req.id)?
                 .process(&req.exec_id)?
                 .exit
@@ -1096,7 +1231,7 @@ impl Task for TaskService {
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         let sandbox = {
-            let mut slot = self.inner.container.lock().await;
+            let mut slot = self.inner.containers.lock().await;
             container(&mut slot, &req.id)?.sandbox.id.clone()
         };
         let (manager, tenant) = self.manager().await?;
@@ -1132,7 +1267,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let mut slot = self.inner.container.lock().await;
+        let mut slot = self.inner.containers.lock().await;
         let task_pid = container(&mut slot, &req.id)
             .map(|c| c.init.pid)
             .unwrap_or(0);

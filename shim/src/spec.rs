@@ -11,6 +11,67 @@ use crate::error::{Error, Result};
 /// The annotation that picks a container's isolation tier (`vm` or `jail`).
 pub const ISOLATION_ANNOTATION: &str = "io.mvm.isolation";
 
+/// CRI's annotation naming what a container is: `sandbox` (the pod's first, "pause"
+/// container) or `container`.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+/// CRI's annotation naming the pod sandbox (its first container's id) a container joins.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// A container's place in a pod, from CRI's annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodRole {
+    /// Not part of a pod (e.g. `ctr run`), or a pod's first container: it gets a sandbox.
+    Own,
+    /// A further container of the pod whose first container is `sandbox`.
+    Member {
+        /// The pod's sandbox id (its first container's id).
+        sandbox: String,
+    },
+}
+
+/// The container's [`PodRole`].
+pub fn pod_role(spec: &Spec) -> PodRole {
+    let annotations = spec.annotations().as_ref();
+    let get = |key| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    match (get(CONTAINER_TYPE_ANNOTATION), get(SANDBOX_ID_ANNOTATION)) {
+        (Some("container"), Some(sandbox)) if !sandbox.is_empty() => PodRole::Member {
+            sandbox: sandbox.to_owned(),
+        },
+        _ => PodRole::Own,
+    }
+}
+
+/// The network namespace the spec names by path (a pod's, made by the runtime's CNI
+/// plugins), which the sandbox joins instead of getting one of its own.
+pub fn network_namespace(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+}
+
+/// Whether the container is a pod's first ("pause") container, whose sandbox the pod's
+/// other containers join.
+pub fn is_pod_sandbox(spec: &Spec) -> bool {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(CONTAINER_TYPE_ANNOTATION))
+        .is_some_and(|t| t == "sandbox")
+}
+
+/// The shim that serves a container: its pod's (named by the pod's sandbox id), so that one
+/// shim process and one sandbox hold the whole pod, or its own.
+pub fn shim_grouping(spec: &Spec, id: &str) -> String {
+    match pod_role(spec) {
+        PodRole::Member { sandbox } => sandbox,
+        PodRole::Own => id.to_owned(),
+    }
+}
+
 /// Smallest sandbox the manager makes, in MiB.
 const MIN_MEMORY_MIB: u64 = 16;
 /// Most vCPUs (vm) or cores of CPU quota (jail) of a sandbox.
@@ -231,5 +292,44 @@ mod tests {
             .build()
             .unwrap();
         assert!(exec_request(&bad, Isolation::Jail, false).is_err());
+    }
+
+    #[test]
+    fn pod_roles_from_cri_annotations() {
+        let with = |pairs: &[(&str, &str)]| {
+            SpecBuilder::default()
+                .annotations(
+                    pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect::<std::collections::HashMap<_, _>>(),
+                )
+                .build()
+                .unwrap()
+        };
+        let plain = with(&[]);
+        assert_eq!(pod_role(&plain), PodRole::Own);
+        assert_eq!(shim_grouping(&plain, "c1"), "c1");
+        let first = with(&[
+            (CONTAINER_TYPE_ANNOTATION, "sandbox"),
+            (SANDBOX_ID_ANNOTATION, "pod1"),
+        ]);
+        assert_eq!(pod_role(&first), PodRole::Own);
+        assert!(is_pod_sandbox(&first) && !is_pod_sandbox(&plain));
+        assert_eq!(shim_grouping(&first, "pod1"), "pod1");
+        let member = with(&[
+            (CONTAINER_TYPE_ANNOTATION, "container"),
+            (SANDBOX_ID_ANNOTATION, "pod1"),
+        ]);
+        assert_eq!(
+            pod_role(&member),
+            PodRole::Member {
+                sandbox: "pod1".into()
+            }
+        );
+        assert_eq!(shim_grouping(&member, "c2"), "pod1");
+        assert_eq!(network_namespace(&plain), None);
+        let orphan = with(&[(CONTAINER_TYPE_ANNOTATION, "container")]);
+        assert_eq!(pod_role(&orphan), PodRole::Own);
     }
 }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mvm_testkit::containerd::{Containerd, ContainerdOptions, IMAGE, NAMESPACE, RUNTIME};
+use mvm_testkit::containerd::{
+    Containerd, ContainerdOptions, PodNetwork, IMAGE, NAMESPACE, RUNTIME,
+};
 
 fn bin_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-mvm-v2"))
@@ -594,4 +596,45 @@ fn vm_tier_fails_clearly_without_hardware_kvm() {
     // A failed create leaves nothing behind either.
     let _ = cd.ctr(&["containers", "rm", "vm"]);
     assert_clean(&cd, &["vm"]);
+}
+
+/// A pod as the CRI plugin asks for it: one shim serves both containers, each with its own
+/// root (jail tier: a jail each, in one shim), and nothing is left after.
+#[test]
+fn a_pod_shares_one_shim() {
+    if !can_run("a_pod_shares_one_shim") {
+        return;
+    }
+    let cd = start("pod");
+    let report = cd
+        .run_pod("pod-jail", JAIL)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("jail-tier pod: {report:?}");
+    assert_clean(&cd, &["pod-jail", "pod-jail-c1"]);
+}
+
+/// A container in its pod's network namespace (as CNI leaves it): the sandbox joins it,
+/// has the pod's address and reaches the host side; the namespace is left as it was.
+#[test]
+fn a_container_joins_its_pods_network() {
+    if !can_run("a_container_joins_its_pods_network") {
+        return;
+    }
+    let cd = start("podnet");
+    let net = PodNetwork::create(&format!("j{}", std::process::id()), 41)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = cd
+        .run_in_pod_network("podnet-jail", JAIL, &net)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("jail tier in the pod network: {out}");
+    let links = Command::new("ip")
+        .args(["-n", &net.path().file_name().unwrap().to_string_lossy(), "-o", "link"])
+        .output()
+        .expect("ip link");
+    let links = text(&links.stdout);
+    assert!(
+        links.contains("eth0") && !links.contains("tap0"),
+        "the pod namespace should hold just its own interfaces: {links}"
+    );
+    assert_clean(&cd, &["podnet-jail"]);
 }

@@ -20,9 +20,102 @@ pub const NAMESPACE: &str = "mvm-test";
 /// cgroup v1 controllers whose hierarchy the sandboxes use.
 const CGROUP_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
 /// busybox applets the image links in /bin.
-const APPLETS: [&str; 11] = [
-    "sh", "echo", "cat", "sleep", "dd", "true", "id", "ls", "head", "uname", "stty",
+const APPLETS: [&str; 15] = [
+    "sh", "echo", "cat", "sleep", "dd", "true", "id", "ls", "head", "uname", "stty", "touch",
+    "test", "ip", "nc",
 ];
+/// What a pod's containers print of their kernel: its boot id, one per booted kernel.
+const BOOT_ID: &str = "cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo none";
+
+/// A pod network namespace as CNI's bridge plugins leave it: pinned under /var/run/netns,
+/// with `eth0` (an address, a default route) paired to a veth on the host. Removed when
+/// dropped.
+pub struct PodNetwork {
+    name: String,
+    host_if: String,
+    /// The host side's address (the pod's gateway).
+    pub host_ip: std::net::Ipv4Addr,
+    /// The pod's address on its `eth0`.
+    pub pod_ip: std::net::Ipv4Addr,
+}
+
+impl PodNetwork {
+    /// Makes namespace `mvm-test-<tag>` in 10.252.`subnet`.0/24 (host .1, pod .2).
+    pub fn create(tag: &str, subnet: u8) -> Result<PodNetwork, String> {
+        let name = format!("mvm-test-{tag}");
+        let host_if = format!("mvt{}", &tag[..tag.len().min(10)]);
+        let net = PodNetwork {
+            host_ip: std::net::Ipv4Addr::new(10, 252, subnet, 1),
+            pod_ip: std::net::Ipv4Addr::new(10, 252, subnet, 2),
+            name,
+            host_if,
+        };
+        let (n, h) = (&net.name, &net.host_if);
+        // `net` removes whatever of it exists if a step fails.
+        ip_batch(
+            &[],
+            &format!(
+                "netns add {n}\nlink add {h} type veth peer name eth0 netns {n}\n\
+                 addr add {}/24 dev {h}\nlink set {h} up\n",
+                net.host_ip
+            ),
+        )?;
+        ip_batch(
+            &["-n", n],
+            &format!(
+                "link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n\
+                 route add default via {}\n",
+                net.pod_ip, net.host_ip
+            ),
+        )?;
+        Ok(net)
+    }
+
+    /// The pinned namespace, as an OCI spec names it.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+}
+
+/// Runs `ip [args] -batch -` on `script`; its stderr when it fails.
+fn ip_batch(args: &[&str], script: &str) -> Result<(), String> {
+    use std::io::Write;
+    let out = Command::new("ip")
+        .args(args)
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(script.as_bytes())?;
+            child.wait_with_output()
+        })
+        .map_err(|e| format!("ip -batch: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {} -batch: {}", args.join(" "), text(&out.stderr).trim()))
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// What [`Containerd::run_pod`] saw.
+#[derive(Debug)]
+pub struct PodReport {
+    /// The kernel boot id in the pod's first container, and in its second.
+    pub boot_ids: (String, String),
+}
 
 /// How to start a test containerd.
 pub struct ContainerdOptions<'a> {
@@ -47,6 +140,16 @@ pub struct Containerd {
     child: Child,
     cgroup_parent: String,
     snapshotter: Option<String>,
+}
+
+/// The last `max` bytes of `s` (from a character boundary), for error messages that quote
+/// a log.
+pub fn tail(s: &str, max: usize) -> &str {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
 }
 
 fn text(b: &[u8]) -> String {
@@ -394,6 +497,143 @@ impl Containerd {
                 text(&out.stderr).trim()
             ))
         }
+    }
+
+    /// Runs a two-container pod as the CRI plugin would ask for it (CRI's annotations,
+    /// `flags` added to both `ctr run -d`): a first ("sandbox") container `pod` and a second
+    /// one, then checks that one shim serves both, that each container has a root of its own
+    /// (a file made in one is not in the other), that the second can go while the first keeps
+    /// running, and removes both.
+    pub fn run_pod(&self, pod: &str, flags: &[&str]) -> Result<PodReport, String> {
+        let member = format!("{pod}-c1");
+        let first = [
+            "--annotation",
+            "io.kubernetes.cri.container-type=sandbox",
+            "--annotation",
+        ];
+        let second = [
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+            "--annotation",
+        ];
+        let sandbox_id = format!("io.kubernetes.cri.sandbox-id={pod}");
+        for (id, annotations) in [(pod, &first), (member.as_str(), &second)] {
+            let mut all: Vec<&str> = flags.to_vec();
+            all.extend_from_slice(annotations);
+            all.push(&sandbox_id);
+            let out = self.run_detached(id, &all, &["sleep", "600"]);
+            if !out.status.success() {
+                return Err(format!(
+                    "ctr run -d {} {id} sleep 600: {}: {}; containerd's log ends: {}",
+                    all.join(" "),
+                    out.status,
+                    text(&out.stderr).trim(),
+                    tail(&self.log(), 3000)
+                ));
+            }
+            self.wait_status(id, "RUNNING")?;
+        }
+        let shims = self.shims();
+        if shims.len() != 1 {
+            return Err(format!(
+                "the pod's two containers should share one shim, found {}: {shims:?}",
+                shims.len()
+            ));
+        }
+        let first_boot = self.exec_ok(pod, "p1", &format!("touch /pod-only && {BOOT_ID}"))?;
+        let second_boot = self.exec_ok(
+            &member,
+            "c1",
+            &format!("test ! -e /pod-only && touch /member-only && {BOOT_ID}"),
+        )?;
+        self.exec_ok(pod, "p2", "test ! -e /member-only")?;
+        self.stop_and_remove(&member, Some("KILL"))?;
+        let still = self.exec_ok(pod, "p3", "echo still running")?;
+        if still != "still running" {
+            return Err(format!(
+                "the pod's first container after its second left: {still:?}"
+            ));
+        }
+        self.stop_and_remove(pod, Some("KILL"))?;
+        Ok(PodReport {
+            boot_ids: (first_boot, second_boot),
+        })
+    }
+
+    /// `ctr run --rm` of container `id` in the pod network `net` (`flags` added): the
+    /// container has the pod's address and reaches a listener on the host side. Returns the
+    /// container's output.
+    pub fn run_in_pod_network(
+        &self,
+        id: &str,
+        flags: &[&str],
+        net: &PodNetwork,
+    ) -> Result<String, String> {
+        let listener = std::net::TcpListener::bind((net.host_ip, 0))
+            .map_err(|e| format!("listening on {}: {e}", net.host_ip))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let received = std::thread::spawn(move || -> std::io::Result<String> {
+            use std::io::Read;
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut got = String::new();
+            conn.read_to_string(&mut got)?;
+            Ok(got)
+        });
+        let with_ns = format!("network:{}", net.path().display());
+        let mut all = vec!["--with-ns", with_ns.as_str()];
+        all.extend_from_slice(flags);
+        let script = format!(
+            "ip -4 addr show eth0; echo hello-from-the-pod | nc -w 10 {} {port}",
+            net.host_ip
+        );
+        let out = self.run(id, &all, &["sh", "-c", &script]);
+        let stdout = text(&out.stdout);
+        if !out.status.success() || !stdout.contains(&format!("inet {}/24", net.pod_ip)) {
+            return Err(format!(
+                "ctr run {} {id} sh -c {script:?}: {}, stdout {stdout:?} (expected the pod's \
+                 address {}), stderr {:?}; containerd's log ends: {}",
+                all.join(" "),
+                out.status,
+                net.pod_ip,
+                text(&out.stderr).trim(),
+                tail(&self.log(), 3000)
+            ));
+        }
+        // Unblock the listener in case the container never connected.
+        let _ = std::net::TcpStream::connect((net.host_ip, port));
+        let got = received
+            .join()
+            .map_err(|_| "the listener thread panicked".to_owned())?
+            .map_err(|e| format!("the host-side listener: {e}"))?;
+        if got != "hello-from-the-pod\n" {
+            return Err(format!(
+                "the host side of the pod network got {got:?} instead of the container's greeting"
+            ));
+        }
+        Ok(stdout)
+    }
+
+    /// `ctr task exec` of `sh -c script` in container `id`; its trimmed stdout when it exits 0.
+    fn exec_ok(&self, id: &str, exec_id: &str, script: &str) -> Result<String, String> {
+        let out = self.ctr(&["task", "exec", "--exec-id", exec_id, id, "sh", "-c", script]);
+        if !out.status.success() {
+            return Err(format!(
+                "ctr task exec {id} sh -c {script:?}: {}, stdout {:?}, stderr {:?}",
+                out.status,
+                text(&out.stdout),
+                text(&out.stderr).trim()
+            ));
+        }
+        Ok(text(&out.stdout).trim().to_owned())
+    }
+
+    /// The shim processes of this containerd.
+    pub fn shims(&self) -> Vec<String> {
+        self.our_processes()
+            .into_iter()
+            .filter(|p| p.contains("containerd-shim-mvm-v2"))
+            .collect()
     }
 
     /// Processes started for this containerd: shims (they get its socket as -address) and

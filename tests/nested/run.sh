@@ -220,7 +220,7 @@ cp -a "$assets" "$l1_root/mvm"
 
 # The sandbox manager's host helpers and containerd, with their shared libraries and the
 # dynamic loader.
-for tool in ip nft mkfs.ext4 containerd ctr; do
+for tool in ip tc nft mkfs.ext4 containerd ctr; do
     path=$(command -v "$tool") || die "$tool is missing (apt packages iproute2 nftables e2fsprogs containerd)"
     mkdir -p "$l1_root/usr/local/sbin"
     cp -L "$path" "$l1_root/usr/local/sbin/$tool"
@@ -235,13 +235,15 @@ mkdir -p "$l1_root/etc"
 # Modules with their dependencies (modules.dep lists a module's dependencies so that loading
 # them last-to-first works), decompressed, as busybox insmod wants: kvm-amd; tun and veth for
 # taps and sandbox links; nf_tables with what the manager's rulesets use (NAT masquerade,
-# conntrack state, reject). crc32c_generic is libcrc32c's soft dependency (modules.softdep),
+# conntrack state, reject); the tc ingress qdisc, u32 filter and mirred action that join a
+# VM to a pod's network namespace. crc32c_generic is libcrc32c's soft dependency (modules.softdep),
 # which modules.dep does not list.
 module_path() { # <name>: path relative to $moddir, from modules.dep
     grep -E "(^|/)$1\.ko(\.xz|\.zst|\.gz)?:" "$moddir/modules.dep" | head -n1 | cut -d: -f1
 }
 : > "$l1_root/lib/modules/load-order"
-for want in kvm-amd tun veth crc32c_generic nf_tables nft_chain_nat nft_masq nft_ct nft_reject_inet; do
+for want in kvm-amd tun veth crc32c_generic nf_tables nft_chain_nat nft_masq nft_ct nft_reject_inet \
+    sch_ingress cls_u32 act_mirred; do
     top=$(module_path "$want")
     [ -n "$top" ] || die "$moddir/modules.dep has no $want module"
     deps=$(grep -E "^$top:" "$moddir/modules.dep" | cut -d: -f2)

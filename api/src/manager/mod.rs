@@ -10,6 +10,7 @@
 
 pub mod host;
 pub mod net;
+mod pod;
 pub mod rootfs;
 pub mod vm;
 
@@ -209,12 +210,32 @@ fn exec_name(isolation: Isolation) -> &'static str {
     }
 }
 
+/// What a container runtime asks of a sandbox besides its [`CreateSandbox`].
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSandbox {
+    /// The container's root file system on the host, made by the runtime's snapshotter.
+    pub rootfs: PathBuf,
+    /// The sandbox is a pod's (vm tier): it can take the pod's further containers with
+    /// [`Manager::add_container`].
+    pub pod: bool,
+    /// The pod's network namespace (made by the runtime's CNI plugins) to join instead of
+    /// one of the manager's.
+    pub netns: Option<PathBuf>,
+}
+
+/// The pod network namespace a sandbox joined, if any.
+fn pod_netns_of(s: &Sandbox) -> Option<PathBuf> {
+    s.network.netns.as_ref().map(PathBuf::from)
+}
+
 /// A sandbox this manager runs: its agent connection and, if this process started it, the
 /// jailer child.
 #[derive(Default)]
 struct Live {
     agent: tokio::sync::Mutex<Option<AgentClient>>,
     child: Mutex<Option<tokio::process::Child>>,
+    /// The containers in a pod sandbox's drive slots.
+    pod: tokio::sync::Mutex<pod::Slots>,
 }
 
 struct Inner {
@@ -338,7 +359,7 @@ impl Manager {
                 out.adopted.push(s.id.clone());
             } else {
                 tracing::info!(id = %s.id, state = s.state.as_str(), "reconcile: removing a dead sandbox");
-                self.teardown(s.id.clone(), Some(s.isolation), false)
+                self.teardown(s.id.clone(), Some(s.isolation), pod_netns_of(s), false)
                     .await?;
                 self.inner.db.delete_sandbox(&s.id)?;
                 self.inner
@@ -367,7 +388,7 @@ impl Manager {
         for id in self.host_ids() {
             if !known.contains(&id.as_str()) && !BusyLock::held_elsewhere(&cfg.lock_path(&id)) {
                 tracing::info!(%id, "reconcile: removing leftovers without a state row");
-                self.teardown(id.clone(), None, false).await?;
+                self.teardown(id.clone(), None, None, false).await?;
                 out.cleaned.push(id);
             }
         }
@@ -504,6 +525,7 @@ impl Manager {
                 allow: network.allow,
                 address: None,
                 gateway: None,
+                netns: None,
             },
             metadata: req.metadata,
         };
@@ -515,30 +537,39 @@ impl Manager {
         self.create_in(tenant, req, None).await
     }
 
-    /// Creates a sandbox whose file system is the host directory `userland` instead of a
-    /// template's; its `template` field is that path. For container runtimes, whose
-    /// snapshotter has already made the container's root. In the jail tier the directory is
-    /// bound read-write into the jail (top-level directories but /dev, /proc, /run and /sys);
-    /// in the vm tier the template (`req.template` or the default) boots the guest and its
-    /// agent, and the guest's root is a writable ext4 disk made from a copy of the directory,
-    /// so writes in the guest do not reach the host directory.
-    pub async fn create_with_userland(
+    /// Creates a sandbox for a container runtime's container, whose file system is the host
+    /// directory `container.rootfs` (made by the runtime's snapshotter) instead of a
+    /// template's; its `template` field is that path. In the jail tier the directory is bound
+    /// read-write into the jail (top-level directories but /dev, /proc, /run and /sys); in the
+    /// vm tier the template (`req.template` or the default) boots the guest and its agent, and
+    /// the guest's root is a writable ext4 disk made from a copy of the directory, so writes
+    /// in the guest do not reach the host directory.
+    pub async fn create_for_container(
         &self,
         tenant: &Tenant,
         req: CreateSandbox,
-        userland: PathBuf,
+        container: ContainerSandbox,
     ) -> Result<Sandbox> {
-        self.create_in(tenant, req, Some(userland)).await
+        self.create_in(tenant, req, Some(container)).await
     }
 
     async fn create_in(
         &self,
         tenant: &Tenant,
         req: CreateSandbox,
-        userland: Option<PathBuf>,
+        container: Option<ContainerSandbox>,
     ) -> Result<Sandbox> {
         let started = Instant::now();
+        let (userland, container_slots, pod_netns) = match container {
+            Some(c) => (Some(c.rootfs), if c.pod { vm::POD_SLOTS } else { 0 }, c.netns),
+            None => (None, 0, None),
+        };
         let (sandbox, template) = self.plan(&tenant.name, req, userland)?;
+        if container_slots > 0 && sandbox.isolation != Isolation::Vm {
+            return Err(Error::Invalid(
+                "only a vm-tier sandbox holds the containers of a pod".into(),
+            ));
+        }
         // Taken before the row exists, so that another manager's reconciliation never sees
         // the row unlocked and removes it as dead; held until the sandbox is ready or rolled
         // back; the kernel drops it if we die.
@@ -549,7 +580,7 @@ impl Manager {
             slot,
             pid: 0,
         };
-        match self.build(&mut row, &template).await {
+        match self.build(&mut row, &template, container_slots, pod_netns).await {
             Ok(()) => {
                 self.inner.metrics.create_seconds.observe(started.elapsed());
                 self.inner
@@ -566,7 +597,7 @@ impl Manager {
                 let id = row.sandbox.id.clone();
                 lock(&self.inner.live).remove(&id);
                 if let Err(undo) = self
-                    .teardown(id.clone(), Some(row.sandbox.isolation), false)
+                    .teardown(id.clone(), Some(row.sandbox.isolation), pod_netns_of(&row.sandbox), false)
                     .await
                 {
                     tracing::error!(%id, "rollback of a failed create: {undo}");
@@ -580,7 +611,13 @@ impl Manager {
         }
     }
 
-    async fn build(&self, row: &mut SandboxRow, userland: &Userland) -> Result<()> {
+    async fn build(
+        &self,
+        row: &mut SandboxRow,
+        userland: &Userland,
+        container_slots: u8,
+        pod_netns: Option<PathBuf>,
+    ) -> Result<()> {
         let cfg = self.inner.cfg.clone();
         let s = row.sandbox.clone();
         let uid = cfg.uid_base + row.slot;
@@ -596,43 +633,34 @@ impl Manager {
         let userland = userland.clone();
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
         let started = Instant::now();
-        let (network, child) = blocking(move || {
-            std::fs::create_dir_all(cfg.netns("")).map_err(|e| Error::host("creating the netns dir", e))?;
-            let network = net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
-            let dir = cfg.sandbox_dir(&s.id);
-            std::fs::create_dir_all(&dir).map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
-            let jail = match &userland {
-                Userland::Template(template) if s.isolation == Isolation::Jail => {
-                    let base = rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
-                    let overlay = rootfs::Overlay::at(&dir);
-                    overlay.mount(&base, uid)?;
-                    jail_config(&cfg, &s, uid, &overlay.merged)?
+        let (network, uplink, child) = blocking(move || {
+            let (network, uplink) = match &pod_netns {
+                Some(ns) => {
+                    let (info, uplink) = net::join_pod_netns(ns, s.isolation, uid)?;
+                    (info, Some(uplink))
                 }
-                Userland::Template(template) => vm_jail_config(&cfg, &s, uid, template, &dir, None)?,
-                Userland::Dir(tree) => jail_config(&cfg, &s, uid, tree)?,
-                Userland::DiskFromDir { template, dir: tree } => {
-                    vm_jail_config(&cfg, &s, uid, template, &dir, Some(tree))?
+                None => {
+                    std::fs::create_dir_all(cfg.netns(""))
+                        .map_err(|e| Error::host("creating the netns dir", e))?;
+                    let info = net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
+                    (info, None)
                 }
             };
-            let console = std::fs::File::create(dir.join("console.log"))
-                .map_err(|e| Error::host("creating the console log", e))?;
-            let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
-            cmd.stdin(std::process::Stdio::null())
-                .stdout(console.try_clone().map_err(|e| Error::host("console log", e))?)
-                .stderr(console);
-            let child = cmd.spawn().map_err(|e| {
-                Error::host(
-                    format!("starting {}", cfg.bin_dir.join("mvm-jailer").display()),
-                    format!("{e} (set MVM_BIN_DIR to the directory of mvm-jailer, mvm-agent and mvm-vmm)"),
-                )
-            })?;
-            Ok((network, child))
+            let spawned = spawn_jail(&cfg, &s, uid, &userland, container_slots, pod_netns.as_deref());
+            if spawned.is_err() && s.isolation == Isolation::Vm {
+                // The teardown after a failed create does not know of the pod's namespace yet.
+                if let Some(ns) = &pod_netns {
+                    let _ = net::leave_pod_netns(ns);
+                }
+            }
+            Ok((network, uplink, spawned?))
         })
         .await?;
         row.sandbox.network = network;
         row.pid = child.id().unwrap_or(0);
         let live = Arc::new(Live::default());
         *lock(&live.child) = Some(child);
+        live.pod.lock().await.capacity = container_slots;
         lock(&self.inner.live).insert(row.sandbox.id.clone(), Arc::clone(&live));
         self.inner.db.update_sandbox(row)?;
         let spawned = started.elapsed();
@@ -647,12 +675,15 @@ impl Manager {
                     std::os::unix::net::UnixStream::connect(&api).is_ok()
                 })
                 .await?;
-                let ip = s.network.address.as_ref().map(|a| {
-                    format!(
-                        "{a}/30,{}",
-                        s.network.gateway.as_deref().unwrap_or_default()
-                    )
-                });
+                let ip = match &uplink {
+                    Some(uplink) => Some(uplink.guest_ip()),
+                    None => s.network.address.as_ref().map(|a| {
+                        format!(
+                            "{a}/30,{}",
+                            s.network.gateway.as_deref().unwrap_or_default()
+                        )
+                    }),
+                };
                 vm::configure_and_start(
                     &api,
                     &vm::VmSpec {
@@ -661,6 +692,8 @@ impl Manager {
                         memory_mib: s.memory_mib,
                         ip,
                         root: guest_root,
+                        container_slots,
+                        guest_mac: uplink.map(|u| u.mac),
                     },
                 )
                 .await?;
@@ -788,6 +821,7 @@ impl Manager {
         &self,
         id: String,
         isolation: Option<Isolation>,
+        pod_netns: Option<PathBuf>,
         started: bool,
     ) -> Result<()> {
         let child = lock(&self.inner.live)
@@ -822,7 +856,12 @@ impl Manager {
             let dir = cfg.sandbox_dir(&id);
             rootfs::Overlay::at(&dir).unmount()?;
             host::remove_tree(&dir)?;
-            net::destroy(&cfg.netns(&id), &id)?;
+            match pod_netns {
+                // The pod's namespace is the runtime's: only the VM's tap and redirect go.
+                Some(ns) if isolation == Some(Isolation::Vm) => net::leave_pod_netns(&ns)?,
+                Some(_) => {}
+                None => net::destroy(&cfg.netns(&id), &id)?,
+            }
             // A crashed manager's stale lock (a live holder removes its own on drop).
             match std::fs::remove_file(cfg.lock_path(&id)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -881,7 +920,12 @@ impl Manager {
             live.agent.lock().await.take();
         }
         let result = self
-            .teardown(id.to_owned(), Some(row.sandbox.isolation), true)
+            .teardown(
+                id.to_owned(),
+                Some(row.sandbox.isolation),
+                pod_netns_of(&row.sandbox),
+                true,
+            )
             .await;
         lock(&self.inner.live).remove(id);
         result?;
@@ -951,10 +995,7 @@ impl Manager {
                 )))
             }
         }
-        let live = lock(&self.inner.live)
-            .entry(id.to_owned())
-            .or_insert_with(|| Arc::new(Live::default()))
-            .clone();
+        let live = self.live(id);
         let mut agent = live.agent.lock().await;
         if let Some(c) = agent.as_ref() {
             return Ok(c.clone());
@@ -962,6 +1003,15 @@ impl Manager {
         let c = self.connect_agent(row.sandbox.isolation, id).await?;
         *agent = Some(c.clone());
         Ok(c)
+    }
+
+    /// The run-time state of sandbox `id`, made empty when this manager has none yet (an
+    /// adopted sandbox).
+    fn live(&self, id: &str) -> Arc<Live> {
+        lock(&self.inner.live)
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(Live::default()))
+            .clone()
     }
 
     /// Forgets a broken agent connection so the next call reconnects.
@@ -1489,12 +1539,60 @@ fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Resul
     Ok(j)
 }
 
-/// The jail of the vm tier: mvm-vmm with the kernel, base image and writable layer bound in.
-/// The jail of a VMM booting template `t`, with its writable disk made in `dir`: blank (the
-/// overlay upper layer) or, with `root_content`, a copy of that directory (the guest's root).
+/// Steps 3-4 of a create: the sandbox's directory, its userland and jail, and the jailer
+/// process, whose output goes to the console log. Joins `pod_netns` instead of the
+/// manager's own namespace for the sandbox when given.
+fn spawn_jail(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    userland: &Userland,
+    container_slots: u8,
+    pod_netns: Option<&Path>,
+) -> Result<tokio::process::Child> {
+    let dir = cfg.sandbox_dir(&s.id);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    let mut jail = match userland {
+        Userland::Template(template) if s.isolation == Isolation::Jail => {
+            let base = rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
+            let overlay = rootfs::Overlay::at(&dir);
+            overlay.mount(&base, uid)?;
+            jail_config(cfg, s, uid, &overlay.merged)?
+        }
+        Userland::Template(template) => {
+            vm_jail_config(cfg, s, uid, template, &dir, None, container_slots)?
+        }
+        Userland::Dir(tree) => jail_config(cfg, s, uid, tree)?,
+        Userland::DiskFromDir { template, dir: tree } => {
+            vm_jail_config(cfg, s, uid, template, &dir, Some(tree), container_slots)?
+        }
+    };
+    if let Some(ns) = pod_netns {
+        jail.netns = Some(ns.to_owned());
+    }
+    let console = std::fs::File::create(dir.join("console.log"))
+        .map_err(|e| Error::host("creating the console log", e))?;
+    let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(console.try_clone().map_err(|e| Error::host("console log", e))?)
+        .stderr(console);
+    cmd.spawn().map_err(|e| {
+        Error::host(
+            format!("starting {}", cfg.bin_dir.join("mvm-jailer").display()),
+            format!("{e} (set MVM_BIN_DIR to the directory of mvm-jailer, mvm-agent and mvm-vmm)"),
+        )
+    })
+}
+
+/// The jail of the vm tier: mvm-vmm booting template `t`, with the kernel, the base image and
+/// the writable disk bound in. The disk is made in `dir`: blank (the overlay upper layer) or,
+/// with `root_content`, a copy of that directory (the guest's root). With `container_slots`,
+/// the directory of a pod's container images is bound in too.
 fn vm_jail_config(
     cfg: &ManagerConfig,
     s: &Sandbox,
+    container_slots: u8,
     uid: u32,
     t: &Template,
     dir: &Path,
@@ -1529,6 +1627,13 @@ fn vm_jail_config(
         },
     ];
     j.args = vm::vmm_args(&s.id, cfg.console_limit);
+    if container_slots > 0 {
+        j.mounts.push(BindMount {
+            host: pod::container_dir(dir, uid, container_slots)?,
+            jail: vm::CONTAINER_DIR.into(),
+            read_only: false,
+        });
+    }
     Ok(j)
 }
 
@@ -1611,6 +1716,7 @@ mod tests {
                 address: None,
                 gateway: None,
             },
+                netns: None,
             metadata: BTreeMap::new(),
         };
         assert_eq!(memory_change(&s, 100 << 20).unwrap(), Some(100 << 20));

@@ -28,6 +28,39 @@ pub const API_SOCK: &str = "/run/api.sock";
 pub const VSOCK_SOCK: &str = "/run/vsock.sock";
 /// Guest CID of every VM.
 pub const GUEST_CID: u32 = 3;
+/// The jail directory holding a pod's container images, one per drive slot.
+pub const CONTAINER_DIR: &str = "/ctr";
+/// Drive slots of a pod sandbox: the containers it can hold besides its first one. Each
+/// is a virtio device with an interrupt of its own (19 in all, 4 used by the base VM).
+pub const POD_SLOTS: u8 = 8;
+
+/// A pod's drive slot: an empty image until a container's root is swapped in (Firecracker's
+/// drive `PATCH`), which the guest sees as a capacity change of the same disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Slot(pub u8);
+
+impl Slot {
+    /// The drive id.
+    pub fn drive_id(self) -> String {
+        format!("ctr{}", self.0)
+    }
+
+    /// The image file, as the jailed VMM sees it.
+    pub fn image(self) -> String {
+        format!("{CONTAINER_DIR}/{}.ext4", self.0)
+    }
+
+    /// The image's file name in the container directory.
+    pub fn file_name(self) -> String {
+        format!("{}.ext4", self.0)
+    }
+
+    /// The guest's block device: drives appear in order after the template (`vda`) and the
+    /// writable disk (`vdb`).
+    pub fn guest_device(self) -> String {
+        format!("/dev/vd{}", char::from(b'c' + self.0))
+    }
+}
 
 /// What the guest makes of its writable disk (the second drive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +125,10 @@ pub struct VmSpec<'a> {
     pub ip: Option<String>,
     /// The guest's root file system.
     pub root: GuestRoot,
+    /// Empty drive slots for the containers of a pod (0 for a plain sandbox).
+    pub container_slots: u8,
+    /// The guest NIC's MAC, when it takes over a pod interface's (else the VMM picks one).
+    pub guest_mac: Option<String>,
 }
 
 async fn call<T: Serialize>(api: &Endpoint, method: &str, path: &str, body: &T) -> Result<()> {
@@ -148,17 +185,22 @@ pub async fn configure_and_start(api_sock: &Path, spec: &VmSpec<'_>) -> Result<(
         },
     )
     .await?;
+    let slots =
+        (0..spec.container_slots).map(|n| (Slot(n).drive_id(), Slot(n).image(), false, false));
     for (drive_id, path, root, read_only) in [
-        ("rootfs", ROOTFS, true, true),
-        ("layer", LAYER, false, false),
-    ] {
+        ("rootfs".to_owned(), ROOTFS.to_owned(), true, true),
+        ("layer".to_owned(), LAYER.to_owned(), false, false),
+    ]
+    .into_iter()
+    .chain(slots)
+    {
         call(
             &api,
             "PUT",
             &format!("/drives/{drive_id}"),
             &DriveConfig {
-                drive_id: drive_id.into(),
-                path_on_host: Some(path.into()),
+                drive_id,
+                path_on_host: Some(path),
                 is_root_device: root,
                 is_read_only: Some(read_only),
                 partuuid: None,
@@ -182,7 +224,7 @@ pub async fn configure_and_start(api_sock: &Path, spec: &VmSpec<'_>) -> Result<(
             &NetworkInterfaceConfig {
                 iface_id: "eth0".into(),
                 host_dev_name: super::net::TAP_IF.into(),
-                guest_mac: None,
+                guest_mac: spec.guest_mac.clone(),
                 rx_rate_limiter: None,
                 tx_rate_limiter: None,
             },
@@ -205,6 +247,20 @@ pub async fn configure_and_start(api_sock: &Path, spec: &VmSpec<'_>) -> Result<(
         "PUT",
         "/actions",
         &serde_json::json!({"action_type": "InstanceStart"}),
+    )
+    .await
+}
+
+/// Makes the running VM reopen the image of `slot`, which the host has just replaced: the
+/// guest sees the disk's new capacity.
+pub async fn reopen_slot(api_sock: &Path, slot: Slot) -> Result<()> {
+    let api = Endpoint::Unix(api_sock.to_path_buf());
+    let drive_id = slot.drive_id();
+    call(
+        &api,
+        "PATCH",
+        &format!("/drives/{drive_id}"),
+        &serde_json::json!({ "drive_id": drive_id, "path_on_host": slot.image() }),
     )
     .await
 }

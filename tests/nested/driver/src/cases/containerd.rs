@@ -1,11 +1,13 @@
 //! The containerd shim's vm tier: Debian's containerd, started inside L1 with its own
 //! directories, runs containers of an OCI image through `containerd-shim-mvm-v2`, each in a
-//! micro-VM whose root file system is the container's own.
+//! micro-VM whose root file system is the container's own; a pod's containers in one, and a
+//! container in its pod's network namespace.
 
 use std::path::Path;
 use std::time::Instant;
 
-use mvm_testkit::containerd::{Containerd, ContainerdOptions};
+pub(super) use mvm_testkit::containerd::tail;
+use mvm_testkit::containerd::{Containerd, ContainerdOptions, PodNetwork};
 
 use super::{ms, Ctx, Outcome, Verdict};
 
@@ -88,7 +90,41 @@ pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
         ));
     }
     cd.stop_and_remove("vm-exec", None)?;
-    let left = cd.leftovers(&["vm-run", "vm-exec"]);
+
+    // A pod: both containers in one micro-VM (one kernel boot id, not L1's), each on its own
+    // root, one shim.
+    let started = Instant::now();
+    let pod = cd.run_pod("vm-pod", &[])?;
+    ctx.record("two-container pod (vm tier): run, exec, remove", ms(started.elapsed()));
+    let l1_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map_err(|e| format!("L1's boot id: {e}"))?;
+    let (first, second) = &pod.boot_ids;
+    if first != second || first == "none" || first == l1_boot.trim() {
+        return Err(format!(
+            "the pod's containers should share one guest kernel other than L1's: boot ids \
+             {first:?} and {second:?}, L1 {:?}",
+            l1_boot.trim()
+        ));
+    }
+    // The pod's network namespace as CNI leaves it: the guest takes over its eth0 (address
+    // and MAC, frames redirected through the VM's tap) and reaches the host side; after, the
+    // namespace holds only its own interfaces again.
+    let net = PodNetwork::create("vm", 42)?;
+    let started = Instant::now();
+    cd.run_in_pod_network("vm-podnet", &[], &net)?;
+    ctx.record("ctr run --rm in a pod network (vm tier)", ms(started.elapsed()));
+    let links = std::process::Command::new("ip")
+        .args(["-n", "mvm-test-vm", "-o", "link"])
+        .output()
+        .map_err(|e| format!("ip -n mvm-test-vm link: {e}"))?;
+    let links = text(&links.stdout);
+    if links.contains("tap0") || !links.contains("eth0") {
+        return Err(format!(
+            "the pod network namespace should hold just its own interfaces again: {links}"
+        ));
+    }
+    drop(net);
+    let left = cd.leftovers(&["vm-run", "vm-exec", "vm-pod", "vm-pod-c1", "vm-podnet"]);
     if !left.is_empty() {
         return Err(format!(
             "left behind: {}; containerd's log ends: {}",
@@ -97,13 +133,4 @@ pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
         ));
     }
     Ok(Verdict::Pass)
-}
-
-/// The last `max` bytes of `s` (at a character boundary).
-fn tail(s: &str, max: usize) -> &str {
-    let mut start = s.len().saturating_sub(max);
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
 }

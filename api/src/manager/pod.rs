@@ -1,0 +1,242 @@
+//! Pods: the containers of a Kubernetes pod in one vm-tier sandbox. The sandbox boots with
+//! the pod's first container as its root and [`vm::POD_SLOTS`] empty drives
+//! ([`super::ContainerSandbox::pod`]); each further
+//! container gets a drive: the host copies its root file system into an ext4 image, swaps
+//! the image in (Firecracker's drive `PATCH`), and the guest agent mounts it where the
+//! container's processes are chrooted (`ExecRequest::root`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+
+use agent::MountRequest;
+
+use super::{blocking, rootfs, vm, Manager};
+use crate::error::{Error, Result};
+use crate::model::{Isolation, SandboxState};
+
+/// Where the guest mounts the root of container `name`.
+fn guest_root(name: &str) -> String {
+    format!("/run/mvm/containers/{name}")
+}
+
+/// File systems every container root gets, as (source, mount point in the root, type).
+const CONTAINER_MOUNTS: [(&str, &str, Option<&str>); 3] = [
+    ("proc", "proc", Some("proc")),
+    ("sysfs", "sys", Some("sysfs")),
+    ("/dev", "dev", None),
+];
+
+/// The drive slots of a pod sandbox and the containers in them.
+#[derive(Debug, Default)]
+pub(super) struct Slots {
+    /// How many slots the VM was booted with.
+    pub capacity: u8,
+    /// The occupied slots, by container name.
+    pub used: BTreeMap<String, vm::Slot>,
+}
+
+impl Slots {
+    fn free(&self) -> Option<vm::Slot> {
+        (0..self.capacity)
+            .map(vm::Slot)
+            .find(|s| !self.used.values().any(|u| u == s))
+    }
+}
+
+/// Container names become guest paths: a plain file name, as container ids are.
+fn check_name(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "container name {name:?} must be 1-128 letters, digits, '_', '.' or '-'"
+        )))
+    }
+}
+
+/// Makes the host directory of a pod's container images, `<sandbox dir>/ctr`, with an empty
+/// image per slot, all owned by the sandbox's `uid`; bound into the jail at
+/// [`vm::CONTAINER_DIR`].
+pub(super) fn container_dir(sandbox_dir: &Path, uid: u32, slots: u8) -> Result<PathBuf> {
+    let dir = sandbox_dir.join("ctr");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
+        .map_err(|e| Error::host(format!("chown {}", dir.display()), e))?;
+    for slot in (0..slots).map(vm::Slot) {
+        put_image(&dir, slot, uid, None)?;
+    }
+    Ok(dir)
+}
+
+/// Replaces the image of `slot` in `dir` at once (write aside, then rename): with a copy of
+/// the directory `content`, or empty.
+fn put_image(dir: &Path, slot: vm::Slot, uid: u32, content: Option<&Path>) -> Result<()> {
+    let image = dir.join(slot.file_name());
+    let staged = dir.join(format!(".{}.new", slot.file_name()));
+    let made = match content {
+        Some(content) => rootfs::make_layer(&staged, uid, Some(content)),
+        None => std::fs::File::create(&staged)
+            .map_err(|e| Error::host(format!("creating {}", staged.display()), e))
+            .and_then(|_| {
+                std::os::unix::fs::chown(&staged, Some(uid), Some(uid))
+                    .map_err(|e| Error::host(format!("chown {}", staged.display()), e))
+            }),
+    };
+    made.and_then(|()| {
+        std::fs::rename(&staged, &image)
+            .map_err(|e| Error::host(format!("renaming {}", staged.display()), e))
+    })
+    .inspect_err(|_| {
+        let _ = std::fs::remove_file(&staged);
+    })
+}
+
+impl Manager {
+    /// Adds container `name` to pod sandbox `id`: a copy of the host directory `rootfs`
+    /// becomes its root in the guest, with /proc, /sys and /dev. Returns that root, for
+    /// [`agent::ExecRequest::root`].
+    pub async fn add_container(
+        &self,
+        tenant: &str,
+        id: &str,
+        name: &str,
+        rootfs: &Path,
+    ) -> Result<String> {
+        check_name(name)?;
+        let row = self.row(tenant, id)?;
+        if row.sandbox.isolation != Isolation::Vm || row.sandbox.state != SandboxState::Running {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is a {} {}-tier sandbox; containers join running vm-tier pods",
+                row.sandbox.state.as_str(),
+                row.sandbox.isolation.as_str()
+            )));
+        }
+        let live = self.live(id);
+        // Held throughout, so two containers never race for one slot.
+        let mut slots = live.pod.lock().await;
+        if slots.used.contains_key(name) {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} already has a container {name}"
+            )));
+        }
+        let slot = slots.free().ok_or_else(|| {
+            Error::Conflict(format!(
+                "pod sandbox {id} is full: it holds {} containers besides its first",
+                slots.capacity
+            ))
+        })?;
+        let dir = self.inner.cfg.sandbox_dir(id).join("ctr");
+        let uid = self.inner.cfg.uid_base + row.slot;
+        let content = rootfs.to_owned();
+        let images = dir.clone();
+        blocking(move || put_image(&images, slot, uid, Some(&content))).await?;
+        let root = guest_root(name);
+        if let Err(e) = self.attach(tenant, id, slot, &root).await {
+            if let Err(undo) = self.detach(tenant, id, &dir, uid, slot, &root).await {
+                tracing::error!(%id, name, "rolling back a container: {undo}");
+            }
+            return Err(e);
+        }
+        slots.used.insert(name.to_owned(), slot);
+        Ok(root)
+    }
+
+    /// Removes container `name` from pod sandbox `id`: unmounts its root in the guest and
+    /// empties its drive slot. Its processes should have ended: whatever still uses the root
+    /// keeps it until it exits.
+    pub async fn remove_container(&self, tenant: &str, id: &str, name: &str) -> Result<()> {
+        let row = self.row(tenant, id)?;
+        let live = self.live(id);
+        let mut slots = live.pod.lock().await;
+        let slot = *slots
+            .used
+            .get(name)
+            .ok_or_else(|| Error::NotFound(format!("sandbox {id} has no container {name:?}")))?;
+        let dir = self.inner.cfg.sandbox_dir(id).join("ctr");
+        let uid = self.inner.cfg.uid_base + row.slot;
+        self.detach(tenant, id, &dir, uid, slot, &guest_root(name))
+            .await?;
+        slots.used.remove(name);
+        Ok(())
+    }
+
+    /// Shows the image now in `slot` to the guest and mounts it at `root`.
+    async fn attach(&self, tenant: &str, id: &str, slot: vm::Slot, root: &str) -> Result<()> {
+        let api = self.inner.cfg.in_jail(Isolation::Vm, id, vm::API_SOCK);
+        vm::reopen_slot(&api, slot).await?;
+        let agent = self.agent(tenant, id).await?;
+        agent
+            .mount(MountRequest {
+                source: slot.guest_device(),
+                target: root.to_owned(),
+                fstype: Some("ext4".into()),
+                read_only: false,
+            })
+            .await?;
+        for (source, at, fstype) in CONTAINER_MOUNTS {
+            agent
+                .mount(MountRequest {
+                    source: source.into(),
+                    target: format!("{root}/{at}"),
+                    fstype: fstype.map(Into::into),
+                    read_only: false,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts `root` (if mounted) and empties `slot`.
+    async fn detach(
+        &self,
+        tenant: &str,
+        id: &str,
+        dir: &Path,
+        uid: u32,
+        slot: vm::Slot,
+        root: &str,
+    ) -> Result<()> {
+        let agent = self.agent(tenant, id).await?;
+        if let Err(e) = agent.unmount(root).await {
+            // Not mounted (a failed attach): nothing to undo in the guest.
+            tracing::debug!(%id, root, "unmounting a container root: {e}");
+        }
+        let images = dir.to_owned();
+        blocking(move || put_image(&images, slot, uid, None)).await?;
+        let api = self.inner.cfg.in_jail(Isolation::Vm, id, vm::API_SOCK);
+        vm::reopen_slot(&api, slot).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_and_names() {
+        let mut slots = Slots {
+            capacity: 2,
+            ..Slots::default()
+        };
+        assert_eq!(slots.free(), Some(vm::Slot(0)));
+        slots.used.insert("a".into(), vm::Slot(0));
+        assert_eq!(slots.free(), Some(vm::Slot(1)));
+        slots.used.insert("b".into(), vm::Slot(1));
+        assert_eq!(slots.free(), None);
+        assert_eq!(vm::Slot(1).guest_device(), "/dev/vdd");
+        assert_eq!(vm::Slot(1).image(), "/ctr/1.ext4");
+        check_name("abc-1.2_x").unwrap();
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
