@@ -292,6 +292,15 @@ fn auth_401_and_foreign_sandboxes_404() {
             404
         );
         assert_eq!(api_status(&other.delete(&s.id).await.unwrap_err()).0, 404);
+        // The websocket exec too, with or without a websocket handshake.
+        let e = other
+            .exec_interactive(&s.id, &cmd(&["true"]), &b""[..], |_, _| {})
+            .await
+            .unwrap_err();
+        assert_eq!(api_status(&e), (404, "not_found".into()));
+        let ws = format!("/v1/sandboxes/{}/exec/ws", s.id);
+        let e = other.raw("GET", &ws, "application/json", Vec::new()).await;
+        assert_eq!(api_status(&e.unwrap_err()), (404, "not_found".into()));
         assert!(other.list().await.expect("list").is_empty());
         // Unauthenticated: health, metrics and the API document.
         assert_eq!(none.health().await.expect("healthz").status, "ok");
@@ -512,6 +521,22 @@ fn malformed_input_is_400_or_422_never_500() {
             (
                 "GET",
                 "/v1/sandboxes/no-such-sandbox".into(),
+                "application/json",
+                "",
+                404,
+            ),
+            // The websocket exec without a websocket handshake: JSON like the rest, after
+            // the sandbox lookup.
+            (
+                "GET",
+                format!("/v1/sandboxes/{}/exec/ws", s.id),
+                "application/json",
+                "",
+                426,
+            ),
+            (
+                "GET",
+                "/v1/sandboxes/no-such-sandbox/exec/ws".into(),
                 "application/json",
                 "",
                 404,

@@ -1,9 +1,10 @@
 //! Exec: buffered JSON, streamed NDJSON, or an interactive websocket with stdin.
 
 use axum::body::{Body, Bytes};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
@@ -116,20 +117,61 @@ pub async fn exec(
         .into_response())
 }
 
+/// The JSON answer to a request for `exec/ws` that is no websocket handshake: 426 with
+/// `Upgrade: websocket` when it does not ask for the upgrade, else the status of what is
+/// wrong in the handshake (400 for a bad version or a missing key).
+fn not_a_handshake(id: &str, rejection: WebSocketUpgradeRejection) -> Response {
+    let status = match rejection {
+        WebSocketUpgradeRejection::InvalidConnectionHeader(_)
+        | WebSocketUpgradeRejection::InvalidUpgradeHeader(_)
+        | WebSocketUpgradeRejection::InvalidProtocolPseudoheader(_) => StatusCode::UPGRADE_REQUIRED,
+        ref other => other.status(),
+    };
+    let code = match status {
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        _ => "bad_request",
+    };
+    let body = ErrorBody {
+        code: code.into(),
+        message: format!(
+            "{}: /v1/sandboxes/{id}/exec/ws is a websocket; open it with GET and the headers \
+             `Connection: Upgrade`, `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and \
+             `Sec-WebSocket-Key` (RFC 6455), or run a command without stdin with \
+             POST /v1/sandboxes/{id}/exec",
+            rejection.body_text()
+        ),
+    };
+    let mut resp = (status, Json(body)).into_response();
+    if status == StatusCode::UPGRADE_REQUIRED {
+        resp.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    resp
+}
+
 /// Interactive exec over a websocket. The client's first (text) message is an
 /// [`ExecRequest`]; then binary frames are stdin and text frames [`WsControl`]s. The server sends
 /// binary frames whose first byte is 1 (stdout) or 2 (stderr), and a last text frame with an
-/// [`ExecEvent`] (`exit` or `error`).
+/// [`ExecEvent`] (`exit` or `error`). The sandbox is looked up before the handshake: another
+/// tenant's is 404 however the request looks.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", params(("id" = String, Path)),
-    responses((status = 101, description = "switching to the websocket protocol"), (status = 404, body = ErrorBody)))]
+    responses((status = 101, description = "switching to the websocket protocol"),
+        (status = 400, body = ErrorBody, description = "a malformed websocket handshake"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 426, body = ErrorBody, description = "not a websocket handshake")))]
 pub async fn exec_ws(
     State(state): State<AppState>,
     Auth(tenant): Auth,
     ApiPath(id): ApiPath<String>,
-    ws: WebSocketUpgrade,
+    ws: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response> {
     // Fail before the upgrade when the sandbox is not there.
     state.manager.get(&tenant.name, &id)?;
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return Ok(not_a_handshake(&id, rejection)),
+    };
     Ok(ws.on_upgrade(move |socket| async move {
         if let Err(e) = serve_ws(state, tenant.name, id, socket).await {
             tracing::debug!("exec websocket: {e}");
