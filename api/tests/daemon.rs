@@ -112,7 +112,7 @@ fn streaming_exec_with_stdin() {
         return;
     }
     let d = Daemon::start();
-    block_on(async {
+    let id = block_on(async {
         let c = d.client();
         let s = c.create(&jail()).await.expect("create");
         // NDJSON: stdin given whole, output streamed as it comes.
@@ -162,7 +162,21 @@ fn streaming_exec_with_stdin() {
             .unwrap_err();
         assert_eq!(api_status(&e).0, 404);
         c.delete(&s.id).await.expect("delete");
+        s.id
     });
+    // A websocket exec runs a command: it is audited like the POST one, refused or not.
+    let db = api::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
+    let audit = db.audit_tail(50).expect("audit");
+    let ws: Vec<_> = audit
+        .iter()
+        .filter(|a| a.action.starts_with("GET ") && a.action.ends_with("/exec/ws"))
+        .map(|a| (a.tenant.as_str(), a.target.as_str(), a.status))
+        .collect();
+    assert_eq!(
+        ws,
+        [("default", id.as_str(), 101), ("default", "000000000000", 404)],
+        "{audit:?}"
+    );
 }
 
 #[test]

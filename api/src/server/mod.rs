@@ -97,10 +97,20 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
     (router, doc)
 }
 
-/// Records every mutating call in the audit log: who, what, on which target, with what result.
+/// Whether a call goes in the audit log: every method but GET, HEAD and OPTIONS, and the
+/// websocket exec, a GET that runs a command.
+fn audited(method: &Method, path: &str) -> bool {
+    let ws_exec = matches!(
+        path.split('/').collect::<Vec<_>>().as_slice(),
+        ["", "v1", "sandboxes", _, "exec", "ws"]
+    );
+    ws_exec || !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Records every mutating call in the audit log: who, what, on which target, with what result
+/// (a websocket exec that started: 101).
 async fn audit(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if !mutating {
+    if !audited(req.method(), req.uri().path()) {
         return next.run(req).await;
     }
     let tenant = extract::token(req.headers())
@@ -502,4 +512,31 @@ pub async fn serve(manager: Manager, cfg: ServeConfig) -> Result<()> {
     let _ = std::fs::remove_file(&cfg.socket);
     drop(stop_rx);
     result.map_err(|e| Error::host("serving", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audited_calls() {
+        for (method, path) in [
+            (Method::POST, "/v1/sandboxes"),
+            (Method::DELETE, "/v1/sandboxes/abc"),
+            (Method::PUT, "/v1/sandboxes/abc/files"),
+            (Method::POST, "/v1/templates"),
+            (Method::GET, "/v1/sandboxes/abc/exec/ws"),
+        ] {
+            assert!(audited(&method, path), "{method} {path}");
+        }
+        for (method, path) in [
+            (Method::GET, "/v1/sandboxes"),
+            (Method::GET, "/v1/sandboxes/abc"),
+            (Method::GET, "/v1/sandboxes/abc/files"),
+            (Method::GET, "/v1/sandboxes/exec/ws"),
+            (Method::HEAD, "/metrics"),
+        ] {
+            assert!(!audited(&method, path), "{method} {path}");
+        }
+    }
 }
