@@ -596,7 +596,10 @@ mod tests {
         assert!(db.tenant("team").unwrap().unwrap().admin);
         db.set_admin("team", false).unwrap();
         assert!(!db.tenant("team").unwrap().unwrap().admin);
-        assert!(matches!(db.set_admin("nobody", true), Err(Error::NotFound(_))));
+        assert!(matches!(
+            db.set_admin("nobody", true),
+            Err(Error::NotFound(_))
+        ));
     }
 
     #[test]

@@ -60,7 +60,12 @@ fn only_admins_register_templates_and_only_from_the_template_dirs() {
             assert_eq!(refused(&other, &t).await, (403, "forbidden".into()));
         }
         let e = other
-            .raw("POST", "/v1/templates", "application/json", b"{oops".to_vec())
+            .raw(
+                "POST",
+                "/v1/templates",
+                "application/json",
+                b"{oops".to_vec(),
+            )
             .await
             .expect_err("garbage from a non-admin");
         assert!(
@@ -85,7 +90,11 @@ fn only_admins_register_templates_and_only_from_the_template_dirs() {
                 rootfs.display()
             );
         }
-        let t = template("mine", &d.dir.path().join("vmlinux"), &tpl.join("rootfs.ext4"));
+        let t = template(
+            "mine",
+            &d.dir.path().join("vmlinux"),
+            &tpl.join("rootfs.ext4"),
+        );
         assert_eq!(refused(&admin, &t).await.0, 422, "a kernel outside");
         // From the template directory it works (a jail-tier template: no kernel yet), and a
         // sandbox runs on it.
@@ -119,7 +128,10 @@ fn only_admins_register_templates_and_only_from_the_template_dirs() {
     let ops = d.client_with(Some(&d.tenant("ops", &["--admin"])));
     block_on(async {
         let t = template("ops", &kernel, &tpl.join("rootfs.ext4"));
-        assert_eq!(ops.add_template(&t).await.expect("admin registers").name, "ops");
+        assert_eq!(
+            ops.add_template(&t).await.expect("admin registers").name,
+            "ops"
+        );
     });
     let ops = d.client_with(Some(&d.tenant("ops", &["--admin=false"])));
     block_on(async {
