@@ -279,7 +279,7 @@ impl Client {
     }
 
     /// `GET /v1/sandboxes/{id}/stats`.
-    pub async fn stats(&self, id: &str) -> Result<SandboxStats, ClientError> {
+    pub async fn stats(&self, id: &str) -> Result<SandboxUsage, ClientError> {
         self.json("GET", &format!("/v1/sandboxes/{id}/stats"), None::<&()>)
             .await
     }

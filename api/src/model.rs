@@ -350,6 +350,16 @@ pub struct SandboxStats {
     pub pids: u64,
 }
 
+/// `GET /v1/sandboxes/{id}/stats` answer: the sandbox's cgroup usage and its tier.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxUsage {
+    /// CPU, memory and processes.
+    #[serde(flatten)]
+    pub stats: SandboxStats,
+    /// Isolation tier of the sandbox.
+    pub isolation: Isolation,
+}
+
 /// A template: a kernel plus a read-only base image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use api::client::{Client, ClientError, Stream};
 use api::db::Tenant;
 use api::model::{
-    CreateSandbox, ExecRequest, ExitInfo, Sandbox, SandboxStats, Template, WsControl,
+    CreateSandbox, ExecRequest, ExitInfo, Sandbox, SandboxUsage, Template, WsControl,
 };
 use api::server::templates::TemplateDirs;
 use api::server::{DEFAULT_SOCKET, TOKEN_FILE};
@@ -119,6 +119,14 @@ impl Backend {
         Ok(match self {
             Backend::Daemon(c) => c.list().await?,
             Backend::Local { manager, tenant } => manager.list(Some(&tenant.name))?,
+        })
+    }
+
+    /// One sandbox.
+    pub async fn get(&self, id: &str) -> Result<Sandbox, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.get(id).await?,
+            Backend::Local { manager, tenant } => manager.get(&tenant.name, id)?,
         })
     }
 
@@ -261,11 +269,11 @@ impl Backend {
         })
     }
 
-    /// CPU/memory of a sandbox.
-    pub async fn stats(&self, id: &str) -> Result<SandboxStats, CliError> {
+    /// CPU/memory of a sandbox, and its tier.
+    pub async fn stats(&self, id: &str) -> Result<SandboxUsage, CliError> {
         Ok(match self {
             Backend::Daemon(c) => c.stats(id).await?,
-            Backend::Local { manager, tenant } => manager.stats(&tenant.name, id)?,
+            Backend::Local { manager, tenant } => api::server::usage(manager, &tenant.name, id)?,
         })
     }
 

@@ -7,9 +7,12 @@ mod build;
 mod tty;
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, Sandbox, Template};
+use api::model::{
+    CreateSandbox, Egress, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox, Template,
+};
 use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
 use tty::Terminal;
@@ -76,6 +79,10 @@ struct RunArgs {
     /// Allowed destination (IPv4 or CIDR) with --egress allow (repeatable).
     #[arg(long)]
     allow: Vec<String>,
+    /// Tell on stderr which sandbox and isolation tier the command runs in (the default when
+    /// stderr is a terminal; stdout is the command's alone either way).
+    #[arg(long)]
+    verbose: bool,
     /// Template [default: default].
     template: Option<String>,
     /// The command and its arguments.
@@ -187,6 +194,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `-o json` prints for `run` and `exec`: the sandbox, with its tier, and the result.
+#[derive(serde::Serialize)]
+struct ExecOutput<'a> {
+    sandbox: &'a Sandbox,
+    exec: &'a ExecResult,
+}
+
+/// What `-o json` prints per sandbox for `rm`.
+#[derive(serde::Serialize)]
+struct Removed {
+    id: String,
+    /// Its tier, when it was found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    isolation: Option<Isolation>,
+    removed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// What `-o json` prints for `cp`.
+#[derive(serde::Serialize)]
+struct Copied<'a> {
+    sandbox: &'a str,
+    isolation: Isolation,
+    /// The path in the sandbox.
+    path: &'a str,
+    /// `in` (to the sandbox) or `out`.
+    direction: &'a str,
+    bytes: u64,
+    /// The local file, for a copy out to a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local: Option<&'a str>,
+    /// The content, for a copy out to `-` (stdout carries the JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_base64: Option<String>,
+}
+
+/// `<id> (<tier> tier)`, how text output names a sandbox.
+fn named(s: &Sandbox) -> String {
+    format!("{} ({} tier)", s.id, s.isolation.as_str())
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     println!(
         "{}",
@@ -212,9 +261,8 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
     } = cli.command
     {
         let (manager, reconciled) = api::Manager::open(api::ManagerConfig::from_env()).await?;
-        let template_dir = template_dir.unwrap_or_else(|| {
-            api::server::templates::TemplateDirs::default_dir(manager.config())
-        });
+        let template_dir = template_dir
+            .unwrap_or_else(|| api::server::templates::TemplateDirs::default_dir(manager.config()));
         eprintln!(
             "mvm serve: adopted {:?}, cleaned {:?}",
             reconciled.adopted, reconciled.cleaned
@@ -261,7 +309,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 tty,
                 ..ExecRequest::default()
             };
-            exec(&backend, &id, req, interactive, json).await
+            exec(&backend, &id, None, req, interactive, json).await
         }
         Command::Ps => {
             let list = backend.list().await?;
@@ -290,17 +338,46 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             Ok(0)
         }
         Command::Rm { ids } => {
-            let mut failed = false;
+            let mut results = Vec::new();
             for id in ids {
-                match backend.destroy(&id).await {
-                    Ok(()) => println!("{id}"),
-                    Err(e) => {
-                        eprintln!("mvm: rm {id}: {e}");
-                        failed = true;
-                    }
+                // JSON names the tier of what was removed: look it up first.
+                let found = if json {
+                    backend.get(&id).await.map(|s| Some(s.isolation))
+                } else {
+                    Ok(None)
+                };
+                let done = match found {
+                    Ok(isolation) => backend.destroy(&id).await.map(|()| isolation),
+                    Err(e) => Err(e),
+                };
+                match &done {
+                    Ok(_) if !json => println!("{id}"),
+                    Err(e) => eprintln!("mvm: rm {id}: {e}"),
+                    Ok(_) => {}
                 }
+                results.push(match done {
+                    Ok(isolation) => Removed {
+                        id,
+                        isolation,
+                        removed: true,
+                        error: None,
+                    },
+                    Err(e) => Removed {
+                        id,
+                        isolation: None,
+                        removed: false,
+                        error: Some(e.to_string()),
+                    },
+                });
             }
-            Ok(if failed { 1 } else { 0 })
+            if json {
+                print_json(&results);
+            }
+            Ok(if results.iter().all(|r| r.removed) {
+                0
+            } else {
+                1
+            })
         }
         Command::Logs { id } => {
             let log = backend.logs(&id).await?;
@@ -318,17 +395,38 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                     let data = read_local(&src)?;
                     let bytes = backend.put_file(id, path, 0o644, data).await?;
                     if json {
-                        print_json(&serde_json::json!({ "path": path, "bytes": bytes }));
+                        print_json(&Copied {
+                            sandbox: id,
+                            isolation: backend.get(id).await?.isolation,
+                            path,
+                            direction: "in",
+                            bytes,
+                            local: (src != "-").then_some(src.as_str()),
+                            content_base64: None,
+                        });
                     }
                 }
                 (Some((id, path)), None) => {
                     let data = backend.get_file(id, path).await?;
-                    if dst == "-" {
-                        use std::io::Write;
-                        let _ = std::io::stdout().write_all(&data);
-                    } else {
+                    if dst != "-" {
                         std::fs::write(&dst, &data)
                             .map_err(|e| CliError::Local(format!("writing {dst}: {e}")))?;
+                    }
+                    if json {
+                        use base64::Engine as _;
+                        print_json(&Copied {
+                            sandbox: id,
+                            isolation: backend.get(id).await?.isolation,
+                            path,
+                            direction: "out",
+                            bytes: data.len() as u64,
+                            local: (dst != "-").then_some(dst.as_str()),
+                            content_base64: (dst == "-")
+                                .then(|| base64::engine::general_purpose::STANDARD.encode(&data)),
+                        });
+                    } else if dst == "-" {
+                        use std::io::Write;
+                        let _ = std::io::stdout().write_all(&data);
                     }
                 }
                 _ => {
@@ -353,16 +451,17 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 print_json(&all);
             } else {
                 println!(
-                    "{:<14} {:>10} {:>10} {:>5}",
-                    "ID", "CPU(s)", "MEM(MiB)", "PIDS"
+                    "{:<14} {:<5} {:>10} {:>10} {:>5}",
+                    "ID", "TIER", "CPU(s)", "MEM(MiB)", "PIDS"
                 );
-                for s in all {
+                for u in all {
                     println!(
-                        "{:<14} {:>10.3} {:>10.1} {:>5}",
-                        s.id,
-                        s.cpu_ns as f64 / 1e9,
-                        s.memory_bytes as f64 / 1048576.0,
-                        s.pids
+                        "{:<14} {:<5} {:>10.3} {:>10.1} {:>5}",
+                        u.stats.id,
+                        u.isolation.as_str(),
+                        u.stats.cpu_ns as f64 / 1e9,
+                        u.stats.memory_bytes as f64 / 1048576.0,
+                        u.stats.pids
                     );
                 }
             }
@@ -395,21 +494,32 @@ fn show(s: &Sandbox, json: bool) -> Result<u8, CliError> {
     if json {
         print_json(s);
     } else {
-        println!("{} {}", s.id, s.state.as_str());
+        println!("{} {}", named(s), s.state.as_str());
     }
     Ok(0)
 }
 
+/// Runs `req` in sandbox `id` (`sandbox` when the caller has it). Text: the command's output
+/// on ours; JSON: an [`ExecOutput`].
 async fn exec(
     backend: &Backend,
     id: &str,
+    sandbox: Option<&Sandbox>,
     req: ExecRequest,
     interactive: bool,
     json: bool,
 ) -> Result<u8, CliError> {
     if json {
+        let fetched;
+        let sandbox = match sandbox {
+            Some(s) => s,
+            None => {
+                fetched = backend.get(id).await?;
+                &fetched
+            }
+        };
         let r = backend.exec_buffered(id, &req).await?;
-        print_json(&r);
+        print_json(&ExecOutput { sandbox, exec: &r });
         return Ok(exit_byte(r.exit.shell_code()));
     }
     let terminal = if req.tty { Terminal::attach()? } else { None };
@@ -462,12 +572,23 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         metadata: BTreeMap::from([("created-by".to_owned(), "mvm run".to_owned())]),
     };
     let sandbox = backend.create(req).await?;
+    if !json && (a.verbose || std::io::stderr().is_terminal()) {
+        eprintln!("mvm: running in sandbox {}", named(&sandbox));
+    }
     let exec_req = ExecRequest {
         cmd: a.cmd,
         tty: a.tty,
         ..ExecRequest::default()
     };
-    let result = exec(backend, &sandbox.id, exec_req, a.interactive, json).await;
+    let result = exec(
+        backend,
+        &sandbox.id,
+        Some(&sandbox),
+        exec_req,
+        a.interactive,
+        json,
+    )
+    .await;
     if a.rm {
         if let Err(e) = backend.destroy(&sandbox.id).await {
             eprintln!("mvm: removing sandbox {}: {e}", sandbox.id);
@@ -476,7 +597,8 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
     } else if !json {
         eprintln!(
             "mvm: sandbox {} keeps running (remove it with `mvm rm {}`)",
-            sandbox.id, sandbox.id
+            named(&sandbox),
+            sandbox.id
         );
     }
     result

@@ -719,3 +719,158 @@ fn tty_exec_ended_by_a_signal_restores_the_terminal() {
         check_tty_exec_terminated,
     );
 }
+
+/// Runs `mvm ARGS` (against `host`, or daemonless) and parses its stdout as JSON.
+fn mvm_json(env: &Env, host: Option<&str>, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = env.mvm_at(host).args(args).output().expect("mvm");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "mvm {args:?}: stdout is not JSON ({e}): {:?}; stderr: {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+/// Every answer about a sandbox names its isolation tier, and `-o json` is JSON everywhere;
+/// a text `run`'s stdout stays the command's alone.
+fn check_tiers_and_json(env: &Env, host: Option<&str>) {
+    let mvm = |args: &[&str]| env.mvm_at(host).args(args).output().expect("mvm");
+    // stderr is a pipe here: the tier is told on it with --verbose only.
+    let out = mvm(&["run", "--rm", "--isolation", "jail", "--", "echo", "hi"]);
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert!(!text(&out.stderr).contains("tier"), "{}", text(&out.stderr));
+    let out = mvm(&[
+        "run",
+        "--rm",
+        "--verbose",
+        "--isolation",
+        "jail",
+        "--",
+        "echo",
+        "hi",
+    ]);
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert!(
+        text(&out.stderr).contains("(jail tier)"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A kept sandbox: the run's JSON has it and the exec's result.
+    let (code, v) = mvm_json(
+        env,
+        host,
+        &[
+            "-o",
+            "json",
+            "run",
+            "--isolation",
+            "jail",
+            "--",
+            "sh",
+            "-c",
+            "echo out; exit 3",
+        ],
+    );
+    assert_eq!(code, Some(3), "{v}");
+    assert_eq!(v["sandbox"]["isolation"], "jail", "{v}");
+    assert_eq!(
+        (&v["exec"]["stdout"], &v["exec"]["exit_code"]),
+        (&"out\n".into(), &3.into())
+    );
+    let id = v["sandbox"]["id"].as_str().expect("sandbox id").to_owned();
+    let (code, v) = mvm_json(
+        env,
+        host,
+        &["-o", "json", "exec", &id, "--", "echo", "again"],
+    );
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        (&v["sandbox"]["id"], &v["sandbox"]["isolation"]),
+        (&id.as_str().into(), &"jail".into())
+    );
+    assert_eq!(v["exec"]["stdout"], "again\n");
+    // Text answers name the tier.
+    let out = mvm(&["pause", &id]);
+    assert_eq!(
+        text(&out.stdout),
+        format!("{id} (jail tier) paused\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = mvm(&["resume", &id]);
+    assert_eq!(
+        text(&out.stdout),
+        format!("{id} (jail tier) running\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = mvm(&["stats", &id]);
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    assert!(lines[0].contains("TIER"), "{lines:?}");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(&row[..2], [id.as_str(), "jail"], "{lines:?}");
+    let (_, v) = mvm_json(env, host, &["-o", "json", "stats", &id]);
+    assert_eq!(
+        (&v[0]["id"], &v[0]["isolation"]),
+        (&id.as_str().into(), &"jail".into()),
+        "{v}"
+    );
+    // cp, both ways.
+    let local = env.dir.path().join("to-copy");
+    std::fs::write(&local, b"copied\n").unwrap();
+    let remote = format!("{id}:/tmp/copied");
+    let (code, v) = mvm_json(
+        env,
+        host,
+        &["-o", "json", "cp", local.to_str().unwrap(), &remote],
+    );
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        (&v["isolation"], &v["direction"], &v["bytes"]),
+        (&"jail".into(), &"in".into(), &7.into()),
+        "{v}"
+    );
+    let (_, v) = mvm_json(env, host, &["-o", "json", "cp", &remote, "-"]);
+    assert_eq!(
+        (&v["direction"], &v["content_base64"]),
+        (&"out".into(), &"Y29waWVkCg==".into()),
+        "{v}"
+    );
+    let back = env.dir.path().join("copied-back");
+    let (_, v) = mvm_json(
+        env,
+        host,
+        &["-o", "json", "cp", &remote, back.to_str().unwrap()],
+    );
+    assert_eq!(v["local"], back.to_str().unwrap(), "{v}");
+    assert_eq!(std::fs::read(&back).unwrap(), b"copied\n");
+    // rm: one result per id, the failed one too.
+    let (code, v) = mvm_json(env, host, &["-o", "json", "rm", &id, "nosuchsandbox"]);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(
+        (&v[0]["id"], &v[0]["isolation"], &v[0]["removed"]),
+        (&id.as_str().into(), &"jail".into(), &true.into()),
+        "{v}"
+    );
+    assert_eq!(
+        (&v[1]["id"], &v[1]["removed"]),
+        (&"nosuchsandbox".into(), &false.into()),
+        "{v}"
+    );
+    assert!(
+        v[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nosuchsandbox")),
+        "{v}"
+    );
+}
+
+#[test]
+fn answers_name_the_tier_and_json_is_json_everywhere() {
+    on_both_backends(
+        "answers_name_the_tier_and_json_is_json_everywhere",
+        check_tiers_and_json,
+    );
+}

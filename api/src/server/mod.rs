@@ -315,15 +315,24 @@ async fn logs(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response())
 }
 
-/// CPU, memory and processes of a sandbox.
+/// CPU, memory and processes of a sandbox, and its tier.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/stats", tag = "sandboxes", params(("id" = String, Path)),
-    responses((status = 200, body = SandboxStats), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = SandboxUsage), (status = 404, body = ErrorBody)))]
 async fn stats(
     State(state): State<AppState>,
     Auth(tenant): Auth,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<SandboxStats>> {
-    Ok(Json(state.manager.stats(&tenant.name, &id)?))
+) -> Result<Json<SandboxUsage>> {
+    Ok(Json(usage(&state.manager, &tenant.name, &id)?))
+}
+
+/// What `GET /v1/sandboxes/{id}/stats` answers for sandbox `id` of `tenant`.
+pub fn usage(manager: &Manager, tenant: &str, id: &str) -> Result<SandboxUsage> {
+    let sandbox = manager.get(tenant, id)?;
+    Ok(SandboxUsage {
+        stats: manager.stats(tenant, id)?,
+        isolation: sandbox.isolation,
+    })
 }
 
 /// Registered templates.
