@@ -78,7 +78,11 @@ fn create_exec_delete_leaves_nothing() {
             "{logs:?}"
         );
         let stats = c.stats(&s.id).await.expect("stats");
-        assert!(stats.pids >= 1 && stats.memory_bytes > 0, "{stats:?}");
+        assert!(
+            stats.stats.pids >= 1 && stats.stats.memory_bytes > 0,
+            "{stats:?}"
+        );
+        assert_eq!(stats.isolation, Isolation::Jail);
         c.delete(&s.id).await.expect("delete");
         assert_eq!(
             api_status(&c.get(&s.id).await.unwrap_err()),
