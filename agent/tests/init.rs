@@ -1,18 +1,20 @@
 //! Init duties run for real, as root, inside fresh namespaces made with `unshare(1)`: the
 //! test binary re-executes itself in the namespace, where the `*_CHILD` branch runs.
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use agent::init::{
-    configure_network, mount_base, pivot_to_disk, pivot_to_overlay, set_hostname, IpConfig,
-    OverlayUpper,
+    configure_network, mount_base, pivot_to_disk, pivot_to_overlay, quiesce_file_systems,
+    set_hostname, IpConfig, OverlayUpper,
 };
 
 const OVERLAY_CHILD: &str = "MVM_AGENT_TEST_OVERLAY_CHILD";
 const DISK_CHILD: &str = "MVM_AGENT_TEST_DISK_CHILD";
 const NETWORK_CHILD: &str = "MVM_AGENT_TEST_NETWORK_CHILD";
+const SHUTDOWN_CHILD: &str = "MVM_AGENT_TEST_SHUTDOWN_CHILD";
 
 /// Why the namespace tests cannot run here, if they cannot.
 fn missing_prerequisite() -> Option<String> {
@@ -249,6 +251,163 @@ fn disk_child(device: &Path, staging: &Path) {
         .expect("a / mount");
     assert!(root.contains(" / ext4 "), "root mount: {root}");
     println!("DISK-OK");
+}
+
+/// Power-down's file system step, while the namespace (the guest) still lives: the overlay's
+/// upper disk, which the pivot detached from every namespace, and a data disk mounted later (as
+/// a `Mount` request does) are left clean for e2fsck, with what was written on them.
+#[test]
+fn power_down_leaves_the_disks_clean() {
+    if let Ok(spec) = std::env::var(SHUTDOWN_CHILD) {
+        shutdown_child(&spec);
+        return;
+    }
+    const TEST: &str = "power_down_leaves_the_disks_clean";
+    if let Some(reason) = missing_prerequisite() {
+        eprintln!("SKIPPED {TEST}: {reason}");
+        return;
+    }
+    if Command::new("e2fsck").arg("-V").output().is_err() {
+        eprintln!("SKIPPED {TEST}: needs e2fsck(8)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lower = dir.path().join("lower");
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(lower.join("etc")).unwrap();
+    std::fs::create_dir(&staging).unwrap();
+    let upper_image = dir.path().join("upper.ext4");
+    let data_image = dir.path().join("data.ext4");
+    let Some(upper) = ext4_on_loop(&upper_image, None, TEST) else {
+        return;
+    };
+    let Some(data) = ext4_on_loop(&data_image, None, TEST) else {
+        return;
+    };
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(exe)
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env(
+            SHUTDOWN_CHILD,
+            format!(
+                "{}:{}:{}:{}",
+                lower.display(),
+                staging.display(),
+                upper.0,
+                data.0
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running unshare");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let quiesced = loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break false;
+        }
+        seen.push_str(&line);
+        if line.trim_end().ends_with("QUIESCED") {
+            break true;
+        }
+    };
+    if !quiesced {
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "the namespace child stopped before quiescing: {}\nstdout:\n{seen}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The child still holds its mounts (and the upper disk, read-only, under the overlay).
+    for device in [&upper.0, &data.0] {
+        let header = Command::new("dumpe2fs").arg("-h").arg(device).output().unwrap();
+        let header = String::from_utf8_lossy(&header.stdout);
+        let line = |key: &str| {
+            header
+                .lines()
+                .find(|l| l.starts_with(key))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(
+            !line("Filesystem features:").contains("needs_recovery"),
+            "{device}: the journal still needs recovery: {}",
+            line("Filesystem features:")
+        );
+        assert!(
+            line("Filesystem state:").ends_with(" clean"),
+            "{device}: {}",
+            line("Filesystem state:")
+        );
+        let fsck = Command::new("e2fsck").arg("-fn").arg(device).output().unwrap();
+        assert!(
+            fsck.status.success(),
+            "e2fsck -fn {device}: {}\n{}{}",
+            fsck.status,
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        );
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "namespace child: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop((upper, data));
+    assert_eq!(
+        debugfs_cat(&upper_image, "/upper/new-file"),
+        "written before power-down\n"
+    );
+    assert_eq!(debugfs_cat(&data_image, "/file"), "on the data disk\n");
+}
+
+/// In the namespace child: `MVM_AGENT_TEST_SHUTDOWN_CHILD=lower:staging:upper:data`.
+fn shutdown_child(spec: &str) {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [lower, staging, upper, data] = parts[..] else {
+        panic!("bad {SHUTDOWN_CHILD}: {spec}");
+    };
+    pivot_to_overlay(
+        Path::new(lower),
+        &OverlayUpper::Device(upper.into()),
+        Path::new(staging),
+    )
+    .expect("pivot into the overlay");
+    mount_base().expect("mounting /proc, /sys, /dev, /tmp, /run");
+    std::fs::create_dir("/data").unwrap();
+    nix::mount::mount(
+        Some(data),
+        "/data",
+        Some("ext4"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mounting the data disk");
+    std::fs::write("/new-file", "written before power-down\n").unwrap();
+    std::fs::write("/data/file", "on the data disk\n").unwrap();
+
+    let errors = quiesce_file_systems();
+    assert!(errors.is_empty(), "quiesce failed: {errors:?}");
+    let mounts: Vec<PathBuf> = std::fs::read_dir("/data")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(mounts.is_empty(), "/data still shows the disk: {mounts:?}");
+    let refused = std::fs::write("/late", "x").expect_err("the root is still writable");
+    assert_eq!(refused.raw_os_error(), Some(libc::EROFS), "{refused}");
+    println!("QUIESCED");
+    std::io::stdout().flush().unwrap();
+    // Hold the mounts until the parent has looked at the disks.
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink()).unwrap();
 }
 
 fn walk(root: &Path) -> Vec<String> {
