@@ -4,11 +4,13 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api::client::{ClientError, Stream};
 use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, SandboxState};
-use common::{block_on, root_or_skip, Daemon};
+use api::manager::host::CgroupMode;
+use common::{block_on, cgroup_mode, root_or_skip, Daemon};
 
 fn jail() -> CreateSandbox {
     CreateSandbox {
@@ -631,6 +633,31 @@ fn vm_tier_refused_on_this_host() {
     });
 }
 
+/// Checks the kernel's freezer state of sandbox `id`: v1 `freezer.state`, v2 `cgroup.events`.
+fn assert_frozen(d: &Daemon, id: &str, frozen: bool) {
+    let read = |dir: &Path, file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_else(|e| panic!("{}/{file}: {e}", dir.display()))
+    };
+    match cgroup_mode() {
+        CgroupMode::V1 => {
+            let freezer = cgroup_mode()
+                .sandbox_dirs(&d.cgroup_parent, id)
+                .into_iter()
+                .find(|dir| dir.join("freezer.state").exists())
+                .expect("a freezer cgroup");
+            let want = if frozen { "FROZEN" } else { "THAWED" };
+            assert_eq!(read(&freezer, "freezer.state").trim(), want);
+        }
+        CgroupMode::V2 { root } => {
+            let dir = root.join(&d.cgroup_parent).join(id);
+            let events = read(&dir, "cgroup.events");
+            let want = format!("frozen {}", u8::from(frozen));
+            assert!(events.lines().any(|l| l == want), "{events}");
+        }
+    }
+}
+
 #[test]
 fn pause_and_resume_freeze_the_sandbox() {
     if !root_or_skip("pause_and_resume_freeze_the_sandbox") {
@@ -642,12 +669,7 @@ fn pause_and_resume_freeze_the_sandbox() {
         let s = c.create(&jail()).await.expect("create");
         let p = c.set_paused(&s.id, true).await.expect("pause");
         assert_eq!(p.state, SandboxState::Paused);
-        let state = std::fs::read_to_string(format!(
-            "/sys/fs/cgroup/freezer/{}/{}/freezer.state",
-            d.cgroup_parent, s.id
-        ))
-        .unwrap();
-        assert_eq!(state.trim(), "FROZEN");
+        assert_frozen(&d, &s.id, true);
         assert_eq!(
             api_status(&c.exec(&s.id, &cmd(&["true"])).await.unwrap_err()),
             (409, "conflict".into())
@@ -657,6 +679,7 @@ fn pause_and_resume_freeze_the_sandbox() {
             409
         );
         c.set_paused(&s.id, false).await.expect("resume");
+        assert_frozen(&d, &s.id, false);
         assert_eq!(
             c.exec(&s.id, &cmd(&["echo", "awake"]))
                 .await

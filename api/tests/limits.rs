@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use api::db::Quota;
-use api::manager::host;
+use api::manager::host::LimitCgroups;
 use api::manager::LimitsUpdate;
 use api::model::{CreateSandbox, ExecRequest, Isolation};
 use api::{Error, Manager, ManagerConfig};
@@ -41,11 +41,38 @@ fn limits(
     }
 }
 
-/// Checks the memory limit and, where swap is accounted, that swap stays off (memsw = memory).
-fn assert_memory_limit(dir: &Path, bytes: u64) {
-    assert_eq!(read(dir, "memory.limit_in_bytes"), bytes.to_string());
-    if dir.join("memory.memsw.limit_in_bytes").exists() {
-        assert_eq!(read(dir, "memory.memsw.limit_in_bytes"), bytes.to_string());
+/// Checks the memory limit and, where swap is accounted, that swap stays off (v1: memsw =
+/// memory; v2: `memory.swap.max` 0).
+fn assert_memory_limit(cgroups: &LimitCgroups, bytes: u64) {
+    match cgroups {
+        LimitCgroups::V1 { memory, .. } => {
+            assert_eq!(read(memory, "memory.limit_in_bytes"), bytes.to_string());
+            if memory.join("memory.memsw.limit_in_bytes").exists() {
+                assert_eq!(
+                    read(memory, "memory.memsw.limit_in_bytes"),
+                    bytes.to_string()
+                );
+            }
+        }
+        LimitCgroups::V2(dir) => {
+            assert_eq!(read(dir, "memory.max"), bytes.to_string());
+            if dir.join("memory.swap.max").exists() {
+                assert_eq!(read(dir, "memory.swap.max"), "0");
+            }
+        }
+    }
+}
+
+/// Checks the CFS limit in the files of the cgroup version.
+fn assert_cpu_quota(cgroups: &LimitCgroups, quota_us: u64, period_us: u64) {
+    match cgroups {
+        LimitCgroups::V1 { cpu, .. } => {
+            assert_eq!(read(cpu, "cpu.cfs_quota_us"), quota_us.to_string());
+            assert_eq!(read(cpu, "cpu.cfs_period_us"), period_us.to_string());
+        }
+        LimitCgroups::V2(dir) => {
+            assert_eq!(read(dir, "cpu.max"), format!("{quota_us} {period_us}"));
+        }
     }
 }
 
@@ -103,11 +130,9 @@ fn limits_of_a_live_jail_sandbox_change_and_hold() {
             )
             .await
             .expect("create");
-        let parent = &d.cgroup_parent;
-        let memory = host::cgroup_dir("memory", parent, &s.id).expect("memory hierarchy");
-        let cpu = host::cgroup_dir("cpu", parent, &s.id).expect("cpu hierarchy");
-        assert_memory_limit(&memory, 64 * MIB);
         let cgroups = m.limit_cgroups(TENANT, &s.id).expect("limit cgroups");
+        assert_memory_limit(&cgroups, 64 * MIB);
+        assert_cpu_quota(&cgroups, 100_000, 100_000);
         let out = dd(&m, &s.id, 32).await;
         assert_eq!(out.exit.exit_code, Some(0), "32 MiB in 64 MiB: {out:?}");
         assert_eq!(cgroups.oom_kills().unwrap(), 0);
@@ -126,9 +151,8 @@ fn limits_of_a_live_jail_sandbox_change_and_hold() {
         let update_took = started.elapsed();
         assert_eq!((low.memory_mib, low.vcpus), (24, 1));
         assert_eq!(m.get(TENANT, &s.id).unwrap(), low, "stored as returned");
-        assert_memory_limit(&memory, 24 * MIB);
-        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "50000");
-        assert_eq!(read(&cpu, "cpu.cfs_period_us"), "200000");
+        assert_memory_limit(&cgroups, 24 * MIB);
+        assert_cpu_quota(&cgroups, 50_000, 200_000);
         let out = dd(&m, &s.id, 32).await;
         assert_eq!(
             out.exit.signal,
@@ -156,9 +180,8 @@ fn limits_of_a_live_jail_sandbox_change_and_hold() {
             .await
             .expect("raise the limits");
         assert_eq!((high.memory_mib, high.vcpus), (96, 2));
-        assert_memory_limit(&memory, 96 * MIB);
-        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "250000");
-        assert_eq!(read(&cpu, "cpu.cfs_period_us"), "200000");
+        assert_memory_limit(&cgroups, 96 * MIB);
+        assert_cpu_quota(&cgroups, 250_000, 200_000);
         let out = dd(&m, &s.id, 32).await;
         assert_eq!(out.exit.exit_code, Some(0), "32 MiB in 96 MiB: {out:?}");
 
@@ -183,8 +206,8 @@ fn limits_of_a_live_jail_sandbox_change_and_hold() {
             );
         }
         assert_eq!(m.get(TENANT, &s.id).unwrap(), high);
-        assert_memory_limit(&memory, 96 * MIB);
-        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "250000");
+        assert_memory_limit(&cgroups, 96 * MIB);
+        assert_cpu_quota(&cgroups, 250_000, 200_000);
         let err = m
             .update_limits("someone-else", &s.id, LimitsUpdate::default())
             .await

@@ -10,9 +10,13 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::config::{CgroupSetting, CgroupVersion};
 use crate::error::{Error, Result};
+
+/// How long [`CgroupDir::remove`] waits for the threads of killed processes to finish exiting.
+const EXITING_WAIT: Duration = Duration::from_secs(5);
 
 /// One cgroup directory made for a jail, with the root of its hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,13 +53,27 @@ impl CgroupDir {
                 pids: others.join(" "),
             });
         }
-        match fs::remove_dir(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(
-                format!("remove cgroup {}", self.path.display()),
-                e,
-            )),
+        // Killed processes leave cgroup.procs while their other threads may still be exiting
+        // (a VMM's vCPU thread releasing its VM); the kernel refuses the removal until then.
+        let deadline = Instant::now() + EXITING_WAIT;
+        loop {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    return Err(Error::io(
+                        format!(
+                            "remove cgroup {} (no process is listed in it; are its threads \
+                             still exiting?)",
+                            self.path.display()
+                        ),
+                        e,
+                    ))
+                }
+            }
         }
     }
 }
@@ -319,7 +337,13 @@ impl CgroupPlan {
             .map_err(|e| Error::io(format!("read {}", file.display()), e))?;
         for c in &self.v2_controllers {
             if !enabled.split_whitespace().any(|e| e == c) {
-                write_file(&file, &format!("+{c}"))?;
+                fs::write(&file, format!("+{c}")).map_err(|source| {
+                    Error::ControllerNotEnabled {
+                        controller: c.clone(),
+                        path: file.clone(),
+                        source,
+                    }
+                })?;
             }
         }
         Ok(())

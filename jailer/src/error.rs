@@ -68,6 +68,22 @@ pub enum Error {
         /// Kernel error.
         source: io::Error,
     },
+    /// cgroup v2 refused to enable a controller for a cgroup's children.
+    #[error("cannot enable cgroup v2 controller '{controller}' in {path}: {source}{hint}", hint = if .source.raw_os_error() == Some(libc::EBUSY) {
+        " (a cgroup other than the root can hand controllers to its children only while it holds \
+         no processes itself: choose a --parent-cgroup whose ancestors hold no processes, e.g. not \
+         the cgroup of the service running mvm-jailer)"
+    } else {
+        ""
+    })]
+    ControllerNotEnabled {
+        /// The controller.
+        controller: String,
+        /// The `cgroup.subtree_control` file written.
+        path: PathBuf,
+        /// Kernel error.
+        source: io::Error,
+    },
     /// A cgroup still holds processes and cannot be removed.
     #[error("cgroup {path} still has processes ({pids}); stop the jailed process first")]
     CgroupBusy {

@@ -181,7 +181,10 @@ fn inherited_fds_environment_and_ipc_namespace_stay_outside() {
             assert_eq!(r["ipc_ns"], "ENOENT");
         } else {
             assert!(r["ipc_ns"].starts_with("ipc:["), "{}", r["ipc_ns"]);
-            assert_ne!(r["ipc_ns"], host_ipc, "the jail shares the host's ipc namespace");
+            assert_ne!(
+                r["ipc_ns"], host_ipc,
+                "the jail shares the host's ipc namespace"
+            );
         }
         j.cleanup();
     }
@@ -969,6 +972,31 @@ fn cgroup_v2() {
             "0"
         );
         j.cleanup();
+        // A parent holding a process of its own cannot hand a controller to its children
+        // (v2's "no internal processes" rule): the jailer says so and leaves nothing.
+        let busy_parent = format!("{PARENT_CGROUP}-busy-{}", std::process::id());
+        let busy = unified.join(&busy_parent);
+        std::fs::create_dir(&busy).unwrap();
+        let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+        std::fs::write(busy.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+        let j = TestJail::in_parent("v2busy", &busy_parent);
+        let out = j.run(
+            &["--cgroup-version", "2", "--cgroup", "hugetlb.2MB.max=0"],
+            &["report"],
+        );
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        std::fs::remove_dir(&busy).unwrap();
+        assert!(!out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "cannot enable cgroup v2 controller 'hugetlb' in {}/cgroup.subtree_control",
+                busy.display()
+            )) && stderr(&out).contains("while it holds no processes itself"),
+            "{}",
+            stderr(&out)
+        );
+        j.assert_nothing_left();
     } else {
         skip("cgroup_v2 controller enabling check: hugetlb (2 MiB pages) is not available on the v2 hierarchy");
     }

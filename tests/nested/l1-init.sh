@@ -22,14 +22,16 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
-# Cgroups as on mvm's Debian hosts: v1 controllers each on its own hierarchy, v2 beside them.
-mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
-for controller in cpu cpuacct cpuset memory devices freezer blkio pids; do
-    mkdir -p "/sys/fs/cgroup/$controller"
-    mount -t cgroup -o "$controller" cgroup "/sys/fs/cgroup/$controller"
+# Cgroups as on a fresh Debian 12 host: only cgroup2, at /sys/fs/cgroup, with the controllers
+# systemd delegates enabled in the root's cgroup.subtree_control. The vm-tier suite runs on
+# cgroup v2 here; the host's cargo tests cover v1.
+mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
+for controller in cpuset cpu io memory pids; do
+    if grep -qw "$controller" /sys/fs/cgroup/cgroup.controllers; then
+        echo "+$controller" > /sys/fs/cgroup/cgroup.subtree_control
+    fi
 done
-mkdir -p /sys/fs/cgroup/unified
-mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+echo "nested: INFO L1 cgroup v2 controllers enabled: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
 echo "nested: INFO L1 userspace $(cut -d' ' -f1 /proc/uptime) s after its kernel started"
 
 finish() {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent::AgentClient;
-use jailer::{BindMount, CgroupSetting, CgroupVersion, CleanupConfig, JailConfig};
+use jailer::{BindMount, CleanupConfig, JailConfig};
 use vmm::devices::legacy::console::ConsoleLimit;
 
 use crate::db::{self, Db, SandboxRow, Tenant};
@@ -1490,43 +1490,39 @@ fn make_device(path: &Path, major: u32, minor: u32) -> Result<()> {
         .map_err(|e| Error::host(format!("chmod {}", path.display()), e))
 }
 
-fn setting(key: &str, value: impl ToString) -> CgroupSetting {
-    CgroupSetting {
-        key: key.into(),
-        value: value.to_string(),
-    }
-}
-
-/// Cgroup values of a sandbox: memory limit, CPU quota, pids, freezer and accounting.
-fn cgroup_settings(vcpus: u32, memory_bytes: u64) -> Vec<CgroupSetting> {
-    vec![
-        setting("memory.limit_in_bytes", memory_bytes),
-        setting("cpu.cfs_period_us", 100_000),
-        setting("cpu.cfs_quota_us", u64::from(vcpus) * 100_000),
-        setting("cpuacct.usage", 0),
-        setting("pids.max", 4096),
-        setting("freezer.state", "THAWED"),
-    ]
-}
-
-fn base_jail(cfg: &ManagerConfig, s: &Sandbox, uid: u32, exec: PathBuf) -> JailConfig {
+/// The jail every sandbox gets: its namespaces, and cgroups on this host's version holding
+/// `memory_bytes`, the sandbox's vCPUs as CPU quota and a pids limit.
+fn base_jail(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    exec: PathBuf,
+    memory_bytes: u64,
+) -> Result<JailConfig> {
+    let cgroups = host::CgroupMode::host()?;
     let mut j = JailConfig::new(s.id.clone(), exec, uid, uid);
     j.chroot_base_dir = cfg.jail_base();
     j.netns = Some(cfg.netns(&s.id));
     j.new_pid_ns = true;
-    j.cgroup_version = CgroupVersion::V1;
+    j.cgroup_version = cgroups.version();
+    j.cgroups = cgroups.sandbox_settings(s.vcpus, memory_bytes);
     j.parent_cgroup = cfg.cgroup_parent.clone();
-    j
+    Ok(j)
 }
 
 /// The jail of the jail tier: mvm-agent on a unix socket, the directories of `tree` (the
 /// overlay, or a caller's userland) bound in.
 fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Result<JailConfig> {
-    let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join("mvm-agent"));
+    let mut j = base_jail(
+        cfg,
+        s,
+        uid,
+        cfg.bin_dir.join("mvm-agent"),
+        s.memory_mib << 20,
+    )?;
     j.mount_proc = true;
     // Ptys for `tty` execs, from a devpts instance of the jail's own.
     j.mount_devpts = true;
-    j.cgroups = cgroup_settings(s.vcpus, s.memory_mib << 20);
     j.mounts = rootfs::jail_mounts(tree)?
         .into_iter()
         .map(|(host, jail)| BindMount {
@@ -1606,9 +1602,14 @@ fn vm_jail_config(
     }
     let layer = dir.join("layer.ext4");
     rootfs::make_layer(&layer, uid, root_content)?;
-    let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join("mvm-vmm"));
     // Guest memory plus the VMM's own.
-    j.cgroups = cgroup_settings(s.vcpus, (s.memory_mib + 128) << 20);
+    let mut j = base_jail(
+        cfg,
+        s,
+        uid,
+        cfg.bin_dir.join("mvm-vmm"),
+        (s.memory_mib + 128) << 20,
+    )?;
     j.mounts = vec![
         BindMount {
             host: t.kernel.clone().into(),

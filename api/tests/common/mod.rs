@@ -24,6 +24,11 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// This host's cgroup mode, as the manager detects it.
+pub fn cgroup_mode() -> &'static api::manager::host::CgroupMode {
+    api::manager::host::CgroupMode::host().expect("this host's cgroups cannot hold sandboxes")
+}
+
 /// The directory of the workspace's binaries (mvmd, mvm-jailer, mvm-agent).
 pub fn bin_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mvmd"))
@@ -253,13 +258,10 @@ impl Daemon {
                 s.insert(format!("dir {sub}/{}", e.file_name().to_string_lossy()));
             }
         }
-        for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
-            let dir = Path::new("/sys/fs/cgroup")
-                .join(c)
-                .join(&self.cgroup_parent);
+        for dir in cgroup_mode().parent_dirs(&self.cgroup_parent) {
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    s.insert(format!("cgroup {c}/{}", e.file_name().to_string_lossy()));
+                    s.insert(format!("cgroup {}", e.path().display()));
                 }
             }
         }
@@ -330,18 +332,9 @@ impl Drop for Daemon {
                 .flatten()
             {
                 let id = e.file_name().to_string_lossy().into_owned();
-                for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
-                    let procs = Path::new("/sys/fs/cgroup")
-                        .join(c)
-                        .join(&self.cgroup_parent)
-                        .join(&id)
-                        .join("cgroup.procs");
-                    for pid in std::fs::read_to_string(procs).unwrap_or_default().lines() {
-                        if let Ok(pid) = pid.trim().parse::<i32>() {
-                            // SAFETY: plain kill of a sandbox process this test made.
-                            unsafe { libc::kill(pid, libc::SIGKILL) };
-                        }
-                    }
+                for pid in cgroup_mode().pids(&self.cgroup_parent, &id) {
+                    // SAFETY: plain kill of a sandbox process this test made.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
         }
@@ -356,10 +349,7 @@ impl Drop for Daemon {
             let _ = Command::new("umount").args(["-l", &m]).status();
         }
         std::thread::sleep(Duration::from_millis(50));
-        for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
-            let parent = Path::new("/sys/fs/cgroup")
-                .join(c)
-                .join(&self.cgroup_parent);
+        for parent in cgroup_mode().parent_dirs(&self.cgroup_parent) {
             for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
                 if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                     let _ = std::fs::remove_dir(e.path());

@@ -30,15 +30,21 @@ pub fn root_or_skip(test: &str) -> bool {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// One jail of one test: unique id, chroot base, uid/gid.
+/// One jail of one test: unique id, chroot base, uid/gid, parent cgroup.
 pub struct TestJail {
     pub id: String,
     pub base: PathBuf,
     pub uid: u32,
+    pub parent: String,
 }
 
 impl TestJail {
     pub fn new(name: &str) -> Self {
+        Self::in_parent(name, PARENT_CGROUP)
+    }
+
+    /// A jail whose cgroups go below `parent` instead of [`PARENT_CGROUP`].
+    pub fn in_parent(name: &str, parent: &str) -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let id = format!("{name}-{pid}-{n}");
@@ -48,6 +54,7 @@ impl TestJail {
             id,
             base,
             uid: 40000 + (pid % 1000) * 20 + n,
+            parent: parent.to_string(),
         }
     }
 
@@ -66,7 +73,7 @@ impl TestJail {
             &uid,
         ]);
         c.arg("--chroot-base-dir").arg(&self.base);
-        c.args(["--parent-cgroup", PARENT_CGROUP]);
+        c.args(["--parent-cgroup", &self.parent]);
         c.args(extra).arg("--").args(probe_args);
         c
     }
@@ -85,7 +92,7 @@ impl TestJail {
     pub fn cgroups(&self) -> Vec<PathBuf> {
         cgroup_mounts()
             .into_iter()
-            .map(|m| m.join(PARENT_CGROUP).join(&self.id))
+            .map(|m| m.join(&self.parent).join(&self.id))
             .filter(|p| p.exists())
             .collect()
     }
@@ -94,7 +101,7 @@ impl TestJail {
         std::fs::read_to_string(
             Path::new("/sys/fs/cgroup")
                 .join(hierarchy)
-                .join(PARENT_CGROUP)
+                .join(&self.parent)
                 .join(&self.id)
                 .join(file),
         )
@@ -121,7 +128,7 @@ impl TestJail {
                 "--exec-file-name",
                 "jail-probe",
                 "--parent-cgroup",
-                PARENT_CGROUP,
+                &self.parent,
             ])
             .arg("--chroot-base-dir")
             .arg(&self.base)

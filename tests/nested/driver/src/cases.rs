@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+mod cgroup_v2;
 mod containerd;
 
 use crate::tap::Tap;
@@ -117,6 +118,10 @@ pub const CASES: &[Case] = &[
     Case {
         name: "containerd-shim-vm-tier",
         run: containerd::shim_vm_tier,
+    },
+    Case {
+        name: "cgroup-v2-limits-freeze-teardown",
+        run: cgroup_v2::cgroup_v2_limits,
     },
 ];
 
@@ -1252,9 +1257,10 @@ impl ManagerDirs {
             .filter(|p| !before.processes.contains(p))
             .map(|p| format!("process {p}"))
             .collect();
-        for controller in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
+        // cgroup v2: /sys/fs/cgroup/<parent>; v1: the same below each controller's hierarchy.
+        for hierarchy in ["", "cpu", "cpuacct", "memory", "pids", "freezer"] {
             let parent = Path::new("/sys/fs/cgroup")
-                .join(controller)
+                .join(hierarchy)
                 .join(&self.cgroup_parent);
             for child in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
                 if child.path().is_dir() {

@@ -11,11 +11,28 @@ use mvm_testkit::containerd::{Containerd, ContainerdOptions, PodNetwork};
 
 use super::{ms, Ctx, Outcome, Verdict};
 
+/// A file L1 binds into a container, as Kubernetes does /etc/hosts.
+const HOSTS: &str = "10.0.0.1 pod\n";
 /// What the test image's /etc/passwd holds (the template's rootfs has another).
 const IMAGE_PASSWD: &str = "root:x:0:0:root:/root:/bin/sh";
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// A containerd of the test's own (`name`) whose shims run the assets' binaries and template.
+pub(super) fn start(ctx: &Ctx, name: &str) -> Result<Containerd, String> {
+    let bin_dir = ctx.vmm.parent().unwrap_or(Path::new("/"));
+    let artifacts = ctx.vmlinux.parent().unwrap_or(Path::new("/"));
+    Containerd::start(ContainerdOptions {
+        name,
+        bin_dir,
+        busybox: Path::new("/bin/busybox"),
+        // Copies instead of overlay mounts: L1 has no overlay module, the vm tier copies the
+        // root into the guest's disk anyway, and the jail tier binds the snapshot's directory.
+        snapshotter: Some("native"),
+        env: vec![("MVM_ARTIFACTS".into(), artifacts.display().to_string())],
+    })
 }
 
 /// `ctr run --rm` in the vm tier (the default): the command runs in the guest kernel, on the
@@ -25,34 +42,28 @@ pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("containerd needs root".into()));
     }
-    let bin_dir = ctx.vmm.parent().unwrap_or(Path::new("/"));
-    let artifacts = ctx.vmlinux.parent().unwrap_or(Path::new("/"));
     let started = Instant::now();
-    let cd = Containerd::start(ContainerdOptions {
-        name: "vm",
-        bin_dir,
-        busybox: Path::new("/bin/busybox"),
-        // Copies instead of overlay mounts: L1 has no overlay module, and the vm tier copies
-        // the root into the guest's disk anyway.
-        snapshotter: Some("native"),
-        env: vec![("MVM_ARTIFACTS".into(), artifacts.display().to_string())],
-    })?;
+    let cd = start(ctx, "vm")?;
     ctx.record("containerd start + image import", ms(started.elapsed()));
 
+    // A bind mount of the spec (as Kubernetes' /etc/hosts is) is copied into the guest.
+    let hosts = Path::new("/tmp/mvm-pod-hosts");
+    std::fs::write(hosts, HOSTS).map_err(|e| format!("writing {}: {e}", hosts.display()))?;
+    let mount = format!("type=bind,src={},dst=/etc/pod-hosts,options=rbind:ro", hosts.display());
     let started = Instant::now();
     let out = cd.run(
         "vm-run",
-        &[],
-        &["sh", "-c", "uname -r; cat /etc/passwd; exit 7"],
+        &["--mount", &mount],
+        &["sh", "-c", "uname -r; cat /etc/passwd /etc/pod-hosts; exit 7"],
     );
     ctx.record(
         "ctr run --rm (vm tier, default): start -> exit",
         ms(started.elapsed()),
     );
-    let expected = format!("{}\n{IMAGE_PASSWD}\n", ctx.release);
+    let expected = format!("{}\n{IMAGE_PASSWD}\n{HOSTS}", ctx.release);
     if out.status.code() != Some(7) || text(&out.stdout) != expected {
         return Err(format!(
-            "ctr run --rm ... sh -c 'uname -r; cat /etc/passwd; exit 7': {}, stdout {:?} \
+            "ctr run --rm ... sh -c 'uname -r; cat /etc/passwd /etc/pod-hosts; exit 7': {}, stdout {:?} \
              (expected exit 7 and {expected:?}), stderr: {}; containerd's log ends: {}",
             out.status,
             text(&out.stdout),
@@ -95,7 +106,10 @@ pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
     // root, one shim.
     let started = Instant::now();
     let pod = cd.run_pod("vm-pod", &[])?;
-    ctx.record("two-container pod (vm tier): run, exec, remove", ms(started.elapsed()));
+    ctx.record(
+        "two-container pod (vm tier): run, exec, remove",
+        ms(started.elapsed()),
+    );
     let l1_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map_err(|e| format!("L1's boot id: {e}"))?;
     let (first, second) = &pod.boot_ids;
@@ -112,7 +126,10 @@ pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
     let net = PodNetwork::create("vm", 42)?;
     let started = Instant::now();
     cd.run_in_pod_network("vm-podnet", &[], &net)?;
-    ctx.record("ctr run --rm in a pod network (vm tier)", ms(started.elapsed()));
+    ctx.record(
+        "ctr run --rm in a pod network (vm tier)",
+        ms(started.elapsed()),
+    );
     let links = std::process::Command::new("ip")
         .args(["-n", "mvm-test-vm", "-o", "link"])
         .output()
