@@ -286,9 +286,14 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         if json {
             print_json(&t);
         } else {
+            let kernel = if std::path::Path::new(&t.kernel).is_file() {
+                t.kernel.clone()
+            } else {
+                format!("{} (not built: jail tier only)", t.kernel)
+            };
             println!(
-                "template {} registered: kernel {}, rootfs {}",
-                t.name, t.kernel, t.rootfs
+                "template {} registered: kernel {kernel}, rootfs {}",
+                t.name, t.rootfs
             );
         }
         return Ok(0);

@@ -874,3 +874,57 @@ fn answers_name_the_tier_and_json_is_json_everywhere() {
         check_tiers_and_json,
     );
 }
+
+#[test]
+fn build_skip_kernel_makes_a_jail_template_without_any_kernel() {
+    if !root_or_skip("build_skip_kernel_makes_a_jail_template_without_any_kernel") {
+        return;
+    }
+    let env = Env::new();
+    // Artifacts of their own: no kernel was ever built there.
+    let artifacts = env.dir.path().join("artifacts");
+    let mvm = |args: &[&str]| {
+        env.mvm()
+            .env("MVM_ARTIFACTS", &artifacts)
+            .args(args)
+            .output()
+            .expect("mvm")
+    };
+    let agent = format!("--agent {}", bin_dir().join("mvm-agent").display());
+    let out = mvm(&[
+        "build",
+        "--skip-kernel",
+        "--name",
+        "jailonly",
+        "--rootfs-args",
+        &agent,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!artifacts.join("vmlinux").exists());
+    let kernel = artifacts.join("vmlinux");
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "template jailonly registered: kernel {} (not built: jail tier only), rootfs {}\n",
+            kernel.display(),
+            artifacts.join("rootfs.ext4").display()
+        )
+    );
+    let out = mvm(&[
+        "run",
+        "--rm",
+        "--isolation",
+        "jail",
+        "jailonly",
+        "--",
+        "echo",
+        "jail only",
+    ]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "jail only\n".into()),
+        "{}",
+        text(&out.stderr)
+    );
+    env.assert_empty();
+}
