@@ -229,6 +229,19 @@ fn mount(
     .map(drop)
 }
 
+/// Whether the mount at `path` is read-only (unknown counts as writable: the caller's own
+/// flags decide then).
+fn is_read_only(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(c.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
+    }
+}
+
 /// In a fresh mount namespace: stops mount propagation to and from the host, bind-mounts the
 /// jail root and the `--mount` paths, then makes the jail root `/` with `pivot_root` and detaches
 /// the old root, so nothing of the host filesystem stays reachable.
@@ -250,7 +263,8 @@ pub(crate) fn pivot_into(config: &JailConfig, root: &Path) -> Result<()> {
     )?;
     for m in &config.mounts {
         let target = in_root(root, &m.jail);
-        mount(Some(&m.host), &target, None, libc::MS_BIND, None)?;
+        // Recursive: what is mounted below the path (a container's volumes) comes along.
+        mount(Some(&m.host), &target, None, libc::MS_BIND | libc::MS_REC, None)?;
         let is_dev = fs::metadata(&m.host)
             .map(|md| md.file_type().is_block_device())
             .unwrap_or(false);
@@ -258,7 +272,9 @@ pub(crate) fn pivot_into(config: &JailConfig, root: &Path) -> Result<()> {
         if !is_dev {
             flags |= libc::MS_NODEV;
         }
-        if m.read_only {
+        // A read-only source (a container's read-only volume) stays read-only: the remount
+        // sets the flags anew.
+        if m.read_only || is_read_only(&target) {
             flags |= libc::MS_RDONLY;
         }
         mount(None, &target, None, flags, None)?;

@@ -33,7 +33,7 @@ use containerd_shim::{Config, Flags, StartOpts, TtrpcResult};
 use tokio::sync::{oneshot, watch, Mutex, OnceCell};
 
 use crate::error::{Error, Result};
-use crate::{io, spec};
+use crate::{io, mounts, spec};
 
 /// Where the shims keep their sandbox managers' state, `<dir>/<namespace>/<id>`, unless
 /// `MVM_SHIM_STATE_DIR` says otherwise.
@@ -394,6 +394,22 @@ impl TaskService {
                 .map_err(|e| {
                     Error::host(format!("mounting the rootfs at {}", rootfs.display()), e)
                 })?;
+        }
+        // Kubernetes' /etc/hosts, secrets, volumes...: under the root before the sandbox is
+        // made from it.
+        match mounts::bind_spec_mounts(&oci, &rootfs) {
+            Ok(skipped) if !skipped.is_empty() => log::debug!(
+                "container {}: mounts the sandbox provides itself, not applied: {}",
+                req.id,
+                skipped.join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                if let Err(u) = unmount(&rootfs) {
+                    log::error!("{u}");
+                }
+                return Err(e);
+            }
         }
         let pod = match spec::pod_role(&oci) {
             spec::PodRole::Member { sandbox } => Some(sandbox),

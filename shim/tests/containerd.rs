@@ -638,3 +638,46 @@ fn a_container_joins_its_pods_network() {
     );
     assert_clean(&cd, &["podnet-jail"]);
 }
+
+/// The OCI spec's bind mounts (Kubernetes' volumes, /etc/hosts, secrets) reach the container,
+/// read-only ones read-only; nothing of them is left after.
+#[test]
+fn bind_mounts_of_the_spec_reach_the_container() {
+    if !can_run("bind_mounts_of_the_spec_reach_the_container") {
+        return;
+    }
+    let cd = start("mounts");
+    let vol = tempfile::tempdir().unwrap();
+    std::fs::write(vol.path().join("data"), "from the host\n").unwrap();
+    // The jail tier runs everything as the jail's unprivileged user: let it write, so that a
+    // refusal can only come from the read-only mount.
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [(vol.path().to_owned(), 0o777), (vol.path().join("data"), 0o666)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let ro = format!("type=bind,src={},dst=/vol,options=rbind:ro", vol.path().display());
+    let hosts = vol.path().join("data");
+    let rw = format!("type=bind,src={},dst=/etc/pod-hosts,options=rbind:rw", hosts.display());
+    let mut flags = JAIL.to_vec();
+    flags.extend(["--mount", &ro, "--mount", &rw]);
+    let out = cd.run(
+        "mounts-jail",
+        &flags,
+        &[
+            "sh",
+            "-c",
+            "cat /vol/data /etc/pod-hosts; echo x > /vol/new || echo refused; \
+             echo changed > /etc/pod-hosts",
+        ],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "from the host\nfrom the host\nrefused\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains("Read-only file system"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "changed\n");
+    assert!(!vol.path().join("new").exists());
+    assert_clean(&cd, &["mounts-jail"]);
+}

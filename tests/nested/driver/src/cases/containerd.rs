@@ -11,6 +11,8 @@ use mvm_testkit::containerd::{Containerd, ContainerdOptions, PodNetwork};
 
 use super::{ms, Ctx, Outcome, Verdict};
 
+/// A file L1 binds into a container, as Kubernetes does /etc/hosts.
+const HOSTS: &str = "10.0.0.1 pod\n";
 /// What the test image's /etc/passwd holds (the template's rootfs has another).
 const IMAGE_PASSWD: &str = "root:x:0:0:root:/root:/bin/sh";
 
@@ -44,20 +46,24 @@ pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
     let cd = start(ctx, "vm")?;
     ctx.record("containerd start + image import", ms(started.elapsed()));
 
+    // A bind mount of the spec (as Kubernetes' /etc/hosts is) is copied into the guest.
+    let hosts = Path::new("/tmp/mvm-pod-hosts");
+    std::fs::write(hosts, HOSTS).map_err(|e| format!("writing {}: {e}", hosts.display()))?;
+    let mount = format!("type=bind,src={},dst=/etc/pod-hosts,options=rbind:ro", hosts.display());
     let started = Instant::now();
     let out = cd.run(
         "vm-run",
-        &[],
-        &["sh", "-c", "uname -r; cat /etc/passwd; exit 7"],
+        &["--mount", &mount],
+        &["sh", "-c", "uname -r; cat /etc/passwd /etc/pod-hosts; exit 7"],
     );
     ctx.record(
         "ctr run --rm (vm tier, default): start -> exit",
         ms(started.elapsed()),
     );
-    let expected = format!("{}\n{IMAGE_PASSWD}\n", ctx.release);
+    let expected = format!("{}\n{IMAGE_PASSWD}\n{HOSTS}", ctx.release);
     if out.status.code() != Some(7) || text(&out.stdout) != expected {
         return Err(format!(
-            "ctr run --rm ... sh -c 'uname -r; cat /etc/passwd; exit 7': {}, stdout {:?} \
+            "ctr run --rm ... sh -c 'uname -r; cat /etc/passwd /etc/pod-hosts; exit 7': {}, stdout {:?} \
              (expected exit 7 and {expected:?}), stderr: {}; containerd's log ends: {}",
             out.status,
             text(&out.stdout),
