@@ -89,16 +89,15 @@ fn make_target(root: &OwnedFd, rel: &Path, file: bool) -> std::io::Result<OwnedF
 
 fn is_bind(m: &Mount) -> bool {
     m.typ().as_deref() == Some("bind")
-        || m
-            .options()
+        || m.options()
             .iter()
             .flatten()
             .any(|o| o == "bind" || o == "rbind")
 }
 
 fn mount_fd(source: &Path, target: &OwnedFd, flags: libc::c_ulong) -> std::io::Result<()> {
-    let at = CString::new(format!("/proc/self/fd/{}", target.as_raw_fd()))
-        .expect("no NUL in a number");
+    let at =
+        CString::new(format!("/proc/self/fd/{}", target.as_raw_fd())).expect("no NUL in a number");
     let source = CString::new(source.as_os_str().as_encoded_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: mount(2) with NUL-terminated paths that outlive the call and no data.
@@ -126,13 +125,18 @@ fn bind(rootfs: &OwnedFd, m: &Mount) -> Result<()> {
         .ok_or_else(|| Error::Invalid(format!("bind mount {} has no source", dest.display())))?;
     let fail = |what: &str, e: std::io::Error| {
         Error::host(
-            format!("{what} for the bind mount of {} on {}", source.display(), dest.display()),
+            format!(
+                "{what} for the bind mount of {} on {}",
+                source.display(),
+                dest.display()
+            ),
             e,
         )
     };
     let meta = std::fs::metadata(source).map_err(|e| fail("its source", e))?;
     let rel = dest.strip_prefix("/").unwrap_or(dest);
-    let target = make_target(rootfs, rel, !meta.is_dir()).map_err(|e| fail("its mount point", e))?;
+    let target =
+        make_target(rootfs, rel, !meta.is_dir()).map_err(|e| fail("its mount point", e))?;
     let options: Vec<&str> = m.options().iter().flatten().map(String::as_str).collect();
     let recursive = if options.contains(&"rbind") {
         libc::MS_REC
@@ -214,7 +218,7 @@ mod tests {
     fn binds_stay_inside_the_root() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED binds_stay_inside_the_root: mounting needs root");
+            mvm_testkit::skip_or_fail_in_ci("binds_stay_inside_the_root", "mounting needs root");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -1143,8 +1143,7 @@ impl Task for TaskService {
         }
         let process: oci_spec::runtime::Process = serde_json::from_slice(&req.spec.value)
             .map_err(|e| Error::Invalid(format!("exec process spec: {e}")))?;
-        let mut request =
-            spec::exec_request(&process, c.sandbox.isolation, !req.stdin.is_empty())?;
+        let mut request = spec::exec_request(&process, c.sandbox.isolation, !req.stdin.is_empty())?;
         request.root = c.root.clone();
         let stdio = Stdio {
             stdin: req.stdin.clone(),

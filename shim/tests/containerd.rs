@@ -33,23 +33,27 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Root and containerd, ctr and busybox-static present; else says why and returns false.
+/// Root and containerd, ctr and busybox-static present; else says why (failing in CI) and
+/// returns false.
+#[track_caller]
 fn can_run(test: &str) -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
-            "SKIPPED {test}: needs root (containerd, mounts, cgroups); run the tests as root"
-        );
-        return false;
-    }
-    for tool in ["containerd", "ctr"] {
-        if which(tool).is_none() {
-            eprintln!("SKIPPED {test}: `{tool}` is not installed (apt-get install containerd)");
-            return false;
-        }
-    }
-    if !Path::new("/bin/busybox").is_file() {
-        eprintln!("SKIPPED {test}: /bin/busybox is missing (apt-get install busybox-static)");
+    let missing = if unsafe { libc::geteuid() } != 0 {
+        Some("needs root (containerd, mounts, cgroups); run the tests as root".to_owned())
+    } else if let Some(tool) = ["containerd", "ctr"]
+        .into_iter()
+        .find(|t| which(t).is_none())
+    {
+        Some(format!(
+            "`{tool}` is not installed (apt-get install containerd)"
+        ))
+    } else if !Path::new("/bin/busybox").is_file() {
+        Some("/bin/busybox is missing (apt-get install busybox-static)".to_owned())
+    } else {
+        None
+    };
+    if let Some(why) = missing {
+        mvm_testkit::skip_or_fail_in_ci(test, &why);
         return false;
     }
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -213,8 +217,9 @@ fn ctr_runs_containers_in_jail_sandboxes() {
             "terminal size not passed on: {shown:?}"
         );
     } else {
-        eprintln!(
-            "SKIPPED the terminal case: script(1) is not installed (apt-get install bsdutils)"
+        mvm_testkit::skip_or_fail_in_ci(
+            "ctr_runs_containers_in_jail_sandboxes (terminal case)",
+            "script(1) is not installed (apt-get install bsdutils)",
         );
     }
 
@@ -628,7 +633,12 @@ fn a_container_joins_its_pods_network() {
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("jail tier in the pod network: {out}");
     let links = Command::new("ip")
-        .args(["-n", &net.path().file_name().unwrap().to_string_lossy(), "-o", "link"])
+        .args([
+            "-n",
+            &net.path().file_name().unwrap().to_string_lossy(),
+            "-o",
+            "link",
+        ])
         .output()
         .expect("ip link");
     let links = text(&links.stdout);
@@ -652,12 +662,21 @@ fn bind_mounts_of_the_spec_reach_the_container() {
     // The jail tier runs everything as the jail's unprivileged user: let it write, so that a
     // refusal can only come from the read-only mount.
     use std::os::unix::fs::PermissionsExt;
-    for (path, mode) in [(vol.path().to_owned(), 0o777), (vol.path().join("data"), 0o666)] {
+    for (path, mode) in [
+        (vol.path().to_owned(), 0o777),
+        (vol.path().join("data"), 0o666),
+    ] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    let ro = format!("type=bind,src={},dst=/vol,options=rbind:ro", vol.path().display());
+    let ro = format!(
+        "type=bind,src={},dst=/vol,options=rbind:ro",
+        vol.path().display()
+    );
     let hosts = vol.path().join("data");
-    let rw = format!("type=bind,src={},dst=/etc/pod-hosts,options=rbind:rw", hosts.display());
+    let rw = format!(
+        "type=bind,src={},dst=/etc/pod-hosts,options=rbind:rw",
+        hosts.display()
+    );
     let mut flags = JAIL.to_vec();
     flags.extend(["--mount", &ro, "--mount", &rw]);
     let out = cd.run(
@@ -676,7 +695,11 @@ fn bind_mounts_of_the_spec_reach_the_container() {
         "stderr: {}",
         text(&out.stderr)
     );
-    assert!(text(&out.stderr).contains("Read-only file system"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("Read-only file system"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "changed\n");
     assert!(!vol.path().join("new").exists());
     assert_clean(&cd, &["mounts-jail"]);
