@@ -350,7 +350,7 @@ pub struct SandboxStats {
     pub pids: u64,
 }
 
-/// `GET /v1/sandboxes/{id}/stats` answer: the sandbox's cgroup usage and its tier.
+/// `GET /v1/sandboxes/{id}/stats` answer: the sandbox's cgroup usage, its RSS and its tier.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SandboxUsage {
     /// CPU, memory and processes.
@@ -358,6 +358,10 @@ pub struct SandboxUsage {
     pub stats: SandboxStats,
     /// Isolation tier of the sandbox.
     pub isolation: Isolation,
+    /// Resident anonymous memory, bytes: the RSS of its processes (vm: of the VMM) without
+    /// the page cache that `memory_bytes` counts (cgroup v1 `memory.stat` `total_rss`, v2
+    /// `anon`).
+    pub rss_bytes: u64,
 }
 
 /// A template: a kernel plus a read-only base image.

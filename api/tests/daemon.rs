@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api::client::{ClientError, Stream};
-use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, SandboxState};
 use api::manager::host::CgroupMode;
+use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, SandboxState};
 use common::{block_on, cgroup_mode, root_or_skip, Daemon};
 
 fn jail() -> CreateSandbox {
@@ -180,7 +180,10 @@ fn streaming_exec_with_stdin() {
         .collect();
     assert_eq!(
         ws,
-        [("default", id.as_str(), 101), ("default", "000000000000", 404)],
+        [
+            ("default", id.as_str(), 101),
+            ("default", "000000000000", 404)
+        ],
         "{audit:?}"
     );
 }
@@ -1129,5 +1132,62 @@ fn optional_tcp_listener_with_the_same_auth() {
         let anonymous = api::client::Client::new(api::http::Endpoint::Tcp(addr), None);
         assert_eq!(api_status(&anonymous.get(&s.id).await.unwrap_err()).0, 401);
         tcp.delete(&s.id).await.expect("delete");
+    });
+}
+
+#[test]
+fn stats_report_rss_apart_from_the_page_cache() {
+    if !root_or_skip("stats_report_rss_apart_from_the_page_cache") {
+        return;
+    }
+    let d = Daemon::start();
+    block_on(async {
+        let c = d.client();
+        let s = c.create(&jail()).await.expect("create");
+        const MB: u64 = 1 << 20;
+        // 40 MiB written to a file: page cache, charged to the sandbox but not resident in
+        // its processes.
+        let out = c
+            .exec(
+                &s.id,
+                &cmd(&[
+                    "sh",
+                    "-c",
+                    "head -c 41943040 /dev/zero > /root/cached; sync",
+                ]),
+            )
+            .await
+            .expect("write a file");
+        assert_eq!(out.exit.exit_code, Some(0), "{}", out.stderr);
+        let u = c.stats(&s.id).await.expect("stats");
+        assert!(
+            u.stats.memory_bytes >= u.rss_bytes + 30 * MB,
+            "the page cache must count in memory_bytes only: {u:?}"
+        );
+        // 48 MiB held by a shell: resident.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let holder = {
+            let (c, id) = (c.clone(), s.id.clone());
+            tokio::spawn(async move {
+                // Not `sleep` last: the shell would exec it and drop its memory.
+                let hold = "x=$(head -c 50331648 /dev/zero | tr '\\0' a); echo held; sleep 600; :";
+                c.exec_streamed(&id, &cmd(&["sh", "-c", hold]), move |_, data| {
+                    let _ = tx.send(data.to_vec());
+                })
+                .await
+            })
+        };
+        let said = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("the shell holds its memory within a minute");
+        assert_eq!(said.as_deref(), Some(&b"held\n"[..]));
+        let held = c.stats(&s.id).await.expect("stats");
+        assert!(
+            held.rss_bytes >= u.rss_bytes + 45 * MB,
+            "{u:?} then {held:?}"
+        );
+        assert!(held.stats.memory_bytes >= held.rss_bytes, "{held:?}");
+        c.delete(&s.id).await.expect("delete");
+        holder.abort();
     });
 }

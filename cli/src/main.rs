@@ -144,7 +144,8 @@ enum Command {
         /// Destination.
         dst: String,
     },
-    /// CPU time, memory and processes per sandbox.
+    /// CPU time, memory (charged to the cgroup, page cache included), RSS and processes per
+    /// sandbox, with its tier.
     Stats {
         /// Sandbox ids [default: all].
         ids: Vec<String>,
@@ -455,17 +456,21 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             if json {
                 print_json(&all);
             } else {
+                // MEM is what the cgroup is charged, page cache included; RSS what the
+                // processes hold.
                 println!(
-                    "{:<14} {:<5} {:>10} {:>10} {:>5}",
-                    "ID", "TIER", "CPU(s)", "MEM(MiB)", "PIDS"
+                    "{:<14} {:<5} {:>10} {:>10} {:>10} {:>5}",
+                    "ID", "TIER", "CPU(s)", "MEM(MiB)", "RSS(MiB)", "PIDS"
                 );
+                let mib = |b: u64| b as f64 / 1048576.0;
                 for u in all {
                     println!(
-                        "{:<14} {:<5} {:>10.3} {:>10.1} {:>5}",
+                        "{:<14} {:<5} {:>10.3} {:>10.1} {:>10.1} {:>5}",
                         u.stats.id,
                         u.isolation.as_str(),
                         u.stats.cpu_ns as f64 / 1e9,
-                        u.stats.memory_bytes as f64 / 1048576.0,
+                        mib(u.stats.memory_bytes),
+                        mib(u.rss_bytes),
                         u.stats.pids
                     );
                 }

@@ -808,7 +808,10 @@ fn check_tiers_and_json(env: &Env, host: Option<&str>) {
     );
     let out = mvm(&["stats", &id]);
     let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
-    assert!(lines[0].contains("TIER"), "{lines:?}");
+    assert!(
+        lines[0].contains("TIER") && lines[0].contains("RSS(MiB)"),
+        "{lines:?}"
+    );
     let row: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(&row[..2], [id.as_str(), "jail"], "{lines:?}");
     let (_, v) = mvm_json(env, host, &["-o", "json", "stats", &id]);

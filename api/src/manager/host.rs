@@ -409,6 +409,22 @@ pub fn cgroup_usage(parent: &str, id: &str) -> (u64, u64, u64) {
     CgroupMode::host().map_or((0, 0, 0), |m| m.usage(parent, id))
 }
 
+/// Resident anonymous memory of the sandbox's cgroup, bytes: its processes' RSS without the
+/// page cache that `cgroup_usage`'s memory includes (v1 `memory.stat` `total_rss`, which
+/// counts transparent huge pages too; v2 `anon`). 0 where it cannot be read.
+pub fn cgroup_rss(parent: &str, id: &str) -> u64 {
+    let Ok(mode) = CgroupMode::host() else {
+        return 0;
+    };
+    let key = match mode {
+        CgroupMode::V1 => "total_rss",
+        CgroupMode::V2 { .. } => "anon",
+    };
+    mode.dir("memory", parent, id)
+        .and_then(|d| read_counter(&d.join("memory.stat"), Some(key)))
+        .unwrap_or(0)
+}
+
 /// Pids in any of the sandbox's cgroups; none where this host's cgroups are unusable.
 pub fn cgroup_pids(parent: &str, id: &str) -> Vec<i32> {
     CgroupMode::host().map_or_else(|_| Vec::new(), |m| m.pids(parent, id))

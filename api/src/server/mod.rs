@@ -315,7 +315,8 @@ async fn logs(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], log).into_response())
 }
 
-/// CPU, memory and processes of a sandbox, and its tier.
+/// CPU, memory (charged, and resident without the page cache) and processes of a sandbox,
+/// and its tier.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/stats", tag = "sandboxes", params(("id" = String, Path)),
     responses((status = 200, body = SandboxUsage), (status = 404, body = ErrorBody)))]
 async fn stats(
@@ -332,6 +333,7 @@ pub fn usage(manager: &Manager, tenant: &str, id: &str) -> Result<SandboxUsage> 
     Ok(SandboxUsage {
         stats: manager.stats(tenant, id)?,
         isolation: sandbox.isolation,
+        rss_bytes: crate::manager::host::cgroup_rss(&manager.config().cgroup_parent, id),
     })
 }
 
