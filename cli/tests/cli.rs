@@ -79,10 +79,7 @@ impl Env {
             .env("MVM_RUN_DIR", self.dir.path().join("run"))
             .env("MVM_BIN_DIR", bin_dir())
             .env("MVM_ARTIFACTS", workspace().join("target/mvm-artifacts"))
-            .env(
-                "MVM_CGROUP_PARENT",
-                format!("mvm-cli-test-{}", std::process::id()),
-            )
+            .env("MVM_CGROUP_PARENT", &self.cgroup_parent)
             .env_remove("MVM_HOST")
             .env_remove("MVM_TOKEN")
             .env_remove("MVM_ISOLATION")
@@ -103,28 +100,115 @@ impl Env {
         self.mvm().args(args).output().expect("running mvm")
     }
 
-    /// Nothing of a sandbox left in the run dir.
-    fn assert_empty(&self) {
+    /// The parent cgroups of this environment's sandboxes (one per hierarchy on cgroup v1).
+    fn cgroup_parents(&self) -> Vec<PathBuf> {
+        api::manager::host::CgroupMode::host()
+            .expect("this host's cgroups cannot hold sandboxes")
+            .parent_dirs(&self.cgroup_parent)
+    }
+
+    /// The sandbox cgroups under this environment's parent.
+    fn sandbox_cgroups(&self) -> Vec<PathBuf> {
+        self.cgroup_parents()
+            .iter()
+            .flat_map(|p| std::fs::read_dir(p).into_iter().flatten().flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// Mount points under this environment's directory.
+    fn mounts(&self) -> Vec<String> {
+        let root = self.dir.path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|mp| mp.starts_with(&root))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// What this environment's sandboxes left on the host: run-dir entries, cgroups, mounts,
+    /// processes (in its cgroups, or jailers of its run dir).
+    fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
         for sub in ["sandboxes", "netns", "locks", "jail/mvm-agent"] {
-            let left: Vec<_> = std::fs::read_dir(self.dir.path().join("run").join(sub))
+            for e in std::fs::read_dir(self.dir.path().join("run").join(sub))
                 .into_iter()
                 .flatten()
                 .flatten()
-                .map(|e| e.file_name())
-                .collect();
-            assert!(left.is_empty(), "{sub} still has {left:?}");
+            {
+                left.push(format!("{sub}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+        left.extend(
+            self.sandbox_cgroups()
+                .iter()
+                .map(|c| format!("cgroup {}", c.display())),
+        );
+        left.extend(self.mounts().into_iter().map(|m| format!("mount {m}")));
+        let root = self.dir.path().to_string_lossy().into_owned();
+        let in_parent = format!("/{}/", self.cgroup_parent);
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if pid.parse::<u32>().is_err() {
+                continue;
+            }
+            let cgroup = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+            let cmd = text(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+            if cgroup.contains(&in_parent) || (cmd.contains("mvm-jailer") && cmd.contains(&root)) {
+                left.push(format!("process {pid} {cmd}"));
+            }
+        }
+        left
+    }
+
+    /// Nothing of a sandbox left on the host. Polled for up to 10 s: the kernel tears
+    /// processes and namespaces down asynchronously.
+    fn assert_empty(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "left on the host: {left:#?}");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
 impl Drop for Env {
+    /// Removes what a failed test may have left (processes, mounts, cgroups), then the
+    /// parent cgroups.
     fn drop(&mut self) {
-        for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
-            let _ = std::fs::remove_dir(
-                Path::new("/sys/fs/cgroup")
-                    .join(c)
-                    .join(&self.cgroup_parent),
-            );
+        let mode = api::manager::host::CgroupMode::host().ok();
+        for cgroup in self.sandbox_cgroups() {
+            let id = cgroup.file_name().unwrap_or_default().to_string_lossy();
+            for pid in mode
+                .map(|m| m.pids(&self.cgroup_parent, &id))
+                .unwrap_or_default()
+            {
+                // SAFETY: plain kill of a sandbox process this test made.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let mut mounts = self.mounts();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for cgroup in self.sandbox_cgroups() {
+            // A killed process's cgroup stays busy until its last thread is gone.
+            while std::fs::remove_dir(&cgroup).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for parent in self.cgroup_parents() {
+            let _ = std::fs::remove_dir(parent);
         }
     }
 }
@@ -930,4 +1014,35 @@ fn build_skip_kernel_makes_a_jail_template_without_any_kernel() {
         text(&out.stderr)
     );
     env.assert_empty();
+}
+
+#[test]
+fn the_env_cgroup_parent_holds_its_sandboxes_and_goes_with_it() {
+    if !root_or_skip("the_env_cgroup_parent_holds_its_sandboxes_and_goes_with_it") {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(&["-o", "json", "run", "--isolation", "jail", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["sandbox"]
+        ["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let cgroups = env.sandbox_cgroups();
+    assert!(
+        !cgroups.is_empty() && cgroups.iter().all(|c| c.ends_with(&id)),
+        "the sandbox's cgroups must be under {}: {cgroups:?}",
+        env.cgroup_parent
+    );
+    assert!(env.leftovers().iter().any(|l| l.starts_with("process ")));
+    let out = env.run(&["rm", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.assert_empty();
+    let parents = env.cgroup_parents();
+    assert!(parents.iter().any(|p| p.is_dir()), "{parents:?}");
+    drop(env);
+    for p in parents {
+        assert!(!p.exists(), "{} outlived the test environment", p.display());
+    }
 }
