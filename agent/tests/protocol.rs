@@ -595,6 +595,138 @@ async fn malformed_and_oversized_frames_close_only_that_connection() {
     );
 }
 
+/// Reads past the replies and credits of requests already sent, expects a `Fatal` protocol
+/// error whose message contains `needle`, then the agent closing the connection.
+async fn expect_protocol_violation(stream: &mut UnixStream, needle: &str) {
+    loop {
+        match read_message(stream).await {
+            Some(AgentMessage::Fatal(e)) => {
+                assert_eq!(e.kind, ErrorKind::Protocol, "{e}");
+                assert!(e.message.contains(needle), "expected {needle:?} in: {e}");
+                break;
+            }
+            Some(AgentMessage::Reply { .. } | AgentMessage::Credit { .. }) => continue,
+            Some(AgentMessage::Data { id, channel, data }) => panic!(
+                "expected a Fatal frame about {needle:?}, got {} bytes of {channel:?} data for {id}",
+                data.len()
+            ),
+            other => panic!("expected a Fatal frame about {needle:?}, got {other:?}"),
+        }
+    }
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("agent closes the connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing follows the Fatal frame");
+}
+
+/// Sends `messages` as frames, in one write.
+async fn send(stream: &mut UnixStream, messages: &[ClientMessage]) {
+    let mut frames = Vec::new();
+    for m in messages {
+        encode_frame(m, &mut frames).unwrap();
+    }
+    stream.write_all(&frames).await.unwrap();
+}
+
+/// The handshake and request-id rules: each violation ends that connection only.
+#[tokio::test]
+async fn handshake_and_request_id_violations_close_only_that_connection() {
+    let agent = AgentProcess::start();
+    let bystander = agent.client().await;
+    let health = |id| ClientMessage::Request {
+        id,
+        request: agent::protocol::Request::Health,
+    };
+
+    // A request before the handshake.
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    send(&mut raw, &[health(1)]).await;
+    expect_protocol_violation(&mut raw, "the first message must be Hello").await;
+
+    // A Hello with another magic is no Hello.
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    let wrong_magic = ClientMessage::Hello {
+        magic: *b"MVMX",
+        version: PROTOCOL_VERSION,
+    };
+    send(&mut raw, &[wrong_magic]).await;
+    expect_protocol_violation(&mut raw, "the first message must be Hello").await;
+
+    // A second Hello.
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    hello(&mut raw).await;
+    let again = ClientMessage::Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+    };
+    send(&mut raw, &[again]).await;
+    expect_protocol_violation(&mut raw, "duplicate Hello").await;
+
+    // An id reused while its exec still runs; the exec dies with the connection.
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    hello(&mut raw).await;
+    let exec = ClientMessage::Request {
+        id: 7,
+        request: agent::protocol::Request::Exec(ExecRequest::new(["sleep", "30"])),
+    };
+    send(&mut raw, &[exec]).await;
+    let pid = match read_message(&mut raw).await {
+        Some(AgentMessage::Reply {
+            id: 7,
+            reply: agent::protocol::Reply::ExecStarted { pid },
+        }) => pid,
+        other => panic!("expected ExecStarted, got {other:?}"),
+    };
+    send(&mut raw, &[health(7)]).await;
+    expect_protocol_violation(&mut raw, "request id 7 is still in use").await;
+    assert!(
+        wait_until(Duration::from_secs(5), || process_state(pid).is_none()).await,
+        "the exec of the closed connection still runs"
+    );
+
+    // A Data chunk over MAX_CHUNK, in a frame well under MAX_FRAME_LEN, for a live stdin
+    // with credit to spare (so only the chunk size is wrong).
+    let mut raw = UnixStream::connect(&agent.socket).await.unwrap();
+    hello(&mut raw).await;
+    let exec = ClientMessage::Request {
+        id: 1,
+        request: agent::protocol::Request::Exec(ExecRequest::new(["cat"]).stdin(true)),
+    };
+    send(&mut raw, &[exec]).await;
+    assert!(matches!(
+        read_message(&mut raw).await,
+        Some(AgentMessage::Reply {
+            id: 1,
+            reply: agent::protocol::Reply::ExecStarted { .. }
+        })
+    ));
+    let chunk = ClientMessage::Data {
+        id: 1,
+        channel: agent::protocol::Channel::Stdin,
+        data: vec![0u8; agent::protocol::MAX_CHUNK + 1],
+    };
+    let mut frame = Vec::new();
+    encode_frame(&chunk, &mut frame).unwrap();
+    assert!(frame.len() < MAX_FRAME_LEN / 2, "the frame itself is fine");
+    assert!(agent::protocol::MAX_CHUNK + 1 < agent::protocol::INITIAL_WINDOW as usize);
+    send(&mut raw, &[chunk]).await;
+    expect_protocol_violation(
+        &mut raw,
+        &format!(
+            "data chunk of {} bytes exceeds {}",
+            agent::protocol::MAX_CHUNK + 1,
+            agent::protocol::MAX_CHUNK
+        ),
+    )
+    .await;
+
+    // The agent and its other connections are unaffected.
+    assert!(agent.client().await.health().await.is_ok());
+    assert!(bystander.health().await.is_ok());
+}
+
 #[tokio::test]
 async fn disconnect_mid_stream_kills_children_and_leaks_nothing() {
     let agent = AgentProcess::start();
@@ -752,7 +884,10 @@ struct Unmounted(Vec<std::path::PathBuf>);
 impl Drop for Unmounted {
     fn drop(&mut self) {
         for path in self.0.iter().rev() {
-            let _ = std::process::Command::new("umount").arg("-l").arg(path).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(path)
+                .status();
         }
     }
 }
@@ -768,7 +903,9 @@ async fn containers_with_their_own_roots() {
     }
     let busybox = std::path::Path::new("/bin/busybox");
     if !busybox.is_file() {
-        eprintln!("SKIPPED containers_with_their_own_roots: /bin/busybox (busybox-static) is missing");
+        eprintln!(
+            "SKIPPED containers_with_their_own_roots: /bin/busybox (busybox-static) is missing"
+        );
         return;
     }
     let pod = tempfile::tempdir().unwrap();
@@ -821,7 +958,9 @@ async fn containers_with_their_own_roots() {
         .await
         .unwrap();
     let out = client
-        .exec(in_root(b_str, "busybox id -u; busybox cat /only-a; echo x > /new").user(65534, 65534))
+        .exec(
+            in_root(b_str, "busybox id -u; busybox cat /only-a; echo x > /new").user(65534, 65534),
+        )
         .await
         .unwrap()
         .wait_with_output()
