@@ -723,7 +723,11 @@ pub fn quiesce_file_systems() -> Vec<InitError> {
     let mut errors = Vec::new();
     match mount_points() {
         Ok(points) => {
-            for point in points.iter().rev().filter(|p| p.as_path() != Path::new("/")) {
+            for point in points
+                .iter()
+                .rev()
+                .filter(|p| p.as_path() != Path::new("/"))
+            {
                 let result = match umount2(point, MntFlags::empty()) {
                     Err(nix::Error::EBUSY) => umount2(point, MntFlags::MNT_DETACH),
                     other => other,

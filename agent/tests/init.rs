@@ -326,7 +326,11 @@ fn power_down_leaves_the_disks_clean() {
     }
     // The child still holds its mounts (and the upper disk, read-only, under the overlay).
     for device in [&upper.0, &data.0] {
-        let header = Command::new("dumpe2fs").arg("-h").arg(device).output().unwrap();
+        let header = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(device)
+            .output()
+            .unwrap();
         let header = String::from_utf8_lossy(&header.stdout);
         let line = |key: &str| {
             header
@@ -345,7 +349,11 @@ fn power_down_leaves_the_disks_clean() {
             "{device}: {}",
             line("Filesystem state:")
         );
-        let fsck = Command::new("e2fsck").arg("-fn").arg(device).output().unwrap();
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(device)
+            .output()
+            .unwrap();
         assert!(
             fsck.status.success(),
             "e2fsck -fn {device}: {}\n{}{}",

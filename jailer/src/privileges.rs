@@ -162,10 +162,14 @@ fn verify_ids(uid: u32, gid: u32) -> Result<()> {
     let (mut uids, mut gids) = ([0; 3], [0; 3]);
     let [ru, eu, su] = &mut uids;
     // SAFETY: three valid out-pointers to uid_t.
-    check(unsafe { libc::getresuid(ru, eu, su) }, || "getresuid".into())?;
+    check(unsafe { libc::getresuid(ru, eu, su) }, || {
+        "getresuid".into()
+    })?;
     let [rg, eg, sg] = &mut gids;
     // SAFETY: three valid out-pointers to gid_t.
-    check(unsafe { libc::getresgid(rg, eg, sg) }, || "getresgid".into())?;
+    check(unsafe { libc::getresgid(rg, eg, sg) }, || {
+        "getresgid".into()
+    })?;
     // SAFETY: size 0 with a null list only counts the groups.
     let groups = check(unsafe { libc::getgroups(0, std::ptr::null_mut()) }, || {
         "getgroups".into()
@@ -270,7 +274,11 @@ mod tests {
         }
         assert_eq!(drop_in_child(40_999, 40_998), 0, "a real drop must pass");
         // -1 makes setresuid/setresgid succeed without changing anything: still root.
-        assert_eq!(drop_in_child(u32::MAX, u32::MAX), 1, "uid -1 must be caught");
+        assert_eq!(
+            drop_in_child(u32::MAX, u32::MAX),
+            1,
+            "uid -1 must be caught"
+        );
         assert_eq!(drop_in_child(40_999, u32::MAX), 1, "gid -1 must be caught");
     }
 }
