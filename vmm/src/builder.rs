@@ -270,10 +270,11 @@ fn build_cmdline(
     Ok(cmdline)
 }
 
-/// Builds guest memory, the VM, boot data, devices and vCPUs from `config`, then starts the
-/// vCPUs. `serial_out` receives the guest console; `make_devices` creates the virtio devices;
-/// each vCPU thread installs its `seccomp` filter before entering the guest.
-pub fn build_and_boot(
+/// Builds guest memory, the VM, boot data, devices and vCPUs from `config`. The vCPU threads
+/// install their `seccomp` filter and then wait: the guest runs only once the caller has
+/// confined its own thread and calls [`Vcpus::resume`] (or [`Vcpus::discard`] to give up).
+/// `serial_out` receives the guest console; `make_devices` creates the virtio devices.
+pub fn build_microvm(
     config: &VmConfig,
     serial_out: SerialOut,
     make_devices: &DeviceFactory<'_>,

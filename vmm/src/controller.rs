@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::builder::{build_and_boot, BuildError, DeviceFactory, RunningVm};
+use crate::builder::{build_microvm, BuildError, DeviceFactory, RunningVm};
 use crate::config::{
     BootSource, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
     NetworkInterfaceConfig, SerialConfig, VmConfig, VsockConfig,
@@ -385,20 +385,25 @@ impl Controller {
         }
     }
 
-    /// Builds and boots the VM from the current configuration.
+    /// Builds the VM from the current configuration, confines the main thread, then lets the
+    /// vCPUs run: no guest code runs while the main thread is unfiltered.
     fn start(&mut self) -> Result<(), VmmActionError> {
         let serial_out = open_serial_out(self.config.serial.as_ref(), self.console_limit)?;
-        let vm = build_and_boot(
+        let vm = build_microvm(
             &self.config,
             serial_out,
             &*self.make_devices,
             self.exit.clone(),
             &self.seccomp,
         )?;
+        // From here on the main thread only serves events: confine it before the guest runs.
+        if let Err(e) = self.seccomp.apply("vmm") {
+            vm.vcpus.discard();
+            return Err(e.into());
+        }
+        vm.vcpus.resume();
         log::info!("microVM {} started", self.id);
         self.running = Some(vm);
-        // From here on the main thread only serves events: confine it.
-        self.seccomp.apply("vmm")?;
         Ok(())
     }
 

@@ -112,3 +112,135 @@ fn every_thread_of_a_running_vmm_is_filtered() {
     assert!(seen.len() >= 4, "main, API and two vCPU threads: {seen:?}");
     assert!(seen.iter().all(|(_, mode)| mode.ends_with('2')), "{seen:?}");
 }
+
+/// The built-in filters as JSON, with `syscall` taken out of the `kind` filter.
+fn builtin_without(kind: &str, syscall: &str) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/seccomp/x86_64.json");
+    let mut filters: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let rules = filters[kind]["filter"].as_array_mut().unwrap();
+    let before = rules.len();
+    rules.retain(|rule| rule["syscall"] != syscall);
+    assert!(rules.len() < before, "the `{kind}` filter allows {syscall}");
+    filters.to_string()
+}
+
+#[test]
+fn a_main_thread_violation_is_reported_with_the_syscall_and_the_filter() {
+    if !require_kvm("a_main_thread_violation_is_reported_with_the_syscall_and_the_filter") {
+        return;
+    }
+    let dir = ScratchDir::new("seccomp-report");
+    // The event loop waits in epoll_wait(2) (syscall 232) as soon as the VM runs.
+    let filter = dir.path().join("filters.json");
+    std::fs::write(&filter, builtin_without("vmm", "epoll_wait")).unwrap();
+    let config = dir.path().join("vm.json");
+    std::fs::write(
+        &config,
+        config_for(&guest("spin"), "console=ttyS0", 1, 32).to_string(),
+    )
+    .unwrap();
+    let child = Command::new(binary("mvm-vmm"))
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&config)
+        .arg("--seccomp-filter")
+        .arg(&filter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = mvm_testkit::wait_with_timeout(child, Duration::from_secs(30));
+    assert_eq!(run.code(), SECCOMP_EXIT_CODE, "{run:#?}");
+    assert_eq!(
+        run.stderr,
+        "mvm-vmm: seccomp violation: syscall 232 in a thread under the `vmm` filter\n"
+    );
+}
+
+/// A pipe whose buffer is full, so the next write(2) to its write end blocks.
+fn full_pipe() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned by nobody else.
+    let (read, write) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    // SAFETY: fcntl on an fd we own; the smallest pipe buffer keeps the fill short.
+    unsafe {
+        libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096);
+        libc::fcntl(fds[1], libc::F_SETFL, libc::O_NONBLOCK);
+    }
+    let chunk = [b'x'; 4096];
+    // SAFETY: writing from a live buffer to our own pipe until it is full (EAGAIN).
+    while unsafe { libc::write(fds[1], chunk.as_ptr().cast(), chunk.len()) } > 0 {}
+    // Back to blocking: the flag belongs to the pipe end the VMM inherits.
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(fds[1], libc::F_SETFL, 0) };
+    (read, write)
+}
+
+/// The main thread's `Seccomp:` mode (0 none, 2 filter) from /proc.
+fn main_thread_seccomp_mode(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn the_main_thread_is_filtered_before_the_guest_runs() {
+    if !require_kvm("the_main_thread_is_filtered_before_the_guest_runs") {
+        return;
+    }
+    use std::io::Read;
+    let dir = ScratchDir::new("seccomp-order");
+    let config = dir.path().join("vm.json");
+    let mut document = config_for(&guest("hello"), "console=ttyS0", 1, 32);
+    // The VMM logs "microVM ... started" to stderr at Info level; a full stderr pipe stops the
+    // main thread at that line and holds it there while the guest prints.
+    document["logger"] = serde_json::json!({"level": "Info"});
+    std::fs::write(&config, document.to_string()).unwrap();
+    let (mut stderr, stderr_write) = full_pipe();
+    let mut child = Command::new(binary("mvm-vmm"))
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr_write))
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut console = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&console).contains("Hello from the mvm test guest") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the guest console ended early: {console:?}");
+        console.extend_from_slice(&buf[..n]);
+    }
+    // The guest ran: whatever the main thread is doing now, it must already be confined.
+    let mode = main_thread_seccomp_mode(child.id());
+    let mut logged = Vec::new();
+    stderr.read_to_end(&mut logged).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        mode, "2",
+        "the guest ran while the main thread was unfiltered"
+    );
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&logged).contains("microVM anonymous-instance started"),
+        "{}",
+        String::from_utf8_lossy(logged.get(4096..).unwrap_or_default())
+    );
+}

@@ -3,7 +3,7 @@
 //!
 //! | filter | thread | installed |
 //! |---|---|---|
-//! | `vmm`  | main thread: event loop, API requests, device control | right after the VM is built |
+//! | `vmm`  | main thread: event loop, API requests, device control | after the VM is built, before any vCPU enters the guest |
 //! | `api`  | `fc_api` and its connection threads | when the API thread starts |
 //! | `vcpu` | `fc_vcpu N` | before the first KVM_RUN |
 //! | `device` | `fc_blk N`, `fc_net N`, `fc_vsock` | when the device thread starts (at build) |

@@ -1,5 +1,7 @@
 //! vCPUs: boot state, one thread each, the KVM_RUN loop dispatching exits to the buses, and
-//! pause/resume by kicking threads out of KVM_RUN.
+//! pause/resume by kicking threads out of KVM_RUN. A vCPU thread starts held: it installs its
+//! seccomp filter and waits for [`Vcpus::resume`] before its first KVM_RUN, so the VMM can
+//! confine its own threads before any guest code runs.
 
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
@@ -56,8 +58,12 @@ pub enum VcpuError {
 /// The run state the VMM asks its vCPUs to be in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RunState {
+    /// Built but not released yet: the guest has not run.
+    Held,
     Running,
     Paused,
+    /// Never to run (again): the threads end.
+    Discarded,
 }
 
 /// Shared pause/resume control of all vCPUs of a VM.
@@ -69,7 +75,7 @@ pub struct RunControl {
 impl RunControl {
     fn new() -> Self {
         RunControl {
-            state: Mutex::new((RunState::Running, 0)),
+            state: Mutex::new((RunState::Held, 0)),
             changed: Condvar::new(),
         }
     }
@@ -78,17 +84,26 @@ impl RunControl {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called by a vCPU thread out of KVM_RUN: parks while the VM is paused.
-    fn park_if_paused(&self) {
+    /// Called by a vCPU thread out of KVM_RUN: parks while the VM is held or paused. Returns
+    /// whether the vCPU may enter the guest (false once the vCPUs are discarded).
+    fn park_unless_running(&self) -> bool {
         let mut guard = self.lock();
-        if guard.0 == RunState::Paused {
+        if matches!(guard.0, RunState::Held | RunState::Paused) {
             guard.1 += 1;
             self.changed.notify_all();
-            while guard.0 == RunState::Paused {
+            while matches!(guard.0, RunState::Held | RunState::Paused) {
                 guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
             }
             guard.1 -= 1;
         }
+        guard.0 == RunState::Running
+    }
+
+    /// Moves every vCPU to `state` and wakes the parked ones.
+    fn set(&self, state: RunState) {
+        let mut guard = self.lock();
+        guard.0 = state;
+        self.changed.notify_all();
     }
 }
 
@@ -170,8 +185,9 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
-    /// Starts the vCPU on its own thread.
-    pub fn start(
+    /// Starts the vCPU's thread: it installs its seccomp filter and waits for `control` to
+    /// let it run.
+    fn start(
         self,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
@@ -196,6 +212,9 @@ impl Vcpu {
 
     fn run(mut self, pio: &Bus, mmio: &Bus, control: &RunControl, exit: &VmExit) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if !control.park_unless_running() || exit.is_requested() {
+            return;
+        }
         loop {
             match self.run_once(pio, mmio) {
                 // Once the VM is ending (a reset pulse, another vCPU's error, a signal) the
@@ -205,7 +224,9 @@ impl Vcpu {
                 Step::Continue => {}
                 Step::Kicked => {
                     self.fd.set_kvm_immediate_exit(0);
-                    control.park_if_paused();
+                    if !control.park_unless_running() {
+                        return;
+                    }
                 }
                 Step::Exit(reason) => {
                     exit.request(reason);
@@ -305,7 +326,7 @@ pub struct Vcpus {
 }
 
 impl Vcpus {
-    /// Starts every vCPU.
+    /// Starts every vCPU's thread, held: none enters the guest before [`Vcpus::resume`].
     pub fn start(
         vcpus: Vec<Vcpu>,
         pio: Arc<Bus>,
@@ -332,7 +353,7 @@ impl Vcpus {
     /// Stops every vCPU at its next exit and waits until all are parked.
     pub fn pause(&self) {
         let mut guard = self.control.lock();
-        if guard.0 == RunState::Paused {
+        if guard.0 != RunState::Running {
             return;
         }
         guard.0 = RunState::Paused;
@@ -355,11 +376,19 @@ impl Vcpus {
         }
     }
 
-    /// Lets every vCPU run again.
+    /// Lets every vCPU run: the first time after [`Vcpus::start`], or again after a pause.
     pub fn resume(&self) {
-        let mut guard = self.control.lock();
-        guard.0 = RunState::Running;
-        self.control.changed.notify_all();
+        self.control.set(RunState::Running);
+    }
+
+    /// Ends the threads of vCPUs that were never resumed (a VM whose start failed after the
+    /// build), without running the guest, and waits for them.
+    pub fn discard(self) {
+        self.control.set(RunState::Discarded);
+        for handle in self.handles {
+            // A vCPU thread that panicked has nothing left to clean up.
+            let _ = handle.thread.join();
+        }
     }
 
     /// Whether the vCPUs are paused.
