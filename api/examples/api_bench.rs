@@ -127,7 +127,11 @@ fn main() {
         let socket = dir.path().join("mvmd.sock");
         let served = tokio::spawn(api::server::serve(
             manager.clone(),
-            api::server::ServeConfig { socket: socket.clone(), tcp: None },
+            api::server::ServeConfig {
+                socket: socket.clone(),
+                tcp: None,
+                template_dir: dir.path().join("templates"),
+            },
         ));
         while tokio::net::UnixStream::connect(&socket).await.is_err() {
             tokio::time::sleep(Duration::from_millis(5)).await;
