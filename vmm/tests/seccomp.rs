@@ -244,3 +244,60 @@ fn the_main_thread_is_filtered_before_the_guest_runs() {
         String::from_utf8_lossy(logged.get(4096..).unwrap_or_default())
     );
 }
+
+#[test]
+fn under_the_api_filter_clone3_fails_with_enosys_and_threads_start_through_clone() {
+    let filters = Filters::builtin().expect("built-in filters compile");
+    let status = in_child(|| {
+        filters.apply("api").expect("install the api filter");
+        // Unfiltered, clone3 with no arguments fails with EINVAL; the filter answers first.
+        // SAFETY: clone3 with a null argument block creates nothing.
+        let ret = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        if ret != -1 || errno != Some(libc::ENOSYS) {
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(3) };
+        }
+        // glibc's pthread_create falls back to clone(2) with the thread flags.
+        if std::thread::spawn(|| 7).join().ok() != Some(7) {
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(4) };
+        }
+    });
+    assert_eq!(status, 0, "3: clone3 not refused with ENOSYS, 4: no thread");
+}
+
+#[test]
+fn under_the_api_filter_fork_and_new_namespaces_end_the_process() {
+    let filters = Filters::builtin().expect("built-in filters compile");
+    let fork = || {
+        // SAFETY: fork in a single-threaded child; the new process (if any) exits at once.
+        unsafe { libc::fork() as libc::c_long }
+    };
+    let new_user_namespace = || {
+        let flags = (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong;
+        // SAFETY: a fork-like clone (no CLONE_VM, so the child runs on a copy of this stack);
+        // the new process (if any) exits at once.
+        unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) }
+    };
+    for (what, attempt) in [
+        ("fork", &fork as &dyn Fn() -> libc::c_long),
+        ("clone(CLONE_NEWUSER)", &new_user_namespace),
+    ] {
+        let status = in_child(|| {
+            filters.apply("api").expect("install the api filter");
+            let pid = attempt();
+            // SAFETY: leaving the new process (pid 0) or the child without destructors.
+            unsafe {
+                libc::_exit(if pid > 0 {
+                    1
+                } else if pid == 0 {
+                    0
+                } else {
+                    2
+                })
+            };
+        });
+        assert_eq!(status, SECCOMP_EXIT_CODE, "{what} was not trapped");
+    }
+}
