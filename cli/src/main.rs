@@ -388,7 +388,12 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Logs { id } => {
             let log = backend.logs(&id).await?;
             if json {
-                print_json(&serde_json::json!({ "id": id, "log": String::from_utf8_lossy(&log) }));
+                let isolation = backend.get(&id).await?.isolation;
+                print_json(&serde_json::json!({
+                    "id": id,
+                    "isolation": isolation,
+                    "log": String::from_utf8_lossy(&log),
+                }));
             } else {
                 use std::io::Write;
                 let _ = std::io::stdout().write_all(&log);

@@ -904,6 +904,15 @@ fn check_tiers_and_json(env: &Env, host: Option<&str>) {
         (&id.as_str().into(), &"jail".into()),
         "{v}"
     );
+    let (_, v) = mvm_json(env, host, &["-o", "json", "logs", &id]);
+    assert_eq!(
+        (&v["id"], &v["isolation"]),
+        (&id.as_str().into(), &"jail".into())
+    );
+    assert!(
+        v["log"].as_str().is_some_and(|l| l.contains("listening")),
+        "{v}"
+    );
     // cp, both ways.
     let local = env.dir.path().join("to-copy");
     std::fs::write(&local, b"copied\n").unwrap();
