@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// True when running as root; otherwise skips the test loudly (fails it under CI).
 fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if mvm_testkit::is_root() {
         return true;
     }
-    eprintln!("SKIPPED {test}: needs root (namespaces, cgroups, mounts); run the tests as root");
+    mvm_testkit::skip_or_fail_in_ci(
+        test,
+        "needs root (namespaces, cgroups, mounts); run the tests as root",
+    );
     false
 }
 
