@@ -102,10 +102,14 @@ impl TemplateDirs {
             .any(|d| real.starts_with(&d) && real != d);
         if !inside {
             let dirs: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
+            let resolved = if real == p {
+                String::new()
+            } else {
+                format!(" (resolved: {})", real.display())
+            };
             return Err(Error::Invalid(format!(
-                "{what} {path:?} (really {}) lies outside the template directories {}; \
+                "{what} {path:?}{resolved} lies outside the template directories {}; \
                  put the file there (set {TEMPLATE_DIR_ENV} or `mvmd --template-dir` to choose one)",
-                real.display(),
                 dirs.join(", ")
             )));
         }
