@@ -5,7 +5,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, VirtioDevice, VirtioInterrupt};
+use super::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
@@ -19,6 +19,8 @@ pub const MMIO_VENDOR_ID: u32 = 0x004d_564d;
 pub const MMIO_QUEUE_NOTIFY: u64 = 0x50;
 /// Offset of the device configuration space.
 pub const MMIO_CONFIG_START: u64 = 0x100;
+/// Size of the device config space window (up to the end of the 4 KiB device window).
+const MMIO_CONFIG_LEN: usize = 0x1000 - MMIO_CONFIG_START as usize;
 
 const REG_MAGIC: u64 = 0x00;
 const REG_VERSION: u64 = 0x04;
@@ -117,9 +119,24 @@ impl MmioTransport {
         self.device.device_type()
     }
 
-    /// The device behind this window, for runtime updates through the API.
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
+    /// Runs a runtime update (through the API) on the device behind this window. When the
+    /// update changes the device's config space, ConfigGeneration changes with it, in the same
+    /// critical section, so a driver reading a multi-word field across the update sees a new
+    /// generation and reads again instead of using a torn value.
+    pub fn update_device<R>(&mut self, update: impl FnOnce(&mut dyn VirtioDevice) -> R) -> R {
+        let before = self.config_snapshot();
+        let result = update(self.device.as_mut());
+        if self.config_snapshot() != before {
+            self.config_generation = self.config_generation.wrapping_add(1);
+        }
+        result
+    }
+
+    /// The whole config space window as the driver would read it.
+    fn config_snapshot(&self) -> Vec<u8> {
+        let mut config = vec![0; MMIO_CONFIG_LEN];
+        self.device.read_config(0, &mut config);
+        config
     }
 
     /// The current device status register.
@@ -153,9 +170,11 @@ impl MmioTransport {
         }
         let newly_set = value & !self.status;
         if newly_set & status::FEATURES_OK != 0
-            && self.acked_features & !self.device.features() != 0
+            && (self.acked_features & !self.device.features() != 0
+                || self.acked_features & VIRTIO_F_VERSION_1 == 0)
         {
-            // Refuse features we never offered: FEATURES_OK stays clear.
+            // Refuse features we never offered, and legacy drivers (no VIRTIO_F_VERSION_1):
+            // this is a modern-only (version 2) transport. FEATURES_OK stays clear.
             self.status = value & !status::FEATURES_OK;
             return;
         }
@@ -344,7 +363,7 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::{read_config_window, ActivateError, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::{read_config_window, ActivateError};
     use crate::devices::IrqLine;
     use crate::vstate::memory::create_guest_memory;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -352,6 +371,7 @@ mod tests {
     struct Dummy {
         activations: Arc<AtomicUsize>,
         resets: Arc<AtomicUsize>,
+        config: [u8; 4],
     }
 
     impl VirtioDevice for Dummy {
@@ -365,7 +385,7 @@ mod tests {
             VIRTIO_F_VERSION_1 | 1
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            read_config_window(&[1, 2, 3, 4], offset, data);
+            read_config_window(&self.config, offset, data);
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
         fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -388,6 +408,7 @@ mod tests {
         let dev = Dummy {
             activations: activations.clone(),
             resets: resets.clone(),
+            config: [1, 2, 3, 4],
         };
         let irq = Arc::new(VirtioInterrupt::new(IrqLine::new(5).unwrap()));
         let t = MmioTransport::new(Box::new(dev), create_guest_memory(16).unwrap(), irq).unwrap();
@@ -467,9 +488,8 @@ mod tests {
         assert_eq!(rd(&mut t, REG_STATUS) & status::FEATURES_OK, 0);
 
         let (mut t, activations2, _) = transport();
-        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        wr(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        wr(&mut t, REG_STATUS, s);
+        let s = negotiate(&mut t, VIRTIO_F_VERSION_1);
+        assert_ne!(s & status::FEATURES_OK, 0);
         wr(&mut t, REG_QUEUE_SEL, 0);
         wr(&mut t, REG_QUEUE_NUM, 3); // not a power of two
         wr(&mut t, REG_QUEUE_DESC_LOW, 0xffff_f000); // outside guest memory
@@ -485,5 +505,57 @@ mod tests {
         assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 0);
         t.write(REG_STATUS, &[1]);
         t.read(REG_MAGIC, &mut [0u8; 2]);
+    }
+
+    /// Drives the handshake up to FEATURES_OK with `acked` and returns the status read back.
+    fn negotiate(t: &mut MmioTransport, acked: u64) -> u32 {
+        wr(t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        for sel in 0..2 {
+            wr(t, REG_DRIVER_FEATURES_SEL, sel);
+            wr(t, REG_DRIVER_FEATURES, (acked >> (32 * sel)) as u32);
+        }
+        wr(
+            t,
+            REG_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        rd(t, REG_STATUS)
+    }
+
+    #[test]
+    fn a_driver_without_version_1_gets_no_features_ok() {
+        let (mut t, activations, _) = transport();
+        // A legacy driver acking only an offered device feature.
+        assert_eq!(negotiate(&mut t, 1) & status::FEATURES_OK, 0);
+        setup_queues(&mut t);
+        let s = rd(&mut t, REG_STATUS);
+        wr(&mut t, REG_STATUS, s | status::DRIVER_OK);
+        assert_eq!(activations.load(Ordering::SeqCst), 0);
+        // After a reset the same device accepts a modern driver.
+        wr(&mut t, REG_STATUS, 0);
+        let s = negotiate(&mut t, VIRTIO_F_VERSION_1);
+        assert_ne!(s & status::FEATURES_OK, 0);
+    }
+
+    fn dummy(device: &mut dyn VirtioDevice) -> &mut Dummy {
+        device.as_any_mut().downcast_mut::<Dummy>().unwrap()
+    }
+
+    #[test]
+    fn config_generation_changes_with_every_config_change() {
+        let (mut t, ..) = transport();
+        let generation = rd(&mut t, REG_CONFIG_GENERATION);
+        t.update_device(|d| dummy(d).config = [9, 9, 3, 4]);
+        let after_first = rd(&mut t, REG_CONFIG_GENERATION);
+        assert_ne!(after_first, generation);
+        let mut b = [0u8; 4];
+        t.read(MMIO_CONFIG_START, &mut b);
+        assert_eq!(b, [9, 9, 3, 4]);
+        t.update_device(|d| dummy(d).config = [9, 9, 3, 5]);
+        assert_ne!(rd(&mut t, REG_CONFIG_GENERATION), after_first);
+        // An update that leaves the config space alone keeps the generation.
+        let unchanged = rd(&mut t, REG_CONFIG_GENERATION);
+        t.update_device(|d| dummy(d).resets.fetch_add(0, Ordering::SeqCst));
+        assert_eq!(rd(&mut t, REG_CONFIG_GENERATION), unchanged);
     }
 }

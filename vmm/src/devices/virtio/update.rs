@@ -72,18 +72,25 @@ fn merge(current: &mut Option<RateLimiterConfig>, patch: &RateLimiterConfig) {
     }
 }
 
-/// Finds the live device of type `T` that `pick` selects and runs `f` on it.
+/// Finds the live device of type `T` that `pick` selects and runs `f` on it (through its
+/// transport, which moves ConfigGeneration on when `f` changes the config space).
 fn with_device<T: 'static, R>(
     devices: &[Arc<Mutex<MmioTransport>>],
     pick: impl Fn(&T) -> bool,
     f: impl FnOnce(&mut T) -> R,
 ) -> Option<R> {
+    let mut f = Some(f);
     for transport in devices {
         let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(device) = transport.device_mut().as_any_mut().downcast_mut::<T>() {
-            if pick(device) {
-                return Some(f(device));
-            }
+        let result = transport.update_device(|device| {
+            let device = device
+                .as_any_mut()
+                .downcast_mut::<T>()
+                .filter(|d| pick(d))?;
+            f.take().map(|f| f(device))
+        });
+        if result.is_some() {
+            return result;
         }
     }
     None
@@ -278,5 +285,50 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("eth9"));
+    }
+
+    #[test]
+    fn a_new_image_moves_the_config_generation_of_the_live_device() {
+        use crate::devices::virtio::mmio::MMIO_CONFIG_START;
+        use crate::devices::virtio::VirtioInterrupt;
+        use crate::devices::{BusDevice, IrqLine};
+        const REG_CONFIG_GENERATION: u64 = 0xfc;
+
+        let dir = std::env::temp_dir().join(format!("mvm-update-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let small = dir.join("small.img");
+        let big = dir.join("big.img");
+        std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(&big, vec![0u8; 2 << 20]).unwrap();
+        let mut c = config();
+        c.drives[0].path_on_host = Some(small.to_str().unwrap().into());
+        let block = Block::new(&c.drives[0], 0, &crate::seccomp::Filters::disabled()).unwrap();
+        let transport = MmioTransport::new(
+            Box::new(block),
+            crate::vstate::memory::create_guest_memory(16).unwrap(),
+            Arc::new(VirtioInterrupt::new(IrqLine::new(5).unwrap())),
+        )
+        .unwrap();
+        let devices = [Arc::new(Mutex::new(transport))];
+        let read = |offset: u64| {
+            let mut word = [0u8; 4];
+            devices[0].lock().unwrap().read(offset, &mut word);
+            u32::from_le_bytes(word)
+        };
+        let generation = read(REG_CONFIG_GENERATION);
+        assert_eq!(read(MMIO_CONFIG_START), 2048, "1 MiB in sectors");
+        patch_drive(
+            &mut c,
+            Some(&devices),
+            DrivePatch {
+                drive_id: "root".into(),
+                path_on_host: Some(big.to_str().unwrap().into()),
+                rate_limiter: None,
+            },
+        )
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(read(MMIO_CONFIG_START), 4096, "2 MiB in sectors");
+        assert_ne!(read(REG_CONFIG_GENERATION), generation);
     }
 }
