@@ -3,6 +3,7 @@
 //! [`super::Admin`]) and its kernel and base image must lie in the operator's template
 //! directory or the build artifacts directory: a template cannot name any other host file.
 
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use crate::db;
@@ -25,7 +26,10 @@ impl TemplateDirs {
     /// manager's artifacts directory (`mvm build`'s output, which the `default` template
     /// comes from).
     pub fn new(template_dir: &Path, cfg: &ManagerConfig) -> Result<TemplateDirs> {
-        std::fs::create_dir_all(template_dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(template_dir)
             .map_err(|e| Error::host(format!("creating {}", template_dir.display()), e))?;
         let mut dirs = vec![template_dir.to_path_buf()];
         dirs.extend(cfg.artifacts_dir.clone());
@@ -48,7 +52,8 @@ impl TemplateDirs {
     /// Checks `t`'s name and files and returns it with its paths canonical (no symlink, no
     /// `..`). The base image must be a regular file; the kernel may be missing (a template
     /// for the jail tier only: vm creates then say so) but, like the image, must resolve to a
-    /// path in one of the directories.
+    /// path in one of the directories. Neither the files nor their directories may be
+    /// writable by group or others.
     pub fn confine(&self, t: Template) -> Result<Template> {
         db::validate_name("template", &t.name)?;
         let kernel = self.confine_file("kernel", &t.kernel, true)?;
@@ -113,6 +118,26 @@ impl TemplateDirs {
                 dirs.join(", ")
             )));
         }
+        // Whoever can write the file, or replace it in its directory, changes every sandbox
+        // made from the template later.
+        for (p, kind) in [
+            (real.as_path(), "file"),
+            (real.parent().unwrap_or(&real), "directory"),
+        ] {
+            let mode = match std::fs::metadata(p) {
+                Ok(m) => m.permissions().mode(),
+                Err(_) if kind == "file" && may_be_missing => continue,
+                Err(e) => return Err(Error::host(format!("reading {}", p.display()), e)),
+            };
+            if mode & 0o022 != 0 {
+                return Err(Error::Invalid(format!(
+                    "{what} {path:?}: {kind} {} is writable by group or others (mode {:o}); \
+                     make it writable by its owner only (chmod go-w)",
+                    p.display(),
+                    mode & 0o7777
+                )));
+            }
+        }
         Ok(real)
     }
 
@@ -156,6 +181,16 @@ mod tests {
         std::fs::write(tpl.join("rootfs.ext4"), b"image").unwrap();
         std::fs::write(tpl.join("vmlinux"), b"kernel").unwrap();
         std::fs::write(root.join("artifacts/rootfs.ext4"), b"image").unwrap();
+        // Whatever the umask: writable by the owner only.
+        for p in [
+            tpl.clone(),
+            tpl.join("rootfs.ext4"),
+            tpl.join("vmlinux"),
+            root.join("artifacts"),
+            root.join("artifacts/rootfs.ext4"),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         std::fs::write(root.join("secret"), b"host file").unwrap();
         std::os::unix::fs::symlink(root.join("secret"), tpl.join("link")).unwrap();
         std::os::unix::fs::symlink(&tpl, root.join("tpl-link")).unwrap();
@@ -204,6 +239,25 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(e, Error::Invalid(_)), "{}: {e}", bad.display());
         }
+        // Files others may change later, or replace in their directory.
+        std::fs::write(tpl.join("shared.ext4"), b"image").unwrap();
+        let chmod = |p: &Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        chmod(&tpl.join("shared.ext4"), 0o664);
+        let e = d
+            .confine(template(&kernel, &tpl.join("shared.ext4")))
+            .unwrap_err();
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+        chmod(&tpl.join("shared.ext4"), 0o644);
+        chmod(&tpl, 0o777);
+        let e = d
+            .confine(template(&kernel, &tpl.join("shared.ext4")))
+            .unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+        chmod(&tpl, 0o755);
+        d.confine(template(&kernel, &tpl.join("shared.ext4")))
+            .unwrap();
         let mut t = template(&kernel, &tpl.join("rootfs.ext4"));
         t.name = "../x".into();
         assert!(matches!(d.confine(t), Err(Error::Invalid(_))));
