@@ -351,8 +351,8 @@ async fn list_templates(
 
 /// Register a template, or replace the one of its name: a kernel and a base image already in
 /// mvmd's template directory (`--template-dir`, default `<state dir>/templates`) or its build
-/// artifacts directory. Templates are shared by every tenant: this needs an admin token. The
-/// answer has the paths resolved (no symlink, no `..`).
+/// artifacts directory, writable by their owner only. Templates are shared by every tenant:
+/// this needs an admin token. The answer has the paths resolved (no symlink, no `..`).
 #[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = Template,
     responses((status = 201, body = Template), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody, description = "the token is not an admin tenant's"),
