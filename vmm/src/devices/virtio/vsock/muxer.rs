@@ -855,4 +855,224 @@ mod tests {
             assert_eq!(parse_connect(bad), None, "{bad:?}");
         }
     }
+
+    /// A host-initiated connection the guest (port 52, advertising `guest_buf` bytes) has
+    /// accepted; returns the host stream and the guest's header template for it.
+    fn established(
+        muxer: &mut Muxer,
+        epoll: &EpollSet,
+        dir: &std::path::Path,
+        guest_buf: u32,
+    ) -> (UnixStream, Header) {
+        let (mut host, request) = host_connects(muxer, epoll, dir);
+        let guest = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 52,
+            dst_port: request.src_port,
+            type_: TYPE_STREAM,
+            op: op::RESPONSE,
+            buf_alloc: guest_buf,
+            ..Default::default()
+        };
+        muxer.handle_guest_packet(epoll, &guest, &[]);
+        let mut ok = [0u8; 16];
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = host.read(&mut ok).unwrap();
+        assert_eq!(&ok[..n], format!("OK {}\n", request.src_port).as_bytes());
+        (host, guest)
+    }
+
+    /// Sends `payload` from the guest as one RW packet.
+    fn guest_writes(muxer: &mut Muxer, epoll: &EpollSet, guest: &Header, payload: &[u8]) {
+        let header = Header {
+            op: op::RW,
+            len: payload.len() as u32,
+            ..*guest
+        };
+        muxer.handle_guest_packet(epoll, &header, payload);
+    }
+
+    /// Every packet queued for the guest right now.
+    fn drain_rx(muxer: &mut Muxer, epoll: &EpollSet) -> Vec<Header> {
+        let mut payload = vec![0u8; 64 * 1024];
+        std::iter::from_fn(|| muxer.next_rx_packet(epoll, &mut payload, 64 * 1024)).collect()
+    }
+
+    /// Shrinks the send buffer of the muxer's side of every connection, so little guest data
+    /// fits in the host socket until the host process reads.
+    fn shrink_host_socket_buffers(muxer: &Muxer) {
+        for conn in muxer.conns.values() {
+            let size: libc::c_int = 1;
+            // SAFETY: setsockopt on a live socket with a c_int option value; the kernel rounds
+            // the size up to its minimum.
+            let ret = unsafe {
+                libc::setsockopt(
+                    conn.stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(ret, 0);
+        }
+    }
+
+    #[test]
+    fn freed_space_reaches_the_guest_as_credit_updates_once_the_host_reads() {
+        let epoll = EpollSet::new().unwrap();
+        let (mut muxer, dir) = muxer("credit-update", &epoll);
+        let (mut host, guest) = established(&mut muxer, &epoll, &dir, 4096);
+        shrink_host_socket_buffers(&muxer);
+        // The guest uses 200 KiB of its 256 KiB credit; the host reads nothing yet.
+        let sent = 200 * 1024;
+        for chunk in 0..sent / 4096 {
+            guest_writes(&mut muxer, &epoll, &guest, &[chunk as u8; 4096]);
+        }
+        let before: Vec<_> = drain_rx(&mut muxer, &epoll);
+        assert!(
+            before.iter().all(|h| h.op == op::CREDIT_UPDATE),
+            "{before:?}"
+        );
+        let told_before = before.last().map_or(0, |h| h.fwd_cnt);
+        assert!(
+            told_before < 64 * 1024,
+            "the host socket held at most a few KiB: {told_before}"
+        );
+        // The host consumes everything; the muxer flushes as the socket drains.
+        host.set_nonblocking(true).unwrap();
+        let mut received = Vec::new();
+        let mut updates = Vec::new();
+        let mut buf = [0u8; 65536];
+        while received.len() < sent {
+            match host.read(&mut buf) {
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    pump(&mut muxer, &epoll, 1000);
+                }
+                Err(e) => panic!("{e}"),
+            }
+            updates.extend(drain_rx(&mut muxer, &epoll));
+        }
+        assert!(received
+            .chunks(4096)
+            .enumerate()
+            .all(|(i, c)| c == [i as u8; 4096]));
+        assert!(!updates.is_empty(), "no CREDIT_UPDATE after the host read");
+        for update in &updates {
+            assert_eq!(
+                (
+                    update.op,
+                    update.src_port,
+                    update.dst_port,
+                    update.buf_alloc
+                ),
+                (op::CREDIT_UPDATE, guest.dst_port, 52, CONN_BUF_SIZE)
+            );
+        }
+        let told = updates.last().unwrap().fwd_cnt;
+        assert!(told > told_before && told as usize <= sent);
+        // The guest's view of its credit is back above a quarter of the buffer.
+        assert!(CONN_BUF_SIZE - (sent as u32 - told) >= CONN_BUF_SIZE / 4);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_credit_request_is_answered_with_the_current_credit() {
+        let epoll = EpollSet::new().unwrap();
+        let (mut muxer, dir) = muxer("credit-request", &epoll);
+        let (mut host, guest) = established(&mut muxer, &epoll, &dir, 4096);
+        guest_writes(&mut muxer, &epoll, &guest, b"0123456789");
+        let mut ten = [0u8; 10];
+        host.read_exact(&mut ten).unwrap();
+        assert!(
+            drain_rx(&mut muxer, &epoll).is_empty(),
+            "no update needed yet"
+        );
+        let request = Header {
+            op: op::CREDIT_REQUEST,
+            ..guest
+        };
+        muxer.handle_guest_packet(&epoll, &request, &[]);
+        let reply = drain_rx(&mut muxer, &epoll);
+        assert_eq!(reply.len(), 1, "{reply:?}");
+        assert_eq!(
+            (
+                reply[0].op,
+                reply[0].src_port,
+                reply[0].dst_port,
+                reply[0].buf_alloc,
+                reply[0].fwd_cnt
+            ),
+            (op::CREDIT_UPDATE, guest.dst_port, 52, CONN_BUF_SIZE, 10)
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_guest_sending_past_its_credit_is_reset() {
+        let epoll = EpollSet::new().unwrap();
+        let (mut muxer, dir) = muxer("over-credit", &epoll);
+        let (mut host, guest) = established(&mut muxer, &epoll, &dir, 4096);
+        shrink_host_socket_buffers(&muxer);
+        // The host reads nothing: the muxer's 256 KiB buffer plus the socket fill, then the
+        // guest goes on past the credit it was given.
+        let mut sent = 0;
+        while muxer.connection_count() == 1 {
+            guest_writes(&mut muxer, &epoll, &guest, &[7u8; 4096]);
+            sent += 4096;
+            assert!(sent <= 2 * CONN_BUF_SIZE as usize, "never reset");
+        }
+        assert!(sent > CONN_BUF_SIZE as usize);
+        let rx = drain_rx(&mut muxer, &epoll);
+        let rst = rx.last().unwrap();
+        assert_eq!(
+            (rst.op, rst.src_port, rst.dst_port, rst.dst_cid),
+            (op::RST, guest.dst_port, 52, 3)
+        );
+        // The host socket closes after what did fit.
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut delivered = Vec::new();
+        host.read_to_end(&mut delivered).unwrap();
+        assert!(delivered.len() < CONN_BUF_SIZE as usize);
+        assert!(delivered.iter().all(|b| *b == 7));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_host_never_sends_more_than_the_guests_credit() {
+        let epoll = EpollSet::new().unwrap();
+        let (mut muxer, dir) = muxer("peer-credit", &epoll);
+        let (mut host, guest) = established(&mut muxer, &epoll, &dir, 4096);
+        host.write_all(&[1u8; 10_000]).unwrap();
+        let mut delivered = 0;
+        for _ in 0..50 {
+            pump(&mut muxer, &epoll, 100);
+            delivered += drain_rx(&mut muxer, &epoll)
+                .iter()
+                .map(|h| h.len as usize)
+                .sum::<usize>();
+        }
+        assert_eq!(delivered, 4096, "exactly the guest's buffer");
+        // The guest consumed it all: the rest flows.
+        let update = Header {
+            op: op::CREDIT_UPDATE,
+            fwd_cnt: 4096,
+            ..guest
+        };
+        muxer.handle_guest_packet(&epoll, &update, &[]);
+        for _ in 0..50 {
+            pump(&mut muxer, &epoll, 100);
+            delivered += drain_rx(&mut muxer, &epoll)
+                .iter()
+                .map(|h| h.len as usize)
+                .sum::<usize>();
+            if delivered >= 8192 {
+                break;
+            }
+        }
+        assert_eq!(delivered, 8192);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
