@@ -91,7 +91,9 @@ impl NetEngine {
             tap,
             rx_limiter,
             tx_limiter,
-            rx_frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN].into_boxed_slice(),
+            // One byte more than the largest frame, so a longer one shows as too long instead
+            // of arriving cut short.
+            rx_frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN + 1].into_boxed_slice(),
             rx_pending: None,
             tx_frame: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN].into_boxed_slice(),
         }
@@ -152,7 +154,8 @@ impl NetEngine {
             let len = match self.rx_pending {
                 Some(len) => len,
                 None => match self.tap.read_frame(&mut self.rx_frame) {
-                    Ok(len) if len > VNET_HDR_LEN => len,
+                    Ok(len) if len > VNET_HDR_LEN && len <= VNET_HDR_LEN + MAX_FRAME_LEN => len,
+                    // Empty, or longer than any frame the guest was promised.
                     Ok(_) => {
                         DeviceMetrics::add(&METRICS.failed, 1);
                         continue;
@@ -563,5 +566,162 @@ mod tests {
             .unwrap();
         assert!(e.process_rx(&mem, &mut q));
         assert!(e.wants_tap_reads());
+    }
+
+    /// A rate limiter allowing one operation per 50 ms.
+    fn one_op_per_50ms() -> RateLimiter {
+        RateLimiter::new(Some(&crate::config::RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::config::TokenBucketConfig {
+                size: 1,
+                one_time_burst: None,
+                refill_time: 50,
+            }),
+        }))
+        .unwrap()
+    }
+
+    /// Waits (up to 5 s) for a blocked limiter's timer and lets it retry.
+    fn wait_for_refill(limiter: &mut RateLimiter) {
+        assert!(limiter.is_blocked());
+        let mut fd = libc::pollfd {
+            fd: limiter.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one valid pollfd.
+        assert_eq!(
+            unsafe { libc::poll(&mut fd, 1, 5000) },
+            1,
+            "the timer never fired"
+        );
+        limiter.on_timer();
+    }
+
+    /// A frame of `len` bytes behind a zero vnet header.
+    fn frame(len: usize) -> Vec<u8> {
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame.extend((0..len).map(|i| i as u8));
+        frame
+    }
+
+    #[test]
+    fn rx_rate_limiting_holds_frames_then_resumes() {
+        let mem = test_memory();
+        let (mut e, peer) = engine();
+        e.rx_limiter = one_op_per_50ms();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(
+            &[desc(0x10000, 64, true, None), desc(0x11000, 64, true, None)],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        peer.send(&frame(20)).unwrap();
+        peer.send(&frame(30)).unwrap();
+        let limited = METRICS
+            .rate_limited
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(e.process_rx(&mem, &mut q));
+        assert_eq!(q.next_used(), 1, "one frame, then the limiter says wait");
+        assert!(!e.wants_tap_reads(), "no tap reads while blocked");
+        assert!(
+            METRICS
+                .rate_limited
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > limited
+        );
+        wait_for_refill(&mut e.rx_limiter);
+        assert!(e.process_rx(&mem, &mut q));
+        assert_eq!(q.next_used(), 2);
+        let used_len: u32 = mem.read_obj(vq.used_addr().unchecked_add(16)).unwrap();
+        assert_eq!(
+            used_len as usize,
+            VNET_HDR_LEN + 30,
+            "the held frame, whole"
+        );
+        assert!(e.wants_tap_reads());
+    }
+
+    #[test]
+    fn tx_rate_limiting_holds_chains_then_resumes() {
+        let mem = test_memory();
+        let (mut e, peer) = engine();
+        e.tx_limiter = one_op_per_50ms();
+        mem.write_slice(&frame(20), GuestAddress(0x10000)).unwrap();
+        mem.write_slice(&frame(30), GuestAddress(0x11000)).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(
+            &[
+                desc(0x10000, (VNET_HDR_LEN + 20) as u32, false, None),
+                desc(0x11000, (VNET_HDR_LEN + 30) as u32, false, None),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut buf = [0u8; 128];
+        assert!(e.process_tx(&mem, &mut q));
+        assert_eq!(q.next_used(), 1);
+        assert_eq!(peer.recv(&mut buf).unwrap(), VNET_HDR_LEN + 20);
+        assert!(peer.recv(&mut buf).is_err(), "the second chain waits");
+        wait_for_refill(&mut e.tx_limiter);
+        assert!(e.process_tx(&mem, &mut q));
+        assert_eq!(q.next_used(), 2);
+        assert_eq!(peer.recv(&mut buf).unwrap(), VNET_HDR_LEN + 30);
+    }
+
+    #[test]
+    fn tx_carries_the_largest_frame_and_drops_a_longer_one() {
+        let mem = test_memory();
+        let (mut e, peer) = engine();
+        let largest = frame(MAX_FRAME_LEN);
+        mem.write_slice(&largest, GuestAddress(0x10000)).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(
+            &[
+                desc(0x10000, largest.len() as u32, false, None),
+                desc(0x10000, largest.len() as u32 + 1, false, None),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(e.process_tx(&mem, &mut q));
+        assert_eq!(q.next_used(), 2, "both chains go back to the guest");
+        let mut buf = vec![0u8; largest.len() + 16];
+        assert_eq!(peer.recv(&mut buf).unwrap(), largest.len());
+        assert_eq!(&buf[..largest.len()], &largest[..]);
+        assert!(
+            peer.recv(&mut buf).is_err(),
+            "the 65563-byte frame is dropped"
+        );
+    }
+
+    #[test]
+    fn rx_carries_the_largest_frame_and_drops_a_longer_one() {
+        let mem = test_memory();
+        let (mut e, peer) = engine();
+        let buffer = (VNET_HDR_LEN + MAX_FRAME_LEN + 1) as u32;
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(
+            &[
+                desc(0x10000, buffer, true, None),
+                desc(0x30000, buffer, true, None),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        peer.send(&frame(MAX_FRAME_LEN + 1)).unwrap();
+        peer.send(&frame(MAX_FRAME_LEN)).unwrap();
+        assert!(e.process_rx(&mem, &mut q));
+        assert_eq!(q.next_used(), 1, "only the 65562-byte frame arrives");
+        let used_len: u32 = mem.read_obj(vq.used_addr().unchecked_add(8)).unwrap();
+        assert_eq!(used_len as usize, VNET_HDR_LEN + MAX_FRAME_LEN);
+        let mut delivered = vec![0u8; MAX_FRAME_LEN];
+        mem.read_slice(&mut delivered, GuestAddress(0x10000 + VNET_HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(delivered, frame(MAX_FRAME_LEN)[VNET_HDR_LEN..]);
     }
 }
