@@ -378,3 +378,47 @@ fn a_second_vmm_on_a_live_socket_is_refused() {
     unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
     assert_eq!(vmm.wait(Duration::from_secs(10)).0, Some(0));
 }
+
+#[test]
+fn send_ctrl_alt_del_presses_the_keys_on_the_guests_keyboard() {
+    if !require_kvm("send_ctrl_alt_del_presses_the_keys_on_the_guests_keyboard") {
+        return;
+    }
+    let vmm = ApiVmm::start();
+    let (status, body) = vmm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("before starting"), "{body}");
+    vmm.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#),
+    );
+    // The guest prints the scancodes it reads from the i8042, then resets after 11 bytes.
+    vmm.put_boot_source(&guest("keyboard"), "console=ttyS0");
+    assert_eq!(vmm.start_instance().0, 204);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while vmm.console_bytes.load(Ordering::SeqCst) < "keyboard guest ready\n".len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (status, body) = vmm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(status, 204, "{body}");
+    let (code, console) = vmm.wait(Duration::from_secs(30));
+    // Scancode set 2: Ctrl, Alt, Del (E0 71) pressed, then released (F0 ...) in reverse.
+    assert_eq!(
+        console,
+        "keyboard guest ready\n14 11 e0 71 e0 f0 71 f0 11 f0 14 \n"
+    );
+    assert_eq!(code, Some(0), "the guest reset the VM");
+}
