@@ -1,7 +1,7 @@
 //! The VMM thread's event loop (event-manager): exit requests (guest resets among them), terminating
 //! signals, API requests and host input for the serial console.
 
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -65,6 +65,25 @@ impl RawStdin {
         let stdin = std::io::stdin();
         let was_tty = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
         RawStdin { stdin, was_tty }
+    }
+
+    /// Reads what fd 0 has, unbuffered: std's `Stdin` would keep bytes beyond `buf` in its own
+    /// buffer, where epoll cannot see them, and they would never reach the guest.
+    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            // SAFETY: read(2) into a live buffer of buf.len() bytes.
+            let n =
+                unsafe { libc::read(self.stdin.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            match n {
+                n if n >= 0 => return Ok(n as usize),
+                _ => {
+                    let err = std::io::Error::last_os_error();
+                    if err.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -167,7 +186,7 @@ impl Vmm {
             return;
         }
         let mut buf = vec![0u8; room];
-        match stdin.stdin.lock().read(&mut buf) {
+        match stdin.read(&mut buf) {
             Ok(0) | Err(_) => {
                 // End of input: stop watching stdin.
                 drop(serial);

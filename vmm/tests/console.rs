@@ -126,3 +126,50 @@ fn a_console_limit_below_the_minimum_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("use at least 4096"), "{stderr}");
 }
+
+#[test]
+fn host_stdin_reaches_the_guest_uart() {
+    if !require_kvm("host_stdin_reaches_the_guest_uart") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let dir = ScratchDir::new("stdin");
+    let config_path = dir.path().join("vm.json");
+    // The guest echoes every byte it receives on COM1 and resets after a 'q'.
+    let config = config_for(&guest("echo"), "console=ttyS0", 1, 32);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let mut child = Command::new(binary("mvm-vmm"))
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&config_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mvm-vmm");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut console = Vec::new();
+    let mut buf = [0u8; 256];
+    while !console.ends_with(b"echo guest ready\n") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "console ended: {:?}",
+            String::from_utf8_lossy(&console)
+        );
+        console.extend_from_slice(&buf[..n]);
+    }
+    // More than the UART's 64-byte FIFO, so the VMM must hold input back until the guest reads.
+    let input: String = (0..40).map(|i| format!("line {i}\n")).collect::<String>() + "q";
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    // End of input: what was written still reaches the guest.
+    drop(stdin);
+    child.stdout = Some(stdout);
+    let run = wait_with_timeout(child, TIMEOUT);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    assert_eq!(
+        format!("{}{}", String::from_utf8_lossy(&console), run.stdout),
+        format!("echo guest ready\n{input}")
+    );
+}
