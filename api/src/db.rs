@@ -205,6 +205,28 @@ fn row_to_tenant(r: &rusqlite::Row<'_>) -> rusqlite::Result<Tenant> {
     })
 }
 
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Switches the database to write-ahead logging. While other processes open a new database
+/// at the same time (concurrent daemonless `mvm`s) they hold it in rollback mode for a moment,
+/// and SQLite answers the switch with SQLITE_BUSY at once instead of calling the busy handler:
+/// retried for as long as [`BUSY_TIMEOUT`].
+fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Brings a database made by an older mvm up to [`SCHEMA`]. Databases from before the
 /// `admin` column get it, set for tenant `default`: the tenant whose token mvmd writes to its
 /// state directory, which registered templates then.
@@ -238,8 +260,8 @@ impl Db {
         let conn = Connection::open(path).map_err(|e| {
             Error::host(format!("opening the state database {}", path.display()), e)
         })?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        set_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
@@ -620,6 +642,35 @@ mod tests {
             let db = Db::open(&path).unwrap();
             assert!(db.tenant("default").unwrap().unwrap().admin);
             assert!(!db.tenant("other").unwrap().unwrap().admin);
+        }
+    }
+
+    #[test]
+    fn concurrent_opens_of_a_new_database_all_succeed() {
+        // Concurrent daemonless `mvm` processes open the state database at once.
+        for round in 0..30 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("mvm.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+            let opens: Vec<_> = (0..6)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        Db::open(&path).map(|db| db.ensure_tenant("default"))
+                    })
+                })
+                .collect();
+            for open in opens {
+                let opened = open.join().unwrap();
+                assert!(
+                    matches!(opened, Ok(Ok(_))),
+                    "round {round}: {:?}",
+                    opened
+                        .map(|r| r.map_err(|e| e.to_string()))
+                        .map_err(|e| e.to_string())
+                );
+            }
         }
     }
 
