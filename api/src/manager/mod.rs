@@ -1588,11 +1588,11 @@ fn spawn_jail(
 fn vm_jail_config(
     cfg: &ManagerConfig,
     s: &Sandbox,
-    container_slots: u8,
     uid: u32,
     t: &Template,
     dir: &Path,
     root_content: Option<&Path>,
+    container_slots: u8,
 ) -> Result<JailConfig> {
     if !Path::new(&t.kernel).is_file() {
         return Err(Error::Invalid(format!(
@@ -1627,7 +1627,6 @@ fn vm_jail_config(
             read_only: false,
         },
     ];
-    j.args = vm::vmm_args(&s.id, cfg.console_limit);
     if container_slots > 0 {
         j.mounts.push(BindMount {
             host: pod::container_dir(dir, uid, container_slots)?,
@@ -1635,6 +1634,7 @@ fn vm_jail_config(
             read_only: false,
         });
     }
+    j.args = vm::vmm_args(&s.id, cfg.console_limit);
     Ok(j)
 }
 
@@ -1716,8 +1716,8 @@ mod tests {
                 allow: Vec::new(),
                 address: None,
                 gateway: None,
-            },
                 netns: None,
+            },
             metadata: BTreeMap::new(),
         };
         assert_eq!(memory_change(&s, 100 << 20).unwrap(), Some(100 << 20));
