@@ -73,7 +73,7 @@ impl PodNetwork {
 
     /// The pinned namespace, as an OCI spec names it.
     pub fn path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.name)
+        Path::new("/run/netns").join(&self.name)
     }
 }
 

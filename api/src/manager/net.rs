@@ -367,10 +367,14 @@ pub fn join_pod_netns(
     Ok((info, uplink))
 }
 
-/// Removes the tap and the pod interface's ingress redirect (in the current namespace).
+/// Removes the tap and the pod interface's ingress redirect (in the current namespace; not
+/// looked up in /sys/class/net, which shows the namespace sysfs was mounted in).
 fn undo_redirect(ifname: &str) -> Result<()> {
-    if Path::new("/sys/class/net").join(TAP_IF).exists() {
-        host::run("ip", &["link", "del", TAP_IF], None)?;
+    if let Err(e) = host::run("ip", &["link", "del", TAP_IF], None) {
+        // Only an error while the tap is still there.
+        if host::run("ip", &["link", "show", "dev", TAP_IF], None).is_ok() {
+            return Err(e);
+        }
     }
     // Gone with an interface the runtime already removed, or never added.
     let _ = host::run("tc", &["qdisc", "del", "dev", ifname, "ingress"], None);
