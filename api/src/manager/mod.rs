@@ -341,33 +341,43 @@ impl Manager {
                 continue;
             }
             let alive = !host::cgroup_pids(&cfg.cgroup_parent, &s.id).is_empty();
-            let adopt = match s.state {
-                SandboxState::Creating | SandboxState::Stopping => false,
-                SandboxState::Paused => alive,
-                SandboxState::Running => {
-                    alive
-                        && tokio::time::timeout(
-                            Duration::from_secs(3),
-                            self.connect_agent(s.isolation, &s.id),
-                        )
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                }
-            };
+            // A sandbox whose processes live stays, even if its agent does not answer now (a
+            // loaded host): destroying it is its owner's call.
+            let adopt = alive && matches!(s.state, SandboxState::Running | SandboxState::Paused);
             if adopt {
+                if s.state == SandboxState::Running
+                    && !tokio::time::timeout(
+                        Duration::from_secs(3),
+                        self.connect_agent(s.isolation, &s.id),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    tracing::warn!(id = %s.id, "reconcile: adopted a sandbox whose agent does not answer");
+                }
                 lock(&self.inner.live).insert(s.id.clone(), Arc::new(Live::default()));
                 out.adopted.push(s.id.clone());
-            } else {
-                tracing::info!(id = %s.id, state = s.state.as_str(), "reconcile: removing a dead sandbox");
-                self.teardown(s.id.clone(), Some(s.isolation), pod_netns_of(s), false)
-                    .await?;
-                self.inner.db.delete_sandbox(&s.id)?;
-                self.inner
-                    .metrics
-                    .destroyed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                out.cleaned.push(s.id.clone());
+                continue;
             }
+            // Torn down under its lock, and only if its row is still what was seen: another
+            // manager may be destroying it, or have finished creating it, right now.
+            let _busy = match BusyLock::acquire(&cfg.lock_path(&s.id)) {
+                Ok(busy) => busy,
+                Err(Error::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if self.inner.db.sandbox(&s.id)?.map(|r| r.sandbox.state) != Some(s.state) {
+                continue;
+            }
+            tracing::info!(id = %s.id, state = s.state.as_str(), "reconcile: removing a dead sandbox");
+            self.teardown(s.id.clone(), Some(s.isolation), pod_netns_of(s), false)
+                .await?;
+            self.inner.db.delete_sandbox(&s.id)?;
+            self.inner
+                .metrics
+                .destroyed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            out.cleaned.push(s.id.clone());
         }
         let bases = cfg.state_dir.join("bases");
         let keep: Vec<PathBuf> = self
@@ -386,11 +396,22 @@ impl Manager {
         let rows = self.inner.db.sandboxes(None)?;
         let known: Vec<&str> = rows.iter().map(|r| r.sandbox.id.as_str()).collect();
         for id in self.host_ids() {
-            if !known.contains(&id.as_str()) && !BusyLock::held_elsewhere(&cfg.lock_path(&id)) {
-                tracing::info!(%id, "reconcile: removing leftovers without a state row");
-                self.teardown(id.clone(), None, None, false).await?;
-                out.cleaned.push(id);
+            if known.contains(&id.as_str()) {
+                continue;
             }
+            // Under its lock, and only if it still has no row: a manager creating it holds the
+            // lock until its row exists.
+            let _busy = match BusyLock::acquire(&cfg.lock_path(&id)) {
+                Ok(busy) => busy,
+                Err(Error::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if self.inner.db.sandbox(&id)?.is_some() {
+                continue;
+            }
+            tracing::info!(%id, "reconcile: removing leftovers without a state row");
+            self.teardown(id.clone(), None, None, false).await?;
+            out.cleaned.push(id);
         }
         Ok(out)
     }
@@ -561,7 +582,11 @@ impl Manager {
     ) -> Result<Sandbox> {
         let started = Instant::now();
         let (userland, container_slots, pod_netns) = match container {
-            Some(c) => (Some(c.rootfs), if c.pod { vm::POD_SLOTS } else { 0 }, c.netns),
+            Some(c) => (
+                Some(c.rootfs),
+                if c.pod { vm::POD_SLOTS } else { 0 },
+                c.netns,
+            ),
             None => (None, 0, None),
         };
         let (sandbox, template) = self.plan(&tenant.name, req, userland)?;
@@ -580,7 +605,10 @@ impl Manager {
             slot,
             pid: 0,
         };
-        match self.build(&mut row, &template, container_slots, pod_netns).await {
+        match self
+            .build(&mut row, &template, container_slots, pod_netns)
+            .await
+        {
             Ok(()) => {
                 self.inner.metrics.create_seconds.observe(started.elapsed());
                 self.inner
@@ -597,7 +625,12 @@ impl Manager {
                 let id = row.sandbox.id.clone();
                 lock(&self.inner.live).remove(&id);
                 if let Err(undo) = self
-                    .teardown(id.clone(), Some(row.sandbox.isolation), pod_netns_of(&row.sandbox), false)
+                    .teardown(
+                        id.clone(),
+                        Some(row.sandbox.isolation),
+                        pod_netns_of(&row.sandbox),
+                        false,
+                    )
                     .await
                 {
                     tracing::error!(%id, "rollback of a failed create: {undo}");
@@ -642,11 +675,19 @@ impl Manager {
                 None => {
                     std::fs::create_dir_all(cfg.netns(""))
                         .map_err(|e| Error::host("creating the netns dir", e))?;
-                    let info = net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
+                    let info =
+                        net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
                     (info, None)
                 }
             };
-            let spawned = spawn_jail(&cfg, &s, uid, &userland, container_slots, pod_netns.as_deref());
+            let spawned = spawn_jail(
+                &cfg,
+                &s,
+                uid,
+                &userland,
+                container_slots,
+                pod_netns.as_deref(),
+            );
             if spawned.is_err() && s.isolation == Isolation::Vm {
                 // The teardown after a failed create does not know of the pod's namespace yet.
                 if let Some(ns) = &pod_netns {
@@ -1381,46 +1422,65 @@ struct BusyLock {
 }
 
 impl BusyLock {
+    /// Takes the lock at `path`, or fails with a conflict when a live process holds it. The
+    /// file appears at `path` already locked (made aside, locked, then linked in), so nobody
+    /// ever finds it there unlocked; a file left by a dead holder is taken over.
     fn acquire(path: &Path) -> Result<BusyLock> {
         use std::os::unix::fs::MetadataExt;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
-        }
-        loop {
-            let file = std::fs::File::create(path)
-                .map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
-            // SAFETY: flock on an fd we own.
-            if unsafe {
-                libc::flock(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    libc::LOCK_EX | libc::LOCK_NB,
-                )
-            } == -1
-            {
-                return Err(Error::Conflict(format!(
-                    "sandbox {} is being created or destroyed by another mvm process",
-                    path.file_name().unwrap_or_default().to_string_lossy()
-                )));
+        static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+        let conflict = || {
+            Error::Conflict(format!(
+                "sandbox {} is being created or destroyed by another mvm process",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ))
+        };
+        // A name no sandbox id matches, unique to this process and call.
+        let staged = dir.join(format!(
+            ".lock-{}-{}",
+            std::process::id(),
+            STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let fresh = std::fs::File::create(&staged)
+            .map_err(|e| Error::host(format!("creating {}", staged.display()), e))?;
+        let taken = (|| loop {
+            if try_flock_exclusive(&fresh)? {
+                match std::fs::hard_link(&staged, path) {
+                    Ok(()) => return Ok(fresh),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(Error::host(format!("creating {}", path.display()), e)),
+                }
             }
-            // Between create and flock another manager may have taken the unlocked file for a
-            // leftover and removed it: a lock on a file no longer at `path` guards nothing.
-            let locked = file
+            // A file is there: a live holder's, or a dead one's to take over.
+            let Ok(existing) = std::fs::File::open(path) else {
+                continue; // Gone meanwhile: link ours.
+            };
+            if !try_flock_exclusive(&existing)? {
+                return Err(conflict());
+            }
+            // Ours only while it is still the file at `path` (its holder may have removed it
+            // just before we locked it).
+            let locked = existing
                 .metadata()
                 .map_err(|e| Error::host(format!("stat {}", path.display()), e))?;
             match std::fs::metadata(path) {
                 Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
-                    return Ok(BusyLock {
-                        _file: file,
-                        path: path.to_path_buf(),
-                    })
+                    return Ok(existing)
                 }
                 _ => continue,
             }
-        }
+        })();
+        let _ = std::fs::remove_file(&staged);
+        Ok(BusyLock {
+            _file: taken?,
+            path: path.to_path_buf(),
+        })
     }
 
-    /// Whether a live process holds the lock at `path`.
+    /// Whether a live process holds the lock at `path` (a lock file is never there
+    /// unlocked but for a dead holder's).
     fn held_elsewhere(path: &Path) -> bool {
         let Ok(file) = std::fs::File::open(path) else {
             return false;
@@ -1433,6 +1493,25 @@ impl BusyLock {
         // SAFETY: as above.
         unsafe { libc::flock(fd, libc::LOCK_UN) };
         false
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)` on `file`: whether it was taken.
+fn try_flock_exclusive(file: &std::fs::File) -> Result<bool> {
+    // SAFETY: flock on an fd we own.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } == 0
+    {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(Error::host("flock", e)),
     }
 }
 
@@ -1551,7 +1630,8 @@ fn spawn_jail(
         .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
     let mut jail = match userland {
         Userland::Template(template) if s.isolation == Isolation::Jail => {
-            let base = rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
+            let base =
+                rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
             let overlay = rootfs::Overlay::at(&dir);
             overlay.mount(&base, uid)?;
             jail_config(cfg, s, uid, &overlay.merged)?
@@ -1560,9 +1640,10 @@ fn spawn_jail(
             vm_jail_config(cfg, s, uid, template, &dir, None, container_slots)?
         }
         Userland::Dir(tree) => jail_config(cfg, s, uid, tree)?,
-        Userland::DiskFromDir { template, dir: tree } => {
-            vm_jail_config(cfg, s, uid, template, &dir, Some(tree), container_slots)?
-        }
+        Userland::DiskFromDir {
+            template,
+            dir: tree,
+        } => vm_jail_config(cfg, s, uid, template, &dir, Some(tree), container_slots)?,
     };
     if let Some(ns) = pod_netns {
         jail.netns = Some(ns.to_owned());
@@ -1571,7 +1652,11 @@ fn spawn_jail(
         .map_err(|e| Error::host("creating the console log", e))?;
     let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
     cmd.stdin(std::process::Stdio::null())
-        .stdout(console.try_clone().map_err(|e| Error::host("console log", e))?)
+        .stdout(
+            console
+                .try_clone()
+                .map_err(|e| Error::host("console log", e))?,
+        )
         .stderr(console);
     cmd.spawn().map_err(|e| {
         Error::host(
@@ -1641,6 +1726,31 @@ fn vm_jail_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locks/0123456789ab");
+        let held = BusyLock::acquire(&path).unwrap();
+        assert!(BusyLock::held_elsewhere(&path));
+        let err = BusyLock::acquire(&path)
+            .err()
+            .expect("a held lock is refused");
+        assert!(matches!(err, Error::Conflict(_)), "{err}");
+        drop(held);
+        assert!(!path.exists(), "the holder removes its file");
+        // A dead holder's file is taken over.
+        std::fs::write(&path, "").unwrap();
+        assert!(!BusyLock::held_elsewhere(&path));
+        let taken = BusyLock::acquire(&path).unwrap();
+        assert!(BusyLock::held_elsewhere(&path));
+        drop(taken);
+        // Nothing staged is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("locks"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     #[test]
     fn sandbox_ids() {
