@@ -841,6 +841,63 @@ fn egress_none_vs_allowed() {
     d.assert_no_leaks(&before);
 }
 
+/// The id of a sandbox other than `known` with an entry under `run/sub`, once one appears.
+fn wait_for_new_entry(d: &Daemon, sub: &str, known: &[&str]) -> String {
+    let dir = d.run_dir().join(sub);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            // Sandbox ids only (the lock dir also holds lock files being made).
+            .find(|n| {
+                n.len() == 12
+                    && n.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !known.contains(&n.as_str())
+            });
+        if let Some(id) = found {
+            return id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new entry under {} within 20 s\n{}",
+            dir.display(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// The `adopted` and `cleaned` lists of the last "reconciled" line in `log`.
+fn last_reconcile(log: &str) -> (String, String) {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("reconciled"))
+        .unwrap_or_else(|| panic!("no reconcile report in the log:\n{log}"));
+    // Without the terminal colours of the log format.
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    let line = plain;
+    let list = |key: &str| {
+        let at = line
+            .find(&format!("{key}=["))
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"));
+        let rest = &line[at..];
+        rest[..=rest.find(']').expect("closing ]")].to_owned()
+    };
+    (list("adopted"), list("cleaned"))
+}
+
 #[test]
 fn kill9_mid_create_then_restart_reconciles_without_leaks() {
     if !root_or_skip("kill9_mid_create_then_restart_reconciles_without_leaks") {
@@ -850,8 +907,9 @@ fn kill9_mid_create_then_restart_reconciles_without_leaks() {
     let before = d.host_state();
     let survivor = block_on(async { d.client().create(&jail()).await.expect("create survivor") });
     let survivor_state = d.host_state();
-    // Kill mvmd at different points of a create: right away, and once the jail exists.
-    for delay_ms in [0u64, 3, 10, 40] {
+    // Kill mvmd once each create step has begun, in creation order: busy lock (the state row
+    // follows), network namespace and veth, sandbox directory and overlay, jail (the jailer runs).
+    for step in ["locks", "netns", "sandboxes", "jail/mvm-agent"] {
         let client = d.client();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let pending = rt.spawn(async move {
@@ -862,34 +920,33 @@ fn kill9_mid_create_then_restart_reconciles_without_leaks() {
             });
             client.create(&r).await
         });
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        let id = wait_for_new_entry(&d, step, &[survivor.id.as_str()]);
         d.kill9();
+        d.track(&id);
         let outcome = rt.block_on(pending).expect("create task");
         drop(rt);
-        d.spawn();
-        let listed = block_on(async { d.client().list().await.expect("list") });
-        // A create that completed before the kill is a live sandbox: adopted, then removed here.
-        let finished = outcome.as_ref().ok().map(|s| s.id.clone());
-        for s in &listed {
-            assert!(
-                s.id == survivor.id || Some(&s.id) == finished.as_ref(),
-                "unexpected sandbox {s:?} after a create that ended with {outcome:?}\n{}",
-                d.log()
-            );
-        }
+        let row = api::db::Db::open(&d.state_dir().join("mvm.db"))
+            .expect("state db")
+            .sandbox(&id)
+            .expect("read the row");
+        // The create was caught half-way: it had no row yet, or one still Creating.
+        let state = row.map(|r| r.sandbox.state);
         assert!(
-            listed.iter().any(|s| s.id == survivor.id),
-            "the survivor was not adopted\n{}",
+            matches!(state, None | Some(SandboxState::Creating)),
+            "step {step}: the create of {id} had finished ({state:?}, {outcome:?}) before the kill"
+        );
+        assert!(outcome.is_err(), "step {step}: {outcome:?}");
+        d.spawn();
+        let (adopted, cleaned) = last_reconcile(&d.log());
+        assert!(
+            cleaned.contains(&id) && !adopted.contains(&id),
+            "step {step}: {id} not reported cleaned: {adopted} {cleaned}\n{}",
             d.log()
         );
-        if let Some(id) = finished {
-            block_on(async {
-                d.client()
-                    .delete(&id)
-                    .await
-                    .expect("delete the completed sandbox")
-            });
-        }
+        assert!(adopted.contains(&survivor.id), "{adopted}");
+        let listed = block_on(async { d.client().list().await.expect("list") });
+        let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, [survivor.id.as_str()], "step {step}\n{}", d.log());
         d.assert_no_leaks(&survivor_state);
     }
     // The adopted survivor still works and goes away cleanly.
@@ -905,7 +962,6 @@ fn kill9_mid_create_then_restart_reconciles_without_leaks() {
         c.delete(&survivor.id).await.expect("delete");
     });
     d.assert_no_leaks(&before);
-    assert!(d.log().contains("reconciled"), "{}", d.log());
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use api::client::Client;
@@ -95,6 +96,9 @@ pub struct Daemon {
     /// Extra mvmd arguments.
     extra: Vec<String>,
     child: Option<Child>,
+    /// Every sandbox id seen in its run dir or named by a test: their host veths count as its
+    /// interfaces even without an address.
+    ids: Mutex<BTreeSet<String>>,
 }
 
 impl Daemon {
@@ -119,6 +123,7 @@ impl Daemon {
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
+            ids: Mutex::new(BTreeSet::new()),
         };
         d.spawn();
         d
@@ -227,8 +232,15 @@ impl Daemon {
             .to_owned()
     }
 
+    /// Counts sandbox `id`'s host veth in [`Daemon::host_state`] from now on (ids found in the
+    /// run dir are counted without this).
+    pub fn track(&self, id: &str) {
+        self.ids.lock().expect("ids").insert(id.to_owned());
+    }
+
     /// Everything of this daemon's sandboxes on the host: mounts, directories, cgroups,
-    /// interfaces with an address in its /16, processes.
+    /// interfaces with an address in its /16 or named after one of its sandboxes (`mv` + id,
+    /// with or without an address), processes.
     pub fn host_state(&self) -> BTreeSet<String> {
         let mut s = BTreeSet::new();
         let root = self.dir.path().to_string_lossy().into_owned();
@@ -255,7 +267,9 @@ impl Daemon {
                 .flatten()
                 .flatten()
             {
-                s.insert(format!("dir {sub}/{}", e.file_name().to_string_lossy()));
+                let name = e.file_name().to_string_lossy().into_owned();
+                s.insert(format!("dir {sub}/{name}"));
+                self.track(&name);
             }
         }
         for dir in cgroup_mode().parent_dirs(&self.cgroup_parent) {
@@ -275,6 +289,23 @@ impl Daemon {
                     "interface {}",
                     line.split_whitespace().nth(1).unwrap_or("?")
                 ));
+            }
+        }
+        let veths: BTreeSet<String> = self
+            .ids
+            .lock()
+            .expect("ids")
+            .iter()
+            .map(|id| api::manager::net::host_veth(id))
+            .collect();
+        for e in std::fs::read_dir("/sys/class/net")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if veths.contains(&name) {
+                s.insert(format!("interface {name}"));
             }
         }
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
