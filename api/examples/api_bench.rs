@@ -49,9 +49,8 @@ fn jail() -> CreateSandbox {
 }
 
 fn main() {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED bench: needs root (namespaces, cgroups, mounts)");
+    if !mvm_testkit::is_root() {
+        mvm_testkit::skip_or_fail_in_ci("api_bench", "needs root (namespaces, cgroups, mounts)");
         return;
     }
     let iterations: usize = std::env::args()

@@ -13,14 +13,15 @@ use std::time::{Duration, Instant};
 use api::client::Client;
 use api::http::Endpoint;
 
-/// True when running as root; otherwise prints why the test is skipped.
+/// True when running as root; otherwise skips the test loudly, or fails it when CI is set
+/// (see `mvm_testkit::skip_or_fail_in_ci`).
 pub fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if mvm_testkit::is_root() {
         return true;
     }
-    eprintln!(
-        "SKIPPED {test}: needs root (namespaces, cgroups, mounts, mknod); run the tests as root"
+    mvm_testkit::skip_or_fail_in_ci(
+        test,
+        "needs root (namespaces, cgroups, mounts, mknod); run the tests as root",
     );
     false
 }
