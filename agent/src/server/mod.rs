@@ -210,11 +210,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut buf = Vec::with_capacity(WRITE_BATCH + MAX_CHUNK);
     let mut flushed = Vec::new();
+    // Nothing follows a `Fatal` frame, though tasks of the connection may still queue some.
+    let mut fatal_sent = false;
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
+                Outgoing::Message(_) if fatal_sent => {}
                 Outgoing::Message(msg) => {
+                    fatal_sent = matches!(msg, AgentMessage::Fatal(_));
                     if let Err(e) = encode_frame(&msg, &mut buf) {
                         crate::log!("dropping unencodable message: {e}");
                     }
@@ -680,5 +684,29 @@ mod tests {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }
         assert_eq!(ListenAddr::Vsock(5).to_string(), "vsock:5");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_after_a_fatal_frame() {
+        let (tx, rx) = mpsc::channel(8);
+        let out = Outbox(tx);
+        // An exec's task replying just after the reader reported a protocol error.
+        out.send(AgentMessage::Fatal(protocol_error("bad frame")))
+            .await;
+        out.reply(7, Reply::ExecStarted { pid: 42 }).await;
+        out.flush().await;
+        drop(out);
+        let mut written = Vec::new();
+        write_loop(&mut written, rx).await.unwrap();
+        let mut reader = &written[..];
+        let mut buf = Vec::new();
+        assert!(read_frame(&mut reader, &mut buf).await.unwrap());
+        let first: AgentMessage = decode_payload(&buf).unwrap();
+        assert!(matches!(first, AgentMessage::Fatal(_)), "{first:?}");
+        assert!(
+            reader.is_empty(),
+            "{} more bytes after the Fatal frame",
+            reader.len()
+        );
     }
 }
