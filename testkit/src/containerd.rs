@@ -572,9 +572,26 @@ impl Containerd {
         let listener = std::net::TcpListener::bind((net.host_ip, 0))
             .map_err(|e| format!("listening on {}: {e}", net.host_ip))?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        // Waits 60 s at most for the container's connection, then reads it to its end.
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("listener: {e}"))?;
         let received = std::thread::spawn(move || -> std::io::Result<String> {
             use std::io::Read;
-            let (mut conn, _) = listener.accept()?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut conn = loop {
+                match listener.accept() {
+                    Ok((conn, _)) => break conn,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Ok(String::new());
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            conn.set_nonblocking(false)?;
             conn.set_read_timeout(Some(Duration::from_secs(30)))?;
             let mut got = String::new();
             conn.read_to_string(&mut got)?;
@@ -600,8 +617,6 @@ impl Containerd {
                 tail(&self.log(), 3000)
             ));
         }
-        // Unblock the listener in case the container never connected.
-        let _ = std::net::TcpStream::connect((net.host_ip, port));
         let got = received
             .join()
             .map_err(|_| "the listener thread panicked".to_owned())?
