@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-
 use agent::MountRequest;
 
 use super::{blocking, rootfs, vm, Manager};
