@@ -97,9 +97,30 @@ pub fn validate(spec: &NetworkSpec) -> Result<NetworkSpec> {
     })
 }
 
+/// The manager's /16 that slot addresses `a` belong to.
+fn manager_subnet(a: &Addresses) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(a.host) & 0xffff_0000)
+}
+
 /// The nftables ruleset loaded in the namespace.
 fn ruleset(spec: &NetworkSpec, isolation: Isolation, a: &Addresses) -> String {
     let mut rules = String::from("flush ruleset\n");
+    if spec.egress != Egress::None {
+        // Other sandboxes are not reachable, whatever the host forwards: from the manager's
+        // /16 only the sandbox's own gateway (the host) gets in.
+        let subnet = manager_subnet(a);
+        let peers = format!(
+            "iifname \"{SANDBOX_IF}\" ip saddr {subnet}/16 ip saddr != {} drop",
+            a.host
+        );
+        rules.push_str(&format!(
+            "table ip mvm-peers {{
+  chain input {{ type filter hook input priority 0; {peers}; }}
+  chain forward {{ type filter hook forward priority 0; {peers}; }}
+}}
+"
+        ));
+    }
     if spec.egress == Egress::Allow {
         let set = spec.allow.join(", ");
         rules.push_str(&format!(
@@ -200,7 +221,7 @@ pub fn create(
             return Err(e);
         }
         if spec.egress == Egress::All {
-            if let Err(e) = enable_host_masquerade(addrs.host) {
+            if let Err(e) = enable_host_masquerade(id, &addrs) {
                 let _ = destroy(netns, id);
                 return Err(e);
             }
@@ -209,24 +230,152 @@ pub fn create(
     Ok(info)
 }
 
-/// `egress: all`: host forwarding plus one masquerade rule for the sandbox subnets.
-fn enable_host_masquerade(host: Ipv4Addr) -> Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-        .map_err(|e| Error::host("enabling IPv4 forwarding on the host", e))?;
-    let subnet = Ipv4Addr::from(u32::from(host) & 0xffff_0000);
-    host::run(
-        "nft",
-        &["-f", "-"],
-        Some(&format!(
-            "table ip mvm-egress {{
-  chain postrouting {{ type nat hook postrouting priority 100; }}
+/// The host-wide nftables table that exists while any manager has an `egress: all` sandbox:
+/// its comment keeps the host's IPv4 forwarding setting from before the first one, and it drops
+/// forwarding between sandbox veths. Each such sandbox has its own masquerade table named
+/// after it (see [`egress_table`]).
+const EGRESS_TABLE: &str = "mvm-egress";
+/// The host's IPv4 forwarding switch.
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// The masquerade table of `egress: all` sandbox `id`.
+fn egress_table(id: &str) -> String {
+    format!("{EGRESS_TABLE}-{id}")
+}
+
+/// An exclusive flock on the host's ip_forward sysctl file, held while the egress tables and
+/// forwarding are changed: it serializes every mvm manager on the host (threads and
+/// processes alike), as they share both. Released on drop.
+struct ForwardingLock {
+    _file: std::fs::File,
+}
+
+impl ForwardingLock {
+    fn acquire() -> Result<Self> {
+        let file = std::fs::File::open(IP_FORWARD)
+            .map_err(|e| Error::host(format!("opening {IP_FORWARD}"), e))?;
+        loop {
+            // SAFETY: flock on a descriptor this function owns; no memory is passed.
+            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(ForwardingLock { _file: file });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::host(format!("locking {IP_FORWARD}"), e));
+            }
+        }
+    }
+}
+
+/// Names of the host's `ip` family nftables tables; none when nft is not installed (then
+/// none of ours can exist).
+fn ip_tables() -> Result<Vec<String>> {
+    match std::process::Command::new("nft")
+        .args(["list", "tables", "ip"])
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::host("running nft list tables", e)),
+        Ok(out) if !out.status.success() => Err(Error::Host(format!(
+            "nft list tables failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+        Ok(out) => Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("table ip "))
+            .map(str::to_owned)
+            .collect()),
+    }
+}
+
+fn read_ip_forward() -> Result<String> {
+    let v = std::fs::read_to_string(IP_FORWARD)
+        .map_err(|e| Error::host(format!("reading {IP_FORWARD}"), e))?;
+    Ok(v.trim().to_owned())
+}
+
+fn write_ip_forward(value: &str) -> Result<()> {
+    std::fs::write(IP_FORWARD, value)
+        .map_err(|e| Error::host(format!("setting {IP_FORWARD} to {value}"), e))
+}
+
+/// The forwarding setting saved in the comment of [`EGRESS_TABLE`] (`nft list table` text).
+fn saved_ip_forward(listing: &str) -> Option<&str> {
+    listing
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("comment \"ip_forward="))
+        .and_then(|v| v.strip_suffix('"'))
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The nft batch that turns `egress: all` on for sandbox `id` with addresses `a`. Adding
+/// [`EGRESS_TABLE`] again keeps the comment it got first, i.e. the setting from before any
+/// sandbox had `egress: all`.
+fn masquerade_rules(id: &str, a: &Addresses, ip_forward: &str) -> String {
+    let slot = Ipv4Addr::from(u32::from(a.host) - 1);
+    let table = egress_table(id);
+    format!(
+        "add table ip {EGRESS_TABLE} {{ comment \"ip_forward={ip_forward}\"; }}
+add chain ip {EGRESS_TABLE} forward {{ type filter hook forward priority 0; }}
+flush chain ip {EGRESS_TABLE} forward
+add rule ip {EGRESS_TABLE} forward iifname \"mv*\" oifname \"mv*\" drop
+table ip {table} {{
+  chain postrouting {{ type nat hook postrouting priority 100;
+    ip saddr {slot}/29 oifname != \"mv*\" masquerade
+  }}
 }}
-flush chain ip mvm-egress postrouting
-add rule ip mvm-egress postrouting ip saddr {subnet}/16 oifname != \"mv*\" masquerade
 "
-        )),
     )
-    .map(drop)
+}
+
+/// `egress: all` for sandbox `id`: host forwarding plus a masquerade rule for its /29.
+fn enable_host_masquerade(id: &str, a: &Addresses) -> Result<()> {
+    let _lock = ForwardingLock::acquire()?;
+    let before = read_ip_forward()?;
+    host::run("nft", &["-f", "-"], Some(&masquerade_rules(id, a, &before)))?;
+    write_ip_forward("1")
+}
+
+/// Undoes [`enable_host_masquerade`] for sandbox `id` (nothing if it had none); when no
+/// `egress: all` sandbox is left on the host, restores the forwarding setting from before the
+/// first one and removes [`EGRESS_TABLE`].
+fn disable_host_masquerade(id: &str) -> Result<()> {
+    let ours = |tables: &[String]| {
+        tables
+            .iter()
+            .any(|t| t == EGRESS_TABLE || t.starts_with(&format!("{EGRESS_TABLE}-")))
+    };
+    if !ours(&ip_tables()?) {
+        return Ok(());
+    }
+    let _lock = ForwardingLock::acquire()?;
+    let tables = ip_tables()?;
+    let mine = egress_table(id);
+    let mut batch = String::new();
+    if tables.contains(&mine) {
+        batch.push_str(&format!("delete table ip {mine}\n"));
+    }
+    let others = tables
+        .iter()
+        .any(|t| *t != mine && t.starts_with(&format!("{EGRESS_TABLE}-")));
+    if !others && tables.iter().any(|t| t == EGRESS_TABLE) {
+        let listing = host::run("nft", &["list", "table", "ip", EGRESS_TABLE], None)?;
+        match saved_ip_forward(&listing) {
+            Some(v) => write_ip_forward(v)?,
+            None => tracing::warn!(
+                "nft table {EGRESS_TABLE} has no saved ip_forward setting (made by an older \
+                 mvm); leaving net.ipv4.ip_forward as it is"
+            ),
+        }
+        batch.push_str(&format!("delete table ip {EGRESS_TABLE}\n"));
+    }
+    if !batch.is_empty() {
+        host::run("nft", &["-f", "-"], Some(&batch))?;
+    }
+    Ok(())
 }
 
 /// The interface of a pod's network namespace (made by the container runtime's CNI
@@ -398,7 +547,8 @@ pub fn leave_pod_netns(netns: &Path) -> Result<()> {
     })
 }
 
-/// Removes the namespace and the host side of the veth. Missing pieces are fine.
+/// Removes the namespace, the host side of the veth and the sandbox's `egress: all` rules (the
+/// last such sandbox also restores the host's forwarding setting). Missing pieces are fine.
 pub fn destroy(netns: &Path, id: &str) -> Result<()> {
     let veth = host_veth(id);
     if Path::new("/sys/class/net").join(&veth).exists() {
@@ -409,7 +559,8 @@ pub fn destroy(netns: &Path, id: &str) -> Result<()> {
             }
         }
     }
-    host::remove_netns(netns)
+    host::remove_netns(netns)?;
+    disable_host_masquerade(id)
 }
 
 #[cfg(test)]
@@ -453,6 +604,32 @@ mod tests {
         );
         assert!(rules.contains("ip daddr { 1.2.3.4/32 } accept"), "{rules}");
         assert!(!rules.contains("masquerade"));
+    }
+
+    #[test]
+    fn sandboxes_are_kept_apart_and_forwarding_is_remembered() {
+        let a = Addresses::of(Ipv4Addr::new(10, 213, 0, 0), 1);
+        let spec = |egress| NetworkSpec {
+            egress,
+            allow: Vec::new(),
+        };
+        let rules = ruleset(&spec(Egress::All), Isolation::Jail, &a);
+        assert!(
+            rules.contains("ip saddr 10.213.0.0/16 ip saddr != 10.213.0.9 drop"),
+            "{rules}"
+        );
+        assert!(!ruleset(&spec(Egress::None), Isolation::Jail, &a).contains("mvm-peers"));
+        let batch = masquerade_rules("0123456789ab", &a, "0");
+        assert!(batch.contains("comment \"ip_forward=0\""), "{batch}");
+        assert!(
+            batch.contains("table ip mvm-egress-0123456789ab"),
+            "{batch}"
+        );
+        assert!(batch.contains("ip saddr 10.213.0.8/29"), "{batch}");
+        let listing = "table ip mvm-egress {\n\tcomment \"ip_forward=0\"\n\tchain forward {\n";
+        assert_eq!(saved_ip_forward(listing), Some("0"));
+        assert_eq!(saved_ip_forward("table ip mvm-egress {\n}"), None);
+        assert_eq!(saved_ip_forward("\tcomment \"ip_forward=1; x\"\n"), None);
     }
 
     #[test]

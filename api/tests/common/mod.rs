@@ -241,7 +241,7 @@ impl Daemon {
 
     /// Everything of this daemon's sandboxes on the host: mounts, directories, cgroups,
     /// interfaces with an address in its /16 or named after one of its sandboxes (`mv` + id,
-    /// with or without an address), processes.
+    /// with or without an address), their `egress: all` nftables tables, processes.
     pub fn host_state(&self) -> BTreeSet<String> {
         let mut s = BTreeSet::new();
         let root = self.dir.path().to_string_lossy().into_owned();
@@ -292,13 +292,24 @@ impl Daemon {
                 ));
             }
         }
-        let veths: BTreeSet<String> = self
-            .ids
-            .lock()
-            .expect("ids")
+        let ids = self.ids.lock().expect("ids").clone();
+        let veths: BTreeSet<String> = ids
             .iter()
             .map(|id| api::manager::net::host_veth(id))
             .collect();
+        // The masquerade table of an `egress: all` sandbox.
+        let tables = Command::new("nft")
+            .args(["list", "tables", "ip"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for line in tables.lines() {
+            if let Some(id) = line.trim().strip_prefix("table ip mvm-egress-") {
+                if ids.contains(id) {
+                    s.insert(format!("nft table mvm-egress-{id}"));
+                }
+            }
+        }
         for e in std::fs::read_dir("/sys/class/net")
             .into_iter()
             .flatten()
