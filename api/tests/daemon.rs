@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use api::client::{ClientError, Stream};
 use api::manager::host::CgroupMode;
 use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, SandboxState};
-use common::{block_on, cgroup_mode, root_or_skip, Daemon};
+use common::{block_on, cgroup_mode, is_sandbox_id, root_or_skip, Daemon};
 
 fn jail() -> CreateSandbox {
     CreateSandbox {
@@ -851,12 +851,7 @@ fn wait_for_new_entry(d: &Daemon, sub: &str, known: &[&str]) -> String {
             .flatten()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            // Sandbox ids only (the lock dir also holds lock files being made).
-            .find(|n| {
-                n.len() == 12
-                    && n.bytes().all(|b| b.is_ascii_hexdigit())
-                    && !known.contains(&n.as_str())
-            });
+            .find(|n| is_sandbox_id(n) && !known.contains(&n.as_str()));
         if let Some(id) = found {
             return id;
         }

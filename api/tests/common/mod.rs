@@ -26,6 +26,12 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// Whether a run-dir entry name is a sandbox id (12 hex digits; the lock dir also holds lock
+/// files being made).
+pub fn is_sandbox_id(name: &str) -> bool {
+    name.len() == 12 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// This host's cgroup mode, as the manager detects it.
 pub fn cgroup_mode() -> &'static api::manager::host::CgroupMode {
     api::manager::host::CgroupMode::host().expect("this host's cgroups cannot hold sandboxes")
@@ -96,6 +102,8 @@ pub struct Daemon {
     pub subnet_prefix: String,
     /// Extra mvmd arguments.
     extra: Vec<String>,
+    /// Extra mvmd environment, after the defaults.
+    env: Vec<(String, PathBuf)>,
     child: Option<Child>,
     /// Every sandbox id seen in its run dir or named by a test: their host veths count as its
     /// interfaces even without an address.
@@ -110,6 +118,12 @@ impl Daemon {
 
     /// Starts mvmd with extra arguments and waits until it answers.
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// Starts mvmd with extra arguments and environment (e.g. another `MVM_BIN_DIR`) and
+    /// waits until it answers.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &Path)]) -> Daemon {
         ensure_prerequisites();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = tempfile::Builder::new()
@@ -123,6 +137,10 @@ impl Daemon {
             subnet_prefix: format!("10.{second}."),
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_path_buf()))
+                .collect(),
             child: None,
             ids: Mutex::new(BTreeSet::new()),
         };
@@ -162,6 +180,7 @@ impl Daemon {
             .env("MVM_BIN_DIR", bin_dir())
             .env("MVM_ARTIFACTS", artifacts())
             .env_remove("MVM_VM_TIER")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -237,6 +256,42 @@ impl Daemon {
     /// run dir are counted without this).
     pub fn track(&self, id: &str) {
         self.ids.lock().expect("ids").insert(id.to_owned());
+    }
+
+    /// Runs `f` while tracking (see [`Daemon::track`]) every sandbox that shows up in the run
+    /// dir meanwhile, e.g. one whose create fails and is rolled back; returns what `f` returned
+    /// and the ids seen.
+    pub fn watching_ids<T>(&self, f: impl FnOnce() -> T) -> (T, BTreeSet<String>) {
+        let run = self.run_dir();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (out, seen) = std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                let mut seen = BTreeSet::new();
+                while !done.load(Ordering::Relaxed) {
+                    for sub in ["locks", "netns", "sandboxes"] {
+                        for e in std::fs::read_dir(run.join(sub))
+                            .into_iter()
+                            .flatten()
+                            .flatten()
+                        {
+                            let name = e.file_name().to_string_lossy().into_owned();
+                            if is_sandbox_id(&name) {
+                                seen.insert(name);
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                seen
+            });
+            let out = f();
+            done.store(true, Ordering::Relaxed);
+            (out, watcher.join().expect("id watcher"))
+        });
+        for id in &seen {
+            self.track(id);
+        }
+        (out, seen)
     }
 
     /// Everything of this daemon's sandboxes on the host: mounts, directories, cgroups,
