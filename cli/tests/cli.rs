@@ -1058,3 +1058,188 @@ fn the_env_cgroup_parent_holds_its_sandboxes_and_goes_with_it() {
         assert!(!p.exists(), "{} outlived the test environment", p.display());
     }
 }
+
+/// The id of the only sandbox of `env` (`mvm -o json ps`).
+fn only_sandbox(env: &Env) -> api::model::Sandbox {
+    let out = env.run(&["-o", "json", "ps"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut list: Vec<api::model::Sandbox> = serde_json::from_slice(&out.stdout).expect("ps json");
+    assert_eq!(list.len(), 1, "{list:?}");
+    list.remove(0)
+}
+
+#[test]
+fn daemonless_cp_both_ways() {
+    if !root_or_skip("daemonless_cp_both_ways") {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(&["run", "--isolation", "jail", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = only_sandbox(&env).id;
+    // In: every byte value, from a file and from stdin.
+    let payload: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let local = env.dir.path().join("payload");
+    std::fs::write(&local, &payload).expect("payload");
+    let remote = format!("{id}:/tmp/payload");
+    let out = env.run(&["cp", local.to_str().expect("utf-8"), &remote]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.run(&["exec", &id, "--", "wc", "-c", "/tmp/payload"]);
+    assert_eq!(text(&out.stdout).split_whitespace().next(), Some("70000"));
+    let mut child = env
+        .mvm()
+        .args(["cp", "-", &format!("{id}:/tmp/from-stdin")])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mvm cp -");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"from stdin\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("mvm cp -");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.run(&["exec", &id, "--", "cat", "/tmp/from-stdin"]);
+    assert_eq!(text(&out.stdout), "from stdin\n");
+    // Out: to a file and to stdout, byte for byte, including a file made inside.
+    let back = env.dir.path().join("back");
+    let out = env.run(&["cp", &remote, back.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::read(&back).expect("copied out") == payload);
+    let out = env.run(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo made inside > /tmp/inside",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.run(&["cp", &format!("{id}:/tmp/inside"), "-"]);
+    assert_eq!(text(&out.stdout), "made inside\n");
+    // Missing files on either side: exit 125 naming the path.
+    let out = env.run(&["cp", &format!("{id}:/tmp/nothing"), "-"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("/tmp/nothing"),
+        "{}",
+        text(&out.stderr)
+    );
+    let missing = env.dir.path().join("nothing");
+    let out = env.run(&["cp", missing.to_str().expect("utf-8"), &remote]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains(missing.to_str().expect("utf-8")),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = env.run(&["rm", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.assert_empty();
+}
+
+/// CPU time of sandbox `id` of `env` so far, ns (its cgroups, as the manager reads them).
+fn cpu_ns(env: &Env, id: &str) -> u64 {
+    api::manager::host::cgroup_usage(&env.cgroup_parent, id).0
+}
+
+/// Polls until sandbox `id` has used `more` ns of CPU time beyond `from`.
+fn wait_cpu_beyond(env: &Env, id: &str, from: u64, more: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cpu_ns(env, id) < from + more {
+        assert!(
+            Instant::now() < deadline,
+            "sandbox {id} does not run: {} ns of CPU time",
+            cpu_ns(env, id)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn daemonless_pause_freezes_and_resume_thaws() {
+    if !root_or_skip("daemonless_pause_freezes_and_resume_thaws") {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(&["run", "--isolation", "jail", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = only_sandbox(&env).id;
+    // A busy loop, for as long as its exec lasts.
+    let mut spin = env
+        .mvm()
+        .args(["exec", &id, "--", "sh", "-c", "while :; do :; done"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mvm exec");
+    wait_cpu_beyond(&env, &id, cpu_ns(&env, &id), 50_000_000);
+    let out = env.run(&["pause", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("paused"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(only_sandbox(&env).state, api::model::SandboxState::Paused);
+    // Frozen: not a millisecond of CPU time in 300 ms (the loop would use all of them).
+    let frozen = cpu_ns(&env, &id);
+    std::thread::sleep(Duration::from_millis(300));
+    let later = cpu_ns(&env, &id);
+    assert!(
+        later - frozen < 1_000_000,
+        "a paused sandbox used {} ns of CPU time",
+        later - frozen
+    );
+    let out = env.run(&["resume", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("running"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(only_sandbox(&env).state, api::model::SandboxState::Running);
+    wait_cpu_beyond(&env, &id, later, 50_000_000);
+    let out = env.run(&["rm", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let _ = spin.kill();
+    let _ = spin.wait();
+    env.assert_empty();
+}
+
+#[test]
+fn daemonless_cpus_and_memory_reach_the_cgroups() {
+    if !root_or_skip("daemonless_cpus_and_memory_reach_the_cgroups") {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(&[
+        "run",
+        "--isolation",
+        "jail",
+        "--cpus",
+        "2",
+        "--memory",
+        "96",
+        "--",
+        "true",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = only_sandbox(&env);
+    assert_eq!((s.vcpus, s.memory_mib), (2, 96));
+    let cgroups = api::manager::host::LimitCgroups::of(&env.cgroup_parent, &s.id)
+        .expect("the sandbox's cgroups");
+    let (quota, period) = cgroups.cpu_quota().expect("cpu quota");
+    assert_eq!(quota, Some(2 * period), "2 cores of CFS bandwidth");
+    let (dir, file) = match &cgroups {
+        api::manager::host::LimitCgroups::V1 { memory, .. } => (memory, "memory.limit_in_bytes"),
+        api::manager::host::LimitCgroups::V2(dir) => (dir, "memory.max"),
+    };
+    let limit = std::fs::read_to_string(dir.join(file)).expect("memory limit");
+    assert_eq!(limit.trim(), (96u64 << 20).to_string(), "{}", dir.display());
+    let out = env.run(&["rm", &s.id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.assert_empty();
+}
