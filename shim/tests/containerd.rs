@@ -619,7 +619,8 @@ fn a_pod_shares_one_shim() {
 }
 
 /// A container in its pod's network namespace (as CNI leaves it): the sandbox joins it,
-/// has the pod's address and reaches the host side; the namespace is left as it was.
+/// has the pod's address and reaches the host side; the namespace is left as it was
+/// (checked by `run_in_pod_network`).
 #[test]
 fn a_container_joins_its_pods_network() {
     if !can_run("a_container_joins_its_pods_network") {
@@ -632,20 +633,6 @@ fn a_container_joins_its_pods_network() {
         .run_in_pod_network("podnet-jail", JAIL, &net)
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("jail tier in the pod network: {out}");
-    let links = Command::new("ip")
-        .args([
-            "-n",
-            &net.path().file_name().unwrap().to_string_lossy(),
-            "-o",
-            "link",
-        ])
-        .output()
-        .expect("ip link");
-    let links = text(&links.stdout);
-    assert!(
-        links.contains("eth0") && !links.contains("tap0"),
-        "the pod namespace should hold just its own interfaces: {links}"
-    );
     assert_clean(&cd, &["podnet-jail"]);
 }
 

@@ -99,14 +99,22 @@ fn ip_batch(args: &[&str], script: &str) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {} -batch: {}", args.join(" "), text(&out.stderr).trim()))
+        Err(format!(
+            "ip {} -batch: {}",
+            args.join(" "),
+            text(&out.stderr).trim()
+        ))
     }
 }
 
 impl Drop for PodNetwork {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -561,8 +569,8 @@ impl Containerd {
     }
 
     /// `ctr run --rm` of container `id` in the pod network `net` (`flags` added): the
-    /// container has the pod's address and reaches a listener on the host side. Returns the
-    /// container's output.
+    /// container has the pod's address and reaches a listener on the host side, and the
+    /// namespace holds just its own interfaces after. Returns the container's output.
     pub fn run_in_pod_network(
         &self,
         id: &str,
@@ -624,6 +632,17 @@ impl Containerd {
         if got != "hello-from-the-pod\n" {
             return Err(format!(
                 "the host side of the pod network got {got:?} instead of the container's greeting"
+            ));
+        }
+        // The namespace is the pod's: the sandbox leaves it as it found it.
+        let links = Command::new("ip")
+            .args(["-n", &net.name, "-o", "link"])
+            .output()
+            .map_err(|e| format!("ip -n {} link: {e}", net.name))?;
+        let links = text(&links.stdout);
+        if !links.contains("eth0") || links.contains("tap0") {
+            return Err(format!(
+                "the pod network namespace should hold just its own interfaces again: {links}"
             ));
         }
         Ok(stdout)
