@@ -29,8 +29,8 @@ use tokio::task::JoinHandle;
 use crate::flow::{RecvBudget, SendWindow};
 use crate::protocol::{
     decode_payload, encode_frame, read_frame, AgentMessage, Channel, ClientMessage, DirEntry,
-    ErrorKind, ExecRequest, ExitStatus, FileStat, FrameError, Health, MountRequest, RemoteError, Reply,
-    Request, ShutdownAction, MAGIC, MAX_CHUNK, PROTOCOL_VERSION,
+    ErrorKind, ExecRequest, ExitStatus, FileStat, FrameError, Health, MountRequest, RemoteError,
+    Reply, Request, ShutdownAction, MAGIC, MAX_CHUNK, PROTOCOL_VERSION,
 };
 
 /// How long `connect_*` waits for the agent's `Hello` (and the vsock proxy's `OK`).

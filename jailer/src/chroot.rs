@@ -264,7 +264,13 @@ pub(crate) fn pivot_into(config: &JailConfig, root: &Path) -> Result<()> {
     for m in &config.mounts {
         let target = in_root(root, &m.jail);
         // Recursive: what is mounted below the path (a container's volumes) comes along.
-        mount(Some(&m.host), &target, None, libc::MS_BIND | libc::MS_REC, None)?;
+        mount(
+            Some(&m.host),
+            &target,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )?;
         let is_dev = fs::metadata(&m.host)
             .map(|md| md.file_type().is_block_device())
             .unwrap_or(false);

@@ -139,8 +139,14 @@ fn build_command(req: &ExecRequest) -> Result<Command, RemoteError> {
 fn check_dir(what: &str, path: &Path) -> Result<(), RemoteError> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(invalid(format!("{what} {} is not a directory", path.display()))),
-        Err(e) => Err(RemoteError::from_io(format!("{what} {}", path.display()), &e)),
+        Ok(_) => Err(invalid(format!(
+            "{what} {} is not a directory",
+            path.display()
+        ))),
+        Err(e) => Err(RemoteError::from_io(
+            format!("{what} {}", path.display()),
+            &e,
+        )),
     }
 }
 

@@ -538,9 +538,7 @@ impl Conn {
                 .await
                 .map(|()| Some(Reply::Done)),
             Request::Health => Ok(Some(Reply::Health(self.agent.health()))),
-            Request::Mount(req) => mounts::mount_request(req)
-                .await
-                .map(|()| Some(Reply::Done)),
+            Request::Mount(req) => mounts::mount_request(req).await.map(|()| Some(Reply::Done)),
             Request::Unmount { target } => {
                 mounts::unmount_request(&target).map(|()| Some(Reply::Done))
             }
