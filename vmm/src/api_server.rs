@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc::{channel, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -305,15 +305,45 @@ fn respond(result: Result<VmmResponse, VmmActionError>) -> HttpResponse {
     }
 }
 
+/// Requests taken by the VMM thread whose responses are not written yet, so that the VMM
+/// does not exit between answering a request (e.g. InstanceStart of a guest that resets at
+/// once) and the client receiving the answer.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<(Mutex<usize>, Condvar)>);
+
+impl InFlight {
+    fn change(&self, up: bool) {
+        let (count, changed) = &*self.0;
+        let mut count = count.lock().unwrap_or_else(|p| p.into_inner());
+        if up {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+        }
+        changed.notify_all();
+    }
+
+    /// Waits until every response taken has been written, up to `timeout`.
+    pub fn wait_idle(&self, timeout: std::time::Duration) {
+        let (count, changed) = &*self.0;
+        let count = count.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = changed.wait_timeout_while(count, timeout, |n| *n > 0);
+    }
+}
+
 /// The API thread's handle on the VMM thread.
 #[derive(Clone)]
 struct VmmClient {
     requests: Sender<ApiRequest>,
     evt: Arc<EventFd>,
+    in_flight: InFlight,
 }
 
 impl VmmClient {
+    /// Hands `action` to the VMM thread; counted in flight until the caller has written the
+    /// response.
     fn call(&self, action: VmmAction) -> HttpResponse {
+        self.in_flight.change(true);
         let (reply, answer) = channel();
         if self.requests.send((action, reply)).is_err() || self.evt.write(1).is_err() {
             return HttpResponse::fault(503, "the VMM is shutting down");
@@ -331,19 +361,20 @@ fn serve_connection(stream: UnixStream, vmm: VmmClient) {
     };
     let mut reader = BufReader::new(stream);
     loop {
-        let (response, close) = match read_request(&mut reader) {
+        let (response, close, called) = match read_request(&mut reader) {
             Ok(None) => return,
-            Ok(Some(req)) => {
-                let response = match route(&req) {
-                    Ok(action) => vmm.call(action),
-                    Err(response) => response,
-                };
-                (response, req.close)
-            }
+            Ok(Some(req)) => match route(&req) {
+                Ok(action) => (vmm.call(action), req.close, true),
+                Err(response) => (response, req.close, false),
+            },
             // After a malformed request the stream position is unknown: close.
-            Err(response) => (response, true),
+            Err(response) => (response, true, false),
         };
-        if response.write_to(&mut writer, close).is_err() || close {
+        let written = response.write_to(&mut writer, close);
+        if called {
+            vmm.in_flight.change(false);
+        }
+        if written.is_err() || close {
             return;
         }
     }
@@ -366,9 +397,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
 pub fn start(listener: UnixListener, seccomp: Filters) -> std::io::Result<ApiChannel> {
     let (requests_tx, requests) = channel();
     let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+    let in_flight = InFlight::default();
     let client = VmmClient {
         requests: requests_tx,
         evt: Arc::new(evt.try_clone()?),
+        in_flight: in_flight.clone(),
     };
     std::thread::Builder::new()
         .name("fc_api".into())
@@ -388,7 +421,11 @@ pub fn start(listener: UnixListener, seccomp: Filters) -> std::io::Result<ApiCha
                 }
             }
         })?;
-    Ok(ApiChannel { requests, evt })
+    Ok(ApiChannel {
+        requests,
+        evt,
+        in_flight,
+    })
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@ pub struct ApiChannel {
     pub requests: Receiver<ApiRequest>,
     /// Readable when requests are waiting.
     pub evt: EventFd,
+    /// Responses taken but not yet written by the API thread.
+    pub in_flight: crate::api_server::InFlight,
 }
 
 /// Write end of the terminating-signal eventfd, for the async-signal-safe handler.
@@ -148,6 +150,14 @@ impl Vmm {
     /// Serves API requests arriving on `api`.
     pub fn attach_api(&mut self, api: ApiChannel) {
         self.api = Some(api);
+    }
+
+    /// Waits (up to `timeout`) until the API thread has written every response the VMM
+    /// thread answered, so that exiting does not cut one off.
+    pub fn wait_for_api_responses(&self, timeout: std::time::Duration) {
+        if let Some(api) = &self.api {
+            api.in_flight.wait_idle(timeout);
+        }
     }
 
     /// The controller, for applying a config file before the loop starts.

@@ -99,6 +99,8 @@ fn run(args: Args) -> Result<u8, String> {
             .map_err(|e| e.to_string())?;
     }
     let (reason, vmm) = event_loop::run(vmm).map_err(|e| e.to_string())?;
+    // A guest may end right after the request that started it was answered.
+    vmm.wait_for_api_responses(std::time::Duration::from_secs(1));
     vmm.shutdown();
     if !args.no_api {
         // Best effort: a leftover socket file is replaced by the next start anyway.

@@ -222,6 +222,24 @@ fn configure_and_boot_through_the_api() {
     );
 }
 
+/// A guest that resets at once ends the VMM right after InstanceStart was answered: the
+/// answer must still reach the client (it was cut off now and then under load).
+#[test]
+fn instance_start_is_answered_when_the_guest_resets_at_once() {
+    if !require_kvm("instance_start_is_answered_when_the_guest_resets_at_once") {
+        return;
+    }
+    for round in 0..10 {
+        let vmm = ApiVmm::start();
+        let (status, _) = vmm.put_boot_source(&guest("hello"), "console=ttyS0");
+        assert_eq!(status, 204);
+        let (status, body) = vmm.start_instance();
+        assert_eq!(status, 204, "round {round}: {body}");
+        let (code, _) = vmm.wait(Duration::from_secs(60));
+        assert_eq!(code, Some(0), "round {round}");
+    }
+}
+
 #[test]
 fn unusable_drives_and_reserved_vsock_cids_are_refused_at_put() {
     // Firecracker's checks at PUT time: no guest runs, so no KVM is needed.
