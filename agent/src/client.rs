@@ -30,7 +30,7 @@ use crate::flow::{RecvBudget, SendWindow};
 use crate::protocol::{
     decode_payload, encode_frame, read_frame, AgentMessage, Channel, ClientMessage, DirEntry,
     ErrorKind, ExecRequest, ExitStatus, FileStat, FrameError, Health, MountRequest, RemoteError,
-    Reply, Request, ShutdownAction, MAGIC, MAX_CHUNK, PROTOCOL_VERSION,
+    Reply, Request, ShutdownAction, MAGIC, MAX_CHUNK, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 
 /// How long `connect_*` waits for the agent's `Hello` (and the vsock proxy's `OK`).
@@ -40,7 +40,12 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// Longest accepted reply line from a hybrid vsock proxy.
 const MAX_PROXY_LINE: usize = 64;
 /// Most directory entries `list` accepts (the guest is not trusted with host memory).
-pub const MAX_LIST_ENTRIES: usize = 1 << 20;
+pub const MAX_LIST_ENTRIES: usize = 1 << 18;
+/// Most bytes of `Entries` frames `list` accepts, so that long names cannot stand in for
+/// many entries.
+pub const MAX_LIST_BYTES: usize = 16 << 20;
+/// Most bytes of each stream [`ExecSession::wait_with_output`] keeps.
+pub const DEFAULT_OUTPUT_LIMIT: usize = 16 << 20;
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +95,19 @@ pub enum ClientError {
     /// A local reader or writer (the source of `put_file`, the sink of `get_file`) failed.
     #[error("local I/O: {0}")]
     Io(#[from] io::Error),
+    /// A request does not fit in one protocol frame; it was not sent and the connection is
+    /// still usable.
+    #[error(
+        "the request takes {bytes} bytes encoded, more than the agent protocol's \
+         {MAX_FRAME_LEN}-byte frame: make its argv and environment smaller"
+    )]
+    RequestTooLarge {
+        /// Encoded size of the request.
+        bytes: u64,
+    },
+    /// The agent's answer is larger than the client accepts (the request was cancelled).
+    #[error("{0}")]
+    AnswerTooLarge(String),
 }
 
 impl ClientError {
@@ -110,9 +128,70 @@ struct Sink {
     budget: Arc<RecvBudget>,
 }
 
+type Answer = Result<Reply, ClientError>;
+
+/// The replies a request may still get. The reader enforces it, so that an agent cannot make
+/// the client queue replies nobody asked for.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// At most this many `Reply` frames (an exec's `ExecStarted`, a get's `GetStarted`, a
+    /// put's `PutReady` and `PutDone`, ...).
+    Replies(u8),
+    /// A listing: `Entries` within these bounds, then `Done`.
+    Listing { entries: usize, bytes: usize },
+    /// The agent failed the request: nothing more may come for it.
+    Ended,
+}
+
+/// What the reader does with a reply.
+enum Admit {
+    Deliver,
+    /// A listing past its bounds: fail the request, keep the connection.
+    TooLarge(String),
+    /// A reply the request cannot have: the agent breaks the protocol.
+    Unsolicited,
+}
+
+impl Expect {
+    fn admit(&mut self, reply: &Reply, frame_len: usize) -> Admit {
+        match self {
+            Expect::Replies(0) | Expect::Ended => Admit::Unsolicited,
+            Expect::Replies(n) => {
+                *n -= 1;
+                Admit::Deliver
+            }
+            Expect::Listing { entries, bytes } => match reply {
+                Reply::Entries(batch) => {
+                    match (
+                        entries.checked_sub(batch.len()),
+                        bytes.checked_sub(frame_len),
+                    ) {
+                        (Some(e), Some(b)) => {
+                            (*entries, *bytes) = (e, b);
+                            Admit::Deliver
+                        }
+                        (None, _) => Admit::TooLarge(format!(
+                            "directory listing exceeds {MAX_LIST_ENTRIES} entries"
+                        )),
+                        (_, None) => Admit::TooLarge(format!(
+                            "directory listing exceeds {MAX_LIST_BYTES} bytes"
+                        )),
+                    }
+                }
+                Reply::Done => {
+                    *self = Expect::Replies(0);
+                    Admit::Deliver
+                }
+                _ => Admit::Unsolicited,
+            },
+        }
+    }
+}
+
 /// Where the reader delivers everything about one request.
 struct Route {
-    replies: mpsc::UnboundedSender<Result<Reply, RemoteError>>,
+    replies: mpsc::UnboundedSender<Answer>,
+    expect: Expect,
     sinks: Vec<(Channel, Sink)>,
     exit: Option<oneshot::Sender<ExitStatus>>,
 }
@@ -190,7 +269,8 @@ impl Shared {
 struct Pending {
     shared: Arc<Shared>,
     id: u64,
-    replies: mpsc::UnboundedReceiver<Result<Reply, RemoteError>>,
+    /// Unbounded, but the reader admits only the replies [`Expect`] allows.
+    replies: mpsc::UnboundedReceiver<Answer>,
     /// Send `Cancel` if dropped before the request completed.
     cancel_on_drop: bool,
     /// Remove the route when dropped (an exec's route lives on until `Exited`).
@@ -200,8 +280,7 @@ struct Pending {
 impl Pending {
     async fn next(&mut self) -> Result<Reply, ClientError> {
         match self.replies.recv().await {
-            Some(Ok(reply)) => Ok(reply),
-            Some(Err(e)) => Err(ClientError::Remote(e)),
+            Some(answer) => answer,
             None => Err(self.shared.disconnected()),
         }
     }
@@ -228,8 +307,22 @@ impl Drop for Pending {
     }
 }
 
+/// The variant of `reply`, for messages that must not print what an agent stuffed into it.
+fn reply_name(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::ExecStarted { .. } => "ExecStarted",
+        Reply::Done => "Done",
+        Reply::PutReady => "PutReady",
+        Reply::PutDone { .. } => "PutDone",
+        Reply::GetStarted { .. } => "GetStarted",
+        Reply::Stat(_) => "Stat",
+        Reply::Entries(_) => "Entries",
+        Reply::Health(_) => "Health",
+    }
+}
+
 fn unexpected(reply: Reply, what: &str) -> ClientError {
-    ClientError::Protocol(format!("unexpected reply {reply:?} to {what}"))
+    ClientError::Protocol(format!("unexpected reply {} to {what}", reply_name(&reply)))
 }
 
 /// A connection to one agent. Clones share the connection.
@@ -336,15 +429,21 @@ impl AgentClient {
         self.shared.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers route `id` and sends `request`.
+    /// Registers route `id` and sends `request`, which gets the replies `expect` allows. A
+    /// request too large for one frame is refused here, before anything is sent.
     fn begin(
         &self,
         id: u64,
         request: Request,
+        expect: Expect,
         sinks: Vec<(Channel, Sink)>,
         exit: Option<oneshot::Sender<ExitStatus>>,
         window: Option<(Channel, Arc<SendWindow>)>,
     ) -> Result<Pending, ClientError> {
+        let msg = ClientMessage::Request { id, request };
+        if let Err(FrameError::TooLarge(bytes)) = encode_frame(&msg, &mut Vec::new()) {
+            return Err(ClientError::RequestTooLarge { bytes });
+        }
         let (tx, replies) = mpsc::unbounded_channel();
         {
             let mut state = self.shared.state();
@@ -353,6 +452,7 @@ impl AgentClient {
                     id,
                     Route {
                         replies: tx,
+                        expect,
                         sinks,
                         exit,
                     },
@@ -369,13 +469,20 @@ impl AgentClient {
             cancel_on_drop: true,
             owns_route: true,
         };
-        self.shared.send(ClientMessage::Request { id, request })?;
+        self.shared.send(msg)?;
         Ok(pending)
     }
 
     /// Sends a request that gets exactly one reply.
     async fn call(&self, request: Request) -> Result<Reply, ClientError> {
-        let mut pending = self.begin(self.next_id(), request, Vec::new(), None, None)?;
+        let mut pending = self.begin(
+            self.next_id(),
+            request,
+            Expect::Replies(1),
+            Vec::new(),
+            None,
+            None,
+        )?;
         let reply = pending.next().await;
         pending.complete();
         reply
@@ -412,6 +519,7 @@ impl AgentClient {
         let mut pending = self.begin(
             id,
             Request::Exec(request),
+            Expect::Replies(1),
             vec![
                 (Channel::Stdout, stdout_sink),
                 (Channel::Stderr, stderr_sink),
@@ -456,6 +564,7 @@ impl AgentClient {
                 path: path.to_owned(),
                 mode,
             },
+            Expect::Replies(2),
             Vec::new(),
             None,
             Some((Channel::File, Arc::clone(&window))),
@@ -510,6 +619,7 @@ impl AgentClient {
             Request::Get {
                 path: path.to_owned(),
             },
+            Expect::Replies(1),
             vec![(Channel::File, file_sink)],
             None,
             None,
@@ -540,12 +650,16 @@ impl AgentClient {
     }
 
     /// Entries of directory `path`, sorted by name (symlinks not followed); at most
-    /// [`MAX_LIST_ENTRIES`].
+    /// [`MAX_LIST_ENTRIES`] in at most [`MAX_LIST_BYTES`] (else `AnswerTooLarge`).
     pub async fn list(&self, path: &str) -> Result<Vec<DirEntry>, ClientError> {
         let mut pending = self.begin(
             self.next_id(),
             Request::List {
                 path: path.to_owned(),
+            },
+            Expect::Listing {
+                entries: MAX_LIST_ENTRIES,
+                bytes: MAX_LIST_BYTES,
             },
             Vec::new(),
             None,
@@ -554,14 +668,7 @@ impl AgentClient {
         let mut entries = Vec::new();
         loop {
             match pending.next().await? {
-                Reply::Entries(batch) => {
-                    if entries.len() + batch.len() > MAX_LIST_ENTRIES {
-                        return Err(ClientError::Protocol(format!(
-                            "directory listing exceeds {MAX_LIST_ENTRIES} entries"
-                        )));
-                    }
-                    entries.extend(batch);
-                }
+                Reply::Entries(batch) => entries.extend(batch),
                 Reply::Done => break,
                 other => return Err(unexpected(other, "List")),
             }
@@ -752,7 +859,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(msg) => msg,
             Err(e) => break format!("agent sent a bad frame: {e}"),
         };
-        if let Err(reason) = deliver(&state, &out, msg) {
+        if let Err(reason) = deliver(&state, &out, msg, buf.len()) {
             break reason;
         }
     };
@@ -760,27 +867,51 @@ async fn read_loop<R: AsyncRead + Unpin>(
     hang_up.notify_one();
 }
 
-/// Routes one message from the agent; `Err` closes the connection with that reason.
+/// Routes one message (a frame of `frame_len` bytes) from the agent; `Err` closes the
+/// connection with that reason. Nothing is queued that the protocol does not allow: replies
+/// beyond what a request expects close the connection, output beyond its credit too, and
+/// frames for no live request are dropped.
 fn deliver(
     state: &Mutex<State>,
     out: &mpsc::UnboundedSender<ClientMessage>,
     msg: AgentMessage,
+    frame_len: usize,
 ) -> Result<(), String> {
     let mut state = lock(state);
     match msg {
         AgentMessage::Hello { .. } => return Err("agent sent a second Hello".to_owned()),
         AgentMessage::Fatal(e) => return Err(format!("agent closed the connection: {e}")),
         AgentMessage::Reply { id, reply } => {
-            if let Some(route) = state.routes.get(&id) {
-                let _ = route.replies.send(Ok(reply));
+            if let Some(route) = state.routes.get_mut(&id) {
+                match route.expect.admit(&reply, frame_len) {
+                    Admit::Deliver => {
+                        let _ = route.replies.send(Ok(reply));
+                    }
+                    Admit::TooLarge(why) => {
+                        // The requester sees this error, then cancels; what else arrives
+                        // for `id` finds no route and is dropped.
+                        let _ = route.replies.send(Err(ClientError::AnswerTooLarge(why)));
+                        state.remove_route(id);
+                    }
+                    Admit::Unsolicited => {
+                        return Err(format!(
+                            "agent sent an unsolicited reply to request {id}: {}",
+                            reply_name(&reply)
+                        ))
+                    }
+                }
             }
         }
         AgentMessage::Failed { id, error } => {
             if let Some(route) = state.routes.get_mut(&id) {
+                if matches!(route.expect, Expect::Ended) {
+                    return Err(format!("agent failed request {id} a second time: {error}"));
+                }
+                route.expect = Expect::Ended;
                 for (_, sink) in route.sinks.drain(..) {
                     let _ = sink.tx.send(Err(ClientError::Remote(error.clone())));
                 }
-                let _ = route.replies.send(Err(error));
+                let _ = route.replies.send(Err(ClientError::Remote(error)));
                 if route.exit.is_some() {
                     state.remove_route(id);
                 }
@@ -790,27 +921,30 @@ fn deliver(
             if data.len() > MAX_CHUNK {
                 return Err(format!("data chunk of {} bytes", data.len()));
             }
-            let sink = state
-                .routes
-                .get(&id)
-                .and_then(|route| route.sinks.iter().find(|(c, _)| *c == channel));
-            if let Some((_, sink)) = sink {
-                if !sink.budget.consume(data.len()) {
-                    return Err(format!(
-                        "{channel:?} data of request {id} beyond its credit"
-                    ));
-                }
-                let len = data.len();
-                if sink.tx.send(Ok(data)).is_err() {
-                    // Nobody reads this stream any more: keep the agent going.
-                    // The chunk size was checked against MAX_CHUNK above.
-                    sink.budget.replenish(len as u32);
-                    let _ = out.send(ClientMessage::Credit {
-                        id,
-                        channel,
-                        bytes: len as u32,
-                    });
-                }
+            // Leftovers of a finished or cancelled request are dropped.
+            let Some(route) = state.routes.get(&id) else {
+                return Ok(());
+            };
+            let Some((_, sink)) = route.sinks.iter().find(|(c, _)| *c == channel) else {
+                return Err(format!(
+                    "agent sent {channel:?} data for request {id}, which has no such open stream"
+                ));
+            };
+            if !sink.budget.consume(data.len()) {
+                return Err(format!(
+                    "{channel:?} data of request {id} beyond its credit"
+                ));
+            }
+            let len = data.len();
+            if sink.tx.send(Ok(data)).is_err() {
+                // Nobody reads this stream any more: keep the agent going.
+                // The chunk size was checked against MAX_CHUNK above.
+                sink.budget.replenish(len as u32);
+                let _ = out.send(ClientMessage::Credit {
+                    id,
+                    channel,
+                    bytes: len as u32,
+                });
             }
         }
         AgentMessage::Eof { id, channel } => {
@@ -854,15 +988,19 @@ pub struct ExecSession {
     status: Option<ExitStatus>,
 }
 
-/// Everything an exec produced.
+/// What an exec produced, up to a limit per stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
     /// How it ended.
     pub status: ExitStatus,
-    /// All of stdout.
+    /// Stdout, or its first `limit` bytes.
     pub stdout: Vec<u8>,
-    /// All of stderr.
+    /// Stderr, or its first `limit` bytes.
     pub stderr: Vec<u8>,
+    /// Stdout went on past the limit; the rest was discarded.
+    pub stdout_truncated: bool,
+    /// Stderr went on past the limit; the rest was discarded.
+    pub stderr_truncated: bool,
 }
 
 /// Signals and resizes an exec; cheap to clone and usable while another task waits.
@@ -941,15 +1079,29 @@ impl ExecSession {
         self.exit_status().await
     }
 
-    /// Closes stdin, collects stdout and stderr (those not taken), and waits for the exit.
-    pub async fn wait_with_output(mut self) -> Result<Output, ClientError> {
+    /// [`wait_with_output_limited`](Self::wait_with_output_limited) to
+    /// [`DEFAULT_OUTPUT_LIMIT`] bytes per stream.
+    pub async fn wait_with_output(self) -> Result<Output, ClientError> {
+        self.wait_with_output_limited(DEFAULT_OUTPUT_LIMIT).await
+    }
+
+    /// Closes stdin, collects at most `limit` bytes of stdout and of stderr (those not
+    /// taken), and waits for the exit. Output past the limit is still read, so the process
+    /// runs on as it would into a pipe, and discarded; `Output` says which stream was cut.
+    pub async fn wait_with_output_limited(mut self, limit: usize) -> Result<Output, ClientError> {
         self.stdin.take();
-        let (out, err) = tokio::join!(read_all(self.stdout.take()), read_all(self.stderr.take()));
+        let (out, err) = tokio::join!(
+            read_limited(self.stdout.take(), limit),
+            read_limited(self.stderr.take(), limit)
+        );
         let status = self.exit_status().await?;
+        let ((stdout, stdout_truncated), (stderr, stderr_truncated)) = (out?, err?);
         Ok(Output {
             status,
-            stdout: out?,
-            stderr: err?,
+            stdout,
+            stderr,
+            stdout_truncated,
+            stderr_truncated,
         })
     }
 
@@ -965,10 +1117,13 @@ impl ExecSession {
     }
 }
 
-async fn read_all(stream: Option<OutputStream>) -> Result<Vec<u8>, ClientError> {
+async fn read_limited(
+    stream: Option<OutputStream>,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), ClientError> {
     match stream {
-        Some(mut stream) => stream.read_to_end().await,
-        None => Ok(Vec::new()),
+        Some(mut stream) => stream.read_limited(limit).await,
+        None => Ok((Vec::new(), false)),
     }
 }
 
@@ -1000,6 +1155,16 @@ impl ExecStdin {
             data = &data[n..];
         }
         Ok(())
+    }
+
+    /// Writes all of `data`, then closes stdin. A process that ends without reading all of
+    /// it is no error (as with a pipe into a process that exits).
+    pub async fn feed(mut self, data: &[u8]) -> Result<(), ClientError> {
+        match self.write(data).await {
+            Ok(()) => self.close(),
+            Err(ClientError::StdinClosed) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Closes the process's stdin (with a pty: sends ^D).
@@ -1047,13 +1212,27 @@ impl OutputStream {
         }
     }
 
-    /// Reads the stream to its end.
+    /// Reads the stream to its end, keeping all of it: only for output known to be small
+    /// (see [`read_limited`](Self::read_limited)).
     pub async fn read_to_end(&mut self) -> Result<Vec<u8>, ClientError> {
         let mut all = Vec::new();
         while let Some(chunk) = self.recv().await? {
             all.extend_from_slice(&chunk);
         }
         Ok(all)
+    }
+
+    /// Reads the stream to its end, keeping its first `limit` bytes; `true` when there was
+    /// more (read and discarded).
+    pub async fn read_limited(&mut self, limit: usize) -> Result<(Vec<u8>, bool), ClientError> {
+        let mut kept = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = self.recv().await? {
+            let room = limit - kept.len();
+            truncated |= chunk.len() > room;
+            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        Ok((kept, truncated))
     }
 }
 
