@@ -41,6 +41,9 @@ pub enum Error {
     /// The requested isolation tier cannot run on this host.
     #[error("{0}")]
     TierUnavailable(String),
+    /// A request (body, or an exec too large for the agent protocol) exceeds a limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// The sandbox's agent failed or is unreachable.
     #[error("sandbox agent: {0}")]
     Agent(#[from] agent::ClientError),
@@ -64,6 +67,9 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::TooLarge(_) | Error::Agent(agent::ClientError::RequestTooLarge { .. }) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Error::Agent(e) => match e.remote_kind() {
                 Some(agent::protocol::ErrorKind::NotFound) => StatusCode::NOT_FOUND,
                 Some(agent::protocol::ErrorKind::InvalidInput) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -84,6 +90,9 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::Quota(_) => "quota_exceeded",
+            Error::TooLarge(_) | Error::Agent(agent::ClientError::RequestTooLarge { .. }) => {
+                "payload_too_large"
+            }
             Error::Agent(e) => match e.remote_kind() {
                 Some(agent::protocol::ErrorKind::NotFound) => "not_found",
                 Some(agent::protocol::ErrorKind::InvalidInput) => "invalid_argument",

@@ -3,6 +3,7 @@
 //!
 //! See `api/README.md` for the REST surface.
 
+pub mod bounds;
 pub mod client;
 pub mod db;
 pub mod error;

@@ -272,10 +272,17 @@ pub struct ExecResult {
     /// How it ended.
     #[serde(flatten)]
     pub exit: ExitInfo,
-    /// Standard output (UTF-8, invalid bytes replaced).
+    /// Standard output (UTF-8, invalid bytes replaced), at most mvmd's exec output limit
+    /// (`MVM_EXEC_OUTPUT_LIMIT`, default 16 MiB) of it.
     pub stdout: String,
-    /// Standard error (UTF-8, invalid bytes replaced).
+    /// Standard error, like `stdout`.
     pub stderr: String,
+    /// Stdout went on past the limit: the rest was read and discarded (the process ran on).
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    /// Stderr went on past the limit, like `stdout_truncated`.
+    #[serde(default)]
+    pub stderr_truncated: bool,
 }
 
 /// One line of a streamed exec (`application/x-ndjson`).

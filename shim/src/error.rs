@@ -45,7 +45,9 @@ impl From<Error> for ttrpc::Error {
                 api::Error::TierUnavailable(_) | api::Error::Conflict(_) => {
                     Code::FAILED_PRECONDITION
                 }
-                api::Error::Invalid(_) | api::Error::BadRequest(_) => Code::INVALID_ARGUMENT,
+                api::Error::Invalid(_) | api::Error::BadRequest(_) | api::Error::TooLarge(_) => {
+                    Code::INVALID_ARGUMENT
+                }
                 api::Error::NotFound(_) => Code::NOT_FOUND,
                 api::Error::Quota(_) => Code::RESOURCE_EXHAUSTED,
                 api::Error::Unauthorized => Code::PERMISSION_DENIED,

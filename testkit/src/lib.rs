@@ -4,6 +4,7 @@
 //! `mvm-vmm` with a timeout.
 
 pub mod containerd;
+pub mod rss;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -24,6 +24,7 @@ use agent::AgentClient;
 use jailer::{BindMount, CleanupConfig, JailConfig};
 use vmm::devices::legacy::console::ConsoleLimit;
 
+use crate::bounds::Bounds;
 use crate::db::{self, Db, SandboxRow, Tenant};
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, Snapshot};
@@ -87,6 +88,9 @@ pub struct ManagerConfig {
     pub artifacts_dir: Option<PathBuf>,
     /// Largest size of a vm-tier sandbox's `console.log` (`mvm-vmm --console-limit`).
     pub console_limit: ConsoleLimit,
+    /// How much of a sandbox's or a client's data is held at once (exec output, bodies;
+    /// `MVM_EXEC_OUTPUT_LIMIT`, ... see [`Bounds::from_env`]).
+    pub bounds: Bounds,
 }
 
 impl ManagerConfig {
@@ -131,6 +135,7 @@ impl ManagerConfig {
                 .unwrap_or_default(),
             artifacts_dir: artifacts,
             console_limit: vm::console_limit_from_env(),
+            bounds: Bounds::from_env(),
         }
     }
 
@@ -1105,20 +1110,33 @@ impl Manager {
         }
     }
 
-    /// Runs a command to completion and returns its output.
+    /// Runs a command to completion and returns its output: at most `bounds.exec_output`
+    /// bytes of each stream, the rest drained and discarded (the process runs on as into a
+    /// pipe, not killed) and flagged `*_truncated`. Stdin is fed while the output is read, so
+    /// a process echoing a large stdin does not stall.
     pub async fn exec(&self, tenant: &str, id: &str, req: &ExecRequest) -> Result<ExecResult> {
         let mut session = self.start_exec(tenant, id, req).await?;
-        if let Some(mut stdin) = session.stdin.take() {
-            if let Some(data) = &req.stdin {
-                stdin.write(data.as_bytes()).await?;
+        let stdin = session.stdin.take();
+        let feed = async {
+            match stdin {
+                Some(s) => s.feed(req.stdin.as_deref().unwrap_or("").as_bytes()).await,
+                None => Ok(()),
             }
-            stdin.close()?;
-        }
-        let out = session.wait_with_output().await?;
+        };
+        let limit = self.inner.cfg.bounds.exec_output;
+        let (fed, out) = tokio::join!(feed, session.wait_with_output_limited(limit));
+        let out = out?;
+        fed?;
+        let text = |bytes: Vec<u8>| {
+            String::from_utf8(bytes)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        };
         Ok(ExecResult {
             exit: out.status.into(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stdout: text(out.stdout),
+            stderr: text(out.stderr),
+            stdout_truncated: out.stdout_truncated,
+            stderr_truncated: out.stderr_truncated,
         })
     }
 

@@ -8,12 +8,15 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 
 use super::{ApiJson, ApiPath, AppState, Auth};
+use crate::bounds::WS_MESSAGE_LIMIT;
 use crate::error::{Error, ErrorBody, Result};
-use crate::model::{ExecEvent, ExecRequest, ExecResult, WsControl};
+use crate::model::{ExecEvent, ExecRequest, ExecResult, ExitInfo, WsControl};
 
 /// First byte of a websocket binary frame from the server: which stream the rest is.
 pub const WS_STDOUT: u8 = 1;
@@ -32,50 +35,165 @@ enum Chunk {
     Stderr(Vec<u8>),
 }
 
-/// Forwards stdout and stderr chunks into `emit` until both end; `Err` when a stream failed.
-/// Stops early (with `Ok`) when `emit` returns false.
-async fn pump(
-    mut stdout: Option<agent::OutputStream>,
-    mut stderr: Option<agent::OutputStream>,
-    mut emit: impl FnMut(Chunk) -> bool,
-) -> Result<()> {
-    while stdout.is_some() || stderr.is_some() {
-        let chunk = tokio::select! {
-            c = async { stdout.as_mut().expect("checked").recv().await }, if stdout.is_some() => match c? {
-                Some(c) => Chunk::Stdout(c),
-                None => { stdout = None; continue }
-            },
-            c = async { stderr.as_mut().expect("checked").recv().await }, if stderr.is_some() => match c? {
-                Some(c) => Chunk::Stderr(c),
-                None => { stderr = None; continue }
-            },
-        };
-        if !emit(chunk) {
-            break;
-        }
-    }
-    Ok(())
+/// The output streams of an exec, read one chunk at a time. Taking a chunk returns its
+/// credit to the agent, so callers take the next one only once the previous one is on its
+/// way to the client: a client that does not read stops the sandbox's output, and mvmd
+/// holds at most the agent protocol's window per stream.
+struct Output {
+    stdout: Option<agent::OutputStream>,
+    stderr: Option<agent::OutputStream>,
 }
 
-/// Pumps a whole session into NDJSON events: output chunks, then `exit` or `error`.
-async fn pump_ndjson(mut session: agent::ExecSession, emit: mpsc::UnboundedSender<Bytes>) {
-    let b64 = |c: &[u8]| base64::engine::general_purpose::STANDARD.encode(c);
-    let streams = pump(session.stdout.take(), session.stderr.take(), |c| {
-        let event = match c {
-            Chunk::Stdout(c) => ExecEvent::Stdout { data: b64(&c) },
-            Chunk::Stderr(c) => ExecEvent::Stderr { data: b64(&c) },
-        };
-        emit.send(line(&event)).is_ok()
-    })
-    .await;
-    let end = match streams {
-        Ok(()) => match session.wait().await {
-            Ok(status) => ExecEvent::Exit(status.into()),
-            Err(e) => ExecEvent::Error(Error::from(e).body()),
-        },
-        Err(e) => ExecEvent::Error(e.body()),
+impl Output {
+    fn of(session: &mut agent::ExecSession) -> Self {
+        Self {
+            stdout: session.stdout.take(),
+            stderr: session.stderr.take(),
+        }
+    }
+
+    /// The next chunk of either stream; `Ok(None)` once both ended. Cancel-safe.
+    async fn next(&mut self) -> Result<Option<Chunk>> {
+        loop {
+            let chunk = tokio::select! {
+                c = async { self.stdout.as_mut().expect("checked").recv().await }, if self.stdout.is_some() => match c? {
+                    Some(c) => Chunk::Stdout(c),
+                    None => { self.stdout = None; continue }
+                },
+                c = async { self.stderr.as_mut().expect("checked").recv().await }, if self.stderr.is_some() => match c? {
+                    Some(c) => Chunk::Stderr(c),
+                    None => { self.stderr = None; continue }
+                },
+                else => return Ok(None),
+            };
+            return Ok(Some(chunk));
+        }
+    }
+}
+
+/// Kills an exec whose client went away before it ended (dropped with the response body).
+struct KillOnDrop {
+    control: Option<agent::ExecControl>,
+}
+
+impl KillOnDrop {
+    fn ended(&mut self) {
+        self.control = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let (Some(control), Ok(rt)) =
+            (self.control.take(), tokio::runtime::Handle::try_current())
+        {
+            // The exec may end meanwhile: NoSuchExec is fine.
+            rt.spawn(async move { control.signal(libc::SIGKILL).await });
+        }
+    }
+}
+
+/// A streamed exec as NDJSON events: output chunks, then `exit` or `error`. The body pulls
+/// the output when the client takes the previous line (no queue between them); a client that
+/// disconnects kills the process.
+fn ndjson(mut session: agent::ExecSession) -> Body {
+    let output = Output::of(&mut session);
+    let guard = KillOnDrop {
+        control: Some(session.control()),
     };
-    let _ = emit.send(line(&end));
+    let b64 = |c: &[u8]| base64::engine::general_purpose::STANDARD.encode(c);
+    let events =
+        futures_util::stream::unfold(Some((session, output, guard)), move |state| async move {
+            let (mut session, mut output, mut guard) = state?;
+            let event = match output.next().await {
+                Ok(Some(Chunk::Stdout(c))) => ExecEvent::Stdout { data: b64(&c) },
+                Ok(Some(Chunk::Stderr(c))) => ExecEvent::Stderr { data: b64(&c) },
+                Ok(None) => {
+                    let end = match session.wait().await {
+                        Ok(status) => ExecEvent::Exit(status.into()),
+                        Err(e) => ExecEvent::Error(Error::from(e).body()),
+                    };
+                    guard.ended();
+                    return Some((Ok::<_, std::io::Error>(line(&end)), None));
+                }
+                Err(e) => return Some((Ok(line(&ExecEvent::Error(e.body()))), None)),
+            };
+            Some((Ok(line(&event)), Some((session, output, guard))))
+        });
+    Body::from_stream(events)
+}
+
+/// Output escaped into JSON per piece of this many bytes.
+const JSON_PIECE: usize = 64 * 1024;
+
+/// The pieces of a JSON string's content (no quotes), escaped one at a time when asked for.
+struct JsonPieces {
+    text: String,
+    at: usize,
+}
+
+impl Iterator for JsonPieces {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        if self.at == self.text.len() {
+            return None;
+        }
+        let mut end = (self.at + JSON_PIECE).min(self.text.len());
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let quoted = serde_json::to_string(&self.text[self.at..end]).expect("strings serialize");
+        self.at = end;
+        Some(Bytes::copy_from_slice(
+            &quoted.as_bytes()[1..quoted.len() - 1],
+        ))
+    }
+}
+
+/// A buffered exec's answer, written as the client reads it: JSON escapes a control byte into
+/// six, so an answer made at once could take six times the output it holds.
+fn buffered(result: ExecResult) -> Response {
+    /// [`ExecResult`] but the output, which follows it.
+    #[derive(serde::Serialize)]
+    struct Head {
+        #[serde(flatten)]
+        exit: ExitInfo,
+        stdout_truncated: bool,
+        stderr_truncated: bool,
+    }
+    let ExecResult {
+        exit,
+        stdout,
+        stderr,
+        stdout_truncated,
+        stderr_truncated,
+    } = result;
+    let mut head = serde_json::to_vec(&Head {
+        exit,
+        stdout_truncated,
+        stderr_truncated,
+    })
+    .expect("serializes");
+    head.pop(); // its closing brace
+    head.extend_from_slice(b",\"stdout\":\"");
+    let pieces = std::iter::once(Bytes::from(head))
+        .chain(JsonPieces {
+            text: stdout,
+            at: 0,
+        })
+        .chain(std::iter::once(Bytes::from_static(b"\",\"stderr\":\"")))
+        .chain(JsonPieces {
+            text: stderr,
+            at: 0,
+        })
+        .chain(std::iter::once(Bytes::from_static(b"\"}")))
+        .map(Ok::<_, std::io::Error>);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(futures_util::stream::iter(pieces)),
+    )
+        .into_response()
 }
 
 /// Run a command. With `"stream": true` the answer is `application/x-ndjson`, one
@@ -96,23 +214,17 @@ pub async fn exec(
         ));
     }
     if !req.stream {
-        return Ok(Json(state.manager.exec(&tenant.name, &id, &req).await?).into_response());
+        return Ok(buffered(state.manager.exec(&tenant.name, &id, &req).await?));
     }
     let mut session = state.manager.start_exec(&tenant.name, &id, &req).await?;
-    if let Some(mut stdin) = session.stdin.take() {
-        if let Some(data) = &req.stdin {
-            stdin.write(data.as_bytes()).await?;
-        }
-        stdin.close()?;
+    if let Some(stdin) = session.stdin.take() {
+        // Fed while the output streams, so that a process echoing its stdin does not stall.
+        let data = req.stdin.unwrap_or_default();
+        tokio::spawn(async move { stdin.feed(data.as_bytes()).await });
     }
-    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-    tokio::spawn(pump_ndjson(session, tx));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
+        ndjson(session),
     )
         .into_response())
 }
@@ -172,119 +284,190 @@ pub async fn exec_ws(
         Ok(ws) => ws,
         Err(rejection) => return Ok(not_a_handshake(&id, rejection)),
     };
-    Ok(ws.on_upgrade(move |socket| async move {
-        if let Err(e) = serve_ws(state, tenant.name, id, socket).await {
-            tracing::debug!("exec websocket: {e}");
-        }
-    }))
+    let ws = ws
+        .max_message_size(WS_MESSAGE_LIMIT)
+        .max_frame_size(WS_MESSAGE_LIMIT);
+    Ok(ws.on_upgrade(move |socket| serve_ws(state, tenant.name, id, socket)))
 }
 
-async fn serve_ws(state: AppState, tenant: String, id: String, socket: WebSocket) -> Result<()> {
+/// How long the server waits, once it has sent the exit event and its Close frame, for the
+/// client's Close before it closes the connection itself.
+const WS_CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// One websocket exec. Output goes to the client as it takes it (a chunk is taken from the
+/// agent only once the previous one is written); stdin and controls are read by a task of
+/// their own, so a process blocked on its stdin never blocks its output. The end is the
+/// websocket closing handshake: the exit event, the server's Close, then the client's Close
+/// (or [`WS_CLOSE_GRACE`]); stdin that arrives meanwhile is discarded.
+async fn serve_ws(state: AppState, tenant: String, id: String, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    let fail = |e: Error| {
-        Message::Text(
-            serde_json::to_string(&ExecEvent::Error(e.body()))
-                .expect("serializes")
-                .into(),
-        )
-    };
     let req: ExecRequest = loop {
         match stream.next().await {
             Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
                 Ok(r) => break r,
                 Err(e) => {
-                    let _ = sink
-                        .send(fail(Error::Invalid(format!(
-                            "first message must be an ExecRequest: {e}"
-                        ))))
-                        .await;
-                    return Ok(());
+                    let e = Error::Invalid(format!("first message must be an ExecRequest: {e}"));
+                    let _ = sink.send(event(&ExecEvent::Error(e.body()))).await;
+                    return close(sink, stream).await;
                 }
             },
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            _ => return Ok(()),
+            _ => return,
         }
     };
     let mut session = match state.manager.start_exec(&tenant, &id, &req).await {
         Ok(s) => s,
         Err(e) => {
-            let _ = sink.send(fail(e)).await;
-            return Ok(());
+            let _ = sink.send(event(&ExecEvent::Error(e.body()))).await;
+            return close(sink, stream).await;
         }
     };
-    let mut stdin = session.stdin.take();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
-    let (stdout, stderr) = (session.stdout.take(), session.stderr.take());
-    let pump_task = tokio::spawn(async move {
-        pump(stdout, stderr, |c| {
-            let (kind, data) = match c {
-                Chunk::Stdout(d) => (WS_STDOUT, d),
-                Chunk::Stderr(d) => (WS_STDERR, d),
-            };
-            let mut v = Vec::with_capacity(data.len() + 1);
-            v.push(kind);
-            v.extend_from_slice(&data);
-            out_tx.send(Message::Binary(v.into())).is_ok()
-        })
-        .await
-    });
-    // Output until both streams end; meanwhile stdin and controls from the client.
+    let mut output = Output::of(&mut session);
+    let (notes_tx, mut notes) = mpsc::channel::<Message>(1);
+    let (ended_tx, ended) = watch::channel(false);
+    let mut input = tokio::spawn(client_input(
+        stream,
+        session.stdin.take(),
+        session.control(),
+        notes_tx,
+        ended,
+    ));
     let mut client_open = true;
-    loop {
-        tokio::select! {
-            out = out_rx.recv() => match out {
-                Some(msg) => {
-                    if client_open && sink.send(msg).await.is_err() {
-                        client_open = false;
-                    }
-                }
-                None => break,
+    let streams = loop {
+        let msg = tokio::select! {
+            chunk = output.next() => match chunk {
+                Ok(Some(Chunk::Stdout(data))) => tagged(WS_STDOUT, &data),
+                Ok(Some(Chunk::Stderr(data))) => tagged(WS_STDERR, &data),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             },
-            msg = stream.next(), if client_open => match msg {
-                Some(Ok(Message::Binary(data))) => {
-                    if let Some(s) = stdin.as_mut() {
-                        if s.write(&data).await.is_err() {
-                            stdin = None;
-                        }
-                    }
-                }
-                Some(Ok(Message::Text(t))) => {
-                    let result = match serde_json::from_str::<WsControl>(&t) {
-                        Ok(WsControl::Eof) => stdin.take().map_or(Ok(()), |s| s.close()).map_err(Error::from),
-                        Ok(WsControl::Signal { signal }) => session.signal(signal).await.map_err(Error::from),
-                        Ok(WsControl::Resize { rows, cols }) => session.resize(rows, cols).await.map_err(Error::from),
-                        Err(e) => Err(Error::Invalid(format!("bad control message: {e}"))),
-                    };
-                    if let Err(e) = result {
-                        let _ = sink.send(fail(e)).await;
-                    }
-                }
-                Some(Ok(_)) => {}
-                // The client went away: the process loses stdin and is killed.
-                Some(Err(_)) | None => {
-                    client_open = false;
-                    stdin = None;
-                    let _ = session.signal(libc::SIGKILL).await;
-                }
-            },
+            Some(note) = notes.recv() => note,
+        };
+        // A client gone: the input task kills the process; its output is drained.
+        if client_open && sink.send(msg).await.is_err() {
+            client_open = false;
         }
-    }
-    drop(stdin);
-    let end = match pump_task.await {
-        Ok(Ok(())) => match session.wait().await {
+    };
+    let end = match streams {
+        Ok(()) => match session.wait().await {
             Ok(status) => ExecEvent::Exit(status.into()),
             Err(e) => ExecEvent::Error(Error::from(e).body()),
         },
-        Ok(Err(e)) => ExecEvent::Error(e.body()),
-        Err(e) => ExecEvent::Error(Error::host("exec output task", e).body()),
+        Err(e) => ExecEvent::Error(e.body()),
     };
+    let _ = ended_tx.send(true);
+    drop(notes);
     if client_open {
-        let _ = sink
-            .send(Message::Text(
-                serde_json::to_string(&end).expect("serializes").into(),
-            ))
-            .await;
+        let _ = sink.send(event(&end)).await;
         let _ = sink.close().await;
     }
-    Ok(())
+    // The client's Close (or its hang-up) ends the input task.
+    if tokio::time::timeout(WS_CLOSE_GRACE, &mut input)
+        .await
+        .is_err()
+    {
+        input.abort();
+    }
+}
+
+/// A text frame carrying `e`.
+fn event(e: &ExecEvent) -> Message {
+    Message::Text(serde_json::to_string(e).expect("serializes").into())
+}
+
+/// A binary frame: the stream byte, then the data.
+fn tagged(stream: u8, data: &[u8]) -> Message {
+    let mut v = Vec::with_capacity(data.len() + 1);
+    v.push(stream);
+    v.extend_from_slice(data);
+    Message::Binary(v.into())
+}
+
+/// Ends a websocket on which no exec ran: Close, then the client's Close or the grace period.
+async fn close(mut sink: SplitSink<WebSocket, Message>, mut stream: SplitStream<WebSocket>) {
+    let _ = sink.close().await;
+    let _ = tokio::time::timeout(WS_CLOSE_GRACE, async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+}
+
+/// Reads the client's frames until it closes: stdin (discarded once the process has closed
+/// it or ended) and controls (a failed one is reported through `notes` while the exec runs).
+/// A client that goes away before the exec `ended` kills its process.
+async fn client_input(
+    mut stream: SplitStream<WebSocket>,
+    mut stdin: Option<agent::ExecStdin>,
+    control: agent::ExecControl,
+    notes: mpsc::Sender<Message>,
+    ended: watch::Receiver<bool>,
+) {
+    while let Some(Ok(msg)) = stream.next().await {
+        let result = match msg {
+            Message::Binary(data) => {
+                if let Some(s) = stdin.as_mut() {
+                    if s.write(&data).await.is_err() {
+                        stdin = None;
+                    }
+                }
+                continue;
+            }
+            Message::Text(t) => match serde_json::from_str::<WsControl>(&t) {
+                Ok(WsControl::Eof) => stdin
+                    .take()
+                    .map_or(Ok(()), |s| s.close())
+                    .map_err(Error::from),
+                Ok(WsControl::Signal { signal }) => {
+                    control.signal(signal).await.map_err(Error::from)
+                }
+                Ok(WsControl::Resize { rows, cols }) => {
+                    control.resize(rows, cols).await.map_err(Error::from)
+                }
+                Err(e) => Err(Error::Invalid(format!("bad control message: {e}"))),
+            },
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        if let Err(e) = result {
+            // Fails once the output has ended: nothing more is sent then.
+            let _ = notes.send(event(&ExecEvent::Error(e.body()))).await;
+        }
+    }
+    drop(stdin);
+    if !*ended.borrow() {
+        // The exec may end meanwhile: NoSuchExec is fine.
+        let _ = control.signal(libc::SIGKILL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn buffered_answers_are_the_json_of_the_result() {
+        // Control bytes (escaped 6 for 1) and multi-byte characters across piece boundaries.
+        let stdout: String = "\0é\u{1F600}\"\\\n"
+            .chars()
+            .cycle()
+            .take(3 * JSON_PIECE)
+            .collect();
+        let result = ExecResult {
+            exit: ExitInfo {
+                exit_code: Some(3),
+                signal: None,
+                timed_out: false,
+            },
+            stdout,
+            stderr: String::new(),
+            stdout_truncated: true,
+            stderr_truncated: false,
+        };
+        let body = axum::body::to_bytes(buffered(result.clone()).into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(serde_json::from_slice::<ExecResult>(&body).unwrap(), result);
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value, serde_json::to_value(&result).unwrap());
+    }
 }

@@ -67,15 +67,19 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// A JSON body; syntax errors are 400, wrong fields or types 422.
+/// A JSON body; syntax errors are 400, wrong fields or types 422, a body past mvmd's limit
+/// 413.
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = Error;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Error> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(super::body::json_too_large(&state.manager.config().bounds))
+            }
             Err(JsonRejection::JsonDataError(e)) => Err(Error::Invalid(e.body_text())),
             Err(JsonRejection::JsonSyntaxError(e)) => Err(Error::BadRequest(e.body_text())),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::BadRequest(

@@ -1,6 +1,7 @@
 //! `mvmd`'s HTTP surface: the versioned JSON API under `/v1`, `/healthz`, `/metrics` and the
 //! OpenAPI document at `/openapi.json`, generated from the handlers below.
 
+mod body;
 mod exec;
 mod extract;
 pub mod templates;
@@ -13,7 +14,6 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use futures_util::TryStreamExt;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -93,6 +93,13 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
                 }),
             )
         })
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.manager.config().bounds.request_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            body::limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(state, audit));
     (router, doc)
 }
@@ -220,9 +227,12 @@ async fn put_file(
     check_path(&q.path)?;
     let mode = file_mode(&q)?;
     let client = state.manager.agent(&tenant.name, &id).await?;
-    let reader =
-        tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
-    let bytes = client.put_file(&q.path, mode, reader).await?;
+    let limit = body::UploadLimit::new(&state.manager.config().bounds);
+    let reader = tokio_util::io::StreamReader::new(limit.apply(body.into_data_stream()));
+    let bytes = client
+        .put_file(&q.path, mode, reader)
+        .await
+        .map_err(|e| limit.error(e))?;
     Ok(Json(FileWritten {
         path: q.path,
         bytes,

@@ -198,6 +198,11 @@ impl Daemon {
         }
     }
 
+    /// mvmd's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("mvmd is running").id()
+    }
+
     /// mvmd's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mvmd.log")).unwrap_or_default()

@@ -1,0 +1,97 @@
+//! How much data from a sandbox or a client mvmd holds at once, as data.
+//!
+//! mvmd is a root daemon shared by every tenant, and both the sandboxes (their agent and
+//! processes) and the API clients are untrusted with its memory: every path that holds their
+//! data has a bound here, or streams with backpressure (the agent protocol's credit, HTTP and
+//! websocket flow control) so that a party that does not read stalls its own data, never the
+//! daemon's memory.
+
+use std::str::FromStr;
+
+/// Environment variable overriding [`DEFAULT_EXEC_OUTPUT_LIMIT`].
+pub const EXEC_OUTPUT_LIMIT_ENV: &str = "MVM_EXEC_OUTPUT_LIMIT";
+/// Bytes of stdout, and of stderr, a buffered exec keeps: 16 MiB.
+pub const DEFAULT_EXEC_OUTPUT_LIMIT: usize = agent::client::DEFAULT_OUTPUT_LIMIT;
+/// Environment variable overriding [`DEFAULT_REQUEST_BODY_LIMIT`].
+pub const REQUEST_BODY_LIMIT_ENV: &str = "MVM_REQUEST_BODY_LIMIT";
+/// Largest body of a JSON request: 2 MiB.
+pub const DEFAULT_REQUEST_BODY_LIMIT: usize = 2 << 20;
+/// Environment variable overriding [`DEFAULT_UPLOAD_LIMIT`].
+pub const UPLOAD_LIMIT_ENV: &str = "MVM_UPLOAD_LIMIT";
+/// Largest file `PUT /v1/sandboxes/{id}/files` takes: 1 GiB. The body streams into the
+/// sandbox (it is never held whole); the bound is on what one request may write.
+pub const DEFAULT_UPLOAD_LIMIT: u64 = 1 << 30;
+/// Largest websocket message the exec websocket takes (stdin comes in messages of any size
+/// up to this; the protocol library's default is 64 MiB, held whole).
+pub const WS_MESSAGE_LIMIT: usize = 1 << 20;
+
+/// The bounds of one manager and its daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Bytes of stdout, and of stderr, a buffered exec keeps; the rest is read and
+    /// discarded, and the answer says `stdout_truncated` / `stderr_truncated`.
+    pub exec_output: usize,
+    /// Largest body of a JSON request (413 past it).
+    pub request_body: usize,
+    /// Largest file upload (413 past it).
+    pub upload: u64,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            exec_output: DEFAULT_EXEC_OUTPUT_LIMIT,
+            request_body: DEFAULT_REQUEST_BODY_LIMIT,
+            upload: DEFAULT_UPLOAD_LIMIT,
+        }
+    }
+}
+
+impl Bounds {
+    /// The defaults, overridden by `MVM_EXEC_OUTPUT_LIMIT`, `MVM_REQUEST_BODY_LIMIT` and
+    /// `MVM_UPLOAD_LIMIT` (bytes); an invalid value is ignored with a warning naming it.
+    pub fn from_env() -> Self {
+        let d = Self::default();
+        Self {
+            exec_output: bytes_from_env(EXEC_OUTPUT_LIMIT_ENV, d.exec_output, 0),
+            request_body: bytes_from_env(REQUEST_BODY_LIMIT_ENV, d.request_body, 1),
+            upload: bytes_from_env(UPLOAD_LIMIT_ENV, d.upload, 1),
+        }
+    }
+}
+
+/// A byte count of at least `min` from `var`; `default` when unset or invalid.
+fn bytes_from_env<T>(var: &str, default: T, min: T) -> T
+where
+    T: FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let Ok(value) = std::env::var(var) else {
+        return default;
+    };
+    match value.trim().parse::<T>() {
+        Ok(v) if v >= min => v,
+        _ if value.is_empty() => default,
+        _ => {
+            tracing::warn!(
+                "{var}={value:?} is not a byte count of at least {min}; using {default}"
+            );
+            default
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_from_the_environment() {
+        let var = "MVM_TEST_BOUNDS_BYTES";
+        for (value, want) in [("4096", 4096), ("", 7), ("x", 7), ("0", 7), ("-1", 7)] {
+            std::env::set_var(var, value);
+            assert_eq!(bytes_from_env(var, 7u64, 1), want, "{value:?}");
+        }
+        std::env::remove_var(var);
+        assert_eq!(bytes_from_env(var, 7usize, 0), 7);
+    }
+}
