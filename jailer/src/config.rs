@@ -9,6 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::seccomp::SeccompPolicy;
 
 /// Default `--chroot-base-dir`, as in Firecracker's jailer.
 pub const DEFAULT_CHROOT_BASE: &str = "/srv/jailer";
@@ -224,6 +225,8 @@ pub struct JailConfig {
     pub landlock: bool,
     /// Jail directories that stay writable under Landlock.
     pub landlock_write: Vec<PathBuf>,
+    /// Seccomp filters installed right before the exec, inherited by every process of the jail.
+    pub seccomp: Option<SeccompPolicy>,
     /// Arguments passed to the target (after `--` on the command line).
     pub args: Vec<OsString>,
 }
@@ -250,6 +253,7 @@ impl JailConfig {
             mounts: Vec::new(),
             landlock: false,
             landlock_write: Vec::new(),
+            seccomp: None,
             args: Vec::new(),
         }
     }
@@ -364,6 +368,10 @@ impl JailConfig {
                 ));
             }
         }
+        if let Some(policy) = &self.seccomp {
+            // Compiled now to fail before anything is made; the jail compiles its own copy.
+            policy.compile()?;
+        }
         Ok(())
     }
 
@@ -437,6 +445,10 @@ impl JailConfig {
         }
         for dir in &self.landlock_write {
             push("--landlock-write", dir.clone().into());
+        }
+        if let Some(policy) = &self.seccomp {
+            let (flag, value) = policy.flag();
+            push(flag, value);
         }
         for (set, flag) in [
             (self.daemonize, "--daemonize"),
@@ -717,17 +729,28 @@ mod tests {
         c.mounts.push("/k:/kernel".parse().unwrap());
         c.new_pid_ns = true;
         c.mount_devpts = true;
+        c.seccomp = Some(SeccompPolicy::Sandbox);
         c.args = vec!["--api-sock".into(), "/run/api.sock".into()];
-        let args: Vec<String> = c
-            .to_args()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
-        let joined = args.join(" ");
-        assert!(joined.starts_with("--id vm-1 --exec-file /bin/x --uid 10 --gid 20"));
-        assert!(joined.contains("--cgroup pids.max=5"));
-        assert!(joined.contains("--mount /k:/kernel:ro"));
-        assert!(joined.ends_with("--new-pid-ns --mount-devpts -- --api-sock /run/api.sock"));
+        let joined = |c: &JailConfig| {
+            c.to_args()
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let args = joined(&c);
+        assert!(args.starts_with("--id vm-1 --exec-file /bin/x --uid 10 --gid 20"));
+        assert!(args.contains("--cgroup pids.max=5"));
+        assert!(args.contains("--mount /k:/kernel:ro"));
+        assert!(args.contains("--seccomp-policy sandbox"));
+        assert!(args.ends_with("--new-pid-ns --mount-devpts -- --api-sock /run/api.sock"));
+        c.seccomp = Some(SeccompPolicy::File("/etc/mvm/policy.json".into()));
+        assert!(joined(&c).contains("--seccomp-filter /etc/mvm/policy.json"));
+        // Checked with the rest of the configuration, before anything is made.
+        let mut c = JailConfig::new("vm-1", std::env::current_exe().unwrap(), 10, 10);
+        c.seccomp = Some(SeccompPolicy::File("/nonexistent/policy.json".into()));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("invalid --seccomp-filter"), "{e}");
     }
 
     #[test]

@@ -136,6 +136,9 @@ pub enum Error {
     /// A Landlock ruleset could not be built or applied.
     #[error("landlock: {0}")]
     Landlock(String),
+    /// The kernel refused a seccomp filter.
+    #[error("seccomp: cannot install a filter: {0}")]
+    Seccomp(String),
     /// The real, effective or saved uid/gid, or the supplementary groups, are not what the
     /// privilege drop asked for (fail closed).
     #[error("after the privilege drop the process has uids {uids:?} and gids {gids:?} (real, effective, saved) and {groups} supplementary groups, not uid {uid}, gid {gid} and none; refusing to start the target")]

@@ -13,6 +13,7 @@ use crate::config::{jail_dir, validate_id, validate_parent_cgroup, JailConfig};
 use crate::error::{check, Error, Result};
 use crate::privileges::{self, LandlockOutcome};
 use crate::process;
+use crate::seccomp;
 
 /// A jail built on the host (directory tree and cgroups), not yet entered. Dropping it without
 /// entering removes everything it made.
@@ -21,6 +22,8 @@ pub struct Jail {
     config: JailConfig,
     root: PathBuf,
     netns: Option<File>,
+    /// The compiled seccomp policy, installed right before the exec.
+    seccomp: Vec<seccompiler::BpfProgram>,
     undo: Undo,
 }
 
@@ -87,8 +90,13 @@ impl Jail {
         let host_mnt_ns =
             File::open("/proc/self/ns/mnt").map_err(|e| Error::io("open /proc/self/ns/mnt", e))?;
         let root = config.root_dir()?;
+        let seccomp = match &config.seccomp {
+            Some(policy) => policy.compile()?,
+            None => Vec::new(),
+        };
         let mut jail = Jail {
             netns,
+            seccomp,
             root,
             undo: Undo {
                 armed: true,
@@ -121,7 +129,7 @@ impl Jail {
     /// Steps 3–6: joins the cgroups and network namespace, enters new mount/ipc/uts (and
     /// optionally pid) namespaces, pivots into the jail root, mounts procfs and devpts if asked,
     /// applies rlimits, drops to the jail uid/gid without capabilities, applies Landlock if
-    /// asked, daemonizes if asked and execs the target.
+    /// asked, daemonizes if asked, installs the seccomp policy if asked and execs the target.
     ///
     /// Must be called from a single-threaded process (the `mvm-jailer` binary, or a child forked
     /// for it) after [`crate::sanitize_process`]. Without `new_pid_ns` it never returns on
@@ -260,12 +268,15 @@ impl Jail {
                 std::process::exit(code);
             }
             apply_landlock(c)?;
+            seccomp::install(&self.seccomp)?;
             return Err(process::exec(&exec_path, &c.args));
         }
         apply_landlock(c)?;
         if let Some(null) = dev_null {
             process::daemonize(null)?;
         }
+        // Last: nothing of the jailer's own runs under the target's filters.
+        seccomp::install(&self.seccomp)?;
         Err(process::exec(&exec_path, &c.args))
     }
 }
@@ -274,7 +285,7 @@ fn apply_landlock(c: &JailConfig) -> Result<()> {
     if !c.landlock {
         return Ok(());
     }
-    match privileges::apply_landlock(&c.landlock_write_dirs(), c.mount_devpts)? {
+    match privileges::apply_landlock(&c.landlock_write_dirs())? {
         LandlockOutcome::Enforced => {}
         LandlockOutcome::Partial => {
             eprintln!(

@@ -11,7 +11,8 @@
 //!    `pivot_root` into the jail and detach the old root; mount procfs and a new devpts instance
 //!    if asked;
 //! 5. rlimits, drop to uid/gid with no capabilities and `no_new_privs`, optional Landlock;
-//! 6. daemonize if asked and exec the target ([`Jail::enter`]).
+//! 6. daemonize if asked, install the seccomp policy if asked ([`SeccompPolicy`]) and exec the
+//!    target ([`Jail::enter`]).
 //!
 //! A multi-threaded program (such as the API daemon) must not call [`Jail::enter`] itself:
 //! it spawns the `mvm-jailer` binary with [`JailConfig::to_args`] and removes a finished jail
@@ -24,6 +25,7 @@ mod error;
 mod jail;
 mod privileges;
 mod process;
+mod seccomp;
 
 pub use cgroup::CgroupDir;
 pub use chroot::{DeviceNode, DEVICE_NODES};
@@ -35,6 +37,7 @@ pub use config::{
 pub use error::{Error, Result};
 pub use jail::{cleanup, CleanupConfig, Jail, DEFAULT_EXEC_FILE_NAME};
 pub use process::sanitize_process;
+pub use seccomp::SeccompPolicy;
 
 /// Runs a whole jailer invocation in the calling (single-threaded) process: sanitizes it,
 /// prepares the jail and enters it. Returns only on failure or, with `new_pid_ns`, with the exit

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use jailer::{
     BindMount, CgroupSetting, CgroupVersion, CleanupConfig, JailConfig, ResourceLimit,
-    DEFAULT_CHROOT_BASE, DEFAULT_EXEC_FILE_NAME, DEFAULT_PARENT_CGROUP,
+    SeccompPolicy, DEFAULT_CHROOT_BASE, DEFAULT_EXEC_FILE_NAME, DEFAULT_PARENT_CGROUP,
 };
 
 /// Runs a program (normally mvm-vmm) in a chroot with its own namespaces and cgroups, as an
@@ -67,8 +67,15 @@ struct Cli {
     /// Jail directory left writable under --landlock (default /run); repeatable.
     #[arg(long = "landlock-write", value_name = "JAILDIR")]
     landlock_write: Vec<PathBuf>,
+    /// Seccomp policy for the program and all it starts, installed right before the exec:
+    /// `sandbox` (built in: for untrusted code; denied calls fail with EPERM).
+    #[arg(long, value_name = "NAME", value_parser = parse::<SeccompPolicy>)]
+    seccomp_policy: Option<SeccompPolicy>,
+    /// Seccomp policy from a seccompiler JSON file: every filter in it is installed.
+    #[arg(long, value_name = "FILE", conflicts_with = "seccomp_policy")]
+    seccomp_filter: Option<PathBuf>,
     /// Remove the jail directory and cgroups of --id instead of starting anything.
-    #[arg(long, conflicts_with_all = ["exec_file", "uid", "gid", "netns", "daemonize", "new_pid_ns", "mount_proc", "mount_devpts", "cgroups", "resource_limits", "mounts", "landlock"])]
+    #[arg(long, conflicts_with_all = ["exec_file", "uid", "gid", "netns", "daemonize", "new_pid_ns", "mount_proc", "mount_devpts", "cgroups", "resource_limits", "mounts", "landlock", "seccomp_policy", "seccomp_filter"])]
     cleanup: bool,
     /// With --cleanup: file name of the exec file the jail was made for.
     #[arg(long, requires = "cleanup", default_value = DEFAULT_EXEC_FILE_NAME)]
@@ -117,6 +124,9 @@ fn main() -> ExitCode {
         config.mounts = cli.mounts;
         config.landlock = cli.landlock;
         config.landlock_write = cli.landlock_write;
+        config.seccomp = cli
+            .seccomp_policy
+            .or(cli.seccomp_filter.map(SeccompPolicy::File));
         config.args = cli.args;
         jailer::run(config)
     };

@@ -8,8 +8,10 @@ use landlock::{
     ABI,
 };
 
-use crate::chroot::DEVICE_NODES;
-use crate::config::{ResourceLimit, DEFAULT_NO_FILE, DEVPTS_DIR};
+use crate::config::{ResourceLimit, DEFAULT_NO_FILE};
+
+/// The jail's device directory.
+const DEV_DIR: &str = "/dev";
 use crate::error::{check, Error, Result};
 
 /// Applies the limits (soft = hard, so the jailed process cannot raise them), adding the default
@@ -198,9 +200,11 @@ pub(crate) enum LandlockOutcome {
 }
 
 /// Restricts the calling process (already in the jail): read and execute anywhere in the jail,
-/// full access beneath `write_dirs`, read/write/ioctl on the device nodes (and on the ptys
-/// beneath /dev/pts with `ptys`), nothing else.
-pub(crate) fn apply_landlock(write_dirs: &[PathBuf], ptys: bool) -> Result<LandlockOutcome> {
+/// full access beneath `write_dirs`, read/write/ioctl on the files beneath the jail's `/dev`
+/// (the device nodes its maker put there, and the ptys of its own devpts), nothing else: no
+/// file, device node or socket can be made outside `write_dirs`, and no file outside the jail
+/// reached through a `/proc/<pid>/fd` link is writable.
+pub(crate) fn apply_landlock(write_dirs: &[PathBuf]) -> Result<LandlockOutcome> {
     let abi = ABI::V5;
     let err = |e: &dyn std::fmt::Display| Error::Landlock(e.to_string());
     let open =
@@ -220,12 +224,14 @@ pub(crate) fn apply_landlock(write_dirs: &[PathBuf], ptys: bool) -> Result<Landl
             .add_rule(PathBeneath::new(open(dir)?, AccessFs::from_all(abi)))
             .map_err(|e| err(&e))?;
     }
-    let pts = ptys.then_some(Path::new(DEVPTS_DIR));
-    for dev in DEVICE_NODES.iter().map(|d| Path::new(d.path)).chain(pts) {
-        ruleset = ruleset
-            .add_rule(PathBeneath::new(open(dev)?, AccessFs::from_file(abi)))
-            .map_err(|e| err(&e))?;
-    }
+    // Not only the jailer's own nodes: a manager may add more once the target runs (the jail
+    // tier's /dev/null, /dev/tty...).
+    ruleset = ruleset
+        .add_rule(PathBeneath::new(
+            open(Path::new(DEV_DIR))?,
+            AccessFs::from_file(abi),
+        ))
+        .map_err(|e| err(&e))?;
     let status = ruleset.restrict_self().map_err(|e| err(&e))?;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => LandlockOutcome::Enforced,

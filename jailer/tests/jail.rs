@@ -1251,3 +1251,97 @@ fn failures_after_the_privilege_drop() {
     busy.cleanup();
     j.cleanup();
 }
+
+#[test]
+fn sandbox_seccomp_policy_refuses_namespaces_and_kernel_attack_surface() {
+    if !root_or_skip("sandbox_seccomp_policy_refuses_namespaces_and_kernel_attack_surface") {
+        return;
+    }
+    // Both ways the jailer execs: as the pid namespace's init's child, and in place.
+    for (name, extra) in [
+        ("seccomppolicy", &["--new-pid-ns", "--mount-proc"][..]),
+        ("seccompinplace", &[][..]),
+    ] {
+        let j = TestJail::new(name);
+        let flags: Vec<&str> = extra
+            .iter()
+            .copied()
+            .chain(["--seccomp-policy", "sandbox"])
+            .collect();
+        let r = ok_report(&j.run(&flags, &["syscalls"]));
+        if extra.is_empty() {
+            // No /proc in this jail: the filters are seen through their effect only.
+            assert_eq!(r["seccomp_mode"], "unavailable");
+        } else {
+            assert_eq!(r["seccomp_mode"], "2", "{name}");
+            assert_eq!(r["seccomp_filters"], "2", "{name}: sandbox + clone3");
+        }
+        for denied in [
+            "unshare_user",
+            "unshare_net",
+            "clone_newuser",
+            "setns",
+            "keyctl",
+            "io_uring_setup",
+            "bpf",
+            "userfaultfd",
+            "mount",
+            "ptrace",
+            "process_vm_readv",
+            "personality_norandom",
+        ] {
+            assert_eq!(r[denied], "EPERM", "{name}: {denied}");
+        }
+        assert_eq!(r["clone3"], "ENOSYS", "{name}: glibc falls back to clone");
+        for works in ["fork", "thread", "exec", "personality_linux"] {
+            assert_eq!(r[works], "ok", "{name}: {works}");
+        }
+        j.cleanup();
+    }
+}
+
+#[test]
+fn seccomp_filter_file_from_the_library_config_reaches_the_jail() {
+    if !root_or_skip("seccomp_filter_file_from_the_library_config_reaches_the_jail") {
+        return;
+    }
+    let dir = tempdir("seccompfile");
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"no_keys": {"default_action": "allow", "filter_action": {"errno": 1},
+            "filter": [{"syscall": "keyctl"}]}}"#,
+    )
+    .unwrap();
+    let j = TestJail::new("seccompfile");
+    let mut config = jailer::JailConfig::new(j.id.clone(), PROBE, j.uid, j.uid);
+    config.chroot_base_dir = j.base.clone();
+    config.parent_cgroup = PARENT_CGROUP.into();
+    config.new_pid_ns = true;
+    config.mount_proc = true;
+    config.seccomp = Some(jailer::SeccompPolicy::File(policy.clone()));
+    config.args = vec!["syscalls".into()];
+    let args = config.to_args();
+    let at = args.iter().position(|a| a == "--seccomp-filter").unwrap();
+    assert_eq!(args[at + 1], policy.as_os_str());
+    let r = ok_report(&config.command(JAILER).output().unwrap());
+    assert_eq!(r["seccomp_filters"], "1");
+    assert_eq!(r["keyctl"], "EPERM");
+    assert_eq!(r["clone3"], "ok", "only the file's filters are installed");
+    j.cleanup();
+
+    // A file that does not compile is refused before anything is made.
+    std::fs::write(&policy, r#"{"x": {"default_action": "allow"}}"#).unwrap();
+    let j = TestJail::new("seccompbad");
+    let out = j.run(
+        &["--seccomp-filter", &policy.to_string_lossy()],
+        &["syscalls"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("invalid --seccomp-filter"),
+        "{}",
+        stderr(&out)
+    );
+    j.assert_nothing_left();
+}

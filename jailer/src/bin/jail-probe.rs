@@ -2,7 +2,7 @@
 //! reports, as `key=value` lines, what it can see and do, or exercises one limit.
 //!
 //! Usage: `jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal
-//! | nofile | seccomp | pty | ptys | pause | stamp | true`.
+//! | nofile | seccomp | syscalls | pty | ptys | pause | stamp | true`.
 
 use std::collections::BTreeMap;
 use std::io::{Error, Write};
@@ -437,6 +437,208 @@ fn seccomp() -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Runs `call` in a forked child, so that what it changes (a new namespace, a tracee) stays
+/// there, and returns its outcome: `ok` or the errno name.
+fn in_child(call: impl FnOnce() -> i64) -> String {
+    // SAFETY: the probe is single-threaded here; the child makes one syscall and leaves.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = if call() >= 0 {
+            0
+        } else {
+            Error::last_os_error().raw_os_error().unwrap_or(255)
+        };
+        // SAFETY: leaves the child without running the probe's destructors.
+        unsafe { libc::_exit(code.min(255)) };
+    }
+    wait_outcome(pid)
+}
+
+/// Reaps child `pid` (or reports why there is none): `ok` for exit 0, else the errno name of
+/// its exit code.
+fn wait_outcome(pid: libc::pid_t) -> String {
+    if pid < 0 {
+        return errno_name(&Error::last_os_error());
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child with a valid out-pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    match libc::WEXITSTATUS(status) {
+        0 => "ok".into(),
+        errno => errno_name(&Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Reaps the child of a fork-like clone: the child (return value 0) leaves at once.
+fn clone_outcome(ret: i64) -> String {
+    if ret == 0 {
+        // SAFETY: the new child leaves without running the probe's destructors.
+        unsafe { libc::_exit(0) };
+    }
+    if ret < 0 {
+        return errno_name(&Error::last_os_error());
+    }
+    wait_outcome(ret as libc::pid_t)
+}
+
+/// What the syscalls a sandbox policy must refuse (and the ones it must keep) do here.
+fn syscalls() -> BTreeMap<&'static str, String> {
+    const UFFD_USER_MODE_ONLY: i64 = 1;
+    const KEYCTL_GET_KEYRING_ID: i64 = 0;
+    const KEY_SPEC_SESSION_KEYRING: i64 = -3;
+    const PER_LINUX: libc::c_ulong = 0;
+    const ADDR_NO_RANDOMIZE: libc::c_ulong = 0x0040000;
+    let mut r = BTreeMap::new();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    r.insert("seccomp_mode", status_field(&status, "Seccomp:"));
+    r.insert("seccomp_filters", status_field(&status, "Seccomp_filters:"));
+    // SAFETY (all calls below): raw syscalls with integer arguments or pointers to live,
+    // properly sized locals; children of fork-like calls leave at once.
+    unsafe {
+        r.insert(
+            "unshare_user",
+            in_child(|| libc::unshare(libc::CLONE_NEWUSER) as i64),
+        );
+        r.insert(
+            "unshare_net",
+            in_child(|| libc::unshare(libc::CLONE_NEWNET) as i64),
+        );
+        r.insert(
+            "clone_newuser",
+            clone_outcome(libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_NEWUSER | libc::SIGCHLD,
+                0,
+                0,
+                0,
+                0,
+            )),
+        );
+        let mut args = [0u64; 11];
+        args[4] = libc::SIGCHLD as u64; // exit_signal
+        r.insert(
+            "clone3",
+            clone_outcome(libc::syscall(
+                libc::SYS_clone3,
+                args.as_mut_ptr(),
+                std::mem::size_of_val(&args),
+            )),
+        );
+        r.insert(
+            "setns",
+            outcome(libc::setns(
+                libc::open(
+                    c"/proc/self/ns/uts".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                ),
+                0,
+            ) as i64),
+        );
+        r.insert(
+            "keyctl",
+            outcome(libc::syscall(
+                libc::SYS_keyctl,
+                KEYCTL_GET_KEYRING_ID,
+                KEY_SPEC_SESSION_KEYRING,
+                0,
+            )),
+        );
+        let mut params = [0u8; 120];
+        r.insert(
+            "io_uring_setup",
+            outcome(libc::syscall(
+                libc::SYS_io_uring_setup,
+                1,
+                params.as_mut_ptr(),
+            )),
+        );
+        let mut attr = [0u32; 32];
+        attr[0] = 2; // BPF_MAP_TYPE_ARRAY
+        attr[1] = 4; // key_size
+        attr[2] = 4; // value_size
+        attr[3] = 1; // max_entries
+        r.insert(
+            "bpf",
+            outcome(libc::syscall(
+                libc::SYS_bpf,
+                0, // BPF_MAP_CREATE
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )),
+        );
+        r.insert(
+            "userfaultfd",
+            outcome(libc::syscall(
+                libc::SYS_userfaultfd,
+                UFFD_USER_MODE_ONLY | libc::O_CLOEXEC as i64,
+            )),
+        );
+        r.insert(
+            "mount",
+            outcome(libc::mount(
+                c"none".as_ptr(),
+                c"/run".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            ) as i64),
+        );
+        // A child of our own, which the kernel alone would let us trace.
+        let child = libc::fork();
+        if child == 0 {
+            libc::pause();
+            libc::_exit(0);
+        }
+        r.insert(
+            "ptrace",
+            outcome(libc::ptrace(libc::PTRACE_ATTACH, child, 0, 0)),
+        );
+        let mut word = 0u64;
+        let local = libc::iovec {
+            iov_base: (&mut word as *mut u64).cast(),
+            iov_len: 8,
+        };
+        let remote = libc::iovec {
+            iov_base: (&word as *const u64).cast_mut().cast(),
+            iov_len: 8,
+        };
+        r.insert(
+            "process_vm_readv",
+            outcome(libc::process_vm_readv(child, &local, 1, &remote, 1, 0) as i64),
+        );
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+        r.insert(
+            "personality_linux",
+            outcome(libc::personality(PER_LINUX) as i64),
+        );
+        r.insert(
+            "personality_norandom",
+            outcome(libc::personality(ADDR_NO_RANDOMIZE) as i64),
+        );
+        r.insert("fork", in_child(|| 0));
+    }
+    r.insert(
+        "thread",
+        match std::thread::spawn(|| 7).join() {
+            Ok(7) => "ok".into(),
+            _ => "failed".into(),
+        },
+    );
+    r.insert(
+        "exec",
+        match std::process::Command::new(std::env::args().next().unwrap_or_default())
+            .arg("true")
+            .status()
+        {
+            Ok(s) if s.success() => "ok".into(),
+            Ok(s) => format!("{s}"),
+            Err(e) => errno_name(&e),
+        },
+    );
+    r
+}
+
 /// Opens a pty master on /dev/ptmx, unlocked, or the errno name.
 fn open_pty_master() -> Result<std::os::fd::OwnedFd, String> {
     use std::os::fd::FromRawFd;
@@ -565,7 +767,7 @@ fn print_report(r: BTreeMap<&'static str, String>) -> ExitCode {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | pty | ptys | pause | stamp | true");
+    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | syscalls | pty | ptys | pause | stamp | true");
     ExitCode::from(2)
 }
 
@@ -590,6 +792,7 @@ fn main() -> ExitCode {
         },
         Some("nofile") => nofile(),
         Some("seccomp") => seccomp(),
+        Some("syscalls") => print_report(syscalls()),
         Some("pty") => print_report(pty()),
         Some("ptys") => ptys(),
         Some("true") => ExitCode::SUCCESS,
