@@ -132,6 +132,13 @@ impl Agent {
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        // The programs the agent runs share its uid in the jail tier: non-dumpable, its
+        // /proc/<pid>/fd (its stdout is the host's console log), mem, environ... are closed to
+        // them and ptrace is refused. Their execve makes them dumpable again.
+        // SAFETY: prctl(PR_SET_DUMPABLE) takes integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Arc::new(Self {
             reaper: Reaper::start()?,
             started: Instant::now(),
