@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::model::{Isolation, NetworkInfo, Sandbox, SandboxState, Template};
+use crate::model::{AllowedIsolation, Isolation, NetworkInfo, Sandbox, SandboxState, Template};
 
 /// Per-tenant limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,8 @@ pub struct Tenant {
     pub quota: Quota,
     /// May register and replace templates, which every tenant's sandboxes are made from.
     pub admin: bool,
+    /// The tiers its sandboxes may use, within the daemon's (`None`: the daemon's).
+    pub allowed_isolation: Option<AllowedIsolation>,
 }
 
 /// A sandbox as stored, with the host-side facts the API does not show.
@@ -91,7 +93,8 @@ CREATE TABLE IF NOT EXISTS tenants (
     max_vcpus INTEGER NOT NULL,
     max_memory_mib INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
-    admin INTEGER NOT NULL DEFAULT 0
+    admin INTEGER NOT NULL DEFAULT 0,
+    allowed_isolation TEXT
 );
 CREATE TABLE IF NOT EXISTS tokens (
     sha256 TEXT PRIMARY KEY,
@@ -191,7 +194,8 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     })
 }
 
-const TENANT_COLUMNS: &str = "t.name, t.max_sandboxes, t.max_vcpus, t.max_memory_mib, t.admin";
+const TENANT_COLUMNS: &str =
+    "t.name, t.max_sandboxes, t.max_vcpus, t.max_memory_mib, t.admin, t.allowed_isolation";
 
 fn row_to_tenant(r: &rusqlite::Row<'_>) -> rusqlite::Result<Tenant> {
     Ok(Tenant {
@@ -202,6 +206,18 @@ fn row_to_tenant(r: &rusqlite::Row<'_>) -> rusqlite::Result<Tenant> {
             max_memory_mib: r.get::<_, i64>(3)? as u64,
         },
         admin: r.get(4)?,
+        allowed_isolation: r
+            .get::<_, Option<String>>(5)?
+            .map(|s| {
+                s.parse().map_err(|e: String| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        5,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -227,25 +243,43 @@ fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
-/// Brings a database made by an older mvm up to [`SCHEMA`]. Databases from before the
-/// `admin` column get it, set for tenant `default`: the tenant whose token mvmd writes to its
-/// state directory, which registered templates then.
+/// Columns of `tenants` added since the first release, and how an older database gets each.
+/// Databases from before the `admin` column get it set for tenant `default`: the tenant whose
+/// token mvmd writes to its state directory, which registered templates then.
+const TENANT_MIGRATIONS: [(&str, &str); 2] = [
+    (
+        "admin",
+        "ALTER TABLE tenants ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
+         UPDATE tenants SET admin = 1 WHERE name = 'default';",
+    ),
+    (
+        "allowed_isolation",
+        "ALTER TABLE tenants ADD COLUMN allowed_isolation TEXT;",
+    ),
+];
+
+/// Brings a database made by an older mvm up to [`SCHEMA`] ([`TENANT_MIGRATIONS`]).
 fn migrate(conn: &Connection) -> Result<()> {
-    let has_admin = |c: &Connection| {
-        c.prepare("SELECT 1 FROM pragma_table_info('tenants') WHERE name = 'admin'")?
-            .exists([])
+    let missing = |c: &Connection| -> rusqlite::Result<Vec<&'static str>> {
+        let mut out = Vec::new();
+        for (column, sql) in TENANT_MIGRATIONS {
+            if !c
+                .prepare("SELECT 1 FROM pragma_table_info('tenants') WHERE name = ?1")?
+                .exists([column])?
+            {
+                out.push(sql);
+            }
+        }
+        Ok(out)
     };
-    if has_admin(conn)? {
+    if missing(conn)?.is_empty() {
         return Ok(());
     }
     // Another process opening the same database may be migrating it too: check again
     // under the write lock.
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
-    if !has_admin(&tx)? {
-        tx.execute_batch(
-            "ALTER TABLE tenants ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
-             UPDATE tenants SET admin = 1 WHERE name = 'default';",
-        )?;
+    for sql in missing(&tx)? {
+        tx.execute_batch(sql)?;
     }
     tx.commit()?;
     Ok(())
@@ -262,6 +296,9 @@ impl Db {
         })?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         set_wal(&conn)?;
+        // Every sandbox's env and the audit log: the owner's alone.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| Error::host(format!("chmod {}", path.display()), e))?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
@@ -332,6 +369,22 @@ impl Db {
                 row_to_tenant,
             )
             .optional()?)
+    }
+
+    /// Sets the tiers tenant `name`'s sandboxes may use (`None`: whatever the daemon allows).
+    pub fn set_allowed_isolation(
+        &self,
+        name: &str,
+        allowed: Option<AllowedIsolation>,
+    ) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE tenants SET allowed_isolation = ?2 WHERE name = ?1",
+            params![name, allowed.map(|a| a.to_string())],
+        )?;
+        if n == 0 {
+            return Err(Error::NotFound(format!("no tenant {name:?}")));
+        }
+        Ok(())
     }
 
     /// Grants (`true`) or revokes tenant `name`'s right to register and replace templates.
@@ -625,6 +678,26 @@ mod tests {
     }
 
     #[test]
+    fn allowed_isolation_is_set_per_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("mvm.db")).unwrap();
+        db.create_tenant("team", Quota::default()).unwrap();
+        assert_eq!(db.tenant("team").unwrap().unwrap().allowed_isolation, None);
+        let vm_only = AllowedIsolation {
+            vm: true,
+            jail: false,
+        };
+        db.set_allowed_isolation("team", Some(vm_only)).unwrap();
+        assert_eq!(
+            db.tenant("team").unwrap().unwrap().allowed_isolation,
+            Some(vm_only)
+        );
+        db.set_allowed_isolation("team", None).unwrap();
+        assert_eq!(db.tenant("team").unwrap().unwrap().allowed_isolation, None);
+        assert!(db.set_allowed_isolation("nobody", None).is_err());
+    }
+
+    #[test]
     fn databases_without_the_admin_column_are_migrated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mvm.db");
@@ -642,6 +715,7 @@ mod tests {
             let db = Db::open(&path).unwrap();
             assert!(db.tenant("default").unwrap().unwrap().admin);
             assert!(!db.tenant("other").unwrap().unwrap().admin);
+            assert_eq!(db.tenant("other").unwrap().unwrap().allowed_isolation, None);
         }
     }
 

@@ -44,6 +44,9 @@ pub enum Error {
     /// A request (body, or an exec too large for the agent protocol) exceeds a limit.
     #[error("{0}")]
     TooLarge(String),
+    /// The operator does not allow this caller what it asked for (e.g. a tier).
+    #[error("{0}")]
+    Forbidden(String),
     /// The sandbox's agent failed or is unreachable.
     #[error("sandbox agent: {0}")]
     Agent(#[from] agent::ClientError),
@@ -64,6 +67,7 @@ impl Error {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Invalid(_) | Error::TierUnavailable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -87,6 +91,7 @@ impl Error {
             Error::Invalid(_) => "invalid_argument",
             Error::TierUnavailable(_) => "isolation_unavailable",
             Error::Unauthorized => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::Quota(_) => "quota_exceeded",

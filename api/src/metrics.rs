@@ -72,6 +72,8 @@ pub struct Snapshot {
     pub by_state: Vec<(&'static str, u64)>,
     /// (id, tenant, isolation, cpu ns, memory bytes).
     pub per_sandbox: Vec<(String, String, &'static str, u64, u64)>,
+    /// Render the counters of the whole daemon too (admin only: they count every tenant).
+    pub daemon_wide: bool,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
@@ -93,30 +95,9 @@ impl Metrics {
         for (state, n) in &snap.by_state {
             let _ = writeln!(out, "mvm_sandboxes{{state=\"{state}\"}} {n}");
         }
-        self.create_seconds.render(
-            &mut out,
-            "mvm_sandbox_create_seconds",
-            "Time from create request to a ready agent.",
-        );
-        counter(
-            &mut out,
-            "mvm_sandboxes_created_total",
-            "Sandboxes created.",
-            &self.created,
-        );
-        counter(
-            &mut out,
-            "mvm_sandbox_create_failures_total",
-            "Failed (rolled back) creates.",
-            &self.create_failures,
-        );
-        counter(
-            &mut out,
-            "mvm_sandboxes_destroyed_total",
-            "Sandboxes destroyed.",
-            &self.destroyed,
-        );
-        counter(&mut out, "mvm_execs_total", "Execs started.", &self.execs);
+        if snap.daemon_wide {
+            self.render_daemon_wide(&mut out);
+        }
         let _ = writeln!(out, "# HELP mvm_sandbox_cpu_seconds_total CPU time of a sandbox.\n# TYPE mvm_sandbox_cpu_seconds_total counter");
         for (id, tenant, iso, cpu, _) in &snap.per_sandbox {
             let _ = writeln!(
@@ -130,6 +111,34 @@ impl Metrics {
             let _ = writeln!(out, "mvm_sandbox_memory_bytes{{id=\"{id}\",tenant=\"{tenant}\",isolation=\"{iso}\"}} {mem}");
         }
         out
+    }
+
+    /// The counters of the whole daemon: creates, their latency, failures, destroys, execs.
+    fn render_daemon_wide(&self, out: &mut String) {
+        self.create_seconds.render(
+            out,
+            "mvm_sandbox_create_seconds",
+            "Time from create request to a ready agent.",
+        );
+        counter(
+            out,
+            "mvm_sandboxes_created_total",
+            "Sandboxes created.",
+            &self.created,
+        );
+        counter(
+            out,
+            "mvm_sandbox_create_failures_total",
+            "Failed (rolled back) creates.",
+            &self.create_failures,
+        );
+        counter(
+            out,
+            "mvm_sandboxes_destroyed_total",
+            "Sandboxes destroyed.",
+            &self.destroyed,
+        );
+        counter(out, "mvm_execs_total", "Execs started.", &self.execs);
     }
 }
 
@@ -145,6 +154,7 @@ mod tests {
         let text = m.render(&Snapshot {
             by_state: vec![("running", 2)],
             per_sandbox: vec![],
+            daemon_wide: true,
         });
         assert!(
             text.contains("mvm_sandbox_create_seconds_bucket{le=\"0.005\"} 0"),

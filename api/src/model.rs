@@ -39,6 +39,65 @@ impl std::str::FromStr for Isolation {
     }
 }
 
+/// The tiers an operator allows: a daemon's (`--allowed-isolation`) or a tenant's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowedIsolation {
+    /// The vm tier may be used.
+    pub vm: bool,
+    /// The jail tier may be used.
+    pub jail: bool,
+}
+
+impl Default for AllowedIsolation {
+    /// Both tiers.
+    fn default() -> Self {
+        AllowedIsolation {
+            vm: true,
+            jail: true,
+        }
+    }
+}
+
+impl AllowedIsolation {
+    /// Whether `tier` may be used.
+    pub fn allows(self, tier: Isolation) -> bool {
+        match tier {
+            Isolation::Vm => self.vm,
+            Isolation::Jail => self.jail,
+        }
+    }
+}
+
+impl std::fmt::Display for AllowedIsolation {
+    /// `vm,jail`, `vm` or `jail`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tiers: Vec<&str> = [Isolation::Vm, Isolation::Jail]
+            .into_iter()
+            .filter(|t| self.allows(*t))
+            .map(Isolation::as_str)
+            .collect();
+        f.write_str(&tiers.join(","))
+    }
+}
+
+impl std::str::FromStr for AllowedIsolation {
+    type Err = String;
+    /// A comma-separated list of tiers, e.g. `vm` or `vm,jail`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut allowed = AllowedIsolation {
+            vm: false,
+            jail: false,
+        };
+        for tier in s.split(',').map(str::trim) {
+            match tier.parse::<Isolation>()? {
+                Isolation::Vm => allowed.vm = true,
+                Isolation::Jail => allowed.jail = true,
+            }
+        }
+        Ok(allowed)
+    }
+}
+
 /// Outbound traffic a sandbox may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
@@ -48,7 +107,8 @@ pub enum Egress {
     None,
     /// Only to the addresses in `allow` (enforced with nftables in the sandbox's netns).
     Allow,
-    /// Anywhere (masqueraded behind the host).
+    /// Anywhere public (masqueraded behind the host); the host's own, private, link-local
+    /// and other special addresses only when an `allow` entry names them.
     All,
 }
 
@@ -59,7 +119,8 @@ pub struct NetworkSpec {
     /// Egress policy (default `none`).
     #[serde(default)]
     pub egress: Egress,
-    /// IPv4 addresses or CIDRs reachable with `egress: allow`.
+    /// IPv4 addresses or CIDRs: with `egress: allow` the only reachable ones; with either
+    /// `allow` or `all`, also how a host, private or link-local destination is opened.
     #[serde(default)]
     pub allow: Vec<String>,
 }

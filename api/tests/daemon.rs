@@ -325,7 +325,7 @@ fn auth_401_and_foreign_sandboxes_404() {
         let e = other.raw("GET", &ws, "application/json", Vec::new()).await;
         assert_eq!(api_status(&e.unwrap_err()), (404, "not_found".into()));
         assert!(other.list().await.expect("list").is_empty());
-        // Unauthenticated: health, metrics and the API document.
+        // Unauthenticated: health and the API document.
         assert_eq!(none.health().await.expect("healthz").status, "ok");
         owner.delete(&s.id).await.expect("delete");
     });
@@ -1134,6 +1134,7 @@ fn metrics_and_health() {
         return;
     }
     let d = Daemon::start();
+    let other_token = d.tenant("other", &[]);
     block_on(async {
         let c = d.client();
         let s = c.create(&jail()).await.expect("create");
@@ -1153,6 +1154,25 @@ fn metrics_and_health() {
             "{m}"
         );
         assert_eq!(c.health().await.expect("health").status, "ok");
+        // Without a token nothing; another tenant sees its own sandboxes only, and none of the
+        // daemon-wide counters.
+        let none = d.client_with(None);
+        let e = none.raw("GET", "/metrics", "text/plain", Vec::new()).await;
+        assert_eq!(api_status(&e.unwrap_err()).0, 401);
+        let other = d.client_with(Some(&other_token));
+        let own = other
+            .create(&jail())
+            .await
+            .expect("create as the other tenant");
+        let m = other
+            .raw("GET", "/metrics", "text/plain", Vec::new())
+            .await
+            .expect("a tenant's metrics");
+        let m = String::from_utf8_lossy(&m);
+        assert!(m.contains(&own.id) && !m.contains(&s.id), "{m}");
+        assert!(m.contains("mvm_sandboxes{state=\"running\"} 1"), "{m}");
+        assert!(!m.contains("mvm_sandboxes_created_total"), "{m}");
+        other.delete(&own.id).await.expect("delete");
         let t = c.templates().await.expect("templates");
         assert!(t.iter().any(|t| t.name == "default"), "{t:?}");
         c.delete(&s.id).await.expect("delete");

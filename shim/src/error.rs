@@ -50,7 +50,7 @@ impl From<Error> for ttrpc::Error {
                 }
                 api::Error::NotFound(_) => Code::NOT_FOUND,
                 api::Error::Quota(_) => Code::RESOURCE_EXHAUSTED,
-                api::Error::Unauthorized => Code::PERMISSION_DENIED,
+                api::Error::Unauthorized | api::Error::Forbidden(_) => Code::PERMISSION_DENIED,
                 api::Error::Agent(_) | api::Error::Host(_) => Code::INTERNAL,
             },
             Error::Agent(_) | Error::Host(_) => Code::INTERNAL,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use api::db::Quota;
-use api::model::Isolation;
+use api::model::{AllowedIsolation, Isolation};
 use api::server::{ServeConfig, DEFAULT_SOCKET};
 use api::{Manager, ManagerConfig};
 use clap::{Parser, Subcommand};
@@ -36,6 +36,10 @@ struct ServeArgs {
     /// Isolation tier of requests that name none [env: MVM_ISOLATION].
     #[arg(long)]
     isolation: Option<Isolation>,
+    /// Tiers any sandbox may use: `vm,jail`, `vm` or `jail` (a tenant's own setting narrows
+    /// it) [env: MVM_ALLOWED_ISOLATION, default vm,jail].
+    #[arg(long, value_name = "TIERS")]
+    allowed_isolation: Option<AllowedIsolation>,
     /// Parent cgroup of the sandboxes [env: MVM_CGROUP_PARENT, default mvm].
     #[arg(long)]
     cgroup_parent: Option<String>,
@@ -79,7 +83,26 @@ enum TenantCommand {
         /// Sum of memory, MiB.
         #[arg(long, default_value_t = Quota::default().max_memory_mib)]
         max_memory_mib: u64,
+        /// Tiers the tenant's sandboxes may use, within the daemon's: `vm`, `jail` or
+        /// `vm,jail`; `daemon` leaves it to mvmd's --allowed-isolation [default: new tenants
+        /// get the daemon's, others keep theirs].
+        #[arg(long, value_name = "TIERS")]
+        allowed_isolation: Option<TenantTiers>,
     },
+}
+
+/// A tenant's tiers on the command line: a list, or `daemon` for the daemon's.
+#[derive(Debug, Clone, Copy)]
+struct TenantTiers(Option<AllowedIsolation>);
+
+impl std::str::FromStr for TenantTiers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "daemon" => Ok(TenantTiers(None)),
+            tiers => tiers.parse().map(|t| TenantTiers(Some(t))),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -123,6 +146,7 @@ async fn run(cli: Cli) -> api::Result<()> {
                     max_sandboxes,
                     max_vcpus,
                     max_memory_mib,
+                    allowed_isolation,
                 },
         }) => {
             std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
@@ -140,6 +164,9 @@ async fn run(cli: Cli) -> api::Result<()> {
             if let Some(admin) = admin {
                 db.set_admin(&name, admin)?;
             }
+            if let Some(TenantTiers(tiers)) = allowed_isolation {
+                db.set_allowed_isolation(&name, tiers)?;
+            }
             println!("{token}");
             Ok(())
         }
@@ -151,6 +178,9 @@ async fn run(cli: Cli) -> api::Result<()> {
 async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> api::Result<()> {
     if let Some(i) = args.isolation {
         cfg.default_isolation = i;
+    }
+    if let Some(a) = args.allowed_isolation {
+        cfg.allowed_isolation = a;
     }
     if let Some(p) = args.cgroup_parent {
         cfg.cgroup_parent = p;

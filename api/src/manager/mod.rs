@@ -8,6 +8,7 @@
 //! and tolerates missing pieces — the same code that destroys sandboxes and cleans up after a
 //! daemon killed mid-create.
 
+mod beneath;
 pub mod host;
 pub mod net;
 mod pod;
@@ -16,6 +17,7 @@ pub mod vm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,8 +31,8 @@ use crate::db::{self, Db, SandboxRow, Tenant};
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, Snapshot};
 use crate::model::{
-    CreateSandbox, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox, SandboxState,
-    SandboxStats, Template, TtySize,
+    AllowedIsolation, CreateSandbox, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox,
+    SandboxState, SandboxStats, Template, TtySize,
 };
 
 /// Most sandboxes one manager runs at once (slots of its /16 network, /29 each).
@@ -84,6 +86,8 @@ pub struct ManagerConfig {
     pub force_vm_tier: bool,
     /// Tier used when a request names none.
     pub default_isolation: Isolation,
+    /// Tiers sandboxes may use at all (a tenant's own setting can narrow it further).
+    pub allowed_isolation: AllowedIsolation,
     /// Directory with `vmlinux` and `rootfs.ext4` registered as template `default`.
     pub artifacts_dir: Option<PathBuf>,
     /// Largest size of a vm-tier sandbox's `console.log` (`mvm-vmm --console-limit`).
@@ -96,7 +100,9 @@ pub struct ManagerConfig {
 impl ManagerConfig {
     /// Defaults, overridden by `MVM_STATE_DIR`, `MVM_RUN_DIR`, `MVM_BIN_DIR` (default: the
     /// directory of the running executable), `MVM_ARTIFACTS`, `MVM_ISOLATION` (vm|jail),
-    /// `MVM_CGROUP_PARENT`, `MVM_VM_TIER=force` and `MVM_CONSOLE_LIMIT` (bytes, default 1 MiB).
+    /// `MVM_CGROUP_PARENT`, `MVM_VM_TIER=force`, `MVM_CONSOLE_LIMIT` (bytes, default 1 MiB) and
+    /// `MVM_ALLOWED_ISOLATION` (`vm,jail`, the default, `vm` or `jail`; an invalid value
+    /// allows only `vm` and says so).
     pub fn from_env() -> Self {
         let var = |k: &str| {
             std::env::var_os(k)
@@ -133,9 +139,33 @@ impl ManagerConfig {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_default(),
+            allowed_isolation: allowed_isolation_from_env(),
             artifacts_dir: artifacts,
             console_limit: vm::console_limit_from_env(),
             bounds: Bounds::from_env(),
+        }
+    }
+
+    /// Whether `tenant` may make a sandbox of tier `tier`: the daemon's and the tenant's own
+    /// settings must both allow it.
+    fn check_tier_allowed(&self, tenant: &Tenant, tier: Isolation) -> Result<()> {
+        if !self.allowed_isolation.allows(tier) {
+            return Err(Error::Forbidden(format!(
+                "the {} tier is not allowed on this host (allowed: {}); the operator sets this \
+                 with mvmd --allowed-isolation or MVM_ALLOWED_ISOLATION",
+                tier.as_str(),
+                self.allowed_isolation
+            )));
+        }
+        match tenant.allowed_isolation {
+            Some(allowed) if !allowed.allows(tier) => Err(Error::Forbidden(format!(
+                "tenant {} may not use the {} tier (allowed: {allowed}); the operator sets this \
+                 with `mvmd tenant create {} --allowed-isolation TIERS`",
+                tenant.name,
+                tier.as_str(),
+                tenant.name
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -165,6 +195,42 @@ impl ManagerConfig {
     fn in_jail(&self, isolation: Isolation, id: &str, jail_path: &str) -> PathBuf {
         self.jail_root(isolation, id)
             .join(jail_path.trim_start_matches('/'))
+    }
+
+    /// The socket `jail_path` of sandbox `id`, owned by the sandbox's `uid`, reached without
+    /// following any link the sandbox may have planted in its jail ([`beneath`]).
+    fn jail_socket(
+        &self,
+        isolation: Isolation,
+        id: &str,
+        uid: u32,
+        jail_path: &str,
+    ) -> Result<beneath::JailSocket> {
+        let rel = Path::new(exec_name(isolation))
+            .join(id)
+            .join("root")
+            .join(jail_path.trim_start_matches('/'));
+        beneath::JailSocket::open(&self.jail_base(), &rel, uid)
+    }
+
+    /// The sandbox's uid: every process of slot `slot` runs as `uid_base + slot`.
+    fn uid(&self, row: &SandboxRow) -> u32 {
+        self.uid_base + row.slot
+    }
+}
+
+/// The tiers allowed by `MVM_ALLOWED_ISOLATION`: both when unset; an invalid value fails
+/// closed to the vm tier alone, with a warning.
+fn allowed_isolation_from_env() -> AllowedIsolation {
+    match std::env::var("MVM_ALLOWED_ISOLATION") {
+        Ok(v) if !v.is_empty() => v.parse().unwrap_or_else(|e| {
+            tracing::warn!("MVM_ALLOWED_ISOLATION: {e}; allowing only the vm tier");
+            AllowedIsolation {
+                vm: true,
+                jail: false,
+            }
+        }),
+        _ => AllowedIsolation::default(),
     }
 }
 
@@ -281,8 +347,21 @@ impl Manager {
     /// the host without a state row) are removed.
     pub async fn open(cfg: ManagerConfig) -> Result<(Manager, Reconciled)> {
         check_socket_paths(&cfg)?;
+        if !cfg.allowed_isolation.allows(cfg.default_isolation) {
+            return Err(Error::Invalid(format!(
+                "the default isolation {} is not among the allowed tiers ({}): name an allowed \
+                 one with --isolation or MVM_ISOLATION",
+                cfg.default_isolation.as_str(),
+                cfg.allowed_isolation
+            )));
+        }
+        // mvm's own: no other local user reads anything below them (the database with every
+        // sandbox's env and the audit log, writable layers, consoles, jails).
         for dir in [&cfg.state_dir, &cfg.run_dir] {
             std::fs::create_dir_all(dir)
+                .and_then(|()| {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                })
                 .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
         }
         let db = Db::open(&cfg.state_dir.join("mvm.db"))?;
@@ -351,12 +430,9 @@ impl Manager {
             let adopt = alive && matches!(s.state, SandboxState::Running | SandboxState::Paused);
             if adopt {
                 if s.state == SandboxState::Running
-                    && !tokio::time::timeout(
-                        Duration::from_secs(3),
-                        self.connect_agent(s.isolation, &s.id),
-                    )
-                    .await
-                    .is_ok_and(|r| r.is_ok())
+                    && !tokio::time::timeout(Duration::from_secs(3), self.connect_agent(row))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
                 {
                     tracing::warn!(id = %s.id, "reconcile: adopted a sandbox whose agent does not answer");
                 }
@@ -470,11 +546,12 @@ impl Manager {
     /// file system.
     fn plan(
         &self,
-        tenant: &str,
+        tenant: &Tenant,
         req: CreateSandbox,
         userland: Option<PathBuf>,
     ) -> Result<(Sandbox, Userland)> {
         let isolation = req.isolation.unwrap_or(self.inner.cfg.default_isolation);
+        self.inner.cfg.check_tier_allowed(tenant, isolation)?;
         if isolation == Isolation::Vm {
             if let Some(why) = self.vm_tier_unavailable() {
                 return Err(Error::TierUnavailable(format!(
@@ -536,7 +613,7 @@ impl Manager {
         let now = db::now();
         let sandbox = Sandbox {
             id: db::random_hex(6)?,
-            tenant: tenant.to_owned(),
+            tenant: tenant.name.clone(),
             state: SandboxState::Creating,
             isolation,
             template: template_name,
@@ -594,7 +671,7 @@ impl Manager {
             ),
             None => (None, 0, None),
         };
-        let (sandbox, template) = self.plan(&tenant.name, req, userland)?;
+        let (sandbox, template) = self.plan(tenant, req, userland)?;
         if container_slots > 0 && sandbox.isolation != Isolation::Vm {
             return Err(Error::Invalid(
                 "only a vm-tier sandbox holds the containers of a pod".into(),
@@ -658,7 +735,7 @@ impl Manager {
     ) -> Result<()> {
         let cfg = self.inner.cfg.clone();
         let s = row.sandbox.clone();
-        let uid = cfg.uid_base + row.slot;
+        let uid = cfg.uid(row);
         let addrs = net::Addresses::of(cfg.subnet, row.slot);
         let spec = NetworkSpec {
             egress: s.network.egress,
@@ -712,15 +789,19 @@ impl Manager {
         let spawned = started.elapsed();
         // Step 5: the agent.
         let client = match row.sandbox.isolation {
-            Isolation::Jail => self.wait_jail_agent(&row.sandbox.id, &live).await?,
+            Isolation::Jail => self.wait_jail_agent(row, &live).await?,
             Isolation::Vm => {
                 let s = &row.sandbox;
-                let api = self.inner.cfg.in_jail(Isolation::Vm, &s.id, vm::API_SOCK);
+                let cfg = &self.inner.cfg;
+                let api = || cfg.jail_socket(Isolation::Vm, &s.id, uid, vm::API_SOCK);
                 // The socket file appears at bind(), before listen(): wait until it accepts.
                 self.wait_for(&live, &s.id, VM_READY_TIMEOUT, || {
-                    std::os::unix::net::UnixStream::connect(&api).is_ok()
+                    api().is_ok_and(|api| {
+                        std::os::unix::net::UnixStream::connect(api.path()).is_ok()
+                    })
                 })
                 .await?;
+                let api = api()?;
                 let ip = match &uplink {
                     Some(uplink) => Some(uplink.guest_ip()),
                     None => s.network.address.as_ref().map(|a| {
@@ -731,7 +812,7 @@ impl Manager {
                     }),
                 };
                 vm::configure_and_start(
-                    &api,
+                    &api.path(),
                     &vm::VmSpec {
                         id: &s.id,
                         vcpus: s.vcpus as u8,
@@ -743,8 +824,7 @@ impl Manager {
                     },
                 )
                 .await?;
-                self.wait_agent(&live, Isolation::Vm, &s.id, VM_READY_TIMEOUT)
-                    .await?
+                self.wait_agent(&live, row, VM_READY_TIMEOUT).await?
             }
         };
         *live.agent.lock().await = Some(client);
@@ -754,11 +834,14 @@ impl Manager {
         Ok(())
     }
 
-    async fn wait_jail_agent(&self, id: &str, live: &Live) -> Result<AgentClient> {
+    async fn wait_jail_agent(&self, row: &SandboxRow, live: &Live) -> Result<AgentClient> {
         let cfg = &self.inner.cfg;
-        let socket = cfg.in_jail(Isolation::Jail, id, AGENT_SOCKET);
-        self.wait_for(live, id, JAIL_READY_TIMEOUT, || socket.exists())
-            .await?;
+        let id = &row.sandbox.id;
+        self.wait_for(live, id, JAIL_READY_TIMEOUT, || {
+            cfg.jail_socket(Isolation::Jail, id, cfg.uid(row), AGENT_SOCKET)
+                .is_ok()
+        })
+        .await?;
         let dev = cfg.in_jail(Isolation::Jail, id, "/dev");
         for (name, major, minor) in JAIL_DEVICES {
             make_device(&dev.join(name), major, minor)?;
@@ -769,8 +852,7 @@ impl Manager {
             std::fs::remove_file(&path)
                 .map_err(|e| Error::host(format!("removing {}", path.display()), e))?;
         }
-        self.wait_agent(live, Isolation::Jail, id, JAIL_READY_TIMEOUT)
-            .await
+        self.wait_agent(live, row, JAIL_READY_TIMEOUT).await
     }
 
     /// Polls `ready` until it holds, failing early when the jailer exits.
@@ -805,13 +887,13 @@ impl Manager {
     async fn wait_agent(
         &self,
         live: &Live,
-        isolation: Isolation,
-        id: &str,
+        row: &SandboxRow,
         timeout: Duration,
     ) -> Result<AgentClient> {
+        let id = &row.sandbox.id;
         let deadline = Instant::now() + timeout;
         loop {
-            match self.connect_agent(isolation, id).await {
+            match self.connect_agent(row).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     if let Some(status) = exited(live) {
@@ -832,20 +914,32 @@ impl Manager {
         }
     }
 
-    async fn connect_agent(&self, isolation: Isolation, id: &str) -> Result<AgentClient> {
+    /// Connects to the sandbox's agent: its unix socket (jail tier) or the VMM's hybrid vsock
+    /// socket (vm tier), each reached without following the sandbox's links.
+    async fn connect_agent(&self, row: &SandboxRow) -> Result<AgentClient> {
         let cfg = &self.inner.cfg;
+        let (isolation, id) = (row.sandbox.isolation, &row.sandbox.id);
+        let uid = cfg.uid(row);
         Ok(match isolation {
             Isolation::Jail => {
-                AgentClient::connect_unix(cfg.in_jail(isolation, id, AGENT_SOCKET)).await?
+                let socket = cfg.jail_socket(isolation, id, uid, AGENT_SOCKET)?;
+                AgentClient::connect_unix(socket.path()).await?
             }
             Isolation::Vm => {
+                let socket = cfg.jail_socket(isolation, id, uid, vm::VSOCK_SOCK)?;
                 AgentClient::connect_hybrid_vsock(
-                    cfg.in_jail(isolation, id, vm::VSOCK_SOCK),
+                    socket.path(),
                     agent::protocol::DEFAULT_VSOCK_PORT,
                 )
                 .await?
             }
         })
+    }
+
+    /// The VMM API socket of vm-tier sandbox `row`, reached without following its links.
+    fn vmm_api(&self, row: &SandboxRow) -> Result<beneath::JailSocket> {
+        let cfg = &self.inner.cfg;
+        cfg.jail_socket(Isolation::Vm, &row.sandbox.id, cfg.uid(row), vm::API_SOCK)
     }
 
     fn console_tail(&self, id: &str, max: usize) -> String {
@@ -1046,7 +1140,7 @@ impl Manager {
         if let Some(c) = agent.as_ref() {
             return Ok(c.clone());
         }
-        let c = self.connect_agent(row.sandbox.isolation, id).await?;
+        let c = self.connect_agent(&row).await?;
         *agent = Some(c.clone());
         Ok(c)
     }
@@ -1162,13 +1256,7 @@ impl Manager {
                 let id = id.to_owned();
                 blocking(move || host::set_frozen(&parent, &id, paused)).await?
             }
-            Isolation::Vm => {
-                vm::set_paused(
-                    &self.inner.cfg.in_jail(Isolation::Vm, id, vm::API_SOCK),
-                    paused,
-                )
-                .await?
-            }
+            Isolation::Vm => vm::set_paused(&self.vmm_api(&row)?.path(), paused).await?,
         }
         row.sandbox.state = to;
         self.inner.db.update_sandbox(&row)?;
@@ -1312,9 +1400,10 @@ impl Manager {
         })
     }
 
-    /// The Prometheus exposition of the manager.
-    pub fn render_metrics(&self) -> Result<String> {
-        let rows = self.inner.db.sandboxes(None)?;
+    /// The Prometheus exposition of the manager: of tenant `scope`'s sandboxes only, or of
+    /// every sandbox plus the daemon-wide counters with `None`.
+    pub fn render_metrics(&self, scope: Option<&str>) -> Result<String> {
+        let rows = self.inner.db.sandboxes(scope)?;
         let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
         for st in [
             SandboxState::Creating,
@@ -1339,6 +1428,7 @@ impl Manager {
         Ok(self.inner.metrics.render(&Snapshot {
             by_state: by_state.into_iter().collect(),
             per_sandbox,
+            daemon_wide: scope.is_none(),
         }))
     }
 
@@ -1666,8 +1756,7 @@ fn spawn_jail(
     if let Some(ns) = pod_netns {
         jail.netns = Some(ns.to_owned());
     }
-    let console = std::fs::File::create(dir.join("console.log"))
-        .map_err(|e| Error::host("creating the console log", e))?;
+    let console = beneath::create_new_file(&dir, "console.log", 0o600)?;
     let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
     cmd.stdin(std::process::Stdio::null())
         .stdout(

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use agent::MountRequest;
 
-use super::{blocking, rootfs, vm, Manager};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+use super::{beneath, blocking, rootfs, vm, Manager};
 use crate::error::{Error, Result};
 use crate::model::{Isolation, SandboxState};
 
@@ -62,14 +64,16 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 /// Makes the host directory of a pod's container images, `<sandbox dir>/ctr`, with an empty
-/// image per slot, all owned by the sandbox's `uid`; bound into the jail at
-/// [`vm::CONTAINER_DIR`].
+/// image per slot owned by the sandbox's `uid`; bound into the jail at [`vm::CONTAINER_DIR`].
+/// The directory itself stays root's (mode 0755): the VMM opens the images but can plant
+/// nothing beside them for root to follow when it swaps an image.
 pub(super) fn container_dir(sandbox_dir: &Path, uid: u32, slots: u8) -> Result<PathBuf> {
     let dir = sandbox_dir.join("ctr");
-    std::fs::create_dir_all(&dir)
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))
         .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
-    std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
-        .map_err(|e| Error::host(format!("chown {}", dir.display()), e))?;
     for slot in (0..slots).map(vm::Slot) {
         put_image(&dir, slot, uid, None)?;
     }
@@ -80,15 +84,14 @@ pub(super) fn container_dir(sandbox_dir: &Path, uid: u32, slots: u8) -> Result<P
 /// the directory `content`, or empty.
 fn put_image(dir: &Path, slot: vm::Slot, uid: u32, content: Option<&Path>) -> Result<()> {
     let image = dir.join(slot.file_name());
-    let staged = dir.join(format!(".{}.new", slot.file_name()));
+    let staged_name = format!(".{}.new", slot.file_name());
+    let staged = dir.join(&staged_name);
     let made = match content {
         Some(content) => rootfs::make_layer(&staged, uid, Some(content)),
-        None => std::fs::File::create(&staged)
-            .map_err(|e| Error::host(format!("creating {}", staged.display()), e))
-            .and_then(|_| {
-                std::os::unix::fs::chown(&staged, Some(uid), Some(uid))
-                    .map_err(|e| Error::host(format!("chown {}", staged.display()), e))
-            }),
+        None => beneath::create_new_file(dir, &staged_name, 0o600).and_then(|file| {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(uid))
+                .map_err(|e| Error::host(format!("chown {}", staged.display()), e))
+        }),
     };
     made.and_then(|()| {
         std::fs::rename(&staged, &image)
@@ -134,7 +137,7 @@ impl Manager {
             ))
         })?;
         let dir = self.inner.cfg.sandbox_dir(id).join("ctr");
-        let uid = self.inner.cfg.uid_base + row.slot;
+        let uid = self.inner.cfg.uid(&row);
         let content = rootfs.to_owned();
         let images = dir.clone();
         blocking(move || put_image(&images, slot, uid, Some(&content))).await?;
@@ -161,7 +164,7 @@ impl Manager {
             .get(name)
             .ok_or_else(|| Error::NotFound(format!("sandbox {id} has no container {name:?}")))?;
         let dir = self.inner.cfg.sandbox_dir(id).join("ctr");
-        let uid = self.inner.cfg.uid_base + row.slot;
+        let uid = self.inner.cfg.uid(&row);
         self.detach(tenant, id, &dir, uid, slot, &guest_root(name))
             .await?;
         slots.used.remove(name);
@@ -170,8 +173,8 @@ impl Manager {
 
     /// Shows the image now in `slot` to the guest and mounts it at `root`.
     async fn attach(&self, tenant: &str, id: &str, slot: vm::Slot, root: &str) -> Result<()> {
-        let api = self.inner.cfg.in_jail(Isolation::Vm, id, vm::API_SOCK);
-        vm::reopen_slot(&api, slot).await?;
+        let api = self.vmm_api(&self.row(tenant, id)?)?;
+        vm::reopen_slot(&api.path(), slot).await?;
         let agent = self.agent(tenant, id).await?;
         agent
             .mount(MountRequest {
@@ -211,8 +214,8 @@ impl Manager {
         }
         let images = dir.to_owned();
         blocking(move || put_image(&images, slot, uid, None)).await?;
-        let api = self.inner.cfg.in_jail(Isolation::Vm, id, vm::API_SOCK);
-        vm::reopen_slot(&api, slot).await
+        let api = self.vmm_api(&self.row(tenant, id)?)?;
+        vm::reopen_slot(&api.path(), slot).await
     }
 }
 

@@ -377,11 +377,14 @@ async fn create_template(
     Ok((StatusCode::CREATED, Json(t)))
 }
 
-/// Prometheus metrics: sandboxes by state, create latency, per-sandbox CPU and memory.
-#[utoipa::path(get, path = "/metrics", tag = "service", security(()),
-    responses((status = 200, content_type = "text/plain", body = String)))]
-async fn metrics(State(state): State<AppState>) -> Result<Response> {
-    let text = state.manager.render_metrics()?;
+/// Prometheus metrics: sandboxes by state, per-sandbox CPU and memory. An admin token sees
+/// every tenant's sandboxes and the daemon-wide counters (creates, create latency, failures,
+/// destroys, execs); another tenant's token sees its own sandboxes only.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, content_type = "text/plain", body = String), (status = 401, body = ErrorBody)))]
+async fn metrics(State(state): State<AppState>, Auth(tenant): Auth) -> Result<Response> {
+    let scope = (!tenant.admin).then_some(tenant.name.as_str());
+    let text = state.manager.render_metrics(scope)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

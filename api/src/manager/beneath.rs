@@ -1,0 +1,195 @@
+//! Paths a sandbox can write, reached by root without following the sandbox's links.
+//!
+//! A jail's `/run` belongs to the sandbox's uid, so the name `<jail root>/run/agent.sock` is
+//! the tenant's to replace: with a symlink to another sandbox's socket, a plain host path
+//! resolution by root (mvmd, the daemonless CLI, the shim) would connect to the victim's
+//! agent. Every socket the manager reaches inside a jail is therefore opened here first:
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)` from the run
+//! directory, `O_PATH` so that nothing is opened for I/O, then `fstat` of what was reached (a
+//! socket owned by the sandbox's uid), and the connection goes through `/proc/self/fd/N`,
+//! which names exactly that inode: there is no window in which the name can be swapped.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// `openat2(dir, path, O_PATH | O_NOFOLLOW | O_CLOEXEC, RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`: `path` (relative) must lie beneath `dir`
+/// and no component of it may be a link.
+fn open_beneath(dir: &Path, path: &Path) -> std::io::Result<OwnedFd> {
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (dir_c, path_c) = (c(dir)?, c(path)?);
+    // SAFETY: a NUL-terminated path; the fd returned is owned below.
+    let dirfd = unsafe {
+        libc::open(
+            dir_c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dirfd == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `dirfd` was just opened and is owned by nothing else.
+    let dirfd = unsafe { OwnedFd::from_raw_fd(dirfd) };
+    // SAFETY: `open_how` is plain integers, for which all zeroes is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a valid dirfd, a NUL-terminated path and an `open_how` of the size
+    // passed; the fd returned is owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd.as_raw_fd(),
+            path_c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// A unix socket inside a sandbox's jail, pinned: its path ([`Self::path`]) names the inode
+/// that was checked, whatever happens to the name in the jail afterwards. Connect while the
+/// value lives.
+#[derive(Debug)]
+pub struct JailSocket {
+    fd: OwnedFd,
+}
+
+impl JailSocket {
+    /// Opens `rel` (a path relative to `base`, e.g. `jail/mvm-agent/<id>/root/run/agent.sock`)
+    /// without following any link, and checks it is a socket owned by `uid`.
+    pub fn open(base: &Path, rel: &Path, uid: u32) -> Result<JailSocket> {
+        let shown = base.join(rel);
+        let through_a_link = || {
+            Error::Host(format!(
+                "{} is reached through a link, which a sandbox may have planted; refusing to \
+                 follow it (destroy the sandbox: its jail was tampered with)",
+                shown.display()
+            ))
+        };
+        let fd = open_beneath(base, rel).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::EXDEV) => through_a_link(),
+            _ => Error::host(format!("opening {}", shown.display()), e),
+        })?;
+        // SAFETY: `stat` is plain integers, for which all zeroes is valid.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on an fd we own into a buffer of the right type.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == -1 {
+            return Err(Error::host(
+                format!("stat {}", shown.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // With O_PATH | O_NOFOLLOW a link as the last component is opened, not followed.
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Err(through_a_link());
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK || st.st_uid != uid {
+            return Err(Error::Host(format!(
+                "{} is not a socket of the sandbox's user {uid} (mode {:o}, owner {}); refusing \
+                 to connect (destroy the sandbox: its jail was tampered with)",
+                shown.display(),
+                st.st_mode,
+                st.st_uid
+            )));
+        }
+        Ok(JailSocket { fd })
+    }
+
+    /// A path that reaches exactly the checked socket (`/proc/self/fd/N`), valid while `self`
+    /// lives.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// Creates the regular file `name` in directory `dir` (which must not be a link), refusing an
+/// existing entry of any kind (`O_CREAT | O_EXCL` never follows a planted link), with `mode`.
+pub fn create_new_file(dir: &Path, name: &str, mode: u32) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| Error::host(format!("creating {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    #[test]
+    fn a_socket_is_reached_through_its_pinned_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("run")).unwrap();
+        let _listener = UnixListener::bind(dir.path().join("run/agent.sock")).unwrap();
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        let socket = JailSocket::open(dir.path(), Path::new("run/agent.sock"), uid).unwrap();
+        UnixStream::connect(socket.path()).expect("connect through /proc/self/fd");
+        // Another owner is refused.
+        let err = JailSocket::open(dir.path(), Path::new("run/agent.sock"), uid + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a socket of the sandbox's user"), "{err}");
+    }
+
+    #[test]
+    fn links_planted_by_a_sandbox_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        let _listener = UnixListener::bind(victim.join("agent.sock")).unwrap();
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        let tenant = dir.path().join("tenant");
+        std::fs::create_dir(&tenant).unwrap();
+        // The socket's name replaced with a link to another sandbox's socket ...
+        std::fs::create_dir(tenant.join("run")).unwrap();
+        std::os::unix::fs::symlink(victim.join("agent.sock"), tenant.join("run/agent.sock"))
+            .unwrap();
+        let err = JailSocket::open(&tenant, Path::new("run/agent.sock"), uid)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("through a link"), "{err}");
+        // ... or a directory on the way replaced with one.
+        std::fs::remove_dir_all(tenant.join("run")).unwrap();
+        std::os::unix::fs::symlink(&victim, tenant.join("run")).unwrap();
+        let err = JailSocket::open(&tenant, Path::new("run/agent.sock"), uid)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("through a link"), "{err}");
+        // A regular file is no socket.
+        std::fs::remove_file(tenant.join("run")).unwrap();
+        std::fs::create_dir(tenant.join("run")).unwrap();
+        std::fs::write(tenant.join("run/agent.sock"), "").unwrap();
+        assert!(JailSocket::open(&tenant, Path::new("run/agent.sock"), uid).is_err());
+    }
+
+    #[test]
+    fn new_files_never_follow_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("host-file");
+        std::fs::write(&target, "precious").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("staged")).unwrap();
+        assert!(create_new_file(dir.path(), "staged", 0o600).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+        create_new_file(dir.path(), "fresh", 0o600).unwrap();
+    }
+}
