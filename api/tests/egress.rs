@@ -1,30 +1,57 @@
 //! `egress: all` end to end, as root, with the jail tier and without traffic leaving the
-//! machine: a second network namespace plays "the internet", reachable only through the host's
-//! routing. Its own test binary: it owns the host's `net.ipv4.ip_forward` while it runs.
+//! machine: a second network namespace plays everything beyond the host (the internet, a LAN
+//! host, a cloud metadata service), reachable only through the host's routing. Its own test
+//! binary: it owns the host's `net.ipv4.ip_forward` while it runs (its tests take turns).
 
 mod common;
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, Sandbox};
 use common::{block_on, root_or_skip, Daemon};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
-fn ip(args: &str) {
-    let out = Command::new("ip")
+/// Runs `program` with whitespace-separated `args` and returns its stdout; panics on failure.
+fn run(program: &str, args: &str) -> String {
+    let out = Command::new(program)
         .args(args.split_whitespace())
         .output()
-        .expect("running ip");
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
     assert!(
         out.status.success(),
-        "ip {args}: {}",
+        "{program} {args}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip(args: &str) {
+    run("ip", args);
+}
+
+/// Serializes this binary's tests: they share ip_forward and the host's egress tables.
+fn own_the_host(test: &str) -> Option<MutexGuard<'static, ()>> {
+    static HOST: Mutex<()> = Mutex::new(());
+    if !root_or_skip(test) {
+        return None;
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        mvm_testkit::skip_or_fail_in_ci(test, "nft is missing: apt-get install nftables");
+        return None;
+    }
+    let guard = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        egress_tables().is_empty(),
+        "an mvm on this host has `egress: all` sandboxes ({:?}): this test owns ip_forward, \
+         run it alone",
+        egress_tables()
+    );
+    Some(guard)
 }
 
 fn ip_forward() -> String {
@@ -47,17 +74,25 @@ fn egress_tables() -> Vec<String> {
         .collect()
 }
 
-/// A network namespace with a TCP service at `service:80` that answers each connection with
-/// the address it came from. The host reaches it through a veth (`host_addr` on the host
-/// end) and a route to `service`; it has no route back to anything else, so only
-/// masqueraded traffic gets answers.
+/// A network namespace with a TCP service on port 80 of each of its addresses that answers
+/// each connection with the address it came from: `service` (the internet), `lan` (a private
+/// host) and [`METADATA`]. The host reaches it through a veth (`host_addr` on the host end)
+/// and a route to `service`; `lan` and [`METADATA`] only from the sandboxes (see
+/// [`Internet::route_from`]). It has no route back to anything else, so only masqueraded
+/// traffic gets answers, and it counts what arrives unmasqueraded.
 struct Internet {
     name: String,
     veth: String,
     host_addr: Ipv4Addr,
     service: Ipv4Addr,
+    lan: Ipv4Addr,
+    /// Policy routing table and rule priority of [`Internet::route_from`].
+    table: u32,
     stop: Arc<AtomicBool>,
 }
+
+/// The cloud metadata address.
+const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
 impl Internet {
     fn start() -> Internet {
@@ -68,6 +103,8 @@ impl Internet {
             veth: format!("inet{n}h"),
             host_addr: Ipv4Addr::new(198, 18, n as u8, 1),
             service: Ipv4Addr::new(198, 19, n as u8, 1),
+            lan: Ipv4Addr::new(172, 31, n as u8, 1),
+            table: 31000 + n,
             stop: Arc::new(AtomicBool::new(false)),
         };
         let (ns, veth) = (&net.name, &net.veth);
@@ -79,11 +116,22 @@ impl Internet {
         ip(&format!("link set {veth} up"));
         ip(&format!("-n {ns} addr add 198.18.{n}.2/30 dev eth0"));
         ip(&format!("-n {ns} link set eth0 up"));
-        ip(&format!("-n {ns} addr add {}/32 dev lo", net.service));
+        for addr in [net.service, net.lan, METADATA] {
+            ip(&format!("-n {ns} addr add {addr}/32 dev lo"));
+        }
         ip(&format!("-n {ns} link set lo up"));
         ip(&format!("route add {}/32 via 198.18.{n}.2", net.service));
+        // Counts what arrives from anywhere but the host's end, i.e. unmasqueraded.
+        run(
+            "ip",
+            &format!(
+                "netns exec {ns} nft add table ip watch {{ chain pre {{ type filter hook \
+                 prerouting priority raw ; ip saddr != {} counter ; }} ; }}",
+                net.host_addr
+            ),
+        );
         let ns_file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
-        let (stop, service) = (Arc::clone(&net.stop), net.service);
+        let stop = Arc::clone(&net.stop);
         let (ready_tx, ready) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
@@ -94,7 +142,7 @@ impl Internet {
                 )
             };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            let listener = TcpListener::bind((service, 80)).expect("bind the service");
+            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80)).expect("bind port 80");
             listener.set_nonblocking(true).expect("nonblocking");
             ready_tx.send(()).expect("ready");
             while !stop.load(Ordering::Relaxed) {
@@ -113,9 +161,46 @@ impl Internet {
     }
 }
 
+impl Internet {
+    /// Routes `lan` and [`METADATA`] here for traffic from `subnet` (the sandboxes') only:
+    /// the host's own traffic to those addresses is left alone.
+    fn route_from(&self, subnet: &str) {
+        let t = self.table;
+        ip(&format!("rule add from {subnet} lookup {t} pref {t}"));
+        for addr in [self.lan, METADATA] {
+            ip(&format!(
+                "route add {addr}/32 via {} dev {} table {t}",
+                Ipv4Addr::from(u32::from(self.host_addr) + 1),
+                self.veth
+            ));
+        }
+    }
+
+    /// Packets that reached this namespace with another source than the host's end.
+    fn unmasqueraded(&self) -> u64 {
+        let out = run(
+            "ip",
+            &format!("netns exec {} nft list table ip watch", self.name),
+        );
+        out.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter in {out}"))
+    }
+}
+
 impl Drop for Internet {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let t = self.table.to_string();
+        // Output, not status: quiet when `route_from` was not called.
+        let _ = Command::new("ip")
+            .args(["rule", "del", "pref", &t])
+            .output();
+        let _ = Command::new("ip")
+            .args(["route", "flush", "table", &t])
+            .output();
         let _ = Command::new("ip")
             .args(["link", "del", &self.veth])
             .status();
@@ -155,22 +240,11 @@ fn sh(script: &str) -> ExecRequest {
 
 #[test]
 fn egress_all_masquerades_isolates_sandboxes_and_restores_the_host() {
-    if !root_or_skip("egress_all_masquerades_isolates_sandboxes_and_restores_the_host") {
+    let Some(_host) =
+        own_the_host("egress_all_masquerades_isolates_sandboxes_and_restores_the_host")
+    else {
         return;
-    }
-    if Command::new("nft").arg("--version").output().is_err() {
-        mvm_testkit::skip_or_fail_in_ci(
-            "egress_all_masquerades_isolates_sandboxes_and_restores_the_host",
-            "nft is missing: apt-get install nftables",
-        );
-        return;
-    }
-    assert!(
-        egress_tables().is_empty(),
-        "an mvm on this host has `egress: all` sandboxes ({:?}): this test owns ip_forward, \
-         run it alone",
-        egress_tables()
-    );
+    };
     // Forwarding off to start with, so that turning it back off is visible.
     let _restore = RestoreForwarding(ip_forward());
     std::fs::write(IP_FORWARD, "0").expect("ip_forward=0");
@@ -266,4 +340,232 @@ fn egress_all_masquerades_isolates_sandboxes_and_restores_the_host() {
     d.assert_no_leaks(&before);
     assert!(egress_tables().is_empty(), "{:?}", egress_tables());
     assert_eq!(ip_forward(), "0", "ip_forward was not restored");
+}
+
+/// A TCP listener on one of the host's own addresses that greets and counts connections.
+struct HostListener {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HostListener {
+    const GREETING: &'static str = "host-reached";
+
+    fn bind(addr: SocketAddr) -> HostListener {
+        let listener =
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("listening on {addr}: {e}"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let l = HostListener {
+            port: listener.local_addr().expect("local addr").port(),
+            accepted: Arc::new(AtomicUsize::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (stop, accepted) = (Arc::clone(&l.stop), Arc::clone(&l.accepted));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut sock, _)) => {
+                        use std::io::Write;
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        let _ = sock.set_nonblocking(false);
+                        let _ = writeln!(sock, "{}", HostListener::GREETING);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        l
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for HostListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `script` as root in sandbox `id`'s network namespace (what its processes cannot do).
+fn in_sandbox_netns(d: &Daemon, id: &str, script: &str) -> String {
+    let ns = d.run_dir().join("netns").join(id);
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["sh", "-c", script])
+        .output()
+        .expect("running nsenter");
+    assert!(
+        out.status.success(),
+        "{script} in {}: {}",
+        ns.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The IPv6 link-local address that `show` (an `ip -6 -o addr show … scope link` in the
+/// right namespace) prints, once duplicate address detection is done with it.
+fn link_local(show: impl Fn() -> String) -> Ipv6Addr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = show();
+        let ready = out
+            .lines()
+            .filter(|l| !l.contains("tentative"))
+            .find_map(|l| {
+                l.split_whitespace()
+                    .skip_while(|w| *w != "inet6")
+                    .nth(1)?
+                    .split('/')
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+        match ready {
+            Some(addr) => return addr,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            None => panic!("no usable IPv6 link-local address: {out:?}"),
+        }
+    }
+}
+
+/// `egress: all` reaches the internet but, unless an allow entry names them, none of the
+/// host's own addresses (its gateway included), the cloud metadata address, private (LAN)
+/// addresses or the host over IPv6; and nothing leaves with a source that is not the
+/// sandbox's, even with the namespace's own rules gone (the host's guard holds alone).
+#[test]
+fn egress_all_keeps_off_the_host_its_neighbours_and_spoofing() {
+    let Some(_host) = own_the_host("egress_all_keeps_off_the_host_its_neighbours_and_spoofing")
+    else {
+        return;
+    };
+    let _restore = RestoreForwarding(ip_forward());
+    let inet = Internet::start();
+    let d = Daemon::start();
+    let subnet = format!("{}0.0/16", d.subnet_prefix);
+    inet.route_from(&subnet);
+    let before = d.host_state();
+    let reach = |s: &Sandbox, host: String, port: u16| {
+        let c = d.client();
+        let id = s.id.clone();
+        async move {
+            c.exec(
+                &id,
+                &sh(&format!("nc -w 2 {host} {port} </dev/null; echo rc=$?")),
+            )
+            .await
+            .expect("exec nc")
+            .stdout
+        }
+    };
+    let blocked = |what: &str, out: &str| {
+        assert!(
+            !out.contains("peer=")
+                && !out.contains(HostListener::GREETING)
+                && !out.contains("rc=0"),
+            "egress all reached {what}: {out:?}"
+        );
+    };
+    block_on(async {
+        let c = d.client();
+        let all = c.create(&sandbox(Egress::All, &[])).await.expect("all");
+        let lan_allowed = c
+            .create(&sandbox(Egress::All, &["172.16.0.0/12"]))
+            .await
+            .expect("all with the LAN allowed");
+        let masqueraded = format!("peer={}", inet.host_addr);
+
+        // The internet, and with an allow entry the LAN: reached, masqueraded.
+        let out = reach(&all, inet.service.to_string(), 80).await;
+        assert!(out.contains(&masqueraded), "the internet: {out:?}");
+        let out = reach(&lan_allowed, inet.lan.to_string(), 80).await;
+        assert!(out.contains(&masqueraded), "the allowed LAN: {out:?}");
+
+        // Not reached: the LAN without an allow entry, the metadata service either way.
+        blocked("the LAN", &reach(&all, inet.lan.to_string(), 80).await);
+        for s in [&all, &lan_allowed] {
+            blocked(
+                "the metadata address",
+                &reach(s, METADATA.to_string(), 80).await,
+            );
+        }
+
+        // The host's own addresses: a public-looking one, and the sandbox's own gateway.
+        let gateway: Ipv4Addr = all
+            .network
+            .gateway
+            .clone()
+            .expect("gateway")
+            .parse()
+            .unwrap();
+        for addr in [inet.host_addr, gateway] {
+            let listener = HostListener::bind((addr, 0).into());
+            blocked(
+                &format!("the host at {addr}"),
+                &reach(&all, addr.to_string(), listener.port).await,
+            );
+            assert_eq!(listener.accepted(), 0, "the host at {addr} was reached");
+        }
+
+        // The host over IPv6: the link-local address of the host end of the sandbox's veth.
+        let veth = api::manager::net::host_veth(&all.id);
+        let host_ll = link_local(|| run("ip", &format!("-6 -o addr show dev {veth} scope link")));
+        link_local(|| in_sandbox_netns(&d, &all.id, "ip -6 -o addr show dev eth0 scope link"));
+        let ifindex = std::fs::read_to_string(format!("/sys/class/net/{veth}/ifindex"))
+            .expect("ifindex")
+            .trim()
+            .parse()
+            .expect("ifindex number");
+        let listener = HostListener::bind(SocketAddrV6::new(host_ll, 0, 0, ifindex).into());
+        blocked(
+            &format!("the host at {host_ll}"),
+            &reach(&all, format!("{host_ll}%eth0"), listener.port).await,
+        );
+        assert_eq!(listener.accepted(), 0, "the host at {host_ll} was reached");
+
+        // A foreign source address. A process can take one with IP_FREEBIND; busybox's nc
+        // cannot, so the namespace gets the address and a default route that prefers it.
+        let spoofed = Ipv4Addr::new(203, 0, 113, inet.host_addr.octets()[2]);
+        in_sandbox_netns(
+            &d,
+            &all.id,
+            &format!(
+                "ip addr add {spoofed}/32 dev lo && \
+                 ip route replace default via {gateway} dev eth0 src {spoofed}"
+            ),
+        );
+        assert_eq!(inet.unmasqueraded(), 0);
+        blocked(
+            "the internet spoofed",
+            &reach(&all, inet.service.to_string(), 80).await,
+        );
+        assert_eq!(inet.unmasqueraded(), 0, "a spoofed packet left the host");
+        // Without the namespace's rules, the host's guard alone still holds.
+        in_sandbox_netns(&d, &all.id, "nft flush ruleset");
+        blocked(
+            "the internet spoofed",
+            &reach(&all, inet.service.to_string(), 80).await,
+        );
+        assert_eq!(inet.unmasqueraded(), 0, "a spoofed packet left the host");
+        in_sandbox_netns(
+            &d,
+            &all.id,
+            &format!(
+                "ip route replace default via {gateway} dev eth0 src {}",
+                all.network.address.clone().expect("address")
+            ),
+        );
+        blocked("the LAN", &reach(&all, inet.lan.to_string(), 80).await);
+        let out = reach(&all, inet.service.to_string(), 80).await;
+        assert!(out.contains(&masqueraded), "the internet: {out:?}");
+
+        for s in [all, lan_allowed] {
+            c.delete(&s.id).await.expect("delete");
+        }
+    });
+    d.assert_no_leaks(&before);
+    assert!(egress_tables().is_empty(), "{:?}", egress_tables());
 }

@@ -76,7 +76,8 @@ struct RunArgs {
     /// Egress policy.
     #[arg(long, value_parser = ["none", "allow", "all"], default_value = "none")]
     egress: String,
-    /// Allowed destination (IPv4 or CIDR) with --egress allow (repeatable).
+    /// Allowed destination (IPv4 or CIDR; repeatable): with --egress allow the only ones, with
+    /// --egress all a host, private or link-local one to open.
     #[arg(long)]
     allow: Vec<String>,
     /// Tell on stderr which sandbox and isolation tier the command runs in (the default when

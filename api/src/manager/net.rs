@@ -1,6 +1,8 @@
 //! Per-sandbox networking: a network namespace pinned under the manager's run dir, with a veth
-//! pair to the host when the sandbox has egress, a tap for the VM in the vm tier, and the egress
-//! policy as an nftables ruleset inside the namespace (where the sandbox cannot change it).
+//! pair to the host when the sandbox has egress, a tap for the VM in the vm tier, the egress
+//! policy as an nftables ruleset inside the namespace, and a guard table on the host for the
+//! destinations only the host can judge (its own addresses). A sandbox can change neither: a
+//! jail-tier process has no CAP_NET_ADMIN, a vm guest owns only its own kernel.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -84,9 +86,9 @@ pub fn validate(spec: &NetworkSpec) -> Result<NetworkSpec> {
                 "network.egress \"allow\" needs at least one network.allow entry".into(),
             ))
         }
-        Egress::None | Egress::All if !allow.is_empty() => {
+        Egress::None if !allow.is_empty() => {
             return Err(Error::Invalid(
-                "network.allow is only used with network.egress \"allow\"".into(),
+                "network.allow is only used with network.egress \"allow\" or \"all\"".into(),
             ))
         }
         _ => {}
@@ -102,10 +104,95 @@ fn manager_subnet(a: &Addresses) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(a.host) & 0xffff_0000)
 }
 
+/// IPv4 destinations that no sandbox reaches unless one of its `allow` entries names them:
+/// "this" network, private (RFC 1918), shared (CGNAT), loopback, link-local (cloud metadata at
+/// 169.254.169.254), multicast, reserved and broadcast. The host's own addresses, whatever
+/// they are, are found by a route lookup ([`host_guard`]).
+const BLOCKED_V4: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
+
+/// The namespace's guard: nothing leaves with a source that is not the sandbox's own, no
+/// IPv6 at all (a sandbox has no IPv6 address), and in the vm tier the guest cannot reach
+/// the namespace itself (its gateway is only for routing).
+fn namespace_guard(isolation: Isolation, a: &Addresses) -> String {
+    let mut rules = format!(
+        "table inet mvm-guard {{
+  chain output {{ type filter hook output priority -10;
+    oifname \"{SANDBOX_IF}\" meta nfproto ipv6 drop
+    oifname \"{SANDBOX_IF}\" ip saddr != {} drop
+  }}
+",
+        a.sandbox
+    );
+    if isolation == Isolation::Vm {
+        rules.push_str(&format!(
+            "  chain input {{ type filter hook input priority -10;
+    iifname \"{TAP_IF}\" drop
+  }}
+  chain forward {{ type filter hook forward priority -10;
+    iifname \"{TAP_IF}\" meta nfproto ipv6 drop
+    iifname \"{TAP_IF}\" ip saddr != {} drop
+  }}
+",
+            a.guest
+        ));
+    }
+    rules.push_str("}\n");
+    rules
+}
+
+/// The host table of sandbox `id`'s guard (see [`host_guard`]).
+fn guard_table(id: &str) -> String {
+    format!("mvm-guard-{id}")
+}
+
+/// The host-side guard of sandbox `id`, for every egress mode with a veth: what comes in
+/// from its veth is dropped when it is IPv6, has another source than the sandbox's address,
+/// or goes to one of the host's own addresses (its gateway included) or to [`BLOCKED_V4`],
+/// unless an `allow` entry names the destination. Replies to connections the host opened
+/// pass. It hooks prerouting before destination NAT, so a port the host forwards elsewhere
+/// is judged by the host address it was sent to.
+fn host_guard(id: &str, spec: &NetworkSpec, a: &Addresses) -> String {
+    let allowed = if spec.allow.is_empty() {
+        String::new()
+    } else {
+        format!("    ip daddr {{ {} }} accept\n", spec.allow.join(", "))
+    };
+    format!(
+        "table inet {} {{
+  chain prerouting {{ type filter hook prerouting priority -150;
+    iifname \"{}\" jump from_sandbox
+  }}
+  chain from_sandbox {{
+    meta nfproto ipv6 drop
+    ip saddr != {} drop
+    ct state established,related accept
+{allowed}    fib daddr type {{ local, broadcast, multicast }} drop
+    ip daddr {{ {} }} drop
+  }}
+}}
+",
+        guard_table(id),
+        host_veth(id),
+        a.sandbox,
+        BLOCKED_V4.join(", ")
+    )
+}
+
 /// The nftables ruleset loaded in the namespace.
 fn ruleset(spec: &NetworkSpec, isolation: Isolation, a: &Addresses) -> String {
     let mut rules = String::from("flush ruleset\n");
     if spec.egress != Egress::None {
+        rules.push_str(&namespace_guard(isolation, a));
         // Other sandboxes are not reachable, whatever the host forwards: from the manager's
         // /16 only the sandbox's own gateway (the host) gets in.
         let subnet = manager_subnet(a);
@@ -216,7 +303,10 @@ pub fn create(
             "addr add {}/30 dev {veth}\nlink set {veth} up\n",
             addrs.host
         );
-        if let Err(e) = host::run("ip", &["-batch", "-"], Some(&host_side)) {
+        // The guard first: the veth carries nothing before it is loaded.
+        if let Err(e) = host::run("nft", &["-f", "-"], Some(&host_guard(id, spec, &addrs)))
+            .and_then(|_| host::run("ip", &["-batch", "-"], Some(&host_side)))
+        {
             let _ = destroy(netns, id);
             return Err(e);
         }
@@ -268,11 +358,12 @@ impl ForwardingLock {
     }
 }
 
-/// Names of the host's `ip` family nftables tables; none when nft is not installed (then
-/// none of ours can exist).
-fn ip_tables() -> Result<Vec<String>> {
+/// Names of the host's nftables tables of `family` (`ip`, `inet`); none when nft is not
+/// installed (then none of ours can exist).
+fn tables(family: &str) -> Result<Vec<String>> {
+    let prefix = format!("table {family} ");
     match std::process::Command::new("nft")
-        .args(["list", "tables", "ip"])
+        .args(["list", "tables", family])
         .stdin(std::process::Stdio::null())
         .output()
     {
@@ -285,7 +376,7 @@ fn ip_tables() -> Result<Vec<String>> {
         ))),
         Ok(out) => Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter_map(|l| l.trim().strip_prefix("table ip "))
+            .filter_map(|l| l.trim().strip_prefix(prefix.as_str()))
             .map(str::to_owned)
             .collect()),
     }
@@ -348,11 +439,11 @@ fn disable_host_masquerade(id: &str) -> Result<()> {
             .iter()
             .any(|t| t == EGRESS_TABLE || t.starts_with(&format!("{EGRESS_TABLE}-")))
     };
-    if !ours(&ip_tables()?) {
+    if !ours(&tables("ip")?) {
         return Ok(());
     }
     let _lock = ForwardingLock::acquire()?;
-    let tables = ip_tables()?;
+    let tables = tables("ip")?;
     let mine = egress_table(id);
     let mut batch = String::new();
     if tables.contains(&mine) {
@@ -547,8 +638,18 @@ pub fn leave_pod_netns(netns: &Path) -> Result<()> {
     })
 }
 
-/// Removes the namespace, the host side of the veth and the sandbox's `egress: all` rules (the
-/// last such sandbox also restores the host's forwarding setting). Missing pieces are fine.
+/// Removes sandbox `id`'s host guard table, if it has one.
+fn remove_host_guard(id: &str) -> Result<()> {
+    let table = guard_table(id);
+    if tables("inet")?.contains(&table) {
+        host::run("nft", &["delete", "table", "inet", &table], None)?;
+    }
+    Ok(())
+}
+
+/// Removes the namespace, the host side of the veth, the sandbox's host guard and its
+/// `egress: all` rules (the last such sandbox also restores the host's forwarding setting).
+/// Missing pieces are fine.
 pub fn destroy(netns: &Path, id: &str) -> Result<()> {
     let veth = host_veth(id);
     if Path::new("/sys/class/net").join(&veth).exists() {
@@ -560,6 +661,7 @@ pub fn destroy(netns: &Path, id: &str) -> Result<()> {
         }
     }
     host::remove_netns(netns)?;
+    remove_host_guard(id)?;
     disable_host_masquerade(id)
 }
 
@@ -630,6 +732,57 @@ mod tests {
         assert_eq!(saved_ip_forward(listing), Some("0"));
         assert_eq!(saved_ip_forward("table ip mvm-egress {\n}"), None);
         assert_eq!(saved_ip_forward("\tcomment \"ip_forward=1; x\"\n"), None);
+    }
+
+    #[test]
+    fn guards_drop_spoofed_ipv6_and_private_unless_allowed() {
+        let a = Addresses::of(Ipv4Addr::new(10, 213, 0, 0), 1);
+        let spec = |egress, allow: &[&str]| NetworkSpec {
+            egress,
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            validate(&spec(Egress::All, &["10.1.2.3"])).unwrap().allow,
+            ["10.1.2.3/32"]
+        );
+        let host = host_guard("0123456789ab", &spec(Egress::All, &[]), &a);
+        for rule in [
+            "iifname \"mv0123456789ab\" jump from_sandbox",
+            "meta nfproto ipv6 drop",
+            "ip saddr != 10.213.0.10 drop",
+            "fib daddr type { local, broadcast, multicast } drop",
+            "169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16",
+        ] {
+            assert!(host.contains(rule), "{rule} in {host}");
+        }
+        assert!(host.contains("table inet mvm-guard-0123456789ab"), "{host}");
+        // Without allow entries only replies to the host's own connections are accepted.
+        assert_eq!(host.matches("accept").count(), 1, "{host}");
+        // An allow entry opens its destination before anything is dropped for it.
+        let host = host_guard("0123456789ab", &spec(Egress::All, &["10.0.0.0/8"]), &a);
+        let open = host
+            .find("ip daddr { 10.0.0.0/8 } accept")
+            .expect("allow rule");
+        assert!(open < host.find("fib daddr").expect("fib rule"), "{host}");
+        let jail = ruleset(&spec(Egress::All, &[]), Isolation::Jail, &a);
+        assert!(
+            jail.contains("oifname \"eth0\" ip saddr != 10.213.0.10 drop"),
+            "{jail}"
+        );
+        assert!(
+            jail.contains("oifname \"eth0\" meta nfproto ipv6 drop"),
+            "{jail}"
+        );
+        assert!(!jail.contains("tap0"), "{jail}");
+        let vm = ruleset(&spec(Egress::Allow, &["1.2.3.4/32"]), Isolation::Vm, &a);
+        for rule in [
+            "iifname \"tap0\" ip saddr != 10.213.0.14 drop",
+            "iifname \"tap0\" meta nfproto ipv6 drop",
+            "iifname \"tap0\" drop",
+        ] {
+            assert!(vm.contains(rule), "{rule} in {vm}");
+        }
+        assert!(!ruleset(&spec(Egress::None, &[]), Isolation::Vm, &a).contains("mvm-guard"));
     }
 
     #[test]

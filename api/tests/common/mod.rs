@@ -357,16 +357,18 @@ impl Daemon {
             .iter()
             .map(|id| api::manager::net::host_veth(id))
             .collect();
-        // The masquerade table of an `egress: all` sandbox.
+        // The host guard of a sandbox with egress, the masquerade table of an `egress: all` one.
         let tables = Command::new("nft")
-            .args(["list", "tables", "ip"])
+            .args(["list", "tables"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
         for line in tables.lines() {
-            if let Some(id) = line.trim().strip_prefix("table ip mvm-egress-") {
-                if ids.contains(id) {
-                    s.insert(format!("nft table mvm-egress-{id}"));
+            for prefix in ["table ip mvm-egress-", "table inet mvm-guard-"] {
+                if let Some(id) = line.trim().strip_prefix(prefix) {
+                    if ids.contains(id) {
+                        s.insert(format!("nft {prefix}{id}"));
+                    }
                 }
             }
         }
@@ -428,18 +430,27 @@ impl Drop for Daemon {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let _ = c.wait();
         }
+        // Every sandbox it knew: its processes, then its network (veth, namespace, host guard
+        // and masquerade tables; the last `egress: all` one restores ip_forward), by the
+        // manager's own teardown.
+        let mut ids = self.ids.lock().map(|i| i.clone()).unwrap_or_default();
         for sub in ["sandboxes", "netns"] {
             for e in std::fs::read_dir(self.run_dir().join(sub))
                 .into_iter()
                 .flatten()
                 .flatten()
             {
-                let id = e.file_name().to_string_lossy().into_owned();
-                for pid in cgroup_mode().pids(&self.cgroup_parent, &id) {
-                    // SAFETY: plain kill of a sandbox process this test made.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+                ids.insert(e.file_name().to_string_lossy().into_owned());
             }
+        }
+        for id in &ids {
+            for pid in cgroup_mode().pids(&self.cgroup_parent, id) {
+                // SAFETY: plain kill of a sandbox process this test made.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for id in ids.iter().filter(|id| is_sandbox_id(id)) {
+            let _ = api::manager::net::destroy(&self.run_dir().join("netns").join(id), id);
         }
         let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
