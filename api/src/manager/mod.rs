@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent::AgentClient;
-use jailer::{BindMount, CleanupConfig, JailConfig};
+use jailer::{BindMount, CleanupConfig, JailConfig, SeccompPolicy};
 use vmm::devices::legacy::console::ConsoleLimit;
 
 use crate::bounds::Bounds;
@@ -92,6 +92,8 @@ pub struct ManagerConfig {
     pub artifacts_dir: Option<PathBuf>,
     /// Largest size of a vm-tier sandbox's `console.log` (`mvm-vmm --console-limit`).
     pub console_limit: ConsoleLimit,
+    /// Size of a jail-tier sandbox's writable layer, MiB (`MVM_JAIL_DISK_MIB`, default 1024).
+    pub jail_disk_mib: u64,
     /// How much of a sandbox's or a client's data is held at once (exec output, bodies;
     /// `MVM_EXEC_OUTPUT_LIMIT`, ... see [`Bounds::from_env`]).
     pub bounds: Bounds,
@@ -142,6 +144,7 @@ impl ManagerConfig {
             allowed_isolation: allowed_isolation_from_env(),
             artifacts_dir: artifacts,
             console_limit: vm::console_limit_from_env(),
+            jail_disk_mib: rootfs::jail_disk_mib_from_env(),
             bounds: Bounds::from_env(),
         }
     }
@@ -1698,7 +1701,9 @@ fn base_jail(
 }
 
 /// The jail of the jail tier: mvm-agent on a unix socket, the directories of `tree` (the
-/// overlay, or a caller's userland) bound in.
+/// overlay, or a caller's userland) bound in. Its programs run on the host kernel, so they get
+/// the jailer's `sandbox` seccomp policy and, where the kernel has Landlock, may write only
+/// beneath those directories and the jail's /run.
 fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Result<JailConfig> {
     let mut j = base_jail(
         cfg,
@@ -1718,6 +1723,14 @@ fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Resul
             read_only: false,
         })
         .collect();
+    j.landlock = true;
+    j.landlock_write = j
+        .mounts
+        .iter()
+        .map(|m| m.jail.clone())
+        .chain([PathBuf::from(jailer::RUN_DIR)])
+        .collect();
+    j.seccomp = Some(SeccompPolicy::Sandbox);
     j.args = vec!["--listen".into(), format!("unix:{AGENT_SOCKET}").into()];
     Ok(j)
 }
@@ -1741,7 +1754,7 @@ fn spawn_jail(
             let base =
                 rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
             let overlay = rootfs::Overlay::at(&dir);
-            overlay.mount(&base, uid)?;
+            overlay.mount(&base, uid, cfg.jail_disk_mib)?;
             jail_config(cfg, s, uid, &overlay.merged)?
         }
         Userland::Template(template) => {

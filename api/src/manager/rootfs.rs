@@ -1,8 +1,9 @@
 //! Disk layers: the shared read-only base of a template and a per-sandbox writable layer.
 //!
 //! - jail tier: the template's ext4 image is unpacked once (debugfs rdump, no mount) into a
-//!   base tree; each sandbox gets an overlayfs of that tree with its own upper directory, and
-//!   the overlay's top-level directories are bind-mounted into the jail.
+//!   base tree; each sandbox gets an overlayfs of that tree whose upper and work directories
+//!   lie on a tmpfs of its own, of a fixed size ([`JAIL_DISK_ENV`]), and the overlay's
+//!   top-level directories are bind-mounted into the jail.
 //! - vm tier: the image itself is the VM's read-only root drive; each sandbox gets a sparse
 //!   blank ext4 file as its second drive, which the guest agent uses as the overlay upper,
 //!   or, for a container, an ext4 copy of the container's root directory that the agent
@@ -22,6 +23,31 @@ const NOT_IN_JAIL: [&str; 6] = ["dev", "proc", "run", "sys", "lost+found", "over
 
 /// Size of the sparse writable layer of a VM.
 pub const LAYER_SIZE_MIB: u64 = 2048;
+
+/// Environment variable with the size of a jail-tier sandbox's writable layer, MiB.
+pub const JAIL_DISK_ENV: &str = "MVM_JAIL_DISK_MIB";
+/// Default size of a jail-tier sandbox's writable layer, MiB.
+pub const DEFAULT_JAIL_DISK_MIB: u64 = 1024;
+/// Bytes of the writable layer per inode it can hold (ext4's default ratio), so that empty
+/// files cannot take more memory than the size says either.
+const JAIL_DISK_BYTES_PER_INODE: u64 = 16 << 10;
+
+/// [`JAIL_DISK_ENV`] (a whole number of MiB, at least 1), else [`DEFAULT_JAIL_DISK_MIB`].
+pub fn jail_disk_mib_from_env() -> u64 {
+    match std::env::var(JAIL_DISK_ENV) {
+        Ok(value) if !value.is_empty() => match value.parse::<u64>() {
+            Ok(mib) if mib >= 1 => mib,
+            _ => {
+                tracing::warn!(
+                    "{JAIL_DISK_ENV}={value:?} is not a number of MiB of at least 1; \
+                     using {DEFAULT_JAIL_DISK_MIB}"
+                );
+                DEFAULT_JAIL_DISK_MIB
+            }
+        },
+        _ => DEFAULT_JAIL_DISK_MIB,
+    }
+}
 
 /// The unpacked base tree of image `rootfs` under `cache`, made on first use. The directory name
 /// depends on the image's path, size and mtime, so a rebuilt image is unpacked again.
@@ -123,6 +149,8 @@ pub fn gc_bases(cache: &Path, keep: &[PathBuf]) -> Vec<PathBuf> {
 pub struct Overlay {
     /// Where the merged tree is mounted.
     pub merged: PathBuf,
+    /// The tmpfs holding `upper` and `work`: its size bounds what the sandbox can write.
+    layer: PathBuf,
     upper: PathBuf,
     work: PathBuf,
 }
@@ -130,16 +158,37 @@ pub struct Overlay {
 impl Overlay {
     /// The overlay layout of `sandbox_dir`.
     pub fn at(sandbox_dir: &Path) -> Self {
+        let layer = sandbox_dir.join("layer");
         Overlay {
             merged: sandbox_dir.join("rootfs"),
-            upper: sandbox_dir.join("upper"),
-            work: sandbox_dir.join("work"),
+            upper: layer.join("upper"),
+            work: layer.join("work"),
+            layer,
         }
     }
 
-    /// Mounts base + a fresh upper layer; `/root` of the sandbox belongs to `uid`.
-    pub fn mount(&self, base: &Path, uid: u32) -> Result<()> {
-        for d in [&self.merged, &self.upper, &self.work] {
+    /// Mounts base + a fresh upper layer of `size_mib` MiB (a write past it fails with ENOSPC
+    /// in the sandbox); `/root` of the sandbox belongs to `uid`. What it mounted before a
+    /// failure is removed by [`Overlay::unmount`].
+    pub fn mount(&self, base: &Path, uid: u32, size_mib: u64) -> Result<()> {
+        for d in [&self.merged, &self.layer] {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(d)
+                .map_err(|e| Error::host(format!("creating {}", d.display()), e))?;
+        }
+        let bytes = size_mib << 20;
+        host::mount(
+            Path::new("tmpfs"),
+            &self.layer,
+            Some("tmpfs"),
+            libc::MS_NODEV | libc::MS_NOSUID,
+            Some(&format!(
+                "size={bytes},nr_inodes={},mode=0755",
+                (bytes / JAIL_DISK_BYTES_PER_INODE).max(1024)
+            )),
+        )?;
+        for d in [&self.upper, &self.work] {
             std::fs::DirBuilder::new()
                 .mode(0o755)
                 .create(d)
@@ -167,9 +216,11 @@ impl Overlay {
         )
     }
 
-    /// Unmounts the overlay (its directories go with the sandbox directory).
+    /// Unmounts the overlay and its layer (their directories go with the sandbox directory);
+    /// what is not mounted is skipped.
     pub fn unmount(&self) -> Result<()> {
-        host::umount(&self.merged)
+        host::umount(&self.merged)?;
+        host::umount(&self.layer)
     }
 }
 
