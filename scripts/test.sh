@@ -4,11 +4,12 @@
 # 1. installs missing Debian packages (scripts/deps.sh)
 # 2. builds the guest kernel (cached in ${MVM_CACHE_DIR:-/var/cache/mvm}) and every binary
 #    (one cargo profile: dev, static)
-# 3. builds and checks the base image and the kernel under QEMU (rootfs/test.sh, guest-kernel/test.sh)
-# 4. runs every cargo test: unit, KVM test guests, jailer, agent, API/CLI (jail tier), shim
-# 5. runs the vm-tier suite (tests/nested/run.sh): directly on hardware KVM, otherwise inside a
+# 3. checks formatting (cargo fmt --check) and lints (cargo clippy -D warnings) of every crate
+# 4. builds and checks the base image and the kernel under QEMU (rootfs/test.sh, guest-kernel/test.sh)
+# 5. runs every cargo test: unit, KVM test guests, jailer, agent, API/CLI (jail tier), shim
+# 6. runs the vm-tier suite (tests/nested/run.sh): directly on hardware KVM, otherwise inside a
 #    QEMU guest with emulated SVM, so no vm-tier test is skipped on hosts without VT-x
-# 6. runs each virtio fuzz target briefly (vmm/fuzz/run-fuzz.sh) with cargo-fuzz, on the nightly
+# 7. runs each virtio fuzz target briefly (vmm/fuzz/run-fuzz.sh) with cargo-fuzz, on the nightly
 #    toolchain or, where there is none, on stable with RUSTC_BOOTSTRAP=1
 # Exits non-zero if any stage fails, after running them all; prints a summary line per stage.
 # With CI set (non-empty), a stage whose tools are missing fails instead of being skipped.
@@ -46,6 +47,8 @@ must() {
 must deps scripts/deps.sh
 must guest-kernel guest-kernel/build.sh
 must build cargo build --workspace --bins --examples --tests
+stage fmt cargo fmt --all --check
+stage clippy cargo clippy --workspace --all-targets -- -D warnings
 must rootfs rootfs/build.sh
 stage rootfs-test rootfs/test.sh
 stage guest-kernel-test guest-kernel/test.sh

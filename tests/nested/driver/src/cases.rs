@@ -1524,7 +1524,9 @@ fn mvmd_cycles(ctx: &mut Ctx) -> Outcome {
             (code, _, err) => Err(format!("mvm --host rm {id}: exit {code}: {}", err.trim())),
         }
     };
-    let measured = (|| -> Result<(Vec<Duration>, Vec<Duration>, Vec<u64>), String> {
+    /// Create and destroy times of each cycle, and the PSS (KiB) of each idle sandbox's VMM.
+    type Measured = (Vec<Duration>, Vec<Duration>, Vec<u64>);
+    let measured = (|| -> Result<Measured, String> {
         let (mut up, mut down) = (Vec::with_capacity(CYCLES), Vec::with_capacity(CYCLES));
         for cycle in 1..=CYCLES {
             let started = Instant::now();
@@ -1555,7 +1557,7 @@ fn mvmd_cycles(ctx: &mut Ctx) -> Outcome {
             left.join(", ")
         ));
     }
-    if pss.iter().any(|&kib| kib == 0) {
+    if pss.contains(&0) {
         return Err(format!(
             "an idle sandbox's mvm-vmm was not found (PSS {pss:?} KiB); mvmd: {log}"
         ));
