@@ -3,22 +3,7 @@
 
 mod common;
 
-use api::model::{CreateSandbox, ExecRequest, Isolation};
-use common::{block_on, root_or_skip, Daemon};
-
-fn jail() -> CreateSandbox {
-    CreateSandbox {
-        isolation: Some(Isolation::Jail),
-        ..CreateSandbox::default()
-    }
-}
-
-fn sh(script: &str) -> ExecRequest {
-    ExecRequest {
-        cmd: vec!["sh".into(), "-c".into(), script.into()],
-        ..ExecRequest::default()
-    }
-}
+use common::{api_error, block_on, jail, root_or_skip, sh, Daemon};
 
 /// The attacker replaces its jail's agent socket with a link to the victim's and gets mvmd
 /// to connect again (a daemon restart reconnects to every sandbox). mvmd must never follow
@@ -84,15 +69,6 @@ fn a_planted_agent_socket_link_never_reaches_another_tenant() {
             .await
             .expect("delete attacker");
     });
-}
-
-fn api_error(e: &api::client::ClientError) -> (u16, String, String) {
-    match e {
-        api::client::ClientError::Api { status, body } => {
-            (*status, body.code.clone(), body.message.clone())
-        }
-        other => panic!("expected an API error, got {other}"),
-    }
 }
 
 /// Operators decide who may use the jail tier (tenant code on the host kernel): daemon-wide

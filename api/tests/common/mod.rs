@@ -10,8 +10,33 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use api::client::Client;
+use api::client::{Client, ClientError};
 use api::http::Endpoint;
+use api::model::{CreateSandbox, ExecRequest, Isolation};
+
+/// A create request for the jail tier, defaults otherwise.
+pub fn jail() -> CreateSandbox {
+    CreateSandbox {
+        isolation: Some(Isolation::Jail),
+        ..CreateSandbox::default()
+    }
+}
+
+/// An exec of `sh -c script`.
+pub fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        ..ExecRequest::default()
+    }
+}
+
+/// The status, code and message of an API error answer; panics on any other error.
+pub fn api_error(e: &ClientError) -> (u16, String, String) {
+    match e {
+        ClientError::Api { status, body } => (*status, body.code.clone(), body.message.clone()),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
 
 /// True when running as root; otherwise skips the test loudly, or fails it when CI is set
 /// (see `mvm_testkit::skip_or_fail_in_ci`).
