@@ -13,6 +13,19 @@ use common::{bin_dir, block_on, cgroup_mode, root_or_skip, Daemon};
 
 /// The sandboxes' writable layer in this test (`MVM_JAIL_DISK_MIB`).
 const LAYER_MIB: u64 = 64;
+/// The jail tier's console log cap in this test (`MVM_CONSOLE_LIMIT`).
+const CONSOLE_LIMIT: u64 = 64 << 10;
+
+/// Bytes used on the file system holding `path`.
+fn fs_used(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a zeroed statvfs is a valid out-buffer; `c` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs");
+    (st.f_blocks - st.f_bfree) * st.f_frsize
+}
 
 fn sh(script: &str) -> ExecRequest {
     ExecRequest {
@@ -44,7 +57,14 @@ fn jail_tier_programs_are_walled_off_from_the_host() {
         return;
     }
     let layer = LAYER_MIB.to_string();
-    let d = Daemon::start_with_env(&[], &[("MVM_JAIL_DISK_MIB", Path::new(&layer))]);
+    let console_limit = CONSOLE_LIMIT.to_string();
+    let d = Daemon::start_with_env(
+        &[],
+        &[
+            ("MVM_JAIL_DISK_MIB", Path::new(&layer)),
+            ("MVM_CONSOLE_LIMIT", Path::new(&console_limit)),
+        ],
+    );
     let before = d.host_state();
     block_on(async {
         let c = d.client();
@@ -107,6 +127,7 @@ fn jail_tier_programs_are_walled_off_from_the_host() {
             .run_dir()
             .join("sandboxes")
             .join(&s.id)
+            .join("console")
             .join("console.log");
         let logged = std::fs::metadata(&console).expect("console.log").len();
         let agent = agent_pid_inside(&d, &s.id);
@@ -171,6 +192,55 @@ fn jail_tier_programs_are_walled_off_from_the_host() {
             .await
             .expect("exec after the fill");
         assert_eq!(out.stdout, "x\n", "{out:?}");
+
+        // The jail's /run is on the same layer: past it, ENOSPC, and the host's disk under the
+        // run directory does not take what was written. The agent (whose socket is there)
+        // still answers.
+        let used = fs_used(&d.run_dir());
+        let out = c
+            .exec(
+                &s.id,
+                &sh(&format!(
+                    "dd if=/dev/zero of=/run/big bs=1M count={} 2>&1; echo rc=$?; \
+                     du -m /run/big",
+                    LAYER_MIB * 2
+                )),
+            )
+            .await
+            .expect("exec the /run fill");
+        assert!(out.stdout.contains("No space left on device"), "{out:?}");
+        assert!(out.stdout.contains("rc=1"), "{out:?}");
+        let grown = fs_used(&d.run_dir()).saturating_sub(used) >> 20;
+        assert!(
+            grown < LAYER_MIB,
+            "the host's disk took {grown} MiB: {out:?}"
+        );
+        let out = c
+            .exec(&s.id, &sh("ls /run; rm /run/big && echo freed"))
+            .await
+            .expect("exec after the /run fill");
+        assert!(out.stdout.contains("agent.sock"), "{out:?}");
+        assert!(out.stdout.contains("freed"), "{out:?}");
+
+        // Bad peers make the agent log a line each: its console log stops at the cap, and
+        // the agent keeps serving.
+        let out = c
+            .exec(&s.id, &sh("/tmp/jail-probe connflood /run/agent.sock 4000"))
+            .await
+            .expect("exec the log flood");
+        assert!(out.stdout.contains("connections=4000"), "{out:?}");
+        let logged = std::fs::metadata(&console).unwrap().len();
+        assert!(
+            logged <= CONSOLE_LIMIT && logged > CONSOLE_LIMIT / 2,
+            "console.log holds {logged} bytes, cap {CONSOLE_LIMIT}"
+        );
+        let out = c
+            .exec(&s.id, &sh("echo alive"))
+            .await
+            .expect("exec after the log flood");
+        assert_eq!(out.stdout, "alive\n", "{out:?}");
+        let logs = c.logs(&s.id).await.expect("logs");
+        assert!(logs.len() as u64 == logged, "{} bytes of logs", logs.len());
 
         c.delete(&s.id).await.expect("delete");
     });

@@ -26,11 +26,12 @@ fn a_planted_agent_socket_link_never_reaches_another_tenant() {
         let attacker = a.create(&jail()).await.expect("attacker create");
         (victim, attacker)
     });
+    // The jail's /run is bound from the sandbox's writable layer.
     let victim_socket = d
         .run_dir()
-        .join("jail/mvm-agent")
+        .join("sandboxes")
         .join(&victim.id)
-        .join("root/run/agent.sock");
+        .join("layer/run/agent.sock");
     assert!(victim_socket.exists(), "{}", victim_socket.display());
     block_on(async {
         let a = d.client_with(Some(&attacker_token));
@@ -136,7 +137,7 @@ fn private_state_is_not_readable_by_other_users() {
             .run_dir()
             .join("sandboxes")
             .join(&s.id)
-            .join("console.log");
+            .join("console/console.log");
         assert_eq!(mode(console) & 0o077, 0);
         d.client().delete(&s.id).await.expect("delete");
     });

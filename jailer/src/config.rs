@@ -218,7 +218,8 @@ pub struct JailConfig {
     pub parent_cgroup: String,
     /// Resource limits applied before the privilege drop.
     pub resource_limits: Vec<ResourceLimit>,
-    /// Host paths bind-mounted into the jail.
+    /// Host paths bind-mounted into the jail; a directory bound at `/run` replaces the jail's
+    /// own (its owner and mode are the host directory's).
     pub mounts: Vec<BindMount>,
     /// Apply a Landlock ruleset: read/execute everywhere in the jail, write only beneath
     /// `landlock_write` (default `/run`) and to the device nodes.
@@ -328,8 +329,10 @@ impl JailConfig {
                 ));
             }
             check_jail_path("--mount", &m.jail)?;
+            // A directory may replace the jail's /run (e.g. one on a size-limited tmpfs).
+            let run_dir = m.jail == Path::new(RUN_DIR) && meta.is_dir();
             for reserved in ["/dev", "/proc", RUN_DIR] {
-                if m.jail == Path::new(reserved) {
+                if m.jail == Path::new(reserved) && !run_dir {
                     return Err(invalid(
                         "--mount",
                         &m.jail,
@@ -693,6 +696,23 @@ mod tests {
             assert!(check_jail_path("--mount", Path::new(bad)).is_err(), "{bad}");
         }
         assert!(check_jail_path("--mount", Path::new("/a/b")).is_ok());
+    }
+
+    #[test]
+    fn run_is_reserved_but_for_a_directory() {
+        let mut c = JailConfig::new("vm-1", std::env::current_exe().unwrap(), 10, 10);
+        c.mounts.push(BindMount {
+            host: std::env::current_exe().unwrap(),
+            jail: RUN_DIR.into(),
+            read_only: false,
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("managed by the jailer"), "{e}");
+        c.mounts[0].host = std::env::temp_dir();
+        c.landlock_write = vec![RUN_DIR.into()];
+        assert!(c.validate().is_ok());
+        c.mounts[0].jail = "/proc".into();
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -58,7 +58,8 @@ struct Cli {
     /// Resource limit: fsize=BYTES, no-file=N or nproc=N (soft = hard).
     #[arg(long = "resource-limit", value_name = "NAME=N", value_parser = parse::<ResourceLimit>)]
     resource_limits: Vec<ResourceLimit>,
-    /// Bind mount HOSTPATH:JAILPATH[:ro|rw] (read-only by default), with the mounts below it.
+    /// Bind mount HOSTPATH:JAILPATH[:ro|rw] (read-only by default), with the mounts below it; a
+    /// directory may replace the jail's /run.
     #[arg(long = "mount", value_name = "HOSTPATH:JAILPATH[:ro|rw]", value_parser = parse::<BindMount>)]
     mounts: Vec<BindMount>,
     /// Landlock: read/execute anywhere in the jail, write only beneath the --landlock-write dirs.

@@ -9,6 +9,7 @@
 //! daemon killed mid-create.
 
 mod beneath;
+mod console;
 pub mod host;
 pub mod net;
 mod pod;
@@ -214,6 +215,30 @@ impl ManagerConfig {
             .join("root")
             .join(jail_path.trim_start_matches('/'));
         beneath::JailSocket::open(&self.jail_base(), &rel, uid)
+    }
+
+    /// The jail-tier agent's socket: in the jail's `/run`, which for a template's sandbox is
+    /// bound from its writable layer ([`rootfs::Overlay::run`]), where it is reached.
+    fn agent_socket(&self, id: &str, uid: u32) -> Result<beneath::JailSocket> {
+        let dir = self.sandbox_dir(id);
+        let run = rootfs::Overlay::at(&dir).run;
+        // Root's directories up to the layer's run: a sandbox cannot make or remove it.
+        if run.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            let rel = Path::new(rootfs::RUN_IN_SANDBOX_DIR)
+                .join(AGENT_SOCKET.trim_start_matches("/run/"));
+            beneath::JailSocket::open(&dir, &rel, uid)
+        } else {
+            self.jail_socket(Isolation::Jail, id, uid, AGENT_SOCKET)
+        }
+    }
+
+    /// The console log of sandbox `id` of tier `isolation`.
+    fn console(&self, isolation: Isolation, id: &str) -> console::Console {
+        let dir = self.sandbox_dir(id);
+        match isolation {
+            Isolation::Jail => console::Console::jail(&dir),
+            Isolation::Vm => console::Console::vm(&dir),
+        }
     }
 
     /// The sandbox's uid: every process of slot `slot` runs as `uid_base + slot`.
@@ -798,7 +823,7 @@ impl Manager {
                 let cfg = &self.inner.cfg;
                 let api = || cfg.jail_socket(Isolation::Vm, &s.id, uid, vm::API_SOCK);
                 // The socket file appears at bind(), before listen(): wait until it accepts.
-                self.wait_for(&live, &s.id, VM_READY_TIMEOUT, || {
+                self.wait_for(&live, s, VM_READY_TIMEOUT, || {
                     api().is_ok_and(|api| {
                         std::os::unix::net::UnixStream::connect(api.path()).is_ok()
                     })
@@ -840,9 +865,8 @@ impl Manager {
     async fn wait_jail_agent(&self, row: &SandboxRow, live: &Live) -> Result<AgentClient> {
         let cfg = &self.inner.cfg;
         let id = &row.sandbox.id;
-        self.wait_for(live, id, JAIL_READY_TIMEOUT, || {
-            cfg.jail_socket(Isolation::Jail, id, cfg.uid(row), AGENT_SOCKET)
-                .is_ok()
+        self.wait_for(live, &row.sandbox, JAIL_READY_TIMEOUT, || {
+            cfg.agent_socket(id, cfg.uid(row)).is_ok()
         })
         .await?;
         let dev = cfg.in_jail(Isolation::Jail, id, "/dev");
@@ -862,7 +886,7 @@ impl Manager {
     async fn wait_for(
         &self,
         live: &Live,
-        id: &str,
+        s: &Sandbox,
         timeout: Duration,
         mut ready: impl FnMut() -> bool,
     ) -> Result<()> {
@@ -872,13 +896,13 @@ impl Manager {
             if let Some(status) = exited(live) {
                 return Err(Error::Host(format!(
                     "the sandbox exited during start-up ({status}); its console said: {}",
-                    self.console_tail(id, 2000)
+                    self.console_tail(s, 2000)
                 )));
             }
             if Instant::now() > deadline {
                 return Err(Error::Host(format!(
                     "the sandbox did not come up within {timeout:?}; its console said: {}",
-                    self.console_tail(id, 2000)
+                    self.console_tail(s, 2000)
                 )));
             }
             tokio::time::sleep(pause).await;
@@ -893,7 +917,7 @@ impl Manager {
         row: &SandboxRow,
         timeout: Duration,
     ) -> Result<AgentClient> {
-        let id = &row.sandbox.id;
+        let s = &row.sandbox;
         let deadline = Instant::now() + timeout;
         loop {
             match self.connect_agent(row).await {
@@ -902,13 +926,13 @@ impl Manager {
                     if let Some(status) = exited(live) {
                         return Err(Error::Host(format!(
                             "the sandbox exited during start-up ({status}); its console said: {}",
-                            self.console_tail(id, 2000)
+                            self.console_tail(s, 2000)
                         )));
                     }
                     if Instant::now() > deadline {
                         return Err(Error::Host(format!(
                             "the sandbox agent did not come up within {timeout:?} (last attempt: {e}); its console said: {}",
-                            self.console_tail(id, 2000)
+                            self.console_tail(s, 2000)
                         )));
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -925,7 +949,7 @@ impl Manager {
         let uid = cfg.uid(row);
         Ok(match isolation {
             Isolation::Jail => {
-                let socket = cfg.jail_socket(isolation, id, uid, AGENT_SOCKET)?;
+                let socket = cfg.agent_socket(id, uid)?;
                 AgentClient::connect_unix(socket.path()).await?
             }
             Isolation::Vm => {
@@ -945,9 +969,9 @@ impl Manager {
         cfg.jail_socket(Isolation::Vm, &row.sandbox.id, cfg.uid(row), vm::API_SOCK)
     }
 
-    fn console_tail(&self, id: &str, max: usize) -> String {
+    fn console_tail(&self, s: &Sandbox, max: usize) -> String {
         let log =
-            std::fs::read(self.inner.cfg.sandbox_dir(id).join("console.log")).unwrap_or_default();
+            std::fs::read(self.inner.cfg.console(s.isolation, &s.id).path()).unwrap_or_default();
         let tail = &log[log.len().saturating_sub(max)..];
         let text = String::from_utf8_lossy(tail).trim().to_owned();
         if text.is_empty() {
@@ -998,6 +1022,7 @@ impl Manager {
             }
             let dir = cfg.sandbox_dir(&id);
             rootfs::Overlay::at(&dir).unmount()?;
+            console::Console::jail(&dir).unmount()?;
             host::remove_tree(&dir)?;
             match pod_netns {
                 // The pod's namespace is the runtime's: only the VM's tap and redirect go.
@@ -1375,8 +1400,8 @@ impl Manager {
     /// The sandbox's console: the agent's log (and in the vm tier the guest kernel's), plus
     /// the jailer's and VMM's messages. At most the last MiB.
     pub fn logs(&self, tenant: &str, id: &str) -> Result<Vec<u8>> {
-        self.row(tenant, id)?;
-        let path = self.inner.cfg.sandbox_dir(id).join("console.log");
+        let row = self.row(tenant, id)?;
+        let path = self.inner.cfg.console(row.sandbox.isolation, id).path();
         let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -1704,7 +1729,13 @@ fn base_jail(
 /// overlay, or a caller's userland) bound in. Its programs run on the host kernel, so they get
 /// the jailer's `sandbox` seccomp policy and, where the kernel has Landlock, may write only
 /// beneath those directories and the jail's /run.
-fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Result<JailConfig> {
+fn jail_config(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    tree: &Path,
+    run: Option<&Path>,
+) -> Result<JailConfig> {
     let mut j = base_jail(
         cfg,
         s,
@@ -1715,8 +1746,10 @@ fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Resul
     j.mount_proc = true;
     // Ptys for `tty` execs, from a devpts instance of the jail's own.
     j.mount_devpts = true;
+    let run = run.map(|r| (r.to_owned(), PathBuf::from(jailer::RUN_DIR)));
     j.mounts = rootfs::jail_mounts(tree)?
         .into_iter()
+        .chain(run)
         .map(|(host, jail)| BindMount {
             host,
             jail,
@@ -1730,6 +1763,9 @@ fn jail_config(cfg: &ManagerConfig, s: &Sandbox, uid: u32, tree: &Path) -> Resul
         .map(|m| m.jail.clone())
         .chain([PathBuf::from(jailer::RUN_DIR)])
         .collect();
+    // /run is one of the mounts when bound from the layer.
+    j.landlock_write.sort();
+    j.landlock_write.dedup();
     j.seccomp = Some(SeccompPolicy::Sandbox);
     j.args = vec!["--listen".into(), format!("unix:{AGENT_SOCKET}").into()];
     Ok(j)
@@ -1755,12 +1791,12 @@ fn spawn_jail(
                 rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
             let overlay = rootfs::Overlay::at(&dir);
             overlay.mount(&base, uid, cfg.jail_disk_mib)?;
-            jail_config(cfg, s, uid, &overlay.merged)?
+            jail_config(cfg, s, uid, &overlay.merged, Some(&overlay.run))?
         }
         Userland::Template(template) => {
             vm_jail_config(cfg, s, uid, template, &dir, None, container_slots)?
         }
-        Userland::Dir(tree) => jail_config(cfg, s, uid, tree)?,
+        Userland::Dir(tree) => jail_config(cfg, s, uid, tree, None)?,
         Userland::DiskFromDir {
             template,
             dir: tree,
@@ -1769,7 +1805,10 @@ fn spawn_jail(
     if let Some(ns) = pod_netns {
         jail.netns = Some(ns.to_owned());
     }
-    let console = beneath::create_new_file(&dir, "console.log", 0o600)?;
+    let console = match s.isolation {
+        Isolation::Jail => console::Console::jail(&dir).create_bounded(cfg.console_limit)?,
+        Isolation::Vm => console::Console::vm(&dir).create()?,
+    };
     let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
     cmd.stdin(std::process::Stdio::null())
         .stdout(

@@ -3,7 +3,8 @@
 //! - jail tier: the template's ext4 image is unpacked once (debugfs rdump, no mount) into a
 //!   base tree; each sandbox gets an overlayfs of that tree whose upper and work directories
 //!   lie on a tmpfs of its own, of a fixed size ([`JAIL_DISK_ENV`]), and the overlay's
-//!   top-level directories are bind-mounted into the jail.
+//!   top-level directories and the jail's `/run` (a directory of that tmpfs) are bind-mounted
+//!   into the jail.
 //! - vm tier: the image itself is the VM's read-only root drive; each sandbox gets a sparse
 //!   blank ext4 file as its second drive, which the guest agent uses as the overlay upper,
 //!   or, for a container, an ext4 copy of the container's root directory that the agent
@@ -145,11 +146,16 @@ pub fn gc_bases(cache: &Path, keep: &[PathBuf]) -> Vec<PathBuf> {
     removed
 }
 
+/// [`Overlay::run`] relative to the sandbox directory.
+pub const RUN_IN_SANDBOX_DIR: &str = "layer/run";
+
 /// The directories of the per-sandbox overlay under `sandbox_dir`.
 pub struct Overlay {
     /// Where the merged tree is mounted.
     pub merged: PathBuf,
-    /// The tmpfs holding `upper` and `work`: its size bounds what the sandbox can write.
+    /// The jail's `/run`, bound in from the layer so that it is bounded too.
+    pub run: PathBuf,
+    /// The tmpfs holding `upper`, `work` and `run`: its size bounds what the sandbox can write.
     layer: PathBuf,
     upper: PathBuf,
     work: PathBuf,
@@ -163,12 +169,14 @@ impl Overlay {
             merged: sandbox_dir.join("rootfs"),
             upper: layer.join("upper"),
             work: layer.join("work"),
+            run: sandbox_dir.join(RUN_IN_SANDBOX_DIR),
             layer,
         }
     }
 
     /// Mounts base + a fresh upper layer of `size_mib` MiB (a write past it fails with ENOSPC
-    /// in the sandbox); `/root` of the sandbox belongs to `uid`. What it mounted before a
+    /// in the sandbox); `/root` of the sandbox and [`Overlay::run`] belong to `uid`. What it
+    /// mounted before a
     /// failure is removed by [`Overlay::unmount`].
     pub fn mount(&self, base: &Path, uid: u32, size_mib: u64) -> Result<()> {
         for d in [&self.merged, &self.layer] {
@@ -194,14 +202,15 @@ impl Overlay {
                 .create(d)
                 .map_err(|e| Error::host(format!("creating {}", d.display()), e))?;
         }
-        // Upper-layer directories take precedence: give the sandbox user its home.
-        let home = self.upper.join("root");
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&home)
-            .map_err(|e| Error::host(format!("creating {}", home.display()), e))?;
-        std::os::unix::fs::chown(&home, Some(uid), Some(uid))
-            .map_err(|e| Error::host(format!("chown {}", home.display()), e))?;
+        // The sandbox user's home (upper-layer directories take precedence) and its /run.
+        for d in [self.upper.join("root"), self.run.clone()] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&d)
+                .map_err(|e| Error::host(format!("creating {}", d.display()), e))?;
+            std::os::unix::fs::chown(&d, Some(uid), Some(uid))
+                .map_err(|e| Error::host(format!("chown {}", d.display()), e))?;
+        }
         host::mount(
             Path::new("overlay"),
             &self.merged,

@@ -2,7 +2,7 @@
 //! reports, as `key=value` lines, what it can see and do, or exercises one limit.
 //!
 //! Usage: `jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal
-//! | nofile | seccomp | syscalls | pty | ptys | pause | stamp | true`.
+//! | nofile | seccomp | syscalls | pty | ptys | pause | stamp | connflood SOCKET N | true`.
 
 use std::collections::BTreeMap;
 use std::io::{Error, Write};
@@ -759,6 +759,25 @@ fn ptys() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Connects `n` times to the unix socket `path`, each time sending a malformed frame and
+/// reading until the peer closes: makes a server that logs bad peers log `n` times.
+fn connflood(path: &str, n: usize) -> ExitCode {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let mut done = 0;
+    for _ in 0..n {
+        let Ok(mut s) = UnixStream::connect(path) else {
+            break;
+        };
+        let _ = s.write_all(&[0xff; 8]);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let _ = s.read_to_end(&mut Vec::new());
+        done += 1;
+    }
+    println!("connections={done}");
+    ExitCode::SUCCESS
+}
+
 fn print_report(r: BTreeMap<&'static str, String>) -> ExitCode {
     for (k, v) in r {
         println!("{k}={v}");
@@ -767,7 +786,7 @@ fn print_report(r: BTreeMap<&'static str, String>) -> ExitCode {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | syscalls | pty | ptys | pause | stamp | true");
+    eprintln!("usage: jail-probe report [--write PATH]... | memhog MIB | forkbomb N | fsize BYTES ignore|signal | nofile | seccomp | syscalls | pty | ptys | pause | stamp | connflood SOCKET N | true");
     ExitCode::from(2)
 }
 
@@ -795,6 +814,10 @@ fn main() -> ExitCode {
         Some("syscalls") => print_report(syscalls()),
         Some("pty") => print_report(pty()),
         Some("ptys") => ptys(),
+        Some("connflood") => match (args.get(1), num(2)) {
+            (Some(path), Some(n)) => connflood(path, n),
+            _ => usage(),
+        },
         Some("true") => ExitCode::SUCCESS,
         Some("stamp") => {
             let mut ts = libc::timespec {

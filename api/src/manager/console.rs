@@ -1,0 +1,72 @@
+//! Where a sandbox's console log lives. The vm tier's VMM caps its own log
+//! (`--console-limit`); a jail-tier agent writes its stdout and stderr straight into the file,
+//! so there the file lies alone on a tmpfs of the console limit: past it writes fail with
+//! ENOSPC (the agent ignores failed log writes) and the host's disk is never touched.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use vmm::devices::legacy::console::ConsoleLimit;
+
+use crate::error::{Error, Result};
+use crate::manager::{beneath, host};
+
+/// Name of the log file in its directory.
+const LOG_NAME: &str = "console.log";
+
+/// The console log of a sandbox.
+pub struct Console {
+    /// The directory holding the log: the sandbox directory itself (vm tier) or the mount
+    /// point of the log's own tmpfs (jail tier).
+    dir: PathBuf,
+}
+
+impl Console {
+    /// The vm tier's console, `<sandbox dir>/console.log`, capped by the VMM.
+    pub fn vm(sandbox_dir: &Path) -> Self {
+        Console {
+            dir: sandbox_dir.to_owned(),
+        }
+    }
+
+    /// The jail tier's console, `<sandbox dir>/console/console.log`, on its own tmpfs.
+    pub fn jail(sandbox_dir: &Path) -> Self {
+        Console {
+            dir: sandbox_dir.join("console"),
+        }
+    }
+
+    /// The log file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(LOG_NAME)
+    }
+
+    /// Creates the jail tier's log on a fresh tmpfs of `limit` bytes (rounded up to pages),
+    /// mode 0600 for root. What it mounted before a failure is removed by
+    /// [`Console::unmount`].
+    pub fn create_bounded(&self, limit: ConsoleLimit) -> Result<std::fs::File> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| Error::host(format!("creating {}", self.dir.display()), e))?;
+        host::mount(
+            Path::new("tmpfs"),
+            &self.dir,
+            Some("tmpfs"),
+            libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some(&format!("size={},nr_inodes=16,mode=0700", limit.bytes())),
+        )?;
+        self.create()
+    }
+
+    /// Creates the log file, 0600, refusing an existing entry.
+    pub fn create(&self) -> Result<std::fs::File> {
+        beneath::create_new_file(&self.dir, LOG_NAME, 0o600)
+    }
+
+    /// Unmounts the jail tier's tmpfs (its directory goes with the sandbox directory); nothing
+    /// mounted is skipped.
+    pub fn unmount(&self) -> Result<()> {
+        host::umount(&self.dir)
+    }
+}
