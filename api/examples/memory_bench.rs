@@ -43,6 +43,17 @@ fn report(case: &str, growth: &PeakGrowth, started: Instant, moved: Option<u64>)
     println!("{case:<46} mvmd +{:>6.1} MiB{rate}", mib(growth.bytes()));
 }
 
+/// The mvmd under test, stopped however the benchmark ends.
+struct Mvmd(std::process::Child);
+
+impl Drop for Mvmd {
+    fn drop(&mut self) {
+        // SAFETY: plain kill of our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
 fn main() {
     if !mvm_testkit::is_root() {
         mvm_testkit::skip_or_fail_in_ci("memory_bench", "needs root (namespaces, cgroups, mounts)");
@@ -65,7 +76,8 @@ fn main() {
         .tempdir()
         .expect("tempdir");
     let socket = dir.path().join("mvmd.sock");
-    let mut mvmd = Command::new(bin_dir.join("mvmd"))
+    let log = std::fs::File::create(dir.path().join("mvmd.log")).expect("log file");
+    let mvmd = Command::new(bin_dir.join("mvmd"))
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--run-dir")
@@ -80,10 +92,12 @@ fn main() {
         .env("MVM_BIN_DIR", bin_dir)
         .env("MVM_ARTIFACTS", mvm_testkit::artifacts_dir())
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
         .spawn()
         .expect("starting mvmd");
-    let pid = mvmd.id();
+    let mvmd = Mvmd(mvmd);
+    let pid = mvmd.0.id();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -183,7 +197,5 @@ fn main() {
 
         client.delete(&s.id).await.expect("delete");
     });
-    // SAFETY: plain kill of our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let _ = mvmd.wait();
+    drop(mvmd);
 }
