@@ -8,9 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use api::client::{ClientError, Stream};
-use api::model::{CreateSandbox, ExecEvent, ExecRequest, Isolation};
-use common::{block_on, root_or_skip, Daemon};
+use api::client::Stream;
+use api::model::{ExecEvent, ExecRequest};
+use common::{api_error, block_on, jail, root_or_skip, sh, Daemon};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -24,27 +24,6 @@ const CEILING: u64 = 64 << 20;
 /// the client's whole reading stops meanwhile): at most ~128 MB/s in 64 KiB pieces, slower
 /// than a sandbox writes.
 const SLOW_READER: Duration = Duration::from_micros(500);
-
-fn jail() -> CreateSandbox {
-    CreateSandbox {
-        isolation: Some(Isolation::Jail),
-        ..CreateSandbox::default()
-    }
-}
-
-fn sh(script: &str) -> ExecRequest {
-    ExecRequest {
-        cmd: vec!["sh".into(), "-c".into(), script.into()],
-        ..ExecRequest::default()
-    }
-}
-
-fn api_error(e: &ClientError) -> (u16, String, String) {
-    match e {
-        ClientError::Api { status, body } => (*status, body.code.clone(), body.message.clone()),
-        other => panic!("expected an API error, got {other}"),
-    }
-}
 
 /// Runs `f` and returns its value and how far mvmd's resident memory rose meanwhile.
 async fn growth<T>(d: &Daemon, f: impl std::future::Future<Output = T>) -> (T, u64) {
