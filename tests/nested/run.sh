@@ -235,8 +235,8 @@ mkdir -p "$l1_root/etc"
 # Modules with their dependencies (modules.dep lists a module's dependencies so that loading
 # them last-to-first works), decompressed, as busybox insmod wants: kvm-amd; tun and veth for
 # taps and sandbox links; nf_tables with what the manager's rulesets use (NAT masquerade,
-# conntrack state, reject). crc32c_generic is libcrc32c's soft dependency (modules.softdep),
-# which modules.dep does not list. l1-init loads them in `load-order`. The tc ingress qdisc,
+# conntrack state, reject, fib for the host guard's `fib daddr type local`). crc32c_generic
+# is libcrc32c's soft dependency (modules.softdep), which modules.dep does not list. l1-init loads them in `load-order`. The tc ingress qdisc,
 # u32 filter and mirred action that join a VM to a pod's network namespace are only unpacked
 # (`on-demand`): the containerd case loads them just before it needs them, since with them
 # loaded from boot a console-flooding micro-VM made L1 hang under QEMU TCG (5 runs of 5; 0 of 3
@@ -263,7 +263,8 @@ unpack_module() { # <name> <list>: the module and its dependencies, each listed 
 }
 : > "$l1_root/lib/modules/load-order"
 : > "$l1_root/lib/modules/on-demand"
-for want in kvm-amd tun veth crc32c_generic nf_tables nft_chain_nat nft_masq nft_ct nft_reject_inet; do
+for want in kvm-amd tun veth crc32c_generic nf_tables nft_chain_nat nft_masq nft_ct nft_reject_inet \
+    nft_fib_inet; do
     unpack_module "$want" load-order
 done
 for want in sch_ingress cls_u32 act_mirred; do
