@@ -1,0 +1,487 @@
+//! Create: plan, build (steps 2-5 of the module docs), the waits for the VMM and the agent,
+//! and the jailer's spawn.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent::AgentClient;
+
+use super::exec::validate_env;
+use super::jail::{jail_config, make_device, vm_jail_config, JAIL_DEVICES};
+use super::lock::BusyLock;
+use super::{
+    blocking, console, host, lock, net, pod_netns_of, rootfs, vm, ContainerSandbox, Live, Manager,
+    ManagerConfig, DEFAULT_TIMEOUT_S, MAX_MEMORY_MIB, MAX_TIMEOUT_S, MAX_VCPUS, MIN_MEMORY_MIB,
+};
+use crate::db::{self, SandboxRow, Tenant};
+use crate::error::{Error, Result};
+use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState, Template};
+
+/// How long a new sandbox may take to answer: jail tier.
+const JAIL_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new sandbox may take to answer: vm tier (kernel boot).
+const VM_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Manager {
+    /// Checks a create request and fills in the defaults; `userland` replaces the template's
+    /// file system.
+    fn plan(
+        &self,
+        tenant: &Tenant,
+        req: CreateSandbox,
+        userland: Option<PathBuf>,
+    ) -> Result<(Sandbox, Userland)> {
+        let isolation = req.isolation.unwrap_or(self.inner.cfg.default_isolation);
+        self.inner.cfg.check_tier_allowed(tenant, isolation)?;
+        if isolation == Isolation::Vm {
+            if let Some(why) = self.vm_tier_unavailable() {
+                return Err(Error::TierUnavailable(format!(
+                    "{why}. Use the jail tier instead: `mvm run --isolation jail ...` or \"isolation\": \"jail\" \
+                     (set {}=force only in a nested harness where KVM does work)",
+                    host::VM_TIER_ENV
+                )));
+            }
+        }
+        let vcpus = req.vcpus.unwrap_or(1);
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(Error::Invalid(format!(
+                "vcpus must be 1 to {MAX_VCPUS}, got {vcpus}"
+            )));
+        }
+        let memory_mib = req.memory_mib.unwrap_or(256);
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+            return Err(Error::Invalid(format!(
+                "memory_mib must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}, got {memory_mib}"
+            )));
+        }
+        let timeout_s = req.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
+        if timeout_s > MAX_TIMEOUT_S {
+            return Err(Error::Invalid(format!(
+                "timeout_s must be at most {MAX_TIMEOUT_S}, got {timeout_s}"
+            )));
+        }
+        validate_env(&req.env)?;
+        for (k, v) in &req.metadata {
+            if k.is_empty() || k.len() > 128 || v.len() > 4096 {
+                return Err(Error::Invalid(format!(
+                    "metadata key {k:?}: keys must be 1-128 bytes, values at most 4096"
+                )));
+            }
+        }
+        let network = net::validate(&req.network.unwrap_or_default())?;
+        let (template_name, userland) = match userland {
+            Some(dir) if !dir.is_absolute() || !dir.is_dir() => {
+                return Err(Error::Invalid(format!(
+                    "userland {} must be an absolute path to a directory",
+                    dir.display()
+                )))
+            }
+            Some(dir) if isolation == Isolation::Jail => {
+                (dir.display().to_string(), Userland::Dir(dir))
+            }
+            Some(dir) => (
+                dir.display().to_string(),
+                Userland::DiskFromDir {
+                    template: self.requested_template(req.template)?,
+                    dir,
+                },
+            ),
+            None => {
+                let template = self.requested_template(req.template)?;
+                (template.name.clone(), Userland::Template(template))
+            }
+        };
+        let now = db::now();
+        let sandbox = Sandbox {
+            id: db::random_hex(6)?,
+            tenant: tenant.name.clone(),
+            state: SandboxState::Creating,
+            isolation,
+            template: template_name,
+            vcpus,
+            memory_mib,
+            timeout_s,
+            expires_at: (timeout_s > 0).then(|| now + timeout_s as i64),
+            created_at: now,
+            env: req.env,
+            network: crate::model::NetworkInfo {
+                egress: network.egress,
+                allow: network.allow,
+                address: None,
+                gateway: None,
+                netns: None,
+            },
+            metadata: req.metadata,
+        };
+        Ok((sandbox, userland))
+    }
+
+    /// Creates a sandbox for `tenant` and waits until its agent answers.
+    pub async fn create(&self, tenant: &Tenant, req: CreateSandbox) -> Result<Sandbox> {
+        self.create_in(tenant, req, None).await
+    }
+
+    /// Creates a sandbox for a container runtime's container, whose file system is the host
+    /// directory `container.rootfs` (made by the runtime's snapshotter) instead of a
+    /// template's; its `template` field is that path. In the jail tier the directory is bound
+    /// read-write into the jail (top-level directories but /dev, /proc, /run and /sys); in the
+    /// vm tier the template (`req.template` or the default) boots the guest and its agent, and
+    /// the guest's root is a writable ext4 disk made from a copy of the directory, so writes
+    /// in the guest do not reach the host directory.
+    pub async fn create_for_container(
+        &self,
+        tenant: &Tenant,
+        req: CreateSandbox,
+        container: ContainerSandbox,
+    ) -> Result<Sandbox> {
+        self.create_in(tenant, req, Some(container)).await
+    }
+
+    async fn create_in(
+        &self,
+        tenant: &Tenant,
+        req: CreateSandbox,
+        container: Option<ContainerSandbox>,
+    ) -> Result<Sandbox> {
+        let started = Instant::now();
+        let (userland, container_slots, pod_netns) = match container {
+            Some(c) => (
+                Some(c.rootfs),
+                if c.pod { vm::POD_SLOTS } else { 0 },
+                c.netns,
+            ),
+            None => (None, 0, None),
+        };
+        let (sandbox, template) = self.plan(tenant, req, userland)?;
+        if container_slots > 0 && sandbox.isolation != Isolation::Vm {
+            return Err(Error::Invalid(
+                "only a vm-tier sandbox holds the containers of a pod".into(),
+            ));
+        }
+        // Taken before the row exists, so that another manager's reconciliation never sees
+        // the row unlocked and removes it as dead; held until the sandbox is ready or rolled
+        // back; the kernel drops it if we die.
+        let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&sandbox.id))?;
+        let slot = self.inner.db.insert_sandbox(&sandbox, &tenant.quota)?;
+        let mut row = SandboxRow {
+            sandbox,
+            slot,
+            pid: 0,
+        };
+        match self
+            .build(&mut row, &template, container_slots, pod_netns)
+            .await
+        {
+            Ok(()) => {
+                self.inner.metrics.create_seconds.observe(started.elapsed());
+                self.inner
+                    .metrics
+                    .created
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(row.sandbox)
+            }
+            Err(e) => {
+                self.inner
+                    .metrics
+                    .create_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = row.sandbox.id.clone();
+                lock(&self.inner.live).remove(&id);
+                if let Err(undo) = self
+                    .teardown(
+                        id.clone(),
+                        Some(row.sandbox.isolation),
+                        pod_netns_of(&row.sandbox),
+                        false,
+                    )
+                    .await
+                {
+                    tracing::error!(%id, "rollback of a failed create: {undo}");
+                    return Err(Error::Host(format!(
+                        "{e}; rolling back also failed: {undo}"
+                    )));
+                }
+                self.inner.db.delete_sandbox(&id)?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(
+        &self,
+        row: &mut SandboxRow,
+        userland: &Userland,
+        container_slots: u8,
+        pod_netns: Option<PathBuf>,
+    ) -> Result<()> {
+        let cfg = self.inner.cfg.clone();
+        let s = row.sandbox.clone();
+        let uid = cfg.uid(row);
+        let addrs = net::Addresses::of(cfg.subnet, row.slot);
+        let spec = NetworkSpec {
+            egress: s.network.egress,
+            allow: s.network.allow.clone(),
+        };
+        let guest_root = match userland {
+            Userland::DiskFromDir { .. } => vm::GuestRoot::Disk,
+            Userland::Template(_) | Userland::Dir(_) => vm::GuestRoot::Overlay,
+        };
+        let userland = userland.clone();
+        // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
+        let started = Instant::now();
+        let (network, uplink, child) = blocking(move || {
+            let (network, uplink) = match &pod_netns {
+                Some(ns) => {
+                    let (info, uplink) = net::join_pod_netns(ns, s.isolation, uid)?;
+                    (info, Some(uplink))
+                }
+                None => {
+                    std::fs::create_dir_all(cfg.netns(""))
+                        .map_err(|e| Error::host("creating the netns dir", e))?;
+                    let info =
+                        net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
+                    (info, None)
+                }
+            };
+            let spawned = spawn_jail(
+                &cfg,
+                &s,
+                uid,
+                &userland,
+                container_slots,
+                pod_netns.as_deref(),
+            );
+            if spawned.is_err() && s.isolation == Isolation::Vm {
+                // The teardown after a failed create does not know of the pod's namespace yet.
+                if let Some(ns) = &pod_netns {
+                    let _ = net::leave_pod_netns(ns);
+                }
+            }
+            Ok((network, uplink, spawned?))
+        })
+        .await?;
+        row.sandbox.network = network;
+        row.pid = child.id().unwrap_or(0);
+        let live = Arc::new(Live::default());
+        *lock(&live.child) = Some(child);
+        live.pod.lock().await.capacity = container_slots;
+        lock(&self.inner.live).insert(row.sandbox.id.clone(), Arc::clone(&live));
+        self.inner.db.update_sandbox(row)?;
+        let spawned = started.elapsed();
+        // Step 5: the agent.
+        let client = match row.sandbox.isolation {
+            Isolation::Jail => self.wait_jail_agent(row, &live).await?,
+            Isolation::Vm => {
+                let s = &row.sandbox;
+                let cfg = &self.inner.cfg;
+                let api = || cfg.jail_socket(Isolation::Vm, &s.id, uid, vm::API_SOCK);
+                // The socket file appears at bind(), before listen(): wait until it accepts.
+                self.wait_for(&live, s, VM_READY_TIMEOUT, || {
+                    api().is_ok_and(|api| {
+                        std::os::unix::net::UnixStream::connect(api.path()).is_ok()
+                    })
+                })
+                .await?;
+                let api = api()?;
+                let ip = match &uplink {
+                    Some(uplink) => Some(uplink.guest_ip()),
+                    None => s.network.address.as_ref().map(|a| {
+                        format!(
+                            "{a}/30,{}",
+                            s.network.gateway.as_deref().unwrap_or_default()
+                        )
+                    }),
+                };
+                vm::configure_and_start(
+                    &api.path(),
+                    &vm::VmSpec {
+                        id: &s.id,
+                        vcpus: s.vcpus as u8,
+                        memory_mib: s.memory_mib,
+                        ip,
+                        root: guest_root,
+                        container_slots,
+                        guest_mac: uplink.map(|u| u.mac),
+                    },
+                )
+                .await?;
+                self.wait_agent(&live, row, VM_READY_TIMEOUT).await?
+            }
+        };
+        *live.agent.lock().await = Some(client);
+        tracing::debug!(id = %row.sandbox.id, ?spawned, ready = ?started.elapsed(), "sandbox built");
+        row.sandbox.state = SandboxState::Running;
+        self.inner.db.update_sandbox(row)?;
+        Ok(())
+    }
+
+    async fn wait_jail_agent(&self, row: &SandboxRow, live: &Live) -> Result<AgentClient> {
+        let cfg = &self.inner.cfg;
+        let id = &row.sandbox.id;
+        self.wait_for(live, &row.sandbox, JAIL_READY_TIMEOUT, || {
+            cfg.agent_socket(id, cfg.uid(row)).is_ok()
+        })
+        .await?;
+        let dev = cfg.in_jail(Isolation::Jail, id, "/dev");
+        for (name, major, minor) in JAIL_DEVICES {
+            make_device(&dev.join(name), major, minor)?;
+        }
+        // The jailer makes these for a VMM; sandboxed programs get neither.
+        for node in ["kvm", "net/tun"] {
+            let path = dev.join(node);
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::host(format!("removing {}", path.display()), e))?;
+        }
+        self.wait_agent(live, row, JAIL_READY_TIMEOUT).await
+    }
+
+    /// Polls `ready` until it holds, failing early when the jailer exits.
+    async fn wait_for(
+        &self,
+        live: &Live,
+        s: &Sandbox,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(200);
+        while !ready() {
+            if let Some(status) = exited(live) {
+                return Err(Error::Host(format!(
+                    "the sandbox exited during start-up ({status}); its console said: {}",
+                    self.console_tail(s, 2000)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Host(format!(
+                    "the sandbox did not come up within {timeout:?}; its console said: {}",
+                    self.console_tail(s, 2000)
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    async fn wait_agent(
+        &self,
+        live: &Live,
+        row: &SandboxRow,
+        timeout: Duration,
+    ) -> Result<AgentClient> {
+        let s = &row.sandbox;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.connect_agent(row).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    if let Some(status) = exited(live) {
+                        return Err(Error::Host(format!(
+                            "the sandbox exited during start-up ({status}); its console said: {}",
+                            self.console_tail(s, 2000)
+                        )));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Error::Host(format!(
+                            "the sandbox agent did not come up within {timeout:?} (last attempt: {e}); its console said: {}",
+                            self.console_tail(s, 2000)
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+
+    fn console_tail(&self, s: &Sandbox, max: usize) -> String {
+        let log =
+            std::fs::read(self.inner.cfg.console(s.isolation, &s.id).path()).unwrap_or_default();
+        let tail = &log[log.len().saturating_sub(max)..];
+        let text = String::from_utf8_lossy(tail).trim().to_owned();
+        if text.is_empty() {
+            "(nothing)".into()
+        } else {
+            text
+        }
+    }
+}
+
+/// Where a sandbox's file system comes from.
+#[derive(Clone)]
+enum Userland {
+    /// A registered template's image.
+    Template(Template),
+    /// A host directory (jail tier).
+    Dir(PathBuf),
+    /// The template's kernel and agent, with a disk made from a host directory as the root
+    /// (vm tier).
+    DiskFromDir {
+        /// Boots the guest.
+        template: Template,
+        /// Content of the root disk.
+        dir: PathBuf,
+    },
+}
+
+/// The jailer child's exit status, once it has exited.
+fn exited(live: &Live) -> Option<std::process::ExitStatus> {
+    lock(&live.child)
+        .as_mut()
+        .and_then(|c| c.try_wait().ok().flatten())
+}
+
+/// Steps 3-4 of a create: the sandbox's directory, its userland and jail, and the jailer
+/// process, whose output goes to the console log. Joins `pod_netns` instead of the
+/// manager's own namespace for the sandbox when given.
+fn spawn_jail(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    userland: &Userland,
+    container_slots: u8,
+    pod_netns: Option<&Path>,
+) -> Result<tokio::process::Child> {
+    let dir = cfg.sandbox_dir(&s.id);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    let mut jail = match userland {
+        Userland::Template(template) if s.isolation == Isolation::Jail => {
+            let base =
+                rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
+            let overlay = rootfs::Overlay::at(&dir);
+            overlay.mount(&base, uid, cfg.jail_disk_mib)?;
+            jail_config(cfg, s, uid, &overlay.merged, Some(&overlay.run))?
+        }
+        Userland::Template(template) => {
+            vm_jail_config(cfg, s, uid, template, &dir, None, container_slots)?
+        }
+        Userland::Dir(tree) => jail_config(cfg, s, uid, tree, None)?,
+        Userland::DiskFromDir {
+            template,
+            dir: tree,
+        } => vm_jail_config(cfg, s, uid, template, &dir, Some(tree), container_slots)?,
+    };
+    if let Some(ns) = pod_netns {
+        jail.netns = Some(ns.to_owned());
+    }
+    let console = match s.isolation {
+        Isolation::Jail => console::Console::jail(&dir).create_bounded(cfg.console_limit)?,
+        Isolation::Vm => console::Console::vm(&dir).create()?,
+    };
+    let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(
+            console
+                .try_clone()
+                .map_err(|e| Error::host("console log", e))?,
+        )
+        .stderr(console);
+    cmd.spawn().map_err(|e| {
+        Error::host(
+            format!("starting {}", cfg.bin_dir.join("mvm-jailer").display()),
+            format!("{e} (set MVM_BIN_DIR to the directory of mvm-jailer, mvm-agent and mvm-vmm)"),
+        )
+    })
+}

@@ -1,0 +1,264 @@
+//! Pausing, live resource limits and usage of a sandbox.
+
+use super::{blocking, host, vm, Manager, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+use crate::error::{Error, Result};
+use crate::model::{Isolation, Sandbox, SandboxState, SandboxStats};
+
+impl Manager {
+    /// Freezes (`true`) or thaws a sandbox.
+    pub async fn set_paused(&self, tenant: &str, id: &str, paused: bool) -> Result<Sandbox> {
+        let mut row = self.row(tenant, id)?;
+        let (from, to) = if paused {
+            (SandboxState::Running, SandboxState::Paused)
+        } else {
+            (SandboxState::Paused, SandboxState::Running)
+        };
+        if row.sandbox.state != from {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is {}; only a {} sandbox can be {}",
+                row.sandbox.state.as_str(),
+                from.as_str(),
+                if paused { "paused" } else { "resumed" }
+            )));
+        }
+        match row.sandbox.isolation {
+            Isolation::Jail => {
+                let parent = self.inner.cfg.cgroup_parent.clone();
+                let id = id.to_owned();
+                blocking(move || host::set_frozen(&parent, &id, paused)).await?
+            }
+            Isolation::Vm => vm::set_paused(&self.vmm_api(&row)?.path(), paused).await?,
+        }
+        row.sandbox.state = to;
+        self.inner.db.update_sandbox(&row)?;
+        Ok(row.sandbox)
+    }
+
+    /// Changes the memory limit and CPU quota of a running or paused sandbox: its cgroups at
+    /// once, and the stored `memory_mib` (rounded up to MiB) and `vcpus` (the quota in cores,
+    /// rounded up) within the tenant's quota. In the vm tier the CPU quota applies to the VMM's
+    /// cgroup and the stored vCPUs stay the guest's; the guest's memory is fixed at boot, so a
+    /// memory limit other than the current one is refused.
+    pub async fn update_limits(
+        &self,
+        tenant: &str,
+        id: &str,
+        update: LimitsUpdate,
+    ) -> Result<Sandbox> {
+        let mut row = self.row(tenant, id)?;
+        let s = &row.sandbox;
+        if !matches!(s.state, SandboxState::Running | SandboxState::Paused) {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is {}; only a running or paused sandbox's limits can change",
+                s.state.as_str()
+            )));
+        }
+        let memory = update
+            .memory_bytes
+            .map(|bytes| memory_change(s, bytes))
+            .transpose()?
+            .flatten();
+        let parent = self.inner.cfg.cgroup_parent.clone();
+        let sandbox = id.to_owned();
+        let cgroups = blocking(move || host::LimitCgroups::of(&parent, &sandbox)).await?;
+        // The new CFS limit, and the current one to put back should the memory limit fail.
+        let (cpu, previous_cpu) = if update.cpu_quota_us.is_some() || update.cpu_period_us.is_some()
+        {
+            let cg = cgroups.clone();
+            let (quota, period) = blocking(move || cg.cpu_quota()).await?;
+            let new_quota = update.cpu_quota_us.or(quota).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "sandbox {id} has no CPU quota to keep with a new period; give a quota too"
+                ))
+            })?;
+            let new = validate_cpu_quota(host::CpuQuota {
+                quota_us: new_quota,
+                period_us: update.cpu_period_us.unwrap_or(period),
+            })?;
+            let previous = quota.map(|quota_us| host::CpuQuota {
+                quota_us,
+                period_us: period,
+            });
+            (Some(new), previous)
+        } else {
+            (None, None)
+        };
+        let resized = {
+            let mut s = row.sandbox.clone();
+            if s.isolation == Isolation::Jail {
+                if let Some(bytes) = memory {
+                    s.memory_mib = bytes.div_ceil(1 << 20);
+                }
+                if let Some(q) = cpu {
+                    s.vcpus = q.quota_us.div_ceil(q.period_us) as u32;
+                }
+            }
+            s
+        };
+        let quota = self
+            .inner
+            .db
+            .tenant(tenant)?
+            .ok_or_else(|| Error::NotFound(format!("no tenant {tenant:?}")))?
+            .quota;
+        // Stored (and checked against the quota) first; put back if the cgroups refuse.
+        let resize = resized != row.sandbox;
+        if resize {
+            self.inner.db.resize_sandbox(&resized, Some(&quota))?;
+        }
+        let applied = blocking(move || {
+            if let Some(q) = cpu {
+                cgroups.set_cpu_quota(q)?;
+            }
+            if let Some(bytes) = memory {
+                if let Err(e) = cgroups.set_memory_limit(bytes) {
+                    if let Some(previous) = previous_cpu {
+                        if let Err(undo) = cgroups.set_cpu_quota(previous) {
+                            tracing::error!("putting the CPU quota back: {undo}");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = applied {
+            if resize {
+                self.inner.db.resize_sandbox(&row.sandbox, None)?;
+            }
+            return Err(e);
+        }
+        row.sandbox = resized;
+        Ok(row.sandbox)
+    }
+
+    /// The cgroups holding sandbox `id`'s limits, e.g. to watch its OOM kills
+    /// ([`host::LimitCgroups::oom_kills`]) without a look-up each time.
+    pub fn limit_cgroups(&self, tenant: &str, id: &str) -> Result<host::LimitCgroups> {
+        self.row(tenant, id)?;
+        host::LimitCgroups::of(&self.inner.cfg.cgroup_parent, id)
+    }
+
+    /// CPU, memory and process count of a sandbox.
+    pub fn stats(&self, tenant: &str, id: &str) -> Result<SandboxStats> {
+        self.row(tenant, id)?;
+        let (cpu_ns, memory_bytes, pids) = host::cgroup_usage(&self.inner.cfg.cgroup_parent, id);
+        Ok(SandboxStats {
+            id: id.to_owned(),
+            cpu_ns,
+            memory_bytes,
+            pids,
+        })
+    }
+}
+
+/// New resource limits for a live sandbox ([`Manager::update_limits`]); `None` keeps a value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitsUpdate {
+    /// Memory limit of the sandbox's cgroup, bytes (16 MiB to 64 GiB; jail tier).
+    pub memory_bytes: Option<u64>,
+    /// CPU time per CFS period, µs (at least 1000, at most 32 periods).
+    pub cpu_quota_us: Option<u64>,
+    /// CFS period, µs (1000 to 1000000).
+    pub cpu_period_us: Option<u64>,
+}
+
+/// The memory limit to write for a request of `bytes` on sandbox `s`: checked against the
+/// sandbox bounds; `None` in the vm tier, where only the current size is accepted.
+fn memory_change(s: &Sandbox, bytes: u64) -> Result<Option<u64>> {
+    if !(MIN_MEMORY_MIB << 20..=MAX_MEMORY_MIB << 20).contains(&bytes) {
+        return Err(Error::Invalid(format!(
+            "memory limit must be {MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB, got {bytes} bytes"
+        )));
+    }
+    match s.isolation {
+        Isolation::Jail => Ok(Some(bytes)),
+        Isolation::Vm if bytes.div_ceil(1 << 20) == s.memory_mib => Ok(None),
+        Isolation::Vm => Err(Error::Invalid(format!(
+            "sandbox {} is in the vm tier, whose guest memory ({} MiB) is fixed when the \
+             micro-VM boots: mvm-vmm has no balloon or memory hot-plug device, so it can neither \
+             grow nor shrink; make a new sandbox with the memory it needs (CPU quota changes do \
+             work)",
+            s.id, s.memory_mib
+        ))),
+    }
+}
+
+/// Checks a CFS limit against the kernel's bounds and the sandbox's 32-core ceiling.
+fn validate_cpu_quota(q: host::CpuQuota) -> Result<host::CpuQuota> {
+    if !(1_000..=1_000_000).contains(&q.period_us) {
+        return Err(Error::Invalid(format!(
+            "CPU period must be 1000 to 1000000 µs, got {}",
+            q.period_us
+        )));
+    }
+    if q.quota_us < 1_000 || q.quota_us.div_ceil(q.period_us) > u64::from(MAX_VCPUS) {
+        return Err(Error::Invalid(format!(
+            "CPU quota must be at least 1000 µs and at most {MAX_VCPUS} periods ({} µs), got {}",
+            u64::from(MAX_VCPUS) * q.period_us,
+            q.quota_us
+        )));
+    }
+    Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::manager::DEFAULT_TEMPLATE;
+
+    #[test]
+    fn cpu_quota_bounds() {
+        let q = |quota_us, period_us| {
+            validate_cpu_quota(host::CpuQuota {
+                quota_us,
+                period_us,
+            })
+        };
+        assert!(q(50_000, 100_000).is_ok());
+        assert!(q(1_000, 1_000).is_ok());
+        assert!(q(32_000_000, 1_000_000).is_ok());
+        let err = q(32_000_001, 1_000_000).unwrap_err().to_string();
+        assert!(err.contains("32000000"), "{err}");
+        assert!(q(999, 100_000).is_err());
+        assert!(q(50_000, 999).is_err());
+        assert!(q(50_000, 1_000_001).is_err());
+    }
+
+    #[test]
+    fn memory_changes_by_tier() {
+        let mut s = Sandbox {
+            id: "0123456789ab".into(),
+            tenant: "t".into(),
+            state: SandboxState::Running,
+            isolation: Isolation::Jail,
+            template: DEFAULT_TEMPLATE.into(),
+            vcpus: 1,
+            memory_mib: 256,
+            timeout_s: 0,
+            expires_at: None,
+            created_at: 0,
+            env: BTreeMap::new(),
+            network: crate::model::NetworkInfo {
+                egress: crate::model::Egress::default(),
+                allow: Vec::new(),
+                address: None,
+                gateway: None,
+                netns: None,
+            },
+            metadata: BTreeMap::new(),
+        };
+        assert_eq!(memory_change(&s, 100 << 20).unwrap(), Some(100 << 20));
+        assert!(memory_change(&s, (16 << 20) - 1).is_err());
+        assert!(memory_change(&s, (65536 << 20) + 1).is_err());
+        s.isolation = Isolation::Vm;
+        // The current size is no change; anything else is refused, saying why.
+        assert_eq!(memory_change(&s, 256 << 20).unwrap(), None);
+        assert_eq!(memory_change(&s, (255 << 20) + 1).unwrap(), None);
+        let err = memory_change(&s, 512 << 20).unwrap_err().to_string();
+        assert!(err.contains("vm tier") && err.contains("balloon"), "{err}");
+    }
+}

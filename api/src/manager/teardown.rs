@@ -1,0 +1,157 @@
+//! Teardown (one idempotent removal for destroy, rollback and reconciliation), destroy,
+//! keepalive and the reaping of expired sandboxes.
+
+use std::path::PathBuf;
+
+use jailer::CleanupConfig;
+
+use super::jail::exec_name;
+use super::lock::BusyLock;
+use super::{blocking, console, host, lock, net, pod_netns_of, rootfs, Manager, MAX_TIMEOUT_S};
+use crate::db;
+use crate::error::{Error, Result};
+use crate::model::{Isolation, Sandbox, SandboxState};
+
+impl Manager {
+    /// Removes everything sandbox `id` may have on the host, in reverse creation order:
+    /// processes, jail directory and cgroups, writable layer, network namespace. Idempotent.
+    /// `started`: the sandbox had finished starting (all its processes are in its cgroups).
+    pub(super) async fn teardown(
+        &self,
+        id: String,
+        isolation: Option<Isolation>,
+        pod_netns: Option<PathBuf>,
+        started: bool,
+    ) -> Result<()> {
+        let child = lock(&self.inner.live)
+            .get(&id)
+            .and_then(|l| lock(&l.child).take());
+        let (parent, killed) = (self.inner.cfg.cgroup_parent.clone(), id.clone());
+        let jailer = child
+            .as_ref()
+            .filter(|_| started)
+            .and_then(|c| c.id())
+            .map(|p| p as i32);
+        blocking(move || host::kill_all(&parent, &killed, jailer)).await?;
+        if let Some(mut child) = child {
+            // Already killed with the rest; reap it.
+            let _ = child.kill().await;
+        }
+        let cfg = self.inner.cfg.clone();
+        blocking(move || {
+            let tiers = match isolation {
+                Some(i) => vec![i],
+                None => vec![Isolation::Jail, Isolation::Vm],
+            };
+            for iso in tiers {
+                jailer::cleanup(&CleanupConfig {
+                    id: id.clone(),
+                    exec_file_name: exec_name(iso).into(),
+                    chroot_base_dir: cfg.jail_base(),
+                    parent_cgroup: cfg.cgroup_parent.clone(),
+                })
+                .map_err(|e| Error::host(format!("removing the jail of {id}"), e))?;
+            }
+            let dir = cfg.sandbox_dir(&id);
+            rootfs::Overlay::at(&dir).unmount()?;
+            console::Console::jail(&dir).unmount()?;
+            host::remove_tree(&dir)?;
+            match pod_netns {
+                // The pod's namespace is the runtime's: only the VM's tap and redirect go.
+                Some(ns) if isolation == Some(Isolation::Vm) => net::leave_pod_netns(&ns)?,
+                Some(_) => {}
+                None => net::destroy(&cfg.netns(&id), &id)?,
+            }
+            // A crashed manager's stale lock (a live holder removes its own on drop).
+            match std::fs::remove_file(cfg.lock_path(&id)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::host(format!("removing the lock of {id}"), e))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+
+    /// Destroys a sandbox of `tenant`.
+    pub async fn destroy(&self, tenant: &str, id: &str) -> Result<()> {
+        let mut row = self.row(tenant, id)?;
+        match row.sandbox.state {
+            SandboxState::Creating => {
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} is still being created; retry shortly"
+                )))
+            }
+            SandboxState::Stopping => {
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} is already being destroyed"
+                )))
+            }
+            _ => {}
+        }
+        let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(id))?;
+        row.sandbox.state = SandboxState::Stopping;
+        self.inner.db.update_sandbox(&row)?;
+        let live = lock(&self.inner.live).get(id).cloned();
+        if let Some(live) = &live {
+            live.agent.lock().await.take();
+        }
+        let result = self
+            .teardown(
+                id.to_owned(),
+                Some(row.sandbox.isolation),
+                pod_netns_of(&row.sandbox),
+                true,
+            )
+            .await;
+        lock(&self.inner.live).remove(id);
+        result?;
+        self.inner.db.delete_sandbox(id)?;
+        self.inner
+            .metrics
+            .destroyed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Extends a sandbox's life by `timeout_s` (default: its own timeout) from now.
+    pub fn keepalive(&self, tenant: &str, id: &str, timeout_s: Option<u64>) -> Result<Sandbox> {
+        let mut row = self.row(tenant, id)?;
+        let t = timeout_s.unwrap_or(row.sandbox.timeout_s);
+        if t > MAX_TIMEOUT_S {
+            return Err(Error::Invalid(format!(
+                "timeout_s must be at most {MAX_TIMEOUT_S}, got {t}"
+            )));
+        }
+        row.sandbox.timeout_s = t;
+        row.sandbox.expires_at = (t > 0).then(|| db::now() + t as i64);
+        self.inner.db.update_sandbox(&row)?;
+        Ok(row.sandbox)
+    }
+
+    /// Destroys every sandbox whose timeout has passed; returns their ids.
+    pub async fn reap_expired(&self) -> Result<Vec<String>> {
+        let now = db::now();
+        let mut reaped = Vec::new();
+        for row in self.inner.db.sandboxes(None)? {
+            let s = &row.sandbox;
+            let due = s.expires_at.is_some_and(|t| t <= now);
+            if due && matches!(s.state, SandboxState::Running | SandboxState::Paused) {
+                match self.destroy(&s.tenant, &s.id).await {
+                    Ok(()) => {
+                        let _ = self.inner.db.audit(
+                            &s.tenant,
+                            "expire",
+                            &s.id,
+                            200,
+                            "timeout_s passed",
+                        );
+                        reaped.push(s.id.clone());
+                    }
+                    Err(e) => tracing::warn!(id = %s.id, "destroying an expired sandbox: {e}"),
+                }
+            }
+        }
+        Ok(reaped)
+    }
+}
