@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api::client::{ClientError, Stream};
-use api::manager::host::CgroupMode;
+use api::manager::cgroups::CgroupMode;
 use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, SandboxState};
 use common::{block_on, cgroup_mode, is_sandbox_id, root_or_skip, Daemon};
 

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use api::db::Quota;
-use api::manager::host::LimitCgroups;
+use api::manager::cgroups::LimitCgroups;
 use api::manager::LimitsUpdate;
 use api::model::{CreateSandbox, ExecRequest, Isolation};
 use api::{Error, Manager, ManagerConfig};

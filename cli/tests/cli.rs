@@ -105,7 +105,7 @@ impl Env {
 
     /// The parent cgroups of this environment's sandboxes (one per hierarchy on cgroup v1).
     fn cgroup_parents(&self) -> Vec<PathBuf> {
-        api::manager::host::CgroupMode::host()
+        api::manager::cgroups::CgroupMode::host()
             .expect("this host's cgroups cannot hold sandboxes")
             .parent_dirs(&self.cgroup_parent)
     }
@@ -187,7 +187,7 @@ impl Drop for Env {
     /// Removes what a failed test may have left (processes, mounts, cgroups), then the
     /// parent cgroups.
     fn drop(&mut self) {
-        let mode = api::manager::host::CgroupMode::host().ok();
+        let mode = api::manager::cgroups::CgroupMode::host().ok();
         for cgroup in self.sandbox_cgroups() {
             let id = cgroup.file_name().unwrap_or_default().to_string_lossy();
             for pid in mode
@@ -1142,7 +1142,7 @@ fn daemonless_cp_both_ways() {
 
 /// CPU time of sandbox `id` of `env` so far, ns (its cgroups, as the manager reads them).
 fn cpu_ns(env: &Env, id: &str) -> u64 {
-    api::manager::host::cgroup_usage(&env.cgroup_parent, id).0
+    api::manager::cgroups::cgroup_usage(&env.cgroup_parent, id).0
 }
 
 /// Polls until sandbox `id` has used `more` ns of CPU time beyond `from`.
@@ -1229,13 +1229,13 @@ fn daemonless_cpus_and_memory_reach_the_cgroups() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let s = only_sandbox(&env);
     assert_eq!((s.vcpus, s.memory_mib), (2, 96));
-    let cgroups = api::manager::host::LimitCgroups::of(&env.cgroup_parent, &s.id)
+    let cgroups = api::manager::cgroups::LimitCgroups::of(&env.cgroup_parent, &s.id)
         .expect("the sandbox's cgroups");
     let (quota, period) = cgroups.cpu_quota().expect("cpu quota");
     assert_eq!(quota, Some(2 * period), "2 cores of CFS bandwidth");
     let (dir, file) = match &cgroups {
-        api::manager::host::LimitCgroups::V1 { memory, .. } => (memory, "memory.limit_in_bytes"),
-        api::manager::host::LimitCgroups::V2(dir) => (dir, "memory.max"),
+        api::manager::cgroups::LimitCgroups::V1 { memory, .. } => (memory, "memory.limit_in_bytes"),
+        api::manager::cgroups::LimitCgroups::V2(dir) => (dir, "memory.max"),
     };
     let limit = std::fs::read_to_string(dir.join(file)).expect("memory limit");
     assert_eq!(limit.trim(), (96u64 << 20).to_string(), "{}", dir.display());

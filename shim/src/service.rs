@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::api::db::Tenant;
-use ::api::manager::host::LimitCgroups;
+use ::api::manager::cgroups::LimitCgroups;
 use ::api::manager::{ContainerSandbox, LimitsUpdate};
 use ::api::model::{Isolation, Sandbox};
 use ::api::{Manager, ManagerConfig};
@@ -1086,7 +1086,7 @@ impl Task for TaskService {
         let mut slot = self.inner.containers.lock().await;
         let c = container(&mut slot, &req.id)?;
         let pids =
-            ::api::manager::host::cgroup_pids(&manager.config().cgroup_parent, &c.sandbox.id);
+            ::api::manager::cgroups::cgroup_pids(&manager.config().cgroup_parent, &c.sandbox.id);
         Ok(api::PidsResponse {
             processes: pids
                 .into_iter()

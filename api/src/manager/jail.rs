@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use jailer::{BindMount, JailConfig, SeccompPolicy};
 
-use super::{host, pod, rootfs, vm, ManagerConfig, AGENT_SOCKET};
+use super::{cgroups, pod, rootfs, vm, ManagerConfig, AGENT_SOCKET};
 use crate::error::{Error, Result};
 use crate::model::{Isolation, Sandbox, Template};
 
@@ -56,7 +56,7 @@ fn base_jail(
     exec: PathBuf,
     memory_bytes: u64,
 ) -> Result<JailConfig> {
-    let cgroups = host::CgroupMode::host()?;
+    let cgroups = cgroups::CgroupMode::host()?;
     let mut j = JailConfig::new(s.id.clone(), exec, uid, uid);
     j.chroot_base_dir = cfg.jail_base();
     j.netns = Some(cfg.netns(&s.id));

@@ -1,6 +1,6 @@
 //! Pausing, live resource limits and usage of a sandbox.
 
-use super::{blocking, host, vm, Manager, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+use super::{blocking, cgroups, vm, Manager, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::error::{Error, Result};
 use crate::model::{Isolation, Sandbox, SandboxState, SandboxStats};
 
@@ -25,7 +25,7 @@ impl Manager {
             Isolation::Jail => {
                 let parent = self.inner.cfg.cgroup_parent.clone();
                 let id = id.to_owned();
-                blocking(move || host::set_frozen(&parent, &id, paused)).await?
+                blocking(move || cgroups::set_frozen(&parent, &id, paused)).await?
             }
             Isolation::Vm => vm::set_paused(&self.vmm_api(&row)?.path(), paused).await?,
         }
@@ -60,7 +60,7 @@ impl Manager {
             .flatten();
         let parent = self.inner.cfg.cgroup_parent.clone();
         let sandbox = id.to_owned();
-        let cgroups = blocking(move || host::LimitCgroups::of(&parent, &sandbox)).await?;
+        let cgroups = blocking(move || cgroups::LimitCgroups::of(&parent, &sandbox)).await?;
         // The new CFS limit, and the current one to put back should the memory limit fail.
         let (cpu, previous_cpu) = if update.cpu_quota_us.is_some() || update.cpu_period_us.is_some()
         {
@@ -71,11 +71,11 @@ impl Manager {
                     "sandbox {id} has no CPU quota to keep with a new period; give a quota too"
                 ))
             })?;
-            let new = validate_cpu_quota(host::CpuQuota {
+            let new = validate_cpu_quota(cgroups::CpuQuota {
                 quota_us: new_quota,
                 period_us: update.cpu_period_us.unwrap_or(period),
             })?;
-            let previous = quota.map(|quota_us| host::CpuQuota {
+            let previous = quota.map(|quota_us| cgroups::CpuQuota {
                 quota_us,
                 period_us: period,
             });
@@ -134,16 +134,16 @@ impl Manager {
     }
 
     /// The cgroups holding sandbox `id`'s limits, e.g. to watch its OOM kills
-    /// ([`host::LimitCgroups::oom_kills`]) without a look-up each time.
-    pub fn limit_cgroups(&self, tenant: &str, id: &str) -> Result<host::LimitCgroups> {
+    /// ([`cgroups::LimitCgroups::oom_kills`]) without a look-up each time.
+    pub fn limit_cgroups(&self, tenant: &str, id: &str) -> Result<cgroups::LimitCgroups> {
         self.row(tenant, id)?;
-        host::LimitCgroups::of(&self.inner.cfg.cgroup_parent, id)
+        cgroups::LimitCgroups::of(&self.inner.cfg.cgroup_parent, id)
     }
 
     /// CPU, memory and process count of a sandbox.
     pub fn stats(&self, tenant: &str, id: &str) -> Result<SandboxStats> {
         self.row(tenant, id)?;
-        let (cpu_ns, memory_bytes, pids) = host::cgroup_usage(&self.inner.cfg.cgroup_parent, id);
+        let (cpu_ns, memory_bytes, pids) = cgroups::cgroup_usage(&self.inner.cfg.cgroup_parent, id);
         Ok(SandboxStats {
             id: id.to_owned(),
             cpu_ns,
@@ -186,7 +186,7 @@ fn memory_change(s: &Sandbox, bytes: u64) -> Result<Option<u64>> {
 }
 
 /// Checks a CFS limit against the kernel's bounds and the sandbox's 32-core ceiling.
-fn validate_cpu_quota(q: host::CpuQuota) -> Result<host::CpuQuota> {
+fn validate_cpu_quota(q: cgroups::CpuQuota) -> Result<cgroups::CpuQuota> {
     if !(1_000..=1_000_000).contains(&q.period_us) {
         return Err(Error::Invalid(format!(
             "CPU period must be 1000 to 1000000 µs, got {}",
@@ -213,7 +213,7 @@ mod tests {
     #[test]
     fn cpu_quota_bounds() {
         let q = |quota_us, period_us| {
-            validate_cpu_quota(host::CpuQuota {
+            validate_cpu_quota(cgroups::CpuQuota {
                 quota_us,
                 period_us,
             })

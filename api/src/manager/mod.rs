@@ -12,9 +12,11 @@
 //! extends `Manager` in a file of its own: `create` (plan, build, the waits, the jailer's
 //! spawn), `teardown` (teardown, destroy, keepalive, expiry), `reconcile`, `exec` (the agent
 //! and commands), `limits` (pause, live limits, stats), `templates` and `pod`; `jail` holds
-//! the jails' specs and `lock` the sandboxes' busy locks.
+//! the jails' specs, `lock` the sandboxes' busy locks, `cgroups` their cgroups and `host` the
+//! rest of the host plumbing (mounts, processes, commands).
 
 mod beneath;
+pub mod cgroups;
 mod console;
 mod create;
 mod exec;
@@ -481,7 +483,7 @@ impl Manager {
         let mut per_sandbox = Vec::new();
         for r in &rows {
             *by_state.entry(r.sandbox.state.as_str()).or_default() += 1;
-            let (cpu, mem, _) = host::cgroup_usage(&self.inner.cfg.cgroup_parent, &r.sandbox.id);
+            let (cpu, mem, _) = cgroups::cgroup_usage(&self.inner.cfg.cgroup_parent, &r.sandbox.id);
             per_sandbox.push((
                 r.sandbox.id.clone(),
                 r.sandbox.tenant.clone(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::jail::exec_name;
 use super::lock::BusyLock;
-use super::{host, lock, pod_netns_of, rootfs, Live, Manager, Reconciled};
+use super::{cgroups, lock, pod_netns_of, rootfs, Live, Manager, Reconciled};
 use crate::error::{Error, Result};
 use crate::model::{Isolation, SandboxState};
 
@@ -22,7 +22,7 @@ impl Manager {
                 // destroying it right now.
                 continue;
             }
-            let alive = !host::cgroup_pids(&cfg.cgroup_parent, &s.id).is_empty();
+            let alive = !cgroups::cgroup_pids(&cfg.cgroup_parent, &s.id).is_empty();
             // A sandbox whose processes live stays, even if its agent does not answer now (a
             // loaded host): destroying it is its owner's call.
             let adopt = alive && matches!(s.state, SandboxState::Running | SandboxState::Paused);

@@ -7,7 +7,9 @@ use jailer::CleanupConfig;
 
 use super::jail::exec_name;
 use super::lock::BusyLock;
-use super::{blocking, console, host, lock, net, pod_netns_of, rootfs, Manager, MAX_TIMEOUT_S};
+use super::{
+    blocking, cgroups, console, host, lock, net, pod_netns_of, rootfs, Manager, MAX_TIMEOUT_S,
+};
 use crate::db;
 use crate::error::{Error, Result};
 use crate::model::{Isolation, Sandbox, SandboxState};
@@ -32,7 +34,7 @@ impl Manager {
             .filter(|_| started)
             .and_then(|c| c.id())
             .map(|p| p as i32);
-        blocking(move || host::kill_all(&parent, &killed, jailer)).await?;
+        blocking(move || cgroups::kill_all(&parent, &killed, jailer)).await?;
         if let Some(mut child) = child {
             // Already killed with the rest; reap it.
             let _ = child.kill().await;

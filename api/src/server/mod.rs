@@ -343,7 +343,7 @@ pub fn usage(manager: &Manager, tenant: &str, id: &str) -> Result<SandboxUsage> 
     Ok(SandboxUsage {
         stats: manager.stats(tenant, id)?,
         isolation: sandbox.isolation,
-        rss_bytes: crate::manager::host::cgroup_rss(&manager.config().cgroup_parent, id),
+        rss_bytes: crate::manager::cgroups::cgroup_rss(&manager.config().cgroup_parent, id),
     })
 }
 

@@ -58,8 +58,8 @@ pub fn is_sandbox_id(name: &str) -> bool {
 }
 
 /// This host's cgroup mode, as the manager detects it.
-pub fn cgroup_mode() -> &'static api::manager::host::CgroupMode {
-    api::manager::host::CgroupMode::host().expect("this host's cgroups cannot hold sandboxes")
+pub fn cgroup_mode() -> &'static api::manager::cgroups::CgroupMode {
+    api::manager::cgroups::CgroupMode::host().expect("this host's cgroups cannot hold sandboxes")
 }
 
 /// The directory of the workspace's binaries (mvmd, mvm-jailer, mvm-agent).
