@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use api::client::Stream;
 use api::model::{ExecEvent, ExecRequest};
-use common::{api_error, block_on, jail, root_or_skip, sh, Daemon};
+use common::{api_error, block_on, jail, root_or_skip, sh, ws_exec, Daemon};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -104,33 +104,6 @@ async fn wait_gone(d: &Daemon, id: &str, marker: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// A websocket exec session on mvmd's socket, after its request was sent.
-async fn ws_exec(
-    d: &Daemon,
-    id: &str,
-    req: &ExecRequest,
-) -> WebSocketStream<tokio::net::UnixStream> {
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-            "ws://mvmd/v1/sandboxes/{id}/exec/ws"
-        ))
-        .expect("request");
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", d.token()).parse().expect("header"),
-    );
-    let stream = tokio::net::UnixStream::connect(&d.socket)
-        .await
-        .expect("connect to mvmd");
-    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
-        .await
-        .expect("websocket upgrade");
-    ws.send(Message::Text(serde_json::to_string(req).unwrap().into()))
-        .await
-        .expect("send the exec request");
-    ws
 }
 
 /// `data` as an HTTP/1.1 chunked body, 64 KiB a chunk.

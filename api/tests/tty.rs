@@ -26,26 +26,8 @@ async fn ws_exec(
     controls: &[WsControl],
     stdin: &[u8],
 ) -> (String, ExitInfo) {
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-            "ws://mvmd/v1/sandboxes/{id}/exec/ws"
-        ))
-        .expect("request");
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", d.token()).parse().expect("header"),
-    );
-    let stream = tokio::net::UnixStream::connect(&d.socket)
-        .await
-        .expect("connect to mvmd");
-    let (ws, _) = tokio_tungstenite::client_async(request, stream)
-        .await
-        .expect("websocket upgrade");
-    let (mut sink, mut source) = ws.split();
+    let (mut sink, mut source) = common::ws_exec(d, id, req).await.split();
     let text = |v: String| Message::Text(v.into());
-    sink.send(text(serde_json::to_string(req).unwrap()))
-        .await
-        .unwrap();
     for c in controls {
         sink.send(text(serde_json::to_string(c).unwrap()))
             .await

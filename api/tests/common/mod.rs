@@ -508,3 +508,33 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .expect("runtime")
         .block_on(f)
 }
+
+/// A websocket exec session on mvmd's socket, after its request was sent.
+pub async fn ws_exec(
+    d: &Daemon,
+    id: &str,
+    req: &ExecRequest,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::UnixStream> {
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://mvmd/v1/sandboxes/{id}/exec/ws"
+        ))
+        .expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", d.token()).parse().expect("header"),
+    );
+    let stream = tokio::net::UnixStream::connect(&d.socket)
+        .await
+        .expect("connect to mvmd");
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("websocket upgrade");
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        serde_json::to_string(req).unwrap().into(),
+    ))
+    .await
+    .expect("send the exec request");
+    ws
+}
