@@ -44,13 +44,19 @@ fn report(case: &str, growth: &PeakGrowth, started: Instant, moved: Option<u64>)
 }
 
 /// The mvmd under test, stopped however the benchmark ends.
-struct Mvmd(std::process::Child);
+struct Mvmd(std::process::Child, String);
 
 impl Drop for Mvmd {
+    /// Stops mvmd and removes its (by then empty) parent cgroups.
     fn drop(&mut self) {
         // SAFETY: plain kill of our own child.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
+        if let Ok(mode) = api::manager::cgroups::CgroupMode::host() {
+            for dir in mode.parent_dirs(&self.1) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
     }
 }
 
@@ -77,6 +83,7 @@ fn main() {
         .expect("tempdir");
     let socket = dir.path().join("mvmd.sock");
     let log = std::fs::File::create(dir.path().join("mvmd.log")).expect("log file");
+    let cgroup_parent = format!("mvm-membench-{}", std::process::id());
     let mvmd = Command::new(bin_dir.join("mvmd"))
         .arg("--state-dir")
         .arg(dir.path().join("state"))
@@ -84,10 +91,7 @@ fn main() {
         .arg(dir.path().join("run"))
         .arg("--socket")
         .arg(&socket)
-        .args([
-            "--cgroup-parent",
-            &format!("mvm-membench-{}", std::process::id()),
-        ])
+        .args(["--cgroup-parent", &cgroup_parent])
         .args(["--subnet", "10.251.0.0"])
         .env("MVM_BIN_DIR", bin_dir)
         .env("MVM_ARTIFACTS", mvm_testkit::artifacts_dir())
@@ -96,7 +100,7 @@ fn main() {
         .stderr(log)
         .spawn()
         .expect("starting mvmd");
-    let mvmd = Mvmd(mvmd);
+    let mvmd = Mvmd(mvmd, cgroup_parent);
     let pid = mvmd.0.id();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
