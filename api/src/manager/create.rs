@@ -347,17 +347,10 @@ impl Manager {
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_micros(200);
         while !ready() {
-            if let Some(status) = exited(live) {
-                return Err(Error::Host(format!(
-                    "the sandbox exited during start-up ({status}); its console said: {}",
-                    self.console_tail(s, 2000)
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Host(format!(
-                    "the sandbox did not come up within {timeout:?}; its console said: {}",
-                    self.console_tail(s, 2000)
-                )));
+            if let Some(e) = self.start_up_failure(live, s, deadline, || {
+                format!("the sandbox did not come up within {timeout:?}")
+            }) {
+                return Err(e);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(1));
@@ -377,22 +370,37 @@ impl Manager {
             match self.connect_agent(row).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
-                    if let Some(status) = exited(live) {
-                        return Err(Error::Host(format!(
-                            "the sandbox exited during start-up ({status}); its console said: {}",
-                            self.console_tail(s, 2000)
-                        )));
-                    }
-                    if Instant::now() > deadline {
-                        return Err(Error::Host(format!(
-                            "the sandbox agent did not come up within {timeout:?} (last attempt: {e}); its console said: {}",
-                            self.console_tail(s, 2000)
-                        )));
+                    if let Some(e) = self.start_up_failure(live, s, deadline, || {
+                        format!(
+                            "the sandbox agent did not come up within {timeout:?} (last attempt: {e})"
+                        )
+                    }) {
+                        return Err(e);
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
         }
+    }
+
+    /// Why a start-up cannot go on, with the console's tail: the jailer exited, or `deadline`
+    /// passed (`late` says what did not come up); `None` while it may.
+    fn start_up_failure(
+        &self,
+        live: &Live,
+        s: &Sandbox,
+        deadline: Instant,
+        late: impl FnOnce() -> String,
+    ) -> Option<Error> {
+        let why = match exited(live) {
+            Some(status) => format!("the sandbox exited during start-up ({status})"),
+            None if Instant::now() > deadline => late(),
+            None => return None,
+        };
+        Some(Error::Host(format!(
+            "{why}; its console said: {}",
+            self.console_tail(s, 2000)
+        )))
     }
 
     fn console_tail(&self, s: &Sandbox, max: usize) -> String {
