@@ -1,0 +1,41 @@
+//! System code shared by the jailer, the guest agent and the manager: the mount table
+//! ([`mountinfo`]), mount(2) and pivot_root(2) ([`mount`]), the cgroup hierarchies
+//! ([`cgroup`]) and paths as C strings ([`cstr`]).
+//!
+//! The agent links this crate into its static init binary: it depends on libc and thiserror
+//! only.
+
+pub mod cgroup;
+pub mod cstr;
+pub mod mount;
+pub mod mountinfo;
+
+use std::io;
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A system call or read that failed, with what was being done (paths included).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct Error {
+    /// What was being done.
+    pub what: String,
+    /// The underlying error; its `raw_os_error` is the errno.
+    pub source: io::Error,
+}
+
+impl Error {
+    /// An error of `what` from `source`.
+    pub fn new(what: impl Into<String>, source: io::Error) -> Self {
+        Error {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// An error of `what` from the calling thread's `errno`.
+    pub(crate) fn last_os_error(what: impl Into<String>) -> Self {
+        Self::new(what, io::Error::last_os_error())
+    }
+}
