@@ -23,9 +23,10 @@ use crate::devices::legacy::serial::{SerialOut, COM1_IRQ, COM1_PORT, COM1_PORT_L
 use crate::devices::legacy::{SerialDevice, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_QUEUE_NOTIFY};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
-use crate::devices::{Bus, BusError, IrqLine};
+use crate::devices::IrqLine;
 use crate::exit::VmExit;
 use crate::seccomp::Filters;
+use crate::vstate::bus::{Bus, BusError};
 use crate::vstate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, Vcpus};
 use crate::vstate::vm::{Vm, VmError};

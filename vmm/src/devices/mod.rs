@@ -1,10 +1,8 @@
-//! Emulated devices and the buses that route guest port-I/O and MMIO accesses to them.
+//! Emulated devices: legacy PC devices and virtio devices, placed on the [`crate::vstate::bus`]
+//! buses by the builder, and the interrupt lines they raise.
 
-pub mod bus;
 pub mod legacy;
 pub mod virtio;
-
-pub use bus::{Bus, BusDevice, BusError};
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -12,12 +12,12 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::bus::Bus;
 use super::memory::GuestMemory;
 use super::vm::Vm;
 use crate::arch::x86_64::cpuid::{filter_cpuid, Topology};
 use crate::arch::x86_64::msr::boot_msrs;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, setup_sregs, BootProtocol, RegsError};
-use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::metrics::{inc, METRICS};
 use crate::seccomp::Filters;

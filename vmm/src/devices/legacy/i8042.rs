@@ -4,8 +4,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::devices::{BusDevice, IrqLine};
+use crate::devices::IrqLine;
 use crate::exit::{ExitReason, VmExit};
+use crate::vstate::bus::BusDevice;
 
 /// Ports 0x60 (data) to 0x64 (status/command).
 pub const I8042_PORT: u64 = 0x60;

@@ -6,7 +6,8 @@ use std::io::Write;
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
-use crate::devices::{BusDevice, IrqLine};
+use crate::devices::IrqLine;
+use crate::vstate::bus::BusDevice;
 
 /// COM1 base port.
 pub const COM1_PORT: u64 = 0x3f8;

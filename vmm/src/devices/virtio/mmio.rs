@@ -6,7 +6,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
-use crate::devices::BusDevice;
+use crate::vstate::bus::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
 /// "virt" in little endian.

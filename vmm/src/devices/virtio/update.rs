@@ -291,7 +291,8 @@ mod tests {
     fn a_new_image_moves_the_config_generation_of_the_live_device() {
         use crate::devices::virtio::mmio::MMIO_CONFIG_START;
         use crate::devices::virtio::VirtioInterrupt;
-        use crate::devices::{BusDevice, IrqLine};
+        use crate::devices::IrqLine;
+        use crate::vstate::bus::BusDevice;
         const REG_CONFIG_GENERATION: u64 = 0xfc;
 
         let dir = std::env::temp_dir().join(format!("mvm-update-{}", std::process::id()));
