@@ -1,6 +1,8 @@
 //! Configuration → running VM: guest memory, KVM VM, kernel and boot data, devices, vCPUs.
 //! Everything is validated before the first KVM call that could leave the VM half-built.
 
+pub mod devices;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
@@ -109,8 +111,8 @@ pub enum BuildError {
     Kvm(&'static str, kvm_ioctls::Error),
 }
 
-/// Creates the virtio devices of a configuration. The device layer (block, net, vsock)
-/// provides this; the builder only places what it returns on the MMIO bus.
+/// Creates the virtio devices of a configuration ([`devices::create_virtio_devices`] in the
+/// VMM); the builder places what it returns on the MMIO bus.
 pub type DeviceFactory<'a> =
     dyn Fn(&VmConfig, &Filters) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> + 'a;
 

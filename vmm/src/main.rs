@@ -78,7 +78,7 @@ fn run(args: Args) -> Result<u8, String> {
     let exit = Arc::new(VmExit::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     let controller = Controller::new(
         args.id.clone(),
-        Box::new(vmm::devices::create_virtio_devices),
+        Box::new(vmm::builder::devices::create_virtio_devices),
         exit.clone(),
         seccomp.clone(),
     )

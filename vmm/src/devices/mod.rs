@@ -44,36 +44,3 @@ impl vm_superio::Trigger for IrqLine {
         IrqLine::trigger(self)
     }
 }
-
-/// Creates the virtio devices a configuration asks for: drives (root drive first, so it is
-/// /dev/vda), then network interfaces, then vsock. Each device thread confines itself with the
-/// `device` seccomp filter.
-pub fn create_virtio_devices(
-    config: &crate::config::VmConfig,
-    seccomp: &crate::seccomp::Filters,
-) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, crate::builder::BuildError> {
-    use crate::builder::BuildError;
-    let mut devices: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
-    let mut drives: Vec<&crate::config::DriveConfig> = config.drives.iter().collect();
-    drives.sort_by_key(|d| !d.is_root_device);
-    for (index, drive) in drives.into_iter().enumerate() {
-        let block = virtio::block::Block::new(drive, index, seccomp)
-            .map_err(|e| BuildError::Device(format!("drive {}", drive.drive_id), e.to_string()))?;
-        devices.push(Box::new(block));
-    }
-    for (index, iface) in config.network_interfaces.iter().enumerate() {
-        let net = virtio::net::Net::new(iface, index, seccomp).map_err(|e| {
-            BuildError::Device(
-                format!("network interface {}", iface.iface_id),
-                e.to_string(),
-            )
-        })?;
-        devices.push(Box::new(net));
-    }
-    if let Some(vsock) = &config.vsock {
-        let device = virtio::vsock::Vsock::new(vsock, seccomp)
-            .map_err(|e| BuildError::Device("vsock".to_string(), e.to_string()))?;
-        devices.push(Box::new(device));
-    }
-    Ok(devices)
-}
