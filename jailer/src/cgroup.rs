@@ -12,6 +12,8 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use mvm_sys::cgroup::{Hierarchies, Hierarchy};
+
 use crate::config::{CgroupSetting, CgroupVersion};
 use crate::error::{Error, Result};
 
@@ -78,99 +80,6 @@ impl CgroupDir {
     }
 }
 
-/// A mounted cgroup hierarchy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Hierarchy {
-    /// Mount point.
-    pub mount_point: PathBuf,
-    /// `true` for the unified (cgroup2) hierarchy.
-    pub unified: bool,
-    /// v1: controllers bound to it (from the mount options); v2: empty (read `cgroup.controllers`).
-    pub controllers: Vec<String>,
-}
-
-/// cgroup v1 mount options that are not controller names.
-const V1_MOUNT_OPTIONS: [&str; 6] = [
-    "rw",
-    "ro",
-    "xattr",
-    "noprefix",
-    "clone_children",
-    "cpuset_v2_mode",
-];
-
-/// All cgroup hierarchies mounted in this mount namespace, in mountinfo order, one per mount point.
-pub(crate) fn hierarchies() -> Result<Vec<Hierarchy>> {
-    let text = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
-    Ok(parse_mountinfo(&text))
-}
-
-fn parse_mountinfo(text: &str) -> Vec<Hierarchy> {
-    let mut out: Vec<Hierarchy> = Vec::new();
-    for line in text.lines() {
-        // <id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> <super opts>
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(mount_point) = left.split(' ').nth(4) else {
-            continue;
-        };
-        let mut right = right.split(' ');
-        let (Some(fstype), Some(_source), Some(super_opts)) =
-            (right.next(), right.next(), right.next())
-        else {
-            continue;
-        };
-        let unified = match fstype {
-            "cgroup" => false,
-            "cgroup2" => true,
-            _ => continue,
-        };
-        let controllers = if unified {
-            Vec::new()
-        } else {
-            super_opts
-                .split(',')
-                .filter(|o| !V1_MOUNT_OPTIONS.contains(o) && !o.contains('='))
-                .map(str::to_string)
-                .collect()
-        };
-        let mount_point = PathBuf::from(unescape_mountinfo(mount_point));
-        if out.iter().all(|h| h.mount_point != mount_point) {
-            out.push(Hierarchy {
-                mount_point,
-                unified,
-                controllers,
-            });
-        }
-    }
-    out
-}
-
-/// Decodes the `\ooo` octal escapes mountinfo uses for spaces, tabs, newlines and backslashes.
-pub(crate) fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Where the per-jail cgroup(s) go and what is written there; resolved before anything is made.
 #[derive(Debug)]
 pub(crate) struct CgroupPlan {
@@ -187,12 +96,11 @@ const V2_CORE_KEYS: [&str; 2] = ["cgroup.max.descendants", "cgroup.max.depth"];
 impl CgroupPlan {
     /// Maps every setting to its hierarchy; an unknown or unmounted controller is an error.
     pub(crate) fn resolve(version: CgroupVersion, settings: &[CgroupSetting]) -> Result<Self> {
-        let all = hierarchies()?;
-        Self::resolve_in(&all, version, settings)
+        Self::resolve_in(&Hierarchies::read()?, version, settings)
     }
 
     fn resolve_in(
-        all: &[Hierarchy],
+        all: &Hierarchies,
         version: CgroupVersion,
         settings: &[CgroupSetting],
     ) -> Result<Self> {
@@ -209,18 +117,15 @@ impl CgroupPlan {
         for s in ordered(settings) {
             let controller = s.controller();
             let hierarchy = match version {
-                CgroupVersion::V1 => all
-                    .iter()
-                    .find(|h| !h.unified && h.controllers.iter().any(|c| c == controller))
-                    .ok_or_else(|| {
-                        unavailable(
-                            s,
-                            "no cgroup v1 hierarchy with it is mounted (see /proc/self/mountinfo)"
-                                .into(),
-                        )
-                    })?,
+                CgroupVersion::V1 => all.v1(controller).ok_or_else(|| {
+                    unavailable(
+                        s,
+                        "no cgroup v1 hierarchy with it is mounted (see /proc/self/mountinfo)"
+                            .into(),
+                    )
+                })?,
                 CgroupVersion::V2 => {
-                    let h = all.iter().find(|h| h.unified).ok_or_else(|| {
+                    let h = all.unified().ok_or_else(|| {
                         unavailable(
                             s,
                             "no cgroup2 hierarchy is mounted (see /proc/self/mountinfo)".into(),
@@ -405,11 +310,12 @@ fn write_file(path: &Path, value: &str) -> Result<()> {
 
 /// The per-jail cgroups that exist for `<parent>/<id>` in every mounted hierarchy.
 pub(crate) fn existing(parent: &str, id: &str) -> Result<Vec<CgroupDir>> {
-    Ok(hierarchies()?
-        .into_iter()
+    Ok(Hierarchies::read()?
+        .all()
+        .iter()
         .map(|h| CgroupDir {
             path: h.mount_point.join(parent).join(id),
-            hierarchy_root: h.mount_point,
+            hierarchy_root: h.mount_point.clone(),
         })
         .filter(|d| d.path.is_dir())
         .collect())
@@ -433,19 +339,8 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_parsing() {
-        let h = parse_mountinfo(HYBRID);
-        assert_eq!(h.len(), 5);
-        assert_eq!(h[0].mount_point, Path::new("/sys/fs/cgroup/cpu,cpuacct"));
-        assert_eq!(h[0].controllers, ["cpu", "cpuacct"]);
-        assert_eq!(h[2].controllers, Vec::<String>::new());
-        assert!(h[3].unified);
-        assert_eq!(h[4].mount_point, Path::new("/mnt/with space"));
-    }
-
-    #[test]
     fn v1_resolution_groups_by_hierarchy() {
-        let h = parse_mountinfo(HYBRID);
+        let h = Hierarchies::parse(HYBRID);
         let plan = CgroupPlan::resolve_in(
             &h,
             CgroupVersion::V1,
@@ -473,7 +368,7 @@ mod tests {
 
     #[test]
     fn v1_unmounted_controller_is_named() {
-        let h = parse_mountinfo(HYBRID);
+        let h = Hierarchies::parse(HYBRID);
         let err =
             CgroupPlan::resolve_in(&h, CgroupVersion::V1, &[setting("pids.max=5")]).unwrap_err();
         assert!(
@@ -485,7 +380,7 @@ mod tests {
 
     #[test]
     fn v2_core_keys_are_limited() {
-        let h = parse_mountinfo(HYBRID);
+        let h = Hierarchies::parse(HYBRID);
         assert!(
             CgroupPlan::resolve_in(&h, CgroupVersion::V2, &[setting("cgroup.max.depth=1")]).is_ok()
         );
@@ -495,9 +390,11 @@ mod tests {
             err.to_string().contains("only cgroup.max.descendants"),
             "{err}"
         );
-        assert!(
-            CgroupPlan::resolve_in(&[], CgroupVersion::V2, &[setting("cgroup.max.depth=1")])
-                .is_err()
-        );
+        assert!(CgroupPlan::resolve_in(
+            &Hierarchies::default(),
+            CgroupVersion::V2,
+            &[setting("cgroup.max.depth=1")]
+        )
+        .is_err());
     }
 }

@@ -1,14 +1,13 @@
 //! The jail tree on the host (step 2) and the switch into it inside a new mount namespace (step 4).
 
-use std::ffi::CString;
 use std::fs::{self, DirBuilder, Permissions};
 use std::io::ErrorKind;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::ptr;
 
-use crate::cgroup::unescape_mountinfo;
+use mvm_sys::cstr;
+use mvm_sys::mount::{mount, pivot_root};
+
 use crate::config::{JailConfig, DEVPTS_DIR, DEVPTS_MAX_PTYS, PTMX, RUN_DIR};
 use crate::error::{check, Error, Result};
 
@@ -41,15 +40,6 @@ pub const DEVICE_NODES: [DeviceNode; 3] = [
         minor: 9,
     },
 ];
-
-pub(crate) fn cstr(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        Error::io(
-            format!("path {} contains a NUL byte", path.display()),
-            ErrorKind::InvalidInput.into(),
-        )
-    })
-}
 
 /// `root` joined with an absolute jail path.
 pub(crate) fn in_root(root: &Path, jail_path: &Path) -> PathBuf {
@@ -115,7 +105,7 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
     for dev in DEVICE_NODES {
         let path = in_root(root, Path::new(dev.path));
         make_parents(root, &path)?;
-        let c = cstr(&path)?;
+        let c = cstr::from_path(&path)?;
         // SAFETY: `c` is a valid NUL-terminated path; mknod does not retain it.
         let ret = unsafe {
             libc::mknod(
@@ -163,7 +153,7 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
 
 /// Device nodes on a `nodev` filesystem cannot be opened: refuse such a chroot base up front.
 fn refuse_nodev(root: &Path) -> Result<()> {
-    let c = cstr(root)?;
+    let c = cstr::from_path(root)?;
     // SAFETY: a zeroed statvfs is a valid out-buffer; `c` is NUL-terminated.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -196,43 +186,10 @@ fn make_parents(root: &Path, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn mount(
-    src: Option<&Path>,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> Result<()> {
-    let src_c = src.map(cstr).transpose()?;
-    let target_c = cstr(target)?;
-    let fstype_c = fstype.map(|f| CString::new(f).expect("fstype has no NUL"));
-    let data_c = data.map(|d| CString::new(d).expect("mount data has no NUL"));
-    let p = |c: &Option<CString>| c.as_ref().map_or(ptr::null(), |c| c.as_ptr());
-    // SAFETY: every pointer is either null or a NUL-terminated string that outlives the call.
-    let ret = unsafe {
-        libc::mount(
-            p(&src_c),
-            target_c.as_ptr(),
-            p(&fstype_c),
-            flags,
-            p(&data_c).cast(),
-        )
-    };
-    check(ret, || {
-        format!(
-            "mount {} on {} (type {}, flags {flags:#x})",
-            src.map_or("none".into(), |s| s.display().to_string()),
-            target.display(),
-            fstype.unwrap_or("none")
-        )
-    })
-    .map(drop)
-}
-
 /// Whether the mount at `path` is read-only (unknown counts as writable: the caller's own
 /// flags decide then).
 fn is_read_only(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+    let Ok(c) = cstr::from_path(path) else {
         return false;
     };
     // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
@@ -285,30 +242,18 @@ pub(crate) fn pivot_into(config: &JailConfig, root: &Path) -> Result<()> {
         }
         mount(None, &target, None, flags, None)?;
     }
-    std::env::set_current_dir(root)
-        .map_err(|e| Error::io(format!("chdir {}", root.display()), e))?;
-    let dot = c".";
-    // SAFETY: pivot_root takes two NUL-terminated paths, valid for the call.
-    let ret = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
-    check(ret as libc::c_int, || {
-        format!("pivot_root into {}", root.display())
-    })?;
-    // The old root is now mounted on top of the new one, at ".": detach it and all below it.
-    // SAFETY: "." is a valid NUL-terminated path.
-    let ret = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
-    check(ret, || "detach the old root after pivot_root".into())?;
-    std::env::set_current_dir("/").map_err(|e| Error::io("chdir / in the jail", e))
+    Ok(pivot_root(root)?)
 }
 
 /// Mounts a procfs that shows only this pid namespace's processes and no system files.
 pub(crate) fn mount_proc() -> Result<()> {
-    mount(
+    Ok(mount(
         Some(Path::new("proc")),
         Path::new("/proc"),
         Some("proc"),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         Some("subset=pid,hidepid=invisible"),
-    )
+    )?)
 }
 
 /// Mounts a new devpts instance at /dev/pts of the jail (after `pivot_root`): ptys made there
@@ -340,18 +285,14 @@ pub(crate) fn mount_devpts(gid: u32) -> Result<()> {
 /// Removes a jail directory; refuses if anything is mounted beneath it in this mount namespace
 /// (removal would then reach into the mounted filesystem).
 pub(crate) fn remove_jail_dir(jail_dir: &Path) -> Result<()> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
-    for line in mountinfo.lines() {
-        if let Some(mp) = line.split(' ').nth(4) {
-            let mp = PathBuf::from(unescape_mountinfo(mp));
-            if mp.starts_with(jail_dir) {
-                return Err(Error::MountedInJail {
-                    jail: jail_dir.to_path_buf(),
-                    mount: mp,
-                });
-            }
-        }
+    if let Some(m) = mvm_sys::mountinfo::read()?
+        .into_iter()
+        .find(|m| m.mount_point.starts_with(jail_dir))
+    {
+        return Err(Error::MountedInJail {
+            jail: jail_dir.to_path_buf(),
+            mount: m.mount_point,
+        });
     }
     match fs::remove_dir_all(jail_dir) {
         Ok(()) => Ok(()),

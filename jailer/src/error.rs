@@ -179,6 +179,12 @@ impl Error {
     }
 }
 
+impl From<mvm_sys::Error> for Error {
+    fn from(e: mvm_sys::Error) -> Self {
+        Error::io(e.what, e.source)
+    }
+}
+
 /// Turns a libc return value (`-1` on failure) into a `Result`, describing the call on failure.
 pub(crate) fn check(ret: libc::c_int, what: impl FnOnce() -> String) -> Result<libc::c_int> {
     if ret == -1 {
