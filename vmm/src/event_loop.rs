@@ -4,7 +4,6 @@
 use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,8 @@ use vmm_sys_util::signal::register_signal_handler;
 use vmm_sys_util::terminal::Terminal;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::controller::{Controller, VmmAction, VmmActionError, VmmResponse};
+use crate::api_server::channel::ApiChannel;
+use crate::controller::Controller;
 use crate::exit::{ExitReason, VmExit};
 use crate::metrics::{inc, METRICS};
 
@@ -27,19 +27,6 @@ const TAG_STDIN_RETRY: u32 = 6;
 
 /// How long to wait before offering more input when the guest's receive FIFO is full.
 const STDIN_RETRY: Duration = Duration::from_millis(5);
-
-/// One API request and where its answer goes.
-pub type ApiRequest = (VmmAction, Sender<Result<VmmResponse, VmmActionError>>);
-
-/// The VMM side of the API channel: requests, and the eventfd the API thread writes per request.
-pub struct ApiChannel {
-    /// Incoming requests.
-    pub requests: Receiver<ApiRequest>,
-    /// Readable when requests are waiting.
-    pub evt: EventFd,
-    /// Responses taken but not yet written by the API thread.
-    pub in_flight: crate::api_server::InFlight,
-}
 
 /// Write end of the terminating-signal eventfd, for the async-signal-safe handler.
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
