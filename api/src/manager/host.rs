@@ -1,9 +1,7 @@
 //! Host plumbing of the manager: tier availability, processes, mounts, network namespaces and
 //! helper commands (cgroups are in [`super::cgroups`]).
 
-use std::ffi::CString;
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -50,12 +48,12 @@ pub fn jailer_pids(id: &str) -> Vec<i32> {
         .collect()
 }
 
-fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| Error::Invalid(format!("path {} contains NUL", p.display())))
+/// A failure of [`mvm_sys`] as a host error.
+fn host_error(e: mvm_sys::Error) -> Error {
+    Error::host(e.what, e.source)
 }
 
-/// mount(2) with `what` in error messages.
+/// mount(2); the error names the mount.
 pub fn mount(
     src: &Path,
     target: &Path,
@@ -63,43 +61,16 @@ pub fn mount(
     flags: libc::c_ulong,
     data: Option<&str>,
 ) -> Result<()> {
-    let s = cstr(src)?;
-    let t = cstr(target)?;
-    let f = fstype.map(|f| CString::new(f).expect("fstype has no NUL"));
-    let d = data
-        .map(CString::new)
-        .transpose()
-        .map_err(|_| Error::Invalid("mount data contains NUL".into()))?;
-    // SAFETY: all pointers are NUL-terminated strings (or null) living across the call.
-    let ret = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            f.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
-            flags,
-            d.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()),
-        )
-    };
-    if ret == -1 {
-        return Err(Error::host(
-            format!("mounting {} on {}", src.display(), target.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    mvm_sys::mount::mount(Some(src), target, fstype, flags, data).map_err(host_error)
 }
 
 /// Detaches whatever is mounted on `target`; nothing mounted is not an error.
 pub fn umount(target: &Path) -> Result<()> {
-    let t = cstr(target)?;
-    // SAFETY: `t` is a NUL-terminated path.
-    if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == -1 {
-        let e = std::io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) {
-            return Err(Error::host(format!("unmounting {}", target.display()), e));
-        }
+    match mvm_sys::mount::umount(target, libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.source.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(()),
+        Err(e) => Err(host_error(e)),
     }
-    Ok(())
 }
 
 /// Whether something is mounted exactly at `path` (in this mount namespace).
@@ -109,11 +80,10 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// Mount points at or below `dir`.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
+    mvm_sys::mountinfo::read()
         .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .into_iter()
+        .map(|m| m.mount_point)
         .filter(|m| m.starts_with(dir))
         .collect()
 }

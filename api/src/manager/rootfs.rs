@@ -13,6 +13,7 @@
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use mvm_sys::mountinfo::MountInfo;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -133,17 +134,26 @@ pub fn base_path(cache: &Path, rootfs: &Path) -> Result<PathBuf> {
 /// Removes unpacked bases under `cache` that no mounted overlay uses and that are not in
 /// `keep` (the current bases of the templates): images rebuilt since. Returns what it removed.
 pub fn gc_bases(cache: &Path, keep: &[PathBuf]) -> Vec<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts = mvm_sys::mountinfo::read().unwrap_or_default();
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(cache).into_iter().flatten().flatten() {
         let path = entry.path();
-        let in_use = mountinfo.contains(&format!("lowerdir={}", path.display()));
+        let in_use = mounts.iter().any(|m| is_lower_layer(m, &path));
         let unpacking = entry.file_name().to_string_lossy().starts_with('.');
         if !in_use && !unpacking && !keep.contains(&path) && host::remove_tree(&path).is_ok() {
             removed.push(path);
         }
     }
     removed
+}
+
+/// Whether `dir` is a lower layer of the overlay `mount`.
+fn is_lower_layer(mount: &MountInfo, dir: &Path) -> bool {
+    mount.fs_type == "overlay"
+        && mount.super_options.iter().any(|o| {
+            o.strip_prefix("lowerdir=")
+                .is_some_and(|dirs| dirs.split(':').any(|d| Path::new(d) == dir))
+        })
 }
 
 /// [`Overlay::run`] relative to the sandbox directory.

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use jailer::{CgroupSetting, CgroupVersion};
+use mvm_sys::cgroup::Hierarchies;
 
 use limits::{cpu_quota_values, memory_limit_key};
 
@@ -29,48 +30,24 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// Most processes and threads a sandbox may have.
 const PIDS_MAX: u64 = 4096;
 
-/// Mount point of the first mount of type `fstype` in `mountinfo` whose super options
-/// satisfy `opts`.
-fn find_mount_in(mountinfo: &str, fstype: &str, opts: impl Fn(&str) -> bool) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut r = right.split(' ');
-        if r.next()? != fstype {
-            return None;
-        }
-        let super_opts = r.nth(1)?;
-        let mount_point = left.split(' ').nth(4)?;
-        opts(super_opts).then(|| PathBuf::from(mount_point.replace("\\040", " ")))
-    })
-}
-
-/// Mount point of the v1 hierarchy carrying `controller` in `mountinfo`.
-fn v1_mount_in(mountinfo: &str, controller: &str) -> Option<PathBuf> {
-    find_mount_in(mountinfo, "cgroup", |opts| {
-        opts.split(',').any(|o| o == controller)
-    })
-}
-
 /// Mount point of the v1 hierarchy carrying `controller`.
 fn v1_mount(controller: &str) -> Option<PathBuf> {
-    v1_mount_in(
-        &std::fs::read_to_string("/proc/self/mountinfo").ok()?,
-        controller,
-    )
+    let mounted = Hierarchies::read().ok()?;
+    mounted.v1(controller).map(|h| h.mount_point.clone())
 }
 
-/// The cgroup mode of a host with mount table `mountinfo`: the version `forced` (`1` or `2`)
-/// or else the first usable one, v1 then v2. `controllers` reads a cgroup2 root's
+/// The cgroup mode of a host with cgroup hierarchies `mounted`: the version `forced` (`1` or
+/// `2`) or else the first usable one, v1 then v2. `controllers` reads a cgroup2 root's
 /// `cgroup.controllers`.
 fn detect(
-    mountinfo: &str,
+    mounted: &Hierarchies,
     forced: Option<&str>,
     controllers: impl Fn(&Path) -> Option<String>,
 ) -> std::result::Result<CgroupMode, String> {
     let v1 = || {
         let missing: Vec<&str> = V1_CONTROLLERS
             .into_iter()
-            .filter(|c| v1_mount_in(mountinfo, c).is_none())
+            .filter(|c| mounted.v1(c).is_none())
             .collect();
         if missing.is_empty() {
             Ok(CgroupMode::V1)
@@ -82,7 +59,9 @@ fn detect(
         }
     };
     let v2 = || {
-        let root = find_mount_in(mountinfo, "cgroup2", |_| true)
+        let root = mounted
+            .unified()
+            .map(|h| h.mount_point.clone())
             .ok_or_else(|| "cgroup v2: no cgroup2 file system is mounted".to_string())?;
         let listed = controllers(&root).unwrap_or_default();
         let missing: Vec<&str> = V2_CONTROLLERS
@@ -185,12 +164,13 @@ impl CgroupMode {
     pub fn host() -> Result<&'static CgroupMode> {
         static MODE: OnceLock<std::result::Result<CgroupMode, String>> = OnceLock::new();
         MODE.get_or_init(|| {
-            let info = std::fs::read_to_string("/proc/self/mountinfo")
-                .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+            let mounted = Hierarchies::read().map_err(|e| e.to_string())?;
             let forced = std::env::var(CGROUP_VERSION_ENV).ok();
-            detect(&info, forced.as_deref().filter(|v| !v.is_empty()), |root| {
-                std::fs::read_to_string(root.join("cgroup.controllers")).ok()
-            })
+            detect(
+                &mounted,
+                forced.as_deref().filter(|v| !v.is_empty()),
+                |root| std::fs::read_to_string(root.join("cgroup.controllers")).ok(),
+            )
         })
         .as_ref()
         .map_err(|e| Error::Host(e.clone()))
@@ -487,27 +467,29 @@ mod tests {
 
     #[test]
     fn cgroup_mode_detection() {
-        assert_eq!(detect(HYBRID, None, controllers("")), Ok(CgroupMode::V1));
+        let hybrid = Hierarchies::parse(HYBRID);
+        let unified = Hierarchies::parse(UNIFIED);
+        assert_eq!(detect(&hybrid, None, controllers("")), Ok(CgroupMode::V1));
         let v2 = CgroupMode::V2 {
             root: "/sys/fs/cgroup".into(),
         };
         let all = controllers("cpuset cpu io memory hugetlb pids rdma misc\n");
-        assert_eq!(detect(UNIFIED, None, &all), Ok(v2.clone()));
-        assert_eq!(detect(UNIFIED, Some("2"), &all), Ok(v2));
+        assert_eq!(detect(&unified, None, &all), Ok(v2.clone()));
+        assert_eq!(detect(&unified, Some("2"), &all), Ok(v2));
         // v2 without pids (bound to a v1 hierarchy, say), and no usable v1 either.
-        let e = detect(UNIFIED, None, controllers("cpu memory")).unwrap_err();
+        let e = detect(&unified, None, controllers("cpu memory")).unwrap_err();
         assert!(e.contains("without pids"), "{e}");
         assert!(e.contains("cpuacct, memory, pids, freezer"), "{e}");
         // A hybrid host forced to v2: its cgroup2 has no controllers.
-        let e = detect(HYBRID, Some("2"), controllers("")).unwrap_err();
+        let e = detect(&hybrid, Some("2"), controllers("")).unwrap_err();
         assert!(e.starts_with("MVM_CGROUP_VERSION=2, but"), "{e}");
         assert!(e.contains("without cpu, memory, pids"), "{e}");
-        let e = detect(UNIFIED, Some("1"), &all).unwrap_err();
+        let e = detect(&unified, Some("1"), &all).unwrap_err();
         assert!(
             e.contains("no legacy hierarchy carries cpu, cpuacct"),
             "{e}"
         );
-        assert!(detect(HYBRID, Some("v2"), &all)
+        assert!(detect(&hybrid, Some("v2"), &all)
             .unwrap_err()
             .contains("takes 1 or 2"));
     }
