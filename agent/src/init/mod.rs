@@ -1,0 +1,61 @@
+//! Init duties of the agent when it is the guest's PID 1, one module each: the kernel
+//! command-line parameters (`cmdline`), the base file systems and the overlay root (`root`),
+//! the console (`console`), hostname and network (`net`), and power-off (`shutdown`).
+
+mod cmdline;
+mod console;
+mod error;
+mod net;
+mod root;
+mod shutdown;
+
+use std::path::Path;
+
+use nix::mount::MsFlags;
+
+use console::reopen_console;
+use root::mount_fs;
+
+pub use cmdline::KernelParams;
+pub use error::InitError;
+pub use net::{configure_network, set_hostname, IpConfig, GUEST_INTERFACE};
+pub use root::{mount_base, pivot_to_disk, pivot_to_overlay, OverlayUpper};
+pub use shutdown::{power_down, quiesce_file_systems};
+
+/// Runs every init duty, logging (not stopping at) failures: PID 1 must keep going.
+pub fn run() {
+    let report = |result: Result<(), InitError>| {
+        if let Err(e) = result {
+            crate::log!("init: {e}");
+        }
+    };
+    report(mount_fs("proc", "/proc", "proc", MsFlags::empty(), None));
+    report(mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    ));
+    let params = match std::fs::read_to_string("/proc/cmdline") {
+        Ok(cmdline) => KernelParams::parse(&cmdline).unwrap_or_else(|e| {
+            crate::log!("init: {e}; ignoring the mvm.* parameters");
+            KernelParams::default()
+        }),
+        Err(e) => {
+            crate::log!("init: reading /proc/cmdline: {e}");
+            KernelParams::default()
+        }
+    };
+    if let Some(upper) = &params.overlay {
+        report(pivot_to_overlay(Path::new("/"), upper, Path::new("/run")));
+    } else if let Some(device) = &params.root {
+        report(pivot_to_disk(device, Path::new("/run")));
+    }
+    report(mount_base());
+    report(reopen_console());
+    if let Some(name) = &params.hostname {
+        report(set_hostname(name));
+    }
+    report(configure_network(GUEST_INTERFACE, params.ip.as_ref()));
+}

@@ -1,0 +1,176 @@
+//! The guest's identity on the network: host name, loopback, the address of the guest
+//! interface and the default route.
+
+use std::io;
+use std::net::Ipv4Addr;
+
+use super::error::{sys, InitError};
+
+/// Interface configured by `mvm.ip`.
+pub const GUEST_INTERFACE: &str = "eth0";
+
+/// IPv4 configuration of the guest interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpConfig {
+    /// Interface address.
+    pub address: Ipv4Addr,
+    /// Prefix length (0..=32).
+    pub prefix_len: u8,
+    /// Default gateway.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+impl IpConfig {
+    /// The netmask of `prefix_len`.
+    pub fn netmask(&self) -> Ipv4Addr {
+        let bits = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        Ipv4Addr::from(bits)
+    }
+}
+
+/// Sets the host name.
+pub fn set_hostname(name: &str) -> Result<(), InitError> {
+    nix::unistd::sethostname(name).map_err(sys(format!("setting hostname {name}")))
+}
+
+/// The kernel's `struct rtentry` (linux/route.h), absent from the libc crate for glibc.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) and sockaddr has no
+    // invalid bit patterns; this is the cast the socket API is designed around.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// An AF_INET datagram socket used for interface ioctls.
+struct IfSocket(std::os::fd::OwnedFd);
+
+impl IfSocket {
+    fn new() -> Result<Self, InitError> {
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+        socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map(Self)
+        .map_err(sys("creating an AF_INET socket"))
+    }
+
+    fn ioctl<T>(&self, request: libc::c_ulong, arg: &mut T, what: String) -> Result<(), InitError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `arg` is a live, exclusively borrowed struct of the type `request`
+        // expects (ifreq or rtentry); the kernel reads and writes within it only.
+        if unsafe { libc::ioctl(self.0.as_raw_fd(), request, arg as *mut T) } != 0 {
+            return Err(InitError::Sys {
+                what,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn ifreq(name: &str) -> Result<libc::ifreq, InitError> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(InitError::Sys {
+                what: format!("interface name {name:?}"),
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            });
+        }
+        // SAFETY: ifreq is plain data (a name array and a union of plain data); all zeroes
+        // is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        Ok(req)
+    }
+
+    fn set_addr(
+        &self,
+        name: &str,
+        request: libc::c_ulong,
+        addr: Ipv4Addr,
+    ) -> Result<(), InitError> {
+        let mut req = Self::ifreq(name)?;
+        req.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+        self.ioctl(request, &mut req, format!("setting {addr} on {name}"))
+    }
+
+    fn up(&self, name: &str) -> Result<(), InitError> {
+        let mut req = Self::ifreq(name)?;
+        self.ioctl(
+            libc::SIOCGIFFLAGS,
+            &mut req,
+            format!("reading the flags of {name}"),
+        )?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        self.ioctl(libc::SIOCSIFFLAGS, &mut req, format!("bringing {name} up"))
+    }
+
+    fn add_default_route(&self, gateway: Ipv4Addr) -> Result<(), InitError> {
+        let mut route = RtEntry {
+            rt_pad1: 0,
+            rt_dst: sockaddr_v4(Ipv4Addr::UNSPECIFIED),
+            rt_gateway: sockaddr_v4(gateway),
+            rt_genmask: sockaddr_v4(Ipv4Addr::UNSPECIFIED),
+            rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
+            rt_pad2: 0,
+            rt_pad3: 0,
+            rt_pad4: std::ptr::null_mut(),
+            rt_metric: 0,
+            rt_dev: std::ptr::null_mut(),
+            rt_mtu: 0,
+            rt_window: 0,
+            rt_irtt: 0,
+        };
+        self.ioctl(
+            libc::SIOCADDRT,
+            &mut route,
+            format!("adding the default route via {gateway}"),
+        )
+    }
+}
+
+/// Brings `lo` up and, with `ip`, configures `interface` and the default route.
+pub fn configure_network(interface: &str, ip: Option<&IpConfig>) -> Result<(), InitError> {
+    let sock = IfSocket::new()?;
+    sock.up("lo")?;
+    if let Some(ip) = ip {
+        sock.set_addr(interface, libc::SIOCSIFADDR, ip.address)?;
+        sock.set_addr(interface, libc::SIOCSIFNETMASK, ip.netmask())?;
+        sock.up(interface)?;
+        if let Some(gateway) = ip.gateway {
+            sock.add_default_route(gateway)?;
+        }
+    }
+    Ok(())
+}
