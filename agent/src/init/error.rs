@@ -24,6 +24,15 @@ pub enum InitError {
     },
 }
 
+impl From<mvm_sys::Error> for InitError {
+    fn from(e: mvm_sys::Error) -> Self {
+        InitError::Sys {
+            what: e.what,
+            source: e.source,
+        }
+    }
+}
+
 /// Maps a failed nix call to [`InitError::Sys`] that says it failed doing `what`.
 pub(super) fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> InitError {
     let what = what.into();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 
 use super::error::{sys, sys_io, InitError};
 
@@ -224,12 +224,7 @@ pub fn pivot_to_disk(device: &Path, staging: &Path) -> Result<(), InitError> {
 /// Makes the file system mounted on `new_root` the root of this mount namespace and
 /// detaches the old root (with the staging tmpfs in it).
 fn enter_new_root(new_root: &Path) -> Result<(), InitError> {
-    nix::unistd::chdir(new_root).map_err(sys("entering the new root"))?;
-    // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "."
-    // then removes it without needing a directory for it in the new root.
-    nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root into the new root"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root"))?;
-    nix::unistd::chdir("/").map_err(sys("entering /"))?;
+    mvm_sys::mount::pivot_root(new_root)?;
     OWN_ROOT.store(true, Ordering::Relaxed);
     Ok(())
 }

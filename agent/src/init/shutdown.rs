@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 
-use super::error::{sys, sys_io, InitError};
+use super::error::{sys, InitError};
 use super::root;
 use crate::protocol::ShutdownAction;
 
@@ -19,39 +19,10 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 /// The mount points of this mount namespace, in the order of `/proc/self/mountinfo` (a
 /// mount comes after the one it is mounted on).
 fn mount_points() -> Result<Vec<PathBuf>, InitError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(sys_io("reading /proc/self/mountinfo"))?;
-    Ok(info
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+    Ok(mvm_sys::mountinfo::read()?
+        .into_iter()
+        .map(|m| m.mount_point)
         .collect())
-}
-
-/// Undoes the octal escapes (`\040` for a space) of a mountinfo path field.
-fn unescape_mountinfo(field: &str) -> String {
-    use std::os::unix::ffi::OsStringExt;
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| {
-            bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)) && d[0] <= b'3'
-        });
-        match octal {
-            Some(d) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    std::ffi::OsString::from_vec(out)
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// Makes the file system whose root `disk` is open on read-only through the new mount API,
@@ -185,18 +156,5 @@ pub fn power_down(action: ShutdownAction) -> ! {
     crate::log!("reboot({mode:?}) failed: {e}");
     loop {
         std::thread::sleep(Duration::from_secs(3600));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape_mountinfo("/a\\040b\\011c\\134d"), "/a b\tc\\d");
-        // Not an escape: left as is.
-        assert_eq!(unescape_mountinfo("/x\\9y\\04"), "/x\\9y\\04");
-        assert_eq!(unescape_mountinfo("/"), "/");
     }
 }
