@@ -1,6 +1,7 @@
 //! virtio-vsock with Firecracker's hybrid host side (virtio 1.x, 5.10): guest stream sockets
 //! become host unix-socket connections, muxed by thread `fc_vsock` (see [`muxer`]).
 
+pub mod connection;
 pub mod muxer;
 pub mod packet;
 
