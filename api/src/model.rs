@@ -19,6 +19,9 @@ pub enum Isolation {
 }
 
 impl Isolation {
+    /// Every tier.
+    pub const ALL: [Isolation; 2] = [Isolation::Jail, Isolation::Vm];
+
     /// The name used in the API and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {

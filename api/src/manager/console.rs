@@ -70,3 +70,22 @@ impl Console {
         host::umount(&self.dir)
     }
 }
+
+/// Environment variable overriding [`DEFAULT_CONSOLE_LIMIT`].
+pub const CONSOLE_LIMIT_ENV: &str = "MVM_CONSOLE_LIMIT";
+/// Default size cap of a sandbox's console log: 1 MiB.
+pub const DEFAULT_CONSOLE_LIMIT: u64 = 1 << 20;
+
+/// The console limit from `MVM_CONSOLE_LIMIT`; the default when unset, or when invalid (with
+/// a warning naming the problem).
+pub fn console_limit_from_env() -> ConsoleLimit {
+    let default =
+        ConsoleLimit::new(DEFAULT_CONSOLE_LIMIT).expect("the default is above the minimum");
+    match std::env::var(CONSOLE_LIMIT_ENV) {
+        Ok(value) if !value.is_empty() => value.parse().unwrap_or_else(|e| {
+            tracing::warn!("{CONSOLE_LIMIT_ENV}: {e}; using {DEFAULT_CONSOLE_LIMIT}");
+            default
+        }),
+        _ => default,
+    }
+}

@@ -1,5 +1,5 @@
-//! Create: plan, build (steps 2-5 of the module docs), the waits for the VMM and the agent,
-//! and the jailer's spawn.
+//! Create: plan, build (steps 2-5 of the module docs: network, the tier's jail spec, the
+//! jailer's spawn, the wait for the agent).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,20 +8,15 @@ use std::time::{Duration, Instant};
 use agent::AgentClient;
 
 use super::exec::validate_env;
-use super::jail::{jail_config, make_device, vm_jail_config, JAIL_DEVICES};
 use super::lock::BusyLock;
+use super::tier::{self, vm, Userland};
 use super::{
-    blocking, console, host, lock, net, pod_netns_of, rootfs, vm, ContainerSandbox, Live, Manager,
-    ManagerConfig, DEFAULT_TIMEOUT_S, MAX_MEMORY_MIB, MAX_TIMEOUT_S, MAX_VCPUS, MIN_MEMORY_MIB,
+    blocking, host, lock, net, pod_netns_of, ContainerSandbox, Live, Manager, ManagerConfig,
+    DEFAULT_TIMEOUT_S, MAX_MEMORY_MIB, MAX_TIMEOUT_S, MAX_VCPUS, MIN_MEMORY_MIB,
 };
 use crate::db::{self, SandboxRow, Tenant};
 use crate::error::{Error, Result};
-use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState, Template};
-
-/// How long a new sandbox may take to answer: jail tier.
-const JAIL_READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a new sandbox may take to answer: vm tier (kernel boot).
-const VM_READY_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState};
 
 impl Manager {
     /// Checks a create request and fills in the defaults; `userland` replaces the template's
@@ -223,14 +218,10 @@ impl Manager {
             egress: s.network.egress,
             allow: s.network.allow.clone(),
         };
-        let guest_root = match userland {
-            Userland::DiskFromDir { .. } => vm::GuestRoot::Disk,
-            Userland::Template(_) | Userland::Dir(_) => vm::GuestRoot::Overlay,
-        };
         let userland = userland.clone();
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
         let started = Instant::now();
-        let (network, uplink, child) = blocking(move || {
+        let (network, child) = blocking(move || {
             let (network, uplink) = match &pod_netns {
                 Some(ns) => {
                     let (info, uplink) = net::join_pod_netns(ns, s.isolation, uid)?;
@@ -244,21 +235,28 @@ impl Manager {
                     (info, None)
                 }
             };
-            let spawned = spawn_jail(
-                &cfg,
-                &s,
-                uid,
-                &userland,
+            let guest_net = match uplink {
+                Some(uplink) => Some(vm::GuestNet {
+                    ip: uplink.guest_ip(),
+                    mac: Some(uplink.mac),
+                }),
+                None => network.address.as_ref().map(|a| vm::GuestNet {
+                    ip: format!("{a}/30,{}", network.gateway.as_deref().unwrap_or_default()),
+                    mac: None,
+                }),
+            };
+            let start = tier::Start {
                 container_slots,
-                pod_netns.as_deref(),
-            );
+                guest_net,
+            };
+            let spawned = spawn_jail(&cfg, &s, uid, &userland, start, pod_netns.as_deref());
             if spawned.is_err() && s.isolation == Isolation::Vm {
                 // The teardown after a failed create does not know of the pod's namespace yet.
                 if let Some(ns) = &pod_netns {
                     let _ = net::leave_pod_netns(ns);
                 }
             }
-            Ok((network, uplink, spawned?))
+            Ok((network, spawned?))
         })
         .await?;
         row.sandbox.network = network;
@@ -270,45 +268,7 @@ impl Manager {
         self.inner.db.update_sandbox(row)?;
         let spawned = started.elapsed();
         // Step 5: the agent.
-        let client = match row.sandbox.isolation {
-            Isolation::Jail => self.wait_jail_agent(row, &live).await?,
-            Isolation::Vm => {
-                let s = &row.sandbox;
-                let cfg = &self.inner.cfg;
-                let api = || cfg.jail_socket(Isolation::Vm, &s.id, uid, vm::API_SOCK);
-                // The socket file appears at bind(), before listen(): wait until it accepts.
-                self.wait_for(&live, s, VM_READY_TIMEOUT, || {
-                    api().is_ok_and(|api| {
-                        std::os::unix::net::UnixStream::connect(api.path()).is_ok()
-                    })
-                })
-                .await?;
-                let api = api()?;
-                let ip = match &uplink {
-                    Some(uplink) => Some(uplink.guest_ip()),
-                    None => s.network.address.as_ref().map(|a| {
-                        format!(
-                            "{a}/30,{}",
-                            s.network.gateway.as_deref().unwrap_or_default()
-                        )
-                    }),
-                };
-                vm::configure_and_start(
-                    &api.path(),
-                    &vm::VmSpec {
-                        id: &s.id,
-                        vcpus: s.vcpus as u8,
-                        memory_mib: s.memory_mib,
-                        ip,
-                        root: guest_root,
-                        container_slots,
-                        guest_mac: uplink.map(|u| u.mac),
-                    },
-                )
-                .await?;
-                self.wait_agent(&live, row, VM_READY_TIMEOUT).await?
-            }
-        };
+        let client = self.await_agent(row, &live).await?;
         *live.agent.lock().await = Some(client);
         tracing::debug!(id = %row.sandbox.id, ?spawned, ready = ?started.elapsed(), "sandbox built");
         row.sandbox.state = SandboxState::Running;
@@ -316,28 +276,8 @@ impl Manager {
         Ok(())
     }
 
-    async fn wait_jail_agent(&self, row: &SandboxRow, live: &Live) -> Result<AgentClient> {
-        let cfg = &self.inner.cfg;
-        let id = &row.sandbox.id;
-        self.wait_for(live, &row.sandbox, JAIL_READY_TIMEOUT, || {
-            cfg.agent_socket(id, cfg.uid(row)).is_ok()
-        })
-        .await?;
-        let dev = cfg.in_jail(Isolation::Jail, id, "/dev");
-        for (name, major, minor) in JAIL_DEVICES {
-            make_device(&dev.join(name), major, minor)?;
-        }
-        // The jailer makes these for a VMM; sandboxed programs get neither.
-        for node in ["kvm", "net/tun"] {
-            let path = dev.join(node);
-            std::fs::remove_file(&path)
-                .map_err(|e| Error::host(format!("removing {}", path.display()), e))?;
-        }
-        self.wait_agent(live, row, JAIL_READY_TIMEOUT).await
-    }
-
     /// Polls `ready` until it holds, failing early when the jailer exits.
-    async fn wait_for(
+    pub(super) async fn wait_for(
         &self,
         live: &Live,
         s: &Sandbox,
@@ -358,7 +298,7 @@ impl Manager {
         Ok(())
     }
 
-    async fn wait_agent(
+    pub(super) async fn wait_agent(
         &self,
         live: &Live,
         row: &SandboxRow,
@@ -416,23 +356,6 @@ impl Manager {
     }
 }
 
-/// Where a sandbox's file system comes from.
-#[derive(Clone)]
-enum Userland {
-    /// A registered template's image.
-    Template(Template),
-    /// A host directory (jail tier).
-    Dir(PathBuf),
-    /// The template's kernel and agent, with a disk made from a host directory as the root
-    /// (vm tier).
-    DiskFromDir {
-        /// Boots the guest.
-        template: Template,
-        /// Content of the root disk.
-        dir: PathBuf,
-    },
-}
-
 /// The jailer child's exit status, once it has exited.
 fn exited(live: &Live) -> Option<std::process::ExitStatus> {
     lock(&live.child)
@@ -440,44 +363,25 @@ fn exited(live: &Live) -> Option<std::process::ExitStatus> {
         .and_then(|c| c.try_wait().ok().flatten())
 }
 
-/// Steps 3-4 of a create: the sandbox's directory, its userland and jail, and the jailer
-/// process, whose output goes to the console log. Joins `pod_netns` instead of the
-/// manager's own namespace for the sandbox when given.
+/// Steps 3-4 of a create: the sandbox's directory, its tier's jail, and the jailer process,
+/// whose output goes to the console log. Joins `pod_netns` instead of the manager's own
+/// namespace for the sandbox when given.
 fn spawn_jail(
     cfg: &ManagerConfig,
     s: &Sandbox,
     uid: u32,
     userland: &Userland,
-    container_slots: u8,
+    start: tier::Start,
     pod_netns: Option<&Path>,
 ) -> Result<tokio::process::Child> {
     let dir = cfg.sandbox_dir(&s.id);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
-    let mut jail = match userland {
-        Userland::Template(template) if s.isolation == Isolation::Jail => {
-            let base =
-                rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
-            let overlay = rootfs::Overlay::at(&dir);
-            overlay.mount(&base, uid, cfg.jail_disk_mib)?;
-            jail_config(cfg, s, uid, &overlay.merged, Some(&overlay.run))?
-        }
-        Userland::Template(template) => {
-            vm_jail_config(cfg, s, uid, template, &dir, None, container_slots)?
-        }
-        Userland::Dir(tree) => jail_config(cfg, s, uid, tree, None)?,
-        Userland::DiskFromDir {
-            template,
-            dir: tree,
-        } => vm_jail_config(cfg, s, uid, template, &dir, Some(tree), container_slots)?,
-    };
+    let mut jail = tier::jail_spec(cfg, s, uid, userland, start)?;
     if let Some(ns) = pod_netns {
         jail.netns = Some(ns.to_owned());
     }
-    let console = match s.isolation {
-        Isolation::Jail => console::Console::jail(&dir).create_bounded(cfg.console_limit)?,
-        Isolation::Vm => console::Console::vm(&dir).create()?,
-    };
+    let console = tier::create_console(s.isolation, &dir, cfg.console_limit)?;
     let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
     cmd.stdin(std::process::Stdio::null())
         .stdout(

@@ -5,34 +5,13 @@ use std::sync::Arc;
 
 use agent::AgentClient;
 
-use super::{beneath, lock, vm, Live, Manager};
+use super::tier::vm;
+use super::{beneath, lock, Live, Manager};
 use crate::db::SandboxRow;
 use crate::error::{Error, Result};
 use crate::model::{ExecRequest, ExecResult, Isolation, SandboxState, TtySize};
 
 impl Manager {
-    /// Connects to the sandbox's agent: its unix socket (jail tier) or the VMM's hybrid vsock
-    /// socket (vm tier), each reached without following the sandbox's links.
-    pub(super) async fn connect_agent(&self, row: &SandboxRow) -> Result<AgentClient> {
-        let cfg = &self.inner.cfg;
-        let (isolation, id) = (row.sandbox.isolation, &row.sandbox.id);
-        let uid = cfg.uid(row);
-        Ok(match isolation {
-            Isolation::Jail => {
-                let socket = cfg.agent_socket(id, uid)?;
-                AgentClient::connect_unix(socket.path()).await?
-            }
-            Isolation::Vm => {
-                let socket = cfg.jail_socket(isolation, id, uid, vm::VSOCK_SOCK)?;
-                AgentClient::connect_hybrid_vsock(
-                    socket.path(),
-                    agent::protocol::DEFAULT_VSOCK_PORT,
-                )
-                .await?
-            }
-        })
-    }
-
     /// The VMM API socket of vm-tier sandbox `row`, reached without following its links.
     pub(super) fn vmm_api(&self, row: &SandboxRow) -> Result<beneath::JailSocket> {
         let cfg = &self.inner.cfg;

@@ -1,8 +1,8 @@
 //! Pausing, live resource limits and usage of a sandbox.
 
-use super::{blocking, cgroups, vm, Manager, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+use super::{blocking, cgroups, tier, Manager, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::error::{Error, Result};
-use crate::model::{Isolation, Sandbox, SandboxState, SandboxStats};
+use crate::model::{Sandbox, SandboxState, SandboxStats};
 
 impl Manager {
     /// Freezes (`true`) or thaws a sandbox.
@@ -21,14 +21,7 @@ impl Manager {
                 if paused { "paused" } else { "resumed" }
             )));
         }
-        match row.sandbox.isolation {
-            Isolation::Jail => {
-                let parent = self.inner.cfg.cgroup_parent.clone();
-                let id = id.to_owned();
-                blocking(move || cgroups::set_frozen(&parent, &id, paused)).await?
-            }
-            Isolation::Vm => vm::set_paused(&self.vmm_api(&row)?.path(), paused).await?,
-        }
+        self.pause_tier(&row, paused).await?;
         row.sandbox.state = to;
         self.inner.db.update_sandbox(&row)?;
         Ok(row.sandbox)
@@ -85,7 +78,7 @@ impl Manager {
         };
         let resized = {
             let mut s = row.sandbox.clone();
-            if s.isolation == Isolation::Jail {
+            if tier::limits_are_size(s.isolation) {
                 if let Some(bytes) = memory {
                     s.memory_mib = bytes.div_ceil(1 << 20);
                 }
@@ -172,17 +165,7 @@ fn memory_change(s: &Sandbox, bytes: u64) -> Result<Option<u64>> {
             "memory limit must be {MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB, got {bytes} bytes"
         )));
     }
-    match s.isolation {
-        Isolation::Jail => Ok(Some(bytes)),
-        Isolation::Vm if bytes.div_ceil(1 << 20) == s.memory_mib => Ok(None),
-        Isolation::Vm => Err(Error::Invalid(format!(
-            "sandbox {} is in the vm tier, whose guest memory ({} MiB) is fixed when the \
-             micro-VM boots: mvm-vmm has no balloon or memory hot-plug device, so it can neither \
-             grow nor shrink; make a new sandbox with the memory it needs (CPU quota changes do \
-             work)",
-            s.id, s.memory_mib
-        ))),
-    }
+    tier::memory_limit(s, bytes)
 }
 
 /// Checks a CFS limit against the kernel's bounds and the sandbox's 32-core ceiling.
@@ -209,6 +192,7 @@ mod tests {
 
     use super::*;
     use crate::manager::DEFAULT_TEMPLATE;
+    use crate::model::Isolation;
 
     #[test]
     fn cpu_quota_bounds() {

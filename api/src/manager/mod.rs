@@ -2,8 +2,8 @@
 //!
 //! Create, in order: id and state row (quota checked in the same transaction) → network
 //! namespace (veth, tap, nftables egress policy) → writable layer over the shared base →
-//! `mvm-jailer` wrapping `mvm-agent` (jail tier) or `mvm-vmm` (vm tier, configured over its API
-//! socket) → wait for the agent (unix socket / hybrid vsock) → ready. A failure at any step
+//! `mvm-jailer` wrapping `mvm-agent` (jail tier) or `mvm-vmm` (vm tier, booting from the config
+//! file bound into its jail) → wait for the agent (unix socket / hybrid vsock) → ready. A failure at any step
 //! runs [`Manager`]'s idempotent teardown, which removes every step's product in reverse order
 //! and tolerates missing pieces — the same code that destroys sandboxes and cleans up after a
 //! daemon killed mid-create.
@@ -11,9 +11,10 @@
 //! This module is the façade: [`ManagerConfig`], [`Manager`] and the public types. Each verb
 //! extends `Manager` in a file of its own: `create` (plan, build, the waits, the jailer's
 //! spawn), `teardown` (teardown, destroy, keepalive, expiry), `reconcile`, `exec` (the agent
-//! and commands), `limits` (pause, live limits, stats), `templates` and `pod`; `jail` holds
-//! the jails' specs, `lock` the sandboxes' busy locks, `cgroups` their cgroups and `host` the
-//! rest of the host plumbing (mounts, processes, commands).
+//! and commands), `limits` (pause, live limits, stats), `templates` and `pod`; `tier` is the
+//! one place that knows how the tiers differ (`tier/jail.rs`, `tier/vm.rs`: jail specs, start,
+//! agent connection, pause, memory), `lock` holds the sandboxes' busy locks, `cgroups` their
+//! cgroups and `host` the rest of the host plumbing (mounts, processes, commands).
 
 mod beneath;
 pub mod cgroups;
@@ -21,7 +22,6 @@ mod console;
 mod create;
 mod exec;
 pub mod host;
-mod jail;
 mod limits;
 mod lock;
 pub mod net;
@@ -30,7 +30,7 @@ mod reconcile;
 pub mod rootfs;
 mod teardown;
 mod templates;
-pub mod vm;
+mod tier;
 
 pub use limits::LimitsUpdate;
 
@@ -49,7 +49,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{Metrics, Snapshot};
 use crate::model::{AllowedIsolation, Isolation, Sandbox, SandboxState, Template};
 
-use jail::exec_name;
+use tier::{exec_name, vm};
 
 /// Most sandboxes one manager runs at once (slots of its /16 network, /29 each).
 pub const MAX_SLOTS: u32 = 8192;
@@ -147,7 +147,7 @@ impl ManagerConfig {
                 .unwrap_or_default(),
             allowed_isolation: allowed_isolation_from_env(),
             artifacts_dir: artifacts,
-            console_limit: vm::console_limit_from_env(),
+            console_limit: console::console_limit_from_env(),
             jail_disk_mib: rootfs::jail_disk_mib_from_env(),
             bounds: Bounds::from_env(),
         }
@@ -220,28 +220,9 @@ impl ManagerConfig {
         beneath::JailSocket::open(&self.jail_base(), &rel, uid)
     }
 
-    /// The jail-tier agent's socket: in the jail's `/run`, which for a template's sandbox is
-    /// bound from its writable layer ([`rootfs::Overlay::run`]), where it is reached.
-    fn agent_socket(&self, id: &str, uid: u32) -> Result<beneath::JailSocket> {
-        let dir = self.sandbox_dir(id);
-        let run = rootfs::Overlay::at(&dir).run;
-        // Root's directories up to the layer's run: a sandbox cannot make or remove it.
-        if run.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-            let rel = Path::new(rootfs::RUN_IN_SANDBOX_DIR)
-                .join(AGENT_SOCKET.trim_start_matches("/run/"));
-            beneath::JailSocket::open(&dir, &rel, uid)
-        } else {
-            self.jail_socket(Isolation::Jail, id, uid, AGENT_SOCKET)
-        }
-    }
-
     /// The console log of sandbox `id` of tier `isolation`.
     fn console(&self, isolation: Isolation, id: &str) -> console::Console {
-        let dir = self.sandbox_dir(id);
-        match isolation {
-            Isolation::Jail => console::Console::jail(&dir),
-            Isolation::Vm => console::Console::vm(&dir),
-        }
+        tier::console(isolation, &self.sandbox_dir(id))
     }
 
     /// The sandbox's uid: every process of slot `slot` runs as `uid_base + slot`.
@@ -271,15 +252,16 @@ const MAX_SOCKET_PATH: usize = 107;
 /// Refuses a run directory so deep that the sandboxes' sockets (agent, VMM API, vsock) would
 /// not fit in a unix socket address.
 fn check_socket_paths(cfg: &ManagerConfig) -> Result<()> {
-    let sample_id = "0".repeat(12);
-    let longest = [
-        cfg.in_jail(Isolation::Jail, &sample_id, AGENT_SOCKET),
-        cfg.in_jail(Isolation::Vm, &sample_id, vm::API_SOCK),
-        cfg.in_jail(Isolation::Vm, &sample_id, vm::VSOCK_SOCK),
-    ]
-    .into_iter()
-    .max_by_key(|p| p.as_os_str().len())
-    .unwrap_or_default();
+    let sample_id = &"0".repeat(12);
+    let longest = Isolation::ALL
+        .into_iter()
+        .flat_map(|iso| {
+            tier::sockets(iso)
+                .iter()
+                .map(move |socket| cfg.in_jail(iso, sample_id, socket))
+        })
+        .max_by_key(|p| p.as_os_str().len())
+        .unwrap_or_default();
     if longest.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(Error::Invalid(format!(
             "run directory {} is too deep: sandbox sockets such as {} ({} bytes) would exceed \

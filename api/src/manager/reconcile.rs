@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::jail::exec_name;
 use super::lock::BusyLock;
+use super::tier::exec_name;
 use super::{cgroups, lock, pod_netns_of, rootfs, Live, Manager, Reconciled};
 use crate::error::{Error, Result};
 use crate::model::{Isolation, SandboxState};
@@ -105,7 +105,7 @@ impl Manager {
             cfg.netns(""),
             cfg.lock_path(""),
         ];
-        for iso in [Isolation::Jail, Isolation::Vm] {
+        for iso in Isolation::ALL {
             dirs.push(cfg.jail_base().join(exec_name(iso)));
         }
         let mut ids: Vec<String> = dirs

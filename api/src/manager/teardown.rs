@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use jailer::CleanupConfig;
 
-use super::jail::exec_name;
 use super::lock::BusyLock;
+use super::tier::exec_name;
 use super::{
     blocking, cgroups, console, host, lock, net, pod_netns_of, rootfs, Manager, MAX_TIMEOUT_S,
 };
@@ -43,7 +43,7 @@ impl Manager {
         blocking(move || {
             let tiers = match isolation {
                 Some(i) => vec![i],
-                None => vec![Isolation::Jail, Isolation::Vm],
+                None => Isolation::ALL.to_vec(),
             };
             for iso in tiers {
                 jailer::cleanup(&CleanupConfig {

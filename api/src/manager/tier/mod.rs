@@ -1,0 +1,205 @@
+//! What differs between the isolation tiers, behind one door. Each operation here dispatches
+//! once on the tier, to [`jail`] (`mvm-agent` jailed on the host kernel) or [`vm`] (`mvm-vmm`
+//! booting a micro-VM from a config file, in the same jail). The rest of the manager does not
+//! ask which tier a sandbox has, but for its network (`net`: a veth for a jail, a tap for a VM).
+//!
+//! A tier's start, in order: [`jail_spec`] prepares what the jail binds in (the jail tier's
+//! overlay; the vm tier's disks and config file) and describes the jail; the jailer is spawned
+//! (`create`); [`Manager::await_agent`] waits until the agent answers.
+
+pub(super) mod jail;
+pub(super) mod vm;
+
+use std::path::{Path, PathBuf};
+
+use agent::AgentClient;
+use jailer::JailConfig;
+use vmm::devices::legacy::console::ConsoleLimit;
+
+use super::{blocking, cgroups, console, Live, Manager, ManagerConfig, AGENT_SOCKET};
+use crate::db::SandboxRow;
+use crate::error::Result;
+use crate::model::{Isolation, Sandbox, Template};
+
+/// Where a sandbox's file system comes from.
+#[derive(Clone)]
+pub(super) enum Userland {
+    /// A registered template's image.
+    Template(Template),
+    /// A host directory (jail tier).
+    Dir(PathBuf),
+    /// The template's kernel and agent, with a disk made from a host directory as the root
+    /// (vm tier).
+    DiskFromDir {
+        /// Boots the guest.
+        template: Template,
+        /// Content of the root disk.
+        dir: PathBuf,
+    },
+}
+
+/// What a start needs besides the sandbox and its userland.
+pub(super) struct Start {
+    /// Empty drive slots for the containers of a pod (vm tier; 0 for a plain sandbox).
+    pub container_slots: u8,
+    /// The guest's address and NIC (vm tier), when the sandbox has a network.
+    pub guest_net: Option<vm::GuestNet>,
+}
+
+/// The program a tier's jail runs, which also names the tier's directory under the jail base.
+pub(super) fn exec_name(isolation: Isolation) -> &'static str {
+    match isolation {
+        Isolation::Jail => "mvm-agent",
+        Isolation::Vm => "mvm-vmm",
+    }
+}
+
+/// The console log of a sandbox of tier `isolation` whose directory is `sandbox_dir`.
+pub(super) fn console(isolation: Isolation, sandbox_dir: &Path) -> console::Console {
+    match isolation {
+        Isolation::Jail => console::Console::jail(sandbox_dir),
+        Isolation::Vm => console::Console::vm(sandbox_dir),
+    }
+}
+
+/// Creates the console log of a new sandbox, which the jailer's output goes to. A jail-tier
+/// agent writes its programs' output straight into the file, so it lies on a tmpfs of `limit`;
+/// the VMM caps its own log (`--console-limit`).
+pub(super) fn create_console(
+    isolation: Isolation,
+    sandbox_dir: &Path,
+    limit: ConsoleLimit,
+) -> Result<std::fs::File> {
+    let console = console(isolation, sandbox_dir);
+    match isolation {
+        Isolation::Jail => console.create_bounded(limit),
+        Isolation::Vm => console.create(),
+    }
+}
+
+/// The sockets in a tier's jail that the manager connects to.
+pub(super) fn sockets(isolation: Isolation) -> &'static [&'static str] {
+    match isolation {
+        Isolation::Jail => &[AGENT_SOCKET],
+        Isolation::Vm => &[vm::API_SOCK, vm::VSOCK_SOCK],
+    }
+}
+
+/// Whether a live change of limits is the sandbox's new size (jail tier: its cgroups are all
+/// it has) or only caps the VMM's process (vm tier: vCPUs and memory are the guest's, fixed
+/// at boot).
+pub(super) fn limits_are_size(isolation: Isolation) -> bool {
+    isolation == Isolation::Jail
+}
+
+/// Prepares what the jail of sandbox `s` binds in and describes the jail (steps 3-4 of a
+/// create, on a blocking thread).
+pub(super) fn jail_spec(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    userland: &Userland,
+    start: Start,
+) -> Result<JailConfig> {
+    let dir = cfg.sandbox_dir(&s.id);
+    match (s.isolation, userland) {
+        (Isolation::Jail, Userland::Template(template)) => {
+            jail::template_jail(cfg, s, uid, template, &dir)
+        }
+        (Isolation::Jail, Userland::Dir(tree)) => jail::jail_config(cfg, s, uid, tree, None),
+        (Isolation::Vm, Userland::Template(template)) => {
+            vm::vm_jail(cfg, s, uid, template, &dir, None, start)
+        }
+        (
+            Isolation::Vm,
+            Userland::DiskFromDir {
+                template,
+                dir: tree,
+            },
+        ) => vm::vm_jail(cfg, s, uid, template, &dir, Some(tree), start),
+        (Isolation::Jail, Userland::DiskFromDir { .. }) | (Isolation::Vm, Userland::Dir(_)) => {
+            unreachable!("plan() picks the userland by tier")
+        }
+    }
+}
+
+/// The jail every sandbox gets: its namespaces, and cgroups on this host's version holding
+/// `memory_bytes`, the sandbox's vCPUs as CPU quota and a pids limit.
+fn base_jail(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    exec: PathBuf,
+    memory_bytes: u64,
+) -> Result<JailConfig> {
+    let cgroups = cgroups::CgroupMode::host()?;
+    let mut j = JailConfig::new(s.id.clone(), exec, uid, uid);
+    j.chroot_base_dir = cfg.jail_base();
+    j.netns = Some(cfg.netns(&s.id));
+    j.new_pid_ns = true;
+    j.cgroup_version = cgroups.version();
+    j.cgroups = cgroups.sandbox_settings(s.vcpus, memory_bytes);
+    j.parent_cgroup = cfg.cgroup_parent.clone();
+    Ok(j)
+}
+
+impl Manager {
+    /// Waits until the agent of a sandbox whose jailer was just spawned answers.
+    pub(super) async fn await_agent(&self, row: &SandboxRow, live: &Live) -> Result<AgentClient> {
+        match row.sandbox.isolation {
+            Isolation::Jail => self.await_jail_agent(row, live).await,
+            Isolation::Vm => self.wait_agent(live, row, vm::READY_TIMEOUT).await,
+        }
+    }
+
+    /// Connects to the sandbox's agent: its unix socket (jail tier) or the VMM's hybrid vsock
+    /// socket (vm tier), each reached without following the sandbox's links.
+    pub(super) async fn connect_agent(&self, row: &SandboxRow) -> Result<AgentClient> {
+        let cfg = &self.inner.cfg;
+        let (id, uid) = (&row.sandbox.id, cfg.uid(row));
+        Ok(match row.sandbox.isolation {
+            Isolation::Jail => {
+                let socket = jail::agent_socket(cfg, id, uid)?;
+                AgentClient::connect_unix(socket.path()).await?
+            }
+            Isolation::Vm => {
+                let socket = cfg.jail_socket(Isolation::Vm, id, uid, vm::VSOCK_SOCK)?;
+                AgentClient::connect_hybrid_vsock(
+                    socket.path(),
+                    agent::protocol::DEFAULT_VSOCK_PORT,
+                )
+                .await?
+            }
+        })
+    }
+
+    /// Freezes (`true`) or thaws a running sandbox: its cgroups (jail tier) or its vCPUs
+    /// through the VMM's API (vm tier).
+    pub(super) async fn pause_tier(&self, row: &SandboxRow, paused: bool) -> Result<()> {
+        match row.sandbox.isolation {
+            Isolation::Jail => {
+                let parent = self.inner.cfg.cgroup_parent.clone();
+                let id = row.sandbox.id.clone();
+                blocking(move || cgroups::set_frozen(&parent, &id, paused)).await
+            }
+            Isolation::Vm => vm::set_paused(&self.vmm_api(row)?.path(), paused).await,
+        }
+    }
+}
+
+/// The memory limit to write when sandbox `s` (within the sandbox bounds) is asked for
+/// `bytes`: that (jail tier), or none when it is the guest's size already (vm tier, whose
+/// guest memory is fixed at boot; any other size is refused).
+pub(super) fn memory_limit(s: &Sandbox, bytes: u64) -> Result<Option<u64>> {
+    match s.isolation {
+        Isolation::Jail => Ok(Some(bytes)),
+        Isolation::Vm if bytes.div_ceil(1 << 20) == s.memory_mib => Ok(None),
+        Isolation::Vm => Err(crate::error::Error::Invalid(format!(
+            "sandbox {} is in the vm tier, whose guest memory ({} MiB) is fixed when the \
+             micro-VM boots: mvm-vmm has no balloon or memory hot-plug device, so it can neither \
+             grow nor shrink; make a new sandbox with the memory it needs (CPU quota changes do \
+             work)",
+            s.id, s.memory_mib
+        ))),
+    }
+}

@@ -1,0 +1,463 @@
+//! The vm tier: `mvm-vmm` in the jail, booting a micro-VM at once from a Firecracker-style
+//! config file that the manager derives from the sandbox ([`vm_config`], a pure function) and
+//! binds read-only into the jail; the agent answers over the VMM's hybrid vsock socket. The
+//! VMM's API socket (Firecracker's HTTP API, types from the `vmm` crate) serves only runtime
+//! changes: a pod's drive swaps and pause/resume.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::Request;
+use jailer::{BindMount, JailConfig};
+use serde::Serialize;
+use vmm::config::{
+    BootSource, CacheType, DriveConfig, MachineConfig, NetworkInterfaceConfig, VmConfig,
+    VsockConfig,
+};
+use vmm::devices::legacy::console::ConsoleLimit;
+
+use super::{base_jail, Start};
+use crate::error::{Error, Result};
+use crate::http::{send_collect, Endpoint};
+use crate::manager::{beneath, net, pod, rootfs, ManagerConfig};
+use crate::model::{Sandbox, Template};
+
+/// How long a new vm-tier sandbox may take to answer (the guest kernel's boot).
+pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Jail paths the VMM sees: the guest kernel.
+pub const KERNEL: &str = "/kernel";
+/// The shared read-only base image in the jail.
+pub const ROOTFS: &str = "/rootfs.ext4";
+/// The per-sandbox writable layer in the jail.
+pub const LAYER: &str = "/layer.ext4";
+/// The VMM's API socket in the jail.
+pub const API_SOCK: &str = "/run/api.sock";
+/// The hybrid vsock socket in the jail.
+pub const VSOCK_SOCK: &str = "/run/vsock.sock";
+/// The VM's configuration file in the jail (`mvm-vmm --config-file`).
+pub const CONFIG: &str = "/vm.json";
+/// The configuration file's name in the sandbox directory.
+const CONFIG_NAME: &str = "vm.json";
+/// Guest CID of every VM.
+pub const GUEST_CID: u32 = 3;
+/// The jail directory holding a pod's container images, one per drive slot.
+pub const CONTAINER_DIR: &str = "/ctr";
+/// Drive slots of a pod sandbox: the containers it can hold besides its first one. Each
+/// is a virtio device with an interrupt of its own (19 in all, 4 used by the base VM).
+pub const POD_SLOTS: u8 = 8;
+
+/// A pod's drive slot: an empty image until a container's root is swapped in (Firecracker's
+/// drive `PATCH`), which the guest sees as a capacity change of the same disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Slot(pub u8);
+
+impl Slot {
+    /// The drive id.
+    pub fn drive_id(self) -> String {
+        format!("ctr{}", self.0)
+    }
+
+    /// The image file, as the jailed VMM sees it.
+    pub fn image(self) -> String {
+        format!("{CONTAINER_DIR}/{}.ext4", self.0)
+    }
+
+    /// The image's file name in the container directory.
+    pub fn file_name(self) -> String {
+        format!("{}.ext4", self.0)
+    }
+
+    /// The guest's block device: drives appear in order after the template (`vda`) and the
+    /// writable disk (`vdb`).
+    pub fn guest_device(self) -> String {
+        format!("/dev/vd{}", char::from(b'c' + self.0))
+    }
+}
+
+/// What the guest makes of its writable disk (the second drive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestRoot {
+    /// The upper layer of an overlay over the template's read-only image.
+    Overlay,
+    /// The root itself: a container's own file system (the template image only boots the
+    /// kernel and the agent).
+    Disk,
+}
+
+impl GuestRoot {
+    /// The guest agent's kernel parameter for this root.
+    fn kernel_param(self) -> &'static str {
+        match self {
+            GuestRoot::Overlay => "mvm.overlay=/dev/vdb",
+            GuestRoot::Disk => "mvm.root=/dev/vdb",
+        }
+    }
+}
+
+/// The `mvm-vmm` command line of sandbox `id` inside its jail: boot from [`CONFIG`] at once,
+/// serve the API for runtime changes.
+fn vmm_args(id: &str, console_limit: ConsoleLimit) -> Vec<OsString> {
+    vec![
+        "--config-file".into(),
+        CONFIG.into(),
+        "--api-sock".into(),
+        API_SOCK.into(),
+        "--id".into(),
+        id.into(),
+        "--console-limit".into(),
+        console_limit.bytes().to_string().into(),
+    ]
+}
+
+/// What one VM is made of.
+struct VmSpec<'a> {
+    /// Sandbox id (hostname).
+    pub id: &'a str,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory.
+    pub memory_mib: u64,
+    /// The guest's address and NIC, when the sandbox has a network.
+    pub net: Option<GuestNet>,
+    /// The guest's root file system.
+    pub root: GuestRoot,
+    /// Empty drive slots for the containers of a pod (0 for a plain sandbox).
+    pub container_slots: u8,
+}
+
+/// The guest's side of a sandbox's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNet {
+    /// `ADDR/PREFIX,GATEWAY` for the agent's `mvm.ip`.
+    pub ip: String,
+    /// The NIC's MAC, when it takes over a pod interface's (else the VMM picks one).
+    pub mac: Option<String>,
+}
+
+async fn call<T: Serialize>(api: &Endpoint, method: &str, path: &str, body: &T) -> Result<()> {
+    let body = serde_json::to_vec(body).expect("config types serialize");
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static request parts are valid");
+    let (status, answer) = send_collect(api, req)
+        .await
+        .map_err(|e| Error::host("mvm-vmm API", e))?;
+    if !(200..300).contains(&status) {
+        return Err(Error::Host(format!(
+            "mvm-vmm API {method} {path} answered {status}: {}",
+            String::from_utf8_lossy(&answer).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The VM's configuration: kernel and command line, vCPUs and memory, the drives (read-only
+/// base, writable disk, a pod's empty slots), the NIC on the jail's tap and the vsock device.
+fn vm_config(spec: &VmSpec<'_>) -> VmConfig {
+    let mut boot_args = format!(
+        "console=ttyS0 reboot=k panic=1 pci=off quiet {} mvm.hostname={}",
+        spec.root.kernel_param(),
+        spec.id
+    );
+    if let Some(net) = &spec.net {
+        boot_args.push_str(&format!(" mvm.ip={}", net.ip));
+    }
+    let drive =
+        |drive_id: String, path: String, is_root_device: bool, read_only: bool| DriveConfig {
+            drive_id,
+            path_on_host: Some(path),
+            is_root_device,
+            is_read_only: Some(read_only),
+            partuuid: None,
+            cache_type: if read_only {
+                CacheType::default()
+            } else {
+                CacheType::Writeback
+            },
+            io_engine: None,
+            rate_limiter: None,
+            socket: None,
+        };
+    let slots = (0..spec.container_slots)
+        .map(Slot)
+        .map(|slot| drive(slot.drive_id(), slot.image(), false, false));
+    VmConfig {
+        boot_source: Some(BootSource {
+            kernel_image_path: KERNEL.into(),
+            boot_args: Some(boot_args),
+            initrd_path: None,
+        }),
+        machine_config: MachineConfig {
+            vcpu_count: spec.vcpus,
+            mem_size_mib: spec.memory_mib,
+            ..MachineConfig::default()
+        },
+        drives: [
+            drive("rootfs".into(), ROOTFS.into(), true, true),
+            drive("layer".into(), LAYER.into(), false, false),
+        ]
+        .into_iter()
+        .chain(slots)
+        .collect(),
+        network_interfaces: spec
+            .net
+            .iter()
+            .map(|net| NetworkInterfaceConfig {
+                iface_id: "eth0".into(),
+                host_dev_name: net::TAP_IF.into(),
+                guest_mac: net.mac.clone(),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .collect(),
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: VSOCK_SOCK.into(),
+            vsock_id: None,
+        }),
+        ..VmConfig::default()
+    }
+}
+
+/// The host files a VM's jail binds in besides the template's kernel and base image.
+struct Disks {
+    /// The writable disk.
+    layer: PathBuf,
+    /// A pod's directory of container images, one per drive slot.
+    containers: Option<PathBuf>,
+}
+
+/// Makes the writable disk in the sandbox directory `dir`, blank (the overlay's upper layer)
+/// or a copy of `root_content` (the guest's root), and a pod's `container_slots` empty images.
+fn prepare_disks(
+    dir: &Path,
+    uid: u32,
+    root_content: Option<&Path>,
+    container_slots: u8,
+) -> Result<Disks> {
+    let layer = dir.join("layer.ext4");
+    rootfs::make_layer(&layer, uid, root_content)?;
+    let containers = (container_slots > 0)
+        .then(|| pod::container_dir(dir, uid, container_slots))
+        .transpose()?;
+    Ok(Disks { layer, containers })
+}
+
+/// Writes `config` into the sandbox directory `dir` as a new root-owned file the VMM may only
+/// read; returns its path.
+fn write_config(dir: &Path, config: &VmConfig) -> Result<PathBuf> {
+    let json = serde_json::to_vec_pretty(config).expect("config types serialize");
+    let mut file = beneath::create_new_file(dir, CONFIG_NAME, 0o444)?;
+    let path = dir.join(CONFIG_NAME);
+    file.write_all(&json)
+        .map_err(|e| Error::host(format!("writing {}", path.display()), e))?;
+    Ok(path)
+}
+
+/// The jail of the vm tier: mvm-vmm booting template `t` from its config file, with the
+/// kernel, the base image, the disks made in the sandbox directory `dir` (see
+/// [`prepare_disks`]) and the config bound in.
+pub(super) fn vm_jail(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    t: &Template,
+    dir: &Path,
+    root_content: Option<&Path>,
+    start: Start,
+) -> Result<JailConfig> {
+    if !Path::new(&t.kernel).is_file() {
+        return Err(Error::Invalid(format!(
+            "template {} has no kernel at {}; build it with `mvm build` (guest-kernel/build.sh)",
+            t.name, t.kernel
+        )));
+    }
+    let disks = prepare_disks(dir, uid, root_content, start.container_slots)?;
+    let config = write_config(
+        dir,
+        &vm_config(&VmSpec {
+            id: &s.id,
+            vcpus: s.vcpus as u8,
+            memory_mib: s.memory_mib,
+            net: start.guest_net,
+            root: match root_content {
+                Some(_) => GuestRoot::Disk,
+                None => GuestRoot::Overlay,
+            },
+            container_slots: start.container_slots,
+        }),
+    )?;
+    // Guest memory plus the VMM's own.
+    let mut j = base_jail(
+        cfg,
+        s,
+        uid,
+        cfg.bin_dir.join("mvm-vmm"),
+        (s.memory_mib + 128) << 20,
+    )?;
+    let bind = |host: PathBuf, jail: &str, read_only: bool| BindMount {
+        host,
+        jail: jail.into(),
+        read_only,
+    };
+    j.mounts = vec![
+        bind(t.kernel.clone().into(), KERNEL, true),
+        bind(t.rootfs.clone().into(), ROOTFS, true),
+        bind(disks.layer, LAYER, false),
+        bind(config, CONFIG, true),
+    ];
+    j.mounts
+        .extend(disks.containers.map(|dir| bind(dir, CONTAINER_DIR, false)));
+    j.args = vmm_args(&s.id, cfg.console_limit);
+    Ok(j)
+}
+
+/// Makes the running VM reopen the image of `slot`, which the host has just replaced: the
+/// guest sees the disk's new capacity.
+pub async fn reopen_slot(api_sock: &Path, slot: Slot) -> Result<()> {
+    let api = Endpoint::Unix(api_sock.to_path_buf());
+    let drive_id = slot.drive_id();
+    call(
+        &api,
+        "PATCH",
+        &format!("/drives/{drive_id}"),
+        &serde_json::json!({ "drive_id": drive_id, "path_on_host": slot.image() }),
+    )
+    .await
+}
+
+/// Pauses or resumes the VM.
+pub async fn set_paused(api_sock: &Path, paused: bool) -> Result<()> {
+    let api = Endpoint::Unix(api_sock.to_path_buf());
+    let state = if paused { "Paused" } else { "Resumed" };
+    call(&api, "PATCH", "/vm", &serde_json::json!({ "state": state })).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The config as the VMM reads it: serialized, parsed and validated by `mvm-vmm`'s own code.
+    fn as_read_by_vmm(spec: &VmSpec<'_>) -> (VmConfig, serde_json::Value) {
+        let text = serde_json::to_string_pretty(&vm_config(spec)).unwrap();
+        let parsed = VmConfig::from_json(&text).expect("mvm-vmm accepts the config");
+        (parsed, serde_json::from_str(&text).unwrap())
+    }
+
+    #[test]
+    fn a_sandbox_with_a_network() {
+        let spec = VmSpec {
+            id: "0123456789ab",
+            vcpus: 2,
+            memory_mib: 512,
+            net: Some(GuestNet {
+                ip: "10.213.0.6/30,10.213.0.5".into(),
+                mac: None,
+            }),
+            root: GuestRoot::Overlay,
+            container_slots: 0,
+        };
+        let (config, json) = as_read_by_vmm(&spec);
+        assert_eq!(config, vm_config(&spec));
+        assert_eq!(
+            json,
+            json!({
+                "boot-source": {
+                    "kernel_image_path": "/kernel",
+                    "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet mvm.overlay=/dev/vdb \
+                                  mvm.hostname=0123456789ab mvm.ip=10.213.0.6/30,10.213.0.5",
+                },
+                "machine-config": config.machine_config,
+                "drives": [
+                    {"drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device": true,
+                     "is_read_only": true, "cache_type": "Unsafe"},
+                    {"drive_id": "layer", "path_on_host": "/layer.ext4", "is_root_device": false,
+                     "is_read_only": false, "cache_type": "Writeback"},
+                ],
+                "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+                "vsock": {"guest_cid": 3, "uds_path": "/run/vsock.sock"},
+            })
+        );
+        assert_eq!(config.machine_config.vcpu_count, 2);
+        assert_eq!(config.machine_config.mem_size_mib, 512);
+    }
+
+    #[test]
+    fn a_pod_sandbox_without_a_network() {
+        let spec = VmSpec {
+            id: "0123456789ab",
+            vcpus: 1,
+            memory_mib: 256,
+            net: None,
+            root: GuestRoot::Disk,
+            container_slots: POD_SLOTS,
+        };
+        let (config, _) = as_read_by_vmm(&spec);
+        let boot_args = config.boot_source.unwrap().boot_args.unwrap();
+        assert!(boot_args.contains(" mvm.root=/dev/vdb "), "{boot_args}");
+        assert!(!boot_args.contains("mvm.ip"), "{boot_args}");
+        assert!(config.network_interfaces.is_empty());
+        let drives: Vec<_> = config
+            .drives
+            .iter()
+            .map(|d| (d.drive_id.as_str(), d.path_on_host.as_deref().unwrap()))
+            .collect();
+        assert_eq!(drives.len(), 2 + POD_SLOTS as usize);
+        assert_eq!(drives[2], ("ctr0", "/ctr/0.ext4"));
+        assert_eq!(drives[9], ("ctr7", "/ctr/7.ext4"));
+        assert!(config.drives[2..]
+            .iter()
+            .all(|d| d.is_read_only == Some(false) && !d.is_root_device));
+    }
+
+    #[test]
+    fn a_pod_network_keeps_the_interface_mac() {
+        let spec = VmSpec {
+            id: "0123456789ab",
+            vcpus: 1,
+            memory_mib: 256,
+            net: Some(GuestNet {
+                ip: "10.88.0.7/16,10.88.0.1".into(),
+                mac: Some("02:42:0a:58:00:07".into()),
+            }),
+            root: GuestRoot::Disk,
+            container_slots: 0,
+        };
+        let (config, _) = as_read_by_vmm(&spec);
+        assert_eq!(
+            config.network_interfaces[0].guest_mac.as_deref(),
+            Some("02:42:0a:58:00:07")
+        );
+    }
+
+    #[test]
+    fn the_vmm_boots_from_the_config_and_serves_its_api() {
+        let args: Vec<String> = vmm_args("0123456789ab", ConsoleLimit::new(1 << 20).unwrap())
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--config-file",
+                CONFIG,
+                "--api-sock",
+                API_SOCK,
+                "--id",
+                "0123456789ab",
+                "--console-limit",
+                "1048576"
+            ]
+        );
+    }
+}
