@@ -58,20 +58,21 @@ impl TestJail {
         }
     }
 
-    /// The jailer's arguments for this jail, before `extra` and `-- probe_args`.
+    /// The jailer's arguments for this jail, before `extra` and `-- probe_args`; an `--id`,
+    /// `--exec-file`, `--uid` or `--gid` in `extra` stands in for the jail's own.
     pub fn command(&self, extra: &[&str], probe_args: &[&str]) -> Command {
         let mut c = Command::new(JAILER);
         let uid = self.uid.to_string();
-        c.args([
-            "--id",
-            &self.id,
-            "--exec-file",
-            PROBE,
-            "--uid",
-            &uid,
-            "--gid",
-            &uid,
-        ]);
+        for (flag, own) in [
+            ("--id", self.id.as_str()),
+            ("--exec-file", PROBE),
+            ("--uid", &uid),
+            ("--gid", &uid),
+        ] {
+            if !extra.contains(&flag) {
+                c.args([flag, own]);
+            }
+        }
         c.arg("--chroot-base-dir").arg(&self.base);
         c.args(["--parent-cgroup", &self.parent]);
         c.args(extra).arg("--").args(probe_args);
