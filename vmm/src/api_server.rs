@@ -1,5 +1,5 @@
 //! Firecracker's HTTP API on a unix socket: a small HTTP/1.1 server ([`http`]) whose requests
-//! [`router`] turns into [`VmmAction`](crate::controller::VmmAction)s, handed to the VMM thread
+//! [`router`] turns into [`VmmAction`]s, handed to the VMM thread
 //! over the [`channel`].
 
 pub mod channel;

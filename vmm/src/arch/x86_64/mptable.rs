@@ -1,10 +1,9 @@
 //! Intel MultiProcessor Specification 1.4 table, so the guest finds every vCPU, the IOAPIC and
 //! the ISA interrupt routing without ACPI.
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{APIC_START, EBDA_START, IOAPIC_START};
-use crate::vstate::memory::GuestMemory;
 
 /// Most vCPUs a guest may have (the MP table and xAPIC ids are 8-bit; mvm caps at 32).
 pub const MAX_VCPUS: u8 = 32;
@@ -83,7 +82,7 @@ fn config_table(vcpu_count: u8) -> Vec<u8> {
 }
 
 /// Writes the MP floating pointer and configuration table into the EBDA.
-pub fn setup_mptable(mem: &GuestMemory, vcpu_count: u8) -> Result<(), MptableError> {
+pub fn setup_mptable(mem: &GuestMemoryMmap, vcpu_count: u8) -> Result<(), MptableError> {
     if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
         return Err(MptableError::VcpuCount(vcpu_count));
     }
@@ -101,7 +100,6 @@ pub fn setup_mptable(mem: &GuestMemory, vcpu_count: u8) -> Result<(), MptableErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vstate::memory::create_guest_memory;
 
     fn sum(bytes: &[u8]) -> u8 {
         bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
@@ -109,7 +107,7 @@ mod tests {
 
     #[test]
     fn tables_checksum_to_zero_and_list_every_cpu() {
-        let mem = create_guest_memory(16).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         setup_mptable(&mem, 32).unwrap();
         let mut pointer = [0u8; 16];
         mem.read_slice(&mut pointer, GuestAddress(EBDA_START))
@@ -132,7 +130,7 @@ mod tests {
 
     #[test]
     fn vcpu_count_is_checked() {
-        let mem = create_guest_memory(16).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         assert!(setup_mptable(&mem, 0).is_err());
         assert!(setup_mptable(&mem, 33).is_err());
     }
