@@ -6,7 +6,6 @@
 
 pub mod block;
 pub mod chain;
-pub mod metrics;
 pub mod mmio;
 pub mod net;
 pub mod update;

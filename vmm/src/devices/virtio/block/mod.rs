@@ -18,13 +18,13 @@ use vmm_sys_util::eventfd::EventFd;
 pub use request::{RequestType, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
 
 use super::chain::Chain;
-use super::metrics::{DeviceMetrics, BLOCK as METRICS};
 use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
 use super::{
     read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
 };
 use crate::config::{CacheType, DriveConfig};
+use crate::metrics::virtio::{DeviceMetrics, BLOCK as METRICS};
 use crate::rate_limiter::{RateLimiter, RateLimiterUpdate};
 use crate::vstate::memory::GuestMemory;
 

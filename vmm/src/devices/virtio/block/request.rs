@@ -13,7 +13,7 @@ use super::{BlockEngine, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUP
 use crate::devices::virtio::chain::{
     read_segments, sub_segments, total_len, write_segments, Chain, Segment,
 };
-use crate::devices::virtio::metrics::{DeviceMetrics, BLOCK as METRICS};
+use crate::metrics::virtio::{DeviceMetrics, BLOCK as METRICS};
 use crate::vstate::memory::GuestMemory;
 
 /// Bytes per sector.

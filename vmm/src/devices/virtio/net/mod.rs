@@ -17,13 +17,13 @@ use vmm_sys_util::eventfd::EventFd;
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
 
 use super::chain::{read_segments, total_len, write_segments, Chain};
-use super::metrics::{DeviceMetrics, NET as METRICS};
 use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
 use super::{
     read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
 };
 use crate::config::NetworkInterfaceConfig;
+use crate::metrics::virtio::{DeviceMetrics, NET as METRICS};
 use crate::rate_limiter::{RateLimiter, RateLimiterUpdate};
 use crate::vstate::memory::GuestMemory;
 

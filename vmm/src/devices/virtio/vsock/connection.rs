@@ -14,7 +14,7 @@ use std::time::Instant;
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{op, Header, SHUTDOWN_RCV, SHUTDOWN_SEND};
-use crate::devices::virtio::metrics::{DeviceMetrics, VSOCK as METRICS};
+use crate::metrics::virtio::{DeviceMetrics, VSOCK as METRICS};
 
 /// Receive buffer the muxer advertises to the guest per connection.
 pub const CONN_BUF_SIZE: u32 = 256 * 1024;

@@ -16,13 +16,13 @@ use vmm_sys_util::eventfd::EventFd;
 use self::muxer::{payload_room, Muxer};
 use self::packet::{Header, HEADER_LEN};
 use super::chain::{read_segments, total_len, write_segments, Chain};
-use super::metrics::{DeviceMetrics, VSOCK as METRICS};
 use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
 use super::{
     read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
 };
 use crate::config::VsockConfig;
+use crate::metrics::virtio::{DeviceMetrics, VSOCK as METRICS};
 
 /// Virtio device id of vsock devices.
 pub const VIRTIO_ID_VSOCK: u32 = 19;

@@ -29,8 +29,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{Connection, HostRead, Key, Verdict, CONN_BUF_SIZE};
 use super::packet::{op, Header, HEADER_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
-use crate::devices::virtio::metrics::{DeviceMetrics, VSOCK as METRICS};
 use crate::devices::virtio::worker::EpollSet;
+use crate::metrics::virtio::{DeviceMetrics, VSOCK as METRICS};
 use crate::timer::Timer;
 
 /// Most connections at once (established or being set up).
