@@ -117,6 +117,13 @@ impl Error {
     }
 }
 
+/// A failed system call of [`mvm_sys`], naming what was being done.
+impl From<mvm_sys::Error> for Error {
+    fn from(e: mvm_sys::Error) -> Self {
+        Error::host(e.what, e.source)
+    }
+}
+
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
         Error::host("state database", e)

@@ -9,9 +9,7 @@
 //! socket owned by the sandbox's uid), and the connection goes through `/proc/self/fd/N`,
 //! which names exactly that inode: there is no window in which the name can be swapped.
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -20,10 +18,7 @@ use crate::error::{Error, Result};
 /// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`: `path` (relative) must lie beneath `dir`
 /// and no component of it may be a link.
 fn open_beneath(dir: &Path, path: &Path) -> std::io::Result<OwnedFd> {
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    };
+    let c = |p: &Path| mvm_sys::cstr::from_path(p).map_err(|e| e.source);
     let (dir_c, path_c) = (c(dir)?, c(path)?);
     // SAFETY: a NUL-terminated path; the fd returned is owned below.
     let dirfd = unsafe {

@@ -48,11 +48,6 @@ pub fn jailer_pids(id: &str) -> Vec<i32> {
         .collect()
 }
 
-/// A failure of [`mvm_sys`] as a host error.
-fn host_error(e: mvm_sys::Error) -> Error {
-    Error::host(e.what, e.source)
-}
-
 /// mount(2); the error names the mount.
 pub fn mount(
     src: &Path,
@@ -61,7 +56,7 @@ pub fn mount(
     flags: libc::c_ulong,
     data: Option<&str>,
 ) -> Result<()> {
-    mvm_sys::mount::mount(Some(src), target, fstype, flags, data).map_err(host_error)
+    mvm_sys::mount::mount(Some(src), target, fstype, flags, data).map_err(Error::from)
 }
 
 /// Detaches whatever is mounted on `target`; nothing mounted is not an error.
@@ -69,13 +64,8 @@ pub fn umount(target: &Path) -> Result<()> {
     match mvm_sys::mount::umount(target, libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) {
         Ok(()) => Ok(()),
         Err(e) if matches!(e.source.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(()),
-        Err(e) => Err(host_error(e)),
+        Err(e) => Err(e.into()),
     }
-}
-
-/// Whether something is mounted exactly at `path` (in this mount namespace).
-pub fn is_mounted(path: &Path) -> bool {
-    mounts_under(path).iter().any(|m| m == path)
 }
 
 /// Mount points at or below `dir`.

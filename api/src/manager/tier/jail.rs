@@ -29,8 +29,7 @@ const JAIL_DEVICES: [(&str, u32, u32); 5] = [
 ];
 
 fn make_device(path: &Path, major: u32, minor: u32) -> Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::Invalid(format!("path {} contains NUL", path.display())))?;
+    let c = mvm_sys::cstr::from_path(path)?;
     // SAFETY: `c` is a NUL-terminated path; mknod does not keep it.
     let ret = unsafe {
         libc::mknod(
