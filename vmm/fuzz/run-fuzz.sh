@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every fuzz target of mvm-vmm's virtio devices for N seconds each (default 30: the CI
-# smoke run) on its corpus directory, and fails if any target finds a crash.
+# Runs every fuzz target of mvm-vmm (its virtio devices' guest-facing parsers, and the API's
+# HTTP parser and router) for N seconds each (default 30: the CI smoke run) on its corpus
+# directory, and fails if any target finds a crash.
 # Needs cargo-fuzz and a nightly toolchain:
 #   rustup toolchain install nightly && cargo install cargo-fuzz
 # or, with no nightly at hand, the stable toolchain unlocked for -Z flags:
@@ -12,7 +13,7 @@ toolchain="${MVM_FUZZ_TOOLCHAIN:-nightly}"
 seconds="${1:-30}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(chain block net vsock)
+[ ${#targets[@]} -gt 0 ] || targets=(chain block net vsock api)
 mkdir -p logs
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
