@@ -34,7 +34,9 @@ fuzz_target!(|data: &[u8]| {
             response.status
         );
         written.clear();
-        response.write_to(&mut written, close).expect("write to memory");
+        response
+            .write_to(&mut written, close)
+            .expect("write to memory");
         if close {
             return;
         }
