@@ -1,12 +1,13 @@
 //! System code shared by the jailer, the guest agent and the manager: the mount table
 //! ([`mountinfo`]), mount(2) and pivot_root(2) ([`mount`]), the cgroup hierarchies
-//! ([`cgroup`]) and paths as C strings ([`cstr`]).
+//! ([`cgroup`]), flock(2) ([`flock`]) and paths as C strings ([`cstr`]).
 //!
 //! The agent links this crate into its static init binary: it depends on libc and thiserror
 //! only.
 
 pub mod cgroup;
 pub mod cstr;
+pub mod flock;
 pub mod mount;
 pub mod mountinfo;
 

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use mvm_sys::flock;
+
 use crate::error::{Error, Result};
 
 /// An exclusive flock on `<run>/locks/<id>` marking a sandbox as being created or destroyed by
@@ -77,34 +79,14 @@ impl BusyLock {
         let Ok(file) = std::fs::File::open(path) else {
             return false;
         };
-        // SAFETY: flock on an fd we own; a shared probe that is released right away.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        if unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) } == -1 {
-            return true;
-        }
-        // SAFETY: as above.
-        unsafe { libc::flock(fd, libc::LOCK_UN) };
-        false
+        // A shared probe, released when `file` closes.
+        !flock::try_lock(&file, flock::Kind::Shared).unwrap_or(false)
     }
 }
 
 /// `flock(LOCK_EX | LOCK_NB)` on `file`: whether it was taken.
 fn try_flock_exclusive(file: &std::fs::File) -> Result<bool> {
-    // SAFETY: flock on an fd we own.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } == 0
-    {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EWOULDBLOCK) => Ok(false),
-        _ => Err(Error::host("flock", e)),
-    }
+    flock::try_lock(file, flock::Kind::Exclusive).map_err(|e| Error::host("flock", e))
 }
 
 impl Drop for BusyLock {

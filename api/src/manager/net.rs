@@ -7,6 +7,8 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use mvm_sys::flock;
+
 use crate::error::{Error, Result};
 use crate::manager::host;
 use crate::model::{Egress, Isolation, NetworkInfo, NetworkSpec};
@@ -344,17 +346,9 @@ impl ForwardingLock {
     fn acquire() -> Result<Self> {
         let file = std::fs::File::open(IP_FORWARD)
             .map_err(|e| Error::host(format!("opening {IP_FORWARD}"), e))?;
-        loop {
-            // SAFETY: flock on a descriptor this function owns; no memory is passed.
-            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(ForwardingLock { _file: file });
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::host(format!("locking {IP_FORWARD}"), e));
-            }
-        }
+        flock::lock(&file, flock::Kind::Exclusive)
+            .map_err(|e| Error::host(format!("locking {IP_FORWARD}"), e))?;
+        Ok(ForwardingLock { _file: file })
     }
 }
 
