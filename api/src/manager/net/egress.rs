@@ -1,0 +1,127 @@
+//! The host-wide state of `egress: all`: IPv4 forwarding (the setting from before the first
+//! such sandbox is kept and restored by the last) and a masquerade table per sandbox.
+
+use std::net::Ipv4Addr;
+
+use mvm_sys::flock;
+
+use super::{tables, Addresses};
+use crate::error::{Error, Result};
+use crate::manager::host;
+
+/// The host-wide nftables table that exists while any manager has an `egress: all` sandbox:
+/// its comment keeps the host's IPv4 forwarding setting from before the first one, and it drops
+/// forwarding between sandbox veths. Each such sandbox has its own masquerade table named
+/// after it (see [`egress_table`]).
+const EGRESS_TABLE: &str = "mvm-egress";
+/// The host's IPv4 forwarding switch.
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// The masquerade table of `egress: all` sandbox `id`.
+fn egress_table(id: &str) -> String {
+    format!("{EGRESS_TABLE}-{id}")
+}
+
+/// An exclusive flock on the host's ip_forward sysctl file, held while the egress tables and
+/// forwarding are changed: it serializes every mvm manager on the host (threads and
+/// processes alike), as they share both. Released on drop.
+struct ForwardingLock {
+    _file: std::fs::File,
+}
+
+impl ForwardingLock {
+    fn acquire() -> Result<Self> {
+        let file = std::fs::File::open(IP_FORWARD)
+            .map_err(|e| Error::host(format!("opening {IP_FORWARD}"), e))?;
+        flock::lock(&file, flock::Kind::Exclusive)
+            .map_err(|e| Error::host(format!("locking {IP_FORWARD}"), e))?;
+        Ok(ForwardingLock { _file: file })
+    }
+}
+
+fn read_ip_forward() -> Result<String> {
+    let v = std::fs::read_to_string(IP_FORWARD)
+        .map_err(|e| Error::host(format!("reading {IP_FORWARD}"), e))?;
+    Ok(v.trim().to_owned())
+}
+
+fn write_ip_forward(value: &str) -> Result<()> {
+    std::fs::write(IP_FORWARD, value)
+        .map_err(|e| Error::host(format!("setting {IP_FORWARD} to {value}"), e))
+}
+
+/// The forwarding setting saved in the comment of [`EGRESS_TABLE`] (`nft list table` text).
+pub(super) fn saved_ip_forward(listing: &str) -> Option<&str> {
+    listing
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("comment \"ip_forward="))
+        .and_then(|v| v.strip_suffix('"'))
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The nft batch that turns `egress: all` on for sandbox `id` with addresses `a`. Adding
+/// [`EGRESS_TABLE`] again keeps the comment it got first, i.e. the setting from before any
+/// sandbox had `egress: all`.
+pub(super) fn masquerade_rules(id: &str, a: &Addresses, ip_forward: &str) -> String {
+    let slot = Ipv4Addr::from(u32::from(a.host) - 1);
+    let table = egress_table(id);
+    format!(
+        "add table ip {EGRESS_TABLE} {{ comment \"ip_forward={ip_forward}\"; }}
+add chain ip {EGRESS_TABLE} forward {{ type filter hook forward priority 0; }}
+flush chain ip {EGRESS_TABLE} forward
+add rule ip {EGRESS_TABLE} forward iifname \"mv*\" oifname \"mv*\" drop
+table ip {table} {{
+  chain postrouting {{ type nat hook postrouting priority 100;
+    ip saddr {slot}/29 oifname != \"mv*\" masquerade
+  }}
+}}
+"
+    )
+}
+
+/// `egress: all` for sandbox `id`: host forwarding plus a masquerade rule for its /29.
+pub(super) fn enable_host_masquerade(id: &str, a: &Addresses) -> Result<()> {
+    let _lock = ForwardingLock::acquire()?;
+    let before = read_ip_forward()?;
+    host::run("nft", &["-f", "-"], Some(&masquerade_rules(id, a, &before)))?;
+    write_ip_forward("1")
+}
+
+/// Undoes [`enable_host_masquerade`] for sandbox `id` (nothing if it had none); when no
+/// `egress: all` sandbox is left on the host, restores the forwarding setting from before the
+/// first one and removes [`EGRESS_TABLE`].
+pub(super) fn disable_host_masquerade(id: &str) -> Result<()> {
+    let ours = |tables: &[String]| {
+        tables
+            .iter()
+            .any(|t| t == EGRESS_TABLE || t.starts_with(&format!("{EGRESS_TABLE}-")))
+    };
+    if !ours(&tables("ip")?) {
+        return Ok(());
+    }
+    let _lock = ForwardingLock::acquire()?;
+    let tables = tables("ip")?;
+    let mine = egress_table(id);
+    let mut batch = String::new();
+    if tables.contains(&mine) {
+        batch.push_str(&format!("delete table ip {mine}\n"));
+    }
+    let others = tables
+        .iter()
+        .any(|t| *t != mine && t.starts_with(&format!("{EGRESS_TABLE}-")));
+    if !others && tables.iter().any(|t| t == EGRESS_TABLE) {
+        let listing = host::run("nft", &["list", "table", "ip", EGRESS_TABLE], None)?;
+        match saved_ip_forward(&listing) {
+            Some(v) => write_ip_forward(v)?,
+            None => tracing::warn!(
+                "nft table {EGRESS_TABLE} has no saved ip_forward setting (made by an older \
+                 mvm); leaving net.ipv4.ip_forward as it is"
+            ),
+        }
+        batch.push_str(&format!("delete table ip {EGRESS_TABLE}\n"));
+    }
+    if !batch.is_empty() {
+        host::run("nft", &["-f", "-"], Some(&batch))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! Per-sandbox networking: a network namespace pinned under the manager's run dir, with a veth
+//! pair to the host when the sandbox has egress, a tap for the VM in the vm tier, the egress
+//! policy as an nftables ruleset inside the namespace, and a guard table on the host for the
+//! destinations only the host can judge (its own addresses). A sandbox can change neither: a
+//! jail-tier process has no CAP_NET_ADMIN, a vm guest owns only its own kernel.
+//!
+//! This file makes and removes a sandbox's network; [`rules`] writes the nftables rulesets
+//! (namespace policy, host guard), [`egress`] keeps the host-wide `egress: all` state (forwarding,
+//! masquerade) and [`pod`] joins a container runtime's pod namespace instead.
+
+mod egress;
+mod pod;
+mod rules;
+
+pub use pod::{join_pod_netns, leave_pod_netns, PodUplink};
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::manager::host;
+use crate::model::{Egress, Isolation, NetworkInfo, NetworkSpec};
+use egress::{disable_host_masquerade, enable_host_masquerade};
+use rules::{host_guard, remove_host_guard, ruleset};
+
+/// Name of the sandbox side of the veth pair (and the guest NIC in the vm tier).
+pub const SANDBOX_IF: &str = "eth0";
+/// Name of the tap in the namespace (vm tier).
+pub const TAP_IF: &str = "tap0";
+
+/// Addresses of one sandbox: slot `n` owns the /29 at `subnet + 8n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addresses {
+    /// Host side of the veth (the sandbox's gateway).
+    pub host: Ipv4Addr,
+    /// Sandbox side of the veth.
+    pub sandbox: Ipv4Addr,
+    /// The tap in the namespace (the guest's gateway, vm tier).
+    pub tap: Ipv4Addr,
+    /// The guest (vm tier).
+    pub guest: Ipv4Addr,
+}
+
+impl Addresses {
+    /// Addresses of slot `slot` in the /16 starting at `subnet`.
+    pub fn of(subnet: Ipv4Addr, slot: u32) -> Self {
+        let base = u32::from(subnet) + slot * 8;
+        Addresses {
+            host: Ipv4Addr::from(base + 1),
+            sandbox: Ipv4Addr::from(base + 2),
+            tap: Ipv4Addr::from(base + 5),
+            guest: Ipv4Addr::from(base + 6),
+        }
+    }
+}
+
+/// Host-side veth name of sandbox `id`.
+pub fn host_veth(id: &str) -> String {
+    format!("mv{}", &id[..id.len().min(13)])
+}
+
+/// Validates and normalizes an allow-list entry (`A.B.C.D` or `A.B.C.D/N`).
+pub fn parse_cidr(s: &str) -> Result<String> {
+    let bad = || {
+        Error::Invalid(format!(
+            "network.allow entry {s:?} is not an IPv4 address or CIDR like 10.0.0.0/8"
+        ))
+    };
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (
+            a,
+            p.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(bad)?,
+        ),
+        None => (s, 32),
+    };
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    Ok(format!(
+        "{}/{prefix}",
+        Ipv4Addr::from(u32::from(addr) & mask)
+    ))
+}
+
+/// Checks a requested network and returns it normalized.
+pub fn validate(spec: &NetworkSpec) -> Result<NetworkSpec> {
+    let allow = spec
+        .allow
+        .iter()
+        .map(|a| parse_cidr(a))
+        .collect::<Result<Vec<_>>>()?;
+    match spec.egress {
+        Egress::Allow if allow.is_empty() => {
+            return Err(Error::Invalid(
+                "network.egress \"allow\" needs at least one network.allow entry".into(),
+            ))
+        }
+        Egress::None if !allow.is_empty() => {
+            return Err(Error::Invalid(
+                "network.allow is only used with network.egress \"allow\" or \"all\"".into(),
+            ))
+        }
+        _ => {}
+    }
+    Ok(NetworkSpec {
+        egress: spec.egress,
+        allow,
+    })
+}
+
+/// Builds the namespace at `netns` for sandbox `id` and returns what the sandbox got. On
+/// failure nothing is left behind.
+pub fn create(
+    netns: &Path,
+    id: &str,
+    spec: &NetworkSpec,
+    isolation: Isolation,
+    addrs: Addresses,
+    uid: u32,
+) -> Result<NetworkInfo> {
+    let veth = host_veth(id);
+    let inside = spec.clone();
+    let mvmd_pid = std::process::id().to_string();
+    let veth_inside = veth.clone();
+    host::create_netns(netns, move || {
+        let mut batch = String::new();
+        if isolation == Isolation::Vm {
+            batch.push_str(&format!(
+                "tuntap add dev {TAP_IF} mode tap user {uid}\n\
+                 addr add {}/30 dev {TAP_IF}\nlink set {TAP_IF} up\n",
+                addrs.tap
+            ));
+        }
+        if inside.egress != Egress::None {
+            batch.push_str(&format!(
+                "link add {SANDBOX_IF} type veth peer name {veth_inside} netns {mvmd_pid}\n\
+                 addr add {}/30 dev {SANDBOX_IF}\nlink set {SANDBOX_IF} up\n\
+                 route add default via {}\n",
+                addrs.sandbox, addrs.host
+            ));
+        }
+        if !batch.is_empty() {
+            host::run("ip", &["-batch", "-"], Some(&batch))?;
+        }
+        if isolation == Isolation::Vm && inside.egress != Egress::None {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+                .map_err(|e| Error::host("enabling forwarding in the sandbox netns", e))?;
+        }
+        let rules = ruleset(&inside, isolation, &addrs);
+        if rules.lines().count() > 1 {
+            host::run("nft", &["-f", "-"], Some(&rules))?;
+        }
+        Ok(())
+    })?;
+    let info = NetworkInfo {
+        netns: None,
+        egress: spec.egress,
+        allow: spec.allow.clone(),
+        address: (spec.egress != Egress::None).then(|| match isolation {
+            Isolation::Jail => addrs.sandbox.to_string(),
+            Isolation::Vm => addrs.guest.to_string(),
+        }),
+        gateway: (spec.egress != Egress::None).then(|| match isolation {
+            Isolation::Jail => addrs.host.to_string(),
+            Isolation::Vm => addrs.tap.to_string(),
+        }),
+    };
+    if spec.egress != Egress::None {
+        let host_side = format!(
+            "addr add {}/30 dev {veth}\nlink set {veth} up\n",
+            addrs.host
+        );
+        // The guard first: the veth carries nothing before it is loaded.
+        if let Err(e) = host::run("nft", &["-f", "-"], Some(&host_guard(id, spec, &addrs)))
+            .and_then(|_| host::run("ip", &["-batch", "-"], Some(&host_side)))
+        {
+            let _ = destroy(netns, id);
+            return Err(e);
+        }
+        if spec.egress == Egress::All {
+            if let Err(e) = enable_host_masquerade(id, &addrs) {
+                let _ = destroy(netns, id);
+                return Err(e);
+            }
+        }
+    }
+    Ok(info)
+}
+
+/// Names of the host's nftables tables of `family` (`ip`, `inet`); none when nft is not
+/// installed (then none of ours can exist).
+fn tables(family: &str) -> Result<Vec<String>> {
+    let prefix = format!("table {family} ");
+    match std::process::Command::new("nft")
+        .args(["list", "tables", family])
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::host("running nft list tables", e)),
+        Ok(out) if !out.status.success() => Err(Error::Host(format!(
+            "nft list tables failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+        Ok(out) => Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .map(str::to_owned)
+            .collect()),
+    }
+}
+
+/// Removes the namespace, the host side of the veth, the sandbox's host guard and its
+/// `egress: all` rules (the last such sandbox also restores the host's forwarding setting).
+/// Missing pieces are fine.
+pub fn destroy(netns: &Path, id: &str) -> Result<()> {
+    let veth = host_veth(id);
+    if Path::new("/sys/class/net").join(&veth).exists() {
+        // Deleting one end removes the pair; the namespace may already have taken it along.
+        if let Err(e) = host::run("ip", &["link", "del", &veth], None) {
+            if Path::new("/sys/class/net").join(&veth).exists() {
+                return Err(e);
+            }
+        }
+    }
+    host::remove_netns(netns)?;
+    remove_host_guard(id)?;
+    disable_host_masquerade(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_per_slot() {
+        let a = Addresses::of(Ipv4Addr::new(10, 213, 0, 0), 1);
+        assert_eq!(a.host, Ipv4Addr::new(10, 213, 0, 9));
+        assert_eq!(a.sandbox, Ipv4Addr::new(10, 213, 0, 10));
+        assert_eq!(a.tap, Ipv4Addr::new(10, 213, 0, 13));
+        assert_eq!(a.guest, Ipv4Addr::new(10, 213, 0, 14));
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(parse_cidr("10.1.2.3").unwrap(), "10.1.2.3/32");
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap(), "10.0.0.0/8");
+        for bad in ["10.1.2", "10.1.2.3/33", "x", "10.1.2.3/", "::1"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn policy_validation() {
+        let spec = |egress, allow: &[&str]| NetworkSpec {
+            egress,
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(validate(&spec(Egress::Allow, &[])).is_err());
+        assert!(validate(&spec(Egress::None, &["1.2.3.4"])).is_err());
+        assert_eq!(
+            validate(&spec(Egress::Allow, &["1.2.3.4"])).unwrap().allow,
+            ["1.2.3.4/32"]
+        );
+        let rules = ruleset(
+            &spec(Egress::Allow, &["1.2.3.4/32"]),
+            Isolation::Jail,
+            &Addresses::of(Ipv4Addr::new(10, 0, 0, 0), 0),
+        );
+        assert!(rules.contains("ip daddr { 1.2.3.4/32 } accept"), "{rules}");
+        assert!(!rules.contains("masquerade"));
+    }
+}
