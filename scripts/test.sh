@@ -9,7 +9,7 @@
 # 5. runs every cargo test: unit, KVM test guests, jailer, agent, API/CLI (jail tier), shim
 # 6. runs the vm-tier suite (tests/nested/run.sh): directly on hardware KVM, otherwise inside a
 #    QEMU guest with emulated SVM, so no vm-tier test is skipped on hosts without VT-x
-# 7. runs each virtio fuzz target briefly (vmm/fuzz/run-fuzz.sh) with cargo-fuzz, on the nightly
+# 7. runs each fuzz target (virtio devices, the VMM's HTTP API) briefly (vmm/fuzz/run-fuzz.sh) with cargo-fuzz, on the nightly
 #    toolchain or, where there is none, on stable with RUSTC_BOOTSTRAP=1
 # Exits non-zero if any stage fails, after running them all; prints a summary line per stage.
 # With CI set (non-empty), a stage whose tools are missing fails instead of being skipped.
