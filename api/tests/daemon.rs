@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use api::client::{ClientError, Stream};
 use api::manager::cgroups::CgroupMode;
 use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, SandboxState};
-use common::{block_on, cgroup_mode, is_sandbox_id, root_or_skip, Daemon};
+use common::{block_on, cgroup_mode, is_sandbox_id, Daemon};
+use mvm_testkit::root_or_skip;
 
 fn jail() -> CreateSandbox {
     CreateSandbox {

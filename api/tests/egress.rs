@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, Sandbox};
-use common::{block_on, root_or_skip, Daemon};
+use common::{block_on, Daemon};
+use mvm_testkit::root_or_skip;
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use api::client::Stream;
 use api::model::{ExecEvent, ExecRequest};
-use common::{api_error, block_on, jail, root_or_skip, sh, ws_exec, Daemon};
+use common::{api_error, block_on, jail, sh, ws_exec, Daemon};
 use futures_util::{SinkExt, StreamExt};
+use mvm_testkit::root_or_skip;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use api::model::{CreateSandbox, ExecRequest, Isolation};
-use common::{bin_dir, block_on, cgroup_mode, root_or_skip, Daemon};
+use common::{block_on, cgroup_mode, Daemon};
+use mvm_testkit::{bin_dir, root_or_skip};
 
 /// The sandboxes' writable layer in this test (`MVM_JAIL_DISK_MIB`).
 const LAYER_MIB: u64 = 64;

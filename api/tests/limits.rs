@@ -11,7 +11,8 @@ use api::manager::cgroups::LimitCgroups;
 use api::manager::LimitsUpdate;
 use api::model::{CreateSandbox, ExecRequest, Isolation};
 use api::{Error, Manager, ManagerConfig};
-use common::{artifacts, bin_dir, block_on, root_or_skip, Daemon};
+use common::{block_on, Daemon};
+use mvm_testkit::{artifacts_dir, bin_dir, root_or_skip};
 
 const TENANT: &str = "limits";
 const MIB: u64 = 1 << 20;
@@ -25,7 +26,7 @@ async fn manager_beside(d: &Daemon) -> Manager {
     cfg.bin_dir = bin_dir();
     cfg.cgroup_parent = d.cgroup_parent.clone();
     cfg.subnet = format!("{}0.0", d.subnet_prefix).parse().expect("subnet");
-    cfg.artifacts_dir = Some(artifacts());
+    cfg.artifacts_dir = Some(artifacts_dir());
     Manager::open(cfg).await.expect("open the manager").0
 }
 

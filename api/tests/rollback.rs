@@ -6,7 +6,8 @@ mod common;
 
 use api::client::ClientError;
 use api::model::{CreateSandbox, Egress, Isolation, NetworkSpec, Template};
-use common::{block_on, root_or_skip, Daemon};
+use common::{block_on, Daemon};
+use mvm_testkit::root_or_skip;
 
 /// Creates a jail-tier sandbox with `egress: all` (the steps before the failing one leave
 /// the most behind: namespace, veth, masquerade table) from `template`, which must fail;

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use api::client::{Client, ClientError};
 use api::model::{CreateSandbox, ExecRequest, Isolation, Template};
-use common::{artifacts, block_on, root_or_skip, Daemon};
+use common::{block_on, Daemon};
+use mvm_testkit::{artifacts_dir, root_or_skip};
 
 fn template(name: &str, kernel: &Path, rootfs: &Path) -> Template {
     Template {
@@ -40,11 +41,12 @@ fn only_admins_register_templates_and_only_from_the_template_dirs() {
         .expect("tempdir");
     let tpl = tpl_dir.path().canonicalize().expect("canonical");
     let d = Daemon::start_with(&["--template-dir", tpl.to_str().expect("utf-8 path")]);
-    std::fs::copy(artifacts().join("rootfs.ext4"), tpl.join("rootfs.ext4")).expect("copy image");
+    std::fs::copy(artifacts_dir().join("rootfs.ext4"), tpl.join("rootfs.ext4"))
+        .expect("copy image");
     let kernel = tpl.join("vmlinux");
     // A host file a tenant wants to read, and ways to name it from the template directory.
     let secret = d.dir.path().join("secret.ext4");
-    std::fs::copy(artifacts().join("rootfs.ext4"), &secret).expect("copy image");
+    std::fs::copy(artifacts_dir().join("rootfs.ext4"), &secret).expect("copy image");
     std::os::unix::fs::symlink(&secret, tpl.join("link.ext4")).expect("symlink");
     let other = d.client_with(Some(&d.tenant("other", &[])));
     let admin = d.client();

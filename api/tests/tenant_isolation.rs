@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{api_error, block_on, jail, root_or_skip, sh, Daemon};
+use common::{api_error, block_on, jail, sh, Daemon};
+use mvm_testkit::root_or_skip;
 
 /// The attacker replaces its jail's agent socket with a link to the victim's and gets mvmd
 /// to connect again (a daemon restart reconnects to every sandbox). mvmd must never follow

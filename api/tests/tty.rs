@@ -4,8 +4,9 @@
 mod common;
 
 use api::model::{CreateSandbox, ExecEvent, ExecRequest, ExitInfo, Isolation, TtySize, WsControl};
-use common::{block_on, root_or_skip, Daemon};
+use common::{block_on, Daemon};
 use futures_util::{SinkExt, StreamExt};
+use mvm_testkit::root_or_skip;
 use tokio_tungstenite::tungstenite::Message;
 
 fn tty_cmd(script: &str) -> ExecRequest {

@@ -2,35 +2,11 @@
 //! daemon started with `mvm serve`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// True when running as root; otherwise skips the test loudly (fails it under CI).
-fn root_or_skip(test: &str) -> bool {
-    if mvm_testkit::is_root() {
-        return true;
-    }
-    mvm_testkit::skip_or_fail_in_ci(
-        test,
-        "needs root (namespaces, cgroups, mounts); run the tests as root",
-    );
-    false
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
-
-fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mvm"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf()
-}
+use mvm_testkit::{artifacts_dir, bin_dir, root_or_skip, text};
 
 /// An isolated mvm environment: its own state, run dir and cgroup parent.
 struct Env {
@@ -40,31 +16,7 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            if !bin_dir().join("mvm-jailer").is_file() || !bin_dir().join("mvm-agent").is_file() {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let ok = Command::new(cargo)
-                    .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
-                    .current_dir(workspace())
-                    .status()
-                    .expect("cargo build")
-                    .success();
-                assert!(ok, "building mvm-jailer and mvm-agent failed");
-            }
-            if !workspace()
-                .join("target/mvm-artifacts/rootfs.ext4")
-                .is_file()
-            {
-                let ok = Command::new(workspace().join("rootfs/build.sh"))
-                    .arg("--agent")
-                    .arg(bin_dir().join("mvm-agent"))
-                    .status()
-                    .expect("rootfs/build.sh")
-                    .success();
-                assert!(ok, "rootfs/build.sh failed");
-            }
-        });
+        mvm_testkit::build_sandbox_prerequisites();
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Env {
@@ -81,7 +33,7 @@ impl Env {
         c.env("MVM_STATE_DIR", self.dir.path().join("state"))
             .env("MVM_RUN_DIR", self.dir.path().join("run"))
             .env("MVM_BIN_DIR", bin_dir())
-            .env("MVM_ARTIFACTS", workspace().join("target/mvm-artifacts"))
+            .env("MVM_ARTIFACTS", artifacts_dir())
             .env("MVM_CGROUP_PARENT", &self.cgroup_parent)
             .env_remove("MVM_HOST")
             .env_remove("MVM_TOKEN")
@@ -214,10 +166,6 @@ impl Drop for Env {
             let _ = std::fs::remove_dir(parent);
         }
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use mvm_testkit::root_or_skip;
 
 const ZERO_CAPS: &str = "0000000000000000";
 

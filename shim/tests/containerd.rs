@@ -9,20 +9,7 @@ use std::time::{Duration, Instant};
 use mvm_testkit::containerd::{
     Containerd, ContainerdOptions, PodNetwork, IMAGE, NAMESPACE, RUNTIME,
 };
-
-fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-mvm-v2"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf()
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
+use mvm_testkit::{bin_dir, root_or_skip, text};
 
 fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
@@ -37,10 +24,10 @@ fn which(tool: &str) -> Option<PathBuf> {
 /// returns false.
 #[track_caller]
 fn can_run(test: &str) -> bool {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    let missing = if unsafe { libc::geteuid() } != 0 {
-        Some("needs root (containerd, mounts, cgroups); run the tests as root".to_owned())
-    } else if let Some(tool) = ["containerd", "ctr"]
+    if !root_or_skip(test) {
+        return false;
+    }
+    let missing = if let Some(tool) = ["containerd", "ctr"]
         .into_iter()
         .find(|t| which(t).is_none())
     {
@@ -56,19 +43,7 @@ fn can_run(test: &str) -> bool {
         mvm_testkit::skip_or_fail_in_ci(test, &why);
         return false;
     }
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if !bin_dir().join("mvm-jailer").is_file() || !bin_dir().join("mvm-agent").is_file() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let ok = Command::new(cargo)
-                .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
-                .current_dir(workspace())
-                .status()
-                .expect("cargo build")
-                .success();
-            assert!(ok, "building mvm-jailer and mvm-agent failed");
-        }
-    });
+    mvm_testkit::build_jailer_and_agent();
     true
 }
 
@@ -92,10 +67,6 @@ fn assert_clean(cd: &Containerd, ids: &[&str]) {
         "left behind: {left:#?}; containerd's log:\n{}",
         cd.log()
     );
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 const JAIL: &[&str] = &["--annotation", "io.mvm.isolation=jail"];

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::ScratchDir;
+use crate::{text, ScratchDir};
 
 /// The mvm shim's runtime name.
 pub const RUNTIME: &str = "io.containerd.mvm.v2";
@@ -158,10 +158,6 @@ pub fn tail(s: &str, max: usize) -> &str {
         start += 1;
     }
     &s[start..]
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn sha256_hex(data: &[u8]) -> String {

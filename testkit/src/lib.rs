@@ -9,7 +9,7 @@ pub mod rss;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The workspace root.
@@ -151,6 +151,78 @@ pub fn require_kvm(test: &str) -> bool {
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// True when the tests run as root; otherwise skips `test` loudly, or fails it in CI (see
+/// [`skip_or_fail_in_ci`]).
+#[track_caller]
+pub fn root_or_skip(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    skip_or_fail_in_ci(
+        test,
+        "needs root (namespaces, cgroups, mounts, mknod, setuid); run the tests as root",
+    );
+    false
+}
+
+/// The directory of the workspace binaries Cargo built for the running integration test, the
+/// one its `CARGO_BIN_EXE_*` point into (the test executable lives in its `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("an integration test runs from <target dir>/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Builds mvm-jailer and mvm-agent into [`bin_dir`] when either is missing (Cargo builds only
+/// the binaries of the package under test), once per test process.
+pub fn build_jailer_and_agent() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let bins = bin_dir();
+        if bins.join("mvm-jailer").is_file() && bins.join("mvm-agent").is_file() {
+            return;
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build for mvm-jailer and mvm-agent")
+            .success();
+        assert!(ok, "building mvm-jailer and mvm-agent failed");
+    });
+}
+
+/// What a sandbox needs besides the package under test, built when missing, once per test
+/// process: mvm-jailer and mvm-agent ([`build_jailer_and_agent`]) and the base image
+/// (`rootfs/build.sh` with that agent) in [`artifacts_dir`].
+pub fn build_sandbox_prerequisites() {
+    build_jailer_and_agent();
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let image = artifacts_dir().join("rootfs.ext4");
+        if image.is_file() {
+            return;
+        }
+        let ok = Command::new(workspace_root().join("rootfs/build.sh"))
+            .arg("--agent")
+            .arg(bin_dir().join("mvm-agent"))
+            .arg("--output")
+            .arg(&image)
+            .status()
+            .expect("running rootfs/build.sh")
+            .success();
+        assert!(ok, "rootfs/build.sh failed");
+    });
+}
+
+/// `bytes` as text, invalid UTF-8 replaced (for output in assertion messages).
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// A finished `mvm-vmm` run.

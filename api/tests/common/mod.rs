@@ -38,19 +38,6 @@ pub fn api_error(e: &ClientError) -> (u16, String, String) {
     }
 }
 
-/// True when running as root; otherwise skips the test loudly, or fails it when CI is set
-/// (see `mvm_testkit::skip_or_fail_in_ci`).
-pub fn root_or_skip(test: &str) -> bool {
-    if mvm_testkit::is_root() {
-        return true;
-    }
-    mvm_testkit::skip_or_fail_in_ci(
-        test,
-        "needs root (namespaces, cgroups, mounts, mknod); run the tests as root",
-    );
-    false
-}
-
 /// Whether a run-dir entry name is a sandbox id (12 hex digits; the lock dir also holds lock
 /// files being made).
 pub fn is_sandbox_id(name: &str) -> bool {
@@ -60,57 +47,6 @@ pub fn is_sandbox_id(name: &str) -> bool {
 /// This host's cgroup mode, as the manager detects it.
 pub fn cgroup_mode() -> &'static api::manager::cgroups::CgroupMode {
     api::manager::cgroups::CgroupMode::host().expect("this host's cgroups cannot hold sandboxes")
-}
-
-/// The directory of the workspace's binaries (mvmd, mvm-jailer, mvm-agent).
-pub fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mvmd"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf()
-}
-
-/// Builds mvm-jailer and mvm-agent (other packages than the one under test) and the base image
-/// when they are missing.
-pub fn ensure_prerequisites() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let bins = bin_dir();
-        if !bins.join("mvm-jailer").is_file() || !bins.join("mvm-agent").is_file() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let ok = Command::new(cargo)
-                .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
-                .current_dir(workspace())
-                .status()
-                .expect("running cargo build for mvm-jailer and mvm-agent")
-                .success();
-            assert!(ok, "building mvm-jailer and mvm-agent failed");
-        }
-        if !artifacts().join("rootfs.ext4").is_file() {
-            let ok = Command::new(workspace().join("rootfs/build.sh"))
-                .arg("--agent")
-                .arg(bins.join("mvm-agent"))
-                .status()
-                .expect("running rootfs/build.sh")
-                .success();
-            assert!(ok, "rootfs/build.sh failed");
-        }
-    });
-}
-
-/// The workspace root.
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
-
-/// Build artifacts (base image, kernel).
-pub fn artifacts() -> PathBuf {
-    std::env::var_os("MVM_ARTIFACTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/mvm-artifacts"))
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -149,7 +85,7 @@ impl Daemon {
     /// Starts mvmd with extra arguments and environment (e.g. another `MVM_BIN_DIR`) and
     /// waits until it answers.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &Path)]) -> Daemon {
-        ensure_prerequisites();
+        mvm_testkit::build_sandbox_prerequisites();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = tempfile::Builder::new()
             .prefix("mvmd-test")
@@ -202,8 +138,8 @@ impl Daemon {
             .arg("--subnet")
             .arg(format!("{}0.0", self.subnet_prefix))
             .args(&self.extra)
-            .env("MVM_BIN_DIR", bin_dir())
-            .env("MVM_ARTIFACTS", artifacts())
+            .env("MVM_BIN_DIR", mvm_testkit::bin_dir())
+            .env("MVM_ARTIFACTS", mvm_testkit::artifacts_dir())
             .env_remove("MVM_VM_TIER")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

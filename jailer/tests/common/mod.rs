@@ -16,18 +16,6 @@ pub fn skip(what: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED {what}");
 }
 
-/// True when running as root; otherwise reports why the test is skipped.
-pub fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        skip(&format!(
-            "{test}: needs root (namespaces, cgroups, mknod, setuid)"
-        ));
-    }
-    root
-}
-
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// One jail of one test: unique id, chroot base, uid/gid, parent cgroup.

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 pub(super) use mvm_testkit::containerd::tail;
 use mvm_testkit::containerd::{Containerd, ContainerdOptions, PodNetwork};
+use mvm_testkit::text;
 
 use super::{ms, Ctx, Outcome, Verdict};
 
@@ -15,10 +16,6 @@ use super::{ms, Ctx, Outcome, Verdict};
 const HOSTS: &str = "10.0.0.1 pod\n";
 /// What the test image's /etc/passwd holds (the template's rootfs has another).
 const IMAGE_PASSWD: &str = "root:x:0:0:root:/root:/bin/sh";
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// A containerd of the test's own (`name`) whose shims run the assets' binaries and template.
 pub(super) fn start(ctx: &Ctx, name: &str) -> Result<Containerd, String> {
