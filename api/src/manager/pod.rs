@@ -6,13 +6,11 @@
 //! container's processes are chrooted (`ExecRequest::root`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use agent::MountRequest;
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-
-use super::{beneath, blocking, rootfs, vm, Manager};
+use super::{blocking, vm, Manager};
 use crate::error::{Error, Result};
 use crate::model::{Isolation, SandboxState};
 
@@ -63,45 +61,6 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// Makes the host directory of a pod's container images, `<sandbox dir>/ctr`, with an empty
-/// image per slot owned by the sandbox's `uid`; bound into the jail at [`vm::CONTAINER_DIR`].
-/// The directory itself stays root's (mode 0755): the VMM opens the images but can plant
-/// nothing beside them for root to follow when it swaps an image.
-pub(super) fn container_dir(sandbox_dir: &Path, uid: u32, slots: u8) -> Result<PathBuf> {
-    let dir = sandbox_dir.join("ctr");
-    std::fs::DirBuilder::new()
-        .mode(0o755)
-        .create(&dir)
-        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))
-        .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
-    for slot in (0..slots).map(vm::Slot) {
-        put_image(&dir, slot, uid, None)?;
-    }
-    Ok(dir)
-}
-
-/// Replaces the image of `slot` in `dir` at once (write aside, then rename): with a copy of
-/// the directory `content`, or empty.
-fn put_image(dir: &Path, slot: vm::Slot, uid: u32, content: Option<&Path>) -> Result<()> {
-    let image = dir.join(slot.file_name());
-    let staged_name = format!(".{}.new", slot.file_name());
-    let staged = dir.join(&staged_name);
-    let made = match content {
-        Some(content) => rootfs::make_layer(&staged, uid, Some(content)),
-        None => beneath::create_new_file(dir, &staged_name, 0o600).and_then(|file| {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(uid))
-                .map_err(|e| Error::host(format!("chown {}", staged.display()), e))
-        }),
-    };
-    made.and_then(|()| {
-        std::fs::rename(&staged, &image)
-            .map_err(|e| Error::host(format!("renaming {}", staged.display()), e))
-    })
-    .inspect_err(|_| {
-        let _ = std::fs::remove_file(&staged);
-    })
-}
-
 impl Manager {
     /// Adds container `name` to pod sandbox `id`: a copy of the host directory `rootfs`
     /// becomes its root in the guest, with /proc, /sys and /dev. Returns that root, for
@@ -140,7 +99,7 @@ impl Manager {
         let uid = self.inner.cfg.uid(&row);
         let content = rootfs.to_owned();
         let images = dir.clone();
-        blocking(move || put_image(&images, slot, uid, Some(&content))).await?;
+        blocking(move || vm::put_image(&images, slot, uid, Some(&content))).await?;
         let root = guest_root(name);
         if let Err(e) = self.attach(tenant, id, slot, &root).await {
             if let Err(undo) = self.detach(tenant, id, &dir, uid, slot, &root).await {
@@ -213,7 +172,7 @@ impl Manager {
             tracing::debug!(%id, root, "unmounting a container root: {e}");
         }
         let images = dir.to_owned();
-        blocking(move || put_image(&images, slot, uid, None)).await?;
+        blocking(move || vm::put_image(&images, slot, uid, None)).await?;
         let api = self.vmm_api(&self.row(tenant, id)?)?;
         vm::reopen_slot(&api.path(), slot).await
     }

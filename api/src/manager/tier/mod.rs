@@ -9,6 +9,7 @@
 
 pub(super) mod jail;
 pub(super) mod vm;
+mod wait;
 
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,7 @@
 
 use std::ffi::OsString;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use vmm::devices::legacy::console::ConsoleLimit;
 use super::{base_jail, Start};
 use crate::error::{Error, Result};
 use crate::http::{send_collect, Endpoint};
-use crate::manager::{beneath, net, pod, rootfs, ManagerConfig};
+use crate::manager::{beneath, net, rootfs, ManagerConfig};
 use crate::model::{Sandbox, Template};
 
 /// How long a new vm-tier sandbox may take to answer (the guest kernel's boot).
@@ -247,7 +248,7 @@ fn prepare_disks(
     let layer = dir.join("layer.ext4");
     rootfs::make_layer(&layer, uid, root_content)?;
     let containers = (container_slots > 0)
-        .then(|| pod::container_dir(dir, uid, container_slots))
+        .then(|| container_dir(dir, uid, container_slots))
         .transpose()?;
     Ok(Disks { layer, containers })
 }
@@ -340,6 +341,50 @@ pub async fn set_paused(api_sock: &Path, paused: bool) -> Result<()> {
     let api = Endpoint::Unix(api_sock.to_path_buf());
     let state = if paused { "Paused" } else { "Resumed" };
     call(&api, "PATCH", "/vm", &serde_json::json!({ "state": state })).await
+}
+
+/// Makes the host directory of a pod's container images, `<sandbox dir>/ctr`, with an empty
+/// image per slot owned by the sandbox's `uid`; bound into the jail at [`CONTAINER_DIR`].
+/// The directory itself stays root's (mode 0755): the VMM opens the images but can plant
+/// nothing beside them for root to follow when it swaps an image.
+fn container_dir(sandbox_dir: &Path, uid: u32, slots: u8) -> Result<PathBuf> {
+    let dir = sandbox_dir.join("ctr");
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    for slot in (0..slots).map(Slot) {
+        put_image(&dir, slot, uid, None)?;
+    }
+    Ok(dir)
+}
+
+/// Replaces the image of `slot` in `dir` at once (write aside, then rename): with a copy of
+/// the directory `content`, or empty.
+pub(in crate::manager) fn put_image(
+    dir: &Path,
+    slot: Slot,
+    uid: u32,
+    content: Option<&Path>,
+) -> Result<()> {
+    let image = dir.join(slot.file_name());
+    let staged_name = format!(".{}.new", slot.file_name());
+    let staged = dir.join(&staged_name);
+    let made = match content {
+        Some(content) => rootfs::make_layer(&staged, uid, Some(content)),
+        None => beneath::create_new_file(dir, &staged_name, 0o600).and_then(|file| {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(uid))
+                .map_err(|e| Error::host(format!("chown {}", staged.display()), e))
+        }),
+    };
+    made.and_then(|()| {
+        std::fs::rename(&staged, &image)
+            .map_err(|e| Error::host(format!("renaming {}", staged.display()), e))
+    })
+    .inspect_err(|_| {
+        let _ = std::fs::remove_file(&staged);
+    })
 }
 
 #[cfg(test)]
