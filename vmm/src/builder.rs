@@ -2,6 +2,7 @@
 //! Everything is validated before the first KVM call that could leave the VM half-built.
 
 pub mod devices;
+pub mod snapshot;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -109,6 +110,9 @@ pub enum BuildError {
     /// A KVM call on the VM failed while wiring devices.
     #[error("KVM {0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
+    /// A snapshot cannot be restored on this host.
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
 }
 
 /// Creates the virtio devices of a configuration ([`devices::create_virtio_devices`] in the
@@ -273,6 +277,42 @@ fn build_cmdline(
     Ok(cmdline)
 }
 
+/// Opens KVM, creates the VM with `mem` as its memory and its in-kernel irqchip and PIT.
+fn create_vm(mem: &GuestMemory) -> Result<Vm, BuildError> {
+    let vm = Vm::new()?;
+    vm.register_memory(mem)?;
+    vm.setup_irqchip()?;
+    Ok(vm)
+}
+
+fn register_irqfd(vm: &Vm, line: &IrqLine) -> Result<(), BuildError> {
+    vm.fd()
+        .register_irqfd(line.eventfd(), line.gsi())
+        .map_err(|e| BuildError::Kvm("KVM_IRQFD", e))
+}
+
+/// The legacy devices a VM has: its UART and i8042.
+type LegacyDevices = (Arc<Mutex<SerialDevice>>, Arc<Mutex<I8042>>);
+
+/// Places the UART and the i8042 (made by the two closures from their interrupt lines) on
+/// `pio`, their irqfds registered.
+fn attach_legacy_devices(
+    vm: &Vm,
+    pio: &mut Bus,
+    make_serial: impl FnOnce(IrqLine) -> Result<SerialDevice, BuildError>,
+    make_i8042: impl FnOnce(IrqLine) -> I8042,
+) -> Result<LegacyDevices, BuildError> {
+    let serial_irq = IrqLine::new(COM1_IRQ)?;
+    register_irqfd(vm, &serial_irq)?;
+    let serial = Arc::new(Mutex::new(make_serial(serial_irq)?));
+    pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
+    let kbd_irq = IrqLine::new(I8042_KBD_IRQ)?;
+    register_irqfd(vm, &kbd_irq)?;
+    let i8042 = Arc::new(Mutex::new(make_i8042(kbd_irq)));
+    pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
+    Ok((serial, i8042))
+}
+
 /// Builds guest memory, the VM, boot data, devices and vCPUs from `config`. The vCPU threads
 /// install their `seccomp` filter and then wait: the guest runs only once the caller has
 /// confined its own thread and calls [`Vcpus::resume`] (or [`Vcpus::discard`] to give up).
@@ -323,24 +363,15 @@ pub fn build_microvm(
     }
     setup_mptable(&mem, machine.vcpu_count)?;
 
-    let vm = Vm::new()?;
-    vm.register_memory(&mem)?;
-    vm.setup_irqchip()?;
-
-    let register_irq = |line: &IrqLine| {
-        vm.fd()
-            .register_irqfd(line.eventfd(), line.gsi())
-            .map_err(|e| BuildError::Kvm("KVM_IRQFD", e))
-    };
+    let vm = create_vm(&mem)?;
     let mut pio = Bus::new();
-    let serial_irq = IrqLine::new(COM1_IRQ)?;
-    register_irq(&serial_irq)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
-    pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
-    let kbd_irq = IrqLine::new(I8042_KBD_IRQ)?;
-    register_irq(&kbd_irq)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
-    pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
+    let (serial, i8042) = attach_legacy_devices(
+        &vm,
+        &mut pio,
+        |irq| Ok(SerialDevice::new(irq, serial_out)),
+        |irq| I8042::new(exit.clone(), irq),
+    )?;
+    let register_irq = |line: &IrqLine| register_irqfd(&vm, line);
 
     let mut mmio = Bus::new();
     let mut virtio = Vec::with_capacity(devices.len());

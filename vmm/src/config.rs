@@ -205,7 +205,7 @@ pub struct MachineConfig {
     /// Present vCPUs as hyper-thread pairs.
     #[serde(default)]
     pub smt: bool,
-    /// Dirty page tracking (snapshots); mvm has no snapshots, so it must be false.
+    /// Dirty page tracking (Diff snapshots); not implemented, so it must be false.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Firecracker CPU template; mvm supports none.
@@ -249,7 +249,7 @@ impl MachineConfig {
         if self.track_dirty_pages {
             return Err(unsupported(
                 "machine-config.track_dirty_pages",
-                "mvm has no snapshots; set it to false",
+                "dirty page tracking is not implemented (snapshots are Full only); set it to false",
             ));
         }
         reject_present(
@@ -463,6 +463,141 @@ pub struct MetricsConfig {
 pub struct SerialConfig {
     /// File receiving the guest console.
     pub serial_out_path: String,
+}
+
+/// `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// Only the pages written since the last snapshot (needs dirty page tracking).
+    Diff,
+}
+
+/// `PUT /snapshot/create` (Firecracker's `SnapshotCreateParams`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Full or Diff.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// Where the VM state goes.
+    pub snapshot_path: String,
+    /// Where guest memory goes.
+    pub mem_file_path: String,
+}
+
+impl SnapshotCreateParams {
+    /// Refuses what mvm cannot do: diff snapshots and empty paths.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.snapshot_type == SnapshotType::Diff {
+            return Err(unsupported(
+                "snapshot/create.snapshot_type",
+                "Diff snapshots need dirty page tracking, which is not implemented; use Full",
+            ));
+        }
+        for (field, path) in [
+            ("snapshot_path", &self.snapshot_path),
+            ("mem_file_path", &self.mem_file_path),
+        ] {
+            if path.is_empty() {
+                return Err(invalid(
+                    format!("snapshot/create.{field}"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `backend_type` of a snapshot's memory backend.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum MemBackendType {
+    /// `backend_path` is the memory file, mapped copy-on-write.
+    File,
+    /// `backend_path` is a page server's socket, which gets a userfaultfd.
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// File or Uffd.
+    pub backend_type: MemBackendType,
+    /// The memory file or the page server's socket.
+    pub backend_path: String,
+}
+
+/// `PUT /snapshot/load` (Firecracker's `SnapshotLoadParams`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The VM state file.
+    pub snapshot_path: String,
+    /// Where guest memory comes from.
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// The memory file (Firecracker's older form of `mem_backend` File).
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// Resume the VM once loaded (else it stays paused).
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Dirty page tracking after load; not implemented.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Dirty page tracking after load; not implemented.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// New host taps for the snapshot's interfaces; snapshots carry no interfaces yet.
+    #[serde(default)]
+    pub network_overrides: Vec<Value>,
+}
+
+impl SnapshotLoadParams {
+    /// The memory file: `mem_backend` (File) or `mem_file_path`, exactly one of them.
+    pub fn mem_file(&self) -> Result<&str, ConfigError> {
+        let path = match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "snapshot/load.mem_backend",
+                    "give either mem_backend or mem_file_path, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "snapshot/load.mem_backend",
+                    "missing: give mem_backend (or mem_file_path)",
+                ))
+            }
+            (None, Some(path)) => path,
+            (Some(backend), None) => match backend.backend_type {
+                MemBackendType::File => &backend.backend_path,
+                MemBackendType::Uffd => {
+                    return Err(unsupported(
+                        "snapshot/load.mem_backend.backend_type",
+                        "the Uffd backend is not implemented; use File",
+                    ))
+                }
+            },
+        };
+        if self.enable_diff_snapshots || self.track_dirty_pages {
+            return Err(unsupported(
+                "snapshot/load.track_dirty_pages",
+                "dirty page tracking is not implemented; set it to false",
+            ));
+        }
+        if !self.network_overrides.is_empty() {
+            return Err(unsupported(
+                "snapshot/load.network_overrides",
+                "snapshots carry no network interfaces yet",
+            ));
+        }
+        Ok(path)
+    }
 }
 
 /// A whole VM configuration: the `--config-file` document.
@@ -692,6 +827,57 @@ mod tests {
         assert!(err.contains("unknown log level \"loud\""), "{err}");
         // GET /vm/config reports the canonical names.
         assert_eq!(serde_json::to_value(LogLevel::Warning).unwrap(), "Warning");
+    }
+
+    #[test]
+    fn snapshot_requests_parse_like_firecracker_and_refuse_what_mvm_lacks() {
+        let create: SnapshotCreateParams = from_json_slice(
+            Some("snapshot/create"),
+            br#"{"snapshot_path": "s", "mem_file_path": "m"}"#,
+        )
+        .unwrap();
+        assert_eq!(create.snapshot_type, SnapshotType::Full);
+        create.validate().unwrap();
+        let diff: SnapshotCreateParams = from_json_slice(
+            Some("snapshot/create"),
+            br#"{"snapshot_type": "Diff", "snapshot_path": "s", "mem_file_path": "m"}"#,
+        )
+        .unwrap();
+        let err = diff.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("snapshot_type") && err.contains("dirty page tracking"),
+            "{err}"
+        );
+        let err = from_json_slice::<SnapshotCreateParams>(
+            Some("snapshot/create"),
+            br#"{"snapshot_path": "s", "mem_file_path": "m", "extra": 1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("extra"), "{err}");
+
+        let load = |json: &str| {
+            from_json_slice::<SnapshotLoadParams>(Some("snapshot/load"), json.as_bytes())
+                .unwrap()
+                .mem_file()
+                .map(str::to_string)
+                .map_err(|e| e.to_string())
+        };
+        let file = r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#;
+        assert_eq!(load(file).unwrap(), "m");
+        assert_eq!(
+            load(r#"{"snapshot_path": "s", "mem_file_path": "m2"}"#).unwrap(),
+            "m2"
+        );
+        let uffd = r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#;
+        assert!(load(uffd)
+            .unwrap_err()
+            .contains("Uffd backend is not implemented"));
+        assert!(load(r#"{"snapshot_path": "s"}"#)
+            .unwrap_err()
+            .contains("mem_backend"));
+        let both = r#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#;
+        assert!(load(both).unwrap_err().contains("not both"));
     }
 
     #[test]

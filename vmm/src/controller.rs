@@ -8,16 +8,19 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::builder::snapshot::{build_microvm_from_snapshot, save_state};
 use crate::builder::{build_microvm, BuildError, DeviceFactory, RunningVm};
 use crate::config::{
     BootSource, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
-    NetworkInterfaceConfig, SerialConfig, VmConfig, VsockConfig,
+    NetworkInterfaceConfig, SerialConfig, SnapshotCreateParams, SnapshotLoadParams, VmConfig,
+    VsockConfig,
 };
 use crate::devices::legacy::console::{CappedConsole, ConsoleLimit};
 use crate::devices::legacy::serial::SerialOut;
 use crate::exit::VmExit;
 use crate::metrics::{MetricsError, MetricsSink};
 use crate::seccomp::{Filters, SeccompError};
+use crate::snapshot::{read_snapshot, write_snapshot, SnapshotError};
 
 /// Version reported by `GET /` and `GET /version`.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -63,6 +66,10 @@ pub enum VmmAction {
     Pause,
     /// `PATCH /vm` Resumed.
     Resume,
+    /// `PUT /snapshot/create`: the paused VM's state and memory to two files.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`: a fresh VMM becomes the VM of a snapshot.
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// A successful answer: nothing (HTTP 204) or a JSON body (HTTP 200).
@@ -107,6 +114,15 @@ pub enum VmmActionError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// A snapshot could not be created or loaded.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// `PUT /snapshot/create` on a VM that is not paused.
+    #[error("Cannot create a snapshot: the microVM is not paused; pause it first with PATCH /vm {{\"state\": \"Paused\"}}")]
+    NotPaused,
+    /// `PUT /snapshot/load` on a VMM that was already configured.
+    #[error("Loading a microVM snapshot is not allowed after configuring boot-specific resources: load it in a fresh VMM")]
+    LoadAfterConfig,
 }
 
 /// The VM's externally visible state (Firecracker's names).
@@ -382,7 +398,73 @@ impl Controller {
                 self.vm("Resuming")?.vcpus.resume();
                 Ok(VmmResponse::Empty)
             }
+            CreateSnapshot(params) => {
+                params.validate()?;
+                let vm = self.vm("PUT /snapshot/create")?;
+                if !vm.vcpus.is_paused() {
+                    return Err(VmmActionError::NotPaused);
+                }
+                let state = save_state(vm, &self.config)?;
+                write_snapshot(
+                    &state,
+                    &params.snapshot_path,
+                    &vm.mem,
+                    &params.mem_file_path,
+                )?;
+                log::info!(
+                    "snapshot of microVM {} written to {}",
+                    self.id,
+                    params.snapshot_path
+                );
+                Ok(VmmResponse::Empty)
+            }
+            LoadSnapshot(params) => {
+                self.load_snapshot(&params)?;
+                Ok(VmmResponse::Empty)
+            }
         }
+    }
+
+    /// Whether any section a boot or a snapshot load would define was configured (logger and
+    /// metrics are not: they belong to this process).
+    fn boot_configured(&self) -> bool {
+        let c = &self.config;
+        c.boot_source.is_some()
+            || c.machine_config != MachineConfig::default()
+            || !c.drives.is_empty()
+            || !c.network_interfaces.is_empty()
+            || c.vsock.is_some()
+            || c.serial.is_some()
+    }
+
+    /// Becomes the VM of a snapshot: rebuilt from its state, memory mapped from its file, then
+    /// (once the main thread is confined) resumed or left paused.
+    fn load_snapshot(&mut self, params: &SnapshotLoadParams) -> Result<(), VmmActionError> {
+        self.before_boot("PUT /snapshot/load")?;
+        if self.boot_configured() {
+            return Err(VmmActionError::LoadAfterConfig);
+        }
+        let mem_file = params.mem_file()?;
+        let (state, mem) = read_snapshot(&params.snapshot_path, mem_file)?;
+        // The VM's own sections come from the snapshot; the console, logger and metrics stay
+        // this process's.
+        let mut config = state.config(&params.snapshot_path)?;
+        config.logger = self.config.logger.take();
+        config.metrics = self.config.metrics.take();
+        config.serial = None;
+        let serial_out = open_serial_out(None, self.console_limit)?;
+        let vm = build_microvm_from_snapshot(
+            &state,
+            &config,
+            mem,
+            serial_out,
+            self.exit.clone(),
+            &self.seccomp,
+        )?;
+        self.config = config;
+        self.run_built(vm, params.resume_vm)?;
+        log::info!("microVM {} loaded from {}", self.id, params.snapshot_path);
+        Ok(())
     }
 
     /// Builds the VM from the current configuration, confines the main thread, then lets the
@@ -396,13 +478,24 @@ impl Controller {
             self.exit.clone(),
             &self.seccomp,
         )?;
-        // From here on the main thread only serves events: confine it before the guest runs.
+        self.run_built(vm, true)?;
+        log::info!("microVM {} started", self.id);
+        Ok(())
+    }
+
+    /// Confines the main thread, which from here on only serves events, then lets the vCPUs
+    /// of the built `vm` run (`resume`) or leaves them paused: no guest code runs while the
+    /// main thread is unfiltered.
+    fn run_built(&mut self, vm: RunningVm, resume: bool) -> Result<(), VmmActionError> {
         if let Err(e) = self.seccomp.apply("vmm") {
             vm.vcpus.discard();
             return Err(e.into());
         }
-        vm.vcpus.resume();
-        log::info!("microVM {} started", self.id);
+        if resume {
+            vm.vcpus.resume();
+        } else {
+            vm.vcpus.hold_paused();
+        }
         self.running = Some(vm);
         Ok(())
     }

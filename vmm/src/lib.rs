@@ -7,6 +7,7 @@
 //! 1. [`arch`]: the x86_64 guest layout and boot state (zero page, PVH, MP table, registers).
 //! 2. [`vstate`]: KVM: guest memory, the VM, its vCPUs and the buses their exits go to.
 //! 3. [`devices`]: the emulated hardware (legacy PC devices, virtio) placed on those buses.
+//!    [`snapshot`]: the state of those layers in a snapshot file, and guest memory in its own.
 //! 4. [`builder`]: a configuration → a running VM (memory, kernel, devices, vCPUs).
 //! 5. [`controller`]: the one narrow door the API and the config file use to reach the VM.
 //! 6. [`api_server`]: HTTP requests → [`controller::VmmAction`]s, carried to the VMM thread
@@ -36,5 +37,6 @@ pub mod logger;
 pub mod metrics;
 pub mod rate_limiter;
 pub mod seccomp;
+pub mod snapshot;
 pub mod timer;
 pub mod vstate;

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::http::{HttpRequest, HttpResponse};
 use crate::config::{
     BootSource, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterfaceConfig,
-    VsockConfig,
+    SnapshotCreateParams, SnapshotLoadParams, VsockConfig,
 };
 use crate::controller::{VmmAction, VmmActionError, VmmResponse};
 use crate::devices::virtio::update::{DrivePatch, NetworkInterfacePatch};
@@ -97,6 +97,8 @@ pub fn route(req: &HttpRequest) -> Result<VmmAction, HttpResponse> {
                 return Err(HttpResponse::fault(400, format!("unknown vm state {other:?}: use Paused or Resumed")))
             }
         },
+        ("PUT", ["snapshot", "create"]) => VmmAction::CreateSnapshot(parse::<SnapshotCreateParams>("snapshot/create", body)?),
+        ("PUT", ["snapshot", "load"]) => VmmAction::LoadSnapshot(parse::<SnapshotLoadParams>("snapshot/load", body)?),
         (method, _) => {
             return Err(HttpResponse::fault(
                 400,

@@ -1,6 +1,12 @@
 //! Guest RAM: anonymous host memory laid out around the MMIO gap below 4 GiB.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::fs::File;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, WriteVolatile,
+};
 
 use crate::arch::x86_64::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
 
@@ -79,6 +85,48 @@ pub fn create_guest_memory(mem_size_mib: u64) -> Result<GuestMemory, MemoryError
         .map_err(|e| MemoryError::Map(mem_size_mib, e.to_string()))
 }
 
+/// The `(start, length)` of every region, in layout order.
+pub fn memory_layout(mem: &GuestMemory) -> Vec<(u64, u64)> {
+    mem.iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect()
+}
+
+/// Writes every region of `mem` to `file`, one after the other in layout order.
+pub fn dump_memory(mem: &GuestMemory, file: &mut File) -> std::io::Result<()> {
+    for region in mem.iter() {
+        let slice = region
+            .as_volatile_slice()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        file.write_all_volatile(&slice)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Maps `file` (as [`dump_memory`] wrote it) as guest memory laid out as `layout`, private
+/// and copy-on-write: VMs mapping one file share its page cache until they write a page.
+pub fn map_memory_file(file: &File, layout: &[(u64, u64)]) -> Result<GuestMemory, MemoryError> {
+    let total_mib = layout.iter().map(|(_, len)| len).sum::<u64>() >> 20;
+    let map_err = |e: String| MemoryError::Map(total_mib, e);
+    let mut offset = 0;
+    let mut regions = Vec::with_capacity(layout.len());
+    for &(start, len) in layout {
+        let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| map_err(format!("region at {start:#x} overflows")))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +143,46 @@ mod tests {
         assert_eq!(regions[0], (GuestAddress(0), MMIO_GAP_START as usize));
         assert_eq!(regions[1].0, GuestAddress(FIRST_ADDR_PAST_32BITS));
         assert_eq!(regions[1].1 as u64 + MMIO_GAP_START, 4 << 30);
+    }
+
+    #[test]
+    fn a_dumped_memory_file_maps_back_privately() {
+        use vm_memory::Bytes;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x2000),
+            (GuestAddress(0x10_0000), 0x1000),
+        ])
+        .unwrap();
+        mem.write_obj(0x1234_5678u32, GuestAddress(0x1ff0)).unwrap();
+        mem.write_obj(0xabcdu16, GuestAddress(0x10_0010)).unwrap();
+        let path = std::env::temp_dir().join(format!("mvm-mem-test-{}", std::process::id()));
+        let mut file = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        dump_memory(&mem, &mut file).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 0x3000);
+        let restored = map_memory_file(&file, &memory_layout(&mem)).unwrap();
+        assert_eq!(
+            restored.read_obj::<u32>(GuestAddress(0x1ff0)).unwrap(),
+            0x1234_5678
+        );
+        assert_eq!(
+            restored.read_obj::<u16>(GuestAddress(0x10_0010)).unwrap(),
+            0xabcd
+        );
+        restored.write_obj(7u32, GuestAddress(0x1ff0)).unwrap();
+        let mut on_disk = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut on_disk, 0x1ff0).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(on_disk),
+            0x1234_5678,
+            "writes stay private"
+        );
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

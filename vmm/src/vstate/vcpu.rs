@@ -4,7 +4,7 @@
 //! confine its own threads before any guest code runs.
 
 use std::cell::Cell;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_run, CpuId};
@@ -14,9 +14,10 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::bus::Bus;
 use super::memory::GuestMemory;
+use super::vcpu_state::{VcpuState, VcpuStateError};
 use super::vm::Vm;
 use crate::arch::x86_64::cpuid::{filter_cpuid, Topology};
-use crate::arch::x86_64::msr::boot_msrs;
+use crate::arch::x86_64::msr::{boot_msrs, msrs_to_save};
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, setup_sregs, BootProtocol, RegsError};
 use crate::exit::{ExitReason, VmExit};
 use crate::metrics::{inc, METRICS};
@@ -53,6 +54,9 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
+    /// A snapshot's state could not be loaded.
+    #[error(transparent)]
+    State(#[from] VcpuStateError),
 }
 
 /// The run state the VMM asks its vCPUs to be in.
@@ -141,10 +145,18 @@ enum Step {
     Exit(ExitReason),
 }
 
+/// A vCPU file descriptor, held by its thread while in KVM_RUN and by the VMM thread while
+/// the paused vCPU's state is read for a snapshot.
+type SharedVcpuFd = Arc<Mutex<VcpuFd>>;
+
+fn lock_fd(fd: &SharedVcpuFd) -> MutexGuard<'_, VcpuFd> {
+    fd.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A configured vCPU, not yet running.
 pub struct Vcpu {
     id: u8,
-    fd: VcpuFd,
+    fd: SharedVcpuFd,
 }
 
 impl Vcpu {
@@ -182,7 +194,23 @@ impl Vcpu {
         fd.set_regs(&boot_regs(entry, protocol))
             .map_err(|e| ioctl("KVM_SET_REGS", e))?;
         set_lint(&fd).map_err(|e| ioctl("KVM_SET_LAPIC", e))?;
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu {
+            id,
+            fd: Arc::new(Mutex::new(fd)),
+        })
+    }
+
+    /// Creates vCPU `state.id` with the state a snapshot saved.
+    pub fn restore(vm: &Vm, state: &VcpuState) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(state.id))
+            .map_err(|e| VcpuError::Ioctl(state.id, "KVM_CREATE_VCPU", e))?;
+        state.restore(&fd)?;
+        Ok(Vcpu {
+            id: state.id,
+            fd: Arc::new(Mutex::new(fd)),
+        })
     }
 
     /// Starts the vCPU's thread: it installs its seccomp filter and waits for `control` to
@@ -197,6 +225,7 @@ impl Vcpu {
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
+        let fd = self.fd.clone();
         let thread = std::thread::Builder::new()
             .name(format!("fc_vcpu {id}"))
             .spawn(move || match seccomp.apply("vcpu") {
@@ -207,23 +236,24 @@ impl Vcpu {
                 }),
             })
             .map_err(|e| VcpuError::Spawn(id, e))?;
-        Ok(VcpuHandle { thread })
+        Ok(VcpuHandle { id, fd, thread })
     }
 
-    fn run(mut self, pio: &Bus, mmio: &Bus, control: &RunControl, exit: &VmExit) {
-        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+    fn run(self, pio: &Bus, mmio: &Bus, control: &RunControl, exit: &VmExit) {
+        KVM_RUN.with(|run| run.set(lock_fd(&self.fd).get_kvm_run() as *mut kvm_run));
         if !control.park_unless_running() || exit.is_requested() {
             return;
         }
         loop {
-            match self.run_once(pio, mmio) {
+            let step = run_once(self.id, &mut lock_fd(&self.fd), pio, mmio);
+            match step {
                 // Once the VM is ending (a reset pulse, another vCPU's error, a signal) the
                 // guest must not run on: a guest whose reset did not stop it goes on to other
                 // reset methods, such as a triple fault.
                 Step::Continue if exit.is_requested() => return,
                 Step::Continue => {}
                 Step::Kicked => {
-                    self.fd.set_kvm_immediate_exit(0);
+                    lock_fd(&self.fd).set_kvm_immediate_exit(0);
                     if !control.park_unless_running() {
                         return;
                     }
@@ -235,57 +265,56 @@ impl Vcpu {
             }
         }
     }
+}
 
-    /// One KVM_RUN and the handling of its exit.
-    fn run_once(&mut self, pio: &Bus, mmio: &Bus) -> Step {
-        let id = self.id;
-        let error = |message: String| Step::Exit(ExitReason::VcpuError { vcpu: id, message });
-        match self.fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                inc(&METRICS.vcpu_exits_io);
-                if !pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                }
-                Step::Continue
+/// One KVM_RUN of vCPU `id` and the handling of its exit.
+fn run_once(id: u8, fd: &mut VcpuFd, pio: &Bus, mmio: &Bus) -> Step {
+    let error = |message: String| Step::Exit(ExitReason::VcpuError { vcpu: id, message });
+    match fd.run() {
+        Ok(VcpuExit::IoIn(port, data)) => {
+            inc(&METRICS.vcpu_exits_io);
+            if !pio.read(u64::from(port), data) {
+                data.fill(0xff);
             }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                inc(&METRICS.vcpu_exits_io);
-                pio.write(u64::from(port), data);
-                Step::Continue
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                inc(&METRICS.vcpu_exits_mmio);
-                if !mmio.read(addr, data) {
-                    data.fill(0);
-                }
-                Step::Continue
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                inc(&METRICS.vcpu_exits_mmio);
-                mmio.write(addr, data);
-                Step::Continue
-            }
-            Ok(VcpuExit::Hlt) => Step::Exit(ExitReason::GuestHalted),
-            Ok(VcpuExit::Shutdown) => Step::Exit(ExitReason::GuestTripleFault),
-            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Step::Exit(ExitReason::GuestReset),
-            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
-                Step::Exit(ExitReason::GuestPowerOff)
-            }
-            Ok(VcpuExit::Intr) => Step::Kicked,
-            Ok(VcpuExit::FailEntry(reason, cpu)) => error(format!(
-                "KVM could not enter the guest (hardware entry failure {reason:#x} on host CPU {cpu})"
-            )),
-            Ok(VcpuExit::InternalError) => {
-                let regs = self.fd.get_regs().ok();
-                error(format!(
-                    "KVM internal error (an instruction KVM cannot emulate?) at rip {:#x}",
-                    regs.map_or(0, |r| r.rip)
-                ))
-            }
-            Ok(other) => error(format!("unexpected KVM exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
-            Err(e) => error(format!("KVM_RUN failed: {e}")),
+            Step::Continue
         }
+        Ok(VcpuExit::IoOut(port, data)) => {
+            inc(&METRICS.vcpu_exits_io);
+            pio.write(u64::from(port), data);
+            Step::Continue
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            inc(&METRICS.vcpu_exits_mmio);
+            if !mmio.read(addr, data) {
+                data.fill(0);
+            }
+            Step::Continue
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            inc(&METRICS.vcpu_exits_mmio);
+            mmio.write(addr, data);
+            Step::Continue
+        }
+        Ok(VcpuExit::Hlt) => Step::Exit(ExitReason::GuestHalted),
+        Ok(VcpuExit::Shutdown) => Step::Exit(ExitReason::GuestTripleFault),
+        Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Step::Exit(ExitReason::GuestReset),
+        Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
+            Step::Exit(ExitReason::GuestPowerOff)
+        }
+        Ok(VcpuExit::Intr) => Step::Kicked,
+        Ok(VcpuExit::FailEntry(reason, cpu)) => error(format!(
+            "KVM could not enter the guest (hardware entry failure {reason:#x} on host CPU {cpu})"
+        )),
+        Ok(VcpuExit::InternalError) => {
+            let regs = fd.get_regs().ok();
+            error(format!(
+                "KVM internal error (an instruction KVM cannot emulate?) at rip {:#x}",
+                regs.map_or(0, |r| r.rip)
+            ))
+        }
+        Ok(other) => error(format!("unexpected KVM exit {other:?}")),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
+        Err(e) => error(format!("KVM_RUN failed: {e}")),
     }
 }
 
@@ -308,6 +337,8 @@ fn set_lint(fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
 
 /// A running vCPU thread.
 pub struct VcpuHandle {
+    id: u8,
+    fd: SharedVcpuFd,
     thread: JoinHandle<()>,
 }
 
@@ -381,6 +412,12 @@ impl Vcpus {
         self.control.set(RunState::Running);
     }
 
+    /// Reports vCPUs that were never resumed as paused (a snapshot loaded without
+    /// `resume_vm`): they stay out of the guest until [`Vcpus::resume`].
+    pub fn hold_paused(&self) {
+        self.control.set(RunState::Paused);
+    }
+
     /// Ends the threads of vCPUs that were never resumed (a VM whose start failed after the
     /// build), without running the guest, and waits for them.
     pub fn discard(self) {
@@ -389,6 +426,21 @@ impl Vcpus {
             // A vCPU thread that panicked has nothing left to clean up.
             let _ = handle.thread.join();
         }
+    }
+
+    /// Reads every vCPU's state for a snapshot; the vCPUs must be paused (each thread is out
+    /// of KVM_RUN, so the VMM thread can take its vCPU file descriptor).
+    pub fn save_state(&self, vm: &Vm) -> Result<Vec<VcpuState>, VcpuStateError> {
+        let msrs = msrs_to_save(vm.saveable_msrs());
+        self.handles
+            .iter()
+            .map(|h| VcpuState::save(&lock_fd(&h.fd), h.id, vm.caps(), &msrs))
+            .collect()
+    }
+
+    /// The number of vCPUs.
+    pub fn count(&self) -> usize {
+        self.handles.len()
     }
 
     /// Whether the vCPUs are paused.

@@ -1,10 +1,12 @@
 //! The KVM virtual machine: capabilities, guest memory slots, in-kernel irqchip and PIT.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::GuestMemory;
@@ -29,11 +31,43 @@ pub enum VmError {
     Ioctl(&'static str, kvm_ioctls::Error),
 }
 
+/// Capabilities a snapshot uses where this host's KVM has them (each has a fallback).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OptionalCaps {
+    /// KVM_GET/SET_XSAVE (else the legacy FPU area).
+    pub xsave: bool,
+    /// KVM_GET/SET_XCRS.
+    pub xcrs: bool,
+    /// KVM_GET/SET_DEBUGREGS.
+    pub debugregs: bool,
+    /// KVM_GET/SET_VCPU_EVENTS.
+    pub vcpu_events: bool,
+}
+
 /// A KVM VM with its guest memory registered.
 pub struct Vm {
     fd: VmFd,
     supported_cpuid: CpuId,
+    caps: OptionalCaps,
+    saveable_msrs: Vec<u32>,
 }
+
+/// The in-kernel devices of a VM: PIC pair, IOAPIC, PIT and the kvmclock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// PIC master, PIC slave and IOAPIC (KVM_GET_IRQCHIP for each).
+    pub irqchips: Vec<kvm_irqchip>,
+    /// The i8254 PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock, so guest time continues from the snapshot's.
+    pub clock: kvm_clock_data,
+}
+
+const IRQCHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
 
 const REQUIRED_CAPS: &[Cap] = &[
     Cap::Irqchip,
@@ -60,13 +94,85 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let caps = OptionalCaps {
+            xsave: kvm.check_extension(Cap::Xsave),
+            xcrs: kvm.check_extension(Cap::Xcrs),
+            debugregs: kvm.check_extension(Cap::Debugregs),
+            vcpu_events: kvm.check_extension(Cap::VcpuEvents),
+        };
+        let saveable_msrs = kvm
+            .get_msr_index_list()
+            .map_err(|e| VmError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?
+            .as_slice()
+            .to_vec();
         let fd = kvm
             .create_vm()
             .map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
         Ok(Vm {
             fd,
             supported_cpuid,
+            caps,
+            saveable_msrs,
         })
+    }
+
+    /// The optional capabilities this host's KVM has.
+    pub fn caps(&self) -> &OptionalCaps {
+        &self.caps
+    }
+
+    /// The MSRs KVM lists as saveable (KVM_GET_MSR_INDEX_LIST).
+    pub fn saveable_msrs(&self) -> &[u32] {
+        &self.saveable_msrs
+    }
+
+    /// Reads the in-kernel irqchips, PIT and clock (the vCPUs must be paused).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let irqchips = IRQCHIPS
+            .iter()
+            .map(|&chip_id| {
+                let mut chip = kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                };
+                self.fd
+                    .get_irqchip(&mut chip)
+                    .map(|()| chip)
+                    .map_err(|e| VmError::Ioctl("KVM_GET_IRQCHIP", e))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(VmState {
+            irqchips,
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmError::Ioctl("KVM_GET_PIT2", e))?,
+            clock: self
+                .fd
+                .get_clock()
+                .map_err(|e| VmError::Ioctl("KVM_GET_CLOCK", e))?,
+        })
+    }
+
+    /// Loads saved irqchips, PIT and clock into this VM (after [`Vm::setup_irqchip`]).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(|e| VmError::Ioctl("KVM_SET_PIT2", e))?;
+        // Only the clock value is set: the flags KVM_GET_CLOCK reports are not for KVM_SET_CLOCK.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| VmError::Ioctl("KVM_SET_CLOCK", e))?;
+        for chip in &state.irqchips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| VmError::Ioctl("KVM_SET_IRQCHIP", e))?;
+        }
+        Ok(())
     }
 
     /// The VM file descriptor.

@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::IrqLine;
 use crate::exit::{ExitReason, VmExit};
 use crate::vstate::bus::BusDevice;
@@ -39,10 +41,9 @@ const CTRL_ALT_DEL: [u8; 11] = [
 ];
 const BUFFER_SIZE: usize = 16;
 
-/// The emulated controller on the port-I/O bus.
-pub struct I8042 {
-    exit: Arc<VmExit>,
-    kbd_irq: IrqLine,
+/// The controller's registers and output buffer, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct I8042State {
     status: u8,
     control: u8,
     outp: u8,
@@ -50,13 +51,9 @@ pub struct I8042 {
     buffer: VecDeque<u8>,
 }
 
-impl I8042 {
-    /// A controller that ends the VM (a guest reset, exit status 0) when the guest pulses the
-    /// reset line; the vCPU that pulsed it does not enter the guest again.
-    pub fn new(exit: Arc<VmExit>, kbd_irq: IrqLine) -> Self {
-        I8042 {
-            exit,
-            kbd_irq,
+impl Default for I8042State {
+    fn default() -> Self {
+        I8042State {
             status: STATUS_SYSTEM_FLAG | STATUS_KBD_ENABLED,
             control: CTR_KBD_INT | CTR_SYSTEM_FLAG,
             outp: 0,
@@ -64,16 +61,46 @@ impl I8042 {
             buffer: VecDeque::with_capacity(BUFFER_SIZE),
         }
     }
+}
+
+/// The emulated controller on the port-I/O bus.
+pub struct I8042 {
+    exit: Arc<VmExit>,
+    kbd_irq: IrqLine,
+    state: I8042State,
+}
+
+impl I8042 {
+    /// A controller that ends the VM (a guest reset, exit status 0) when the guest pulses the
+    /// reset line; the vCPU that pulsed it does not enter the guest again.
+    pub fn new(exit: Arc<VmExit>, kbd_irq: IrqLine) -> Self {
+        Self::from_state(exit, kbd_irq, I8042State::default())
+    }
+
+    /// A controller continuing from a snapshot's `state` (an over-long buffer is cut).
+    pub fn from_state(exit: Arc<VmExit>, kbd_irq: IrqLine, mut state: I8042State) -> Self {
+        state.buffer.truncate(BUFFER_SIZE);
+        I8042 {
+            exit,
+            kbd_irq,
+            state,
+        }
+    }
+
+    /// The registers and buffer, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        self.state.clone()
+    }
 
     fn push(&mut self, byte: u8) {
-        if self.buffer.len() < BUFFER_SIZE {
-            self.buffer.push_back(byte);
-            self.status |= STATUS_OUT_FULL;
+        if self.state.buffer.len() < BUFFER_SIZE {
+            self.state.buffer.push_back(byte);
+            self.state.status |= STATUS_OUT_FULL;
         }
     }
 
     fn raise_kbd_irq(&self) {
-        if self.control & CTR_KBD_INT != 0 {
+        if self.state.control & CTR_KBD_INT != 0 {
             // The guest simply misses the key press if the eventfd is full.
             let _ = self.kbd_irq.trigger();
         }
@@ -88,21 +115,21 @@ impl I8042 {
     }
 
     fn command(&mut self, cmd: u8) {
-        self.status |= STATUS_CMD_DATA;
+        self.state.status |= STATUS_CMD_DATA;
         match cmd {
-            CMD_READ_CTR => self.push(self.control),
-            CMD_WRITE_CTR | CMD_WRITE_OUTP => self.pending_cmd = Some(cmd),
-            CMD_READ_OUTP => self.push(self.outp),
+            CMD_READ_CTR => self.push(self.state.control),
+            CMD_WRITE_CTR | CMD_WRITE_OUTP => self.state.pending_cmd = Some(cmd),
+            CMD_READ_OUTP => self.push(self.state.outp),
             CMD_PULSE_RESET => self.exit.request(ExitReason::GuestReset),
             _ => {}
         }
     }
 
     fn data(&mut self, value: u8) {
-        self.status &= !STATUS_CMD_DATA;
-        match self.pending_cmd.take() {
-            Some(CMD_WRITE_CTR) => self.control = value,
-            Some(CMD_WRITE_OUTP) => self.outp = value,
+        self.state.status &= !STATUS_CMD_DATA;
+        match self.state.pending_cmd.take() {
+            Some(CMD_WRITE_CTR) => self.state.control = value,
+            Some(CMD_WRITE_OUTP) => self.state.outp = value,
             _ => {
                 // A keyboard command: acknowledge it.
                 self.push(KBD_ACK);
@@ -117,15 +144,15 @@ impl BusDevice for I8042 {
         let Some(byte) = data.first_mut() else { return };
         *byte = match offset {
             OFFSET_DATA => {
-                let value = self.buffer.pop_front().unwrap_or(0);
-                if self.buffer.is_empty() {
-                    self.status &= !STATUS_OUT_FULL;
+                let value = self.state.buffer.pop_front().unwrap_or(0);
+                if self.state.buffer.is_empty() {
+                    self.state.status &= !STATUS_OUT_FULL;
                 } else {
                     self.raise_kbd_irq();
                 }
                 value
             }
-            OFFSET_COMMAND => self.status,
+            OFFSET_COMMAND => self.state.status,
             _ => 0xff,
         };
     }

@@ -3,7 +3,8 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use crate::devices::IrqLine;
@@ -25,12 +26,70 @@ pub struct SerialDevice {
     serial: Serial<IrqLine, NoEvents, SerialOut>,
 }
 
+/// The UART's registers and receive FIFO, as a snapshot keeps them (vm-superio's
+/// `SerialState`, which has no serde).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UartState {
+    registers: [u8; 9],
+    in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for UartState {
+    fn from(s: SerialState) -> Self {
+        UartState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&UartState> for SerialState {
+    fn from(s: &UartState) -> Self {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            s.registers;
+        SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 impl SerialDevice {
     /// A UART raising `irq` and writing to `out`.
     pub fn new(irq: IrqLine, out: SerialOut) -> Self {
         SerialDevice {
             serial: Serial::new(irq, out),
         }
+    }
+
+    /// A UART continuing from a snapshot's `state`; None when its FIFO holds more than fits.
+    pub fn from_state(state: &UartState, irq: IrqLine, out: SerialOut) -> Option<Self> {
+        Serial::from_state(&state.into(), irq, NoEvents, out)
+            .ok()
+            .map(|serial| SerialDevice { serial })
+    }
+
+    /// The registers and FIFO, for a snapshot.
+    pub fn state(&self) -> UartState {
+        self.serial.state().into()
     }
 
     /// Queues host input for the guest; returns how many bytes fitted in the receive FIFO.
@@ -98,5 +157,25 @@ mod tests {
         // Accesses wider than a byte are ignored, not a crash.
         dev.write(0, &[1, 2]);
         dev.read(0, &mut [0u8; 4]);
+    }
+
+    #[test]
+    fn state_carries_registers_and_pending_input() {
+        let mut dev = SerialDevice::new(IrqLine::new(COM1_IRQ).unwrap(), Box::new(Sink::default()));
+        dev.write(7, &[0x5a]); // scratch register
+        dev.enqueue_input(b"ab");
+        let state = dev.state();
+        let mut copy = SerialDevice::from_state(
+            &state,
+            IrqLine::new(COM1_IRQ).unwrap(),
+            Box::new(Sink::default()),
+        )
+        .unwrap();
+        let mut b = [0u8];
+        copy.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        copy.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        assert_eq!(copy.state().in_buffer, b"b");
     }
 }

@@ -1,0 +1,369 @@
+//! Snapshot and restore through the Firecracker API on a unix socket, with the real /dev/kvm:
+//! a counting guest is paused and snapshotted, then restored twice from the same files in two
+//! fresh VMM processes (seccomp on), and both go on counting with their memory intact. Damaged
+//! or mismatched snapshots are refused with a 400 that says why, and the VMM stays up.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mvm_testkit::{binary, guest, http_unix, require_kvm, wait_for_socket, ScratchDir};
+use serde_json::{json, Value};
+
+/// An mvm-vmm serving its API, its console collected by a thread.
+struct Vmm {
+    child: Child,
+    console: Arc<Mutex<String>>,
+    socket: PathBuf,
+}
+
+impl Vmm {
+    fn start(dir: &Path, name: &str) -> Self {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut child = Command::new(binary("mvm-vmm"))
+            .arg("--api-sock")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mvm-vmm");
+        let console = Arc::new(Mutex::new(String::new()));
+        let sink = console.clone();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        assert!(
+            wait_for_socket(&socket, Duration::from_secs(10)),
+            "API socket never came up"
+        );
+        Vmm {
+            child,
+            console,
+            socket,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        let body = body.to_string();
+        let (status, body) = http_unix(&self.socket, method, path, Some(&body)).expect("API call");
+        let json = serde_json::from_str(&body).unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    fn ok(&self, method: &str, path: &str, body: Value) {
+        let (status, answer) = self.call(method, path, body);
+        assert_eq!(status, 204, "{method} {path}: {answer}");
+    }
+
+    fn console(&self) -> String {
+        self.console.lock().unwrap().clone()
+    }
+
+    /// Waits until the console has `lines` complete "count" lines; returns the console.
+    fn wait_for_lines(&self, lines: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let console = self.console();
+            if counts(&console).len() >= lines {
+                return console;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {lines} count lines in 60 s: {console:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The complete `count N ok` lines of a console, as N; panics on a `BAD` line.
+fn counts(console: &str) -> Vec<u64> {
+    assert!(
+        !console.contains("BAD"),
+        "guest memory damaged: {console:?}"
+    );
+    console
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with(" ok\n"))
+        .filter_map(|l| {
+            l.strip_prefix("count ")?
+                .strip_suffix(" ok\n")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Boots the counting guest, lets it count, pauses it and snapshots it into `dir`. Returns
+/// (snapshot, memory file, the last complete count before the pause, the console then).
+fn snapshot_counting_guest(dir: &Path) -> (PathBuf, PathBuf, u64, String) {
+    let vmm = Vmm::start(dir, "source");
+    vmm.ok(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    vmm.ok(
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": guest("counter"), "boot_args": "console=ttyS0"}),
+    );
+    vmm.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
+    vmm.wait_for_lines(3);
+    let (snapshot, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    let (status, answer) = vmm.call(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": snapshot, "mem_file_path": mem}),
+    );
+    assert_eq!(status, 400, "a running VM cannot be snapshotted");
+    assert!(
+        answer["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("not paused"),
+        "{answer}"
+    );
+    vmm.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    let (status, answer) = vmm.call(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_type": "Diff", "snapshot_path": snapshot, "mem_file_path": mem}),
+    );
+    assert_eq!(status, 400);
+    assert!(answer["fault_message"]
+        .as_str()
+        .unwrap()
+        .contains("dirty page tracking"));
+    vmm.ok(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_type": "Full", "snapshot_path": snapshot, "mem_file_path": mem}),
+    );
+    let console = vmm.console();
+    let last = *counts(&console).last().unwrap();
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), 32 << 20);
+    (snapshot, mem, last, console)
+}
+
+/// Loads `snapshot` into a fresh VMM and resumes it.
+fn restore(dir: &Path, name: &str, snapshot: &Path, mem: &Path) -> Vmm {
+    let vmm = Vmm::start(dir, name);
+    vmm.ok(
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": snapshot,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+        }),
+    );
+    vmm
+}
+
+#[test]
+fn a_snapshot_restores_twice_and_both_go_on_counting() {
+    if !require_kvm("a_snapshot_restores_twice_and_both_go_on_counting") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot");
+    let (snapshot, mem, last, source_console) = snapshot_counting_guest(dir.path());
+    let mem_before = std::fs::read(&mem).unwrap();
+    // The console may end in the middle of the next line: the restored guest finishes it.
+    let partial = source_console.rsplit('\n').next().unwrap().to_string();
+
+    let first = restore(dir.path(), "first", &snapshot, &mem);
+    let second = restore(dir.path(), "second", &snapshot, &mem);
+    for vmm in [&first, &second] {
+        let (status, info) = vmm.call("GET", "/", Value::Null);
+        assert_eq!((status, info["state"].as_str()), (200, Some("Running")));
+        let (_, config) = vmm.call("GET", "/vm/config", Value::Null);
+        assert_eq!(config["machine-config"]["mem_size_mib"], 32);
+    }
+    for vmm in [&first, &second] {
+        let restored = format!("{partial}{}", vmm.wait_for_lines(3));
+        let counted = counts(&restored);
+        assert_eq!(
+            counted[..3],
+            [last + 1, last + 2, last + 3],
+            "the restored guest goes on from the snapshot: {restored:?}"
+        );
+    }
+    assert!(
+        std::fs::read(&mem).unwrap() == mem_before,
+        "restored guests write to private copies, never to the memory file"
+    );
+}
+
+#[test]
+fn a_snapshot_loaded_without_resume_stays_paused_until_resumed() {
+    if !require_kvm("a_snapshot_loaded_without_resume_stays_paused_until_resumed") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-paused");
+    let (snapshot, mem, last, _) = snapshot_counting_guest(dir.path());
+    let vmm = Vmm::start(dir.path(), "paused");
+    vmm.ok(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": snapshot, "mem_file_path": mem}),
+    );
+    let (_, info) = vmm.call("GET", "/", Value::Null);
+    assert_eq!(info["state"], "Paused");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        counts(&vmm.console()).is_empty(),
+        "a paused guest prints nothing"
+    );
+    vmm.ok("PATCH", "/vm", json!({"state": "Resumed"}));
+    let console = vmm.wait_for_lines(2);
+    assert!(counts(&console).iter().all(|n| *n > last), "{console:?}");
+    // A loaded VM is booted: a second load is refused.
+    let (status, answer) = vmm.call(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": snapshot, "mem_file_path": mem}),
+    );
+    assert_eq!(status, 400, "{answer}");
+}
+
+#[test]
+fn damaged_or_mismatched_snapshots_are_refused_and_the_vmm_stays_up() {
+    if !require_kvm("damaged_or_mismatched_snapshots_are_refused_and_the_vmm_stays_up") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-bad");
+    let (snapshot, mem, _, _) = snapshot_counting_guest(dir.path());
+    let good = std::fs::read(&snapshot).unwrap();
+    let variant = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let mut flipped = good.clone();
+    let middle = good.len() / 2;
+    flipped[middle] ^= 0x01;
+    let mut version = good.clone();
+    version[8] = 99;
+    let small_mem = variant("small.mem", &vec![0u8; 16 << 20]);
+    let cases: Vec<(PathBuf, &Path, &str)> = vec![
+        (
+            variant("truncated", &good[..good.len() - 100]),
+            &mem,
+            "truncated",
+        ),
+        (variant("short", &good[..10]), &mem, "truncated"),
+        (variant("flipped", &flipped), &mem, "corrupt"),
+        (
+            variant("version", &version),
+            &mem,
+            "version 99 is not supported",
+        ),
+        (
+            variant("magic", b"not a snapshot at all, just text"),
+            &mem,
+            "bad magic",
+        ),
+        (snapshot.clone(), &small_mem, "belongs to another snapshot"),
+        (dir.path().join("missing"), &mem, "cannot read"),
+    ];
+    let mut vmm = Vmm::start(dir.path(), "refuser");
+    for (snapshot, mem, expected) in cases {
+        let (status, answer) = vmm.call(
+            "PUT",
+            "/snapshot/load",
+            json!({"snapshot_path": snapshot, "mem_file_path": mem}),
+        );
+        let message = answer["fault_message"].as_str().unwrap_or_default();
+        assert_eq!(status, 400, "{snapshot:?}: {answer}");
+        assert!(message.contains(expected), "{snapshot:?}: {message}");
+        assert!(vmm.is_running(), "the VMM survives {snapshot:?}");
+    }
+    let (status, answer) = vmm.call(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": snapshot, "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}}),
+    );
+    assert_eq!(status, 400);
+    assert!(answer["fault_message"].as_str().unwrap().contains("Uffd"));
+    // After all those refusals the same VMM still loads the good snapshot.
+    vmm.ok(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": snapshot, "mem_file_path": mem, "resume_vm": true}),
+    );
+    vmm.wait_for_lines(1);
+
+    // A VMM that was configured for boot refuses to load.
+    let configured = Vmm::start(dir.path(), "configured");
+    configured.ok(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    let (status, answer) = configured.call(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": snapshot, "mem_file_path": mem}),
+    );
+    assert_eq!(status, 400);
+    assert!(answer["fault_message"]
+        .as_str()
+        .unwrap()
+        .contains("boot-specific resources"));
+}
+
+#[test]
+fn a_vm_with_virtio_devices_is_refused_naming_the_device() {
+    if !require_kvm("a_vm_with_virtio_devices_is_refused_naming_the_device") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-virtio");
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let vmm = Vmm::start(dir.path(), "virtio");
+    vmm.ok(
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": guest("counter"), "boot_args": "console=ttyS0"}),
+    );
+    vmm.ok(
+        "PUT",
+        "/drives/scratch",
+        json!({"drive_id": "scratch", "path_on_host": image, "is_root_device": false}),
+    );
+    vmm.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
+    vmm.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    let (status, answer) = vmm.call(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": dir.path().join("s"), "mem_file_path": dir.path().join("m")}),
+    );
+    assert_eq!(status, 400);
+    let message = answer["fault_message"].as_str().unwrap();
+    assert!(message.contains("drive `scratch`"), "{message}");
+    assert!(!dir.path().join("s").exists(), "nothing is written");
+}
