@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use api::client::Client;
-use api::db::Quota;
-use api::http::Endpoint;
-use api::model::{CreateSandbox, ExecRequest, Isolation};
-use api::{Manager, ManagerConfig};
+use mvm_client::Client;
+use mvm_sandbox::db::Quota;
+use mvm_sandbox::http::Endpoint;
+use mvm_sandbox::model::{CreateSandbox, ExecRequest, Isolation};
+use mvm_sandbox::{Manager, ManagerConfig};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -193,7 +193,7 @@ fn main() {
                 .lines()
                 .map(str::to_owned)
                 .collect();
-            pids.extend(api::manager::host::jailer_pids(id).iter().map(|p| p.to_string()));
+            pids.extend(mvm_sandbox::manager::jailer_pids(id).iter().map(|p| p.to_string()));
             // The pid-namespace init is in the cgroup and has the jailer's command line.
             procs += pids.len();
             pss += pids.iter().map(|p| pss_kib(p)).sum::<u64>();

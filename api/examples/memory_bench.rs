@@ -10,10 +10,10 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use api::client::Client;
-use api::http::Endpoint;
-use api::model::{CreateSandbox, ExecRequest, Isolation};
 use futures_util::SinkExt;
+use mvm_client::Client;
+use mvm_sandbox::http::Endpoint;
+use mvm_sandbox::model::{CreateSandbox, ExecRequest, Isolation};
 use mvm_testkit::rss::PeakGrowth;
 
 fn arg(name: &str, default: u64) -> u64 {
@@ -52,7 +52,7 @@ impl Drop for Mvmd {
         // SAFETY: plain kill of our own child.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
-        if let Ok(mode) = api::manager::cgroups::CgroupMode::host() {
+        if let Ok(mode) = mvm_sandbox::manager::cgroups::CgroupMode::host() {
             for dir in mode.parent_dirs(&self.1) {
                 let _ = std::fs::remove_dir(dir);
             }
@@ -121,7 +121,7 @@ fn main() {
             })
             .await
             .expect("create");
-        let limit = api::bounds::Bounds::from_env().exec_output;
+        let limit = mvm_sandbox::bounds::Bounds::from_env().exec_output;
         println!(
             "mvmd memory benchmark: jail tier, {:.0} MiB per flood, {} s stalls, exec output limit \
              {:.0} MiB, mvmd RSS {:.1} MiB at rest",
@@ -172,7 +172,9 @@ fn main() {
             .header("content-type", "application/json")
             .body(http_body_util::Full::new(body.into()))
             .expect("request");
-        let answer = api::http::send(&endpoint, req).await.expect("NDJSON exec");
+        let answer = mvm_sandbox::http::send(&endpoint, req)
+            .await
+            .expect("NDJSON exec");
         tokio::time::sleep(stall).await;
         drop(answer);
         report("NDJSON client stalled on `yes`", &g, t, None);

@@ -1,69 +1,28 @@
-//! Errors of the manager and the daemon, each with an HTTP status and a stable code.
+//! The daemon's side of the manager's errors: each answers with an HTTP status and the
+//! `{code, message}` body ([`ErrorBody`]).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use mvm_sandbox::{Error, ErrorBody};
 
-/// Result of manager and daemon operations.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// Result of the daemon's handlers.
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
-/// Body of every error answer: `{"code": "...", "message": "..."}`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
-pub struct ErrorBody {
-    /// Stable machine-readable code, e.g. `not_found`, `quota_exceeded`.
-    pub code: String,
-    /// What went wrong and what to do about it.
-    pub message: String,
-}
-
-/// An error a caller can act on.
+/// A manager error on its way to an HTTP answer.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The request is syntactically wrong (bad JSON, bad query).
-    #[error("{0}")]
-    BadRequest(String),
-    /// The request is well-formed but its values are not acceptable.
-    #[error("{0}")]
-    Invalid(String),
-    /// No or an unknown bearer token.
-    #[error("missing or invalid bearer token: send `Authorization: Bearer <token>` (see `mvmd tenant create`)")]
-    Unauthorized,
-    /// No such sandbox or template (for this tenant).
-    #[error("{0}")]
-    NotFound(String),
-    /// The sandbox is not in a state that allows the operation.
-    #[error("{0}")]
-    Conflict(String),
-    /// A tenant quota would be exceeded.
-    #[error("{0}")]
-    Quota(String),
-    /// The requested isolation tier cannot run on this host.
-    #[error("{0}")]
-    TierUnavailable(String),
-    /// A request (body, or an exec too large for the agent protocol) exceeds a limit.
-    #[error("{0}")]
-    TooLarge(String),
-    /// The operator does not allow this caller what it asked for (e.g. a tier).
-    #[error("{0}")]
-    Forbidden(String),
-    /// The sandbox's agent failed or is unreachable.
-    #[error("sandbox agent: {0}")]
-    Agent(#[from] agent::ClientError),
-    /// A host operation failed (jailer, network, mounts, database).
-    #[error("{0}")]
-    Host(String),
+#[error(transparent)]
+pub struct ApiError(pub Error);
+
+impl<E: Into<Error>> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        ApiError(e.into())
+    }
 }
 
-impl Error {
-    /// A host failure with context: `<what>: <source>`.
-    pub fn host(what: impl std::fmt::Display, source: impl std::fmt::Display) -> Self {
-        Error::Host(format!("{what}: {source}"))
-    }
-
+impl ApiError {
     /// HTTP status of this error.
     pub fn status(&self) -> StatusCode {
-        match self {
+        match &self.0 {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Invalid(_) | Error::TierUnavailable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -84,56 +43,16 @@ impl Error {
         }
     }
 
-    /// Stable code of this error.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Error::BadRequest(_) => "bad_request",
-            Error::Invalid(_) => "invalid_argument",
-            Error::TierUnavailable(_) => "isolation_unavailable",
-            Error::Unauthorized => "unauthorized",
-            Error::Forbidden(_) => "forbidden",
-            Error::NotFound(_) => "not_found",
-            Error::Conflict(_) => "conflict",
-            Error::Quota(_) => "quota_exceeded",
-            Error::TooLarge(_) | Error::Agent(agent::ClientError::RequestTooLarge { .. }) => {
-                "payload_too_large"
-            }
-            Error::Agent(e) => match e.remote_kind() {
-                Some(agent::protocol::ErrorKind::NotFound) => "not_found",
-                Some(agent::protocol::ErrorKind::InvalidInput) => "invalid_argument",
-                Some(agent::protocol::ErrorKind::PermissionDenied) => "permission_denied",
-                _ => "agent_error",
-            },
-            Error::Host(_) => "host_error",
-        }
-    }
-
     /// The JSON body of this error.
     pub fn body(&self) -> ErrorBody {
-        ErrorBody {
-            code: self.code().to_owned(),
-            message: self.to_string(),
-        }
+        self.0.body()
     }
 }
 
-/// A failed system call of [`mvm_sys`], naming what was being done.
-impl From<mvm_sys::Error> for Error {
-    fn from(e: mvm_sys::Error) -> Self {
-        Error::host(e.what, e.source)
-    }
-}
-
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        Error::host("state database", e)
-    }
-}
-
-impl IntoResponse for Error {
+impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status().is_server_error() {
-            tracing::error!(code = self.code(), "{self}");
+            tracing::error!(code = self.0.code(), "{}", self.0);
         }
         (self.status(), axum::Json(self.body())).into_response()
     }

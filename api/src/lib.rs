@@ -1,17 +1,10 @@
-//! mvm's front door: the sandbox manager ([`manager`]), the `mvmd` REST daemon ([`server`]) and
-//! its client ([`client`]), used by the `mvm` CLI.
+//! `mvmd`: the REST daemon in front of mvm's sandbox manager ([`mvm_sandbox`]): routes, bearer
+//! tokens, body limits, exec streams and websockets, OpenAPI ([`server`]), and the HTTP side of
+//! the manager's errors ([`error`]). Its client is the `mvm-client` crate.
 //!
 //! See `api/README.md` for the REST surface.
 
-pub mod bounds;
-pub mod client;
-pub mod db;
 pub mod error;
-pub mod http;
-pub mod manager;
-pub mod metrics;
-pub mod model;
 pub mod server;
 
-pub use error::{Error, ErrorBody, Result};
-pub use manager::{Manager, ManagerConfig};
+pub use error::{ApiError, Result};

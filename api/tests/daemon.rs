@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use api::client::{ClientError, Stream};
-use api::manager::cgroups::CgroupMode;
-use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, SandboxState};
 use common::{block_on, cgroup_mode, is_sandbox_id, Daemon};
+use mvm_client::{ClientError, Stream};
+use mvm_sandbox::manager::cgroups::CgroupMode;
+use mvm_sandbox::model::{
+    CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, SandboxState,
+};
 use mvm_testkit::root_or_skip;
 
 fn jail() -> CreateSandbox {
@@ -95,7 +97,7 @@ fn create_exec_delete_leaves_nothing() {
     });
     d.assert_no_leaks(&before);
     // Every mutating call is in the audit log.
-    let db = api::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
+    let db = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
     let audit = db.audit_tail(50).expect("audit");
     let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
     assert!(actions.contains(&"POST /v1/sandboxes"), "{actions:?}");
@@ -172,7 +174,7 @@ fn streaming_exec_with_stdin() {
         s.id
     });
     // A websocket exec runs a command: it is audited like the POST one, refused or not.
-    let db = api::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
+    let db = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
     let audit = db.audit_tail(50).expect("audit");
     let ws: Vec<_> = audit
         .iter()
@@ -597,7 +599,7 @@ fn vm_tier_refused_on_this_host() {
     if !root_or_skip("vm_tier_refused_on_this_host") {
         return;
     }
-    if api::manager::host::vm_tier_unavailable(false).is_none() {
+    if mvm_sandbox::manager::vm_tier_unavailable(false).is_none() {
         eprintln!("SKIPPED vm_tier_refused_on_this_host: this host has hardware KVM, so the vm tier is allowed");
         return;
     }
@@ -921,7 +923,7 @@ fn kill9_mid_create_then_restart_reconciles_without_leaks() {
         d.track(&id);
         let outcome = rt.block_on(pending).expect("create task");
         drop(rt);
-        let row = api::db::Db::open(&d.state_dir().join("mvm.db"))
+        let row = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db"))
             .expect("state db")
             .sandbox(&id)
             .expect("read the row");
@@ -1192,7 +1194,10 @@ fn optional_tcp_listener_with_the_same_auth() {
     let addr = format!("127.0.0.1:{port}");
     let d = Daemon::start_with(&["--tcp", &addr]);
     block_on(async {
-        let tcp = api::client::Client::new(api::http::Endpoint::Tcp(addr.clone()), Some(d.token()));
+        let tcp = mvm_client::Client::new(
+            mvm_sandbox::http::Endpoint::Tcp(addr.clone()),
+            Some(d.token()),
+        );
         let s = tcp.create(&jail()).await.expect("create over TCP");
         assert_eq!(
             tcp.exec(&s.id, &cmd(&["echo", "tcp"]))
@@ -1201,7 +1206,7 @@ fn optional_tcp_listener_with_the_same_auth() {
                 .stdout,
             "tcp\n"
         );
-        let anonymous = api::client::Client::new(api::http::Endpoint::Tcp(addr), None);
+        let anonymous = mvm_client::Client::new(mvm_sandbox::http::Endpoint::Tcp(addr), None);
         assert_eq!(api_status(&anonymous.get(&s.id).await.unwrap_err()).0, 401);
         tcp.delete(&s.id).await.expect("delete");
     });

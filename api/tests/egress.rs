@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use api::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, Sandbox};
 use common::{block_on, Daemon};
+use mvm_sandbox::model::{CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, Sandbox};
 use mvm_testkit::root_or_skip;
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -512,7 +512,7 @@ fn egress_all_keeps_off_the_host_its_neighbours_and_spoofing() {
         }
 
         // The host over IPv6: the link-local address of the host end of the sandbox's veth.
-        let veth = api::manager::net::host_veth(&all.id);
+        let veth = mvm_sandbox::manager::net::host_veth(&all.id);
         let host_ll = link_local(|| run("ip", &format!("-6 -o addr show dev {veth} scope link")));
         link_local(|| in_sandbox_netns(&d, &all.id, "ip -6 -o addr show dev eth0 scope link"));
         let ifindex = std::fs::read_to_string(format!("/sys/class/net/{veth}/ifindex"))

@@ -8,10 +8,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use api::client::Stream;
-use api::model::{ExecEvent, ExecRequest};
 use common::{api_error, block_on, jail, sh, ws_exec, Daemon};
 use futures_util::{SinkExt, StreamExt};
+use mvm_client::Stream;
+use mvm_sandbox::model::{ExecEvent, ExecRequest};
 use mvm_testkit::root_or_skip;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -151,7 +151,7 @@ fn buffered_exec_keeps_its_limit_and_drains_the_rest() {
     block_on(async {
         let c = d.client();
         let s = c.create(&jail()).await.expect("create");
-        let limit = api::bounds::DEFAULT_EXEC_OUTPUT_LIMIT;
+        let limit = mvm_sandbox::bounds::DEFAULT_EXEC_OUTPUT_LIMIT;
         // The writer runs to its end (drained, not killed): its last words on stderr arrive.
         let flood = sh(&format!("head -c {GIB} /dev/zero; echo wrote-it-all >&2"));
         let (out, grown) = growth(&d, c.exec(&s.id, &flood)).await;
@@ -282,7 +282,7 @@ fn oversized_requests_are_refused_and_the_sandbox_stays_usable() {
     let d = Daemon::start_with_env(
         &[],
         &[(
-            api::bounds::UPLOAD_LIMIT_ENV,
+            mvm_sandbox::bounds::UPLOAD_LIMIT_ENV,
             std::path::Path::new(&upload_limit.to_string()),
         )],
     );
@@ -307,7 +307,10 @@ fn oversized_requests_are_refused_and_the_sandbox_stays_usable() {
         .await;
         assert_eq!(status, 413, "{body}");
         assert!(body.contains("payload_too_large"), "{body}");
-        assert!(body.contains(api::bounds::REQUEST_BODY_LIMIT_ENV), "{body}");
+        assert!(
+            body.contains(mvm_sandbox::bounds::REQUEST_BODY_LIMIT_ENV),
+            "{body}"
+        );
         // Without a Content-Length (chunked), cut while read.
         let json = serde_json::to_vec(&ExecRequest {
             stdin: Some("x".repeat(3 << 20)),
@@ -325,7 +328,10 @@ fn oversized_requests_are_refused_and_the_sandbox_stays_usable() {
         )
         .await;
         assert_eq!(status, 413, "{body}");
-        assert!(body.contains(api::bounds::REQUEST_BODY_LIMIT_ENV), "{body}");
+        assert!(
+            body.contains(mvm_sandbox::bounds::REQUEST_BODY_LIMIT_ENV),
+            "{body}"
+        );
 
         // An upload past its limit, announced or chunked: 413, and nothing written.
         let put = |name: &str| {
@@ -342,7 +348,10 @@ fn oversized_requests_are_refused_and_the_sandbox_stays_usable() {
         )
         .await;
         assert_eq!(status, 413, "{body}");
-        assert!(body.contains(api::bounds::UPLOAD_LIMIT_ENV), "{body}");
+        assert!(
+            body.contains(mvm_sandbox::bounds::UPLOAD_LIMIT_ENV),
+            "{body}"
+        );
         let (status, body) = raw_http(
             &d,
             &format!("{}Transfer-Encoding: chunked\r\n", put("big")),
@@ -350,7 +359,10 @@ fn oversized_requests_are_refused_and_the_sandbox_stays_usable() {
         )
         .await;
         assert_eq!(status, 413, "{body}");
-        assert!(body.contains(api::bounds::UPLOAD_LIMIT_ENV), "{body}");
+        assert!(
+            body.contains(mvm_sandbox::bounds::UPLOAD_LIMIT_ENV),
+            "{body}"
+        );
         c.put_file(&s.id, "/tmp/fits", 0o644, vec![7u8; upload_limit as usize])
             .await
             .expect("an upload at the limit");

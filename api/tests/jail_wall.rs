@@ -8,8 +8,8 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use api::model::{CreateSandbox, ExecRequest, Isolation};
 use common::{block_on, cgroup_mode, Daemon};
+use mvm_sandbox::model::{CreateSandbox, ExecRequest, Isolation};
 use mvm_testkit::{bin_dir, root_or_skip};
 
 /// The sandboxes' writable layer in this test (`MVM_JAIL_DISK_MIB`).

@@ -6,12 +6,12 @@ mod common;
 
 use std::path::Path;
 
-use api::db::Quota;
-use api::manager::cgroups::LimitCgroups;
-use api::manager::LimitsUpdate;
-use api::model::{CreateSandbox, ExecRequest, Isolation};
-use api::{Error, Manager, ManagerConfig};
 use common::{block_on, Daemon};
+use mvm_sandbox::db::Quota;
+use mvm_sandbox::manager::cgroups::LimitCgroups;
+use mvm_sandbox::manager::LimitsUpdate;
+use mvm_sandbox::model::{CreateSandbox, ExecRequest, Isolation};
+use mvm_sandbox::{Error, Manager, ManagerConfig};
 use mvm_testkit::{artifacts_dir, bin_dir, root_or_skip};
 
 const TENANT: &str = "limits";
@@ -85,7 +85,7 @@ fn read(dir: &Path, file: &str) -> String {
 }
 
 /// `dd` of one `mib` MiB block: it holds the whole block in memory at once.
-async fn dd(m: &Manager, id: &str, mib: u64) -> api::model::ExecResult {
+async fn dd(m: &Manager, id: &str, mib: u64) -> mvm_sandbox::model::ExecResult {
     let req = ExecRequest {
         cmd: vec![
             "dd".into(),

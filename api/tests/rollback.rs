@@ -4,9 +4,9 @@
 
 mod common;
 
-use api::client::ClientError;
-use api::model::{CreateSandbox, Egress, Isolation, NetworkSpec, Template};
 use common::{block_on, Daemon};
+use mvm_client::ClientError;
+use mvm_sandbox::model::{CreateSandbox, Egress, Isolation, NetworkSpec, Template};
 use mvm_testkit::root_or_skip;
 
 /// Creates a jail-tier sandbox with `egress: all` (the steps before the failing one leave

@@ -5,9 +5,9 @@ mod common;
 
 use std::path::Path;
 
-use api::client::{Client, ClientError};
-use api::model::{CreateSandbox, ExecRequest, Isolation, Template};
 use common::{block_on, Daemon};
+use mvm_client::{Client, ClientError};
+use mvm_sandbox::model::{CreateSandbox, ExecRequest, Isolation, Template};
 use mvm_testkit::{artifacts_dir, root_or_skip};
 
 fn template(name: &str, kernel: &Path, rootfs: &Path) -> Template {

@@ -3,9 +3,11 @@
 
 mod common;
 
-use api::model::{CreateSandbox, ExecEvent, ExecRequest, ExitInfo, Isolation, TtySize, WsControl};
 use common::{block_on, Daemon};
 use futures_util::{SinkExt, StreamExt};
+use mvm_sandbox::model::{
+    CreateSandbox, ExecEvent, ExecRequest, ExitInfo, Isolation, TtySize, WsControl,
+};
 use mvm_testkit::root_or_skip;
 use tokio_tungstenite::tungstenite::Message;
 

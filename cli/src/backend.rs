@@ -4,14 +4,14 @@
 use std::io::Write;
 use std::path::Path;
 
-use api::client::{Client, ClientError, Stream};
-use api::db::Tenant;
-use api::model::{
-    CreateSandbox, ExecRequest, ExitInfo, Sandbox, SandboxUsage, Template, WsControl,
-};
 use api::server::templates::TemplateDirs;
 use api::server::{DEFAULT_SOCKET, TOKEN_FILE};
-use api::{Manager, ManagerConfig};
+use mvm_client::{Client, ClientError, Stream};
+use mvm_sandbox::db::Tenant;
+use mvm_sandbox::model::{
+    CreateSandbox, ExecRequest, ExitInfo, Sandbox, SandboxUsage, Template, WsControl,
+};
+use mvm_sandbox::{Manager, ManagerConfig};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
@@ -23,7 +23,7 @@ pub enum CliError {
     Client(#[from] ClientError),
     /// From the in-process manager.
     #[error(transparent)]
-    Manager(#[from] api::Error),
+    Manager(#[from] mvm_sandbox::Error),
     /// From the agent, in daemonless mode.
     #[error("sandbox agent: {0}")]
     Agent(#[from] agent::ClientError),
@@ -84,7 +84,7 @@ impl Backend {
                 .await
                 .is_ok() =>
             {
-                Some(api::http::Endpoint::Unix(DEFAULT_SOCKET.into()))
+                Some(mvm_sandbox::http::Endpoint::Unix(DEFAULT_SOCKET.into()))
             }
             None => None,
         };
@@ -218,7 +218,7 @@ impl Backend {
         &self,
         id: &str,
         req: &ExecRequest,
-    ) -> Result<api::model::ExecResult, CliError> {
+    ) -> Result<mvm_sandbox::model::ExecResult, CliError> {
         Ok(match self {
             Backend::Daemon(c) => c.exec(id, req).await?,
             Backend::Local { manager, tenant } => manager.exec(&tenant.name, id, req).await?,

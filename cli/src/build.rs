@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use api::model::Template;
 use indicatif::{ProgressBar, ProgressStyle};
+use mvm_sandbox::model::Template;
 
 use crate::backend::CliError;
 

@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use api::model::{
-    CreateSandbox, Egress, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox, Template,
-};
 use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
+use mvm_sandbox::model::{
+    CreateSandbox, Egress, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox, Template,
+};
 use tty::Terminal;
 
 /// Exit code for failures of mvm itself (as opposed to the sandboxed command's).
@@ -262,7 +262,8 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         template_dir,
     } = cli.command
     {
-        let (manager, reconciled) = api::Manager::open(api::ManagerConfig::from_env()).await?;
+        let (manager, reconciled) =
+            mvm_sandbox::Manager::open(mvm_sandbox::ManagerConfig::from_env()).await?;
         let template_dir = template_dir
             .unwrap_or_else(|| api::server::templates::TemplateDirs::default_dir(manager.config()));
         eprintln!(
@@ -337,8 +338,10 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                         s.vcpus,
                         s.memory_mib,
                         s.tenant,
-                        s.expires_at
-                            .map_or("never".into(), |t| format!("in {}s", t - api::db::now()))
+                        s.expires_at.map_or("never".into(), |t| format!(
+                            "in {}s",
+                            t - mvm_sandbox::db::now()
+                        ))
                     );
                 }
             }

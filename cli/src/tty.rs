@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, Once};
 use std::task::Poll;
 
-use api::model::{TtySize, WsControl};
+use mvm_sandbox::model::{TtySize, WsControl};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 

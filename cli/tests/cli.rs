@@ -57,7 +57,7 @@ impl Env {
 
     /// The parent cgroups of this environment's sandboxes (one per hierarchy on cgroup v1).
     fn cgroup_parents(&self) -> Vec<PathBuf> {
-        api::manager::cgroups::CgroupMode::host()
+        mvm_sandbox::manager::cgroups::CgroupMode::host()
             .expect("this host's cgroups cannot hold sandboxes")
             .parent_dirs(&self.cgroup_parent)
     }
@@ -139,7 +139,7 @@ impl Drop for Env {
     /// Removes what a failed test may have left (processes, mounts, cgroups), then the
     /// parent cgroups.
     fn drop(&mut self) {
-        let mode = api::manager::cgroups::CgroupMode::host().ok();
+        let mode = mvm_sandbox::manager::cgroups::CgroupMode::host().ok();
         for cgroup in self.sandbox_cgroups() {
             let id = cgroup.file_name().unwrap_or_default().to_string_lossy();
             for pid in mode
@@ -284,7 +284,7 @@ fn daemonless_vm_request_names_the_jail_tier() {
     if !root_or_skip("daemonless_vm_request_names_the_jail_tier") {
         return;
     }
-    if api::manager::host::vm_tier_unavailable(false).is_none() {
+    if mvm_sandbox::manager::vm_tier_unavailable(false).is_none() {
         eprintln!("SKIPPED daemonless_vm_request_names_the_jail_tier: this host has hardware KVM");
         return;
     }
@@ -359,7 +359,8 @@ fn through_mvmd() {
     let out = mvm(&["-o", "json", "run", "--isolation", "jail", "--", "true"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = mvm(&["-o", "json", "ps"]);
-    let list: Vec<api::model::Sandbox> = serde_json::from_slice(&out.stdout).expect("ps json");
+    let list: Vec<mvm_sandbox::model::Sandbox> =
+        serde_json::from_slice(&out.stdout).expect("ps json");
     assert_eq!(list.len(), 1);
     let id = list[0].id.clone();
     let local = env.dir.path().join("payload");
@@ -390,7 +391,7 @@ fn through_mvmd() {
         (Some(9), "over websocket\n".into())
     );
     let out = mvm(&["-o", "json", "stats", &id]);
-    let stats: Vec<api::model::SandboxStats> =
+    let stats: Vec<mvm_sandbox::model::SandboxStats> =
         serde_json::from_slice(&out.stdout).expect("stats json");
     assert!(stats[0].pids >= 1, "{stats:?}");
     let out = mvm(&["logs", &id]);
@@ -688,7 +689,8 @@ fn check_tty_exec_terminated(env: &Env, host: Option<&str>) {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = mvm().args(["-o", "json", "ps"]).output().unwrap();
-    let list: Vec<api::model::Sandbox> = serde_json::from_slice(&out.stdout).expect("ps json");
+    let list: Vec<mvm_sandbox::model::Sandbox> =
+        serde_json::from_slice(&out.stdout).expect("ps json");
     assert_eq!(list.len(), 1, "{list:?}");
     let id = list[0].id.clone();
     // A command that would run for long after the first line.
@@ -1008,10 +1010,11 @@ fn the_env_cgroup_parent_holds_its_sandboxes_and_goes_with_it() {
 }
 
 /// The id of the only sandbox of `env` (`mvm -o json ps`).
-fn only_sandbox(env: &Env) -> api::model::Sandbox {
+fn only_sandbox(env: &Env) -> mvm_sandbox::model::Sandbox {
     let out = env.run(&["-o", "json", "ps"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut list: Vec<api::model::Sandbox> = serde_json::from_slice(&out.stdout).expect("ps json");
+    let mut list: Vec<mvm_sandbox::model::Sandbox> =
+        serde_json::from_slice(&out.stdout).expect("ps json");
     assert_eq!(list.len(), 1, "{list:?}");
     list.remove(0)
 }
@@ -1090,7 +1093,7 @@ fn daemonless_cp_both_ways() {
 
 /// CPU time of sandbox `id` of `env` so far, ns (its cgroups, as the manager reads them).
 fn cpu_ns(env: &Env, id: &str) -> u64 {
-    api::manager::cgroups::cgroup_usage(&env.cgroup_parent, id).0
+    mvm_sandbox::manager::cgroups::cgroup_usage(&env.cgroup_parent, id).0
 }
 
 /// Polls until sandbox `id` has used `more` ns of CPU time beyond `from`.
@@ -1131,7 +1134,10 @@ fn daemonless_pause_freezes_and_resume_thaws() {
         "{}",
         text(&out.stdout)
     );
-    assert_eq!(only_sandbox(&env).state, api::model::SandboxState::Paused);
+    assert_eq!(
+        only_sandbox(&env).state,
+        mvm_sandbox::model::SandboxState::Paused
+    );
     // Frozen: not a millisecond of CPU time in 300 ms (the loop would use all of them).
     let frozen = cpu_ns(&env, &id);
     std::thread::sleep(Duration::from_millis(300));
@@ -1148,7 +1154,10 @@ fn daemonless_pause_freezes_and_resume_thaws() {
         "{}",
         text(&out.stdout)
     );
-    assert_eq!(only_sandbox(&env).state, api::model::SandboxState::Running);
+    assert_eq!(
+        only_sandbox(&env).state,
+        mvm_sandbox::model::SandboxState::Running
+    );
     wait_cpu_beyond(&env, &id, later, 50_000_000);
     let out = env.run(&["rm", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -1177,13 +1186,15 @@ fn daemonless_cpus_and_memory_reach_the_cgroups() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let s = only_sandbox(&env);
     assert_eq!((s.vcpus, s.memory_mib), (2, 96));
-    let cgroups = api::manager::cgroups::LimitCgroups::of(&env.cgroup_parent, &s.id)
+    let cgroups = mvm_sandbox::manager::cgroups::LimitCgroups::of(&env.cgroup_parent, &s.id)
         .expect("the sandbox's cgroups");
     let (quota, period) = cgroups.cpu_quota().expect("cpu quota");
     assert_eq!(quota, Some(2 * period), "2 cores of CFS bandwidth");
     let (dir, file) = match &cgroups {
-        api::manager::cgroups::LimitCgroups::V1 { memory, .. } => (memory, "memory.limit_in_bytes"),
-        api::manager::cgroups::LimitCgroups::V2(dir) => (dir, "memory.max"),
+        mvm_sandbox::manager::cgroups::LimitCgroups::V1 { memory, .. } => {
+            (memory, "memory.limit_in_bytes")
+        }
+        mvm_sandbox::manager::cgroups::LimitCgroups::V2(dir) => (dir, "memory.max"),
     };
     let limit = std::fs::read_to_string(dir.join(file)).expect("memory limit");
     assert_eq!(limit.trim(), (96u64 << 20).to_string(), "{}", dir.display());

@@ -16,7 +16,7 @@ pub enum Error {
     State(String),
     /// From the sandbox manager (e.g. the vm tier on a host that cannot run VMs).
     #[error("mvm: {0}")]
-    Manager(#[from] api::Error),
+    Manager(#[from] mvm_sandbox::Error),
     /// From the sandbox's agent.
     #[error("mvm sandbox agent: {0}")]
     Agent(#[from] agent::ClientError),
@@ -42,16 +42,18 @@ impl From<Error> for ttrpc::Error {
             Error::NotFound(_) => Code::NOT_FOUND,
             Error::State(_) => Code::FAILED_PRECONDITION,
             Error::Manager(m) => match m {
-                api::Error::TierUnavailable(_) | api::Error::Conflict(_) => {
+                mvm_sandbox::Error::TierUnavailable(_) | mvm_sandbox::Error::Conflict(_) => {
                     Code::FAILED_PRECONDITION
                 }
-                api::Error::Invalid(_) | api::Error::BadRequest(_) | api::Error::TooLarge(_) => {
-                    Code::INVALID_ARGUMENT
+                mvm_sandbox::Error::Invalid(_)
+                | mvm_sandbox::Error::BadRequest(_)
+                | mvm_sandbox::Error::TooLarge(_) => Code::INVALID_ARGUMENT,
+                mvm_sandbox::Error::NotFound(_) => Code::NOT_FOUND,
+                mvm_sandbox::Error::Quota(_) => Code::RESOURCE_EXHAUSTED,
+                mvm_sandbox::Error::Unauthorized | mvm_sandbox::Error::Forbidden(_) => {
+                    Code::PERMISSION_DENIED
                 }
-                api::Error::NotFound(_) => Code::NOT_FOUND,
-                api::Error::Quota(_) => Code::RESOURCE_EXHAUSTED,
-                api::Error::Unauthorized | api::Error::Forbidden(_) => Code::PERMISSION_DENIED,
-                api::Error::Agent(_) | api::Error::Host(_) => Code::INTERNAL,
+                mvm_sandbox::Error::Agent(_) | mvm_sandbox::Error::Host(_) => Code::INTERNAL,
             },
             Error::Agent(_) | Error::Host(_) => Code::INTERNAL,
         };
@@ -72,19 +74,25 @@ mod tests {
 
     #[test]
     fn manager_errors_keep_their_meaning() {
-        let m = |e: api::Error| code(Error::Manager(e));
-        assert_eq!(m(api::Error::Quota("q".into())), Code::RESOURCE_EXHAUSTED);
+        let m = |e: mvm_sandbox::Error| code(Error::Manager(e));
         assert_eq!(
-            m(api::Error::Conflict("c".into())),
+            m(mvm_sandbox::Error::Quota("q".into())),
+            Code::RESOURCE_EXHAUSTED
+        );
+        assert_eq!(
+            m(mvm_sandbox::Error::Conflict("c".into())),
             Code::FAILED_PRECONDITION
         );
         assert_eq!(
-            m(api::Error::TierUnavailable("t".into())),
+            m(mvm_sandbox::Error::TierUnavailable("t".into())),
             Code::FAILED_PRECONDITION
         );
-        assert_eq!(m(api::Error::Invalid("i".into())), Code::INVALID_ARGUMENT);
-        assert_eq!(m(api::Error::NotFound("n".into())), Code::NOT_FOUND);
-        assert_eq!(m(api::Error::Host("h".into())), Code::INTERNAL);
+        assert_eq!(
+            m(mvm_sandbox::Error::Invalid("i".into())),
+            Code::INVALID_ARGUMENT
+        );
+        assert_eq!(m(mvm_sandbox::Error::NotFound("n".into())), Code::NOT_FOUND);
+        assert_eq!(m(mvm_sandbox::Error::Host("h".into())), Code::INTERNAL);
         assert_eq!(code(Error::State("s".into())), Code::FAILED_PRECONDITION);
     }
 }

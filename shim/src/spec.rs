@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use api::model::{CreateSandbox, Isolation};
+use mvm_sandbox::model::{CreateSandbox, Isolation};
 use oci_spec::runtime::{Process, Spec};
 
 use crate::error::{Error, Result};

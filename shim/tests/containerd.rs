@@ -544,7 +544,7 @@ fn vm_tier_fails_clearly_without_hardware_kvm() {
     if !can_run("vm_tier_fails_clearly_without_hardware_kvm") {
         return;
     }
-    if api::manager::host::vm_tier_unavailable(false).is_none() {
+    if mvm_sandbox::manager::vm_tier_unavailable(false).is_none() {
         eprintln!(
             "SKIPPED vm_tier_fails_clearly_without_hardware_kvm: this host can run VMs; the vm \
              tier under containerd is exercised by the nested harness (tests/nested)"

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use api::db::Quota;
-use api::model::{AllowedIsolation, Isolation};
 use api::server::{ServeConfig, DEFAULT_SOCKET};
-use api::{Manager, ManagerConfig};
 use clap::{Parser, Subcommand};
+use mvm_sandbox::db::Quota;
+use mvm_sandbox::model::{AllowedIsolation, Isolation};
+use mvm_sandbox::{Manager, ManagerConfig};
 
 /// mvm sandbox daemon: REST API on a unix socket (and optionally TCP).
 #[derive(Debug, Parser)]
@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> api::Result<()> {
+async fn run(cli: Cli) -> mvm_sandbox::Result<()> {
     let mut cfg = ManagerConfig::from_env();
     if let Some(d) = cli.state_dir {
         cfg.state_dir = d;
@@ -150,9 +150,9 @@ async fn run(cli: Cli) -> api::Result<()> {
                 },
         }) => {
             std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-                api::Error::host(format!("creating {}", cfg.state_dir.display()), e)
+                mvm_sandbox::Error::host(format!("creating {}", cfg.state_dir.display()), e)
             })?;
-            let db = api::db::Db::open(&cfg.state_dir.join("mvm.db"))?;
+            let db = mvm_sandbox::db::Db::open(&cfg.state_dir.join("mvm.db"))?;
             let token = db.create_tenant(
                 &name,
                 Quota {
@@ -175,7 +175,7 @@ async fn run(cli: Cli) -> api::Result<()> {
     }
 }
 
-async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> api::Result<()> {
+async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> mvm_sandbox::Result<()> {
     if let Some(i) = args.isolation {
         cfg.default_isolation = i;
     }

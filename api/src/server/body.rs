@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
 
 use super::AppState;
-use crate::bounds::{Bounds, REQUEST_BODY_LIMIT_ENV, UPLOAD_LIMIT_ENV};
-use crate::error::Error;
+use crate::error::ApiError;
+use mvm_sandbox::bounds::{Bounds, REQUEST_BODY_LIMIT_ENV, UPLOAD_LIMIT_ENV};
+use mvm_sandbox::Error;
 
 /// Whether a call is a file upload, whose body is the file (`PUT /v1/sandboxes/{id}/files`).
 fn is_upload(method: &Method, path: &str) -> bool {
@@ -53,7 +54,7 @@ pub async fn limit(State(state): State<AppState>, req: Request, next: Next) -> R
         bounds.request_body as u64
     };
     match content_length(req.headers()) {
-        Some(len) if len > limit => too_large(upload, limit).into_response(),
+        Some(len) if len > limit => ApiError::from(too_large(upload, limit)).into_response(),
         _ => next.run(req).await,
     }
 }
@@ -140,7 +141,7 @@ mod tests {
             got[0].is_ok() && got[1].is_ok() && got[2].is_err(),
             "{got:?}"
         );
-        let err = limit.error(Error::Host("put".into()));
+        let err = ApiError(limit.error(Error::Host("put".into())));
         assert_eq!(err.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
         assert!(err.to_string().contains(UPLOAD_LIMIT_ENV), "{err}");
     }

@@ -14,9 +14,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::{ApiJson, ApiPath, AppState, Auth};
-use crate::bounds::WS_MESSAGE_LIMIT;
-use crate::error::{Error, ErrorBody, Result};
-use crate::model::{ExecEvent, ExecRequest, ExecResult, ExitInfo, WsControl};
+use crate::error::Result;
+use mvm_sandbox::bounds::WS_MESSAGE_LIMIT;
+use mvm_sandbox::model::{ExecEvent, ExecRequest, ExecResult, ExitInfo, WsControl};
+use mvm_sandbox::{Error, ErrorBody};
 
 /// First byte of a websocket binary frame from the server: which stream the rest is.
 pub const WS_STDOUT: u8 = 1;
@@ -211,7 +212,8 @@ pub async fn exec(
     if req.tty {
         return Err(Error::Invalid(
             "tty needs the interactive websocket: GET /v1/sandboxes/{id}/exec/ws".into(),
-        ));
+        )
+        .into());
     }
     if !req.stream {
         return Ok(buffered(state.manager.exec(&tenant.name, &id, &req).await?));

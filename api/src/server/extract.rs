@@ -9,8 +9,9 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
-use crate::db::Tenant;
-use crate::error::{Error, ErrorBody};
+use crate::error::ApiError;
+use mvm_sandbox::db::Tenant;
+use mvm_sandbox::{Error, ErrorBody};
 
 /// The bearer token of a request, if it has one.
 pub fn token(headers: &HeaderMap) -> Option<&str> {
@@ -27,16 +28,16 @@ pub fn token(headers: &HeaderMap) -> Option<&str> {
 pub struct Auth(pub Tenant);
 
 impl FromRequestParts<AppState> for Auth {
-    type Rejection = Error;
+    type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
-        let token = token(&parts.headers).ok_or(Error::Unauthorized)?;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = token(&parts.headers).ok_or(ApiError(Error::Unauthorized))?;
         state
             .manager
             .db()
             .tenant_for_token(token)?
             .map(Auth)
-            .ok_or(Error::Unauthorized)
+            .ok_or(ApiError(Error::Unauthorized))
     }
 }
 
@@ -72,20 +73,21 @@ impl FromRequestParts<AppState> for Admin {
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
-    type Rejection = Error;
+    type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, Error> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(super::body::json_too_large(&state.manager.config().bounds))
+                Err(super::body::json_too_large(&state.manager.config().bounds).into())
             }
-            Err(JsonRejection::JsonDataError(e)) => Err(Error::Invalid(e.body_text())),
-            Err(JsonRejection::JsonSyntaxError(e)) => Err(Error::BadRequest(e.body_text())),
+            Err(JsonRejection::JsonDataError(e)) => Err(Error::Invalid(e.body_text()).into()),
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(Error::BadRequest(e.body_text()).into()),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::BadRequest(
                 "send the body as JSON with `Content-Type: application/json`".into(),
-            )),
-            Err(e) => Err(Error::BadRequest(e.body_text())),
+            )
+            .into()),
+            Err(e) => Err(Error::BadRequest(e.body_text()).into()),
         }
     }
 }
@@ -94,13 +96,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
 pub struct ApiQuery<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = Error;
+    type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| ApiQuery(q.0))
-            .map_err(|e: QueryRejection| Error::BadRequest(e.body_text()))
+            .map_err(|e: QueryRejection| ApiError(Error::BadRequest(e.body_text())))
     }
 }
 
@@ -108,12 +110,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 pub struct ApiPath<T>(pub T);
 
 impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
-    type Rejection = Error;
+    type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| ApiPath(p.0))
-            .map_err(|e| Error::BadRequest(e.body_text()))
+            .map_err(|e| ApiError(Error::BadRequest(e.body_text())))
     }
 }

@@ -19,11 +19,12 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::db::Tenant;
-use crate::error::{Error, ErrorBody, Result};
-use crate::manager::Manager;
-use crate::model::*;
+use crate::error::{ApiError, Result};
 pub use extract::{Admin, ApiJson, ApiPath, ApiQuery, Auth};
+use mvm_sandbox::db::Tenant;
+use mvm_sandbox::manager::Manager;
+use mvm_sandbox::model::*;
+use mvm_sandbox::{Error, ErrorBody};
 use templates::TemplateDirs;
 
 /// Shared state of the handlers.
@@ -83,7 +84,9 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
     let shared = Arc::new(doc.clone());
     let router = router
         .layer(axum::Extension(shared))
-        .fallback(|| async { Error::NotFound("no such route; see /openapi.json".into()) })
+        .fallback(|| async {
+            ApiError::from(Error::NotFound("no such route; see /openapi.json".into()))
+        })
         .method_not_allowed_fallback(|| async {
             (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -194,7 +197,7 @@ async fn delete_sandbox(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn file_mode(q: &FileQuery) -> Result<u32> {
+fn file_mode(q: &FileQuery) -> mvm_sandbox::Result<u32> {
     match &q.mode {
         None => Ok(0o644),
         Some(m) => u32::from_str_radix(m, 8)
@@ -206,7 +209,7 @@ fn file_mode(q: &FileQuery) -> Result<u32> {
     }
 }
 
-fn check_path(path: &str) -> Result<()> {
+fn check_path(path: &str) -> mvm_sandbox::Result<()> {
     if !path.starts_with('/') || path.contains('\0') {
         return Err(Error::BadRequest(format!("path {path:?} must be absolute")));
     }
@@ -252,7 +255,7 @@ async fn get_file(
     let client = state.manager.agent(&tenant.name, &id).await?;
     let stat = client.stat(&q.path).await?;
     if stat.kind != agent::FileKind::File {
-        return Err(Error::Invalid(format!("{} is not a regular file", q.path)));
+        return Err(Error::Invalid(format!("{} is not a regular file", q.path)).into());
     }
     let (mut writer, reader) = tokio::io::duplex(256 * 1024);
     let path = q.path.clone();
@@ -338,12 +341,12 @@ async fn stats(
 }
 
 /// What `GET /v1/sandboxes/{id}/stats` answers for sandbox `id` of `tenant`.
-pub fn usage(manager: &Manager, tenant: &str, id: &str) -> Result<SandboxUsage> {
+pub fn usage(manager: &Manager, tenant: &str, id: &str) -> mvm_sandbox::Result<SandboxUsage> {
     let sandbox = manager.get(tenant, id)?;
     Ok(SandboxUsage {
         stats: manager.stats(tenant, id)?,
         isolation: sandbox.isolation,
-        rss_bytes: crate::manager::cgroups::cgroup_rss(&manager.config().cgroup_parent, id),
+        rss_bytes: mvm_sandbox::manager::cgroups::cgroup_rss(&manager.config().cgroup_parent, id),
     })
 }
 
@@ -432,7 +435,7 @@ pub const TOKEN_FILE: &str = "token";
 
 /// Makes sure tenant `default` exists and its token is in `<state_dir>/token`; returns the token.
 /// A tenant `default` made here is an admin.
-pub fn ensure_default_token(manager: &Manager) -> Result<String> {
+pub fn ensure_default_token(manager: &Manager) -> mvm_sandbox::Result<String> {
     let path = manager.config().state_dir.join(TOKEN_FILE);
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_owned();
@@ -442,7 +445,7 @@ pub fn ensure_default_token(manager: &Manager) -> Result<String> {
     }
     let token = manager
         .db()
-        .create_tenant("default", crate::db::Quota::default())?;
+        .create_tenant("default", mvm_sandbox::db::Quota::default())?;
     // The operator's token (the file is root's alone): it may register templates.
     manager.db().set_admin("default", true)?;
     use std::io::Write as _;
@@ -459,7 +462,7 @@ pub fn ensure_default_token(manager: &Manager) -> Result<String> {
 }
 
 /// Serves the API until SIGINT or SIGTERM, destroying sandboxes whose timeout passed.
-pub async fn serve(manager: Manager, cfg: ServeConfig) -> Result<()> {
+pub async fn serve(manager: Manager, cfg: ServeConfig) -> mvm_sandbox::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = cfg.socket.parent() {
         std::fs::create_dir_all(dir)

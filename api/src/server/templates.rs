@@ -6,10 +6,11 @@
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use crate::db;
-use crate::error::{Error, Result};
-use crate::manager::{Manager, ManagerConfig};
-use crate::model::Template;
+use mvm_sandbox::db;
+
+use mvm_sandbox::manager::{Manager, ManagerConfig};
+use mvm_sandbox::model::Template;
+use mvm_sandbox::{Error, Result};
 
 /// Environment variable naming the template directory.
 pub const TEMPLATE_DIR_ENV: &str = "MVM_TEMPLATE_DIR";

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use api::client::{Client, ClientError};
-use api::http::Endpoint;
-use api::model::{CreateSandbox, ExecRequest, Isolation};
+use mvm_client::{Client, ClientError};
+use mvm_sandbox::http::Endpoint;
+use mvm_sandbox::model::{CreateSandbox, ExecRequest, Isolation};
 
 /// A create request for the jail tier, defaults otherwise.
 pub fn jail() -> CreateSandbox {
@@ -45,8 +45,9 @@ pub fn is_sandbox_id(name: &str) -> bool {
 }
 
 /// This host's cgroup mode, as the manager detects it.
-pub fn cgroup_mode() -> &'static api::manager::cgroups::CgroupMode {
-    api::manager::cgroups::CgroupMode::host().expect("this host's cgroups cannot hold sandboxes")
+pub fn cgroup_mode() -> &'static mvm_sandbox::manager::cgroups::CgroupMode {
+    mvm_sandbox::manager::cgroups::CgroupMode::host()
+        .expect("this host's cgroups cannot hold sandboxes")
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -316,7 +317,7 @@ impl Daemon {
         let ids = self.ids.lock().expect("ids").clone();
         let veths: BTreeSet<String> = ids
             .iter()
-            .map(|id| api::manager::net::host_veth(id))
+            .map(|id| mvm_sandbox::manager::net::host_veth(id))
             .collect();
         // The host guard of a sandbox with egress, the masquerade table of an `egress: all` one.
         let tables = Command::new("nft")
@@ -411,7 +412,7 @@ impl Drop for Daemon {
             }
         }
         for id in ids.iter().filter(|id| is_sandbox_id(id)) {
-            let _ = api::manager::net::destroy(&self.run_dir().join("netns").join(id), id);
+            let _ = mvm_sandbox::manager::net::destroy(&self.run_dir().join("netns").join(id), id);
         }
         let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()

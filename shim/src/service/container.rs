@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use ::api::model::Sandbox;
 use containerd_shim::event::Event;
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{TaskDelete, TaskPaused, TaskResumed};
+use mvm_sandbox::model::Sandbox;
 
 use super::oom::OomWatch;
 use super::process::{Exit, Process};
@@ -144,7 +144,7 @@ impl TaskService {
                     .await
                 {
                     // The pod's sandbox went first.
-                    Err(::api::Error::NotFound(_)) | Ok(()) => {}
+                    Err(mvm_sandbox::Error::NotFound(_)) | Ok(()) => {}
                     Err(e) => return Err(e.into()),
                 }
             }

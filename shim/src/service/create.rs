@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use ::api::manager::ContainerSandbox;
-use ::api::model::Isolation;
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{TaskCreate, TaskIO};
 use containerd_shim::protos::protobuf::MessageField;
+use mvm_sandbox::manager::ContainerSandbox;
+use mvm_sandbox::model::Isolation;
 
 use super::container::{pod_sandbox, Container};
 use super::process::{Process, Stdio};
@@ -67,7 +67,7 @@ impl TaskService {
             Some(None) => {
                 let _ = unmount(&rootfs);
                 return Err(Error::State(format!(
-                    "container {} joins pod {}, whose sandbox container this shim does not                      run",
+                    "container {} joins pod {}, whose sandbox container this shim does not run",
                     req.id,
                     pod.unwrap_or_default()
                 )));
@@ -114,11 +114,13 @@ impl TaskService {
                     isolation.as_str()
                 );
                 return Err(match e {
-                    ::api::Error::TierUnavailable(why) => ::api::Error::TierUnavailable(format!(
-                        "{why}. Use the jail tier: annotate the container with {}=jail, \
+                    mvm_sandbox::Error::TierUnavailable(why) => {
+                        mvm_sandbox::Error::TierUnavailable(format!(
+                            "{why}. Use the jail tier: annotate the container with {}=jail, \
                              or give containerd MVM_ISOLATION=jail",
-                        spec::ISOLATION_ANNOTATION
-                    )),
+                            spec::ISOLATION_ANNOTATION
+                        ))
+                    }
                     e => e,
                 }
                 .into());

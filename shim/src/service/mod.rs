@@ -17,12 +17,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ::api::db::Tenant;
-use ::api::Manager;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::event::Event;
 use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::publisher::RemotePublisher;
+use mvm_sandbox::db::Tenant;
+use mvm_sandbox::Manager;
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::error::Result;

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::api::manager::cgroups::LimitCgroups;
 use containerd_shim::protos::events::task::TaskOOM;
+use mvm_sandbox::manager::cgroups::LimitCgroups;
 use tokio::sync::Mutex;
 
 use super::TaskService;

@@ -1,12 +1,12 @@
 //! Task.Update and Task.Stats: the sandbox's limits changed live, and its usage.
 
-use ::api::manager::LimitsUpdate;
 use containerd_shim::protos::api;
 use containerd_shim::protos::cgroups::metrics::{
     CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
 };
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::util::convert_to_any;
+use mvm_sandbox::manager::LimitsUpdate;
 
 use super::container::{container, own_sandbox};
 use super::TaskService;

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ::api::db::Tenant;
-use ::api::{Manager, ManagerConfig};
+use mvm_sandbox::db::Tenant;
+use mvm_sandbox::{Manager, ManagerConfig};
 
 use crate::error::{Error, Result};
 

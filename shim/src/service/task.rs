@@ -79,8 +79,10 @@ impl Task for TaskService {
         let (manager, _) = self.manager().await?;
         let mut slot = self.inner.containers.lock().await;
         let c = container(&mut slot, &req.id)?;
-        let pids =
-            ::api::manager::cgroups::cgroup_pids(&manager.config().cgroup_parent, &c.sandbox.id);
+        let pids = mvm_sandbox::manager::cgroups::cgroup_pids(
+            &manager.config().cgroup_parent,
+            &c.sandbox.id,
+        );
         Ok(api::PidsResponse {
             processes: pids
                 .into_iter()

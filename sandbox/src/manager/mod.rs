@@ -21,7 +21,7 @@ pub mod cgroups;
 mod console;
 mod create;
 mod exec;
-pub mod host;
+mod host;
 mod limits;
 mod lock;
 pub mod net;
@@ -32,6 +32,7 @@ mod teardown;
 mod templates;
 mod tier;
 
+pub use host::{jailer_pids, vm_tier_unavailable};
 pub use limits::LimitsUpdate;
 
 use std::collections::{BTreeMap, HashMap};

@@ -6,9 +6,9 @@ use hyper::Request;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::ErrorBody;
-use crate::http::{send, send_collect, Endpoint, HttpError};
-use crate::model::*;
+use mvm_sandbox::error::ErrorBody;
+use mvm_sandbox::http::{send, send_collect, Endpoint, HttpError};
+use mvm_sandbox::model::*;
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
