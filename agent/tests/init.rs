@@ -110,7 +110,10 @@ fn overlay_root_and_pivot_root_in_a_mount_namespace() {
         return;
     }
     if let Some(reason) = missing_prerequisite() {
-        eprintln!("SKIPPED overlay_root_and_pivot_root_in_a_mount_namespace: {reason}");
+        mvm_testkit::skip_or_fail_in_ci(
+            "overlay_root_and_pivot_root_in_a_mount_namespace",
+            &reason,
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -130,11 +133,11 @@ fn ext4_on_loop(image: &Path, content: Option<&Path>, test: &str) -> Option<Loop
         mkfs.arg("-d").arg(dir);
     }
     if !matches!(mkfs.arg(image).arg("16M").status(), Ok(s) if s.success()) {
-        eprintln!("SKIPPED {test}: mkfs.ext4 unavailable or failed");
+        mvm_testkit::skip_or_fail_in_ci(test, "mkfs.ext4 unavailable or failed");
         return None;
     }
     LoopDevice::attach(image)
-        .map_err(|e| eprintln!("SKIPPED {test}: no loop device ({e})"))
+        .map_err(|e| mvm_testkit::skip_or_fail_in_ci(test, &format!("no loop device ({e})")))
         .ok()
 }
 
@@ -179,7 +182,7 @@ fn overlay_root_on_a_persistent_disk() {
         return;
     }
     if let Some(reason) = missing_prerequisite() {
-        eprintln!("SKIPPED overlay_root_on_a_persistent_disk: {reason}");
+        mvm_testkit::skip_or_fail_in_ci("overlay_root_on_a_persistent_disk", &reason);
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -206,7 +209,7 @@ fn container_root_on_its_own_disk() {
         return;
     }
     if let Some(reason) = missing_prerequisite() {
-        eprintln!("SKIPPED container_root_on_its_own_disk: {reason}");
+        mvm_testkit::skip_or_fail_in_ci("container_root_on_its_own_disk", &reason);
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -264,11 +267,11 @@ fn power_down_leaves_the_disks_clean() {
     }
     const TEST: &str = "power_down_leaves_the_disks_clean";
     if let Some(reason) = missing_prerequisite() {
-        eprintln!("SKIPPED {TEST}: {reason}");
+        mvm_testkit::skip_or_fail_in_ci(TEST, &reason);
         return;
     }
     if Command::new("e2fsck").arg("-V").output().is_err() {
-        eprintln!("SKIPPED {TEST}: needs e2fsck(8)");
+        mvm_testkit::skip_or_fail_in_ci(TEST, "needs e2fsck(8)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -473,7 +476,7 @@ fn network_and_hostname_in_fresh_namespaces() {
         return;
     }
     if let Some(reason) = missing_prerequisite() {
-        eprintln!("SKIPPED network_and_hostname_in_fresh_namespaces: {reason}");
+        mvm_testkit::skip_or_fail_in_ci("network_and_hostname_in_fresh_namespaces", &reason);
         return;
     }
     let stdout = run_in_namespace(
@@ -526,7 +529,7 @@ fn network_child() {
 #[test]
 fn agent_as_pid_1_of_a_pid_namespace() {
     if let Some(reason) = missing_prerequisite() {
-        eprintln!("SKIPPED agent_as_pid_1_of_a_pid_namespace: {reason}");
+        mvm_testkit::skip_or_fail_in_ci("agent_as_pid_1_of_a_pid_namespace", &reason);
         return;
     }
     // Not under /tmp or /run (the agent mounts fresh ones in its namespace), wherever the

@@ -812,7 +812,10 @@ async fn shutdown_stops_a_host_agent() {
 async fn exec_as_another_user() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED exec_as_another_user: the agent must run as root to switch users");
+        mvm_testkit::skip_or_fail_in_ci(
+            "exec_as_another_user",
+            "the agent must run as root to switch users",
+        );
         return;
     }
     let agent = AgentProcess::start();
@@ -898,13 +901,17 @@ impl Drop for Unmounted {
 async fn containers_with_their_own_roots() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED containers_with_their_own_roots: mounting and chroot need root");
+        mvm_testkit::skip_or_fail_in_ci(
+            "containers_with_their_own_roots",
+            "mounting and chroot need root",
+        );
         return;
     }
     let busybox = std::path::Path::new("/bin/busybox");
     if !busybox.is_file() {
-        eprintln!(
-            "SKIPPED containers_with_their_own_roots: /bin/busybox (busybox-static) is missing"
+        mvm_testkit::skip_or_fail_in_ci(
+            "containers_with_their_own_roots",
+            "/bin/busybox (busybox-static) is missing",
         );
         return;
     }
