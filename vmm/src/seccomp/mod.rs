@@ -130,8 +130,9 @@ thread_local! {
 
 extern "C" fn handle_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SIGSYS; for SYS_SECCOMP the syscall number
-    // sits at byte offset 24 (after si_signo, si_errno, si_code, padding and si_call_addr).
-    let syscall = unsafe { *((info as *const u8).add(24) as *const i32) };
+    // sits at byte offset 24 (after si_signo, si_errno, si_code, padding and si_call_addr),
+    // inside the struct and 4-byte aligned since siginfo_t is pointer-aligned.
+    let syscall = unsafe { *info.cast::<u8>().add(24).cast::<i32>() };
     let kind = THREAD_FILTER.with(|k| k.get());
     let mut msg = [0u8; 128];
     let mut len = 0;

@@ -344,7 +344,7 @@ mod tests {
             assert!(held.len() < 100_000, "the backlog never filled");
         };
         assert_eq!(err.kind(), ErrorKind::WouldBlock, "{err}");
-        assert!(connect_nonblocking(&format!("{path}.missing")).is_err());
+        connect_nonblocking(&format!("{path}.missing")).unwrap_err();
         assert_eq!(
             connect_nonblocking(&"x".repeat(200)).unwrap_err().kind(),
             ErrorKind::InvalidInput
