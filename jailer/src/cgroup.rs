@@ -379,20 +379,18 @@ mod tests {
     #[test]
     fn v2_core_keys_are_limited() {
         let h = Hierarchies::parse(HYBRID);
-        assert!(
-            CgroupPlan::resolve_in(&h, CgroupVersion::V2, &[setting("cgroup.max.depth=1")]).is_ok()
-        );
+        CgroupPlan::resolve_in(&h, CgroupVersion::V2, &[setting("cgroup.max.depth=1")]).unwrap();
         let err = CgroupPlan::resolve_in(&h, CgroupVersion::V2, &[setting("cgroup.procs=1")])
             .unwrap_err();
         assert!(
             err.to_string().contains("only cgroup.max.descendants"),
             "{err}"
         );
-        assert!(CgroupPlan::resolve_in(
+        CgroupPlan::resolve_in(
             &Hierarchies::default(),
             CgroupVersion::V2,
-            &[setting("cgroup.max.depth=1")]
+            &[setting("cgroup.max.depth=1")],
         )
-        .is_err());
+        .unwrap_err();
     }
 }

@@ -236,11 +236,9 @@ impl Jail {
             unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) };
         check(ret, || "unshare(mount, ipc, uts namespaces)".into())?;
         let host = CString::new(c.id.as_str()).expect("validated id has no NUL");
-        // SAFETY: `host` is valid for `len` bytes.
-        check(
-            unsafe { libc::sethostname(host.as_ptr(), c.id.len()) },
-            || "sethostname".into(),
-        )?;
+        // SAFETY: `host` holds the `c.id.len()` bytes passed and outlives the call.
+        let ret = unsafe { libc::sethostname(host.as_ptr(), c.id.len()) };
+        check(ret, || "sethostname".into())?;
         chroot::pivot_into(c, &self.root)?;
         if c.mount_proc {
             chroot::mount_proc()?;
@@ -302,10 +300,8 @@ fn apply_landlock(c: &JailConfig) -> Result<()> {
 fn cloexec_pipe() -> Result<(File, File)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two fds pipe2 writes.
-    check(
-        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
-        || "pipe2".into(),
-    )?;
+    let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    check(ret, || "pipe2".into())?;
     // SAFETY: both fds were just created and are owned by nothing else.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     Ok((File::from(rd), File::from(wr)))

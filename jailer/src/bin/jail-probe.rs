@@ -94,8 +94,8 @@ fn report(write_paths: &[String]) -> BTreeMap<&'static str, String> {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|e| errno_name(&e)),
     );
-    // SAFETY (all libc calls below): plain syscalls with integer arguments or valid,
-    // NUL-terminated strings and buffers that outlive the call.
+    // SAFETY: every libc call in this block is a plain syscall with integer arguments or
+    // valid, NUL-terminated strings and buffers that outlive the call.
     unsafe {
         r.insert("uid", format!("{}/{}", libc::getuid(), libc::geteuid()));
         r.insert("gid", format!("{}/{}", libc::getgid(), libc::getegid()));
@@ -492,8 +492,8 @@ fn syscalls() -> BTreeMap<&'static str, String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     r.insert("seccomp_mode", status_field(&status, "Seccomp:"));
     r.insert("seccomp_filters", status_field(&status, "Seccomp_filters:"));
-    // SAFETY (all calls below): raw syscalls with integer arguments or pointers to live,
-    // properly sized locals; children of fork-like calls leave at once.
+    // SAFETY: every call in this block is a raw syscall with integer arguments or pointers to
+    // live, properly sized locals; children of fork-like calls leave at once.
     unsafe {
         r.insert(
             "unshare_user",
