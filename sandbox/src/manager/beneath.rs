@@ -174,7 +174,7 @@ mod tests {
         std::fs::remove_file(tenant.join("run")).unwrap();
         std::fs::create_dir(tenant.join("run")).unwrap();
         std::fs::write(tenant.join("run/agent.sock"), "").unwrap();
-        assert!(JailSocket::open(&tenant, Path::new("run/agent.sock"), uid).is_err());
+        JailSocket::open(&tenant, Path::new("run/agent.sock"), uid).unwrap_err();
     }
 
     #[test]
@@ -183,7 +183,7 @@ mod tests {
         let target = dir.path().join("host-file");
         std::fs::write(&target, "precious").unwrap();
         std::os::unix::fs::symlink(&target, dir.path().join("staged")).unwrap();
-        assert!(create_new_file(dir.path(), "staged", 0o600).is_err());
+        create_new_file(dir.path(), "staged", 0o600).unwrap_err();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
         create_new_file(dir.path(), "fresh", 0o600).unwrap();
     }

@@ -202,14 +202,14 @@ mod tests {
                 period_us,
             })
         };
-        assert!(q(50_000, 100_000).is_ok());
-        assert!(q(1_000, 1_000).is_ok());
-        assert!(q(32_000_000, 1_000_000).is_ok());
+        q(50_000, 100_000).unwrap();
+        q(1_000, 1_000).unwrap();
+        q(32_000_000, 1_000_000).unwrap();
         let err = q(32_000_001, 1_000_000).unwrap_err().to_string();
         assert!(err.contains("32000000"), "{err}");
-        assert!(q(999, 100_000).is_err());
-        assert!(q(50_000, 999).is_err());
-        assert!(q(50_000, 1_000_001).is_err());
+        q(999, 100_000).unwrap_err();
+        q(50_000, 999).unwrap_err();
+        q(50_000, 1_000_001).unwrap_err();
     }
 
     #[test]
@@ -236,8 +236,8 @@ mod tests {
             metadata: BTreeMap::new(),
         };
         assert_eq!(memory_change(&s, 100 << 20).unwrap(), Some(100 << 20));
-        assert!(memory_change(&s, (16 << 20) - 1).is_err());
-        assert!(memory_change(&s, (65536 << 20) + 1).is_err());
+        memory_change(&s, (16 << 20) - 1).unwrap_err();
+        memory_change(&s, (65536 << 20) + 1).unwrap_err();
         s.isolation = Isolation::Vm;
         // The current size is no change; anything else is refused, saying why.
         assert_eq!(memory_change(&s, 256 << 20).unwrap(), None);

@@ -260,8 +260,8 @@ mod tests {
             egress,
             allow: allow.iter().map(|s| s.to_string()).collect(),
         };
-        assert!(validate(&spec(Egress::Allow, &[])).is_err());
-        assert!(validate(&spec(Egress::None, &["1.2.3.4"])).is_err());
+        validate(&spec(Egress::Allow, &[])).unwrap_err();
+        validate(&spec(Egress::None, &["1.2.3.4"])).unwrap_err();
         assert_eq!(
             validate(&spec(Egress::Allow, &["1.2.3.4"])).unwrap().allow,
             ["1.2.3.4/32"]

@@ -196,6 +196,6 @@ mod tests {
         let only_lo = r#"[{"ifname":"lo","address":"00:00:00:00:00:00","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]}]"#;
         let err = find_uplink(only_lo, "[]").unwrap_err().to_string();
         assert!(err.contains("CNI"), "{err}");
-        assert!(find_uplink("not json", "[]").is_err());
+        find_uplink("not json", "[]").unwrap_err();
     }
 }
