@@ -4,6 +4,7 @@
 
 mod backend;
 mod build;
+mod mcp;
 mod tty;
 
 use std::collections::BTreeMap;
@@ -165,6 +166,9 @@ enum Command {
     Templates,
     /// Build the guest kernel and base image and register them as a template.
     Build(build::BuildArgs),
+    /// Serve the Model Context Protocol on stdin/stdout: tools to create sandboxes, run shell
+    /// command lines and move files in them; the session's sandboxes go when it ends.
+    Mcp,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -488,6 +492,10 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Pause { id } => show(&backend.set_paused(&id, true).await?, json),
         Command::Resume { id } => show(&backend.set_paused(&id, false).await?, json),
+        Command::Mcp => {
+            mcp::serve(backend).await?;
+            Ok(0)
+        }
         Command::Templates => {
             let list = backend.templates().await?;
             if json {
