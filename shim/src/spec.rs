@@ -284,14 +284,14 @@ mod tests {
             .cwd("/")
             .build()
             .unwrap();
-        assert!(exec_request(&bad, Isolation::Jail, false).is_err());
+        exec_request(&bad, Isolation::Jail, false).unwrap_err();
         let bad = ProcessBuilder::default()
             .args(vec!["x".to_owned()])
             .env(vec!["NOEQUALS".to_owned()])
             .cwd("/")
             .build()
             .unwrap();
-        assert!(exec_request(&bad, Isolation::Jail, false).is_err());
+        exec_request(&bad, Isolation::Jail, false).unwrap_err();
     }
 
     #[test]

@@ -152,11 +152,11 @@ mod tests {
         let err = limits_update(&unlimited).unwrap_err().to_string();
         assert!(err.contains("unlimited memory limit"), "{err}");
         let unlimited = resources(URL, r#"{"cpu":{"quota":-1}}"#);
-        assert!(limits_update(&unlimited).is_err());
+        limits_update(&unlimited).unwrap_err();
         let windows = resources("types.containerd.io/WindowsResources", "{}");
         let err = limits_update(&windows).unwrap_err().to_string();
         assert!(err.contains("LinuxResources"), "{err}");
-        assert!(limits_update(&resources(URL, "{not json")).is_err());
-        assert!(limits_update(&MessageField::none()).is_err());
+        limits_update(&resources(URL, "{not json")).unwrap_err();
+        limits_update(&MessageField::none()).unwrap_err();
     }
 }
