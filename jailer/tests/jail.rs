@@ -818,12 +818,8 @@ fn cgroup_v2() {
     if !root_or_skip("cgroup_v2") {
         return;
     }
-    let Some(unified) = cgroup_mounts().into_iter().find(|m| {
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .any(|l| l.contains(" - cgroup2 ") && l.split(' ').nth(4) == Some(m.to_str().unwrap()))
-    }) else {
+    let hierarchies = mvm_sys::cgroup::Hierarchies::read().expect("reading /proc/self/mountinfo");
+    let Some(unified) = hierarchies.unified().map(|h| h.mount_point.clone()) else {
         skip("cgroup_v2: no cgroup2 hierarchy is mounted");
         return;
     };

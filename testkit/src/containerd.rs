@@ -751,14 +751,10 @@ impl Containerd {
 
     /// Mount points under this containerd's directory or the shims' state.
     fn mounts(&self) -> Vec<String> {
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
-            .filter(|m| {
-                Path::new(m).starts_with(self.dir.path())
-                    || Path::new(m).starts_with(&self.shim_dir)
-            })
+        [self.dir.path(), &self.shim_dir]
+            .into_iter()
+            .flat_map(crate::mount_points_under)
+            .map(|m| m.display().to_string())
             .collect()
     }
 }

@@ -267,15 +267,8 @@ impl Daemon {
     pub fn host_state(&self) -> BTreeSet<String> {
         let mut s = BTreeSet::new();
         let root = self.dir.path().to_string_lossy().into_owned();
-        for line in std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-        {
-            if let Some(mp) = line.split(' ').nth(4) {
-                if mp.starts_with(&root) {
-                    s.insert(format!("mount {mp}"));
-                }
-            }
+        for mp in mvm_testkit::mount_points_under(self.dir.path()) {
+            s.insert(format!("mount {}", mp.display()));
         }
         let run = self.run_dir();
         for sub in [
@@ -414,15 +407,10 @@ impl Drop for Daemon {
         for id in ids.iter().filter(|id| is_sandbox_id(id)) {
             let _ = mvm_sandbox::manager::net::destroy(&self.run_dir().join("netns").join(id), id);
         }
-        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-            .filter(|m| m.starts_with(&*self.dir.path().to_string_lossy()))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        let mut mounts = mvm_testkit::mount_points_under(self.dir.path());
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
         for m in mounts {
-            let _ = Command::new("umount").args(["-l", &m]).status();
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
         std::thread::sleep(Duration::from_millis(50));
         for parent in cgroup_mode().parent_dirs(&self.cgroup_parent) {

@@ -140,11 +140,11 @@ impl Drop for TestJail {
 
 /// Mount points of every cgroup hierarchy (v1 and v2).
 pub fn cgroup_mounts() -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
-        .map(|l| PathBuf::from(l.split(' ').nth(4).unwrap()))
+    mvm_sys::cgroup::Hierarchies::read()
+        .expect("reading /proc/self/mountinfo")
+        .all()
+        .iter()
+        .map(|h| h.mount_point.clone())
         .collect()
 }
 

@@ -1281,14 +1281,8 @@ impl ManagerDirs {
                 left.push(format!("{}", entry.path().display()));
             }
         }
-        let root = self.root.to_string_lossy().into_owned();
-        for line in std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-        {
-            if let Some(point) = line.split(' ').nth(4).filter(|p| p.starts_with(&root)) {
-                left.push(format!("mount {point}"));
-            }
+        for point in mvm_testkit::mount_points_under(&self.root) {
+            left.push(format!("mount {}", point.display()));
         }
         for link in net_links() {
             if !before.links.contains(&link) {
