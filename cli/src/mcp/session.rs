@@ -75,6 +75,17 @@ pub enum ToolError {
     /// mvm refused or failed.
     #[error("{0}")]
     Mvm(#[from] CliError),
+    /// A file of the sandbox could not be written or read.
+    #[error("{doing} {path} in the sandbox: {source}{hint}")]
+    File {
+        /// `writing` or `reading`.
+        doing: &'static str,
+        /// The path in the sandbox.
+        path: String,
+        /// What the client can do about it, if anything general.
+        hint: &'static str,
+        source: CliError,
+    },
     /// A command the tool ran in the sandbox failed.
     #[error("{0}")]
     Command(String),

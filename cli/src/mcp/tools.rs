@@ -8,9 +8,7 @@ use mvm_sandbox::model::{CreateSandbox, ExecRequest};
 use rmcp::handler::server::common::schema_for_output;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{
-    CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig,
-};
+use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
 use rmcp::{tool, tool_handler, tool_router, ServerHandler};
 use serde::Serialize;
 
@@ -117,7 +115,11 @@ impl SandboxTools {
             timeout_s: p.timeout_s,
             ..ExecRequest::default()
         };
-        Ok(self.backend.exec_buffered(&p.sandbox_id, &req).await?.into())
+        Ok(self
+            .backend
+            .exec_buffered(&p.sandbox_id, &req)
+            .await?
+            .into())
     }
 
     async fn write_file(&self, p: WriteParams) -> Result<Written, ToolError> {
@@ -125,7 +127,13 @@ impl SandboxTools {
         let bytes = self
             .backend
             .put_file(&p.sandbox_id, &p.path, FILE_MODE, p.content.into_bytes())
-            .await?;
+            .await
+            .map_err(|source| ToolError::File {
+                doing: "writing",
+                path: p.path.clone(),
+                hint: " (its directory must exist: create it with sandbox_exec `mkdir -p DIR`)",
+                source,
+            })?;
         Ok(Written {
             path: p.path,
             bytes,
@@ -134,7 +142,16 @@ impl SandboxTools {
 
     async fn read_file(&self, p: PathParams) -> Result<FileContent, ToolError> {
         self.owned.check(&p.sandbox_id)?;
-        let data = self.backend.get_file(&p.sandbox_id, &p.path).await?;
+        let data = self
+            .backend
+            .get_file(&p.sandbox_id, &p.path)
+            .await
+            .map_err(|source| ToolError::File {
+                doing: "reading",
+                path: p.path.clone(),
+                hint: "",
+                source,
+            })?;
         Ok(FileContent {
             bytes: data.len() as u64,
             content: String::from_utf8_lossy(&data).into_owned(),

@@ -1,0 +1,148 @@
+//! `mvm mcp` driven by a real MCP client, the official Python `mcp` package (installed by
+//! scripts/deps.sh into /opt/mvm-test-venv), as root with the jail tier, daemonless.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::Env;
+use mvm_testkit::{root_or_skip, skip_or_fail_in_ci, text};
+use serde_json::Value;
+
+/// The Python with the `mcp` package: `MVM_TEST_PYTHON`, else scripts/deps.sh's venv.
+fn mcp_python() -> PathBuf {
+    std::env::var_os("MVM_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/mvm-test-venv/bin/python"))
+}
+
+fn has_mcp(python: &Path) -> bool {
+    std::process::Command::new(python)
+        .args(["-c", "import mcp"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The step named `name` of the client's report.
+fn step<'a>(steps: &'a [Value], name: &str) -> &'a Value {
+    steps
+        .iter()
+        .find(|s| s["step"] == name)
+        .unwrap_or_else(|| panic!("the client reported no step {name}: {steps:#?}"))
+}
+
+#[test]
+fn a_real_mcp_client_drives_sandboxes_and_the_session_end_removes_them() {
+    let test = "a_real_mcp_client_drives_sandboxes_and_the_session_end_removes_them";
+    if !root_or_skip(test) {
+        return;
+    }
+    let python = mcp_python();
+    if !has_mcp(&python) {
+        skip_or_fail_in_ci(
+            test,
+            &format!(
+                "{} cannot import the Python `mcp` package: run scripts/deps.sh (or set \
+                 MVM_TEST_PYTHON)",
+                python.display()
+            ),
+        );
+        return;
+    }
+    let env = Env::new();
+    // The client starts `mvm mcp` with its own environment: the test environment's.
+    let mvm = env.mvm();
+    let mut client = std::process::Command::new(&python);
+    client
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py"))
+        .arg(mvm.get_program())
+        .arg("mcp");
+    for (k, v) in mvm.get_envs() {
+        match v {
+            Some(v) => client.env(k, v),
+            None => client.env_remove(k),
+        };
+    }
+    let out = client.output().expect("running the MCP client");
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the MCP client failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    let steps: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+
+    let tools = step(&steps, "tools");
+    assert_eq!(
+        tools["names"],
+        serde_json::json!([
+            "sandbox_create",
+            "sandbox_destroy",
+            "sandbox_exec",
+            "sandbox_list_files",
+            "sandbox_read_file",
+            "sandbox_write_file"
+        ])
+    );
+    assert_eq!(tools["described"], true, "{tools}");
+
+    let created = step(&steps, "created");
+    assert_eq!(created["isolation"], "jail", "{created}");
+    let id = created["sandbox_id"].as_str().expect("a sandbox id");
+
+    let exec = step(&steps, "exec");
+    assert_eq!(exec["is_error"], false, "{exec}");
+    assert_eq!(exec["result"]["stdout"], "out\n", "{exec}");
+    assert_eq!(exec["result"]["stderr"], "err\n", "{exec}");
+    assert_eq!(exec["result"]["exit_code"], 3, "{exec}");
+    let rendered = exec["text"].as_str().expect("a text rendering");
+    assert!(
+        rendered.contains("exit code 3") && rendered.contains("out") && rendered.contains("err"),
+        "{rendered}"
+    );
+    assert_eq!(step(&steps, "exec_loop")["result"]["stdout"], "a|b|");
+
+    let write = step(&steps, "write");
+    assert_eq!(write["is_error"], false, "{write}");
+    assert_eq!(write["result"]["bytes"], "héllo\nworld\n".len(), "{write}");
+    let read = step(&steps, "read");
+    assert_eq!(read["result"]["content"], "héllo\nworld\n", "{read}");
+    let list = step(&steps, "list");
+    assert_eq!(
+        list["result"]["entries"],
+        serde_json::json!([
+            {"name": "hello.txt", "is_dir": false},
+            {"name": "sub", "is_dir": true}
+        ]),
+        "{list}"
+    );
+
+    for (name, says) in [
+        ("write_no_dir", "/tmp/mcp/hello.txt"),
+        ("read_missing", "/no/such/file"),
+        ("list_missing", "/no/such/dir"),
+        ("bad_id", "not this MCP session's"),
+        ("destroyed_gone", "not this MCP session's"),
+    ] {
+        let s = step(&steps, name);
+        assert_eq!(s["is_error"], true, "{s}");
+        let message = s["text"].as_str().expect("an error message");
+        assert!(message.contains(says), "{name}: {message}");
+    }
+    assert_eq!(step(&steps, "destroyed")["is_error"], false);
+    step(&steps, "ended");
+
+    // The session's end destroyed its sandbox: gone from mvm and from the host.
+    let ps = env.run(&["ps", "-o", "json"]);
+    let left: Value = serde_json::from_slice(&ps.stdout).expect("mvm ps -o json");
+    assert_eq!(
+        left,
+        serde_json::json!([]),
+        "sandbox {id} outlived its session"
+    );
+    env.assert_empty();
+}
