@@ -133,6 +133,12 @@ impl Manager {
         cgroups::LimitCgroups::of(&self.inner.cfg.cgroup_parent, id)
     }
 
+    /// The host pids of the processes in a sandbox's cgroups.
+    pub fn pids(&self, tenant: &str, id: &str) -> Result<Vec<i32>> {
+        self.row(tenant, id)?;
+        Ok(cgroups::cgroup_pids(&self.inner.cfg.cgroup_parent, id))
+    }
+
     /// CPU, memory and process count of a sandbox.
     pub fn stats(&self, tenant: &str, id: &str) -> Result<SandboxStats> {
         self.row(tenant, id)?;

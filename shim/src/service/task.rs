@@ -76,13 +76,12 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        let (manager, _) = self.manager().await?;
+        let (manager, tenant) = self.manager().await?;
         let mut slot = self.inner.containers.lock().await;
         let c = container(&mut slot, &req.id)?;
-        let pids = mvm_sandbox::manager::cgroups::cgroup_pids(
-            &manager.config().cgroup_parent,
-            &c.sandbox.id,
-        );
+        let pids = manager
+            .pids(&tenant.name, &c.sandbox.id)
+            .map_err(Error::from)?;
         Ok(api::PidsResponse {
             processes: pids
                 .into_iter()
