@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what mvm's build and test suite need, when any is missing: Debian packages, and
-# cargo-fuzz for the fuzz smoke stage.
+# Installs what mvm's build and test suite need, when any is missing: Debian packages,
+# cargo-fuzz for the fuzz smoke stage, and the Python MCP client the `mvm mcp` test drives.
 #   scripts/deps.sh            (as root)
 set -euo pipefail
 
@@ -15,6 +15,8 @@ packages=(
     iproute2 util-linux nftables procps psmisc
     # containerd shim tests
     containerd runc
+    # the MCP client of cli/tests/mcp.rs (a venv, below)
+    python3 python3-venv
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -34,4 +36,14 @@ fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "scripts/deps.sh: installing cargo-fuzz" >&2
     cargo install --locked cargo-fuzz@0.13.2
+fi
+
+# cli/tests/mcp.rs drives `mvm mcp` with the official Python MCP client, from PyPI, pinned, in a
+# venv of its own (MVM_TEST_PYTHON points the test elsewhere).
+mcp_venv=/opt/mvm-test-venv
+mcp_version=2.3.0
+if ! "$mcp_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('mcp') != '$mcp_version')" 2>/dev/null; then
+    echo "scripts/deps.sh: installing the Python mcp $mcp_version client into $mcp_venv" >&2
+    /usr/bin/python3 -m venv "$mcp_venv"
+    "$mcp_venv/bin/pip" install -q "mcp==$mcp_version"
 fi
