@@ -313,6 +313,37 @@ fn attach_legacy_devices(
     Ok((serial, i8042))
 }
 
+/// Places each of `devices` behind a virtio-mmio window on `mmio` (in order from
+/// [`VIRTIO_MMIO_START`]), its irqfd and queue ioeventfds registered; `prepare` readies each
+/// window (a restore puts its saved state back) before any vCPU can reach it.
+fn attach_virtio_devices(
+    vm: &Vm,
+    mem: &GuestMemory,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    mmio: &mut Bus,
+    mut prepare: impl FnMut(usize, &mut MmioTransport) -> Result<(), BuildError>,
+) -> Result<Vec<Arc<Mutex<MmioTransport>>>, BuildError> {
+    let mut virtio = Vec::with_capacity(devices.len());
+    for (index, device) in devices.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let line = IrqLine::new(VIRTIO_IRQ_BASE + index as u32)?;
+        register_irqfd(vm, &line)?;
+        let mut transport =
+            MmioTransport::new(device, mem.clone(), Arc::new(VirtioInterrupt::new(line)))?;
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            let addr = kvm_ioctls::IoEventAddress::Mmio(base + MMIO_QUEUE_NOTIFY);
+            vm.fd()
+                .register_ioevent(evt, &addr, queue as u32)
+                .map_err(|e| BuildError::Kvm("KVM_IOEVENTFD", e))?;
+        }
+        prepare(index, &mut transport)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+        virtio.push(transport);
+    }
+    Ok(virtio)
+}
+
 /// Builds guest memory, the VM, boot data, devices and vCPUs from `config`. The vCPU threads
 /// install their `seccomp` filter and then wait: the guest runs only once the caller has
 /// confined its own thread and calls [`Vcpus::resume`] (or [`Vcpus::discard`] to give up).
@@ -371,26 +402,8 @@ pub fn build_microvm(
         |irq| Ok(SerialDevice::new(irq, serial_out)),
         |irq| I8042::new(exit.clone(), irq),
     )?;
-    let register_irq = |line: &IrqLine| register_irqfd(&vm, line);
-
     let mut mmio = Bus::new();
-    let mut virtio = Vec::with_capacity(devices.len());
-    for (index, device) in devices.into_iter().enumerate() {
-        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-        let line = IrqLine::new(VIRTIO_IRQ_BASE + index as u32)?;
-        register_irq(&line)?;
-        let transport =
-            MmioTransport::new(device, mem.clone(), Arc::new(VirtioInterrupt::new(line)))?;
-        for (queue, evt) in transport.queue_evts().iter().enumerate() {
-            let addr = kvm_ioctls::IoEventAddress::Mmio(base + MMIO_QUEUE_NOTIFY);
-            vm.fd()
-                .register_ioevent(evt, &addr, queue as u32)
-                .map_err(|e| BuildError::Kvm("KVM_IOEVENTFD", e))?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
-        virtio.push(transport);
-    }
+    let virtio = attach_virtio_devices(&vm, &mem, devices, &mut mmio, |_, _| Ok(()))?;
 
     let topology = Topology {
         vcpu_count: machine.vcpu_count,

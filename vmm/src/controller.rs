@@ -404,7 +404,8 @@ impl Controller {
                 if !vm.vcpus.is_paused() {
                     return Err(VmmActionError::NotPaused);
                 }
-                let state = save_state(vm, &self.config)?;
+                // The device threads stay frozen until `_frozen` goes, after memory is written.
+                let (state, _frozen) = save_state(vm, &self.config)?;
                 write_snapshot(
                     &state,
                     &params.snapshot_path,
@@ -458,6 +459,7 @@ impl Controller {
             &config,
             mem,
             serial_out,
+            &*self.make_devices,
             self.exit.clone(),
             &self.seccomp,
         )?;

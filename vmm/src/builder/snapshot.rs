@@ -1,13 +1,22 @@
 //! A paused VM → the state a snapshot keeps, and a snapshot → a VM ready to run on.
+//!
+//! Virtio devices are rebuilt from the configuration in the snapshot (drives reopen their
+//! image, network interfaces their tap by name, vsock binds its socket again), then their
+//! transport and queues get their saved state and a device that was live is re-activated.
+//! Host-side state that cannot come back is dropped: vsock connections (the driver gets a
+//! transport reset), frames a net device held, rate limiter buckets (full again).
 
 use std::sync::Arc;
 
 use kvm_bindings::kvm_cpuid_entry2;
 
-use super::{attach_legacy_devices, create_vm, BuildError, RunningVm};
+use super::{
+    attach_legacy_devices, attach_virtio_devices, create_vm, BuildError, DeviceFactory, RunningVm,
+};
 use crate::config::VmConfig;
 use crate::devices::legacy::serial::SerialOut;
 use crate::devices::legacy::{SerialDevice, I8042};
+use crate::devices::virtio::worker::Frozen;
 use crate::exit::VmExit;
 use crate::seccomp::Filters;
 use crate::snapshot::{MicrovmState, SnapshotError};
@@ -15,27 +24,20 @@ use crate::vstate::bus::Bus;
 use crate::vstate::memory::{memory_layout, GuestMemory};
 use crate::vstate::vcpu::{Vcpu, Vcpus};
 
-/// The devices of `config` that snapshots do not carry yet, by their API name.
-fn unsupported_devices(config: &VmConfig) -> Vec<String> {
-    let drives = config
-        .drives
+/// Reads the state of `vm` (booted from `config`, paused) for a snapshot. The virtio device
+/// threads stay frozen (see [`Frozen`]) until the returned guards are dropped: write guest
+/// memory before that.
+pub fn save_state(
+    vm: &RunningVm,
+    config: &VmConfig,
+) -> Result<(MicrovmState, Vec<Frozen>), SnapshotError> {
+    let (virtio, frozen) = vm
+        .virtio
         .iter()
-        .map(|d| format!("drive `{}`", d.drive_id));
-    let ifaces = config
-        .network_interfaces
-        .iter()
-        .map(|n| format!("network interface `{}`", n.iface_id));
-    let vsock = config.vsock.iter().map(|_| "vsock".to_string());
-    drives.chain(ifaces).chain(vsock).collect()
-}
-
-/// Reads the state of `vm` (booted from `config`, paused) for a snapshot.
-pub fn save_state(vm: &RunningVm, config: &VmConfig) -> Result<MicrovmState, SnapshotError> {
-    let unsupported = unsupported_devices(config);
-    if !unsupported.is_empty() {
-        return Err(SnapshotError::UnsupportedDevices(unsupported.join(", ")));
-    }
-    Ok(MicrovmState {
+        .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
+        .collect::<Result<(Vec<_>, Vec<_>), _>>()
+        .map_err(|e| SnapshotError::Save("a virtio device", e.to_string()))?;
+    let state = MicrovmState {
         config_json: serde_json::to_string(config).expect("the config always serializes"),
         memory: memory_layout(&vm.mem),
         vm: vm
@@ -48,7 +50,9 @@ pub fn save_state(vm: &RunningVm, config: &VmConfig) -> Result<MicrovmState, Sna
             .map_err(|e| SnapshotError::Save("a vCPU", e.to_string()))?,
         serial: vm.serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
         i8042: vm.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
-    })
+        virtio,
+    };
+    Ok((state, frozen))
 }
 
 /// The CPU vendor of CPUID leaf 0 (EBX, EDX, ECX), if present.
@@ -62,19 +66,24 @@ fn vendor(cpuid: &[kvm_cpuid_entry2]) -> Option<String> {
 }
 
 /// Rebuilds the VM a snapshot describes on `mem` (mapped from its memory file): KVM VM,
-/// legacy devices and vCPUs with their saved state. Like [`super::build_microvm`], the vCPU
-/// threads start held, waiting for [`Vcpus::resume`].
+/// legacy devices, virtio devices (`make_devices` creates them from `config`) and vCPUs with
+/// their saved state. Like [`super::build_microvm`], the vCPU threads start held, waiting for
+/// [`Vcpus::resume`].
 pub fn build_microvm_from_snapshot(
     state: &MicrovmState,
     config: &VmConfig,
     mem: GuestMemory,
     serial_out: SerialOut,
+    make_devices: &DeviceFactory<'_>,
     exit: Arc<VmExit>,
     seccomp: &Filters,
 ) -> Result<RunningVm, BuildError> {
-    if let Some(device) = unsupported_devices(config).first() {
+    let devices = make_devices(config, seccomp)?;
+    if devices.len() != state.virtio.len() {
         return Err(BuildError::Restore(format!(
-            "the snapshot has {device}, which snapshots do not carry yet"
+            "it has {} virtio devices and its configuration makes {}",
+            state.virtio.len(),
+            devices.len()
         )));
     }
     let vm = create_vm(&mem)?;
@@ -98,19 +107,25 @@ pub fn build_microvm_from_snapshot(
         },
         |irq| I8042::from_state(exit.clone(), irq, state.i8042.clone()),
     )?;
+    let mut mmio = Bus::new();
+    let virtio = attach_virtio_devices(&vm, &mem, devices, &mut mmio, |index, transport| {
+        transport
+            .restore_state(&state.virtio[index])
+            .map_err(|e| BuildError::Restore(format!("virtio device {index}: {e}")))
+    })?;
     let vcpus = state
         .vcpus
         .iter()
         .map(|v| Vcpu::restore(&vm, v))
         .collect::<Result<Vec<_>, _>>()?;
     vm.restore_state(&state.vm)?;
-    let vcpus = Vcpus::start(vcpus, Arc::new(pio), Arc::new(Bus::new()), exit, seccomp)?;
+    let vcpus = Vcpus::start(vcpus, Arc::new(pio), Arc::new(mmio), exit, seccomp)?;
     Ok(RunningVm {
         vm,
         mem,
         vcpus,
         serial,
         i8042,
-        virtio: Vec::new(),
+        virtio,
     })
 }

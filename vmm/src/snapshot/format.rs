@@ -18,7 +18,7 @@ use serde::Serialize;
 /// The first bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"MVMSNAP\0";
 /// The format version this VMM writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 28;
 const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 

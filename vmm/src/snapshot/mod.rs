@@ -1,6 +1,8 @@
 //! Snapshots of a paused micro-VM: the state file (vCPUs, in-kernel devices, legacy devices and
 //! the configuration that booted the VM, in the versioned [`format`]) and the guest memory
 //! file (every region in layout order), restored by mapping that file copy-on-write.
+//! Virtio devices keep their transport and queue state ([`MmioState`]); their backends come
+//! back from the configuration.
 
 pub mod format;
 
@@ -12,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::VmConfig;
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::UartState;
+use crate::devices::virtio::mmio::MmioState;
 use crate::vstate::memory::{dump_memory, map_memory_file, GuestMemory, MemoryError};
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
@@ -33,6 +36,8 @@ pub struct MicrovmState {
     pub serial: UartState,
     /// The i8042.
     pub i8042: I8042State,
+    /// Each virtio-mmio window, in the order the configuration makes the devices.
+    pub virtio: Vec<MmioState>,
 }
 
 /// Why a snapshot cannot be written or read.
@@ -63,11 +68,6 @@ pub enum SnapshotError {
     /// Guest memory could not be mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    /// The VM has devices whose state snapshots do not carry yet.
-    #[error(
-        "snapshots of a microVM with virtio devices are not implemented yet; this one has {0}"
-    )]
-    UnsupportedDevices(String),
     /// KVM could not give the state of part of the VM.
     #[error("cannot save the state of {0}: {1}")]
     Save(&'static str, String),

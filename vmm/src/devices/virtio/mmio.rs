@@ -2,9 +2,11 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::{DeviceBroken, Frozen};
 use super::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::vstate::bus::BusDevice;
 use crate::vstate::memory::GuestMemory;
@@ -61,6 +63,87 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
+/// One queue as a snapshot keeps it: what the driver configured and where the device was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Queue size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// The next available ring entry the device takes.
+    pub next_avail: u16,
+    /// The next used ring entry the device fills.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX is in use.
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+        }
+    }
+}
+
+/// A virtio-mmio window as a snapshot keeps it: the register file, the queues and whether
+/// the device was live. The device itself is rebuilt from the VM's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// The virtio device id, checked against the rebuilt device.
+    pub device_type: u32,
+    /// The Status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// The driver set DRIVER_OK and the device serves its queues.
+    pub activated: bool,
+    /// Every queue, in index order.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// Why a saved virtio-mmio window cannot be restored onto a device.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioRestoreError {
+    /// The configuration rebuilt another kind of device.
+    #[error("the snapshot has virtio device type {saved} where the configuration makes {built}")]
+    DeviceType {
+        /// In the snapshot.
+        saved: u32,
+        /// Rebuilt.
+        built: u32,
+    },
+    /// The queue count or a queue's size does not fit the device.
+    #[error("virtio device type {0}: the snapshot's queues do not fit the device")]
+    Queues(u32),
+    /// The device did not come back live.
+    #[error("virtio device type {0} could not be re-activated")]
+    Activate(u32),
+}
+
 /// Register file and queue state of one virtio-mmio device window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -107,6 +190,69 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
         })
+    }
+
+    /// The window's state for a snapshot, with the device's thread held still: guest memory
+    /// must be saved before the returned [`Frozen`] is dropped.
+    pub fn save_state(&self) -> Result<(MmioState, Frozen), DeviceBroken> {
+        let frozen = if self.activated {
+            self.device.freeze()?
+        } else {
+            Frozen::idle()
+        };
+        // A live device's own copies know how far it got; the transport's were never used.
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueSnapshot::from(frozen.queues.get(i).cloned().unwrap_or(q.state())))
+            .collect();
+        let state = MmioState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            queues,
+        };
+        Ok((state, frozen))
+    }
+
+    /// Puts a fresh window (made by [`MmioTransport::new`] around the device the VM's
+    /// configuration rebuilt) back in the saved `state`; a device that was live is re-activated
+    /// without the driver redoing the handshake.
+    pub fn restore_state(&mut self, state: &MmioState) -> Result<(), MmioRestoreError> {
+        let built = self.device.device_type();
+        if state.device_type != built {
+            return Err(MmioRestoreError::DeviceType {
+                saved: state.device_type,
+                built,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(MmioRestoreError::Queues(built));
+        }
+        for (queue, saved) in self.queues.iter_mut().zip(&state.queues) {
+            restore_queue(queue, saved).map_err(|_| MmioRestoreError::Queues(built))?;
+        }
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt.restore_status(state.interrupt_status);
+        if state.activated {
+            self.activate_device(true);
+            if !self.activated {
+                return Err(MmioRestoreError::Activate(built));
+            }
+        }
+        Ok(())
     }
 
     /// The per-queue notification eventfds, in queue order.
@@ -180,11 +326,12 @@ impl MmioTransport {
         }
         self.status = value;
         if newly_set & status::DRIVER_OK != 0 && !self.activated {
-            self.activate();
+            self.activate_device(false);
         }
     }
 
-    fn activate(&mut self) {
+    /// Hands the device its queues (`restored`: by a snapshot restore, not the driver).
+    fn activate_device(&mut self, restored: bool) {
         let ready = self.status & status::FEATURES_OK != 0
             && self
                 .queues
@@ -212,6 +359,7 @@ impl MmioTransport {
             queue_evts,
             interrupt: self.interrupt.clone(),
             acked_features: self.acked_features,
+            restored,
         };
         match self.device.activate(ctx) {
             Ok(()) => self.activated = true,
@@ -324,17 +472,26 @@ impl MmioTransport {
 /// A copy of a configured queue for the device to own (virtio-queue's Queue is not Clone).
 fn copy_queue(queue: &Queue) -> Queue {
     let mut copy = Queue::new(queue.max_size()).expect("the max size was valid for the original");
-    copy.set_size(queue.size());
-    let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
-    let (lo, hi) = split(queue.desc_table());
-    copy.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(queue.avail_ring());
-    copy.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(queue.used_ring());
-    copy.set_used_ring_address(lo, hi);
-    copy.set_event_idx(queue.event_idx_enabled());
-    copy.set_ready(queue.ready());
+    restore_queue(&mut copy, &QueueSnapshot::from(queue.state()))
+        .expect("the original accepted the same size");
     copy
+}
+
+/// Configures `queue` (with its max size) as `saved` describes, ring positions included.
+fn restore_queue(queue: &mut Queue, saved: &QueueSnapshot) -> Result<(), virtio_queue::Error> {
+    queue.try_set_size(saved.size)?;
+    let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+    let (lo, hi) = split(saved.desc_table);
+    queue.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(saved.avail_ring);
+    queue.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(saved.used_ring);
+    queue.set_used_ring_address(lo, hi);
+    queue.set_event_idx(saved.event_idx);
+    queue.set_next_avail(saved.next_avail);
+    queue.set_next_used(saved.next_used);
+    queue.set_ready(saved.ready);
+    Ok(())
 }
 
 impl BusDevice for MmioTransport {
@@ -396,6 +553,9 @@ mod tests {
         }
         fn reset(&mut self) {
             self.resets.fetch_add(1, Ordering::SeqCst);
+        }
+        fn freeze(&self) -> Result<Frozen, DeviceBroken> {
+            Ok(Frozen::idle())
         }
         fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
             self

@@ -61,6 +61,12 @@ impl VirtioInterrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets the InterruptStatus register as a snapshot saved it, without raising the line
+    /// (the restored irqchip holds whatever the guest had not taken yet).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// InterruptACK: clears the acknowledged bits.
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
@@ -84,6 +90,9 @@ pub struct ActivateContext {
     pub interrupt: Arc<VirtioInterrupt>,
     /// Features the driver accepted.
     pub acked_features: u64,
+    /// The device is re-activated by a snapshot restore, not by the driver: its host-side
+    /// state (connections) is gone and the driver must be told if it kept any.
+    pub restored: bool,
 }
 
 impl ActivateContext {
@@ -137,6 +146,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops serving the queues (the driver reset the device); the transport resets queue state.
     fn reset(&mut self);
+    /// Holds the device's thread still for a snapshot and reports its queues (see
+    /// [`worker::Frozen`]).
+    fn freeze(&self) -> Result<worker::Frozen, worker::DeviceBroken>;
     /// The concrete device, for runtime updates through the API (PATCH /drives, ...).
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }

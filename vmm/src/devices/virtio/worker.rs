@@ -10,6 +10,7 @@ use std::os::fd::RawFd;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
+use virtio_queue::QueueState;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -72,6 +73,8 @@ pub trait EventHandler: Send + 'static {
     fn handle_event(&mut self, epoll: &EpollSet, token: u64, events: EventSet);
     /// Applies an update while the device is active.
     fn handle_update(&mut self, epoll: &EpollSet, update: Self::Update);
+    /// The state of the queues the handler serves, in queue order, for a snapshot.
+    fn queue_states(&self) -> Vec<QueueState>;
 }
 
 /// Builds a handler around the backend at activation.
@@ -81,7 +84,30 @@ enum Control<H: EventHandler> {
     Activate(MakeHandler<H>, Sender<std::io::Result<()>>),
     Deactivate(Sender<()>),
     Update(H::Update),
+    Freeze(Sender<Vec<QueueState>>, Receiver<()>),
     Exit,
+}
+
+/// A device thread held still for a snapshot: it serves nothing (no queue, no backend fd)
+/// until this is dropped, so guest memory and [`Frozen::queues`] stay consistent.
+///
+/// A handler completes every request it takes off a ring within the event that took it (block
+/// I/O is synchronous; net and vsock put back a chain they cannot fill), and the thread only
+/// freezes between events, so no request is in flight while it is frozen.
+pub struct Frozen {
+    /// The state of the queues an active device serves, in queue order; empty when idle.
+    pub queues: Vec<QueueState>,
+    _release: Option<Sender<()>>,
+}
+
+impl Frozen {
+    /// The answer of a device with no active queues: nothing to hold.
+    pub fn idle() -> Self {
+        Frozen {
+            queues: Vec::new(),
+            _release: None,
+        }
+    }
 }
 
 /// The device thread died; the device stays offline.
@@ -162,6 +188,21 @@ impl<H: EventHandler> DeviceThread<H> {
         }
     }
 
+    /// Holds the thread still between two events and reads its queues' state (see [`Frozen`]).
+    pub fn freeze(&self) -> Result<Frozen, DeviceBroken> {
+        if !self.active {
+            return Ok(Frozen::idle());
+        }
+        let (answer, states) = channel();
+        let (release, held) = channel();
+        self.send(Control::Freeze(answer, held))?;
+        let queues = states.recv().map_err(|_| DeviceBroken)?;
+        Ok(Frozen {
+            queues,
+            _release: Some(release),
+        })
+    }
+
     /// Sends a runtime change to the backend, active or not.
     pub fn update(&self, update: H::Update) -> Result<(), DeviceBroken> {
         self.send(Control::Update(update))
@@ -219,6 +260,10 @@ fn serve<H: EventHandler>(backend: H::Backend, requests: Receiver<Control<H>>, w
                     H::update_backend(idle, update);
                 }
             }
+            Control::Freeze(answer, _) => {
+                // An idle device has no queues to report or hold.
+                let _ = answer.send(Vec::new());
+            }
             Control::Exit => return,
         }
     }
@@ -251,6 +296,11 @@ fn run<H: EventHandler>(
             while let Ok(message) = requests.try_recv() {
                 match message {
                     Control::Update(update) => handler.handle_update(epoll, update),
+                    Control::Freeze(answer, held) => {
+                        let _ = answer.send(handler.queue_states());
+                        // Returns when the snapshot drops its `Frozen`.
+                        let _ = held.recv();
+                    }
                     Control::Deactivate(answer) => {
                         let backend = handler.into_backend();
                         let _ = answer.send(());

@@ -11,14 +11,14 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use request::{RequestType, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
 
 use super::chain::Chain;
-use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
+use super::worker::{signal_used, DeviceBroken, DeviceThread, EpollSet, EventHandler, Frozen};
 use super::{
     read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -264,6 +264,10 @@ impl EventHandler for BlockHandler {
             }
         }
     }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        vec![self.queue.state()]
+    }
 }
 
 /// A virtio-blk device.
@@ -406,6 +410,10 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.thread.stop();
+    }
+
+    fn freeze(&self) -> Result<Frozen, DeviceBroken> {
+        self.thread.freeze()
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {

@@ -10,14 +10,14 @@ mod tap;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
 
 use super::chain::{read_segments, total_len, write_segments, Chain};
-use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
+use super::worker::{signal_used, DeviceBroken, DeviceThread, EpollSet, EventHandler, Frozen};
 use super::{
     read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -339,6 +339,10 @@ impl EventHandler for NetHandler {
         self.rx(epoll);
         self.tx();
     }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        vec![self.rxq.state(), self.txq.state()]
+    }
 }
 
 /// A virtio-net device.
@@ -453,6 +457,10 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.thread.stop();
+    }
+
+    fn freeze(&self) -> Result<Frozen, DeviceBroken> {
+        self.thread.freeze()
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {

@@ -9,14 +9,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::muxer::{payload_room, Muxer};
 use self::packet::{Header, HEADER_LEN};
 use super::chain::{read_segments, total_len, write_segments, Chain};
-use super::worker::{signal_used, DeviceThread, EpollSet, EventHandler};
+use super::worker::{signal_used, DeviceBroken, DeviceThread, EpollSet, EventHandler, Frozen};
 use super::{
     read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -34,6 +34,8 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
 const EVENT_TOKEN: u64 = 2;
+/// virtio_vsock_event id: the device lost its connections (virtio 1.x, 5.10.6.7).
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Errors setting up the vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +224,7 @@ pub struct VsockHandler {
     mem: crate::vstate::memory::GuestMemory,
     rxq: Queue,
     txq: Queue,
+    evq: Queue,
     rx_evt: EventFd,
     tx_evt: EventFd,
     event_evt: EventFd,
@@ -239,6 +242,28 @@ impl VsockHandler {
         if self.engine.process_rx(&self.mem, &mut self.rxq, epoll) {
             signal_used(&mut self.rxq, &self.mem, &self.interrupt);
         }
+    }
+
+    /// Tells the driver that every connection is gone (after a snapshot restore), in the first
+    /// buffer of the event queue; without one the driver never posted any and is not told.
+    fn send_transport_reset(&mut self) {
+        let Some(chain) = self.evq.pop_descriptor_chain(&self.mem) else {
+            log::warn!("vsock: no event buffer for the transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = match Chain::parse(chain, &self.mem, u64::from(u32::MAX)) {
+            Ok(chain) => write_segments(&self.mem, &chain.writable, 0, &event),
+            Err(_) => {
+                DeviceMetrics::add(&METRICS.bad_chains, 1);
+                0
+            }
+        };
+        if self.evq.add_used(&self.mem, head, written as u32).is_err() {
+            DeviceMetrics::add(&METRICS.bad_chains, 1);
+        }
+        signal_used(&mut self.evq, &self.mem, &self.interrupt);
     }
 }
 
@@ -269,7 +294,7 @@ impl EventHandler for VsockHandler {
                 let _ = self.tx_evt.read();
                 self.tx(epoll);
             }
-            // The event queue carries only device → driver transport resets, never sent here.
+            // The event queue carries only device → driver transport resets, sent on restore.
             EVENT_TOKEN => {
                 let _ = self.event_evt.read();
             }
@@ -285,6 +310,10 @@ impl EventHandler for VsockHandler {
     fn update_backend(_engine: &mut VsockEngine, _update: ()) {}
 
     fn handle_update(&mut self, _epoll: &EpollSet, _update: ()) {}
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        vec![self.rxq.state(), self.txq.state(), self.evq.state()]
+    }
 }
 
 /// A virtio-vsock device.
@@ -337,23 +366,40 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        // The event queue stays unused (no transport resets are sent); its eventfd is drained.
-        let [(rxq, rx_evt), (txq, tx_evt), (_, event_evt)] = ctx.take_queues("virtio-vsock")?;
-        let ActivateContext { mem, interrupt, .. } = ctx;
-        self.thread.start(move |engine| VsockHandler {
-            engine,
+        // The event queue only carries the transport reset of a restore; its eventfd is drained.
+        let [(rxq, rx_evt), (txq, tx_evt), (evq, event_evt)] = ctx.take_queues("virtio-vsock")?;
+        let ActivateContext {
             mem,
-            rxq,
-            txq,
-            rx_evt,
-            tx_evt,
-            event_evt,
             interrupt,
+            restored,
+            ..
+        } = ctx;
+        self.thread.start(move |engine| {
+            let mut handler = VsockHandler {
+                engine,
+                mem,
+                rxq,
+                txq,
+                evq,
+                rx_evt,
+                tx_evt,
+                event_evt,
+                interrupt,
+            };
+            if restored {
+                // The restored VMM has none of the host connections the guest knew.
+                handler.send_transport_reset();
+            }
+            handler
         })
     }
 
     fn reset(&mut self) {
         self.thread.stop();
+    }
+
+    fn freeze(&self) -> Result<Frozen, DeviceBroken> {
+        self.thread.freeze()
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
