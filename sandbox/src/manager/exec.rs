@@ -5,19 +5,11 @@ use std::sync::Arc;
 
 use agent::AgentClient;
 
-use super::tier::vm;
-use super::{beneath, lock, Live, Manager};
-use crate::db::SandboxRow;
+use super::{lock, Live, Manager};
 use crate::error::{Error, Result};
-use crate::model::{ExecRequest, ExecResult, Isolation, SandboxState, TtySize};
+use crate::model::{ExecRequest, ExecResult, SandboxState, TtySize};
 
 impl Manager {
-    /// The VMM API socket of vm-tier sandbox `row`, reached without following its links.
-    pub(super) fn vmm_api(&self, row: &SandboxRow) -> Result<beneath::JailSocket> {
-        let cfg = &self.inner.cfg;
-        cfg.jail_socket(Isolation::Vm, &row.sandbox.id, cfg.uid(row), vm::API_SOCK)
-    }
-
     /// The agent of a running sandbox, connecting (again) when needed.
     pub async fn agent(&self, tenant: &str, id: &str) -> Result<AgentClient> {
         let row = self.row(tenant, id)?;

@@ -22,10 +22,11 @@ use vmm::config::{
 use vmm::devices::legacy::console::ConsoleLimit;
 
 use super::{base_jail, Start};
+use crate::db::SandboxRow;
 use crate::error::{Error, Result};
 use crate::http::{send_collect, Endpoint};
-use crate::manager::{beneath, net, rootfs, ManagerConfig};
-use crate::model::{Sandbox, Template};
+use crate::manager::{beneath, net, rootfs, Manager, ManagerConfig};
+use crate::model::{Isolation, Sandbox, Template};
 
 /// How long a new vm-tier sandbox may take to answer (the guest kernel's boot).
 pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -334,6 +335,14 @@ pub async fn reopen_slot(api_sock: &Path, slot: Slot) -> Result<()> {
         &serde_json::json!({ "drive_id": drive_id, "path_on_host": slot.image() }),
     )
     .await
+}
+
+impl Manager {
+    /// The VMM API socket of vm-tier sandbox `row`, reached without following its links.
+    pub(in crate::manager) fn vmm_api(&self, row: &SandboxRow) -> Result<beneath::JailSocket> {
+        let cfg = &self.inner.cfg;
+        cfg.jail_socket(Isolation::Vm, &row.sandbox.id, cfg.uid(row), API_SOCK)
+    }
 }
 
 /// Pauses or resumes the VM.
