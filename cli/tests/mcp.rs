@@ -146,3 +146,67 @@ fn a_real_mcp_client_drives_sandboxes_and_the_session_end_removes_them() {
     );
     env.assert_empty();
 }
+
+/// Sends one JSON-RPC message to `mvm mcp` and, for a request, returns its answer.
+fn rpc(
+    stdin: &mut impl std::io::Write,
+    stdout: &mut impl std::io::BufRead,
+    message: Value,
+) -> Option<Value> {
+    writeln!(stdin, "{message}").expect("writing to mvm mcp");
+    stdin.flush().expect("flushing to mvm mcp");
+    message.get("id")?;
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("reading mvm mcp");
+    Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+}
+
+#[test]
+fn sigterm_ends_the_session_and_removes_its_sandboxes() {
+    if !root_or_skip("sigterm_ends_the_session_and_removes_its_sandboxes") {
+        return;
+    }
+    let env = Env::new();
+    let mut server = env
+        .mvm()
+        .arg("mcp")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mvm mcp");
+    let mut stdin = server.stdin.take().expect("piped");
+    let mut stdout = std::io::BufReader::new(server.stdout.take().expect("piped"));
+    let init = rpc(
+        &mut stdin,
+        &mut stdout,
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "mcp.rs", "version": "0"}}}),
+    );
+    assert!(init.is_some_and(|i| i["result"]["serverInfo"]["name"] == "mvm"));
+    rpc(
+        &mut stdin,
+        &mut stdout,
+        serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    );
+    let created = rpc(
+        &mut stdin,
+        &mut stdout,
+        serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "sandbox_create", "arguments": {"isolation": "jail"}}}),
+    )
+    .expect("an answer");
+    let id = created["result"]["structuredContent"]["sandbox_id"].clone();
+    assert!(id.is_string(), "{created}");
+    assert!(!env.sandbox_cgroups().is_empty(), "the sandbox {id} runs");
+
+    let pid = libc::pid_t::try_from(server.id()).expect("a pid");
+    // SAFETY: a signal to the child process this test spawned and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = server.wait().expect("waiting for mvm mcp");
+    assert!(status.success(), "mvm mcp after SIGTERM: {status}");
+    let ps = env.run(&["ps", "-o", "json"]);
+    let left: Value = serde_json::from_slice(&ps.stdout).expect("mvm ps -o json");
+    assert_eq!(left, serde_json::json!([]), "sandbox {id} outlived SIGTERM");
+    env.assert_empty();
+}
