@@ -6,7 +6,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
@@ -85,6 +85,17 @@ pub fn read() -> Result<Vec<MountInfo>> {
     let text =
         std::fs::read_to_string(PATH).map_err(|e| Error::new(format!("reading {PATH}"), e))?;
     Ok(parse(&text))
+}
+
+/// Mount points at or below `dir` in this mount namespace, in the kernel's order (none when the
+/// mount table cannot be read).
+pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
+    read()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|m| m.starts_with(dir))
+        .collect()
 }
 
 /// A comma-separated option list; each option is split off before decoding (a file system may

@@ -147,16 +147,9 @@ pub fn require_kvm(test: &str) -> bool {
     }
 }
 
-/// Mount points at or below `dir` in this mount namespace (from /proc/self/mountinfo, names
-/// fully unescaped), for leak checks.
-pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
-    mvm_sys::mountinfo::read()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|m| m.mount_point)
-        .filter(|m| m.starts_with(dir))
-        .collect()
-}
+/// Mount points at or below `dir` in this mount namespace (names fully unescaped), for leak
+/// checks.
+pub use mvm_sys::mountinfo::mount_points_under;
 
 /// Whether the tests run as root.
 pub fn is_root() -> bool {

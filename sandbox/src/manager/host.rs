@@ -2,7 +2,7 @@
 //! helper commands (cgroups are in [`super::cgroups`]).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
@@ -66,16 +66,6 @@ pub fn umount(target: &Path) -> Result<()> {
         Err(e) if matches!(e.source.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Mount points at or below `dir`.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    mvm_sys::mountinfo::read()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|m| m.mount_point)
-        .filter(|m| m.starts_with(dir))
-        .collect()
 }
 
 /// Runs `program args` (stdin from `input`), failing with its stderr.
@@ -210,7 +200,7 @@ pub fn remove_netns(path: &Path) -> Result<()> {
 
 /// Removes a directory tree; a missing one is fine. Refuses if anything is mounted below.
 pub fn remove_tree(dir: &Path) -> Result<()> {
-    if let Some(m) = mounts_under(dir).first() {
+    if let Some(m) = mvm_sys::mountinfo::mount_points_under(dir).first() {
         return Err(Error::Host(format!(
             "{} is still mounted; not removing {}",
             m.display(),
