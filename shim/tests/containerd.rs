@@ -49,12 +49,17 @@ fn can_run(test: &str) -> bool {
 
 /// A containerd of the test's own with the test image imported (see `mvm_testkit::containerd`).
 fn start(name: &str) -> Containerd {
+    start_with(name, Vec::new())
+}
+
+/// [`start`], with extra environment for containerd and its shims.
+fn start_with(name: &str, env: Vec<(String, String)>) -> Containerd {
     Containerd::start(ContainerdOptions {
         name,
         bin_dir: &bin_dir(),
         busybox: Path::new("/bin/busybox"),
         snapshotter: None,
-        env: Vec::new(),
+        env,
     })
     .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -572,6 +577,32 @@ fn vm_tier_fails_clearly_without_hardware_kvm() {
     // A failed create leaves nothing behind either.
     let _ = cd.ctr(&["containers", "rm", "vm"]);
     assert_clean(&cd, &["vm"]);
+}
+
+/// An operator who allows only the vm tier (`MVM_ALLOWED_ISOLATION=vm`, as for mvmd) is
+/// obeyed by the shim: a container annotated for the jail tier is refused, saying who decides,
+/// and nothing is left behind.
+#[test]
+fn the_shim_obeys_the_operators_allowed_tiers() {
+    if !can_run("the_shim_obeys_the_operators_allowed_tiers") {
+        return;
+    }
+    let cd = start_with(
+        "allowed",
+        vec![("MVM_ALLOWED_ISOLATION".into(), "vm".into())],
+    );
+    let out = cd.run("forbidden", JAIL, &["echo", "hello"]);
+    assert!(
+        !out.status.success(),
+        "a jail-tier container ran although the operator allows only the vm tier"
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("jail tier is not allowed") && err.contains("MVM_ALLOWED_ISOLATION"),
+        "the error does not say the operator forbids the jail tier: {err}"
+    );
+    let _ = cd.ctr(&["containers", "rm", "forbidden"]);
+    assert_clean(&cd, &["forbidden"]);
 }
 
 /// A pod as the CRI plugin asks for it: one shim serves both containers, each with its own
