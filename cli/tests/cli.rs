@@ -2,13 +2,12 @@
 //! daemon started with `mvm serve`.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::Env;
+use common::{serve, Env};
 use mvm_testkit::{bin_dir, root_or_skip, text};
 
 #[test]
@@ -139,36 +138,6 @@ fn daemonless_vm_request_names_the_jail_tier() {
         "{}",
         text(&out.stderr)
     );
-}
-
-struct Served {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        // SAFETY: plain kill of our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(env: &Env) -> Served {
-    let socket = env.dir.path().join("mvmd.sock");
-    let child = env
-        .mvm()
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mvm serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "mvm serve did not come up");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Served { child, socket }
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! `mvm mcp` driven by a real MCP client, the official Python `mcp` package (installed by
-//! scripts/deps.sh into /opt/mvm-test-venv), as root with the jail tier, daemonless.
+//! scripts/deps.sh into /opt/mvm-test-venv), as root with the jail tier, daemonless and through
+//! mvmd.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::Env;
+use common::{serve, Env};
 use mvm_testkit::{root_or_skip, skip_or_fail_in_ci, text};
 use serde_json::Value;
 
@@ -50,9 +51,23 @@ fn a_real_mcp_client_drives_sandboxes_and_the_session_end_removes_them() {
         return;
     }
     let env = Env::new();
+    check_client(&env, &python, None);
+    let served = serve(&env);
+    check_client(
+        &env,
+        &python,
+        Some(&format!("unix:{}", served.socket.display())),
+    );
+    drop(served);
+    env.assert_empty();
+}
+
+/// Runs mcp_client.py against `mvm mcp` daemonless or through the mvmd at `host`, and checks
+/// its report and that the session's end left nothing.
+fn check_client(env: &Env, python: &Path, host: Option<&str>) {
     // The client starts `mvm mcp` with its own environment: the test environment's.
-    let mvm = env.mvm();
-    let mut client = std::process::Command::new(&python);
+    let mvm = env.mvm_at(host);
+    let mut client = std::process::Command::new(python);
     client
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py"))
         .arg(mvm.get_program())
@@ -67,7 +82,7 @@ fn a_real_mcp_client_drives_sandboxes_and_the_session_end_removes_them() {
     let stdout = text(&out.stdout);
     assert!(
         out.status.success(),
-        "the MCP client failed: {}\nstdout: {stdout}\nstderr: {}",
+        "the MCP client failed ({host:?}): {}\nstdout: {stdout}\nstderr: {}",
         out.status,
         text(&out.stderr)
     );

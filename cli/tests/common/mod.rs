@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test binary uses a part
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use mvm_testkit::{artifacts_dir, bin_dir, text};
@@ -161,4 +161,37 @@ impl Drop for Env {
             let _ = std::fs::remove_dir(parent);
         }
     }
+}
+
+/// A `mvm serve` (mvmd) of an environment, stopped when dropped.
+pub struct Served {
+    child: Child,
+    /// Its unix socket.
+    pub socket: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // SAFETY: plain kill of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts mvmd on the environment's state and waits for its socket.
+pub fn serve(env: &Env) -> Served {
+    let socket = env.dir.path().join("mvmd.sock");
+    let child = env
+        .mvm()
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mvm serve");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "mvm serve did not come up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Served { child, socket }
 }
