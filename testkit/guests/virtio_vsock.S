@@ -24,25 +24,7 @@
     .set OP_RW, 5
 
 _start:
-    call virtio_boot
-    mov $19, %edi
-    call find_dev
-    test %rax, %rax
-    jnz 1f
-    PRINT "no vsock device\n"
-    jmp reset
-1:  mov %rax, %r15
-    call dev_init
-    xor %edi, %edi
-    mov $RXQ, %esi
-    call queue_setup
-    mov $1, %edi
-    mov $TXQ, %esi
-    call queue_setup
-    mov $2, %edi
-    mov $EVQ, %esi
-    call queue_setup
-    call dev_ok
+    call vsock_setup
 
     PRINT "cid: "
     mov 0x100(%r15), %eax
@@ -252,5 +234,6 @@ peer_port: .long 0
 local_port: .long 0
     .text
 
+    .include "virtio_vsock_lib.S"
     .include "virtio_lib.S"
     .include "lib.S"

@@ -1,7 +1,9 @@
 //! Snapshot and restore through the Firecracker API on a unix socket, with the real /dev/kvm:
 //! a counting guest is paused and snapshotted, then restored twice from the same files in two
 //! fresh VMM processes (seccomp on), and both go on counting with their memory intact. Damaged
-//! or mismatched snapshots are refused with a 400 that says why, and the VMM stays up.
+//! or mismatched snapshots are refused with a 400 that says why, and the VMM stays up. Guests
+//! with virtio devices go on after a restore: a virtio-blk guest keeps doing I/O on its queue
+//! and disk, a virtio-vsock guest is told its connections are gone.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -348,6 +350,36 @@ fn damaged_or_mismatched_snapshots_are_refused_and_the_vmm_stays_up() {
         .contains("boot-specific resources"));
 }
 
+/// Boots test guest `name` with one virtio device (`PUT device.0` with body `device.1`), waits
+/// for three "`word` N ok" lines, pauses it, snapshots it into `dir` and stops that VMM.
+/// Returns (snapshot, memory file, the last N before the pause, the console then).
+fn snapshot_device_guest(
+    dir: &Path,
+    name: &str,
+    device: (&str, Value),
+    word: &str,
+) -> (PathBuf, PathBuf, u64, String) {
+    let (snapshot, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    let source = Vmm::start(dir, "source");
+    source.ok(
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": guest(name), "boot_args": "console=ttyS0"}),
+    );
+    source.ok("PUT", device.0, device.1);
+    source.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
+    source.wait_for_stamps(word, 3);
+    source.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    source.ok(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": snapshot, "mem_file_path": mem}),
+    );
+    let console = source.console();
+    let last = *stamps(&console, word).last().unwrap();
+    (snapshot, mem, last, console)
+}
+
 #[test]
 fn a_virtio_blk_guest_goes_on_with_its_disk_after_a_restore() {
     if !require_kvm("a_virtio_blk_guest_goes_on_with_its_disk_after_a_restore") {
@@ -356,30 +388,14 @@ fn a_virtio_blk_guest_goes_on_with_its_disk_after_a_restore() {
     let dir = ScratchDir::new("snapshot-blk");
     let image = dir.path().join("disk.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let (snapshot, mem) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
-    let last = {
-        let source = Vmm::start(dir.path(), "source");
-        source.ok(
-            "PUT",
-            "/boot-source",
-            json!({"kernel_image_path": guest("virtio_blk_snap"), "boot_args": "console=ttyS0"}),
-        );
-        source.ok(
-            "PUT",
-            "/drives/scratch",
-            json!({"drive_id": "scratch", "path_on_host": image, "is_root_device": false}),
-        );
-        source.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
-        source.wait_for_stamps("round", 3);
-        source.ok("PATCH", "/vm", json!({"state": "Paused"}));
-        source.ok(
-            "PUT",
-            "/snapshot/create",
-            json!({"snapshot_path": snapshot, "mem_file_path": mem}),
-        );
-        *stamps(&source.console(), "round").last().unwrap()
-        // The source VMM goes here: the restored one alone owns the disk.
-    };
+    let drive = json!({"drive_id": "scratch", "path_on_host": image, "is_root_device": false});
+    // The source VMM is gone once this returns: the restored one alone owns the disk.
+    let (snapshot, mem, last, _) = snapshot_device_guest(
+        dir.path(),
+        "virtio_blk_snap",
+        ("/drives/scratch", drive),
+        "round",
+    );
     let disk = std::fs::read(&image).unwrap();
     assert!(disk[512..].starts_with(b"marker written before the snapshot"));
     let at_snapshot = u64::from_le_bytes(disk[1024..1032].try_into().unwrap());
@@ -397,4 +413,24 @@ fn a_virtio_blk_guest_goes_on_with_its_disk_after_a_restore() {
     );
     let disk = std::fs::read(&image).unwrap();
     assert!(u64::from_le_bytes(disk[1024..1032].try_into().unwrap()) >= rounds[2]);
+}
+
+#[test]
+fn a_restored_vsock_guest_is_told_its_connections_are_gone() {
+    if !require_kvm("a_restored_vsock_guest_is_told_its_connections_are_gone") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-vsock");
+    let vsock = json!({"guest_cid": 3, "uds_path": dir.path().join("v.sock")});
+    let (snapshot, mem, last, console) =
+        snapshot_device_guest(dir.path(), "virtio_vsock_snap", ("/vsock", vsock), "tick");
+    assert!(!console.contains("transport reset"), "{console:?}");
+
+    let restored = restore(dir.path(), "restored", &snapshot, &mem);
+    let console = restored.wait_for_stamps("tick", 3);
+    assert!(
+        console.contains("transport reset: id=0 len=4\n"),
+        "the driver gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on its event queue: {console:?}"
+    );
+    assert!(stamps(&console, "tick")[0] > last, "{console:?}");
 }

@@ -697,6 +697,43 @@ mod tests {
         assert_ne!(s & status::FEATURES_OK, 0);
     }
 
+    #[test]
+    fn a_saved_live_window_restores_live_without_a_handshake() {
+        let (mut t, ..) = transport();
+        let s = negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queues(&mut t);
+        wr(&mut t, REG_STATUS, s | status::DRIVER_OK);
+        wr(&mut t, REG_QUEUE_SEL, 1);
+        t.interrupt.signal_used_queue().unwrap();
+        let (state, _frozen) = t.save_state().unwrap();
+        assert!(state.activated);
+        assert_eq!(state.queues[1].desc_table, 0x4000);
+
+        let (mut fresh, activations, _) = transport();
+        fresh.restore_state(&state).unwrap();
+        assert_eq!(activations.load(Ordering::SeqCst), 1, "re-activated");
+        assert_eq!(fresh.save_state().unwrap().0, state);
+        assert_eq!(rd(&mut fresh, REG_INTERRUPT_STATUS), 1);
+
+        let mut foreign = state.clone();
+        foreign.device_type = 19;
+        let (mut other, ..) = transport();
+        assert!(matches!(
+            other.restore_state(&foreign).unwrap_err(),
+            MmioRestoreError::DeviceType {
+                saved: 19,
+                built: 2
+            }
+        ));
+        let mut bad = state;
+        bad.queues[0].size = 3;
+        let (mut other, ..) = transport();
+        assert!(matches!(
+            other.restore_state(&bad).unwrap_err(),
+            MmioRestoreError::Queues(2)
+        ));
+    }
+
     fn dummy(device: &mut dyn VirtioDevice) -> &mut Dummy {
         device.as_any_mut().downcast_mut::<Dummy>().unwrap()
     }
