@@ -28,6 +28,13 @@ async def call(session, tool, args):
     return r.is_error, r.structured_content, text
 
 
+async def record(session, name, tool, args):
+    """Calls `tool` and reports the answer as step `name`; returns its structured content."""
+    err, result, text = await call(session, tool, args)
+    step(name, is_error=err, result=result, text=text)
+    return result
+
+
 async def main():
     server = StdioServerParameters(command=sys.argv[1], args=sys.argv[2:], env=dict(os.environ))
     async with stdio_client(server) as (read, write):
@@ -42,45 +49,25 @@ async def main():
             sid = created["sandbox_id"]
             step("created", **created)
 
-            err, out, text = await call(session, "sandbox_exec", {
-                "sandbox_id": sid, "command": "echo out; echo err >&2; exit 3"})
-            step("exec", is_error=err, result=out, text=text)
-
-            err, out, _ = await call(session, "sandbox_exec", {
-                "sandbox_id": sid, "command": "for w in a b; do printf '%s|' \"$w\"; done"})
-            step("exec_loop", is_error=err, result=out)
-
-            err, _, text = await call(session, "sandbox_write_file", {
-                "sandbox_id": sid, "path": "/tmp/mcp/hello.txt", "content": "no directory yet"})
-            step("write_no_dir", is_error=err, text=text)
-            await call(session, "sandbox_exec", {"sandbox_id": sid, "command": "mkdir -p /tmp/mcp/sub"})
-            err, out, _ = await call(session, "sandbox_write_file", {
-                "sandbox_id": sid, "path": "/tmp/mcp/hello.txt", "content": "héllo\nworld\n"})
-            step("write", is_error=err, result=out)
-            err, out, _ = await call(session, "sandbox_read_file", {
-                "sandbox_id": sid, "path": "/tmp/mcp/hello.txt"})
-            step("read", is_error=err, result=out)
-            err, out, _ = await call(session, "sandbox_list_files", {
-                "sandbox_id": sid, "path": "/tmp/mcp"})
-            step("list", is_error=err, result=out)
-
-            err, _, text = await call(session, "sandbox_read_file", {
-                "sandbox_id": sid, "path": "/no/such/file"})
-            step("read_missing", is_error=err, text=text)
-            err, _, text = await call(session, "sandbox_list_files", {
-                "sandbox_id": sid, "path": "/no/such/dir"})
-            step("list_missing", is_error=err, text=text)
-            err, _, text = await call(session, "sandbox_exec", {
-                "sandbox_id": "not-a-sandbox", "command": "true"})
-            step("bad_id", is_error=err, text=text)
+            for name, tool, args in [
+                ("exec", "sandbox_exec", {"command": "echo out; echo err >&2; exit 3"}),
+                ("exec_loop", "sandbox_exec", {"command": "for w in a b; do printf '%s|' \"$w\"; done"}),
+                ("write_no_dir", "sandbox_write_file", {"path": "/tmp/mcp/hello.txt", "content": "no directory yet"}),
+                ("mkdir", "sandbox_exec", {"command": "mkdir -p /tmp/mcp/sub"}),
+                ("write", "sandbox_write_file", {"path": "/tmp/mcp/hello.txt", "content": "héllo\nworld\n"}),
+                ("read", "sandbox_read_file", {"path": "/tmp/mcp/hello.txt"}),
+                ("list", "sandbox_list_files", {"path": "/tmp/mcp"}),
+                ("read_missing", "sandbox_read_file", {"path": "/no/such/file"}),
+                ("list_missing", "sandbox_list_files", {"path": "/no/such/dir"}),
+            ]:
+                await record(session, name, tool, {"sandbox_id": sid, **args})
+            await record(session, "bad_id", "sandbox_exec", {"sandbox_id": "not-a-sandbox", "command": "true"})
 
             err, second, _ = await call(session, "sandbox_create", {"isolation": "jail"})
             check(not err, f"the second sandbox_create failed: {second}")
-            err, out, _ = await call(session, "sandbox_destroy", {"sandbox_id": second["sandbox_id"]})
-            step("destroyed", is_error=err, result=out)
-            err, _, text = await call(session, "sandbox_exec", {
-                "sandbox_id": second["sandbox_id"], "command": "true"})
-            step("destroyed_gone", is_error=err, text=text)
+            gone = {"sandbox_id": second["sandbox_id"]}
+            await record(session, "destroyed", "sandbox_destroy", gone)
+            await record(session, "destroyed_gone", "sandbox_exec", {**gone, "command": "true"})
     # The session is over: the server has seen stdin's end and exited.
     step("ended")
 
