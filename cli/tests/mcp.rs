@@ -137,6 +137,7 @@ fn check_client(env: &Env, python: &Path, host: Option<&str>) {
     );
 
     for (name, says) in [
+        ("exec_too_large", "make its argv and environment smaller"),
         ("write_no_dir", "/tmp/mcp/hello.txt"),
         ("read_missing", "/no/such/file"),
         ("list_missing", "/no/such/dir"),

@@ -52,6 +52,7 @@ async def main():
             for name, tool, args in [
                 ("exec", "sandbox_exec", {"command": "echo out; echo err >&2; exit 3"}),
                 ("exec_loop", "sandbox_exec", {"command": "for w in a b; do printf '%s|' \"$w\"; done"}),
+                ("exec_too_large", "sandbox_exec", {"command": "echo " + "x" * 2_000_000}),
                 ("write_no_dir", "sandbox_write_file", {"path": "/tmp/mcp/hello.txt", "content": "no directory yet"}),
                 ("mkdir", "sandbox_exec", {"command": "mkdir -p /tmp/mcp/sub"}),
                 ("write", "sandbox_write_file", {"path": "/tmp/mcp/hello.txt", "content": "héllo\nworld\n"}),
