@@ -191,6 +191,20 @@ putn:
     jmp putn
 2:  ret
 
+/* print_tick: counts a tick, prints "tick N ok" and waits a little: the pace of the guests
+ * that run across a snapshot while checking a queue between ticks. */
+print_tick:
+    incq ticks(%rip)
+    PRINT "tick "
+    mov ticks(%rip), %rax
+    call putdec
+    PRINT " ok\n"
+    mov $20000, %ecx
+1:  dec %ecx
+    jnz 1b
+    ret
+
     .data
 cmdline_ptr: .quad 0
+ticks: .quad 0
     .text

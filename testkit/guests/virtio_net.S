@@ -14,22 +14,7 @@
     .set TXBUF, 0x310000
 
 _start:
-    call virtio_boot
-    mov $1, %edi
-    call find_dev
-    test %rax, %rax
-    jnz 1f
-    PRINT "no network device\n"
-    jmp reset
-1:  mov %rax, %r15
-    call dev_init
-    xor %edi, %edi
-    mov $RXQ, %esi
-    call queue_setup
-    mov $1, %edi
-    mov $TXQ, %esi
-    call queue_setup
-    call dev_ok
+    call net_setup
 
     PRINT "mac:"
     xor %r12d, %r12d
@@ -45,24 +30,7 @@ _start:
     call putdec
     PRINT "\n"
 
-    /* four RX buffers, one descriptor each */
-    xor %r12d, %r12d
-3:  mov %r12d, %eax
-    shl $4, %eax
-    mov %r12d, %ecx
-    shl $12, %ecx
-    add $RXBUF, %ecx
-    mov %rcx, RXQ(%eax)
-    movl $RXLEN, RXQ + 8(%eax)
-    movw $DESC_F_WRITE, RXQ + 12(%eax)
-    mov $RXQ, %esi
-    mov %r12d, %edi
-    call vq_post
-    inc %r12d
-    cmp $4, %r12d
-    jne 3b
-    mov $RXQ, %esi
-    call vq_notify
+    call net_post_rx
 
     /* the TX frame: zero vnet header, broadcast, our MAC, 0x88b5, payload */
     mov $TXBUF, %edi
@@ -124,5 +92,6 @@ _start:
 payload: .ascii "hello from the guest"
 payload_end:
 
+    .include "virtio_net_lib.S"
     .include "virtio_lib.S"
     .include "lib.S"

@@ -1,7 +1,7 @@
 /* virtio-vsock across a snapshot: sets up the vsock device, posts one 8-byte event buffer
- * (filled with 0xff) and then prints "tick N ok" forever, checking the event queue between
- * ticks. When the device uses the buffer it prints "transport reset: id=I len=L" once: a
- * restored VMM sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (id 0, 4 bytes). */
+ * (filled with 0xff) and then prints "tick N ok" (print_tick) forever, checking the event
+ * queue between ticks. When the device uses the buffer it prints "transport reset: id=I
+ * len=L" once: a restored VMM sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (id 0, 4 bytes). */
     .code64
     .include "virtio_defs.S"
     .text
@@ -11,7 +11,6 @@
     .set TXQ, 0x201000
     .set EVQ, 0x202000
     .set EVBUF, 0x300000
-    .set DELAY, 20000
 
 _start:
     call vsock_setup
@@ -22,14 +21,7 @@ _start:
     call vq_kick
 
 tick:
-    incq ticks(%rip)
-    PRINT "tick "
-    mov ticks(%rip), %rax
-    call putdec
-    PRINT " ok\n"
-    mov $DELAY, %ecx
-1:  dec %ecx
-    jnz 1b
+    call print_tick
     mov $EVQ, %esi
     call vq_poll
     cmp $-1, %eax
@@ -43,9 +35,6 @@ tick:
     call putdec
     PRINT "\n"
     jmp tick
-
-    .balign 8
-ticks: .quad 0
 
     .include "virtio_vsock_lib.S"
     .include "virtio_lib.S"

@@ -3,7 +3,10 @@
 //! fresh VMM processes (seccomp on), and both go on counting with their memory intact. Damaged
 //! or mismatched snapshots are refused with a 400 that says why, and the VMM stays up. Guests
 //! with virtio devices go on after a restore: a virtio-blk guest keeps doing I/O on its queue
-//! and disk, a virtio-vsock guest is told its connections are gone.
+//! and disk, a virtio-vsock guest is told its connections are gone, a virtio-net guest gets
+//! frames through the tap its restored VMM reopened.
+
+mod virtio_support;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -13,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use mvm_testkit::{binary, guest, http_unix, require_kvm, wait_for_socket, ScratchDir};
 use serde_json::{json, Value};
+use virtio_support::{PacketSocket, TestTap};
 
 /// An mvm-vmm serving its API, its console collected by a thread.
 struct Vmm {
@@ -432,5 +436,44 @@ fn a_restored_vsock_guest_is_told_its_connections_are_gone() {
         console.contains("transport reset: id=0 len=4\n"),
         "the driver gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on its event queue: {console:?}"
     );
+    assert!(stamps(&console, "tick")[0] > last, "{console:?}");
+}
+
+#[test]
+fn a_restored_net_guest_receives_through_the_reopened_tap() {
+    let test = "a_restored_net_guest_receives_through_the_reopened_tap";
+    if !require_kvm(test) {
+        return;
+    }
+    let Some(tap) = TestTap::create(test, "s") else {
+        return;
+    };
+    let dir = ScratchDir::new("snapshot-net");
+    let iface =
+        json!({"iface_id": "eth0", "host_dev_name": tap.name, "guest_mac": "06:00:AC:10:00:02"});
+    let (snapshot, mem, last, _) = snapshot_device_guest(
+        dir.path(),
+        "virtio_net_snap",
+        ("/network-interfaces/eth0", iface),
+        "tick",
+    );
+
+    let restored = restore(dir.path(), "restored", &snapshot, &mem);
+    let packets = PacketSocket::open(&tap.name);
+    let mut frame = vec![6, 0, 0xac, 0x10, 0, 2, 2, 0, 0, 0, 0, 1];
+    frame.extend_from_slice(&0x88b5u16.to_be_bytes());
+    frame.extend_from_slice(b"hello after the restore");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Sent until seen: frames written before the restored VMM opened the tap are dropped.
+    while !restored.console().contains("rx: hello after the restore\n") {
+        assert!(
+            Instant::now() < deadline,
+            "the frame never reached the restored guest: {:?}",
+            restored.console()
+        );
+        packets.send(&frame);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console = restored.wait_for_stamps("tick", 1);
     assert!(stamps(&console, "tick")[0] > last, "{console:?}");
 }
