@@ -51,14 +51,18 @@ log "isolation tier: $tier"
 
 # --- Build ----------------------------------------------------------------------------------
 cd "$repo"
-log "building mvm (cargo build)"
-cargo build -q -p jailer -p agent -p api -p cli -p vmm --bins
+log "building mvm (cargo build; a few minutes the first time)"
+cargo build -p jailer -p agent -p api -p cli -p vmm --bins
 bin="$repo/target/x86_64-unknown-linux-gnu/debug"
 log "building the base image (rootfs/build.sh)"
 rootfs/build.sh --agent "$bin/mvm-agent" >/dev/null
-# The guest kernel is built in both tiers, so a host that gains KVM is ready for `vm`.
-log "building the guest kernel (guest-kernel/build.sh; minutes the first time, cached after)"
-guest-kernel/build.sh >/dev/null
+# Only the vm tier boots a guest kernel: the jail tier does not wait for one it will not use.
+if [ "$tier" = vm ]; then
+    log "building the guest kernel (guest-kernel/build.sh; ~10 minutes the first time, cached after)"
+    guest-kernel/build.sh >/dev/null
+else
+    log "no guest kernel needed for the jail tier (build it with guest-kernel/build.sh for the vm tier)"
+fi
 
 # --- Run ------------------------------------------------------------------------------------
 log "running: mvm run --rm --isolation $tier -- ${cmd[*]}"

@@ -599,7 +599,9 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         metadata: BTreeMap::from([("created-by".to_owned(), "mvm run".to_owned())]),
     };
     let sandbox = backend.create(req).await?;
-    if !json && (a.verbose || std::io::stderr().is_terminal()) {
+    // mvm's own lines go to a person (stderr a terminal, or -v), never into a script's stderr.
+    let tell = !json && (a.verbose || std::io::stderr().is_terminal());
+    if tell {
         eprintln!("mvm: running in sandbox {}", named(&sandbox));
     }
     let exec_req = ExecRequest {
@@ -621,7 +623,7 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
             eprintln!("mvm: removing sandbox {}: {e}", sandbox.id);
             return result.and(Ok(EXIT_MVM_FAILED));
         }
-    } else if !json {
+    } else if tell {
         eprintln!(
             "mvm: sandbox {} keeps running (remove it with `mvm rm {}`)",
             named(&sandbox),

@@ -80,6 +80,38 @@ fn daemonless_run_propagates_the_exit_code() {
     child.stdin.take().unwrap().write_all(b"shout\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(text(&out.stdout), "SHOUT\n");
+    // Without --rm the sandbox stays; a script's stderr gets only the command's, while -v (or
+    // a terminal) also says how to remove it.
+    let out = env.run(&[
+        "run",
+        "--isolation",
+        "jail",
+        "--",
+        "sh",
+        "-c",
+        "echo kept >&2",
+    ]);
+    assert_eq!(
+        (out.status.code(), text(&out.stderr)),
+        (Some(0), "kept\n".into())
+    );
+    let out = env.run(&["run", "--verbose", "--isolation", "jail", "--", "true"]);
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("keeps running (remove it with `mvm rm "),
+        "{said}"
+    );
+    let out = env.run(&["-o", "json", "ps"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 2, "the two sandboxes run without --rm: {list}");
+    let out = env.run(&[&["rm"][..], &ids].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
     env.assert_empty();
 }
 
