@@ -54,18 +54,7 @@ pub fn jail_disk_mib_from_env() -> u64 {
 /// The unpacked base tree of image `rootfs` under `cache`, made on first use. The directory name
 /// depends on the image's path, size and mtime, so a rebuilt image is unpacked again.
 pub fn base_tree(cache: &Path, rootfs: &Path) -> Result<PathBuf> {
-    let meta = std::fs::metadata(rootfs)
-        .map_err(|e| Error::Invalid(format!("template base image {}: {e}", rootfs.display())))?;
-    let mut h = Sha256::new();
-    h.update(rootfs.as_os_str().as_encoded_bytes());
-    h.update(meta.len().to_le_bytes());
-    h.update(meta.mtime().to_le_bytes());
-    h.update(meta.mtime_nsec().to_le_bytes());
-    let key: String = h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let tree = cache.join(key);
+    let tree = base_path(cache, rootfs)?;
     if tree.is_dir() {
         return Ok(tree);
     }
