@@ -4,6 +4,7 @@
 //!
 //! See `api/README.md` for the REST surface.
 
+mod e2b;
 pub mod error;
 pub mod server;
 

@@ -31,7 +31,7 @@ fn line(event: &ExecEvent) -> Bytes {
 }
 
 /// A piece of exec output.
-enum Chunk {
+pub(crate) enum Chunk {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
 }
@@ -40,13 +40,13 @@ enum Chunk {
 /// credit to the agent, so callers take the next one only once the previous one is on its
 /// way to the client: a client that does not read stops the sandbox's output, and mvmd
 /// holds at most the agent protocol's window per stream.
-struct Output {
+pub(crate) struct Output {
     stdout: Option<agent::OutputStream>,
     stderr: Option<agent::OutputStream>,
 }
 
 impl Output {
-    fn of(session: &mut agent::ExecSession) -> Self {
+    pub(crate) fn of(session: &mut agent::ExecSession) -> Self {
         Self {
             stdout: session.stdout.take(),
             stderr: session.stderr.take(),
@@ -54,7 +54,7 @@ impl Output {
     }
 
     /// The next chunk of either stream; `Ok(None)` once both ended. Cancel-safe.
-    async fn next(&mut self) -> Result<Option<Chunk>> {
+    pub(crate) async fn next(&mut self) -> Result<Option<Chunk>> {
         loop {
             let chunk = tokio::select! {
                 c = async { self.stdout.as_mut().expect("checked").recv().await }, if self.stdout.is_some() => match c? {

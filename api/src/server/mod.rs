@@ -1,8 +1,8 @@
 //! `mvmd`'s HTTP surface: the versioned JSON API under `/v1`, `/healthz`, `/metrics` and the
 //! OpenAPI document at `/openapi.json`, generated from the handlers below.
 
-mod body;
-mod exec;
+pub(crate) mod body;
+pub(crate) mod exec;
 mod extract;
 pub mod templates;
 
@@ -21,6 +21,7 @@ use utoipa_axum::routes;
 
 use crate::error::{ApiError, Result};
 pub use extract::{Admin, ApiJson, ApiPath, ApiQuery, Auth};
+pub(crate) use extract::token;
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::manager::Manager;
 use mvm_sandbox::model::*;
@@ -103,7 +104,9 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
             state.clone(),
             body::limit,
         ))
-        .layer(axum::middleware::from_fn_with_state(state, audit));
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit))
+        // E2B's surface: its own error shape, body limits and audit records.
+        .nest("/e2b", crate::e2b::router(state.manager));
     (router, doc)
 }
 

@@ -1,0 +1,464 @@
+//! E2B's REST control plane (`spec/openapi.yml` of e2b-dev/E2B) on the sandbox manager:
+//! create (v1 and v2), list (v1 and v2 with metadata and state filters and paging), get,
+//! kill, set timeout, refresh, pause, resume and connect. Errors are E2B's `{code, message}`.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::time::rfc3339;
+use super::{presented_token, tenant, E2bError, E2bState};
+use mvm_sandbox::db::Tenant;
+use mvm_sandbox::model::{CreateSandbox, Egress, NetworkSpec, Sandbox, SandboxState};
+
+/// The envd version mvm reports: the SDK enables stdin, close-stdin, default users and the
+/// octet-stream upload from it, and refuses file metadata (0.6.2) with its own message.
+pub const ENVD_VERSION: &str = "0.5.7";
+
+/// `clientID` of every sandbox (E2B's cluster node; mvm has one).
+const CLIENT_ID: &str = "mvm";
+
+/// Most sandboxes on one page of `GET /v2/sandboxes`.
+const MAX_PAGE: usize = 100;
+
+pub fn routes() -> Router<E2bState> {
+    Router::new()
+        .route("/sandboxes", post(create).get(list_v1))
+        .route("/v2/sandboxes", post(create).get(list_v2))
+        .route("/sandboxes/{id}", get(detail).delete(kill))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+}
+
+type Result<T> = std::result::Result<T, E2bError>;
+
+fn bad_request(message: String) -> E2bError {
+    E2bError::new(StatusCode::BAD_REQUEST, message)
+}
+
+/// A JSON body; anything wrong in it is a 400 in E2B's shape.
+fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| bad_request(format!("bad request body: {e}")))
+}
+
+/// `NewSandbox` / `NewSandboxV2`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    timeout: Option<u64>,
+    metadata: Option<BTreeMap<String, String>>,
+    env_vars: Option<BTreeMap<String, String>>,
+    #[serde(rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+    network: Option<NetworkConfig>,
+    auto_pause: Option<bool>,
+    mcp: Option<serde_json::Value>,
+    iam: Option<serde_json::Value>,
+    volume_mounts: Option<Vec<serde_json::Value>>,
+}
+
+/// `SandboxNetworkConfig`: only what maps onto mvm's egress policy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetworkConfig {
+    #[serde(default)]
+    allow_out: Vec<String>,
+    #[serde(default)]
+    deny_out: Vec<String>,
+}
+
+/// E2B's template name as an mvm template: `base` is mvm's `default`.
+fn template_alias(e2b: &str) -> &str {
+    match e2b {
+        "base" | "" => "default",
+        other => other,
+    }
+}
+
+/// The mvm create request of an E2B one; features mvm lacks are refused naming them.
+fn create_request(req: NewSandbox) -> Result<CreateSandbox> {
+    let unsupported = [
+        ("autoPause", req.auto_pause == Some(true)),
+        ("mcp", req.mcp.as_ref().is_some_and(|v| !v.is_null())),
+        ("iam", req.iam.as_ref().is_some_and(|v| !v.is_null())),
+        (
+            "volumeMounts",
+            req.volume_mounts.is_some_and(|v| !v.is_empty()),
+        ),
+    ];
+    if let Some((field, _)) = unsupported.iter().find(|(_, used)| *used) {
+        return Err(bad_request(format!("{field} is not supported by mvm")));
+    }
+    Ok(CreateSandbox {
+        template: Some(template_alias(&req.template_id).to_owned()),
+        timeout_s: req.timeout,
+        env: req.env_vars.unwrap_or_default(),
+        network: Some(network(req.allow_internet_access, req.network)?),
+        metadata: req.metadata.unwrap_or_default(),
+        ..CreateSandbox::default()
+    })
+}
+
+/// mvm's egress for E2B's `allow_internet_access` and `network`: internet access is `all`
+/// (default `none`, mvm's); `allowOut` entries are `allow` entries; `denyOut` only as
+/// `0.0.0.0/0` (deny everything but `allowOut`), as mvm has no deny lists.
+fn network(internet: Option<bool>, net: Option<NetworkConfig>) -> Result<NetworkSpec> {
+    let net = net.unwrap_or_default();
+    if let Some(d) = net.deny_out.iter().find(|d| *d != "0.0.0.0/0") {
+        return Err(bad_request(format!(
+            "network.denyOut {d:?}: mvm denies all but allowOut (denyOut [\"0.0.0.0/0\"]), \
+             it has no per-destination deny list"
+        )));
+    }
+    let everything = internet == Some(true) && net.deny_out.is_empty();
+    let egress = match (everything, net.allow_out.is_empty()) {
+        (true, _) => Egress::All,
+        (false, false) => Egress::Allow,
+        (false, true) => Egress::None,
+    };
+    Ok(NetworkSpec {
+        egress,
+        allow: net.allow_out,
+    })
+}
+
+/// E2B's `Sandbox` (the answer to create, resume and connect).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Created {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    #[serde(rename = "clientID")]
+    client_id: &'static str,
+    envd_version: &'static str,
+    envd_access_token: Option<String>,
+    domain: Option<String>,
+}
+
+fn created(s: &Sandbox, headers: &HeaderMap) -> Created {
+    Created {
+        template_id: s.template.clone(),
+        sandbox_id: s.id.clone(),
+        client_id: CLIENT_ID,
+        envd_version: ENVD_VERSION,
+        envd_access_token: presented_token(headers),
+        domain: None,
+    }
+}
+
+/// E2B's `ListedSandbox` and, with the token, `SandboxDetail`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Listed {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    #[serde(rename = "clientID")]
+    client_id: &'static str,
+    started_at: String,
+    end_at: String,
+    cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    disk_size_mb: u64,
+    state: &'static str,
+    envd_version: &'static str,
+    metadata: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    envd_access_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow_internet_access: Option<bool>,
+}
+
+/// E2B's state of an mvm sandbox: only running and paused ones are shown.
+fn e2b_state(s: &Sandbox) -> Option<&'static str> {
+    match s.state {
+        SandboxState::Running => Some("running"),
+        SandboxState::Paused => Some("paused"),
+        SandboxState::Creating | SandboxState::Stopping => None,
+    }
+}
+
+fn listed(s: &Sandbox, state: &'static str) -> Listed {
+    Listed {
+        template_id: s.template.clone(),
+        sandbox_id: s.id.clone(),
+        client_id: CLIENT_ID,
+        started_at: rfc3339(s.created_at),
+        // No timeout: a hundred years.
+        end_at: rfc3339(s.expires_at.unwrap_or(s.created_at + 100 * 365 * 86_400)),
+        cpu_count: s.vcpus,
+        memory_mb: s.memory_mib,
+        disk_size_mb: mvm_sandbox::manager::rootfs::jail_disk_mib_from_env(),
+        state,
+        envd_version: ENVD_VERSION,
+        metadata: s.metadata.clone(),
+        envd_access_token: None,
+        allow_internet_access: None,
+    }
+}
+
+fn audit(state: &E2bState, tenant: &Tenant, action: &str, id: &str) {
+    if let Err(e) = state.manager.db().audit(&tenant.name, action, id, 200, "") {
+        tracing::error!("writing the audit log: {e}");
+    }
+}
+
+async fn create(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    bytes: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Created>)> {
+    let tenant = tenant(&state.manager, &headers)?;
+    let req = create_request(body::<NewSandbox>(&bytes)?)?;
+    let sandbox = state.manager.create(&tenant, req).await?;
+    audit(&state, &tenant, "created (e2b)", &sandbox.id);
+    Ok((StatusCode::CREATED, Json(created(&sandbox, &headers))))
+}
+
+/// Query of the list calls.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    /// `k1=v1&k2=v2`, each key and value percent-encoded (the SDK's encoding).
+    metadata: Option<String>,
+    /// Comma-separated states (v2).
+    state: Option<String>,
+    limit: Option<usize>,
+    next_token: Option<String>,
+}
+
+/// The caller's sandboxes that match `q`, oldest first.
+fn matching(state: &E2bState, headers: &HeaderMap, q: &ListQuery) -> Result<Vec<Listed>> {
+    let tenant = tenant(&state.manager, headers)?;
+    let wanted: BTreeMap<String, String> = match &q.metadata {
+        Some(m) => serde_urlencoded::from_str::<Vec<(String, String)>>(m)
+            .map_err(|e| bad_request(format!("metadata filter {m:?}: {e}")))?
+            .into_iter()
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    let states: Option<Vec<&str>> = q.state.as_deref().map(|s| s.split(',').collect());
+    Ok(state
+        .manager
+        .list(Some(&tenant.name))?
+        .iter()
+        .filter(|s| wanted.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
+        .filter_map(|s| Some(listed(s, e2b_state(s)?)))
+        .filter(|l| states.as_ref().is_none_or(|st| st.contains(&l.state)))
+        .collect())
+}
+
+async fn list_v1(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<Listed>>> {
+    let mut all = matching(&state, &headers, &q)?;
+    all.retain(|l| l.state == "running");
+    Ok(Json(all))
+}
+
+/// One page; `x-next-token` (the offset of the next page) when more follow.
+async fn list_v2(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Response> {
+    let all = matching(&state, &headers, &q)?;
+    let from = match &q.next_token {
+        Some(t) => t
+            .parse::<usize>()
+            .map_err(|_| bad_request(format!("nextToken {t:?} is not one mvm gave")))?,
+        None => 0,
+    };
+    let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let page: Vec<Listed> = all.into_iter().skip(from).collect();
+    let more = page.len() > limit;
+    let page: Vec<Listed> = page.into_iter().take(limit).collect();
+    let mut resp = Json(page).into_response();
+    if more {
+        resp.headers_mut().insert(
+            HeaderName::from_static("x-next-token"),
+            HeaderValue::from_str(&(from + limit).to_string()).expect("digits"),
+        );
+    }
+    Ok(resp)
+}
+
+async fn detail(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Listed>> {
+    let tenant = tenant(&state.manager, &headers)?;
+    let s = state.manager.get(&tenant.name, &id)?;
+    let e2b = e2b_state(&s).ok_or_else(|| {
+        E2bError::new(
+            StatusCode::NOT_FOUND,
+            format!("sandbox {id} is {}", s.state.as_str()),
+        )
+    })?;
+    let mut l = listed(&s, e2b);
+    l.envd_access_token = presented_token(&headers);
+    l.allow_internet_access = Some(s.network.egress == Egress::All);
+    Ok(Json(l))
+}
+
+async fn kill(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let tenant = tenant(&state.manager, &headers)?;
+    state.manager.destroy(&tenant.name, &id).await?;
+    state.processes.forget(&id);
+    audit(&state, &tenant, "destroyed (e2b)", &id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `SandboxTimeoutRequest`, `SandboxRefreshRequest`, `ResumedSandbox`, `ConnectSandbox`.
+#[derive(Debug, Default, Deserialize)]
+struct Timeout {
+    #[serde(alias = "duration")]
+    timeout: Option<u64>,
+}
+
+/// Sets the sandbox's timeout to `timeout` seconds from now (E2B's own default: 300).
+fn extend(state: &E2bState, tenant: &Tenant, id: &str, t: &Timeout) -> Result<Sandbox> {
+    Ok(state
+        .manager
+        .keepalive(&tenant.name, id, Some(t.timeout.unwrap_or(300)))?)
+}
+
+async fn set_timeout(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<StatusCode> {
+    let tenant = tenant(&state.manager, &headers)?;
+    let t: Timeout = body(&bytes)?;
+    if t.timeout.is_none() {
+        return Err(bad_request("timeout is required".into()));
+    }
+    extend(&state, &tenant, &id, &t)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn refresh(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<StatusCode> {
+    let tenant = tenant(&state.manager, &headers)?;
+    extend(&state, &tenant, &id, &body(&bytes)?)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let tenant = tenant(&state.manager, &headers)?;
+    state.manager.set_paused(&tenant.name, &id, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn resume(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Created>)> {
+    let tenant = tenant(&state.manager, &headers)?;
+    let t: Timeout = body(&bytes)?;
+    state.manager.set_paused(&tenant.name, &id, false).await?;
+    let s = extend(&state, &tenant, &id, &t)?;
+    Ok((StatusCode::CREATED, Json(created(&s, &headers))))
+}
+
+/// Resumes a paused sandbox (201) or takes a running one (200), with the new timeout.
+async fn connect(
+    State(state): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Created>)> {
+    let tenant = tenant(&state.manager, &headers)?;
+    let t: Timeout = body(&bytes)?;
+    let status = if state.manager.get(&tenant.name, &id)?.state == SandboxState::Paused {
+        state.manager.set_paused(&tenant.name, &id, false).await?;
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let s = extend(&state, &tenant, &id, &t)?;
+    Ok((status, Json(created(&s, &headers))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_and_networks_map_onto_mvm() {
+        let req: NewSandbox = serde_json::from_str(
+            r#"{"templateID":"base","timeout":60,"metadata":{"a":"b"},"envVars":{"X":"1"},
+                "allow_internet_access":false,"autoPause":false}"#,
+        )
+        .unwrap();
+        let c = create_request(req).unwrap();
+        assert_eq!(c.template.as_deref(), Some("default"));
+        assert_eq!(c.timeout_s, Some(60));
+        assert_eq!(c.network.unwrap().egress, Egress::None);
+        let allow = network(
+            None,
+            Some(NetworkConfig {
+                allow_out: vec!["1.1.1.1".into()],
+                deny_out: vec!["0.0.0.0/0".into()],
+            }),
+        )
+        .unwrap();
+        assert_eq!(allow.egress, Egress::Allow);
+        assert_eq!(network(Some(true), None).unwrap().egress, Egress::All);
+        network(
+            None,
+            Some(NetworkConfig {
+                allow_out: vec![],
+                deny_out: vec!["8.8.8.8".into()],
+            }),
+        )
+        .unwrap_err();
+    }
+
+    #[test]
+    fn unsupported_features_are_refused() {
+        let req: NewSandbox =
+            serde_json::from_str(r#"{"templateID":"base","volumeMounts":[{"name":"v"}]}"#).unwrap();
+        assert_eq!(
+            create_request(req).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! E2B compatibility: the official `e2b` SDKs drive mvmd when `E2B_API_URL` and
+//! `E2B_SANDBOX_URL` are both `http://HOST:PORT/e2b` and `E2B_API_KEY` is an mvm token.
+//!
+//! Two surfaces share the `/e2b` prefix: E2B's REST control plane ([`control`]: create, list,
+//! get, kill, timeout, pause/resume/connect) and the in-sandbox daemon's protocol ([`envd`]:
+//! Connect RPC `process.Process` and `filesystem.Filesystem`, `/files`, `/health`), which the
+//! SDK sends to the same base URL with the sandbox in the `E2b-Sandbox-Id` header. Both are
+//! translated onto the sandbox manager and the agent; no daemon runs in the guest.
+
+mod connect;
+mod control;
+mod envd;
+mod time;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+use crate::error::ApiError;
+use mvm_sandbox::db::Tenant;
+use mvm_sandbox::manager::Manager;
+
+/// The router of everything under `/e2b` (nested there by [`crate::server::router`]).
+pub fn router(manager: Manager) -> Router {
+    let state = E2bState {
+        manager,
+        processes: std::sync::Arc::default(),
+    };
+    control::routes()
+        .merge(envd::routes())
+        .fallback(|| async {
+            E2bError::new(
+                StatusCode::BAD_REQUEST,
+                "mvm's E2B endpoint does not serve this route (templates, volumes, snapshots, \
+                 fork and metrics are not supported; see the README's E2B section)",
+            )
+        })
+        .with_state(state)
+}
+
+/// Shared state of the E2B handlers.
+#[derive(Clone)]
+struct E2bState {
+    manager: Manager,
+    /// The processes started through `process.Process`, per sandbox.
+    processes: std::sync::Arc<envd::process::Processes>,
+}
+
+/// An error in E2B's REST shape: `{code: <HTTP status>, message}`.
+#[derive(Debug)]
+struct E2bError {
+    status: StatusCode,
+    message: String,
+}
+
+impl E2bError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl<E: Into<ApiError>> From<E> for E2bError {
+    fn from(e: E) -> Self {
+        let e = e.into();
+        Self::new(e.status(), e.body().message)
+    }
+}
+
+impl IntoResponse for E2bError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, "e2b: {}", self.message);
+        }
+        let body = serde_json::json!({"code": self.status.as_u16(), "message": self.message});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// The tenant whose mvm token is in one of `headers` (E2B's `X-API-Key` on the control plane,
+/// `X-Access-Token` on the data plane, or a bearer token).
+fn tenant(manager: &Manager, headers: &HeaderMap) -> Result<Tenant, mvm_sandbox::Error> {
+    let token = presented_token(headers)
+        .filter(|t| !t.is_empty())
+        .ok_or(mvm_sandbox::Error::Unauthorized)?;
+    manager
+        .db()
+        .tenant_for_token(&token)?
+        .ok_or(mvm_sandbox::Error::Unauthorized)
+}
+
+/// The token a request authenticated with, handed back as the sandbox's `envdAccessToken`
+/// so that the SDK's data-plane calls (which carry no API key) carry it as `X-Access-Token`.
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    ["x-api-key", "x-access-token"]
+        .iter()
+        .find_map(|h| headers.get(*h)?.to_str().ok())
+        .map(|t| t.trim().to_owned())
+        .or_else(|| crate::server::token(headers).map(str::to_owned))
+}
