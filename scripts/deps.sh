@@ -47,3 +47,12 @@ if ! "$mcp_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.
     /usr/bin/python3 -m venv "$mcp_venv"
     "$mcp_venv/bin/pip" install -q "mcp==$mcp_version"
 fi
+
+# api/tests/e2b_sdk.rs drives mvmd's /e2b with the official E2B Python SDK, from PyPI, pinned,
+# in the same venv.
+e2b_version=2.63.0
+if ! "$mcp_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('e2b') != '$e2b_version')" 2>/dev/null; then
+    echo "scripts/deps.sh: installing the Python e2b $e2b_version SDK into $mcp_venv" >&2
+    [ -x "$mcp_venv/bin/pip" ] || /usr/bin/python3 -m venv "$mcp_venv"
+    "$mcp_venv/bin/pip" install -q "e2b==$e2b_version"
+fi

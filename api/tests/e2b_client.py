@@ -1,0 +1,246 @@
+"""Drives mvmd's /e2b with the official `e2b` Python SDK, configured only by E2B_API_URL,
+E2B_SANDBOX_URL and E2B_API_KEY. Prints one JSON report: a step per SDK call checked, with
+`ok` and what went wrong (api/tests/e2b_sdk.rs asserts them)."""
+
+import io
+import os
+import json
+import sys
+import time
+import traceback
+
+import httpx
+
+from e2b import (
+    CommandExitException,
+    FileNotFoundException,
+    NotFoundException,
+    PtySize,
+    Sandbox,
+    SandboxQuery,
+)
+
+steps = []
+
+
+def step(name):
+    """Runs the decorated check at once and records its outcome."""
+
+    def run(check):
+        try:
+            detail = check()
+            steps.append({"step": name, "ok": True, "detail": detail})
+        except Exception as e:  # every failure is reported, the run goes on
+            steps.append(
+                {
+                    "step": name,
+                    "ok": False,
+                    "detail": f"{type(e).__name__}: {e}",
+                    "trace": traceback.format_exc(),
+                }
+            )
+
+    return run
+
+
+def expect(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+run_id = str(time.time_ns())
+sbx = Sandbox.create(
+    template="base",
+    timeout=120,
+    metadata={"suite": "e2b", "run": run_id},
+    envs={"GREETING": "hello"},
+)
+steps.append({"step": "create", "ok": True, "detail": sbx.sandbox_id})
+
+
+@step("commands.run streams stdout and stderr to callbacks")
+def _():
+    out, err = [], []
+    r = sbx.commands.run(
+        "echo one; echo two >&2; echo three", on_stdout=out.append, on_stderr=err.append
+    )
+    expect(r.exit_code == 0, r)
+    expect(r.stdout == "one\nthree\n", repr(r.stdout))
+    expect(r.stderr == "two\n", repr(r.stderr))
+    expect("".join(out) == "one\nthree\n" and "".join(err) == "two\n", (out, err))
+
+
+@step("a non-zero exit raises CommandExitException with the code")
+def _():
+    try:
+        sbx.commands.run("echo bad >&2; exit 3")
+    except CommandExitException as e:
+        expect(e.exit_code == 3 and "bad" in e.stderr, (e.exit_code, e.stderr))
+        return
+    raise AssertionError("no CommandExitException")
+
+
+@step("envs of the sandbox and of the command")
+def _():
+    r = sbx.commands.run("echo $GREETING $EXTRA", envs={"EXTRA": "there"})
+    expect(r.stdout == "hello there\n", repr(r.stdout))
+
+
+@step("cwd")
+def _():
+    r = sbx.commands.run("pwd", cwd="/tmp")
+    expect(r.stdout == "/tmp\n", repr(r.stdout))
+
+
+@step("background command, commands.list and commands.kill")
+def _():
+    h = sbx.commands.run("sleep 100", background=True)
+    pids = [p.pid for p in sbx.commands.list()]
+    expect(h.pid in pids, (h.pid, pids))
+    expect(sbx.commands.kill(h.pid), "kill returned False")
+    try:
+        h.wait()
+        raise AssertionError("a killed command ended well")
+    except CommandExitException as e:
+        expect(e.exit_code != 0, e)
+    expect(h.pid not in [p.pid for p in sbx.commands.list()], "still listed")
+    expect(not sbx.commands.kill(h.pid), "killed twice")
+
+
+@step("stdin: send_stdin and close_stdin")
+def _():
+    h = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.send_stdin(h.pid, "ping\n")
+    sbx.commands.close_stdin(h.pid)
+    r = h.wait()
+    expect(r.stdout == "ping\n", repr(r.stdout))
+
+
+@step("files: write (parents made), read, bytes, streamed upload")
+def _():
+    info = sbx.files.write("/tmp/e2b/dir/a.txt", "content")
+    expect(info.path == "/tmp/e2b/dir/a.txt", info)
+    expect(sbx.files.read("/tmp/e2b/dir/a.txt") == "content", "read back")
+    blob = bytes(range(256)) * 1024
+    sbx.files.write("/tmp/e2b/blob", io.BytesIO(blob))
+    expect(bytes(sbx.files.read("/tmp/e2b/blob", format="bytes")) == blob, "bytes")
+
+
+@step("files: list, exists, get_info")
+def _():
+    names = sorted(e.name for e in sbx.files.list("/tmp/e2b"))
+    expect(names == ["blob", "dir"], names)
+    deep = sorted(e.path for e in sbx.files.list("/tmp/e2b", depth=2))
+    expect("/tmp/e2b/dir/a.txt" in deep, deep)
+    expect(sbx.files.exists("/tmp/e2b/blob"), "exists")
+    expect(not sbx.files.exists("/tmp/e2b/nothing"), "not exists")
+    expect(sbx.files.get_info("/tmp/e2b/blob").size == 256 * 1024, "size")
+
+
+@step("files: rename, make_dir, remove")
+def _():
+    moved = sbx.files.rename("/tmp/e2b/dir/a.txt", "/tmp/e2b/b.txt")
+    expect(moved.path == "/tmp/e2b/b.txt", moved)
+    expect(sbx.files.read("/tmp/e2b/b.txt") == "content", "moved content")
+    expect(sbx.files.make_dir("/tmp/e2b/new/deeper"), "make_dir")
+    expect(not sbx.files.make_dir("/tmp/e2b/new/deeper"), "make_dir twice")
+    sbx.files.remove("/tmp/e2b/new")
+    expect(not sbx.files.exists("/tmp/e2b/new"), "removed")
+
+
+@step("files: a missing file is FileNotFoundException")
+def _():
+    try:
+        sbx.files.read("/tmp/e2b/missing")
+    except FileNotFoundException:
+        return
+    raise AssertionError("no FileNotFoundException")
+
+
+@step("set_timeout and get_info")
+def _():
+    before = sbx.get_info().end_at
+    sbx.set_timeout(600)
+    info = sbx.get_info()
+    expect(info.end_at > before, (before, info.end_at))
+    expect(info.metadata.get("run") == run_id, info.metadata)
+    expect(info.sandbox_id == sbx.sandbox_id, info)
+
+
+@step("list with a metadata filter")
+def _():
+    mine = Sandbox.list(query=SandboxQuery(metadata={"run": run_id})).next_items()
+    expect([s.sandbox_id for s in mine] == [sbx.sandbox_id], mine)
+    other = Sandbox.list(query=SandboxQuery(metadata={"run": "other"})).next_items()
+    expect(other == [], other)
+
+
+@step("Sandbox.connect to a running sandbox")
+def _():
+    again = Sandbox.connect(sbx.sandbox_id)
+    expect(again.commands.run("echo again").stdout == "again\n", "connected run")
+
+
+@step("pty: create, resize, input")
+def _():
+    out = bytearray()
+    h = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.resize(h.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(h.pid, b"stty size; exit\n")
+    try:
+        h.wait(on_pty=out.extend)
+    except CommandExitException:
+        pass
+    expect(b"30 100" in out, bytes(out))
+
+
+@step("an unknown sandbox is NotFound")
+def _():
+    try:
+        Sandbox.connect("000000000000")
+        raise AssertionError("connected to nothing")
+    except NotFoundException:
+        pass
+    expect(Sandbox.kill("000000000000") is False, "kill of nothing")
+    try:
+        Sandbox.get_info("000000000000")
+        raise AssertionError("info of nothing")
+    except NotFoundException:
+        pass
+
+
+@step("bad input gets E2B-shaped 4xx answers, never 5xx")
+def _():
+    url, key = os.environ["E2B_API_URL"], os.environ["E2B_API_KEY"]
+    api = {"X-API-Key": key}
+    envd = {"X-Access-Token": key, "Content-Type": "application/json"}
+    cases = [
+        ("POST", "/sandboxes", {}, "{}", 401),
+        ("POST", "/v2/sandboxes", api, "{", 400),
+        ("POST", "/v2/sandboxes", api, '{"templateID": "no-such-template"}', 404),
+        ("POST", "/v2/sandboxes", api, '{"templateID": "base", "volumeMounts": [{}]}', 400),
+        ("GET", "/sandboxes/nope", api, "", 404),
+        ("POST", "/sandboxes/nope/timeout", api, '{"timeout": 5}', 404),
+        ("POST", "/v3/templates", api, "{}", 400),
+        ("GET", "/volumes", api, "", 400),
+        ("GET", "/v2/sandboxes?nextToken=x", api, "", 400),
+        ("POST", "/filesystem.Filesystem/Stat", {**envd, "E2b-Sandbox-Id": "nope"}, '{"path": "/"}', 404),
+        ("POST", "/process.Process/List", {"E2b-Sandbox-Id": sbx.sandbox_id}, "{}", 401),
+        ("POST", "/process.Process/SendInput", {**envd, "E2b-Sandbox-Id": sbx.sandbox_id}, '{"process": {"pid": 1}}', 404),
+        ("POST", "/filesystem.Filesystem/Stat", {**envd, "E2b-Sandbox-Id": sbx.sandbox_id}, "{", 400),
+        ("GET", "/files?path=/tmp", {**envd, "E2b-Sandbox-Id": sbx.sandbox_id}, "", 400),
+    ]
+    for method, path, headers, body, status in cases:
+        r = httpx.request(method, url + path, headers=headers, content=body)
+        expect(r.status_code == status, f"{method} {path}: {r.status_code} {r.text}")
+        expect(isinstance(r.json().get("message"), str), f"{method} {path}: {r.text}")
+
+
+@step("kill")
+def _():
+    sbx.kill()
+    left = Sandbox.list(query=SandboxQuery(metadata={"run": run_id})).next_items()
+    expect(left == [], left)
+
+
+json.dump(steps, sys.stdout)
