@@ -14,8 +14,8 @@ pub use client::{
     AgentClient, ClientError, ExecControl, ExecSession, ExecStdin, Output, OutputStream,
 };
 pub use protocol::{
-    DirEntry, ErrorKind, ExecRequest, ExitStatus, FileKind, FileStat, Health, MountRequest,
-    RemoteError, ShutdownAction, Termination,
+    DirEntry, ErrorKind, ExecRequest, ExitStatus, FileKind, FileStat, Health, Identity, IpConfig,
+    MountRequest, RemoteError, ShutdownAction, Termination,
 };
 
 /// Writes a line to the agent's stderr (the console when it is the guest's init),

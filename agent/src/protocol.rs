@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Magic bytes carried by both `Hello` messages.
 pub const MAGIC: [u8; 4] = *b"MVMA";
 /// Largest accepted frame payload, in bytes.
@@ -216,6 +216,61 @@ pub enum Request {
         /// Absolute mount point.
         target: String,
     },
+    /// Gives a guest restored from a snapshot its own identity (host name, network,
+    /// entropy, wall clock) before anything else runs in it. Only the guest's init agent
+    /// takes it. Replies `Done`.
+    Reidentify(Identity),
+}
+
+/// What makes a guest restored from a snapshot its own, not a copy of the snapshot's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The host name.
+    pub hostname: String,
+    /// The guest interface's new MAC, set while the interface is down.
+    pub mac: Option<[u8; 6]>,
+    /// The guest interface's address and default route; `None` takes the address away and
+    /// leaves the interface down (a sandbox without a network).
+    pub ip: Option<IpConfig>,
+    /// Fresh random bytes from the host, credited to the kernel's entropy pool, which is
+    /// then reseeded: the snapshot's RNG state is shared by every guest restored from it.
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock, nanoseconds since the Unix epoch (the guest's stopped when the
+    /// snapshot was taken).
+    pub realtime_ns: u64,
+}
+
+/// IPv4 configuration of the guest interface (`mvm.ip`, or a new [`Identity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpConfig {
+    /// Interface address.
+    pub address: std::net::Ipv4Addr,
+    /// Prefix length (0..=32).
+    pub prefix_len: u8,
+    /// Default gateway.
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl std::fmt::Display for IpConfig {
+    /// `ADDR/PREFIX[,GATEWAY]`, as in the agent's `mvm.ip` kernel parameter.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)?;
+        match self.gateway {
+            Some(gateway) => write!(f, ",{gateway}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl IpConfig {
+    /// The netmask of `prefix_len`.
+    pub fn netmask(&self) -> std::net::Ipv4Addr {
+        let bits = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        std::net::Ipv4Addr::from(bits)
+    }
 }
 
 /// Successful answers.

@@ -1019,3 +1019,31 @@ async fn containers_with_their_own_roots() {
     let err = client.unmount(a_str).await.unwrap_err();
     assert!(err.to_string().contains("unmounting"), "{err}");
 }
+
+/// A host-process agent (jail tier) has no machine of its own: it refuses a new identity,
+/// and the host's name stays.
+#[tokio::test]
+async fn a_host_process_agent_refuses_a_new_identity() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let hostname = nix::unistd::gethostname().unwrap();
+    let err = client
+        .reidentify(agent::Identity {
+            hostname: "restored".into(),
+            mac: Some([2, 0, 0, 0, 0, 1]),
+            ip: None,
+            entropy: vec![7; 64],
+            realtime_ns: 0,
+        })
+        .await
+        .unwrap_err();
+    match err {
+        ClientError::Remote(e) => {
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+            assert!(e.message.contains("jail tier"), "{e}");
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+    assert_eq!(nix::unistd::gethostname().unwrap(), hostname);
+    client.health().await.unwrap();
+}

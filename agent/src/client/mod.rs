@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::flow::SendWindow;
 use crate::protocol::{
-    encode_frame, Channel, ClientMessage, ExitStatus, FrameError, Health, Reply, Request,
+    encode_frame, Channel, ClientMessage, ExitStatus, FrameError, Health, Identity, Reply, Request,
     ShutdownAction,
 };
 use error::unexpected;
@@ -150,6 +150,12 @@ impl AgentClient {
     /// connection closes soon after this returns.
     pub async fn shutdown(&self, action: ShutdownAction) -> Result<(), ClientError> {
         self.call_done(Request::Shutdown { action }, "Shutdown")
+            .await
+    }
+
+    /// Gives a guest restored from a snapshot its own identity (see [`Request::Reidentify`]).
+    pub async fn reidentify(&self, identity: Identity) -> Result<(), ClientError> {
+        self.call_done(Request::Reidentify(identity), "Reidentify")
             .await
     }
 }

@@ -18,7 +18,7 @@ use root::mount_fs;
 
 pub use cmdline::KernelParams;
 pub use error::InitError;
-pub use net::{configure_network, set_hostname, IpConfig, GUEST_INTERFACE};
+pub use net::{configure_network, reconfigure_network, set_hostname, IpConfig, GUEST_INTERFACE};
 pub use root::{mount_base, pivot_to_disk, pivot_to_overlay, OverlayUpper};
 pub use shutdown::{power_down, quiesce_file_systems};
 

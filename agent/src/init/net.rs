@@ -9,26 +9,7 @@ use super::error::{sys, InitError};
 /// Interface configured by `mvm.ip`.
 pub const GUEST_INTERFACE: &str = "eth0";
 
-/// IPv4 configuration of the guest interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpConfig {
-    /// Interface address.
-    pub address: Ipv4Addr,
-    /// Prefix length (0..=32).
-    pub prefix_len: u8,
-    /// Default gateway.
-    pub gateway: Option<Ipv4Addr>,
-}
-
-impl IpConfig {
-    /// The netmask of `prefix_len`.
-    pub fn netmask(&self) -> Ipv4Addr {
-        let bits = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0);
-        Ipv4Addr::from(bits)
-    }
-}
+pub use crate::protocol::IpConfig;
 
 /// Sets the host name.
 pub fn set_hostname(name: &str) -> Result<(), InitError> {
@@ -124,6 +105,11 @@ impl IfSocket {
     }
 
     fn up(&self, name: &str) -> Result<(), InitError> {
+        self.set_up(name, true)
+    }
+
+    /// Brings `name` up or down.
+    fn set_up(&self, name: &str, up: bool) -> Result<(), InitError> {
         let mut req = Self::ifreq(name)?;
         self.ioctl(
             libc::SIOCGIFFLAGS,
@@ -132,8 +118,31 @@ impl IfSocket {
         )?;
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
         let flags = unsafe { req.ifr_ifru.ifru_flags };
-        req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        self.ioctl(libc::SIOCSIFFLAGS, &mut req, format!("bringing {name} up"))
+        let up_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        req.ifr_ifru.ifru_flags = if up {
+            flags | up_flags
+        } else {
+            flags & !up_flags
+        };
+        let what = format!("bringing {name} {}", if up { "up" } else { "down" });
+        self.ioctl(libc::SIOCSIFFLAGS, &mut req, what)
+    }
+
+    fn set_mac(&self, name: &str, mac: [u8; 6]) -> Result<(), InitError> {
+        let mut req = Self::ifreq(name)?;
+        let mut hwaddr = libc::sockaddr {
+            sa_family: libc::ARPHRD_ETHER,
+            sa_data: [0; 14],
+        };
+        for (dst, src) in hwaddr.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_hwaddr = hwaddr;
+        self.ioctl(
+            libc::SIOCSIFHWADDR,
+            &mut req,
+            format!("setting the MAC of {name}"),
+        )
     }
 
     fn add_default_route(&self, gateway: Ipv4Addr) -> Result<(), InitError> {
@@ -165,12 +174,39 @@ pub fn configure_network(interface: &str, ip: Option<&IpConfig>) -> Result<(), I
     let sock = IfSocket::new()?;
     sock.up("lo")?;
     if let Some(ip) = ip {
-        sock.set_addr(interface, libc::SIOCSIFADDR, ip.address)?;
-        sock.set_addr(interface, libc::SIOCSIFNETMASK, ip.netmask())?;
-        sock.up(interface)?;
-        if let Some(gateway) = ip.gateway {
-            sock.add_default_route(gateway)?;
-        }
+        sock.address(interface, ip)?;
     }
     Ok(())
+}
+
+impl IfSocket {
+    /// Sets `ip` on `interface`, brings it up and adds the default route.
+    fn address(&self, interface: &str, ip: &IpConfig) -> Result<(), InitError> {
+        self.set_addr(interface, libc::SIOCSIFADDR, ip.address)?;
+        self.set_addr(interface, libc::SIOCSIFNETMASK, ip.netmask())?;
+        self.up(interface)?;
+        if let Some(gateway) = ip.gateway {
+            self.add_default_route(gateway)?;
+        }
+        Ok(())
+    }
+}
+
+/// Gives `interface` a new identity: taken down (which drops its routes), a new `mac`, then
+/// `ip` with the default route and up again, or with no `ip` no address and left down.
+pub fn reconfigure_network(
+    interface: &str,
+    mac: Option<[u8; 6]>,
+    ip: Option<&IpConfig>,
+) -> Result<(), InitError> {
+    let sock = IfSocket::new()?;
+    sock.set_up(interface, false)?;
+    if let Some(mac) = mac {
+        sock.set_mac(interface, mac)?;
+    }
+    match ip {
+        Some(ip) => sock.address(interface, ip),
+        // Address 0.0.0.0 deletes the interface's address.
+        None => sock.set_addr(interface, libc::SIOCSIFADDR, Ipv4Addr::UNSPECIFIED),
+    }
 }

@@ -3,6 +3,7 @@
 mod exec;
 mod fdio;
 mod files;
+mod identity;
 mod mounts;
 mod reaper;
 
@@ -548,6 +549,9 @@ impl Conn {
             Request::Mount(req) => mounts::mount_request(req).await.map(|()| Some(Reply::Done)),
             Request::Unmount { target } => {
                 mounts::unmount_request(&target).map(|()| Some(Reply::Done))
+            }
+            Request::Reidentify(identity) => {
+                identity::reidentify(self.agent.init, identity).map(|()| Some(Reply::Done))
             }
             Request::Shutdown { action } => {
                 self.out.reply(id, Reply::Done).await;
