@@ -55,6 +55,7 @@ fn unusable_template_image_fails_at_the_overlay_step() {
                 name: "junk".into(),
                 kernel: dir.join("vmlinux").display().to_string(),
                 rootfs: dir.join("junk.ext4").display().to_string(),
+                snapshot: None,
             })
             .await
             .expect("register")

@@ -15,6 +15,7 @@ fn template(name: &str, kernel: &Path, rootfs: &Path) -> Template {
         name: name.into(),
         kernel: kernel.display().to_string(),
         rootfs: rootfs.display().to_string(),
+        snapshot: None,
     }
 }
 

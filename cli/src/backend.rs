@@ -287,11 +287,28 @@ impl Backend {
         })
     }
 
+    /// Forks a running vm-tier sandbox into `count` children.
+    pub async fn fork(&self, id: &str, count: u32) -> Result<Vec<Sandbox>, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.fork(id, count).await?,
+            Backend::Local { manager, tenant } => manager.fork(tenant, id, count).await?,
+        })
+    }
+
     /// The templates.
     pub async fn templates(&self) -> Result<Vec<Template>, CliError> {
         Ok(match self {
             Backend::Daemon(c) => c.templates().await?,
             Backend::Local { manager, .. } => manager.templates()?,
+        })
+    }
+
+    /// Warms a template: its VM booted once and kept as a snapshot that vm-tier creates
+    /// restore.
+    pub async fn warm_template(&self, name: &str) -> Result<Template, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.warm_template(name).await?,
+            Backend::Local { manager, tenant } => manager.warm_template(tenant, name).await?,
         })
     }
 

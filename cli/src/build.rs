@@ -133,5 +133,6 @@ pub fn build(args: &BuildArgs) -> Result<Template, CliError> {
         name: args.name.clone(),
         kernel: kernel.display().to_string(),
         rootfs: artifacts.join("rootfs.ext4").display().to_string(),
+        snapshot: None,
     })
 }

@@ -162,13 +162,37 @@ enum Command {
         /// Sandbox id.
         id: String,
     },
-    /// List templates.
-    Templates,
+    /// Fork a running vm-tier sandbox: children that go on from this instant (processes,
+    /// memory, files), each with its own host name, MAC, address, RNG seed and clock.
+    Fork {
+        /// Sandbox id.
+        id: String,
+        /// Children to make (at most 16).
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: u32,
+    },
+    /// List templates, or warm one.
+    Templates {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        action: Option<TemplatesAction>,
+    },
     /// Build the guest kernel and base image and register them as a template.
     Build(build::BuildArgs),
     /// Serve the Model Context Protocol on stdin/stdout: tools to create sandboxes, run shell
     /// command lines and move files in them; the session's sandboxes go when it ends.
     Mcp,
+}
+
+/// `mvm templates` subcommands.
+#[derive(Debug, Subcommand)]
+enum TemplatesAction {
+    /// Boot the template once as a vm-tier sandbox and keep the VM as a snapshot: vm-tier
+    /// creates of its size (1 vCPU, 256 MiB) then restore it instead of booting.
+    Warm {
+        /// Template name.
+        name: String,
+    },
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -492,28 +516,55 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Pause { id } => show(&backend.set_paused(&id, true).await?, json),
         Command::Resume { id } => show(&backend.set_paused(&id, false).await?, json),
+        Command::Fork { id, count } => {
+            let children = backend.fork(&id, count).await?;
+            if json {
+                print_json(&children);
+            } else {
+                for child in children {
+                    println!("{} ({})", child.id, child.isolation.as_str());
+                }
+            }
+            Ok(0)
+        }
         Command::Mcp => {
             mcp::serve(backend).await?;
             Ok(0)
         }
-        Command::Templates => {
+        Command::Templates {
+            action: Some(TemplatesAction::Warm { name }),
+        } => {
+            let t = backend.warm_template(&name).await?;
+            if json {
+                print_json(&t);
+            } else {
+                println!("{}: warm ({})", t.name, warm_column(&t));
+            }
+            Ok(0)
+        }
+        Command::Templates { action: None } => {
             let list = backend.templates().await?;
             if json {
                 print_json(&list);
             } else {
-                println!("{:<16} {:<40} ROOTFS", "NAME", "KERNEL");
-                for Template {
-                    name,
-                    kernel,
-                    rootfs,
-                } in list
-                {
-                    println!("{name:<16} {kernel:<40} {rootfs}");
+                println!("{:<16} {:<40} {:<40} WARM", "NAME", "KERNEL", "ROOTFS");
+                for t in list {
+                    let warm = warm_column(&t);
+                    println!("{:<16} {:<40} {:<40} {warm}", t.name, t.kernel, t.rootfs);
                 }
             }
             Ok(0)
         }
         Command::Serve { .. } | Command::Build(_) => unreachable!("handled above"),
+    }
+}
+
+/// What `mvm templates` says of a template's snapshot: its size, or `-` (vm-tier creates
+/// boot cold).
+fn warm_column(t: &Template) -> String {
+    match &t.snapshot {
+        Some(snap) => format!("{} vCPU, {} MiB", snap.vcpus, snap.memory_mib),
+        None => "-".into(),
     }
 }
 

@@ -253,6 +253,18 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/sandboxes/{id}/fork`: the children.
+    pub async fn fork(&self, id: &str, count: u32) -> Result<Vec<Sandbox>, ClientError> {
+        Ok(self
+            .json::<ForkAnswer>(
+                "POST",
+                &format!("/v1/sandboxes/{id}/fork"),
+                Some(&ForkRequest { count: Some(count) }),
+            )
+            .await?
+            .sandboxes)
+    }
+
     /// `POST /v1/sandboxes/{id}/keepalive`.
     pub async fn keepalive(
         &self,
@@ -295,6 +307,16 @@ impl Client {
     /// `POST /v1/templates`.
     pub async fn add_template(&self, t: &Template) -> Result<Template, ClientError> {
         self.json("POST", "/v1/templates", Some(t)).await
+    }
+
+    /// `POST /v1/templates/{name}/warm`.
+    pub async fn warm_template(&self, name: &str) -> Result<Template, ClientError> {
+        self.json(
+            "POST",
+            &format!("/v1/templates/{}/warm", encode(name)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// `GET /healthz`.

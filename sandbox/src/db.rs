@@ -153,11 +153,19 @@ pub fn hash_token(token: &str) -> String {
 
 /// `n` random bytes from the kernel, as lowercase hex.
 pub fn random_hex(n: usize) -> Result<String> {
+    Ok(random_bytes(n)?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// `n` bytes from the host's RNG.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
         .map_err(|e| Error::host("reading /dev/urandom", e))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(buf)
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -527,6 +535,7 @@ impl Db {
                     name: r.get(0)?,
                     kernel: r.get(1)?,
                     rootfs: r.get(2)?,
+                    snapshot: None,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;

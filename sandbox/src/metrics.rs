@@ -58,6 +58,8 @@ pub struct Metrics {
     pub create_seconds: Histogram,
     /// Sandboxes created.
     pub created: AtomicU64,
+    /// Of those, vm-tier sandboxes restored from a warm template's snapshot.
+    pub restored: AtomicU64,
     /// Creates that failed (and were rolled back).
     pub create_failures: AtomicU64,
     /// Sandboxes destroyed (by request, timeout or reconciliation).
@@ -125,6 +127,12 @@ impl Metrics {
             "mvm_sandboxes_created_total",
             "Sandboxes created.",
             &self.created,
+        );
+        counter(
+            out,
+            "mvm_sandboxes_restored_total",
+            "Sandboxes created by restoring a warm template's snapshot.",
+            &self.restored,
         );
         counter(
             out,

@@ -251,6 +251,22 @@ pub struct SandboxList {
     pub sandboxes: Vec<Sandbox>,
 }
 
+/// `POST /v1/sandboxes/{id}/fork` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// Children to make (default 1, at most 16).
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// `POST /v1/sandboxes/{id}/fork` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ForkAnswer {
+    /// The children, each running from the instant of the fork.
+    pub sandboxes: Vec<Sandbox>,
+}
+
 /// `POST /v1/sandboxes/{id}/keepalive` body.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -445,6 +461,21 @@ pub struct Template {
     pub kernel: String,
     /// Host path of the ext4 base image (read-only, shared).
     pub rootfs: String,
+    /// The template's warm snapshot, which vm-tier creates of its size restore instead of
+    /// booting (`POST /v1/templates/{name}/warm`); never part of a request.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<TemplateSnapshot>,
+}
+
+/// A template's warm snapshot: its VM booted once and saved with the agent answering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TemplateSnapshot {
+    /// vCPUs of the saved VM (creates of another size boot cold).
+    pub vcpus: u32,
+    /// Guest memory of the saved VM, MiB.
+    pub memory_mib: u64,
+    /// When it was made (Unix seconds).
+    pub created_at: i64,
 }
 
 /// `GET /v1/templates` answer.

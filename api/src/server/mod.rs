@@ -20,8 +20,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, Result};
-pub use extract::{Admin, ApiJson, ApiPath, ApiQuery, Auth};
 pub(crate) use extract::token;
+pub use extract::{Admin, ApiJson, ApiPath, ApiQuery, Auth};
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::manager::Manager;
 use mvm_sandbox::model::*;
@@ -73,9 +73,11 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(keepalive))
+        .routes(routes!(fork))
         .routes(routes!(logs))
         .routes(routes!(stats))
         .routes(routes!(list_templates, create_template))
+        .routes(routes!(warm_template))
         .routes(routes!(metrics))
         .routes(routes!(healthz))
         .routes(routes!(openapi_json))
@@ -319,6 +321,29 @@ async fn keepalive(
     )?))
 }
 
+/// Fork a running vm-tier sandbox into `count` children (default 1, at most 16) that go on
+/// from this instant: its processes, memory and files, each child with its own host name,
+/// MAC, address, RNG seed and clock. The source is paused only while it is saved. Children
+/// count in the quota; the jail tier answers 422.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes", params(("id" = String, Path)),
+    request_body = ForkRequest,
+    responses((status = 201, body = ForkAnswer), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the sandbox is not running"),
+        (status = 422, body = ErrorBody, description = "a jail-tier sandbox, or a bad count"),
+        (status = 429, body = ErrorBody)))]
+async fn fork(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ForkRequest>,
+) -> Result<(StatusCode, Json<ForkAnswer>)> {
+    let sandboxes = state
+        .manager
+        .fork(&tenant, &id, req.count.unwrap_or(1))
+        .await?;
+    Ok((StatusCode::CREATED, Json(ForkAnswer { sandboxes })))
+}
+
 /// The sandbox's console and agent log (last MiB).
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", params(("id" = String, Path)),
     responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
@@ -381,6 +406,29 @@ async fn create_template(
     let t = state.templates.register(&state.manager, t)?;
     audit_event(&state, &tenant, "template registered", &t.name);
     Ok((StatusCode::CREATED, Json(t)))
+}
+
+/// Warm a template: boot it once as a vm-tier sandbox (1 vCPU, 256 MiB; counted in the
+/// caller's quota meanwhile), wait for its agent, and keep the paused VM as a snapshot with
+/// the template, replacing an earlier one. vm-tier creates of that size then restore the
+/// snapshot instead of booting, each guest given its own host name, MAC, address, RNG seed
+/// and clock. Templates are shared: this needs an admin token. 422 where the host cannot
+/// run the vm tier.
+#[utoipa::path(post, path = "/v1/templates/{name}/warm", tag = "templates",
+    params(("name" = String, Path)),
+    responses((status = 200, body = Template, description = "the template with its new snapshot"),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "the token is not an admin tenant's"),
+        (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "the host cannot run the vm tier")))]
+async fn warm_template(
+    State(state): State<AppState>,
+    Admin(tenant): Admin,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Template>> {
+    let t = state.manager.warm_template(&tenant, &name).await?;
+    audit_event(&state, &tenant, "template warmed", &t.name);
+    Ok(Json(t))
 }
 
 /// Prometheus metrics: sandboxes by state, per-sandbox CPU and memory. An admin token sees
@@ -555,6 +603,8 @@ mod tests {
             (Method::DELETE, "/v1/sandboxes/abc"),
             (Method::PUT, "/v1/sandboxes/abc/files"),
             (Method::POST, "/v1/templates"),
+            (Method::POST, "/v1/templates/default/warm"),
+            (Method::POST, "/v1/sandboxes/abc/fork"),
             (Method::GET, "/v1/sandboxes/abc/exec/ws"),
         ] {
             assert!(audited(&method, path), "{method} {path}");

@@ -63,6 +63,7 @@ impl TemplateDirs {
             name: t.name,
             kernel: kernel.display().to_string(),
             rootfs: rootfs.display().to_string(),
+            snapshot: None,
         })
     }
 
@@ -169,6 +170,7 @@ mod tests {
             name: "t".into(),
             kernel: kernel.display().to_string(),
             rootfs: rootfs.display().to_string(),
+            snapshot: None,
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::exec::validate_env;
 use super::lock::BusyLock;
+use super::snapshot::{self, SavedVm};
 use super::tier::{self, vm, Userland};
 use super::{
     blocking, host, lock, net, pod_netns_of, ContainerSandbox, Live, Manager, ManagerConfig,
@@ -110,9 +111,21 @@ impl Manager {
         Ok((sandbox, userland))
     }
 
-    /// Creates a sandbox for `tenant` and waits until its agent answers.
+    /// Creates a sandbox for `tenant` and waits until its agent answers. A vm-tier sandbox
+    /// of a warm template's size restores the template's snapshot instead of booting.
     pub async fn create(&self, tenant: &Tenant, req: CreateSandbox) -> Result<Sandbox> {
-        self.create_in(tenant, req, None).await
+        self.create_in(tenant, req, None, Origin::Request).await
+    }
+
+    /// Creates the sandbox of `tenant` that starts as `origin` says (a template's warm-up, a
+    /// fork's child).
+    pub(super) async fn create_from(
+        &self,
+        tenant: &Tenant,
+        req: CreateSandbox,
+        origin: Origin,
+    ) -> Result<Sandbox> {
+        self.create_in(tenant, req, None, origin).await
     }
 
     /// Creates a sandbox for a container runtime's container, whose file system is the host
@@ -128,7 +141,8 @@ impl Manager {
         req: CreateSandbox,
         container: ContainerSandbox,
     ) -> Result<Sandbox> {
-        self.create_in(tenant, req, Some(container)).await
+        self.create_in(tenant, req, Some(container), Origin::Request)
+            .await
     }
 
     async fn create_in(
@@ -136,6 +150,7 @@ impl Manager {
         tenant: &Tenant,
         req: CreateSandbox,
         container: Option<ContainerSandbox>,
+        origin: Origin,
     ) -> Result<Sandbox> {
         let started = Instant::now();
         let (userland, container_slots, pod_netns) = match container {
@@ -163,7 +178,7 @@ impl Manager {
             pid: 0,
         };
         match self
-            .build(&mut row, &template, container_slots, pod_netns)
+            .build(&mut row, &template, container_slots, pod_netns, origin)
             .await
         {
             Ok(()) => {
@@ -201,16 +216,45 @@ impl Manager {
         }
     }
 
+    /// How the VM of a new sandbox `s` starts: a fork's child restores its source; a plain
+    /// vm-tier create of a warm template's size restores the template's snapshot; the rest
+    /// boot.
+    fn boot(
+        &self,
+        s: &Sandbox,
+        userland: &Userland,
+        container_slots: u8,
+        origin: &Origin,
+    ) -> vm::Boot {
+        match (origin, userland) {
+            (Origin::Fork(saved), _) => vm::Boot::Restore(saved.clone()),
+            (Origin::Request, Userland::Template(t))
+                if s.isolation == Isolation::Vm && container_slots == 0 =>
+            {
+                snapshot::find(&self.inner.cfg, t)
+                    .and_then(|warm| warm.fitting(s.vcpus, s.memory_mib))
+                    .map_or(vm::Boot::Cold, vm::Boot::Restore)
+            }
+            _ => vm::Boot::Cold,
+        }
+    }
+
     async fn build(
         &self,
         row: &mut SandboxRow,
         userland: &Userland,
         container_slots: u8,
         pod_netns: Option<PathBuf>,
+        origin: Origin,
     ) -> Result<()> {
         let cfg = self.inner.cfg.clone();
         let s = row.sandbox.clone();
         let uid = cfg.uid(row);
+        let boot = self.boot(&s, userland, container_slots, &origin);
+        // A saved VM has a NIC whatever its network: warmed with one, it is restored with one
+        // (left down and address-less when the sandbox has no network).
+        let needs_nic = matches!(origin, Origin::Warming) || matches!(boot, vm::Boot::Restore(_));
+        let start_boot = boot.clone();
         let addrs = net::Addresses::of(cfg.subnet, row.slot);
         let spec = NetworkSpec {
             egress: s.network.egress,
@@ -219,7 +263,7 @@ impl Manager {
         let userland = userland.clone();
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
         let started = Instant::now();
-        let (network, child) = blocking(move || {
+        let (network, guest_net, child) = blocking(move || {
             let (network, uplink) = match &pod_netns {
                 Some(ns) => {
                     let (info, uplink) = net::join_pod_netns(ns, s.isolation, uid)?;
@@ -238,14 +282,22 @@ impl Manager {
                     ip: uplink.guest_ip(),
                     mac: Some(uplink.mac),
                 }),
-                None => network.address.as_ref().map(|a| vm::GuestNet {
-                    ip: format!("{a}/30,{}", network.gateway.as_deref().unwrap_or_default()),
+                // A snapshot's VM has a NIC whatever the network: warmed with one, it is
+                // restored with one, left down and without an address when there is none.
+                None if network.address.is_some() || needs_nic => Some(vm::GuestNet {
+                    ip: agent::IpConfig {
+                        address: addrs.guest,
+                        prefix_len: 30,
+                        gateway: Some(addrs.tap),
+                    },
                     mac: None,
                 }),
+                None => None,
             };
             let start = tier::Start {
                 container_slots,
-                guest_net,
+                guest_net: guest_net.clone(),
+                boot: start_boot,
             };
             let spawned = spawn_jail(&cfg, &s, uid, &userland, start, pod_netns.as_deref());
             if spawned.is_err() && s.isolation == Isolation::Vm {
@@ -254,7 +306,7 @@ impl Manager {
                     let _ = net::leave_pod_netns(ns);
                 }
             }
-            Ok((network, spawned?))
+            Ok((network, guest_net, spawned?))
         })
         .await?;
         row.sandbox.network = network;
@@ -266,13 +318,34 @@ impl Manager {
         self.inner.db.update_sandbox(row)?;
         let spawned = started.elapsed();
         // Step 5: the agent.
-        let client = self.await_agent(row, &live).await?;
+        // A restored guest without a network keeps its NIC down and address-less.
+        let identity_net = guest_net.filter(|_| row.sandbox.network.address.is_some());
+        let client = self
+            .await_agent(row, &live, &boot, identity_net.as_ref())
+            .await?;
+        if matches!(boot, vm::Boot::Restore(_)) {
+            self.inner
+                .metrics
+                .restored
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         *live.agent.lock().await = Some(client);
         tracing::debug!(id = %row.sandbox.id, ?spawned, ready = ?started.elapsed(), "sandbox built");
         row.sandbox.state = SandboxState::Running;
         self.inner.db.update_sandbox(row)?;
         Ok(())
     }
+}
+
+/// Where a new sandbox comes from besides its request.
+#[derive(Debug, Clone)]
+pub(super) enum Origin {
+    /// A create (a vm-tier one of a warm template's size restores its snapshot).
+    Request,
+    /// The sandbox that warms its template: booted cold, with a NIC.
+    Warming,
+    /// A fork's child: restores its source's saved VM.
+    Fork(SavedVm),
 }
 
 /// Steps 3-4 of a create: the sandbox's directory, its tier's jail, and the jailer process,

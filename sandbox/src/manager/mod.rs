@@ -11,7 +11,8 @@
 //! This module is the façade: [`ManagerConfig`], [`Manager`] and the public types. Each verb
 //! extends `Manager` in a file of its own: `create` (plan, build, the waits, the jailer's
 //! spawn), `teardown` (teardown, destroy, keepalive, expiry), `reconcile`, `exec` (the agent
-//! and commands), `limits` (pause, live limits, stats), `templates` and `pod`; `tier` is the
+//! and commands), `limits` (pause, live limits, stats), `templates` (and their warm-up),
+//! `fork` (live fork; the saved VMs of both are `snapshot`'s) and `pod`; `tier` is the
 //! one place that knows how the tiers differ (`tier/jail.rs`, `tier/vm.rs`: jail specs, start,
 //! agent connection, pause, memory), `lock` holds the sandboxes' busy locks, `cgroups` their
 //! cgroups and `host` the rest of the host plumbing (mounts, processes, commands).
@@ -21,6 +22,7 @@ pub mod cgroups;
 mod console;
 mod create;
 mod exec;
+mod fork;
 mod host;
 mod limits;
 mod lock;
@@ -28,10 +30,12 @@ pub mod net;
 mod pod;
 mod reconcile;
 pub mod rootfs;
+mod snapshot;
 mod teardown;
 mod templates;
 mod tier;
 
+pub use fork::MAX_FORK_CHILDREN;
 pub use host::{jailer_pids, vm_tier_unavailable};
 pub use limits::LimitsUpdate;
 
@@ -373,6 +377,7 @@ impl Manager {
                     name: DEFAULT_TEMPLATE.into(),
                     kernel: kernel.display().to_string(),
                     rootfs: rootfs.display().to_string(),
+                    snapshot: None,
                 })?;
             }
         }

@@ -8,7 +8,8 @@ use jailer::CleanupConfig;
 use super::lock::BusyLock;
 use super::tier::exec_name;
 use super::{
-    blocking, cgroups, console, host, lock, net, pod_netns_of, rootfs, Manager, MAX_TIMEOUT_S,
+    blocking, cgroups, console, host, lock, net, pod_netns_of, rootfs, snapshot, Manager,
+    MAX_TIMEOUT_S,
 };
 use crate::db;
 use crate::error::{Error, Result};
@@ -58,6 +59,7 @@ impl Manager {
             rootfs::Overlay::at(&dir).unmount()?;
             console::Console::jail(&dir).unmount()?;
             host::remove_tree(&dir)?;
+            snapshot::remove_saves(&cfg, &id)?;
             match pod_netns {
                 // The pod's namespace is the runtime's: only the VM's tap and redirect go.
                 Some(ns) if isolation == Some(Isolation::Vm) => net::leave_pod_netns(&ns)?,

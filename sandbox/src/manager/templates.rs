@@ -1,11 +1,15 @@
-//! Templates: the registered kernels and base images sandboxes are made from.
+//! Templates: the registered kernels and base images sandboxes are made from, and their
+//! warm-up into a snapshot that vm-tier creates restore.
 
 use std::path::Path;
 
-use super::{Manager, DEFAULT_TEMPLATE};
-use crate::db;
+use super::create::Origin;
+use super::snapshot::{self, Staging, WARM_MEMORY_MIB, WARM_VCPUS};
+use super::tier::vm;
+use super::{blocking, Manager, DEFAULT_TEMPLATE};
+use crate::db::{self, Tenant};
 use crate::error::{Error, Result};
-use crate::model::Template;
+use crate::model::{CreateSandbox, Isolation, Sandbox, Template};
 
 impl Manager {
     fn template(&self, name: &str) -> Result<Template> {
@@ -28,9 +32,19 @@ impl Manager {
         self.template(&name)
     }
 
-    /// Registered templates.
+    /// Registered templates, each with its warm snapshot if it has a usable one.
     pub fn templates(&self) -> Result<Vec<Template>> {
-        self.inner.db.templates()
+        let cfg = &self.inner.cfg;
+        Ok(self
+            .inner
+            .db
+            .templates()?
+            .into_iter()
+            .map(|t| Template {
+                snapshot: snapshot::find(cfg, &t).map(|warm| warm.describe()),
+                ..t
+            })
+            .collect())
     }
 
     /// Registers a template after checking its files.
@@ -46,5 +60,64 @@ impl Manager {
         }
         self.inner.db.put_template(&t)?;
         Ok(t)
+    }
+
+    /// Warms template `name`: boots it once in a vm-tier sandbox of `tenant` (counted in its
+    /// quota meanwhile), waits for the agent, pauses the VM and saves it with its writable
+    /// layer, destroys the sandbox and keeps the snapshot with the template, replacing an
+    /// earlier one. Creates of the snapshot's size (1 vCPU, 256 MiB, the defaults) then
+    /// restore it instead of booting.
+    pub async fn warm_template(&self, tenant: &Tenant, name: &str) -> Result<Template> {
+        let template = self.requested_template(Some(name.to_string()))?;
+        if let Some(why) = self.vm_tier_unavailable() {
+            return Err(Error::TierUnavailable(format!(
+                "warming template {name} saves a running micro-VM, which needs the vm tier: \
+                 {why}. Jail-tier sandboxes start from the template's files and need no warm-up"
+            )));
+        }
+        let req = CreateSandbox {
+            template: Some(template.name.clone()),
+            isolation: Some(Isolation::Vm),
+            vcpus: Some(WARM_VCPUS),
+            memory_mib: Some(WARM_MEMORY_MIB),
+            ..CreateSandbox::default()
+        };
+        let sandbox = self.create_from(tenant, req, Origin::Warming).await?;
+        let staged = self
+            .save_for_warming(&tenant.name, &template, &sandbox)
+            .await;
+        let destroyed = self.destroy(&tenant.name, &sandbox.id).await;
+        let staging = staged?;
+        destroyed?;
+        let cfg = self.inner.cfg.clone();
+        let name = template.name.clone();
+        let snapshot = blocking(move || staging.commit(&cfg, &name)).await?;
+        tracing::info!(template = %template.name, "template warmed");
+        Ok(Template {
+            snapshot: Some(snapshot),
+            ..template
+        })
+    }
+
+    /// Pauses the warming sandbox's VM and saves it, with its writable layer, as template
+    /// `t`'s staged snapshot.
+    async fn save_for_warming(
+        &self,
+        tenant: &str,
+        t: &Template,
+        sandbox: &Sandbox,
+    ) -> Result<Staging> {
+        let row = self.row(tenant, &sandbox.id)?;
+        let api = self.vmm_api(&row)?.path();
+        vm::set_paused(&api, true).await?;
+        vm::save_snapshot(&api).await?;
+        let cfg = self.inner.cfg.clone();
+        let (t, id) = (t.clone(), sandbox.id.clone());
+        blocking(move || {
+            let staging = Staging::new(&cfg, &t, &id)?;
+            staging.take(&cfg, &id, &cfg.sandbox_dir(&id).join(vm::LAYER_NAME))?;
+            Ok(staging)
+        })
+        .await
     }
 }

@@ -27,11 +27,12 @@ pub struct PodUplink {
 }
 
 impl PodUplink {
-    /// `ADDR/PREFIX[,GATEWAY]` for the guest agent's `mvm.ip`.
-    pub fn guest_ip(&self) -> String {
-        match self.gateway {
-            Some(gw) => format!("{}/{},{gw}", self.address, self.prefix),
-            None => format!("{}/{}", self.address, self.prefix),
+    /// The guest's address: the interface's.
+    pub fn guest_ip(&self) -> agent::IpConfig {
+        agent::IpConfig {
+            address: self.address,
+            prefix_len: self.prefix,
+            gateway: self.gateway,
         }
     }
 }
@@ -190,9 +191,9 @@ mod tests {
         let up = find_uplink(addrs, routes).unwrap();
         assert_eq!(up.ifname, "eth0");
         assert_eq!(up.mac, "0a:58:0a:f4:01:05");
-        assert_eq!(up.guest_ip(), "10.244.1.5/24,10.244.1.1");
+        assert_eq!(up.guest_ip().to_string(), "10.244.1.5/24,10.244.1.1");
         let up = find_uplink(addrs, "[]").unwrap();
-        assert_eq!(up.guest_ip(), "10.244.1.5/24");
+        assert_eq!(up.guest_ip().to_string(), "10.244.1.5/24");
         let only_lo = r#"[{"ifname":"lo","address":"00:00:00:00:00:00","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]}]"#;
         let err = find_uplink(only_lo, "[]").unwrap_err().to_string();
         assert!(err.contains("CNI"), "{err}");

@@ -4,8 +4,10 @@
 //! ask which tier a sandbox has, but for its network (`net`: a veth for a jail, a tap for a VM).
 //!
 //! A tier's start, in order: [`jail_spec`] prepares what the jail binds in (the jail tier's
-//! overlay; the vm tier's disks and config file) and describes the jail; the jailer is spawned
-//! (`create`); [`Manager::await_agent`] waits until the agent answers.
+//! overlay; the vm tier's disks and config file, or a warm template's snapshot) and describes
+//! the jail; the jailer is spawned (`create`); [`Manager::await_agent`] loads the snapshot if
+//! the VM restores one and waits until the agent answers (and takes the restored guest's new
+//! identity).
 
 pub(super) mod jail;
 pub(super) mod vm;
@@ -45,6 +47,8 @@ pub(super) struct Start {
     pub container_slots: u8,
     /// The guest's address and NIC (vm tier), when the sandbox has a network.
     pub guest_net: Option<vm::GuestNet>,
+    /// How the VM starts (vm tier; a jail always starts [`vm::Boot::Cold`]).
+    pub boot: vm::Boot,
 }
 
 /// The program a tier's jail runs, which also names the tier's directory under the jail base.
@@ -145,11 +149,32 @@ fn base_jail(
 }
 
 impl Manager {
-    /// Waits until the agent of a sandbox whose jailer was just spawned answers.
-    pub(super) async fn await_agent(&self, row: &SandboxRow, live: &Live) -> Result<AgentClient> {
+    /// Waits until the agent of a sandbox whose jailer was just spawned answers. A VM that
+    /// restores a snapshot loads it first, and its agent then gives the guest the sandbox's
+    /// own identity (`guest_net`, host name, entropy, clock) before anything runs in it.
+    pub(super) async fn await_agent(
+        &self,
+        row: &SandboxRow,
+        live: &Live,
+        boot: &vm::Boot,
+        guest_net: Option<&vm::GuestNet>,
+    ) -> Result<AgentClient> {
         match row.sandbox.isolation {
             Isolation::Jail => self.await_jail_agent(row, live).await,
-            Isolation::Vm => self.wait_agent(live, row, vm::READY_TIMEOUT).await,
+            Isolation::Vm => {
+                let restore = matches!(boot, vm::Boot::Restore(_));
+                if restore {
+                    let api = self.await_vmm_api(row).await?;
+                    vm::load_snapshot(&api.path()).await?;
+                }
+                let client = self.wait_agent(live, row, vm::READY_TIMEOUT).await?;
+                if restore {
+                    client
+                        .reidentify(vm::identity(&row.sandbox.id, guest_net)?)
+                        .await?;
+                }
+                Ok(client)
+            }
         }
     }
 

@@ -2,7 +2,11 @@
 //! config file that the manager derives from the sandbox ([`vm_config`], a pure function) and
 //! binds read-only into the jail; the agent answers over the VMM's hybrid vsock socket. The
 //! VMM's API socket (Firecracker's HTTP API, types from the `vmm` crate) serves only runtime
-//! changes: a pod's drive swaps and pause/resume.
+//! changes: a pod's drive swaps and pause/resume, and snapshots: every VM can save itself
+//! into its save directory ([`save_snapshot`], for a warm template or a fork), and a sandbox
+//! restored from a saved VM starts `mvm-vmm` with no config and loads it
+//! ([`Boot::Restore`], [`load_snapshot`]); the agent then gives the guest its own identity
+//! ([`identity`]).
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -25,6 +29,7 @@ use super::{base_jail, Start};
 use crate::db::SandboxRow;
 use crate::error::{Error, Result};
 use crate::http::{send_collect, Endpoint};
+use crate::manager::snapshot::{self, SavedVm};
 use crate::manager::{beneath, net, rootfs, Manager, ManagerConfig};
 use crate::model::{Isolation, Sandbox, Template};
 
@@ -45,6 +50,14 @@ pub const VSOCK_SOCK: &str = "/run/vsock.sock";
 pub const CONFIG: &str = "/vm.json";
 /// The configuration file's name in the sandbox directory.
 const CONFIG_NAME: &str = "vm.json";
+/// The writable disk's name in the sandbox directory.
+pub(in crate::manager) const LAYER_NAME: &str = "layer.ext4";
+/// The jail directory a VMM saves snapshots into (the sandbox's save directory).
+pub const SAVE_DIR: &str = "/snapshot";
+/// The jail directory of the saved VM a restoring VMM loads.
+pub const RESTORE_DIR: &str = "/restore";
+/// How long a restored VMM's API socket may take to appear.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Guest CID of every VM.
 pub const GUEST_CID: u32 = 3;
 /// The jail directory holding a pod's container images, one per drive slot.
@@ -101,19 +114,32 @@ impl GuestRoot {
     }
 }
 
-/// The `mvm-vmm` command line of sandbox `id` inside its jail: boot from [`CONFIG`] at once,
-/// serve the API for runtime changes.
-fn vmm_args(id: &str, console_limit: ConsoleLimit) -> Vec<OsString> {
-    vec![
-        "--config-file".into(),
-        CONFIG.into(),
+/// How a vm-tier sandbox's VM starts.
+#[derive(Debug, Clone)]
+pub(in crate::manager) enum Boot {
+    /// Boots the template's kernel.
+    Cold,
+    /// Loads a saved VM (a warm template's, or a fork's source) instead of booting.
+    Restore(SavedVm),
+}
+
+/// The `mvm-vmm` command line of sandbox `id` inside its jail: boot from [`CONFIG`] at once
+/// (`boot_now`) or wait for a snapshot to load, and serve the API for runtime changes.
+fn vmm_args(id: &str, console_limit: ConsoleLimit, boot_now: bool) -> Vec<OsString> {
+    let config: [OsString; 2] = ["--config-file".into(), CONFIG.into()];
+    let rest: [OsString; 6] = [
         "--api-sock".into(),
         API_SOCK.into(),
         "--id".into(),
         id.into(),
         "--console-limit".into(),
         console_limit.bytes().to_string().into(),
-    ]
+    ];
+    config
+        .into_iter()
+        .filter(|_| boot_now)
+        .chain(rest)
+        .collect()
 }
 
 /// What one VM is made of.
@@ -135,8 +161,8 @@ struct VmSpec<'a> {
 /// The guest's side of a sandbox's network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestNet {
-    /// `ADDR/PREFIX,GATEWAY` for the agent's `mvm.ip`.
-    pub ip: String,
+    /// The guest interface's address and default route (the agent's `mvm.ip`).
+    pub ip: agent::IpConfig,
     /// The NIC's MAC, when it takes over a pod interface's (else the VMM picks one).
     pub mac: Option<String>,
 }
@@ -246,7 +272,7 @@ fn prepare_disks(
     root_content: Option<&Path>,
     container_slots: u8,
 ) -> Result<Disks> {
-    let layer = dir.join("layer.ext4");
+    let layer = dir.join(LAYER_NAME);
     rootfs::make_layer(&layer, uid, root_content)?;
     let containers = (container_slots > 0)
         .then(|| container_dir(dir, uid, container_slots))
@@ -267,7 +293,8 @@ fn write_config(dir: &Path, config: &VmConfig) -> Result<PathBuf> {
 
 /// The jail of the vm tier: mvm-vmm booting template `t` from its config file, with the
 /// kernel, the base image, the disks made in the sandbox directory `dir` (see
-/// [`prepare_disks`]) and the config bound in.
+/// [`prepare_disks`]) and the config bound in; or, restoring the template's snapshot, the base
+/// image, a copy of the snapshot's layer and the snapshot's files.
 pub(super) fn vm_jail(
     cfg: &ManagerConfig,
     s: &Sandbox,
@@ -277,27 +304,55 @@ pub(super) fn vm_jail(
     root_content: Option<&Path>,
     start: Start,
 ) -> Result<JailConfig> {
-    if !Path::new(&t.kernel).is_file() {
-        return Err(Error::Invalid(format!(
-            "template {} has no kernel at {}; build it with `mvm build` (guest-kernel/build.sh)",
-            t.name, t.kernel
-        )));
+    let bind = |host: PathBuf, jail: &str, read_only: bool| BindMount {
+        host,
+        jail: jail.into(),
+        read_only,
+    };
+    let mut mounts = vec![
+        bind(t.rootfs.clone().into(), ROOTFS, true),
+        bind(snapshot::make_save_dir(cfg, &s.id, uid)?, SAVE_DIR, false),
+    ];
+    match &start.boot {
+        Boot::Restore(saved) => {
+            let layer = dir.join(LAYER_NAME);
+            saved.copy_layer(&layer, uid)?;
+            mounts.extend([
+                bind(layer, LAYER, false),
+                bind(saved.state(), &in_dir(RESTORE_DIR, snapshot::STATE), true),
+                bind(saved.memory(), &in_dir(RESTORE_DIR, snapshot::MEMORY), true),
+            ]);
+        }
+        Boot::Cold => {
+            if !Path::new(&t.kernel).is_file() {
+                return Err(Error::Invalid(format!(
+                    "template {} has no kernel at {}; build it with `mvm build` (guest-kernel/build.sh)",
+                    t.name, t.kernel
+                )));
+            }
+            let disks = prepare_disks(dir, uid, root_content, start.container_slots)?;
+            let config = write_config(
+                dir,
+                &vm_config(&VmSpec {
+                    id: &s.id,
+                    vcpus: s.vcpus as u8,
+                    memory_mib: s.memory_mib,
+                    net: start.guest_net,
+                    root: match root_content {
+                        Some(_) => GuestRoot::Disk,
+                        None => GuestRoot::Overlay,
+                    },
+                    container_slots: start.container_slots,
+                }),
+            )?;
+            mounts.extend([
+                bind(t.kernel.clone().into(), KERNEL, true),
+                bind(disks.layer, LAYER, false),
+                bind(config, CONFIG, true),
+            ]);
+            mounts.extend(disks.containers.map(|dir| bind(dir, CONTAINER_DIR, false)));
+        }
     }
-    let disks = prepare_disks(dir, uid, root_content, start.container_slots)?;
-    let config = write_config(
-        dir,
-        &vm_config(&VmSpec {
-            id: &s.id,
-            vcpus: s.vcpus as u8,
-            memory_mib: s.memory_mib,
-            net: start.guest_net,
-            root: match root_content {
-                Some(_) => GuestRoot::Disk,
-                None => GuestRoot::Overlay,
-            },
-            container_slots: start.container_slots,
-        }),
-    )?;
     // Guest memory plus the VMM's own.
     let mut j = base_jail(
         cfg,
@@ -306,21 +361,98 @@ pub(super) fn vm_jail(
         cfg.bin_dir.join("mvm-vmm"),
         (s.memory_mib + 128) << 20,
     )?;
-    let bind = |host: PathBuf, jail: &str, read_only: bool| BindMount {
-        host,
-        jail: jail.into(),
-        read_only,
-    };
-    j.mounts = vec![
-        bind(t.kernel.clone().into(), KERNEL, true),
-        bind(t.rootfs.clone().into(), ROOTFS, true),
-        bind(disks.layer, LAYER, false),
-        bind(config, CONFIG, true),
-    ];
-    j.mounts
-        .extend(disks.containers.map(|dir| bind(dir, CONTAINER_DIR, false)));
-    j.args = vmm_args(&s.id, cfg.console_limit);
+    j.mounts = mounts;
+    j.args = vmm_args(
+        &s.id,
+        cfg.console_limit,
+        !matches!(start.boot, Boot::Restore(_)),
+    );
     Ok(j)
+}
+
+/// Jail path of file `name` in jail directory `dir`.
+fn in_dir(dir: &str, name: &str) -> String {
+    format!("{dir}/{name}")
+}
+
+/// Saves the paused VM behind `api_sock` into its save directory (`PUT /snapshot/create`).
+pub async fn save_snapshot(api_sock: &Path) -> Result<()> {
+    let api = Endpoint::Unix(api_sock.to_path_buf());
+    call(
+        &api,
+        "PUT",
+        "/snapshot/create",
+        &serde_json::json!({
+            "snapshot_type": "Full",
+            "snapshot_path": in_dir(SAVE_DIR, snapshot::STATE),
+            "mem_file_path": in_dir(SAVE_DIR, snapshot::MEMORY),
+        }),
+    )
+    .await
+}
+
+/// Makes the fresh VMM behind `api_sock` the VM saved in its jail's [`RESTORE_DIR`], running
+/// (`PUT /snapshot/load`).
+pub async fn load_snapshot(api_sock: &Path) -> Result<()> {
+    let api = Endpoint::Unix(api_sock.to_path_buf());
+    call(
+        &api,
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({
+            "snapshot_path": in_dir(RESTORE_DIR, snapshot::STATE),
+            "mem_backend": {
+                "backend_type": "File",
+                "backend_path": in_dir(RESTORE_DIR, snapshot::MEMORY),
+            },
+            "resume_vm": true,
+        }),
+    )
+    .await
+}
+
+/// What makes a guest restored from a snapshot sandbox `id`'s own: its host name, a MAC of
+/// its own (a pod's interface's, or one made from the id), its address, fresh entropy and
+/// the host's clock.
+pub fn identity(id: &str, net: Option<&GuestNet>) -> Result<agent::Identity> {
+    let mac = match net.and_then(|n| n.mac.as_deref()) {
+        Some(mac) => parse_mac(mac)?,
+        None => mac_of(id)?,
+    };
+    Ok(agent::Identity {
+        hostname: id.to_string(),
+        mac: Some(mac),
+        ip: net.map(|n| n.ip),
+        entropy: crate::db::random_bytes(64)?,
+        realtime_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    })
+}
+
+/// A locally administered unicast MAC made from sandbox id `id` (12 hex digits).
+fn mac_of(id: &str) -> Result<[u8; 6]> {
+    let bytes = (0..id.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(id.get(i..i + 2).unwrap_or("-"), 16))
+        .collect::<std::result::Result<Vec<u8>, _>>()
+        .ok()
+        .filter(|b| b.len() >= 5)
+        .ok_or_else(|| Error::Host(format!("sandbox id {id:?} is not 12 hex digits")))?;
+    let mut mac = [0x02, 0, 0, 0, 0, 0];
+    mac[1..].copy_from_slice(&bytes[bytes.len() - 5..]);
+    Ok(mac)
+}
+
+fn parse_mac(mac: &str) -> Result<[u8; 6]> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Host(format!("{mac:?} is not a MAC address")))?;
+    bytes
+        .try_into()
+        .map_err(|_| Error::Host(format!("{mac:?} is not a MAC address")))
 }
 
 /// Makes the running VM reopen the image of `slot`, which the host has just replaced: the
@@ -342,6 +474,33 @@ impl Manager {
     pub(in crate::manager) fn vmm_api(&self, row: &SandboxRow) -> Result<beneath::JailSocket> {
         let cfg = &self.inner.cfg;
         cfg.jail_socket(Isolation::Vm, &row.sandbox.id, cfg.uid(row), API_SOCK)
+    }
+
+    /// Waits until the just-spawned VMM of `row` serves its API socket.
+    pub(in crate::manager) async fn await_vmm_api(
+        &self,
+        row: &SandboxRow,
+    ) -> Result<beneath::JailSocket> {
+        let deadline = tokio::time::Instant::now() + API_TIMEOUT;
+        loop {
+            let listening = match self.vmm_api(row) {
+                Ok(socket) => tokio::net::UnixStream::connect(socket.path())
+                    .await
+                    .map(|_| socket)
+                    .map_err(|e| Error::host("connecting to the VMM's API socket", e)),
+                Err(e) => Err(e),
+            };
+            match listening {
+                Ok(socket) => return Ok(socket),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Host(format!(
+                        "mvm-vmm of sandbox {} did not serve its API within {API_TIMEOUT:?}: {e}",
+                        row.sandbox.id
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
     }
 }
 
@@ -401,6 +560,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn ip(address: [u8; 4], prefix_len: u8, gateway: [u8; 4]) -> agent::IpConfig {
+        agent::IpConfig {
+            address: address.into(),
+            prefix_len,
+            gateway: Some(gateway.into()),
+        }
+    }
+
     /// The config as the VMM reads it: serialized, parsed and validated by `mvm-vmm`'s own code.
     fn as_read_by_vmm(spec: &VmSpec<'_>) -> (VmConfig, serde_json::Value) {
         let text = serde_json::to_string_pretty(&vm_config(spec)).unwrap();
@@ -415,7 +582,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             net: Some(GuestNet {
-                ip: "10.213.0.6/30,10.213.0.5".into(),
+                ip: ip([10, 213, 0, 6], 30, [10, 213, 0, 5]),
                 mac: None,
             }),
             root: GuestRoot::Overlay,
@@ -481,7 +648,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 256,
             net: Some(GuestNet {
-                ip: "10.88.0.7/16,10.88.0.1".into(),
+                ip: ip([10, 88, 0, 7], 16, [10, 88, 0, 1]),
                 mac: Some("02:42:0a:58:00:07".into()),
             }),
             root: GuestRoot::Disk,
@@ -496,7 +663,7 @@ mod tests {
 
     #[test]
     fn the_vmm_boots_from_the_config_and_serves_its_api() {
-        let args: Vec<String> = vmm_args("0123456789ab", ConsoleLimit::new(1 << 20).unwrap())
+        let args: Vec<String> = vmm_args("0123456789ab", ConsoleLimit::new(1 << 20).unwrap(), true)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -513,5 +680,56 @@ mod tests {
                 "1048576"
             ]
         );
+    }
+
+    #[test]
+    fn a_restoring_vmm_waits_for_the_snapshot() {
+        let args: Vec<String> = vmm_args("0123456789ab", ConsoleLimit::new(4096).unwrap(), false)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--api-sock",
+                API_SOCK,
+                "--id",
+                "0123456789ab",
+                "--console-limit",
+                "4096"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_restored_guest_gets_its_own_identity() {
+        let net = GuestNet {
+            ip: ip([10, 213, 0, 14], 30, [10, 213, 0, 13]),
+            mac: None,
+        };
+        let a = identity("0123456789ab", Some(&net)).unwrap();
+        let b = identity("0123456789ac", Some(&net)).unwrap();
+        assert_eq!(a.hostname, "0123456789ab");
+        assert_eq!(a.mac, Some([0x02, 0x23, 0x45, 0x67, 0x89, 0xab]));
+        assert_ne!(a.mac, b.mac);
+        assert_ne!(a.entropy, b.entropy);
+        assert_eq!(a.entropy.len(), 64);
+        assert_eq!(a.ip, Some(net.ip));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(now.abs_diff(a.realtime_ns) < 5_000_000_000);
+        // A pod keeps its interface's MAC; no network, no address.
+        let pod = GuestNet {
+            mac: Some("02:42:0a:58:00:07".into()),
+            ..net
+        };
+        assert_eq!(
+            identity("0123456789ab", Some(&pod)).unwrap().mac,
+            Some([0x02, 0x42, 0x0a, 0x58, 0x00, 0x07])
+        );
+        assert_eq!(identity("0123456789ab", None).unwrap().ip, None);
+        identity("not-hex", None).unwrap_err();
     }
 }

@@ -8,6 +8,7 @@ use serde_json::json;
 
 mod cgroup_v2;
 mod containerd;
+mod snapshots;
 
 use crate::tap::Tap;
 use crate::vm::{MicroVm, Stopped};
@@ -118,6 +119,14 @@ pub const CASES: &[Case] = &[
     Case {
         name: "cgroup-v2-limits-freeze-teardown",
         run: cgroup_v2::cgroup_v2_limits,
+    },
+    Case {
+        name: "warm-template-restore-8-unique",
+        run: snapshots::warm_template_restore,
+    },
+    Case {
+        name: "fork-live-sandbox-3-children",
+        run: snapshots::fork_live_sandbox,
     },
     // Last: it loads the tc modules for its pod network (see run.sh's on-demand modules).
     Case {

@@ -1,0 +1,120 @@
+//! Snapshots through mvmd on a host without the vm tier (this one): warming a template and
+//! forking a sandbox are refused with the answers a client can act on, and leave nothing. The
+//! nested suite warms, restores and forks for real (`warm-template-restore-8-unique`,
+//! `fork-live-sandbox-3-children`).
+
+mod common;
+
+use common::{block_on, Daemon};
+use mvm_client::ClientError;
+use mvm_sandbox::model::{CreateSandbox, Isolation, Template};
+use mvm_testkit::root_or_skip;
+
+/// Status, code and message of a refused call.
+fn refusal<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String, String) {
+    match r {
+        Err(ClientError::Api { status, body }) => (status, body.code, body.message),
+        other => panic!("the call must be refused, got {other:?}"),
+    }
+}
+
+/// Whether this host runs the vm tier (then the nested suite's cases are the tests).
+fn vm_tier_here(test: &str) -> bool {
+    let here = mvm_sandbox::manager::vm_tier_unavailable(false).is_none();
+    if here {
+        eprintln!("{test}: this host runs the vm tier; the nested suite covers it");
+    }
+    here
+}
+
+/// Warming a template is an admin's call, names an existing template, and needs the vm tier:
+/// on a host that cannot run it (this one, kvm_pvm, or none) the answer is a 422 naming the
+/// tier, no sandbox is left and no snapshot appears; a snapshot field in a registration is
+/// refused (only mvm makes snapshots).
+#[test]
+fn warming_is_an_admins_call_and_needs_the_vm_tier() {
+    let test = "warming_is_an_admins_call_and_needs_the_vm_tier";
+    if !root_or_skip(test) {
+        return;
+    }
+    if vm_tier_here(test) {
+        return;
+    }
+    let d = Daemon::start();
+    let other = d.client_with(Some(&d.tenant("other", &[])));
+    let admin = d.client();
+    block_on(async {
+        let status_code = refusal::<Template>;
+        let (status, code, _) = status_code(other.warm_template("default").await);
+        assert_eq!((status, code.as_str()), (403, "forbidden"));
+        let (status, code, _) = status_code(admin.warm_template("nonesuch").await);
+        assert_eq!((status, code.as_str()), (404, "not_found"));
+        let (status, code, message) = status_code(admin.warm_template("default").await);
+        assert_eq!((status, code.as_str()), (422, "isolation_unavailable"));
+        assert!(message.contains("vm tier"), "{message}");
+        assert!(admin.list().await.expect("list").is_empty());
+        let templates = admin.templates().await.expect("templates");
+        assert!(
+            templates.iter().all(|t| t.snapshot.is_none()),
+            "{templates:?}"
+        );
+        let with_snapshot = br#"{"name":"x","kernel":"/k","rootfs":"/r","snapshot":{"vcpus":1,"memory_mib":256,"created_at":0}}"#;
+        let e = admin
+            .raw(
+                "POST",
+                "/v1/templates",
+                "application/json",
+                with_snapshot.to_vec(),
+            )
+            .await
+            .expect_err("a snapshot in a registration");
+        assert!(
+            matches!(
+                &e,
+                ClientError::Api {
+                    status: 400 | 422,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    });
+}
+
+/// A fork names a running vm-tier sandbox of the caller's: a jail-tier one is a 422 naming
+/// the vm tier, another tenant's or a missing one a 404, a count outside 1-16 a 422; the
+/// source runs on and no child appears.
+#[test]
+fn forks_are_refused_outside_the_vm_tier() {
+    let test = "forks_are_refused_outside_the_vm_tier";
+    if !root_or_skip(test) {
+        return;
+    }
+    let d = Daemon::start();
+    let other = d.client_with(Some(&d.tenant("other", &[])));
+    let c = d.client();
+    block_on(async {
+        let s = c
+            .create(&CreateSandbox {
+                isolation: Some(Isolation::Jail),
+                ..CreateSandbox::default()
+            })
+            .await
+            .expect("create");
+        let (status, code, message) = refusal(c.fork(&s.id, 2).await);
+        assert_eq!((status, code.as_str()), (422, "invalid_argument"));
+        assert!(message.contains("vm-tier"), "{message}");
+        for count in [0, 17] {
+            let (status, _, message) = refusal(c.fork(&s.id, count).await);
+            assert_eq!(status, 422, "count {count}");
+            assert!(message.contains("1 to 16"), "{message}");
+        }
+        let (status, code, _) = refusal(other.fork(&s.id, 1).await);
+        assert_eq!((status, code.as_str()), (404, "not_found"));
+        let (status, _, _) = refusal(c.fork("000000000000", 1).await);
+        assert_eq!(status, 404);
+        let list = c.list().await.expect("list");
+        assert_eq!(list.len(), 1, "{list:?}");
+        c.delete(&s.id).await.expect("delete");
+    });
+}

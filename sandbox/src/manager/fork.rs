@@ -1,0 +1,131 @@
+//! Live fork: a running vm-tier sandbox copied into children that go on from the same
+//! instant — processes, memory, files — each with its own identity.
+//!
+//! The source is paused only while its VMM saves the VM into its save directory and the
+//! manager takes the files and a sparse copy of the writable layer (`snapshot::take_for_fork`),
+//! then resumed; each child is then made like any sandbox (quota, network, jail) but restores
+//! the saved VM instead of booting, and its agent gives it its own host name, MAC, address,
+//! entropy and clock. Children share the saved memory file's page cache until they write.
+
+use super::create::Origin;
+use super::lock::BusyLock;
+use super::tier::vm;
+use super::{blocking, snapshot, Manager};
+use crate::db::Tenant;
+use crate::error::{Error, Result};
+use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState};
+
+/// Most children one fork makes.
+pub const MAX_FORK_CHILDREN: u32 = 16;
+
+impl Manager {
+    /// Forks sandbox `id` of `tenant` into `count` children (counted in the tenant's quota),
+    /// which continue from this instant; the source goes on running. A sandbox of another
+    /// tenant is not found; only a running vm-tier sandbox made from a template forks. If a
+    /// child cannot be made, the ones made are destroyed and the error returned.
+    pub async fn fork(&self, tenant: &Tenant, id: &str, count: u32) -> Result<Vec<Sandbox>> {
+        if !(1..=MAX_FORK_CHILDREN).contains(&count) {
+            return Err(Error::Invalid(format!(
+                "count must be 1 to {MAX_FORK_CHILDREN}, got {count}"
+            )));
+        }
+        let row = self.row(&tenant.name, id)?;
+        let source = &row.sandbox;
+        if source.isolation != Isolation::Vm {
+            return Err(Error::Invalid(format!(
+                "sandbox {id} is in the jail tier: a fork copies a running micro-VM, so only \
+                 vm-tier sandboxes fork (create it with --isolation vm)"
+            )));
+        }
+        if source.state != SandboxState::Running {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is {}: only a running sandbox forks{}",
+                source.state.as_str(),
+                if source.state == SandboxState::Paused {
+                    " (resume it first)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if self
+            .requested_template(Some(source.template.clone()))
+            .is_err()
+        {
+            return Err(Error::Invalid(format!(
+                "sandbox {id} was not made from a registered template ({}): only template \
+                 sandboxes fork",
+                source.template
+            )));
+        }
+        let saved = self.save_running(&row).await?;
+        let mut children = Vec::with_capacity(count as usize);
+        let mut failed = None;
+        for _ in 0..count {
+            let req = CreateSandbox {
+                template: Some(source.template.clone()),
+                isolation: Some(Isolation::Vm),
+                vcpus: Some(source.vcpus),
+                memory_mib: Some(source.memory_mib),
+                timeout_s: Some(source.timeout_s),
+                env: source.env.clone(),
+                network: Some(NetworkSpec {
+                    egress: source.network.egress,
+                    allow: source.network.allow.clone(),
+                }),
+                metadata: source.metadata.clone(),
+            };
+            match self
+                .create_from(tenant, req, Origin::Fork(saved.clone()))
+                .await
+            {
+                Ok(child) => children.push(child),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // The children's jails hold the saved files.
+        let removed = blocking(move || saved.remove()).await;
+        if let Some(e) = failed {
+            for child in &children {
+                if let Err(undo) = self.destroy(&tenant.name, &child.id).await {
+                    tracing::error!(id = %child.id, "removing a child of a failed fork: {undo}");
+                }
+            }
+            return Err(e);
+        }
+        removed?;
+        tracing::info!(%id, children = children.len(), "sandbox forked");
+        Ok(children)
+    }
+
+    /// Pauses the VM of `row`, saves it with a copy of its writable layer, and resumes it
+    /// (whatever happened meanwhile). Holds the sandbox's busy lock: it is not destroyed
+    /// halfway.
+    async fn save_running(&self, row: &crate::db::SandboxRow) -> Result<snapshot::SavedVm> {
+        let id = row.sandbox.id.clone();
+        let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&id))?;
+        let api = self.vmm_api(row)?.path();
+        vm::set_paused(&api, true).await?;
+        let saved = match vm::save_snapshot(&api).await {
+            Ok(()) => {
+                let cfg = self.inner.cfg.clone();
+                blocking(move || {
+                    let layer = cfg.sandbox_dir(&id).join(vm::LAYER_NAME);
+                    snapshot::take_for_fork(&cfg, &id, &layer)
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let resumed = vm::set_paused(&api, false).await;
+        let saved = saved?;
+        if let Err(e) = resumed {
+            let _ = blocking(move || saved.remove()).await;
+            return Err(e);
+        }
+        Ok(saved)
+    }
+}

@@ -1,0 +1,331 @@
+//! Saved VMs: what warm templates and live forks restore.
+//!
+//! Every vm-tier sandbox's jail has a save directory bound at `/snapshot`
+//! (`<state dir>/saves/<id>`, the sandbox uid's, on the state directory's disk so that a
+//! saved guest memory is reclaimable page cache, never charged to a tmpfs), where its VMM writes
+//! a snapshot when asked (`PUT /snapshot/create`). The manager then *adopts* the two files:
+//! renames them into a directory of root's, and only then checks them (a regular file with one
+//! link each: the VMM's uid cannot swap in a link or a special file once they are out of its
+//! reach), hands them to root, read-only. With a copy of the sandbox's writable layer taken
+//! while the VM was paused, that is a [`SavedVm`]:
+//! - a warm template's snapshot (`<state dir>/snapshots/<template>/`, plus `meta.json`: the
+//!   files and size it was made with; used only while they match), made through [`Staging`];
+//! - a fork's (`<state dir>/saves/<id>.fork/`), removed once the children run (their jails
+//!   hold the files) and with the sandbox's teardown.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+
+use super::{host, ManagerConfig};
+use crate::error::{Error, Result};
+use crate::model::{Template, TemplateSnapshot};
+
+/// The VMM's state file in a snapshot directory.
+pub const STATE: &str = "vm.state";
+/// Guest memory in a snapshot directory.
+pub const MEMORY: &str = "vm.mem";
+/// The writable layer (the guest's upper or root disk) at the snapshot's instant.
+const LAYER: &str = "layer.ext4";
+/// What a warm template's snapshot was made from.
+const META: &str = "meta.json";
+/// The size a template is warmed at (a create's defaults).
+pub const WARM_VCPUS: u32 = 1;
+/// See [`WARM_VCPUS`].
+pub const WARM_MEMORY_MIB: u64 = 256;
+
+/// A saved VM that new sandboxes restore: its state, memory and writable layer.
+#[derive(Debug, Clone)]
+pub struct SavedVm {
+    dir: PathBuf,
+}
+
+impl SavedVm {
+    /// The VMM's state file.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join(STATE)
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> PathBuf {
+        self.dir.join(MEMORY)
+    }
+
+    /// Copies the layer of the snapshot's instant to `to`, owned by `uid` (holes kept).
+    pub fn copy_layer(&self, to: &Path, uid: u32) -> Result<()> {
+        copy_sparse(&self.dir.join(LAYER), to)?;
+        fs::set_permissions(to, fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::os::unix::fs::chown(to, Some(uid), Some(uid)))
+            .map_err(|e| Error::host(format!("handing {} to the sandbox", to.display()), e))
+    }
+
+    /// Removes it (sandboxes restored from it keep their files open through their jails).
+    pub fn remove(self) -> Result<()> {
+        host::remove_tree(&self.dir)
+    }
+}
+
+impl ManagerConfig {
+    /// The directory sandbox `id`'s VMM saves snapshots into.
+    fn save_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("saves").join(id)
+    }
+
+    /// Where a fork of sandbox `id` keeps its saved VM while the children start.
+    fn fork_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("saves").join(format!("{id}.fork"))
+    }
+
+    /// Where template `name`'s snapshot lives.
+    fn snapshot_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("snapshots").join(name)
+    }
+}
+
+/// Makes sandbox `id`'s empty save directory, its `uid`'s alone (bound into its jail).
+pub fn make_save_dir(cfg: &ManagerConfig, id: &str, uid: u32) -> Result<PathBuf> {
+    let dir = cfg.save_dir(id);
+    let parent = dir.parent().expect("a save dir has a parent");
+    let made = fs::create_dir_all(parent)
+        .and_then(|()| fs::set_permissions(parent, fs::Permissions::from_mode(0o700)))
+        .and_then(|()| fs::create_dir(&dir))
+        .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)))
+        .and_then(|()| std::os::unix::fs::chown(&dir, Some(uid), Some(uid)));
+    made.map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    Ok(dir)
+}
+
+/// Removes what sandbox `id` saved: its save directory and a fork's saved VM. Idempotent.
+pub fn remove_saves(cfg: &ManagerConfig, id: &str) -> Result<()> {
+    for dir in [cfg.save_dir(id), cfg.fork_dir(id)] {
+        if dir.exists() {
+            host::remove_tree(&dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes a directory of root's (0700) for a saved VM; an earlier one there goes.
+fn make_root_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        host::remove_tree(dir)?;
+    }
+    fs::create_dir(dir)
+        .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
+        .map_err(|e| Error::host(format!("creating {}", dir.display()), e))
+}
+
+/// Moves the state and memory files sandbox `id`'s VMM just saved into `to` (root's), then
+/// checks and hands them to root, read-only.
+fn adopt(cfg: &ManagerConfig, id: &str, to: &Path) -> Result<()> {
+    let from = cfg.save_dir(id);
+    for file in [STATE, MEMORY] {
+        let (src, dst) = (from.join(file), to.join(file));
+        fs::rename(&src, &dst).map_err(|e| Error::host(format!("moving {}", src.display()), e))?;
+        // Out of the VMM's reach now: what is checked is what is used.
+        let meta = fs::symlink_metadata(&dst)
+            .map_err(|e| Error::host(format!("stat {}", dst.display()), e))?;
+        if !meta.file_type().is_file() || meta.nlink() != 1 {
+            let _ = fs::remove_file(&dst);
+            return Err(Error::Host(format!(
+                "{} is not a plain file the VMM wrote (a link or a special file); not using it \
+                 as a snapshot",
+                src.display()
+            )));
+        }
+        std::os::unix::fs::lchown(&dst, Some(0), Some(0))
+            .and_then(|()| fs::set_permissions(&dst, fs::Permissions::from_mode(0o444)))
+            .map_err(|e| Error::host(format!("handing {} to root", dst.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Takes the VM sandbox `id`'s VMM has just saved, and a copy of its writable `layer`
+/// (the VM still paused), as the saved VM of a fork.
+pub fn take_for_fork(cfg: &ManagerConfig, id: &str, layer: &Path) -> Result<SavedVm> {
+    let dir = cfg.fork_dir(id);
+    make_root_dir(&dir)?;
+    let taken = adopt(cfg, id, &dir).and_then(|()| copy_sparse(layer, &dir.join(LAYER)));
+    match taken {
+        Ok(()) => Ok(SavedVm { dir }),
+        Err(e) => {
+            let _ = host::remove_tree(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// A file's identity as far as a snapshot cares: replaced or rewritten means another file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct FileId {
+    len: u64,
+    modified_ns: u128,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Result<FileId> {
+        let meta =
+            fs::metadata(path).map_err(|e| Error::host(format!("stat {}", path.display()), e))?;
+        Ok(FileId {
+            len: meta.len(),
+            modified_ns: meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos()),
+        })
+    }
+}
+
+/// `meta.json`: the files and size a template's snapshot was made with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Meta {
+    kernel: FileId,
+    rootfs: FileId,
+    vmm: FileId,
+    vcpus: u32,
+    memory_mib: u64,
+    created_at: i64,
+}
+
+impl Meta {
+    fn current(cfg: &ManagerConfig, t: &Template) -> Result<Meta> {
+        Ok(Meta {
+            kernel: FileId::of(Path::new(&t.kernel))?,
+            rootfs: FileId::of(Path::new(&t.rootfs))?,
+            vmm: FileId::of(&cfg.bin_dir.join("mvm-vmm"))?,
+            vcpus: WARM_VCPUS,
+            memory_mib: WARM_MEMORY_MIB,
+            created_at: crate::db::now(),
+        })
+    }
+
+    /// Whether this snapshot was made from the files `now` describes.
+    fn same_files(&self, now: &Meta) -> bool {
+        (self.kernel, self.rootfs, self.vmm) == (now.kernel, now.rootfs, now.vmm)
+    }
+
+    fn describe(&self) -> TemplateSnapshot {
+        TemplateSnapshot {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// A template's usable snapshot.
+#[derive(Debug, Clone)]
+pub struct WarmSnapshot {
+    vm: SavedVm,
+    meta: Meta,
+}
+
+impl WarmSnapshot {
+    /// The saved VM, if a create of this size can restore it.
+    pub fn fitting(self, vcpus: u32, memory_mib: u64) -> Option<SavedVm> {
+        ((self.meta.vcpus, self.meta.memory_mib) == (vcpus, memory_mib)).then_some(self.vm)
+    }
+
+    /// What the API says of it.
+    pub fn describe(&self) -> TemplateSnapshot {
+        self.meta.describe()
+    }
+}
+
+/// Template `t`'s snapshot, if it has one made from its current files.
+pub fn find(cfg: &ManagerConfig, t: &Template) -> Option<WarmSnapshot> {
+    let dir = cfg.snapshot_dir(&t.name);
+    let meta: Meta = serde_json::from_slice(&fs::read(dir.join(META)).ok()?).ok()?;
+    let now = Meta::current(cfg, t).ok()?;
+    meta.same_files(&now).then_some(WarmSnapshot {
+        vm: SavedVm { dir },
+        meta,
+    })
+}
+
+/// A template's snapshot being made, in a directory of root's beside the template snapshots;
+/// removed unless committed.
+pub struct Staging {
+    dir: PathBuf,
+    meta: Meta,
+}
+
+impl Staging {
+    /// Starts the snapshot of template `t` made by the warming sandbox `id`.
+    pub fn new(cfg: &ManagerConfig, t: &Template, id: &str) -> Result<Staging> {
+        let parent = cfg.state_dir.join("snapshots");
+        fs::create_dir_all(&parent)
+            .and_then(|()| fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)))
+            .map_err(|e| Error::host(format!("creating {}", parent.display()), e))?;
+        let dir = parent.join(format!(".staging.{}.{id}", t.name));
+        make_root_dir(&dir)?;
+        Ok(Staging {
+            dir,
+            meta: Meta::current(cfg, t)?,
+        })
+    }
+
+    /// Takes the VM the warming sandbox `id`'s VMM has just saved and a copy of its writable
+    /// `layer` (the VM still paused).
+    pub fn take(&self, cfg: &ManagerConfig, id: &str, layer: &Path) -> Result<()> {
+        adopt(cfg, id, &self.dir)?;
+        copy_sparse(layer, &self.dir.join(LAYER))
+    }
+
+    /// Makes the staged snapshot template `name`'s, replacing any earlier one.
+    pub fn commit(self, cfg: &ManagerConfig, name: &str) -> Result<TemplateSnapshot> {
+        let at = |what: &str, path: &Path, e: std::io::Error| {
+            Error::host(format!("{what} {}", path.display()), e)
+        };
+        let layer = self.dir.join(LAYER);
+        fs::set_permissions(&layer, fs::Permissions::from_mode(0o444))
+            .map_err(|e| at("chmod", &layer, e))?;
+        let meta = serde_json::to_vec_pretty(&self.meta).expect("plain data serializes");
+        let meta_path = self.dir.join(META);
+        fs::write(&meta_path, meta).map_err(|e| at("writing", &meta_path, e))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
+            .map_err(|e| at("chmod", &self.dir, e))?;
+        let target = cfg.snapshot_dir(name);
+        let old = target.with_file_name(format!(".replaced.{name}"));
+        if old.exists() {
+            host::remove_tree(&old)?;
+        }
+        if target.exists() {
+            fs::rename(&target, &old).map_err(|e| at("moving aside", &target, e))?;
+        }
+        fs::rename(&self.dir, &target).map_err(|e| at("renaming", &self.dir, e))?;
+        if old.exists() {
+            host::remove_tree(&old)?;
+        }
+        Ok(self.meta.describe())
+    }
+}
+
+impl Drop for Staging {
+    /// An uncommitted snapshot is removed (a failed warm leaves nothing).
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let _ = host::remove_tree(&self.dir);
+        }
+    }
+}
+
+/// Copies `from` to a new file `to`, keeping holes (a layer is mostly empty).
+fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
+    host::run(
+        "cp",
+        &[
+            "--sparse=always",
+            "--reflink=auto",
+            "--no-preserve=all",
+            &from.to_string_lossy(),
+            &to.to_string_lossy(),
+        ],
+        None,
+    )
+    .map(drop)
+}

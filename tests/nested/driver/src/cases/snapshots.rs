@@ -1,0 +1,314 @@
+//! Snapshots through mvmd: a warm template (`mvm templates warm default`) and vm-tier
+//! sandboxes restored from it, each its own machine; a live fork (`mvm fork`) whose children
+//! go on from the source's instant.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::{ms, sandbox_id, Ctx, MvmdSession, Outcome, Verdict};
+
+/// Sandboxes restored from the one snapshot.
+const RESTORED: usize = 8;
+/// Cold creates timed for the ratio.
+const COLD: usize = 3;
+
+/// What a guest says of itself: host name, MAC, IPv4 address, a kernel UUID, 16 random bytes,
+/// machine id and wall clock, one per line.
+const SELF_REPORT: &str = "hostname; cat /sys/class/net/eth0/address; \
+     ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1; \
+     cat /proc/sys/kernel/random/uuid; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+     cat /etc/machine-id; date +%s";
+
+/// One restored guest's report.
+struct Report {
+    lines: Vec<String>,
+}
+
+impl Report {
+    fn field(&self, i: usize) -> &str {
+        self.lines.get(i).map_or("", String::as_str)
+    }
+}
+
+/// Warms the default template through mvmd (`mvm templates warm`, whose answer and `mvm
+/// templates -o json` show the snapshot), then creates 8 vm-tier sandboxes with a network from
+/// it: each restored (its console has no kernel boot log), each with its own host name (its
+/// id), MAC, address (the one mvmd reports), kernel UUID, /dev/urandom bytes and machine id,
+/// and a wall clock within 1 s of L1's; one more without a network has eth0 down. Records
+/// create → first output of a cold boot and of a restore, and their ratio.
+pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let session = MvmdSession::start(ctx, "warm")?;
+    let checked = check(ctx, &session);
+    let figures = checked.as_ref().ok().cloned();
+    let outcome = session.finish(ctx, checked.map(drop));
+    if let (Ok(Verdict::Pass), Some((cold, warm, warming))) = (&outcome, figures) {
+        ctx.record("vm tier via mvmd: mvm templates warm default", ms(warming));
+        ctx.record(
+            "vm tier via mvmd: cold create -> first exec output, p50 of 3",
+            ms(cold),
+        );
+        ctx.record(
+            "vm tier via mvmd: create from a warm template -> first exec output, p50 of 8",
+            ms(warm),
+        );
+        ctx.record(
+            "vm tier via mvmd: warm create / cold create (goal <= 0.15)",
+            format!("{:.3}", warm.as_secs_f64() / cold.as_secs_f64()),
+        );
+    }
+    outcome
+}
+
+/// The checks; returns the cold and warm create p50 and the warm-up's duration.
+fn check(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration, Duration), String> {
+    let run = |extra: &[&str], script: &str| -> Result<(serde_json::Value, Duration), String> {
+        let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", script]);
+        let started = Instant::now();
+        let out = session.mvm(ctx, &args, None)?;
+        let took = started.elapsed();
+        let answer: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| format!("mvm {} printed no JSON ({e}): {out:?}", args.join(" ")))?;
+        Ok((answer, took))
+    };
+    let mut cold = Vec::new();
+    for _ in 0..COLD {
+        cold.push(run(&["--rm"], "cat /proc/sys/kernel/random/uuid")?.1);
+    }
+
+    let started = Instant::now();
+    let warmed: serde_json::Value = serde_json::from_str(&session.mvm(
+        ctx,
+        &["-o", "json", "templates", "warm", "default"],
+        None,
+    )?)
+    .map_err(|e| format!("mvm templates warm printed no JSON: {e}"))?;
+    let warming = started.elapsed();
+    if warmed["snapshot"]["memory_mib"] != 256 {
+        return Err(format!(
+            "mvm templates warm default answered {warmed}, no snapshot"
+        ));
+    }
+    let listed = session.mvm(ctx, &["-o", "json", "templates"], None)?;
+    if !listed.contains("\"snapshot\"") {
+        return Err(format!(
+            "mvm templates does not show the snapshot: {listed}"
+        ));
+    }
+
+    let mut warm = Vec::new();
+    let mut reports = Vec::new();
+    for _ in 0..RESTORED {
+        let before = unix_now();
+        let (answer, took) = run(&["--egress", "allow", "--allow", "10.9.9.9"], SELF_REPORT)?;
+        let after = unix_now();
+        warm.push(took);
+        let stdout = answer["exec"]["stdout"].as_str().unwrap_or_default();
+        let report = Report {
+            lines: stdout.lines().map(str::to_string).collect(),
+        };
+        let id = answer["sandbox"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if report.field(0) != id {
+            return Err(format!(
+                "sandbox {id}: hostname {:?}; it said {stdout:?}",
+                report.field(0)
+            ));
+        }
+        let address = answer["sandbox"]["network"]["address"]
+            .as_str()
+            .unwrap_or_default();
+        if report.field(2) != address {
+            return Err(format!(
+                "sandbox {id}: eth0 has {:?}, mvmd gave it {address:?}; it said {stdout:?}",
+                report.field(2)
+            ));
+        }
+        let clock: u64 = report.field(6).parse().unwrap_or(0);
+        if clock + 1 < before || clock > after + 1 {
+            return Err(format!(
+                "sandbox {id}: wall clock {clock}, L1's {before}..{after}; it said {stdout:?}"
+            ));
+        }
+        let logs = session.mvm(ctx, &["logs", &id], None)?;
+        if logs.contains("Linux version") {
+            return Err(format!(
+                "sandbox {id} booted a kernel instead of restoring the snapshot: {}",
+                logs.lines().take(3).collect::<Vec<_>>().join(" / ")
+            ));
+        }
+        reports.push(report);
+    }
+    for (field, what) in [
+        (1, "MAC"),
+        (3, "kernel UUID"),
+        (4, "/dev/urandom bytes"),
+        (5, "machine id"),
+    ] {
+        let distinct: HashSet<&str> = reports.iter().map(|r| r.field(field)).collect();
+        if distinct.len() != RESTORED || distinct.contains("") {
+            let all: Vec<&str> = reports.iter().map(|r| r.field(field)).collect();
+            return Err(format!(
+                "{RESTORED} restored sandboxes do not each have their own {what}: {all:?}"
+            ));
+        }
+    }
+
+    let (offline, _) = run(
+        &[],
+        "cat /sys/class/net/eth0/operstate; ip -4 -o addr show dev eth0 | wc -l",
+    )?;
+    let said = offline["exec"]["stdout"].as_str().unwrap_or_default();
+    if said.split_whitespace().collect::<Vec<_>>() != ["down", "0"] {
+        return Err(format!(
+            "a restored sandbox without a network should have eth0 down and address-less: {said:?}"
+        ));
+    }
+    for sandbox in session.list(ctx)? {
+        session.mvm(ctx, &["rm", &sandbox_id(&sandbox)], None)?;
+    }
+    cold.sort();
+    warm.sort();
+    Ok((cold[COLD / 2], warm[RESTORED / 2], warming))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Children of the fork.
+const CHILDREN: usize = 3;
+
+/// A shell in the source sandbox that holds a variable and counts into /tmp/state five times
+/// a second, detached from the exec that starts it.
+const COUNTER: &str = "echo base > /tmp/base-file; \
+     setsid sh -c 'X=forty-two; i=0; while true; do i=$((i+1)); echo \"$X $i\" > /tmp/state; \
+     sleep 0.2; done' </dev/null >/dev/null 2>&1 & echo started";
+
+/// What a child (or the source) says a second apart: the counter's line twice, the file made
+/// before the fork, host name, MAC and a kernel UUID.
+const CHILD_REPORT: &str = "cat /tmp/state; sleep 1; cat /tmp/state; cat /tmp/base-file; \
+     hostname; cat /sys/class/net/eth0/address; cat /proc/sys/kernel/random/uuid";
+
+/// A vm-tier sandbox with a network in which a detached shell counts with a variable set,
+/// forked into 3 children (`mvm fork -n 3`): each child's counter goes on from past the
+/// source's value at the fork with the same variable, the file written before the fork is
+/// there, and each child has its own host name, MAC and kernel UUID (none the source's); the
+/// source goes on counting. Records the fork's duration against a cold create.
+pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let session = MvmdSession::start(ctx, "fork")?;
+    let checked = check_fork(ctx, &session);
+    let figures = checked.as_ref().ok().copied();
+    let outcome = session.finish(ctx, checked.map(drop));
+    if let (Ok(Verdict::Pass), Some((cold, fork))) = (&outcome, figures) {
+        ctx.record(
+            "vm tier via mvmd: cold create of the fork's source",
+            ms(cold),
+        );
+        ctx.record(
+            "vm tier via mvmd: mvm fork -n 3 (until the 3 children answer)",
+            ms(fork),
+        );
+        ctx.record(
+            "vm tier via mvmd: fork of 3 / cold create (goal per child <= 0.2)",
+            format!("{:.3}", fork.as_secs_f64() / cold.as_secs_f64()),
+        );
+    }
+    outcome
+}
+
+/// The counter's value in a line `forty-two N`, if the line is that.
+fn counted(line: &str) -> Option<u64> {
+    line.strip_prefix("forty-two ")?.trim().parse().ok()
+}
+
+/// The checks; returns the source's cold create and the fork's durations.
+fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration), String> {
+    let net = ["--egress", "allow", "--allow", "10.9.9.9"];
+    let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
+    args.extend_from_slice(&net);
+    args.extend_from_slice(&["--", "sh", "-c", COUNTER]);
+    let started = Instant::now();
+    let out = session.mvm(ctx, &args, None)?;
+    let cold = started.elapsed();
+    let answer: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| format!("mvm run printed no JSON ({e}): {out:?}"))?;
+    let source = answer["sandbox"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let exec =
+        |id: &str, script: &str| session.mvm(ctx, &["exec", id, "--", "sh", "-c", script], None);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = exec(&source, "cat /tmp/state")?;
+    let at_fork = counted(before.trim())
+        .ok_or_else(|| format!("the source's counter wrote {before:?}, not 'forty-two N'"))?;
+
+    let started = Instant::now();
+    let out = session.mvm(
+        ctx,
+        &["-o", "json", "fork", &source, "-n", &CHILDREN.to_string()],
+        None,
+    )?;
+    let forked = started.elapsed();
+    let children: Vec<serde_json::Value> = serde_json::from_str(&out)
+        .map_err(|e| format!("mvm fork printed no JSON list ({e}): {out:?}"))?;
+    if children.len() != CHILDREN {
+        return Err(format!(
+            "mvm fork -n {CHILDREN} made {} children: {out}",
+            children.len()
+        ));
+    }
+    let mut ids: Vec<String> = children.iter().map(sandbox_id).collect();
+    ids.push(source.clone());
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    for id in &ids {
+        let said = exec(id, CHILD_REPORT)?;
+        let lines: Vec<&str> = said.lines().collect();
+        let (Some(first), Some(second)) = (
+            lines.first().and_then(|l| counted(l)),
+            lines.get(1).and_then(|l| counted(l)),
+        ) else {
+            return Err(format!(
+                "sandbox {id}: the counter's state is gone: {said:?}"
+            ));
+        };
+        if first < at_fork || second <= first {
+            return Err(format!(
+                "sandbox {id}: the counter read {first} then {second}, the source had {at_fork} \
+                 before the fork: it did not go on from there"
+            ));
+        }
+        if lines.get(2) != Some(&"base") || lines.get(3) != Some(&id.as_str()) {
+            return Err(format!(
+                "sandbox {id}: the file from before the fork or the host name is wrong: {said:?}"
+            ));
+        }
+        let field = |i: usize| lines.get(i).map_or(String::new(), |l| l.to_string());
+        seen.push((field(3), field(4), field(5)));
+    }
+    for (what, values) in [
+        (
+            "host name",
+            seen.iter().map(|s| &s.0).collect::<HashSet<_>>(),
+        ),
+        ("MAC", seen.iter().map(|s| &s.1).collect()),
+        ("kernel UUID", seen.iter().map(|s| &s.2).collect()),
+    ] {
+        if values.len() != ids.len() {
+            return Err(format!("the source and its {CHILDREN} children do not each have their own {what}: {seen:?}"));
+        }
+    }
+    Ok((cold, forked))
+}
