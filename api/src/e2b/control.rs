@@ -5,14 +5,14 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::time::rfc3339;
-use super::{presented_token, tenant, E2bError, E2bState};
+use super::{Caller, E2bError, E2bState};
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::model::{CreateSandbox, Egress, NetworkSpec, Sandbox, SandboxState};
 
@@ -151,13 +151,13 @@ struct Created {
     domain: Option<String>,
 }
 
-fn created(s: &Sandbox, headers: &HeaderMap) -> Created {
+fn created(s: &Sandbox, caller: &Caller) -> Created {
     Created {
         template_id: s.template.clone(),
         sandbox_id: s.id.clone(),
         client_id: CLIENT_ID,
         envd_version: ENVD_VERSION,
-        envd_access_token: presented_token(headers),
+        envd_access_token: Some(caller.token.clone()),
         domain: None,
     }
 }
@@ -224,14 +224,14 @@ fn audit(state: &E2bState, tenant: &Tenant, action: &str, id: &str) {
 
 async fn create(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     bytes: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Created>)> {
-    let tenant = tenant(&state.manager, &headers)?;
+    let tenant = &caller.tenant;
     let req = create_request(body::<NewSandbox>(&bytes)?)?;
-    let sandbox = state.manager.create(&tenant, req).await?;
-    audit(&state, &tenant, "created (e2b)", &sandbox.id);
-    Ok((StatusCode::CREATED, Json(created(&sandbox, &headers))))
+    let sandbox = state.manager.create(tenant, req).await?;
+    audit(&state, tenant, "created (e2b)", &sandbox.id);
+    Ok((StatusCode::CREATED, Json(created(&sandbox, &caller))))
 }
 
 /// Query of the list calls.
@@ -247,8 +247,7 @@ struct ListQuery {
 }
 
 /// The caller's sandboxes that match `q`, oldest first.
-fn matching(state: &E2bState, headers: &HeaderMap, q: &ListQuery) -> Result<Vec<Listed>> {
-    let tenant = tenant(&state.manager, headers)?;
+fn matching(state: &E2bState, tenant: &Tenant, q: &ListQuery) -> Result<Vec<Listed>> {
     let wanted: BTreeMap<String, String> = match &q.metadata {
         Some(m) => serde_urlencoded::from_str::<Vec<(String, String)>>(m)
             .map_err(|e| bad_request(format!("metadata filter {m:?}: {e}")))?
@@ -269,10 +268,10 @@ fn matching(state: &E2bState, headers: &HeaderMap, q: &ListQuery) -> Result<Vec<
 
 async fn list_v1(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<Listed>>> {
-    let mut all = matching(&state, &headers, &q)?;
+    let mut all = matching(&state, &caller.tenant, &q)?;
     all.retain(|l| l.state == "running");
     Ok(Json(all))
 }
@@ -280,10 +279,10 @@ async fn list_v1(
 /// One page; `x-next-token` (the offset of the next page) when more follow.
 async fn list_v2(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Response> {
-    let all = matching(&state, &headers, &q)?;
+    let all = matching(&state, &caller.tenant, &q)?;
     let from = match &q.next_token {
         Some(t) => t
             .parse::<usize>()
@@ -306,10 +305,10 @@ async fn list_v2(
 
 async fn detail(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Listed>> {
-    let tenant = tenant(&state.manager, &headers)?;
+    let tenant = &caller.tenant;
     let s = state.manager.get(&tenant.name, &id)?;
     let e2b = e2b_state(&s).ok_or_else(|| {
         E2bError::new(
@@ -318,20 +317,20 @@ async fn detail(
         )
     })?;
     let mut l = listed(&s, e2b);
-    l.envd_access_token = presented_token(&headers);
+    l.envd_access_token = Some(caller.token.clone());
     l.allow_internet_access = Some(s.network.egress == Egress::All);
     Ok(Json(l))
 }
 
 async fn kill(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let tenant = tenant(&state.manager, &headers)?;
+    let tenant = &caller.tenant;
     state.manager.destroy(&tenant.name, &id).await?;
     state.processes.forget(&id);
-    audit(&state, &tenant, "destroyed (e2b)", &id);
+    audit(&state, tenant, "destroyed (e2b)", &id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -351,61 +350,61 @@ fn extend(state: &E2bState, tenant: &Tenant, id: &str, t: &Timeout) -> Result<Sa
 
 async fn set_timeout(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     bytes: axum::body::Bytes,
 ) -> Result<StatusCode> {
-    let tenant = tenant(&state.manager, &headers)?;
+    let tenant = &caller.tenant;
     let t: Timeout = body(&bytes)?;
     if t.timeout.is_none() {
         return Err(bad_request("timeout is required".into()));
     }
-    extend(&state, &tenant, &id, &t)?;
+    extend(&state, tenant, &id, &t)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn refresh(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     bytes: axum::body::Bytes,
 ) -> Result<StatusCode> {
-    let tenant = tenant(&state.manager, &headers)?;
-    extend(&state, &tenant, &id, &body(&bytes)?)?;
+    let tenant = &caller.tenant;
+    extend(&state, tenant, &id, &body(&bytes)?)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn pause(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let tenant = tenant(&state.manager, &headers)?;
+    let tenant = &caller.tenant;
     state.manager.set_paused(&tenant.name, &id, true).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn resume(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     bytes: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Created>)> {
-    let tenant = tenant(&state.manager, &headers)?;
+    let tenant = &caller.tenant;
     let t: Timeout = body(&bytes)?;
     state.manager.set_paused(&tenant.name, &id, false).await?;
-    let s = extend(&state, &tenant, &id, &t)?;
-    Ok((StatusCode::CREATED, Json(created(&s, &headers))))
+    let s = extend(&state, tenant, &id, &t)?;
+    Ok((StatusCode::CREATED, Json(created(&s, &caller))))
 }
 
 /// Resumes a paused sandbox (201) or takes a running one (200), with the new timeout.
 async fn connect(
     State(state): State<E2bState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     bytes: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Created>)> {
-    let tenant = tenant(&state.manager, &headers)?;
+    let tenant = &caller.tenant;
     let t: Timeout = body(&bytes)?;
     let status = if state.manager.get(&tenant.name, &id)?.state == SandboxState::Paused {
         state.manager.set_paused(&tenant.name, &id, false).await?;
@@ -413,8 +412,8 @@ async fn connect(
     } else {
         StatusCode::OK
     };
-    let s = extend(&state, &tenant, &id, &t)?;
-    Ok((status, Json(created(&s, &headers))))
+    let s = extend(&state, tenant, &id, &t)?;
+    Ok((status, Json(created(&s, &caller))))
 }
 
 #[cfg(test)]

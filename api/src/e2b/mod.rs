@@ -12,6 +12,8 @@ mod control;
 mod envd;
 mod time;
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -65,7 +67,12 @@ impl E2bError {
 impl<E: Into<ApiError>> From<E> for E2bError {
     fn from(e: E) -> Self {
         let e = e.into();
-        Self::new(e.status(), e.body().message)
+        // E2B answers invalid input with 400.
+        let status = match e.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            other => other,
+        };
+        Self::new(status, e.body().message)
     }
 }
 
@@ -79,16 +86,32 @@ impl IntoResponse for E2bError {
     }
 }
 
-/// The tenant whose mvm token is in one of `headers` (E2B's `X-API-Key` on the control plane,
-/// `X-Access-Token` on the data plane, or a bearer token).
-fn tenant(manager: &Manager, headers: &HeaderMap) -> Result<Tenant, mvm_sandbox::Error> {
-    let token = presented_token(headers)
-        .filter(|t| !t.is_empty())
-        .ok_or(mvm_sandbox::Error::Unauthorized)?;
-    manager
-        .db()
-        .tenant_for_token(&token)?
-        .ok_or(mvm_sandbox::Error::Unauthorized)
+/// The caller of an E2B call: the tenant its mvm token names (E2B's `X-API-Key` on the
+/// control plane, `X-Access-Token` on the data plane, or a bearer token), and that token.
+struct Caller {
+    tenant: Tenant,
+    token: String,
+}
+
+impl Caller {
+    fn of(manager: &Manager, headers: &HeaderMap) -> Result<Caller, mvm_sandbox::Error> {
+        let token = presented_token(headers)
+            .filter(|t| !t.is_empty())
+            .ok_or(mvm_sandbox::Error::Unauthorized)?;
+        let tenant = manager
+            .db()
+            .tenant_for_token(&token)?
+            .ok_or(mvm_sandbox::Error::Unauthorized)?;
+        Ok(Caller { tenant, token })
+    }
+}
+
+impl FromRequestParts<E2bState> for Caller {
+    type Rejection = E2bError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &E2bState) -> Result<Self, E2bError> {
+        Ok(Caller::of(&state.manager, &parts.headers)?)
+    }
 }
 
 /// The token a request authenticated with, handed back as the sandbox's `envdAccessToken`

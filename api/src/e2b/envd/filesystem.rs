@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use super::{absolute, read_body, run, unknown_method, Method, Target};
+use super::{absolute, rpc_request, run, unknown_method, Method};
 use crate::e2b::connect::{self, Code, RpcError};
 use crate::e2b::time::rfc3339;
 use crate::e2b::E2bState;
@@ -106,8 +106,7 @@ async fn unary(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<serde_json::Value, RpcError> {
-    let target = Target::of(state, headers)?;
-    let req: Request = connect::request(headers, &read_body(body).await?)?;
+    let (target, req): (_, Request) = rpc_request(state, headers, body).await?;
     let agent = target.agent(state).await?;
     let json = |v: &EntryInfo| serde_json::json!({ "entry": v });
     match method {

@@ -35,7 +35,7 @@ impl Target {
     /// From `X-Access-Token` (or `X-API-Key`) and `E2b-Sandbox-Id`; the sandbox must be the
     /// tenant's.
     pub fn of(state: &E2bState, headers: &HeaderMap) -> Result<Target, Error> {
-        let tenant = super::tenant(&state.manager, headers)?;
+        let tenant = super::Caller::of(&state.manager, headers)?.tenant;
         let id = headers
             .get("e2b-sandbox-id")
             .and_then(|v| v.to_str().ok())
@@ -120,9 +120,16 @@ async fn health(State(state): State<E2bState>, headers: HeaderMap) -> Response {
 /// The route parameter of the RPC routes.
 pub type Method = Path<String>;
 
-/// A request body read whole (unary and server-streaming requests are one message).
-pub async fn read_body(body: Body) -> Result<axum::body::Bytes, RpcError> {
-    axum::body::to_bytes(body, 4 << 20)
+/// The sandbox and the request message of a unary or server-streaming call (one message,
+/// the body read whole).
+pub async fn rpc_request<T: serde::de::DeserializeOwned>(
+    state: &E2bState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Target, T), RpcError> {
+    let target = Target::of(state, headers)?;
+    let bytes = axum::body::to_bytes(body, 4 << 20)
         .await
-        .map_err(|e| RpcError::new(Code::ResourceExhausted, format!("request body: {e}")))
+        .map_err(|e| RpcError::new(Code::ResourceExhausted, format!("request body: {e}")))?;
+    Ok((target, super::connect::request(headers, &bytes)?))
 }

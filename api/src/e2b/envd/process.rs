@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
-use super::{read_body, unknown_method, Method, Target};
+use super::{rpc_request, unknown_method, Method, Target};
 use crate::e2b::connect::{self, Code, RpcError};
 use crate::e2b::E2bState;
 use crate::server::exec::{Chunk, Output};
@@ -311,8 +311,7 @@ fn exec_request(req: &StartRequest) -> mvm_sandbox::model::ExecRequest {
 }
 
 async fn start(state: &E2bState, headers: &HeaderMap, body: Body) -> Result<Events, RpcError> {
-    let target = Target::of(state, headers)?;
-    let req: StartRequest = connect::request(headers, &read_body(body).await?)?;
+    let (target, req): (_, StartRequest) = rpc_request(state, headers, body).await?;
     let pty = req.pty.is_some();
     let mut session = state
         .manager
@@ -399,8 +398,7 @@ async fn pump(
 }
 
 async fn connect_to(state: &E2bState, headers: &HeaderMap, body: Body) -> Result<Events, RpcError> {
-    let target = Target::of(state, headers)?;
-    let req: ProcessRequest = connect::request(headers, &read_body(body).await?)?;
+    let (target, req): (_, ProcessRequest) = rpc_request(state, headers, body).await?;
     let (pid, proc) = state.processes.find(&target.id, &req.process)?;
     let rx = proc.events.subscribe();
     let rest = futures_util::stream::unfold(Some(rx), |rx| async move {
@@ -428,8 +426,7 @@ async fn unary(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<serde_json::Value, RpcError> {
-    let target = Target::of(state, headers)?;
-    let body = read_body(body).await?;
+    let (target, req): (_, ProcessRequest) = rpc_request(state, headers, body).await?;
     if method == "List" {
         let processes: Vec<ProcessInfo> = state
             .processes
@@ -443,7 +440,6 @@ async fn unary(
             .collect();
         return Ok(serde_json::json!({ "processes": processes }));
     }
-    let req: ProcessRequest = connect::request(headers, &body)?;
     let (_, proc) = state.processes.find(&target.id, &req.process)?;
     match method {
         "SendInput" => write_input(&proc, req.input.as_ref()).await?,
