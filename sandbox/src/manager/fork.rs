@@ -107,7 +107,9 @@ impl Manager {
     async fn save_running(&self, row: &crate::db::SandboxRow) -> Result<snapshot::SavedVm> {
         let id = row.sandbox.id.clone();
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&id))?;
-        let api = self.vmm_api(row)?.path();
+        // The socket's path is valid while `socket` lives.
+        let socket = self.vmm_api(row)?;
+        let api = socket.path();
         vm::set_paused(&api, true).await?;
         let saved = match vm::save_snapshot(&api).await {
             Ok(()) => {

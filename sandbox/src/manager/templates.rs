@@ -108,7 +108,9 @@ impl Manager {
         sandbox: &Sandbox,
     ) -> Result<Staging> {
         let row = self.row(tenant, &sandbox.id)?;
-        let api = self.vmm_api(&row)?.path();
+        // The socket's path is valid while `socket` lives.
+        let socket = self.vmm_api(&row)?;
+        let api = socket.path();
         vm::set_paused(&api, true).await?;
         vm::save_snapshot(&api).await?;
         let cfg = self.inner.cfg.clone();
