@@ -1,11 +1,12 @@
 //! Guest RAM: anonymous host memory laid out around the MMIO gap below 4 GiB.
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, WriteVolatile,
+    GuestRegionMmap,
 };
 
 use crate::arch::x86_64::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
@@ -92,14 +93,77 @@ pub fn memory_layout(mem: &GuestMemory) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Writes every region of `mem` to `file`, one after the other in layout order.
+/// The unit a saved memory file skips when it holds only zeros.
+const PAGE: usize = 4096;
+/// Guest memory copied out at once while it is saved.
+const DUMP_CHUNK: usize = 2 << 20;
+
+/// Writes every region of `mem` to the new, empty `file`, one after the other in layout
+/// order. Pages of zeros (what the guest never touched) are left as holes: the file takes
+/// only what the guest used, and a private mapping of it reads zeros there. The last page is
+/// always written, so that the file has its full length (with the `write` and `lseek` the
+/// VMM thread's seccomp filter allows).
 pub fn dump_memory(mem: &GuestMemory, file: &mut File) -> std::io::Result<()> {
+    let total: usize = mem.iter().map(|r| r.len() as usize).sum();
+    let mut buf = vec![0u8; DUMP_CHUNK];
+    let mut file_offset = 0usize;
     for region in mem.iter() {
         let slice = region
             .as_volatile_slice()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        file.write_all_volatile(&slice)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut done = 0;
+        while done < slice.len() {
+            let len = DUMP_CHUNK.min(slice.len() - done);
+            let part = slice
+                .subslice(done, len)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            part.copy_to(&mut buf[..len]);
+            let at = file_offset + done;
+            write_used_pages(file, &buf[..len], at, at + len == total)?;
+            done += len;
+        }
+        file_offset += slice.len();
+    }
+    Ok(())
+}
+
+/// Whether `bytes` are all zero (compared a word at a time).
+fn is_zero(bytes: &[u8]) -> bool {
+    let words = bytes.chunks_exact(8);
+    let rest = words.remainder();
+    words
+        .map(|w| u64::from_ne_bytes(w.try_into().expect("chunks of 8")))
+        .fold(0, |acc, w| acc | w)
+        == 0
+        && rest.iter().all(|&b| b == 0)
+}
+
+/// Writes the runs of pages of `data` that are not all zeros at `offset` in `file` (and the
+/// last page when `last`).
+fn write_used_pages(
+    file: &mut File,
+    data: &[u8],
+    offset: usize,
+    last: bool,
+) -> std::io::Result<()> {
+    let pages = data.len().div_ceil(PAGE);
+    let used = |page: usize| {
+        (last && page + 1 == pages)
+            || !is_zero(&data[page * PAGE..data.len().min((page + 1) * PAGE)])
+    };
+    let mut page = 0;
+    while page < pages {
+        if !used(page) {
+            page += 1;
+            continue;
+        }
+        let start = page;
+        while page < pages && used(page) {
+            page += 1;
+        }
+        let bytes = &data[start * PAGE..data.len().min(page * PAGE)];
+        file.seek(SeekFrom::Start((offset + start * PAGE) as u64))?;
+        file.write_all(bytes)?;
     }
     Ok(())
 }
@@ -165,6 +229,9 @@ mod tests {
             .unwrap();
         dump_memory(&mem, &mut file).unwrap();
         assert_eq!(file.metadata().unwrap().len(), 0x3000);
+        // The one page of zeros between the written words and the last page is a hole.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(file.metadata().unwrap().blocks() * 512, 0x2000, "sparse");
         let restored = map_memory_file(&file, &memory_layout(&mem)).unwrap();
         assert_eq!(
             restored.read_obj::<u32>(GuestAddress(0x1ff0)).unwrap(),
