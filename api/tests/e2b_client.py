@@ -2,6 +2,7 @@
 E2B_SANDBOX_URL and E2B_API_KEY. Prints one JSON report: a step per SDK call checked, with
 `ok` and what went wrong (api/tests/e2b_sdk.rs asserts them)."""
 
+import asyncio
 import io
 import os
 import json
@@ -12,6 +13,7 @@ import traceback
 import httpx
 
 from e2b import (
+    AsyncSandbox,
     CommandExitException,
     FileNotFoundException,
     NotFoundException,
@@ -155,6 +157,43 @@ def _():
     except FileNotFoundException:
         return
     raise AssertionError("no FileNotFoundException")
+
+
+@step("files: watch_dir reports create, write and remove")
+def _():
+    sbx.files.make_dir("/tmp/w")
+    h = sbx.files.watch_dir("/tmp/w")
+    sbx.files.write("/tmp/w/x", "1")
+    created = [(e.name, e.type.value) for e in h.get_new_events()]
+    expect(created == [("x", "create")], created)
+    sbx.files.write("/tmp/w/x", "longer")
+    written = [(e.name, e.type.value) for e in h.get_new_events()]
+    expect(written == [("x", "write")], written)
+    sbx.files.remove("/tmp/w/x")
+    removed = [(e.name, e.type.value) for e in h.get_new_events()]
+    expect(removed == [("x", "remove")], removed)
+    h.stop()
+
+
+@step("async SDK: commands.run and the WatchDir stream (recursive)")
+def _():
+    async def check():
+        asbx = await AsyncSandbox.connect(sbx.sandbox_id)
+        r = await asbx.commands.run("echo async")
+        expect(r.stdout == "async\n", repr(r.stdout))
+        await asbx.files.make_dir("/tmp/aw/sub")
+        seen = []
+        h = await asbx.files.watch_dir("/tmp/aw", on_event=seen.append, recursive=True)
+        await asbx.files.write("/tmp/aw/sub/y", "1")
+        for _ in range(40):
+            if seen:
+                break
+            await asyncio.sleep(0.1)
+        await h.stop()
+        got = [(e.name, e.type.value) for e in seen]
+        expect(got == [("sub/y", "create")], got)
+
+    asyncio.run(check())
 
 
 @step("set_timeout and get_info")

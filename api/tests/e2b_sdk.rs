@@ -82,6 +82,6 @@ fn the_e2b_sdk_drives_mvmd() {
         "SDK calls failed: {failed:#?}\nmvmd: {}",
         d.log()
     );
-    assert_eq!(steps.len(), 18, "{steps:#?}");
+    assert_eq!(steps.len(), 20, "{steps:#?}");
     d.assert_no_leaks(&before);
 }

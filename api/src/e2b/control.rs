@@ -330,6 +330,7 @@ async fn kill(
     let tenant = &caller.tenant;
     state.manager.destroy(&tenant.name, &id).await?;
     state.processes.forget(&id);
+    state.watchers.forget(&id);
     audit(&state, tenant, "destroyed (e2b)", &id);
     Ok(StatusCode::NO_CONTENT)
 }

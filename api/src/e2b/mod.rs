@@ -27,6 +27,7 @@ pub fn router(manager: Manager) -> Router {
     let state = E2bState {
         manager,
         processes: std::sync::Arc::default(),
+        watchers: std::sync::Arc::default(),
     };
     control::routes()
         .merge(envd::routes())
@@ -46,6 +47,8 @@ struct E2bState {
     manager: Manager,
     /// The processes started through `process.Process`, per sandbox.
     processes: std::sync::Arc<envd::process::Processes>,
+    /// The directory watchers made through `filesystem.Filesystem`, per sandbox.
+    watchers: std::sync::Arc<envd::watch::Watchers>,
 }
 
 /// An error in E2B's REST shape: `{code: <HTTP status>, message}`.

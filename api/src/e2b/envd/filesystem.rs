@@ -1,6 +1,6 @@
 //! `filesystem.Filesystem` on the agent: Stat, ListDir (with depth) and Remove are agent
-//! requests; MakeDir and Move run `mkdir -p` and `mv` in the sandbox. WatchDir and the
-//! watcher calls are not served.
+//! requests; MakeDir and Move run `mkdir -p` and `mv` in the sandbox; WatchDir and the
+//! watcher calls compare listings ([`super::watch`]).
 
 use axum::body::Body;
 use axum::extract::State;
@@ -20,11 +20,14 @@ const MAX_ENTRIES: usize = 100_000;
 /// The fields of every request of the service.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct Request {
-    path: String,
+pub struct Request {
+    pub path: String,
     depth: u32,
     source: String,
     destination: String,
+    pub recursive: bool,
+    #[serde(rename = "watcherId")]
+    watcher_id: String,
 }
 
 /// `filesystem.EntryInfo`.
@@ -95,7 +98,7 @@ pub async fn call(
     body: Body,
 ) -> Response {
     if method == "WatchDir" {
-        return connect::stream_error(unknown_method("filesystem.Filesystem", &method));
+        return super::watch::stream(&state, &headers, body).await;
     }
     connect::unary(unary(&state, &method, &headers, body).await)
 }
@@ -116,7 +119,11 @@ async fn unary(
         }
         "ListDir" => {
             let path = absolute(&req.path)?;
-            let entries = list(&agent, &path, req.depth.max(1)).await?;
+            let entries: Vec<EntryInfo> = walk(&agent, &path, req.depth.max(1))
+                .await?
+                .iter()
+                .map(|(path, stat)| entry(path, stat))
+                .collect();
             Ok(serde_json::json!({ "entries": entries }))
         }
         "MakeDir" => {
@@ -141,16 +148,33 @@ async fn unary(
             agent.remove(&path, true).await?;
             Ok(serde_json::json!({}))
         }
+        "CreateWatcher" => {
+            let path = absolute(&req.path)?;
+            let id = (state.watchers)
+                .create(&agent, &target.id, &path, req.recursive)
+                .await?;
+            Ok(serde_json::json!({ "watcherId": id }))
+        }
+        "GetWatcherEvents" => {
+            let events = (state.watchers)
+                .events(&agent, &target.id, &req.watcher_id)
+                .await?;
+            Ok(serde_json::json!({ "events": events }))
+        }
+        "RemoveWatcher" => {
+            state.watchers.remove(&target.id, &req.watcher_id)?;
+            Ok(serde_json::json!({}))
+        }
         other => Err(unknown_method("filesystem.Filesystem", other)),
     }
 }
 
-/// The entries under `dir`, down to `depth` levels (1: its own entries).
-async fn list(
+/// The paths and metadata under `dir`, down to `depth` levels (1: its own entries).
+pub async fn walk(
     agent: &agent::AgentClient,
     dir: &str,
     depth: u32,
-) -> Result<Vec<EntryInfo>, RpcError> {
+) -> Result<Vec<(String, FileStat)>, RpcError> {
     let mut out = Vec::new();
     let mut level = vec![dir.to_owned()];
     for _ in 0..depth {
@@ -161,7 +185,7 @@ async fn list(
                 if e.stat.kind == FileKind::Dir {
                     next.push(path.clone());
                 }
-                out.push(entry(&path, &e.stat));
+                out.push((path, e.stat));
                 if out.len() > MAX_ENTRIES {
                     return Err(RpcError::new(
                         Code::ResourceExhausted,

@@ -5,6 +5,7 @@
 mod files;
 mod filesystem;
 pub mod process;
+pub mod watch;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
