@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what mvm's build and test suite need, when any is missing: Debian packages,
-# cargo-fuzz for the fuzz smoke stage, and the Python MCP client the `mvm mcp` test drives.
+# cargo-fuzz for the fuzz smoke stage, the Python MCP client the `mvm mcp` test drives and the
+# E2B SDKs (Python; JS where Node.js 20.18+ is) the `/e2b` test drives.
 #   scripts/deps.sh            (as root)
 set -euo pipefail
 
@@ -55,4 +56,16 @@ if ! "$mcp_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.
     echo "scripts/deps.sh: installing the Python e2b $e2b_version SDK into $mcp_venv" >&2
     [ -x "$mcp_venv/bin/pip" ] || /usr/bin/python3 -m venv "$mcp_venv"
     "$mcp_venv/bin/pip" install -q "e2b==$e2b_version"
+fi
+
+# The same test's smoke run of the official E2B JS/TS SDK, from npm, pinned, in a prefix of its
+# own. The SDK needs Node.js 20.18 or later, which Debian 12 does not ship: it is installed only
+# where such a node is (the test skips without one).
+e2b_js_prefix=/opt/mvm-test-node
+e2b_js_version=2.51.0
+if node -e "const [a, b] = process.versions.node.split('.').map(Number); process.exit(a > 20 || (a === 20 && b >= 18) ? 0 : 1)" 2>/dev/null \
+    && [ "$(node -p "require('$e2b_js_prefix/node_modules/e2b/package.json').version" 2>/dev/null)" != "$e2b_js_version" ]; then
+    echo "scripts/deps.sh: installing the E2B JS SDK $e2b_js_version into $e2b_js_prefix" >&2
+    mkdir -p "$e2b_js_prefix"
+    npm install --prefix "$e2b_js_prefix" --no-audit --no-fund --silent "e2b@$e2b_js_version"
 fi

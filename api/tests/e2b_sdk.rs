@@ -1,11 +1,13 @@
-//! The official `e2b` Python SDK (installed by scripts/deps.sh into /opt/mvm-test-venv,
-//! pinned) against a real mvmd's `/e2b`, configured only by `E2B_API_URL`, `E2B_SANDBOX_URL`
-//! and `E2B_API_KEY`, as root with the jail tier. The client (`e2b_client.py`) checks each
-//! SDK call and reports a step per call.
+//! The official E2B SDKs against a real mvmd's `/e2b`, configured only by `E2B_API_URL`,
+//! `E2B_SANDBOX_URL` and `E2B_API_KEY`, as root with the jail tier: the Python SDK
+//! (`e2b_client.py`, from /opt/mvm-test-venv) through every call mvm serves, the JS/TS SDK
+//! (`e2b_client.cjs`, from /opt/mvm-test-node) through a smoke set; both installed pinned by
+//! scripts/deps.sh. Each client checks the SDK's calls and reports a step per call.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::Daemon;
 use mvm_testkit::{root_or_skip, skip_or_fail_in_ci};
@@ -18,31 +20,24 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/opt/mvm-test-venv/bin/python"))
 }
 
-fn has_e2b(python: &Path) -> bool {
-    std::process::Command::new(python)
-        .args(["-c", "import e2b"])
+/// Where scripts/deps.sh installs the JS SDK (`MVM_TEST_NODE_MODULES` overrides).
+fn node_modules() -> PathBuf {
+    std::env::var_os("MVM_TEST_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/mvm-test-node/node_modules"))
+}
+
+/// Whether `program args` runs and succeeds.
+fn succeeds(program: &Path, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
         .output()
         .is_ok_and(|o| o.status.success())
 }
 
-#[test]
-fn the_e2b_sdk_drives_mvmd() {
-    let test = "the_e2b_sdk_drives_mvmd";
-    if !root_or_skip(test) {
-        return;
-    }
-    let python = python();
-    if !has_e2b(&python) {
-        skip_or_fail_in_ci(
-            test,
-            &format!(
-                "{} cannot import the Python `e2b` package: run scripts/deps.sh (or set \
-                 MVM_TEST_PYTHON)",
-                python.display()
-            ),
-        );
-        return;
-    }
+/// Runs `client` against a fresh mvmd's `/e2b` and checks its report: every
+/// step passed, there are `expected` of them, and nothing is left on the host.
+fn run_client(mut client: Command, expected: usize) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
         l.local_addr().unwrap().port()
@@ -51,10 +46,8 @@ fn the_e2b_sdk_drives_mvmd() {
     let d = Daemon::start_with(&["--tcp", &addr, "--isolation", "jail"]);
     let before = d.host_state();
     let url = format!("http://{addr}/e2b");
-    let out = std::process::Command::new(&python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.py"))
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
+    let out = client
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("E2B_API_URL", &url)
         .env("E2B_SANDBOX_URL", &url)
         .env("E2B_API_KEY", d.token())
@@ -69,19 +62,71 @@ fn the_e2b_sdk_drives_mvmd() {
     );
     let steps: Vec<Value> = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("the client's report: {e}: {stderr}"));
-    let failed: Vec<&Value> = steps.iter().filter(|s| s["ok"] != true).collect();
     for s in &steps {
-        eprintln!(
-            "{} {}",
-            if s["ok"] == true { "ok  " } else { "FAIL" },
-            s["step"]
-        );
+        let ok = if s["ok"] == true { "ok  " } else { "FAIL" };
+        eprintln!("{ok} {}", s["step"]);
     }
-    assert!(
-        failed.is_empty(),
-        "SDK calls failed: {failed:#?}\nmvmd: {}",
-        d.log()
-    );
-    assert_eq!(steps.len(), 20, "{steps:#?}");
+    let failed: Vec<&Value> = steps.iter().filter(|s| s["ok"] != true).collect();
+    assert!(failed.is_empty(), "SDK calls failed: {failed:#?}\nmvmd: {}", d.log());
+    assert_eq!(steps.len(), expected, "{steps:#?}");
     d.assert_no_leaks(&before);
+}
+
+#[test]
+fn the_e2b_python_sdk_drives_mvmd() {
+    let test = "the_e2b_python_sdk_drives_mvmd";
+    if !root_or_skip(test) {
+        return;
+    }
+    let python = python();
+    if !succeeds(&python, &["-c", "import e2b"]) {
+        skip_or_fail_in_ci(
+            test,
+            &format!(
+                "{} cannot import the Python `e2b` package: run scripts/deps.sh (or set \
+                 MVM_TEST_PYTHON)",
+                python.display()
+            ),
+        );
+        return;
+    }
+    let mut client = Command::new(&python);
+    client
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.py"))
+        .env_clear();
+    run_client(client, 20);
+}
+
+#[test]
+fn the_e2b_js_sdk_drives_mvmd() {
+    let test = "the_e2b_js_sdk_drives_mvmd";
+    if !root_or_skip(test) {
+        return;
+    }
+    // The SDK needs Node.js 20.18 or later, which Debian 12 does not ship: scripts/deps.sh
+    // installs the SDK only where such a node is, and only there is its absence a failure.
+    let node = Path::new("node");
+    let new_enough = "const [a, b] = process.versions.node.split('.').map(Number); \
+                      process.exit(a > 20 || (a === 20 && b >= 18) ? 0 : 1)";
+    if !succeeds(node, &["-e", new_enough]) {
+        eprintln!("SKIP {test}: no Node.js 20.18 or later here (the e2b JS SDK needs it)");
+        return;
+    }
+    let modules = node_modules();
+    if !modules.join("e2b/package.json").is_file() {
+        skip_or_fail_in_ci(
+            test,
+            &format!(
+                "no e2b JS SDK in {}: run scripts/deps.sh (or set MVM_TEST_NODE_MODULES)",
+                modules.display()
+            ),
+        );
+        return;
+    }
+    let mut client = Command::new(node);
+    client
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.cjs"))
+        .env_clear()
+        .env("NODE_PATH", &modules);
+    run_client(client, 6);
 }
