@@ -67,7 +67,11 @@ fn run_client(mut client: Command, expected: usize) {
         eprintln!("{ok} {}", s["step"]);
     }
     let failed: Vec<&Value> = steps.iter().filter(|s| s["ok"] != true).collect();
-    assert!(failed.is_empty(), "SDK calls failed: {failed:#?}\nmvmd: {}", d.log());
+    assert!(
+        failed.is_empty(),
+        "SDK calls failed: {failed:#?}\nmvmd: {}",
+        d.log()
+    );
     assert_eq!(steps.len(), expected, "{steps:#?}");
     d.assert_no_leaks(&before);
 }
