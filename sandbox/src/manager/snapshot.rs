@@ -314,18 +314,144 @@ impl Drop for Staging {
     }
 }
 
-/// Copies `from` to a new file `to`, keeping holes (a layer is mostly empty).
+/// Copies `from` to a new file `to` (0600), keeping holes: a layer is mostly empty, and only
+/// its data is read and written (`SEEK_DATA`/`SEEK_HOLE`).
 fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
-    host::run(
-        "cp",
-        &[
-            "--sparse=always",
-            "--reflink=auto",
-            "--no-preserve=all",
-            &from.to_string_lossy(),
-            &to.to_string_lossy(),
-        ],
-        None,
-    )
-    .map(drop)
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let at = |what: &str, path: &Path, e: std::io::Error| {
+        Error::host(format!("{what} {}", path.display()), e)
+    };
+    let src = fs::File::open(from).map_err(|e| at("opening", from, e))?;
+    let len = src.metadata().map_err(|e| at("stat", from, e))?.len();
+    let dst = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(|e| at("creating", to, e))?;
+    dst.set_len(len).map_err(|e| at("sizing", to, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while let Some((data, hole)) =
+        next_data(&src, offset, len).map_err(|e| at("reading", from, e))?
+    {
+        let mut at_byte = data;
+        while at_byte < hole {
+            let n = buf.len().min((hole - at_byte) as usize);
+            src.read_exact_at(&mut buf[..n], at_byte)
+                .map_err(|e| at("reading", from, e))?;
+            dst.write_all_at(&buf[..n], at_byte)
+                .map_err(|e| at("writing", to, e))?;
+            at_byte += n as u64;
+        }
+        offset = hole;
+    }
+    Ok(())
+}
+
+/// The next range of data in `file` (of `len` bytes) at or after `offset`, if any.
+fn next_data(file: &fs::File, offset: u64, len: u64) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    if offset >= len {
+        return Ok(None);
+    }
+    let seek = |from: u64, whence: libc::c_int| {
+        // SAFETY: lseek takes a descriptor we own and integers; it touches no memory of ours.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        if at < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(at as u64)
+        }
+    };
+    let data = match seek(offset, libc::SEEK_DATA) {
+        Ok(data) => data,
+        // Only a hole is left.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(Some((data, seek(data, libc::SEEK_HOLE)?.min(len))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn config(root: &Path) -> ManagerConfig {
+        ManagerConfig {
+            state_dir: root.join("state"),
+            ..ManagerConfig::from_env()
+        }
+    }
+
+    #[test]
+    fn a_sparse_copy_keeps_the_data_and_the_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        let file = fs::File::create(&from).unwrap();
+        file.set_len(64 << 20).unwrap();
+        file.write_all_at(b"head", 0).unwrap();
+        file.write_all_at(&[7u8; 5000], 40 << 20).unwrap();
+        copy_sparse(&from, &to).unwrap();
+        assert_eq!(fs::read(&from).unwrap(), fs::read(&to).unwrap());
+        let meta = fs::metadata(&to).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert!(
+            meta.blocks() * 512 < 1 << 20,
+            "{} bytes allocated",
+            meta.blocks() * 512
+        );
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+
+    /// What the VMM's uid leaves in its save directory is used only if it is two plain files:
+    /// a link planted instead (to a host file it cannot read, or a hard link to one) is
+    /// refused, and the file it names is left alone.
+    #[test]
+    fn only_plain_files_of_the_vmm_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let secret = dir.path().join("secret");
+        fs::write(&secret, b"host only").unwrap();
+        let layer = dir.path().join("layer.ext4");
+        fs::write(&layer, b"layer").unwrap();
+        let plant: [&dyn Fn(&Path); 2] = [
+            &|at: &Path| std::os::unix::fs::symlink(&secret, at).unwrap(),
+            &|at: &Path| fs::hard_link(&secret, at).unwrap(),
+        ];
+        for (n, plant) in plant.iter().enumerate() {
+            let id = format!("00000000000{n}");
+            let save = make_save_dir(&cfg, &id, 0).unwrap();
+            plant(&save.join(STATE));
+            fs::write(save.join(MEMORY), b"memory").unwrap();
+            let err = take_for_fork(&cfg, &id, &layer).unwrap_err();
+            assert!(err.to_string().contains("not a plain file"), "{err}");
+            assert!(!cfg.fork_dir(&id).exists());
+            assert_eq!(fs::read(&secret).unwrap(), b"host only");
+            assert_eq!(
+                fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+                0o644
+            );
+            remove_saves(&cfg, &id).unwrap();
+            assert!(!cfg.save_dir(&id).exists());
+        }
+        // Plain files are taken, root's and read-only.
+        let id = "0000000000ff";
+        let save = make_save_dir(&cfg, id, 0).unwrap();
+        fs::write(save.join(STATE), b"state").unwrap();
+        fs::write(save.join(MEMORY), b"memory").unwrap();
+        let saved = take_for_fork(&cfg, id, &layer).unwrap();
+        let state = fs::metadata(saved.state()).unwrap();
+        assert_eq!(
+            (state.uid(), state.permissions().mode() & 0o777),
+            (0, 0o444)
+        );
+        assert_eq!(fs::read(saved.memory()).unwrap(), b"memory");
+        let copy = dir.path().join("copy.ext4");
+        saved.copy_layer(&copy, 4242).unwrap();
+        assert_eq!(fs::metadata(&copy).unwrap().uid(), 4242);
+        saved.remove().unwrap();
+        remove_saves(&cfg, id).unwrap();
+    }
 }
