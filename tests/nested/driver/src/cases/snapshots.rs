@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{ms, sandbox_id, Ctx, MvmdSession, Outcome, Verdict};
+use super::{ms, sandbox_id, vmm_pss_kib, Ctx, MvmdSession, Outcome, Verdict};
 
 /// Sandboxes restored from the one snapshot.
 const RESTORED: usize = 8;
@@ -35,35 +35,74 @@ impl Report {
 /// it: each restored (its console has no kernel boot log), each with its own host name (its
 /// id), MAC, address (the one mvmd reports), kernel UUID, /dev/urandom bytes and machine id,
 /// and a wall clock within 1 s of L1's; one more without a network has eth0 down. Records
-/// create → first output of a cold boot and of a restore, and their ratio.
+/// create → first output of a cold boot and of a restore, their ratio, and the PSS of idle
+/// restored sandboxes' VMMs against cold-booted ones'.
 pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
     }
     let session = MvmdSession::start(ctx, "warm")?;
     let checked = check(ctx, &session);
-    let figures = checked.as_ref().ok().cloned();
+    let figures = checked.as_ref().ok().copied();
     let outcome = session.finish(ctx, checked.map(drop));
-    if let (Ok(Verdict::Pass), Some((cold, warm, warming))) = (&outcome, figures) {
-        ctx.record("vm tier via mvmd: mvm templates warm default", ms(warming));
+    if let (Ok(Verdict::Pass), Some(f)) = (&outcome, figures) {
+        ctx.record(
+            "vm tier via mvmd: mvm templates warm default",
+            ms(f.warming),
+        );
         ctx.record(
             "vm tier via mvmd: cold create -> first exec output, p50 of 3",
-            ms(cold),
+            ms(f.cold),
         );
         ctx.record(
             "vm tier via mvmd: create from a warm template -> first exec output, p50 of 8",
-            ms(warm),
+            ms(f.warm),
         );
         ctx.record(
             "vm tier via mvmd: warm create / cold create (goal <= 0.15)",
-            format!("{:.3}", warm.as_secs_f64() / cold.as_secs_f64()),
+            format!("{:.3}", f.warm.as_secs_f64() / f.cold.as_secs_f64()),
+        );
+        ctx.record(
+            "vm tier via mvmd: PSS of an idle mvm-vmm, cold-booted (mean of 3) / restored (mean of 8)",
+            format!("{:.1} MiB / {:.1} MiB", f.cold_pss / 1024.0, f.warm_pss / 1024.0),
+        );
+        ctx.record(
+            "vm tier via mvmd: PSS restored / cold (goal <= 0.4)",
+            format!("{:.3}", f.warm_pss / f.cold_pss),
         );
     }
     outcome
 }
 
-/// The checks; returns the cold and warm create p50 and the warm-up's duration.
-fn check(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration, Duration), String> {
+/// What the warm test measured.
+#[derive(Clone, Copy)]
+struct Figures {
+    /// Cold create → first output, p50.
+    cold: Duration,
+    /// Warm create → first output, p50.
+    warm: Duration,
+    /// `mvm templates warm`.
+    warming: Duration,
+    /// Mean PSS of an idle cold-booted sandbox's VMM, KiB.
+    cold_pss: f64,
+    /// Mean PSS of an idle restored sandbox's VMM, KiB.
+    warm_pss: f64,
+}
+
+/// Mean PSS (KiB) of the VMMs of sandboxes `ids`, after a second of rest.
+fn mean_pss(ids: &[String]) -> Result<f64, String> {
+    std::thread::sleep(Duration::from_secs(1));
+    let pss: Vec<u64> = ids.iter().map(|id| vmm_pss_kib(id)).collect();
+    if pss.contains(&0) {
+        return Err(format!(
+            "an idle sandbox's mvm-vmm was not found (PSS {pss:?} KiB)"
+        ));
+    }
+    Ok(pss.iter().sum::<u64>() as f64 / pss.len() as f64)
+}
+
+/// The checks; returns what they measured.
+fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
     let run = |extra: &[&str], script: &str| -> Result<(serde_json::Value, Duration), String> {
         let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
         args.extend_from_slice(extra);
@@ -76,8 +115,15 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration, Durati
         Ok((answer, took))
     };
     let mut cold = Vec::new();
+    let mut cold_ids = Vec::new();
     for _ in 0..COLD {
-        cold.push(run(&["--rm"], "cat /proc/sys/kernel/random/uuid")?.1);
+        let (answer, took) = run(&[], "cat /proc/sys/kernel/random/uuid")?;
+        cold.push(took);
+        cold_ids.push(sandbox_id(&answer["sandbox"]));
+    }
+    let cold_pss = mean_pss(&cold_ids)?;
+    for id in &cold_ids {
+        session.mvm(ctx, &["rm", id], None)?;
     }
 
     let started = Instant::now();
@@ -101,6 +147,7 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration, Durati
     }
 
     let mut warm = Vec::new();
+    let mut warm_ids = Vec::new();
     let mut reports = Vec::new();
     for _ in 0..RESTORED {
         let before = unix_now();
@@ -111,10 +158,8 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration, Durati
         let report = Report {
             lines: stdout.lines().map(str::to_string).collect(),
         };
-        let id = answer["sandbox"]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let id = sandbox_id(&answer["sandbox"]);
+        warm_ids.push(id.clone());
         if report.field(0) != id {
             return Err(format!(
                 "sandbox {id}: hostname {:?}; it said {stdout:?}",
@@ -160,6 +205,7 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration, Durati
         }
     }
 
+    let warm_pss = mean_pss(&warm_ids)?;
     let (offline, _) = run(
         &[],
         "cat /sys/class/net/eth0/operstate; ip -4 -o addr show dev eth0 | wc -l",
@@ -175,7 +221,13 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration, Durati
     }
     cold.sort();
     warm.sort();
-    Ok((cold[COLD / 2], warm[RESTORED / 2], warming))
+    Ok(Figures {
+        cold: cold[COLD / 2],
+        warm: warm[RESTORED / 2],
+        warming,
+        cold_pss,
+        warm_pss,
+    })
 }
 
 fn unix_now() -> u64 {
