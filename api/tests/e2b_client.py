@@ -126,6 +126,10 @@ def _():
     blob = bytes(range(256)) * 1024
     sbx.files.write("/tmp/e2b/blob", io.BytesIO(blob))
     expect(bytes(sbx.files.read("/tmp/e2b/blob", format="bytes")) == blob, "bytes")
+    big = os.urandom(3 << 20)  # past axum's default body limit, as multipart
+    sbx.files.write("/tmp/e2b/big", big)
+    expect(bytes(sbx.files.read("/tmp/e2b/big", format="bytes")) == big, "3 MiB")
+    sbx.files.remove("/tmp/e2b/big")
 
 
 @step("files: list, exists, get_info")

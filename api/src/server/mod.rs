@@ -258,12 +258,20 @@ async fn get_file(
 ) -> Result<Response> {
     check_path(&q.path)?;
     let client = state.manager.agent(&tenant.name, &id).await?;
-    let stat = client.stat(&q.path).await?;
+    Ok(download(client, q.path).await?)
+}
+
+/// A regular file of a sandbox as an `application/octet-stream` answer, read from the agent
+/// while the client takes it; any other kind of file is refused (422).
+pub(crate) async fn download(
+    client: agent::AgentClient,
+    path: String,
+) -> mvm_sandbox::Result<Response> {
+    let stat = client.stat(&path).await?;
     if stat.kind != agent::FileKind::File {
-        return Err(Error::Invalid(format!("{} is not a regular file", q.path)).into());
+        return Err(Error::Invalid(format!("{path} is not a regular file")));
     }
     let (mut writer, reader) = tokio::io::duplex(256 * 1024);
-    let path = q.path.clone();
     tokio::spawn(async move {
         if let Err(e) = client.get_file(&path, &mut writer).await {
             tracing::warn!("streaming {path}: {e}");

@@ -4,10 +4,9 @@
 //! directories. Both go through the agent's file requests, uploads counted against
 //! `MVM_UPLOAD_LIMIT` as they stream.
 
-use axum::body::Body;
 use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 
@@ -45,27 +44,7 @@ pub async fn download(
     let target = Target::of(&state, &headers)?;
     let path = path_of(q.path.as_deref())?;
     let client = target.agent(&state).await?;
-    let stat = client.stat(&path).await?;
-    if stat.kind != agent::FileKind::File {
-        return Err(E2bError::new(
-            StatusCode::BAD_REQUEST,
-            format!("{path} is not a regular file"),
-        ));
-    }
-    let (mut writer, reader) = tokio::io::duplex(256 * 1024);
-    tokio::spawn(async move {
-        if let Err(e) = client.get_file(&path, &mut writer).await {
-            tracing::warn!("e2b: streaming {path}: {e}");
-        }
-    });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (header::CONTENT_LENGTH, stat.size.to_string()),
-        ],
-        Body::from_stream(tokio_util::io::ReaderStream::new(reader)),
-    )
-        .into_response())
+    Ok(crate::server::download(client, path).await?)
 }
 
 /// `POST /files?path=`.

@@ -22,7 +22,13 @@ pub fn routes() -> Router<E2bState> {
     Router::new()
         .route("/process.Process/{method}", post(process::call))
         .route("/filesystem.Filesystem/{method}", post(filesystem::call))
-        .route("/files", get(files::download).post(files::upload))
+        // Uploads stream into the sandbox, counted against MVM_UPLOAD_LIMIT as they go.
+        .route(
+            "/files",
+            get(files::download)
+                .post(files::upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/health", get(health))
 }
 
