@@ -32,6 +32,17 @@ pub enum CliError {
     Local(String),
 }
 
+impl CliError {
+    /// The stable code of an mvmd or manager error (as in mvmd's `{code, message}`).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            CliError::Client(ClientError::Api { body, .. }) => Some(&body.code),
+            CliError::Manager(e) => Some(e.code()),
+            _ => None,
+        }
+    }
+}
+
 /// The target of the commands.
 pub enum Backend {
     /// A running mvmd.

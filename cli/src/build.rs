@@ -28,6 +28,10 @@ pub struct BuildArgs {
     /// Extra arguments for rootfs/build.sh, e.g. "--from-oci layout:tag".
     #[arg(long, allow_hyphen_values = true)]
     pub rootfs_args: Option<String>,
+    /// Do not warm the template (by default a template with a kernel is warmed where the host
+    /// runs the vm tier: see `mvm templates warm`).
+    #[arg(long)]
+    pub no_warm: bool,
 }
 
 fn find_repo(explicit: Option<&Path>) -> Result<PathBuf, CliError> {

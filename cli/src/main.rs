@@ -314,16 +314,39 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         let t = build::build(args)?;
         let backend = Backend::connect(cli.host, cli.token).await?;
         let t = backend.add_template(t).await?;
+        let has_kernel = std::path::Path::new(&t.kernel).is_file();
+        // Warmed where the vm tier runs, so that vm-tier creates restore from the start.
+        let warmed = match has_kernel && !args.no_warm {
+            true => Some(backend.warm_template(&t.name).await),
+            false => None,
+        };
+        let (t, warm_note) = match warmed {
+            None => (t, String::new()),
+            Some(Ok(warm)) => {
+                let note = format!("; warm ({})", warm_column(&warm));
+                (warm, note)
+            }
+            Some(Err(e)) if e.code() == Some("isolation_unavailable") => {
+                (t, "; not warmed: this host cannot run the vm tier".into())
+            }
+            Some(Err(e)) => {
+                return Err(CliError::Local(format!(
+                    "template {} registered, but warming it failed: {e} (vm-tier creates boot \
+                     cold; retry with `mvm templates warm {}`, or build with --no-warm)",
+                    t.name, t.name
+                )))
+            }
+        };
         if json {
             print_json(&t);
         } else {
-            let kernel = if std::path::Path::new(&t.kernel).is_file() {
+            let kernel = if has_kernel {
                 t.kernel.clone()
             } else {
                 format!("{} (not built: jail tier only)", t.kernel)
             };
             println!(
-                "template {} registered: kernel {kernel}, rootfs {}",
+                "template {} registered: kernel {kernel}, rootfs {}{warm_note}",
                 t.name, t.rootfs
             );
         }

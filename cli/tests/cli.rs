@@ -822,6 +822,49 @@ fn build_skip_kernel_makes_a_jail_template_without_any_kernel() {
     env.assert_empty();
 }
 
+/// `mvm build` warms a template that has a kernel where the host runs the vm tier; where it
+/// cannot (this host: kvm_pvm or no /dev/kvm) the template is registered and the answer says it
+/// was not warmed. The kernel comes from the build cache (the suite's kernel stage built it).
+#[test]
+fn build_says_whether_the_template_was_warmed() {
+    if !root_or_skip("build_says_whether_the_template_was_warmed") {
+        return;
+    }
+    if mvm_sandbox::manager::vm_tier_unavailable(false).is_none() {
+        eprintln!("build_says_whether_the_template_was_warmed: this host runs the vm tier; the nested suite warms");
+        return;
+    }
+    let env = Env::new();
+    let artifacts = env.dir.path().join("artifacts");
+    let agent = format!("--agent {}", bin_dir().join("mvm-agent").display());
+    let out = env
+        .mvm()
+        .env("MVM_ARTIFACTS", &artifacts)
+        .args(["build", "--name", "built", "--rootfs-args", &agent])
+        .output()
+        .expect("mvm");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(artifacts.join("vmlinux").is_file(), "{said}");
+    assert!(
+        said.starts_with("template built registered: kernel ")
+            && said.ends_with("; not warmed: this host cannot run the vm tier\n"),
+        "{said}"
+    );
+    let out = env
+        .mvm()
+        .args(["-o", "json", "templates"])
+        .output()
+        .expect("mvm");
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let built = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["name"] == "built"))
+        .expect("the built template is listed");
+    assert!(built.get("snapshot").is_none(), "{built}");
+    env.assert_empty();
+}
+
 #[test]
 fn the_env_cgroup_parent_holds_its_sandboxes_and_goes_with_it() {
     if !root_or_skip("the_env_cgroup_parent_holds_its_sandboxes_and_goes_with_it") {
