@@ -35,9 +35,15 @@ fn succeeds(program: &Path, args: &[&str]) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Runs `client` against a fresh mvmd's `/e2b` (checking that it succeeded and that nothing
-/// is left on the host afterwards) and returns what it printed.
-fn run_client(mut client: Command) -> Vec<u8> {
+/// What a client run printed, and the actions mvmd's audit log recorded meanwhile.
+struct Run {
+    stdout: Vec<u8>,
+    audited: Vec<String>,
+}
+
+/// Runs `client` against a fresh mvmd's `/e2b`, checking that it succeeded and that nothing
+/// is left on the host afterwards.
+fn run_client(mut client: Command) -> Run {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
         l.local_addr().unwrap().port()
@@ -61,7 +67,12 @@ fn run_client(mut client: Command) -> Vec<u8> {
         d.log()
     );
     d.assert_no_leaks(&before);
-    out.stdout
+    let db = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
+    let audited = db.audit_tail(10_000).expect("audit").into_iter();
+    Run {
+        stdout: out.stdout,
+        audited: audited.map(|a| a.action).collect(),
+    }
 }
 
 /// Checks a client's report: every step passed and there are `expected` of them.
@@ -111,7 +122,28 @@ fn the_e2b_python_sdk_drives_mvmd() {
     client
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.py"))
         .env_clear();
-    check_steps(&run_client(client), 20);
+    let run = run_client(client);
+    check_steps(&run.stdout, 20);
+    // Every mutating E2B call is in the audit log.
+    for action in [
+        "POST /e2b/v2/sandboxes",
+        "POST /e2b/process.Process/Start",
+        "POST /e2b/files",
+        "POST /e2b/filesystem.Filesystem/Remove",
+    ] {
+        assert!(
+            run.audited.iter().any(|a| a == action),
+            "{action}: {:?}",
+            run.audited
+        );
+    }
+    assert!(
+        run.audited
+            .iter()
+            .any(|a| a.starts_with("DELETE /e2b/sandboxes/")),
+        "{:?}",
+        run.audited
+    );
 }
 
 /// Create → first output through the SDK against the native API, printed (the goal is at
@@ -131,7 +163,8 @@ fn e2b_sdk_overhead_benchmark() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_bench.py"))
         .arg(&iterations)
         .env_clear();
-    let report: Value = serde_json::from_slice(&run_client(client)).expect("the bench's report");
+    let report: Value =
+        serde_json::from_slice(&run_client(client).stdout).expect("the bench's report");
     eprintln!("BENCH e2b SDK vs native API, create → first output (jail tier): {report}");
     assert!(
         report["sdk_p50_ms"].as_f64().is_some_and(|ms| ms > 0.0),
@@ -170,5 +203,5 @@ fn the_e2b_js_sdk_drives_mvmd() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.cjs"))
         .env_clear()
         .env("NODE_PATH", &modules);
-    check_steps(&run_client(client), 6);
+    check_steps(&run_client(client).stdout, 6);
 }

@@ -216,8 +216,10 @@ fn listed(s: &Sandbox, state: &'static str) -> Listed {
     }
 }
 
-fn audit(state: &E2bState, tenant: &Tenant, action: &str, id: &str) {
-    if let Err(e) = state.manager.db().audit(&tenant.name, action, id, 200, "") {
+/// Records which sandbox a create made, next to the middleware's record of the call.
+fn audit_created(state: &E2bState, tenant: &Tenant, id: &str) {
+    let db = state.manager.db();
+    if let Err(e) = db.audit(&tenant.name, "created (e2b)", id, 200, "") {
         tracing::error!("writing the audit log: {e}");
     }
 }
@@ -230,7 +232,7 @@ async fn create(
     let tenant = &caller.tenant;
     let req = create_request(body::<NewSandbox>(&bytes)?)?;
     let sandbox = state.manager.create(tenant, req).await?;
-    audit(&state, tenant, "created (e2b)", &sandbox.id);
+    audit_created(&state, tenant, &sandbox.id);
     Ok((StatusCode::CREATED, Json(created(&sandbox, &caller))))
 }
 
@@ -331,7 +333,6 @@ async fn kill(
     state.manager.destroy(&tenant.name, &id).await?;
     state.processes.forget(&id);
     state.watchers.forget(&id);
-    audit(&state, tenant, "destroyed (e2b)", &id);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -151,7 +151,7 @@ async fn unary(
         "CreateWatcher" => {
             let path = absolute(&req.path)?;
             let id = (state.watchers)
-                .create(&agent, &target.id, &path, req.recursive)
+                .create(&state.manager, &agent, &target.id, &path, req.recursive)
                 .await?;
             Ok(serde_json::json!({ "watcherId": id }))
         }

@@ -29,8 +29,8 @@ use crate::server::exec::{Chunk, Output};
 const BASH: &str = "/bin/bash";
 const BASH_OR_SH: &str = "command -v bash >/dev/null 2>&1 && exec bash \"$@\"; exec sh \"$@\"";
 
-/// Events kept for Connect streams that lag.
-const FANOUT: usize = 256;
+/// Events kept for Connect streams that lag (each at most the agent's 64 KiB chunk).
+const FANOUT: usize = 64;
 
 /// `process.ProcessConfig`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

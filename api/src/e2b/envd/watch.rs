@@ -25,7 +25,9 @@ pub const POLL: Duration = Duration::from_millis(250);
 /// How deep a recursive watch lists.
 const RECURSIVE_DEPTH: u32 = 32;
 /// Most watchers a sandbox may have at once.
-const MAX_WATCHERS: usize = 64;
+const MAX_WATCHERS: usize = 16;
+/// Most entries a watched listing may hold: what mvmd keeps per watcher.
+const MAX_WATCHED: usize = 10_000;
 
 /// A listing: path relative to the watched directory → (is a directory, size, mtime).
 type Snapshot = BTreeMap<String, (bool, u64, i64)>;
@@ -45,8 +47,14 @@ async fn snapshot(
 ) -> Result<Snapshot, RpcError> {
     let depth = if recursive { RECURSIVE_DEPTH } else { 1 };
     let prefix = format!("{}/", dir.trim_end_matches('/'));
-    Ok(walk(agent, dir, depth)
-        .await?
+    let entries = walk(agent, dir, depth).await?;
+    if entries.len() > MAX_WATCHED {
+        return Err(RpcError::new(
+            Code::ResourceExhausted,
+            format!("{dir} holds more than {MAX_WATCHED} entries: watch a smaller directory"),
+        ));
+    }
+    Ok(entries
         .into_iter()
         .map(|(path, st)| {
             let name = path.strip_prefix(&prefix).unwrap_or(&path).to_owned();
@@ -100,16 +108,21 @@ impl Watchers {
         RpcError::new(Code::NotFound, format!("watcher {id:?} not found"))
     }
 
-    /// A new watcher of `dir` (which must exist); its id.
+    /// A new watcher of `dir` (which must exist); its id. The watchers of sandboxes that are
+    /// gone (destroyed through mvm's own API, or timed out) go first.
     pub async fn create(
         &self,
+        manager: &mvm_sandbox::manager::Manager,
         agent: &agent::AgentClient,
         sandbox: &str,
         dir: &str,
         recursive: bool,
     ) -> Result<String, RpcError> {
         let seen = snapshot(agent, dir, recursive).await?;
+        let live: std::collections::HashSet<String> =
+            manager.list(None)?.into_iter().map(|s| s.id).collect();
         let mut map = self.map();
+        map.retain(|id, _| live.contains(id));
         let watchers = map.entry(sandbox.to_owned()).or_default();
         if watchers.len() >= MAX_WATCHERS {
             return Err(RpcError::new(
