@@ -69,13 +69,7 @@ fn warming_is_an_admins_call_and_needs_the_vm_tier() {
             .await
             .expect_err("a snapshot in a registration");
         assert!(
-            matches!(
-                &e,
-                ClientError::Api {
-                    status: 400 | 422,
-                    ..
-                }
-            ),
+            matches!(&e, ClientError::Api { status: 422, body } if body.message.contains("made by mvm")),
             "{e}"
         );
     });

@@ -462,8 +462,9 @@ pub struct Template {
     /// Host path of the ext4 base image (read-only, shared).
     pub rootfs: String,
     /// The template's warm snapshot, which vm-tier creates of its size restore instead of
-    /// booting (`POST /v1/templates/{name}/warm`); never part of a request.
-    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    /// booting (`POST /v1/templates/{name}/warm`); mvm makes it, a registration may not name
+    /// one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<TemplateSnapshot>,
 }
 

@@ -57,6 +57,13 @@ impl TemplateDirs {
     /// writable by group or others.
     pub fn confine(&self, t: Template) -> Result<Template> {
         db::validate_name("template", &t.name)?;
+        if t.snapshot.is_some() {
+            return Err(Error::Invalid(format!(
+                "template {}: a snapshot is made by mvm, not registered: leave it out and warm the \
+                 template with POST /v1/templates/{}/warm (`mvm templates warm`)",
+                t.name, t.name
+            )));
+        }
         let kernel = self.confine_file("kernel", &t.kernel, true)?;
         let rootfs = self.confine_file("rootfs", &t.rootfs, false)?;
         Ok(Template {
