@@ -23,10 +23,12 @@
 #   --guest-cmdline  extra micro-VM kernel parameters (e.g. noxsave)
 #   --timeout S      limit for one QEMU boot of L1 (default 900)
 # L1 prints a heartbeat every 15 s: a boot whose console is silent for MVM_NESTED_STALL_S seconds
-# (default 60) is taken for a QEMU TCG hang and stopped; the next boot (8 at most) runs the tests
+# (default 60) is taken for a QEMU TCG hang: L1's vCPU state is taken from QEMU's monitor
+# (target/nested/l1-state-N.txt), the boot is stopped and the next one (8 at most) runs the tests
 # not finished yet. The summary says how many boots the suite took.
-# Environment: MVM_ARTIFACTS, MVM_CACHE_DIR as for guest-kernel/build.sh; work files go to
-# <repo>/target/nested (the last run's log: target/nested/console.log).
+# Environment: MVM_ARTIFACTS, MVM_CACHE_DIR as for guest-kernel/build.sh; MVM_NESTED_L1_CMDLINE,
+# more L1 kernel parameters; work files go to <repo>/target/nested (the last run's log:
+# target/nested/console.log).
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -294,9 +296,52 @@ max_boots=8
 # L1 reaches userspace in 3-7 s; a boot not there by then has hung.
 boot_limit_s=90
 [[ "$stall_s" =~ ^[1-9][0-9]*$ ]] || die "MVM_NESTED_STALL_S must be a positive number of seconds"
-# softlockup_panic ends a boot that locks up at once (L1 then ends without a verdict).
+# softlockup_panic ends a boot that locks up at once (L1 then ends without a verdict);
+# unknown_nmi_panic makes the NMI that l1_state sends a hung L1 print a backtrace.
 # printk.*: l1-init.sh writes its lines through /dev/kmsg (see there), unthrottled and unstamped.
-base_cmdline="console=ttyS0 panic=-1 softlockup_panic=1 quiet printk.devkmsg=on printk.time=0"
+# MVM_NESTED_L1_CMDLINE adds parameters (for experiments).
+base_cmdline="console=ttyS0 panic=-1 softlockup_panic=1 unknown_nmi_panic quiet printk.devkmsg=on"
+base_cmdline+=" printk.time=0${MVM_NESTED_L1_CMDLINE:+ $MVM_NESTED_L1_CMDLINE}"
+
+# QEMU's human monitor on two FIFOs, <monitor>.in and <monitor>.out (QEMU opens both read-write,
+# and so does l1_state, so that no open blocks, not even once QEMU has gone).
+monitor="$work/qemu-monitor"
+
+l1_state() { # <boot number> <timeout pid>: at a hang, L1's vCPU as QEMU sees it ($work/l1-state-<boot>.txt)
+    local boot=$1 qemu out="$work/l1-state-$1.txt" reader to_qemu size waited woke=0
+    qemu=$(pgrep -P "$2" | head -n1 || true)
+    : > "$out"
+    cat 0<>"$monitor.out" >> "$out" &
+    reader=$!
+    exec {to_qemu}<>"$monitor.in"
+    { echo "=== $(date +%T): QEMU's threads, then L1's vCPU"; ps -L -o tid,stat,time,comm -p "${qemu:-0}"; } \
+        >> "$out" 2>&1 || true
+    printf 'info registers -a\ninfo lapic\ninfo pic\nx/8i $pc\n' >&"$to_qemu"
+    sleep 2
+    echo "nested: INFO L1 boot $boot at the hang (QEMU monitor; all of it in $out):" | tee -a "$console"
+    grep -aE '^(RIP=|LVTT[[:space:]]|IRR|ISR)' "$out" | sed 's/^/nested: INFO   /' | tee -a "$console" || true
+    # Any new interrupt makes QEMU look at the local APIC again: if L1 then goes on, it was
+    # halted on an interrupt QEMU had raised but lost the wake-up for.
+    size=$(stat -c %s "$console")
+    echo "=== $(date +%T): sendkey" >> "$out"
+    printf 'sendkey shift\n' >&"$to_qemu"
+    for waited in 1 2 3 4 5 6 7 8 9 10; do
+        sleep 1
+        if [ "$(stat -c %s "$console")" != "$size" ]; then woke=$waited; break; fi
+    done
+    if [ "$woke" -gt 0 ]; then
+        echo "nested: INFO L1 boot $boot woke up ${woke} s after a keyboard interrupt: QEMU had lost the" \
+            "wake-up of its halted vCPU" | tee -a "$console"
+    else
+        # With unknown_nmi_panic, a kernel that still takes NMIs panics with a backtrace.
+        echo "=== $(date +%T): nmi" >> "$out"
+        printf 'nmi\n' >&"$to_qemu"
+        sleep 10
+        echo "nested: INFO L1 boot $boot did not wake up at a keyboard interrupt; an NMI followed" | tee -a "$console"
+    fi
+    exec {to_qemu}>&-
+    kill "$reader" 2>/dev/null || true
+}
 
 boot_l1() { # <boot number> <tests to leave out, comma-separated>: sets boot_status
     local boot=$1 skip=$2 cmdline=$base_cmdline start=$SECONDS
@@ -304,10 +349,13 @@ boot_l1() { # <boot number> <tests to leave out, comma-separated>: sets boot_sta
     log "boot $boot of L1 (timeout ${timeout_s} s, silence limit ${stall_s} s); console follows"
     local offset size=-1 changed=$SECONDS now up=0 runner
     offset=$(stat -c %s "$console")
+    rm -f "$monitor.in" "$monitor.out"
+    mkfifo "$monitor.in" "$monitor.out"
     # $! is timeout(1) itself, which passes a SIGTERM on to QEMU.
     timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
         -accel tcg,thread=multi -cpu max -m 4G -smp 1 -nographic -no-reboot \
-        -kernel "$l1_kernel" -initrd "$l1_initrd" -append "$cmdline" < /dev/null \
+        -kernel "$l1_kernel" -initrd "$l1_initrd" -append "$cmdline" \
+        -chardev pipe,id=monitor,path="$monitor" -mon chardev=monitor,mode=readline < /dev/null \
         > >(sed -u 's/\r$//' | tee -a "$console") 2>&1 &
     runner=$!
     while kill -0 "$runner" 2>/dev/null; do
@@ -327,6 +375,7 @@ boot_l1() { # <boot number> <tests to leave out, comma-separated>: sets boot_sta
         elif [ $((SECONDS - changed)) -ge "$stall_s" ]; then
             echo "nested: INFO L1 boot $boot printed nothing for ${stall_s} s (QEMU TCG hang); stopping it" \
                 | tee -a "$console"
+            l1_state "$boot" "$runner"
             kill -TERM "$runner" 2>/dev/null || true
             break
         fi
