@@ -93,6 +93,10 @@ if [ ! -c /dev/kvm ]; then
     dmesg | grep -iE 'kvm|svm' | sed 's/^/    /' | relay
     finish 1
 fi
+# The tick (Tick Device mode 0: periodic, 1: one-shot; a clock event device's mode 2: periodic,
+# 3: one-shot), see run.sh.
+say "nested: INFO L1 tick: $(grep -E '^(Tick Device: mode|Clock Event Device| mode:)' /proc/timer_list \
+    | tr -s ' ' | paste -sd' ')"
 say "nested: INFO /dev/kvm ready; modules loaded from $start s to $(cut -d' ' -f1 /proc/uptime) s of L1 uptime"
 # (Without this script's own lines, which are in the kernel log too.)
 dmesg | grep -v 'nested: ' | grep -E 'kvm|SVM|Nested' | sed 's/^/nested: INFO L1 dmesg: /' | relay

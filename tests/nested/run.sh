@@ -299,9 +299,14 @@ boot_limit_s=90
 # softlockup_panic ends a boot that locks up at once (L1 then ends without a verdict);
 # unknown_nmi_panic makes the NMI that l1_state sends a hung L1 print a backtrace.
 # printk.*: l1-init.sh writes its lines through /dev/kmsg (see there), unthrottled and unstamped.
+# nohz=off highres=off: L1's tick is the local APIC timer in periodic mode, which QEMU re-fires
+# by itself every 4 ms. Now and then QEMU TCG loses the wake-up of L1's halted vCPU for an
+# interrupt it has raised (the APIC holds it in IRR; seen under console floods, which make many
+# micro-VM exits); with the default one-shot tick, re-armed only by its own interrupt, L1 then
+# slept for good. With a periodic tick the next one wakes it.
 # MVM_NESTED_L1_CMDLINE adds parameters (for experiments).
 base_cmdline="console=ttyS0 panic=-1 softlockup_panic=1 unknown_nmi_panic quiet printk.devkmsg=on"
-base_cmdline+=" printk.time=0${MVM_NESTED_L1_CMDLINE:+ $MVM_NESTED_L1_CMDLINE}"
+base_cmdline+=" printk.time=0 nohz=off highres=off${MVM_NESTED_L1_CMDLINE:+ $MVM_NESTED_L1_CMDLINE}"
 
 # QEMU's human monitor on two FIFOs, <monitor>.in and <monitor>.out (QEMU opens both read-write,
 # and so does l1_state, so that no open blocks, not even once QEMU has gone).
