@@ -267,6 +267,8 @@ def _():
         ("POST", "/v3/templates", api, "{}", 400),
         ("GET", "/volumes", api, "", 400),
         ("GET", "/v2/sandboxes?nextToken=x", api, "", 400),
+        ("GET", "/v2/sandboxes?limit=many", api, "", 400),
+        ("POST", "/process.Process/NoSuchMethod", {**envd, "E2b-Sandbox-Id": sbx.sandbox_id}, "{}", 404),
         ("POST", "/filesystem.Filesystem/Stat", {**envd, "E2b-Sandbox-Id": "nope"}, '{"path": "/"}', 404),
         ("POST", "/process.Process/List", {"E2b-Sandbox-Id": sbx.sandbox_id}, "{}", 401),
         ("POST", "/process.Process/SendInput", {**envd, "E2b-Sandbox-Id": sbx.sandbox_id}, '{"process": {"pid": 1}}', 404),

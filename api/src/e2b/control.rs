@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::time::rfc3339;
-use super::{Caller, E2bError, E2bState};
+use super::{Caller, E2bError, E2bQuery, E2bState};
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::model::{CreateSandbox, Egress, NetworkSpec, Sandbox, SandboxState};
 
@@ -271,7 +271,7 @@ fn matching(state: &E2bState, tenant: &Tenant, q: &ListQuery) -> Result<Vec<List
 async fn list_v1(
     State(state): State<E2bState>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
+    E2bQuery(q): E2bQuery<ListQuery>,
 ) -> Result<Json<Vec<Listed>>> {
     let mut all = matching(&state, &caller.tenant, &q)?;
     all.retain(|l| l.state == "running");
@@ -282,7 +282,7 @@ async fn list_v1(
 async fn list_v2(
     State(state): State<E2bState>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
+    E2bQuery(q): E2bQuery<ListQuery>,
 ) -> Result<Response> {
     let all = matching(&state, &caller.tenant, &q)?;
     let from = match &q.next_token {

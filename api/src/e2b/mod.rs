@@ -155,6 +155,20 @@ impl FromRequestParts<E2bState> for Caller {
     }
 }
 
+/// A query string; anything wrong in it is a 400 in E2B's shape.
+struct E2bQuery<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for E2bQuery<T> {
+    type Rejection = E2bError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, E2bError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| E2bQuery(q.0))
+            .map_err(|e| E2bError::new(StatusCode::BAD_REQUEST, e.body_text()))
+    }
+}
+
 /// The token a request authenticated with, handed back as the sandbox's `envdAccessToken`
 /// so that the SDK's data-plane calls (which carry no API key) carry it as `X-Access-Token`.
 fn presented_token(headers: &HeaderMap) -> Option<String> {

@@ -4,14 +4,14 @@
 //! directories. Both go through the agent's file requests, uploads counted against
 //! `MVM_UPLOAD_LIMIT` as they stream.
 
-use axum::extract::{FromRequest, Query, Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 
 use super::Target;
-use crate::e2b::{E2bError, E2bState};
+use crate::e2b::{E2bError, E2bQuery, E2bState};
 use crate::server::body::UploadLimit;
 
 /// Query of both routes (`username` is accepted and ignored: every file operation acts as
@@ -39,7 +39,7 @@ fn path_of(path: Option<&str>) -> Result<String, E2bError> {
 pub async fn download(
     State(state): State<E2bState>,
     headers: HeaderMap,
-    Query(q): Query<FilesQuery>,
+    E2bQuery(q): E2bQuery<FilesQuery>,
 ) -> Result<Response, E2bError> {
     let target = Target::of(&state, &headers)?;
     let path = path_of(q.path.as_deref())?;
@@ -50,7 +50,7 @@ pub async fn download(
 /// `POST /files?path=`.
 pub async fn upload(
     State(state): State<E2bState>,
-    Query(q): Query<FilesQuery>,
+    E2bQuery(q): E2bQuery<FilesQuery>,
     req: Request,
 ) -> Result<axum::Json<Vec<Written>>, E2bError> {
     let target = Target::of(&state, req.headers())?;

@@ -348,12 +348,12 @@ async fn start(state: &E2bState, headers: &HeaderMap, body: Body) -> Result<Even
         events,
     ));
     let first = futures_util::stream::once(async move { Event::Start { pid } });
-    let rest = tokio_stream_from(rx);
+    let rest = receiver_stream(rx);
     Ok(first.chain(rest).boxed())
 }
 
 /// The events of an mpsc receiver, as a stream.
-fn tokio_stream_from(rx: mpsc::Receiver<Event>) -> impl futures_util::Stream<Item = Event> {
+fn receiver_stream(rx: mpsc::Receiver<Event>) -> impl futures_util::Stream<Item = Event> {
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
 }
 
@@ -419,13 +419,19 @@ async fn connect_to(state: &E2bState, headers: &HeaderMap, body: Body) -> Result
     )
 }
 
-/// The unary methods.
+/// The unary methods of the service.
+const UNARY: [&str; 5] = ["List", "SendInput", "CloseStdin", "SendSignal", "Update"];
+
+/// A unary call.
 async fn unary(
     state: &E2bState,
     method: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<serde_json::Value, RpcError> {
+    if !UNARY.contains(&method) {
+        return Err(unknown_method("process.Process", method));
+    }
     let (target, req): (_, ProcessRequest) = rpc_request(state, headers, body).await?;
     if method == "List" {
         let processes: Vec<ProcessInfo> = state
