@@ -218,6 +218,17 @@ def _():
     expect(other == [], other)
 
 
+@step("pause, then Sandbox.connect resumes it; is_running")
+def _():
+    expect(sbx.is_running(), "running before")
+    expect(sbx.pause() is not False, "paused")
+    state = Sandbox.get_info(sbx.sandbox_id).state.value
+    expect(state == "paused", state)
+    resumed = Sandbox.connect(sbx.sandbox_id)
+    expect(resumed.commands.run("echo back").stdout == "back\n", "resumed run")
+    expect(Sandbox.get_info(sbx.sandbox_id).state.value == "running", "running after")
+
+
 @step("Sandbox.connect to a running sandbox")
 def _():
     again = Sandbox.connect(sbx.sandbox_id)
