@@ -240,21 +240,31 @@ fn unix_now() -> u64 {
 const CHILDREN: usize = 3;
 
 /// A shell in the source sandbox that holds a variable and counts into /tmp/state five times
-/// a second, detached from the exec that starts it.
-const COUNTER: &str = "echo base > /tmp/base-file; \
+/// a second, and one that keeps writing 256 KiB files to the guest's disk and syncing them
+/// (so that disk requests are in flight when the VM is saved), both detached from the exec
+/// that starts them.
+const COUNTER: &str = "echo base > /tmp/base-file; mkdir -p /disk; \
      setsid sh -c 'X=forty-two; i=0; while true; do i=$((i+1)); echo \"$X $i\" > /tmp/state; \
-     sleep 0.2; done' </dev/null >/dev/null 2>&1 & echo started";
+     sleep 0.2; done' </dev/null >/dev/null 2>&1 & \
+     setsid sh -c 'i=0; while true; do i=$((i+1)); head -c 262144 /dev/urandom > /disk/f.new \
+     && mv /disk/f.new /disk/f.$((i % 4)) && sync; done' </dev/null >/dev/null 2>&1 & \
+     echo started";
 
 /// What a child (or the source) says a second apart: the counter's line twice, the file made
-/// before the fork, host name, MAC and a kernel UUID.
+/// before the fork, host name, MAC, a kernel UUID, then how many disk errors its kernel
+/// logged and whether a file written and synced now reads back.
 const CHILD_REPORT: &str = "cat /tmp/state; sleep 1; cat /tmp/state; cat /tmp/base-file; \
-     hostname; cat /sys/class/net/eth0/address; cat /proc/sys/kernel/random/uuid";
+     hostname; cat /sys/class/net/eth0/address; cat /proc/sys/kernel/random/uuid; \
+     dmesg | grep -ciE 'ext4-fs (error|warning)|i/o error|buffer i/o'; \
+     echo synced > /disk/probe && sync && cat /disk/probe";
 
 /// A vm-tier sandbox with a network in which a detached shell counts with a variable set,
 /// forked into 3 children (`mvm fork -n 3`): each child's counter goes on from past the
 /// source's value at the fork with the same variable, the file written before the fork is
 /// there, and each child has its own host name, MAC and kernel UUID (none the source's); the
-/// source goes on counting. Records the fork's duration against a cold create.
+/// source goes on counting. A second shell keeps writing and syncing files on the guest's
+/// disk through the fork: no child's kernel logs a disk error, and each writes and reads back
+/// a synced file. Records the fork's duration against a cold create.
 pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
@@ -345,6 +355,12 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration), 
         if lines.get(2) != Some(&"base") || lines.get(3) != Some(&id.as_str()) {
             return Err(format!(
                 "sandbox {id}: the file from before the fork or the host name is wrong: {said:?}"
+            ));
+        }
+        if lines.get(6) != Some(&"0") || lines.get(7) != Some(&"synced") {
+            return Err(format!(
+                "sandbox {id}: its disk is not consistent after the fork (disk errors in its \
+                 kernel log, or a synced write did not read back): {said:?}"
             ));
         }
         let field = |i: usize| lines.get(i).map_or(String::new(), |l| l.to_string());
