@@ -72,6 +72,12 @@ def _():
     expect("".join(out) == "one\nthree\n" and "".join(err) == "two\n", (out, err))
 
 
+@step("a large output arrives whole")
+def _():
+    r = sbx.commands.run("head -c 3000000 /dev/urandom | base64 | tr -d '\\n'", timeout=120)
+    expect(len(r.stdout) == 4000000, len(r.stdout))
+
+
 @step("a non-zero exit raises CommandExitException with the code")
 def _():
     try:

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -107,6 +108,7 @@ enum Event {
     Start { pid: u32 },
     Data(Data),
     End(End),
+    Keepalive {},
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -258,8 +260,8 @@ pub async fn call(
     body: Body,
 ) -> Response {
     match method.as_str() {
-        "Start" => streamed(start(&state, &headers, body).await),
-        "Connect" => streamed(connect_to(&state, &headers, body).await),
+        "Start" => streamed(&headers, start(&state, &headers, body).await),
+        "Connect" => streamed(&headers, connect_to(&state, &headers, body).await),
         "StreamInput" => stream_input(&state, &headers, body).await,
         _ => connect::unary(unary(&state, &method, &headers, body).await),
     }
@@ -268,15 +270,37 @@ pub async fn call(
 /// A process's event stream, or the error that kept it from starting.
 type Events = futures_util::stream::BoxStream<'static, Event>;
 
-fn streamed(events: Result<Events, RpcError>) -> Response {
+/// The answer to Start or Connect: the events, with a keepalive event whenever the process
+/// has been silent for the `Keepalive-Ping-Interval` the client asked for (seconds).
+fn streamed(headers: &HeaderMap, events: Result<Events, RpcError>) -> Response {
     let events = match events {
         Ok(e) => e,
         Err(e) => return connect::stream_error(e),
     };
-    let body = events
+    let every = headers
+        .get("keepalive-ping-interval")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.clamp(1, 3600)));
+    let body = with_keepalives(events, every)
         .map(|e| connect::message(&EventMessage { event: &e }))
         .chain(futures_util::stream::once(async { connect::end(None) }));
     connect::streaming(body)
+}
+
+/// `events`, and a keepalive event after each silence of `every`.
+fn with_keepalives(events: Events, every: Option<Duration>) -> Events {
+    let Some(every) = every else {
+        return events;
+    };
+    // Cancel-safe: an unfold stream keeps its pending step when `next()` is dropped.
+    futures_util::stream::unfold(events, move |mut events| async move {
+        match tokio::time::timeout(every, events.next()).await {
+            Ok(Some(e)) => Some((e, events)),
+            Ok(None) => None,
+            Err(_) => Some((Event::Keepalive {}, events)),
+        }
+    })
+    .boxed()
 }
 
 /// The agent exec for a `StartRequest`.
@@ -550,6 +574,17 @@ mod tests {
         assert_eq!(
             serde_json::to_value(EventMessage { event: &data }).unwrap(),
             serde_json::json!({"event": {"data": {"stdout": "aGk="}}})
+        );
+    }
+
+    #[tokio::test]
+    async fn silences_get_keepalives() {
+        let silent = futures_util::stream::pending().boxed();
+        let mut events = with_keepalives(silent, Some(Duration::from_millis(10)));
+        let e = events.next().await.unwrap();
+        assert_eq!(
+            serde_json::to_value(EventMessage { event: &e }).unwrap(),
+            serde_json::json!({"event": {"keepalive": {}}})
         );
     }
 
