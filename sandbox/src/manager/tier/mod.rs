@@ -163,15 +163,20 @@ impl Manager {
             Isolation::Jail => self.await_jail_agent(row, live).await,
             Isolation::Vm => {
                 let restore = matches!(boot, vm::Boot::Restore(_));
+                let started = std::time::Instant::now();
                 if restore {
                     let api = self.await_vmm_api(row).await?;
+                    let api_up = started.elapsed();
                     vm::load_snapshot(&api.path()).await?;
+                    tracing::debug!(id = %row.sandbox.id, ?api_up, loaded = ?started.elapsed(), "snapshot loaded");
                 }
                 let client = self.wait_agent(live, row, vm::READY_TIMEOUT).await?;
                 if restore {
+                    let answered = started.elapsed();
                     client
                         .reidentify(vm::identity(&row.sandbox.id, guest_net)?)
                         .await?;
+                    tracing::debug!(id = %row.sandbox.id, ?answered, reidentified = ?started.elapsed(), "restored guest reidentified");
                 }
                 Ok(client)
             }
