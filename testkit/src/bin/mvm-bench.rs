@@ -1,11 +1,15 @@
-//! `mvm-bench vmm`: start-up and memory figures of mvm-vmm with the assembly test guests.
-//! Prints figures; asserts nothing (performance is tracked, not tested).
+//! `mvm-bench vmm`: start-up and memory figures of mvm-vmm with the assembly test guests;
+//! `mvm-bench snapshot`: snapshot create and restore figures; `mvm-bench jailer`: the jailer's
+//! cost. Prints figures; asserts nothing (performance is tracked, not tested).
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mvm_testkit::{binary, config_for, guest, wait_for_socket, ScratchDir};
+use mvm_testkit::{binary, config_for, guest, http_unix, wait_for_socket, ScratchDir};
+use serde_json::{json, Value};
 
 const RUNS: usize = 30;
 
@@ -24,6 +28,57 @@ fn report(name: &str, mut samples: Vec<f64>) {
     );
 }
 
+fn ms_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+/// Writes a config booting test guest `name` with one vCPU and `mem_mib` into `dir`.
+fn write_config(dir: &Path, name: &str, mem_mib: u64) -> PathBuf {
+    let config = dir.join(format!("{name}.json"));
+    std::fs::write(
+        &config,
+        config_for(&guest(name), "console=ttyS0", 1, mem_mib).to_string(),
+    )
+    .expect("write config");
+    config
+}
+
+/// `mvm-vmm` serving its API on `socket`.
+fn vmm_with_api(socket: &Path) -> Command {
+    let mut command = Command::new(binary("mvm-vmm"));
+    command.arg("--api-sock").arg(socket);
+    command
+}
+
+/// `mvm-vmm --no-api` booting `config`, its console piped.
+fn vmm_without_api(config: &Path) -> Command {
+    let mut command = Command::new(binary("mvm-vmm"));
+    command
+        .args(["--no-api", "--config-file"])
+        .arg(config)
+        .stdout(Stdio::piped());
+    command
+}
+
+/// Blocks until `child`'s piped console prints a byte; returns the ms since `start`.
+fn first_console_byte(child: &mut Child, start: Instant) -> f64 {
+    let mut byte = [0u8; 1];
+    child
+        .stdout
+        .as_mut()
+        .expect("piped console")
+        .read_exact(&mut byte)
+        .expect("a console byte");
+    ms_since(start)
+}
+
+/// Sends one API request and panics unless it is answered `204 No Content`.
+fn api_ok(socket: &Path, method: &str, path: &str, body: Value) {
+    let (status, answer) =
+        http_unix(socket, method, path, Some(&body.to_string())).expect("API call");
+    assert_eq!(status, 204, "{method} {path}: {answer}");
+}
+
 /// exec → the API socket accepts connections.
 fn api_ready() -> Vec<f64> {
     (0..RUNS)
@@ -31,14 +86,12 @@ fn api_ready() -> Vec<f64> {
             let dir = ScratchDir::new("bench-api");
             let socket = dir.path().join("api.sock");
             let start = Instant::now();
-            let mut child = Command::new(binary("mvm-vmm"))
-                .arg("--api-sock")
-                .arg(&socket)
+            let mut child = vmm_with_api(&socket)
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("spawn mvm-vmm");
             assert!(wait_for_socket(&socket, Duration::from_secs(10)));
-            let ms = start.elapsed().as_secs_f64() * 1e3;
+            let ms = ms_since(start);
             let _ = child.kill();
             let _ = child.wait();
             ms
@@ -91,7 +144,7 @@ fn jailed_api_ready() -> Vec<f64> {
                 wait_for_socket(&socket, Duration::from_secs(10)),
                 "jailed API never came up"
             );
-            let ms = start.elapsed().as_secs_f64() * 1e3;
+            let ms = ms_since(start);
             let _ = child.kill();
             let _ = child.wait();
             let cleanup = Command::new(binary("mvm-jailer"))
@@ -116,52 +169,144 @@ fn jailed_api_ready() -> Vec<f64> {
         .collect()
 }
 
+/// Cold boots `config` once: the running VMM, when it was spawned and exec → first console byte.
+fn cold_boot(config: &Path) -> (Child, Instant, f64) {
+    let start = Instant::now();
+    let mut child = vmm_without_api(config).spawn().expect("spawn mvm-vmm");
+    let first = first_console_byte(&mut child, start);
+    (child, start, first)
+}
+
 /// exec → first console byte, and exec → process exit after the guest's reset.
 fn serial_and_exit() -> (Vec<f64>, Vec<f64>) {
     let dir = ScratchDir::new("bench-boot");
-    let config = dir.path().join("vm.json");
-    std::fs::write(
-        &config,
-        config_for(&guest("hello"), "console=ttyS0", 1, 128).to_string(),
-    )
-    .unwrap();
+    let config = write_config(dir.path(), "hello", 128);
     (0..RUNS)
         .map(|_| {
-            let start = Instant::now();
-            let mut child = Command::new(binary("mvm-vmm"))
-                .args(["--no-api", "--config-file"])
-                .arg(&config)
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("spawn mvm-vmm");
-            let mut byte = [0u8; 1];
-            child
-                .stdout
-                .as_mut()
-                .unwrap()
-                .read_exact(&mut byte)
-                .expect("a console byte");
-            let first = start.elapsed().as_secs_f64() * 1e3;
+            let (mut child, start, first) = cold_boot(&config);
             let status = child.wait().expect("wait");
             assert!(status.success());
-            (first, start.elapsed().as_secs_f64() * 1e3)
+            (first, ms_since(start))
         })
         .unzip()
+}
+
+/// Guest memory of the snapshot benchmark, as in the `vmm` figures.
+const SNAPSHOT_MIB: u64 = 128;
+
+/// What the echo guest prints once it polls its serial port.
+const ECHO_READY: &str = "echo guest ready\n";
+
+/// Boots the echo guest (it echoes every serial byte) with its API on, waits until it is
+/// ready, pauses it and saves it RUNS times into `dir`. Returns the last (snapshot, memory
+/// file) and the create times.
+fn save_echo_guest(dir: &Path) -> (PathBuf, PathBuf, Vec<f64>) {
+    let socket = dir.join("source.sock");
+    let console = dir.join("source.console");
+    let mut source = vmm_with_api(&socket)
+        .arg("--config-file")
+        .arg(write_config(dir, "echo", SNAPSHOT_MIB))
+        .stdout(std::fs::File::create(&console).expect("console file"))
+        .spawn()
+        .expect("spawn mvm-vmm");
+    assert!(wait_for_socket(&socket, Duration::from_secs(10)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&console).unwrap_or_default() != ECHO_READY {
+        assert!(Instant::now() < deadline, "the echo guest never got ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    api_ok(&socket, "PATCH", "/vm", json!({"state": "Paused"}));
+    let mut files = (PathBuf::new(), PathBuf::new());
+    let create: Vec<f64> = (0..RUNS)
+        .map(|n| {
+            files = (dir.join(format!("vm{n}.snap")), dir.join(format!("vm{n}.mem")));
+            let start = Instant::now();
+            api_ok(
+                &socket,
+                "PUT",
+                "/snapshot/create",
+                json!({"snapshot_type": "Full", "snapshot_path": files.0, "mem_file_path": files.1}),
+            );
+            ms_since(start)
+        })
+        .collect();
+    let _ = source.kill();
+    let _ = source.wait();
+    (files.0, files.1, create)
+}
+
+/// Restores `snapshot` RUNS times, each in a fresh VMM: exec → API socket ready, exec →
+/// `PUT /snapshot/load` answered (resumed), exec → the restored guest echoes a byte written to
+/// its console after the load.
+fn restore(dir: &Path, snapshot: &Path, mem: &Path) -> [Vec<f64>; 3] {
+    let mut figures: [Vec<f64>; 3] = Default::default();
+    for n in 0..RUNS {
+        let socket = dir.join(format!("restore{n}.sock"));
+        let start = Instant::now();
+        let mut child = vmm_with_api(&socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn mvm-vmm");
+        assert!(wait_for_socket(&socket, Duration::from_secs(10)));
+        figures[0].push(ms_since(start));
+        api_ok(
+            &socket,
+            "PUT",
+            "/snapshot/load",
+            json!({
+                "snapshot_path": snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": mem},
+                "resume_vm": true,
+            }),
+        );
+        figures[1].push(ms_since(start));
+        child
+            .stdin
+            .as_mut()
+            .expect("piped stdin")
+            .write_all(b"x")
+            .expect("write to the console");
+        figures[2].push(first_console_byte(&mut child, start));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    figures
+}
+
+/// Snapshot create and restore of the echo guest, next to its cold boot.
+fn snapshot_figures() {
+    let dir = ScratchDir::new("bench-snap");
+    let (snapshot, mem, create) = save_echo_guest(dir.path());
+    report("PUT /snapshot/create (paused, Full)", create);
+    let meta = std::fs::metadata(&mem).expect("memory file");
+    println!(
+        "{:<44} {:>7.2} MiB on disk of {:.0} MiB",
+        "memory file (sparse)",
+        (meta.blocks() * 512) as f64 / (1 << 20) as f64,
+        meta.len() as f64 / (1 << 20) as f64
+    );
+    let [ready, loaded, first] = restore(dir.path(), &snapshot, &mem);
+    report("restore: exec → API socket ready", ready);
+    report("restore: exec → /snapshot/load answered", loaded);
+    report("restore: exec → a console byte echoed", first);
+    let config = write_config(dir.path(), "echo", SNAPSHOT_MIB);
+    let cold = (0..RUNS)
+        .map(|_| {
+            let (mut child, _, first) = cold_boot(&config);
+            let _ = child.kill();
+            let _ = child.wait();
+            first
+        })
+        .collect();
+    report("cold boot: exec → first serial byte", cold);
 }
 
 /// Resident and proportional memory of a VMM running a 128 MiB guest, and how much of it is
 /// not guest memory.
 fn memory() {
     let dir = ScratchDir::new("bench-mem");
-    let config = dir.path().join("vm.json");
-    std::fs::write(
-        &config,
-        config_for(&guest("spin"), "console=ttyS0", 1, 128).to_string(),
-    )
-    .unwrap();
-    let mut child = Command::new(binary("mvm-vmm"))
-        .args(["--no-api", "--config-file"])
-        .arg(&config)
+    let mut child = vmm_without_api(&write_config(dir.path(), "spin", 128))
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn mvm-vmm");
@@ -224,14 +369,19 @@ fn is_guest_mapping(line: &str) -> bool {
     }
 }
 
+/// Exits with a message when benchmark `what` cannot open /dev/kvm.
+fn exit_without_kvm(what: &str) {
+    if let Err(why) = mvm_testkit::kvm() {
+        eprintln!("mvm-bench {what} needs /dev/kvm: {why}");
+        std::process::exit(1);
+    }
+}
+
 fn main() {
     let what = std::env::args().nth(1).unwrap_or_else(|| "vmm".into());
     match what.as_str() {
         "vmm" => {
-            if let Err(why) = mvm_testkit::kvm() {
-                eprintln!("mvm-bench vmm needs /dev/kvm: {why}");
-                std::process::exit(1);
-            }
+            exit_without_kvm(&what);
             println!(
                 "mvm-vmm start-up (static debug-profile binary, opt-level 1; kvm: {:?})",
                 mvm_testkit::kvm().unwrap()
@@ -241,6 +391,14 @@ fn main() {
             report("exec → first guest serial byte", first);
             report("exec → exit after guest reset", exit);
             memory();
+        }
+        "snapshot" => {
+            exit_without_kvm(&what);
+            println!(
+                "mvm-vmm snapshot of the echo guest, {SNAPSHOT_MIB} MiB, 1 vCPU (kvm: {:?})",
+                mvm_testkit::kvm().unwrap()
+            );
+            snapshot_figures();
         }
         "jailer" => {
             if !mvm_testkit::is_root() {
@@ -259,7 +417,7 @@ fn main() {
             );
         }
         other => {
-            eprintln!("unknown benchmark {other:?}: use `mvm-bench vmm` or `mvm-bench jailer`");
+            eprintln!("unknown benchmark {other:?}: use `mvm-bench vmm`, `snapshot` or `jailer`");
             std::process::exit(2);
         }
     }
