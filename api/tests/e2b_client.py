@@ -283,6 +283,7 @@ def _():
         ("POST", "/sandboxes/nope/timeout", api, '{"timeout": 5}', 404),
         ("POST", "/v3/templates", api, "{}", 400),
         ("GET", "/volumes", api, "", 400),
+        ("PUT", "/sandboxes", api, "{}", 405),
         ("GET", "/v2/sandboxes?nextToken=x", api, "", 400),
         ("GET", "/v2/sandboxes?limit=many", api, "", 400),
         ("POST", "/process.Process/NoSuchMethod", {**envd, "E2b-Sandbox-Id": sbx.sandbox_id}, "{}", 404),

@@ -7,14 +7,15 @@
 //! SDK sends to the same base URL with the sandbox in the `E2b-Sandbox-Id` header. Both are
 //! translated onto the sandbox manager and the agent; no daemon runs in the guest.
 
+mod audit;
 mod connect;
 mod control;
 mod envd;
 mod time;
 
-use axum::extract::{FromRequestParts, State};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
@@ -38,45 +39,17 @@ pub fn router(manager: Manager) -> Router {
                  fork and metrics are not supported; see the README's E2B section)",
             )
         })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), audit))
-        .with_state(state)
-}
-
-/// Records every E2B call but GET, HEAD and OPTIONS in mvm's audit log (each command start,
-/// input, signal and file change included): tenant, method and path, the sandbox, status.
-async fn audit(
-    State(state): State<E2bState>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
-        return next.run(req).await;
-    }
-    let tenant = Caller::of(&state.manager, req.headers())
-        .map_or_else(|_| "-".to_owned(), |c| c.tenant.name);
-    // Inside the nested router the path has lost its /e2b.
-    let action = format!("{} /e2b{}", req.method(), req.uri().path());
-    let target = req
-        .headers()
-        .get("e2b-sandbox-id")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            let mut segments = req.uri().path().split('/');
-            segments.find(|s| *s == "sandboxes")?;
-            segments.next()
+        .method_not_allowed_fallback(|| async {
+            E2bError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this E2B route does not take that method",
+            )
         })
-        .unwrap_or("")
-        .to_owned();
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16();
-    if let Err(e) = state
-        .manager
-        .db()
-        .audit(&tenant, &action, &target, status, "")
-    {
-        tracing::error!("writing the audit log: {e}");
-    }
-    resp
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record,
+        ))
+        .with_state(state)
 }
 
 /// Shared state of the E2B handlers.

@@ -244,9 +244,14 @@ impl Processes {
             _ => false,
         });
         found.ok_or_else(|| {
+            let which = match sel {
+                Selector { pid: Some(pid), .. } => format!("pid {pid}"),
+                Selector { tag: Some(tag), .. } => format!("tag {tag:?}"),
+                _ => return RpcError::new(Code::InvalidArgument, "name a process by pid or tag"),
+            };
             RpcError::new(
                 Code::NotFound,
-                format!("process {sel:?} not found (or already ended)"),
+                format!("no process with {which} started through mvm's E2B endpoint is running"),
             )
         })
     }
