@@ -1,7 +1,7 @@
 //! Snapshots through mvmd on a host without the vm tier (this one): warming a template and
 //! forking a sandbox are refused with the answers a client can act on, and leave nothing. The
-//! nested suite warms, restores and forks for real (`warm-template-restore-8-unique`,
-//! `fork-live-sandbox-3-children`).
+//! nested suite warms, restores and forks for real (`snapshot-warm-template-8-unique`,
+//! `snapshot-fork-live-3-children`).
 
 mod common;
 

@@ -21,8 +21,9 @@ pub const MAX_FORK_CHILDREN: u32 = 16;
 impl Manager {
     /// Forks sandbox `id` of `tenant` into `count` children (counted in the tenant's quota),
     /// which continue from this instant; the source goes on running. A sandbox of another
-    /// tenant is not found; only a running vm-tier sandbox made from a template forks. If a
-    /// child cannot be made, the ones made are destroyed and the error returned.
+    /// tenant is not found; only a running vm-tier sandbox made from a template forks. The
+    /// children start concurrently; if one cannot be made, the others are destroyed and its
+    /// error returned.
     pub async fn fork(&self, tenant: &Tenant, id: &str, count: u32) -> Result<Vec<Sandbox>> {
         if !(1..=MAX_FORK_CHILDREN).contains(&count) {
             return Err(Error::Invalid(format!(
@@ -59,8 +60,8 @@ impl Manager {
             )));
         }
         let saved = self.save_running(&row).await?;
-        let mut children = Vec::with_capacity(count as usize);
-        let mut failed = None;
+        // The children start at once, each in a task of its own.
+        let mut starting = tokio::task::JoinSet::new();
         for _ in 0..count {
             let req = CreateSandbox {
                 template: Some(source.template.clone()),
@@ -75,15 +76,17 @@ impl Manager {
                 }),
                 metadata: source.metadata.clone(),
             };
-            match self
-                .create_from(tenant, req, Origin::Fork(saved.clone()))
-                .await
-            {
-                Ok(child) => children.push(child),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+            let (manager, tenant, origin) =
+                (self.clone(), tenant.clone(), Origin::Fork(saved.clone()));
+            starting.spawn(async move { manager.create_from(&tenant, req, origin).await });
+        }
+        let mut children = Vec::with_capacity(count as usize);
+        let mut failed = None;
+        while let Some(started) = starting.join_next().await {
+            match started {
+                Ok(Ok(child)) => children.push(child),
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(e) => failed = failed.or(Some(Error::Host(format!("a fork's child: {e}")))),
             }
         }
         // The children's jails hold the saved files.

@@ -121,11 +121,11 @@ pub const CASES: &[Case] = &[
         run: cgroup_v2::cgroup_v2_limits,
     },
     Case {
-        name: "warm-template-restore-8-unique",
+        name: "snapshot-warm-template-8-unique",
         run: snapshots::warm_template_restore,
     },
     Case {
-        name: "fork-live-sandbox-3-children",
+        name: "snapshot-fork-live-3-children",
         run: snapshots::fork_live_sandbox,
     },
     // Last: it loads the tc modules for its pod network (see run.sh's on-demand modules).
