@@ -19,6 +19,7 @@ from e2b import (
     NotFoundException,
     PtySize,
     Sandbox,
+    SandboxException,
     SandboxQuery,
 )
 
@@ -233,6 +234,15 @@ def _():
     resumed = Sandbox.connect(sbx.sandbox_id)
     expect(resumed.commands.run("echo back").stdout == "back\n", "resumed run")
     expect(Sandbox.get_info(sbx.sandbox_id).state.value == "running", "running after")
+
+
+@step("fork of a jail-tier sandbox is refused naming the vm tier")
+def _():
+    try:
+        sbx.fork()
+        raise AssertionError("a jail-tier sandbox forked")
+    except SandboxException as e:
+        expect("vm" in str(e), str(e))
 
 
 @step("Sandbox.connect to a running sandbox")

@@ -131,7 +131,10 @@ fn enveloped(headers: &HeaderMap) -> Result<bool, RpcError> {
         "application/connect+json" => Ok(true),
         other => Err(RpcError::new(
             Code::InvalidArgument,
-            format!("content type {other:?} is not served: mvm's envd speaks Connect with the JSON codec only"),
+            format!(
+                "content type {other:?} is not served: mvm's envd speaks Connect with the \
+                 JSON codec only"
+            ),
         )),
     }
 }

@@ -1,6 +1,7 @@
 //! E2B's REST control plane (`spec/openapi.yml` of e2b-dev/E2B) on the sandbox manager:
 //! create (v1 and v2), list (v1 and v2 with metadata and state filters and paging), get,
-//! kill, set timeout, refresh, pause, resume and connect. Errors are E2B's `{code, message}`.
+//! kill, set timeout, refresh, pause, resume, connect and fork (vm tier). Errors are E2B's
+//! `{code, message}`.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +38,7 @@ pub fn routes() -> Router<E2bState> {
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/fork", post(fork))
 }
 
 type Result<T> = std::result::Result<T, E2bError>;
@@ -216,7 +218,7 @@ fn listed(s: &Sandbox, state: &'static str) -> Listed {
     }
 }
 
-/// Records which sandbox a create made, next to the middleware's record of the call.
+/// Records which sandbox a create (or fork) made, next to the middleware's record of the call.
 fn audit_created(state: &E2bState, tenant: &Tenant, id: &str) {
     let db = state.manager.db();
     if let Err(e) = db.audit(&tenant.name, "created (e2b)", id, 200, "") {
@@ -416,6 +418,47 @@ async fn connect(
     };
     let s = extend(&state, tenant, &id, &t)?;
     Ok((status, Json(created(&s, &caller))))
+}
+
+/// `SandboxForkRequest`.
+#[derive(Debug, Default, Deserialize)]
+struct Fork {
+    timeout: Option<u64>,
+    count: Option<u32>,
+}
+
+/// `SandboxForkResult`: mvm makes all children or none, so each has its sandbox.
+#[derive(Serialize)]
+struct Forked {
+    sandbox: Created,
+}
+
+/// Forks a running vm-tier sandbox into `count` children (the manager's fork), each with the
+/// given timeout (default: the manager's); the jail tier is refused (400).
+async fn fork(
+    State(state): State<E2bState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Vec<Forked>>)> {
+    let tenant = &caller.tenant;
+    let req: Fork = body(&bytes)?;
+    let children = state
+        .manager
+        .fork(tenant, &id, req.count.unwrap_or(1))
+        .await?;
+    let mut forked = Vec::with_capacity(children.len());
+    for child in children {
+        audit_created(&state, tenant, &child.id);
+        let child = match req.timeout {
+            Some(t) => extend(&state, tenant, &child.id, &Timeout { timeout: Some(t) })?,
+            None => child,
+        };
+        forked.push(Forked {
+            sandbox: created(&child, &caller),
+        });
+    }
+    Ok((StatusCode::CREATED, Json(forked)))
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 //! E2B compatibility: the official `e2b` SDKs drive mvmd when `E2B_API_URL` and
 //! `E2B_SANDBOX_URL` are both `http://HOST:PORT/e2b` and `E2B_API_KEY` is an mvm token.
 //!
-//! Two surfaces share the `/e2b` prefix: E2B's REST control plane ([`control`]: create, list,
-//! get, kill, timeout, pause/resume/connect) and the in-sandbox daemon's protocol ([`envd`]:
-//! Connect RPC `process.Process` and `filesystem.Filesystem`, `/files`, `/health`), which the
-//! SDK sends to the same base URL with the sandbox in the `E2b-Sandbox-Id` header. Both are
-//! translated onto the sandbox manager and the agent; no daemon runs in the guest.
+//! Two surfaces share the `/e2b` prefix: E2B's REST control plane ([`control`]: create,
+//! list, get, kill, timeout, pause/resume/connect, fork) and the in-sandbox daemon's protocol
+//! ([`envd`]: Connect RPC `process.Process` and `filesystem.Filesystem`, `/files`,
+//! `/health`), which the SDK sends to the same base URL with the sandbox in the
+//! `E2b-Sandbox-Id` header. Both are translated onto the sandbox manager and the agent; no
+//! daemon runs in the guest.
 
 mod audit;
 mod connect;
@@ -35,8 +36,8 @@ pub fn router(manager: Manager) -> Router {
         .fallback(|| async {
             E2bError::new(
                 StatusCode::BAD_REQUEST,
-                "mvm's E2B endpoint does not serve this route (templates, volumes, snapshots, \
-                 fork and metrics are not supported; see the README's E2B section)",
+                "mvm's E2B endpoint does not serve this route (templates, volumes, snapshots \
+                 and metrics are not supported; see the README's E2B section)",
             )
         })
         .method_not_allowed_fallback(|| async {

@@ -573,7 +573,9 @@ mod tests {
         });
         assert_eq!(
             serde_json::to_value(EventMessage { event: &end }).unwrap(),
-            serde_json::json!({"event": {"end": {"exitCode": 3, "exited": true, "status": "exit status 3"}}})
+            serde_json::json!({"event": {"end": {
+                "exitCode": 3, "exited": true, "status": "exit status 3"
+            }}})
         );
         let data = Event::Data(Data::Stdout("aGk=".into()));
         assert_eq!(
@@ -596,7 +598,8 @@ mod tests {
     #[test]
     fn bash_falls_back_to_sh() {
         let req: StartRequest = serde_json::from_str(
-            r#"{"process":{"cmd":"/bin/bash","args":["-l","-c","echo hi"],"envs":{"A":"1"},"cwd":"/tmp"},"stdin":false}"#,
+            r#"{"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "echo hi"],
+                "envs": {"A": "1"}, "cwd": "/tmp"}, "stdin": false}"#,
         )
         .unwrap();
         let exec = exec_request(&req);
