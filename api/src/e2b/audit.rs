@@ -28,14 +28,5 @@ pub async fn record(State(state): State<E2bState>, req: Request, next: Next) -> 
         })
         .unwrap_or("")
         .to_owned();
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16();
-    if let Err(e) = state
-        .manager
-        .db()
-        .audit(&tenant, &action, &target, status, "")
-    {
-        tracing::error!("writing the audit log: {e}");
-    }
-    resp
+    crate::server::run_audited(&state.manager, &tenant, &action, &target, req, next).await
 }

@@ -133,14 +133,23 @@ async fn audit(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .map_or_else(|| "-".to_owned(), |t| t.name);
     let action = format!("{} {}", req.method(), req.uri().path());
     let target = req.uri().path().split('/').nth(3).unwrap_or("").to_owned();
+    // A sandbox create answers with the new id only in its body; the path has no target.
+    run_audited(&state.manager, &tenant, &action, &target, req, next).await
+}
+
+/// Runs `req` and records it in the audit log: `tenant` did `action` to `target`, with the
+/// answer's status.
+pub(crate) async fn run_audited(
+    manager: &Manager,
+    tenant: &str,
+    action: &str,
+    target: &str,
+    req: Request,
+    next: Next,
+) -> Response {
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
-    // A sandbox create answers with the new id only in its body; the path has no target.
-    if let Err(e) = state
-        .manager
-        .db()
-        .audit(&tenant, &action, &target, status, "")
-    {
+    if let Err(e) = manager.db().audit(tenant, action, target, status, "") {
         tracing::error!("writing the audit log: {e}");
     }
     resp
