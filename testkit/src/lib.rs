@@ -181,15 +181,11 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds mvm-jailer and mvm-agent into [`bin_dir`] when either is missing (Cargo builds only
-/// the binaries of the package under test), once per test process.
+/// Builds mvm-jailer and mvm-agent into [`bin_dir`] (Cargo builds only the binaries of the
+/// package under test; this is a no-op when they are up to date), once per test process.
 pub fn build_jailer_and_agent() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let bins = bin_dir();
-        if bins.join("mvm-jailer").is_file() && bins.join("mvm-agent").is_file() {
-            return;
-        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let ok = Command::new(cargo)
             .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
@@ -201,16 +197,22 @@ pub fn build_jailer_and_agent() {
     });
 }
 
-/// What a sandbox needs besides the package under test, built when missing, once per test
-/// process: mvm-jailer and mvm-agent ([`build_jailer_and_agent`]) and the base image
-/// (`rootfs/build.sh` with that agent) in [`artifacts_dir`].
+/// What a sandbox needs besides the package under test, once per test process: mvm-jailer
+/// and mvm-agent ([`build_jailer_and_agent`]) and the base image (`rootfs/build.sh` with that
+/// agent) in [`artifacts_dir`], made again when it is missing or older than the agent (an
+/// image with an agent of another protocol version fails every create).
 pub fn build_sandbox_prerequisites() {
     build_jailer_and_agent();
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let image = artifacts_dir().join("rootfs.ext4");
-        if image.is_file() {
-            return;
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if let (Some(made), Some(agent)) =
+            (modified(&image), modified(&bin_dir().join("mvm-agent")))
+        {
+            if made >= agent {
+                return;
+            }
         }
         let ok = Command::new(workspace_root().join("rootfs/build.sh"))
             .arg("--agent")
