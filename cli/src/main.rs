@@ -14,7 +14,8 @@ use std::process::ExitCode;
 use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
 use mvm_sandbox::model::{
-    CreateSandbox, Egress, ExecRequest, ExecResult, Isolation, NetworkSpec, Sandbox, Template,
+    CreateSandbox, Egress, ExecRequest, ExecResult, Isolation, NetworkSpec, PortMapping, Sandbox,
+    Template,
 };
 use tty::Terminal;
 
@@ -65,6 +66,14 @@ struct RunArgs {
     /// Remove the sandbox when the command ends.
     #[arg(long)]
     rm: bool,
+    /// Start the command in the background (detached from mvm, its output discarded), leave
+    /// the sandbox running and print its id.
+    #[arg(short = 'd', long, conflicts_with_all = ["rm", "interactive", "tty"])]
+    detach: bool,
+    /// Publish a sandbox port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT (TCP; HOST_IP a
+    /// loopback address, default 127.0.0.1; repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT", value_parser = parse_port)]
+    publish: Vec<PortMapping>,
     /// Keep stdin open and send it to the command.
     #[arg(short = 'i', long)]
     interactive: bool,
@@ -87,8 +96,8 @@ struct RunArgs {
     verbose: bool,
     /// Template [default: default].
     template: Option<String>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (optional with -d).
+    #[arg(last = true, required_unless_present = "detach", value_name = "CMD")]
     cmd: Vec<String>,
 }
 
@@ -200,6 +209,22 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
+}
+
+/// `[HOST_IP:]HOST_PORT:GUEST_PORT`, as docker's `-p`.
+fn parse_port(s: &str) -> Result<PortMapping, String> {
+    let bad = || format!("{s:?} is not [HOST_IP:]HOST_PORT:GUEST_PORT");
+    let (ip, ports) = match s.rsplitn(3, ':').collect::<Vec<_>>()[..] {
+        [guest, host] => (std::net::Ipv4Addr::LOCALHOST, [host, guest]),
+        [guest, host, ip] => (ip.parse().map_err(|_| bad())?, [host, guest]),
+        _ => return Err(bad()),
+    };
+    let [host_port, guest_port] = ports.map(|p| p.parse::<u16>().map_err(|_| bad()));
+    Ok(PortMapping {
+        host_ip: ip,
+        host_port: host_port?,
+        guest_port: guest_port?,
+    })
 }
 
 fn main() -> ExitCode {
@@ -671,8 +696,12 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
             allow: a.allow,
         }),
         metadata: BTreeMap::from([("created-by".to_owned(), "mvm run".to_owned())]),
+        ports: a.publish,
     };
     let sandbox = backend.create(req).await?;
+    if a.detach {
+        return start_detached(backend, &sandbox, a.cmd, json).await;
+    }
     // mvm's own lines go to a person (stderr a terminal, or -v), never into a script's stderr.
     let tell = !json && (a.verbose || std::io::stderr().is_terminal());
     if tell {
@@ -705,4 +734,48 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         );
     }
     result
+}
+
+/// `mvm run -d`: starts `cmd` (if any) in its own session in `sandbox`, detached from the
+/// exec and with its output discarded, and prints the sandbox (its id, or JSON).
+async fn start_detached(
+    backend: &Backend,
+    sandbox: &Sandbox,
+    cmd: Vec<String>,
+    json: bool,
+) -> Result<u8, CliError> {
+    if !cmd.is_empty() {
+        let mut argv: Vec<String> = [
+            "sh",
+            "-c",
+            "setsid \"$@\" </dev/null >/dev/null 2>&1 &",
+            "mvm-run",
+        ]
+        .map(str::to_owned)
+        .into();
+        argv.extend(cmd);
+        let started = backend
+            .exec_buffered(
+                &sandbox.id,
+                &ExecRequest {
+                    cmd: argv,
+                    ..ExecRequest::default()
+                },
+            )
+            .await?;
+        if started.exit.shell_code() != 0 {
+            eprintln!(
+                "mvm: starting the command in sandbox {} failed: {}",
+                sandbox.id,
+                started.stderr.trim()
+            );
+            return Ok(EXIT_MVM_FAILED);
+        }
+    }
+    if json {
+        print_json(sandbox);
+    } else {
+        println!("{}", sandbox.id);
+    }
+    Ok(0)
 }

@@ -414,6 +414,7 @@ impl Db {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let used = usage(&tx, &s.tenant, "")?;
         check_quota(&s.tenant, quota, &used, s)?;
+        check_ports_free(&tx, s)?;
         let slot = {
             let mut stmt = tx.prepare("SELECT slot FROM sandboxes ORDER BY slot")?;
             let taken = stmt
@@ -606,6 +607,36 @@ fn usage(tx: &rusqlite::Transaction<'_>, tenant: &str, except_id: &str) -> Resul
             })
         },
     )?)
+}
+
+/// Refuses host ports of `s` that another sandbox publishes (checked in the insert's
+/// transaction, so two creates cannot both take a port).
+fn check_ports_free(tx: &rusqlite::Transaction<'_>, s: &Sandbox) -> Result<()> {
+    if s.network.ports.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = tx.prepare("SELECT network FROM sandboxes")?;
+    let networks = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for other in networks
+        .iter()
+        .filter_map(|n| serde_json::from_str::<NetworkInfo>(n).ok())
+    {
+        if let Some(p) = s.network.ports.iter().find(|p| {
+            other
+                .ports
+                .iter()
+                .any(|o| (o.host_ip, o.host_port) == (p.host_ip, p.host_port))
+        }) {
+            return Err(Error::Conflict(format!(
+                "ports: host port {}:{} is already published by another sandbox; choose \
+                 another host_port",
+                p.host_ip, p.host_port
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_quota(tenant: &str, q: &Quota, used: &Usage, s: &Sandbox) -> Result<()> {

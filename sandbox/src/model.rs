@@ -156,6 +156,30 @@ pub struct CreateSandbox {
     /// Free-form labels returned with the sandbox.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Host ports forwarded to the sandbox's ports (TCP), at most 16, for as long as it lives.
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
+}
+
+/// A published port: TCP to `host_ip:host_port` on the host reaches the sandbox's
+/// `guest_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    /// Host address the port is published on: a loopback address (default 127.0.0.1).
+    #[serde(default = "PortMapping::loopback")]
+    #[schema(value_type = String)]
+    pub host_ip: std::net::Ipv4Addr,
+    /// Host port, 1 to 65535; unique on the host.
+    pub host_port: u16,
+    /// Port in the sandbox, 1 to 65535.
+    pub guest_port: u16,
+}
+
+impl PortMapping {
+    fn loopback() -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::LOCALHOST
+    }
 }
 
 /// Lifecycle state of a sandbox.
@@ -211,6 +235,9 @@ pub struct NetworkInfo {
     /// `egress`. None for the namespaces the manager makes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// Published ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
 }
 
 /// A sandbox.

@@ -263,7 +263,7 @@ impl Daemon {
 
     /// Everything of this daemon's sandboxes on the host: mounts, directories, cgroups,
     /// interfaces with an address in its /16 or named after one of its sandboxes (`mv` + id,
-    /// with or without an address), their `egress: all` nftables tables, processes.
+    /// with or without an address), their nftables tables, processes.
     pub fn host_state(&self) -> BTreeSet<String> {
         let mut s = BTreeSet::new();
         let root = self.dir.path().to_string_lossy().into_owned();
@@ -312,14 +312,19 @@ impl Daemon {
             .iter()
             .map(|id| mvm_sandbox::manager::net::host_veth(id))
             .collect();
-        // The host guard of a sandbox with egress, the masquerade table of an `egress: all` one.
+        // The host guard of a sandbox with a veth, the masquerade table of an `egress: all`
+        // one, the published ports of one with ports.
         let tables = Command::new("nft")
             .args(["list", "tables"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
         for line in tables.lines() {
-            for prefix in ["table ip mvm-egress-", "table inet mvm-guard-"] {
+            for prefix in [
+                "table ip mvm-egress-",
+                "table inet mvm-guard-",
+                "table ip mvm-ports-",
+            ] {
                 if let Some(id) = line.trim().strip_prefix(prefix) {
                     if ids.contains(id) {
                         s.insert(format!("nft {prefix}{id}"));

@@ -64,6 +64,8 @@ impl Manager {
             }
         }
         let network = net::validate(&req.network.unwrap_or_default())?;
+        net::validate_ports(&req.ports)?;
+        net::check_ports_unbound(&req.ports)?;
         let (template_name, userland) = match userland {
             Some(dir) if !dir.is_absolute() || !dir.is_dir() => {
                 return Err(Error::Invalid(format!(
@@ -105,6 +107,7 @@ impl Manager {
                 address: None,
                 gateway: None,
                 netns: None,
+                ports: req.ports,
             },
             metadata: req.metadata,
         };
@@ -162,6 +165,13 @@ impl Manager {
             None => (None, 0, None),
         };
         let (sandbox, template) = self.plan(tenant, req, userland)?;
+        if pod_netns.is_some() && !sandbox.network.ports.is_empty() {
+            return Err(Error::Invalid(
+                "ports: a sandbox in a pod's network namespace publishes none (the pod's \
+                 network does)"
+                    .into(),
+            ));
+        }
         if container_slots > 0 && sandbox.isolation != Isolation::Vm {
             return Err(Error::Invalid(
                 "only a vm-tier sandbox holds the containers of a pod".into(),
@@ -260,6 +270,7 @@ impl Manager {
             egress: s.network.egress,
             allow: s.network.allow.clone(),
         };
+        let ports = s.network.ports.clone();
         let userland = userland.clone();
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
         let started = Instant::now();
@@ -272,8 +283,15 @@ impl Manager {
                 None => {
                     std::fs::create_dir_all(cfg.netns(""))
                         .map_err(|e| Error::host("creating the netns dir", e))?;
-                    let info =
-                        net::create(&cfg.netns(&s.id), &s.id, &spec, s.isolation, addrs, uid)?;
+                    let info = net::create(
+                        &cfg.netns(&s.id),
+                        &s.id,
+                        &spec,
+                        &ports,
+                        s.isolation,
+                        addrs,
+                        uid,
+                    )?;
                     (info, None)
                 }
             };

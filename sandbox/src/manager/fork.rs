@@ -75,6 +75,8 @@ impl Manager {
                     allow: source.network.allow.clone(),
                 }),
                 metadata: source.metadata.clone(),
+                // Host ports are unique on the host: they stay with the source.
+                ports: Vec::new(),
             };
             let (manager, tenant, origin) =
                 (self.clone(), tenant.clone(), Origin::Fork(saved.clone()));

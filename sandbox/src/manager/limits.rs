@@ -238,6 +238,7 @@ mod tests {
                 address: None,
                 gateway: None,
                 netns: None,
+                ports: Vec::new(),
             },
             metadata: BTreeMap::new(),
         };

@@ -6,21 +6,25 @@
 //!
 //! This file makes and removes a sandbox's network; [`rules`] writes the nftables rulesets
 //! (namespace policy, host guard), [`egress`] keeps the host-wide `egress: all` state (forwarding,
-//! masquerade) and [`pod`] joins a container runtime's pod namespace instead.
+//! masquerade), [`ports`] publishes host ports to the sandbox and [`pod`] joins a container
+//! runtime's pod namespace instead.
 
 mod egress;
 mod pod;
+mod ports;
 mod rules;
 
 pub use pod::{join_pod_netns, leave_pod_netns, PodUplink};
+pub use ports::{check_unbound as check_ports_unbound, validate as validate_ports, MAX_PORTS};
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::manager::host;
-use crate::model::{Egress, Isolation, NetworkInfo, NetworkSpec};
+use crate::model::{Egress, Isolation, NetworkInfo, NetworkSpec, PortMapping};
 use egress::{disable_host_masquerade, enable_host_masquerade};
+use ports::{publish, unpublish};
 use rules::{host_guard, remove_host_guard, ruleset};
 
 /// Name of the sandbox side of the veth pair (and the guest NIC in the vm tier).
@@ -111,18 +115,26 @@ pub fn validate(spec: &NetworkSpec) -> Result<NetworkSpec> {
     })
 }
 
-/// Builds the namespace at `netns` for sandbox `id` and returns what the sandbox got. On
-/// failure nothing is left behind.
+/// Whether a sandbox has a veth to the host: with egress, or to reach its published ports.
+fn has_veth(spec: &NetworkSpec, ports: &[PortMapping]) -> bool {
+    spec.egress != Egress::None || !ports.is_empty()
+}
+
+/// Builds the namespace at `netns` for sandbox `id`, publishing `ports`, and returns what the
+/// sandbox got. On failure nothing is left behind.
 pub fn create(
     netns: &Path,
     id: &str,
     spec: &NetworkSpec,
+    ports: &[PortMapping],
     isolation: Isolation,
     addrs: Addresses,
     uid: u32,
 ) -> Result<NetworkInfo> {
     let veth = host_veth(id);
+    let veth_wanted = has_veth(spec, ports);
     let inside = spec.clone();
+    let inside_ports = ports.to_vec();
     let mvmd_pid = std::process::id().to_string();
     let veth_inside = veth.clone();
     host::create_netns(netns, move || {
@@ -134,7 +146,7 @@ pub fn create(
                 addrs.tap
             ));
         }
-        if inside.egress != Egress::None {
+        if veth_wanted {
             batch.push_str(&format!(
                 "link add {SANDBOX_IF} type veth peer name {veth_inside} netns {mvmd_pid}\n\
                  addr add {}/30 dev {SANDBOX_IF}\nlink set {SANDBOX_IF} up\n\
@@ -145,11 +157,11 @@ pub fn create(
         if !batch.is_empty() {
             host::run("ip", &["-batch", "-"], Some(&batch))?;
         }
-        if isolation == Isolation::Vm && inside.egress != Egress::None {
+        if isolation == Isolation::Vm && veth_wanted {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
                 .map_err(|e| Error::host("enabling forwarding in the sandbox netns", e))?;
         }
-        let rules = ruleset(&inside, isolation, &addrs);
+        let rules = ruleset(&inside, &inside_ports, isolation, &addrs);
         if rules.lines().count() > 1 {
             host::run("nft", &["-f", "-"], Some(&rules))?;
         }
@@ -157,18 +169,19 @@ pub fn create(
     })?;
     let info = NetworkInfo {
         netns: None,
+        ports: ports.to_vec(),
         egress: spec.egress,
         allow: spec.allow.clone(),
-        address: (spec.egress != Egress::None).then(|| match isolation {
+        address: veth_wanted.then(|| match isolation {
             Isolation::Jail => addrs.sandbox.to_string(),
             Isolation::Vm => addrs.guest.to_string(),
         }),
-        gateway: (spec.egress != Egress::None).then(|| match isolation {
+        gateway: veth_wanted.then(|| match isolation {
             Isolation::Jail => addrs.host.to_string(),
             Isolation::Vm => addrs.tap.to_string(),
         }),
     };
-    if spec.egress != Egress::None {
+    if veth_wanted {
         let host_side = format!(
             "addr add {}/30 dev {veth}\nlink set {veth} up\n",
             addrs.host
@@ -176,6 +189,7 @@ pub fn create(
         // The guard first: the veth carries nothing before it is loaded.
         if let Err(e) = host::run("nft", &["-f", "-"], Some(&host_guard(id, spec, &addrs)))
             .and_then(|_| host::run("ip", &["-batch", "-"], Some(&host_side)))
+            .and_then(|_| publish(id, &addrs, ports))
         {
             let _ = destroy(netns, id);
             return Err(e);
@@ -214,8 +228,8 @@ fn tables(family: &str) -> Result<Vec<String>> {
     }
 }
 
-/// Removes the namespace, the host side of the veth, the sandbox's host guard and its
-/// `egress: all` rules (the last such sandbox also restores the host's forwarding setting).
+/// Removes the namespace, the host side of the veth, the sandbox's host guard, its published
+/// ports and its `egress: all` rules (the last such sandbox also restores the host's forwarding setting).
 /// Missing pieces are fine.
 pub fn destroy(netns: &Path, id: &str) -> Result<()> {
     let veth = host_veth(id);
@@ -229,6 +243,7 @@ pub fn destroy(netns: &Path, id: &str) -> Result<()> {
     }
     host::remove_netns(netns)?;
     remove_host_guard(id)?;
+    unpublish(id)?;
     disable_host_masquerade(id)
 }
 
@@ -268,6 +283,7 @@ mod tests {
         );
         let rules = ruleset(
             &spec(Egress::Allow, &["1.2.3.4/32"]),
+            &[],
             Isolation::Jail,
             &Addresses::of(Ipv4Addr::new(10, 0, 0, 0), 0),
         );

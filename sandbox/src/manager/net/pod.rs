@@ -144,6 +144,7 @@ pub fn join_pod_netns(
         address: Some(uplink.address.to_string()),
         gateway: uplink.gateway.map(|g| g.to_string()),
         netns: Some(netns.display().to_string()),
+        ports: Vec::new(),
     };
     Ok((info, uplink))
 }

@@ -3,10 +3,11 @@
 
 use std::net::Ipv4Addr;
 
-use super::{host_veth, tables, Addresses, SANDBOX_IF, TAP_IF};
+use super::ports::{namespace_forward_accept, namespace_rules};
+use super::{has_veth, host_veth, tables, Addresses, SANDBOX_IF, TAP_IF};
 use crate::error::Result;
 use crate::manager::host;
-use crate::model::{Egress, Isolation, NetworkSpec};
+use crate::model::{Egress, Isolation, NetworkSpec, PortMapping};
 
 /// The manager's /16 that slot addresses `a` belong to.
 fn manager_subnet(a: &Addresses) -> Ipv4Addr {
@@ -97,10 +98,17 @@ pub(super) fn host_guard(id: &str, spec: &NetworkSpec, a: &Addresses) -> String 
     )
 }
 
-/// The nftables ruleset loaded in the namespace.
-pub(super) fn ruleset(spec: &NetworkSpec, isolation: Isolation, a: &Addresses) -> String {
+/// The nftables ruleset loaded in the namespace. A sandbox publishing `ports` has a veth
+/// whatever its egress: with `egress: none` nothing but the replies of the published
+/// connections leaves it.
+pub(super) fn ruleset(
+    spec: &NetworkSpec,
+    ports: &[PortMapping],
+    isolation: Isolation,
+    a: &Addresses,
+) -> String {
     let mut rules = String::from("flush ruleset\n");
-    if spec.egress != Egress::None {
+    if has_veth(spec, ports) {
         rules.push_str(&namespace_guard(isolation, a));
         // Other sandboxes are not reachable, whatever the host forwards: from the manager's
         // /16 only the sandbox's own gateway (the host) gets in.
@@ -117,25 +125,40 @@ pub(super) fn ruleset(spec: &NetworkSpec, isolation: Isolation, a: &Addresses) -
 "
         ));
     }
-    if spec.egress == Egress::Allow {
-        let set = spec.allow.join(", ");
+    if spec.egress == Egress::Allow || (spec.egress == Egress::None && !ports.is_empty()) {
+        let allowed = |rule: &str| {
+            if spec.allow.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "    {rule}ip daddr {{ {} }} accept\n",
+                    spec.allow.join(", ")
+                )
+            }
+        };
+        let published = if isolation == Isolation::Vm && !ports.is_empty() {
+            namespace_forward_accept()
+        } else {
+            String::new()
+        };
         rules.push_str(&format!(
             "table inet mvm {{
   chain output {{ type filter hook output priority 0; policy drop;
     oifname \"lo\" accept
     ct state established,related accept
-    ip daddr {{ {set} }} accept
-    reject
+{}    reject
   }}
   chain forward {{ type filter hook forward priority 0; policy drop;
     ct state established,related accept
-    iifname \"{TAP_IF}\" ip daddr {{ {set} }} accept
-    reject
+{published}{}    reject
   }}
 }}
-"
+",
+            allowed(""),
+            allowed(&format!("iifname \"{TAP_IF}\" ")),
         ));
     }
+    rules.push_str(&namespace_rules(isolation, a, ports));
     if isolation == Isolation::Vm {
         rules.push_str(&format!(
             "table ip mvm-nat {{
@@ -172,12 +195,12 @@ mod tests {
             egress,
             allow: Vec::new(),
         };
-        let rules = ruleset(&spec(Egress::All), Isolation::Jail, &a);
+        let rules = ruleset(&spec(Egress::All), &[], Isolation::Jail, &a);
         assert!(
             rules.contains("ip saddr 10.213.0.0/16 ip saddr != 10.213.0.9 drop"),
             "{rules}"
         );
-        assert!(!ruleset(&spec(Egress::None), Isolation::Jail, &a).contains("mvm-peers"));
+        assert!(!ruleset(&spec(Egress::None), &[], Isolation::Jail, &a).contains("mvm-peers"));
         let batch = masquerade_rules("0123456789ab", &a, "0");
         assert!(batch.contains("comment \"ip_forward=0\""), "{batch}");
         assert!(
@@ -221,7 +244,7 @@ mod tests {
             .find("ip daddr { 10.0.0.0/8 } accept")
             .expect("allow rule");
         assert!(open < host.find("fib daddr").expect("fib rule"), "{host}");
-        let jail = ruleset(&spec(Egress::All, &[]), Isolation::Jail, &a);
+        let jail = ruleset(&spec(Egress::All, &[]), &[], Isolation::Jail, &a);
         assert!(
             jail.contains("oifname \"eth0\" ip saddr != 10.213.0.10 drop"),
             "{jail}"
@@ -231,7 +254,12 @@ mod tests {
             "{jail}"
         );
         assert!(!jail.contains("tap0"), "{jail}");
-        let vm = ruleset(&spec(Egress::Allow, &["1.2.3.4/32"]), Isolation::Vm, &a);
+        let vm = ruleset(
+            &spec(Egress::Allow, &["1.2.3.4/32"]),
+            &[],
+            Isolation::Vm,
+            &a,
+        );
         for rule in [
             "iifname \"tap0\" ip saddr != 10.213.0.14 drop",
             "iifname \"tap0\" meta nfproto ipv6 drop",
@@ -239,6 +267,6 @@ mod tests {
         ] {
             assert!(vm.contains(rule), "{rule} in {vm}");
         }
-        assert!(!ruleset(&spec(Egress::None, &[]), Isolation::Vm, &a).contains("mvm-guard"));
+        assert!(!ruleset(&spec(Egress::None, &[]), &[], Isolation::Vm, &a).contains("mvm-guard"));
     }
 }

@@ -1,0 +1,271 @@
+//! Published ports end to end, as root with a real mvmd and jail-tier sandboxes: an HTTP
+//! server in a sandbox answers on its host port, nothing of it is left after the delete,
+//! conflicting or malformed ports are refused, and another tenant's sandbox cannot reach it
+//! through the sandbox network.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{api_error, block_on, jail, sh, Daemon};
+use mvm_sandbox::model::{CreateSandbox, Egress, NetworkSpec, PortMapping, Sandbox};
+use mvm_testkit::root_or_skip;
+
+/// What the sandbox's server answers.
+const GREETING: &str = "hello-from-the-sandbox";
+
+/// Starts busybox httpd on `port` in sandbox `id`, detached from the exec.
+const SERVE: &str = "mkdir -p /tmp/www && echo hello-from-the-sandbox > /tmp/www/index.html && \
+     setsid httpd -f -p 8080 -h /tmp/www </dev/null >/dev/null 2>&1 & echo started";
+
+fn root_with_nft(test: &str) -> bool {
+    if !root_or_skip(test) {
+        return false;
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        mvm_testkit::skip_or_fail_in_ci(test, "nft is missing: apt-get install nftables");
+        return false;
+    }
+    true
+}
+
+/// A host port nothing listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn published(host_port: u16, guest_port: u16) -> PortMapping {
+    PortMapping {
+        host_ip: Ipv4Addr::LOCALHOST,
+        host_port,
+        guest_port,
+    }
+}
+
+fn with_ports(ports: Vec<PortMapping>) -> CreateSandbox {
+    CreateSandbox { ports, ..jail() }
+}
+
+/// `GET /` on 127.0.0.1:`port`: the answer, or the error.
+fn http_get(port: u16) -> std::io::Result<String> {
+    let mut s =
+        TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// Polls [`http_get`] until the greeting arrives (the server needs a moment to listen).
+fn assert_serves(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match http_get(port) {
+            Ok(a) if a.contains(GREETING) => return,
+            other => assert!(
+                Instant::now() < deadline,
+                "127.0.0.1:{port} did not serve the sandbox's page: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A shell line that prints `TARGET: ` and what `GET /` on `ADDR:PORT` answers (nothing when
+/// no connection is made within 2 s).
+fn fetch(target: &str) -> String {
+    let (addr, port) = target.split_once(':').expect("ADDR:PORT");
+    format!("echo {target}: $(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {addr} {port} 2>&1); ")
+}
+
+/// The host's `ip` nftables tables of sandbox `id`'s ports.
+fn ports_table_exists(id: &str) -> bool {
+    let out = Command::new("nft")
+        .args(["list", "tables", "ip"])
+        .output()
+        .expect("nft list tables");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == format!("table ip mvm-ports-{id}"))
+}
+
+fn serve_in(d: &Daemon, s: &Sandbox) {
+    block_on(async {
+        let out = d.client().exec(&s.id, &sh(SERVE)).await.expect("httpd");
+        assert_eq!(out.exit.exit_code, Some(0), "{out:?}");
+    });
+}
+
+#[test]
+fn an_http_server_in_a_sandbox_answers_on_its_published_port_until_the_delete() {
+    if !root_with_nft("an_http_server_in_a_sandbox_answers_on_its_published_port_until_the_delete")
+    {
+        return;
+    }
+    let d = Daemon::start();
+    let before = d.host_state();
+    let port = free_port();
+    // `egress: none`: the port gives the sandbox a veth, its egress stays dropped.
+    let s = block_on(d.client().create(&with_ports(vec![published(port, 8080)])))
+        .expect("create with a published port");
+    d.track(&s.id);
+    assert_eq!(s.network.ports, [published(port, 8080)]);
+    assert_eq!(s.network.egress, Egress::None);
+    let gateway = s
+        .network
+        .gateway
+        .clone()
+        .expect("a published port has a veth");
+    assert!(ports_table_exists(&s.id));
+    serve_in(&d, &s);
+    assert_serves(port);
+    assert_serves(port);
+    // The sandbox still sends nothing of its own: not even to its gateway.
+    block_on(async {
+        let out = d
+            .client()
+            .exec(
+                &s.id,
+                &sh(&format!(
+                    "wget -q -T 2 -O- http://{gateway}:{port}/; echo rc=$?"
+                )),
+            )
+            .await
+            .expect("exec");
+        assert!(!out.stdout.contains(GREETING), "{out:?}");
+        let got = d.client().get(&s.id).await.expect("get");
+        assert_eq!(got.network.ports, [published(port, 8080)]);
+    });
+    block_on(d.client().delete(&s.id)).expect("delete");
+    assert!(!ports_table_exists(&s.id));
+    assert!(http_get(port).is_err(), "the port answers after the delete");
+    d.assert_no_leaks(&before);
+}
+
+#[test]
+fn conflicting_and_malformed_ports_are_refused_and_leave_nothing() {
+    if !root_with_nft("conflicting_and_malformed_ports_are_refused_and_leave_nothing") {
+        return;
+    }
+    let d = Daemon::start();
+    let port = free_port();
+    let first =
+        block_on(d.client().create(&with_ports(vec![published(port, 80)]))).expect("first create");
+    d.track(&first.id);
+    let before = d.host_state();
+    let refused = |req: CreateSandbox| {
+        let (e, _) =
+            d.watching_ids(|| block_on(d.client().create(&req)).expect_err("a refused create"));
+        api_error(&e)
+    };
+    // Published by another sandbox.
+    let (status, code, msg) = refused(with_ports(vec![published(port, 8080)]));
+    assert_eq!((status, code.as_str()), (409, "conflict"), "{msg}");
+    assert!(msg.contains("already published"), "{msg}");
+    // Bound by a host process.
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let bound = taken.local_addr().expect("addr").port();
+    let (status, _, msg) = refused(with_ports(vec![published(bound, 8080)]));
+    assert_eq!(status, 409, "{msg}");
+    assert!(msg.contains("in use on the host"), "{msg}");
+    // Malformed.
+    let other = free_port();
+    for (ports, says) in [
+        (vec![published(0, 80)], "1 to 65535"),
+        (vec![published(other, 0)], "1 to 65535"),
+        (
+            vec![PortMapping {
+                host_ip: Ipv4Addr::UNSPECIFIED,
+                ..published(other, 80)
+            }],
+            "loopback",
+        ),
+        (
+            vec![published(other, 80), published(other, 81)],
+            "published twice",
+        ),
+        (
+            (1..=17).map(|p| published(other, p)).collect(),
+            "at most 16",
+        ),
+    ] {
+        let (status, code, msg) = refused(with_ports(ports));
+        assert_eq!((status, code.as_str()), (422, "invalid_argument"), "{msg}");
+        assert!(msg.contains(says), "{says} in {msg}");
+    }
+    // An out-of-range port is not a u16: the body is refused, never a 500.
+    let body = br#"{"isolation": "jail", "ports": [{"host_port": 70000, "guest_port": 80}]}"#;
+    let e = block_on(
+        d.client()
+            .raw("POST", "/v1/sandboxes", "application/json", body.to_vec()),
+    )
+    .expect_err("an out-of-range port");
+    let (status, _, msg) = api_error(&e);
+    assert!((400..500).contains(&status), "{status} {msg}");
+    d.assert_no_leaks(&before);
+    drop(taken);
+    block_on(d.client().delete(&first.id)).expect("delete");
+}
+
+/// Another tenant's sandbox, with every egress it can get (`all`, and the private and
+/// loopback ranges opened), reaches neither the published port (through its gateway, the
+/// host's addresses) nor the guest port at the first sandbox's address; the host still does.
+#[test]
+fn another_tenants_sandbox_cannot_reach_a_published_port() {
+    if !root_with_nft("another_tenants_sandbox_cannot_reach_a_published_port") {
+        return;
+    }
+    let d = Daemon::start();
+    let other_token = d.tenant("neighbour", &[]);
+    let port = free_port();
+    let victim = block_on(d.client().create(&with_ports(vec![published(port, 8080)])))
+        .expect("victim create");
+    d.track(&victim.id);
+    serve_in(&d, &victim);
+    assert_serves(port);
+    let neighbour = d.client_with(Some(&other_token));
+    let attacker = block_on(neighbour.create(&CreateSandbox {
+        network: Some(NetworkSpec {
+            egress: Egress::All,
+            allow: vec!["10.0.0.0/8".into(), "127.0.0.0/8".into()],
+        }),
+        ..jail()
+    }))
+    .expect("attacker create");
+    d.track(&attacker.id);
+    let victim_addr = victim.network.address.clone().expect("victim address");
+    let gateway = attacker.network.gateway.clone().expect("attacker gateway");
+    let victim_gateway = victim.network.gateway.clone().expect("victim gateway");
+    let targets = [
+        format!("{victim_addr}:8080"),
+        format!("{gateway}:{port}"),
+        format!("{victim_gateway}:{port}"),
+        format!("{victim_gateway}:8080"),
+    ];
+    let script: String = targets.iter().map(|t| fetch(t)).collect();
+    let out = block_on(neighbour.exec(&attacker.id, &sh(&script))).expect("attacker exec");
+    for t in &targets {
+        assert!(
+            out.stdout.contains(&format!("{t}:")),
+            "{t} not tried: {out:?}"
+        );
+    }
+    assert!(
+        !out.stdout.contains(GREETING),
+        "the neighbour reached the published port: {out:?}"
+    );
+    // The same fetch does reach the server from inside the victim.
+    let own = block_on(d.client().exec(&victim.id, &sh(&fetch("127.0.0.1:8080")))).expect("exec");
+    assert!(own.stdout.contains(GREETING), "{own:?}");
+    // The victim's port still answers the host.
+    assert_serves(port);
+    block_on(neighbour.delete(&attacker.id)).expect("delete attacker");
+    block_on(d.client().delete(&victim.id)).expect("delete victim");
+}

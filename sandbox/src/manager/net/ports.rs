@@ -1,0 +1,213 @@
+//! Published ports: TCP to a loopback address and port of the host reaches a port of the
+//! sandbox, for as long as it lives.
+//!
+//! Each sandbox with ports has a host table `ip mvm-ports-<id>` whose `output` chain
+//! destination-NATs the host's own connections to `host_ip:host_port` to the sandbox's veth
+//! address and `guest_port`, and whose `postrouting` chain masquerades them behind the
+//! sandbox's gateway (so the sandbox answers its gateway, the only peer its namespace admits).
+//! A vm-tier namespace forwards the port on to the guest. The kernel state alone does it: no
+//! proxy process, so a daemonless `mvm run -d -p` may exit.
+//!
+//! A connection from 127.0.0.1 leaves through the sandbox's veth, which Linux allows only with
+//! `route_localnet` on that interface: it is set on the sandbox's host veth alone (and goes
+//! with it), and the table drops anything the sandbox sends to 127.0.0.0/8 before routing, so
+//! the setting admits only the replies of the forwarded connections.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+
+use super::{host_veth, tables, Addresses, SANDBOX_IF, TAP_IF};
+use crate::error::{Error, Result};
+use crate::manager::host;
+use crate::model::{Isolation, PortMapping};
+
+/// Most ports one sandbox publishes.
+pub const MAX_PORTS: usize = 16;
+
+/// The host table of sandbox `id`'s published ports.
+fn ports_table(id: &str) -> String {
+    format!("mvm-ports-{id}")
+}
+
+/// Checks the ports a create asks for: at most [`MAX_PORTS`], ports 1 to 65535 on a loopback
+/// host address, no host address and port twice.
+pub fn validate(ports: &[PortMapping]) -> Result<()> {
+    if ports.len() > MAX_PORTS {
+        return Err(Error::Invalid(format!(
+            "ports: at most {MAX_PORTS} per sandbox, got {}",
+            ports.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for p in ports {
+        if p.host_port == 0 || p.guest_port == 0 {
+            return Err(Error::Invalid(format!(
+                "ports: host_port and guest_port must be 1 to 65535, got {}:{}",
+                p.host_port, p.guest_port
+            )));
+        }
+        if !p.host_ip.is_loopback() {
+            return Err(Error::Invalid(format!(
+                "ports: host_ip {} is not a loopback address: ports are published on \
+                 127.0.0.0/8 only (default 127.0.0.1)",
+                p.host_ip
+            )));
+        }
+        if !seen.insert((p.host_ip, p.host_port)) {
+            return Err(Error::Invalid(format!(
+                "ports: {}:{} is published twice",
+                p.host_ip, p.host_port
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses ports that a host process has bound: their connections would go to the sandbox.
+pub fn check_unbound(ports: &[PortMapping]) -> Result<()> {
+    for p in ports {
+        if let Err(e) = TcpListener::bind((p.host_ip, p.host_port)) {
+            return Err(Error::Conflict(format!(
+                "ports: host port {}:{} is in use on the host ({e}); choose another host_port",
+                p.host_ip, p.host_port
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The host table of sandbox `id` (addresses `a`) publishing `ports`.
+pub(super) fn host_rules(id: &str, a: &Addresses, ports: &[PortMapping]) -> String {
+    let veth = host_veth(id);
+    let dnat: String = ports
+        .iter()
+        .map(|p| {
+            format!(
+                "    ip daddr {} tcp dport {} dnat to {}:{}\n",
+                p.host_ip, p.host_port, a.sandbox, p.guest_port
+            )
+        })
+        .collect();
+    format!(
+        "table ip {} {{
+  chain from_sandbox {{ type filter hook prerouting priority -160;
+    iifname \"{veth}\" ip daddr 127.0.0.0/8 drop
+  }}
+  chain output {{ type nat hook output priority -100;
+{dnat}  }}
+  chain postrouting {{ type nat hook postrouting priority 100;
+    oifname \"{veth}\" ct status dnat masquerade
+  }}
+}}
+",
+        ports_table(id)
+    )
+}
+
+/// The namespace's part of a vm-tier sandbox's ports: what arrives on the veth for a guest
+/// port goes on to the guest, and is let through the forward policy of `egress: allow` and
+/// `none`.
+pub(super) fn namespace_rules(
+    isolation: Isolation,
+    a: &Addresses,
+    ports: &[PortMapping],
+) -> String {
+    if isolation != Isolation::Vm || ports.is_empty() {
+        return String::new();
+    }
+    let guest_ports: BTreeSet<u16> = ports.iter().map(|p| p.guest_port).collect();
+    let set = guest_ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "table ip mvm-ports {{
+  chain prerouting {{ type nat hook prerouting priority -100;
+    iifname \"{SANDBOX_IF}\" ip daddr {} tcp dport {{ {set} }} dnat to {}
+  }}
+}}
+",
+        a.sandbox, a.guest
+    )
+}
+
+/// The forward rule that lets the published connections through a namespace whose forward
+/// policy drops (`egress: allow` and `none`).
+pub(super) fn namespace_forward_accept() -> String {
+    format!("    iifname \"{SANDBOX_IF}\" oifname \"{TAP_IF}\" ct status dnat accept\n")
+}
+
+/// Publishes `ports` of sandbox `id`, whose host veth exists.
+pub(super) fn publish(id: &str, a: &Addresses, ports: &[PortMapping]) -> Result<()> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let sysctl = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", host_veth(id));
+    std::fs::write(&sysctl, "1").map_err(|e| Error::host(format!("setting {sysctl}"), e))?;
+    host::run("nft", &["-f", "-"], Some(&host_rules(id, a, ports)))?;
+    Ok(())
+}
+
+/// Removes sandbox `id`'s published ports, if it has any.
+pub(super) fn unpublish(id: &str) -> Result<()> {
+    let table = ports_table(id);
+    if tables("ip")?.contains(&table) {
+        host::run("nft", &["delete", "table", "ip", &table], None)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn port(ip: [u8; 4], host_port: u16, guest_port: u16) -> PortMapping {
+        PortMapping {
+            host_ip: Ipv4Addr::from(ip),
+            host_port,
+            guest_port,
+        }
+    }
+
+    #[test]
+    fn validation() {
+        validate(&[
+            port([127, 0, 0, 1], 18080, 8080),
+            port([127, 0, 0, 2], 18080, 80),
+        ])
+        .unwrap();
+        validate(&[port([127, 0, 0, 1], 0, 8080)]).unwrap_err();
+        validate(&[port([127, 0, 0, 1], 1, 0)]).unwrap_err();
+        validate(&[port([0, 0, 0, 0], 18080, 8080)]).unwrap_err();
+        validate(&[port([127, 0, 0, 1], 1, 2), port([127, 0, 0, 1], 1, 3)]).unwrap_err();
+        let many: Vec<_> = (1..=17).map(|p| port([127, 0, 0, 1], p, 80)).collect();
+        validate(&many[..16]).unwrap();
+        validate(&many).unwrap_err();
+    }
+
+    #[test]
+    fn rules() {
+        let a = Addresses::of(Ipv4Addr::new(10, 213, 0, 0), 1);
+        let ports = [port([127, 0, 0, 1], 18080, 8080)];
+        let host = host_rules("0123456789ab", &a, &ports);
+        for rule in [
+            "table ip mvm-ports-0123456789ab",
+            "ip daddr 127.0.0.1 tcp dport 18080 dnat to 10.213.0.10:8080",
+            "oifname \"mv0123456789ab\" ct status dnat masquerade",
+            "iifname \"mv0123456789ab\" ip daddr 127.0.0.0/8 drop",
+        ] {
+            assert!(host.contains(rule), "{rule} in {host}");
+        }
+        assert!(namespace_rules(Isolation::Jail, &a, &ports).is_empty());
+        let vm = namespace_rules(Isolation::Vm, &a, &ports);
+        assert!(
+            vm.contains(
+                "iifname \"eth0\" ip daddr 10.213.0.10 tcp dport { 8080 } dnat to 10.213.0.14"
+            ),
+            "{vm}"
+        );
+    }
+}
