@@ -552,9 +552,32 @@ pub struct SnapshotLoadParams {
     /// Dirty page tracking after load; not implemented.
     #[serde(default)]
     pub track_dirty_pages: bool,
-    /// New host taps for the snapshot's interfaces; snapshots carry no interfaces yet.
+    /// New host taps for some of the snapshot's interfaces.
     #[serde(default)]
-    pub network_overrides: Vec<Value>,
+    pub network_overrides: Vec<NetworkOverride>,
+    /// A new host socket for the snapshot's vsock device.
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+/// One entry of `network_overrides` (Firecracker's `NetworkOverride`): the restored
+/// interface `iface_id` uses tap `host_dev_name` instead of the one it was saved with.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// An interface of the snapshot.
+    pub iface_id: String,
+    /// The tap it opens.
+    pub host_dev_name: String,
+}
+
+/// `vsock_override` (Firecracker's `VsockOverride`): the restored vsock device binds
+/// `uds_path` instead of the path it was saved with.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The host unix socket path.
+    pub uds_path: String,
 }
 
 impl SnapshotLoadParams {
@@ -590,13 +613,46 @@ impl SnapshotLoadParams {
                 "dirty page tracking is not implemented; set it to false",
             ));
         }
-        if !self.network_overrides.is_empty() {
-            return Err(unsupported(
-                "snapshot/load.network_overrides",
-                "snapshots carry no network interfaces yet",
-            ));
-        }
         Ok(path)
+    }
+
+    /// Points the devices of `config` (a snapshot's configuration) at the overridden taps and
+    /// vsock socket; an override naming a device the snapshot lacks is refused.
+    pub fn apply_overrides(&self, config: &mut VmConfig) -> Result<(), ConfigError> {
+        for entry in &self.network_overrides {
+            match config
+                .network_interfaces
+                .iter_mut()
+                .find(|i| i.iface_id == entry.iface_id)
+            {
+                Some(iface) => iface.host_dev_name.clone_from(&entry.host_dev_name),
+                None => {
+                    let ids: Vec<&str> = config
+                        .network_interfaces
+                        .iter()
+                        .map(|i| i.iface_id.as_str())
+                        .collect();
+                    return Err(invalid(
+                        "snapshot/load.network_overrides",
+                        format!(
+                            "the snapshot has no network interface {:?} (its interfaces: [{}])",
+                            entry.iface_id,
+                            ids.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(vsock_override) = &self.vsock_override {
+            let Some(vsock) = &mut config.vsock else {
+                return Err(invalid(
+                    "snapshot/load.vsock_override",
+                    "the snapshot has no vsock device; leave vsock_override out",
+                ));
+            };
+            vsock.uds_path.clone_from(&vsock_override.uds_path);
+        }
+        Ok(())
     }
 }
 
@@ -878,6 +934,74 @@ mod tests {
             .contains("mem_backend"));
         let both = r#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#;
         assert!(load(both).unwrap_err().contains("not both"));
+    }
+
+    #[test]
+    fn snapshot_overrides_replace_taps_and_the_vsock_socket_of_known_devices_only() {
+        let saved: VmConfig = from_json_slice(
+            None,
+            br#"{"network-interfaces": [
+                    {"iface_id": "eth0", "host_dev_name": "tap0"},
+                    {"iface_id": "eth1", "host_dev_name": "tap1"}],
+                 "vsock": {"guest_cid": 3, "uds_path": "/old.sock"}}"#,
+        )
+        .unwrap();
+        let params = |overrides: &str| {
+            from_json_slice::<SnapshotLoadParams>(
+                Some("snapshot/load"),
+                format!(r#"{{"snapshot_path": "s", "mem_file_path": "m", {overrides}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let apply = |overrides: &str, mut config: VmConfig| {
+            params(overrides)
+                .apply_overrides(&mut config)
+                .map(|()| config)
+                .map_err(|e| e.to_string())
+        };
+
+        let restored = apply(
+            r#""network_overrides": [{"iface_id": "eth1", "host_dev_name": "tap9"}],
+               "vsock_override": {"uds_path": "/new.sock"}"#,
+            saved.clone(),
+        )
+        .unwrap();
+        let taps: Vec<&str> = restored
+            .network_interfaces
+            .iter()
+            .map(|i| i.host_dev_name.as_str())
+            .collect();
+        assert_eq!(taps, ["tap0", "tap9"]);
+        assert_eq!(restored.vsock.unwrap().uds_path, "/new.sock");
+
+        let err = apply(
+            r#""network_overrides": [{"iface_id": "eth7", "host_dev_name": "tap9"}]"#,
+            saved.clone(),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("network_overrides")
+                && err.contains("no network interface \"eth7\"")
+                && err.contains("[eth0, eth1]"),
+            "{err}"
+        );
+        let err = apply(
+            r#""vsock_override": {"uds_path": "/new.sock"}"#,
+            VmConfig::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("vsock_override") && err.contains("no vsock device"),
+            "{err}"
+        );
+        let err = from_json_slice::<SnapshotLoadParams>(
+            Some("snapshot/load"),
+            br#"{"snapshot_path": "s", "network_overrides": [{"iface_id": "eth0"}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("host_dev_name"), "{err}");
     }
 
     #[test]

@@ -447,9 +447,10 @@ impl Controller {
         }
         let mem_file = params.mem_file()?;
         let (state, mem) = read_snapshot(&params.snapshot_path, mem_file)?;
-        // The VM's own sections come from the snapshot; the console, logger and metrics stay
-        // this process's.
+        // The VM's own sections come from the snapshot, its taps and vsock socket possibly
+        // overridden; the console, logger and metrics stay this process's.
         let mut config = state.config(&params.snapshot_path)?;
+        params.apply_overrides(&mut config)?;
         config.logger = self.config.logger.take();
         config.metrics = self.config.metrics.take();
         config.serial = None;

@@ -4,7 +4,9 @@
 //! or mismatched snapshots are refused with a 400 that says why, and the VMM stays up. Guests
 //! with virtio devices go on after a restore: a virtio-blk guest keeps doing I/O on its queue
 //! and disk, a virtio-vsock guest is told its connections are gone, a virtio-net guest gets
-//! frames through the tap its restored VMM reopened.
+//! frames through the tap its restored VMM reopened. Firecracker's `network_overrides` and
+//! `vsock_override` put a restored guest on another tap and socket, and are refused for
+//! devices the snapshot lacks.
 
 mod virtio_support;
 
@@ -187,19 +189,45 @@ fn snapshot_counting_guest(dir: &Path) -> (PathBuf, PathBuf, u64, String) {
     (snapshot, mem, last, console)
 }
 
+/// The body of a `PUT /snapshot/load` that resumes `snapshot`, with the fields of `extra`
+/// (an object: overrides) added.
+fn load_request(snapshot: &Path, mem: &Path, extra: Value) -> Value {
+    let mut body = json!({
+        "snapshot_path": snapshot,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    });
+    let (Value::Object(body_fields), Value::Object(extra)) = (&mut body, extra) else {
+        panic!("load request fields must be a JSON object");
+    };
+    body_fields.extend(extra);
+    body
+}
+
 /// Loads `snapshot` into a fresh VMM and resumes it.
 fn restore(dir: &Path, name: &str, snapshot: &Path, mem: &Path) -> Vmm {
+    restore_with(dir, name, snapshot, mem, json!({}))
+}
+
+/// Loads `snapshot` into a fresh VMM with the load request's `overrides` and resumes it.
+fn restore_with(dir: &Path, name: &str, snapshot: &Path, mem: &Path, overrides: Value) -> Vmm {
     let vmm = Vmm::start(dir, name);
     vmm.ok(
         "PUT",
         "/snapshot/load",
-        json!({
-            "snapshot_path": snapshot,
-            "mem_backend": {"backend_type": "File", "backend_path": mem},
-            "resume_vm": true,
-        }),
+        load_request(snapshot, mem, overrides),
     );
     vmm
+}
+
+/// Asserts that `vmm` answers `PUT /snapshot/load` with `request` with a 400 whose message
+/// contains `expected`, and is still up.
+fn assert_load_refused(vmm: &mut Vmm, request: Value, expected: &str) {
+    let (status, answer) = vmm.call("PUT", "/snapshot/load", request.clone());
+    let message = answer["fault_message"].as_str().unwrap_or_default();
+    assert_eq!(status, 400, "{request}: {answer}");
+    assert!(message.contains(expected), "{request}: {message}");
+    assert!(vmm.is_running(), "the VMM survives {request}");
 }
 
 #[test]
@@ -310,15 +338,8 @@ fn damaged_or_mismatched_snapshots_are_refused_and_the_vmm_stays_up() {
     ];
     let mut vmm = Vmm::start(dir.path(), "refuser");
     for (snapshot, mem, expected) in cases {
-        let (status, answer) = vmm.call(
-            "PUT",
-            "/snapshot/load",
-            json!({"snapshot_path": snapshot, "mem_file_path": mem}),
-        );
-        let message = answer["fault_message"].as_str().unwrap_or_default();
-        assert_eq!(status, 400, "{snapshot:?}: {answer}");
-        assert!(message.contains(expected), "{snapshot:?}: {message}");
-        assert!(vmm.is_running(), "the VMM survives {snapshot:?}");
+        let request = json!({"snapshot_path": snapshot, "mem_file_path": mem});
+        assert_load_refused(&mut vmm, request, expected);
     }
     let (status, answer) = vmm.call(
         "PUT",
@@ -352,6 +373,43 @@ fn damaged_or_mismatched_snapshots_are_refused_and_the_vmm_stays_up() {
         .as_str()
         .unwrap()
         .contains("boot-specific resources"));
+}
+
+#[test]
+fn overrides_of_devices_the_snapshot_lacks_are_refused() {
+    if !require_kvm("overrides_of_devices_the_snapshot_lacks_are_refused") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-overrides");
+    let (snapshot, mem, last, _) = snapshot_counting_guest(dir.path());
+    let mut vmm = Vmm::start(dir.path(), "refuser");
+    assert_load_refused(
+        &mut vmm,
+        load_request(
+            &snapshot,
+            &mem,
+            json!({"network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}]}),
+        ),
+        "no network interface \"eth0\"",
+    );
+    let unused = dir.path().join("unused.sock");
+    assert_load_refused(
+        &mut vmm,
+        load_request(
+            &snapshot,
+            &mem,
+            json!({"vsock_override": {"uds_path": unused}}),
+        ),
+        "the snapshot has no vsock device",
+    );
+    assert!(!unused.exists());
+    // Nothing of the refused loads stays behind: the same VMM loads the snapshot as it is.
+    vmm.ok(
+        "PUT",
+        "/snapshot/load",
+        load_request(&snapshot, &mem, json!({})),
+    );
+    assert!(counts(&vmm.wait_for_lines(1))[0] > last);
 }
 
 /// Boots test guest `name` with one virtio device (`PUT device.0` with body `device.1`), waits
@@ -419,23 +477,98 @@ fn a_virtio_blk_guest_goes_on_with_its_disk_after_a_restore() {
     assert!(u64::from_le_bytes(disk[1024..1032].try_into().unwrap()) >= rounds[2]);
 }
 
+/// Snapshots the virtio-vsock guest with its device on `uds_path`, in `dir`. Returns
+/// (snapshot, memory file, the last tick before the pause).
+fn snapshot_vsock_guest(dir: &Path, uds_path: &Path) -> (PathBuf, PathBuf, u64) {
+    let vsock = json!({"guest_cid": 3, "uds_path": uds_path});
+    let (snapshot, mem, last, console) =
+        snapshot_device_guest(dir, "virtio_vsock_snap", ("/vsock", vsock), "tick");
+    assert!(!console.contains("transport reset"), "{console:?}");
+    (snapshot, mem, last)
+}
+
+/// Waits for the restored vsock guest to report the transport reset and to tick on after
+/// tick `last`.
+fn assert_vsock_guest_goes_on(restored: &Vmm, last: u64) {
+    let console = restored.wait_for_stamps("tick", 3);
+    assert!(
+        console.contains("transport reset: id=0 len=4\n"),
+        "the driver gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on its event queue: {console:?}"
+    );
+    assert!(stamps(&console, "tick")[0] > last, "{console:?}");
+}
+
 #[test]
 fn a_restored_vsock_guest_is_told_its_connections_are_gone() {
     if !require_kvm("a_restored_vsock_guest_is_told_its_connections_are_gone") {
         return;
     }
     let dir = ScratchDir::new("snapshot-vsock");
-    let vsock = json!({"guest_cid": 3, "uds_path": dir.path().join("v.sock")});
-    let (snapshot, mem, last, console) =
-        snapshot_device_guest(dir.path(), "virtio_vsock_snap", ("/vsock", vsock), "tick");
-    assert!(!console.contains("transport reset"), "{console:?}");
-
+    let (snapshot, mem, last) = snapshot_vsock_guest(dir.path(), &dir.path().join("v.sock"));
     let restored = restore(dir.path(), "restored", &snapshot, &mem);
-    let console = restored.wait_for_stamps("tick", 3);
-    assert!(
-        console.contains("transport reset: id=0 len=4\n"),
-        "the driver gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on its event queue: {console:?}"
+    assert_vsock_guest_goes_on(&restored, last);
+}
+
+#[test]
+fn a_vsock_guest_restored_with_vsock_override_listens_on_the_new_path() {
+    if !require_kvm("a_vsock_guest_restored_with_vsock_override_listens_on_the_new_path") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-vsock-override");
+    let (saved, new) = (dir.path().join("saved.sock"), dir.path().join("new.sock"));
+    let (snapshot, mem, last) = snapshot_vsock_guest(dir.path(), &saved);
+    // The source VMM was killed with its socket file left behind: remove it, so a restore
+    // that bound the saved path again would show.
+    std::fs::remove_file(&saved).unwrap();
+
+    let restored = restore_with(
+        dir.path(),
+        "restored",
+        &snapshot,
+        &mem,
+        json!({"vsock_override": {"uds_path": new}}),
     );
+    assert_vsock_guest_goes_on(&restored, last);
+    std::os::unix::net::UnixStream::connect(&new)
+        .expect("the restored VMM listens on the new path");
+    assert!(!saved.exists(), "the saved path is not bound again");
+    let (_, config) = restored.call("GET", "/vm/config", Value::Null);
+    assert_eq!(config["vsock"]["uds_path"], json!(new));
+}
+
+/// Snapshots the virtio-net guest with interface eth0 on `tap`, in `dir`. Returns
+/// (snapshot, memory file, the last tick before the pause).
+fn snapshot_net_guest(dir: &Path, tap: &TestTap) -> (PathBuf, PathBuf, u64) {
+    let iface =
+        json!({"iface_id": "eth0", "host_dev_name": tap.name, "guest_mac": "06:00:AC:10:00:02"});
+    let (snapshot, mem, last, _) = snapshot_device_guest(
+        dir,
+        "virtio_net_snap",
+        ("/network-interfaces/eth0", iface),
+        "tick",
+    );
+    (snapshot, mem, last)
+}
+
+/// Writes a frame for the guest into tap `tap_name` until the restored guest prints it, then
+/// checks that it ticks on after tick `last`.
+fn assert_net_guest_receives_through(restored: &Vmm, tap_name: &str, last: u64) {
+    let packets = PacketSocket::open(tap_name);
+    let mut frame = vec![6, 0, 0xac, 0x10, 0, 2, 2, 0, 0, 0, 0, 1];
+    frame.extend_from_slice(&0x88b5u16.to_be_bytes());
+    frame.extend_from_slice(b"hello after the restore");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Sent until seen: frames written before the restored VMM opened the tap are dropped.
+    while !restored.console().contains("rx: hello after the restore\n") {
+        assert!(
+            Instant::now() < deadline,
+            "the frame never reached the restored guest through {tap_name}: {:?}",
+            restored.console()
+        );
+        packets.send(&frame);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console = restored.wait_for_stamps("tick", 1);
     assert!(stamps(&console, "tick")[0] > last, "{console:?}");
 }
 
@@ -449,31 +582,52 @@ fn a_restored_net_guest_receives_through_the_reopened_tap() {
         return;
     };
     let dir = ScratchDir::new("snapshot-net");
-    let iface =
-        json!({"iface_id": "eth0", "host_dev_name": tap.name, "guest_mac": "06:00:AC:10:00:02"});
-    let (snapshot, mem, last, _) = snapshot_device_guest(
-        dir.path(),
-        "virtio_net_snap",
-        ("/network-interfaces/eth0", iface),
-        "tick",
-    );
-
+    let (snapshot, mem, last) = snapshot_net_guest(dir.path(), &tap);
     let restored = restore(dir.path(), "restored", &snapshot, &mem);
-    let packets = PacketSocket::open(&tap.name);
-    let mut frame = vec![6, 0, 0xac, 0x10, 0, 2, 2, 0, 0, 0, 0, 1];
-    frame.extend_from_slice(&0x88b5u16.to_be_bytes());
-    frame.extend_from_slice(b"hello after the restore");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    // Sent until seen: frames written before the restored VMM opened the tap are dropped.
-    while !restored.console().contains("rx: hello after the restore\n") {
-        assert!(
-            Instant::now() < deadline,
-            "the frame never reached the restored guest: {:?}",
-            restored.console()
-        );
-        packets.send(&frame);
-        std::thread::sleep(Duration::from_millis(200));
+    assert_net_guest_receives_through(&restored, &tap.name, last);
+}
+
+#[test]
+fn a_net_guest_restored_with_network_overrides_receives_through_the_new_tap() {
+    let test = "a_net_guest_restored_with_network_overrides_receives_through_the_new_tap";
+    if !require_kvm(test) {
+        return;
     }
-    let console = restored.wait_for_stamps("tick", 1);
-    assert!(stamps(&console, "tick")[0] > last, "{console:?}");
+    let (Some(saved), Some(new)) = (TestTap::create(test, "a"), TestTap::create(test, "b")) else {
+        return;
+    };
+    let dir = ScratchDir::new("snapshot-net-override");
+    let (snapshot, mem, last) = snapshot_net_guest(dir.path(), &saved);
+    let saved_name = saved.name.clone();
+    // Opening a missing tap as root creates it: with the saved one gone, a restore that
+    // reopened it would show.
+    drop(saved);
+
+    let mut refuser = Vmm::start(dir.path(), "refuser");
+    assert_load_refused(
+        &mut refuser,
+        load_request(
+            &snapshot,
+            &mem,
+            json!({"network_overrides": [{"iface_id": "eth1", "host_dev_name": new.name}]}),
+        ),
+        "no network interface \"eth1\" (its interfaces: [eth0])",
+    );
+    let restored = restore_with(
+        dir.path(),
+        "restored",
+        &snapshot,
+        &mem,
+        json!({"network_overrides": [{"iface_id": "eth0", "host_dev_name": new.name}]}),
+    );
+    assert_net_guest_receives_through(&restored, &new.name, last);
+    assert!(
+        !Path::new("/sys/class/net").join(&saved_name).exists(),
+        "the saved tap {saved_name} is not opened again"
+    );
+    let (_, config) = restored.call("GET", "/vm/config", Value::Null);
+    assert_eq!(
+        config["network-interfaces"][0]["host_dev_name"],
+        json!(new.name)
+    );
 }
