@@ -5,13 +5,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{api_error, block_on, jail, sh, Daemon};
 use mvm_sandbox::model::{CreateSandbox, Egress, NetworkSpec, PortMapping, Sandbox};
+use mvm_testkit::ports::{
+    assert_serves, free_local_port as free_port, http_get, ports_table_exists,
+};
 use mvm_testkit::root_or_skip;
 
 /// What the sandbox's server answers.
@@ -32,14 +34,6 @@ fn root_with_nft(test: &str) -> bool {
     true
 }
 
-/// A host port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 fn published(host_port: u16, guest_port: u16) -> PortMapping {
     PortMapping {
         host_ip: Ipv4Addr::LOCALHOST,
@@ -52,48 +46,11 @@ fn with_ports(ports: Vec<PortMapping>) -> CreateSandbox {
     CreateSandbox { ports, ..jail() }
 }
 
-/// `GET /` on 127.0.0.1:`port`: the answer, or the error.
-fn http_get(port: u16) -> std::io::Result<String> {
-    let mut s =
-        TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
-    Ok(answer)
-}
-
-/// Polls [`http_get`] until the greeting arrives (the server needs a moment to listen).
-fn assert_serves(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match http_get(port) {
-            Ok(a) if a.contains(GREETING) => return,
-            other => assert!(
-                Instant::now() < deadline,
-                "127.0.0.1:{port} did not serve the sandbox's page: {other:?}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A shell line that prints `TARGET: ` and what `GET /` on `ADDR:PORT` answers (nothing when
 /// no connection is made within 2 s).
 fn fetch(target: &str) -> String {
     let (addr, port) = target.split_once(':').expect("ADDR:PORT");
     format!("echo {target}: $(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {addr} {port} 2>&1); ")
-}
-
-/// The host's `ip` nftables tables of sandbox `id`'s ports.
-fn ports_table_exists(id: &str) -> bool {
-    let out = Command::new("nft")
-        .args(["list", "tables", "ip"])
-        .output()
-        .expect("nft list tables");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.trim() == format!("table ip mvm-ports-{id}"))
 }
 
 fn serve_in(d: &Daemon, s: &Sandbox) {
@@ -125,8 +82,8 @@ fn an_http_server_in_a_sandbox_answers_on_its_published_port_until_the_delete() 
         .expect("a published port has a veth");
     assert!(ports_table_exists(&s.id));
     serve_in(&d, &s);
-    assert_serves(port);
-    assert_serves(port);
+    assert_serves(port, GREETING);
+    assert_serves(port, GREETING);
     // The sandbox still sends nothing of its own: not even to its gateway.
     block_on(async {
         let out = d
@@ -229,7 +186,7 @@ fn another_tenants_sandbox_cannot_reach_a_published_port() {
         .expect("victim create");
     d.track(&victim.id);
     serve_in(&d, &victim);
-    assert_serves(port);
+    assert_serves(port, GREETING);
     let neighbour = d.client_with(Some(&other_token));
     let attacker = block_on(neighbour.create(&CreateSandbox {
         network: Some(NetworkSpec {
@@ -265,7 +222,44 @@ fn another_tenants_sandbox_cannot_reach_a_published_port() {
     let own = block_on(d.client().exec(&victim.id, &sh(&fetch("127.0.0.1:8080")))).expect("exec");
     assert!(own.stdout.contains(GREETING), "{own:?}");
     // The victim's port still answers the host.
-    assert_serves(port);
+    assert_serves(port, GREETING);
     block_on(neighbour.delete(&attacker.id)).expect("delete attacker");
     block_on(d.client().delete(&victim.id)).expect("delete victim");
+}
+
+/// The port needs no mvmd: it serves on while mvmd is dead, and when the sandbox died too, the
+/// restarted mvmd's reconciliation removes it with the rest.
+#[test]
+fn a_port_outlives_a_killed_mvmd_and_goes_with_its_dead_sandbox() {
+    if !root_with_nft("a_port_outlives_a_killed_mvmd_and_goes_with_its_dead_sandbox") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let before = d.host_state();
+    let port = free_port();
+    let s = block_on(d.client().create(&with_ports(vec![published(port, 8080)]))).expect("create");
+    d.track(&s.id);
+    serve_in(&d, &s);
+    d.kill9();
+    assert_serves(port, GREETING);
+    for pid in common::cgroup_mode().pids(&d.cgroup_parent, &s.id) {
+        // SAFETY: plain kill of a sandbox process this test made.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !common::cgroup_mode()
+        .pids(&d.cgroup_parent, &s.id)
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the sandbox's processes live on");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.spawn();
+    assert!(d.log().contains(&s.id), "{}", d.log());
+    assert!(!ports_table_exists(&s.id), "{}", d.log());
+    assert!(
+        http_get(port).is_err(),
+        "the port answers after the reconcile"
+    );
+    d.assert_no_leaks(&before);
 }

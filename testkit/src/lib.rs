@@ -4,6 +4,7 @@
 //! `mvm-vmm` with a timeout.
 
 pub mod containerd;
+pub mod ports;
 pub mod rss;
 
 use std::io::Read;
