@@ -8,6 +8,7 @@ use serde_json::json;
 
 mod cgroup_v2;
 mod containerd;
+mod ports;
 mod snapshots;
 
 use crate::tap::Tap;
@@ -111,6 +112,10 @@ pub const CASES: &[Case] = &[
     Case {
         name: "egress-none-vs-allow",
         run: egress_none_vs_allow,
+    },
+    Case {
+        name: "published-port-vm-tier",
+        run: ports::published_port_vm_tier,
     },
     Case {
         name: "guest-without-agent-fails-cleanly",
