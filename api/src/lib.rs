@@ -6,6 +6,7 @@
 
 mod e2b;
 pub mod error;
+mod mcp;
 pub mod server;
 
 pub use error::{ApiError, Result};

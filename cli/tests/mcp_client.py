@@ -1,16 +1,21 @@
-"""A real MCP client (the official `mcp` package) driving `mvm mcp` over stdio.
+"""A real MCP client (the official `mcp` package) driving `mvm mcp` over stdio, or mvmd's
+`/mcp` over streamable HTTP.
 
-Usage: mcp_client.py MVM [ARGS...]  (the server's environment is this process's). Prints one
-JSON object per step on stdout; the Rust test (cli/tests/mcp.rs) checks them. Exits non-zero
-on the first unexpected answer.
+Usage: mcp_client.py MVM [ARGS...]  (stdio; the server's environment is this process's)
+       mcp_client.py http://HOST:PORT/mcp  (streamable HTTP, bearer token from MVM_TOKEN)
+Prints one JSON object per step on stdout; the Rust tests (cli/tests/mcp.rs,
+api/tests/mcp_http.rs) check them. Exits non-zero on the first unexpected answer.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 
 from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 
 def step(name, **fields):
@@ -35,9 +40,22 @@ async def record(session, name, tool, args):
     return result
 
 
+@contextlib.asynccontextmanager
+async def transport():
+    """The client transport the command line names; leaving it ends the session."""
+    if sys.argv[1].startswith("http"):
+        headers = {"Authorization": f"Bearer {os.environ['MVM_TOKEN']}"}
+        async with create_mcp_http_client(headers=headers) as http:
+            async with streamable_http_client(sys.argv[1], http_client=http) as streams:
+                yield streams
+    else:
+        server = StdioServerParameters(command=sys.argv[1], args=sys.argv[2:], env=dict(os.environ))
+        async with stdio_client(server) as streams:
+            yield streams
+
+
 async def main():
-    server = StdioServerParameters(command=sys.argv[1], args=sys.argv[2:], env=dict(os.environ))
-    async with stdio_client(server) as (read, write):
+    async with transport() as (read, write):
         async with ClientSession(read, write) as session:
             await session.initialize()
             tools = await session.list_tools()
@@ -69,7 +87,8 @@ async def main():
             gone = {"sandbox_id": second["sandbox_id"]}
             await record(session, "destroyed", "sandbox_destroy", gone)
             await record(session, "destroyed_gone", "sandbox_exec", {**gone, "command": "true"})
-    # The session is over: the server has seen stdin's end and exited.
+    # The session is over: the server has seen stdin's end and exited (stdio), or the session's
+    # DELETE (streamable HTTP).
     step("ended")
 
 

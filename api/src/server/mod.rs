@@ -107,6 +107,8 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
             body::limit,
         ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit))
+        // MCP over streamable HTTP: rmcp's transport with its own body limit.
+        .merge(crate::mcp::router(state.clone()))
         // E2B's surface: its own error shape, body limits and audit records.
         .nest("/e2b", crate::e2b::router(state.manager));
     (router, doc)

@@ -1,4 +1,4 @@
-//! The MCP tools: each a thin translation onto the CLI's [`Backend`], confined to the session's
+//! The MCP tools: each a thin translation onto a [`SandboxBackend`], confined to the session's
 //! own sandboxes.
 
 use std::collections::BTreeMap;
@@ -12,12 +12,12 @@ use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabiliti
 use rmcp::{tool, tool_handler, tool_router, ServerHandler};
 use serde::Serialize;
 
-use super::session::{Owned, ToolError};
-use super::types::{
+use crate::backend::SandboxBackend;
+use crate::session::{DestroyOnDrop, Owned, ToolError};
+use crate::types::{
     CreateParams, Created, Destroyed, Entry, ExecParams, Executed, FileContent, Listing,
     PathParams, Render, SandboxParams, WriteParams, Written,
 };
-use crate::backend::Backend;
 
 /// Mode of the files `sandbox_write_file` writes.
 const FILE_MODE: u32 = 0o644;
@@ -25,8 +25,10 @@ const FILE_MODE: u32 = 0o644;
 /// One MCP session's server: the backend, and the sandboxes the session owns.
 #[derive(Clone)]
 pub struct SandboxTools {
-    backend: Arc<Backend>,
+    backend: Arc<dyn SandboxBackend>,
     owned: Arc<Owned>,
+    /// Set when the server's end is the session's (streamable HTTP): its sandboxes go with it.
+    _end: Option<Arc<DestroyOnDrop>>,
     tool_router: ToolRouter<SandboxTools>,
 }
 
@@ -46,12 +48,25 @@ fn answer<T: Serialize + Render>(result: Result<T, ToolError>) -> CallToolResult
 
 #[tool_router]
 impl SandboxTools {
-    /// A server over `backend`, with no sandboxes yet; `owned` outlives it for the clean-up.
-    pub fn new(backend: Arc<Backend>, owned: Arc<Owned>) -> SandboxTools {
+    /// A server over `backend`, with no sandboxes yet; `owned` outlives it for the caller's
+    /// clean-up ([`Owned::destroy_all`] when the session ends).
+    pub fn new(backend: Arc<dyn SandboxBackend>, owned: Arc<Owned>) -> SandboxTools {
         SandboxTools {
             backend,
             owned,
+            _end: None,
             tool_router: Self::tool_router(),
+        }
+    }
+
+    /// A server over `backend` that destroys its session's sandboxes when it is dropped (the
+    /// transport drops it when the session ends).
+    pub fn owning(backend: Arc<dyn SandboxBackend>) -> SandboxTools {
+        let owned = Arc::new(Owned::default());
+        let end = DestroyOnDrop::new(backend.clone(), owned.clone());
+        SandboxTools {
+            _end: Some(Arc::new(end)),
+            ..SandboxTools::new(backend, owned)
         }
     }
 
@@ -115,11 +130,7 @@ impl SandboxTools {
             timeout_s: p.timeout_s,
             ..ExecRequest::default()
         };
-        Ok(self
-            .backend
-            .exec_buffered(&p.sandbox_id, &req)
-            .await?
-            .into())
+        Ok(self.backend.exec(&p.sandbox_id, &req).await?.into())
     }
 
     async fn write_file(&self, p: WriteParams) -> Result<Written, ToolError> {
@@ -167,7 +178,7 @@ impl SandboxTools {
             cmd: ["ls", "-1Ap", "--", &p.path].map(String::from).to_vec(),
             ..ExecRequest::default()
         };
-        let r = self.backend.exec_buffered(&p.sandbox_id, &req).await?;
+        let r = self.backend.exec(&p.sandbox_id, &req).await?;
         if r.exit.shell_code() != 0 {
             return Err(ToolError::Command(format!(
                 "listing {} failed: {} (give the absolute path of an existing directory)",

@@ -2,9 +2,9 @@
 //! ends.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use crate::backend::{Backend, CliError};
+use crate::backend::{BackendError, SandboxBackend};
 
 /// Why a tool refused a sandbox id.
 #[derive(Debug, thiserror::Error)]
@@ -54,14 +54,43 @@ impl Owned {
         self.ids().remove(id);
     }
 
-    /// Destroys every sandbox of the session, reporting failures on stderr (stdout is the
-    /// protocol's).
-    pub async fn destroy_all(&self, backend: &Backend) {
+    /// Destroys every sandbox of the session; returns those that could not be, with why.
+    pub async fn destroy_all(&self, backend: &dyn SandboxBackend) -> Vec<(String, BackendError)> {
         let ids = std::mem::take(&mut *self.ids());
+        let mut failed = Vec::new();
         for id in ids {
             if let Err(e) = backend.destroy(&id).await {
-                eprintln!("mvm mcp: destroying sandbox {id} at the session's end: {e}");
+                failed.push((id, e));
             }
+        }
+        failed
+    }
+}
+
+/// Destroys a session's sandboxes when the last handle on it is dropped: how a transport that
+/// drops a session's server when the session ends (streamable HTTP) cleans up after it.
+pub struct DestroyOnDrop {
+    backend: Arc<dyn SandboxBackend>,
+    owned: Arc<Owned>,
+}
+
+impl DestroyOnDrop {
+    /// A guard over `owned`, destroying through `backend`.
+    pub fn new(backend: Arc<dyn SandboxBackend>, owned: Arc<Owned>) -> DestroyOnDrop {
+        DestroyOnDrop { backend, owned }
+    }
+}
+
+impl Drop for DestroyOnDrop {
+    fn drop(&mut self) {
+        let (backend, owned) = (self.backend.clone(), self.owned.clone());
+        // Without a runtime (the process is ending) there is nothing to destroy with.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for (id, e) in owned.destroy_all(&*backend).await {
+                    tracing::warn!("destroying sandbox {id} at the MCP session's end: {e}");
+                }
+            });
         }
     }
 }
@@ -74,7 +103,7 @@ pub enum ToolError {
     NotOwned(#[from] NotOwned),
     /// mvm refused or failed.
     #[error("{0}")]
-    Mvm(#[from] CliError),
+    Mvm(#[from] BackendError),
     /// A file of the sandbox could not be written or read.
     #[error("{doing} {path} in the sandbox: {source}{hint}")]
     File {
@@ -84,7 +113,7 @@ pub enum ToolError {
         path: String,
         /// What the client can do about it, if anything general.
         hint: &'static str,
-        source: CliError,
+        source: BackendError,
     },
     /// A command the tool ran in the sandbox failed.
     #[error("{0}")]
