@@ -6,20 +6,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{block_on, Daemon};
-use mvm_testkit::{root_or_skip, skip_or_fail_in_ci};
+use mvm_testkit::{mcp_python_or_skip, root_or_skip};
 use serde_json::Value;
-
-/// The Python with the `mcp` package: `MVM_TEST_PYTHON`, else scripts/deps.sh's venv.
-fn mcp_python() -> PathBuf {
-    std::env::var_os("MVM_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/mvm-test-venv/bin/python"))
-}
 
 /// The step named `name` of the client's report.
 fn step<'a>(steps: &'a [Value], name: &str) -> &'a Value {
@@ -52,22 +44,9 @@ fn a_real_mcp_client_drives_mvmd_over_streamable_http() {
     if !root_or_skip(test) {
         return;
     }
-    let python = mcp_python();
-    let has_mcp = Command::new(&python)
-        .args(["-c", "import mcp.client.streamable_http"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_mcp {
-        skip_or_fail_in_ci(
-            test,
-            &format!(
-                "{} cannot import the Python `mcp` package: run scripts/deps.sh (or set \
-                 MVM_TEST_PYTHON)",
-                python.display()
-            ),
-        );
+    let Some(python) = mcp_python_or_skip(test) else {
         return;
-    }
+    };
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")

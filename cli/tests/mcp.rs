@@ -7,22 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{serve, Env};
-use mvm_testkit::{root_or_skip, skip_or_fail_in_ci, text};
+use mvm_testkit::{mcp_python_or_skip, root_or_skip, text};
 use serde_json::Value;
-
-/// The Python with the `mcp` package: `MVM_TEST_PYTHON`, else scripts/deps.sh's venv.
-fn mcp_python() -> PathBuf {
-    std::env::var_os("MVM_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/mvm-test-venv/bin/python"))
-}
-
-fn has_mcp(python: &Path) -> bool {
-    std::process::Command::new(python)
-        .args(["-c", "import mcp"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 /// The step named `name` of the client's report.
 fn step<'a>(steps: &'a [Value], name: &str) -> &'a Value {
@@ -38,18 +24,9 @@ fn a_real_mcp_client_drives_sandboxes_and_the_session_end_removes_them() {
     if !root_or_skip(test) {
         return;
     }
-    let python = mcp_python();
-    if !has_mcp(&python) {
-        skip_or_fail_in_ci(
-            test,
-            &format!(
-                "{} cannot import the Python `mcp` package: run scripts/deps.sh (or set \
-                 MVM_TEST_PYTHON)",
-                python.display()
-            ),
-        );
+    let Some(python) = mcp_python_or_skip(test) else {
         return;
-    }
+    };
     let env = Env::new();
     check_client(&env, &python, None);
     let served = serve(&env);

@@ -172,6 +172,32 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// The Python with the official MCP client (the `mcp` package): `MVM_TEST_PYTHON`, else
+/// scripts/deps.sh's venv; `None` after skipping `test` loudly (or failing it in CI, see
+/// [`skip_or_fail_in_ci`]) when it cannot import `mcp`.
+#[track_caller]
+pub fn mcp_python_or_skip(test: &str) -> Option<PathBuf> {
+    let python = std::env::var_os("MVM_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/mvm-test-venv/bin/python"));
+    let imports = Command::new(&python)
+        .args(["-c", "import mcp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if imports {
+        return Some(python);
+    }
+    skip_or_fail_in_ci(
+        test,
+        &format!(
+            "{} cannot import the Python `mcp` package: run scripts/deps.sh (or set \
+             MVM_TEST_PYTHON)",
+            python.display()
+        ),
+    );
+    None
+}
+
 /// The directory of the workspace binaries Cargo built for the running integration test, the
 /// one its `CARGO_BIN_EXE_*` point into (the test executable lives in its `deps/`).
 pub fn bin_dir() -> PathBuf {
