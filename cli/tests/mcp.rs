@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{serve, Env};
 use mvm_testkit::{mcp_python_or_skip, root_or_skip, text};
