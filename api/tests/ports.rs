@@ -12,16 +12,12 @@ use std::time::{Duration, Instant};
 use common::{api_error, block_on, jail, sh, Daemon};
 use mvm_sandbox::model::{CreateSandbox, Egress, NetworkSpec, PortMapping, Sandbox};
 use mvm_testkit::ports::{
-    assert_serves, free_local_port as free_port, http_get, ports_table_exists,
+    assert_serves, free_local_port as free_port, http_get, httpd_command, ports_table_exists,
 };
 use mvm_testkit::root_or_skip;
 
 /// What the sandbox's server answers.
 const GREETING: &str = "hello-from-the-sandbox";
-
-/// Starts busybox httpd on `port` in sandbox `id`, detached from the exec.
-const SERVE: &str = "mkdir -p /tmp/www && echo hello-from-the-sandbox > /tmp/www/index.html && \
-     setsid httpd -f -p 8080 -h /tmp/www </dev/null >/dev/null 2>&1 & echo started";
 
 fn root_with_nft(test: &str) -> bool {
     if !root_or_skip(test) {
@@ -55,7 +51,11 @@ fn fetch(target: &str) -> String {
 
 fn serve_in(d: &Daemon, s: &Sandbox) {
     block_on(async {
-        let out = d.client().exec(&s.id, &sh(SERVE)).await.expect("httpd");
+        let detached = format!(
+            "setsid sh -c '{}' </dev/null >/dev/null 2>&1 & echo started",
+            httpd_command(GREETING, 8080)
+        );
+        let out = d.client().exec(&s.id, &sh(&detached)).await.expect("httpd");
         assert_eq!(out.exit.exit_code, Some(0), "{out:?}");
     });
 }

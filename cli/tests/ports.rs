@@ -6,7 +6,9 @@ use std::process::Command;
 mod common;
 
 use common::{serve, Env};
-use mvm_testkit::ports::{assert_serves, free_local_port, http_get, ports_table_exists};
+use mvm_testkit::ports::{
+    assert_serves, free_local_port, http_get, httpd_command, ports_table_exists,
+};
 use mvm_testkit::{root_or_skip, text};
 
 /// The sandbox's page.
@@ -15,10 +17,7 @@ const GREETING: &str = "hello-through-a-published-port";
 fn check_detached_server(env: &Env, host: Option<&str>) {
     let port = free_local_port();
     let publish = format!("{port}:8080");
-    let serve = format!(
-        "mkdir -p /tmp/www && echo {GREETING} > /tmp/www/index.html && \
-         exec httpd -f -p 8080 -h /tmp/www"
-    );
+    let serve = httpd_command(GREETING, 8080);
     let out = env
         .mvm_at(host)
         .args([

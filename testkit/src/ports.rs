@@ -6,6 +6,14 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// A shell command that serves `page` as `/` with busybox httpd on `port`, in the foreground.
+pub fn httpd_command(page: &str, port: u16) -> String {
+    format!(
+        "mkdir -p /tmp/www && echo {page} > /tmp/www/index.html && \
+         exec httpd -f -p {port} -h /tmp/www"
+    )
+}
+
 /// A port of 127.0.0.1 that nothing listens on now.
 pub fn free_local_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

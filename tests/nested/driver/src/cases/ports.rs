@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use mvm_testkit::ports::{free_local_port, http_get, ports_table_exists};
+use mvm_testkit::ports::{free_local_port, http_get, httpd_command, ports_table_exists};
 
 use super::{Ctx, MvmdSession, Outcome, Verdict};
 
@@ -25,10 +25,7 @@ pub fn published_port_vm_tier(ctx: &mut Ctx) -> Outcome {
     let checked = (|| {
         let port = free_local_port();
         let publish = format!("{port}:8080");
-        let serve = format!(
-            "mkdir -p /tmp/www && echo {PAGE} > /tmp/www/index.html && \
-             exec httpd -f -p 8080 -h /tmp/www"
-        );
+        let serve = httpd_command(PAGE, 8080);
         let out = session.mvm(
             ctx,
             &[
