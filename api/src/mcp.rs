@@ -34,7 +34,10 @@ impl Endpoints {
         tenants
             .entry(tenant.name.clone())
             .or_insert_with(move || {
-                let backend = Arc::new(TenantManager { manager, tenant });
+                let backend = Arc::new(TenantManager {
+                    manager,
+                    tenant: tenant.name,
+                });
                 StreamableHttpService::new(
                     move || Ok(SandboxTools::owning(backend.clone())),
                     Arc::default(),

@@ -35,18 +35,29 @@ pub trait SandboxBackend: Send + Sync {
 pub struct TenantManager {
     /// The manager.
     pub manager: Manager,
-    /// The tenant every call acts as.
-    pub tenant: Tenant,
+    /// The name of the tenant every call acts as.
+    pub tenant: String,
+}
+
+impl TenantManager {
+    /// The tenant as it is now (its quota may have changed since the session began).
+    fn tenant(&self) -> Result<Tenant, BackendError> {
+        Ok(self
+            .manager
+            .db()
+            .tenant(&self.tenant)?
+            .ok_or(mvm_sandbox::Error::Unauthorized)?)
+    }
 }
 
 #[async_trait]
 impl SandboxBackend for TenantManager {
     async fn create(&self, req: CreateSandbox) -> Result<Sandbox, BackendError> {
-        Ok(self.manager.create(&self.tenant, req).await?)
+        Ok(self.manager.create(&self.tenant()?, req).await?)
     }
 
     async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, BackendError> {
-        Ok(self.manager.exec(&self.tenant.name, id, req).await?)
+        Ok(self.manager.exec(&self.tenant, id, req).await?)
     }
 
     async fn put_file(
@@ -56,18 +67,18 @@ impl SandboxBackend for TenantManager {
         mode: u32,
         data: Vec<u8>,
     ) -> Result<u64, BackendError> {
-        let agent = self.manager.agent(&self.tenant.name, id).await?;
+        let agent = self.manager.agent(&self.tenant, id).await?;
         Ok(agent.put_file(path, mode, data.as_slice()).await?)
     }
 
     async fn get_file(&self, id: &str, path: &str) -> Result<Vec<u8>, BackendError> {
         let mut buf = Vec::new();
-        let agent = self.manager.agent(&self.tenant.name, id).await?;
+        let agent = self.manager.agent(&self.tenant, id).await?;
         agent.get_file(path, &mut buf).await?;
         Ok(buf)
     }
 
     async fn destroy(&self, id: &str) -> Result<(), BackendError> {
-        Ok(self.manager.destroy(&self.tenant.name, id).await?)
+        Ok(self.manager.destroy(&self.tenant, id).await?)
     }
 }
