@@ -267,7 +267,7 @@ unpack_module() { # <name> <list>: the module and its dependencies, each listed 
 }
 : > "$l1_root/lib/modules/load-order"
 : > "$l1_root/lib/modules/on-demand"
-for want in kvm-amd tun veth crc32c_generic nf_tables nft_chain_nat nft_masq nft_ct nft_reject_inet \
+for want in kvm-amd tun veth crc32c_generic nf_tables nft_chain_nat nft_masq nft_nat nft_ct nft_reject_inet \
     nft_fib_inet; do
     unpack_module "$want" load-order
 done
