@@ -14,8 +14,9 @@ packages=(
     qemu-system-x86 linux-image-amd64 cpio
     # jail tier, sandbox networking, leak checks
     iproute2 util-linux nftables procps psmisc
-    # containerd shim tests
-    containerd runc
+    # containerd shim tests; the CRI test: CNI plugins for containerd's pod networks, protoc for
+    # the CRI API's gRPC client (crate k8s-cri)
+    containerd runc containernetworking-plugins protobuf-compiler
     # the MCP client of cli/tests/mcp.rs (a venv, below)
     python3 python3-venv
 )
