@@ -9,6 +9,7 @@ pub mod router;
 use std::io::BufReader;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::mpsc::{sync_channel, SyncSender};
 
 use self::channel::{ApiChannel, VmmClient};
 use self::http::{read_request, HttpResponse};
@@ -72,10 +73,27 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
     UnixListener::bind(path).map_err(|e| ApiServerError::Bind(shown, e))
 }
 
-/// Starts the API server thread on `listener`, confined by the `api` seccomp filter; returns the
-/// VMM side of its channel.
-pub fn start(listener: UnixListener, seccomp: Filters) -> std::io::Result<ApiChannel> {
+/// The API server thread, waiting for its socket: it is started before the socket is bound so
+/// that its start (thread creation, seccomp filter) overlaps the rest of the VMM's set-up.
+pub struct ApiServer {
+    listener: SyncSender<UnixListener>,
+}
+
+impl ApiServer {
+    /// Serves the API on `listener`.
+    pub fn listen(self, listener: UnixListener) {
+        // Fails only when the thread has ended because its filter could not be installed,
+        // which it logged.
+        let _ = self.listener.send(listener);
+    }
+}
+
+/// Starts the API server thread, confined by the `api` seccomp filter; it serves once given its
+/// socket ([`ApiServer::listen`]) and ends if the server is dropped instead. Returns the server
+/// and the VMM side of its channel.
+pub fn start(seccomp: Filters) -> std::io::Result<(ApiServer, ApiChannel)> {
     let (client, api) = channel::open()?;
+    let (listener_tx, listener_rx) = sync_channel::<UnixListener>(1);
     std::thread::Builder::new()
         .name("fc_api".into())
         .spawn(move || {
@@ -83,6 +101,9 @@ pub fn start(listener: UnixListener, seccomp: Filters) -> std::io::Result<ApiCha
                 log::error!("API server not started: {e}");
                 return;
             }
+            let Ok(listener) = listener_rx.recv() else {
+                return;
+            };
             for stream in listener.incoming().flatten() {
                 let client = client.clone();
                 // One thread per connection so an idle client cannot block others.
@@ -94,5 +115,10 @@ pub fn start(listener: UnixListener, seccomp: Filters) -> std::io::Result<ApiCha
                 }
             }
         })?;
-    Ok(api)
+    Ok((
+        ApiServer {
+            listener: listener_tx,
+        },
+        api,
+    ))
 }

@@ -60,6 +60,17 @@ fn run(args: Args) -> Result<u8, String> {
                 .into(),
         );
     }
+    let seccomp = match (&args.seccomp_filter, args.no_seccomp) {
+        (_, true) => Filters::disabled(),
+        (Some(path), false) => Filters::from_file(path).map_err(|e| e.to_string())?,
+        (None, false) => Filters::builtin().map_err(|e| e.to_string())?,
+    };
+    // The API thread starts first, so that its start overlaps the set-up below; it serves once
+    // its socket is bound.
+    let api = (!args.no_api)
+        .then(|| vmm::api_server::start(seccomp.clone()))
+        .transpose()
+        .map_err(|e| format!("cannot start the API thread: {e}"))?;
     let config = args
         .config_file
         .as_ref()
@@ -70,11 +81,6 @@ fn run(args: Args) -> Result<u8, String> {
         })
         .transpose()?;
 
-    let seccomp = match (&args.seccomp_filter, args.no_seccomp) {
-        (_, true) => Filters::disabled(),
-        (Some(path), false) => Filters::from_file(path).map_err(|e| e.to_string())?,
-        (None, false) => Filters::builtin().map_err(|e| e.to_string())?,
-    };
     let exit = Arc::new(VmExit::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     let controller = Controller::new(
         args.id.clone(),
@@ -85,11 +91,9 @@ fn run(args: Args) -> Result<u8, String> {
     .with_console_limit(args.console_limit);
     // Signal handlers first: once the socket exists, a client may already send SIGTERM.
     let mut vmm = Vmm::new(controller, exit, true).map_err(|e| e.to_string())?;
-    if !args.no_api {
-        let listener = vmm::api_server::bind(&args.api_sock).map_err(|e| e.to_string())?;
-        let api = vmm::api_server::start(listener, seccomp)
-            .map_err(|e| format!("cannot start the API thread: {e}"))?;
-        vmm.attach_api(api);
+    if let Some((server, channel)) = api {
+        server.listen(vmm::api_server::bind(&args.api_sock).map_err(|e| e.to_string())?);
+        vmm.attach_api(channel);
     }
     if let Some(config) = config {
         let controller = vmm.controller();
