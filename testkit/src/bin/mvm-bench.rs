@@ -1,17 +1,22 @@
-//! `mvm-bench vmm`: start-up and memory figures of mvm-vmm with the assembly test guests;
-//! `mvm-bench snapshot`: snapshot create and restore figures; `mvm-bench jailer`: the jailer's
-//! cost. Prints figures; asserts nothing (performance is tracked, not tested).
+//! `mvm-bench vmm`: start-up (release and debug builds) and memory figures of mvm-vmm with the
+//! assembly test guests; `mvm-bench start [MVM_VMM...]`: only the start-up figures, of the given
+//! binaries (before and after a change, interleaved) or the built ones; `mvm-bench snapshot`:
+//! snapshot create and restore figures; `mvm-bench jailer`: the jailer's cost. Prints figures;
+//! asserts nothing (performance is tracked, not tested).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mvm_testkit::{binary, config_for, guest, http_unix, wait_for_socket, ScratchDir};
+use mvm_testkit::{binary, config_for, guest, http_unix, target_dir, wait_for_socket, ScratchDir};
 use serde_json::{json, Value};
 
 const RUNS: usize = 30;
+/// Runs of the start-up figure per binary: a start takes about a millisecond.
+const START_RUNS: usize = 100;
 
 fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples.sort_by(|a, b| a.total_cmp(b));
@@ -77,6 +82,80 @@ fn api_ok(socket: &Path, method: &str, path: &str, body: Value) {
     let (status, answer) =
         http_unix(socket, method, path, Some(&body.to_string())).expect("API call");
     assert_eq!(status, 204, "{method} {path}: {answer}");
+}
+
+/// The release build of mvm-vmm, if there is one (`cargo build --release -p vmm`).
+fn release_vmm() -> Option<PathBuf> {
+    let path = target_dir().join("x86_64-unknown-linux-gnu/release/mvm-vmm");
+    path.exists().then_some(path)
+}
+
+/// The release (if built) and debug mvm-vmm, named by profile.
+fn built_vmms() -> Vec<(String, PathBuf)> {
+    let mut binaries = Vec::new();
+    match release_vmm() {
+        Some(release) => binaries.push(("release".to_string(), release)),
+        None => println!("(no release build: `cargo build --release -p vmm` adds its figures)"),
+    }
+    binaries.push(("debug".to_string(), binary("mvm-vmm")));
+    binaries
+}
+
+/// Connects to `socket` as soon as it accepts connections, polling every 20 µs (a 1 ms poll
+/// would round sub-millisecond figures up).
+fn connect_when_ready(socket: &Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(stream) = UnixStream::connect(socket) {
+            return stream;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never came up",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_micros(20));
+    }
+}
+
+/// exec → the API socket accepts connections, and exec → the answer to the first request
+/// (`GET /`), for each `(name, binary)`: START_RUNS starts each, interleaved so that changes of
+/// load hit every binary alike.
+fn start_figures(binaries: &[(String, PathBuf)]) {
+    let dir = ScratchDir::new("bench-start");
+    let socket = dir.path().join("api.sock");
+    let mut samples = vec![(Vec::new(), Vec::new()); binaries.len()];
+    for _ in 0..START_RUNS {
+        for ((_, vmm), (ready, answered)) in binaries.iter().zip(&mut samples) {
+            let _ = std::fs::remove_file(&socket);
+            let start = Instant::now();
+            let mut child = Command::new(vmm)
+                .arg("--api-sock")
+                .arg(&socket)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn mvm-vmm");
+            let mut stream = connect_when_ready(&socket);
+            ready.push(ms_since(start));
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .expect("send GET /");
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).expect("read the answer");
+            answered.push(ms_since(start));
+            assert!(
+                answer.starts_with(b"HTTP/1.1 200"),
+                "GET /: {}",
+                String::from_utf8_lossy(&answer)
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    for ((name, _), (ready, answered)) in binaries.iter().zip(samples) {
+        report(&format!("{name}: exec → API socket ready"), ready);
+        report(&format!("{name}: exec → first API answer"), answered);
+    }
 }
 
 /// exec → the API socket accepts connections.
@@ -383,14 +462,27 @@ fn main() {
         "vmm" => {
             exit_without_kvm(&what);
             println!(
-                "mvm-vmm start-up (static debug-profile binary, opt-level 1; kvm: {:?})",
+                "mvm-vmm start-up, static binaries (kvm: {:?})",
                 mvm_testkit::kvm().unwrap()
             );
-            report("exec → API socket ready", api_ready());
+            start_figures(&built_vmms());
+            println!("debug-profile binary (opt-level 1):");
             let (first, exit) = serial_and_exit();
             report("exec → first guest serial byte", first);
             report("exec → exit after guest reset", exit);
             memory();
+        }
+        "start" => {
+            // Given binaries (say, before and after a change) or the built ones.
+            let given: Vec<(String, PathBuf)> = std::env::args()
+                .skip(2)
+                .map(|path| (path.clone(), PathBuf::from(path)))
+                .collect();
+            start_figures(&if given.is_empty() {
+                built_vmms()
+            } else {
+                given
+            });
         }
         "snapshot" => {
             exit_without_kvm(&what);
@@ -417,7 +509,10 @@ fn main() {
             );
         }
         other => {
-            eprintln!("unknown benchmark {other:?}: use `mvm-bench vmm`, `snapshot` or `jailer`");
+            eprintln!(
+                "unknown benchmark {other:?}: use `mvm-bench vmm`, `start [MVM_VMM...]`, \
+                 `snapshot` or `jailer`"
+            );
             std::process::exit(2);
         }
     }
