@@ -46,17 +46,18 @@ impl HttpResponse {
             .as_ref()
             .map(|b| b.to_string())
             .unwrap_or_default();
-        let mut head = format!("HTTP/1.1 {} {}\r\nServer: mvm-vmm\r\n", self.status, reason);
+        let mut response = format!("HTTP/1.1 {} {}\r\nServer: mvm-vmm\r\n", self.status, reason);
         if self.body.is_some() {
-            head.push_str("Content-Type: application/json\r\n");
+            response.push_str("Content-Type: application/json\r\n");
         }
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        response.push_str(&format!("Content-Length: {}\r\n", body.len()));
         if close {
-            head.push_str("Connection: close\r\n");
+            response.push_str("Connection: close\r\n");
         }
-        head.push_str("\r\n");
-        out.write_all(head.as_bytes())?;
-        out.write_all(body.as_bytes())?;
+        response.push_str("\r\n");
+        // One write: the client gets the whole response at once, in one syscall.
+        response.push_str(&body);
+        out.write_all(response.as_bytes())?;
         out.flush()
     }
 }
