@@ -1,5 +1,6 @@
-//! `mvm build`: runs the repository's guest-kernel and rootfs builders with a progress display
-//! and returns the template made of their artifacts.
+//! `mvm build`: runs the guest-kernel and rootfs builders (of a source checkout, or installed
+//! in `<prefix>/share/mvm`) with a progress display and returns the template made of their
+//! artifacts.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -7,7 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use mvm_sandbox::install;
 use mvm_sandbox::model::Template;
+use mvm_sandbox::ManagerConfig;
 
 use crate::backend::CliError;
 
@@ -17,8 +20,9 @@ pub struct BuildArgs {
     /// Template name to register.
     #[arg(long, default_value = "default")]
     pub name: String,
-    /// mvm source checkout holding guest-kernel/ and rootfs/ [default: found from this binary
-    /// or the current directory].
+    /// Directory holding the builders guest-kernel/ and rootfs/: a source checkout or an
+    /// installation's share/mvm [default: the checkout this binary was built in, else its
+    /// installation's share/mvm, else a checkout around the current directory].
     #[arg(long)]
     pub repo: Option<PathBuf>,
     /// Skip the kernel (only the base image, e.g. for the jail tier): a kernel built before is
@@ -34,11 +38,17 @@ pub struct BuildArgs {
     pub no_warm: bool,
 }
 
-fn find_repo(explicit: Option<&Path>) -> Result<PathBuf, CliError> {
-    let is_repo =
-        |p: &Path| p.join("rootfs/build.sh").is_file() && p.join("guest-kernel/build.sh").is_file();
+/// Whether `dir` holds mvm's image builders.
+fn has_builders(dir: &Path) -> bool {
+    dir.join("rootfs/build.sh").is_file() && dir.join("guest-kernel/build.sh").is_file()
+}
+
+/// The directory holding `rootfs/` and `guest-kernel/`: `explicit`, else a source checkout this
+/// binary was built in, else its installation's `share/mvm`, else a checkout around the
+/// current directory. The error names every place looked at.
+fn find_builders(explicit: Option<&Path>) -> Result<PathBuf, CliError> {
     if let Some(p) = explicit {
-        return if is_repo(p) {
+        return if has_builders(p) {
             Ok(p.to_path_buf())
         } else {
             Err(CliError::Local(format!(
@@ -47,14 +57,30 @@ fn find_repo(explicit: Option<&Path>) -> Result<PathBuf, CliError> {
             )))
         };
     }
-    let starts = [std::env::current_exe().ok(), std::env::current_dir().ok()];
-    starts
-        .iter()
-        .flatten()
-        .flat_map(|s| s.ancestors())
-        .find(|a| is_repo(a))
-        .map(Path::to_path_buf)
-        .ok_or_else(|| CliError::Local("cannot find the mvm source checkout; pass --repo".into()))
+    let exe_dir = install::exe_dir();
+    let cwd = std::env::current_dir().ok();
+    let checkout = |start: &Option<PathBuf>| {
+        start
+            .iter()
+            .flat_map(|s| s.ancestors())
+            .find(|a| has_builders(a))
+            .map(Path::to_path_buf)
+    };
+    let share = exe_dir.as_deref().and_then(install::share_dir);
+    checkout(&exe_dir)
+        .or_else(|| share.clone().filter(|s| has_builders(s)))
+        .or_else(|| checkout(&cwd))
+        .ok_or_else(|| {
+            let mut looked = Vec::new();
+            looked.extend(exe_dir.map(|d| format!("above {}", d.display())));
+            looked.extend(share.map(|d| d.display().to_string()));
+            looked.extend(cwd.map(|d| format!("above {}", d.display())));
+            CliError::Local(format!(
+                "cannot find mvm's image builders (rootfs/build.sh, guest-kernel/build.sh); \
+                 looked {}; install mvm with scripts/install.sh, or pass --repo CHECKOUT",
+                looked.join(", ")
+            ))
+        })
 }
 
 /// Runs one build step with a spinner showing its latest output line.
@@ -102,20 +128,47 @@ fn step(title: &str, mut cmd: Command) -> Result<(), CliError> {
 
 /// Builds the artifacts and returns the template describing them.
 pub fn build(args: &BuildArgs) -> Result<Template, CliError> {
-    let repo = find_repo(args.repo.as_deref())?;
-    let artifacts = std::env::var_os("MVM_ARTIFACTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("target/mvm-artifacts"));
+    let builders = find_builders(args.repo.as_deref())?;
+    let cfg = ManagerConfig::from_env();
+    // Where the manager reads them: a checkout's target/mvm-artifacts, else the manager's
+    // default (MVM_ARTIFACTS, or /var/lib/mvm/artifacts for an installed mvm).
+    let artifacts = match std::env::var_os("MVM_ARTIFACTS").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None if builders.join("Cargo.toml").is_file() => builders.join("target/mvm-artifacts"),
+        None => cfg
+            .artifacts_dir
+            .clone()
+            .unwrap_or_else(|| "/var/lib/mvm/artifacts".into()),
+    };
+    let builder = |script: &str| {
+        let mut c = Command::new(builders.join(script));
+        c.current_dir(&builders).env("MVM_ARTIFACTS", &artifacts);
+        c
+    };
     if !args.skip_kernel {
-        let mut c = Command::new(repo.join("guest-kernel/build.sh"));
-        c.current_dir(&repo);
-        step("guest kernel", c)?;
+        step("guest kernel", builder("guest-kernel/build.sh"))?;
     }
-    let mut c = Command::new(repo.join("rootfs/build.sh"));
-    c.current_dir(&repo);
-    if let Some(extra) = &args.rootfs_args {
-        c.args(extra.split_whitespace());
+    let mut c = builder("rootfs/build.sh");
+    let extra: Vec<&str> = args
+        .rootfs_args
+        .as_deref()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    // The image gets this mvm's agent, unless the caller names one; a checkout without a
+    // built agent leaves it to rootfs/build.sh, which builds it.
+    if !extra.contains(&"--agent") {
+        let agent = cfg.bin_dir.join("mvm-agent");
+        if agent.is_file() {
+            c.arg("--agent").arg(agent);
+        } else if !builders.join("Cargo.toml").is_file() {
+            return Err(CliError::Local(install::helper_missing(
+                &cfg.bin_dir,
+                "mvm-agent",
+            )));
+        }
     }
+    c.args(extra);
     step("base image", c)?;
     let built = ["vmlinux", "bzImage"]
         .iter()

@@ -384,6 +384,18 @@ fn spawn_jail(
     if let Some(ns) = pod_netns {
         jail.netns = Some(ns.to_owned());
     }
+    let tier_helper = match s.isolation {
+        Isolation::Jail => "mvm-agent",
+        Isolation::Vm => "mvm-vmm",
+    };
+    for helper in ["mvm-jailer", tier_helper] {
+        if !cfg.bin_dir.join(helper).is_file() {
+            return Err(Error::Host(crate::install::helper_missing(
+                &cfg.bin_dir,
+                helper,
+            )));
+        }
+    }
     let console = tier::create_console(s.isolation, &dir, cfg.console_limit)?;
     let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
     cmd.stdin(std::process::Stdio::null())

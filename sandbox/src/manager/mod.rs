@@ -109,8 +109,9 @@ pub struct ManagerConfig {
 }
 
 impl ManagerConfig {
-    /// Defaults, overridden by `MVM_STATE_DIR`, `MVM_RUN_DIR`, `MVM_BIN_DIR` (default: the
-    /// directory of the running executable), `MVM_ARTIFACTS`, `MVM_ISOLATION` (vm|jail),
+    /// Defaults, overridden by `MVM_STATE_DIR`, `MVM_RUN_DIR`, `MVM_BIN_DIR` (default: next to
+    /// the running executable, else its prefix's libexec/mvm: [`crate::install::helper_dir`]),
+    /// `MVM_ARTIFACTS`, `MVM_ISOLATION` (vm|jail),
     /// `MVM_CGROUP_PARENT`, `MVM_VM_TIER=force`, `MVM_CONSOLE_LIMIT` (bytes, default 1 MiB) and
     /// `MVM_ALLOWED_ISOLATION` (`vm,jail`, the default, `vm` or `jail`; an invalid value
     /// allows only `vm` and says so).
@@ -120,12 +121,7 @@ impl ManagerConfig {
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         };
-        let bin_dir = var("MVM_BIN_DIR").unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(Path::to_path_buf))
-                .unwrap_or_else(|| "/usr/local/bin".into())
-        });
+        let bin_dir = crate::install::helper_dir();
         let artifacts = var("MVM_ARTIFACTS").or_else(|| {
             // A development checkout: <repo>/target/<triple>/debug/mvmd → <repo>/target/mvm-artifacts.
             bin_dir
