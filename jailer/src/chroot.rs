@@ -80,27 +80,61 @@ pub(crate) fn create_jail_dir(config: &JailConfig) -> Result<PathBuf> {
     }
 }
 
-/// Fills `<jail dir>/root`: the copied exec file, device nodes, `/run` for the jailed user, mount
-/// points for the bind mounts, `/proc` and `/dev/pts` (with the `/dev/ptmx` symlink) if asked
-/// for. Everything is root-owned and read-only for the jailed user except the device nodes and
-/// `/run`.
-pub(crate) fn populate_root(config: &JailConfig, root: &Path) -> Result<()> {
+/// How the exec file gets into the jail root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExecPlacement {
+    /// Bound read-only (nosuid, nodev) onto an empty file in the jail's own mount namespace: no
+    /// copy, and the page cache of the binary is shared by every jail. For exec files every
+    /// user may read and execute, which the jailed uid then can too.
+    Bind,
+    /// Copied, root-owned, mode 0755 (Firecracker's jailer does this for every exec file): for
+    /// an exec file the jailed uid could not otherwise run.
+    Copy,
+}
+
+impl ExecPlacement {
+    /// Bind when every user may read and execute `exec_file`, copy otherwise.
+    pub(crate) fn for_exec_file(exec_file: &Path) -> Result<ExecPlacement> {
+        let meta = fs::metadata(exec_file)
+            .map_err(|e| Error::io(format!("stat {}", exec_file.display()), e))?;
+        Ok(if meta.permissions().mode() & 0o005 == 0o005 {
+            ExecPlacement::Bind
+        } else {
+            ExecPlacement::Copy
+        })
+    }
+}
+
+/// Fills `<jail dir>/root`: the exec file (or, to bind it, its mount point), device
+/// nodes, `/run` for the jailed user, mount points for the bind mounts, `/proc` and `/dev/pts`
+/// (with the `/dev/ptmx` symlink) if asked for. Everything is root-owned and read-only for the
+/// jailed user except the device nodes and `/run`.
+pub(crate) fn populate_root(config: &JailConfig, root: &Path, exec: ExecPlacement) -> Result<()> {
     mkdir(root, 0o755)?;
     refuse_nodev(root)?;
 
-    let exec_copy = root.join(config.exec_file_name()?);
-    fs::copy(&config.exec_file, &exec_copy).map_err(|e| {
-        Error::io(
-            format!(
-                "copy {} to {}",
-                config.exec_file.display(),
-                exec_copy.display()
-            ),
-            e,
-        )
-    })?;
-    fs::set_permissions(&exec_copy, Permissions::from_mode(0o755))
-        .map_err(|e| Error::io(format!("chmod {}", exec_copy.display()), e))?;
+    let exec_in_root = root.join(config.exec_file_name()?);
+    match exec {
+        ExecPlacement::Bind => {
+            fs::File::create(&exec_in_root).map_err(|e| {
+                Error::io(format!("create mount point {}", exec_in_root.display()), e)
+            })?;
+        }
+        ExecPlacement::Copy => {
+            fs::copy(&config.exec_file, &exec_in_root).map_err(|e| {
+                Error::io(
+                    format!(
+                        "copy {} to {}",
+                        config.exec_file.display(),
+                        exec_in_root.display()
+                    ),
+                    e,
+                )
+            })?;
+        }
+    }
+    fs::set_permissions(&exec_in_root, Permissions::from_mode(0o755))
+        .map_err(|e| Error::io(format!("chmod {}", exec_in_root.display()), e))?;
 
     for dev in DEVICE_NODES {
         let path = in_root(root, Path::new(dev.path));
@@ -200,9 +234,10 @@ fn is_read_only(path: &Path) -> bool {
 }
 
 /// In a fresh mount namespace: stops mount propagation to and from the host, bind-mounts the
-/// jail root and the `--mount` paths, then makes the jail root `/` with `pivot_root` and detaches
-/// the old root, so nothing of the host filesystem stays reachable.
-pub(crate) fn pivot_into(config: &JailConfig, root: &Path) -> Result<()> {
+/// jail root, the exec file (if [`ExecPlacement::Bind`]) and the `--mount` paths, then makes the
+/// jail root `/` with `pivot_root` and detaches the old root, so nothing of the host filesystem
+/// stays reachable.
+pub(crate) fn pivot_into(config: &JailConfig, root: &Path, exec: ExecPlacement) -> Result<()> {
     mount(
         None,
         Path::new("/"),
@@ -218,6 +253,17 @@ pub(crate) fn pivot_into(config: &JailConfig, root: &Path) -> Result<()> {
         libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID,
         None,
     )?;
+    if exec == ExecPlacement::Bind {
+        let target = root.join(config.exec_file_name()?);
+        mount(Some(&config.exec_file), &target, None, libc::MS_BIND, None)?;
+        mount(
+            None,
+            &target,
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            None,
+        )?;
+    }
     for m in &config.mounts {
         let target = in_root(root, &m.jail);
         // Recursive: what is mounted below the path (a container's volumes) comes along.

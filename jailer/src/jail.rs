@@ -21,6 +21,8 @@ use crate::seccomp;
 pub struct Jail {
     config: JailConfig,
     root: PathBuf,
+    /// How the exec file was put into the root (bound at the pivot, or already copied).
+    exec: chroot::ExecPlacement,
     netns: Option<File>,
     /// The compiled seccomp policy, installed right before the exec.
     seccomp: Vec<seccompiler::BpfProgram>,
@@ -73,7 +75,7 @@ impl Drop for Undo {
 
 impl Jail {
     /// Steps 1–3 on the host: validates `config`, opens the network namespace, creates
-    /// `<base>/<exec-name>/<id>/root` with the exec file copy, device nodes and mount points, and
+    /// `<base>/<exec-name>/<id>/root` with the exec file (or its mount point), device nodes and mount points, and
     /// the per-jail cgroups with their values. On any error, everything made is removed again.
     pub fn prepare(config: JailConfig) -> Result<Jail> {
         config.validate()?;
@@ -94,7 +96,9 @@ impl Jail {
             Some(policy) => policy.compile()?,
             None => Vec::new(),
         };
+        let exec = chroot::ExecPlacement::for_exec_file(&config.exec_file)?;
         let mut jail = Jail {
+            exec,
             netns,
             seccomp,
             root,
@@ -107,7 +111,7 @@ impl Jail {
             config,
         };
         jail.undo.jail_dir = Some(chroot::create_jail_dir(&jail.config)?);
-        chroot::populate_root(&jail.config, &jail.root)?;
+        chroot::populate_root(&jail.config, &jail.root, jail.exec)?;
         plan.create(
             &jail.config.parent_cgroup,
             &jail.config.id,
@@ -239,7 +243,7 @@ impl Jail {
         // SAFETY: `host` holds the `c.id.len()` bytes passed and outlives the call.
         let ret = unsafe { libc::sethostname(host.as_ptr(), c.id.len()) };
         check(ret, || "sethostname".into())?;
-        chroot::pivot_into(c, &self.root)?;
+        chroot::pivot_into(c, &self.root, self.exec)?;
         if c.mount_proc {
             chroot::mount_proc()?;
         }

@@ -3,8 +3,8 @@
 //! Modelled on Firecracker's jailer, with a compatible command line. In order, failing closed and
 //! rolling back what it made at any step:
 //! 1. validate the [`JailConfig`]; close inherited fds, clear the environment ([`sanitize_process`]);
-//! 2. build `<chroot-base>/<exec-name>/<id>/root`: a copy of the exec file, `/dev/kvm`,
-//!    `/dev/net/tun`, `/dev/urandom` owned by the jail uid/gid, bind-mount points (and, with
+//! 2. build `<chroot-base>/<exec-name>/<id>/root`: the exec file (bound read-only, or copied),
+//!    `/dev/kvm`, `/dev/net/tun`, `/dev/urandom` owned by the jail uid/gid, bind-mount points (and, with
 //!    `--mount-devpts`, `/dev/pts` and a `/dev/ptmx` symlink into it);
 //! 3. make the per-jail cgroups (v1 or v2) and write the requested values ([`Jail::prepare`]);
 //! 4. join them and the network namespace, unshare mount/ipc/uts (and pid) namespaces,

@@ -81,11 +81,23 @@ fn jailed_probe_sees_only_the_jail_and_has_no_privileges() {
         "{}",
         r["cgroup"]
     );
-    // The exec file is a copy (not a link) and the device nodes carry the jail's owner.
+    // The exec file, which every user may run, is the host's own bound read-only in the jail's
+    // mount namespace (on the host, an empty root-owned mount point: no copy), and the device
+    // nodes carry the jail's owner.
+    assert_eq!(
+        r["exec_ino"],
+        std::fs::metadata(PROBE).unwrap().ino().to_string()
+    );
     let root = j.jail_dir().join("root");
-    let copy = std::fs::metadata(root.join("jail-probe")).unwrap();
-    assert_ne!(copy.ino(), std::fs::metadata(PROBE).unwrap().ino());
-    assert_eq!((copy.uid(), copy.permissions().mode() & 0o7777), (0, 0o755));
+    let mount_point = std::fs::metadata(root.join("jail-probe")).unwrap();
+    assert_eq!(
+        (
+            mount_point.len(),
+            mount_point.uid(),
+            mount_point.permissions().mode() & 0o7777
+        ),
+        (0, 0, 0o755)
+    );
     for (dev, rdev) in [
         ("dev/kvm", (10, 232)),
         ("dev/net/tun", (10, 200)),
@@ -103,6 +115,34 @@ fn jailed_probe_sees_only_the_jail_and_has_no_privileges() {
             "{dev}"
         );
     }
+    j.cleanup();
+}
+
+#[test]
+fn an_exec_file_others_may_not_run_is_copied_for_the_jailed_uid() {
+    if !root_or_skip("an_exec_file_others_may_not_run_is_copied_for_the_jailed_uid") {
+        return;
+    }
+    let j = TestJail::new("copy");
+    let private = j.base.join("private/jail-probe");
+    std::fs::create_dir(j.base.join("private")).unwrap();
+    std::fs::copy(PROBE, &private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let private_arg = private.to_str().unwrap();
+    let r = ok_report(&j.run(&["--new-pid-ns", "--exec-file", private_arg], &["report"]));
+    assert_powerless(&r, j.uid);
+    // A bind of a 0750 file would be unrunnable for the jailed uid: the jail holds a root-owned
+    // 0755 copy instead, with the source's content.
+    let copy = std::fs::metadata(j.jail_dir().join("root/jail-probe")).unwrap();
+    assert_ne!(
+        r["exec_ino"],
+        std::fs::metadata(&private).unwrap().ino().to_string()
+    );
+    assert_eq!(r["exec_ino"], copy.ino().to_string());
+    assert_eq!(
+        (copy.len(), copy.uid(), copy.permissions().mode() & 0o7777),
+        (std::fs::metadata(PROBE).unwrap().len(), 0, 0o755)
+    );
     j.cleanup();
 }
 

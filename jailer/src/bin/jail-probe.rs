@@ -274,6 +274,12 @@ fn report(write_paths: &[String]) -> BTreeMap<&'static str, String> {
             .unwrap_or_else(|e| errno_name(&e)),
     );
     r.insert(
+        "exec_ino",
+        std::fs::metadata(std::env::args().next().unwrap_or_default())
+            .map(|m| m.ino().to_string())
+            .unwrap_or_else(|e| errno_name(&e)),
+    );
+    r.insert(
         "write_exec_copy",
         std::fs::OpenOptions::new()
             .append(true)
