@@ -440,3 +440,64 @@ fn send_ctrl_alt_del_presses_the_keys_on_the_guests_keyboard() {
     );
     assert_eq!(code, Some(0), "the guest reset the VM");
 }
+
+/// Clients that stall hold up neither other clients nor the VMM: one sent half a request, one
+/// sends requests without reading the answers (the server stops reading it once an answer is
+/// pending, so its own writes end up blocked), and idle connections fill the cap, beyond which
+/// a client waits until one of them closes.
+#[test]
+fn stalled_clients_block_neither_other_clients_nor_the_vmm() {
+    use std::io::{ErrorKind, Write};
+    use std::os::unix::net::UnixStream;
+    use vmm::api_server::MAX_CONNECTIONS;
+
+    if !require_kvm("stalled_clients_block_neither_other_clients_nor_the_vmm") {
+        return;
+    }
+    let vmm = ApiVmm::start();
+    let connect = || UnixStream::connect(&vmm.socket).expect("connect");
+    let mut half = connect();
+    half.write_all(b"PUT /boot-source HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"kern")
+        .unwrap();
+    let mut deaf = connect();
+    deaf.set_nonblocking(true).unwrap();
+    let request = b"GET / HTTP/1.1\r\n\r\n";
+    let mut sent = 0usize;
+    let blocked = loop {
+        match deaf.write(request) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+            Err(e) => panic!("writing to the API: {e}"),
+        }
+        if sent > 64 << 20 {
+            break false;
+        }
+    };
+    assert!(
+        blocked,
+        "the server read {sent} bytes of a client that reads nothing"
+    );
+    assert_eq!(vmm.state(), "Not started");
+
+    // Fill the cap: a connection held open is still served, the next one waits for a slot.
+    let mut idle: Vec<UnixStream> = (2..MAX_CONNECTIONS).map(|_| connect()).collect();
+    let served = idle.last_mut().unwrap();
+    served.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut answer = [0u8; 12];
+    served.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let socket = vmm.socket.clone();
+    let waiting = std::thread::spawn(move || http_unix(&socket, "GET", "/", None));
+    idle.clear();
+    let (status, body) = waiting
+        .join()
+        .unwrap()
+        .expect("an answer once a slot is free");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(vmm.state(), "Not started");
+
+    // SAFETY: kill() on our own child's pid.
+    unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(vmm.wait(Duration::from_secs(10)).0, Some(0));
+    drop((half, deaf));
+}

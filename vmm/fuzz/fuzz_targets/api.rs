@@ -1,19 +1,37 @@
-//! The API's HTTP request parser and router on arbitrary client bytes, read as one connection's
-//! stream the way the API thread reads it: each request is parsed, then routed to a `VmmAction`
-//! or answered with an error response; no VM, no socket. Every refusal must be a 4xx, and no
-//! accepted body may exceed the parser's cap.
+//! The API's HTTP request parser and router on arbitrary client bytes, fed to one connection's
+//! incremental parser the way the API thread receives them: in pieces (the first byte sets the
+//! piece size), each whole request routed to a `VmmAction` or answered with an error response;
+//! no VM, no socket. Every refusal must be a 4xx, no accepted body may exceed the parser's cap,
+//! and a parser waiting for bytes always has room for them.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm::api_server::http::{read_request, MAX_BODY_BYTES};
+use vmm::api_server::http::{RequestParser, MAX_BODY_BYTES};
 use vmm::api_server::router::route;
 
 fuzz_target!(|data: &[u8]| {
-    let mut stream = data;
+    let Some((piece, mut stream)) = data.split_first() else {
+        return;
+    };
+    let piece = usize::from(*piece).max(1);
+    let mut parser = RequestParser::new();
     let mut written = Vec::new();
     loop {
-        let (response, close) = match read_request(&mut stream) {
-            Ok(None) => return,
+        let (response, close) = match parser.next_request() {
+            Ok(None) => {
+                if stream.is_empty() {
+                    match parser.finish() {
+                        Ok(()) => return,
+                        Err(response) => (response, true),
+                    }
+                } else {
+                    let n = piece.min(stream.len()).min(parser.room());
+                    assert!(n > 0, "the parser wants bytes but has no room");
+                    parser.push(&stream[..n]);
+                    stream = &stream[n..];
+                    continue;
+                }
+            }
             Ok(Some(request)) => {
                 assert!(request.body.len() <= MAX_BODY_BYTES);
                 match route(&request) {

@@ -1,8 +1,9 @@
 //! The HTTP/1.1 subset the API speaks: one request at a time with a `Content-Length` body, and
-//! JSON responses. Requests are bounded: headers at [`MAX_HEAD_BYTES`] (431 beyond), bodies at
-//! [`MAX_BODY_BYTES`] (413 beyond), so no client makes the VMM allocate more.
+//! JSON responses. Requests are parsed incrementally ([`RequestParser`]: bytes accumulate per
+//! connection until a whole request is there) and bounded: headers at [`MAX_HEAD_BYTES`] (431
+//! beyond), bodies at [`MAX_BODY_BYTES`] (413 beyond), so no client makes the VMM hold more.
 
-use std::io::{BufRead, Read, Write};
+use std::io::Write;
 
 use serde_json::{json, Value};
 
@@ -75,44 +76,136 @@ pub struct HttpRequest {
     pub close: bool,
 }
 
-/// Reads one request; Ok(None) at a clean end of stream, Err(response) for malformed or
-/// oversized input.
-pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, HttpResponse> {
-    let mut head = Vec::new();
-    loop {
-        let mut line = Vec::new();
-        let n = reader
-            .by_ref()
-            .take((MAX_HEAD_BYTES + 1 - head.len().min(MAX_HEAD_BYTES)) as u64)
-            .read_until(b'\n', &mut line)
-            .map_err(|e| HttpResponse::fault(400, format!("cannot read the request: {e}")))?;
-        if n == 0 {
-            return if head.is_empty() {
-                Ok(None)
-            } else {
-                Err(HttpResponse::fault(
-                    400,
-                    "the request ended before its headers did",
-                ))
+/// One connection's request parser: it accumulates the bytes received (at most
+/// [`MAX_BUFFERED_BYTES`]) until a whole request is there, so a client that sends a request in
+/// pieces, or stops halfway, holds no thread and no more memory than that.
+#[derive(Debug, Default)]
+pub struct RequestParser {
+    buf: Vec<u8>,
+    /// Where the search for the end of the head resumes: the start of the first line not yet
+    /// whole (so bytes trickling in are scanned once, not once per arrival).
+    scanned: usize,
+    /// The head of the request being received, once it is all there, and its length.
+    head: Option<(usize, RequestHead)>,
+}
+
+/// Most bytes a connection's parser holds: one request head and body at their limits.
+pub const MAX_BUFFERED_BYTES: usize = MAX_HEAD_BYTES + MAX_BODY_BYTES;
+
+impl RequestParser {
+    /// A parser at the start of a connection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many more bytes the parser takes now; 0 only while it holds a whole request (take
+    /// it with [`Self::next_request`] first).
+    pub fn room(&self) -> usize {
+        MAX_BUFFERED_BYTES.saturating_sub(self.buf.len())
+    }
+
+    /// Appends received bytes (no more than [`Self::room`]).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole request: Ok(None) while more bytes are needed, Err(response) for
+    /// malformed or oversized input (after which the connection must close).
+    pub fn next_request(&mut self) -> Result<Option<HttpRequest>, HttpResponse> {
+        if self.head.is_none() {
+            let Some(head_len) = self.head_end() else {
+                return if self.buf.len() > MAX_HEAD_BYTES {
+                    Err(head_too_large())
+                } else {
+                    Ok(None)
+                };
             };
+            if head_len > MAX_HEAD_BYTES {
+                return Err(head_too_large());
+            }
+            self.head = Some((head_len, parse_head(&self.buf[..head_len])?));
         }
-        if head.len() + line.len() > MAX_HEAD_BYTES {
-            return Err(HttpResponse::fault(
-                431,
-                "request headers are larger than 16 KiB",
-            ));
+        let Some((head_len, head)) = &self.head else {
+            return Ok(None);
+        };
+        let request_len = head_len + head.content_length;
+        if self.buf.len() < request_len {
+            return Ok(None);
         }
-        let blank = line == b"\r\n" || line == b"\n";
-        head.extend_from_slice(&line);
-        if blank && head.len() > line.len() {
-            break;
+        let body = self.buf[*head_len..request_len].to_vec();
+        let Some((_, head)) = self.head.take() else {
+            return Ok(None);
+        };
+        self.buf.drain(..request_len);
+        self.scanned = 0;
+        Ok(Some(HttpRequest {
+            method: head.method,
+            path: head.path,
+            body,
+            close: head.close,
+        }))
+    }
+
+    /// The length of the head (through its empty line) once it is all there. Stray empty lines
+    /// before a request are dropped (RFC 9112, 2.2).
+    fn head_end(&mut self) -> Option<usize> {
+        if self.scanned == 0 {
+            let mut stray = 0;
+            loop {
+                let rest = &self.buf[stray..];
+                stray += if rest.starts_with(b"\r\n") {
+                    2
+                } else if rest.starts_with(b"\n") {
+                    1
+                } else {
+                    break;
+                };
+            }
+            self.buf.drain(..stray);
         }
-        if blank {
-            // Stray empty lines before a request are allowed (RFC 9112, 2.2).
-            head.clear();
+        while let Some(newline) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+            let line = &self.buf[self.scanned..=self.scanned + newline];
+            self.scanned += newline + 1;
+            if line == b"\r\n" || line == b"\n" {
+                return Some(self.scanned);
+            }
+        }
+        None
+    }
+
+    /// At the end of the client's stream: Ok when no request was left half sent.
+    pub fn finish(&self) -> Result<(), HttpResponse> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else if self.head.is_none() {
+            Err(HttpResponse::fault(
+                400,
+                "the request ended before its headers did",
+            ))
+        } else {
+            Err(HttpResponse::fault(
+                400,
+                "the request body is shorter than its Content-Length",
+            ))
         }
     }
-    let head = String::from_utf8(head)
+}
+
+fn head_too_large() -> HttpResponse {
+    HttpResponse::fault(431, "request headers are larger than 16 KiB")
+}
+
+/// What a request head says.
+#[derive(Debug)]
+struct RequestHead {
+    method: String,
+    path: String,
+    content_length: usize,
+    close: bool,
+}
+
+fn parse_head(head: &[u8]) -> Result<RequestHead, HttpResponse> {
+    let head = std::str::from_utf8(head)
         .map_err(|_| HttpResponse::fault(400, "request headers are not UTF-8"))?;
     let mut lines = head.lines();
     let request_line = lines.next().unwrap_or_default();
@@ -162,26 +255,34 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<Option<HttpRequest>, Ht
             format!("request body is larger than {MAX_BODY_BYTES} bytes"),
         ));
     }
-    let mut body = vec![0u8; content_length];
-    reader.read_exact(&mut body).map_err(|_| {
-        HttpResponse::fault(400, "the request body is shorter than its Content-Length")
-    })?;
-    let path = target.split('?').next().unwrap_or(target).to_string();
-    Ok(Some(HttpRequest {
+    Ok(RequestHead {
         method: method.to_ascii_uppercase(),
-        path,
-        body,
+        path: target.split('?').next().unwrap_or(target).to_string(),
+        content_length,
         close,
-    }))
+    })
 }
 
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
 
-    /// Parses `raw` as the start of a connection's byte stream.
+    /// Parses `raw` as a connection's whole byte stream up to its first request, fed one byte
+    /// at a time: Ok(None) when the stream ends cleanly before any request.
     pub(in crate::api_server) fn req(raw: &str) -> Result<Option<HttpRequest>, HttpResponse> {
-        read_request(&mut raw.as_bytes())
+        let mut parser = RequestParser::new();
+        for byte in raw.as_bytes() {
+            assert!(
+                parser.room() > 0,
+                "the parser held {} bytes",
+                parser.buf.len()
+            );
+            parser.push(&[*byte]);
+            if let Some(request) = parser.next_request()? {
+                return Ok(Some(request));
+            }
+        }
+        parser.finish().map(|()| None)
     }
 
     /// The fault message of an error response.
@@ -204,6 +305,28 @@ pub(super) mod tests {
             .unwrap();
         assert_eq!((r.path.as_str(), r.close), ("/", true));
         assert!(req("").unwrap().is_none());
+    }
+
+    #[test]
+    fn pipelined_requests_come_out_one_at_a_time_and_a_partial_one_waits() {
+        let mut parser = RequestParser::new();
+        parser.push(b"GET / HTTP/1.1\r\n\r\nPUT /vsock HTTP/1.1\r\nContent-Length: 5\r\n\r\n{\"a");
+        let first = parser.next_request().unwrap().unwrap();
+        assert_eq!((first.method.as_str(), first.path.as_str()), ("GET", "/"));
+        assert!(parser.next_request().unwrap().is_none(), "half a body");
+        assert!(parser.room() > 0);
+        assert!(message(parser.finish().unwrap_err()).contains("shorter"));
+        parser.push(b"\"}");
+        let second = parser.next_request().unwrap().unwrap();
+        assert_eq!(
+            (second.path.as_str(), second.body.as_slice()),
+            ("/vsock", &b"{\"a\"}"[..])
+        );
+        assert!(parser.next_request().unwrap().is_none());
+        parser.finish().unwrap();
+        // A head that is over the limit before it ends is refused without waiting for its end.
+        parser.push(&vec![b'a'; MAX_HEAD_BYTES + 1]);
+        assert_eq!(parser.next_request().unwrap_err().status, 431);
     }
 
     #[test]

@@ -4,30 +4,36 @@
 //! | filter | thread | installed |
 //! |---|---|---|
 //! | `vmm`  | main thread: event loop, API requests, device control | after the VM is built, before any vCPU enters the guest |
-//! | `api`  | `fc_api` and its connection threads | when the API thread starts |
+//! | `api`  | `fc_api`, which serves every API connection | when the API thread starts |
 //! | `vcpu` | `fc_vcpu N` | before the first KVM_RUN |
 //! | `device` | `fc_blk N`, `fc_net N`, `fc_vsock` | when the device thread starts (at build) |
 //!
 //! A forbidden syscall traps: the SIGSYS handler reports the syscall number and the thread, and
 //! the VMM exits with status 148, as Firecracker does.
 //!
-//! clone3(2) passes its flags in memory, out of seccomp's reach, so under every thread filter
-//! a second filter makes it fail with ENOSYS: glibc then falls back to clone(2), whose flags
-//! the `api` filter checks (a thread, never a process or a namespace). A thread filter that
-//! does not list clone3 still traps it: the kernel takes the strictest verdict of the two.
+//! clone3(2) passes its flags in memory, out of seccomp's reach, so every thread's program
+//! starts with a rule that makes it fail with ENOSYS: glibc then falls back to clone(2), whose
+//! flags the `api` filter checks (a thread, never a process or a namespace). A thread filter
+//! that does not list clone3 still traps it: the merged rule keeps the stricter verdict of the
+//! two, as the kernel did when the rule was a second filter stacked under each thread filter
+//! (`clone3.rs`; one seccomp(2) install per thread instead of two).
 //!
-//! The built-in filters are compiled to BPF at build time (`build.rs`, with seccompiler, as
-//! Firecracker does): parsing and compiling the JSON took 80% of a VMM's start. A test checks
-//! that the embedded programs equal the JSON compiled afresh. `--seccomp-filter FILE` is
-//! compiled when the VMM starts.
+//! The built-in filters are compiled to BPF and merged with the clone3 rule at build time
+//! (`build.rs`, with seccompiler, as Firecracker does): parsing and compiling the JSON took 80%
+//! of a VMM's start. Tests check that the embedded programs equal the JSON compiled and merged
+//! afresh, and that each merged program gives every syscall the verdict of the two stacked
+//! filters. `--seccomp-filter FILE` is compiled and merged when the VMM starts.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use seccompiler::{sock_filter, TargetArch};
 
-// `BUILTIN` (the filters of `x86_64.json`, compiled to BPF by build.rs) and `CLONE3_ENOSYS`.
+// `BUILTIN`: the filters of `x86_64.json`, compiled to BPF and merged with the clone3 rule by
+// build.rs.
 include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
+// `merge_clone3_enosys`, shared with build.rs.
+include!("clone3.rs");
 
 /// The thread kinds every filter file must define.
 pub const THREAD_KINDS: [&str; 4] = ["vmm", "api", "vcpu", "device"];
@@ -46,6 +52,9 @@ pub enum SeccompError {
     /// A thread kind has no filter.
     #[error("the seccomp filters define no `{0}` filter")]
     MissingFilter(&'static str),
+    /// A `--seccomp-filter` program cannot take the clone3 → ENOSYS rule in.
+    #[error("the `{0}` seccomp filter cannot be used: {1}")]
+    Clone3(&'static str, Clone3MergeError),
     /// The kernel refused the filter.
     #[error("cannot install the `{0}` seccomp filter: {1}")]
     Install(&'static str, seccompiler::Error),
@@ -63,32 +72,40 @@ type Program = Cow<'static, [sock_filter]>;
 pub struct Filters(Option<Arc<[Program]>>);
 
 impl Filters {
-    /// The built-in filters, compiled from `x86_64.json` when the VMM was built.
+    /// The built-in filters, compiled from `x86_64.json` (with the clone3 rule merged in) when
+    /// the VMM was built.
     pub fn builtin() -> Result<Self, SeccompError> {
         Self::by_thread_kind(|kind| {
             BUILTIN
                 .iter()
                 .find(|(name, _)| *name == kind)
                 .map(|(_, program)| Cow::Borrowed(*program))
+                .ok_or(SeccompError::MissingFilter(kind))
         })
     }
 
-    /// Filters from a seccompiler JSON file (`--seccomp-filter`), compiled now.
+    /// Filters from a seccompiler JSON file (`--seccomp-filter`), compiled and merged with the
+    /// clone3 rule now.
     pub fn from_file(path: &str) -> Result<Self, SeccompError> {
         let json = std::fs::read(path).map_err(|e| SeccompError::Read(path.into(), e))?;
         let mut map = seccompiler::compile_from_json(json.as_slice(), TargetArch::x86_64)
             .map_err(SeccompError::Compile)?;
-        Self::by_thread_kind(|kind| map.remove(kind).map(Cow::<[sock_filter]>::Owned))
+        Self::by_thread_kind(|kind| {
+            let program = map.remove(kind).ok_or(SeccompError::MissingFilter(kind))?;
+            merge_clone3_enosys(&program)
+                .map(Cow::<[sock_filter]>::Owned)
+                .map_err(|e| SeccompError::Clone3(kind, e))
+        })
     }
 
     /// Picks the program of every thread kind with `program_for` and installs the SIGSYS
     /// handler that reports violations.
     fn by_thread_kind(
-        mut program_for: impl FnMut(&str) -> Option<Program>,
+        mut program_for: impl FnMut(&'static str) -> Result<Program, SeccompError>,
     ) -> Result<Self, SeccompError> {
         let programs = THREAD_KINDS
             .iter()
-            .map(|kind| program_for(kind).ok_or(SeccompError::MissingFilter(kind)))
+            .map(|kind| program_for(kind))
             .collect::<Result<Arc<[Program]>, _>>()?;
         install_sigsys_handler()?;
         Ok(Filters(Some(programs)))
@@ -99,8 +116,8 @@ impl Filters {
         Filters(None)
     }
 
-    /// Installs the filter for `kind` on the calling thread (and threads it spawns later),
-    /// over the clone3 filter.
+    /// Installs the filter for `kind` (clone3 rule included) on the calling thread and the
+    /// threads it spawns later.
     pub fn apply(&self, kind: &'static str) -> Result<(), SeccompError> {
         let Some(programs) = &self.0 else {
             return Ok(());
@@ -110,8 +127,6 @@ impl Filters {
             .position(|k| *k == kind)
             .map(|index| &programs[index])
             .ok_or(SeccompError::MissingFilter(kind))?;
-        // The clone3 filter goes first: once the thread filter is in, seccomp(2) is refused.
-        seccompiler::apply_filter(CLONE3_ENOSYS).map_err(|e| SeccompError::Install(kind, e))?;
         seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(kind, e))?;
         THREAD_FILTER.with(|k| k.set(kind));
         Ok(())
@@ -171,36 +186,154 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use seccompiler::BpfProgram;
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule};
 
-    include!("clone3.rs");
+    const SECCOMP_RET_TRAP: u32 = 0x0003_0000;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 
-    /// The filters compiled into the binary are exactly what `x86_64.json` says today.
+    /// The filter that used to be stacked under every thread filter: clone3(2) → ENOSYS, every
+    /// other syscall allowed. The reference the merged programs are checked against.
+    fn clone3_enosys_filter() -> BpfProgram {
+        SeccompFilter::new(
+            [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+            TargetArch::x86_64,
+        )
+        .and_then(TryInto::try_into)
+        .expect("the clone3 filter compiles")
+    }
+
+    fn compiled_json() -> std::collections::HashMap<String, BpfProgram> {
+        seccompiler::compile_from_json(include_str!("x86_64.json").as_bytes(), TargetArch::x86_64)
+            .expect("x86_64.json compiles")
+    }
+
+    fn verdict(program: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        run_seccomp_bpf(program, &seccomp_data(nr, arch, args))
+            .expect("the program runs")
+            .0
+    }
+
     #[test]
-    fn the_built_in_filters_are_the_json_compiled() {
-        let json = include_str!("x86_64.json");
-        let compiled = seccompiler::compile_from_json(json.as_bytes(), TargetArch::x86_64)
-            .expect("x86_64.json compiles");
+    fn the_merge_uses_the_kernels_numbers() {
+        assert_eq!(i64::from(SYS_CLONE3), libc::SYS_clone3);
+        assert_eq!(ENOSYS as i32, libc::ENOSYS);
+    }
+
+    /// The filters compiled into the binary are exactly what `x86_64.json` says today, each
+    /// merged with the clone3 rule.
+    #[test]
+    fn the_built_in_filters_are_the_json_compiled_and_merged() {
+        let compiled = compiled_json();
+        let merged = |kind: &str| merge_clone3_enosys(&compiled[kind]).expect("merges");
         let mut built_in: Vec<&str> = BUILTIN.iter().map(|(kind, _)| *kind).collect();
         let mut in_json: Vec<&str> = compiled.keys().map(String::as_str).collect();
         built_in.sort_unstable();
         in_json.sort_unstable();
         assert_eq!(built_in, in_json);
         for (kind, program) in BUILTIN {
-            assert_eq!(*program, compiled[*kind].as_slice(), "the `{kind}` filter");
+            assert_eq!(*program, merged(kind).as_slice(), "the `{kind}` filter");
         }
         let filters = Filters::builtin().expect("every thread kind has a built-in filter");
         let programs = filters.0.expect("filters on");
         for (kind, program) in THREAD_KINDS.iter().zip(programs.iter()) {
-            assert_eq!(**program, compiled[*kind][..], "the `{kind}` filter");
+            assert_eq!(**program, merged(kind)[..], "the `{kind}` filter");
         }
     }
 
+    /// Each merged program gives every syscall number, on x86_64 and other architectures, with
+    /// assorted arguments, the verdict the kernel gave the clone3 filter stacked under the
+    /// thread's own: the policy is exactly as strict as before the merge.
     #[test]
-    fn the_built_in_clone3_filter_is_the_compiled_one() {
-        let compiled: BpfProgram = clone3_enosys_filter()
-            .and_then(TryInto::try_into)
-            .expect("the clone3 filter compiles");
-        assert_eq!(CLONE3_ENOSYS, compiled.as_slice());
+    fn each_merged_program_gives_the_verdicts_of_the_two_stacked_filters() {
+        let clone3 = clone3_enosys_filter();
+        let args = [
+            [0; 6],
+            [u64::MAX; 6],
+            [1, 2, 3, 4, 5, 6],
+            // The thread flags the `api` filter allows for clone(2), and a process fork's.
+            [0x3d_0f00, 0, 0, 0, 0, 0],
+            [u64::from(libc::SIGCHLD as u32), 0, 0, 0, 0, 0],
+            // KVM_RUN, KVM_CREATE_VCPU and a socket's TIOCOUTQ-like ioctl on fd 3.
+            [3, 0xae80, 0, 0, 0, 0],
+            [3, 0xae41, 0, 0, 0, 0],
+        ];
+        for (kind, thread) in compiled_json() {
+            let merged = merge_clone3_enosys(&thread).expect("merges");
+            for nr in 0..600 {
+                for arch in [AUDIT_ARCH_X86_64, AUDIT_ARCH_I386, 0] {
+                    for args in args {
+                        let stacked = strictest_verdict(
+                            verdict(&thread, nr, arch, args),
+                            verdict(&clone3, nr, arch, args),
+                        );
+                        assert_eq!(
+                            verdict(&merged, nr, arch, args),
+                            stacked,
+                            "`{kind}`: syscall {nr}, arch {arch:#x}, args {args:x?}"
+                        );
+                    }
+                }
+            }
+            let clone3_verdict = verdict(&merged, SYS_CLONE3, AUDIT_ARCH_X86_64, [0; 6]);
+            let expected = if kind == "api" {
+                SECCOMP_RET_ERRNO | ENOSYS
+            } else {
+                SECCOMP_RET_TRAP
+            };
+            assert_eq!(clone3_verdict, expected, "`{kind}`: clone3");
+        }
+        // The kernel's rule as the merge applies it: the stricter action wins, the newer
+        // filter's on a tie.
+        assert_eq!(
+            strictest_verdict(SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | ENOSYS),
+            0x50026
+        );
+        assert_eq!(
+            strictest_verdict(SECCOMP_RET_TRAP, SECCOMP_RET_ERRNO | ENOSYS),
+            0x30000
+        );
+        assert_eq!(
+            strictest_verdict(SECCOMP_RET_ERRNO | 1, SECCOMP_RET_ERRNO | 2),
+            0x50001
+        );
+        assert_eq!(
+            strictest_verdict(SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS),
+            SECCOMP_RET_KILL_PROCESS
+        );
+    }
+
+    /// A filter file whose clone3 verdict depends on clone3's arguments (a pointer) is refused
+    /// with a message that says so, instead of being merged into something weaker or stricter.
+    #[test]
+    fn a_filter_conditioning_clone3_on_its_arguments_is_refused() {
+        let condition = seccompiler::SeccompCondition::new(
+            0,
+            seccompiler::SeccompCmpArgLen::Qword,
+            seccompiler::SeccompCmpOp::Eq,
+            0,
+        )
+        .expect("a condition");
+        let program: BpfProgram = SeccompFilter::new(
+            [(
+                libc::SYS_clone3,
+                vec![SeccompRule::new(vec![condition]).expect("a rule")],
+            )]
+            .into_iter()
+            .collect(),
+            SeccompAction::Trap,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )
+        .and_then(TryInto::try_into)
+        .expect("the filter compiles");
+        let error = merge_clone3_enosys(&program).expect_err("refused");
+        assert_eq!(error, Clone3MergeError::ArgumentDependent);
+        assert!(
+            error.to_string().contains("without argument conditions"),
+            "{error}"
+        );
     }
 }
