@@ -1042,6 +1042,7 @@ fn openapi_document_validates_and_lists_every_route() {
         ("POST", "/v1/sandboxes/{id}/resume"),
         ("POST", "/v1/sandboxes/{id}/keepalive"),
         ("POST", "/v1/sandboxes/{id}/fork"),
+        ("PATCH", "/v1/sandboxes/{id}/network"),
         ("GET", "/v1/sandboxes/{id}/logs"),
         ("GET", "/v1/sandboxes/{id}/stats"),
         ("GET", "/v1/templates"),

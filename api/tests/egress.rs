@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -131,35 +132,41 @@ impl Internet {
                 net.host_addr
             ),
         );
-        let ns_file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
-        let stop = Arc::clone(&net.stop);
-        let (ready_tx, ready) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
-            let rc = unsafe {
-                libc::setns(
-                    std::os::fd::AsRawFd::as_raw_fd(&ns_file),
-                    libc::CLONE_NEWNET,
-                )
-            };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80)).expect("bind port 80");
-            listener.set_nonblocking(true).expect("nonblocking");
-            ready_tx.send(()).expect("ready");
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut sock, peer)) => {
-                        use std::io::Write;
-                        let _ = sock.set_nonblocking(false);
-                        let _ = writeln!(sock, "peer={}", peer.ip());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        ready.recv().expect("service thread");
+        serve_in(ns, 80, &net.stop);
         net
     }
+}
+
+/// A TCP service on `port` of every address of network namespace `ns` that answers each
+/// connection with the address it came from, until `stop`.
+fn serve_in(ns: &str, port: u16, stop: &Arc<AtomicBool>) {
+    let ns_file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
+    let stop = Arc::clone(stop);
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
+        let rc = unsafe {
+            libc::setns(
+                std::os::fd::AsRawFd::as_raw_fd(&ns_file),
+                libc::CLONE_NEWNET,
+            )
+        };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind the service");
+        listener.set_nonblocking(true).expect("nonblocking");
+        ready_tx.send(()).expect("ready");
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut sock, peer)) => {
+                    use std::io::Write;
+                    let _ = sock.set_nonblocking(false);
+                    let _ = writeln!(sock, "peer={}", peer.ip());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    ready.recv().expect("service thread");
 }
 
 impl Internet {
@@ -331,9 +338,10 @@ fn egress_all_masquerades_isolates_sandboxes_and_restores_the_host() {
         assert_eq!(got, "peer-reached\n");
 
         c.delete(&all_a.id).await.expect("delete all a");
-        // Another `all` sandbox remains: forwarding stays on.
+        // Another `all` sandbox and the `allow` one (masqueraded too, to what it allows)
+        // remain: forwarding stays on.
         assert_eq!(ip_forward(), "1");
-        assert_eq!(egress_tables().len(), 2, "{:?}", egress_tables());
+        assert_eq!(egress_tables().len(), 3, "{:?}", egress_tables());
         for s in [all_b, allow, none] {
             c.delete(&s.id).await.expect("delete");
         }
@@ -569,4 +577,188 @@ fn egress_all_keeps_off_the_host_its_neighbours_and_spoofing() {
     });
     d.assert_no_leaks(&before);
     assert!(egress_tables().is_empty(), "{:?}", egress_tables());
+}
+
+/// A DNS server (dnsmasq) in the test's "internet", authoritative for the names of
+/// [`egress_allow_by_dns_name`], with a TTL per name.
+struct DnsServer(std::process::Child);
+
+impl DnsServer {
+    fn start(ns: &str, listen: Ipv4Addr, records: &[(&str, Ipv4Addr, u32)]) -> Option<DnsServer> {
+        let Some(program) = which("dnsmasq") else {
+            mvm_testkit::skip_or_fail_in_ci(
+                "egress_allow_by_dns_name",
+                "dnsmasq is missing: scripts/deps.sh installs dnsmasq-base",
+            );
+            return None;
+        };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(program)
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--pid-file=",
+                "--user=root",
+                "--port=53",
+            ])
+            .arg(format!("--listen-address={listen}"));
+        for (name, addr, ttl) in records {
+            // Also an AAAA record, which the sandbox's resolver must not pass on.
+            cmd.arg(format!("--host-record={name},{addr},2001:db8::1,{ttl}"));
+        }
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("starting dnsmasq");
+        // Ready once it answers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+        probe
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        // A query for records[0] (id 1, recursion desired).
+        let mut query = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in records[0].0.split('.') {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 1, 0, 1]);
+        loop {
+            probe.send_to(&query, (listen, 53)).expect("send probe");
+            let mut buf = [0u8; 512];
+            if probe.recv(&mut buf).is_ok() {
+                return Some(DnsServer(child));
+            }
+            assert!(Instant::now() < deadline, "dnsmasq does not answer");
+        }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The path of `program` in the usual system directories.
+fn which(program: &str) -> Option<String> {
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin"]
+        .iter()
+        .map(|dir| format!("{dir}/{program}"))
+        .find(|p| Path::new(p).exists())
+}
+
+/// Egress `allow` by DNS name, through the sandbox's resolver and a real DNS server: an
+/// allowed name and a wildcard's resolve and are reached; other names do not resolve and
+/// their addresses are not reached even by address; a name allowed on one port is reached on
+/// it only; AAAA answers are dropped; no resolver outlives its sandbox.
+#[test]
+fn egress_allow_by_dns_name() {
+    let Some(_host) = own_the_host("egress_allow_by_dns_name") else {
+        return;
+    };
+    let _restore = RestoreForwarding(ip_forward());
+    let inet = Internet::start();
+    let n = inet.service.octets()[2];
+    let addr = |last: u8| Ipv4Addr::new(198, 19, n, last);
+    ip(&format!("route add 198.19.{n}.0/24 via 198.18.{n}.2"));
+    for last in [2, 3, 4, 5, 6, 53] {
+        ip(&format!(
+            "-n {} addr add {}/32 dev lo",
+            inet.name,
+            addr(last)
+        ));
+    }
+    serve_in(&inet.name, 8080, &inet.stop);
+    let (api, pypi, blocked, short, ported) = (addr(2), addr(3), addr(4), addr(5), addr(6));
+    let Some(_dns) = DnsServer::start(
+        &inet.name,
+        addr(53),
+        &[
+            ("api.example.test", api, 300),
+            ("files.pypi.test", pypi, 300),
+            ("blocked.test", blocked, 300),
+            ("short.test", short, 1),
+            ("ported.test", ported, 300),
+        ],
+    ) else {
+        return;
+    };
+    let upstream = format!("{}:53", addr(53));
+    let d = Daemon::start_with_env(&[], &[("MVM_DNS_UPSTREAM", Path::new(&upstream))]);
+    let before = d.host_state();
+    let masqueraded = format!("peer={}", inet.host_addr);
+    let run_in = |s: &Sandbox, script: String| {
+        let c = d.client();
+        let id = s.id.clone();
+        async move { c.exec(&id, &sh(&script)).await.expect("exec").stdout }
+    };
+    let reach = |s: &Sandbox, host: String, port: u16| {
+        run_in(s, format!("nc -w 2 {host} {port} </dev/null; echo rc=$?"))
+    };
+    let resolve = |s: &Sandbox, name: &str| run_in(s, format!("nslookup {name} 2>&1; echo rc=$?"));
+    let reached = |out: &str| out.contains(&masqueraded);
+    block_on(async {
+        let c = d.client();
+        let s = c
+            .create(&sandbox(
+                Egress::Allow,
+                &[
+                    "api.example.test",
+                    "*.pypi.test",
+                    "ported.test:8080",
+                    "short.test",
+                ],
+            ))
+            .await
+            .expect("create");
+        let conf = run_in(&s, "cat /etc/resolv.conf".into()).await;
+        assert!(conf.contains("nameserver 169.254.53.53"), "{conf}");
+
+        // Allowed names resolve and are reached by name; AAAA answers are dropped.
+        let out = resolve(&s, "api.example.test").await;
+        assert!(out.contains(&api.to_string()), "api.example.test: {out}");
+        assert!(
+            !out.contains("2001:db8"),
+            "an AAAA answer came through: {out}"
+        );
+        assert!(reached(&reach(&s, "api.example.test".into(), 80).await));
+        assert!(reached(&reach(&s, "files.pypi.test".into(), 8080).await));
+
+        // Other names do not resolve, and their addresses are not reached by address.
+        let out = resolve(&s, "blocked.test").await;
+        assert!(
+            !out.contains(&blocked.to_string()) && !out.contains("rc=0"),
+            "{out}"
+        );
+        let out = reach(&s, blocked.to_string(), 80).await;
+        assert!(
+            !reached(&out) && !out.contains("rc=0"),
+            "blocked.test by address: {out}"
+        );
+
+        // A name allowed on one port: that port only.
+        assert!(reached(&reach(&s, "ported.test".into(), 8080).await));
+        let out = reach(&s, ported.to_string(), 80).await;
+        assert!(
+            !reached(&out) && !out.contains("rc=0"),
+            "ported.test:80: {out}"
+        );
+
+        c.delete(&s.id).await.expect("delete");
+    });
+    ip(&format!("route del 198.19.{n}.0/24"));
+    d.assert_no_leaks(&before);
+    assert!(egress_tables().is_empty(), "{:?}", egress_tables());
+    assert!(
+        Command::new("pgrep")
+            .args(["-f", "mvm-dns"])
+            .output()
+            .is_ok_and(|o| o.stdout.is_empty()),
+        "a resolver outlived its sandbox"
+    );
 }

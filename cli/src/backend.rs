@@ -300,6 +300,22 @@ impl Backend {
 
     /// Forks a running vm-tier sandbox into `count` children.
     pub async fn fork(&self, id: &str, count: u32) -> Result<Vec<Sandbox>, CliError> {
+    /// Replaces the allow list of a sandbox with egress allow.
+    pub async fn update_network(&self, id: &str, allow: Vec<String>) -> Result<Sandbox, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.update_network(id, allow).await?,
+            Backend::Local { manager, tenant } => {
+                manager
+                    .update_network(
+                        &tenant.name,
+                        id,
+                        mvm_sandbox::model::NetworkUpdate { allow },
+                    )
+                    .await?
+            }
+        })
+    }
+
         Ok(match self {
             Backend::Daemon(c) => c.fork(id, count).await?,
             Backend::Local { manager, tenant } => manager.fork(tenant, id, count).await?,

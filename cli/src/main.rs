@@ -86,7 +86,8 @@ struct RunArgs {
     /// Egress policy.
     #[arg(long, value_parser = ["none", "allow", "all"], default_value = "none")]
     egress: String,
-    /// Allowed destination (IPv4 or CIDR; repeatable): with --egress allow the only ones, with
+    /// Allowed destination (repeatable; IPv4 or CIDR, a DNS name or *.wildcard, each optionally
+    /// :PORT): with --egress allow the only ones, with
     /// --egress all a host, private or link-local one to open.
     #[arg(long)]
     allow: Vec<String>,
@@ -174,6 +175,16 @@ enum Command {
     /// Fork a running vm-tier sandbox: children that go on from this instant (processes,
     /// memory, files), each with its own host name, MAC, address, RNG seed and clock.
     Fork {
+    /// Replace the allow list of a running sandbox with egress allow: what the new list does
+    /// not name is closed at once.
+    Network {
+        /// Sandbox id.
+        id: String,
+        /// Allowed destination (repeatable): IPv4 or CIDR, a DNS name or *.wildcard, each
+        /// optionally :PORT.
+        #[arg(long, required = true)]
+        allow: Vec<String>,
+    },
         /// Sandbox id.
         id: String,
         /// Children to make (at most 16).
@@ -587,6 +598,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 print_json(&t);
             } else {
                 println!("{}: warm ({})", t.name, warm_column(&t));
+        Command::Network { id, allow } => show(&backend.update_network(&id, allow).await?, json),
             }
             Ok(0)
         }

@@ -279,6 +279,21 @@ impl Client {
         .await
     }
 
+    /// `PATCH /v1/sandboxes/{id}/network`: replaces the allow list of a sandbox with egress
+    /// `allow`.
+    pub async fn update_network(
+        &self,
+        id: &str,
+        allow: Vec<String>,
+    ) -> Result<Sandbox, ClientError> {
+        self.json(
+            "PATCH",
+            &format!("/v1/sandboxes/{id}/network"),
+            Some(&NetworkUpdate { allow }),
+        )
+        .await
+    }
+
     /// `GET /v1/sandboxes/{id}/logs`.
     pub async fn logs(&self, id: &str) -> Result<Bytes, ClientError> {
         self.raw(

@@ -122,9 +122,20 @@ pub struct NetworkSpec {
     /// Egress policy (default `none`).
     #[serde(default)]
     pub egress: Egress,
-    /// IPv4 addresses or CIDRs: with `egress: allow` the only reachable ones; with either
-    /// `allow` or `all`, also how a host, private or link-local destination is opened.
+    /// Destinations: IPv4 addresses or CIDRs, DNS names (`api.example.com`) and wildcards
+    /// (`*.pypi.org`: names below it), each optionally `:PORT`. With `egress: allow` the only
+    /// reachable ones (names through the sandbox's resolver, for their DNS TTL); with either
+    /// `allow` or `all`, addresses also open a host, private or link-local destination.
     #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// `PATCH /v1/sandboxes/{id}/network` body: the new allow list of a sandbox with egress
+/// `allow` (the entries as in [`NetworkSpec::allow`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkUpdate {
+    /// Allowed destinations, replacing the sandbox's list.
     pub allow: Vec<String>,
 }
 

@@ -208,7 +208,7 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds mvm-jailer and mvm-agent into [`bin_dir`] (Cargo builds only the binaries of the
+/// Builds mvm-jailer, mvm-agent and mvm-dns into [`bin_dir`] (Cargo builds only the binaries of the
 /// package under test; this is a no-op when they are up to date), once per test process.
 pub fn build_jailer_and_agent() {
     static ONCE: Once = Once::new();
@@ -220,6 +220,7 @@ pub fn build_jailer_and_agent() {
             .status()
             .expect("running cargo build for mvm-jailer and mvm-agent")
             .success();
+            .args(["-p", "mvm-sandbox", "--bin", "mvm-dns"])
         assert!(ok, "building mvm-jailer and mvm-agent failed");
     });
 }

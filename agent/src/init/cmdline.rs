@@ -5,6 +5,7 @@
 //!   own file system); excludes `mvm.overlay`.
 //! - `mvm.hostname=NAME`
 //! - `mvm.ip=ADDR/PREFIX[,GATEWAY]`: IPv4 configuration of `eth0`.
+//! - `mvm.dns=ADDR`: the nameserver written to `/etc/resolv.conf` (the sandbox's resolver).
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ pub struct KernelParams {
     pub hostname: Option<String>,
     /// `mvm.ip`.
     pub ip: Option<IpConfig>,
+    /// `mvm.dns`.
+    pub dns: Option<Ipv4Addr>,
 }
 
 /// Splits a kernel command line into parameters; double quotes group words (the kernel's
@@ -133,6 +136,13 @@ impl KernelParams {
                     params.hostname = Some(value.to_owned());
                 }
                 "mvm.ip" => params.ip = Some(parse_ip(value).map_err(bad)?),
+                "mvm.dns" => {
+                    params.dns = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad("not an IPv4 address".to_owned()))?,
+                    )
+                }
                 _ => {}
             }
         }
@@ -159,7 +169,8 @@ mod tests {
     fn parses_mvm_parameters() {
         let params = KernelParams::parse(
             "console=ttyS0 reboot=k panic=1 root=/dev/vda ro mvm.overlay=/dev/vdb \
-             mvm.hostname=sbx-1.local mvm.ip=10.0.0.2/30,10.0.0.1 init=/sbin/mvm-agent\n",
+             mvm.hostname=sbx-1.local mvm.ip=10.0.0.2/30,10.0.0.1 mvm.dns=169.254.53.53 \
+             init=/sbin/mvm-agent\n",
         )
         .unwrap();
         assert_eq!(
@@ -167,6 +178,7 @@ mod tests {
             Some(OverlayUpper::Device("/dev/vdb".into()))
         );
         assert_eq!(params.hostname.as_deref(), Some("sbx-1.local"));
+        assert_eq!(params.dns, Some(Ipv4Addr::new(169, 254, 53, 53)));
         let ip = params.ip.unwrap();
         assert_eq!(ip.address, Ipv4Addr::new(10, 0, 0, 2));
         assert_eq!(ip.prefix_len, 30);
@@ -206,6 +218,7 @@ mod tests {
             "mvm.root=/dev/vdb mvm.overlay=tmpfs",
             "mvm.hostname=",
             "mvm.hostname=-bad",
+            "mvm.dns=x",
             "mvm.hostname=a_b",
             "mvm.ip=10.0.0.2",
             "mvm.ip=10.0.0.2/33",

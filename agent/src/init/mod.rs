@@ -18,7 +18,10 @@ use root::mount_fs;
 
 pub use cmdline::KernelParams;
 pub use error::InitError;
-pub use net::{configure_network, reconfigure_network, set_hostname, IpConfig, GUEST_INTERFACE};
+pub use net::{
+    configure_network, reconfigure_network, set_hostname, write_resolv_conf, IpConfig,
+    GUEST_INTERFACE,
+};
 pub use root::{mount_base, pivot_to_disk, pivot_to_overlay, OverlayUpper};
 pub use shutdown::{power_down, quiesce_file_systems};
 
@@ -58,4 +61,7 @@ pub fn run() {
         report(set_hostname(name));
     }
     report(configure_network(GUEST_INTERFACE, params.ip.as_ref()));
+    if let Some(nameserver) = params.dns {
+        report(write_resolv_conf(nameserver));
+    }
 }

@@ -4,7 +4,7 @@
 use std::io;
 use std::net::Ipv4Addr;
 
-use super::error::{sys, InitError};
+use super::error::{sys, sys_io, InitError};
 
 /// Interface configured by `mvm.ip`.
 pub const GUEST_INTERFACE: &str = "eth0";
@@ -14,6 +14,23 @@ pub use crate::protocol::IpConfig;
 /// Sets the host name.
 pub fn set_hostname(name: &str) -> Result<(), InitError> {
     nix::unistd::sethostname(name).map_err(sys(format!("setting hostname {name}")))
+}
+
+/// Makes `/etc/resolv.conf` name `nameserver` only (a link there, e.g. to a resolver the
+/// image would run, is replaced).
+pub fn write_resolv_conf(nameserver: Ipv4Addr) -> Result<(), InitError> {
+    let path = std::path::Path::new("/etc/resolv.conf");
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(sys_io(format!("removing {}", path.display()))(e))
+        }
+        _ => {}
+    }
+    std::fs::write(
+        path,
+        format!("# mvm: the sandbox's resolver\nnameserver {nameserver}\n"),
+    )
+    .map_err(sys_io(format!("writing {}", path.display())))
 }
 
 /// The kernel's `struct rtentry` (linux/route.h), absent from the libc crate for glibc.

@@ -51,6 +51,10 @@ struct ServeArgs {
     /// <state dir>/templates].
     #[arg(long)]
     template_dir: Option<PathBuf>,
+    /// DNS servers the resolvers of sandboxes with egress `allow` ask, `ADDR[:PORT]`,
+    /// comma-separated [env: MVM_DNS_UPSTREAM, default: the nameservers of /etc/resolv.conf].
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    dns_upstream: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +191,10 @@ async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> mvm_sandbox::Result<(
     }
     if let Some(s) = args.subnet {
         cfg.subnet = s;
+    }
+    if let Some(d) = args.dns_upstream {
+        mvm_sandbox::manager::net::DnsUpstream::parse(&d)?;
+        cfg.dns_upstream = Some(d);
     }
     let template_dir = args
         .template_dir

@@ -74,6 +74,7 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
         .routes(routes!(resume))
         .routes(routes!(keepalive))
         .routes(routes!(fork))
+        .routes(routes!(update_network))
         .routes(routes!(logs))
         .routes(routes!(stats))
         .routes(routes!(list_templates, create_template))
@@ -343,6 +344,26 @@ async fn keepalive(
 /// Fork a running vm-tier sandbox into `count` children (default 1, at most 16) that go on
 /// from this instant: its processes, memory and files, each child with its own host name,
 /// MAC, address, RNG seed and clock. The source is paused only while it is saved. Children
+/// Replace the allow list of a running sandbox with egress `allow` (addresses, DNS names,
+/// wildcards, each optionally `:PORT`): what it no longer names is closed at once, open
+/// connections stay; other egress modes answer 409.
+#[utoipa::path(patch, path = "/v1/sandboxes/{id}/network", tag = "sandboxes", params(("id" = String, Path)),
+    request_body = NetworkUpdate, responses((status = 200, body = Sandbox), (status = 400, body = ErrorBody),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn update_network(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(update): ApiJson<NetworkUpdate>,
+) -> Result<Json<Sandbox>> {
+    Ok(Json(
+        state
+            .manager
+            .update_network(&tenant.name, &id, update)
+            .await?,
+    ))
+}
+
 /// count in the quota; the jail tier answers 422.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes", params(("id" = String, Path)),
     request_body = ForkRequest,
@@ -628,6 +649,7 @@ mod tests {
         ] {
             assert!(audited(&method, path), "{method} {path}");
         }
+            (Method::PATCH, "/v1/sandboxes/abc/network"),
         for (method, path) in [
             (Method::GET, "/v1/sandboxes"),
             (Method::GET, "/v1/sandboxes/abc"),

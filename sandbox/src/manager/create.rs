@@ -15,7 +15,7 @@ use super::{
 };
 use crate::db::{self, SandboxRow, Tenant};
 use crate::error::{Error, Result};
-use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState};
+use crate::model::{CreateSandbox, Egress, Isolation, NetworkSpec, Sandbox, SandboxState};
 
 impl Manager {
     /// Checks a create request and fills in the defaults; `userland` replaces the template's
@@ -100,7 +100,7 @@ impl Manager {
             timeout_s,
             expires_at: (timeout_s > 0).then(|| now + timeout_s as i64),
             created_at: now,
-            env: req.env,
+            env,
             network: crate::model::NetworkInfo {
                 egress: network.egress,
                 allow: network.allow,
@@ -140,6 +140,7 @@ impl Manager {
     /// in the guest do not reach the host directory.
     pub async fn create_for_container(
         &self,
+            image: image.map(|(image, _)| image),
         tenant: &Tenant,
         req: CreateSandbox,
         container: ContainerSandbox,
@@ -313,6 +314,14 @@ impl Manager {
                 None => None,
             };
             let start = tier::Start {
+                    let upstream = match spec.egress {
+                        Egress::Allow => net::DnsUpstream::resolve(cfg.dns_upstream.as_deref())?,
+                        _ => net::DnsUpstream(Vec::new()),
+                    };
+                    let dns = net::DnsSetup {
+                        bin_dir: &cfg.bin_dir,
+                        upstream: &upstream,
+                    };
                 container_slots,
                 guest_net: guest_net.clone(),
                 boot: start_boot,

@@ -31,6 +31,12 @@ pub fn vm_tier_unavailable(force: bool) -> Option<String> {
 
 /// Pids of `mvm-jailer` processes (and their not-yet-exec'd forks) started for jail `id`.
 pub fn jailer_pids(id: &str) -> Vec<i32> {
+    pids_of("mvm-jailer", "--id", id)
+}
+
+/// Pids of the processes whose program name ends with `program` and whose arguments hold
+/// `flag value`.
+pub fn pids_of(program: &str, flag: &str, value: &str) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -40,10 +46,11 @@ pub fn jailer_pids(id: &str) -> Vec<i32> {
                 return false;
             };
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.first().is_some_and(|a0| a0.ends_with(b"mvm-jailer"))
+            args.first()
+                .is_some_and(|a0| a0.ends_with(program.as_bytes()))
                 && args
                     .windows(2)
-                    .any(|w| w[0] == b"--id" && w[1] == id.as_bytes())
+                    .any(|w| w[0] == flag.as_bytes() && w[1] == value.as_bytes())
         })
         .collect()
 }

@@ -27,6 +27,7 @@ mod host;
 mod limits;
 mod lock;
 pub mod net;
+mod network;
 mod pod;
 mod reconcile;
 pub mod rootfs;
@@ -103,6 +104,10 @@ pub struct ManagerConfig {
     pub console_limit: ConsoleLimit,
     /// Size of a jail-tier sandbox's writable layer, MiB (`MVM_JAIL_DISK_MIB`, default 1024).
     pub jail_disk_mib: u64,
+    /// Upstream DNS servers of the resolvers of sandboxes with egress `allow`
+    /// (`ADDR[:PORT],...`; `mvmd --dns-upstream`, `MVM_DNS_UPSTREAM`); none: the host's
+    /// `/etc/resolv.conf`.
+    pub dns_upstream: Option<String>,
     /// How much of a sandbox's or a client's data is held at once (exec output, bodies;
     /// `MVM_EXEC_OUTPUT_LIMIT`, ... see [`Bounds::from_env`]).
     pub bounds: Bounds,
@@ -151,6 +156,9 @@ impl ManagerConfig {
             console_limit: console::console_limit_from_env(),
             jail_disk_mib: rootfs::jail_disk_mib_from_env(),
             bounds: Bounds::from_env(),
+            dns_upstream: std::env::var("MVM_DNS_UPSTREAM")
+                .ok()
+                .filter(|v| !v.trim().is_empty()),
         }
     }
 

@@ -9,11 +9,15 @@
 //! masquerade), [`ports`] publishes host ports to the sandbox and [`pod`] joins a container
 //! runtime's pod namespace instead.
 
+mod dns;
 mod egress;
 mod pod;
+pub mod policy;
 mod ports;
+pub mod resolver;
 mod rules;
 
+pub use dns::{resolver_pids, write_resolv_conf, DnsUpstream, RESOLVER_ADDR};
 pub use pod::{join_pod_netns, leave_pod_netns, PodUplink};
 pub use ports::{check_unbound as check_ports_unbound, validate as validate_ports, MAX_PORTS};
 
@@ -24,8 +28,9 @@ use crate::error::{Error, Result};
 use crate::manager::host;
 use crate::model::{Egress, Isolation, NetworkInfo, NetworkSpec, PortMapping};
 use egress::{disable_host_masquerade, enable_host_masquerade};
+use policy::AllowEntry;
 use ports::{publish, unpublish};
-use rules::{host_guard, remove_host_guard, ruleset};
+use rules::{host_guard, remove_host_guard, replace_allowed, ruleset};
 
 /// Name of the sandbox side of the veth pair (and the guest NIC in the vm tier).
 pub const SANDBOX_IF: &str = "eth0";
@@ -63,55 +68,33 @@ pub fn host_veth(id: &str) -> String {
     format!("mv{}", &id[..id.len().min(13)])
 }
 
-/// Validates and normalizes an allow-list entry (`A.B.C.D` or `A.B.C.D/N`).
-pub fn parse_cidr(s: &str) -> Result<String> {
-    let bad = || {
-        Error::Invalid(format!(
-            "network.allow entry {s:?} is not an IPv4 address or CIDR like 10.0.0.0/8"
-        ))
-    };
-    let (addr, prefix) = match s.split_once('/') {
-        Some((a, p)) => (
-            a,
-            p.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(bad)?,
-        ),
-        None => (s, 32),
-    };
-    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix)
-    };
-    Ok(format!(
-        "{}/{prefix}",
-        Ipv4Addr::from(u32::from(addr) & mask)
-    ))
-}
-
 /// Checks a requested network and returns it normalized.
 pub fn validate(spec: &NetworkSpec) -> Result<NetworkSpec> {
-    let allow = spec
-        .allow
-        .iter()
-        .map(|a| parse_cidr(a))
-        .collect::<Result<Vec<_>>>()?;
+    let entries = policy::parse_list(&spec.allow)?;
     match spec.egress {
-        Egress::Allow if allow.is_empty() => {
+        Egress::Allow if entries.is_empty() => {
             return Err(Error::Invalid(
                 "network.egress \"allow\" needs at least one network.allow entry".into(),
             ))
         }
-        Egress::None if !allow.is_empty() => {
+        Egress::None if !entries.is_empty() => {
             return Err(Error::Invalid(
                 "network.allow is only used with network.egress \"allow\" or \"all\"".into(),
+            ))
+        }
+        Egress::All if entries.iter().any(AllowEntry::is_name) => {
+            return Err(Error::Invalid(
+                "network.allow names (like api.example.com) are used with network.egress \
+                 \"allow\"; with \"all\" every public name is reachable already, and a name \
+                 never opens a private or host address (list its CIDR for that)"
+                    .into(),
             ))
         }
         _ => {}
     }
     Ok(NetworkSpec {
         egress: spec.egress,
-        allow,
+        allow: entries.iter().map(ToString::to_string).collect(),
     })
 }
 
@@ -120,8 +103,18 @@ fn has_veth(spec: &NetworkSpec, ports: &[PortMapping]) -> bool {
     spec.egress != Egress::None || !ports.is_empty()
 }
 
+/// What a sandbox with egress `allow` needs for its resolver.
+pub struct DnsSetup<'a> {
+    /// The directory of `mvm-dns`.
+    pub bin_dir: &'a Path,
+    /// Where the resolver sends queries.
+    pub upstream: &'a DnsUpstream,
+}
+
 /// Builds the namespace at `netns` for sandbox `id`, publishing `ports`, and returns what the
-/// sandbox got. On failure nothing is left behind.
+/// sandbox got; with egress `allow`, starts its resolver (`dns`). On failure nothing is left
+/// behind.
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     netns: &Path,
     id: &str,
@@ -130,9 +123,16 @@ pub fn create(
     isolation: Isolation,
     addrs: Addresses,
     uid: u32,
+    dns: &DnsSetup,
 ) -> Result<NetworkInfo> {
     let veth = host_veth(id);
     let veth_wanted = has_veth(spec, ports);
+    let resolver = if spec.egress == Egress::Allow {
+        Some(dns::Listener::bind(addrs.host)?)
+    } else {
+        None
+    };
+    let listen = resolver.as_ref().map(|r| r.listen);
     let inside = spec.clone();
     let inside_ports = ports.to_vec();
     let mvmd_pid = std::process::id().to_string();
@@ -161,7 +161,7 @@ pub fn create(
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
                 .map_err(|e| Error::host("enabling forwarding in the sandbox netns", e))?;
         }
-        let rules = ruleset(&inside, &inside_ports, isolation, &addrs);
+        let rules = ruleset(&inside, &inside_ports, isolation, &addrs, listen);
         if rules.lines().count() > 1 {
             host::run("nft", &["-f", "-"], Some(&rules))?;
         }
@@ -187,21 +187,51 @@ pub fn create(
             addrs.host
         );
         // The guard first: the veth carries nothing before it is loaded.
-        if let Err(e) = host::run("nft", &["-f", "-"], Some(&host_guard(id, spec, &addrs)))
+        let guard = host_guard(id, spec, &addrs, listen);
+        if let Err(e) = host::run("nft", &["-f", "-"], Some(&guard))
             .and_then(|_| host::run("ip", &["-batch", "-"], Some(&host_side)))
             .and_then(|_| publish(id, &addrs, ports))
         {
             let _ = destroy(netns, id);
             return Err(e);
         }
-        if spec.egress == Egress::All {
+        // Both egress modes leave the host masqueraded (`allow` only to what it allows).
+        if spec.egress != Egress::None {
             if let Err(e) = enable_host_masquerade(id, &addrs) {
                 let _ = destroy(netns, id);
                 return Err(e);
             }
         }
     }
+    if let Some(listener) = resolver {
+        let started = dns::Resolver {
+            id,
+            bin_dir: dns.bin_dir,
+            netns,
+            client: addrs.sandbox,
+            upstream: dns.upstream,
+        }
+        .start(listener, &spec.allow);
+        if let Err(e) = started {
+            let _ = destroy(netns, id);
+            return Err(e);
+        }
+    }
     Ok(info)
+}
+
+/// Replaces the allow list of running sandbox `id` (egress `allow`, namespace at `netns`) with
+/// `spec`'s: the rules in its namespace and its host guard, its resolver's policy, and the
+/// addresses of names answered by the old list (the next answers fill them again).
+/// Connections already open stay open.
+pub fn update_allow(netns: &Path, id: &str, spec: &NetworkSpec) -> Result<()> {
+    let (inside, host_side) = replace_allowed(id, spec);
+    dns::write_policy(&dns::policy_path(netns, id), &spec.allow, || {
+        pod::in_netns(netns, move || {
+            host::run("nft", &["-f", "-"], Some(&inside)).map(drop)
+        })?;
+        host::run("nft", &["-f", "-"], Some(&host_side)).map(drop)
+    })
 }
 
 /// Names of the host's nftables tables of `family` (`ip`, `inet`); none when nft is not
@@ -241,6 +271,7 @@ pub fn destroy(netns: &Path, id: &str) -> Result<()> {
             }
         }
     }
+    dns::stop(netns, id)?;
     host::remove_netns(netns)?;
     remove_host_guard(id)?;
     unpublish(id)?;
@@ -261,15 +292,6 @@ mod tests {
     }
 
     #[test]
-    fn cidrs() {
-        assert_eq!(parse_cidr("10.1.2.3").unwrap(), "10.1.2.3/32");
-        assert_eq!(parse_cidr("10.1.2.3/8").unwrap(), "10.0.0.0/8");
-        for bad in ["10.1.2", "10.1.2.3/33", "x", "10.1.2.3/", "::1"] {
-            assert!(parse_cidr(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn policy_validation() {
         let spec = |egress, allow: &[&str]| NetworkSpec {
             egress,
@@ -277,6 +299,17 @@ mod tests {
         };
         validate(&spec(Egress::Allow, &[])).unwrap_err();
         validate(&spec(Egress::None, &["1.2.3.4"])).unwrap_err();
+        // A name never opens anything with `all` (everything public is open already).
+        validate(&spec(Egress::All, &["api.example.com"])).unwrap_err();
+        assert_eq!(
+            validate(&spec(
+                Egress::Allow,
+                &["API.example.com.:443", "10.1.2.3/8"]
+            ))
+            .unwrap()
+            .allow,
+            ["api.example.com:443", "10.0.0.0/8"]
+        );
         assert_eq!(
             validate(&spec(Egress::Allow, &["1.2.3.4"])).unwrap().allow,
             ["1.2.3.4/32"]
@@ -286,6 +319,7 @@ mod tests {
             &[],
             Isolation::Jail,
             &Addresses::of(Ipv4Addr::new(10, 0, 0, 0), 0),
+            None,
         );
         assert!(rules.contains("ip daddr { 1.2.3.4/32 } accept"), "{rules}");
         assert!(!rules.contains("masquerade"));

@@ -38,7 +38,7 @@ impl PodUplink {
 }
 
 /// Runs `f` on a thread inside the network namespace pinned at `netns`.
-fn in_netns<T: Send + 'static>(
+pub(super) fn in_netns<T: Send + 'static>(
     netns: &Path,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {

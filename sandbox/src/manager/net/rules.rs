@@ -3,6 +3,7 @@
 
 use std::net::Ipv4Addr;
 
+use super::policy::{AllowEntry, Target};
 use super::ports::{namespace_forward_accept, namespace_rules};
 use super::{has_veth, host_veth, tables, Addresses, SANDBOX_IF, TAP_IF};
 use crate::error::Result;
@@ -65,47 +66,157 @@ fn guard_table(id: &str) -> String {
     format!("mvm-guard-{id}")
 }
 
+/// The parsed entries of a validated allow list.
+fn entries(spec: &NetworkSpec) -> Vec<AllowEntry> {
+    // Validated when the sandbox was made or changed: every entry parses.
+    spec.allow
+        .iter()
+        .filter_map(|e| AllowEntry::parse(e).ok())
+        .collect()
+}
+
+/// The rules of an `allowed` chain: each address entry (on its port, when it has one) and,
+/// with `names`, the addresses the resolver put in the namespace's sets.
+fn allowed_rules(entries: &[AllowEntry], names: bool) -> Vec<String> {
+    let any_port: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| match (&e.target, e.port) {
+            (Target::Cidr(c), None) => Some(c.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut rules = Vec::new();
+    if !any_port.is_empty() {
+        rules.push(format!("ip daddr {{ {} }} accept", any_port.join(", ")));
+    }
+    for e in entries {
+        if let (Target::Cidr(c), Some(port)) = (&e.target, e.port) {
+            rules.push(format!(
+                "meta l4proto {{ tcp, udp }} ip daddr {c} th dport {port} accept"
+            ));
+        }
+    }
+    if names {
+        rules.push(format!("ip daddr @{DNS_SET} accept"));
+        rules.push(format!(
+            "meta l4proto {{ tcp, udp }} ip daddr . th dport @{DNS_PORT_SET} accept"
+        ));
+    }
+    rules
+}
+
+/// The chain `allowed` of `table` with `rules`, as a block inside the table's definition.
+fn allowed_chain(rules: &[String]) -> String {
+    let mut chain = String::from("  chain allowed {\n");
+    for r in rules {
+        chain.push_str(&format!("    {r}\n"));
+    }
+    chain.push_str("  }\n");
+    chain
+}
+
+/// The namespace's set of the addresses the resolver answered for allowed names (open on every
+/// port), each for its TTL.
+pub const DNS_SET: &str = "dns4";
+/// The namespace's set of address . port pairs the resolver answered for names allowed on one
+/// port.
+pub const DNS_PORT_SET: &str = "dns4_ports";
+
+/// The address every sandbox with egress `allow` has as its nameserver (the same for all, so
+/// that a VM restored or forked into another slot keeps a working resolv.conf): its namespace
+/// maps port 53 there to its own resolver ([`DnsListen`]). Link-local, like the DNS address of
+/// cloud VPCs; nothing else of 169.254/16 is reachable.
+pub const RESOLVER_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 53, 53);
+
+/// Where a sandbox's resolver listens: its gateway (the host end of its veth) on `port`,
+/// which the namespace maps port 53 of [`RESOLVER_ADDR`] to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DnsListen {
+    pub port: u16,
+}
+
+/// The rule that lets DNS to the resolver at `a`'s gateway through `dns`, for a chain.
+fn dns_accept(a: &Addresses, dns: DnsListen) -> String {
+    format!(
+        "ip daddr {} meta l4proto {{ tcp, udp }} th dport {} accept",
+        a.host, dns.port
+    )
+}
+
 /// The host-side guard of sandbox `id`, for every egress mode with a veth: what comes in
 /// from its veth is dropped when it is IPv6, has another source than the sandbox's address,
 /// or goes to one of the host's own addresses (its gateway included) or to [`BLOCKED_V4`],
-/// unless an `allow` entry names the destination. Replies to connections the host opened
-/// pass. It hooks prerouting before destination NAT, so a port the host forwards elsewhere
-/// is judged by the host address it was sent to.
-pub(super) fn host_guard(id: &str, spec: &NetworkSpec, a: &Addresses) -> String {
-    let allowed = if spec.allow.is_empty() {
-        String::new()
-    } else {
-        format!("    ip daddr {{ {} }} accept\n", spec.allow.join(", "))
-    };
+/// unless an address entry of `allow` names the destination (names never open these: a DNS
+/// answer cannot open the host or its LAN) or it is the query of the sandbox's own resolver
+/// (`dns`). Replies to connections the host opened pass. It hooks prerouting before
+/// destination NAT, so a port the host forwards elsewhere is judged by the host address it
+/// was sent to.
+pub(super) fn host_guard(
+    id: &str,
+    spec: &NetworkSpec,
+    a: &Addresses,
+    dns: Option<DnsListen>,
+) -> String {
+    let dns = dns
+        .map(|d| format!("    {}\n", dns_accept(a, d)))
+        .unwrap_or_default();
     format!(
         "table inet {} {{
-  chain prerouting {{ type filter hook prerouting priority -150;
+{}  chain prerouting {{ type filter hook prerouting priority -150;
     iifname \"{}\" jump from_sandbox
   }}
   chain from_sandbox {{
     meta nfproto ipv6 drop
     ip saddr != {} drop
     ct state established,related accept
-{allowed}    fib daddr type {{ local, broadcast, multicast }} drop
+    jump allowed
+{dns}    fib daddr type {{ local, broadcast, multicast }} drop
     ip daddr {{ {} }} drop
   }}
 }}
 ",
         guard_table(id),
+        allowed_chain(&allowed_rules(&entries(spec), false)),
         host_veth(id),
         a.sandbox,
         BLOCKED_V4.join(", ")
     )
 }
 
+/// The nft batch that replaces the allow list of running sandbox `id` (egress `allow`) with
+/// `spec`'s: the `allowed` chains of its namespace and of its host guard, and the addresses
+/// of names answered before (the resolver answers anew by the new list). Returns the
+/// namespace's batch and the host's.
+pub(super) fn replace_allowed(id: &str, spec: &NetworkSpec) -> (String, String) {
+    let entries = entries(spec);
+    let batch = |table: &str, rules: Vec<String>| {
+        let mut b = format!("flush chain {table} allowed\n");
+        for r in rules {
+            b.push_str(&format!("add rule {table} allowed {r}\n"));
+        }
+        b
+    };
+    let mut inside = batch("inet mvm", allowed_rules(&entries, true));
+    inside.push_str(&format!(
+        "flush set inet mvm {DNS_SET}\nflush set inet mvm {DNS_PORT_SET}\n"
+    ));
+    let host = batch(
+        &format!("inet {}", guard_table(id)),
+        allowed_rules(&entries, false),
+    );
+    (inside, host)
+}
+
 /// The nftables ruleset loaded in the namespace. A sandbox publishing `ports` has a veth
 /// whatever its egress: with `egress: none` nothing but the replies of the published
-/// connections leaves it.
+/// connections leaves it. With `egress: allow` its DNS (port 53 of its gateway) goes to its
+/// resolver (`dns`), and what the resolver answers for allowed names is in sets.
 pub(super) fn ruleset(
     spec: &NetworkSpec,
     ports: &[PortMapping],
     isolation: Isolation,
     a: &Addresses,
+    dns: Option<DnsListen>,
 ) -> String {
     let mut rules = String::from("flush ruleset\n");
     if has_veth(spec, ports) {
@@ -125,37 +236,69 @@ pub(super) fn ruleset(
 "
         ));
     }
-    if spec.egress == Egress::Allow || (spec.egress == Egress::None && !ports.is_empty()) {
-        let allowed = |rule: &str| {
-            if spec.allow.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "    {rule}ip daddr {{ {} }} accept\n",
-                    spec.allow.join(", ")
-                )
-            }
-        };
+    let allow = spec.egress == Egress::Allow;
+    if allow || (spec.egress == Egress::None && !ports.is_empty()) {
         let published = if isolation == Isolation::Vm && !ports.is_empty() {
             namespace_forward_accept()
         } else {
             String::new()
         };
+        let (sets, allowed, jump, jump_forward) = if allow {
+            (
+                format!(
+                    "  set {DNS_SET} {{ type ipv4_addr; flags timeout; }}
+  set {DNS_PORT_SET} {{ type ipv4_addr . inet_service; flags timeout; }}
+"
+                ),
+                allowed_chain(&allowed_rules(&entries(spec), true)),
+                "    jump allowed\n".to_owned(),
+                format!("    iifname \"{TAP_IF}\" jump allowed\n"),
+            )
+        } else {
+            Default::default()
+        };
+        let (dns, dns_forward) = match dns {
+            Some(d) => (
+                format!("    {}\n", dns_accept(a, d)),
+                format!("    iifname \"{TAP_IF}\" {}\n", dns_accept(a, d)),
+            ),
+            None => Default::default(),
+        };
         rules.push_str(&format!(
             "table inet mvm {{
-  chain output {{ type filter hook output priority 0; policy drop;
+{sets}{allowed}  chain output {{ type filter hook output priority 0; policy drop;
     oifname \"lo\" accept
     ct state established,related accept
-{}    reject
+{dns}{jump}    reject
   }}
   chain forward {{ type filter hook forward priority 0; policy drop;
     ct state established,related accept
-{published}{}    reject
+{published}{dns_forward}{jump_forward}    reject
   }}
 }}
+"
+        ));
+    }
+    if let Some(d) = dns {
+        // The resolver's port on the gateway (which the host chose free).
+        let to = |iif: &str| {
+            ["udp", "tcp"]
+                .map(|proto| {
+                    format!(
+                        "{iif}ip daddr {RESOLVER_ADDR} {proto} dport 53 dnat to {}:{}; ",
+                        a.host, d.port
+                    )
+                })
+                .concat()
+        };
+        rules.push_str(&format!(
+            "table ip mvm-dns {{
+  chain output {{ type nat hook output priority -100; {}}}
+  chain prerouting {{ type nat hook prerouting priority -100; {}}}
+}}
 ",
-            allowed(""),
-            allowed(&format!("iifname \"{TAP_IF}\" ")),
+            to(""),
+            to(&format!("iifname \"{TAP_IF}\" "))
         ));
     }
     rules.push_str(&namespace_rules(isolation, a, ports));
@@ -195,12 +338,14 @@ mod tests {
             egress,
             allow: Vec::new(),
         };
-        let rules = ruleset(&spec(Egress::All), &[], Isolation::Jail, &a);
+        let rules = ruleset(&spec(Egress::All), &[], Isolation::Jail, &a, None);
         assert!(
             rules.contains("ip saddr 10.213.0.0/16 ip saddr != 10.213.0.9 drop"),
             "{rules}"
         );
-        assert!(!ruleset(&spec(Egress::None), &[], Isolation::Jail, &a).contains("mvm-peers"));
+        assert!(
+            !ruleset(&spec(Egress::None), &[], Isolation::Jail, &a, None).contains("mvm-peers")
+        );
         let batch = masquerade_rules("0123456789ab", &a, "0");
         assert!(batch.contains("comment \"ip_forward=0\""), "{batch}");
         assert!(
@@ -225,7 +370,7 @@ mod tests {
             validate(&spec(Egress::All, &["10.1.2.3"])).unwrap().allow,
             ["10.1.2.3/32"]
         );
-        let host = host_guard("0123456789ab", &spec(Egress::All, &[]), &a);
+        let host = host_guard("0123456789ab", &spec(Egress::All, &[]), &a, None);
         for rule in [
             "iifname \"mv0123456789ab\" jump from_sandbox",
             "meta nfproto ipv6 drop",
@@ -239,12 +384,17 @@ mod tests {
         // Without allow entries only replies to the host's own connections are accepted.
         assert_eq!(host.matches("accept").count(), 1, "{host}");
         // An allow entry opens its destination before anything is dropped for it.
-        let host = host_guard("0123456789ab", &spec(Egress::All, &["10.0.0.0/8"]), &a);
+        let host = host_guard(
+            "0123456789ab",
+            &spec(Egress::All, &["10.0.0.0/8"]),
+            &a,
+            None,
+        );
         let open = host
             .find("ip daddr { 10.0.0.0/8 } accept")
             .expect("allow rule");
         assert!(open < host.find("fib daddr").expect("fib rule"), "{host}");
-        let jail = ruleset(&spec(Egress::All, &[]), &[], Isolation::Jail, &a);
+        let jail = ruleset(&spec(Egress::All, &[]), &[], Isolation::Jail, &a, None);
         assert!(
             jail.contains("oifname \"eth0\" ip saddr != 10.213.0.10 drop"),
             "{jail}"
@@ -259,6 +409,7 @@ mod tests {
             &[],
             Isolation::Vm,
             &a,
+            None,
         );
         for rule in [
             "iifname \"tap0\" ip saddr != 10.213.0.14 drop",
@@ -267,6 +418,62 @@ mod tests {
         ] {
             assert!(vm.contains(rule), "{rule} in {vm}");
         }
-        assert!(!ruleset(&spec(Egress::None, &[]), &[], Isolation::Vm, &a).contains("mvm-guard"));
+        assert!(
+            !ruleset(&spec(Egress::None, &[]), &[], Isolation::Vm, &a, None).contains("mvm-guard")
+        );
+    }
+
+    #[test]
+    fn names_go_to_the_resolver_and_ports_restrict() {
+        let a = Addresses::of(Ipv4Addr::new(10, 213, 0, 0), 1);
+        let spec = NetworkSpec {
+            egress: Egress::Allow,
+            allow: vec!["api.example.com".into(), "10.0.0.0/8:443".into()],
+        };
+        let dns = Some(DnsListen { port: 40000 });
+        let vm = ruleset(&spec, &[], Isolation::Vm, &a, dns);
+        for rule in [
+            "set dns4 { type ipv4_addr; flags timeout; }",
+            "set dns4_ports { type ipv4_addr . inet_service; flags timeout; }",
+            "ip daddr @dns4 accept",
+            "meta l4proto { tcp, udp } ip daddr . th dport @dns4_ports accept",
+            "meta l4proto { tcp, udp } ip daddr 10.0.0.0/8 th dport 443 accept",
+            "ip daddr 10.213.0.9 meta l4proto { tcp, udp } th dport 40000 accept",
+            "ip daddr 169.254.53.53 udp dport 53 dnat to 10.213.0.9:40000",
+            "iifname \"tap0\" ip daddr 169.254.53.53 tcp dport 53 dnat to 10.213.0.9:40000",
+            "iifname \"tap0\" jump allowed",
+        ] {
+            assert!(vm.contains(rule), "{rule} in {vm}");
+        }
+        // The host guard: the resolver's port on the gateway, before the host's addresses are
+        // dropped; names open nothing there, the port-restricted CIDR only its port.
+        let host = host_guard("0123456789ab", &spec, &a, dns);
+        let resolver = host
+            .find("ip daddr 10.213.0.9 meta l4proto { tcp, udp } th dport 40000 accept")
+            .expect("the resolver rule");
+        assert!(
+            resolver < host.find("fib daddr").expect("fib rule"),
+            "{host}"
+        );
+        assert!(!host.contains("@dns4"), "{host}");
+        assert!(
+            host.contains("ip daddr 10.0.0.0/8 th dport 443 accept"),
+            "{host}"
+        );
+        assert!(!host.contains("ip daddr { 10.0.0.0/8 }"), "{host}");
+        let (inside, host) = replace_allowed("0123456789ab", &spec);
+        assert!(
+            inside.starts_with("flush chain inet mvm allowed\n"),
+            "{inside}"
+        );
+        assert!(
+            inside.contains("add rule inet mvm allowed ip daddr @dns4 accept"),
+            "{inside}"
+        );
+        assert!(inside.contains("flush set inet mvm dns4\n"), "{inside}");
+        assert!(
+            host.starts_with("flush chain inet mvm-guard-0123456789ab allowed\n"),
+            "{host}"
+        );
     }
 }

@@ -156,6 +156,8 @@ struct VmSpec<'a> {
     pub root: GuestRoot,
     /// Empty drive slots for the containers of a pod (0 for a plain sandbox).
     pub container_slots: u8,
+    /// The guest's nameserver (`mvm.dns`): the sandbox's resolver, with egress `allow`.
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 /// The guest's side of a sandbox's network.
@@ -198,6 +200,9 @@ fn vm_config(spec: &VmSpec<'_>) -> VmConfig {
     );
     if let Some(net) = &spec.net {
         boot_args.push_str(&format!(" mvm.ip={}", net.ip));
+    }
+    if let Some(dns) = spec.dns {
+        boot_args.push_str(&format!(" mvm.dns={dns}"));
     }
     let drive =
         |drive_id: String, path: String, is_root_device: bool, read_only: bool| DriveConfig {
@@ -343,6 +348,8 @@ pub(super) fn vm_jail(
                         None => GuestRoot::Overlay,
                     },
                     container_slots: start.container_slots,
+                    dns: (s.network.egress == crate::model::Egress::Allow)
+                        .then_some(crate::manager::net::RESOLVER_ADDR),
                 }),
             )?;
             mounts.extend([
@@ -587,6 +594,7 @@ mod tests {
             }),
             root: GuestRoot::Overlay,
             container_slots: 0,
+            dns: Some(std::net::Ipv4Addr::new(169, 254, 53, 53)),
         };
         let (config, json) = as_read_by_vmm(&spec);
         assert_eq!(config, vm_config(&spec));
@@ -596,7 +604,8 @@ mod tests {
                 "boot-source": {
                     "kernel_image_path": "/kernel",
                     "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet mvm.overlay=/dev/vdb \
-                                  mvm.hostname=0123456789ab mvm.ip=10.213.0.6/30,10.213.0.5",
+                                  mvm.hostname=0123456789ab mvm.ip=10.213.0.6/30,10.213.0.5 \
+                                  mvm.dns=169.254.53.53",
                 },
                 "machine-config": config.machine_config,
                 "drives": [
@@ -622,6 +631,7 @@ mod tests {
             net: None,
             root: GuestRoot::Disk,
             container_slots: POD_SLOTS,
+            dns: None,
         };
         let (config, _) = as_read_by_vmm(&spec);
         let boot_args = config.boot_source.unwrap().boot_args.unwrap();
