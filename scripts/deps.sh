@@ -19,6 +19,8 @@ packages=(
     # containerd shim tests; the CRI test: CNI plugins for containerd's pod networks, protoc for
     # the CRI API's gRPC client (crate k8s-cri)
     containerd runc containernetworking-plugins protobuf-compiler
+    # the image tests' OCI registry (the Docker Distribution server)
+    docker-registry
     # systemd-analyze, which checks the installed mvmd unit (cli/tests/install.rs)
     systemd
     # the MCP client of cli/tests/mcp.rs (a venv, below)
