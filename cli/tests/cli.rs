@@ -101,6 +101,23 @@ fn daemonless_run_propagates_the_exit_code() {
         said.contains("keeps running (remove it with `mvm rm "),
         "{said}"
     );
+    // A person, whose stderr is a terminal, is told once without asking.
+    let term = Term::open(24, 80);
+    let out = env
+        .mvm()
+        .args(["run", "--isolation", "jail", "--", "true"])
+        .stderr(term.slave.try_clone().unwrap())
+        .output()
+        .expect("mvm run");
+    assert!(out.status.success());
+    let shown = term.finish();
+    assert_eq!(
+        shown
+            .matches("keeps running (remove it with `mvm rm ")
+            .count(),
+        1,
+        "{shown}"
+    );
     let out = env.run(&["-o", "json", "ps"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<&str> = list
@@ -109,7 +126,7 @@ fn daemonless_run_propagates_the_exit_code() {
         .flatten()
         .filter_map(|s| s["id"].as_str())
         .collect();
-    assert_eq!(ids.len(), 2, "the two sandboxes run without --rm: {list}");
+    assert_eq!(ids.len(), 3, "the three sandboxes run without --rm: {list}");
     let out = env.run(&[&["rm"][..], &ids].concat());
     assert!(out.status.success(), "{}", text(&out.stderr));
     env.assert_empty();
