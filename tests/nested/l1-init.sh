@@ -29,6 +29,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# Loopback up, as on any host: 127.0.0.1 exists only then (published ports are tested on it).
+ip link set lo up
 
 # say LINE...: one line to the console through the kernel log (<1>: printed even with `quiet`;
 # run.sh passes printk.devkmsg=on printk.time=0, so lines are neither rate-limited nor stamped).

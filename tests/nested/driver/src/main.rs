@@ -106,7 +106,18 @@ fn main() -> ExitCode {
         }
         println!("nested: RUN {}", case.name);
         let start = Instant::now();
-        match (case.run)(&mut ctx) {
+        // A case that panics (a helper's `expect`) fails alone; the ones after it still run.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (case.run)(&mut ctx)))
+                .unwrap_or_else(|panic| {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("(no message)");
+                    Err(format!("panicked: {why}"))
+                });
+        match outcome {
             Ok(cases::Verdict::Pass) => {
                 passed += 1;
                 println!(
