@@ -77,8 +77,9 @@ packages=(busybox-static cpio)
 # The sandbox manager's host helpers (ip -batch, nft, mkfs.ext4); in QEMU mode they are copied
 # into L1 with their shared libraries.
 packages+=(iproute2 nftables e2fsprogs)
-# containerd and ctr for the shim's vm tier.
-packages+=(containerd)
+# containerd and ctr for the shim's vm tier; CNI plugins for its CRI case's pod network, protoc
+# for the CRI client the driver links.
+packages+=(containerd containernetworking-plugins protobuf-compiler)
 [ "$mode" = nested ] && packages+=(qemu-system-x86 linux-image-amd64)
 missing=()
 for pkg in "${packages[@]}"; do
@@ -98,12 +99,12 @@ busybox=/bin/busybox
     || die "$busybox is not the static busybox of busybox-static"
 
 # --- Binaries -------------------------------------------------------------------------------------
-log "building mvm-vmm, mvm-jailer, mvm-agent, mvmd, mvm, containerd-shim-mvm-v2 and mvm-nested"
+log "building mvm-vmm, mvm-jailer, mvm-agent, mvm-dns, mvmd, mvm, containerd-shim-mvm-v2 and mvm-nested"
 (cd "$repo_root" && cargo build -p vmm --bin mvm-vmm -p jailer --bin mvm-jailer -p agent --bin mvm-agent \
-    -p api --bin mvmd -p cli --bin mvm -p shim --bin containerd-shim-mvm-v2 \
+    -p mvm-sandbox --bin mvm-dns -p api --bin mvmd -p cli --bin mvm -p shim --bin containerd-shim-mvm-v2 \
     -p mvm-nested-driver --bin mvm-nested) || die "cargo build failed"
 bin_dir="${CARGO_TARGET_DIR:-$repo_root/target}/x86_64-unknown-linux-gnu/debug"
-binaries=(mvm-vmm mvm-jailer mvm-agent mvmd mvm containerd-shim-mvm-v2 mvm-nested)
+binaries=(mvm-vmm mvm-jailer mvm-agent mvm-dns mvmd mvm containerd-shim-mvm-v2 mvm-nested)
 for b in "${binaries[@]}"; do
     [ -x "$bin_dir/$b" ] || die "$bin_dir/$b was not built"
     if readelf -lW "$bin_dir/$b" | grep -q 'Requesting program interpreter'; then
@@ -224,14 +225,23 @@ cp -a "$assets" "$l1_root/mvm"
 
 # The sandbox manager's host helpers and containerd, with their shared libraries and the
 # dynamic loader.
-for tool in ip tc nft mkfs.ext4 containerd ctr; do
-    path=$(command -v "$tool") || die "$tool is missing (apt packages iproute2 nftables e2fsprogs containerd)"
-    mkdir -p "$l1_root/usr/local/sbin"
-    cp -L "$path" "$l1_root/usr/local/sbin/$tool"
-    for lib in $(ldd "$path" | grep -oE '/[^ ]+\.so[^ ]*' | sort -u); do
+copy_with_libs() { # <binary> <directory in L1>
+    mkdir -p "$l1_root$2"
+    cp -L "$1" "$l1_root$2/"
+    for lib in $(ldd "$1" 2>/dev/null | grep -oE '/[^ ]+\.so[^ ]*' | sort -u); do
         mkdir -p "$l1_root$(dirname "$lib")"
         cp -L "$lib" "$l1_root$lib"
     done
+}
+for tool in ip tc nft mkfs.ext4 containerd ctr; do
+    path=$(command -v "$tool") || die "$tool is missing (apt packages iproute2 nftables e2fsprogs containerd)"
+    copy_with_libs "$path" /usr/local/sbin
+done
+# The CNI plugins of the CRI case's pod network (containerd's CRI plugin runs them from
+# /usr/lib/cni).
+for plugin in ptp host-local loopback; do
+    [ -x "/usr/lib/cni/$plugin" ] || die "/usr/lib/cni/$plugin is missing (apt package containernetworking-plugins)"
+    copy_with_libs "/usr/lib/cni/$plugin" /usr/lib/cni
 done
 mkdir -p "$l1_root/etc"
 [ ! -f /etc/mke2fs.conf ] || cp /etc/mke2fs.conf "$l1_root/etc/"
