@@ -60,6 +60,7 @@ fn start_with(name: &str, env: Vec<(String, String)>) -> Containerd {
         busybox: Path::new("/bin/busybox"),
         snapshotter: None,
         env,
+        cri_subnet: None,
     })
     .unwrap_or_else(|e| panic!("{e}"))
 }

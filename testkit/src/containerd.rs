@@ -15,14 +15,28 @@ use crate::{text, ScratchDir};
 pub const RUNTIME: &str = "io.containerd.mvm.v2";
 /// The test image's reference.
 pub const IMAGE: &str = "docker.io/mvm-test/busybox:latest";
-/// The containerd namespace the tests use.
+/// The containerd namespace the `ctr` tests use.
 pub const NAMESPACE: &str = "mvm-test";
+/// The containerd namespace of the CRI plugin (Kubernetes' containers and images).
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The pod sandbox ("pause") image of the CRI plugin: the test image's busybox, waiting until
+/// it is told to stop, as Kubernetes' pause does.
+pub const PAUSE_IMAGE: &str = "docker.io/mvm-test/pause:latest";
+/// The CRI runtime handler (kubelet's RuntimeClass handler) of the mvm shim.
+pub const CRI_HANDLER: &str = "mvm";
 /// cgroup v1 controllers whose hierarchy the sandboxes use.
 const CGROUP_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
 /// busybox applets the image links in /bin.
 const APPLETS: [&str; 15] = [
     "sh", "echo", "cat", "sleep", "dd", "true", "id", "ls", "head", "uname", "stty", "touch",
     "test", "ip", "nc",
+];
+/// The pause image's command: like Kubernetes' pause, it does nothing until SIGTERM or
+/// SIGINT, and then exits 0.
+const PAUSE_CMD: [&str; 3] = [
+    "sh",
+    "-c",
+    "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done",
 ];
 /// What a pod's containers print of their kernel: its boot id, one per booted kernel.
 const BOOT_ID: &str = "cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo none";
@@ -138,6 +152,10 @@ pub struct ContainerdOptions<'a> {
     pub snapshotter: Option<&'a str>,
     /// Extra environment for containerd and so the shims (e.g. `MVM_ARTIFACTS`).
     pub env: Vec<(String, String)>,
+    /// containerd's CRI plugin as a Kubernetes node runs it (else it is disabled): runtime
+    /// handler [`CRI_HANDLER`], sandbox image [`PAUSE_IMAGE`], namespace [`CRI_NAMESPACE`], and
+    /// CNI's `ptp` plugin giving pods addresses in 10.253.`cri_subnet`.0/24.
+    pub cri_subnet: Option<u8>,
 }
 
 /// A running containerd with the test image; stopped, and its leftovers removed, on drop.
@@ -148,6 +166,7 @@ pub struct Containerd {
     child: Child,
     cgroup_parent: String,
     snapshotter: Option<String>,
+    namespace: &'static str,
 }
 
 /// The last `max` bytes of `s` (from a character boundary), for error messages that quote
@@ -196,8 +215,9 @@ fn image_error(what: &str) -> impl FnOnce(std::io::Error) -> String + '_ {
     move |e| format!("building the test image ({what}): {e}")
 }
 
-/// Writes an OCI image layout tarball named [`IMAGE`] to `dir`: one uncompressed layer with
-/// `busybox` and its applets, /tmp, /etc/passwd and /root; default command `sh`.
+/// Writes an OCI image layout tarball to `dir` with two images of one uncompressed layer
+/// (`busybox` and its applets, /tmp, /etc/passwd and /root): [`IMAGE`], default command `sh`,
+/// and [`PAUSE_IMAGE`], whose command waits for SIGTERM or SIGINT and exits 0 on it.
 pub fn busybox_image(dir: &Path, busybox: &Path) -> Result<PathBuf, String> {
     let busybox_bytes =
         std::fs::read(busybox).map_err(|e| format!("reading {}: {e}", busybox.display()))?;
@@ -259,38 +279,39 @@ pub fn busybox_image(dir: &Path, busybox: &Path) -> Result<PathBuf, String> {
         Ok((format!("sha256:{hex}"), data.len()))
     };
     let (layer_digest, layer_size) = blob(&layer)?;
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/" },
-        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
-    });
-    let (config_digest, config_size) = blob(config.to_string().as_bytes())?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest, "size": config_size,
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": layer_digest, "size": layer_size,
-        }],
-    });
-    let (manifest_digest, manifest_size) = blob(manifest.to_string().as_bytes())?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
+    let mut manifests = Vec::new();
+    for (name, cmd) in [(IMAGE, vec!["sh"]), (PAUSE_IMAGE, PAUSE_CMD.to_vec())] {
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/" },
+            "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
+        });
+        let (config_digest, config_size) = blob(config.to_string().as_bytes())?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest, "size": config_size,
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": layer_digest, "size": layer_size,
+            }],
+        });
+        let (manifest_digest, manifest_size) = blob(manifest.to_string().as_bytes())?;
+        manifests.push(serde_json::json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": manifest_digest, "size": manifest_size,
             "platform": { "architecture": "amd64", "os": "linux" },
             "annotations": {
-                "io.containerd.image.name": IMAGE,
+                "io.containerd.image.name": name,
                 "org.opencontainers.image.ref.name": "latest",
             },
-        }],
-    });
+        }));
+    }
+    let index = serde_json::json!({ "schemaVersion": 2, "manifests": manifests });
     let regular = tar::EntryType::Regular;
     append(
         &mut layout,
@@ -319,24 +340,77 @@ pub fn busybox_image(dir: &Path, busybox: &Path) -> Result<PathBuf, String> {
     Ok(tarball)
 }
 
+/// Where Debian's containernetworking-plugins puts the CNI plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// The CRI plugin's section of containerd's config, as a Kubernetes node with mvm has it (the
+/// README's node set-up), and the CNI network config it names, written under `dir`: CNI's
+/// `ptp` (a veth per pod, a host route to it, nothing else left on the host) with `host-local`
+/// addresses in 10.253.`subnet`.0/24.
+fn cri_config(dir: &Path, snapshotter: Option<&str>, subnet: u8) -> Result<String, String> {
+    let conf_dir = dir.join("cni").join("net.d");
+    std::fs::create_dir_all(&conf_dir).map_err(|e| format!("CNI config dir: {e}"))?;
+    let network = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": format!("mvm-cri-test-{subnet}"),
+        "plugins": [{
+            "type": "ptp",
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": format!("10.253.{subnet}.0/24") }]],
+                "routes": [{ "dst": "0.0.0.0/0" }],
+                "dataDir": dir.join("cni").join("ipam"),
+            },
+        }],
+    });
+    std::fs::write(conf_dir.join("10-mvm-test.conflist"), network.to_string())
+        .map_err(|e| format!("CNI config: {e}"))?;
+    let snapshotter = snapshotter
+        .map(|s| format!("  snapshotter = \"{s}\"\n"))
+        .unwrap_or_default();
+    Ok(format!(
+        "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
+         \x20 sandbox_image = \"{PAUSE_IMAGE}\"\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+         {snapshotter}\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+         \x20 runtime_type = \"io.containerd.runc.v2\"\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{CRI_HANDLER}]\n\
+         \x20 runtime_type = \"{RUNTIME}\"\n\
+         \x20 pod_annotations = [\"io.mvm.isolation\"]\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+         \x20 bin_dir = \"{CNI_BIN_DIR}\"\n\
+         \x20 conf_dir = \"{}\"\n",
+        conf_dir.display()
+    ))
+}
+
 impl Containerd {
     /// Starts containerd with its own directories under a scratch directory, waits until it
     /// answers and imports the test image.
     pub fn start(opts: ContainerdOptions<'_>) -> Result<Containerd, String> {
         let dir = ScratchDir::new(&format!("containerd-{}", opts.name));
         let d = dir.path();
-        let config = format!(
+        let mut config = format!(
             "version = 2\n\
              root = \"{root}\"\n\
              state = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             {disabled}\
              [grpc]\n  address = \"{sock}\"\n\
              [ttrpc]\n  address = \"{sock}.ttrpc\"\n\
              [debug]\n  level = \"debug\"\n",
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = d.join("containerd.sock").display(),
+            disabled = match opts.cri_subnet {
+                Some(_) => "",
+                None => "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+            },
         );
+        if let Some(subnet) = opts.cri_subnet {
+            config.push_str(&cri_config(d, opts.snapshotter, subnet)?);
+        }
         std::fs::write(d.join("config.toml"), config)
             .map_err(|e| format!("containerd config: {e}"))?;
         let log = std::fs::File::create(d.join("containerd.log"))
@@ -373,6 +447,11 @@ impl Containerd {
             child,
             cgroup_parent,
             snapshotter: opts.snapshotter.map(str::to_owned),
+            namespace: if opts.cri_subnet.is_some() {
+                CRI_NAMESPACE
+            } else {
+                NAMESPACE
+            },
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
@@ -405,18 +484,24 @@ impl Containerd {
         &self.cgroup_parent
     }
 
+    /// The scratch directory holding containerd's config, root, state and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// containerd's socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
     }
 
-    /// `ctr --address <ours> --namespace <NAMESPACE> ARGS`, stdin from /dev/null.
+    /// `ctr --address <ours> --namespace <ours> ARGS` (namespace [`NAMESPACE`], or
+    /// [`CRI_NAMESPACE`] with the CRI plugin), stdin from /dev/null.
     pub fn ctr_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(self.socket())
             .arg("--namespace")
-            .arg(NAMESPACE)
+            .arg(self.namespace)
             .args(args)
             .stdin(Stdio::null());
         cmd
@@ -697,7 +782,7 @@ impl Containerd {
 
     /// The socket of the shim of container `id` (as containerd-shim names it).
     pub fn shim_socket(&self, id: &str) -> PathBuf {
-        let key = self.socket().join(NAMESPACE).join(id);
+        let key = self.socket().join(self.namespace).join(id);
         let hash = sha256_hex(key.as_os_str().as_encoded_bytes());
         Path::new("/run/containerd/s").join(hash)
     }

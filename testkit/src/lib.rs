@@ -4,6 +4,8 @@
 //! `mvm-vmm` with a timeout.
 
 pub mod containerd;
+#[cfg(feature = "cri")]
+pub mod cri;
 pub mod ports;
 pub mod rss;
 

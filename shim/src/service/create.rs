@@ -73,6 +73,15 @@ impl TaskService {
                 )));
             }
         };
+        // A jail-tier pod's further container joins the network namespace its pod's sandbox
+        // container joined: CRI names it `/proc/<pid>/ns/net` by the pid this shim gave for
+        // that container (the jailer's, which is not in it: the container would get the
+        // host's network).
+        let pod_netns = pod
+            .as_deref()
+            .and_then(|p| pod_sandbox(&containers, p))
+            .and_then(|s| s.network.netns)
+            .map(PathBuf::from);
         let tier = joined.as_ref().map_or(isolation, |s| s.isolation);
         let mut request = match spec::exec_request(process, tier, !req.stdin.is_empty()) {
             Ok(r) => r,
@@ -94,7 +103,7 @@ impl TaskService {
                 let container = ContainerSandbox {
                     rootfs: rootfs.clone(),
                     pod: spec::is_pod_sandbox(&oci) && isolation == Isolation::Vm,
-                    netns: spec::network_namespace(&oci),
+                    netns: pod_netns.or_else(|| spec::network_namespace(&oci)),
                 };
                 manager
                     .create_for_container(tenant, sandbox_req, container)

@@ -143,6 +143,11 @@ pub const CASES: &[Case] = &[
         name: "containerd-shim-vm-tier",
         run: containerd::shim_vm_tier,
     },
+    // After it: the tc modules are loaded (it loads them too when run alone).
+    Case {
+        name: "containerd-cri-pod-vm-tier",
+        run: containerd::cri_vm_tier,
+    },
 ];
 
 /// Paths and settings shared by the tests, plus the benchmark figures they collect.

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 pub(super) use mvm_testkit::containerd::tail;
 use mvm_testkit::containerd::{Containerd, ContainerdOptions, PodNetwork};
+use mvm_testkit::cri::{run_pod, Cri};
 use mvm_testkit::text;
 
 use super::{ms, Ctx, Outcome, Verdict};
@@ -29,6 +30,7 @@ pub(super) fn start(ctx: &Ctx, name: &str) -> Result<Containerd, String> {
         // root into the guest's disk anyway, and the jail tier binds the snapshot's directory.
         snapshotter: Some("native"),
         env: vec![("MVM_ARTIFACTS".into(), artifacts.display().to_string())],
+        cri_subnet: None,
     })
 }
 
@@ -142,6 +144,56 @@ pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
             "left behind: {}; containerd's log ends: {}",
             left.join(", "),
             tail(&cd.log(), 2000)
+        ));
+    }
+    Ok(Verdict::Pass)
+}
+
+/// Kubernetes' path in the vm tier: containerd's CRI plugin (runtime handler `mvm`, a CNI ptp
+/// pod network) runs a pod as kubelet does, through the CRI gRPC API
+/// (`mvm_testkit::cri::run_pod`): both containers in one micro-VM (one guest kernel boot id,
+/// not L1's) with the pod's address, ExecSync, the CRI log file, ContainerStats, kubelet's
+/// teardown, and nothing left.
+pub fn cri_vm_tier(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("containerd needs root".into()));
+    }
+    load_on_demand_modules()?;
+    let bin_dir = ctx.vmm.parent().unwrap_or(Path::new("/"));
+    let artifacts = ctx.vmlinux.parent().unwrap_or(Path::new("/"));
+    let started = Instant::now();
+    let cd = Containerd::start(ContainerdOptions {
+        name: "cri",
+        bin_dir,
+        busybox: Path::new("/bin/busybox"),
+        snapshotter: Some("native"),
+        env: vec![("MVM_ARTIFACTS".into(), artifacts.display().to_string())],
+        cri_subnet: Some(42),
+    })?;
+    let cri = Cri::connect(&cd.socket())?;
+    cri.wait_ready()
+        .map_err(|e| format!("{e}; containerd's log ends: {}", tail(&cd.log(), 3000)))?;
+    ctx.record(
+        "containerd (CRI) start + image import",
+        ms(started.elapsed()),
+    );
+    let run = run_pod(&cd, &cri, "cri-vm", "vm")?;
+    ctx.record(
+        "CRI pod (vm tier): RunPodSandbox -> 2 containers running",
+        ms(run.start),
+    );
+    ctx.record(
+        "CRI pod (vm tier): StopContainer x2 ... RemovePodSandbox",
+        ms(run.teardown),
+    );
+    let l1_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map_err(|e| format!("L1's boot id: {e}"))?;
+    let (first, second) = &run.boot_ids;
+    if first != second || first == l1_boot.trim() {
+        return Err(format!(
+            "the CRI pod's containers should share one guest kernel other than L1's: boot ids \
+             {first:?} and {second:?}, L1 {:?}",
+            l1_boot.trim()
         ));
     }
     Ok(Verdict::Pass)
