@@ -127,11 +127,13 @@ fn registry_error(reference: &str, registry: &str, e: OciDistributionError) -> E
         )),
         OciDistributionError::RegistryError { envelope, .. } => {
             let text = envelope.to_string();
-            if text.contains("MANIFEST_UNKNOWN") || text.contains("NAME_UNKNOWN") {
+            // The envelope prints the registry's messages ("manifest unknown", ...).
+            let lower = text.to_lowercase();
+            if lower.contains("manifest unknown") || lower.contains("name unknown") {
                 Error::NotFound(format!(
                     "{reference}: the registry {registry} has no such image or tag ({text})"
                 ))
-            } else if text.contains("UNAUTHORIZED") || text.contains("DENIED") {
+            } else if lower.contains("unauthorized") || lower.contains("denied") {
                 Error::Forbidden(format!(
                     "{reference}: the registry {registry} refused the credentials ({text}): \
                      give a user name and password that may pull it"
