@@ -195,6 +195,12 @@ impl Resolver<'_> {
         let policy = policy_path(self.netns, self.id);
         write_policy(&policy, allow, || Ok(()))?;
         let bin = self.bin_dir.join(RESOLVER_BIN);
+        if !bin.is_file() {
+            return Err(Error::Host(crate::install::helper_missing(
+                self.bin_dir,
+                RESOLVER_BIN,
+            )));
+        }
         let mut cmd = std::process::Command::new(&bin);
         cmd.arg("--sandbox")
             .arg(self.id)
@@ -327,8 +333,8 @@ mod tests {
                 "[::1]:53".parse().unwrap()
             ]
         );
-        assert!(DnsUpstream::parse("x").is_err());
-        assert!(DnsUpstream::parse(" ,").is_err());
+        DnsUpstream::parse("x").unwrap_err();
+        DnsUpstream::parse(" ,").unwrap_err();
         assert_eq!(
             DnsUpstream::from_resolv_conf(
                 "# c\nsearch x\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\noptions edns0\n"

@@ -187,12 +187,12 @@ mod tests {
             "1.2.3.4:x",
             "a.123",
         ] {
-            assert!(AllowEntry::parse(bad).is_err(), "{bad:?} accepted");
+            AllowEntry::parse(bad).expect_err(&format!("{bad:?} accepted"));
         }
         let long = format!("{}.com", "a".repeat(64));
-        assert!(AllowEntry::parse(&long).is_err());
+        AllowEntry::parse(&long).unwrap_err();
         let too_many: Vec<String> = (0..=MAX_ALLOW).map(|i| format!("10.0.0.{i}")).collect();
-        assert!(parse_list(&too_many).is_err());
+        parse_list(&too_many).unwrap_err();
     }
 
     #[test]

@@ -151,7 +151,7 @@ fn take_slot(counter: &std::cell::Cell<usize>, max: usize) -> Option<Slot<'_>> {
 }
 
 impl Server {
-    fn from_client(&self, peer: SocketAddr) -> bool {
+    fn is_its_sandbox(&self, peer: SocketAddr) -> bool {
         peer.ip() == IpAddr::V4(self.cfg.client)
     }
 
@@ -159,7 +159,7 @@ impl Server {
         let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
             let (n, peer) = self.udp.recv_from(&mut buf).await?;
-            if !self.from_client(peer) || !self.bucket.borrow_mut().take() {
+            if !self.is_its_sandbox(peer) || !self.bucket.borrow_mut().take() {
                 continue;
             }
             let query = buf[..n].to_vec();
@@ -181,7 +181,7 @@ impl Server {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            if !self.from_client(peer) {
+            if !self.is_its_sandbox(peer) {
                 continue;
             }
             let server = Rc::clone(&self);

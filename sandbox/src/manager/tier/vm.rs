@@ -663,6 +663,7 @@ mod tests {
             }),
             root: GuestRoot::Disk,
             container_slots: 0,
+            dns: None,
         };
         let (config, _) = as_read_by_vmm(&spec);
         assert_eq!(
