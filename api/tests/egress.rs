@@ -609,10 +609,12 @@ impl DnsServer {
             // Also an AAAA record, which the sandbox's resolver must not pass on.
             cmd.arg(format!("--host-record={name},{addr},2001:db8::1,{ttl}"));
         }
-        let child = cmd
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("starting dnsmasq");
+        // Killed and reaped on drop, whatever happens below.
+        let server = DnsServer(
+            cmd.stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("starting dnsmasq"),
+        );
         // Ready once it answers.
         let deadline = Instant::now() + Duration::from_secs(10);
         let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
@@ -630,7 +632,7 @@ impl DnsServer {
             probe.send_to(&query, (listen, 53)).expect("send probe");
             let mut buf = [0u8; 512];
             if probe.recv(&mut buf).is_ok() {
-                return Some(DnsServer(child));
+                return Some(server);
             }
             assert!(Instant::now() < deadline, "dnsmasq does not answer");
         }
@@ -655,7 +657,9 @@ fn which(program: &str) -> Option<String> {
 /// Egress `allow` by DNS name, through the sandbox's resolver and a real DNS server: an
 /// allowed name and a wildcard's resolve and are reached; other names do not resolve and
 /// their addresses are not reached even by address; a name allowed on one port is reached on
-/// it only; AAAA answers are dropped; no resolver outlives its sandbox.
+/// it only; AAAA answers are dropped; another sandbox cannot use this one's resolver; a PATCH
+/// opens and closes names on the running sandbox; an address lapses with its (clamped) TTL;
+/// no resolver outlives its sandbox.
 #[test]
 fn egress_allow_by_dns_name() {
     let Some(_host) = own_the_host("egress_allow_by_dns_name") else {
@@ -702,7 +706,7 @@ fn egress_allow_by_dns_name() {
     };
     let resolve = |s: &Sandbox, name: &str| run_in(s, format!("nslookup {name} 2>&1; echo rc=$?"));
     let reached = |out: &str| out.contains(&masqueraded);
-    block_on(async {
+    let ids = block_on(async {
         let c = d.client();
         let s = c
             .create(&sandbox(
@@ -716,6 +720,8 @@ fn egress_allow_by_dns_name() {
             ))
             .await
             .expect("create");
+        let gateway = s.network.gateway.clone().expect("gateway");
+        assert!(!resolver_of(&s.id).is_empty(), "no resolver runs");
         let conf = run_in(&s, "cat /etc/resolv.conf".into()).await;
         assert!(conf.contains("nameserver 169.254.53.53"), "{conf}");
 
@@ -749,16 +755,111 @@ fn egress_allow_by_dns_name() {
             "ported.test:80: {out}"
         );
 
+        // Another sandbox cannot ask this one's resolver at its port on the gateway (nor its
+        // own for this list); this sandbox can (the same query, straight to that port).
+        // (busybox nslookup takes SERVER:PORT; busybox nc has no UDP.)
+        let rules = in_sandbox_netns(&d, &s.id, "nft list table ip mvm-dns");
+        let target = rules
+            .split_whitespace()
+            .skip_while(|w| *w != "to")
+            .nth(1)
+            .expect("the resolver's DNAT target")
+            .trim_end_matches(';')
+            .to_owned();
+        let (resolver_addr, _port) = target.split_once(':').expect("ADDR:PORT");
+        assert_eq!(resolver_addr, gateway);
+        let direct = format!("nslookup api.example.test {target} 2>&1; echo rc=$?");
+        let out = run_in(&s, direct.clone()).await;
+        assert!(
+            out.contains(&api.to_string()),
+            "the resolver did not answer its own sandbox at {target}: {out}"
+        );
+        let other = c
+            .create(&sandbox(Egress::Allow, &["files.pypi.test"]))
+            .await
+            .expect("create the other");
+        let theirs = run_in(&other, direct).await;
+        assert!(
+            !theirs.contains(&api.to_string()),
+            "another sandbox got an answer from {target}: {theirs}"
+        );
+        let out = resolve(&other, "api.example.test").await;
+        assert!(!out.contains(&api.to_string()), "{out}");
+        c.delete(&other.id).await.expect("delete the other");
+
+        // PATCH: blocked.test opened, api.example.test closed, on the running sandbox.
+        let updated = c
+            .update_network(
+                &s.id,
+                vec![
+                    "blocked.test".into(),
+                    "*.pypi.test".into(),
+                    "ported.test:8080".into(),
+                    "short.test".into(),
+                ],
+            )
+            .await
+            .expect("patch the network");
+        assert_eq!(updated.network.allow[0], "blocked.test");
+        assert!(reached(&reach(&s, "blocked.test".into(), 80).await));
+        let out = reach(&s, api.to_string(), 80).await;
+        assert!(
+            !reached(&out) && !out.contains("rc=0"),
+            "closed api by address: {out}"
+        );
+        let out = resolve(&s, "api.example.test").await;
+        assert!(
+            !out.contains(&api.to_string()),
+            "closed api resolved: {out}"
+        );
+        assert_eq!(
+            c.get(&s.id).await.expect("get").network.allow,
+            updated.network.allow
+        );
+        // Bad entries are refused with nothing changed.
+        let err = c
+            .update_network(&s.id, vec!["bad name!".into()])
+            .await
+            .expect_err("a bad entry");
+        assert!(err.to_string().contains("not a valid DNS name"), "{err}");
+        assert!(reached(&reach(&s, "blocked.test".into(), 80).await));
+
+        // short.test's TTL (1 s, clamped to 10 s) lapses: its address is closed again
+        // without a new query. (A generous bound: the lapse is the kernel's set timeout.)
+        assert!(reached(&reach(&s, "short.test".into(), 80).await));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = reach(&s, short.to_string(), 80).await;
+            if !reached(&out) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "short.test's address stayed open: {out}"
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        // Resolving it again opens it again.
+        assert!(reached(&reach(&s, "short.test".into(), 80).await));
+
         c.delete(&s.id).await.expect("delete");
+        [s.id, other.id]
     });
     ip(&format!("route del 198.19.{n}.0/24"));
     d.assert_no_leaks(&before);
     assert!(egress_tables().is_empty(), "{:?}", egress_tables());
-    assert!(
-        Command::new("pgrep")
-            .args(["-f", "mvm-dns"])
-            .output()
-            .is_ok_and(|o| o.stdout.is_empty()),
-        "a resolver outlived its sandbox"
-    );
+    for id in ids {
+        let left = resolver_of(&id);
+        assert!(left.is_empty(), "a resolver outlived its sandbox: {left}");
+    }
+}
+
+/// The resolver processes of sandbox `id` (`pgrep -a`; their command line starts with
+/// `--sandbox ID`).
+fn resolver_of(id: &str) -> String {
+    let out = Command::new("pgrep")
+        .args(["-af", &format!("mvm-dns --sandbox {id}")])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
