@@ -17,7 +17,7 @@
 # What goes where (mvm and mvmd find their helpers next to themselves, else in
 # PREFIX/libexec/mvm, and `mvm build` finds the builders in PREFIX/share/mvm):
 #   PREFIX/bin/             mvm, mvmd, containerd-shim-mvm-v2
-#   PREFIX/libexec/mvm/     mvm-jailer, mvm-agent, mvm-vmm
+#   PREFIX/libexec/mvm/     mvm-jailer, mvm-agent, mvm-vmm, mvm-dns
 #   PREFIX/share/mvm/       rootfs/build.sh, guest-kernel/{build.sh,mvm.config}
 #   UNIT_DIR/mvmd.service   mvmd as a systemd service
 # Nothing is written outside these: state (/var/lib/mvm, with the images `mvm build` makes in
@@ -29,7 +29,7 @@ log() { echo "install.sh: $*" >&2; }
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly USER_BINS=(mvm mvmd containerd-shim-mvm-v2)
-readonly HELPER_BINS=(mvm-jailer mvm-agent mvm-vmm)
+readonly HELPER_BINS=(mvm-jailer mvm-agent mvm-vmm mvm-dns)
 readonly BUILDERS=(rootfs/build.sh guest-kernel/build.sh guest-kernel/mvm.config)
 
 prefix=/usr/local
@@ -80,14 +80,14 @@ if [ -z "$bin_dir" ]; then
     command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
     command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs), or pass --bin-dir with built binaries"
     log "building the release binaries (cargo build --release; several minutes the first time)"
-    (cd "$repo" && cargo build --release --locked -p cli -p api -p shim -p jailer -p agent -p vmm --bins) \
+    (cd "$repo" && cargo build --release --locked -p cli -p api -p shim -p jailer -p agent -p vmm -p mvm-sandbox --bins) \
         || die "cargo build --release failed"
     bin_dir=$repo/target/x86_64-unknown-linux-gnu/release
 fi
 [ -d "$bin_dir" ] || die "--bin-dir $bin_dir is not a directory"
 for b in "${USER_BINS[@]}" "${HELPER_BINS[@]}"; do
     [ -f "$bin_dir/$b" ] && [ -x "$bin_dir/$b" ] \
-        || die "$bin_dir/$b is missing; build it (cargo build -p cli -p api -p shim -p jailer -p agent -p vmm --bins) or pass another --bin-dir"
+        || die "$bin_dir/$b is missing; build it (cargo build -p cli -p api -p shim -p jailer -p agent -p vmm -p mvm-sandbox --bins) or pass another --bin-dir"
 done
 for f in "${BUILDERS[@]}"; do
     [ -f "$repo/$f" ] || die "$repo/$f is missing: run install.sh from an mvm source checkout"

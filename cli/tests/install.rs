@@ -13,23 +13,25 @@ use common::Env;
 use mvm_testkit::{bin_dir, root_or_skip, skip_or_fail_in_ci, text, workspace_root};
 
 /// Every binary install.sh installs.
-const BINARIES: [&str; 6] = [
+const BINARIES: [&str; 7] = [
     "mvm",
     "mvmd",
     "containerd-shim-mvm-v2",
     "mvm-jailer",
     "mvm-agent",
     "mvm-vmm",
+    "mvm-dns",
 ];
 
 /// The installed files, relative to the prefix.
-const INSTALLED: [&str; 10] = [
+const INSTALLED: [&str; 11] = [
     "bin/mvm",
     "bin/mvmd",
     "bin/containerd-shim-mvm-v2",
     "libexec/mvm/mvm-jailer",
     "libexec/mvm/mvm-agent",
     "libexec/mvm/mvm-vmm",
+    "libexec/mvm/mvm-dns",
     "share/mvm/rootfs/build.sh",
     "share/mvm/guest-kernel/build.sh",
     "share/mvm/guest-kernel/mvm.config",
@@ -44,7 +46,8 @@ fn build_binaries() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let ok = Command::new(cargo)
             .args(["build", "-p", "cli", "-p", "api", "-p", "shim"])
-            .args(["-p", "jailer", "-p", "agent", "-p", "vmm", "--bins"])
+            .args(["-p", "jailer", "-p", "agent", "-p", "vmm"])
+            .args(["-p", "mvm-sandbox", "--bins"])
             .current_dir(workspace_root())
             .status()
             .expect("running cargo build")
