@@ -8,8 +8,10 @@ use api::server::templates::TemplateDirs;
 use api::server::{DEFAULT_SOCKET, TOKEN_FILE};
 use mvm_client::{Client, ClientError, Stream};
 use mvm_sandbox::db::Tenant;
+use mvm_sandbox::image::Credentials;
 use mvm_sandbox::model::{
-    CreateSandbox, ExecRequest, ExitInfo, Sandbox, SandboxUsage, Template, WsControl,
+    CreateSandbox, ExecRequest, ExitInfo, Image, PullImage, Sandbox, SandboxUsage, Template,
+    WsControl,
 };
 use mvm_sandbox::{Manager, ManagerConfig};
 use tokio::io::AsyncReadExt;
@@ -298,8 +300,6 @@ impl Backend {
         })
     }
 
-    /// Forks a running vm-tier sandbox into `count` children.
-    pub async fn fork(&self, id: &str, count: u32) -> Result<Vec<Sandbox>, CliError> {
     /// Replaces the allow list of a sandbox with egress allow.
     pub async fn update_network(&self, id: &str, allow: Vec<String>) -> Result<Sandbox, CliError> {
         Ok(match self {
@@ -316,6 +316,8 @@ impl Backend {
         })
     }
 
+    /// Forks a running vm-tier sandbox into `count` children.
+    pub async fn fork(&self, id: &str, count: u32) -> Result<Vec<Sandbox>, CliError> {
         Ok(match self {
             Backend::Daemon(c) => c.fork(id, count).await?,
             Backend::Local { manager, tenant } => manager.fork(tenant, id, count).await?,
@@ -336,6 +338,72 @@ impl Backend {
         Ok(match self {
             Backend::Daemon(c) => c.warm_template(name).await?,
             Backend::Local { manager, tenant } => manager.warm_template(tenant, name).await?,
+        })
+    }
+
+    /// Pulls an image into the cache (daemonless: also from `insecure` plain-HTTP registries).
+    pub async fn pull_image(
+        &self,
+        reference: &str,
+        credentials: Option<Credentials>,
+        insecure: Vec<String>,
+    ) -> Result<Image, CliError> {
+        Ok(match self {
+            Backend::Daemon(_) if !insecure.is_empty() => {
+                return Err(CliError::Local(
+                    "--insecure-registry is for daemonless pulls: mvmd reaches the registries \
+                     named in its MVM_INSECURE_REGISTRIES over plain HTTP"
+                        .into(),
+                ))
+            }
+            Backend::Daemon(c) => {
+                let (username, password) = credentials
+                    .map(|c| (Some(c.username), Some(c.password)))
+                    .unwrap_or_default();
+                c.pull_image(&PullImage {
+                    reference: reference.to_owned(),
+                    username,
+                    password,
+                })
+                .await?
+            }
+            Backend::Local { manager, .. } => {
+                manager
+                    .images()
+                    .with_insecure(insecure)
+                    .pull(reference, credentials.as_ref())
+                    .await?
+            }
+        })
+    }
+
+    /// Loads the images of a `docker save` or OCI archive.
+    pub async fn load_images(&self, path: &str) -> Result<Vec<Image>, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.load_images(read_local(path)?).await?,
+            Backend::Local { manager, .. } => {
+                let store = manager.images();
+                let file = path.to_owned();
+                tokio::task::spawn_blocking(move || -> Result<Vec<Image>, CliError> {
+                    Ok(if file == "-" {
+                        store.load(std::io::stdin().lock())?
+                    } else {
+                        let archive = std::fs::File::open(&file)
+                            .map_err(|e| CliError::Local(format!("opening {file}: {e}")))?;
+                        store.load(archive)?
+                    })
+                })
+                .await
+                .map_err(|e| CliError::Local(format!("loading {path}: {e}")))??
+            }
+        })
+    }
+
+    /// The cached images.
+    pub async fn images(&self) -> Result<Vec<Image>, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.images().await?,
+            Backend::Local { manager, .. } => manager.images().list()?,
         })
     }
 

@@ -14,8 +14,8 @@ use std::process::ExitCode;
 use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
 use mvm_sandbox::model::{
-    CreateSandbox, Egress, ExecRequest, ExecResult, Isolation, NetworkSpec, PortMapping, Sandbox,
-    Template,
+    CreateSandbox, Egress, ExecRequest, ExecResult, ImageConfig, Isolation, NetworkSpec,
+    PortMapping, Sandbox, Template,
 };
 use tty::Terminal;
 
@@ -95,10 +95,13 @@ struct RunArgs {
     /// stderr is a terminal; stdout is the command's alone either way).
     #[arg(long)]
     verbose: bool,
-    /// Template [default: default].
+    /// Template, or an OCI image pulled or loaded before (any name that is not a registered
+    /// template's) [default: template default].
+    #[arg(value_name = "TEMPLATE|IMAGE")]
     template: Option<String>,
-    /// The command and its arguments (optional with -d).
-    #[arg(last = true, required_unless_present = "detach", value_name = "CMD")]
+    /// The command and its arguments (optional with -d, or with an image that has an
+    /// Entrypoint or Cmd; an image's Entrypoint comes before them).
+    #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
 
@@ -172,9 +175,6 @@ enum Command {
         /// Sandbox id.
         id: String,
     },
-    /// Fork a running vm-tier sandbox: children that go on from this instant (processes,
-    /// memory, files), each with its own host name, MAC, address, RNG seed and clock.
-    Fork {
     /// Replace the allow list of a running sandbox with egress allow: what the new list does
     /// not name is closed at once.
     Network {
@@ -185,6 +185,9 @@ enum Command {
         #[arg(long, required = true)]
         allow: Vec<String>,
     },
+    /// Fork a running vm-tier sandbox: children that go on from this instant (processes,
+    /// memory, files), each with its own host name, MAC, address, RNG seed and clock.
+    Fork {
         /// Sandbox id.
         id: String,
         /// Children to make (at most 16).
@@ -196,6 +199,26 @@ enum Command {
         /// What to do (default: list).
         #[command(subcommand)]
         action: Option<TemplatesAction>,
+    },
+    /// Pull an OCI image from its registry into the image cache (through mvmd: an admin's).
+    Pull {
+        /// `[REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]` (Docker Hub and :latest by default).
+        reference: String,
+        /// User name for the registry; the password is read from stdin.
+        #[arg(long, short = 'u')]
+        username: Option<String>,
+        /// Registry reached over plain HTTP (repeatable; loopback registries always are);
+        /// daemonless only: mvmd takes MVM_INSECURE_REGISTRIES.
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure_registry: Vec<String>,
+    },
+    /// List the cached OCI images.
+    Images,
+    /// Load the images of a `docker save` tarball or OCI image layout archive (`-` = stdin;
+    /// through mvmd: an admin's).
+    Load {
+        /// The archive.
+        file: String,
     },
     /// Build the guest kernel and base image and register them as a template.
     Build(build::BuildArgs),
@@ -575,6 +598,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Pause { id } => show(&backend.set_paused(&id, true).await?, json),
         Command::Resume { id } => show(&backend.set_paused(&id, false).await?, json),
+        Command::Network { id, allow } => show(&backend.update_network(&id, allow).await?, json),
         Command::Fork { id, count } => {
             let children = backend.fork(&id, count).await?;
             if json {
@@ -598,7 +622,6 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 print_json(&t);
             } else {
                 println!("{}: warm ({})", t.name, warm_column(&t));
-        Command::Network { id, allow } => show(&backend.update_network(&id, allow).await?, json),
             }
             Ok(0)
         }
@@ -611,6 +634,67 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 for t in list {
                     let warm = warm_column(&t);
                     println!("{:<16} {:<40} {:<40} {warm}", t.name, t.kernel, t.rootfs);
+                }
+            }
+            Ok(0)
+        }
+        Command::Pull {
+            reference,
+            username,
+            insecure_registry,
+        } => {
+            let credentials = match username {
+                Some(username) => {
+                    let mut password = String::new();
+                    std::io::stdin()
+                        .read_line(&mut password)
+                        .map_err(|e| CliError::Local(format!("reading the password: {e}")))?;
+                    Some(mvm_sandbox::image::Credentials {
+                        username,
+                        password: password.trim_end_matches(['\r', '\n']).to_owned(),
+                    })
+                }
+                None => None,
+            };
+            let image = backend
+                .pull_image(&reference, credentials, insecure_registry)
+                .await?;
+            if json {
+                print_json(&image);
+            } else {
+                println!("{}", image.digest);
+            }
+            Ok(0)
+        }
+        Command::Load { file } => {
+            let images = backend.load_images(&file).await?;
+            if json {
+                print_json(&images);
+            } else {
+                for i in images {
+                    let names = i.references.join(" ");
+                    println!("{} {names}", i.digest);
+                }
+            }
+            Ok(0)
+        }
+        Command::Images => {
+            let list = backend.images().await?;
+            if json {
+                print_json(&list);
+            } else {
+                println!("{:<50} {:<20} {:>10}", "REFERENCE", "DIGEST", "SIZE");
+                for i in list {
+                    let short = &i.digest[..i.digest.len().min(19)];
+                    let size = format!("{:.1} MiB", i.size_bytes as f64 / (1 << 20) as f64);
+                    for r in i
+                        .references
+                        .iter()
+                        .map(String::as_str)
+                        .chain(i.references.is_empty().then_some("<none>"))
+                    {
+                        println!("{r:<50} {short:<20} {size:>10}");
+                    }
                 }
             }
             Ok(0)
@@ -696,8 +780,21 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         "all" => Egress::All,
         _ => Egress::None,
     };
+    // A registered template's name, else an image's.
+    let (template, image) = match a.template {
+        Some(name) if !backend.templates().await?.iter().any(|t| t.name == name) => {
+            (None, Some(name))
+        }
+        template => (template, None),
+    };
+    if image.is_none() && a.cmd.is_empty() && !a.detach {
+        return Err(CliError::Local(
+            "give the command to run after `--` (mvm run [TEMPLATE|IMAGE] -- CMD...)".into(),
+        ));
+    }
     let req = CreateSandbox {
-        template: a.template,
+        template,
+        image,
         vcpus: a.cpus,
         memory_mib: a.memory,
         timeout_s: a.timeout,
@@ -711,8 +808,19 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         ports: a.publish,
     };
     let sandbox = backend.create(req).await?;
+    let cmd = match &sandbox.image {
+        Some(image) => image_command(&image.config, a.cmd),
+        None => a.cmd,
+    };
+    if cmd.is_empty() && !a.detach {
+        let _ = backend.destroy(&sandbox.id).await;
+        return Err(CliError::Local(format!(
+            "image {} has no Entrypoint or Cmd: give the command after `--`",
+            sandbox.template
+        )));
+    }
     if a.detach {
-        return start_detached(backend, &sandbox, a.cmd, json).await;
+        return start_detached(backend, &sandbox, cmd, json).await;
     }
     // mvm's own lines go to a person (stderr a terminal, or -v), never into a script's stderr.
     let tell = !json && (a.verbose || std::io::stderr().is_terminal());
@@ -720,7 +828,7 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         eprintln!("mvm: running in sandbox {}", named(&sandbox));
     }
     let exec_req = ExecRequest {
-        cmd: a.cmd,
+        cmd,
         tty: a.tty,
         ..ExecRequest::default()
     };
@@ -746,6 +854,17 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         );
     }
     result
+}
+
+/// What `mvm run IMAGE -- CMD` runs, as docker does: the image's Entrypoint followed by `cmd`,
+/// or by the image's Cmd when `cmd` is empty.
+fn image_command(config: &ImageConfig, cmd: Vec<String>) -> Vec<String> {
+    let args = if cmd.is_empty() {
+        config.cmd.clone()
+    } else {
+        cmd
+    };
+    config.entrypoint.iter().cloned().chain(args).collect()
 }
 
 /// `mvm run -d`: starts `cmd` (if any) in its own session in `sandbox`, detached from the

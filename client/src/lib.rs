@@ -324,6 +324,29 @@ impl Client {
         self.json("POST", "/v1/templates", Some(t)).await
     }
 
+    /// `GET /v1/images`.
+    pub async fn images(&self) -> Result<Vec<Image>, ClientError> {
+        Ok(self
+            .json::<ImageList>("GET", "/v1/images", None::<&()>)
+            .await?
+            .images)
+    }
+
+    /// `POST /v1/images`: pulls an image into mvmd's cache.
+    pub async fn pull_image(&self, req: &PullImage) -> Result<Image, ClientError> {
+        self.json("POST", "/v1/images", Some(req)).await
+    }
+
+    /// `POST /v1/images/load`: loads a `docker save` or OCI archive into mvmd's cache.
+    pub async fn load_images(&self, archive: Vec<u8>) -> Result<Vec<Image>, ClientError> {
+        let answer = self
+            .raw("POST", "/v1/images/load", "application/x-tar", archive)
+            .await?;
+        serde_json::from_slice::<ImageList>(&answer)
+            .map(|l| l.images)
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     /// `POST /v1/templates/{name}/warm`.
     pub async fn warm_template(&self, name: &str) -> Result<Template, ClientError> {
         self.json(

@@ -116,7 +116,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     network TEXT NOT NULL,
     metadata TEXT NOT NULL,
     slot INTEGER NOT NULL UNIQUE,
-    pid INTEGER NOT NULL DEFAULT 0
+    pid INTEGER NOT NULL DEFAULT 0,
+    image TEXT
 );
 CREATE TABLE IF NOT EXISTS templates (
     name TEXT PRIMARY KEY,
@@ -196,6 +197,10 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
             env: serde_json::from_str(&text(11)?).map_err(|e| bad(11, e.to_string()))?,
             network,
             metadata: serde_json::from_str(&text(12)?).map_err(|e| bad(12, e.to_string()))?,
+            image: r
+                .get::<_, Option<String>>(15)?
+                .map(|j| serde_json::from_str(&j).map_err(|e| bad(15, e.to_string())))
+                .transpose()?,
         },
         slot: r.get(13)?,
         pid: r.get(14)?,
@@ -251,29 +256,36 @@ fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
-/// Columns of `tenants` added since the first release, and how an older database gets each.
-/// Databases from before the `admin` column get it set for tenant `default`: the tenant whose
-/// token mvmd writes to its state directory, which registered templates then.
-const TENANT_MIGRATIONS: [(&str, &str); 2] = [
+/// Columns added since the first release (table, column), and how an older database gets
+/// each. Databases from before the `admin` column get it set for tenant `default`: the tenant
+/// whose token mvmd writes to its state directory, which registered templates then.
+const MIGRATIONS: [(&str, &str, &str); 3] = [
     (
+        "tenants",
         "admin",
         "ALTER TABLE tenants ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
          UPDATE tenants SET admin = 1 WHERE name = 'default';",
     ),
     (
+        "tenants",
         "allowed_isolation",
         "ALTER TABLE tenants ADD COLUMN allowed_isolation TEXT;",
     ),
+    (
+        "sandboxes",
+        "image",
+        "ALTER TABLE sandboxes ADD COLUMN image TEXT;",
+    ),
 ];
 
-/// Brings a database made by an older mvm up to [`SCHEMA`] ([`TENANT_MIGRATIONS`]).
+/// Brings a database made by an older mvm up to [`SCHEMA`] ([`MIGRATIONS`]).
 fn migrate(conn: &Connection) -> Result<()> {
     let missing = |c: &Connection| -> rusqlite::Result<Vec<&'static str>> {
         let mut out = Vec::new();
-        for (column, sql) in TENANT_MIGRATIONS {
+        for (table, column, sql) in MIGRATIONS {
             if !c
-                .prepare("SELECT 1 FROM pragma_table_info('tenants') WHERE name = ?1")?
-                .exists([column])?
+                .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+                .exists([table, column])?
             {
                 out.push(sql);
             }
@@ -294,7 +306,7 @@ fn migrate(conn: &Connection) -> Result<()> {
 }
 
 const SANDBOX_COLUMNS: &str = "id, tenant, state, isolation, template, vcpus, memory_mib, \
-    timeout_s, expires_at, created_at, network, env, metadata, slot, pid";
+    timeout_s, expires_at, created_at, network, env, metadata, slot, pid, image";
 
 impl Db {
     /// Opens (creating if needed) the database at `path`.
@@ -429,7 +441,7 @@ impl Db {
             )));
         }
         tx.execute(
-            &format!("INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0)"),
+            &format!("INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15)"),
             params![
                 s.id,
                 s.tenant,
@@ -445,6 +457,7 @@ impl Db {
                 json(&s.env),
                 json(&s.metadata),
                 slot,
+                s.image.as_ref().map(json),
             ],
         )?;
         tx.commit()?;

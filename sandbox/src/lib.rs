@@ -7,6 +7,7 @@ pub mod bounds;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod image;
 pub mod install;
 pub mod manager;
 pub mod metrics;

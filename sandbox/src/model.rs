@@ -170,6 +170,12 @@ pub struct CreateSandbox {
     /// Host ports forwarded to the sandbox's ports (TCP), at most 16, for as long as it lives.
     #[serde(default)]
     pub ports: Vec<PortMapping>,
+    /// An OCI image pulled or loaded before (`POST /v1/images`), by reference (`alpine:3.20`,
+    /// `registry:5000/app@sha256:...`) or digest, as the sandbox's file system instead of
+    /// the template's; its Env is added under `env`, its WorkingDir and User are the execs'
+    /// defaults. `template` then only picks the vm tier's kernel.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// A published port: TCP to `host_ip:host_port` on the host reaches the sandbox's
@@ -280,6 +286,95 @@ pub struct Sandbox {
     pub network: NetworkInfo,
     /// Labels.
     pub metadata: BTreeMap<String, String>,
+    /// The OCI image it was made from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<SandboxImage>,
+}
+
+/// The image of a sandbox made from one, and what its execs get from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxImage {
+    /// The reference it was asked for by, as normalized (`docker.io/library/alpine:3.20`).
+    pub reference: String,
+    /// Digest of its manifest (`sha256:...`).
+    pub digest: String,
+    /// Its run configuration.
+    pub config: ImageConfig,
+    /// User id of the image's `User` (vm tier; the jail tier runs as the sandbox's own uid).
+    pub uid: u32,
+    /// Group id of the image's `User`.
+    pub gid: u32,
+}
+
+impl SandboxImage {
+    /// `REPOSITORY@DIGEST`: the reference pinned to the digest the sandbox got.
+    pub fn pinned_reference(&self) -> String {
+        let repo = match self.reference.split_once('@') {
+            Some((repo, _)) => repo,
+            // A tag's colon comes after the last slash (a registry's port before it).
+            None => match self.reference.rsplit_once(':') {
+                Some((repo, tag)) if !tag.contains('/') => repo,
+                _ => &self.reference,
+            },
+        };
+        format!("{repo}@{}", self.digest)
+    }
+}
+
+/// The run configuration of an OCI image (`config` of its config blob).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct ImageConfig {
+    /// `NAME=VALUE` entries of every exec's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Default working directory of execs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Default user (`name`, `uid`, `uid:gid`, `name:group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Program `mvm run IMAGE` starts, its arguments before the command's.
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    /// Default command (the arguments of the entrypoint when it has one).
+    #[serde(default)]
+    pub cmd: Vec<String>,
+}
+
+/// An image in mvm's image cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    /// The references that name it (normalized), e.g. `docker.io/library/alpine:3.20`.
+    pub references: Vec<String>,
+    /// Digest of its manifest (`sha256:...`): `image` of a create may name it.
+    pub digest: String,
+    /// Bytes of its compressed layers.
+    pub size_bytes: u64,
+    /// When it was pulled or loaded (Unix seconds).
+    pub created_at: i64,
+    /// Its run configuration.
+    pub config: ImageConfig,
+}
+
+/// `POST /v1/images` body: pull an image from its registry (admin only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    /// `[REGISTRY/]REPOSITORY[:TAG][@DIGEST]`; Docker Hub and `:latest` are the defaults.
+    pub reference: String,
+    /// User name for the registry (basic, or a token server's credentials).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password or access token for the registry; never stored.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// `GET /v1/images` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    /// Cached images, newest first.
+    pub images: Vec<Image>,
 }
 
 /// `GET /v1/sandboxes` answer.

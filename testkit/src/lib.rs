@@ -7,6 +7,8 @@ pub mod containerd;
 #[cfg(feature = "cri")]
 pub mod cri;
 pub mod ports;
+#[cfg(feature = "registry")]
+pub mod registry;
 pub mod rss;
 
 use std::io::Read;
@@ -218,11 +220,11 @@ pub fn build_jailer_and_agent() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let ok = Command::new(cargo)
             .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
+            .args(["-p", "mvm-sandbox", "--bin", "mvm-dns"])
             .current_dir(workspace_root())
             .status()
             .expect("running cargo build for mvm-jailer and mvm-agent")
             .success();
-            .args(["-p", "mvm-sandbox", "--bin", "mvm-dns"])
         assert!(ok, "building mvm-jailer and mvm-agent failed");
     });
 }

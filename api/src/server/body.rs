@@ -18,13 +18,15 @@ use crate::error::ApiError;
 use mvm_sandbox::bounds::{Bounds, REQUEST_BODY_LIMIT_ENV, UPLOAD_LIMIT_ENV};
 use mvm_sandbox::Error;
 
-/// Whether a call is a file upload, whose body is the file (`PUT /v1/sandboxes/{id}/files`).
+/// Whether a call is a file upload, whose body is the file (`PUT /v1/sandboxes/{id}/files`)
+/// or an image archive (`POST /v1/images/load`).
 fn is_upload(method: &Method, path: &str) -> bool {
-    *method == Method::PUT
+    (*method == Method::PUT
         && matches!(
             path.split('/').collect::<Vec<_>>().as_slice(),
             ["", "v1", "sandboxes", _, "files"]
-        )
+        ))
+        || (*method == Method::POST && path == "/v1/images/load")
 }
 
 /// The error for a body of more than `limit` bytes on a call of that kind.

@@ -4,6 +4,7 @@
 pub(crate) mod body;
 pub(crate) mod exec;
 mod extract;
+mod images;
 pub mod templates;
 
 use std::sync::Arc;
@@ -73,12 +74,14 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(keepalive))
-        .routes(routes!(fork))
         .routes(routes!(update_network))
+        .routes(routes!(fork))
         .routes(routes!(logs))
         .routes(routes!(stats))
         .routes(routes!(list_templates, create_template))
         .routes(routes!(warm_template))
+        .routes(routes!(images::list_images, images::pull_image))
+        .routes(routes!(images::load_images))
         .routes(routes!(metrics))
         .routes(routes!(healthz))
         .routes(routes!(openapi_json))
@@ -341,9 +344,6 @@ async fn keepalive(
     )?))
 }
 
-/// Fork a running vm-tier sandbox into `count` children (default 1, at most 16) that go on
-/// from this instant: its processes, memory and files, each child with its own host name,
-/// MAC, address, RNG seed and clock. The source is paused only while it is saved. Children
 /// Replace the allow list of a running sandbox with egress `allow` (addresses, DNS names,
 /// wildcards, each optionally `:PORT`): what it no longer names is closed at once, open
 /// connections stay; other egress modes answer 409.
@@ -364,6 +364,9 @@ async fn update_network(
     ))
 }
 
+/// Fork a running vm-tier sandbox into `count` children (default 1, at most 16) that go on
+/// from this instant: its processes, memory and files, each child with its own host name,
+/// MAC, address, RNG seed and clock. The source is paused only while it is saved. Children
 /// count in the quota; the jail tier answers 422.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes", params(("id" = String, Path)),
     request_body = ForkRequest,
@@ -644,12 +647,13 @@ mod tests {
             (Method::PUT, "/v1/sandboxes/abc/files"),
             (Method::POST, "/v1/templates"),
             (Method::POST, "/v1/templates/default/warm"),
+            (Method::POST, "/v1/images"),
             (Method::POST, "/v1/sandboxes/abc/fork"),
+            (Method::PATCH, "/v1/sandboxes/abc/network"),
             (Method::GET, "/v1/sandboxes/abc/exec/ws"),
         ] {
             assert!(audited(&method, path), "{method} {path}");
         }
-            (Method::PATCH, "/v1/sandboxes/abc/network"),
         for (method, path) in [
             (Method::GET, "/v1/sandboxes"),
             (Method::GET, "/v1/sandboxes/abc"),

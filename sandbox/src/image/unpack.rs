@@ -442,7 +442,11 @@ mod tests {
         // An absolute hard link target names the image's file, not the host's.
         let t = tree();
         let err = apply(t.path(), &[Entry::Hardlink("passwd", "/etc/passwd")]).expect_err("absent");
-        assert!(err.to_string().contains("not in the image"), "{err}");
+        assert!(
+            err.to_string().contains("hard link target etc/passwd"),
+            "{err}"
+        );
+        assert!(!t.path().join("passwd").exists());
     }
 
     #[test]

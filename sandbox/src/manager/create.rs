@@ -66,28 +66,58 @@ impl Manager {
         let network = net::validate(&req.network.unwrap_or_default())?;
         net::validate_ports(&req.ports)?;
         net::check_ports_unbound(&req.ports)?;
-        let (template_name, userland) = match userland {
-            Some(dir) if !dir.is_absolute() || !dir.is_dir() => {
+        let image = match req.image.as_deref() {
+            Some(_) if userland.is_some() => {
+                return Err(Error::Invalid(
+                    "a container's sandbox takes its root from its runtime, not an image".into(),
+                ))
+            }
+            Some(name) => Some(self.images().sandbox_image(name)?),
+            None => None,
+        };
+        let (template_name, userland) = match (&image, userland) {
+            (Some((image, tree)), _) => (
+                image.pinned_reference(),
+                match isolation {
+                    Isolation::Jail => Userland::Base(tree.clone()),
+                    // The guest's root is an ext4 copy of the tree, as a container's is.
+                    Isolation::Vm => Userland::DiskFromDir {
+                        template: self.requested_template(req.template)?,
+                        dir: tree.clone(),
+                    },
+                },
+            ),
+            (None, Some(dir)) if !dir.is_absolute() || !dir.is_dir() => {
                 return Err(Error::Invalid(format!(
                     "userland {} must be an absolute path to a directory",
                     dir.display()
                 )))
             }
-            Some(dir) if isolation == Isolation::Jail => {
+            (None, Some(dir)) if isolation == Isolation::Jail => {
                 (dir.display().to_string(), Userland::Dir(dir))
             }
-            Some(dir) => (
+            (None, Some(dir)) => (
                 dir.display().to_string(),
                 Userland::DiskFromDir {
                     template: self.requested_template(req.template)?,
                     dir,
                 },
             ),
-            None => {
+            (None, None) => {
                 let template = self.requested_template(req.template)?;
                 (template.name.clone(), Userland::Template(template))
             }
         };
+        // The image's Env under the request's own.
+        let mut env = req.env;
+        if let Some((image, _)) = &image {
+            for kv in &image.config.env {
+                if let Some((k, v)) = kv.split_once('=').filter(|(k, _)| !k.is_empty()) {
+                    env.entry(k.to_owned()).or_insert_with(|| v.to_owned());
+                }
+            }
+            validate_env(&env)?;
+        }
         let now = db::now();
         let sandbox = Sandbox {
             id: db::random_hex(6)?,
@@ -110,6 +140,7 @@ impl Manager {
                 ports: req.ports,
             },
             metadata: req.metadata,
+            image: image.map(|(image, _)| image),
         };
         Ok((sandbox, userland))
     }
@@ -140,7 +171,6 @@ impl Manager {
     /// in the guest do not reach the host directory.
     pub async fn create_for_container(
         &self,
-            image: image.map(|(image, _)| image),
         tenant: &Tenant,
         req: CreateSandbox,
         container: ContainerSandbox,
@@ -284,6 +314,14 @@ impl Manager {
                 None => {
                     std::fs::create_dir_all(cfg.netns(""))
                         .map_err(|e| Error::host("creating the netns dir", e))?;
+                    let upstream = match spec.egress {
+                        Egress::Allow => net::DnsUpstream::resolve(cfg.dns_upstream.as_deref())?,
+                        _ => net::DnsUpstream(Vec::new()),
+                    };
+                    let dns = net::DnsSetup {
+                        bin_dir: &cfg.bin_dir,
+                        upstream: &upstream,
+                    };
                     let info = net::create(
                         &cfg.netns(&s.id),
                         &s.id,
@@ -292,6 +330,7 @@ impl Manager {
                         s.isolation,
                         addrs,
                         uid,
+                        &dns,
                     )?;
                     (info, None)
                 }
@@ -314,19 +353,24 @@ impl Manager {
                 None => None,
             };
             let start = tier::Start {
-                    let upstream = match spec.egress {
-                        Egress::Allow => net::DnsUpstream::resolve(cfg.dns_upstream.as_deref())?,
-                        _ => net::DnsUpstream(Vec::new()),
-                    };
-                    let dns = net::DnsSetup {
-                        bin_dir: &cfg.bin_dir,
-                        upstream: &upstream,
-                    };
                 container_slots,
                 guest_net: guest_net.clone(),
                 boot: start_boot,
             };
-            let spawned = spawn_jail(&cfg, &s, uid, &userland, start, pod_netns.as_deref());
+            let spawned = spawn_jail(&cfg, &s, uid, &userland, start, pod_netns.as_deref())
+                .and_then(|child| {
+                    // The jail tier's DNS goes to the sandbox's resolver (the vm tier's guest
+                    // is told by its kernel command line).
+                    // A container's own tree (no overlay) keeps its runtime's resolv.conf.
+                    let root = super::rootfs::Overlay::at(&cfg.sandbox_dir(&s.id)).merged;
+                    if s.isolation == Isolation::Jail
+                        && spec.egress == Egress::Allow
+                        && mvm_sys::mountinfo::mount_points_under(&root).contains(&root)
+                    {
+                        net::write_resolv_conf(&root)?;
+                    }
+                    Ok(child)
+                });
             if spawned.is_err() && s.isolation == Isolation::Vm {
                 // The teardown after a failed create does not know of the pod's namespace yet.
                 if let Some(ns) = &pod_netns {

@@ -7,7 +7,7 @@ use agent::AgentClient;
 
 use super::{lock, Live, Manager};
 use crate::error::{Error, Result};
-use crate::model::{ExecRequest, ExecResult, SandboxState, TtySize};
+use crate::model::{ExecRequest, ExecResult, Isolation, SandboxState, TtySize};
 
 impl Manager {
     /// The agent of a running sandbox, connecting (again) when needed.
@@ -72,8 +72,19 @@ impl Manager {
         for (k, v) in sandbox.env.iter().chain(&req.env) {
             er = er.env(k.clone(), v.clone());
         }
-        if let Some(cwd) = &req.cwd {
+        // An image's WorkingDir and User are the defaults (its user only in the vm tier: a
+        // jail's processes run as the sandbox's own uid, without the capability to switch).
+        let image = sandbox.image.as_ref();
+        if let Some(cwd) = req
+            .cwd
+            .as_ref()
+            .or(image.and_then(|i| i.config.working_dir.as_ref()))
+        {
             er = er.cwd(cwd.clone());
+        }
+        if let Some(image) = image.filter(|_| sandbox.isolation == Isolation::Vm) {
+            er.uid = Some(image.uid);
+            er.gid = Some(image.gid);
         }
         if let Some((rows, cols)) = pty_size(req)? {
             er = er.pty(rows, cols);

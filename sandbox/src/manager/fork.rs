@@ -77,6 +77,7 @@ impl Manager {
                 metadata: source.metadata.clone(),
                 // Host ports are unique on the host: they stay with the source.
                 ports: Vec::new(),
+                image: None,
             };
             let (manager, tenant, origin) =
                 (self.clone(), tenant.clone(), Origin::Fork(saved.clone()));

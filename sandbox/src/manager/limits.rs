@@ -226,6 +226,7 @@ mod tests {
             state: SandboxState::Running,
             isolation: Isolation::Jail,
             template: DEFAULT_TEMPLATE.into(),
+            image: None,
             vcpus: 1,
             memory_mib: 256,
             timeout_s: 0,

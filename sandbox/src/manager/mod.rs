@@ -23,7 +23,7 @@ mod console;
 mod create;
 mod exec;
 mod fork;
-mod host;
+pub(crate) mod host;
 mod limits;
 mod lock;
 pub mod net;
@@ -338,7 +338,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::host("a host task panicked", e))?
@@ -400,6 +402,11 @@ impl Manager {
     /// The configuration.
     pub fn config(&self) -> &ManagerConfig {
         &self.inner.cfg
+    }
+
+    /// The image cache of the state directory (shared by every tenant, like templates).
+    pub fn images(&self) -> crate::image::ImageStore {
+        crate::image::ImageStore::new(&self.inner.cfg.state_dir)
     }
 
     /// The state database.

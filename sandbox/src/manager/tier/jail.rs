@@ -106,8 +106,22 @@ pub(super) fn template_jail(
     dir: &Path,
 ) -> Result<JailConfig> {
     let base = rootfs::base_tree(&cfg.state_dir.join("bases"), Path::new(&template.rootfs))?;
+    overlay_jail(cfg, s, uid, &base, dir)
+}
+
+/// The jail of a sandbox whose read-only base is the tree `base` (a template's unpacked image,
+/// or an OCI image's): an overlay whose upper layer lies on a tmpfs of
+/// [`ManagerConfig::jail_disk_mib`] in the sandbox directory `dir`, which also holds the
+/// jail's `/run`.
+pub(super) fn overlay_jail(
+    cfg: &ManagerConfig,
+    s: &Sandbox,
+    uid: u32,
+    base: &Path,
+    dir: &Path,
+) -> Result<JailConfig> {
     let overlay = rootfs::Overlay::at(dir);
-    overlay.mount(&base, uid, cfg.jail_disk_mib)?;
+    overlay.mount(base, uid, cfg.jail_disk_mib)?;
     jail_config(cfg, s, uid, &overlay.merged, Some(&overlay.run))
 }
 

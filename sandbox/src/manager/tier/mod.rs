@@ -31,6 +31,8 @@ pub(super) enum Userland {
     Template(Template),
     /// A host directory (jail tier).
     Dir(PathBuf),
+    /// A read-only tree under a per-sandbox overlay (jail tier): an OCI image's.
+    Base(PathBuf),
     /// The template's kernel and agent, with a disk made from a host directory as the root
     /// (vm tier).
     DiskFromDir {
@@ -112,6 +114,7 @@ pub(super) fn jail_spec(
             jail::template_jail(cfg, s, uid, template, &dir)
         }
         (Isolation::Jail, Userland::Dir(tree)) => jail::jail_config(cfg, s, uid, tree, None),
+        (Isolation::Jail, Userland::Base(base)) => jail::overlay_jail(cfg, s, uid, base, &dir),
         (Isolation::Vm, Userland::Template(template)) => {
             vm::vm_jail(cfg, s, uid, template, &dir, None, start)
         }
@@ -122,7 +125,8 @@ pub(super) fn jail_spec(
                 dir: tree,
             },
         ) => vm::vm_jail(cfg, s, uid, template, &dir, Some(tree), start),
-        (Isolation::Jail, Userland::DiskFromDir { .. }) | (Isolation::Vm, Userland::Dir(_)) => {
+        (Isolation::Jail, Userland::DiskFromDir { .. })
+        | (Isolation::Vm, Userland::Dir(_) | Userland::Base(_)) => {
             unreachable!("plan() picks the userland by tier")
         }
     }

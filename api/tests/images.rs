@@ -1,0 +1,413 @@
+//! OCI images from a real registry (Debian's docker-registry on a loopback port, filled by the
+//! test) as jail-tier sandboxes' file systems through mvmd: pulled by tag and by digest,
+//! anonymously and with htpasswd basic auth; a sandbox honours the image's Env, WorkingDir and
+//! whiteouts; refusals (not an admin, unknown image or tag, digest mismatch, unsupported
+//! platform, a hostile layer, a full disk) leave nothing in the cache.
+
+mod common;
+
+use std::path::Path;
+
+use common::{api_error, block_on, jail, sh, Daemon};
+use mvm_client::Client;
+use mvm_sandbox::model::{CreateSandbox, PullImage};
+use mvm_testkit::registry::{busybox_layer, config_blob, layer, Entry, Registry};
+use mvm_testkit::{root_or_skip, skip_or_fail_in_ci};
+
+fn registry_or_skip(test: &str, auth: Option<(&str, &str)>) -> Option<Registry> {
+    match Registry::start(auth) {
+        Ok(r) => Some(r),
+        Err(why) => {
+            skip_or_fail_in_ci(test, &why);
+            None
+        }
+    }
+}
+
+fn pull(reference: &str) -> PullImage {
+    PullImage {
+        reference: reference.into(),
+        ..PullImage::default()
+    }
+}
+
+fn app_config() -> Vec<u8> {
+    config_blob(
+        serde_json::json!({
+            "Env": ["PATH=/bin", "GREETING=from-the-image", "OVERRIDDEN=image"],
+            "WorkingDir": "/work",
+            "User": "app",
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["echo default command"],
+        }),
+        "amd64",
+    )
+}
+
+/// Everything under the image cache but the lock: what a refused pull must not add to.
+fn cache_entries(state: &Path) -> Vec<String> {
+    let root = state.join("images");
+    let mut out = Vec::new();
+    for sub in ["images", "refs"] {
+        for e in std::fs::read_dir(root.join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out.push(format!("{sub}/{}", e.file_name().to_string_lossy()));
+        }
+    }
+    for e in std::fs::read_dir(root.join("blobs/sha256"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "a partial blob was left: {name}");
+    }
+    out.sort();
+    out
+}
+
+async fn run(c: &Client, req: CreateSandbox, script: &str) -> (String, i32) {
+    let s = c.create(&req).await.expect("create from the image");
+    let r = c.exec(&s.id, &sh(script)).await.expect("exec");
+    c.delete(&s.id).await.expect("destroy");
+    (r.stdout, r.exit.shell_code())
+}
+
+#[test]
+fn images_pulled_from_a_registry_run_in_jail_sandboxes() {
+    let test = "images_pulled_from_a_registry_run_in_jail_sandboxes";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(registry) = registry_or_skip(test, None) else {
+        return;
+    };
+    let host = &registry.host;
+    let base = busybox_layer();
+    let top = layer(&[
+        Entry::Dir("work/", 0o755),
+        Entry::File("work/hello.txt", 0o644, b"hello from layer 2\n"),
+        Entry::Hardlink("work/hello-link.txt", "work/hello.txt"),
+        Entry::File("etc/.wh.group", 0o644, b""),
+    ]);
+    let app = registry.push_image("test/app", "v1", &[base.clone(), top], app_config());
+    let d = Daemon::start();
+    let before = d.host_state();
+    let admin = d.client();
+    let other = d.client_with(Some(&d.tenant("other", &[])));
+    block_on(async {
+        // Images are shared: only an admin adds them; everyone lists and uses them.
+        let (status, code, _) = api_error(
+            &other
+                .pull_image(&pull(&format!("{host}/test/app:v1")))
+                .await
+                .expect_err("a tenant pull"),
+        );
+        assert_eq!((status, code.as_str()), (403, "forbidden"));
+        let by_tag = admin
+            .pull_image(&pull(&format!("{host}/test/app:v1")))
+            .await
+            .expect("pull by tag");
+        assert_eq!(by_tag.digest, app.digest);
+        assert_eq!(by_tag.references, vec![format!("{host}/test/app:v1")]);
+        assert_eq!(by_tag.config.working_dir.as_deref(), Some("/work"));
+        let by_digest = admin
+            .pull_image(&pull(&format!("{host}/test/app@{}", app.digest)))
+            .await
+            .expect("pull by digest");
+        assert_eq!(by_digest.digest, app.digest);
+        let listed = other.images().await.expect("list");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+
+        let mut req = CreateSandbox {
+            image: Some(format!("{host}/test/app:v1")),
+            ..jail()
+        };
+        req.env.insert("OVERRIDDEN".into(), "request".into());
+        let s = other.create(&req).await.expect("create from the image");
+        let image = s.image.clone().expect("the sandbox's image");
+        assert_eq!(image.digest, app.digest);
+        assert_eq!((image.uid, image.gid), (1000, 1000));
+        assert_eq!(s.template, format!("{host}/test/app@{}", app.digest));
+        let r = other
+            .exec(
+                &s.id,
+                &sh("echo $GREETING $OVERRIDDEN; pwd; cat hello.txt; \
+                     stat -c %h hello.txt; test -e /etc/group || echo no-group; \
+                     echo written > /tmp/new; cat /tmp/new"),
+            )
+            .await
+            .expect("exec");
+        assert_eq!(
+            r.stdout, "from-the-image request\n/work\nhello from layer 2\n2\nno-group\nwritten\n",
+            "{r:?}"
+        );
+        other.delete(&s.id).await.expect("destroy");
+        // A sandbox's writes stay in its own layer: the next one starts from the image.
+        let by_digest_req = CreateSandbox {
+            image: Some(app.digest.clone()),
+            ..jail()
+        };
+        let (out, code) = run(&other, by_digest_req, "test -e /tmp/new || echo clean").await;
+        assert_eq!((out.as_str(), code), ("clean\n", 0));
+
+        // A second image sharing the first layer fetches only its own.
+        let shared = registry.push_image(
+            "test/shared",
+            "latest",
+            std::slice::from_ref(&base),
+            config_blob(serde_json::json!({"Env": ["PATH=/bin"]}), "amd64"),
+        );
+        let pulled = admin
+            .pull_image(&pull(&format!("{host}/test/shared")))
+            .await
+            .expect("pull :latest by default");
+        assert_eq!(pulled.digest, shared.digest);
+        let blobs = std::fs::read_dir(d.state_dir().join("images/blobs/sha256"))
+            .expect("blobs")
+            .count();
+        assert_eq!(blobs, 2, "the shared layer is cached once");
+
+        // A manifest list resolves to its linux/amd64 entry.
+        let index = registry.push_index(
+            "test/app",
+            "multi",
+            &[
+                (&app.digest, app.size, "arm64"),
+                (&app.digest, app.size, "amd64"),
+            ],
+        );
+        let multi = admin
+            .pull_image(&pull(&format!("{host}/test/app:multi")))
+            .await
+            .expect("pull a manifest list");
+        assert_eq!(multi.digest, app.digest, "index {index}");
+    });
+    drop(admin);
+    d.assert_no_leaks(&before);
+}
+
+#[test]
+fn refused_pulls_and_images_leave_nothing_in_the_cache() {
+    let test = "refused_pulls_and_images_leave_nothing_in_the_cache";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(registry) = registry_or_skip(test, None) else {
+        return;
+    };
+    let host = &registry.host;
+    let d = Daemon::start();
+    let admin = d.client();
+    let state = d.state_dir();
+    let config = || config_blob(serde_json::json!({"Env": ["PATH=/bin"]}), "amd64");
+    // An image for another platform, alone and as a manifest list's only entry.
+    let arm = registry.push_image(
+        "test/arm",
+        "v1",
+        &[busybox_layer()],
+        config_blob(serde_json::json!({}), "arm64"),
+    );
+    registry.push_index("test/arm", "list", &[(&arm.digest, arm.size, "arm64")]);
+    // Layers a tenant could craft to reach host files.
+    let climb = layer(&[Entry::File("../../../../tmp/mvm-image-escape", 0o644, b"x")]);
+    registry.push_image("test/climb", "v1", &[climb], config());
+    let through = layer(&[
+        Entry::Symlink("escape", "/tmp"),
+        Entry::File("escape/mvm-image-escape", 0o644, b"x"),
+    ]);
+    registry.push_image("test/through", "v1", &[through], config());
+    let steal = layer(&[
+        Entry::Symlink("escape", "/etc"),
+        Entry::Hardlink("shadow", "escape/shadow"),
+    ]);
+    registry.push_image("test/steal", "v1", &[steal], config());
+    // A registry serving a layer that is not what the manifest says (its storage damaged). The
+    // layer is its own: the registry stores blobs by digest, shared between repositories.
+    let own = layer(&[Entry::File("damaged", 0o644, b"a layer of its own\n")]);
+    let damaged = registry.push_image("test/damaged", "v1", &[own], config());
+    let data = registry.blob_data(&damaged.layers[0]);
+    let mut bytes = std::fs::read(&data).expect("stored layer");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&data, bytes).expect("damaging the layer");
+
+    block_on(async {
+        let cases = [
+            (
+                format!("{host}/test/app:v1"),
+                404,
+                "not_found",
+                "no such image or tag",
+            ),
+            (
+                format!("{host}/test/climb:nope"),
+                404,
+                "not_found",
+                "no such image or tag",
+            ),
+            (
+                format!("{host}/test/arm:v1"),
+                422,
+                "invalid_argument",
+                "unsupported platform",
+            ),
+            (
+                format!("{host}/test/arm:list"),
+                422,
+                "invalid_argument",
+                "unsupported platform",
+            ),
+            (
+                format!("{host}/test/climb:v1"),
+                422,
+                "invalid_argument",
+                "`..`",
+            ),
+            (
+                format!("{host}/test/through:v1"),
+                422,
+                "invalid_argument",
+                "symbolic link",
+            ),
+            (
+                format!("{host}/test/steal:v1"),
+                422,
+                "invalid_argument",
+                "symbolic link",
+            ),
+            (
+                format!("{host}/test/damaged:v1"),
+                422,
+                "invalid_argument",
+                "digest mismatch",
+            ),
+            (
+                "Not A Reference".into(),
+                422,
+                "invalid_argument",
+                "not an image reference",
+            ),
+        ];
+        for (reference, status, code, says) in cases {
+            let e = admin
+                .pull_image(&pull(&reference))
+                .await
+                .expect_err(&reference);
+            let (s, c, message) = api_error(&e);
+            assert_eq!((s, c.as_str()), (status, code), "{reference}: {message}");
+            assert!(message.contains(says), "{reference}: {message}");
+            assert!(
+                cache_entries(&state).is_empty(),
+                "{reference}: {:?}",
+                cache_entries(&state)
+            );
+        }
+        assert!(!Path::new("/tmp/mvm-image-escape").exists());
+        let e = admin
+            .create(&CreateSandbox {
+                image: Some("nothere:1".into()),
+                ..jail()
+            })
+            .await
+            .expect_err("unknown image");
+        let (s, c, message) = api_error(&e);
+        assert_eq!((s, c.as_str()), (404, "not_found"), "{message}");
+        assert!(message.contains("mvm pull"), "{message}");
+    });
+}
+
+#[test]
+fn a_full_disk_while_unpacking_leaves_no_image() {
+    let test = "a_full_disk_while_unpacking_leaves_no_image";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(registry) = registry_or_skip(test, None) else {
+        return;
+    };
+    let host = &registry.host;
+    // 3 MiB that gzip cannot shrink: the blob fits on a 4 MiB disk, blob and tree do not.
+    let noise: Vec<u8> = (0u32..3 << 18)
+        .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect();
+    let big = layer(&[Entry::File("noise", 0o644, &noise)]);
+    registry.push_image(
+        "test/big",
+        "v1",
+        &[big],
+        config_blob(serde_json::json!({}), "amd64"),
+    );
+    let d = Daemon::start();
+    let images = d.state_dir().join("images");
+    std::fs::create_dir_all(&images).expect("images dir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&images)
+        .status()
+        .expect("mount");
+    assert!(mounted.success());
+    let result = block_on(d.client().pull_image(&pull(&format!("{host}/test/big:v1"))));
+    let listed = block_on(d.client().images());
+    let leftovers: Vec<_> = std::fs::read_dir(images.join("images"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let _ = std::process::Command::new("umount").arg(&images).status();
+    let (status, code, message) = api_error(&result.expect_err("a pull onto a full disk"));
+    assert_eq!((status, code.as_str()), (500, "host_error"), "{message}");
+    assert!(message.contains("disk is full"), "{message}");
+    assert!(listed.expect("list").is_empty());
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_registry_with_basic_auth_needs_credentials() {
+    let test = "a_registry_with_basic_auth_needs_credentials";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(registry) = registry_or_skip(test, Some(("mvm", "s3cret"))) else {
+        return;
+    };
+    let host = &registry.host;
+    let app = registry.push_image("private/app", "v1", &[busybox_layer()], app_config());
+    let d = Daemon::start();
+    let admin = d.client();
+    block_on(async {
+        let reference = format!("{host}/private/app:v1");
+        let e = admin
+            .pull_image(&pull(&reference))
+            .await
+            .expect_err("anonymous");
+        let (s, c, message) = api_error(&e);
+        assert_eq!((s, c.as_str()), (403, "forbidden"), "{message}");
+        let wrong = PullImage {
+            reference: reference.clone(),
+            username: Some("mvm".into()),
+            password: Some("wrong".into()),
+        };
+        let (s, _, message) = api_error(&admin.pull_image(&wrong).await.expect_err("wrong"));
+        assert_eq!(s, 403, "{message}");
+        let right = PullImage {
+            password: Some("s3cret".into()),
+            ..wrong
+        };
+        let image = admin
+            .pull_image(&right)
+            .await
+            .expect("pull with credentials");
+        assert_eq!(image.digest, app.digest);
+        let req = CreateSandbox {
+            image: Some(reference),
+            ..jail()
+        };
+        let (out, _) = run(&admin, req, "echo $GREETING").await;
+        assert_eq!(out, "from-the-image\n");
+    });
+}
