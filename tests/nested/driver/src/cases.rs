@@ -9,6 +9,7 @@ use serde_json::json;
 mod cgroup_v2;
 mod containerd;
 mod dns_egress;
+mod images;
 mod ports;
 mod snapshots;
 
@@ -137,6 +138,10 @@ pub const CASES: &[Case] = &[
     Case {
         name: "snapshot-fork-live-3-children",
         run: snapshots::fork_live_sandbox,
+    },
+    Case {
+        name: "image-from-oci-archive-vm-tier",
+        run: images::image_in_the_vm_tier,
     },
     // Last: it loads the tc modules for its pod network (see run.sh's on-demand modules).
     Case {
