@@ -233,12 +233,19 @@ fn destdir_stages_an_install_for_packagers() {
     build_binaries();
     let dir = tempfile::tempdir().unwrap();
     let stage = dir.path().join("stage");
+    // A private copy of the binaries: another test's cargo build may replace those of the
+    // target directory (with other features) while this one compares.
+    let built = dir.path().join("built");
+    std::fs::create_dir(&built).unwrap();
+    for b in BINARIES {
+        std::fs::copy(bin_dir().join(b), built.join(b)).unwrap();
+    }
     let out = install_sh(
         &[
             Path::new("--prefix"),
             Path::new("/usr"),
             Path::new("--bin-dir"),
-            &bin_dir(),
+            &built,
         ],
         Some(&stage),
     );
@@ -257,7 +264,7 @@ fn destdir_stages_an_install_for_packagers() {
         });
         assert_eq!(
             std::fs::read(&staged).unwrap(),
-            std::fs::read(bin_dir().join(b)).unwrap(),
+            std::fs::read(built.join(b)).unwrap(),
             "{b}"
         );
     }

@@ -29,6 +29,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# /run as on any host (`ip netns add` keeps its namespaces in /run/netns).
+mkdir -p /run
+mount -t tmpfs -o mode=0755 tmpfs /run
 # Loopback up, as on any host: 127.0.0.1 exists only then (published ports are tested on it).
 ip link set lo up
 

@@ -245,6 +245,10 @@ for plugin in ptp host-local loopback; do
 done
 mkdir -p "$l1_root/etc"
 [ ! -f /etc/mke2fs.conf ] || cp /etc/mke2fs.conf "$l1_root/etc/"
+# A host's /etc/hosts and /etc/resolv.conf (containerd's CRI copies both into every pod
+# sandbox); L1 has no nameserver: names resolve only where a test gives its own upstream.
+printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' > "$l1_root/etc/hosts"
+: > "$l1_root/etc/resolv.conf"
 
 # Modules with their dependencies (modules.dep lists a module's dependencies so that loading
 # them last-to-first works), decompressed, as busybox insmod wants: kvm-amd; tun and veth for
