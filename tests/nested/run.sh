@@ -18,7 +18,7 @@
 # Usage: tests/nested/run.sh [--mode auto|nested|direct] [--filter TEXT] [--echo-console]
 #                            [--guest-cmdline TEXT] [--timeout SECONDS]
 #   --mode           auto (default) picks direct on hardware KVM, nested otherwise
-#   --filter TEXT    run only inner tests whose name contains TEXT
+#   --filter TEXT    run only inner tests whose name contains TEXT (or one of TEXT,TEXT,...)
 #   --echo-console   show every micro-VM console line (default: only with a failure)
 #   --guest-cmdline  extra micro-VM kernel parameters (e.g. noxsave)
 #   --timeout S      limit for one QEMU boot of L1 (default 900)

@@ -57,9 +57,9 @@ pub struct Args {
     /// Where the driver runs.
     #[arg(long, value_enum)]
     pub mode: Mode,
-    /// Run only the tests whose name contains this text.
-    #[arg(long)]
-    pub filter: Option<String>,
+    /// Run only the tests whose name contains one of these texts (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub filter: Vec<String>,
     /// Leave out these tests, by exact name, comma-separated (those an earlier L1 boot ran).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
@@ -96,10 +96,7 @@ fn main() -> ExitCode {
     ctx.print_environment();
     let (mut passed, mut failed, mut skipped) = (0u32, 0u32, 0u32);
     for case in cases::CASES {
-        if args
-            .filter
-            .as_deref()
-            .is_some_and(|f| !case.name.contains(f))
+        if !(args.filter.is_empty() || args.filter.iter().any(|f| case.name.contains(f.as_str())))
             || args.skip.iter().any(|s| s == case.name)
         {
             continue;
@@ -144,7 +141,7 @@ fn main() -> ExitCode {
     if passed + failed + skipped == 0 {
         println!(
             "nested: FAIL filter: no test matches {:?} (see --list)",
-            args.filter.unwrap_or_default()
+            args.filter.join(",")
         );
         failed = 1;
     }
