@@ -8,6 +8,7 @@ use serde_json::json;
 
 mod cgroup_v2;
 mod containerd;
+mod dns_egress;
 mod images;
 mod ports;
 mod snapshots;
@@ -113,6 +114,10 @@ pub const CASES: &[Case] = &[
     Case {
         name: "egress-none-vs-allow",
         run: egress_none_vs_allow,
+    },
+    Case {
+        name: "egress-allow-by-dns-name-vm-tier",
+        run: dns_egress::egress_allow_by_name_vm_tier,
     },
     Case {
         name: "published-port-vm-tier",

@@ -1,7 +1,3 @@
-//! NOT RUN YET: left out of `cases.rs` (so not compiled) because it fails in L1 — the guest's
-//! resolv.conf names the resolver, but `nc allowed.test 8080` in the guest does not reach the
-//! allowed name (first nested run, 2026-12-05); register it again once that is found and fixed.
-//!
 //! Egress `allow` by DNS name in the vm tier: the guest's resolv.conf names the sandbox's
 //! resolver (`mvm.dns`), an allowed name resolves through it (to a DNS server of this case's
 //! own, as `MVM_DNS_UPSTREAM`) and its address is reached; another name does not resolve and
@@ -21,6 +17,10 @@ use super::{run_cli, sandbox_id, Ctx, ManagerDirs, MvmdSession, Outcome, Verdict
 
 /// The "internet" namespace of this case and its addresses (TEST-NET-2).
 const NETNS: &str = "mvm-dns-inet";
+/// The host end of the veth to [`NETNS`]. Not `mv*`: mvm's masquerade and forward rules leave
+/// sandbox veths (`mv<id>`) alone, so a sandbox's traffic to an `mv*` link is neither
+/// masqueraded nor forwarded (this case's first run failed on exactly that).
+const HOST_VETH: &str = "dnsinet0";
 const HOST_END: &str = "198.51.100.1";
 const FAR_END: &str = "198.51.100.2";
 const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
@@ -116,10 +116,10 @@ impl Internet {
             stop: Arc::new(AtomicBool::new(false)),
         };
         ip(&format!(
-            "link add mvmdnsv type veth peer name eth0 netns {NETNS}"
+            "link add {HOST_VETH} type veth peer name eth0 netns {NETNS}"
         ))?;
-        ip(&format!("addr add {HOST_END}/30 dev mvmdnsv"))?;
-        ip("link set mvmdnsv up")?;
+        ip(&format!("addr add {HOST_END}/30 dev {HOST_VETH}"))?;
+        ip(&format!("link set {HOST_VETH} up"))?;
         ip(&format!("-n {NETNS} addr add {FAR_END}/30 dev eth0"))?;
         ip(&format!("-n {NETNS} link set eth0 up"))?;
         for a in [ALLOWED, BLOCKED] {
@@ -166,7 +166,7 @@ impl Internet {
 impl Drop for Internet {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = ip("link del mvmdnsv");
+        let _ = ip(&format!("link del {HOST_VETH}"));
         let _ = ip(&format!("netns del {NETNS}"));
     }
 }
@@ -194,7 +194,7 @@ pub(crate) fn egress_allow_by_name_vm_tier(ctx: &mut Ctx) -> Outcome {
             ));
         }
         let out = sh(&format!(
-            "nc -w 3 allowed.test {PORT} </dev/null; echo rc=$?"
+            "nc -w 3 allowed.test {PORT} </dev/null 2>&1; echo rc=$?"
         ))?;
         if !out.contains(GREETING) {
             return Err(format!("allowed.test was not reached by name: {out:?}"));
@@ -221,7 +221,7 @@ pub(crate) fn egress_allow_by_name_vm_tier(ctx: &mut Ctx) -> Outcome {
             None,
         )?;
         let out = sh(&format!(
-            "nc -w 3 blocked.test {PORT} </dev/null; echo rc=$?"
+            "nc -w 3 blocked.test {PORT} </dev/null 2>&1; echo rc=$?"
         ))?;
         if !out.contains(GREETING) {
             return Err(format!(
