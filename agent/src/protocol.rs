@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Magic bytes carried by both `Hello` messages.
 pub const MAGIC: [u8; 4] = *b"MVMA";
 /// Largest accepted frame payload, in bytes.
@@ -239,6 +239,9 @@ pub struct Identity {
     /// The host's wall clock, nanoseconds since the Unix epoch (the guest's stopped when the
     /// snapshot was taken).
     pub realtime_ns: u64,
+    /// The nameserver `/etc/resolv.conf` is to name (the sandbox's resolver, egress `allow`);
+    /// `None` leaves the file as the snapshot had it.
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 /// IPv4 configuration of the guest interface (`mvm.ip`, or a new [`Identity`]).

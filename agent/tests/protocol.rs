@@ -1034,6 +1034,7 @@ async fn a_host_process_agent_refuses_a_new_identity() {
             ip: None,
             entropy: vec![7; 64],
             realtime_ns: 0,
+            dns: None,
         })
         .await
         .unwrap_err();

@@ -1,11 +1,11 @@
 //! `Reidentify`: a guest restored from a snapshot becomes its own — host name, the guest
-//! interface's MAC and address, a reseeded kernel RNG, the wall clock and a machine id — before
-//! the host lets anything else run in it.
+//! interface's MAC and address, its resolver, a reseeded kernel RNG, the wall clock and a
+//! machine id — before the host lets anything else run in it.
 
 use std::io;
 use std::os::fd::AsRawFd;
 
-use crate::init::{reconfigure_network, set_hostname, GUEST_INTERFACE};
+use crate::init::{reconfigure_network, set_hostname, write_resolv_conf, GUEST_INTERFACE};
 use crate::protocol::{ErrorKind, Identity, RemoteError};
 
 /// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])` (linux/random.h).
@@ -55,6 +55,9 @@ pub fn reidentify(init: bool, identity: Identity) -> Result<(), RemoteError> {
                 format!("the guest has no {GUEST_INTERFACE} to give {ip}"),
             ))
         }
+    }
+    if let Some(nameserver) = identity.dns {
+        write_resolv_conf(nameserver).map_err(init_error)?;
     }
     write_machine_id(&identity.entropy)
         .map_err(|e| RemoteError::from_io(format!("writing {MACHINE_ID}"), &e))

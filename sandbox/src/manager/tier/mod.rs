@@ -178,7 +178,11 @@ impl Manager {
                 if restore {
                     let answered = started.elapsed();
                     client
-                        .reidentify(vm::identity(&row.sandbox.id, guest_net)?)
+                        .reidentify(vm::identity(
+                            &row.sandbox.id,
+                            guest_net,
+                            vm::guest_resolver(row.sandbox.network.egress),
+                        )?)
                         .await?;
                     tracing::debug!(id = %row.sandbox.id, ?answered, reidentified = ?started.elapsed(), "restored guest reidentified");
                 }

@@ -348,8 +348,7 @@ pub(super) fn vm_jail(
                         None => GuestRoot::Overlay,
                     },
                     container_slots: start.container_slots,
-                    dns: (s.network.egress == crate::model::Egress::Allow)
-                        .then_some(crate::manager::net::RESOLVER_ADDR),
+                    dns: guest_resolver(s.network.egress),
                 }),
             )?;
             mounts.extend([
@@ -418,10 +417,20 @@ pub async fn load_snapshot(api_sock: &Path) -> Result<()> {
     .await
 }
 
+/// The nameserver a guest with `egress` is given: the sandbox's resolver with egress
+/// `allow`; otherwise none (the image's resolv.conf stays).
+pub fn guest_resolver(egress: crate::model::Egress) -> Option<std::net::Ipv4Addr> {
+    (egress == crate::model::Egress::Allow).then_some(crate::manager::net::RESOLVER_ADDR)
+}
+
 /// What makes a guest restored from a snapshot sandbox `id`'s own: its host name, a MAC of
-/// its own (a pod's interface's, or one made from the id), its address, fresh entropy and
-/// the host's clock.
-pub fn identity(id: &str, net: Option<&GuestNet>) -> Result<agent::Identity> {
+/// its own (a pod's interface's, or one made from the id), its address, its resolver (`dns`,
+/// as `mvm.dns` at a cold boot), fresh entropy and the host's clock.
+pub fn identity(
+    id: &str,
+    net: Option<&GuestNet>,
+    dns: Option<std::net::Ipv4Addr>,
+) -> Result<agent::Identity> {
     let mac = match net.and_then(|n| n.mac.as_deref()) {
         Some(mac) => parse_mac(mac)?,
         None => mac_of(id)?,
@@ -434,6 +443,7 @@ pub fn identity(id: &str, net: Option<&GuestNet>) -> Result<agent::Identity> {
         realtime_ns: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
+        dns,
     })
 }
 
@@ -718,8 +728,8 @@ mod tests {
             ip: ip([10, 213, 0, 14], 30, [10, 213, 0, 13]),
             mac: None,
         };
-        let a = identity("0123456789ab", Some(&net)).unwrap();
-        let b = identity("0123456789ac", Some(&net)).unwrap();
+        let a = identity("0123456789ab", Some(&net), None).unwrap();
+        let b = identity("0123456789ac", Some(&net), None).unwrap();
         assert_eq!(a.hostname, "0123456789ab");
         assert_eq!(a.mac, Some([0x02, 0x23, 0x45, 0x67, 0x89, 0xab]));
         assert_ne!(a.mac, b.mac);
@@ -737,10 +747,17 @@ mod tests {
             ..net
         };
         assert_eq!(
-            identity("0123456789ab", Some(&pod)).unwrap().mac,
+            identity("0123456789ab", Some(&pod), None).unwrap().mac,
             Some([0x02, 0x42, 0x0a, 0x58, 0x00, 0x07])
         );
-        assert_eq!(identity("0123456789ab", None).unwrap().ip, None);
-        identity("not-hex", None).unwrap_err();
+        assert_eq!(identity("0123456789ab", None, None).unwrap().ip, None);
+        identity("not-hex", None, None).unwrap_err();
+        // Egress `allow` names the sandbox's resolver, as `mvm.dns` does at a cold boot.
+        let allow = guest_resolver(crate::model::Egress::Allow);
+        let dns = identity("0123456789ab", Some(&net), allow).unwrap().dns;
+        assert_eq!(dns, Some(crate::manager::net::RESOLVER_ADDR));
+        for other in [crate::model::Egress::None, crate::model::Egress::All] {
+            assert_eq!(guest_resolver(other), None);
+        }
     }
 }

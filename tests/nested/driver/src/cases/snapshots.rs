@@ -19,11 +19,11 @@ const NET: [&str; 4] = ["--egress", "allow", "--allow", "10.9.9.9"];
 const FIRST_OUTPUT: &str = "cat /proc/sys/kernel/random/uuid";
 
 /// What a guest says of itself: host name, MAC, IPv4 address, a kernel UUID, 16 random bytes,
-/// machine id and wall clock, one per line.
+/// machine id, wall clock and its resolv.conf's nameservers, one per line.
 const SELF_REPORT: &str = "hostname; cat /sys/class/net/eth0/address; \
      ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1; \
      cat /proc/sys/kernel/random/uuid; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
-     cat /etc/machine-id; date +%s";
+     cat /etc/machine-id; date +%s; grep nameserver /etc/resolv.conf | paste -sd,";
 
 /// One restored guest's report.
 struct Report {
@@ -40,7 +40,7 @@ impl Report {
 /// templates -o json` show the snapshot), then creates 8 vm-tier sandboxes with a network from
 /// it: each restored (its console has no kernel boot log), each with its own host name (its
 /// id), MAC, address (the one mvmd reports), kernel UUID, /dev/urandom bytes and machine id,
-/// and a wall clock within 1 s of L1's; one more without a network has eth0 down. Records
+/// a wall clock within 1 s of L1's and its own resolver in resolv.conf (egress `allow`); one more without a network has eth0 down. Records
 /// create → first output of a cold boot and of a restore, their ratio, and the PSS of idle
 /// restored sandboxes' VMMs against cold-booted ones'.
 pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
@@ -185,6 +185,15 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
         if clock + 1 < before || clock > after + 1 {
             return Err(format!(
                 "sandbox {id}: wall clock {clock}, L1's {before}..{after}; it said {stdout:?}"
+            ));
+        }
+        // The snapshot was taken without egress `allow`: the restore must name the resolver.
+        let resolver = "nameserver 169.254.53.53";
+        if report.field(7) != resolver {
+            return Err(format!(
+                "sandbox {id} (egress allow): its resolv.conf names {:?}, not only {resolver:?}; \
+                 it said {stdout:?}",
+                report.field(7)
             ));
         }
         let logs = session.mvm(ctx, &["logs", &id], None)?;
