@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// `openat2(dir, path, O_PATH | O_NOFOLLOW | O_CLOEXEC, RESOLVE_BENEATH |
+/// `openat2(dir, path, O_PATH | O_NOFOLLOW | O_CLOEXEC | extra, RESOLVE_BENEATH |
 /// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`: `path` (relative) must lie beneath `dir`
 /// and no component of it may be a link.
-fn open_beneath(dir: &Path, path: &Path) -> std::io::Result<OwnedFd> {
+fn open_beneath(dir: &Path, path: &Path, extra: libc::c_int) -> std::io::Result<OwnedFd> {
     let c = |p: &Path| mvm_sys::cstr::from_path(p).map_err(|e| e.source);
     let (dir_c, path_c) = (c(dir)?, c(path)?);
     // SAFETY: a NUL-terminated path; the fd returned is owned below.
@@ -34,7 +34,7 @@ fn open_beneath(dir: &Path, path: &Path) -> std::io::Result<OwnedFd> {
     let dirfd = unsafe { OwnedFd::from_raw_fd(dirfd) };
     // SAFETY: `open_how` is plain integers, for which all zeroes is valid.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC | extra) as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2 with a valid dirfd, a NUL-terminated path and an `open_how` of the size
     // passed; the fd returned is owned below.
@@ -74,7 +74,7 @@ impl JailSocket {
                 shown.display()
             ))
         };
-        let fd = open_beneath(base, rel).map_err(|e| match e.raw_os_error() {
+        let fd = open_beneath(base, rel, 0).map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) | Some(libc::EXDEV) => through_a_link(),
             _ => Error::host(format!("opening {}", shown.display()), e),
         })?;
@@ -122,6 +122,83 @@ pub fn create_new_file(dir: &Path, name: &str, mode: u32) -> Result<std::fs::Fil
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .map_err(|e| Error::host(format!("creating {}", path.display()), e))
+}
+
+/// A directory of a sandbox's tree, opened without following any link (a tenant may have
+/// made any name in its tree a link), in which root replaces files by the directory's
+/// descriptor: no name is resolved again, so no swap after the check can redirect a write.
+#[derive(Debug)]
+pub struct TreeDir {
+    fd: OwnedFd,
+    shown: PathBuf,
+}
+
+impl TreeDir {
+    /// Opens directory `rel` of tree `root`, made (mode 0755) when missing; `rel` must be one
+    /// component. A link or a non-directory there is refused.
+    pub fn open_or_make(root: &Path, rel: &str) -> Result<TreeDir> {
+        let shown = root.join(rel);
+        let open = || open_beneath(root, Path::new(rel), libc::O_DIRECTORY);
+        let fd = match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let root_fd = open_beneath(root, Path::new("."), libc::O_DIRECTORY)
+                    .map_err(|e| Error::host(format!("opening {}", root.display()), e))?;
+                let name = mvm_sys::cstr::from_path(Path::new(rel))
+                    .map_err(|e| e.source)
+                    .map_err(|e| Error::host(format!("making {}", shown.display()), e))?;
+                // SAFETY: mkdirat with a directory fd we own and a NUL-terminated name.
+                if unsafe { libc::mkdirat(root_fd.as_raw_fd(), name.as_ptr(), 0o755) } == -1 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::AlreadyExists {
+                        return Err(Error::host(format!("making {}", shown.display()), e));
+                    }
+                }
+                open()
+            }
+            other => other,
+        };
+        let fd = fd.map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR) => Error::Invalid(format!(
+                "{} of the sandbox's tree is a link or not a directory; refusing to write there",
+                shown.display()
+            )),
+            _ => Error::host(format!("opening {}", shown.display()), e),
+        })?;
+        Ok(TreeDir { fd, shown })
+    }
+
+    /// Replaces entry `name` (a file or link; not a directory) with a new regular file of
+    /// `mode` holding `contents`.
+    pub fn replace_file(&self, name: &str, mode: u32, contents: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let shown = self.shown.join(name);
+        let err = |e| Error::host(format!("writing {}", shown.display()), e);
+        let name_c = mvm_sys::cstr::from_path(Path::new(name)).map_err(|e| err(e.source))?;
+        // SAFETY: unlinkat with a directory fd we own and a NUL-terminated name; it removes
+        // the entry itself, never what a link names.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), name_c.as_ptr(), 0) } == -1 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(err(e));
+            }
+        }
+        // SAFETY: openat with a directory fd we own and a NUL-terminated name; O_EXCL |
+        // O_NOFOLLOW create a new file and never follow a link planted meanwhile.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                name_c.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                mode,
+            )
+        };
+        if fd == -1 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: openat returned a new fd that nothing else owns.
+        let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.write_all(contents).map_err(err)
+    }
 }
 
 #[cfg(test)]
@@ -186,5 +263,50 @@ mod tests {
         create_new_file(dir.path(), "staged", 0o600).unwrap_err();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
         create_new_file(dir.path(), "fresh", 0o600).unwrap();
+    }
+
+    #[test]
+    fn tree_writes_stay_in_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, host) = (dir.path().join("root"), dir.path().join("host"));
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("resolv.conf"), "precious").unwrap();
+        std::fs::create_dir(&root).unwrap();
+        // A missing directory is made; a file there, or a link, is replaced.
+        let etc = TreeDir::open_or_make(&root, "etc").unwrap();
+        etc.replace_file("resolv.conf", 0o644, b"one").unwrap();
+        std::os::unix::fs::symlink(host.join("resolv.conf"), root.join("etc/hosts")).unwrap();
+        etc.replace_file("hosts", 0o644, b"two").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/hosts")).unwrap(),
+            "two"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/resolv.conf")).unwrap(),
+            "one"
+        );
+        // The directory swapped for a link after it was opened: the write lands in the
+        // directory that was opened (now out of the tree's name space), never in the host's.
+        std::fs::rename(root.join("etc"), dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&host, root.join("etc")).unwrap();
+        etc.replace_file("resolv.conf", 0o644, b"three").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(host.join("resolv.conf")).unwrap(),
+            "precious"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("moved/resolv.conf")).unwrap(),
+            "three"
+        );
+        // A link in the directory's place is refused when opening, as is a file.
+        let err = TreeDir::open_or_make(&root, "etc").unwrap_err().to_string();
+        assert!(err.contains("a link or not a directory"), "{err}");
+        std::fs::remove_file(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc"), "").unwrap();
+        TreeDir::open_or_make(&root, "etc").unwrap_err();
+        assert_eq!(
+            std::fs::read_to_string(host.join("resolv.conf")).unwrap(),
+            "precious"
+        );
     }
 }

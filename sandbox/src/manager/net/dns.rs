@@ -18,6 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::rules::DnsListen;
 pub use super::rules::RESOLVER_ADDR;
 use crate::error::{Error, Result};
+use crate::manager::beneath::TreeDir;
 use crate::manager::host;
 
 /// The resolver's program name in the manager's binary directory.
@@ -242,34 +243,15 @@ impl Resolver<'_> {
 }
 
 /// Makes `/etc/resolv.conf` of the sandbox tree `root` (before anything runs in it) name the
-/// sandbox's resolver ([`RESOLVER_ADDR`]); a link or file of the image there is replaced.
+/// sandbox's resolver ([`RESOLVER_ADDR`]); a link or file of the image there is replaced,
+/// through `etc`'s descriptor (see [`TreeDir`]).
 pub fn write_resolv_conf(root: &Path) -> Result<()> {
-    use std::io::Write;
-    let etc = root.join("etc");
-    let err = |e| Error::host(format!("writing {}/resolv.conf", etc.display()), e);
-    match etc.symlink_metadata() {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(Error::Invalid(format!(
-                "{} of the sandbox's image is not a directory; the sandbox's DNS cannot be set",
-                etc.display()
-            )))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir(&etc).map_err(err)?
-        }
-        Err(e) => return Err(err(e)),
-    }
-    match std::fs::remove_file(etc.join("resolv.conf")) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
-        _ => {}
-    }
-    let mut file = crate::manager::beneath::create_new_file(&etc, "resolv.conf", 0o644)?;
-    writeln!(
-        file,
-        "# mvm: the sandbox's resolver (egress allow)\nnameserver {RESOLVER_ADDR}"
+    TreeDir::open_or_make(root, "etc")?.replace_file(
+        "resolv.conf",
+        0o644,
+        format!("# mvm: the sandbox's resolver (egress allow)\nnameserver {RESOLVER_ADDR}\n")
+            .as_bytes(),
     )
-    .map_err(err)
 }
 
 /// Pids of sandbox `id`'s resolver processes.
