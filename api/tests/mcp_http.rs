@@ -11,16 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{block_on, Daemon};
-use mvm_testkit::{mcp_python_or_skip, root_or_skip};
+use mvm_testkit::{mcp_python_or_skip, report_step, root_or_skip};
 use serde_json::Value;
-
-/// The step named `name` of the client's report.
-fn step<'a>(steps: &'a [Value], name: &str) -> &'a Value {
-    steps
-        .iter()
-        .find(|s| s["step"] == name)
-        .unwrap_or_else(|| panic!("the client reported no step {name}: {steps:#?}"))
-}
 
 /// An MCP `initialize` request.
 const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"mcp_http.rs","version":"0"}}}"#;
@@ -113,7 +105,7 @@ fn a_real_mcp_client_drives_mvmd_over_streamable_http() {
 
     let steps = run_client(&python, &d, &format!("http://{addr}/mcp"), &d.token());
     assert_eq!(
-        step(&steps, "tools")["names"],
+        report_step(&steps, "tools")["names"],
         serde_json::json!([
             "sandbox_create",
             "sandbox_destroy",
@@ -123,26 +115,26 @@ fn a_real_mcp_client_drives_mvmd_over_streamable_http() {
             "sandbox_write_file"
         ])
     );
-    let created = step(&steps, "created");
+    let created = report_step(&steps, "created");
     assert_eq!(created["isolation"], "jail", "{created}");
     d.track(created["sandbox_id"].as_str().expect("a sandbox id"));
 
-    let exec = step(&steps, "exec");
+    let exec = report_step(&steps, "exec");
     assert_eq!(exec["is_error"], false, "{exec}");
     assert_eq!(exec["result"]["stdout"], "out\n", "{exec}");
     assert_eq!(exec["result"]["stderr"], "err\n", "{exec}");
     assert_eq!(exec["result"]["exit_code"], 3, "{exec}");
 
-    let write = step(&steps, "write");
+    let write = report_step(&steps, "write");
     assert_eq!(write["is_error"], false, "{write}");
-    let read = step(&steps, "read");
+    let read = report_step(&steps, "read");
     assert_eq!(read["result"]["content"], "héllo\nworld\n", "{read}");
 
-    let bad_id = step(&steps, "bad_id");
+    let bad_id = report_step(&steps, "bad_id");
     assert_eq!(bad_id["is_error"], true, "{bad_id}");
     let message = bad_id["text"].as_str().expect("an error message");
     assert!(message.contains("not this MCP session's"), "{message}");
-    step(&steps, "ended");
+    report_step(&steps, "ended");
 
     // The session's DELETE destroyed its sandboxes: gone from the tenant's REST list.
     let client = d.client();

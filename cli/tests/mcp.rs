@@ -7,16 +7,8 @@ mod common;
 use std::path::Path;
 
 use common::{serve, Env};
-use mvm_testkit::{mcp_python_or_skip, root_or_skip, text};
+use mvm_testkit::{mcp_python_or_skip, report_step, root_or_skip, text};
 use serde_json::Value;
-
-/// The step named `name` of the client's report.
-fn step<'a>(steps: &'a [Value], name: &str) -> &'a Value {
-    steps
-        .iter()
-        .find(|s| s["step"] == name)
-        .unwrap_or_else(|| panic!("the client reported no step {name}: {steps:#?}"))
-}
 
 #[test]
 fn a_real_mcp_client_drives_sandboxes_and_the_session_end_removes_them() {
@@ -68,7 +60,7 @@ fn check_client(env: &Env, python: &Path, host: Option<&str>) {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
 
-    let tools = step(&steps, "tools");
+    let tools = report_step(&steps, "tools");
     assert_eq!(
         tools["names"],
         serde_json::json!([
@@ -82,11 +74,11 @@ fn check_client(env: &Env, python: &Path, host: Option<&str>) {
     );
     assert_eq!(tools["described"], true, "{tools}");
 
-    let created = step(&steps, "created");
+    let created = report_step(&steps, "created");
     assert_eq!(created["isolation"], "jail", "{created}");
     let id = created["sandbox_id"].as_str().expect("a sandbox id");
 
-    let exec = step(&steps, "exec");
+    let exec = report_step(&steps, "exec");
     assert_eq!(exec["is_error"], false, "{exec}");
     assert_eq!(exec["result"]["stdout"], "out\n", "{exec}");
     assert_eq!(exec["result"]["stderr"], "err\n", "{exec}");
@@ -96,14 +88,14 @@ fn check_client(env: &Env, python: &Path, host: Option<&str>) {
         rendered.contains("exit code 3") && rendered.contains("out") && rendered.contains("err"),
         "{rendered}"
     );
-    assert_eq!(step(&steps, "exec_loop")["result"]["stdout"], "a|b|");
+    assert_eq!(report_step(&steps, "exec_loop")["result"]["stdout"], "a|b|");
 
-    let write = step(&steps, "write");
+    let write = report_step(&steps, "write");
     assert_eq!(write["is_error"], false, "{write}");
     assert_eq!(write["result"]["bytes"], "héllo\nworld\n".len(), "{write}");
-    let read = step(&steps, "read");
+    let read = report_step(&steps, "read");
     assert_eq!(read["result"]["content"], "héllo\nworld\n", "{read}");
-    let list = step(&steps, "list");
+    let list = report_step(&steps, "list");
     assert_eq!(
         list["result"]["entries"],
         serde_json::json!([
@@ -121,13 +113,13 @@ fn check_client(env: &Env, python: &Path, host: Option<&str>) {
         ("bad_id", "not this MCP session's"),
         ("destroyed_gone", "not this MCP session's"),
     ] {
-        let s = step(&steps, name);
+        let s = report_step(&steps, name);
         assert_eq!(s["is_error"], true, "{s}");
         let message = s["text"].as_str().expect("an error message");
         assert!(message.contains(says), "{name}: {message}");
     }
-    assert_eq!(step(&steps, "destroyed")["is_error"], false);
-    step(&steps, "ended");
+    assert_eq!(report_step(&steps, "destroyed")["is_error"], false);
+    report_step(&steps, "ended");
 
     // The session's end destroyed its sandbox: gone from mvm and from the host.
     let ps = env.run(&["ps", "-o", "json"]);

@@ -202,6 +202,16 @@ pub fn mcp_python_or_skip(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// The step named `name` of a test client's JSON report (a list of `{"step": NAME, ...}`
+/// objects, as the MCP and SDK clients of the tests print).
+#[track_caller]
+pub fn report_step<'a>(steps: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    steps
+        .iter()
+        .find(|s| s["step"] == name)
+        .unwrap_or_else(|| panic!("the client reported no step {name}: {steps:#?}"))
+}
+
 /// The directory of the workspace binaries Cargo built for the running integration test, the
 /// one its `CARGO_BIN_EXE_*` point into (the test executable lives in its `deps/`).
 pub fn bin_dir() -> PathBuf {
