@@ -6,6 +6,7 @@
 pub mod containerd;
 #[cfg(feature = "cri")]
 pub mod cri;
+pub mod page_server;
 pub mod ports;
 #[cfg(feature = "registry")]
 pub mod registry;

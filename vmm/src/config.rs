@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::snapshot::MemorySource;
 use crate::vstate::memory::{validate_mem_size, MemoryError};
 
 /// Kernel command line used when `boot_args` is absent: Firecracker's defaults, with the
@@ -581,9 +582,10 @@ pub struct VsockOverride {
 }
 
 impl SnapshotLoadParams {
-    /// The memory file: `mem_backend` (File) or `mem_file_path`, exactly one of them.
-    pub fn mem_file(&self) -> Result<&str, ConfigError> {
-        let path = match (&self.mem_backend, &self.mem_file_path) {
+    /// Where guest memory comes from: `mem_backend` (File or Uffd) or `mem_file_path`,
+    /// exactly one of them.
+    pub fn memory_source(&self) -> Result<MemorySource<'_>, ConfigError> {
+        let source = match (&self.mem_backend, &self.mem_file_path) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "snapshot/load.mem_backend",
@@ -596,16 +598,19 @@ impl SnapshotLoadParams {
                     "missing: give mem_backend (or mem_file_path)",
                 ))
             }
-            (None, Some(path)) => path,
-            (Some(backend), None) => match backend.backend_type {
-                MemBackendType::File => &backend.backend_path,
-                MemBackendType::Uffd => {
-                    return Err(unsupported(
-                        "snapshot/load.mem_backend.backend_type",
-                        "the Uffd backend is not implemented; use File",
-                    ))
+            (None, Some(path)) => MemorySource::File(path),
+            (Some(backend), None) => {
+                if backend.backend_path.is_empty() {
+                    return Err(invalid(
+                        "snapshot/load.mem_backend.backend_path",
+                        "must not be empty",
+                    ));
                 }
-            },
+                match backend.backend_type {
+                    MemBackendType::File => MemorySource::File(&backend.backend_path),
+                    MemBackendType::Uffd => MemorySource::Uffd(&backend.backend_path),
+                }
+            }
         };
         if self.enable_diff_snapshots || self.track_dirty_pages {
             return Err(unsupported(
@@ -613,7 +618,7 @@ impl SnapshotLoadParams {
                 "dirty page tracking is not implemented; set it to false",
             ));
         }
-        Ok(path)
+        Ok(source)
     }
 
     /// Points the devices of `config` (a snapshot's configuration) at the overridden taps and
@@ -915,20 +920,20 @@ mod tests {
         let load = |json: &str| {
             from_json_slice::<SnapshotLoadParams>(Some("snapshot/load"), json.as_bytes())
                 .unwrap()
-                .mem_file()
-                .map(str::to_string)
+                .memory_source()
+                .map(|source| format!("{source:?}"))
                 .map_err(|e| e.to_string())
         };
         let file = r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#;
-        assert_eq!(load(file).unwrap(), "m");
+        assert_eq!(load(file).unwrap(), r#"File("m")"#);
         assert_eq!(
             load(r#"{"snapshot_path": "s", "mem_file_path": "m2"}"#).unwrap(),
-            "m2"
+            r#"File("m2")"#
         );
         let uffd = r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#;
-        assert!(load(uffd)
-            .unwrap_err()
-            .contains("Uffd backend is not implemented"));
+        assert_eq!(load(uffd).unwrap(), r#"Uffd("u")"#);
+        let empty = r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": ""}}"#;
+        assert!(load(empty).unwrap_err().contains("backend_path"));
         assert!(load(r#"{"snapshot_path": "s"}"#)
             .unwrap_err()
             .contains("mem_backend"));

@@ -1,7 +1,7 @@
 //! The one narrow door to the VMM: every API request and every config-file section becomes a
 //! [`VmmAction`] handled here, before boot (configuring) or after (running, paused).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ use crate::devices::legacy::serial::SerialOut;
 use crate::exit::VmExit;
 use crate::metrics::{MetricsError, MetricsSink};
 use crate::seccomp::{Filters, SeccompError};
-use crate::snapshot::{read_snapshot, write_snapshot, SnapshotError};
+use crate::snapshot::{read_snapshot, write_snapshot, LoadedSnapshot, SnapshotError};
 
 /// Version reported by `GET /` and `GET /version`.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -148,6 +148,9 @@ pub struct Controller {
     started: Instant,
     seccomp: Filters,
     console_limit: Option<ConsoleLimit>,
+    /// With the `Uffd` backend, the userfaultfd the page server serves: held while the VM
+    /// lives, so that guest memory never silently reads zeros if the page server dies.
+    page_server_uffd: Option<OwnedFd>,
 }
 
 /// The guest console sink: the configured file, or the VMM's stdout; capped at `limit`.
@@ -211,6 +214,7 @@ impl Controller {
             started: Instant::now(),
             seccomp,
             console_limit: None,
+            page_server_uffd: None,
         }
     }
 
@@ -445,8 +449,8 @@ impl Controller {
         if self.boot_configured() {
             return Err(VmmActionError::LoadAfterConfig);
         }
-        let mem_file = params.mem_file()?;
-        let (state, mem) = read_snapshot(&params.snapshot_path, mem_file)?;
+        let LoadedSnapshot { state, mem, uffd } =
+            read_snapshot(&params.snapshot_path, params.memory_source()?)?;
         // The VM's own sections come from the snapshot, its taps and vsock socket possibly
         // overridden; the console, logger and metrics stay this process's.
         let mut config = state.config(&params.snapshot_path)?;
@@ -465,6 +469,7 @@ impl Controller {
             &self.seccomp,
         )?;
         self.config = config;
+        self.page_server_uffd = uffd;
         self.run_built(vm, params.resume_vm)?;
         log::info!("microVM {} loaded from {}", self.id, params.snapshot_path);
         Ok(())

@@ -1,13 +1,16 @@
 //! Snapshots of a paused micro-VM: the state file (vCPUs, in-kernel devices, legacy devices and
 //! the configuration that booted the VM, in the versioned [`format`]) and the guest memory
-//! file (every region in layout order), restored by mapping that file copy-on-write.
+//! file (every region in layout order), restored by mapping that file copy-on-write or, with
+//! the [`uffd`] backend, by a page server filling anonymous memory on demand.
 //! Virtio devices keep their transport and queue state ([`MmioState`]); their backends come
 //! back from the configuration.
 
 pub mod format;
+pub mod uffd;
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::OwnedFd;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,10 +18,14 @@ use crate::config::VmConfig;
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::UartState;
 use crate::devices::virtio::mmio::MmioState;
-use crate::vstate::memory::{dump_memory, map_memory_file, GuestMemory, MemoryError};
+use crate::vstate::memory::{
+    dump_memory, map_anonymous, map_memory_file, GuestMemory, MemoryError,
+};
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 use format::FormatError;
+use uffd::UffdError;
+use vm_memory::GuestAddress;
 
 /// Everything a snapshot holds besides guest memory.
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +75,9 @@ pub enum SnapshotError {
     /// Guest memory could not be mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// Guest memory could not be handed to the page server (`Uffd` backend).
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
     /// KVM could not give the state of part of the VM.
     #[error("cannot save the state of {0}: {1}")]
     Save(&'static str, String),
@@ -136,28 +146,63 @@ pub fn write_snapshot(
         .map_err(file_error("write", snapshot_path))
 }
 
-/// Reads and checks the state file at `snapshot_path` and maps `mem_file_path` as its guest
-/// memory (private, copy-on-write).
+/// Where a loaded snapshot's guest memory comes from (`mem_backend` of the load).
+#[derive(Debug, Clone, Copy)]
+pub enum MemorySource<'a> {
+    /// The memory file at this path, mapped private and copy-on-write.
+    File(&'a str),
+    /// The page server listening on this unix socket, given a userfaultfd for anonymous
+    /// memory.
+    Uffd(&'a str),
+}
+
+/// A snapshot read back: its state, its guest memory and, with the `Uffd` backend, the
+/// userfaultfd the page server serves (to keep while the VM lives).
+pub struct LoadedSnapshot {
+    /// The state file's contents.
+    pub state: MicrovmState,
+    /// Guest memory laid out as the state says.
+    pub mem: GuestMemory,
+    /// The VMM's copy of the page server's userfaultfd.
+    pub uffd: Option<OwnedFd>,
+}
+
+/// Reads and checks the state file at `snapshot_path` and maps its guest memory from
+/// `source`.
 pub fn read_snapshot(
     snapshot_path: &str,
-    mem_file_path: &str,
-) -> Result<(MicrovmState, GuestMemory), SnapshotError> {
+    source: MemorySource<'_>,
+) -> Result<LoadedSnapshot, SnapshotError> {
     let bytes = std::fs::read(snapshot_path).map_err(file_error("read", snapshot_path))?;
     let state: MicrovmState =
         format::decode(&bytes).map_err(|e| SnapshotError::Format(snapshot_path.to_string(), e))?;
     state.check(snapshot_path)?;
-    let mem_file = File::open(mem_file_path).map_err(file_error("open", mem_file_path))?;
-    let found = mem_file
-        .metadata()
-        .map_err(file_error("stat", mem_file_path))?
-        .len();
+    let (mem, uffd) = match source {
+        MemorySource::File(path) => (map_file(&state, path)?, None),
+        MemorySource::Uffd(socket) => {
+            let regions: Vec<_> = state
+                .memory
+                .iter()
+                .map(|&(start, len)| (GuestAddress(start), len as usize))
+                .collect();
+            let mem = map_anonymous(&regions)?;
+            let uffd = uffd::hand_to_page_server(&mem, socket)?;
+            (mem, Some(uffd))
+        }
+    };
+    Ok(LoadedSnapshot { state, mem, uffd })
+}
+
+/// Maps the memory file at `path` after checking that it fits `state`.
+fn map_file(state: &MicrovmState, path: &str) -> Result<GuestMemory, SnapshotError> {
+    let mem_file = File::open(path).map_err(file_error("open", path))?;
+    let found = mem_file.metadata().map_err(file_error("stat", path))?.len();
     if found != state.memory_size() {
         return Err(SnapshotError::MemorySize {
-            path: mem_file_path.to_string(),
+            path: path.to_string(),
             found,
             expected: state.memory_size(),
         });
     }
-    let mem = map_memory_file(&mem_file, &state.memory)?;
-    Ok((state, mem))
+    Ok(map_memory_file(&mem_file, &state.memory)?)
 }

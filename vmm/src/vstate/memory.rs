@@ -81,9 +81,16 @@ pub fn validate_mem_size(mem_size_mib: u64) -> Result<(), MemoryError> {
 /// Maps guest RAM of `mem_size_mib` MiB (anonymous, private, not reserved up front).
 pub fn create_guest_memory(mem_size_mib: u64) -> Result<GuestMemory, MemoryError> {
     validate_mem_size(mem_size_mib)?;
-    let regions = arch_memory_regions(mem_size_mib << 20);
-    GuestMemoryMmap::from_ranges(&regions)
-        .map_err(|e| MemoryError::Map(mem_size_mib, e.to_string()))
+    map_anonymous(&arch_memory_regions(mem_size_mib << 20))
+}
+
+/// Maps `regions` anonymous and private (not reserved up front): guest RAM that starts as
+/// zeros, or that a page server fills on first touch (the `Uffd` snapshot backend).
+pub fn map_anonymous(regions: &[(GuestAddress, usize)]) -> Result<GuestMemory, MemoryError> {
+    GuestMemoryMmap::from_ranges(regions).map_err(|e| {
+        let total: usize = regions.iter().map(|(_, len)| len).sum();
+        MemoryError::Map((total >> 20) as u64, e.to_string())
+    })
 }
 
 /// The `(start, length)` of every region, in layout order.
