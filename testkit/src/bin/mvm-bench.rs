@@ -1,7 +1,7 @@
 //! `mvm-bench vmm`: start-up (release and debug builds) and memory figures of mvm-vmm with the
 //! assembly test guests; `mvm-bench start [MVM_VMM...]`: only the start-up figures, of the given
 //! binaries (before and after a change, interleaved) or the built ones; `mvm-bench snapshot`:
-//! snapshot create and restore figures; `mvm-bench jailer`: the jailer's cost. Prints figures;
+//! snapshot create and restore figures (File and Uffd backends); `mvm-bench jailer`: the jailer's cost. Prints figures;
 //! asserts nothing (performance is tracked, not tested).
 
 use std::io::{Read, Write};
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mvm_testkit::page_server::PageServer;
 use mvm_testkit::{binary, config_for, guest, http_unix, target_dir, wait_for_socket, ScratchDir};
 use serde_json::{json, Value};
 
@@ -314,13 +315,40 @@ fn save_echo_guest(dir: &Path) -> (PathBuf, PathBuf, Vec<f64>) {
     (files.0, files.1, create)
 }
 
-/// Restores `snapshot` RUNS times, each in a fresh VMM: exec → API socket ready, exec →
-/// `PUT /snapshot/load` answered (resumed), exec → the restored guest echoes a byte written to
-/// its console after the load.
-fn restore(dir: &Path, snapshot: &Path, mem: &Path) -> [Vec<f64>; 3] {
-    let mut figures: [Vec<f64>; 3] = Default::default();
+/// Where a benchmarked restore takes guest memory from.
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    /// The memory file, mapped copy-on-write.
+    File,
+    /// A page server thread of this process (`mvm_testkit::page_server`).
+    Uffd,
+}
+
+/// Restore figures of one backend: exec → API socket ready, exec → `PUT /snapshot/load`
+/// answered, exec → a console byte echoed, and the page faults served (Uffd).
+#[derive(Default)]
+struct RestoreFigures {
+    ready: Vec<f64>,
+    loaded: Vec<f64>,
+    echoed: Vec<f64>,
+    faults: Vec<f64>,
+}
+
+/// Restores `snapshot` RUNS times from `backend`, each in a fresh VMM: exec → API socket
+/// ready, exec → `PUT /snapshot/load` answered (resumed), exec → the restored guest echoes a
+/// byte written to its console after the load.
+fn restore(dir: &Path, snapshot: &Path, mem: &Path, backend: Backend) -> RestoreFigures {
+    let mut figures = RestoreFigures::default();
     for n in 0..RUNS {
         let socket = dir.join(format!("restore{n}.sock"));
+        let pages = dir.join(format!("pages{n}.sock"));
+        let (server, mem_backend) = match backend {
+            Backend::File => (None, json!({"backend_type": "File", "backend_path": mem})),
+            Backend::Uffd => (
+                Some(PageServer::start(&pages, mem)),
+                json!({"backend_type": "Uffd", "backend_path": pages}),
+            ),
+        };
         let start = Instant::now();
         let mut child = vmm_with_api(&socket)
             .stdin(Stdio::piped())
@@ -328,27 +356,28 @@ fn restore(dir: &Path, snapshot: &Path, mem: &Path) -> [Vec<f64>; 3] {
             .spawn()
             .expect("spawn mvm-vmm");
         assert!(wait_for_socket(&socket, Duration::from_secs(10)));
-        figures[0].push(ms_since(start));
+        figures.ready.push(ms_since(start));
         api_ok(
             &socket,
             "PUT",
             "/snapshot/load",
-            json!({
-                "snapshot_path": snapshot,
-                "mem_backend": {"backend_type": "File", "backend_path": mem},
-                "resume_vm": true,
-            }),
+            json!({"snapshot_path": snapshot, "mem_backend": mem_backend, "resume_vm": true}),
         );
-        figures[1].push(ms_since(start));
+        figures.loaded.push(ms_since(start));
         child
             .stdin
             .as_mut()
             .expect("piped stdin")
             .write_all(b"x")
             .expect("write to the console");
-        figures[2].push(first_console_byte(&mut child, start));
+        figures.echoed.push(first_console_byte(&mut child, start));
         let _ = child.kill();
         let _ = child.wait();
+        if let Some(server) = server {
+            figures
+                .faults
+                .push(server.join().expect("the page server served the restore") as f64);
+        }
     }
     figures
 }
@@ -365,10 +394,31 @@ fn snapshot_figures() {
         (meta.blocks() * 512) as f64 / (1 << 20) as f64,
         meta.len() as f64 / (1 << 20) as f64
     );
-    let [ready, loaded, first] = restore(dir.path(), &snapshot, &mem);
-    report("restore: exec → API socket ready", ready);
-    report("restore: exec → /snapshot/load answered", loaded);
-    report("restore: exec → a console byte echoed", first);
+    for (name, backend) in [("File", Backend::File), ("Uffd", Backend::Uffd)] {
+        let figures = restore(dir.path(), &snapshot, &mem, backend);
+        report(
+            &format!("{name} restore: exec → API socket ready"),
+            figures.ready,
+        );
+        report(
+            &format!("{name} restore: exec → load answered"),
+            figures.loaded,
+        );
+        report(
+            &format!("{name} restore: exec → byte echoed"),
+            figures.echoed,
+        );
+        if backend == Backend::Uffd {
+            let mut faults = figures.faults;
+            println!(
+                "{:<44} p50 {:>7.0}      max {:>7.0}         (n={})",
+                "Uffd restore: pages the page server filled",
+                percentile(&mut faults, 0.5),
+                percentile(&mut faults, 1.0),
+                faults.len()
+            );
+        }
+    }
     let config = write_config(dir.path(), "echo", SNAPSHOT_MIB);
     let cold = (0..RUNS)
         .map(|_| {
