@@ -278,9 +278,9 @@ fn build_cmdline(
 }
 
 /// Opens KVM, creates the VM with `mem` as its memory and its in-kernel irqchip and PIT.
-fn create_vm(mem: &GuestMemory) -> Result<Vm, BuildError> {
+fn create_vm(mem: &GuestMemory, track_dirty_pages: bool) -> Result<Vm, BuildError> {
     let vm = Vm::new()?;
-    vm.register_memory(mem)?;
+    vm.register_memory(mem, track_dirty_pages)?;
     vm.setup_irqchip()?;
     Ok(vm)
 }
@@ -394,7 +394,7 @@ pub fn build_microvm(
     }
     setup_mptable(&mem, machine.vcpu_count)?;
 
-    let vm = create_vm(&mem)?;
+    let vm = create_vm(&mem, machine.track_dirty_pages)?;
     let mut pio = Bus::new();
     let (serial, i8042) = attach_legacy_devices(
         &vm,

@@ -206,7 +206,8 @@ pub struct MachineConfig {
     /// Present vCPUs as hyper-thread pairs.
     #[serde(default)]
     pub smt: bool,
-    /// Dirty page tracking (Diff snapshots); not implemented, so it must be false.
+    /// Dirty page tracking (KVM's dirty log on every memory slot), which `Diff` snapshots
+    /// need.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Firecracker CPU template; mvm supports none.
@@ -247,12 +248,6 @@ impl MachineConfig {
             }
             MemoryError::Map(..) => invalid("machine-config.mem_size_mib", e.to_string()),
         })?;
-        if self.track_dirty_pages {
-            return Err(unsupported(
-                "machine-config.track_dirty_pages",
-                "dirty page tracking is not implemented (snapshots are Full only); set it to false",
-            ));
-        }
         reject_present(
             &self.cpu_template,
             "machine-config.cpu_template",
@@ -472,7 +467,8 @@ pub enum SnapshotType {
     /// All of guest memory.
     #[default]
     Full,
-    /// Only the pages written since the last snapshot (needs dirty page tracking).
+    /// Only the pages written since the last snapshot, boot or load (needs
+    /// `machine-config.track_dirty_pages`).
     Diff,
 }
 
@@ -490,12 +486,15 @@ pub struct SnapshotCreateParams {
 }
 
 impl SnapshotCreateParams {
-    /// Refuses what mvm cannot do: diff snapshots and empty paths.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.snapshot_type == SnapshotType::Diff {
-            return Err(unsupported(
+    /// Refuses empty paths, and a `Diff` snapshot of a VM without dirty page tracking
+    /// (`track_dirty_pages`).
+    pub fn validate(&self, track_dirty_pages: bool) -> Result<(), ConfigError> {
+        if self.snapshot_type == SnapshotType::Diff && !track_dirty_pages {
+            return Err(invalid(
                 "snapshot/create.snapshot_type",
-                "Diff snapshots need dirty page tracking, which is not implemented; use Full",
+                "Diff snapshots need dirty page tracking: boot the VM with \
+                 machine-config.track_dirty_pages true (or load it with track_dirty_pages), \
+                 or take a Full snapshot",
             ));
         }
         for (field, path) in [
@@ -547,10 +546,10 @@ pub struct SnapshotLoadParams {
     /// Resume the VM once loaded (else it stays paused).
     #[serde(default)]
     pub resume_vm: bool,
-    /// Dirty page tracking after load; not implemented.
+    /// Dirty page tracking in the loaded VM (Firecracker's older name).
     #[serde(default)]
     pub enable_diff_snapshots: bool,
-    /// Dirty page tracking after load; not implemented.
+    /// Dirty page tracking in the loaded VM, for `Diff` snapshots of it.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// New host taps for some of the snapshot's interfaces.
@@ -612,12 +611,6 @@ impl SnapshotLoadParams {
                 }
             }
         };
-        if self.enable_diff_snapshots || self.track_dirty_pages {
-            return Err(unsupported(
-                "snapshot/load.track_dirty_pages",
-                "dirty page tracking is not implemented; set it to false",
-            ));
-        }
         Ok(source)
     }
 
@@ -898,17 +891,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(create.snapshot_type, SnapshotType::Full);
-        create.validate().unwrap();
+        create.validate(false).unwrap();
         let diff: SnapshotCreateParams = from_json_slice(
             Some("snapshot/create"),
             br#"{"snapshot_type": "Diff", "snapshot_path": "s", "mem_file_path": "m"}"#,
         )
         .unwrap();
-        let err = diff.validate().unwrap_err().to_string();
+        let err = diff.validate(false).unwrap_err().to_string();
         assert!(
             err.contains("snapshot_type") && err.contains("dirty page tracking"),
             "{err}"
         );
+        diff.validate(true).unwrap();
         let err = from_json_slice::<SnapshotCreateParams>(
             Some("snapshot/create"),
             br#"{"snapshot_path": "s", "mem_file_path": "m", "extra": 1}"#,

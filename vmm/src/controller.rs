@@ -21,6 +21,7 @@ use crate::exit::VmExit;
 use crate::metrics::{MetricsError, MetricsSink};
 use crate::seccomp::{Filters, SeccompError};
 use crate::snapshot::{read_snapshot, write_snapshot, LoadedSnapshot, SnapshotError};
+use crate::vstate::memory::{mark_dirty, reset_dirty};
 
 /// Version reported by `GET /` and `GET /version`.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -403,19 +404,30 @@ impl Controller {
                 Ok(VmmResponse::Empty)
             }
             CreateSnapshot(params) => {
-                params.validate()?;
+                let tracking = self.config.machine_config.track_dirty_pages;
+                params.validate(tracking)?;
                 let vm = self.vm("PUT /snapshot/create")?;
                 if !vm.vcpus.is_paused() {
                     return Err(VmmActionError::NotPaused);
                 }
                 // The device threads stay frozen until `_frozen` goes, after memory is written.
                 let (state, _frozen) = save_state(vm, &self.config)?;
+                if tracking {
+                    let log = vm
+                        .vm
+                        .dirty_log(&vm.mem)
+                        .map_err(|e| SnapshotError::Save("the dirty page log", e.to_string()))?;
+                    mark_dirty(&vm.mem, &log);
+                }
                 write_snapshot(
                     &state,
                     &params.snapshot_path,
                     &vm.mem,
                     &params.mem_file_path,
+                    params.snapshot_type,
                 )?;
+                // The next Diff holds what is written from now on.
+                reset_dirty(&vm.mem);
                 log::info!(
                     "snapshot of microVM {} written to {}",
                     self.id,
@@ -455,6 +467,10 @@ impl Controller {
         // overridden; the console, logger and metrics stay this process's.
         let mut config = state.config(&params.snapshot_path)?;
         params.apply_overrides(&mut config)?;
+        // As with Firecracker, the load request (not the snapshot) says whether the loaded
+        // VM tracks dirty pages.
+        config.machine_config.track_dirty_pages =
+            params.track_dirty_pages || params.enable_diff_snapshots;
         config.logger = self.config.logger.take();
         config.metrics = self.config.metrics.take();
         config.serial = None;

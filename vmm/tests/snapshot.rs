@@ -7,7 +7,8 @@
 //! frames through the tap its restored VMM reopened. Firecracker's `network_overrides` and
 //! `vsock_override` put a restored guest on another tap and socket, and are refused for
 //! devices the snapshot lacks. With the `Uffd` backend a page server thread of the test
-//! (Firecracker's protocol) fills the restored guest's memory page by page.
+//! (Firecracker's protocol) fills the restored guest's memory page by page. A `Diff` snapshot
+//! (dirty page tracking) merged over the `Full` one before it restores the guest.
 
 mod virtio_support;
 
@@ -139,14 +140,14 @@ fn stamps(console: &str, word: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Boots the counting guest, lets it count, pauses it and snapshots it into `dir`. Returns
-/// (snapshot, memory file, the last complete count before the pause, the console then).
-fn snapshot_counting_guest(dir: &Path) -> (PathBuf, PathBuf, u64, String) {
+/// Boots the counting guest (32 MiB, with dirty page tracking when `track_dirty_pages`) in a
+/// new VMM and waits until it has counted three lines.
+fn boot_counting_guest(dir: &Path, track_dirty_pages: bool) -> Vmm {
     let vmm = Vmm::start(dir, "source");
     vmm.ok(
         "PUT",
         "/machine-config",
-        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+        json!({"vcpu_count": 1, "mem_size_mib": 32, "track_dirty_pages": track_dirty_pages}),
     );
     vmm.ok(
         "PUT",
@@ -155,6 +156,13 @@ fn snapshot_counting_guest(dir: &Path) -> (PathBuf, PathBuf, u64, String) {
     );
     vmm.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
     vmm.wait_for_lines(3);
+    vmm
+}
+
+/// Boots the counting guest, lets it count, pauses it and snapshots it into `dir`. Returns
+/// (snapshot, memory file, the last complete count before the pause, the console then).
+fn snapshot_counting_guest(dir: &Path) -> (PathBuf, PathBuf, u64, String) {
+    let vmm = boot_counting_guest(dir, false);
     let (snapshot, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
     let (status, answer) = vmm.call(
         "PUT",
@@ -357,6 +365,90 @@ fn a_uffd_load_without_a_page_server_is_refused_and_the_vmm_can_load_again() {
         load_request(&snapshot, &mem, json!({})),
     );
     assert_goes_on_counting(&vmm, &source_console, last);
+}
+
+/// Writes every data range of the sparse `diff` (found with SEEK_DATA/SEEK_HOLE) into
+/// `base` at the same offset: a Diff memory file merged over the memory file it follows.
+fn merge_diff(diff: &Path, base: &Path) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let diff = std::fs::File::open(diff).unwrap();
+    let base = std::fs::OpenOptions::new().write(true).open(base).unwrap();
+    let len = diff.metadata().unwrap().len() as i64;
+    let seek = |from: i64, whence| {
+        // SAFETY: lseek on an open descriptor with no memory arguments.
+        unsafe { libc::lseek(diff.as_raw_fd(), from, whence) }
+    };
+    let mut at = 0;
+    while at < len {
+        let data = seek(at, libc::SEEK_DATA);
+        if data < 0 {
+            break; // no data past `at`
+        }
+        let hole = seek(data, libc::SEEK_HOLE);
+        let mut bytes = vec![0u8; (hole - data) as usize];
+        diff.read_exact_at(&mut bytes, data as u64).unwrap();
+        base.write_all_at(&bytes, data as u64).unwrap();
+        at = hole;
+    }
+}
+
+#[test]
+fn a_diff_snapshot_merged_over_its_full_snapshot_restores_the_guest() {
+    if !require_kvm("a_diff_snapshot_merged_over_its_full_snapshot_restores_the_guest") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-diff");
+    let path = |name: &str| dir.path().join(name);
+    let vmm = boot_counting_guest(dir.path(), true);
+    vmm.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    let create = |kind: &str, snapshot: &str, mem: &str| {
+        vmm.ok(
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_type": kind, "snapshot_path": path(snapshot), "mem_file_path": path(mem)}),
+        )
+    };
+    create("Full", "full.snap", "full.mem");
+    let at_full = counts(&vmm.console()).len();
+    vmm.ok("PATCH", "/vm", json!({"state": "Resumed"}));
+    vmm.wait_for_lines(at_full + 3);
+    vmm.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    create("Diff", "diff.snap", "diff.mem");
+    let console = vmm.console();
+    let last = *counts(&console).last().unwrap();
+
+    use std::os::unix::fs::MetadataExt;
+    let diff = std::fs::metadata(path("diff.mem")).unwrap();
+    assert_eq!(
+        diff.len(),
+        32 << 20,
+        "a Diff memory file has the full layout"
+    );
+    assert!(
+        diff.blocks() * 512 <= 64 << 10,
+        "only the pages the guest wrote since the Full snapshot: {} bytes",
+        diff.blocks() * 512
+    );
+    std::fs::copy(path("full.mem"), path("merged.mem")).unwrap();
+    merge_diff(&path("diff.mem"), &path("merged.mem"));
+    // Loaded with track_dirty_pages, the restored VM takes Diffs of its own.
+    let restored = restore_with(
+        dir.path(),
+        "merged",
+        &path("diff.snap"),
+        &path("merged.mem"),
+        json!({"track_dirty_pages": true}),
+    );
+    assert_goes_on_counting(&restored, &console, last);
+    restored.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    restored.ok(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_type": "Diff", "snapshot_path": path("again.snap"), "mem_file_path": path("again.mem")}),
+    );
+    let again = std::fs::metadata(path("again.mem")).unwrap();
+    assert!(again.blocks() > 0 && again.blocks() * 512 <= 64 << 10);
 }
 
 #[test]

@@ -6,15 +6,16 @@
 //! size (a power of two up to 256).
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::vstate::memory::GuestMemory;
 
 /// Guest memory size.
 pub const MEM_SIZE: usize = 64 * 1024;
 
 /// Guest memory with `data` copied to address 0, and a ready queue over it.
-pub fn setup(data: &[u8]) -> Option<(GuestMemoryMmap<()>, Queue)> {
+pub fn setup(data: &[u8]) -> Option<(GuestMemory, Queue)> {
     let (&first, rest) = data.split_first()?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
     let n = rest.len().min(MEM_SIZE);
     mem.write_slice(&rest[..n], GuestAddress(0)).ok()?;
     let mut queue = Queue::new(256).ok()?;

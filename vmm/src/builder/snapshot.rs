@@ -86,7 +86,7 @@ pub fn build_microvm_from_snapshot(
             devices.len()
         )));
     }
-    let vm = create_vm(&mem)?;
+    let vm = create_vm(&mem, config.machine_config.track_dirty_pages)?;
     let saved = state.vcpus.first().and_then(|v| vendor(&v.cpuid));
     let host = vendor(vm.supported_cpuid().as_slice());
     if saved != host {

@@ -14,12 +14,12 @@ use std::os::fd::OwnedFd;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::VmConfig;
+use crate::config::{SnapshotType, VmConfig};
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::UartState;
 use crate::devices::virtio::mmio::MmioState;
 use crate::vstate::memory::{
-    dump_memory, map_anonymous, map_memory_file, GuestMemory, MemoryError,
+    dump_dirty, dump_memory, map_anonymous, map_memory_file, GuestMemory, MemoryError,
 };
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
@@ -130,17 +130,23 @@ impl MicrovmState {
 }
 
 /// Writes the state file at `snapshot_path` and guest memory at `mem_file_path` (both
-/// replaced if they exist).
+/// replaced if they exist): all of it (`Full`), or only its dirty pages at their offsets
+/// (`Diff`, see [`dump_dirty`]).
 pub fn write_snapshot(
     state: &MicrovmState,
     snapshot_path: &str,
     mem: &GuestMemory,
     mem_file_path: &str,
+    snapshot_type: SnapshotType,
 ) -> Result<(), SnapshotError> {
     let bytes =
         format::encode(state).map_err(|e| SnapshotError::Format(snapshot_path.to_string(), e))?;
     let mut mem_file = File::create(mem_file_path).map_err(file_error("create", mem_file_path))?;
-    dump_memory(mem, &mut mem_file).map_err(file_error("write", mem_file_path))?;
+    match snapshot_type {
+        SnapshotType::Full => dump_memory(mem, &mut mem_file),
+        SnapshotType::Diff => dump_dirty(mem, &mut mem_file).map(drop),
+    }
+    .map_err(file_error("write", mem_file_path))?;
     let mut file = File::create(snapshot_path).map_err(file_error("create", snapshot_path))?;
     file.write_all(&bytes)
         .map_err(file_error("write", snapshot_path))

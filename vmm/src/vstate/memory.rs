@@ -1,9 +1,12 @@
-//! Guest RAM: anonymous host memory laid out around the MMIO gap below 4 GiB.
+//! Guest RAM: anonymous host memory laid out around the MMIO gap below 4 GiB. Each region
+//! carries a bitmap of the pages the VMM itself wrote (virtio devices), which with KVM's
+//! dirty log makes the dirty pages of a `Diff` snapshot.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 
-use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap,
@@ -11,8 +14,9 @@ use vm_memory::{
 
 use crate::arch::x86_64::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
 
-/// Guest memory type used throughout the VMM.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory type used throughout the VMM: writes through it mark their pages in the
+/// region's bitmap.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// The smallest guest accepted: room for the boot structures and a tiny kernel.
 pub const MIN_MEM_SIZE_MIB: u64 = 2;
@@ -134,6 +138,63 @@ pub fn dump_memory(mem: &GuestMemory, file: &mut File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Marks in the regions' bitmaps the pages that `kvm_log` (KVM's dirty log, one `Vec` per
+/// region, a bit per page) says the guest wrote: the bitmaps then hold every dirty page, and
+/// keep them if writing a snapshot fails (reading KVM's log cleared it).
+pub fn mark_dirty(mem: &GuestMemory, kvm_log: &[Vec<u64>]) {
+    for (region, log) in mem.iter().zip(kvm_log) {
+        for (index, word) in log.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let page = index * 64 + bits.trailing_zeros() as usize;
+                region.bitmap().mark_dirty(page * PAGE, PAGE);
+                bits &= bits - 1;
+            }
+        }
+    }
+}
+
+/// Writes the dirty pages of `mem` (marked in its regions' bitmaps: the VMM's own writes and
+/// what [`mark_dirty`] added) to the new, empty `file` at their offsets in a full memory
+/// file (regions one after the other in layout order, as [`dump_memory`]), leaving holes
+/// elsewhere: merged over the snapshot it follows, it makes a full memory file. The last
+/// page is always written, so the file has its full length. Returns the pages written.
+pub fn dump_dirty(mem: &GuestMemory, file: &mut File) -> std::io::Result<usize> {
+    let total: usize = mem.iter().map(|r| r.len() as usize).sum();
+    let mut buf = vec![0u8; DUMP_CHUNK];
+    let mut file_offset = 0usize;
+    let mut written = 0;
+    for region in mem.iter() {
+        let slice = region
+            .as_volatile_slice()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let pages = slice.len().div_ceil(PAGE);
+        let last_region = file_offset + slice.len() == total;
+        let dirty = |page: usize| {
+            region.bitmap().dirty_at(page * PAGE) || (last_region && page + 1 == pages)
+        };
+        for run in page_runs(pages, DUMP_CHUNK / PAGE, dirty) {
+            let len = (run.end * PAGE).min(slice.len()) - run.start * PAGE;
+            slice
+                .subslice(run.start * PAGE, len)
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+                .copy_to(&mut buf[..len]);
+            file.seek(SeekFrom::Start((file_offset + run.start * PAGE) as u64))?;
+            file.write_all(&buf[..len])?;
+            written += run.len();
+        }
+        file_offset += slice.len();
+    }
+    Ok(written)
+}
+
+/// Forgets the VMM's own writes to `mem` (after a snapshot: the next `Diff` starts here).
+pub fn reset_dirty(mem: &GuestMemory) {
+    for region in mem.iter() {
+        MmapRegion::bitmap(region).reset();
+    }
+}
+
 /// Whether `bytes` are all zero (compared a word at a time).
 fn is_zero(bytes: &[u8]) -> bool {
     let words = bytes.chunks_exact(8);
@@ -158,21 +219,35 @@ fn write_used_pages(
         (last && page + 1 == pages)
             || !is_zero(&data[page * PAGE..data.len().min((page + 1) * PAGE)])
     };
+    for run in page_runs(pages, pages, used) {
+        let bytes = &data[run.start * PAGE..data.len().min(run.end * PAGE)];
+        file.seek(SeekFrom::Start((offset + run.start * PAGE) as u64))?;
+        file.write_all(bytes)?;
+    }
+    Ok(())
+}
+
+/// The runs of consecutive pages of `0..pages` that `selected` picks, at most `max` pages
+/// each.
+fn page_runs(
+    pages: usize,
+    max: usize,
+    selected: impl Fn(usize) -> bool,
+) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
     let mut page = 0;
     while page < pages {
-        if !used(page) {
+        if !selected(page) {
             page += 1;
             continue;
         }
         let start = page;
-        while page < pages && used(page) {
+        while page < pages && page - start < max && selected(page) {
             page += 1;
         }
-        let bytes = &data[start * PAGE..data.len().min(page * PAGE)];
-        file.seek(SeekFrom::Start((offset + start * PAGE) as u64))?;
-        file.write_all(bytes)?;
+        runs.push(start..page);
     }
-    Ok(())
+    runs
 }
 
 /// Maps `file` (as [`dump_memory`] wrote it) as guest memory laid out as `layout`, private
@@ -184,12 +259,13 @@ pub fn map_memory_file(file: &File, layout: &[(u64, u64)]) -> Result<GuestMemory
     let mut regions = Vec::with_capacity(layout.len());
     for &(start, len) in layout {
         let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
-        let mapping = MmapRegionBuilder::new(len as usize)
-            .with_file_offset(FileOffset::new(file, offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| map_err(e.to_string()))?;
+        let mapping =
+            MmapRegionBuilder::new_with_bitmap(len as usize, AtomicBitmap::with_len(len as usize))
+                .with_file_offset(FileOffset::new(file, offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| map_err(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| map_err(format!("region at {start:#x} overflows")))?;
         regions.push(region);
@@ -219,11 +295,8 @@ mod tests {
     #[test]
     fn a_dumped_memory_file_maps_back_privately() {
         use vm_memory::Bytes;
-        let mem = GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), 0x2000),
-            (GuestAddress(0x10_0000), 0x1000),
-        ])
-        .unwrap();
+        let mem =
+            map_anonymous(&[(GuestAddress(0), 0x2000), (GuestAddress(0x10_0000), 0x1000)]).unwrap();
         mem.write_obj(0x1234_5678u32, GuestAddress(0x1ff0)).unwrap();
         mem.write_obj(0xabcdu16, GuestAddress(0x10_0010)).unwrap();
         let path = std::env::temp_dir().join(format!("mvm-mem-test-{}", std::process::id()));
@@ -256,6 +329,43 @@ mod tests {
             0x1234_5678,
             "writes stay private"
         );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_diff_holds_the_pages_kvm_or_the_vmm_dirtied_at_their_offsets() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        let mem =
+            map_anonymous(&[(GuestAddress(0), 0x4000), (GuestAddress(0x10_0000), 0x4000)]).unwrap();
+        mem.write_obj(0xaaaa_u16, GuestAddress(0x10)).unwrap(); // boot: not in the next diff
+        reset_dirty(&mem);
+        mem.write_obj(0x1234_u16, GuestAddress(0x1008)).unwrap(); // a device write: page 1
+                                                                  // The guest wrote page 2 of region 0 and page 0 of region 1 (KVM's log).
+                                                                  // SAFETY: addresses inside the regions, written through the host mapping as a vCPU
+                                                                  // would, behind the bitmap's back.
+        unsafe {
+            *mem.get_host_address(GuestAddress(0x2000)).unwrap() = 7;
+            *mem.get_host_address(GuestAddress(0x10_0000)).unwrap() = 9;
+        }
+        mark_dirty(&mem, &[vec![0b100], vec![0b1]]);
+        let path = std::env::temp_dir().join(format!("mvm-diff-test-{}", std::process::id()));
+        let mut file = File::create(&path).unwrap();
+        // Pages 1 and 2 of region 0, page 0 of region 1, and the last page.
+        assert_eq!(dump_dirty(&mem, &mut file).unwrap(), 4);
+        let file = File::open(&path).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 0x8000);
+        let byte = |offset: u64| {
+            let mut b = [0u8; 2];
+            file.read_exact_at(&mut b, offset).unwrap();
+            u16::from_le_bytes(b)
+        };
+        assert_eq!(byte(0x10), 0, "page 0 was not dirty: a hole");
+        assert_eq!(byte(0x1008), 0x1234);
+        assert_eq!(byte(0x2000), 7);
+        assert_eq!(byte(0x4000), 9, "region 1 starts at 0x4000 in the file");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(file.metadata().unwrap().blocks() * 512, 0x4000, "sparse");
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -3,7 +3,7 @@
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -185,8 +185,13 @@ impl Vm {
         &self.supported_cpuid
     }
 
-    /// Registers every guest memory region as a KVM memory slot.
-    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+    /// Registers every guest memory region as a KVM memory slot (slot = region index), with
+    /// KVM's dirty page log when `track_dirty_pages`.
+    pub fn register_memory(
+        &self,
+        mem: &GuestMemory,
+        track_dirty_pages: bool,
+    ) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -201,7 +206,11 @@ impl Vm {
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                flags: if track_dirty_pages {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
             };
             // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (the
             // builder keeps both together), and slots do not overlap.
@@ -209,6 +218,20 @@ impl Vm {
                 .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
         }
         Ok(())
+    }
+
+    /// KVM's dirty page log of every slot of `mem` (registered with `track_dirty_pages`):
+    /// per region, one bit per 4 KiB page that the guest wrote since the last call (which
+    /// clears it).
+    pub fn dirty_log(&self, mem: &GuestMemory) -> Result<Vec<Vec<u64>>, VmError> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(|e| VmError::Ioctl("KVM_GET_DIRTY_LOG", e))
+            })
+            .collect()
     }
 
     /// Creates the in-kernel PIC/IOAPIC/LAPICs and the PIT.

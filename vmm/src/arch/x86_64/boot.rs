@@ -1,14 +1,13 @@
 //! Boot information handed to the guest: the Linux zero page with its e820 map, or the PVH
 //! `hvm_start_info` with its memory map.
 
+use crate::vstate::memory::GuestMemory;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
-use vm_memory::{
-    Address, ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::layout::*;
 
@@ -44,7 +43,7 @@ pub struct InitrdPlacement {
 }
 
 /// The guest's RAM map as (start, size, e820 type), shared by both boot protocols.
-fn memory_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
+fn memory_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED),
@@ -62,7 +61,7 @@ fn memory_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
 /// Writes the Linux zero page. `loader_header` is the setup header of a bzImage, if that is
 /// what was loaded.
 pub fn write_zero_page(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     cmdline_size: usize,
     initrd: Option<InitrdPlacement>,
     loader_header: Option<setup_header>,
@@ -115,7 +114,7 @@ unsafe impl ByteValued for MemmapEntry {}
 
 /// Writes the PVH start info and memory map (the PVH boot protocol's zero page).
 pub fn write_pvh_start_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     initrd: Option<InitrdPlacement>,
 ) -> Result<(), BootError> {
     let memmap: Vec<MemmapEntry> = memory_map(mem)
@@ -165,7 +164,7 @@ mod tests {
 
     #[test]
     fn zero_page_holds_cmdline_and_memory_map() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         write_zero_page(&mem, 42, None, None).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
@@ -180,7 +179,7 @@ mod tests {
 
     #[test]
     fn pvh_start_info_has_magic_and_memmap() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         write_pvh_start_info(&mem, None).unwrap();
         let info: StartInfo = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.0.magic, XEN_HVM_START_MAGIC_VALUE);

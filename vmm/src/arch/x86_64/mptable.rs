@@ -1,7 +1,8 @@
 //! Intel MultiProcessor Specification 1.4 table, so the guest finds every vCPU, the IOAPIC and
 //! the ISA interrupt routing without ACPI.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_START, EBDA_START, IOAPIC_START};
 
@@ -82,7 +83,7 @@ fn config_table(vcpu_count: u8) -> Vec<u8> {
 }
 
 /// Writes the MP floating pointer and configuration table into the EBDA.
-pub fn setup_mptable(mem: &GuestMemoryMmap, vcpu_count: u8) -> Result<(), MptableError> {
+pub fn setup_mptable(mem: &GuestMemory, vcpu_count: u8) -> Result<(), MptableError> {
     if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
         return Err(MptableError::VcpuCount(vcpu_count));
     }
@@ -107,7 +108,7 @@ mod tests {
 
     #[test]
     fn tables_checksum_to_zero_and_list_every_cpu() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         setup_mptable(&mem, 32).unwrap();
         let mut pointer = [0u8; 16];
         mem.read_slice(&mut pointer, GuestAddress(EBDA_START))
@@ -130,7 +131,7 @@ mod tests {
 
     #[test]
     fn vcpu_count_is_checked() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         assert!(setup_mptable(&mem, 0).is_err());
         assert!(setup_mptable(&mem, 33).is_err());
     }

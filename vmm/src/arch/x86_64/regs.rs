@@ -1,8 +1,9 @@
 //! Boot vCPU register state: GDT, identity-mapped page tables, long mode (Linux boot protocol) or
 //! 32-bit protected mode (PVH), general registers and FPU.
 
+use crate::vstate::memory::GuestMemory;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::layout::*;
 
@@ -73,7 +74,7 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 }
 
 fn write_u64(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     value: u64,
     addr: u64,
     what: &'static str,
@@ -84,7 +85,7 @@ fn write_u64(
 
 /// Identity-maps the low 4 GiB with 2 MiB pages (the kernel builds its own tables; test guests
 /// and early boot code reach RAM, the MMIO gap and the APICs through this map).
-fn setup_page_tables(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(), RegsError> {
+fn setup_page_tables(mem: &GuestMemory, sregs: &mut kvm_sregs) -> Result<(), RegsError> {
     write_u64(mem, PDPTE_START | PTE_PRESENT_RW, PML4_START, "PML4")?;
     for gib in 0..4u64 {
         let pd = PDE_START + gib * 0x1000;
@@ -107,7 +108,7 @@ fn setup_page_tables(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(),
 
 /// Writes the GDT and an empty IDT and loads flat segments for `protocol`.
 fn setup_segments(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     sregs: &mut kvm_sregs,
     protocol: BootProtocol,
 ) -> Result<(), RegsError> {
@@ -157,7 +158,7 @@ fn setup_segments(
 
 /// Fills `sregs` (read from the vCPU) with the boot state for `protocol`.
 pub fn setup_sregs(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     sregs: &mut kvm_sregs,
     protocol: BootProtocol,
 ) -> Result<(), RegsError> {
@@ -199,8 +200,8 @@ pub fn boot_fpu() -> kvm_fpu {
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
     #[test]
