@@ -485,8 +485,8 @@ impl Controller {
             &self.seccomp,
         )?;
         self.config = config;
-        self.page_server_uffd = uffd;
         self.run_built(vm, params.resume_vm)?;
+        self.page_server_uffd = uffd;
         log::info!("microVM {} loaded from {}", self.id, params.snapshot_path);
         Ok(())
     }
