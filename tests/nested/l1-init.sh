@@ -118,6 +118,11 @@ skip=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^mvm\.skip=//p')
 if [ -n "$skip" ]; then
     set -- "$@" --skip "$skip"
 fi
+# The ports QEMU forwards from L0 to L1's user-mode NIC (run.sh passes them as mvm.l0ports=a,b).
+l0ports=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^mvm\.l0ports=//p')
+if [ -n "$l0ports" ]; then
+    set -- "$@" --l0-ports "$l0ports"
+fi
 # The driver's status survives the pipe through a file (busybox sh has no pipefail).
 { /mvm/bin/mvm-nested --assets /mvm --mode nested "$@" 2>&1; echo $? > /tmp/driver-status; } | relay
 finish "$(cat /tmp/driver-status)"

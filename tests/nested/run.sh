@@ -12,8 +12,10 @@
 # when the project kernel lacks those options), the rootfs (rootfs/build.sh) and the micro-VM
 # initramfs; in QEMU mode build the L1 initramfs (busybox, the kvm, tun, veth and nf_tables
 # modules of the installed Debian kernel, ip/nft/mkfs.ext4/containerd/ctr with their libraries, the assets) and
-# boot it under a timeout, streaming the console. Prints a per-test summary and exits with the
-# inner suite's status (2 for a harness error before any test ran).
+# boot it under a timeout, streaming the console (L1 has a user-mode NIC whose two forwarded ports
+# the e2b case uses). While the driver runs, a watcher on the console runs the e2b Python SDK
+# smoke (tests/nested/e2b_smoke.py) on this host when the e2b case asks for it. Prints a per-test
+# summary and exits with the inner suite's status (2 for a harness error before any test ran).
 #
 # Usage: tests/nested/run.sh [--mode auto|nested|direct] [--filter TEXT] [--echo-console]
 #                            [--guest-cmdline TEXT] [--timeout SECONDS]
@@ -27,7 +29,8 @@
 # (target/nested/l1-state-N.txt), the boot is stopped and the next one (8 at most) runs the tests
 # not finished yet. The summary says how many boots the suite took.
 # Environment: MVM_ARTIFACTS, MVM_CACHE_DIR as for guest-kernel/build.sh; MVM_NESTED_L1_CMDLINE,
-# more L1 kernel parameters; work files go to <repo>/target/nested (the last run's log:
+# more L1 kernel parameters; MVM_TEST_PYTHON, the Python with the pinned `e2b` package (default
+# scripts/deps.sh's /opt/mvm-test-venv/bin/python); work files go to <repo>/target/nested (the last run's log:
 # target/nested/console.log).
 set -euo pipefail
 
@@ -80,6 +83,8 @@ packages+=(iproute2 nftables e2fsprogs)
 # containerd and ctr for the shim's vm tier; CNI plugins for its CRI case's pod network, protoc
 # for the CRI client the driver links.
 packages+=(containerd containernetworking-plugins protobuf-compiler)
+# python3 picks free ports for QEMU's forwards (the e2b SDK smoke uses scripts/deps.sh's venv).
+packages+=(python3)
 [ "$mode" = nested ] && packages+=(qemu-system-x86 linux-image-amd64)
 missing=()
 for pkg in "${packages[@]}"; do
@@ -197,12 +202,46 @@ summary() { # <console log> <status>: the result lines again, failures last, the
     echo "  exit status $status; full log: $console"
 }
 
+# --- The e2b SDK smoke on this host ---------------------------------------------------------------
+# The case e2b-sdk-vm-tier starts an mvmd of the vm tier and prints
+# `nested: E2B-READY <api port> <verdict port> <token>`; the official e2b Python SDK (pinned, in
+# scripts/deps.sh's venv; L1 has no Python) then drives it from here through tests/nested/e2b_smoke.py,
+# which sends its verdict to the verdict port. Both are ports of this host's 127.0.0.1 (in nested
+# mode QEMU forwards them to L1). Without a verdict the case fails.
+e2b_python=${MVM_TEST_PYTHON:-/opt/mvm-test-venv/bin/python}
+e2b_log="$work/e2b-smoke.log"
+e2b_watch() { # <pid> <console offset>: until <pid> ends, runs the smoke for each E2B-READY line
+    local line api verdict token url
+    tail --pid="$1" -c +$(($2 + 1)) -f "$console" | while IFS= read -r line; do
+        [[ "$line" == "nested: E2B-READY "* ]] || continue
+        read -r api verdict token <<< "${line#nested: E2B-READY }"
+        url="http://127.0.0.1:$api/e2b"
+        log "E2B-READY: the e2b SDK smoke against $url (its log: $e2b_log)"
+        if [ ! -x "$e2b_python" ]; then
+            printf 'verdict fail\n%s is missing: run scripts/deps.sh (or set MVM_TEST_PYTHON)\n' \
+                "$e2b_python" 2>/dev/null > "/dev/tcp/127.0.0.1/$verdict" \
+                || log "cannot send the e2b verdict to 127.0.0.1:$verdict"
+            continue
+        fi
+        env -i PATH=/usr/local/bin:/usr/bin:/bin E2B_API_URL="$url" E2B_SANDBOX_URL="$url" \
+            E2B_API_KEY="$token" "$e2b_python" "$script_dir/e2b_smoke.py" "127.0.0.1:$verdict" \
+            < /dev/null >> "$e2b_log" 2>&1 || log "the e2b SDK smoke exited with status $? (its log: $e2b_log)"
+    done
+}
+: > "$e2b_log"
+
 # --- Direct: run the driver on this host ----------------------------------------------------------
 if [ "$mode" = direct ]; then
     console="$work/console.log"
+    : > "$console"
     set +e
-    "$assets/bin/mvm-nested" --assets "$assets" --mode direct "${driver_args[@]}" | tee "$console"
-    status=${PIPESTATUS[0]}
+    "$assets/bin/mvm-nested" --assets "$assets" --mode direct "${driver_args[@]}" > >(tee -a "$console") &
+    driver=$!
+    e2b_watch "$driver" 0 &
+    watcher=$!
+    wait "$driver"
+    status=$?
+    wait "$watcher"
     set -e
     summary "$console" "$status"
     exit "$status"
@@ -256,7 +295,7 @@ printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' > "$l1_root/etc/hosts"
 # conntrack state, reject, fib for the host guard's `fib daddr type local`). crc32c_generic
 # is libcrc32c's soft dependency (modules.softdep), which modules.dep does not list. l1-init loads them in `load-order`. The tc ingress qdisc,
 # u32 filter and mirred action that join a VM to a pod's network namespace are only unpacked
-# (`on-demand`): the containerd case loads them just before it needs them, since with them
+# (`on-demand-tc`): the containerd case loads them just before it needs them, since with them
 # loaded from boot a console-flooding micro-VM made L1 hang under QEMU TCG (5 runs of 5; 0 of 3
 # without).
 module_path() { # <name>: path relative to $moddir, from modules.dep
@@ -269,7 +308,7 @@ unpack_module() { # <name> <list>: the module and its dependencies, each listed 
     deps=$(grep -E "^$top:" "$moddir/modules.dep" | cut -d: -f2)
     for rel in $(echo $deps | tr ' ' '\n' | tac) "$top"; do
         plain=$(basename "$rel" | sed -E 's/\.(xz|zst|gz)$//')
-        grep -qx "$plain" "$l1_root/lib/modules/load-order" "$l1_root/lib/modules/on-demand" && continue
+        grep -qx "$plain" "$l1_root"/lib/modules/{load-order,on-demand-*} && continue
         case "$rel" in
             *.xz) xz -dc "$moddir/$rel" ;;
             *.zst) zstd -qdc "$moddir/$rel" ;;
@@ -280,13 +319,18 @@ unpack_module() { # <name> <list>: the module and its dependencies, each listed 
     done
 }
 : > "$l1_root/lib/modules/load-order"
-: > "$l1_root/lib/modules/on-demand"
+: > "$l1_root/lib/modules/on-demand-tc"
+: > "$l1_root/lib/modules/on-demand-net"
 for want in kvm-amd tun veth crc32c_generic nf_tables nft_chain_nat nft_masq nft_nat nft_ct nft_reject_inet \
     nft_fib_inet; do
     unpack_module "$want" load-order
 done
 for want in sch_ingress cls_u32 act_mirred; do
-    unpack_module "$want" on-demand
+    unpack_module "$want" on-demand-tc
+done
+# virtio-net for L1's user-mode NIC, loaded only by the case that uses it (e2b-sdk-vm-tier).
+for want in virtio_pci virtio_net; do
+    unpack_module "$want" on-demand-net
 done
 l1_initrd="$work/l1-initrd.cpio"
 make_initramfs "$l1_root" "$l1_initrd"
@@ -362,11 +406,27 @@ l1_state() { # <boot number> <timeout pid>: at a hang, L1's vCPU as QEMU sees it
     kill "$reader" 2>/dev/null || true
 }
 
+# <n>: n distinct TCP ports of 127.0.0.1 that nothing listens on now.
+free_ports() {
+    python3 -c 'import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
+}
+
 boot_l1() { # <boot number> <tests to leave out, comma-separated>: sets boot_status
     local boot=$1 skip=$2 cmdline=$base_cmdline start=$SECONDS
     [ -z "$skip" ] || cmdline+=" mvm.skip=$skip"
+    # L1's user-mode NIC (QEMU's slirp; `restrict=on`: L1 reaches neither L0 nor the outside):
+    # two free ports of L0's 127.0.0.1 forwarded to the same ports of L1 (10.0.2.15, set up by
+    # the case that uses them, e2b-sdk-vm-tier), named on L1's command line (mvm.l0ports=).
+    local l0_ports forwards="" port
+    l0_ports=$(free_ports 2) || die "python3 could not pick free ports"
+    for port in $l0_ports; do forwards+=",hostfwd=tcp:127.0.0.1:$port-:$port"; done
+    cmdline+=" mvm.l0ports=${l0_ports// /,}"
     log "boot $boot of L1 (timeout ${timeout_s} s, silence limit ${stall_s} s); console follows"
-    local offset size=-1 changed=$SECONDS now up=0 runner
+    local offset size=-1 changed=$SECONDS now up=0 runner watcher
     offset=$(stat -c %s "$console")
     rm -f "$monitor.in" "$monitor.out"
     mkfifo "$monitor.in" "$monitor.out"
@@ -374,9 +434,12 @@ boot_l1() { # <boot number> <tests to leave out, comma-separated>: sets boot_sta
     timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
         -accel tcg,thread=multi -cpu max -m 4G -smp 1 -nographic -no-reboot \
         -kernel "$l1_kernel" -initrd "$l1_initrd" -append "$cmdline" \
+        -netdev "user,id=n0,restrict=on$forwards" -device virtio-net-pci,netdev=n0 \
         -chardev pipe,id=monitor,path="$monitor" -mon chardev=monitor,mode=readline < /dev/null \
         > >(sed -u 's/\r$//' | tee -a "$console") 2>&1 &
     runner=$!
+    e2b_watch "$runner" "$offset" &
+    watcher=$!
     while kill -0 "$runner" 2>/dev/null; do
         sleep 5
         now=$(stat -c %s "$console")
@@ -402,6 +465,7 @@ boot_l1() { # <boot number> <tests to leave out, comma-separated>: sets boot_sta
     set +e
     wait "$runner"
     boot_status=$?
+    wait "$watcher"
     set -e
     sleep 1 # the console pipe drains
     echo "nested: BENCH QEMU start -> L1 end (boot $boot) = $((SECONDS - start)) s [nested TCG, not hardware]" >> "$console"

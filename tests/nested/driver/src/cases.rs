@@ -9,6 +9,7 @@ use serde_json::json;
 mod cgroup_v2;
 mod containerd;
 mod dns_egress;
+mod e2b;
 mod images;
 mod ports;
 mod snapshots;
@@ -143,6 +144,10 @@ pub const CASES: &[Case] = &[
         name: "image-from-oci-archive-vm-tier",
         run: images::image_in_the_vm_tier,
     },
+    Case {
+        name: "e2b-sdk-vm-tier",
+        run: e2b::e2b_sdk_vm_tier,
+    },
     // Last: it loads the tc modules for its pod network (see run.sh's on-demand modules).
     Case {
         name: "containerd-shim-vm-tier",
@@ -170,6 +175,7 @@ pub struct Ctx {
     scratch: PathBuf,
     echo: bool,
     extra_cmdline: String,
+    l0_ports: Vec<u16>,
     bench: Vec<(String, String)>,
 }
 
@@ -205,6 +211,7 @@ impl Ctx {
             scratch: args.scratch.clone(),
             echo: args.echo_console,
             extra_cmdline: args.extra_cmdline.clone(),
+            l0_ports: args.l0_ports.clone(),
             bench: Vec::new(),
         })
     }
@@ -1249,6 +1256,8 @@ struct ManagerDirs {
     cgroup_parent: String,
     /// More environment for `mvm` and `mvmd` (e.g. MVM_CONSOLE_LIMIT).
     env: Vec<(String, String)>,
+    /// More arguments for `mvmd` (e.g. `--tcp ADDR`).
+    mvmd_args: Vec<String>,
 }
 
 impl ManagerDirs {
@@ -1261,6 +1270,7 @@ impl ManagerDirs {
             root,
             cgroup_parent: format!("mvm-nested-{tag}"),
             env: Vec::new(),
+            mvmd_args: Vec::new(),
         })
     }
 
@@ -2084,6 +2094,32 @@ fn guest_without_agent(ctx: &mut Ctx) -> Outcome {
     }
 }
 
+/// Loads a group of kernel modules run.sh unpacked into L1 without loading them at boot
+/// (listed in `/lib/modules/on-demand-<group>`, dependencies first): `tc` (tc's ingress qdisc,
+/// u32 filter and mirred action) and `net` (virtio-net for L1's user-mode NIC). Nothing to do
+/// without the list (direct mode: the host's tools load what they need).
+fn load_on_demand_modules(group: &str) -> Result<(), String> {
+    let Ok(list) = std::fs::read_to_string(format!("/lib/modules/on-demand-{group}")) else {
+        return Ok(());
+    };
+    for module in list.lines().filter(|l| !l.is_empty()) {
+        let loaded = Path::new("/sys/module")
+            .join(module.trim_end_matches(".ko").replace('-', "_"))
+            .exists();
+        if loaded {
+            continue;
+        }
+        let status = std::process::Command::new("insmod")
+            .arg(Path::new("/lib/modules").join(module))
+            .status()
+            .map_err(|e| format!("insmod {module}: {e}"))?;
+        if !status.success() {
+            return Err(format!("insmod {module}: {status}"));
+        }
+    }
+    Ok(())
+}
+
 /// Exit status of `mvm` when mvm itself (not the sandboxed command) failed.
 const EXIT_MVM_FAILED: u8 = 125;
 
@@ -2095,6 +2131,7 @@ fn start_mvmd(ctx: &Ctx, dirs: &ManagerDirs) -> Result<(Daemon, String), String>
     daemon
         .arg("--socket")
         .arg(&socket)
+        .args(&dirs.mvmd_args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());

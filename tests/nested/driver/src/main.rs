@@ -69,6 +69,11 @@ pub struct Args {
     /// Extra text for every micro-VM kernel command line (e.g. `noxsave`).
     #[arg(long, default_value = "")]
     pub extra_cmdline: String,
+    /// Ports of L1's user-mode NIC (10.0.2.15) that QEMU forwards from the same ports of L0's
+    /// 127.0.0.1, comma-separated (run.sh passes them in nested mode; `e2b-sdk-vm-tier` listens
+    /// on them for the SDK smoke run.sh runs on L0).
+    #[arg(long, value_delimiter = ',')]
+    pub l0_ports: Vec<u16>,
     /// Scratch directory for VM configs and API sockets.
     #[arg(long, default_value = "/tmp/mvm-nested")]
     pub scratch: PathBuf,

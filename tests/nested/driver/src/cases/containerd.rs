@@ -11,7 +11,7 @@ use mvm_testkit::containerd::{Containerd, ContainerdOptions, PodNetwork};
 use mvm_testkit::cri::{run_pod, Cri};
 use mvm_testkit::text;
 
-use super::{ms, Ctx, Outcome, Verdict};
+use super::{load_on_demand_modules, ms, Ctx, Outcome, Verdict};
 
 /// A file L1 binds into a container, as Kubernetes does /etc/hosts.
 const HOSTS: &str = "10.0.0.1 pod\n";
@@ -129,7 +129,7 @@ pub fn shim_vm_tier(ctx: &mut Ctx) -> Outcome {
     // The pod's network namespace as CNI leaves it: the guest takes over its eth0 (address
     // and MAC, frames redirected through the VM's tap) and reaches the host side; after, the
     // namespace holds only its own interfaces again.
-    load_on_demand_modules()?;
+    load_on_demand_modules("tc")?;
     let net = PodNetwork::create("vm", 42)?;
     let started = Instant::now();
     cd.run_in_pod_network("vm-podnet", &[], &net)?;
@@ -158,7 +158,7 @@ pub fn cri_vm_tier(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("containerd needs root".into()));
     }
-    load_on_demand_modules()?;
+    load_on_demand_modules("tc")?;
     let bin_dir = ctx.vmm.parent().unwrap_or(Path::new("/"));
     let artifacts = ctx.vmlinux.parent().unwrap_or(Path::new("/"));
     let started = Instant::now();
@@ -197,29 +197,4 @@ pub fn cri_vm_tier(ctx: &mut Ctx) -> Outcome {
         ));
     }
     Ok(Verdict::Pass)
-}
-
-/// Loads the kernel modules run.sh unpacked into L1 without loading them at boot (listed in
-/// `/lib/modules/on-demand`, dependencies first): tc's ingress qdisc, u32 filter and mirred
-/// action. Nothing to do without the list (direct mode: tc has modprobe load them).
-fn load_on_demand_modules() -> Result<(), String> {
-    let Ok(list) = std::fs::read_to_string("/lib/modules/on-demand") else {
-        return Ok(());
-    };
-    for module in list.lines().filter(|l| !l.is_empty()) {
-        let loaded = Path::new("/sys/module")
-            .join(module.trim_end_matches(".ko").replace('-', "_"))
-            .exists();
-        if loaded {
-            continue;
-        }
-        let status = std::process::Command::new("insmod")
-            .arg(Path::new("/lib/modules").join(module))
-            .status()
-            .map_err(|e| format!("insmod {module}: {e}"))?;
-        if !status.success() {
-            return Err(format!("insmod {module}: {status}"));
-        }
-    }
-    Ok(())
 }

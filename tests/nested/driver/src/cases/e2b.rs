@@ -1,0 +1,235 @@
+//! The official `e2b` Python SDK against an mvmd of the vm tier. L1 has no Python, so the SDK
+//! runs on L0: this case starts mvmd (default tier `vm`, a TCP listener), prints
+//! `nested: E2B-READY <api port> <verdict port> <token>`, and run.sh, which watches the console,
+//! runs `tests/nested/e2b_smoke.py` against it (create, commands.run with a stdout callback,
+//! CommandExitException, files write/read/list, kill) and sends the smoke's verdict back to the
+//! verdict port. In nested mode both ports are on L1's user-mode NIC (10.0.2.15), forwarded by
+//! QEMU from the same ports of L0's 127.0.0.1 (`--l0-ports`); in direct mode they are free ports
+//! of 127.0.0.1. The case fails when the smoke fails, when no verdict comes (run.sh did not run
+//! it), when the sandbox was not a micro-VM (its `uname -r` is not the guest kernel's), or when
+//! anything is left behind.
+
+use std::io::{ErrorKind, Read};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use mvm_testkit::ports::free_local_port;
+
+use super::{load_on_demand_modules, Ctx, ManagerDirs, Mode, MvmdSession, Outcome, Verdict};
+
+/// L1's address on QEMU's user-mode network (QEMU forwards L0's ports to it).
+const L1_NIC_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// From the ready line to the smoke's verdict: Python start-up on a busy L0, a vm-tier create
+/// and a handful of calls, each slow under QEMU TCG.
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Reading the verdict once the smoke has connected.
+const VERDICT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The SDK smoke through mvmd's `/e2b` in the vm tier, judged by its verdict.
+pub fn e2b_sdk_vm_tier(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let nic = match ctx.mode {
+        Mode::Nested => Some(L1Nic::up()?),
+        Mode::Direct => None,
+    };
+    let (addr, api_port, verdict_port) = match (&nic, ctx.l0_ports.as_slice()) {
+        (Some(_), &[api, verdict]) => (L1_NIC_ADDR, api, verdict),
+        (Some(_), ports) => {
+            return Err(format!(
+                "--l0-ports should name the two ports QEMU forwards to L1 (run.sh passes them), \
+                 got {ports:?}"
+            ))
+        }
+        (None, _) => (Ipv4Addr::LOCALHOST, 0, 0),
+    };
+    let verdict = TcpListener::bind((addr, verdict_port))
+        .map_err(|e| format!("listening for the verdict on {addr}:{verdict_port}: {e}"))?;
+    let verdict_port = verdict.local_addr().map_err(|e| e.to_string())?.port();
+    let api_port = if api_port == 0 {
+        free_local_port()
+    } else {
+        api_port
+    };
+    let mut dirs = ManagerDirs::new(ctx, "e2b")?;
+    let api = SocketAddr::from((addr, api_port));
+    dirs.mvmd_args = vec![
+        "--tcp".into(),
+        api.to_string(),
+        "--isolation".into(),
+        "vm".into(),
+    ];
+    let token_file = dirs.root.join("state/token");
+    let session = MvmdSession::start_in(ctx, dirs)?;
+    let checked = (|| {
+        let token = std::fs::read_to_string(&token_file)
+            .map_err(|e| format!("mvmd's token {}: {e}", token_file.display()))?;
+        println!(
+            "nested: E2B-READY {api_port} {verdict_port} {}",
+            token.trim()
+        );
+        let report = await_verdict(&verdict)?;
+        let figure = judge(&report, &ctx.release)?;
+        let left = session.list(ctx)?;
+        if !left.is_empty() {
+            return Err(format!(
+                "the SDK's kill left sandboxes listed: {}",
+                serde_json::Value::Array(left)
+            ));
+        }
+        Ok(figure)
+    })();
+    let (checked, figure) = match checked {
+        Ok(figure) => (Ok(()), Some(figure)),
+        Err(why) => (Err(why), None),
+    };
+    let outcome = session.finish(ctx, checked);
+    drop(nic);
+    if let (Ok(_), Some(ms)) = (&outcome, figure) {
+        ctx.record(
+            "vm tier via the e2b Python SDK on L0: Sandbox.create -> first commands.run stdout",
+            format!("{ms} ms"),
+        );
+    }
+    outcome
+}
+
+/// Waits for the smoke to connect to `listener` and returns what it sent.
+fn await_verdict(listener: &TcpListener) -> Result<String, String> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("verdict listener: {e}"))?;
+    let deadline = Instant::now() + VERDICT_TIMEOUT;
+    let mut stream: TcpStream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                return Err(format!(
+                    "no verdict from the e2b SDK smoke within {} s of E2B-READY: it runs on L0, \
+                     started by tests/nested/run.sh when it sees that line (see \
+                     target/nested/e2b-smoke.log)",
+                    VERDICT_TIMEOUT.as_secs()
+                ))
+            }
+            Err(e) => return Err(format!("accepting the verdict: {e}")),
+        }
+    };
+    stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(VERDICT_READ_TIMEOUT)))
+        .map_err(|e| format!("verdict stream: {e}"))?;
+    let mut report = String::new();
+    stream
+        .read_to_string(&mut report)
+        .map_err(|e| format!("reading the verdict: {e} (got {report:?})"))?;
+    Ok(report)
+}
+
+/// Checks the smoke's report; returns its create → first output figure (ms).
+fn judge(report: &str, guest_release: &str) -> Result<String, String> {
+    let value = |key: &str| {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+    };
+    let steps: Vec<&str> = report
+        .lines()
+        .filter_map(|l| l.strip_prefix("step "))
+        .collect();
+    if value("verdict") != Some("pass") {
+        let why = if steps.is_empty() {
+            report.trim().to_owned()
+        } else {
+            steps.join("; ")
+        };
+        return Err(format!("the e2b SDK smoke failed: {why}"));
+    }
+    let kernel = value("guest-kernel").unwrap_or_default();
+    if kernel != guest_release {
+        return Err(format!(
+            "the SDK's sandbox ran kernel {kernel:?}, not the micro-VM kernel {guest_release:?}: \
+             not the vm tier"
+        ));
+    }
+    value("first-output-ms")
+        .filter(|ms| ms.parse::<u64>().is_ok())
+        .map(str::to_owned)
+        .ok_or_else(|| format!("the smoke's report has no first-output-ms: {report:?}"))
+}
+
+/// L1's virtio-net interface on QEMU's user-mode network, up as 10.0.2.15/24 while it lives
+/// (run.sh only unpacks its driver: the other cases run without it); down and without its
+/// address again on drop.
+struct L1Nic(String);
+
+impl L1Nic {
+    fn up() -> Result<Self, String> {
+        load_on_demand_modules("net")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let name = loop {
+            if let Some(name) = virtio_net_interface() {
+                break name;
+            }
+            if Instant::now() > deadline {
+                return Err(
+                    "no virtio_net interface in L1 10 s after loading virtio-net: \
+                            does run.sh give QEMU `-device virtio-net-pci`?"
+                        .into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let nic = L1Nic(name);
+        nic.ip(&["addr", "add", &format!("{L1_NIC_ADDR}/24"), "dev", &nic.0])?;
+        nic.ip(&["link", "set", &nic.0, "up"])?;
+        Ok(nic)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+}
+
+impl Drop for L1Nic {
+    fn drop(&mut self) {
+        for args in [
+            ["addr", "flush", "dev", &self.0],
+            ["link", "set", &self.0, "down"],
+        ] {
+            if let Err(why) = self.ip(&args) {
+                println!("nested: INFO restoring L1's NIC: {why}");
+            }
+        }
+    }
+}
+
+/// The name of the network interface whose driver is virtio_net.
+fn virtio_net_interface() -> Option<String> {
+    std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .flatten()
+        .find(|e| {
+            std::fs::read_link(e.path().join("device/driver"))
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n == "virtio_net"))
+                .unwrap_or(false)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+}

@@ -1,0 +1,129 @@
+"""The official `e2b` Python SDK against an mvmd of the vm tier: run by tests/nested/run.sh on
+L0 when the nested case `e2b-sdk-vm-tier` prints `nested: E2B-READY <api port> <verdict port>
+<token>`, configured only by E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY. Creates a sandbox,
+runs commands (stdout callback, exit code, CommandExitException), writes, reads and lists files,
+kills it, and sends its verdict back to the case over TCP (`127.0.0.1:<verdict port>`, given as
+the only argument), one `key value` line each:
+
+    verdict pass|fail
+    first-output-ms <create -> first stdout callback, ms>   (on pass)
+    guest-kernel <uname -r in the sandbox>                  (on pass)
+    step ok|FAIL <name>[: <the SDK's error>]                (one per step run)
+
+The steps stop at the first failure; the sandbox is killed whatever happened."""
+
+import socket
+import sys
+import time
+import traceback
+
+# Under QEMU TCG a vm-tier create takes seconds and every call is slow: generous limits.
+REQUEST_TIMEOUT_S = 180
+COMMAND_TIMEOUT_S = 120
+
+lines = []
+facts = {}
+
+
+def expect(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+def smoke():
+    """Every step in order; returns True when all passed (each one is in `lines`)."""
+    try:
+        from e2b import CommandExitException, Sandbox, SandboxQuery
+    except Exception as e:
+        lines.append(f"step FAIL import e2b: {type(e).__name__}: {e} (run scripts/deps.sh)")
+        return False
+    run_id = str(time.time_ns())
+    sbx = None
+    killed = False
+
+    def create():
+        nonlocal sbx
+        started = time.perf_counter()
+        sbx = Sandbox.create(
+            template="base",
+            timeout=600,
+            metadata={"suite": "nested", "run": run_id},
+            request_timeout=REQUEST_TIMEOUT_S,
+        )
+        first = []
+        out = []
+        r = sbx.commands.run(
+            "uname -r",
+            on_stdout=lambda s: (first.append(time.perf_counter()), out.append(s)),
+            timeout=COMMAND_TIMEOUT_S,
+        )
+        expect(r.exit_code == 0 and first, (r.exit_code, r.stderr))
+        expect("".join(out) == r.stdout, (out, r.stdout))
+        facts["first-output-ms"] = f"{(first[0] - started) * 1e3:.0f}"
+        facts["guest-kernel"] = r.stdout.strip()
+
+    def exit_code():
+        try:
+            sbx.commands.run("echo bad >&2; exit 3", timeout=COMMAND_TIMEOUT_S)
+        except CommandExitException as e:
+            expect(e.exit_code == 3 and "bad" in e.stderr, (e.exit_code, e.stderr))
+            return
+        raise AssertionError("no CommandExitException")
+
+    def files():
+        sbx.files.write("/tmp/e2b/a.txt", "content")
+        expect(sbx.files.read("/tmp/e2b/a.txt") == "content", "read back")
+        blob = bytes(range(256)) * 256
+        sbx.files.write("/tmp/e2b/blob", blob)
+        expect(bytes(sbx.files.read("/tmp/e2b/blob", format="bytes")) == blob, "bytes")
+        names = sorted(e.name for e in sbx.files.list("/tmp/e2b"))
+        expect(names == ["a.txt", "blob"], names)
+        r = sbx.commands.run("cat /tmp/e2b/a.txt", timeout=COMMAND_TIMEOUT_S)
+        expect(r.stdout == "content", repr(r.stdout))
+
+    def kill():
+        nonlocal killed
+        killed = sbx.kill() is not False
+        expect(killed, "kill returned False")
+        left = Sandbox.list(query=SandboxQuery(metadata={"run": run_id})).next_items()
+        expect(left == [], left)
+
+    steps = [
+        ("Sandbox.create, commands.run with an on_stdout callback", create),
+        ("a non-zero exit is CommandExitException with the code", exit_code),
+        ("files.write, read, list; the file seen by a command", files),
+        ("kill, then the sandbox is not listed", kill),
+    ]
+    try:
+        for name, check in steps:
+            try:
+                check()
+            except Exception as e:
+                lines.append(f"step FAIL {name}: {type(e).__name__}: {e}")
+                print(traceback.format_exc(), file=sys.stderr)
+                return False
+            lines.append(f"step ok {name}")
+        return True
+    finally:
+        if sbx is not None and not killed:
+            try:
+                sbx.kill()
+            except Exception as e:
+                print(f"killing the sandbox after a failure: {e}", file=sys.stderr)
+
+
+def main():
+    host, port = sys.argv[1].rsplit(":", 1)
+    passed = smoke()
+    report = [f"verdict {'pass' if passed else 'fail'}"]
+    if passed:
+        report += [f"{k} {v}" for k, v in facts.items()]
+    report += lines
+    text = "\n".join(report) + "\n"
+    print(text, end="")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(text.encode())
+
+
+if __name__ == "__main__":
+    main()
