@@ -27,6 +27,7 @@ impl ApiError {
             Error::Invalid(_) | Error::TierUnavailable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::PortUnreachable(_) => StatusCode::BAD_GATEWAY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Quota(_) => StatusCode::TOO_MANY_REQUESTS,

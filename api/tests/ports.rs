@@ -50,14 +50,7 @@ fn fetch(target: &str) -> String {
 }
 
 fn serve_in(d: &Daemon, s: &Sandbox) {
-    block_on(async {
-        let detached = format!(
-            "setsid sh -c '{}' </dev/null >/dev/null 2>&1 & echo started",
-            httpd_command(GREETING, 8080)
-        );
-        let out = d.client().exec(&s.id, &sh(&detached)).await.expect("httpd");
-        assert_eq!(out.exit.exit_code, Some(0), "{out:?}");
-    });
+    common::detach(&d.client(), &s.id, &httpd_command(GREETING, 8080));
 }
 
 #[test]

@@ -246,6 +246,27 @@ impl Client {
         .await
     }
 
+    /// `METHOD /v1/sandboxes/{id}/ports/{port}{path}` (`path` with its leading `/` and
+    /// query): a request to port `port` of sandbox `id`, through mvmd's port proxy. Returns
+    /// the answer's status and body whatever the status: the sandbox server's, or mvmd's
+    /// JSON error (404, 409, 422, 502).
+    pub async fn port_request(
+        &self,
+        id: &str,
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let request = self.request(
+            method,
+            &format!("/v1/sandboxes/{id}/ports/{port}{path}"),
+            "application/octet-stream",
+            body,
+        );
+        Ok(send_collect(&self.endpoint, request).await?)
+    }
+
     /// `POST /v1/sandboxes/{id}/pause` or `/resume`.
     pub async fn set_paused(&self, id: &str, paused: bool) -> Result<Sandbox, ClientError> {
         let verb = if paused { "pause" } else { "resume" };

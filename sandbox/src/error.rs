@@ -46,6 +46,10 @@ pub enum Error {
     /// The operator does not allow this caller what it asked for (e.g. a tier).
     #[error("{0}")]
     Forbidden(String),
+    /// A port of a sandbox did not take the port proxy's connection (nothing listens, or
+    /// it did not accept in time).
+    #[error("{0}")]
+    PortUnreachable(String),
     /// The sandbox's agent failed or is unreachable.
     #[error("sandbox agent: {0}")]
     Agent(#[from] agent::ClientError),
@@ -68,6 +72,7 @@ impl Error {
             Error::TierUnavailable(_) => "isolation_unavailable",
             Error::Unauthorized => "unauthorized",
             Error::Forbidden(_) => "forbidden",
+            Error::PortUnreachable(_) => "port_unreachable",
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::Quota(_) => "quota_exceeded",

@@ -49,6 +49,7 @@ impl From<Error> for ttrpc::Error {
                 | mvm_sandbox::Error::BadRequest(_)
                 | mvm_sandbox::Error::TooLarge(_) => Code::INVALID_ARGUMENT,
                 mvm_sandbox::Error::NotFound(_) => Code::NOT_FOUND,
+                mvm_sandbox::Error::PortUnreachable(_) => Code::UNAVAILABLE,
                 mvm_sandbox::Error::Quota(_) => Code::RESOURCE_EXHAUSTED,
                 mvm_sandbox::Error::Unauthorized | mvm_sandbox::Error::Forbidden(_) => {
                     Code::PERMISSION_DENIED

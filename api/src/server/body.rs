@@ -18,15 +18,14 @@ use crate::error::ApiError;
 use mvm_sandbox::bounds::{Bounds, REQUEST_BODY_LIMIT_ENV, UPLOAD_LIMIT_ENV};
 use mvm_sandbox::Error;
 
-/// Whether a call is a file upload, whose body is the file (`PUT /v1/sandboxes/{id}/files`)
-/// or an image archive (`POST /v1/images/load`).
+/// Whether a call is an upload, whose body is a file (`PUT /v1/sandboxes/{id}/files`), an
+/// image archive (`POST /v1/images/load`) or passed on to a sandbox's server (the port
+/// proxy, any method).
 fn is_upload(method: &Method, path: &str) -> bool {
-    (*method == Method::PUT
-        && matches!(
-            path.split('/').collect::<Vec<_>>().as_slice(),
-            ["", "v1", "sandboxes", _, "files"]
-        ))
+    let parts = path.split('/').collect::<Vec<_>>();
+    (*method == Method::PUT && matches!(parts.as_slice(), ["", "v1", "sandboxes", _, "files"]))
         || (*method == Method::POST && path == "/v1/images/load")
+        || matches!(parts.as_slice(), ["", "v1", "sandboxes", _, "ports", _, ..])
 }
 
 /// The error for a body of more than `limit` bytes on a call of that kind.
@@ -126,6 +125,8 @@ mod tests {
         assert!(!is_upload(&Method::GET, "/v1/sandboxes/abc/files"));
         assert!(!is_upload(&Method::PUT, "/v1/sandboxes/abc/exec"));
         assert!(!is_upload(&Method::PUT, "/v1/sandboxes/files"));
+        assert!(is_upload(&Method::POST, "/v1/sandboxes/abc/ports/80/x"));
+        assert!(is_upload(&Method::GET, "/v1/sandboxes/abc/ports/80"));
     }
 
     #[tokio::test]

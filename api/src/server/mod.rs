@@ -5,6 +5,7 @@ pub(crate) mod body;
 pub(crate) mod exec;
 mod extract;
 mod images;
+mod port_proxy;
 pub mod templates;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::routing::any;
 use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -43,7 +45,8 @@ pub struct AppState {
     info(title = "mvmd", description = "mvm sandbox API: micro-VM (vm) or jailed-process (jail) sandboxes."),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
-    components(schemas(ErrorBody, ExecEvent, WsControl))
+    components(schemas(ErrorBody, ExecEvent, WsControl)),
+    paths(port_proxy::proxy)
 )]
 struct ApiDoc;
 
@@ -82,6 +85,13 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
         .routes(routes!(warm_template))
         .routes(routes!(images::list_images, images::pull_image))
         .routes(routes!(images::load_images))
+        // Any method, any path after the port (the document names it `{path}`).
+        .route("/v1/sandboxes/{id}/ports/{port}", any(port_proxy::proxy))
+        .route("/v1/sandboxes/{id}/ports/{port}/", any(port_proxy::proxy))
+        .route(
+            "/v1/sandboxes/{id}/ports/{port}/{*path}",
+            any(port_proxy::proxy),
+        )
         .routes(routes!(metrics))
         .routes(routes!(healthz))
         .routes(routes!(openapi_json))

@@ -30,6 +30,14 @@ pub fn sh(script: &str) -> ExecRequest {
     }
 }
 
+/// Starts `command` in sandbox `id` in its own session, its output discarded, and returns
+/// once it started (e.g. a server the test then talks to).
+pub fn detach(client: &Client, id: &str, command: &str) {
+    let detached = format!("setsid sh -c '{command}' </dev/null >/dev/null 2>&1 & echo started");
+    let out = block_on(client.exec(id, &sh(&detached))).expect("a detached command");
+    assert_eq!(out.exit.exit_code, Some(0), "{out:?}");
+}
+
 /// The status, code and message of an API error answer; panics on any other error.
 pub fn api_error(e: &ClientError) -> (u16, String, String) {
     match e {

@@ -7,26 +7,12 @@ use agent::AgentClient;
 
 use super::{lock, Live, Manager};
 use crate::error::{Error, Result};
-use crate::model::{ExecRequest, ExecResult, Isolation, SandboxState, TtySize};
+use crate::model::{ExecRequest, ExecResult, Isolation, TtySize};
 
 impl Manager {
     /// The agent of a running sandbox, connecting (again) when needed.
     pub async fn agent(&self, tenant: &str, id: &str) -> Result<AgentClient> {
-        let row = self.row(tenant, id)?;
-        match row.sandbox.state {
-            SandboxState::Running => {}
-            SandboxState::Paused => {
-                return Err(Error::Conflict(format!(
-                    "sandbox {id} is paused; resume it first"
-                )))
-            }
-            other => {
-                return Err(Error::Conflict(format!(
-                    "sandbox {id} is {}",
-                    other.as_str()
-                )))
-            }
-        }
+        let row = self.running(tenant, id)?;
         let live = self.live(id);
         let mut agent = live.agent.lock().await;
         if let Some(c) = agent.as_ref() {

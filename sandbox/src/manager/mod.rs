@@ -29,6 +29,7 @@ mod lock;
 pub mod net;
 mod network;
 mod pod;
+mod port_proxy;
 mod reconcile;
 pub mod rootfs;
 mod snapshot;
@@ -428,6 +429,21 @@ impl Manager {
         match self.inner.db.sandbox(id)? {
             Some(row) if row.sandbox.tenant == tenant => Ok(row),
             _ => Err(Error::NotFound(format!("no sandbox {id:?}"))),
+        }
+    }
+
+    /// The row of `tenant`'s sandbox `id` when it runs; 409 saying what it is otherwise.
+    fn running(&self, tenant: &str, id: &str) -> Result<SandboxRow> {
+        let row = self.row(tenant, id)?;
+        match row.sandbox.state {
+            SandboxState::Running => Ok(row),
+            SandboxState::Paused => Err(Error::Conflict(format!(
+                "sandbox {id} is paused; resume it first"
+            ))),
+            other => Err(Error::Conflict(format!(
+                "sandbox {id} is {}",
+                other.as_str()
+            ))),
         }
     }
 

@@ -6,9 +6,10 @@
 //!
 //! This file makes and removes a sandbox's network; [`rules`] writes the nftables rulesets
 //! (namespace policy, host guard), [`egress`] keeps the host-wide `egress: all` state (forwarding,
-//! masquerade), [`ports`] publishes host ports to the sandbox and [`pod`] joins a container
-//! runtime's pod namespace instead.
+//! masquerade), [`ports`] publishes host ports to the sandbox, [`connect`] opens the port proxy's
+//! connections from inside it and [`pod`] joins a container runtime's pod namespace instead.
 
+pub mod connect;
 mod dns;
 mod egress;
 mod pod;

@@ -33,7 +33,8 @@ const BLOCKED_V4: &[&str] = &[
 
 /// The namespace's guard: nothing leaves with a source that is not the sandbox's own, no
 /// IPv6 at all (a sandbox has no IPv6 address), and in the vm tier the guest cannot reach
-/// the namespace itself (its gateway is only for routing).
+/// the namespace itself (its gateway is only for routing); only the replies of connections
+/// opened to it from the namespace (mvmd's port proxy) come back.
 fn namespace_guard(isolation: Isolation, a: &Addresses) -> String {
     let mut rules = format!(
         "table inet mvm-guard {{
@@ -47,6 +48,7 @@ fn namespace_guard(isolation: Isolation, a: &Addresses) -> String {
     if isolation == Isolation::Vm {
         rules.push_str(&format!(
             "  chain input {{ type filter hook input priority -10;
+    iifname \"{TAP_IF}\" ct state established accept
     iifname \"{TAP_IF}\" drop
   }}
   chain forward {{ type filter hook forward priority -10;
@@ -257,6 +259,15 @@ pub(super) fn ruleset(
         } else {
             Default::default()
         };
+        // mvmd's port proxy connects to the guest from the namespace.
+        let proxy = if isolation == Isolation::Vm {
+            format!(
+                "    oifname \"{TAP_IF}\" ip daddr {} meta l4proto tcp accept\n",
+                a.guest
+            )
+        } else {
+            String::new()
+        };
         let (dns, dns_forward) = match dns {
             Some(d) => (
                 format!("    {}\n", dns_accept(a, d)),
@@ -269,7 +280,7 @@ pub(super) fn ruleset(
 {sets}{allowed}  chain output {{ type filter hook output priority 0; policy drop;
     oifname \"lo\" accept
     ct state established,related accept
-{dns}{jump}    reject
+{proxy}{dns}{jump}    reject
   }}
   chain forward {{ type filter hook forward priority 0; policy drop;
     ct state established,related accept
@@ -415,9 +426,17 @@ mod tests {
             "iifname \"tap0\" ip saddr != 10.213.0.14 drop",
             "iifname \"tap0\" meta nfproto ipv6 drop",
             "iifname \"tap0\" drop",
+            // The port proxy's connections from the namespace to the guest, and their replies.
+            "oifname \"tap0\" ip daddr 10.213.0.14 meta l4proto tcp accept",
+            "iifname \"tap0\" ct state established accept",
         ] {
             assert!(vm.contains(rule), "{rule} in {vm}");
         }
+        assert!(
+            vm.find("ct state established accept") < vm.find("iifname \"tap0\" drop"),
+            "{vm}"
+        );
+        assert!(!jail.contains("ct state established accept"), "{jail}");
         assert!(
             !ruleset(&spec(Egress::None, &[]), &[], Isolation::Vm, &a, None).contains("mvm-guard")
         );
