@@ -10,11 +10,14 @@ use std::path::Path;
 
 use common::{api_error, block_on, jail, sh, Daemon};
 use mvm_client::Client;
+use mvm_sandbox::image::METADATA_LIMIT;
 use mvm_sandbox::model::{CreateSandbox, PullImage};
-use mvm_testkit::registry::{busybox_layer, config_blob, layer, Entry, Registry};
+use mvm_testkit::registry::{
+    busybox_layer, config_blob, gzip, layer, oci_archive, sha256_digest, Auth, Entry, Registry,
+};
 use mvm_testkit::{root_or_skip, skip_or_fail_in_ci};
 
-fn registry_or_skip(test: &str, auth: Option<(&str, &str)>) -> Option<Registry> {
+fn registry_or_skip(test: &str, auth: Auth<'_>) -> Option<Registry> {
     match Registry::start(auth) {
         Ok(r) => Some(r),
         Err(why) => {
@@ -82,7 +85,7 @@ fn images_pulled_from_a_registry_run_in_jail_sandboxes() {
     if !root_or_skip(test) {
         return;
     }
-    let Some(registry) = registry_or_skip(test, None) else {
+    let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
         return;
     };
     let host = &registry.host;
@@ -196,7 +199,7 @@ fn refused_pulls_and_images_leave_nothing_in_the_cache() {
     if !root_or_skip(test) {
         return;
     }
-    let Some(registry) = registry_or_skip(test, None) else {
+    let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
         return;
     };
     let host = &registry.host;
@@ -326,7 +329,7 @@ fn a_full_disk_while_unpacking_leaves_no_image() {
     if !root_or_skip(test) {
         return;
     }
-    let Some(registry) = registry_or_skip(test, None) else {
+    let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
         return;
     };
     let host = &registry.host;
@@ -367,14 +370,23 @@ fn a_full_disk_while_unpacking_leaves_no_image() {
 }
 
 #[test]
-fn a_registry_with_basic_auth_needs_credentials() {
-    let test = "a_registry_with_basic_auth_needs_credentials";
+fn registries_with_basic_or_token_auth_need_credentials() {
+    let test = "registries_with_basic_or_token_auth_need_credentials";
     if !root_or_skip(test) {
         return;
     }
-    let Some(registry) = registry_or_skip(test, Some(("mvm", "s3cret"))) else {
-        return;
-    };
+    for auth in [Auth::Basic("mvm", "s3cret"), Auth::Token("mvm", "s3cret")] {
+        let Some(registry) = registry_or_skip(test, auth) else {
+            return;
+        };
+        needs_credentials(&registry, auth);
+    }
+}
+
+/// Pulls from a registry that lets only user `mvm` with password `s3cret` in: refused
+/// anonymously and with a wrong password (a 403 naming the registry, an empty cache, the
+/// password nowhere in mvmd's state or log), then pulled and run.
+fn needs_credentials(registry: &Registry, auth: Auth<'_>) {
     let host = &registry.host;
     let app = registry.push_image("private/app", "v1", &[busybox_layer()], app_config());
     let d = Daemon::start();
@@ -386,14 +398,23 @@ fn a_registry_with_basic_auth_needs_credentials() {
             .await
             .expect_err("anonymous");
         let (s, c, message) = api_error(&e);
-        assert_eq!((s, c.as_str()), (403, "forbidden"), "{message}");
+        assert_eq!((s, c.as_str()), (403, "forbidden"), "{auth:?}: {message}");
+        assert!(
+            message.contains(host.as_str()) && message.contains("needs credentials"),
+            "{auth:?}: {message}"
+        );
         let wrong = PullImage {
             reference: reference.clone(),
             username: Some("mvm".into()),
-            password: Some("wrong".into()),
+            password: Some("wrong-password".into()),
         };
-        let (s, _, message) = api_error(&admin.pull_image(&wrong).await.expect_err("wrong"));
-        assert_eq!(s, 403, "{message}");
+        let (s, c, message) = api_error(&admin.pull_image(&wrong).await.expect_err("wrong"));
+        assert_eq!((s, c.as_str()), (403, "forbidden"), "{auth:?}: {message}");
+        assert!(
+            message.contains(host.as_str()) && message.contains("refused the credentials"),
+            "{auth:?}: {message}"
+        );
+        assert!(cache_entries(&d.state_dir()).is_empty());
         let right = PullImage {
             password: Some("s3cret".into()),
             ..wrong
@@ -410,4 +431,104 @@ fn a_registry_with_basic_auth_needs_credentials() {
         let (out, _) = run(&admin, req, "echo $GREETING").await;
         assert_eq!(out, "from-the-image\n");
     });
+    for password in ["s3cret", "wrong-password"] {
+        assert!(
+            !d.log().contains(password),
+            "{auth:?}: mvmd logged a password"
+        );
+        assert_eq!(
+            grep_tree(&d.state_dir(), password.as_bytes()),
+            Vec::<String>::new(),
+            "{auth:?}: a password was stored"
+        );
+    }
+}
+
+/// The files under `dir` that contain `needle`.
+fn grep_tree(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            todo.extend(
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        } else if meta.is_file()
+            && std::fs::read(&p).is_ok_and(|data| data.windows(needle.len()).any(|w| w == needle))
+        {
+            hits.push(p.display().to_string());
+        }
+    }
+    hits
+}
+
+#[test]
+fn an_image_config_over_the_limit_is_refused() {
+    let test = "an_image_config_over_the_limit_is_refused";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
+        return;
+    };
+    let host = &registry.host;
+    // A valid config, padded past the limit.
+    let padding = "x".repeat(METADATA_LIMIT as usize);
+    let big = config_blob(
+        serde_json::json!({"Env": ["PATH=/bin"], "Labels": {"padding": padding}}),
+        "amd64",
+    );
+    registry.push_image("big/config", "v1", &[busybox_layer()], big.clone());
+    // The same blobs under a manifest that says the config is 2 bytes long.
+    let busybox = gzip(&busybox_layer());
+    let understated = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256_digest(&big), "size": 2,
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": sha256_digest(&busybox), "size": busybox.len(),
+        }],
+    });
+    registry.push_raw(
+        "big/config",
+        "understated",
+        Vec::new(),
+        understated,
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    let d = Daemon::start();
+    let admin = d.client();
+    block_on(async {
+        for tag in ["v1", "understated"] {
+            let e = admin
+                .pull_image(&pull(&format!("{host}/big/config:{tag}")))
+                .await
+                .expect_err("a config over the limit");
+            let (s, c, message) = api_error(&e);
+            assert_eq!(
+                (s, c.as_str()),
+                (422, "invalid_argument"),
+                "{tag}: {message}"
+            );
+            assert!(message.contains("over mvm's limit"), "{tag}: {message}");
+        }
+        let archive = oci_archive("example.com/big/config:v1", &[busybox_layer()], &big);
+        let e = admin.load_images(archive).await.expect_err("load");
+        let (s, _, message) = api_error(&e);
+        assert_eq!(s, 422, "{message}");
+        assert!(message.contains("over mvm's limit"), "{message}");
+        assert!(admin.images().await.expect("list").is_empty());
+    });
+    assert!(cache_entries(&d.state_dir()).is_empty());
 }

@@ -8,7 +8,7 @@ use std::process::Stdio;
 mod common;
 
 use common::{serve, Env};
-use mvm_testkit::registry::{busybox_layer, config_blob, oci_archive, Registry};
+use mvm_testkit::registry::{busybox_layer, config_blob, oci_archive, Auth, Registry};
 use mvm_testkit::{root_or_skip, skip_or_fail_in_ci, text};
 
 fn check(env: &Env, host: Option<&str>, registry: &Registry, digest: &str) {
@@ -71,7 +71,7 @@ fn pull_and_run_images_daemonless_and_through_mvmd() {
     if !root_or_skip(test) {
         return;
     }
-    let registry = match Registry::start(None) {
+    let registry = match Registry::start(Auth::Anonymous) {
         Ok(r) => r,
         Err(why) => return skip_or_fail_in_ci(test, &why),
     };
@@ -105,24 +105,49 @@ fn pull_with_credentials_from_stdin() {
     if !root_or_skip(test) {
         return;
     }
-    let registry = match Registry::start(Some(("mvm", "s3cret"))) {
-        Ok(r) => r,
-        Err(why) => return skip_or_fail_in_ci(test, &why),
-    };
-    let config = config_blob(serde_json::json!({"Env": ["PATH=/bin"]}), "amd64");
-    let app = registry.push_image("private/app", "v1", &[busybox_layer()], config);
-    let env = Env::new();
-    let reference = format!("{}/private/app:v1", registry.host);
-    let out = env.run(&["pull", &reference]);
-    assert_eq!(out.status.code(), Some(125));
-    assert!(
-        text(&out.stderr).contains("credentials"),
-        "{}",
-        text(&out.stderr)
-    );
+    for auth in [Auth::Basic("mvm", "s3cret"), Auth::Token("mvm", "s3cret")] {
+        let registry = match Registry::start(auth) {
+            Ok(r) => r,
+            Err(why) => return skip_or_fail_in_ci(test, &why),
+        };
+        let config = config_blob(serde_json::json!({"Env": ["PATH=/bin"]}), "amd64");
+        let app = registry.push_image("private/app", "v1", &[busybox_layer()], config);
+        let env = Env::new();
+        let reference = format!("{}/private/app:v1", registry.host);
+        let out = env.run(&["pull", &reference]);
+        assert_eq!(out.status.code(), Some(125));
+        assert!(
+            text(&out.stderr).contains("needs credentials"),
+            "{auth:?}: {}",
+            text(&out.stderr)
+        );
+        for (password, code) in [("wrong-password", 125), ("s3cret", 0)] {
+            let out = pull_with_password(&env, &reference, password);
+            assert_eq!(
+                out.status.code(),
+                Some(code),
+                "{auth:?}: {}",
+                text(&out.stderr)
+            );
+            if code == 0 {
+                assert_eq!(text(&out.stdout).trim(), app.digest);
+            } else {
+                let stderr = text(&out.stderr);
+                assert!(
+                    stderr.contains("refused the credentials") && stderr.contains(&registry.host),
+                    "{auth:?}: {stderr}"
+                );
+                assert!(!stderr.contains(password), "{stderr}");
+            }
+        }
+    }
+}
+
+/// `mvm pull -u mvm REFERENCE` with `password` on its stdin.
+fn pull_with_password(env: &Env, reference: &str, password: &str) -> std::process::Output {
     let mut child = env
         .mvm()
-        .args(["pull", "-u", "mvm", &reference])
+        .args(["pull", "-u", "mvm", reference])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -132,11 +157,9 @@ fn pull_with_credentials_from_stdin() {
         .stdin
         .take()
         .expect("stdin")
-        .write_all(b"s3cret\n")
+        .write_all(format!("{password}\n").as_bytes())
         .expect("password");
-    let out = child.wait_with_output().expect("mvm pull -u");
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).trim(), app.digest);
+    child.wait_with_output().expect("mvm pull -u")
 }
 
 #[test]

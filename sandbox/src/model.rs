@@ -356,8 +356,9 @@ pub struct Image {
     pub config: ImageConfig,
 }
 
-/// `POST /v1/images` body: pull an image from its registry (admin only).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+/// `POST /v1/images` body: pull an image from its registry (admin only). Its `Debug` hides
+/// the password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PullImage {
     /// `[REGISTRY/]REPOSITORY[:TAG][@DIGEST]`; Docker Hub and `:latest` are the defaults.
@@ -368,6 +369,16 @@ pub struct PullImage {
     /// Password or access token for the registry; never stored.
     #[serde(default)]
     pub password: Option<String>,
+}
+
+impl std::fmt::Debug for PullImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullImage")
+            .field("reference", &self.reference)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "****"))
+            .finish()
+    }
 }
 
 /// `GET /v1/images` answer.

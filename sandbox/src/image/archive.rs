@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::unpack::relative;
-use super::{hex_of, mkdir_private, sha256_hex, Fetched, ImageStore, Layer};
+use super::{hex_of, mkdir_private, read_metadata, sha256_hex, Fetched, ImageStore, Layer};
 use crate::error::{Error, Result};
 use crate::model::Image;
 
@@ -85,9 +85,14 @@ impl Extracted {
         )))
     }
 
+    /// Whether the archive has a file at `rel`.
+    fn has(&self, rel: &str) -> bool {
+        self.path(rel).is_ok()
+    }
+
+    /// The JSON document at `rel` (at most [`super::METADATA_LIMIT`] bytes).
     fn read(&self, rel: &str) -> Result<Vec<u8>> {
-        let p = self.path(rel)?;
-        std::fs::read(&p).map_err(|e| Error::host(format!("reading {}", p.display()), e))
+        read_metadata(&self.path(rel)?, &format!("the archive's {rel}"))
     }
 
     /// The blob `digest` of an OCI layout, checked against its digest.
@@ -253,7 +258,8 @@ impl ImageStore {
         };
         let mut images = Vec::new();
         let mut fetched = Vec::new();
-        if let Ok(text) = extracted.read("manifest.json") {
+        if extracted.has("manifest.json") {
+            let text = extracted.read("manifest.json")?;
             let saved: Vec<SavedImage> = serde_json::from_slice(&text).map_err(|e| {
                 Error::Invalid(format!(
                     "the archive's manifest.json is not docker save's: {e}"
@@ -268,7 +274,8 @@ impl ImageStore {
                 let refs = image.repo_tags.unwrap_or_default();
                 fetched.push((config, layers, refs));
             }
-        } else if let Ok(text) = extracted.read("index.json") {
+        } else if extracted.has("index.json") {
+            let text = extracted.read("index.json")?;
             let index: Manifest = serde_json::from_slice(&text)
                 .map_err(|e| Error::Invalid(format!("the archive's index.json: {e}")))?;
             for entry in &index.manifests {
@@ -284,8 +291,10 @@ impl ImageStore {
                     .as_ref()
                     .ok_or_else(|| Error::Invalid("an archive manifest without a config".into()))?
                     .digest;
-                let config = std::fs::read(extracted.blob(config_digest)?)
-                    .map_err(|e| Error::host("reading the image config", e))?;
+                let config = read_metadata(
+                    &extracted.blob(config_digest)?,
+                    &format!("the image config {config_digest}"),
+                )?;
                 let mut layers = Vec::new();
                 for l in &manifest.layers {
                     layers.push(extracted.blob(&l.digest)?);
@@ -348,8 +357,10 @@ impl ImageStore {
     /// The linux/amd64 image manifest `entry` names (itself, or its index's entry).
     fn platform_manifest(&self, extracted: &Extracted, entry: &Descriptor) -> Result<Manifest> {
         let read = |digest: &str| -> Result<Manifest> {
-            let text = std::fs::read(extracted.blob(digest)?)
-                .map_err(|e| Error::host("reading a manifest", e))?;
+            let text = read_metadata(
+                &extracted.blob(digest)?,
+                &format!("archive manifest {digest}"),
+            )?;
             serde_json::from_slice(&text)
                 .map_err(|e| Error::Invalid(format!("archive manifest {digest}: {e}")))
         };

@@ -35,6 +35,34 @@ use crate::model::{Image, ImageConfig, SandboxImage};
 /// (comma-separated `host` or `host:port`), like docker's `--insecure-registry`.
 pub const INSECURE_REGISTRIES_ENV: &str = "MVM_INSECURE_REGISTRIES";
 
+/// The largest config blob, manifest or archive index mvm reads into memory (4 MiB, like
+/// registries' manifest limits): they are small JSON documents, and a hostile registry or
+/// archive must not make the daemon hold gigabytes.
+pub const METADATA_LIMIT: u64 = 4 << 20;
+
+/// The error for a document of `size` bytes over [`METADATA_LIMIT`].
+fn metadata_too_large(what: &str, size: u64) -> Error {
+    Error::Invalid(format!(
+        "{what} is {size} bytes, over mvm's limit of {METADATA_LIMIT} bytes for an image's \
+         config and manifests; nothing was cached"
+    ))
+}
+
+/// Reads the file `path` (`what`, for errors), refusing one over [`METADATA_LIMIT`].
+fn read_metadata(path: &Path, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| Error::host(format!("opening {what}"), e))?;
+    let mut data = Vec::new();
+    file.take(METADATA_LIMIT + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| Error::host(format!("reading {what}"), e))?;
+    if data.len() as u64 > METADATA_LIMIT {
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        return Err(metadata_too_large(what, size));
+    }
+    Ok(data)
+}
+
 /// How long a partial blob stays untouched before the next pull or load removes it.
 const STALE_PARTIAL: std::time::Duration = std::time::Duration::from_secs(600);
 

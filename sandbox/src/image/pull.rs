@@ -3,12 +3,15 @@
 //! reference's own digest by the client), the config and every layer not cached yet (each
 //! blob's digest checked as it streams in).
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
 
-use super::{Fetched, ImageStore, Layer};
+use super::{metadata_too_large, Fetched, ImageStore, Layer, METADATA_LIMIT};
 use crate::error::{Error, Result};
 
 /// Credentials for a registry: basic auth, or what a token server takes for a bearer token.
@@ -69,15 +72,34 @@ impl ImageStore {
             None => RegistryAuth::Anonymous,
         };
         let whole = reference.whole();
+        let failed = |e| registry_error(&whole, &registry, credentials.is_some(), e);
+        // Authenticate first (a token server's answer, when the registry has one), so that
+        // refused credentials are reported as such instead of as the anonymous request's 401.
+        client
+            .auth(reference, &auth, RegistryOperation::Pull)
+            .await
+            .map_err(failed)?;
         let (manifest, digest) = client
             .pull_image_manifest(reference, &auth)
             .await
-            .map_err(|e| registry_error(&whole, &registry, e))?;
-        let mut config = Vec::new();
-        client
+            .map_err(failed)?;
+        let what = format!("{whole}: the image config {}", manifest.config.digest);
+        if manifest.config.size < 0 || manifest.config.size as u64 > METADATA_LIMIT {
+            return Err(metadata_too_large(
+                &what,
+                manifest.config.size.max(0) as u64,
+            ));
+        }
+        // The registry may send more than the manifest says: the buffer holds the limit only.
+        let mut config = CappedBuffer::default();
+        let pulled = client
             .pull_blob(reference, &manifest.config, &mut config)
-            .await
-            .map_err(|e| registry_error(&whole, &registry, e))?;
+            .await;
+        if config.overflowed {
+            return Err(metadata_too_large(&what, config.received));
+        }
+        pulled.map_err(failed)?;
+        let config = config.data;
         let mut layers = Vec::new();
         for descriptor in &manifest.layers {
             if !LAYER_TYPES.contains(&descriptor.media_type.as_str()) {
@@ -96,7 +118,7 @@ impl ImageStore {
                 let pulled = client
                     .pull_blob(reference, descriptor, file)
                     .await
-                    .map_err(|e| registry_error(&whole, &registry, e));
+                    .map_err(failed);
                 let placed = pulled.and_then(|()| {
                     std::fs::rename(&partial, &path)
                         .map_err(|e| Error::host(format!("storing {}", path.display()), e))
@@ -119,8 +141,73 @@ impl ImageStore {
     }
 }
 
+/// An in-memory blob of at most [`METADATA_LIMIT`] bytes: a write past it fails (and the
+/// rest of what arrives is only counted).
+#[derive(Default)]
+struct CappedBuffer {
+    data: Vec<u8>,
+    received: u64,
+    overflowed: bool,
+}
+
+impl tokio::io::AsyncWrite for CappedBuffer {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.received += buf.len() as u64;
+        if this.data.len() as u64 + buf.len() as u64 > METADATA_LIMIT {
+            this.overflowed = true;
+            return Poll::Ready(Err(std::io::Error::other("over the metadata limit")));
+        }
+        this.data.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// At most 200 characters of what a registry or token server said.
+fn excerpt(text: &str) -> String {
+    let t = text.trim();
+    match t.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &t[..i]),
+        None => t.to_owned(),
+    }
+}
+
+/// The error for a registry's (or its token server's) refusal: `detail` is what it said.
+fn refused(reference: &str, registry: &str, with_credentials: bool, detail: &str) -> Error {
+    let detail = excerpt(detail);
+    if with_credentials {
+        Error::Forbidden(format!(
+            "{reference}: the registry {registry} refused the credentials ({detail}): give a \
+             user name and password that may pull it"
+        ))
+    } else {
+        Error::Forbidden(format!(
+            "{reference}: the registry {registry} needs credentials to pull it ({detail}): give \
+             a user name and password (`mvm pull -u USER`, or `username` and `password` in \
+             POST /v1/images)"
+        ))
+    }
+}
+
 /// A registry failure as an error a user can act on.
-fn registry_error(reference: &str, registry: &str, e: OciDistributionError) -> Error {
+fn registry_error(
+    reference: &str,
+    registry: &str,
+    with_credentials: bool,
+    e: OciDistributionError,
+) -> Error {
     match e {
         OciDistributionError::ImageManifestNotFoundError(why) => Error::Invalid(format!(
             "{reference}: unsupported platform: the image has no linux/amd64 variant ({why})"
@@ -134,18 +221,17 @@ fn registry_error(reference: &str, registry: &str, e: OciDistributionError) -> E
                     "{reference}: the registry {registry} has no such image or tag ({text})"
                 ))
             } else if lower.contains("unauthorized") || lower.contains("denied") {
-                Error::Forbidden(format!(
-                    "{reference}: the registry {registry} refused the credentials ({text}): \
-                     give a user name and password that may pull it"
-                ))
+                refused(reference, registry, with_credentials, &text)
             } else {
                 Error::Host(format!("{reference}: registry {registry}: {text}"))
             }
         }
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => Error::Forbidden(format!(
-            "{reference}: the registry {registry} needs credentials that may pull it ({e})"
-        )),
+        OciDistributionError::AuthenticationFailure(said) => {
+            refused(reference, registry, with_credentials, &said)
+        }
+        OciDistributionError::UnauthorizedError { .. } => {
+            refused(reference, registry, with_credentials, &e.to_string())
+        }
         OciDistributionError::DigestError(d) => Error::Invalid(format!(
             "{reference}: digest mismatch: what the registry {registry} sent is not what was \
              asked for ({d}); nothing was cached"

@@ -1,6 +1,6 @@
 //! A real OCI registry for image tests: Debian's `docker-registry` (the Docker Distribution
 //! server) on a loopback port with its own storage directory, optionally behind htpasswd
-//! basic auth, filled with images the test builds here (layers made with the `tar` crate,
+//! basic auth or token auth (a token server of the test's own, [`token`]), filled with images the test builds here (layers made with the `tar` crate,
 //! pushed with `oci-client`).
 
 use std::io::Write as _;
@@ -14,6 +14,8 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
+pub mod token;
+
 /// Debian's Docker Distribution server.
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
@@ -25,6 +27,19 @@ pub struct Registry {
     dir: tempfile::TempDir,
     child: Child,
     auth: RegistryAuth,
+    /// The token server of a registry with token auth.
+    _token_server: Option<token::TokenServer>,
+}
+
+/// How a [`Registry`] lets clients in.
+#[derive(Clone, Copy, Debug)]
+pub enum Auth<'a> {
+    /// Anyone, anonymously.
+    Anonymous,
+    /// Basic auth (htpasswd, bcrypt) for this user and password.
+    Basic(&'a str, &'a str),
+    /// Bearer tokens from a token server that gives them to this user and password.
+    Token(&'a str, &'a str),
 }
 
 /// An image pushed to a [`Registry`].
@@ -139,7 +154,8 @@ pub fn config_blob(config: serde_json::Value, architecture: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn sha256_digest(data: &[u8]) -> String {
+/// `sha256:HEX` of `data`.
+pub fn sha256_digest(data: &[u8]) -> String {
     let hex: String = Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -170,9 +186,9 @@ fn on_runtime<T: Send + 'static>(
 }
 
 impl Registry {
-    /// Starts a registry; with `basic_auth` (user, password) it refuses anonymous clients
-    /// (htpasswd, bcrypt).
-    pub fn start(basic_auth: Option<(&str, &str)>) -> Result<Registry, String> {
+    /// Starts a registry that lets clients in as `auth` says (refusing anonymous ones unless
+    /// it is [`Auth::Anonymous`]).
+    pub fn start(auth: Auth<'_>) -> Result<Registry, String> {
         if !Path::new(REGISTRY_BIN).exists() {
             return Err(format!(
                 "{REGISTRY_BIN} is missing: install Debian's docker-registry (scripts/deps.sh)"
@@ -185,17 +201,35 @@ impl Registry {
         let port = free_port();
         let host = format!("127.0.0.1:{port}");
         let mut auth_yaml = String::new();
-        let mut auth = RegistryAuth::Anonymous;
-        if let Some((user, password)) = basic_auth {
-            let hash = bcrypt::hash(password, 5).map_err(|e| e.to_string())?;
-            let htpasswd = dir.path().join("htpasswd");
-            std::fs::write(&htpasswd, format!("{user}:{hash}\n")).map_err(|e| e.to_string())?;
-            auth_yaml = format!(
-                "auth:\n  htpasswd:\n    realm: mvm-test\n    path: {}\n",
-                htpasswd.display()
-            );
-            auth = RegistryAuth::Basic(user.into(), password.into());
-        }
+        let mut token_server = None;
+        let client_auth = match auth {
+            Auth::Anonymous => RegistryAuth::Anonymous,
+            Auth::Basic(user, password) => {
+                let hash = bcrypt::hash(password, 5).map_err(|e| e.to_string())?;
+                let htpasswd = dir.path().join("htpasswd");
+                std::fs::write(&htpasswd, format!("{user}:{hash}\n")).map_err(|e| e.to_string())?;
+                auth_yaml = format!(
+                    "auth:\n  htpasswd:\n    realm: mvm-test\n    path: {}\n",
+                    htpasswd.display()
+                );
+                RegistryAuth::Basic(user.into(), password.into())
+            }
+            Auth::Token(user, password) => {
+                let server = token::TokenServer::start(user, password)?;
+                let bundle = dir.path().join("token-cert.pem");
+                std::fs::write(&bundle, &server.certificate).map_err(|e| e.to_string())?;
+                auth_yaml = format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    \
+                     rootcertbundle: {}\n",
+                    server.realm,
+                    token::SERVICE,
+                    token::ISSUER,
+                    bundle.display()
+                );
+                token_server = Some(server);
+                RegistryAuth::Basic(user.into(), password.into())
+            }
+        };
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
@@ -220,7 +254,8 @@ impl Registry {
             host,
             dir,
             child,
-            auth,
+            auth: client_auth,
+            _token_server: token_server,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&registry.host).is_err() {
