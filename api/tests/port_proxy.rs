@@ -26,7 +26,7 @@ printf 'Content-Type: text/plain\\r\\n\\r\\n'
 echo method=$REQUEST_METHOD query=$QUERY_STRING bytes=$(wc -c)
 ";
 
-/// A one-connection server for busybox `nc -l -e`: reads a request's head, switches to the
+/// A connection's server for busybox `nc -ll -e`: reads a request's head, switches to the
 /// protocol `echo` and then echoes what it gets.
 const UPGRADE_SERVER: &str = "#!/bin/sh
 while IFS= read -r line; do [ ${#line} -le 1 ] && break; done
@@ -175,9 +175,11 @@ fn a_server_in_a_sandbox_answers_through_the_port_proxy() {
     }
     // An upgrade (as a WebSocket's) joins the two connections once the server says 101.
     block_on(c.put_file(&s.id, "/tmp/upgrade", 0o755, UPGRADE_SERVER.into())).expect("script");
-    detach(&c, &s.id, "exec nc -l -p 9000 -e /tmp/upgrade");
+    // `-ll`: a server per connection, so probing it (a jail has no /proc/net for netstat)
+    // leaves it listening.
+    detach(&c, &s.id, "exec nc -ll -p 9000 -e /tmp/upgrade");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while block_on(c.exec(&s.id, &common::sh("netstat -ltn | grep -q :9000")))
+    while block_on(c.exec(&s.id, &common::sh("nc 127.0.0.1 9000 </dev/null")))
         .expect("netstat")
         .exit
         .exit_code
