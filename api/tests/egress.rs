@@ -929,10 +929,11 @@ fn test_pki(dir: &Path, names: &[&str]) {
     let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
     let issuer = rcgen::Issuer::new(ca, ca_key);
     let key = rcgen::KeyPair::generate().expect("leaf key");
-    let leaf = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-        .expect("leaf params")
-        .signed_by(&key, &issuer)
-        .expect("leaf cert");
+    let leaf =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("leaf params")
+            .signed_by(&key, &issuer)
+            .expect("leaf cert");
     std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("ca.pem");
     std::fs::write(dir.join("leaf.pem"), leaf.pem()).expect("leaf.pem");
     std::fs::write(dir.join("leaf.key"), key.serialize_pem()).expect("leaf.key");
@@ -1012,7 +1013,10 @@ fn secrets_reach_only_their_hosts() {
         .into();
         let s = c.create(&req).await.expect("create");
         let placeholder = s.env["API_KEY"].clone();
-        assert!(placeholder.starts_with("mvm-secret-api_key-"), "{placeholder}");
+        assert!(
+            placeholder.starts_with("mvm-secret-api_key-"),
+            "{placeholder}"
+        );
         assert_eq!(s.network.secrets[0].name, "API_KEY");
         assert_eq!(s.network.secrets[0].hosts, ["api.secret.test"]);
         let got = c.get(&s.id).await.expect("get");
@@ -1021,7 +1025,10 @@ fn secrets_reach_only_their_hosts() {
             serde_json::to_string(&s).expect("json"),
             serde_json::to_string(&got).expect("json")
         );
-        assert!(!answers.contains(VALUE), "an answer holds the value: {answers}");
+        assert!(
+            !answers.contains(VALUE),
+            "an answer holds the value: {answers}"
+        );
         let run_in = |script: String| {
             let (c, id) = (d.client(), s.id.clone());
             async move { c.exec(&id, &sh(&script)).await.expect("exec").stdout }
@@ -1074,7 +1081,10 @@ fn secrets_reach_only_their_hosts() {
         ));
         assert!(out.starts_with("200 rc=0"), "{out}");
         let out = curl("-k --resolve other.test:443:169.254.53.54 https://other.test/".into());
-        assert!(!out.contains("rc=0"), "the proxy served another name: {out}");
+        assert!(
+            !out.contains("rc=0"),
+            "the proxy served another name: {out}"
+        );
 
         // Nothing of the sandbox holds the value: its processes' env and memory (a process
         // started with the env shows the scan finds the placeholder), its files.
@@ -1094,13 +1104,20 @@ fn secrets_reach_only_their_hosts() {
             );
             placeholder_seen |= mvm_testkit::procs::memory_contains(*pid, placeholder.as_bytes());
         }
-        assert!(placeholder_seen, "the memory scan did not find the placeholder");
+        assert!(
+            placeholder_seen,
+            "the memory scan did not find the placeholder"
+        );
         let dir = d.run_dir().join("sandboxes").join(&s.id);
-        assert_eq!(tree_contains(&dir, VALUE), None, "a sandbox file holds the value");
+        assert_eq!(
+            tree_contains(&dir, VALUE),
+            None,
+            "a sandbox file holds the value"
+        );
 
         // One audit line for the use, without the value.
-        let audit = std::fs::read_to_string(d.state_dir().join("egress-audit.log"))
-            .expect("the audit log");
+        let audit =
+            std::fs::read_to_string(d.state_dir().join("egress-audit.log")).expect("the audit log");
         assert!(
             audit.contains(&format!(
                 "sandbox={} secret=API_KEY host=api.secret.test method=GET path=/",
@@ -1130,11 +1147,17 @@ fn secrets_reach_only_their_hosts() {
         };
         let (gw, port) = target.split_once(':').expect("ADDR:PORT");
         let out = theirs(format!("nc -w 2 {gw} {port} </dev/null; echo rc=$?")).await;
-        assert!(!out.contains("rc=0"), "another sandbox reached the proxy: {out}");
+        assert!(
+            !out.contains("rc=0"),
+            "another sandbox reached the proxy: {out}"
+        );
         let out = theirs("nc -w 2 169.254.53.54 443 </dev/null; echo rc=$?".into()).await;
         assert!(!out.contains("rc=0"), "{out}");
         let out = theirs("nslookup api.secret.test 2>&1".into()).await;
-        assert!(!out.contains("169.254.53.54") && !out.contains(&secret_addr.to_string()), "{out}");
+        assert!(
+            !out.contains("169.254.53.54") && !out.contains(&secret_addr.to_string()),
+            "{out}"
+        );
 
         assert!(!proxy_of(&s.id).is_empty(), "no proxy runs");
         for id in [&s.id, &other.id] {

@@ -11,7 +11,13 @@ use std::path::{Path, PathBuf};
 pub const BIN_DIR_ENV: &str = "MVM_BIN_DIR";
 
 /// The helper binaries a manager starts, looked for together.
-pub const HELPERS: [&str; 5] = ["mvm-jailer", "mvm-agent", "mvm-vmm", "mvm-dns", "mvm-egress"];
+pub const HELPERS: [&str; 5] = [
+    "mvm-jailer",
+    "mvm-agent",
+    "mvm-vmm",
+    "mvm-dns",
+    "mvm-egress",
+];
 
 /// The directory of the running executable (symlinks resolved).
 pub fn exe_dir() -> Option<PathBuf> {

@@ -221,7 +221,14 @@ pub fn build_jailer_and_agent() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let ok = Command::new(cargo)
             .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
-            .args(["-p", "mvm-sandbox", "--bin", "mvm-dns", "--bin", "mvm-egress"])
+            .args([
+                "-p",
+                "mvm-sandbox",
+                "--bin",
+                "mvm-dns",
+                "--bin",
+                "mvm-egress",
+            ])
             .current_dir(workspace_root())
             .status()
             .expect("running cargo build for mvm-jailer and mvm-agent")

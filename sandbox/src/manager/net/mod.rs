@@ -21,9 +21,9 @@ pub mod secrets;
 
 pub use dns::{resolver_pids, write_resolv_conf, DnsUpstream, RESOLVER_ADDR};
 pub use pod::{join_pod_netns, leave_pod_netns, PodUplink};
+pub use ports::{check_unbound as check_ports_unbound, validate as validate_ports, MAX_PORTS};
 pub use rules::PROXY_ADDR;
 pub use secrets::{proxy_pids, Secret};
-pub use ports::{check_unbound as check_ports_unbound, validate as validate_ports, MAX_PORTS};
 
 use std::net::Ipv4Addr;
 use std::path::Path;

@@ -252,13 +252,10 @@ async fn send(
     let addr = resolve(&shared.cfg.upstream, host)
         .await
         .ok_or("no address found (upstream DNS)")?;
-    let tcp = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((addr, 443)),
-    )
-    .await
-    .map_err(|_| format!("connecting to {addr}:443 timed out"))?
-    .map_err(|e| format!("connecting to {addr}:443: {e}"))?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((addr, 443)))
+        .await
+        .map_err(|_| format!("connecting to {addr}:443 timed out"))?
+        .map_err(|e| format!("connecting to {addr}:443: {e}"))?;
     let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
     let tls = shared
         .connector
@@ -274,11 +271,7 @@ async fn send(
 
 /// Replaces in `headers` the placeholder of each secret of `host` with its value; returns the
 /// names of the secrets used. Other secrets' placeholders stay as they are.
-fn substitute(
-    secrets: &[Secret],
-    host: &str,
-    headers: &mut hyper::HeaderMap,
-) -> Vec<String> {
+fn substitute(secrets: &[Secret], host: &str, headers: &mut hyper::HeaderMap) -> Vec<String> {
     let mut used = Vec::new();
     for secret in secrets.iter().filter(|s| s.hosts.iter().any(|h| h == host)) {
         for value in headers.values_mut() {

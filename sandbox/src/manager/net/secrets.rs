@@ -107,9 +107,7 @@ pub fn plan(
         .iter()
         .map(|(name, spec)| {
             let name_ok = (1..=MAX_NAME).contains(&name.len())
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && !name.starts_with(|c: char| c.is_ascii_digit());
             if !name_ok {
                 return Err(invalid(
@@ -248,9 +246,7 @@ fn dir_beneath(root: &Path, rel: &str) -> Result<PathBuf> {
 /// not followed and replaced) followed by the CA.
 pub fn write_trust_store(root: &Path, ca_pem: &str) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let (dir_rel, bundle_name) = TRUST_BUNDLE
-        .rsplit_once('/')
-        .expect("an absolute path");
+    let (dir_rel, bundle_name) = TRUST_BUNDLE.rsplit_once('/').expect("an absolute path");
     let dir = dir_beneath(root, dir_rel)?;
     let bundle = dir.join(bundle_name);
     let err = |e| Error::host(format!("writing {}", bundle.display()), e);
@@ -290,7 +286,12 @@ pub(super) struct ProxyListener {
 impl ProxyListener {
     /// Binds on `gateway`.
     pub(super) fn bind(gateway: Ipv4Addr) -> Result<Self> {
-        let err = |e| Error::host(format!("binding the sandbox's egress proxy on {gateway}"), e);
+        let err = |e| {
+            Error::host(
+                format!("binding the sandbox's egress proxy on {gateway}"),
+                e,
+            )
+        };
         let tcp = bound(Type::STREAM, Protocol::TCP, (gateway, 0).into()).map_err(err)?;
         tcp.listen(64).map_err(err)?;
         let port = tcp
@@ -411,9 +412,24 @@ mod tests {
             ("K", spec("", &["a.com"]), Egress::Allow, "1 to"),
             ("K", spec("a\r\nX: y", &["a.com"]), Egress::Allow, "visible"),
             ("K", spec("v", &[]), Egress::Allow, "1 to 8 hosts"),
-            ("K", spec("v", &["*.a.com"]), Egress::Allow, "not a DNS name"),
-            ("K", spec("v", &["1.2.3.4"]), Egress::Allow, "not a DNS name"),
-            ("K", spec("v", &["a.com:443"]), Egress::Allow, "not a DNS name"),
+            (
+                "K",
+                spec("v", &["*.a.com"]),
+                Egress::Allow,
+                "not a DNS name",
+            ),
+            (
+                "K",
+                spec("v", &["1.2.3.4"]),
+                Egress::Allow,
+                "not a DNS name",
+            ),
+            (
+                "K",
+                spec("v", &["a.com:443"]),
+                Egress::Allow,
+                "not a DNS name",
+            ),
         ] {
             let e = plan(&one(name, s), egress, &env).unwrap_err().to_string();
             assert!(e.contains(why), "{name}: {e}");
@@ -422,8 +438,12 @@ mod tests {
             .map(|i| (format!("K{i}"), spec("v", &["a.com"])))
             .collect();
         plan(&many, Egress::Allow, &env).unwrap_err();
-        plan(&one("K", spec(&"v".repeat(MAX_VALUE + 1), &["a.com"])), Egress::Allow, &env)
-            .unwrap_err();
+        plan(
+            &one("K", spec(&"v".repeat(MAX_VALUE + 1), &["a.com"])),
+            Egress::Allow,
+            &env,
+        )
+        .unwrap_err();
     }
 
     #[test]
@@ -434,7 +454,10 @@ mod tests {
         std::fs::write(certs.join("ca-certificates.crt"), "IMAGE CAS\n").unwrap();
         write_trust_store(root.path(), "OUR CA\n").unwrap();
         let bundle = std::fs::read_to_string(certs.join("ca-certificates.crt")).unwrap();
-        assert!(bundle.starts_with("IMAGE CAS\n") && bundle.ends_with("OUR CA\n"), "{bundle}");
+        assert!(
+            bundle.starts_with("IMAGE CAS\n") && bundle.ends_with("OUR CA\n"),
+            "{bundle}"
+        );
         assert_eq!(
             std::fs::read_to_string(certs.join("mvm-egress-ca.pem")).unwrap(),
             "OUR CA\n"
@@ -445,7 +468,10 @@ mod tests {
         std::fs::remove_file(certs.join("ca-certificates.crt")).unwrap();
         std::os::unix::fs::symlink(outside.path(), certs.join("ca-certificates.crt")).unwrap();
         write_trust_store(root.path(), "OUR CA\n").unwrap();
-        assert_eq!(std::fs::read_to_string(outside.path()).unwrap(), "HOST FILE");
+        assert_eq!(
+            std::fs::read_to_string(outside.path()).unwrap(),
+            "HOST FILE"
+        );
         let bundle = std::fs::read_to_string(certs.join("ca-certificates.crt")).unwrap();
         assert!(!bundle.contains("HOST FILE"), "{bundle}");
         // A linked directory is refused.
