@@ -942,7 +942,7 @@ fn test_pki(dir: &Path, names: &[&str]) {
 /// The first file under `dir` that holds `needle` (links not followed).
 fn tree_contains(dir: &Path, needle: &str) -> Option<std::path::PathBuf> {
     let out = Command::new("grep")
-        .args(["-r", "-l", "-F", "-a", "-e", needle])
+        .args(["-r", "-D", "skip", "-l", "-F", "-a", "-e", needle])
         .arg(dir)
         .output()
         .expect("grep");
