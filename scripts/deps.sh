@@ -14,8 +14,9 @@ packages=(
     qemu-system-x86 linux-image-amd64 cpio
     # jail tier, sandbox networking, leak checks
     iproute2 util-linux nftables procps psmisc
-    # the DNS server of the egress-by-name tests (api/tests/egress.rs)
-    dnsmasq-base
+    # the DNS server of the egress-by-name tests (api/tests/egress.rs); curl, the secrets
+    # test's TLS client in a sandbox's namespace (its HTTPS services are python3's)
+    dnsmasq-base curl
     # containerd shim tests; the CRI test: CNI plugins for containerd's pod networks, protoc for
     # the CRI API's gRPC client (crate k8s-cri)
     containerd runc containernetworking-plugins protobuf-compiler

@@ -17,7 +17,7 @@
 # What goes where (mvm and mvmd find their helpers next to themselves, else in
 # PREFIX/libexec/mvm, and `mvm build` finds the builders in PREFIX/share/mvm):
 #   PREFIX/bin/             mvm, mvmd, containerd-shim-mvm-v2
-#   PREFIX/libexec/mvm/     mvm-jailer, mvm-agent, mvm-vmm, mvm-dns
+#   PREFIX/libexec/mvm/     mvm-jailer, mvm-agent, mvm-vmm, mvm-dns, mvm-egress
 #   PREFIX/share/mvm/       rootfs/build.sh, guest-kernel/{build.sh,mvm.config}
 #   UNIT_DIR/mvmd.service   mvmd as a systemd service
 # Nothing is written outside these: state (/var/lib/mvm, with the images `mvm build` makes in
@@ -29,7 +29,7 @@ log() { echo "install.sh: $*" >&2; }
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly USER_BINS=(mvm mvmd containerd-shim-mvm-v2)
-readonly HELPER_BINS=(mvm-jailer mvm-agent mvm-vmm mvm-dns)
+readonly HELPER_BINS=(mvm-jailer mvm-agent mvm-vmm mvm-dns mvm-egress)
 readonly BUILDERS=(rootfs/build.sh guest-kernel/build.sh guest-kernel/mvm.config)
 
 prefix=/usr/local

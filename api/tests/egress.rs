@@ -863,3 +863,319 @@ fn resolver_of(id: &str) -> String {
         .expect("pgrep");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// An HTTPS service (python3's http.server) on `addr`:443 in network namespace `ns`, with the
+/// certificate and key at `cert` and `key`: it answers "ok" and appends each request's
+/// Authorization header to `log`.
+struct HttpsService(std::process::Child);
+
+impl HttpsService {
+    const SCRIPT: &'static str = r#"
+import http.server, ssl, sys
+addr, cert, key, log = sys.argv[1:5]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open(log, "a") as f:
+            f.write("auth=%s\n" % self.headers.get("Authorization"))
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *a):
+        pass
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+s = http.server.ThreadingHTTPServer((addr, 443), H)
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+print("ready", flush=True)
+s.serve_forever()
+"#;
+
+    fn start(ns: &str, addr: Ipv4Addr, cert: &Path, key: &Path, log: &Path) -> HttpsService {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "/usr/bin/python3", "-c", Self::SCRIPT])
+            .arg(addr.to_string())
+            .args([cert, key, log])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting python3 (scripts/deps.sh installs it)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("the service's first line");
+        assert_eq!(line.trim(), "ready", "the HTTPS service did not start");
+        HttpsService(child)
+    }
+}
+
+impl Drop for HttpsService {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A test CA and a leaf for `names` signed by it, written into `dir` as ca.pem, leaf.pem and
+/// leaf.key.
+fn test_pki(dir: &Path, names: &[&str]) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "mvm test internet CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("leaf params")
+            .signed_by(&key, &issuer)
+            .expect("leaf cert");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("ca.pem");
+    std::fs::write(dir.join("leaf.pem"), leaf.pem()).expect("leaf.pem");
+    std::fs::write(dir.join("leaf.key"), key.serialize_pem()).expect("leaf.key");
+}
+
+/// The first file under `dir` that holds `needle` (links not followed).
+fn tree_contains(dir: &Path, needle: &str) -> Option<std::path::PathBuf> {
+    let out = Command::new("grep")
+        .args(["-r", "-D", "skip", "-l", "-F", "-a", "-e", needle])
+        .arg(dir)
+        .output()
+        .expect("grep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(Into::into)
+}
+
+/// Secrets: the sandbox's env holds a placeholder, and only an HTTPS request to the secret's
+/// host (through the sandbox's egress proxy, verified by the CA in the sandbox's trust store)
+/// carries the value; another host gets the placeholder, over TLS not intercepted. The value
+/// is nowhere in the sandbox (its processes' env and memory, its files) nor in any answer; its
+/// use is audited without it; another sandbox cannot reach the proxy; the proxy goes with its
+/// sandbox.
+#[test]
+fn secrets_reach_only_their_hosts() {
+    const VALUE: &str = "sk-live-7f3c9a1e5b2d4608";
+    let Some(_host) = own_the_host("secrets_reach_only_their_hosts") else {
+        return;
+    };
+    let _restore = RestoreForwarding(ip_forward());
+    let inet = Internet::start();
+    let n = inet.service.octets()[2];
+    let addr = |last: u8| Ipv4Addr::new(198, 19, n, last);
+    ip(&format!("route add 198.19.{n}.0/24 via 198.18.{n}.2"));
+    let (secret_addr, other_addr, dns_addr) = (addr(7), addr(8), addr(53));
+    for a in [secret_addr, other_addr, dns_addr] {
+        ip(&format!("-n {} addr add {a}/32 dev lo", inet.name));
+    }
+    let pki = tempfile::tempdir().expect("tempdir");
+    test_pki(pki.path(), &["api.secret.test", "other.test"]);
+    let (cert, key) = (pki.path().join("leaf.pem"), pki.path().join("leaf.key"));
+    let (secret_log, other_log) = (pki.path().join("secret.log"), pki.path().join("other.log"));
+    let _secret_service = HttpsService::start(&inet.name, secret_addr, &cert, &key, &secret_log);
+    let _other_service = HttpsService::start(&inet.name, other_addr, &cert, &key, &other_log);
+    let Some(_dns) = DnsServer::start(
+        &inet.name,
+        dns_addr,
+        &[
+            ("api.secret.test", secret_addr, 300),
+            ("other.test", other_addr, 300),
+        ],
+    ) else {
+        return;
+    };
+    let upstream = format!("{dns_addr}:53");
+    let ca = pki.path().join("ca.pem");
+    let d = Daemon::start_with_env(
+        &[],
+        &[
+            ("MVM_DNS_UPSTREAM", Path::new(&upstream)),
+            ("MVM_EGRESS_CA", &ca),
+        ],
+    );
+    let before = d.host_state();
+    let logged = |log: &Path| std::fs::read_to_string(log).unwrap_or_default();
+    let ids = block_on(async {
+        let c = d.client();
+        let mut req = sandbox(Egress::Allow, &["other.test"]);
+        req.secrets = [(
+            "API_KEY".to_string(),
+            mvm_sandbox::model::SecretSpec {
+                value: VALUE.into(),
+                hosts: vec!["api.secret.test".into()],
+            },
+        )]
+        .into();
+        let s = c.create(&req).await.expect("create");
+        let placeholder = s.env["API_KEY"].clone();
+        assert!(
+            placeholder.starts_with("mvm-secret-api_key-"),
+            "{placeholder}"
+        );
+        assert_eq!(s.network.secrets[0].name, "API_KEY");
+        assert_eq!(s.network.secrets[0].hosts, ["api.secret.test"]);
+        let got = c.get(&s.id).await.expect("get");
+        let answers = format!(
+            "{}{}",
+            serde_json::to_string(&s).expect("json"),
+            serde_json::to_string(&got).expect("json")
+        );
+        assert!(
+            !answers.contains(VALUE),
+            "an answer holds the value: {answers}"
+        );
+        let run_in = |script: String| {
+            let (c, id) = (d.client(), s.id.clone());
+            async move { c.exec(&id, &sh(&script)).await.expect("exec").stdout }
+        };
+        // The secret host resolves to the proxy, the other host to its own address.
+        let out = run_in("nslookup api.secret.test 2>&1".into()).await;
+        assert!(out.contains("169.254.53.54"), "{out}");
+        let out = run_in("nslookup other.test 2>&1".into()).await;
+        assert!(out.contains(&other_addr.to_string()), "{out}");
+
+        // From inside (busybox wget): the secret host gets the value, the other the
+        // placeholder.
+        let fetch = |host: &str| {
+            run_in(format!(
+                "wget -q -O /tmp/{host}.out --header \"Authorization: Bearer $API_KEY\" \
+                 https://{host}/ 2>&1; echo rc=$?; cat /tmp/{host}.out"
+            ))
+        };
+        let out = fetch("api.secret.test").await;
+        assert!(out.contains("rc=0") && out.contains("ok"), "{out}");
+        assert_eq!(logged(&secret_log), format!("auth=Bearer {VALUE}\n"));
+        let out = fetch("other.test").await;
+        assert!(out.contains("rc=0"), "{out}");
+        assert_eq!(logged(&other_log), format!("auth=Bearer {placeholder}\n"));
+
+        // The sandbox's trust store verifies the proxy's certificate for the secret host;
+        // the other host's TLS is its own (the test CA verifies it at its own address); the
+        // proxy has no certificate for any other name.
+        let root_ca = d
+            .run_dir()
+            .join("sandboxes")
+            .join(&s.id)
+            .join("rootfs/etc/ssl/certs/mvm-egress-ca.pem");
+        let curl = |args: String| {
+            in_sandbox_netns(
+                &d,
+                &s.id,
+                &format!("curl -s -o /dev/null -w '%{{http_code}}' {args}; echo \" rc=$?\""),
+            )
+        };
+        let out = curl(format!(
+            "--cacert {} -H 'Authorization: Bearer {placeholder}' \
+             --resolve api.secret.test:443:169.254.53.54 https://api.secret.test/",
+            root_ca.display()
+        ));
+        assert!(out.starts_with("200 rc=0"), "{out}");
+        let out = curl(format!(
+            "--cacert {} --resolve other.test:443:{other_addr} https://other.test/",
+            ca.display()
+        ));
+        assert!(out.starts_with("200 rc=0"), "{out}");
+        let out = curl("-k --resolve other.test:443:169.254.53.54 https://other.test/".into());
+        assert!(
+            !out.contains("rc=0"),
+            "the proxy served another name: {out}"
+        );
+
+        // Nothing of the sandbox holds the value: its processes' env and memory (a process
+        // started with the env shows the scan finds the placeholder), its files.
+        run_in("sleep 600 >/dev/null 2>&1 &".into()).await;
+        let netns = d.run_dir().join("netns").join(&s.id);
+        let pids = mvm_testkit::procs::pids_in_netns(&netns);
+        assert!(!pids.is_empty(), "no process in {}", netns.display());
+        let mut placeholder_seen = false;
+        for pid in &pids {
+            assert!(
+                !mvm_testkit::procs::environ_contains(*pid, VALUE.as_bytes()),
+                "pid {pid}'s env"
+            );
+            assert!(
+                !mvm_testkit::procs::memory_contains(*pid, VALUE.as_bytes()),
+                "pid {pid}'s memory holds the value"
+            );
+            placeholder_seen |= mvm_testkit::procs::memory_contains(*pid, placeholder.as_bytes());
+        }
+        assert!(
+            placeholder_seen,
+            "the memory scan did not find the placeholder"
+        );
+        let dir = d.run_dir().join("sandboxes").join(&s.id);
+        assert_eq!(
+            tree_contains(&dir, VALUE),
+            None,
+            "a sandbox file holds the value"
+        );
+
+        // One audit line for the use, without the value.
+        let audit =
+            std::fs::read_to_string(d.state_dir().join("egress-audit.log")).expect("the audit log");
+        assert!(
+            audit.contains(&format!(
+                "sandbox={} secret=API_KEY host=api.secret.test method=GET path=/",
+                s.id
+            )),
+            "{audit}"
+        );
+        assert_eq!(audit.lines().count(), 2, "{audit}");
+        assert!(!audit.contains(VALUE), "{audit}");
+
+        // Another sandbox reaches neither this one's proxy (at its port on this one's
+        // gateway) nor a proxy of its own, and does not resolve the secret host.
+        let rules = in_sandbox_netns(&d, &s.id, "nft list table ip mvm-dns");
+        let target = rules
+            .split("169.254.53.54 tcp dport 443 dnat to ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .expect("the proxy's DNAT target")
+            .to_owned();
+        let other = c
+            .create(&sandbox(Egress::Allow, &["other.test"]))
+            .await
+            .expect("create the other");
+        let theirs = |script: String| {
+            let (c, id) = (d.client(), other.id.clone());
+            async move { c.exec(&id, &sh(&script)).await.expect("exec").stdout }
+        };
+        let (gw, port) = target.split_once(':').expect("ADDR:PORT");
+        let out = theirs(format!("nc -w 2 {gw} {port} </dev/null; echo rc=$?")).await;
+        assert!(
+            !out.contains("rc=0"),
+            "another sandbox reached the proxy: {out}"
+        );
+        let out = theirs("nc -w 2 169.254.53.54 443 </dev/null; echo rc=$?".into()).await;
+        assert!(!out.contains("rc=0"), "{out}");
+        let out = theirs("nslookup api.secret.test 2>&1".into()).await;
+        assert!(
+            !out.contains("169.254.53.54") && !out.contains(&secret_addr.to_string()),
+            "{out}"
+        );
+
+        assert!(!proxy_of(&s.id).is_empty(), "no proxy runs");
+        for id in [&s.id, &other.id] {
+            c.delete(id).await.expect("delete");
+        }
+        s.id.clone()
+    });
+    ip(&format!("route del 198.19.{n}.0/24"));
+    d.assert_no_leaks(&before);
+    let left = proxy_of(&ids);
+    assert!(left.is_empty(), "a proxy outlived its sandbox: {left}");
+}
+
+/// The egress proxy processes of sandbox `id`.
+fn proxy_of(id: &str) -> String {
+    let out = Command::new("pgrep")
+        .args(["-af", &format!("mvm-egress --sandbox {id}")])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

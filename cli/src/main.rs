@@ -15,7 +15,7 @@ use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
 use mvm_sandbox::model::{
     CreateSandbox, Egress, ExecRequest, ExecResult, ImageConfig, Isolation, NetworkSpec,
-    PortMapping, Sandbox, Template,
+    PortMapping, Sandbox, SecretSpec, Template,
 };
 use tty::Terminal;
 
@@ -91,6 +91,12 @@ struct RunArgs {
     /// --egress all a host, private or link-local one to open.
     #[arg(long)]
     allow: Vec<String>,
+    /// A secret NAME@HOST[,HOST...] (repeatable; needs --egress allow, jail tier): its value
+    /// is mvm's own environment variable NAME (so that it is in no command line or shell
+    /// history); the sandbox's NAME holds a placeholder, which its egress proxy replaces by
+    /// the value in the HTTPS request headers sent to those hosts only.
+    #[arg(long = "secret", value_name = "NAME@HOST[,HOST...]", value_parser = parse_secret)]
+    secrets: Vec<(String, Vec<String>)>,
     /// Tell on stderr which sandbox and isolation tier the command runs in (the default when
     /// stderr is a terminal; stdout is the command's alone either way).
     #[arg(long)]
@@ -243,6 +249,34 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
+}
+
+/// `NAME@HOST[,HOST...]`.
+fn parse_secret(s: &str) -> Result<(String, Vec<String>), String> {
+    match s.split_once('@') {
+        Some((name, hosts)) if !name.is_empty() && !hosts.is_empty() => Ok((
+            name.to_owned(),
+            hosts.split(',').map(str::to_owned).collect(),
+        )),
+        _ => Err(format!("{s:?} is not NAME@HOST[,HOST...]")),
+    }
+}
+
+/// The secrets of `--secret NAME@HOSTS` options, each value read from mvm's own environment
+/// variable NAME.
+fn secrets_from_env(
+    secrets: Vec<(String, Vec<String>)>,
+) -> Result<BTreeMap<String, SecretSpec>, CliError> {
+    secrets
+        .into_iter()
+        .map(|(name, hosts)| match std::env::var(&name) {
+            Ok(value) => Ok((name, SecretSpec { value, hosts })),
+            Err(_) => Err(CliError::Local(format!(
+                "--secret {name}@...: set the secret's value in mvm's environment variable \
+                 {name} (e.g. read -rs {name}; export {name})"
+            ))),
+        })
+        .collect()
 }
 
 /// `[HOST_IP:]HOST_PORT:GUEST_PORT`, as docker's `-p`.
@@ -806,6 +840,7 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         }),
         metadata: BTreeMap::from([("created-by".to_owned(), "mvm run".to_owned())]),
         ports: a.publish,
+        secrets: secrets_from_env(a.secrets)?,
     };
     let sandbox = backend.create(req).await?;
     let cmd = match &sandbox.image {

@@ -13,7 +13,7 @@ use common::Env;
 use mvm_testkit::{bin_dir, root_or_skip, skip_or_fail_in_ci, text, workspace_root};
 
 /// Every binary install.sh installs.
-const BINARIES: [&str; 7] = [
+const BINARIES: [&str; 8] = [
     "mvm",
     "mvmd",
     "containerd-shim-mvm-v2",
@@ -21,10 +21,11 @@ const BINARIES: [&str; 7] = [
     "mvm-agent",
     "mvm-vmm",
     "mvm-dns",
+    "mvm-egress",
 ];
 
 /// The installed files, relative to the prefix.
-const INSTALLED: [&str; 11] = [
+const INSTALLED: [&str; 12] = [
     "bin/mvm",
     "bin/mvmd",
     "bin/containerd-shim-mvm-v2",
@@ -32,6 +33,7 @@ const INSTALLED: [&str; 11] = [
     "libexec/mvm/mvm-agent",
     "libexec/mvm/mvm-vmm",
     "libexec/mvm/mvm-dns",
+    "libexec/mvm/mvm-egress",
     "share/mvm/rootfs/build.sh",
     "share/mvm/guest-kernel/build.sh",
     "share/mvm/guest-kernel/mvm.config",

@@ -1,5 +1,6 @@
 //! Where mvm finds the files it runs besides its own executable: the helper binaries a manager
-//! starts (`mvm-jailer`, `mvm-agent`, `mvm-vmm`, the resolver `mvm-dns`) and the image
+//! starts (`mvm-jailer`, `mvm-agent`, `mvm-vmm`, the resolver `mvm-dns`, the egress proxy
+//! `mvm-egress`) and the image
 //! builders `mvm build` runs. They lie next to the executable in a cargo target directory; in
 //! an installation (`scripts/install.sh`) the executable is `<prefix>/bin/mvm` (or `mvmd`, or
 //! the shim), the helpers are in `<prefix>/libexec/mvm` and the builders in `<prefix>/share/mvm`.
@@ -10,7 +11,13 @@ use std::path::{Path, PathBuf};
 pub const BIN_DIR_ENV: &str = "MVM_BIN_DIR";
 
 /// The helper binaries a manager starts, looked for together.
-pub const HELPERS: [&str; 4] = ["mvm-jailer", "mvm-agent", "mvm-vmm", "mvm-dns"];
+pub const HELPERS: [&str; 5] = [
+    "mvm-jailer",
+    "mvm-agent",
+    "mvm-vmm",
+    "mvm-dns",
+    "mvm-egress",
+];
 
 /// The directory of the running executable (symlinks resolved).
 pub fn exe_dir() -> Option<PathBuf> {

@@ -176,6 +176,41 @@ pub struct CreateSandbox {
     /// defaults. `template` then only picks the vm tier's kernel.
     #[serde(default)]
     pub image: Option<String>,
+    /// Secrets by environment variable name (needs `network.egress: allow`): the sandbox's
+    /// env gets a random placeholder, and the sandbox's egress proxy puts the value in its
+    /// place in the HTTPS request headers sent to the secret's hosts only. The value never
+    /// enters the sandbox and is in no answer. At most 16.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, SecretSpec>,
+}
+
+/// One secret of a create request: its value and the hosts it may be sent to.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSpec {
+    /// The value (1-4096 bytes of visible ASCII or spaces: it goes into HTTP headers).
+    pub value: String,
+    /// DNS names (no wildcards, at most 8) whose HTTPS requests get the value.
+    pub hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for SecretSpec {
+    /// Never the value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretSpec")
+            .field("value", &"<redacted>")
+            .field("hosts", &self.hosts)
+            .finish()
+    }
+}
+
+/// A secret of a sandbox as answers show it: its name and hosts, never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecretInfo {
+    /// The environment variable holding its placeholder.
+    pub name: String,
+    /// The hosts its value is sent to.
+    pub hosts: Vec<String>,
 }
 
 /// A published port: TCP to `host_ip:host_port` on the host reaches the sandbox's
@@ -255,6 +290,9 @@ pub struct NetworkInfo {
     /// Published ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
+    /// Its secrets (names and hosts; the values are in no answer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretInfo>,
 }
 
 /// A sandbox.

@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod cri;
 pub mod page_server;
 pub mod ports;
+pub mod procs;
 #[cfg(feature = "registry")]
 pub mod registry;
 pub mod rss;
@@ -223,7 +224,7 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds mvm-jailer, mvm-agent and mvm-dns into [`bin_dir`] (Cargo builds only the binaries of the
+/// Builds mvm-jailer, mvm-agent, mvm-dns and mvm-egress into [`bin_dir`] (Cargo builds only the binaries of the
 /// package under test; this is a no-op when they are up to date), once per test process.
 pub fn build_jailer_and_agent() {
     static ONCE: Once = Once::new();
@@ -231,7 +232,14 @@ pub fn build_jailer_and_agent() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let ok = Command::new(cargo)
             .args(["build", "-p", "jailer", "-p", "agent", "--bins"])
-            .args(["-p", "mvm-sandbox", "--bin", "mvm-dns"])
+            .args([
+                "-p",
+                "mvm-sandbox",
+                "--bin",
+                "mvm-dns",
+                "--bin",
+                "mvm-egress",
+            ])
             .current_dir(workspace_root())
             .status()
             .expect("running cargo build for mvm-jailer and mvm-agent")

@@ -55,6 +55,10 @@ struct ServeArgs {
     /// comma-separated [env: MVM_DNS_UPSTREAM, default: the nameservers of /etc/resolv.conf].
     #[arg(long, value_name = "ADDR[:PORT]")]
     dns_upstream: Option<String>,
+    /// A CA file (PEM) the hosts of sandboxes' secrets may chain to, besides the host's roots
+    /// [env: MVM_EGRESS_CA].
+    #[arg(long, value_name = "FILE")]
+    egress_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,6 +199,9 @@ async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> mvm_sandbox::Result<(
     if let Some(d) = args.dns_upstream {
         mvm_sandbox::manager::net::DnsUpstream::parse(&d)?;
         cfg.dns_upstream = Some(d);
+    }
+    if let Some(ca) = args.egress_ca {
+        cfg.egress_ca = Some(ca);
     }
     let template_dir = args
         .template_dir

@@ -2,7 +2,7 @@
 //! with its sockets as descriptors 3 (UDP) and 4 (TCP); see
 //! `mvm_sandbox::manager::net::resolver`.
 //!
-//! `mvm-dns --sandbox ID --netns PATH --policy PATH --client ADDR [--upstream ADDR:PORT...]`
+//! `mvm-dns --sandbox ID --netns PATH --policy PATH --client ADDR [--upstream ADDR:PORT...] [--proxied NAME...]`
 
 use std::path::PathBuf;
 
@@ -11,14 +11,14 @@ use mvm_sandbox::manager::net::resolver::{serve, Config};
 fn usage(why: &str) -> ! {
     eprintln!(
         "mvm-dns: {why}\nusage: mvm-dns --sandbox ID --netns PATH --policy PATH --client ADDR \
-         [--upstream ADDR:PORT ...] (started by the mvm sandbox manager)"
+         [--upstream ADDR:PORT ...] [--proxied NAME ...] (started by the mvm sandbox manager)"
     );
     std::process::exit(2)
 }
 
 fn main() {
     let (mut sandbox, mut netns, mut policy, mut client) = (None, None, None, None);
-    let mut upstream = Vec::new();
+    let (mut upstream, mut proxied) = (Vec::new(), Vec::new());
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -39,6 +39,7 @@ fn main() {
                     .parse()
                     .unwrap_or_else(|_| usage(&format!("--upstream {value:?} is no ADDR:PORT"))),
             ),
+            "--proxied" => proxied.push(value),
             _ => usage(&format!("unknown argument {flag:?}")),
         }
     }
@@ -48,6 +49,7 @@ fn main() {
         policy: policy.unwrap_or_else(|| usage("no --policy")),
         client: client.unwrap_or_else(|| usage("no --client")),
         upstream,
+        proxied,
     };
     let id = cfg.sandbox.clone();
     if let Err(e) = serve(cfg) {

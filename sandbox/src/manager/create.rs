@@ -25,7 +25,7 @@ impl Manager {
         tenant: &Tenant,
         req: CreateSandbox,
         userland: Option<PathBuf>,
-    ) -> Result<(Sandbox, Userland)> {
+    ) -> Result<(Sandbox, Userland, Vec<net::Secret>)> {
         let isolation = req.isolation.unwrap_or(self.inner.cfg.default_isolation);
         self.inner.cfg.check_tier_allowed(tenant, isolation)?;
         if isolation == Isolation::Vm {
@@ -118,6 +118,23 @@ impl Manager {
             }
             validate_env(&env)?;
         }
+        // Each secret's placeholder in the env, and the CA's trust store.
+        let secrets = net::secrets::plan(&req.secrets, network.egress, &env)?;
+        if !secrets.is_empty() {
+            if isolation == Isolation::Vm {
+                return Err(Error::Invalid(
+                    "secrets are supported in the jail tier only for now (the vm tier's \
+                     trust store is not written yet); use \"isolation\": \"jail\""
+                        .into(),
+                ));
+            }
+            for s in &secrets {
+                env.insert(s.name.clone(), s.placeholder.clone());
+            }
+            for (k, v) in net::secrets::trust_env() {
+                env.entry(k.to_owned()).or_insert_with(|| v.to_owned());
+            }
+        }
         let now = db::now();
         let sandbox = Sandbox {
             id: db::random_hex(6)?,
@@ -138,11 +155,12 @@ impl Manager {
                 gateway: None,
                 netns: None,
                 ports: req.ports,
+                secrets: secrets.iter().map(net::Secret::info).collect(),
             },
             metadata: req.metadata,
             image: image.map(|(image, _)| image),
         };
-        Ok((sandbox, userland))
+        Ok((sandbox, userland, secrets))
     }
 
     /// Creates a sandbox for `tenant` and waits until its agent answers. A vm-tier sandbox
@@ -195,7 +213,14 @@ impl Manager {
             ),
             None => (None, 0, None),
         };
-        let (sandbox, template) = self.plan(tenant, req, userland)?;
+        if userland.is_some() && !req.secrets.is_empty() {
+            return Err(Error::Invalid(
+                "secrets: a container's sandbox gets none (its runtime's network and root \
+                 decide its egress and trust store)"
+                    .into(),
+            ));
+        }
+        let (sandbox, template, secrets) = self.plan(tenant, req, userland)?;
         if pod_netns.is_some() && !sandbox.network.ports.is_empty() {
             return Err(Error::Invalid(
                 "ports: a sandbox in a pod's network namespace publishes none (the pod's \
@@ -219,7 +244,14 @@ impl Manager {
             pid: 0,
         };
         match self
-            .build(&mut row, &template, container_slots, pod_netns, origin)
+            .build(
+                &mut row,
+                &template,
+                container_slots,
+                pod_netns,
+                origin,
+                secrets,
+            )
             .await
         {
             Ok(()) => {
@@ -287,6 +319,7 @@ impl Manager {
         container_slots: u8,
         pod_netns: Option<PathBuf>,
         origin: Origin,
+        secrets: Vec<net::Secret>,
     ) -> Result<()> {
         let cfg = self.inner.cfg.clone();
         let s = row.sandbox.clone();
@@ -303,6 +336,13 @@ impl Manager {
         };
         let ports = s.network.ports.clone();
         let userland = userland.clone();
+        // The sandbox's CA, when it has secrets: its key goes to the egress proxy, its
+        // certificate into the sandbox's trust store.
+        let ca = if secrets.is_empty() {
+            None
+        } else {
+            Some(net::secrets::Ca::new(&s.id)?)
+        };
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
         let started = Instant::now();
         let (network, guest_net, child) = blocking(move || {
@@ -318,9 +358,16 @@ impl Manager {
                         Egress::Allow => net::DnsUpstream::resolve(cfg.dns_upstream.as_deref())?,
                         _ => net::DnsUpstream(Vec::new()),
                     };
+                    let audit = cfg.state_dir.join(net::secrets::AUDIT_LOG);
                     let dns = net::DnsSetup {
                         bin_dir: &cfg.bin_dir,
                         upstream: &upstream,
+                        proxy: ca.as_ref().map(|ca| net::ProxySetup {
+                            secrets: &secrets,
+                            ca_key_pem: &ca.key_pem,
+                            audit: &audit,
+                            extra_ca: cfg.egress_ca.as_deref(),
+                        }),
                     };
                     let info = net::create(
                         &cfg.netns(&s.id),
@@ -368,6 +415,9 @@ impl Manager {
                         && mvm_sys::mountinfo::mount_points_under(&root).contains(&root)
                     {
                         net::write_resolv_conf(&root)?;
+                        if let Some(ca) = &ca {
+                            net::secrets::write_trust_store(&root, &ca.cert_pem)?;
+                        }
                     }
                     Ok(child)
                 });

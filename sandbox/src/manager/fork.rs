@@ -78,6 +78,9 @@ impl Manager {
                 // Host ports are unique on the host: they stay with the source.
                 ports: Vec::new(),
                 image: None,
+                // Secrets are of the jail tier, which does not fork; their values are kept
+                // nowhere to give a child.
+                secrets: Default::default(),
             };
             let (manager, tenant, origin) =
                 (self.clone(), tenant.clone(), Origin::Fork(saved.clone()));

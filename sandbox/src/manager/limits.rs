@@ -240,6 +240,7 @@ mod tests {
                 gateway: None,
                 netns: None,
                 ports: Vec::new(),
+                secrets: Vec::new(),
             },
             metadata: BTreeMap::new(),
         };

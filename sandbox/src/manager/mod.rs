@@ -109,6 +109,9 @@ pub struct ManagerConfig {
     /// (`ADDR[:PORT],...`; `mvmd --dns-upstream`, `MVM_DNS_UPSTREAM`); none: the host's
     /// `/etc/resolv.conf`.
     pub dns_upstream: Option<String>,
+    /// A CA file the hosts of sandboxes' secrets may chain to besides the host's roots
+    /// (`mvmd --egress-ca`, `MVM_EGRESS_CA`).
+    pub egress_ca: Option<PathBuf>,
     /// How much of a sandbox's or a client's data is held at once (exec output, bodies;
     /// `MVM_EXEC_OUTPUT_LIMIT`, ... see [`Bounds::from_env`]).
     pub bounds: Bounds,
@@ -160,6 +163,7 @@ impl ManagerConfig {
             dns_upstream: std::env::var("MVM_DNS_UPSTREAM")
                 .ok()
                 .filter(|v| !v.trim().is_empty()),
+            egress_ca: var("MVM_EGRESS_CA"),
         }
     }
 

@@ -97,7 +97,8 @@ pub(super) struct Listener {
     pub listen: DnsListen,
 }
 
-fn bound(kind: Type, protocol: Protocol, addr: SocketAddr) -> std::io::Result<Socket> {
+/// A socket of `kind` bound on `addr`, which need not exist yet (IP_FREEBIND).
+pub(super) fn bound(kind: Type, protocol: Protocol, addr: SocketAddr) -> std::io::Result<Socket> {
     let s = Socket::new(Domain::IPV4, kind, Some(protocol))?;
     s.set_freebind_v4(true)?;
     s.bind(&addr.into())?;
@@ -121,7 +122,7 @@ impl Listener {
                     return Ok(Listener {
                         udp,
                         tcp,
-                        listen: DnsListen { port },
+                        listen: DnsListen { port, proxy: None },
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
@@ -191,8 +192,13 @@ pub(super) fn write_policy(
 
 impl Resolver<'_> {
     /// Starts the resolver on `listener`'s sockets with the allow list `allow`, in a session
-    /// of its own.
-    pub(super) fn start(&self, listener: Listener, allow: &[String]) -> Result<()> {
+    /// of its own; it answers the hosts of `secrets` with the egress proxy's address.
+    pub(super) fn start(
+        &self,
+        listener: Listener,
+        allow: &[String],
+        secrets: Option<&[super::Secret]>,
+    ) -> Result<()> {
         let policy = policy_path(self.netns, self.id);
         write_policy(&policy, allow, || Ok(()))?;
         let bin = self.bin_dir.join(RESOLVER_BIN);
@@ -213,6 +219,9 @@ impl Resolver<'_> {
             .arg(self.client.to_string());
         for u in &self.upstream.0 {
             cmd.arg("--upstream").arg(u.to_string());
+        }
+        for host in secrets.unwrap_or_default().iter().flat_map(|s| &s.hosts) {
+            cmd.arg("--proxied").arg(host);
         }
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null());
@@ -261,20 +270,7 @@ pub fn resolver_pids(id: &str) -> Vec<i32> {
 
 /// Stops sandbox `id`'s resolver and removes its policy file (both may be gone already).
 pub(super) fn stop(netns: &Path, id: &str) -> Result<()> {
-    for pid in resolver_pids(id) {
-        // SAFETY: kill(2) with a pid read from /proc; a reused pid would not match the
-        // resolver's arguments, which were just read.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !resolver_pids(id).iter().all(|p| reaped_or_zombie(*p)) {
-        if std::time::Instant::now() > deadline {
-            return Err(Error::Host(format!(
-                "the resolver of sandbox {id} did not end after SIGKILL"
-            )));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    stop_helper("resolver", id, resolver_pids)?;
     match std::fs::remove_file(policy_path(netns, id)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::host(
             format!("removing the resolver policy of {id}"),
@@ -282,6 +278,26 @@ pub(super) fn stop(netns: &Path, id: &str) -> Result<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Kills sandbox `id`'s helper processes (`what`, found by `pids`) and waits until they are
+/// gone.
+pub(super) fn stop_helper(what: &str, id: &str, pids: fn(&str) -> Vec<i32>) -> Result<()> {
+    for pid in pids(id) {
+        // SAFETY: kill(2) with a pid read from /proc; a reused pid would not match the
+        // helper's arguments, which were just read.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !pids(id).iter().all(|p| reaped_or_zombie(*p)) {
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Host(format!(
+                "the {what} of sandbox {id} did not end after SIGKILL"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// Whether process `pid` is gone or dead: reaped here when it is our child (the manager that

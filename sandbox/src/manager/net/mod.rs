@@ -15,12 +15,16 @@ mod egress;
 mod pod;
 pub mod policy;
 mod ports;
+pub mod proxy;
 pub mod resolver;
 mod rules;
+pub mod secrets;
 
 pub use dns::{resolver_pids, write_resolv_conf, DnsUpstream, RESOLVER_ADDR};
 pub use pod::{join_pod_netns, leave_pod_netns, PodUplink};
 pub use ports::{check_unbound as check_ports_unbound, validate as validate_ports, MAX_PORTS};
+pub use rules::PROXY_ADDR;
+pub use secrets::{proxy_pids, Secret};
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -110,6 +114,20 @@ pub struct DnsSetup<'a> {
     pub bin_dir: &'a Path,
     /// Where the resolver sends queries.
     pub upstream: &'a DnsUpstream,
+    /// The sandbox's egress proxy, when it has secrets.
+    pub proxy: Option<ProxySetup<'a>>,
+}
+
+/// What the egress proxy of a sandbox with secrets needs.
+pub struct ProxySetup<'a> {
+    /// The secrets (values included).
+    pub secrets: &'a [Secret],
+    /// The sandbox's CA key (PEM).
+    pub ca_key_pem: &'a str,
+    /// The audit log of the secrets' uses.
+    pub audit: &'a Path,
+    /// Another CA file the secret hosts' certificates may chain to.
+    pub extra_ca: Option<&'a Path>,
 }
 
 /// Builds the namespace at `netns` for sandbox `id`, publishing `ports`, and returns what the
@@ -133,7 +151,14 @@ pub fn create(
     } else {
         None
     };
-    let listen = resolver.as_ref().map(|r| r.listen);
+    let proxy = match (&resolver, &dns.proxy) {
+        (Some(_), Some(_)) => Some(secrets::ProxyListener::bind(addrs.host)?),
+        _ => None,
+    };
+    let listen = resolver.as_ref().map(|r| rules::DnsListen {
+        proxy: proxy.as_ref().map(|p| p.port),
+        ..r.listen
+    });
     let inside = spec.clone();
     let inside_ports = ports.to_vec();
     let mvmd_pid = std::process::id().to_string();
@@ -173,6 +198,11 @@ pub fn create(
         ports: ports.to_vec(),
         egress: spec.egress,
         allow: spec.allow.clone(),
+        secrets: dns
+            .proxy
+            .as_ref()
+            .map(|p| p.secrets.iter().map(Secret::info).collect())
+            .unwrap_or_default(),
         address: veth_wanted.then(|| match isolation {
             Isolation::Jail => addrs.sandbox.to_string(),
             Isolation::Vm => addrs.guest.to_string(),
@@ -212,7 +242,23 @@ pub fn create(
             client: addrs.sandbox,
             upstream: dns.upstream,
         }
-        .start(listener, &spec.allow);
+        .start(listener, &spec.allow, dns.proxy.as_ref().map(|p| p.secrets))
+        .and_then(|()| match (proxy, &dns.proxy) {
+            (Some(listener), Some(setup)) => secrets::start(
+                dns.bin_dir,
+                listener,
+                &secrets::ProxyConfig {
+                    sandbox: id.to_owned(),
+                    client: addrs.sandbox,
+                    upstream: dns.upstream.0.clone(),
+                    audit: setup.audit.to_owned(),
+                    extra_ca: setup.extra_ca.map(Path::to_owned),
+                    ca_key_pem: setup.ca_key_pem.to_owned(),
+                    secrets: setup.secrets.to_vec(),
+                },
+            ),
+            _ => Ok(()),
+        });
         if let Err(e) = started {
             let _ = destroy(netns, id);
             return Err(e);
@@ -273,6 +319,7 @@ pub fn destroy(netns: &Path, id: &str) -> Result<()> {
         }
     }
     dns::stop(netns, id)?;
+    secrets::stop(id)?;
     host::remove_netns(netns)?;
     remove_host_guard(id)?;
     unpublish(id)?;

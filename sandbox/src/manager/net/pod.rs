@@ -145,6 +145,7 @@ pub fn join_pod_netns(
         gateway: uplink.gateway.map(|g| g.to_string()),
         netns: Some(netns.display().to_string()),
         ports: Vec::new(),
+        secrets: Vec::new(),
     };
     Ok((info, uplink))
 }

@@ -58,7 +58,7 @@ fn invalid(s: &str, why: &str) -> Error {
 /// Whether `name` (lowercase, no final dot) is a valid DNS name for an allow entry: labels of
 /// 1-63 letters, digits, `-` or `_`, not starting or ending with `-`, at most 253 bytes, and
 /// a last label that is not all digits (that would be a mistyped address).
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     name.len() <= 253
         && name.split('.').all(|l| {
             (1..=63).contains(&l.len())

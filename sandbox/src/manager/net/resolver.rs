@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::policy::AllowEntry;
-use super::rules::{DNS_PORT_SET, DNS_SET};
+use super::rules::{DNS_PORT_SET, DNS_SET, PROXY_ADDR};
 
 /// The descriptor of the UDP socket the manager passes.
 pub const UDP_FD: i32 = 3;
@@ -68,6 +68,9 @@ pub struct Config {
     pub client: Ipv4Addr,
     /// Upstream servers, tried in order.
     pub upstream: Vec<SocketAddr>,
+    /// The hosts of the sandbox's secrets (lowercase, no final dot): answered with
+    /// [`PROXY_ADDR`], the egress proxy's address, whatever the allow list says.
+    pub proxied: Vec<String>,
 }
 
 /// Runs the resolver on the sockets at [`UDP_FD`] and [`TCP_FD`] until it is killed.
@@ -236,6 +239,9 @@ impl Server {
         }
         let qname = request.queries[0].name.to_ascii().to_ascii_lowercase();
         let qname = qname.trim_end_matches('.');
+        if self.cfg.proxied.iter().any(|h| h == qname) {
+            return proxied_reply(&request);
+        }
         if self.matching(qname).is_empty() {
             return refuse(ResponseCode::NXDomain);
         }
@@ -375,6 +381,28 @@ fn error_reply(request: &Message, code: ResponseCode) -> Option<Vec<u8>> {
     reply.to_vec().ok()
 }
 
+/// The answer for a secret host: [`PROXY_ADDR`] for A (no upstream query: the proxy finds
+/// the real address itself), nothing for other types.
+fn proxied_reply(request: &Message) -> Option<Vec<u8>> {
+    let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
+    reply.metadata.recursion_desired = request.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.metadata.authoritative = true;
+    reply.queries = request.queries.clone();
+    let query = &request.queries[0];
+    if query.query_type == RecordType::A {
+        reply.add_answer(hickory_proto::rr::Record::from_rdata(
+            query.name.clone(),
+            PROXIED_TTL,
+            RData::A(PROXY_ADDR.into()),
+        ));
+    }
+    reply.to_vec().ok()
+}
+
+/// TTL of the answers for secret hosts (they never change).
+const PROXIED_TTL: u32 = 300;
+
 /// Removes AAAA records, clamps every TTL to [`MIN_TTL`]..=[`MAX_TTL`] and returns the IPv4
 /// addresses of the answer with their TTLs.
 fn clamp_and_filter(response: &mut Message) -> Vec<(Ipv4Addr, u32)> {
@@ -398,14 +426,15 @@ fn clamp_and_filter(response: &mut Message) -> Vec<(Ipv4Addr, u32)> {
 }
 
 /// A random 16-bit query id.
-fn random_id() -> u16 {
+pub(super) fn random_id() -> u16 {
     let mut id = [0u8; 2];
     // SAFETY: getrandom(2) writes at most the 2 bytes of `id`.
     unsafe { libc::getrandom(id.as_mut_ptr().cast(), 2, 0) };
     u16::from_ne_bytes(id)
 }
 
-async fn udp_exchange(server: SocketAddr, query: &[u8], id: u16) -> Option<Message> {
+/// Sends `query` (id `id`) to `server` over UDP and returns its answer.
+pub(super) async fn udp_exchange(server: SocketAddr, query: &[u8], id: u16) -> Option<Message> {
     let bind: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {

@@ -130,19 +130,33 @@ pub const DNS_PORT_SET: &str = "dns4_ports";
 /// cloud VPCs; nothing else of 169.254/16 is reachable.
 pub const RESOLVER_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 53, 53);
 
-/// Where a sandbox's resolver listens: its gateway (the host end of its veth) on `port`,
-/// which the namespace maps port 53 of [`RESOLVER_ADDR`] to.
+/// The address the resolver answers for the hosts of a sandbox's secrets: its namespace maps
+/// port 443 there to the sandbox's egress proxy ([`DnsListen::proxy`]).
+pub const PROXY_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 53, 54);
+
+/// Where a sandbox's helpers listen on its gateway (the host end of its veth): the resolver
+/// on `port`, which the namespace maps port 53 of [`RESOLVER_ADDR`] to, and the egress proxy
+/// of a sandbox with secrets on `proxy`, which port 443 of [`PROXY_ADDR`] is mapped to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct DnsListen {
     pub port: u16,
+    pub proxy: Option<u16>,
 }
 
-/// The rule that lets DNS to the resolver at `a`'s gateway through `dns`, for a chain.
-fn dns_accept(a: &Addresses, dns: DnsListen) -> String {
-    format!(
-        "ip daddr {} meta l4proto {{ tcp, udp }} th dport {} accept",
+/// The rules that let DNS to the resolver at `a`'s gateway through `dns` (and HTTPS to its
+/// egress proxy), for a chain, each prefixed with `prefix`.
+fn dns_accept(a: &Addresses, dns: DnsListen, prefix: &str) -> String {
+    let mut rules = format!(
+        "    {prefix}ip daddr {} meta l4proto {{ tcp, udp }} th dport {} accept\n",
         a.host, dns.port
-    )
+    );
+    if let Some(proxy) = dns.proxy {
+        rules.push_str(&format!(
+            "    {prefix}ip daddr {} tcp dport {proxy} accept\n",
+            a.host
+        ));
+    }
+    rules
 }
 
 /// The host-side guard of sandbox `id`, for every egress mode with a veth: what comes in
@@ -159,9 +173,7 @@ pub(super) fn host_guard(
     a: &Addresses,
     dns: Option<DnsListen>,
 ) -> String {
-    let dns = dns
-        .map(|d| format!("    {}\n", dns_accept(a, d)))
-        .unwrap_or_default();
+    let dns = dns.map(|d| dns_accept(a, d, "")).unwrap_or_default();
     format!(
         "table inet {} {{
 {}  chain prerouting {{ type filter hook prerouting priority -150;
@@ -270,8 +282,8 @@ pub(super) fn ruleset(
         };
         let (dns, dns_forward) = match dns {
             Some(d) => (
-                format!("    {}\n", dns_accept(a, d)),
-                format!("    iifname \"{TAP_IF}\" {}\n", dns_accept(a, d)),
+                dns_accept(a, d, ""),
+                dns_accept(a, d, &format!("iifname \"{TAP_IF}\" ")),
             ),
             None => Default::default(),
         };
@@ -292,15 +304,23 @@ pub(super) fn ruleset(
     }
     if let Some(d) = dns {
         // The resolver's port on the gateway (which the host chose free).
+        // And the proxy's, for port 443 of the secret hosts' address.
         let to = |iif: &str| {
-            ["udp", "tcp"]
+            let mut rules = ["udp", "tcp"]
                 .map(|proto| {
                     format!(
                         "{iif}ip daddr {RESOLVER_ADDR} {proto} dport 53 dnat to {}:{}; ",
                         a.host, d.port
                     )
                 })
-                .concat()
+                .concat();
+            if let Some(proxy) = d.proxy {
+                rules.push_str(&format!(
+                    "{iif}ip daddr {PROXY_ADDR} tcp dport 443 dnat to {}:{proxy}; ",
+                    a.host
+                ));
+            }
+            rules
         };
         rules.push_str(&format!(
             "table ip mvm-dns {{
@@ -449,7 +469,10 @@ mod tests {
             egress: Egress::Allow,
             allow: vec!["api.example.com".into(), "10.0.0.0/8:443".into()],
         };
-        let dns = Some(DnsListen { port: 40000 });
+        let dns = Some(DnsListen {
+            port: 40000,
+            proxy: Some(40001),
+        });
         let vm = ruleset(&spec, &[], Isolation::Vm, &a, dns);
         for rule in [
             "set dns4 { type ipv4_addr; flags timeout; }",
@@ -461,6 +484,10 @@ mod tests {
             "ip daddr 169.254.53.53 udp dport 53 dnat to 10.213.0.9:40000",
             "iifname \"tap0\" ip daddr 169.254.53.53 tcp dport 53 dnat to 10.213.0.9:40000",
             "iifname \"tap0\" jump allowed",
+            "ip daddr 10.213.0.9 tcp dport 40001 accept",
+            "iifname \"tap0\" ip daddr 10.213.0.9 tcp dport 40001 accept",
+            "ip daddr 169.254.53.54 tcp dport 443 dnat to 10.213.0.9:40001",
+            "iifname \"tap0\" ip daddr 169.254.53.54 tcp dport 443 dnat to 10.213.0.9:40001",
         ] {
             assert!(vm.contains(rule), "{rule} in {vm}");
         }
@@ -475,6 +502,10 @@ mod tests {
             "{host}"
         );
         assert!(!host.contains("@dns4"), "{host}");
+        let proxy = host
+            .find("ip daddr 10.213.0.9 tcp dport 40001 accept")
+            .expect("the proxy rule");
+        assert!(proxy < host.find("fib daddr").expect("fib rule"), "{host}");
         assert!(
             host.contains("ip daddr 10.0.0.0/8 th dport 443 accept"),
             "{host}"

@@ -1,0 +1,482 @@
+//! The manager's side of a sandbox's secrets (egress `allow`): it checks them, gives each a
+//! random placeholder for the sandbox's env, makes the sandbox's CA, writes the CA into the
+//! sandbox's trust store, and starts and stops the sandbox's egress proxy (`mvm-egress`, see
+//! [`super::proxy`]), which puts the values in place of the placeholders in the HTTPS request
+//! headers sent to the secrets' hosts. The values go to the proxy through a pipe and are
+//! stored nowhere.
+//!
+//! The sandbox's resolver answers a secret host's name with [`super::rules::PROXY_ADDR`],
+//! which the namespace maps (port 443) to the proxy's port on the sandbox's gateway.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use socket2::{Protocol, Socket, Type};
+
+use super::dns::{bound, stop_helper};
+use super::policy::valid_name;
+use crate::error::{Error, Result};
+use crate::manager::host;
+use crate::model::{Egress, SecretInfo, SecretSpec};
+
+/// The proxy's program name in the manager's binary directory.
+pub const PROXY_BIN: &str = "mvm-egress";
+/// The descriptor of the listening socket the manager passes to the proxy.
+pub const PROXY_FD: i32 = 3;
+/// Most secrets of one sandbox.
+pub const MAX_SECRETS: usize = 16;
+/// Most hosts of one secret.
+pub const MAX_HOSTS: usize = 8;
+/// Longest value, bytes.
+pub const MAX_VALUE: usize = 4096;
+/// Longest name, bytes.
+const MAX_NAME: usize = 64;
+/// The sandbox's trust store: the image's bundle (when it has one) with the sandbox's CA.
+pub const TRUST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The sandbox's CA alone (for `NODE_EXTRA_CA_CERTS`).
+pub const CA_FILE: &str = "/etc/ssl/certs/mvm-egress-ca.pem";
+/// The audit log of the secrets' uses, in the manager's state directory (root's alone).
+pub const AUDIT_LOG: &str = "egress-audit.log";
+
+/// A secret as the proxy uses it.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Secret {
+    /// The environment variable holding the placeholder.
+    pub name: String,
+    /// What the sandbox sees instead of the value.
+    pub placeholder: String,
+    /// The value.
+    pub value: String,
+    /// The hosts whose requests get the value (lowercase, no final dot).
+    pub hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for Secret {
+    /// Never the value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("name", &self.name)
+            .field("placeholder", &self.placeholder)
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Secret {
+    /// What answers show of it.
+    pub fn info(&self) -> SecretInfo {
+        SecretInfo {
+            name: self.name.clone(),
+            hosts: self.hosts.clone(),
+        }
+    }
+}
+
+fn invalid(name: &str, why: &str) -> Error {
+    Error::Invalid(format!("secrets.{name}: {why}"))
+}
+
+/// Checks the secrets of a create request for a sandbox with `egress` and env `env`, and
+/// gives each its placeholder (`mvm-secret-<name>-<32 random hex digits>`).
+pub fn plan(
+    secrets: &BTreeMap<String, SecretSpec>,
+    egress: Egress,
+    env: &BTreeMap<String, String>,
+) -> Result<Vec<Secret>> {
+    if secrets.is_empty() {
+        return Ok(Vec::new());
+    }
+    if egress != Egress::Allow {
+        return Err(Error::Invalid(
+            "secrets need network.egress \"allow\" (the sandbox's resolver sends their hosts \
+             to its egress proxy)"
+                .into(),
+        ));
+    }
+    if secrets.len() > MAX_SECRETS {
+        return Err(Error::Invalid(format!(
+            "{} secrets; at most {MAX_SECRETS} are allowed",
+            secrets.len()
+        )));
+    }
+    secrets
+        .iter()
+        .map(|(name, spec)| {
+            let name_ok = (1..=MAX_NAME).contains(&name.len())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !name_ok {
+                return Err(invalid(
+                    name,
+                    &format!(
+                        "the name must be an environment variable name (letters, digits, _; \
+                         not starting with a digit; at most {MAX_NAME} bytes)"
+                    ),
+                ));
+            }
+            if env.contains_key(name) {
+                return Err(invalid(name, "env sets the same variable"));
+            }
+            if spec.value.is_empty() || spec.value.len() > MAX_VALUE {
+                return Err(invalid(
+                    name,
+                    &format!("the value must be 1 to {MAX_VALUE} bytes"),
+                ));
+            }
+            if !spec.value.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+                return Err(invalid(
+                    name,
+                    "the value must be visible ASCII or spaces (it goes into HTTP headers)",
+                ));
+            }
+            if spec.hosts.is_empty() || spec.hosts.len() > MAX_HOSTS {
+                return Err(invalid(
+                    name,
+                    &format!("a secret needs 1 to {MAX_HOSTS} hosts"),
+                ));
+            }
+            let hosts = spec
+                .hosts
+                .iter()
+                .map(|h| {
+                    let host = h.trim_end_matches('.').to_ascii_lowercase();
+                    if valid_name(&host) {
+                        Ok(host)
+                    } else {
+                        Err(invalid(
+                            name,
+                            &format!(
+                                "host {h:?} is not a DNS name (like api.example.com; no \
+                                 wildcards, addresses or ports)"
+                            ),
+                        ))
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Secret {
+                name: name.clone(),
+                placeholder: format!(
+                    "mvm-secret-{}-{}",
+                    name.to_ascii_lowercase(),
+                    crate::db::random_hex(16)?
+                ),
+                value: spec.value.clone(),
+                hosts,
+            })
+        })
+        .collect()
+}
+
+/// The environment variables that point TLS clients at the sandbox's trust store.
+pub fn trust_env() -> [(&'static str, &'static str); 4] {
+    [
+        ("SSL_CERT_FILE", TRUST_BUNDLE),
+        ("REQUESTS_CA_BUNDLE", TRUST_BUNDLE),
+        ("CURL_CA_BUNDLE", TRUST_BUNDLE),
+        ("NODE_EXTRA_CA_CERTS", CA_FILE),
+    ]
+}
+
+/// The parameters of sandbox `id`'s CA: the manager signs its certificate with them, the
+/// proxy its leaves (rcgen's issuer needs only these and the key).
+pub fn ca_params(id: &str) -> rcgen::CertificateParams {
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("mvm egress CA {id}"));
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params
+}
+
+/// A sandbox's CA: its certificate (for the sandbox's trust store) and key (for the proxy).
+pub struct Ca {
+    /// PEM certificate.
+    pub cert_pem: String,
+    /// PEM PKCS#8 key.
+    pub key_pem: String,
+}
+
+impl Ca {
+    /// A new CA for sandbox `id`.
+    pub fn new(id: &str) -> Result<Ca> {
+        let err = |e: rcgen::Error| Error::Host(format!("making the sandbox's CA: {e}"));
+        let key = rcgen::KeyPair::generate().map_err(err)?;
+        let cert = ca_params(id).self_signed(&key).map_err(err)?;
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Makes directory `rel` (relative, plain components) under `root`, refusing links.
+fn dir_beneath(root: &Path, rel: &str) -> Result<PathBuf> {
+    let mut dir = root.to_owned();
+    for part in rel.split('/').filter(|p| !p.is_empty()) {
+        dir.push(part);
+        let err = |e| Error::host(format!("creating {}", dir.display()), e);
+        match dir.symlink_metadata() {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::Invalid(format!(
+                    "{} of the sandbox's image is not a directory; its trust store cannot be \
+                     set",
+                    dir.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&dir).map_err(err)?
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(dir)
+}
+
+/// Adds `ca_pem` to the trust store of the sandbox tree `root` (before anything runs in it):
+/// [`CA_FILE`] alone, and [`TRUST_BUNDLE`] as the image's bundle (a regular file; a link is
+/// not followed and replaced) followed by the CA.
+pub fn write_trust_store(root: &Path, ca_pem: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (dir_rel, bundle_name) = TRUST_BUNDLE.rsplit_once('/').expect("an absolute path");
+    let dir = dir_beneath(root, dir_rel)?;
+    let bundle = dir.join(bundle_name);
+    let err = |e| Error::host(format!("writing {}", bundle.display()), e);
+    let image_bundle = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&bundle)
+    {
+        Ok(f) if f.metadata().map_err(err)?.is_file() => std::io::read_to_string(f).map_err(err)?,
+        Ok(_) => String::new(),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOENT)) => String::new(),
+        Err(e) => return Err(err(e)),
+    };
+    for (name, text) in [
+        (bundle_name, format!("{image_bundle}\n{ca_pem}")),
+        (CA_FILE.rsplit('/').next().expect("a name"), ca_pem.into()),
+    ] {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+            _ => {}
+        }
+        crate::manager::beneath::create_new_file(&dir, name, 0o644)?
+            .write_all(text.as_bytes())
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The proxy's listening socket, bound on the sandbox's gateway before the gateway's address
+/// exists (IP_FREEBIND) on a port the host picks.
+pub(super) struct ProxyListener {
+    tcp: Socket,
+    /// Its port.
+    pub port: u16,
+}
+
+impl ProxyListener {
+    /// Binds on `gateway`.
+    pub(super) fn bind(gateway: Ipv4Addr) -> Result<Self> {
+        let err = |e| {
+            Error::host(
+                format!("binding the sandbox's egress proxy on {gateway}"),
+                e,
+            )
+        };
+        let tcp = bound(Type::STREAM, Protocol::TCP, (gateway, 0).into()).map_err(err)?;
+        tcp.listen(64).map_err(err)?;
+        let port = tcp
+            .local_addr()
+            .map_err(err)?
+            .as_socket()
+            .map_or(0, |a| a.port());
+        Ok(ProxyListener { tcp, port })
+    }
+}
+
+/// What the proxy is given on its standard input (the values included: a pipe, no file).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProxyConfig {
+    /// Sandbox id (audit lines, messages).
+    pub sandbox: String,
+    /// The sandbox's address: connections from anyone else are closed.
+    pub client: Ipv4Addr,
+    /// Upstream DNS servers, to find the secret hosts.
+    pub upstream: Vec<SocketAddr>,
+    /// The audit log, one line per use of a secret.
+    pub audit: PathBuf,
+    /// Another CA file the hosts' certificates may chain to (besides the host's roots).
+    pub extra_ca: Option<PathBuf>,
+    /// The sandbox's CA key (PEM); its parameters are [`ca_params`].
+    pub ca_key_pem: String,
+    /// The secrets.
+    pub secrets: Vec<Secret>,
+}
+
+/// Starts sandbox `id`'s proxy from `bin_dir` on `listener` with `cfg`, in a session of its
+/// own.
+pub(super) fn start(bin_dir: &Path, listener: ProxyListener, cfg: &ProxyConfig) -> Result<()> {
+    let bin = bin_dir.join(PROXY_BIN);
+    if !bin.is_file() {
+        return Err(Error::Host(crate::install::helper_missing(
+            bin_dir, PROXY_BIN,
+        )));
+    }
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg("--sandbox")
+        .arg(&cfg.sandbox)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    let fd = listener.tcp.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid, dup2) on a
+    // descriptor this process owns; dup2 clears close-on-exec on the copy.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            if libc::setsid() == -1 || libc::dup2(fd, PROXY_FD) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawn_err = |e: std::io::Error| {
+        Error::host(
+            format!("starting the sandbox's egress proxy {}", bin.display()),
+            format!("{e} (set MVM_BIN_DIR to the directory of mvm-jailer and mvm-egress)"),
+        )
+    };
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let config = serde_json::to_vec(cfg).expect("plain data serializes");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(&config).map_err(spawn_err)?;
+    // Closed: the proxy reads to the end. The handle is dropped like the resolver's.
+    Ok(())
+}
+
+/// Pids of sandbox `id`'s proxy processes.
+pub fn proxy_pids(id: &str) -> Vec<i32> {
+    host::pids_of(PROXY_BIN, "--sandbox", id)
+}
+
+/// Stops sandbox `id`'s proxy (it may be gone already).
+pub(super) fn stop(id: &str) -> Result<()> {
+    stop_helper("egress proxy", id, proxy_pids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(value: &str, hosts: &[&str]) -> SecretSpec {
+        SecretSpec {
+            value: value.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn secrets_are_checked_and_get_random_placeholders() {
+        let env = BTreeMap::from([("TAKEN".to_string(), "x".to_string())]);
+        let one = |name: &str, s: SecretSpec| BTreeMap::from([(name.to_string(), s)]);
+        let ok = plan(
+            &one("API_KEY", spec("sk-1", &["API.Example.com."])),
+            Egress::Allow,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(ok[0].hosts, ["api.example.com"]);
+        assert!(ok[0].placeholder.starts_with("mvm-secret-api_key-"));
+        assert!(!ok[0].placeholder.contains("sk-1"));
+        let again = plan(
+            &one("API_KEY", spec("sk-1", &["api.example.com"])),
+            Egress::Allow,
+            &env,
+        )
+        .unwrap();
+        assert_ne!(ok[0].placeholder, again[0].placeholder);
+        assert!(!format!("{ok:?}").contains("sk-1"));
+        for (name, s, egress, why) in [
+            ("K", spec("v", &["a.com"]), Egress::All, "egress"),
+            ("1K", spec("v", &["a.com"]), Egress::Allow, "environment"),
+            ("K-1", spec("v", &["a.com"]), Egress::Allow, "environment"),
+            ("TAKEN", spec("v", &["a.com"]), Egress::Allow, "env sets"),
+            ("K", spec("", &["a.com"]), Egress::Allow, "1 to"),
+            ("K", spec("a\r\nX: y", &["a.com"]), Egress::Allow, "visible"),
+            ("K", spec("v", &[]), Egress::Allow, "1 to 8 hosts"),
+            (
+                "K",
+                spec("v", &["*.a.com"]),
+                Egress::Allow,
+                "not a DNS name",
+            ),
+            (
+                "K",
+                spec("v", &["1.2.3.4"]),
+                Egress::Allow,
+                "not a DNS name",
+            ),
+            (
+                "K",
+                spec("v", &["a.com:443"]),
+                Egress::Allow,
+                "not a DNS name",
+            ),
+        ] {
+            let e = plan(&one(name, s), egress, &env).unwrap_err().to_string();
+            assert!(e.contains(why), "{name}: {e}");
+        }
+        let many: BTreeMap<_, _> = (0..=MAX_SECRETS)
+            .map(|i| (format!("K{i}"), spec("v", &["a.com"])))
+            .collect();
+        plan(&many, Egress::Allow, &env).unwrap_err();
+        plan(
+            &one("K", spec(&"v".repeat(MAX_VALUE + 1), &["a.com"])),
+            Egress::Allow,
+            &env,
+        )
+        .unwrap_err();
+    }
+
+    #[test]
+    fn the_trust_store_keeps_the_images_bundle_and_follows_no_link() {
+        let root = tempfile::tempdir().unwrap();
+        let certs = root.path().join("etc/ssl/certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        std::fs::write(certs.join("ca-certificates.crt"), "IMAGE CAS\n").unwrap();
+        write_trust_store(root.path(), "OUR CA\n").unwrap();
+        let bundle = std::fs::read_to_string(certs.join("ca-certificates.crt")).unwrap();
+        assert!(
+            bundle.starts_with("IMAGE CAS\n") && bundle.ends_with("OUR CA\n"),
+            "{bundle}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(certs.join("mvm-egress-ca.pem")).unwrap(),
+            "OUR CA\n"
+        );
+        // A link planted by the image is replaced, its target neither read nor written.
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), "HOST FILE").unwrap();
+        std::fs::remove_file(certs.join("ca-certificates.crt")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), certs.join("ca-certificates.crt")).unwrap();
+        write_trust_store(root.path(), "OUR CA\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(outside.path()).unwrap(),
+            "HOST FILE"
+        );
+        let bundle = std::fs::read_to_string(certs.join("ca-certificates.crt")).unwrap();
+        assert!(!bundle.contains("HOST FILE"), "{bundle}");
+        // A linked directory is refused.
+        let root2 = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/", root2.path().join("etc")).unwrap();
+        write_trust_store(root2.path(), "OUR CA\n").unwrap_err();
+    }
+}
