@@ -18,8 +18,7 @@ use crate::error::{Error, Result};
 /// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`: `path` (relative) must lie beneath `dir`
 /// and no component of it may be a link.
 fn open_beneath(dir: &Path, path: &Path, extra: libc::c_int) -> std::io::Result<OwnedFd> {
-    let c = |p: &Path| mvm_sys::cstr::from_path(p).map_err(|e| e.source);
-    let (dir_c, path_c) = (c(dir)?, c(path)?);
+    let dir_c = mvm_sys::cstr::from_path(dir).map_err(|e| e.source)?;
     // SAFETY: a NUL-terminated path; the fd returned is owned below.
     let dirfd = unsafe {
         libc::open(
@@ -32,6 +31,12 @@ fn open_beneath(dir: &Path, path: &Path, extra: libc::c_int) -> std::io::Result<
     }
     // SAFETY: `dirfd` was just opened and is owned by nothing else.
     let dirfd = unsafe { OwnedFd::from_raw_fd(dirfd) };
+    open_beneath_fd(&dirfd, path, extra)
+}
+
+/// [`open_beneath`] from an open directory.
+fn open_beneath_fd(dirfd: &OwnedFd, path: &Path, extra: libc::c_int) -> std::io::Result<OwnedFd> {
+    let path_c = mvm_sys::cstr::from_path(path).map_err(|e| e.source)?;
     // SAFETY: `open_how` is plain integers, for which all zeroes is valid.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC | extra) as u64;
@@ -124,6 +129,33 @@ pub fn create_new_file(dir: &Path, name: &str, mode: u32) -> Result<std::fs::Fil
         .map_err(|e| Error::host(format!("creating {}", path.display()), e))
 }
 
+/// Opens (making it, mode 0755, when missing) directory `name` beneath `parent`.
+fn open_or_make_child(parent: &OwnedFd, name: &str, shown: &Path) -> Result<OwnedFd> {
+    let open = || open_beneath_fd(parent, Path::new(name), libc::O_DIRECTORY);
+    let fd = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let name_c = mvm_sys::cstr::from_path(Path::new(name))
+                .map_err(|e| Error::host(format!("making {}", shown.display()), e.source))?;
+            // SAFETY: mkdirat with a directory fd we own and a NUL-terminated name.
+            if unsafe { libc::mkdirat(parent.as_raw_fd(), name_c.as_ptr(), 0o755) } == -1 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(Error::host(format!("making {}", shown.display()), e));
+                }
+            }
+            open()
+        }
+        other => other,
+    };
+    fd.map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR) => Error::Invalid(format!(
+            "{} of the sandbox's tree is a link or not a directory; refusing to write there",
+            shown.display()
+        )),
+        _ => Error::host(format!("opening {}", shown.display()), e),
+    })
+}
+
 /// A directory of a sandbox's tree, opened without following any link (a tenant may have
 /// made any name in its tree a link), in which root replaces files by the directory's
 /// descriptor: no name is resolved again, so no swap after the check can redirect a write.
@@ -134,37 +166,51 @@ pub struct TreeDir {
 }
 
 impl TreeDir {
-    /// Opens directory `rel` of tree `root`, made (mode 0755) when missing; `rel` must be one
-    /// component. A link or a non-directory there is refused.
+    /// Opens directory `rel` (relative, e.g. `etc/ssl/certs`) of tree `root`, each component
+    /// made (mode 0755) when missing and opened from its parent's descriptor. A link or a
+    /// non-directory on the way is refused.
     pub fn open_or_make(root: &Path, rel: &str) -> Result<TreeDir> {
-        let shown = root.join(rel);
-        let open = || open_beneath(root, Path::new(rel), libc::O_DIRECTORY);
-        let fd = match open() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let root_fd = open_beneath(root, Path::new("."), libc::O_DIRECTORY)
-                    .map_err(|e| Error::host(format!("opening {}", root.display()), e))?;
-                let name = mvm_sys::cstr::from_path(Path::new(rel))
-                    .map_err(|e| e.source)
-                    .map_err(|e| Error::host(format!("making {}", shown.display()), e))?;
-                // SAFETY: mkdirat with a directory fd we own and a NUL-terminated name.
-                if unsafe { libc::mkdirat(root_fd.as_raw_fd(), name.as_ptr(), 0o755) } == -1 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::AlreadyExists {
-                        return Err(Error::host(format!("making {}", shown.display()), e));
-                    }
-                }
-                open()
-            }
-            other => other,
-        };
-        let fd = fd.map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR) => Error::Invalid(format!(
-                "{} of the sandbox's tree is a link or not a directory; refusing to write there",
-                shown.display()
-            )),
-            _ => Error::host(format!("opening {}", shown.display()), e),
-        })?;
+        let mut shown = root.to_path_buf();
+        let mut fd = open_beneath(root, Path::new("."), libc::O_DIRECTORY)
+            .map_err(|e| Error::host(format!("opening {}", root.display()), e))?;
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            shown.push(part);
+            fd = open_or_make_child(&fd, part, &shown)?;
+        }
         Ok(TreeDir { fd, shown })
+    }
+
+    /// The contents of regular file `name`, or `None` when there is none (a link there is
+    /// not followed: `None` too).
+    pub fn read_regular(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        use std::io::Read;
+        let shown = self.shown.join(name);
+        let err = |e| Error::host(format!("reading {}", shown.display()), e);
+        let name_c = mvm_sys::cstr::from_path(Path::new(name)).map_err(|e| err(e.source))?;
+        // SAFETY: openat with a directory fd we own and a NUL-terminated name; O_NOFOLLOW
+        // refuses a link as the name.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                name_c.as_ptr(),
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if fd == -1 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT | libc::ELOOP) => Ok(None),
+                _ => Err(err(e)),
+            };
+        }
+        // SAFETY: openat returned a new fd that nothing else owns.
+        let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        if !file.metadata().map_err(err)?.is_file() {
+            return Ok(None);
+        }
+        let mut contents = Vec::new();
+        file.read_to_end(&mut contents).map_err(err)?;
+        Ok(Some(contents))
     }
 
     /// Replaces entry `name` (a file or link; not a directory) with a new regular file of

@@ -20,6 +20,7 @@ use socket2::{Protocol, Socket, Type};
 use super::dns::{bound, stop_helper};
 use super::policy::valid_name;
 use crate::error::{Error, Result};
+use crate::manager::beneath::TreeDir;
 use crate::manager::host;
 use crate::model::{Egress, SecretInfo, SecretSpec};
 
@@ -217,62 +218,18 @@ impl Ca {
     }
 }
 
-/// Makes directory `rel` (relative, plain components) under `root`, refusing links.
-fn dir_beneath(root: &Path, rel: &str) -> Result<PathBuf> {
-    let mut dir = root.to_owned();
-    for part in rel.split('/').filter(|p| !p.is_empty()) {
-        dir.push(part);
-        let err = |e| Error::host(format!("creating {}", dir.display()), e);
-        match dir.symlink_metadata() {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(Error::Invalid(format!(
-                    "{} of the sandbox's image is not a directory; its trust store cannot be \
-                     set",
-                    dir.display()
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&dir).map_err(err)?
-            }
-            Err(e) => return Err(err(e)),
-        }
-    }
-    Ok(dir)
-}
-
 /// Adds `ca_pem` to the trust store of the sandbox tree `root` (before anything runs in it):
 /// [`CA_FILE`] alone, and [`TRUST_BUNDLE`] as the image's bundle (a regular file; a link is
 /// not followed and replaced) followed by the CA.
 pub fn write_trust_store(root: &Path, ca_pem: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let (dir_rel, bundle_name) = TRUST_BUNDLE.rsplit_once('/').expect("an absolute path");
-    let dir = dir_beneath(root, dir_rel)?;
-    let bundle = dir.join(bundle_name);
-    let err = |e| Error::host(format!("writing {}", bundle.display()), e);
-    let image_bundle = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&bundle)
-    {
-        Ok(f) if f.metadata().map_err(err)?.is_file() => std::io::read_to_string(f).map_err(err)?,
-        Ok(_) => String::new(),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOENT)) => String::new(),
-        Err(e) => return Err(err(e)),
-    };
-    for (name, text) in [
-        (bundle_name, format!("{image_bundle}\n{ca_pem}")),
-        (CA_FILE.rsplit('/').next().expect("a name"), ca_pem.into()),
-    ] {
-        match std::fs::remove_file(dir.join(name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
-            _ => {}
-        }
-        crate::manager::beneath::create_new_file(&dir, name, 0o644)?
-            .write_all(text.as_bytes())
-            .map_err(err)?;
-    }
-    Ok(())
+    let dir = TreeDir::open_or_make(root, dir_rel)?;
+    let mut bundle = dir.read_regular(bundle_name)?.unwrap_or_default();
+    bundle.push(b'\n');
+    bundle.extend_from_slice(ca_pem.as_bytes());
+    dir.replace_file(bundle_name, 0o644, &bundle)?;
+    let ca_name = CA_FILE.rsplit('/').next().expect("a name");
+    dir.replace_file(ca_name, 0o644, ca_pem.as_bytes())
 }
 
 /// The proxy's listening socket, bound on the sandbox's gateway before the gateway's address
