@@ -7,6 +7,7 @@
 mod common;
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 
 use common::{api_error, block_on, detach, jail, Daemon};
 use mvm_client::Client;
@@ -34,31 +35,63 @@ printf 'HTTP/1.1 101 Switching Protocols\\r\\nConnection: Upgrade\\r\\nUpgrade: 
 exec cat
 ";
 
-/// Asks mvmd (at `socket`, with `token`) to upgrade a request to port `port` of sandbox `id`
-/// to the protocol `echo`, and returns what comes back for a line sent after the 101.
-fn upgrade_and_echo(socket: &std::path::Path, token: &str, id: &str, port: u16) -> String {
-    use std::io::{BufRead as _, BufReader, Write as _};
-    let mut conn = std::os::unix::net::UnixStream::connect(socket).expect("mvmd's socket");
-    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        conn,
-        "GET /v1/sandboxes/{id}/ports/{port}/ HTTP/1.1\r\nHost: mvmd\r\n\
-         Authorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
-    )
-    .expect("request");
-    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-    let mut head = String::new();
-    while !head.ends_with("\r\n\r\n") {
-        let read = reader.read_line(&mut head).expect("the answer's head");
-        assert!(read > 0, "the answer ended in its head: {head}");
+/// A connection to mvmd upgraded to the protocol `echo` (see [`UPGRADE_SERVER`]).
+struct Upgraded {
+    conn: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Upgraded {
+    /// Asks mvmd (at `socket`, with `token`) to upgrade a request to port `port` of sandbox
+    /// `id` to the protocol `echo`.
+    fn open(socket: &std::path::Path, token: &str, id: &str, port: u16) -> Upgraded {
+        use std::io::{BufRead as _, Write as _};
+        let mut conn = std::os::unix::net::UnixStream::connect(socket).expect("mvmd's socket");
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            conn,
+            "GET /v1/sandboxes/{id}/ports/{port}/ HTTP/1.1\r\nHost: mvmd\r\n\
+             Authorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        )
+        .expect("request");
+        let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            let read = reader.read_line(&mut head).expect("the answer's head");
+            assert!(read > 0, "the answer ended in its head: {head}");
+        }
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        Upgraded { conn, reader }
     }
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    conn.write_all(b"ping over the upgraded connection\n")
-        .expect("write");
-    let mut echoed = String::new();
-    reader.read_line(&mut echoed).expect("the echo");
-    echoed
+
+    /// What comes back for a line sent.
+    fn echo(&mut self) -> String {
+        use std::io::{BufRead as _, Write as _};
+        self.conn
+            .write_all(b"ping over the upgraded connection\n")
+            .expect("write");
+        let mut echoed = String::new();
+        self.reader.read_line(&mut echoed).expect("the echo");
+        echoed
+    }
+}
+
+/// Starts [`UPGRADE_SERVER`] on port 9000 of sandbox `id` (`-ll`: a server per connection,
+/// so probing it, as a jail has no /proc/net for netstat, leaves it listening).
+fn serve_upgrades(c: &Client, id: &str) {
+    block_on(c.put_file(id, "/tmp/upgrade", 0o755, UPGRADE_SERVER.into())).expect("script");
+    detach(c, id, "exec nc -ll -p 9000 -e /tmp/upgrade");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while block_on(c.exec(id, &common::sh("nc 127.0.0.1 9000 </dev/null")))
+        .expect("probe")
+        .exit
+        .exit_code
+        != Some(0)
+    {
+        assert!(std::time::Instant::now() < deadline, "nc does not listen");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 fn text(body: &[u8]) -> String {
@@ -94,12 +127,17 @@ fn wait_serving(c: &Client, id: &str, port: u16, path: &str, want: &str) {
 fn serving_sandbox() -> (Daemon, u16, Sandbox) {
     let tcp = free_local_port();
     let d = Daemon::start_with(&["--tcp", &format!("127.0.0.1:{tcp}")]);
-    let c = d.client();
+    let s = serve(&d, &d.client());
+    (d, tcp, s)
+}
+
+/// A jail-tier sandbox of `c`'s tenant whose busybox httpd serves [`GREETING`] on port 8080.
+fn serve(d: &Daemon, c: &Client) -> Sandbox {
     let s = block_on(c.create(&jail())).expect("create");
     d.track(&s.id);
-    detach(&c, &s.id, &httpd_command(GREETING, 8080));
-    wait_serving(&c, &s.id, 8080, "/", GREETING);
-    (d, tcp, s)
+    detach(c, &s.id, &httpd_command(GREETING, 8080));
+    wait_serving(c, &s.id, 8080, "/", GREETING);
+    s
 }
 
 #[test]
@@ -174,22 +212,9 @@ fn a_server_in_a_sandbox_answers_through_the_port_proxy() {
         assert_eq!(status, 422, "{bad}: {msg}");
     }
     // An upgrade (as a WebSocket's) joins the two connections once the server says 101.
-    block_on(c.put_file(&s.id, "/tmp/upgrade", 0o755, UPGRADE_SERVER.into())).expect("script");
-    // `-ll`: a server per connection, so probing it (a jail has no /proc/net for netstat)
-    // leaves it listening.
-    detach(&c, &s.id, "exec nc -ll -p 9000 -e /tmp/upgrade");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while block_on(c.exec(&s.id, &common::sh("nc 127.0.0.1 9000 </dev/null")))
-        .expect("netstat")
-        .exit
-        .exit_code
-        != Some(0)
-    {
-        assert!(std::time::Instant::now() < deadline, "nc does not listen");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    serve_upgrades(&c, &s.id);
     assert_eq!(
-        upgrade_and_echo(&d.socket, &d.token(), &s.id, 9000),
+        Upgraded::open(&d.socket, &d.token(), &s.id, 9000).echo(),
         "ping over the upgraded connection\n"
     );
     // A paused sandbox: 409.
@@ -240,4 +265,62 @@ fn the_port_proxy_reaches_only_the_callers_own_sandbox() {
         );
     }
     block_on(c.delete(&s.id)).expect("delete");
+}
+
+/// A tenant has at most `MVM_PORT_PROXY_CONNECTIONS` proxied connections open at once (429
+/// past them; another tenant's are its own), and a connection on which nothing moves for
+/// `MVM_PORT_PROXY_IDLE` seconds ends and gives its share back: a client that opens
+/// connections and leaves them, or a sandbox that never answers, holds a bounded part of
+/// mvmd.
+#[test]
+fn proxied_connections_are_bounded_per_tenant_and_idle_ones_end() {
+    if !root_or_skip("proxied_connections_are_bounded_per_tenant_and_idle_ones_end") {
+        return;
+    }
+    let d = Daemon::start_with_env(
+        &[],
+        &[
+            ("MVM_PORT_PROXY_CONNECTIONS", Path::new("2")),
+            ("MVM_PORT_PROXY_IDLE", Path::new("3")),
+        ],
+    );
+    let c = d.client();
+    let s = serve(&d, &c);
+    serve_upgrades(&c, &s.id);
+    let mut first = Upgraded::open(&d.socket, &d.token(), &s.id, 9000);
+    let mut second = Upgraded::open(&d.socket, &d.token(), &s.id, 9000);
+    for conn in [&mut first, &mut second] {
+        assert_eq!(conn.echo(), "ping over the upgraded connection\n");
+    }
+    let (status, body) =
+        block_on(c.port_request(&s.id, 8080, "GET", "/", Vec::new())).expect("proxy");
+    let e = error_body(&body);
+    assert_eq!((status, e.code.as_str()), (429, "quota_exceeded"), "{e:?}");
+    assert!(e.message.contains("MVM_PORT_PROXY_CONNECTIONS"), "{e:?}");
+    // Another tenant's share is its own.
+    let neighbour = d.client_with(Some(&d.tenant("neighbour", &[])));
+    let theirs = serve(&d, &neighbour);
+    // A closed connection gives its share back.
+    drop(first);
+    wait_serving(&c, &s.id, 8080, "/", GREETING);
+    // The second, idle since its echo, is ended by mvmd.
+    second
+        .conn
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let ended = std::io::Read::read_to_end(&mut second.reader, &mut rest);
+    assert!(
+        ended.is_ok() && rest.is_empty(),
+        "the idle connection did not end: {ended:?} after {:?}",
+        started.elapsed()
+    );
+    // Both shares are back.
+    let a = Upgraded::open(&d.socket, &d.token(), &s.id, 9000);
+    let b = Upgraded::open(&d.socket, &d.token(), &s.id, 9000);
+    drop((a, b));
+    for (c, id) in [(&c, &s.id), (&neighbour, &theirs.id)] {
+        block_on(c.delete(id)).expect("delete");
+    }
 }

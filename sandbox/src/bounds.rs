@@ -21,6 +21,15 @@ pub const UPLOAD_LIMIT_ENV: &str = "MVM_UPLOAD_LIMIT";
 /// Largest file `PUT /v1/sandboxes/{id}/files` takes: 1 GiB. The body streams into the
 /// sandbox (it is never held whole); the bound is on what one request may write.
 pub const DEFAULT_UPLOAD_LIMIT: u64 = 1 << 30;
+/// Environment variable overriding [`DEFAULT_PROXIED_CONNECTIONS`].
+pub const PROXIED_CONNECTIONS_ENV: &str = "MVM_PORT_PROXY_CONNECTIONS";
+/// Connections one tenant may have open (or opening) through mvmd's port proxy at once.
+pub const DEFAULT_PROXIED_CONNECTIONS: usize = 64;
+/// Environment variable overriding [`DEFAULT_PROXIED_IDLE_SECS`].
+pub const PROXIED_IDLE_ENV: &str = "MVM_PORT_PROXY_IDLE";
+/// Seconds a connection through mvmd's port proxy may carry no byte either way before mvmd
+/// closes it.
+pub const DEFAULT_PROXIED_IDLE_SECS: u64 = 300;
 /// Largest websocket message the exec websocket takes (stdin comes in messages of any size
 /// up to this; the protocol library's default is 64 MiB, held whole).
 pub const WS_MESSAGE_LIMIT: usize = 1 << 20;
@@ -35,6 +44,10 @@ pub struct Bounds {
     pub request_body: usize,
     /// Largest file upload (413 past it).
     pub upload: u64,
+    /// Port proxy connections of one tenant at once (429 past it).
+    pub proxied_connections: usize,
+    /// Seconds a port proxy connection may stay idle.
+    pub proxied_idle_secs: u64,
 }
 
 impl Default for Bounds {
@@ -43,25 +56,30 @@ impl Default for Bounds {
             exec_output: DEFAULT_EXEC_OUTPUT_LIMIT,
             request_body: DEFAULT_REQUEST_BODY_LIMIT,
             upload: DEFAULT_UPLOAD_LIMIT,
+            proxied_connections: DEFAULT_PROXIED_CONNECTIONS,
+            proxied_idle_secs: DEFAULT_PROXIED_IDLE_SECS,
         }
     }
 }
 
 impl Bounds {
-    /// The defaults, overridden by `MVM_EXEC_OUTPUT_LIMIT`, `MVM_REQUEST_BODY_LIMIT` and
-    /// `MVM_UPLOAD_LIMIT` (bytes); an invalid value is ignored with a warning naming it.
+    /// The defaults, overridden by `MVM_EXEC_OUTPUT_LIMIT`, `MVM_REQUEST_BODY_LIMIT`,
+    /// `MVM_UPLOAD_LIMIT` (bytes), `MVM_PORT_PROXY_CONNECTIONS` and `MVM_PORT_PROXY_IDLE`
+    /// (seconds); an invalid value is ignored with a warning naming it.
     pub fn from_env() -> Self {
         let d = Self::default();
         Self {
-            exec_output: bytes_from_env(EXEC_OUTPUT_LIMIT_ENV, d.exec_output, 0),
-            request_body: bytes_from_env(REQUEST_BODY_LIMIT_ENV, d.request_body, 1),
-            upload: bytes_from_env(UPLOAD_LIMIT_ENV, d.upload, 1),
+            exec_output: number_from_env(EXEC_OUTPUT_LIMIT_ENV, d.exec_output, 0),
+            request_body: number_from_env(REQUEST_BODY_LIMIT_ENV, d.request_body, 1),
+            upload: number_from_env(UPLOAD_LIMIT_ENV, d.upload, 1),
+            proxied_connections: number_from_env(PROXIED_CONNECTIONS_ENV, d.proxied_connections, 1),
+            proxied_idle_secs: number_from_env(PROXIED_IDLE_ENV, d.proxied_idle_secs, 1),
         }
     }
 }
 
-/// A byte count of at least `min` from `var`; `default` when unset or invalid.
-fn bytes_from_env<T>(var: &str, default: T, min: T) -> T
+/// A number (bytes, connections, seconds) of at least `min` from `var`; `default` when unset or invalid.
+fn number_from_env<T>(var: &str, default: T, min: T) -> T
 where
     T: FromStr + PartialOrd + std::fmt::Display + Copy,
 {
@@ -72,9 +90,7 @@ where
         Ok(v) if v >= min => v,
         _ if value.is_empty() => default,
         _ => {
-            tracing::warn!(
-                "{var}={value:?} is not a byte count of at least {min}; using {default}"
-            );
+            tracing::warn!("{var}={value:?} is not a number of at least {min}; using {default}");
             default
         }
     }
@@ -85,13 +101,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn byte_counts_from_the_environment() {
+    fn numbers_from_the_environment() {
         let var = "MVM_TEST_BOUNDS_BYTES";
         for (value, want) in [("4096", 4096), ("", 7), ("x", 7), ("0", 7), ("-1", 7)] {
             std::env::set_var(var, value);
-            assert_eq!(bytes_from_env(var, 7u64, 1), want, "{value:?}");
+            assert_eq!(number_from_env(var, 7u64, 1), want, "{value:?}");
         }
         std::env::remove_var(var);
-        assert_eq!(bytes_from_env(var, 7usize, 0), 7);
+        assert_eq!(number_from_env(var, 7usize, 0), 7);
     }
 }

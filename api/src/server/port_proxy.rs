@@ -6,9 +6,9 @@
 //! query and end-to-end headers; hop-by-hop headers and the caller's `Authorization` (its
 //! mvmd token) are not passed on, and `Host` is `localhost:PORT`. The body streams both ways,
 //! the request's counted against mvmd's upload limit. An `Upgrade` (WebSocket) answered with
-//! 101 joins the two connections.
-
-use std::time::Duration;
+//! 101 joins the two connections. A connection on which no byte moves for
+//! `MVM_PORT_PROXY_IDLE` seconds ends (a server that has not begun its answer by then: 502),
+//! and a tenant has at most `MVM_PORT_PROXY_CONNECTIONS` open at once (429 past them).
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,10 +21,6 @@ use super::body::UploadLimit;
 use super::{AppState, Auth};
 use crate::error::Result;
 use mvm_sandbox::{Error, ErrorBody};
-
-/// How long a sandbox's server has to begin its answer (its body then streams for as long as
-/// it lasts).
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Headers of one connection, never passed on (RFC 9110 §7.6.1), and the caller's token.
 static NOT_FORWARDED: [HeaderName; 9] = [
@@ -105,6 +101,7 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
     responses((status = 200, description = "the sandbox server's answer, whatever its status"),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the sandbox is not running"),
         (status = 422, body = ErrorBody, description = "a port outside 1-65535"),
+        (status = 429, body = ErrorBody, description = "all the tenant's port proxy connections are open"),
         (status = 502, body = ErrorBody, description = "nothing listens on the port, or no answer")))]
 pub(crate) async fn proxy(
     State(state): State<AppState>,
@@ -147,9 +144,9 @@ pub(crate) async fn proxy(
             tracing::debug!("port proxy connection: {e}");
         }
     });
-    let answer = tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(out))
+    let answer = sender
+        .send_request(out)
         .await
-        .map_err(|_| unreachable(format!("no answer within {} s", ANSWER_TIMEOUT.as_secs())))?
         .map_err(|e| limit.error(unreachable(format!("no answer: {e}"))))?;
     let (mut parts, body) = answer.into_parts();
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {

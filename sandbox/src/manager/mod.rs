@@ -30,6 +30,7 @@ pub mod net;
 mod network;
 mod pod;
 mod port_proxy;
+pub use port_proxy::ProxiedStream;
 mod reconcile;
 pub mod rootfs;
 mod snapshot;
@@ -322,6 +323,7 @@ struct Inner {
     db: Db,
     live: Mutex<HashMap<String, Arc<Live>>>,
     metrics: Metrics,
+    proxied: port_proxy::ProxiedShares,
 }
 
 /// The sandbox manager. Cheap to clone.
@@ -398,6 +400,7 @@ impl Manager {
                 db,
                 live: Mutex::new(HashMap::new()),
                 metrics: Metrics::default(),
+                proxied: Default::default(),
             }),
         };
         let reconciled = manager.reconcile().await?;
