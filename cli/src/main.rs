@@ -91,7 +91,7 @@ struct RunArgs {
     /// --egress all a host, private or link-local one to open.
     #[arg(long)]
     allow: Vec<String>,
-    /// A secret NAME@HOST[,HOST...] (repeatable; needs --egress allow, jail tier): its value
+    /// A secret NAME@HOST[,HOST...] (repeatable; needs --egress allow): its value
     /// is mvm's own environment variable NAME (so that it is in no command line or shell
     /// history); the sandbox's NAME holds a placeholder, which its egress proxy replaces by
     /// the value in the HTTPS request headers sent to those hosts only.

@@ -121,13 +121,6 @@ impl Manager {
         // Each secret's placeholder in the env, and the CA's trust store.
         let secrets = net::secrets::plan(&req.secrets, network.egress, &env)?;
         if !secrets.is_empty() {
-            if isolation == Isolation::Vm {
-                return Err(Error::Invalid(
-                    "secrets are supported in the jail tier only for now (the vm tier's \
-                     trust store is not written yet); use \"isolation\": \"jail\""
-                        .into(),
-                ));
-            }
             for s in &secrets {
                 env.insert(s.name.clone(), s.placeholder.clone());
             }
@@ -343,6 +336,11 @@ impl Manager {
         } else {
             Some(net::secrets::Ca::new(&s.id)?)
         };
+        // A vm-tier guest's trust store is written through its agent once it answers.
+        let guest_ca = ca
+            .as_ref()
+            .filter(|_| s.isolation == Isolation::Vm)
+            .map(|ca| ca.cert_pem.clone());
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
         let started = Instant::now();
         let (network, guest_net, child) = blocking(move || {
@@ -449,6 +447,9 @@ impl Manager {
                 .metrics
                 .restored
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(ca_pem) = guest_ca {
+            net::secrets::install_trust_store(&client, &ca_pem).await?;
         }
         *live.agent.lock().await = Some(client);
         tracing::debug!(id = %row.sandbox.id, ?spawned, ready = ?started.elapsed(), "sandbox built");

@@ -78,8 +78,8 @@ impl Manager {
                 // Host ports are unique on the host: they stay with the source.
                 ports: Vec::new(),
                 image: None,
-                // Secrets are of the jail tier, which does not fork; their values are kept
-                // nowhere to give a child.
+                // A child gets no secrets: their values are kept nowhere to give it (its
+                // copies of the placeholders reach no proxy).
                 secrets: Default::default(),
             };
             let (manager, tenant, origin) =

@@ -218,18 +218,75 @@ impl Ca {
     }
 }
 
+/// The trust bundle of an image (`image_bundle`, when it has one) with the sandbox's CA
+/// after it.
+fn bundle_with_ca(image_bundle: Option<Vec<u8>>, ca_pem: &str) -> Vec<u8> {
+    let mut bundle = image_bundle.unwrap_or_default();
+    bundle.push(b'\n');
+    bundle.extend_from_slice(ca_pem.as_bytes());
+    bundle
+}
+
+/// The trust store's directory and the names of its two files.
+fn trust_store_paths() -> (&'static str, &'static str, &'static str) {
+    let (dir, bundle) = TRUST_BUNDLE.rsplit_once('/').expect("an absolute path");
+    let ca = CA_FILE.rsplit('/').next().expect("a name");
+    (dir, bundle, ca)
+}
+
 /// Adds `ca_pem` to the trust store of the sandbox tree `root` (before anything runs in it):
 /// [`CA_FILE`] alone, and [`TRUST_BUNDLE`] as the image's bundle (a regular file; a link is
 /// not followed and replaced) followed by the CA.
 pub fn write_trust_store(root: &Path, ca_pem: &str) -> Result<()> {
-    let (dir_rel, bundle_name) = TRUST_BUNDLE.rsplit_once('/').expect("an absolute path");
-    let dir = TreeDir::open_or_make(root, dir_rel)?;
-    let mut bundle = dir.read_regular(bundle_name)?.unwrap_or_default();
-    bundle.push(b'\n');
-    bundle.extend_from_slice(ca_pem.as_bytes());
-    dir.replace_file(bundle_name, 0o644, &bundle)?;
-    let ca_name = CA_FILE.rsplit('/').next().expect("a name");
-    dir.replace_file(ca_name, 0o644, ca_pem.as_bytes())
+    let (dir, bundle, ca) = trust_store_paths();
+    let dir = TreeDir::open_or_make(root, dir.trim_start_matches('/'))?;
+    let image_bundle = dir.read_regular(bundle)?;
+    dir.replace_file(bundle, 0o644, &bundle_with_ca(image_bundle, ca_pem))?;
+    dir.replace_file(ca, 0o644, ca_pem.as_bytes())
+}
+
+/// Largest trust bundle of a vm-tier image that is read to add the CA to.
+const MAX_GUEST_BUNDLE: u64 = 16 << 20;
+
+/// [`write_trust_store`] for a vm-tier guest, through its agent, before anything of the
+/// tenant's runs in it (links inside the guest are the guest's own business). A guest image
+/// without the directory gets it from its own `mkdir -p`.
+pub async fn install_trust_store(guest: &agent::AgentClient, ca_pem: &str) -> Result<()> {
+    let (dir, _, _) = trust_store_paths();
+    if guest.stat(dir).await.is_err() {
+        let made = guest
+            .exec(agent::ExecRequest::new(["mkdir", "-p", dir]))
+            .await?
+            .wait_with_output_limited(4096)
+            .await?;
+        if made.status.code() != Some(0) {
+            return Err(Error::Invalid(format!(
+                "the sandbox's image has no {dir} and `mkdir -p {dir}` failed in it ({}); \
+                 its trust store for the secrets' proxy cannot be written",
+                String::from_utf8_lossy(&made.stderr).trim()
+            )));
+        }
+    }
+    let image_bundle = match guest.stat(TRUST_BUNDLE).await {
+        Ok(stat) if stat.size > MAX_GUEST_BUNDLE => {
+            return Err(Error::Invalid(format!(
+                "the sandbox's image has a {TRUST_BUNDLE} of {} bytes; at most \
+                 {MAX_GUEST_BUNDLE} are read to add the secrets' proxy CA to it",
+                stat.size
+            )))
+        }
+        Ok(_) => {
+            let mut bundle = Vec::new();
+            guest.get_file(TRUST_BUNDLE, &mut bundle).await?;
+            Some(bundle)
+        }
+        Err(e) if e.remote_kind() == Some(agent::ErrorKind::NotFound) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let bundle = bundle_with_ca(image_bundle, ca_pem);
+    guest.put_file(TRUST_BUNDLE, 0o644, &bundle[..]).await?;
+    guest.put_file(CA_FILE, 0o644, ca_pem.as_bytes()).await?;
+    Ok(())
 }
 
 /// The proxy's listening socket, bound on the sandbox's gateway before the gateway's address

@@ -121,6 +121,10 @@ pub const CASES: &[Case] = &[
         run: dns_egress::egress_allow_by_name_vm_tier,
     },
     Case {
+        name: "secrets-vm-tier",
+        run: dns_egress::secrets_vm_tier,
+    },
+    Case {
         name: "published-port-vm-tier",
         run: ports::published_port_vm_tier,
     },
@@ -1274,6 +1278,11 @@ impl ManagerDirs {
         })
     }
 
+    /// mvmd's API socket.
+    fn socket(&self) -> PathBuf {
+        self.root.join("mvmd.sock")
+    }
+
     /// The environment `mvm` and `mvmd` read: directories, binaries, the default template.
     fn apply(&self, ctx: &Ctx, cmd: &mut std::process::Command) {
         let bin_dir = ctx.vmm.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -1688,6 +1697,11 @@ impl MvmdSession {
             ));
         }
         Ok(out)
+    }
+
+    /// mvmd's API socket.
+    fn socket(&self) -> PathBuf {
+        self.dirs.socket()
     }
 
     /// The sandboxes this mvmd lists (`mvm ps -o json`).
@@ -2125,7 +2139,7 @@ const EXIT_MVM_FAILED: u8 = 125;
 
 /// Starts `mvmd` on a socket in `dirs`; returns it and the `--host` value that reaches it.
 fn start_mvmd(ctx: &Ctx, dirs: &ManagerDirs) -> Result<(Daemon, String), String> {
-    let socket = dirs.root.join("mvmd.sock");
+    let socket = dirs.socket();
     let mut daemon = std::process::Command::new(&ctx.mvmd);
     dirs.apply(ctx, &mut daemon);
     daemon

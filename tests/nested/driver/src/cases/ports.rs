@@ -1,7 +1,8 @@
 //! A published port in the vm tier: `mvm run -d -p HOST_PORT:8080` through mvmd starts busybox
 //! httpd in a micro-VM without egress; L1 reaches it on 127.0.0.1:HOST_PORT (host DNAT to the
-//! sandbox's veth, the namespace's DNAT on to the guest behind the tap), and `mvm rm` closes
-//! the port and removes its table.
+//! sandbox's veth, the namespace's DNAT on to the guest behind the tap), mvmd's port proxy
+//! (`/v1/sandboxes/{id}/ports/8080/`) reaches it from inside the sandbox's namespace, and
+//! `mvm rm` closes the port and removes its table.
 
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,10 @@ pub fn published_port_vm_tier(ctx: &mut Ctx) -> Outcome {
                 _ => std::thread::sleep(Duration::from_millis(200)),
             }
         }
+        let proxied = proxy_get(&session.socket(), &id, 8080)?;
+        if !proxied.starts_with("HTTP/1.1 200") || !proxied.contains(PAGE) {
+            return Err(format!("mvmd's port proxy answered {proxied:?}"));
+        }
         session.mvm(ctx, &["rm", &id], None)?;
         if ports_table_exists(&id) || http_get(port).is_ok() {
             return Err(format!(
@@ -70,4 +75,22 @@ pub fn published_port_vm_tier(ctx: &mut Ctx) -> Outcome {
         Ok(())
     })();
     session.finish(ctx, checked)
+}
+
+/// `GET /v1/sandboxes/{id}/ports/{port}/` on mvmd's socket; returns the whole answer.
+fn proxy_get(socket: &std::path::Path, id: &str, port: u16) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    conn.set_read_timeout(Some(SERVE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    write!(
+        conn,
+        "GET /v1/sandboxes/{id}/ports/{port}/ HTTP/1.1\r\nHost: mvmd\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("the port proxy request: {e}"))?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)
+        .map_err(|e| format!("the port proxy's answer: {e}"))?;
+    Ok(answer)
 }
