@@ -532,3 +532,115 @@ fn an_image_config_over_the_limit_is_refused() {
     });
     assert!(cache_entries(&d.state_dir()).is_empty());
 }
+
+/// `DELETE /v1/images/{name}` as docker's rmi: a tag is untagged while another names the
+/// image; an image a sandbox (another tenant's) uses is kept with a 409 naming it and nothing
+/// changed; the last tag removes the image and the layers only it used, while a layer another
+/// image shares stays; unknown names are 404, bad ones 422, tenants 403.
+#[test]
+fn images_are_removed_like_docker_rmi() {
+    let test = "images_are_removed_like_docker_rmi";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
+        return;
+    };
+    let host = &registry.host;
+    let base = busybox_layer();
+    let top = layer(&[
+        Entry::Dir("srv/", 0o755),
+        Entry::File("srv/app.txt", 0o644, b"the app\n"),
+    ]);
+    let top_size = gzip(&top).len() as u64;
+    let app = registry.push_image("test/app", "v1", &[base.clone(), top.clone()], app_config());
+    let again = registry.push_image("test/app", "v2", &[base.clone(), top], app_config());
+    assert_eq!(again.digest, app.digest);
+    registry.push_image(
+        "test/shared",
+        "latest",
+        std::slice::from_ref(&base),
+        config_blob(serde_json::json!({"Env": ["PATH=/bin"]}), "amd64"),
+    );
+    let d = Daemon::start();
+    let before = d.host_state();
+    let admin = d.client();
+    let other = d.client_with(Some(&d.tenant("other", &[])));
+    let blobs = || {
+        std::fs::read_dir(d.state_dir().join("images/blobs/sha256"))
+            .expect("blobs")
+            .count()
+    };
+    block_on(async {
+        for r in ["test/app:v1", "test/app:v2", "test/shared"] {
+            admin
+                .pull_image(&pull(&format!("{host}/{r}")))
+                .await
+                .expect("pull");
+        }
+        assert_eq!(blobs(), 2);
+        let (v1, v2) = (format!("{host}/test/app:v1"), format!("{host}/test/app:v2"));
+        let e = other.remove_image(&v1).await.expect_err("a tenant's rmi");
+        assert_eq!(api_error(&e).0, 403);
+        let s = other
+            .create(&CreateSandbox {
+                image: Some(v1.clone()),
+                ..jail()
+            })
+            .await
+            .expect("create from the image");
+        // Another tag names the image: untagged only.
+        let removed = admin.remove_image(&v1).await.expect("rmi v1");
+        assert_eq!(
+            (removed.untagged, removed.deleted, removed.freed_bytes),
+            (vec![v1.clone()], None, 0)
+        );
+        // In use: kept, nothing changed.
+        for name in [v2.clone(), app.digest.clone()] {
+            let e = admin.remove_image(&name).await.expect_err("in use");
+            let (status, code, msg) = api_error(&e);
+            assert_eq!((status, code.as_str()), (409, "conflict"), "{msg}");
+            assert!(msg.contains(&s.id), "{msg}");
+        }
+        let listed = admin.images().await.expect("list");
+        let image = listed
+            .iter()
+            .find(|i| i.digest == app.digest)
+            .expect("kept");
+        assert_eq!(image.references, vec![v2.clone()]);
+        let r = other
+            .exec(&s.id, &sh("cat /srv/app.txt"))
+            .await
+            .expect("exec");
+        assert_eq!(r.stdout, "the app\n", "{r:?}");
+        other.delete(&s.id).await.expect("destroy");
+        // The last tag: the image goes, and its own layer; the shared one stays.
+        let removed = admin.remove_image(&v2).await.expect("rmi v2");
+        assert_eq!(removed.deleted.as_deref(), Some(app.digest.as_str()));
+        assert_eq!(removed.freed_bytes, top_size);
+        assert_eq!(blobs(), 1);
+        let e = other
+            .create(&CreateSandbox {
+                image: Some(v2.clone()),
+                ..jail()
+            })
+            .await
+            .expect_err("a removed image");
+        assert_eq!(api_error(&e).0, 404);
+        let e = admin.remove_image(&v2).await.expect_err("again");
+        assert_eq!(api_error(&e).0, 404);
+        let e = admin
+            .remove_image("Not A Reference!")
+            .await
+            .expect_err("bad");
+        assert_eq!(api_error(&e).0, 422);
+        // By digest: every reference and the last layer.
+        let shared = admin.images().await.expect("list").remove(0);
+        let removed = admin.remove_image(&shared.digest).await.expect("rmi");
+        assert_eq!(removed.untagged, shared.references);
+        assert_eq!(blobs(), 0);
+        assert!(cache_entries(&d.state_dir()).is_empty());
+    });
+    drop(admin);
+    d.assert_no_leaks(&before);
+}

@@ -10,8 +10,8 @@ use mvm_client::{Client, ClientError, Stream};
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::image::Credentials;
 use mvm_sandbox::model::{
-    CreateSandbox, ExecRequest, ExitInfo, Image, PullImage, Sandbox, SandboxUsage, Template,
-    WsControl,
+    CreateSandbox, ExecRequest, ExitInfo, Image, PullImage, RemovedImage, Sandbox, SandboxUsage,
+    Template, WsControl,
 };
 use mvm_sandbox::{Manager, ManagerConfig};
 use tokio::io::AsyncReadExt;
@@ -396,6 +396,14 @@ impl Backend {
                 .await
                 .map_err(|e| CliError::Local(format!("loading {path}: {e}")))??
             }
+        })
+    }
+
+    /// Removes an image (or untags a reference) from the cache.
+    pub async fn remove_image(&self, name: &str) -> Result<RemovedImage, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.remove_image(name).await?,
+            Backend::Local { manager, .. } => manager.remove_image(name).await?,
         })
     }
 

@@ -220,6 +220,14 @@ enum Command {
     },
     /// List the cached OCI images.
     Images,
+    /// Remove images from the cache, as docker's rmi: a reference is untagged and its image
+    /// removed when nothing else names it; a digest is removed with all its references. An
+    /// image a sandbox uses is kept (through mvmd: an admin's).
+    Rmi {
+        /// References or digests.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Load the images of a `docker save` tarball or OCI image layout archive (`-` = stdin;
     /// through mvmd: an admin's).
     Load {
@@ -711,6 +719,34 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 }
             }
             Ok(0)
+        }
+        Command::Rmi { names } => {
+            let mut failed = false;
+            let mut results = Vec::new();
+            for name in &names {
+                match backend.remove_image(name).await {
+                    Ok(removed) => {
+                        if !json {
+                            for r in &removed.untagged {
+                                println!("Untagged: {r}");
+                            }
+                            if let Some(d) = &removed.deleted {
+                                println!("Deleted: {d}");
+                            }
+                        }
+                        results.push(serde_json::json!({"name": name, "removed": removed}));
+                    }
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("mvm: rmi {name}: {e}");
+                        results.push(serde_json::json!({"name": name, "error": e.to_string()}));
+                    }
+                }
+            }
+            if json {
+                print_json(&results);
+            }
+            Ok(u8::from(failed))
         }
         Command::Images => {
             let list = backend.images().await?;

@@ -63,6 +63,26 @@ fn check(env: &Env, host: Option<&str>, registry: &Registry, digest: &str) {
         "{}",
         text(&out.stderr)
     );
+    // rmi: the image goes (docker's Untagged/Deleted lines), then it is unknown.
+    let rmi = || {
+        env.mvm_at(host)
+            .args(["rmi", &reference])
+            .output()
+            .expect("mvm rmi")
+    };
+    let out = rmi();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("Untagged: {reference}\nDeleted: {digest}\n")
+    );
+    let out = rmi();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("mvm pull"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

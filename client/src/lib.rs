@@ -358,6 +358,16 @@ impl Client {
         self.json("POST", "/v1/images", Some(req)).await
     }
 
+    /// `DELETE /v1/images/{name}`: removes an image (or untags a reference) from mvmd's cache.
+    pub async fn remove_image(&self, name: &str) -> Result<RemovedImage, ClientError> {
+        self.json(
+            "DELETE",
+            &format!("/v1/images/{}", encode(name)),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// `POST /v1/images/load`: loads a `docker save` or OCI archive into mvmd's cache.
     pub async fn load_images(&self, archive: Vec<u8>) -> Result<Vec<Image>, ClientError> {
         let answer = self

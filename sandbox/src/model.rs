@@ -394,6 +394,17 @@ pub struct Image {
     pub config: ImageConfig,
 }
 
+/// What removing an image did (`DELETE /v1/images/{name}`, `mvm rmi`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RemovedImage {
+    /// References removed.
+    pub untagged: Vec<String>,
+    /// Digest of the image removed, when no reference named it any more.
+    pub deleted: Option<String>,
+    /// Bytes of layers removed because no image uses them any more.
+    pub freed_bytes: u64,
+}
+
 /// `POST /v1/images` body: pull an image from its registry (admin only). Its `Debug` hides
 /// the password.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]

@@ -6,14 +6,14 @@
 //! disk. Every tenant may list the images and create sandboxes from them.
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 
 use super::{audit_event, body, Admin, ApiJson, AppState, Auth};
 use crate::error::Result;
 use mvm_sandbox::image::Credentials;
-use mvm_sandbox::model::{Image, ImageList, PullImage};
+use mvm_sandbox::model::{Image, ImageList, PullImage, RemovedImage};
 use mvm_sandbox::{Error, ErrorBody};
 
 /// Images in mvmd's cache, newest first.
@@ -87,4 +87,27 @@ pub(super) async fn load_images(
         audit_event(&state, &tenant, "image loaded", &image.digest);
     }
     Ok((StatusCode::CREATED, Json(ImageList { images })))
+}
+
+/// Remove an image from the cache, as `docker rmi` does: a reference (`alpine:3.20`) is
+/// untagged and its image removed when no other reference names it; a digest (`sha256:…`,
+/// `REPO@sha256:…`) loses all its references and is removed. Layers no image uses any more
+/// are removed too. An image any sandbox uses is kept: 409 naming the sandboxes. Images are
+/// shared: this needs an admin token.
+#[utoipa::path(delete, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "a reference or digest; slashes as they are")),
+    responses((status = 200, body = RemovedImage), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "not an admin token"),
+        (status = 404, body = ErrorBody, description = "no such image in the cache"),
+        (status = 409, body = ErrorBody, description = "a sandbox uses the image"),
+        (status = 422, body = ErrorBody, description = "not a reference or digest")))]
+pub(super) async fn remove_image(
+    State(state): State<AppState>,
+    Admin(tenant): Admin,
+    Path(name): Path<String>,
+) -> Result<Json<RemovedImage>> {
+    let removed = state.manager.remove_image(&name).await?;
+    let what = removed.deleted.clone().unwrap_or_else(|| name.clone());
+    audit_event(&state, &tenant, "image removed", &what);
+    Ok(Json(removed))
 }

@@ -15,7 +15,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, delete};
 use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -46,7 +46,7 @@ pub struct AppState {
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     components(schemas(ErrorBody, ExecEvent, WsControl)),
-    paths(port_proxy::proxy)
+    paths(port_proxy::proxy, images::remove_image)
 )]
 struct ApiDoc;
 
@@ -85,6 +85,8 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
         .routes(routes!(warm_template))
         .routes(routes!(images::list_images, images::pull_image))
         .routes(routes!(images::load_images))
+        // A reference has slashes (`docker.io/library/alpine:3.20`).
+        .route("/v1/images/{*name}", delete(images::remove_image))
         // Any method, any path after the port (the document names it `{path}`).
         .route("/v1/sandboxes/{id}/ports/{port}", any(port_proxy::proxy))
         .route("/v1/sandboxes/{id}/ports/{port}/", any(port_proxy::proxy))
@@ -658,6 +660,7 @@ mod tests {
             (Method::POST, "/v1/templates"),
             (Method::POST, "/v1/templates/default/warm"),
             (Method::POST, "/v1/images"),
+            (Method::DELETE, "/v1/images/docker.io/library/alpine:3.20"),
             (Method::POST, "/v1/sandboxes/abc/fork"),
             (Method::PATCH, "/v1/sandboxes/abc/network"),
             (Method::GET, "/v1/sandboxes/abc/exec/ws"),

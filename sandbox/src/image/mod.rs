@@ -14,6 +14,12 @@
 //!
 //! Pulls and loads commit under a lock (`lock`), which also lets them remove what a killed
 //! one left behind.
+//!
+//! Removal ([`ImageStore::remove`], docker's `rmi`) untags a reference, and removes an image
+//! no reference names any more, unless a sandbox uses it, then the layers no image uses. It
+//! holds `pins.lock` exclusively; what must not lose an image or a blob under it holds it
+//! shared ([`Pin`]): a pull, whose blobs are in the cache before its image is, and a create
+//! from an image, from finding the image to recording the sandbox that uses it.
 
 mod archive;
 mod pull;
@@ -29,7 +35,7 @@ use sha2::{Digest, Sha256};
 pub use pull::{plain_http, Credentials};
 
 use crate::error::{Error, Result};
-use crate::model::{Image, ImageConfig, SandboxImage};
+use crate::model::{Image, ImageConfig, RemovedImage, SandboxImage};
 
 /// Environment variable with registries reached over plain HTTP besides loopback ones
 /// (comma-separated `host` or `host:port`), like docker's `--insecure-registry`.
@@ -96,6 +102,15 @@ struct Record {
     size_bytes: u64,
     created_at: i64,
     config: ImageConfig,
+    /// Digests of its layers (their blobs stay while it does; records written before this
+    /// field keep none).
+    #[serde(default)]
+    layers: Vec<String>,
+}
+
+/// A shared hold on the image cache: no removal runs while it is held (see the module docs).
+pub struct Pin {
+    _held: std::fs::File,
 }
 
 /// `refs/*.json`: the digest a reference names.
@@ -226,10 +241,133 @@ impl ImageStore {
     /// the image.
     pub async fn pull(&self, reference: &str, credentials: Option<&Credentials>) -> Result<Image> {
         let parsed = parse_reference(reference)?;
+        let pin = self.pinned().await?;
         let fetched = self.fetch(&parsed, credentials).await?;
         let store = self.clone();
         let whole = parsed.whole();
-        crate::manager::blocking(move || store.commit(fetched, &[whole])).await
+        let image = crate::manager::blocking(move || store.commit(fetched, &[whole])).await;
+        drop(pin);
+        image
+    }
+
+    /// `pins.lock`, locked as `kind` (waiting for the holders of the other kind).
+    fn pins(&self, kind: mvm_sys::flock::Kind) -> Result<std::fs::File> {
+        mkdir_private(&self.root)?;
+        let path = self.root.join("pins.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::host(format!("opening {}", path.display()), e))?;
+        mvm_sys::flock::lock(&file, kind)
+            .map_err(|e| Error::host(format!("locking {}", path.display()), e))?;
+        Ok(file)
+    }
+
+    /// A [`Pin`] (waits while a removal runs).
+    pub fn pin(&self) -> Result<Pin> {
+        self.pins(mvm_sys::flock::Kind::Shared)
+            .map(|held| Pin { _held: held })
+    }
+
+    /// [`ImageStore::pin`] from async code.
+    pub async fn pinned(&self) -> Result<Pin> {
+        let store = self.clone();
+        crate::manager::blocking(move || store.pin()).await
+    }
+
+    /// Removes `name` as docker's `rmi` does: a reference is untagged, and its image removed
+    /// when no other reference names it; a digest (`sha256:…` or `REPO@sha256:…`) loses all
+    /// its references and is removed. An image `users` (its digest → the sandboxes using it)
+    /// names is kept and the removal refused (409) with nothing changed. Then the layers no
+    /// image uses go.
+    pub fn remove(
+        &self,
+        name: &str,
+        users: impl FnOnce(&str) -> Result<Vec<String>>,
+    ) -> Result<RemovedImage> {
+        let _pins = self.pins(mvm_sys::flock::Kind::Exclusive)?;
+        let _lock = self.lock()?;
+        let by_digest = name.starts_with("sha256:") || name.contains("@sha256:");
+        let (image, _) = self.resolve(name)?;
+        let untag: Vec<String> = if by_digest {
+            image.references.clone()
+        } else {
+            vec![parse_reference(name)?.whole()]
+        };
+        let delete = untag.len() >= image.references.len();
+        if delete {
+            let using = users(&image.digest)?;
+            if !using.is_empty() {
+                return Err(Error::Conflict(format!(
+                    "image {} is used by sandbox{} {}; remove {} first",
+                    image.digest,
+                    if using.len() == 1 { "" } else { "es" },
+                    using.join(", "),
+                    if using.len() == 1 { "it" } else { "them" }
+                )));
+            }
+        }
+        for r in &untag {
+            match std::fs::remove_file(self.ref_path(r)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::host(format!("untagging {r}"), e))
+                }
+                _ => {}
+            }
+        }
+        let mut removed = RemovedImage {
+            untagged: untag,
+            deleted: None,
+            freed_bytes: 0,
+        };
+        if delete {
+            // Out of sight first (a name the next lock() sweeps), then removed.
+            let dir = self.image_dir(&image.digest)?;
+            let doomed = self
+                .root
+                .join("images")
+                .join(format!(".tmp-rm-{}", crate::db::random_hex(8)?));
+            std::fs::rename(&dir, &doomed)
+                .map_err(|e| Error::host(format!("removing {}", dir.display()), e))?;
+            crate::manager::host::remove_tree(&doomed)?;
+            removed.deleted = Some(image.digest);
+        }
+        removed.freed_bytes = self.collect_blobs()?;
+        Ok(removed)
+    }
+
+    /// Removes the layer blobs no image's record names; returns their bytes. Under both
+    /// locks.
+    fn collect_blobs(&self) -> Result<u64> {
+        let used: std::collections::HashSet<String> = std::fs::read_dir(self.root.join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                self.record(&format!("sha256:{name}")).ok()
+            })
+            .flat_map(|r| r.layers)
+            .filter_map(|d| hex_of(&d).ok().map(str::to_owned))
+            .collect();
+        let mut freed = 0;
+        for entry in std::fs::read_dir(self.root.join("blobs/sha256"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || used.contains(&name) {
+                continue;
+            }
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(entry.path())
+                .map_err(|e| Error::host(format!("removing {}", entry.path().display()), e))?;
+            freed += size;
+        }
+        Ok(freed)
     }
 
     /// Unpacks a fetched image into place (unless it is there already) and points
@@ -300,6 +438,7 @@ impl ImageStore {
             size_bytes: fetched.layers.iter().map(|l| l.size).sum(),
             created_at: crate::db::now(),
             config,
+            layers: fetched.layers.iter().map(|l| l.digest.clone()).collect(),
         };
         write_atomic(
             &staging.join("image.json"),

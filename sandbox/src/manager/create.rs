@@ -213,6 +213,11 @@ impl Manager {
                     .into(),
             ));
         }
+        // An image stays while its sandbox is being recorded (a removal waits for this).
+        let image_pin = match req.image {
+            Some(_) => Some(self.images().pinned().await?),
+            None => None,
+        };
         let (sandbox, template, secrets) = self.plan(tenant, req, userland)?;
         if pod_netns.is_some() && !sandbox.network.ports.is_empty() {
             return Err(Error::Invalid(
@@ -231,6 +236,7 @@ impl Manager {
         // back; the kernel drops it if we die.
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&sandbox.id))?;
         let slot = self.inner.db.insert_sandbox(&sandbox, &tenant.quota)?;
+        drop(image_pin);
         let mut row = SandboxRow {
             sandbox,
             slot,

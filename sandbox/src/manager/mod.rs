@@ -417,6 +417,25 @@ impl Manager {
         crate::image::ImageStore::new(&self.inner.cfg.state_dir)
     }
 
+    /// Removes image `name` from the cache ([`crate::image::ImageStore::remove`]); one that
+    /// any tenant's sandbox uses is kept (409 naming the sandboxes).
+    pub async fn remove_image(&self, name: &str) -> Result<crate::model::RemovedImage> {
+        let (manager, name) = (self.clone(), name.to_owned());
+        blocking(move || {
+            manager.images().remove(&name, |digest| {
+                Ok(manager
+                    .inner
+                    .db
+                    .sandboxes(None)?
+                    .into_iter()
+                    .filter(|r| r.sandbox.image.as_ref().is_some_and(|i| i.digest == digest))
+                    .map(|r| r.sandbox.id)
+                    .collect())
+            })
+        })
+        .await
+    }
+
     /// The state database.
     pub fn db(&self) -> &Db {
         &self.inner.db

@@ -1704,6 +1704,14 @@ impl MvmdSession {
         self.dirs.socket()
     }
 
+    /// The token mvmd wrote to its state directory (its default tenant's).
+    fn token(&self) -> Result<String, String> {
+        let path = self.dirs.root.join("state/token");
+        std::fs::read_to_string(&path)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| format!("mvmd's token {}: {e}", path.display()))
+    }
+
     /// The sandboxes this mvmd lists (`mvm ps -o json`).
     fn list(&self, ctx: &Ctx) -> Result<Vec<serde_json::Value>, String> {
         let out = self.mvm(ctx, &["-o", "json", "ps"], None)?;

@@ -427,7 +427,17 @@ pub(crate) fn secrets_vm_tier(ctx: &mut Ctx) -> Outcome {
     let ctx = &*ctx;
     let checked = (|| {
         let secret = format!("API_KEY@{SECRET_HOST}");
-        let created = session.create_vm(ctx, &["--egress", "allow", "--secret", &secret])?;
+        let created = session.create_vm(
+            ctx,
+            &[
+                "--egress",
+                "allow",
+                "--allow",
+                "allowed.test",
+                "--secret",
+                &secret,
+            ],
+        )?;
         let id = sandbox_id(&created);
         let sh = |script: &str| session.mvm(ctx, &["exec", &id, "--", "sh", "-c", script], None);
         let placeholder = sh("printf %s \"$API_KEY\"")?;
