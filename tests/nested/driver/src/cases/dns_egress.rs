@@ -162,7 +162,7 @@ impl Internet {
         ip(&format!("link set {HOST_VETH} up"))?;
         ip(&format!("-n {NETNS} addr add {FAR_END}/30 dev eth0"))?;
         ip(&format!("-n {NETNS} link set eth0 up"))?;
-        for a in [ALLOWED, BLOCKED] {
+        for a in [ALLOWED, BLOCKED, SECRET_ADDR] {
             ip(&format!("-n {NETNS} addr add {a}/32 dev lo"))?;
             ip(&format!("route add {a}/32 via {FAR_END}"))?;
         }
