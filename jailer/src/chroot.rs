@@ -171,6 +171,17 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path, exec: ExecPlacemen
     if config.mount_proc {
         mkdir(&root.join("proc"), 0o555)?;
     }
+    // Last, and each one component under the root (checked by validate): nothing made here
+    // passes through a link.
+    for link in &config.symlinks {
+        let path = in_root(root, &link.jail);
+        std::os::unix::fs::symlink(&link.target, &path).map_err(|e| {
+            Error::io(
+                format!("symlink {} -> {}", path.display(), link.target.display()),
+                e,
+            )
+        })?;
+    }
     if config.mount_devpts {
         let pts = in_root(root, Path::new(DEVPTS_DIR));
         make_parents(root, &pts)?;

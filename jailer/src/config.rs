@@ -184,6 +184,33 @@ impl FromStr for BindMount {
     }
 }
 
+/// One `--symlink JAILPATH=TARGET`: a symbolic link at the top of the jail's root, as an
+/// image's merged `/usr` has them (`/bin -> usr/bin`, `/lib64 -> usr/lib64`). The target is
+/// text, resolved only inside the jail once it is entered; the link is made after every mount
+/// point, and no jail path the jailer uses may pass through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailSymlink {
+    /// `/NAME`: one component under the jail's root.
+    pub jail: PathBuf,
+    /// What the link points to.
+    pub target: PathBuf,
+}
+
+impl FromStr for JailSymlink {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (jail, target) = s.split_once('=').ok_or_else(|| Error::InvalidArgument {
+            flag: "--symlink",
+            value: s.to_string(),
+            reason: "expected JAILPATH=TARGET".into(),
+        })?;
+        Ok(JailSymlink {
+            jail: jail.into(),
+            target: target.into(),
+        })
+    }
+}
+
 /// Complete description of one jail. Build it with [`JailConfig::new`], adjust the public fields,
 /// then hand it to [`crate::Jail::prepare`] (in-process) or spawn `mvm-jailer` with
 /// [`JailConfig::to_args`].
@@ -221,6 +248,8 @@ pub struct JailConfig {
     /// Host paths bind-mounted into the jail; a directory bound at `/run` replaces the jail's
     /// own (its owner and mode are the host directory's).
     pub mounts: Vec<BindMount>,
+    /// Symbolic links made at the top of the jail's root.
+    pub symlinks: Vec<JailSymlink>,
     /// Apply a Landlock ruleset: read/execute everywhere in the jail, write only beneath
     /// `landlock_write` (default `/run`) and to the device nodes.
     pub landlock: bool,
@@ -252,6 +281,7 @@ impl JailConfig {
             parent_cgroup: DEFAULT_PARENT_CGROUP.into(),
             resource_limits: Vec::new(),
             mounts: Vec::new(),
+            symlinks: Vec::new(),
             landlock: false,
             landlock_write: Vec::new(),
             seccomp: None,
@@ -355,6 +385,9 @@ impl JailConfig {
                 ));
             }
         }
+        for link in &self.symlinks {
+            self.check_symlink(link, &exec_name)?;
+        }
         for dir in &self.landlock_write {
             check_jail_path("--landlock-write", dir)?;
             // Only directories the jailer makes exist in the jail: fail now, not after the drop.
@@ -445,6 +478,12 @@ impl JailConfig {
             spec.push(&m.jail);
             spec.push(if m.read_only { ":ro" } else { ":rw" });
             push("--mount", spec);
+        }
+        for link in &self.symlinks {
+            let mut spec = link.jail.clone().into_os_string();
+            spec.push("=");
+            spec.push(&link.target);
+            push("--symlink", spec);
         }
         for dir in &self.landlock_write {
             push("--landlock-write", dir.clone().into());
@@ -537,6 +576,33 @@ pub fn validate_parent_cgroup(parent: &str) -> Result<()> {
 }
 
 /// A jail path must be absolute, not `/`, and made only of plain names.
+impl JailConfig {
+    /// A link's jail path is `/NAME`, free (no mount, device, exec file or other link there)
+    /// and on no jail path the jailer makes or mounts on; its target is not empty.
+    fn check_symlink(&self, link: &JailSymlink, exec_name: &Path) -> Result<()> {
+        check_jail_path("--symlink", &link.jail)?;
+        let bad = |why: &str| Err(invalid("--symlink", &link.jail, why));
+        if link.jail.components().count() != 2 {
+            return bad("a link is made only directly under the jail's root (/NAME)");
+        }
+        if link.target.as_os_str().is_empty() {
+            return bad("the link needs a target");
+        }
+        let taken = ["/dev", "/proc", RUN_DIR]
+            .iter()
+            .map(Path::new)
+            .chain([exec_name])
+            .chain(self.mounts.iter().map(|m| m.jail.as_path()))
+            .chain(self.landlock_write.iter().map(PathBuf::as_path))
+            .any(|p| p.starts_with(&link.jail));
+        let twice = self.symlinks.iter().filter(|l| l.jail == link.jail).count() > 1;
+        if taken || twice {
+            return bad("this jail path is used by the jailer, a mount or another link");
+        }
+        Ok(())
+    }
+}
+
 fn check_jail_path(flag: &'static str, path: &Path) -> Result<()> {
     // `Path::components` silently drops inner "." parts: look at the raw parts too.
     let raw_plain = path

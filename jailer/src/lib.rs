@@ -31,6 +31,7 @@ pub use cgroup::CgroupDir;
 pub use chroot::{DeviceNode, DEVICE_NODES};
 pub use config::{
     validate_id, validate_parent_cgroup, BindMount, CgroupSetting, CgroupVersion, JailConfig,
+    JailSymlink,
     ResourceLimit, DEFAULT_CHROOT_BASE, DEFAULT_NO_FILE, DEFAULT_PARENT_CGROUP, DEVPTS_DIR,
     DEVPTS_MAX_PTYS, PTMX, RUN_DIR,
 };

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use jailer::{
-    BindMount, CgroupSetting, CgroupVersion, CleanupConfig, JailConfig, ResourceLimit,
+    BindMount, CgroupSetting, CgroupVersion, CleanupConfig, JailConfig, JailSymlink, ResourceLimit,
     SeccompPolicy, DEFAULT_CHROOT_BASE, DEFAULT_EXEC_FILE_NAME, DEFAULT_PARENT_CGROUP,
 };
 
@@ -62,6 +62,10 @@ struct Cli {
     /// directory may replace the jail's /run.
     #[arg(long = "mount", value_name = "HOSTPATH:JAILPATH[:ro|rw]", value_parser = parse::<BindMount>)]
     mounts: Vec<BindMount>,
+    /// Symbolic link JAILPATH=TARGET directly under the jail's root (e.g. /bin=usr/bin);
+    /// repeatable.
+    #[arg(long = "symlink", value_name = "JAILPATH=TARGET", value_parser = parse::<JailSymlink>)]
+    symlinks: Vec<JailSymlink>,
     /// Landlock: read/execute anywhere in the jail, write only beneath the --landlock-write dirs.
     #[arg(long)]
     landlock: bool,
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
         config.parent_cgroup = cli.parent_cgroup;
         config.resource_limits = cli.resource_limits;
         config.mounts = cli.mounts;
+        config.symlinks = cli.symlinks;
         config.landlock = cli.landlock;
         config.landlock_write = cli.landlock_write;
         config.seccomp = cli

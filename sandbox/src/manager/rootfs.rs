@@ -232,22 +232,50 @@ impl Overlay {
     }
 }
 
-/// (host dir, jail path) of every top-level directory of `tree` to bind into a jail.
-pub fn jail_mounts(tree: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+/// What of a tree's top level a jail gets: directories and regular files bound in, symbolic
+/// links made anew (an image's merged `/usr`: `/bin -> usr/bin`, `/lib64 -> usr/lib64`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct JailTop {
+    /// (host path, jail path) of each directory.
+    pub dirs: Vec<(PathBuf, PathBuf)>,
+    /// (host path, jail path) of each regular file.
+    pub files: Vec<(PathBuf, PathBuf)>,
+    /// (jail path, target) of each symbolic link.
+    pub links: Vec<(PathBuf, PathBuf)>,
+}
+
+/// The top level of `tree` for a jail whose program is `/exec_name`; the jail's own entries
+/// (`/dev`, `/proc`, `/run`, ...), the program's name and other kinds (sockets, devices) are
+/// left out.
+pub fn jail_top(tree: &Path, exec_name: &str) -> Result<JailTop> {
     let entries = std::fs::read_dir(tree)
         .map_err(|e| Error::host(format!("reading {}", tree.display()), e))?;
-    let mut mounts = Vec::new();
+    let mut top = JailTop::default();
     for entry in entries {
         let entry = entry.map_err(|e| Error::host(format!("reading {}", tree.display()), e))?;
         let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if is_dir && !NOT_IN_JAIL.contains(&name.as_ref()) {
-            mounts.push((entry.path(), Path::new("/").join(name.as_ref())));
+        let shown = name.to_string_lossy();
+        if NOT_IN_JAIL.contains(&shown.as_ref()) || shown == exec_name {
+            continue;
+        }
+        let jail = Path::new("/").join(&name);
+        let kind = entry
+            .file_type()
+            .map_err(|e| Error::host(format!("reading {}", entry.path().display()), e))?;
+        if kind.is_dir() {
+            top.dirs.push((entry.path(), jail));
+        } else if kind.is_file() {
+            top.files.push((entry.path(), jail));
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(entry.path())
+                .map_err(|e| Error::host(format!("reading {}", entry.path().display()), e))?;
+            top.links.push((jail, target));
         }
     }
-    mounts.sort();
-    Ok(mounts)
+    top.dirs.sort();
+    top.files.sort();
+    top.links.sort();
+    Ok(top)
 }
 
 /// Bytes the files under `dir` occupy (allocated blocks; symbolic links not followed).

@@ -49,6 +49,9 @@ fn make_device(path: &Path, major: u32, minor: u32) -> Result<()> {
         .map_err(|e| Error::host(format!("chmod {}", path.display()), e))
 }
 
+/// The jail tier's program: the agent, copied into each jail's root as `/mvm-agent`.
+const AGENT_BIN: &str = "mvm-agent";
+
 /// The jail of the jail tier: mvm-agent on a unix socket, the directories of `tree` (the
 /// overlay, or a caller's userland) bound in. Its programs run on the host kernel, so they get
 /// the jailer's `sandbox` seccomp policy and, where the kernel has Landlock, may write only
@@ -64,28 +67,39 @@ pub(super) fn jail_config(
         cfg,
         s,
         uid,
-        cfg.bin_dir.join("mvm-agent"),
+        cfg.bin_dir.join(AGENT_BIN),
         s.memory_mib << 20,
     )?;
     j.mount_proc = true;
     // Ptys for `tty` execs, from a devpts instance of the jail's own.
     j.mount_devpts = true;
     let run = run.map(|r| (r.to_owned(), PathBuf::from(jailer::RUN_DIR)));
-    j.mounts = rootfs::jail_mounts(tree)?
+    let top = rootfs::jail_top(tree, AGENT_BIN)?;
+    let bind = |(host, jail): (PathBuf, PathBuf)| BindMount {
+        host,
+        jail,
+        read_only: false,
+    };
+    j.landlock = true;
+    // Writable: the directories (a top-level file is bound, read-only under Landlock).
+    j.landlock_write = top
+        .dirs
+        .iter()
+        .chain(run.iter())
+        .map(|(_, jail)| jail.clone())
+        .chain([PathBuf::from(jailer::RUN_DIR)])
+        .collect();
+    j.mounts = top
+        .dirs
         .into_iter()
         .chain(run)
-        .map(|(host, jail)| BindMount {
-            host,
-            jail,
-            read_only: false,
-        })
+        .chain(top.files)
+        .map(bind)
         .collect();
-    j.landlock = true;
-    j.landlock_write = j
-        .mounts
-        .iter()
-        .map(|m| m.jail.clone())
-        .chain([PathBuf::from(jailer::RUN_DIR)])
+    j.symlinks = top
+        .links
+        .into_iter()
+        .map(|(jail, target)| jailer::JailSymlink { jail, target })
         .collect();
     // /run is one of the mounts when bound from the layer.
     j.landlock_write.sort();

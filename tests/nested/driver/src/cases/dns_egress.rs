@@ -421,9 +421,14 @@ pub(crate) fn secrets_vm_tier(ctx: &mut Ctx) -> Outcome {
     dirs.env.extend([
         ("MVM_DNS_UPSTREAM".into(), format!("127.0.0.1:{}", dns.port)),
         ("MVM_EGRESS_CA".into(), ca_file.display().to_string()),
-        ("API_KEY".into(), SECRET_VALUE.into()),
     ]);
-    let session = MvmdSession::start_in(ctx, dirs)?;
+    let mut session = MvmdSession::start_in(ctx, dirs)?;
+    // The value is in the environment of `mvm` (which reads it for --secret), not mvmd's:
+    // mvmd gets it through the API, and processes it starts must not inherit it.
+    session
+        .dirs
+        .env
+        .push(("API_KEY".into(), SECRET_VALUE.into()));
     let ctx = &*ctx;
     let checked = (|| {
         let secret = format!("API_KEY@{SECRET_HOST}");
