@@ -644,3 +644,59 @@ fn images_are_removed_like_docker_rmi() {
     drop(admin);
     d.assert_no_leaks(&before);
 }
+
+/// A merged-/usr image (Debian's, Ubuntu's, python's: `/bin -> usr/bin`) runs in the jail
+/// tier: its top-level links are made in the jail and its top-level files are there.
+#[test]
+fn a_merged_usr_image_runs_in_the_jail_tier() {
+    let test = "a_merged_usr_image_runs_in_the_jail_tier";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
+        return;
+    };
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static at /bin/busybox");
+    let merged = layer(&[
+        Entry::Dir("usr/", 0o755),
+        Entry::Dir("usr/bin/", 0o755),
+        Entry::Dir("tmp/", 0o1777),
+        Entry::File("usr/bin/busybox", 0o755, &busybox),
+        Entry::Symlink("usr/bin/sh", "busybox"),
+        Entry::Symlink("usr/bin/cat", "busybox"),
+        Entry::Symlink("usr/bin/readlink", "busybox"),
+        Entry::Symlink("bin", "usr/bin"),
+        Entry::Symlink("sbin", "/usr/bin"),
+        Entry::File("VERSION", 0o644, b"merged-usr 1\n"),
+    ]);
+    let image = registry.push_image(
+        "test/merged",
+        "v1",
+        &[merged],
+        config_blob(serde_json::json!({"Env": ["PATH=/bin"]}), "amd64"),
+    );
+    let d = Daemon::start();
+    let before = d.host_state();
+    let c = d.client();
+    block_on(async {
+        c.pull_image(&pull(&format!("{}/test/merged:v1", registry.host)))
+            .await
+            .expect("pull");
+        let req = CreateSandbox {
+            image: Some(image.digest.clone()),
+            ..jail()
+        };
+        let (out, code) = run(
+            &c,
+            req,
+            "cat /VERSION; readlink /bin; readlink /sbin; /sbin/cat /VERSION",
+        )
+        .await;
+        assert_eq!(
+            (out.as_str(), code),
+            ("merged-usr 1\nusr/bin\n/usr/bin\nmerged-usr 1\n", 0)
+        );
+    });
+    drop(c);
+    d.assert_no_leaks(&before);
+}

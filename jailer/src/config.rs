@@ -765,6 +765,48 @@ mod tests {
     }
 
     #[test]
+    fn symlinks_sit_directly_under_the_root_on_free_names() {
+        let link: JailSymlink = "/bin=usr/bin".parse().unwrap();
+        assert_eq!(
+            link,
+            JailSymlink {
+                jail: "/bin".into(),
+                target: "usr/bin".into()
+            }
+        );
+        "/bin".parse::<JailSymlink>().unwrap_err();
+        let mut c = JailConfig::new("vm-1", std::env::current_exe().unwrap(), 10, 10);
+        c.mounts.push(BindMount {
+            host: std::env::temp_dir(),
+            jail: "/usr".into(),
+            read_only: false,
+        });
+        let exec = format!("/{}", c.exec_file_name().unwrap().to_string_lossy());
+        c.symlinks = vec![link, "/lib64=/usr/lib64".parse().unwrap()];
+        c.validate().unwrap();
+        for bad in [
+            "/a/b=x",
+            "/=x",
+            "/a=",
+            "/dev=x",
+            "/proc=x",
+            "/run=x",
+            "/usr=x",
+            "/bin=again",
+            "/../x=y",
+        ]
+        .iter()
+        .map(|b| b.to_string())
+        .chain([format!("{exec}=x")])
+        {
+            let mut c = c.clone();
+            c.symlinks.push(bad.parse().unwrap());
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with("invalid --symlink"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn run_is_reserved_but_for_a_directory() {
         let mut c = JailConfig::new("vm-1", std::env::current_exe().unwrap(), 10, 10);
         c.mounts.push(BindMount {
@@ -813,6 +855,7 @@ mod tests {
         let mut c = JailConfig::new("vm-1", "/bin/x", 10, 20);
         c.cgroups.push("pids.max=5".parse().unwrap());
         c.mounts.push("/k:/kernel".parse().unwrap());
+        c.symlinks.push("/bin=usr/bin".parse().unwrap());
         c.new_pid_ns = true;
         c.mount_devpts = true;
         c.seccomp = Some(SeccompPolicy::Sandbox);
@@ -828,6 +871,7 @@ mod tests {
         assert!(args.starts_with("--id vm-1 --exec-file /bin/x --uid 10 --gid 20"));
         assert!(args.contains("--cgroup pids.max=5"));
         assert!(args.contains("--mount /k:/kernel:ro"));
+        assert!(args.contains("--symlink /bin=usr/bin"));
         assert!(args.contains("--seccomp-policy sandbox"));
         assert!(args.ends_with("--new-pid-ns --mount-devpts -- --api-sock /run/api.sock"));
         c.seccomp = Some(SeccompPolicy::File("/etc/mvm/policy.json".into()));

@@ -31,9 +31,8 @@ pub use cgroup::CgroupDir;
 pub use chroot::{DeviceNode, DEVICE_NODES};
 pub use config::{
     validate_id, validate_parent_cgroup, BindMount, CgroupSetting, CgroupVersion, JailConfig,
-    JailSymlink,
-    ResourceLimit, DEFAULT_CHROOT_BASE, DEFAULT_NO_FILE, DEFAULT_PARENT_CGROUP, DEVPTS_DIR,
-    DEVPTS_MAX_PTYS, PTMX, RUN_DIR,
+    JailSymlink, ResourceLimit, DEFAULT_CHROOT_BASE, DEFAULT_NO_FILE, DEFAULT_PARENT_CGROUP,
+    DEVPTS_DIR, DEVPTS_MAX_PTYS, PTMX, RUN_DIR,
 };
 pub use error::{Error, Result};
 pub use jail::{cleanup, CleanupConfig, Jail, DEFAULT_EXEC_FILE_NAME};

@@ -497,6 +497,37 @@ fn read_only_mounts_are_read_only() {
     j.cleanup();
 }
 
+/// Links made at the top of the root resolve inside the jail: a write through `/bin`
+/// (`-> usr/bin`) lands in the directory bound at `/usr`, an absolute target is the jail's.
+#[test]
+fn symlinks_at_the_root_resolve_inside_the_jail() {
+    if !root_or_skip("symlinks_at_the_root_resolve_inside_the_jail") {
+        return;
+    }
+    let usr = tempdir("symlinks");
+    std::fs::create_dir(usr.join("bin")).unwrap();
+    std::fs::set_permissions(usr.join("bin"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let j = TestJail::new("symlinks");
+    let mount = format!("{}:/usr:rw", usr.display());
+    let r = ok_report(&j.run(
+        &[
+            "--mount",
+            &mount,
+            "--symlink",
+            "/bin=usr/bin",
+            "--symlink",
+            "/sbin=/usr/bin",
+        ],
+        &["report", "--write", "/bin/a", "--write", "/sbin/b"],
+    ));
+    assert_eq!(r["writes"], "/bin/a:ok,/sbin/b:ok");
+    assert_eq!(r["root_entries"], "bin,dev,jail-probe,run,sbin,usr");
+    for name in ["a", "b"] {
+        assert!(usr.join("bin").join(name).is_file(), "{name}");
+    }
+    j.cleanup();
+}
+
 /// A pty master opened on the host's /dev/ptmx, and its number in the host's /dev/pts.
 fn host_pty() -> (std::os::fd::OwnedFd, u32) {
     use std::os::fd::{AsRawFd, FromRawFd};

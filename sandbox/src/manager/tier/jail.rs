@@ -63,13 +63,7 @@ pub(super) fn jail_config(
     tree: &Path,
     run: Option<&Path>,
 ) -> Result<JailConfig> {
-    let mut j = base_jail(
-        cfg,
-        s,
-        uid,
-        cfg.bin_dir.join(AGENT_BIN),
-        s.memory_mib << 20,
-    )?;
+    let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join(AGENT_BIN), s.memory_mib << 20)?;
     j.mount_proc = true;
     // Ptys for `tty` execs, from a devpts instance of the jail's own.
     j.mount_devpts = true;
