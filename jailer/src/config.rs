@@ -435,7 +435,10 @@ impl JailConfig {
     /// how a multi-threaded program such as the API daemon starts a jailed VMM.
     pub fn command(&self, jailer_bin: impl AsRef<Path>) -> std::process::Command {
         let mut c = std::process::Command::new(jailer_bin.as_ref());
-        c.args(self.to_args());
+        // No environment: the caller's (a daemon's, a user's shell's, which may hold
+        // credentials) would stay in the memory of the jailer processes that live as long as
+        // the jail, whatever the jailer then clears.
+        c.env_clear().args(self.to_args());
         c
     }
 

@@ -1276,6 +1276,58 @@ fn sandbox_seccomp_policy_refuses_namespaces_and_kernel_attack_surface() {
     }
 }
 
+/// `JailConfig::command` passes the caller's environment to no process of the jail: the
+/// jailer processes that live as long as the jail (its pid namespace's reaper) keep their
+/// initial environment in memory whatever they clear.
+#[test]
+fn the_callers_environment_reaches_no_jail_process() {
+    if !root_or_skip("the_callers_environment_reaches_no_jail_process") {
+        return;
+    }
+    const MARKER: &str = "MVM_JAILER_TEST_CREDENTIAL=never-in-a-jail";
+    let (key, value) = MARKER.split_once('=').unwrap();
+    let j = TestJail::new("noenv");
+    let mut config = jailer::JailConfig::new(j.id.clone(), PROBE, j.uid, j.uid);
+    config.chroot_base_dir = j.base.clone();
+    config.parent_cgroup = PARENT_CGROUP.into();
+    config.new_pid_ns = true;
+    config.args = vec!["pause".into()];
+    let mut cmd = config.command(JAILER);
+    // As if set in the caller's own environment (the test process's stays as it is).
+    let mut child = {
+        std::env::set_var(key, value);
+        let spawned = cmd.stdout(std::process::Stdio::piped()).spawn();
+        std::env::remove_var(key);
+        spawned.expect("spawn mvm-jailer")
+    };
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "paused=1");
+    let holders: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()))
+        })
+        .map(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default())
+        .collect();
+    // SAFETY: plain kill of our own child (the jailer passes SIGTERM on to the jail).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    j.cleanup();
+    assert!(
+        holders.is_empty(),
+        "processes holding the caller's environment: {holders:?}"
+    );
+}
+
 #[test]
 fn seccomp_filter_file_from_the_library_config_reaches_the_jail() {
     if !root_or_skip("seccomp_filter_file_from_the_library_config_reaches_the_jail") {
