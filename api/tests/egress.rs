@@ -857,8 +857,14 @@ fn egress_allow_by_dns_name() {
 /// The resolver processes of sandbox `id` (`pgrep -a`; their command line starts with
 /// `--sandbox ID`).
 fn resolver_of(id: &str) -> String {
+    helper_of("mvm-dns", id)
+}
+
+/// The processes of helper `bin` of sandbox `id` (`pgrep -a`; their command line starts
+/// with `--sandbox ID`).
+fn helper_of(bin: &str, id: &str) -> String {
     let out = Command::new("pgrep")
-        .args(["-af", &format!("mvm-dns --sandbox {id}")])
+        .args(["-af", &format!("{bin} --sandbox {id}")])
         .output()
         .expect("pgrep");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -1171,9 +1177,5 @@ fn secrets_reach_only_their_hosts() {
 
 /// The egress proxy processes of sandbox `id`.
 fn proxy_of(id: &str) -> String {
-    let out = Command::new("pgrep")
-        .args(["-af", &format!("mvm-egress --sandbox {id}")])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    helper_of("mvm-egress", id)
 }

@@ -17,7 +17,11 @@ use mvm_testkit::registry::{
 };
 use mvm_testkit::{root_or_skip, skip_or_fail_in_ci};
 
+/// A registry for `test` (root's: its sandboxes are), or `None` when the test is skipped.
 fn registry_or_skip(test: &str, auth: Auth<'_>) -> Option<Registry> {
+    if !root_or_skip(test) {
+        return None;
+    }
     match Registry::start(auth) {
         Ok(r) => Some(r),
         Err(why) => {
@@ -82,9 +86,6 @@ async fn run(c: &Client, req: CreateSandbox, script: &str) -> (String, i32) {
 #[test]
 fn images_pulled_from_a_registry_run_in_jail_sandboxes() {
     let test = "images_pulled_from_a_registry_run_in_jail_sandboxes";
-    if !root_or_skip(test) {
-        return;
-    }
     let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
         return;
     };
@@ -196,9 +197,6 @@ fn images_pulled_from_a_registry_run_in_jail_sandboxes() {
 #[test]
 fn refused_pulls_and_images_leave_nothing_in_the_cache() {
     let test = "refused_pulls_and_images_leave_nothing_in_the_cache";
-    if !root_or_skip(test) {
-        return;
-    }
     let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
         return;
     };
@@ -326,9 +324,6 @@ fn refused_pulls_and_images_leave_nothing_in_the_cache() {
 #[test]
 fn a_full_disk_while_unpacking_leaves_no_image() {
     let test = "a_full_disk_while_unpacking_leaves_no_image";
-    if !root_or_skip(test) {
-        return;
-    }
     let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
         return;
     };
@@ -372,9 +367,6 @@ fn a_full_disk_while_unpacking_leaves_no_image() {
 #[test]
 fn registries_with_basic_or_token_auth_need_credentials() {
     let test = "registries_with_basic_or_token_auth_need_credentials";
-    if !root_or_skip(test) {
-        return;
-    }
     for auth in [Auth::Basic("mvm", "s3cret"), Auth::Token("mvm", "s3cret")] {
         let Some(registry) = registry_or_skip(test, auth) else {
             return;
@@ -472,9 +464,6 @@ fn grep_tree(dir: &Path, needle: &[u8]) -> Vec<String> {
 #[test]
 fn an_image_config_over_the_limit_is_refused() {
     let test = "an_image_config_over_the_limit_is_refused";
-    if !root_or_skip(test) {
-        return;
-    }
     let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
         return;
     };
@@ -540,9 +529,6 @@ fn an_image_config_over_the_limit_is_refused() {
 #[test]
 fn images_are_removed_like_docker_rmi() {
     let test = "images_are_removed_like_docker_rmi";
-    if !root_or_skip(test) {
-        return;
-    }
     let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
         return;
     };
@@ -650,9 +636,6 @@ fn images_are_removed_like_docker_rmi() {
 #[test]
 fn a_merged_usr_image_runs_in_the_jail_tier() {
     let test = "a_merged_usr_image_runs_in_the_jail_tier";
-    if !root_or_skip(test) {
-        return;
-    }
     let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
         return;
     };

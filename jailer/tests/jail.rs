@@ -789,13 +789,7 @@ fn cleanup_refuses_while_running_and_removes_everything_after() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "paused=1");
+    await_paused(&mut child);
     let cleanup = || {
         Command::new(JAILER)
             .args([
@@ -1200,13 +1194,7 @@ fn failures_after_the_privilege_drop() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(paused.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "paused=1");
+    await_paused(&mut paused);
     let mut j = TestJail::new("nproc");
     j.uid = busy.uid;
     let out = j.run(
@@ -1300,13 +1288,7 @@ fn the_callers_environment_reaches_no_jail_process() {
         std::env::remove_var(key);
         spawned.expect("spawn mvm-jailer")
     };
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "paused=1");
+    await_paused(&mut child);
     let holders: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()

@@ -157,6 +157,17 @@ pub fn report(out: &Output) -> HashMap<String, String> {
         .collect()
 }
 
+/// Waits until the probe `pause` of the jail spawned as `child` (stdout piped) is running.
+pub fn await_paused(child: &mut std::process::Child) {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("a piped stdout")),
+        &mut line,
+    )
+    .expect("the probe's line");
+    assert_eq!(line.trim(), "paused=1");
+}
+
 /// Asserts success and returns the report.
 pub fn ok_report(out: &Output) -> HashMap<String, String> {
     assert!(

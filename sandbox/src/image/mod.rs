@@ -250,10 +250,11 @@ impl ImageStore {
         image
     }
 
-    /// `pins.lock`, locked as `kind` (waiting for the holders of the other kind).
-    fn pins(&self, kind: mvm_sys::flock::Kind) -> Result<std::fs::File> {
+    /// The cache's file `name`, made when missing and locked as `kind` (waiting for the
+    /// holders that exclude it).
+    fn locked(&self, name: &str, kind: mvm_sys::flock::Kind) -> Result<std::fs::File> {
         mkdir_private(&self.root)?;
-        let path = self.root.join("pins.lock");
+        let path = self.root.join(name);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -263,6 +264,11 @@ impl ImageStore {
         mvm_sys::flock::lock(&file, kind)
             .map_err(|e| Error::host(format!("locking {}", path.display()), e))?;
         Ok(file)
+    }
+
+    /// `pins.lock`, locked as `kind`.
+    fn pins(&self, kind: mvm_sys::flock::Kind) -> Result<std::fs::File> {
+        self.locked("pins.lock", kind)
     }
 
     /// A [`Pin`] (waits while a removal runs).
@@ -449,16 +455,7 @@ impl ImageStore {
     /// Takes the cache's lock and removes what killed pulls and loads left (their staging
     /// directories; a partial blob is replaced by the next pull of it).
     fn lock(&self) -> Result<std::fs::File> {
-        mkdir_private(&self.root)?;
-        let path = self.root.join("lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::host(format!("opening {}", path.display()), e))?;
-        mvm_sys::flock::lock(&file, mvm_sys::flock::Kind::Exclusive)
-            .map_err(|e| Error::host(format!("locking {}", path.display()), e))?;
+        let file = self.locked("lock", mvm_sys::flock::Kind::Exclusive)?;
         let staging = [self.root.join("images"), self.root.clone()];
         for entry in staging
             .iter()

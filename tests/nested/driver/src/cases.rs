@@ -1954,6 +1954,18 @@ impl Drop for Greeter {
     }
 }
 
+/// Runs `ip ARGS` (whitespace-separated); an error names the command and its stderr.
+fn ip(args: &str) -> Result<(), String> {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(args.split_whitespace());
+    let (code, _, err) = run_cli(cmd, None)?;
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(format!("ip {args}: exit {code}: {}", err.trim()))
+    }
+}
+
 /// The IPv4 address of this host's end of a sandbox's network: the host-side veth of sandbox `id`.
 fn host_end(id: &str) -> Result<String, String> {
     let veth = format!("mv{}", &id[..id.len().min(13)]);

@@ -17,7 +17,7 @@ use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 
-use super::{run_cli, sandbox_id, Ctx, ManagerDirs, MvmdSession, Outcome, Verdict};
+use super::{ip, sandbox_id, Ctx, ManagerDirs, MvmdSession, Outcome, Verdict};
 
 /// The "internet" namespace of this case and its addresses (TEST-NET-2).
 const NETNS: &str = "mvm-dns-inet";
@@ -100,17 +100,6 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn ip(args: &str) -> Result<(), String> {
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(args.split_whitespace());
-    let (code, _, err) = run_cli(cmd, None)?;
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(format!("ip {args}: exit {code}: {}", err.trim()))
     }
 }
 

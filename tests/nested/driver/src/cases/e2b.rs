@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 
 use mvm_testkit::ports::free_local_port;
 
-use super::{load_on_demand_modules, Ctx, ManagerDirs, Mode, MvmdSession, Outcome, Verdict};
+use super::{ip, load_on_demand_modules, Ctx, ManagerDirs, Mode, MvmdSession, Outcome, Verdict};
 
 /// L1's address on QEMU's user-mode network (QEMU forwards L0's ports to it).
 const L1_NIC_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 /// From the ready line to the smoke's verdict: Python start-up on a busy L0, a vm-tier create
 /// and a handful of calls, each slow under QEMU TCG.
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most bytes of a verdict read (a few lines).
+const VERDICT_LIMIT: u64 = 64 << 10;
 /// Reading the verdict once the smoke has connected.
 const VERDICT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -60,15 +62,10 @@ pub fn e2b_sdk_vm_tier(ctx: &mut Ctx) -> Outcome {
         "--isolation".into(),
         "vm".into(),
     ];
-    let token_file = dirs.root.join("state/token");
     let session = MvmdSession::start_in(ctx, dirs)?;
     let checked = (|| {
-        let token = std::fs::read_to_string(&token_file)
-            .map_err(|e| format!("mvmd's token {}: {e}", token_file.display()))?;
-        println!(
-            "nested: E2B-READY {api_port} {verdict_port} {}",
-            token.trim()
-        );
+        let token = session.token()?;
+        println!("nested: E2B-READY {api_port} {verdict_port} {token}");
         let report = await_verdict(&verdict)?;
         let figure = judge(&report, &ctx.release)?;
         let left = session.list(ctx)?;
@@ -101,7 +98,7 @@ fn await_verdict(listener: &TcpListener) -> Result<String, String> {
         .set_nonblocking(true)
         .map_err(|e| format!("verdict listener: {e}"))?;
     let deadline = Instant::now() + VERDICT_TIMEOUT;
-    let mut stream: TcpStream = loop {
+    let stream: TcpStream = loop {
         match listener.accept() {
             Ok((stream, _)) => break stream,
             Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
@@ -124,6 +121,7 @@ fn await_verdict(listener: &TcpListener) -> Result<String, String> {
         .map_err(|e| format!("verdict stream: {e}"))?;
     let mut report = String::new();
     stream
+        .take(VERDICT_LIMIT)
         .read_to_string(&mut report)
         .map_err(|e| format!("reading the verdict: {e} (got {report:?})"))?;
     Ok(report)
@@ -184,36 +182,19 @@ impl L1Nic {
             std::thread::sleep(Duration::from_millis(100));
         };
         let nic = L1Nic(name);
-        nic.ip(&["addr", "add", &format!("{L1_NIC_ADDR}/24"), "dev", &nic.0])?;
-        nic.ip(&["link", "set", &nic.0, "up"])?;
+        ip(&format!("addr add {L1_NIC_ADDR}/24 dev {}", nic.0))?;
+        ip(&format!("link set {} up", nic.0))?;
         Ok(nic)
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<(), String> {
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {}: {}: {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
     }
 }
 
 impl Drop for L1Nic {
     fn drop(&mut self) {
         for args in [
-            ["addr", "flush", "dev", &self.0],
-            ["link", "set", &self.0, "down"],
+            format!("addr flush dev {}", self.0),
+            format!("link set {} down", self.0),
         ] {
-            if let Err(why) = self.ip(&args) {
+            if let Err(why) = ip(&args) {
                 println!("nested: INFO restoring L1's NIC: {why}");
             }
         }
