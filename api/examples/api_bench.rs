@@ -6,23 +6,17 @@
 //! target/mvm-artifacts/rootfs.ext4 (`rootfs/build.sh`). Measures both the library manager
 //! (daemonless `mvm run`) and the REST path (mvmd on a unix socket).
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::{echo, report};
 
 use mvm_client::Client;
 use mvm_sandbox::db::Quota;
 use mvm_sandbox::http::Endpoint;
-use mvm_sandbox::model::{CreateSandbox, ExecRequest, Isolation};
-use mvm_sandbox::{Manager, ManagerConfig};
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
+use mvm_sandbox::model::{CreateSandbox, Isolation};
+use mvm_sandbox::Manager;
 
 /// PSS in KiB of `pid` (0 when it is gone).
 fn pss_kib(pid: &str) -> u64 {
@@ -32,13 +26,6 @@ fn pss_kib(pid: &str) -> u64 {
         .find_map(|l| l.strip_prefix("Pss:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-fn echo() -> ExecRequest {
-    ExecRequest {
-        cmd: vec!["echo".into(), "ready".into()],
-        ..ExecRequest::default()
-    }
 }
 
 fn jail() -> CreateSandbox {
@@ -58,34 +45,7 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(200);
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<triple>/debug/examples/bench → target/<triple>/debug
-    let bin_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("bin dir")
-        .to_path_buf();
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf();
-    for b in ["mvm-jailer", "mvm-agent"] {
-        assert!(
-            bin_dir.join(b).is_file(),
-            "{} missing: cargo build -p jailer -p agent",
-            bin_dir.join(b).display()
-        );
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("mvm-bench")
-        .tempdir()
-        .expect("tempdir");
-    let mut cfg = ManagerConfig::from_env();
-    cfg.state_dir = dir.path().join("state");
-    cfg.run_dir = dir.path().join("run");
-    cfg.bin_dir = bin_dir;
-    cfg.cgroup_parent = format!("mvm-bench-{}", std::process::id());
-    cfg.artifacts_dir = Some(workspace.join("target/mvm-artifacts"));
+    let (dir, cfg) = common::bench_manager("bench");
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -114,13 +74,7 @@ fn main() {
             manager.destroy(&tenant.name, &s.id).await.expect("destroy");
         }
         lat.sort();
-        println!(
-            "manager  create→first output: p50 {:.1} ms  p99 {:.1} ms  (min {:.1}, max {:.1})",
-            ms(percentile(&lat, 0.5)),
-            ms(percentile(&lat, 0.99)),
-            ms(lat[0]),
-            ms(lat[lat.len() - 1])
-        );
+        report("manager  create→first output", &lat);
 
         // 2. REST path through an in-process mvmd on a unix socket.
         let socket = dir.path().join("mvmd.sock");
@@ -147,13 +101,7 @@ fn main() {
             client.delete(&s.id).await.expect("delete");
         }
         lat.sort();
-        println!(
-            "REST     create→first output: p50 {:.1} ms  p99 {:.1} ms  (min {:.1}, max {:.1})",
-            ms(percentile(&lat, 0.5)),
-            ms(percentile(&lat, 0.99)),
-            ms(lat[0]),
-            ms(lat[lat.len() - 1])
-        );
+        report("REST     create→first output", &lat);
 
         // 3. Throughput: create+destroy cycles, 2 per core in flight.
         let parallel = 2 * cores;

@@ -9,12 +9,16 @@
 //! generated files (`--mib` in all, default 64: half incompressible, half text-like), so the
 //! gzip ratio is near a real image's. Prints figures only.
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Instant;
+
+use common::{echo, ms, percentile, report};
 
 use mvm_sandbox::db::Quota;
 use mvm_sandbox::image::ImageStore;
-use mvm_sandbox::model::{CreateSandbox, ExecRequest, Isolation};
-use mvm_sandbox::{Manager, ManagerConfig};
+use mvm_sandbox::model::{CreateSandbox, Isolation};
+use mvm_sandbox::Manager;
 use mvm_testkit::registry::{busybox_layer, config_blob, layer, Auth, Entry, Registry};
 
 /// Generated layers besides busybox's.
@@ -28,15 +32,6 @@ fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// `n` bytes: incompressible (xorshift) for odd `seed`s, words repeated with variation for
@@ -86,23 +81,6 @@ fn data_layers(mib: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn echo() -> ExecRequest {
-    ExecRequest {
-        cmd: vec!["echo".into(), "ready".into()],
-        ..ExecRequest::default()
-    }
-}
-
-fn report(what: &str, sorted: &[Duration]) {
-    println!(
-        "{what}: p50 {:.1} ms  p99 {:.1} ms  (min {:.1}, max {:.1})",
-        ms(percentile(sorted, 0.5)),
-        ms(percentile(sorted, 0.99)),
-        ms(sorted[0]),
-        ms(sorted[sorted.len() - 1])
-    );
-}
-
 fn main() {
     if !mvm_testkit::is_root() {
         mvm_testkit::skip_or_fail_in_ci("images_bench", "needs root (namespaces, cgroups)");
@@ -115,20 +93,6 @@ fn main() {
     let pulls: usize = arg("--pulls", 5).max(1);
     let iterations: usize = arg("--iterations", 50).max(1);
     let mib: usize = arg("--mib", 64);
-    let exe = std::env::current_exe().expect("current exe");
-    // <target>/<profile>/examples/images_bench → <target>/<profile>
-    let bin_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("bin dir")
-        .to_path_buf();
-    for b in ["mvm-jailer", "mvm-agent"] {
-        assert!(
-            bin_dir.join(b).is_file(),
-            "{} missing: cargo build -p jailer -p agent",
-            bin_dir.join(b).display()
-        );
-    }
     let registry = Registry::start(Auth::Anonymous).expect("docker-registry");
     let mut layers = vec![busybox_layer()];
     layers.extend(data_layers(mib));
@@ -141,16 +105,7 @@ fn main() {
         .map(|l| mvm_testkit::registry::gzip(l).len() as u64)
         .sum();
 
-    let dir = tempfile::Builder::new()
-        .prefix("mvm-images-bench")
-        .tempdir()
-        .expect("tempdir");
-    let mut cfg = ManagerConfig::from_env();
-    cfg.state_dir = dir.path().join("state");
-    cfg.run_dir = dir.path().join("run");
-    cfg.bin_dir = bin_dir;
-    cfg.cgroup_parent = format!("mvm-images-bench-{}", std::process::id());
-    cfg.artifacts_dir = Some(mvm_testkit::artifacts_dir());
+    let (dir, cfg) = common::bench_manager("images-bench");
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
