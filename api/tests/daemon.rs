@@ -1056,6 +1056,7 @@ fn openapi_document_validates_and_lists_every_route() {
         ("GET", "/v1/images"),
         ("POST", "/v1/images"),
         ("POST", "/v1/images/load"),
+        ("DELETE", "/v1/images/{name}"),
         ("GET", "/metrics"),
         ("GET", "/healthz"),
         ("GET", "/openapi.json"),

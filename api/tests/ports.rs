@@ -132,10 +132,27 @@ fn conflicting_and_malformed_ports_are_refused_and_leave_nothing() {
         (vec![published(other, 0)], "1 to 65535"),
         (
             vec![PortMapping {
-                host_ip: Ipv4Addr::UNSPECIFIED,
+                host_ip: Ipv4Addr::new(224, 0, 0, 1),
                 ..published(other, 80)
             }],
-            "loopback",
+            "not an address of this host",
+        ),
+        (
+            vec![PortMapping {
+                host_ip: Ipv4Addr::new(192, 0, 2, 77),
+                ..published(other, 80)
+            }],
+            "not an address of this host",
+        ),
+        (
+            vec![
+                published(other, 80),
+                PortMapping {
+                    host_ip: Ipv4Addr::UNSPECIFIED,
+                    ..published(other, 81)
+                },
+            ],
+            "published twice",
         ),
         (
             vec![published(other, 80), published(other, 81)],
@@ -255,4 +272,109 @@ fn a_port_outlives_a_killed_mvmd_and_goes_with_its_dead_sandbox() {
         "the port answers after the reconcile"
     );
     d.assert_no_leaks(&before);
+}
+
+/// `GET /` on `addr:port` from a thread in the network namespace at `netns` (another host).
+fn get_from(netns: &std::path::Path, addr: Ipv4Addr, port: u16) -> std::io::Result<String> {
+    let ns = std::fs::File::open(netns)?;
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut s = std::net::TcpStream::connect_timeout(
+            &(addr, port).into(),
+            Duration::from_secs(2),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    })
+    .join()
+    .expect("the client thread")
+}
+
+/// Ports published on a host address and on `0.0.0.0` are reached by another host (a network
+/// namespace behind a veth) as well as by the host itself, with the host forwarding while the
+/// sandbox lives; after the delete they are gone, and so is the sandbox's forwarding table.
+#[test]
+fn ports_on_host_addresses_are_reached_from_other_hosts() {
+    if !root_with_nft("ports_on_host_addresses_are_reached_from_other_hosts") {
+        return;
+    }
+    let n = std::process::id() % 1000;
+    let (lan, host_end) = (format!("mvm-lan-{n}"), format!("lanp{n}"));
+    let (host_addr, lan_addr) = (Ipv4Addr::new(192, 0, 2, 1), "192.0.2.2/30");
+    let ip = |args: &str| {
+        let out = Command::new("ip")
+            .args(args.split_whitespace())
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let forward_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("read");
+    ip(&format!("netns add {lan}"));
+    ip(&format!("link add {host_end} type veth peer name eth0 netns {lan}"));
+    ip(&format!("addr add {host_addr}/30 dev {host_end}"));
+    ip(&format!("link set {host_end} up"));
+    ip(&format!("-n {lan} addr add {lan_addr} dev eth0"));
+    ip(&format!("-n {lan} link set eth0 up"));
+    let netns = std::path::Path::new("/run/netns").join(&lan);
+    let d = Daemon::start();
+    let before = d.host_state();
+    let (on_addr, on_all) = (free_port(), free_port());
+    let ports = vec![
+        PortMapping {
+            host_ip: host_addr,
+            ..published(on_addr, 8080)
+        },
+        PortMapping {
+            host_ip: Ipv4Addr::UNSPECIFIED,
+            ..published(on_all, 8080)
+        },
+    ];
+    let s = block_on(d.client().create(&with_ports(ports))).expect("create");
+    d.track(&s.id);
+    serve_in(&d, &s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for port in [on_addr, on_all] {
+        loop {
+            match get_from(&netns, host_addr, port) {
+                Ok(a) if a.contains(GREETING) => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "{host_addr}:{port} from another host: {other:?}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The host itself: on the address, and on 127.0.0.1 for 0.0.0.0's port.
+    let local = std::net::TcpStream::connect_timeout(&(host_addr, on_addr).into(), Duration::from_secs(2));
+    assert!(local.is_ok(), "{local:?}");
+    assert_serves(on_all, GREETING);
+    let forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("read");
+    assert_eq!(forward.trim(), "1");
+    let tables = || {
+        let out = Command::new("nft").args(["list", "tables", "ip"]).output().expect("nft");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(tables().contains(&format!("mvm-egress-{}", s.id)), "{}", tables());
+    block_on(d.client().delete(&s.id)).expect("delete");
+    for port in [on_addr, on_all] {
+        assert!(get_from(&netns, host_addr, port).is_err(), "{port} after the delete");
+    }
+    assert!(!tables().contains(&format!("mvm-egress-{}", s.id)), "{}", tables());
+    d.assert_no_leaks(&before);
+    ip(&format!("link del {host_end}"));
+    ip(&format!("netns del {lan}"));
+    // Another test's `egress: all` sandbox may keep forwarding on meanwhile; alone, the
+    // setting from before is back.
+    if !tables().contains("mvm-egress") {
+        let after = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("read");
+        assert_eq!(after, forward_before);
+    }
 }

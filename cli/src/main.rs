@@ -70,8 +70,9 @@ struct RunArgs {
     /// the sandbox running and print its id.
     #[arg(short = 'd', long, conflicts_with_all = ["rm", "interactive", "tty"])]
     detach: bool,
-    /// Publish a sandbox port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT (TCP; HOST_IP a
-    /// loopback address, default 127.0.0.1; repeatable).
+    /// Publish a sandbox port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT (TCP; HOST_IP
+    /// default 127.0.0.1, the host alone; 0.0.0.0 or another address of the host opens it to
+    /// other hosts; repeatable).
     #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT", value_parser = parse_port)]
     publish: Vec<PortMapping>,
     /// Keep stdin open and send it to the command.

@@ -640,7 +640,7 @@ fn check_ports_free(tx: &rusqlite::Transaction<'_>, s: &Sandbox) -> Result<()> {
             other
                 .ports
                 .iter()
-                .any(|o| (o.host_ip, o.host_port) == (p.host_ip, p.host_port))
+                .any(|o| crate::manager::net::ports_overlap(o, p))
         }) {
             return Err(Error::Conflict(format!(
                 "ports: host port {}:{} is already published by another sandbox; choose \

@@ -218,7 +218,8 @@ pub struct SecretInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
-    /// Host address the port is published on: a loopback address (default 127.0.0.1).
+    /// Host address the port is published on (default 127.0.0.1: the host alone); another
+    /// address of the host lets other hosts reach it, `0.0.0.0` every address.
     #[serde(default = "PortMapping::loopback")]
     #[schema(value_type = String)]
     pub host_ip: std::net::Ipv4Addr,

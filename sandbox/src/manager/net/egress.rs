@@ -1,5 +1,6 @@
-//! The host-wide state of `egress: all`: IPv4 forwarding (the setting from before the first
-//! such sandbox is kept and restored by the last) and a masquerade table per sandbox.
+//! The host-wide state of `egress: all` and of ports published on addresses other hosts
+//! reach: IPv4 forwarding (the setting from before the first such sandbox is kept and restored
+//! by the last) and a table per sandbox (a masquerade chain for `egress: all`).
 
 use std::net::Ipv4Addr;
 
@@ -9,15 +10,16 @@ use super::{tables, Addresses};
 use crate::error::{Error, Result};
 use crate::manager::host;
 
-/// The host-wide nftables table that exists while any manager has an `egress: all` sandbox:
-/// its comment keeps the host's IPv4 forwarding setting from before the first one, and it drops
-/// forwarding between sandbox veths. Each such sandbox has its own masquerade table named
-/// after it (see [`egress_table`]).
+/// The host-wide nftables table that exists while any manager has a sandbox that needs the
+/// host to forward (`egress: all`, or a port published on a non-loopback address): its
+/// comment keeps the host's IPv4 forwarding setting from before the first one, and it drops
+/// forwarding between sandbox veths. Each such sandbox has its own table named after it (see
+/// [`egress_table`]), whose existence counts it.
 const EGRESS_TABLE: &str = "mvm-egress";
 /// The host's IPv4 forwarding switch.
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
-/// The masquerade table of `egress: all` sandbox `id`.
+/// The table of sandbox `id` while the host forwards for it (the masquerade of `egress: all`).
 fn egress_table(id: &str) -> String {
     format!("{EGRESS_TABLE}-{id}")
 }
@@ -59,11 +61,10 @@ pub(super) fn saved_ip_forward(listing: &str) -> Option<&str> {
         .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// The nft batch that turns `egress: all` on for sandbox `id` with addresses `a`. Adding
-/// [`EGRESS_TABLE`] again keeps the comment it got first, i.e. the setting from before any
-/// sandbox had `egress: all`.
-pub(super) fn masquerade_rules(id: &str, a: &Addresses, ip_forward: &str) -> String {
-    let slot = Ipv4Addr::from(u32::from(a.host) - 1);
+/// The nft batch that makes the host forward for sandbox `id`, with `chains` in its table.
+/// Adding [`EGRESS_TABLE`] again keeps the comment it got first, i.e. the setting from before
+/// any sandbox needed forwarding.
+fn forwarding_rules(id: &str, chains: &str, ip_forward: &str) -> String {
     let table = egress_table(id);
     format!(
         "add table ip {EGRESS_TABLE} {{ comment \"ip_forward={ip_forward}\"; }}
@@ -71,26 +72,46 @@ add chain ip {EGRESS_TABLE} forward {{ type filter hook forward priority 0; }}
 flush chain ip {EGRESS_TABLE} forward
 add rule ip {EGRESS_TABLE} forward iifname \"mv*\" oifname \"mv*\" drop
 table ip {table} {{
-  chain postrouting {{ type nat hook postrouting priority 100;
-    ip saddr {slot}/29 oifname != \"mv*\" masquerade
-  }}
-}}
+{chains}}}
 "
     )
 }
 
-/// `egress: all` for sandbox `id`: host forwarding plus a masquerade rule for its /29.
-pub(super) fn enable_host_masquerade(id: &str, a: &Addresses) -> Result<()> {
+/// The nft batch that turns `egress: all` on for sandbox `id` with addresses `a`.
+pub(super) fn masquerade_rules(id: &str, a: &Addresses, ip_forward: &str) -> String {
+    let slot = Ipv4Addr::from(u32::from(a.host) - 1);
+    let chain = format!(
+        "  chain postrouting {{ type nat hook postrouting priority 100;
+    ip saddr {slot}/29 oifname != \"mv*\" masquerade
+  }}
+"
+    );
+    forwarding_rules(id, &chain, ip_forward)
+}
+
+/// Loads `batch` (made with the forwarding setting it finds) and turns forwarding on.
+fn forward_with(batch: impl FnOnce(&str) -> String) -> Result<()> {
     let _lock = ForwardingLock::acquire()?;
     let before = read_ip_forward()?;
-    host::run("nft", &["-f", "-"], Some(&masquerade_rules(id, a, &before)))?;
+    host::run("nft", &["-f", "-"], Some(&batch(&before)))?;
     write_ip_forward("1")
 }
 
-/// Undoes [`enable_host_masquerade`] for sandbox `id` (nothing if it had none); when no
-/// `egress: all` sandbox is left on the host, restores the forwarding setting from before the
-/// first one and removes [`EGRESS_TABLE`].
-pub(super) fn disable_host_masquerade(id: &str) -> Result<()> {
+/// `egress: all` for sandbox `id`: host forwarding plus a masquerade rule for its /29.
+pub(super) fn enable_host_masquerade(id: &str, a: &Addresses) -> Result<()> {
+    forward_with(|before| masquerade_rules(id, a, before))
+}
+
+/// Host forwarding for the connections to sandbox `id`'s ports published on non-loopback
+/// addresses (its table holds no chain of its own: its existence counts the sandbox).
+pub(super) fn enable_inbound_forwarding(id: &str) -> Result<()> {
+    forward_with(|before| forwarding_rules(id, "", before))
+}
+
+/// Undoes [`enable_host_masquerade`] and [`enable_inbound_forwarding`] for sandbox `id`
+/// (nothing if it had neither); when no sandbox that needs forwarding is left on the host,
+/// restores the forwarding setting from before the first one and removes [`EGRESS_TABLE`].
+pub(super) fn disable_forwarding(id: &str) -> Result<()> {
     let ours = |tables: &[String]| {
         tables
             .iter()

@@ -22,7 +22,10 @@ pub mod secrets;
 
 pub use dns::{resolver_pids, write_resolv_conf, DnsUpstream, RESOLVER_ADDR};
 pub use pod::{join_pod_netns, leave_pod_netns, PodUplink};
-pub use ports::{check_unbound as check_ports_unbound, validate as validate_ports, MAX_PORTS};
+pub use ports::{
+    check_unbound as check_ports_unbound, overlap as ports_overlap, validate as validate_ports,
+    MAX_PORTS,
+};
 pub use rules::PROXY_ADDR;
 pub use secrets::{proxy_pids, Secret};
 
@@ -32,7 +35,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::manager::host;
 use crate::model::{Egress, Isolation, NetworkInfo, NetworkSpec, PortMapping};
-use egress::{disable_host_masquerade, enable_host_masquerade};
+use egress::{disable_forwarding, enable_host_masquerade};
 use policy::AllowEntry;
 use ports::{publish, unpublish};
 use rules::{host_guard, remove_host_guard, replace_allowed, ruleset};
@@ -323,7 +326,7 @@ pub fn destroy(netns: &Path, id: &str) -> Result<()> {
     host::remove_netns(netns)?;
     remove_host_guard(id)?;
     unpublish(id)?;
-    disable_host_masquerade(id)
+    disable_forwarding(id)
 }
 
 #[cfg(test)]

@@ -1,21 +1,27 @@
-//! Published ports: TCP to a loopback address and port of the host reaches a port of the
-//! sandbox, for as long as it lives.
+//! Published ports: TCP to an address and port of the host reaches a port of the sandbox,
+//! for as long as it lives.
 //!
 //! Each sandbox with ports has a host table `ip mvm-ports-<id>` whose `output` chain
 //! destination-NATs the host's own connections to `host_ip:host_port` to the sandbox's veth
 //! address and `guest_port`, and whose `postrouting` chain masquerades them behind the
 //! sandbox's gateway (so the sandbox answers its gateway, the only peer its namespace admits).
-//! A vm-tier namespace forwards the port on to the guest. The kernel state alone does it: no
-//! proxy process, so a daemonless `mvm run -d -p` may exit.
+//! A port on an address other hosts reach (`0.0.0.0`: every address of the host) is also
+//! destination-NATed in `prerouting` for what arrives from outside (never from a sandbox
+//! veth, whose guard drops host addresses anyway), and the host forwards it: forwarding is on
+//! while such a sandbox lives, kept and restored like `egress: all`'s. A vm-tier namespace
+//! forwards the port on to the guest. The kernel state alone does it: no proxy process, so a
+//! daemonless `mvm run -d -p` may exit.
 //!
 //! A connection from 127.0.0.1 leaves through the sandbox's veth, which Linux allows only with
 //! `route_localnet` on that interface: it is set on the sandbox's host veth alone (and goes
-//! with it), and the table drops anything the sandbox sends to 127.0.0.0/8 before routing, so
-//! the setting admits only the replies of the forwarded connections.
+//! with it), only for loopback ports, and the table drops anything the sandbox sends to
+//! 127.0.0.0/8 before routing, so the setting admits only the replies of the forwarded
+//! connections.
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
 
+use super::egress::enable_inbound_forwarding;
 use super::{host_veth, tables, Addresses, SANDBOX_IF, TAP_IF};
 use crate::error::{Error, Result};
 use crate::manager::host;
@@ -29,8 +35,15 @@ fn ports_table(id: &str) -> String {
     format!("mvm-ports-{id}")
 }
 
-/// Checks the ports a create asks for: at most [`MAX_PORTS`], ports 1 to 65535 on a loopback
-/// host address, no host address and port twice.
+/// Whether `a` and `b` take the same host port on a common address (`0.0.0.0` takes every
+/// address).
+pub(crate) fn overlap(a: &PortMapping, b: &PortMapping) -> bool {
+    a.host_port == b.host_port
+        && (a.host_ip == b.host_ip || a.host_ip.is_unspecified() || b.host_ip.is_unspecified())
+}
+
+/// Checks the ports a create asks for: at most [`MAX_PORTS`], ports 1 to 65535 on a unicast
+/// host address or `0.0.0.0`, no host port taken twice on a common address.
 pub fn validate(ports: &[PortMapping]) -> Result<()> {
     if ports.len() > MAX_PORTS {
         return Err(Error::Invalid(format!(
@@ -38,22 +51,21 @@ pub fn validate(ports: &[PortMapping]) -> Result<()> {
             ports.len()
         )));
     }
-    let mut seen = BTreeSet::new();
-    for p in ports {
+    for (i, p) in ports.iter().enumerate() {
         if p.host_port == 0 || p.guest_port == 0 {
             return Err(Error::Invalid(format!(
                 "ports: host_port and guest_port must be 1 to 65535, got {}:{}",
                 p.host_port, p.guest_port
             )));
         }
-        if !p.host_ip.is_loopback() {
+        if p.host_ip.is_multicast() || p.host_ip.is_broadcast() {
             return Err(Error::Invalid(format!(
-                "ports: host_ip {} is not a loopback address: ports are published on \
-                 127.0.0.0/8 only (default 127.0.0.1)",
+                "ports: host_ip {} is not an address of this host (give 127.0.0.1, the \
+                 default, one of its addresses, or 0.0.0.0 for all of them)",
                 p.host_ip
             )));
         }
-        if !seen.insert((p.host_ip, p.host_port)) {
+        if ports[..i].iter().any(|q| overlap(p, q)) {
             return Err(Error::Invalid(format!(
                 "ports: {}:{} is published twice",
                 p.host_ip, p.host_port
@@ -63,38 +75,72 @@ pub fn validate(ports: &[PortMapping]) -> Result<()> {
     Ok(())
 }
 
-/// Refuses ports that a host process has bound: their connections would go to the sandbox.
+/// Refuses ports that a host process has bound (their connections would go to the sandbox)
+/// and addresses the host does not have.
 pub fn check_unbound(ports: &[PortMapping]) -> Result<()> {
     for p in ports {
-        if let Err(e) = TcpListener::bind((p.host_ip, p.host_port)) {
-            return Err(Error::Conflict(format!(
-                "ports: host port {}:{} is in use on the host ({e}); choose another host_port",
-                p.host_ip, p.host_port
-            )));
+        match TcpListener::bind((p.host_ip, p.host_port)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                return Err(Error::Invalid(format!(
+                    "ports: host_ip {} is not an address of this host ({e}); give 127.0.0.1, \
+                     one of its addresses, or 0.0.0.0 for all of them",
+                    p.host_ip
+                )))
+            }
+            Err(e) => {
+                return Err(Error::Conflict(format!(
+                    "ports: host port {}:{} is in use on the host ({e}); choose another \
+                     host_port",
+                    p.host_ip, p.host_port
+                )))
+            }
         }
     }
     Ok(())
 }
 
+/// The nft match of a port's host address (`0.0.0.0`: any address of the host).
+fn host_match(p: &PortMapping) -> String {
+    if p.host_ip.is_unspecified() {
+        "fib daddr type local".into()
+    } else {
+        format!("ip daddr {}", p.host_ip)
+    }
+}
+
 /// The host table of sandbox `id` (addresses `a`) publishing `ports`.
 pub(super) fn host_rules(id: &str, a: &Addresses, ports: &[PortMapping]) -> String {
     let veth = host_veth(id);
-    let dnat: String = ports
+    let dnat = |p: &PortMapping| {
+        format!(
+            "{} tcp dport {} dnat to {}:{}",
+            host_match(p),
+            p.host_port,
+            a.sandbox,
+            p.guest_port
+        )
+    };
+    let output: String = ports.iter().map(|p| format!("    {}\n", dnat(p))).collect();
+    let from_outside: String = ports
         .iter()
-        .map(|p| {
-            format!(
-                "    ip daddr {} tcp dport {} dnat to {}:{}\n",
-                p.host_ip, p.host_port, a.sandbox, p.guest_port
-            )
-        })
+        .filter(|p| !p.host_ip.is_loopback())
+        .map(|p| format!("    iifname != \"mv*\" {}\n", dnat(p)))
         .collect();
+    let prerouting = if from_outside.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "  chain prerouting {{ type nat hook prerouting priority -100;\n{from_outside}  }}\n"
+        )
+    };
     format!(
         "table ip {} {{
   chain from_sandbox {{ type filter hook prerouting priority -160;
     iifname \"{veth}\" ip daddr 127.0.0.0/8 drop
   }}
-  chain output {{ type nat hook output priority -100;
-{dnat}  }}
+{prerouting}  chain output {{ type nat hook output priority -100;
+{output}  }}
   chain postrouting {{ type nat hook postrouting priority 100;
     oifname \"{veth}\" ct status dnat masquerade
   }}
@@ -143,9 +189,14 @@ pub(super) fn publish(id: &str, a: &Addresses, ports: &[PortMapping]) -> Result<
     if ports.is_empty() {
         return Ok(());
     }
-    let sysctl = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", host_veth(id));
-    std::fs::write(&sysctl, "1").map_err(|e| Error::host(format!("setting {sysctl}"), e))?;
+    if ports.iter().any(|p| p.host_ip.is_loopback()) {
+        let sysctl = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", host_veth(id));
+        std::fs::write(&sysctl, "1").map_err(|e| Error::host(format!("setting {sysctl}"), e))?;
+    }
     host::run("nft", &["-f", "-"], Some(&host_rules(id, a, ports)))?;
+    if ports.iter().any(|p| !p.host_ip.is_loopback()) {
+        enable_inbound_forwarding(id)?;
+    }
     Ok(())
 }
 
@@ -181,8 +232,14 @@ mod tests {
         .unwrap();
         validate(&[port([127, 0, 0, 1], 0, 8080)]).unwrap_err();
         validate(&[port([127, 0, 0, 1], 1, 0)]).unwrap_err();
-        validate(&[port([0, 0, 0, 0], 18080, 8080)]).unwrap_err();
+        validate(&[port([0, 0, 0, 0], 18080, 8080), port([192, 0, 2, 1], 18081, 80)]).unwrap();
+        for bad in [[224, 0, 0, 1], [255, 255, 255, 255]] {
+            validate(&[port(bad, 18080, 8080)]).unwrap_err();
+        }
         validate(&[port([127, 0, 0, 1], 1, 2), port([127, 0, 0, 1], 1, 3)]).unwrap_err();
+        // 0.0.0.0 takes the port on every address.
+        validate(&[port([0, 0, 0, 0], 1, 2), port([127, 0, 0, 1], 1, 3)]).unwrap_err();
+        validate(&[port([127, 0, 0, 1], 1, 2), port([0, 0, 0, 0], 1, 3)]).unwrap_err();
         let many: Vec<_> = (1..=17).map(|p| port([127, 0, 0, 1], p, 80)).collect();
         validate(&many[..16]).unwrap();
         validate(&many).unwrap_err();
@@ -200,6 +257,19 @@ mod tests {
             "iifname \"mv0123456789ab\" ip daddr 127.0.0.0/8 drop",
         ] {
             assert!(host.contains(rule), "{rule} in {host}");
+        }
+        assert!(!host.contains("prerouting priority -100"), "{host}");
+        let lan = host_rules(
+            "0123456789ab",
+            &a,
+            &[port([0, 0, 0, 0], 18080, 8080), port([192, 0, 2, 1], 18081, 80)],
+        );
+        for rule in [
+            "fib daddr type local tcp dport 18080 dnat to 10.213.0.10:8080",
+            "iifname != \"mv*\" fib daddr type local tcp dport 18080 dnat to 10.213.0.10:8080",
+            "iifname != \"mv*\" ip daddr 192.0.2.1 tcp dport 18081 dnat to 10.213.0.10:80",
+        ] {
+            assert!(lan.contains(rule), "{rule} in {lan}");
         }
         assert!(namespace_rules(Isolation::Jail, &a, &ports).is_empty());
         let vm = namespace_rules(Isolation::Vm, &a, &ports);
