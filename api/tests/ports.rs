@@ -139,7 +139,7 @@ fn conflicting_and_malformed_ports_are_refused_and_leave_nothing() {
         ),
         (
             vec![PortMapping {
-                host_ip: Ipv4Addr::new(192, 0, 2, 77),
+                host_ip: Ipv4Addr::new(198, 51, 100, 77),
                 ..published(other, 80)
             }],
             "not an address of this host",
@@ -283,10 +283,8 @@ fn get_from(netns: &std::path::Path, addr: Ipv4Addr, port: u16) -> std::io::Resu
         if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let mut s = std::net::TcpStream::connect_timeout(
-            &(addr, port).into(),
-            Duration::from_secs(2),
-        )?;
+        let mut s =
+            std::net::TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
         let mut answer = String::new();
@@ -307,17 +305,32 @@ fn ports_on_host_addresses_are_reached_from_other_hosts() {
     }
     let n = std::process::id() % 1000;
     let (lan, host_end) = (format!("mvm-lan-{n}"), format!("lanp{n}"));
-    let (host_addr, lan_addr) = (Ipv4Addr::new(192, 0, 2, 1), "192.0.2.2/30");
+    let (host_addr, lan_addr) = (Ipv4Addr::new(203, 0, 113, 1), "203.0.113.2/30");
+    /// Removes the other host on drop, whatever the test's outcome.
+    struct OtherHost(String, String);
+    impl Drop for OtherHost {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.1]).output();
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let other_host = OtherHost(lan.clone(), host_end.clone());
     let ip = |args: &str| {
         let out = Command::new("ip")
             .args(args.split_whitespace())
             .output()
             .expect("ip");
-        assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ip {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let forward_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("read");
     ip(&format!("netns add {lan}"));
-    ip(&format!("link add {host_end} type veth peer name eth0 netns {lan}"));
+    ip(&format!(
+        "link add {host_end} type veth peer name eth0 netns {lan}"
+    ));
     ip(&format!("addr add {host_addr}/30 dev {host_end}"));
     ip(&format!("link set {host_end} up"));
     ip(&format!("-n {lan} addr add {lan_addr} dev eth0"));
@@ -353,24 +366,38 @@ fn ports_on_host_addresses_are_reached_from_other_hosts() {
         }
     }
     // The host itself: on the address, and on 127.0.0.1 for 0.0.0.0's port.
-    let local = std::net::TcpStream::connect_timeout(&(host_addr, on_addr).into(), Duration::from_secs(2));
+    let local =
+        std::net::TcpStream::connect_timeout(&(host_addr, on_addr).into(), Duration::from_secs(2));
     assert!(local.is_ok(), "{local:?}");
     assert_serves(on_all, GREETING);
     let forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("read");
     assert_eq!(forward.trim(), "1");
     let tables = || {
-        let out = Command::new("nft").args(["list", "tables", "ip"]).output().expect("nft");
+        let out = Command::new("nft")
+            .args(["list", "tables", "ip"])
+            .output()
+            .expect("nft");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(tables().contains(&format!("mvm-egress-{}", s.id)), "{}", tables());
+    assert!(
+        tables().contains(&format!("mvm-egress-{}", s.id)),
+        "{}",
+        tables()
+    );
     block_on(d.client().delete(&s.id)).expect("delete");
     for port in [on_addr, on_all] {
-        assert!(get_from(&netns, host_addr, port).is_err(), "{port} after the delete");
+        assert!(
+            get_from(&netns, host_addr, port).is_err(),
+            "{port} after the delete"
+        );
     }
-    assert!(!tables().contains(&format!("mvm-egress-{}", s.id)), "{}", tables());
+    assert!(
+        !tables().contains(&format!("mvm-egress-{}", s.id)),
+        "{}",
+        tables()
+    );
     d.assert_no_leaks(&before);
-    ip(&format!("link del {host_end}"));
-    ip(&format!("netns del {lan}"));
+    drop(other_host);
     // Another test's `egress: all` sandbox may keep forwarding on meanwhile; alone, the
     // setting from before is back.
     if !tables().contains("mvm-egress") {

@@ -14,7 +14,7 @@
 //!
 //! A connection from 127.0.0.1 leaves through the sandbox's veth, which Linux allows only with
 //! `route_localnet` on that interface: it is set on the sandbox's host veth alone (and goes
-//! with it), only for loopback ports, and the table drops anything the sandbox sends to
+//! with it), only for ports on loopback addresses or `0.0.0.0`, and the table drops anything the sandbox sends to
 //! 127.0.0.0/8 before routing, so the setting admits only the replies of the forwarded
 //! connections.
 
@@ -37,7 +37,7 @@ fn ports_table(id: &str) -> String {
 
 /// Whether `a` and `b` take the same host port on a common address (`0.0.0.0` takes every
 /// address).
-pub(crate) fn overlap(a: &PortMapping, b: &PortMapping) -> bool {
+pub fn overlap(a: &PortMapping, b: &PortMapping) -> bool {
     a.host_port == b.host_port
         && (a.host_ip == b.host_ip || a.host_ip.is_unspecified() || b.host_ip.is_unspecified())
 }
@@ -189,7 +189,11 @@ pub(super) fn publish(id: &str, a: &Addresses, ports: &[PortMapping]) -> Result<
     if ports.is_empty() {
         return Ok(());
     }
-    if ports.iter().any(|p| p.host_ip.is_loopback()) {
+    // 0.0.0.0 takes 127.0.0.1 too.
+    if ports
+        .iter()
+        .any(|p| p.host_ip.is_loopback() || p.host_ip.is_unspecified())
+    {
         let sysctl = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", host_veth(id));
         std::fs::write(&sysctl, "1").map_err(|e| Error::host(format!("setting {sysctl}"), e))?;
     }
@@ -232,7 +236,11 @@ mod tests {
         .unwrap();
         validate(&[port([127, 0, 0, 1], 0, 8080)]).unwrap_err();
         validate(&[port([127, 0, 0, 1], 1, 0)]).unwrap_err();
-        validate(&[port([0, 0, 0, 0], 18080, 8080), port([192, 0, 2, 1], 18081, 80)]).unwrap();
+        validate(&[
+            port([0, 0, 0, 0], 18080, 8080),
+            port([192, 0, 2, 1], 18081, 80),
+        ])
+        .unwrap();
         for bad in [[224, 0, 0, 1], [255, 255, 255, 255]] {
             validate(&[port(bad, 18080, 8080)]).unwrap_err();
         }
@@ -262,7 +270,10 @@ mod tests {
         let lan = host_rules(
             "0123456789ab",
             &a,
-            &[port([0, 0, 0, 0], 18080, 8080), port([192, 0, 2, 1], 18081, 80)],
+            &[
+                port([0, 0, 0, 0], 18080, 8080),
+                port([192, 0, 2, 1], 18081, 80),
+            ],
         );
         for rule in [
             "fib daddr type local tcp dport 18080 dnat to 10.213.0.10:8080",
