@@ -295,9 +295,10 @@ fn get_from(netns: &std::path::Path, addr: Ipv4Addr, port: u16) -> std::io::Resu
     .expect("the client thread")
 }
 
-/// Ports published on a host address and on `0.0.0.0` are reached by another host (a network
-/// namespace behind a veth) as well as by the host itself, with the host forwarding while the
-/// sandbox lives; after the delete they are gone, and so is the sandbox's forwarding table.
+/// Ports published on a host address and on `0.0.0.0` (an admin's: a tenant's create is a
+/// 403) are reached by another host (a network namespace behind a veth) as well as by the host
+/// itself, with the host forwarding while the sandbox lives; after the delete they are gone,
+/// and so is the sandbox's forwarding table.
 #[test]
 fn ports_on_host_addresses_are_reached_from_other_hosts() {
     if !root_with_nft("ports_on_host_addresses_are_reached_from_other_hosts") {
@@ -349,6 +350,14 @@ fn ports_on_host_addresses_are_reached_from_other_hosts() {
             ..published(on_all, 8080)
         },
     ];
+    // A tenant's sandbox may not take the host's network-facing ports: admins only.
+    let tenant = d.client_with(Some(&d.tenant("tenant", &[])));
+    let (e, _) = d.watching_ids(|| {
+        block_on(tenant.create(&with_ports(ports.clone()))).expect_err("a tenant's create")
+    });
+    let (status, code, msg) = api_error(&e);
+    assert_eq!((status, code.as_str()), (403, "forbidden"), "{msg}");
+    assert!(msg.contains("admin"), "{msg}");
     let s = block_on(d.client().create(&with_ports(ports))).expect("create");
     d.track(&s.id);
     serve_in(&d, &s);

@@ -65,6 +65,18 @@ impl Manager {
         }
         let network = net::validate(&req.network.unwrap_or_default())?;
         net::validate_ports(&req.ports)?;
+        // Other hosts reach a port on a non-loopback address: it would let a tenant take
+        // a port of the host's own services from the network (one not bound at that moment).
+        if let Some(p) = req.ports.iter().find(|p| !p.host_ip.is_loopback()) {
+            if !tenant.admin {
+                return Err(Error::Forbidden(format!(
+                    "ports: publishing on {} lets other hosts reach the sandbox and takes the \
+                     port on the host's network addresses: it needs an admin tenant's token; \
+                     publish on 127.0.0.1 (the default), or ask the operator",
+                    p.host_ip
+                )));
+            }
+        }
         net::check_ports_unbound(&req.ports)?;
         let image = match req.image.as_deref() {
             Some(_) if userland.is_some() => {
