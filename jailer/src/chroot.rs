@@ -2,7 +2,7 @@
 
 use std::fs::{self, DirBuilder, Permissions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use mvm_sys::cstr;
@@ -40,6 +40,27 @@ pub const DEVICE_NODES: [DeviceNode; 3] = [
         minor: 9,
     },
 ];
+
+/// The host's userfaultfd device (Linux 6.1+).
+const USERFAULTFD: &str = "/dev/userfaultfd";
+
+/// The device number of the host's [`USERFAULTFD`]; an error when it has none.
+pub(crate) fn host_userfaultfd() -> Result<libc::dev_t> {
+    let invalid = |why: String| Error::InvalidArgument {
+        flag: "--dev-userfaultfd",
+        value: USERFAULTFD.into(),
+        reason: why,
+    };
+    let meta = fs::metadata(USERFAULTFD).map_err(|e| {
+        invalid(format!(
+            "the host has none ({e}; it needs Linux 6.1 or later)"
+        ))
+    })?;
+    if !meta.file_type().is_char_device() {
+        return Err(invalid("not a character device on the host".into()));
+    }
+    Ok(meta.rdev())
+}
 
 /// `root` joined with an absolute jail path.
 pub(crate) fn in_root(root: &Path, jail_path: &Path) -> PathBuf {
@@ -151,6 +172,16 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path, exec: ExecPlacemen
         check(ret, || {
             format!("mknod {} c {} {}", path.display(), dev.major, dev.minor)
         })?;
+        chown(&path, config.uid, config.gid)?;
+    }
+
+    if config.dev_userfaultfd {
+        let path = in_root(root, Path::new(USERFAULTFD));
+        let c = cstr::from_path(&path)?;
+        let rdev = host_userfaultfd()?;
+        // SAFETY: `c` is a valid NUL-terminated path; mknod does not retain it.
+        let ret = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, rdev) };
+        check(ret, || format!("mknod {}", path.display()))?;
         chown(&path, config.uid, config.gid)?;
     }
 

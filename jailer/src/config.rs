@@ -237,6 +237,11 @@ pub struct JailConfig {
     /// Mount a new devpts instance at /dev/pts in the jail, with /dev/ptmx pointing into it:
     /// the jailed process can open ptys, and sees only its own.
     pub mount_devpts: bool,
+    /// Make `/dev/userfaultfd` in the jail (the host's node, Linux 6.1+), owned by the jail
+    /// user: a jailed VMM's `Uffd` snapshot backend opens it where the userfaultfd syscall is
+    /// not the unprivileged user's (`vm.unprivileged_userfaultfd = 0`). Never for programs the
+    /// jail's seccomp policy keeps from the syscall: the node would be a way around it.
+    pub dev_userfaultfd: bool,
     /// Hierarchy used for the per-jail cgroup.
     pub cgroup_version: CgroupVersion,
     /// Values written into the per-jail cgroup, in order.
@@ -276,6 +281,7 @@ impl JailConfig {
             new_pid_ns: false,
             mount_proc: false,
             mount_devpts: false,
+            dev_userfaultfd: false,
             cgroup_version: CgroupVersion::V1,
             cgroups: Vec::new(),
             parent_cgroup: DEFAULT_PARENT_CGROUP.into(),
@@ -387,6 +393,9 @@ impl JailConfig {
         }
         for link in &self.symlinks {
             self.check_symlink(link, &exec_name)?;
+        }
+        if self.dev_userfaultfd {
+            crate::chroot::host_userfaultfd()?;
         }
         for dir in &self.landlock_write {
             check_jail_path("--landlock-write", dir)?;
@@ -500,6 +509,7 @@ impl JailConfig {
             (self.new_pid_ns, "--new-pid-ns"),
             (self.mount_proc, "--mount-proc"),
             (self.mount_devpts, "--mount-devpts"),
+            (self.dev_userfaultfd, "--dev-userfaultfd"),
             (self.landlock, "--landlock"),
         ] {
             if set {

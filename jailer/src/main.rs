@@ -46,6 +46,10 @@ struct Cli {
     /// Mount a new devpts instance at /dev/pts (only the jail's own ptys) with /dev/ptmx into it.
     #[arg(long)]
     mount_devpts: bool,
+    /// Make /dev/userfaultfd (the host's, Linux 6.1+) in the jail for the jail user: a jailed
+    /// VMM's Uffd snapshot backend.
+    #[arg(long)]
+    dev_userfaultfd: bool,
     /// Cgroup hierarchy: 1 (legacy, per controller) or 2 (unified).
     #[arg(long, default_value = "1", value_parser = parse::<CgroupVersion>)]
     cgroup_version: CgroupVersion,
@@ -80,7 +84,7 @@ struct Cli {
     #[arg(long, value_name = "FILE", conflicts_with = "seccomp_policy")]
     seccomp_filter: Option<PathBuf>,
     /// Remove the jail directory and cgroups of --id instead of starting anything.
-    #[arg(long, conflicts_with_all = ["exec_file", "uid", "gid", "netns", "daemonize", "new_pid_ns", "mount_proc", "mount_devpts", "cgroups", "resource_limits", "mounts", "landlock", "seccomp_policy", "seccomp_filter"])]
+    #[arg(long, conflicts_with_all = ["exec_file", "uid", "gid", "netns", "daemonize", "new_pid_ns", "mount_proc", "mount_devpts", "dev_userfaultfd", "cgroups", "resource_limits", "mounts", "landlock", "seccomp_policy", "seccomp_filter"])]
     cleanup: bool,
     /// With --cleanup: file name of the exec file the jail was made for.
     #[arg(long, requires = "cleanup", default_value = DEFAULT_EXEC_FILE_NAME)]
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
         config.new_pid_ns = cli.new_pid_ns;
         config.mount_proc = cli.mount_proc;
         config.mount_devpts = cli.mount_devpts;
+        config.dev_userfaultfd = cli.dev_userfaultfd;
         config.cgroup_version = cli.cgroup_version;
         config.cgroups = cli.cgroups;
         config.parent_cgroup = cli.parent_cgroup;

@@ -528,6 +528,27 @@ fn symlinks_at_the_root_resolve_inside_the_jail() {
     j.cleanup();
 }
 
+/// `--dev-userfaultfd` gives the jail user a working `/dev/userfaultfd` (a jailed VMM's Uffd
+/// snapshot backend); without it a jail has none.
+#[test]
+fn dev_userfaultfd_is_made_only_when_asked() {
+    if !root_or_skip("dev_userfaultfd_is_made_only_when_asked") {
+        return;
+    }
+    if !std::path::Path::new("/dev/userfaultfd").exists() {
+        // Kernels before 6.1 have no such node: nothing to make.
+        return skip("dev_userfaultfd_is_made_only_when_asked: the host has no /dev/userfaultfd");
+    }
+    let j = TestJail::new("nouffd");
+    let r = ok_report(&j.run(&[], &["report"]));
+    assert_eq!(r["userfaultfd_dev"], "ENOENT");
+    j.cleanup();
+    let j = TestJail::new("uffd");
+    let r = ok_report(&j.run(&["--dev-userfaultfd"], &["report"]));
+    assert_eq!(r["userfaultfd_dev"], "ok");
+    j.cleanup();
+}
+
 /// A pty master opened on the host's /dev/ptmx, and its number in the host's /dev/pts.
 fn host_pty() -> (std::os::fd::OwnedFd, u32) {
     use std::os::fd::{AsRawFd, FromRawFd};

@@ -200,6 +200,7 @@ fn report(write_paths: &[String]) -> BTreeMap<&'static str, String> {
         }
     }
     r.insert("root_entries", sorted_entries("/"));
+    r.insert("userfaultfd_dev", userfaultfd_dev());
     r.insert(
         "host_passwd",
         std::path::Path::new("/etc/passwd").exists().to_string(),
@@ -789,6 +790,31 @@ fn print_report(r: BTreeMap<&'static str, String>) -> ExitCode {
         println!("{k}={v}");
     }
     ExitCode::SUCCESS
+}
+
+/// A userfaultfd made through `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`): `ok`, or the errno
+/// of the open or the ioctl (`ENOENT`: no node in the jail).
+fn userfaultfd_dev() -> String {
+    use std::os::fd::AsRawFd;
+    /// `_IO(0xAA, 0x00)`.
+    const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+    let dev = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        Ok(f) => f,
+        Err(e) => return errno_name(&e),
+    };
+    // SAFETY: an ioctl with an integer argument on a descriptor we own; the new descriptor
+    // it returns is closed at once.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, libc::O_CLOEXEC) };
+    if fd < 0 {
+        return errno_name(&std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and is ours.
+    unsafe { libc::close(fd) };
+    "ok".into()
 }
 
 fn usage() -> ExitCode {
