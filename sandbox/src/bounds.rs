@@ -6,7 +6,9 @@
 //! websocket flow control) so that a party that does not read stalls its own data, never the
 //! daemon's memory.
 
+use std::pin::Pin;
 use std::str::FromStr;
+use std::task::{Context, Poll};
 
 /// Environment variable overriding [`DEFAULT_EXEC_OUTPUT_LIMIT`].
 pub const EXEC_OUTPUT_LIMIT_ENV: &str = "MVM_EXEC_OUTPUT_LIMIT";
@@ -75,6 +77,58 @@ impl Bounds {
             proxied_connections: number_from_env(PROXIED_CONNECTIONS_ENV, d.proxied_connections, 1),
             proxied_idle_secs: number_from_env(PROXIED_IDLE_ENV, d.proxied_idle_secs, 1),
         }
+    }
+}
+
+/// An in-memory sink of at most `limit` bytes for what a party sends (a registry's blob, a
+/// guest's file): a write past the limit fails, and the rest of what arrives is only counted.
+pub struct CappedBuffer {
+    /// What was kept.
+    pub data: Vec<u8>,
+    /// Bytes offered, kept or not.
+    pub received: u64,
+    /// A write went past the limit.
+    pub overflowed: bool,
+    limit: u64,
+}
+
+impl CappedBuffer {
+    /// An empty buffer that keeps at most `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Self {
+            data: Vec::new(),
+            received: 0,
+            overflowed: false,
+            limit,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedBuffer {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.received += buf.len() as u64;
+        if this.data.len() as u64 + buf.len() as u64 > this.limit {
+            this.overflowed = true;
+            return Poll::Ready(Err(std::io::Error::other(format!(
+                "over the limit of {} bytes",
+                this.limit
+            ))));
+        }
+        this.data.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 

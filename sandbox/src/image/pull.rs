@@ -3,15 +3,13 @@
 //! reference's own digest by the client), the config and every layer not cached yet (each
 //! blob's digest checked as it streams in).
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 
 use super::{metadata_too_large, Fetched, ImageStore, Layer, METADATA_LIMIT};
+use crate::bounds::CappedBuffer;
 use crate::error::{Error, Result};
 
 /// Credentials for a registry: basic auth, or what a token server takes for a bearer token.
@@ -91,7 +89,7 @@ impl ImageStore {
             ));
         }
         // The registry may send more than the manifest says: the buffer holds the limit only.
-        let mut config = CappedBuffer::default();
+        let mut config = CappedBuffer::new(METADATA_LIMIT);
         let pulled = client
             .pull_blob(reference, &manifest.config, &mut config)
             .await;
@@ -138,40 +136,6 @@ impl ImageStore {
             config,
             layers,
         })
-    }
-}
-
-/// An in-memory blob of at most [`METADATA_LIMIT`] bytes: a write past it fails (and the
-/// rest of what arrives is only counted).
-#[derive(Default)]
-struct CappedBuffer {
-    data: Vec<u8>,
-    received: u64,
-    overflowed: bool,
-}
-
-impl tokio::io::AsyncWrite for CappedBuffer {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.received += buf.len() as u64;
-        if this.data.len() as u64 + buf.len() as u64 > METADATA_LIMIT {
-            this.overflowed = true;
-            return Poll::Ready(Err(std::io::Error::other("over the metadata limit")));
-        }
-        this.data.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
     }
 }
 

@@ -156,6 +156,17 @@ fn open_or_make_child(parent: &OwnedFd, name: &str, shown: &Path) -> Result<Owne
     })
 }
 
+/// What [`TreeDir::read_regular`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Regular {
+    /// The file's bytes.
+    Contents(Vec<u8>),
+    /// No regular file by that name (nothing, a link, a directory, a device...).
+    Missing,
+    /// A regular file of more bytes (at least this many) than asked for.
+    TooLarge(u64),
+}
+
 /// A directory of a sandbox's tree, opened without following any link (a tenant may have
 /// made any name in its tree a link), in which root replaces files by the directory's
 /// descriptor: no name is resolved again, so no swap after the check can redirect a write.
@@ -180,9 +191,9 @@ impl TreeDir {
         Ok(TreeDir { fd, shown })
     }
 
-    /// The contents of regular file `name`, or `None` when there is none (a link there is
-    /// not followed: `None` too).
-    pub fn read_regular(&self, name: &str) -> Result<Option<Vec<u8>>> {
+    /// The contents of regular file `name` if it holds at most `limit` bytes; a link there is
+    /// not followed (as if there were no file).
+    pub fn read_regular(&self, name: &str, limit: u64) -> Result<Regular> {
         use std::io::Read;
         let shown = self.shown.join(name);
         let err = |e| Error::host(format!("reading {}", shown.display()), e);
@@ -199,18 +210,24 @@ impl TreeDir {
         if fd == -1 {
             let e = std::io::Error::last_os_error();
             return match e.raw_os_error() {
-                Some(libc::ENOENT | libc::ELOOP) => Ok(None),
+                Some(libc::ENOENT | libc::ELOOP) => Ok(Regular::Missing),
                 _ => Err(err(e)),
             };
         }
         // SAFETY: openat returned a new fd that nothing else owns.
-        let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        if !file.metadata().map_err(err)?.is_file() {
-            return Ok(None);
+        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let meta = file.metadata().map_err(err)?;
+        if !meta.is_file() {
+            return Ok(Regular::Missing);
         }
         let mut contents = Vec::new();
-        file.read_to_end(&mut contents).map_err(err)?;
-        Ok(Some(contents))
+        file.take(limit + 1)
+            .read_to_end(&mut contents)
+            .map_err(err)?;
+        if contents.len() as u64 > limit {
+            return Ok(Regular::TooLarge(meta.len().max(limit + 1)));
+        }
+        Ok(Regular::Contents(contents))
     }
 
     /// Replaces entry `name` (a file or link; not a directory) with a new regular file of

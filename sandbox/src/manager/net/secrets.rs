@@ -19,8 +19,9 @@ use socket2::{Protocol, Socket, Type};
 
 use super::dns::{bound, stop_helper};
 use super::policy::valid_name;
+use crate::bounds::CappedBuffer;
 use crate::error::{Error, Result};
-use crate::manager::beneath::TreeDir;
+use crate::manager::beneath::{Regular, TreeDir};
 use crate::manager::host;
 use crate::model::{Egress, SecretInfo, SecretSpec};
 
@@ -240,13 +241,25 @@ fn trust_store_paths() -> (&'static str, &'static str, &'static str) {
 pub fn write_trust_store(root: &Path, ca_pem: &str) -> Result<()> {
     let (dir, bundle, ca) = trust_store_paths();
     let dir = TreeDir::open_or_make(root, dir.trim_start_matches('/'))?;
-    let image_bundle = dir.read_regular(bundle)?;
+    let image_bundle = match dir.read_regular(bundle, MAX_BUNDLE)? {
+        Regular::Contents(data) => Some(data),
+        Regular::Missing => None,
+        Regular::TooLarge(size) => return Err(bundle_too_large(size)),
+    };
     dir.replace_file(bundle, 0o644, &bundle_with_ca(image_bundle, ca_pem))?;
     dir.replace_file(ca, 0o644, ca_pem.as_bytes())
 }
 
-/// Largest trust bundle of a vm-tier image that is read to add the CA to.
-const MAX_GUEST_BUNDLE: u64 = 16 << 20;
+/// Largest trust bundle of an image that is read to add the CA to.
+const MAX_BUNDLE: u64 = 16 << 20;
+
+/// The error for an image's trust bundle of more than [`MAX_BUNDLE`] bytes.
+fn bundle_too_large(size: u64) -> Error {
+    Error::Invalid(format!(
+        "the sandbox's image has a {TRUST_BUNDLE} of {size} bytes or more; at most \
+         {MAX_BUNDLE} are read to add the secrets' proxy CA to it"
+    ))
+}
 
 /// [`write_trust_store`] for a vm-tier guest, through its agent, before anything of the
 /// tenant's runs in it (links inside the guest are the guest's own business). A guest image
@@ -267,19 +280,11 @@ pub async fn install_trust_store(guest: &agent::AgentClient, ca_pem: &str) -> Re
             )));
         }
     }
-    let image_bundle = match guest.stat(TRUST_BUNDLE).await {
-        Ok(stat) if stat.size > MAX_GUEST_BUNDLE => {
-            return Err(Error::Invalid(format!(
-                "the sandbox's image has a {TRUST_BUNDLE} of {} bytes; at most \
-                 {MAX_GUEST_BUNDLE} are read to add the secrets' proxy CA to it",
-                stat.size
-            )))
-        }
-        Ok(_) => {
-            let mut bundle = Vec::new();
-            guest.get_file(TRUST_BUNDLE, &mut bundle).await?;
-            Some(bundle)
-        }
+    // Bounded as it arrives: a link to a /proc file stats as empty and reads without end.
+    let mut read = CappedBuffer::new(MAX_BUNDLE);
+    let image_bundle = match guest.get_file(TRUST_BUNDLE, &mut read).await {
+        Ok(_) => Some(read.data),
+        Err(_) if read.overflowed => return Err(bundle_too_large(read.received)),
         Err(e) if e.remote_kind() == Some(agent::ErrorKind::NotFound) => None,
         Err(e) => return Err(e.into()),
     };
@@ -488,6 +493,13 @@ mod tests {
         );
         let bundle = std::fs::read_to_string(certs.join("ca-certificates.crt")).unwrap();
         assert!(!bundle.contains("HOST FILE"), "{bundle}");
+        // A bundle over the limit is refused, not read whole.
+        let huge = std::fs::File::create(certs.join("ca-certificates.crt")).unwrap();
+        huge.set_len(MAX_BUNDLE + 1).unwrap();
+        let e = write_trust_store(root.path(), "OUR CA\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bytes or more"), "{e}");
         // A linked directory is refused.
         let root2 = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("/", root2.path().join("etc")).unwrap();
