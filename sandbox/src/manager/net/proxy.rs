@@ -251,7 +251,7 @@ async fn send(
 ) -> Result<Response<Incoming>, String> {
     let addr = resolve(&shared.cfg.upstream, host)
         .await
-        .ok_or("no address found (upstream DNS)")?;
+        .ok_or("no public address found (upstream DNS)")?;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((addr, 443)))
         .await
         .map_err(|_| format!("connecting to {addr}:443 timed out"))?
@@ -290,7 +290,9 @@ fn substitute(secrets: &[Secret], host: &str, headers: &mut hyper::HeaderMap) ->
     used
 }
 
-/// The first IPv4 address of `host` from the upstream servers.
+/// The first IPv4 address of `host` from the upstream servers that a sandbox's guard lets it
+/// reach anyway: the proxy runs on the host, so a name answered with a private address, the
+/// metadata address or one of the host's own must not take the sandbox there.
 async fn resolve(upstream: &[SocketAddr], host: &str) -> Option<Ipv4Addr> {
     use hickory_proto::op::{Message, Query};
     use hickory_proto::rr::{Name, RData, RecordType};
@@ -311,7 +313,7 @@ async fn resolve(upstream: &[SocketAddr], host: &str) -> Option<Ipv4Addr> {
         .await;
         if let Ok(Some(reply)) = answer {
             if let Some(a) = reply.answers.iter().find_map(|r| match &r.data {
-                RData::A(a) => Some(a.0),
+                RData::A(a) if !super::rules::guarded(a.0) => Some(a.0),
                 _ => None,
             }) {
                 return Some(a);

@@ -31,6 +31,21 @@ const BLOCKED_V4: &[&str] = &[
     "240.0.0.0/4",
 ];
 
+/// Whether a sandbox's guard keeps a connection to `addr` unless the sandbox's policy names
+/// it: an address in [`BLOCKED_V4`], or one of the host's own (one a socket can bind).
+pub(super) fn guarded(addr: Ipv4Addr) -> bool {
+    let in_blocked = BLOCKED_V4.iter().any(|cidr| {
+        let (net, len) = cidr.split_once('/').expect("a CIDR");
+        let (net, len): (Ipv4Addr, u32) = (
+            net.parse().expect("an address"),
+            len.parse().expect("a length"),
+        );
+        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+        u32::from(addr) & mask == u32::from(net)
+    });
+    in_blocked || std::net::UdpSocket::bind((addr, 0)).is_ok()
+}
+
 /// The namespace's guard: nothing leaves with a source that is not the sandbox's own, no
 /// IPv6 at all (a sandbox has no IPv6 address), and in the vm tier the guest cannot reach
 /// the namespace itself (its gateway is only for routing); only the replies of connections
@@ -359,6 +374,25 @@ pub(super) fn remove_host_guard(id: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guarded_addresses_are_the_blocked_ranges_and_the_hosts_own() {
+        for a in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "169.254.169.254",
+            "172.20.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "224.0.0.1",
+            "0.0.0.0",
+        ] {
+            assert!(guarded(a.parse().unwrap()), "{a}");
+        }
+        for a in ["1.1.1.1", "198.19.0.7", "172.32.0.1"] {
+            assert!(!guarded(a.parse().unwrap()), "{a}");
+        }
+    }
     use crate::manager::net::egress::{masquerade_rules, saved_ip_forward};
     use crate::manager::net::validate;
 
