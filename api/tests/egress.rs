@@ -144,14 +144,7 @@ fn serve_in(ns: &str, port: u16, stop: &Arc<AtomicBool>) {
     let stop = Arc::clone(stop);
     let (ready_tx, ready) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
-        let rc = unsafe {
-            libc::setns(
-                std::os::fd::AsRawFd::as_raw_fd(&ns_file),
-                libc::CLONE_NEWNET,
-            )
-        };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        mvm_testkit::enter_netns(&ns_file).expect("setns");
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind the service");
         listener.set_nonblocking(true).expect("nonblocking");
         ready_tx.send(()).expect("ready");
@@ -195,6 +188,32 @@ impl Internet {
             .nth(1)
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no counter in {out}"))
+    }
+
+    /// The "far" network 198.19.N.0/24 behind this namespace, routed from the host until the
+    /// returned guard drops (its addresses go on the namespace's loopback).
+    fn far_network(&self) -> FarNetwork {
+        let n = self.service.octets()[2];
+        ip(&format!("route add 198.19.{n}.0/24 via 198.18.{n}.2"));
+        FarNetwork(n)
+    }
+}
+
+/// See [`Internet::far_network`].
+struct FarNetwork(u8);
+
+impl FarNetwork {
+    /// Address `last` of the far network.
+    fn addr(&self, last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, self.0, last)
+    }
+}
+
+impl Drop for FarNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["route", "del", &format!("198.19.{}.0/24", self.0)])
+            .output();
     }
 }
 
@@ -667,9 +686,8 @@ fn egress_allow_by_dns_name() {
     };
     let _restore = RestoreForwarding(ip_forward());
     let inet = Internet::start();
-    let n = inet.service.octets()[2];
-    let addr = |last: u8| Ipv4Addr::new(198, 19, n, last);
-    ip(&format!("route add 198.19.{n}.0/24 via 198.18.{n}.2"));
+    let far = inet.far_network();
+    let addr = |last: u8| far.addr(last);
     for last in [2, 3, 4, 5, 6, 53] {
         ip(&format!(
             "-n {} addr add {}/32 dev lo",
@@ -845,7 +863,7 @@ fn egress_allow_by_dns_name() {
         c.delete(&s.id).await.expect("delete");
         [s.id, other.id]
     });
-    ip(&format!("route del 198.19.{n}.0/24"));
+    drop(far);
     d.assert_no_leaks(&before);
     assert!(egress_tables().is_empty(), "{:?}", egress_tables());
     for id in ids {
@@ -972,9 +990,8 @@ fn secrets_reach_only_their_hosts() {
     };
     let _restore = RestoreForwarding(ip_forward());
     let inet = Internet::start();
-    let n = inet.service.octets()[2];
-    let addr = |last: u8| Ipv4Addr::new(198, 19, n, last);
-    ip(&format!("route add 198.19.{n}.0/24 via 198.18.{n}.2"));
+    let far = inet.far_network();
+    let addr = |last: u8| far.addr(last);
     let (secret_addr, other_addr, dns_addr) = (addr(7), addr(8), addr(53));
     for a in [secret_addr, other_addr, dns_addr] {
         ip(&format!("-n {} addr add {a}/32 dev lo", inet.name));
@@ -1169,7 +1186,7 @@ fn secrets_reach_only_their_hosts() {
         }
         s.id.clone()
     });
-    ip(&format!("route del 198.19.{n}.0/24"));
+    drop(far);
     d.assert_no_leaks(&before);
     let left = proxy_of(&ids);
     assert!(left.is_empty(), "a proxy outlived its sandbox: {left}");

@@ -279,10 +279,7 @@ fn get_from(netns: &std::path::Path, addr: Ipv4Addr, port: u16) -> std::io::Resu
     let ns = std::fs::File::open(netns)?;
     std::thread::spawn(move || {
         use std::io::{Read as _, Write as _};
-        // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
-        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        mvm_testkit::enter_netns(&ns)?;
         let mut s =
             std::net::TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -158,6 +158,18 @@ pub fn require_kvm(test: &str) -> bool {
 /// checks.
 pub use mvm_sys::mountinfo::mount_points_under;
 
+/// Moves the calling thread into the network namespace `ns` (an open `/run/netns/NAME` or
+/// `/proc/PID/ns/net`): for a thread of a test's own, which ends there.
+pub fn enter_netns(ns: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns with a descriptor the caller keeps open and a flag constant; it moves
+    // only this thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether the tests run as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -114,11 +114,9 @@ fn serve_in_netns(
     let ns = std::fs::File::open(ns).map_err(|e| format!("opening {}: {e}", ns.display()))?;
     let (ready_tx, ready) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-        let listener = (rc == 0)
-            .then(|| std::net::TcpListener::bind(bind).ok())
-            .flatten()
+        let listener = mvm_testkit::enter_netns(&ns)
+            .ok()
+            .and_then(|()| std::net::TcpListener::bind(bind).ok())
             .filter(|l| l.set_nonblocking(true).is_ok());
         let _ = ready_tx.send(listener.is_some());
         if let Some(listener) = listener {
@@ -364,10 +362,7 @@ fn https_get_in(netns: &Path, addr: Ipv4Addr, ca_pem: &str, token: &str) -> Resu
          Connection: close\r\n\r\n"
     );
     std::thread::spawn(move || {
-        // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
-        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
+        mvm_testkit::enter_netns(&ns).map_err(|e| format!("setns: {e}"))?;
         let sock =
             std::net::TcpStream::connect_timeout(&(addr, 443).into(), Duration::from_secs(10))
                 .map_err(|e| format!("connecting to {addr}:443: {e}"))?;
