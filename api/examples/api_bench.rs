@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{echo, report};
+use common::{arg, echo, report};
 
 use mvm_client::Client;
 use mvm_sandbox::db::Quota;
@@ -40,19 +40,9 @@ fn main() {
         mvm_testkit::skip_or_fail_in_ci("api_bench", "needs root (namespaces, cgroups, mounts)");
         return;
     }
-    let iterations: usize = std::env::args()
-        .skip_while(|a| a != "--iterations")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(200);
+    let iterations: usize = arg("--iterations", 200);
     let (dir, cfg) = common::bench_manager("bench");
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (cores, rt) = common::runtime();
     rt.block_on(async move {
         let (manager, _) = Manager::open(cfg.clone()).await.expect("manager");
         let quota = Quota { max_sandboxes: 1000, max_vcpus: 10_000, max_memory_mib: 1 << 30 };

@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{echo, ms, percentile, report};
+use common::{arg, echo, ms, percentile, report};
 
 use mvm_sandbox::db::Quota;
 use mvm_sandbox::image::ImageStore;
@@ -25,14 +25,6 @@ use mvm_testkit::registry::{busybox_layer, config_blob, layer, Auth, Entry, Regi
 const LAYERS: usize = 3;
 /// Size of a generated file.
 const FILE_SIZE: usize = 256 << 10;
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::args()
-        .skip_while(|a| a != name)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `n` bytes: incompressible (xorshift) for odd `seed`s, words repeated with variation for
 /// even ones.
@@ -106,13 +98,7 @@ fn main() {
         .sum();
 
     let (dir, cfg) = common::bench_manager("images-bench");
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (cores, rt) = common::runtime();
     rt.block_on(async move {
         println!(
             "mvm image benchmark: {isolation:?} tier, {cores} cores, image of {} layers: \

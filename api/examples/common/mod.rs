@@ -6,6 +6,27 @@ use std::time::Duration;
 use mvm_sandbox::model::ExecRequest;
 use mvm_sandbox::ManagerConfig;
 
+/// The value after `name` on the command line, or `default`.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::args()
+        .skip_while(|a| a != name)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The host's cores, and a multi-threaded runtime on them.
+pub fn runtime() -> (usize, tokio::runtime::Runtime) {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    (cores, rt)
+}
+
 /// The `p` (0 to 1) percentile of `sorted`.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
