@@ -20,6 +20,16 @@ cd "$repo"
 export PATH="$HOME/.cargo/bin:$PATH:/sbin:/usr/sbin"
 results=()
 failed=0
+# No incremental caches: a fresh build gains nothing from them and they were a third of
+# target/ (the suite's target/ is what a clean checkout must have room for).
+export CARGO_INCREMENTAL=0
+
+# Free space on the file system holding target/, for the log: a stage that dies of a full disk
+# says so only deep in its own output.
+disk_free() {
+    df -h --output=avail,size "$repo" | awk -v dir="$repo" 'NR == 2 { print "disk: " $1 " free of " $2 " under " dir }'
+}
+disk_free
 
 stage() {
     local name=$1
@@ -39,6 +49,7 @@ must() {
     stage "$@"
     if [ "$failed" -gt 0 ]; then
         printf '%s\n' "${results[@]}"
+        disk_free
         echo "scripts/test.sh: stopping: a build stage failed" >&2
         exit 1
     fi
@@ -82,6 +93,7 @@ stage fuzz-smoke fuzz_smoke
 echo
 echo "=== summary"
 printf '%s\n' "${results[@]}"
+disk_free
 passed=$(( ${#results[@]} - failed ))
 echo "stages: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
