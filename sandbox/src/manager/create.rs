@@ -361,7 +361,7 @@ impl Manager {
             .map(|ca| ca.cert_pem.clone());
         // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
         let started = Instant::now();
-        let (network, guest_net, child) = blocking(move || {
+        let (network, guest_net, child, networked) = blocking(move || {
             let (network, uplink) = match &pod_netns {
                 Some(ns) => {
                     let (info, uplink) = net::join_pod_netns(ns, s.isolation, uid)?;
@@ -398,6 +398,7 @@ impl Manager {
                     (info, None)
                 }
             };
+            let networked = started.elapsed();
             let guest_net = match uplink {
                 Some(uplink) => Some(vm::GuestNet {
                     ip: uplink.guest_ip(),
@@ -443,7 +444,7 @@ impl Manager {
                     let _ = net::leave_pod_netns(ns);
                 }
             }
-            Ok((network, guest_net, spawned?))
+            Ok((network, guest_net, spawned?, networked))
         })
         .await?;
         row.sandbox.network = network;
@@ -470,7 +471,7 @@ impl Manager {
             net::secrets::install_trust_store(&client, &ca_pem).await?;
         }
         *live.agent.lock().await = Some(client);
-        tracing::debug!(id = %row.sandbox.id, ?spawned, ready = ?started.elapsed(), "sandbox built");
+        tracing::debug!(id = %row.sandbox.id, ?networked, ?spawned, ready = ?started.elapsed(), "sandbox built");
         row.sandbox.state = SandboxState::Running;
         self.inner.db.update_sandbox(row)?;
         Ok(())

@@ -1283,6 +1283,11 @@ impl ManagerDirs {
         self.root.join("mvmd.sock")
     }
 
+    /// mvmd's log (its stdout and stderr).
+    fn log(&self) -> PathBuf {
+        self.root.join("mvmd.log")
+    }
+
     /// The environment `mvm` and `mvmd` read: directories, binaries, the default template.
     fn apply(&self, ctx: &Ctx, cmd: &mut std::process::Command) {
         let bin_dir = ctx.vmm.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -1702,6 +1707,11 @@ impl MvmdSession {
     /// mvmd's API socket.
     fn socket(&self) -> PathBuf {
         self.dirs.socket()
+    }
+
+    /// What mvmd has logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dirs.log()).unwrap_or_default()
     }
 
     /// The token mvmd wrote to its state directory (its default tenant's).
@@ -2160,6 +2170,12 @@ const EXIT_MVM_FAILED: u8 = 125;
 /// Starts `mvmd` on a socket in `dirs`; returns it and the `--host` value that reaches it.
 fn start_mvmd(ctx: &Ctx, dirs: &ManagerDirs) -> Result<(Daemon, String), String> {
     let socket = dirs.socket();
+    // A file, not a pipe: nobody reads a pipe while the daemon runs, and a full one would
+    // stop it at its next log line.
+    let log = dirs.log();
+    let output = std::fs::File::create(&log)
+        .and_then(|file| Ok((file.try_clone()?, file)))
+        .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
     let mut daemon = std::process::Command::new(&ctx.mvmd);
     dirs.apply(ctx, &mut daemon);
     daemon
@@ -2167,12 +2183,16 @@ fn start_mvmd(ctx: &Ctx, dirs: &ManagerDirs) -> Result<(Daemon, String), String>
         .arg(&socket)
         .args(&dirs.mvmd_args)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let daemon = daemon
-        .spawn()
-        .map_err(|e| format!("cannot start mvmd: {e}"))?;
-    let daemon = Daemon(Some(daemon));
+        .stdout(output.0)
+        .stderr(output.1);
+    let daemon = Daemon {
+        child: Some(
+            daemon
+                .spawn()
+                .map_err(|e| format!("cannot start mvmd: {e}"))?,
+        ),
+        log,
+    };
     if !mvm_testkit::wait_for_socket(&socket, Duration::from_secs(30)) {
         return Err(format!(
             "mvmd did not serve {} within 30 s: {}",
@@ -2183,42 +2203,45 @@ fn start_mvmd(ctx: &Ctx, dirs: &ManagerDirs) -> Result<(Daemon, String), String>
     Ok((daemon, format!("unix:{}", socket.display())))
 }
 
-/// A running mvmd; stopped with SIGTERM (SIGKILL after 10 s) by [`Daemon::finish`] or on drop.
-struct Daemon(Option<std::process::Child>);
+/// A running mvmd writing its log to `log`; stopped with SIGTERM (SIGKILL after 10 s) by
+/// [`Daemon::finish`] or on drop.
+struct Daemon {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+}
 
 impl Daemon {
-    /// Stops the daemon; returns the last lines of its stderr, for a failure report.
+    /// Stops the daemon; returns the last lines of its log, for a failure report.
     fn finish(mut self) -> String {
-        let Some(child) = self.0.take() else {
+        let Some(child) = self.child.take() else {
             return String::new();
         };
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let run = mvm_testkit::wait_with_timeout(child, Duration::from_secs(10));
-        let lines: Vec<&str> = run.stderr.lines().collect();
+        let status = stop_daemon(child);
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(15)..].join(" | ");
-        match run.status {
-            Some(status) => format!("mvmd exited with {status}; its stderr ends: {tail}"),
-            None => {
-                format!("mvmd ignored SIGTERM for 10 s and was killed; its stderr ends: {tail}")
-            }
+        match status {
+            Some(status) => format!("mvmd exited with {status}; its log ends: {tail}"),
+            None => format!("mvmd ignored SIGTERM for 10 s and was killed; its log ends: {tail}"),
         }
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(child) = self.0.take() {
-            // SAFETY: kill(2) on our own unreaped child.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            if mvm_testkit::wait_with_timeout(child, Duration::from_secs(10))
-                .status
-                .is_none()
-            {
+        if let Some(child) = self.child.take() {
+            if stop_daemon(child).is_none() {
                 eprintln!("nested: mvmd ignored SIGTERM for 10 s and was killed");
             }
         }
     }
+}
+
+/// SIGTERM, then SIGKILL after 10 s; the exit status unless it had to be killed.
+fn stop_daemon(child: std::process::Child) -> Option<std::process::ExitStatus> {
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    mvm_testkit::wait_with_timeout(child, Duration::from_secs(10)).status
 }
 
 /// (length, FNV-1a 64) of a file's contents.

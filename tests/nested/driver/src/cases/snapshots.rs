@@ -2,10 +2,10 @@
 //! sandboxes restored from it, each its own machine; a live fork (`mvm fork`) whose children
 //! go on from the source's instant.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{ms, sandbox_id, vmm_pss_kib, Ctx, MvmdSession, Outcome, Verdict};
+use super::{ms, sandbox_id, vmm_pss_kib, Ctx, ManagerDirs, MvmdSession, Outcome, Verdict};
 
 /// Sandboxes restored from the one snapshot.
 const RESTORED: usize = 8;
@@ -47,9 +47,13 @@ pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
     }
-    let session = MvmdSession::start(ctx, "warm")?;
+    let mut dirs = ManagerDirs::new(ctx, "warm")?;
+    // The manager's debug lines time each step of a create (see [`Steps`]).
+    dirs.env
+        .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
+    let session = MvmdSession::start_in(ctx, dirs)?;
     let checked = check(ctx, &session);
-    let figures = checked.as_ref().ok().copied();
+    let figures = checked.as_ref().ok().cloned();
     let outcome = session.finish(ctx, checked.map(drop));
     if let (Ok(Verdict::Pass), Some(f)) = (&outcome, figures) {
         ctx.record(
@@ -63,6 +67,18 @@ pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
         ctx.record(
             "vm tier via mvmd: create from a warm template -> first exec output, p50 of 8",
             ms(f.warm),
+        );
+        ctx.record(
+            "vm tier via mvmd: cold create's steps in mvmd, p50 of 3",
+            f.cold_steps.to_string(),
+        );
+        ctx.record(
+            "vm tier via mvmd: warm create's steps in mvmd, p50 of 8",
+            f.warm_steps.to_string(),
+        );
+        ctx.record(
+            "vm tier via mvmd: warm creates -> first exec output, in order",
+            f.warm_each.clone(),
         );
         ctx.record(
             "vm tier via mvmd: warm create / cold create (goal <= 0.15)",
@@ -81,8 +97,10 @@ pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
 }
 
 /// What the warm test measured.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Figures {
+    /// Each warm create → first output, in order (ms).
+    warm_each: String,
     /// Cold create → first output, p50.
     cold: Duration,
     /// Warm create → first output, p50.
@@ -93,6 +111,142 @@ struct Figures {
     cold_pss: f64,
     /// Mean PSS of an idle restored sandbox's VMM, KiB.
     warm_pss: f64,
+    /// Where a cold create's time went in mvmd.
+    cold_steps: Steps,
+    /// Where a warm create's time went in mvmd.
+    warm_steps: Steps,
+}
+
+/// The steps of one create in mvmd, from the manager's debug lines ("sandbox built",
+/// "snapshot loaded", "restored guest reidentified"); a cold boot has no load or identity
+/// steps (zero).
+#[derive(Clone, Copy, Default)]
+struct Steps {
+    /// The network namespace, its rules and resolver.
+    network: Duration,
+    /// The jail's files (the writable layer, the VM's config) and the jailer's spawn.
+    jail: Duration,
+    /// The restoring VMM's API socket up.
+    api: Duration,
+    /// `PUT /snapshot/load`.
+    load: Duration,
+    /// The agent answering (a cold boot: the whole kernel boot).
+    agent: Duration,
+    /// The restored guest's new identity.
+    identity: Duration,
+    /// All of it, as mvmd timed it.
+    total: Duration,
+}
+
+impl Steps {
+    /// The steps of sandbox `id`'s create in mvmd's `log`.
+    fn of(log: &str, id: &str) -> Result<Steps, String> {
+        let built = logged_durations(log, "sandbox built", id);
+        let loaded = logged_durations(log, "snapshot loaded", id);
+        let identified = logged_durations(log, "restored guest reidentified", id);
+        let field = |fields: &HashMap<String, Duration>, name: &str| {
+            fields.get(name).copied().unwrap_or_default()
+        };
+        let (spawn, total) = (field(&built, "spawned"), field(&built, "ready"));
+        if total.is_zero() {
+            return Err(format!(
+                "mvmd's log has no \"sandbox built\" line with its times for sandbox {id}"
+            ));
+        }
+        let (api, loaded) = (field(&loaded, "api_up"), field(&loaded, "loaded"));
+        let (answered, identified) = (
+            field(&identified, "answered"),
+            field(&identified, "reidentified"),
+        );
+        let network = field(&built, "networked");
+        Ok(Steps {
+            network,
+            jail: spawn.saturating_sub(network),
+            api,
+            load: loaded.saturating_sub(api),
+            agent: match answered.is_zero() {
+                true => total.saturating_sub(spawn),
+                false => answered.saturating_sub(loaded),
+            },
+            identity: identified.saturating_sub(answered),
+            total,
+        })
+    }
+
+    /// The median of each step over `all`.
+    fn median(all: &[Steps]) -> Steps {
+        let p50 = |step: fn(&Steps) -> Duration| {
+            let mut v: Vec<Duration> = all.iter().map(step).collect();
+            v.sort();
+            v.get(v.len() / 2).copied().unwrap_or_default()
+        };
+        Steps {
+            network: p50(|s| s.network),
+            jail: p50(|s| s.jail),
+            api: p50(|s| s.api),
+            load: p50(|s| s.load),
+            agent: p50(|s| s.agent),
+            identity: p50(|s| s.identity),
+            total: p50(|s| s.total),
+        }
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        write!(
+            f,
+            "network {:.0} ms, jail {:.0} ms, VMM API up {:.0} ms, snapshot load {:.0} ms, \
+             agent {:.0} ms, new identity {:.0} ms, total {:.0} ms",
+            ms(self.network),
+            ms(self.jail),
+            ms(self.api),
+            ms(self.load),
+            ms(self.agent),
+            ms(self.identity),
+            ms(self.total)
+        )
+    }
+}
+
+/// The durations (`name=1.5ms`, Rust's `Debug` of a `Duration`) on mvmd's log line with
+/// `message` about sandbox `id`.
+fn logged_durations(log: &str, message: &str, id: &str) -> HashMap<String, Duration> {
+    let id_field = format!("id={id}");
+    log.lines()
+        .map(strip_ansi)
+        .find(|line| line.contains(message) && line.split_whitespace().any(|w| w == id_field))
+        .map(|line| {
+            line.split_whitespace()
+                .filter_map(|word| word.split_once('='))
+                .filter_map(|(name, value)| Some((name.to_owned(), parse_duration(value)?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `line` without its terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A `Duration`'s `Debug` form (`1.5s`, `12.3ms`, `40µs`, `7ns`).
+fn parse_duration(text: &str) -> Option<Duration> {
+    let (number, scale) = [("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9), ("s", 1.0)]
+        .into_iter()
+        .find_map(|(unit, scale)| Some((text.strip_suffix(unit)?, scale)))?;
+    let value: f64 = number.parse().ok()?;
+    Some(Duration::from_secs_f64(value * scale))
 }
 
 /// Mean PSS (KiB) of the VMMs of sandboxes `ids`, after a second of rest.
@@ -234,9 +388,22 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
     for sandbox in session.list(ctx)? {
         session.mvm(ctx, &["rm", &sandbox_id(&sandbox)], None)?;
     }
+    let log = session.log();
+    let steps = |ids: &[String]| -> Result<Steps, String> {
+        let all = ids
+            .iter()
+            .map(|id| Steps::of(&log, id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Steps::median(&all))
+    };
+    let (cold_steps, warm_steps) = (steps(&cold_ids)?, steps(&warm_ids)?);
+    let warm_each = warm.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ");
     cold.sort();
     warm.sort();
     Ok(Figures {
+        warm_each,
+        cold_steps,
+        warm_steps,
         cold: cold[COLD / 2],
         warm: warm[RESTORED / 2],
         warming,
@@ -286,7 +453,7 @@ pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
     }
     let session = MvmdSession::start(ctx, "fork")?;
     let checked = check_fork(ctx, &session);
-    let figures = checked.as_ref().ok().copied();
+    let figures = checked.as_ref().ok().cloned();
     let outcome = session.finish(ctx, checked.map(drop));
     if let (Ok(Verdict::Pass), Some((cold, fork))) = (&outcome, figures) {
         ctx.record(
