@@ -10,6 +10,8 @@ packages=(
     build-essential binutils flex bison libelf-dev bc xz-utils linux-source-6.1
     # base images (rootfs/build.sh)
     busybox-static e2fsprogs fakeroot umoci
+    # the clone test of a snapshot's layer (an XFS image on a loop device)
+    xfsprogs
     # vm tier without VT-x: the nested harness (tests/nested/run.sh) and guest-kernel/test.sh
     qemu-system-x86 linux-image-amd64 cpio
     # jail tier, sandbox networking, leak checks

@@ -19,12 +19,7 @@ const CONSOLE_LIMIT: u64 = 64 << 10;
 
 /// Bytes used on the file system holding `path`.
 fn fs_used(path: &Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a zeroed statvfs is a valid out-buffer; `c` is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs");
+    let st = mvm_testkit::statvfs(path).expect("statvfs");
     (st.f_blocks - st.f_bfree) * st.f_frsize
 }
 

@@ -6,7 +6,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::path::{Component, Path, PathBuf};
 
 use mvm_sys::cstr;
-use mvm_sys::mount::{mount, pivot_root};
+use mvm_sys::mount::{mount, pivot_root, statvfs};
 
 use crate::config::{JailConfig, DEVPTS_DIR, DEVPTS_MAX_PTYS, PTMX, RUN_DIR};
 use crate::error::{check, Error, Result};
@@ -229,13 +229,7 @@ pub(crate) fn populate_root(config: &JailConfig, root: &Path, exec: ExecPlacemen
 
 /// Device nodes on a `nodev` filesystem cannot be opened: refuse such a chroot base up front.
 fn refuse_nodev(root: &Path) -> Result<()> {
-    let c = cstr::from_path(root)?;
-    // SAFETY: a zeroed statvfs is a valid out-buffer; `c` is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, || {
-        format!("statvfs {}", root.display())
-    })?;
+    let st = statvfs(root)?;
     if st.f_flag & libc::ST_NODEV != 0 {
         return Err(Error::io(
             format!(

@@ -1,4 +1,5 @@
-//! mount(2), umount2(2) and the switch to a new root with pivot_root(2).
+//! mount(2), umount2(2), the switch to a new root with pivot_root(2), and statvfs(2) of a
+//! mounted file system.
 
 use std::ffi::CString;
 use std::io::ErrorKind;
@@ -58,6 +59,18 @@ pub fn umount(target: &Path, flags: libc::c_int) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// statvfs(2): the flags, size and free space of the file system holding `path`.
+pub fn statvfs(path: &Path) -> Result<libc::statvfs> {
+    let path_c = cstr::from_path(path)?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a statvfs buffer for the call to fill.
+    if unsafe { libc::statvfs(path_c.as_ptr(), stat.as_mut_ptr()) } == -1 {
+        return Err(Error::last_os_error(format!("statvfs {}", path.display())));
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    Ok(unsafe { stat.assume_init() })
 }
 
 /// Makes the file system mounted on `new_root` the root of this mount namespace and detaches

@@ -158,6 +158,9 @@ pub fn require_kvm(test: &str) -> bool {
 /// checks.
 pub use mvm_sys::mountinfo::mount_points_under;
 
+/// The size and free space of the file system holding a path (statvfs(2)).
+pub use mvm_sys::mount::statvfs;
+
 /// Moves the calling thread into the network namespace `ns` (an open `/run/netns/NAME` or
 /// `/proc/PID/ns/net`): for a thread of a test's own, which ends there.
 pub fn enter_netns(ns: &std::fs::File) -> std::io::Result<()> {
