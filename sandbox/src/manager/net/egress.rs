@@ -97,9 +97,11 @@ fn forward_with(batch: impl FnOnce(&str) -> String) -> Result<()> {
     write_ip_forward("1")
 }
 
-/// `egress: all` for sandbox `id`: host forwarding plus a masquerade rule for its /29.
-pub(super) fn enable_host_masquerade(id: &str, a: &Addresses) -> Result<()> {
-    forward_with(|before| masquerade_rules(id, a, before))
+/// Host forwarding plus a masquerade rule for sandbox `id`'s /29 (`egress: all`, or `allow`
+/// to what it allows), loaded in one nft run after `first` (the sandbox's host guard): one
+/// nft process less per create.
+pub(super) fn enable_host_masquerade(id: &str, a: &Addresses, first: &str) -> Result<()> {
+    forward_with(|before| format!("{first}{}", masquerade_rules(id, a, before)))
 }
 
 /// Host forwarding for the connections to sandbox `id`'s ports published on non-loopback

@@ -220,21 +220,19 @@ pub fn create(
             "addr add {}/30 dev {veth}\nlink set {veth} up\n",
             addrs.host
         );
-        // The guard first: the veth carries nothing before it is loaded.
+        // The guard first: the veth carries nothing before it is loaded. Both egress modes
+        // leave the host masqueraded (`allow` only to what it allows), loaded with the guard.
         let guard = host_guard(id, spec, &addrs, listen);
-        if let Err(e) = host::run("nft", &["-f", "-"], Some(&guard))
-            .and_then(|_| host::run("ip", &["-batch", "-"], Some(&host_side)))
+        let guarded = match spec.egress {
+            Egress::None => host::run("nft", &["-f", "-"], Some(&guard)).map(drop),
+            _ => enable_host_masquerade(id, &addrs, &guard),
+        };
+        if let Err(e) = guarded
+            .and_then(|()| host::run("ip", &["-batch", "-"], Some(&host_side)))
             .and_then(|_| publish(id, &addrs, ports))
         {
             let _ = destroy(netns, id);
             return Err(e);
-        }
-        // Both egress modes leave the host masqueraded (`allow` only to what it allows).
-        if spec.egress != Egress::None {
-            if let Err(e) = enable_host_masquerade(id, &addrs) {
-                let _ = destroy(netns, id);
-                return Err(e);
-            }
         }
     }
     if let Some(listener) = resolver {
