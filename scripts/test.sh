@@ -20,8 +20,8 @@ cd "$repo"
 export PATH="$HOME/.cargo/bin:$PATH:/sbin:/usr/sbin"
 results=()
 failed=0
-# No incremental caches: a fresh build gains nothing from them and they were a third of
-# target/ (the suite's target/ is what a clean checkout must have room for).
+# No incremental caches: a fresh build gains nothing from them, and they add gigabytes to the
+# target/ a clean checkout must have room for (about 4 GB without them).
 export CARGO_INCREMENTAL=0
 
 # Free space on the file system holding target/, for the log: a stage that dies of a full disk
