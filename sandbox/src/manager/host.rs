@@ -127,32 +127,74 @@ fn package_of(program: &str) -> &'static str {
 
 /// Brings the loopback interface of the calling thread's network namespace up.
 fn loopback_up() -> std::io::Result<()> {
-    // SAFETY: plain socket call; the fd is closed below.
+    interface_up("lo", None)
+}
+
+/// Gives interface `name` of the calling thread's network namespace the IPv4 `address`
+/// (with its prefix length; the kernel adds the prefix's route) and brings it up, by ioctls
+/// (no `ip` process on a create's path).
+pub fn interface_up(name: &str, address: Option<(std::net::Ipv4Addr, u8)>) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{name:?} is not an interface name"),
+        ));
+    }
+    // SAFETY: plain socket call; the descriptor is owned right below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: ifreq is plain data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: `req` is a valid ifreq for SIOCGIFFLAGS/SIOCSIFFLAGS on our socket.
-    let result = unsafe {
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let request = || {
+        // SAFETY: ifreq is plain data; zeroed is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req
+    };
+    let ioctl = |op: libc::Ioctl, req: &mut libc::ifreq| {
+        // SAFETY: `req` is a valid ifreq for `op` on our socket, named and filled as `op` needs.
+        match unsafe { libc::ioctl(socket.as_raw_fd(), op, req as *mut libc::ifreq) } {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
         }
     };
-    // SAFETY: `fd` is ours.
-    unsafe { libc::close(fd) };
-    result
+    if let Some((address, prefix_len)) = address {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_len.min(32)))
+            .unwrap_or(0);
+        for (op, value) in [
+            (libc::SIOCSIFADDR, u32::from(address)),
+            (libc::SIOCSIFNETMASK, mask),
+        ] {
+            let mut req = request();
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: value.to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: the ifreq's address member is a 16-byte sockaddr, the size of a
+            // sockaddr_in, which the kernel reads for these requests.
+            unsafe {
+                std::ptr::addr_of_mut!(req.ifr_ifru.ifru_addr)
+                    .cast::<libc::sockaddr_in>()
+                    .write_unaligned(sin)
+            };
+            ioctl(op, &mut req)?;
+        }
+    }
+    let mut req = request();
+    ioctl(libc::SIOCGIFFLAGS, &mut req)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    ioctl(libc::SIOCSIFFLAGS, &mut req)
 }
 
 /// Creates a network namespace pinned by a bind mount at `path`, with loopback up, and runs
@@ -228,6 +270,38 @@ mod tests {
     #[test]
     fn vm_tier_force_overrides() {
         assert_eq!(vm_tier_unavailable(true), None);
+    }
+
+    /// A veth in a namespace of the test's own gets its address, prefix route
+    /// and the up flag as `ip` would give them.
+    #[test]
+    fn an_interface_gets_its_address_and_comes_up() {
+        if !mvm_testkit::root_or_skip("an_interface_gets_its_address_and_comes_up") {
+            return;
+        }
+        let shown = std::thread::spawn(|| {
+            // SAFETY: unshare with a flag constant; it moves only this thread, which ends here.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            run(
+                "ip",
+                &["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+                None,
+            )
+            .unwrap();
+            interface_up("d0", Some(("10.1.2.1".parse().unwrap(), 30))).unwrap();
+            let bad = interface_up("no-such-if", None).unwrap_err();
+            assert_eq!(bad.raw_os_error(), Some(libc::ENODEV));
+            [
+                run("ip", &["-o", "-4", "addr", "show", "dev", "d0"], None).unwrap(),
+                run("ip", &["-o", "link", "show", "dev", "d0"], None).unwrap(),
+                run("ip", &["-4", "route", "show", "dev", "d0"], None).unwrap(),
+            ]
+        })
+        .join()
+        .unwrap();
+        assert!(shown[0].contains("inet 10.1.2.1/30"), "{}", shown[0]);
+        assert!(shown[1].contains(",UP"), "{}", shown[1]);
+        assert!(shown[2].contains("10.1.2.0/30"), "{}", shown[2]);
     }
 
     #[test]

@@ -166,7 +166,7 @@ pub fn create(
     let inside_ports = ports.to_vec();
     let mvmd_pid = std::process::id().to_string();
     let veth_inside = veth.clone();
-    host::create_netns(netns, move || {
+    let build_netns = move || {
         let mut batch = String::new();
         if isolation == Isolation::Vm {
             batch.push_str(&format!(
@@ -183,19 +183,51 @@ pub fn create(
                 addrs.sandbox, addrs.host
             ));
         }
-        if !batch.is_empty() {
-            host::run("ip", &["-batch", "-"], Some(&batch))?;
-        }
+        let rules = ruleset(&inside, &inside_ports, isolation, &addrs, listen);
+        // The rules name interfaces, so they load while `ip` makes them (a thread made here
+        // is in the namespace too).
+        std::thread::scope(|scope| {
+            let loaded = scope.spawn(|| match rules.lines().count() > 1 {
+                true => host::run("nft", &["-f", "-"], Some(&rules)).map(drop),
+                false => Ok(()),
+            });
+            let linked = match batch.is_empty() {
+                true => Ok(()),
+                false => host::run("ip", &["-batch", "-"], Some(&batch)).map(drop),
+            };
+            let loaded = joined(loaded, "loading the sandbox's rules");
+            linked.and(loaded)
+        })?;
         if isolation == Isolation::Vm && veth_wanted {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
                 .map_err(|e| Error::host("enabling forwarding in the sandbox netns", e))?;
         }
-        let rules = ruleset(&inside, &inside_ports, isolation, &addrs, listen);
-        if rules.lines().count() > 1 {
-            host::run("nft", &["-f", "-"], Some(&rules))?;
-        }
         Ok(())
-    })?;
+    };
+    // The host's guard (and masquerade: both egress modes leave the host masqueraded, `allow`
+    // only to what it allows) loads while the namespace is made; the host's end of the veth
+    // comes up only after both, so it carries nothing unguarded.
+    let guard = veth_wanted.then(|| host_guard(id, spec, &addrs, listen));
+    let built = std::thread::scope(|scope| {
+        let guarded = guard.as_deref().map(|guard| {
+            scope.spawn(move || match spec.egress {
+                Egress::None => host::run("nft", &["-f", "-"], Some(guard)).map(drop),
+                _ => enable_host_masquerade(id, &addrs, guard),
+            })
+        });
+        let made = host::create_netns(netns, build_netns);
+        let guarded = guarded.map_or(Ok(()), |g| joined(g, "loading the host's guard"));
+        made.and(guarded)
+    });
+    if let Err(e) = built.and_then(|()| match veth_wanted {
+        true => host::interface_up(&veth, Some((addrs.host, 30)))
+            .map_err(|e| Error::host(format!("bringing the sandbox's veth {veth} up"), e))
+            .and_then(|()| publish(id, &addrs, ports)),
+        false => Ok(()),
+    }) {
+        let _ = destroy(netns, id);
+        return Err(e);
+    }
     let info = NetworkInfo {
         netns: None,
         ports: ports.to_vec(),
@@ -215,26 +247,6 @@ pub fn create(
             Isolation::Vm => addrs.tap.to_string(),
         }),
     };
-    if veth_wanted {
-        let host_side = format!(
-            "addr add {}/30 dev {veth}\nlink set {veth} up\n",
-            addrs.host
-        );
-        // The guard first: the veth carries nothing before it is loaded. Both egress modes
-        // leave the host masqueraded (`allow` only to what it allows), loaded with the guard.
-        let guard = host_guard(id, spec, &addrs, listen);
-        let guarded = match spec.egress {
-            Egress::None => host::run("nft", &["-f", "-"], Some(&guard)).map(drop),
-            _ => enable_host_masquerade(id, &addrs, &guard),
-        };
-        if let Err(e) = guarded
-            .and_then(|()| host::run("ip", &["-batch", "-"], Some(&host_side)))
-            .and_then(|_| publish(id, &addrs, ports))
-        {
-            let _ = destroy(netns, id);
-            return Err(e);
-        }
-    }
     if let Some(listener) = resolver {
         let started = dns::Resolver {
             id,
@@ -266,6 +278,13 @@ pub fn create(
         }
     }
     Ok(info)
+}
+
+/// The result of a scoped thread doing `what`; its panic is an error.
+fn joined(thread: std::thread::ScopedJoinHandle<'_, Result<()>>, what: &str) -> Result<()> {
+    thread
+        .join()
+        .unwrap_or_else(|_| Err(Error::Host(format!("{what}: the thread panicked"))))
 }
 
 /// Replaces the allow list of running sandbox `id` (egress `allow`, namespace at `netns`) with
