@@ -374,6 +374,8 @@ pub(super) fn remove_host_guard(id: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::net::egress::{masquerade_rules, saved_ip_forward};
+    use crate::manager::net::validate;
 
     #[test]
     fn guarded_addresses_are_the_blocked_ranges_and_the_hosts_own() {
@@ -393,8 +395,6 @@ mod tests {
             assert!(!guarded(a.parse().unwrap()), "{a}");
         }
     }
-    use crate::manager::net::egress::{masquerade_rules, saved_ip_forward};
-    use crate::manager::net::validate;
 
     #[test]
     fn sandboxes_are_kept_apart_and_forwarding_is_remembered() {
