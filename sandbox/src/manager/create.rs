@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::exec::validate_env;
 use super::lock::BusyLock;
@@ -339,7 +339,6 @@ impl Manager {
         // A saved VM has a NIC whatever its network: warmed with one, it is restored with one
         // (left down and address-less when the sandbox has no network).
         let needs_nic = matches!(origin, Origin::Warming) || matches!(boot, vm::Boot::Restore(_));
-        let start_boot = boot.clone();
         let addrs = net::Addresses::of(cfg.subnet, row.slot);
         let spec = NetworkSpec {
             egress: s.network.egress,
@@ -354,73 +353,120 @@ impl Manager {
         } else {
             Some(net::secrets::Ca::new(&s.id)?)
         };
-        // A vm-tier guest's trust store is written through its agent once it answers.
-        let guest_ca = ca
-            .as_ref()
-            .filter(|_| s.isolation == Isolation::Vm)
-            .map(|ca| ca.cert_pem.clone());
-        // Steps 2-4 on a blocking thread: namespaces, mounts and the jailer spawn.
+        let ca_cert = ca.as_ref().map(|ca| ca.cert_pem.clone());
+        // Step 2: the network namespace, which is all the jail needs to start (a pod's
+        // namespace is joined whole); its connection to the host is made meanwhile.
         let started = Instant::now();
-        let (network, guest_net, child, networked) = blocking(move || {
-            let (network, uplink) = match &pod_netns {
+        let netns = cfg.netns(&s.id);
+        let (network, uplink) = {
+            let (cfg, s, spec, ports) = (cfg.clone(), s.clone(), spec.clone(), ports.clone());
+            let (pod_netns, secrets) = (pod_netns.clone(), secrets.clone());
+            blocking(move || match &pod_netns {
                 Some(ns) => {
                     let (info, uplink) = net::join_pod_netns(ns, s.isolation, uid)?;
-                    (info, Some(uplink))
+                    Ok((info, Some(uplink)))
                 }
                 None => {
                     std::fs::create_dir_all(cfg.netns(""))
                         .map_err(|e| Error::host("creating the netns dir", e))?;
-                    let upstream = match spec.egress {
-                        Egress::Allow => net::DnsUpstream::resolve(cfg.dns_upstream.as_deref())?,
-                        _ => net::DnsUpstream(Vec::new()),
-                    };
-                    let audit = cfg.state_dir.join(net::secrets::AUDIT_LOG);
-                    let dns = net::DnsSetup {
-                        bin_dir: &cfg.bin_dir,
-                        upstream: &upstream,
-                        proxy: ca.as_ref().map(|ca| net::ProxySetup {
-                            secrets: &secrets,
-                            ca_key_pem: &ca.key_pem,
-                            audit: &audit,
-                            extra_ca: cfg.egress_ca.as_deref(),
-                        }),
-                    };
-                    let info = net::create(
-                        &cfg.netns(&s.id),
-                        &s.id,
-                        &spec,
-                        &ports,
-                        s.isolation,
-                        addrs,
-                        uid,
-                        &dns,
-                    )?;
-                    (info, None)
+                    net::create_namespace(&cfg.netns(&s.id), s.isolation, addrs, uid)?;
+                    let info = net::info(&spec, &ports, &secrets, s.isolation, addrs);
+                    Ok((info, None))
                 }
-            };
-            let networked = started.elapsed();
-            let guest_net = match uplink {
-                Some(uplink) => Some(vm::GuestNet {
-                    ip: uplink.guest_ip(),
-                    mac: Some(uplink.mac),
-                }),
-                // A snapshot's VM has a NIC whatever the network: warmed with one, it is
-                // restored with one, left down and without an address when there is none.
-                None if network.address.is_some() || needs_nic => Some(vm::GuestNet {
-                    ip: agent::IpConfig {
-                        address: addrs.guest,
-                        prefix_len: 30,
-                        gateway: Some(addrs.tap),
-                    },
-                    mac: None,
-                }),
-                None => None,
-            };
-            let start = tier::Start {
-                container_slots,
-                guest_net: guest_net.clone(),
-                boot: start_boot,
-            };
+            })
+            .await?
+        };
+        let namespace = started.elapsed();
+        let connecting = {
+            let (cfg, id, isolation) = (cfg.clone(), s.id.clone(), s.isolation);
+            let ca_key = ca.as_ref().map(|ca| ca.key_pem.clone());
+            let joined_pod = pod_netns.is_some();
+            blocking(move || {
+                if joined_pod {
+                    return Ok(Duration::ZERO);
+                }
+                let upstream = match spec.egress {
+                    Egress::Allow => net::DnsUpstream::resolve(cfg.dns_upstream.as_deref())?,
+                    _ => net::DnsUpstream(Vec::new()),
+                };
+                let audit = cfg.state_dir.join(net::secrets::AUDIT_LOG);
+                let dns = net::DnsSetup {
+                    bin_dir: &cfg.bin_dir,
+                    upstream: &upstream,
+                    proxy: ca_key.as_deref().map(|ca_key_pem| net::ProxySetup {
+                        secrets: &secrets,
+                        ca_key_pem,
+                        audit: &audit,
+                        extra_ca: cfg.egress_ca.as_deref(),
+                    }),
+                };
+                net::connect(&netns, &id, &spec, &ports, isolation, addrs, &dns)?;
+                Ok(started.elapsed())
+            })
+        };
+        let guest_net = match uplink {
+            Some(uplink) => Some(vm::GuestNet {
+                ip: uplink.guest_ip(),
+                mac: Some(uplink.mac),
+            }),
+            // A snapshot's VM has a NIC whatever the network: warmed with one, it is
+            // restored with one, left down and without an address when there is none.
+            None if network.address.is_some() || needs_nic => Some(vm::GuestNet {
+                ip: agent::IpConfig {
+                    address: addrs.guest,
+                    prefix_len: 30,
+                    gateway: Some(addrs.tap),
+                },
+                mac: None,
+            }),
+            None => None,
+        };
+        row.sandbox.network = network;
+        // Steps 3-5 while the namespace is connected; both finish before the sandbox counts
+        // as made (a failure of either rolls back both).
+        let starting = self.start_sandbox(
+            row,
+            userland,
+            container_slots,
+            pod_netns,
+            boot,
+            guest_net,
+            ca_cert,
+            started,
+        );
+        let (networked, spawned) = tokio::join!(connecting, starting);
+        let (networked, spawned) = (networked?, spawned?);
+        tracing::debug!(id = %row.sandbox.id, ?namespace, ?networked, ?spawned, ready = ?started.elapsed(), "sandbox built");
+        row.sandbox.state = SandboxState::Running;
+        self.inner.db.update_sandbox(row)?;
+        Ok(())
+    }
+
+    /// Steps 3-5 of a create: the jail and its spawn (in the namespace made already), then the
+    /// wait for the agent; the secrets' CA certificate `ca_cert` goes into the sandbox's trust
+    /// store. Returns when the jailer was spawned (since `started`).
+    #[allow(clippy::too_many_arguments)]
+    async fn start_sandbox(
+        &self,
+        row: &mut SandboxRow,
+        userland: Userland,
+        container_slots: u8,
+        pod_netns: Option<PathBuf>,
+        boot: vm::Boot,
+        guest_net: Option<vm::GuestNet>,
+        ca_cert: Option<String>,
+        started: Instant,
+    ) -> Result<Duration> {
+        let cfg = self.inner.cfg.clone();
+        let s = row.sandbox.clone();
+        let uid = cfg.uid(row);
+        let start = tier::Start {
+            container_slots,
+            guest_net: guest_net.clone(),
+            boot: boot.clone(),
+        };
+        let trust_pem = ca_cert.clone();
+        let child = blocking(move || {
             let spawned = spawn_jail(&cfg, &s, uid, &userland, start, pod_netns.as_deref())
                 .and_then(|child| {
                     // The jail tier's DNS goes to the sandbox's resolver (the vm tier's guest
@@ -428,12 +474,12 @@ impl Manager {
                     // A container's own tree (no overlay) keeps its runtime's resolv.conf.
                     let root = super::rootfs::Overlay::at(&cfg.sandbox_dir(&s.id)).merged;
                     if s.isolation == Isolation::Jail
-                        && spec.egress == Egress::Allow
+                        && s.network.egress == Egress::Allow
                         && mvm_sys::mountinfo::mount_points_under(&root).contains(&root)
                     {
                         net::write_resolv_conf(&root)?;
-                        if let Some(ca) = &ca {
-                            net::secrets::write_trust_store(&root, &ca.cert_pem)?;
+                        if let Some(pem) = &trust_pem {
+                            net::secrets::write_trust_store(&root, pem)?;
                         }
                     }
                     Ok(child)
@@ -444,10 +490,9 @@ impl Manager {
                     let _ = net::leave_pod_netns(ns);
                 }
             }
-            Ok((network, guest_net, spawned?, networked))
+            spawned
         })
         .await?;
-        row.sandbox.network = network;
         row.pid = child.id().unwrap_or(0);
         let live = Arc::new(Live::default());
         *lock(&live.child) = Some(child);
@@ -467,14 +512,12 @@ impl Manager {
                 .restored
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Some(ca_pem) = guest_ca {
+        // A vm-tier guest's trust store is written through its agent once it answers.
+        if let (Some(ca_pem), Isolation::Vm) = (ca_cert, row.sandbox.isolation) {
             net::secrets::install_trust_store(&client, &ca_pem).await?;
         }
         *live.agent.lock().await = Some(client);
-        tracing::debug!(id = %row.sandbox.id, ?networked, ?spawned, ready = ?started.elapsed(), "sandbox built");
-        row.sandbox.state = SandboxState::Running;
-        self.inner.db.update_sandbox(row)?;
-        Ok(())
+        Ok(spawned)
     }
 }
 

@@ -59,7 +59,9 @@ impl Manager {
                 source.template
             )));
         }
+        let started = std::time::Instant::now();
         let saved = self.save_running(&row).await?;
+        tracing::debug!(%id, saved = ?started.elapsed(), "fork source saved");
         // The children start at once, each in a task of its own.
         let mut starting = tokio::task::JoinSet::new();
         for _ in 0..count {
@@ -106,7 +108,7 @@ impl Manager {
             return Err(e);
         }
         removed?;
-        tracing::info!(%id, children = children.len(), "sandbox forked");
+        tracing::info!(%id, children = children.len(), took = ?started.elapsed(), "sandbox forked");
         Ok(children)
     }
 

@@ -133,20 +133,69 @@ pub struct ProxySetup<'a> {
     pub extra_ca: Option<&'a Path>,
 }
 
-/// Builds the namespace at `netns` for sandbox `id`, publishing `ports`, and returns what the
-/// sandbox got; with egress `allow`, starts its resolver (`dns`). On failure nothing is left
-/// behind.
-#[allow(clippy::too_many_arguments)]
-pub fn create(
+/// Makes the namespace at `netns`: loopback up and, in the vm tier, the tap the VMM opens
+/// (owned by the sandbox's `uid`) with its address, up. This is all a jail or a VMM needs to
+/// start; [`connect`] gives the namespace its way out and its rules meanwhile. Nothing leaves
+/// the namespace before that: it has no other link. On failure nothing is left behind.
+pub fn create_namespace(
+    netns: &Path,
+    isolation: Isolation,
+    addrs: Addresses,
+    uid: u32,
+) -> Result<()> {
+    host::create_netns(netns, move || {
+        if isolation == Isolation::Vm {
+            mvm_sys::tap::create_persistent(TAP_IF, Some(uid))
+                .map_err(|e| Error::host("making the sandbox's tap", e))?;
+            host::interface_up(TAP_IF, Some((addrs.tap, 30)))
+                .map_err(|e| Error::host(format!("bringing the sandbox's tap {TAP_IF} up"), e))?;
+        }
+        Ok(())
+    })
+}
+
+/// What sandbox `id` gets of its network: its policy, ports, secrets, and its address and
+/// gateway when it has a veth.
+pub fn info(
+    spec: &NetworkSpec,
+    ports: &[PortMapping],
+    secrets: &[Secret],
+    isolation: Isolation,
+    addrs: Addresses,
+) -> NetworkInfo {
+    let veth_wanted = has_veth(spec, ports);
+    NetworkInfo {
+        netns: None,
+        ports: ports.to_vec(),
+        egress: spec.egress,
+        allow: spec.allow.clone(),
+        secrets: secrets.iter().map(Secret::info).collect(),
+        address: veth_wanted.then(|| match isolation {
+            Isolation::Jail => addrs.sandbox.to_string(),
+            Isolation::Vm => addrs.guest.to_string(),
+        }),
+        gateway: veth_wanted.then(|| match isolation {
+            Isolation::Jail => addrs.host.to_string(),
+            Isolation::Vm => addrs.tap.to_string(),
+        }),
+    }
+}
+
+/// Connects the namespace at `netns` (made by [`create_namespace`]) of sandbox `id`: its
+/// rules, and with egress or `ports` a veth to the host behind the host's guard, the
+/// published ports, and with egress `allow` its resolver (`dns`). It may run while the
+/// sandbox starts: the host's end of the veth comes up only once both sides' rules are
+/// loaded, and the namespace forwards only then. On failure the caller removes the network
+/// ([`destroy`]).
+pub fn connect(
     netns: &Path,
     id: &str,
     spec: &NetworkSpec,
     ports: &[PortMapping],
     isolation: Isolation,
     addrs: Addresses,
-    uid: u32,
     dns: &DnsSetup,
-) -> Result<NetworkInfo> {
+) -> Result<()> {
     let veth = host_veth(id);
     let veth_wanted = has_veth(spec, ports);
     let resolver = if spec.egress == Egress::Allow {
@@ -162,28 +211,19 @@ pub fn create(
         proxy: proxy.as_ref().map(|p| p.port),
         ..r.listen
     });
-    let inside = spec.clone();
-    let inside_ports = ports.to_vec();
+    let rules = ruleset(spec, ports, isolation, &addrs, listen);
     let mvmd_pid = std::process::id().to_string();
     let veth_inside = veth.clone();
-    let build_netns = move || {
-        let mut batch = String::new();
-        if isolation == Isolation::Vm {
-            batch.push_str(&format!(
-                "tuntap add dev {TAP_IF} mode tap user {uid}\n\
-                 addr add {}/30 dev {TAP_IF}\nlink set {TAP_IF} up\n",
-                addrs.tap
-            ));
-        }
-        if veth_wanted {
-            batch.push_str(&format!(
+    let inside = move || {
+        let batch = match veth_wanted {
+            true => format!(
                 "link add {SANDBOX_IF} type veth peer name {veth_inside} netns {mvmd_pid}\n\
                  addr add {}/30 dev {SANDBOX_IF}\nlink set {SANDBOX_IF} up\n\
                  route add default via {}\n",
                 addrs.sandbox, addrs.host
-            ));
-        }
-        let rules = ruleset(&inside, &inside_ports, isolation, &addrs, listen);
+            ),
+            false => String::new(),
+        };
         // The rules name interfaces, so they load while `ip` makes them (a thread made here
         // is in the namespace too).
         std::thread::scope(|scope| {
@@ -205,79 +245,52 @@ pub fn create(
         Ok(())
     };
     // The host's guard (and masquerade: both egress modes leave the host masqueraded, `allow`
-    // only to what it allows) loads while the namespace is made; the host's end of the veth
+    // only to what it allows) loads while the namespace is wired; the host's end of the veth
     // comes up only after both, so it carries nothing unguarded.
     let guard = veth_wanted.then(|| host_guard(id, spec, &addrs, listen));
-    let built = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let guarded = guard.as_deref().map(|guard| {
             scope.spawn(move || match spec.egress {
                 Egress::None => host::run("nft", &["-f", "-"], Some(guard)).map(drop),
                 _ => enable_host_masquerade(id, &addrs, guard),
             })
         });
-        let made = host::create_netns(netns, build_netns);
+        let made = pod::in_netns(netns, inside);
         let guarded = guarded.map_or(Ok(()), |g| joined(g, "loading the host's guard"));
         made.and(guarded)
-    });
-    if let Err(e) = built.and_then(|()| match veth_wanted {
-        true => host::interface_up(&veth, Some((addrs.host, 30)))
-            .map_err(|e| Error::host(format!("bringing the sandbox's veth {veth} up"), e))
-            .and_then(|()| publish(id, &addrs, ports)),
-        false => Ok(()),
-    }) {
-        let _ = destroy(netns, id);
-        return Err(e);
+    })?;
+    if veth_wanted {
+        host::interface_up(&veth, Some((addrs.host, 30)))
+            .map_err(|e| Error::host(format!("bringing the sandbox's veth {veth} up"), e))?;
+        publish(id, &addrs, ports)?;
     }
-    let info = NetworkInfo {
-        netns: None,
-        ports: ports.to_vec(),
-        egress: spec.egress,
-        allow: spec.allow.clone(),
-        secrets: dns
-            .proxy
-            .as_ref()
-            .map(|p| p.secrets.iter().map(Secret::info).collect())
-            .unwrap_or_default(),
-        address: veth_wanted.then(|| match isolation {
-            Isolation::Jail => addrs.sandbox.to_string(),
-            Isolation::Vm => addrs.guest.to_string(),
-        }),
-        gateway: veth_wanted.then(|| match isolation {
-            Isolation::Jail => addrs.host.to_string(),
-            Isolation::Vm => addrs.tap.to_string(),
-        }),
+    let Some(listener) = resolver else {
+        return Ok(());
     };
-    if let Some(listener) = resolver {
-        let started = dns::Resolver {
-            id,
-            bin_dir: dns.bin_dir,
-            netns,
-            client: addrs.sandbox,
-            upstream: dns.upstream,
-        }
-        .start(listener, &spec.allow, dns.proxy.as_ref().map(|p| p.secrets))
-        .and_then(|()| match (proxy, &dns.proxy) {
-            (Some(listener), Some(setup)) => secrets::start(
-                dns.bin_dir,
-                listener,
-                &secrets::ProxyConfig {
-                    sandbox: id.to_owned(),
-                    client: addrs.sandbox,
-                    upstream: dns.upstream.0.clone(),
-                    audit: setup.audit.to_owned(),
-                    extra_ca: setup.extra_ca.map(Path::to_owned),
-                    ca_key_pem: setup.ca_key_pem.to_owned(),
-                    secrets: setup.secrets.to_vec(),
-                },
-            ),
-            _ => Ok(()),
-        });
-        if let Err(e) = started {
-            let _ = destroy(netns, id);
-            return Err(e);
-        }
+    dns::Resolver {
+        id,
+        bin_dir: dns.bin_dir,
+        netns,
+        client: addrs.sandbox,
+        upstream: dns.upstream,
     }
-    Ok(info)
+    .start(listener, &spec.allow, dns.proxy.as_ref().map(|p| p.secrets))?;
+    match (proxy, &dns.proxy) {
+        (Some(listener), Some(setup)) => secrets::start(
+            dns.bin_dir,
+            listener,
+            &secrets::ProxyConfig {
+                sandbox: id.to_owned(),
+                client: addrs.sandbox,
+                upstream: dns.upstream.0.clone(),
+                audit: setup.audit.to_owned(),
+                extra_ca: setup.extra_ca.map(Path::to_owned),
+                ca_key_pem: setup.ca_key_pem.to_owned(),
+                secrets: setup.secrets.to_vec(),
+            },
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The result of a scoped thread doing `what`; its panic is an error.
@@ -357,6 +370,32 @@ mod tests {
         assert_eq!(a.sandbox, Ipv4Addr::new(10, 213, 0, 10));
         assert_eq!(a.tap, Ipv4Addr::new(10, 213, 0, 13));
         assert_eq!(a.guest, Ipv4Addr::new(10, 213, 0, 14));
+    }
+
+    /// A vm-tier namespace holds the VMM's tap, persistent, for the sandbox's uid only, with
+    /// the gateway's address, up; it goes with the namespace.
+    #[test]
+    fn a_vm_namespace_has_its_tap_for_the_sandbox_uid() {
+        if !mvm_testkit::root_or_skip("a_vm_namespace_has_its_tap_for_the_sandbox_uid") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let netns = dir.path().join("ns");
+        let addrs = Addresses::of(Ipv4Addr::new(10, 213, 0, 0), 3);
+        create_namespace(&netns, Isolation::Vm, addrs, 4321).unwrap();
+        let shown = pod::in_netns(&netns, || {
+            Ok([
+                host::run("ip", &["-d", "-o", "link", "show", "dev", TAP_IF], None)?,
+                host::run("ip", &["-o", "-4", "addr", "show", "dev", TAP_IF], None)?,
+            ])
+        });
+        host::remove_netns(&netns).unwrap();
+        let [link, addr] = shown.unwrap();
+        assert!(link.contains("tun type tap pi off"), "{link}");
+        assert!(link.contains("persist on user 4321"), "{link}");
+        assert!(link.contains(",UP"), "{link}");
+        assert!(addr.contains(&format!("inet {}/30", addrs.tap)), "{addr}");
+        assert!(!netns.exists());
     }
 
     #[test]

@@ -1,40 +1,15 @@
 //! A persistent tap device with an IPv4 address, for micro-VM network tests. Busybox `ip` has
-//! no `tuntap`, so the device is made with TUNSETIFF + TUNSETPERSIST; the VMM then opens it by
-//! name. Dropping the [`Tap`] removes the device.
+//! no `tuntap`, so the device is made with the tun driver's ioctls (`mvm_sys::tap`); the VMM
+//! then opens it by name. Dropping the [`Tap`] removes the device.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-
-/// `struct ifreq` as TUNSETIFF reads it: the name and the flags member of the union.
-#[repr(C)]
-struct IfReq {
-    name: [libc::c_char; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
 
 /// Why a tap could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
-    /// The name does not fit an interface name.
-    #[error("tap name {0:?} is longer than 15 bytes or holds a NUL")]
-    Name(String),
     /// A tun ioctl or open failed.
-    #[error("{what} for tap {name}: {source} (needs root or CAP_NET_ADMIN and the tun module)")]
-    Tun {
-        /// The failing step.
-        what: &'static str,
-        /// The tap.
-        name: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error("{0} (needs root or CAP_NET_ADMIN and the tun module)")]
+    Tun(#[from] mvm_sys::Error),
     /// `ip` failed to configure the device.
     #[error("`ip {args}` failed: {detail}")]
     Ip {
@@ -48,46 +23,6 @@ pub enum TapError {
 /// A persistent tap, up, with an address; removed on drop.
 pub struct Tap {
     name: String,
-}
-
-fn tun_ioctl(name: &str, persist: bool) -> Result<(), TapError> {
-    let tun_err = |what, source| TapError::Tun {
-        what,
-        name: name.to_string(),
-        source,
-    };
-    let c_name = CString::new(name).map_err(|_| TapError::Name(name.to_string()))?;
-    let bytes = c_name.as_bytes_with_nul();
-    if bytes.len() > libc::IFNAMSIZ {
-        return Err(TapError::Name(name.to_string()));
-    }
-    // SAFETY: a NUL-terminated path and plain flags; the result is checked.
-    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(tun_err(
-            "opening /dev/net/tun",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: fd was just opened and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI,
-        _pad: [0; 22],
-    };
-    for (dst, src) in req.name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: TUNSETIFF reads a struct ifreq, which IfReq lays out (40 bytes, C layout).
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
-        return Err(tun_err("TUNSETIFF", std::io::Error::last_os_error()));
-    }
-    // SAFETY: TUNSETPERSIST takes an integer argument by value.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, libc::c_ulong::from(persist)) } < 0 {
-        return Err(tun_err("TUNSETPERSIST", std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 fn ip(args: &[&str]) -> Result<(), TapError> {
@@ -114,9 +49,9 @@ impl Tap {
     /// A leftover persistent tap of the same name (from an aborted run) is removed first.
     pub fn create(name: &str, cidr: &str) -> Result<Self, TapError> {
         if Self::exists(name) {
-            tun_ioctl(name, false)?;
+            mvm_sys::tap::remove_persistent(name)?;
         }
-        tun_ioctl(name, true)?;
+        mvm_sys::tap::create_persistent(name, None)?;
         let tap = Tap {
             name: name.to_string(),
         };
@@ -133,7 +68,7 @@ impl Tap {
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        if let Err(e) = tun_ioctl(&self.name, false) {
+        if let Err(e) = mvm_sys::tap::remove_persistent(&self.name) {
             eprintln!("nested: cannot remove tap {}: {e}", self.name);
         }
     }

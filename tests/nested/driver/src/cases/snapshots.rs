@@ -122,7 +122,10 @@ struct Figures {
 /// steps (zero).
 #[derive(Clone, Copy, Default)]
 struct Steps {
-    /// The network namespace, its rules and resolver.
+    /// The network namespace (with the vm tier's tap), which the jail needs to start.
+    namespace: Duration,
+    /// Until the namespace was connected (veth, rules, host guard, resolver): from the
+    /// create's start, alongside the steps below.
     network: Duration,
     /// The jail's files (the writable layer, the VM's config) and the jailer's spawn.
     jail: Duration,
@@ -158,10 +161,11 @@ impl Steps {
             field(&identified, "answered"),
             field(&identified, "reidentified"),
         );
-        let network = field(&built, "networked");
+        let namespace = field(&built, "namespace");
         Ok(Steps {
-            network,
-            jail: spawn.saturating_sub(network),
+            namespace,
+            network: field(&built, "networked"),
+            jail: spawn.saturating_sub(namespace),
             api,
             load: loaded.saturating_sub(api),
             agent: match answered.is_zero() {
@@ -181,6 +185,7 @@ impl Steps {
             v.get(v.len() / 2).copied().unwrap_or_default()
         };
         Steps {
+            namespace: p50(|s| s.namespace),
             network: p50(|s| s.network),
             jail: p50(|s| s.jail),
             api: p50(|s| s.api),
@@ -197,14 +202,16 @@ impl std::fmt::Display for Steps {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         write!(
             f,
-            "network {:.0} ms, jail {:.0} ms, VMM API up {:.0} ms, snapshot load {:.0} ms, \
-             agent {:.0} ms, new identity {:.0} ms, total {:.0} ms",
-            ms(self.network),
+            "namespace {:.0} ms, then the jail {:.0} ms, VMM API up {:.0} ms, snapshot load \
+             {:.0} ms, agent {:.0} ms, new identity {:.0} ms, alongside them the network until \
+             {:.0} ms; total {:.0} ms",
+            ms(self.namespace),
             ms(self.jail),
             ms(self.api),
             ms(self.load),
             ms(self.agent),
             ms(self.identity),
+            ms(self.network),
             ms(self.total)
         )
     }
@@ -451,11 +458,15 @@ pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
     }
-    let session = MvmdSession::start(ctx, "fork")?;
+    let mut dirs = ManagerDirs::new(ctx, "fork")?;
+    // The manager's debug lines time the save and each child's create (see [`Steps`]).
+    dirs.env
+        .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
+    let session = MvmdSession::start_in(ctx, dirs)?;
     let checked = check_fork(ctx, &session);
     let figures = checked.as_ref().ok().cloned();
     let outcome = session.finish(ctx, checked.map(drop));
-    if let (Ok(Verdict::Pass), Some((cold, fork))) = (&outcome, figures) {
+    if let (Ok(Verdict::Pass), Some((cold, fork, saved, children))) = (&outcome, figures) {
         ctx.record(
             "vm tier via mvmd: cold create of the fork's source",
             ms(cold),
@@ -463,6 +474,14 @@ pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
         ctx.record(
             "vm tier via mvmd: mvm fork -n 3 (until the 3 children answer)",
             ms(fork),
+        );
+        ctx.record(
+            "vm tier via mvmd: the fork's source paused, saved and resumed in mvmd",
+            ms(saved),
+        );
+        ctx.record(
+            "vm tier via mvmd: a fork child's steps in mvmd, p50 of 3",
+            children.to_string(),
         );
         ctx.record(
             "vm tier via mvmd: fork of 3 / cold create (goal per child <= 0.2)",
@@ -477,8 +496,12 @@ fn counted(line: &str) -> Option<u64> {
     line.strip_prefix("forty-two ")?.trim().parse().ok()
 }
 
-/// The checks; returns the source's cold create and the fork's durations.
-fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration), String> {
+/// The checks; returns the source's cold create, the fork's and its save's durations and a
+/// child's steps.
+fn check_fork(
+    ctx: &Ctx,
+    session: &MvmdSession,
+) -> Result<(Duration, Duration, Duration, Steps), String> {
     let net = ["--egress", "allow", "--allow", "10.9.9.9"];
     let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
     args.extend_from_slice(&net);
@@ -560,5 +583,14 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration), 
             return Err(format!("the source and its {CHILDREN} children do not each have their own {what}: {seen:?}"));
         }
     }
-    Ok((cold, forked))
+    let log = session.log();
+    let saved = logged_durations(&log, "fork source saved", &source)
+        .get("saved")
+        .copied()
+        .ok_or_else(|| format!("mvmd's log has no \"fork source saved\" line for {source}"))?;
+    let children = ids[..CHILDREN]
+        .iter()
+        .map(|id| Steps::of(&log, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((cold, forked, saved, Steps::median(&children)))
 }
