@@ -774,10 +774,14 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
     }
 }
 
-/// What `mvm templates` says of a template's snapshot: its size, or `-` (vm-tier creates
-/// boot cold).
+/// What `mvm templates` says of a template's snapshot: its size and the sandboxes of mvmd's
+/// warm pool ready, or `-` (vm-tier creates boot cold).
 fn warm_column(t: &Template) -> String {
     match &t.snapshot {
+        Some(snap) if snap.pooled > 0 => format!(
+            "{} vCPU, {} MiB, {} pooled",
+            snap.vcpus, snap.memory_mib, snap.pooled
+        ),
         Some(snap) => format!("{} vCPU, {} MiB", snap.vcpus, snap.memory_mib),
         None => "-".into(),
     }

@@ -464,6 +464,51 @@ impl Db {
         Ok(slot)
     }
 
+    /// Makes sandbox `id` of tenant `from` (a warm pool entry) `s.tenant`'s, in state
+    /// `Creating` with `s`'s timeout, environment, metadata and network request, after checking
+    /// in the same transaction that it fits the tenant's `quota` and that its ports are free.
+    /// Returns the adopted row; a sandbox `from` no longer has is not found.
+    pub fn adopt_pooled(
+        &self,
+        id: &str,
+        from: &str,
+        s: &Sandbox,
+        quota: &Quota,
+    ) -> Result<SandboxRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let used = usage(&tx, &s.tenant, "")?;
+        check_quota(&s.tenant, quota, &used, s)?;
+        check_ports_free(&tx, s)?;
+        let adopted = tx.execute(
+            "UPDATE sandboxes SET tenant = ?3, state = ?4, timeout_s = ?5, expires_at = ?6,
+                 created_at = ?7, network = ?8, env = ?9, metadata = ?10
+             WHERE id = ?1 AND tenant = ?2",
+            params![
+                id,
+                from,
+                s.tenant,
+                SandboxState::Creating.as_str(),
+                s.timeout_s as i64,
+                s.expires_at,
+                s.created_at,
+                json(&s.network),
+                json(&s.env),
+                json(&s.metadata),
+            ],
+        )?;
+        if adopted == 0 {
+            return Err(Error::NotFound(format!("sandbox {id} is not {from}'s")));
+        }
+        let row = tx.query_row(
+            &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"),
+            params![id],
+            row_to_sandbox,
+        )?;
+        tx.commit()?;
+        Ok(row)
+    }
+
     /// Updates state, pid, network and expiry of a sandbox.
     pub fn update_sandbox(&self, row: &SandboxRow) -> Result<()> {
         self.conn().execute(
@@ -799,6 +844,65 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A warm pool's sandbox becomes a tenant's only within its quota and only once; the
+    /// pool's tenant is no name a tenant can have.
+    #[test]
+    fn a_pooled_sandbox_is_adopted_within_the_quota_and_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("mvm.db")).unwrap();
+        let pool = crate::manager::POOL_TENANT;
+        assert!(validate_name("tenant", pool).is_err());
+        let sandbox = |id: &str, tenant: &str| Sandbox {
+            id: id.into(),
+            tenant: tenant.into(),
+            state: SandboxState::Running,
+            isolation: Isolation::Vm,
+            template: "default".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            timeout_s: 0,
+            expires_at: None,
+            created_at: now(),
+            env: Default::default(),
+            network: NetworkInfo {
+                egress: crate::model::Egress::None,
+                allow: Vec::new(),
+                address: None,
+                gateway: None,
+                netns: None,
+                ports: Vec::new(),
+                secrets: Vec::new(),
+            },
+            metadata: Default::default(),
+            image: None,
+        };
+        let unlimited = Quota::default();
+        db.insert_sandbox(&sandbox("p1", pool), &unlimited).unwrap();
+        db.insert_sandbox(&sandbox("t1", "team"), &unlimited)
+            .unwrap();
+        let one = Quota {
+            max_sandboxes: 1,
+            ..Quota::default()
+        };
+        let mut wanted = sandbox("ignored", "team");
+        wanted.timeout_s = 60;
+        wanted.env.insert("K".into(), "v".into());
+        let refused = db.adopt_pooled("p1", pool, &wanted, &one).unwrap_err();
+        assert!(matches!(refused, Error::Quota(_)), "{refused}");
+        assert_eq!(db.sandbox("p1").unwrap().unwrap().sandbox.tenant, pool);
+        let row = db.adopt_pooled("p1", pool, &wanted, &unlimited).unwrap();
+        assert_eq!(
+            (row.sandbox.id.as_str(), row.sandbox.tenant.as_str()),
+            ("p1", "team")
+        );
+        assert_eq!(row.sandbox.state, SandboxState::Creating);
+        assert_eq!((row.sandbox.timeout_s, row.sandbox.env.len()), (60, 1));
+        let again = db
+            .adopt_pooled("p1", pool, &wanted, &unlimited)
+            .unwrap_err();
+        assert!(matches!(again, Error::NotFound(_)), "{again}");
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub created: AtomicU64,
     /// Of those, vm-tier sandboxes restored from a warm template's snapshot.
     pub restored: AtomicU64,
+    /// Creates answered with a sandbox of a warm pool (made and counted as created and
+    /// restored before).
+    pub pool_taken: AtomicU64,
     /// Creates that failed (and were rolled back).
     pub create_failures: AtomicU64,
     /// Sandboxes destroyed (by request, timeout or reconciliation).
@@ -133,6 +136,12 @@ impl Metrics {
             "mvm_sandboxes_restored_total",
             "Sandboxes created by restoring a warm template's snapshot.",
             &self.restored,
+        );
+        counter(
+            out,
+            "mvm_warm_pool_taken_total",
+            "Creates answered with a warm pool's sandbox (counted as created when it was made).",
+            &self.pool_taken,
         );
         counter(
             out,

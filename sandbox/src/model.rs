@@ -671,6 +671,9 @@ pub struct TemplateSnapshot {
     pub memory_mib: u64,
     /// When it was made (Unix seconds).
     pub created_at: i64,
+    /// Sandboxes restored from it ready now for creates to take (`mvmd --warm-pool`).
+    #[serde(default)]
+    pub pooled: u32,
 }
 
 /// `GET /v1/templates` answer.

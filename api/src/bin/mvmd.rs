@@ -59,6 +59,10 @@ struct ServeArgs {
     /// [env: MVM_EGRESS_CA].
     #[arg(long, value_name = "FILE")]
     egress_ca: Option<PathBuf>,
+    /// Sandboxes kept restored from each warm template's snapshot, which vm-tier creates of
+    /// its size take instead of restoring one [env: MVM_WARM_POOL, default 0].
+    #[arg(long, value_name = "N")]
+    warm_pool: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,6 +206,9 @@ async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> mvm_sandbox::Result<(
     }
     if let Some(ca) = args.egress_ca {
         cfg.egress_ca = Some(ca);
+    }
+    if let Some(n) = args.warm_pool {
+        cfg.warm_pool = n;
     }
     let template_dir = args
         .template_dir

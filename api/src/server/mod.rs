@@ -567,7 +567,8 @@ pub fn ensure_default_token(manager: &Manager) -> mvm_sandbox::Result<String> {
     Ok(token)
 }
 
-/// Serves the API until SIGINT or SIGTERM, destroying sandboxes whose timeout passed.
+/// Serves the API until SIGINT or SIGTERM, destroying sandboxes whose timeout passed and
+/// keeping the warm pools (destroyed at the stop).
 pub async fn serve(manager: Manager, cfg: ServeConfig) -> mvm_sandbox::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = cfg.socket.parent() {
@@ -616,6 +617,14 @@ pub async fn serve(manager: Manager, cfg: ServeConfig) -> mvm_sandbox::Result<()
             }
         })
     };
+    let pools = {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            if let Err(e) = manager.start_pools().await {
+                tracing::warn!("starting the warm pools: {e}");
+            }
+        })
+    };
     tracing::info!(socket = %cfg.socket.display(), tcp = ?cfg.tcp, "mvmd serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tcp_task = match tcp {
@@ -642,6 +651,9 @@ pub async fn serve(manager: Manager, cfg: ServeConfig) -> mvm_sandbox::Result<()
     if let Some(t) = tcp_task {
         let _ = t.await;
     }
+    // The warm pools' entries are nobody's: they go with the daemon.
+    let _ = pools.await;
+    manager.drain_pools().await;
     let _ = std::fs::remove_file(&cfg.socket);
     drop(stop_rx);
     result.map_err(|e| Error::host("serving", e))

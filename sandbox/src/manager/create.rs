@@ -243,6 +243,15 @@ impl Manager {
                 "only a vm-tier sandbox holds the containers of a pod".into(),
             ));
         }
+        if container_slots == 0 && matches!(origin, Origin::Request) {
+            if let Some(taken) = self
+                .take_pooled(tenant, &sandbox, &template, !secrets.is_empty())
+                .await?
+            {
+                self.inner.metrics.create_seconds.observe(started.elapsed());
+                return Ok(taken);
+            }
+        }
         // Taken before the row exists, so that another manager's reconciliation never sees
         // the row unlocked and removes it as dead; held until the sandbox is ready or rolled
         // back; the kernel drops it if we die.
@@ -278,26 +287,29 @@ impl Manager {
                     .metrics
                     .create_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let id = row.sandbox.id.clone();
-                lock(&self.inner.live).remove(&id);
-                if let Err(undo) = self
-                    .teardown(
-                        id.clone(),
-                        Some(row.sandbox.isolation),
-                        pod_netns_of(&row.sandbox),
-                        false,
-                    )
-                    .await
-                {
-                    tracing::error!(%id, "rollback of a failed create: {undo}");
-                    return Err(Error::Host(format!(
+                match self.roll_back(&row.sandbox).await {
+                    Ok(()) => Err(e),
+                    Err(undo) => Err(Error::Host(format!(
                         "{e}; rolling back also failed: {undo}"
-                    )));
+                    ))),
                 }
-                self.inner.db.delete_sandbox(&id)?;
-                Err(e)
             }
         }
+    }
+
+    /// Removes what a create of sandbox `s` made, and its row, while the caller holds its busy
+    /// lock (a failed create, a taken warm pool entry that could not be connected).
+    pub(super) async fn roll_back(&self, s: &Sandbox) -> Result<()> {
+        let id = s.id.clone();
+        lock(&self.inner.live).remove(&id);
+        if let Err(undo) = self
+            .teardown(id.clone(), Some(s.isolation), pod_netns_of(s), false)
+            .await
+        {
+            tracing::error!(%id, "rollback of a failed create: {undo}");
+            return Err(undo);
+        }
+        self.inner.db.delete_sandbox(&id)
     }
 
     /// How the VM of a new sandbox `s` starts: a fork's child restores its source; a plain
@@ -312,7 +324,7 @@ impl Manager {
     ) -> vm::Boot {
         match (origin, userland) {
             (Origin::Fork(saved), _) => vm::Boot::Restore(saved.clone()),
-            (Origin::Request, Userland::Template(t))
+            (Origin::Request | Origin::Pooled, Userland::Template(t))
                 if s.isolation == Isolation::Vm && container_slots == 0 =>
             {
                 snapshot::find(&self.inner.cfg, t)
@@ -357,7 +369,6 @@ impl Manager {
         // Step 2: the network namespace, which is all the jail needs to start (a pod's
         // namespace is joined whole); its connection to the host is made meanwhile.
         let started = Instant::now();
-        let netns = cfg.netns(&s.id);
         let (network, uplink) = {
             let (cfg, s, spec, ports) = (cfg.clone(), s.clone(), spec.clone(), ports.clone());
             let (pod_netns, secrets) = (pod_netns.clone(), secrets.clone());
@@ -377,32 +388,20 @@ impl Manager {
             .await?
         };
         let namespace = started.elapsed();
-        let connecting = {
-            let (cfg, id, isolation) = (cfg.clone(), s.id.clone(), s.isolation);
-            let ca_key = ca.as_ref().map(|ca| ca.key_pem.clone());
-            let joined_pod = pod_netns.is_some();
-            blocking(move || {
-                if joined_pod {
-                    return Ok(Duration::ZERO);
-                }
-                let upstream = match spec.egress {
-                    Egress::Allow => net::DnsUpstream::resolve(cfg.dns_upstream.as_deref())?,
-                    _ => net::DnsUpstream(Vec::new()),
-                };
-                let audit = cfg.state_dir.join(net::secrets::AUDIT_LOG);
-                let dns = net::DnsSetup {
-                    bin_dir: &cfg.bin_dir,
-                    upstream: &upstream,
-                    proxy: ca_key.as_deref().map(|ca_key_pem| net::ProxySetup {
-                        secrets: &secrets,
-                        ca_key_pem,
-                        audit: &audit,
-                        extra_ca: cfg.egress_ca.as_deref(),
-                    }),
-                };
-                net::connect(&netns, &id, &spec, &ports, isolation, addrs, &dns)?;
-                Ok(started.elapsed())
-            })
+        let joined_pod = pod_netns.is_some();
+        let connecting = async {
+            match joined_pod {
+                true => Ok(Duration::ZERO),
+                false => connect_namespace(
+                    cfg.clone(),
+                    &s,
+                    addrs,
+                    secrets,
+                    ca.as_ref().map(|ca| ca.key_pem.clone()),
+                )
+                .await
+                .map(|()| started.elapsed()),
+            }
         };
         let guest_net = match uplink {
             Some(uplink) => Some(vm::GuestNet {
@@ -411,19 +410,12 @@ impl Manager {
             }),
             // A snapshot's VM has a NIC whatever the network: warmed with one, it is
             // restored with one, left down and without an address when there is none.
-            None if network.address.is_some() || needs_nic => Some(vm::GuestNet {
-                ip: agent::IpConfig {
-                    address: addrs.guest,
-                    prefix_len: 30,
-                    gateway: Some(addrs.tap),
-                },
-                mac: None,
-            }),
+            None if network.address.is_some() || needs_nic => Some(guest_nic(addrs)),
             None => None,
         };
         row.sandbox.network = network;
-        // Steps 3-5 while the namespace is connected; both finish before the sandbox counts
-        // as made (a failure of either rolls back both).
+        // Steps 3-5 while the namespace is connected (on a host with more than one CPU);
+        // both finish before the sandbox counts as made (a failure of either rolls back both).
         let starting = self.start_sandbox(
             row,
             userland,
@@ -434,7 +426,18 @@ impl Manager {
             ca_cert,
             started,
         );
-        let (networked, spawned) = tokio::join!(connecting, starting);
+        let (networked, spawned) = match host::parallel() {
+            true => tokio::join!(connecting, starting),
+            // One CPU: the network's processes and the start would only take turns (and a
+            // TCG-emulated CPU pays dearly for each switch), so the network comes first.
+            false => match connecting.await {
+                Ok(networked) => (Ok(networked), starting.await),
+                Err(e) => {
+                    drop(starting);
+                    (Err(e), Ok(Duration::ZERO))
+                }
+            },
+        };
         let (networked, spawned) = (networked?, spawned?);
         tracing::debug!(id = %row.sandbox.id, ?namespace, ?networked, ?spawned, ready = ?started.elapsed(), "sandbox built");
         row.sandbox.state = SandboxState::Running;
@@ -524,12 +527,63 @@ impl Manager {
 /// Where a new sandbox comes from besides its request.
 #[derive(Debug, Clone)]
 pub(super) enum Origin {
-    /// A create (a vm-tier one of a warm template's size restores its snapshot).
+    /// A create (a vm-tier one of a warm template's size restores its snapshot, or takes a
+    /// sandbox of its warm pool).
     Request,
+    /// A warm pool's sandbox: restores its template's snapshot.
+    Pooled,
     /// The sandbox that warms its template: booted cold, with a NIC.
     Warming,
     /// A fork's child: restores its source's saved VM.
     Fork(SavedVm),
+}
+
+/// The guest's NIC of a sandbox with addresses `addrs` (the tap is its gateway).
+pub(super) fn guest_nic(addrs: net::Addresses) -> vm::GuestNet {
+    vm::GuestNet {
+        ip: agent::IpConfig {
+            address: addrs.guest,
+            prefix_len: 30,
+            gateway: Some(addrs.tap),
+        },
+        mac: None,
+    }
+}
+
+/// Connects the network namespace of sandbox `s` (made already, at `addrs`) as its network
+/// asks ([`net::connect`], on a blocking thread): with egress `allow` its resolver asks the
+/// configured upstream, and with `secrets` their proxy holds the sandbox CA's `ca_key` (PEM).
+pub(super) async fn connect_namespace(
+    cfg: ManagerConfig,
+    s: &Sandbox,
+    addrs: net::Addresses,
+    secrets: Vec<net::Secret>,
+    ca_key: Option<String>,
+) -> Result<()> {
+    let spec = NetworkSpec {
+        egress: s.network.egress,
+        allow: s.network.allow.clone(),
+    };
+    let (id, ports, isolation) = (s.id.clone(), s.network.ports.clone(), s.isolation);
+    blocking(move || {
+        let upstream = match spec.egress {
+            Egress::Allow => net::DnsUpstream::resolve(cfg.dns_upstream.as_deref())?,
+            _ => net::DnsUpstream(Vec::new()),
+        };
+        let audit = cfg.state_dir.join(net::secrets::AUDIT_LOG);
+        let dns = net::DnsSetup {
+            bin_dir: &cfg.bin_dir,
+            upstream: &upstream,
+            proxy: ca_key.as_deref().map(|ca_key_pem| net::ProxySetup {
+                secrets: &secrets,
+                ca_key_pem,
+                audit: &audit,
+                extra_ca: cfg.egress_ca.as_deref(),
+            }),
+        };
+        net::connect(&cfg.netns(&id), &id, &spec, &ports, isolation, addrs, &dns)
+    })
+    .await
 }
 
 /// Steps 3-4 of a create: the sandbox's directory, its tier's jail, and the jailer process,

@@ -130,6 +130,12 @@ fn loopback_up() -> std::io::Result<()> {
     interface_up("lo", None)
 }
 
+/// Whether this host runs two threads at once (more than one CPU for this process): only
+/// then do independent steps of a create gain by running side by side.
+pub fn parallel() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+}
+
 /// Gives interface `name` of the calling thread's network namespace the IPv4 `address`
 /// (with its prefix length; the kernel adds the prefix's route) and brings it up, by ioctls
 /// (no `ip` process on a create's path).

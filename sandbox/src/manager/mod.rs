@@ -29,6 +29,7 @@ mod lock;
 pub mod net;
 mod network;
 mod pod;
+mod pool;
 mod port_proxy;
 pub use port_proxy::ProxiedStream;
 mod reconcile;
@@ -41,6 +42,7 @@ mod tier;
 pub use fork::MAX_FORK_CHILDREN;
 pub use host::{jailer_pids, vm_tier_unavailable};
 pub use limits::LimitsUpdate;
+pub use pool::POOL_TENANT;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -116,6 +118,10 @@ pub struct ManagerConfig {
     /// How much of a sandbox's or a client's data is held at once (exec output, bodies;
     /// `MVM_EXEC_OUTPUT_LIMIT`, ... see [`Bounds::from_env`]).
     pub bounds: Bounds,
+    /// Sandboxes kept restored from each warm template's snapshot for creates to take
+    /// (`mvmd --warm-pool`, `MVM_WARM_POOL`, default 0; kept only where the API is served:
+    /// [`Manager::start_pools`]).
+    pub warm_pool: u32,
 }
 
 impl ManagerConfig {
@@ -165,6 +171,7 @@ impl ManagerConfig {
                 .ok()
                 .filter(|v| !v.trim().is_empty()),
             egress_ca: var("MVM_EGRESS_CA"),
+            warm_pool: warm_pool_from_env(),
         }
     }
 
@@ -261,6 +268,20 @@ fn allowed_isolation_from_env() -> AllowedIsolation {
     }
 }
 
+/// The pool size `MVM_WARM_POOL` asks for: none when unset; an invalid value keeps none, with
+/// a warning.
+fn warm_pool_from_env() -> u32 {
+    match std::env::var("MVM_WARM_POOL") {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().unwrap_or_else(|e| {
+            tracing::warn!(
+                "MVM_WARM_POOL={v:?} is not a number of sandboxes ({e}); keeping no warm pool"
+            );
+            0
+        }),
+        _ => 0,
+    }
+}
+
 /// Longest path a unix socket may have (`sun_path` holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -324,6 +345,7 @@ struct Inner {
     live: Mutex<HashMap<String, Arc<Live>>>,
     metrics: Metrics,
     proxied: port_proxy::ProxiedShares,
+    pools: pool::Pools,
 }
 
 /// The sandbox manager. Cheap to clone.
@@ -401,6 +423,7 @@ impl Manager {
                 live: Mutex::new(HashMap::new()),
                 metrics: Metrics::default(),
                 proxied: Default::default(),
+                pools: Default::default(),
             }),
         };
         let reconciled = manager.reconcile().await?;
@@ -478,15 +501,22 @@ impl Manager {
         Ok(self.row(tenant, id)?.sandbox)
     }
 
-    /// The sandboxes of `tenant` (all tenants with `None`).
+    /// The sandboxes of `tenant` (all tenants with `None`; the warm pool's entries are
+    /// nobody's yet).
     pub fn list(&self, tenant: Option<&str>) -> Result<Vec<Sandbox>> {
         Ok(self
-            .inner
-            .db
-            .sandboxes(tenant)?
+            .tenants_rows(tenant)?
             .into_iter()
             .map(|r| r.sandbox)
             .collect())
+    }
+
+    /// The rows of `tenant`'s sandboxes, or of every tenant's with `None` (not the warm
+    /// pool's entries).
+    fn tenants_rows(&self, tenant: Option<&str>) -> Result<Vec<SandboxRow>> {
+        let mut rows = self.inner.db.sandboxes(tenant)?;
+        rows.retain(|r| r.sandbox.tenant != pool::POOL_TENANT);
+        Ok(rows)
     }
 
     /// The sandbox's console: the agent's log (and in the vm tier the guest kernel's), plus
@@ -511,7 +541,7 @@ impl Manager {
     /// The Prometheus exposition of the manager: of tenant `scope`'s sandboxes only, or of
     /// every sandbox plus the daemon-wide counters with `None`.
     pub fn render_metrics(&self, scope: Option<&str>) -> Result<String> {
-        let rows = self.inner.db.sandboxes(scope)?;
+        let rows = self.tenants_rows(scope)?;
         let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
         for st in [
             SandboxState::Creating,

@@ -213,6 +213,7 @@ impl Meta {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             created_at: self.created_at,
+            pooled: 0,
         }
     }
 }

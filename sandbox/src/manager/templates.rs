@@ -9,7 +9,7 @@ use super::tier::vm;
 use super::{blocking, Manager, DEFAULT_TEMPLATE};
 use crate::db::{self, Tenant};
 use crate::error::{Error, Result};
-use crate::model::{CreateSandbox, Isolation, Sandbox, Template};
+use crate::model::{CreateSandbox, Isolation, Sandbox, Template, TemplateSnapshot};
 
 impl Manager {
     fn template(&self, name: &str) -> Result<Template> {
@@ -41,7 +41,10 @@ impl Manager {
             .templates()?
             .into_iter()
             .map(|t| Template {
-                snapshot: snapshot::find(cfg, &t).map(|warm| warm.describe()),
+                snapshot: snapshot::find(cfg, &t).map(|warm| TemplateSnapshot {
+                    pooled: self.inner.pools.ready(&t.name),
+                    ..warm.describe()
+                }),
                 ..t
             })
             .collect())
@@ -93,6 +96,8 @@ impl Manager {
         let name = template.name.clone();
         let snapshot = blocking(move || staging.commit(&cfg, &name)).await?;
         tracing::info!(template = %template.name, "template warmed");
+        // The pool's entries of an earlier snapshot are replaced.
+        self.refill(&template.name);
         Ok(Template {
             snapshot: Some(snapshot),
             ..template

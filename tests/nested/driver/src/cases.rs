@@ -141,6 +141,10 @@ pub const CASES: &[Case] = &[
         run: snapshots::warm_template_restore,
     },
     Case {
+        name: "snapshot-warm-pool",
+        run: snapshots::warm_pool_take,
+    },
+    Case {
         name: "snapshot-fork-live-3-children",
         run: snapshots::fork_live_sandbox,
     },

@@ -268,31 +268,39 @@ fn mean_pss(ids: &[String]) -> Result<f64, String> {
     Ok(pss.iter().sum::<u64>() as f64 / pss.len() as f64)
 }
 
-/// The checks; returns what they measured.
-fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
-    let run = |extra: &[&str], script: &str| -> Result<(serde_json::Value, Duration), String> {
-        let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["--", "sh", "-c", script]);
-        let started = Instant::now();
-        let out = session.mvm(ctx, &args, None)?;
-        let took = started.elapsed();
-        let answer: serde_json::Value = serde_json::from_str(&out)
-            .map_err(|e| format!("mvm {} printed no JSON ({e}): {out:?}", args.join(" ")))?;
-        Ok((answer, took))
-    };
-    let mut cold = Vec::new();
-    let mut cold_ids = Vec::new();
-    for _ in 0..COLD {
-        let (answer, took) = run(&NET, FIRST_OUTPUT)?;
-        cold.push(took);
-        cold_ids.push(sandbox_id(&answer["sandbox"]));
-    }
-    let cold_pss = mean_pss(&cold_ids)?;
-    for id in &cold_ids {
-        session.mvm(ctx, &["rm", id], None)?;
-    }
+/// `mvm -o json run --isolation vm EXTRA -- sh -c SCRIPT`: its answer and how long it took.
+fn run_timed(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    extra: &[&str],
+    script: &str,
+) -> Result<(serde_json::Value, Duration), String> {
+    let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    let started = Instant::now();
+    let out = session.mvm(ctx, &args, None)?;
+    let took = started.elapsed();
+    let answer: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| format!("mvm {} printed no JSON ({e}): {out:?}", args.join(" ")))?;
+    Ok((answer, took))
+}
 
+/// Times `COLD` cold creates with a network to their first output; returns the times and
+/// the sandboxes' ids (left running).
+fn cold_creates(ctx: &Ctx, session: &MvmdSession) -> Result<(Vec<Duration>, Vec<String>), String> {
+    let mut cold = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..COLD {
+        let (answer, took) = run_timed(ctx, session, &NET, FIRST_OUTPUT)?;
+        cold.push(took);
+        ids.push(sandbox_id(&answer["sandbox"]));
+    }
+    Ok((cold, ids))
+}
+
+/// `mvm templates warm default`, checked; returns how long it took.
+fn warm_default(ctx: &Ctx, session: &MvmdSession) -> Result<Duration, String> {
     let started = Instant::now();
     let warmed: serde_json::Value = serde_json::from_str(&session.mvm(
         ctx,
@@ -306,6 +314,93 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
             "mvm templates warm default answered {warmed}, no snapshot"
         ));
     }
+    Ok(warming)
+}
+
+/// The self-report of the restored sandbox mvmd answered `answer` about (with egress `allow`),
+/// checked: its host name is its id, eth0 has the address mvmd gave it, its clock is within
+/// 1 s of L1's, its resolv.conf names the sandbox's resolver, and its console has no kernel
+/// boot. Returns the sandbox's id and the report.
+fn checked_report(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    answer: &serde_json::Value,
+) -> Result<(String, Report), String> {
+    let id = sandbox_id(&answer["sandbox"]);
+    let before = unix_now();
+    let stdout = session.mvm(ctx, &["exec", &id, "--", "sh", "-c", SELF_REPORT], None)?;
+    let after = unix_now();
+    let report = Report {
+        lines: stdout.lines().map(str::to_string).collect(),
+    };
+    if report.field(0) != id {
+        return Err(format!(
+            "sandbox {id}: hostname {:?}; it said {stdout:?}",
+            report.field(0)
+        ));
+    }
+    let address = answer["sandbox"]["network"]["address"]
+        .as_str()
+        .unwrap_or_default();
+    if report.field(2) != address {
+        return Err(format!(
+            "sandbox {id}: eth0 has {:?}, mvmd gave it {address:?}; it said {stdout:?}",
+            report.field(2)
+        ));
+    }
+    let clock: u64 = report.field(6).parse().unwrap_or(0);
+    if clock + 1 < before || clock > after + 1 {
+        return Err(format!(
+            "sandbox {id}: wall clock {clock}, L1's {before}..{after}; it said {stdout:?}"
+        ));
+    }
+    // The snapshot was taken without egress `allow`: the restore must name the resolver.
+    let resolver = "nameserver 169.254.53.53";
+    if report.field(7) != resolver {
+        return Err(format!(
+            "sandbox {id} (egress allow): its resolv.conf names {:?}, not only {resolver:?}; \
+             it said {stdout:?}",
+            report.field(7)
+        ));
+    }
+    let logs = session.mvm(ctx, &["logs", &id], None)?;
+    if logs.contains("Linux version") {
+        return Err(format!(
+            "sandbox {id} booted a kernel instead of restoring the snapshot: {}",
+            logs.lines().take(3).collect::<Vec<_>>().join(" / ")
+        ));
+    }
+    Ok((id, report))
+}
+
+/// Checks that `reports` (of `n` sandboxes restored from one snapshot) each have their own
+/// MAC, kernel UUID, /dev/urandom bytes and machine id.
+fn all_unique(reports: &[Report], n: usize) -> Result<(), String> {
+    for (field, what) in [
+        (1, "MAC"),
+        (3, "kernel UUID"),
+        (4, "/dev/urandom bytes"),
+        (5, "machine id"),
+    ] {
+        let distinct: HashSet<&str> = reports.iter().map(|r| r.field(field)).collect();
+        if distinct.len() != n || distinct.contains("") {
+            let all: Vec<&str> = reports.iter().map(|r| r.field(field)).collect();
+            return Err(format!(
+                "{n} restored sandboxes do not each have their own {what}: {all:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The checks; returns what they measured.
+fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
+    let (mut cold, cold_ids) = cold_creates(ctx, session)?;
+    let cold_pss = mean_pss(&cold_ids)?;
+    for id in &cold_ids {
+        session.mvm(ctx, &["rm", id], None)?;
+    }
+    let warming = warm_default(ctx, session)?;
     let listed = session.mvm(ctx, &["-o", "json", "templates"], None)?;
     if !listed.contains("\"snapshot\"") {
         return Err(format!(
@@ -317,72 +412,18 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
     let mut warm_ids = Vec::new();
     let mut reports = Vec::new();
     for _ in 0..RESTORED {
-        let (answer, took) = run(&NET, FIRST_OUTPUT)?;
+        let (answer, took) = run_timed(ctx, session, &NET, FIRST_OUTPUT)?;
         warm.push(took);
-        let id = sandbox_id(&answer["sandbox"]);
-        let before = unix_now();
-        let stdout = session.mvm(ctx, &["exec", &id, "--", "sh", "-c", SELF_REPORT], None)?;
-        let after = unix_now();
-        let report = Report {
-            lines: stdout.lines().map(str::to_string).collect(),
-        };
-        warm_ids.push(id.clone());
-        if report.field(0) != id {
-            return Err(format!(
-                "sandbox {id}: hostname {:?}; it said {stdout:?}",
-                report.field(0)
-            ));
-        }
-        let address = answer["sandbox"]["network"]["address"]
-            .as_str()
-            .unwrap_or_default();
-        if report.field(2) != address {
-            return Err(format!(
-                "sandbox {id}: eth0 has {:?}, mvmd gave it {address:?}; it said {stdout:?}",
-                report.field(2)
-            ));
-        }
-        let clock: u64 = report.field(6).parse().unwrap_or(0);
-        if clock + 1 < before || clock > after + 1 {
-            return Err(format!(
-                "sandbox {id}: wall clock {clock}, L1's {before}..{after}; it said {stdout:?}"
-            ));
-        }
-        // The snapshot was taken without egress `allow`: the restore must name the resolver.
-        let resolver = "nameserver 169.254.53.53";
-        if report.field(7) != resolver {
-            return Err(format!(
-                "sandbox {id} (egress allow): its resolv.conf names {:?}, not only {resolver:?}; \
-                 it said {stdout:?}",
-                report.field(7)
-            ));
-        }
-        let logs = session.mvm(ctx, &["logs", &id], None)?;
-        if logs.contains("Linux version") {
-            return Err(format!(
-                "sandbox {id} booted a kernel instead of restoring the snapshot: {}",
-                logs.lines().take(3).collect::<Vec<_>>().join(" / ")
-            ));
-        }
+        let (id, report) = checked_report(ctx, session, &answer)?;
+        warm_ids.push(id);
         reports.push(report);
     }
-    for (field, what) in [
-        (1, "MAC"),
-        (3, "kernel UUID"),
-        (4, "/dev/urandom bytes"),
-        (5, "machine id"),
-    ] {
-        let distinct: HashSet<&str> = reports.iter().map(|r| r.field(field)).collect();
-        if distinct.len() != RESTORED || distinct.contains("") {
-            let all: Vec<&str> = reports.iter().map(|r| r.field(field)).collect();
-            return Err(format!(
-                "{RESTORED} restored sandboxes do not each have their own {what}: {all:?}"
-            ));
-        }
-    }
+    all_unique(&reports, RESTORED)?;
 
     let warm_pss = mean_pss(&warm_ids)?;
-    let (offline, _) = run(
+    let (offline, _) = run_timed(
+        ctx,
+        session,
         &[],
         "cat /sys/class/net/eth0/operstate; ip -4 -o addr show dev eth0 | wc -l",
     )?;
@@ -593,4 +634,124 @@ fn check_fork(
         .map(|id| Steps::of(&log, id))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((cold, forked, saved, Steps::median(&children)))
+}
+
+/// Sandboxes of the warm pool in the pool case.
+const POOL: u32 = 2;
+/// Creates timed from the warm pool.
+const TAKEN: usize = 3;
+
+/// mvmd with a warm pool (`MVM_WARM_POOL=2`): after `mvm templates warm default` it keeps two
+/// sandboxes restored from the snapshot (`mvm templates` shows them as `pooled`), which
+/// nobody's listing shows; each of 3 creates with a network takes one (mvmd logs "warm pool
+/// entry taken" for it) and is its own machine as a restored one is (host name, address,
+/// clock, resolver, MAC, kernel UUID, /dev/urandom bytes, machine id; no kernel boot), and the
+/// pool fills again. mvmd's stop destroys the pool (nothing is left). Records create → first
+/// output from the pool against a cold create.
+pub fn warm_pool_take(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let mut dirs = ManagerDirs::new(ctx, "pool")?;
+    dirs.env.push(("MVM_WARM_POOL".into(), POOL.to_string()));
+    dirs.env
+        .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
+    let session = MvmdSession::start_in(ctx, dirs)?;
+    let checked = check_pool(ctx, &session);
+    let figures = checked.as_ref().ok().cloned();
+    let outcome = session.finish(ctx, checked.map(drop));
+    if let (Ok(Verdict::Pass), Some((cold, pooled, taking))) = (&outcome, figures) {
+        ctx.record(
+            "vm tier via mvmd: create from the warm pool -> first exec output, p50 of 3",
+            ms(pooled),
+        );
+        ctx.record(
+            "vm tier via mvmd: a warm pool entry taken (network, identity) in mvmd, p50 of 3",
+            ms(taking),
+        );
+        ctx.record(
+            "vm tier via mvmd: create from the warm pool / cold create (goal <= 0.15)",
+            format!("{:.3}", pooled.as_secs_f64() / cold.as_secs_f64()),
+        );
+    }
+    outcome
+}
+
+/// Waits until `mvm templates` shows the default template's snapshot with `POOL` sandboxes
+/// pooled.
+fn await_pool_full(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let listed = session.mvm(ctx, &["-o", "json", "templates"], None)?;
+        let templates: serde_json::Value = serde_json::from_str(&listed)
+            .map_err(|e| format!("mvm templates printed no JSON ({e}): {listed}"))?;
+        let pooled = templates
+            .as_array()
+            .and_then(|all| all.iter().find(|t| t["name"] == "default"))
+            .map(|t| t["snapshot"]["pooled"].clone());
+        if pooled == Some(serde_json::json!(POOL)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the warm pool of template default did not fill to {POOL} within 180 s: {listed}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pool case's checks; returns a cold create, a create from the pool (p50s) and the take
+/// in mvmd (p50).
+fn check_pool(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration, Duration), String> {
+    let (mut cold, cold_ids) = cold_creates(ctx, session)?;
+    for id in &cold_ids {
+        session.mvm(ctx, &["rm", id], None)?;
+    }
+    warm_default(ctx, session)?;
+    let mut pooled = Vec::new();
+    let mut ids = Vec::new();
+    let mut reports = Vec::new();
+    for _ in 0..TAKEN {
+        await_pool_full(ctx, session)?;
+        let (answer, took) = run_timed(ctx, session, &NET, FIRST_OUTPUT)?;
+        pooled.push(took);
+        let (id, report) = checked_report(ctx, session, &answer)?;
+        ids.push(id);
+        reports.push(report);
+    }
+    all_unique(&reports, TAKEN)?;
+    let mut listed: Vec<String> = session.list(ctx)?.iter().map(sandbox_id).collect();
+    listed.sort();
+    let mut mine = ids.clone();
+    mine.sort();
+    if listed != mine {
+        return Err(format!(
+            "mvm ps should list the 3 sandboxes taken from the pool (a pool's own are nobody's), \
+             not the pool's own: {listed:?}"
+        ));
+    }
+    let log = session.log();
+    let mut taking = Vec::new();
+    for id in &ids {
+        let taken = logged_durations(&log, "warm pool entry taken", id);
+        match taken.get("ready") {
+            Some(d) => taking.push(*d),
+            None => {
+                return Err(format!(
+                    "sandbox {id} did not come from the warm pool (no \"warm pool entry \
+                     taken\" line for it in mvmd's log)"
+                ))
+            }
+        }
+    }
+    for id in &ids {
+        session.mvm(ctx, &["rm", id], None)?;
+    }
+    // No fill runs while mvmd stops (its stop destroys the pool).
+    await_pool_full(ctx, session)?;
+    cold.sort();
+    pooled.sort();
+    taking.sort();
+    Ok((cold[COLD / 2], pooled[TAKEN / 2], taking[TAKEN / 2]))
 }

@@ -1,0 +1,317 @@
+//! The warm pool: vm-tier sandboxes restored from a template's snapshot ahead of any request,
+//! owned by no tenant, so that a create of the snapshot's size takes one instead of
+//! restoring (`mvmd --warm-pool N`, `MVM_WARM_POOL`: N per warm template; kept by mvmd and
+//! `mvm serve` only, never by daemonless `mvm` or the shim).
+//!
+//! An entry is made like any sandbox (a restore, with its own identity) but without a
+//! network, by the internal tenant [`POOL_TENANT`], which no request can name or see. A create
+//! that fits (a template's snapshot size, no image, no secrets) takes one: in one transaction
+//! the tenant's quota and ports are checked and the row becomes the tenant's, then the
+//! sandbox's network is connected ([`net::connect`], the same as a create's) and its agent
+//! gives the guest its address, fresh entropy and the clock; the pool is then filled again in
+//! the background. An entry is used once: nothing a tenant ran ever returns to the pool. A
+//! new snapshot of the template replaces its entries; mvmd's stop destroys them, and a start
+//! destroys any an earlier mvmd left.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::create::{connect_namespace, guest_nic, Origin};
+use super::lock::BusyLock;
+use super::tier::{vm, Userland};
+use super::{lock, net, snapshot, Manager};
+use crate::db::{Quota, SandboxRow, Tenant};
+use crate::error::Result;
+use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState};
+
+/// The tenant that owns the pool's entries: not a valid tenant name (see `db::validate_name`),
+/// so no token, request or listing reaches them.
+pub const POOL_TENANT: &str = "@pool";
+
+/// The pools of a manager.
+#[derive(Default)]
+pub(super) struct Pools {
+    /// Whether this manager keeps pools (mvmd with a pool size, between its start and stop).
+    enabled: AtomicBool,
+    /// Per template.
+    templates: Mutex<HashMap<String, Pool>>,
+    /// The fills started (a stop waits for them).
+    fills: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// One template's pool.
+#[derive(Default)]
+struct Pool {
+    /// Entries ready to be taken, oldest first.
+    ready: Vec<String>,
+    /// The snapshot they were restored from (its `created_at`).
+    snapshot: i64,
+    /// Whether a fill is running.
+    filling: bool,
+}
+
+impl Pools {
+    /// How many entries of `template` are ready.
+    pub(super) fn ready(&self, template: &str) -> u32 {
+        lock(&self.templates)
+            .get(template)
+            .map_or(0, |p| p.ready.len() as u32)
+    }
+}
+
+/// The tenant the entries are made for: quota enough for the pool of every template.
+fn pool_tenant() -> Tenant {
+    Tenant {
+        name: POOL_TENANT.into(),
+        quota: Quota {
+            max_sandboxes: super::MAX_SLOTS,
+            max_vcpus: u32::MAX,
+            max_memory_mib: u64::MAX,
+        },
+        admin: false,
+        allowed_isolation: None,
+    }
+}
+
+impl Manager {
+    /// Starts keeping `warm_pool` entries of every warm template (mvmd calls it once it
+    /// serves): entries an earlier mvmd left are destroyed first.
+    pub async fn start_pools(&self) -> Result<()> {
+        if self.inner.cfg.warm_pool == 0 {
+            return Ok(());
+        }
+        for row in self.inner.db.sandboxes(Some(POOL_TENANT))? {
+            self.destroy_entry(&row.sandbox.id).await;
+        }
+        self.inner.pools.enabled.store(true, Ordering::SeqCst);
+        for t in self.inner.db.templates()? {
+            self.refill(&t.name);
+        }
+        Ok(())
+    }
+
+    /// Stops the pools and destroys their entries once the fills running have stopped
+    /// (mvmd's stop).
+    pub async fn drain_pools(&self) {
+        self.inner.pools.enabled.store(false, Ordering::SeqCst);
+        let fills = std::mem::take(&mut *lock(&self.inner.pools.fills));
+        for fill in fills {
+            let _ = fill.await;
+        }
+        let ready: Vec<String> = lock(&self.inner.pools.templates)
+            .values_mut()
+            .flat_map(|p| std::mem::take(&mut p.ready))
+            .collect();
+        for id in ready {
+            self.destroy_entry(&id).await;
+        }
+    }
+
+    /// Fills template `name`'s pool in the background, unless a fill runs or the pools are
+    /// off; entries of an older snapshot are replaced.
+    pub(super) fn refill(&self, name: &str) {
+        let pools = &self.inner.pools;
+        if !pools.enabled.load(Ordering::SeqCst) {
+            return;
+        }
+        {
+            let mut templates = lock(&pools.templates);
+            let pool = templates.entry(name.to_owned()).or_default();
+            if pool.filling {
+                return;
+            }
+            pool.filling = true;
+        }
+        let (manager, name) = (self.clone(), name.to_owned());
+        let fill = tokio::spawn(async move {
+            let filled = manager.fill(&name).await;
+            if let Some(pool) = lock(&manager.inner.pools.templates).get_mut(&name) {
+                pool.filling = false;
+            }
+            if let Err(e) = filled {
+                tracing::warn!(template = %name, "filling the warm pool: {e}");
+            }
+        });
+        let mut fills = lock(&pools.fills);
+        fills.retain(|f| !f.is_finished());
+        fills.push(fill);
+    }
+
+    /// Makes entries of template `name` until its pool is full (or the pools stop).
+    async fn fill(&self, name: &str) -> Result<()> {
+        let pools = &self.inner.pools;
+        loop {
+            let template = self.requested_template(Some(name.to_owned()))?;
+            let Some(warm) = snapshot::find(&self.inner.cfg, &template) else {
+                return Ok(());
+            };
+            let current = warm.describe();
+            let stale = {
+                let mut templates = lock(&pools.templates);
+                let pool = templates.entry(name.to_owned()).or_default();
+                let stale = match pool.snapshot == current.created_at {
+                    true => Vec::new(),
+                    false => std::mem::take(&mut pool.ready),
+                };
+                pool.snapshot = current.created_at;
+                if stale.is_empty() && pool.ready.len() as u32 >= self.inner.cfg.warm_pool {
+                    return Ok(());
+                }
+                stale
+            };
+            for id in stale {
+                self.destroy_entry(&id).await;
+            }
+            if !pools.enabled.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let req = CreateSandbox {
+                template: Some(name.to_owned()),
+                isolation: Some(Isolation::Vm),
+                vcpus: Some(current.vcpus),
+                memory_mib: Some(current.memory_mib),
+                // An entry lives until it is taken; the taker's timeout starts then.
+                timeout_s: Some(0),
+                ..CreateSandbox::default()
+            };
+            let entry = self
+                .create_from(&pool_tenant(), req, Origin::Pooled)
+                .await?;
+            let kept = pools.enabled.load(Ordering::SeqCst) && {
+                let mut templates = lock(&pools.templates);
+                let pool = templates.entry(name.to_owned()).or_default();
+                let kept = pool.snapshot == current.created_at;
+                if kept {
+                    pool.ready.push(entry.id.clone());
+                }
+                kept
+            };
+            if !kept {
+                self.destroy_entry(&entry.id).await;
+            } else {
+                tracing::debug!(template = %name, id = %entry.id, "warm pool entry ready");
+            }
+        }
+    }
+
+    /// Destroys entry `id` (logged, not returned: nobody waits for it).
+    async fn destroy_entry(&self, id: &str) {
+        if let Err(e) = self.destroy(POOL_TENANT, id).await {
+            tracing::warn!(%id, "destroying a warm pool entry: {e}");
+        }
+    }
+
+    /// Gives `planned` (a checked create of `tenant` from `userland`) an entry of the warm
+    /// pool when it fits one: the entry becomes the tenant's sandbox with the request's
+    /// environment, metadata, timeout and network. `None` when no entry fits or is ready (or
+    /// one failed to connect: it is destroyed), and the create goes on as usual.
+    pub(super) async fn take_pooled(
+        &self,
+        tenant: &Tenant,
+        planned: &Sandbox,
+        userland: &Userland,
+        has_secrets: bool,
+    ) -> Result<Option<Sandbox>> {
+        let pools = &self.inner.pools;
+        let Userland::Template(template) = userland else {
+            return Ok(None);
+        };
+        if !pools.enabled.load(Ordering::SeqCst)
+            || planned.isolation != Isolation::Vm
+            || planned.image.is_some()
+            || has_secrets
+        {
+            return Ok(None);
+        }
+        let Some(warm) = snapshot::find(&self.inner.cfg, template) else {
+            return Ok(None);
+        };
+        let current = warm.describe();
+        if (current.vcpus, current.memory_mib) != (planned.vcpus, planned.memory_mib) {
+            return Ok(None);
+        }
+        let taken = {
+            let mut templates = lock(&pools.templates);
+            templates
+                .get_mut(&template.name)
+                .filter(|p| p.snapshot == current.created_at && !p.ready.is_empty())
+                .map(|p| p.ready.remove(0))
+        };
+        let Some(id) = taken else {
+            self.refill(&template.name);
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&id))?;
+        let mut row = match self
+            .inner
+            .db
+            .adopt_pooled(&id, POOL_TENANT, planned, &tenant.quota)
+        {
+            Ok(row) => row,
+            Err(e) => {
+                // The entry is as it was: back to the pool (a quota or port refusal is the
+                // create's answer).
+                if let Some(pool) = lock(&pools.templates).get_mut(&template.name) {
+                    pool.ready.insert(0, id);
+                }
+                return Err(e);
+            }
+        };
+        let connected = self.connect_taken(&mut row).await;
+        // The pool fills again once the entry is connected: the fill does not slow the take.
+        self.refill(&template.name);
+        match connected {
+            Ok(()) => {
+                tracing::debug!(%id, tenant = %tenant.name, ready = ?started.elapsed(), "warm pool entry taken");
+                Ok(Some(row.sandbox))
+            }
+            Err(e) => {
+                tracing::warn!(%id, "a warm pool entry failed to connect, creating anew: {e}");
+                self.roll_back(&row.sandbox).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Connects the taken entry `row` as its new owner asked: the network, then the guest's
+    /// address, resolver, entropy and clock through its agent.
+    async fn connect_taken(&self, row: &mut SandboxRow) -> Result<()> {
+        let addrs = net::Addresses::of(self.inner.cfg.subnet, row.slot);
+        let s = &row.sandbox;
+        connect_namespace(self.inner.cfg.clone(), s, addrs, Vec::new(), None).await?;
+        let spec = NetworkSpec {
+            egress: s.network.egress,
+            allow: s.network.allow.clone(),
+        };
+        row.sandbox.network = net::info(&spec, &s.network.ports, &[], Isolation::Vm, addrs);
+        let guest_net = row
+            .sandbox
+            .network
+            .address
+            .is_some()
+            .then(|| guest_nic(addrs));
+        let live = self.live(&row.sandbox.id);
+        let connected = live.agent.lock().await.clone();
+        let agent = match connected {
+            Some(agent) => agent,
+            None => self.connect_agent(row).await?,
+        };
+        agent
+            .reidentify(vm::identity(
+                &row.sandbox.id,
+                guest_net.as_ref(),
+                vm::guest_resolver(row.sandbox.network.egress),
+            )?)
+            .await?;
+        row.sandbox.state = SandboxState::Running;
+        self.inner.db.update_sandbox(row)?;
+        self.inner
+            .metrics
+            .pool_taken
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
