@@ -866,15 +866,7 @@ mod tests {
             expires_at: None,
             created_at: now(),
             env: Default::default(),
-            network: NetworkInfo {
-                egress: crate::model::Egress::None,
-                allow: Vec::new(),
-                address: None,
-                gateway: None,
-                netns: None,
-                ports: Vec::new(),
-                secrets: Vec::new(),
-            },
+            network: Default::default(),
             metadata: Default::default(),
             image: None,
         };

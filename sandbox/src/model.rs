@@ -272,8 +272,8 @@ impl SandboxState {
     }
 }
 
-/// The network a sandbox got.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// The network a sandbox got (the default: none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NetworkInfo {
     /// Egress policy.
     pub egress: Egress,

@@ -11,8 +11,10 @@ use crate::{Error, Result};
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
+/// A tap (Ethernet frames), not a tun (IP packets).
+pub const IFF_TAP: libc::c_short = 0x0002;
+/// Frames without the tun driver's 4-byte packet information.
+pub const IFF_NO_PI: libc::c_short = 0x1000;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags member of the union.
 #[repr(C)]
@@ -66,9 +68,24 @@ fn attach(name: &str) -> Result<OwnedFd> {
     }
     // SAFETY: fd was just opened and is owned by nobody else.
     let tun = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_iff(&tun, name, IFF_TAP | IFF_NO_PI)
+        .map_err(|e| Error::new(format!("TUNSETIFF for tap {name}"), e))?;
+    Ok(tun)
+}
+
+/// Attaches the /dev/net/tun descriptor `tun` to interface `name` with `flags` (TUNSETIFF:
+/// a tap is made when missing and the caller may make one).
+pub fn set_iff(tun: &impl AsRawFd, name: &str, flags: libc::c_short) -> std::io::Result<()> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{name:?} is no interface name (1 to 15 bytes without NUL)"),
+        ));
+    }
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI,
+        flags,
         _pad: [0; 22],
     };
     for (dst, src) in req.name.iter_mut().zip(bytes) {
@@ -76,10 +93,10 @@ fn attach(name: &str) -> Result<OwnedFd> {
     }
     // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (40 bytes, C
     // layout); the name is NUL-terminated (checked shorter than IFNAMSIZ above).
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
-        return Err(Error::last_os_error(format!("TUNSETIFF for tap {name}")));
+    match unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } {
+        -1 => Err(std::io::Error::last_os_error()),
+        _ => Ok(()),
     }
-    Ok(tun)
 }
 
 /// The tun request `op` (named `what`) with the integer argument `value`.

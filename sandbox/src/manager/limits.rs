@@ -233,15 +233,7 @@ mod tests {
             expires_at: None,
             created_at: 0,
             env: BTreeMap::new(),
-            network: crate::model::NetworkInfo {
-                egress: crate::model::Egress::default(),
-                allow: Vec::new(),
-                address: None,
-                gateway: None,
-                netns: None,
-                ports: Vec::new(),
-                secrets: Vec::new(),
-            },
+            network: Default::default(),
             metadata: BTreeMap::new(),
         };
         assert_eq!(memory_change(&s, 100 << 20).unwrap(), Some(100 << 20));

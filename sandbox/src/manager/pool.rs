@@ -126,11 +126,8 @@ impl Manager {
         }
         let (manager, name) = (self.clone(), name.to_owned());
         let fill = tokio::spawn(async move {
-            let filled = manager.fill(&name).await;
-            if let Some(pool) = lock(&manager.inner.pools.templates).get_mut(&name) {
-                pool.filling = false;
-            }
-            if let Err(e) = filled {
+            if let Err(e) = manager.fill(&name).await {
+                manager.fill_stopped(&name);
                 tracing::warn!(template = %name, "filling the warm pool: {e}");
             }
         });
@@ -139,12 +136,15 @@ impl Manager {
         fills.push(fill);
     }
 
-    /// Makes entries of template `name` until its pool is full (or the pools stop).
+    /// Makes entries of template `name` until its pool is full (or the pools stop). Ends
+    /// the fill (the pool's `filling`) itself when it returns `Ok`: a full pool is found so
+    /// under the same lock as a take's, so no take falls between the check and the end.
     async fn fill(&self, name: &str) -> Result<()> {
         let pools = &self.inner.pools;
         loop {
             let template = self.requested_template(Some(name.to_owned()))?;
             let Some(warm) = snapshot::find(&self.inner.cfg, &template) else {
+                self.fill_stopped(name);
                 return Ok(());
             };
             let current = warm.describe();
@@ -157,6 +157,7 @@ impl Manager {
                 };
                 pool.snapshot = current.created_at;
                 if stale.is_empty() && pool.ready.len() as u32 >= self.inner.cfg.warm_pool {
+                    pool.filling = false;
                     return Ok(());
                 }
                 stale
@@ -165,6 +166,7 @@ impl Manager {
                 self.destroy_entry(&id).await;
             }
             if !pools.enabled.load(Ordering::SeqCst) {
+                self.fill_stopped(name);
                 return Ok(());
             }
             let req = CreateSandbox {
@@ -193,6 +195,13 @@ impl Manager {
             } else {
                 tracing::debug!(template = %name, id = %entry.id, "warm pool entry ready");
             }
+        }
+    }
+
+    /// Marks template `name`'s fill ended (the next take starts another).
+    fn fill_stopped(&self, name: &str) {
+        if let Some(pool) = lock(&self.inner.pools.templates).get_mut(name) {
+            pool.filling = false;
         }
     }
 

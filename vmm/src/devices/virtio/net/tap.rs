@@ -6,24 +6,15 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use mvm_sys::tap::{set_iff, IFF_NO_PI, IFF_TAP};
+
 /// Length of the virtio-net header on the tap and in the rings (virtio 1.x always has
 /// `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
-
-/// `struct ifreq` as TUNSETIFF reads it: the name and the flags (the union is 24 bytes).
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
 
 /// Errors opening a tap.
 #[derive(Debug, thiserror::Error)]
@@ -69,22 +60,13 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(TapError::OpenTun)?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
         let ioctl_err = |what, err| TapError::Ioctl {
             what,
             name: name.to_string(),
             err,
         };
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` is laid out as.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
-        if ret < 0 {
-            return Err(ioctl_err("TUNSETIFF", std::io::Error::last_os_error()));
-        }
+        set_iff(&file, name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            .map_err(|e| ioctl_err("TUNSETIFF", e))?;
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
         let ret = unsafe {
