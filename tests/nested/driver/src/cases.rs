@@ -1726,6 +1726,29 @@ impl MvmdSession {
             .map_err(|e| format!("mvmd's token {}: {e}", path.display()))
     }
 
+    /// `GET path` on mvmd's socket with its token; returns the whole answer (status line,
+    /// headers and body, at most 4 MiB).
+    fn get(&self, path: &str) -> Result<String, String> {
+        use std::io::{Read as _, Write as _};
+        let socket = self.socket();
+        let mut conn = std::os::unix::net::UnixStream::connect(&socket)
+            .map_err(|e| format!("{}: {e}", socket.display()))?;
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: mvmd\r\nAuthorization: Bearer {}\r\n\
+             Connection: close\r\n\r\n",
+            self.token()?
+        )
+        .map_err(|e| format!("GET {path}: {e}"))?;
+        let mut answer = String::new();
+        conn.take(4 << 20)
+            .read_to_string(&mut answer)
+            .map_err(|e| format!("the answer to GET {path}: {e}"))?;
+        Ok(answer)
+    }
+
     /// The sandboxes this mvmd lists (`mvm ps -o json`).
     fn list(&self, ctx: &Ctx) -> Result<Vec<serde_json::Value>, String> {
         let out = self.mvm(ctx, &["-o", "json", "ps"], None)?;

@@ -62,7 +62,7 @@ pub fn published_port_vm_tier(ctx: &mut Ctx) -> Outcome {
                 _ => std::thread::sleep(Duration::from_millis(200)),
             }
         }
-        let proxied = proxy_get(&session.socket(), &session.token()?, &id, 8080)?;
+        let proxied = session.get(&format!("/v1/sandboxes/{id}/ports/8080/"))?;
         if !proxied.starts_with("HTTP/1.1 200") || !proxied.contains(PAGE) {
             return Err(format!("mvmd's port proxy answered {proxied:?}"));
         }
@@ -75,24 +75,4 @@ pub fn published_port_vm_tier(ctx: &mut Ctx) -> Outcome {
         Ok(())
     })();
     session.finish(ctx, checked)
-}
-
-/// `GET /v1/sandboxes/{id}/ports/{port}/` on mvmd's socket with `token`; returns the whole
-/// answer.
-fn proxy_get(socket: &std::path::Path, token: &str, id: &str, port: u16) -> Result<String, String> {
-    use std::io::{Read as _, Write as _};
-    let mut conn = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
-    conn.set_read_timeout(Some(SERVE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    write!(
-        conn,
-        "GET /v1/sandboxes/{id}/ports/{port}/ HTTP/1.1\r\nHost: mvmd\r\n\
-         Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("the port proxy request: {e}"))?;
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer)
-        .map_err(|e| format!("the port proxy's answer: {e}"))?;
-    Ok(answer)
 }

@@ -669,11 +669,11 @@ const POOL: u32 = 2;
 const TAKEN: usize = 3;
 
 /// mvmd with a warm pool (`MVM_WARM_POOL=2`): after `mvm templates warm default` it keeps two
-/// sandboxes restored from the snapshot (`mvm templates` shows them as `pooled`), which
-/// nobody's listing shows; each of 3 creates with a network takes one (mvmd logs "warm pool
+/// sandboxes restored from the snapshot (`mvm templates` shows them as `pooled`); each of 3 creates with a network takes one (mvmd logs "warm pool
 /// entry taken" for it) and is its own machine as a restored one is (host name, address,
-/// clock, resolver, MAC, kernel UUID, /dev/urandom bytes, machine id; no kernel boot), and the
-/// pool fills again. mvmd's stop destroys the pool (nothing is left). Records create → first
+/// clock, resolver, MAC, kernel UUID, /dev/urandom bytes, machine id; no kernel boot); the
+/// admin's /metrics, which shows every tenant's sandboxes, shows those 3 and none of the
+/// pool's; and the pool fills again. mvmd's stop destroys the pool (nothing is left). Records create → first
 /// output from the pool against a cold create.
 pub fn warm_pool_take(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
@@ -738,14 +738,20 @@ fn check_pool(ctx: &Ctx, session: &MvmdSession) -> Result<(Duration, Duration, D
     warm_default(ctx, session)?;
     let (mut pooled, ids) =
         restored_creates(ctx, session, TAKEN, || await_pool_full(ctx, session))?;
-    let mut listed: Vec<String> = session.list(ctx)?.iter().map(sandbox_id).collect();
-    listed.sort();
-    let mut mine = ids.clone();
+    // The admin's metrics show every tenant's sandboxes: the 3 taken, none of the pool's.
+    let metrics = session.get("/metrics")?;
+    let mut shown: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("mvm_sandbox_memory_bytes{id=\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    shown.sort();
+    let mut mine: Vec<&str> = ids.iter().map(String::as_str).collect();
     mine.sort();
-    if listed != mine {
+    if shown != mine {
         return Err(format!(
-            "mvm ps should list the 3 sandboxes taken from the pool (a pool's own are nobody's), \
-             not the pool's own: {listed:?}"
+            "the admin's /metrics should show the 3 sandboxes taken from the pool and none \
+             of the pool's own (nobody's), it shows {shown:?}"
         ));
     }
     let log = session.log();
