@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::cgroups::CpuShare;
 use super::exec::validate_env;
 use super::lock::BusyLock;
 use super::snapshot::{self, SavedVm};
@@ -348,6 +349,11 @@ impl Manager {
         let s = row.sandbox.clone();
         let uid = cfg.uid(row);
         let boot = self.boot(&s, userland, container_slots, &origin);
+        // A warm pool's entry is made with what CPU the live sandboxes leave idle.
+        let share = match origin {
+            Origin::Pooled => CpuShare::Background,
+            _ => CpuShare::Normal,
+        };
         // A saved VM has a NIC whatever its network: warmed with one, it is restored with one
         // (left down and address-less when the sandbox has no network).
         let needs_nic = matches!(origin, Origin::Warming) || matches!(boot, vm::Boot::Restore(_));
@@ -398,6 +404,7 @@ impl Manager {
                     addrs,
                     secrets,
                     ca.as_ref().map(|ca| ca.key_pem.clone()),
+                    share,
                 )
                 .await
                 .map(|()| started.elapsed()),
@@ -416,16 +423,13 @@ impl Manager {
         row.sandbox.network = network;
         // Steps 3-5 while the namespace is connected (on a host with more than one CPU);
         // both finish before the sandbox counts as made (a failure of either rolls back both).
-        let starting = self.start_sandbox(
-            row,
-            userland,
+        let start = tier::Start {
             container_slots,
-            pod_netns,
-            boot,
             guest_net,
-            ca_cert,
-            started,
-        );
+            boot,
+            share,
+        };
+        let starting = self.start_sandbox(row, userland, start, pod_netns, ca_cert, started);
         let (networked, spawned) = match host::parallel() {
             true => tokio::join!(connecting, starting),
             // One CPU: the network's processes and the start would only take turns (and a
@@ -448,26 +452,23 @@ impl Manager {
     /// Steps 3-5 of a create: the jail and its spawn (in the namespace made already), then the
     /// wait for the agent; the secrets' CA certificate `ca_cert` goes into the sandbox's trust
     /// store. Returns when the jailer was spawned (since `started`).
-    #[allow(clippy::too_many_arguments)]
     async fn start_sandbox(
         &self,
         row: &mut SandboxRow,
         userland: Userland,
-        container_slots: u8,
+        start: tier::Start,
         pod_netns: Option<PathBuf>,
-        boot: vm::Boot,
-        guest_net: Option<vm::GuestNet>,
         ca_cert: Option<String>,
         started: Instant,
     ) -> Result<Duration> {
         let cfg = self.inner.cfg.clone();
         let s = row.sandbox.clone();
         let uid = cfg.uid(row);
-        let start = tier::Start {
-            container_slots,
-            guest_net: guest_net.clone(),
-            boot: boot.clone(),
-        };
+        let (container_slots, boot, guest_net) = (
+            start.container_slots,
+            start.boot.clone(),
+            start.guest_net.clone(),
+        );
         let trust_pem = ca_cert.clone();
         let child = blocking(move || {
             let spawned = spawn_jail(&cfg, &s, uid, &userland, start, pod_netns.as_deref())
@@ -551,14 +552,16 @@ pub(super) fn guest_nic(addrs: net::Addresses) -> vm::GuestNet {
 }
 
 /// Connects the network namespace of sandbox `s` (made already, at `addrs`) as its network
-/// asks ([`net::connect`], on a blocking thread): with egress `allow` its resolver asks the
-/// configured upstream, and with `secrets` their proxy holds the sandbox CA's `ca_key` (PEM).
+/// asks ([`net::connect`], on a blocking thread; as background work with the `Background`
+/// share): with egress `allow` its resolver asks the configured upstream, and with
+/// `secrets` their proxy holds the sandbox CA's `ca_key` (PEM).
 pub(super) async fn connect_namespace(
     cfg: ManagerConfig,
     s: &Sandbox,
     addrs: net::Addresses,
     secrets: Vec<net::Secret>,
     ca_key: Option<String>,
+    share: CpuShare,
 ) -> Result<()> {
     let spec = NetworkSpec {
         egress: s.network.egress,
@@ -581,7 +584,11 @@ pub(super) async fn connect_namespace(
                 extra_ca: cfg.egress_ca.as_deref(),
             }),
         };
-        net::connect(&cfg.netns(&id), &id, &spec, &ports, isolation, addrs, &dns)
+        let connect = || net::connect(&cfg.netns(&id), &id, &spec, &ports, isolation, addrs, &dns);
+        match share {
+            CpuShare::Normal => connect(),
+            CpuShare::Background => host::in_background(connect),
+        }
     })
     .await
 }

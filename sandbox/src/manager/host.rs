@@ -136,6 +136,40 @@ pub fn parallel() -> bool {
     std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
 }
 
+/// Runs `work` on a thread of its own scheduled as background work (`SCHED_IDLE`: it runs
+/// only where nothing else wants the CPU), as are the processes and threads it starts; a
+/// helper that outlives it sets itself back with [`normal_priority`].
+pub fn in_background<T: Send>(work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                set_policy(libc::SCHED_IDLE)
+                    .map_err(|e| Error::host("scheduling background work (SCHED_IDLE)", e))?;
+                work()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(Error::Host("background work panicked".into())))
+    })
+}
+
+/// Schedules the calling thread as normal work (`SCHED_OTHER`): a long-lived helper's first
+/// step, so that one started by background work ([`in_background`]) does not stay there.
+/// Async-signal-safe (one system call), for `pre_exec`.
+pub fn normal_priority() -> std::io::Result<()> {
+    set_policy(libc::SCHED_OTHER)
+}
+
+/// Sets the calling thread's scheduling policy (priority 0, as both policies take).
+fn set_policy(policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler(2) on the calling thread (pid 0) with a valid sched_param
+    // that outlives the call.
+    match unsafe { libc::sched_setscheduler(0, policy, &param) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// Gives interface `name` of the calling thread's network namespace the IPv4 `address`
 /// (with its prefix length; the kernel adds the prefix's route) and brings it up, by ioctls
 /// (no `ip` process on a create's path).
@@ -272,6 +306,23 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The processes background work starts run as SCHED_IDLE, unless set back with
+    /// `normal_priority`; the caller's thread is untouched.
+    #[test]
+    fn background_work_and_its_processes_run_idle() {
+        let policy = || run("sh", &["-c", "chrt -p $$"], None);
+        let started = in_background(policy).unwrap();
+        assert!(started.contains("SCHED_IDLE"), "{started}");
+        let reset = in_background(|| {
+            normal_priority().map_err(|e| Error::host("normal_priority", e))?;
+            policy()
+        })
+        .unwrap();
+        assert!(reset.contains("SCHED_OTHER"), "{reset}");
+        let own = policy().unwrap();
+        assert!(own.contains("SCHED_OTHER"), "{own}");
+    }
 
     #[test]
     fn vm_tier_force_overrides() {

@@ -3,28 +3,32 @@
 //! restoring (`mvmd --warm-pool N`, `MVM_WARM_POOL`: N per warm template; kept by mvmd and
 //! `mvm serve` only, never by daemonless `mvm` or the shim).
 //!
-//! An entry is made like any sandbox (a restore, with its own identity) but without a
-//! network, by the internal tenant [`POOL_TENANT`], which no request can name or see. A create
-//! that fits (a template's snapshot size, no image, no secrets) takes one: in one transaction
-//! the tenant's quota and ports are checked and the row becomes the tenant's, then the
-//! sandbox's network is connected ([`net::connect`], the same as a create's) and its agent
-//! gives the guest its address, fresh entropy and the clock; the pool is then filled again in
-//! the background. An entry is used once: nothing a tenant ran ever returns to the pool. A
-//! new snapshot of the template replaces its entries; mvmd's stop destroys them, and a start
-//! destroys any an earlier mvmd left.
+//! An entry is made like any sandbox (a restore, with its own identity and network) by the
+//! internal tenant [`POOL_TENANT`], which no request can name or see, in the background: its
+//! cgroup has the least share of a contended CPU until it is taken. A create that fits (a
+//! template's snapshot size, no image, no secrets) takes one: in one transaction the
+//! tenant's quota and ports are checked and the row becomes the tenant's; an entry with the
+//! create's network policy (and no ports asked) is ready as it is, any other is reconnected
+//! ([`net::disconnect`], then [`net::connect`] as any create's); then its agent gives the
+//! guest its address, fresh entropy and the clock. The pool is filled again in the
+//! background with the network the take asked for, so the entries follow what creates ask.
+//! An entry is used once: nothing a tenant ran ever returns to the pool. A new snapshot of
+//! the template replaces its entries; mvmd's stop destroys them, and a start destroys any an
+//! earlier mvmd left.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::cgroups::{CpuShare, LimitCgroups};
 use super::create::{connect_namespace, guest_nic, Origin};
 use super::lock::BusyLock;
 use super::tier::{vm, Userland};
-use super::{lock, net, snapshot, Manager};
+use super::{blocking, lock, net, snapshot, Manager};
 use crate::db::{Quota, SandboxRow, Tenant};
 use crate::error::Result;
-use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState};
+use crate::model::{CreateSandbox, Egress, Isolation, NetworkSpec, Sandbox, SandboxState};
 
 /// The tenant that owns the pool's entries: not a valid tenant name (see `db::validate_name`),
 /// so no token, request or listing reaches them.
@@ -45,11 +49,44 @@ pub(super) struct Pools {
 #[derive(Default)]
 struct Pool {
     /// Entries ready to be taken, oldest first.
-    ready: Vec<String>,
+    ready: Vec<Entry>,
+    /// The networks the next entries are made with (those of the latest takes), at most the
+    /// pool's size; with none, no network (egress `none`).
+    wanted: VecDeque<NetworkSpec>,
     /// The snapshot they were restored from (its `created_at`).
     snapshot: i64,
     /// Whether a fill is running.
     filling: bool,
+}
+
+/// An entry ready to be taken.
+struct Entry {
+    /// The sandbox.
+    id: String,
+    /// The network it is connected for.
+    network: NetworkSpec,
+}
+
+impl Pool {
+    /// Takes the oldest entry connected for `network` (when it is all a create asks), else
+    /// the oldest; and has the next fill make one for `network`. Whether the entry's
+    /// network is the one asked comes with it.
+    fn take(&mut self, network: &NetworkSpec, has_ports: bool, size: u32) -> Option<(Entry, bool)> {
+        let fitting = self
+            .ready
+            .iter()
+            .position(|e| !has_ports && e.network == *network);
+        let entry = match fitting {
+            Some(i) => self.ready.remove(i),
+            None if self.ready.is_empty() => return None,
+            None => self.ready.remove(0),
+        };
+        if self.wanted.len() as u32 >= size {
+            self.wanted.pop_front();
+        }
+        self.wanted.push_back(network.clone());
+        Some((entry, fitting.is_some()))
+    }
 }
 
 impl Pools {
@@ -103,6 +140,7 @@ impl Manager {
         let ready: Vec<String> = lock(&self.inner.pools.templates)
             .values_mut()
             .flat_map(|p| std::mem::take(&mut p.ready))
+            .map(|e| e.id)
             .collect();
         for id in ready {
             self.destroy_entry(&id).await;
@@ -148,7 +186,7 @@ impl Manager {
                 return Ok(());
             };
             let current = warm.describe();
-            let stale = {
+            let (stale, network) = {
                 let mut templates = lock(&pools.templates);
                 let pool = templates.entry(name.to_owned()).or_default();
                 let stale = match pool.snapshot == current.created_at {
@@ -160,10 +198,10 @@ impl Manager {
                     pool.filling = false;
                     return Ok(());
                 }
-                stale
+                (stale, pool.wanted.pop_front().unwrap_or_default())
             };
-            for id in stale {
-                self.destroy_entry(&id).await;
+            for entry in stale {
+                self.destroy_entry(&entry.id).await;
             }
             if !pools.enabled.load(Ordering::SeqCst) {
                 self.fill_stopped(name);
@@ -176,6 +214,7 @@ impl Manager {
                 memory_mib: Some(current.memory_mib),
                 // An entry lives until it is taken; the taker's timeout starts then.
                 timeout_s: Some(0),
+                network: Some(network.clone()),
                 ..CreateSandbox::default()
             };
             let entry = self
@@ -186,7 +225,10 @@ impl Manager {
                 let pool = templates.entry(name.to_owned()).or_default();
                 let kept = pool.snapshot == current.created_at;
                 if kept {
-                    pool.ready.push(entry.id.clone());
+                    pool.ready.push(Entry {
+                        id: entry.id.clone(),
+                        network,
+                    });
                 }
                 kept
             };
@@ -241,17 +283,23 @@ impl Manager {
         if (current.vcpus, current.memory_mib) != (planned.vcpus, planned.memory_mib) {
             return Ok(None);
         }
+        let network = NetworkSpec {
+            egress: planned.network.egress,
+            allow: planned.network.allow.clone(),
+        };
+        let has_ports = !planned.network.ports.is_empty();
         let taken = {
             let mut templates = lock(&pools.templates);
             templates
                 .get_mut(&template.name)
-                .filter(|p| p.snapshot == current.created_at && !p.ready.is_empty())
-                .map(|p| p.ready.remove(0))
+                .filter(|p| p.snapshot == current.created_at)
+                .and_then(|p| p.take(&network, has_ports, self.inner.cfg.warm_pool))
         };
-        let Some(id) = taken else {
+        let Some((entry, connected)) = taken else {
             self.refill(&template.name);
             return Ok(None);
         };
+        let id = entry.id.clone();
         let started = Instant::now();
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&id))?;
         let mut row = match self
@@ -264,17 +312,21 @@ impl Manager {
                 // The entry is as it was: back to the pool (a quota or port refusal is the
                 // create's answer).
                 if let Some(pool) = lock(&pools.templates).get_mut(&template.name) {
-                    pool.ready.insert(0, id);
+                    pool.ready.insert(0, entry);
                 }
                 return Err(e);
             }
         };
-        let connected = self.connect_taken(&mut row).await;
-        // The pool fills again once the entry is connected: the fill does not slow the take.
+        let made = self
+            .connect_taken(&mut row, &entry.network, connected)
+            .await;
+        // The pool fills again once the entry is connected (in the background: its share of
+        // a contended CPU is the least).
         self.refill(&template.name);
-        match connected {
+        match made {
             Ok(()) => {
-                tracing::debug!(%id, tenant = %tenant.name, ready = ?started.elapsed(), "warm pool entry taken");
+                let network = if connected { "ready" } else { "reconnected" };
+                tracing::debug!(%id, tenant = %tenant.name, network, ready = ?started.elapsed(), "warm pool entry taken");
                 Ok(Some(row.sandbox))
             }
             Err(e) => {
@@ -285,12 +337,32 @@ impl Manager {
         }
     }
 
-    /// Connects the taken entry `row` as its new owner asked: the network, then the guest's
-    /// address, resolver, entropy and clock through its agent.
-    async fn connect_taken(&self, row: &mut SandboxRow) -> Result<()> {
+    /// Makes the taken entry `row` what its new owner asked: its full share of the CPU, the
+    /// network (unless `connected` for it already: else the entry's, `was`, is replaced),
+    /// then the guest's address, resolver, entropy and clock through its agent.
+    async fn connect_taken(
+        &self,
+        row: &mut SandboxRow,
+        was: &NetworkSpec,
+        connected: bool,
+    ) -> Result<()> {
         let addrs = net::Addresses::of(self.inner.cfg.subnet, row.slot);
+        let (cfg, id) = (self.inner.cfg.clone(), row.sandbox.id.clone());
+        // Without egress an entry has only the namespace's rules, which a connect replaces.
+        let disconnect = !connected && was.egress != Egress::None;
+        blocking(move || {
+            LimitCgroups::of(&cfg.cgroup_parent, &id)?.set_cpu_share(CpuShare::Normal)?;
+            match disconnect {
+                true => net::disconnect(&cfg.netns(&id), &id),
+                false => Ok(()),
+            }
+        })
+        .await?;
         let s = &row.sandbox;
-        connect_namespace(self.inner.cfg.clone(), s, addrs, Vec::new(), None).await?;
+        if !connected {
+            let cfg = self.inner.cfg.clone();
+            connect_namespace(cfg, s, addrs, Vec::new(), None, CpuShare::Normal).await?;
+        }
         let spec = NetworkSpec {
             egress: s.network.egress,
             allow: s.network.allow.clone(),
@@ -322,5 +394,52 @@ impl Manager {
             .pool_taken
             .fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(egress: Egress, allow: &[&str]) -> NetworkSpec {
+        NetworkSpec {
+            egress,
+            allow: allow.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    fn pool(entries: &[(&str, NetworkSpec)]) -> Pool {
+        Pool {
+            ready: entries
+                .iter()
+                .map(|(id, network)| Entry {
+                    id: id.to_string(),
+                    network: network.clone(),
+                })
+                .collect(),
+            ..Pool::default()
+        }
+    }
+
+    /// A take prefers the oldest entry connected for its network, else takes the oldest
+    /// (reconnected); one that asks for ports never counts as connected; each take asks the
+    /// next fills for its network, the latest `size` takes' only.
+    #[test]
+    fn a_take_prefers_an_entry_connected_for_its_network() {
+        let allow = spec(Egress::Allow, &["10.9.9.9/32"]);
+        let none = NetworkSpec::default();
+        let mut p = pool(&[
+            ("a", none.clone()),
+            ("b", allow.clone()),
+            ("c", allow.clone()),
+        ]);
+        let (e, connected) = p.take(&allow, false, 2).unwrap();
+        assert_eq!((e.id.as_str(), connected), ("b", true));
+        let (e, connected) = p.take(&allow, true, 2).unwrap();
+        assert_eq!((e.id.as_str(), connected), ("a", false));
+        let (e, connected) = p.take(&spec(Egress::All, &[]), false, 2).unwrap();
+        assert_eq!((e.id.as_str(), connected), ("c", false));
+        assert!(p.take(&allow, false, 2).is_none());
+        assert_eq!(p.wanted, [allow.clone(), spec(Egress::All, &[])]);
     }
 }

@@ -26,6 +26,28 @@ pub(super) fn cpu_quota_values(version: CgroupVersion, q: CpuQuota) -> Vec<(&'st
     }
 }
 
+/// How much of a contended CPU a sandbox's processes get against other sandboxes'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuShare {
+    /// The kernel's default (v1 `cpu.shares` 1024, v2 `cpu.weight` 100).
+    Normal,
+    /// The least the kernel gives (v1 2, v2 1): background work, such as filling a warm
+    /// pool, that runs only where live sandboxes leave the CPU idle.
+    Background,
+}
+
+/// The file and value setting `share`.
+pub(super) fn cpu_share_value(version: CgroupVersion, share: CpuShare) -> (&'static str, String) {
+    let (v1, v2) = match share {
+        CpuShare::Normal => (1024, 100),
+        CpuShare::Background => (2, 1),
+    };
+    match version {
+        CgroupVersion::V1 => ("cpu.shares", v1.to_string()),
+        CgroupVersion::V2 => ("cpu.weight", v2.to_string()),
+    }
+}
+
 /// A CFS bandwidth limit: `quota_us` of CPU time in every `period_us`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuQuota {
@@ -157,6 +179,18 @@ impl LimitCgroups {
                 .map_err(|e| Error::host(format!("writing {value} to {}", file.display()), e))?;
         }
         Ok(())
+    }
+
+    /// Sets the sandbox's share of a contended CPU (v1 `cpu.shares`, v2 `cpu.weight`).
+    pub fn set_cpu_share(&self, share: CpuShare) -> Result<()> {
+        let dir = match self {
+            LimitCgroups::V1 { cpu, .. } => cpu,
+            LimitCgroups::V2(dir) => dir,
+        };
+        let (key, value) = cpu_share_value(self.version(), share);
+        let file = dir.join(key);
+        std::fs::write(&file, &value)
+            .map_err(|e| Error::host(format!("writing {value} to {}", file.display()), e))
     }
 
     /// How many processes the kernel's OOM killer has killed in the sandbox's memory cgroup

@@ -4,7 +4,7 @@
 
 mod limits;
 
-pub use limits::{CpuQuota, LimitCgroups};
+pub use limits::{CpuQuota, CpuShare, LimitCgroups};
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use jailer::{CgroupSetting, CgroupVersion};
 use mvm_sys::cgroup::Hierarchies;
 
-use limits::{cpu_quota_values, memory_limit_key};
+use limits::{cpu_quota_values, cpu_share_value, memory_limit_key};
 
 use super::host::jailer_pids;
 use crate::error::{Error, Result};
@@ -214,9 +214,14 @@ impl CgroupMode {
     }
 
     /// The `--cgroup` values a new sandbox's jail gets: memory limit (swap stays off: the
-    /// jailer caps it with the memory limit), CPU quota of `vcpus` cores, a pids limit and
-    /// (v1) a thawed freezer and zeroed CPU accounting.
-    pub fn sandbox_settings(&self, vcpus: u32, memory_bytes: u64) -> Vec<CgroupSetting> {
+    /// jailer caps it with the memory limit), CPU quota of `vcpus` cores and its `share` of
+    /// a contended CPU, a pids limit and (v1) a thawed freezer and zeroed CPU accounting.
+    pub fn sandbox_settings(
+        &self,
+        vcpus: u32,
+        memory_bytes: u64,
+        share: CpuShare,
+    ) -> Vec<CgroupSetting> {
         let version = self.version();
         let quota = CpuQuota {
             quota_us: u64::from(vcpus) * CPU_PERIOD_US,
@@ -224,6 +229,7 @@ impl CgroupMode {
         };
         let mut settings = vec![(memory_limit_key(version), memory_bytes.to_string())];
         settings.extend(cpu_quota_values(version, quota));
+        settings.push(cpu_share_value(version, share));
         settings.push(("pids.max", PIDS_MAX.to_string()));
         if version == CgroupVersion::V1 {
             settings.push(("cpuacct.usage", "0".into()));
@@ -497,7 +503,7 @@ mod tests {
     #[test]
     fn sandbox_settings_per_version() {
         let keys = |mode: CgroupMode| -> Vec<String> {
-            mode.sandbox_settings(2, 64 << 20)
+            mode.sandbox_settings(2, 64 << 20, CpuShare::Background)
                 .into_iter()
                 .map(|s| format!("{}={}", s.key, s.value))
                 .collect()
@@ -508,6 +514,7 @@ mod tests {
                 "memory.limit_in_bytes=67108864",
                 "cpu.cfs_period_us=100000",
                 "cpu.cfs_quota_us=200000",
+                "cpu.shares=2",
                 "pids.max=4096",
                 "cpuacct.usage=0",
                 "freezer.state=THAWED"
@@ -518,6 +525,7 @@ mod tests {
             [
                 "memory.max=67108864",
                 "cpu.max=200000 100000",
+                "cpu.weight=1",
                 "pids.max=4096"
             ]
         );

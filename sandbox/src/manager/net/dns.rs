@@ -226,8 +226,9 @@ impl Resolver<'_> {
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null());
         let (udp, tcp) = (listener.udp.as_raw_fd(), listener.tcp.as_raw_fd());
-        // SAFETY: between fork and exec only async-signal-safe calls (dup2, setsid) on
-        // descriptors this process owns; dup2 onto 3 and 4 clears close-on-exec on them.
+        // SAFETY: between fork and exec only async-signal-safe calls (dup2, setsid,
+        // sched_setscheduler) on descriptors this process owns; dup2 onto 3 and 4 clears
+        // close-on-exec on them.
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(move || {
@@ -237,7 +238,7 @@ impl Resolver<'_> {
                 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                host::normal_priority()
             });
         }
         // The handle is dropped: `stop` reaps it while we are its parent, init once we exit.

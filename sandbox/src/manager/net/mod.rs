@@ -338,10 +338,17 @@ fn tables(family: &str) -> Result<Vec<String>> {
     }
 }
 
-/// Removes the namespace, the host side of the veth, the sandbox's host guard, its published
-/// ports and its `egress: all` rules (the last such sandbox also restores the host's forwarding setting).
-/// Missing pieces are fine.
+/// Removes the namespace and what [`disconnect`] removes. Missing pieces are fine.
 pub fn destroy(netns: &Path, id: &str) -> Result<()> {
+    disconnect(netns, id)?;
+    host::remove_netns(netns)
+}
+
+/// Undoes [`connect`] but for the namespace's own rules, which the next [`connect`]
+/// replaces whole: the veth, the resolver and the egress proxy, the host's guard, the
+/// published ports and the `egress: all` rules (the last such sandbox also restores the
+/// host's forwarding setting). Missing pieces are fine.
+pub fn disconnect(netns: &Path, id: &str) -> Result<()> {
     let veth = host_veth(id);
     if Path::new("/sys/class/net").join(&veth).exists() {
         // Deleting one end removes the pair; the namespace may already have taken it along.
@@ -353,7 +360,6 @@ pub fn destroy(netns: &Path, id: &str) -> Result<()> {
     }
     dns::stop(netns, id)?;
     secrets::stop(id)?;
-    host::remove_netns(netns)?;
     remove_host_guard(id)?;
     unpublish(id)?;
     disable_forwarding(id)

@@ -356,15 +356,15 @@ pub(super) fn start(bin_dir: &Path, listener: ProxyListener, cfg: &ProxyConfig) 
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null());
     let fd = listener.tcp.as_raw_fd();
-    // SAFETY: between fork and exec only async-signal-safe calls (setsid, dup2) on a
-    // descriptor this process owns; dup2 clears close-on-exec on the copy.
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid, dup2,
+    // sched_setscheduler) on a descriptor this process owns; dup2 clears close-on-exec on the copy.
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(move || {
             if libc::setsid() == -1 || libc::dup2(fd, PROXY_FD) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            host::normal_priority()
         });
     }
     let spawn_err = |e: std::io::Error| {

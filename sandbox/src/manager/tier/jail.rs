@@ -12,6 +12,7 @@ use jailer::{BindMount, JailConfig, SeccompPolicy};
 use super::base_jail;
 use crate::db::SandboxRow;
 use crate::error::{Error, Result};
+use crate::manager::cgroups::CpuShare;
 use crate::manager::{beneath, rootfs, Live, Manager, ManagerConfig, AGENT_SOCKET};
 use crate::model::{Isolation, Sandbox, Template};
 
@@ -63,7 +64,14 @@ pub(super) fn jail_config(
     tree: &Path,
     run: Option<&Path>,
 ) -> Result<JailConfig> {
-    let mut j = base_jail(cfg, s, uid, cfg.bin_dir.join(AGENT_BIN), s.memory_mib << 20)?;
+    let mut j = base_jail(
+        cfg,
+        s,
+        uid,
+        cfg.bin_dir.join(AGENT_BIN),
+        s.memory_mib << 20,
+        CpuShare::Normal,
+    )?;
     j.mount_proc = true;
     // Ptys for `tty` execs, from a devpts instance of the jail's own.
     j.mount_devpts = true;

@@ -51,6 +51,9 @@ pub(super) struct Start {
     pub guest_net: Option<vm::GuestNet>,
     /// How the VM starts (vm tier; a jail always starts [`vm::Boot::Cold`]).
     pub boot: vm::Boot,
+    /// The sandbox's share of a contended CPU (vm tier: a warm pool's entry is filled in the
+    /// background).
+    pub share: cgroups::CpuShare,
 }
 
 /// The program a tier's jail runs, which also names the tier's directory under the jail base.
@@ -133,13 +136,15 @@ pub(super) fn jail_spec(
 }
 
 /// The jail every sandbox gets: its namespaces, and cgroups on this host's version holding
-/// `memory_bytes`, the sandbox's vCPUs as CPU quota and a pids limit.
+/// `memory_bytes`, the sandbox's vCPUs as CPU quota, its `share` of a contended CPU and a
+/// pids limit.
 fn base_jail(
     cfg: &ManagerConfig,
     s: &Sandbox,
     uid: u32,
     exec: PathBuf,
     memory_bytes: u64,
+    share: cgroups::CpuShare,
 ) -> Result<JailConfig> {
     let cgroups = cgroups::CgroupMode::host()?;
     let mut j = JailConfig::new(s.id.clone(), exec, uid, uid);
@@ -147,7 +152,7 @@ fn base_jail(
     j.netns = Some(cfg.netns(&s.id));
     j.new_pid_ns = true;
     j.cgroup_version = cgroups.version();
-    j.cgroups = cgroups.sandbox_settings(s.vcpus, memory_bytes);
+    j.cgroups = cgroups.sandbox_settings(s.vcpus, memory_bytes, share);
     j.parent_cgroup = cfg.cgroup_parent.clone();
     Ok(j)
 }

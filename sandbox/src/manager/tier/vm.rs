@@ -366,6 +366,7 @@ pub(super) fn vm_jail(
         uid,
         cfg.bin_dir.join("mvm-vmm"),
         (s.memory_mib + 128) << 20,
+        start.share,
     )?;
     j.mounts = mounts;
     j.args = vmm_args(
