@@ -12,6 +12,7 @@ mod dns_egress;
 mod e2b;
 mod images;
 mod ports;
+mod snapshot_bench;
 mod snapshots;
 
 use crate::tap::Tap;
@@ -143,6 +144,10 @@ pub const CASES: &[Case] = &[
     Case {
         name: "snapshot-warm-pool",
         run: snapshots::warm_pool_take,
+    },
+    Case {
+        name: "snapshot-bench-16-concurrent",
+        run: snapshot_bench::snapshot_bench,
     },
     Case {
         name: "snapshot-fork-live-3-children",
@@ -1729,23 +1734,64 @@ impl MvmdSession {
     /// `GET path` on mvmd's socket with its token; returns the whole answer (status line,
     /// headers and body, at most 4 MiB).
     fn get(&self, path: &str) -> Result<String, String> {
+        self.exchange("GET", path, None)
+    }
+
+    /// `METHOD path` with a JSON `body` on mvmd's socket with its token: the answer's status
+    /// and body (at most 4 MiB; a chunked one put together).
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, String), String> {
+        let answer = self.exchange(method, path, body)?;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("{method} {path}: no HTTP answer: {answer:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("{method} {path}: no status in {head:?}"))?;
+        match head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            true => dechunked(body)
+                .map(|body| (status, body))
+                .ok_or_else(|| format!("{method} {path}: a bad chunked answer: {answer:?}")),
+            false => Ok((status, body.to_owned())),
+        }
+    }
+
+    /// Sends `METHOD path` (with a JSON `body`) on mvmd's socket with its token and returns
+    /// the whole answer (status line, headers and body, at most 4 MiB).
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<String, String> {
         use std::io::{Read as _, Write as _};
         let socket = self.socket();
         let mut conn = std::os::unix::net::UnixStream::connect(&socket)
             .map_err(|e| format!("{}: {e}", socket.display()))?;
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
+        conn.set_read_timeout(Some(CLI_TIMEOUT))
             .map_err(|e| e.to_string())?;
+        let body = body.map(ToString::to_string).unwrap_or_default();
         write!(
             conn,
-            "GET {path} HTTP/1.1\r\nHost: mvmd\r\nAuthorization: Bearer {}\r\n\
-             Connection: close\r\n\r\n",
-            self.token()?
+            "{method} {path} HTTP/1.1\r\nHost: mvmd\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.token()?,
+            body.len()
         )
-        .map_err(|e| format!("GET {path}: {e}"))?;
+        .map_err(|e| format!("{method} {path}: {e}"))?;
         let mut answer = String::new();
         conn.take(4 << 20)
             .read_to_string(&mut answer)
-            .map_err(|e| format!("the answer to GET {path}: {e}"))?;
+            .map_err(|e| format!("the answer to {method} {path}: {e}"))?;
         Ok(answer)
     }
 
@@ -1819,6 +1865,21 @@ impl MvmdSession {
 }
 
 /// The id of a sandbox record from `mvm ps -o json`.
+/// The body of an HTTP/1.1 chunked `body` (chunks of hexadecimal length, each line ending in
+/// CRLF, up to the last chunk of length 0); `None` when it is cut short or malformed.
+fn dechunked(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
 fn sandbox_id(sandbox: &serde_json::Value) -> String {
     sandbox["id"].as_str().unwrap_or_default().to_string()
 }
@@ -2319,4 +2380,17 @@ fn hypervisor_cpuid() -> (u32, String) {
             .trim_end_matches('\0')
             .to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dechunked;
+
+    #[test]
+    fn a_chunked_body_is_put_together_and_a_cut_one_refused() {
+        let body = "7\r\n{\"a\": 1\r\n1;ext=1\r\n}\r\n0\r\n\r\n";
+        assert_eq!(dechunked(body).as_deref(), Some("{\"a\": 1}"));
+        assert_eq!(dechunked("7\r\n{\"a\""), None);
+        assert_eq!(dechunked("zz\r\n"), None);
+    }
 }

@@ -282,7 +282,7 @@ fn parse_duration(text: &str) -> Option<Duration> {
 }
 
 /// Mean PSS (KiB) of the VMMs of sandboxes `ids`, after a second of rest.
-fn mean_pss(ids: &[String]) -> Result<f64, String> {
+pub(super) fn mean_pss(ids: &[String]) -> Result<f64, String> {
     std::thread::sleep(Duration::from_secs(1));
     let pss: Vec<u64> = ids.iter().map(|id| vmm_pss_kib(id)).collect();
     if pss.contains(&0) {
@@ -325,7 +325,7 @@ fn cold_creates(ctx: &Ctx, session: &MvmdSession) -> Result<(Vec<Duration>, Vec<
 }
 
 /// `mvm templates warm default`, checked; returns how long it took.
-fn warm_default(ctx: &Ctx, session: &MvmdSession) -> Result<Duration, String> {
+pub(super) fn warm_default(ctx: &Ctx, session: &MvmdSession) -> Result<Duration, String> {
     let started = Instant::now();
     let warmed: serde_json::Value = serde_json::from_str(&session.mvm(
         ctx,
@@ -747,7 +747,13 @@ fn cpu_weights(session: &MvmdSession) -> Result<HashMap<String, String>, String>
 /// Waits until `mvm templates` shows the default template's snapshot with `POOL` sandboxes
 /// pooled.
 fn await_pool_full(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(180);
+    await_pool(ctx, session, POOL)
+}
+
+/// Waits until `mvm templates` shows the default template's snapshot with `n` sandboxes
+/// pooled (at most a minute per sandbox).
+pub(super) fn await_pool(ctx: &Ctx, session: &MvmdSession, n: u32) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60 * u64::from(n));
     loop {
         let listed = session.mvm(ctx, &["-o", "json", "templates"], None)?;
         let templates: serde_json::Value = serde_json::from_str(&listed)
@@ -756,12 +762,13 @@ fn await_pool_full(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> {
             .as_array()
             .and_then(|all| all.iter().find(|t| t["name"] == "default"))
             .map(|t| t["snapshot"]["pooled"].clone());
-        if pooled == Some(serde_json::json!(POOL)) {
+        if pooled == Some(serde_json::json!(n)) {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "the warm pool of template default did not fill to {POOL} within 180 s: {listed}"
+                "the warm pool of template default did not fill to {n} within {} s: {listed}",
+                60 * n
             ));
         }
         std::thread::sleep(Duration::from_millis(200));
