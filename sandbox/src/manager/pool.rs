@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::cgroups::{CpuShare, LimitCgroups};
 use super::create::{connect_namespace, guest_nic, Origin};
@@ -324,9 +324,9 @@ impl Manager {
         // a contended CPU is the least).
         self.refill(&template.name);
         match made {
-            Ok(()) => {
+            Ok(networked) => {
                 let network = if connected { "ready" } else { "reconnected" };
-                tracing::debug!(%id, tenant = %tenant.name, network, ready = ?started.elapsed(), "warm pool entry taken");
+                tracing::debug!(%id, tenant = %tenant.name, network, ?networked, ready = ?started.elapsed(), "warm pool entry taken");
                 Ok(Some(row.sandbox))
             }
             Err(e) => {
@@ -339,13 +339,15 @@ impl Manager {
 
     /// Makes the taken entry `row` what its new owner asked: its full share of the CPU, the
     /// network (unless `connected` for it already: else the entry's, `was`, is replaced),
-    /// then the guest's address, resolver, entropy and clock through its agent.
+    /// then the guest's address, resolver, entropy and clock through its agent. Returns when
+    /// the network was done (since the call).
     async fn connect_taken(
         &self,
         row: &mut SandboxRow,
         was: &NetworkSpec,
         connected: bool,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
+        let started = Instant::now();
         let addrs = net::Addresses::of(self.inner.cfg.subnet, row.slot);
         let (cfg, id) = (self.inner.cfg.clone(), row.sandbox.id.clone());
         // Without egress an entry has only the namespace's rules, which a connect replaces.
@@ -363,6 +365,7 @@ impl Manager {
             let cfg = self.inner.cfg.clone();
             connect_namespace(cfg, s, addrs, Vec::new(), None, CpuShare::Normal).await?;
         }
+        let networked = started.elapsed();
         let spec = NetworkSpec {
             egress: s.network.egress,
             allow: s.network.allow.clone(),
@@ -393,7 +396,7 @@ impl Manager {
             .metrics
             .pool_taken
             .fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(networked)
     }
 }
 

@@ -784,7 +784,7 @@ struct PoolFigures {
     pooled: Duration,
     /// Each create from the pool → first output, in order (ms).
     each: String,
-    /// Each take in mvmd, in order, with how its network was made (ms).
+    /// Each take in mvmd, in order, with how its network was made and how long it took (ms).
     taking: String,
     /// Where the time of the entries made after a take (the refills, in the background)
     /// went in mvmd.
@@ -837,7 +837,12 @@ fn check_pool(ctx: &Ctx, session: &MvmdSession) -> Result<PoolFigures, String> {
                 i + 1
             ));
         }
-        taking.push(format!("{} ({network})", ms(ready)));
+        let networked = taken.get("networked").and_then(|d| parse_duration(d));
+        taking.push(format!(
+            "{} ({network}, its network {})",
+            ms(ready),
+            ms(networked.unwrap_or_default())
+        ));
     }
     // The pool's entries are made and wait with the least share of a contended CPU; a
     // taken one has the default share.
