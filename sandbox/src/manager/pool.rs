@@ -69,9 +69,8 @@ struct Entry {
 
 impl Pool {
     /// Takes the oldest entry connected for `network` (when it is all a create asks), else
-    /// the oldest; and has the next fill make one for `network`. Whether the entry's
-    /// network is the one asked comes with it.
-    fn take(&mut self, network: &NetworkSpec, has_ports: bool, size: u32) -> Option<(Entry, bool)> {
+    /// the oldest. Whether the entry's network is the one asked comes with it.
+    fn take(&mut self, network: &NetworkSpec, has_ports: bool) -> Option<(Entry, bool)> {
         let fitting = self
             .ready
             .iter()
@@ -81,11 +80,16 @@ impl Pool {
             None if self.ready.is_empty() => return None,
             None => self.ready.remove(0),
         };
+        Some((entry, fitting.is_some()))
+    }
+
+    /// Has a coming fill make an entry for `network` (a taken entry's new owner's), keeping
+    /// the latest `size` such wishes.
+    fn want(&mut self, network: NetworkSpec, size: u32) {
         if self.wanted.len() as u32 >= size {
             self.wanted.pop_front();
         }
-        self.wanted.push_back(network.clone());
-        Some((entry, fitting.is_some()))
+        self.wanted.push_back(network);
     }
 }
 
@@ -293,7 +297,7 @@ impl Manager {
             templates
                 .get_mut(&template.name)
                 .filter(|p| p.snapshot == current.created_at)
-                .and_then(|p| p.take(&network, has_ports, self.inner.cfg.warm_pool))
+                .and_then(|p| p.take(&network, has_ports))
         };
         let Some((entry, connected)) = taken else {
             self.refill(&template.name);
@@ -317,6 +321,10 @@ impl Manager {
                 return Err(e);
             }
         };
+        // Only a create that got its entry asks the pool for its network.
+        if let Some(pool) = lock(&pools.templates).get_mut(&template.name) {
+            pool.want(network, self.inner.cfg.warm_pool);
+        }
         let made = self
             .connect_taken(&mut row, &entry.network, connected)
             .await;
@@ -425,24 +433,28 @@ mod tests {
     }
 
     /// A take prefers the oldest entry connected for its network, else takes the oldest
-    /// (reconnected); one that asks for ports never counts as connected; each take asks the
-    /// next fills for its network, the latest `size` takes' only.
+    /// (reconnected); one that asks for ports never counts as connected; the fills make the
+    /// networks of the latest `size` takes.
     #[test]
     fn a_take_prefers_an_entry_connected_for_its_network() {
         let allow = spec(Egress::Allow, &["10.9.9.9/32"]);
+        let all = spec(Egress::All, &[]);
         let none = NetworkSpec::default();
         let mut p = pool(&[
             ("a", none.clone()),
             ("b", allow.clone()),
             ("c", allow.clone()),
         ]);
-        let (e, connected) = p.take(&allow, false, 2).unwrap();
+        let (e, connected) = p.take(&allow, false).unwrap();
         assert_eq!((e.id.as_str(), connected), ("b", true));
-        let (e, connected) = p.take(&allow, true, 2).unwrap();
+        let (e, connected) = p.take(&allow, true).unwrap();
         assert_eq!((e.id.as_str(), connected), ("a", false));
-        let (e, connected) = p.take(&spec(Egress::All, &[]), false, 2).unwrap();
+        let (e, connected) = p.take(&all, false).unwrap();
         assert_eq!((e.id.as_str(), connected), ("c", false));
-        assert!(p.take(&allow, false, 2).is_none());
-        assert_eq!(p.wanted, [allow.clone(), spec(Egress::All, &[])]);
+        assert!(p.take(&allow, false).is_none());
+        for network in [none, allow.clone(), all.clone()] {
+            p.want(network, 2);
+        }
+        assert_eq!(p.wanted, [allow, all]);
     }
 }

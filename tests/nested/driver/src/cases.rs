@@ -146,12 +146,12 @@ pub const CASES: &[Case] = &[
         run: snapshots::warm_pool_take,
     },
     Case {
-        name: "snapshot-bench-16-concurrent",
-        run: snapshot_bench::snapshot_bench,
-    },
-    Case {
         name: "snapshot-fork-live-3-children",
         run: snapshots::fork_live_sandbox,
+    },
+    Case {
+        name: "snapshot-bench-16-concurrent",
+        run: snapshot_bench::snapshot_bench,
     },
     Case {
         name: "image-from-oci-archive-vm-tier",
