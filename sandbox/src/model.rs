@@ -296,6 +296,16 @@ pub struct NetworkInfo {
     pub secrets: Vec<SecretInfo>,
 }
 
+impl NetworkInfo {
+    /// The policy part of it (egress and allow list), as a request asks for it.
+    pub fn spec(&self) -> NetworkSpec {
+        NetworkSpec {
+            egress: self.egress,
+            allow: self.allow.clone(),
+        }
+    }
+}
+
 /// A sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Sandbox {

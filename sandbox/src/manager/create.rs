@@ -16,7 +16,7 @@ use super::{
 };
 use crate::db::{self, SandboxRow, Tenant};
 use crate::error::{Error, Result};
-use crate::model::{CreateSandbox, Egress, Isolation, NetworkSpec, Sandbox, SandboxState};
+use crate::model::{CreateSandbox, Egress, Isolation, Sandbox, SandboxState};
 
 impl Manager {
     /// Checks a create request and fills in the defaults; `userland` replaces the template's
@@ -358,10 +358,7 @@ impl Manager {
         // (left down and address-less when the sandbox has no network).
         let needs_nic = matches!(origin, Origin::Warming) || matches!(boot, vm::Boot::Restore(_));
         let addrs = net::Addresses::of(cfg.subnet, row.slot);
-        let spec = NetworkSpec {
-            egress: s.network.egress,
-            allow: s.network.allow.clone(),
-        };
+        let spec = s.network.spec();
         let ports = s.network.ports.clone();
         let userland = userland.clone();
         // The sandbox's CA, when it has secrets: its key goes to the egress proxy, its
@@ -563,10 +560,7 @@ pub(super) async fn connect_namespace(
     ca_key: Option<String>,
     share: CpuShare,
 ) -> Result<()> {
-    let spec = NetworkSpec {
-        egress: s.network.egress,
-        allow: s.network.allow.clone(),
-    };
+    let spec = s.network.spec();
     let (id, ports, isolation) = (s.id.clone(), s.network.ports.clone(), s.isolation);
     blocking(move || {
         let upstream = match spec.egress {

@@ -13,7 +13,7 @@ use super::tier::vm;
 use super::{blocking, snapshot, Manager};
 use crate::db::Tenant;
 use crate::error::{Error, Result};
-use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState};
+use crate::model::{CreateSandbox, Isolation, Sandbox, SandboxState};
 
 /// Most children one fork makes.
 pub const MAX_FORK_CHILDREN: u32 = 16;
@@ -72,10 +72,7 @@ impl Manager {
                 memory_mib: Some(source.memory_mib),
                 timeout_s: Some(source.timeout_s),
                 env: source.env.clone(),
-                network: Some(NetworkSpec {
-                    egress: source.network.egress,
-                    allow: source.network.allow.clone(),
-                }),
+                network: Some(source.network.spec()),
                 metadata: source.metadata.clone(),
                 // Host ports are unique on the host: they stay with the source.
                 ports: Vec::new(),

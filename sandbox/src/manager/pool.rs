@@ -28,7 +28,7 @@ use super::tier::{vm, Userland};
 use super::{blocking, lock, net, snapshot, Manager};
 use crate::db::{Quota, SandboxRow, Tenant};
 use crate::error::Result;
-use crate::model::{CreateSandbox, Egress, Isolation, NetworkSpec, Sandbox, SandboxState};
+use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState};
 
 /// The tenant that owns the pool's entries: not a valid tenant name (see `db::validate_name`),
 /// so no token, request or listing reaches them.
@@ -287,10 +287,7 @@ impl Manager {
         if (current.vcpus, current.memory_mib) != (planned.vcpus, planned.memory_mib) {
             return Ok(None);
         }
-        let network = NetworkSpec {
-            egress: planned.network.egress,
-            allow: planned.network.allow.clone(),
-        };
+        let network = planned.network.spec();
         let has_ports = !planned.network.ports.is_empty();
         let taken = {
             let mut templates = lock(&pools.templates);
@@ -358,8 +355,8 @@ impl Manager {
         let started = Instant::now();
         let addrs = net::Addresses::of(self.inner.cfg.subnet, row.slot);
         let (cfg, id) = (self.inner.cfg.clone(), row.sandbox.id.clone());
-        // Without egress an entry has only the namespace's rules, which a connect replaces.
-        let disconnect = !connected && was.egress != Egress::None;
+        // An entry without a veth has only the namespace's rules, which a connect replaces.
+        let disconnect = !connected && net::has_veth(was, &[]);
         blocking(move || {
             LimitCgroups::of(&cfg.cgroup_parent, &id)?.set_cpu_share(CpuShare::Normal)?;
             match disconnect {
@@ -374,11 +371,13 @@ impl Manager {
             connect_namespace(cfg, s, addrs, Vec::new(), None, CpuShare::Normal).await?;
         }
         let networked = started.elapsed();
-        let spec = NetworkSpec {
-            egress: s.network.egress,
-            allow: s.network.allow.clone(),
-        };
-        row.sandbox.network = net::info(&spec, &s.network.ports, &[], Isolation::Vm, addrs);
+        row.sandbox.network = net::info(
+            &s.network.spec(),
+            &s.network.ports,
+            &[],
+            Isolation::Vm,
+            addrs,
+        );
         let guest_net = row
             .sandbox
             .network
@@ -411,6 +410,7 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Egress;
 
     fn spec(egress: Egress, allow: &[&str]) -> NetworkSpec {
         NetworkSpec {

@@ -167,12 +167,17 @@ impl LimitCgroups {
         }
     }
 
-    /// Sets the CFS limit (v1 `cpu.cfs_period_us` then `cpu.cfs_quota_us`, v2 `cpu.max`).
-    pub fn set_cpu_quota(&self, q: CpuQuota) -> Result<()> {
-        let dir = match self {
+    /// The cgroup holding the CPU controller's files.
+    fn cpu_dir(&self) -> &Path {
+        match self {
             LimitCgroups::V1 { cpu, .. } => cpu,
             LimitCgroups::V2(dir) => dir,
-        };
+        }
+    }
+
+    /// Sets the CFS limit (v1 `cpu.cfs_period_us` then `cpu.cfs_quota_us`, v2 `cpu.max`).
+    pub fn set_cpu_quota(&self, q: CpuQuota) -> Result<()> {
+        let dir = self.cpu_dir();
         for (key, value) in cpu_quota_values(self.version(), q) {
             let file = dir.join(key);
             std::fs::write(&file, &value)
@@ -183,10 +188,7 @@ impl LimitCgroups {
 
     /// Sets the sandbox's share of a contended CPU (v1 `cpu.shares`, v2 `cpu.weight`).
     pub fn set_cpu_share(&self, share: CpuShare) -> Result<()> {
-        let dir = match self {
-            LimitCgroups::V1 { cpu, .. } => cpu,
-            LimitCgroups::V2(dir) => dir,
-        };
+        let dir = self.cpu_dir();
         let (key, value) = cpu_share_value(self.version(), share);
         let file = dir.join(key);
         std::fs::write(&file, &value)

@@ -214,8 +214,8 @@ impl CgroupMode {
     }
 
     /// The `--cgroup` values a new sandbox's jail gets: memory limit (swap stays off: the
-    /// jailer caps it with the memory limit), CPU quota of `vcpus` cores and its `share` of
-    /// a contended CPU, a pids limit and (v1) a thawed freezer and zeroed CPU accounting.
+    /// jailer caps it with the memory limit), CPU quota of `vcpus` cores and, when not the
+    /// default, its `share` of a contended CPU, a pids limit and (v1) a thawed freezer and zeroed CPU accounting.
     pub fn sandbox_settings(
         &self,
         vcpus: u32,
@@ -229,7 +229,10 @@ impl CgroupMode {
         };
         let mut settings = vec![(memory_limit_key(version), memory_bytes.to_string())];
         settings.extend(cpu_quota_values(version, quota));
-        settings.push(cpu_share_value(version, share));
+        // A new cgroup has the default share already: only a background one is written.
+        if share == CpuShare::Background {
+            settings.push(cpu_share_value(version, share));
+        }
         settings.push(("pids.max", PIDS_MAX.to_string()));
         if version == CgroupVersion::V1 {
             settings.push(("cpuacct.usage", "0".into()));
@@ -529,6 +532,9 @@ mod tests {
                 "pids.max=4096"
             ]
         );
+        // The default share is the new cgroup's own: nothing to write.
+        let normal = CgroupMode::V1.sandbox_settings(2, 64 << 20, CpuShare::Normal);
+        assert!(normal.iter().all(|s| s.key != "cpu.shares"));
     }
 
     #[test]

@@ -107,7 +107,7 @@ pub fn validate(spec: &NetworkSpec) -> Result<NetworkSpec> {
 }
 
 /// Whether a sandbox has a veth to the host: with egress, or to reach its published ports.
-fn has_veth(spec: &NetworkSpec, ports: &[PortMapping]) -> bool {
+pub fn has_veth(spec: &NetworkSpec, ports: &[PortMapping]) -> bool {
     spec.egress != Egress::None || !ports.is_empty()
 }
 

@@ -357,7 +357,8 @@ pub(super) fn start(bin_dir: &Path, listener: ProxyListener, cfg: &ProxyConfig) 
         .stdout(std::process::Stdio::null());
     let fd = listener.tcp.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls (setsid, dup2,
-    // sched_setscheduler) on a descriptor this process owns; dup2 clears close-on-exec on the copy.
+    // sched_setscheduler) on a descriptor this process owns; dup2 clears close-on-exec on
+    // the copy.
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(move || {
