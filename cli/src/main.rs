@@ -774,17 +774,20 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
     }
 }
 
-/// What `mvm templates` says of a template's snapshot: its size and the sandboxes of mvmd's
-/// warm pool ready, or `-` (vm-tier creates boot cold).
+/// What `mvm templates` says of a template's snapshot: its size, the sandboxes of mvmd's
+/// warm pool and the VMMs of its fork pool ready, or `-` (vm-tier creates boot cold).
 fn warm_column(t: &Template) -> String {
-    match &t.snapshot {
-        Some(snap) if snap.pooled > 0 => format!(
-            "{} vCPU, {} MiB, {} pooled",
-            snap.vcpus, snap.memory_mib, snap.pooled
-        ),
-        Some(snap) => format!("{} vCPU, {} MiB", snap.vcpus, snap.memory_mib),
-        None => "-".into(),
+    let Some(snap) = &t.snapshot else {
+        return "-".into();
+    };
+    let mut column = format!("{} vCPU, {} MiB", snap.vcpus, snap.memory_mib);
+    if snap.pooled > 0 {
+        column.push_str(&format!(", {} pooled", snap.pooled));
     }
+    if snap.fork_pooled > 0 {
+        column.push_str(&format!(", {} fork-pooled", snap.fork_pooled));
+    }
+    column
 }
 
 fn show(s: &Sandbox, json: bool) -> Result<u8, CliError> {

@@ -63,6 +63,8 @@ pub struct Metrics {
     /// Creates answered with a sandbox of a warm pool (made and counted as created and
     /// restored before).
     pub pool_taken: AtomicU64,
+    /// Fork children loaded into a VMM of a fork pool (counted as created and restored).
+    pub fork_pool_taken: AtomicU64,
     /// Creates that failed (and were rolled back).
     pub create_failures: AtomicU64,
     /// Sandboxes destroyed (by request, timeout or reconciliation).
@@ -142,6 +144,12 @@ impl Metrics {
             "mvm_warm_pool_taken_total",
             "Creates answered with a warm pool's sandbox (counted as created when it was made).",
             &self.pool_taken,
+        );
+        counter(
+            out,
+            "mvm_fork_pool_taken_total",
+            "Fork children loaded into a fork pool's started VMM.",
+            &self.fork_pool_taken,
         );
         counter(
             out,

@@ -684,6 +684,9 @@ pub struct TemplateSnapshot {
     /// Sandboxes restored from it ready now for creates to take (`mvmd --warm-pool`).
     #[serde(default)]
     pub pooled: u32,
+    /// VMMs started without a VM ready now for the children of forks (`mvmd --fork-pool`).
+    #[serde(default)]
+    pub fork_pooled: u32,
 }
 
 /// `GET /v1/templates` answer.

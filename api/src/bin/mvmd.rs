@@ -63,6 +63,11 @@ struct ServeArgs {
     /// its size take instead of restoring one [env: MVM_WARM_POOL, default 0].
     #[arg(long, value_name = "N")]
     warm_pool: Option<u32>,
+    /// VMMs kept started, jailed and networked without a VM per warm template, which the
+    /// children of a fork of its sandboxes load their source into [env: MVM_FORK_POOL,
+    /// default 0].
+    #[arg(long, value_name = "N")]
+    fork_pool: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +214,9 @@ async fn serve(mut cfg: ManagerConfig, args: ServeArgs) -> mvm_sandbox::Result<(
     }
     if let Some(n) = args.warm_pool {
         cfg.warm_pool = n;
+    }
+    if let Some(n) = args.fork_pool {
+        cfg.fork_pool = n;
     }
     let template_dir = args
         .template_dir

@@ -244,11 +244,19 @@ impl Manager {
                 "only a vm-tier sandbox holds the containers of a pod".into(),
             ));
         }
-        if container_slots == 0 && matches!(origin, Origin::Request) {
-            if let Some(taken) = self
-                .take_pooled(tenant, &sandbox, &template, !secrets.is_empty())
-                .await?
-            {
+        if container_slots == 0 {
+            let taken = match &origin {
+                Origin::Request => {
+                    self.take_pooled(tenant, &sandbox, &template, !secrets.is_empty())
+                        .await?
+                }
+                Origin::Fork(saved) => {
+                    self.take_fork_pooled(tenant, &sandbox, &template, saved)
+                        .await?
+                }
+                Origin::Pooled | Origin::ForkPooled | Origin::Warming => None,
+            };
+            if let Some(taken) = taken {
                 self.inner.metrics.create_seconds.observe(started.elapsed());
                 return Ok(taken);
             }
@@ -325,6 +333,7 @@ impl Manager {
     ) -> vm::Boot {
         match (origin, userland) {
             (Origin::Fork(saved), _) => vm::Boot::Restore(saved.clone()),
+            (Origin::ForkPooled, _) => vm::Boot::Standby,
             (Origin::Request | Origin::Pooled, Userland::Template(t))
                 if s.isolation == Isolation::Vm && container_slots == 0 =>
             {
@@ -351,12 +360,13 @@ impl Manager {
         let boot = self.boot(&s, userland, container_slots, &origin);
         // A warm pool's entry is made with what CPU the live sandboxes leave idle.
         let share = match origin {
-            Origin::Pooled => CpuShare::Background,
+            Origin::Pooled | Origin::ForkPooled => CpuShare::Background,
             _ => CpuShare::Normal,
         };
         // A saved VM has a NIC whatever its network: warmed with one, it is restored with one
         // (left down and address-less when the sandbox has no network).
-        let needs_nic = matches!(origin, Origin::Warming) || matches!(boot, vm::Boot::Restore(_));
+        let needs_nic = matches!(origin, Origin::Warming)
+            || matches!(boot, vm::Boot::Restore(_) | vm::Boot::Standby);
         let addrs = net::Addresses::of(cfg.subnet, row.slot);
         let spec = s.network.spec();
         let ports = s.network.ports.clone();
@@ -501,6 +511,11 @@ impl Manager {
         lock(&self.inner.live).insert(row.sandbox.id.clone(), Arc::clone(&live));
         self.inner.db.update_sandbox(row)?;
         let spawned = started.elapsed();
+        // A fork pool's VMM waits for a VM, and so for its agent.
+        if matches!(boot, vm::Boot::Standby) {
+            self.await_vmm_api(row, &live).await?;
+            return Ok(spawned);
+        }
         // Step 5: the agent.
         // A restored guest without a network keeps its NIC down and address-less.
         let identity_net = guest_net.filter(|_| row.sandbox.network.address.is_some());
@@ -530,6 +545,8 @@ pub(super) enum Origin {
     Request,
     /// A warm pool's sandbox: restores its template's snapshot.
     Pooled,
+    /// A fork pool's sandbox: its VMM started without a VM, for a fork's child to load into.
+    ForkPooled,
     /// The sandbox that warms its template: booted cold, with a NIC.
     Warming,
     /// A fork's child: restores its source's saved VM.

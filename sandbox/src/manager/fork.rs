@@ -4,8 +4,9 @@
 //! The source is paused only while its VMM saves the VM into its save directory and the
 //! manager takes the files and a sparse copy of the writable layer (`snapshot::take_for_fork`),
 //! then resumed; each child is then made like any sandbox (quota, network, jail) but restores
-//! the saved VM instead of booting, and its agent gives it its own host name, MAC, address,
-//! entropy and clock. Children share the saved memory file's page cache until they write.
+//! the saved VM instead of booting, or takes a VMM of the template's fork pool and loads it
+//! there (see `pool`); its agent gives it its own host name, MAC, address, entropy and
+//! clock. Children share the saved memory file's page cache until they write.
 
 use super::create::Origin;
 use super::lock::BusyLock;
@@ -61,7 +62,6 @@ impl Manager {
         }
         let started = std::time::Instant::now();
         let saved = self.save_running(&row).await?;
-        tracing::debug!(%id, saved = ?started.elapsed(), "fork source saved");
         // The children start at once, each in a task of its own.
         let mut starting = tokio::task::JoinSet::new();
         for _ in 0..count {
@@ -114,14 +114,17 @@ impl Manager {
     /// halfway.
     async fn save_running(&self, row: &crate::db::SandboxRow) -> Result<snapshot::SavedVm> {
         let id = row.sandbox.id.clone();
+        let started = std::time::Instant::now();
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&id))?;
         // The socket's path is valid while `socket` lives.
         let socket = self.vmm_api(row)?;
         let api = socket.path();
         vm::set_paused(&api, true).await?;
-        let saved = match vm::save_snapshot(&api).await {
+        let saving = vm::save_snapshot(&api).await;
+        let dumped = started.elapsed();
+        let saved = match saving {
             Ok(()) => {
-                let cfg = self.inner.cfg.clone();
+                let (cfg, id) = (self.inner.cfg.clone(), id.clone());
                 blocking(move || {
                     let layer = cfg.sandbox_dir(&id).join(vm::LAYER_NAME);
                     snapshot::take_for_fork(&cfg, &id, &layer)
@@ -130,12 +133,14 @@ impl Manager {
             }
             Err(e) => Err(e),
         };
+        let copied = started.elapsed();
         let resumed = vm::set_paused(&api, false).await;
         let saved = saved?;
         if let Err(e) = resumed {
             let _ = blocking(move || saved.remove()).await;
             return Err(e);
         }
+        tracing::debug!(%id, ?dumped, ?copied, saved = ?started.elapsed(), "fork source saved");
         Ok(saved)
     }
 }

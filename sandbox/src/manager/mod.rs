@@ -122,6 +122,10 @@ pub struct ManagerConfig {
     /// (`mvmd --warm-pool`, `MVM_WARM_POOL`, default 0; kept only where the API is served:
     /// [`Manager::start_pools`]).
     pub warm_pool: u32,
+    /// VMMs kept started without a VM (jailed, networked) per warm template, into which the
+    /// children of forks of its sandboxes load their source (`mvmd --fork-pool`,
+    /// `MVM_FORK_POOL`, default 0; kept with the warm pool).
+    pub fork_pool: u32,
 }
 
 impl ManagerConfig {
@@ -171,7 +175,8 @@ impl ManagerConfig {
                 .ok()
                 .filter(|v| !v.trim().is_empty()),
             egress_ca: var("MVM_EGRESS_CA"),
-            warm_pool: warm_pool_from_env(),
+            warm_pool: pool_size_from_env("MVM_WARM_POOL"),
+            fork_pool: pool_size_from_env("MVM_FORK_POOL"),
         }
     }
 
@@ -268,14 +273,12 @@ fn allowed_isolation_from_env() -> AllowedIsolation {
     }
 }
 
-/// The pool size `MVM_WARM_POOL` asks for: none when unset; an invalid value keeps none, with
-/// a warning.
-fn warm_pool_from_env() -> u32 {
-    match std::env::var("MVM_WARM_POOL") {
+/// The pool size variable `name` (`MVM_WARM_POOL`, `MVM_FORK_POOL`) asks for: none when
+/// unset; an invalid value keeps none, with a warning.
+fn pool_size_from_env(name: &str) -> u32 {
+    match std::env::var(name) {
         Ok(v) if !v.trim().is_empty() => v.trim().parse().unwrap_or_else(|e| {
-            tracing::warn!(
-                "MVM_WARM_POOL={v:?} is not a number of sandboxes ({e}); keeping no warm pool"
-            );
+            tracing::warn!("{name}={v:?} is not a number of sandboxes ({e}); keeping none");
             0
         }),
         _ => 0,

@@ -15,6 +15,12 @@
 //! An entry is used once: nothing a tenant ran ever returns to the pool. A new snapshot of
 //! the template replaces its entries; mvmd's stop destroys them, and a start destroys any an
 //! earlier mvmd left.
+//!
+//! Beside them a pool keeps the fork pool (`mvmd --fork-pool N`, `MVM_FORK_POOL`): VMMs
+//! started without a VM ([`vm::Boot::Standby`]), jailed and networked alike, made after the
+//! restored entries. A fork's child of the snapshot's size takes one the same way, and the
+//! fork's saved VM is handed to it ([`SavedVm::hand_to`]) and loaded: the child skips its
+//! namespace, network, jail and the VMM's start.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +30,9 @@ use std::time::{Duration, Instant};
 use super::cgroups::{CpuShare, LimitCgroups};
 use super::create::{connect_namespace, guest_nic, Origin};
 use super::lock::BusyLock;
+use super::snapshot::SavedVm;
 use super::tier::{vm, Userland};
-use super::{blocking, lock, net, snapshot, Manager};
+use super::{blocking, lock, net, snapshot, Manager, ManagerConfig};
 use crate::db::{Quota, SandboxRow, Tenant};
 use crate::error::Result;
 use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState};
@@ -48,15 +55,77 @@ pub(super) struct Pools {
 /// One template's pool.
 #[derive(Default)]
 struct Pool {
+    /// Sandboxes restored from the snapshot, for creates.
+    restored: Reserve,
+    /// VMMs started without a VM, for the children of forks (the fork pool).
+    forks: Reserve,
+    /// The snapshot they were made for (its `created_at`).
+    snapshot: i64,
+    /// Whether a fill is running.
+    filling: bool,
+}
+
+/// The two kinds of entries a pool keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Restored from the snapshot (`--warm-pool`).
+    Restored,
+    /// A VMM started without a VM (`--fork-pool`).
+    Fork,
+}
+
+impl Kind {
+    /// How many of this kind a pool keeps.
+    fn size(self, cfg: &ManagerConfig) -> u32 {
+        match self {
+            Kind::Restored => cfg.warm_pool,
+            Kind::Fork => cfg.fork_pool,
+        }
+    }
+
+    /// How an entry of this kind starts.
+    fn origin(self) -> Origin {
+        match self {
+            Kind::Restored => Origin::Pooled,
+            Kind::Fork => Origin::ForkPooled,
+        }
+    }
+}
+
+impl Pool {
+    /// Takes every entry ready, of both kinds.
+    fn take_all(&mut self) -> Vec<Entry> {
+        let mut all = std::mem::take(&mut self.restored.ready);
+        all.append(&mut self.forks.ready);
+        all
+    }
+
+    /// The kind of entry a fill makes next, with its network: restored ones first, then
+    /// started VMMs for forks; none when both are full.
+    fn next(&mut self, cfg: &ManagerConfig) -> Option<(Kind, NetworkSpec)> {
+        let kind = [Kind::Restored, Kind::Fork]
+            .into_iter()
+            .find(|&kind| (self.reserve(kind).ready.len() as u32) < kind.size(cfg))?;
+        let network = self.reserve(kind).wanted.pop_front().unwrap_or_default();
+        Some((kind, network))
+    }
+
+    fn reserve(&mut self, kind: Kind) -> &mut Reserve {
+        match kind {
+            Kind::Restored => &mut self.restored,
+            Kind::Fork => &mut self.forks,
+        }
+    }
+}
+
+/// The entries of one kind ready in a pool, and the networks the next ones are made with.
+#[derive(Default)]
+struct Reserve {
     /// Entries ready to be taken, oldest first.
     ready: Vec<Entry>,
     /// The networks the next entries are made with (those of the latest takes), at most the
     /// pool's size; with none, no network (egress `none`).
     wanted: VecDeque<NetworkSpec>,
-    /// The snapshot they were restored from (its `created_at`).
-    snapshot: i64,
-    /// Whether a fill is running.
-    filling: bool,
 }
 
 /// An entry ready to be taken.
@@ -67,7 +136,7 @@ struct Entry {
     network: NetworkSpec,
 }
 
-impl Pool {
+impl Reserve {
     /// Takes the oldest entry connected for `network` (when it is all a create asks), else
     /// the oldest. Whether the entry's network is the one asked comes with it.
     fn take(&mut self, network: &NetworkSpec, has_ports: bool) -> Option<(Entry, bool)> {
@@ -94,11 +163,11 @@ impl Pool {
 }
 
 impl Pools {
-    /// How many entries of `template` are ready.
-    pub(super) fn ready(&self, template: &str) -> u32 {
-        lock(&self.templates)
-            .get(template)
-            .map_or(0, |p| p.ready.len() as u32)
+    /// How many entries of `template` are ready: restored ones, and started VMMs for forks.
+    pub(super) fn ready(&self, template: &str) -> (u32, u32) {
+        lock(&self.templates).get(template).map_or((0, 0), |p| {
+            (p.restored.ready.len() as u32, p.forks.ready.len() as u32)
+        })
     }
 }
 
@@ -120,7 +189,7 @@ impl Manager {
     /// Starts keeping `warm_pool` entries of every warm template (mvmd calls it once it
     /// serves): entries an earlier mvmd left are destroyed first.
     pub async fn start_pools(&self) -> Result<()> {
-        if self.inner.cfg.warm_pool == 0 {
+        if self.inner.cfg.warm_pool == 0 && self.inner.cfg.fork_pool == 0 {
             return Ok(());
         }
         for row in self.inner.db.sandboxes(Some(POOL_TENANT))? {
@@ -143,7 +212,7 @@ impl Manager {
         }
         let ready: Vec<String> = lock(&self.inner.pools.templates)
             .values_mut()
-            .flat_map(|p| std::mem::take(&mut p.ready))
+            .flat_map(|p| p.take_all())
             .map(|e| e.id)
             .collect();
         for id in ready {
@@ -178,35 +247,40 @@ impl Manager {
         fills.push(fill);
     }
 
-    /// Makes entries of template `name` until its pool is full (or the pools stop). Ends
-    /// the fill (the pool's `filling`) itself when it returns `Ok`: a full pool is found so
-    /// under the same lock as a take's, so no take falls between the check and the end.
+    /// Makes entries of template `name` until its pool is full (or the pools stop): restored
+    /// ones first, then started VMMs for forks. Ends the fill (the pool's `filling`) itself
+    /// when it returns `Ok`: a full pool is found so under the same lock as a take's, so no
+    /// take falls between the check and the end.
     async fn fill(&self, name: &str) -> Result<()> {
         let pools = &self.inner.pools;
+        let cfg = &self.inner.cfg;
         loop {
             let template = self.requested_template(Some(name.to_owned()))?;
-            let Some(warm) = snapshot::find(&self.inner.cfg, &template) else {
+            let Some(warm) = snapshot::find(cfg, &template) else {
                 self.fill_stopped(name);
                 return Ok(());
             };
             let current = warm.describe();
-            let (stale, network) = {
+            let (stale, next) = {
                 let mut templates = lock(&pools.templates);
                 let pool = templates.entry(name.to_owned()).or_default();
                 let stale = match pool.snapshot == current.created_at {
                     true => Vec::new(),
-                    false => std::mem::take(&mut pool.ready),
+                    false => pool.take_all(),
                 };
                 pool.snapshot = current.created_at;
-                if stale.is_empty() && pool.ready.len() as u32 >= self.inner.cfg.warm_pool {
+                let next = pool.next(cfg);
+                if next.is_none() {
                     pool.filling = false;
-                    return Ok(());
                 }
-                (stale, pool.wanted.pop_front().unwrap_or_default())
+                (stale, next)
             };
             for entry in stale {
                 self.destroy_entry(&entry.id).await;
             }
+            let Some((kind, network)) = next else {
+                return Ok(());
+            };
             if !pools.enabled.load(Ordering::SeqCst) {
                 self.fill_stopped(name);
                 return Ok(());
@@ -221,15 +295,13 @@ impl Manager {
                 network: Some(network.clone()),
                 ..CreateSandbox::default()
             };
-            let entry = self
-                .create_from(&pool_tenant(), req, Origin::Pooled)
-                .await?;
+            let entry = self.create_from(&pool_tenant(), req, kind.origin()).await?;
             let kept = pools.enabled.load(Ordering::SeqCst) && {
                 let mut templates = lock(&pools.templates);
                 let pool = templates.entry(name.to_owned()).or_default();
                 let kept = pool.snapshot == current.created_at;
                 if kept {
-                    pool.ready.push(Entry {
+                    pool.reserve(kind).ready.push(Entry {
                         id: entry.id.clone(),
                         network,
                     });
@@ -238,8 +310,10 @@ impl Manager {
             };
             if !kept {
                 self.destroy_entry(&entry.id).await;
-            } else {
+            } else if kind == Kind::Restored {
                 tracing::debug!(template = %name, id = %entry.id, "warm pool entry ready");
+            } else {
+                tracing::debug!(template = %name, id = %entry.id, "fork pool entry ready");
             }
         }
     }
@@ -269,6 +343,39 @@ impl Manager {
         userland: &Userland,
         has_secrets: bool,
     ) -> Result<Option<Sandbox>> {
+        if has_secrets {
+            return Ok(None);
+        }
+        self.take(Kind::Restored, tenant, planned, userland, None)
+            .await
+    }
+
+    /// Gives `planned` (a fork's child, a checked create of `tenant` from `userland`) a VMM
+    /// of the fork pool when one fits: the entry becomes the tenant's sandbox as a warm pool's
+    /// does (see [`Manager::take_pooled`]), then `saved` (the fork's source) is handed to its
+    /// VMM and loaded. `None` when none fits or is ready (or one failed: it is destroyed), and
+    /// the child is created as usual.
+    pub(super) async fn take_fork_pooled(
+        &self,
+        tenant: &Tenant,
+        planned: &Sandbox,
+        userland: &Userland,
+        saved: &SavedVm,
+    ) -> Result<Option<Sandbox>> {
+        self.take(Kind::Fork, tenant, planned, userland, Some(saved))
+            .await
+    }
+
+    /// An entry of `kind` for `planned` (see [`Manager::take_pooled`]); a fork pool's loads
+    /// `saved`.
+    async fn take(
+        &self,
+        kind: Kind,
+        tenant: &Tenant,
+        planned: &Sandbox,
+        userland: &Userland,
+        saved: Option<&SavedVm>,
+    ) -> Result<Option<Sandbox>> {
         let pools = &self.inner.pools;
         let Userland::Template(template) = userland else {
             return Ok(None);
@@ -276,7 +383,6 @@ impl Manager {
         if !pools.enabled.load(Ordering::SeqCst)
             || planned.isolation != Isolation::Vm
             || planned.image.is_some()
-            || has_secrets
         {
             return Ok(None);
         }
@@ -294,7 +400,7 @@ impl Manager {
             templates
                 .get_mut(&template.name)
                 .filter(|p| p.snapshot == current.created_at)
-                .and_then(|p| p.take(&network, has_ports))
+                .and_then(|p| p.reserve(kind).take(&network, has_ports))
         };
         let Some((entry, connected)) = taken else {
             self.refill(&template.name);
@@ -313,29 +419,41 @@ impl Manager {
                 // The entry is as it was: back to the pool (a quota or port refusal is the
                 // create's answer).
                 if let Some(pool) = lock(&pools.templates).get_mut(&template.name) {
-                    pool.ready.insert(0, entry);
+                    pool.reserve(kind).ready.insert(0, entry);
                 }
                 return Err(e);
             }
         };
         // Only a create that got its entry asks the pool for its network.
         if let Some(pool) = lock(&pools.templates).get_mut(&template.name) {
-            pool.want(network, self.inner.cfg.warm_pool);
+            pool.reserve(kind).want(network, kind.size(&self.inner.cfg));
         }
         let made = self
-            .connect_taken(&mut row, &entry.network, connected)
+            .connect_taken(&mut row, &entry.network, connected, saved)
             .await;
         // The pool fills again once the entry is connected (in the background: its share of
         // a contended CPU is the least).
         self.refill(&template.name);
-        match made {
-            Ok(networked) => {
-                let network = if connected { "ready" } else { "reconnected" };
-                tracing::debug!(%id, tenant = %tenant.name, network, ?networked, ready = ?started.elapsed(), "warm pool entry taken");
+        let network = if connected { "ready" } else { "reconnected" };
+        let (tenant, ready) = (&tenant.name, started.elapsed());
+        match (made, kind) {
+            (Ok(networked), Kind::Restored) => {
+                self.inner
+                    .metrics
+                    .pool_taken
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%id, %tenant, network, ?networked, ?ready, "warm pool entry taken");
                 Ok(Some(row.sandbox))
             }
-            Err(e) => {
-                tracing::warn!(%id, "a warm pool entry failed to connect, creating anew: {e}");
+            (Ok(networked), Kind::Fork) => {
+                let metrics = &self.inner.metrics;
+                metrics.fork_pool_taken.fetch_add(1, Ordering::Relaxed);
+                metrics.restored.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%id, %tenant, network, ?networked, ?ready, "fork pool entry taken");
+                Ok(Some(row.sandbox))
+            }
+            (Err(e), _) => {
+                tracing::warn!(%id, ?kind, "a pool entry failed to connect, creating anew: {e}");
                 self.roll_back(&row.sandbox).await?;
                 Ok(None)
             }
@@ -344,33 +462,45 @@ impl Manager {
 
     /// Makes the taken entry `row` what its new owner asked: its full share of the CPU, the
     /// network (unless `connected` for it already: else the entry's, `was`, is replaced),
-    /// then the guest's address, resolver, entropy and clock through its agent. Returns when
-    /// the network was done (since the call).
+    /// a fork pool's VMM the VM `load` (handed to it, loaded, its agent awaited), then the
+    /// guest's address, resolver, entropy and clock through its agent. Returns when the
+    /// network was done (since the call).
     async fn connect_taken(
         &self,
         row: &mut SandboxRow,
         was: &NetworkSpec,
         connected: bool,
+        load: Option<&SavedVm>,
     ) -> Result<Duration> {
         let started = Instant::now();
         let addrs = net::Addresses::of(self.inner.cfg.subnet, row.slot);
         let (cfg, id) = (self.inner.cfg.clone(), row.sandbox.id.clone());
         // An entry without a veth has only the namespace's rules, which a connect replaces.
         let disconnect = !connected && net::has_veth(was, &[]);
+        let handed = load.cloned();
         blocking(move || {
             LimitCgroups::of(&cfg.cgroup_parent, &id)?.set_cpu_share(CpuShare::Normal)?;
+            if let Some(saved) = handed {
+                saved.hand_to(&cfg, &id, &cfg.sandbox_dir(&id).join(vm::LAYER_NAME))?;
+            }
             match disconnect {
                 true => net::disconnect(&cfg.netns(&id), &id),
                 false => Ok(()),
             }
         })
         .await?;
+        let handed = started.elapsed();
         let s = &row.sandbox;
         if !connected {
             let cfg = self.inner.cfg.clone();
             connect_namespace(cfg, s, addrs, Vec::new(), None, CpuShare::Normal).await?;
         }
         let networked = started.elapsed();
+        let live = self.live(&row.sandbox.id);
+        if load.is_some() {
+            vm::load_snapshot(&self.vmm_api(row)?.path()).await?;
+            tracing::debug!(id = %row.sandbox.id, ?handed, ?networked, loaded = ?started.elapsed(), "fork pool entry loaded");
+        }
         row.sandbox.network = net::info(
             &s.network.spec(),
             &s.network.ports,
@@ -384,11 +514,15 @@ impl Manager {
             .address
             .is_some()
             .then(|| guest_nic(addrs));
-        let live = self.live(&row.sandbox.id);
         let connected = live.agent.lock().await.clone();
-        let agent = match connected {
-            Some(agent) => agent,
-            None => self.connect_agent(row).await?,
+        let agent = match (connected, load) {
+            (Some(agent), _) => agent,
+            (None, Some(_)) => {
+                let agent = self.wait_agent(&live, row, vm::READY_TIMEOUT).await?;
+                *live.agent.lock().await = Some(agent.clone());
+                agent
+            }
+            (None, None) => self.connect_agent(row).await?,
         };
         agent
             .reidentify(vm::identity(
@@ -399,10 +533,6 @@ impl Manager {
             .await?;
         row.sandbox.state = SandboxState::Running;
         self.inner.db.update_sandbox(row)?;
-        self.inner
-            .metrics
-            .pool_taken
-            .fetch_add(1, Ordering::Relaxed);
         Ok(networked)
     }
 }
@@ -419,8 +549,8 @@ mod tests {
         }
     }
 
-    fn pool(entries: &[(&str, NetworkSpec)]) -> Pool {
-        Pool {
+    fn reserve(entries: &[(&str, NetworkSpec)]) -> Reserve {
+        Reserve {
             ready: entries
                 .iter()
                 .map(|(id, network)| Entry {
@@ -428,7 +558,7 @@ mod tests {
                     network: network.clone(),
                 })
                 .collect(),
-            ..Pool::default()
+            ..Reserve::default()
         }
     }
 
@@ -440,7 +570,7 @@ mod tests {
         let allow = spec(Egress::Allow, &["10.9.9.9/32"]);
         let all = spec(Egress::All, &[]);
         let none = NetworkSpec::default();
-        let mut p = pool(&[
+        let mut p = reserve(&[
             ("a", none.clone()),
             ("b", allow.clone()),
             ("c", allow.clone()),
@@ -456,5 +586,32 @@ mod tests {
             p.want(network, 2);
         }
         assert_eq!(p.wanted, [allow, all]);
+    }
+
+    /// A fill makes the restored entries first, then the fork pool's started VMMs (with the
+    /// networks its takes asked for), and stops when both are full.
+    #[test]
+    fn a_fill_makes_restored_entries_then_started_vmms() {
+        let cfg = ManagerConfig {
+            warm_pool: 1,
+            fork_pool: 2,
+            ..ManagerConfig::from_env()
+        };
+        let allow = spec(Egress::Allow, &["10.9.9.9/32"]);
+        let none = NetworkSpec::default();
+        let mut p = Pool::default();
+        p.forks.want(allow.clone(), 2);
+        assert_eq!(p.next(&cfg), Some((Kind::Restored, none.clone())));
+        p.restored = reserve(&[("r", none.clone())]);
+        assert_eq!(p.next(&cfg), Some((Kind::Fork, allow.clone())));
+        p.forks = reserve(&[("f", allow)]);
+        assert_eq!(p.next(&cfg), Some((Kind::Fork, none.clone())));
+        p.forks.ready.push(Entry {
+            id: "g".into(),
+            network: none,
+        });
+        assert_eq!(p.next(&cfg), None);
+        assert_eq!(p.take_all().len(), 3);
+        assert_eq!(p.next(&cfg).map(|(kind, _)| kind), Some(Kind::Restored));
     }
 }

@@ -14,7 +14,7 @@
 //!   hold the files) and with the sandbox's teardown.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
@@ -62,6 +62,27 @@ impl SavedVm {
             .map_err(|e| Error::host(format!("handing {} to the sandbox", to.display()), e))
     }
 
+    /// Hands it to the started VMM of sandbox `id` (a fork pool's, see [`make_restore_dir`]):
+    /// links the state and memory files into the sandbox's restore directory and makes its
+    /// writable layer `layer` (bound into its jail already, so written in place: a link
+    /// there is not followed) the layer of the snapshot's instant.
+    pub fn hand_to(&self, cfg: &ManagerConfig, id: &str, layer: &Path) -> Result<()> {
+        let restore = cfg.restore_dir(id);
+        for file in [STATE, MEMORY] {
+            let (from, to) = (self.dir.join(file), restore.join(file));
+            fs::hard_link(&from, &to).map_err(|e| {
+                Error::host(format!("linking {} to {}", from.display(), to.display()), e)
+            })?;
+        }
+        let dst = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(layer)
+            .map_err(|e| Error::host(format!("opening {}", layer.display()), e))?;
+        copy_into(&self.dir.join(LAYER), &dst, layer)
+    }
+
     /// Removes it (sandboxes restored from it keep their files open through their jails).
     pub fn remove(self) -> Result<()> {
         host::remove_tree(&self.dir)
@@ -77,6 +98,13 @@ impl ManagerConfig {
     /// Where a fork of sandbox `id` keeps its saved VM while the children start.
     fn fork_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("saves").join(format!("{id}.fork"))
+    }
+
+    /// The directory a fork pool's VMM (sandbox `id`'s) finds the saved VM to load in
+    /// (bound read-only at `/restore` in its jail; on the state directory's disk, so that a
+    /// fork's files are linked in, not copied).
+    fn restore_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("saves").join(format!("{id}.restore"))
     }
 
     /// Where template `name`'s snapshot lives.
@@ -98,9 +126,23 @@ pub fn make_save_dir(cfg: &ManagerConfig, id: &str, uid: u32) -> Result<PathBuf>
     Ok(dir)
 }
 
-/// Removes what sandbox `id` saved: its save directory and a fork's saved VM. Idempotent.
+/// Makes sandbox `id`'s empty restore directory (root's, readable by its VMM), where a saved
+/// VM is handed to it later ([`SavedVm::hand_to`]).
+pub fn make_restore_dir(cfg: &ManagerConfig, id: &str) -> Result<PathBuf> {
+    let dir = cfg.restore_dir(id);
+    let parent = dir.parent().expect("a restore dir has a parent");
+    let made = fs::create_dir_all(parent)
+        .and_then(|()| fs::set_permissions(parent, fs::Permissions::from_mode(0o700)))
+        .and_then(|()| fs::create_dir(&dir))
+        .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)));
+    made.map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    Ok(dir)
+}
+
+/// Removes what sandbox `id` saved: its save directory, a fork's saved VM, and the restore
+/// directory of a fork pool's VMM. Idempotent.
 pub fn remove_saves(cfg: &ManagerConfig, id: &str) -> Result<()> {
-    for dir in [cfg.save_dir(id), cfg.fork_dir(id)] {
+    for dir in [cfg.save_dir(id), cfg.fork_dir(id), cfg.restore_dir(id)] {
         if dir.exists() {
             host::remove_tree(&dir)?;
         }
@@ -214,6 +256,7 @@ impl Meta {
             memory_mib: self.memory_mib,
             created_at: self.created_at,
             pooled: 0,
+            fork_pooled: 0,
         }
     }
 }
@@ -320,19 +363,24 @@ impl Drop for Staging {
 /// copied only when either side writes them; elsewhere the copy keeps holes: a layer is
 /// mostly empty, and only its data is read and written (`SEEK_DATA`/`SEEK_HOLE`).
 fn clone_or_copy(from: &Path, to: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let at = |what: &str, path: &Path, e: std::io::Error| {
-        Error::host(format!("{what} {}", path.display()), e)
-    };
-    let src = fs::File::open(from).map_err(|e| at("opening", from, e))?;
-    let len = src.metadata().map_err(|e| at("stat", from, e))?.len();
     let dst = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(to)
-        .map_err(|e| at("creating", to, e))?;
+        .map_err(|e| Error::host(format!("creating {}", to.display()), e))?;
+    copy_into(from, &dst, to)
+}
+
+/// [`clone_or_copy`] into `dst`, the empty file at `to`.
+fn copy_into(from: &Path, dst: &fs::File, to: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let at = |what: &str, path: &Path, e: std::io::Error| {
+        Error::host(format!("{what} {}", path.display()), e)
+    };
+    let src = fs::File::open(from).map_err(|e| at("opening", from, e))?;
+    let len = src.metadata().map_err(|e| at("stat", from, e))?.len();
     // SAFETY: FICLONE takes two descriptors this function owns; it reads no memory of ours.
     if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
         return Ok(());
@@ -548,5 +596,53 @@ mod tests {
         assert_eq!(fs::metadata(&copy).unwrap().uid(), 4242);
         saved.remove().unwrap();
         remove_saves(&cfg, id).unwrap();
+    }
+
+    /// A fork's saved VM handed to a fork pool's VMM: its files linked into the restore
+    /// directory (root's, 0755, the files read-only), the layer bound already written in
+    /// place with the fork's (a longer earlier content gone); a link planted at the layer's
+    /// path is not followed; the directory goes with the sandbox's saves.
+    #[test]
+    fn a_saved_vm_is_handed_to_a_started_vmm_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let source = "0000000000aa";
+        let save = make_save_dir(&cfg, source, 0).unwrap();
+        fs::write(save.join(STATE), b"state").unwrap();
+        fs::write(save.join(MEMORY), b"memory").unwrap();
+        let layer = dir.path().join("source.ext4");
+        fs::write(&layer, b"the fork's layer").unwrap();
+        let saved = take_for_fork(&cfg, source, &layer).unwrap();
+
+        let child = "0000000000bb";
+        let restore = make_restore_dir(&cfg, child).unwrap();
+        let meta = fs::metadata(&restore).unwrap();
+        assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (0, 0o755));
+        let bound = dir.path().join("child.ext4");
+        fs::write(&bound, b"an earlier, longer content of the layer").unwrap();
+        let inode = fs::metadata(&bound).unwrap().ino();
+        saved.hand_to(&cfg, child, &bound).unwrap();
+        assert_eq!(fs::read(&bound).unwrap(), b"the fork's layer");
+        assert_eq!(fs::metadata(&bound).unwrap().ino(), inode);
+        assert_eq!(fs::read(restore.join(STATE)).unwrap(), b"state");
+        let memory = fs::metadata(restore.join(MEMORY)).unwrap();
+        assert_eq!(memory.ino(), fs::metadata(saved.memory()).unwrap().ino());
+        assert_eq!(memory.permissions().mode() & 0o777, 0o444);
+
+        let other = "0000000000cc";
+        make_restore_dir(&cfg, other).unwrap();
+        let secret = dir.path().join("secret");
+        fs::write(&secret, b"host only").unwrap();
+        let planted = dir.path().join("planted.ext4");
+        std::os::unix::fs::symlink(&secret, &planted).unwrap();
+        let err = saved.hand_to(&cfg, other, &planted).unwrap_err();
+        assert!(err.to_string().contains("opening"), "{err}");
+        assert_eq!(fs::read(&secret).unwrap(), b"host only");
+
+        saved.remove().unwrap();
+        for id in [source, child, other] {
+            remove_saves(&cfg, id).unwrap();
+        }
+        assert!(!restore.exists());
     }
 }

@@ -41,9 +41,13 @@ impl Manager {
             .templates()?
             .into_iter()
             .map(|t| Template {
-                snapshot: snapshot::find(cfg, &t).map(|warm| TemplateSnapshot {
-                    pooled: self.inner.pools.ready(&t.name),
-                    ..warm.describe()
+                snapshot: snapshot::find(cfg, &t).map(|warm| {
+                    let (pooled, fork_pooled) = self.inner.pools.ready(&t.name);
+                    TemplateSnapshot {
+                        pooled,
+                        fork_pooled,
+                        ..warm.describe()
+                    }
                 }),
                 ..t
             })

@@ -30,11 +30,11 @@ use crate::db::SandboxRow;
 use crate::error::{Error, Result};
 use crate::http::{send_collect, Endpoint};
 use crate::manager::snapshot::{self, SavedVm};
-use crate::manager::{beneath, net, rootfs, Manager, ManagerConfig};
+use crate::manager::{beneath, net, rootfs, Live, Manager, ManagerConfig};
 use crate::model::{Isolation, Sandbox, Template};
 
 /// How long a new vm-tier sandbox may take to answer (the guest kernel's boot).
-pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(in crate::manager) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Jail paths the VMM sees: the guest kernel.
 pub const KERNEL: &str = "/kernel";
@@ -121,6 +121,9 @@ pub(in crate::manager) enum Boot {
     Cold,
     /// Loads a saved VM (a warm template's, or a fork's source) instead of booting.
     Restore(SavedVm),
+    /// Starts the VMM without a VM (a fork pool's): the VM saved by a fork is handed to it
+    /// later ([`SavedVm::hand_to`]) and loaded.
+    Standby,
 }
 
 /// The `mvm-vmm` command line of sandbox `id` inside its jail: boot from [`CONFIG`] at once
@@ -328,6 +331,18 @@ pub(super) fn vm_jail(
                 bind(saved.memory(), &in_dir(RESTORE_DIR, snapshot::MEMORY), true),
             ]);
         }
+        Boot::Standby => {
+            // An empty layer, filled in place once a fork's VM is handed over.
+            let layer = dir.join(LAYER_NAME);
+            beneath::create_new_file(dir, LAYER_NAME, 0o600)?;
+            std::os::unix::fs::chown(&layer, Some(uid), Some(uid)).map_err(|e| {
+                Error::host(format!("handing {} to the sandbox", layer.display()), e)
+            })?;
+            mounts.extend([
+                bind(layer, LAYER, false),
+                bind(snapshot::make_restore_dir(cfg, &s.id)?, RESTORE_DIR, true),
+            ]);
+        }
         Boot::Cold => {
             if !Path::new(&t.kernel).is_file() {
                 return Err(Error::Invalid(format!(
@@ -369,11 +384,7 @@ pub(super) fn vm_jail(
         start.share,
     )?;
     j.mounts = mounts;
-    j.args = vmm_args(
-        &s.id,
-        cfg.console_limit,
-        !matches!(start.boot, Boot::Restore(_)),
-    );
+    j.args = vmm_args(&s.id, cfg.console_limit, matches!(start.boot, Boot::Cold));
     Ok(j)
 }
 
@@ -494,12 +505,15 @@ impl Manager {
         cfg.jail_socket(Isolation::Vm, &row.sandbox.id, cfg.uid(row), API_SOCK)
     }
 
-    /// Waits until the just-spawned VMM of `row` serves its API socket.
+    /// Waits until the just-spawned VMM of `row` (`live`) serves its API socket; fails when
+    /// its jailer exits first.
     pub(in crate::manager) async fn await_vmm_api(
         &self,
         row: &SandboxRow,
+        live: &Live,
     ) -> Result<beneath::JailSocket> {
-        let deadline = tokio::time::Instant::now() + API_TIMEOUT;
+        let timeout = super::patience(row, API_TIMEOUT);
+        let deadline = std::time::Instant::now() + timeout;
         loop {
             let listening = match self.vmm_api(row) {
                 Ok(socket) => tokio::net::UnixStream::connect(socket.path())
@@ -510,13 +524,14 @@ impl Manager {
             };
             match listening {
                 Ok(socket) => return Ok(socket),
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Error::Host(format!(
-                        "mvm-vmm of sandbox {} did not serve its API within {API_TIMEOUT:?}: {e}",
-                        row.sandbox.id
-                    )))
+                Err(e) => {
+                    if let Some(e) = self.start_up_failure(live, &row.sandbox, deadline, || {
+                        format!("mvm-vmm did not serve its API within {timeout:?}: {e}")
+                    }) {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
     }

@@ -33,7 +33,7 @@ impl Manager {
         Ok(())
     }
 
-    pub(super) async fn wait_agent(
+    pub(in crate::manager) async fn wait_agent(
         &self,
         live: &Live,
         row: &SandboxRow,
@@ -60,7 +60,7 @@ impl Manager {
 
     /// Why a start-up cannot go on, with the console's tail: the jailer exited, or `deadline`
     /// passed (`late` says what did not come up); `None` while it may.
-    fn start_up_failure(
+    pub(super) fn start_up_failure(
         &self,
         live: &Live,
         s: &Sandbox,

@@ -3,10 +3,10 @@
 //! Where the suite runs in the nested harness its figures are TCG's (marked so); on hardware
 //! KVM the same case prints the hardware figures the goals name.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use super::snapshots::{await_pool, mean_pss, warm_default};
+use super::snapshots::{await_pool, await_pooled, logged_durations, mean_pss, warm_default};
 use super::{ms, sandbox_id, Ctx, ManagerDirs, MvmdSession, Outcome, Verdict};
 
 /// Creates at once (the goal's 16), and the warm pool's size.
@@ -26,7 +26,8 @@ fn create_body() -> serde_json::Value {
 /// (`POST /v1/sandboxes`, then `POST .../exec` of `cat /proc/sys/kernel/random/uuid`) one at a
 /// time and 16 at once, each create answered from the pool (`mvm_warm_pool_taken_total`)
 /// and each guest's kernel UUID its own; a fork of one of the 16 (running, 256 MiB) → its
-/// child's first exec output; the mean PSS of the 16 idle VMMs; creates+destroys per second
+/// child's first exec output, the child loaded into the VMM of the fork pool
+/// (`MVM_FORK_POOL=1`, checked with `mvm_fork_pool_taken_total`); the mean PSS of the 16 idle VMMs; creates+destroys per second
 /// by 16 workers. Records the figures against the hardware goals.
 pub fn snapshot_bench(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
@@ -35,6 +36,10 @@ pub fn snapshot_bench(ctx: &mut Ctx) -> Outcome {
     let mut dirs = ManagerDirs::new(ctx, "bench")?;
     dirs.env
         .push(("MVM_WARM_POOL".into(), CONCURRENT.to_string()));
+    dirs.env.push(("MVM_FORK_POOL".into(), "1".into()));
+    // The manager's debug lines time the fork's steps.
+    dirs.env
+        .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
     let session = MvmdSession::start_in(ctx, dirs)?;
     let measured = measure(ctx, &session);
     let figures = measured.as_ref().ok().cloned();
@@ -54,6 +59,8 @@ struct Figures {
     many: Vec<Duration>,
     /// Fork of a running sandbox → its child's first output.
     fork: Duration,
+    /// Where the fork's time went in mvmd.
+    fork_steps: String,
     /// Mean PSS of an idle restored sandbox's VMM, KiB.
     pss_kib: f64,
     /// Creates+destroys per second by `CONCURRENT` workers.
@@ -81,8 +88,12 @@ impl Figures {
             spread(&self.many),
         );
         ctx.record(
-            "snapshot bench (REST): fork of a running 256 MiB sandbox -> its child's first exec output (goal on hardware: 30 ms)",
+            "snapshot bench (REST, fork pool): fork of a running 256 MiB sandbox -> its child's first exec output (goal on hardware: 30 ms)",
             ms(self.fork),
+        );
+        ctx.record(
+            "snapshot bench: the fork's steps in mvmd",
+            self.fork_steps.clone(),
         );
         ctx.record(
             "snapshot bench: PSS of an idle restored sandbox's mvm-vmm, mean of 16 (goal on hardware: 12 MiB)",
@@ -143,6 +154,8 @@ fn measure(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
     }
     let pss_kib = mean_pss(&ids)?;
 
+    await_pooled(ctx, session, "fork_pooled", 1)?;
+    let fork_pool_before = counter(session, "mvm_fork_pool_taken_total")?;
     let started = Instant::now();
     let (status, body) = session.request(
         "POST",
@@ -159,6 +172,12 @@ fn measure(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
     }
     first_output(session, &child)?;
     let fork = started.elapsed();
+    if counter(session, "mvm_fork_pool_taken_total")? != fork_pool_before + 1 {
+        return Err(format!(
+            "the fork's child {child} was not loaded into the fork pool's VMM"
+        ));
+    }
+    let fork_steps = fork_steps(&session.log(), &ids[0], &child);
     ids.push(child);
     for id in &ids {
         destroy(session, id)?;
@@ -180,6 +199,7 @@ fn measure(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
         one,
         many,
         fork,
+        fork_steps,
         pss_kib,
         per_second,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -243,14 +263,39 @@ fn destroy(session: &MvmdSession, id: &str) -> Result<(), String> {
     }
 }
 
+/// Where fork of `source` into `child` (a fork pool's entry) spent its time in mvmd, from
+/// the manager's debug lines: the source's save (its memory written by the VMM, then its
+/// layer copied), then the child's take (the saved VM handed over, loaded, the child ready).
+fn fork_steps(log: &str, source: &str, child: &str) -> String {
+    let saved = logged_durations(log, "fork source saved", source);
+    let loaded = logged_durations(log, "fork pool entry loaded", child);
+    let taken = logged_durations(log, "fork pool entry taken", child);
+    let at = |steps: &HashMap<String, Duration>, name: &str| {
+        ms(steps.get(name).copied().unwrap_or_default())
+    };
+    format!(
+        "source saved {} (memory written {}), then the child handed its VM at {}, loaded at {}, ready at {}",
+        at(&saved, "saved"),
+        at(&saved, "dumped"),
+        at(&loaded, "handed"),
+        at(&loaded, "loaded"),
+        at(&taken, "ready")
+    )
+}
+
 /// `mvm_warm_pool_taken_total` of mvmd's metrics.
 fn taken(session: &MvmdSession) -> Result<u64, String> {
+    counter(session, "mvm_warm_pool_taken_total")
+}
+
+/// The value of mvmd's counter `name` (`/metrics`).
+fn counter(session: &MvmdSession, name: &str) -> Result<u64, String> {
     let metrics = session.get("/metrics")?;
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("mvm_warm_pool_taken_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("/metrics has no mvm_warm_pool_taken_total: {metrics}"))
+        .ok_or_else(|| format!("/metrics has no {name}: {metrics}"))
 }
 
 /// Checks that the `n` creates `what` since the count was `before` were all answered from

@@ -235,7 +235,7 @@ impl std::fmt::Display for Steps {
 
 /// The durations (`name=1.5ms`, Rust's `Debug` of a `Duration`) on mvmd's log line with
 /// `message` about sandbox `id`.
-fn logged_durations(log: &str, message: &str, id: &str) -> HashMap<String, Duration> {
+pub(super) fn logged_durations(log: &str, message: &str, id: &str) -> HashMap<String, Duration> {
     logged_fields(log, message, id)
         .into_iter()
         .filter_map(|(name, value)| Some((name, parse_duration(&value)?)))
@@ -507,13 +507,14 @@ fn unix_now() -> u64 {
 const CHILDREN: usize = 3;
 
 /// A shell in the source sandbox that holds a variable and counts into /tmp/state five times
-/// a second, and one that keeps writing 256 KiB files to the guest's disk and syncing them
-/// (so that disk requests are in flight when the VM is saved), both detached from the exec
-/// that starts them.
+/// a second (each value written whole: a reader never finds the file emptied), and one that keeps writing 256 KiB files to the guest's disk and syncing them
+/// (so that disk requests are in flight when the VM is saved) unless /tmp/quiet exists, both
+/// detached from the exec that starts them.
 const COUNTER: &str = "echo base > /tmp/base-file; mkdir -p /disk; \
-     setsid sh -c 'X=forty-two; i=0; while true; do i=$((i+1)); echo \"$X $i\" > /tmp/state; \
-     sleep 0.2; done' </dev/null >/dev/null 2>&1 & \
-     setsid sh -c 'i=0; while true; do i=$((i+1)); head -c 262144 /dev/urandom > /disk/f.new \
+     setsid sh -c 'X=forty-two; i=0; while true; do i=$((i+1)); echo \"$X $i\" > /tmp/state.new; \
+     mv /tmp/state.new /tmp/state; sleep 0.2; done' </dev/null >/dev/null 2>&1 & \
+     setsid sh -c 'i=0; while true; do if [ -e /tmp/quiet ]; then sleep 0.5; continue; fi; \
+     i=$((i+1)); head -c 262144 /dev/urandom > /disk/f.new \
      && mv /disk/f.new /disk/f.$((i % 4)) && sync; done' </dev/null >/dev/null 2>&1 & \
      echo started";
 
@@ -531,12 +532,21 @@ const CHILD_REPORT: &str = "cat /tmp/state; sleep 1; cat /tmp/state; cat /tmp/ba
 /// there, and each child has its own host name, MAC and kernel UUID (none the source's); the
 /// source goes on counting. A second shell keeps writing and syncing files on the guest's
 /// disk through the fork: no child's kernel logs a disk error, and each writes and reads back
-/// a synced file. Records the fork's duration against a cold create.
+/// a synced file (between forks the writer is quiet: on one emulated CPU the fork pool fills
+/// only with what the sandboxes leave idle). The same source is forked three times, checked
+/// alike: first each child
+/// restores in a jail of its own; then, the template warmed, mvmd (`MVM_FORK_POOL=3`) keeps 3
+/// VMMs started without a VM, and the children load into them (mvmd's "fork pool entry
+/// taken"): the first fork's reconnected (the pool starts without a network), the second's
+/// connected for them already (the pool refills with the children's network). Records the
+/// forks' durations against a cold create.
 pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
     }
     let mut dirs = ManagerDirs::new(ctx, "fork")?;
+    dirs.env
+        .push(("MVM_FORK_POOL".into(), CHILDREN.to_string()));
     // The manager's debug lines time the save and each child's create (see [`Steps`]).
     dirs.env
         .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
@@ -544,26 +554,38 @@ pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
     let checked = check_fork(ctx, &session);
     let figures = checked.as_ref().ok().cloned();
     let outcome = session.finish(ctx, checked.map(drop));
-    if let (Ok(Verdict::Pass), Some((cold, fork, saved, children))) = (&outcome, figures) {
+    if let (Ok(Verdict::Pass), Some(f)) = (&outcome, figures) {
         ctx.record(
             "vm tier via mvmd: cold create of the fork's source",
-            ms(cold),
+            ms(f.cold),
         );
         ctx.record(
             "vm tier via mvmd: mvm fork -n 3 (until the 3 children answer)",
-            ms(fork),
+            ms(f.forked),
         );
         ctx.record(
             "vm tier via mvmd: the fork's source paused, saved and resumed in mvmd",
-            ms(saved),
+            format!("{} (its memory written in {})", ms(f.saved), ms(f.dumped)),
         );
         ctx.record(
             "vm tier via mvmd: a fork child's steps in mvmd, p50 of 3",
-            children.to_string(),
+            f.children.to_string(),
         );
         ctx.record(
             "vm tier via mvmd: fork of 3 / cold create (goal per child <= 0.2)",
-            format!("{:.3}", fork.as_secs_f64() / cold.as_secs_f64()),
+            format!("{:.3}", f.forked.as_secs_f64() / f.cold.as_secs_f64()),
+        );
+        ctx.record(
+            "vm tier via mvmd: mvm fork -n 3 into the fork pool, reconnected / connected already",
+            format!("{} / {}", ms(f.reconnected), ms(f.pooled)),
+        );
+        ctx.record(
+            "vm tier via mvmd: a fork pool entry taken in mvmd (connected already), each, with when its VM was handed over and loaded",
+            f.taking,
+        );
+        ctx.record(
+            "vm tier via mvmd: fork of 3 into the fork pool (connected already) / cold create (goal per child <= 0.2)",
+            format!("{:.3}", f.pooled.as_secs_f64() / f.cold.as_secs_f64()),
         );
     }
     outcome
@@ -574,12 +596,29 @@ fn counted(line: &str) -> Option<u64> {
     line.strip_prefix("forty-two ")?.trim().parse().ok()
 }
 
-/// The checks; returns the source's cold create, the fork's and its save's durations and a
-/// child's steps.
-fn check_fork(
-    ctx: &Ctx,
-    session: &MvmdSession,
-) -> Result<(Duration, Duration, Duration, Steps), String> {
+/// What the fork case measured.
+#[derive(Clone)]
+struct ForkFigures {
+    /// The source's cold create.
+    cold: Duration,
+    /// The fork whose children restore in jails of their own.
+    forked: Duration,
+    /// Its source's save.
+    saved: Duration,
+    /// Of that, the VMM's writing of the memory.
+    dumped: Duration,
+    /// Where its children's time went in mvmd (p50).
+    children: Steps,
+    /// The fork whose children load into the fork pool's VMMs, reconnected.
+    reconnected: Duration,
+    /// The fork whose children load into the fork pool's VMMs connected for them.
+    pooled: Duration,
+    /// Each take of the last fork in mvmd (ms).
+    taking: String,
+}
+
+/// The checks; returns what they measured.
+fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
     let net = ["--egress", "allow", "--allow", "10.9.9.9"];
     let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
     args.extend_from_slice(&net);
@@ -593,17 +632,106 @@ fn check_fork(
         .as_str()
         .unwrap_or_default()
         .to_string();
+    std::thread::sleep(Duration::from_secs(1));
+    let (forked, ids) = fork_checked(ctx, session, &source)?;
+    let log = session.log();
+    let save = logged_durations(&log, "fork source saved", &source);
+    let (Some(&saved), Some(&dumped)) = (save.get("saved"), save.get("dumped")) else {
+        return Err(format!(
+            "mvmd's log has no \"fork source saved\" line for {source}"
+        ));
+    };
+    let children = ids
+        .iter()
+        .map(|id| Steps::of(&log, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    remove_all(ctx, session, &ids)?;
+
+    // The template warmed, the fork pool fills (without a network at first).
+    warm_default(ctx, session)?;
+    await_pooled(ctx, session, "fork_pooled", CHILDREN as u32)?;
+    let (reconnected, ids) = fork_checked(ctx, session, &source)?;
+    fork_pool_takes(&session.log(), &ids, "reconnected")?;
+    remove_all(ctx, session, &ids)?;
+    // Filled again with the children's network.
+    await_pooled(ctx, session, "fork_pooled", CHILDREN as u32)?;
+    let (pooled, ids) = fork_checked(ctx, session, &source)?;
+    let taking = fork_pool_takes(&session.log(), &ids, "ready")?;
+    remove_all(ctx, session, &ids)?;
+    Ok(ForkFigures {
+        cold,
+        forked,
+        saved,
+        dumped,
+        children: Steps::median(&children),
+        reconnected,
+        pooled,
+        taking,
+    })
+}
+
+/// Removes sandboxes `ids`.
+fn remove_all(ctx: &Ctx, session: &MvmdSession, ids: &[String]) -> Result<(), String> {
+    for id in ids {
+        session.mvm(ctx, &["rm", id], None)?;
+    }
+    Ok(())
+}
+
+/// Checks that each of `ids` was a fork pool's entry whose network was `expected` when
+/// taken (mvmd's "fork pool entry taken"); returns each take's time in mvmd.
+fn fork_pool_takes(log: &str, ids: &[String], expected: &str) -> Result<String, String> {
+    let mut taking = Vec::new();
+    for id in ids {
+        let taken = logged_fields(log, "fork pool entry taken", id);
+        let (Some(network), Some(ready)) = (
+            taken.get("network"),
+            taken.get("ready").and_then(|d| parse_duration(d)),
+        ) else {
+            return Err(format!(
+                "fork child {id} was not loaded into a fork pool's VMM (no \"fork pool entry \
+                 taken\" line with its network and time in mvmd's log)"
+            ));
+        };
+        if network != expected {
+            return Err(format!(
+                "fork child {id} took a fork pool entry whose network was {network:?}, expected \
+                 {expected:?} (the pool starts without a network and refills with the one its \
+                 takes ask for)"
+            ));
+        }
+        let steps = logged_durations(log, "fork pool entry loaded", id);
+        let step = |name: &str| ms(steps.get(name).copied().unwrap_or_default());
+        taking.push(format!(
+            "{} (handed at {}, loaded at {})",
+            ms(ready),
+            step("handed"),
+            step("loaded")
+        ));
+    }
+    Ok(taking.join(", "))
+}
+
+/// Forks `source` (whose shells run [`COUNTER`]) into [`CHILDREN`] and checks each child and
+/// the source (see [`fork_live_sandbox`]); returns how long `mvm fork` took and the
+/// children's ids.
+fn fork_checked(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    source: &str,
+) -> Result<(Duration, Vec<String>), String> {
     let exec =
         |id: &str, script: &str| session.mvm(ctx, &["exec", id, "--", "sh", "-c", script], None);
-    std::thread::sleep(Duration::from_secs(1));
-    let before = exec(&source, "cat /tmp/state")?;
+    // The source's disk writer runs through the fork (it is quiet between forks, while the
+    // fork pool fills on the CPU the sandboxes leave idle).
+    let before = exec(source, "rm -f /tmp/quiet; cat /tmp/state")?;
     let at_fork = counted(before.trim())
         .ok_or_else(|| format!("the source's counter wrote {before:?}, not 'forty-two N'"))?;
 
     let started = Instant::now();
     let out = session.mvm(
         ctx,
-        &["-o", "json", "fork", &source, "-n", &CHILDREN.to_string()],
+        &["-o", "json", "fork", source, "-n", &CHILDREN.to_string()],
         None,
     )?;
     let forked = started.elapsed();
@@ -616,7 +744,7 @@ fn check_fork(
         ));
     }
     let mut ids: Vec<String> = children.iter().map(sandbox_id).collect();
-    ids.push(source.clone());
+    ids.push(source.to_owned());
     let mut seen: Vec<(String, String, String)> = Vec::new();
     for id in &ids {
         let said = exec(id, CHILD_REPORT)?;
@@ -661,16 +789,9 @@ fn check_fork(
             return Err(format!("the source and its {CHILDREN} children do not each have their own {what}: {seen:?}"));
         }
     }
-    let log = session.log();
-    let saved = logged_durations(&log, "fork source saved", &source)
-        .get("saved")
-        .copied()
-        .ok_or_else(|| format!("mvmd's log has no \"fork source saved\" line for {source}"))?;
-    let children = ids[..CHILDREN]
-        .iter()
-        .map(|id| Steps::of(&log, id))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((cold, forked, saved, Steps::median(&children)))
+    exec(source, "touch /tmp/quiet")?;
+    ids.pop();
+    Ok((forked, ids))
 }
 
 /// Sandboxes of the warm pool in the pool case.
@@ -753,6 +874,17 @@ fn await_pool_full(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> {
 /// Waits until `mvm templates` shows the default template's snapshot with `n` sandboxes
 /// pooled (at most a minute per sandbox).
 pub(super) fn await_pool(ctx: &Ctx, session: &MvmdSession, n: u32) -> Result<(), String> {
+    await_pooled(ctx, session, "pooled", n)
+}
+
+/// Waits until `mvm templates` shows the default template's snapshot with `n` entries in
+/// its field `field` (`pooled`, `fork_pooled`), at most a minute per entry.
+pub(super) fn await_pooled(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    field: &str,
+    n: u32,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60 * u64::from(n));
     loop {
         let listed = session.mvm(ctx, &["-o", "json", "templates"], None)?;
@@ -761,13 +893,13 @@ pub(super) fn await_pool(ctx: &Ctx, session: &MvmdSession, n: u32) -> Result<(),
         let pooled = templates
             .as_array()
             .and_then(|all| all.iter().find(|t| t["name"] == "default"))
-            .map(|t| t["snapshot"]["pooled"].clone());
+            .map(|t| t["snapshot"][field].clone());
         if pooled == Some(serde_json::json!(n)) {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "the warm pool of template default did not fill to {n} within {} s: {listed}",
+                "template default's {field} did not reach {n} within {} s: {listed}",
                 60 * n
             ));
         }
