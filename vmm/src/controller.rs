@@ -21,7 +21,7 @@ use crate::exit::VmExit;
 use crate::metrics::{MetricsError, MetricsSink};
 use crate::seccomp::{Filters, SeccompError};
 use crate::snapshot::{read_snapshot, write_snapshot, LoadedSnapshot, SnapshotError};
-use crate::vstate::memory::{mark_dirty, reset_dirty};
+use crate::vstate::memory::{mark_dirty, reset_dirty, PageMap};
 
 /// Version reported by `GET /` and `GET /version`.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -406,6 +406,11 @@ impl Controller {
             CreateSnapshot(params) => {
                 let tracking = self.config.machine_config.track_dirty_pages;
                 params.validate(tracking)?;
+                // Memory a page server fills holds what it has not served yet: read whole.
+                let mut page_map = match self.page_server_uffd {
+                    Some(_) => None,
+                    None => PageMap::open(),
+                };
                 let vm = self.vm("PUT /snapshot/create")?;
                 if !vm.vcpus.is_paused() {
                     return Err(VmmActionError::NotPaused);
@@ -425,6 +430,7 @@ impl Controller {
                     &vm.mem,
                     &params.mem_file_path,
                     params.snapshot_type,
+                    page_map.as_mut(),
                 )?;
                 // The next Diff holds what is written from now on.
                 reset_dirty(&vm.mem);

@@ -19,7 +19,7 @@ use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::UartState;
 use crate::devices::virtio::mmio::MmioState;
 use crate::vstate::memory::{
-    dump_dirty, dump_memory, map_anonymous, map_memory_file, GuestMemory, MemoryError,
+    dump_dirty, dump_memory, map_anonymous, map_memory_file, GuestMemory, MemoryError, PageMap,
 };
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
@@ -130,20 +130,22 @@ impl MicrovmState {
 }
 
 /// Writes the state file at `snapshot_path` and guest memory at `mem_file_path` (both
-/// replaced if they exist): all of it (`Full`), or only its dirty pages at their offsets
-/// (`Diff`, see [`dump_dirty`]).
+/// replaced if they exist): all of it (`Full`; with this process's `page_map`, the pages
+/// never touched are skipped unread), or only its dirty pages at their offsets (`Diff`, see
+/// [`dump_dirty`]).
 pub fn write_snapshot(
     state: &MicrovmState,
     snapshot_path: &str,
     mem: &GuestMemory,
     mem_file_path: &str,
     snapshot_type: SnapshotType,
+    page_map: Option<&mut PageMap>,
 ) -> Result<(), SnapshotError> {
     let bytes =
         format::encode(state).map_err(|e| SnapshotError::Format(snapshot_path.to_string(), e))?;
     let mut mem_file = File::create(mem_file_path).map_err(file_error("create", mem_file_path))?;
     match snapshot_type {
-        SnapshotType::Full => dump_memory(mem, &mut mem_file),
+        SnapshotType::Full => dump_memory(mem, &mut mem_file, page_map),
         SnapshotType::Diff => dump_dirty(mem, &mut mem_file).map(drop),
     }
     .map_err(file_error("write", mem_file_path))?;

@@ -111,10 +111,16 @@ const DUMP_CHUNK: usize = 2 << 20;
 
 /// Writes every region of `mem` to the new, empty `file`, one after the other in layout
 /// order. Pages of zeros (what the guest never touched) are left as holes: the file takes
-/// only what the guest used, and a private mapping of it reads zeros there. The last page is
-/// always written, so that the file has its full length (with the `write` and `lseek` the
-/// VMM thread's seccomp filter allows).
-pub fn dump_memory(mem: &GuestMemory, file: &mut File) -> std::io::Result<()> {
+/// only what the guest used, and a private mapping of it reads zeros there. With this
+/// process's `page_map`, pages never touched are skipped without being read (see
+/// [`PageMap`]); without it every page is read. The last page is always written, so that
+/// the file has its full length (with the `write` and `lseek` the VMM thread's seccomp
+/// filter allows).
+pub fn dump_memory(
+    mem: &GuestMemory,
+    file: &mut File,
+    mut page_map: Option<&mut PageMap>,
+) -> std::io::Result<()> {
     let total: usize = mem.iter().map(|r| r.len() as usize).sum();
     let mut buf = vec![0u8; DUMP_CHUNK];
     let mut file_offset = 0usize;
@@ -122,20 +128,98 @@ pub fn dump_memory(mem: &GuestMemory, file: &mut File) -> std::io::Result<()> {
         let slice = region
             .as_volatile_slice()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let mut done = 0;
-        while done < slice.len() {
-            let len = DUMP_CHUNK.min(slice.len() - done);
-            let part = slice
-                .subslice(done, len)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            part.copy_to(&mut buf[..len]);
-            let at = file_offset + done;
+        let pages = slice.len().div_ceil(PAGE);
+        let last_region = file_offset + slice.len() == total;
+        let used = match page_map.as_deref_mut() {
+            Some(map) => Some(map.used_pages(region)?),
+            None => None,
+        };
+        let selected = |page: usize| {
+            used.as_ref().is_none_or(|used| used[page]) || (last_region && page + 1 == pages)
+        };
+        for run in page_runs(pages, DUMP_CHUNK / PAGE, selected) {
+            let len = (run.end * PAGE).min(slice.len()) - run.start * PAGE;
+            slice
+                .subslice(run.start * PAGE, len)
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+                .copy_to(&mut buf[..len]);
+            let at = file_offset + run.start * PAGE;
             write_used_pages(file, &buf[..len], at, at + len == total)?;
-            done += len;
         }
         file_offset += slice.len();
     }
     Ok(())
+}
+
+/// This process's page map (`/proc/self/pagemap`): which pages of guest memory were ever
+/// touched, in memory or swapped out. A save skips the others without reading them: reading
+/// one would fault it in, a zero page of anonymous memory, and in a restored VM's private
+/// mapping of its memory file a new page-cache page of zeros for every hole of the file.
+/// Not for memory a page server fills (`Uffd`): its untouched pages are the server's.
+pub struct PageMap(File);
+
+/// A page map entry's bits: the page is in memory, or swapped out.
+const PAGE_PRESENT: u64 = 1 << 63;
+const PAGE_SWAPPED: u64 = 1 << 62;
+
+impl PageMap {
+    /// This process's page map; `None` where it cannot be read (a jail without /proc).
+    pub fn open() -> Option<PageMap> {
+        File::open("/proc/self/pagemap").ok().map(PageMap)
+    }
+
+    /// Whether each page of `region` may hold data: touched, or, untouched in a mapping of
+    /// a file, where the file has data (an untouched page reads the file).
+    fn used_pages(&mut self, region: &GuestRegionMmap<AtomicBitmap>) -> std::io::Result<Vec<bool>> {
+        use std::io::Read;
+        let len = region.len() as usize;
+        let pages = len.div_ceil(PAGE);
+        let mut entries = vec![0u8; pages * 8];
+        let first = region.as_ptr() as usize / PAGE;
+        self.0.seek(SeekFrom::Start((first * 8) as u64))?;
+        self.0.read_exact(&mut entries)?;
+        let mut used: Vec<bool> = entries
+            .chunks_exact(8)
+            .map(|e| u64::from_ne_bytes(e.try_into().expect("chunks of 8")))
+            .map(|e| e & (PAGE_PRESENT | PAGE_SWAPPED) != 0)
+            .collect();
+        if let Some(backing) = region.file_offset() {
+            let start = backing.start();
+            for data in data_ranges(backing.file(), start, start + len as u64)? {
+                let from = ((data.start - start) as usize) / PAGE;
+                let to = ((data.end - start) as usize).div_ceil(PAGE).min(pages);
+                used[from..to].iter_mut().for_each(|u| *u = true);
+            }
+        }
+        Ok(used)
+    }
+}
+
+/// The ranges of `file` between `start` and `end` that hold data (the rest are holes).
+fn data_ranges(file: &File, start: u64, end: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+    use std::os::fd::AsRawFd;
+    let seek = |from: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek takes a descriptor we own and integers; it touches no memory of ours.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        match at {
+            at if at >= 0 => Ok(Some(at as u64)),
+            _ => match std::io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e => Err(e),
+            },
+        }
+    };
+    let mut ranges = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Some(data) = seek(at, libc::SEEK_DATA)?.filter(|&d| d < end) else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        ranges.push(data..hole);
+        at = hole;
+    }
+    Ok(ranges)
 }
 
 /// Marks in the regions' bitmaps the pages that `kvm_log` (KVM's dirty log, one `Vec` per
@@ -307,7 +391,7 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        dump_memory(&mem, &mut file).unwrap();
+        dump_memory(&mem, &mut file, None).unwrap();
         assert_eq!(file.metadata().unwrap().len(), 0x3000);
         // The one page of zeros between the written words and the last page is a hole.
         use std::os::unix::fs::MetadataExt;
@@ -330,6 +414,87 @@ mod tests {
             "writes stay private"
         );
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A new file for a memory dump in the temp directory.
+    fn dump_file(name: &str) -> (std::path::PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("mvm-{name}-{}", std::process::id()));
+        let file = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        (path, file)
+    }
+
+    /// A save with the page map skips the pages never touched without reading them (they
+    /// stay absent from the page map but the last one), and writes the same file as a save that reads every
+    /// page: of anonymous memory (a booted VM) and of a restored VM's private mapping of its
+    /// memory file, whose untouched pages are the file's where it has data.
+    #[test]
+    fn a_save_skips_untouched_pages_unread() {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        use vm_memory::Bytes;
+        let pages = 512;
+        let mem = map_anonymous(&[(GuestAddress(0), pages * PAGE)]).unwrap();
+        mem.write_obj(0xfeedu16, GuestAddress(3 * PAGE as u64 + 8))
+            .unwrap();
+        mem.write_obj(0u8, GuestAddress(10 * PAGE as u64)).unwrap();
+        let _: u8 = mem.read_obj(GuestAddress(20 * PAGE as u64)).unwrap();
+        let mut map = PageMap::open().expect("this test reads /proc/self/pagemap");
+        let touched = |map: &mut PageMap, mem: &GuestMemory| {
+            let used = map.used_pages(mem.iter().next().unwrap()).unwrap();
+            (0..pages).filter(|&p| used[p]).collect::<Vec<_>>()
+        };
+        assert_eq!(touched(&mut map, &mem), [3, 10, 20]);
+        let (skipping_path, mut skipping) = dump_file("skipping");
+        let (reading_path, mut reading) = dump_file("reading");
+        dump_memory(&mem, &mut skipping, Some(&mut map)).unwrap();
+        // Nothing else was read but the last page (always written: the file's length).
+        assert_eq!(touched(&mut map, &mem), [3, 10, 20, pages - 1]);
+        dump_memory(&mem, &mut reading, None).unwrap();
+        let contents = |path: &std::path::Path| {
+            let mut bytes = Vec::new();
+            File::open(path).unwrap().read_to_end(&mut bytes).unwrap();
+            bytes
+        };
+        assert_eq!(contents(&skipping_path), contents(&reading_path));
+        // The word's page and the last page.
+        assert_eq!(skipping.metadata().unwrap().blocks() * 512, 2 * PAGE as u64);
+
+        // Restored from the file: its pages of data are used untouched (as the file system
+        // reports its data: in blocks of a few pages, maybe), its holes are not, and a page
+        // the guest writes in a hole is.
+        let restored = map_memory_file(&skipping, &memory_layout(&mem)).unwrap();
+        restored
+            .write_obj(0x77u8, GuestAddress(100 * PAGE as u64))
+            .unwrap();
+        let used = touched(&mut map, &restored);
+        assert!(
+            [3, 100, pages - 1].iter().all(|p| used.contains(p)) && !used.contains(&200),
+            "{used:?}"
+        );
+        let (again_path, mut again) = dump_file("again");
+        dump_memory(&restored, &mut again, Some(&mut map)).unwrap();
+        // The holes far from data were not read (the kernel maps a few neighbours of a page
+        // read from the page cache along with it).
+        let after = touched(&mut map, &restored);
+        assert!(
+            !after
+                .iter()
+                .any(|p| (20..90).contains(p) || (110..480).contains(p)),
+            "holes were read: {after:?}"
+        );
+        let saved = contents(&again_path);
+        assert_eq!(saved[3 * PAGE + 8..3 * PAGE + 10], 0xfeedu16.to_ne_bytes());
+        assert_eq!(saved[100 * PAGE], 0x77);
+        assert_eq!(saved.iter().filter(|&&b| b != 0).count(), 3);
+        for path in [skipping_path, reading_path, again_path] {
+            std::fs::remove_file(path).unwrap();
+        }
     }
 
     #[test]

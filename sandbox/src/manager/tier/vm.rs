@@ -384,6 +384,9 @@ pub(super) fn vm_jail(
         start.share,
     )?;
     j.mounts = mounts;
+    // Its own pid namespace's procfs: a save reads the VMM's page map there to skip the guest
+    // memory never touched.
+    j.mount_proc = true;
     j.args = vmm_args(&s.id, cfg.console_limit, matches!(start.boot, Boot::Cold));
     Ok(j)
 }
