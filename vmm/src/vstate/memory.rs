@@ -121,22 +121,37 @@ pub fn dump_memory(
     file: &mut File,
     mut page_map: Option<&mut PageMap>,
 ) -> std::io::Result<()> {
+    let used = |region: &GuestRegionMmap<AtomicBitmap>| match page_map.as_deref_mut() {
+        Some(map) => map.used_pages(region),
+        None => Ok(vec![true; (region.len() as usize).div_ceil(PAGE)]),
+    };
+    copy_runs(mem, used, |bytes, at, last| {
+        write_used_pages(file, bytes, at, last)
+    })
+    .map(drop)
+}
+
+/// Copies out of `mem` the runs of pages `picked` selects in each region (one flag per page),
+/// and the last page of all, and hands each run to `put` with its offset in a full memory
+/// file (regions one after the other in layout order) and whether it ends the file. Returns
+/// the pages copied.
+fn copy_runs(
+    mem: &GuestMemory,
+    mut picked: impl FnMut(&GuestRegionMmap<AtomicBitmap>) -> std::io::Result<Vec<bool>>,
+    mut put: impl FnMut(&[u8], usize, bool) -> std::io::Result<()>,
+) -> std::io::Result<usize> {
     let total: usize = mem.iter().map(|r| r.len() as usize).sum();
     let mut buf = vec![0u8; DUMP_CHUNK];
     let mut file_offset = 0usize;
+    let mut copied = 0;
     for region in mem.iter() {
         let slice = region
             .as_volatile_slice()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let pages = slice.len().div_ceil(PAGE);
         let last_region = file_offset + slice.len() == total;
-        let used = match page_map.as_deref_mut() {
-            Some(map) => Some(map.used_pages(region)?),
-            None => None,
-        };
-        let selected = |page: usize| {
-            used.as_ref().is_none_or(|used| used[page]) || (last_region && page + 1 == pages)
-        };
+        let picked = picked(region)?;
+        let selected = |page: usize| picked[page] || (last_region && page + 1 == pages);
         for run in page_runs(pages, DUMP_CHUNK / PAGE, selected) {
             let len = (run.end * PAGE).min(slice.len()) - run.start * PAGE;
             slice
@@ -144,11 +159,12 @@ pub fn dump_memory(
                 .map_err(|e| std::io::Error::other(e.to_string()))?
                 .copy_to(&mut buf[..len]);
             let at = file_offset + run.start * PAGE;
-            write_used_pages(file, &buf[..len], at, at + len == total)?;
+            put(&buf[..len], at, at + len == total)?;
+            copied += run.len();
         }
         file_offset += slice.len();
     }
-    Ok(())
+    Ok(copied)
 }
 
 /// This process's page map (`/proc/self/pagemap`): which pages of guest memory were ever
@@ -244,32 +260,16 @@ pub fn mark_dirty(mem: &GuestMemory, kvm_log: &[Vec<u64>]) {
 /// elsewhere: merged over the snapshot it follows, it makes a full memory file. The last
 /// page is always written, so the file has its full length. Returns the pages written.
 pub fn dump_dirty(mem: &GuestMemory, file: &mut File) -> std::io::Result<usize> {
-    let total: usize = mem.iter().map(|r| r.len() as usize).sum();
-    let mut buf = vec![0u8; DUMP_CHUNK];
-    let mut file_offset = 0usize;
-    let mut written = 0;
-    for region in mem.iter() {
-        let slice = region
-            .as_volatile_slice()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let pages = slice.len().div_ceil(PAGE);
-        let last_region = file_offset + slice.len() == total;
-        let dirty = |page: usize| {
-            region.bitmap().dirty_at(page * PAGE) || (last_region && page + 1 == pages)
-        };
-        for run in page_runs(pages, DUMP_CHUNK / PAGE, dirty) {
-            let len = (run.end * PAGE).min(slice.len()) - run.start * PAGE;
-            slice
-                .subslice(run.start * PAGE, len)
-                .map_err(|e| std::io::Error::other(e.to_string()))?
-                .copy_to(&mut buf[..len]);
-            file.seek(SeekFrom::Start((file_offset + run.start * PAGE) as u64))?;
-            file.write_all(&buf[..len])?;
-            written += run.len();
-        }
-        file_offset += slice.len();
-    }
-    Ok(written)
+    let dirty = |region: &GuestRegionMmap<AtomicBitmap>| {
+        let pages = (region.len() as usize).div_ceil(PAGE);
+        Ok((0..pages)
+            .map(|page| region.bitmap().dirty_at(page * PAGE))
+            .collect())
+    };
+    copy_runs(mem, dirty, |bytes, at, _| {
+        file.seek(SeekFrom::Start(at as u64))?;
+        file.write_all(bytes)
+    })
 }
 
 /// Forgets the VMM's own writes to `mem` (after a snapshot: the next `Diff` starts here).
@@ -383,14 +383,7 @@ mod tests {
             map_anonymous(&[(GuestAddress(0), 0x2000), (GuestAddress(0x10_0000), 0x1000)]).unwrap();
         mem.write_obj(0x1234_5678u32, GuestAddress(0x1ff0)).unwrap();
         mem.write_obj(0xabcdu16, GuestAddress(0x10_0010)).unwrap();
-        let path = std::env::temp_dir().join(format!("mvm-mem-test-{}", std::process::id()));
-        let mut file = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let (path, mut file) = dump_file("mem-test");
         dump_memory(&mem, &mut file, None).unwrap();
         assert_eq!(file.metadata().unwrap().len(), 0x3000);
         // The one page of zeros between the written words and the last page is a hole.
