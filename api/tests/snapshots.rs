@@ -112,3 +112,48 @@ fn forks_are_refused_outside_the_vm_tier() {
         c.delete(&s.id).await.expect("delete");
     });
 }
+
+/// A warm or fork pool's entry an earlier mvmd left (owned by the internal `@pool`) is
+/// destroyed when mvmd starts, also by an mvmd that keeps no pool: nothing of it is left.
+#[test]
+fn pool_entries_an_earlier_mvmd_left_are_destroyed_at_start() {
+    let test = "pool_entries_an_earlier_mvmd_left_are_destroyed_at_start";
+    if !root_or_skip(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    let before = d.host_state();
+    let made = block_on(async { d.client().create(&common::jail()).await.expect("create") });
+    d.track(&made.id);
+    d.kill9();
+    // The sandbox becomes a running pool entry, as a pool's fill leaves one.
+    let db = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
+    let pool = mvm_sandbox::manager::POOL_TENANT;
+    let quota = mvm_sandbox::db::Quota {
+        max_sandboxes: 64,
+        max_vcpus: 64,
+        max_memory_mib: 1 << 20,
+    };
+    let entry = mvm_sandbox::model::Sandbox {
+        tenant: pool.to_owned(),
+        ..made.clone()
+    };
+    let mut row = db
+        .adopt_pooled(&made.id, &made.tenant, &entry, &quota)
+        .expect("make the sandbox a pool entry");
+    row.sandbox.state = mvm_sandbox::model::SandboxState::Running;
+    db.update_sandbox(&row).expect("running");
+    assert_eq!(db.sandboxes(Some(pool)).expect("rows").len(), 1);
+    d.spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !db.sandboxes(Some(pool)).expect("rows").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool entry {} is still there\n{}",
+            made.id,
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    d.assert_no_leaks(&before);
+}

@@ -186,14 +186,15 @@ fn pool_tenant() -> Tenant {
 }
 
 impl Manager {
-    /// Starts keeping `warm_pool` entries of every warm template (mvmd calls it once it
-    /// serves): entries an earlier mvmd left are destroyed first.
+    /// Starts keeping `warm_pool` and `fork_pool` entries of every warm template (mvmd calls
+    /// it once it serves): entries an earlier mvmd left are destroyed first, kept pools or
+    /// not.
     pub async fn start_pools(&self) -> Result<()> {
-        if self.inner.cfg.warm_pool == 0 && self.inner.cfg.fork_pool == 0 {
-            return Ok(());
-        }
         for row in self.inner.db.sandboxes(Some(POOL_TENANT))? {
             self.destroy_entry(&row.sandbox.id).await;
+        }
+        if self.inner.cfg.warm_pool == 0 && self.inner.cfg.fork_pool == 0 {
+            return Ok(());
         }
         self.inner.pools.enabled.store(true, Ordering::SeqCst);
         for t in self.inner.db.templates()? {
