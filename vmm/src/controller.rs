@@ -12,8 +12,8 @@ use crate::builder::snapshot::{build_microvm_from_snapshot, save_state};
 use crate::builder::{build_microvm, BuildError, DeviceFactory, RunningVm};
 use crate::config::{
     BootSource, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
-    NetworkInterfaceConfig, SerialConfig, SnapshotCreateParams, SnapshotLoadParams, VmConfig,
-    VsockConfig,
+    NetworkInterfaceConfig, SerialConfig, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+    VmConfig, VsockConfig,
 };
 use crate::devices::legacy::console::{CappedConsole, ConsoleLimit};
 use crate::devices::legacy::serial::SerialOut;
@@ -406,10 +406,11 @@ impl Controller {
             CreateSnapshot(params) => {
                 let tracking = self.config.machine_config.track_dirty_pages;
                 params.validate(tracking)?;
-                // Memory a page server fills holds what it has not served yet: read whole.
-                let mut page_map = match self.page_server_uffd {
-                    Some(_) => None,
-                    None => PageMap::open(),
+                // Only a Full save reads memory it may skip; memory a page server fills
+                // holds what it has not served yet, so it is read whole.
+                let mut page_map = match (&self.page_server_uffd, params.snapshot_type) {
+                    (None, SnapshotType::Full) => PageMap::open(),
+                    _ => None,
                 };
                 let vm = self.vm("PUT /snapshot/create")?;
                 if !vm.vcpus.is_paused() {

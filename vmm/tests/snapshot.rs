@@ -370,26 +370,14 @@ fn a_uffd_load_without_a_page_server_is_refused_and_the_vmm_can_load_again() {
 /// Writes every data range of the sparse `diff` (found with SEEK_DATA/SEEK_HOLE) into
 /// `base` at the same offset: a Diff memory file merged over the memory file it follows.
 fn merge_diff(diff: &Path, base: &Path) {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let diff = std::fs::File::open(diff).unwrap();
     let base = std::fs::OpenOptions::new().write(true).open(base).unwrap();
-    let len = diff.metadata().unwrap().len() as i64;
-    let seek = |from: i64, whence| {
-        // SAFETY: lseek on an open descriptor with no memory arguments.
-        unsafe { libc::lseek(diff.as_raw_fd(), from, whence) }
-    };
-    let mut at = 0;
-    while at < len {
-        let data = seek(at, libc::SEEK_DATA);
-        if data < 0 {
-            break; // no data past `at`
-        }
-        let hole = seek(data, libc::SEEK_HOLE);
-        let mut bytes = vec![0u8; (hole - data) as usize];
-        diff.read_exact_at(&mut bytes, data as u64).unwrap();
-        base.write_all_at(&bytes, data as u64).unwrap();
-        at = hole;
+    let len = diff.metadata().unwrap().len();
+    for data in mvm_sys::sparse::data_ranges(&diff, 0, len).unwrap() {
+        let mut bytes = vec![0u8; (data.end - data.start) as usize];
+        diff.read_exact_at(&mut bytes, data.start).unwrap();
+        base.write_all_at(&bytes, data.start).unwrap();
     }
 }
 

@@ -116,26 +116,30 @@ impl ManagerConfig {
 /// Makes sandbox `id`'s empty save directory, its `uid`'s alone (bound into its jail).
 pub fn make_save_dir(cfg: &ManagerConfig, id: &str, uid: u32) -> Result<PathBuf> {
     let dir = cfg.save_dir(id);
-    let parent = dir.parent().expect("a save dir has a parent");
+    make_saves_dir(&dir, 0o700, Some(uid))?;
+    Ok(dir)
+}
+
+/// Makes the new directory `dir` in the saves directory (root's alone, made if missing) with
+/// `mode`, handed to `owner` if given.
+fn make_saves_dir(dir: &Path, mode: u32, owner: Option<u32>) -> Result<()> {
+    let parent = dir.parent().expect("a saves dir has a parent");
     let made = fs::create_dir_all(parent)
         .and_then(|()| fs::set_permissions(parent, fs::Permissions::from_mode(0o700)))
-        .and_then(|()| fs::create_dir(&dir))
-        .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)))
-        .and_then(|()| std::os::unix::fs::chown(&dir, Some(uid), Some(uid)));
-    made.map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
-    Ok(dir)
+        .and_then(|()| fs::create_dir(dir))
+        .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(mode)))
+        .and_then(|()| match owner {
+            Some(uid) => std::os::unix::fs::chown(dir, Some(uid), Some(uid)),
+            None => Ok(()),
+        });
+    made.map_err(|e| Error::host(format!("creating {}", dir.display()), e))
 }
 
 /// Makes sandbox `id`'s empty restore directory (root's, readable by its VMM), where a saved
 /// VM is handed to it later ([`SavedVm::hand_to`]).
 pub fn make_restore_dir(cfg: &ManagerConfig, id: &str) -> Result<PathBuf> {
     let dir = cfg.restore_dir(id);
-    let parent = dir.parent().expect("a restore dir has a parent");
-    let made = fs::create_dir_all(parent)
-        .and_then(|()| fs::set_permissions(parent, fs::Permissions::from_mode(0o700)))
-        .and_then(|()| fs::create_dir(&dir))
-        .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)));
-    made.map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    make_saves_dir(&dir, 0o755, None)?;
     Ok(dir)
 }
 
@@ -388,46 +392,19 @@ fn copy_into(from: &Path, dst: &fs::File, to: &Path) -> Result<()> {
     // Not shared (EOPNOTSUPP, EXDEV, EINVAL: ext4, tmpfs, two file systems): copied.
     dst.set_len(len).map_err(|e| at("sizing", to, e))?;
     let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0;
-    while let Some((data, hole)) =
-        next_data(&src, offset, len).map_err(|e| at("reading", from, e))?
-    {
-        let mut at_byte = data;
-        while at_byte < hole {
-            let n = buf.len().min((hole - at_byte) as usize);
+    let data = mvm_sys::sparse::data_ranges(&src, 0, len).map_err(|e| at("reading", from, e))?;
+    for range in data {
+        let mut at_byte = range.start;
+        while at_byte < range.end {
+            let n = buf.len().min((range.end - at_byte) as usize);
             src.read_exact_at(&mut buf[..n], at_byte)
                 .map_err(|e| at("reading", from, e))?;
             dst.write_all_at(&buf[..n], at_byte)
                 .map_err(|e| at("writing", to, e))?;
             at_byte += n as u64;
         }
-        offset = hole;
     }
     Ok(())
-}
-
-/// The next range of data in `file` (of `len` bytes) at or after `offset`, if any.
-fn next_data(file: &fs::File, offset: u64, len: u64) -> std::io::Result<Option<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    if offset >= len {
-        return Ok(None);
-    }
-    let seek = |from: u64, whence: libc::c_int| {
-        // SAFETY: lseek takes a descriptor we own and integers; it touches no memory of ours.
-        let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
-        if at < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(at as u64)
-        }
-    };
-    let data = match seek(offset, libc::SEEK_DATA) {
-        Ok(data) => data,
-        // Only a hole is left.
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    Ok(Some((data, seek(data, libc::SEEK_HOLE)?.min(len))))
 }
 
 #[cfg(test)]

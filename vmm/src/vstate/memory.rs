@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
+use std::ops::Range;
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
@@ -121,9 +122,11 @@ pub fn dump_memory(
     file: &mut File,
     mut page_map: Option<&mut PageMap>,
 ) -> std::io::Result<()> {
-    let used = |region: &GuestRegionMmap<AtomicBitmap>| match page_map.as_deref_mut() {
-        Some(map) => map.used_pages(region),
-        None => Ok(vec![true; (region.len() as usize).div_ceil(PAGE)]),
+    let used = |region: &GuestRegionMmap<AtomicBitmap>, pages: Range<usize>| match page_map
+        .as_deref_mut()
+    {
+        Some(map) => map.used_pages(region, pages),
+        None => Ok(vec![true; pages.len()]),
     };
     copy_runs(mem, used, |bytes, at, last| {
         write_used_pages(file, bytes, at, last)
@@ -131,13 +134,13 @@ pub fn dump_memory(
     .map(drop)
 }
 
-/// Copies out of `mem` the runs of pages `picked` selects in each region (one flag per page),
-/// and the last page of all, and hands each run to `put` with its offset in a full memory
-/// file (regions one after the other in layout order) and whether it ends the file. Returns
-/// the pages copied.
+/// Copies out of `mem` the runs of pages `picked` selects (asked a window of a region's pages
+/// at a time, [`DUMP_CHUNK`] worth, it answers a flag per page), and the last page of all,
+/// and hands each run to `put` with its offset in a full memory file (regions one after the
+/// other in layout order) and whether it ends the file. Returns the pages copied.
 fn copy_runs(
     mem: &GuestMemory,
-    mut picked: impl FnMut(&GuestRegionMmap<AtomicBitmap>) -> std::io::Result<Vec<bool>>,
+    mut picked: impl FnMut(&GuestRegionMmap<AtomicBitmap>, Range<usize>) -> std::io::Result<Vec<bool>>,
     mut put: impl FnMut(&[u8], usize, bool) -> std::io::Result<()>,
 ) -> std::io::Result<usize> {
     let total: usize = mem.iter().map(|r| r.len() as usize).sum();
@@ -150,17 +153,20 @@ fn copy_runs(
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let pages = slice.len().div_ceil(PAGE);
         let last_region = file_offset + slice.len() == total;
-        let picked = picked(region)?;
-        let selected = |page: usize| picked[page] || (last_region && page + 1 == pages);
-        for run in page_runs(pages, DUMP_CHUNK / PAGE, selected) {
-            let len = (run.end * PAGE).min(slice.len()) - run.start * PAGE;
-            slice
-                .subslice(run.start * PAGE, len)
-                .map_err(|e| std::io::Error::other(e.to_string()))?
-                .copy_to(&mut buf[..len]);
-            let at = file_offset + run.start * PAGE;
-            put(&buf[..len], at, at + len == total)?;
-            copied += run.len();
+        for first in (0..pages).step_by(DUMP_CHUNK / PAGE) {
+            let window = first..(first + DUMP_CHUNK / PAGE).min(pages);
+            let picked = picked(region, window.clone())?;
+            let selected = |page: usize| picked[page - first] || (last_region && page + 1 == pages);
+            for run in page_runs(window, selected) {
+                let len = (run.end * PAGE).min(slice.len()) - run.start * PAGE;
+                slice
+                    .subslice(run.start * PAGE, len)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?
+                    .copy_to(&mut buf[..len]);
+                let at = file_offset + run.start * PAGE;
+                put(&buf[..len], at, at + len == total)?;
+                copied += run.len();
+            }
         }
         file_offset += slice.len();
     }
@@ -184,14 +190,16 @@ impl PageMap {
         File::open("/proc/self/pagemap").ok().map(PageMap)
     }
 
-    /// Whether each page of `region` may hold data: touched, or, untouched in a mapping of
-    /// a file, where the file has data (an untouched page reads the file).
-    fn used_pages(&mut self, region: &GuestRegionMmap<AtomicBitmap>) -> std::io::Result<Vec<bool>> {
+    /// Whether each of the `pages` of `region` may hold data: touched, or, untouched in a
+    /// mapping of a file, where the file has data (an untouched page reads the file).
+    fn used_pages(
+        &mut self,
+        region: &GuestRegionMmap<AtomicBitmap>,
+        pages: Range<usize>,
+    ) -> std::io::Result<Vec<bool>> {
         use std::io::Read;
-        let len = region.len() as usize;
-        let pages = len.div_ceil(PAGE);
-        let mut entries = vec![0u8; pages * 8];
-        let first = region.as_ptr() as usize / PAGE;
+        let mut entries = vec![0u8; pages.len() * 8];
+        let first = region.as_ptr() as usize / PAGE + pages.start;
         self.0.seek(SeekFrom::Start((first * 8) as u64))?;
         self.0.read_exact(&mut entries)?;
         let mut used: Vec<bool> = entries
@@ -200,42 +208,18 @@ impl PageMap {
             .map(|e| e & (PAGE_PRESENT | PAGE_SWAPPED) != 0)
             .collect();
         if let Some(backing) = region.file_offset() {
-            let start = backing.start();
-            for data in data_ranges(backing.file(), start, start + len as u64)? {
+            let start = backing.start() + (pages.start * PAGE) as u64;
+            let end = (start + (pages.len() * PAGE) as u64).min(backing.start() + region.len());
+            for data in mvm_sys::sparse::data_ranges(backing.file(), start, end)? {
                 let from = ((data.start - start) as usize) / PAGE;
-                let to = ((data.end - start) as usize).div_ceil(PAGE).min(pages);
+                let to = ((data.end - start) as usize)
+                    .div_ceil(PAGE)
+                    .min(pages.len());
                 used[from..to].iter_mut().for_each(|u| *u = true);
             }
         }
         Ok(used)
     }
-}
-
-/// The ranges of `file` between `start` and `end` that hold data (the rest are holes).
-fn data_ranges(file: &File, start: u64, end: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
-    use std::os::fd::AsRawFd;
-    let seek = |from: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
-        // SAFETY: lseek takes a descriptor we own and integers; it touches no memory of ours.
-        let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
-        match at {
-            at if at >= 0 => Ok(Some(at as u64)),
-            _ => match std::io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
-                e => Err(e),
-            },
-        }
-    };
-    let mut ranges = Vec::new();
-    let mut at = start;
-    while at < end {
-        let Some(data) = seek(at, libc::SEEK_DATA)?.filter(|&d| d < end) else {
-            break;
-        };
-        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        ranges.push(data..hole);
-        at = hole;
-    }
-    Ok(ranges)
 }
 
 /// Marks in the regions' bitmaps the pages that `kvm_log` (KVM's dirty log, one `Vec` per
@@ -260,9 +244,8 @@ pub fn mark_dirty(mem: &GuestMemory, kvm_log: &[Vec<u64>]) {
 /// elsewhere: merged over the snapshot it follows, it makes a full memory file. The last
 /// page is always written, so the file has its full length. Returns the pages written.
 pub fn dump_dirty(mem: &GuestMemory, file: &mut File) -> std::io::Result<usize> {
-    let dirty = |region: &GuestRegionMmap<AtomicBitmap>| {
-        let pages = (region.len() as usize).div_ceil(PAGE);
-        Ok((0..pages)
+    let dirty = |region: &GuestRegionMmap<AtomicBitmap>, pages: Range<usize>| {
+        Ok(pages
             .map(|page| region.bitmap().dirty_at(page * PAGE))
             .collect())
     };
@@ -303,7 +286,7 @@ fn write_used_pages(
         (last && page + 1 == pages)
             || !is_zero(&data[page * PAGE..data.len().min((page + 1) * PAGE)])
     };
-    for run in page_runs(pages, pages, used) {
+    for run in page_runs(0..pages, used) {
         let bytes = &data[run.start * PAGE..data.len().min(run.end * PAGE)];
         file.seek(SeekFrom::Start((offset + run.start * PAGE) as u64))?;
         file.write_all(bytes)?;
@@ -311,22 +294,17 @@ fn write_used_pages(
     Ok(())
 }
 
-/// The runs of consecutive pages of `0..pages` that `selected` picks, at most `max` pages
-/// each.
-fn page_runs(
-    pages: usize,
-    max: usize,
-    selected: impl Fn(usize) -> bool,
-) -> Vec<std::ops::Range<usize>> {
+/// The runs of consecutive pages of `pages` that `selected` picks.
+fn page_runs(pages: Range<usize>, selected: impl Fn(usize) -> bool) -> Vec<Range<usize>> {
     let mut runs = Vec::new();
-    let mut page = 0;
-    while page < pages {
+    let mut page = pages.start;
+    while page < pages.end {
         if !selected(page) {
             page += 1;
             continue;
         }
         let start = page;
-        while page < pages && page - start < max && selected(page) {
+        while page < pages.end && selected(page) {
             page += 1;
         }
         runs.push(start..page);
@@ -439,7 +417,9 @@ mod tests {
         let _: u8 = mem.read_obj(GuestAddress(20 * PAGE as u64)).unwrap();
         let mut map = PageMap::open().expect("this test reads /proc/self/pagemap");
         let touched = |map: &mut PageMap, mem: &GuestMemory| {
-            let used = map.used_pages(mem.iter().next().unwrap()).unwrap();
+            let used = map
+                .used_pages(mem.iter().next().unwrap(), 0..pages)
+                .unwrap();
             (0..pages).filter(|&p| used[p]).collect::<Vec<_>>()
         };
         assert_eq!(touched(&mut map, &mem), [3, 10, 20]);
