@@ -365,7 +365,8 @@ impl Drop for Staging {
 /// Copies `from` to a new file `to` (0600). Where the file system shares extents (XFS,
 /// Btrfs: `FICLONE`) the copy is a clone, made at once whatever the size, whose blocks are
 /// copied only when either side writes them; elsewhere the copy keeps holes: a layer is
-/// mostly empty, and only its data is read and written (`SEEK_DATA`/`SEEK_HOLE`).
+/// mostly empty, and only its data is copied (`SEEK_DATA`/`SEEK_HOLE`), file to file in the
+/// kernel.
 fn clone_or_copy(from: &Path, to: &Path) -> Result<()> {
     let dst = fs::OpenOptions::new()
         .write(true)
@@ -379,7 +380,6 @@ fn clone_or_copy(from: &Path, to: &Path) -> Result<()> {
 /// [`clone_or_copy`] into `dst`, the empty file at `to`.
 fn copy_into(from: &Path, dst: &fs::File, to: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
     let at = |what: &str, path: &Path, e: std::io::Error| {
         Error::host(format!("{what} {}", path.display()), e)
     };
@@ -391,18 +391,10 @@ fn copy_into(from: &Path, dst: &fs::File, to: &Path) -> Result<()> {
     }
     // Not shared (EOPNOTSUPP, EXDEV, EINVAL: ext4, tmpfs, two file systems): copied.
     dst.set_len(len).map_err(|e| at("sizing", to, e))?;
-    let mut buf = vec![0u8; 1 << 20];
     let data = mvm_sys::sparse::data_ranges(&src, 0, len).map_err(|e| at("reading", from, e))?;
     for range in data {
-        let mut at_byte = range.start;
-        while at_byte < range.end {
-            let n = buf.len().min((range.end - at_byte) as usize);
-            src.read_exact_at(&mut buf[..n], at_byte)
-                .map_err(|e| at("reading", from, e))?;
-            dst.write_all_at(&buf[..n], at_byte)
-                .map_err(|e| at("writing", to, e))?;
-            at_byte += n as u64;
-        }
+        mvm_sys::sparse::copy_range(&src, range.start, dst, range.start, range.end - range.start)
+            .map_err(|e| at(&format!("copying {} to", from.display()), to, e))?;
     }
     Ok(())
 }
