@@ -8,7 +8,8 @@
 //! `vsock_override` put a restored guest on another tap and socket, and are refused for
 //! devices the snapshot lacks. With the `Uffd` backend a page server thread of the test
 //! (Firecracker's protocol) fills the restored guest's memory page by page. A `Diff` snapshot
-//! (dirty page tracking) merged over the `Full` one before it restores the guest.
+//! (dirty page tracking) merged over the `Full` one before it restores the guest. A restored
+//! guest saved again restores and goes on.
 
 mod virtio_support;
 
@@ -287,6 +288,62 @@ fn a_snapshot_restores_twice_and_both_go_on_counting() {
         std::fs::read(&mem).unwrap() == mem_before,
         "restored guests write to private copies, never to the memory file"
     );
+}
+
+/// A restored guest saved again (as a fork of a restored sandbox is: the save copies the
+/// pages that are still its memory file's from that file, under the VMM's seccomp filter)
+/// restores in a third VMM and goes on counting from its own save; the first memory file is
+/// untouched, and a save over it is refused. Once with the memory file beside the save (copied file to file in the
+/// kernel) and once on /dev/shm (another file system here: copied through a buffer).
+#[test]
+fn a_restored_guest_saved_again_restores_and_goes_on_counting() {
+    if !require_kvm("a_restored_guest_saved_again_restores_and_goes_on_counting") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-again");
+    let (snapshot, mem, last, source_console) = snapshot_counting_guest(dir.path());
+    let mem_before = std::fs::read(&mem).unwrap();
+    let on_shm = PathBuf::from(format!(
+        "/dev/shm/mvm-snapshot-again-{}.mem",
+        std::process::id()
+    ));
+    std::fs::copy(&mem, &on_shm).unwrap();
+    for (name, mem) in [("beside", &mem), ("shm", &on_shm)] {
+        let first = restore(dir.path(), &format!("{name}-first"), &snapshot, mem);
+        assert_goes_on_counting(&first, &source_console, last);
+        first.ok("PATCH", "/vm", json!({"state": "Paused"}));
+        // Its own memory file is refused: creating it would truncate the guest's memory.
+        let (status, answer) = first.call(
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_path": dir.path().join("own.snap"), "mem_file_path": mem}),
+        );
+        let message = answer["fault_message"].as_str().unwrap_or_default();
+        assert_eq!(status, 400, "{answer}");
+        assert!(
+            message.contains("restored from and still maps"),
+            "{message}"
+        );
+        let (again, again_mem) = (
+            dir.path().join(format!("{name}-again.snap")),
+            dir.path().join(format!("{name}-again.mem")),
+        );
+        first.ok(
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_type": "Full", "snapshot_path": again, "mem_file_path": again_mem}),
+        );
+        let console = first.console();
+        let counted = *counts(&console).last().unwrap();
+        assert!(counted > last + 2, "{console:?}");
+        let second = restore(dir.path(), &format!("{name}-second"), &again, &again_mem);
+        assert_goes_on_counting(&second, &console, counted);
+        assert!(
+            std::fs::read(mem).unwrap() == mem_before,
+            "a save of a restored guest leaves the memory file it maps alone"
+        );
+    }
+    std::fs::remove_file(&on_shm).unwrap();
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub mod uffd;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +20,8 @@ use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::UartState;
 use crate::devices::virtio::mmio::MmioState;
 use crate::vstate::memory::{
-    dump_dirty, dump_memory, map_anonymous, map_memory_file, GuestMemory, MemoryError, PageMap,
+    dump_dirty, dump_memory, map_anonymous, map_memory_file, maps_file, GuestMemory, MemoryError,
+    PageMap,
 };
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
@@ -81,6 +83,12 @@ pub enum SnapshotError {
     /// KVM could not give the state of part of the VM.
     #[error("cannot save the state of {0}: {1}")]
     Save(&'static str, String),
+    /// A save asked to write the memory file the VM maps.
+    #[error(
+        "mem_file_path {0} is the memory file this microVM was restored from and still maps: \
+         writing it would destroy the guest's memory; save to another path"
+    )]
+    OwnMemoryFile(String),
 }
 
 fn file_error(what: &'static str, path: &str) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -143,6 +151,9 @@ pub fn write_snapshot(
 ) -> Result<(), SnapshotError> {
     let bytes =
         format::encode(state).map_err(|e| SnapshotError::Format(snapshot_path.to_string(), e))?;
+    if maps_file(mem, Path::new(mem_file_path)) {
+        return Err(SnapshotError::OwnMemoryFile(mem_file_path.to_string()));
+    }
     let mut mem_file = File::create(mem_file_path).map_err(file_error("create", mem_file_path))?;
     match snapshot_type {
         SnapshotType::Full => dump_memory(mem, &mut mem_file, page_map),
