@@ -34,7 +34,7 @@ use super::snapshot::SavedVm;
 use super::tier::{vm, Userland};
 use super::{blocking, lock, net, snapshot, Manager, ManagerConfig};
 use crate::db::{Quota, SandboxRow, Tenant};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{CreateSandbox, Isolation, NetworkSpec, Sandbox, SandboxState};
 
 /// The tenant that owns the pool's entries: not a valid tenant name (see `db::validate_name`),
@@ -464,8 +464,10 @@ impl Manager {
     /// Makes the taken entry `row` what its new owner asked: its full share of the CPU, the
     /// network (unless `connected` for it already: else the entry's, `was`, is replaced),
     /// a fork pool's VMM the VM `load` (handed to it, loaded, its agent awaited), then the
-    /// guest's address, resolver, entropy and clock through its agent. Returns when the
-    /// network was done (since the call).
+    /// guest's address, resolver, entropy and clock through its agent. The network and the
+    /// VM go side by side (the VMM's tap is the namespace's own, which a reconnect keeps)
+    /// until the guest's new identity, which needs both. Returns when the network was done
+    /// (since the call).
     async fn connect_taken(
         &self,
         row: &mut SandboxRow,
@@ -476,32 +478,53 @@ impl Manager {
         let started = Instant::now();
         let addrs = net::Addresses::of(self.inner.cfg.subnet, row.slot);
         let (cfg, id) = (self.inner.cfg.clone(), row.sandbox.id.clone());
-        // An entry without a veth has only the namespace's rules, which a connect replaces.
-        let disconnect = !connected && net::has_veth(was, &[]);
-        let handed = load.cloned();
-        blocking(move || {
-            LimitCgroups::of(&cfg.cgroup_parent, &id)?.set_cpu_share(CpuShare::Normal)?;
-            if let Some(saved) = handed {
-                saved.hand_to(&cfg, &id, &cfg.sandbox_dir(&id).join(vm::LAYER_NAME))?;
+        {
+            let (cfg, id) = (cfg.clone(), id.clone());
+            blocking(move || {
+                LimitCgroups::of(&cfg.cgroup_parent, &id)?.set_cpu_share(CpuShare::Normal)
+            })
+            .await?;
+        }
+        let taken: &SandboxRow = row;
+        let network = async {
+            if !connected {
+                // An entry without a veth has only the namespace's rules, which a connect
+                // replaces.
+                if net::has_veth(was, &[]) {
+                    let (cfg, id) = (cfg.clone(), id.clone());
+                    blocking(move || net::disconnect(&cfg.netns(&id), &id)).await?;
+                }
+                let s = &taken.sandbox;
+                connect_namespace(cfg.clone(), s, addrs, Vec::new(), None, CpuShare::Normal)
+                    .await?;
             }
-            match disconnect {
-                true => net::disconnect(&cfg.netns(&id), &id),
-                false => Ok(()),
+            Ok::<_, Error>(started.elapsed())
+        };
+        let vm = async {
+            let live = self.live(&id);
+            if let Some(saved) = load {
+                let (cfg, to, saved) = (cfg.clone(), id.clone(), saved.clone());
+                blocking(move || {
+                    saved.hand_to(&cfg, &to, &cfg.sandbox_dir(&to).join(vm::LAYER_NAME))
+                })
+                .await?;
+                let handed = started.elapsed();
+                vm::load_snapshot(&self.vmm_api(taken)?.path()).await?;
+                tracing::debug!(%id, ?handed, loaded = ?started.elapsed(), "fork pool entry loaded");
             }
-        })
-        .await?;
-        let handed = started.elapsed();
+            let connected = live.agent.lock().await.clone();
+            Ok::<_, Error>(match (connected, load) {
+                (Some(agent), _) => agent,
+                (None, Some(_)) => {
+                    let agent = self.wait_agent(&live, taken, vm::READY_TIMEOUT).await?;
+                    *live.agent.lock().await = Some(agent.clone());
+                    agent
+                }
+                (None, None) => self.connect_agent(taken).await?,
+            })
+        };
+        let (networked, agent) = tokio::try_join!(network, vm)?;
         let s = &row.sandbox;
-        if !connected {
-            let cfg = self.inner.cfg.clone();
-            connect_namespace(cfg, s, addrs, Vec::new(), None, CpuShare::Normal).await?;
-        }
-        let networked = started.elapsed();
-        let live = self.live(&row.sandbox.id);
-        if load.is_some() {
-            vm::load_snapshot(&self.vmm_api(row)?.path()).await?;
-            tracing::debug!(id = %row.sandbox.id, ?handed, ?networked, loaded = ?started.elapsed(), "fork pool entry loaded");
-        }
         row.sandbox.network = net::info(
             &s.network.spec(),
             &s.network.ports,
@@ -515,16 +538,6 @@ impl Manager {
             .address
             .is_some()
             .then(|| guest_nic(addrs));
-        let connected = live.agent.lock().await.clone();
-        let agent = match (connected, load) {
-            (Some(agent), _) => agent,
-            (None, Some(_)) => {
-                let agent = self.wait_agent(&live, row, vm::READY_TIMEOUT).await?;
-                *live.agent.lock().await = Some(agent.clone());
-                agent
-            }
-            (None, None) => self.connect_agent(row).await?,
-        };
         agent
             .reidentify(vm::identity(
                 &row.sandbox.id,
