@@ -538,8 +538,9 @@ const CHILD_REPORT: &str = "cat /tmp/state; sleep 1; cat /tmp/state; cat /tmp/ba
 /// restores in a jail of its own; then, the template warmed, mvmd (`MVM_FORK_POOL=3`) keeps 3
 /// VMMs started without a VM, and the children load into them (mvmd's "fork pool entry
 /// taken"): the first fork's reconnected (the pool starts without a network), the second's
-/// connected for them already (the pool refills with the children's network). Records the
-/// forks' durations against a cold create.
+/// connected for them already (the pool refills with the children's network); last it is
+/// forked into one child, from the pool too. Records the forks' durations against a cold
+/// create.
 pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
@@ -587,6 +588,14 @@ pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
             "vm tier via mvmd: fork of 3 into the fork pool (connected already) / cold create (goal per child <= 0.2)",
             format!("{:.3}", f.pooled.as_secs_f64() / f.cold.as_secs_f64()),
         );
+        ctx.record(
+            "vm tier via mvmd: mvm fork -n 1 into the fork pool (connected already), and its take in mvmd",
+            format!("{} ({})", ms(f.single), f.single_taking),
+        );
+        ctx.record(
+            "vm tier via mvmd: fork of 1 into the fork pool (connected already) / cold create (goal <= 0.2)",
+            format!("{:.3}", f.single.as_secs_f64() / f.cold.as_secs_f64()),
+        );
     }
     outcome
 }
@@ -613,8 +622,12 @@ struct ForkFigures {
     reconnected: Duration,
     /// The fork whose children load into the fork pool's VMMs connected for them.
     pooled: Duration,
-    /// Each take of the last fork in mvmd (ms).
+    /// Each take of that fork in mvmd (ms).
     taking: String,
+    /// The fork of one child into the fork pool, connected for it.
+    single: Duration,
+    /// Its take in mvmd (ms).
+    single_taking: String,
 }
 
 /// The checks; returns what they measured.
@@ -633,7 +646,7 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
         .unwrap_or_default()
         .to_string();
     std::thread::sleep(Duration::from_secs(1));
-    let (forked, ids) = fork_checked(ctx, session, &source)?;
+    let (forked, ids) = fork_checked(ctx, session, &source, CHILDREN)?;
     let log = session.log();
     let save = logged_durations(&log, "fork source saved", &source);
     let (Some(&saved), Some(&dumped)) = (save.get("saved"), save.get("dumped")) else {
@@ -650,13 +663,18 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
     // The template warmed, the fork pool fills (without a network at first).
     warm_default(ctx, session)?;
     await_pooled(ctx, session, "fork_pooled", CHILDREN as u32)?;
-    let (reconnected, ids) = fork_checked(ctx, session, &source)?;
+    let (reconnected, ids) = fork_checked(ctx, session, &source, CHILDREN)?;
     fork_pool_takes(&session.log(), &ids, "reconnected")?;
     remove_all(ctx, session, &ids)?;
     // Filled again with the children's network.
     await_pooled(ctx, session, "fork_pooled", CHILDREN as u32)?;
-    let (pooled, ids) = fork_checked(ctx, session, &source)?;
+    let (pooled, ids) = fork_checked(ctx, session, &source, CHILDREN)?;
     let taking = fork_pool_takes(&session.log(), &ids, "ready")?;
+    remove_all(ctx, session, &ids)?;
+    // One child (the goal's fork: one sandbox, as a cold create makes one).
+    await_pooled(ctx, session, "fork_pooled", CHILDREN as u32)?;
+    let (single, ids) = fork_checked(ctx, session, &source, 1)?;
+    let single_taking = fork_pool_takes(&session.log(), &ids, "ready")?;
     remove_all(ctx, session, &ids)?;
     Ok(ForkFigures {
         cold,
@@ -667,6 +685,8 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
         reconnected,
         pooled,
         taking,
+        single,
+        single_taking,
     })
 }
 
@@ -712,13 +732,14 @@ fn fork_pool_takes(log: &str, ids: &[String], expected: &str) -> Result<String, 
     Ok(taking.join(", "))
 }
 
-/// Forks `source` (whose shells run [`COUNTER`]) into [`CHILDREN`] and checks each child and
-/// the source (see [`fork_live_sandbox`]); returns how long `mvm fork` took and the
-/// children's ids.
+/// Forks `source` (whose shells run [`COUNTER`]) into `count` children and checks each
+/// child and the source (see [`fork_live_sandbox`]); returns how long `mvm fork` took and
+/// the children's ids.
 fn fork_checked(
     ctx: &Ctx,
     session: &MvmdSession,
     source: &str,
+    count: usize,
 ) -> Result<(Duration, Vec<String>), String> {
     let exec =
         |id: &str, script: &str| session.mvm(ctx, &["exec", id, "--", "sh", "-c", script], None);
@@ -731,15 +752,15 @@ fn fork_checked(
     let started = Instant::now();
     let out = session.mvm(
         ctx,
-        &["-o", "json", "fork", source, "-n", &CHILDREN.to_string()],
+        &["-o", "json", "fork", source, "-n", &count.to_string()],
         None,
     )?;
     let forked = started.elapsed();
     let children: Vec<serde_json::Value> = serde_json::from_str(&out)
         .map_err(|e| format!("mvm fork printed no JSON list ({e}): {out:?}"))?;
-    if children.len() != CHILDREN {
+    if children.len() != count {
         return Err(format!(
-            "mvm fork -n {CHILDREN} made {} children: {out}",
+            "mvm fork -n {count} made {} children: {out}",
             children.len()
         ));
     }
@@ -786,7 +807,9 @@ fn fork_checked(
         ("kernel UUID", seen.iter().map(|s| &s.2).collect()),
     ] {
         if values.len() != ids.len() {
-            return Err(format!("the source and its {CHILDREN} children do not each have their own {what}: {seen:?}"));
+            return Err(format!(
+                "the source and its {count} children do not each have their own {what}: {seen:?}"
+            ));
         }
     }
     exec(source, "touch /tmp/quiet")?;
