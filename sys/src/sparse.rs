@@ -158,30 +158,15 @@ mod tests {
     fn a_range_is_copied_file_to_file() {
         let dir = tempfile::tempdir().unwrap();
         let on_shm = tempfile::tempdir_in("/dev/shm").ok();
-        let src_path = dir.path().join("src");
-        let src = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&src_path)
-            .unwrap();
+        let src = tempfile::tempfile_in(dir.path()).unwrap();
         let pattern: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
         src.write_all_at(&pattern, 4096).unwrap();
-        let mut targets = vec![dir.path().join("dst")];
-        targets.extend(on_shm.as_ref().map(|d| d.path().join("dst")));
-        for path in targets {
-            let dst = File::options()
-                .create(true)
-                .truncate(true)
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap();
+        for target in std::iter::once(&dir).chain(on_shm.as_ref()) {
+            let dst = tempfile::tempfile_in(target.path()).unwrap();
             copy_range(&src, 4096 + 10, &dst, 8192, (3 << 20) - 10).unwrap();
             let mut copied = vec![0u8; (3 << 20) - 10];
             dst.read_exact_at(&mut copied, 8192).unwrap();
-            assert!(copied == pattern[10..], "{}", path.display());
+            assert!(copied == pattern[10..], "{}", target.path().display());
             assert_eq!(dst.metadata().unwrap().len(), 8192 + (3 << 20) - 10);
             let err = copy_range(&src, 3 << 20, &dst, 0, 2 << 20).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");

@@ -293,8 +293,9 @@ fn a_snapshot_restores_twice_and_both_go_on_counting() {
 /// A restored guest saved again (as a fork of a restored sandbox is: the save copies the
 /// pages that are still its memory file's from that file, under the VMM's seccomp filter)
 /// restores in a third VMM and goes on counting from its own save; the first memory file is
-/// untouched, and a save over it is refused. Once with the memory file beside the save (copied file to file in the
-/// kernel) and once on /dev/shm (another file system here: copied through a buffer).
+/// untouched, and a save over it is refused. Once with the memory file beside the save
+/// (copied file to file in the kernel) and once on /dev/shm (another file system here:
+/// copied through a buffer).
 #[test]
 fn a_restored_guest_saved_again_restores_and_goes_on_counting() {
     if !require_kvm("a_restored_guest_saved_again_restores_and_goes_on_counting") {

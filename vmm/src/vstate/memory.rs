@@ -194,7 +194,8 @@ fn copy_runs(
 enum Held {
     /// Nowhere: never touched, and no data of a file behind it (zeros, left as a hole).
     Nowhere,
-    /// In memory: touched (in memory or swapped out), changed from a file behind it.
+    /// In memory (or swapped out): anonymous memory the guest touched, or the guest's own
+    /// copy of a page of the file behind it.
     Memory,
     /// In the file mapped behind it, which holds data there: never changed by the guest.
     File,
