@@ -242,11 +242,12 @@ pub(super) fn logged_durations(log: &str, message: &str, id: &str) -> HashMap<St
         .collect()
 }
 
-/// The fields (`name=value`, a string's quotes removed) on mvmd's log line with `message`
-/// about sandbox `id`.
+/// The fields (`name=value`, a string's quotes removed) on mvmd's last log line with
+/// `message` about sandbox `id`.
 fn logged_fields(log: &str, message: &str, id: &str) -> HashMap<String, String> {
     let id_field = format!("id={id}");
     log.lines()
+        .rev()
         .map(strip_ansi)
         .find(|line| line.contains(message) && line.split_whitespace().any(|w| w == id_field))
         .map(|line| {
@@ -589,7 +590,7 @@ pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
             format!("{:.3}", f.pooled.as_secs_f64() / f.cold.as_secs_f64()),
         );
         ctx.record(
-            "vm tier via mvmd: mvm fork -n 1 into the fork pool (connected already), and its take in mvmd",
+            "vm tier via mvmd: mvm fork -n 1 into the fork pool (connected already), and its steps in mvmd",
             format!("{} ({})", ms(f.single), f.single_taking),
         );
         ctx.record(
@@ -626,7 +627,7 @@ struct ForkFigures {
     taking: String,
     /// The fork of one child into the fork pool, connected for it.
     single: Duration,
-    /// Its take in mvmd (ms).
+    /// Its steps in mvmd.
     single_taking: String,
 }
 
@@ -674,7 +675,19 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
     // One child (the goal's fork: one sandbox, as a cold create makes one).
     await_pooled(ctx, session, "fork_pooled", CHILDREN as u32)?;
     let (single, ids) = fork_checked(ctx, session, &source, 1)?;
-    let single_taking = fork_pool_takes(&session.log(), &ids, "ready")?;
+    let log = session.log();
+    let in_mvmd = |message: &str, field: &str| {
+        ms(logged_durations(&log, message, &source)
+            .get(field)
+            .copied()
+            .unwrap_or_default())
+    };
+    let single_taking = format!(
+        "in mvmd {}: the source saved in {}, then the child's take {}",
+        in_mvmd("sandbox forked", "took"),
+        in_mvmd("fork source saved", "saved"),
+        fork_pool_takes(&log, &ids, "ready")?
+    );
     remove_all(ctx, session, &ids)?;
     Ok(ForkFigures {
         cold,
