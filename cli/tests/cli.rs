@@ -364,6 +364,13 @@ impl Term {
             )
         };
         assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // openpty leaves both without close-on-exec: every child another test spawns
+        // meanwhile would hold this terminal open (its reader would never see the end).
+        for fd in [master, slave] {
+            // SAFETY: F_SETFD on a descriptor openpty just made; no memory is passed.
+            let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            assert_eq!(r, 0, "FD_CLOEXEC: {}", std::io::Error::last_os_error());
+        }
         // SAFETY: openpty succeeded: both fds are open and owned by nobody else.
         let (master, slave) = unsafe {
             (
@@ -461,6 +468,25 @@ impl Term {
         }
     }
 
+    /// Waits (30 s at most) for `child`, started on this terminal, to exit; a child that
+    /// does not is killed and the test fails with what the terminal shows.
+    fn wait_exit(&self, mut child: Child) -> std::process::Output {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "mvm did not exit within 30 s; it said {:?}; the terminal shows {:?}",
+                    text(&out.stderr),
+                    self.shown()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    }
+
     /// Waits until `child` made the terminal raw (keys typed before would be echoed locally).
     fn wait_raw(&self, child: &mut Child) {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -508,7 +534,7 @@ fn check_raw_tty_exec(env: &Env, host: Option<&str>) {
     term.resize(33, 120);
     term.wait_for("33 120\r\n", b"again\r", &mut child);
     term.type_in(b"\x03");
-    let out = child.wait_with_output().unwrap();
+    let out = term.wait_exit(child);
     // sh died of the SIGINT that ^C raised on the sandbox's terminal: 128 + 2.
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
     assert_eq!(term.stty("-g"), before, "the terminal was not restored");
@@ -572,7 +598,7 @@ fn check_tty_exec_terminated(env: &Env, host: Option<&str>) {
     term.wait_for("started", b"go\r", &mut child);
     // SAFETY: plain kill of our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    let out = term.wait_exit(child);
     assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("terminated by signal 15"),
@@ -595,14 +621,14 @@ fn check_tty_exec_terminated(env: &Env, host: Option<&str>) {
     for _ in 0..10 {
         let mut exec = mvm();
         exec.args(["exec", "-t", &id, "--", "sh", "-c", "exit 7"]);
-        let out = term.spawn(exec).wait_with_output().unwrap();
+        let out = term.wait_exit(term.spawn(exec));
         assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
     }
     // An exec that fails (no such sandbox) after the terminal went raw.
     let mut exec = mvm();
     exec.args(["exec", "-t", "nosuchsandbox", "--", "true"]);
     let child = term.spawn(exec);
-    let out = child.wait_with_output().unwrap();
+    let out = term.wait_exit(child);
     assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
     assert_eq!(term.stty("-g"), before, "the terminal was not restored");
     term.finish();
