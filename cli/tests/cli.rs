@@ -343,41 +343,37 @@ struct Term {
 }
 
 impl Term {
+    /// A new pseudo-terminal of `rows` x `cols`, both ends close-on-exec from the start (a
+    /// child another test spawns meanwhile must not hold this terminal open: its reader would
+    /// never see the end).
     fn open(rows: u16, cols: u16) -> Term {
         use std::os::fd::FromRawFd;
-        let (mut master, mut slave) = (-1, -1);
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: openpty writes two fds into the locals and reads one winsize; the name and
-        // termios pointers may be null.
+        use std::os::unix::fs::OpenOptionsExt;
+        let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+        // SAFETY: posix_openpt takes flags only; the fd is checked before it is owned.
+        let fd = unsafe { libc::posix_openpt(flags) };
+        assert!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a new descriptor nobody else owns.
+        let master = unsafe { std::fs::File::from_raw_fd(fd) };
+        let mut name = [0 as libc::c_char; 64];
+        // SAFETY: grantpt and unlockpt take the master's fd; ptsname_r writes at most
+        // `name.len()` bytes, NUL-terminated, into `name`.
         let r = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                &ws,
-            )
+            if libc::grantpt(fd) != 0 || libc::unlockpt(fd) != 0 {
+                -1
+            } else {
+                libc::ptsname_r(fd, name.as_mut_ptr(), name.len())
+            }
         };
-        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-        // openpty leaves both without close-on-exec: every child another test spawns
-        // meanwhile would hold this terminal open (its reader would never see the end).
-        for fd in [master, slave] {
-            // SAFETY: F_SETFD on a descriptor openpty just made; no memory is passed.
-            let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            assert_eq!(r, 0, "FD_CLOEXEC: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: openpty succeeded: both fds are open and owned by nobody else.
-        let (master, slave) = unsafe {
-            (
-                std::fs::File::from_raw_fd(master),
-                std::fs::File::from_raw_fd(slave),
-            )
-        };
+        assert_eq!(r, 0, "the pty's slave: {}", std::io::Error::last_os_error());
+        // SAFETY: ptsname_r succeeded: `name` holds a NUL-terminated path.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(path.to_str().expect("a pty's name is ASCII"))
+            .expect("opening the pty's slave");
         let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut from_master = master.try_clone().expect("dup master");
         let sink = shown.clone();
@@ -388,12 +384,14 @@ impl Term {
                 sink.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        Term {
+        let term = Term {
             master,
             slave,
             shown,
             reader,
-        }
+        };
+        term.resize(rows, cols);
+        term
     }
 
     /// Starts `cmd` (dropping it: it holds slave fds) in a session of its own with this terminal as its controlling terminal,
