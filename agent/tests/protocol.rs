@@ -18,6 +18,77 @@ fn sh(script: &str) -> ExecRequest {
     ExecRequest::new(["sh", "-c", script])
 }
 
+/// An exec starts with every signal's default action even where the agent was started
+/// with signals ignored (as `nohup` and a shell's `&` start a daemon): its SIGINT, SIGQUIT
+/// and SIGHUP are not ignored (^C on its terminal interrupts it).
+#[tokio::test]
+async fn an_exec_does_not_inherit_the_agents_ignored_signals() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_mvm-agent"));
+    daemon
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()));
+    // SAFETY: the hook only calls signal(2), async-signal-safe, between fork and exec.
+    unsafe {
+        daemon.pre_exec(|| {
+            for signal in [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+                libc::signal(signal, libc::SIG_IGN);
+            }
+            Ok(())
+        });
+    }
+    /// The agent, killed however the test ends (it holds the test's output open).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let daemon = Killed(daemon.spawn().unwrap());
+    let ignored_by = |status: &str| {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("SigIgn:"))
+            .unwrap()
+            .to_owned();
+        u64::from_str_radix(line.trim_start_matches("SigIgn:").trim(), 16).unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let client = loop {
+        match agent::AgentClient::connect_unix(&socket).await {
+            Ok(client) => break client,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("the agent never answered: {e}"),
+        }
+    };
+    let agent_ignores =
+        ignored_by(&std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap());
+    assert_eq!(
+        agent_ignores & 0b111,
+        0b111,
+        "the agent ignores SIGHUP, SIGINT and SIGQUIT"
+    );
+    let out = client
+        .exec(sh("cat /proc/self/status"))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    // Standard signals (1-31; bit n-1): none ignored.
+    let exec_ignores = ignored_by(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        exec_ignores & 0x7fff_ffff,
+        0,
+        "the exec ignores {exec_ignores:#x}"
+    );
+}
+
 #[tokio::test]
 async fn echo_round_trip_and_health() {
     let agent = AgentProcess::start();

@@ -106,6 +106,9 @@ fn build_command(req: &ExecRequest) -> Result<Command, RemoteError> {
     check_dir("working directory", &cwd_seen)?;
     let mut cmd = Command::new(program);
     cmd.args(&req.argv[1..]).env_clear();
+    // SAFETY: the hook runs between fork and exec and only calls sigaction, which is
+    // async-signal-safe, on stack memory.
+    unsafe { cmd.pre_exec(default_signals) };
     let home = if req.uid.unwrap_or(0) == 0 {
         "/root"
     } else {
@@ -134,6 +137,25 @@ fn build_command(req: &ExecRequest) -> Result<Command, RemoteError> {
         }
     }
     Ok(cmd)
+}
+
+/// Gives every signal its default action in an exec's process, as a fresh login would
+/// have it: a signal ignored where the agent was started (a daemon started with `nohup` or
+/// `&` ignores SIGHUP, SIGINT and SIGQUIT) stays ignored across exec, and ^C on the exec's
+/// terminal would not interrupt it. Runs between fork and exec.
+fn default_signals() -> io::Result<()> {
+    for signal in (1..=31).chain(libc::SIGRTMIN()..=libc::SIGRTMAX()) {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: a zeroed sigaction is SIG_DFL with no flags and an empty mask; the kernel
+        // reads it during the call.
+        unsafe {
+            let default: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(signal, &default, std::ptr::null_mut());
+        }
+    }
+    Ok(())
 }
 
 fn check_dir(what: &str, path: &Path) -> Result<(), RemoteError> {
