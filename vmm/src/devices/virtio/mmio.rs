@@ -362,6 +362,16 @@ impl MmioTransport {
             restored,
         };
         match self.device.activate(ctx) {
+            Ok(()) if restored => {
+                self.activated = true;
+                // A request the driver queued before the save may never have reached the
+                // device thread (it froze before reading the notification) and the driver
+                // sends none again while it waits: every queue is looked at once now.
+                for evt in &self.queue_evts {
+                    // A full counter already wakes the device.
+                    let _ = evt.write(1);
+                }
+            }
             Ok(()) => self.activated = true,
             Err(_) => {
                 self.status |= status::DEVICE_NEEDS_RESET;
@@ -712,6 +722,10 @@ mod tests {
         let (mut fresh, activations, _) = transport();
         fresh.restore_state(&state).unwrap();
         assert_eq!(activations.load(Ordering::SeqCst), 1, "re-activated");
+        // Each queue is notified once: what the driver queued before the save is served.
+        for evt in fresh.queue_evts() {
+            assert_eq!(evt.read().unwrap(), 1);
+        }
         assert_eq!(fresh.save_state().unwrap().0, state);
         assert_eq!(rd(&mut fresh, REG_INTERRUPT_STATUS), 1);
 
