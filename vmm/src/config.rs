@@ -377,6 +377,48 @@ impl VsockConfig {
     }
 }
 
+/// `balloon`: Firecracker's memory balloon, which in mvm only reports free pages. Its target
+/// stays 0 (it never takes memory from the guest); with `free_page_reporting` the guest gives
+/// the host back the memory it frees (see [`crate::devices::virtio::balloon`]).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// The balloon's target size; must be 0.
+    pub amount_mib: u32,
+    /// Whether the guest deflates the balloon when short of memory; accepted (an empty
+    /// balloon has nothing to deflate).
+    pub deflate_on_oom: bool,
+    /// Statistics polling; must be 0 (the device has no statistics queue).
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// The guest reports the memory it frees, and the host discards those pages.
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+impl BalloonConfig {
+    /// Refuses what mvm's balloon does not do: inflating and statistics.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.amount_mib != 0 {
+            return Err(unsupported(
+                "balloon.amount_mib",
+                format!(
+                    "{} MiB: mvm's balloon never inflates; size the VM with machine-config and \
+                     set free_page_reporting to give freed guest memory back to the host",
+                    self.amount_mib
+                ),
+            ));
+        }
+        if self.stats_polling_interval_s != 0 {
+            return Err(unsupported(
+                "balloon.stats_polling_interval_s",
+                "the balloon has no statistics: use 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Log verbosity (Firecracker's names). Like Firecracker, parsing ignores case and also takes
 /// "Warn" for [`LogLevel::Warning`].
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
@@ -686,9 +728,9 @@ pub struct VmConfig {
     /// Console destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
-    /// Firecracker's balloon device; not supported.
-    #[serde(default, skip_serializing)]
-    pub balloon: Option<Value>,
+    /// The balloon (free page reporting only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
     /// Firecracker's MMDS; not supported.
     #[serde(rename = "mmds-config", default, skip_serializing)]
     pub mmds_config: Option<Value>,
@@ -711,11 +753,6 @@ impl VmConfig {
     /// Validates every section that is present.
     pub fn validate_sections(&self) -> Result<(), ConfigError> {
         reject_present(
-            &self.balloon,
-            "balloon",
-            "there is no balloon device; size the VM with machine-config",
-        )?;
-        reject_present(
             &self.mmds_config,
             "mmds-config",
             "there is no metadata service; pass data through the agent or boot_args",
@@ -731,6 +768,9 @@ impl VmConfig {
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate()?;
         }
         self.machine_config.validate()
     }
@@ -788,7 +828,16 @@ mod tests {
             err(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 99999999}}"#)
                 .contains("larger than this host")
         );
-        assert!(err(r#"{"balloon": {"amount_mib": 1}}"#).contains("`balloon` is not supported"));
+        assert!(
+            err(r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false}}"#).contains(
+                "`balloon.amount_mib` is not supported by mvm: 1 MiB: mvm's balloon never inflates"
+            )
+        );
+        assert!(err(
+            r#"{"balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 5}}"#
+        )
+        .contains("balloon.stats_polling_interval_s"));
+        assert!(err(r#"{"balloon": {"amount_mib": 0}}"#).contains("deflate_on_oom"));
         assert!(
             err(r#"{"boot-source": {"kernel_image_path": "k", "typo": 1}}"#)
                 .contains("unknown field `typo`")

@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 use crate::builder::snapshot::{build_microvm_from_snapshot, save_state};
 use crate::builder::{build_microvm, BuildError, DeviceFactory, RunningVm};
 use crate::config::{
-    BootSource, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
-    NetworkInterfaceConfig, SerialConfig, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
-    VmConfig, VsockConfig,
+    BalloonConfig, BootSource, ConfigError, DriveConfig, LoggerConfig, MachineConfig,
+    MetricsConfig, NetworkInterfaceConfig, SerialConfig, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType, VmConfig, VsockConfig,
 };
 use crate::devices::legacy::console::{CappedConsole, ConsoleLimit};
 use crate::devices::legacy::serial::SerialOut;
@@ -53,6 +53,10 @@ pub enum VmmAction {
     PatchNetworkInterface(crate::devices::virtio::update::NetworkInterfacePatch),
     /// `PUT /vsock`.
     PutVsock(VsockConfig),
+    /// `GET /balloon`.
+    GetBalloon,
+    /// `PUT /balloon`.
+    PutBalloon(BalloonConfig),
     /// `PUT /logger`.
     PutLogger(LoggerConfig),
     /// `PUT /metrics`.
@@ -366,6 +370,20 @@ impl Controller {
                 self.config.vsock = Some(vsock);
                 Ok(VmmResponse::Empty)
             }
+            GetBalloon => match &self.config.balloon {
+                Some(balloon) => Ok(VmmResponse::Json(
+                    serde_json::to_value(balloon).expect("plain struct"),
+                )),
+                None => Err(VmmActionError::BadRequest(
+                    "no balloon is configured (PUT /balloon before InstanceStart)".into(),
+                )),
+            },
+            PutBalloon(balloon) => {
+                self.before_boot("PUT /balloon")?;
+                balloon.validate()?;
+                self.config.balloon = Some(balloon);
+                Ok(VmmResponse::Empty)
+            }
             PutLogger(logger) => {
                 self.before_boot("PUT /logger")?;
                 crate::logger::configure(&logger)?;
@@ -458,6 +476,7 @@ impl Controller {
             || !c.drives.is_empty()
             || !c.network_interfaces.is_empty()
             || c.vsock.is_some()
+            || c.balloon.is_some()
             || c.serial.is_some()
     }
 

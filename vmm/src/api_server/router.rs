@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use super::http::{HttpRequest, HttpResponse};
 use crate::config::{
-    BootSource, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterfaceConfig,
-    SnapshotCreateParams, SnapshotLoadParams, VsockConfig,
+    BalloonConfig, BootSource, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
+    NetworkInterfaceConfig, SnapshotCreateParams, SnapshotLoadParams, VsockConfig,
 };
 use crate::controller::{VmmAction, VmmActionError, VmmResponse};
 use crate::devices::virtio::update::{DrivePatch, NetworkInterfacePatch};
@@ -77,6 +77,14 @@ pub fn route(req: &HttpRequest) -> Result<VmmAction, HttpResponse> {
             VmmAction::PatchNetworkInterface(patch)
         }
         ("PUT", ["vsock"]) => VmmAction::PutVsock(parse::<VsockConfig>("vsock", body)?),
+        ("GET", ["balloon"]) => VmmAction::GetBalloon,
+        ("PUT", ["balloon"]) => VmmAction::PutBalloon(parse::<BalloonConfig>("balloon", body)?),
+        ("PATCH", ["balloon", ..]) => {
+            return Err(HttpResponse::fault(
+                400,
+                "the balloon cannot change: mvm's balloon never inflates and has no statistics",
+            ))
+        }
         ("PUT", ["logger"]) => VmmAction::PutLogger(parse::<LoggerConfig>("logger", body)?),
         ("PUT", ["metrics"]) => VmmAction::PutMetrics(parse::<MetricsConfig>("metrics", body)?),
         ("PUT", ["actions"]) => match parse::<ActionBody>("actions", body)?.action_type.as_str() {
@@ -147,6 +155,11 @@ mod tests {
             routed("GET /?x=1 HTTP/1.1\r\n\r\n"),
             Ok(VmmAction::GetInstanceInfo)
         ));
+        let balloon = r#"{"amount_mib": 0, "deflate_on_oom": false, "free_page_reporting": true}"#;
+        assert!(matches!(
+            routed(&format!("PUT /balloon HTTP/1.1\r\nContent-Length: {}\r\n\r\n{balloon}", balloon.len())),
+            Ok(VmmAction::PutBalloon(b)) if b.free_page_reporting && b.amount_mib == 0
+        ));
     }
 
     #[test]
@@ -162,5 +175,9 @@ mod tests {
             "PUT /actions HTTP/1.1\r\nContent-Length: 24\r\n\r\n{\"action_type\": \"Boom\"}\n"
         )
         .contains("unknown action_type"));
+        assert!(
+            fault("PATCH /balloon HTTP/1.1\r\nContent-Length: 16\r\n\r\n{\"amount_mib\": 8}")
+                .contains("never inflates")
+        );
     }
 }

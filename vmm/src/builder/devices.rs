@@ -2,6 +2,7 @@
 
 use super::BuildError;
 use crate::config::{DriveConfig, VmConfig};
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
@@ -9,7 +10,7 @@ use crate::devices::virtio::VirtioDevice;
 use crate::seccomp::Filters;
 
 /// Creates the virtio devices a configuration asks for: drives (root drive first, so it is
-/// /dev/vda), then network interfaces, then vsock. Each device thread confines itself with the
+/// /dev/vda), then network interfaces, then vsock, then the balloon. Each device thread confines itself with the
 /// `device` seccomp filter. This is the VMM's [`super::DeviceFactory`].
 pub fn create_virtio_devices(
     config: &VmConfig,
@@ -35,6 +36,11 @@ pub fn create_virtio_devices(
     if let Some(vsock) = &config.vsock {
         let device = Vsock::new(vsock, seccomp)
             .map_err(|e| BuildError::Device("vsock".to_string(), e.to_string()))?;
+        devices.push(Box::new(device));
+    }
+    if let Some(balloon) = &config.balloon {
+        let device = Balloon::new(balloon, seccomp)
+            .map_err(|e| BuildError::Device("balloon".to_string(), e.to_string()))?;
         devices.push(Box::new(device));
     }
     Ok(devices)

@@ -64,8 +64,16 @@ pub static BLOCK: DeviceMetrics = DeviceMetrics::new();
 pub static NET: DeviceMetrics = DeviceMetrics::new();
 /// virtio-vsock counters.
 pub static VSOCK: DeviceMetrics = DeviceMetrics::new();
+/// virtio-balloon counters (`bytes_in`: free guest memory given back to the host).
+pub static BALLOON: DeviceMetrics = DeviceMetrics::new();
 
-/// All virtio counters, for the metrics flush: `{"block": {...}, "net": {...}, "vsock": {...}}`.
+/// All virtio counters, for the metrics flush: `{"block": {...}, "net": {...}, "vsock": {...},
+/// "balloon": {...}}`.
 pub fn to_json() -> Value {
-    json!({ "block": BLOCK.to_json(), "net": NET.to_json(), "vsock": VSOCK.to_json() })
+    json!({
+        "block": BLOCK.to_json(),
+        "net": NET.to_json(),
+        "vsock": VSOCK.to_json(),
+        "balloon": BALLOON.to_json(),
+    })
 }

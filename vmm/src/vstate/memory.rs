@@ -375,6 +375,37 @@ fn page_runs(pages: Range<usize>, selected: impl Fn(usize) -> bool) -> Vec<Range
     runs
 }
 
+/// Gives the host pages of guest range `addr..addr + len` back (`MADV_DONTNEED`): the next
+/// touch finds a zero page, or, for a restored VM's copy-on-write mapping, its memory file's
+/// page again (with the `Uffd` backend, the page server's). Only for memory whose contents the
+/// guest no longer needs (reported free); the range must be whole host pages in one region.
+pub fn discard(mem: &GuestMemory, addr: GuestAddress, len: usize) -> std::io::Result<()> {
+    const PAGE: u64 = 4096;
+    if addr.raw_value() % PAGE != 0 || len as u64 % PAGE != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not whole host pages",
+        ));
+    }
+    let slice = mem
+        .get_slice(addr, len)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    // SAFETY: the range is whole pages of a guest memory mapping this VMM owns and keeps
+    // mapped; MADV_DONTNEED only drops their contents (which the guest gave up), never the
+    // mapping, and no Rust reference into guest memory exists (it is accessed volatile).
+    if unsafe {
+        libc::madvise(
+            slice.ptr_guard_mut().as_ptr().cast(),
+            len,
+            libc::MADV_DONTNEED,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether the file at `path` is one `mem` maps (a restored VM's memory file).
 pub fn maps_file(mem: &GuestMemory, path: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;

@@ -4,6 +4,7 @@
 //! queue state and hands the device its queues, their notification eventfds and its interrupt
 //! when the driver sets DRIVER_OK. Each activated device serves its queues on its own thread.
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod mmio;
