@@ -13,7 +13,7 @@ toolchain="${MVM_FUZZ_TOOLCHAIN:-nightly}"
 seconds="${1:-30}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(chain block net vsock api)
+[ ${#targets[@]} -gt 0 ] || targets=(chain block net vsock balloon api)
 mkdir -p logs
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"

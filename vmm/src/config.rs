@@ -397,8 +397,16 @@ pub struct BalloonConfig {
 }
 
 impl BalloonConfig {
-    /// Refuses what mvm's balloon does not do: inflating and statistics.
+    /// Refuses what mvm's balloon does not do: inflating and statistics, and a balloon without
+    /// free page reporting (which would do nothing).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.free_page_reporting {
+            return Err(unsupported(
+                "balloon.free_page_reporting",
+                "false: mvm's balloon only gives freed guest memory back to the host (it never \
+                 inflates); set it to true, or leave the balloon out",
+            ));
+        }
         if self.amount_mib != 0 {
             return Err(unsupported(
                 "balloon.amount_mib",
@@ -829,15 +837,19 @@ mod tests {
                 .contains("larger than this host")
         );
         assert!(
-            err(r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false}}"#).contains(
+            err(r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false, "free_page_reporting": true}}"#).contains(
                 "`balloon.amount_mib` is not supported by mvm: 1 MiB: mvm's balloon never inflates"
             )
         );
         assert!(err(
-            r#"{"balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 5}}"#
+            r#"{"balloon": {"amount_mib": 0, "deflate_on_oom": false, "free_page_reporting": true, "stats_polling_interval_s": 5}}"#
         )
         .contains("balloon.stats_polling_interval_s"));
         assert!(err(r#"{"balloon": {"amount_mib": 0}}"#).contains("deflate_on_oom"));
+        assert!(
+            err(r#"{"balloon": {"amount_mib": 0, "deflate_on_oom": true}}"#)
+                .contains("balloon.free_page_reporting")
+        );
         assert!(
             err(r#"{"boot-source": {"kernel_image_path": "k", "typo": 1}}"#)
                 .contains("unknown field `typo`")

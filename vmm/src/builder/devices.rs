@@ -38,8 +38,8 @@ pub fn create_virtio_devices(
             .map_err(|e| BuildError::Device("vsock".to_string(), e.to_string()))?;
         devices.push(Box::new(device));
     }
-    if let Some(balloon) = &config.balloon {
-        let device = Balloon::new(balloon, seccomp)
+    if config.balloon.is_some() {
+        let device = Balloon::new(seccomp)
             .map_err(|e| BuildError::Device("balloon".to_string(), e.to_string()))?;
         devices.push(Box::new(device));
     }

@@ -26,7 +26,6 @@ use super::{
     read_config_window, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
 };
-use crate::config::BalloonConfig;
 use crate::metrics::virtio::{DeviceMetrics, BALLOON as METRICS};
 use crate::vstate::memory::{discard, GuestMemory};
 
@@ -50,33 +49,31 @@ pub struct BalloonHandler {
     interrupt: Arc<VirtioInterrupt>,
 }
 
-impl BalloonHandler {
-    /// Serves every chain on queue `index`: a reporting chain's ranges are discarded, any other
-    /// chain is given back as it came. Returns whether any chain was used.
-    fn process(&mut self, index: usize) -> bool {
-        let (mem, queue) = (&self.mem, &mut self.queues[index]);
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = match Chain::parse(chain, mem, u64::MAX) {
-                Ok(chain) => {
-                    if index == REPORTING {
-                        discard_reported(mem, &chain);
-                    }
-                    DeviceMetrics::add(&METRICS.completed, 1);
-                    chain.head
+/// Serves every chain on `queue`: a chain on the reporting queue (`reporting`) has its ranges
+/// discarded, any other is given back as it came; every chain comes back used with length 0.
+/// Returns whether any chain was used.
+pub fn serve_queue(mem: &GuestMemory, queue: &mut Queue, reporting: bool) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = match Chain::parse(chain, mem, u64::MAX) {
+            Ok(chain) => {
+                if reporting {
+                    discard_reported(mem, &chain);
                 }
-                Err(bad) => {
-                    DeviceMetrics::add(&METRICS.bad_chains, 1);
-                    bad.head
-                }
-            };
-            if queue.add_used(mem, head, 0).is_err() {
-                DeviceMetrics::add(&METRICS.bad_chains, 1);
+                DeviceMetrics::add(&METRICS.completed, 1);
+                chain.head
             }
-            used = true;
+            Err(bad) => {
+                DeviceMetrics::add(&METRICS.bad_chains, 1);
+                bad.head
+            }
+        };
+        if queue.add_used(mem, head, 0).is_err() {
+            DeviceMetrics::add(&METRICS.bad_chains, 1);
         }
-        used
+        used = true;
     }
+    used
 }
 
 /// Discards every range of a reporting `chain` (Linux makes them device-writable; either
@@ -118,7 +115,7 @@ impl EventHandler for BalloonHandler {
         };
         // Reading resets the counter; every available chain is served below.
         let _ = self.evts[index].read();
-        if self.process(index) {
+        if serve_queue(&self.mem, &mut self.queues[index], index == REPORTING) {
             signal_used(&mut self.queues[index], &self.mem, &self.interrupt);
         }
     }
@@ -130,24 +127,17 @@ impl EventHandler for BalloonHandler {
     }
 }
 
-/// A virtio-balloon device that reports free pages (or, without `free_page_reporting`, offers
-/// nothing and does nothing).
+/// A virtio-balloon device to which the guest reports its free pages.
 pub struct Balloon {
-    features: u64,
     /// The `actual` field of the config space, as the driver last wrote it.
     actual: u32,
     thread: DeviceThread<BalloonHandler>,
 }
 
 impl Balloon {
-    /// The device `config` describes, its thread confined by `seccomp`'s `device` filter.
-    pub fn new(config: &BalloonConfig, seccomp: &crate::seccomp::Filters) -> std::io::Result<Self> {
-        let mut features = VIRTIO_F_VERSION_1;
-        if config.free_page_reporting {
-            features |= VIRTIO_BALLOON_F_REPORTING;
-        }
+    /// The device of a `balloon` section, its thread confined by `seccomp`'s `device` filter.
+    pub fn new(seccomp: &crate::seccomp::Filters) -> std::io::Result<Self> {
         Ok(Balloon {
-            features,
             actual: 0,
             thread: DeviceThread::spawn("fc_balloon".into(), (), seccomp)?,
         })
@@ -171,7 +161,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn features(&self) -> u64 {
-        self.features
+        VIRTIO_F_VERSION_1 | VIRTIO_BALLOON_F_REPORTING
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -339,29 +329,5 @@ mod tests {
             (0, 0)
         );
         assert!(kept(&mem));
-    }
-
-    /// The config space shows a target of 0 pages and the `actual` the driver wrote; the
-    /// reporting feature is offered only when asked for.
-    #[test]
-    fn config_space_and_features() {
-        let seccomp = crate::seccomp::Filters::disabled();
-        let config = |reporting| BalloonConfig {
-            free_page_reporting: reporting,
-            ..BalloonConfig::default()
-        };
-        let mut b = Balloon::new(&config(true), &seccomp).unwrap();
-        assert_eq!(
-            b.features(),
-            VIRTIO_F_VERSION_1 | VIRTIO_BALLOON_F_REPORTING
-        );
-        b.write_config(4, &7u32.to_le_bytes());
-        b.write_config(0, &9u32.to_le_bytes());
-        let mut space = [0xffu8; 12];
-        b.read_config(0, &mut space);
-        assert_eq!(space, [0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0]);
-        let plain = Balloon::new(&config(false), &seccomp).unwrap();
-        assert_eq!(plain.features(), VIRTIO_F_VERSION_1);
-        assert_eq!(plain.queue_max_sizes(), &[QUEUE_SIZE; 3]);
     }
 }
