@@ -20,8 +20,8 @@ use hyper::Request;
 use jailer::{BindMount, JailConfig};
 use serde::Serialize;
 use vmm::config::{
-    BootSource, CacheType, DriveConfig, MachineConfig, NetworkInterfaceConfig, VmConfig,
-    VsockConfig,
+    BalloonConfig, BootSource, CacheType, DriveConfig, MachineConfig, NetworkInterfaceConfig,
+    VmConfig, VsockConfig,
 };
 use vmm::devices::legacy::console::ConsoleLimit;
 
@@ -214,11 +214,11 @@ fn vm_config(spec: &VmSpec<'_>) -> VmConfig {
             is_root_device,
             is_read_only: Some(read_only),
             partuuid: None,
-            cache_type: if read_only {
-                CacheType::default()
-            } else {
-                CacheType::Writeback
-            },
+            // No FLUSH (an fsync of the host file per guest sync): a guest's writes are in the
+            // host's page cache once answered, and a disk outlives neither its sandbox's VMM
+            // nor the host (after a host crash a restarted mvmd removes the sandbox), so a
+            // flush has nothing to keep. Nor does a fork's save then wait for one in flight.
+            cache_type: CacheType::Unsafe,
             io_engine: None,
             rate_limiter: None,
             socket: None,
@@ -259,6 +259,12 @@ fn vm_config(spec: &VmSpec<'_>) -> VmConfig {
             guest_cid: GUEST_CID,
             uds_path: VSOCK_SOCK.into(),
             vsock_id: None,
+        }),
+        // The guest gives back the memory it frees: the host holds its working set, and a
+        // save (fork, warm) writes only that.
+        balloon: Some(BalloonConfig {
+            free_page_reporting: true,
+            ..BalloonConfig::default()
         }),
         ..VmConfig::default()
     }
@@ -641,10 +647,12 @@ mod tests {
                     {"drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device": true,
                      "is_read_only": true, "cache_type": "Unsafe"},
                     {"drive_id": "layer", "path_on_host": "/layer.ext4", "is_root_device": false,
-                     "is_read_only": false, "cache_type": "Writeback"},
+                     "is_read_only": false, "cache_type": "Unsafe"},
                 ],
                 "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
                 "vsock": {"guest_cid": 3, "uds_path": "/run/vsock.sock"},
+                "balloon": {"amount_mib": 0, "deflate_on_oom": false,
+                            "stats_polling_interval_s": 0, "free_page_reporting": true},
             })
         );
         assert_eq!(config.machine_config.vcpu_count, 2);
