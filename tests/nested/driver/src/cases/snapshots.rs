@@ -674,6 +674,8 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
     remove_all(ctx, session, &ids)?;
     // One child (the goal's fork: one sandbox, as a cold create makes one).
     await_pooled(ctx, session, "fork_pooled", CHILDREN as u32)?;
+    // What the busy source's VMM holds of its 256 MiB (the guest gives back what it frees).
+    let held = super::vmm_kib(&source, "status", "RssAnon:");
     let (single, ids) = fork_checked(ctx, session, &source, 1)?;
     let log = session.log();
     let in_mvmd = |message: &str, field: &str| {
@@ -683,9 +685,13 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
             .unwrap_or_default())
     };
     let single_taking = format!(
-        "in mvmd {}: the source saved in {}, then the child's take {}",
+        "in mvmd {}: the source (its VMM holding {} MiB of anonymous memory) saved in {} (its \
+         memory written at {}, its layer copied at {}), then the child's take {}",
         in_mvmd("sandbox forked", "took"),
+        held / 1024,
         in_mvmd("fork source saved", "saved"),
+        in_mvmd("fork source saved", "dumped"),
+        in_mvmd("fork source saved", "copied"),
         fork_pool_takes(&log, &ids, "ready")?
     );
     remove_all(ctx, session, &ids)?;
