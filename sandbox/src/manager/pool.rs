@@ -502,26 +502,24 @@ impl Manager {
         };
         let vm = async {
             let live = self.live(&id);
-            if let Some(saved) = load {
-                let (cfg, to, saved) = (cfg.clone(), id.clone(), saved.clone());
-                blocking(move || {
-                    saved.hand_to(&cfg, &to, &cfg.sandbox_dir(&to).join(vm::LAYER_NAME))
-                })
+            let Some(saved) = load else {
+                let connected = live.agent.lock().await.clone();
+                return Ok::<_, Error>(match connected {
+                    Some(agent) => agent,
+                    None => self.connect_agent(taken).await?,
+                });
+            };
+            let (cfg, to, saved) = (cfg.clone(), id.clone(), saved.clone());
+            blocking(move || saved.hand_to(&cfg, &to, &cfg.sandbox_dir(&to).join(vm::LAYER_NAME)))
                 .await?;
-                let handed = started.elapsed();
-                vm::load_snapshot(&self.vmm_api(taken)?.path()).await?;
-                tracing::debug!(%id, ?handed, loaded = ?started.elapsed(), "fork pool entry loaded");
-            }
-            let connected = live.agent.lock().await.clone();
-            Ok::<_, Error>(match (connected, load) {
-                (Some(agent), _) => agent,
-                (None, Some(_)) => {
-                    let agent = self.wait_agent(&live, taken, vm::READY_TIMEOUT).await?;
-                    *live.agent.lock().await = Some(agent.clone());
-                    agent
-                }
-                (None, None) => self.connect_agent(taken).await?,
-            })
+            let handed = started.elapsed();
+            vm::load_snapshot(&self.vmm_api(taken)?.path()).await?;
+            let loaded = started.elapsed();
+            let agent = self.wait_agent(&live, taken, vm::READY_TIMEOUT).await?;
+            *live.agent.lock().await = Some(agent.clone());
+            let answered = started.elapsed();
+            tracing::debug!(%id, ?handed, ?loaded, ?answered, "fork pool entry loaded");
+            Ok(agent)
         };
         let (networked, agent) = tokio::try_join!(network, vm)?;
         let s = &row.sandbox;

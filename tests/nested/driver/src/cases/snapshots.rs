@@ -742,10 +742,11 @@ fn fork_pool_takes(log: &str, ids: &[String], expected: &str) -> Result<String, 
         let steps = logged_durations(log, "fork pool entry loaded", id);
         let step = |name: &str| ms(steps.get(name).copied().unwrap_or_default());
         taking.push(format!(
-            "{} (handed at {}, loaded at {})",
+            "{} (handed at {}, loaded at {}, its agent answering at {})",
             ms(ready),
             step("handed"),
-            step("loaded")
+            step("loaded"),
+            step("answered")
         ));
     }
     Ok(taking.join(", "))
