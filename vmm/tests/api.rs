@@ -170,12 +170,25 @@ fn configure_and_boot_through_the_api() {
         fault(&body).contains("invalid configuration JSON"),
         "{body}"
     );
-    let (status, body) = vmm.call("PUT", "/balloon", Some("{}"));
+    let (status, body) = vmm.call("PUT", "/mmds", Some("{}"));
     assert_eq!(status, 400);
     assert!(
         fault(&body).contains("Invalid request method and/or path"),
         "{body}"
     );
+    // The balloon only reports free pages: inflating is refused, naming the field.
+    let (status, body) = vmm.call(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib": 8, "deflate_on_oom": false, "free_page_reporting": true}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        fault(&body).contains("`balloon.amount_mib` is not supported by mvm"),
+        "{body}"
+    );
+    let (status, body) = vmm.call("GET", "/balloon", None);
+    assert_eq!(status, 400, "{body}");
     let (status, body) = vmm.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(status, 400);
     assert!(fault(&body).contains("before starting"), "{body}");
@@ -220,6 +233,35 @@ fn configure_and_boot_through_the_api() {
         console,
         "cmdline: console=ttyS0 via=api\ne820 entries: 3\nram end MiB: 48\n"
     );
+}
+
+/// `PUT /balloon` configures the free-page-reporting balloon before boot (`GET /balloon`
+/// shows it); a change of its size is refused, and so is a PUT after the start.
+#[test]
+fn the_balloon_is_configured_before_boot() {
+    if !require_kvm("the_balloon_is_configured_before_boot") {
+        return;
+    }
+    let vmm = ApiVmm::start();
+    let balloon = r#"{"amount_mib": 0, "deflate_on_oom": false, "free_page_reporting": true}"#;
+    assert_eq!(vmm.call("PUT", "/balloon", Some(balloon)).0, 204);
+    let (status, body) = vmm.call("GET", "/balloon", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["amount_mib"], &body["free_page_reporting"]),
+        (&Value::from(0), &Value::from(true)),
+        "{body}"
+    );
+    let (status, body) = vmm.call("PATCH", "/balloon", Some(r#"{"amount_mib": 64}"#));
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("never inflates"), "{body}");
+    let (status, _) = vmm.put_boot_source(&guest("spin"), "console=ttyS0");
+    assert_eq!(status, 204);
+    let (status, body) = vmm.start_instance();
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = vmm.call("PUT", "/balloon", Some(balloon));
+    assert_eq!(status, 400);
+    assert!(fault(&body).contains("PUT /balloon"), "{body}");
 }
 
 /// A guest that resets at once ends the VMM right after InstanceStart was answered: the
