@@ -27,10 +27,10 @@ const NETNS: &str = "mvm-dns-inet";
 const HOST_VETH: &str = "dnsinet0";
 const HOST_END: &str = "198.51.100.1";
 const FAR_END: &str = "198.51.100.2";
-const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
+pub(super) const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
 const BLOCKED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const PORT: u16 = 8080;
-const GREETING: &str = "reached-by-name";
+pub(super) const PORT: u16 = 8080;
+pub(super) const GREETING: &str = "reached-by-name";
 /// The host of the secrets case, serving HTTPS at [`SECRET_ADDR`].
 const SECRET_HOST: &str = "api.secret.test";
 const SECRET_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
@@ -131,12 +131,13 @@ fn serve_in_netns(
 
 /// The "internet": a namespace behind a veth from this host, holding [`ALLOWED`],
 /// [`BLOCKED`] and [`SECRET_ADDR`], each greeting on [`PORT`]. Removed on drop.
-struct Internet {
+pub(super) struct Internet {
     stop: Arc<AtomicBool>,
 }
 
 impl Internet {
-    fn start() -> Result<Self, String> {
+    /// Makes the namespace and serves the greeting.
+    pub(super) fn start() -> Result<Self, String> {
         let _ = ip(&format!("netns del {NETNS}"));
         ip(&format!("netns add {NETNS}"))?;
         let net = Internet {

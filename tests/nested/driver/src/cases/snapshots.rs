@@ -14,7 +14,9 @@ const RESTORED: usize = 8;
 const COLD: usize = 3;
 
 /// Every timed create here has a network (an address, a veth, nftables rules).
-const NET: [&str; 4] = ["--egress", "allow", "--allow", "10.9.9.9"];
+/// A network whose one allowed address is the "internet"'s greeter
+/// ([`super::dns_egress::ALLOWED`]).
+const NET: [&str; 4] = ["--egress", "allow", "--allow", "198.51.100.9"];
 /// The first output every timed create waits for (one process in the guest, as the cold
 /// creates': the report's dozen processes are run afterwards, untimed).
 const FIRST_OUTPUT: &str = "cat /proc/sys/kernel/random/uuid";
@@ -41,7 +43,9 @@ impl Report {
 /// templates -o json` show the snapshot), then creates 8 vm-tier sandboxes with a network from
 /// it: each restored (its console has no kernel boot log), each with its own host name (its
 /// id), MAC, address (the one mvmd reports), kernel UUID, /dev/urandom bytes and machine id,
-/// a wall clock within 1 s of L1's and its own resolver in resolv.conf (egress `allow`); one more without a network has eth0 down. Records
+/// a wall clock within 1 s of L1's and its own resolver in resolv.conf (egress `allow`), and
+/// each reaches a listener beyond L1 through its new address and route; one more without a
+/// network has eth0 down. Records
 /// create → first output of a cold boot and of a restore, their ratio, and the PSS of idle
 /// restored sandboxes' VMMs against cold-booted ones'.
 pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
@@ -53,7 +57,9 @@ pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
     dirs.env
         .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
     let session = MvmdSession::start_in(ctx, dirs)?;
-    let checked = check(ctx, &session);
+    // What the restored guests reach through their new identity (NET allows it).
+    let internet = super::dns_egress::Internet::start();
+    let checked = internet.and_then(|_internet| check(ctx, &session));
     let figures = checked.as_ref().ok().cloned();
     let outcome = session.finish(ctx, checked.map(drop));
     if let (Ok(Verdict::Pass), Some(f)) = (&outcome, figures) {
@@ -345,8 +351,9 @@ pub(super) fn warm_default(ctx: &Ctx, session: &MvmdSession) -> Result<Duration,
 
 /// The self-report of the restored sandbox mvmd answered `answer` about (with egress `allow`),
 /// checked: its host name is its id, eth0 has the address mvmd gave it, its clock is within
-/// 1 s of L1's, its resolv.conf names the sandbox's resolver, and its console has no kernel
-/// boot. Returns the sandbox's id and the report.
+/// 1 s of L1's, its resolv.conf names the sandbox's resolver, it reaches the allowed greeter
+/// beyond L1 (so its new address, MAC and default route work), and its console has no
+/// kernel boot. Returns the sandbox's id and the report.
 fn checked_report(
     ctx: &Ctx,
     session: &MvmdSession,
@@ -387,6 +394,15 @@ fn checked_report(
             "sandbox {id} (egress allow): its resolv.conf names {:?}, not only {resolver:?}; \
              it said {stdout:?}",
             report.field(7)
+        ));
+    }
+    let (greeter, port) = (super::dns_egress::ALLOWED, super::dns_egress::PORT);
+    let reach = format!("nc -w 5 {greeter} {port} </dev/null 2>&1; echo rc=$?");
+    let reached = session.mvm(ctx, &["exec", &id, "--", "sh", "-c", &reach], None)?;
+    if !reached.contains(super::dns_egress::GREETING) {
+        return Err(format!(
+            "sandbox {id}: restored with its new identity, it does not reach {greeter}:{port} \
+             (allowed): {reached:?}"
         ));
     }
     let logs = session.mvm(ctx, &["logs", &id], None)?;
