@@ -878,7 +878,9 @@ pub fn warm_pool_take(ctx: &mut Ctx) -> Outcome {
     dirs.env
         .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
     let session = MvmdSession::start_in(ctx, dirs)?;
-    let checked = check_pool(ctx, &session);
+    // What the restored guests reach through their new identity (NET allows it).
+    let internet = super::dns_egress::Internet::start();
+    let checked = internet.and_then(|_internet| check_pool(ctx, &session));
     let figures = checked.as_ref().ok().cloned();
     let outcome = session.finish(ctx, checked.map(drop));
     if let (Ok(Verdict::Pass), Some(f)) = (&outcome, figures) {
