@@ -10,8 +10,8 @@ use crate::devices::virtio::VirtioDevice;
 use crate::seccomp::Filters;
 
 /// Creates the virtio devices a configuration asks for: drives (root drive first, so it is
-/// /dev/vda), then network interfaces, then vsock, then the balloon. Each device thread confines itself with the
-/// `device` seccomp filter. This is the VMM's [`super::DeviceFactory`].
+/// /dev/vda), then network interfaces, then vsock, then the balloon. Each device thread
+/// confines itself with the `device` seccomp filter. This is the VMM's [`super::DeviceFactory`].
 pub fn create_virtio_devices(
     config: &VmConfig,
     seccomp: &Filters,

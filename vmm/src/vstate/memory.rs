@@ -380,8 +380,7 @@ fn page_runs(pages: Range<usize>, selected: impl Fn(usize) -> bool) -> Vec<Range
 /// page again (with the `Uffd` backend, the page server's). Only for memory whose contents the
 /// guest no longer needs (reported free); the range must be whole host pages in one region.
 pub fn discard(mem: &GuestMemory, addr: GuestAddress, len: usize) -> std::io::Result<()> {
-    const PAGE: u64 = 4096;
-    if addr.raw_value() % PAGE != 0 || len as u64 % PAGE != 0 {
+    if addr.raw_value() % PAGE as u64 != 0 || len % PAGE != 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not whole host pages",

@@ -252,9 +252,9 @@ pub(super) fn memory_limit(s: &Sandbox, bytes: u64) -> Result<Option<u64>> {
         Isolation::Vm if bytes.div_ceil(1 << 20) == s.memory_mib => Ok(None),
         Isolation::Vm => Err(crate::error::Error::Invalid(format!(
             "sandbox {} is in the vm tier, whose guest memory ({} MiB) is fixed when the \
-             micro-VM boots: mvm-vmm's balloon only gives back memory the guest frees and there is \
-             no memory hot-plug, so it can neither grow nor shrink; make a new sandbox with the memory it needs (CPU quota changes do \
-             work)",
+             micro-VM boots: mvm-vmm's balloon only gives back memory the guest frees and \
+             there is no memory hot-plug, so it can neither grow nor shrink; make a new sandbox \
+             with the memory it needs (CPU quota changes do work)",
             s.id, s.memory_mib
         ))),
     }

@@ -1951,9 +1951,6 @@ fn files_in_and_out(ctx: &mut Ctx) -> Outcome {
     session.finish(ctx, checked)
 }
 
-/// Two vm sandboxes from the default template: a file sandbox A writes over the base image's
-/// /etc is visible in A only, not in B; the template's read-only base image on the host is
-/// byte-identical before and after.
 /// A vm-tier sandbox gives back the memory its guest frees (the balloon's free page reporting):
 /// 64 MiB written to a file in the guest grow its VMM's anonymous memory; once the file is
 /// removed, the guest reports the freed blocks and the VMM's anonymous memory falls by at
@@ -1993,7 +1990,7 @@ fn freed_guest_memory_goes_back(ctx: &mut Ctx) -> Outcome {
     let outcome = session.finish(ctx, checked.map(drop));
     if let (Ok(Verdict::Pass), Some((filled, now, given_back))) = (&outcome, figures) {
         ctx.record(
-            "vm tier: VMM anonymous memory with a 64 MiB guest file / after its removal",
+            &format!("vm tier: VMM anonymous memory with a {FILL_MIB} MiB guest file / after its removal"),
             format!(
                 "{} / {} MiB (given back in {} ms)",
                 filled / 1024,
@@ -2005,6 +2002,9 @@ fn freed_guest_memory_goes_back(ctx: &mut Ctx) -> Outcome {
     outcome
 }
 
+/// Two vm sandboxes from the default template: a file sandbox A writes over the base image's
+/// /etc is visible in A only, not in B; the template's read-only base image on the host is
+/// byte-identical before and after.
 fn writable_layer_isolation(ctx: &mut Ctx) -> Outcome {
     const PROBE: &str = "/etc/mvm-isolation-probe";
     if !mvm_testkit::is_root() {
