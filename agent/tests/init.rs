@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use agent::init::{
     configure_network, mount_base, pivot_to_disk, pivot_to_overlay, quiesce_file_systems,
-    set_hostname, IpConfig, OverlayUpper,
+    reconfigure_network, set_hostname, IpConfig, OverlayUpper,
 };
 
 const OVERLAY_CHILD: &str = "MVM_AGENT_TEST_OVERLAY_CHILD";
@@ -514,6 +514,61 @@ fn network_child() {
         "routes: {route}"
     );
     assert!(configure_network("nosuchif0", Some(&config)).is_err());
+
+    // A restored guest's new identity: the old address, route and neighbours go, the MAC
+    // changes with the link up, the new address and route come.
+    ip(&[
+        "neigh",
+        "add",
+        "10.211.7.1",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "eth0",
+    ]);
+    let moved = IpConfig {
+        address: Ipv4Addr::new(10, 212, 9, 6),
+        prefix_len: 30,
+        gateway: Some(Ipv4Addr::new(10, 212, 9, 5)),
+    };
+    let mac = [0x06, 0x11, 0x22, 0x33, 0x44, 0x55];
+    reconfigure_network("eth0", Some(mac), Some(&moved)).expect("reconfiguring eth0");
+    let addr = ip(&["-o", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains("inet 10.212.9.6/30"), "eth0: {addr}");
+    assert!(
+        !addr.contains("10.211.7.2"),
+        "eth0 kept its old address: {addr}"
+    );
+    let link = ip(&["-o", "link", "show", "eth0"]);
+    assert!(
+        link.contains(",UP") && link.contains("link/ether 06:11:22:33:44:55"),
+        "eth0: {link}"
+    );
+    let route = ip(&["route", "show", "default"]);
+    assert_eq!(
+        route.trim(),
+        "default via 10.212.9.5 dev eth0",
+        "routes: {route}"
+    );
+    let neighbours = ip(&["neigh", "show", "dev", "eth0"]);
+    assert!(
+        !neighbours.contains("10.211.7.1"),
+        "the old gateway's MAC stayed: {neighbours}"
+    );
+    // Given the address it has (a guest restored from its own snapshot's address): the same.
+    reconfigure_network("eth0", Some(mac), Some(&moved)).expect("reconfiguring eth0 again");
+    let route = ip(&["route", "show", "default"]);
+    assert_eq!(
+        route.trim(),
+        "default via 10.212.9.5 dev eth0",
+        "routes: {route}"
+    );
+    // Without a network: no address, and the link down.
+    reconfigure_network("eth0", None, None).expect("taking eth0's network away");
+    let addr = ip(&["-o", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.trim().is_empty(), "eth0: {addr}");
+    let link = ip(&["-o", "link", "show", "eth0"]);
+    assert!(!link.contains(",UP"), "eth0: {link}");
 
     set_hostname("sbx-test").expect("sethostname");
     assert_eq!(

@@ -16,21 +16,33 @@ pub fn set_hostname(name: &str) -> Result<(), InitError> {
     nix::unistd::sethostname(name).map_err(sys(format!("setting hostname {name}")))
 }
 
-/// Makes `/etc/resolv.conf` name `nameserver` only (a link there, e.g. to a resolver the
-/// image would run, is replaced).
+/// Makes `/etc/resolv.conf` name `nameserver` only (see [`write_nameserver`]).
 pub fn write_resolv_conf(nameserver: Ipv4Addr) -> Result<(), InitError> {
-    let path = std::path::Path::new("/etc/resolv.conf");
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(sys_io(format!("removing {}", path.display()))(e))
-        }
-        _ => {}
+    write_nameserver(std::path::Path::new("/etc/resolv.conf"), nameserver)
+}
+
+/// Makes the resolver file `path` name `nameserver` only. A plain file is rewritten in place:
+/// removing and creating it again costs a guest busy with its disk far more (on an overlay,
+/// a whiteout and a rename over it). Anything else there, e.g. a link to a resolver the
+/// image would run, is replaced by a plain file.
+fn write_nameserver(path: &std::path::Path, nameserver: Ipv4Addr) -> Result<(), InitError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = format!("# mvm: the sandbox's resolver\nnameserver {nameserver}\n");
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        _ => std::fs::remove_file(path).map_err(sys_io(format!("removing {}", path.display())))?,
     }
-    std::fs::write(
-        path,
-        format!("# mvm: the sandbox's resolver\nnameserver {nameserver}\n"),
-    )
-    .map_err(sys_io(format!("writing {}", path.display())))
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(path)
+        .map_err(sys_io(format!("opening {}", path.display())))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .map_err(sys_io(format!("writing {}", path.display())))
 }
 
 /// The kernel's `struct rtentry` (linux/route.h), absent from the libc crate for glibc.
@@ -209,21 +221,64 @@ impl IfSocket {
     }
 }
 
-/// Gives `interface` a new identity: taken down (which drops its routes), a new `mac`, then
-/// `ip` with the default route and up again, or with no `ip` no address and left down.
+/// Gives `interface` a new identity without taking it down (virtio-net changes its MAC
+/// live, and a link taken down and up again costs a busy guest a good part of a second): its
+/// address removed, which drops the routes through it and its neighbours, a new `mac`, then
+/// `ip` with the default route, or with no `ip` no address and the link down.
 pub fn reconfigure_network(
     interface: &str,
     mac: Option<[u8; 6]>,
     ip: Option<&IpConfig>,
 ) -> Result<(), InitError> {
     let sock = IfSocket::new()?;
-    sock.set_up(interface, false)?;
+    // Address 0.0.0.0 deletes the interface's address; with the last one go the routes
+    // through the interface and its neighbours (the old gateway's MAC among them).
+    sock.set_addr(interface, libc::SIOCSIFADDR, Ipv4Addr::UNSPECIFIED)?;
     if let Some(mac) = mac {
         sock.set_mac(interface, mac)?;
     }
     match ip {
         Some(ip) => sock.address(interface, ip),
-        // Address 0.0.0.0 deletes the interface's address.
-        None => sock.set_addr(interface, libc::SIOCSIFADDR, Ipv4Addr::UNSPECIFIED),
+        None => sock.set_up(interface, false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A plain resolver file is rewritten in place (the same inode); a link is replaced by a
+    /// plain file and what it pointed to is left as it was.
+    #[test]
+    fn the_resolver_file_is_rewritten_in_place_and_a_link_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(
+            &path,
+            "nameserver 192.0.2.1\nsearch a-much-longer-line-than-ours\n",
+        )
+        .unwrap();
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        write_nameserver(&path, Ipv4Addr::new(10, 0, 0, 1)).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "# mvm: the sandbox's resolver\nnameserver 10.0.0.1\n"
+        );
+
+        let target = dir.path().join("stub-resolv.conf");
+        std::fs::write(&target, "nameserver 127.0.0.53\n").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        write_nameserver(&path, Ipv4Addr::new(10, 0, 0, 2)).unwrap();
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .ends_with("nameserver 10.0.0.2\n"));
+        assert_eq!(
+            std::fs::read_to_string(&target).unwrap(),
+            "nameserver 127.0.0.53\n"
+        );
     }
 }
