@@ -18,6 +18,31 @@ fn sh(script: &str) -> ExecRequest {
     ExecRequest::new(["sh", "-c", script])
 }
 
+/// An agent started by a test, killed however the test ends (it holds the test's output
+/// open).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A client of the agent starting at `socket`, connected within `patience`.
+async fn connect_within(socket: &std::path::Path, patience: Duration) -> agent::AgentClient {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match agent::AgentClient::connect_unix(socket).await {
+            Ok(client) => return client,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("the agent never answered: {e}"),
+        }
+    }
+}
+
 /// An exec starts with every signal's default action even where the agent was started
 /// with signals ignored (as `nohup` and a shell's `&` start a daemon): its SIGINT, SIGQUIT
 /// and SIGHUP are not ignored (^C on its terminal interrupts it).
@@ -39,14 +64,6 @@ async fn an_exec_does_not_inherit_the_agents_ignored_signals() {
             Ok(())
         });
     }
-    /// The agent, killed however the test ends (it holds the test's output open).
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let daemon = Killed(daemon.spawn().unwrap());
     let ignored_by = |status: &str| {
         let line = status
@@ -56,16 +73,7 @@ async fn an_exec_does_not_inherit_the_agents_ignored_signals() {
             .to_owned();
         u64::from_str_radix(line.trim_start_matches("SigIgn:").trim(), 16).unwrap()
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let client = loop {
-        match agent::AgentClient::connect_unix(&socket).await {
-            Ok(client) => break client,
-            Err(_) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("the agent never answered: {e}"),
-        }
-    };
+    let client = connect_within(&socket, Duration::from_secs(10)).await;
     let agent_ignores =
         ignored_by(&std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap());
     assert_eq!(
@@ -87,6 +95,51 @@ async fn an_exec_does_not_inherit_the_agents_ignored_signals() {
         0,
         "the exec ignores {exec_ignores:#x}"
     );
+}
+
+/// An agent raised above its workload (the guest's runs at nice -20) starts every exec at
+/// nice 0: a workload never inherits the agent's priority.
+#[tokio::test]
+async fn an_exec_does_not_inherit_the_agents_priority() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        mvm_testkit::skip_or_fail_in_ci(
+            "an_exec_does_not_inherit_the_agents_priority",
+            "only root lowers a nice value",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_mvm-agent"));
+    daemon
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()));
+    // SAFETY: the hook only calls setpriority(2), async-signal-safe, between fork and exec.
+    unsafe {
+        daemon.pre_exec(|| match libc::setpriority(libc::PRIO_PROCESS, 0, -7) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
+    }
+    let daemon = Killed(daemon.spawn().unwrap());
+    let client = connect_within(&socket, Duration::from_secs(10)).await;
+    // Field 19 of /proc/PID/stat, counted after the command name's closing parenthesis.
+    let nice_of = |stat: &str| -> i32 {
+        let fields = stat.rsplit_once(')').unwrap().1;
+        fields.split_whitespace().nth(16).unwrap().parse().unwrap()
+    };
+    let agent_stat = std::fs::read_to_string(format!("/proc/{}/stat", daemon.0.id())).unwrap();
+    assert_eq!(nice_of(&agent_stat), -7, "the agent's own nice value");
+    let out = client
+        .exec(sh("cat /proc/self/stat"))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(nice_of(&String::from_utf8_lossy(&out.stdout)), 0);
 }
 
 #[tokio::test]

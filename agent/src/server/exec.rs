@@ -106,9 +106,9 @@ fn build_command(req: &ExecRequest) -> Result<Command, RemoteError> {
     check_dir("working directory", &cwd_seen)?;
     let mut cmd = Command::new(program);
     cmd.args(&req.argv[1..]).env_clear();
-    // SAFETY: the hook runs between fork and exec and only calls sigaction, which is
-    // async-signal-safe, on stack memory.
-    unsafe { cmd.pre_exec(default_signals) };
+    // SAFETY: the hook runs between fork and exec and only calls sigaction, getpriority and
+    // setpriority, which are async-signal-safe, on stack memory.
+    unsafe { cmd.pre_exec(default_process_state) };
     let home = if req.uid.unwrap_or(0) == 0 {
         "/root"
     } else {
@@ -143,7 +143,16 @@ fn build_command(req: &ExecRequest) -> Result<Command, RemoteError> {
 /// have it: a signal ignored where the agent was started (a daemon started with `nohup` or
 /// `&` ignores SIGHUP, SIGINT and SIGQUIT) stays ignored across exec, and ^C on the exec's
 /// terminal would not interrupt it. Runs between fork and exec.
-fn default_signals() -> io::Result<()> {
+fn default_process_state() -> io::Result<()> {
+    // The guest's agent runs at a negative nice value (init's AGENT_NICE): not its children.
+    // SAFETY: getpriority and setpriority take plain integers.
+    unsafe {
+        if libc::getpriority(libc::PRIO_PROCESS, 0) < 0
+            && libc::setpriority(libc::PRIO_PROCESS, 0, 0) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
     for signal in (1..=31).chain(libc::SIGRTMIN()..=libc::SIGRTMAX()) {
         if signal == libc::SIGKILL || signal == libc::SIGSTOP {
             continue;
