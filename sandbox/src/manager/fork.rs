@@ -3,11 +3,13 @@
 //!
 //! The source is paused only while its VMM saves the VM into its save directory and the
 //! manager takes the files and a sparse copy of the writable layer (`snapshot::take_for_fork`),
-//! then resumed; each child is then made like any sandbox (quota, network, jail) but restores
+//! then resumed, with the least share of a contended CPU until the children answer; each
+//! child is then made like any sandbox (quota, network, jail) but restores
 //! the saved VM instead of booting, or takes a VMM of the template's fork pool and loads it
 //! there (see `pool`); its agent gives it its own host name, MAC, address, entropy and
 //! clock. Children share the saved memory file's page cache until they write.
 
+use super::cgroups::{CpuShare, LimitCgroups};
 use super::create::Origin;
 use super::lock::BusyLock;
 use super::tier::vm;
@@ -62,6 +64,7 @@ impl Manager {
         }
         let started = std::time::Instant::now();
         let saved = self.save_running(&row).await?;
+        let _yielding = self.yield_to_children(id).await;
         // The children start at once, each in a task of its own.
         let mut starting = tokio::task::JoinSet::new();
         for _ in 0..count {
@@ -109,6 +112,27 @@ impl Manager {
         Ok(children)
     }
 
+    /// Gives the resumed source of a fork the least share of a contended CPU (as a pool's
+    /// fills) until the returned guard goes, however the fork ends: its children are what
+    /// the fork's caller waits for, and on one CPU the source's workload would otherwise slow
+    /// each step of theirs. Where there is CPU to spare, nothing changes for the source.
+    async fn yield_to_children(&self, id: &str) -> Option<Yielding> {
+        let (parent, source) = (self.inner.cfg.cgroup_parent.clone(), id.to_owned());
+        let yielded = blocking(move || {
+            let cgroups = LimitCgroups::of(&parent, &source)?;
+            cgroups.set_cpu_share(CpuShare::Background)?;
+            Ok(cgroups)
+        })
+        .await;
+        match yielded {
+            Ok(cgroups) => Some(Yielding(cgroups)),
+            Err(e) => {
+                tracing::warn!(%id, "a fork's source keeps its CPU share: {e}");
+                None
+            }
+        }
+    }
+
     /// Pauses the VM of `row`, saves it with a copy of its writable layer, and resumes it
     /// (whatever happened meanwhile). Holds the sandbox's busy lock: it is not destroyed
     /// halfway.
@@ -120,6 +144,7 @@ impl Manager {
         let socket = self.vmm_api(row)?;
         let api = socket.path();
         vm::set_paused(&api, true).await?;
+        let paused = started.elapsed();
         let saving = vm::save_snapshot(&api).await;
         let dumped = started.elapsed();
         let saved = match saving {
@@ -140,7 +165,20 @@ impl Manager {
             let _ = blocking(move || saved.remove()).await;
             return Err(e);
         }
-        tracing::debug!(%id, ?dumped, ?copied, saved = ?started.elapsed(), "fork source saved");
+        tracing::debug!(%id, ?paused, ?dumped, ?copied, saved = ?started.elapsed(), "fork source saved");
         Ok(saved)
+    }
+}
+
+/// A fork's source yielding the CPU to its children (see [`Manager::yield_to_children`]);
+/// the default share is back when it is dropped.
+struct Yielding(LimitCgroups);
+
+impl Drop for Yielding {
+    fn drop(&mut self) {
+        // One small write to the cgroup file system, where a drop cannot await.
+        if let Err(e) = self.0.set_cpu_share(CpuShare::Normal) {
+            tracing::warn!("a fork's source did not get its CPU share back: {e}");
+        }
     }
 }

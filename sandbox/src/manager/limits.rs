@@ -27,6 +27,12 @@ impl Manager {
         Ok(row.sandbox)
     }
 
+    /// Gives sandbox `id`'s processes `share` of a contended CPU against other sandboxes'.
+    pub(super) async fn set_cpu_share(&self, id: &str, share: cgroups::CpuShare) -> Result<()> {
+        let (parent, id) = (self.inner.cfg.cgroup_parent.clone(), id.to_owned());
+        blocking(move || cgroups::LimitCgroups::of(&parent, &id)?.set_cpu_share(share)).await
+    }
+
     /// Changes the memory limit and CPU quota of a running or paused sandbox: its cgroups at
     /// once, and the stored `memory_mib` (rounded up to MiB) and `vcpus` (the quota in cores,
     /// rounded up) within the tenant's quota. In the vm tier the CPU quota applies to the VMM's

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::cgroups::{CpuShare, LimitCgroups};
+use super::cgroups::CpuShare;
 use super::create::{connect_namespace, guest_nic, Origin};
 use super::lock::BusyLock;
 use super::snapshot::SavedVm;
@@ -478,13 +478,7 @@ impl Manager {
         let started = Instant::now();
         let addrs = net::Addresses::of(self.inner.cfg.subnet, row.slot);
         let (cfg, id) = (self.inner.cfg.clone(), row.sandbox.id.clone());
-        {
-            let (cfg, id) = (cfg.clone(), id.clone());
-            blocking(move || {
-                LimitCgroups::of(&cfg.cgroup_parent, &id)?.set_cpu_share(CpuShare::Normal)
-            })
-            .await?;
-        }
+        self.set_cpu_share(&id, CpuShare::Normal).await?;
         let taken: &SandboxRow = row;
         let network = async {
             if !connected {

@@ -2,8 +2,10 @@
 //! sandboxes restored from it, each its own machine; a live fork (`mvm fork`) whose children
 //! go on from the source's instant.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{ms, sandbox_id, vmm_pss_kib, Ctx, ManagerDirs, MvmdSession, Outcome, Verdict};
@@ -701,11 +703,12 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
             .unwrap_or_default())
     };
     let single_taking = format!(
-        "in mvmd {}: the source (its VMM holding {} MiB of anonymous memory) saved in {} (its \
-         memory written at {}, its layer copied at {}), then the child's take {}",
+        "in mvmd {}: the source (its VMM holding {} MiB of anonymous memory) saved in {} (paused \
+         at {}, its memory written at {}, its layer copied at {}), then the child's take {}",
         in_mvmd("sandbox forked", "took"),
         held / 1024,
         in_mvmd("fork source saved", "saved"),
+        in_mvmd("fork source saved", "paused"),
         in_mvmd("fork source saved", "dumped"),
         in_mvmd("fork source saved", "copied"),
         fork_pool_takes(&log, &ids, "ready")?
@@ -785,13 +788,45 @@ fn fork_checked(
     let at_fork = counted(before.trim())
         .ok_or_else(|| format!("the source's counter wrote {before:?}, not 'forty-two N'"))?;
 
+    // Read through the fork: the source yields the CPU to its children, then has it back.
+    let weight = Path::new("/sys/fs/cgroup")
+        .join(&session.dirs.cgroup_parent)
+        .join(source)
+        .join("cpu.weight");
+    let forking = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (weight, forking) = (weight.clone(), Arc::clone(&forking));
+        std::thread::spawn(move || {
+            let mut seen = BTreeSet::new();
+            while forking.load(Ordering::Relaxed) {
+                if let Ok(w) = std::fs::read_to_string(&weight) {
+                    seen.insert(w.trim().to_owned());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen
+        })
+    };
     let started = Instant::now();
     let out = session.mvm(
         ctx,
         &["-o", "json", "fork", source, "-n", &count.to_string()],
         None,
-    )?;
+    );
     let forked = started.elapsed();
+    forking.store(false, Ordering::Relaxed);
+    let seen = watcher
+        .join()
+        .map_err(|_| "the cpu.weight watcher panicked".to_string())?;
+    let out = out?;
+    let after = std::fs::read_to_string(&weight).unwrap_or_default();
+    if !seen.contains("1") || after.trim() != "100" {
+        return Err(format!(
+            "the fork's source should yield the CPU to its children (cpu.weight 1) and have it \
+             back after (100): {} read {seen:?} during the fork and {after:?} after",
+            weight.display()
+        ));
+    }
     let children: Vec<serde_json::Value> = serde_json::from_str(&out)
         .map_err(|e| format!("mvm fork printed no JSON list ({e}): {out:?}"))?;
     if children.len() != count {
