@@ -3,8 +3,8 @@
 //! dirty log makes the dirty pages of a `Diff` snapshot.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
@@ -116,7 +116,7 @@ const DUMP_CHUNK: usize = 2 << 20;
 /// process's `page_map`, pages never touched are skipped without being read, and the pages
 /// of a restored VM that are still its memory file's are copied from that file in the
 /// kernel (see [`PageMap`]); without it every page is read. The last page is always
-/// written, so that the file has its full length (with the `write` and `lseek` the VMM
+/// written, so that the file has its full length (with the `pwrite64` the VMM
 /// thread's seccomp filter allows).
 pub fn dump_memory(
     mem: &GuestMemory,
@@ -228,11 +228,9 @@ impl PageMap {
         region: &GuestRegionMmap<AtomicBitmap>,
         pages: Range<usize>,
     ) -> std::io::Result<Vec<u64>> {
-        use std::io::Read;
         let mut entries = vec![0u8; pages.len() * 8];
         let first = region.as_ptr() as usize / PAGE + pages.start;
-        self.0.seek(SeekFrom::Start((first * 8) as u64))?;
-        self.0.read_exact(&mut entries)?;
+        self.0.read_exact_at(&mut entries, (first * 8) as u64)?;
         Ok(entries
             .chunks_exact(8)
             .map(|e| u64::from_ne_bytes(e.try_into().expect("chunks of 8")))
@@ -313,8 +311,7 @@ pub fn dump_dirty(mem: &GuestMemory, file: &mut File) -> std::io::Result<usize> 
             .collect())
     };
     copy_runs(mem, dirty, |bytes, at, _| {
-        file.seek(SeekFrom::Start(at as u64))?;
-        file.write_all(bytes)
+        file.write_all_at(bytes, at as u64)
     })
 }
 
@@ -338,12 +335,7 @@ fn is_zero(bytes: &[u8]) -> bool {
 
 /// Writes the runs of pages of `data` that are not all zeros at `offset` in `file` (and the
 /// last page when `last`).
-fn write_used_pages(
-    mut file: &File,
-    data: &[u8],
-    offset: usize,
-    last: bool,
-) -> std::io::Result<()> {
+fn write_used_pages(file: &File, data: &[u8], offset: usize, last: bool) -> std::io::Result<()> {
     let pages = data.len().div_ceil(PAGE);
     let used = |page: usize| {
         (last && page + 1 == pages)
@@ -351,8 +343,8 @@ fn write_used_pages(
     };
     for run in page_runs(0..pages, used) {
         let bytes = &data[run.start * PAGE..data.len().min(run.end * PAGE)];
-        file.seek(SeekFrom::Start((offset + run.start * PAGE) as u64))?;
-        file.write_all(bytes)?;
+        // One system call a run: a busy guest's memory is many short runs.
+        file.write_all_at(bytes, (offset + run.start * PAGE) as u64)?;
     }
     Ok(())
 }
