@@ -322,15 +322,12 @@ pub fn reset_dirty(mem: &GuestMemory) {
     }
 }
 
-/// Whether `bytes` are all zero (compared a word at a time).
+/// Whether `bytes` are all zero, compared a block at a time: a used page (nearly always
+/// nonzero near its start) is told by its first block, not read whole.
 fn is_zero(bytes: &[u8]) -> bool {
-    let words = bytes.chunks_exact(8);
-    let rest = words.remainder();
-    words
-        .map(|w| u64::from_ne_bytes(w.try_into().expect("chunks of 8")))
-        .fold(0, |acc, w| acc | w)
-        == 0
-        && rest.iter().all(|&b| b == 0)
+    bytes
+        .chunks(64)
+        .all(|block| block.iter().fold(0, |acc, &b| acc | b) == 0)
 }
 
 /// Writes the runs of pages of `data` that are not all zeros at `offset` in `file` (and the
@@ -435,6 +432,20 @@ pub fn map_memory_file(file: &File, layout: &[(u64, u64)]) -> Result<GuestMemory
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A single nonzero byte anywhere, in whole blocks or in a short tail, makes a page used.
+    #[test]
+    fn a_page_is_zero_only_without_any_nonzero_byte() {
+        for len in [PAGE, 100, 7] {
+            let mut page = vec![0u8; len];
+            assert!(is_zero(&page), "{len} zero bytes");
+            for at in [0, len / 2, len - 1] {
+                page[at] = 1;
+                assert!(!is_zero(&page), "{len} bytes, byte {at} set");
+                page[at] = 0;
+            }
+        }
+    }
 
     #[test]
     fn small_guest_is_one_region() {
