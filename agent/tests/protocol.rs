@@ -29,18 +29,44 @@ impl Drop for Killed {
     }
 }
 
-/// A client of the agent starting at `socket`, connected within `patience`.
-async fn connect_within(socket: &std::path::Path, patience: Duration) -> agent::AgentClient {
-    let deadline = std::time::Instant::now() + patience;
+/// The agent binary serving a socket in `dir`, with `prepare` run in its process before
+/// exec, and a client of it once it answers (within 10 s).
+///
+/// # Safety
+/// `prepare` runs between fork and exec: it may only make async-signal-safe calls.
+async unsafe fn agent_prepared_by(
+    dir: &std::path::Path,
+    prepare: fn() -> std::io::Result<()>,
+) -> (Killed, agent::AgentClient) {
+    use std::os::unix::process::CommandExt;
+    let socket = dir.join("agent.sock");
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_mvm-agent"));
+    daemon
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()));
+    // SAFETY: the caller's promise.
+    unsafe { daemon.pre_exec(prepare) };
+    let daemon = Killed(daemon.spawn().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match agent::AgentClient::connect_unix(socket).await {
-            Ok(client) => return client,
+        match agent::AgentClient::connect_unix(&socket).await {
+            Ok(client) => return (daemon, client),
             Err(_) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                tokio::time::sleep(Duration::from_millis(10)).await
             }
             Err(e) => panic!("the agent never answered: {e}"),
         }
     }
+}
+
+/// Whether the test runs as root; if not it is skipped (failed under CI) saying `why`.
+fn as_root(test: &str, why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    mvm_testkit::skip_or_fail_in_ci(test, why);
+    false
 }
 
 /// An exec starts with every signal's default action even where the agent was started
@@ -48,23 +74,17 @@ async fn connect_within(socket: &std::path::Path, patience: Duration) -> agent::
 /// and SIGHUP are not ignored (^C on its terminal interrupts it).
 #[tokio::test]
 async fn an_exec_does_not_inherit_the_agents_ignored_signals() {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_mvm-agent"));
-    daemon
-        .arg("--listen")
-        .arg(format!("unix:{}", socket.display()));
-    // SAFETY: the hook only calls signal(2), async-signal-safe, between fork and exec.
-    unsafe {
-        daemon.pre_exec(|| {
+    // SAFETY: the hook only calls signal(2), async-signal-safe.
+    let (daemon, client) = unsafe {
+        agent_prepared_by(dir.path(), || {
             for signal in [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
                 libc::signal(signal, libc::SIG_IGN);
             }
             Ok(())
-        });
-    }
-    let daemon = Killed(daemon.spawn().unwrap());
+        })
+        .await
+    };
     let ignored_by = |status: &str| {
         let line = status
             .lines()
@@ -73,7 +93,6 @@ async fn an_exec_does_not_inherit_the_agents_ignored_signals() {
             .to_owned();
         u64::from_str_radix(line.trim_start_matches("SigIgn:").trim(), 16).unwrap()
     };
-    let client = connect_within(&socket, Duration::from_secs(10)).await;
     let agent_ignores =
         ignored_by(&std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap());
     assert_eq!(
@@ -101,30 +120,21 @@ async fn an_exec_does_not_inherit_the_agents_ignored_signals() {
 /// nice 0: a workload never inherits the agent's priority.
 #[tokio::test]
 async fn an_exec_does_not_inherit_the_agents_priority() {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        mvm_testkit::skip_or_fail_in_ci(
-            "an_exec_does_not_inherit_the_agents_priority",
-            "only root lowers a nice value",
-        );
+    let test = "an_exec_does_not_inherit_the_agents_priority";
+    if !as_root(test, "only root lowers a nice value") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_mvm-agent"));
-    daemon
-        .arg("--listen")
-        .arg(format!("unix:{}", socket.display()));
-    // SAFETY: the hook only calls setpriority(2), async-signal-safe, between fork and exec.
-    unsafe {
-        daemon.pre_exec(|| match libc::setpriority(libc::PRIO_PROCESS, 0, -7) {
-            0 => Ok(()),
-            _ => Err(std::io::Error::last_os_error()),
-        });
-    }
-    let daemon = Killed(daemon.spawn().unwrap());
-    let client = connect_within(&socket, Duration::from_secs(10)).await;
+    // SAFETY: the hook only calls setpriority(2), async-signal-safe.
+    let (daemon, client) = unsafe {
+        agent_prepared_by(dir.path(), || {
+            match libc::setpriority(libc::PRIO_PROCESS, 0, -7) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        })
+        .await
+    };
     // Field 19 of /proc/PID/stat, counted after the command name's closing parenthesis.
     let nice_of = |stat: &str| -> i32 {
         let fields = stat.rsplit_once(')').unwrap().1;
@@ -934,12 +944,10 @@ async fn shutdown_stops_a_host_agent() {
 
 #[tokio::test]
 async fn exec_as_another_user() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        mvm_testkit::skip_or_fail_in_ci(
-            "exec_as_another_user",
-            "the agent must run as root to switch users",
-        );
+    if !as_root(
+        "exec_as_another_user",
+        "the agent must run as root to switch users",
+    ) {
         return;
     }
     let agent = AgentProcess::start();
@@ -1023,12 +1031,10 @@ impl Drop for Unmounted {
 /// them (`ExecRequest::root`), detached again (`Unmount`).
 #[tokio::test]
 async fn containers_with_their_own_roots() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        mvm_testkit::skip_or_fail_in_ci(
-            "containers_with_their_own_roots",
-            "mounting and chroot need root",
-        );
+    if !as_root(
+        "containers_with_their_own_roots",
+        "mounting and chroot need root",
+    ) {
         return;
     }
     let busybox = std::path::Path::new("/bin/busybox");
