@@ -307,7 +307,7 @@ fn tree_bytes(dir: &Path) -> Result<u64> {
 /// to every copy a snapshot or fork takes of the layer.
 pub fn make_layer(path: &Path, uid: u32, content: Option<&Path>) -> Result<()> {
     let content_bytes = content.map(tree_bytes).transpose()?.unwrap_or(0);
-    // Room for the metadata of a populated file system too (inodes, journal, directories).
+    // Room for the metadata of a populated file system too (inodes, directories).
     let size = (LAYER_SIZE_MIB << 20) + content_bytes + content_bytes / 8;
     let file = std::fs::File::create(path)
         .map_err(|e| Error::host(format!("creating {}", path.display()), e))?;
