@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use agent::protocol::{
-    decode_payload, encode_frame, AgentMessage, ClientMessage, ErrorKind, MAGIC, MAX_FRAME_LEN,
-    PROTOCOL_VERSION,
+    decode_payload, encode_frame, AgentMessage, ClientMessage, ErrorKind, Reply, Request, MAGIC,
+    MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use agent::{ClientError, ExecRequest, FileKind, ShutdownAction, Termination};
 use common::{process_state, random_bytes, wait_until, AgentProcess};
@@ -755,8 +755,9 @@ async fn expect_protocol_violation(stream: &mut UnixStream, needle: &str) {
     assert_eq!(n, 0, "nothing follows the Fatal frame");
 }
 
-/// Sends `messages` as frames, in one write.
-async fn send(stream: &mut UnixStream, messages: &[ClientMessage]) {
+/// Sends `messages` (the client's, or the agent's in a test playing the agent) as frames, in
+/// one write.
+async fn send<M: serde::Serialize>(stream: &mut UnixStream, messages: &[M]) {
     let mut frames = Vec::new();
     for m in messages {
         encode_frame(m, &mut frames).unwrap();
@@ -1150,24 +1151,18 @@ async fn containers_with_their_own_roots() {
     assert!(err.to_string().contains("unmounting"), "{err}");
 }
 
-/// A host-process agent (jail tier) has no machine of its own: it refuses a new identity,
-/// and the host's name stays.
-#[tokio::test]
-async fn a_host_process_agent_refuses_a_new_identity() {
-    let agent = AgentProcess::start();
-    let client = agent.client().await;
-    let hostname = nix::unistd::gethostname().unwrap();
-    let err = client
-        .reidentify(agent::Identity {
-            hostname: "restored".into(),
-            mac: Some([2, 0, 0, 0, 0, 1]),
-            ip: None,
-            entropy: vec![7; 64],
-            realtime_ns: 0,
-            dns: None,
-        })
-        .await
-        .unwrap_err();
+fn identity() -> agent::Identity {
+    agent::Identity {
+        hostname: "restored".into(),
+        mac: Some([2, 0, 0, 0, 0, 1]),
+        ip: None,
+        entropy: vec![7; 64],
+        realtime_ns: 0,
+        dns: None,
+    }
+}
+
+fn assert_refused_identity(err: ClientError) {
     match err {
         ClientError::Remote(e) => {
             assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
@@ -1175,6 +1170,95 @@ async fn a_host_process_agent_refuses_a_new_identity() {
         }
         other => panic!("expected a refusal, got {other}"),
     }
+}
+
+/// A host-process agent (jail tier) has no machine of its own: it refuses a new identity,
+/// asked for on a connection or with its handshake, and the host's name stays.
+#[tokio::test]
+async fn a_host_process_agent_refuses_a_new_identity() {
+    let agent = AgentProcess::start();
+    let client = agent.client().await;
+    let hostname = nix::unistd::gethostname().unwrap();
+    assert_refused_identity(client.reidentify(identity()).await.unwrap_err());
+    let stream = UnixStream::connect(&agent.socket).await.unwrap();
+    assert_refused_identity(
+        agent::AgentClient::from_stream_reidentified(stream, identity())
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(nix::unistd::gethostname().unwrap(), hostname);
     client.health().await.unwrap();
+}
+
+/// Reads one client frame from a raw connection (the agent's side of it).
+async fn read_client_message(stream: &mut UnixStream) -> ClientMessage {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await.unwrap();
+    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+    stream.read_exact(&mut payload).await.unwrap();
+    decode_payload(&payload).expect("client frames decode")
+}
+
+/// An identity given with the handshake goes out behind the client's `Hello` before the
+/// agent has answered anything (a round trip saved for a restored guest), and the
+/// connection's later requests take other ids.
+#[tokio::test]
+async fn an_identity_given_with_the_handshake_does_not_wait_for_the_agents_hello() {
+    let (client_end, mut agent_end) = UnixStream::pair().unwrap();
+    let connecting = tokio::spawn(agent::AgentClient::from_stream_reidentified(
+        client_end,
+        identity(),
+    ));
+    let (hello, request) = tokio::time::timeout(Duration::from_secs(10), async {
+        let hello = read_client_message(&mut agent_end).await;
+        (hello, read_client_message(&mut agent_end).await)
+    })
+    .await
+    .expect("the client sends Reidentify without waiting for the agent's Hello");
+    assert!(
+        matches!(hello, ClientMessage::Hello { magic: MAGIC, .. }),
+        "{hello:?}"
+    );
+    let ClientMessage::Request {
+        id,
+        request: Request::Reidentify(sent),
+    } = request
+    else {
+        panic!("expected Reidentify, got {request:?}");
+    };
+    assert_eq!(sent, identity());
+    send(
+        &mut agent_end,
+        &[
+            AgentMessage::Hello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+                agent_version: "test".into(),
+            },
+            AgentMessage::Reply {
+                id,
+                reply: Reply::Done,
+            },
+        ],
+    )
+    .await;
+    let client = connecting.await.unwrap().unwrap();
+    assert_eq!(client.agent_version(), "test");
+    let removing = tokio::spawn(async move { client.remove("/gone", false).await });
+    let ClientMessage::Request { id: next, .. } = read_client_message(&mut agent_end).await else {
+        panic!("expected a request");
+    };
+    assert_ne!(
+        next, id,
+        "a later request reuses the handshake's request id"
+    );
+    send(
+        &mut agent_end,
+        &[AgentMessage::Reply {
+            id: next,
+            reply: Reply::Done,
+        }],
+    )
+    .await;
+    removing.await.unwrap().unwrap();
 }

@@ -3,7 +3,7 @@
 use std::io;
 use std::time::Duration;
 
-use crate::protocol::{ErrorKind, RemoteError, Reply, MAX_FRAME_LEN};
+use crate::protocol::{AgentMessage, ErrorKind, RemoteError, Reply, MAX_FRAME_LEN};
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,20 @@ pub(super) fn reply_name(reply: &Reply) -> &'static str {
         Reply::Stat(_) => "Stat",
         Reply::Entries(_) => "Entries",
         Reply::Health(_) => "Health",
+    }
+}
+
+/// The variant of `message`, for the same reason as [`reply_name`].
+pub(super) fn message_name(message: &AgentMessage) -> &'static str {
+    match message {
+        AgentMessage::Hello { .. } => "Hello",
+        AgentMessage::Reply { reply, .. } => reply_name(reply),
+        AgentMessage::Failed { .. } => "Failed",
+        AgentMessage::Data { .. } => "Data",
+        AgentMessage::Eof { .. } => "Eof",
+        AgentMessage::Credit { .. } => "Credit",
+        AgentMessage::Exited { .. } => "Exited",
+        AgentMessage::Fatal(_) => "Fatal",
     }
 }
 

@@ -463,11 +463,10 @@ impl Manager {
 
     /// Makes the taken entry `row` what its new owner asked: its full share of the CPU, the
     /// network (unless `connected` for it already: else the entry's, `was`, is replaced),
-    /// a fork pool's VMM the VM `load` (handed to it, loaded, its agent awaited), then the
-    /// guest's address, resolver, entropy and clock through its agent. The network and the
-    /// VM go side by side (the VMM's tap is the namespace's own, which a reconnect keeps)
-    /// until the guest's new identity, which needs both. Returns when the network was done
-    /// (since the call).
+    /// and, side by side with it (the VMM's tap is the namespace's own, which a reconnect
+    /// keeps), the guest's address, resolver, entropy and clock through its agent: a fork
+    /// pool's VMM is first handed the VM `load` and loads it, and its agent gets the identity
+    /// with its first answer. Returns when the network was done (since the call).
     async fn connect_taken(
         &self,
         row: &mut SandboxRow,
@@ -479,7 +478,20 @@ impl Manager {
         let addrs = net::Addresses::of(self.inner.cfg.subnet, row.slot);
         let (cfg, id) = (self.inner.cfg.clone(), row.sandbox.id.clone());
         self.set_cpu_share(&id, CpuShare::Normal).await?;
+        let info = net::info(
+            &row.sandbox.network.spec(),
+            &row.sandbox.network.ports,
+            &[],
+            Isolation::Vm,
+            addrs,
+        );
+        let guest_net = info.address.is_some().then(|| guest_nic(addrs));
         let taken: &SandboxRow = row;
+        let becoming = vm::Becoming {
+            id: &id,
+            net: guest_net.as_ref(),
+            egress: info.egress,
+        };
         let network = async {
             if !connected {
                 // An entry without a veth has only the namespace's rules, which a connect
@@ -497,11 +509,14 @@ impl Manager {
         let vm = async {
             let live = self.live(&id);
             let Some(saved) = load else {
+                // A warm pool's entry: its agent answered when it was restored.
                 let connected = live.agent.lock().await.clone();
-                return Ok::<_, Error>(match connected {
+                let agent = match connected {
                     Some(agent) => agent,
                     None => self.connect_agent(taken).await?,
-                });
+                };
+                agent.reidentify(becoming.identity()?).await?;
+                return Ok::<_, Error>(agent);
             };
             let (cfg, to, saved) = (cfg.clone(), id.clone(), saved.clone());
             blocking(move || saved.hand_to(&cfg, &to, &cfg.sandbox_dir(&to).join(vm::LAYER_NAME)))
@@ -509,34 +524,16 @@ impl Manager {
             let handed = started.elapsed();
             vm::load_snapshot(&self.vmm_api(taken)?.path()).await?;
             let loaded = started.elapsed();
-            let agent = self.wait_agent(&live, taken, vm::READY_TIMEOUT).await?;
+            let agent = self
+                .wait_agent(&live, taken, vm::READY_TIMEOUT, Some(becoming))
+                .await?;
             *live.agent.lock().await = Some(agent.clone());
-            let answered = started.elapsed();
-            tracing::debug!(%id, ?handed, ?loaded, ?answered, "fork pool entry loaded");
+            let reidentified = started.elapsed();
+            tracing::debug!(%id, ?handed, ?loaded, ?reidentified, "fork pool entry loaded");
             Ok(agent)
         };
-        let (networked, agent) = tokio::try_join!(network, vm)?;
-        let s = &row.sandbox;
-        row.sandbox.network = net::info(
-            &s.network.spec(),
-            &s.network.ports,
-            &[],
-            Isolation::Vm,
-            addrs,
-        );
-        let guest_net = row
-            .sandbox
-            .network
-            .address
-            .is_some()
-            .then(|| guest_nic(addrs));
-        agent
-            .reidentify(vm::identity(
-                &row.sandbox.id,
-                guest_net.as_ref(),
-                vm::guest_resolver(row.sandbox.network.egress),
-            )?)
-            .await?;
+        let (networked, _agent) = tokio::try_join!(network, vm)?;
+        row.sandbox.network = info;
         row.sandbox.state = SandboxState::Running;
         self.inner.db.update_sandbox(row)?;
         Ok(networked)

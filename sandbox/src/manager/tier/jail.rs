@@ -180,6 +180,6 @@ impl Manager {
             std::fs::remove_file(&path)
                 .map_err(|e| Error::host(format!("removing {}", path.display()), e))?;
         }
-        self.wait_agent(live, row, READY_TIMEOUT).await
+        self.wait_agent(live, row, READY_TIMEOUT, None).await
     }
 }

@@ -444,10 +444,29 @@ pub fn guest_resolver(egress: crate::model::Egress) -> Option<std::net::Ipv4Addr
     (egress == crate::model::Egress::Allow).then_some(crate::manager::net::RESOLVER_ADDR)
 }
 
-/// What makes a guest restored from a snapshot sandbox `id`'s own: its host name, a MAC of
-/// its own (a pod's interface's, or one made from the id), its address, its resolver (`dns`,
-/// as `mvm.dns` at a cold boot), fresh entropy and the host's clock.
-pub fn identity(
+/// Whom a guest restored from a snapshot becomes: sandbox `id`, with `net` and the resolver
+/// of `egress`. Its [`identity`](Becoming::identity) is made afresh for each attempt to
+/// reach the guest's agent, so that the clock it carries is the host's at that moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Becoming<'a> {
+    /// The sandbox.
+    pub id: &'a str,
+    /// Its guest's side of the network, if it has one.
+    pub net: Option<&'a GuestNet>,
+    /// Its egress (the resolver with `allow`).
+    pub egress: crate::model::Egress,
+}
+
+impl Becoming<'_> {
+    /// What makes the guest sandbox `id`'s own: its host name, a MAC of its own (a pod's
+    /// interface's, or one made from the id), its address, its resolver (as `mvm.dns` at a
+    /// cold boot), fresh entropy and the host's clock.
+    pub fn identity(&self) -> Result<agent::Identity> {
+        identity(self.id, self.net, guest_resolver(self.egress))
+    }
+}
+
+fn identity(
     id: &str,
     net: Option<&GuestNet>,
     dns: Option<std::net::Ipv4Addr>,

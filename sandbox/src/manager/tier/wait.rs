@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use agent::AgentClient;
+use agent::{AgentClient, ClientError};
 
+use super::vm;
 use crate::db::SandboxRow;
 use crate::error::{Error, Result};
 use crate::manager::{lock, Live, Manager};
@@ -33,17 +34,25 @@ impl Manager {
         Ok(())
     }
 
+    /// Connects to the agent of `row` once it answers, failing early when the jailer exits.
+    /// A guest restored from a snapshot is given `becoming`'s identity in the handshake (see
+    /// [`AgentClient::connect_hybrid_vsock_reidentified`]); an agent that refuses it is not
+    /// asked again.
     pub(in crate::manager) async fn wait_agent(
         &self,
         live: &Live,
         row: &SandboxRow,
         timeout: Duration,
+        becoming: Option<vm::Becoming<'_>>,
     ) -> Result<AgentClient> {
         let s = &row.sandbox;
         let deadline = Instant::now() + timeout;
         loop {
-            match self.connect_agent(row).await {
+            let identity = becoming.map(|b| b.identity()).transpose()?;
+            let attempt = self.connect_agent_giving(row, identity).await;
+            match attempt {
                 Ok(c) => return Ok(c),
+                Err(e @ Error::Agent(ClientError::Remote(_))) => return Err(e),
                 Err(e) => {
                     if let Some(e) = self.start_up_failure(live, s, deadline, || {
                         format!(

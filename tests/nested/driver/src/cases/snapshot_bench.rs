@@ -266,7 +266,7 @@ fn destroy(session: &MvmdSession, id: &str) -> Result<(), String> {
 /// Where fork of `source` into `child` (a fork pool's entry) spent its time in mvmd, from
 /// the manager's debug lines: the source's save (its memory written by the VMM, then its
 /// layer copied), then the child's take (the saved VM handed over, loaded, its agent
-/// answering, the child ready with its new identity).
+/// answering with the child's new identity, the child ready).
 fn fork_steps(log: &str, source: &str, child: &str) -> String {
     let saved = logged_durations(log, "fork source saved", source);
     let loaded = logged_durations(log, "fork pool entry loaded", child);
@@ -275,12 +275,12 @@ fn fork_steps(log: &str, source: &str, child: &str) -> String {
         ms(steps.get(name).copied().unwrap_or_default())
     };
     format!(
-        "source saved {} (memory written {}), then the child handed its VM at {}, loaded at {}, its agent answering at {}, ready at {}",
+        "source saved {} (memory written {}), then the child handed its VM at {}, loaded at {}, its agent answering with its new identity at {}, ready at {}",
         at(&saved, "saved"),
         at(&saved, "dumped"),
         at(&loaded, "handed"),
         at(&loaded, "loaded"),
-        at(&loaded, "answered"),
+        at(&loaded, "reidentified"),
         at(&taken, "ready")
     )
 }

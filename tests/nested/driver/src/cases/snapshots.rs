@@ -127,8 +127,7 @@ struct Figures {
 }
 
 /// The steps of one create in mvmd, from the manager's debug lines ("sandbox built",
-/// "snapshot loaded", "restored guest reidentified"); a cold boot has no load or identity
-/// steps (zero).
+/// "snapshot loaded", "restored guest reidentified"); a cold boot has no load step (zero).
 #[derive(Clone, Copy, Default)]
 struct Steps {
     /// The network namespace (with the vm tier's tap), which the jail needs to start.
@@ -143,10 +142,9 @@ struct Steps {
     api: Duration,
     /// `PUT /snapshot/load`.
     load: Duration,
-    /// The agent answering (a cold boot: the whole kernel boot).
+    /// The agent answering (a cold boot: the whole kernel boot), a restored guest's with its
+    /// new identity (given in the handshake).
     agent: Duration,
-    /// The restored guest's new identity.
-    identity: Duration,
     /// All of it, as mvmd timed it.
     total: Duration,
 }
@@ -167,10 +165,7 @@ impl Steps {
             ));
         }
         let (api, loaded) = (field(&loaded, "api_up"), field(&loaded, "loaded"));
-        let (answered, identified) = (
-            field(&identified, "answered"),
-            field(&identified, "reidentified"),
-        );
+        let identified = field(&identified, "reidentified");
         let (namespace, network) = (field(&built, "namespace"), field(&built, "networked"));
         Ok(Steps {
             namespace,
@@ -178,11 +173,10 @@ impl Steps {
             jail: spawn.saturating_sub(if side_by_side() { namespace } else { network }),
             api,
             load: loaded.saturating_sub(api),
-            agent: match answered.is_zero() {
+            agent: match identified.is_zero() {
                 true => total.saturating_sub(spawn),
-                false => answered.saturating_sub(loaded),
+                false => identified.saturating_sub(loaded),
             },
-            identity: identified.saturating_sub(answered),
             total,
         })
     }
@@ -201,7 +195,6 @@ impl Steps {
             api: p50(|s| s.api),
             load: p50(|s| s.load),
             agent: p50(|s| s.agent),
-            identity: p50(|s| s.identity),
             total: p50(|s| s.total),
         }
     }
@@ -229,13 +222,12 @@ impl std::fmt::Display for Steps {
         write!(
             f,
             "namespace {:.0} ms, {network} the jail {:.0} ms, VMM API up {:.0} ms, snapshot \
-             load {:.0} ms, agent {:.0} ms, new identity {:.0} ms; total {:.0} ms",
+             load {:.0} ms, agent (with a restored guest's new identity) {:.0} ms; total {:.0} ms",
             ms(self.namespace),
             ms(self.jail),
             ms(self.api),
             ms(self.load),
             ms(self.agent),
-            ms(self.identity),
             ms(self.total)
         )
     }
@@ -761,11 +753,11 @@ fn fork_pool_takes(log: &str, ids: &[String], expected: &str) -> Result<String, 
         let steps = logged_durations(log, "fork pool entry loaded", id);
         let step = |name: &str| ms(steps.get(name).copied().unwrap_or_default());
         taking.push(format!(
-            "{} (handed at {}, loaded at {}, its agent answering at {})",
+            "{} (handed at {}, loaded at {}, its agent answering with its new identity at {})",
             ms(ready),
             step("handed"),
             step("loaded"),
-            step("answered")
+            step("reidentified")
         ));
     }
     Ok(taking.join(", "))
