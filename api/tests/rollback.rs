@@ -56,6 +56,7 @@ fn unusable_template_image_fails_at_the_overlay_step() {
                 kernel: dir.join("vmlinux").display().to_string(),
                 rootfs: dir.join("junk.ext4").display().to_string(),
                 snapshot: None,
+                other_snapshots: Vec::new(),
             })
             .await
             .expect("register")

@@ -7,7 +7,7 @@ mod common;
 
 use common::{block_on, Daemon};
 use mvm_client::ClientError;
-use mvm_sandbox::model::{CreateSandbox, Isolation, Template};
+use mvm_sandbox::model::{CreateSandbox, Isolation, Template, WarmRequest};
 use mvm_testkit::root_or_skip;
 
 /// Status, code and message of a refused call.
@@ -29,8 +29,9 @@ fn vm_tier_here(test: &str) -> bool {
 
 /// Warming a template is an admin's call, names an existing template, and needs the vm tier:
 /// on a host that cannot run it (this one, kvm_pvm, or none) the answer is a 422 naming the
-/// tier, no sandbox is left and no snapshot appears; a snapshot field in a registration is
-/// refused (only mvm makes snapshots).
+/// tier, at the defaults' size (also asked without a body, as clients before sizes did) or
+/// another, no sandbox is left and no snapshot appears; a bad size request is refused as
+/// such; a snapshot field in a registration is refused (only mvm makes snapshots).
 #[test]
 fn warming_is_an_admins_call_and_needs_the_vm_tier() {
     let test = "warming_is_an_admins_call_and_needs_the_vm_tier";
@@ -45,33 +46,71 @@ fn warming_is_an_admins_call_and_needs_the_vm_tier() {
     let admin = d.client();
     block_on(async {
         let status_code = refusal::<Template>;
-        let (status, code, _) = status_code(other.warm_template("default").await);
+        let defaults = WarmRequest::default();
+        let (status, code, _) = status_code(other.warm_template("default", &defaults).await);
         assert_eq!((status, code.as_str()), (403, "forbidden"));
-        let (status, code, _) = status_code(admin.warm_template("nonesuch").await);
+        let (status, code, _) = status_code(admin.warm_template("nonesuch", &defaults).await);
         assert_eq!((status, code.as_str()), (404, "not_found"));
-        let (status, code, message) = status_code(admin.warm_template("default").await);
-        assert_eq!((status, code.as_str()), (422, "isolation_unavailable"));
-        assert!(message.contains("vm tier"), "{message}");
+        let sized = WarmRequest {
+            vcpus: Some(2),
+            memory_mib: Some(512),
+        };
+        for req in [&defaults, &sized] {
+            let (status, code, message) = status_code(admin.warm_template("default", req).await);
+            assert_eq!(
+                (status, code.as_str()),
+                (422, "isolation_unavailable"),
+                "{req:?}"
+            );
+            assert!(message.contains("vm tier"), "{message}");
+        }
+        let warm = "/v1/templates/default/warm";
+        let bodiless = admin.raw("POST", warm, "", Vec::new()).await;
+        assert!(
+            matches!(&bodiless, Err(ClientError::Api { status: 422, body }) if body.code == "isolation_unavailable"),
+            "a warm without a body: {bodiless:?}"
+        );
+        let unknown = br#"{"vcpus":2,"memory":512}"#.to_vec();
+        let e = admin
+            .raw("POST", warm, "application/json", unknown)
+            .await
+            .expect_err("an unknown field");
+        assert!(
+            matches!(&e, ClientError::Api { status: 422, body } if body.message.contains("memory")),
+            "{e}"
+        );
+        let e = admin
+            .raw("POST", warm, "", b"vcpus=2".to_vec())
+            .await
+            .expect_err("a body that is not JSON");
+        assert!(matches!(&e, ClientError::Api { status: 400, .. }), "{e}");
         assert!(admin.list().await.expect("list").is_empty());
         let templates = admin.templates().await.expect("templates");
         assert!(
-            templates.iter().all(|t| t.snapshot.is_none()),
+            templates
+                .iter()
+                .all(|t| t.snapshot.is_none() && t.other_snapshots.is_empty()),
             "{templates:?}"
         );
-        let with_snapshot = br#"{"name":"x","kernel":"/k","rootfs":"/r","snapshot":{"vcpus":1,"memory_mib":256,"created_at":0}}"#;
-        let e = admin
-            .raw(
-                "POST",
-                "/v1/templates",
-                "application/json",
-                with_snapshot.to_vec(),
-            )
-            .await
-            .expect_err("a snapshot in a registration");
-        assert!(
-            matches!(&e, ClientError::Api { status: 422, body } if body.message.contains("made by mvm")),
-            "{e}"
-        );
+        let registrations = [
+            r#"{"name":"x","kernel":"/k","rootfs":"/r","snapshot":{"vcpus":1,"memory_mib":256,"created_at":0}}"#,
+            r#"{"name":"x","kernel":"/k","rootfs":"/r","other_snapshots":[{"vcpus":2,"memory_mib":512,"created_at":0}]}"#,
+        ];
+        for with_snapshot in registrations {
+            let e = admin
+                .raw(
+                    "POST",
+                    "/v1/templates",
+                    "application/json",
+                    with_snapshot.into(),
+                )
+                .await
+                .expect_err("a snapshot in a registration");
+            assert!(
+                matches!(&e, ClientError::Api { status: 422, body } if body.message.contains("made by mvm")),
+                "{with_snapshot}: {e}"
+            );
+        }
     });
 }
 

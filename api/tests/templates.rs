@@ -16,6 +16,7 @@ fn template(name: &str, kernel: &Path, rootfs: &Path) -> Template {
         kernel: kernel.display().to_string(),
         rootfs: rootfs.display().to_string(),
         snapshot: None,
+        other_snapshots: Vec::new(),
     }
 }
 

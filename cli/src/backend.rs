@@ -11,7 +11,7 @@ use mvm_sandbox::db::Tenant;
 use mvm_sandbox::image::Credentials;
 use mvm_sandbox::model::{
     CreateSandbox, ExecRequest, ExitInfo, Image, PullImage, RemovedImage, Sandbox, SandboxUsage,
-    Template, WsControl,
+    Template, WarmRequest, WsControl,
 };
 use mvm_sandbox::{Manager, ManagerConfig};
 use tokio::io::AsyncReadExt;
@@ -332,12 +332,12 @@ impl Backend {
         })
     }
 
-    /// Warms a template: its VM booted once and kept as a snapshot that vm-tier creates
-    /// restore.
-    pub async fn warm_template(&self, name: &str) -> Result<Template, CliError> {
+    /// Warms a template at the size `req` asks: its VM booted once and kept as a snapshot
+    /// that vm-tier creates of that size restore.
+    pub async fn warm_template(&self, name: &str, req: &WarmRequest) -> Result<Template, CliError> {
         Ok(match self {
-            Backend::Daemon(c) => c.warm_template(name).await?,
-            Backend::Local { manager, tenant } => manager.warm_template(tenant, name).await?,
+            Backend::Daemon(c) => c.warm_template(name, req).await?,
+            Backend::Local { manager, tenant } => manager.warm_template(tenant, name, req).await?,
         })
     }
 

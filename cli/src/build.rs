@@ -191,5 +191,6 @@ pub fn build(args: &BuildArgs) -> Result<Template, CliError> {
         kernel: kernel.display().to_string(),
         rootfs: artifacts.join("rootfs.ext4").display().to_string(),
         snapshot: None,
+        other_snapshots: Vec::new(),
     })
 }

@@ -15,7 +15,7 @@ use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
 use mvm_sandbox::model::{
     CreateSandbox, Egress, ExecRequest, ExecResult, ImageConfig, Isolation, NetworkSpec,
-    PortMapping, Sandbox, SecretSpec, Template,
+    PortMapping, Sandbox, SecretSpec, Template, WarmRequest,
 };
 use tty::Terminal;
 
@@ -246,10 +246,18 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum TemplatesAction {
     /// Boot the template once as a vm-tier sandbox and keep the VM as a snapshot: vm-tier
-    /// creates of its size (1 vCPU, 256 MiB) then restore it instead of booting.
+    /// creates of its size (by default 1 vCPU, 256 MiB) then restore it instead of booting.
+    /// A template keeps one snapshot per size.
     Warm {
         /// Template name.
         name: String,
+        /// vCPUs of the snapshot (vm-tier creates with this `--cpus` restore it) [default: 1].
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Guest memory of the snapshot, MiB (creates with this `--memory` restore it)
+        /// [default: 256].
+        #[arg(long)]
+        memory: Option<u64>,
     },
 }
 
@@ -419,7 +427,11 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         let has_kernel = std::path::Path::new(&t.kernel).is_file();
         // Warmed where the vm tier runs, so that vm-tier creates restore from the start.
         let warmed = match has_kernel && !args.no_warm {
-            true => Some(backend.warm_template(&t.name).await),
+            true => Some(
+                backend
+                    .warm_template(&t.name, &WarmRequest::default())
+                    .await,
+            ),
             false => None,
         };
         let (t, warm_note) = match warmed {
@@ -658,9 +670,13 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             Ok(0)
         }
         Command::Templates {
-            action: Some(TemplatesAction::Warm { name }),
+            action: Some(TemplatesAction::Warm { name, cpus, memory }),
         } => {
-            let t = backend.warm_template(&name).await?;
+            let req = WarmRequest {
+                vcpus: cpus,
+                memory_mib: memory,
+            };
+            let t = backend.warm_template(&name, &req).await?;
             if json {
                 print_json(&t);
             } else {
@@ -774,20 +790,33 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
     }
 }
 
-/// What `mvm templates` says of a template's snapshot: its size, the sandboxes of mvmd's
-/// warm pool and the VMMs of its fork pool ready, or `-` (vm-tier creates boot cold).
+/// What `mvm templates` says of a template's snapshots: each one's size, with the sandboxes
+/// of mvmd's warm pool and the VMMs of its fork pool ready for the defaults' one, or `-`
+/// (vm-tier creates boot cold).
 fn warm_column(t: &Template) -> String {
-    let Some(snap) = &t.snapshot else {
-        return "-".into();
-    };
-    let mut column = format!("{} vCPU, {} MiB", snap.vcpus, snap.memory_mib);
-    if snap.pooled > 0 {
-        column.push_str(&format!(", {} pooled", snap.pooled));
+    let mut sizes: Vec<String> = t
+        .snapshot
+        .iter()
+        .map(|snap| {
+            let mut column = format!("{} vCPU, {} MiB", snap.vcpus, snap.memory_mib);
+            if snap.pooled > 0 {
+                column.push_str(&format!(", {} pooled", snap.pooled));
+            }
+            if snap.fork_pooled > 0 {
+                column.push_str(&format!(", {} fork-pooled", snap.fork_pooled));
+            }
+            column
+        })
+        .collect();
+    sizes.extend(
+        t.other_snapshots
+            .iter()
+            .map(|snap| format!("{} vCPU, {} MiB", snap.vcpus, snap.memory_mib)),
+    );
+    match sizes.is_empty() {
+        true => "-".into(),
+        false => sizes.join("; "),
     }
-    if snap.fork_pooled > 0 {
-        column.push_str(&format!(", {} fork-pooled", snap.fork_pooled));
-    }
-    column
 }
 
 fn show(s: &Sandbox, json: bool) -> Result<u8, CliError> {

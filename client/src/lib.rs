@@ -378,12 +378,16 @@ impl Client {
             .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
-    /// `POST /v1/templates/{name}/warm`.
-    pub async fn warm_template(&self, name: &str) -> Result<Template, ClientError> {
+    /// `POST /v1/templates/{name}/warm`, at the size `req` asks.
+    pub async fn warm_template(
+        &self,
+        name: &str,
+        req: &WarmRequest,
+    ) -> Result<Template, ClientError> {
         self.json(
             "POST",
             &format!("/v1/templates/{}/warm", encode(name)),
-            None::<&()>,
+            Some(req),
         )
         .await
     }

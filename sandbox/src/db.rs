@@ -595,6 +595,7 @@ impl Db {
                     kernel: r.get(1)?,
                     rootfs: r.get(2)?,
                     snapshot: None,
+                    other_snapshots: Vec::new(),
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;

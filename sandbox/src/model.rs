@@ -464,6 +464,18 @@ pub struct ForkRequest {
     pub count: Option<u32>,
 }
 
+/// `POST /v1/templates/{name}/warm` body (optional: without one, the defaults' size).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WarmRequest {
+    /// vCPUs of the snapshot (default 1): creates of its size restore it.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Guest memory of the snapshot, MiB (default 256).
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+}
+
 /// `POST /v1/sandboxes/{id}/fork` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ForkAnswer {
@@ -665,11 +677,15 @@ pub struct Template {
     pub kernel: String,
     /// Host path of the ext4 base image (read-only, shared).
     pub rootfs: String,
-    /// The template's warm snapshot, which vm-tier creates of its size restore instead of
-    /// booting (`POST /v1/templates/{name}/warm`); mvm makes it, a registration may not name
-    /// one.
+    /// The template's warm snapshot at a create's default size, which vm-tier creates of
+    /// that size (and warm pools) restore instead of booting (`POST
+    /// /v1/templates/{name}/warm`); mvm makes it, a registration may not name one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<TemplateSnapshot>,
+    /// Its warm snapshots at other sizes (`POST /v1/templates/{name}/warm` with `vcpus` and
+    /// `memory_mib`), smallest first: creates of each size restore their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_snapshots: Vec<TemplateSnapshot>,
 }
 
 /// A template's warm snapshot: its VM booted once and saved with the agent answering.

@@ -1,6 +1,7 @@
 //! Extractors that answer bad input with the API's JSON errors (400/401/422), never a bare
 //! text body or a 500.
 
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -89,6 +90,32 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
             .into()),
             Err(e) => Err(Error::BadRequest(e.body_text()).into()),
         }
+    }
+}
+
+/// A JSON body that may be left out: an empty body is `T::default()` (whatever its
+/// `Content-Type`); anything else is read as [`ApiJson`].
+pub struct ApiJsonOrDefault<T>(pub T);
+
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for ApiJsonOrDefault<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let bytes = match Bytes::from_request(Request::from_parts(parts.clone(), body), state).await
+        {
+            Ok(bytes) => bytes,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(super::body::json_too_large(&state.manager.config().bounds).into())
+            }
+            Err(e) => return Err(Error::BadRequest(e.body_text()).into()),
+        };
+        if bytes.is_empty() {
+            return Ok(ApiJsonOrDefault(T::default()));
+        }
+        ApiJson::from_request(Request::from_parts(parts, Body::from(bytes)), state)
+            .await
+            .map(|ApiJson(v)| ApiJsonOrDefault(v))
     }
 }
 

@@ -24,7 +24,7 @@ use utoipa_axum::routes;
 
 use crate::error::{ApiError, Result};
 pub(crate) use extract::token;
-pub use extract::{Admin, ApiJson, ApiPath, ApiQuery, Auth};
+pub use extract::{Admin, ApiJson, ApiJsonOrDefault, ApiPath, ApiQuery, Auth};
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::manager::Manager;
 use mvm_sandbox::model::*;
@@ -463,14 +463,16 @@ async fn create_template(
     Ok((StatusCode::CREATED, Json(t)))
 }
 
-/// Warm a template: boot it once as a vm-tier sandbox (1 vCPU, 256 MiB; counted in the
-/// caller's quota meanwhile), wait for its agent, and keep the paused VM as a snapshot with
-/// the template, replacing an earlier one. vm-tier creates of that size then restore the
+/// Warm a template: boot it once as a vm-tier sandbox of the body's size (without a body, a
+/// create's defaults: 1 vCPU, 256 MiB; counted in the caller's quota and held to its limits
+/// meanwhile), wait for its agent, and keep the paused VM as a snapshot with the template,
+/// replacing an earlier one of that size. vm-tier creates of that size then restore the
 /// snapshot instead of booting, each guest given its own host name, MAC, address, RNG seed
 /// and clock. Templates are shared: this needs an admin token. 422 where the host cannot
 /// run the vm tier.
 #[utoipa::path(post, path = "/v1/templates/{name}/warm", tag = "templates",
     params(("name" = String, Path)),
+    request_body(content = Option<WarmRequest>, description = "the snapshot's size (default: a create's defaults)"),
     responses((status = 200, body = Template, description = "the template with its new snapshot"),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody, description = "the token is not an admin tenant's"),
@@ -480,8 +482,9 @@ async fn warm_template(
     State(state): State<AppState>,
     Admin(tenant): Admin,
     ApiPath(name): ApiPath<String>,
+    ApiJsonOrDefault(req): ApiJsonOrDefault<WarmRequest>,
 ) -> Result<Json<Template>> {
-    let t = state.manager.warm_template(&tenant, &name).await?;
+    let t = state.manager.warm_template(&tenant, &name, &req).await?;
     audit_event(&state, &tenant, "template warmed", &t.name);
     Ok(Json(t))
 }

@@ -57,7 +57,7 @@ impl TemplateDirs {
     /// writable by group or others.
     pub fn confine(&self, t: Template) -> Result<Template> {
         db::validate_name("template", &t.name)?;
-        if t.snapshot.is_some() {
+        if t.snapshot.is_some() || !t.other_snapshots.is_empty() {
             return Err(Error::Invalid(format!(
                 "template {}: a snapshot is made by mvm, not registered: leave it out and warm the \
                  template with POST /v1/templates/{}/warm (`mvm templates warm`)",
@@ -71,6 +71,7 @@ impl TemplateDirs {
             kernel: kernel.display().to_string(),
             rootfs: rootfs.display().to_string(),
             snapshot: None,
+            other_snapshots: Vec::new(),
         })
     }
 
@@ -178,6 +179,7 @@ mod tests {
             kernel: kernel.display().to_string(),
             rootfs: rootfs.display().to_string(),
             snapshot: None,
+            other_snapshots: Vec::new(),
         }
     }
 

@@ -337,8 +337,12 @@ impl Manager {
             (Origin::Request | Origin::Pooled, Userland::Template(t))
                 if s.isolation == Isolation::Vm && container_slots == 0 =>
             {
-                snapshot::find(&self.inner.cfg, t)
-                    .and_then(|warm| warm.fitting(s.vcpus, s.memory_mib))
+                let size = snapshot::WarmSize {
+                    vcpus: s.vcpus,
+                    memory_mib: s.memory_mib,
+                };
+                snapshot::find(&self.inner.cfg, t, size)
+                    .map(snapshot::WarmSnapshot::vm)
                     .map_or(vm::Boot::Cold, vm::Boot::Restore)
             }
             _ => vm::Boot::Cold,

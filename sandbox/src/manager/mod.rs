@@ -416,6 +416,7 @@ impl Manager {
                     kernel: kernel.display().to_string(),
                     rootfs: rootfs.display().to_string(),
                     snapshot: None,
+                    other_snapshots: Vec::new(),
                 })?;
             }
         }

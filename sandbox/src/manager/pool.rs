@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use super::cgroups::CpuShare;
 use super::create::{connect_namespace, guest_nic, Origin};
 use super::lock::BusyLock;
-use super::snapshot::SavedVm;
+use super::snapshot::{SavedVm, WarmSize};
 use super::tier::{vm, Userland};
 use super::{blocking, lock, net, snapshot, Manager, ManagerConfig};
 use crate::db::{Quota, SandboxRow, Tenant};
@@ -257,7 +257,7 @@ impl Manager {
         let cfg = &self.inner.cfg;
         loop {
             let template = self.requested_template(Some(name.to_owned()))?;
-            let Some(warm) = snapshot::find(cfg, &template) else {
+            let Some(warm) = snapshot::find(cfg, &template, WarmSize::DEFAULT) else {
                 self.fill_stopped(name);
                 return Ok(());
             };
@@ -387,7 +387,7 @@ impl Manager {
         {
             return Ok(None);
         }
-        let Some(warm) = snapshot::find(&self.inner.cfg, template) else {
+        let Some(warm) = snapshot::find(&self.inner.cfg, template, WarmSize::DEFAULT) else {
             return Ok(None);
         };
         let current = warm.describe();

@@ -32,10 +32,49 @@ pub const MEMORY: &str = "vm.mem";
 const LAYER: &str = "layer.ext4";
 /// What a warm template's snapshot was made from.
 const META: &str = "meta.json";
-/// The size a template is warmed at (a create's defaults).
-pub const WARM_VCPUS: u32 = 1;
-/// See [`WARM_VCPUS`].
-pub const WARM_MEMORY_MIB: u64 = 256;
+
+/// The size of a warm template's snapshot: a vm-tier create of this size restores it (a
+/// template has at most one snapshot per size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WarmSize {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+}
+
+impl WarmSize {
+    /// A create's defaults: the size `mvm build` and a warm without a size warm at, and the
+    /// one warm pools restore.
+    pub const DEFAULT: WarmSize = WarmSize {
+        vcpus: 1,
+        memory_mib: 256,
+    };
+
+    /// The name of a snapshot directory of this size for template `name`: the template's
+    /// own name at the defaults' size (where snapshots were before there were sizes),
+    /// `NAME@<vcpus>x<memory_mib>` at others ('@' is never in a template's name).
+    fn dir_name(self, name: &str) -> String {
+        match self == WarmSize::DEFAULT {
+            true => name.to_string(),
+            false => format!("{name}@{}x{}", self.vcpus, self.memory_mib),
+        }
+    }
+
+    /// The size in a snapshot directory's name of template `name` made by
+    /// [`dir_name`](Self::dir_name), if it is one.
+    fn of_dir_name(name: &str, dir: &str) -> Option<WarmSize> {
+        if dir == name {
+            return Some(WarmSize::DEFAULT);
+        }
+        let (vcpus, memory_mib) = dir.strip_prefix(name)?.strip_prefix('@')?.split_once('x')?;
+        let size = WarmSize {
+            vcpus: vcpus.parse().ok()?,
+            memory_mib: memory_mib.parse().ok()?,
+        };
+        (size.dir_name(name) == dir).then_some(size)
+    }
+}
 
 /// A saved VM that new sandboxes restore: its state, memory and writable layer.
 #[derive(Debug, Clone)]
@@ -107,9 +146,14 @@ impl ManagerConfig {
         self.state_dir.join("saves").join(format!("{id}.restore"))
     }
 
-    /// Where template `name`'s snapshot lives.
-    fn snapshot_dir(&self, name: &str) -> PathBuf {
-        self.state_dir.join("snapshots").join(name)
+    /// Where template snapshots live.
+    fn snapshots_dir(&self) -> PathBuf {
+        self.state_dir.join("snapshots")
+    }
+
+    /// Where template `name`'s snapshot of `size` lives.
+    fn snapshot_dir(&self, name: &str, size: WarmSize) -> PathBuf {
+        self.snapshots_dir().join(size.dir_name(name))
     }
 }
 
@@ -238,15 +282,22 @@ struct Meta {
 }
 
 impl Meta {
-    fn current(cfg: &ManagerConfig, t: &Template) -> Result<Meta> {
+    fn current(cfg: &ManagerConfig, t: &Template, size: WarmSize) -> Result<Meta> {
         Ok(Meta {
             kernel: FileId::of(Path::new(&t.kernel))?,
             rootfs: FileId::of(Path::new(&t.rootfs))?,
             vmm: FileId::of(&cfg.bin_dir.join("mvm-vmm"))?,
-            vcpus: WARM_VCPUS,
-            memory_mib: WARM_MEMORY_MIB,
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
             created_at: crate::db::now(),
         })
+    }
+
+    fn size(&self) -> WarmSize {
+        WarmSize {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+        }
     }
 
     /// Whether this snapshot was made from the files `now` describes.
@@ -273,9 +324,9 @@ pub struct WarmSnapshot {
 }
 
 impl WarmSnapshot {
-    /// The saved VM, if a create of this size can restore it.
-    pub fn fitting(self, vcpus: u32, memory_mib: u64) -> Option<SavedVm> {
-        ((self.meta.vcpus, self.meta.memory_mib) == (vcpus, memory_mib)).then_some(self.vm)
+    /// The saved VM.
+    pub fn vm(self) -> SavedVm {
+        self.vm
     }
 
     /// What the API says of it.
@@ -284,15 +335,31 @@ impl WarmSnapshot {
     }
 }
 
-/// Template `t`'s snapshot, if it has one made from its current files.
-pub fn find(cfg: &ManagerConfig, t: &Template) -> Option<WarmSnapshot> {
-    let dir = cfg.snapshot_dir(&t.name);
+/// Template `t`'s snapshot of `size`, if it has one made from its current files.
+pub fn find(cfg: &ManagerConfig, t: &Template, size: WarmSize) -> Option<WarmSnapshot> {
+    let dir = cfg.snapshot_dir(&t.name, size);
     let meta: Meta = serde_json::from_slice(&fs::read(dir.join(META)).ok()?).ok()?;
-    let now = Meta::current(cfg, t).ok()?;
-    meta.same_files(&now).then_some(WarmSnapshot {
+    let now = Meta::current(cfg, t, size).ok()?;
+    (meta.same_files(&now) && meta.size() == size).then_some(WarmSnapshot {
         vm: SavedVm { dir },
         meta,
     })
+}
+
+/// Template `t`'s usable snapshots at sizes other than the defaults, smallest first.
+pub fn find_other_sizes(cfg: &ManagerConfig, t: &Template) -> Vec<WarmSnapshot> {
+    let Ok(entries) = fs::read_dir(cfg.snapshots_dir()) else {
+        return Vec::new();
+    };
+    let mut sizes: Vec<WarmSize> = entries
+        .filter_map(|e| WarmSize::of_dir_name(&t.name, e.ok()?.file_name().to_str()?))
+        .filter(|size| *size != WarmSize::DEFAULT)
+        .collect();
+    sizes.sort();
+    sizes
+        .into_iter()
+        .filter_map(|size| find(cfg, t, size))
+        .collect()
 }
 
 /// A template's snapshot being made, in a directory of root's beside the template snapshots;
@@ -303,9 +370,9 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Starts the snapshot of template `t` made by the warming sandbox `id`.
-    pub fn new(cfg: &ManagerConfig, t: &Template, id: &str) -> Result<Staging> {
-        let parent = cfg.state_dir.join("snapshots");
+    /// Starts the snapshot of template `t` at `size` made by the warming sandbox `id`.
+    pub fn new(cfg: &ManagerConfig, t: &Template, id: &str, size: WarmSize) -> Result<Staging> {
+        let parent = cfg.snapshots_dir();
         fs::create_dir_all(&parent)
             .and_then(|()| fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)))
             .map_err(|e| Error::host(format!("creating {}", parent.display()), e))?;
@@ -313,7 +380,7 @@ impl Staging {
         make_root_dir(&dir)?;
         Ok(Staging {
             dir,
-            meta: Meta::current(cfg, t)?,
+            meta: Meta::current(cfg, t, size)?,
         })
     }
 
@@ -324,7 +391,7 @@ impl Staging {
         clone_or_copy(layer, &self.dir.join(LAYER))
     }
 
-    /// Makes the staged snapshot template `name`'s, replacing any earlier one.
+    /// Makes the staged snapshot template `name`'s, replacing any earlier one of its size.
     pub fn commit(self, cfg: &ManagerConfig, name: &str) -> Result<TemplateSnapshot> {
         let at = |what: &str, path: &Path, e: std::io::Error| {
             Error::host(format!("{what} {}", path.display()), e)
@@ -337,8 +404,9 @@ impl Staging {
         fs::write(&meta_path, meta).map_err(|e| at("writing", &meta_path, e))?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
             .map_err(|e| at("chmod", &self.dir, e))?;
-        let target = cfg.snapshot_dir(name);
-        let old = target.with_file_name(format!(".replaced.{name}"));
+        let dir_name = self.meta.size().dir_name(name);
+        let target = cfg.snapshots_dir().join(&dir_name);
+        let old = target.with_file_name(format!(".replaced.{dir_name}"));
         if old.exists() {
             host::remove_tree(&old)?;
         }
@@ -408,6 +476,100 @@ mod tests {
         ManagerConfig {
             state_dir: root.join("state"),
             ..ManagerConfig::from_env()
+        }
+    }
+
+    /// A template's files and a VMM binary in `root`, as a warm snapshot's meta names them.
+    fn template_in(root: &Path, name: &str) -> (ManagerConfig, Template) {
+        let bin = root.join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        for file in [
+            bin.join("mvm-vmm"),
+            root.join("vmlinux"),
+            root.join("rootfs.ext4"),
+        ] {
+            fs::write(file, name).unwrap();
+        }
+        let cfg = ManagerConfig {
+            bin_dir: bin,
+            ..config(root)
+        };
+        let t = Template {
+            name: name.into(),
+            kernel: root.join("vmlinux").display().to_string(),
+            rootfs: root.join("rootfs.ext4").display().to_string(),
+            snapshot: None,
+            other_snapshots: Vec::new(),
+        };
+        (cfg, t)
+    }
+
+    /// Commits a (fileless but for its layer) snapshot of `t` at `size`, as a warm does.
+    fn warm(cfg: &ManagerConfig, t: &Template, size: WarmSize) -> TemplateSnapshot {
+        let staging = Staging::new(cfg, t, "0123456789ab", size).unwrap();
+        fs::write(staging.dir.join(LAYER), b"layer").unwrap();
+        staging.commit(cfg, &t.name).unwrap()
+    }
+
+    /// A template keeps one snapshot per size: the defaults' where snapshots always were,
+    /// others beside it; each is found only at its own size, a warm replaces only its own
+    /// size's, and another template's (even one whose name begins the same) is not its.
+    #[test]
+    fn a_template_keeps_a_snapshot_per_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, t) = template_in(dir.path(), "app");
+        let (big, small) = (
+            WarmSize {
+                vcpus: 2,
+                memory_mib: 512,
+            },
+            WarmSize {
+                vcpus: 1,
+                memory_mib: 128,
+            },
+        );
+        assert!(find(&cfg, &t, WarmSize::DEFAULT).is_none());
+        warm(&cfg, &t, big);
+        assert!(find(&cfg, &t, WarmSize::DEFAULT).is_none());
+        assert!(find(&cfg, &t, small).is_none());
+        let first = find(&cfg, &t, big).unwrap().describe();
+        assert_eq!((first.vcpus, first.memory_mib), (2, 512));
+        warm(&cfg, &t, WarmSize::DEFAULT);
+        warm(&cfg, &t, small);
+        assert!(cfg.snapshots_dir().join("app").join(META).is_file());
+        assert!(cfg.snapshots_dir().join("app@2x512").join(META).is_file());
+        let others: Vec<(u32, u64)> = find_other_sizes(&cfg, &t)
+            .iter()
+            .map(|w| (w.describe().vcpus, w.describe().memory_mib))
+            .collect();
+        assert_eq!(others, [(1, 128), (2, 512)]);
+
+        // Another template whose name begins the same has none of them.
+        let other = Template {
+            name: "app.v2".into(),
+            ..t.clone()
+        };
+        assert!(find_other_sizes(&cfg, &other).is_empty());
+        assert!(find(&cfg, &other, WarmSize::DEFAULT).is_none());
+
+        // A directory whose name and meta disagree is no snapshot of either size.
+        let renamed = cfg.snapshots_dir().join("app@4x1024");
+        fs::rename(cfg.snapshots_dir().join("app@2x512"), &renamed).unwrap();
+        let four = WarmSize {
+            vcpus: 4,
+            memory_mib: 1024,
+        };
+        assert!(find(&cfg, &t, four).is_none());
+        assert!(find(&cfg, &t, big).is_none());
+        assert_eq!(find_other_sizes(&cfg, &t).len(), 1);
+        for odd in [
+            "app@2x",
+            "app@x512",
+            "app@02x512",
+            "app@2x512x1",
+            "app2x512",
+        ] {
+            assert_eq!(WarmSize::of_dir_name("app", odd), None, "{odd}");
         }
     }
 

@@ -4,12 +4,12 @@
 use std::path::Path;
 
 use super::create::Origin;
-use super::snapshot::{self, Staging, WARM_MEMORY_MIB, WARM_VCPUS};
+use super::snapshot::{self, Staging, WarmSize};
 use super::tier::vm;
 use super::{blocking, Manager, DEFAULT_TEMPLATE};
 use crate::db::{self, Tenant};
 use crate::error::{Error, Result};
-use crate::model::{CreateSandbox, Isolation, Sandbox, Template, TemplateSnapshot};
+use crate::model::{CreateSandbox, Isolation, Sandbox, Template, TemplateSnapshot, WarmRequest};
 
 impl Manager {
     fn template(&self, name: &str) -> Result<Template> {
@@ -32,7 +32,7 @@ impl Manager {
         self.template(&name)
     }
 
-    /// Registered templates, each with its warm snapshot if it has a usable one.
+    /// Registered templates, each with its usable warm snapshots.
     pub fn templates(&self) -> Result<Vec<Template>> {
         let cfg = &self.inner.cfg;
         Ok(self
@@ -41,7 +41,7 @@ impl Manager {
             .templates()?
             .into_iter()
             .map(|t| Template {
-                snapshot: snapshot::find(cfg, &t).map(|warm| {
+                snapshot: snapshot::find(cfg, &t, WarmSize::DEFAULT).map(|warm| {
                     let (pooled, fork_pooled) = self.inner.pools.ready(&t.name);
                     TemplateSnapshot {
                         pooled,
@@ -49,6 +49,10 @@ impl Manager {
                         ..warm.describe()
                     }
                 }),
+                other_snapshots: snapshot::find_other_sizes(cfg, &t)
+                    .iter()
+                    .map(snapshot::WarmSnapshot::describe)
+                    .collect(),
                 ..t
             })
             .collect())
@@ -69,12 +73,22 @@ impl Manager {
         Ok(t)
     }
 
-    /// Warms template `name`: boots it once in a vm-tier sandbox of `tenant` (counted in its
-    /// quota meanwhile), waits for the agent, pauses the VM and saves it with its writable
-    /// layer, destroys the sandbox and keeps the snapshot with the template, replacing an
-    /// earlier one. Creates of the snapshot's size (1 vCPU, 256 MiB, the defaults) then
+    /// Warms template `name` at the size `req` asks (a create's defaults for what it leaves
+    /// out): boots it once in a vm-tier sandbox of that size of `tenant` (counted in its
+    /// quota and held to its limits meanwhile), waits for the agent, pauses the VM and saves
+    /// it with its writable layer, destroys the sandbox and keeps the snapshot with the
+    /// template, replacing an earlier one of that size. Creates of the snapshot's size then
     /// restore it instead of booting.
-    pub async fn warm_template(&self, tenant: &Tenant, name: &str) -> Result<Template> {
+    pub async fn warm_template(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        req: &WarmRequest,
+    ) -> Result<Template> {
+        let size = WarmSize {
+            vcpus: req.vcpus.unwrap_or(WarmSize::DEFAULT.vcpus),
+            memory_mib: req.memory_mib.unwrap_or(WarmSize::DEFAULT.memory_mib),
+        };
         let template = self.requested_template(Some(name.to_string()))?;
         if let Some(why) = self.vm_tier_unavailable() {
             return Err(Error::TierUnavailable(format!(
@@ -85,13 +99,13 @@ impl Manager {
         let req = CreateSandbox {
             template: Some(template.name.clone()),
             isolation: Some(Isolation::Vm),
-            vcpus: Some(WARM_VCPUS),
-            memory_mib: Some(WARM_MEMORY_MIB),
+            vcpus: Some(size.vcpus),
+            memory_mib: Some(size.memory_mib),
             ..CreateSandbox::default()
         };
         let sandbox = self.create_from(tenant, req, Origin::Warming).await?;
         let staged = self
-            .save_for_warming(&tenant.name, &template, &sandbox)
+            .save_for_warming(&tenant.name, &template, &sandbox, size)
             .await;
         let destroyed = self.destroy(&tenant.name, &sandbox.id).await;
         let staging = staged?;
@@ -99,22 +113,29 @@ impl Manager {
         let cfg = self.inner.cfg.clone();
         let name = template.name.clone();
         let snapshot = blocking(move || staging.commit(&cfg, &name)).await?;
-        tracing::info!(template = %template.name, "template warmed");
-        // The pool's entries of an earlier snapshot are replaced.
-        self.refill(&template.name);
-        Ok(Template {
-            snapshot: Some(snapshot),
-            ..template
-        })
+        tracing::info!(template = %template.name, ?size, "template warmed");
+        if size == WarmSize::DEFAULT {
+            // The pool's entries of an earlier snapshot are replaced.
+            self.refill(&template.name);
+        }
+        Ok(self
+            .templates()?
+            .into_iter()
+            .find(|t| t.name == template.name)
+            .unwrap_or(Template {
+                snapshot: Some(snapshot),
+                ..template
+            }))
     }
 
     /// Pauses the warming sandbox's VM and saves it, with its writable layer, as template
-    /// `t`'s staged snapshot.
+    /// `t`'s staged snapshot of `size`.
     async fn save_for_warming(
         &self,
         tenant: &str,
         t: &Template,
         sandbox: &Sandbox,
+        size: WarmSize,
     ) -> Result<Staging> {
         let row = self.row(tenant, &sandbox.id)?;
         // The socket's path is valid while `socket` lives.
@@ -125,7 +146,7 @@ impl Manager {
         let cfg = self.inner.cfg.clone();
         let (t, id) = (t.clone(), sandbox.id.clone());
         blocking(move || {
-            let staging = Staging::new(&cfg, &t, &id)?;
+            let staging = Staging::new(&cfg, &t, &id, size)?;
             staging.take(&cfg, &id, &cfg.sandbox_dir(&id).join(vm::LAYER_NAME))?;
             Ok(staging)
         })

@@ -47,7 +47,8 @@ impl Report {
 /// id), MAC, address (the one mvmd reports), kernel UUID, /dev/urandom bytes and machine id,
 /// a wall clock within 1 s of L1's and its own resolver in resolv.conf (egress `allow`), and
 /// each reaches a listener beyond L1 through its new address and route; one more without a
-/// network has eth0 down. Records
+/// network has eth0 down. A warm at another size keeps that size's snapshot beside the
+/// defaults' one, and a create of that size restores it. Records
 /// create → first output of a cold boot and of a restore, their ratio, and the PSS of idle
 /// restored sandboxes' VMMs against cold-booted ones'.
 pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
@@ -484,6 +485,7 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
     for sandbox in session.list(ctx)? {
         session.mvm(ctx, &["rm", &sandbox_id(&sandbox)], None)?;
     }
+    warm_at_another_size(ctx, session)?;
     let log = session.log();
     let steps = |ids: &[String]| -> Result<Steps, String> {
         let all = ids
@@ -506,6 +508,51 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
         cold_pss,
         warm_pss,
     })
+}
+
+/// `mvm templates warm default --cpus 2 --memory 320` keeps a snapshot of that size beside
+/// the defaults' one (both in its answer), and a create of that size restores it (mvmd's
+/// "snapshot loaded" line for it) as a VM with 2 vCPUs and 320 MiB.
+fn warm_at_another_size(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> {
+    let size = ["--cpus", "2", "--memory", "320"];
+    let mut args = vec!["-o", "json", "templates", "warm", "default"];
+    args.extend_from_slice(&size);
+    let warmed = session.mvm(ctx, &args, None)?;
+    let warmed: serde_json::Value = serde_json::from_str(&warmed)
+        .map_err(|e| format!("mvm templates warm printed no JSON ({e}): {warmed}"))?;
+    let sized = warmed["other_snapshots"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|s| s["vcpus"] == 2 && s["memory_mib"] == 320));
+    if warmed["snapshot"]["memory_mib"] != 256 || !sized {
+        return Err(format!(
+            "after a warm at 2 vCPUs, 320 MiB the default template should have snapshots at \
+             both sizes: {warmed}"
+        ));
+    }
+    let (answer, _) = run_timed(
+        ctx,
+        session,
+        &size,
+        "grep -c ^processor /proc/cpuinfo; sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+    )?;
+    let id = sandbox_id(&answer["sandbox"]);
+    let said = answer["exec"]["stdout"].as_str().unwrap_or_default();
+    let numbers: Vec<u64> = said
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let restored = !logged_durations(&session.log(), "snapshot loaded", &id).is_empty();
+    match numbers[..] {
+        [2, kib] if restored && (200 << 10..=320 << 10).contains(&kib) => {}
+        _ => {
+            return Err(format!(
+                "a create at 2 vCPUs, 320 MiB should restore that size's snapshot (restored: \
+                 {restored}) and see 2 CPUs and at most 320 MiB: it said {said:?}"
+            ))
+        }
+    }
+    session.mvm(ctx, &["rm", &id], None)?;
+    Ok(())
 }
 
 fn unix_now() -> u64 {
