@@ -443,11 +443,16 @@ impl JailConfig {
     /// A `Command` that runs `jailer_bin` (the `mvm-jailer` binary) with [`JailConfig::to_args`]:
     /// how a multi-threaded program such as the API daemon starts a jailed VMM.
     pub fn command(&self, jailer_bin: impl AsRef<Path>) -> std::process::Command {
+        use std::os::unix::process::CommandExt;
         let mut c = std::process::Command::new(jailer_bin.as_ref());
         // No environment: the caller's (a daemon's, a user's shell's, which may hold
         // credentials) would stay in the memory of the jailer processes that live as long as
         // the jail, whatever the jailer then clears.
         c.env_clear().args(self.to_args());
+        // A signal the jailer relays to its target is held from its first instruction on
+        // (see `hold_relayed_signals`).
+        // SAFETY: the hook makes async-signal-safe calls only.
+        unsafe { c.pre_exec(crate::process::hold_relayed_signals) };
         c
     }
 

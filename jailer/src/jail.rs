@@ -269,6 +269,7 @@ impl Jail {
                 let code = process::wait_for(target, true, "jailed process").unwrap_or(1);
                 std::process::exit(code);
             }
+            process::release_relayed_signals()?;
             apply_landlock(c)?;
             seccomp::install(&self.seccomp)?;
             return Err(process::exec(&exec_path, &c.args));
@@ -277,6 +278,7 @@ impl Jail {
         if let Some(null) = dev_null {
             process::daemonize(null)?;
         }
+        process::release_relayed_signals()?;
         // Last: nothing of the jailer's own runs under the target's filters.
         seccomp::install(&self.seccomp)?;
         Err(process::exec(&exec_path, &c.args))

@@ -36,13 +36,14 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use jail::{cleanup, CleanupConfig, Jail, DEFAULT_EXEC_FILE_NAME};
-pub use process::sanitize_process;
+pub use process::{hold_relayed_signals, sanitize_process};
 pub use seccomp::SeccompPolicy;
 
 /// Runs a whole jailer invocation in the calling (single-threaded) process: sanitizes it,
 /// prepares the jail and enters it. Returns only on failure or, with `new_pid_ns`, with the exit
 /// code the supervising process should leave with.
 pub fn run(config: JailConfig) -> Result<i32> {
+    hold_relayed_signals().map_err(|e| Error::io("block the signals relayed to the jail", e))?;
     sanitize_process()?;
     Jail::prepare(config)?.enter()
 }

@@ -99,6 +99,8 @@ fn parse<T: std::str::FromStr<Err = jailer::Error>>(s: &str) -> Result<T, String
 }
 
 fn main() -> ExitCode {
+    // Before anything else (see `hold_relayed_signals`); `jailer::run` checks it again.
+    let _ = jailer::hold_relayed_signals();
     let cli = Cli::parse();
     let result = if cli.cleanup {
         jailer::cleanup(&CleanupConfig {

@@ -68,18 +68,57 @@ extern "C" fn forward_signal(sig: libc::c_int) {
     }
 }
 
-/// Relays the usual termination and user signals to `pid` (a pid-namespace init ignores signals
-/// it has no handler for, so this is how `kill <jailer>` reaches the target).
+/// The signals a jailer passes on to the jail's target: the usual termination and user ones.
+const RELAYED: [libc::c_int; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Blocks the signals a jailer relays in the calling thread, from the jailer's first
+/// instruction (call it in `pre_exec` of the jailer's spawn, as [`crate::JailConfig::command`]
+/// does, and first thing in `main`) until a handler can pass them on. One sent while the jail
+/// is being built, or before the jail's init or its target exist, is then delivered late
+/// instead of killing the jailer halfway (its roll-back undone) or being dropped by the pid
+/// namespace's init (which ignores signals it has no handler for; a blocked one is queued).
+/// The target gets them back just before its exec ([`release_relayed_signals`]).
+/// Async-signal-safe.
+pub fn hold_relayed_signals() -> std::io::Result<()> {
+    set_relayed_mask(libc::SIG_BLOCK)
+}
+
+/// Unblocks the signals [`hold_relayed_signals`] held (an exec keeps the signal mask, so the
+/// target would start with them blocked); one pending is delivered now.
+pub(crate) fn release_relayed_signals() -> Result<()> {
+    set_relayed_mask(libc::SIG_UNBLOCK)
+        .map_err(|e| Error::io("unblock the signals relayed to the jail", e))
+}
+
+fn set_relayed_mask(how: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data that sigemptyset initializes; sigemptyset, sigaddset and
+    // sigprocmask are async-signal-safe and only read and write the set and the thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in RELAYED {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::sigprocmask(how, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Relays the [`RELAYED`] signals to `pid` (a pid-namespace init ignores signals it has no
+/// handler for, so this is how `kill <jailer>` reaches the target), then lets those held
+/// since the start through (see [`hold_relayed_signals`]).
 pub(crate) fn forward_signals_to(pid: libc::pid_t) -> Result<()> {
     FORWARD_TO.store(pid, Ordering::Relaxed);
-    for sig in [
-        libc::SIGTERM,
-        libc::SIGINT,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-    ] {
+    for sig in RELAYED {
         // SAFETY: a zeroed sigaction is valid; we set a plain handler with SA_RESTART so waitpid
         // resumes after the relay.
         let ret = unsafe {
@@ -91,7 +130,7 @@ pub(crate) fn forward_signals_to(pid: libc::pid_t) -> Result<()> {
         };
         check(ret, || format!("install a handler for signal {sig}"))?;
     }
-    Ok(())
+    release_relayed_signals()
 }
 
 /// A readable name for the signals a jailed process typically dies of.

@@ -1376,3 +1376,74 @@ fn seccomp_filter_file_from_the_library_config_reaches_the_jail() {
     );
     j.assert_nothing_left();
 }
+
+/// A SIGTERM to the jailer at any moment of its start (spawned as the library spawns it):
+/// while it builds the jail, before the jail's init or its target exist, or after, ends it
+/// one way: the target dies of it, the jailer leaves with 128 + SIGTERM, and the jail is left
+/// for a cleanup that removes everything. Without the jailer holding the relayed signals until
+/// it can pass them on, a signal in its set-up kills it halfway (no exit code) and one meant
+/// for the jail's init before its handler is dropped (the target then never ends).
+#[test]
+fn a_sigterm_at_any_moment_of_the_start_reaches_the_target() {
+    if !root_or_skip("a_sigterm_at_any_moment_of_the_start_reaches_the_target") {
+        return;
+    }
+    let spawn = |j: &TestJail| {
+        let mut config = jailer::JailConfig::new(j.id.clone(), PROBE, j.uid, j.uid);
+        config.chroot_base_dir = j.base.clone();
+        config.parent_cgroup = PARENT_CGROUP.into();
+        config.new_pid_ns = true;
+        config.cgroups = vec!["pids.max=8".parse().unwrap()];
+        config.args = vec!["pause".into()];
+        config
+            .command(JAILER)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let terminate = |j: &TestJail, mut child: std::process::Child, after: Duration| {
+        // SAFETY: plain kill of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                // The jail's processes hold this test's output open: they go first.
+                for cgroup in j.cgroups() {
+                    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"));
+                    for pid in procs.unwrap_or_default().lines() {
+                        // SAFETY: plain kill of a process of this test's jail.
+                        unsafe { libc::kill(pid.parse().unwrap_or(0), libc::SIGKILL) };
+                    }
+                }
+                panic!("a SIGTERM {after:?} into the jailer's start was lost: it still runs");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(
+            status.code(),
+            Some(128 + libc::SIGTERM),
+            "a SIGTERM {after:?} into the jailer's start: {status:?}"
+        );
+        j.cleanup();
+    };
+    // How long a start takes here, to spread the signals over it.
+    let j = TestJail::new("term-start");
+    let started = Instant::now();
+    let mut child = spawn(&j);
+    await_paused(&mut child);
+    let start = started.elapsed();
+    terminate(&j, child, start);
+    const TRIES: u32 = 40;
+    for n in 0..TRIES {
+        let j = TestJail::new("term");
+        let after = start * n / TRIES;
+        let started = Instant::now();
+        let child = spawn(&j);
+        std::thread::sleep(after.saturating_sub(started.elapsed()));
+        terminate(&j, child, after);
+    }
+}
