@@ -392,7 +392,7 @@ impl Staging {
     }
 
     /// Makes the staged snapshot template `name`'s, replacing any earlier one of its size.
-    pub fn commit(self, cfg: &ManagerConfig, name: &str) -> Result<TemplateSnapshot> {
+    pub fn commit(self, cfg: &ManagerConfig, name: &str) -> Result<()> {
         let at = |what: &str, path: &Path, e: std::io::Error| {
             Error::host(format!("{what} {}", path.display()), e)
         };
@@ -417,7 +417,7 @@ impl Staging {
         if old.exists() {
             host::remove_tree(&old)?;
         }
-        Ok(self.meta.describe())
+        Ok(())
     }
 }
 
@@ -505,10 +505,10 @@ mod tests {
     }
 
     /// Commits a (fileless but for its layer) snapshot of `t` at `size`, as a warm does.
-    fn warm(cfg: &ManagerConfig, t: &Template, size: WarmSize) -> TemplateSnapshot {
+    fn warm(cfg: &ManagerConfig, t: &Template, size: WarmSize) {
         let staging = Staging::new(cfg, t, "0123456789ab", size).unwrap();
         fs::write(staging.dir.join(LAYER), b"layer").unwrap();
-        staging.commit(cfg, &t.name).unwrap()
+        staging.commit(cfg, &t.name).unwrap();
     }
 
     /// A template keeps one snapshot per size: the defaults' where snapshots always were,

@@ -34,28 +34,34 @@ impl Manager {
 
     /// Registered templates, each with its usable warm snapshots.
     pub fn templates(&self) -> Result<Vec<Template>> {
-        let cfg = &self.inner.cfg;
         Ok(self
             .inner
             .db
             .templates()?
             .into_iter()
-            .map(|t| Template {
-                snapshot: snapshot::find(cfg, &t, WarmSize::DEFAULT).map(|warm| {
-                    let (pooled, fork_pooled) = self.inner.pools.ready(&t.name);
-                    TemplateSnapshot {
-                        pooled,
-                        fork_pooled,
-                        ..warm.describe()
-                    }
-                }),
-                other_snapshots: snapshot::find_other_sizes(cfg, &t)
-                    .iter()
-                    .map(snapshot::WarmSnapshot::describe)
-                    .collect(),
-                ..t
-            })
+            .map(|t| self.with_snapshots(t))
             .collect())
+    }
+
+    /// Template `t` with its usable warm snapshots: the defaults' size's (with its pools'
+    /// ready entries) and the others.
+    fn with_snapshots(&self, t: Template) -> Template {
+        let cfg = &self.inner.cfg;
+        Template {
+            snapshot: snapshot::find(cfg, &t, WarmSize::DEFAULT).map(|warm| {
+                let (pooled, fork_pooled) = self.inner.pools.ready(&t.name);
+                TemplateSnapshot {
+                    pooled,
+                    fork_pooled,
+                    ..warm.describe()
+                }
+            }),
+            other_snapshots: snapshot::find_other_sizes(cfg, &t)
+                .iter()
+                .map(snapshot::WarmSnapshot::describe)
+                .collect(),
+            ..t
+        }
     }
 
     /// Registers a template after checking its files.
@@ -112,20 +118,13 @@ impl Manager {
         destroyed?;
         let cfg = self.inner.cfg.clone();
         let name = template.name.clone();
-        let snapshot = blocking(move || staging.commit(&cfg, &name)).await?;
+        blocking(move || staging.commit(&cfg, &name)).await?;
         tracing::info!(template = %template.name, ?size, "template warmed");
         if size == WarmSize::DEFAULT {
             // The pool's entries of an earlier snapshot are replaced.
             self.refill(&template.name);
         }
-        Ok(self
-            .templates()?
-            .into_iter()
-            .find(|t| t.name == template.name)
-            .unwrap_or(Template {
-                snapshot: Some(snapshot),
-                ..template
-            }))
+        Ok(self.with_snapshots(template))
     }
 
     /// Pauses the warming sandbox's VM and saves it, with its writable layer, as template
