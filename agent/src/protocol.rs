@@ -242,6 +242,10 @@ pub struct Identity {
     /// The nameserver `/etc/resolv.conf` is to name (the sandbox's resolver, egress `allow`);
     /// `None` leaves the file as the snapshot had it.
     pub dns: Option<std::net::Ipv4Addr>,
+    /// Keeps `/etc/machine-id` (the sandbox's own VM resumed: the same machine); otherwise
+    /// a new one is written from `entropy`.
+    #[serde(default)]
+    pub keep_machine_id: bool,
 }
 
 /// IPv4 configuration of the guest interface (`mvm.ip`, or a new [`Identity`]).

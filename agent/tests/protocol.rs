@@ -1159,6 +1159,7 @@ fn identity() -> agent::Identity {
         entropy: vec![7; 64],
         realtime_ns: 0,
         dns: None,
+        keep_machine_id: false,
     }
 }
 

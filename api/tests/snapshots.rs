@@ -7,7 +7,7 @@ mod common;
 
 use common::{block_on, Daemon};
 use mvm_client::ClientError;
-use mvm_sandbox::model::{CreateSandbox, Isolation, Template, WarmRequest};
+use mvm_sandbox::model::{CreateSandbox, Isolation, SandboxState, Template, WarmRequest};
 use mvm_testkit::root_or_skip;
 
 /// Status, code and message of a refused call.
@@ -190,6 +190,90 @@ fn pool_entries_an_earlier_mvmd_left_are_destroyed_at_start() {
             std::time::Instant::now() < deadline,
             "the pool entry {} is still there\n{}",
             made.id,
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    d.assert_no_leaks(&before);
+}
+
+/// A save (`pause` with `{"save": true}`) names a running or paused vm-tier sandbox of the
+/// caller's: a jail-tier one is a 422 naming the vm tier and runs on, another tenant's a 404;
+/// a pause without a body, or with `{"save": false}`, freezes as before, and a body with an
+/// unknown field is refused; an exec in a paused sandbox is a 409 saying to resume it.
+#[test]
+fn saves_are_refused_outside_the_vm_tier() {
+    let test = "saves_are_refused_outside_the_vm_tier";
+    if !root_or_skip(test) {
+        return;
+    }
+    let d = Daemon::start();
+    let other = d.client_with(Some(&d.tenant("other", &[])));
+    let c = d.client();
+    block_on(async {
+        let s = c.create(&common::jail()).await.expect("create");
+        let (status, code, message) = refusal(c.save(&s.id).await);
+        assert_eq!((status, code.as_str()), (422, "invalid_argument"));
+        assert!(message.contains("vm-tier"), "{message}");
+        let (status, code, _) = refusal(other.save(&s.id).await);
+        assert_eq!((status, code.as_str()), (404, "not_found"));
+        let ran = c
+            .exec(&s.id, &common::sh("echo still"))
+            .await
+            .expect("exec");
+        assert_eq!(ran.stdout, "still\n");
+        let pause = format!("/v1/sandboxes/{}/pause", s.id);
+        let e = c
+            .raw(
+                "POST",
+                &pause,
+                "application/json",
+                br#"{"saved":true}"#.to_vec(),
+            )
+            .await
+            .expect_err("an unknown field");
+        assert!(
+            matches!(&e, ClientError::Api { status: 422, body } if body.message.contains("saved")),
+            "{e}"
+        );
+        for body in ["", r#"{"save":false}"#] {
+            c.raw("POST", &pause, "application/json", body.into())
+                .await
+                .unwrap_or_else(|e| panic!("pause with {body:?}: {e}"));
+            let paused = c.get(&s.id).await.expect("get");
+            assert_eq!(paused.state, SandboxState::Paused, "{body:?}");
+            let (status, _, message) = refusal(c.exec(&s.id, &common::sh("true")).await);
+            assert_eq!(status, 409);
+            assert!(message.contains("resume it first"), "{message}");
+            c.set_paused(&s.id, false).await.expect("resume");
+        }
+        c.delete(&s.id).await.expect("delete");
+    });
+}
+
+/// A saved sandbox whose saved VM is gone (its files removed while mvmd was down) cannot be
+/// resumed: mvmd's start removes it whole, as a dead sandbox, and leaves nothing of it.
+#[test]
+fn a_saved_sandbox_without_its_saved_vm_is_removed_at_start() {
+    let test = "a_saved_sandbox_without_its_saved_vm_is_removed_at_start";
+    if !root_or_skip(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    let before = d.host_state();
+    let made = block_on(async { d.client().create(&common::jail()).await.expect("create") });
+    d.track(&made.id);
+    d.kill9();
+    let db = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
+    let mut row = db.sandbox(&made.id).expect("row").expect("its row");
+    row.sandbox.state = SandboxState::Saved;
+    db.update_sandbox(&row).expect("saved");
+    d.spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db.sandbox(&made.id).expect("row").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the saved sandbox without a saved VM is still there\n{}",
             d.log()
         );
         std::thread::sleep(std::time::Duration::from_millis(50));

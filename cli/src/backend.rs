@@ -300,6 +300,14 @@ impl Backend {
         })
     }
 
+    /// Saves a vm-tier sandbox to disk (its VMM stops until it is resumed).
+    pub async fn save(&self, id: &str) -> Result<Sandbox, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.save(id).await?,
+            Backend::Local { manager, tenant } => manager.save(&tenant.name, id).await?,
+        })
+    }
+
     /// Replaces the allow list of a sandbox with egress allow.
     pub async fn update_network(&self, id: &str, allow: Vec<String>) -> Result<Sandbox, CliError> {
         Ok(match self {

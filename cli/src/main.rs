@@ -172,12 +172,16 @@ enum Command {
         /// Sandbox ids [default: all].
         ids: Vec<String>,
     },
-    /// Pause (freeze) a sandbox.
+    /// Pause (freeze) a sandbox, or save a vm-tier one to disk.
     Pause {
         /// Sandbox id.
         id: String,
+        /// Save the VM to disk and stop its VMM (state `saved`): its memory and CPU are freed
+        /// until `mvm resume` (vm tier, made from a template).
+        #[arg(long)]
+        save: bool,
     },
-    /// Resume a paused sandbox.
+    /// Resume a paused or saved sandbox.
     Resume {
         /// Sandbox id.
         id: String,
@@ -651,7 +655,8 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             }
             Ok(0)
         }
-        Command::Pause { id } => show(&backend.set_paused(&id, true).await?, json),
+        Command::Pause { id, save: false } => show(&backend.set_paused(&id, true).await?, json),
+        Command::Pause { id, save: true } => show(&backend.save(&id).await?, json),
         Command::Resume { id } => show(&backend.set_paused(&id, false).await?, json),
         Command::Network { id, allow } => show(&backend.update_network(&id, allow).await?, json),
         Command::Fork { id, count } => {

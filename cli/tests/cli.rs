@@ -1055,6 +1055,18 @@ fn daemonless_pause_freezes_and_resume_thaws() {
         .spawn()
         .expect("mvm exec");
     wait_cpu_beyond(&env, &id, cpu_ns(&env, &id), 50_000_000);
+    // Only a micro-VM is saved to disk: the jail tier's answer says so, and it runs on.
+    let out = env.run(&["pause", "--save", &id]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("vm-tier"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        only_sandbox(&env).state,
+        mvm_sandbox::model::SandboxState::Running
+    );
     let out = env.run(&["pause", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(

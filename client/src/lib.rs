@@ -274,6 +274,13 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/sandboxes/{id}/pause` with `{"save": true}`: the sandbox saved to disk.
+    pub async fn save(&self, id: &str) -> Result<Sandbox, ClientError> {
+        let body = PauseRequest { save: true };
+        self.json("POST", &format!("/v1/sandboxes/{id}/pause"), Some(&body))
+            .await
+    }
+
     /// `POST /v1/sandboxes/{id}/fork`: the children.
     pub async fn fork(&self, id: &str, count: u32) -> Result<Vec<Sandbox>, ClientError> {
         Ok(self

@@ -245,6 +245,9 @@ pub enum SandboxState {
     Running,
     /// Frozen (vm: VM paused; jail: cgroup freezer).
     Paused,
+    /// Paused with its VM saved to disk (vm tier): no process and no memory of its own until
+    /// it is resumed, and no timeout runs meanwhile.
+    Saved,
     /// Being torn down.
     Stopping,
 }
@@ -256,6 +259,7 @@ impl SandboxState {
             SandboxState::Creating => "creating",
             SandboxState::Running => "running",
             SandboxState::Paused => "paused",
+            SandboxState::Saved => "saved",
             SandboxState::Stopping => "stopping",
         }
     }
@@ -266,6 +270,7 @@ impl SandboxState {
             "creating" => SandboxState::Creating,
             "running" => SandboxState::Running,
             "paused" => SandboxState::Paused,
+            "saved" => SandboxState::Saved,
             "stopping" => SandboxState::Stopping,
             _ => return None,
         })
@@ -474,6 +479,16 @@ pub struct WarmRequest {
     /// Guest memory of the snapshot, MiB (default 256).
     #[serde(default)]
     pub memory_mib: Option<u64>,
+}
+
+/// `POST /v1/sandboxes/{id}/pause` body (optional: without one, a freeze).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PauseRequest {
+    /// Save a vm-tier sandbox's VM to disk and stop its VMM (state `saved`): its memory and
+    /// CPU are the host's again until it is resumed. Without it, the VM is only frozen.
+    #[serde(default)]
+    pub save: bool,
 }
 
 /// `POST /v1/sandboxes/{id}/fork` answer.

@@ -1,6 +1,7 @@
 //! `Reidentify`: a guest restored from a snapshot becomes its own — host name, the guest
 //! interface's MAC and address, its resolver, a reseeded kernel RNG, the wall clock and a
-//! machine id — before the host lets anything else run in it.
+//! machine id — before the host lets anything else run in it. A sandbox's own VM resumed
+//! keeps its MAC and machine id (the same machine), and gets the clock and entropy.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -58,6 +59,9 @@ pub fn reidentify(init: bool, identity: Identity) -> Result<(), RemoteError> {
     }
     if let Some(nameserver) = identity.dns {
         write_resolv_conf(nameserver).map_err(init_error)?;
+    }
+    if identity.keep_machine_id {
+        return Ok(());
     }
     write_machine_id(&identity.entropy)
         .map_err(|e| RemoteError::from_io(format!("writing {MACHINE_ID}"), &e))

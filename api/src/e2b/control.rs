@@ -194,7 +194,7 @@ struct Listed {
 fn e2b_state(s: &Sandbox) -> Option<&'static str> {
     match s.state {
         SandboxState::Running => Some("running"),
-        SandboxState::Paused => Some("paused"),
+        SandboxState::Paused | SandboxState::Saved => Some("paused"),
         SandboxState::Creating | SandboxState::Stopping => None,
     }
 }
@@ -378,13 +378,20 @@ async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// E2B's pause: a sandbox that can be saved (vm tier, from a template) is saved to disk, its
+/// memory and CPU freed until it is resumed, as E2B's own; any other is frozen (its state
+/// kept all the same).
 async fn pause(
     State(state): State<E2bState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let tenant = &caller.tenant;
-    state.manager.set_paused(&tenant.name, &id, true).await?;
+    let sandbox = state.manager.get(&tenant.name, &id)?;
+    match state.manager.can_save(&sandbox) {
+        true => state.manager.save(&tenant.name, &id).await?,
+        false => state.manager.set_paused(&tenant.name, &id, true).await?,
+    };
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -410,7 +417,11 @@ async fn connect(
 ) -> Result<(StatusCode, Json<Created>)> {
     let tenant = &caller.tenant;
     let t: Timeout = body(&bytes)?;
-    let status = if state.manager.get(&tenant.name, &id)?.state == SandboxState::Paused {
+    let paused = matches!(
+        state.manager.get(&tenant.name, &id)?.state,
+        SandboxState::Paused | SandboxState::Saved
+    );
+    let status = if paused {
         state.manager.set_paused(&tenant.name, &id, false).await?;
         StatusCode::CREATED
     } else {

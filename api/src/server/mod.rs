@@ -314,20 +314,24 @@ pub(crate) async fn download(
         .into_response())
 }
 
-/// Pause a sandbox (vm: the VM's vCPUs; jail: cgroup freezer).
+/// Pause a sandbox (vm: the VM's vCPUs; jail: cgroup freezer), or with `{"save": true}` save
+/// a vm-tier sandbox's VM to disk and stop its VMM (state `saved`: no memory or CPU held).
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path)),
-    responses((status = 200, body = Sandbox), (status = 409, body = ErrorBody)))]
+    request_body(content = Option<PauseRequest>), responses((status = 200, body = Sandbox),
+    (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn pause(
     State(state): State<AppState>,
     Auth(tenant): Auth,
     ApiPath(id): ApiPath<String>,
+    ApiJsonOrDefault(req): ApiJsonOrDefault<PauseRequest>,
 ) -> Result<Json<Sandbox>> {
-    Ok(Json(
-        state.manager.set_paused(&tenant.name, &id, true).await?,
-    ))
+    Ok(Json(match req.save {
+        true => state.manager.save(&tenant.name, &id).await?,
+        false => state.manager.set_paused(&tenant.name, &id, true).await?,
+    }))
 }
 
-/// Resume a paused sandbox.
+/// Resume a paused or saved sandbox.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path)),
     responses((status = 200, body = Sandbox), (status = 409, body = ErrorBody)))]
 async fn resume(

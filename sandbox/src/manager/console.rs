@@ -64,6 +64,22 @@ impl Console {
         beneath::create_new_file(&self.dir, LOG_NAME, 0o600)
     }
 
+    /// Opens the existing vm-tier log for a resumed VMM, refusing a link, at its end: the
+    /// jailer's and the VMM's output follow what is there (the VMM's cap counts it).
+    pub fn reopen(&self) -> Result<std::fs::File> {
+        use std::io::Seek;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.path();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| Error::host(format!("opening {}", path.display()), e))?;
+        file.seek(std::io::SeekFrom::End(0))
+            .map_err(|e| Error::host(format!("seeking to the end of {}", path.display()), e))?;
+        Ok(file)
+    }
+
     /// Unmounts the jail tier's tmpfs (its directory goes with the sandbox directory); nothing
     /// mounted is skipped.
     pub fn unmount(&self) -> Result<()> {
@@ -87,5 +103,34 @@ pub fn console_limit_from_env() -> ConsoleLimit {
             default
         }),
         _ => default,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A resumed VMM's log goes on after what is there, also through a copy of the descriptor
+    /// (the jailer's stdout and stderr share it); a link planted at the log is refused.
+    #[test]
+    fn a_reopened_log_is_written_at_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = Console::vm(dir.path());
+        console.create().unwrap().write_all(b"boot\n").unwrap();
+        let mut file = console.reopen().unwrap();
+        let mut stderr = file.try_clone().unwrap();
+        stderr.write_all(b"jailer\n").unwrap();
+        file.write_all(b"resumed\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(console.path()).unwrap(),
+            "boot\njailer\nresumed\n"
+        );
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, b"host file").unwrap();
+        std::fs::remove_file(console.path()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, console.path()).unwrap();
+        console.reopen().unwrap_err();
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"host file");
     }
 }

@@ -370,7 +370,8 @@ impl Manager {
         // A saved VM has a NIC whatever its network: warmed with one, it is restored with one
         // (left down and address-less when the sandbox has no network).
         let needs_nic = matches!(origin, Origin::Warming)
-            || matches!(boot, vm::Boot::Restore(_) | vm::Boot::Standby);
+            || boot.loads_snapshot()
+            || matches!(boot, vm::Boot::Standby);
         let addrs = net::Addresses::of(cfg.subnet, row.slot);
         let spec = s.network.spec();
         let ports = s.network.ports.clone();
@@ -463,7 +464,7 @@ impl Manager {
     /// Steps 3-5 of a create: the jail and its spawn (in the namespace made already), then the
     /// wait for the agent; the secrets' CA certificate `ca_cert` goes into the sandbox's trust
     /// store. Returns when the jailer was spawned (since `started`).
-    async fn start_sandbox(
+    pub(super) async fn start_sandbox(
         &self,
         row: &mut SandboxRow,
         userland: Userland,
@@ -526,7 +527,7 @@ impl Manager {
         let client = self
             .await_agent(row, &live, &boot, identity_net.as_ref())
             .await?;
-        if matches!(boot, vm::Boot::Restore(_)) {
+        if boot.loads_snapshot() {
             self.inner
                 .metrics
                 .restored
@@ -622,6 +623,10 @@ fn spawn_jail(
     let dir = cfg.sandbox_dir(&s.id);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    let console = match start.boot {
+        vm::Boot::Resume(_) => tier::console(s.isolation, &dir).reopen()?,
+        _ => tier::create_console(s.isolation, &dir, cfg.console_limit)?,
+    };
     let mut jail = tier::jail_spec(cfg, s, uid, userland, start)?;
     if let Some(ns) = pod_netns {
         jail.netns = Some(ns.to_owned());
@@ -638,7 +643,6 @@ fn spawn_jail(
             )));
         }
     }
-    let console = tier::create_console(s.isolation, &dir, cfg.console_limit)?;
     let mut cmd = tokio::process::Command::from(jail.command(cfg.bin_dir.join("mvm-jailer")));
     cmd.stdin(std::process::Stdio::null())
         .stdout(

@@ -45,23 +45,14 @@ impl Manager {
             return Err(Error::Conflict(format!(
                 "sandbox {id} is {}: only a running sandbox forks{}",
                 source.state.as_str(),
-                if source.state == SandboxState::Paused {
+                if matches!(source.state, SandboxState::Paused | SandboxState::Saved) {
                     " (resume it first)"
                 } else {
                     ""
                 }
             )));
         }
-        if self
-            .requested_template(Some(source.template.clone()))
-            .is_err()
-        {
-            return Err(Error::Invalid(format!(
-                "sandbox {id} was not made from a registered template ({}): only template \
-                 sandboxes fork",
-                source.template
-            )));
-        }
+        self.template_of(source, "fork")?;
         let started = std::time::Instant::now();
         let saved = self.save_running(&row).await?;
         let _yielding = self.yield_to_children(id).await;

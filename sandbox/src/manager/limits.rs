@@ -5,9 +5,13 @@ use crate::error::{Error, Result};
 use crate::model::{Sandbox, SandboxState, SandboxStats};
 
 impl Manager {
-    /// Freezes (`true`) or thaws a sandbox.
+    /// Freezes (`true`) or thaws a sandbox; a saved one is resumed from its saved VM (see
+    /// [`save`](Self::save)).
     pub async fn set_paused(&self, tenant: &str, id: &str, paused: bool) -> Result<Sandbox> {
         let mut row = self.row(tenant, id)?;
+        if row.sandbox.state == SandboxState::Saved && !paused {
+            return self.resume_saved(row).await;
+        }
         let (from, to) = if paused {
             (SandboxState::Running, SandboxState::Paused)
         } else {

@@ -12,7 +12,8 @@
 //! extends `Manager` in a file of its own: `create` (plan, build, the waits, the jailer's
 //! spawn), `teardown` (teardown, destroy, keepalive, expiry), `reconcile`, `exec` (the agent
 //! and commands), `limits` (pause, live limits, stats), `templates` (and their warm-up),
-//! `fork` (live fork; the saved VMs of both are `snapshot`'s) and `pod`; `tier` is the
+//! `fork` (live fork; the saved VMs of both are `snapshot`'s), `save` (a sandbox saved to
+//! disk and resumed) and `pod`; `tier` is the
 //! one place that knows how the tiers differ (`tier/jail.rs`, `tier/vm.rs`: jail specs, start,
 //! agent connection, pause, memory), `lock` holds the sandboxes' busy locks, `cgroups` their
 //! cgroups and `host` the rest of the host plumbing (mounts, processes, commands).
@@ -34,6 +35,7 @@ mod port_proxy;
 pub use port_proxy::ProxiedStream;
 mod reconcile;
 pub mod rootfs;
+mod save;
 mod snapshot;
 mod teardown;
 mod templates;
@@ -493,6 +495,9 @@ impl Manager {
             SandboxState::Paused => Err(Error::Conflict(format!(
                 "sandbox {id} is paused; resume it first"
             ))),
+            SandboxState::Saved => Err(Error::Conflict(format!(
+                "sandbox {id} is saved to disk; resume it first"
+            ))),
             other => Err(Error::Conflict(format!(
                 "sandbox {id} is {}",
                 other.as_str()
@@ -551,6 +556,7 @@ impl Manager {
             SandboxState::Creating,
             SandboxState::Running,
             SandboxState::Paused,
+            SandboxState::Saved,
             SandboxState::Stopping,
         ] {
             by_state.insert(st.as_str(), 0);

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::model::{Egress, NetworkSpec, NetworkUpdate, Sandbox, SandboxState};
 
 impl Manager {
-    /// Replaces the allow list of `tenant`'s sandbox `id` (running or paused, with egress
+    /// Replaces the allow list of `tenant`'s sandbox `id` (running, paused or saved, with egress
     /// `allow` in a namespace of the manager's): what the new list does not name is closed at
     /// once (connections already open stay open), the names it adds resolve from the next
     /// query on.
@@ -17,9 +17,12 @@ impl Manager {
     ) -> Result<Sandbox> {
         let mut row = self.row(tenant, id)?;
         let s = &row.sandbox;
-        if !matches!(s.state, SandboxState::Running | SandboxState::Paused) {
+        if !matches!(
+            s.state,
+            SandboxState::Running | SandboxState::Paused | SandboxState::Saved
+        ) {
             return Err(Error::Conflict(format!(
-                "sandbox {id} is {:?}; only a running or paused sandbox's network changes",
+                "sandbox {id} is {:?}; only a running, paused or saved sandbox's network changes",
                 s.state
             )));
         }

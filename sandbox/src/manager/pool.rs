@@ -491,6 +491,7 @@ impl Manager {
             id: &id,
             net: guest_net.as_ref(),
             egress: info.egress,
+            resumed: false,
         };
         let network = async {
             if !connected {

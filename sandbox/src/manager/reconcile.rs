@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::lock::BusyLock;
 use super::tier::exec_name;
-use super::{cgroups, lock, pod_netns_of, rootfs, Live, Manager, Reconciled};
+use super::{cgroups, lock, pod_netns_of, rootfs, snapshot, Live, Manager, Reconciled};
 use crate::error::{Error, Result};
 use crate::model::{Isolation, SandboxState};
 
@@ -20,6 +20,20 @@ impl Manager {
             if BusyLock::held_elsewhere(&cfg.lock_path(&s.id)) {
                 // Another manager (e.g. a concurrent daemonless `mvm run`) is creating or
                 // destroying it right now.
+                continue;
+            }
+            if s.state == SandboxState::Saved && snapshot::saved_of(cfg, &s.id).is_some() {
+                // Saved: nothing of it runs, unless a manager died while its VMM stopped (the
+                // save directory goes last); what is left of the jail goes now.
+                if snapshot::save_dir_exists(cfg, &s.id) {
+                    let _busy = match BusyLock::acquire(&cfg.lock_path(&s.id)) {
+                        Ok(busy) => busy,
+                        Err(Error::Conflict(_)) => continue,
+                        Err(e) => return Err(e),
+                    };
+                    self.stop_saved(&s.id).await?;
+                }
+                out.adopted.push(s.id.clone());
                 continue;
             }
             let alive = !cgroups::cgroup_pids(&cfg.cgroup_parent, &s.id).is_empty();

@@ -28,6 +28,8 @@ use crate::model::{Template, TemplateSnapshot};
 pub const STATE: &str = "vm.state";
 /// Guest memory in a snapshot directory.
 pub const MEMORY: &str = "vm.mem";
+/// The identity of the base image a sandbox's own saved VM ran on.
+const BASE: &str = "base.json";
 /// The writable layer (the guest's upper or root disk) at the snapshot's instant.
 const LAYER: &str = "layer.ext4";
 /// What a warm template's snapshot was made from.
@@ -122,6 +124,25 @@ impl SavedVm {
         copy_into(&self.dir.join(LAYER), &dst, layer)
     }
 
+    /// Checks that the template's base image at `base` is the one a sandbox's own saved VM
+    /// ran on ([`take_for_resume`]): its guest's file system lies on it.
+    pub fn check_base(&self, base: &Path) -> Result<()> {
+        let path = self.dir.join(BASE);
+        let recorded: Option<SavedBase> = fs::read(&path)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok());
+        match recorded {
+            Some(was) if was == SavedBase::of(base)? => Ok(()),
+            _ => Err(Error::Conflict(format!(
+                "the base image {} is not the one the saved VM ran on (replaced or rewritten \
+                 since, or {} is unreadable): its guest's file system lies on it, so it is \
+                 not resumed on another; put the base image back, or destroy the sandbox",
+                base.display(),
+                path.display()
+            ))),
+        }
+    }
+
     /// Removes it (sandboxes restored from it keep their files open through their jails).
     pub fn remove(self) -> Result<()> {
         host::remove_tree(&self.dir)
@@ -132,6 +153,11 @@ impl ManagerConfig {
     /// The directory sandbox `id`'s VMM saves snapshots into.
     fn save_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("saves").join(id)
+    }
+
+    /// Where sandbox `id` keeps its own VM while it is saved (state `saved`).
+    fn saved_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("saves").join(format!("{id}.saved"))
     }
 
     /// Where a fork of sandbox `id` keeps its saved VM while the children start.
@@ -187,10 +213,31 @@ pub fn make_restore_dir(cfg: &ManagerConfig, id: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Removes what sandbox `id` saved: its save directory, a fork's saved VM, and the restore
-/// directory of a fork pool's VMM. Idempotent.
+/// Whether sandbox `id` has a save directory (made with its jail).
+pub fn save_dir_exists(cfg: &ManagerConfig, id: &str) -> bool {
+    cfg.save_dir(id).exists()
+}
+
+/// Removes sandbox `id`'s save directory (after its VMM stopped: a new one is made, empty,
+/// for the next). Idempotent.
+pub fn remove_save_dir(cfg: &ManagerConfig, id: &str) -> Result<()> {
+    let dir = cfg.save_dir(id);
+    match dir.exists() {
+        true => host::remove_tree(&dir),
+        false => Ok(()),
+    }
+}
+
+/// Removes what sandbox `id` saved: its save directory, a fork's saved VM, its own saved VM,
+/// and the restore directory of a fork pool's VMM. Idempotent.
 pub fn remove_saves(cfg: &ManagerConfig, id: &str) -> Result<()> {
-    for dir in [cfg.save_dir(id), cfg.fork_dir(id), cfg.restore_dir(id)] {
+    let dirs = [
+        cfg.save_dir(id),
+        cfg.fork_dir(id),
+        cfg.saved_dir(id),
+        cfg.restore_dir(id),
+    ];
+    for dir in dirs {
         if dir.exists() {
             host::remove_tree(&dir)?;
         }
@@ -236,9 +283,45 @@ fn adopt(cfg: &ManagerConfig, id: &str, to: &Path) -> Result<()> {
 /// Takes the VM sandbox `id`'s VMM has just saved, and a copy of its writable `layer`
 /// (the VM still paused), as the saved VM of a fork.
 pub fn take_for_fork(cfg: &ManagerConfig, id: &str, layer: &Path) -> Result<SavedVm> {
-    let dir = cfg.fork_dir(id);
+    take_into(cfg, id, cfg.fork_dir(id), Some(layer))
+}
+
+/// Takes the VM sandbox `id`'s VMM has just saved as the sandbox's own (state `saved`): its
+/// writable layer stays where it is, the sandbox's, for the VMM that resumes it; the identity
+/// of the template's base image `base` it runs on is kept beside it (see
+/// [`SavedVm::check_base`]).
+pub fn take_for_resume(cfg: &ManagerConfig, id: &str, base: &Path) -> Result<SavedVm> {
+    let saved = take_into(cfg, id, cfg.saved_dir(id), None)?;
+    let path = saved.dir.join(BASE);
+    let recorded = SavedBase::of(base).and_then(|base| {
+        let json = serde_json::to_vec(&base).expect("a base serializes");
+        fs::write(&path, json).map_err(|e| Error::host(format!("writing {}", path.display()), e))
+    });
+    match recorded {
+        Ok(()) => Ok(saved),
+        Err(e) => {
+            let _ = saved.remove();
+            Err(e)
+        }
+    }
+}
+
+/// Sandbox `id`'s own saved VM (see [`take_for_resume`]), if it has one whole.
+pub fn saved_of(cfg: &ManagerConfig, id: &str) -> Option<SavedVm> {
+    let saved = SavedVm {
+        dir: cfg.saved_dir(id),
+    };
+    (saved.state().is_file() && saved.memory().is_file()).then_some(saved)
+}
+
+/// Adopts the VM sandbox `id`'s VMM has just saved into the new directory `dir`, with a copy
+/// of `layer` when given.
+fn take_into(cfg: &ManagerConfig, id: &str, dir: PathBuf, layer: Option<&Path>) -> Result<SavedVm> {
     make_root_dir(&dir)?;
-    let taken = adopt(cfg, id, &dir).and_then(|()| clone_or_copy(layer, &dir.join(LAYER)));
+    let taken = adopt(cfg, id, &dir).and_then(|()| match layer {
+        Some(layer) => clone_or_copy(layer, &dir.join(LAYER)),
+        None => Ok(()),
+    });
     match taken {
         Ok(()) => Ok(SavedVm { dir }),
         Err(e) => {
@@ -266,6 +349,22 @@ impl FileId {
                 .ok()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_nanos()),
+        })
+    }
+}
+
+/// `base.json` of a sandbox's own saved VM: the base image it ran on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SavedBase {
+    path: PathBuf,
+    file: FileId,
+}
+
+impl SavedBase {
+    fn of(path: &Path) -> Result<SavedBase> {
+        Ok(SavedBase {
+            path: path.to_owned(),
+            file: FileId::of(path)?,
         })
     }
 }
@@ -775,5 +874,50 @@ mod tests {
             remove_saves(&cfg, id).unwrap();
         }
         assert!(!restore.exists());
+    }
+
+    /// A sandbox's own saved VM: its files adopted (root's, read-only) with the identity of
+    /// its base image, found whole only; a resume over another base image (rewritten, or
+    /// another path) is refused; the save directory and the saved VM go with the sandbox's
+    /// saves.
+    #[test]
+    fn a_saved_sandbox_keeps_its_vm_and_its_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let id = "0000000000cc";
+        let base = dir.path().join("base.ext4");
+        fs::write(&base, b"the base image").unwrap();
+        assert!(saved_of(&cfg, id).is_none());
+        let save = make_save_dir(&cfg, id, 0).unwrap();
+        fs::write(save.join(STATE), b"state").unwrap();
+        fs::write(save.join(MEMORY), b"memory").unwrap();
+        let saved = take_for_resume(&cfg, id, &base).unwrap();
+        assert!(save_dir_exists(&cfg, id));
+        remove_save_dir(&cfg, id).unwrap();
+        assert!(!save_dir_exists(&cfg, id) && !save.exists());
+        let found = saved_of(&cfg, id).expect("the saved VM is found");
+        assert_eq!(found.memory(), saved.memory());
+        let state = fs::metadata(found.state()).unwrap();
+        assert_eq!(
+            (state.uid(), state.permissions().mode() & 0o777),
+            (0, 0o444)
+        );
+        found.check_base(&base).unwrap();
+
+        let other = dir.path().join("other.ext4");
+        fs::write(&other, b"the base image").unwrap();
+        let err = found.check_base(&other).unwrap_err().to_string();
+        assert!(err.contains("not the one the saved VM ran on"), "{err}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(&base, b"the base image, rewritten").unwrap();
+        assert!(found.check_base(&base).is_err());
+
+        fs::remove_file(found.memory()).unwrap();
+        assert!(
+            saved_of(&cfg, id).is_none(),
+            "a saved VM without its memory"
+        );
+        remove_saves(&cfg, id).unwrap();
+        assert!(!saved.state().exists());
     }
 }

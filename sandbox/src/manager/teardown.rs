@@ -26,35 +26,9 @@ impl Manager {
         pod_netns: Option<PathBuf>,
         started: bool,
     ) -> Result<()> {
-        let child = lock(&self.inner.live)
-            .get(&id)
-            .and_then(|l| lock(&l.child).take());
-        let (parent, killed) = (self.inner.cfg.cgroup_parent.clone(), id.clone());
-        let jailer = child
-            .as_ref()
-            .filter(|_| started)
-            .and_then(|c| c.id())
-            .map(|p| p as i32);
-        blocking(move || cgroups::kill_all(&parent, &killed, jailer)).await?;
-        if let Some(mut child) = child {
-            // Already killed with the rest; reap it.
-            let _ = child.kill().await;
-        }
+        self.stop_jail(&id, isolation, started).await?;
         let cfg = self.inner.cfg.clone();
         blocking(move || {
-            let tiers = match isolation {
-                Some(i) => vec![i],
-                None => Isolation::ALL.to_vec(),
-            };
-            for iso in tiers {
-                jailer::cleanup(&CleanupConfig {
-                    id: id.clone(),
-                    exec_file_name: exec_name(iso).into(),
-                    chroot_base_dir: cfg.jail_base(),
-                    parent_cgroup: cfg.cgroup_parent.clone(),
-                })
-                .map_err(|e| Error::host(format!("removing the jail of {id}"), e))?;
-            }
             let dir = cfg.sandbox_dir(&id);
             rootfs::Overlay::at(&dir).unmount()?;
             console::Console::jail(&dir).unmount()?;
@@ -73,6 +47,49 @@ impl Manager {
                 }
                 _ => Ok(()),
             }
+        })
+        .await
+    }
+
+    /// Stops sandbox `id`'s processes and removes its jail and cgroups (of tier `isolation`,
+    /// or of any with `None`), leaving its directory, saves and network. Idempotent.
+    /// `started`: the sandbox had finished starting (all its processes are in its cgroups).
+    pub(super) async fn stop_jail(
+        &self,
+        id: &str,
+        isolation: Option<Isolation>,
+        started: bool,
+    ) -> Result<()> {
+        let child = lock(&self.inner.live)
+            .get(id)
+            .and_then(|l| lock(&l.child).take());
+        let (parent, killed) = (self.inner.cfg.cgroup_parent.clone(), id.to_owned());
+        let jailer = child
+            .as_ref()
+            .filter(|_| started)
+            .and_then(|c| c.id())
+            .map(|p| p as i32);
+        blocking(move || cgroups::kill_all(&parent, &killed, jailer)).await?;
+        if let Some(mut child) = child {
+            // Already killed with the rest; reap it.
+            let _ = child.kill().await;
+        }
+        let (cfg, id) = (self.inner.cfg.clone(), id.to_owned());
+        blocking(move || {
+            let tiers = match isolation {
+                Some(i) => vec![i],
+                None => Isolation::ALL.to_vec(),
+            };
+            for iso in tiers {
+                jailer::cleanup(&CleanupConfig {
+                    id: id.clone(),
+                    exec_file_name: exec_name(iso).into(),
+                    chroot_base_dir: cfg.jail_base(),
+                    parent_cgroup: cfg.cgroup_parent.clone(),
+                })
+                .map_err(|e| Error::host(format!("removing the jail of {id}"), e))?;
+            }
+            Ok(())
         })
         .await
     }
@@ -133,7 +150,8 @@ impl Manager {
         Ok(row.sandbox)
     }
 
-    /// Destroys every sandbox whose timeout has passed; returns their ids.
+    /// Destroys every running or paused sandbox whose timeout has passed (a saved sandbox's
+    /// timeout does not run); returns their ids.
     pub async fn reap_expired(&self) -> Result<Vec<String>> {
         let now = db::now();
         let mut reaped = Vec::new();

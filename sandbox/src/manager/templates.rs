@@ -32,6 +32,19 @@ impl Manager {
         self.template(&name)
     }
 
+    /// The registered template sandbox `s` was made from; `which` completes "only template
+    /// sandboxes ..." in the error for any other.
+    pub(super) fn template_of(&self, s: &Sandbox, which: &str) -> Result<Template> {
+        self.requested_template(Some(s.template.clone()))
+            .map_err(|_| {
+                Error::Invalid(format!(
+                    "sandbox {} was not made from a registered template ({}): only template \
+                     sandboxes {which}",
+                    s.id, s.template
+                ))
+            })
+    }
+
     /// Registered templates, each with its usable warm snapshots.
     pub fn templates(&self) -> Result<Vec<Template>> {
         Ok(self

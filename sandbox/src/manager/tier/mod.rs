@@ -171,7 +171,7 @@ impl Manager {
         match row.sandbox.isolation {
             Isolation::Jail => self.await_jail_agent(row, live).await,
             Isolation::Vm => {
-                let restore = matches!(boot, vm::Boot::Restore(_));
+                let restore = boot.loads_snapshot();
                 let started = std::time::Instant::now();
                 if restore {
                     let api = self.await_vmm_api(row, live).await?;
@@ -183,6 +183,7 @@ impl Manager {
                     id: &row.sandbox.id,
                     net: guest_net,
                     egress: row.sandbox.network.egress,
+                    resumed: matches!(boot, vm::Boot::Resume(_)),
                 });
                 let client = self
                     .wait_agent(live, row, patience(row, vm::READY_TIMEOUT), becoming)

@@ -121,9 +121,19 @@ pub(in crate::manager) enum Boot {
     Cold,
     /// Loads a saved VM (a warm template's, or a fork's source) instead of booting.
     Restore(SavedVm),
+    /// Loads the sandbox's own saved VM (a resume of a `saved` sandbox): its writable layer
+    /// and console log are the sandbox's already.
+    Resume(SavedVm),
     /// Starts the VMM without a VM (a fork pool's): the VM saved by a fork is handed to it
     /// later ([`SavedVm::hand_to`]) and loaded.
     Standby,
+}
+
+impl Boot {
+    /// Whether the VM is loaded from a snapshot (and its guest then given its identity).
+    pub(in crate::manager) fn loads_snapshot(&self) -> bool {
+        matches!(self, Boot::Restore(_) | Boot::Resume(_))
+    }
 }
 
 /// The `mvm-vmm` command line of sandbox `id` inside its jail: boot from [`CONFIG`] at once
@@ -328,9 +338,11 @@ pub(super) fn vm_jail(
         bind(snapshot::make_save_dir(cfg, &s.id, uid)?, SAVE_DIR, false),
     ];
     match &start.boot {
-        Boot::Restore(saved) => {
+        Boot::Restore(saved) | Boot::Resume(saved) => {
             let layer = dir.join(LAYER_NAME);
-            saved.copy_layer(&layer, uid)?;
+            if let Boot::Restore(_) = start.boot {
+                saved.copy_layer(&layer, uid)?;
+            }
             mounts.extend([
                 bind(layer, LAYER, false),
                 bind(saved.state(), &in_dir(RESTORE_DIR, snapshot::STATE), true),
@@ -455,14 +467,17 @@ pub struct Becoming<'a> {
     pub net: Option<&'a GuestNet>,
     /// Its egress (the resolver with `allow`).
     pub egress: crate::model::Egress,
+    /// The sandbox's own VM resumed ([`Boot::Resume`]): the same machine, which keeps its
+    /// MAC (its network namespace's neighbours know it) and machine id.
+    pub resumed: bool,
 }
 
 impl Becoming<'_> {
     /// What makes the guest sandbox `id`'s own: its host name, a MAC of its own (a pod's
-    /// interface's, or one made from the id), its address, its resolver (as `mvm.dns` at a
-    /// cold boot), fresh entropy and the host's clock.
+    /// interface's, or one made from the id; kept when resumed), its address, its resolver
+    /// (as `mvm.dns` at a cold boot), fresh entropy and the host's clock.
     pub fn identity(&self) -> Result<agent::Identity> {
-        identity(self.id, self.net, guest_resolver(self.egress))
+        identity(self.id, self.net, guest_resolver(self.egress), self.resumed)
     }
 }
 
@@ -470,20 +485,23 @@ fn identity(
     id: &str,
     net: Option<&GuestNet>,
     dns: Option<std::net::Ipv4Addr>,
+    resumed: bool,
 ) -> Result<agent::Identity> {
     let mac = match net.and_then(|n| n.mac.as_deref()) {
-        Some(mac) => parse_mac(mac)?,
-        None => mac_of(id)?,
+        _ if resumed => None,
+        Some(mac) => Some(parse_mac(mac)?),
+        None => Some(mac_of(id)?),
     };
     Ok(agent::Identity {
         hostname: id.to_string(),
-        mac: Some(mac),
+        mac,
         ip: net.map(|n| n.ip),
         entropy: crate::db::random_bytes(64)?,
         realtime_ns: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
         dns,
+        keep_machine_id: resumed,
     })
 }
 
@@ -774,8 +792,8 @@ mod tests {
             ip: ip([10, 213, 0, 14], 30, [10, 213, 0, 13]),
             mac: None,
         };
-        let a = identity("0123456789ab", Some(&net), None).unwrap();
-        let b = identity("0123456789ac", Some(&net), None).unwrap();
+        let a = identity("0123456789ab", Some(&net), None, false).unwrap();
+        let b = identity("0123456789ac", Some(&net), None, false).unwrap();
         assert_eq!(a.hostname, "0123456789ab");
         assert_eq!(a.mac, Some([0x02, 0x23, 0x45, 0x67, 0x89, 0xab]));
         assert_ne!(a.mac, b.mac);
@@ -793,17 +811,29 @@ mod tests {
             ..net
         };
         assert_eq!(
-            identity("0123456789ab", Some(&pod), None).unwrap().mac,
+            identity("0123456789ab", Some(&pod), None, false)
+                .unwrap()
+                .mac,
             Some([0x02, 0x42, 0x0a, 0x58, 0x00, 0x07])
         );
-        assert_eq!(identity("0123456789ab", None, None).unwrap().ip, None);
-        identity("not-hex", None, None).unwrap_err();
+        assert_eq!(
+            identity("0123456789ab", None, None, false).unwrap().ip,
+            None
+        );
+        identity("not-hex", None, None, false).unwrap_err();
         // Egress `allow` names the sandbox's resolver, as `mvm.dns` does at a cold boot.
         let allow = guest_resolver(crate::model::Egress::Allow);
-        let dns = identity("0123456789ab", Some(&net), allow).unwrap().dns;
+        let dns = identity("0123456789ab", Some(&net), allow, false)
+            .unwrap()
+            .dns;
         assert_eq!(dns, Some(crate::manager::net::RESOLVER_ADDR));
         for other in [crate::model::Egress::None, crate::model::Egress::All] {
             assert_eq!(guest_resolver(other), None);
         }
+        // A sandbox's own VM resumed keeps its MAC and machine id; a copy gets new ones.
+        let resumed = identity("0123456789ab", Some(&pod), None, true).unwrap();
+        assert_eq!((resumed.mac, resumed.keep_machine_id), (None, true));
+        assert_eq!(resumed.ip, Some(net.ip));
+        assert!(!a.keep_machine_id);
     }
 }

@@ -1,0 +1,160 @@
+//! Save and resume: a vm-tier sandbox paused with its VM saved to disk (state `saved`), as
+//! E2B's pause does. Its VMM saves the VM (the same save as a fork's source, taken as the
+//! sandbox's own by `snapshot::take_for_resume`) and stops; what stays is its row, directory
+//! (the writable layer, the console log), network namespace and saved VM: no process, and
+//! none of its memory, until it is resumed. A resume starts a jail as a create does, loads
+//! the saved VM into it with the writable layer in place, and gives the guest the host's
+//! clock and fresh entropy with its (unchanged) identity. Its timeout stops while it is saved
+//! and starts again at the resume. A resume that fails leaves the sandbox saved as it was.
+
+use std::time::Instant;
+
+use super::cgroups::CpuShare;
+use super::create::guest_nic;
+use super::lock::BusyLock;
+use super::tier::{self, vm, Userland};
+use super::{blocking, lock, net, snapshot, Manager};
+use crate::db::{self, SandboxRow};
+use crate::error::{Error, Result};
+use crate::model::{Isolation, Sandbox, SandboxState};
+
+impl Manager {
+    /// Saves `tenant`'s running or paused vm-tier sandbox `id` to disk and stops its VMM
+    /// (state `saved`); [`set_paused`](Self::set_paused) resumes it. Only a sandbox made from
+    /// a registered template is saved (its VM is loaded again over the template's base image).
+    pub async fn save(&self, tenant: &str, id: &str) -> Result<Sandbox> {
+        let mut row = self.row(tenant, id)?;
+        let s = &row.sandbox;
+        if s.isolation != Isolation::Vm {
+            return Err(Error::Invalid(format!(
+                "sandbox {id} is in the jail tier: a save writes a micro-VM's memory to disk, \
+                 so only vm-tier sandboxes are saved (pause it without saving to freeze it)"
+            )));
+        }
+        if !matches!(s.state, SandboxState::Running | SandboxState::Paused) {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is {}; only a running or paused sandbox is saved",
+                s.state.as_str()
+            )));
+        }
+        let template = self.template_of(s, "are saved")?;
+        let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(id))?;
+        let was_running = s.state == SandboxState::Running;
+        let started = Instant::now();
+        {
+            // The socket's path is valid while `socket` lives.
+            let socket = self.vmm_api(&row)?;
+            let api = socket.path();
+            if was_running {
+                vm::set_paused(&api, true).await?;
+            }
+            let saved = match vm::save_snapshot(&api).await {
+                Ok(()) => {
+                    let (cfg, id) = (self.inner.cfg.clone(), id.to_owned());
+                    let base = std::path::PathBuf::from(&template.rootfs);
+                    blocking(move || snapshot::take_for_resume(&cfg, &id, &base)).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = saved {
+                // Nothing was lost: the VM goes on as it was.
+                if was_running {
+                    if let Err(undo) = vm::set_paused(&api, false).await {
+                        tracing::error!(%id, "resuming a VM whose save failed: {undo}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        // Saved in the row before the VMM goes: a manager that dies in between finds the
+        // saved VM, and its reconciliation stops what is left of the jail.
+        row.sandbox.state = SandboxState::Saved;
+        self.inner.db.update_sandbox(&row)?;
+        self.stop_saved(id).await?;
+        tracing::info!(%id, took = ?started.elapsed(), "sandbox saved");
+        Ok(row.sandbox)
+    }
+
+    /// Whether sandbox `s` can be saved: a vm-tier sandbox made from a registered template.
+    pub fn can_save(&self, s: &Sandbox) -> bool {
+        s.isolation == Isolation::Vm && self.template_of(s, "are saved").is_ok()
+    }
+
+    /// Stops the VMM of saved sandbox `id` and removes its jail and its save directory
+    /// (made again, empty, by the jail that resumes it).
+    pub(super) async fn stop_saved(&self, id: &str) -> Result<()> {
+        let live = lock(&self.inner.live).get(id).cloned();
+        if let Some(live) = &live {
+            live.agent.lock().await.take();
+        }
+        self.stop_jail(id, Some(Isolation::Vm), true).await?;
+        lock(&self.inner.live).remove(id);
+        let (cfg, id) = (self.inner.cfg.clone(), id.to_owned());
+        blocking(move || snapshot::remove_save_dir(&cfg, &id)).await
+    }
+
+    /// Resumes saved sandbox `row` (its caller checked the state): a new jail loads its saved
+    /// VM, whose guest gets the host's clock and fresh entropy. Its timeout starts again.
+    pub(super) async fn resume_saved(&self, mut row: SandboxRow) -> Result<Sandbox> {
+        let id = row.sandbox.id.clone();
+        let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&id))?;
+        let cfg = &self.inner.cfg;
+        let saved = snapshot::saved_of(cfg, &id).ok_or_else(|| {
+            Error::Host(format!(
+                "sandbox {id} is saved, but its saved VM is missing or incomplete; destroy it"
+            ))
+        })?;
+        let template = self.template_of(&row.sandbox, "are saved")?;
+        {
+            let (saved, base) = (saved.clone(), std::path::PathBuf::from(&template.rootfs));
+            blocking(move || saved.check_base(&base))
+                .await
+                .map_err(|e| match e {
+                    Error::Conflict(why) => {
+                        Error::Conflict(format!("sandbox {id} cannot be resumed: {why}"))
+                    }
+                    other => other,
+                })?;
+        }
+        let started = Instant::now();
+        let addrs = net::Addresses::of(cfg.subnet, row.slot);
+        let start = tier::Start {
+            container_slots: 0,
+            guest_net: row
+                .sandbox
+                .network
+                .address
+                .is_some()
+                .then(|| guest_nic(addrs)),
+            boot: vm::Boot::Resume(saved.clone()),
+            share: CpuShare::Normal,
+        };
+        let resumed = self
+            .start_sandbox(
+                &mut row,
+                Userland::Template(template),
+                start,
+                None,
+                None,
+                started,
+            )
+            .await;
+        if let Err(e) = resumed {
+            // As before the attempt: saved, without a jail.
+            return Err(match self.stop_saved(&id).await {
+                Ok(()) => e,
+                Err(undo) => Error::Host(format!("{e}; stopping the attempt also failed: {undo}")),
+            });
+        }
+        row.sandbox.state = SandboxState::Running;
+        let timeout_s = row.sandbox.timeout_s;
+        row.sandbox.expires_at = (timeout_s > 0).then(|| db::now() + timeout_s as i64);
+        self.inner.db.update_sandbox(&row)?;
+        // Its jail holds the files it loaded.
+        if let Err(e) = blocking(move || saved.remove()).await {
+            tracing::warn!(%id, "removing the saved VM of a resumed sandbox: {e}");
+        }
+        tracing::info!(%id, took = ?started.elapsed(), "saved sandbox resumed");
+        Ok(row.sandbox)
+    }
+}
