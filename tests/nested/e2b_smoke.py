@@ -2,7 +2,8 @@
 L0 when the nested case `e2b-sdk-vm-tier` prints `nested: E2B-READY <api port> <verdict port>
 <token>`, configured only by E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY. Creates a sandbox,
 runs commands (stdout callback, exit code, CommandExitException), writes, reads and lists files,
-kills it, and sends its verdict back to the case over TCP (`127.0.0.1:<verdict port>`, given as
+pauses it (mvmd saves the VM to disk) and connects to it again (resumed, its files and processes
+there), kills it, and sends its verdict back to the case over TCP (`127.0.0.1:<verdict port>`, given as
 the only argument), one `key value` line each:
 
     verdict pass|fail
@@ -33,7 +34,7 @@ def expect(cond, what):
 def smoke():
     """Every step in order; returns True when all passed (each one is in `lines`)."""
     try:
-        from e2b import CommandExitException, Sandbox, SandboxQuery
+        from e2b import CommandExitException, Sandbox, SandboxQuery, SandboxState
     except Exception as e:
         lines.append(f"step FAIL import e2b: {type(e).__name__}: {e} (run scripts/deps.sh)")
         return False
@@ -81,6 +82,25 @@ def smoke():
         r = sbx.commands.run("cat /tmp/e2b/a.txt", timeout=COMMAND_TIMEOUT_S)
         expect(r.stdout == "content", repr(r.stdout))
 
+    def pause_and_connect():
+        nonlocal sbx
+        sbx.commands.run(
+            "setsid sh -c 'echo $$ > /tmp/e2b/pid; exec sleep 100000' </dev/null >/dev/null 2>&1 & "
+            "while [ ! -s /tmp/e2b/pid ]; do sleep 0.1; done",
+            timeout=COMMAND_TIMEOUT_S,
+        )
+        expect(sbx.pause() is True, "pause returned False")
+        info = Sandbox.get_info(sbx.sandbox_id)
+        expect(info.state == SandboxState.PAUSED, f"state {info.state} after the pause")
+        sbx = Sandbox.connect(sbx.sandbox_id, timeout=600)
+        info = Sandbox.get_info(sbx.sandbox_id)
+        expect(info.state == SandboxState.RUNNING, f"state {info.state} after connect")
+        r = sbx.commands.run(
+            "cat /tmp/e2b/a.txt; kill -0 $(cat /tmp/e2b/pid) && echo alive",
+            timeout=COMMAND_TIMEOUT_S,
+        )
+        expect(r.stdout == "contentalive\n", repr(r.stdout))
+
     def kill():
         nonlocal killed
         killed = sbx.kill() is not False
@@ -92,6 +112,7 @@ def smoke():
         ("Sandbox.create, commands.run with an on_stdout callback", create),
         ("a non-zero exit is CommandExitException with the code", exit_code),
         ("files.write, read, list; the file seen by a command", files),
+        ("pause, then connect resumes it with its files and processes", pause_and_connect),
         ("kill, then the sandbox is not listed", kill),
     ]
     try:

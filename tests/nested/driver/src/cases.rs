@@ -12,6 +12,7 @@ mod dns_egress;
 mod e2b;
 mod images;
 mod ports;
+mod save_resume;
 mod snapshot_bench;
 mod snapshots;
 
@@ -152,6 +153,10 @@ pub const CASES: &[Case] = &[
     Case {
         name: "snapshot-fork-live-3-children",
         run: snapshots::fork_live_sandbox,
+    },
+    Case {
+        name: "snapshot-save-resume",
+        run: save_resume::save_and_resume,
     },
     Case {
         name: "snapshot-bench-16-concurrent",
@@ -1721,6 +1726,16 @@ impl MvmdSession {
             ));
         }
         Ok(out)
+    }
+
+    /// Stops mvmd and starts it again on the same directories (its log starts anew): what
+    /// it keeps of its sandboxes is what a new mvmd finds.
+    fn restart(&mut self, ctx: &Ctx) -> Result<(), String> {
+        let log = self.dirs.log();
+        std::mem::replace(&mut self.daemon, Daemon { child: None, log }).finish();
+        let (daemon, host) = start_mvmd(ctx, &self.dirs)?;
+        (self.daemon, self.host) = (daemon, host);
+        Ok(())
     }
 
     /// mvmd's API socket.

@@ -2,12 +2,12 @@
 //! runs on L0: this case starts mvmd (default tier `vm`, a TCP listener), prints
 //! `nested: E2B-READY <api port> <verdict port> <token>`, and run.sh, which watches the console,
 //! runs `tests/nested/e2b_smoke.py` against it (create, commands.run with a stdout callback,
-//! CommandExitException, files write/read/list, kill) and sends the smoke's verdict back to the
-//! verdict port. In nested mode both ports are on L1's user-mode NIC (10.0.2.15), forwarded by
-//! QEMU from the same ports of L0's 127.0.0.1 (`--l0-ports`); in direct mode they are free ports
-//! of 127.0.0.1. The case fails when the smoke fails, when no verdict comes (run.sh did not run
-//! it), when the sandbox was not a micro-VM (its `uname -r` is not the guest kernel's), or when
-//! anything is left behind.
+//! CommandExitException, files write/read/list, pause — mvmd saves the VM to disk — and
+//! connect, kill) and sends the smoke's verdict back to the verdict port. In nested mode both
+//! ports are on L1's user-mode NIC (10.0.2.15), forwarded by QEMU from the same ports of L0's
+//! 127.0.0.1 (`--l0-ports`); in direct mode they are free ports of 127.0.0.1. The case fails
+//! when the smoke fails, when no verdict comes (run.sh did not run it), when the sandbox was
+//! not a micro-VM (its `uname -r` is not the guest kernel's), or when anything is left behind.
 
 use std::io::{ErrorKind, Read};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

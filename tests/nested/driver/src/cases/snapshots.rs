@@ -18,25 +18,33 @@ const COLD: usize = 3;
 /// Every timed create here has a network (an address, a veth, nftables rules).
 /// A network whose one allowed address is the "internet"'s greeter
 /// ([`super::dns_egress::ALLOWED`]).
-const NET: [&str; 4] = ["--egress", "allow", "--allow", "198.51.100.9"];
+pub(super) const NET: [&str; 4] = ["--egress", "allow", "--allow", "198.51.100.9"];
 /// The first output every timed create waits for (one process in the guest, as the cold
 /// creates': the report's dozen processes are run afterwards, untimed).
 const FIRST_OUTPUT: &str = "cat /proc/sys/kernel/random/uuid";
 
 /// What a guest says of itself: host name, MAC, IPv4 address, a kernel UUID, 16 random bytes,
 /// machine id, wall clock and its resolv.conf's nameservers, one per line.
-const SELF_REPORT: &str = "hostname; cat /sys/class/net/eth0/address; \
+pub(super) const SELF_REPORT: &str = "hostname; cat /sys/class/net/eth0/address; \
      ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1; \
      cat /proc/sys/kernel/random/uuid; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
-     cat /etc/machine-id; date +%s; grep nameserver /etc/resolv.conf | paste -sd,";
+     cat /etc/machine-id 2>/dev/null || echo none; date +%s; \
+     grep nameserver /etc/resolv.conf | paste -sd,";
 
 /// One restored guest's report.
-struct Report {
-    lines: Vec<String>,
+pub(super) struct Report {
+    pub(super) lines: Vec<String>,
 }
 
 impl Report {
-    fn field(&self, i: usize) -> &str {
+    /// The report `stdout` printed, a field per line.
+    pub(super) fn of(stdout: &str) -> Report {
+        Report {
+            lines: stdout.lines().map(str::to_string).collect(),
+        }
+    }
+
+    pub(super) fn field(&self, i: usize) -> &str {
         self.lines.get(i).map_or("", String::as_str)
     }
 }
@@ -345,31 +353,57 @@ pub(super) fn warm_default(ctx: &Ctx, session: &MvmdSession) -> Result<Duration,
 }
 
 /// The self-report of the restored sandbox mvmd answered `answer` about (with egress `allow`),
-/// checked: its host name is its id, eth0 has the address mvmd gave it, its clock is within
-/// 1 s of L1's, its resolv.conf names the sandbox's resolver, it reaches the allowed greeter
-/// beyond L1 (so its new address, MAC and default route work), and its console has no
-/// kernel boot. Returns the sandbox's id and the report.
+/// checked as [`checked_self_report`] and: its resolv.conf names the sandbox's resolver and
+/// its console has no kernel boot. Returns the sandbox's id and the report.
 fn checked_report(
     ctx: &Ctx,
     session: &MvmdSession,
     answer: &serde_json::Value,
 ) -> Result<(String, Report), String> {
     let id = sandbox_id(&answer["sandbox"]);
+    let address = answer["sandbox"]["network"]["address"]
+        .as_str()
+        .unwrap_or_default();
+    let report = checked_self_report(ctx, session, &id, address)?;
+    // The snapshot was taken without egress `allow`: the restore must name the resolver.
+    let resolver = "nameserver 169.254.53.53";
+    if report.field(7) != resolver {
+        return Err(format!(
+            "sandbox {id} (egress allow): its resolv.conf names {:?}, not only {resolver:?}; \
+             it said {:?}",
+            report.field(7),
+            report.lines
+        ));
+    }
+    let logs = session.mvm(ctx, &["logs", &id], None)?;
+    if logs.contains("Linux version") {
+        return Err(format!(
+            "sandbox {id} booted a kernel instead of restoring the snapshot: {}",
+            logs.lines().take(3).collect::<Vec<_>>().join(" / ")
+        ));
+    }
+    Ok((id, report))
+}
+
+/// Sandbox `id`'s [`SELF_REPORT`], checked: its host name is its id, eth0 has `address` (the
+/// one mvmd gave it), its clock is within 1 s of L1's, and it reaches the allowed greeter
+/// beyond L1 (so its address, MAC and default route work).
+pub(super) fn checked_self_report(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    id: &str,
+    address: &str,
+) -> Result<Report, String> {
     let before = unix_now();
-    let stdout = session.mvm(ctx, &["exec", &id, "--", "sh", "-c", SELF_REPORT], None)?;
+    let stdout = session.mvm(ctx, &["exec", id, "--", "sh", "-c", SELF_REPORT], None)?;
     let after = unix_now();
-    let report = Report {
-        lines: stdout.lines().map(str::to_string).collect(),
-    };
+    let report = Report::of(&stdout);
     if report.field(0) != id {
         return Err(format!(
             "sandbox {id}: hostname {:?}; it said {stdout:?}",
             report.field(0)
         ));
     }
-    let address = answer["sandbox"]["network"]["address"]
-        .as_str()
-        .unwrap_or_default();
     if report.field(2) != address {
         return Err(format!(
             "sandbox {id}: eth0 has {:?}, mvmd gave it {address:?}; it said {stdout:?}",
@@ -382,32 +416,16 @@ fn checked_report(
             "sandbox {id}: wall clock {clock}, L1's {before}..{after}; it said {stdout:?}"
         ));
     }
-    // The snapshot was taken without egress `allow`: the restore must name the resolver.
-    let resolver = "nameserver 169.254.53.53";
-    if report.field(7) != resolver {
-        return Err(format!(
-            "sandbox {id} (egress allow): its resolv.conf names {:?}, not only {resolver:?}; \
-             it said {stdout:?}",
-            report.field(7)
-        ));
-    }
     let (greeter, port) = (super::dns_egress::ALLOWED, super::dns_egress::PORT);
     let reach = format!("nc -w 5 {greeter} {port} </dev/null 2>&1; echo rc=$?");
-    let reached = session.mvm(ctx, &["exec", &id, "--", "sh", "-c", &reach], None)?;
+    let reached = session.mvm(ctx, &["exec", id, "--", "sh", "-c", &reach], None)?;
     if !reached.contains(super::dns_egress::GREETING) {
         return Err(format!(
-            "sandbox {id}: restored with its new identity, it does not reach {greeter}:{port} \
-             (allowed): {reached:?}"
+            "sandbox {id}: with its identity, it does not reach {greeter}:{port} (allowed): \
+             {reached:?}"
         ));
     }
-    let logs = session.mvm(ctx, &["logs", &id], None)?;
-    if logs.contains("Linux version") {
-        return Err(format!(
-            "sandbox {id} booted a kernel instead of restoring the snapshot: {}",
-            logs.lines().take(3).collect::<Vec<_>>().join(" / ")
-        ));
-    }
-    Ok((id, report))
+    Ok(report)
 }
 
 /// Times `n` creates with a network to their first output, each after `before` (left
@@ -555,7 +573,7 @@ fn warm_at_another_size(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> 
     Ok(())
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -568,7 +586,7 @@ const CHILDREN: usize = 3;
 /// a second (each value written whole: a reader never finds the file emptied), and one that keeps writing 256 KiB files to the guest's disk and syncing them
 /// (so that disk requests are in flight when the VM is saved) unless /tmp/quiet exists, both
 /// detached from the exec that starts them.
-const COUNTER: &str = "echo base > /tmp/base-file; mkdir -p /disk; \
+pub(super) const COUNTER: &str = "echo base > /tmp/base-file; mkdir -p /disk; \
      setsid sh -c 'X=forty-two; i=0; while true; do i=$((i+1)); echo \"$X $i\" > /tmp/state.new; \
      mv /tmp/state.new /tmp/state; sleep 0.2; done' </dev/null >/dev/null 2>&1 & \
      setsid sh -c 'i=0; while true; do if [ -e /tmp/quiet ]; then sleep 0.5; continue; fi; \
@@ -579,7 +597,8 @@ const COUNTER: &str = "echo base > /tmp/base-file; mkdir -p /disk; \
 /// What a child (or the source) says a second apart: the counter's line twice, the file made
 /// before the fork, host name, MAC, a kernel UUID, then how many disk errors its kernel
 /// logged and whether a file written and synced now reads back.
-const CHILD_REPORT: &str = "cat /tmp/state; sleep 1; cat /tmp/state; cat /tmp/base-file; \
+pub(super) const CHILD_REPORT: &str =
+    "cat /tmp/state; sleep 1; cat /tmp/state; cat /tmp/base-file; \
      hostname; cat /sys/class/net/eth0/address; cat /proc/sys/kernel/random/uuid; \
      dmesg | grep -ciE 'ext4-fs (error|warning)|i/o error|buffer i/o'; \
      echo synced > /disk/probe && sync && cat /disk/probe";
@@ -659,7 +678,7 @@ pub fn fork_live_sandbox(ctx: &mut Ctx) -> Outcome {
 }
 
 /// The counter's value in a line `forty-two N`, if the line is that.
-fn counted(line: &str) -> Option<u64> {
+pub(super) fn counted(line: &str) -> Option<u64> {
     line.strip_prefix("forty-two ")?.trim().parse().ok()
 }
 

@@ -1,0 +1,254 @@
+//! A vm-tier sandbox saved to disk and resumed (`mvm pause --save`, `mvm resume`; E2B's
+//! pause), across a restart of mvmd.
+
+use std::time::{Duration, Instant};
+
+use super::snapshots::{
+    checked_self_report, counted, Report, CHILD_REPORT, COUNTER, NET, SELF_REPORT,
+};
+use super::{ms, sandbox_id, vmm_kib, Ctx, ManagerDirs, MvmdSession, Outcome, Verdict};
+
+/// The guest's machine id, or that it has none (a cold-booted guest has none; a restored
+/// copy is given one).
+const MACHINE_ID: &str = "cat /etc/machine-id 2>/dev/null || echo none";
+
+/// A busy vm-tier sandbox with a network (a shell counting into /tmp/state with a variable
+/// set, another writing and syncing files on its disk) is saved with `mvm pause --save`: its
+/// state is `saved`, its VMM is gone (its memory the host's again), its memory file on disk
+/// holds only what the guest used, and an exec in it is refused with what to do. mvmd is
+/// restarted and keeps it saved. `mvm resume` 2 s later brings the same machine back: the
+/// counter goes on from past its value before the save with the same variable, the file
+/// written before is there, its host name, MAC, machine id and address are its own as before,
+/// its clock is L1's (within 1 s), its kernel logged no disk error and a file written and
+/// synced now reads back, it reaches a listener beyond L1 through its network, and its
+/// console goes on from what it held. A second save and resume in a row work alike. Records the
+/// save's and the resume's times against the cold create.
+pub fn save_and_resume(ctx: &mut Ctx) -> Outcome {
+    if !mvm_testkit::is_root() {
+        return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
+    }
+    let mut dirs = ManagerDirs::new(ctx, "save")?;
+    dirs.env
+        .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
+    let mut session = MvmdSession::start_in(ctx, dirs)?;
+    // What the resumed guest reaches through its network (NET allows it).
+    let internet = super::dns_egress::Internet::start();
+    let checked = internet.and_then(|_internet| check(ctx, &mut session));
+    let figures = checked.as_ref().ok().cloned();
+    let outcome = session.finish(ctx, checked.map(drop));
+    if let (Ok(Verdict::Pass), Some(f)) = (&outcome, figures) {
+        ctx.record(
+            "vm tier via mvmd: cold create of the saved sandbox",
+            ms(f.cold),
+        );
+        ctx.record(
+            "vm tier via mvmd: mvm pause --save of the busy sandbox (its VMM holding), its memory file on disk",
+            format!(
+                "{} ({} MiB), {} MiB",
+                ms(f.saved),
+                f.held_kib / 1024,
+                f.memory_file_kib / 1024
+            ),
+        );
+        ctx.record(
+            "vm tier via mvmd: mvm resume of the saved sandbox, and / cold create",
+            format!(
+                "{} ({:.3}); the second save {}, resume {}",
+                ms(f.resumed),
+                f.resumed.as_secs_f64() / f.cold.as_secs_f64(),
+                ms(f.saved_again),
+                ms(f.resumed_again)
+            ),
+        );
+    }
+    outcome
+}
+
+/// What the case measured.
+#[derive(Clone)]
+struct Figures {
+    cold: Duration,
+    saved: Duration,
+    held_kib: u64,
+    memory_file_kib: u64,
+    resumed: Duration,
+    saved_again: Duration,
+    resumed_again: Duration,
+}
+
+fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
+    let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
+    args.extend_from_slice(&NET);
+    args.extend_from_slice(&["--", "sh", "-c", COUNTER]);
+    let started = Instant::now();
+    let out = session.mvm(ctx, &args, None)?;
+    let cold = started.elapsed();
+    let answer: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| format!("mvm run printed no JSON ({e}): {out:?}"))?;
+    let id = sandbox_id(&answer["sandbox"]);
+    let address = answer["sandbox"]["network"]["address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = session.mvm(ctx, &["exec", &id, "--", "sh", "-c", SELF_REPORT], None)?;
+    let before = Report::of(&before);
+    let machine_id = session.mvm(ctx, &["exec", &id, "--", "sh", "-c", MACHINE_ID], None)?;
+    let state = session.mvm(ctx, &["exec", &id, "--", "cat", "/tmp/state"], None)?;
+    let at_save = counted(state.trim())
+        .ok_or_else(|| format!("sandbox {id}'s counter wrote {state:?}, not 'forty-two N'"))?;
+
+    let logs_before = session.mvm(ctx, &["logs", &id], None)?;
+    let (saved, held_kib) = save(ctx, session, &id)?;
+    let memory_file = session
+        .dirs
+        .root
+        .join(format!("state/saves/{id}.saved/vm.mem"));
+    let memory_file_kib = std::fs::metadata(&memory_file)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) / 2)
+        .map_err(|e| format!("the saved VM's memory file {}: {e}", memory_file.display()))?;
+    let refused = session.mvm(ctx, &["exec", &id, "--", "true"], None);
+    match refused {
+        Err(why) if why.contains("resume it first") => {}
+        other => {
+            return Err(format!(
+                "an exec in saved sandbox {id} must be refused (resume it first): {other:?}"
+            ))
+        }
+    }
+    session.restart(ctx)?;
+    let state = session
+        .list(ctx)?
+        .iter()
+        .find(|s| sandbox_id(s) == id)
+        .map(|s| s["state"].as_str().unwrap_or_default().to_string());
+    if state.as_deref() != Some("saved") {
+        return Err(format!(
+            "after mvmd's restart, sandbox {id} is {state:?}, not saved"
+        ));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let resumed = resume(ctx, session, &id)?;
+    check_resumed(ctx, session, &id, &before, at_save, &address, &logs_before)?;
+    let kept = session.mvm(ctx, &["exec", &id, "--", "sh", "-c", MACHINE_ID], None)?;
+    if kept != machine_id {
+        return Err(format!(
+            "sandbox {id}: its machine id changed across the save: {machine_id:?}, then {kept:?}"
+        ));
+    }
+
+    let (saved_again, _) = save(ctx, session, &id)?;
+    let resumed_again = resume(ctx, session, &id)?;
+    let said = session.mvm(ctx, &["exec", &id, "--", "cat", "/tmp/base-file"], None)?;
+    if said.trim() != "base" {
+        return Err(format!(
+            "sandbox {id} after its second save and resume: /tmp/base-file says {said:?}"
+        ));
+    }
+    session.mvm(ctx, &["rm", &id], None)?;
+    Ok(Figures {
+        cold,
+        saved,
+        held_kib,
+        memory_file_kib,
+        resumed,
+        saved_again,
+        resumed_again,
+    })
+}
+
+/// `mvm pause --save ID`, checked: the answer's state is `saved` and no VMM of it runs.
+/// Returns how long it took and what its VMM held just before (KiB).
+fn save(ctx: &Ctx, session: &MvmdSession, id: &str) -> Result<(Duration, u64), String> {
+    let held = vmm_kib(id, "status", "VmRSS:");
+    if held == 0 {
+        return Err(format!("no mvm-vmm of sandbox {id} runs before its save"));
+    }
+    let started = Instant::now();
+    let out = session.mvm(ctx, &["-o", "json", "pause", "--save", id], None)?;
+    let took = started.elapsed();
+    let answer: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| format!("mvm pause --save printed no JSON ({e}): {out:?}"))?;
+    if answer["state"] != "saved" {
+        return Err(format!("mvm pause --save {id} answered {out}"));
+    }
+    if vmm_kib(id, "status", "VmRSS:") != 0 {
+        return Err(format!("the VMM of saved sandbox {id} still runs"));
+    }
+    Ok((took, held))
+}
+
+/// `mvm resume ID`, checked: running again with a VMM. Returns how long it took.
+fn resume(ctx: &Ctx, session: &MvmdSession, id: &str) -> Result<Duration, String> {
+    let started = Instant::now();
+    let out = session.mvm(ctx, &["-o", "json", "resume", id], None)?;
+    let took = started.elapsed();
+    let answer: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| format!("mvm resume printed no JSON ({e}): {out:?}"))?;
+    if answer["state"] != "running" || vmm_kib(id, "status", "VmRSS:") == 0 {
+        return Err(format!(
+            "mvm resume {id} answered {out}, and its VMM runs: {}",
+            vmm_kib(id, "status", "VmRSS:") != 0
+        ));
+    }
+    Ok(took)
+}
+
+/// The resumed sandbox `id` is the machine it was (`before`: its report before the save,
+/// when its counter was past `at_save` and its console held `logs_before`).
+fn check_resumed(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    id: &str,
+    before: &Report,
+    at_save: u64,
+    address: &str,
+    logs_before: &str,
+) -> Result<(), String> {
+    let exec = |script: &str| session.mvm(ctx, &["exec", id, "--", "sh", "-c", script], None);
+    let said = exec(CHILD_REPORT)?;
+    let lines: Vec<&str> = said.lines().collect();
+    let (first, second) = (
+        lines.first().copied().and_then(counted),
+        lines.get(1).copied().and_then(counted),
+    );
+    match (first, second) {
+        (Some(a), Some(b)) if a >= at_save && b > a => {}
+        _ => {
+            return Err(format!(
+                "sandbox {id}'s counter does not go on after the resume (before the save at \
+                 least {at_save}): {said:?}"
+            ))
+        }
+    }
+    let expect = [(2, "base"), (3, id), (6, "0"), (7, "synced")];
+    for (line, want) in expect {
+        if lines.get(line).copied() != Some(want) {
+            return Err(format!(
+                "sandbox {id} after the resume: line {line} of its report is not {want:?}: \
+                 {said:?}"
+            ));
+        }
+    }
+    let report = checked_self_report(ctx, session, id, address)?;
+    // Host name, MAC and address as before the save.
+    for field in [0, 1, 2] {
+        if report.field(field) != before.field(field) {
+            return Err(format!(
+                "sandbox {id}: field {field} of its report changed across the save: {:?} \
+                 before, {:?} after",
+                before.lines, report.lines
+            ));
+        }
+    }
+    let logs = session.mvm(ctx, &["logs", id], None)?;
+    if !logs.starts_with(logs_before) {
+        return Err(format!(
+            "sandbox {id}'s console does not go on from what it held before the save \
+             ({} bytes then, {} now)",
+            logs_before.len(),
+            logs.len()
+        ));
+    }
+    Ok(())
+}
