@@ -59,13 +59,14 @@ struct ServeArgs {
     /// [env: MVM_EGRESS_CA].
     #[arg(long, value_name = "FILE")]
     egress_ca: Option<PathBuf>,
-    /// Sandboxes kept restored from each warm template's snapshot, which vm-tier creates of
-    /// its size take instead of restoring one [env: MVM_WARM_POOL, default 0].
+    /// Sandboxes kept restored from each warm snapshot (a template's, per size it was warmed
+    /// at), which vm-tier creates of its size take instead of restoring one [env:
+    /// MVM_WARM_POOL, default 0].
     #[arg(long, value_name = "N")]
     warm_pool: Option<u32>,
-    /// VMMs kept started, jailed and networked without a VM per warm template, which the
-    /// children of a fork of its sandboxes load their source into [env: MVM_FORK_POOL,
-    /// default 0].
+    /// VMMs kept started, jailed and networked without a VM per warm snapshot, which the
+    /// children of a fork of its template's sandboxes of its size load their source into
+    /// [env: MVM_FORK_POOL, default 0].
     #[arg(long, value_name = "N")]
     fork_pool: Option<u32>,
 }

@@ -120,12 +120,13 @@ pub struct ManagerConfig {
     /// How much of a sandbox's or a client's data is held at once (exec output, bodies;
     /// `MVM_EXEC_OUTPUT_LIMIT`, ... see [`Bounds::from_env`]).
     pub bounds: Bounds,
-    /// Sandboxes kept restored from each warm template's snapshot for creates to take
+    /// Sandboxes kept restored from each warm snapshot (a template's, per size it was warmed
+    /// at) for creates of its size to take
     /// (`mvmd --warm-pool`, `MVM_WARM_POOL`, default 0; kept only where the API is served:
     /// [`Manager::start_pools`]).
     pub warm_pool: u32,
-    /// VMMs kept started without a VM (jailed, networked) per warm template, into which the
-    /// children of forks of its sandboxes load their source (`mvmd --fork-pool`,
+    /// VMMs kept started without a VM (jailed, networked) per warm snapshot, into which the
+    /// children of forks of its template's sandboxes of its size load their source (`mvmd --fork-pool`,
     /// `MVM_FORK_POOL`, default 0; kept with the warm pool).
     pub fork_pool: u32,
 }

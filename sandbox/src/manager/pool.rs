@@ -1,7 +1,8 @@
 //! The warm pool: vm-tier sandboxes restored from a template's snapshot ahead of any request,
 //! owned by no tenant, so that a create of the snapshot's size takes one instead of
-//! restoring (`mvmd --warm-pool N`, `MVM_WARM_POOL`: N per warm template; kept by mvmd and
-//! `mvm serve` only, never by daemonless `mvm` or the shim).
+//! restoring (`mvmd --warm-pool N`, `MVM_WARM_POOL`: N per warm snapshot, so per size a
+//! template was warmed at; kept by mvmd and `mvm serve` only, never by daemonless `mvm` or
+//! the shim).
 //!
 //! An entry is made like any sandbox (a restore, with its own identity and network) by the
 //! internal tenant [`POOL_TENANT`], which no request can name or see, in the background: its
@@ -13,8 +14,8 @@
 //! guest its address, fresh entropy and the clock. The pool is filled again in the
 //! background with the network the take asked for, so the entries follow what creates ask.
 //! An entry is used once: nothing a tenant ran ever returns to the pool. A new snapshot of
-//! the template replaces its entries; mvmd's stop destroys them, and a start destroys any an
-//! earlier mvmd left.
+//! the template at that size replaces its entries; mvmd's stop destroys them, and a start
+//! destroys any an earlier mvmd left.
 //!
 //! Beside them a pool keeps the fork pool (`mvmd --fork-pool N`, `MVM_FORK_POOL`): VMMs
 //! started without a VM ([`vm::Boot::Standby`]), jailed and networked alike, made after the
@@ -46,13 +47,16 @@ pub const POOL_TENANT: &str = "@pool";
 pub(super) struct Pools {
     /// Whether this manager keeps pools (mvmd with a pool size, between its start and stop).
     enabled: AtomicBool,
-    /// Per template.
-    templates: Mutex<HashMap<String, Pool>>,
+    /// Per warm snapshot: a template's at a size.
+    snapshots: Mutex<HashMap<PoolKey, Pool>>,
     /// The fills started (a stop waits for them).
     fills: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// One template's pool.
+/// Which snapshot a pool restores: a template's, at a size.
+type PoolKey = (String, WarmSize);
+
+/// One warm snapshot's pool.
 #[derive(Default)]
 struct Pool {
     /// Sandboxes restored from the snapshot, for creates.
@@ -163,9 +167,11 @@ impl Reserve {
 }
 
 impl Pools {
-    /// How many entries of `template` are ready: restored ones, and started VMMs for forks.
-    pub(super) fn ready(&self, template: &str) -> (u32, u32) {
-        lock(&self.templates).get(template).map_or((0, 0), |p| {
+    /// How many entries of `template`'s snapshot of `size` are ready: restored ones, and
+    /// started VMMs for forks.
+    pub(super) fn ready(&self, template: &str, size: WarmSize) -> (u32, u32) {
+        let key = (template.to_owned(), size);
+        lock(&self.snapshots).get(&key).map_or((0, 0), |p| {
             (p.restored.ready.len() as u32, p.forks.ready.len() as u32)
         })
     }
@@ -186,7 +192,7 @@ fn pool_tenant() -> Tenant {
 }
 
 impl Manager {
-    /// Starts keeping `warm_pool` and `fork_pool` entries of every warm template (mvmd calls
+    /// Starts keeping `warm_pool` and `fork_pool` entries of every warm snapshot (mvmd calls
     /// it once it serves): entries an earlier mvmd left are destroyed first, kept pools or
     /// not.
     pub async fn start_pools(&self) -> Result<()> {
@@ -198,7 +204,10 @@ impl Manager {
         }
         self.inner.pools.enabled.store(true, Ordering::SeqCst);
         for t in self.inner.db.templates()? {
-            self.refill(&t.name);
+            self.refill(&t.name, WarmSize::DEFAULT);
+            for other in snapshot::find_other_sizes(&self.inner.cfg, &t) {
+                self.refill(&t.name, other.size());
+            }
         }
         Ok(())
     }
@@ -211,7 +220,7 @@ impl Manager {
         for fill in fills {
             let _ = fill.await;
         }
-        let ready: Vec<String> = lock(&self.inner.pools.templates)
+        let ready: Vec<String> = lock(&self.inner.pools.snapshots)
             .values_mut()
             .flat_map(|p| p.take_all())
             .map(|e| e.id)
@@ -221,26 +230,27 @@ impl Manager {
         }
     }
 
-    /// Fills template `name`'s pool in the background, unless a fill runs or the pools are
-    /// off; entries of an older snapshot are replaced.
-    pub(super) fn refill(&self, name: &str) {
+    /// Fills the pool of template `name`'s snapshot of `size` in the background, unless a
+    /// fill runs or the pools are off; entries of an older snapshot are replaced.
+    pub(super) fn refill(&self, name: &str, size: WarmSize) {
         let pools = &self.inner.pools;
         if !pools.enabled.load(Ordering::SeqCst) {
             return;
         }
+        let key: PoolKey = (name.to_owned(), size);
         {
-            let mut templates = lock(&pools.templates);
-            let pool = templates.entry(name.to_owned()).or_default();
+            let mut snapshots = lock(&pools.snapshots);
+            let pool = snapshots.entry(key.clone()).or_default();
             if pool.filling {
                 return;
             }
             pool.filling = true;
         }
-        let (manager, name) = (self.clone(), name.to_owned());
+        let manager = self.clone();
         let fill = tokio::spawn(async move {
-            if let Err(e) = manager.fill(&name).await {
-                manager.fill_stopped(&name);
-                tracing::warn!(template = %name, "filling the warm pool: {e}");
+            if let Err(e) = manager.fill(&key).await {
+                manager.fill_stopped(&key);
+                tracing::warn!(template = %key.0, size = ?key.1, "filling the warm pool: {e}");
             }
         });
         let mut fills = lock(&pools.fills);
@@ -248,23 +258,24 @@ impl Manager {
         fills.push(fill);
     }
 
-    /// Makes entries of template `name` until its pool is full (or the pools stop): restored
-    /// ones first, then started VMMs for forks. Ends the fill (the pool's `filling`) itself
-    /// when it returns `Ok`: a full pool is found so under the same lock as a take's, so no
-    /// take falls between the check and the end.
-    async fn fill(&self, name: &str) -> Result<()> {
+    /// Makes entries of the snapshot `key` names until its pool is full (or the pools stop):
+    /// restored ones first, then started VMMs for forks. Ends the fill (the pool's
+    /// `filling`) itself when it returns `Ok`: a full pool is found so under the same lock as
+    /// a take's, so no take falls between the check and the end.
+    async fn fill(&self, key: &PoolKey) -> Result<()> {
         let pools = &self.inner.pools;
         let cfg = &self.inner.cfg;
+        let (name, size) = (&key.0, key.1);
         loop {
             let template = self.requested_template(Some(name.to_owned()))?;
-            let Some(warm) = snapshot::find(cfg, &template, WarmSize::DEFAULT) else {
-                self.fill_stopped(name);
+            let Some(warm) = snapshot::find(cfg, &template, size) else {
+                self.fill_stopped(key);
                 return Ok(());
             };
             let current = warm.describe();
             let (stale, next) = {
-                let mut templates = lock(&pools.templates);
-                let pool = templates.entry(name.to_owned()).or_default();
+                let mut snapshots = lock(&pools.snapshots);
+                let pool = snapshots.entry(key.clone()).or_default();
                 let stale = match pool.snapshot == current.created_at {
                     true => Vec::new(),
                     false => pool.take_all(),
@@ -283,7 +294,7 @@ impl Manager {
                 return Ok(());
             };
             if !pools.enabled.load(Ordering::SeqCst) {
-                self.fill_stopped(name);
+                self.fill_stopped(key);
                 return Ok(());
             }
             let req = CreateSandbox {
@@ -298,8 +309,8 @@ impl Manager {
             };
             let entry = self.create_from(&pool_tenant(), req, kind.origin()).await?;
             let kept = pools.enabled.load(Ordering::SeqCst) && {
-                let mut templates = lock(&pools.templates);
-                let pool = templates.entry(name.to_owned()).or_default();
+                let mut snapshots = lock(&pools.snapshots);
+                let pool = snapshots.entry(key.clone()).or_default();
                 let kept = pool.snapshot == current.created_at;
                 if kept {
                     pool.reserve(kind).ready.push(Entry {
@@ -312,16 +323,16 @@ impl Manager {
             if !kept {
                 self.destroy_entry(&entry.id).await;
             } else if kind == Kind::Restored {
-                tracing::debug!(template = %name, id = %entry.id, "warm pool entry ready");
+                tracing::debug!(template = %name, ?size, id = %entry.id, "warm pool entry ready");
             } else {
-                tracing::debug!(template = %name, id = %entry.id, "fork pool entry ready");
+                tracing::debug!(template = %name, ?size, id = %entry.id, "fork pool entry ready");
             }
         }
     }
 
-    /// Marks template `name`'s fill ended (the next take starts another).
-    fn fill_stopped(&self, name: &str) {
-        if let Some(pool) = lock(&self.inner.pools.templates).get_mut(name) {
+    /// Marks the fill of snapshot `key`'s pool ended (the next take starts another).
+    fn fill_stopped(&self, key: &PoolKey) {
+        if let Some(pool) = lock(&self.inner.pools.snapshots).get_mut(key) {
             pool.filling = false;
         }
     }
@@ -387,24 +398,26 @@ impl Manager {
         {
             return Ok(None);
         }
-        let Some(warm) = snapshot::find(&self.inner.cfg, template, WarmSize::DEFAULT) else {
+        let size = WarmSize {
+            vcpus: planned.vcpus,
+            memory_mib: planned.memory_mib,
+        };
+        let Some(warm) = snapshot::find(&self.inner.cfg, template, size) else {
             return Ok(None);
         };
         let current = warm.describe();
-        if (current.vcpus, current.memory_mib) != (planned.vcpus, planned.memory_mib) {
-            return Ok(None);
-        }
+        let key: PoolKey = (template.name.clone(), size);
         let network = planned.network.spec();
         let has_ports = !planned.network.ports.is_empty();
         let taken = {
-            let mut templates = lock(&pools.templates);
-            templates
-                .get_mut(&template.name)
+            let mut snapshots = lock(&pools.snapshots);
+            snapshots
+                .get_mut(&key)
                 .filter(|p| p.snapshot == current.created_at)
                 .and_then(|p| p.reserve(kind).take(&network, has_ports))
         };
         let Some((entry, connected)) = taken else {
-            self.refill(&template.name);
+            self.refill(&template.name, size);
             return Ok(None);
         };
         let id = entry.id.clone();
@@ -419,14 +432,14 @@ impl Manager {
             Err(e) => {
                 // The entry is as it was: back to the pool (a quota or port refusal is the
                 // create's answer).
-                if let Some(pool) = lock(&pools.templates).get_mut(&template.name) {
+                if let Some(pool) = lock(&pools.snapshots).get_mut(&key) {
                     pool.reserve(kind).ready.insert(0, entry);
                 }
                 return Err(e);
             }
         };
         // Only a create that got its entry asks the pool for its network.
-        if let Some(pool) = lock(&pools.templates).get_mut(&template.name) {
+        if let Some(pool) = lock(&pools.snapshots).get_mut(&key) {
             pool.reserve(kind).want(network, kind.size(&self.inner.cfg));
         }
         let made = self
@@ -434,7 +447,7 @@ impl Manager {
             .await;
         // The pool fills again once the entry is connected (in the background: its share of
         // a contended CPU is the least).
-        self.refill(&template.name);
+        self.refill(&template.name, size);
         let network = if connected { "ready" } else { "reconnected" };
         let (tenant, ready) = (&tenant.name, started.elapsed());
         match (made, kind) {

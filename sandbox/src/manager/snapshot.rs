@@ -37,7 +37,7 @@ const META: &str = "meta.json";
 
 /// The size of a warm template's snapshot: a vm-tier create of this size restores it (a
 /// template has at most one snapshot per size).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WarmSize {
     /// vCPUs.
     pub vcpus: u32,
@@ -431,6 +431,11 @@ impl WarmSnapshot {
     /// What the API says of it.
     pub fn describe(&self) -> TemplateSnapshot {
         self.meta.describe()
+    }
+
+    /// Its size.
+    pub fn size(&self) -> WarmSize {
+        self.meta.size()
     }
 }
 

@@ -56,22 +56,23 @@ impl Manager {
             .collect())
     }
 
-    /// Template `t` with its usable warm snapshots: the defaults' size's (with its pools'
-    /// ready entries) and the others.
+    /// Template `t` with its usable warm snapshots, the defaults' size's and the others,
+    /// each with its pools' ready entries.
     fn with_snapshots(&self, t: Template) -> Template {
         let cfg = &self.inner.cfg;
+        let described = |warm: snapshot::WarmSnapshot| {
+            let (pooled, fork_pooled) = self.inner.pools.ready(&t.name, warm.size());
+            TemplateSnapshot {
+                pooled,
+                fork_pooled,
+                ..warm.describe()
+            }
+        };
         Template {
-            snapshot: snapshot::find(cfg, &t, WarmSize::DEFAULT).map(|warm| {
-                let (pooled, fork_pooled) = self.inner.pools.ready(&t.name);
-                TemplateSnapshot {
-                    pooled,
-                    fork_pooled,
-                    ..warm.describe()
-                }
-            }),
+            snapshot: snapshot::find(cfg, &t, WarmSize::DEFAULT).map(described),
             other_snapshots: snapshot::find_other_sizes(cfg, &t)
-                .iter()
-                .map(snapshot::WarmSnapshot::describe)
+                .into_iter()
+                .map(described)
                 .collect(),
             ..t
         }
@@ -133,10 +134,8 @@ impl Manager {
         let name = template.name.clone();
         blocking(move || staging.commit(&cfg, &name)).await?;
         tracing::info!(template = %template.name, ?size, "template warmed");
-        if size == WarmSize::DEFAULT {
-            // The pool's entries of an earlier snapshot are replaced.
-            self.refill(&template.name);
-        }
+        // The pool's entries of an earlier snapshot of that size are replaced.
+        self.refill(&template.name, size);
         Ok(self.with_snapshots(template))
     }
 

@@ -532,9 +532,20 @@ fn check(ctx: &Ctx, session: &MvmdSession) -> Result<Figures, String> {
 /// the defaults' one (both in its answer), and a create of that size restores it (mvmd's
 /// "snapshot loaded" line for it) as a VM with 2 vCPUs and 320 MiB.
 fn warm_at_another_size(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> {
-    let size = ["--cpus", "2", "--memory", "320"];
+    warm_other_size(ctx, session)?;
+    let id = create_of_other_size(ctx, session)?;
+    session.mvm(ctx, &["rm", &id], None)?;
+    Ok(())
+}
+
+/// The other size the warm and pool cases warm the default template at.
+const OTHER_SIZE: [&str; 4] = ["--cpus", "2", "--memory", "320"];
+
+/// Warms the default template at [`OTHER_SIZE`]; checks that it then has snapshots at both
+/// sizes.
+fn warm_other_size(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> {
     let mut args = vec!["-o", "json", "templates", "warm", "default"];
-    args.extend_from_slice(&size);
+    args.extend_from_slice(&OTHER_SIZE);
     let warmed = session.mvm(ctx, &args, None)?;
     let warmed: serde_json::Value = serde_json::from_str(&warmed)
         .map_err(|e| format!("mvm templates warm printed no JSON ({e}): {warmed}"))?;
@@ -547,10 +558,16 @@ fn warm_at_another_size(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> 
              both sizes: {warmed}"
         ));
     }
+    Ok(())
+}
+
+/// Creates a sandbox of [`OTHER_SIZE`] (left running) and checks that it restored that
+/// size's snapshot and sees 2 CPUs and at most 320 MiB; returns its id.
+fn create_of_other_size(ctx: &Ctx, session: &MvmdSession) -> Result<String, String> {
     let (answer, _) = run_timed(
         ctx,
         session,
-        &size,
+        &OTHER_SIZE,
         "grep -c ^processor /proc/cpuinfo; sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
     )?;
     let id = sandbox_id(&answer["sandbox"]);
@@ -561,16 +578,12 @@ fn warm_at_another_size(ctx: &Ctx, session: &MvmdSession) -> Result<(), String> 
         .collect();
     let restored = !logged_durations(&session.log(), "snapshot loaded", &id).is_empty();
     match numbers[..] {
-        [2, kib] if restored && (200 << 10..=320 << 10).contains(&kib) => {}
-        _ => {
-            return Err(format!(
-                "a create at 2 vCPUs, 320 MiB should restore that size's snapshot (restored: \
-                 {restored}) and see 2 CPUs and at most 320 MiB: it said {said:?}"
-            ))
-        }
+        [2, kib] if restored && (200 << 10..=320 << 10).contains(&kib) => Ok(id),
+        _ => Err(format!(
+            "a create at 2 vCPUs, 320 MiB should restore that size's snapshot (restored: \
+             {restored}) and see 2 CPUs and at most 320 MiB: it said {said:?}"
+        )),
     }
-    session.mvm(ctx, &["rm", &id], None)?;
-    Ok(())
 }
 
 pub(super) fn unix_now() -> u64 {
@@ -959,9 +972,11 @@ const TAKEN: usize = 4;
 /// so the other three take entries connected for it already. Each is its own machine as a
 /// restored one is (host name, address, clock, resolver, MAC, kernel UUID, /dev/urandom bytes,
 /// machine id; no kernel boot); the admin's /metrics, which shows every tenant's sandboxes,
-/// shows those 4 and none of the pool's; and the pool fills again. mvmd's stop destroys the
-/// pool (nothing is left). Records create → first output from the pool against a cold
-/// create.
+/// shows those 4 and none of the pool's; and the pool fills again. Warmed at 2 vCPUs and 320
+/// MiB too, the template's snapshot of that size gets a pool of its own (two entries), from
+/// which a create of that size takes one (and sees 2 CPUs); it fills again. mvmd's stop
+/// destroys the pools (nothing is left). Records create → first output from the pool against
+/// a cold create.
 pub fn warm_pool_take(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
@@ -1039,7 +1054,20 @@ pub(super) fn await_pooled(
     field: &str,
     n: u32,
 ) -> Result<(), String> {
+    await_pooled_at(ctx, session, (1, 256), field, n)
+}
+
+/// Waits until `mvm templates` shows the default template's snapshot of `size` (vCPUs, MiB)
+/// with `n` entries in its field `field`, at most a minute per entry.
+fn await_pooled_at(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    size: (u32, u64),
+    field: &str,
+    n: u32,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60 * u64::from(n));
+    let of_size = |s: &serde_json::Value| s["vcpus"] == size.0 && s["memory_mib"] == size.1;
     loop {
         let listed = session.mvm(ctx, &["-o", "json", "templates"], None)?;
         let templates: serde_json::Value = serde_json::from_str(&listed)
@@ -1047,13 +1075,19 @@ pub(super) fn await_pooled(
         let pooled = templates
             .as_array()
             .and_then(|all| all.iter().find(|t| t["name"] == "default"))
-            .map(|t| t["snapshot"][field].clone());
+            .and_then(|t| {
+                let others = t["other_snapshots"].as_array().into_iter().flatten();
+                std::iter::once(&t["snapshot"])
+                    .chain(others)
+                    .find(|s| of_size(s))
+            })
+            .map(|s| s[field].clone());
         if pooled == Some(serde_json::json!(n)) {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "template default's {field} did not reach {n} within {} s: {listed}",
+                "template default's {field} at {size:?} did not reach {n} within {} s: {listed}",
                 60 * n
             ));
         }
@@ -1150,6 +1184,18 @@ fn check_pool(ctx: &Ctx, session: &MvmdSession) -> Result<PoolFigures, String> {
     }
     // No fill runs while mvmd stops (its stop destroys the pool).
     await_pool_full(ctx, session)?;
+    // A snapshot of another size gets a pool of its own, which a create of that size takes.
+    warm_other_size(ctx, session)?;
+    await_pooled_at(ctx, session, (2, 320), "pooled", POOL)?;
+    let sized = create_of_other_size(ctx, session)?;
+    if logged_fields(&session.log(), "warm pool entry taken", &sized).is_empty() {
+        return Err(format!(
+            "sandbox {sized} of 2 vCPUs, 320 MiB did not come from the pool of that size's \
+             snapshot (no \"warm pool entry taken\" line for it)"
+        ));
+    }
+    session.mvm(ctx, &["rm", &sized], None)?;
+    await_pooled_at(ctx, session, (2, 320), "pooled", POOL)?;
     // The entries made after the first take (the first two filled the pool at the warm-up).
     let refills = log
         .lines()
