@@ -12,7 +12,8 @@ use super::snapshot::{self, SavedVm};
 use super::tier::{self, vm, Userland};
 use super::{
     blocking, host, lock, net, pod_netns_of, ContainerSandbox, Live, Manager, ManagerConfig,
-    DEFAULT_TIMEOUT_S, MAX_MEMORY_MIB, MAX_TIMEOUT_S, MAX_VCPUS, MIN_MEMORY_MIB,
+    DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT_S, DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_TIMEOUT_S, MAX_VCPUS,
+    MIN_MEMORY_MIB,
 };
 use crate::db::{self, SandboxRow, Tenant};
 use crate::error::{Error, Result};
@@ -38,13 +39,13 @@ impl Manager {
                 )));
             }
         }
-        let vcpus = req.vcpus.unwrap_or(1);
+        let vcpus = req.vcpus.unwrap_or(DEFAULT_VCPUS);
         if !(1..=MAX_VCPUS).contains(&vcpus) {
             return Err(Error::Invalid(format!(
                 "vcpus must be 1 to {MAX_VCPUS}, got {vcpus}"
             )));
         }
-        let memory_mib = req.memory_mib.unwrap_or(256);
+        let memory_mib = req.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
             return Err(Error::Invalid(format!(
                 "memory_mib must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}, got {memory_mib}"

@@ -68,6 +68,10 @@ pub const MAX_SLOTS: u32 = 8192;
 /// The agent's socket inside a jail.
 const AGENT_SOCKET: &str = "/run/agent.sock";
 
+/// vCPUs (vm tier) or cores of CPU quota (jail tier) of a sandbox whose create names none.
+const DEFAULT_VCPUS: u32 = 1;
+/// Memory of a sandbox whose create names none, MiB.
+const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Most vCPUs (vm tier) or cores of CPU quota (jail tier) of a sandbox.
 const MAX_VCPUS: u32 = 32;
 /// Smallest sandbox memory, MiB.

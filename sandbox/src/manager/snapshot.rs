@@ -49,8 +49,8 @@ impl WarmSize {
     /// A create's defaults: the size `mvm build` and a warm without a size warm at, and the
     /// one warm pools restore.
     pub const DEFAULT: WarmSize = WarmSize {
-        vcpus: 1,
-        memory_mib: 256,
+        vcpus: super::DEFAULT_VCPUS,
+        memory_mib: super::DEFAULT_MEMORY_MIB,
     };
 
     /// The name of a snapshot directory of this size for template `name`: the template's
