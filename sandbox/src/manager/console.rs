@@ -64,14 +64,17 @@ impl Console {
         beneath::create_new_file(&self.dir, LOG_NAME, 0o600)
     }
 
-    /// Opens the existing vm-tier log for a resumed VMM, refusing a link, at its end: the
-    /// jailer's and the VMM's output follow what is there (the VMM's cap counts it).
+    /// Opens the vm-tier log for a resumed VMM (made if missing, 0600), refusing a link, at
+    /// its end: the jailer's and the VMM's output follow what is there (the VMM's cap counts
+    /// it).
     pub fn reopen(&self) -> Result<std::fs::File> {
         use std::io::Seek;
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.path();
         let mut file = std::fs::OpenOptions::new()
             .write(true)
+            .create(true)
+            .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| Error::host(format!("opening {}", path.display()), e))?;

@@ -537,7 +537,11 @@ impl Manager {
     /// the jailer's and VMM's messages. At most the last MiB.
     pub fn logs(&self, tenant: &str, id: &str) -> Result<Vec<u8>> {
         let row = self.row(tenant, id)?;
-        let path = self.inner.cfg.console(row.sandbox.isolation, id).path();
+        let path = match row.sandbox.state {
+            SandboxState::Saved => self.saved_console(id),
+            _ => None,
+        }
+        .unwrap_or_else(|| self.inner.cfg.console(row.sandbox.isolation, id).path());
         let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

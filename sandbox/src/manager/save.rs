@@ -1,19 +1,23 @@
 //! Save and resume: a vm-tier sandbox paused with its VM saved to disk (state `saved`), as
 //! E2B's pause does. Its VMM saves the VM (the same save as a fork's source, taken as the
-//! sandbox's own by `snapshot::take_for_resume`) and stops; what stays is its row, directory
-//! (the writable layer, the console log), network namespace and saved VM: no process, and
-//! none of its memory, until it is resumed. A resume starts a jail as a create does, loads
-//! the saved VM into it with the writable layer in place, and gives the guest the host's
-//! clock and fresh entropy with its (unchanged) identity. Its timeout stops while it is saved
-//! and starts again at the resume. A resume that fails leaves the sandbox saved as it was.
+//! sandbox's own by `snapshot::take_for_resume`) and stops, and its writable layer and
+//! console log move from the sandbox directory (the run directory, often a tmpfs) to the saved
+//! VM on the state directory's disk; what stays is its row, network namespace and saved VM:
+//! no process, and none of its memory, until it is resumed. A resume moves the files back,
+//! starts a jail as a create does, loads the saved VM into it with the writable layer in
+//! place, and gives the guest the host's clock and fresh entropy with its (unchanged)
+//! identity. Its timeout stops while it is saved and starts again at the resume. A resume
+//! that fails leaves the sandbox saved as it was.
 
 use std::time::Instant;
+
+use std::path::PathBuf;
 
 use super::cgroups::CpuShare;
 use super::create::guest_nic;
 use super::lock::BusyLock;
 use super::tier::{self, vm, Userland};
-use super::{blocking, lock, net, snapshot, Manager};
+use super::{blocking, lock, net, snapshot, Manager, ManagerConfig};
 use crate::db::{self, SandboxRow};
 use crate::error::{Error, Result};
 use crate::model::{Isolation, Sandbox, SandboxState};
@@ -41,7 +45,7 @@ impl Manager {
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(id))?;
         let was_running = s.state == SandboxState::Running;
         let started = Instant::now();
-        {
+        let saved = {
             // The socket's path is valid while `socket` lives.
             let socket = self.vmm_api(&row)?;
             let api = socket.path();
@@ -51,26 +55,37 @@ impl Manager {
             let saved = match vm::save_snapshot(&api).await {
                 Ok(()) => {
                     let (cfg, id) = (self.inner.cfg.clone(), id.to_owned());
-                    let base = std::path::PathBuf::from(&template.rootfs);
+                    let base = PathBuf::from(&template.rootfs);
                     blocking(move || snapshot::take_for_resume(&cfg, &id, &base)).await
                 }
                 Err(e) => Err(e),
             };
-            if let Err(e) = saved {
-                // Nothing was lost: the VM goes on as it was.
-                if was_running {
-                    if let Err(undo) = vm::set_paused(&api, false).await {
-                        tracing::error!(%id, "resuming a VM whose save failed: {undo}");
+            match saved {
+                Ok(saved) => saved,
+                Err(e) => {
+                    // Nothing was lost: the VM goes on as it was.
+                    if was_running {
+                        if let Err(undo) = vm::set_paused(&api, false).await {
+                            tracing::error!(%id, "resuming a VM whose save failed: {undo}");
+                        }
                     }
+                    return Err(e);
                 }
-                return Err(e);
             }
-        }
+        };
         // Saved in the row before the VMM goes: a manager that dies in between finds the
         // saved VM, and its reconciliation stops what is left of the jail.
         row.sandbox.state = SandboxState::Saved;
         self.inner.db.update_sandbox(&row)?;
         self.stop_saved(id).await?;
+        let cfg = self.inner.cfg.clone();
+        let sandbox = id.to_owned();
+        blocking(move || {
+            sandbox_files(&cfg, &sandbox)
+                .iter()
+                .try_for_each(|(path, name)| saved.keep_file(path, name))
+        })
+        .await?;
         tracing::info!(%id, took = ?started.elapsed(), "sandbox saved");
         Ok(row.sandbox)
     }
@@ -117,6 +132,10 @@ impl Manager {
                 })?;
         }
         let started = Instant::now();
+        {
+            let (cfg, saved, id, uid) = (cfg.clone(), saved.clone(), id.clone(), cfg.uid(&row));
+            blocking(move || give_back_files(&cfg, &saved, &id, uid)).await?;
+        }
         let addrs = net::Addresses::of(cfg.subnet, row.slot);
         let start = tier::Start {
             container_slots: 0,
@@ -140,10 +159,22 @@ impl Manager {
             )
             .await;
         if let Err(e) = resumed {
-            // As before the attempt: saved, without a jail.
-            return Err(match self.stop_saved(&id).await {
+            // As before the attempt: saved, without a jail, its files with the saved VM.
+            let undone = match self.stop_saved(&id).await {
+                Ok(()) => {
+                    let (cfg, saved, id) = (cfg.clone(), saved.clone(), id.clone());
+                    blocking(move || {
+                        sandbox_files(&cfg, &id)
+                            .iter()
+                            .try_for_each(|(path, name)| saved.keep_file(path, name))
+                    })
+                    .await
+                }
+                Err(undo) => Err(undo),
+            };
+            return Err(match undone {
                 Ok(()) => e,
-                Err(undo) => Error::Host(format!("{e}; stopping the attempt also failed: {undo}")),
+                Err(undo) => Error::Host(format!("{e}; undoing the attempt also failed: {undo}")),
             });
         }
         row.sandbox.state = SandboxState::Running;
@@ -156,5 +187,44 @@ impl Manager {
         }
         tracing::info!(%id, took = ?started.elapsed(), "saved sandbox resumed");
         Ok(row.sandbox)
+    }
+}
+
+/// The files of sandbox `id` that lie in its sandbox directory while it runs and with its
+/// saved VM while it is saved: its writable layer and console log, each with its name there.
+fn sandbox_files(cfg: &ManagerConfig, id: &str) -> [(PathBuf, &'static str); 2] {
+    let dir = cfg.sandbox_dir(id);
+    [
+        (dir.join(vm::LAYER_NAME), vm::LAYER_NAME),
+        (tier::console(Isolation::Vm, &dir).path(), CONSOLE_NAME),
+    ]
+}
+
+/// The console log's name with a saved VM.
+const CONSOLE_NAME: &str = "console.log";
+
+/// Moves saved sandbox `id`'s files from its saved VM back into its sandbox directory (made
+/// if missing), the layer its `uid`'s again.
+fn give_back_files(
+    cfg: &ManagerConfig,
+    saved: &snapshot::SavedVm,
+    id: &str,
+    uid: u32,
+) -> Result<()> {
+    let dir = cfg.sandbox_dir(id);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::host(format!("creating {}", dir.display()), e))?;
+    for (path, name) in sandbox_files(cfg, id) {
+        saved.return_file(name, &path)?;
+    }
+    let layer = dir.join(vm::LAYER_NAME);
+    std::os::unix::fs::chown(&layer, Some(uid), Some(uid))
+        .map_err(|e| Error::host(format!("handing {} to the sandbox", layer.display()), e))
+}
+
+impl Manager {
+    /// Where saved sandbox `id`'s console log lies (with its saved VM).
+    pub(super) fn saved_console(&self, id: &str) -> Option<PathBuf> {
+        snapshot::saved_of(&self.inner.cfg, id).map(|saved| saved.file(CONSOLE_NAME))
     }
 }

@@ -143,6 +143,30 @@ impl SavedVm {
         }
     }
 
+    /// Moves the sandbox's file `from` into it as `name`, onto the state directory's disk (a
+    /// run directory on a tmpfs then holds none of it while the sandbox is saved). A missing
+    /// file is skipped.
+    pub fn keep_file(&self, from: &Path, name: &str) -> Result<()> {
+        match from.exists() {
+            true => move_file(from, &self.dir.join(name)),
+            false => Ok(()),
+        }
+    }
+
+    /// The path of its file `name` (see [`keep_file`](Self::keep_file)).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Moves its file `name` back to `to`, if it has it.
+    pub fn return_file(&self, name: &str, to: &Path) -> Result<()> {
+        let kept = self.dir.join(name);
+        match kept.exists() {
+            true => move_file(&kept, to),
+            false => Ok(()),
+        }
+    }
+
     /// Removes it (sandboxes restored from it keep their files open through their jails).
     pub fn remove(self) -> Result<()> {
         host::remove_tree(&self.dir)
@@ -549,6 +573,23 @@ fn clone_or_copy(from: &Path, to: &Path) -> Result<()> {
     copy_into(from, &dst, to)
 }
 
+/// Moves the file `from` to `to`: renamed on one file system, else copied (holes kept) and
+/// removed.
+fn move_file(from: &Path, to: &Path) -> Result<()> {
+    match fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            clone_or_copy(from, to)?;
+            fs::remove_file(from)
+                .map_err(|e| Error::host(format!("removing {}", from.display()), e))
+        }
+        Err(e) => Err(Error::host(
+            format!("moving {} to {}", from.display(), to.display()),
+            e,
+        )),
+    }
+}
+
 /// [`clone_or_copy`] into `dst`, the empty file at `to`.
 fn copy_into(from: &Path, dst: &fs::File, to: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
@@ -916,6 +957,29 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(10));
         fs::write(&base, b"the base image, rewritten").unwrap();
         assert!(found.check_base(&base).is_err());
+
+        // The sandbox's layer kept with it and given back, from and to a tmpfs (copied with
+        // its holes across file systems, renamed on one).
+        let run = tempfile::tempdir_in("/dev/shm").unwrap();
+        let layer = run.path().join("layer.ext4");
+        let mut data = vec![0u8; 1 << 20];
+        data[..5].copy_from_slice(b"upper");
+        fs::write(&layer, b"upper").unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&layer)
+            .and_then(|f| f.set_len(1 << 20))
+            .unwrap();
+        found.keep_file(&layer, "layer.ext4").unwrap();
+        found.keep_file(&run.path().join("none"), "none").unwrap();
+        assert!(!layer.exists() && !found.file("none").exists());
+        assert_eq!(fs::read(found.file("layer.ext4")).unwrap(), data);
+        let on_disk = fs::metadata(found.file("layer.ext4")).unwrap();
+        assert!(on_disk.blocks() * 512 < 1 << 20, "the holes are kept");
+        found.return_file("layer.ext4", &layer).unwrap();
+        found.return_file("none", &run.path().join("none")).unwrap();
+        assert_eq!(fs::read(&layer).unwrap(), data);
+        assert!(!found.file("layer.ext4").exists());
 
         fs::remove_file(found.memory()).unwrap();
         assert!(

@@ -15,7 +15,9 @@ const MACHINE_ID: &str = "cat /etc/machine-id 2>/dev/null || echo none";
 /// A busy vm-tier sandbox with a network (a shell counting into /tmp/state with a variable
 /// set, another writing and syncing files on its disk) is saved with `mvm pause --save`: its
 /// state is `saved`, its VMM is gone (its memory the host's again), its memory file on disk
-/// holds only what the guest used, and an exec in it is refused with what to do. mvmd is
+/// holds only what the guest used, its writable layer lies with it (not in the run
+/// directory), `mvm logs` still shows its console, and an exec in it is refused with what to
+/// do. mvmd is
 /// restarted and keeps it saved. `mvm resume` 2 s later brings the same machine back: the
 /// counter goes on from past its value before the save with the same variable, the file
 /// written before is there, its host name, MAC, machine id and address are its own as before,
@@ -107,6 +109,24 @@ fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
     let memory_file_kib = std::fs::metadata(&memory_file)
         .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) / 2)
         .map_err(|e| format!("the saved VM's memory file {}: {e}", memory_file.display()))?;
+    // Its layer lies with the saved VM, not in the run directory; its console still shows.
+    let saves = session.dirs.root.join(format!("state/saves/{id}.saved"));
+    let run = session.dirs.root.join(format!("run/sandboxes/{id}"));
+    if !saves.join("layer.ext4").is_file() || run.join("layer.ext4").exists() {
+        return Err(format!(
+            "saved sandbox {id}'s writable layer should lie in {} and not in {}",
+            saves.display(),
+            run.display()
+        ));
+    }
+    let logs_saved = session.mvm(ctx, &["logs", &id], None)?;
+    if !logs_saved.starts_with(&logs_before) {
+        return Err(format!(
+            "mvm logs of saved sandbox {id} does not show its console ({} bytes, {} before)",
+            logs_saved.len(),
+            logs_before.len()
+        ));
+    }
     let refused = session.mvm(ctx, &["exec", &id, "--", "true"], None);
     match refused {
         Err(why) if why.contains("resume it first") => {}
