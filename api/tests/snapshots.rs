@@ -164,36 +164,25 @@ fn pool_entries_an_earlier_mvmd_left_are_destroyed_at_start() {
     let before = d.host_state();
     let made = block_on(async { d.client().create(&common::jail()).await.expect("create") });
     d.track(&made.id);
-    d.kill9();
     // The sandbox becomes a running pool entry, as a pool's fill leaves one.
-    let db = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
-    let pool = mvm_sandbox::manager::POOL_TENANT;
-    let quota = mvm_sandbox::db::Quota {
-        max_sandboxes: 64,
-        max_vcpus: 64,
-        max_memory_mib: 1 << 20,
-    };
-    let entry = mvm_sandbox::model::Sandbox {
-        tenant: pool.to_owned(),
-        ..made.clone()
-    };
-    let mut row = db
-        .adopt_pooled(&made.id, &made.tenant, &entry, &quota)
-        .expect("make the sandbox a pool entry");
-    row.sandbox.state = mvm_sandbox::model::SandboxState::Running;
-    db.update_sandbox(&row).expect("running");
-    assert_eq!(db.sandboxes(Some(pool)).expect("rows").len(), 1);
-    d.spawn();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !db.sandboxes(Some(pool)).expect("rows").is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the pool entry {} is still there\n{}",
-            made.id,
-            d.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    removed_at_start(&mut d, &made.id, |db| {
+        let pool = mvm_sandbox::manager::POOL_TENANT;
+        let quota = mvm_sandbox::db::Quota {
+            max_sandboxes: 64,
+            max_vcpus: 64,
+            max_memory_mib: 1 << 20,
+        };
+        let entry = mvm_sandbox::model::Sandbox {
+            tenant: pool.to_owned(),
+            ..made.clone()
+        };
+        let mut row = db
+            .adopt_pooled(&made.id, &made.tenant, &entry, &quota)
+            .expect("make the sandbox a pool entry");
+        row.sandbox.state = SandboxState::Running;
+        db.update_sandbox(&row).expect("running");
+        assert_eq!(db.sandboxes(Some(pool)).expect("rows").len(), 1);
+    });
     d.assert_no_leaks(&before);
 }
 
@@ -263,20 +252,29 @@ fn a_saved_sandbox_without_its_saved_vm_is_removed_at_start() {
     let before = d.host_state();
     let made = block_on(async { d.client().create(&common::jail()).await.expect("create") });
     d.track(&made.id);
+    removed_at_start(&mut d, &made.id, |db| {
+        let mut row = db.sandbox(&made.id).expect("row").expect("its row");
+        row.sandbox.state = SandboxState::Saved;
+        db.update_sandbox(&row).expect("saved");
+    });
+    d.assert_no_leaks(&before);
+}
+
+/// Kills mvmd, has `change` rewrite sandbox `id`'s row in its database (as an earlier mvmd
+/// could have left it), starts mvmd again and waits (at most 30 s) until its start has
+/// removed the sandbox's row.
+fn removed_at_start(d: &mut Daemon, id: &str, change: impl FnOnce(&mvm_sandbox::db::Db)) {
     d.kill9();
     let db = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
-    let mut row = db.sandbox(&made.id).expect("row").expect("its row");
-    row.sandbox.state = SandboxState::Saved;
-    db.update_sandbox(&row).expect("saved");
+    change(&db);
     d.spawn();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while db.sandbox(&made.id).expect("row").is_some() {
+    while db.sandbox(id).expect("row").is_some() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the saved sandbox without a saved VM is still there\n{}",
+            "sandbox {id} is still there\n{}",
             d.log()
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    d.assert_no_leaks(&before);
 }

@@ -6,15 +6,16 @@
 //! no process, and none of its memory, until it is resumed. A resume moves the files back,
 //! starts a jail as a create does, loads the saved VM into it with the writable layer in
 //! place, and gives the guest the host's clock and fresh entropy with its (unchanged)
-//! identity. Its timeout stops while it is saved and starts again at the resume. A resume
-//! that fails leaves the sandbox saved as it was.
+//! identity; a network namespace a restart of the host took is made again first. Its
+//! timeout stops while it is saved and starts again at the resume. A resume that fails
+//! leaves the sandbox saved as it was.
 
 use std::time::Instant;
 
 use std::path::PathBuf;
 
 use super::cgroups::CpuShare;
-use super::create::guest_nic;
+use super::create::{connect_namespace, guest_nic};
 use super::lock::BusyLock;
 use super::tier::{self, vm, Userland};
 use super::{blocking, lock, net, snapshot, Manager, ManagerConfig};
@@ -95,6 +96,44 @@ impl Manager {
         s.isolation == Isolation::Vm && self.template_of(s, "are saved").is_ok()
     }
 
+    /// Makes saved sandbox `row`'s network again as a create makes it, after a restart of the
+    /// host took its namespace (and the host's side of it, whatever is left of which goes
+    /// first). Not for a sandbox with secrets: their values and its CA's key were kept
+    /// nowhere, so their proxy cannot be made again.
+    async fn remake_network(&self, row: &SandboxRow) -> Result<()> {
+        let s = &row.sandbox;
+        if !s.network.secrets.is_empty() {
+            return Err(Error::Conflict(format!(
+                "sandbox {} cannot be resumed: its network namespace is gone (the host \
+                 restarted), and its secrets' proxy cannot be made again (their values and its \
+                 CA's key were kept nowhere); destroy it",
+                s.id
+            )));
+        }
+        let cfg = self.inner.cfg.clone();
+        let addrs = net::Addresses::of(cfg.subnet, row.slot);
+        let (made, id, uid) = (cfg.clone(), s.id.clone(), cfg.uid(row));
+        blocking(move || {
+            net::destroy(&made.netns(&id), &id)?;
+            std::fs::create_dir_all(made.netns(""))
+                .map_err(|e| Error::host("creating the netns dir", e))?;
+            net::create_namespace(&made.netns(&id), Isolation::Vm, addrs, uid)
+        })
+        .await?;
+        let connected =
+            connect_namespace(cfg.clone(), s, addrs, Vec::new(), None, CpuShare::Normal).await;
+        if let Err(e) = connected {
+            // Gone again, so that the next resume makes it whole.
+            let id = s.id.clone();
+            if let Err(undo) = blocking(move || net::destroy(&cfg.netns(&id), &id)).await {
+                tracing::error!(id = %s.id, "removing a half-made network: {undo}");
+            }
+            return Err(e);
+        }
+        tracing::info!(id = %s.id, "saved sandbox's network made again");
+        Ok(())
+    }
+
     /// Stops the VMM of saved sandbox `id` and removes its jail and its save directory
     /// (made again, empty, by the jail that resumes it).
     pub(super) async fn stop_saved(&self, id: &str) -> Result<()> {
@@ -132,6 +171,9 @@ impl Manager {
                 })?;
         }
         let started = Instant::now();
+        if !cfg.netns(&id).exists() {
+            self.remake_network(&row).await?;
+        }
         {
             let (cfg, saved, id, uid) = (cfg.clone(), saved.clone(), id.clone(), cfg.uid(&row));
             blocking(move || give_back_files(&cfg, &saved, &id, uid)).await?;

@@ -1731,8 +1731,18 @@ impl MvmdSession {
     /// Stops mvmd and starts it again on the same directories (its log starts anew): what
     /// it keeps of its sandboxes is what a new mvmd finds.
     fn restart(&mut self, ctx: &Ctx) -> Result<(), String> {
+        self.restart_after(ctx, || Ok(()))
+    }
+
+    /// [`restart`](Self::restart), doing `between` while mvmd is stopped.
+    fn restart_after(
+        &mut self,
+        ctx: &Ctx,
+        between: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), String> {
         let log = self.dirs.log();
         std::mem::replace(&mut self.daemon, Daemon { child: None, log }).finish();
+        between()?;
         let (daemon, host) = start_mvmd(ctx, &self.dirs)?;
         (self.daemon, self.host) = (daemon, host);
         Ok(())

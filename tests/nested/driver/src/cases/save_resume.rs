@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use super::snapshots::{
-    checked_self_report, counted, Report, CHILD_REPORT, COUNTER, NET, SELF_REPORT,
+    checked_self_report, checked_with_internet, counted, Report, CHILD_REPORT, COUNTER, NET,
+    SELF_REPORT,
 };
 use super::{ms, sandbox_id, vmm_kib, Ctx, ManagerDirs, MvmdSession, Outcome, Verdict};
 
@@ -23,8 +24,10 @@ const MACHINE_ID: &str = "cat /etc/machine-id 2>/dev/null || echo none";
 /// written before is there, its host name, MAC, machine id and address are its own as before,
 /// its clock is L1's (within 1 s), its kernel logged no disk error and a file written and
 /// synced now reads back, it reaches a listener beyond L1 through its network, and its
-/// console goes on from what it held. A second save and resume in a row work alike. Records the
-/// save's and the resume's times against the cold create.
+/// console goes on from what it held. Saved a second time, it loses what a restart of the
+/// host takes (mvmd, its network namespace, its run directory): resumed, it has its files,
+/// its host name, MAC and address, the clock, and reaches the listener through a network
+/// made again. Records the save's and the resume's times against the cold create.
 pub fn save_and_resume(ctx: &mut Ctx) -> Outcome {
     if !mvm_testkit::is_root() {
         return Ok(Verdict::Skip("mvmd's vm tier needs root".into()));
@@ -32,12 +35,7 @@ pub fn save_and_resume(ctx: &mut Ctx) -> Outcome {
     let mut dirs = ManagerDirs::new(ctx, "save")?;
     dirs.env
         .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
-    let mut session = MvmdSession::start_in(ctx, dirs)?;
-    // What the resumed guest reaches through its network (NET allows it).
-    let internet = super::dns_egress::Internet::start();
-    let checked = internet.and_then(|_internet| check(ctx, &mut session));
-    let figures = checked.as_ref().ok().cloned();
-    let outcome = session.finish(ctx, checked.map(drop));
+    let (outcome, figures) = checked_with_internet(ctx, dirs, check)?;
     if let (Ok(Verdict::Pass), Some(f)) = (&outcome, figures) {
         ctx.record(
             "vm tier via mvmd: cold create of the saved sandbox",
@@ -157,12 +155,24 @@ fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
         ));
     }
 
+    // Saved again, then what a restart of the host takes from it: mvmd, its network
+    // namespace and its run directory (a tmpfs /run); the resume makes the network again.
     let (saved_again, _) = save(ctx, session, &id)?;
+    let root = session.dirs.root.clone();
+    session.restart_after(ctx, || lose_run_state(&root, &id))?;
     let resumed_again = resume(ctx, session, &id)?;
     let said = session.mvm(ctx, &["exec", &id, "--", "cat", "/tmp/base-file"], None)?;
     if said.trim() != "base" {
         return Err(format!(
             "sandbox {id} after its second save and resume: /tmp/base-file says {said:?}"
+        ));
+    }
+    let report = checked_self_report(ctx, session, &id, &address)?;
+    if report.field(1) != before.field(1) {
+        return Err(format!(
+            "sandbox {id}'s MAC changed across the host's restart: {:?}, then {:?}",
+            before.field(1),
+            report.field(1)
         ));
     }
     session.mvm(ctx, &["rm", &id], None)?;
@@ -175,6 +185,30 @@ fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
         saved_again,
         resumed_again,
     })
+}
+
+/// What a restart of the host takes of saved sandbox `id` of the mvmd in `root` (stopped):
+/// its network namespace (unmounted and removed: the processes still in it, its resolver,
+/// are what a restart would have ended too, and its resume removes them) and its directory
+/// in the run directory.
+fn lose_run_state(root: &std::path::Path, id: &str) -> Result<(), String> {
+    let netns = root.join(format!("run/netns/{id}"));
+    let c_path =
+        std::ffi::CString::new(netns.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: umount2 reads the NUL-terminated path, alive for the call.
+    if unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(format!(
+            "unmounting {}: {}",
+            netns.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    std::fs::remove_file(&netns).map_err(|e| format!("removing {}: {e}", netns.display()))?;
+    let dir = root.join(format!("run/sandboxes/{id}"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// `mvm pause --save ID`, checked: the answer's state is `saved` and no VMM of it runs.

@@ -31,6 +31,21 @@ pub(super) const SELF_REPORT: &str = "hostname; cat /sys/class/net/eth0/address;
      cat /etc/machine-id 2>/dev/null || echo none; date +%s; \
      grep nameserver /etc/resolv.conf | paste -sd,";
 
+/// Runs `check` against an mvmd on `dirs` with the "internet" beyond L1 up (what the guests
+/// reach through their network: [`NET`] allows it): the case's outcome, which includes the
+/// session's check that nothing is left, and what `check` measured when it passed.
+pub(super) fn checked_with_internet<F: Clone>(
+    ctx: &Ctx,
+    dirs: ManagerDirs,
+    check: impl FnOnce(&Ctx, &mut MvmdSession) -> Result<F, String>,
+) -> Result<(Outcome, Option<F>), String> {
+    let mut session = MvmdSession::start_in(ctx, dirs)?;
+    let internet = super::dns_egress::Internet::start();
+    let checked = internet.and_then(|_internet| check(ctx, &mut session));
+    let figures = checked.as_ref().ok().cloned();
+    Ok((session.finish(ctx, checked.map(drop)), figures))
+}
+
 /// One restored guest's report.
 pub(super) struct Report {
     pub(super) lines: Vec<String>,
@@ -67,12 +82,7 @@ pub fn warm_template_restore(ctx: &mut Ctx) -> Outcome {
     // The manager's debug lines time each step of a create (see [`Steps`]).
     dirs.env
         .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
-    let session = MvmdSession::start_in(ctx, dirs)?;
-    // What the restored guests reach through their new identity (NET allows it).
-    let internet = super::dns_egress::Internet::start();
-    let checked = internet.and_then(|_internet| check(ctx, &session));
-    let figures = checked.as_ref().ok().cloned();
-    let outcome = session.finish(ctx, checked.map(drop));
+    let (outcome, figures) = checked_with_internet(ctx, dirs, |ctx, session| check(ctx, session))?;
     if let (Ok(Verdict::Pass), Some(f)) = (&outcome, figures) {
         ctx.record(
             "vm tier via mvmd: mvm templates warm default",
@@ -985,12 +995,8 @@ pub fn warm_pool_take(ctx: &mut Ctx) -> Outcome {
     dirs.env.push(("MVM_WARM_POOL".into(), POOL.to_string()));
     dirs.env
         .push(("RUST_LOG".into(), "info,mvm_sandbox::manager=debug".into()));
-    let session = MvmdSession::start_in(ctx, dirs)?;
-    // What the restored guests reach through their new identity (NET allows it).
-    let internet = super::dns_egress::Internet::start();
-    let checked = internet.and_then(|_internet| check_pool(ctx, &session));
-    let figures = checked.as_ref().ok().cloned();
-    let outcome = session.finish(ctx, checked.map(drop));
+    let (outcome, figures) =
+        checked_with_internet(ctx, dirs, |ctx, session| check_pool(ctx, session))?;
     if let (Ok(Verdict::Pass), Some(f)) = (&outcome, figures) {
         ctx.record(
             "vm tier via mvmd: create from the warm pool -> first exec output, each in order (the first reconnected)",
