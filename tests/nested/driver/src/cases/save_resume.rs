@@ -1,10 +1,10 @@
 //! A vm-tier sandbox saved to disk and resumed (`mvm pause --save`, `mvm resume`; E2B's
-//! pause), across a restart of mvmd.
+//! pause), across a restart of mvmd and what a restart of the host takes.
 
 use std::time::{Duration, Instant};
 
 use super::snapshots::{
-    checked_self_report, checked_with_internet, counted, Report, CHILD_REPORT, COUNTER, NET,
+    busy_sandbox, checked_self_report, checked_with_internet, counted, Report, CHILD_REPORT, NET,
     SELF_REPORT,
 };
 use super::{ms, sandbox_id, vmm_kib, Ctx, ManagerDirs, MvmdSession, Outcome, Verdict};
@@ -77,14 +77,7 @@ struct Figures {
 }
 
 fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
-    let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
-    args.extend_from_slice(&NET);
-    args.extend_from_slice(&["--", "sh", "-c", COUNTER]);
-    let started = Instant::now();
-    let out = session.mvm(ctx, &args, None)?;
-    let cold = started.elapsed();
-    let answer: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| format!("mvm run printed no JSON ({e}): {out:?}"))?;
+    let (cold, answer) = busy_sandbox(ctx, session, &NET)?;
     let id = sandbox_id(&answer["sandbox"]);
     let address = answer["sandbox"]["network"]["address"]
         .as_str()

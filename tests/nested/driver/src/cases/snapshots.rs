@@ -609,7 +609,7 @@ const CHILDREN: usize = 3;
 /// a second (each value written whole: a reader never finds the file emptied), and one that keeps writing 256 KiB files to the guest's disk and syncing them
 /// (so that disk requests are in flight when the VM is saved) unless /tmp/quiet exists, both
 /// detached from the exec that starts them.
-pub(super) const COUNTER: &str = "echo base > /tmp/base-file; mkdir -p /disk; \
+const COUNTER: &str = "echo base > /tmp/base-file; mkdir -p /disk; \
      setsid sh -c 'X=forty-two; i=0; while true; do i=$((i+1)); echo \"$X $i\" > /tmp/state.new; \
      mv /tmp/state.new /tmp/state; sleep 0.2; done' </dev/null >/dev/null 2>&1 & \
      setsid sh -c 'i=0; while true; do if [ -e /tmp/quiet ]; then sleep 0.5; continue; fi; \
@@ -732,15 +732,7 @@ struct ForkFigures {
 
 /// The checks; returns what they measured.
 fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
-    let net = ["--egress", "allow", "--allow", "10.9.9.9"];
-    let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
-    args.extend_from_slice(&net);
-    args.extend_from_slice(&["--", "sh", "-c", COUNTER]);
-    let started = Instant::now();
-    let out = session.mvm(ctx, &args, None)?;
-    let cold = started.elapsed();
-    let answer: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| format!("mvm run printed no JSON ({e}): {out:?}"))?;
+    let (cold, answer) = busy_sandbox(ctx, session, &["--egress", "allow", "--allow", "10.9.9.9"])?;
     let source = answer["sandbox"]["id"]
         .as_str()
         .unwrap_or_default()
@@ -807,6 +799,24 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
         single,
         single_taking,
     })
+}
+
+/// Creates a vm-tier sandbox with network `net` (`mvm run` options) whose shells run
+/// [`COUNTER`]; returns how long the create took and mvm's answer.
+pub(super) fn busy_sandbox(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    net: &[&str],
+) -> Result<(Duration, serde_json::Value), String> {
+    let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
+    args.extend_from_slice(net);
+    args.extend_from_slice(&["--", "sh", "-c", COUNTER]);
+    let started = Instant::now();
+    let out = session.mvm(ctx, &args, None)?;
+    let cold = started.elapsed();
+    let answer = serde_json::from_str(&out)
+        .map_err(|e| format!("mvm run printed no JSON ({e}): {out:?}"))?;
+    Ok((cold, answer))
 }
 
 /// Removes sandboxes `ids`.
