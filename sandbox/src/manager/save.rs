@@ -10,9 +10,8 @@
 //! timeout stops while it is saved and starts again at the resume. A resume that fails
 //! leaves the sandbox saved as it was.
 
-use std::time::Instant;
-
 use std::path::PathBuf;
+use std::time::Instant;
 
 use super::cgroups::CpuShare;
 use super::create::{connect_namespace, guest_nic};
@@ -79,14 +78,8 @@ impl Manager {
         row.sandbox.state = SandboxState::Saved;
         self.inner.db.update_sandbox(&row)?;
         self.stop_saved(id).await?;
-        let cfg = self.inner.cfg.clone();
-        let sandbox = id.to_owned();
-        blocking(move || {
-            sandbox_files(&cfg, &sandbox)
-                .iter()
-                .try_for_each(|(path, name)| saved.keep_file(path, name))
-        })
-        .await?;
+        let (cfg, sandbox) = (self.inner.cfg.clone(), id.to_owned());
+        blocking(move || keep_files(&cfg, &saved, &sandbox)).await?;
         tracing::info!(%id, took = ?started.elapsed(), "sandbox saved");
         Ok(row.sandbox)
     }
@@ -160,7 +153,7 @@ impl Manager {
         })?;
         let template = self.template_of(&row.sandbox, "are saved")?;
         {
-            let (saved, base) = (saved.clone(), std::path::PathBuf::from(&template.rootfs));
+            let (saved, base) = (saved.clone(), PathBuf::from(&template.rootfs));
             blocking(move || saved.check_base(&base))
                 .await
                 .map_err(|e| match e {
@@ -205,12 +198,7 @@ impl Manager {
             let undone = match self.stop_saved(&id).await {
                 Ok(()) => {
                     let (cfg, saved, id) = (cfg.clone(), saved.clone(), id.clone());
-                    blocking(move || {
-                        sandbox_files(&cfg, &id)
-                            .iter()
-                            .try_for_each(|(path, name)| saved.keep_file(path, name))
-                    })
-                    .await
+                    blocking(move || keep_files(&cfg, &saved, &id)).await
                 }
                 Err(undo) => Err(undo),
             };
@@ -240,6 +228,13 @@ fn sandbox_files(cfg: &ManagerConfig, id: &str) -> [(PathBuf, &'static str); 2] 
         (dir.join(vm::LAYER_NAME), vm::LAYER_NAME),
         (tier::console(Isolation::Vm, &dir).path(), CONSOLE_NAME),
     ]
+}
+
+/// Moves saved sandbox `id`'s files from its sandbox directory to its saved VM.
+fn keep_files(cfg: &ManagerConfig, saved: &snapshot::SavedVm, id: &str) -> Result<()> {
+    sandbox_files(cfg, id)
+        .iter()
+        .try_for_each(|(path, name)| saved.keep_file(path, name))
 }
 
 /// The console log's name with a saved VM.
