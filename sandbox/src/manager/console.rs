@@ -11,8 +11,8 @@ use vmm::devices::legacy::console::ConsoleLimit;
 use crate::error::{Error, Result};
 use crate::manager::{beneath, host};
 
-/// Name of the log file in its directory.
-const LOG_NAME: &str = "console.log";
+/// Name of the log file in its directory (and with a saved sandbox's VM).
+pub(super) const LOG_NAME: &str = "console.log";
 
 /// The console log of a sandbox.
 pub struct Console {

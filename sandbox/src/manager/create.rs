@@ -397,9 +397,7 @@ impl Manager {
                     Ok((info, Some(uplink)))
                 }
                 None => {
-                    std::fs::create_dir_all(cfg.netns(""))
-                        .map_err(|e| Error::host("creating the netns dir", e))?;
-                    net::create_namespace(&cfg.netns(&s.id), s.isolation, addrs, uid)?;
+                    make_namespace(&cfg, &s.id, s.isolation, addrs, uid)?;
                     let info = net::info(&spec, &ports, &secrets, s.isolation, addrs);
                     Ok((info, None))
                 }
@@ -569,6 +567,19 @@ pub(super) fn guest_nic(addrs: net::Addresses) -> vm::GuestNet {
         },
         mac: None,
     }
+}
+
+/// Makes sandbox `id`'s network namespace (of tier `isolation`, at `addrs`, its tap the
+/// sandbox `uid`'s) in the manager's namespace directory.
+pub(super) fn make_namespace(
+    cfg: &ManagerConfig,
+    id: &str,
+    isolation: Isolation,
+    addrs: net::Addresses,
+    uid: u32,
+) -> Result<()> {
+    std::fs::create_dir_all(cfg.netns("")).map_err(|e| Error::host("creating the netns dir", e))?;
+    net::create_namespace(&cfg.netns(id), isolation, addrs, uid)
 }
 
 /// Connects the network namespace of sandbox `s` (made already, at `addrs`) as its network

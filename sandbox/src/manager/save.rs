@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::cgroups::CpuShare;
-use super::create::{connect_namespace, guest_nic};
+use super::create::{connect_namespace, guest_nic, make_namespace};
 use super::lock::BusyLock;
 use super::tier::{self, vm, Userland};
-use super::{blocking, lock, net, snapshot, Manager, ManagerConfig};
+use super::{blocking, console, lock, net, snapshot, Manager, ManagerConfig};
 use crate::db::{self, SandboxRow};
 use crate::error::{Error, Result};
 use crate::model::{Isolation, Sandbox, SandboxState};
@@ -108,9 +108,7 @@ impl Manager {
         let (made, id, uid) = (cfg.clone(), s.id.clone(), cfg.uid(row));
         blocking(move || {
             net::destroy(&made.netns(&id), &id)?;
-            std::fs::create_dir_all(made.netns(""))
-                .map_err(|e| Error::host("creating the netns dir", e))?;
-            net::create_namespace(&made.netns(&id), Isolation::Vm, addrs, uid)
+            make_namespace(&made, &id, Isolation::Vm, addrs, uid)
         })
         .await?;
         let connected =
@@ -226,7 +224,7 @@ fn sandbox_files(cfg: &ManagerConfig, id: &str) -> [(PathBuf, &'static str); 2] 
     let dir = cfg.sandbox_dir(id);
     [
         (dir.join(vm::LAYER_NAME), vm::LAYER_NAME),
-        (tier::console(Isolation::Vm, &dir).path(), CONSOLE_NAME),
+        (tier::console(Isolation::Vm, &dir).path(), console::LOG_NAME),
     ]
 }
 
@@ -236,9 +234,6 @@ fn keep_files(cfg: &ManagerConfig, saved: &snapshot::SavedVm, id: &str) -> Resul
         .iter()
         .try_for_each(|(path, name)| saved.keep_file(path, name))
 }
-
-/// The console log's name with a saved VM.
-const CONSOLE_NAME: &str = "console.log";
 
 /// Moves saved sandbox `id`'s files from its saved VM back into its sandbox directory (made
 /// if missing), the layer its `uid`'s again.
@@ -255,13 +250,13 @@ fn give_back_files(
         saved.return_file(name, &path)?;
     }
     let layer = dir.join(vm::LAYER_NAME);
-    std::os::unix::fs::chown(&layer, Some(uid), Some(uid))
+    std::os::unix::fs::lchown(&layer, Some(uid), Some(uid))
         .map_err(|e| Error::host(format!("handing {} to the sandbox", layer.display()), e))
 }
 
 impl Manager {
     /// Where saved sandbox `id`'s console log lies (with its saved VM).
     pub(super) fn saved_console(&self, id: &str) -> Option<PathBuf> {
-        snapshot::saved_of(&self.inner.cfg, id).map(|saved| saved.file(CONSOLE_NAME))
+        snapshot::saved_of(&self.inner.cfg, id).map(|saved| saved.file(console::LOG_NAME))
     }
 }

@@ -245,11 +245,7 @@ pub fn save_dir_exists(cfg: &ManagerConfig, id: &str) -> bool {
 /// Removes sandbox `id`'s save directory (after its VMM stopped: a new one is made, empty,
 /// for the next). Idempotent.
 pub fn remove_save_dir(cfg: &ManagerConfig, id: &str) -> Result<()> {
-    let dir = cfg.save_dir(id);
-    match dir.exists() {
-        true => host::remove_tree(&dir),
-        false => Ok(()),
-    }
+    remove_if_present(&cfg.save_dir(id))
 }
 
 /// Removes what sandbox `id` saved: its save directory, a fork's saved VM, its own saved VM,
@@ -261,19 +257,20 @@ pub fn remove_saves(cfg: &ManagerConfig, id: &str) -> Result<()> {
         cfg.saved_dir(id),
         cfg.restore_dir(id),
     ];
-    for dir in dirs {
-        if dir.exists() {
-            host::remove_tree(&dir)?;
-        }
+    dirs.iter().try_for_each(|dir| remove_if_present(dir))
+}
+
+/// Removes the directory tree `dir` if there is one.
+fn remove_if_present(dir: &Path) -> Result<()> {
+    match dir.exists() {
+        true => host::remove_tree(dir),
+        false => Ok(()),
     }
-    Ok(())
 }
 
 /// Makes a directory of root's (0700) for a saved VM; an earlier one there goes.
 fn make_root_dir(dir: &Path) -> Result<()> {
-    if dir.exists() {
-        host::remove_tree(dir)?;
-    }
+    remove_if_present(dir)?;
     fs::create_dir(dir)
         .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
         .map_err(|e| Error::host(format!("creating {}", dir.display()), e))
