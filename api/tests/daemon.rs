@@ -11,7 +11,7 @@ use common::{block_on, cgroup_mode, is_sandbox_id, Daemon};
 use mvm_client::{ClientError, Stream};
 use mvm_sandbox::manager::cgroups::CgroupMode;
 use mvm_sandbox::model::{
-    CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, SandboxState,
+    CreateSandbox, Egress, ExecRequest, Isolation, Lifecycle, NetworkSpec, OnTimeout, SandboxState,
 };
 use mvm_testkit::root_or_skip;
 
@@ -750,6 +750,117 @@ fn timeout_expiry_and_keepalive() {
         metrics.contains("mvm_sandboxes_destroyed_total 2"),
         "{metrics}"
     );
+}
+
+/// A lifecycle whose timeout pauses: the sandbox is frozen (not destroyed) when its timeout
+/// passes, its timeout stopped; without `auto_resume` an exec is a 409 until it is resumed,
+/// which starts its timeout again; with it, an exec resumes it. Lifecycles a sandbox cannot
+/// follow are refused: a save in the jail tier (naming the vm tier), a resume on demand of one
+/// destroyed at its timeout.
+#[test]
+fn a_timeout_that_pauses_and_the_resume_on_demand() {
+    if !root_or_skip("a_timeout_that_pauses_and_the_resume_on_demand") {
+        return;
+    }
+    let d = Daemon::start();
+    let before = d.host_state();
+    block_on(async {
+        let c = d.client();
+        let with = |on_timeout, auto_resume| CreateSandbox {
+            timeout_s: Some(2),
+            lifecycle: Lifecycle {
+                on_timeout,
+                auto_resume,
+            },
+            ..jail()
+        };
+        for (refused, names) in [
+            (with(OnTimeout::Save, false), "vm tier"),
+            (with(OnTimeout::Destroy, true), "on_timeout"),
+        ] {
+            let e = c.create(&refused).await.unwrap_err();
+            let ClientError::Api { status, body } = &e else {
+                panic!("expected an API error, got {e}");
+            };
+            assert_eq!(*status, 422, "{e}");
+            assert!(body.message.contains(names), "{}", body.message);
+        }
+        let paused_when_due = |id: String| {
+            let c = d.client();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let s = c.get(&id).await.expect("a paused sandbox is kept");
+                    if s.state == SandboxState::Paused {
+                        return s;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "not paused at its timeout: {s:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        let manual = c
+            .create(&with(OnTimeout::Pause, false))
+            .await
+            .expect("create");
+        assert_eq!(manual.lifecycle.on_timeout, OnTimeout::Pause);
+        c.exec(&manual.id, &cmd(&["sh", "-c", "echo kept > /tmp/kept"]))
+            .await
+            .expect("exec");
+        let paused = paused_when_due(manual.id.clone()).await;
+        assert_eq!(paused.expires_at, None, "a paused sandbox's timeout stops");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            c.get(&manual.id).await.expect("kept").state,
+            SandboxState::Paused
+        );
+        let refused = c.exec(&manual.id, &cmd(&["true"])).await.unwrap_err();
+        assert_eq!(api_status(&refused).0, 409, "{refused}");
+        let resumed = c.set_paused(&manual.id, false).await.expect("resume");
+        assert!(
+            resumed.expires_at.is_some(),
+            "its timeout starts again: {resumed:?}"
+        );
+        assert_eq!(
+            c.exec(&manual.id, &cmd(&["cat", "/tmp/kept"]))
+                .await
+                .expect("exec after the resume")
+                .stdout,
+            "kept\n"
+        );
+
+        let on_demand = c
+            .create(&with(OnTimeout::Pause, true))
+            .await
+            .expect("create");
+        paused_when_due(on_demand.id.clone()).await;
+        // Two at once: one resumes it, the other waits for that and runs.
+        let awake = cmd(&["echo", "awake"]);
+        let (a, b) = tokio::join!(c.exec(&on_demand.id, &awake), c.exec(&on_demand.id, &awake));
+        for ran in [a, b] {
+            assert_eq!(ran.expect("an exec resumes it").stdout, "awake\n");
+        }
+        let s = c.get(&on_demand.id).await.expect("get");
+        assert!(
+            s.state == SandboxState::Running && s.expires_at.is_some()
+                || s.state == SandboxState::Paused,
+            "resumed with its timeout running again: {s:?}"
+        );
+        // And paused again when that timeout passes.
+        paused_when_due(on_demand.id.clone()).await;
+        for id in [&manual.id, &on_demand.id] {
+            c.delete(id).await.expect("delete");
+        }
+    });
+    d.assert_no_leaks(&before);
+    let audit = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db"))
+        .expect("db")
+        .audit_tail(1000)
+        .expect("audit");
+    assert!(audit.iter().any(|a| a.action == "expire"), "{audit:?}");
 }
 
 #[test]

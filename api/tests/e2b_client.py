@@ -309,6 +309,66 @@ def _():
         expect(isinstance(r.json().get("message"), str), f"{method} {path}: {r.text}")
 
 
+def await_state(sandbox_id, state, seconds=20):
+    """Waits until the sandbox's state is `state`."""
+    deadline = time.time() + seconds
+    while Sandbox.get_info(sandbox_id).state.value != state:
+        expect(time.time() < deadline, f"sandbox {sandbox_id} not {state} after {seconds} s")
+        time.sleep(0.2)
+
+
+def paused_at_timeout(run, lifecycle):
+    """A sandbox with `lifecycle` and a 3 s timeout, holding /tmp/kept, once that timeout has
+    paused it."""
+    s = Sandbox.create(
+        template="base",
+        timeout=3,
+        metadata={"suite": "e2b", "run": f"{run_id}-{run}"},
+        lifecycle=lifecycle,
+    )
+    try:
+        s.files.write("/tmp/kept", "kept")
+        want = {"on_timeout": "pause", "auto_resume": bool(lifecycle.get("auto_resume"))}
+        got = Sandbox.get_info(s.sandbox_id).lifecycle
+        expect(got == want, got)
+        await_state(s.sandbox_id, "paused")
+        return s
+    except Exception:
+        s.kill()
+        raise
+
+
+@step("lifecycle on_timeout pause: paused (not killed) at its timeout, resumed by a command (auto_resume), paused again")
+def _():
+    s = paused_at_timeout("auto", {"on_timeout": "pause", "auto_resume": True})
+    try:
+        time.sleep(2)
+        expect(Sandbox.get_info(s.sandbox_id).state.value == "paused", "kept paused")
+        expect(s.commands.run("cat /tmp/kept").stdout == "kept", "a command resumes it")
+        # Its timeout runs again from the resume.
+        await_state(s.sandbox_id, "paused")
+    finally:
+        s.kill()
+
+
+@step("lifecycle on_timeout pause without auto_resume: a command is refused, Sandbox.connect resumes it")
+def _():
+    s = paused_at_timeout("manual", {"on_timeout": "pause"})
+    try:
+        try:
+            s.commands.run("true")
+            raise AssertionError("a command ran in a paused sandbox")
+        except AssertionError:
+            raise
+        except Exception as e:
+            expect("resume" in str(e), str(e))
+        resumed = Sandbox.connect(s.sandbox_id, timeout=60)
+        expect(resumed.files.read("/tmp/kept") == "kept", "its file after connect")
+        expect(Sandbox.get_info(s.sandbox_id).state.value == "running", "running after connect")
+    finally:
+        s.kill()
+
+
 @step("kill")
 def _():
     sbx.kill()

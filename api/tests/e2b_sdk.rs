@@ -123,13 +123,15 @@ fn the_e2b_python_sdk_drives_mvmd() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.py"))
         .env_clear();
     let run = run_client(client);
-    check_steps(&run.stdout, 23);
+    check_steps(&run.stdout, 25);
     // Every mutating E2B call is in the audit log.
     for action in [
         "POST /e2b/v2/sandboxes",
         "POST /e2b/process.Process/Start",
         "POST /e2b/files",
         "POST /e2b/filesystem.Filesystem/Remove",
+        // The lifecycle's pauses at the timeouts.
+        "expire",
     ] {
         assert!(
             run.audited.iter().any(|a| a == action),

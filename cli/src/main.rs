@@ -14,8 +14,8 @@ use std::process::ExitCode;
 use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
 use mvm_sandbox::model::{
-    CreateSandbox, Egress, ExecRequest, ExecResult, ImageConfig, Isolation, NetworkSpec,
-    PortMapping, Sandbox, SecretSpec, Template, WarmRequest,
+    CreateSandbox, Egress, ExecRequest, ExecResult, ImageConfig, Isolation, Lifecycle, NetworkSpec,
+    OnTimeout, PortMapping, Sandbox, SecretSpec, Template, WarmRequest,
 };
 use tty::Terminal;
 
@@ -84,6 +84,14 @@ struct RunArgs {
     /// Sandbox timeout in seconds (0 = none).
     #[arg(long)]
     timeout: Option<u64>,
+    /// What the timeout does: destroy the sandbox, pause it (frozen, memory kept) or save it
+    /// to disk (vm tier: no process and no memory until `mvm resume`).
+    #[arg(long, value_name = "destroy|pause|save", default_value = "destroy")]
+    on_timeout: OnTimeout,
+    /// Resume the sandbox when paused or saved by its timeout as soon as an exec, a file
+    /// copy or a connection to one of its ports needs it (needs --on-timeout pause or save).
+    #[arg(long)]
+    auto_resume: bool,
     /// Egress policy.
     #[arg(long, value_parser = ["none", "allow", "all"], default_value = "none")]
     egress: String,
@@ -910,6 +918,10 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         vcpus: a.cpus,
         memory_mib: a.memory,
         timeout_s: a.timeout,
+        lifecycle: Lifecycle {
+            on_timeout: a.on_timeout,
+            auto_resume: a.auto_resume,
+        },
         env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
         isolation: a.isolation,
         network: Some(NetworkSpec {

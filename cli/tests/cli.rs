@@ -1037,6 +1037,55 @@ fn wait_cpu_beyond(env: &Env, id: &str, from: u64, more: u64) {
     }
 }
 
+/// `--on-timeout pause --auto-resume`: the next mvm after the timeout finds the sandbox
+/// frozen, not removed, and an exec resumes it; lifecycles a sandbox cannot follow are refused
+/// before anything is made.
+#[test]
+fn daemonless_timeout_pauses_and_an_exec_resumes() {
+    if !root_or_skip("daemonless_timeout_pauses_and_an_exec_resumes") {
+        return;
+    }
+    let env = Env::new();
+    for (args, names) in [
+        (&["--on-timeout", "save"][..], "vm tier"),
+        (&["--auto-resume"][..], "on_timeout"),
+    ] {
+        let out = env.run(&[&["run", "--isolation", "jail"], args, &["--", "true"]].concat());
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains(names), "{}", text(&out.stderr));
+    }
+    let out = env.run(&["-o", "json", "ps"]);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "[]",
+        "a refused lifecycle made a sandbox"
+    );
+    let out = env.run(&[
+        "run",
+        "--isolation",
+        "jail",
+        "--timeout",
+        "1",
+        "--on-timeout",
+        "pause",
+        "--auto-resume",
+        "-d",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /tmp/kept; sleep 1000",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::thread::sleep(Duration::from_millis(2500));
+    let paused = only_sandbox(&env);
+    assert_eq!(paused.state, mvm_sandbox::model::SandboxState::Paused);
+    let out = env.run(&["exec", &paused.id, "--", "cat", "/tmp/kept"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "kept\n");
+    let out = env.run(&["rm", &paused.id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 #[test]
 fn daemonless_pause_freezes_and_resume_thaws() {
     if !root_or_skip("daemonless_pause_freezes_and_resume_thaws") {

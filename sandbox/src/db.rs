@@ -117,7 +117,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     metadata TEXT NOT NULL,
     slot INTEGER NOT NULL UNIQUE,
     pid INTEGER NOT NULL DEFAULT 0,
-    image TEXT
+    image TEXT,
+    lifecycle TEXT
 );
 CREATE TABLE IF NOT EXISTS templates (
     name TEXT PRIMARY KEY,
@@ -201,6 +202,12 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
                 .get::<_, Option<String>>(15)?
                 .map(|j| serde_json::from_str(&j).map_err(|e| bad(15, e.to_string())))
                 .transpose()?,
+            // A row from before lifecycles has the default one.
+            lifecycle: r
+                .get::<_, Option<String>>(16)?
+                .map(|j| serde_json::from_str(&j).map_err(|e| bad(16, e.to_string())))
+                .transpose()?
+                .unwrap_or_default(),
         },
         slot: r.get(13)?,
         pid: r.get(14)?,
@@ -259,7 +266,7 @@ fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
 /// Columns added since the first release (table, column), and how an older database gets
 /// each. Databases from before the `admin` column get it set for tenant `default`: the tenant
 /// whose token mvmd writes to its state directory, which registered templates then.
-const MIGRATIONS: [(&str, &str, &str); 3] = [
+const MIGRATIONS: [(&str, &str, &str); 4] = [
     (
         "tenants",
         "admin",
@@ -275,6 +282,11 @@ const MIGRATIONS: [(&str, &str, &str); 3] = [
         "sandboxes",
         "image",
         "ALTER TABLE sandboxes ADD COLUMN image TEXT;",
+    ),
+    (
+        "sandboxes",
+        "lifecycle",
+        "ALTER TABLE sandboxes ADD COLUMN lifecycle TEXT;",
     ),
 ];
 
@@ -306,7 +318,7 @@ fn migrate(conn: &Connection) -> Result<()> {
 }
 
 const SANDBOX_COLUMNS: &str = "id, tenant, state, isolation, template, vcpus, memory_mib, \
-    timeout_s, expires_at, created_at, network, env, metadata, slot, pid, image";
+    timeout_s, expires_at, created_at, network, env, metadata, slot, pid, image, lifecycle";
 
 impl Db {
     /// Opens (creating if needed) the database at `path`.
@@ -441,7 +453,7 @@ impl Db {
             )));
         }
         tx.execute(
-            &format!("INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15)"),
+            &format!("INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15, ?16)"),
             params![
                 s.id,
                 s.tenant,
@@ -458,6 +470,7 @@ impl Db {
                 json(&s.metadata),
                 slot,
                 s.image.as_ref().map(json),
+                json(&s.lifecycle),
             ],
         )?;
         tx.commit()?;
@@ -482,7 +495,7 @@ impl Db {
         check_ports_free(&tx, s)?;
         let adopted = tx.execute(
             "UPDATE sandboxes SET tenant = ?3, state = ?4, timeout_s = ?5, expires_at = ?6,
-                 created_at = ?7, network = ?8, env = ?9, metadata = ?10
+                 created_at = ?7, network = ?8, env = ?9, metadata = ?10, lifecycle = ?11
              WHERE id = ?1 AND tenant = ?2",
             params![
                 id,
@@ -495,6 +508,7 @@ impl Db {
                 json(&s.network),
                 json(&s.env),
                 json(&s.metadata),
+                json(&s.lifecycle),
             ],
         )?;
         if adopted == 0 {
@@ -509,15 +523,17 @@ impl Db {
         Ok(row)
     }
 
-    /// Updates state, pid, network and expiry of a sandbox.
+    /// Updates state, pid, network, timeout and expiry of a sandbox.
     pub fn update_sandbox(&self, row: &SandboxRow) -> Result<()> {
         self.conn().execute(
-            "UPDATE sandboxes SET state = ?2, pid = ?3, network = ?4, expires_at = ?5 WHERE id = ?1",
+            "UPDATE sandboxes SET state = ?2, pid = ?3, network = ?4, timeout_s = ?5,
+                 expires_at = ?6 WHERE id = ?1",
             params![
                 row.sandbox.id,
                 row.sandbox.state.as_str(),
                 row.pid,
                 json(&row.sandbox.network),
+                row.sandbox.timeout_s as i64,
                 row.sandbox.expires_at
             ],
         )?;
@@ -870,6 +886,7 @@ mod tests {
             network: Default::default(),
             metadata: Default::default(),
             image: None,
+            lifecycle: Default::default(),
         };
         let unlimited = Quota::default();
         db.insert_sandbox(&sandbox("p1", pool), &unlimited).unwrap();

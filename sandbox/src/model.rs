@@ -152,7 +152,8 @@ pub struct CreateSandbox {
     /// Memory in MiB; default 256, 16 to 65536.
     #[serde(default)]
     pub memory_mib: Option<u64>,
-    /// Seconds until the sandbox is destroyed (default 300; 0 = never); `keepalive` extends it.
+    /// Seconds until the sandbox's timeout passes (default 300; 0 = never): it is then
+    /// destroyed, or paused or saved as `lifecycle` says; `keepalive` extends it.
     #[serde(default)]
     pub timeout_s: Option<u64>,
     /// Environment of every exec in the sandbox.
@@ -182,6 +183,70 @@ pub struct CreateSandbox {
     /// enters the sandbox and is in no answer. At most 16.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, SecretSpec>,
+    /// What happens when its timeout passes, and whether a call to a paused one resumes it
+    /// (default: destroyed, no resume).
+    #[serde(default, skip_serializing_if = "Lifecycle::is_default")]
+    pub lifecycle: Lifecycle,
+}
+
+/// What happens to a sandbox when its timeout passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// Destroyed.
+    #[default]
+    Destroy,
+    /// Frozen (state `paused`), memory kept; its timeout starts again when it is resumed.
+    Pause,
+    /// Saved to disk (state `saved`, vm tier, made from a template): no process and no memory
+    /// until it is resumed, and its timeout starts again then.
+    Save,
+}
+
+impl OnTimeout {
+    /// Name as in requests and answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTimeout::Destroy => "destroy",
+            OnTimeout::Pause => "pause",
+            OnTimeout::Save => "save",
+        }
+    }
+}
+
+impl std::str::FromStr for OnTimeout {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "destroy" => Ok(OnTimeout::Destroy),
+            "pause" => Ok(OnTimeout::Pause),
+            "save" => Ok(OnTimeout::Save),
+            other => Err(format!(
+                "on_timeout {other:?}: expected destroy, pause or save"
+            )),
+        }
+    }
+}
+
+/// A sandbox's lifecycle policy (E2B's `lifecycle`: `onTimeout`, `autoResume`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    /// What its timeout does (default `destroy`).
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+    /// A call that needs its agent (exec, files) or one of its ports resumes it when it is
+    /// paused or saved, with its timeout started again (needs `on_timeout` `pause` or `save`).
+    #[serde(default)]
+    pub auto_resume: bool,
+}
+
+impl Lifecycle {
+    /// Whether this is the default policy (destroyed at the timeout, no resume).
+    pub fn is_default(&self) -> bool {
+        *self == Lifecycle::default()
+    }
 }
 
 /// One secret of a create request: its value and the hosts it may be sent to.
@@ -330,7 +395,7 @@ pub struct Sandbox {
     pub memory_mib: u64,
     /// Timeout in seconds (0 = none).
     pub timeout_s: u64,
-    /// Unix time (s) at which it is destroyed, if it has a timeout.
+    /// Unix time (s) at which its timeout passes, if one runs.
     pub expires_at: Option<i64>,
     /// Unix time (s) of creation.
     pub created_at: i64,
@@ -343,6 +408,9 @@ pub struct Sandbox {
     /// The OCI image it was made from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<SandboxImage>,
+    /// What its timeout does, and whether a call resumes it when paused.
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
 }
 
 /// The image of a sandbox made from one, and what its execs get from it.

@@ -3,12 +3,15 @@ L0 when the nested case `e2b-sdk-vm-tier` prints `nested: E2B-READY <api port> <
 <token>`, configured only by E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY. Creates a sandbox,
 runs commands (stdout callback, exit code, CommandExitException), writes, reads and lists files,
 pauses it (mvmd saves the VM to disk) and connects to it again (resumed, its files and processes
-there), kills it, and sends its verdict back to the case over TCP (`127.0.0.1:<verdict port>`, given as
+there), makes a second one whose lifecycle pauses it at its timeout (saved) and resumes it on a
+command, kills them, and sends its verdict back to the case over TCP (`127.0.0.1:<verdict port>`, given as
 the only argument), one `key value` line each:
 
     verdict pass|fail
     first-output-ms <create -> first stdout callback, ms>   (on pass)
     guest-kernel <uname -r in the sandbox>                  (on pass)
+    auto-saved <id of the sandbox paused at its timeout>    (on pass)
+    auto-resume-ms <its resuming command -> output, ms>     (on pass)
     step ok|FAIL <name>[: <the SDK's error>]                (one per step run)
 
 The steps stop at the first failure; the sandbox is killed whatever happened."""
@@ -21,6 +24,8 @@ import traceback
 # Under QEMU TCG a vm-tier create takes seconds and every call is slow: generous limits.
 REQUEST_TIMEOUT_S = 180
 COMMAND_TIMEOUT_S = 120
+# The timeout of the sandbox whose lifecycle pauses it at its timeout.
+AUTO_PAUSE_TIMEOUT_S = 30
 
 lines = []
 facts = {}
@@ -101,6 +106,42 @@ def smoke():
         )
         expect(r.stdout == "contentalive\n", repr(r.stdout))
 
+    def pause_at_timeout():
+        # Its own sandbox: a lifecycle is chosen at the create. The timeout leaves time for
+        # a cold create under TCG and the calls before it passes.
+        auto = Sandbox.create(
+            template="base",
+            timeout=AUTO_PAUSE_TIMEOUT_S,
+            metadata={"suite": "nested", "run": run_id},
+            lifecycle={"on_timeout": "pause", "auto_resume": True},
+            request_timeout=REQUEST_TIMEOUT_S,
+        )
+        try:
+            auto.files.write("/tmp/e2b/kept", "kept")
+            auto.commands.run(
+                "setsid sh -c 'echo $$ > /tmp/e2b/pid; exec sleep 100000' </dev/null >/dev/null 2>&1 & "
+                "while [ ! -s /tmp/e2b/pid ]; do sleep 0.1; done",
+                timeout=COMMAND_TIMEOUT_S,
+            )
+            info = Sandbox.get_info(auto.sandbox_id)
+            expect(info.lifecycle == {"on_timeout": "pause", "auto_resume": True}, info.lifecycle)
+            deadline = time.time() + AUTO_PAUSE_TIMEOUT_S + 60
+            while Sandbox.get_info(auto.sandbox_id).state != SandboxState.PAUSED:
+                expect(time.time() < deadline, "not paused at its timeout")
+                time.sleep(0.5)
+            facts["auto-saved"] = auto.sandbox_id
+            started = time.perf_counter()
+            r = auto.commands.run(
+                "cat /tmp/e2b/kept; kill -0 $(cat /tmp/e2b/pid) && echo alive",
+                timeout=COMMAND_TIMEOUT_S,
+            )
+            facts["auto-resume-ms"] = f"{(time.perf_counter() - started) * 1e3:.0f}"
+            expect(r.stdout == "keptalive\n", repr(r.stdout))
+            info = Sandbox.get_info(auto.sandbox_id)
+            expect(info.state == SandboxState.RUNNING, f"state {info.state} after the command")
+        finally:
+            auto.kill()
+
     def kill():
         nonlocal killed
         killed = sbx.kill() is not False
@@ -113,6 +154,10 @@ def smoke():
         ("a non-zero exit is CommandExitException with the code", exit_code),
         ("files.write, read, list; the file seen by a command", files),
         ("pause, then connect resumes it with its files and processes", pause_and_connect),
+        (
+            "lifecycle on_timeout pause: saved at its timeout, a command resumes it (auto_resume)",
+            pause_at_timeout,
+        ),
         ("kill, then the sandbox is not listed", kill),
     ]
     try:

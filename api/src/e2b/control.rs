@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use super::time::rfc3339;
 use super::{Caller, E2bError, E2bQuery, E2bState};
 use mvm_sandbox::db::Tenant;
-use mvm_sandbox::model::{CreateSandbox, Egress, NetworkSpec, Sandbox, SandboxState};
+use mvm_sandbox::model::{
+    CreateSandbox, Egress, Isolation, Lifecycle, NetworkSpec, OnTimeout, Sandbox, SandboxState,
+};
 
 /// The envd version mvm reports: the SDK enables stdin, close-stdin, default users and the
 /// octet-stream upload from it, and refuses file metadata (0.6.2) with its own message.
@@ -68,9 +70,17 @@ struct NewSandbox {
     allow_internet_access: Option<bool>,
     network: Option<NetworkConfig>,
     auto_pause: Option<bool>,
+    auto_pause_memory: Option<bool>,
+    auto_resume: Option<AutoResume>,
     mcp: Option<serde_json::Value>,
     iam: Option<serde_json::Value>,
     volume_mounts: Option<Vec<serde_json::Value>>,
+}
+
+/// `SandboxAutoResumeConfig`.
+#[derive(Debug, Default, Deserialize)]
+struct AutoResume {
+    enabled: bool,
 }
 
 /// `SandboxNetworkConfig`: only what maps onto mvm's egress policy.
@@ -91,10 +101,15 @@ fn template_alias(e2b: &str) -> &str {
     }
 }
 
-/// The mvm create request of an E2B one; features mvm lacks are refused naming them.
-fn create_request(req: NewSandbox) -> Result<CreateSandbox> {
+/// The mvm create request of an E2B one, for mvmd's default tier `isolation`; features mvm
+/// lacks are refused naming them.
+fn create_request(req: NewSandbox, isolation: Isolation) -> Result<CreateSandbox> {
+    let auto_pause = req.auto_pause == Some(true);
     let unsupported = [
-        ("autoPause", req.auto_pause == Some(true)),
+        (
+            "autoPauseMemory false (a pause that keeps only the file system)",
+            auto_pause && req.auto_pause_memory == Some(false),
+        ),
         ("mcp", req.mcp.as_ref().is_some_and(|v| !v.is_null())),
         ("iam", req.iam.as_ref().is_some_and(|v| !v.is_null())),
         (
@@ -105,9 +120,19 @@ fn create_request(req: NewSandbox) -> Result<CreateSandbox> {
     if let Some((field, _)) = unsupported.iter().find(|(_, used)| *used) {
         return Err(bad_request(format!("{field} is not supported by mvm")));
     }
+    // E2B's pause at the timeout: saved to disk in the vm tier, as its pause call saves.
+    let on_timeout = match (auto_pause, isolation) {
+        (false, _) => OnTimeout::Destroy,
+        (true, Isolation::Vm) => OnTimeout::Save,
+        (true, Isolation::Jail) => OnTimeout::Pause,
+    };
     Ok(CreateSandbox {
         template: Some(template_alias(&req.template_id).to_owned()),
         timeout_s: req.timeout,
+        lifecycle: Lifecycle {
+            on_timeout,
+            auto_resume: req.auto_resume.is_some_and(|a| a.enabled),
+        },
         env: req.env_vars.unwrap_or_default(),
         network: Some(network(req.allow_internet_access, req.network)?),
         metadata: req.metadata.unwrap_or_default(),
@@ -188,6 +213,28 @@ struct Listed {
     envd_access_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     allow_internet_access: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lifecycle: Option<LifecycleInfo>,
+}
+
+/// E2B's `SandboxLifecycle` (in `SandboxDetail`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LifecycleInfo {
+    on_timeout: &'static str,
+    auto_resume: bool,
+}
+
+impl LifecycleInfo {
+    fn of(l: Lifecycle) -> LifecycleInfo {
+        LifecycleInfo {
+            on_timeout: match l.on_timeout {
+                OnTimeout::Destroy => "kill",
+                OnTimeout::Pause | OnTimeout::Save => "pause",
+            },
+            auto_resume: l.auto_resume,
+        }
+    }
 }
 
 /// E2B's state of an mvm sandbox: only running and paused ones are shown.
@@ -215,6 +262,7 @@ fn listed(s: &Sandbox, state: &'static str) -> Listed {
         metadata: s.metadata.clone(),
         envd_access_token: None,
         allow_internet_access: None,
+        lifecycle: None,
     }
 }
 
@@ -232,7 +280,8 @@ async fn create(
     bytes: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Created>)> {
     let tenant = &caller.tenant;
-    let req = create_request(body::<NewSandbox>(&bytes)?)?;
+    let isolation = state.manager.config().default_isolation;
+    let req = create_request(body::<NewSandbox>(&bytes)?, isolation)?;
     let sandbox = state.manager.create(tenant, req).await?;
     audit_created(&state, tenant, &sandbox.id);
     Ok((StatusCode::CREATED, Json(created(&sandbox, &caller))))
@@ -323,6 +372,7 @@ async fn detail(
     let mut l = listed(&s, e2b);
     l.envd_access_token = Some(caller.token.clone());
     l.allow_internet_access = Some(s.network.egress == Egress::All);
+    l.lifecycle = Some(LifecycleInfo::of(s.lifecycle));
     Ok(Json(l))
 }
 
@@ -483,8 +533,9 @@ mod tests {
                 "allow_internet_access":false,"autoPause":false}"#,
         )
         .unwrap();
-        let c = create_request(req).unwrap();
+        let c = create_request(req, Isolation::Vm).unwrap();
         assert_eq!(c.template.as_deref(), Some("default"));
+        assert!(c.lifecycle.is_default());
         assert_eq!(c.timeout_s, Some(60));
         assert_eq!(c.network.unwrap().egress, Egress::None);
         let allow = network(
@@ -512,8 +563,42 @@ mod tests {
         let req: NewSandbox =
             serde_json::from_str(r#"{"templateID":"base","volumeMounts":[{"name":"v"}]}"#).unwrap();
         assert_eq!(
-            create_request(req).unwrap_err().status,
+            create_request(req, Isolation::Vm).unwrap_err().status,
             StatusCode::BAD_REQUEST
         );
+        // A pause at the timeout that keeps only the file system.
+        let req: NewSandbox = serde_json::from_str(
+            r#"{"templateID":"base","autoPause":true,"autoPauseMemory":false}"#,
+        )
+        .unwrap();
+        let refused = create_request(req, Isolation::Vm).unwrap_err();
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        assert!(
+            refused.message.contains("autoPauseMemory"),
+            "{}",
+            refused.message
+        );
+    }
+
+    /// E2B's `autoPause` saves at the timeout in the vm tier and freezes in the jail tier
+    /// (as its pause call does); `autoResume` is kept.
+    #[test]
+    fn auto_pause_is_the_tiers_pause_at_the_timeout() {
+        let body = r#"{"templateID":"base","timeout":5,"autoPause":true,"autoPauseMemory":true,
+                       "autoResume":{"enabled":true}}"#;
+        for (isolation, on_timeout) in [
+            (Isolation::Vm, OnTimeout::Save),
+            (Isolation::Jail, OnTimeout::Pause),
+        ] {
+            let c = create_request(serde_json::from_str(body).unwrap(), isolation).unwrap();
+            assert_eq!(
+                c.lifecycle,
+                Lifecycle {
+                    on_timeout,
+                    auto_resume: true
+                }
+            );
+        }
+        assert_eq!(LifecycleInfo::of(Lifecycle::default()).on_timeout, "kill");
     }
 }

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::db::{self, SandboxRow, Tenant};
 use crate::error::{Error, Result};
-use crate::model::{CreateSandbox, Egress, Isolation, Sandbox, SandboxState};
+use crate::model::{CreateSandbox, Egress, Isolation, Lifecycle, OnTimeout, Sandbox, SandboxState};
 
 impl Manager {
     /// Checks a create request and fills in the defaults; `userland` replaces the template's
@@ -122,6 +122,7 @@ impl Manager {
                 (template.name.clone(), Userland::Template(template))
             }
         };
+        check_lifecycle(req.lifecycle, isolation, &userland)?;
         // The image's Env under the request's own.
         let mut env = req.env;
         if let Some((image, _)) = &image {
@@ -166,6 +167,7 @@ impl Manager {
             },
             metadata: req.metadata,
             image: image.map(|(image, _)| image),
+            lifecycle: req.lifecycle,
         };
         Ok((sandbox, userland, secrets))
     }
@@ -669,4 +671,35 @@ fn spawn_jail(
             format!("{e} (set MVM_BIN_DIR to the directory of mvm-jailer, mvm-agent and mvm-vmm)"),
         )
     })
+}
+
+/// Refuses a lifecycle a sandbox of `isolation` made from `userland` cannot follow: a save
+/// at the timeout needs a vm-tier sandbox made from a template (what [`Manager::save`] saves),
+/// and a resume on demand a timeout that pauses or saves.
+fn check_lifecycle(lifecycle: Lifecycle, isolation: Isolation, userland: &Userland) -> Result<()> {
+    if lifecycle.on_timeout == OnTimeout::Save {
+        if isolation != Isolation::Vm {
+            return Err(Error::Invalid(
+                "lifecycle.on_timeout \"save\" writes a micro-VM's memory to disk, so it needs \
+                 the vm tier; in the jail tier use \"pause\" (frozen at the timeout)"
+                    .into(),
+            ));
+        }
+        if !matches!(userland, Userland::Template(_)) {
+            return Err(Error::Invalid(
+                "lifecycle.on_timeout \"save\" needs a sandbox made from a template (its saved \
+                 VM is loaded again over the template's image); a sandbox from an image or a \
+                 directory can use \"pause\""
+                    .into(),
+            ));
+        }
+    }
+    if lifecycle.auto_resume && lifecycle.on_timeout == OnTimeout::Destroy {
+        return Err(Error::Invalid(
+            "lifecycle.auto_resume needs lifecycle.on_timeout \"pause\" or \"save\" (a \
+             sandbox destroyed at its timeout has nothing to resume)"
+                .into(),
+        ));
+    }
+    Ok(())
 }

@@ -10,9 +10,10 @@ use crate::error::{Error, Result};
 use crate::model::{ExecRequest, ExecResult, Isolation, TtySize};
 
 impl Manager {
-    /// The agent of a running sandbox, connecting (again) when needed.
+    /// The agent of a running sandbox (one paused or saved is resumed first when its
+    /// lifecycle says so), connecting (again) when needed.
     pub async fn agent(&self, tenant: &str, id: &str) -> Result<AgentClient> {
-        let row = self.running(tenant, id)?;
+        let row = self.awake(tenant, id).await?;
         let live = self.live(id);
         let mut agent = live.agent.lock().await;
         if let Some(c) = agent.as_ref() {

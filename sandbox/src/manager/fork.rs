@@ -33,6 +33,8 @@ impl Manager {
                 "count must be 1 to {MAX_FORK_CHILDREN}, got {count}"
             )));
         }
+        // Its turn until its save is taken: nothing pauses, saves or resumes it meanwhile.
+        let turn = self.transition(id).await;
         let row = self.row(&tenant.name, id)?;
         let source = &row.sandbox;
         if source.isolation != Isolation::Vm {
@@ -55,6 +57,7 @@ impl Manager {
         self.template_of(source, "fork")?;
         let started = std::time::Instant::now();
         let saved = self.save_running(&row).await?;
+        drop(turn);
         let _yielding = self.yield_to_children(id).await;
         // The children start at once, each in a task of its own.
         let mut starting = tokio::task::JoinSet::new();
@@ -65,6 +68,7 @@ impl Manager {
                 vcpus: Some(source.vcpus),
                 memory_mib: Some(source.memory_mib),
                 timeout_s: Some(source.timeout_s),
+                lifecycle: source.lifecycle,
                 env: source.env.clone(),
                 network: Some(source.network.spec()),
                 metadata: source.metadata.clone(),

@@ -1,14 +1,25 @@
 //! Pausing, live resource limits and usage of a sandbox.
 
 use super::{blocking, cgroups, tier, Manager, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+use crate::db::{self, SandboxRow};
 use crate::error::{Error, Result};
 use crate::model::{Sandbox, SandboxState, SandboxStats};
 
 impl Manager {
     /// Freezes (`true`) or thaws a sandbox; a saved one is resumed from its saved VM (see
-    /// [`save`](Self::save)).
+    /// [`save`](Self::save)). A timeout stopped while it was paused starts again.
     pub async fn set_paused(&self, tenant: &str, id: &str, paused: bool) -> Result<Sandbox> {
-        let mut row = self.row(tenant, id)?;
+        let _turn = self.transition(id).await;
+        self.set_paused_now(self.row(tenant, id)?, paused).await
+    }
+
+    /// [`set_paused`](Self::set_paused) of sandbox `row`, in its turn.
+    pub(super) async fn set_paused_now(
+        &self,
+        mut row: SandboxRow,
+        paused: bool,
+    ) -> Result<Sandbox> {
+        let id = row.sandbox.id.clone();
         if row.sandbox.state == SandboxState::Saved && !paused {
             return self.resume_saved(row).await;
         }
@@ -27,6 +38,10 @@ impl Manager {
         }
         self.pause_tier(&row, paused).await?;
         row.sandbox.state = to;
+        let timeout_s = row.sandbox.timeout_s;
+        if !paused && row.sandbox.expires_at.is_none() && timeout_s > 0 {
+            row.sandbox.expires_at = Some(db::now() + timeout_s as i64);
+        }
         self.inner.db.update_sandbox(&row)?;
         Ok(row.sandbox)
     }
@@ -245,6 +260,7 @@ mod tests {
             env: BTreeMap::new(),
             network: Default::default(),
             metadata: BTreeMap::new(),
+            lifecycle: Default::default(),
         };
         assert_eq!(memory_change(&s, 100 << 20).unwrap(), Some(100 << 20));
         memory_change(&s, (16 << 20) - 1).unwrap_err();

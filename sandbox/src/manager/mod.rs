@@ -10,8 +10,9 @@
 //!
 //! This module is the façade: [`ManagerConfig`], [`Manager`] and the public types. Each verb
 //! extends `Manager` in a file of its own: `create` (plan, build, the waits, the jailer's
-//! spawn), `teardown` (teardown, destroy, keepalive, expiry), `reconcile`, `exec` (the agent
-//! and commands), `limits` (pause, live limits, stats), `templates` (and their warm-up),
+//! spawn), `teardown` (teardown, destroy), `lifecycle` (keepalive, what a timeout does, the
+//! resume on demand), `reconcile`, `exec` (the agent and commands), `limits` (pause, live
+//! limits, stats), `templates` (and their warm-up),
 //! `fork` (live fork; the saved VMs of both are `snapshot`'s), `save` (a sandbox saved to
 //! disk and resumed) and `pod`; `tier` is the
 //! one place that knows how the tiers differ (`tier/jail.rs`, `tier/vm.rs`: jail specs, start,
@@ -25,6 +26,7 @@ mod create;
 mod exec;
 mod fork;
 pub(crate) mod host;
+mod lifecycle;
 mod limits;
 mod lock;
 pub mod net;
@@ -356,6 +358,8 @@ struct Inner {
     metrics: Metrics,
     proxied: port_proxy::ProxiedShares,
     pools: pool::Pools,
+    /// Each sandbox's turn to be paused, saved or resumed ([`Manager::transition`]).
+    transitions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The sandbox manager. Cheap to clone.
@@ -435,6 +439,7 @@ impl Manager {
                 metrics: Metrics::default(),
                 proxied: Default::default(),
                 pools: Default::default(),
+                transitions: Default::default(),
             }),
         };
         let reconciled = manager.reconcile().await?;

@@ -130,7 +130,8 @@ impl Manager {
     /// A TCP connection to port `port` of `tenant`'s running sandbox `id`, opened inside the
     /// sandbox's network namespace (see [`net::connect`]): jail tier to its loopback (servers
     /// bound to 0.0.0.0 or 127.0.0.1 answer), vm tier to the guest's address behind the tap.
-    /// Another tenant's sandbox is 404, one not running 409, as is a vm-tier sandbox without
+    /// A paused or saved sandbox whose lifecycle says so is resumed first. Another tenant's
+    /// sandbox is 404, one not running 409, as is a vm-tier sandbox without
     /// a network (its guest has no address); port 0 is 422, a port that does not take the
     /// connection [`Error::PortUnreachable`], a tenant with all its connections open a quota
     /// error.
@@ -138,7 +139,7 @@ impl Manager {
         if port == 0 {
             return Err(Error::Invalid("port must be 1 to 65535, got 0".into()));
         }
-        let s = self.running(tenant, id)?.sandbox;
+        let s = self.awake(tenant, id).await?.sandbox;
         let addr = match s.isolation {
             Isolation::Jail => Ipv4Addr::LOCALHOST,
             Isolation::Vm => s

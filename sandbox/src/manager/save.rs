@@ -27,7 +27,13 @@ impl Manager {
     /// (state `saved`); [`set_paused`](Self::set_paused) resumes it. Only a sandbox made from
     /// a registered template is saved (its VM is loaded again over the template's base image).
     pub async fn save(&self, tenant: &str, id: &str) -> Result<Sandbox> {
-        let mut row = self.row(tenant, id)?;
+        let _turn = self.transition(id).await;
+        self.save_now(self.row(tenant, id)?).await
+    }
+
+    /// [`save`](Self::save) of sandbox `row`, in its turn.
+    pub(super) async fn save_now(&self, mut row: SandboxRow) -> Result<Sandbox> {
+        let id = &row.sandbox.id.clone();
         let s = &row.sandbox;
         if s.isolation != Isolation::Vm {
             return Err(Error::Invalid(format!(

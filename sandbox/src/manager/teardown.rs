@@ -1,5 +1,4 @@
-//! Teardown (one idempotent removal for destroy, rollback and reconciliation), destroy,
-//! keepalive and the reaping of expired sandboxes.
+//! Teardown (one idempotent removal for destroy, rollback and reconciliation) and destroy.
 
 use std::path::PathBuf;
 
@@ -7,13 +6,9 @@ use jailer::CleanupConfig;
 
 use super::lock::BusyLock;
 use super::tier::exec_name;
-use super::{
-    blocking, cgroups, console, host, lock, net, pod_netns_of, rootfs, snapshot, Manager,
-    MAX_TIMEOUT_S,
-};
-use crate::db;
+use super::{blocking, cgroups, console, host, lock, net, pod_netns_of, rootfs, snapshot, Manager};
 use crate::error::{Error, Result};
-use crate::model::{Isolation, Sandbox, SandboxState};
+use crate::model::{Isolation, SandboxState};
 
 impl Manager {
     /// Removes everything sandbox `id` may have on the host, in reverse creation order:
@@ -133,47 +128,5 @@ impl Manager {
             .destroyed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Extends a sandbox's life by `timeout_s` (default: its own timeout) from now.
-    pub fn keepalive(&self, tenant: &str, id: &str, timeout_s: Option<u64>) -> Result<Sandbox> {
-        let mut row = self.row(tenant, id)?;
-        let t = timeout_s.unwrap_or(row.sandbox.timeout_s);
-        if t > MAX_TIMEOUT_S {
-            return Err(Error::Invalid(format!(
-                "timeout_s must be at most {MAX_TIMEOUT_S}, got {t}"
-            )));
-        }
-        row.sandbox.timeout_s = t;
-        row.sandbox.expires_at = (t > 0).then(|| db::now() + t as i64);
-        self.inner.db.update_sandbox(&row)?;
-        Ok(row.sandbox)
-    }
-
-    /// Destroys every running or paused sandbox whose timeout has passed (a saved sandbox's
-    /// timeout does not run); returns their ids.
-    pub async fn reap_expired(&self) -> Result<Vec<String>> {
-        let now = db::now();
-        let mut reaped = Vec::new();
-        for row in self.inner.db.sandboxes(None)? {
-            let s = &row.sandbox;
-            let due = s.expires_at.is_some_and(|t| t <= now);
-            if due && matches!(s.state, SandboxState::Running | SandboxState::Paused) {
-                match self.destroy(&s.tenant, &s.id).await {
-                    Ok(()) => {
-                        let _ = self.inner.db.audit(
-                            &s.tenant,
-                            "expire",
-                            &s.id,
-                            200,
-                            "timeout_s passed",
-                        );
-                        reaped.push(s.id.clone());
-                    }
-                    Err(e) => tracing::warn!(id = %s.id, "destroying an expired sandbox: {e}"),
-                }
-            }
-        }
-        Ok(reaped)
     }
 }

@@ -3,11 +3,12 @@
 //! `nested: E2B-READY <api port> <verdict port> <token>`, and run.sh, which watches the console,
 //! runs `tests/nested/e2b_smoke.py` against it (create, commands.run with a stdout callback,
 //! CommandExitException, files write/read/list, pause — mvmd saves the VM to disk — and
-//! connect, kill) and sends the smoke's verdict back to the verdict port. In nested mode both
+//! connect, a sandbox whose lifecycle saves it at its timeout resumed by a command, kill) and sends the smoke's verdict back to the verdict port. In nested mode both
 //! ports are on L1's user-mode NIC (10.0.2.15), forwarded by QEMU from the same ports of L0's
 //! 127.0.0.1 (`--l0-ports`); in direct mode they are free ports of 127.0.0.1. The case fails
 //! when the smoke fails, when no verdict comes (run.sh did not run it), when the sandbox was
-//! not a micro-VM (its `uname -r` is not the guest kernel's), or when anything is left behind.
+//! not a micro-VM (its `uname -r` is not the guest kernel's), when the sandbox paused at its
+//! timeout was not saved (mvmd's log), or when anything is left behind.
 
 use std::io::{ErrorKind, Read};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -19,9 +20,9 @@ use super::{ip, load_on_demand_modules, Ctx, ManagerDirs, Mode, MvmdSession, Out
 
 /// L1's address on QEMU's user-mode network (QEMU forwards L0's ports to it).
 const L1_NIC_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-/// From the ready line to the smoke's verdict: Python start-up on a busy L0, a vm-tier create
-/// and a handful of calls, each slow under QEMU TCG.
-const VERDICT_TIMEOUT: Duration = Duration::from_secs(300);
+/// From the ready line to the smoke's verdict: Python start-up on a busy L0, two vm-tier
+/// creates, a 30 s sandbox timeout and a handful of calls, each slow under QEMU TCG.
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(420);
 /// Most bytes of a verdict read (a few lines).
 const VERDICT_LIMIT: u64 = 64 << 10;
 /// Reading the verdict once the smoke has connected.
@@ -68,6 +69,23 @@ pub fn e2b_sdk_vm_tier(ctx: &mut Ctx) -> Outcome {
         println!("nested: E2B-READY {api_port} {verdict_port} {token}");
         let report = await_verdict(&verdict)?;
         let figure = judge(&report, &ctx.release)?;
+        // Its lifecycle's pause at the timeout is a save in the vm tier.
+        let auto = reported(&report, "auto-saved").unwrap_or_default();
+        let log = session.log();
+        if auto.is_empty()
+            || !log
+                .lines()
+                .any(|l| l.contains("sandbox saved") && l.contains(auto))
+        {
+            return Err(format!(
+                "the sandbox paused at its timeout ({auto:?}) was not saved to disk (no \
+                 \"sandbox saved\" line for it in mvmd's log)"
+            ));
+        }
+        let resumed = reported(&report, "auto-resume-ms")
+            .unwrap_or_default()
+            .to_owned();
+        let figure = (figure, resumed);
         let left = session.list(ctx)?;
         if !left.is_empty() {
             return Err(format!(
@@ -83,10 +101,15 @@ pub fn e2b_sdk_vm_tier(ctx: &mut Ctx) -> Outcome {
     };
     let outcome = session.finish(ctx, checked);
     drop(nic);
-    if let (Ok(_), Some(ms)) = (&outcome, figure) {
+    if let (Ok(_), Some((ms, resumed))) = (&outcome, figure) {
         ctx.record(
             "vm tier via the e2b Python SDK on L0: Sandbox.create -> first commands.run stdout",
             format!("{ms} ms"),
+        );
+        ctx.record(
+            "vm tier via the e2b Python SDK on L0: commands.run on a sandbox saved at its \
+             timeout (lifecycle pause, auto_resume) -> its output",
+            format!("{resumed} ms"),
         );
     }
     outcome
@@ -127,13 +150,16 @@ fn await_verdict(listener: &TcpListener) -> Result<String, String> {
     Ok(report)
 }
 
+/// The value of the smoke's report line `key value`.
+fn reported<'a>(report: &'a str, key: &str) -> Option<&'a str> {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+}
+
 /// Checks the smoke's report; returns its create → first output figure (ms).
 fn judge(report: &str, guest_release: &str) -> Result<String, String> {
-    let value = |key: &str| {
-        report
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
-    };
+    let value = |key: &str| reported(report, key);
     let steps: Vec<&str> = report
         .lines()
         .filter_map(|l| l.strip_prefix("step "))
