@@ -724,6 +724,8 @@ fn timeout_expiry_and_keepalive() {
             404,
             "expired sandbox still there"
         );
+        // The new timeout is the sandbox's own from then on.
+        assert_eq!(c.get(&lives.id).await.expect("get").timeout_s, 3);
         assert_eq!(
             c.exec(&lives.id, &cmd(&["echo", "alive"]))
                 .await

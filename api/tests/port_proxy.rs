@@ -12,7 +12,7 @@ use std::path::Path;
 use common::{api_error, block_on, detach, jail, Daemon};
 use mvm_client::Client;
 use mvm_sandbox::http::Endpoint;
-use mvm_sandbox::model::Sandbox;
+use mvm_sandbox::model::{CreateSandbox, Lifecycle, OnTimeout, Sandbox, SandboxState};
 use mvm_sandbox::ErrorBody;
 use mvm_testkit::ports::{free_local_port, httpd_command};
 use mvm_testkit::root_or_skip;
@@ -133,7 +133,13 @@ fn serving_sandbox() -> (Daemon, u16, Sandbox) {
 
 /// A jail-tier sandbox of `c`'s tenant whose busybox httpd serves [`GREETING`] on port 8080.
 fn serve(d: &Daemon, c: &Client) -> Sandbox {
-    let s = block_on(c.create(&jail())).expect("create");
+    serve_from(d, c, &jail())
+}
+
+/// The sandbox `req` makes for `c`'s tenant, its busybox httpd serving [`GREETING`] on port
+/// 8080.
+fn serve_from(d: &Daemon, c: &Client, req: &CreateSandbox) -> Sandbox {
+    let s = block_on(c.create(req)).expect("create");
     d.track(&s.id);
     detach(c, &s.id, &httpd_command(GREETING, 8080));
     wait_serving(c, &s.id, 8080, "/", GREETING);
@@ -323,4 +329,41 @@ fn proxied_connections_are_bounded_per_tenant_and_idle_ones_end() {
     for (c, id) in [(&c, &s.id), (&neighbour, &theirs.id)] {
         block_on(c.delete(id)).expect("delete");
     }
+}
+
+/// A sandbox paused at its timeout whose lifecycle resumes it on demand: a request through
+/// the port proxy resumes it and its server answers.
+#[test]
+fn a_port_request_resumes_a_sandbox_paused_at_its_timeout() {
+    if !root_or_skip("a_port_request_resumes_a_sandbox_paused_at_its_timeout") {
+        return;
+    }
+    let d = Daemon::start();
+    let c = d.client();
+    let req = CreateSandbox {
+        timeout_s: Some(2),
+        lifecycle: Lifecycle {
+            on_timeout: OnTimeout::Pause,
+            auto_resume: true,
+        },
+        ..jail()
+    };
+    let s = serve_from(&d, &c, &req);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while block_on(c.get(&s.id)).expect("kept").state != SandboxState::Paused {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not paused at its timeout"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (status, body) =
+        block_on(c.port_request(&s.id, 8080, "GET", "/", Vec::new())).expect("proxy");
+    assert_eq!(
+        (status, text(&body).contains(GREETING)),
+        (200, true),
+        "{}",
+        text(&body)
+    );
+    block_on(c.delete(&s.id)).expect("delete");
 }
