@@ -67,6 +67,28 @@ async function main() {
     expect(left.length === 0, left)
   })
 
+  await step('lifecycle onTimeout pause: paused at its timeout, a command resumes it (autoResume)', async () => {
+    const auto = await Sandbox.create('base', {
+      timeoutMs: 3_000,
+      metadata: { run: `${run}-auto` },
+      lifecycle: { onTimeout: 'pause', autoResume: true },
+    })
+    try {
+      await auto.files.write('/tmp/js/kept', 'kept')
+      const info = await Sandbox.getInfo(auto.sandboxId)
+      expect(info.lifecycle && info.lifecycle.onTimeout === 'pause' && info.lifecycle.autoResume === true, info.lifecycle)
+      const deadline = Date.now() + 20_000
+      while ((await Sandbox.getInfo(auto.sandboxId)).state !== 'paused') {
+        expect(Date.now() < deadline, 'not paused at its timeout')
+        await new Promise((r) => setTimeout(r, 200))
+      }
+      const r = await auto.commands.run('cat /tmp/js/kept')
+      expect(r.stdout === 'kept', r.stdout)
+    } finally {
+      await auto.kill()
+    }
+  })
+
   await step('an unknown sandbox is SandboxNotFoundError', async () => {
     try {
       await Sandbox.connect('000000000000')

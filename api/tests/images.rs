@@ -13,7 +13,8 @@ use mvm_client::Client;
 use mvm_sandbox::image::METADATA_LIMIT;
 use mvm_sandbox::model::{CreateSandbox, PullImage};
 use mvm_testkit::registry::{
-    busybox_layer, config_blob, gzip, layer, oci_archive, sha256_digest, Auth, Entry, Registry,
+    busybox_layer, config_blob, gzip, layer, oci_archive, sha256_digest, Auth, Entry, Pushed,
+    Registry,
 };
 use mvm_testkit::{root_or_skip, skip_or_fail_in_ci};
 
@@ -522,6 +523,35 @@ fn an_image_config_over_the_limit_is_refused() {
     assert!(cache_entries(&d.state_dir()).is_empty());
 }
 
+/// Pushes the images of the removal tests: `test/app` under the tags v1 and v2 (busybox and a
+/// layer of its own) and `test/shared:latest` (busybox only); returns both and the size of
+/// the app's own (compressed) layer.
+fn push_app_and_shared(registry: &Registry) -> (Pushed, Pushed, u64) {
+    let base = busybox_layer();
+    let top = layer(&[
+        Entry::Dir("srv/", 0o755),
+        Entry::File("srv/app.txt", 0o644, b"the app\n"),
+    ]);
+    let top_size = gzip(&top).len() as u64;
+    let app = registry.push_image("test/app", "v1", &[base.clone(), top.clone()], app_config());
+    let again = registry.push_image("test/app", "v2", &[base.clone(), top], app_config());
+    assert_eq!(again.digest, app.digest);
+    let shared = registry.push_image(
+        "test/shared",
+        "latest",
+        std::slice::from_ref(&base),
+        config_blob(serde_json::json!({"Env": ["PATH=/bin"]}), "amd64"),
+    );
+    (app, shared, top_size)
+}
+
+/// The layer blobs in `d`'s image cache.
+fn blob_count(d: &Daemon) -> usize {
+    std::fs::read_dir(d.state_dir().join("images/blobs/sha256"))
+        .expect("blobs")
+        .count()
+}
+
 /// `DELETE /v1/images/{name}` as docker's rmi: a tag is untagged while another names the
 /// image; an image a sandbox (another tenant's) uses is kept with a 409 naming it and nothing
 /// changed; the last tag removes the image and the layers only it used, while a layer another
@@ -533,30 +563,12 @@ fn images_are_removed_like_docker_rmi() {
         return;
     };
     let host = &registry.host;
-    let base = busybox_layer();
-    let top = layer(&[
-        Entry::Dir("srv/", 0o755),
-        Entry::File("srv/app.txt", 0o644, b"the app\n"),
-    ]);
-    let top_size = gzip(&top).len() as u64;
-    let app = registry.push_image("test/app", "v1", &[base.clone(), top.clone()], app_config());
-    let again = registry.push_image("test/app", "v2", &[base.clone(), top], app_config());
-    assert_eq!(again.digest, app.digest);
-    registry.push_image(
-        "test/shared",
-        "latest",
-        std::slice::from_ref(&base),
-        config_blob(serde_json::json!({"Env": ["PATH=/bin"]}), "amd64"),
-    );
+    let (app, _, top_size) = push_app_and_shared(&registry);
     let d = Daemon::start();
     let before = d.host_state();
     let admin = d.client();
     let other = d.client_with(Some(&d.tenant("other", &[])));
-    let blobs = || {
-        std::fs::read_dir(d.state_dir().join("images/blobs/sha256"))
-            .expect("blobs")
-            .count()
-    };
+    let blobs = || blob_count(&d);
     block_on(async {
         for r in ["test/app:v1", "test/app:v2", "test/shared"] {
             admin
@@ -624,6 +636,83 @@ fn images_are_removed_like_docker_rmi() {
         let shared = admin.images().await.expect("list").remove(0);
         let removed = admin.remove_image(&shared.digest).await.expect("rmi");
         assert_eq!(removed.untagged, shared.references);
+        assert_eq!(blobs(), 0);
+        assert!(cache_entries(&d.state_dir()).is_empty());
+    });
+    drop(admin);
+    d.assert_no_leaks(&before);
+}
+
+/// `POST /v1/images/prune` removes every image no sandbox uses, with all its references, and
+/// the layers only they used; an image a sandbox uses stays whole (its references too, and
+/// the layer it shares with a pruned one) and the sandbox runs on; a tenant's prune is a 403
+/// that changes nothing; a prune of a cache with nothing unused removes nothing.
+#[test]
+fn unused_images_are_pruned() {
+    let test = "unused_images_are_pruned";
+    let Some(registry) = registry_or_skip(test, Auth::Anonymous) else {
+        return;
+    };
+    let host = &registry.host;
+    let (unused, used, top_size) = push_app_and_shared(&registry);
+    let d = Daemon::start();
+    let before = d.host_state();
+    let admin = d.client();
+    let other = d.client_with(Some(&d.tenant("other", &[])));
+    let blobs = || blob_count(&d);
+    block_on(async {
+        let (used_ref, unused_ref) = (
+            format!("{host}/test/shared:latest"),
+            format!("{host}/test/app:v1"),
+        );
+        for r in [&used_ref, &unused_ref, &format!("{host}/test/app:v2")] {
+            admin.pull_image(&pull(r)).await.expect("pull");
+        }
+        assert_eq!(blobs(), 2);
+        let s = other
+            .create(&CreateSandbox {
+                image: Some(used_ref.clone()),
+                ..jail()
+            })
+            .await
+            .expect("create from the image");
+        let e = other.prune_images().await.expect_err("a tenant's prune");
+        assert_eq!(api_error(&e).0, 403);
+        assert_eq!(admin.images().await.expect("list").len(), 2);
+
+        let pruned = admin.prune_images().await.expect("prune");
+        assert_eq!(pruned.deleted, vec![unused.digest.clone()]);
+        let mut untagged = pruned.untagged.clone();
+        untagged.sort();
+        assert_eq!(
+            untagged,
+            vec![unused_ref.clone(), format!("{host}/test/app:v2")]
+        );
+        assert_eq!(
+            pruned.freed_bytes, top_size,
+            "only the unused image's own layer"
+        );
+        assert_eq!(blobs(), 1);
+        let listed = admin.images().await.expect("list");
+        assert_eq!(
+            listed
+                .iter()
+                .map(|i| (i.digest.clone(), i.references.clone()))
+                .collect::<Vec<_>>(),
+            vec![(used.digest.clone(), vec![used_ref.clone()])]
+        );
+        let r = other.exec(&s.id, &sh("echo runs")).await.expect("exec");
+        assert_eq!(r.stdout, "runs\n", "{r:?}");
+        // Nothing unused left: nothing removed.
+        let again = admin.prune_images().await.expect("prune again");
+        assert!(
+            again.deleted.is_empty() && again.untagged.is_empty(),
+            "{again:?}"
+        );
+        assert_eq!(again.freed_bytes, 0);
+        other.delete(&s.id).await.expect("destroy");
+        let pruned = admin.prune_images().await.expect("prune the last");
+        assert_eq!(pruned.deleted, vec![used.digest.clone()]);
         assert_eq!(blobs(), 0);
         assert!(cache_entries(&d.state_dir()).is_empty());
     });

@@ -10,8 +10,8 @@ use mvm_client::{Client, ClientError, Stream};
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::image::Credentials;
 use mvm_sandbox::model::{
-    CreateSandbox, ExecRequest, ExitInfo, Image, PullImage, RemovedImage, Sandbox, SandboxUsage,
-    Template, WarmRequest, WsControl,
+    CreateSandbox, ExecRequest, ExitInfo, Image, PrunedImages, PullImage, RemovedImage, Sandbox,
+    SandboxUsage, Template, WarmRequest, WsControl,
 };
 use mvm_sandbox::{Manager, ManagerConfig};
 use tokio::io::AsyncReadExt;
@@ -412,6 +412,14 @@ impl Backend {
         Ok(match self {
             Backend::Daemon(c) => c.remove_image(name).await?,
             Backend::Local { manager, .. } => manager.remove_image(name).await?,
+        })
+    }
+
+    /// Removes every cached image no sandbox uses.
+    pub async fn prune_images(&self) -> Result<PrunedImages, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.prune_images().await?,
+            Backend::Local { manager, .. } => manager.prune_images().await?,
         })
     }
 

@@ -232,7 +232,11 @@ enum Command {
         insecure_registry: Vec<String>,
     },
     /// List the cached OCI images.
-    Images,
+    Images {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        action: Option<ImagesAction>,
+    },
     /// Remove images from the cache, as docker's rmi: a reference is untagged and its image
     /// removed when nothing else names it; a digest is removed with all its references. An
     /// image a sandbox uses is kept (through mvmd: an admin's).
@@ -256,6 +260,13 @@ enum Command {
 
 /// `mvm templates` subcommands.
 #[derive(Debug, Subcommand)]
+enum ImagesAction {
+    /// Remove every cached image no sandbox uses, with its references and the layers no
+    /// other image shares, as `docker image prune -a` (through mvmd: an admin's).
+    Prune,
+}
+
+#[derive(Subcommand, Debug)]
 enum TemplatesAction {
     /// Boot the template once as a vm-tier sandbox and keep the VM as a snapshot: vm-tier
     /// creates of its size (by default 1 vCPU, 256 MiB) then restore it instead of booting.
@@ -778,7 +789,27 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             }
             Ok(u8::from(failed))
         }
-        Command::Images => {
+        Command::Images {
+            action: Some(ImagesAction::Prune),
+        } => {
+            let pruned = backend.prune_images().await?;
+            if json {
+                print_json(&pruned);
+            } else {
+                for r in &pruned.untagged {
+                    println!("Untagged: {r}");
+                }
+                for d in &pruned.deleted {
+                    println!("Deleted: {d}");
+                }
+                println!(
+                    "Total reclaimed space: {:.1} MiB of layers",
+                    pruned.freed_bytes as f64 / (1 << 20) as f64
+                );
+            }
+            Ok(0)
+        }
+        Command::Images { action: None } => {
             let list = backend.images().await?;
             if json {
                 print_json(&list);

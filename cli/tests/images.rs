@@ -83,6 +83,21 @@ fn check(env: &Env, host: Option<&str>, registry: &Registry, digest: &str) {
         "{}",
         text(&out.stderr)
     );
+    // images prune: pulled again and used by nothing, it goes with its reference.
+    let mvm = |args: &[&str]| env.mvm_at(host).args(args).output().expect("mvm");
+    let out = mvm(&["pull", &reference]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = mvm(&["images", "prune"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.starts_with(&format!(
+            "Untagged: {reference}\nDeleted: {digest}\nTotal reclaimed space: "
+        )),
+        "{said}"
+    );
+    let out = mvm(&["-o", "json", "images"]);
+    assert_eq!(text(&out.stdout).trim(), "[]", "{}", text(&out.stderr));
 }
 
 #[test]

@@ -375,6 +375,11 @@ impl Client {
         .await
     }
 
+    /// `POST /v1/images/prune`: removes every cached image no sandbox uses (admin).
+    pub async fn prune_images(&self) -> Result<PrunedImages, ClientError> {
+        self.json("POST", "/v1/images/prune", None::<&()>).await
+    }
+
     /// `POST /v1/images/load`: loads a `docker save` or OCI archive into mvmd's cache.
     pub async fn load_images(&self, archive: Vec<u8>) -> Result<Vec<Image>, ClientError> {
         let answer = self

@@ -489,6 +489,17 @@ pub struct RemovedImage {
     pub freed_bytes: u64,
 }
 
+/// What pruning the image cache did (`POST /v1/images/prune`, `mvm image prune`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PrunedImages {
+    /// References removed.
+    pub untagged: Vec<String>,
+    /// Digests of the images removed.
+    pub deleted: Vec<String>,
+    /// Bytes of layers removed because no image uses them any more.
+    pub freed_bytes: u64,
+}
+
 /// `POST /v1/images` body: pull an image from its registry (admin only). Its `Debug` hides
 /// the password.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]

@@ -13,7 +13,7 @@ use axum::Json;
 use super::{audit_event, body, Admin, ApiJson, AppState, Auth};
 use crate::error::Result;
 use mvm_sandbox::image::Credentials;
-use mvm_sandbox::model::{Image, ImageList, PullImage, RemovedImage};
+use mvm_sandbox::model::{Image, ImageList, PrunedImages, PullImage, RemovedImage};
 use mvm_sandbox::{Error, ErrorBody};
 
 /// Images in mvmd's cache, newest first.
@@ -110,4 +110,21 @@ pub(super) async fn remove_image(
     let what = removed.deleted.clone().unwrap_or_else(|| name.clone());
     audit_event(&state, &tenant, "image removed", &what);
     Ok(Json(removed))
+}
+
+/// Remove every image of the cache that no sandbox uses, with all its references, and the
+/// layers no image uses any more, as `docker image prune -a` does. Images are shared: this
+/// needs an admin token.
+#[utoipa::path(post, path = "/v1/images/prune", tag = "images",
+    responses((status = 200, body = PrunedImages), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "not an admin token")))]
+pub(super) async fn prune_images(
+    State(state): State<AppState>,
+    Admin(tenant): Admin,
+) -> Result<Json<PrunedImages>> {
+    let pruned = state.manager.prune_images().await?;
+    for digest in &pruned.deleted {
+        audit_event(&state, &tenant, "image removed", digest);
+    }
+    Ok(Json(pruned))
 }

@@ -85,6 +85,7 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
         .routes(routes!(warm_template))
         .routes(routes!(images::list_images, images::pull_image))
         .routes(routes!(images::load_images))
+        .routes(routes!(images::prune_images))
         // A reference has slashes (`docker.io/library/alpine:3.20`).
         .route("/v1/images/{*name}", delete(images::remove_image))
         // Any method, any path after the port (the document names it `{path}`).

@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 pub use pull::{plain_http, Credentials};
 
 use crate::error::{Error, Result};
-use crate::model::{Image, ImageConfig, RemovedImage, SandboxImage};
+use crate::model::{Image, ImageConfig, PrunedImages, RemovedImage, SandboxImage};
 
 /// Environment variable with registries reached over plain HTTP besides loopback ones
 /// (comma-separated `host` or `host:port`), like docker's `--insecure-registry`.
@@ -315,7 +315,47 @@ impl ImageStore {
                 )));
             }
         }
-        for r in &untag {
+        self.untag(&untag)?;
+        let mut removed = RemovedImage {
+            untagged: untag,
+            deleted: None,
+            freed_bytes: 0,
+        };
+        if delete {
+            self.delete_tree(&image.digest)?;
+            removed.deleted = Some(image.digest);
+        }
+        removed.freed_bytes = self.collect_blobs()?;
+        Ok(removed)
+    }
+
+    /// Removes every image no sandbox uses (`used` gives the digests of those sandboxes use,
+    /// asked under the locks), with all its references, then the layers no image uses, as
+    /// `docker image prune -a` does.
+    pub fn prune(
+        &self,
+        used: impl FnOnce() -> Result<std::collections::HashSet<String>>,
+    ) -> Result<PrunedImages> {
+        let _pins = self.pins(mvm_sys::flock::Kind::Exclusive)?;
+        let _lock = self.lock()?;
+        let used = used()?;
+        let mut pruned = PrunedImages::default();
+        for image in self.list()? {
+            if used.contains(&image.digest) {
+                continue;
+            }
+            self.untag(&image.references)?;
+            self.delete_tree(&image.digest)?;
+            pruned.untagged.extend(image.references);
+            pruned.deleted.push(image.digest);
+        }
+        pruned.freed_bytes = self.collect_blobs()?;
+        Ok(pruned)
+    }
+
+    /// Removes `references` (those gone already too). Under both locks.
+    fn untag(&self, references: &[String]) -> Result<()> {
+        for r in references {
             match std::fs::remove_file(self.ref_path(r)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(Error::host(format!("untagging {r}"), e))
@@ -323,25 +363,20 @@ impl ImageStore {
                 _ => {}
             }
         }
-        let mut removed = RemovedImage {
-            untagged: untag,
-            deleted: None,
-            freed_bytes: 0,
-        };
-        if delete {
-            // Out of sight first (a name the next lock() sweeps), then removed.
-            let dir = self.image_dir(&image.digest)?;
-            let doomed = self
-                .root
-                .join("images")
-                .join(format!(".tmp-rm-{}", crate::db::random_hex(8)?));
-            std::fs::rename(&dir, &doomed)
-                .map_err(|e| Error::host(format!("removing {}", dir.display()), e))?;
-            crate::manager::host::remove_tree(&doomed)?;
-            removed.deleted = Some(image.digest);
-        }
-        removed.freed_bytes = self.collect_blobs()?;
-        Ok(removed)
+        Ok(())
+    }
+
+    /// Removes the unpacked tree and record of image `digest`. Under both locks.
+    fn delete_tree(&self, digest: &str) -> Result<()> {
+        // Out of sight first (a name the next lock() sweeps), then removed.
+        let dir = self.image_dir(digest)?;
+        let doomed = self
+            .root
+            .join("images")
+            .join(format!(".tmp-rm-{}", crate::db::random_hex(8)?));
+        std::fs::rename(&dir, &doomed)
+            .map_err(|e| Error::host(format!("removing {}", dir.display()), e))?;
+        crate::manager::host::remove_tree(&doomed)
     }
 
     /// Removes the layer blobs no image's record names; returns their bytes. Under both

@@ -463,16 +463,35 @@ impl Manager {
         blocking(move || {
             manager.images().remove(&name, |digest| {
                 Ok(manager
-                    .inner
-                    .db
-                    .sandboxes(None)?
-                    .into_iter()
-                    .filter(|r| r.sandbox.image.as_ref().is_some_and(|i| i.digest == digest))
-                    .map(|r| r.sandbox.id)
+                    .image_users()?
+                    .filter(|(_, used)| used == digest)
+                    .map(|(id, _)| id)
                     .collect())
             })
         })
         .await
+    }
+
+    /// Removes every image of the cache that no sandbox uses (see
+    /// [`ImageStore::prune`](crate::image::ImageStore::prune)).
+    pub async fn prune_images(&self) -> Result<crate::model::PrunedImages> {
+        let manager = self.clone();
+        blocking(move || {
+            manager
+                .images()
+                .prune(|| Ok(manager.image_users()?.map(|(_, digest)| digest).collect()))
+        })
+        .await
+    }
+
+    /// Each sandbox made from an image, with its image's digest.
+    fn image_users(&self) -> Result<impl Iterator<Item = (String, String)>> {
+        Ok(self
+            .inner
+            .db
+            .sandboxes(None)?
+            .into_iter()
+            .filter_map(|r| Some((r.sandbox.id, r.sandbox.image?.digest))))
     }
 
     /// The state database.
