@@ -203,17 +203,6 @@ pub enum OnTimeout {
     Save,
 }
 
-impl OnTimeout {
-    /// Name as in requests and answers.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OnTimeout::Destroy => "destroy",
-            OnTimeout::Pause => "pause",
-            OnTimeout::Save => "save",
-        }
-    }
-}
-
 impl std::str::FromStr for OnTimeout {
     type Err = String;
 
@@ -489,7 +478,7 @@ pub struct RemovedImage {
     pub freed_bytes: u64,
 }
 
-/// What pruning the image cache did (`POST /v1/images/prune`, `mvm image prune`).
+/// What pruning the image cache did (`POST /v1/images/prune`, `mvm images prune`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PrunedImages {
     /// References removed.
