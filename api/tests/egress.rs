@@ -753,6 +753,14 @@ fn egress_allow_by_dns_name() {
         assert!(reached(&reach(&s, "api.example.test".into(), 80).await));
         assert!(reached(&reach(&s, "files.pypi.test".into(), 8080).await));
 
+        // Its resolver's worker dies (a crash, the OOM killer): another one answers.
+        replace_worker("mvm-dns", &s.id);
+        let out = resolve(&s, "files.pypi.test").await;
+        assert!(
+            out.contains(&pypi.to_string()),
+            "after its worker died: {out}"
+        );
+
         // Other names do not resolve, and their addresses are not reached by address.
         let out = resolve(&s, "blocked.test").await;
         assert!(
@@ -876,6 +884,47 @@ fn egress_allow_by_dns_name() {
 /// `--sandbox ID`).
 fn resolver_of(id: &str) -> String {
     helper_of("mvm-dns", id)
+}
+
+/// Kills the worker of helper `bin` of sandbox `id` (SIGKILL) and waits until its supervisor
+/// has started another.
+fn replace_worker(bin: &str, id: &str) {
+    let worker = || {
+        let pids: Vec<i32> = helper_of(bin, id)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        let parent = |pid: i32| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        // The one whose parent is the other (its supervisor).
+        pids.iter()
+            .copied()
+            .find(|p| parent(*p).is_some_and(|pp| pids.contains(&pp)))
+    };
+    let killed = worker().unwrap_or_else(|| {
+        panic!(
+            "{bin} of {id} has no worker under a supervisor: {}",
+            helper_of(bin, id)
+        )
+    });
+    // SAFETY: kill(2) of a process just found by its command line.
+    assert_eq!(unsafe { libc::kill(killed, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while worker().is_none_or(|w| w == killed) {
+        assert!(
+            Instant::now() < deadline,
+            "no new worker of {bin} of {id}: {}",
+            helper_of(bin, id)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The processes of helper `bin` of sandbox `id` (`pgrep -a`; their command line starts
@@ -1089,6 +1138,15 @@ fn secrets_reach_only_their_hosts() {
         let out = fetch("api.secret.test", "169.254.53.54", &bundle);
         assert!(out.starts_with("200 rc=0"), "{out}");
         assert_eq!(logged(&secret_log), format!("auth=Bearer {VALUE}\n"));
+        // Its proxy's worker dies (a crash, the OOM killer): another one, with the same
+        // secrets and CA, serves the next request.
+        replace_worker("mvm-egress", &s.id);
+        let out = fetch("api.secret.test", "169.254.53.54", &bundle);
+        assert!(out.starts_with("200 rc=0"), "after its worker died: {out}");
+        assert_eq!(
+            logged(&secret_log),
+            format!("auth=Bearer {VALUE}\nauth=Bearer {VALUE}\n")
+        );
         // The sandbox's CA alone verifies the proxy (the bundle is the image's plus it).
         let out = fetch(
             "api.secret.test",
@@ -1136,7 +1194,7 @@ fn secrets_reach_only_their_hosts() {
             "a sandbox file holds the value"
         );
 
-        // One audit line for the use, without the value.
+        // One audit line for each use, without the value.
         let audit =
             std::fs::read_to_string(d.state_dir().join("egress-audit.log")).expect("the audit log");
         assert!(
@@ -1146,7 +1204,8 @@ fn secrets_reach_only_their_hosts() {
             )),
             "{audit}"
         );
-        assert_eq!(audit.lines().count(), 2, "{audit}");
+        // (Three uses: the bundle's, the worker's after its predecessor died, the CA's.)
+        assert_eq!(audit.lines().count(), 3, "{audit}");
         assert!(!audit.contains(VALUE), "{audit}");
 
         // Another sandbox reaches neither this one's proxy (at its port on this one's

@@ -1,8 +1,9 @@
 //! System code shared by the jailer, the guest agent and the manager: the mount table
 //! ([`mountinfo`]), mount(2) and pivot_root(2) ([`mount`]), the cgroup hierarchies
 //! ([`cgroup`]), flock(2) ([`flock`]), paths as C strings ([`cstr`]), persistent tap devices
-//! ([`tap`]), userfaultfd(2) ([`uffd`]: the VMM's `Uffd` snapshot backend and page servers)
-//! and the data ranges of sparse files ([`sparse`]).
+//! ([`tap`]), userfaultfd(2) ([`uffd`]: the VMM's `Uffd` snapshot backend and page servers),
+//! the data ranges of sparse files ([`sparse`]) and helper processes that restart their worker
+//! when it dies ([`supervise`]).
 //!
 //! The agent links this crate into its static init binary: it depends on libc and thiserror
 //! only.
@@ -13,6 +14,7 @@ pub mod flock;
 pub mod mount;
 pub mod mountinfo;
 pub mod sparse;
+pub mod supervise;
 pub mod tap;
 pub mod uffd;
 

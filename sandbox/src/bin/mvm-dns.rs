@@ -1,6 +1,7 @@
 //! `mvm-dns`: the resolver of one sandbox with egress `allow`, started by the sandbox manager
 //! with its sockets as descriptors 3 (UDP) and 4 (TCP); see
-//! `mvm_sandbox::manager::net::resolver`.
+//! `mvm_sandbox::manager::net::resolver`. It serves in a worker process it starts again
+//! should the worker die ([`mvm_sys::supervise`]).
 //!
 //! `mvm-dns --sandbox ID --netns PATH --policy PATH --client ADDR [--upstream ADDR:PORT...] [--proxied NAME...]`
 
@@ -51,9 +52,13 @@ fn main() {
         upstream,
         proxied,
     };
-    let id = cfg.sandbox.clone();
-    if let Err(e) = serve(cfg) {
-        eprintln!("mvm-dns {id}: {e}");
-        std::process::exit(1);
-    }
+    let what = format!("mvm-dns {}", cfg.sandbox);
+    // A resolver that crashes or is killed (the OOM killer) comes back on the same sockets.
+    mvm_sys::supervise::supervise(&what, || match serve(cfg.clone()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            1
+        }
+    })
 }

@@ -1,6 +1,7 @@
 //! `mvm-egress`: the egress proxy of one sandbox with secrets, started by the sandbox manager
 //! with its listening socket as descriptor 3 and its configuration (the secrets' values
-//! included) as JSON on standard input; see `mvm_sandbox::manager::net::proxy`.
+//! included) as JSON on standard input; see `mvm_sandbox::manager::net::proxy`. It serves in
+//! a worker process it starts again should the worker die ([`mvm_sys::supervise`]).
 //!
 //! `mvm-egress --sandbox ID` (the argument only names it, for the teardown)
 
@@ -15,8 +16,18 @@ fn main() {
         );
         std::process::exit(2);
     }
-    if let Err(e) = read_config().and_then(serve) {
-        eprintln!("mvm-egress {}: {e}", args[1]);
-        std::process::exit(1);
-    }
+    let what = format!("mvm-egress {}", args[1]);
+    let config = read_config().unwrap_or_else(|e| {
+        eprintln!("{what}: {e}");
+        std::process::exit(1)
+    });
+    // A proxy that crashes or is killed (the OOM killer) comes back with the configuration it
+    // read once (its standard input is consumed) on the same socket.
+    mvm_sys::supervise::supervise(&what, || match serve(config.clone()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            1
+        }
+    })
 }

@@ -322,8 +322,9 @@ impl ProxyListener {
     }
 }
 
-/// What the proxy is given on its standard input (the values included: a pipe, no file).
-#[derive(Debug, Serialize, Deserialize)]
+/// What the proxy is given on its standard input (the values included: a pipe, no file). Its
+/// `Debug` shows neither the CA key nor the values.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct ProxyConfig {
     /// Sandbox id (audit lines, messages).
     pub sandbox: String,
@@ -339,6 +340,19 @@ pub struct ProxyConfig {
     pub ca_key_pem: String,
     /// The secrets.
     pub secrets: Vec<Secret>,
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("sandbox", &self.sandbox)
+            .field("client", &self.client)
+            .field("upstream", &self.upstream)
+            .field("audit", &self.audit)
+            .field("extra_ca", &self.extra_ca)
+            .field("secrets", &self.secrets)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Starts sandbox `id`'s proxy from `bin_dir` on `listener` with `cfg`, in a session of its
