@@ -1169,6 +1169,7 @@ fn openapi_document_validates_and_lists_every_route() {
         ("GET", "/v1/images"),
         ("POST", "/v1/images"),
         ("POST", "/v1/images/load"),
+        ("POST", "/v1/images/prune"),
         ("DELETE", "/v1/images/{name}"),
         ("GET", "/metrics"),
         ("GET", "/healthz"),
