@@ -133,15 +133,18 @@ impl Manager {
     /// saved and its lifecycle's `auto_resume` says so; 409 saying what it is otherwise.
     pub(super) async fn awake(&self, tenant: &str, id: &str) -> Result<SandboxRow> {
         let row = self.row(tenant, id)?;
-        if resumes_on_demand(&row.sandbox) {
-            let _turn = self.transition(id).await;
-            let row = self.row(tenant, id)?;
-            if resumes_on_demand(&row.sandbox) {
-                self.set_paused_now(row, false).await?;
-                tracing::info!(%id, "sandbox resumed on demand");
-            }
+        if !resumes_on_demand(&row.sandbox) {
+            return Manager::running(row);
         }
-        self.running(tenant, id)
+        let _turn = self.transition(id).await;
+        // Another call may have resumed it while this one waited.
+        let row = self.row(tenant, id)?;
+        if !resumes_on_demand(&row.sandbox) {
+            return Manager::running(row);
+        }
+        self.set_paused_now(row, false).await?;
+        tracing::info!(%id, "sandbox resumed on demand");
+        Manager::running(self.row(tenant, id)?)
     }
 }
 

@@ -516,9 +516,9 @@ impl Manager {
         }
     }
 
-    /// The row of `tenant`'s sandbox `id` when it runs; 409 saying what it is otherwise.
-    fn running(&self, tenant: &str, id: &str) -> Result<SandboxRow> {
-        let row = self.row(tenant, id)?;
+    /// `row` when its sandbox runs; 409 saying what it is otherwise.
+    fn running(row: SandboxRow) -> Result<SandboxRow> {
+        let id = &row.sandbox.id;
         match row.sandbox.state {
             SandboxState::Running => Ok(row),
             SandboxState::Paused => Err(Error::Conflict(format!(
