@@ -118,7 +118,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     slot INTEGER NOT NULL UNIQUE,
     pid INTEGER NOT NULL DEFAULT 0,
     image TEXT,
-    lifecycle TEXT
+    lifecycle TEXT,
+    resuming INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS templates (
     name TEXT PRIMARY KEY,
@@ -266,7 +267,7 @@ fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
 /// Columns added since the first release (table, column), and how an older database gets
 /// each. Databases from before the `admin` column get it set for tenant `default`: the tenant
 /// whose token mvmd writes to its state directory, which registered templates then.
-const MIGRATIONS: [(&str, &str, &str); 4] = [
+const MIGRATIONS: [(&str, &str, &str); 5] = [
     (
         "tenants",
         "admin",
@@ -287,6 +288,11 @@ const MIGRATIONS: [(&str, &str, &str); 4] = [
         "sandboxes",
         "lifecycle",
         "ALTER TABLE sandboxes ADD COLUMN lifecycle TEXT;",
+    ),
+    (
+        "sandboxes",
+        "resuming",
+        "ALTER TABLE sandboxes ADD COLUMN resuming INTEGER NOT NULL DEFAULT 0;",
     ),
 ];
 
@@ -523,11 +529,13 @@ impl Db {
         Ok(row)
     }
 
-    /// Updates state, pid, network, timeout and expiry of a sandbox.
+    /// Updates state, pid, network, timeout and expiry of a sandbox. A new state ends a
+    /// resume's claim (see [`claim_resume`](Self::claim_resume)).
     pub fn update_sandbox(&self, row: &SandboxRow) -> Result<()> {
         self.conn().execute(
             "UPDATE sandboxes SET state = ?2, pid = ?3, network = ?4, timeout_s = ?5,
-                 expires_at = ?6 WHERE id = ?1",
+                 expires_at = ?6, resuming = CASE WHEN state = ?2 THEN resuming ELSE 0 END
+             WHERE id = ?1",
             params![
                 row.sandbox.id,
                 row.sandbox.state.as_str(),
@@ -536,6 +544,46 @@ impl Db {
                 row.sandbox.timeout_s as i64,
                 row.sandbox.expires_at
             ],
+        )?;
+        Ok(())
+    }
+
+    /// Claims again, for the resume of saved sandbox `s`, the vCPUs and memory that its
+    /// tenant's quota stopped counting while it was saved (it held neither), after checking
+    /// in the same transaction that they fit next to the tenant's other sandboxes. The claim
+    /// holds until the row's state changes or [`end_resume`](Self::end_resume).
+    pub fn claim_resume(&self, s: &Sandbox, quota: &Quota) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let others = usage(&tx, &s.tenant, &s.id)?;
+        check_resources(&s.tenant, quota, &others, s).map_err(|e| match e {
+            Error::Quota(why) => Error::Quota(format!(
+                "sandbox {} cannot be resumed: {why} (destroy or save another of the tenant's \
+                 sandboxes, or raise its quota)",
+                s.id
+            )),
+            other => other,
+        })?;
+        let claimed = tx.execute(
+            "UPDATE sandboxes SET resuming = 1 WHERE id = ?1 AND state = ?2",
+            params![s.id, SandboxState::Saved.as_str()],
+        )?;
+        if claimed == 0 {
+            return Err(Error::Conflict(format!(
+                "sandbox {} is no longer saved",
+                s.id
+            )));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Gives back the claim of a saved sandbox's resume that did not happen (see
+    /// [`claim_resume`](Self::claim_resume)).
+    pub fn end_resume(&self, id: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE sandboxes SET resuming = 0 WHERE id = ?1",
+            params![id],
         )?;
         Ok(())
     }
@@ -668,12 +716,16 @@ fn lowest_free(taken: &[u32]) -> u32 {
     slot
 }
 
-/// What the sandboxes of `tenant` but `except_id` use.
+/// What the sandboxes of `tenant` but `except_id` use. A saved sandbox holds no vCPUs and no
+/// memory (no process runs it) but is one of the tenant's sandboxes (its slot, network and
+/// files stay), until a resume claims them again.
 fn usage(tx: &rusqlite::Transaction<'_>, tenant: &str, except_id: &str) -> Result<Usage> {
     Ok(tx.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0)
+        "SELECT COUNT(*),
+             COALESCE(SUM(CASE WHEN state != ?3 OR resuming != 0 THEN vcpus ELSE 0 END), 0),
+             COALESCE(SUM(CASE WHEN state != ?3 OR resuming != 0 THEN memory_mib ELSE 0 END), 0)
          FROM sandboxes WHERE tenant = ?1 AND id != ?2",
-        params![tenant, except_id],
+        params![tenant, except_id, SandboxState::Saved.as_str()],
         |r| {
             Ok(Usage {
                 sandboxes: r.get(0)?,
@@ -721,6 +773,11 @@ fn check_quota(tenant: &str, q: &Quota, used: &Usage, s: &Sandbox) -> Result<()>
             used.sandboxes, q.max_sandboxes
         )));
     }
+    check_resources(tenant, q, used, s)
+}
+
+/// Refuses sandbox `s` if its vCPUs or memory do not fit in quota `q` next to `used`.
+fn check_resources(tenant: &str, q: &Quota, used: &Usage, s: &Sandbox) -> Result<()> {
     if used.vcpus + s.vcpus > q.max_vcpus {
         return Err(Error::Quota(format!(
             "tenant '{tenant}' uses {} of its {} vCPUs; this sandbox needs {} more",
@@ -871,23 +928,6 @@ mod tests {
         let db = Db::open(&dir.path().join("mvm.db")).unwrap();
         let pool = crate::manager::POOL_TENANT;
         assert!(validate_name("tenant", pool).is_err());
-        let sandbox = |id: &str, tenant: &str| Sandbox {
-            id: id.into(),
-            tenant: tenant.into(),
-            state: SandboxState::Running,
-            isolation: Isolation::Vm,
-            template: "default".into(),
-            vcpus: 1,
-            memory_mib: 256,
-            timeout_s: 0,
-            expires_at: None,
-            created_at: now(),
-            env: Default::default(),
-            network: Default::default(),
-            metadata: Default::default(),
-            image: None,
-            lifecycle: Default::default(),
-        };
         let unlimited = Quota::default();
         db.insert_sandbox(&sandbox("p1", pool), &unlimited).unwrap();
         db.insert_sandbox(&sandbox("t1", "team"), &unlimited)
@@ -913,6 +953,83 @@ mod tests {
             .adopt_pooled("p1", pool, &wanted, &unlimited)
             .unwrap_err();
         assert!(matches!(again, Error::NotFound(_)), "{again}");
+    }
+
+    /// A running vm-tier sandbox `id` of `tenant` with 1 vCPU and 256 MiB.
+    fn sandbox(id: &str, tenant: &str) -> Sandbox {
+        Sandbox {
+            id: id.into(),
+            tenant: tenant.into(),
+            state: SandboxState::Running,
+            isolation: Isolation::Vm,
+            template: "default".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            timeout_s: 0,
+            expires_at: None,
+            created_at: now(),
+            env: Default::default(),
+            network: Default::default(),
+            metadata: Default::default(),
+            image: None,
+            lifecycle: Default::default(),
+        }
+    }
+
+    /// A saved sandbox is one of its tenant's sandboxes but holds none of its vCPUs or
+    /// memory; its resume claims them within the quota, and the claim counts at once, until
+    /// the row's next state or its end.
+    #[test]
+    fn a_saved_sandbox_holds_no_resources_until_its_resume_claims_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("mvm.db")).unwrap();
+        let quota = Quota {
+            max_sandboxes: 3,
+            max_vcpus: 8,
+            max_memory_mib: 512,
+        };
+        let set_state = |id: &str, state: SandboxState| {
+            let mut row = db.sandbox(id).unwrap().unwrap();
+            row.sandbox.state = state;
+            db.update_sandbox(&row).unwrap();
+            row.sandbox
+        };
+        let fits = |id: &str| {
+            let inserted = db.insert_sandbox(&sandbox(id, "team"), &quota);
+            if inserted.is_ok() {
+                db.delete_sandbox(id).unwrap();
+            }
+            inserted.map(drop)
+        };
+        db.insert_sandbox(&sandbox("a", "team"), &quota).unwrap();
+        db.insert_sandbox(&sandbox("b", "team"), &quota).unwrap();
+        assert!(matches!(fits("c"), Err(Error::Quota(_))), "512 MiB used");
+        let saved = set_state("a", SandboxState::Saved);
+        fits("c").expect("a saved sandbox holds no memory");
+        db.insert_sandbox(&sandbox("c", "team"), &quota).unwrap();
+        let refused = db.claim_resume(&saved, &quota).unwrap_err();
+        assert!(
+            matches!(&refused, Error::Quota(why) if why.contains("sandbox a cannot be resumed")),
+            "{refused}"
+        );
+        // Refused, nothing is claimed: another sandbox fits in what it would have taken...
+        assert!(matches!(fits("d"), Err(Error::Quota(why)) if why.contains("3 of its 3")));
+        db.delete_sandbox("c").unwrap();
+        fits("c").unwrap();
+        // ...and a claim counts before the resume is done.
+        db.claim_resume(&saved, &quota).unwrap();
+        assert!(matches!(fits("c"), Err(Error::Quota(_))), "claimed for a");
+        db.end_resume("a").unwrap();
+        fits("c").expect("a resume that failed gives its claim back");
+        db.claim_resume(&saved, &quota).unwrap();
+        set_state("a", SandboxState::Running);
+        assert!(matches!(fits("c"), Err(Error::Quota(_))), "a runs");
+        // Saved again, it holds nothing: the earlier claim ended with its state.
+        set_state("a", SandboxState::Saved);
+        fits("c").unwrap();
+        let running = set_state("a", SandboxState::Running);
+        let not_saved = db.claim_resume(&running, &quota).unwrap_err();
+        assert!(matches!(not_saved, Error::Conflict(_)), "{not_saved}");
     }
 
     #[test]

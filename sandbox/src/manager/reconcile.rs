@@ -24,15 +24,17 @@ impl Manager {
             }
             if s.state == SandboxState::Saved && snapshot::saved_of(cfg, &s.id).is_some() {
                 // Saved: nothing of it runs, unless a manager died while its VMM stopped (the
-                // save directory goes last); what is left of the jail goes now.
+                // save directory goes last) or while it was resumed; what is left of the jail
+                // goes now, and with it a resume's claim on its tenant's quota.
+                let _busy = match BusyLock::acquire(&cfg.lock_path(&s.id)) {
+                    Ok(busy) => busy,
+                    Err(Error::Conflict(_)) => continue,
+                    Err(e) => return Err(e),
+                };
                 if snapshot::save_dir_exists(cfg, &s.id) {
-                    let _busy = match BusyLock::acquire(&cfg.lock_path(&s.id)) {
-                        Ok(busy) => busy,
-                        Err(Error::Conflict(_)) => continue,
-                        Err(e) => return Err(e),
-                    };
                     self.stop_saved(&s.id).await?;
                 }
+                self.inner.db.end_resume(&s.id)?;
                 out.adopted.push(s.id.clone());
                 continue;
             }

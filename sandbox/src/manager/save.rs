@@ -145,10 +145,30 @@ impl Manager {
     }
 
     /// Resumes saved sandbox `row` (its caller checked the state): a new jail loads its saved
-    /// VM, whose guest gets the host's clock and fresh entropy. Its timeout starts again.
-    pub(super) async fn resume_saved(&self, mut row: SandboxRow) -> Result<Sandbox> {
+    /// VM, whose guest gets the host's clock and fresh entropy. Its timeout starts again. The
+    /// vCPUs and memory its tenant's quota did not count while it was saved are claimed
+    /// first: a resume that does not fit is refused (429) and leaves it saved.
+    pub(super) async fn resume_saved(&self, row: SandboxRow) -> Result<Sandbox> {
         let id = row.sandbox.id.clone();
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&id))?;
+        let db = &self.inner.db;
+        let quota = db
+            .tenant(&row.sandbox.tenant)?
+            .map(|t| t.quota)
+            .unwrap_or_default();
+        db.claim_resume(&row.sandbox, &quota)?;
+        let resumed = self.resume_claimed(row).await;
+        if resumed.is_err() {
+            if let Err(e) = db.end_resume(&id) {
+                tracing::error!(%id, "giving back the claim of a failed resume: {e}");
+            }
+        }
+        resumed
+    }
+
+    /// [`resume_saved`](Self::resume_saved) once its resources are claimed, under its lock.
+    async fn resume_claimed(&self, mut row: SandboxRow) -> Result<Sandbox> {
+        let id = row.sandbox.id.clone();
         let cfg = &self.inner.cfg;
         let saved = snapshot::saved_of(cfg, &id).ok_or_else(|| {
             Error::Host(format!(
