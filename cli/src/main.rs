@@ -204,8 +204,9 @@ enum Command {
         #[arg(long, required = true)]
         allow: Vec<String>,
     },
-    /// Fork a running vm-tier sandbox: children that go on from this instant (processes,
-    /// memory, files), each with its own host name, MAC, address, RNG seed and clock.
+    /// Fork a running, paused or saved vm-tier sandbox: children that go on from this instant
+    /// (a saved one's: its save) with its processes, memory and files, each with its own host
+    /// name, MAC, address, RNG seed and clock; the source stays as it was.
     Fork {
         /// Sandbox id.
         id: String,

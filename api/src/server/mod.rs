@@ -381,14 +381,15 @@ async fn update_network(
     ))
 }
 
-/// Fork a running vm-tier sandbox into `count` children (default 1, at most 16) that go on
-/// from this instant: its processes, memory and files, each child with its own host name,
-/// MAC, address, RNG seed and clock. The source is paused only while it is saved. Children
-/// count in the quota; the jail tier answers 422.
+/// Fork a running, paused or saved vm-tier sandbox into `count` children (default 1, at most
+/// 16) that go on from this instant (a saved one's: from its save): its processes, memory and
+/// files, each child with its own host name, MAC, address, RNG seed and clock. A running
+/// source is paused only while it is saved; the source stays as it was. Children count in the
+/// quota; the jail tier answers 422.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes", params(("id" = String, Path)),
     request_body = ForkRequest,
     responses((status = 201, body = ForkAnswer), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "the sandbox is not running"),
+        (status = 409, body = ErrorBody, description = "the sandbox is being created or destroyed"),
         (status = 422, body = ErrorBody, description = "a jail-tier sandbox, or a bad count"),
         (status = 429, body = ErrorBody)))]
 async fn fork(

@@ -3,7 +3,9 @@
 //!
 //! The source is paused only while its VMM saves the VM into its save directory and the
 //! manager takes the files and a sparse copy of the writable layer (`snapshot::take_for_fork`),
-//! then resumed, with the least share of a contended CPU until the children answer; each
+//! then resumed, with the least share of a contended CPU until the children answer. A paused
+//! source is saved the same way and stays paused; a saved one is not saved again: its
+//! children restore its own saved VM, which stays its. Each
 //! child is then made like any sandbox (quota, network, jail) but restores
 //! the saved VM instead of booting, or takes a VMM of the template's fork pool and loads it
 //! there (see `pool`); its agent gives it its own host name, MAC, address, entropy and
@@ -23,10 +25,10 @@ pub const MAX_FORK_CHILDREN: u32 = 16;
 
 impl Manager {
     /// Forks sandbox `id` of `tenant` into `count` children (counted in the tenant's quota),
-    /// which continue from this instant; the source goes on running. A sandbox of another
-    /// tenant is not found; only a running vm-tier sandbox made from a template forks. The
-    /// children start concurrently; if one cannot be made, the others are destroyed and its
-    /// error returned.
+    /// which continue from this instant (a saved sandbox's: from its save); the source goes
+    /// on as it was, running, paused or saved. A sandbox of another tenant is not found; only
+    /// a vm-tier sandbox made from a template forks. The children start concurrently; if one
+    /// cannot be made, the others are destroyed and its error returned.
     pub async fn fork(&self, tenant: &Tenant, id: &str, count: u32) -> Result<Vec<Sandbox>> {
         if !(1..=MAX_FORK_CHILDREN).contains(&count) {
             return Err(Error::Invalid(format!(
@@ -43,22 +45,32 @@ impl Manager {
                  vm-tier sandboxes fork (create it with --isolation vm)"
             )));
         }
-        if source.state != SandboxState::Running {
-            return Err(Error::Conflict(format!(
-                "sandbox {id} is {}: only a running sandbox forks{}",
-                source.state.as_str(),
-                if matches!(source.state, SandboxState::Paused | SandboxState::Saved) {
-                    " (resume it first)"
-                } else {
-                    ""
-                }
-            )));
-        }
-        self.template_of(source, "fork")?;
+        let template = self.template_of(source, "fork")?;
         let started = std::time::Instant::now();
-        let saved = self.save_running(&row).await?;
-        drop(turn);
-        let _yielding = self.yield_to_children(id).await;
+        // A saved source keeps its turn until its children are made: its saved VM, which
+        // they restore, is not resumed (moved and removed) meanwhile.
+        let (saved, own, _turn, _yielding) = match source.state {
+            SandboxState::Running => {
+                let saved = self.save_for_fork(&row).await?;
+                drop(turn);
+                (saved, false, None, self.yield_to_children(id).await)
+            }
+            SandboxState::Paused => {
+                let saved = self.save_for_fork(&row).await?;
+                drop(turn);
+                (saved, false, None, None)
+            }
+            SandboxState::Saved => {
+                let saved = self.saved_source(id, &template.rootfs).await?;
+                (saved, true, Some(turn), None)
+            }
+            SandboxState::Creating | SandboxState::Stopping => {
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} is {}: only a running, paused or saved sandbox forks",
+                    source.state.as_str()
+                )))
+            }
+        };
         // The children start at once, each in a task of its own.
         let mut starting = tokio::task::JoinSet::new();
         for _ in 0..count {
@@ -92,8 +104,11 @@ impl Manager {
                 Err(e) => failed = failed.or(Some(Error::Host(format!("a fork's child: {e}")))),
             }
         }
-        // The children's jails hold the saved files.
-        let removed = blocking(move || saved.remove()).await;
+        // The children's jails hold the saved files; a saved source's stay its own.
+        let removed = match own {
+            true => Ok(()),
+            false => blocking(move || saved.remove()).await,
+        };
         if let Some(e) = failed {
             for child in &children {
                 if let Err(undo) = self.destroy(&tenant.name, &child.id).await {
@@ -128,17 +143,38 @@ impl Manager {
         }
     }
 
-    /// Pauses the VM of `row`, saves it with a copy of its writable layer, and resumes it
-    /// (whatever happened meanwhile). Holds the sandbox's busy lock: it is not destroyed
-    /// halfway.
-    async fn save_running(&self, row: &crate::db::SandboxRow) -> Result<snapshot::SavedVm> {
+    /// Saved sandbox `id`'s own saved VM, for its children: whole, and its template's base
+    /// image at `base` the one it ran on.
+    async fn saved_source(&self, id: &str, base: &str) -> Result<snapshot::SavedVm> {
+        let saved = snapshot::saved_of(&self.inner.cfg, id).ok_or_else(|| {
+            Error::Host(format!(
+                "sandbox {id} is saved, but its saved VM is missing or incomplete; destroy it"
+            ))
+        })?;
+        let (checked, base) = (saved.clone(), std::path::PathBuf::from(base));
+        blocking(move || checked.check_base(&base))
+            .await
+            .map_err(|e| match e {
+                Error::Conflict(why) => Error::Conflict(format!("sandbox {id} cannot fork: {why}")),
+                other => other,
+            })?;
+        Ok(saved)
+    }
+
+    /// Saves the VM of `row` with a copy of its writable layer, paused meanwhile if it runs
+    /// (and resumed then, whatever happened). Holds the sandbox's busy lock: it is not
+    /// destroyed halfway.
+    async fn save_for_fork(&self, row: &crate::db::SandboxRow) -> Result<snapshot::SavedVm> {
         let id = row.sandbox.id.clone();
+        let running = row.sandbox.state == SandboxState::Running;
         let started = std::time::Instant::now();
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&id))?;
         // The socket's path is valid while `socket` lives.
         let socket = self.vmm_api(row)?;
         let api = socket.path();
-        vm::set_paused(&api, true).await?;
+        if running {
+            vm::set_paused(&api, true).await?;
+        }
         let paused = started.elapsed();
         let saving = vm::save_snapshot(&api).await;
         let dumped = started.elapsed();
@@ -154,7 +190,10 @@ impl Manager {
             Err(e) => Err(e),
         };
         let copied = started.elapsed();
-        let resumed = vm::set_paused(&api, false).await;
+        let resumed = match running {
+            true => vm::set_paused(&api, false).await,
+            false => Ok(()),
+        };
         let saved = saved?;
         if let Err(e) = resumed {
             let _ = blocking(move || saved.remove()).await;

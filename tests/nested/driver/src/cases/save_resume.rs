@@ -24,7 +24,9 @@ const MACHINE_ID: &str = "cat /etc/machine-id 2>/dev/null || echo none";
 /// written before is there, its host name, MAC, machine id and address are its own as before,
 /// its clock is L1's (within 1 s), its kernel logged no disk error and a file written and
 /// synced now reads back, it reaches a listener beyond L1 through its network, and its
-/// console goes on from what it held. Saved a second time, it loses what a restart of the
+/// console goes on from what it held. While it is saved, its tenant's memory quota, lowered to
+/// its size, takes another sandbox and refuses its resume; it forks, saved, and again paused,
+/// and stays so, its child going on from it. Saved a second time, it loses what a restart of the
 /// host takes (mvmd, its network namespace, its run directory): resumed, it has its files,
 /// its host name, MAC and address, the clock, and reaches the listener through a network
 /// made again. Records the save's and the resume's times against the cold create.
@@ -60,6 +62,16 @@ pub fn save_and_resume(ctx: &mut Ctx) -> Outcome {
                 ms(f.resumed_again)
             ),
         );
+        ctx.record(
+            "vm tier via mvmd: mvm fork of the saved sandbox (1 child, no save), and / cold create",
+            format!(
+                "{} ({:.3}); of it paused (saved first) {} ({:.3})",
+                ms(f.forked_saved),
+                f.forked_saved.as_secs_f64() / f.cold.as_secs_f64(),
+                ms(f.forked_paused),
+                f.forked_paused.as_secs_f64() / f.cold.as_secs_f64()
+            ),
+        );
     }
     outcome
 }
@@ -74,6 +86,8 @@ struct Figures {
     resumed: Duration,
     saved_again: Duration,
     resumed_again: Duration,
+    forked_saved: Duration,
+    forked_paused: Duration,
 }
 
 fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
@@ -127,6 +141,9 @@ fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
             ))
         }
     }
+    let memory_mib = answer["sandbox"]["memory_mib"].as_u64().unwrap_or_default();
+    check_quota_while_saved(ctx, session, &id, memory_mib)?;
+    let forked_saved = fork_one(ctx, session, &id, at_save, "saved")?;
     session.restart(ctx)?;
     let state = session
         .list(ctx)?
@@ -147,6 +164,13 @@ fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
             "sandbox {id}: its machine id changed across the save: {machine_id:?}, then {kept:?}"
         ));
     }
+    // Paused (frozen), it forks and stays paused.
+    let state = session.mvm(ctx, &["exec", &id, "--", "cat", "/tmp/state"], None)?;
+    let at_pause = counted(state.trim())
+        .ok_or_else(|| format!("sandbox {id}'s counter wrote {state:?}, not 'forty-two N'"))?;
+    session.mvm(ctx, &["pause", &id], None)?;
+    let forked_paused = fork_one(ctx, session, &id, at_pause, "paused")?;
+    session.mvm(ctx, &["resume", &id], None)?;
 
     // Saved again, then what a restart of the host takes from it: mvmd, its network
     // namespace and its run directory (a tmpfs /run); the resume makes the network again.
@@ -177,7 +201,127 @@ fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
         resumed,
         saved_again,
         resumed_again,
+        forked_saved,
+        forked_paused,
     })
+}
+
+/// While sandbox `id` (`memory_mib` MiB) is saved, its tenant's memory quota, lowered to what
+/// it alone takes, does not count it: another sandbox of its size is made; then its resume is
+/// refused, naming the memory and what to do, and leaves it saved. The quota is the default
+/// again afterwards.
+fn check_quota_while_saved(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    id: &str,
+    memory_mib: u64,
+) -> Result<(), String> {
+    set_memory_quota(ctx, session, Some(memory_mib))?;
+    let checked = (|| {
+        let memory = memory_mib.to_string();
+        let other = session.mvm(
+            ctx,
+            &["run", "-d", "--isolation", "vm", "--memory", &memory, "--", "sleep", "600"],
+            None,
+        )?;
+        let other = other.trim();
+        let refused = session.mvm(ctx, &["resume", id], None);
+        let state = session
+            .list(ctx)?
+            .iter()
+            .find(|s| sandbox_id(s) == id)
+            .map(|s| s["state"].as_str().unwrap_or_default().to_string());
+        session.mvm(ctx, &["rm", other], None)?;
+        match refused {
+            Err(why) if why.contains("cannot be resumed") && why.contains("MiB of memory") => {}
+            other => {
+                return Err(format!(
+                    "the resume of saved sandbox {id} beyond its tenant's memory quota must be \
+                     refused, naming it: {other:?}"
+                ))
+            }
+        }
+        if state.as_deref() != Some("saved") {
+            return Err(format!(
+                "sandbox {id} is {state:?} after a resume refused by its quota, not saved"
+            ));
+        }
+        Ok(())
+    })();
+    set_memory_quota(ctx, session, None)?;
+    checked
+}
+
+/// `mvm fork ID` of sandbox `id`, which is `state` (saved or paused) and stays so: its
+/// child's counter goes on from `at_least` with the same variable, its file written before
+/// is there, the child has its own host name, its disk reads back a synced write and its
+/// kernel logged no disk error. The child is removed. Returns how long `mvm fork` took.
+fn fork_one(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    id: &str,
+    at_least: u64,
+    state: &str,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    let out = session.mvm(ctx, &["-o", "json", "fork", id], None)?;
+    let took = started.elapsed();
+    let children: Vec<serde_json::Value> = serde_json::from_str(&out)
+        .map_err(|e| format!("mvm fork printed no JSON list ({e}): {out:?}"))?;
+    let [child] = children.as_slice() else {
+        return Err(format!("mvm fork {id} made not one child: {out}"));
+    };
+    let child = sandbox_id(child);
+    let said = session.mvm(ctx, &["exec", &child, "--", "sh", "-c", CHILD_REPORT], None);
+    let source_state = session
+        .list(ctx)?
+        .iter()
+        .find(|s| sandbox_id(s) == id)
+        .map(|s| s["state"].as_str().unwrap_or_default().to_string());
+    session.mvm(ctx, &["rm", &child], None)?;
+    let said = said?;
+    if source_state.as_deref() != Some(state) {
+        return Err(format!(
+            "sandbox {id} is {source_state:?} after its fork, not {state} as before"
+        ));
+    }
+    let lines: Vec<&str> = said.lines().collect();
+    let counts = (
+        lines.first().copied().and_then(counted),
+        lines.get(1).copied().and_then(counted),
+    );
+    let expect = [(2, "base"), (3, child.as_str()), (6, "0"), (7, "synced")];
+    let as_expected = expect
+        .iter()
+        .all(|&(line, want)| lines.get(line).copied() == Some(want));
+    match counts {
+        (Some(a), Some(b)) if a >= at_least && b > a && as_expected => Ok(took),
+        _ => Err(format!(
+            "the child {child} of {state} sandbox {id} does not go on from it (its counter \
+             from at least {at_least}, its file, its own host name, its disk): {said:?}"
+        )),
+    }
+}
+
+/// Sets the memory quota of mvmd's default tenant (`None`: the default quota) with
+/// `mvmd tenant create`, beside the running mvmd.
+fn set_memory_quota(ctx: &Ctx, session: &MvmdSession, mib: Option<u64>) -> Result<(), String> {
+    let mut cmd = std::process::Command::new(&ctx.mvmd);
+    session.dirs.apply(ctx, &mut cmd);
+    cmd.args(["tenant", "create", "default"]);
+    if let Some(mib) = mib {
+        cmd.arg("--max-memory-mib").arg(mib.to_string());
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("starting mvmd tenant create: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mvmd tenant create default: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
 }
 
 /// What a restart of the host takes of saved sandbox `id` of the mvmd in `root` (stopped):
