@@ -263,6 +263,74 @@ fn a_saved_sandbox_without_its_saved_vm_is_removed_at_start() {
 /// Kills mvmd, has `change` rewrite sandbox `id`'s row in its database (as an earlier mvmd
 /// could have left it), starts mvmd again and waits (at most 30 s) until its start has
 /// removed the sandbox's row.
+/// A resume that a dead mvmd left halfway — the row saved, the sandbox's writable layer moved
+/// back to the run directory, a jail started — is settled by the next mvmd's start: the jail's
+/// processes are stopped and the layer goes back to the saved VM (where a restart of the host,
+/// whose run directory may be a tmpfs, does not take it); the sandbox stays saved, and its
+/// removal leaves nothing.
+#[test]
+fn a_resume_left_halfway_is_settled_at_start() {
+    let test = "a_resume_left_halfway_is_settled_at_start";
+    if !root_or_skip(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    let before = d.host_state();
+    let c = d.client();
+    let made = block_on(async { c.create(&common::jail()).await.expect("create") });
+    d.track(&made.id);
+    let id = made.id.as_str();
+    d.kill9();
+    let saved = d.state_dir().join("saves").join(format!("{id}.saved"));
+    std::fs::create_dir_all(&saved).expect("saved VM directory");
+    for file in ["vm.state", "vm.mem"] {
+        std::fs::write(saved.join(file), file).expect("saved VM file");
+    }
+    let layer = d.run_dir().join("sandboxes").join(id).join("layer.ext4");
+    std::fs::write(&layer, "the layer of its instant").expect("layer");
+    let db = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");
+    let mut row = db.sandbox(id).expect("row").expect("its row");
+    row.sandbox.state = SandboxState::Saved;
+    db.update_sandbox(&row).expect("saved");
+    let agent = row.pid;
+    d.spawn();
+    let kept = saved.join("layer.ext4");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !kept.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the layer of {id} did not go back to its saved VM\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !layer.exists(),
+        "{} is still in the run directory",
+        layer.display()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&kept).expect("kept layer"),
+        "the layer of its instant"
+    );
+    // Gone, or a zombie of this test's (a subreaper's) until it is reaped.
+    let stat = std::fs::read_to_string(format!("/proc/{agent}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z')),
+        "the half-resumed jail's process {agent} still runs: {stat}"
+    );
+    block_on(async {
+        assert_eq!(c.get(id).await.expect("get").state, SandboxState::Saved);
+        c.delete(id).await.expect("delete");
+    });
+    assert!(!saved.exists(), "{} outlived its sandbox", saved.display());
+    d.assert_no_leaks(&before);
+}
+
 fn removed_at_start(d: &mut Daemon, id: &str, change: impl FnOnce(&mvm_sandbox::db::Db)) {
     d.kill9();
     let db = mvm_sandbox::db::Db::open(&d.state_dir().join("mvm.db")).expect("db");

@@ -22,18 +22,20 @@ impl Manager {
                 // destroying it right now.
                 continue;
             }
-            if s.state == SandboxState::Saved && snapshot::saved_of(cfg, &s.id).is_some() {
+            if let Some(saved) =
+                snapshot::saved_of(cfg, &s.id).filter(|_| s.state == SandboxState::Saved)
+            {
                 // Saved: nothing of it runs, unless a manager died while its VMM stopped (the
-                // save directory goes last) or while it was resumed; what is left of the jail
-                // goes now, and with it a resume's claim on its tenant's quota.
+                // save directory goes last) or while it was resumed (its files moved back to
+                // the run directory, a jail maybe started); what is left of the jail goes
+                // now, its files go back to its saved VM, and a resume's claim on its
+                // tenant's quota ends.
                 let _busy = match BusyLock::acquire(&cfg.lock_path(&s.id)) {
                     Ok(busy) => busy,
                     Err(Error::Conflict(_)) => continue,
                     Err(e) => return Err(e),
                 };
-                if snapshot::save_dir_exists(cfg, &s.id) {
-                    self.stop_saved(&s.id).await?;
-                }
+                self.settle_saved(&s.id, &saved).await?;
                 self.inner.db.end_resume(&s.id)?;
                 out.adopted.push(s.id.clone());
                 continue;

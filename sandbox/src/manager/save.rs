@@ -144,6 +144,15 @@ impl Manager {
         blocking(move || snapshot::remove_save_dir(&cfg, &id)).await
     }
 
+    /// Makes saved sandbox `id` whole as it was before a resume that did not finish (it
+    /// failed, or a manager died in it): no jail, its files with its `saved` VM, so that
+    /// they outlive a restart of the host, whose run directory may be a tmpfs.
+    pub(super) async fn settle_saved(&self, id: &str, saved: &snapshot::SavedVm) -> Result<()> {
+        self.stop_saved(id).await?;
+        let (cfg, saved, id) = (self.inner.cfg.clone(), saved.clone(), id.to_owned());
+        blocking(move || keep_files(&cfg, &saved, &id)).await
+    }
+
     /// Resumes saved sandbox `row` (its caller checked the state): a new jail loads its saved
     /// VM, whose guest gets the host's clock and fresh entropy. Its timeout starts again. The
     /// vCPUs and memory its tenant's quota did not count while it was saved are claimed
@@ -218,15 +227,7 @@ impl Manager {
             )
             .await;
         if let Err(e) = resumed {
-            // As before the attempt: saved, without a jail, its files with the saved VM.
-            let undone = match self.stop_saved(&id).await {
-                Ok(()) => {
-                    let (cfg, saved, id) = (cfg.clone(), saved.clone(), id.clone());
-                    blocking(move || keep_files(&cfg, &saved, &id)).await
-                }
-                Err(undo) => Err(undo),
-            };
-            return Err(match undone {
+            return Err(match self.settle_saved(&id, &saved).await {
                 Ok(()) => e,
                 Err(undo) => Error::Host(format!("{e}; undoing the attempt also failed: {undo}")),
             });

@@ -237,11 +237,6 @@ pub fn make_restore_dir(cfg: &ManagerConfig, id: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Whether sandbox `id` has a save directory (made with its jail).
-pub fn save_dir_exists(cfg: &ManagerConfig, id: &str) -> bool {
-    cfg.save_dir(id).exists()
-}
-
 /// Removes sandbox `id`'s save directory (after its VMM stopped: a new one is made, empty,
 /// for the next). Idempotent.
 pub fn remove_save_dir(cfg: &ManagerConfig, id: &str) -> Result<()> {
@@ -935,9 +930,9 @@ mod tests {
         fs::write(save.join(STATE), b"state").unwrap();
         fs::write(save.join(MEMORY), b"memory").unwrap();
         let saved = take_for_resume(&cfg, id, &base).unwrap();
-        assert!(save_dir_exists(&cfg, id));
+        assert!(save.exists());
         remove_save_dir(&cfg, id).unwrap();
-        assert!(!save_dir_exists(&cfg, id) && !save.exists());
+        assert!(!save.exists());
         let found = saved_of(&cfg, id).expect("the saved VM is found");
         assert_eq!(found.memory(), saved.memory());
         let state = fs::metadata(found.state()).unwrap();

@@ -221,7 +221,17 @@ fn check_quota_while_saved(
         let memory = memory_mib.to_string();
         let other = session.mvm(
             ctx,
-            &["run", "-d", "--isolation", "vm", "--memory", &memory, "--", "sleep", "600"],
+            &[
+                "run",
+                "-d",
+                "--isolation",
+                "vm",
+                "--memory",
+                &memory,
+                "--",
+                "sleep",
+                "600",
+            ],
             None,
         )?;
         let other = other.trim();
