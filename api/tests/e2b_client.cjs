@@ -59,6 +59,19 @@ async function main() {
     throw new Error('no FileNotFoundError')
   })
 
+  await step('getMetrics: samples of CPU, memory and disk', async () => {
+    const deadline = Date.now() + 30_000
+    let metrics = await sbx.getMetrics()
+    while (metrics.length === 0) {
+      expect(Date.now() < deadline, 'no sample in 30 s')
+      await new Promise((r) => setTimeout(r, 1000))
+      metrics = await sbx.getMetrics()
+    }
+    const last = metrics[metrics.length - 1]
+    expect(last.memTotal === 256 * 1024 * 1024 && last.cpuCount >= 1, last)
+    expect(last.memUsed > 0 && last.diskTotal > 0 && last.timestamp instanceof Date, last)
+  })
+
   await step('list with a metadata filter, then kill', async () => {
     const page = await Sandbox.list({ query: { metadata: { run } } }).nextItems()
     expect(page.length === 1 && page[0].sandboxId === sbx.sandboxId, page)

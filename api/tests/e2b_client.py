@@ -3,6 +3,7 @@ E2B_SANDBOX_URL and E2B_API_KEY. Prints one JSON report: a step per SDK call che
 `ok` and what went wrong (api/tests/e2b_sdk.rs asserts them)."""
 
 import asyncio
+import datetime
 import io
 import os
 import json
@@ -367,6 +368,49 @@ def _():
         expect(Sandbox.get_info(s.sandbox_id).state.value == "running", "running after connect")
     finally:
         s.kill()
+
+
+@step("get_metrics: CPU, memory and disk sampled every 5 s, a window, the latest of several, not another tenant's")
+def _():
+    # Two busy seconds and 4 MB written: CPU and disk used, in the samples after them.
+    busy = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    sbx.commands.run(
+        "head -c 4000000 /dev/urandom > /tmp/metrics-file; "
+        "t=$(( $(date +%s) + 2 )); while [ $(date +%s) -lt $t ]; do :; done"
+    )
+    done = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
+    deadline = time.time() + 30
+    while (metrics := sbx.get_metrics())[-1:] == [] or metrics[-1].timestamp < done:
+        expect(time.time() < deadline, f"no sample after the busy command in 30 s: {metrics}")
+        time.sleep(1)
+    info = sbx.get_info()
+    last = metrics[-1]
+    expect(last.cpu_count == info.cpu_count, (last.cpu_count, info.cpu_count))
+    expect(last.mem_total == info.memory_mb << 20, (last.mem_total, info.memory_mb))
+    expect(0 < last.mem_used <= last.mem_total, last)
+    expect(4000000 <= last.disk_used <= last.disk_total, last)
+    expect(all(0 <= m.cpu_used_pct <= 100 for m in metrics), metrics)
+    expect(any(m.cpu_used_pct > 10 for m in metrics if m.timestamp > busy), metrics)
+    times = [m.timestamp for m in metrics]
+    expect(times == sorted(times) and len(set(times)) == len(times), times)
+    later = sbx.get_metrics(start=last.timestamp + datetime.timedelta(seconds=1))
+    expect(all(m.timestamp > last.timestamp for m in later), later)
+    first = sbx.get_metrics(end=metrics[0].timestamp)
+    expect(first and all(m.timestamp <= metrics[0].timestamp for m in first), first)
+    other = os.environ["E2B_OTHER_API_KEY"]
+    try:
+        Sandbox.get_metrics(sbx.sandbox_id, api_key=other)
+        raise AssertionError("another tenant read the metrics")
+    except NotFoundException:
+        pass
+    url, key = os.environ["E2B_API_URL"], os.environ["E2B_API_KEY"]
+    ids = {"sandbox_ids": f"{sbx.sandbox_id},nope"}
+    mine = httpx.get(f"{url}/sandboxes/metrics", params=ids, headers={"X-API-Key": key}).json()
+    expect(list(mine["sandboxes"]) == [sbx.sandbox_id], mine)
+    expect(mine["sandboxes"][sbx.sandbox_id]["memTotal"] == last.mem_total, mine)
+    theirs = httpx.get(f"{url}/sandboxes/metrics", params=ids, headers={"X-API-Key": other})
+    expect(theirs.json() == {"sandboxes": {}}, theirs.text)
+    return f"{len(metrics)} samples, the last {last}"
 
 
 @step("kill")

@@ -2,7 +2,8 @@
 //! `E2B_SANDBOX_URL` and `E2B_API_KEY`, as root with the jail tier: the Python SDK
 //! (`e2b_client.py`, from /opt/mvm-test-venv) through every call mvm serves, the JS/TS SDK
 //! (`e2b_client.cjs`, from /opt/mvm-test-node) through a smoke set; both installed pinned by
-//! scripts/deps.sh. Each client checks the SDK's calls and reports a step per call.
+//! scripts/deps.sh. Each client checks the SDK's calls and reports a step per call; a second
+//! tenant's key (`E2B_OTHER_API_KEY`) checks what it must not see.
 
 mod common;
 
@@ -57,6 +58,7 @@ fn run_client(mut client: Command) -> Run {
         .env("E2B_API_URL", &url)
         .env("E2B_SANDBOX_URL", &url)
         .env("E2B_API_KEY", d.token())
+        .env("E2B_OTHER_API_KEY", d.tenant("other", &[]))
         .output()
         .expect("running the e2b client");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -123,7 +125,7 @@ fn the_e2b_python_sdk_drives_mvmd() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.py"))
         .env_clear();
     let run = run_client(client);
-    check_steps(&run.stdout, 25);
+    check_steps(&run.stdout, 26);
     // Every mutating E2B call is in the audit log.
     for action in [
         "POST /e2b/v2/sandboxes",
@@ -213,5 +215,5 @@ fn the_e2b_js_sdk_drives_mvmd() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.cjs"))
         .env_clear()
         .env("NODE_PATH", &modules);
-    check_steps(&run_client(client).stdout, 7);
+    check_steps(&run_client(client).stdout, 8);
 }

@@ -723,6 +723,31 @@ pub struct FileWritten {
     pub bytes: u64,
 }
 
+/// One sample of a running sandbox's usage, as the host sees it (see
+/// `Manager::usage_history`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageSample {
+    /// When it was taken, Unix time (ms).
+    pub at_ms: i64,
+    /// The sandbox's vCPUs (jail tier: its CPU quota in cores, at least 1).
+    pub vcpus: u32,
+    /// Its CPU time since the sample before (or since its creation), in percent of what its
+    /// vCPUs could have used meanwhile: 0 to 100.
+    pub cpu_used_pct: f64,
+    /// Resident anonymous memory of its processes, bytes (vm tier: the guest's RAM its VMM
+    /// holds, the guest's own page cache included).
+    pub memory_used_bytes: u64,
+    /// Page cache charged to it on the host, bytes.
+    pub memory_cache_bytes: u64,
+    /// Its memory, bytes.
+    pub memory_total_bytes: u64,
+    /// Space its writes take on its writable layer, bytes (vm tier: the layer image's
+    /// allocated blocks; jail tier: used in its layer's tmpfs).
+    pub disk_used_bytes: u64,
+    /// The size of its writable layer, bytes.
+    pub disk_total_bytes: u64,
+}
+
 /// Resource usage of a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SandboxStats {

@@ -1,7 +1,7 @@
 //! E2B's REST control plane (`spec/openapi.yml` of e2b-dev/E2B) on the sandbox manager:
 //! create (v1 and v2), list (v1 and v2 with metadata and state filters and paging), get,
-//! kill, set timeout, refresh, pause, resume, connect and fork (vm tier). Errors are E2B's
-//! `{code, message}`.
+//! kill, set timeout, refresh, pause, resume, connect, fork (vm tier) and metrics. Errors are
+//! E2B's `{code, message}`.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +17,7 @@ use super::{Caller, E2bError, E2bQuery, E2bState};
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::model::{
     CreateSandbox, Egress, Isolation, Lifecycle, NetworkSpec, OnTimeout, Sandbox, SandboxState,
+    UsageSample,
 };
 
 /// The envd version mvm reports: the SDK enables stdin, close-stdin, default users and the
@@ -26,7 +27,8 @@ pub const ENVD_VERSION: &str = "0.5.7";
 /// `clientID` of every sandbox (E2B's cluster node; mvm has one).
 const CLIENT_ID: &str = "mvm";
 
-/// Most sandboxes on one page of `GET /v2/sandboxes`.
+/// Most sandboxes on one page of `GET /v2/sandboxes`, and named in one `GET
+/// /sandboxes/metrics`.
 const MAX_PAGE: usize = 100;
 
 pub fn routes() -> Router<E2bState> {
@@ -41,6 +43,8 @@ pub fn routes() -> Router<E2bState> {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/fork", post(fork))
+        .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/metrics", get(latest_metrics))
 }
 
 type Result<T> = std::result::Result<T, E2bError>;
@@ -601,4 +605,106 @@ mod tests {
         }
         assert_eq!(LifecycleInfo::of(Lifecycle::default()).on_timeout, "kill");
     }
+}
+
+/// `SandboxMetric`: one sample of a sandbox's usage, as the host sees it (see
+/// [`UsageSample`]).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Metric {
+    timestamp: String,
+    timestamp_unix: i64,
+    cpu_count: u32,
+    cpu_used_pct: f64,
+    mem_used: u64,
+    mem_total: u64,
+    mem_cache: u64,
+    disk_used: u64,
+    disk_total: u64,
+}
+
+impl Metric {
+    fn of(s: &UsageSample) -> Metric {
+        let secs = s.at_ms.div_euclid(1000);
+        Metric {
+            timestamp: rfc3339(secs),
+            timestamp_unix: secs,
+            cpu_count: s.vcpus,
+            cpu_used_pct: s.cpu_used_pct,
+            mem_used: s.memory_used_bytes,
+            mem_total: s.memory_total_bytes,
+            mem_cache: s.memory_cache_bytes,
+            disk_used: s.disk_used_bytes,
+            disk_total: s.disk_total_bytes,
+        }
+    }
+}
+
+/// `GET /sandboxes/{id}/metrics` query: a window in Unix seconds.
+#[derive(Debug, Default, Deserialize)]
+struct MetricsQuery {
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+/// The samples of a sandbox's usage from `start` to `end` (every 5 s while it runs, the
+/// last hour kept), oldest first; none yet for a sandbox just made.
+async fn metrics(
+    State(state): State<E2bState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    E2bQuery(q): E2bQuery<MetricsQuery>,
+) -> Result<Json<Vec<Metric>>> {
+    let samples = state
+        .manager
+        .usage_history(&caller.tenant.name, &id, q.start, q.end)?;
+    Ok(Json(samples.iter().map(Metric::of).collect()))
+}
+
+/// `GET /sandboxes/metrics` query: sandbox ids, comma-separated.
+#[derive(Debug, Deserialize)]
+struct LatestMetricsQuery {
+    sandbox_ids: String,
+}
+
+/// `SandboxesWithMetrics`: the latest sample of each sandbox named that is the caller's and
+/// was sampled.
+#[derive(Debug, Serialize)]
+struct LatestMetrics {
+    sandboxes: BTreeMap<String, Metric>,
+}
+
+async fn latest_metrics(
+    State(state): State<E2bState>,
+    caller: Caller,
+    E2bQuery(q): E2bQuery<LatestMetricsQuery>,
+) -> Result<Json<LatestMetrics>> {
+    let ids: Vec<&str> = q
+        .sandbox_ids
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .collect();
+    if ids.len() > MAX_PAGE {
+        return Err(bad_request(format!(
+            "sandbox_ids names {} sandboxes; ask for at most {MAX_PAGE} at once",
+            ids.len()
+        )));
+    }
+    let mut sandboxes = BTreeMap::new();
+    for id in ids {
+        match state
+            .manager
+            .usage_history(&caller.tenant.name, id, None, None)
+        {
+            Ok(samples) => {
+                if let Some(last) = samples.last() {
+                    sandboxes.insert(id.to_owned(), Metric::of(last));
+                }
+            }
+            Err(mvm_sandbox::Error::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Json(LatestMetrics { sandboxes }))
 }

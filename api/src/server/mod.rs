@@ -626,6 +626,18 @@ pub async fn serve(manager: Manager, cfg: ServeConfig) -> mvm_sandbox::Result<()
             }
         })
     };
+    let sampler = {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(mvm_sandbox::manager::SAMPLE_EVERY);
+            loop {
+                tick.tick().await;
+                if let Err(e) = manager.sample_usage().await {
+                    tracing::warn!("sampling the sandboxes' usage: {e}");
+                }
+            }
+        })
+    };
     let pools = {
         let manager = manager.clone();
         tokio::spawn(async move {
@@ -657,6 +669,7 @@ pub async fn serve(manager: Manager, cfg: ServeConfig) -> mvm_sandbox::Result<()
         })
         .await;
     reaper.abort();
+    sampler.abort();
     if let Some(t) = tcp_task {
         let _ = t.await;
     }

@@ -42,11 +42,13 @@ mod snapshot;
 mod teardown;
 mod templates;
 mod tier;
+mod usage;
 
 pub use fork::MAX_FORK_CHILDREN;
 pub use host::{jailer_pids, vm_tier_unavailable};
 pub use limits::LimitsUpdate;
 pub use pool::POOL_TENANT;
+pub use usage::SAMPLE_EVERY;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -360,6 +362,8 @@ struct Inner {
     pools: pool::Pools,
     /// Each sandbox's turn to be paused, saved or resumed ([`Manager::transition`]).
     transitions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each running sandbox's usage over time ([`Manager::sample_usage`]).
+    usage: usage::UsageHistory,
 }
 
 /// The sandbox manager. Cheap to clone.
@@ -440,6 +444,7 @@ impl Manager {
                 proxied: Default::default(),
                 pools: Default::default(),
                 transitions: Default::default(),
+                usage: Default::default(),
             }),
         };
         let reconciled = manager.reconcile().await?;

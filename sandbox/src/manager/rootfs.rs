@@ -173,6 +173,11 @@ impl Overlay {
         }
     }
 
+    /// The tmpfs that holds what the sandbox writes (its size bounds it).
+    pub fn layer(&self) -> &Path {
+        &self.layer
+    }
+
     /// Mounts base + a fresh upper layer of `size_mib` MiB (a write past it fails with ENOSPC
     /// in the sandbox); `/root` of the sandbox and [`Overlay::run`] belong to `uid`. What it
     /// mounted before a
