@@ -413,6 +413,48 @@ def _():
     return f"{len(metrics)} samples, the last {last}"
 
 
+@step("update_network replaces an allow list; what mvm does not do is refused; not another tenant's")
+def _():
+    s = Sandbox.create(
+        template="base",
+        timeout=60,
+        metadata={"suite": "e2b", "run": f"{run_id}-net"},
+        network={"allow_out": ["10.9.9.9"], "deny_out": ["0.0.0.0/0"]},
+    )
+    try:
+        url, key = os.environ["E2B_API_URL"], os.environ["E2B_API_KEY"]
+        native = f"{url.removesuffix('/e2b')}/v1/sandboxes/{s.sandbox_id}"
+
+        def allowed():
+            r = httpx.get(native, headers={"Authorization": f"Bearer {key}"})
+            return r.json()["network"]["allow"]
+
+        expect(allowed() == ["10.9.9.9/32"], allowed())
+        s.update_network({"allow_out": ["10.9.9.8", "10.9.9.7"], "deny_out": ["0.0.0.0/0"]})
+        expect(allowed() == ["10.9.9.8/32", "10.9.9.7/32"], allowed())
+        network = f"{url}/sandboxes/{s.sandbox_id}/network"
+        for body, status in [
+            ({"allowOut": ["10.9.9.9"], "rules": {"10.9.9.9": []}}, 400),
+            ({"allowOut": [], "denyOut": ["10.9.9.8"]}, 400),
+            ({"allow_internet_access": True}, 400),
+        ]:
+            r = httpx.put(network, json=body, headers={"X-API-Key": key})
+            expect(r.status_code == status and r.json()["message"], (body, r.status_code, r.text))
+        expect(allowed() == ["10.9.9.8/32", "10.9.9.7/32"], "a refused update changes nothing")
+        other = os.environ["E2B_OTHER_API_KEY"]
+        try:
+            Sandbox.update_network(s.sandbox_id, {"allow_out": []}, api_key=other)
+            raise AssertionError("another tenant changed the allow list")
+        except NotFoundException:
+            pass
+        # A sandbox made without an allow list has none to change.
+        r = httpx.put(f"{url}/sandboxes/{sbx.sandbox_id}/network", json={"allowOut": ["10.9.9.9"]}, headers={"X-API-Key": key})
+        expect(r.status_code == 409, (r.status_code, r.text))
+        expect(allowed() == ["10.9.9.8/32", "10.9.9.7/32"], "another tenant's update changed nothing")
+    finally:
+        s.kill()
+
+
 @step("kill")
 def _():
     sbx.kill()

@@ -1,14 +1,14 @@
 //! E2B's REST control plane (`spec/openapi.yml` of e2b-dev/E2B) on the sandbox manager:
 //! create (v1 and v2), list (v1 and v2 with metadata and state filters and paging), get,
-//! kill, set timeout, refresh, pause, resume, connect, fork (vm tier) and metrics. Errors are
-//! E2B's `{code, message}`.
+//! kill, set timeout, refresh, pause, resume, connect, fork (vm tier), metrics and the allow
+//! list's update. Errors are E2B's `{code, message}`.
 
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
@@ -16,8 +16,8 @@ use super::time::rfc3339;
 use super::{Caller, E2bError, E2bQuery, E2bState};
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::model::{
-    CreateSandbox, Egress, Isolation, Lifecycle, NetworkSpec, OnTimeout, Sandbox, SandboxState,
-    UsageSample,
+    CreateSandbox, Egress, Isolation, Lifecycle, NetworkSpec, NetworkUpdate, OnTimeout, Sandbox,
+    SandboxState, UsageSample,
 };
 
 /// The envd version mvm reports: the SDK enables stdin, close-stdin, default users and the
@@ -43,6 +43,7 @@ pub fn routes() -> Router<E2bState> {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/fork", post(fork))
+        .route("/sandboxes/{id}/network", put(update_network))
         .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/sandboxes/metrics", get(latest_metrics))
 }
@@ -87,7 +88,10 @@ struct AutoResume {
     enabled: bool,
 }
 
-/// `SandboxNetworkConfig`: only what maps onto mvm's egress policy.
+/// `SandboxNetworkConfig` (and the egress part of `SandboxNetworkUpdateConfig`): what maps
+/// onto mvm's egress policy, and what does not, refused when set
+/// ([`unsupported`](Self::unsupported)). `allowPublicTraffic` is ignored: mvm's E2B endpoint
+/// serves no sandbox host names.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct NetworkConfig {
@@ -95,6 +99,38 @@ struct NetworkConfig {
     allow_out: Vec<String>,
     #[serde(default)]
     deny_out: Vec<String>,
+    rules: Option<serde_json::Value>,
+    egress_proxy: Option<serde_json::Value>,
+    dns_servers: Option<serde_json::Value>,
+    https_ports: Option<serde_json::Value>,
+    mask_request_host: Option<serde_json::Value>,
+}
+
+impl NetworkConfig {
+    /// The first field set that mvm does not do, with what it is.
+    fn unsupported(&self) -> Option<&'static str> {
+        [
+            (
+                "rules (per-host request transforms; mvm's secrets do this, see its README)",
+                &self.rules,
+            ),
+            ("egressProxy", &self.egress_proxy),
+            ("dnsServers", &self.dns_servers),
+            ("httpsPorts", &self.https_ports),
+            ("maskRequestHost", &self.mask_request_host),
+        ]
+        .into_iter()
+        .find(|(_, value)| value.as_ref().is_some_and(|v| !v.is_null()))
+        .map(|(field, _)| field)
+    }
+}
+
+/// `SandboxNetworkUpdateConfig`: a new egress configuration, replacing the sandbox's.
+#[derive(Debug, Default, Deserialize)]
+struct NetworkUpdateConfig {
+    #[serde(flatten)]
+    network: NetworkConfig,
+    allow_internet_access: Option<bool>,
 }
 
 /// E2B's template name as an mvm template: `base` is mvm's `default`.
@@ -149,6 +185,11 @@ fn create_request(req: NewSandbox, isolation: Isolation) -> Result<CreateSandbox
 /// `0.0.0.0/0` (deny everything but `allowOut`), as mvm has no deny lists.
 fn network(internet: Option<bool>, net: Option<NetworkConfig>) -> Result<NetworkSpec> {
     let net = net.unwrap_or_default();
+    if let Some(field) = net.unsupported() {
+        return Err(bad_request(format!(
+            "network.{field} is not supported by mvm"
+        )));
+    }
     if let Some(d) = net.deny_out.iter().find(|d| *d != "0.0.0.0/0") {
         return Err(bad_request(format!(
             "network.denyOut {d:?}: mvm denies all but allowOut (denyOut [\"0.0.0.0/0\"]), \
@@ -498,8 +539,9 @@ struct Forked {
     sandbox: Created,
 }
 
-/// Forks a running vm-tier sandbox into `count` children (the manager's fork), each with the
-/// given timeout (default: the manager's); the jail tier is refused (400).
+/// Forks a running, paused or saved vm-tier sandbox into `count` children (the manager's
+/// fork), each with the given timeout (default: the manager's); the jail tier is refused
+/// (400).
 async fn fork(
     State(state): State<E2bState>,
     caller: Caller,
@@ -526,6 +568,36 @@ async fn fork(
     Ok((StatusCode::CREATED, Json(forked)))
 }
 
+/// Replaces the allow list of a sandbox made with `allowOut` (mvm's egress `allow`) by the
+/// update's `allowOut` (`denyOut` empty or `["0.0.0.0/0"]`, as at a create); the egress mode
+/// itself is set when a sandbox is made, so internet access is refused (400), as is an
+/// update of a sandbox made without an allow list (409).
+async fn update_network(
+    State(state): State<E2bState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<StatusCode> {
+    let update: NetworkUpdateConfig = body(&bytes)?;
+    if update.allow_internet_access == Some(true) {
+        return Err(bad_request(
+            "allow_internet_access: mvm sets a sandbox's egress mode when it is made; make a \
+             new sandbox with internet access"
+                .into(),
+        ));
+    }
+    let spec = network(None, Some(update.network))?;
+    state
+        .manager
+        .update_network(
+            &caller.tenant.name,
+            &id,
+            NetworkUpdate { allow: spec.allow },
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +619,7 @@ mod tests {
             Some(NetworkConfig {
                 allow_out: vec!["1.1.1.1".into()],
                 deny_out: vec!["0.0.0.0/0".into()],
+                ..NetworkConfig::default()
             }),
         )
         .unwrap();
@@ -557,9 +630,41 @@ mod tests {
             Some(NetworkConfig {
                 allow_out: vec![],
                 deny_out: vec!["8.8.8.8".into()],
+                ..NetworkConfig::default()
             }),
         )
         .unwrap_err();
+        // What mvm does not do is refused, naming it, not ignored.
+        let req: NewSandbox = serde_json::from_str(
+            r#"{"templateID":"base","network":{"allowOut":["api.example.com"],
+                "rules":{"api.example.com":[{"transform":{"headers":{"X":"y"}}}]}}}"#,
+        )
+        .unwrap();
+        let refused = create_request(req, Isolation::Vm).unwrap_err();
+        assert!(
+            refused.message.contains("network.rules"),
+            "{}",
+            refused.message
+        );
+        let req: NewSandbox = serde_json::from_str(
+            r#"{"templateID":"base","network":{"allowPublicTraffic":false,"rules":null}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            create_request(req, Isolation::Vm)
+                .unwrap()
+                .network
+                .unwrap()
+                .egress,
+            Egress::None
+        );
+        // An update's internet access is inside its network configuration.
+        let update: NetworkUpdateConfig = serde_json::from_str(
+            r#"{"allowOut":["1.1.1.1"],"denyOut":["0.0.0.0/0"],"allow_internet_access":false}"#,
+        )
+        .unwrap();
+        assert_eq!(update.allow_internet_access, Some(false));
+        assert_eq!(update.network.allow_out, ["1.1.1.1"]);
     }
 
     #[test]

@@ -36,8 +36,8 @@ pub fn router(manager: Manager) -> Router {
         .fallback(|| async {
             E2bError::new(
                 StatusCode::BAD_REQUEST,
-                "mvm's E2B endpoint does not serve this route (templates, volumes, snapshots, \
-                 logs and network updates are not supported; see the README's E2B section)",
+                "mvm's E2B endpoint does not serve this route (templates, volumes, snapshots \
+                 and logs are not supported; see the README's E2B section)",
             )
         })
         .method_not_allowed_fallback(|| async {
