@@ -11,7 +11,7 @@ use common::{block_on, cgroup_mode, is_sandbox_id, Daemon};
 use mvm_client::{ClientError, Stream};
 use mvm_sandbox::manager::cgroups::CgroupMode;
 use mvm_sandbox::model::{
-    CreateSandbox, Egress, ExecRequest, Isolation, Lifecycle, NetworkSpec, OnTimeout, SandboxState,
+    CreateSandbox, Egress, ExecRequest, Isolation, NetworkSpec, OnTimeout, SandboxState,
 };
 use mvm_testkit::root_or_skip;
 
@@ -768,14 +768,7 @@ fn a_timeout_that_pauses_and_the_resume_on_demand() {
     let before = d.host_state();
     block_on(async {
         let c = d.client();
-        let with = |on_timeout, auto_resume| CreateSandbox {
-            timeout_s: Some(2),
-            lifecycle: Lifecycle {
-                on_timeout,
-                auto_resume,
-            },
-            ..jail()
-        };
+        let with = common::jail_timing_out;
         for (refused, names) in [
             (with(OnTimeout::Save, false), "vm tier"),
             (with(OnTimeout::Destroy, true), "on_timeout"),
@@ -787,23 +780,6 @@ fn a_timeout_that_pauses_and_the_resume_on_demand() {
             assert_eq!(*status, 422, "{e}");
             assert!(body.message.contains(names), "{}", body.message);
         }
-        let paused_when_due = |id: String| {
-            let c = d.client();
-            async move {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    let s = c.get(&id).await.expect("a paused sandbox is kept");
-                    if s.state == SandboxState::Paused {
-                        return s;
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "not paused at its timeout: {s:?}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        };
         let manual = c
             .create(&with(OnTimeout::Pause, false))
             .await
@@ -812,7 +788,7 @@ fn a_timeout_that_pauses_and_the_resume_on_demand() {
         c.exec(&manual.id, &cmd(&["sh", "-c", "echo kept > /tmp/kept"]))
             .await
             .expect("exec");
-        let paused = paused_when_due(manual.id.clone()).await;
+        let paused = common::paused_at_timeout(&c, &manual.id).await;
         assert_eq!(paused.expires_at, None, "a paused sandbox's timeout stops");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
@@ -838,7 +814,7 @@ fn a_timeout_that_pauses_and_the_resume_on_demand() {
             .create(&with(OnTimeout::Pause, true))
             .await
             .expect("create");
-        paused_when_due(on_demand.id.clone()).await;
+        common::paused_at_timeout(&c, &on_demand.id).await;
         // Two at once: one resumes it, the other waits for that and runs.
         let awake = cmd(&["echo", "awake"]);
         let (a, b) = tokio::join!(c.exec(&on_demand.id, &awake), c.exec(&on_demand.id, &awake));
@@ -852,7 +828,7 @@ fn a_timeout_that_pauses_and_the_resume_on_demand() {
             "resumed with its timeout running again: {s:?}"
         );
         // And paused again when that timeout passes.
-        paused_when_due(on_demand.id.clone()).await;
+        common::paused_at_timeout(&c, &on_demand.id).await;
         for id in [&manual.id, &on_demand.id] {
             c.delete(id).await.expect("delete");
         }

@@ -12,7 +12,7 @@ use std::path::Path;
 use common::{api_error, block_on, detach, jail, Daemon};
 use mvm_client::Client;
 use mvm_sandbox::http::Endpoint;
-use mvm_sandbox::model::{CreateSandbox, Lifecycle, OnTimeout, Sandbox, SandboxState};
+use mvm_sandbox::model::{CreateSandbox, OnTimeout, Sandbox};
 use mvm_sandbox::ErrorBody;
 use mvm_testkit::ports::{free_local_port, httpd_command};
 use mvm_testkit::root_or_skip;
@@ -340,23 +340,8 @@ fn a_port_request_resumes_a_sandbox_paused_at_its_timeout() {
     }
     let d = Daemon::start();
     let c = d.client();
-    let req = CreateSandbox {
-        timeout_s: Some(2),
-        lifecycle: Lifecycle {
-            on_timeout: OnTimeout::Pause,
-            auto_resume: true,
-        },
-        ..jail()
-    };
-    let s = serve_from(&d, &c, &req);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while block_on(c.get(&s.id)).expect("kept").state != SandboxState::Paused {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not paused at its timeout"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let s = serve_from(&d, &c, &common::jail_timing_out(OnTimeout::Pause, true));
+    block_on(common::paused_at_timeout(&c, &s.id));
     let (status, body) =
         block_on(c.port_request(&s.id, 8080, "GET", "/", Vec::new())).expect("proxy");
     assert_eq!(

@@ -12,13 +12,44 @@ use std::time::{Duration, Instant};
 
 use mvm_client::{Client, ClientError};
 use mvm_sandbox::http::Endpoint;
-use mvm_sandbox::model::{CreateSandbox, ExecRequest, Isolation};
+use mvm_sandbox::model::{
+    CreateSandbox, ExecRequest, Isolation, Lifecycle, OnTimeout, Sandbox, SandboxState,
+};
 
 /// A create request for the jail tier, defaults otherwise.
 pub fn jail() -> CreateSandbox {
     CreateSandbox {
         isolation: Some(Isolation::Jail),
         ..CreateSandbox::default()
+    }
+}
+
+/// A jail-tier create whose 2 s timeout does `on_timeout`, resuming it on demand with
+/// `auto_resume`.
+pub fn jail_timing_out(on_timeout: OnTimeout, auto_resume: bool) -> CreateSandbox {
+    CreateSandbox {
+        timeout_s: Some(2),
+        lifecycle: Lifecycle {
+            on_timeout,
+            auto_resume,
+        },
+        ..jail()
+    }
+}
+
+/// Sandbox `id` once its timeout has paused it (10 s at most).
+pub async fn paused_at_timeout(client: &Client, id: &str) -> Sandbox {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = client.get(id).await.expect("a paused sandbox is kept");
+        if s.state == SandboxState::Paused {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not paused at its timeout: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
