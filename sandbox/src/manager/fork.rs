@@ -47,29 +47,23 @@ impl Manager {
         }
         let template = self.template_of(source, "fork")?;
         let started = std::time::Instant::now();
-        // A saved source keeps its turn until its children are made: its saved VM, which
-        // they restore, is not resumed (moved and removed) meanwhile.
-        let (saved, own, _turn, _yielding) = match source.state {
-            SandboxState::Running => {
-                let saved = self.save_for_fork(&row).await?;
-                drop(turn);
-                (saved, false, None, self.yield_to_children(id).await)
-            }
-            SandboxState::Paused => {
-                let saved = self.save_for_fork(&row).await?;
-                drop(turn);
-                (saved, false, None, None)
-            }
-            SandboxState::Saved => {
-                let saved = self.saved_source(id, &template.rootfs).await?;
-                (saved, true, Some(turn), None)
-            }
+        let own = source.state == SandboxState::Saved;
+        let saved = match source.state {
+            SandboxState::Running | SandboxState::Paused => self.save_for_fork(&row).await?,
+            SandboxState::Saved => self.saved_source(id, &template.rootfs).await?,
             SandboxState::Creating | SandboxState::Stopping => {
                 return Err(Error::Conflict(format!(
                     "sandbox {id} is {}: only a running, paused or saved sandbox forks",
                     source.state.as_str()
                 )))
             }
+        };
+        // A saved source keeps its turn until its children are made: its saved VM, which
+        // they restore, is not resumed (moved and removed) meanwhile. Another's goes now.
+        let _turn = own.then_some(turn);
+        let _yielding = match source.state {
+            SandboxState::Running => self.yield_to_children(id).await,
+            _ => None,
         };
         // The children start at once, each in a task of its own.
         let mut starting = tokio::task::JoinSet::new();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{blocking, cgroups, lock, pool, tier, Manager, ManagerConfig};
 use crate::error::Result;
-use crate::model::{Isolation, SandboxState, UsageSample};
+use crate::model::{Isolation, Sandbox, SandboxState, UsageSample};
 
 /// How often [`Manager::sample_usage`] is meant to run (mvmd's sampler).
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -37,50 +37,35 @@ struct Reading {
     disk_total_bytes: u64,
 }
 
-/// A running sandbox to sample: its id, tier, vCPUs, memory (MiB) and creation (Unix s).
-type Sampled = (String, Isolation, u32, u64, i64);
-
 impl Manager {
     /// Samples the usage of every running sandbox of a tenant once, and forgets the samples of
     /// sandboxes that are gone. A paused or saved sandbox keeps its samples and gets none.
     pub async fn sample_usage(&self) -> Result<()> {
         let rows = self.inner.db.sandboxes(None)?;
-        let sampled: Vec<Sampled> = rows
-            .iter()
-            .map(|r| &r.sandbox)
+        let alive: HashSet<String> = rows.iter().map(|r| r.sandbox.id.clone()).collect();
+        let sampled: Vec<Sandbox> = rows
+            .into_iter()
+            .map(|r| r.sandbox)
             .filter(|s| s.state == SandboxState::Running && s.tenant != pool::POOL_TENANT)
-            .map(|s| {
-                (
-                    s.id.clone(),
-                    s.isolation,
-                    s.vcpus,
-                    s.memory_mib,
-                    s.created_at,
-                )
-            })
             .collect();
         let cfg = self.inner.cfg.clone();
         let read = blocking(move || {
             Ok(sampled
                 .into_iter()
-                .map(|s| {
-                    let reading = read(&cfg, &s.0, s.1);
-                    (s, reading)
-                })
+                .map(|s| (read(&cfg, &s.id, s.isolation), s))
                 .collect::<Vec<_>>())
         })
         .await?;
         let at_ms = now_ms();
-        let alive: HashSet<&str> = rows.iter().map(|r| r.sandbox.id.as_str()).collect();
         let mut history = lock(&self.inner.usage.0);
-        history.retain(|id, _| alive.contains(id.as_str()));
-        for ((id, _, vcpus, memory_mib, created_at), reading) in read {
-            history.entry(id).or_default().push(
+        history.retain(|id, _| alive.contains(id));
+        for (reading, s) in read {
+            history.entry(s.id).or_default().push(
                 reading,
                 at_ms,
-                vcpus,
-                memory_mib << 20,
-                created_at * 1000,
+                s.vcpus,
+                s.memory_mib << 20,
+                s.created_at * 1000,
             );
         }
         Ok(())

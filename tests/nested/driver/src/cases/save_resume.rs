@@ -295,22 +295,38 @@ fn fork_one(
             "sandbox {id} is {source_state:?} after its fork, not {state} as before"
         ));
     }
+    goes_on(&said, at_least, &child)
+        .map(|()| took)
+        .map_err(|why| {
+            format!(
+                "the child {child} of {state} sandbox {id} does not go on from it: {why}: {said:?}"
+            )
+        })
+}
+
+/// Checks `said`, the [`CHILD_REPORT`] of a sandbox named `host` that goes on from a counter
+/// of at least `at_least`: its counter past that and still counting, the file written before,
+/// its host name, no disk error in its kernel's log, a synced write read back. Says what is
+/// not so.
+fn goes_on(said: &str, at_least: u64, host: &str) -> Result<(), String> {
     let lines: Vec<&str> = said.lines().collect();
-    let counts = (
+    match (
         lines.first().copied().and_then(counted),
         lines.get(1).copied().and_then(counted),
-    );
-    let expect = [(2, "base"), (3, child.as_str()), (6, "0"), (7, "synced")];
-    let as_expected = expect
-        .iter()
-        .all(|&(line, want)| lines.get(line).copied() == Some(want));
-    match counts {
-        (Some(a), Some(b)) if a >= at_least && b > a && as_expected => Ok(took),
-        _ => Err(format!(
-            "the child {child} of {state} sandbox {id} does not go on from it (its counter \
-             from at least {at_least}, its file, its own host name, its disk): {said:?}"
-        )),
+    ) {
+        (Some(a), Some(b)) if a >= at_least && b > a => {}
+        _ => {
+            return Err(format!(
+                "its counter does not go on from at least {at_least}"
+            ))
+        }
     }
+    for (line, want) in [(2, "base"), (3, host), (6, "0"), (7, "synced")] {
+        if lines.get(line).copied() != Some(want) {
+            return Err(format!("line {line} of its report is not {want:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// Sets the memory quota of mvmd's default tenant (`None`: the default quota) with
@@ -408,29 +424,8 @@ fn check_resumed(
 ) -> Result<(), String> {
     let exec = |script: &str| session.mvm(ctx, &["exec", id, "--", "sh", "-c", script], None);
     let said = exec(CHILD_REPORT)?;
-    let lines: Vec<&str> = said.lines().collect();
-    let (first, second) = (
-        lines.first().copied().and_then(counted),
-        lines.get(1).copied().and_then(counted),
-    );
-    match (first, second) {
-        (Some(a), Some(b)) if a >= at_save && b > a => {}
-        _ => {
-            return Err(format!(
-                "sandbox {id}'s counter does not go on after the resume (before the save at \
-                 least {at_save}): {said:?}"
-            ))
-        }
-    }
-    let expect = [(2, "base"), (3, id), (6, "0"), (7, "synced")];
-    for (line, want) in expect {
-        if lines.get(line).copied() != Some(want) {
-            return Err(format!(
-                "sandbox {id} after the resume: line {line} of its report is not {want:?}: \
-                 {said:?}"
-            ));
-        }
-    }
+    goes_on(&said, at_save, id)
+        .map_err(|why| format!("sandbox {id} after the resume: {why}: {said:?}"))?;
     let report = checked_self_report(ctx, session, id, address)?;
     // Host name, MAC and address as before the save.
     for field in [0, 1, 2] {
