@@ -10,8 +10,8 @@ use mvm_client::{Client, ClientError, Stream};
 use mvm_sandbox::db::Tenant;
 use mvm_sandbox::image::Credentials;
 use mvm_sandbox::model::{
-    CreateSandbox, ExecRequest, ExitInfo, Image, PrunedImages, PullImage, RemovedImage, Sandbox,
-    SandboxUsage, Template, WarmRequest, WsControl,
+    CreateSandbox, CreateSnapshot, ExecRequest, ExitInfo, Image, PrunedImages, PullImage,
+    RemovedImage, Sandbox, SandboxUsage, Snapshot, Template, WarmRequest, WsControl,
 };
 use mvm_sandbox::{Manager, ManagerConfig};
 use tokio::io::AsyncReadExt;
@@ -329,6 +329,32 @@ impl Backend {
         Ok(match self {
             Backend::Daemon(c) => c.fork(id, count).await?,
             Backend::Local { manager, tenant } => manager.fork(tenant, id, count).await?,
+        })
+    }
+
+    /// Takes a snapshot of a vm-tier sandbox.
+    pub async fn snapshot(&self, id: &str, req: CreateSnapshot) -> Result<Snapshot, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.snapshot(id, &req).await?,
+            Backend::Local { manager, tenant } => manager.snapshot_sandbox(tenant, id, req).await?,
+        })
+    }
+
+    /// The tenant's snapshots.
+    pub async fn snapshots(&self) -> Result<Vec<Snapshot>, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.snapshots().await?,
+            Backend::Local { manager, tenant } => manager.snapshots(&tenant.name)?,
+        })
+    }
+
+    /// Deletes a snapshot (by id or name).
+    pub async fn delete_snapshot(&self, key: &str) -> Result<Snapshot, CliError> {
+        Ok(match self {
+            Backend::Daemon(c) => c.delete_snapshot(key).await?,
+            Backend::Local { manager, tenant } => {
+                manager.delete_snapshot(&tenant.name, key).await?
+            }
         })
     }
 

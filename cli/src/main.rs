@@ -14,8 +14,8 @@ use std::process::ExitCode;
 use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
 use mvm_sandbox::model::{
-    CreateSandbox, Egress, ExecRequest, ExecResult, ImageConfig, Isolation, Lifecycle, NetworkSpec,
-    OnTimeout, PortMapping, Sandbox, SecretSpec, Template, WarmRequest,
+    CreateSandbox, CreateSnapshot, Egress, ExecRequest, ExecResult, ImageConfig, Isolation,
+    Lifecycle, NetworkSpec, OnTimeout, PortMapping, Sandbox, SecretSpec, Template, WarmRequest,
 };
 use tty::Terminal;
 
@@ -110,6 +110,10 @@ struct RunArgs {
     /// stderr is a terminal; stdout is the command's alone either way).
     #[arg(long)]
     verbose: bool,
+    /// Start from a snapshot (`mvm snapshot`, by id or name): its VM restored, going on from
+    /// its instant (vm tier; its template and size).
+    #[arg(long, conflicts_with_all = ["template", "isolation", "cpus", "memory", "secrets"])]
+    snapshot: Option<String>,
     /// Template, or an OCI image pulled or loaded before (any name that is not a registered
     /// template's) [default: template default].
     #[arg(value_name = "TEMPLATE|IMAGE")]
@@ -214,6 +218,22 @@ enum Command {
         #[arg(short = 'n', long = "count", default_value_t = 1)]
         count: u32,
     },
+    /// Take a snapshot of a running, paused or saved vm-tier sandbox: its VM (memory,
+    /// processes, files) at this instant, kept until `mvm snapshots rm`, for `mvm run
+    /// --snapshot` to start new sandboxes from; the sandbox stays as it was. Prints its id.
+    Snapshot {
+        /// Sandbox id.
+        id: String,
+        /// A name for it (a snapshot that has the name already is replaced).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List snapshots, or delete some.
+    Snapshots {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        action: Option<SnapshotsAction>,
+    },
     /// List templates, or warm one.
     Templates {
         /// What to do (default: list).
@@ -265,6 +285,17 @@ enum ImagesAction {
     /// Remove every cached image no sandbox uses, with its references and the layers no
     /// other image shares, as `docker image prune -a` (through mvmd: an admin's).
     Prune,
+}
+
+/// `mvm snapshots` subcommands.
+#[derive(Debug, Subcommand)]
+enum SnapshotsAction {
+    /// Delete snapshots (sandboxes made from them go on).
+    Rm {
+        /// Snapshot ids or names.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -690,6 +721,45 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             }
             Ok(0)
         }
+        Command::Snapshot { id, name } => {
+            let snapshot = backend.snapshot(&id, CreateSnapshot { name }).await?;
+            match json {
+                true => print_json(&snapshot),
+                false => println!("{}", snapshot.id),
+            }
+            Ok(0)
+        }
+        Command::Snapshots { action: None } => {
+            let list = backend.snapshots().await?;
+            if json {
+                print_json(&list);
+            } else {
+                println!(
+                    "{:<22} {:<20} {:<14} {:<16} {:>5} {:>9}",
+                    "ID", "NAME", "SOURCE", "TEMPLATE", "CPUS", "MEM(MiB)"
+                );
+                for s in list {
+                    println!(
+                        "{:<22} {:<20} {:<14} {:<16} {:>5} {:>9}",
+                        s.id,
+                        s.name.as_deref().unwrap_or("-"),
+                        s.source,
+                        s.template,
+                        s.vcpus,
+                        s.memory_mib
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Snapshots {
+            action: Some(SnapshotsAction::Rm { keys }),
+        } => {
+            for key in keys {
+                println!("{}", backend.delete_snapshot(&key).await?.id);
+            }
+            Ok(0)
+        }
         Command::Mcp => {
             mcp::serve(backend).await?;
             Ok(0)
@@ -963,6 +1033,7 @@ async fn run_command(backend: &Backend, a: RunArgs, json: bool) -> Result<u8, Cl
         metadata: BTreeMap::from([("created-by".to_owned(), "mvm run".to_owned())]),
         ports: a.publish,
         secrets: secrets_from_env(a.secrets)?,
+        snapshot: a.snapshot,
     };
     let sandbox = backend.create(req).await?;
     let cmd = match &sandbox.image {

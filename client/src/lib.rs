@@ -293,6 +293,23 @@ impl Client {
             .sandboxes)
     }
 
+    /// `POST /v1/sandboxes/{id}/snapshots`: the snapshot taken.
+    pub async fn snapshot(&self, id: &str, req: &CreateSnapshot) -> Result<Snapshot, ClientError> {
+        self.json("POST", &format!("/v1/sandboxes/{id}/snapshots"), Some(req))
+            .await
+    }
+
+    /// `GET /v1/snapshots`.
+    pub async fn snapshots(&self) -> Result<Vec<Snapshot>, ClientError> {
+        self.json("GET", "/v1/snapshots", None::<&()>).await
+    }
+
+    /// `DELETE /v1/snapshots/{key}` (an id or a name): the snapshot deleted.
+    pub async fn delete_snapshot(&self, key: &str) -> Result<Snapshot, ClientError> {
+        self.json("DELETE", &format!("/v1/snapshots/{key}"), None::<&()>)
+            .await
+    }
+
     /// `POST /v1/sandboxes/{id}/keepalive`.
     pub async fn keepalive(
         &self,

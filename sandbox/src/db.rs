@@ -1,4 +1,5 @@
-//! SQLite state: tenants, hashed tokens and quotas, sandboxes, templates and the audit log.
+//! SQLite state: tenants, hashed tokens and quotas, sandboxes, their snapshots, templates
+//! and the audit log.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -7,7 +8,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::model::{AllowedIsolation, Isolation, NetworkInfo, Sandbox, SandboxState, Template};
+use crate::model::{
+    AllowedIsolation, Isolation, NetworkInfo, Sandbox, SandboxState, Snapshot, Template,
+};
 
 /// Per-tenant limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +123,18 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     image TEXT,
     lifecycle TEXT,
     resuming INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT,
+    source TEXT NOT NULL,
+    template TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    ready INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (tenant, name)
 );
 CREATE TABLE IF NOT EXISTS templates (
     name TEXT PRIMARY KEY,
@@ -321,6 +336,20 @@ fn migrate(conn: &Connection) -> Result<()> {
     }
     tx.commit()?;
     Ok(())
+}
+
+const SNAPSHOT_COLUMNS: &str = "id, name, source, template, vcpus, memory_mib, created_at";
+
+fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<Snapshot> {
+    Ok(Snapshot {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        source: r.get(2)?,
+        template: r.get(3)?,
+        vcpus: r.get(4)?,
+        memory_mib: r.get::<_, i64>(5)? as u64,
+        created_at: r.get(6)?,
+    })
 }
 
 const SANDBOX_COLUMNS: &str = "id, tenant, state, isolation, template, vcpus, memory_mib, \
@@ -635,6 +664,113 @@ impl Db {
             .query_map(params![tenant], row_to_sandbox)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
+    }
+
+    /// Records snapshot `s` of `tenant` while it is being taken: until
+    /// [`commit_snapshot`](Self::commit_snapshot) no call finds it, and the next start of
+    /// mvmd removes it if it never became ready. Refused when the tenant has `max` already.
+    pub fn insert_snapshot(&self, tenant: &str, s: &Snapshot, max: u32) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let kept: u32 = tx.query_row(
+            "SELECT COUNT(*) FROM snapshots WHERE tenant = ?1",
+            params![tenant],
+            |r| r.get(0),
+        )?;
+        if kept >= max {
+            return Err(Error::Quota(format!(
+                "tenant '{tenant}' keeps {kept} snapshots, as many as its sandboxes may be \
+                 ({max}); delete one, or name the new one after one it replaces"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO snapshots (id, tenant, source, template, vcpus, memory_mib, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                s.id,
+                tenant,
+                s.source,
+                s.template,
+                s.vcpus,
+                s.memory_mib as i64,
+                s.created_at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Makes snapshot `id` of `tenant` ready, with its name; the tenant's snapshot that had
+    /// the name loses its row, and its id is returned (its files are the caller's to remove).
+    pub fn commit_snapshot(
+        &self,
+        tenant: &str,
+        id: &str,
+        name: Option<&str>,
+    ) -> Result<Option<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let replaced: Option<String> = match name {
+            Some(name) => tx
+                .query_row(
+                    "DELETE FROM snapshots WHERE tenant = ?1 AND name = ?2 RETURNING id",
+                    params![tenant, name],
+                    |r| r.get(0),
+                )
+                .optional()?,
+            None => None,
+        };
+        tx.execute(
+            "UPDATE snapshots SET ready = 1, name = ?2 WHERE id = ?1",
+            params![id, name],
+        )?;
+        tx.commit()?;
+        Ok(replaced)
+    }
+
+    /// The ready snapshot of `tenant` whose id or name is `key`.
+    pub fn snapshot(&self, tenant: &str, key: &str) -> Result<Option<Snapshot>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {SNAPSHOT_COLUMNS} FROM snapshots
+                     WHERE tenant = ?1 AND ready = 1 AND (id = ?2 OR name = ?2)"
+                ),
+                params![tenant, key],
+                row_to_snapshot,
+            )
+            .optional()?)
+    }
+
+    /// The ready snapshots of `tenant`, oldest first.
+    pub fn snapshots(&self, tenant: &str) -> Result<Vec<Snapshot>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE tenant = ?1 AND ready = 1
+             ORDER BY created_at, id"
+        ))?;
+        let rows = stmt
+            .query_map(params![tenant], row_to_snapshot)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// The ids of every snapshot, ready (`true`) or being taken.
+    pub fn snapshot_ids(&self) -> Result<Vec<(String, bool)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, ready FROM snapshots")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Removes a snapshot's row.
+    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM snapshots WHERE id = ?1", params![id])?;
+        Ok(())
     }
 
     /// Registers (or replaces) a template. Only for callers that checked who may do so and
@@ -974,6 +1110,86 @@ mod tests {
             image: None,
             lifecycle: Default::default(),
         }
+    }
+
+    /// A snapshot of sandbox `source` with id `id`.
+    fn snapshot(id: &str, source: &str) -> Snapshot {
+        Snapshot {
+            id: id.into(),
+            name: None,
+            source: source.into(),
+            template: "default".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            created_at: now(),
+        }
+    }
+
+    /// A snapshot being taken is found by nothing; a ready one by its id and its name, by
+    /// its tenant alone; a tenant keeps at most its bound of them; a later snapshot given a
+    /// name takes it over, and the one that had it loses its row.
+    #[test]
+    fn snapshots_are_their_tenants_bounded_and_a_name_names_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("mvm.db")).unwrap();
+        db.insert_snapshot("a", &snapshot("snap-1", "s1"), 2)
+            .unwrap();
+        assert_eq!(db.snapshot("a", "snap-1").unwrap(), None, "not ready yet");
+        assert!(db.snapshots("a").unwrap().is_empty());
+        assert_eq!(
+            db.commit_snapshot("a", "snap-1", Some("kept")).unwrap(),
+            None
+        );
+        let first = db.snapshot("a", "snap-1").unwrap().expect("ready");
+        assert_eq!(first.name.as_deref(), Some("kept"));
+        assert_eq!(db.snapshot("a", "kept").unwrap(), Some(first.clone()));
+        assert_eq!(
+            db.snapshot("b", "snap-1").unwrap(),
+            None,
+            "another tenant's"
+        );
+        assert_eq!(db.snapshot("b", "kept").unwrap(), None, "another tenant's");
+        db.insert_snapshot("a", &snapshot("snap-2", "s2"), 2)
+            .unwrap();
+        match db.insert_snapshot("a", &snapshot("snap-3", "s2"), 2) {
+            Err(Error::Quota(why)) => assert!(why.contains("2 snapshots"), "{why}"),
+            other => panic!("a third snapshot must be refused: {other:?}"),
+        }
+        db.insert_snapshot("b", &snapshot("snap-4", "s4"), 2)
+            .unwrap();
+        db.commit_snapshot("b", "snap-4", Some("kept")).unwrap();
+        // Another tenant's name is its own; this tenant's moves to its newer snapshot.
+        assert_eq!(
+            db.commit_snapshot("a", "snap-2", Some("kept")).unwrap(),
+            Some("snap-1".to_owned())
+        );
+        assert_eq!(
+            db.snapshot("a", "kept").unwrap().expect("kept").id,
+            "snap-2"
+        );
+        assert_eq!(db.snapshot("a", "snap-1").unwrap(), None, "replaced");
+        assert_eq!(db.snapshot("b", "kept").unwrap().expect("b's").id, "snap-4");
+        let ids: Vec<String> = db
+            .snapshots("a")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, ["snap-2"]);
+        db.insert_snapshot("a", &snapshot("snap-5", "s2"), 2)
+            .unwrap();
+        let mut all = db.snapshot_ids().unwrap();
+        all.sort();
+        assert_eq!(
+            all,
+            [
+                ("snap-2".to_owned(), true),
+                ("snap-4".to_owned(), true),
+                ("snap-5".to_owned(), false)
+            ]
+        );
+        db.delete_snapshot("snap-2").unwrap();
+        assert_eq!(db.snapshot("a", "kept").unwrap(), None);
     }
 
     /// A saved sandbox is one of its tenant's sandboxes but holds none of its vCPUs or

@@ -187,6 +187,11 @@ pub struct CreateSandbox {
     /// (default: destroyed, no resume).
     #[serde(default, skip_serializing_if = "Lifecycle::is_default")]
     pub lifecycle: Lifecycle,
+    /// A snapshot of the tenant's (`POST /v1/sandboxes/{id}/snapshots`), by id or name, to
+    /// make the sandbox from: it restores the snapshot's VM (vm tier, its template, vCPUs
+    /// and memory) and goes on from the snapshot's instant with its own identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// What happens to a sandbox when its timeout passes.
@@ -400,6 +405,37 @@ pub struct Sandbox {
     /// What its timeout does, and whether a call resumes it when paused.
     #[serde(default)]
     pub lifecycle: Lifecycle,
+}
+
+/// A snapshot of a sandbox: its VM (memory, devices, writable layer) at one instant, kept
+/// apart from the sandbox (which may go on, or be destroyed), for new sandboxes to start from
+/// (`snapshot` of a create).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    /// Its id (`snap-` and 16 hex digits).
+    pub id: String,
+    /// Its name, unique within the tenant (a later snapshot given the name takes it over).
+    pub name: Option<String>,
+    /// The sandbox it was taken from (which may be gone).
+    pub source: String,
+    /// The template its source was made from: its base image is its file system's.
+    pub template: String,
+    /// vCPUs of its VM (every sandbox made from it has as many).
+    pub vcpus: u32,
+    /// Guest memory of its VM, MiB (every sandbox made from it has as much).
+    pub memory_mib: u64,
+    /// When it was taken (Unix seconds).
+    pub created_at: i64,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshots` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// A name (1-64 of `a-z A-Z 0-9 - _ .`); a snapshot of the tenant's that has it already
+    /// is replaced.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// The image of a sandbox made from one, and what its execs get from it.

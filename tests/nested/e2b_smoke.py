@@ -3,7 +3,9 @@ L0 when the nested case `e2b-sdk-vm-tier` prints `nested: E2B-READY <api port> <
 <token>`, configured only by E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY. Creates a sandbox,
 runs commands (stdout callback, exit code, CommandExitException), writes, reads and lists files,
 pauses it (mvmd saves the VM to disk) and connects to it again (resumed, its files and processes
-there), makes a second one whose lifecycle pauses it at its timeout (saved) and resumes it on a
+there), takes a snapshot of it (create_snapshot) and creates a sandbox from the snapshot by its
+name (going on from the snapshot's instant: its file, its running process, its own host name),
+lists and deletes the snapshot, makes a second one whose lifecycle pauses it at its timeout (saved) and resumes it on a
 command, kills them, and sends its verdict back to the case over TCP (`127.0.0.1:<verdict port>`, given as
 the only argument), one `key value` line each:
 
@@ -12,6 +14,8 @@ the only argument), one `key value` line each:
     guest-kernel <uname -r in the sandbox>                  (on pass)
     auto-saved <id of the sandbox paused at its timeout>    (on pass)
     auto-resume-ms <its resuming command -> output, ms>     (on pass)
+    snapshot-create-ms <create_snapshot of a running sandbox, ms>          (on pass)
+    from-snapshot-ms <Sandbox.create(snapshot) -> first command output, ms> (on pass)
     step ok|FAIL <name>[: <the SDK's error>]                (one per step run)
 
 The steps stop at the first failure; the sandbox is killed whatever happened."""
@@ -106,6 +110,58 @@ def smoke():
         )
         expect(r.stdout == "contentalive\n", repr(r.stdout))
 
+    def snapshot():
+        sbx.commands.run("echo before > /tmp/e2b/snap.txt", timeout=COMMAND_TIMEOUT_S)
+        name = f"smoke-{run_id}"
+        started = time.perf_counter()
+        info = sbx.create_snapshot(name=name)
+        facts["snapshot-create-ms"] = f"{(time.perf_counter() - started) * 1e3:.0f}"
+        expect(info.snapshot_id.startswith("snap-") and info.names == [name], info)
+        # The source goes on, running, and what it does now is not in the snapshot.
+        info_now = Sandbox.get_info(sbx.sandbox_id)
+        expect(info_now.state == SandboxState.RUNNING, f"source {info_now.state} after it")
+        sbx.commands.run("echo after > /tmp/e2b/snap.txt", timeout=COMMAND_TIMEOUT_S)
+        listed = Sandbox.list_snapshots(sandbox_id=sbx.sandbox_id).next_items()
+        expect([s.snapshot_id for s in listed] == [info.snapshot_id], listed)
+        try:
+            sbx.create_snapshot(mode="filesystem")
+            raise AssertionError("a file-system-only snapshot was taken")
+        except AssertionError:
+            raise
+        except Exception as e:
+            expect("filesystem" in str(e), f"its refusal: {e}")
+        started = time.perf_counter()
+        child = Sandbox.create(
+            name,
+            timeout=600,
+            metadata={"suite": "nested", "run": run_id},
+            request_timeout=REQUEST_TIMEOUT_S,
+        )
+        try:
+            r = child.commands.run(
+                "cat /tmp/e2b/snap.txt; kill -0 $(cat /tmp/e2b/pid) && echo alive; hostname",
+                timeout=COMMAND_TIMEOUT_S,
+            )
+            facts["from-snapshot-ms"] = f"{(time.perf_counter() - started) * 1e3:.0f}"
+            own = sbx.commands.run("hostname", timeout=COMMAND_TIMEOUT_S).stdout
+            lines_out = r.stdout.split("\n")
+            expect(lines_out[:2] == ["before", "alive"], repr(r.stdout))
+            expect(lines_out[2] != own.strip(), f"the same host name {own!r}")
+        finally:
+            child.kill()
+        expect(Sandbox.delete_snapshot(info.snapshot_id) is True, "delete returned False")
+        expect(Sandbox.delete_snapshot(info.snapshot_id) is False, "deleted twice")
+        left = Sandbox.list_snapshots(sandbox_id=sbx.sandbox_id).next_items()
+        expect(left == [], left)
+        try:
+            gone = Sandbox.create(name, request_timeout=REQUEST_TIMEOUT_S)
+            gone.kill()
+            raise AssertionError("a sandbox was made from a deleted snapshot")
+        except AssertionError:
+            raise
+        except Exception as e:
+            expect("no template" in str(e), f"its refusal: {e}")
+
     def pause_at_timeout():
         # Its own sandbox: a lifecycle is chosen at the create. The timeout leaves time for
         # a cold create under TCG and the calls before it passes.
@@ -154,6 +210,10 @@ def smoke():
         ("a non-zero exit is CommandExitException with the code", exit_code),
         ("files.write, read, list; the file seen by a command", files),
         ("pause, then connect resumes it with its files and processes", pause_and_connect),
+        (
+            "create_snapshot, Sandbox.create from it goes on from its instant, list, delete",
+            snapshot,
+        ),
         (
             "lifecycle on_timeout pause: saved at its timeout, a command resumes it (auto_resume)",
             pause_at_timeout,

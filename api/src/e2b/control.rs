@@ -29,7 +29,7 @@ const CLIENT_ID: &str = "mvm";
 
 /// Most sandboxes on one page of `GET /v2/sandboxes`, and named in one `GET
 /// /sandboxes/metrics`.
-const MAX_PAGE: usize = 100;
+pub(super) const MAX_PAGE: usize = 100;
 
 pub fn routes() -> Router<E2bState> {
     Router::new()
@@ -50,12 +50,12 @@ pub fn routes() -> Router<E2bState> {
 
 type Result<T> = std::result::Result<T, E2bError>;
 
-fn bad_request(message: String) -> E2bError {
+pub(super) fn bad_request(message: String) -> E2bError {
     E2bError::new(StatusCode::BAD_REQUEST, message)
 }
 
 /// A JSON body; anything wrong in it is a 400 in E2B's shape.
-fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T> {
+pub(super) fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -326,7 +326,14 @@ async fn create(
 ) -> Result<(StatusCode, Json<Created>)> {
     let tenant = &caller.tenant;
     let isolation = state.manager.config().default_isolation;
-    let req = create_request(body::<NewSandbox>(&bytes)?, isolation)?;
+    let new: NewSandbox = body(&bytes)?;
+    let snapshot = super::snapshots::snapshot_of_template(&state, tenant, &new.template_id);
+    let mut req = create_request(new, isolation)?;
+    if let Some(snapshot) = snapshot {
+        // Its template, tier and size are the snapshot's.
+        req.template = None;
+        req.snapshot = Some(snapshot.id);
+    }
     let sandbox = state.manager.create(tenant, req).await?;
     audit_created(&state, tenant, &sandbox.id);
     Ok((StatusCode::CREATED, Json(created(&sandbox, &caller))))
@@ -381,16 +388,26 @@ async fn list_v2(
     E2bQuery(q): E2bQuery<ListQuery>,
 ) -> Result<Response> {
     let all = matching(&state, &caller.tenant, &q)?;
-    let from = match &q.next_token {
+    paged(all, q.limit, q.next_token.as_deref())
+}
+
+/// The page of `all` that a list call's `limit` (at most [`MAX_PAGE`]) and `nextToken` ask
+/// for, with the next page's token in `x-next-token` when there is one.
+pub(super) fn paged<T: Serialize>(
+    all: Vec<T>,
+    limit: Option<usize>,
+    next_token: Option<&str>,
+) -> Result<Response> {
+    let from = match next_token {
         Some(t) => t
             .parse::<usize>()
             .map_err(|_| bad_request(format!("nextToken {t:?} is not one mvm gave")))?,
         None => 0,
     };
-    let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
-    let page: Vec<Listed> = all.into_iter().skip(from).collect();
+    let limit = limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let page: Vec<T> = all.into_iter().skip(from).collect();
     let more = page.len() > limit;
-    let page: Vec<Listed> = page.into_iter().take(limit).collect();
+    let page: Vec<T> = page.into_iter().take(limit).collect();
     let mut resp = Json(page).into_response();
     if more {
         resp.headers_mut().insert(

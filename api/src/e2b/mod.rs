@@ -2,7 +2,8 @@
 //! `E2B_SANDBOX_URL` are both `http://HOST:PORT/e2b` and `E2B_API_KEY` is an mvm token.
 //!
 //! Two surfaces share the `/e2b` prefix: E2B's REST control plane ([`control`]: create,
-//! list, get, kill, timeout, pause/resume/connect, fork) and the in-sandbox daemon's protocol
+//! list, get, kill, timeout, pause/resume/connect, fork, metrics, network, and snapshots in
+//! [`snapshots`]) and the in-sandbox daemon's protocol
 //! ([`envd`]: Connect RPC `process.Process` and `filesystem.Filesystem`, `/files`,
 //! `/health`), which the SDK sends to the same base URL with the sandbox in the
 //! `E2b-Sandbox-Id` header. Both are translated onto the sandbox manager and the agent; no
@@ -12,6 +13,7 @@ mod audit;
 mod connect;
 mod control;
 mod envd;
+mod snapshots;
 mod time;
 
 use axum::extract::FromRequestParts;
@@ -32,12 +34,13 @@ pub fn router(manager: Manager) -> Router {
         watchers: std::sync::Arc::default(),
     };
     control::routes()
+        .merge(snapshots::routes())
         .merge(envd::routes())
         .fallback(|| async {
             E2bError::new(
                 StatusCode::BAD_REQUEST,
-                "mvm's E2B endpoint does not serve this route (templates, volumes, snapshots \
-                 and logs are not supported; see the README's E2B section)",
+                "mvm's E2B endpoint does not serve this route (templates, volumes and logs \
+                 are not supported; see the README's E2B section)",
             )
         })
         .method_not_allowed_fallback(|| async {

@@ -79,6 +79,9 @@ pub fn router(manager: Manager, templates: TemplateDirs) -> (Router, utoipa::ope
         .routes(routes!(keepalive))
         .routes(routes!(update_network))
         .routes(routes!(fork))
+        .routes(routes!(create_snapshot))
+        .routes(routes!(list_snapshots))
+        .routes(routes!(get_snapshot, delete_snapshot))
         .routes(routes!(logs))
         .routes(routes!(stats))
         .routes(routes!(list_templates, create_template))
@@ -403,6 +406,62 @@ async fn fork(
         .fork(&tenant, &id, req.count.unwrap_or(1))
         .await?;
     Ok((StatusCode::CREATED, Json(ForkAnswer { sandboxes })))
+}
+
+/// Take a snapshot of a running, paused or saved vm-tier sandbox: its VM (memory, devices,
+/// writable layer) at this instant, kept until deleted, whatever becomes of the sandbox, for
+/// new sandboxes to start from (`snapshot` of a create). A running sandbox is paused only
+/// while it is saved; it stays as it was. A `name` the tenant gave another snapshot moves to
+/// this one, which replaces it. A tenant keeps at most as many snapshots as its quota's
+/// sandboxes (429); the jail tier answers 422.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshots", tag = "snapshots", params(("id" = String, Path)),
+    request_body = CreateSnapshot,
+    responses((status = 201, body = Snapshot), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the sandbox is being created or destroyed"),
+        (status = 422, body = ErrorBody, description = "a jail-tier sandbox, or a bad name"),
+        (status = 429, body = ErrorBody)))]
+async fn create_snapshot(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<CreateSnapshot>,
+) -> Result<(StatusCode, Json<Snapshot>)> {
+    let snapshot = state.manager.snapshot_sandbox(&tenant, &id, req).await?;
+    Ok((StatusCode::CREATED, Json(snapshot)))
+}
+
+/// The caller's snapshots, oldest first.
+#[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots",
+    responses((status = 200, body = Vec<Snapshot>)))]
+async fn list_snapshots(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+) -> Result<Json<Vec<Snapshot>>> {
+    Ok(Json(state.manager.snapshots(&tenant.name)?))
+}
+
+/// One of the caller's snapshots, by id or name.
+#[utoipa::path(get, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path)),
+    responses((status = 200, body = Snapshot), (status = 404, body = ErrorBody)))]
+async fn get_snapshot(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Snapshot>> {
+    Ok(Json(state.manager.snapshot(&tenant.name, &id)?))
+}
+
+/// Delete one of the caller's snapshots, by id or name: sandboxes made from it go on.
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path)),
+    responses((status = 200, body = Snapshot), (status = 404, body = ErrorBody)))]
+async fn delete_snapshot(
+    State(state): State<AppState>,
+    Auth(tenant): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Snapshot>> {
+    Ok(Json(
+        state.manager.delete_snapshot(&tenant.name, &id).await?,
+    ))
 }
 
 /// The sandbox's console and agent log (last MiB).

@@ -173,9 +173,13 @@ impl Manager {
     }
 
     /// Creates a sandbox for `tenant` and waits until its agent answers. A vm-tier sandbox
-    /// of a warm template's size restores the template's snapshot instead of booting.
-    pub async fn create(&self, tenant: &Tenant, req: CreateSandbox) -> Result<Sandbox> {
-        self.create_in(tenant, req, None, Origin::Request).await
+    /// of a warm template's size restores the template's snapshot instead of booting; one
+    /// made from a snapshot of the tenant's (`snapshot`) restores that.
+    pub async fn create(&self, tenant: &Tenant, mut req: CreateSandbox) -> Result<Sandbox> {
+        match req.snapshot.take() {
+            Some(key) => self.create_from_snapshot(tenant, req, &key).await,
+            None => self.create_in(tenant, req, None, Origin::Request).await,
+        }
     }
 
     /// Creates the sandbox of `tenant` that starts as `origin` says (a template's warm-up, a
@@ -202,6 +206,11 @@ impl Manager {
         req: CreateSandbox,
         container: ContainerSandbox,
     ) -> Result<Sandbox> {
+        if req.snapshot.is_some() {
+            return Err(Error::Invalid(
+                "snapshot: a container's sandbox is made from its runtime's file system".into(),
+            ));
+        }
         self.create_in(tenant, req, Some(container), Origin::Request)
             .await
     }

@@ -2,7 +2,7 @@
 //! instant — processes, memory, files — each with its own identity.
 //!
 //! The source is paused only while its VMM saves the VM into its save directory and the
-//! manager takes the files and a sparse copy of the writable layer (`snapshot::take_for_fork`),
+//! manager takes the files and a sparse copy of the writable layer (`snapshot::take_copy`),
 //! then resumed, with the least share of a contended CPU until the children answer. A paused
 //! source is saved the same way and stays paused; a saved one is not saved again: its
 //! children restore its own saved VM, which stays its. Each
@@ -49,7 +49,10 @@ impl Manager {
         let started = std::time::Instant::now();
         let own = source.state == SandboxState::Saved;
         let saved = match source.state {
-            SandboxState::Running | SandboxState::Paused => self.save_for_fork(&row).await?,
+            SandboxState::Running | SandboxState::Paused => {
+                let dir = self.inner.cfg.fork_dir(id);
+                self.save_copy(&row, dir).await?
+            }
             SandboxState::Saved => self.saved_source(id, &template.rootfs).await?,
             SandboxState::Creating | SandboxState::Stopping => {
                 return Err(Error::Conflict(format!(
@@ -84,6 +87,7 @@ impl Manager {
                 // A child gets no secrets: their values are kept nowhere to give it (its
                 // copies of the placeholders reach no proxy).
                 secrets: Default::default(),
+                snapshot: None,
             };
             let (manager, tenant, origin) =
                 (self.clone(), tenant.clone(), Origin::Fork(saved.clone()));
@@ -155,10 +159,14 @@ impl Manager {
         Ok(saved)
     }
 
-    /// Saves the VM of `row` with a copy of its writable layer, paused meanwhile if it runs
-    /// (and resumed then, whatever happened). Holds the sandbox's busy lock: it is not
-    /// destroyed halfway.
-    async fn save_for_fork(&self, row: &crate::db::SandboxRow) -> Result<snapshot::SavedVm> {
+    /// Saves the VM of `row` with a copy of its writable layer into the new directory `dir`
+    /// (a fork's, a snapshot's), paused meanwhile if it runs (and resumed then, whatever
+    /// happened). Holds the sandbox's busy lock: it is not destroyed halfway.
+    pub(super) async fn save_copy(
+        &self,
+        row: &crate::db::SandboxRow,
+        dir: std::path::PathBuf,
+    ) -> Result<snapshot::SavedVm> {
         let id = row.sandbox.id.clone();
         let running = row.sandbox.state == SandboxState::Running;
         let started = std::time::Instant::now();
@@ -177,7 +185,7 @@ impl Manager {
                 let (cfg, id) = (self.inner.cfg.clone(), id.clone());
                 blocking(move || {
                     let layer = cfg.sandbox_dir(&id).join(vm::LAYER_NAME);
-                    snapshot::take_for_fork(&cfg, &id, &layer)
+                    snapshot::take_copy(&cfg, &id, dir, &layer)
                 })
                 .await
             }

@@ -14,7 +14,7 @@
 //! resume on demand), `reconcile`, `exec` (the agent and commands), `limits` (pause, live
 //! limits, stats), `templates` (and their warm-up),
 //! `fork` (live fork; the saved VMs of both are `snapshot`'s), `save` (a sandbox saved to
-//! disk and resumed) and `pod`; `tier` is the
+//! disk and resumed), `sandbox_snapshot` (a sandbox's VM kept for new sandboxes) and `pod`; `tier` is the
 //! one place that knows how the tiers differ (`tier/jail.rs`, `tier/vm.rs`: jail specs, start,
 //! agent connection, pause, memory), `lock` holds the sandboxes' busy locks, `cgroups` their
 //! cgroups and `host` the rest of the host plumbing (mounts, processes, commands).
@@ -37,6 +37,7 @@ mod port_proxy;
 pub use port_proxy::ProxiedStream;
 mod reconcile;
 pub mod rootfs;
+mod sandbox_snapshot;
 mod save;
 mod snapshot;
 mod teardown;

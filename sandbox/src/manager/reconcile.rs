@@ -110,6 +110,7 @@ impl Manager {
             self.teardown(id.clone(), None, None, false).await?;
             out.cleaned.push(id);
         }
+        self.reconcile_snapshots().await?;
         Ok(out)
     }
 

@@ -11,7 +11,11 @@
 //! - a warm template's snapshot (`<state dir>/snapshots/<template>/`, plus `meta.json`: the
 //!   files and size it was made with; used only while they match), made through [`Staging`];
 //! - a fork's (`<state dir>/saves/<id>.fork/`), removed once the children run (their jails
-//!   hold the files) and with the sandbox's teardown.
+//!   hold the files) and with the sandbox's teardown;
+//! - a sandbox's snapshot (`<state dir>/sandbox-snapshots/<snapshot id>/`, plus `base.json`),
+//!   kept until it is deleted; each create from it restores a set of links to its files
+//!   (`<state dir>/saves/<snapshot id>.<random>.use/`), so a deletion meanwhile takes
+//!   nothing from under it.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -167,6 +171,66 @@ impl SavedVm {
         }
     }
 
+    /// Records beside it the identity of the template's base image at `base`, which its
+    /// guest's file system lies on (see [`check_base`](Self::check_base)).
+    pub fn record_base(&self, base: &Path) -> Result<()> {
+        let path = self.dir.join(BASE);
+        let json = serde_json::to_vec(&SavedBase::of(base)?).expect("a base serializes");
+        fs::write(&path, json).map_err(|e| Error::host(format!("writing {}", path.display()), e))
+    }
+
+    /// Copies a sandbox's own saved VM (see [`take_for_resume`]) as sandbox snapshot
+    /// `snapshot`'s: its state and memory linked (neither is ever written again: a resume
+    /// maps the memory privately, a new save writes new files), its layer and base copied.
+    pub fn copy_as_snapshot(&self, cfg: &ManagerConfig, snapshot: &str) -> Result<SavedVm> {
+        let dir = sandbox_snapshot_dir(cfg, snapshot)?;
+        make_root_dir(&dir)?;
+        let copy = SavedVm { dir };
+        let copied = self
+            .link_into(&copy.dir, &[STATE, MEMORY])
+            .and_then(|()| clone_or_copy(&self.dir.join(LAYER), &copy.dir.join(LAYER)))
+            .and_then(|()| clone_or_copy(&self.dir.join(BASE), &copy.dir.join(BASE)));
+        match copied {
+            Ok(()) => Ok(copy),
+            Err(e) => {
+                let _ = copy.remove();
+                Err(e)
+            }
+        }
+    }
+
+    /// Links its files into the new directory `<name>.use` of root's in the saves directory,
+    /// for one create to restore (removed after it): a deletion of the snapshot meanwhile
+    /// removes its directory, not the files the create uses.
+    pub fn link_for_create(&self, cfg: &ManagerConfig, name: &str) -> Result<SavedVm> {
+        let dir = cfg
+            .state_dir
+            .join("saves")
+            .join(format!("{name}{USE_SUFFIX}"));
+        make_saves_dir(&dir, 0o700, None)?;
+        let links = SavedVm { dir };
+        match self.link_into(&links.dir, &[STATE, MEMORY, LAYER, BASE]) {
+            Ok(()) => Ok(links),
+            Err(e) => {
+                let _ = links.remove();
+                Err(e)
+            }
+        }
+    }
+
+    /// Hard-links its files `names` into the directory `to`.
+    fn link_into(&self, to: &Path, names: &[&str]) -> Result<()> {
+        names.iter().try_for_each(|name| {
+            let (from, link) = (self.dir.join(name), to.join(name));
+            fs::hard_link(&from, &link).map_err(|e| {
+                Error::host(
+                    format!("linking {} to {}", from.display(), link.display()),
+                    e,
+                )
+            })
+        })
+    }
+
     /// Removes it (sandboxes restored from it keep their files open through their jails).
     pub fn remove(self) -> Result<()> {
         host::remove_tree(&self.dir)
@@ -185,7 +249,7 @@ impl ManagerConfig {
     }
 
     /// Where a fork of sandbox `id` keeps its saved VM while the children start.
-    fn fork_dir(&self, id: &str) -> PathBuf {
+    pub(super) fn fork_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("saves").join(format!("{id}.fork"))
     }
 
@@ -194,6 +258,16 @@ impl ManagerConfig {
     /// fork's files are linked in, not copied).
     fn restore_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("saves").join(format!("{id}.restore"))
+    }
+
+    /// Where sandbox snapshots live.
+    fn sandbox_snapshots_dir(&self) -> PathBuf {
+        self.state_dir.join("sandbox-snapshots")
+    }
+
+    /// Where sandbox snapshot `id` keeps its VM.
+    fn sandbox_snapshot_dir(&self, id: &str) -> PathBuf {
+        self.sandbox_snapshots_dir().join(id)
     }
 
     /// Where template snapshots live.
@@ -297,9 +371,9 @@ fn adopt(cfg: &ManagerConfig, id: &str, to: &Path) -> Result<()> {
 }
 
 /// Takes the VM sandbox `id`'s VMM has just saved, and a copy of its writable `layer`
-/// (the VM still paused), as the saved VM of a fork.
-pub fn take_for_fork(cfg: &ManagerConfig, id: &str, layer: &Path) -> Result<SavedVm> {
-    take_into(cfg, id, cfg.fork_dir(id), Some(layer))
+/// (the VM still paused), as a saved VM in the new directory `dir` (a fork's, a snapshot's).
+pub fn take_copy(cfg: &ManagerConfig, id: &str, dir: PathBuf, layer: &Path) -> Result<SavedVm> {
+    take_into(cfg, id, dir, Some(layer))
 }
 
 /// Takes the VM sandbox `id`'s VMM has just saved as the sandbox's own (state `saved`): its
@@ -308,12 +382,7 @@ pub fn take_for_fork(cfg: &ManagerConfig, id: &str, layer: &Path) -> Result<Save
 /// [`SavedVm::check_base`]).
 pub fn take_for_resume(cfg: &ManagerConfig, id: &str, base: &Path) -> Result<SavedVm> {
     let saved = take_into(cfg, id, cfg.saved_dir(id), None)?;
-    let path = saved.dir.join(BASE);
-    let recorded = SavedBase::of(base).and_then(|base| {
-        let json = serde_json::to_vec(&base).expect("a base serializes");
-        fs::write(&path, json).map_err(|e| Error::host(format!("writing {}", path.display()), e))
-    });
-    match recorded {
+    match saved.record_base(base) {
         Ok(()) => Ok(saved),
         Err(e) => {
             let _ = saved.remove();
@@ -321,6 +390,70 @@ pub fn take_for_resume(cfg: &ManagerConfig, id: &str, base: &Path) -> Result<Sav
         }
     }
 }
+
+/// Where sandbox snapshot `id`'s VM is to be kept (not made yet; the directory of sandbox
+/// snapshots, root's alone, is made if missing).
+pub fn sandbox_snapshot_dir(cfg: &ManagerConfig, id: &str) -> Result<PathBuf> {
+    let parent = cfg.sandbox_snapshots_dir();
+    fs::create_dir_all(&parent)
+        .and_then(|()| fs::set_permissions(&parent, fs::Permissions::from_mode(0o700)))
+        .map_err(|e| Error::host(format!("creating {}", parent.display()), e))?;
+    Ok(parent.join(id))
+}
+
+/// Sandbox snapshot `id`'s saved VM, if it has one whole.
+pub fn sandbox_snapshot(cfg: &ManagerConfig, id: &str) -> Option<SavedVm> {
+    let saved = SavedVm {
+        dir: cfg.sandbox_snapshot_dir(id),
+    };
+    (saved.state().is_file() && saved.memory().is_file() && saved.dir.join(LAYER).is_file())
+        .then_some(saved)
+}
+
+/// Removes sandbox snapshot `id`'s files. Idempotent.
+pub fn remove_sandbox_snapshot(cfg: &ManagerConfig, id: &str) -> Result<()> {
+    remove_if_present(&cfg.sandbox_snapshot_dir(id))
+}
+
+/// Removes what a stopped mvmd left of sandbox snapshots: the directory of every snapshot
+/// `keep` does not name (one being taken, or deleted halfway), and the links of every create
+/// (`<name>.use`, see [`SavedVm::link_for_create`]) whose `name` is not `in_use`.
+pub fn sweep_sandbox_snapshots(
+    cfg: &ManagerConfig,
+    keep: &[String],
+    in_use: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let names = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let snapshots = cfg.sandbox_snapshots_dir();
+    for name in names(&snapshots) {
+        if !keep.contains(&name) {
+            remove_if_present(&snapshots.join(name))?;
+        }
+    }
+    let saves = cfg.state_dir.join("saves");
+    for name in names(&saves) {
+        let used = name
+            .strip_suffix(USE_SUFFIX)
+            .filter(|n| n.starts_with(SNAPSHOT_ID_PREFIX));
+        if used.is_some_and(|n| !in_use(n)) {
+            remove_if_present(&saves.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
+/// The start of every sandbox snapshot's id.
+pub const SNAPSHOT_ID_PREFIX: &str = "snap-";
+/// The end of a create's links to a sandbox snapshot's files.
+const USE_SUFFIX: &str = ".use";
 
 /// Sandbox `id`'s own saved VM (see [`take_for_resume`]), if it has one whole.
 pub fn saved_of(cfg: &ManagerConfig, id: &str) -> Option<SavedVm> {
@@ -836,7 +969,7 @@ mod tests {
             let save = make_save_dir(&cfg, &id, 0).unwrap();
             plant(&save.join(STATE));
             fs::write(save.join(MEMORY), b"memory").unwrap();
-            let err = take_for_fork(&cfg, &id, &layer).unwrap_err();
+            let err = take_copy(&cfg, &id, cfg.fork_dir(&id), &layer).unwrap_err();
             assert!(err.to_string().contains("not a plain file"), "{err}");
             assert!(!cfg.fork_dir(&id).exists());
             assert_eq!(fs::read(&secret).unwrap(), b"host only");
@@ -852,7 +985,7 @@ mod tests {
         let save = make_save_dir(&cfg, id, 0).unwrap();
         fs::write(save.join(STATE), b"state").unwrap();
         fs::write(save.join(MEMORY), b"memory").unwrap();
-        let saved = take_for_fork(&cfg, id, &layer).unwrap();
+        let saved = take_copy(&cfg, id, cfg.fork_dir(id), &layer).unwrap();
         let state = fs::metadata(saved.state()).unwrap();
         assert_eq!(
             (state.uid(), state.permissions().mode() & 0o777),
@@ -880,7 +1013,7 @@ mod tests {
         fs::write(save.join(MEMORY), b"memory").unwrap();
         let layer = dir.path().join("source.ext4");
         fs::write(&layer, b"the fork's layer").unwrap();
-        let saved = take_for_fork(&cfg, source, &layer).unwrap();
+        let saved = take_copy(&cfg, source, cfg.fork_dir(source), &layer).unwrap();
 
         let child = "0000000000bb";
         let restore = make_restore_dir(&cfg, child).unwrap();
@@ -912,6 +1045,92 @@ mod tests {
             remove_saves(&cfg, id).unwrap();
         }
         assert!(!restore.exists());
+    }
+
+    /// A sandbox snapshot's VM, taken from a running sandbox's save (its layer copied, its
+    /// base recorded) or from a saved sandbox's own saved VM (state and memory linked, the
+    /// layer copied: the saved sandbox's resume takes its layer away, not the snapshot's),
+    /// is found whole only; a create's links to it outlive the snapshot's deletion; a start
+    /// sweeps what no row keeps and the links no create holds.
+    #[test]
+    fn a_sandbox_snapshot_outlives_its_source_and_its_creates_outlive_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let base = dir.path().join("base.ext4");
+        fs::write(&base, b"the base image").unwrap();
+        let source = "0000000000dd";
+        let save = make_save_dir(&cfg, source, 0).unwrap();
+        fs::write(save.join(STATE), b"state").unwrap();
+        fs::write(save.join(MEMORY), b"memory").unwrap();
+        let layer = dir.path().join("layer.ext4");
+        fs::write(&layer, b"the layer of its instant").unwrap();
+        let running = "snap-00000000000000aa";
+        let taken = take_copy(
+            &cfg,
+            source,
+            sandbox_snapshot_dir(&cfg, running).unwrap(),
+            &layer,
+        )
+        .unwrap();
+        assert!(sandbox_snapshot(&cfg, running).is_some());
+        taken.record_base(&base).unwrap();
+        fs::write(&layer, b"written since").unwrap();
+        let found = sandbox_snapshot(&cfg, running).expect("whole");
+        found.check_base(&base).unwrap();
+        assert_eq!(
+            fs::read(found.dir.join(LAYER)).unwrap(),
+            b"the layer of its instant"
+        );
+
+        // From a saved sandbox's own saved VM.
+        remove_save_dir(&cfg, source).unwrap();
+        let save = make_save_dir(&cfg, source, 0).unwrap();
+        fs::write(save.join(STATE), b"state 2").unwrap();
+        fs::write(save.join(MEMORY), b"memory 2").unwrap();
+        let own = take_for_resume(&cfg, source, &base).unwrap();
+        own.keep_file(&layer, LAYER).unwrap();
+        let saved = "snap-00000000000000bb";
+        let copy = own.copy_as_snapshot(&cfg, saved).unwrap();
+        assert_eq!(
+            fs::metadata(copy.memory()).unwrap().ino(),
+            fs::metadata(own.memory()).unwrap().ino()
+        );
+        own.return_file(LAYER, &layer).unwrap();
+        own.remove().unwrap();
+        let found = sandbox_snapshot(&cfg, saved).expect("whole after its source's resume");
+        assert_eq!(fs::read(found.dir.join(LAYER)).unwrap(), b"written since");
+        assert_eq!(fs::read(found.memory()).unwrap(), b"memory 2");
+        found.check_base(&base).unwrap();
+
+        // A create's links outlive the snapshot's deletion.
+        let links = found
+            .link_for_create(&cfg, &format!("{saved}.0011"))
+            .unwrap();
+        remove_sandbox_snapshot(&cfg, saved).unwrap();
+        assert!(sandbox_snapshot(&cfg, saved).is_none());
+        assert_eq!(fs::read(links.memory()).unwrap(), b"memory 2");
+        links.check_base(&base).unwrap();
+        let copied = dir.path().join("child.ext4");
+        links.copy_layer(&copied, 4242).unwrap();
+        assert_eq!(fs::read(&copied).unwrap(), b"written since");
+
+        // A start keeps what rows keep and the links a create holds.
+        fs::create_dir(cfg.sandbox_snapshot_dir("snap-00000000000000cc")).unwrap();
+        let held = found.link_for_create(&cfg, "snap-00000000000000aa.0022");
+        assert!(held.is_err(), "the deleted snapshot's files are gone");
+        let held = sandbox_snapshot(&cfg, running)
+            .unwrap()
+            .link_for_create(&cfg, &format!("{running}.0022"))
+            .unwrap();
+        sweep_sandbox_snapshots(&cfg, &[running.to_owned()], |name| {
+            name == format!("{running}.0022")
+        })
+        .unwrap();
+        assert!(sandbox_snapshot(&cfg, running).is_some());
+        assert!(!cfg.sandbox_snapshot_dir("snap-00000000000000cc").exists());
+        assert!(held.memory().exists());
+        assert!(!links.memory().exists(), "no create holds these links");
+        remove_saves(&cfg, source).unwrap();
     }
 
     /// A sandbox's own saved VM: its files adopted (root's, read-only) with the identity of

@@ -3,12 +3,15 @@
 //! `nested: E2B-READY <api port> <verdict port> <token>`, and run.sh, which watches the console,
 //! runs `tests/nested/e2b_smoke.py` against it (create, commands.run with a stdout callback,
 //! CommandExitException, files write/read/list, pause — mvmd saves the VM to disk — and
-//! connect, a sandbox whose lifecycle saves it at its timeout resumed by a command, kill) and sends the smoke's verdict back to the verdict port. In nested mode both
+//! connect, a snapshot taken and a sandbox made from it, a sandbox whose lifecycle saves it at
+//! its timeout resumed by a command, kill) and sends the smoke's verdict back to the verdict
+//! port. In nested mode both
 //! ports are on L1's user-mode NIC (10.0.2.15), forwarded by QEMU from the same ports of L0's
 //! 127.0.0.1 (`--l0-ports`); in direct mode they are free ports of 127.0.0.1. The case fails
 //! when the smoke fails, when no verdict comes (run.sh did not run it), when the sandbox was
 //! not a micro-VM (its `uname -r` is not the guest kernel's), when the sandbox paused at its
-//! timeout was not saved (mvmd's log), or when anything is left behind.
+//! timeout was not saved (mvmd's log), or when anything is left behind (sandboxes, the
+//! deleted snapshot's files).
 
 use std::io::{ErrorKind, Read};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -82,15 +85,29 @@ pub fn e2b_sdk_vm_tier(ctx: &mut Ctx) -> Outcome {
                  \"sandbox saved\" line for it in mvmd's log)"
             ));
         }
-        let resumed = reported(&report, "auto-resume-ms")
-            .unwrap_or_default()
-            .to_owned();
-        let figure = (figure, resumed);
+        let figure = (
+            figure,
+            ["auto-resume-ms", "snapshot-create-ms", "from-snapshot-ms"]
+                .map(|fact| reported(&report, fact).unwrap_or_default().to_owned()),
+        );
         let left = session.list(ctx)?;
         if !left.is_empty() {
             return Err(format!(
                 "the SDK's kill left sandboxes listed: {}",
                 serde_json::Value::Array(left)
+            ));
+        }
+        // The deleted snapshot's files, and the links its create restored.
+        let state = session.dirs.root.join("state");
+        let kept = dir_names(&state.join("sandbox-snapshots"));
+        let links: Vec<String> = dir_names(&state.join("saves"))
+            .into_iter()
+            .filter(|n| n.ends_with(".use"))
+            .collect();
+        if !kept.is_empty() || !links.is_empty() {
+            return Err(format!(
+                "the deleted snapshot left files: {kept:?} in sandbox-snapshots, {links:?} \
+                 in saves"
             ));
         }
         Ok(figure)
@@ -101,7 +118,7 @@ pub fn e2b_sdk_vm_tier(ctx: &mut Ctx) -> Outcome {
     };
     let outcome = session.finish(ctx, checked);
     drop(nic);
-    if let (Ok(_), Some((ms, resumed))) = (&outcome, figure) {
+    if let (Ok(_), Some((ms, [resumed, snapshot, from_snapshot]))) = (&outcome, figure) {
         ctx.record(
             "vm tier via the e2b Python SDK on L0: Sandbox.create -> first commands.run stdout",
             format!("{ms} ms"),
@@ -111,8 +128,28 @@ pub fn e2b_sdk_vm_tier(ctx: &mut Ctx) -> Outcome {
              timeout (lifecycle pause, auto_resume) -> its output",
             format!("{resumed} ms"),
         );
+        ctx.record(
+            "vm tier via the e2b Python SDK on L0: create_snapshot of a running sandbox",
+            format!("{snapshot} ms"),
+        );
+        ctx.record(
+            "vm tier via the e2b Python SDK on L0: Sandbox.create(snapshot) -> first \
+             commands.run output",
+            format!("{from_snapshot} ms"),
+        );
     }
     outcome
+}
+
+/// The names in directory `dir` (none if it is missing).
+fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Waits for the smoke to connect to `listener` and returns what it sent.

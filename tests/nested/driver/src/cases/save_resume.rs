@@ -26,7 +26,9 @@ const MACHINE_ID: &str = "cat /etc/machine-id 2>/dev/null || echo none";
 /// synced now reads back, it reaches a listener beyond L1 through its network, and its
 /// console goes on from what it held. While it is saved, its tenant's memory quota, lowered to
 /// its size, takes another sandbox and refuses its resume; it forks, saved, and again paused,
-/// and stays so, its child going on from it. Saved a second time, it loses what a restart of the
+/// and stays so, its child going on from it; a snapshot of it, saved (`mvm snapshot`), outlives
+/// a restart of mvmd and makes a sandbox that goes on from it (`mvm run --snapshot`), then is
+/// deleted with its files (`mvm snapshots rm`). Saved a second time, it loses what a restart of the
 /// host takes (mvmd, its network namespace, its run directory): resumed, it has its files,
 /// its host name, MAC and address, the clock, and reaches the listener through a network
 /// made again. Records the save's and the resume's times against the cold create.
@@ -72,6 +74,15 @@ pub fn save_and_resume(ctx: &mut Ctx) -> Outcome {
                 f.forked_paused.as_secs_f64() / f.cold.as_secs_f64()
             ),
         );
+        ctx.record(
+            "vm tier via mvmd: mvm run -d --snapshot (a snapshot of the saved sandbox, after a \
+             restart of mvmd), and / cold create",
+            format!(
+                "{} ({:.3})",
+                ms(f.from_snapshot),
+                f.from_snapshot.as_secs_f64() / f.cold.as_secs_f64()
+            ),
+        );
     }
     outcome
 }
@@ -88,6 +99,7 @@ struct Figures {
     resumed_again: Duration,
     forked_saved: Duration,
     forked_paused: Duration,
+    from_snapshot: Duration,
 }
 
 fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
@@ -144,7 +156,10 @@ fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
     let memory_mib = answer["sandbox"]["memory_mib"].as_u64().unwrap_or_default();
     check_quota_while_saved(ctx, session, &id, memory_mib)?;
     let forked_saved = fork_one(ctx, session, &id, at_save, "saved")?;
+    let snapshot = format!("kept-{id}");
+    session.mvm(ctx, &["snapshot", &id, "--name", &snapshot], None)?;
     session.restart(ctx)?;
+    let from_snapshot = run_from_snapshot(ctx, session, &snapshot, at_save)?;
     let state = session
         .list(ctx)?
         .iter()
@@ -203,6 +218,7 @@ fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
         resumed_again,
         forked_saved,
         forked_paused,
+        from_snapshot,
     })
 }
 
@@ -260,6 +276,53 @@ fn check_quota_while_saved(
     })();
     set_memory_quota(ctx, session, None)?;
     checked
+}
+
+/// `mvm run -d --snapshot NAME` of snapshot `name` (of a sandbox whose counter was at
+/// `at_least`, taken before a restart of mvmd): the new sandbox goes on from it as a fork's
+/// child does; then `mvm snapshots` lists it, and `mvm snapshots rm` deletes it and its
+/// files, the sandbox made from it still answering. Returns how long `mvm run -d` took.
+fn run_from_snapshot(
+    ctx: &Ctx,
+    session: &MvmdSession,
+    name: &str,
+    at_least: u64,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    let made = session.mvm(ctx, &["run", "-d", "--snapshot", name], None)?;
+    let took = started.elapsed();
+    let made = made.trim();
+    let said = session.mvm(ctx, &["exec", made, "--", "sh", "-c", CHILD_REPORT], None)?;
+    goes_on(&said, at_least, made).map_err(|why| {
+        format!(
+            "sandbox {made}, made from snapshot {name}, does not go on from it: {why}: {said:?}"
+        )
+    })?;
+    let listed = session.mvm(ctx, &["-o", "json", "snapshots"], None)?;
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&listed)
+        .map_err(|e| format!("mvm snapshots printed no JSON list ({e}): {listed:?}"))?;
+    let [snapshot] = listed.as_slice() else {
+        return Err(format!("mvm snapshots lists not one snapshot: {listed:?}"));
+    };
+    let id = snapshot["id"].as_str().unwrap_or_default().to_owned();
+    if snapshot["name"].as_str() != Some(name) {
+        return Err(format!(
+            "mvm snapshots lists {snapshot}, not snapshot {name}"
+        ));
+    }
+    session.mvm(ctx, &["snapshots", "rm", name], None)?;
+    let files = session.dirs.root.join("state/sandbox-snapshots").join(&id);
+    if files.exists() {
+        return Err(format!("deleted snapshot {name} left {}", files.display()));
+    }
+    let still = session.mvm(ctx, &["exec", made, "--", "cat", "/tmp/base-file"], None)?;
+    session.mvm(ctx, &["rm", made], None)?;
+    match still.trim() {
+        "base" => Ok(took),
+        other => Err(format!(
+            "sandbox {made} after its snapshot's deletion: /tmp/base-file says {other:?}"
+        )),
+    }
 }
 
 /// `mvm fork ID` of sandbox `id`, which is `state` (saved or paused) and stays so: its
