@@ -455,6 +455,33 @@ def _():
         s.kill()
 
 
+@step("snapshots: a jail-tier sandbox's is refused naming the vm tier; none listed; not another tenant's")
+def _():
+    try:
+        sbx.create_snapshot(name="kept")
+        raise AssertionError("a jail-tier sandbox was snapshotted")
+    except SandboxException as e:
+        expect("vm-tier" in str(e), str(e))
+    try:
+        sbx.create_snapshot(mode="filesystem")
+        raise AssertionError("a file-system-only snapshot was taken")
+    except SandboxException as e:
+        expect("filesystem" in str(e), str(e))
+    try:
+        Sandbox.create_snapshot(sbx.sandbox_id, api_key=os.environ["E2B_OTHER_API_KEY"])
+        raise AssertionError("another tenant's sandbox was snapshotted")
+    except NotFoundException:
+        pass
+    expect(sbx.list_snapshots().next_items() == [], "a snapshot is listed")
+    expect(Sandbox.list_snapshots().next_items() == [], "a snapshot is listed")
+    expect(Sandbox.delete_snapshot("kept") is False, "a snapshot it does not have was deleted")
+    try:
+        Sandbox.create("kept")
+        raise AssertionError("a sandbox was made from a snapshot it does not have")
+    except SandboxException as e:
+        expect("no template" in str(e), str(e))
+
+
 @step("kill")
 def _():
     sbx.kill()

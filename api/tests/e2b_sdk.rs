@@ -125,7 +125,7 @@ fn the_e2b_python_sdk_drives_mvmd() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.py"))
         .env_clear();
     let run = run_client(client);
-    check_steps(&run.stdout, 27);
+    check_steps(&run.stdout, 28);
     // Every mutating E2B call is in the audit log.
     for action in [
         "POST /e2b/v2/sandboxes",

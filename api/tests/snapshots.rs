@@ -1,13 +1,16 @@
-//! Snapshots through mvmd on a host without the vm tier (this one): warming a template and
-//! forking a sandbox are refused with the answers a client can act on, and leave nothing. The
-//! nested suite warms, restores and forks for real (`snapshot-warm-template-8-unique`,
-//! `snapshot-fork-live-3-children`).
+//! Snapshots through mvmd on a host without the vm tier (this one): warming a template,
+//! forking a sandbox and taking a sandbox's snapshot are refused with the answers a client can
+//! act on, and leave nothing. The nested suite warms, restores, forks and snapshots for real
+//! (`snapshot-warm-template-8-unique`, `snapshot-fork-live-3-children`,
+//! `snapshot-save-resume`, `e2b-sdk-vm-tier`).
 
 mod common;
 
 use common::{block_on, Daemon};
 use mvm_client::ClientError;
-use mvm_sandbox::model::{CreateSandbox, Isolation, SandboxState, Template, WarmRequest};
+use mvm_sandbox::model::{
+    CreateSandbox, CreateSnapshot, Isolation, SandboxState, Snapshot, Template, WarmRequest,
+};
 use mvm_testkit::root_or_skip;
 
 /// Status, code and message of a refused call.
@@ -150,6 +153,137 @@ fn forks_are_refused_outside_the_vm_tier() {
         assert_eq!(list.len(), 1, "{list:?}");
         c.delete(&s.id).await.expect("delete");
     });
+}
+
+/// A snapshot is taken of a vm-tier sandbox of the caller's: a jail-tier one is a 422 naming
+/// the vm tier (and runs on), another tenant's a 404, a bad name a 422 naming the rule; the
+/// caller has no snapshot then; a create from, a get or a delete of one it does not have is a
+/// 404, also for another tenant's sandbox's id.
+#[test]
+fn snapshots_are_refused_outside_the_vm_tier() {
+    let test = "snapshots_are_refused_outside_the_vm_tier";
+    if !root_or_skip(test) {
+        return;
+    }
+    let d = Daemon::start();
+    let other = d.client_with(Some(&d.tenant("other", &[])));
+    let c = d.client();
+    block_on(async {
+        let s = c.create(&common::jail()).await.expect("create");
+        let named = |name: &str| CreateSnapshot {
+            name: Some(name.into()),
+        };
+        let (status, code, message) = refusal(c.snapshot(&s.id, &named("kept")).await);
+        assert_eq!((status, code.as_str()), (422, "invalid_argument"));
+        assert!(message.contains("vm-tier"), "{message}");
+        for bad in ["../x", "snap-0011", ""] {
+            let (status, _, message) = refusal(c.snapshot(&s.id, &named(bad)).await);
+            assert_eq!(status, 422, "name {bad:?}: {message}");
+        }
+        let (status, code, _) = refusal(other.snapshot(&s.id, &CreateSnapshot::default()).await);
+        assert_eq!((status, code.as_str()), (404, "not_found"));
+        assert_eq!(c.snapshots().await.expect("list"), Vec::<Snapshot>::new());
+        let (status, _, _) = refusal(c.delete_snapshot("kept").await);
+        assert_eq!(status, 404);
+        let (status, _, message) = refusal(
+            c.create(&CreateSandbox {
+                snapshot: Some("kept".into()),
+                ..CreateSandbox::default()
+            })
+            .await,
+        );
+        assert_eq!(status, 404, "{message}");
+        assert!(message.contains("no snapshot"), "{message}");
+        assert_eq!(
+            c.get(&s.id).await.expect("get").state,
+            SandboxState::Running
+        );
+        c.delete(&s.id).await.expect("delete");
+    });
+}
+
+/// What an earlier mvmd left of snapshots goes at the next start — one it was taking (its row
+/// not ready, its files) and a create's links to one — while a ready snapshot stays: listed,
+/// its tenant's alone; a create from it whose template's base image is not the one its VM
+/// ran on is a 409 saying so and leaves nothing; its deletion removes its row and files.
+#[test]
+fn snapshot_leftovers_go_at_start_and_a_snapshot_goes_with_its_deletion() {
+    let test = "snapshot_leftovers_go_at_start_and_a_snapshot_goes_with_its_deletion";
+    if !root_or_skip(test) {
+        return;
+    }
+    let mut d = Daemon::start();
+    let before = d.host_state();
+    let other = d.client_with(Some(&d.tenant("other", &[])));
+    let c = d.client();
+    d.kill9();
+    let state = d.state_dir();
+    let snapshot = |id: &str| Snapshot {
+        id: id.into(),
+        name: None,
+        source: "0123456789ab".into(),
+        template: "default".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        created_at: 1,
+    };
+    let db = mvm_sandbox::db::Db::open(&state.join("mvm.db")).expect("db");
+    let (kept, half) = ("snap-00000000000000a1", "snap-00000000000000a2");
+    for id in [kept, half] {
+        db.insert_snapshot("default", &snapshot(id), 8)
+            .expect("row");
+        let dir = state.join("sandbox-snapshots").join(id);
+        std::fs::create_dir_all(&dir).expect("its directory");
+        for file in ["vm.state", "vm.mem", "layer.ext4", "base.json"] {
+            std::fs::write(dir.join(file), file).expect("its file");
+        }
+    }
+    db.commit_snapshot("default", kept, Some("kept"))
+        .expect("ready");
+    let links = state.join("saves").join(format!("{kept}.00ff.use"));
+    std::fs::create_dir_all(&links).expect("a create's links");
+    d.spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while links.exists() || state.join("sandbox-snapshots").join(half).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "what the earlier mvmd left of snapshots is still there\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ids: Vec<(String, bool)> = db.snapshot_ids().expect("ids");
+    assert_eq!(ids, [(kept.to_owned(), true)]);
+    block_on(async {
+        let listed = c.snapshots().await.expect("list");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].name.as_deref(), Some("kept"));
+        assert_eq!(
+            other.snapshots().await.expect("list"),
+            Vec::<Snapshot>::new()
+        );
+        let (status, _, _) = refusal(other.delete_snapshot(kept).await);
+        assert_eq!(status, 404);
+        let (status, code, message) = refusal(
+            c.create(&CreateSandbox {
+                snapshot: Some("kept".into()),
+                ..CreateSandbox::default()
+            })
+            .await,
+        );
+        assert_eq!((status, code.as_str()), (409, "conflict"), "{message}");
+        assert!(message.contains("cannot be restored"), "{message}");
+        assert_eq!(c.list().await.expect("list"), Vec::new());
+        let deleted = c.delete_snapshot("kept").await.expect("delete");
+        assert_eq!(deleted.id, kept);
+        assert_eq!(c.snapshots().await.expect("list"), Vec::<Snapshot>::new());
+    });
+    assert!(!state.join("sandbox-snapshots").join(kept).exists());
+    let left: Vec<_> = std::fs::read_dir(state.join("saves"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in saves: {left:?}");
+    d.assert_no_leaks(&before);
 }
 
 /// A warm or fork pool's entry an earlier mvmd left (owned by the internal `@pool`) is
