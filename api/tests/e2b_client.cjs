@@ -72,6 +72,18 @@ async function main() {
     expect(last.memUsed > 0 && last.diskTotal > 0 && last.timestamp instanceof Date, last)
   })
 
+  await step('createSnapshot: refused in the jail tier naming the vm tier; none listed or deleted', async () => {
+    try {
+      await sbx.createSnapshot()
+      throw new Error('a jail-tier sandbox was snapshotted')
+    } catch (e) {
+      expect(String(e.message).includes('vm-tier'), String(e))
+    }
+    const listed = await Sandbox.listSnapshots().nextItems()
+    expect(listed.length === 0, listed)
+    expect((await Sandbox.deleteSnapshot('kept')) === false, 'deleted a snapshot it does not have')
+  })
+
   await step('list with a metadata filter, then kill', async () => {
     const page = await Sandbox.list({ query: { metadata: { run } } }).nextItems()
     expect(page.length === 1 && page[0].sandboxId === sbx.sandboxId, page)

@@ -215,5 +215,5 @@ fn the_e2b_js_sdk_drives_mvmd() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2b_client.cjs"))
         .env_clear()
         .env("NODE_PATH", &modules);
-    check_steps(&run_client(client).stdout, 8);
+    check_steps(&run_client(client).stdout, 9);
 }
