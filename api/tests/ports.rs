@@ -1,18 +1,20 @@
 //! Published ports end to end, as root with a real mvmd and jail-tier sandboxes: an HTTP
-//! server in a sandbox answers on its host port, nothing of it is left after the delete,
+//! server in a sandbox answers on its host port, a UDP server on its UDP port (the TCP port of
+//! the same number going elsewhere), nothing of it is left after the delete,
 //! conflicting or malformed ports are refused, and another tenant's sandbox cannot reach it
 //! through the sandbox network.
 
 mod common;
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{api_error, block_on, jail, sh, Daemon};
-use mvm_sandbox::model::{CreateSandbox, Egress, NetworkSpec, PortMapping, Sandbox};
+use mvm_sandbox::model::{CreateSandbox, Egress, NetworkSpec, PortMapping, PortProtocol, Sandbox};
 use mvm_testkit::ports::{
     assert_serves, free_local_port as free_port, http_get, httpd_command, ports_table_exists,
+    udp_answer,
 };
 use mvm_testkit::root_or_skip;
 
@@ -35,7 +37,65 @@ fn published(host_port: u16, guest_port: u16) -> PortMapping {
         host_ip: Ipv4Addr::LOCALHOST,
         host_port,
         guest_port,
+        protocol: PortProtocol::Tcp,
     }
+}
+
+fn published_udp(host_port: u16, guest_port: u16) -> PortMapping {
+    PortMapping {
+        protocol: PortProtocol::Udp,
+        ..published(host_port, guest_port)
+    }
+}
+
+/// A UDP server in a sandbox (`mvm-udp-echo`, copied in) answers datagrams sent to its
+/// published UDP port, while the TCP port of the same number reaches its HTTP server; a UDP
+/// port another sandbox publishes, or a host process has bound, is refused (409) and leaves
+/// nothing; after the delete nothing answers and no table is left.
+#[test]
+fn a_udp_server_in_a_sandbox_answers_on_its_published_udp_port() {
+    if !root_with_nft("a_udp_server_in_a_sandbox_answers_on_its_published_udp_port") {
+        return;
+    }
+    let d = Daemon::start();
+    let before = d.host_state();
+    let port = free_port();
+    let ports = vec![published(port, 8080), published_udp(port, 5353)];
+    let s = block_on(d.client().create(&with_ports(ports.clone())))
+        .expect("create with a TCP and a UDP port of one number");
+    d.track(&s.id);
+    assert_eq!(s.network.ports, ports);
+    let echo = std::fs::read(mvm_testkit::binary("mvm-udp-echo")).expect("mvm-udp-echo");
+    block_on(d.client().put_file(&s.id, "/tmp/udp-echo", 0o755, echo)).expect("copy it in");
+    common::detach(&d.client(), &s.id, "exec /tmp/udp-echo 5353");
+    serve_in(&d, &s);
+    assert_eq!(
+        udp_answer(port, "ping", Duration::from_secs(15)).as_deref(),
+        Some("echo:ping")
+    );
+    assert_serves(port, GREETING);
+
+    let refused = |req: CreateSandbox| {
+        let (e, _) =
+            d.watching_ids(|| block_on(d.client().create(&req)).expect_err("a refused create"));
+        api_error(&e)
+    };
+    let (status, _, msg) = refused(with_ports(vec![published_udp(port, 53)]));
+    assert_eq!(status, 409, "{msg}");
+    assert!(
+        msg.contains("already published") && msg.contains("/udp"),
+        "{msg}"
+    );
+    let taken = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let bound = taken.local_addr().expect("addr").port();
+    let (status, _, msg) = refused(with_ports(vec![published_udp(bound, 53)]));
+    assert_eq!(status, 409, "{msg}");
+    assert!(msg.contains("in use on the host"), "{msg}");
+
+    block_on(d.client().delete(&s.id)).expect("delete");
+    assert!(!ports_table_exists(&s.id));
+    assert_eq!(udp_answer(port, "ping", Duration::from_secs(2)), None);
+    d.assert_no_leaks(&before);
 }
 
 fn with_ports(ports: Vec<PortMapping>) -> CreateSandbox {

@@ -15,7 +15,8 @@ use backend::{read_local, Backend, CliError};
 use clap::{Parser, Subcommand, ValueEnum};
 use mvm_sandbox::model::{
     CreateSandbox, CreateSnapshot, Egress, ExecRequest, ExecResult, ImageConfig, Isolation,
-    Lifecycle, NetworkSpec, OnTimeout, PortMapping, Sandbox, SecretSpec, Template, WarmRequest,
+    Lifecycle, NetworkSpec, OnTimeout, PortMapping, PortProtocol, Sandbox, SecretSpec, Template,
+    WarmRequest,
 };
 use tty::Terminal;
 
@@ -70,10 +71,10 @@ struct RunArgs {
     /// the sandbox running and print its id.
     #[arg(short = 'd', long, conflicts_with_all = ["rm", "interactive", "tty"])]
     detach: bool,
-    /// Publish a sandbox port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT (TCP; HOST_IP
-    /// default 127.0.0.1, the host alone; 0.0.0.0 or another address of the host opens it to
-    /// other hosts; repeatable).
-    #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT", value_parser = parse_port)]
+    /// Publish a sandbox port on the host: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (TCP by
+    /// default; HOST_IP default 127.0.0.1, the host alone; 0.0.0.0 or another address of the
+    /// host opens it to other hosts; repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT[/PROTO]", value_parser = parse_port)]
     publish: Vec<PortMapping>,
     /// Keep stdin open and send it to the command.
     #[arg(short = 'i', long)]
@@ -353,8 +354,14 @@ fn secrets_from_env(
 
 /// `[HOST_IP:]HOST_PORT:GUEST_PORT`, as docker's `-p`.
 fn parse_port(s: &str) -> Result<PortMapping, String> {
-    let bad = || format!("{s:?} is not [HOST_IP:]HOST_PORT:GUEST_PORT");
-    let (ip, ports) = match s.rsplitn(3, ':').collect::<Vec<_>>()[..] {
+    let bad = || format!("{s:?} is not [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]");
+    let (mapping, protocol) = match s.rsplit_once('/') {
+        Some((mapping, "tcp")) => (mapping, PortProtocol::Tcp),
+        Some((mapping, "udp")) => (mapping, PortProtocol::Udp),
+        Some(_) => return Err(bad()),
+        None => (s, PortProtocol::Tcp),
+    };
+    let (ip, ports) = match mapping.rsplitn(3, ':').collect::<Vec<_>>()[..] {
         [guest, host] => (std::net::Ipv4Addr::LOCALHOST, [host, guest]),
         [guest, host, ip] => (ip.parse().map_err(|_| bad())?, [host, guest]),
         _ => return Err(bad()),
@@ -364,6 +371,7 @@ fn parse_port(s: &str) -> Result<PortMapping, String> {
         host_ip: ip,
         host_port: host_port?,
         guest_port: guest_port?,
+        protocol,
     })
 }
 
@@ -1137,4 +1145,34 @@ async fn start_detached(
         println!("{}", sandbox.id);
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `-p` takes docker's forms: an optional host address, and `/tcp` (the default) or
+    /// `/udp`; anything else is refused, saying the form.
+    #[test]
+    fn published_ports_parse_as_docker_writes_them() {
+        let port = |s: &str| {
+            parse_port(s).map(|p| (p.host_ip.to_string(), p.host_port, p.guest_port, p.protocol))
+        };
+        assert_eq!(
+            port("8080:80"),
+            Ok(("127.0.0.1".into(), 8080, 80, PortProtocol::Tcp))
+        );
+        assert_eq!(
+            port("0.0.0.0:53:53/udp"),
+            Ok(("0.0.0.0".into(), 53, 53, PortProtocol::Udp))
+        );
+        assert_eq!(
+            port("5353:53/tcp"),
+            Ok(("127.0.0.1".into(), 5353, 53, PortProtocol::Tcp))
+        );
+        for bad in ["53:53/sctp", "53/udp", "x:53:53", "53:53/"] {
+            let e = port(bad).unwrap_err();
+            assert!(e.contains("[/tcp|/udp]"), "{bad}: {e}");
+        }
+    }
 }

@@ -893,9 +893,11 @@ fn check_ports_free(tx: &rusqlite::Transaction<'_>, s: &Sandbox) -> Result<()> {
                 .any(|o| crate::manager::net::ports_overlap(o, p))
         }) {
             return Err(Error::Conflict(format!(
-                "ports: host port {}:{} is already published by another sandbox; choose \
+                "ports: host port {}:{}/{} is already published by another sandbox; choose \
                  another host_port",
-                p.host_ip, p.host_port
+                p.host_ip,
+                p.host_port,
+                p.protocol.as_str()
             )));
         }
     }

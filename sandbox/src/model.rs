@@ -272,7 +272,7 @@ pub struct SecretInfo {
     pub hosts: Vec<String>,
 }
 
-/// A published port: TCP to `host_ip:host_port` on the host reaches the sandbox's
+/// A published port: TCP (or UDP) to `host_ip:host_port` on the host reaches the sandbox's
 /// `guest_port`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -286,11 +286,35 @@ pub struct PortMapping {
     pub host_port: u16,
     /// Port in the sandbox, 1 to 65535.
     pub guest_port: u16,
+    /// `tcp` (the default) or `udp`: a TCP and a UDP port of one number are two ports.
+    #[serde(default)]
+    pub protocol: PortProtocol,
 }
 
 impl PortMapping {
     fn loopback() -> std::net::Ipv4Addr {
         std::net::Ipv4Addr::LOCALHOST
+    }
+}
+
+/// The transport protocol of a published port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// TCP connections.
+    #[default]
+    Tcp,
+    /// UDP datagrams (and their replies).
+    Udp,
+}
+
+impl PortProtocol {
+    /// `tcp` or `udp`, as nft and docker's `-p` write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+        }
     }
 }
 

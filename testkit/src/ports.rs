@@ -1,8 +1,9 @@
-//! Published-port checks shared by the api and cli tests: a plain HTTP `GET /` on a host
-//! port, and the host nftables table of a sandbox's ports.
+//! Published-port checks shared by the api and cli tests and the nested suite: a plain HTTP
+//! `GET /` on a host port, a UDP datagram's answer, and the host nftables table of a
+//! sandbox's ports.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,24 @@ pub fn httpd_command(page: &str, port: u16) -> String {
         "mkdir -p /tmp/www && echo {page} > /tmp/www/index.html && \
          exec httpd -f -p {port} -h /tmp/www"
     )
+}
+
+/// What a datagram `sent` to 127.0.0.1:`port` gets back within `patience` (sent again every
+/// 0.5 s: the server may still be starting), if anything.
+pub fn udp_answer(port: u16, sent: &str, patience: Duration) -> Option<String> {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("a UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("a read timeout");
+    let deadline = Instant::now() + patience;
+    let mut answer = [0u8; 2048];
+    while Instant::now() < deadline {
+        let _ = socket.send_to(sent.as_bytes(), (Ipv4Addr::LOCALHOST, port));
+        if let Ok(n) = socket.recv(&mut answer) {
+            return Some(String::from_utf8_lossy(&answer[..n]).into_owned());
+        }
+    }
+    None
 }
 
 /// A port of 127.0.0.1 that nothing listens on now.

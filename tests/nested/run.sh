@@ -104,12 +104,12 @@ busybox=/bin/busybox
     || die "$busybox is not the static busybox of busybox-static"
 
 # --- Binaries -------------------------------------------------------------------------------------
-log "building mvm-vmm, mvm-jailer, mvm-agent, mvm-dns, mvm-egress, mvmd, mvm, containerd-shim-mvm-v2 and mvm-nested"
+log "building mvm-vmm, mvm-jailer, mvm-agent, mvm-dns, mvm-egress, mvmd, mvm, containerd-shim-mvm-v2, mvm-nested and mvm-udp-echo"
 (cd "$repo_root" && cargo build -p vmm --bin mvm-vmm -p jailer --bin mvm-jailer -p agent --bin mvm-agent \
     -p mvm-sandbox --bin mvm-dns --bin mvm-egress -p api --bin mvmd -p cli --bin mvm -p shim --bin containerd-shim-mvm-v2 \
-    -p mvm-nested-driver --bin mvm-nested) || die "cargo build failed"
+    -p mvm-nested-driver --bin mvm-nested -p mvm-testkit --bin mvm-udp-echo) || die "cargo build failed"
 bin_dir="${CARGO_TARGET_DIR:-$repo_root/target}/x86_64-unknown-linux-gnu/debug"
-binaries=(mvm-vmm mvm-jailer mvm-agent mvm-dns mvm-egress mvmd mvm containerd-shim-mvm-v2 mvm-nested)
+binaries=(mvm-vmm mvm-jailer mvm-agent mvm-dns mvm-egress mvmd mvm containerd-shim-mvm-v2 mvm-nested mvm-udp-echo)
 for b in "${binaries[@]}"; do
     [ -x "$bin_dir/$b" ] || die "$bin_dir/$b was not built"
     if readelf -lW "$bin_dir/$b" | grep -q 'Requesting program interpreter'; then

@@ -1,5 +1,5 @@
-//! Published ports: TCP to an address and port of the host reaches a port of the sandbox,
-//! for as long as it lives.
+//! Published ports: TCP (or UDP) to an address and port of the host reaches a port of the
+//! sandbox, for as long as it lives.
 //!
 //! Each sandbox with ports has a host table `ip mvm-ports-<id>` whose `output` chain
 //! destination-NATs the host's own connections to `host_ip:host_port` to the sandbox's veth
@@ -19,13 +19,13 @@
 //! connections.
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 
 use super::egress::enable_inbound_forwarding;
 use super::{host_veth, tables, Addresses, SANDBOX_IF, TAP_IF};
 use crate::error::{Error, Result};
 use crate::manager::host;
-use crate::model::{Isolation, PortMapping};
+use crate::model::{Isolation, PortMapping, PortProtocol};
 
 /// Most ports one sandbox publishes.
 pub const MAX_PORTS: usize = 16;
@@ -35,10 +35,11 @@ fn ports_table(id: &str) -> String {
     format!("mvm-ports-{id}")
 }
 
-/// Whether `a` and `b` take the same host port on a common address (`0.0.0.0` takes every
-/// address).
+/// Whether `a` and `b` take the same host port of one protocol on a common address
+/// (`0.0.0.0` takes every address).
 pub fn overlap(a: &PortMapping, b: &PortMapping) -> bool {
-    a.host_port == b.host_port
+    a.protocol == b.protocol
+        && a.host_port == b.host_port
         && (a.host_ip == b.host_ip || a.host_ip.is_unspecified() || b.host_ip.is_unspecified())
 }
 
@@ -67,8 +68,10 @@ pub fn validate(ports: &[PortMapping]) -> Result<()> {
         }
         if ports[..i].iter().any(|q| overlap(p, q)) {
             return Err(Error::Invalid(format!(
-                "ports: {}:{} is published twice",
-                p.host_ip, p.host_port
+                "ports: {}:{}/{} is published twice",
+                p.host_ip,
+                p.host_port,
+                p.protocol.as_str()
             )));
         }
     }
@@ -79,8 +82,12 @@ pub fn validate(ports: &[PortMapping]) -> Result<()> {
 /// and addresses the host does not have.
 pub fn check_unbound(ports: &[PortMapping]) -> Result<()> {
     for p in ports {
-        match TcpListener::bind((p.host_ip, p.host_port)) {
-            Ok(_) => {}
+        let bound = match p.protocol {
+            PortProtocol::Tcp => TcpListener::bind((p.host_ip, p.host_port)).map(drop),
+            PortProtocol::Udp => UdpSocket::bind((p.host_ip, p.host_port)).map(drop),
+        };
+        match bound {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
                 return Err(Error::Invalid(format!(
                     "ports: host_ip {} is not an address of this host ({e}); give 127.0.0.1, \
@@ -90,9 +97,11 @@ pub fn check_unbound(ports: &[PortMapping]) -> Result<()> {
             }
             Err(e) => {
                 return Err(Error::Conflict(format!(
-                    "ports: host port {}:{} is in use on the host ({e}); choose another \
+                    "ports: host port {}:{}/{} is in use on the host ({e}); choose another \
                      host_port",
-                    p.host_ip, p.host_port
+                    p.host_ip,
+                    p.host_port,
+                    p.protocol.as_str()
                 )))
             }
         }
@@ -114,8 +123,9 @@ pub(super) fn host_rules(id: &str, a: &Addresses, ports: &[PortMapping]) -> Stri
     let veth = host_veth(id);
     let dnat = |p: &PortMapping| {
         format!(
-            "{} tcp dport {} dnat to {}:{}",
+            "{} {} dport {} dnat to {}:{}",
             host_match(p),
+            p.protocol.as_str(),
             p.host_port,
             a.sandbox,
             p.guest_port
@@ -161,20 +171,35 @@ pub(super) fn namespace_rules(
     if isolation != Isolation::Vm || ports.is_empty() {
         return String::new();
     }
-    let guest_ports: BTreeSet<u16> = ports.iter().map(|p| p.guest_port).collect();
-    let set = guest_ports
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let dnat: String = [PortProtocol::Tcp, PortProtocol::Udp]
+        .into_iter()
+        .filter_map(|protocol| {
+            let guest_ports: BTreeSet<u16> = ports
+                .iter()
+                .filter(|p| p.protocol == protocol)
+                .map(|p| p.guest_port)
+                .collect();
+            let set = guest_ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            (!guest_ports.is_empty()).then(|| {
+                format!(
+                    "    iifname \"{SANDBOX_IF}\" ip daddr {} {} dport {{ {set} }} dnat to {}\n",
+                    a.sandbox,
+                    protocol.as_str(),
+                    a.guest
+                )
+            })
+        })
+        .collect();
     format!(
         "table ip mvm-ports {{
   chain prerouting {{ type nat hook prerouting priority -100;
-    iifname \"{SANDBOX_IF}\" ip daddr {} tcp dport {{ {set} }} dnat to {}
-  }}
+{dnat}  }}
 }}
-",
-        a.sandbox, a.guest
+"
     )
 }
 
@@ -224,6 +249,14 @@ mod tests {
             host_ip: Ipv4Addr::from(ip),
             host_port,
             guest_port,
+            protocol: PortProtocol::Tcp,
+        }
+    }
+
+    fn udp(ip: [u8; 4], host_port: u16, guest_port: u16) -> PortMapping {
+        PortMapping {
+            protocol: PortProtocol::Udp,
+            ..port(ip, host_port, guest_port)
         }
     }
 
@@ -248,6 +281,9 @@ mod tests {
         // 0.0.0.0 takes the port on every address.
         validate(&[port([0, 0, 0, 0], 1, 2), port([127, 0, 0, 1], 1, 3)]).unwrap_err();
         validate(&[port([127, 0, 0, 1], 1, 2), port([0, 0, 0, 0], 1, 3)]).unwrap_err();
+        // A TCP and a UDP port of one number are two ports; two UDP ones are one.
+        validate(&[port([0, 0, 0, 0], 53, 53), udp([0, 0, 0, 0], 53, 53)]).unwrap();
+        validate(&[udp([127, 0, 0, 1], 53, 53), udp([0, 0, 0, 0], 53, 54)]).unwrap_err();
         let many: Vec<_> = (1..=17).map(|p| port([127, 0, 0, 1], p, 80)).collect();
         validate(&many[..16]).unwrap();
         validate(&many).unwrap_err();
@@ -290,5 +326,24 @@ mod tests {
             ),
             "{vm}"
         );
+        assert!(!vm.contains("udp"), "{vm}");
+        let both = [
+            port([127, 0, 0, 1], 5353, 53),
+            udp([127, 0, 0, 1], 5353, 53),
+        ];
+        let host = host_rules("0123456789ab", &a, &both);
+        for rule in [
+            "ip daddr 127.0.0.1 tcp dport 5353 dnat to 10.213.0.10:53",
+            "ip daddr 127.0.0.1 udp dport 5353 dnat to 10.213.0.10:53",
+        ] {
+            assert!(host.contains(rule), "{rule} in {host}");
+        }
+        let vm = namespace_rules(Isolation::Vm, &a, &both);
+        for rule in [
+            "iifname \"eth0\" ip daddr 10.213.0.10 tcp dport { 53 } dnat to 10.213.0.14",
+            "iifname \"eth0\" ip daddr 10.213.0.10 udp dport { 53 } dnat to 10.213.0.14",
+        ] {
+            assert!(vm.contains(rule), "{rule} in {vm}");
+        }
     }
 }

@@ -1,12 +1,16 @@
-//! A published port in the vm tier: `mvm run -d -p HOST_PORT:8080` through mvmd starts busybox
-//! httpd in a micro-VM without egress; L1 reaches it on 127.0.0.1:HOST_PORT (host DNAT to the
-//! sandbox's veth, the namespace's DNAT on to the guest behind the tap), mvmd's port proxy
-//! (`/v1/sandboxes/{id}/ports/8080/`) reaches it from inside the sandbox's namespace, and
-//! `mvm rm` closes the port and removes its table.
+//! A published port in the vm tier: `mvm run -d -p HOST_PORT:8080 -p HOST_PORT:5353/udp`
+//! through mvmd starts busybox httpd in a micro-VM without egress; L1 reaches it on
+//! 127.0.0.1:HOST_PORT (host DNAT to the sandbox's veth, the namespace's DNAT on to the guest
+//! behind the tap), a UDP echo server copied into the guest (`mvm-udp-echo`) answers on the
+//! UDP port of the same number, mvmd's port proxy (`/v1/sandboxes/{id}/ports/8080/`) reaches
+//! httpd from inside the sandbox's namespace, and `mvm rm` closes both ports and removes
+//! their table.
 
 use std::time::{Duration, Instant};
 
-use mvm_testkit::ports::{free_local_port, http_get, httpd_command, ports_table_exists};
+use mvm_testkit::ports::{
+    free_local_port, http_get, httpd_command, ports_table_exists, udp_answer,
+};
 
 use super::{Ctx, MvmdSession, Outcome, Verdict};
 
@@ -25,7 +29,7 @@ pub fn published_port_vm_tier(ctx: &mut Ctx) -> Outcome {
     let ctx = &*ctx;
     let checked = (|| {
         let port = free_local_port();
-        let publish = format!("{port}:8080");
+        let (publish, publish_udp) = (format!("{port}:8080"), format!("{port}:5353/udp"));
         let serve = httpd_command(PAGE, 8080);
         let out = session.mvm(
             ctx,
@@ -36,6 +40,8 @@ pub fn published_port_vm_tier(ctx: &mut Ctx) -> Outcome {
                 "vm",
                 "-p",
                 &publish,
+                "-p",
+                &publish_udp,
                 "--",
                 "sh",
                 "-c",
@@ -62,12 +68,30 @@ pub fn published_port_vm_tier(ctx: &mut Ctx) -> Outcome {
                 _ => std::thread::sleep(Duration::from_millis(200)),
             }
         }
+        let echo = ctx.vmm.with_file_name("mvm-udp-echo");
+        let echo = echo
+            .to_str()
+            .ok_or("the binaries' directory is not UTF-8")?;
+        session.mvm(ctx, &["cp", echo, &format!("{id}:/tmp/udp-echo")], None)?;
+        let start = "chmod 755 /tmp/udp-echo && \
+                     setsid /tmp/udp-echo 5353 </dev/null >/dev/null 2>&1 & echo started";
+        session.mvm(ctx, &["exec", &id, "--", "sh", "-c", start], None)?;
+        match udp_answer(port, "ping", SERVE_TIMEOUT) {
+            Some(answer) if answer == "echo:ping" => {}
+            other => {
+                return Err(format!(
+                    "127.0.0.1:{port}/udp did not echo the guest's way in {SERVE_TIMEOUT:?}: \
+                     {other:?}"
+                ))
+            }
+        }
         let proxied = session.get(&format!("/v1/sandboxes/{id}/ports/8080/"))?;
         if !proxied.starts_with("HTTP/1.1 200") || !proxied.contains(PAGE) {
             return Err(format!("mvmd's port proxy answered {proxied:?}"));
         }
         session.mvm(ctx, &["rm", &id], None)?;
-        if ports_table_exists(&id) || http_get(port).is_ok() {
+        let udp_open = udp_answer(port, "ping", Duration::from_secs(2)).is_some();
+        if ports_table_exists(&id) || http_get(port).is_ok() || udp_open {
             return Err(format!(
                 "127.0.0.1:{port} or its table is still there after mvm rm"
             ));
