@@ -230,7 +230,7 @@ fn snapshot_leftovers_go_at_start_and_a_snapshot_goes_with_its_deletion() {
     let db = mvm_sandbox::db::Db::open(&state.join("mvm.db")).expect("db");
     let (kept, half) = ("snap-00000000000000a1", "snap-00000000000000a2");
     for id in [kept, half] {
-        db.insert_snapshot("default", &snapshot(id), 8)
+        db.insert_snapshot("default", &snapshot(id), &mvm_sandbox::db::Quota::default())
             .expect("row");
         let dir = state.join("sandbox-snapshots").join(id);
         std::fs::create_dir_all(&dir).expect("its directory");

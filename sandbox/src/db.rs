@@ -668,19 +668,30 @@ impl Db {
 
     /// Records snapshot `s` of `tenant` while it is being taken: until
     /// [`commit_snapshot`](Self::commit_snapshot) no call finds it, and the next start of
-    /// mvmd removes it if it never became ready. Refused when the tenant has `max` already.
-    pub fn insert_snapshot(&self, tenant: &str, s: &Snapshot, max: u32) -> Result<()> {
+    /// mvmd removes it if it never became ready. Refused when the tenant keeps as many
+    /// snapshots as `quota` has sandboxes, or when their guest memory (each holds its memory
+    /// file on the host's disk) and `s`'s would pass its memory.
+    pub fn insert_snapshot(&self, tenant: &str, s: &Snapshot, quota: &Quota) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let kept: u32 = tx.query_row(
-            "SELECT COUNT(*) FROM snapshots WHERE tenant = ?1",
+        let (kept, memory_mib): (u32, i64) = tx.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(memory_mib), 0) FROM snapshots WHERE tenant = ?1",
             params![tenant],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
+        let max = quota.max_sandboxes;
         if kept >= max {
             return Err(Error::Quota(format!(
                 "tenant '{tenant}' keeps {kept} snapshots, as many as its sandboxes may be \
                  ({max}); delete one, or name the new one after one it replaces"
+            )));
+        }
+        if memory_mib as u64 + s.memory_mib > quota.max_memory_mib {
+            return Err(Error::Quota(format!(
+                "tenant '{tenant}' keeps snapshots of {memory_mib} MiB of guest memory, of its \
+                 {} MiB; this one needs {} MiB more: delete one, or name the new one after \
+                 one it replaces",
+                quota.max_memory_mib, s.memory_mib
             )));
         }
         tx.execute(
@@ -1128,13 +1139,19 @@ mod tests {
     }
 
     /// A snapshot being taken is found by nothing; a ready one by its id and its name, by
-    /// its tenant alone; a tenant keeps at most its bound of them; a later snapshot given a
-    /// name takes it over, and the one that had it loses its row.
+    /// its tenant alone; a tenant keeps at most as many as its quota's sandboxes, of at most
+    /// its memory; a later snapshot given a name takes it over, and the one that had it loses
+    /// its row.
     #[test]
     fn snapshots_are_their_tenants_bounded_and_a_name_names_one() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("mvm.db")).unwrap();
-        db.insert_snapshot("a", &snapshot("snap-1", "s1"), 2)
+        let quota = Quota {
+            max_sandboxes: 2,
+            max_vcpus: 2,
+            max_memory_mib: 768,
+        };
+        db.insert_snapshot("a", &snapshot("snap-1", "s1"), &quota)
             .unwrap();
         assert_eq!(db.snapshot("a", "snap-1").unwrap(), None, "not ready yet");
         assert!(db.snapshots("a").unwrap().is_empty());
@@ -1151,13 +1168,21 @@ mod tests {
             "another tenant's"
         );
         assert_eq!(db.snapshot("b", "kept").unwrap(), None, "another tenant's");
-        db.insert_snapshot("a", &snapshot("snap-2", "s2"), 2)
+        let big = Snapshot {
+            memory_mib: 600,
+            ..snapshot("snap-9", "s9")
+        };
+        match db.insert_snapshot("a", &big, &quota) {
+            Err(Error::Quota(why)) => assert!(why.contains("256 MiB of guest memory"), "{why}"),
+            other => panic!("snapshots beyond the memory quota must be refused: {other:?}"),
+        }
+        db.insert_snapshot("a", &snapshot("snap-2", "s2"), &quota)
             .unwrap();
-        match db.insert_snapshot("a", &snapshot("snap-3", "s2"), 2) {
+        match db.insert_snapshot("a", &snapshot("snap-3", "s2"), &quota) {
             Err(Error::Quota(why)) => assert!(why.contains("2 snapshots"), "{why}"),
             other => panic!("a third snapshot must be refused: {other:?}"),
         }
-        db.insert_snapshot("b", &snapshot("snap-4", "s4"), 2)
+        db.insert_snapshot("b", &snapshot("snap-4", "s4"), &quota)
             .unwrap();
         db.commit_snapshot("b", "snap-4", Some("kept")).unwrap();
         // Another tenant's name is its own; this tenant's moves to its newer snapshot.
@@ -1178,7 +1203,7 @@ mod tests {
             .map(|s| s.id)
             .collect();
         assert_eq!(ids, ["snap-2"]);
-        db.insert_snapshot("a", &snapshot("snap-5", "s2"), 2)
+        db.insert_snapshot("a", &snapshot("snap-5", "s2"), &quota)
             .unwrap();
         let mut all = db.snapshot_ids().unwrap();
         all.sort();

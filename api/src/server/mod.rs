@@ -413,7 +413,8 @@ async fn fork(
 /// new sandboxes to start from (`snapshot` of a create). A running sandbox is paused only
 /// while it is saved; it stays as it was. A `name` the tenant gave another snapshot moves to
 /// this one, which replaces it. A tenant keeps at most as many snapshots as its quota's
-/// sandboxes (429); the jail tier answers 422.
+/// sandboxes, of at most its memory quota in guest memory together (429); the jail tier
+/// answers 422.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshots", tag = "snapshots", params(("id" = String, Path)),
     request_body = CreateSnapshot,
     responses((status = 201, body = Snapshot), (status = 404, body = ErrorBody),

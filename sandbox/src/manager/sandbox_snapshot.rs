@@ -8,7 +8,8 @@
 //! directory (`snapshot::sandbox_snapshot`) until the snapshot is deleted, whatever becomes of
 //! the source. A create from one restores it as a fork's child does, from links to its files
 //! made for that create, so a deletion meanwhile takes nothing from under it. A tenant keeps
-//! at most as many snapshots as it may have sandboxes.
+//! at most as many snapshots as it may have sandboxes, of at most its memory quota in guest
+//! memory (each holds a memory file on the host's disk).
 
 use super::create::Origin;
 use super::lock::BusyLock;
@@ -68,7 +69,7 @@ impl Manager {
         // Held while it is taken: another manager's reconciliation leaves it alone.
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&taken.id))?;
         let db = &self.inner.db;
-        db.insert_snapshot(&tenant.name, &taken, tenant.quota.max_sandboxes)?;
+        db.insert_snapshot(&tenant.name, &taken, &tenant.quota)?;
         let base = std::path::PathBuf::from(&template.rootfs);
         let kept = self.keep_vm(&row, &taken.id, base).await;
         drop(turn);
