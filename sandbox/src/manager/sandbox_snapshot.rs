@@ -203,6 +203,8 @@ impl Manager {
         let _using = BusyLock::acquire(&self.inner.cfg.lock_path(&name))?;
         let links = {
             let _turn = self.transition(&snap.id).await;
+            // Deleted meanwhile (its row goes first, its files in this turn): not found.
+            self.snapshot(&tenant.name, &snap.id)?;
             let (cfg, id) = (self.inner.cfg.clone(), snap.id.clone());
             blocking(move || {
                 let kept = snapshot::sandbox_snapshot(&cfg, &id).ok_or_else(|| {
