@@ -327,7 +327,7 @@ async fn create(
     let tenant = &caller.tenant;
     let isolation = state.manager.config().default_isolation;
     let new: NewSandbox = body(&bytes)?;
-    let snapshot = super::snapshots::snapshot_of_template(&state, tenant, &new.template_id);
+    let snapshot = super::snapshots::snapshot_of_template(&state, tenant, &new.template_id)?;
     let mut req = create_request(new, isolation)?;
     if let Some(snapshot) = snapshot {
         // Its template, tier and size are the snapshot's.

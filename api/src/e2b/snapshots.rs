@@ -53,11 +53,23 @@ impl SnapshotInfo {
     }
 }
 
-/// The snapshot of `tenant`'s that E2B's `templateID` (or snapshot id) `key` names, by id or
-/// name, with or without E2B's default tag.
-pub fn snapshot_of_template(state: &E2bState, tenant: &Tenant, key: &str) -> Option<Snapshot> {
-    let key = key.strip_suffix(DEFAULT_TAG).unwrap_or(key);
-    state.manager.snapshot(&tenant.name, key).ok()
+/// `name` without E2B's default tag.
+fn untagged(name: &str) -> &str {
+    name.strip_suffix(DEFAULT_TAG).unwrap_or(name)
+}
+
+/// The snapshot of `tenant`'s that E2B's `templateID` `key` names, by id or name, with or
+/// without E2B's default tag; none when it names none (a template, then).
+pub fn snapshot_of_template(
+    state: &E2bState,
+    tenant: &Tenant,
+    key: &str,
+) -> Result<Option<Snapshot>> {
+    match state.manager.snapshot(&tenant.name, untagged(key)) {
+        Ok(snapshot) => Ok(Some(snapshot)),
+        Err(mvm_sandbox::Error::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Takes a snapshot of the sandbox (mvm's: memory and files, the sandbox going on as it
@@ -76,9 +88,7 @@ async fn create(
                 .into(),
         ));
     }
-    let name = req
-        .name
-        .map(|n| n.strip_suffix(DEFAULT_TAG).map(str::to_owned).unwrap_or(n));
+    let name = req.name.as_deref().map(|n| untagged(n).to_owned());
     let snapshot = state
         .manager
         .snapshot_sandbox(&caller.tenant, &id, CreateSnapshot { name })
@@ -104,10 +114,7 @@ async fn list(
     caller: Caller,
     E2bQuery(q): E2bQuery<ListQuery>,
 ) -> Result<Response> {
-    let name = q
-        .name
-        .as_deref()
-        .map(|n| n.strip_suffix(DEFAULT_TAG).unwrap_or(n));
+    let name = q.name.as_deref().map(untagged);
     let all: Vec<SnapshotInfo> = state
         .manager
         .snapshots(&caller.tenant.name)?
@@ -126,13 +133,9 @@ async fn remove(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let tenant = &caller.tenant;
-    let snapshot = snapshot_of_template(&state, tenant, &id).ok_or_else(|| {
-        super::E2bError::new(StatusCode::NOT_FOUND, format!("no snapshot {id:?}"))
-    })?;
     state
         .manager
-        .delete_snapshot(&tenant.name, &snapshot.id)
+        .delete_snapshot(&caller.tenant.name, untagged(&id))
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

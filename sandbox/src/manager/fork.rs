@@ -53,7 +53,7 @@ impl Manager {
                 let dir = self.inner.cfg.fork_dir(id);
                 self.save_copy(&row, dir).await?
             }
-            SandboxState::Saved => self.saved_source(id, &template.rootfs).await?,
+            SandboxState::Saved => self.saved_source(id, &template.rootfs, "fork").await?,
             SandboxState::Creating | SandboxState::Stopping => {
                 return Err(Error::Conflict(format!(
                     "sandbox {id} is {}: only a running, paused or saved sandbox forks",
@@ -141,9 +141,15 @@ impl Manager {
         }
     }
 
-    /// Saved sandbox `id`'s own saved VM, for its children: whole, and its template's base
-    /// image at `base` the one it ran on.
-    async fn saved_source(&self, id: &str, base: &str) -> Result<snapshot::SavedVm> {
+    /// Saved sandbox `id`'s own saved VM, for its children or a snapshot (`verb` says which
+    /// in a refusal: "cannot {verb}"): whole, and its template's base image at `base` the one
+    /// it ran on.
+    pub(super) async fn saved_source(
+        &self,
+        id: &str,
+        base: &str,
+        verb: &str,
+    ) -> Result<snapshot::SavedVm> {
         let saved = snapshot::saved_of(&self.inner.cfg, id).ok_or_else(|| {
             Error::Host(format!(
                 "sandbox {id} is saved, but its saved VM is missing or incomplete; destroy it"
@@ -153,7 +159,9 @@ impl Manager {
         blocking(move || checked.check_base(&base))
             .await
             .map_err(|e| match e {
-                Error::Conflict(why) => Error::Conflict(format!("sandbox {id} cannot fork: {why}")),
+                Error::Conflict(why) => {
+                    Error::Conflict(format!("sandbox {id} cannot {verb}: {why}"))
+                }
                 other => other,
             })?;
         Ok(saved)

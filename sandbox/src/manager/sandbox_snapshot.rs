@@ -70,8 +70,7 @@ impl Manager {
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(&taken.id))?;
         let db = &self.inner.db;
         db.insert_snapshot(&tenant.name, &taken, &tenant.quota)?;
-        let base = std::path::PathBuf::from(&template.rootfs);
-        let kept = self.keep_vm(&row, &taken.id, base).await;
+        let kept = self.keep_vm(&row, &taken.id, &template.rootfs).await;
         drop(turn);
         let replaced =
             kept.and_then(|()| db.commit_snapshot(&tenant.name, &taken.id, req.name.as_deref()));
@@ -96,35 +95,20 @@ impl Manager {
 
     /// Keeps the VM of `row` (on the base image `base`) as snapshot `snapshot`'s: saved with
     /// a copy of its layer if it runs or is paused, its own saved VM linked if it is saved.
-    async fn keep_vm(
-        &self,
-        row: &db::SandboxRow,
-        snapshot: &str,
-        base: std::path::PathBuf,
-    ) -> Result<()> {
-        let (cfg, id, snapshot) = (
-            self.inner.cfg.clone(),
-            row.sandbox.id.clone(),
-            snapshot.to_owned(),
-        );
+    async fn keep_vm(&self, row: &db::SandboxRow, snapshot: &str, base: &str) -> Result<()> {
         let dir = {
-            let (cfg, snapshot) = (cfg.clone(), snapshot.clone());
+            let (cfg, snapshot) = (self.inner.cfg.clone(), snapshot.to_owned());
             blocking(move || snapshot::sandbox_snapshot_dir(&cfg, &snapshot)).await?
         };
-        if row.sandbox.state != SandboxState::Saved {
-            let saved = self.save_copy(row, dir).await?;
-            return blocking(move || saved.record_base(&base)).await;
+        if row.sandbox.state == SandboxState::Saved {
+            let own = self
+                .saved_source(&row.sandbox.id, base, "be snapshotted")
+                .await?;
+            return blocking(move || own.copy_as_snapshot(dir).map(drop)).await;
         }
-        blocking(move || {
-            let own = snapshot::saved_of(&cfg, &id).ok_or_else(|| {
-                Error::Host(format!(
-                    "sandbox {id} is saved, but its saved VM is missing or incomplete; \
-                     destroy it"
-                ))
-            })?;
-            own.copy_as_snapshot(&cfg, &snapshot).map(drop)
-        })
-        .await
+        let saved = self.save_copy(row, dir).await?;
+        let base = std::path::PathBuf::from(base);
+        blocking(move || saved.record_base(&base)).await
     }
 
     /// The snapshots of `tenant`, oldest first.

@@ -179,11 +179,11 @@ impl SavedVm {
         fs::write(&path, json).map_err(|e| Error::host(format!("writing {}", path.display()), e))
     }
 
-    /// Copies a sandbox's own saved VM (see [`take_for_resume`]) as sandbox snapshot
-    /// `snapshot`'s: its state and memory linked (neither is ever written again: a resume
-    /// maps the memory privately, a new save writes new files), its layer and base copied.
-    pub fn copy_as_snapshot(&self, cfg: &ManagerConfig, snapshot: &str) -> Result<SavedVm> {
-        let dir = sandbox_snapshot_dir(cfg, snapshot)?;
+    /// Copies a sandbox's own saved VM (see [`take_for_resume`]) into the new directory `dir`
+    /// (a sandbox snapshot's, see [`sandbox_snapshot_dir`]): its state and memory linked
+    /// (neither is ever written again: a resume maps the memory privately, a new save writes
+    /// new files), its layer and base copied.
+    pub fn copy_as_snapshot(&self, dir: PathBuf) -> Result<SavedVm> {
         make_root_dir(&dir)?;
         let copy = SavedVm { dir };
         let copied = self
@@ -1090,7 +1090,9 @@ mod tests {
         let own = take_for_resume(&cfg, source, &base).unwrap();
         own.keep_file(&layer, LAYER).unwrap();
         let saved = "snap-00000000000000bb";
-        let copy = own.copy_as_snapshot(&cfg, saved).unwrap();
+        let copy = own
+            .copy_as_snapshot(sandbox_snapshot_dir(&cfg, saved).unwrap())
+            .unwrap();
         assert_eq!(
             fs::metadata(copy.memory()).unwrap().ino(),
             fs::metadata(own.memory()).unwrap().ino()
