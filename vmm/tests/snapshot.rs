@@ -735,6 +735,28 @@ fn a_restored_vsock_guest_is_told_its_connections_are_gone() {
     assert_vsock_guest_goes_on(&restored, last);
 }
 
+/// A restored guest that waits for its vsock device's interrupt, as a kernel's driver does,
+/// gets the transport reset's: the device raises it as it is restored, which is after the
+/// VM's irqchips and the vCPUs' APICs are (raised before, it was lost, and the guest heard of
+/// the reset only at the device's next interrupt).
+#[test]
+fn a_restored_vsock_guest_gets_the_transport_resets_interrupt() {
+    if !require_kvm("a_restored_vsock_guest_gets_the_transport_resets_interrupt") {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-vsock-irq");
+    let vsock = json!({"guest_cid": 3, "uds_path": dir.path().join("v.sock")});
+    let (snapshot, mem, _, console) =
+        snapshot_device_guest(dir.path(), "virtio_vsock_irq", ("/vsock", vsock), "tick");
+    assert!(!console.contains("transport reset"), "{console:?}");
+    let restored = restore(dir.path(), "restored", &snapshot, &mem);
+    let console = restored.wait_for_stamps("tick", 5);
+    assert!(
+        console.contains("transport reset by interrupt: id=0\n"),
+        "the guest gets the reset's interrupt: {console:?}"
+    );
+}
+
 #[test]
 fn a_vsock_guest_restored_with_vsock_override_listens_on_the_new_path() {
     if !require_kvm("a_vsock_guest_restored_with_vsock_override_listens_on_the_new_path") {

@@ -66,9 +66,9 @@ fn vendor(cpuid: &[kvm_cpuid_entry2]) -> Option<String> {
 }
 
 /// Rebuilds the VM a snapshot describes on `mem` (mapped from its memory file): KVM VM,
-/// legacy devices, virtio devices (`make_devices` creates them from `config`) and vCPUs with
-/// their saved state. Like [`super::build_microvm`], the vCPU threads start held, waiting for
-/// [`Vcpus::resume`].
+/// vCPUs and irqchips with their saved state, then legacy and virtio devices (`make_devices`
+/// creates them from `config`). Like [`super::build_microvm`], the vCPU threads start held,
+/// waiting for [`Vcpus::resume`].
 pub fn build_microvm_from_snapshot(
     state: &MicrovmState,
     config: &VmConfig,
@@ -96,6 +96,16 @@ pub fn build_microvm_from_snapshot(
             host.as_deref().unwrap_or("unknown")
         )));
     }
+    // The vCPUs (their local APICs) and the irqchips first: a device raises interrupts as
+    // soon as it is restored (a vsock's transport reset, a request that completed), and one
+    // raised before would be lost with the irqchips' state loaded over it, or find no APIC
+    // to go to: the guest would wait for it until the device's next interrupt.
+    let vcpus = state
+        .vcpus
+        .iter()
+        .map(|v| Vcpu::restore(&vm, v))
+        .collect::<Result<Vec<_>, _>>()?;
+    vm.restore_state(&state.vm)?;
     let mut pio = Bus::new();
     let (serial, i8042) = attach_legacy_devices(
         &vm,
@@ -113,12 +123,6 @@ pub fn build_microvm_from_snapshot(
             .restore_state(&state.virtio[index])
             .map_err(|e| BuildError::Restore(format!("virtio device {index}: {e}")))
     })?;
-    let vcpus = state
-        .vcpus
-        .iter()
-        .map(|v| Vcpu::restore(&vm, v))
-        .collect::<Result<Vec<_>, _>>()?;
-    vm.restore_state(&state.vm)?;
     let vcpus = Vcpus::start(vcpus, Arc::new(pio), Arc::new(mmio), exit, seccomp)?;
     Ok(RunningVm {
         vm,
