@@ -13,7 +13,7 @@
 
 mod virtio_support;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -754,6 +754,43 @@ fn a_restored_vsock_guest_gets_the_transport_resets_interrupt() {
     assert!(
         console.contains("transport reset by interrupt: id=0\n"),
         "the guest gets the reset's interrupt: {console:?}"
+    );
+}
+
+/// A host connection made as soon as the load answers reaches the restored guest only once
+/// it has taken the transport reset (handed the event buffer back, a tick after it saw the
+/// reset): reaching it before, the connection would be reset with the ones the snapshot held.
+#[test]
+fn a_host_connection_reaches_a_restored_vsock_guest_after_it_took_the_transport_reset() {
+    if !require_kvm(
+        "a_host_connection_reaches_a_restored_vsock_guest_after_it_took_the_transport_reset",
+    ) {
+        return;
+    }
+    let dir = ScratchDir::new("snapshot-vsock-held");
+    let socket = dir.path().join("v.sock");
+    let (snapshot, mem, _) = snapshot_vsock_guest(dir.path(), &socket);
+    let restored = restore(dir.path(), "restored", &snapshot, &mem);
+    let mut host = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let console = loop {
+        let console = restored.console();
+        if console.contains("rx: op=1 port=52\n") {
+            break console;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host's REQUEST never reached the guest: {console:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let taken = console
+        .find("reset taken\n")
+        .expect("the guest took the reset");
+    assert!(
+        console.find("rx: ").unwrap() > taken,
+        "no packet reaches the guest before it took the transport reset: {console:?}"
     );
 }
 

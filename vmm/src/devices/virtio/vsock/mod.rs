@@ -23,6 +23,7 @@ use super::{
 };
 use crate::config::VsockConfig;
 use crate::metrics::virtio::{DeviceMetrics, VSOCK as METRICS};
+use crate::timer::Timer;
 
 /// Virtio device id of vsock devices.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -34,8 +35,14 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
 const EVENT_TOKEN: u64 = 2;
+/// Epoll token of the [`RESET_TAKEN_WAIT`] timer.
+const RESET_TIMER_TOKEN: u64 = 3;
 /// virtio_vsock_event id: the device lost its connections (virtio 1.x, 5.10.6.7).
 pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// Longest a restored device holds packets for the guest until the driver takes the transport
+/// reset (see [`VsockEngine::hold_rx_until_reset_taken`]); well within the
+/// [`muxer::CONNECT_TIMEOUT`] a host connection's request has to be answered in.
+pub const RESET_TAKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Errors setting up the vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +88,10 @@ pub struct VsockEngine {
     muxer: Muxer,
     payload: Box<[u8]>,
     tx_stalled: bool,
+    /// Packets for the guest wait: it has not taken the transport reset of a restore yet.
+    rx_held: bool,
+    /// Ends the hold after [`RESET_TAKEN_WAIT`] whatever the guest does.
+    reset_timer: Timer,
 }
 
 impl VsockEngine {
@@ -91,7 +102,49 @@ impl VsockEngine {
             muxer: Muxer::new(guest_cid, uds_path, listener)?,
             payload: vec![0u8; MAX_PAYLOAD].into_boxed_slice(),
             tx_stalled: false,
+            rx_held: false,
+            reset_timer: Timer::new()?,
         })
+    }
+
+    /// Holds every packet for the guest (a host connection's REQUEST above all) until the
+    /// driver has taken the transport reset just put on its event queue (it hands the event
+    /// buffer back and notifies the queue: [`reset_taken`](Self::reset_taken)), or for
+    /// [`RESET_TAKEN_WAIT`] at most. A Linux driver handles the event queue and RX in work
+    /// items of their own: a connection that reached the guest first was accepted and then
+    /// reset with the connections the snapshot held, and the host had to connect again.
+    pub fn hold_rx_until_reset_taken(&mut self) {
+        match self.reset_timer.arm(RESET_TAKEN_WAIT) {
+            Ok(()) => self.rx_held = true,
+            Err(e) => log::warn!("vsock: packets for the restored guest are not held: {e}"),
+        }
+    }
+
+    /// The driver took the transport reset (or [`RESET_TAKEN_WAIT`] passed): packets for the
+    /// guest flow again.
+    pub fn reset_taken(&mut self) {
+        if std::mem::take(&mut self.rx_held) {
+            // A stale expiration only ends a hold that is over.
+            let _ = self.reset_timer.disarm();
+        }
+    }
+
+    /// [`RESET_TAKEN_WAIT`] passed (its timer fired): packets for the guest flow whether it
+    /// took the transport reset or not.
+    pub fn reset_wait_over(&mut self) {
+        self.reset_timer.acknowledge();
+        if self.rx_held {
+            log::warn!(
+                "vsock: the guest did not take the transport reset within {RESET_TAKEN_WAIT:?}; \
+                 packets for it go on"
+            );
+            self.reset_taken();
+        }
+    }
+
+    /// Whether packets for the guest wait for it to take a transport reset.
+    pub fn rx_held(&self) -> bool {
+        self.rx_held
     }
 
     /// The connection table.
@@ -165,7 +218,7 @@ impl VsockEngine {
         epoll: &EpollSet,
     ) -> bool {
         let mut used = false;
-        while self.muxer.has_rx() {
+        while !self.rx_held && self.muxer.has_rx() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
@@ -229,9 +282,22 @@ pub struct VsockHandler {
     tx_evt: EventFd,
     event_evt: EventFd,
     interrupt: Arc<VirtioInterrupt>,
+    /// The event queue's available index when the transport reset was sent: the driver
+    /// gives the event's buffer back once it has handled it, and the index moves on. (A
+    /// notification alone says nothing: a restored device is notified of every queue once.)
+    reset_sent_at: Option<u16>,
 }
 
 impl VsockHandler {
+    /// How many buffers the driver has made available on the event queue (its available
+    /// index); `None` where the ring cannot be read.
+    fn event_buffers_posted(&self) -> Option<u16> {
+        self.evq
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .ok()
+            .map(|posted| posted.0)
+    }
+
     fn tx(&mut self, epoll: &EpollSet) {
         if self.engine.process_tx(&self.mem, &mut self.txq, epoll) {
             signal_used(&mut self.txq, &self.mem, &self.interrupt);
@@ -245,13 +311,16 @@ impl VsockHandler {
     }
 
     /// Tells the driver that every connection is gone (after a snapshot restore), in the first
-    /// buffer of the event queue; without one the driver never posted any and is not told.
+    /// buffer of the event queue, and holds packets for it until it has taken that; without a
+    /// buffer the driver never posted any and is not told.
     fn send_transport_reset(&mut self) {
         let Some(chain) = self.evq.pop_descriptor_chain(&self.mem) else {
             log::warn!("vsock: no event buffer for the transport reset");
             return;
         };
         let head = chain.head_index();
+        // Before the event is used: the driver may take it (and give its buffer back) at once.
+        self.reset_sent_at = self.event_buffers_posted();
         let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
         let written = match Chain::parse(chain, &self.mem, u64::from(u32::MAX)) {
             Ok(chain) => write_segments(&self.mem, &chain.writable, 0, &event),
@@ -263,6 +332,7 @@ impl VsockHandler {
         if self.evq.add_used(&self.mem, head, written as u32).is_err() {
             DeviceMetrics::add(&METRICS.bad_chains, 1);
         }
+        self.engine.hold_rx_until_reset_taken();
         signal_used(&mut self.evq, &self.mem, &self.interrupt);
     }
 }
@@ -272,8 +342,10 @@ impl EventHandler for VsockHandler {
     type Backend = VsockEngine;
 
     fn into_backend(mut self) -> VsockEngine {
-        // The driver reset the device: its connections are gone.
+        // The driver reset the device: its connections are gone, and no transport reset is
+        // waited for.
         self.engine.muxer.reset();
+        self.engine.reset_taken();
         self.engine
     }
 
@@ -281,6 +353,11 @@ impl EventHandler for VsockHandler {
         epoll.add(self.rx_evt.as_raw_fd(), EventSet::IN, RX_TOKEN)?;
         epoll.add(self.tx_evt.as_raw_fd(), EventSet::IN, TX_TOKEN)?;
         epoll.add(self.event_evt.as_raw_fd(), EventSet::IN, EVENT_TOKEN)?;
+        epoll.add(
+            self.engine.reset_timer.as_raw_fd(),
+            EventSet::IN,
+            RESET_TIMER_TOKEN,
+        )?;
         self.engine.muxer.register(epoll)
     }
 
@@ -294,10 +371,15 @@ impl EventHandler for VsockHandler {
                 let _ = self.tx_evt.read();
                 self.tx(epoll);
             }
-            // The event queue carries only device → driver transport resets, sent on restore.
+            // The event queue carries only device → driver transport resets, sent on restore;
+            // the driver gives a handled event's buffer back and notifies it.
             EVENT_TOKEN => {
                 let _ = self.event_evt.read();
+                if self.engine.rx_held() && self.event_buffers_posted() != self.reset_sent_at {
+                    self.engine.reset_taken();
+                }
             }
+            RESET_TIMER_TOKEN => self.engine.reset_wait_over(),
             token => self.engine.handle_host_event(epoll, token, events),
         }
         self.rx(epoll);
@@ -385,6 +467,7 @@ impl VirtioDevice for Vsock {
                 tx_evt,
                 event_evt,
                 interrupt,
+                reset_sent_at: None,
             };
             if restored {
                 // The restored VMM has none of the host connections the guest knew.
@@ -630,6 +713,66 @@ mod tests {
         assert_eq!(responses, CONNS);
         assert_eq!(e.muxer().connection_count(), CONNS as usize);
         assert_eq!(streams.len(), CONNS as usize);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A restored device holds a host connection's REQUEST while the guest has not taken the
+    /// transport reset, and delivers it once it has; the hold ends by itself after
+    /// [`RESET_TAKEN_WAIT`].
+    #[test]
+    fn packets_for_a_restored_guest_wait_until_it_takes_the_transport_reset() {
+        use std::io::Write;
+        let dir = scratch();
+        let mem = test_memory();
+        let epoll = EpollSet::new().unwrap();
+        let mut e = engine(&dir);
+        e.muxer().register(&epoll).unwrap();
+        epoll
+            .add(e.reset_timer.as_raw_fd(), EventSet::IN, RESET_TIMER_TOKEN)
+            .unwrap();
+        e.hold_rx_until_reset_taken();
+        let mut host = UnixStream::connect(dir.join("v.sock")).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 8];
+        while !e.muxer().has_rx() {
+            let n = epoll_wait(&epoll, &mut events);
+            for ev in &events[..n] {
+                e.handle_host_event(&epoll, ev.data(), ev.event_set());
+            }
+        }
+        let rxq_mock = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        rxq_mock
+            .add_desc_chains(&[desc(0x20000, 4096, true, None)], 0)
+            .unwrap();
+        let mut rxq: Queue = rxq_mock.create_queue().unwrap();
+        assert!(
+            !e.process_rx(&mem, &mut rxq, &epoll),
+            "held: no buffer used"
+        );
+        assert_eq!(rxq.next_used(), 0);
+        e.reset_taken();
+        assert!(e.process_rx(&mem, &mut rxq, &epoll));
+        let mut raw = [0u8; HEADER_LEN];
+        mem.read_slice(&mut raw, GuestAddress(0x20000)).unwrap();
+        let request = Header::decode(&raw);
+        assert_eq!((request.op, request.dst_port), (op::REQUEST, 52));
+
+        // Unanswered, the hold ends when its timer fires.
+        e.hold_rx_until_reset_taken();
+        assert!(e.rx_held());
+        let deadline = std::time::Instant::now() + RESET_TAKEN_WAIT * 5;
+        loop {
+            let n = epoll_wait(&epoll, &mut events);
+            if events[..n].iter().any(|ev| ev.data() == RESET_TIMER_TOKEN) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hold's timer never fired"
+            );
+        }
+        e.reset_wait_over();
+        assert!(!e.rx_held());
         let _ = std::fs::remove_dir_all(dir);
     }
 
