@@ -561,19 +561,28 @@ impl Db {
     /// Updates state, pid, network, timeout and expiry of a sandbox. A new state ends a
     /// resume's claim (see [`claim_resume`](Self::claim_resume)).
     pub fn update_sandbox(&self, row: &SandboxRow) -> Result<()> {
-        self.conn().execute(
-            "UPDATE sandboxes SET state = ?2, pid = ?3, network = ?4, timeout_s = ?5,
-                 expires_at = ?6, resuming = CASE WHEN state = ?2 THEN resuming ELSE 0 END
-             WHERE id = ?1",
-            params![
-                row.sandbox.id,
-                row.sandbox.state.as_str(),
-                row.pid,
-                json(&row.sandbox.network),
-                row.sandbox.timeout_s as i64,
-                row.sandbox.expires_at
-            ],
+        write_row(&self.conn(), row)
+    }
+
+    /// Stores sandbox `row`, whose VM was just saved to disk, in state `saved`, after checking
+    /// in the same transaction that its memory fits next to the guest memory its tenant keeps
+    /// on the host's disk: its snapshots and saved sandboxes hold at most `quota`'s memory
+    /// together (the memory quota bounds what runs; this, what waits on the disk).
+    pub fn mark_saved(&self, row: &SandboxRow, quota: &Quota) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let s = &row.sandbox;
+        let held = OnDisk::of(&tx, &s.tenant)?;
+        held.check_room(
+            &s.tenant,
+            quota,
+            s.memory_mib,
+            &format!("saving sandbox {}", s.id),
         )?;
+        let mut saved = row.clone();
+        saved.sandbox.state = SandboxState::Saved;
+        write_row(&tx, &saved)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -669,31 +678,21 @@ impl Db {
     /// Records snapshot `s` of `tenant` while it is being taken: until
     /// [`commit_snapshot`](Self::commit_snapshot) no call finds it, and the next start of
     /// mvmd removes it if it never became ready. Refused when the tenant keeps as many
-    /// snapshots as `quota` has sandboxes, or when their guest memory (each holds its memory
-    /// file on the host's disk) and `s`'s would pass its memory.
+    /// snapshots as `quota` has sandboxes, or when the guest memory it keeps on the host's
+    /// disk (its snapshots' and saved sandboxes': each holds a memory file) and `s`'s would
+    /// pass its memory.
     pub fn insert_snapshot(&self, tenant: &str, s: &Snapshot, quota: &Quota) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let (kept, memory_mib): (u32, i64) = tx.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(memory_mib), 0) FROM snapshots WHERE tenant = ?1",
-            params![tenant],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let max = quota.max_sandboxes;
+        let held = OnDisk::of(&tx, tenant)?;
+        let (kept, max) = (held.snapshots, quota.max_sandboxes);
         if kept >= max {
             return Err(Error::Quota(format!(
                 "tenant '{tenant}' keeps {kept} snapshots, as many as its sandboxes may be \
                  ({max}); delete one, or name the new one after one it replaces"
             )));
         }
-        if memory_mib as u64 + s.memory_mib > quota.max_memory_mib {
-            return Err(Error::Quota(format!(
-                "tenant '{tenant}' keeps snapshots of {memory_mib} MiB of guest memory, of its \
-                 {} MiB; this one needs {} MiB more: delete one, or name the new one after \
-                 one it replaces",
-                quota.max_memory_mib, s.memory_mib
-            )));
-        }
+        held.check_room(tenant, quota, s.memory_mib, "this snapshot")?;
         tx.execute(
             "INSERT INTO snapshots (id, tenant, source, template, vcpus, memory_mib, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -881,6 +880,69 @@ fn usage(tx: &rusqlite::Transaction<'_>, tenant: &str, except_id: &str) -> Resul
             })
         },
     )?)
+}
+
+/// Writes the state, process, network and timeout of sandbox `row`.
+fn write_row(conn: &rusqlite::Connection, row: &SandboxRow) -> Result<()> {
+    conn.execute(
+        "UPDATE sandboxes SET state = ?2, pid = ?3, network = ?4, timeout_s = ?5,
+             expires_at = ?6, resuming = CASE WHEN state = ?2 THEN resuming ELSE 0 END
+         WHERE id = ?1",
+        params![
+            row.sandbox.id,
+            row.sandbox.state.as_str(),
+            row.pid,
+            json(&row.sandbox.network),
+            row.sandbox.timeout_s as i64,
+            row.sandbox.expires_at
+        ],
+    )?;
+    Ok(())
+}
+
+/// What a tenant keeps on the host's disk: snapshots and saved sandboxes, each with a file
+/// of its guest memory.
+struct OnDisk {
+    /// Its snapshots.
+    snapshots: u32,
+    /// Their guest memory.
+    snapshot_mib: u64,
+    /// Its saved sandboxes' guest memory.
+    saved_mib: u64,
+}
+
+impl OnDisk {
+    fn of(tx: &rusqlite::Transaction<'_>, tenant: &str) -> Result<OnDisk> {
+        let (snapshots, snapshot_mib): (u32, i64) = tx.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(memory_mib), 0) FROM snapshots WHERE tenant = ?1",
+            params![tenant],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let saved_mib: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(memory_mib), 0) FROM sandboxes WHERE tenant = ?1 AND state = ?2",
+            params![tenant, SandboxState::Saved.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(OnDisk {
+            snapshots,
+            snapshot_mib: snapshot_mib as u64,
+            saved_mib: saved_mib as u64,
+        })
+    }
+
+    /// Refuses `memory_mib` more (for `what`) past `quota`'s memory.
+    fn check_room(&self, tenant: &str, quota: &Quota, memory_mib: u64, what: &str) -> Result<()> {
+        let held = self.snapshot_mib + self.saved_mib;
+        if held + memory_mib <= quota.max_memory_mib {
+            return Ok(());
+        }
+        Err(Error::Quota(format!(
+            "tenant '{tenant}' keeps {held} MiB of guest memory on the host's disk ({} MiB in \
+             snapshots, {} MiB in saved sandboxes), of its {} MiB; {what} needs {memory_mib} \
+             MiB more: delete a snapshot, or resume or destroy a saved sandbox",
+            self.snapshot_mib, self.saved_mib, quota.max_memory_mib
+        )))
+    }
 }
 
 /// Refuses host ports of `s` that another sandbox publishes (checked in the insert's
@@ -1122,6 +1184,47 @@ mod tests {
             metadata: Default::default(),
             image: None,
             lifecycle: Default::default(),
+        }
+    }
+
+    /// A tenant's saved sandboxes and snapshots hold at most its memory quota on the host's
+    /// disk together (besides what runs): a save past it is refused and leaves the row as it
+    /// was, a snapshot past it too; another tenant's count for nothing; a deleted snapshot
+    /// makes room.
+    #[test]
+    fn saved_sandboxes_and_snapshots_share_a_bound_on_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("mvm.db")).unwrap();
+        let quota = Quota {
+            max_sandboxes: 8,
+            max_vcpus: 8,
+            max_memory_mib: 512,
+        };
+        for (id, tenant) in [("s1", "a"), ("s2", "a"), ("s3", "b")] {
+            db.insert_sandbox(&sandbox(id, tenant), &quota).unwrap();
+        }
+        let row = |id: &str| db.sandbox(id).unwrap().expect("its row");
+        db.mark_saved(&row("s1"), &quota).unwrap();
+        assert_eq!(row("s1").sandbox.state, SandboxState::Saved);
+        db.insert_snapshot("a", &snapshot("snap-1", "s2"), &quota)
+            .unwrap();
+        match db.mark_saved(&row("s2"), &quota) {
+            Err(Error::Quota(why)) => assert!(
+                why.contains(
+                    "512 MiB of guest memory on the host's disk (256 MiB in snapshots, \
+                              256 MiB in saved sandboxes)"
+                ),
+                "{why}"
+            ),
+            other => panic!("a save past the bound must be refused: {other:?}"),
+        }
+        assert_eq!(row("s2").sandbox.state, SandboxState::Running);
+        db.mark_saved(&row("s3"), &quota).unwrap();
+        db.delete_snapshot("snap-1").unwrap();
+        db.mark_saved(&row("s2"), &quota).unwrap();
+        match db.insert_snapshot("a", &snapshot("snap-2", "s2"), &quota) {
+            Err(Error::Quota(why)) => assert!(why.contains("in saved sandboxes"), "{why}"),
+            other => panic!("a snapshot past the bound must be refused: {other:?}"),
         }
     }
 

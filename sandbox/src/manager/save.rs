@@ -25,7 +25,10 @@ use crate::model::{Isolation, Sandbox, SandboxState};
 impl Manager {
     /// Saves `tenant`'s running or paused vm-tier sandbox `id` to disk and stops its VMM
     /// (state `saved`); [`set_paused`](Self::set_paused) resumes it. Only a sandbox made from
-    /// a registered template is saved (its VM is loaded again over the template's base image).
+    /// a registered template is saved (its VM is loaded again over the template's base image),
+    /// and only while its memory fits next to the guest memory its tenant keeps on the host's
+    /// disk (its snapshots and saved sandboxes hold at most its memory quota together; past
+    /// it, a quota error and the sandbox goes on as it was).
     pub async fn save(&self, tenant: &str, id: &str) -> Result<Sandbox> {
         let _turn = self.transition(id).await;
         self.save_now(self.row(tenant, id)?).await
@@ -48,6 +51,12 @@ impl Manager {
             )));
         }
         let template = self.template_of(s, "are saved")?;
+        let quota = self
+            .inner
+            .db
+            .tenant(&s.tenant)?
+            .ok_or_else(|| Error::NotFound(format!("tenant '{}' is gone", s.tenant)))?
+            .quota;
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(id))?;
         let was_running = s.state == SandboxState::Running;
         let started = Instant::now();
@@ -66,6 +75,21 @@ impl Manager {
                 }
                 Err(e) => Err(e),
             };
+            // Saved in the row before the VMM goes (a manager that dies in between finds the
+            // saved VM, and its reconciliation stops what is left of the jail), if its memory
+            // fits on the disk next to the tenant's snapshots and saved sandboxes.
+            let saved = match saved {
+                Ok(saved) => match self.inner.db.mark_saved(&row, &quota) {
+                    Ok(()) => Ok(saved),
+                    Err(e) => {
+                        if let Err(undo) = blocking(move || saved.remove()).await {
+                            tracing::error!(%id, "removing a save that was refused: {undo}");
+                        }
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
+            };
             match saved {
                 Ok(saved) => saved,
                 Err(e) => {
@@ -79,10 +103,7 @@ impl Manager {
                 }
             }
         };
-        // Saved in the row before the VMM goes: a manager that dies in between finds the
-        // saved VM, and its reconciliation stops what is left of the jail.
         row.sandbox.state = SandboxState::Saved;
-        self.inner.db.update_sandbox(&row)?;
         self.stop_saved(id).await?;
         let (cfg, sandbox) = (self.inner.cfg.clone(), id.to_owned());
         blocking(move || keep_files(&cfg, &saved, &sandbox)).await?;

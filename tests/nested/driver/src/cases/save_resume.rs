@@ -223,9 +223,11 @@ fn check(ctx: &Ctx, session: &mut MvmdSession) -> Result<Figures, String> {
 }
 
 /// While sandbox `id` (`memory_mib` MiB) is saved, its tenant's memory quota, lowered to what
-/// it alone takes, does not count it: another sandbox of its size is made; then its resume is
-/// refused, naming the memory and what to do, and leaves it saved. The quota is the default
-/// again afterwards.
+/// it alone takes, does not count it: another sandbox of its size is made; but on the host's
+/// disk, where saved sandboxes and snapshots hold at most that quota together, `id` holds it
+/// all: the other's save and a snapshot of it are refused, naming the disk, and it goes on
+/// running. Then `id`'s resume is refused, naming the memory and what to do, and leaves it
+/// saved. The quota is the default again afterwards.
 fn check_quota_while_saved(
     ctx: &Ctx,
     session: &MvmdSession,
@@ -251,6 +253,9 @@ fn check_quota_while_saved(
             None,
         )?;
         let other = other.trim();
+        let save_refused = session.mvm(ctx, &["pause", "--save", other], None);
+        let snapshot_refused = session.mvm(ctx, &["snapshot", other], None);
+        let running = session.mvm(ctx, &["exec", other, "--", "echo", "running"], None);
         let refused = session.mvm(ctx, &["resume", id], None);
         let state = session
             .list(ctx)?
@@ -258,6 +263,23 @@ fn check_quota_while_saved(
             .find(|s| sandbox_id(s) == id)
             .map(|s| s["state"].as_str().unwrap_or_default().to_string());
         session.mvm(ctx, &["rm", other], None)?;
+        for (what, refused) in [("save", save_refused), ("snapshot", snapshot_refused)] {
+            match refused {
+                Err(why) if why.contains("on the host's disk") => {}
+                answer => {
+                    return Err(format!(
+                        "with saved sandbox {id} holding its tenant's whole memory quota on the \
+                         host's disk, another's {what} must be refused, naming the disk: \
+                         {answer:?}"
+                    ))
+                }
+            }
+        }
+        if running.as_deref().map(str::trim) != Ok("running") {
+            return Err(format!(
+                "sandbox {other}, whose save was refused, should go on running: {running:?}"
+            ));
+        }
         match refused {
             Err(why) if why.contains("cannot be resumed") && why.contains("MiB of memory") => {}
             other => {
