@@ -122,6 +122,43 @@ vq_post:
     mov %ax, 0x102(%rsi)
     ret
 
+/* vq_fill: %rsi = queue block, %edi = count, %rdx = first buffer, %ecx = bytes each →
+ * descriptors 0 to count - 1 point at device-writable buffers (buffer i at %rdx + i * 0x1000),
+ * made available, and the device notified: the receive queues of the test guests. */
+vq_fill:
+    push %rbx
+    push %rbp
+    push %r12
+    push %r13
+    push %r14
+    mov %rsi, %rbx
+    mov %edi, %r13d
+    mov %rdx, %r14
+    mov %ecx, %ebp
+    xor %r12d, %r12d
+1:  mov %r12d, %eax
+    shl $4, %eax
+    mov %r12d, %ecx
+    shl $12, %ecx
+    add %r14, %rcx
+    mov %rcx, (%rbx,%rax)
+    mov %ebp, 8(%rbx,%rax)
+    movw $DESC_F_WRITE, 12(%rbx,%rax)
+    movw $0, 14(%rbx,%rax)
+    mov %rbx, %rsi
+    mov %r12d, %edi
+    call vq_post
+    inc %r12d
+    cmp %r13d, %r12d
+    jne 1b
+    mov %rbx, %rsi
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbp
+    pop %rbx
+    jmp vq_notify
+
 /* vq_notify: %rsi = queue block → QueueNotify written. */
 vq_notify:
     mov 0x300(%rsi), %rcx

@@ -24,23 +24,8 @@ net_setup:
 
 /* net_post_rx: posts four RX buffers, one descriptor each, and notifies the device. */
 net_post_rx:
-    push %r12
-    xor %r12d, %r12d
-3:  mov %r12d, %eax
-    shl $4, %eax
-    mov %r12d, %ecx
-    shl $12, %ecx
-    add $RXBUF, %ecx
-    mov %rcx, RXQ(%eax)
-    movl $RXLEN, RXQ + 8(%eax)
-    movw $DESC_F_WRITE, RXQ + 12(%eax)
     mov $RXQ, %esi
-    mov %r12d, %edi
-    call vq_post
-    inc %r12d
-    cmp $4, %r12d
-    jne 3b
-    mov $RXQ, %esi
-    call vq_notify
-    pop %r12
-    ret
+    mov $4, %edi
+    mov $RXBUF, %edx
+    mov $RXLEN, %ecx
+    jmp vq_fill

@@ -32,23 +32,11 @@ _start:
     call putdec
     PRINT "\n"
 
-    xor %r12d, %r12d
-2:  mov %r12d, %eax
-    shl $4, %eax
-    mov %r12d, %ecx
-    shl $12, %ecx
-    add $RXBUF, %ecx
-    mov %rcx, RXQ(%eax)
-    movl $RXLEN, RXQ + 8(%eax)
-    movw $DESC_F_WRITE, RXQ + 12(%eax)
     mov $RXQ, %esi
-    mov %r12d, %edi
-    call vq_post
-    inc %r12d
-    cmp $8, %r12d
-    jne 2b
-    mov $RXQ, %esi
-    call vq_notify
+    mov $8, %edi
+    mov $RXBUF, %edx
+    mov $RXLEN, %ecx
+    call vq_fill
 
     /* guest -> host */
     mov $OP_REQUEST, %edi

@@ -20,23 +20,11 @@
 
 _start:
     call vsock_setup
-    xor %r12d, %r12d
-1:  mov %r12d, %eax
-    shl $4, %eax
-    mov %r12d, %ecx
-    shl $12, %ecx
-    add $RXBUF, %ecx
-    mov %rcx, RXQ(%eax)
-    movl $RXLEN, RXQ + 8(%eax)
-    movw $DESC_F_WRITE, RXQ + 12(%eax)
     mov $RXQ, %esi
-    mov %r12d, %edi
-    call vq_post
-    inc %r12d
-    cmp $4, %r12d
-    jne 1b
-    mov $RXQ, %esi
-    call vq_notify
+    mov $4, %edi
+    mov $RXBUF, %edx
+    mov $RXLEN, %ecx
+    call vq_fill
     movq $-1, EVBUF
     DESC EVQ, 0, EVBUF, 8, DESC_F_WRITE, 0
     xor %edi, %edi
