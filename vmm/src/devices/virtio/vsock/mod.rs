@@ -88,8 +88,9 @@ pub struct VsockEngine {
     muxer: Muxer,
     payload: Box<[u8]>,
     tx_stalled: bool,
-    /// Packets for the guest wait: it has not taken the transport reset of a restore yet.
-    rx_held: bool,
+    /// While packets for the guest wait for the driver to take the transport reset of a
+    /// restore: the event queue's available index when the reset was sent.
+    held_since: Option<u16>,
     /// Ends the hold after [`RESET_TAKEN_WAIT`] whatever the guest does.
     reset_timer: Timer,
 }
@@ -102,28 +103,39 @@ impl VsockEngine {
             muxer: Muxer::new(guest_cid, uds_path, listener)?,
             payload: vec![0u8; MAX_PAYLOAD].into_boxed_slice(),
             tx_stalled: false,
-            rx_held: false,
+            held_since: None,
             reset_timer: Timer::new()?,
         })
     }
 
     /// Holds every packet for the guest (a host connection's REQUEST above all) until the
-    /// driver has taken the transport reset just put on its event queue (it hands the event
-    /// buffer back and notifies the queue: [`reset_taken`](Self::reset_taken)), or for
-    /// [`RESET_TAKEN_WAIT`] at most. A Linux driver handles the event queue and RX in work
-    /// items of their own: a connection that reached the guest first was accepted and then
-    /// reset with the connections the snapshot held, and the host had to connect again.
-    pub fn hold_rx_until_reset_taken(&mut self) {
+    /// driver has taken the transport reset just put on its event queue, whose available
+    /// index was `posted` before the reset was used (see
+    /// [`event_queue_notified`](Self::event_queue_notified)), or for [`RESET_TAKEN_WAIT`] at
+    /// most. A Linux driver handles the event queue and RX in work items of their own: a
+    /// connection that reached the guest first was accepted and then reset with the
+    /// connections the snapshot held, and the host had to connect again.
+    pub fn hold_rx_until_reset_taken(&mut self, posted: u16) {
         match self.reset_timer.arm(RESET_TAKEN_WAIT) {
-            Ok(()) => self.rx_held = true,
+            Ok(()) => self.held_since = Some(posted),
             Err(e) => log::warn!("vsock: packets for the restored guest are not held: {e}"),
         }
     }
 
-    /// The driver took the transport reset (or [`RESET_TAKEN_WAIT`] passed): packets for the
-    /// guest flow again.
+    /// The driver notified the event queue, whose available index is now `posted`: once it
+    /// has handled the reset it gives the event's buffer back and the index moves on, which
+    /// ends the hold. (A notification alone says nothing: a restored device is notified of
+    /// every queue once.)
+    pub fn event_queue_notified(&mut self, posted: u16) {
+        if self.held_since.is_some_and(|before| before != posted) {
+            self.reset_taken();
+        }
+    }
+
+    /// Packets for the guest flow again (the driver took the transport reset, reset the
+    /// device, or [`RESET_TAKEN_WAIT`] passed).
     pub fn reset_taken(&mut self) {
-        if std::mem::take(&mut self.rx_held) {
+        if self.held_since.take().is_some() {
             // A stale expiration only ends a hold that is over.
             let _ = self.reset_timer.disarm();
         }
@@ -133,7 +145,7 @@ impl VsockEngine {
     /// took the transport reset or not.
     pub fn reset_wait_over(&mut self) {
         self.reset_timer.acknowledge();
-        if self.rx_held {
+        if self.rx_held() {
             log::warn!(
                 "vsock: the guest did not take the transport reset within {RESET_TAKEN_WAIT:?}; \
                  packets for it go on"
@@ -144,7 +156,7 @@ impl VsockEngine {
 
     /// Whether packets for the guest wait for it to take a transport reset.
     pub fn rx_held(&self) -> bool {
-        self.rx_held
+        self.held_since.is_some()
     }
 
     /// The connection table.
@@ -218,7 +230,7 @@ impl VsockEngine {
         epoll: &EpollSet,
     ) -> bool {
         let mut used = false;
-        while !self.rx_held && self.muxer.has_rx() {
+        while !self.rx_held() && self.muxer.has_rx() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
@@ -282,10 +294,6 @@ pub struct VsockHandler {
     tx_evt: EventFd,
     event_evt: EventFd,
     interrupt: Arc<VirtioInterrupt>,
-    /// The event queue's available index when the transport reset was sent: the driver
-    /// gives the event's buffer back once it has handled it, and the index moves on. (A
-    /// notification alone says nothing: a restored device is notified of every queue once.)
-    reset_sent_at: Option<u16>,
 }
 
 impl VsockHandler {
@@ -320,7 +328,7 @@ impl VsockHandler {
         };
         let head = chain.head_index();
         // Before the event is used: the driver may take it (and give its buffer back) at once.
-        self.reset_sent_at = self.event_buffers_posted();
+        let posted = self.event_buffers_posted();
         let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
         let written = match Chain::parse(chain, &self.mem, u64::from(u32::MAX)) {
             Ok(chain) => write_segments(&self.mem, &chain.writable, 0, &event),
@@ -332,7 +340,9 @@ impl VsockHandler {
         if self.evq.add_used(&self.mem, head, written as u32).is_err() {
             DeviceMetrics::add(&METRICS.bad_chains, 1);
         }
-        self.engine.hold_rx_until_reset_taken();
+        if let Some(posted) = posted {
+            self.engine.hold_rx_until_reset_taken(posted);
+        }
         signal_used(&mut self.evq, &self.mem, &self.interrupt);
     }
 }
@@ -375,8 +385,8 @@ impl EventHandler for VsockHandler {
             // the driver gives a handled event's buffer back and notifies it.
             EVENT_TOKEN => {
                 let _ = self.event_evt.read();
-                if self.engine.rx_held() && self.event_buffers_posted() != self.reset_sent_at {
-                    self.engine.reset_taken();
+                if let Some(posted) = self.event_buffers_posted() {
+                    self.engine.event_queue_notified(posted);
                 }
             }
             RESET_TIMER_TOKEN => self.engine.reset_wait_over(),
@@ -467,7 +477,6 @@ impl VirtioDevice for Vsock {
                 tx_evt,
                 event_evt,
                 interrupt,
-                reset_sent_at: None,
             };
             if restored {
                 // The restored VMM has none of the host connections the guest knew.
@@ -717,8 +726,8 @@ mod tests {
     }
 
     /// A restored device holds a host connection's REQUEST while the guest has not taken the
-    /// transport reset, and delivers it once it has; the hold ends by itself after
-    /// [`RESET_TAKEN_WAIT`].
+    /// transport reset (the event queue's available index where it was), and delivers it once
+    /// it has (the index moved on); the hold ends by itself after [`RESET_TAKEN_WAIT`].
     #[test]
     fn packets_for_a_restored_guest_wait_until_it_takes_the_transport_reset() {
         use std::io::Write;
@@ -730,7 +739,7 @@ mod tests {
         epoll
             .add(e.reset_timer.as_raw_fd(), EventSet::IN, RESET_TIMER_TOKEN)
             .unwrap();
-        e.hold_rx_until_reset_taken();
+        e.hold_rx_until_reset_taken(8);
         let mut host = UnixStream::connect(dir.join("v.sock")).unwrap();
         host.write_all(b"CONNECT 52\n").unwrap();
         let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 8];
@@ -750,7 +759,11 @@ mod tests {
             "held: no buffer used"
         );
         assert_eq!(rxq.next_used(), 0);
-        e.reset_taken();
+        // The restore's notification of every queue finds the event buffers as they were.
+        e.event_queue_notified(8);
+        assert!(!e.process_rx(&mem, &mut rxq, &epoll), "still held");
+        // The driver gave the event's buffer back.
+        e.event_queue_notified(9);
         assert!(e.process_rx(&mem, &mut rxq, &epoll));
         let mut raw = [0u8; HEADER_LEN];
         mem.read_slice(&mut raw, GuestAddress(0x20000)).unwrap();
@@ -758,7 +771,7 @@ mod tests {
         assert_eq!((request.op, request.dst_port), (op::REQUEST, 52));
 
         // Unanswered, the hold ends when its timer fires.
-        e.hold_rx_until_reset_taken();
+        e.hold_rx_until_reset_taken(9);
         assert!(e.rx_held());
         let deadline = std::time::Instant::now() + RESET_TAKEN_WAIT * 5;
         loop {
