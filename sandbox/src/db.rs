@@ -571,19 +571,21 @@ impl Db {
     pub fn mark_saved(&self, row: &SandboxRow, quota: &Quota) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let s = &row.sandbox;
-        let held = OnDisk::of(&tx, &s.tenant)?;
-        held.check_room(
-            &s.tenant,
-            quota,
-            s.memory_mib,
-            &format!("saving sandbox {}", s.id),
-        )?;
+        check_save_room(&tx, &row.sandbox, quota)?;
         let mut saved = row.clone();
         saved.sandbox.state = SandboxState::Saved;
         write_row(&tx, &saved)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Refuses the save of sandbox `s` now if its memory would not fit on the disk next to
+    /// its tenant's snapshots and saved sandboxes (see [`mark_saved`](Self::mark_saved),
+    /// which checks again when the save is done): a save that cannot be kept is not made.
+    pub fn check_save(&self, s: &Sandbox, quota: &Quota) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        check_save_room(&tx, s, quota)
     }
 
     /// Claims again, for the resume of saved sandbox `s`, the vCPUs and memory that its
@@ -898,6 +900,17 @@ fn write_row(conn: &rusqlite::Connection, row: &SandboxRow) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// Refuses the save of sandbox `s` past `quota`'s memory on the host's disk (see
+/// [`OnDisk`]).
+fn check_save_room(tx: &rusqlite::Transaction<'_>, s: &Sandbox, quota: &Quota) -> Result<()> {
+    OnDisk::of(tx, &s.tenant)?.check_room(
+        &s.tenant,
+        quota,
+        s.memory_mib,
+        &format!("saving sandbox {}", s.id),
+    )
 }
 
 /// What a tenant keeps on the host's disk: snapshots and saved sandboxes, each with a file
@@ -1219,8 +1232,16 @@ mod tests {
             other => panic!("a save past the bound must be refused: {other:?}"),
         }
         assert_eq!(row("s2").sandbox.state, SandboxState::Running);
+        assert!(
+            matches!(
+                db.check_save(&row("s2").sandbox, &quota),
+                Err(Error::Quota(_))
+            ),
+            "refused before it is made, too"
+        );
         db.mark_saved(&row("s3"), &quota).unwrap();
         db.delete_snapshot("snap-1").unwrap();
+        db.check_save(&row("s2").sandbox, &quota).unwrap();
         db.mark_saved(&row("s2"), &quota).unwrap();
         match db.insert_snapshot("a", &snapshot("snap-2", "s2"), &quota) {
             Err(Error::Quota(why)) => assert!(why.contains("in saved sandboxes"), "{why}"),

@@ -491,8 +491,8 @@ async fn refresh(
 }
 
 /// E2B's pause: a sandbox that can be saved (vm tier, from a template) is saved to disk, its
-/// memory and CPU freed until it is resumed, as E2B's own; any other is frozen (its state
-/// kept all the same).
+/// memory and CPU freed until it is resumed, as E2B's own (a 429 past the guest memory its
+/// tenant may keep on the disk); any other is frozen (its state kept all the same).
 async fn pause(
     State(state): State<E2bState>,
     caller: Caller,

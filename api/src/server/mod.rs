@@ -319,10 +319,13 @@ pub(crate) async fn download(
 }
 
 /// Pause a sandbox (vm: the VM's vCPUs; jail: cgroup freezer), or with `{"save": true}` save
-/// a vm-tier sandbox's VM to disk and stop its VMM (state `saved`: no memory or CPU held).
+/// a vm-tier sandbox's VM to disk and stop its VMM (state `saved`: no memory or CPU held). A
+/// tenant's saved sandboxes and snapshots hold at most its memory quota in guest memory on
+/// the host's disk: a save past it is a 429, the sandbox going on as it was.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path)),
     request_body(content = Option<PauseRequest>), responses((status = 200, body = Sandbox),
-    (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+    (status = 429, body = ErrorBody, description = "a save past the guest memory its tenant may keep on the disk")))]
 async fn pause(
     State(state): State<AppState>,
     Auth(tenant): Auth,
@@ -413,8 +416,8 @@ async fn fork(
 /// new sandboxes to start from (`snapshot` of a create). A running sandbox is paused only
 /// while it is saved; it stays as it was. A `name` the tenant gave another snapshot moves to
 /// this one, which replaces it. A tenant keeps at most as many snapshots as its quota's
-/// sandboxes, of at most its memory quota in guest memory together (429); the jail tier
-/// answers 422.
+/// sandboxes, and they hold, with its saved sandboxes, at most its memory quota in guest
+/// memory on the host's disk (429); the jail tier answers 422.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshots", tag = "snapshots", params(("id" = String, Path)),
     request_body = CreateSnapshot,
     responses((status = 201, body = Snapshot), (status = 404, body = ErrorBody),

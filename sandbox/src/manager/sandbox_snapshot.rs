@@ -8,8 +8,9 @@
 //! directory (`snapshot::sandbox_snapshot`) until the snapshot is deleted, whatever becomes of
 //! the source. A create from one restores it as a fork's child does, from links to its files
 //! made for that create, so a deletion meanwhile takes nothing from under it. A tenant keeps
-//! at most as many snapshots as it may have sandboxes, of at most its memory quota in guest
-//! memory (each holds a memory file on the host's disk).
+//! at most as many snapshots as it may have sandboxes, and they hold, with its saved
+//! sandboxes, at most its memory quota in guest memory (each holds a memory file on the
+//! host's disk).
 
 use super::create::Origin;
 use super::lock::BusyLock;

@@ -57,6 +57,7 @@ impl Manager {
             .tenant(&s.tenant)?
             .ok_or_else(|| Error::NotFound(format!("tenant '{}' is gone", s.tenant)))?
             .quota;
+        self.inner.db.check_save(s, &quota)?;
         let _busy = BusyLock::acquire(&self.inner.cfg.lock_path(id))?;
         let was_running = s.state == SandboxState::Running;
         let started = Instant::now();
