@@ -122,7 +122,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     pid INTEGER NOT NULL DEFAULT 0,
     image TEXT,
     lifecycle TEXT,
-    resuming INTEGER NOT NULL DEFAULT 0
+    resuming INTEGER NOT NULL DEFAULT 0,
+    snapshot TEXT
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY,
@@ -224,6 +225,7 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
                 .map(|j| serde_json::from_str(&j).map_err(|e| bad(16, e.to_string())))
                 .transpose()?
                 .unwrap_or_default(),
+            snapshot: r.get(17)?,
         },
         slot: r.get(13)?,
         pid: r.get(14)?,
@@ -282,7 +284,7 @@ fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
 /// Columns added since the first release (table, column), and how an older database gets
 /// each. Databases from before the `admin` column get it set for tenant `default`: the tenant
 /// whose token mvmd writes to its state directory, which registered templates then.
-const MIGRATIONS: [(&str, &str, &str); 5] = [
+const MIGRATIONS: [(&str, &str, &str); 6] = [
     (
         "tenants",
         "admin",
@@ -308,6 +310,11 @@ const MIGRATIONS: [(&str, &str, &str); 5] = [
         "sandboxes",
         "resuming",
         "ALTER TABLE sandboxes ADD COLUMN resuming INTEGER NOT NULL DEFAULT 0;",
+    ),
+    (
+        "sandboxes",
+        "snapshot",
+        "ALTER TABLE sandboxes ADD COLUMN snapshot TEXT;",
     ),
 ];
 
@@ -353,7 +360,7 @@ fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<Snapshot> {
 }
 
 const SANDBOX_COLUMNS: &str = "id, tenant, state, isolation, template, vcpus, memory_mib, \
-    timeout_s, expires_at, created_at, network, env, metadata, slot, pid, image, lifecycle";
+    timeout_s, expires_at, created_at, network, env, metadata, slot, pid, image, lifecycle, snapshot";
 
 impl Db {
     /// Opens (creating if needed) the database at `path`.
@@ -488,7 +495,7 @@ impl Db {
             )));
         }
         tx.execute(
-            &format!("INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15, ?16)"),
+            &format!("INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15, ?16, ?17)"),
             params![
                 s.id,
                 s.tenant,
@@ -506,6 +513,7 @@ impl Db {
                 slot,
                 s.image.as_ref().map(json),
                 json(&s.lifecycle),
+                s.snapshot,
             ],
         )?;
         tx.commit()?;
@@ -530,7 +538,8 @@ impl Db {
         check_ports_free(&tx, s)?;
         let adopted = tx.execute(
             "UPDATE sandboxes SET tenant = ?3, state = ?4, timeout_s = ?5, expires_at = ?6,
-                 created_at = ?7, network = ?8, env = ?9, metadata = ?10, lifecycle = ?11
+                 created_at = ?7, network = ?8, env = ?9, metadata = ?10, lifecycle = ?11,
+                 snapshot = ?12
              WHERE id = ?1 AND tenant = ?2",
             params![
                 id,
@@ -544,6 +553,7 @@ impl Db {
                 json(&s.env),
                 json(&s.metadata),
                 json(&s.lifecycle),
+                s.snapshot,
             ],
         )?;
         if adopted == 0 {
@@ -1197,7 +1207,42 @@ mod tests {
             metadata: Default::default(),
             image: None,
             lifecycle: Default::default(),
+            snapshot: None,
         }
+    }
+
+    /// The snapshot a sandbox was made from is kept with its row, and a database from before
+    /// the column gains it (its sandboxes made from none).
+    #[test]
+    fn a_sandboxs_snapshot_is_kept_and_old_databases_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mvm.db");
+        let unlimited = Quota {
+            max_sandboxes: 8,
+            max_vcpus: 8,
+            max_memory_mib: 4096,
+        };
+        {
+            let db = Db::open(&path).unwrap();
+            db.insert_sandbox(&sandbox("old", "a"), &unlimited).unwrap();
+        }
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("ALTER TABLE sandboxes DROP COLUMN snapshot;")
+                .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.sandbox("old").unwrap().unwrap().sandbox.snapshot, None);
+        let made = Sandbox {
+            snapshot: Some("snap-0123456789abcdef".into()),
+            ..sandbox("new", "a")
+        };
+        db.insert_sandbox(&made, &unlimited).unwrap();
+        let row = db.sandbox("new").unwrap().expect("its row");
+        assert_eq!(
+            row.sandbox.snapshot.as_deref(),
+            Some("snap-0123456789abcdef")
+        );
     }
 
     /// A tenant's saved sandboxes and snapshots hold at most its memory quota on the host's

@@ -429,6 +429,9 @@ pub struct Sandbox {
     /// What its timeout does, and whether a call resumes it when paused.
     #[serde(default)]
     pub lifecycle: Lifecycle,
+    /// The snapshot (its id) it was made from, if any (`snapshot` of its create).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// A snapshot of a sandbox: its VM (memory, devices, writable layer) at one instant, kept

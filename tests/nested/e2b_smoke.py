@@ -4,7 +4,8 @@ L0 when the nested case `e2b-sdk-vm-tier` prints `nested: E2B-READY <api port> <
 runs commands (stdout callback, exit code, CommandExitException), writes, reads and lists files,
 pauses it (mvmd saves the VM to disk) and connects to it again (resumed, its files and processes
 there), takes a snapshot of it (create_snapshot) and creates a sandbox from the snapshot by its
-name (going on from the snapshot's instant: its file, its running process, its own host name),
+name (going on from the snapshot's instant: its file, its running process, its own host name; its
+templateID the snapshot's id, as E2B's snapshots are templates),
 lists and deletes the snapshot, makes a second one whose lifecycle pauses it at its timeout (saved) and resumes it on a
 command, kills them, and sends its verdict back to the case over TCP (`127.0.0.1:<verdict port>`, given as
 the only argument), one `key value` line each:
@@ -147,6 +148,9 @@ def smoke():
             lines_out = r.stdout.split("\n")
             expect(lines_out[:2] == ["before", "alive"], repr(r.stdout))
             expect(lines_out[2] != own.strip(), f"the same host name {own!r}")
+            # E2B's snapshots are templates: the sandbox's template is the snapshot.
+            made_from = Sandbox.get_info(child.sandbox_id).template_id
+            expect(made_from == info.snapshot_id, f"its templateID {made_from!r}")
         finally:
             child.kill()
         expect(Sandbox.delete_snapshot(info.snapshot_id) is True, "delete returned False")

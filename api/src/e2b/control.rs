@@ -223,9 +223,15 @@ struct Created {
     domain: Option<String>,
 }
 
+/// E2B's `templateID` of `s`: the snapshot it was made from (E2B's snapshots are templates
+/// a create names), else its template.
+fn template_id(s: &Sandbox) -> String {
+    s.snapshot.clone().unwrap_or_else(|| s.template.clone())
+}
+
 fn created(s: &Sandbox, caller: &Caller) -> Created {
     Created {
-        template_id: s.template.clone(),
+        template_id: template_id(s),
         sandbox_id: s.id.clone(),
         client_id: CLIENT_ID,
         envd_version: ENVD_VERSION,
@@ -293,7 +299,7 @@ fn e2b_state(s: &Sandbox) -> Option<&'static str> {
 
 fn listed(s: &Sandbox, state: &'static str) -> Listed {
     Listed {
-        template_id: s.template.clone(),
+        template_id: template_id(s),
         sandbox_id: s.id.clone(),
         client_id: CLIENT_ID,
         started_at: rfc3339(s.created_at),

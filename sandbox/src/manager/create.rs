@@ -168,6 +168,7 @@ impl Manager {
             metadata: req.metadata,
             image: image.map(|(image, _)| image),
             lifecycle: req.lifecycle,
+            snapshot: req.snapshot,
         };
         Ok((sandbox, userland, secrets))
     }

@@ -261,6 +261,7 @@ mod tests {
             network: Default::default(),
             metadata: BTreeMap::new(),
             lifecycle: Default::default(),
+            snapshot: None,
         };
         assert_eq!(memory_change(&s, 100 << 20).unwrap(), Some(100 << 20));
         memory_change(&s, (16 << 20) - 1).unwrap_err();

@@ -208,6 +208,7 @@ impl Manager {
                 req.template = Some(snap.template.clone());
                 req.vcpus = Some(snap.vcpus);
                 req.memory_mib = Some(snap.memory_mib);
+                req.snapshot = Some(snap.id.clone());
                 self.create_from(tenant, req, Origin::Fork(links.clone()))
                     .await
             }

@@ -732,7 +732,12 @@ struct ForkFigures {
 
 /// The checks; returns what they measured.
 fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
-    let (cold, answer) = busy_sandbox(ctx, session, &["--egress", "allow", "--allow", "10.9.9.9"])?;
+    // No timeout: the case's forks take minutes in a slow L1, the default's 300 s could pass.
+    let (cold, answer) = busy_sandbox(
+        ctx,
+        session,
+        &["--egress", "allow", "--allow", "10.9.9.9", "--timeout", "0"],
+    )?;
     let source = answer["sandbox"]["id"]
         .as_str()
         .unwrap_or_default()
@@ -801,15 +806,15 @@ fn check_fork(ctx: &Ctx, session: &MvmdSession) -> Result<ForkFigures, String> {
     })
 }
 
-/// Creates a vm-tier sandbox with network `net` (`mvm run` options) whose shells run
-/// [`COUNTER`]; returns how long the create took and mvm's answer.
+/// Creates a vm-tier sandbox with `mvm run`'s `options` (its network, and others) whose
+/// shells run [`COUNTER`]; returns how long the create took and mvm's answer.
 pub(super) fn busy_sandbox(
     ctx: &Ctx,
     session: &MvmdSession,
-    net: &[&str],
+    options: &[&str],
 ) -> Result<(Duration, serde_json::Value), String> {
     let mut args = vec!["-o", "json", "run", "--isolation", "vm"];
-    args.extend_from_slice(net);
+    args.extend_from_slice(options);
     args.extend_from_slice(&["--", "sh", "-c", COUNTER]);
     let started = Instant::now();
     let out = session.mvm(ctx, &args, None)?;
