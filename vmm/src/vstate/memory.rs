@@ -163,7 +163,7 @@ fn write_runs(
 ) -> std::io::Result<usize> {
     let total: usize = mem.iter().map(|r| r.len() as usize).sum();
     let mut file_offset = 0usize;
-    let mut copied = 0;
+    let mut handed = 0;
     for region in mem.iter() {
         let slice = region
             .as_volatile_slice()
@@ -181,12 +181,12 @@ fn write_runs(
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 let at = file_offset + run.start * PAGE;
                 put(run_slice, at, at + len == total)?;
-                copied += run.len();
+                handed += run.len();
             }
         }
         file_offset += slice.len();
     }
-    Ok(copied)
+    Ok(handed)
 }
 
 /// Where a saved page's bytes are.
