@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use agent::init::{
-    configure_network, mount_base, pivot_to_disk, pivot_to_overlay, quiesce_file_systems,
-    reconfigure_network, set_hostname, IpConfig, OverlayUpper,
+    configure_network, keep_identity_files_in_memory, mount_base, pivot_to_disk, pivot_to_overlay,
+    quiesce_file_systems, reconfigure_network, set_hostname, write_resolv_conf, IpConfig,
+    OverlayUpper,
 };
 
 const OVERLAY_CHILD: &str = "MVM_AGENT_TEST_OVERLAY_CHILD";
@@ -68,6 +69,9 @@ fn run_overlay_child(dir: &Path, upper: &str, test: &str) {
     std::fs::create_dir_all(lower.join("etc")).unwrap();
     std::fs::create_dir(&staging).unwrap();
     std::fs::write(lower.join("etc/base"), "from the base image\n").unwrap();
+    // The identity files: the image's machine id, its resolver a link to one it would run.
+    std::fs::write(lower.join("etc/machine-id"), "from the image\n").unwrap();
+    std::os::unix::fs::symlink("../run/resolver.conf", lower.join("etc/resolv.conf")).unwrap();
     let env = format!("{}:{}:{upper}", lower.display(), staging.display());
     let stdout = run_in_namespace(
         &["--mount", "--propagation", "private"],
@@ -82,7 +86,14 @@ fn run_overlay_child(dir: &Path, upper: &str, test: &str) {
     );
     let mut entries: Vec<_> = walk(&lower);
     entries.sort();
-    assert_eq!(entries, ["etc", "etc/base"]);
+    assert_eq!(
+        entries,
+        ["etc", "etc/base", "etc/machine-id", "etc/resolv.conf"]
+    );
+    assert_eq!(
+        std::fs::read_to_string(lower.join("etc/machine-id")).unwrap(),
+        "from the image\n"
+    );
     assert!(std::fs::read_dir(&staging).unwrap().next().is_none());
 }
 
@@ -421,6 +432,42 @@ fn shutdown_child(spec: &str) {
     std::io::copy(&mut std::io::stdin(), &mut std::io::sink()).unwrap();
 }
 
+/// In the namespace child, with the root and /run mounted: the identity files are bound from
+/// copies on the /run tmpfs (the image's machine id kept, its resolver link an empty file), and
+/// what the agent writes to them lands in those copies, not on the root.
+fn identity_files_child(mounts_before: &str) {
+    assert!(
+        !mounts_before.contains(" /etc/machine-id "),
+        "bound before: {mounts_before}"
+    );
+    keep_identity_files_in_memory().expect("binding the identity files");
+    assert_eq!(
+        std::fs::read_to_string("/etc/machine-id").unwrap(),
+        "from the image\n"
+    );
+    assert_eq!(std::fs::read_to_string("/etc/resolv.conf").unwrap(), "");
+    write_resolv_conf(Ipv4Addr::new(10, 211, 7, 53)).expect("writing the resolver");
+    std::fs::write("/etc/machine-id", "0123456789abcdef0123456789abcdef\n").unwrap();
+    assert!(std::fs::read_to_string("/run/mvm/resolv.conf")
+        .unwrap()
+        .contains("nameserver 10.211.7.53\n"));
+    assert_eq!(
+        std::fs::read_to_string("/run/mvm/machine-id").unwrap(),
+        "0123456789abcdef0123456789abcdef\n"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    for path in ["/etc/resolv.conf", "/etc/machine-id"] {
+        let fstype = mounts
+            .lines()
+            .find_map(|l| {
+                let fields: Vec<&str> = l.split(' ').collect();
+                (fields.get(1) == Some(&path)).then(|| fields[2].to_owned())
+            })
+            .unwrap_or_else(|| panic!("{path} is not bound: {mounts}"));
+        assert_eq!(fstype, "tmpfs", "{path}");
+    }
+}
+
 fn walk(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(root).unwrap().flatten() {
@@ -466,6 +513,7 @@ fn overlay_child(lower: &Path, upper: &OverlayUpper, staging: &Path) {
     assert!(root.starts_with("overlay / overlay"), "root mount: {root}");
     // Idempotent: a second call finds everything mounted.
     mount_base().expect("mount_base twice");
+    identity_files_child(&mounts);
     println!("OVERLAY-OK");
 }
 

@@ -1,10 +1,12 @@
 //! Init duties of the agent when it is the guest's PID 1, one module each: the kernel
 //! command-line parameters (`cmdline`), the base file systems and the overlay root (`root`),
-//! the console (`console`), hostname and network (`net`), and power-off (`shutdown`).
+//! the console (`console`), hostname and network (`net`), the identity files in /etc kept in
+//! memory (`identity_files`), and power-off (`shutdown`).
 
 mod cmdline;
 mod console;
 mod error;
+mod identity_files;
 mod net;
 mod root;
 mod shutdown;
@@ -18,6 +20,7 @@ use root::mount_fs;
 
 pub use cmdline::KernelParams;
 pub use error::InitError;
+pub use identity_files::keep_identity_files_in_memory;
 pub use net::{
     configure_network, reconfigure_network, set_hostname, write_resolv_conf, IpConfig,
     GUEST_INTERFACE,
@@ -57,6 +60,7 @@ pub fn run() {
         report(pivot_to_disk(device, Path::new("/run")));
     }
     report(mount_base());
+    report(keep_identity_files_in_memory());
     report(reopen_console());
     if let Some(name) = &params.hostname {
         report(set_hostname(name));

@@ -24,12 +24,14 @@ pub(super) const NET: [&str; 4] = ["--egress", "allow", "--allow", "198.51.100.9
 const FIRST_OUTPUT: &str = "cat /proc/sys/kernel/random/uuid";
 
 /// What a guest says of itself: host name, MAC, IPv4 address, a kernel UUID, 16 random bytes,
-/// machine id, wall clock and its resolv.conf's nameservers, one per line.
+/// machine id, wall clock, its resolv.conf's nameservers and the file systems of the identity
+/// files (resolv.conf, machine-id), one per line.
 pub(super) const SELF_REPORT: &str = "hostname; cat /sys/class/net/eth0/address; \
      ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1; \
      cat /proc/sys/kernel/random/uuid; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
      cat /etc/machine-id 2>/dev/null || echo none; date +%s; \
-     grep nameserver /etc/resolv.conf | paste -sd,";
+     grep nameserver /etc/resolv.conf | paste -sd,; \
+     awk '$2==\"/etc/resolv.conf\"||$2==\"/etc/machine-id\"{print $3}' /proc/mounts | paste -sd,";
 
 /// Runs `check` against an mvmd on `dirs` with the "internet" beyond L1 up (what the guests
 /// reach through their network: [`NET`] allows it): the case's outcome, which includes the
@@ -396,8 +398,8 @@ fn checked_report(
 }
 
 /// Sandbox `id`'s [`SELF_REPORT`], checked: its host name is its id, eth0 has `address` (the
-/// one mvmd gave it), its clock is within 1 s of L1's, and it reaches the allowed greeter
-/// beyond L1 (so its address, MAC and default route work).
+/// one mvmd gave it), its identity files are in memory, its clock is within 1 s of L1's, and
+/// it reaches the allowed greeter beyond L1 (so its address, MAC and default route work).
 pub(super) fn checked_self_report(
     ctx: &Ctx,
     session: &MvmdSession,
@@ -418,6 +420,14 @@ pub(super) fn checked_self_report(
         return Err(format!(
             "sandbox {id}: eth0 has {:?}, mvmd gave it {address:?}; it said {stdout:?}",
             report.field(2)
+        ));
+    }
+    // A new identity is written to memory, not to the disk a busy guest keeps its journal full of.
+    if report.field(8) != "tmpfs,tmpfs" {
+        return Err(format!(
+            "sandbox {id}: its /etc/resolv.conf and /etc/machine-id should be files on a tmpfs \
+             bound over them, their mounts say {:?}; it said {stdout:?}",
+            report.field(8)
         ));
     }
     let clock: u64 = report.field(6).parse().unwrap_or(0);
