@@ -405,6 +405,19 @@ fn shutdown_child(spec: &str) {
     )
     .expect("pivot into the overlay");
     mount_base().expect("mounting /proc, /sys, /dev, /tmp, /run");
+    // Bound over /etc as the guest's init binds them: quiesced with the rest. This image has
+    // no machine id: the guest gets a new one.
+    keep_identity_files_in_memory().expect("binding the identity files");
+    let id = std::fs::read_to_string("/etc/machine-id").unwrap();
+    assert!(
+        id.len() == 33
+            && id
+                .trim_end()
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "machine id {id:?}"
+    );
+    assert_eq!(std::fs::read_to_string("/etc/resolv.conf").unwrap(), "");
     std::fs::create_dir("/data").unwrap();
     nix::mount::mount(
         Some(data),

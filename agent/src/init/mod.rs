@@ -20,7 +20,7 @@ use root::mount_fs;
 
 pub use cmdline::KernelParams;
 pub use error::InitError;
-pub use identity_files::keep_identity_files_in_memory;
+pub use identity_files::{keep_identity_files_in_memory, machine_id_line, MACHINE_ID};
 pub use net::{
     configure_network, reconfigure_network, set_hostname, write_resolv_conf, IpConfig,
     GUEST_INTERFACE,

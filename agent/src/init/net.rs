@@ -16,9 +16,12 @@ pub fn set_hostname(name: &str) -> Result<(), InitError> {
     nix::unistd::sethostname(name).map_err(sys(format!("setting hostname {name}")))
 }
 
+/// The resolver file.
+pub(super) const RESOLV_CONF: &str = "/etc/resolv.conf";
+
 /// Makes `/etc/resolv.conf` name `nameserver` only (see [`write_nameserver`]).
 pub fn write_resolv_conf(nameserver: Ipv4Addr) -> Result<(), InitError> {
-    write_nameserver(std::path::Path::new("/etc/resolv.conf"), nameserver)
+    write_nameserver(std::path::Path::new(RESOLV_CONF), nameserver)
 }
 
 /// Makes the resolver file `path` name `nameserver` only. A plain file is rewritten in place:

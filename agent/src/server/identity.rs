@@ -6,7 +6,10 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use crate::init::{reconfigure_network, set_hostname, write_resolv_conf, GUEST_INTERFACE};
+use crate::init::{
+    machine_id_line, reconfigure_network, set_hostname, write_resolv_conf, GUEST_INTERFACE,
+    MACHINE_ID,
+};
 use crate::protocol::{ErrorKind, Identity, RemoteError};
 
 /// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])` (linux/random.h).
@@ -15,8 +18,6 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 /// Most entropy bytes taken at once (the kernel's own limit per ioctl is far above).
 const MAX_ENTROPY: usize = 512;
-/// The machine id file (systemd's format: 32 lowercase hex digits and a newline).
-const MACHINE_ID: &str = "/etc/machine-id";
 
 /// Applies `identity`; only the guest's init agent may (a host-process agent has no machine
 /// of its own to change).
@@ -114,9 +115,5 @@ fn set_clock(realtime_ns: u64) -> io::Result<()> {
 
 /// Writes a machine id made from the host's entropy (its last 16 bytes).
 fn write_machine_id(entropy: &[u8]) -> io::Result<()> {
-    let id: String = entropy[entropy.len() - 16..]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    std::fs::write(MACHINE_ID, format!("{id}\n"))
+    std::fs::write(MACHINE_ID, machine_id_line(&entropy[entropy.len() - 16..]))
 }
