@@ -429,7 +429,8 @@ pub struct Sandbox {
     /// What its timeout does, and whether a call resumes it when paused.
     #[serde(default)]
     pub lifecycle: Lifecycle,
-    /// The snapshot (its id) it was made from, if any (`snapshot` of its create).
+    /// The snapshot (its id) it was made from, if any (`snapshot` of its create; the snapshot
+    /// may be gone since).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
 }

@@ -392,10 +392,11 @@ fn write_used_pages<B: BitmapSlice>(
         data.subslice(first * PAGE, len)
             .map_err(|e| std::io::Error::other(e.to_string()))
     };
-    let used = |page: usize| {
-        (last && page + 1 == pages) || page_of(page, page + 1).is_ok_and(|p| !is_zero(&p))
-    };
-    for run in page_runs(0..pages, used) {
+    // A page that cannot be read fails the save: it is never left out as if it were zeros.
+    let used = (0..pages)
+        .map(|page| Ok((last && page + 1 == pages) || !is_zero(&page_of(page, page + 1)?)))
+        .collect::<std::io::Result<Vec<bool>>>()?;
+    for run in page_runs(0..pages, |page| used[page]) {
         // One system call a run: a busy guest's memory is many short runs.
         write_guest_at(
             file,
