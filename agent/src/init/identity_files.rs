@@ -6,7 +6,8 @@
 //! restore and fork of a busy guest).
 
 use std::io::Read;
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
 
@@ -27,14 +28,13 @@ const IN_MEMORY: &str = "/run/mvm";
 /// ([`super::mount_base`]).
 pub fn keep_identity_files_in_memory() -> Result<(), InitError> {
     std::fs::create_dir_all(IN_MEMORY).map_err(sys_io(format!("creating {IN_MEMORY}")))?;
-    keep_in_memory(
-        Path::new(RESOLV_CONF),
-        |image| Ok(image.unwrap_or_default()),
-    )?;
-    keep_in_memory(Path::new(MACHINE_ID), |image| match image {
-        Some(id) if !id.trim_ascii().is_empty() => Ok(id),
-        _ => new_machine_id(),
-    })
+    keep_in_memory(Path::new(RESOLV_CONF))?;
+    let machine_id = keep_in_memory(Path::new(MACHINE_ID))?;
+    if is_blank(&machine_id)? {
+        std::fs::write(&machine_id, new_machine_id()?)
+            .map_err(sys_io(format!("writing {}", machine_id.display())))?;
+    }
+    Ok(())
 }
 
 /// A machine id's line: `id` (16 bytes) in lower-case hex.
@@ -53,29 +53,20 @@ fn new_machine_id() -> Result<Vec<u8>, InitError> {
     Ok(machine_id_line(&id).into_bytes())
 }
 
-/// Binds a copy on the /run tmpfs over `path`, holding `contents` of what the image has there
-/// (a regular file's bytes, else none).
-fn keep_in_memory(
-    path: &Path,
-    contents: impl FnOnce(Option<Vec<u8>>) -> Result<Vec<u8>, InitError>,
-) -> Result<(), InitError> {
+/// Binds a copy on the /run tmpfs over `path`, holding what the image has there (a regular
+/// file's bytes, else nothing), and returns the copy's path.
+fn keep_in_memory(path: &Path) -> Result<PathBuf, InitError> {
     let copy = Path::new(IN_MEMORY).join(path.file_name().expect("a file in /etc"));
-    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
-    let image = match regular {
-        true => Some(std::fs::read(path).map_err(sys_io(format!("reading {}", path.display())))?),
-        false => None,
+    // The image's file is copied by the kernel, not read into the agent: its size is the image's.
+    let copied = match make_regular_file(path)? {
+        true => std::fs::copy(path, &copy).map(drop),
+        false => std::fs::write(&copy, b""),
     };
-    std::fs::write(&copy, contents(image)?)
-        .map_err(sys_io(format!("writing {}", copy.display())))?;
-    if !regular {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(sys_io(format!("removing {}", path.display()))(e))
-            }
-            _ => {}
-        }
-        std::fs::write(path, b"").map_err(sys_io(format!("creating {}", path.display())))?;
-    }
+    copied.map_err(sys_io(format!(
+        "copying {} to {}",
+        path.display(),
+        copy.display()
+    )))?;
     mount(
         Some(&copy),
         path,
@@ -87,5 +78,34 @@ fn keep_in_memory(
         "binding {} over {}",
         copy.display(),
         path.display()
-    )))
+    )))?;
+    Ok(copy)
+}
+
+/// Makes `path` a regular file: anything else there (a link, e.g. to a resolver the image
+/// would run) is removed and, like a missing file, replaced by an empty one. Returns whether a
+/// regular file was there already.
+pub(super) fn make_regular_file(path: &Path) -> Result<bool, InitError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() => return Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        _ => std::fs::remove_file(path).map_err(sys_io(format!("removing {}", path.display())))?,
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(sys_io(format!("creating {}", path.display())))?;
+    Ok(false)
+}
+
+/// Whether the file at `path` holds no machine id: nothing but white space in its first bytes
+/// (a machine id's line is 33).
+fn is_blank(path: &Path) -> Result<bool, InitError> {
+    let mut head = Vec::with_capacity(64);
+    std::fs::File::open(path)
+        .and_then(|file| file.take(64).read_to_end(&mut head))
+        .map_err(sys_io(format!("reading {}", path.display())))?;
+    Ok(head.trim_ascii().is_empty())
 }

@@ -5,6 +5,7 @@ use std::io;
 use std::net::Ipv4Addr;
 
 use super::error::{sys, sys_io, InitError};
+use super::identity_files::make_regular_file;
 
 /// Interface configured by `mvm.ip`.
 pub const GUEST_INTERFACE: &str = "eth0";
@@ -31,17 +32,11 @@ pub fn write_resolv_conf(nameserver: Ipv4Addr) -> Result<(), InitError> {
 fn write_nameserver(path: &std::path::Path, nameserver: Ipv4Addr) -> Result<(), InitError> {
     use std::os::unix::fs::OpenOptionsExt;
     let text = format!("# mvm: the sandbox's resolver\nnameserver {nameserver}\n");
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_file() => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        _ => std::fs::remove_file(path).map_err(sys_io(format!("removing {}", path.display())))?,
-    }
+    make_regular_file(path)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
         .truncate(true)
         .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o644)
         .open(path)
         .map_err(sys_io(format!("opening {}", path.display())))?;
     std::io::Write::write_all(&mut file, text.as_bytes())
