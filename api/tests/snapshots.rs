@@ -204,7 +204,7 @@ fn snapshots_are_refused_outside_the_vm_tier() {
 
 /// What an earlier mvmd left of snapshots goes at the next start — one it was taking (its row
 /// not ready, its files) and a create's links to one — while a ready snapshot stays: listed,
-/// its tenant's alone; a create from it whose template's base image is not the one its VM
+/// its tenant's alone (another tenant can neither delete it nor create from it by its id); a create from it whose template's base image is not the one its VM
 /// ran on is a 409 saying so and leaves nothing; its deletion removes its row and files.
 #[test]
 fn snapshot_leftovers_go_at_start_and_a_snapshot_goes_with_its_deletion() {
@@ -264,6 +264,16 @@ fn snapshot_leftovers_go_at_start_and_a_snapshot_goes_with_its_deletion() {
         );
         let (status, _, _) = refusal(other.delete_snapshot(kept).await);
         assert_eq!(status, 404);
+        let (status, _, message) = refusal(
+            other
+                .create(&CreateSandbox {
+                    snapshot: Some(kept.into()),
+                    ..CreateSandbox::default()
+                })
+                .await,
+        );
+        assert_eq!(status, 404, "another tenant's create from it: {message}");
+        assert!(message.contains("no snapshot"), "{message}");
         let (status, code, message) = refusal(
             c.create(&CreateSandbox {
                 snapshot: Some("kept".into()),
