@@ -204,8 +204,9 @@ fn snapshots_are_refused_outside_the_vm_tier() {
 
 /// What an earlier mvmd left of snapshots goes at the next start — one it was taking (its row
 /// not ready, its files) and a create's links to one — while a ready snapshot stays: listed,
-/// its tenant's alone (another tenant can neither delete it nor create from it by its id); a create from it whose template's base image is not the one its VM
-/// ran on is a 409 saying so and leaves nothing; its deletion removes its row and files.
+/// its tenant's alone (another tenant can neither delete it nor create from it by its id); a
+/// create from it whose template's base image is not the one its VM ran on is a 409 saying so
+/// and leaves nothing; its deletion removes its row and files.
 #[test]
 fn snapshot_leftovers_go_at_start_and_a_snapshot_goes_with_its_deletion() {
     let test = "snapshot_leftovers_go_at_start_and_a_snapshot_goes_with_its_deletion";
